@@ -1,0 +1,235 @@
+//! Command handling: load the aggregate, decide, append with a concurrency
+//! check. The only place where domain decisions meet I/O.
+
+use async_nats::jetstream::kv;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tracing::{info, instrument};
+use ud_schemas::codec::EventMeta;
+use ud_schemas::{now_millis, streams, subjects, Event, ProjectId, TaskId, TaskSpec};
+
+use crate::store::{EventStore, Expect, StoreError};
+use crate::task::{self, TaskCommand, TaskError};
+use crate::validate::{self, FieldError, SubmitTask};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// The user's input is wrong (HTTP 400).
+    #[error("invalid request")]
+    Invalid(Vec<FieldError>),
+    /// The caller may not act on this project (HTTP 403).
+    #[error("not allowed for project {0}")]
+    Forbidden(String),
+    /// No such task, or not one the caller may see (HTTP 404).
+    #[error("task not found")]
+    NotFound,
+    /// The task's state does not allow the command (HTTP 409).
+    #[error(transparent)]
+    Rejected(TaskError),
+    /// Another command changed the task first (HTTP 409, retry).
+    #[error("the task was changed concurrently; read it again and retry")]
+    Conflict,
+    /// The Idempotency-Key was used before with a different request (HTTP 422).
+    #[error("Idempotency-Key was already used for a different request")]
+    IdempotencyMismatch,
+    /// Infrastructure failure (HTTP 503).
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl From<StoreError> for CommandError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict => Self::Conflict,
+            other => Self::Unavailable(other.to_string()),
+        }
+    }
+}
+
+/// The outcome of an accepted command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Accepted {
+    pub task_id: TaskId,
+    /// Stream sequence of the last event the command appended (or found).
+    pub seq: u64,
+    /// False when an earlier request with the same Idempotency-Key created the task.
+    pub created: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct IdempotencyRecord {
+    task_id: TaskId,
+    request_digest: String,
+}
+
+#[derive(Clone)]
+pub struct TaskCommands {
+    store: EventStore,
+    idempotency: kv::Store,
+}
+
+fn request_digest(project: &ProjectId, spec: &TaskSpec) -> String {
+    let json = serde_json::to_vec(&(project, spec)).unwrap_or_default();
+    hex::encode(Sha256::digest(json))
+}
+
+fn idempotency_kv_key(project: &ProjectId, key: &str) -> String {
+    hex::encode(Sha256::digest(format!("{project}\n{key}").as_bytes()))
+}
+
+impl TaskCommands {
+    pub async fn new(store: EventStore) -> Result<Self, StoreError> {
+        let idempotency = store
+            .jetstream()
+            .get_key_value(streams::IDEMPOTENCY_BUCKET)
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        Ok(Self { store, idempotency })
+    }
+
+    pub fn store(&self) -> &EventStore {
+        &self.store
+    }
+
+    /// Submits a task. With an idempotency key, a repeat returns the first
+    /// task and appends nothing.
+    #[instrument(skip_all, fields(project = %req.project))]
+    pub async fn submit(
+        &self,
+        req: &SubmitTask,
+        idempotency_key: Option<&str>,
+        actor: &str,
+        may_use: impl Fn(&ProjectId) -> bool,
+    ) -> Result<Accepted, CommandError> {
+        let mut errors = Vec::new();
+        if let Some(k) = idempotency_key {
+            if let Err(e) = validate::idempotency_key(k) {
+                errors.push(e);
+            }
+        }
+        let (project, spec) = match validate::submit_task(req) {
+            Ok(ok) if errors.is_empty() => ok,
+            Ok(_) => return Err(CommandError::Invalid(errors)),
+            Err(mut e) => {
+                errors.append(&mut e);
+                return Err(CommandError::Invalid(errors));
+            }
+        };
+        if !may_use(&project) {
+            return Err(CommandError::Forbidden(project.to_string()));
+        }
+        let digest = request_digest(&project, &spec);
+        let mut task_id = TaskId::new();
+        if let Some(key) = idempotency_key {
+            let kv_key = idempotency_kv_key(&project, key);
+            let record = serde_json::to_vec(&IdempotencyRecord { task_id, request_digest: digest.clone() })
+                .map_err(|e| CommandError::Unavailable(e.to_string()))?;
+            match self.idempotency.create(&kv_key, record.into()).await {
+                Ok(_) => {}
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                    let earlier = self
+                        .idempotency
+                        .get(&kv_key)
+                        .await
+                        .map_err(|e| CommandError::Unavailable(e.to_string()))?
+                        .and_then(|b| serde_json::from_slice::<IdempotencyRecord>(&b).ok())
+                        .ok_or_else(|| CommandError::Unavailable("idempotency record unreadable".into()))?;
+                    if earlier.request_digest != digest {
+                        return Err(CommandError::IdempotencyMismatch);
+                    }
+                    task_id = earlier.task_id;
+                }
+                Err(e) => return Err(CommandError::Unavailable(e.to_string())),
+            }
+        }
+        let cmd = TaskCommand::Submit { project, spec, idempotency_key: idempotency_key.map(str::to_owned) };
+        let events = task::decide(None, cmd, now_millis()).map_err(CommandError::Rejected)?;
+        let events: Vec<Event> = events.into_iter().map(|e| Event::Task(task_id, e)).collect();
+        match self.store.append_all(&events, &EventMeta::new(actor), Expect::New).await {
+            Ok(seq) => {
+                info!(task_id = %task_id, "task submitted");
+                Ok(Accepted { task_id, seq: seq.unwrap_or(0), created: true })
+            }
+            // The key's task exists already: a repeat.
+            Err(StoreError::Conflict) if idempotency_key.is_some() => {
+                let seq = self.last_seq(&task_id).await?;
+                Ok(Accepted { task_id, seq, created: false })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn last_seq(&self, id: &TaskId) -> Result<u64, CommandError> {
+        let stream = self
+            .store
+            .jetstream()
+            .get_stream_no_info(streams::TASKS)
+            .await
+            .map_err(|e| CommandError::Unavailable(e.to_string()))?;
+        let msg = stream
+            .direct_get_last_for_subject(subjects::task_event(id, "submitted"))
+            .await
+            .map_err(|e| CommandError::Unavailable(e.to_string()))?;
+        Ok(msg.sequence)
+    }
+
+    /// Runs a command against an existing task the caller may see.
+    #[instrument(skip_all, fields(task_id = %id, command = command.name()))]
+    pub async fn execute(
+        &self,
+        id: TaskId,
+        command: TaskCommand,
+        actor: &str,
+        may_see: impl Fn(&ProjectId) -> bool,
+    ) -> Result<Accepted, CommandError> {
+        let Some((task, last_seq)) = self.store.load_task(&id).await? else {
+            return Err(CommandError::NotFound);
+        };
+        if !may_see(&task.project) {
+            return Err(CommandError::NotFound);
+        }
+        let events = task::decide(Some(&task), command, now_millis()).map_err(CommandError::Rejected)?;
+        let events: Vec<Event> = events.into_iter().map(|e| Event::Task(id, e)).collect();
+        let seq = self
+            .store
+            .append_all(&events, &EventMeta::new(actor), Expect::LastSeq(last_seq))
+            .await?;
+        Ok(Accepted { task_id: id, seq: seq.unwrap_or(last_seq), created: !events.is_empty() })
+    }
+
+    pub async fn cancel(
+        &self,
+        id: TaskId,
+        reason: &str,
+        actor: &str,
+        may_see: impl Fn(&ProjectId) -> bool,
+    ) -> Result<Accepted, CommandError> {
+        self.execute(id, TaskCommand::Cancel { reason: reason.to_owned() }, actor, may_see).await
+    }
+}
+
+impl CommandError {
+    /// The HTTP status that this error means, also used as the NATS service error code.
+    pub fn status_code(&self) -> u16 {
+        match self {
+            Self::Invalid(_) => 400,
+            Self::Forbidden(_) => 403,
+            Self::NotFound => 404,
+            Self::Rejected(_) | Self::Conflict => 409,
+            Self::IdempotencyMismatch => 422,
+            Self::Unavailable(_) => 503,
+        }
+    }
+
+    /// A one-line description including field errors.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Invalid(fields) => fields
+                .iter()
+                .map(|f| format!("{}: {}", f.field, f.reason))
+                .collect::<Vec<_>>()
+                .join("; "),
+            other => other.to_string(),
+        }
+    }
+}

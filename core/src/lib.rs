@@ -1,0 +1,18 @@
+//! The UniDesk domain and the thin services built on it.
+//!
+//! * [`task`], [`node`]: lifecycles as pure `decide` / `evolve` functions.
+//! * [`validate`]: user input to validated specs, with field-named errors.
+//! * [`store`]: the JetStream event store (append with optimistic concurrency, load).
+//! * [`commands`]: load, decide, append — the only place that does all three.
+//! * [`service`]: the command handlers as NATS micro services.
+
+pub mod auth;
+pub mod commands;
+pub mod node;
+pub mod service;
+pub mod store;
+pub mod task;
+pub mod validate;
+
+pub use commands::{CommandError, TaskCommands};
+pub use store::{EventStore, Expect, StoreError};

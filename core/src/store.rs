@@ -1,0 +1,213 @@
+//! The JetStream event store: append with optimistic concurrency per
+//! aggregate, and load an aggregate's events back.
+
+use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage, stream::DirectGetErrorKind};
+use bytes::Bytes;
+use tracing::debug;
+use ud_schemas::codec::{self, CodecError, EventEnvelope, EventMeta};
+use ud_schemas::headers::{EXPECTED_LAST_SUBJECT_SEQUENCE, EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT};
+use ud_schemas::{streams, subjects, Event, TaskId};
+
+use crate::task::{self, Task};
+
+/// What the appender expects of the aggregate's history.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// No check (events that do not depend on state, e.g. heartbeats).
+    Any,
+    /// The aggregate has no events yet.
+    New,
+    /// The aggregate's last event is at this stream sequence.
+    LastSeq(u64),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("concurrent change: the aggregate moved on since it was read")]
+    Conflict,
+    #[error("event store unavailable: {0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error("stored event at sequence {seq} cannot be read: {reason}")]
+    Corrupt { seq: u64, reason: String },
+}
+
+/// An event read back from a stream.
+#[derive(Clone, Debug)]
+pub struct StoredEvent {
+    pub seq: u64,
+    pub subject: String,
+    /// When the server stored it.
+    pub stored_at: String,
+    pub envelope: EventEnvelope,
+}
+
+#[derive(Clone)]
+pub struct EventStore {
+    client: async_nats::Client,
+    js: jetstream::Context,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl EventStore {
+    /// `domain` is the JetStream domain to address (`None` on the hub itself).
+    pub fn new(client: async_nats::Client, domain: Option<&str>) -> Self {
+        let js = match domain {
+            Some(d) => jetstream::with_domain(client.clone(), d),
+            None => jetstream::new(client.clone()),
+        };
+        Self { client, js }
+    }
+
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    /// Creates the platform's streams and buckets, or brings their config up to date.
+    pub async fn ensure_streams(&self, replicas: usize) -> Result<(), StoreError> {
+        for config in streams::all(replicas) {
+            match self.js.get_stream(&config.name).await {
+                Ok(_) => {
+                    self.js.update_stream(&config).await.map_err(unavailable)?;
+                }
+                Err(_) => {
+                    self.js.create_stream(config).await.map_err(unavailable)?;
+                }
+            }
+        }
+        self.js
+            .create_key_value(jetstream::kv::Config {
+                bucket: streams::IDEMPOTENCY_BUCKET.into(),
+                description: "(project, Idempotency-Key) -> task id".into(),
+                history: 1,
+                max_age: std::time::Duration::from_secs(7 * 24 * 3600),
+                num_replicas: replicas,
+                storage: jetstream::stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    fn message(event: &Event, meta: &EventMeta, expect: Expect) -> Result<PublishMessage, StoreError> {
+        let (headers, payload) = codec::encode_message(event, meta)?;
+        let mut msg = PublishMessage::build().headers(headers).payload(Bytes::from(payload));
+        let scope = match event {
+            Event::Task(id, _) => subjects::task_all(id),
+            Event::Node(id, _) => subjects::node_all(id),
+            Event::Auth(id, _) => subjects::token_all(id),
+        };
+        let seq = match expect {
+            Expect::Any => return Ok(msg),
+            Expect::New => 0,
+            Expect::LastSeq(s) => s,
+        };
+        msg = msg
+            .header(EXPECTED_LAST_SUBJECT_SEQUENCE, seq.to_string().as_str())
+            .header(EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT, scope.as_str());
+        Ok(msg)
+    }
+
+    /// Appends one event; returns its stream sequence.
+    pub async fn append(&self, event: &Event, meta: &EventMeta, expect: Expect) -> Result<u64, StoreError> {
+        let msg = Self::message(event, meta, expect)?;
+        let ack = self
+            .js
+            .send_publish(event.subject(), msg)
+            .await
+            .map_err(unavailable)?
+            .await
+            .map_err(|e| match e.kind() {
+                PublishErrorKind::WrongLastSequence => StoreError::Conflict,
+                _ => unavailable(e),
+            })?;
+        debug!(seq = ack.sequence, subject = %event.subject(), "appended");
+        Ok(ack.sequence)
+    }
+
+    /// Appends events of one aggregate in order, each expecting the one before.
+    pub async fn append_all(&self, events: &[Event], meta: &EventMeta, expect: Expect) -> Result<Option<u64>, StoreError> {
+        let mut expect = expect;
+        let mut last = None;
+        let mut meta = meta.clone();
+        for e in events {
+            let seq = self.append(e, &meta, expect).await?;
+            expect = Expect::LastSeq(seq);
+            last = Some(seq);
+            meta = meta.next();
+        }
+        Ok(last)
+    }
+
+    /// Appends many independent events with all publishes in flight at once
+    /// (acks awaited together); returns their sequences in order.
+    pub async fn append_pipelined(&self, items: Vec<(Event, EventMeta, Expect)>) -> Vec<Result<u64, StoreError>> {
+        let mut pending = Vec::with_capacity(items.len());
+        for (event, meta, expect) in &items {
+            let fut = match Self::message(event, meta, *expect) {
+                Ok(msg) => self.js.send_publish(event.subject(), msg).await.map_err(unavailable),
+                Err(e) => Err(e),
+            };
+            pending.push(fut);
+        }
+        let mut out = Vec::with_capacity(pending.len());
+        for p in pending {
+            out.push(match p {
+                Ok(ack) => ack.await.map(|a| a.sequence).map_err(|e| match e.kind() {
+                    PublishErrorKind::WrongLastSequence => StoreError::Conflict,
+                    _ => unavailable(e),
+                }),
+                Err(e) => Err(e),
+            });
+        }
+        out
+    }
+
+    /// Every event on `filter` in `stream`, in order (direct gets; meant for
+    /// one aggregate's history, not for whole streams).
+    pub async fn read_subject(&self, stream: &str, filter: &str) -> Result<Vec<StoredEvent>, StoreError> {
+        let stream = self.js.get_stream_no_info(stream).await.map_err(unavailable)?;
+        let mut out = Vec::new();
+        let mut next = 1u64;
+        loop {
+            let msg = match stream.direct_get_next_for_subject(filter, Some(next)).await {
+                Ok(m) => m,
+                Err(e) if e.kind() == DirectGetErrorKind::NotFound => break,
+                Err(e) => return Err(unavailable(e)),
+            };
+            next = msg.sequence + 1;
+            let envelope = codec::decode_message(msg.subject.as_str(), Some(&msg.headers), &msg.payload)
+                .map_err(|e| StoreError::Corrupt { seq: msg.sequence, reason: e.to_string() })?;
+            out.push(StoredEvent {
+                seq: msg.sequence,
+                subject: msg.subject.to_string(),
+                stored_at: msg.time.to_string(),
+                envelope,
+            });
+        }
+        Ok(out)
+    }
+
+    /// A task folded from its stream, with the sequence of its last event.
+    pub async fn load_task(&self, id: &TaskId) -> Result<Option<(Task, u64)>, StoreError> {
+        let events = self.read_subject(streams::TASKS, &subjects::task_all(id)).await?;
+        let mut task = None;
+        let mut last = 0;
+        for e in &events {
+            if let Event::Task(_, te) = &e.envelope.event {
+                task = task::evolve(task, *id, te);
+                last = e.seq;
+            }
+        }
+        Ok(task.map(|t| (t, last)))
+    }
+}

@@ -1,0 +1,212 @@
+//! The task lifecycle: `decide(state, command) -> events`, `evolve(state, event) -> state`.
+//!
+//! ```text
+//! pending -> assigned -> running -> succeeded | failed
+//!    |          |           |
+//!    |          +-----------+-> cancelling -> cancelled
+//!    +-> cancelled
+//! ```
+
+use ud_schemas::events::*;
+use ud_schemas::{Millis, NodeId, ProjectId, TaskId, TaskSpec};
+
+/// Where a task is in its life. Each state carries only what it has.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TaskState {
+    Pending,
+    Assigned { node_id: NodeId, attempt: u32 },
+    Running { node_id: NodeId, attempt: u32 },
+    Cancelling { node_id: NodeId, attempt: u32 },
+    Succeeded { exit_code: i32 },
+    Failed { exit_code: Option<i32>, reason: String },
+    Cancelled { reason: String },
+}
+
+impl TaskState {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Assigned { .. } => "assigned",
+            Self::Running { .. } => "running",
+            Self::Cancelling { .. } => "cancelling",
+            Self::Succeeded { .. } => "succeeded",
+            Self::Failed { .. } => "failed",
+            Self::Cancelled { .. } => "cancelled",
+        }
+    }
+
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, Self::Succeeded { .. } | Self::Failed { .. } | Self::Cancelled { .. })
+    }
+
+    /// The node holding the task's live assignment, if any.
+    pub fn live_node(&self) -> Option<NodeId> {
+        match self {
+            Self::Assigned { node_id, .. } | Self::Running { node_id, .. } | Self::Cancelling { node_id, .. } => {
+                Some(*node_id)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// All state names, for filters and documentation.
+pub const STATE_NAMES: [&str; 7] = [
+    "pending", "assigned", "running", "cancelling", "succeeded", "failed", "cancelled",
+];
+
+/// A task folded from its events.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Task {
+    pub id: TaskId,
+    pub project: ProjectId,
+    pub spec: TaskSpec,
+    pub state: TaskState,
+    /// Attempts started so far.
+    pub attempts: u32,
+    /// Number of events applied: grows by one with every event.
+    pub version: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TaskCommand {
+    Submit { project: ProjectId, spec: TaskSpec, idempotency_key: Option<String> },
+    Assign { node_id: NodeId },
+    Start { node_id: NodeId, attempt: u32 },
+    Succeed { node_id: NodeId, exit_code: i32 },
+    Fail { node_id: NodeId, exit_code: Option<i32>, reason: String },
+    Cancel { reason: String },
+    ConfirmCancelled { node_id: NodeId },
+}
+
+impl TaskCommand {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Submit { .. } => "submit",
+            Self::Assign { .. } => "assign",
+            Self::Start { .. } => "start",
+            Self::Succeed { .. } => "succeed",
+            Self::Fail { .. } => "fail",
+            Self::Cancel { .. } => "cancel",
+            Self::ConfirmCancelled { .. } => "confirm-cancelled",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TaskError {
+    #[error("task not found")]
+    NotFound,
+    #[error("task already exists")]
+    AlreadyExists,
+    #[error("task is {state}; cannot {command}")]
+    InvalidTransition { state: &'static str, command: &'static str },
+    #[error("task is not assigned to node {0}")]
+    WrongNode(NodeId),
+}
+
+/// Decides which events a command produces, without side effects.
+pub fn decide(task: Option<&Task>, command: TaskCommand, now: Millis) -> Result<Vec<TaskEvent>, TaskError> {
+    let Some(task) = task else {
+        return match command {
+            TaskCommand::Submit { project, spec, idempotency_key } => {
+                Ok(vec![TaskEvent::Submitted(TaskSubmitted { at: now, project, spec, idempotency_key })])
+            }
+            _ => Err(TaskError::NotFound),
+        };
+    };
+    let invalid = |command: &TaskCommand| TaskError::InvalidTransition {
+        state: task.state.name(),
+        command: command.name(),
+    };
+    let check_node = |node: &NodeId| match task.state.live_node() {
+        Some(live) if live == *node => Ok(()),
+        _ => Err(TaskError::WrongNode(*node)),
+    };
+    match (&task.state, command) {
+        (_, TaskCommand::Submit { .. }) => Err(TaskError::AlreadyExists),
+        (TaskState::Pending, TaskCommand::Assign { node_id }) => Ok(vec![TaskEvent::Assigned(TaskAssigned {
+            at: now,
+            node_id,
+            attempt: task.attempts + 1,
+        })]),
+        (TaskState::Assigned { node_id: live, attempt: a }, TaskCommand::Start { node_id, attempt })
+            if *live == node_id && *a == attempt =>
+        {
+            Ok(vec![TaskEvent::Started(TaskStarted { at: now, node_id, attempt })])
+        }
+        (TaskState::Assigned { .. }, c @ TaskCommand::Start { .. }) => Err(invalid(&c)),
+        (
+            TaskState::Assigned { .. } | TaskState::Running { .. } | TaskState::Cancelling { .. },
+            TaskCommand::Succeed { node_id, exit_code },
+        ) => {
+            check_node(&node_id)?;
+            Ok(vec![TaskEvent::Succeeded(TaskSucceeded { at: now, exit_code })])
+        }
+        (
+            TaskState::Assigned { .. } | TaskState::Running { .. } | TaskState::Cancelling { .. },
+            TaskCommand::Fail { node_id, exit_code, reason },
+        ) => {
+            check_node(&node_id)?;
+            Ok(vec![TaskEvent::Failed(TaskFailed { at: now, exit_code, reason })])
+        }
+        (TaskState::Pending, TaskCommand::Cancel { reason }) => {
+            Ok(vec![TaskEvent::Cancelled(TaskCancelled { at: now, reason })])
+        }
+        (TaskState::Assigned { .. } | TaskState::Running { .. }, TaskCommand::Cancel { reason }) => {
+            Ok(vec![TaskEvent::CancelRequested(TaskCancelRequested { at: now, reason })])
+        }
+        // Asking again while a cancel is under way changes nothing.
+        (TaskState::Cancelling { .. }, TaskCommand::Cancel { .. }) => Ok(vec![]),
+        (TaskState::Cancelling { .. }, TaskCommand::ConfirmCancelled { node_id }) => {
+            check_node(&node_id)?;
+            Ok(vec![TaskEvent::Cancelled(TaskCancelled { at: now, reason: "cancelled on node".into() })])
+        }
+        (_, c) => Err(invalid(&c)),
+    }
+}
+
+/// Applies one event. Holds no business rules: an event that does not fit
+/// the state (which `decide` never produces) leaves the state unchanged.
+pub fn evolve(task: Option<Task>, id: TaskId, event: &TaskEvent) -> Option<Task> {
+    let Some(mut task) = task else {
+        return match event {
+            TaskEvent::Submitted(e) => Some(Task {
+                id,
+                project: e.project.clone(),
+                spec: e.spec.clone(),
+                state: TaskState::Pending,
+                attempts: 0,
+                version: 1,
+            }),
+            _ => None,
+        };
+    };
+    task.version += 1;
+    if task.state.is_terminal() {
+        return Some(task);
+    }
+    task.state = match (std::mem::replace(&mut task.state, TaskState::Pending), event) {
+        (_, TaskEvent::Assigned(e)) => {
+            task.attempts = e.attempt;
+            TaskState::Assigned { node_id: e.node_id, attempt: e.attempt }
+        }
+        (_, TaskEvent::Started(e)) => TaskState::Running { node_id: e.node_id, attempt: e.attempt },
+        (_, TaskEvent::Succeeded(e)) => TaskState::Succeeded { exit_code: e.exit_code },
+        (_, TaskEvent::Failed(e)) => TaskState::Failed { exit_code: e.exit_code, reason: e.reason.clone() },
+        (_, TaskEvent::Cancelled(e)) => TaskState::Cancelled { reason: e.reason.clone() },
+        (TaskState::Assigned { node_id, attempt } | TaskState::Running { node_id, attempt }, TaskEvent::CancelRequested(_)) => {
+            TaskState::Cancelling { node_id, attempt }
+        }
+        (state, TaskEvent::CancelRequested(_) | TaskEvent::Submitted(_)) => state,
+    };
+    Some(task)
+}
+
+/// Folds a whole history.
+pub fn fold<'a>(id: TaskId, events: impl IntoIterator<Item = &'a TaskEvent>) -> Option<Task> {
+    events.into_iter().fold(None, |task, e| evolve(task, id, e))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,175 @@
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+use ud_schemas::spec::{Resources, RetryPolicy};
+
+use super::*;
+
+pub(crate) fn spec() -> TaskSpec {
+    TaskSpec {
+        name: None,
+        code_repo_url: "https://example.org/code.git".into(),
+        code_commit_id: "a".repeat(40),
+        env_repo_url: "https://example.org/env.git".into(),
+        env_commit_id: "b".repeat(40),
+        dockerfile_path: "Dockerfile".into(),
+        command: vec!["true".into()],
+        args: vec![],
+        env: BTreeMap::new(),
+        resources: Resources { cpu_millis: 1000, memory_mb: 512, gpus: 0, gpu_model: None, labels: BTreeMap::new() },
+        timeout_seconds: 60,
+        retry: RetryPolicy { max_attempts: 1, backoff_seconds: 0 },
+    }
+}
+
+fn project() -> ProjectId {
+    ProjectId::parse("lab").unwrap_or_else(|e| unreachable!("{e}"))
+}
+
+/// given(events).when(command).then(events) / then_err(error)
+struct Given {
+    id: TaskId,
+    task: Option<Task>,
+}
+
+fn given(commands: &[TaskCommand]) -> Given {
+    let id = TaskId::new();
+    let mut task = None;
+    for c in commands {
+        let events = decide(task.as_ref(), c.clone(), 1).unwrap_or_else(|e| unreachable!("given: {e}"));
+        for e in &events {
+            task = evolve(task, id, e);
+        }
+    }
+    Given { id, task }
+}
+
+impl Given {
+    fn when(self, command: TaskCommand) -> (Given, Result<Vec<TaskEvent>, TaskError>) {
+        let r = decide(self.task.as_ref(), command, 2);
+        (self, r)
+    }
+}
+
+fn submit() -> TaskCommand {
+    TaskCommand::Submit { project: project(), spec: spec(), idempotency_key: None }
+}
+
+#[test]
+fn submit_creates_pending_task() {
+    let (g, r) = given(&[]).when(submit());
+    let events = r.unwrap_or_default();
+    assert_eq!(events.len(), 1);
+    let task = fold(g.id, &events).unwrap_or_else(|| unreachable!());
+    assert_eq!(task.state, TaskState::Pending);
+    assert_eq!(task.version, 1);
+}
+
+#[test]
+fn submit_twice_is_rejected() {
+    let (_, r) = given(&[submit()]).when(submit());
+    assert_eq!(r, Err(TaskError::AlreadyExists));
+}
+
+#[test]
+fn cancel_pending_cancels_at_once() {
+    let (_, r) = given(&[submit()]).when(TaskCommand::Cancel { reason: "no".into() });
+    assert!(matches!(r.as_deref(), Ok([TaskEvent::Cancelled(_)])));
+}
+
+#[test]
+fn cancel_running_asks_the_node() {
+    let node = NodeId::new();
+    let (_, r) = given(&[submit(), TaskCommand::Assign { node_id: node }, TaskCommand::Start { node_id: node, attempt: 1 }])
+        .when(TaskCommand::Cancel { reason: "no".into() });
+    assert!(matches!(r.as_deref(), Ok([TaskEvent::CancelRequested(_)])));
+}
+
+#[test]
+fn cancel_finished_task_is_rejected() {
+    let node = NodeId::new();
+    let (_, r) = given(&[
+        submit(),
+        TaskCommand::Assign { node_id: node },
+        TaskCommand::Succeed { node_id: node, exit_code: 0 },
+    ])
+    .when(TaskCommand::Cancel { reason: "late".into() });
+    assert_eq!(r, Err(TaskError::InvalidTransition { state: "succeeded", command: "cancel" }));
+}
+
+#[test]
+fn other_node_cannot_report() {
+    let node = NodeId::new();
+    let other = NodeId::new();
+    let (_, r) = given(&[submit(), TaskCommand::Assign { node_id: node }])
+        .when(TaskCommand::Succeed { node_id: other, exit_code: 0 });
+    assert_eq!(r, Err(TaskError::WrongNode(other)));
+}
+
+#[test]
+fn unknown_task_cannot_be_cancelled() {
+    let (_, r) = given(&[]).when(TaskCommand::Cancel { reason: "x".into() });
+    assert_eq!(r, Err(TaskError::NotFound));
+}
+
+fn command_strategy(nodes: Vec<NodeId>) -> impl Strategy<Value = TaskCommand> {
+    let n = nodes.len();
+    let pick = move |i: usize| nodes[i % n];
+    (0u8..7, 0usize..8, 0u32..3, -2i32..3).prop_map(move |(kind, node, attempt, code)| {
+        let node_id = pick(node);
+        match kind {
+            0 => TaskCommand::Submit { project: project(), spec: spec(), idempotency_key: None },
+            1 => TaskCommand::Assign { node_id },
+            2 => TaskCommand::Start { node_id, attempt },
+            3 => TaskCommand::Succeed { node_id, exit_code: code },
+            4 => TaskCommand::Fail { node_id, exit_code: Some(code), reason: "boom".into() },
+            5 => TaskCommand::Cancel { reason: "stop".into() },
+            _ => TaskCommand::ConfirmCancelled { node_id },
+        }
+    })
+}
+
+proptest! {
+    /// Over random command sequences: a terminal task never changes state,
+    /// a task never has two live assignments, versions only grow, and
+    /// folding the produced events gives the same state as applying them
+    /// one by one.
+    #[test]
+    fn lifecycle_invariants(cmds in proptest::collection::vec(command_strategy((0..3).map(|_| NodeId::new()).collect()), 0..40)) {
+        let id = TaskId::new();
+        let mut task: Option<Task> = None;
+        let mut history: Vec<TaskEvent> = Vec::new();
+        for (i, cmd) in cmds.into_iter().enumerate() {
+            let before = task.clone();
+            match decide(task.as_ref(), cmd, i as i64) {
+                Ok(events) => {
+                    if let Some(t) = &before {
+                        if t.state.is_terminal() {
+                            prop_assert!(events.is_empty(), "terminal task produced {events:?}");
+                        }
+                    }
+                    for e in &events {
+                        let prev_version = task.as_ref().map_or(0, |t| t.version);
+                        task = evolve(task, id, e);
+                        let t = task.as_ref();
+                        prop_assert!(t.is_some());
+                        prop_assert_eq!(t.map_or(0, |t| t.version), prev_version + 1);
+                        history.push(e.clone());
+                    }
+                    // At most one live assignment: a new assignment only from pending.
+                    let assigns = events.iter().filter(|e| matches!(e, TaskEvent::Assigned(_))).count();
+                    if assigns > 0 {
+                        prop_assert_eq!(before.as_ref().map(|t| &t.state), Some(&TaskState::Pending));
+                    }
+                }
+                Err(_) => prop_assert_eq!(&task, &before),
+            }
+            if let (Some(b), Some(a)) = (&before, &task) {
+                if b.state.is_terminal() {
+                    prop_assert_eq!(&b.state, &a.state);
+                }
+            }
+        }
+        prop_assert_eq!(fold(id, &history), task);
+    }
+}

@@ -1,0 +1,399 @@
+//! User input to validated specs. Every rejection names the field and the reason.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use ud_schemas::spec::{Resources, RetryPolicy};
+use ud_schemas::{ProjectId, TaskSpec};
+
+/// Upper bounds on what one task may ask for.
+pub mod limits {
+    pub const MAX_CPUS: f64 = 1024.0;
+    pub const MAX_MEMORY_MB: i64 = 16 * 1024 * 1024;
+    pub const MAX_GPUS: i64 = 64;
+    pub const MAX_TIMEOUT_SECONDS: i64 = 30 * 24 * 3600;
+    pub const DEFAULT_TIMEOUT_SECONDS: i64 = 24 * 3600;
+    pub const MAX_ATTEMPTS: i64 = 100;
+    pub const MAX_BACKOFF_SECONDS: i64 = 24 * 3600;
+    pub const MAX_ARGV: usize = 256;
+    pub const MAX_ARG_BYTES: usize = 4096;
+    pub const MAX_ENV: usize = 256;
+    pub const MAX_ENV_VALUE_BYTES: usize = 32 * 1024;
+    pub const MAX_LABELS: usize = 64;
+    pub const MAX_URL_BYTES: usize = 2048;
+    pub const MAX_PATH_BYTES: usize = 1024;
+    pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
+}
+
+/// A task as a user submits it (REST body and NATS command payload).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitTask {
+    /// Project the task belongs to.
+    pub project: String,
+    /// Optional human-readable name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `https://`, `ssh://` or `file://` URL of the code repository.
+    pub code_repo_url: String,
+    /// Full hex commit id (40 or 64 characters) of the code.
+    pub code_commit_id: String,
+    /// URL of the environment repository (may equal the code repository).
+    pub env_repo_url: String,
+    /// Full hex commit id of the environment.
+    pub env_commit_id: String,
+    /// Path of the Dockerfile inside the environment repository.
+    pub dockerfile_path: String,
+    /// Program and its leading arguments, e.g. `["python", "train.py"]`.
+    pub command: Vec<String>,
+    /// Further arguments appended to `command`.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Environment variables of the task's process.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub resources: ResourceRequest,
+    /// Seconds the run may take (default one day, at most 30 days).
+    #[serde(default)]
+    pub timeout_seconds: Option<i64>,
+    #[serde(default)]
+    pub retry: Option<RetryRequest>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceRequest {
+    /// CPU cores (fractions allowed), default 1.
+    #[serde(default = "one")]
+    pub cpus: f64,
+    /// Memory in MiB, default 1024.
+    #[serde(default = "default_memory")]
+    pub memory_mb: i64,
+    #[serde(default)]
+    pub gpus: i64,
+    #[serde(default)]
+    pub gpu_model: Option<String>,
+    /// Labels a node must carry.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn default_memory() -> i64 {
+    1024
+}
+
+impl Default for ResourceRequest {
+    fn default() -> Self {
+        Self { cpus: 1.0, memory_mb: 1024, gpus: 0, gpu_model: None, labels: BTreeMap::new() }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetryRequest {
+    /// Total attempts including the first (1 = no retry).
+    pub max_attempts: i64,
+    #[serde(default)]
+    pub backoff_seconds: i64,
+}
+
+/// One rejected field.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct FieldError {
+    /// Dotted path of the field, e.g. `resources.memory_mb`.
+    pub field: String,
+    pub reason: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self { field: field.into(), reason: reason.into() }
+    }
+}
+
+struct Errors(Vec<FieldError>);
+
+impl Errors {
+    fn add(&mut self, field: impl Into<String>, reason: impl Into<String>) {
+        self.0.push(FieldError::new(field, reason));
+    }
+}
+
+pub fn repo_url(field: &str, url: &str) -> Result<(), FieldError> {
+    let err = |r: &str| Err(FieldError::new(field, r));
+    if url.len() > limits::MAX_URL_BYTES {
+        return err("longer than 2048 bytes");
+    }
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return err("must not contain whitespace or control characters");
+    }
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return err("must be a URL with scheme https, ssh or file");
+    };
+    if !matches!(scheme, "https" | "ssh" | "file") {
+        return err(&format!("scheme {scheme:?} is not allowed; use https, ssh or file"));
+    }
+    if rest.is_empty() || rest == "/" {
+        return err("has no host or path");
+    }
+    Ok(())
+}
+
+pub fn commit_id(field: &str, id: &str) -> Result<String, FieldError> {
+    let ok = matches!(id.len(), 40 | 64) && id.bytes().all(|b| b.is_ascii_hexdigit());
+    if ok {
+        Ok(id.to_ascii_lowercase())
+    } else {
+        Err(FieldError::new(field, "must be a full commit id: 40 or 64 hex characters"))
+    }
+}
+
+pub fn relative_path(field: &str, path: &str) -> Result<(), FieldError> {
+    let err = |r: &str| Err(FieldError::new(field, r));
+    if path.is_empty() {
+        return err("must not be empty");
+    }
+    if path.len() > limits::MAX_PATH_BYTES {
+        return err("longer than 1024 bytes");
+    }
+    if path.contains('\0') || path.contains('\\') {
+        return err("must not contain NUL or backslashes");
+    }
+    if path.starts_with('/') {
+        return err("must be relative to the repository root");
+    }
+    if path.split('/').any(|c| c == "..") {
+        return err("must not leave the repository ('..')");
+    }
+    Ok(())
+}
+
+fn label_key(k: &str) -> bool {
+    !k.is_empty()
+        && k.len() <= 63
+        && k.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'))
+}
+
+fn env_key(k: &str) -> bool {
+    let mut bytes = k.bytes();
+    matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+fn argv(errors: &mut Errors, field: &str, list: &[String], required: bool) {
+    if required && list.is_empty() {
+        errors.add(field, "must name at least the program to run");
+    }
+    if list.len() > limits::MAX_ARGV {
+        errors.add(field, "more than 256 entries");
+    }
+    for (i, a) in list.iter().enumerate() {
+        if a.len() > limits::MAX_ARG_BYTES {
+            errors.add(format!("{field}[{i}]"), "longer than 4096 bytes");
+        }
+        if a.contains('\0') {
+            errors.add(format!("{field}[{i}]"), "contains NUL");
+        }
+    }
+}
+
+/// Validates a submission into the project and spec recorded in the event.
+pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldError>> {
+    let mut e = Errors(Vec::new());
+    let project = ProjectId::parse(&req.project).map_err(|err| FieldError::new("project", err.to_string()));
+    if let Err(f) = &project {
+        e.0.push(f.clone());
+    }
+    if let Some(name) = &req.name {
+        if name.len() > 200 {
+            e.add("name", "longer than 200 bytes");
+        }
+    }
+    for (field, url) in [("code_repo_url", &req.code_repo_url), ("env_repo_url", &req.env_repo_url)] {
+        if let Err(f) = repo_url(field, url) {
+            e.0.push(f);
+        }
+    }
+    let code_commit = commit_id("code_commit_id", &req.code_commit_id).map_err(|f| e.0.push(f)).ok();
+    let env_commit = commit_id("env_commit_id", &req.env_commit_id).map_err(|f| e.0.push(f)).ok();
+    if let Err(f) = relative_path("dockerfile_path", &req.dockerfile_path) {
+        e.0.push(f);
+    }
+    argv(&mut e, "command", &req.command, true);
+    argv(&mut e, "args", &req.args, false);
+    if req.env.len() > limits::MAX_ENV {
+        e.add("env", "more than 256 variables");
+    }
+    for (k, v) in &req.env {
+        if !env_key(k) {
+            e.add(format!("env.{k}"), "names are letters, digits and '_', not starting with a digit");
+        }
+        if v.len() > limits::MAX_ENV_VALUE_BYTES || v.contains('\0') {
+            e.add(format!("env.{k}"), "value longer than 32 KiB or contains NUL");
+        }
+    }
+    let r = &req.resources;
+    if !(r.cpus.is_finite() && r.cpus >= 0.001 && r.cpus <= limits::MAX_CPUS) {
+        e.add("resources.cpus", "must be between 0.001 and 1024");
+    }
+    if !(1..=limits::MAX_MEMORY_MB).contains(&r.memory_mb) {
+        e.add("resources.memory_mb", "must be between 1 and 16777216 (16 TiB)");
+    }
+    if !(0..=limits::MAX_GPUS).contains(&r.gpus) {
+        e.add("resources.gpus", "must be between 0 and 64");
+    }
+    if let Some(m) = &r.gpu_model {
+        if m.is_empty() || m.len() > 128 {
+            e.add("resources.gpu_model", "must be 1-128 bytes");
+        }
+    }
+    if r.labels.len() > limits::MAX_LABELS {
+        e.add("resources.labels", "more than 64 labels");
+    }
+    for (k, v) in &r.labels {
+        if !label_key(k) || v.len() > 63 {
+            e.add(format!("resources.labels.{k}"), "keys are 1-63 of [A-Za-z0-9-_./], values at most 63 bytes");
+        }
+    }
+    let timeout = req.timeout_seconds.unwrap_or(limits::DEFAULT_TIMEOUT_SECONDS);
+    if !(1..=limits::MAX_TIMEOUT_SECONDS).contains(&timeout) {
+        e.add("timeout_seconds", "must be between 1 and 2592000 (30 days)");
+    }
+    let retry = req.retry.clone().unwrap_or(RetryRequest { max_attempts: 1, backoff_seconds: 0 });
+    if !(1..=limits::MAX_ATTEMPTS).contains(&retry.max_attempts) {
+        e.add("retry.max_attempts", "must be between 1 and 100");
+    }
+    if !(0..=limits::MAX_BACKOFF_SECONDS).contains(&retry.backoff_seconds) {
+        e.add("retry.backoff_seconds", "must be between 0 and 86400");
+    }
+    match (e.0.is_empty(), project, code_commit, env_commit) {
+        (true, Ok(project), Some(code_commit_id), Some(env_commit_id)) => Ok((
+            project,
+            TaskSpec {
+                name: req.name.clone(),
+                code_repo_url: req.code_repo_url.clone(),
+                code_commit_id,
+                env_repo_url: req.env_repo_url.clone(),
+                env_commit_id,
+                dockerfile_path: req.dockerfile_path.clone(),
+                command: req.command.clone(),
+                args: req.args.clone(),
+                env: req.env.clone(),
+                resources: Resources {
+                    // In range by the checks above.
+                    cpu_millis: (r.cpus * 1000.0).round() as u32,
+                    memory_mb: r.memory_mb.unsigned_abs(),
+                    gpus: u32::try_from(r.gpus).unwrap_or(0),
+                    gpu_model: r.gpu_model.clone(),
+                    labels: r.labels.clone(),
+                },
+                timeout_seconds: timeout.unsigned_abs(),
+                retry: RetryPolicy {
+                    max_attempts: u32::try_from(retry.max_attempts).unwrap_or(1),
+                    backoff_seconds: u32::try_from(retry.backoff_seconds).unwrap_or(0),
+                },
+            },
+        )),
+        _ => Err(e.0),
+    }
+}
+
+pub fn idempotency_key(key: &str) -> Result<(), FieldError> {
+    let ok = !key.is_empty()
+        && key.len() <= limits::MAX_IDEMPOTENCY_KEY_BYTES
+        && key.bytes().all(|b| (0x21..0x7f).contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(FieldError::new("Idempotency-Key", "must be 1-255 printable ASCII characters without spaces"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    pub(crate) fn request() -> SubmitTask {
+        SubmitTask {
+            project: "lab".into(),
+            name: None,
+            code_repo_url: "https://example.org/code.git".into(),
+            code_commit_id: "A".repeat(40),
+            env_repo_url: "file:///srv/env".into(),
+            env_commit_id: "b".repeat(64),
+            dockerfile_path: "envs/gpu/Dockerfile".into(),
+            command: vec!["python".into(), "train.py".into()],
+            args: vec![],
+            env: BTreeMap::new(),
+            resources: ResourceRequest::default(),
+            timeout_seconds: None,
+            retry: None,
+        }
+    }
+
+    fn fields(r: SubmitTask) -> Vec<String> {
+        submit_task(&r).err().unwrap_or_default().into_iter().map(|f| f.field).collect()
+    }
+
+    #[test]
+    fn valid_request() {
+        let (project, spec) = submit_task(&request()).unwrap_or_else(|e| unreachable!("{e:?}"));
+        assert_eq!(project.as_str(), "lab");
+        assert_eq!(spec.code_commit_id, "a".repeat(40));
+        assert_eq!(spec.resources.cpu_millis, 1000);
+        assert_eq!(spec.timeout_seconds, 86400);
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let mut r = request();
+        r.code_repo_url = "http://x/y".into();
+        r.env_commit_id = "abc".into();
+        r.dockerfile_path = "../Dockerfile".into();
+        r.resources.memory_mb = -5;
+        r.resources.cpus = f64::NAN;
+        r.command = vec![];
+        assert_eq!(
+            fields(r),
+            vec!["code_repo_url", "env_commit_id", "dockerfile_path", "command", "resources.cpus", "resources.memory_mb"]
+        );
+    }
+
+    #[test]
+    fn paths() {
+        assert!(relative_path("p", "a/b/Dockerfile").is_ok());
+        assert!(relative_path("p", "/etc/passwd").is_err());
+        assert!(relative_path("p", "a/../../b").is_err());
+        assert!(relative_path("p", "").is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics_and_accepts_only_in_range(cpus in proptest::num::f64::ANY, mem in any::<i64>(), gpus in any::<i64>(), timeout in any::<i64>()) {
+            let mut r = request();
+            r.resources.cpus = cpus;
+            r.resources.memory_mb = mem;
+            r.resources.gpus = gpus;
+            r.timeout_seconds = Some(timeout);
+            if let Ok((_, spec)) = submit_task(&r) {
+                prop_assert!(spec.resources.cpu_millis >= 1 && cpus >= 0.001);
+                prop_assert!(spec.resources.memory_mb as i64 == mem && mem >= 1);
+                prop_assert!(spec.resources.gpus as i64 == gpus);
+                prop_assert!(spec.timeout_seconds as i64 == timeout);
+            }
+        }
+
+        #[test]
+        fn commit_ids(s in "[0-9a-fA-F]{40}|[0-9a-f]{64}|[0-9a-z]{0,70}") {
+            let ok = commit_id("c", &s).is_ok();
+            prop_assert_eq!(ok, (s.len() == 40 || s.len() == 64) && s.chars().all(|c| c.is_ascii_hexdigit()));
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! PostgreSQL access: a pool bound to one schema, migrations, batch writers.
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::GenericClient;
+use tokio_postgres::NoTls;
+use ud_schemas::{NodeId, TaskId, TokenId};
+
+use crate::rows::{NodeRow, TaskRow, TokenRow};
+use crate::ProjectionError;
+
+mod embedded {
+    refinery::embed_migrations!("../migrations");
+}
+
+/// The read-model database, bound to one schema (`public` for the live one).
+#[derive(Clone)]
+pub struct Db {
+    pool: Pool,
+    schema: String,
+}
+
+fn valid_schema(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 63 && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+impl Db {
+    pub async fn connect(url: &str, schema: &str, max_size: usize) -> Result<Self, ProjectionError> {
+        if !valid_schema(schema) {
+            return Err(ProjectionError::Config(format!("schema name {schema:?}: use a-z, 0-9 and '_'")));
+        }
+        let mut cfg: tokio_postgres::Config =
+            url.parse().map_err(|e| ProjectionError::Config(format!("database URL: {e}")))?;
+        cfg.options(format!("-c search_path={schema}"));
+        let mgr = Manager::from_config(cfg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(mgr)
+            .max_size(max_size)
+            .build()
+            .map_err(|e| ProjectionError::Config(e.to_string()))?;
+        let db = Self { pool, schema: schema.to_owned() };
+        // Fail early with the real reason (wrong password, no server).
+        let _probe = db.client().await?;
+        Ok(db)
+    }
+
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    pub async fn client(&self) -> Result<deadpool_postgres::Object, ProjectionError> {
+        self.pool.get().await.map_err(|e| ProjectionError::Db(e.to_string()))
+    }
+
+    /// Creates the schema if needed and applies pending migrations.
+    pub async fn migrate(&self) -> Result<(), ProjectionError> {
+        let mut client = self.client().await?;
+        client
+            .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", self.schema))
+            .await?;
+        let client: &mut tokio_postgres::Client = &mut client;
+        embedded::migrations::runner()
+            .run_async(client)
+            .await
+            .map_err(|e| ProjectionError::Db(format!("migration failed: {e}")))?;
+        Ok(())
+    }
+
+    /// Drops and re-creates the schema, empty and migrated.
+    pub async fn reset(&self) -> Result<(), ProjectionError> {
+        self.client()
+            .await?
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema))
+            .await?;
+        self.migrate().await
+    }
+
+    pub async fn checkpoint(&self, stream: &str) -> Result<u64, ProjectionError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt("SELECT seq FROM projection_checkpoints WHERE stream = $1", &[&stream])
+            .await?;
+        Ok(row.map_or(0, |r| r.get::<_, i64>(0).unsigned_abs()))
+    }
+}
+
+pub(crate) async fn set_checkpoint(c: &impl GenericClient, stream: &str, seq: u64) -> Result<(), ProjectionError> {
+    c.execute(
+        "INSERT INTO projection_checkpoints (stream, seq, updated_at) VALUES ($1, $2, now())
+         ON CONFLICT (stream) DO UPDATE SET seq = EXCLUDED.seq, updated_at = now()",
+        &[&stream, &(seq as i64)],
+    )
+    .await?;
+    Ok(())
+}
+
+pub(crate) async fn record_error(
+    c: &impl GenericClient,
+    stream: &str,
+    seq: u64,
+    subject: &str,
+    error: &str,
+    payload: &[u8],
+) -> Result<(), ProjectionError> {
+    c.execute(
+        "INSERT INTO projection_errors (stream, seq, subject, error, payload) VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT DO NOTHING",
+        &[&stream, &(seq as i64), &subject, &error, &payload],
+    )
+    .await?;
+    Ok(())
+}
+
+const TASK_COLS: &str = "id, project, name, state, node_id, attempt, spec, exit_code, reason, submitted_by, \
+                         submitted_at, updated_at, finished_at, version, last_seq";
+
+pub(crate) fn task_from_row(r: &tokio_postgres::Row) -> TaskRow {
+    TaskRow {
+        id: TaskId(r.get(0)),
+        project: r.get(1),
+        name: r.get(2),
+        state: r.get(3),
+        node_id: r.get::<_, Option<uuid::Uuid>>(4).map(NodeId),
+        attempt: r.get(5),
+        spec: r.get(6),
+        exit_code: r.get(7),
+        reason: r.get(8),
+        submitted_by: r.get(9),
+        submitted_at: r.get(10),
+        updated_at: r.get(11),
+        finished_at: r.get(12),
+        version: r.get(13),
+        last_seq: r.get(14),
+    }
+}
+
+pub(crate) async fn load_tasks(c: &impl GenericClient, ids: &[uuid::Uuid]) -> Result<Vec<TaskRow>, ProjectionError> {
+    if ids.is_empty() {
+        return Ok(vec![]);
+    }
+    let rows = c
+        .query(&format!("SELECT {TASK_COLS} FROM tasks WHERE id = ANY($1)"), &[&ids])
+        .await?;
+    Ok(rows.iter().map(task_from_row).collect())
+}
+
+pub(crate) async fn upsert_tasks(c: &impl GenericClient, rows: &[TaskRow]) -> Result<(), ProjectionError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<uuid::Uuid> = rows.iter().map(|r| r.id.0).collect();
+    let project: Vec<&str> = rows.iter().map(|r| r.project.as_str()).collect();
+    let name: Vec<Option<&str>> = rows.iter().map(|r| r.name.as_deref()).collect();
+    let state: Vec<&str> = rows.iter().map(|r| r.state.as_str()).collect();
+    let node: Vec<Option<uuid::Uuid>> = rows.iter().map(|r| r.node_id.map(|n| n.0)).collect();
+    let attempt: Vec<i32> = rows.iter().map(|r| r.attempt).collect();
+    let spec: Vec<&serde_json::Value> = rows.iter().map(|r| &r.spec).collect();
+    let exit: Vec<Option<i32>> = rows.iter().map(|r| r.exit_code).collect();
+    let reason: Vec<Option<&str>> = rows.iter().map(|r| r.reason.as_deref()).collect();
+    let by: Vec<&str> = rows.iter().map(|r| r.submitted_by.as_str()).collect();
+    let sub_at: Vec<_> = rows.iter().map(|r| r.submitted_at).collect();
+    let upd_at: Vec<_> = rows.iter().map(|r| r.updated_at).collect();
+    let fin_at: Vec<_> = rows.iter().map(|r| r.finished_at).collect();
+    let version: Vec<i64> = rows.iter().map(|r| r.version).collect();
+    let last_seq: Vec<i64> = rows.iter().map(|r| r.last_seq).collect();
+    c.execute(
+        &format!(
+            "INSERT INTO tasks ({TASK_COLS})
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::uuid[], $6::int4[],
+                                  $7::jsonb[], $8::int4[], $9::text[], $10::text[], $11::timestamptz[],
+                                  $12::timestamptz[], $13::timestamptz[], $14::int8[], $15::int8[])
+             ON CONFLICT (id) DO UPDATE SET
+               project = EXCLUDED.project, name = EXCLUDED.name, state = EXCLUDED.state,
+               node_id = EXCLUDED.node_id, attempt = EXCLUDED.attempt, spec = EXCLUDED.spec,
+               exit_code = EXCLUDED.exit_code, reason = EXCLUDED.reason,
+               submitted_by = EXCLUDED.submitted_by, submitted_at = EXCLUDED.submitted_at,
+               updated_at = EXCLUDED.updated_at, finished_at = EXCLUDED.finished_at,
+               version = EXCLUDED.version, last_seq = EXCLUDED.last_seq"
+        ),
+        &[
+            &ids, &project, &name, &state, &node, &attempt, &spec, &exit, &reason, &by, &sub_at, &upd_at, &fin_at,
+            &version, &last_seq,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+const NODE_COLS: &str = "id, name, labels, resources, status, registered_at, last_seen, running_tasks, last_seq";
+
+pub(crate) fn node_from_row(r: &tokio_postgres::Row) -> NodeRow {
+    NodeRow {
+        id: NodeId(r.get(0)),
+        name: r.get(1),
+        labels: r.get(2),
+        resources: r.get(3),
+        status: r.get(4),
+        registered_at: r.get(5),
+        last_seen: r.get(6),
+        running_tasks: r.get(7),
+        last_seq: r.get(8),
+    }
+}
+
+pub(crate) async fn load_nodes(c: &impl GenericClient, ids: &[uuid::Uuid]) -> Result<Vec<NodeRow>, ProjectionError> {
+    if ids.is_empty() {
+        return Ok(vec![]);
+    }
+    let rows = c
+        .query(&format!("SELECT {NODE_COLS} FROM nodes WHERE id = ANY($1)"), &[&ids])
+        .await?;
+    Ok(rows.iter().map(node_from_row).collect())
+}
+
+pub(crate) async fn upsert_nodes(c: &impl GenericClient, rows: &[NodeRow]) -> Result<(), ProjectionError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<uuid::Uuid> = rows.iter().map(|r| r.id.0).collect();
+    let name: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+    let labels: Vec<&serde_json::Value> = rows.iter().map(|r| &r.labels).collect();
+    let res: Vec<&serde_json::Value> = rows.iter().map(|r| &r.resources).collect();
+    let status: Vec<&str> = rows.iter().map(|r| r.status.as_str()).collect();
+    let reg: Vec<_> = rows.iter().map(|r| r.registered_at).collect();
+    let seen: Vec<_> = rows.iter().map(|r| r.last_seen).collect();
+    let running: Vec<i32> = rows.iter().map(|r| r.running_tasks).collect();
+    let seq: Vec<i64> = rows.iter().map(|r| r.last_seq).collect();
+    c.execute(
+        &format!(
+            "INSERT INTO nodes ({NODE_COLS})
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[], $4::jsonb[], $5::text[],
+                                  $6::timestamptz[], $7::timestamptz[], $8::int4[], $9::int8[])
+             ON CONFLICT (id) DO UPDATE SET
+               name = EXCLUDED.name, labels = EXCLUDED.labels, resources = EXCLUDED.resources,
+               status = EXCLUDED.status, registered_at = EXCLUDED.registered_at,
+               last_seen = EXCLUDED.last_seen, running_tasks = EXCLUDED.running_tasks,
+               last_seq = EXCLUDED.last_seq"
+        ),
+        &[&ids, &name, &labels, &res, &status, &reg, &seen, &running, &seq],
+    )
+    .await?;
+    Ok(())
+}
+
+const TOKEN_COLS: &str = "id, name, digest, projects, admin, issued_at, revoked_at";
+
+pub(crate) async fn load_tokens(c: &impl GenericClient, ids: &[uuid::Uuid]) -> Result<Vec<TokenRow>, ProjectionError> {
+    if ids.is_empty() {
+        return Ok(vec![]);
+    }
+    let rows = c
+        .query(&format!("SELECT {TOKEN_COLS} FROM api_tokens WHERE id = ANY($1)"), &[&ids])
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| TokenRow {
+            id: TokenId(r.get(0)),
+            name: r.get(1),
+            digest: r.get(2),
+            projects: r.get(3),
+            admin: r.get(4),
+            issued_at: r.get(5),
+            revoked_at: r.get(6),
+        })
+        .collect())
+}
+
+pub(crate) async fn upsert_tokens(c: &impl GenericClient, rows: &[TokenRow]) -> Result<(), ProjectionError> {
+    for r in rows {
+        c.execute(
+            &format!(
+                "INSERT INTO api_tokens ({TOKEN_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, digest = EXCLUDED.digest,
+                   projects = EXCLUDED.projects, admin = EXCLUDED.admin, issued_at = EXCLUDED.issued_at,
+                   revoked_at = EXCLUDED.revoked_at"
+            ),
+            &[&r.id.0, &r.name, &r.digest, &r.projects, &r.admin, &r.issued_at, &r.revoked_at],
+        )
+        .await?;
+    }
+    Ok(())
+}

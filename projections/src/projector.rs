@@ -1,0 +1,273 @@
+//! The projector loop: ordered consumer -> batches -> one transaction each.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::DeliverPolicy};
+use futures::{FutureExt, StreamExt};
+use tracing::{debug, info, warn};
+use ud_schemas::codec::{self, EventEnvelope};
+use ud_schemas::{streams, subjects, Event};
+
+use crate::db::{self, Db};
+use crate::rows::{self, NodeRow, TaskRow, TokenRow};
+use crate::ProjectionError;
+
+#[derive(Clone, Debug)]
+pub struct ProjectorOptions {
+    /// Most messages applied in one transaction.
+    pub batch_max: usize,
+    /// Publish `ud.sys.projected.<stream>` after each commit (live projectors).
+    pub notify: bool,
+}
+
+impl Default for ProjectorOptions {
+    fn default() -> Self {
+        Self { batch_max: 5000, notify: true }
+    }
+}
+
+pub struct Projector {
+    db: Db,
+    js: jetstream::Context,
+    stream: String,
+    options: ProjectorOptions,
+}
+
+struct Raw {
+    seq: u64,
+    subject: String,
+    headers: Option<async_nats::HeaderMap>,
+    payload: bytes::Bytes,
+}
+
+fn stream_err(e: impl std::fmt::Display) -> ProjectionError {
+    ProjectionError::Stream(e.to_string())
+}
+
+impl Projector {
+    pub fn new(db: Db, js: jetstream::Context, stream: &str, options: ProjectorOptions) -> Self {
+        Self { db, js, stream: stream.to_owned(), options }
+    }
+
+    /// Projects until the stream's sequence `until` is applied (`None`: forever).
+    /// Returns the last applied sequence.
+    pub async fn run(&self, until: Option<u64>) -> Result<u64, ProjectionError> {
+        let mut applied = self.db.checkpoint(&self.stream).await?;
+        if until.is_some_and(|u| applied >= u) {
+            return Ok(applied);
+        }
+        let stream = self.js.get_stream(&self.stream).await.map_err(stream_err)?;
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: applied + 1 },
+                ..Default::default()
+            })
+            .await
+            .map_err(stream_err)?;
+        let mut messages = consumer.messages().await.map_err(stream_err)?;
+        info!(stream = %self.stream, from = applied + 1, "projector started");
+        loop {
+            let Some(first) = messages.next().await else {
+                return Err(ProjectionError::Stream("consumer closed".into()));
+            };
+            let mut batch = vec![first.map_err(stream_err)?];
+            while batch.len() < self.options.batch_max {
+                match messages.next().now_or_never() {
+                    Some(Some(m)) => batch.push(m.map_err(stream_err)?),
+                    _ => break,
+                }
+            }
+            let raws: Vec<Raw> = batch
+                .into_iter()
+                .filter_map(|m| {
+                    let seq = m.info().ok()?.stream_sequence;
+                    Some(Raw { seq, subject: m.subject.to_string(), headers: m.headers.clone(), payload: m.payload.clone() })
+                })
+                .filter(|r| r.seq > applied)
+                .collect();
+            let Some(last) = raws.last().map(|r| r.seq) else { continue };
+            self.apply_batch(&raws, last).await?;
+            applied = last;
+            debug!(stream = %self.stream, seq = applied, n = raws.len(), "batch projected");
+            if self.options.notify {
+                let _ = self
+                    .js
+                    .client()
+                    .publish(subjects::projected(&self.stream), applied.to_string().into())
+                    .await;
+            }
+            if until.is_some_and(|u| applied >= u) {
+                return Ok(applied);
+            }
+        }
+    }
+
+    /// Runs forever, restarting after failures with a capped backoff.
+    pub async fn run_forever(&self) {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match self.run(None).await {
+                Ok(_) => delay = Duration::from_millis(200),
+                Err(e) => {
+                    warn!(stream = %self.stream, error = %e, "projector failed; restarting");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    async fn apply_batch(&self, raws: &[Raw], last: u64) -> Result<(), ProjectionError> {
+        let mut client = self.db.client().await?;
+        let tx = client.transaction().await?;
+        let mut decoded: Vec<(u64, EventEnvelope)> = Vec::with_capacity(raws.len());
+        for r in raws {
+            match codec::decode_message(&r.subject, r.headers.as_ref(), &r.payload) {
+                Ok(env) => decoded.push((r.seq, env)),
+                Err(e) => {
+                    warn!(stream = %self.stream, seq = r.seq, subject = %r.subject, error = %e, "undecodable event skipped");
+                    db::record_error(&tx, &self.stream, r.seq, &r.subject, &e.to_string(), &r.payload).await?;
+                }
+            }
+        }
+        let failures = match self.stream.as_str() {
+            streams::TASKS => apply_tasks(&tx, &decoded).await?,
+            streams::NODES | streams::HEARTBEATS => apply_nodes(&tx, &decoded).await?,
+            streams::AUTH => apply_tokens(&tx, &decoded).await?,
+            other => return Err(ProjectionError::Config(format!("no projection for stream {other}"))),
+        };
+        for (seq, error) in failures {
+            if let Some(r) = raws.iter().find(|r| r.seq == seq) {
+                warn!(stream = %self.stream, seq, error = %error, "event not applicable; recorded");
+                db::record_error(&tx, &self.stream, seq, &r.subject, &error, &r.payload).await?;
+            }
+        }
+        db::set_checkpoint(&tx, &self.stream, last).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+type Failures = Vec<(u64, String)>;
+
+/// Folds a batch into rows keyed by aggregate, starting from stored rows.
+fn fold_batch<K: std::hash::Hash + Eq + Copy, R>(
+    decoded: &[(u64, EventEnvelope)],
+    mut existing: HashMap<K, R>,
+    mut apply: impl FnMut(Option<R>, &EventEnvelope, u64) -> Option<Result<(K, R), String>>,
+    key_of: impl Fn(&EventEnvelope) -> Option<K>,
+) -> (Vec<R>, Failures) {
+    let mut touched: Vec<K> = Vec::new();
+    let mut seen: std::collections::HashSet<K> = std::collections::HashSet::new();
+    let mut failures = Vec::new();
+    for (seq, env) in decoded {
+        let Some(key) = key_of(env) else { continue };
+        let before = existing.remove(&key);
+        match apply(before, env, *seq) {
+            Some(Ok((k, row))) => {
+                if seen.insert(k) {
+                    touched.push(k);
+                }
+                existing.insert(k, row);
+            }
+            // Only an event for an aggregate with no row fails; nothing was removed.
+            Some(Err(e)) => failures.push((*seq, e)),
+            None => {}
+        }
+    }
+    let rows = touched.into_iter().filter_map(|k| existing.remove(&k)).collect();
+    (rows, failures)
+}
+
+async fn apply_tasks(
+    tx: &deadpool_postgres::Transaction<'_>,
+    decoded: &[(u64, EventEnvelope)],
+) -> Result<Failures, ProjectionError> {
+    let mut ids: Vec<uuid::Uuid> = decoded
+        .iter()
+        .filter_map(|(_, e)| match &e.event {
+            Event::Task(id, _) => Some(id.0),
+            _ => None,
+        })
+        .collect();
+    ids.sort();
+    ids.dedup();
+    let existing: HashMap<_, TaskRow> = db::load_tasks(tx, &ids).await?.into_iter().map(|r| (r.id, r)).collect();
+    let (rows, failures) = fold_batch(
+        decoded,
+        existing,
+        |row, env, seq| match &env.event {
+            Event::Task(id, e) => Some(
+                rows::apply_task(row, *id, e, &env.meta.actor, seq)
+                    .map(|r| (*id, r))
+                    .map_err(|e| e.to_string()),
+            ),
+            _ => None,
+        },
+        |env| match &env.event {
+            Event::Task(id, _) => Some(*id),
+            _ => None,
+        },
+    );
+    db::upsert_tasks(tx, &rows).await?;
+    Ok(failures)
+}
+
+async fn apply_nodes(
+    tx: &deadpool_postgres::Transaction<'_>,
+    decoded: &[(u64, EventEnvelope)],
+) -> Result<Failures, ProjectionError> {
+    let mut ids: Vec<uuid::Uuid> = decoded
+        .iter()
+        .filter_map(|(_, e)| match &e.event {
+            Event::Node(id, _) => Some(id.0),
+            _ => None,
+        })
+        .collect();
+    ids.sort();
+    ids.dedup();
+    let existing: HashMap<_, NodeRow> = db::load_nodes(tx, &ids).await?.into_iter().map(|r| (r.id, r)).collect();
+    let (rows, failures) = fold_batch(
+        decoded,
+        existing,
+        |row, env, seq| match &env.event {
+            Event::Node(id, e) => Some(rows::apply_node(row, *id, e, seq).map(|r| (*id, r)).map_err(|e| e.to_string())),
+            _ => None,
+        },
+        |env| match &env.event {
+            Event::Node(id, _) => Some(*id),
+            _ => None,
+        },
+    );
+    db::upsert_nodes(tx, &rows).await?;
+    Ok(failures)
+}
+
+async fn apply_tokens(
+    tx: &deadpool_postgres::Transaction<'_>,
+    decoded: &[(u64, EventEnvelope)],
+) -> Result<Failures, ProjectionError> {
+    let ids: Vec<uuid::Uuid> = decoded
+        .iter()
+        .filter_map(|(_, e)| match &e.event {
+            Event::Auth(id, _) => Some(id.0),
+            _ => None,
+        })
+        .collect();
+    let existing: HashMap<_, TokenRow> = db::load_tokens(tx, &ids).await?.into_iter().map(|r| (r.id, r)).collect();
+    let (rows, failures) = fold_batch(
+        decoded,
+        existing,
+        |row, env, _| match &env.event {
+            Event::Auth(id, e) => Some(rows::apply_token(row, *id, e).map(|r| (*id, r)).map_err(|e| e.to_string())),
+            _ => None,
+        },
+        |env| match &env.event {
+            Event::Auth(id, _) => Some(*id),
+            _ => None,
+        },
+    );
+    db::upsert_tokens(tx, &rows).await?;
+    Ok(failures)
+}

@@ -1,0 +1,180 @@
+//! Read-model rows and how events change them. Pure: no I/O, no clock.
+
+use chrono::{DateTime, TimeZone, Utc};
+use ud_schemas::events::*;
+use ud_schemas::{Millis, NodeId, TaskId, TokenId};
+
+pub fn ts(ms: Millis) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(ms).single().unwrap_or_default()
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskRow {
+    pub id: TaskId,
+    pub project: String,
+    pub name: Option<String>,
+    pub state: String,
+    pub node_id: Option<NodeId>,
+    pub attempt: i32,
+    pub spec: serde_json::Value,
+    pub exit_code: Option<i32>,
+    pub reason: Option<String>,
+    pub submitted_by: String,
+    pub submitted_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub version: i64,
+    pub last_seq: i64,
+}
+
+/// Why an event could not be applied to a row.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ApplyError {
+    #[error("{0} event for an unknown aggregate")]
+    UnknownAggregate(&'static str),
+}
+
+pub fn apply_task(
+    row: Option<TaskRow>,
+    id: TaskId,
+    event: &TaskEvent,
+    actor: &str,
+    seq: u64,
+) -> Result<TaskRow, ApplyError> {
+    let seq = i64::try_from(seq).unwrap_or(i64::MAX);
+    let mut row = match (row, event) {
+        (None, TaskEvent::Submitted(e)) => {
+            return Ok(TaskRow {
+                id,
+                project: e.project.to_string(),
+                name: e.spec.name.clone(),
+                state: "pending".into(),
+                node_id: None,
+                attempt: 0,
+                spec: serde_json::to_value(&e.spec).unwrap_or_default(),
+                exit_code: None,
+                reason: None,
+                submitted_by: actor.to_owned(),
+                submitted_at: ts(e.at),
+                updated_at: ts(e.at),
+                finished_at: None,
+                version: 1,
+                last_seq: seq,
+            })
+        }
+        (None, e) => return Err(ApplyError::UnknownAggregate(e.name())),
+        (Some(row), _) => row,
+    };
+    row.version += 1;
+    row.last_seq = seq;
+    row.updated_at = ts(event.at());
+    let terminal = matches!(row.state.as_str(), "succeeded" | "failed" | "cancelled");
+    if terminal {
+        return Ok(row);
+    }
+    match event {
+        TaskEvent::Submitted(_) => {}
+        TaskEvent::Assigned(e) => {
+            row.state = "assigned".into();
+            row.node_id = Some(e.node_id);
+            row.attempt = i32::try_from(e.attempt).unwrap_or(i32::MAX);
+        }
+        TaskEvent::Started(e) => {
+            row.state = "running".into();
+            row.node_id = Some(e.node_id);
+        }
+        TaskEvent::Succeeded(e) => {
+            row.state = "succeeded".into();
+            row.exit_code = Some(e.exit_code);
+            row.finished_at = Some(ts(e.at));
+        }
+        TaskEvent::Failed(e) => {
+            row.state = "failed".into();
+            row.exit_code = e.exit_code;
+            row.reason = Some(e.reason.clone());
+            row.finished_at = Some(ts(e.at));
+        }
+        TaskEvent::CancelRequested(e) => {
+            row.state = "cancelling".into();
+            row.reason = Some(e.reason.clone());
+        }
+        TaskEvent::Cancelled(e) => {
+            row.state = "cancelled".into();
+            row.reason = Some(e.reason.clone());
+            row.finished_at = Some(ts(e.at));
+        }
+    }
+    Ok(row)
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct NodeRow {
+    pub id: NodeId,
+    pub name: String,
+    pub labels: serde_json::Value,
+    pub resources: serde_json::Value,
+    pub status: String,
+    pub registered_at: DateTime<Utc>,
+    pub last_seen: DateTime<Utc>,
+    pub running_tasks: i32,
+    pub last_seq: i64,
+}
+
+pub fn apply_node(row: Option<NodeRow>, id: NodeId, event: &NodeEvent, seq: u64) -> Result<NodeRow, ApplyError> {
+    let seq = i64::try_from(seq).unwrap_or(i64::MAX);
+    match (row, event) {
+        (_, NodeEvent::Registered(e)) => Ok(NodeRow {
+            id,
+            name: e.name.clone(),
+            labels: serde_json::to_value(&e.labels).unwrap_or_default(),
+            resources: serde_json::to_value(&e.resources).unwrap_or_default(),
+            status: "online".into(),
+            registered_at: ts(e.at),
+            last_seen: ts(e.at),
+            running_tasks: 0,
+            last_seq: seq,
+        }),
+        (None, e) => Err(ApplyError::UnknownAggregate(e.name())),
+        (Some(mut row), NodeEvent::Heartbeat(e)) => {
+            row.status = "online".into();
+            row.last_seen = row.last_seen.max(ts(e.at));
+            row.running_tasks = i32::try_from(e.running_tasks).unwrap_or(i32::MAX);
+            Ok(row)
+        }
+        (Some(mut row), NodeEvent::WentOffline(_)) => {
+            row.status = "offline".into();
+            row.last_seq = seq;
+            Ok(row)
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenRow {
+    pub id: TokenId,
+    pub name: String,
+    pub digest: String,
+    pub projects: Vec<String>,
+    pub admin: bool,
+    pub issued_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+pub fn apply_token(row: Option<TokenRow>, id: TokenId, event: &AuthEvent) -> Result<TokenRow, ApplyError> {
+    match (row, event) {
+        (_, AuthEvent::TokenIssued(e)) => Ok(TokenRow {
+            id,
+            name: e.name.clone(),
+            digest: e.digest.clone(),
+            projects: e.projects.iter().map(|p| p.to_string()).collect(),
+            admin: e.admin,
+            issued_at: ts(e.at),
+            revoked_at: None,
+        }),
+        (None, e) => Err(ApplyError::UnknownAggregate(e.name())),
+        (Some(mut row), AuthEvent::TokenRevoked(e)) => {
+            row.revoked_at = Some(ts(e.at));
+            Ok(row)
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! CBOR encoding of events, with versioned decoding.
+//!
+//! The payload of a message is the CBOR map of one event's data. The event
+//! type is the last subject token; the schema version is the
+//! `Ud-Schema-Version` header. Every version ever published stays decodable:
+//! when a payload changes shape, the old shape is frozen in a module `vN`
+//! here and upcast to the current type on read.
+
+use async_nats::HeaderMap;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::events::*;
+use crate::ids::EventId;
+use crate::subjects::{self, ParsedSubject};
+
+/// The schema version written for new events of every type.
+pub const CURRENT_VERSION: u16 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("subject {0:?} is not an event subject")]
+    Subject(String),
+    #[error("unknown event type {kind}.{name}")]
+    UnknownType { kind: &'static str, name: String },
+    #[error("unsupported schema version {version} of {event_type}")]
+    UnknownVersion { event_type: String, version: u16 },
+    #[error("bad header: {0}")]
+    Header(String),
+    #[error("cannot decode {event_type} v{version}: {reason}")]
+    Decode {
+        event_type: String,
+        version: u16,
+        reason: String,
+    },
+    #[error("cannot encode event: {0}")]
+    Encode(String),
+}
+
+/// Who did what, and why: carried in headers next to every event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventMeta {
+    pub event_id: EventId,
+    pub correlation_id: EventId,
+    pub causation_id: Option<EventId>,
+    pub actor: String,
+}
+
+impl EventMeta {
+    /// Metadata for an event that starts a new chain of causation.
+    pub fn new(actor: impl Into<String>) -> Self {
+        let id = EventId::new();
+        Self {
+            event_id: id,
+            correlation_id: id,
+            causation_id: None,
+            actor: actor.into(),
+        }
+    }
+
+    /// Metadata for a further event caused by this one.
+    pub fn next(&self) -> Self {
+        Self {
+            event_id: EventId::new(),
+            correlation_id: self.correlation_id,
+            causation_id: Some(self.event_id),
+            actor: self.actor.clone(),
+        }
+    }
+}
+
+/// An event as read from a stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventEnvelope {
+    pub event: Event,
+    pub meta: EventMeta,
+    pub schema_version: u16,
+}
+
+fn to_cbor<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
+    let mut out = Vec::with_capacity(256);
+    ciborium::into_writer(value, &mut out).map_err(|e| CodecError::Encode(e.to_string()))?;
+    Ok(out)
+}
+
+/// The CBOR payload of an event, in the current schema version.
+pub fn encode_event(event: &Event) -> Result<Vec<u8>, CodecError> {
+    match event {
+        Event::Task(_, e) => to_cbor(e),
+        Event::Node(_, e) => to_cbor(e),
+        Event::Auth(_, e) => to_cbor(e),
+    }
+}
+
+/// Headers and payload of an event, ready to publish.
+pub fn encode_message(event: &Event, meta: &EventMeta) -> Result<(HeaderMap, Vec<u8>), CodecError> {
+    let headers = crate::headers::build(
+        &event.event_type(),
+        CURRENT_VERSION,
+        &event.aggregate_id(),
+        meta,
+    );
+    Ok((headers, encode_event(event)?))
+}
+
+fn from_cbor<T: DeserializeOwned>(bytes: &[u8], event_type: &str, version: u16) -> Result<T, CodecError> {
+    ciborium::from_reader(bytes).map_err(|e| CodecError::Decode {
+        event_type: event_type.to_owned(),
+        version,
+        reason: e.to_string(),
+    })
+}
+
+/// Decodes the payload of a message on `subject` written with `version`.
+pub fn decode_event(subject: &str, version: u16, payload: &[u8]) -> Result<Event, CodecError> {
+    let parsed = subjects::parse(subject).ok_or_else(|| CodecError::Subject(subject.to_owned()))?;
+    let event_type = match &parsed {
+        ParsedSubject::Task { name, .. } => format!("task.{name}"),
+        ParsedSubject::Node { name, .. } => format!("node.{name}"),
+        ParsedSubject::Token { name, .. } => format!("token.{name}"),
+    };
+    if version != 1 {
+        return Err(CodecError::UnknownVersion { event_type, version });
+    }
+    let t = event_type.as_str();
+    let v = version;
+    Ok(match parsed {
+        ParsedSubject::Task { id, name } => Event::Task(
+            id,
+            match name {
+                "submitted" => TaskEvent::Submitted(from_cbor(payload, t, v)?),
+                "assigned" => TaskEvent::Assigned(from_cbor(payload, t, v)?),
+                "started" => TaskEvent::Started(from_cbor(payload, t, v)?),
+                "succeeded" => TaskEvent::Succeeded(from_cbor(payload, t, v)?),
+                "failed" => TaskEvent::Failed(from_cbor(payload, t, v)?),
+                "cancel_requested" => TaskEvent::CancelRequested(from_cbor(payload, t, v)?),
+                "cancelled" => TaskEvent::Cancelled(from_cbor(payload, t, v)?),
+                other => return Err(CodecError::UnknownType { kind: "task", name: other.to_owned() }),
+            },
+        ),
+        ParsedSubject::Node { id, name } => Event::Node(
+            id,
+            match name {
+                "registered" => NodeEvent::Registered(from_cbor(payload, t, v)?),
+                "heartbeat" => NodeEvent::Heartbeat(from_cbor(payload, t, v)?),
+                "offline" => NodeEvent::WentOffline(from_cbor(payload, t, v)?),
+                other => return Err(CodecError::UnknownType { kind: "node", name: other.to_owned() }),
+            },
+        ),
+        ParsedSubject::Token { id, name } => Event::Auth(
+            id,
+            match name {
+                "issued" => AuthEvent::TokenIssued(from_cbor(payload, t, v)?),
+                "revoked" => AuthEvent::TokenRevoked(from_cbor(payload, t, v)?),
+                other => return Err(CodecError::UnknownType { kind: "token", name: other.to_owned() }),
+            },
+        ),
+    })
+}
+
+/// Decodes a whole message (subject, headers, payload) into an envelope.
+pub fn decode_message(
+    subject: &str,
+    headers: Option<&HeaderMap>,
+    payload: &[u8],
+) -> Result<EventEnvelope, CodecError> {
+    let schema_version = crate::headers::schema_version(headers).map_err(CodecError::Header)?;
+    let event = decode_event(subject, schema_version, payload)?;
+    Ok(EventEnvelope {
+        event,
+        meta: crate::headers::meta(headers),
+        schema_version,
+    })
+}
+
+/// The event's data as JSON, for APIs and exports.
+pub fn event_data_json(event: &Event) -> serde_json::Value {
+    let value = match event {
+        Event::Task(_, e) => serde_json::to_value(e),
+        Event::Node(_, e) => serde_json::to_value(e),
+        Event::Auth(_, e) => serde_json::to_value(e),
+    };
+    value.unwrap_or(serde_json::Value::Null)
+}

@@ -1,0 +1,204 @@
+//! Event payloads, current version. Each event type has a subject suffix
+//! (its name on the wire) and a schema version; older versions are upcast
+//! in [`crate::codec`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{NodeId, ProjectId, TokenId};
+use crate::spec::{NodeResources, TaskSpec};
+use crate::Millis;
+
+/// Everything that happens to a task.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum TaskEvent {
+    Submitted(TaskSubmitted),
+    Assigned(TaskAssigned),
+    Started(TaskStarted),
+    Succeeded(TaskSucceeded),
+    Failed(TaskFailed),
+    CancelRequested(TaskCancelRequested),
+    Cancelled(TaskCancelled),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskSubmitted {
+    pub at: Millis,
+    pub project: ProjectId,
+    pub spec: TaskSpec,
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskAssigned {
+    pub at: Millis,
+    pub node_id: NodeId,
+    pub attempt: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskStarted {
+    pub at: Millis,
+    pub node_id: NodeId,
+    pub attempt: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskSucceeded {
+    pub at: Millis,
+    pub exit_code: i32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskFailed {
+    pub at: Millis,
+    pub exit_code: Option<i32>,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskCancelRequested {
+    pub at: Millis,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskCancelled {
+    pub at: Millis,
+    pub reason: String,
+}
+
+/// Everything that happens to a compute node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum NodeEvent {
+    Registered(NodeRegistered),
+    Heartbeat(NodeHeartbeat),
+    WentOffline(NodeWentOffline),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRegistered {
+    pub at: Millis,
+    pub name: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub resources: NodeResources,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeHeartbeat {
+    pub at: Millis,
+    pub running_tasks: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeWentOffline {
+    pub at: Millis,
+    pub last_seen: Millis,
+}
+
+/// Issuing and revoking API tokens. Only the SHA-256 digest of a token's
+/// secret is ever recorded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum AuthEvent {
+    TokenIssued(TokenIssued),
+    TokenRevoked(TokenRevoked),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenIssued {
+    pub at: Millis,
+    pub name: String,
+    /// Hex SHA-256 of the secret.
+    pub digest: String,
+    pub projects: Vec<ProjectId>,
+    pub admin: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRevoked {
+    pub at: Millis,
+}
+
+/// Any event, with the aggregate it belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    Task(crate::TaskId, TaskEvent),
+    Node(NodeId, NodeEvent),
+    Auth(TokenId, AuthEvent),
+}
+
+impl TaskEvent {
+    /// The last subject token, e.g. `submitted` in `ud.task.<id>.submitted`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Submitted(_) => "submitted",
+            Self::Assigned(_) => "assigned",
+            Self::Started(_) => "started",
+            Self::Succeeded(_) => "succeeded",
+            Self::Failed(_) => "failed",
+            Self::CancelRequested(_) => "cancel_requested",
+            Self::Cancelled(_) => "cancelled",
+        }
+    }
+    pub fn at(&self) -> Millis {
+        match self {
+            Self::Submitted(e) => e.at,
+            Self::Assigned(e) => e.at,
+            Self::Started(e) => e.at,
+            Self::Succeeded(e) => e.at,
+            Self::Failed(e) => e.at,
+            Self::CancelRequested(e) => e.at,
+            Self::Cancelled(e) => e.at,
+        }
+    }
+}
+
+impl NodeEvent {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Registered(_) => "registered",
+            Self::Heartbeat(_) => "heartbeat",
+            Self::WentOffline(_) => "offline",
+        }
+    }
+}
+
+impl AuthEvent {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::TokenIssued(_) => "issued",
+            Self::TokenRevoked(_) => "revoked",
+        }
+    }
+}
+
+impl Event {
+    /// `task.submitted`, `node.heartbeat`, ...: the `Ud-Event-Type` header.
+    pub fn event_type(&self) -> String {
+        match self {
+            Self::Task(_, e) => format!("task.{}", e.name()),
+            Self::Node(_, e) => format!("node.{}", e.name()),
+            Self::Auth(_, e) => format!("token.{}", e.name()),
+        }
+    }
+
+    /// The subject this event is published on.
+    pub fn subject(&self) -> String {
+        match self {
+            Self::Task(id, e) => crate::subjects::task_event(id, e.name()),
+            Self::Node(id, e) => crate::subjects::node_event(id, e.name()),
+            Self::Auth(id, e) => crate::subjects::token_event(id, e.name()),
+        }
+    }
+
+    /// The aggregate id as text (task, node or token id).
+    pub fn aggregate_id(&self) -> String {
+        match self {
+            Self::Task(id, _) => id.to_string(),
+            Self::Node(id, _) => id.to_string(),
+            Self::Auth(id, _) => id.to_string(),
+        }
+    }
+}

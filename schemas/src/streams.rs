@@ -1,0 +1,60 @@
+//! JetStream stream definitions. The hub's JetStream domain is `hub`.
+
+use std::time::Duration;
+
+use async_nats::jetstream::stream::{Config, DiscardPolicy, RetentionPolicy, StorageType};
+
+pub const TASKS: &str = "UD_TASKS";
+pub const NODES: &str = "UD_NODES";
+pub const HEARTBEATS: &str = "UD_HEARTBEATS";
+pub const AUTH: &str = "UD_AUTH";
+/// Key-value bucket mapping (project, Idempotency-Key) to the task it created.
+pub const IDEMPOTENCY_BUCKET: &str = "ud_idempotency";
+
+/// Streams read by projectors, in the order they are listed here.
+pub const PROJECTED: [&str; 4] = [AUTH, NODES, HEARTBEATS, TASKS];
+
+fn base(name: &str, subjects: Vec<String>, replicas: usize) -> Config {
+    Config {
+        name: name.to_owned(),
+        subjects,
+        retention: RetentionPolicy::Limits,
+        discard: DiscardPolicy::Old,
+        storage: StorageType::File,
+        num_replicas: replicas,
+        allow_direct: true,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    }
+}
+
+/// Task lifecycle events: kept forever (the source of truth).
+pub fn tasks(replicas: usize) -> Config {
+    base(TASKS, vec!["ud.task.>".into()], replicas)
+}
+
+/// Node registration and liveness transitions: kept forever.
+pub fn nodes(replicas: usize) -> Config {
+    base(
+        NODES,
+        vec!["ud.node.*.registered".into(), "ud.node.*.offline".into()],
+        replicas,
+    )
+}
+
+/// Heartbeats: a bounded window per node (the last 100 beats).
+pub fn heartbeats(replicas: usize) -> Config {
+    Config {
+        max_messages_per_subject: 100,
+        ..base(HEARTBEATS, vec!["ud.node.*.heartbeat".into()], replicas)
+    }
+}
+
+/// Token issue and revocation: kept forever.
+pub fn auth(replicas: usize) -> Config {
+    base(AUTH, vec!["ud.auth.>".into()], replicas)
+}
+
+pub fn all(replicas: usize) -> Vec<Config> {
+    vec![tasks(replicas), nodes(replicas), heartbeats(replicas), auth(replicas)]
+}

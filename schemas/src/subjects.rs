@@ -1,0 +1,98 @@
+//! The subject hierarchy under `ud.`.
+//!
+//! | subject | what |
+//! | --- | --- |
+//! | `ud.task.<task_id>.<event>` | task lifecycle events |
+//! | `ud.node.<node_id>.<event>` | node registration, liveness (heartbeats live in their own stream) |
+//! | `ud.auth.token.<token_id>.<event>` | API token issued / revoked |
+//! | `ud.cmd.<endpoint>` | command services (NATS micro, JSON request/reply) |
+//! | `ud.sys.projected.<stream>` | core-NATS notice: a projector committed up to a sequence |
+
+use crate::ids::{NodeId, TaskId, TokenId};
+
+pub const TASK_PREFIX: &str = "ud.task";
+pub const NODE_PREFIX: &str = "ud.node";
+pub const TOKEN_PREFIX: &str = "ud.auth.token";
+pub const PROJECTED_PREFIX: &str = "ud.sys.projected";
+
+pub fn task_event(id: &TaskId, name: &str) -> String {
+    format!("{TASK_PREFIX}.{id}.{name}")
+}
+
+/// Every event of one task: the concurrency scope of the task aggregate.
+pub fn task_all(id: &TaskId) -> String {
+    format!("{TASK_PREFIX}.{id}.>")
+}
+
+pub fn node_event(id: &NodeId, name: &str) -> String {
+    format!("{NODE_PREFIX}.{id}.{name}")
+}
+
+pub fn node_all(id: &NodeId) -> String {
+    format!("{NODE_PREFIX}.{id}.>")
+}
+
+pub fn token_event(id: &TokenId, name: &str) -> String {
+    format!("{TOKEN_PREFIX}.{id}.{name}")
+}
+
+pub fn token_all(id: &TokenId) -> String {
+    format!("{TOKEN_PREFIX}.{id}.>")
+}
+
+pub fn projected(stream: &str) -> String {
+    format!("{PROJECTED_PREFIX}.{stream}")
+}
+
+/// Which aggregate a subject belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ParsedSubject<'a> {
+    Task { id: TaskId, name: &'a str },
+    Node { id: NodeId, name: &'a str },
+    Token { id: TokenId, name: &'a str },
+}
+
+/// Parses an event subject; `None` for anything that is not one.
+pub fn parse(subject: &str) -> Option<ParsedSubject<'_>> {
+    let mut parts = subject.split('.');
+    if parts.next()? != "ud" {
+        return None;
+    }
+    let parsed = match parts.next()? {
+        "task" => {
+            let id = parts.next()?.parse().ok()?;
+            ParsedSubject::Task { id, name: parts.next()? }
+        }
+        "node" => {
+            let id = parts.next()?.parse().ok()?;
+            ParsedSubject::Node { id, name: parts.next()? }
+        }
+        "auth" => {
+            if parts.next()? != "token" {
+                return None;
+            }
+            let id = parts.next()?.parse().ok()?;
+            ParsedSubject::Token { id, name: parts.next()? }
+        }
+        _ => return None,
+    };
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(parsed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let id = TaskId::new();
+        let s = task_event(&id, "failed");
+        assert_eq!(parse(&s), Some(ParsedSubject::Task { id, name: "failed" }));
+        assert_eq!(parse("ud.task.nope.failed"), None);
+        assert_eq!(parse(&format!("{s}.extra")), None);
+        assert_eq!(parse("other.task"), None);
+    }
+}
