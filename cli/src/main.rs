@@ -1,1 +1,91 @@
-fn main() {}
+//! `unidesk`: the server, the client and the operator's tools in one binary.
+
+mod client;
+mod ops;
+mod serve;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "unidesk", version, about = "UniDesk: distributed work on your own compute nodes")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the main-server services: command services, projectors, REST API.
+    Serve(serve::ServeArgs),
+    /// Submit a task.
+    Submit(client::SubmitArgs),
+    /// List tasks.
+    List(client::ListArgs),
+    /// Show one task.
+    Show(client::IdArgs),
+    /// A task's whole history, from the event stream.
+    History(client::IdArgs),
+    /// Cancel a task.
+    Cancel(client::CancelArgs),
+    /// Compute nodes.
+    #[command(subcommand)]
+    Node(client::NodeCommand),
+    /// API tokens.
+    #[command(subcommand)]
+    Token(client::TokenCommand),
+    /// Follow or export events (talks to NATS directly).
+    #[command(subcommand)]
+    Events(ops::EventsCommand),
+    /// Read-model maintenance.
+    #[command(subcommand)]
+    Projections(ops::ProjectionsCommand),
+    /// Bootstrap operations that talk to NATS directly (no API token needed).
+    #[command(subcommand)]
+    Admin(ops::AdminCommand),
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("UD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tower_http=warn,async_nats=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result: Result<()> = match cli.command {
+        Command::Serve(a) => {
+            init_tracing(a.log_json);
+            serve::run(a).await
+        }
+        other => {
+            init_tracing(false);
+            match other {
+                Command::Submit(a) => client::submit(a).await,
+                Command::List(a) => client::list(a).await,
+                Command::Show(a) => client::show(a).await,
+                Command::History(a) => client::history(a).await,
+                Command::Cancel(a) => client::cancel(a).await,
+                Command::Node(c) => client::node(c).await,
+                Command::Token(c) => client::token(c).await,
+                Command::Events(c) => ops::events(c).await,
+                Command::Projections(c) => ops::projections(c).await,
+                Command::Admin(c) => ops::admin(c).await,
+                Command::Serve(_) => Ok(()),
+            }
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

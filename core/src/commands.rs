@@ -233,3 +233,62 @@ impl CommandError {
         }
     }
 }
+
+/// A newly issued API token. The secret is shown once and never stored.
+#[derive(Clone, Debug)]
+pub struct IssuedToken {
+    pub token_id: ud_schemas::TokenId,
+    pub secret: String,
+    pub seq: u64,
+}
+
+/// Issues a token scoped to `projects` (admins see every project).
+pub async fn issue_token(
+    store: &EventStore,
+    name: &str,
+    projects: &[String],
+    admin: bool,
+    actor: &str,
+) -> Result<IssuedToken, CommandError> {
+    let mut errors = Vec::new();
+    if name.is_empty() || name.len() > 100 {
+        errors.push(FieldError::new("name", "must be 1-100 bytes"));
+    }
+    let mut parsed = Vec::new();
+    for (i, p) in projects.iter().enumerate() {
+        match ProjectId::parse(p) {
+            Ok(p) => parsed.push(p),
+            Err(e) => errors.push(FieldError::new(format!("projects[{i}]"), e.to_string())),
+        }
+    }
+    if parsed.is_empty() && !admin && errors.is_empty() {
+        errors.push(FieldError::new("projects", "a non-admin token needs at least one project"));
+    }
+    if !errors.is_empty() {
+        return Err(CommandError::Invalid(errors));
+    }
+    let secret = crate::auth::generate_secret();
+    let token_id = ud_schemas::TokenId::new();
+    let event = Event::Auth(
+        token_id,
+        ud_schemas::AuthEvent::TokenIssued(ud_schemas::events::TokenIssued {
+            at: now_millis(),
+            name: name.to_owned(),
+            digest: crate::auth::digest(&secret),
+            projects: parsed,
+            admin,
+        }),
+    );
+    let seq = store.append(&event, &EventMeta::new(actor), Expect::New).await?;
+    Ok(IssuedToken { token_id, secret, seq })
+}
+
+/// Revokes a token; it stops working as soon as the revocation is projected.
+pub async fn revoke_token(store: &EventStore, id: ud_schemas::TokenId, actor: &str) -> Result<u64, CommandError> {
+    let history = store.read_subject(streams::AUTH, &subjects::token_all(&id)).await?;
+    let Some(last) = history.last() else {
+        return Err(CommandError::NotFound);
+    };
+    let event = Event::Auth(id, ud_schemas::AuthEvent::TokenRevoked(ud_schemas::events::TokenRevoked { at: now_millis() }));
+    Ok(store.append(&event, &EventMeta::new(actor), Expect::LastSeq(last.seq)).await?)
+}

@@ -1,1 +1,60 @@
+//! The UniDesk REST API (axum): tasks, nodes, tokens, the OpenAPI document.
 
+pub mod auth;
+pub mod body;
+pub mod error;
+pub mod nodes;
+pub mod openapi;
+pub mod projected;
+pub mod tasks;
+pub mod tokens;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use ud_core::TaskCommands;
+use ud_projections::Db;
+
+pub use projected::Projected;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub commands: TaskCommands,
+    pub db: Db,
+    pub projected: Projected,
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(openapi::document())
+}
+
+async fn fallback() -> error::ApiError {
+    error::ApiError::not_found("route")
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/api/v1/openapi.json", get(openapi_json))
+        .route("/api/v1/tasks", post(tasks::submit).get(tasks::list))
+        .route("/api/v1/tasks/{id}", get(tasks::get))
+        .route("/api/v1/tasks/{id}/events", get(tasks::history))
+        .route("/api/v1/tasks/{id}/cancel", post(tasks::cancel))
+        .route("/api/v1/nodes", get(nodes::list))
+        .route("/api/v1/nodes/{id}", get(nodes::get))
+        .route("/api/v1/tokens", post(tokens::issue))
+        .route("/api/v1/tokens/{id}", delete(tokens::revoke))
+        .fallback(fallback)
+        .layer(DefaultBodyLimit::max(body::MAX_BODY_BYTES))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until the future is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, state: AppState) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).await
+}

@@ -283,3 +283,54 @@ pub(crate) async fn upsert_tokens(c: &impl GenericClient, rows: &[TokenRow]) -> 
     }
     Ok(())
 }
+
+/// Filters of a task listing (keyset paging on the time-ordered id).
+#[derive(Clone, Debug, Default)]
+pub struct TaskFilter {
+    pub state: Option<String>,
+    pub project: Option<String>,
+    pub node: Option<uuid::Uuid>,
+    pub before: Option<uuid::Uuid>,
+    /// `None`: every project (admin); otherwise only these.
+    pub projects: Option<Vec<String>>,
+    pub limit: i64,
+}
+
+pub async fn get_task(c: &impl GenericClient, id: TaskId) -> Result<Option<TaskRow>, ProjectionError> {
+    let row = c
+        .query_opt(&format!("SELECT {TASK_COLS} FROM tasks WHERE id = $1"), &[&id.0])
+        .await?;
+    Ok(row.as_ref().map(task_from_row))
+}
+
+pub async fn list_tasks(c: &impl GenericClient, f: &TaskFilter) -> Result<Vec<TaskRow>, ProjectionError> {
+    let rows = c
+        .query(
+            &format!(
+                "SELECT {TASK_COLS} FROM tasks
+                 WHERE ($1::text IS NULL OR state = $1)
+                   AND ($2::text IS NULL OR project = $2)
+                   AND ($3::uuid IS NULL OR node_id = $3)
+                   AND ($4::uuid IS NULL OR id < $4)
+                   AND ($5::text[] IS NULL OR project = ANY($5))
+                 ORDER BY id DESC LIMIT $6"
+            ),
+            &[&f.state, &f.project, &f.node, &f.before, &f.projects, &f.limit],
+        )
+        .await?;
+    Ok(rows.iter().map(task_from_row).collect())
+}
+
+pub async fn get_node(c: &impl GenericClient, id: NodeId) -> Result<Option<NodeRow>, ProjectionError> {
+    let row = c
+        .query_opt(&format!("SELECT {NODE_COLS} FROM nodes WHERE id = $1"), &[&id.0])
+        .await?;
+    Ok(row.as_ref().map(node_from_row))
+}
+
+pub async fn list_nodes(c: &impl GenericClient) -> Result<Vec<NodeRow>, ProjectionError> {
+    let rows = c
+        .query(&format!("SELECT {NODE_COLS} FROM nodes ORDER BY name, id"), &[])
+        .await?;
+    Ok(rows.iter().map(node_from_row).collect())
+}

@@ -103,11 +103,13 @@ impl Projector {
         }
     }
 
-    /// Runs forever, restarting after failures with a capped backoff.
+    /// Runs forever, restarting after failures with a capped backoff. Of
+    /// several instances, one projects each stream while the others wait on
+    /// a PostgreSQL advisory lock.
     pub async fn run_forever(&self) {
         let mut delay = Duration::from_millis(200);
         loop {
-            match self.run(None).await {
+            match self.run_locked().await {
                 Ok(_) => delay = Duration::from_millis(200),
                 Err(e) => {
                     warn!(stream = %self.stream, error = %e, "projector failed; restarting");
@@ -116,6 +118,15 @@ impl Projector {
                 }
             }
         }
+    }
+
+    async fn run_locked(&self) -> Result<u64, ProjectionError> {
+        let lock = self.db.client().await?;
+        let key = format!("ud-projector:{}:{}", self.db.schema(), self.stream);
+        lock.execute("SELECT pg_advisory_lock(hashtext($1))", &[&key]).await?;
+        let result = self.run(None).await;
+        let _ = lock.execute("SELECT pg_advisory_unlock(hashtext($1))", &[&key]).await;
+        result
     }
 
     async fn apply_batch(&self, raws: &[Raw], last: u64) -> Result<(), ProjectionError> {

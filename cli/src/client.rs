@@ -1,0 +1,331 @@
+//! Client commands: talk to the REST API with a bearer token.
+
+use std::collections::BTreeMap;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+
+#[derive(Args, Clone)]
+pub struct ApiArgs {
+    /// Base URL of the UniDesk API.
+    #[arg(long, env = "UD_API_URL", default_value = "http://127.0.0.1:8080")]
+    pub api_url: String,
+    /// API token.
+    #[arg(long, env = "UD_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// Print raw JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+struct Api {
+    http: reqwest::Client,
+    args: ApiArgs,
+}
+
+impl Api {
+    fn new(args: ApiArgs) -> Self {
+        Self { http: reqwest::Client::new(), args }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.args.api_url.trim_end_matches('/'), path)
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<Value> {
+        let resp = req
+            .bearer_auth(&self.args.token)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the API at {}", self.args.api_url))?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        let body: Value = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        if !status.is_success() {
+            let msg = body.get("message").and_then(Value::as_str).map(str::to_owned).unwrap_or_else(|| body.to_string());
+            bail!("{status}: {msg}");
+        }
+        Ok(body)
+    }
+
+    async fn get(&self, path: &str) -> Result<Value> {
+        self.send(self.http.get(self.url(path))).await
+    }
+
+    async fn post(&self, path: &str, body: &Value) -> Result<Value> {
+        self.send(self.http.post(self.url(path)).json(body)).await
+    }
+}
+
+fn print(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn key_values(items: &[String], what: &str) -> Result<BTreeMap<String, String>> {
+    items
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or_else(|| anyhow!("{what} {kv:?} is not KEY=VALUE"))
+        })
+        .collect()
+}
+
+#[derive(Args)]
+pub struct SubmitArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// A JSON file with the whole task (the API's SubmitTask); flags then are ignored.
+    #[arg(long)]
+    file: Option<std::path::PathBuf>,
+    #[arg(long)]
+    project: Option<String>,
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long)]
+    code_repo: Option<String>,
+    #[arg(long)]
+    code_commit: Option<String>,
+    /// Defaults to the code repository.
+    #[arg(long)]
+    env_repo: Option<String>,
+    /// Defaults to the code commit.
+    #[arg(long)]
+    env_commit: Option<String>,
+    #[arg(long, default_value = "Dockerfile")]
+    dockerfile: String,
+    #[arg(long)]
+    cpus: Option<f64>,
+    #[arg(long)]
+    memory_mb: Option<i64>,
+    #[arg(long)]
+    gpus: Option<i64>,
+    #[arg(long)]
+    gpu_model: Option<String>,
+    /// Required node label, KEY=VALUE (repeatable).
+    #[arg(long = "label")]
+    labels: Vec<String>,
+    /// Environment variable, KEY=VALUE (repeatable).
+    #[arg(long = "env")]
+    env: Vec<String>,
+    #[arg(long)]
+    timeout_seconds: Option<i64>,
+    #[arg(long)]
+    max_attempts: Option<i64>,
+    #[arg(long)]
+    backoff_seconds: Option<i64>,
+    #[arg(long)]
+    idempotency_key: Option<String>,
+    /// Return once the task is in the read models.
+    #[arg(long)]
+    wait: bool,
+    /// The command and its arguments (after `--`).
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+fn task_body(a: &SubmitArgs) -> Result<Value> {
+    if let Some(path) = &a.file {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        return serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()));
+    }
+    let need = |v: &Option<String>, flag: &str| v.clone().ok_or_else(|| anyhow!("--{flag} is required (or --file)"));
+    let code_repo = need(&a.code_repo, "code-repo")?;
+    let code_commit = need(&a.code_commit, "code-commit")?;
+    let mut resources = serde_json::Map::new();
+    if let Some(c) = a.cpus {
+        resources.insert("cpus".into(), json!(c));
+    }
+    if let Some(m) = a.memory_mb {
+        resources.insert("memory_mb".into(), json!(m));
+    }
+    if let Some(g) = a.gpus {
+        resources.insert("gpus".into(), json!(g));
+    }
+    if let Some(g) = &a.gpu_model {
+        resources.insert("gpu_model".into(), json!(g));
+    }
+    resources.insert("labels".into(), json!(key_values(&a.labels, "--label")?));
+    let mut body = json!({
+        "project": need(&a.project, "project")?,
+        "name": a.name,
+        "code_repo_url": code_repo,
+        "code_commit_id": code_commit,
+        "env_repo_url": a.env_repo.clone().unwrap_or_else(|| code_repo.clone()),
+        "env_commit_id": a.env_commit.clone().unwrap_or_else(|| code_commit.clone()),
+        "dockerfile_path": a.dockerfile,
+        "command": a.command,
+        "env": key_values(&a.env, "--env")?,
+        "resources": resources,
+    });
+    if let Some(t) = a.timeout_seconds {
+        body["timeout_seconds"] = json!(t);
+    }
+    if let Some(m) = a.max_attempts {
+        body["retry"] = json!({"max_attempts": m, "backoff_seconds": a.backoff_seconds.unwrap_or(0)});
+    }
+    Ok(body)
+}
+
+pub async fn submit(a: SubmitArgs) -> Result<()> {
+    let body = task_body(&a)?;
+    let api = Api::new(a.api.clone());
+    let mut req = api.http.post(api.url(if a.wait { "/api/v1/tasks?wait=projected" } else { "/api/v1/tasks" })).json(&body);
+    if let Some(k) = &a.idempotency_key {
+        req = req.header("Idempotency-Key", k);
+    }
+    let v = api.send(req).await?;
+    if a.api.json {
+        print(&v);
+    } else {
+        println!("{}", v["task_id"].as_str().unwrap_or_default());
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    #[arg(long)]
+    state: Option<String>,
+    #[arg(long)]
+    project: Option<String>,
+    #[arg(long)]
+    node: Option<String>,
+    #[arg(long, default_value_t = 50)]
+    limit: i64,
+    /// Paging cursor from the previous page.
+    #[arg(long)]
+    before: Option<String>,
+}
+
+pub async fn list(a: ListArgs) -> Result<()> {
+    let api = Api::new(a.api.clone());
+    let mut q = vec![("limit", a.limit.to_string())];
+    for (k, v) in [("state", &a.state), ("project", &a.project), ("node", &a.node), ("before", &a.before)] {
+        if let Some(v) = v {
+            q.push((k, v.clone()));
+        }
+    }
+    let v = api.send(api.http.get(api.url("/api/v1/tasks")).query(&q)).await?;
+    if a.api.json {
+        print(&v);
+        return Ok(());
+    }
+    println!("{:<36}  {:<12}  {:<16}  {:<24}  NAME", "ID", "STATE", "PROJECT", "SUBMITTED");
+    for t in v["items"].as_array().into_iter().flatten() {
+        println!(
+            "{:<36}  {:<12}  {:<16}  {:<24}  {}",
+            t["id"].as_str().unwrap_or_default(),
+            t["state"].as_str().unwrap_or_default(),
+            t["project"].as_str().unwrap_or_default(),
+            t["submitted_at"].as_str().unwrap_or_default(),
+            t["name"].as_str().unwrap_or_default()
+        );
+    }
+    if let Some(next) = v["next"].as_str() {
+        println!("more: --before {next}");
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct IdArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    id: String,
+}
+
+pub async fn show(a: IdArgs) -> Result<()> {
+    let api = Api::new(a.api);
+    print(&api.get(&format!("/api/v1/tasks/{}", a.id)).await?);
+    Ok(())
+}
+
+pub async fn history(a: IdArgs) -> Result<()> {
+    let api = Api::new(a.api);
+    let v = api.get(&format!("/api/v1/tasks/{}/events", a.id)).await?;
+    for e in v.as_array().into_iter().flatten() {
+        println!("{}", serde_json::to_string(e).unwrap_or_default());
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct CancelArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    id: String,
+    #[arg(long)]
+    reason: Option<String>,
+}
+
+pub async fn cancel(a: CancelArgs) -> Result<()> {
+    let api = Api::new(a.api);
+    let v = api.post(&format!("/api/v1/tasks/{}/cancel", a.id), &json!({"reason": a.reason})).await?;
+    print(&v);
+    Ok(())
+}
+
+#[derive(Subcommand)]
+pub enum NodeCommand {
+    /// List nodes.
+    List(NodeListArgs),
+    /// Show one node.
+    Show(IdArgs),
+}
+
+#[derive(Args)]
+pub struct NodeListArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+pub async fn node(c: NodeCommand) -> Result<()> {
+    match c {
+        NodeCommand::List(a) => print(&Api::new(a.api).get("/api/v1/nodes").await?),
+        NodeCommand::Show(a) => print(&Api::new(a.api).get(&format!("/api/v1/nodes/{}", a.id)).await?),
+    }
+    Ok(())
+}
+
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Issue a token (needs an admin token); prints the secret once.
+    Issue(TokenIssueArgs),
+    /// Revoke a token.
+    Revoke(IdArgs),
+}
+
+#[derive(Args)]
+pub struct TokenIssueArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    #[arg(long)]
+    name: String,
+    /// Project the token may use (repeatable).
+    #[arg(long = "project")]
+    projects: Vec<String>,
+    #[arg(long)]
+    admin: bool,
+}
+
+pub async fn token(c: TokenCommand) -> Result<()> {
+    match c {
+        TokenCommand::Issue(a) => {
+            let api = Api::new(a.api);
+            let v = api
+                .post("/api/v1/tokens", &json!({"name": a.name, "projects": a.projects, "admin": a.admin}))
+                .await?;
+            println!("{}", v["token"].as_str().unwrap_or_default());
+        }
+        TokenCommand::Revoke(a) => {
+            let api = Api::new(a.api);
+            api.send(api.http.delete(api.url(&format!("/api/v1/tokens/{}", a.id)))).await?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,247 @@
+//! Operator commands that talk to NATS and PostgreSQL directly.
+
+use std::io::Write;
+
+use anyhow::{bail, Context, Result};
+use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
+use base64::Engine;
+use clap::{Args, Subcommand};
+use futures::StreamExt;
+use serde_json::json;
+use time::format_description::well_known::Rfc3339;
+use ud_core::store::StoredEvent;
+use ud_gateway::tasks::HistoryEvent;
+use ud_projections::rebuild;
+use ud_schemas::codec;
+
+use crate::serve::{DbArgs, NatsArgs};
+
+#[derive(Subcommand)]
+pub enum EventsCommand {
+    /// Follow live events on a subject and print them decoded, one JSON object a line.
+    Tail(TailArgs),
+    /// Write the stored history of a stream, an aggregate or a time range as JSON lines, for audits.
+    Export(ExportArgs),
+}
+
+#[derive(Args)]
+pub struct TailArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    /// Subject with wildcards, e.g. `ud.task.*.failed` or `ud.>`.
+    #[arg(long, default_value = "ud.>")]
+    subject: String,
+    /// Stop after this many events.
+    #[arg(long)]
+    count: Option<usize>,
+}
+
+#[derive(Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    /// Stream to export.
+    #[arg(long, default_value = "UD_TASKS")]
+    stream: String,
+    /// Only this task's events.
+    #[arg(long, conflicts_with_all = ["node", "subject"])]
+    task: Option<ud_schemas::TaskId>,
+    /// Only this node's events (use --stream UD_NODES or UD_HEARTBEATS).
+    #[arg(long, conflicts_with = "subject")]
+    node: Option<ud_schemas::NodeId>,
+    /// Only events on subjects matching this filter.
+    #[arg(long)]
+    subject: Option<String>,
+    /// Events stored at or after this time (RFC 3339).
+    #[arg(long)]
+    since: Option<String>,
+    /// Events stored before this time (RFC 3339).
+    #[arg(long)]
+    until: Option<String>,
+    /// Output file (default: standard output).
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
+}
+
+fn event_line(subject: &str, seq: Option<u64>, stored_at: &str, headers: Option<&async_nats::HeaderMap>, payload: &[u8]) -> serde_json::Value {
+    let raw = base64::engine::general_purpose::STANDARD.encode(payload);
+    match codec::decode_message(subject, headers, payload) {
+        Ok(envelope) => {
+            let mut v = serde_json::to_value(HistoryEvent::from(StoredEvent {
+                seq: seq.unwrap_or(0),
+                subject: subject.to_owned(),
+                stored_at: stored_at.to_owned(),
+                envelope,
+            }))
+            .unwrap_or_default();
+            if seq.is_none() {
+                if let Some(o) = v.as_object_mut() {
+                    o.remove("seq");
+                    o.remove("stored_at");
+                }
+            }
+            v["payload_cbor"] = json!(raw);
+            v
+        }
+        Err(e) => json!({"seq": seq, "subject": subject, "stored_at": stored_at, "decode_error": e.to_string(), "payload_cbor": raw}),
+    }
+}
+
+fn parse_time(s: &str, flag: &str) -> Result<time::OffsetDateTime> {
+    time::OffsetDateTime::parse(s, &Rfc3339).with_context(|| format!("--{flag} {s:?} is not an RFC 3339 time"))
+}
+
+pub async fn events(c: EventsCommand) -> Result<()> {
+    match c {
+        EventsCommand::Tail(a) => {
+            let store = a.nats.connect("unidesk-events-tail").await?;
+            let mut sub = store.client().subscribe(a.subject.clone()).await?;
+            let mut seen = 0usize;
+            let mut out = std::io::stdout().lock();
+            while let Some(msg) = sub.next().await {
+                if !msg.subject.starts_with("ud.") || msg.subject.starts_with("ud.sys.") || msg.subject.starts_with("ud.cmd.") {
+                    continue;
+                }
+                let line = event_line(msg.subject.as_str(), None, "", msg.headers.as_ref(), &msg.payload);
+                writeln!(out, "{line}")?;
+                out.flush()?;
+                seen += 1;
+                if a.count.is_some_and(|c| seen >= c) {
+                    break;
+                }
+            }
+            Ok(())
+        }
+        EventsCommand::Export(a) => export(a).await,
+    }
+}
+
+async fn export(a: ExportArgs) -> Result<()> {
+    let store = a.nats.connect("unidesk-events-export").await?;
+    let filter = match (&a.task, &a.node, &a.subject) {
+        (Some(t), _, _) => ud_schemas::subjects::task_all(t),
+        (_, Some(n), _) => ud_schemas::subjects::node_all(n),
+        (_, _, Some(s)) => s.clone(),
+        _ => String::new(),
+    };
+    let since = a.since.as_deref().map(|s| parse_time(s, "since")).transpose()?;
+    let until = a.until.as_deref().map(|s| parse_time(s, "until")).transpose()?;
+    let mut stream = store
+        .jetstream()
+        .get_stream(&a.stream)
+        .await
+        .with_context(|| format!("no stream {}", a.stream))?;
+    let last = stream.info().await?.state.last_sequence;
+    let mut out: Box<dyn Write> = match &a.out {
+        Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?)),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    let mut written = 0u64;
+    if last > 0 {
+        let consumer = stream
+            .create_consumer(OrderedConfig {
+                filter_subject: filter,
+                deliver_policy: since.map_or(DeliverPolicy::All, |t| DeliverPolicy::ByStartTime { start_time: t }),
+                ..Default::default()
+            })
+            .await?;
+        let pending = consumer.cached_info().num_pending;
+        let mut messages = consumer.messages().await?;
+        let mut remaining = pending;
+        while remaining > 0 {
+            let Some(msg) = messages.next().await else { break };
+            let msg = msg?;
+            remaining -= 1;
+            let info = msg.info().map_err(|e| anyhow::anyhow!("{e}"))?;
+            let (seq, published) = (info.stream_sequence, info.published);
+            if until.is_some_and(|u| published >= u) || seq > last {
+                break;
+            }
+            let stored_at = published.format(&Rfc3339).unwrap_or_default();
+            let line = event_line(msg.subject.as_str(), Some(seq), &stored_at, msg.headers.as_ref(), &msg.payload);
+            writeln!(out, "{line}")?;
+            written += 1;
+        }
+    }
+    out.flush()?;
+    eprintln!("exported {written} events from {}", a.stream);
+    Ok(())
+}
+
+#[derive(Subcommand)]
+pub enum ProjectionsCommand {
+    /// Replay every stream into an empty schema and compare it with the live tables.
+    Rebuild(RebuildArgs),
+}
+
+#[derive(Args)]
+pub struct RebuildArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    #[command(flatten)]
+    db: DbArgs,
+    /// Schema to rebuild into (dropped and re-created).
+    #[arg(long, default_value = "rebuild")]
+    schema: String,
+    /// Schema of the live read models to compare with.
+    #[arg(long, default_value = "public")]
+    compare_with: String,
+}
+
+pub async fn projections(c: ProjectionsCommand) -> Result<()> {
+    match c {
+        ProjectionsCommand::Rebuild(a) => {
+            if a.schema == a.compare_with {
+                bail!("--schema must differ from --compare-with: a rebuild drops its schema first");
+            }
+            let store = a.nats.connect("unidesk-rebuild").await?;
+            let db = a.db.connect(&a.schema).await?;
+            let started = std::time::Instant::now();
+            let replayed = rebuild::rebuild(&db, store.jetstream(), 5000).await?;
+            let diffs = rebuild::compare(&db, &a.schema, &a.compare_with).await?;
+            let same = diffs.iter().all(|d| d.only_in_left == 0 && d.only_in_right == 0);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&json!({
+                    "schema": a.schema, "seconds": started.elapsed().as_secs_f64(),
+                    "streams": replayed, "compared_with": a.compare_with, "differences": diffs, "equal": same,
+                }))?
+            );
+            if !same {
+                bail!("the rebuilt read models differ from {}", a.compare_with);
+            }
+            Ok(())
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum AdminCommand {
+    /// Issue an API token by writing its event directly (bootstrap); prints the secret once.
+    IssueToken(IssueTokenArgs),
+}
+
+#[derive(Args)]
+pub struct IssueTokenArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    #[arg(long)]
+    name: String,
+    #[arg(long = "project")]
+    projects: Vec<String>,
+    #[arg(long)]
+    admin: bool,
+}
+
+pub async fn admin(c: AdminCommand) -> Result<()> {
+    match c {
+        AdminCommand::IssueToken(a) => {
+            let store = a.nats.connect("unidesk-admin").await?;
+            let issued = ud_core::commands::issue_token(&store, &a.name, &a.projects, a.admin, "admin-cli")
+                .await
+                .map_err(|e| anyhow::anyhow!(e.describe()))?;
+            println!("{}", issued.secret);
+            Ok(())
+        }
+    }
+}

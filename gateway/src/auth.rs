@@ -1,0 +1,72 @@
+//! Bearer-token authentication. Tokens are looked up by their SHA-256
+//! digest; the secret itself is never stored.
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::header::AUTHORIZATION;
+
+use crate::error::ApiError;
+use crate::AppState;
+
+/// Who is calling, as their token allows.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub token_id: uuid::Uuid,
+    pub name: String,
+    pub projects: Vec<String>,
+    pub admin: bool,
+}
+
+impl Caller {
+    /// Admins see every project; others only the projects their token names.
+    pub fn may_see(&self, project: &str) -> bool {
+        self.admin || self.projects.iter().any(|p| p == project)
+    }
+
+    pub fn actor(&self) -> String {
+        format!("token:{}", self.name)
+    }
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let header = parts
+            .headers
+            .get(AUTHORIZATION)
+            .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <token>"))?;
+        let secret = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| ApiError::unauthorized("Authorization must be 'Bearer <token>'"))?;
+        let digest = ud_core::auth::digest(secret);
+        let client = state.db.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT id, name, projects, admin FROM api_tokens WHERE digest = $1 AND revoked_at IS NULL",
+                &[&digest],
+            )
+            .await?
+            .ok_or_else(|| ApiError::unauthorized("unknown or revoked token"))?;
+        Ok(Caller { token_id: row.get(0), name: row.get(1), projects: row.get(2), admin: row.get(3) })
+    }
+}
+
+/// A caller whose token is an admin token.
+pub struct Admin(pub Caller);
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let caller = Caller::from_request_parts(parts, state).await?;
+        if !caller.admin {
+            return Err(ApiError::new(axum::http::StatusCode::FORBIDDEN, "forbidden", "an admin token is required"));
+        }
+        Ok(Admin(caller))
+    }
+}

@@ -1,0 +1,36 @@
+//! The OpenAPI document, generated from the handlers and types.
+
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use crate::{error, nodes, tasks, tokens};
+
+struct Bearer;
+
+impl Modify for Bearer {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        if let Some(c) = openapi.components.as_mut() {
+            c.add_security_scheme("bearer", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()));
+        }
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "UniDesk API", description = "Submit and follow tasks on UniDesk compute nodes. Every call needs `Authorization: Bearer <token>`. Errors share one JSON shape (`ErrorBody`)."),
+    paths(tasks::submit, tasks::list, tasks::get, tasks::history, tasks::cancel, nodes::list, nodes::get, tokens::issue, tokens::revoke),
+    components(schemas(error::ErrorBody, ud_core::validate::FieldError, ud_core::validate::ResourceRequest, ud_core::validate::RetryRequest,
+        ud_schemas::spec::Resources, ud_schemas::spec::RetryPolicy)),
+    modifiers(&Bearer),
+    tags((name = "tasks"), (name = "nodes"), (name = "tokens"))
+)]
+struct ApiDoc;
+
+pub fn document() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+/// The document as pretty JSON (the committed `gateway/openapi.json`).
+pub fn json() -> String {
+    document().to_pretty_json().unwrap_or_default()
+}

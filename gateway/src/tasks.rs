@@ -1,0 +1,342 @@
+//! `/api/v1/tasks`: submit, read, history, cancel.
+
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use ud_core::validate::SubmitTask;
+use ud_projections::rows::TaskRow;
+use ud_schemas::{codec, streams, subjects, TaskId};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::auth::Caller;
+use crate::body::JsonBody;
+use crate::error::{ApiError, ErrorBody};
+use crate::AppState;
+
+/// How long `wait=projected` waits before answering without the projection.
+pub const WAIT_PROJECTED: Duration = Duration::from_secs(5);
+
+#[derive(Deserialize, IntoParams)]
+pub struct WriteParams {
+    /// `projected`: answer only once the read models include this write.
+    pub wait: Option<String>,
+}
+
+impl WriteParams {
+    fn wants_projection(&self) -> Result<bool, ApiError> {
+        match self.wait.as_deref() {
+            None => Ok(false),
+            Some("projected") => Ok(true),
+            Some(other) => Err(ApiError::field("wait", format!("unknown value {other:?}; use 'projected'"))),
+        }
+    }
+}
+
+/// The answer to an accepted command.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct Accepted {
+    pub task_id: String,
+    /// False when an earlier request with the same Idempotency-Key created the task.
+    pub created: bool,
+    /// Stream sequence of the command's last event.
+    pub seq: u64,
+    /// True when the read models already include this write.
+    pub projected: bool,
+}
+
+/// A task as the read model holds it.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct TaskView {
+    pub id: String,
+    pub project: String,
+    pub name: Option<String>,
+    /// pending, assigned, running, cancelling, succeeded, failed or cancelled.
+    pub state: String,
+    pub node_id: Option<String>,
+    pub attempt: i32,
+    pub spec: ud_schemas::TaskSpec,
+    pub exit_code: Option<i32>,
+    pub reason: Option<String>,
+    pub submitted_by: String,
+    pub submitted_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Events applied to this task; grows with every change.
+    pub version: i64,
+}
+
+impl From<TaskRow> for TaskView {
+    fn from(r: TaskRow) -> Self {
+        Self {
+            id: r.id.to_string(),
+            project: r.project,
+            name: r.name,
+            state: r.state,
+            node_id: r.node_id.map(|n| n.to_string()),
+            attempt: r.attempt,
+            spec: serde_json::from_value(r.spec).unwrap_or_else(|_| placeholder_spec()),
+            exit_code: r.exit_code,
+            reason: r.reason,
+            submitted_by: r.submitted_by,
+            submitted_at: r.submitted_at,
+            updated_at: r.updated_at,
+            finished_at: r.finished_at,
+            version: r.version,
+        }
+    }
+}
+
+fn placeholder_spec() -> ud_schemas::TaskSpec {
+    ud_schemas::TaskSpec {
+        name: None,
+        code_repo_url: String::new(),
+        code_commit_id: String::new(),
+        env_repo_url: String::new(),
+        env_commit_id: String::new(),
+        dockerfile_path: String::new(),
+        command: vec![],
+        args: vec![],
+        env: Default::default(),
+        resources: ud_schemas::Resources {
+            cpu_millis: 0,
+            memory_mb: 0,
+            gpus: 0,
+            gpu_model: None,
+            labels: Default::default(),
+        },
+        timeout_seconds: 0,
+        retry: ud_schemas::RetryPolicy { max_attempts: 0, backoff_seconds: 0 },
+    }
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct TaskPage {
+    pub items: Vec<TaskView>,
+    /// Pass as `before` to get the next (older) page; null on the last page.
+    pub next: Option<String>,
+}
+
+#[derive(Deserialize, IntoParams)]
+pub struct ListParams {
+    pub state: Option<String>,
+    pub project: Option<String>,
+    pub node: Option<String>,
+    /// Tasks submitted before this task id (paging cursor).
+    pub before: Option<String>,
+    /// Page size, 1-500 (default 50).
+    pub limit: Option<i64>,
+}
+
+fn parse_task_id(id: &str) -> Result<TaskId, ApiError> {
+    id.parse().map_err(|_| ApiError::not_found("task"))
+}
+
+async fn respond_accepted(
+    state: &AppState,
+    a: ud_core::commands::Accepted,
+    wait: bool,
+    status: StatusCode,
+) -> Response {
+    let projected = wait && state.projected.wait(streams::TASKS, a.seq, WAIT_PROJECTED).await;
+    let mut resp = (
+        status,
+        Json(Accepted { task_id: a.task_id.to_string(), created: a.created, seq: a.seq, projected }),
+    )
+        .into_response();
+    if let Ok(loc) = HeaderValue::from_str(&format!("/api/v1/tasks/{}", a.task_id)) {
+        resp.headers_mut().insert(axum::http::header::LOCATION, loc);
+    }
+    resp
+}
+
+/// Submit a task.
+#[utoipa::path(post, path = "/api/v1/tasks", tag = "tasks",
+    request_body = SubmitTask,
+    params(WriteParams, ("Idempotency-Key" = Option<String>, Header, description = "Repeating a key returns the first task and appends nothing")),
+    responses(
+        (status = 202, description = "accepted", body = Accepted),
+        (status = 400, description = "invalid request; `fields` names each rejected field", body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 422, description = "Idempotency-Key reused with another request", body = ErrorBody),
+        (status = 503, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn submit(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(params): Query<WriteParams>,
+    headers: HeaderMap,
+    JsonBody(req): JsonBody<SubmitTask>,
+) -> Result<Response, ApiError> {
+    let wait = params.wants_projection()?;
+    let key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => Some(v.to_str().map_err(|_| ApiError::field("Idempotency-Key", "must be printable ASCII"))?),
+    };
+    let accepted = state
+        .commands
+        .submit(&req, key, &caller.actor(), |p| caller.may_see(p.as_str()))
+        .await?;
+    let mut resp = respond_accepted(&state, accepted, wait, StatusCode::ACCEPTED).await;
+    if !accepted.created {
+        resp.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(resp)
+}
+
+#[derive(Deserialize, Serialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CancelRequest {
+    pub reason: Option<String>,
+}
+
+/// Cancel a task: a pending task is cancelled at once, a running one is stopped by its node.
+#[utoipa::path(post, path = "/api/v1/tasks/{id}/cancel", tag = "tasks",
+    params(("id" = String, Path), WriteParams),
+    request_body(content = Option<CancelRequest>),
+    responses((status = 202, body = Accepted), (status = 404, body = ErrorBody),
+        (status = 409, description = "finished already, or changed concurrently", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn cancel(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(params): Query<WriteParams>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let wait = params.wants_projection()?;
+    let id = parse_task_id(&id)?;
+    let req: CancelRequest = if body.is_empty() { CancelRequest::default() } else { crate::body::parse(&body)? };
+    let reason = req.reason.unwrap_or_else(|| format!("cancelled by {}", caller.actor()));
+    if reason.len() > 1000 {
+        return Err(ApiError::field("reason", "longer than 1000 bytes"));
+    }
+    let accepted = state
+        .commands
+        .cancel(id, &reason, &caller.actor(), |p| caller.may_see(p.as_str()))
+        .await?;
+    Ok(respond_accepted(&state, accepted, wait, StatusCode::ACCEPTED).await)
+}
+
+/// One task from the read model.
+#[utoipa::path(get, path = "/api/v1/tasks/{id}", tag = "tasks", params(("id" = String, Path)),
+    responses((status = 200, body = TaskView), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn get(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<Json<TaskView>, ApiError> {
+    let id = parse_task_id(&id)?;
+    let client = state.db.client().await?;
+    let row = ud_projections::db::get_task(&client, id)
+        .await?
+        .filter(|r| caller.may_see(&r.project))
+        .ok_or_else(|| ApiError::not_found("task"))?;
+    Ok(Json(row.into()))
+}
+
+/// Tasks the token may see, newest first.
+#[utoipa::path(get, path = "/api/v1/tasks", tag = "tasks", params(ListParams),
+    responses((status = 200, body = TaskPage), (status = 400, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(p): Query<ListParams>,
+) -> Result<Json<TaskPage>, ApiError> {
+    let limit = p.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::field("limit", "must be between 1 and 500"));
+    }
+    if let Some(s) = &p.state {
+        if !ud_core::task::STATE_NAMES.contains(&s.as_str()) {
+            return Err(ApiError::field("state", format!("unknown state; one of {}", ud_core::task::STATE_NAMES.join(", "))));
+        }
+    }
+    let node = match &p.node {
+        Some(n) => Some(n.parse::<uuid::Uuid>().map_err(|_| ApiError::field("node", "not a node id"))?),
+        None => None,
+    };
+    let before = match &p.before {
+        Some(b) => Some(b.parse::<uuid::Uuid>().map_err(|_| ApiError::field("before", "not a task id"))?),
+        None => None,
+    };
+    let projects: Option<Vec<String>> = if caller.admin { None } else { Some(caller.projects.clone()) };
+    let filter = ud_projections::db::TaskFilter {
+        state: p.state.clone(),
+        project: p.project.clone(),
+        node,
+        before,
+        projects,
+        limit: limit + 1,
+    };
+    let client = state.db.client().await?;
+    let mut rows = ud_projections::db::list_tasks(&client, &filter).await?;
+    let next = if rows.len() as i64 > limit {
+        rows.truncate(limit as usize);
+        rows.last().map(|r| r.id.to_string())
+    } else {
+        None
+    };
+    Ok(Json(TaskPage { items: rows.into_iter().map(TaskView::from).collect(), next }))
+}
+
+/// One event of a task's history, decoded.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct HistoryEvent {
+    pub seq: u64,
+    pub subject: String,
+    /// e.g. `task.submitted`.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub schema_version: u16,
+    pub event_id: String,
+    pub correlation_id: String,
+    pub causation_id: Option<String>,
+    pub actor: String,
+    pub stored_at: String,
+    /// The event's payload as JSON.
+    pub data: serde_json::Value,
+}
+
+impl From<ud_core::store::StoredEvent> for HistoryEvent {
+    fn from(e: ud_core::store::StoredEvent) -> Self {
+        let m = &e.envelope.meta;
+        Self {
+            seq: e.seq,
+            subject: e.subject.clone(),
+            event_type: e.envelope.event.event_type(),
+            schema_version: e.envelope.schema_version,
+            event_id: m.event_id.to_string(),
+            correlation_id: m.correlation_id.to_string(),
+            causation_id: m.causation_id.map(|c| c.to_string()),
+            actor: m.actor.clone(),
+            stored_at: e.stored_at.clone(),
+            data: codec::event_data_json(&e.envelope.event),
+        }
+    }
+}
+
+/// The task's whole history, read from the event stream (not the read model).
+#[utoipa::path(get, path = "/api/v1/tasks/{id}/events", tag = "tasks", params(("id" = String, Path)),
+    responses((status = 200, body = [HistoryEvent]), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn history(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<HistoryEvent>>, ApiError> {
+    let id = parse_task_id(&id)?;
+    let events = state
+        .commands
+        .store()
+        .read_subject(streams::TASKS, &subjects::task_all(&id))
+        .await
+        .map_err(ApiError::unavailable)?;
+    let visible = events.first().is_some_and(|e| match &e.envelope.event {
+        ud_schemas::Event::Task(_, ud_schemas::TaskEvent::Submitted(s)) => caller.may_see(s.project.as_str()),
+        _ => false,
+    });
+    if !visible {
+        return Err(ApiError::not_found("task"));
+    }
+    Ok(Json(events.into_iter().map(HistoryEvent::from).collect()))
+}
