@@ -1,0 +1,149 @@
+//! Golden CBOR files of every event version: each decodes to its fixture,
+//! each fixture encodes to bytes that decode back to it, and every file
+//! validates against the CDDL that integrations read.
+//! `UD_BLESS=1 cargo test -p ud-schemas --test golden` writes new files; a
+//! released version's files are never rewritten.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use ud_schemas::events::*;
+use ud_schemas::spec::{Gpu, Resources, RetryPolicy};
+use ud_schemas::{codec, Event, NodeId, NodeResources, ProjectId, TaskId, TaskSpec, TokenId};
+use uuid::Uuid;
+
+fn task_id() -> TaskId {
+    TaskId(Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0001))
+}
+fn node_id() -> NodeId {
+    NodeId(Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0002))
+}
+fn token_id() -> TokenId {
+    TokenId(Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0003))
+}
+const AT: i64 = 1_790_000_000_000;
+
+fn project() -> ProjectId {
+    ProjectId::parse("vision-lab").unwrap_or_else(|e| unreachable!("{e}"))
+}
+
+fn spec() -> TaskSpec {
+    TaskSpec {
+        name: Some("train resnet".into()),
+        code_repo_url: "https://git.example.org/lab/code.git".into(),
+        code_commit_id: "0123456789abcdef0123456789abcdef01234567".into(),
+        env_repo_url: "ssh://git.example.org/lab/env.git".into(),
+        env_commit_id: "89abcdef0123456789abcdef0123456789abcdef".into(),
+        dockerfile_path: "envs/cuda/Dockerfile".into(),
+        command: vec!["python".into(), "train.py".into()],
+        args: vec!["--epochs".into(), "3".into()],
+        env: BTreeMap::from([("SEED".into(), "7".into())]),
+        resources: Resources {
+            cpu_millis: 4000,
+            memory_mb: 16384,
+            gpus: 1,
+            gpu_model: Some("A100".into()),
+            labels: BTreeMap::from([("zone".into(), "lab2".into())]),
+        },
+        timeout_seconds: 3600,
+        retry: RetryPolicy { max_attempts: 3, backoff_seconds: 30 },
+    }
+}
+
+/// (file name, subject, event) for every event type of version 1.
+fn fixtures_v1() -> Vec<(&'static str, Event)> {
+    let t = task_id();
+    let n = node_id();
+    vec![
+        ("task-submitted", Event::Task(t, TaskEvent::Submitted(TaskSubmitted { at: AT, project: project(), spec: spec(), idempotency_key: Some("k-1".into()) }))),
+        ("task-assigned", Event::Task(t, TaskEvent::Assigned(TaskAssigned { at: AT, node_id: n, attempt: 1 }))),
+        ("task-started", Event::Task(t, TaskEvent::Started(TaskStarted { at: AT, node_id: n, attempt: 1 }))),
+        ("task-succeeded", Event::Task(t, TaskEvent::Succeeded(TaskSucceeded { at: AT, exit_code: 0 }))),
+        ("task-failed", Event::Task(t, TaskEvent::Failed(TaskFailed { at: AT, exit_code: Some(137), reason: "killed".into() }))),
+        ("task-cancel_requested", Event::Task(t, TaskEvent::CancelRequested(TaskCancelRequested { at: AT, reason: "user".into() }))),
+        ("task-cancelled", Event::Task(t, TaskEvent::Cancelled(TaskCancelled { at: AT, reason: "user".into() }))),
+        ("node-registered", Event::Node(n, NodeEvent::Registered(NodeRegistered {
+            at: AT,
+            name: "gpu-box-1".into(),
+            labels: BTreeMap::from([("zone".into(), "lab2".into())]),
+            resources: NodeResources {
+                cpu_millis: 32000,
+                memory_mb: 128 * 1024,
+                disk_mb: 2_000_000,
+                gpus: vec![Gpu { model: "A100".into(), memory_mb: 81920 }],
+                os: "linux".into(),
+                wsl: false,
+                docker_version: Some("28.2.2".into()),
+                agent_version: "0.1.0".into(),
+            },
+        }))),
+        ("node-heartbeat", Event::Node(n, NodeEvent::Heartbeat(NodeHeartbeat { at: AT, running_tasks: 2 }))),
+        ("node-offline", Event::Node(n, NodeEvent::WentOffline(NodeWentOffline { at: AT, last_seen: AT - 90_000 }))),
+        ("token-issued", Event::Auth(token_id(), AuthEvent::TokenIssued(TokenIssued {
+            at: AT, name: "ci".into(), digest: "ab".repeat(32), projects: vec![project()], admin: false,
+        }))),
+        ("token-revoked", Event::Auth(token_id(), AuthEvent::TokenRevoked(TokenRevoked { at: AT }))),
+    ]
+}
+
+fn golden_dir(version: u16) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("golden").join(format!("v{version}"))
+}
+
+fn validate_against_cddl(rule: &str, bytes: &[u8]) -> Result<(), String> {
+    // The first rule of a CDDL document is the one validated.
+    let doc = format!("root = {rule}\n{}", ud_schemas::CDDL);
+    cddl::validate_cbor_from_slice(&doc, bytes, None).map_err(|e| e.to_string())
+}
+
+#[test]
+fn golden_files_decode_validate_and_round_trip() -> anyhow::Result<()> {
+    let bless = std::env::var_os("UD_BLESS").is_some();
+    let dir = golden_dir(1);
+    for (name, event) in fixtures_v1() {
+        let path = dir.join(format!("{name}.cbor"));
+        if bless && !path.exists() {
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(&path, codec::encode_event(&event)?)?;
+        }
+        let golden = std::fs::read(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        // Old bytes decode to the same value.
+        let decoded = codec::decode_event(&event.subject(), 1, &golden)?;
+        assert_eq!(decoded, event, "{name}: golden file decodes to something else");
+        // The current encoder's bytes decode back to the same value.
+        let fresh = codec::encode_event(&event)?;
+        assert_eq!(codec::decode_event(&event.subject(), 1, &fresh)?, event, "{name}: encode/decode");
+        // Both validate against the published CDDL.
+        validate_against_cddl(name, &golden).map_err(|e| anyhow::anyhow!("{name} (golden): {e}"))?;
+        validate_against_cddl(name, &fresh).map_err(|e| anyhow::anyhow!("{name} (fresh): {e}"))?;
+    }
+    Ok(())
+}
+
+#[test]
+fn cddl_rejects_wrong_shapes() {
+    // A payload of another type must not validate: the check can fail.
+    let wrong = codec::encode_event(&Event::Task(task_id(), TaskEvent::Succeeded(TaskSucceeded { at: AT, exit_code: 0 })))
+        .unwrap_or_default();
+    assert!(validate_against_cddl("task-failed", &wrong).is_err());
+    assert!(validate_against_cddl("task-submitted", &wrong).is_err());
+}
+
+#[test]
+fn every_event_type_has_a_golden_file() {
+    let names: Vec<String> = fixtures_v1().iter().map(|(_, e)| e.event_type().replace('.', "-")).collect();
+    for (name, _) in fixtures_v1() {
+        assert!(names.iter().any(|n| n == name), "{name} is not named after its event type");
+        assert!(ud_schemas::CDDL.contains(&format!("\n{name} = ")), "{name} has no CDDL rule");
+    }
+}
+
+#[test]
+fn unknown_versions_and_types_are_errors() {
+    let bytes = codec::encode_event(&fixtures_v1()[0].1).unwrap_or_default();
+    let subject = fixtures_v1()[0].1.subject();
+    assert!(matches!(codec::decode_event(&subject, 99, &bytes), Err(codec::CodecError::UnknownVersion { version: 99, .. })));
+    let other = subject.replace("submitted", "exploded");
+    assert!(matches!(codec::decode_event(&other, 1, &bytes), Err(codec::CodecError::UnknownType { .. })));
+    assert!(codec::decode_event(&subject, 1, b"\xff\x00garbage").is_err());
+}

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs every test against real servers: installs what is missing, starts a
+# throw-away PostgreSQL cluster (tests create one database each and start
+# their own nats-server), runs the Rust suites and the foreign-client checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/deps.sh
+ud_install_deps
+
+work="$(mktemp -d /tmp/ud-test.XXXXXX)"
+pg_port="$(ud_free_port)"
+cleanup() { ud_stop_pg "$work/pg"; rm -rf "$work"; }
+trap cleanup EXIT
+ud_start_pg "$work/pg" "$pg_port" off
+export UD_TEST_DATABASE_URL="postgres://postgres@127.0.0.1:$pg_port/postgres"
+
+cargo build --workspace --all-targets
+cargo test --workspace --no-fail-fast -- --test-threads=4
+python3 -m unittest discover -s tests/foreign -v
