@@ -30,6 +30,8 @@ CREATE TABLE nodes (
     status         text        NOT NULL,
     registered_at  timestamptz NOT NULL,
     last_seen      timestamptz NOT NULL,
+    -- last heartbeat seen when the node was declared offline; a later heartbeat means online again
+    offline_after  timestamptz,
     running_tasks  integer     NOT NULL,
     last_seq       bigint      NOT NULL
 );

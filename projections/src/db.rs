@@ -87,14 +87,27 @@ impl Db {
     }
 }
 
-pub(crate) async fn set_checkpoint(c: &impl GenericClient, stream: &str, seq: u64) -> Result<(), ProjectionError> {
-    c.execute(
-        "INSERT INTO projection_checkpoints (stream, seq, updated_at) VALUES ($1, $2, now())
-         ON CONFLICT (stream) DO UPDATE SET seq = EXCLUDED.seq, updated_at = now()",
-        &[&stream, &(seq as i64)],
-    )
-    .await?;
-    Ok(())
+/// Moves the checkpoint from `from` to `to`; fails if another projector
+/// moved it meanwhile, so that no event is ever applied twice.
+pub(crate) async fn advance_checkpoint(
+    c: &impl GenericClient,
+    stream: &str,
+    from: u64,
+    to: u64,
+) -> Result<(), ProjectionError> {
+    let n = c
+        .execute(
+            "INSERT INTO projection_checkpoints (stream, seq, updated_at) VALUES ($1, $3, now())
+             ON CONFLICT (stream) DO UPDATE SET seq = EXCLUDED.seq, updated_at = now()
+             WHERE projection_checkpoints.seq = $2",
+            &[&stream, &(from as i64), &(to as i64)],
+        )
+        .await?;
+    if n == 1 {
+        Ok(())
+    } else {
+        Err(ProjectionError::CheckpointMoved { stream: stream.to_owned(), expected: from })
+    }
 }
 
 pub(crate) async fn record_error(
@@ -189,7 +202,8 @@ pub(crate) async fn upsert_tasks(c: &impl GenericClient, rows: &[TaskRow]) -> Re
     Ok(())
 }
 
-const NODE_COLS: &str = "id, name, labels, resources, status, registered_at, last_seen, running_tasks, last_seq";
+const NODE_COLS: &str =
+    "id, name, labels, resources, status, registered_at, last_seen, offline_after, running_tasks, last_seq";
 
 pub(crate) fn node_from_row(r: &tokio_postgres::Row) -> NodeRow {
     NodeRow {
@@ -200,8 +214,9 @@ pub(crate) fn node_from_row(r: &tokio_postgres::Row) -> NodeRow {
         status: r.get(4),
         registered_at: r.get(5),
         last_seen: r.get(6),
-        running_tasks: r.get(7),
-        last_seq: r.get(8),
+        offline_after: r.get(7),
+        running_tasks: r.get(8),
+        last_seq: r.get(9),
     }
 }
 
@@ -226,20 +241,21 @@ pub(crate) async fn upsert_nodes(c: &impl GenericClient, rows: &[NodeRow]) -> Re
     let status: Vec<&str> = rows.iter().map(|r| r.status.as_str()).collect();
     let reg: Vec<_> = rows.iter().map(|r| r.registered_at).collect();
     let seen: Vec<_> = rows.iter().map(|r| r.last_seen).collect();
+    let off: Vec<_> = rows.iter().map(|r| r.offline_after).collect();
     let running: Vec<i32> = rows.iter().map(|r| r.running_tasks).collect();
     let seq: Vec<i64> = rows.iter().map(|r| r.last_seq).collect();
     c.execute(
         &format!(
             "INSERT INTO nodes ({NODE_COLS})
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[], $4::jsonb[], $5::text[],
-                                  $6::timestamptz[], $7::timestamptz[], $8::int4[], $9::int8[])
+                                  $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::int4[], $10::int8[])
              ON CONFLICT (id) DO UPDATE SET
                name = EXCLUDED.name, labels = EXCLUDED.labels, resources = EXCLUDED.resources,
                status = EXCLUDED.status, registered_at = EXCLUDED.registered_at,
-               last_seen = EXCLUDED.last_seen, running_tasks = EXCLUDED.running_tasks,
+               last_seen = EXCLUDED.last_seen, offline_after = EXCLUDED.offline_after, running_tasks = EXCLUDED.running_tasks,
                last_seq = EXCLUDED.last_seq"
         ),
-        &[&ids, &name, &labels, &res, &status, &reg, &seen, &running, &seq],
+        &[&ids, &name, &labels, &res, &status, &reg, &seen, &off, &running, &seq],
     )
     .await?;
     Ok(())

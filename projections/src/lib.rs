@@ -23,6 +23,8 @@ pub enum ProjectionError {
     Db(String),
     #[error("event stream: {0}")]
     Stream(String),
+    #[error("checkpoint of {stream} is no longer {expected}: another projector got there first")]
+    CheckpointMoved { stream: String, expected: u64 },
 }
 
 impl From<tokio_postgres::Error> for ProjectionError {

@@ -7,7 +7,7 @@ use async_nats::jetstream::{self, consumer::DeliverPolicy};
 use futures::{FutureExt, StreamExt};
 use tracing::{debug, info, warn};
 use ud_schemas::codec::{self, EventEnvelope};
-use ud_schemas::{streams, subjects, Event};
+use ud_schemas::{streams, subjects, Event, NodeEvent};
 
 use crate::db::{self, Db};
 use crate::rows::{self, NodeRow, TaskRow, TokenRow};
@@ -87,7 +87,7 @@ impl Projector {
                 .filter(|r| r.seq > applied)
                 .collect();
             let Some(last) = raws.last().map(|r| r.seq) else { continue };
-            self.apply_batch(&raws, last).await?;
+            self.apply_batch(&raws, applied, last).await?;
             applied = last;
             debug!(stream = %self.stream, seq = applied, n = raws.len(), "batch projected");
             if self.options.notify {
@@ -129,7 +129,7 @@ impl Projector {
         result
     }
 
-    async fn apply_batch(&self, raws: &[Raw], last: u64) -> Result<(), ProjectionError> {
+    async fn apply_batch(&self, raws: &[Raw], from: u64, last: u64) -> Result<(), ProjectionError> {
         let mut client = self.db.client().await?;
         let tx = client.transaction().await?;
         let mut decoded: Vec<(u64, EventEnvelope)> = Vec::with_capacity(raws.len());
@@ -154,7 +154,7 @@ impl Projector {
                 db::record_error(&tx, &self.stream, seq, &r.subject, &error, &r.payload).await?;
             }
         }
-        db::set_checkpoint(&tx, &self.stream, last).await?;
+        db::advance_checkpoint(&tx, &self.stream, from, last).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -243,6 +243,9 @@ async fn apply_nodes(
         decoded,
         existing,
         |row, env, seq| match &env.event {
+            // A heartbeat may be projected before its node's registration
+            // (another stream); the next one will land.
+            Event::Node(_, NodeEvent::Heartbeat(_)) if row.is_none() => None,
             Event::Node(id, e) => Some(rows::apply_node(row, *id, e, seq).map(|r| (*id, r)).map_err(|e| e.to_string())),
             _ => None,
         },

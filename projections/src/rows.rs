@@ -116,8 +116,19 @@ pub struct NodeRow {
     pub status: String,
     pub registered_at: DateTime<Utc>,
     pub last_seen: DateTime<Utc>,
+    pub offline_after: Option<DateTime<Utc>>,
     pub running_tasks: i32,
     pub last_seq: i64,
+}
+
+impl NodeRow {
+    /// Online unless declared offline and silent since. Heartbeats and
+    /// offline events live in different streams; this makes the result the
+    /// same whichever is projected first.
+    fn settle_status(&mut self) {
+        let offline = self.offline_after.is_some_and(|after| self.last_seen <= after);
+        self.status = if offline { "offline" } else { "online" }.into();
+    }
 }
 
 pub fn apply_node(row: Option<NodeRow>, id: NodeId, event: &NodeEvent, seq: u64) -> Result<NodeRow, ApplyError> {
@@ -131,19 +142,23 @@ pub fn apply_node(row: Option<NodeRow>, id: NodeId, event: &NodeEvent, seq: u64)
             status: "online".into(),
             registered_at: ts(e.at),
             last_seen: ts(e.at),
+            offline_after: None,
             running_tasks: 0,
             last_seq: seq,
         }),
         (None, e) => Err(ApplyError::UnknownAggregate(e.name())),
         (Some(mut row), NodeEvent::Heartbeat(e)) => {
-            row.status = "online".into();
-            row.last_seen = row.last_seen.max(ts(e.at));
-            row.running_tasks = i32::try_from(e.running_tasks).unwrap_or(i32::MAX);
+            if ts(e.at) >= row.last_seen {
+                row.last_seen = ts(e.at);
+                row.running_tasks = i32::try_from(e.running_tasks).unwrap_or(i32::MAX);
+            }
+            row.settle_status();
             Ok(row)
         }
-        (Some(mut row), NodeEvent::WentOffline(_)) => {
-            row.status = "offline".into();
+        (Some(mut row), NodeEvent::WentOffline(e)) => {
+            row.offline_after = row.offline_after.max(Some(ts(e.last_seen)));
             row.last_seq = seq;
+            row.settle_status();
             Ok(row)
         }
     }
