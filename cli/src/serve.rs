@@ -1,14 +1,11 @@
 //! `unidesk serve`: everything the main server runs, in one process.
 
-use std::sync::Arc;
-
 use anyhow::{Context, Result};
 use clap::Args;
 use tracing::info;
-use ud_core::{EventStore, TaskCommands};
-use ud_gateway::{AppState, Projected};
-use ud_projections::{Db, Projector, ProjectorOptions};
-use ud_schemas::streams;
+use ud_core::EventStore;
+use ud_gateway::server::{self, ServerConfig};
+use ud_projections::Db;
 
 #[derive(Args, Clone)]
 pub struct NatsArgs {
@@ -22,11 +19,7 @@ pub struct NatsArgs {
 
 impl NatsArgs {
     pub async fn connect(&self, name: &str) -> Result<EventStore> {
-        let client = async_nats::ConnectOptions::new()
-            .name(name)
-            .connect(&self.nats_url)
-            .await
-            .with_context(|| format!("cannot connect to NATS at {}", self.nats_url))?;
+        let client = server::connect_nats(&self.nats_url, name).await?;
         Ok(EventStore::new(client, self.js_domain.as_deref().filter(|d| !d.is_empty())))
     }
 }
@@ -42,7 +35,7 @@ impl DbArgs {
     pub async fn connect(&self, schema: &str) -> Result<Db> {
         Db::connect(&self.database_url, schema, 16)
             .await
-            .with_context(|| "cannot connect to PostgreSQL (UD_DATABASE_URL)".to_string())
+            .context("cannot connect to PostgreSQL (UD_DATABASE_URL)")
     }
 }
 
@@ -67,52 +60,28 @@ pub struct ServeArgs {
 }
 
 pub async fn run(args: ServeArgs) -> Result<()> {
-    let store = args.nats.connect("unidesk-server").await?;
-    store.ensure_streams(args.replicas).await.context("cannot create the streams")?;
-    let db = args.db.connect("public").await?;
-    db.migrate().await.context("migrations failed")?;
-    if !args.no_projectors {
-        for stream in streams::PROJECTED {
-            let projector = Arc::new(Projector::new(
-                db.clone(),
-                store.jetstream().clone(),
-                stream,
-                ProjectorOptions::default(),
-            ));
-            tokio::spawn(async move { projector.run_forever().await });
-        }
-    }
-    let commands = TaskCommands::new(store.clone()).await?;
-    let service_client = store.client().clone();
-    let service_commands = commands.clone();
-    tokio::spawn(async move {
-        if let Err(e) = ud_core::service::run(service_client, service_commands).await {
-            tracing::error!(error = %e, "command service stopped");
-        }
-    });
-    let projected = Projected::start(store.client(), &db).await?;
-    let listener = tokio::net::TcpListener::bind(&args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let addr = listener.local_addr()?;
-    info!(%addr, "api listening");
-    println!("UniDesk API listening on http://{addr}");
-    let state = AppState { commands, db, projected };
+    let running = server::start(ServerConfig {
+        nats_url: args.nats.nats_url.clone(),
+        js_domain: args.nats.js_domain.clone(),
+        database_url: args.db.database_url.clone(),
+        listen: args.listen.clone(),
+        replicas: args.replicas,
+        run_projectors: !args.no_projectors,
+    })
+    .await?;
+    println!("UniDesk API listening on http://{}", running.addr);
     tokio::select! {
-        r = ud_gateway::serve(listener, state) => r.context("api server failed")?,
         _ = shutdown_signal() => info!("shutting down"),
+        _ = running.wait() => anyhow::bail!("the API server stopped"),
     }
     Ok(())
 }
 
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
-            return;
-        }
+    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+    } else {
+        let _ = ctrl_c.await;
     }
-    let _ = ctrl_c.await;
 }

@@ -19,11 +19,12 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let field = if path == "." || path.is_empty() { "body".to_owned() } else { path };
-        // serde reports missing/unknown fields on the parent; name the field itself.
+        // serde reports a missing field on its parent; name the field itself.
         let msg = inner.to_string();
-        let named = ["missing field `", "unknown field `"]
-            .iter()
-            .find_map(|p| msg.split(p).nth(1).and_then(|r| r.split('`').next()))
+        let named = msg
+            .split("missing field `")
+            .nth(1)
+            .and_then(|r| r.split('`').next())
             .map(|f| if field == "body" { f.to_owned() } else { format!("{field}.{f}") });
         ApiError::field(&named.unwrap_or(field), msg)
     })

@@ -6,6 +6,7 @@ pub mod error;
 pub mod nodes;
 pub mod openapi;
 pub mod projected;
+pub mod server;
 pub mod tasks;
 pub mod tokens;
 

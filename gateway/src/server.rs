@@ -1,0 +1,104 @@
+//! The main server's services composed in one process: streams, migrations,
+//! projectors, the command service and the REST API.
+
+use std::net::SocketAddr;
+
+use tokio::task::JoinHandle;
+use tracing::info;
+use ud_core::{EventStore, TaskCommands};
+use ud_projections::{Db, Projector, ProjectorOptions};
+use ud_schemas::streams;
+
+use crate::{AppState, Projected};
+
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub nats_url: String,
+    /// JetStream domain to address (`None` on the hub itself).
+    pub js_domain: Option<String>,
+    pub database_url: String,
+    pub listen: String,
+    pub replicas: usize,
+    pub run_projectors: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot connect to NATS at {url}: {reason}")]
+    Nats { url: String, reason: String },
+    #[error("cannot set up the streams: {0}")]
+    Streams(String),
+    #[error("PostgreSQL: {0}")]
+    Db(#[from] ud_projections::ProjectionError),
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: String, reason: String },
+}
+
+/// A started server; dropping it stops nothing, `shutdown` does.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub state: AppState,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops the API, the projectors and the command service.
+    pub fn shutdown(self) {
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+
+    /// Waits until the API server ends (it does not end by itself).
+    pub async fn wait(mut self) {
+        if let Some(api) = self.tasks.pop() {
+            let _ = api.await;
+        }
+    }
+}
+
+pub async fn connect_nats(url: &str, name: &str) -> Result<async_nats::Client, StartError> {
+    async_nats::ConnectOptions::new()
+        .name(name)
+        .connect(url)
+        .await
+        .map_err(|e| StartError::Nats { url: url.to_owned(), reason: e.to_string() })
+}
+
+pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
+    let client = connect_nats(&cfg.nats_url, "unidesk-server").await?;
+    let store = EventStore::new(client, cfg.js_domain.as_deref().filter(|d| !d.is_empty()));
+    store.ensure_streams(cfg.replicas).await.map_err(|e| StartError::Streams(e.to_string()))?;
+    let db = Db::connect(&cfg.database_url, "public", 16).await?;
+    db.migrate().await?;
+    let mut tasks = Vec::new();
+    if cfg.run_projectors {
+        for stream in streams::PROJECTED {
+            let projector = Projector::new(db.clone(), store.jetstream().clone(), stream, ProjectorOptions::default());
+            tasks.push(tokio::spawn(async move { projector.run_forever().await }));
+        }
+    }
+    let commands = TaskCommands::new(store.clone()).await.map_err(|e| StartError::Streams(e.to_string()))?;
+    let (service_client, service_commands) = (store.client().clone(), commands.clone());
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = ud_core::service::run(service_client, service_commands).await {
+            tracing::error!(error = %e, "command service stopped");
+        }
+    }));
+    let projected = Projected::start(store.client(), &db).await?;
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .map_err(|e| StartError::Listen { addr: cfg.listen.clone(), reason: e.to_string() })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| StartError::Listen { addr: cfg.listen.clone(), reason: e.to_string() })?;
+    let state = AppState { commands, db, projected };
+    let api_state = state.clone();
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = crate::serve(listener, api_state).await {
+            tracing::error!(error = %e, "api server stopped");
+        }
+    }));
+    info!(%addr, "api listening");
+    Ok(Running { addr, state, tasks })
+}

@@ -1,0 +1,79 @@
+//! A whole main server in the test process, on real servers.
+
+use anyhow::Result;
+use serde_json::{json, Value};
+use ud_gateway::server::{self, Running, ServerConfig};
+use ud_schemas::streams;
+use ud_testkit::{NatsServer, PgDatabase};
+
+pub struct Stack {
+    pub nats: NatsServer,
+    pub pg: PgDatabase,
+    pub server: Running,
+    pub base: String,
+    pub http: reqwest::Client,
+    pub admin: String,
+}
+
+impl Stack {
+    pub async fn start() -> Result<Self> {
+        let nats = NatsServer::start().await?;
+        let pg = PgDatabase::create().await?;
+        let server = server::start(ServerConfig {
+            nats_url: nats.url(),
+            js_domain: None,
+            database_url: pg.url.clone(),
+            listen: "127.0.0.1:0".into(),
+            replicas: 1,
+            run_projectors: true,
+        })
+        .await?;
+        let issued = ud_core::commands::issue_token(server.state.commands.store(), "admin", &[], true, "test")
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        assert!(server.state.projected.wait(streams::AUTH, issued.seq, std::time::Duration::from_secs(10)).await);
+        let base = format!("http://{}", server.addr);
+        Ok(Self { nats, pg, server, base, http: reqwest::Client::new(), admin: issued.secret })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// A token for these projects, issued through the API.
+    pub async fn token(&self, projects: &[&str]) -> Result<String> {
+        let v: Value = self
+            .http
+            .post(self.url("/api/v1/tokens"))
+            .bearer_auth(&self.admin)
+            .json(&json!({"name": format!("user-{}", projects.join("-")), "projects": projects}))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        Ok(v["token"].as_str().unwrap_or_default().to_owned())
+    }
+
+    pub async fn tasks_in_stream(&self) -> Result<u64> {
+        Ok(self.server.state.commands.store().jetstream().get_stream(streams::TASKS).await?.info().await?.state.messages)
+    }
+}
+
+pub fn task(project: &str) -> Value {
+    json!({
+        "project": project,
+        "name": "train",
+        "code_repo_url": "https://git.example.org/lab/code.git",
+        "code_commit_id": "0123456789abcdef0123456789abcdef01234567",
+        "env_repo_url": "https://git.example.org/lab/env.git",
+        "env_commit_id": "89abcdef0123456789abcdef0123456789abcdef",
+        "dockerfile_path": "envs/cpu/Dockerfile",
+        "command": ["python", "train.py"],
+        "args": ["--epochs", "1"],
+        "env": {"SEED": "1"},
+        "resources": {"cpus": 2, "memory_mb": 4096, "gpus": 1, "gpu_model": "A100", "labels": {"zone": "lab2"}},
+        "timeout_seconds": 600,
+        "retry": {"max_attempts": 2, "backoff_seconds": 5}
+    })
+}
