@@ -96,6 +96,8 @@ pub async fn events(c: EventsCommand) -> Result<()> {
         EventsCommand::Tail(a) => {
             let store = a.nats.connect("unidesk-events-tail").await?;
             let mut sub = store.client().subscribe(a.subject.clone()).await?;
+            store.client().flush().await?;
+            eprintln!("following {}", a.subject);
             let mut seen = 0usize;
             let mut out = std::io::stdout().lock();
             while let Some(msg) = sub.next().await {
@@ -237,10 +239,28 @@ pub async fn admin(c: AdminCommand) -> Result<()> {
     match c {
         AdminCommand::IssueToken(a) => {
             let store = a.nats.connect("unidesk-admin").await?;
+            let mut notices = store
+                .client()
+                .subscribe(ud_schemas::subjects::projected(ud_schemas::streams::AUTH))
+                .await?;
             let issued = ud_core::commands::issue_token(&store, &a.name, &a.projects, a.admin, "admin-cli")
                 .await
                 .map_err(|e| anyhow::anyhow!(e.describe()))?;
             println!("{}", issued.secret);
+            // Return once a running server's projector has it, so the token works at once.
+            let projected = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+                while let Some(m) = notices.next().await {
+                    let seq = std::str::from_utf8(&m.payload).ok().and_then(|s| s.parse::<u64>().ok());
+                    if seq.is_some_and(|s| s >= issued.seq) {
+                        return true;
+                    }
+                }
+                false
+            })
+            .await;
+            if !matches!(projected, Ok(true)) {
+                eprintln!("warning: no projector confirmed the token yet; is `unidesk serve` running?");
+            }
             Ok(())
         }
     }
