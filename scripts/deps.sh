@@ -35,6 +35,9 @@ ud_install_deps() {
   if ! python3 -c 'import nats' 2>/dev/null; then
     python3 -m pip install -q --disable-pip-version-check "nats-py==2.16.0" >&2
   fi
+  if ! python3 -c 'import cbor2' 2>/dev/null; then
+    python3 -m pip install -q --disable-pip-version-check "cbor2==5.6.5" >&2
+  fi
 }
 
 # ud_start_pg DIR PORT [fsync]: a throw-away cluster in DIR on 127.0.0.1:PORT.
