@@ -47,6 +47,7 @@ ud_start_pg() {
   if [ "$(id -u)" = 0 ]; then
     id postgres >/dev/null 2>&1 || useradd --system --no-create-home postgres
     chown -R postgres "$dir"
+    chmod o+x "$(dirname "$dir")"
     run=(runuser -u postgres --)
   fi
   "${run[@]}" "$PG_BIN/initdb" -D "$dir/data" -A trust -U postgres --no-sync >/dev/null

@@ -1,1 +1,28 @@
-fn main() {}
+//! `ud-bench backbone`: the event backbone measured on real servers, each
+//! platform figure printed beside the raw ceiling measured in the same run.
+
+mod backbone;
+mod stats;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "UniDesk benchmarks (real nats-server and PostgreSQL)")]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Appends, projection, lag, REST submit-to-projected, replay.
+    Backbone(backbone::Args),
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    match Cli::parse().bench {
+        Bench::Backbone(a) => backbone::run(a).await,
+    }
+}

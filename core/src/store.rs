@@ -3,6 +3,7 @@
 
 use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage, stream::DirectGetErrorKind};
 use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt};
 use tracing::debug;
 use ud_schemas::codec::{self, CodecError, EventEnvelope, EventMeta};
 use ud_schemas::headers::{EXPECTED_LAST_SUBJECT_SEQUENCE, EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT};
@@ -148,28 +149,39 @@ impl EventStore {
         Ok(last)
     }
 
-    /// Appends many independent events with all publishes in flight at once
-    /// (acks awaited together); returns their sequences in order.
-    pub async fn append_pipelined(&self, items: Vec<(Event, EventMeta, Expect)>) -> Vec<Result<u64, StoreError>> {
-        let mut pending = Vec::with_capacity(items.len());
-        for (event, meta, expect) in &items {
-            let fut = match Self::message(event, meta, *expect) {
-                Ok(msg) => self.js.send_publish(event.subject(), msg).await.map_err(unavailable),
-                Err(e) => Err(e),
-            };
-            pending.push(fut);
+    /// Appends many independent events, keeping up to `window` publishes in
+    /// flight (a sliding window, so the server always has work); returns each
+    /// one's sequence, in the order given.
+    pub async fn append_pipelined(&self, items: Vec<(Event, EventMeta, Expect)>, window: usize) -> Vec<Result<u64, StoreError>> {
+        let mut out: Vec<Option<Result<u64, StoreError>>> = Vec::with_capacity(items.len());
+        out.resize_with(items.len(), || None);
+        let mut inflight = FuturesUnordered::new();
+        for (i, (event, meta, expect)) in items.iter().enumerate() {
+            while inflight.len() >= window.max(1) {
+                if let Some((j, r)) = inflight.next().await {
+                    out[j] = Some(r);
+                }
+            }
+            match Self::message(event, meta, *expect) {
+                Ok(msg) => match self.js.send_publish(event.subject(), msg).await {
+                    Ok(ack) => inflight.push(async move {
+                        let r = ack.await.map(|a| a.sequence).map_err(|e| match e.kind() {
+                            PublishErrorKind::WrongLastSequence => StoreError::Conflict,
+                            _ => unavailable(e),
+                        });
+                        (i, r)
+                    }),
+                    Err(e) => out[i] = Some(Err(unavailable(e))),
+                },
+                Err(e) => out[i] = Some(Err(e)),
+            }
         }
-        let mut out = Vec::with_capacity(pending.len());
-        for p in pending {
-            out.push(match p {
-                Ok(ack) => ack.await.map(|a| a.sequence).map_err(|e| match e.kind() {
-                    PublishErrorKind::WrongLastSequence => StoreError::Conflict,
-                    _ => unavailable(e),
-                }),
-                Err(e) => Err(e),
-            });
+        while let Some((j, r)) = inflight.next().await {
+            out[j] = Some(r);
         }
-        out
+        out.into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(StoreError::Unavailable("publish not sent".into()))))
+            .collect()
     }
 
     /// Every event on `filter` in `stream`, in order (direct gets; meant for

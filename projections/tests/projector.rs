@@ -86,7 +86,7 @@ async fn write_history(store: &EventStore, tasks: usize) -> Result<usize> {
     let n = items.len();
     for chunk in items.chunks(1000) {
         let batch = chunk.iter().map(|e| (e.clone(), EventMeta::new("test"), Expect::Any)).collect();
-        for r in store.append_pipelined(batch).await {
+        for r in store.append_pipelined(batch, 256).await {
             r?;
         }
     }

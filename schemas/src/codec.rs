@@ -94,12 +94,7 @@ pub fn encode_event(event: &Event) -> Result<Vec<u8>, CodecError> {
 
 /// Headers and payload of an event, ready to publish.
 pub fn encode_message(event: &Event, meta: &EventMeta) -> Result<(HeaderMap, Vec<u8>), CodecError> {
-    let headers = crate::headers::build(
-        &event.event_type(),
-        CURRENT_VERSION,
-        &event.aggregate_id(),
-        meta,
-    );
+    let headers = crate::headers::build(&event.event_type(), CURRENT_VERSION, meta);
     Ok((headers, encode_event(event)?))
 }
 

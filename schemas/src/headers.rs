@@ -9,8 +9,8 @@ use crate::ids::EventId;
 pub const EVENT_TYPE: &str = "Ud-Event-Type";
 pub const SCHEMA_VERSION: &str = "Ud-Schema-Version";
 pub const CONTENT_TYPE: &str = "Content-Type";
-pub const EVENT_ID: &str = "Ud-Event-Id";
-pub const AGGREGATE_ID: &str = "Ud-Aggregate-Id";
+/// The event id is the `Nats-Msg-Id` (deduplication uses it too).
+pub const EVENT_ID: &str = "Nats-Msg-Id";
 pub const CORRELATION_ID: &str = "Ud-Correlation-Id";
 pub const CAUSATION_ID: &str = "Ud-Causation-Id";
 pub const ACTOR: &str = "Ud-Actor";
@@ -20,20 +20,14 @@ pub const EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT: &str = "Nats-Expected-Last-Sub
 
 pub const CBOR: &str = "application/cbor";
 
-/// Headers of one event.
-pub fn build(
-    event_type: &str,
-    schema_version: u16,
-    aggregate_id: &str,
-    meta: &EventMeta,
-) -> HeaderMap {
+/// Headers of one event. The aggregate id is in the subject; the event id
+/// is the `Nats-Msg-Id`.
+pub fn build(event_type: &str, schema_version: u16, meta: &EventMeta) -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert(EVENT_TYPE, event_type);
     h.insert(SCHEMA_VERSION, schema_version.to_string().as_str());
     h.insert(CONTENT_TYPE, CBOR);
-    h.insert(EVENT_ID, meta.event_id.to_string().as_str());
     h.insert(MSG_ID, meta.event_id.to_string().as_str());
-    h.insert(AGGREGATE_ID, aggregate_id);
     h.insert(CORRELATION_ID, meta.correlation_id.to_string().as_str());
     if let Some(c) = &meta.causation_id {
         h.insert(CAUSATION_ID, c.to_string().as_str());

@@ -198,7 +198,7 @@ class NatsContract(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(h.get("Ud-Schema-Version"), "1")
         self.assertEqual(h.get("Content-Type"), "application/cbor")
         self.assertTrue(h.get("Nats-Msg-Id"))
-        self.assertEqual(h.get("Nats-Msg-Id"), h.get("Ud-Event-Id"))
+        self.assertEqual(h.get("Ud-Correlation-Id"), h.get("Nats-Msg-Id"), "a root event correlates to itself")
         self.assertEqual(h.get("Ud-Actor"), "python")
         self.assertTrue(h.get("Ud-Correlation-Id"))
         payload = cbor2.loads(msg.data)

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs a benchmark from bench/ on real servers: a throw-away PostgreSQL
+# cluster that syncs to disk like production, and nats-servers the benchmark
+# starts itself. Usage: scripts/bench.sh backbone [flags]   (see ud-bench --help)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/deps.sh
+ud_install_deps
+work="$(mktemp -d /tmp/ud-bench.XXXXXX)"
+pg_port="$(ud_free_port)"
+trap 'ud_stop_pg "$work/pg"; rm -rf "$work"' EXIT
+ud_start_pg "$work/pg" "$pg_port" on
+export UD_TEST_DATABASE_URL="postgres://postgres@127.0.0.1:$pg_port/postgres"
+cargo build --release -p ud-bench
+target/release/ud-bench "${@:-backbone}"
