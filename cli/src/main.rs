@@ -14,6 +14,7 @@ struct Cli {
     command: Command,
 }
 
+#[allow(clippy::large_enum_variant)] // built once per command or event, never stored in bulk
 #[derive(Subcommand)]
 enum Command {
     /// Run the main-server services: command services, projectors, REST API.

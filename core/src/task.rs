@@ -68,6 +68,7 @@ pub struct Task {
     pub version: u64,
 }
 
+#[allow(clippy::large_enum_variant)] // built once per command or event, never stored in bulk
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TaskCommand {
     Submit { project: ProjectId, spec: TaskSpec, idempotency_key: Option<String> },

@@ -59,7 +59,8 @@ pub struct TaskView {
     pub state: String,
     pub node_id: Option<String>,
     pub attempt: i32,
-    pub spec: ud_schemas::TaskSpec,
+    #[schema(value_type = ud_schemas::TaskSpec)]
+    pub spec: serde_json::Value,
     pub exit_code: Option<i32>,
     pub reason: Option<String>,
     pub submitted_by: String,
@@ -79,7 +80,7 @@ impl From<TaskRow> for TaskView {
             state: r.state,
             node_id: r.node_id.map(|n| n.to_string()),
             attempt: r.attempt,
-            spec: serde_json::from_value(r.spec).unwrap_or_else(|_| placeholder_spec()),
+            spec: r.spec,
             exit_code: r.exit_code,
             reason: r.reason,
             submitted_by: r.submitted_by,
@@ -88,29 +89,6 @@ impl From<TaskRow> for TaskView {
             finished_at: r.finished_at,
             version: r.version,
         }
-    }
-}
-
-fn placeholder_spec() -> ud_schemas::TaskSpec {
-    ud_schemas::TaskSpec {
-        name: None,
-        code_repo_url: String::new(),
-        code_commit_id: String::new(),
-        env_repo_url: String::new(),
-        env_commit_id: String::new(),
-        dockerfile_path: String::new(),
-        command: vec![],
-        args: vec![],
-        env: Default::default(),
-        resources: ud_schemas::Resources {
-            cpu_millis: 0,
-            memory_mb: 0,
-            gpus: 0,
-            gpu_model: None,
-            labels: Default::default(),
-        },
-        timeout_seconds: 0,
-        retry: ud_schemas::RetryPolicy { max_attempts: 0, backoff_seconds: 0 },
     }
 }
 

@@ -166,8 +166,8 @@ type Failures = Vec<(u64, String)>;
 fn fold_batch<K: std::hash::Hash + Eq + Copy, R>(
     decoded: &[(u64, EventEnvelope)],
     mut existing: HashMap<K, R>,
-    mut apply: impl FnMut(Option<R>, &EventEnvelope, u64) -> Option<Result<(K, R), String>>,
     key_of: impl Fn(&EventEnvelope) -> Option<K>,
+    mut apply: impl FnMut(Option<R>, &EventEnvelope, u64) -> Option<Result<R, String>>,
 ) -> (Vec<R>, Failures) {
     let mut touched: Vec<K> = Vec::new();
     let mut seen: std::collections::HashSet<K> = std::collections::HashSet::new();
@@ -176,11 +176,11 @@ fn fold_batch<K: std::hash::Hash + Eq + Copy, R>(
         let Some(key) = key_of(env) else { continue };
         let before = existing.remove(&key);
         match apply(before, env, *seq) {
-            Some(Ok((k, row))) => {
-                if seen.insert(k) {
-                    touched.push(k);
+            Some(Ok(row)) => {
+                if seen.insert(key) {
+                    touched.push(key);
                 }
-                existing.insert(k, row);
+                existing.insert(key, row);
             }
             // Only an event for an aggregate with no row fails; nothing was removed.
             Some(Err(e)) => failures.push((*seq, e)),
@@ -191,97 +191,67 @@ fn fold_batch<K: std::hash::Hash + Eq + Copy, R>(
     (rows, failures)
 }
 
-async fn apply_tasks(
-    tx: &deadpool_postgres::Transaction<'_>,
-    decoded: &[(u64, EventEnvelope)],
-) -> Result<Failures, ProjectionError> {
-    let mut ids: Vec<uuid::Uuid> = decoded
-        .iter()
-        .filter_map(|(_, e)| match &e.event {
-            Event::Task(id, _) => Some(id.0),
-            _ => None,
-        })
-        .collect();
-    ids.sort();
-    ids.dedup();
+/// The distinct aggregate ids of a batch, for loading their stored rows.
+fn ids_of<K: Ord + Copy>(decoded: &[(u64, EventEnvelope)], key_of: impl Fn(&EventEnvelope) -> Option<K>, uuid: impl Fn(K) -> uuid::Uuid) -> Vec<uuid::Uuid> {
+    let mut keys: Vec<K> = decoded.iter().filter_map(|(_, e)| key_of(e)).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter().map(uuid).collect()
+}
+
+fn task_key(env: &EventEnvelope) -> Option<ud_schemas::TaskId> {
+    match &env.event {
+        Event::Task(id, _) => Some(*id),
+        _ => None,
+    }
+}
+
+fn node_key(env: &EventEnvelope) -> Option<ud_schemas::NodeId> {
+    match &env.event {
+        Event::Node(id, _) => Some(*id),
+        _ => None,
+    }
+}
+
+fn token_key(env: &EventEnvelope) -> Option<ud_schemas::TokenId> {
+    match &env.event {
+        Event::Auth(id, _) => Some(*id),
+        _ => None,
+    }
+}
+
+async fn apply_tasks(tx: &deadpool_postgres::Transaction<'_>, decoded: &[(u64, EventEnvelope)]) -> Result<Failures, ProjectionError> {
+    let ids = ids_of(decoded, task_key, |k| k.0);
     let existing: HashMap<_, TaskRow> = db::load_tasks(tx, &ids).await?.into_iter().map(|r| (r.id, r)).collect();
-    let (rows, failures) = fold_batch(
-        decoded,
-        existing,
-        |row, env, seq| match &env.event {
-            Event::Task(id, e) => Some(
-                rows::apply_task(row, *id, e, &env.meta.actor, seq)
-                    .map(|r| (*id, r))
-                    .map_err(|e| e.to_string()),
-            ),
-            _ => None,
-        },
-        |env| match &env.event {
-            Event::Task(id, _) => Some(*id),
-            _ => None,
-        },
-    );
+    let (rows, failures) = fold_batch(decoded, existing, task_key, |row, env, seq| match &env.event {
+        Event::Task(id, e) => Some(rows::apply_task(row, *id, e, &env.meta.actor, seq).map_err(|e| e.to_string())),
+        _ => None,
+    });
     db::upsert_tasks(tx, &rows).await?;
     Ok(failures)
 }
 
-async fn apply_nodes(
-    tx: &deadpool_postgres::Transaction<'_>,
-    decoded: &[(u64, EventEnvelope)],
-) -> Result<Failures, ProjectionError> {
-    let mut ids: Vec<uuid::Uuid> = decoded
-        .iter()
-        .filter_map(|(_, e)| match &e.event {
-            Event::Node(id, _) => Some(id.0),
-            _ => None,
-        })
-        .collect();
-    ids.sort();
-    ids.dedup();
+async fn apply_nodes(tx: &deadpool_postgres::Transaction<'_>, decoded: &[(u64, EventEnvelope)]) -> Result<Failures, ProjectionError> {
+    let ids = ids_of(decoded, node_key, |k| k.0);
     let existing: HashMap<_, NodeRow> = db::load_nodes(tx, &ids).await?.into_iter().map(|r| (r.id, r)).collect();
-    let (rows, failures) = fold_batch(
-        decoded,
-        existing,
-        |row, env, seq| match &env.event {
-            // A heartbeat may be projected before its node's registration
-            // (another stream); the next one will land.
-            Event::Node(_, NodeEvent::Heartbeat(_)) if row.is_none() => None,
-            Event::Node(id, e) => Some(rows::apply_node(row, *id, e, seq).map(|r| (*id, r)).map_err(|e| e.to_string())),
-            _ => None,
-        },
-        |env| match &env.event {
-            Event::Node(id, _) => Some(*id),
-            _ => None,
-        },
-    );
+    let (rows, failures) = fold_batch(decoded, existing, node_key, |row, env, seq| match &env.event {
+        // A heartbeat may be projected before its node's registration
+        // (another stream); the next one will land.
+        Event::Node(_, NodeEvent::Heartbeat(_)) if row.is_none() => None,
+        Event::Node(id, e) => Some(rows::apply_node(row, *id, e, seq).map_err(|e| e.to_string())),
+        _ => None,
+    });
     db::upsert_nodes(tx, &rows).await?;
     Ok(failures)
 }
 
-async fn apply_tokens(
-    tx: &deadpool_postgres::Transaction<'_>,
-    decoded: &[(u64, EventEnvelope)],
-) -> Result<Failures, ProjectionError> {
-    let ids: Vec<uuid::Uuid> = decoded
-        .iter()
-        .filter_map(|(_, e)| match &e.event {
-            Event::Auth(id, _) => Some(id.0),
-            _ => None,
-        })
-        .collect();
+async fn apply_tokens(tx: &deadpool_postgres::Transaction<'_>, decoded: &[(u64, EventEnvelope)]) -> Result<Failures, ProjectionError> {
+    let ids = ids_of(decoded, token_key, |k| k.0);
     let existing: HashMap<_, TokenRow> = db::load_tokens(tx, &ids).await?.into_iter().map(|r| (r.id, r)).collect();
-    let (rows, failures) = fold_batch(
-        decoded,
-        existing,
-        |row, env, _| match &env.event {
-            Event::Auth(id, e) => Some(rows::apply_token(row, *id, e).map(|r| (*id, r)).map_err(|e| e.to_string())),
-            _ => None,
-        },
-        |env| match &env.event {
-            Event::Auth(id, _) => Some(*id),
-            _ => None,
-        },
-    );
+    let (rows, failures) = fold_batch(decoded, existing, token_key, |row, env, _| match &env.event {
+        Event::Auth(id, e) => Some(rows::apply_token(row, *id, e).map_err(|e| e.to_string())),
+        _ => None,
+    });
     db::upsert_tokens(tx, &rows).await?;
     Ok(failures)
 }

@@ -9,6 +9,7 @@ use crate::spec::{NodeResources, TaskSpec};
 use crate::Millis;
 
 /// Everything that happens to a task.
+#[allow(clippy::large_enum_variant)] // built once per command or event, never stored in bulk
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum TaskEvent {

@@ -163,22 +163,3 @@ impl PgDatabase {
         Ok(client)
     }
 }
-
-/// Waits until `check` returns `Some`, re-checking whenever `tick` elapses;
-/// for state that has no event to await (e.g. rows in another process's database).
-pub async fn eventually<T, F, Fut>(timeout: Duration, mut check: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if let Some(v) = check().await {
-            return Ok(v);
-        }
-        if tokio::time::Instant::now() >= deadline {
-            bail!("condition not met within {timeout:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}

@@ -7,8 +7,8 @@ use ud_schemas::streams;
 use ud_testkit::{NatsServer, PgDatabase};
 
 pub struct Stack {
-    pub nats: NatsServer,
-    pub pg: PgDatabase,
+    pub _nats: NatsServer,
+    pub _pg: PgDatabase,
     pub server: Running,
     pub base: String,
     pub http: reqwest::Client,
@@ -33,7 +33,7 @@ impl Stack {
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         assert!(server.state.projected.wait(streams::AUTH, issued.seq, std::time::Duration::from_secs(10)).await);
         let base = format!("http://{}", server.addr);
-        Ok(Self { nats, pg, server, base, http: reqwest::Client::new(), admin: issued.secret })
+        Ok(Self { _nats: nats, _pg: pg, server, base, http: reqwest::Client::new(), admin: issued.secret })
     }
 
     pub fn url(&self, path: &str) -> String {
