@@ -27,9 +27,11 @@ CREATE TABLE nodes (
     name           text        NOT NULL,
     labels         jsonb       NOT NULL,
     resources      jsonb       NOT NULL,
-    status         text        NOT NULL,
-    registered_at  timestamptz NOT NULL,
-    last_seen      timestamptz NOT NULL,
+    status         text        NOT NULL, -- enrolled, online, offline or revoked
+    enrolled_at    timestamptz,
+    registered_at  timestamptz,
+    last_seen      timestamptz,
+    revoked_at     timestamptz,
     -- last heartbeat seen when the node was declared offline; a later heartbeat means online again
     offline_after  timestamptz,
     running_tasks  integer     NOT NULL,

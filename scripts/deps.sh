@@ -65,3 +65,92 @@ ud_stop_pg() {
 ud_free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
+
+ud_apt_install() {
+  if [ -z "${UD_APT_UPDATED:-}" ]; then
+    ud_sudo apt-get update -qq
+    UD_APT_UPDATED=1
+  fi
+  ud_sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+ud_alive() { [ -d "/proc/$1" ] && ! grep -q ') Z ' "/proc/$1/stat" 2>/dev/null; }
+
+ud_install_docker() {
+  local pkgs=()
+  if ! command -v dockerd >/dev/null 2>&1 && ! [ -x /usr/sbin/dockerd ]; then
+    pkgs+=(docker.io busybox-static)
+  elif ! [ -x /bin/busybox ]; then
+    pkgs+=(busybox-static)
+  fi
+  if [ "${#pkgs[@]}" -gt 0 ]; then
+    echo "installing ${pkgs[*]}" >&2
+    ud_apt_install "${pkgs[@]}"
+  fi
+}
+
+# ud_start_dockerd DIR: a private engine (vfs, no bridge, no iptables) with its
+# socket at DIR/docker.sock, unless one already answers; exports DOCKER_HOST.
+ud_start_dockerd() {
+  local dir="$1" dockerd i pid group=()
+  if docker info >/dev/null 2>&1; then
+    if [ -n "${DOCKER_HOST:-}" ]; then export DOCKER_HOST; fi
+    return 0
+  fi
+  mkdir -p "$dir"
+  dir="$(cd "$dir" && pwd)"
+  if [ "${#dir}" -gt 90 ]; then
+    echo "ud_start_dockerd: '$dir' is too long for a unix socket path" >&2
+    return 1
+  fi
+  dockerd="$(command -v dockerd || echo /usr/sbin/dockerd)"
+  [ "$(id -u)" = 0 ] || group=(--group "$(id -g)")
+  ud_sudo "$dockerd" --iptables=false --bridge=none --storage-driver=vfs \
+    --data-root "$dir/data" --exec-root "$dir/exec" --pidfile "$dir/docker.pid" \
+    --host "unix://$dir/docker.sock" "${group[@]}" >"$dir/dockerd.log" 2>&1 </dev/null &
+  pid=$!
+  export DOCKER_HOST="unix://$dir/docker.sock"
+  for ((i = 0; i < 300; i++)); do
+    if docker info >/dev/null 2>&1; then return 0; fi
+    ud_alive "$pid" || break
+    sleep 0.1
+  done
+  echo "dockerd did not come up; see $dir/dockerd.log" >&2
+  tail -20 "$dir/dockerd.log" >&2
+  return 1
+}
+
+ud_stop_dockerd() {
+  local dir="$1" pid i
+  [ -f "$dir/docker.pid" ] || return 0
+  pid="$(cat "$dir/docker.pid")"
+  ud_sudo kill "$pid" 2>/dev/null || return 0
+  for ((i = 0; i < 200; i++)); do
+    ud_alive "$pid" || return 0
+    sleep 0.1
+  done
+  ud_sudo kill -9 "$pid" 2>/dev/null || true
+}
+
+# ud_base_image: unidesk/busybox:base, a busybox rootfs imported without a registry.
+ud_base_image() {
+  local image=unidesk/busybox:base root a
+  if ! docker image inspect "$image" >/dev/null 2>&1; then
+    root="$(mktemp -d)"
+    chmod 755 "$root"
+    mkdir -p "$root/bin" "$root/tmp" "$root/etc" "$root/root"
+    chmod 1777 "$root/tmp"
+    cp /bin/busybox "$root/bin/busybox"
+    for a in $("$root/bin/busybox" --list) sh echo cat sleep ls env true false printf kill wc head yes; do
+      [ -e "$root/bin/$a" ] || ln -s busybox "$root/bin/$a"
+    done
+    printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' >"$root/etc/passwd"
+    printf 'root:x:0:\nnogroup:x:65534:\n' >"$root/etc/group"
+    if ! tar -C "$root" --numeric-owner --owner=0 --group=0 -c . | docker import - "$image" >/dev/null; then
+      rm -rf "$root"
+      return 1
+    fi
+    rm -rf "$root"
+  fi
+  docker image inspect -f '{{.Id}}' "$image"
+}

@@ -207,6 +207,7 @@ async fn rest_submit_to_projected(store: &EventStore, nats_url: String, pg: &PgD
         listen: "127.0.0.1:0".into(),
         replicas: 1,
         run_projectors: true,
+        edge: None,
     })
     .await?;
     let issued = ud_core::commands::issue_token(store, "bench", &["bench".into()], false, "bench").await.map_err(|e| anyhow!("{e}"))?;

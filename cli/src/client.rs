@@ -276,6 +276,21 @@ pub enum NodeCommand {
     List(NodeListArgs),
     /// Show one node.
     Show(IdArgs),
+    /// Enroll a node (admin); prints its token once.
+    Enroll(EnrollArgs),
+    /// Revoke a node (admin): its connection is closed and it cannot reconnect.
+    Revoke(IdArgs),
+}
+
+#[derive(Args)]
+pub struct EnrollArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    #[arg(long)]
+    name: String,
+    /// KEY=VALUE (repeatable).
+    #[arg(long = "label")]
+    labels: Vec<String>,
 }
 
 #[derive(Args)]
@@ -288,6 +303,15 @@ pub async fn node(c: NodeCommand) -> Result<()> {
     match c {
         NodeCommand::List(a) => print(&Api::new(a.api).get("/api/v1/nodes").await?),
         NodeCommand::Show(a) => print(&Api::new(a.api).get(&format!("/api/v1/nodes/{}", a.id)).await?),
+        NodeCommand::Enroll(a) => {
+            let api = Api::new(a.api);
+            let v = api.post("/api/v1/nodes", &json!({"name": a.name, "labels": key_values(&a.labels, "--label")?})).await?;
+            println!("{}", v["token"].as_str().unwrap_or_default());
+        }
+        NodeCommand::Revoke(a) => {
+            let api = Api::new(a.api);
+            api.post(&format!("/api/v1/nodes/{}/revoke", a.id), &json!({})).await?;
+        }
     }
     Ok(())
 }
@@ -328,4 +352,50 @@ pub async fn token(c: TokenCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[derive(Subcommand)]
+pub enum TaskCommand {
+    /// Print a task's output; with -f keep following it.
+    Logs(LogsArgs),
+}
+
+#[derive(Args)]
+pub struct LogsArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    id: String,
+    /// Follow new output until the task ends.
+    #[arg(short, long)]
+    follow: bool,
+}
+
+pub async fn task(c: TaskCommand) -> Result<()> {
+    match c {
+        TaskCommand::Logs(a) => {
+            let api = Api::new(a.api);
+            let mut after = 0u64;
+            loop {
+                let wait = if a.follow { 20 } else { 0 };
+                let page = api.get(&format!("/api/v1/tasks/{}/logs?after={after}&wait={wait}", a.id)).await?;
+                for l in page["lines"].as_array().into_iter().flatten() {
+                    let text = l["text"].as_str().unwrap_or_default();
+                    if l["stream"] == "stderr" {
+                        eprint!("{text}");
+                    } else {
+                        print!("{text}");
+                    }
+                }
+                after = page["next"].as_u64().unwrap_or(after);
+                if !a.follow {
+                    return Ok(());
+                }
+                let t = api.get(&format!("/api/v1/tasks/{}", a.id)).await?;
+                let done = matches!(t["state"].as_str(), Some("succeeded" | "failed" | "cancelled"));
+                if done && page["lines"].as_array().is_none_or(|l| l.is_empty()) {
+                    return Ok(());
+                }
+            }
+        }
+    }
 }

@@ -32,6 +32,9 @@ enum Command {
     /// Compute nodes.
     #[command(subcommand)]
     Node(client::NodeCommand),
+    /// One task's output.
+    #[command(subcommand)]
+    Task(client::TaskCommand),
     /// API tokens.
     #[command(subcommand)]
     Token(client::TokenCommand),
@@ -74,6 +77,7 @@ async fn main() -> std::process::ExitCode {
                 Command::History(a) => client::history(a).await,
                 Command::Cancel(a) => client::cancel(a).await,
                 Command::Node(c) => client::node(c).await,
+                Command::Task(c) => client::task(c).await,
                 Command::Token(c) => client::token(c).await,
                 Command::Events(c) => ops::events(c).await,
                 Command::Projections(c) => ops::projections(c).await,

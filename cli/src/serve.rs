@@ -57,6 +57,55 @@ pub struct ServeArgs {
     /// Log as JSON lines.
     #[arg(long, env = "UD_LOG_JSON")]
     pub log_json: bool,
+    /// Run without compute-node services (ingest, liveness, scheduling).
+    #[arg(long, env = "UD_NO_EDGE")]
+    pub no_edge: bool,
+    /// The hub's accounts file to keep in step with enrolled nodes (needs credentials in UD_NATS_URL).
+    #[arg(long, env = "UD_HUB_ACCOUNTS_FILE")]
+    pub hub_accounts_file: Option<std::path::PathBuf>,
+    /// The hub's PID file, to reload it after the accounts file changed.
+    #[arg(long, env = "UD_HUB_PID_FILE")]
+    pub hub_pid_file: Option<std::path::PathBuf>,
+    /// A node silent this long is offline.
+    #[arg(long, env = "UD_HEARTBEAT_TIMEOUT_SECONDS", default_value_t = 90.0)]
+    pub heartbeat_timeout_seconds: f64,
+    /// Seconds between a cancel's graceful signal and the kill.
+    #[arg(long, env = "UD_CANCEL_GRACE_SECONDS", default_value_t = 10)]
+    pub cancel_grace_seconds: u32,
+}
+
+fn edge_config(args: &ServeArgs) -> Result<Option<server::EdgeConfig>> {
+    if args.no_edge {
+        return Ok(None);
+    }
+    if !(args.heartbeat_timeout_seconds > 0.0 && args.heartbeat_timeout_seconds.is_finite()) {
+        anyhow::bail!("UD_HEARTBEAT_TIMEOUT_SECONDS must be a positive number");
+    }
+    let hub = match &args.hub_accounts_file {
+        None => None,
+        Some(file) => {
+            let url: async_nats::ServerAddr = args.nats.nats_url.parse().context("UD_NATS_URL")?;
+            let (Some(user), Some(password)) = (url.username(), url.password()) else {
+                anyhow::bail!("UD_HUB_ACCOUNTS_FILE needs the platform's credentials in UD_NATS_URL (nats://user:password@host:port)");
+            };
+            Some(ud_core::edge::hub::HubSettings {
+                accounts_file: file.clone(),
+                pid_file: args.hub_pid_file.clone(),
+                platform_user: user.to_owned(),
+                platform_password: password.to_owned(),
+                replicas: args.replicas,
+            })
+        }
+    };
+    let timeout = std::time::Duration::from_secs_f64(args.heartbeat_timeout_seconds);
+    Ok(Some(server::EdgeConfig {
+        hub,
+        controller: ud_core::edge::scheduler::ControllerSettings {
+            heartbeat_timeout: timeout,
+            check_interval: (timeout / 90).max(std::time::Duration::from_millis(100)),
+            cancel_grace_seconds: args.cancel_grace_seconds,
+        },
+    }))
 }
 
 pub async fn run(args: ServeArgs) -> Result<()> {
@@ -67,6 +116,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         listen: args.listen.clone(),
         replicas: args.replicas,
         run_projectors: !args.no_projectors,
+        edge: edge_config(&args)?,
     })
     .await?;
     println!("UniDesk API listening on http://{}", running.addr);

@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod commands;
+pub mod edge;
 pub mod node;
 pub mod service;
 pub mod store;

@@ -1,4 +1,4 @@
-//! The node lifecycle: registration, heartbeats, going offline.
+//! The node lifecycle: enrollment, registration, heartbeats, going offline, revocation.
 
 use std::collections::BTreeMap;
 
@@ -7,15 +7,20 @@ use ud_schemas::{Millis, NodeId, NodeResources};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Liveness {
+    /// Enrolled, never heard from.
+    Enrolled,
     Online,
     Offline,
+    Revoked,
 }
 
 impl Liveness {
     pub fn name(&self) -> &'static str {
         match self {
+            Self::Enrolled => "enrolled",
             Self::Online => "online",
             Self::Offline => "offline",
+            Self::Revoked => "revoked",
         }
     }
 }
@@ -25,15 +30,32 @@ pub struct Node {
     pub id: NodeId,
     pub name: String,
     pub labels: BTreeMap<String, String>,
-    pub resources: NodeResources,
-    pub liveness: Liveness,
-    pub last_seen: Millis,
+    pub resources: Option<NodeResources>,
+    pub last_seen: Option<Millis>,
+    /// The last heartbeat seen when the node was declared offline.
+    pub offline_after: Option<Millis>,
+    pub revoked: bool,
+}
+
+impl Node {
+    /// Online unless declared offline and silent since: heartbeats after an
+    /// offline decision bring a node back without another event.
+    pub fn liveness(&self) -> Liveness {
+        match (self.revoked, self.last_seen) {
+            (true, _) => Liveness::Revoked,
+            (false, None) => Liveness::Enrolled,
+            (false, Some(seen)) if self.offline_after.is_some_and(|o| seen <= o) => Liveness::Offline,
+            (false, Some(_)) => Liveness::Online,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NodeCommand {
+    Enroll { name: String, labels: BTreeMap<String, String>, secret_hash: String },
+    Revoke,
     Register { name: String, labels: BTreeMap<String, String>, resources: NodeResources },
-    Heartbeat { running_tasks: u32 },
+    Heartbeat { at: Millis, running_tasks: u32 },
     /// Marks the node offline if it has been silent for `timeout_ms`.
     CheckLiveness { timeout_ms: i64 },
 }
@@ -42,48 +64,72 @@ pub enum NodeCommand {
 pub enum NodeError {
     #[error("unknown node")]
     Unknown,
+    #[error("node already enrolled")]
+    AlreadyEnrolled,
+    #[error("node was revoked")]
+    Revoked,
 }
 
 pub fn decide(node: Option<&Node>, command: NodeCommand, now: Millis) -> Result<Vec<NodeEvent>, NodeError> {
-    match (node, command) {
-        // Re-registration updates what the node declares.
+    let node = match (node, command) {
+        (None, NodeCommand::Enroll { name, labels, secret_hash }) => {
+            return Ok(vec![NodeEvent::Enrolled(NodeEnrolled { at: now, name, labels, secret_hash })]);
+        }
+        (Some(_), NodeCommand::Enroll { .. }) => return Err(NodeError::AlreadyEnrolled),
+        (None, _) => return Err(NodeError::Unknown),
+        (Some(n), NodeCommand::Revoke) if n.revoked => return Ok(vec![]),
+        (Some(_), NodeCommand::Revoke) => return Ok(vec![NodeEvent::Revoked(NodeRevoked { at: now })]),
+        (Some(n), _) if n.revoked => return Err(NodeError::Revoked),
+        (Some(n), command) => (n, command),
+    };
+    match node {
         (_, NodeCommand::Register { name, labels, resources }) => {
             Ok(vec![NodeEvent::Registered(NodeRegistered { at: now, name, labels, resources })])
         }
-        (None, _) => Err(NodeError::Unknown),
-        (Some(_), NodeCommand::Heartbeat { running_tasks }) => {
-            Ok(vec![NodeEvent::Heartbeat(NodeHeartbeat { at: now, running_tasks })])
+        (_, NodeCommand::Heartbeat { at, running_tasks }) => {
+            Ok(vec![NodeEvent::Heartbeat(NodeHeartbeat { at, running_tasks })])
         }
-        (Some(n), NodeCommand::CheckLiveness { timeout_ms }) => {
-            if n.liveness == Liveness::Online && now - n.last_seen >= timeout_ms {
-                Ok(vec![NodeEvent::WentOffline(NodeWentOffline { at: now, last_seen: n.last_seen })])
-            } else {
-                Ok(vec![])
+        (n, NodeCommand::CheckLiveness { timeout_ms }) => match (n.liveness(), n.last_seen) {
+            (Liveness::Online, Some(seen)) if now - seen >= timeout_ms => {
+                Ok(vec![NodeEvent::WentOffline(NodeWentOffline { at: now, last_seen: seen })])
             }
-        }
+            _ => Ok(vec![]),
+        },
+        (_, NodeCommand::Enroll { .. } | NodeCommand::Revoke) => Ok(vec![]),
     }
 }
 
 pub fn evolve(node: Option<Node>, id: NodeId, event: &NodeEvent) -> Option<Node> {
     match (node, event) {
-        (_, NodeEvent::Registered(e)) => Some(Node {
+        (_, NodeEvent::Enrolled(e)) => Some(Node {
             id,
             name: e.name.clone(),
             labels: e.labels.clone(),
-            resources: e.resources.clone(),
-            liveness: Liveness::Online,
-            last_seen: e.at,
+            resources: None,
+            last_seen: None,
+            offline_after: None,
+            revoked: false,
         }),
-        (Some(mut n), NodeEvent::Heartbeat(e)) => {
-            n.liveness = Liveness::Online;
-            n.last_seen = n.last_seen.max(e.at);
-            Some(n)
-        }
-        (Some(mut n), NodeEvent::WentOffline(_)) => {
-            n.liveness = Liveness::Offline;
-            Some(n)
-        }
         (None, _) => None,
+        (Some(mut n), NodeEvent::Revoked(_)) => {
+            n.revoked = true;
+            Some(n)
+        }
+        (Some(mut n), NodeEvent::Registered(e)) => {
+            n.name = e.name.clone();
+            n.labels = e.labels.clone();
+            n.resources = Some(e.resources.clone());
+            n.last_seen = n.last_seen.max(Some(e.at));
+            Some(n)
+        }
+        (Some(mut n), NodeEvent::Heartbeat(e)) => {
+            n.last_seen = n.last_seen.max(Some(e.at));
+            Some(n)
+        }
+        (Some(mut n), NodeEvent::WentOffline(e)) => {
+            n.offline_after = n.offline_after.max(Some(e.last_seen));
+            Some(n)
+        }
     }
 }
 
@@ -91,34 +137,49 @@ pub fn evolve(node: Option<Node>, id: NodeId, event: &NodeEvent) -> Option<Node>
 mod tests {
     use super::*;
 
-    fn registered() -> Option<Node> {
+    fn apply(node: Option<Node>, id: NodeId, events: &[NodeEvent]) -> Option<Node> {
+        events.iter().fold(node, |n, e| evolve(n, id, e))
+    }
+
+    fn online() -> (NodeId, Option<Node>) {
         let id = NodeId::new();
-        let cmd = NodeCommand::Register { name: "n1".into(), labels: BTreeMap::new(), resources: NodeResources::default() };
-        decide(None, cmd, 1000)
-            .unwrap_or_default()
-            .iter()
-            .fold(None, |n, e| evolve(n, id, e))
+        let enroll = NodeCommand::Enroll { name: "n1".into(), labels: BTreeMap::new(), secret_hash: "h".into() };
+        let node = apply(None, id, &decide(None, enroll, 0).unwrap_or_default());
+        assert_eq!(node.as_ref().map(Node::liveness), Some(Liveness::Enrolled));
+        let reg = NodeCommand::Register { name: "n1".into(), labels: BTreeMap::new(), resources: NodeResources::default() };
+        let events = decide(node.as_ref(), reg, 1000).unwrap_or_default();
+        (id, apply(node, id, &events))
     }
 
     #[test]
-    fn goes_offline_after_timeout_once() {
-        let node = registered();
+    fn goes_offline_after_timeout_once_and_back_with_a_heartbeat() {
+        let (id, node) = online();
+        assert_eq!(node.as_ref().map(Node::liveness), Some(Liveness::Online));
         let early = decide(node.as_ref(), NodeCommand::CheckLiveness { timeout_ms: 90_000 }, 90_999);
         assert_eq!(early, Ok(vec![]));
         let late = decide(node.as_ref(), NodeCommand::CheckLiveness { timeout_ms: 90_000 }, 91_000).unwrap_or_default();
         assert_eq!(late.len(), 1);
-        let id = node.as_ref().map(|n| n.id).unwrap_or_default();
-        let offline = late.iter().fold(node, |n, e| evolve(n, id, e));
-        assert_eq!(offline.as_ref().map(|n| n.liveness), Some(Liveness::Offline));
+        let offline = apply(node, id, &late);
+        assert_eq!(offline.as_ref().map(Node::liveness), Some(Liveness::Offline));
         let again = decide(offline.as_ref(), NodeCommand::CheckLiveness { timeout_ms: 90_000 }, 200_000);
         assert_eq!(again, Ok(vec![]));
-        let beat = NodeEvent::Heartbeat(NodeHeartbeat { at: 200_000, running_tasks: 0 });
-        let back = evolve(offline, id, &beat);
-        assert_eq!(back.map(|n| n.liveness), Some(Liveness::Online));
+        let beat = decide(offline.as_ref(), NodeCommand::Heartbeat { at: 200_000, running_tasks: 0 }, 200_000).unwrap_or_default();
+        let back = apply(offline, id, &beat);
+        assert_eq!(back.as_ref().map(Node::liveness), Some(Liveness::Online));
+        // A late-projected old heartbeat does not bring it back.
+        let stale = NodeEvent::Heartbeat(NodeHeartbeat { at: 500, running_tasks: 0 });
+        let mut n = back.unwrap_or_else(|| unreachable!());
+        n.offline_after = Some(300_000);
+        assert_eq!(evolve(Some(n), id, &stale).map(|n| n.liveness()), Some(Liveness::Offline));
     }
 
     #[test]
-    fn heartbeat_of_unknown_node_is_rejected() {
-        assert_eq!(decide(None, NodeCommand::Heartbeat { running_tasks: 0 }, 1), Err(NodeError::Unknown));
+    fn unknown_and_revoked_nodes_are_refused() {
+        assert_eq!(decide(None, NodeCommand::Heartbeat { at: 1, running_tasks: 0 }, 1), Err(NodeError::Unknown));
+        let (id, node) = online();
+        let revoked = apply(node, id, &[NodeEvent::Revoked(NodeRevoked { at: 5 })]);
+        assert_eq!(revoked.as_ref().map(Node::liveness), Some(Liveness::Revoked));
+        assert_eq!(decide(revoked.as_ref(), NodeCommand::Heartbeat { at: 6, running_tasks: 0 }, 6), Err(NodeError::Revoked));
+        assert_eq!(decide(revoked.as_ref(), NodeCommand::Revoke, 7), Ok(vec![]));
     }
 }

@@ -18,10 +18,11 @@ pub struct NodeView {
     pub labels: serde_json::Value,
     /// What the node declared: CPUs (thousandths), memory, disk, GPUs, OS, WSL, Docker and agent versions.
     pub resources: serde_json::Value,
-    /// online or offline.
+    /// enrolled (never seen), online, offline or revoked.
     pub status: String,
-    pub registered_at: DateTime<Utc>,
-    pub last_seen: DateTime<Utc>,
+    pub enrolled_at: Option<DateTime<Utc>>,
+    pub registered_at: Option<DateTime<Utc>>,
+    pub last_seen: Option<DateTime<Utc>>,
     pub running_tasks: i32,
 }
 
@@ -33,6 +34,7 @@ impl From<NodeRow> for NodeView {
             labels: r.labels,
             resources: r.resources,
             status: r.status,
+            enrolled_at: r.enrolled_at,
             registered_at: r.registered_at,
             last_seen: r.last_seen,
             running_tasks: r.running_tasks,
@@ -59,4 +61,61 @@ pub async fn get(State(state): State<AppState>, _caller: Caller, Path(id): Path<
         .await?
         .ok_or_else(|| ApiError::not_found("node"))?;
     Ok(Json(row.into()))
+}
+
+#[derive(Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    pub name: String,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Deserialize, Serialize, ToSchema)]
+pub struct Enrolled {
+    pub node_id: String,
+    /// Start the node's Provider Gateway with this; shown once, stored only as a hash.
+    pub token: String,
+}
+
+/// Enroll a compute node (admin).
+#[utoipa::path(post, path = "/api/v1/nodes", tag = "nodes", request_body = EnrollRequest,
+    responses((status = 201, body = Enrolled), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn enroll(
+    State(state): State<AppState>,
+    crate::auth::Admin(caller): crate::auth::Admin,
+    crate::body::JsonBody(req): crate::body::JsonBody<EnrollRequest>,
+) -> Result<(axum::http::StatusCode, Json<Enrolled>), ApiError> {
+    let (token, seq) = ud_core::edge::enroll::enroll(state.commands.store(), &req.name, req.labels, &caller.actor())
+        .await
+        .map_err(edge_error)?;
+    state.projected.wait(ud_schemas::streams::NODES, seq, crate::tasks::WAIT_PROJECTED).await;
+    Ok((axum::http::StatusCode::CREATED, Json(Enrolled { node_id: token.node_id.to_string(), token: token.encode() })))
+}
+
+/// Revoke a node (admin): its connection is closed and it cannot reconnect.
+#[utoipa::path(post, path = "/api/v1/nodes/{id}/revoke", tag = "nodes", params(("id" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn revoke(
+    State(state): State<AppState>,
+    crate::auth::Admin(caller): crate::auth::Admin,
+    Path(id): Path<String>,
+) -> Result<axum::http::StatusCode, ApiError> {
+    let id = id.parse().map_err(|_| ApiError::not_found("node"))?;
+    if let Some(seq) = ud_core::edge::enroll::revoke(state.commands.store(), id, &caller.actor()).await.map_err(edge_error)? {
+        state.projected.wait(ud_schemas::streams::NODES, seq, crate::tasks::WAIT_PROJECTED).await;
+    }
+    Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
+fn edge_error(e: ud_core::edge::EdgeError) -> ApiError {
+    match e {
+        ud_core::edge::EdgeError::Invalid(m) if m.contains("unknown node") => ApiError::not_found("node"),
+        ud_core::edge::EdgeError::Invalid(m) => {
+            let (field, reason) = m.split_once(": ").unwrap_or(("body", m.as_str()));
+            ApiError::field(field, reason)
+        }
+        other => ApiError::unavailable(other),
+    }
 }

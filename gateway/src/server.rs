@@ -20,6 +20,16 @@ pub struct ServerConfig {
     pub listen: String,
     pub replicas: usize,
     pub run_projectors: bool,
+    /// Compute nodes: hub reconciliation, ingest, liveness and scheduling.
+    pub edge: Option<EdgeConfig>,
+}
+
+#[derive(Clone, Debug)]
+pub struct EdgeConfig {
+    /// Set when this instance manages the hub's node users (it needs the
+    /// platform's own NATS credentials to write them into the accounts file).
+    pub hub: Option<ud_core::edge::hub::HubSettings>,
+    pub controller: ud_core::edge::scheduler::ControllerSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +95,24 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
             tracing::error!(error = %e, "command service stopped");
         }
     }));
+    if let Some(edge) = &cfg.edge {
+        if let Some(hub) = edge.hub.clone() {
+            let s = store.clone();
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = ud_core::edge::hub::run(s, hub).await {
+                    tracing::error!(error = %e, "hub reconciler stopped");
+                }
+            }));
+        }
+        let c = commands.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = ud_core::edge::ingest::run(c).await {
+                tracing::error!(error = %e, "ingest stopped");
+            }
+        }));
+        let (c, settings) = (commands.clone(), edge.controller.clone());
+        tasks.push(tokio::spawn(ud_core::edge::scheduler::run(c, settings)));
+    }
     let projected = Projected::start(store.client(), &db).await?;
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await

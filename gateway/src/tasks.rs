@@ -318,3 +318,78 @@ pub async fn history(
     }
     Ok(Json(events.into_iter().map(HistoryEvent::from).collect()))
 }
+
+#[derive(Deserialize, IntoParams)]
+pub struct LogParams {
+    /// Only chunks after this log sequence (from a previous answer's `next`).
+    pub after: Option<u64>,
+    /// Seconds to wait for new output when there is none yet (long poll, at most 30).
+    pub wait: Option<u64>,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct LogLine {
+    pub seq: u64,
+    pub at: i64,
+    pub attempt: u32,
+    /// stdout or stderr.
+    pub stream: String,
+    pub text: String,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct LogPage {
+    pub lines: Vec<LogLine>,
+    /// Pass as `after` to continue.
+    pub next: u64,
+}
+
+async fn read_logs(state: &AppState, id: &TaskId, after: u64) -> Result<Vec<LogLine>, ApiError> {
+    let js = state.commands.store().jetstream();
+    let stream = js.get_stream_no_info(streams::LOGS).await.map_err(ApiError::unavailable)?;
+    let subject = format!("ud.log.{id}");
+    let mut out = Vec::new();
+    let mut next = after + 1;
+    while out.len() < 5000 {
+        match stream.direct_get_next_for_subject(subject.as_str(), Some(next)).await {
+            Ok(m) => {
+                next = m.sequence + 1;
+                if let Ok(c) = ud_schemas::dispatch::from_cbor::<ud_schemas::dispatch::LogChunk>(&m.payload, "log-chunk") {
+                    out.push(LogLine { seq: m.sequence, at: c.at, attempt: c.attempt, stream: c.stream, text: c.text });
+                }
+            }
+            Err(e) if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => break,
+            Err(e) => return Err(ApiError::unavailable(e)),
+        }
+    }
+    Ok(out)
+}
+
+/// The task's output, from the log stream; with `wait`, answers when new output arrives.
+#[utoipa::path(get, path = "/api/v1/tasks/{id}/logs", tag = "tasks", params(("id" = String, Path), LogParams),
+    responses((status = 200, body = LogPage), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn logs(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(p): Query<LogParams>,
+) -> Result<Json<LogPage>, ApiError> {
+    let id = parse_task_id(&id)?;
+    let client = state.db.client().await?;
+    ud_projections::db::get_task(&client, id)
+        .await?
+        .filter(|r| caller.may_see(&r.project))
+        .ok_or_else(|| ApiError::not_found("task"))?;
+    let after = p.after.unwrap_or(0);
+    // Subscribe before reading, so nothing falls between the read and the wait.
+    let mut sub = state.commands.store().client().subscribe(format!("ud.log.{id}")).await.map_err(ApiError::unavailable)?;
+    let mut lines = read_logs(&state, &id, after).await?;
+    if lines.is_empty() {
+        if let Some(wait) = p.wait.filter(|w| *w > 0) {
+            let _ = tokio::time::timeout(Duration::from_secs(wait.min(30)), futures::StreamExt::next(&mut sub)).await;
+            lines = read_logs(&state, &id, after).await?;
+        }
+    }
+    let next = lines.last().map_or(after, |l| l.seq);
+    Ok(Json(LogPage { lines, next }))
+}

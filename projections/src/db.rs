@@ -202,8 +202,8 @@ pub(crate) async fn upsert_tasks(c: &impl GenericClient, rows: &[TaskRow]) -> Re
     Ok(())
 }
 
-const NODE_COLS: &str =
-    "id, name, labels, resources, status, registered_at, last_seen, offline_after, running_tasks, last_seq";
+const NODE_COLS: &str = "id, name, labels, resources, status, enrolled_at, registered_at, last_seen, revoked_at, \
+                         offline_after, running_tasks, last_seq";
 
 pub(crate) fn node_from_row(r: &tokio_postgres::Row) -> NodeRow {
     NodeRow {
@@ -212,11 +212,13 @@ pub(crate) fn node_from_row(r: &tokio_postgres::Row) -> NodeRow {
         labels: r.get(2),
         resources: r.get(3),
         status: r.get(4),
-        registered_at: r.get(5),
-        last_seen: r.get(6),
-        offline_after: r.get(7),
-        running_tasks: r.get(8),
-        last_seq: r.get(9),
+        enrolled_at: r.get(5),
+        registered_at: r.get(6),
+        last_seen: r.get(7),
+        revoked_at: r.get(8),
+        offline_after: r.get(9),
+        running_tasks: r.get(10),
+        last_seq: r.get(11),
     }
 }
 
@@ -239,8 +241,10 @@ pub(crate) async fn upsert_nodes(c: &impl GenericClient, rows: &[NodeRow]) -> Re
     let labels: Vec<&serde_json::Value> = rows.iter().map(|r| &r.labels).collect();
     let res: Vec<&serde_json::Value> = rows.iter().map(|r| &r.resources).collect();
     let status: Vec<&str> = rows.iter().map(|r| r.status.as_str()).collect();
+    let enr: Vec<_> = rows.iter().map(|r| r.enrolled_at).collect();
     let reg: Vec<_> = rows.iter().map(|r| r.registered_at).collect();
     let seen: Vec<_> = rows.iter().map(|r| r.last_seen).collect();
+    let rev: Vec<_> = rows.iter().map(|r| r.revoked_at).collect();
     let off: Vec<_> = rows.iter().map(|r| r.offline_after).collect();
     let running: Vec<i32> = rows.iter().map(|r| r.running_tasks).collect();
     let seq: Vec<i64> = rows.iter().map(|r| r.last_seq).collect();
@@ -248,14 +252,16 @@ pub(crate) async fn upsert_nodes(c: &impl GenericClient, rows: &[NodeRow]) -> Re
         &format!(
             "INSERT INTO nodes ({NODE_COLS})
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[], $4::jsonb[], $5::text[],
-                                  $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::int4[], $10::int8[])
+                                  $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::timestamptz[],
+                                  $10::timestamptz[], $11::int4[], $12::int8[])
              ON CONFLICT (id) DO UPDATE SET
                name = EXCLUDED.name, labels = EXCLUDED.labels, resources = EXCLUDED.resources,
-               status = EXCLUDED.status, registered_at = EXCLUDED.registered_at,
+               status = EXCLUDED.status, enrolled_at = EXCLUDED.enrolled_at,
+               registered_at = EXCLUDED.registered_at, revoked_at = EXCLUDED.revoked_at,
                last_seen = EXCLUDED.last_seen, offline_after = EXCLUDED.offline_after, running_tasks = EXCLUDED.running_tasks,
                last_seq = EXCLUDED.last_seq"
         ),
-        &[&ids, &name, &labels, &res, &status, &reg, &seen, &off, &running, &seq],
+        &[&ids, &name, &labels, &res, &status, &enr, &reg, &seen, &rev, &off, &running, &seq],
     )
     .await?;
     Ok(())

@@ -114,54 +114,91 @@ pub struct NodeRow {
     pub labels: serde_json::Value,
     pub resources: serde_json::Value,
     pub status: String,
-    pub registered_at: DateTime<Utc>,
-    pub last_seen: DateTime<Utc>,
+    pub enrolled_at: Option<DateTime<Utc>>,
+    pub registered_at: Option<DateTime<Utc>>,
+    pub last_seen: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
     pub offline_after: Option<DateTime<Utc>>,
     pub running_tasks: i32,
     pub last_seq: i64,
 }
 
 impl NodeRow {
-    /// Online unless declared offline and silent since. Heartbeats and
-    /// offline events live in different streams; this makes the result the
-    /// same whichever is projected first.
+    /// The same rule as `ud_core::node::Node::liveness`, so that the result
+    /// does not depend on which stream (nodes, heartbeats) is projected first.
     fn settle_status(&mut self) {
-        let offline = self.offline_after.is_some_and(|after| self.last_seen <= after);
-        self.status = if offline { "offline" } else { "online" }.into();
+        self.status = match (self.revoked_at, self.last_seen) {
+            (Some(_), _) => "revoked",
+            (None, None) => "enrolled",
+            (None, Some(seen)) if self.offline_after.is_some_and(|o| seen <= o) => "offline",
+            (None, Some(_)) => "online",
+        }
+        .into();
     }
 }
 
 pub fn apply_node(row: Option<NodeRow>, id: NodeId, event: &NodeEvent, seq: u64) -> Result<NodeRow, ApplyError> {
     let seq = i64::try_from(seq).unwrap_or(i64::MAX);
-    match (row, event) {
-        (_, NodeEvent::Registered(e)) => Ok(NodeRow {
+    let mut row = match (row, event) {
+        (_, NodeEvent::Enrolled(e)) => NodeRow {
+            id,
+            name: e.name.clone(),
+            labels: serde_json::to_value(&e.labels).unwrap_or_default(),
+            resources: serde_json::json!({}),
+            status: String::new(),
+            enrolled_at: Some(ts(e.at)),
+            registered_at: None,
+            last_seen: None,
+            revoked_at: None,
+            offline_after: None,
+            running_tasks: 0,
+            last_seq: seq,
+        },
+        // Nodes registered without enrollment (older histories) get a row too.
+        (None, NodeEvent::Registered(e)) => NodeRow {
             id,
             name: e.name.clone(),
             labels: serde_json::to_value(&e.labels).unwrap_or_default(),
             resources: serde_json::to_value(&e.resources).unwrap_or_default(),
-            status: "online".into(),
-            registered_at: ts(e.at),
-            last_seen: ts(e.at),
+            status: String::new(),
+            enrolled_at: None,
+            registered_at: Some(ts(e.at)),
+            last_seen: Some(ts(e.at)),
+            revoked_at: None,
             offline_after: None,
             running_tasks: 0,
             last_seq: seq,
-        }),
-        (None, e) => Err(ApplyError::UnknownAggregate(e.name())),
+        },
+        (None, e) => return Err(ApplyError::UnknownAggregate(e.name())),
+        (Some(mut row), NodeEvent::Registered(e)) => {
+            row.name = e.name.clone();
+            row.labels = serde_json::to_value(&e.labels).unwrap_or_default();
+            row.resources = serde_json::to_value(&e.resources).unwrap_or_default();
+            row.registered_at = Some(ts(e.at));
+            row.last_seen = row.last_seen.max(Some(ts(e.at)));
+            row.last_seq = seq;
+            row
+        }
         (Some(mut row), NodeEvent::Heartbeat(e)) => {
-            if ts(e.at) >= row.last_seen {
-                row.last_seen = ts(e.at);
+            if row.last_seen.is_none_or(|seen| ts(e.at) >= seen) {
+                row.last_seen = Some(ts(e.at));
                 row.running_tasks = i32::try_from(e.running_tasks).unwrap_or(i32::MAX);
             }
-            row.settle_status();
-            Ok(row)
+            row
         }
         (Some(mut row), NodeEvent::WentOffline(e)) => {
             row.offline_after = row.offline_after.max(Some(ts(e.last_seen)));
             row.last_seq = seq;
-            row.settle_status();
-            Ok(row)
+            row
         }
-    }
+        (Some(mut row), NodeEvent::Revoked(e)) => {
+            row.revoked_at = Some(ts(e.at));
+            row.last_seq = seq;
+            row
+        }
+    };
+    row.settle_status();
+    Ok(row)
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -136,6 +136,8 @@ pub fn decode_event(subject: &str, version: u16, payload: &[u8]) -> Result<Event
         ParsedSubject::Node { id, name } => Event::Node(
             id,
             match name {
+                "enrolled" => NodeEvent::Enrolled(from_cbor(payload, t, v)?),
+                "revoked" => NodeEvent::Revoked(from_cbor(payload, t, v)?),
                 "registered" => NodeEvent::Registered(from_cbor(payload, t, v)?),
                 "heartbeat" => NodeEvent::Heartbeat(from_cbor(payload, t, v)?),
                 "offline" => NodeEvent::WentOffline(from_cbor(payload, t, v)?),

@@ -73,9 +73,25 @@ pub struct TaskCancelled {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum NodeEvent {
+    Enrolled(NodeEnrolled),
+    Revoked(NodeRevoked),
     Registered(NodeRegistered),
     Heartbeat(NodeHeartbeat),
     WentOffline(NodeWentOffline),
+}
+
+/// An admin enrolled a node; its secret is kept only as a bcrypt hash.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeEnrolled {
+    pub at: Millis,
+    pub name: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub secret_hash: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRevoked {
+    pub at: Millis,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -159,6 +175,8 @@ impl TaskEvent {
 impl NodeEvent {
     pub fn name(&self) -> &'static str {
         match self {
+            Self::Enrolled(_) => "enrolled",
+            Self::Revoked(_) => "revoked",
             Self::Registered(_) => "registered",
             Self::Heartbeat(_) => "heartbeat",
             Self::WentOffline(_) => "offline",

@@ -7,6 +7,8 @@
 //! for integrations in other languages.
 
 pub mod codec;
+pub mod dispatch;
+pub mod edge;
 pub mod events;
 pub mod headers;
 pub mod ids;

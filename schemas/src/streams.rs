@@ -8,6 +8,7 @@ pub const TASKS: &str = "UD_TASKS";
 pub const NODES: &str = "UD_NODES";
 pub const HEARTBEATS: &str = "UD_HEARTBEATS";
 pub const AUTH: &str = "UD_AUTH";
+pub const LOGS: &str = "UD_LOGS";
 /// Key-value bucket mapping (project, Idempotency-Key) to the task it created.
 pub const IDEMPOTENCY_BUCKET: &str = "ud_idempotency";
 
@@ -37,7 +38,12 @@ pub fn tasks(replicas: usize) -> Config {
 pub fn nodes(replicas: usize) -> Config {
     base(
         NODES,
-        vec!["ud.node.*.registered".into(), "ud.node.*.offline".into()],
+        vec![
+            "ud.node.*.enrolled".into(),
+            "ud.node.*.revoked".into(),
+            "ud.node.*.registered".into(),
+            "ud.node.*.offline".into(),
+        ],
         replicas,
     )
 }
@@ -55,6 +61,25 @@ pub fn auth(replicas: usize) -> Config {
     base(AUTH, vec!["ud.auth.>".into()], replicas)
 }
 
+/// Run and cancel messages to nodes; each node pulls its own with a filtered consumer.
+pub fn dispatch(replicas: usize) -> Config {
+    Config { max_age: Duration::from_secs(7 * 24 * 3600), ..base(crate::edge::DISPATCH, vec!["ud.dispatch.>".into()], replicas) }
+}
+
+/// Task output, a bounded window per task (full logs are archived elsewhere).
+pub fn logs(replicas: usize) -> Config {
+    Config {
+        max_messages_per_subject: 100_000,
+        max_age: Duration::from_secs(30 * 24 * 3600),
+        ..base(LOGS, vec!["ud.log.>".into()], replicas)
+    }
+}
+
+/// What nodes report, sourced from each node's own stream (no subjects of its own).
+pub fn edge_in(replicas: usize, sources: Vec<async_nats::jetstream::stream::Source>) -> Config {
+    Config { sources: Some(sources), max_age: Duration::from_secs(7 * 24 * 3600), ..base(crate::edge::EDGE_IN, vec![], replicas) }
+}
+
 pub fn all(replicas: usize) -> Vec<Config> {
-    vec![tasks(replicas), nodes(replicas), heartbeats(replicas), auth(replicas)]
+    vec![tasks(replicas), nodes(replicas), heartbeats(replicas), auth(replicas), dispatch(replicas), logs(replicas)]
 }

@@ -77,6 +77,11 @@ fn fixtures_v1() -> Vec<(&'static str, Event)> {
                 agent_version: "0.1.0".into(),
             },
         }))),
+        ("node-enrolled", Event::Node(n, NodeEvent::Enrolled(NodeEnrolled {
+            at: AT, name: "gpu-box-1".into(), labels: BTreeMap::from([("zone".into(), "lab2".into())]),
+            secret_hash: "$2b$04$abcdefghijklmnopqrstuu5Q0m3V5Zb1rjw4qT4Ff3U3Qy7kZGkHe".into(),
+        }))),
+        ("node-revoked", Event::Node(n, NodeEvent::Revoked(NodeRevoked { at: AT }))),
         ("node-heartbeat", Event::Node(n, NodeEvent::Heartbeat(NodeHeartbeat { at: AT, running_tasks: 2 }))),
         ("node-offline", Event::Node(n, NodeEvent::WentOffline(NodeWentOffline { at: AT, last_seen: AT - 90_000 }))),
         ("token-issued", Event::Auth(token_id(), AuthEvent::TokenIssued(TokenIssued {

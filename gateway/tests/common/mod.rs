@@ -26,6 +26,7 @@ impl Stack {
             listen: "127.0.0.1:0".into(),
             replicas: 1,
             run_projectors: true,
+            edge: None,
         })
         .await?;
         let issued = ud_core::commands::issue_token(server.state.commands.store(), "admin", &[], true, "test")

@@ -1,0 +1,226 @@
+//! Ingest: what nodes report, checked and turned into platform events.
+//!
+//! Messages arrive in `UD_EDGE_IN`, sourced from each node's own stream. The
+//! hub stamps each with `Nats-Stream-Source` naming the stream it came from;
+//! that, not the subject, says which node sent it. A node may only speak for
+//! itself and for tasks assigned to it; anything else is dropped and logged.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, AckKind};
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+use ud_schemas::codec::{self, EventMeta};
+use ud_schemas::{edge, now_millis, Event, NodeEvent, NodeId, TaskEvent};
+
+use super::{enroll, nats_err, EdgeError};
+use crate::commands::{CommandError, TaskCommands};
+use crate::node::{self, NodeCommand};
+use crate::store::Expect;
+use crate::task::{TaskCommand, TaskError};
+
+pub const CONSUMER: &str = "ingest";
+const WORKERS: usize = 8;
+
+/// Why a message was dropped.
+#[derive(Debug, thiserror::Error)]
+pub enum Rejected {
+    #[error("not from a node stream")]
+    NoSource,
+    #[error("subject {0:?} is not a node event subject")]
+    Subject(String),
+    #[error("node {sender} sent an event in the name of {named}")]
+    Impersonation { sender: String, named: String },
+    #[error("cannot decode: {0}")]
+    Decode(String),
+    #[error("nodes may not send {0}")]
+    NotAllowed(String),
+    #[error("refused: {0}")]
+    Refused(String),
+}
+
+/// The node a sourced message came from, from `Nats-Stream-Source`.
+pub fn origin(headers: Option<&async_nats::HeaderMap>) -> Option<String> {
+    let value = headers?.get("Nats-Stream-Source")?.as_str();
+    let stream = value.split_whitespace().next()?.split(':').next()?;
+    stream.strip_prefix("EDGE_").map(str::to_owned)
+}
+
+enum Outcome {
+    Done,
+    Dropped(Rejected),
+    Retry(String),
+}
+
+fn task_command(node_id: NodeId, e: TaskEvent) -> Result<TaskCommand, Rejected> {
+    Ok(match e {
+        TaskEvent::Started(s) => TaskCommand::Start { node_id, attempt: s.attempt },
+        TaskEvent::Succeeded(s) => TaskCommand::Succeed { node_id, exit_code: s.exit_code },
+        TaskEvent::Failed(f) => TaskCommand::Fail { node_id, exit_code: f.exit_code, reason: f.reason },
+        TaskEvent::Cancelled(_) => TaskCommand::ConfirmCancelled { node_id },
+        other => return Err(Rejected::NotAllowed(format!("task.{}", other.name()))),
+    })
+}
+
+async fn handle(commands: &TaskCommands, msg: &jetstream::Message) -> Outcome {
+    let Some(sender) = origin(msg.headers.as_ref()) else { return Outcome::Dropped(Rejected::NoSource) };
+    let Some((named, canonical)) = edge::canonical_subject(msg.subject.as_str()) else {
+        return Outcome::Dropped(Rejected::Subject(msg.subject.to_string()));
+    };
+    if edge::hex(&named) != sender {
+        return Outcome::Dropped(Rejected::Impersonation { sender, named: named.to_string() });
+    }
+    let node_id = named;
+    let store = commands.store();
+    if let Some(task) = canonical.strip_prefix("ud.log.") {
+        // Output of a task assigned to this node, re-published as is.
+        let Ok(task_id) = task.parse() else { return Outcome::Dropped(Rejected::Subject(canonical)) };
+        match store.load_task(&task_id).await {
+            Ok(Some((t, _))) if t.state.live_node() == Some(node_id) || t.state.is_terminal() => {}
+            Ok(_) => return Outcome::Dropped(Rejected::Refused(format!("log for task {task_id} not assigned to this node"))),
+            Err(e) => return Outcome::Retry(e.to_string()),
+        }
+        let mut headers = async_nats::HeaderMap::new();
+        if let Some(id) = msg.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")) {
+            headers.insert("Nats-Msg-Id", id.as_str());
+        }
+        return match store.jetstream().publish_with_headers(canonical, headers, msg.payload.clone()).await {
+            Ok(ack) => match ack.await {
+                Ok(_) => Outcome::Done,
+                Err(e) => Outcome::Retry(e.to_string()),
+            },
+            Err(e) => Outcome::Retry(e.to_string()),
+        };
+    }
+    let envelope = match codec::decode_message(&canonical, msg.headers.as_ref(), &msg.payload) {
+        Ok(e) => e,
+        Err(e) => return Outcome::Dropped(Rejected::Decode(e.to_string())),
+    };
+    let actor = format!("node:{node_id}");
+    match envelope.event {
+        Event::Node(id, e) if id == node_id => {
+            let (current, last) = match enroll::load(store, &node_id).await {
+                Ok(x) => x,
+                Err(e) => return Outcome::Retry(e.to_string()),
+            };
+            let (command, stream_expect) = match e {
+                NodeEvent::Registered(r) => (NodeCommand::Register { name: r.name, labels: r.labels, resources: r.resources }, Expect::LastSeq(last)),
+                // Liveness runs on the hub's clock.
+                NodeEvent::Heartbeat(h) => (NodeCommand::Heartbeat { at: now_millis(), running_tasks: h.running_tasks }, Expect::Any),
+                other => return Outcome::Dropped(Rejected::NotAllowed(format!("node.{}", other.name()))),
+            };
+            let events = match node::decide(current.as_ref(), command, now_millis()) {
+                Ok(ev) => ev,
+                Err(e) => return Outcome::Dropped(Rejected::Refused(e.to_string())),
+            };
+            let meta = EventMeta { actor, ..envelope.meta.clone() };
+            let events: Vec<Event> = events.into_iter().map(|e| Event::Node(node_id, e)).collect();
+            match store.append_all(&events, &meta, stream_expect).await {
+                Ok(_) => Outcome::Done,
+                Err(crate::StoreError::Conflict) => Outcome::Retry("node changed concurrently".into()),
+                Err(e) => Outcome::Retry(e.to_string()),
+            }
+        }
+        Event::Node(id, _) => Outcome::Dropped(Rejected::Impersonation { sender: node_id.to_string(), named: id.to_string() }),
+        Event::Task(task_id, e) => {
+            let command = match task_command(node_id, e) {
+                Ok(c) => c,
+                Err(r) => return Outcome::Dropped(r),
+            };
+            let was_start = matches!(command, TaskCommand::Start { .. });
+            match commands.execute(task_id, command, &actor, |_| true).await {
+                Ok(_) => Outcome::Done,
+                Err(CommandError::Conflict) => Outcome::Retry("task changed concurrently".into()),
+                Err(CommandError::Unavailable(e)) => Outcome::Retry(e),
+                Err(CommandError::Rejected(TaskError::WrongNode(_) | TaskError::InvalidTransition { .. })) if was_start => {
+                    // A stale dispatch: stop that run.
+                    stop_stale(commands, node_id, task_id).await;
+                    Outcome::Dropped(Rejected::Refused(format!("stale start of task {task_id}")))
+                }
+                Err(e) => Outcome::Dropped(Rejected::Refused(format!("task {task_id}: {e}"))),
+            }
+        }
+        Event::Auth(..) => Outcome::Dropped(Rejected::NotAllowed("token events".into())),
+    }
+}
+
+async fn stop_stale(commands: &TaskCommands, node: NodeId, task: ud_schemas::TaskId) {
+    let cancel = ud_schemas::dispatch::DispatchCancel { at: now_millis(), task_id: task, reason: "stale assignment".into(), grace_seconds: 10 };
+    if let Ok(bytes) = ud_schemas::dispatch::to_cbor(&cancel) {
+        let subject = edge::dispatch_subject(&node, &task, "cancel");
+        if let Ok(ack) = commands.store().jetstream().publish(subject, bytes.into()).await {
+            let _ = ack.await;
+        }
+    }
+}
+
+async fn worker(commands: TaskCommands, mut rx: mpsc::Receiver<jetstream::Message>) {
+    while let Some(msg) = rx.recv().await {
+        let mut attempts = 0;
+        loop {
+            match handle(&commands, &msg).await {
+                Outcome::Done => {
+                    debug!(subject = %msg.subject, "ingested");
+                    let _ = msg.ack().await;
+                }
+                Outcome::Dropped(why) => {
+                    warn!(subject = %msg.subject, reason = %why, "node event dropped");
+                    let _ = msg.ack().await;
+                }
+                Outcome::Retry(why) if attempts < 5 => {
+                    attempts += 1;
+                    debug!(subject = %msg.subject, reason = %why, attempts, "retrying");
+                    continue;
+                }
+                Outcome::Retry(why) => {
+                    warn!(subject = %msg.subject, reason = %why, "ingest failed; redelivery later");
+                    let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                }
+            }
+            break;
+        }
+    }
+}
+
+/// Consumes `UD_EDGE_IN` until the connection ends. Messages of one node are
+/// handled in order; different nodes in parallel.
+pub async fn run(commands: TaskCommands) -> Result<(), EdgeError> {
+    let js = commands.store().jetstream().clone();
+    let stream = loop {
+        // The hub reconciler creates the stream; wait for it.
+        match js.get_stream(edge::EDGE_IN).await {
+            Ok(s) => break s,
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    let consumer = stream
+        .get_or_create_consumer(CONSUMER, consumer::pull::Config {
+            durable_name: Some(CONSUMER.into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(30),
+            max_ack_pending: 20_000,
+            ..Default::default()
+        })
+        .await
+        .map_err(nats_err)?;
+    let mut senders = Vec::new();
+    for _ in 0..WORKERS {
+        let (tx, rx) = mpsc::channel(1024);
+        tokio::spawn(worker(commands.clone(), rx));
+        senders.push(tx);
+    }
+    let mut messages = consumer.messages().await.map_err(nats_err)?;
+    while let Some(m) = messages.next().await {
+        let m = m.map_err(nats_err)?;
+        let mut h = DefaultHasher::new();
+        origin(m.headers.as_ref()).hash(&mut h);
+        let i = (h.finish() % WORKERS as u64) as usize;
+        if senders[i].send(m).await.is_err() {
+            break;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,97 @@
+//! The main server's in-memory view of nodes and tasks, folded from the
+//! streams with the domain's own `evolve`, for liveness and scheduling.
+
+use std::collections::HashMap;
+
+use async_nats::jetstream::{self, consumer::DeliverPolicy};
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tracing::warn;
+use ud_schemas::codec::{self, EventEnvelope};
+use ud_schemas::{Event, NodeId, TaskId};
+
+use super::{nats_err, EdgeError};
+use crate::node::{self, Liveness, Node};
+use crate::task::{self, Task};
+
+#[derive(Clone, Debug)]
+pub struct NodeEntry {
+    pub node: Node,
+    /// Sequence of its last event in `UD_NODES` (the concurrency check of liveness).
+    pub seq: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct TaskEntry {
+    pub task: Task,
+    pub seq: u64,
+}
+
+#[derive(Default)]
+pub struct Cluster {
+    pub nodes: HashMap<NodeId, NodeEntry>,
+    pub tasks: HashMap<TaskId, TaskEntry>,
+}
+
+/// One decoded message from a followed stream.
+pub struct Update {
+    pub stream: String,
+    pub seq: u64,
+    pub envelope: EventEnvelope,
+    /// False while catching up on history.
+    pub live: bool,
+}
+
+impl Cluster {
+    pub fn apply(&mut self, u: &Update) {
+        match &u.envelope.event {
+            Event::Node(id, e) => {
+                let prev = self.nodes.remove(id);
+                let seq = if u.stream == ud_schemas::streams::NODES { u.seq } else { prev.as_ref().map_or(0, |p| p.seq) };
+                if let Some(node) = node::evolve(prev.map(|p| p.node), *id, e) {
+                    self.nodes.insert(*id, NodeEntry { node, seq });
+                }
+            }
+            Event::Task(id, e) => {
+                let prev = self.tasks.remove(id);
+                if let Some(t) = task::evolve(prev.map(|p| p.task), *id, e) {
+                    // Finished tasks hold no resources and need no decisions.
+                    if !t.state.is_terminal() {
+                        self.tasks.insert(*id, TaskEntry { task: t, seq: u.seq });
+                    }
+                }
+            }
+            Event::Auth(..) => {}
+        }
+    }
+
+    pub fn online(&self) -> impl Iterator<Item = &NodeEntry> {
+        self.nodes.values().filter(|n| n.node.liveness() == Liveness::Online)
+    }
+}
+
+/// Follows `stream` from its first message, sending decoded updates; ends
+/// when the receiver is dropped.
+pub async fn follow(js: jetstream::Context, stream: &str, tx: mpsc::Sender<Update>) -> Result<(), EdgeError> {
+    let mut s = js.get_stream(stream).await.map_err(nats_err)?;
+    let caught_up_at = s.info().await.map_err(nats_err)?.state.last_sequence;
+    let consumer = s
+        .create_consumer(jetstream::consumer::pull::OrderedConfig { deliver_policy: DeliverPolicy::All, ..Default::default() })
+        .await
+        .map_err(nats_err)?;
+    let mut messages = consumer.messages().await.map_err(nats_err)?;
+    while let Some(m) = messages.next().await {
+        let m = m.map_err(nats_err)?;
+        let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+        match codec::decode_message(m.subject.as_str(), m.headers.as_ref(), &m.payload) {
+            Ok(envelope) => {
+                let update = Update { stream: stream.to_owned(), seq, envelope, live: seq > caught_up_at };
+                if tx.send(update).await.is_err() {
+                    return Ok(());
+                }
+            }
+            Err(e) => warn!(stream, seq, error = %e, "undecodable event ignored by the controller"),
+        }
+    }
+    Ok(())
+}

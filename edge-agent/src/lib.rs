@@ -1,0 +1,265 @@
+//! The compute-node agent. It talks only to its local leaf nats-server:
+//! events go into the node's own stream (kept while the uplink is down, then
+//! sourced by the hub), dispatches are pulled from the hub through the leaf.
+
+pub mod docker;
+pub mod info;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::{oneshot, Mutex};
+use tracing::{info, warn, Instrument};
+use ud_schemas::codec::{self, EventMeta};
+use ud_schemas::dispatch::{self, DispatchCancel, DispatchRun};
+use ud_schemas::events::*;
+use ud_schemas::{edge, now_millis, subjects, Event, NodeId, TaskId};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("nats: {0}")]
+    Nats(String),
+    #[error("docker: {0}")]
+    Docker(#[from] bollard::errors::Error),
+    #[error(transparent)]
+    Codec(#[from] ud_schemas::CodecError),
+}
+
+fn nats(e: impl std::fmt::Display) -> AgentError {
+    AgentError::Nats(e.to_string())
+}
+
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// Client URL of the local leaf server, with the agent's credentials.
+    pub leaf_url: String,
+    pub node_id: NodeId,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub heartbeat_interval: Duration,
+    /// Image tasks run in until environments are built from their repositories.
+    pub image: String,
+    /// Docker socket (default: the local engine).
+    pub docker_host: Option<String>,
+}
+
+/// Exponential backoff with full jitter, capped at 30 s.
+pub fn reconnect_delay(attempt: usize) -> Duration {
+    let cap = 30_000u64;
+    let exp = 100u64.saturating_mul(1u64 << attempt.min(16)).min(cap);
+    Duration::from_millis(rand::random::<u64>() % (exp + 1))
+}
+
+/// Publishes events into the node's own stream, on `ud.edge.<node>.…`.
+#[derive(Clone)]
+pub struct Reporter {
+    node: NodeId,
+    local: jetstream::Context,
+}
+
+impl Reporter {
+    pub async fn send(&self, event: &Event) -> Result<(), AgentError> {
+        let (headers, payload) = codec::encode_message(event, &EventMeta::new(format!("node:{}", self.node)))?;
+        let subject = edge::edge_subject(&self.node, &event.subject()).ok_or_else(|| nats("bad subject"))?;
+        self.local.publish_with_headers(subject, headers, Bytes::from(payload)).await.map_err(nats)?.await.map_err(nats)?;
+        Ok(())
+    }
+
+    pub async fn log(&self, task: TaskId, attempt: u32, stream: &str, text: String) -> Result<(), AgentError> {
+        let chunk = dispatch::LogChunk { at: now_millis(), attempt, stream: stream.to_owned(), text };
+        let subject = format!("ud.edge.{}.log.{task}", self.node);
+        self.local.publish(subject, Bytes::from(dispatch::to_cbor(&chunk)?)).await.map_err(nats)?.await.map_err(nats)?;
+        Ok(())
+    }
+}
+
+async fn ensure_local(local: &jetstream::Context, node: &NodeId) -> Result<(), AgentError> {
+    local
+        .get_or_create_stream(stream::Config {
+            name: edge::stream(node),
+            subjects: vec![edge::stream_subjects(node)],
+            storage: stream::StorageType::File,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            ..Default::default()
+        })
+        .await
+        .map_err(nats)?;
+    // The node owns the consumer the hub sources through, so that sourcing
+    // resumes within seconds after the link returns.
+    let s = local.get_stream(edge::stream(node)).await.map_err(nats)?;
+    s.get_or_create_consumer(edge::SOURCE_CONSUMER, consumer::push::Config {
+        durable_name: Some(edge::SOURCE_CONSUMER.into()),
+        deliver_subject: edge::deliver_subject(node),
+        ack_policy: consumer::AckPolicy::FlowControl,
+        flow_control: true,
+        idle_heartbeat: Duration::from_secs(1),
+        max_ack_pending: 10_000,
+        ..Default::default()
+    })
+    .await
+    .map_err(nats)?;
+    Ok(())
+}
+
+type Running = Arc<Mutex<HashMap<TaskId, oneshot::Sender<DispatchCancel>>>>;
+
+/// Runs the agent until the process is stopped.
+pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
+    let node = cfg.node_id;
+    let client = async_nats::ConnectOptions::new()
+        .name(format!("unidesk-edge-{}", cfg.name))
+        .custom_inbox_prefix(edge::inbox_prefix(&node))
+        .retry_on_initial_connect()
+        .reconnect_delay_callback(reconnect_delay)
+        .connect(&cfg.leaf_url)
+        .await
+        .map_err(nats)?;
+    let local = jetstream::with_domain(client.clone(), edge::domain(&node));
+    let hub = jetstream::with_domain(client.clone(), edge::HUB_DOMAIN);
+    ensure_local(&local, &node).await?;
+    let reporter = Reporter { node, local };
+    let docker = docker::Executor::connect(cfg.docker_host.as_deref(), node).await?;
+    let running: Running = Arc::default();
+
+    let resources = info::detect(docker.version().await).await;
+    reporter
+        .send(&Event::Node(node, NodeEvent::Registered(NodeRegistered { at: now_millis(), name: cfg.name.clone(), labels: cfg.labels.clone(), resources })))
+        .await?;
+    info!(node_id = %node, "registered");
+
+    // Containers from before a restart: adopted, never run twice.
+    for (task, attempt, container) in docker.ours().await? {
+        let (tx, rx) = oneshot::channel();
+        running.lock().await.insert(task, tx);
+        tokio::spawn(supervise(docker.clone(), reporter.clone(), running.clone(), task, attempt, container, None, rx));
+    }
+
+    let beat_reporter = reporter.clone();
+    let beat_running = running.clone();
+    let interval = cfg.heartbeat_interval;
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        loop {
+            tick.tick().await;
+            let n = u32::try_from(beat_running.lock().await.len()).unwrap_or(u32::MAX);
+            let beat = Event::Node(node, NodeEvent::Heartbeat(NodeHeartbeat { at: now_millis(), running_tasks: n }));
+            if let Err(e) = beat_reporter.send(&beat).await {
+                warn!(error = %e, "heartbeat not recorded");
+            }
+        }
+    });
+
+    loop {
+        // Re-bind after any failure: leaf links have been seen to lose interest after a reset.
+        match pull_dispatches(&hub, &cfg, &docker, &reporter, &running).await {
+            Ok(()) => {}
+            Err(e) => warn!(error = %e, "dispatch consumer lost; binding again"),
+        }
+        tokio::time::sleep(reconnect_delay(3)).await;
+    }
+}
+
+async fn pull_dispatches(hub: &jetstream::Context, cfg: &AgentConfig, docker: &docker::Executor, reporter: &Reporter, running: &Running) -> Result<(), AgentError> {
+    let node = cfg.node_id;
+    let consumer: consumer::PullConsumer = hub.get_consumer_from_stream(edge::dispatch_consumer(&node), edge::DISPATCH).await.map_err(nats)?;
+    let mut messages = consumer.messages().await.map_err(nats)?;
+    while let Some(m) = messages.next().await {
+        let m = m.map_err(nats)?;
+        let kind = m.subject.rsplit('.').next().unwrap_or_default().to_owned();
+        match kind.as_str() {
+            "run" => match dispatch::from_cbor::<DispatchRun>(&m.payload, "dispatch-run") {
+                Ok(run) => start(cfg, docker, reporter, running, run).await,
+                Err(e) => warn!(subject = %m.subject, error = %e, "undecodable dispatch dropped"),
+            },
+            "cancel" => match dispatch::from_cbor::<DispatchCancel>(&m.payload, "dispatch-cancel") {
+                Ok(c) => {
+                    if let Some(tx) = running.lock().await.remove(&c.task_id) {
+                        let _ = tx.send(c);
+                    }
+                }
+                Err(e) => warn!(subject = %m.subject, error = %e, "undecodable cancel dropped"),
+            },
+            other => warn!(kind = other, "unknown dispatch kind dropped"),
+        }
+        if let Err(e) = m.ack().await {
+            warn!(error = %e, "dispatch ack failed");
+        }
+    }
+    Ok(())
+}
+
+async fn start(cfg: &AgentConfig, docker: &docker::Executor, reporter: &Reporter, running: &Running, run: DispatchRun) {
+    let task = run.task_id;
+    let span = tracing::info_span!("task", task_id = %task, node_id = %cfg.node_id, attempt = run.attempt);
+    if running.lock().await.contains_key(&task) {
+        return;
+    }
+    let (tx, rx) = oneshot::channel();
+    running.lock().await.insert(task, tx);
+    let started = Event::Task(task, TaskEvent::Started(TaskStarted { at: now_millis(), node_id: cfg.node_id, attempt: run.attempt }));
+    if let Err(e) = reporter.send(&started).await {
+        warn!(parent: &span, error = %e, "cannot record start");
+    }
+    let container = match docker.create(&cfg.image, &run).await {
+        Ok(c) => c,
+        Err(e) => {
+            running.lock().await.remove(&task);
+            let failed = Event::Task(task, TaskEvent::Failed(TaskFailed { at: now_millis(), exit_code: None, reason: format!("cannot start container: {e}") }));
+            let _ = reporter.send(&failed).await;
+            return;
+        }
+    };
+    let timeout = Duration::from_secs(run.spec.timeout_seconds);
+    tokio::spawn(supervise(docker.clone(), reporter.clone(), running.clone(), task, run.attempt, container, Some(timeout), rx).instrument(span));
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn supervise(
+    docker: docker::Executor,
+    reporter: Reporter,
+    running: Running,
+    task: TaskId,
+    attempt: u32,
+    container: String,
+    timeout: Option<Duration>,
+    cancel: oneshot::Receiver<DispatchCancel>,
+) {
+    let logs = tokio::spawn({
+        let (docker, reporter, container) = (docker.clone(), reporter.clone(), container.clone());
+        async move { docker.follow_logs(&container, |stream, text| reporter.log(task, attempt, stream, text)).await }
+    });
+    let deadline = async {
+        match timeout {
+            Some(t) => tokio::time::sleep(t).await,
+            None => futures::future::pending().await,
+        }
+    };
+    let outcome = tokio::select! {
+        code = docker.wait(&container) => match code {
+            Ok(0) => TaskEvent::Succeeded(TaskSucceeded { at: now_millis(), exit_code: 0 }),
+            Ok(code) => TaskEvent::Failed(TaskFailed { at: now_millis(), exit_code: Some(code), reason: format!("exited with code {code}") }),
+            Err(e) => TaskEvent::Failed(TaskFailed { at: now_millis(), exit_code: None, reason: format!("lost the container: {e}") }),
+        },
+        c = cancel => {
+            let grace = c.as_ref().map_or(10, |c| c.grace_seconds);
+            let _ = docker.stop(&container, grace).await;
+            TaskEvent::Cancelled(TaskCancelled { at: now_millis(), reason: c.map_or_else(|_| "agent stopping".into(), |c| c.reason) })
+        },
+        _ = deadline => {
+            let _ = docker.stop(&container, 10).await;
+            TaskEvent::Failed(TaskFailed { at: now_millis(), exit_code: None, reason: format!("timed out after {} s", timeout.map_or(0, |t| t.as_secs())) })
+        },
+    };
+    let _ = logs.await;
+    running.lock().await.remove(&task);
+    info!(outcome = outcome.name(), "task finished");
+    if let Err(e) = reporter.send(&Event::Task(task, outcome)).await {
+        warn!(error = %e, "cannot record the outcome");
+    }
+    let _ = docker.remove(&container).await;
+    let _ = subjects::task_all(&task);
+}

@@ -1,0 +1,45 @@
+//! Messages from the hub to one node on `ud.dispatch.<node_id>.<task_id>.<kind>`
+//! (CBOR; CDDL rules `dispatch-run`, `dispatch-cancel`). Never large files:
+//! code and data are fetched by the node itself.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Millis, TaskId, TaskSpec};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DispatchRun {
+    pub at: Millis,
+    pub task_id: TaskId,
+    pub attempt: u32,
+    pub spec: TaskSpec,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DispatchCancel {
+    pub at: Millis,
+    pub task_id: TaskId,
+    pub reason: String,
+    /// Seconds between the graceful signal and the kill.
+    pub grace_seconds: u32,
+}
+
+/// One chunk of a task's output, on `ud.log.<task_id>` (and
+/// `ud.edge.<node_id>.log.<task_id>` on its way from the node).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogChunk {
+    pub at: Millis,
+    pub attempt: u32,
+    /// `stdout` or `stderr`.
+    pub stream: String,
+    pub text: String,
+}
+
+pub fn to_cbor<T: Serialize>(v: &T) -> Result<Vec<u8>, crate::CodecError> {
+    let mut out = Vec::new();
+    ciborium::into_writer(v, &mut out).map_err(|e| crate::CodecError::Encode(e.to_string()))?;
+    Ok(out)
+}
+
+pub fn from_cbor<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, crate::CodecError> {
+    ciborium::from_reader(bytes).map_err(|e| crate::CodecError::Decode { event_type: what.to_owned(), version: 1, reason: e.to_string() })
+}
