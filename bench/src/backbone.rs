@@ -79,7 +79,7 @@ fn lifecycles(n: usize) -> Vec<Event> {
 }
 
 async fn server(sync_always: bool) -> Result<(NatsServer, EventStore)> {
-    let nats = NatsServer::start_with(NatsOptions { sync_always, extra: String::new() }).await?;
+    let nats = NatsServer::start_with(NatsOptions { sync_always, ..Default::default() }).await?;
     let store = EventStore::new(nats.connect().await?, None);
     store.ensure_streams(1).await?;
     Ok((nats, store))

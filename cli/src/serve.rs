@@ -66,6 +66,11 @@ pub struct ServeArgs {
     /// The hub's PID file, to reload it after the accounts file changed.
     #[arg(long, env = "UD_HUB_PID_FILE")]
     pub hub_pid_file: Option<std::path::PathBuf>,
+    /// The hub's system-account user, used to close a revoked node's link.
+    #[arg(long, env = "UD_HUB_SYSTEM_USER", default_value = "sys")]
+    pub hub_system_user: String,
+    #[arg(long, env = "UD_HUB_SYSTEM_PASSWORD", hide_env_values = true)]
+    pub hub_system_password: Option<String>,
     /// A node silent this long is offline.
     #[arg(long, env = "UD_HEARTBEAT_TIMEOUT_SECONDS", default_value_t = 90.0)]
     pub heartbeat_timeout_seconds: f64,
@@ -93,6 +98,8 @@ fn edge_config(args: &ServeArgs) -> Result<Option<server::EdgeConfig>> {
                 pid_file: args.hub_pid_file.clone(),
                 platform_user: user.to_owned(),
                 platform_password: password.to_owned(),
+                system_user: args.hub_system_password.clone().map(|p| (args.hub_system_user.clone(), p)),
+                hub_addr: format!("{}:{}", url.host(), url.port()),
                 replicas: args.replicas,
             })
         }

@@ -16,7 +16,7 @@ pub enum TaskState {
     Pending,
     Assigned { node_id: NodeId, attempt: u32 },
     Running { node_id: NodeId, attempt: u32 },
-    Cancelling { node_id: NodeId, attempt: u32 },
+    Cancelling { node_id: NodeId, attempt: u32, reason: String },
     Succeeded { exit_code: i32 },
     Failed { exit_code: Option<i32>, reason: String },
     Cancelled { reason: String },
@@ -159,9 +159,9 @@ pub fn decide(task: Option<&Task>, command: TaskCommand, now: Millis) -> Result<
         }
         // Asking again while a cancel is under way changes nothing.
         (TaskState::Cancelling { .. }, TaskCommand::Cancel { .. }) => Ok(vec![]),
-        (TaskState::Cancelling { .. }, TaskCommand::ConfirmCancelled { node_id }) => {
+        (TaskState::Cancelling { reason, .. }, TaskCommand::ConfirmCancelled { node_id }) => {
             check_node(&node_id)?;
-            Ok(vec![TaskEvent::Cancelled(TaskCancelled { at: now, reason: "cancelled on node".into() })])
+            Ok(vec![TaskEvent::Cancelled(TaskCancelled { at: now, reason: reason.clone() })])
         }
         (_, c) => Err(invalid(&c)),
     }
@@ -196,8 +196,8 @@ pub fn evolve(task: Option<Task>, id: TaskId, event: &TaskEvent) -> Option<Task>
         (_, TaskEvent::Succeeded(e)) => TaskState::Succeeded { exit_code: e.exit_code },
         (_, TaskEvent::Failed(e)) => TaskState::Failed { exit_code: e.exit_code, reason: e.reason.clone() },
         (_, TaskEvent::Cancelled(e)) => TaskState::Cancelled { reason: e.reason.clone() },
-        (TaskState::Assigned { node_id, attempt } | TaskState::Running { node_id, attempt }, TaskEvent::CancelRequested(_)) => {
-            TaskState::Cancelling { node_id, attempt }
+        (TaskState::Assigned { node_id, attempt } | TaskState::Running { node_id, attempt }, TaskEvent::CancelRequested(e)) => {
+            TaskState::Cancelling { node_id, attempt, reason: e.reason.clone() }
         }
         (state, TaskEvent::CancelRequested(_) | TaskEvent::Submitted(_)) => state,
     };

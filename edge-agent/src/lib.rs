@@ -110,12 +110,17 @@ type Running = Arc<Mutex<HashMap<TaskId, oneshot::Sender<DispatchCancel>>>>;
 /// Runs the agent until the process is stopped.
 pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let node = cfg.node_id;
-    let client = async_nats::ConnectOptions::new()
+    let addr: async_nats::ServerAddr = cfg.leaf_url.parse().map_err(|e: std::io::Error| nats(e))?;
+    let options = match (addr.username(), addr.password()) {
+        (Some(u), Some(p)) => async_nats::ConnectOptions::with_user_and_password(u.to_owned(), p.to_owned()),
+        _ => async_nats::ConnectOptions::new(),
+    };
+    let client = options
         .name(format!("unidesk-edge-{}", cfg.name))
         .custom_inbox_prefix(edge::inbox_prefix(&node))
         .retry_on_initial_connect()
         .reconnect_delay_callback(reconnect_delay)
-        .connect(&cfg.leaf_url)
+        .connect(addr)
         .await
         .map_err(nats)?;
     let local = jetstream::with_domain(client.clone(), edge::domain(&node));
@@ -124,6 +129,8 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let reporter = Reporter { node, local };
     let docker = docker::Executor::connect(cfg.docker_host.as_deref(), node).await?;
     let running: Running = Arc::default();
+    // Everything the agent starts ends with it.
+    let mut tasks = tokio::task::JoinSet::new();
 
     let resources = info::detect(docker.version().await).await;
     reporter
@@ -135,13 +142,13 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     for (task, attempt, container) in docker.ours().await? {
         let (tx, rx) = oneshot::channel();
         running.lock().await.insert(task, tx);
-        tokio::spawn(supervise(docker.clone(), reporter.clone(), running.clone(), task, attempt, container, None, rx));
+        tasks.spawn(supervise(docker.clone(), reporter.clone(), running.clone(), task, attempt, container, None, rx));
     }
 
     let beat_reporter = reporter.clone();
     let beat_running = running.clone();
     let interval = cfg.heartbeat_interval;
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let mut tick = tokio::time::interval(interval);
         loop {
             tick.tick().await;
@@ -155,7 +162,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
 
     loop {
         // Re-bind after any failure: leaf links have been seen to lose interest after a reset.
-        match pull_dispatches(&hub, &cfg, &docker, &reporter, &running).await {
+        match pull_dispatches(&hub, &cfg, &docker, &reporter, &running, &mut tasks).await {
             Ok(()) => {}
             Err(e) => warn!(error = %e, "dispatch consumer lost; binding again"),
         }
@@ -163,7 +170,14 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     }
 }
 
-async fn pull_dispatches(hub: &jetstream::Context, cfg: &AgentConfig, docker: &docker::Executor, reporter: &Reporter, running: &Running) -> Result<(), AgentError> {
+async fn pull_dispatches(
+    hub: &jetstream::Context,
+    cfg: &AgentConfig,
+    docker: &docker::Executor,
+    reporter: &Reporter,
+    running: &Running,
+    tasks: &mut tokio::task::JoinSet<()>,
+) -> Result<(), AgentError> {
     let node = cfg.node_id;
     let consumer: consumer::PullConsumer = hub.get_consumer_from_stream(edge::dispatch_consumer(&node), edge::DISPATCH).await.map_err(nats)?;
     let mut messages = consumer.messages().await.map_err(nats)?;
@@ -172,7 +186,7 @@ async fn pull_dispatches(hub: &jetstream::Context, cfg: &AgentConfig, docker: &d
         let kind = m.subject.rsplit('.').next().unwrap_or_default().to_owned();
         match kind.as_str() {
             "run" => match dispatch::from_cbor::<DispatchRun>(&m.payload, "dispatch-run") {
-                Ok(run) => start(cfg, docker, reporter, running, run).await,
+                Ok(run) => start(cfg, docker, reporter, running, run, tasks).await,
                 Err(e) => warn!(subject = %m.subject, error = %e, "undecodable dispatch dropped"),
             },
             "cancel" => match dispatch::from_cbor::<DispatchCancel>(&m.payload, "dispatch-cancel") {
@@ -192,7 +206,7 @@ async fn pull_dispatches(hub: &jetstream::Context, cfg: &AgentConfig, docker: &d
     Ok(())
 }
 
-async fn start(cfg: &AgentConfig, docker: &docker::Executor, reporter: &Reporter, running: &Running, run: DispatchRun) {
+async fn start(cfg: &AgentConfig, docker: &docker::Executor, reporter: &Reporter, running: &Running, run: DispatchRun, tasks: &mut tokio::task::JoinSet<()>) {
     let task = run.task_id;
     let span = tracing::info_span!("task", task_id = %task, node_id = %cfg.node_id, attempt = run.attempt);
     if running.lock().await.contains_key(&task) {
@@ -214,7 +228,7 @@ async fn start(cfg: &AgentConfig, docker: &docker::Executor, reporter: &Reporter
         }
     };
     let timeout = Duration::from_secs(run.spec.timeout_seconds);
-    tokio::spawn(supervise(docker.clone(), reporter.clone(), running.clone(), task, run.attempt, container, Some(timeout), rx).instrument(span));
+    tasks.spawn(supervise(docker.clone(), reporter.clone(), running.clone(), task, run.attempt, container, Some(timeout), rx).instrument(span));
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -68,11 +68,22 @@ impl Running {
 }
 
 pub async fn connect_nats(url: &str, name: &str) -> Result<async_nats::Client, StartError> {
-    async_nats::ConnectOptions::new()
-        .name(name)
-        .connect(url)
-        .await
-        .map_err(|e| StartError::Nats { url: url.to_owned(), reason: e.to_string() })
+    let fail = |reason: String| StartError::Nats { url: redact(url), reason };
+    let addr: async_nats::ServerAddr = url.parse().map_err(|e: std::io::Error| fail(e.to_string()))?;
+    // Credentials in the URL are passed explicitly: the client does not take them from it.
+    let options = match (addr.username(), addr.password()) {
+        (Some(u), Some(p)) => async_nats::ConnectOptions::with_user_and_password(u.to_owned(), p.to_owned()),
+        _ => async_nats::ConnectOptions::new(),
+    };
+    options.name(name).connect(addr).await.map_err(|e| fail(e.to_string()))
+}
+
+/// The URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.split_once("://"), url.rsplit_once('@')) {
+        (Some((scheme, _)), Some((_, host))) => format!("{scheme}://***@{host}"),
+        _ => url.to_owned(),
+    }
 }
 
 pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {

@@ -227,7 +227,8 @@ pub(crate) async fn load_nodes(c: &impl GenericClient, ids: &[uuid::Uuid]) -> Re
         return Ok(vec![]);
     }
     let rows = c
-        .query(&format!("SELECT {NODE_COLS} FROM nodes WHERE id = ANY($1)"), &[&ids])
+        // Two projectors (nodes, heartbeats) write these rows: lock them, in one order.
+        .query(&format!("SELECT {NODE_COLS} FROM nodes WHERE id = ANY($1) ORDER BY id FOR UPDATE"), &[&ids])
         .await?;
     Ok(rows.iter().map(node_from_row).collect())
 }

@@ -70,6 +70,53 @@ pub fn canonical_subject(edge: &str) -> Option<(NodeId, String)> {
     Some((node.parse().ok()?, format!("ud.{tail}")))
 }
 
+pub const TOKEN_PREFIX: &str = "udn";
+
+/// What a node's Provider Gateway is started with: `udn.<node_id>.<secret>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeToken {
+    pub node_id: NodeId,
+    pub secret: String,
+}
+
+impl NodeToken {
+    pub fn encode(&self) -> String {
+        format!("{TOKEN_PREFIX}.{}.{}", self.node_id, self.secret)
+    }
+
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut parts = s.trim().splitn(3, '.');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(TOKEN_PREFIX), Some(id), Some(secret)) if !secret.is_empty() && secret.bytes().all(|b| b.is_ascii_hexdigit()) => Ok(Self {
+                node_id: id.parse().map_err(|_| "node token: bad node id".to_owned())?,
+                secret: secret.to_owned(),
+            }),
+            _ => Err("node token must look like udn.<node id>.<hex secret>".to_owned()),
+        }
+    }
+}
+
+/// The leaf nats-server configuration of a node's Provider Gateway: its own
+/// JetStream domain, the outbound leaf link to the hub with the node's
+/// credentials, and a loopback client port for the agent only.
+pub fn leaf_config(token: &NodeToken, hub_host: &str, hub_leaf_port: u16, store_dir: &str, client_port: u16, agent_password: &str) -> String {
+    format!(
+        "server_name: edge-{}\nhost: 127.0.0.1\nport: {client_port}\njetstream {{\n  store_dir: {store_dir:?}\n  domain: {}\n}}\n{}",
+        hex(&token.node_id),
+        domain(&token.node_id),
+        leaf_link_config(token, hub_host, hub_leaf_port, agent_password)
+    )
+}
+
+/// The leaf link and the agent's account, without the server's own settings.
+pub fn leaf_link_config(token: &NodeToken, hub_host: &str, hub_leaf_port: u16, agent_password: &str) -> String {
+    let url = format!("nats-leaf://{}:{}@{hub_host}:{hub_leaf_port}", token.node_id, token.secret);
+    format!(
+        "leafnodes {{\n  reconnect: \"1s\"\n  remotes: [ {{ urls: [{url:?}], account: UD }} ]\n}}\n\
+         accounts {{\n  UD {{\n    jetstream: enabled\n    users: [ {{ user: agent, password: {agent_password:?} }} ]\n  }}\n}}\n"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

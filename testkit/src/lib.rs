@@ -21,11 +21,17 @@ pub struct NatsOptions {
     pub sync_always: bool,
     /// Extra configuration text appended to the generated file.
     pub extra: String,
+    /// JetStream domain (`hub` unless set).
+    pub domain: String,
+    /// Listen for leaf nodes and serve monitoring (a hub).
+    pub hub: bool,
+    /// Initial content of `accounts.conf`, included by the configuration.
+    pub accounts: Option<String>,
 }
 
 impl Default for NatsOptions {
     fn default() -> Self {
-        Self { sync_always: true, extra: String::new() }
+        Self { sync_always: true, extra: String::new(), domain: "hub".into(), hub: false, accounts: None }
     }
 }
 
@@ -35,6 +41,8 @@ pub struct NatsServer {
     dir: tempfile::TempDir,
     options: NatsOptions,
     port: u16,
+    leaf_port: u16,
+    http_port: u16,
 }
 
 fn nats_binary() -> PathBuf {
@@ -48,7 +56,10 @@ impl NatsServer {
 
     pub async fn start_with(options: NatsOptions) -> Result<Self> {
         let dir = tempfile::tempdir()?;
-        let mut server = Self { child: None, dir, options, port: 0 };
+        if let Some(accounts) = &options.accounts {
+            std::fs::write(dir.path().join("accounts.conf"), accounts)?;
+        }
+        let mut server = Self { child: None, dir, options, port: 0, leaf_port: 0, http_port: 0 };
         server.spawn().await?;
         Ok(server)
     }
@@ -56,11 +67,49 @@ impl NatsServer {
     fn config(&self) -> String {
         let store = self.dir.path().join("js");
         let sync = if self.options.sync_always { "sync_interval: always" } else { "" };
-        let port = if self.port == 0 { "-1".to_owned() } else { self.port.to_string() };
-        format!(
-            "host: 127.0.0.1\nport: {port}\nmax_payload: 8MB\njetstream {{\n  store_dir: {store:?}\n  domain: hub\n  {sync}\n}}\n{}\n",
-            self.options.extra
-        )
+        let port = |p: u16| if p == 0 { "-1".to_owned() } else { p.to_string() };
+        let mut text = format!(
+            "host: 127.0.0.1\nport: {}\nmax_payload: 8MB\npid_file: {:?}\njetstream {{\n  store_dir: {store:?}\n  domain: {}\n  {sync}\n}}\n",
+            port(self.port),
+            self.pid_file(),
+            self.options.domain
+        );
+        if self.options.hub {
+            text.push_str(&format!(
+                "http: \"127.0.0.1:{}\"\nleafnodes {{\n  host: 127.0.0.1\n  port: {}\n  no_advertise: true\n}}\n",
+                port(self.http_port),
+                port(self.leaf_port)
+            ));
+        }
+        if self.options.accounts.is_some() {
+            text.push_str("include \"accounts.conf\"\n");
+        }
+        text.push_str(&self.options.extra);
+        text.push('\n');
+        text
+    }
+
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// The file holding this server's PID (for reloads with SIGHUP).
+    pub fn pid_file(&self) -> PathBuf {
+        self.dir.path().join("nats.pid")
+    }
+
+    /// The accounts file the configuration includes.
+    pub fn accounts_file(&self) -> PathBuf {
+        self.dir.path().join("accounts.conf")
+    }
+
+    pub fn leaf_port(&self) -> u16 {
+        self.leaf_port
+    }
+
+    /// Base URL of the monitoring endpoint (hubs only).
+    pub fn monitor_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
     }
 
     async fn spawn(&mut self) -> Result<()> {
@@ -77,24 +126,45 @@ impl NatsServer {
         let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
         let mut lines = BufReader::new(stderr).lines();
         let wait_ready = async {
-            let mut port = None;
+            let mut ports = (None, 0u16, 0u16);
+            let parse = |rest: &str| rest.rsplit(':').next().and_then(|p| p.trim().parse::<u16>().ok());
+            let mut last = String::new();
             while let Some(line) = lines.next_line().await? {
+                last = line.clone();
                 if let Some(rest) = line.split("Listening for client connections on ").nth(1) {
-                    port = rest.rsplit(':').next().and_then(|p| p.trim().parse::<u16>().ok());
+                    ports.0 = parse(rest);
+                }
+                if let Some(rest) = line.split("Listening for leafnode connections on ").nth(1) {
+                    ports.1 = parse(rest).unwrap_or(0);
+                }
+                if let Some(rest) = line.split("Starting http monitor on ").nth(1) {
+                    ports.2 = parse(rest).unwrap_or(0);
                 }
                 if line.contains("Server is ready") {
-                    return port.ok_or_else(|| anyhow!("server ready but no port seen"));
+                    let client = ports.0.ok_or_else(|| anyhow!("server ready but no port seen"))?;
+                    return Ok((client, ports.1, ports.2));
                 }
                 if line.contains("[FTL]") || line.contains("[ERR]") {
                     bail!("nats-server: {line}");
                 }
             }
-            bail!("nats-server exited before it was ready")
+            bail!("nats-server exited before it was ready: {last}")
         };
-        let port = tokio::time::timeout(Duration::from_secs(20), wait_ready).await??;
+        let (port, leaf_port, http_port) = tokio::time::timeout(Duration::from_secs(20), wait_ready).await??;
         // Keep draining the log so the server never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let log = self.dir.path().join("nats.log");
+        tokio::spawn(async move {
+            let mut out = std::fs::OpenOptions::new().create(true).append(true).open(log).ok();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(f) = out.as_mut() {
+                    use std::io::Write;
+                    let _ = writeln!(f, "{line}");
+                }
+            }
+        });
         self.port = port;
+        self.leaf_port = leaf_port;
+        self.http_port = http_port;
         self.child = Some(child);
         Ok(())
     }

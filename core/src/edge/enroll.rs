@@ -4,37 +4,12 @@
 use std::collections::BTreeMap;
 
 use ud_schemas::codec::EventMeta;
+use ud_schemas::edge::NodeToken;
 use ud_schemas::{now_millis, streams, subjects, Event, NodeId};
 
 use super::EdgeError;
 use crate::node::{self, NodeCommand};
 use crate::store::{EventStore, Expect};
-
-pub const TOKEN_PREFIX: &str = "udn";
-
-/// What the Provider Gateway is started with: `udn.<node_id>.<secret>`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NodeToken {
-    pub node_id: NodeId,
-    pub secret: String,
-}
-
-impl NodeToken {
-    pub fn encode(&self) -> String {
-        format!("{TOKEN_PREFIX}.{}.{}", self.node_id, self.secret)
-    }
-
-    pub fn parse(s: &str) -> Result<Self, EdgeError> {
-        let mut parts = s.trim().splitn(3, '.');
-        match (parts.next(), parts.next(), parts.next()) {
-            (Some(TOKEN_PREFIX), Some(id), Some(secret)) if !secret.is_empty() => Ok(Self {
-                node_id: id.parse().map_err(|_| EdgeError::Invalid("node token: bad node id".into()))?,
-                secret: secret.to_owned(),
-            }),
-            _ => Err(EdgeError::Invalid("node token must look like udn.<node id>.<secret>".into())),
-        }
-    }
-}
 
 pub fn validate_name(name: &str) -> Result<(), EdgeError> {
     let ok = !name.is_empty() && name.len() <= 63 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');

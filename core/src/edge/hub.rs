@@ -22,6 +22,10 @@ pub struct HubSettings {
     pub pid_file: Option<PathBuf>,
     pub platform_user: String,
     pub platform_password: String,
+    /// The hub's system-account user: revocation closes leaf links through it.
+    pub system_user: Option<(String, String)>,
+    /// Address of the hub (without credentials), for the system user.
+    pub hub_addr: String,
     pub replicas: usize,
 }
 
@@ -35,8 +39,12 @@ fn source(node: &NodeId) -> Source {
 }
 
 /// Writes the accounts file and asks the hub to reload it.
-pub fn write_accounts(settings: &HubSettings, platform_hash: &str, nodes: &[NodeUser]) -> Result<(), EdgeError> {
-    let text = hubconf::accounts(&settings.platform_user, platform_hash, nodes);
+pub fn write_accounts(settings: &HubSettings, hashes: &Hashes, nodes: &[NodeUser]) -> Result<(), EdgeError> {
+    let system = match (&settings.system_user, &hashes.system) {
+        (Some((user, _)), Some(h)) => Some(hubconf::SystemUser { user: user.clone(), password_hash: h.clone() }),
+        _ => None,
+    };
+    let text = hubconf::accounts_with_system(&settings.platform_user, &hashes.platform, nodes, system.as_ref());
     let tmp = settings.accounts_file.with_extension("tmp");
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, &settings.accounts_file)?;
@@ -50,9 +58,81 @@ pub fn write_accounts(settings: &HubSettings, platform_hash: &str, nodes: &[Node
     Ok(())
 }
 
-async fn reconcile(js: &jetstream::Context, settings: &HubSettings, platform_hash: &str, active: &BTreeMap<NodeId, String>, revoked: &[NodeId]) -> Result<(), EdgeError> {
+/// Password hashes of the hub's own users, kept stable across rewrites.
+pub struct Hashes {
+    pub platform: String,
+    pub system: Option<String>,
+}
+
+/// Closes every leaf link: nodes still enrolled reconnect within a second,
+/// revoked ones are refused. (The hub keeps established links on reload.)
+async fn close_leaf_links(settings: &HubSettings, keep: usize) -> Result<(), EdgeError> {
+    let Some((user, password)) = &settings.system_user else {
+        tracing::warn!("no system user configured: a revoked node keeps its current link until it drops");
+        return Ok(());
+    };
+    let sys = async_nats::ConnectOptions::with_user_and_password(user.clone(), password.clone())
+        .connect(settings.hub_addr.as_str())
+        .await
+        .map_err(nats_err)?;
+    let idz = sys.request("$SYS.REQ.SERVER.PING.IDZ", "".into()).await.map_err(nats_err)?;
+    let idz: serde_json::Value = serde_json::from_slice(&idz.payload).map_err(|e| EdgeError::Invalid(e.to_string()))?;
+    let server = idz["id"].as_str().or_else(|| idz["data"]["id"].as_str()).unwrap_or_default().to_owned();
+    if server.is_empty() {
+        return Err(EdgeError::Invalid("the hub did not say its server id".into()));
+    }
+    // The reload may still be under way: kick until no more links remain than enrolled nodes.
+    for round in 0..20 {
+        let leafz = sys.request(format!("$SYS.REQ.SERVER.{server}.LEAFZ"), "{}".into()).await.map_err(nats_err)?;
+        let leafz: serde_json::Value = serde_json::from_slice(&leafz.payload).map_err(|e| EdgeError::Invalid(e.to_string()))?;
+        let leafs: Vec<u64> = leafz["data"]["leafs"].as_array().into_iter().flatten().filter_map(|l| l["id"].as_u64()).collect();
+        if round > 0 && leafs.len() <= keep {
+            return Ok(());
+        }
+        for cid in leafs {
+            let body = serde_json::json!({ "cid": cid }).to_string();
+            sys.request(format!("$SYS.REQ.SERVER.{server}.KICK"), body.into()).await.map_err(nats_err)?;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    Err(EdgeError::Invalid("revoked links keep coming back".into()))
+}
+
+async fn reconcile(js: &jetstream::Context, settings: &HubSettings, hashes: &Hashes, active: &BTreeMap<NodeId, String>, revoked: &[NodeId]) -> Result<(), EdgeError> {
     let users: Vec<NodeUser> = active.iter().map(|(id, h)| NodeUser { id: *id, secret_hash: h.clone() }).collect();
-    write_accounts(settings, platform_hash, &users)?;
+    write_accounts(settings, hashes, &users)?;
+    if !revoked.is_empty() {
+        // The hub answers system requests again shortly after a reload.
+        let mut result = close_leaf_links(settings, active.len()).await;
+        for _ in 0..50 {
+            match &result {
+                Ok(()) => break,
+                Err(e) => tracing::debug!(error = %e, "closing leaf links failed; retrying"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            result = close_leaf_links(settings, active.len()).await;
+        }
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "cannot close the revoked nodes' links");
+        }
+    }
+    // JetStream is briefly unavailable to the account while the hub reloads.
+    let mut delay = Duration::from_millis(50);
+    for attempt in 0.. {
+        match reconcile_streams(js, settings, active, revoked).await {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt < 30 => {
+                tracing::debug!(error = %e, "hub not ready; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+async fn reconcile_streams(js: &jetstream::Context, settings: &HubSettings, active: &BTreeMap<NodeId, String>, revoked: &[NodeId]) -> Result<(), EdgeError> {
     let sources: Vec<Source> = active.keys().map(source).collect();
     let config = streams::edge_in(settings.replicas, sources);
     match js.get_stream(edge::EDGE_IN).await {
@@ -79,9 +159,33 @@ async fn reconcile(js: &jetstream::Context, settings: &HubSettings, platform_has
     Ok(())
 }
 
+/// The platform user's password hash as the current accounts file has it:
+/// kept verbatim, because a changed entry makes the hub drop the platform's
+/// own connections on reload.
+fn current_hash(settings: &HubSettings, user: &str, password: &str) -> Option<String> {
+    let text = std::fs::read_to_string(&settings.accounts_file).ok()?;
+    let marker = format!("user: {}, password: \"", serde_json::to_string(user).ok()?);
+    let rest = text.split(&marker).nth(1)?;
+    let hash = rest.split('"').next()?;
+    bcrypt::verify(password, hash).ok()?.then(|| hash.to_owned())
+}
+
+fn stable_hash(settings: &HubSettings, user: &str, password: &str) -> Result<String, EdgeError> {
+    match current_hash(settings, user, password) {
+        Some(h) => Ok(h),
+        None => bcrypt::hash(password, 6).map_err(|e| EdgeError::Invalid(e.to_string())),
+    }
+}
+
 /// Follows enrollments and revocations and reconciles the hub after each change.
 pub async fn run(store: EventStore, settings: HubSettings) -> Result<(), EdgeError> {
-    let platform_hash = bcrypt::hash(&settings.platform_password, 6).map_err(|e| EdgeError::Invalid(e.to_string()))?;
+    let hashes = Hashes {
+        platform: stable_hash(&settings, &settings.platform_user, &settings.platform_password)?,
+        system: match &settings.system_user {
+            Some((u, p)) => Some(stable_hash(&settings, u, p)?),
+            None => None,
+        },
+    };
     let js = store.jetstream().clone();
     let mut s = js.get_stream(streams::NODES).await.map_err(nats_err)?;
     let caught_up_at = s.info().await.map_err(nats_err)?.state.last_sequence;
@@ -97,7 +201,7 @@ pub async fn run(store: EventStore, settings: HubSettings) -> Result<(), EdgeErr
     let mut active: BTreeMap<NodeId, String> = BTreeMap::new();
     let mut revoked: Vec<NodeId> = Vec::new();
     if pending == 0 {
-        reconcile(&js, &settings, &platform_hash, &active, &revoked).await?;
+        reconcile(&js, &settings, &hashes, &active, &revoked).await?;
     }
     while let Some(m) = messages.next().await {
         let m = m.map_err(nats_err)?;
@@ -117,7 +221,7 @@ pub async fn run(store: EventStore, settings: HubSettings) -> Result<(), EdgeErr
             Err(e) => warn!(seq, error = %e, "undecodable node event"),
         }
         if pending == 0 || seq >= caught_up_at {
-            reconcile(&js, &settings, &platform_hash, &active, &revoked).await?;
+            reconcile(&js, &settings, &hashes, &active, &revoked).await?;
             revoked.clear();
             info!(nodes = active.len(), "hub accounts and sources reconciled");
         }

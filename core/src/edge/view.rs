@@ -71,18 +71,38 @@ impl Cluster {
 }
 
 /// Follows `stream` from its first message, sending decoded updates; ends
-/// when the receiver is dropped.
+/// when the receiver is dropped. Resumes where it was after a failure (hub
+/// reloads drop ephemeral consumers).
 pub async fn follow(js: jetstream::Context, stream: &str, tx: mpsc::Sender<Update>) -> Result<(), EdgeError> {
+    let mut next = 1u64;
+    let mut caught_up_at = None;
+    loop {
+        match follow_from(&js, stream, &tx, &mut next, &mut caught_up_at).await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                tracing::debug!(stream, error = %e, "following again");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+async fn follow_from(js: &jetstream::Context, stream: &str, tx: &mpsc::Sender<Update>, next: &mut u64, caught_up_at: &mut Option<u64>) -> Result<(), EdgeError> {
     let mut s = js.get_stream(stream).await.map_err(nats_err)?;
-    let caught_up_at = s.info().await.map_err(nats_err)?.state.last_sequence;
+    let last = s.info().await.map_err(nats_err)?.state.last_sequence;
+    let caught_up_at = *caught_up_at.get_or_insert(last);
     let consumer = s
-        .create_consumer(jetstream::consumer::pull::OrderedConfig { deliver_policy: DeliverPolicy::All, ..Default::default() })
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: *next },
+            ..Default::default()
+        })
         .await
         .map_err(nats_err)?;
     let mut messages = consumer.messages().await.map_err(nats_err)?;
     while let Some(m) = messages.next().await {
         let m = m.map_err(nats_err)?;
         let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+        *next = seq + 1;
         match codec::decode_message(m.subject.as_str(), m.headers.as_ref(), &m.payload) {
             Ok(envelope) => {
                 let update = Update { stream: stream.to_owned(), seq, envelope, live: seq > caught_up_at };
@@ -93,5 +113,5 @@ pub async fn follow(js: jetstream::Context, stream: &str, tx: mpsc::Sender<Updat
             Err(e) => warn!(stream, seq, error = %e, "undecodable event ignored by the controller"),
         }
     }
-    Ok(())
+    Err(EdgeError::Nats("consumer ended".into()))
 }

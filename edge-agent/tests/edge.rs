@@ -1,0 +1,354 @@
+//! Compute nodes end to end on real servers: a hub nats-server with leaf
+//! nodes for two compute nodes, PostgreSQL, the main server, the agents and
+//! a real Docker engine (`DOCKER_HOST`, image `unidesk/busybox:base`).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Result};
+use futures::StreamExt;
+use serde_json::{json, Value};
+use ud_edge_agent::AgentConfig;
+use ud_gateway::server::{self, EdgeConfig, Running, ServerConfig};
+use ud_schemas::edge::{self, NodeToken};
+use ud_schemas::NodeId;
+use ud_testkit::{NatsOptions, NatsServer, PgDatabase};
+
+const PLATFORM_PW: &str = "platform-secret";
+const AGENT_PW: &str = "agent-secret";
+const SYSTEM_PW: &str = "system-secret";
+const IMAGE: &str = "unidesk/busybox:base";
+
+struct Stack {
+    hub: NatsServer,
+    _pg: PgDatabase,
+    server: Running,
+    http: reqwest::Client,
+    base: String,
+    admin: String,
+    notices: async_nats::Subscriber,
+}
+
+struct Node {
+    id: NodeId,
+    token: NodeToken,
+    leaf: NatsServer,
+    agent: tokio::task::JoinHandle<()>,
+}
+
+fn initial_accounts() -> Result<String> {
+    let hash = bcrypt::hash(PLATFORM_PW, 4)?;
+    let system = ud_core::edge::hubconf::SystemUser { user: "sys".into(), password_hash: bcrypt::hash(SYSTEM_PW, 4)? };
+    Ok(ud_core::edge::hubconf::accounts_with_system("platform", &hash, &[], Some(&system)))
+}
+
+impl Stack {
+    async fn start(heartbeat_timeout: Duration) -> Result<Self> {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("UD_LOG").unwrap_or_else(|_| "warn".into()))
+            .with_test_writer()
+            .try_init();
+        let hub = NatsServer::start_with(NatsOptions { hub: true, accounts: Some(initial_accounts()?), ..Default::default() }).await?;
+        let pg = PgDatabase::create().await?;
+        let nats_url = format!("nats://platform:{PLATFORM_PW}@127.0.0.1:{}", hub.port());
+        let server = server::start(ServerConfig {
+            nats_url: nats_url.clone(),
+            js_domain: None,
+            database_url: pg.url.clone(),
+            listen: "127.0.0.1:0".into(),
+            replicas: 1,
+            run_projectors: true,
+            edge: Some(EdgeConfig {
+                hub: Some(ud_core::edge::hub::HubSettings {
+                    accounts_file: hub.accounts_file(),
+                    pid_file: Some(hub.pid_file()),
+                    platform_user: "platform".into(),
+                    platform_password: PLATFORM_PW.into(),
+                    system_user: Some(("sys".into(), SYSTEM_PW.into())),
+                    hub_addr: format!("127.0.0.1:{}", hub.port()),
+                    replicas: 1,
+                }),
+                controller: ud_core::edge::scheduler::ControllerSettings {
+                    heartbeat_timeout,
+                    check_interval: Duration::from_millis(100),
+                    cancel_grace_seconds: 1,
+                },
+            }),
+        })
+        .await?;
+        let store = server.state.commands.store().clone();
+        let notices = store.client().subscribe("ud.sys.projected.>").await?;
+        let issued = ud_core::commands::issue_token(&store, "admin", &[], true, "test").await.map_err(|e| anyhow!("{e}"))?;
+        server.state.projected.wait(ud_schemas::streams::AUTH, issued.seq, Duration::from_secs(10)).await;
+        let base = format!("http://{}", server.addr);
+        Ok(Self { hub, _pg: pg, server, http: reqwest::Client::new(), base, admin: issued.secret, notices })
+    }
+
+    async fn get(&self, path: &str) -> Result<Value> {
+        Ok(self.http.get(format!("{}{path}", self.base)).bearer_auth(&self.admin).send().await?.json().await?)
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Result<Value> {
+        let resp = self.http.post(format!("{}{path}", self.base)).bearer_auth(&self.admin).json(&body).send().await?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        if !status.is_success() {
+            bail!("{path}: {status} {text}");
+        }
+        Ok(if text.is_empty() { Value::Null } else { serde_json::from_str(&text)? })
+    }
+
+    /// Re-checks `check` whenever a projector commits, until it holds.
+    async fn until<F, Fut>(&mut self, what: &str, timeout: Duration, mut check: F) -> Result<Value>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<Option<Value>>>,
+    {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(v) = check().await? {
+                return Ok(v);
+            }
+            match tokio::time::timeout_at(deadline, self.notices.next()).await {
+                Ok(Some(_)) => {}
+                _ => bail!("timed out waiting for {what}"),
+            }
+        }
+    }
+
+    async fn node_status(&mut self, id: NodeId, status: &'static str, timeout: Duration) -> Result<Value> {
+        let (http, base, admin) = (self.http.clone(), self.base.clone(), self.admin.clone());
+        self.until(&format!("node {id} {status}"), timeout, move || {
+            let (http, base, admin) = (http.clone(), base.clone(), admin.clone());
+            async move {
+                let v: Value = http.get(format!("{base}/api/v1/nodes/{id}")).bearer_auth(&admin).send().await?.json().await?;
+                // Online also means its registration is in.
+                let registered = status != "online" || !v["registered_at"].is_null();
+                Ok((v["status"] == status && registered).then_some(v))
+            }
+        })
+        .await
+    }
+
+    async fn task_state(&mut self, id: &str, states: &'static [&'static str], timeout: Duration) -> Result<Value> {
+        let (http, base, admin, id) = (self.http.clone(), self.base.clone(), self.admin.clone(), id.to_owned());
+        self.until(&format!("task {id} in {states:?}"), timeout, move || {
+            let (http, base, admin, id) = (http.clone(), base.clone(), admin.clone(), id.clone());
+            async move {
+                let v: Value = http.get(format!("{base}/api/v1/tasks/{id}")).bearer_auth(&admin).send().await?.json().await?;
+                Ok(v["state"].as_str().is_some_and(|s| states.contains(&s)).then_some(v))
+            }
+        })
+        .await
+    }
+
+    async fn enroll(&self, name: &str) -> Result<NodeToken> {
+        let v = self.post("/api/v1/nodes", json!({"name": name, "labels": {"zone": name}})).await?;
+        NodeToken::parse(v["token"].as_str().unwrap_or_default()).map_err(|e| anyhow!(e))
+    }
+
+    async fn join(&self, name: &str, token: NodeToken, heartbeat: Duration) -> Result<Node> {
+        let leaf = NatsServer::start_with(NatsOptions {
+            sync_always: false,
+            domain: edge::domain(&token.node_id),
+            extra: edge::leaf_link_config(&token, "127.0.0.1", self.hub.leaf_port(), AGENT_PW),
+            ..Default::default()
+        })
+        .await?;
+        let agent = spawn_agent(&leaf, &token, name, heartbeat);
+        Ok(Node { id: token.node_id, token, leaf, agent })
+    }
+
+    async fn submit(&self, script: &str, timeout_seconds: u64) -> Result<String> {
+        let v = self
+            .post(
+                "/api/v1/tasks",
+                json!({
+                    "project": "lab", "code_repo_url": "https://git.example.org/c.git",
+                    "code_commit_id": "0123456789abcdef0123456789abcdef01234567",
+                    "env_repo_url": "https://git.example.org/e.git", "env_commit_id": "0123456789abcdef0123456789abcdef01234567",
+                    "dockerfile_path": "Dockerfile", "command": ["sh", "-c", script],
+                    "resources": {"cpus": 0.5, "memory_mb": 64}, "timeout_seconds": timeout_seconds
+                }),
+            )
+            .await?;
+        Ok(v["task_id"].as_str().unwrap_or_default().to_owned())
+    }
+}
+
+fn spawn_agent(leaf: &NatsServer, token: &NodeToken, name: &str, heartbeat: Duration) -> tokio::task::JoinHandle<()> {
+    let cfg = AgentConfig {
+        leaf_url: format!("nats://agent:{AGENT_PW}@127.0.0.1:{}", leaf.port()),
+        node_id: token.node_id,
+        name: name.to_owned(),
+        labels: BTreeMap::from([("zone".to_owned(), name.to_owned())]),
+        heartbeat_interval: heartbeat,
+        image: IMAGE.into(),
+        docker_host: std::env::var("DOCKER_HOST").ok(),
+    };
+    tokio::spawn(async move {
+        if let Err(e) = ud_edge_agent::run(cfg).await {
+            eprintln!("agent stopped: {e}");
+        }
+    })
+}
+
+async fn logs(s: &Stack, id: &str) -> Result<String> {
+    let page = s.get(&format!("/api/v1/tasks/{id}/logs")).await?;
+    Ok(page["lines"].as_array().into_iter().flatten().filter_map(|l| l["text"].as_str()).collect())
+}
+
+#[tokio::test]
+async fn nodes_join_run_tasks_in_docker_and_go_offline() -> Result<()> {
+    let mut s = Stack::start(Duration::from_secs(3)).await?;
+    let token = s.enroll("alpha").await?;
+    let alpha = s.join("alpha", token, Duration::from_millis(500)).await?;
+    let node = s.node_status(alpha.id, "online", Duration::from_secs(30)).await?;
+    assert_eq!(node["name"], "alpha");
+    assert!(node["resources"]["cpu_millis"].as_u64().is_some_and(|c| c >= 1000), "{node}");
+    assert!(node["resources"]["memory_mb"].as_u64().is_some_and(|m| m > 0));
+    assert_eq!(node["resources"]["os"], "linux");
+    assert!(node["resources"]["docker_version"].is_string());
+
+    // A task runs in a container; its output is kept.
+    let ok = s.submit("echo hello from the node; echo careful >&2", 60).await?;
+    let done = s.task_state(&ok, &["succeeded", "failed"], Duration::from_secs(60)).await?;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["exit_code"], 0);
+    assert_eq!(done["node_id"], alpha.id.to_string());
+    let out = logs(&s, &ok).await?;
+    assert!(out.contains("hello from the node") && out.contains("careful"), "{out:?}");
+    let history = s.get(&format!("/api/v1/tasks/{ok}/events")).await?;
+    let types: Vec<&str> = history.as_array().into_iter().flatten().filter_map(|e| e["type"].as_str()).collect();
+    assert_eq!(types, vec!["task.submitted", "task.assigned", "task.started", "task.succeeded"]);
+
+    // A failing command ends failed with its exit code.
+    let bad = s.submit("exit 3", 60).await?;
+    let done = s.task_state(&bad, &["succeeded", "failed"], Duration::from_secs(60)).await?;
+    assert_eq!(done["state"], "failed");
+    assert_eq!(done["exit_code"], 3);
+
+    // Cancel stops the container.
+    let long = s.submit("echo started; sleep 300", 600).await?;
+    s.task_state(&long, &["running"], Duration::from_secs(60)).await?;
+    s.post(&format!("/api/v1/tasks/{long}/cancel"), json!({"reason": "enough"})).await?;
+    let done = s.task_state(&long, &["cancelled"], Duration::from_secs(60)).await?;
+    assert_eq!(done["reason"], "enough");
+
+    // A timeout does the same.
+    let slow = s.submit("sleep 300", 2).await?;
+    let done = s.task_state(&slow, &["failed"], Duration::from_secs(60)).await?;
+    assert!(done["reason"].as_str().is_some_and(|r| r.contains("timed out")), "{done}");
+
+    // Silence: offline after the timeout, exactly once; back with the next heartbeat.
+    alpha.agent.abort();
+    let _ = alpha.agent.await;
+    s.node_status(alpha.id, "offline", Duration::from_secs(30)).await?;
+    let offline = s.server.state.commands.store().read_subject(ud_schemas::streams::NODES, &format!("ud.node.{}.offline", alpha.id)).await?;
+    assert_eq!(offline.len(), 1);
+    let agent = spawn_agent(&alpha.leaf, &alpha.token, "alpha", Duration::from_millis(500));
+    s.node_status(alpha.id, "online", Duration::from_secs(30)).await?;
+    agent.abort();
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_node_cannot_act_for_another() -> Result<()> {
+    let mut s = Stack::start(Duration::from_secs(30)).await?;
+    let ta = s.enroll("alpha").await?;
+    let tb = s.enroll("beta").await?;
+    let a = s.join("alpha", ta, Duration::from_millis(500)).await?;
+    let b = s.join("beta", tb, Duration::from_millis(500)).await?;
+    s.node_status(a.id, "online", Duration::from_secs(30)).await?;
+    s.node_status(b.id, "online", Duration::from_secs(30)).await?;
+
+    // A client on node A's leaf, as A's agent is.
+    let client = async_nats::ConnectOptions::with_user_and_password("agent".into(), AGENT_PW.into())
+        .custom_inbox_prefix(edge::inbox_prefix(&a.id))
+        .connect(format!("127.0.0.1:{}", a.leaf.port()))
+        .await?;
+    let hub = async_nats::jetstream::with_domain(client.clone(), "hub");
+    // B's dispatches, the streams and the JetStream admin API are out of reach.
+    let short = Duration::from_secs(2);
+    for subject in [
+        format!("$JS.hub.API.CONSUMER.MSG.NEXT.UD_DISPATCH.{}", edge::dispatch_consumer(&b.id)),
+        format!("$JS.hub.API.CONSUMER.INFO.UD_DISPATCH.{}", edge::dispatch_consumer(&b.id)),
+        "$JS.hub.API.STREAM.LIST".to_owned(),
+        "$JS.hub.API.STREAM.INFO.UD_TASKS".to_owned(),
+        "$JS.hub.API.STREAM.MSG.GET.UD_TASKS".to_owned(),
+    ] {
+        let r = tokio::time::timeout(short, client.request(subject.clone(), "{}".into())).await;
+        assert!(!matches!(r, Ok(Ok(_))), "{subject} answered");
+    }
+    // Its own consumer works.
+    let own: Result<async_nats::jetstream::consumer::PullConsumer, _> = hub.get_consumer_from_stream(edge::dispatch_consumer(&a.id), edge::DISPATCH).await;
+    assert!(own.is_ok());
+    let mut spy = client.subscribe(format!("ud.dispatch.{}.>", b.id)).await?;
+
+    // A long task lands on one of them; find who runs it.
+    let task = s.submit("sleep 300", 600).await?;
+    let running = s.task_state(&task, &["running"], Duration::from_secs(60)).await?;
+    let runner: NodeId = running["node_id"].as_str().unwrap_or_default().parse()?;
+    let (liar, liar_leaf) = if runner == a.id { (b.id, &b.leaf) } else { (a.id, &a.leaf) };
+    if runner == b.id {
+        let got = tokio::time::timeout(Duration::from_millis(500), spy.next()).await;
+        assert!(got.is_err(), "node A saw B's dispatch");
+    }
+
+    // The other node, which controls its own leaf, writes forged events into
+    // its own stream: the task's success, and a heartbeat in the runner's name.
+    let liar_client = async_nats::ConnectOptions::with_user_and_password("agent".into(), AGENT_PW.into())
+        .connect(format!("127.0.0.1:{}", liar_leaf.port()))
+        .await?;
+    let local = async_nats::jetstream::with_domain(liar_client.clone(), edge::domain(&liar));
+    let mut cfg = local.get_stream(edge::stream(&liar)).await?.info().await?.config.clone();
+    cfg.subjects.push(format!("ud.edge.{runner}.>"));
+    local.update_stream(&cfg).await?;
+    let task_id: ud_schemas::TaskId = task.parse()?;
+    let forged = ud_schemas::Event::Task(task_id, ud_schemas::TaskEvent::Succeeded(ud_schemas::events::TaskSucceeded { at: 1, exit_code: 0 }));
+    let (h, p) = ud_schemas::codec::encode_message(&forged, &ud_schemas::codec::EventMeta::new("liar"))?;
+    local.publish_with_headers(edge::edge_subject(&liar, &forged.subject()).unwrap_or_default(), h, p.into()).await?.await?;
+    let beat = ud_schemas::Event::Node(runner, ud_schemas::NodeEvent::Heartbeat(ud_schemas::events::NodeHeartbeat { at: 1, running_tasks: 99 }));
+    let (h, p) = ud_schemas::codec::encode_message(&beat, &ud_schemas::codec::EventMeta::new("liar"))?;
+    local.publish_with_headers(edge::edge_subject(&runner, &beat.subject()).unwrap_or_default(), h, p.into()).await?.await?;
+    // A marker from the liar after the forgeries: once it is in, they were handled.
+    let marker = ud_schemas::Event::Node(liar, ud_schemas::NodeEvent::Registered(ud_schemas::events::NodeRegistered {
+        at: 2, name: "liar-marker".into(), labels: BTreeMap::new(), resources: Default::default(),
+    }));
+    let (h, p) = ud_schemas::codec::encode_message(&marker, &ud_schemas::codec::EventMeta::new("liar"))?;
+    local.publish_with_headers(edge::edge_subject(&liar, &marker.subject()).unwrap_or_default(), h, p.into()).await?.await?;
+    let (http, base, admin) = (s.http.clone(), s.base.clone(), s.admin.clone());
+    s.until("the marker", Duration::from_secs(30), move || {
+        let (http, base, admin) = (http.clone(), base.clone(), admin.clone());
+        async move {
+            let v: Value = http.get(format!("{base}/api/v1/nodes/{liar}")).bearer_auth(&admin).send().await?.json().await?;
+            Ok((v["name"] == "liar-marker").then_some(v))
+        }
+    })
+    .await?;
+    let t = s.get(&format!("/api/v1/tasks/{task}")).await?;
+    assert_eq!(t["state"], "running", "a forged success was accepted");
+    let r = s.get(&format!("/api/v1/nodes/{runner}")).await?;
+    assert_ne!(r["running_tasks"], 99, "a forged heartbeat was accepted");
+
+    // Revocation closes the node's link and it cannot come back.
+    let leafz = |s: &Stack| {
+        let url = format!("{}/leafz", s.hub.monitor_url());
+        async move { Ok::<u64, anyhow::Error>(reqwest::get(url).await?.json::<Value>().await?["leafnodes"].as_u64().unwrap_or(0)) }
+    };
+    assert_eq!(leafz(&s).await?, 2);
+    s.post(&format!("/api/v1/nodes/{liar}/revoke"), json!({})).await?;
+    let mut gone = false;
+    for _ in 0..100 {
+        if leafz(&s).await? == 1 {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "the revoked node is still connected");
+    let r = s.get(&format!("/api/v1/nodes/{liar}")).await?;
+    assert_eq!(r["status"], "revoked");
+    Ok(())
+}
