@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The local UniDesk stack on one machine.
-#   scripts/stack.sh up     install what is missing, start nats-server, PostgreSQL
-#                           and the main server, then run the main job (a task
-#                           submitted by a project user and followed to the read model)
+#   scripts/stack.sh up     install what is missing, start the hub nats-server,
+#                           PostgreSQL, Docker, the main server and its own compute
+#                           node (leaf nats-server + agent), then run the main job:
+#                           a task submitted by a project user, run in Docker, its output shown
 #   scripts/stack.sh down   stop everything started by `up`
 # State (data, logs, the admin token) lives in .unidesk/ (UD_STATE_DIR).
 set -euo pipefail
@@ -11,9 +12,13 @@ source scripts/deps.sh
 
 STATE="${UD_STATE_DIR:-$PWD/.unidesk}"
 NATS_PORT="${UD_NATS_PORT:-4222}"
+LEAF_PORT="${UD_LEAF_PORT:-7422}"
+MONITOR_PORT="${UD_MONITOR_PORT:-8222}"
+EDGE_PORT="${UD_EDGE_PORT:-4223}"
 PG_PORT="${UD_PG_PORT:-5433}"
 API="${UD_LISTEN:-127.0.0.1:8080}"
 BIN="$PWD/target/release/unidesk"
+EDGE="$PWD/target/release/unidesk-edge"
 
 wait_for_line() { # file pattern seconds
   local i=0
@@ -23,53 +28,91 @@ wait_for_line() { # file pattern seconds
   done
 }
 
+secret() { [ -s "$1" ] || python3 -c 'import secrets; print(secrets.token_hex(24))' > "$1"; cat "$1"; }
+
 up() {
   ud_install_deps
-  mkdir -p "$STATE"
-  cargo build --release -p unidesk
-  if ! [ -f "$STATE/nats.pid" ] || ! kill -0 "$(cat "$STATE/nats.pid")" 2>/dev/null; then
+  ud_install_docker
+  mkdir -p "$STATE/nats" "$STATE/leaf"
+  cargo build --release -p unidesk -p ud-edge-agent
+  local platform_pw system_pw agent_pw
+  platform_pw="$(secret "$STATE/platform.password")"
+  system_pw="$(secret "$STATE/system.password")"
+  agent_pw="$(secret "$STATE/agent.password")"
+
+  # The hub: JetStream domain "hub", every write synced, leaf-node port for compute nodes.
+  if ! [ -f "$STATE/nats/hub.pid" ] || ! kill -0 "$(cat "$STATE/nats/hub.pid")" 2>/dev/null; then
+    sed "s/listen: 127.0.0.1:4222/listen: 127.0.0.1:$NATS_PORT/; s/listen: 0.0.0.0:7422/listen: 127.0.0.1:$LEAF_PORT/; s/http: 127.0.0.1:8222/http: 127.0.0.1:$MONITOR_PORT/" \
+      infra/nats/hub.conf > "$STATE/nats/hub.conf"
+    [ -s "$STATE/nats/accounts.conf" ] || UD_PLATFORM_PASSWORD="$platform_pw" UD_HUB_SYSTEM_PASSWORD="$system_pw" \
+      "$BIN" admin hub-accounts > "$STATE/nats/accounts.conf"
     : > "$STATE/nats.log"
-    "$UD_NATS_SERVER" -c infra/nats/hub.conf --store_dir "$STATE/nats" -p "$NATS_PORT" >>"$STATE/nats.log" 2>&1 &
-    echo $! > "$STATE/nats.pid"
+    (cd "$STATE/nats" && exec "$UD_NATS_SERVER" -c hub.conf --store_dir "$STATE/nats/js") >>"$STATE/nats.log" 2>&1 &
     wait_for_line "$STATE/nats.log" "Server is ready" 30
   fi
   if ! [ -f "$STATE/pg/data/postmaster.pid" ]; then
     ud_start_pg "$STATE/pg" "$PG_PORT" on
   fi
-  export UD_NATS_URL="nats://127.0.0.1:$NATS_PORT"
+  ud_start_dockerd "$STATE/docker"
+  ud_base_image >/dev/null
+
+  export UD_NATS_URL="nats://platform:$platform_pw@127.0.0.1:$NATS_PORT"
   export UD_DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/postgres"
   export UD_API_URL="http://$API"
   if ! [ -f "$STATE/server.pid" ] || ! kill -0 "$(cat "$STATE/server.pid")" 2>/dev/null; then
     : > "$STATE/server.out"
-    UD_LISTEN="$API" "$BIN" serve >"$STATE/server.out" 2>"$STATE/server.log" &
+    UD_LISTEN="$API" UD_HUB_ACCOUNTS_FILE="$STATE/nats/accounts.conf" UD_HUB_PID_FILE="$STATE/nats/hub.pid" \
+      UD_HUB_SYSTEM_PASSWORD="$system_pw" "$BIN" serve >"$STATE/server.out" 2>"$STATE/server.log" &
     echo $! > "$STATE/server.pid"
     wait_for_line "$STATE/server.out" "listening" 60
   fi
   if ! [ -s "$STATE/admin.token" ]; then
     "$BIN" admin issue-token --name admin --admin > "$STATE/admin.token"
   fi
+  export UD_TOKEN="$(cat "$STATE/admin.token")"
+
+  # The main server's own compute node, joined exactly like a remote one:
+  # enrolled, its own leaf nats-server, its agent on the local Docker engine.
+  if ! [ -s "$STATE/node.token" ]; then
+    "$BIN" node enroll --name main-server --label role=main > "$STATE/node.token"
+  fi
+  if ! [ -f "$STATE/leaf.pid" ] || ! kill -0 "$(cat "$STATE/leaf.pid")" 2>/dev/null; then
+    UD_NODE_TOKEN="$(cat "$STATE/node.token")" "$EDGE" leaf-config --hub "127.0.0.1:$LEAF_PORT" \
+      --store-dir "$STATE/leaf/js" --port "$EDGE_PORT" --agent-password "$agent_pw" > "$STATE/leaf/leaf.conf"
+    : > "$STATE/leaf.log"
+    "$UD_NATS_SERVER" -c "$STATE/leaf/leaf.conf" >>"$STATE/leaf.log" 2>&1 &
+    echo $! > "$STATE/leaf.pid"
+    wait_for_line "$STATE/leaf.log" "Server is ready" 30
+  fi
+  if ! [ -f "$STATE/agent.pid" ] || ! kill -0 "$(cat "$STATE/agent.pid")" 2>/dev/null; then
+    UD_NODE_TOKEN="$(cat "$STATE/node.token")" UD_EDGE_LEAF_URL="nats://agent:$agent_pw@127.0.0.1:$EDGE_PORT" \
+      "$EDGE" run --name main-server --label role=main > "$STATE/agent.log" 2>&1 &
+    echo $! > "$STATE/agent.pid"
+  fi
   cat "$STATE/server.out"
   echo "admin token: $STATE/admin.token"
 
-  # The main job: a project user submits a task and reads it back.
+  # The main job: a project user submits a task, it runs on a node, its output comes back.
   local user id
-  user="$(UD_TOKEN="$(cat "$STATE/admin.token")" "$BIN" token issue --name demo --project demo)"
+  user="$("$BIN" token issue --name "demo-$(date +%s)" --project demo)"
   id="$(UD_TOKEN="$user" "$BIN" submit --project demo --wait \
         --code-repo https://git.example.org/demo/code.git \
         --code-commit 0123456789abcdef0123456789abcdef01234567 \
-        --cpus 1 --memory-mb 512 -- python -c 'print(42)')"
-  echo "submitted task $id"
+        --cpus 0.5 --memory-mb 128 -- sh -c 'echo hello from UniDesk on $(hostname); echo 6*7 | bc 2>/dev/null || echo 42')"
+  echo "submitted task $id; its output:"
+  UD_TOKEN="$user" timeout 120 "$BIN" task logs -f "$id"
   UD_TOKEN="$user" "$BIN" show "$id"
-  UD_TOKEN="$user" "$BIN" history "$id"
   echo
-  echo "UniDesk is up: API $UD_API_URL, NATS $UD_NATS_URL, PostgreSQL $UD_DATABASE_URL"
+  echo "UniDesk is up: API $UD_API_URL, NATS 127.0.0.1:$NATS_PORT (leaf nodes on $LEAF_PORT), PostgreSQL $UD_DATABASE_URL"
   echo "stop it with: scripts/stack.sh down"
 }
 
 down() {
-  for p in server nats; do
+  for p in agent leaf server; do
     if [ -f "$STATE/$p.pid" ]; then kill "$(cat "$STATE/$p.pid")" 2>/dev/null || true; rm -f "$STATE/$p.pid"; fi
   done
+  if [ -f "$STATE/nats/hub.pid" ]; then kill "$(cat "$STATE/nats/hub.pid")" 2>/dev/null || true; fi
+  ud_stop_dockerd "$STATE/docker"
   ud_find_pg_bin && ud_stop_pg "$STATE/pg"
   echo "stopped"
 }

@@ -7,12 +7,17 @@ cd "$(dirname "$0")/.."
 source scripts/deps.sh
 ud_install_deps
 
+ud_install_docker
+
 work="$(mktemp -d /tmp/ud-test.XXXXXX)"
 pg_port="$(ud_free_port)"
-cleanup() { ud_stop_pg "$work/pg"; rm -rf "$work"; }
+cleanup() { ud_stop_dockerd "$work/d"; ud_stop_pg "$work/pg"; rm -rf "$work"; }
 trap cleanup EXIT
 ud_start_pg "$work/pg" "$pg_port" off
 export UD_TEST_DATABASE_URL="postgres://postgres@127.0.0.1:$pg_port/postgres"
+# A Docker engine (the running one, or a private one) with the base image tasks run in.
+ud_start_dockerd "$work/d"
+ud_base_image >/dev/null
 
 cargo build --workspace --all-targets
 cargo test --workspace --no-fail-fast -- --test-threads=4

@@ -221,6 +221,20 @@ pub async fn projections(c: ProjectionsCommand) -> Result<()> {
 pub enum AdminCommand {
     /// Issue an API token by writing its event directly (bootstrap); prints the secret once.
     IssueToken(IssueTokenArgs),
+    /// Print the hub's initial accounts file (platform and system users, no nodes yet).
+    HubAccounts(HubAccountsArgs),
+}
+
+#[derive(Args)]
+pub struct HubAccountsArgs {
+    #[arg(long, default_value = "platform")]
+    platform_user: String,
+    #[arg(long, env = "UD_PLATFORM_PASSWORD", hide_env_values = true)]
+    platform_password: String,
+    #[arg(long, default_value = "sys")]
+    system_user: String,
+    #[arg(long, env = "UD_HUB_SYSTEM_PASSWORD", hide_env_values = true)]
+    system_password: String,
 }
 
 #[derive(Args)]
@@ -237,6 +251,12 @@ pub struct IssueTokenArgs {
 
 pub async fn admin(c: AdminCommand) -> Result<()> {
     match c {
+        AdminCommand::HubAccounts(a) => {
+            let hash = |p: &str| ud_core::edge::hubconf::hash_password(p).map_err(|e| anyhow::anyhow!(e));
+            let system = ud_core::edge::hubconf::SystemUser { user: a.system_user, password_hash: hash(&a.system_password)? };
+            print!("{}", ud_core::edge::hubconf::accounts_with_system(&a.platform_user, &hash(&a.platform_password)?, &[], Some(&system)));
+            Ok(())
+        }
         AdminCommand::IssueToken(a) => {
             let store = a.nats.connect("unidesk-admin").await?;
             let mut notices = store

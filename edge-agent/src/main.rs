@@ -1,24 +1,40 @@
-//! `unidesk-edge`: the compute-node agent.
+//! `unidesk-edge`: the compute-node agent, and the leaf configuration of the
+//! node's Provider Gateway.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{anyhow, Result};
-use clap::Parser;
+use clap::{Args, Parser, Subcommand};
 use ud_edge_agent::{run, AgentConfig};
+use ud_schemas::edge::{self, NodeToken};
 
 #[derive(Parser)]
 #[command(name = "unidesk-edge", version, about = "UniDesk compute-node agent")]
-struct Args {
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent against the local leaf nats-server.
+    Run(RunArgs),
+    /// Print the leaf nats-server configuration for this node.
+    LeafConfig(LeafArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
     /// Client URL of the local leaf nats-server, with the agent's credentials.
     #[arg(long, env = "UD_EDGE_LEAF_URL", default_value = "nats://127.0.0.1:4223")]
     leaf_url: String,
-    /// The node's id (from its enrollment token).
-    #[arg(long, env = "UD_EDGE_NODE_ID")]
-    node_id: ud_schemas::NodeId,
+    /// The node's token (only its node id is used here).
+    #[arg(long, env = "UD_NODE_TOKEN", hide_env_values = true)]
+    token: String,
     #[arg(long, env = "UD_EDGE_NAME")]
     name: String,
-    /// Label KEY=VALUE (repeatable).
+    /// Label KEY=VALUE (repeatable, or comma-separated in the variable).
     #[arg(long = "label", env = "UD_EDGE_LABELS", value_delimiter = ',')]
     labels: Vec<String>,
     #[arg(long, env = "UD_EDGE_HEARTBEAT_SECONDS", default_value_t = 15.0)]
@@ -30,31 +46,62 @@ struct Args {
     docker_host: Option<String>,
 }
 
+#[derive(Args)]
+struct LeafArgs {
+    #[arg(long, env = "UD_NODE_TOKEN", hide_env_values = true)]
+    token: String,
+    /// The hub's leaf-node address, host:port (outbound from the node).
+    #[arg(long, env = "UD_HUB_LEAF_ADDR")]
+    hub: String,
+    #[arg(long, env = "UD_EDGE_STORE_DIR", default_value = "/data/jetstream")]
+    store_dir: String,
+    /// Loopback client port for the agent.
+    #[arg(long, env = "UD_EDGE_LEAF_PORT", default_value_t = 4223)]
+    port: u16,
+    #[arg(long, env = "UD_EDGE_AGENT_PASSWORD", hide_env_values = true)]
+    agent_password: String,
+}
+
+fn token(s: &str) -> Result<NodeToken> {
+    NodeToken::parse(s).map_err(|e| anyhow!(e))
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("UD_LOG").unwrap_or_else(|_| "info,async_nats=warn".into()))
         .with_writer(std::io::stderr)
         .init();
-    let a = Args::parse();
-    let labels: BTreeMap<String, String> = a
-        .labels
-        .iter()
-        .filter(|l| !l.is_empty())
-        .map(|l| l.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).ok_or_else(|| anyhow!("label {l:?} is not KEY=VALUE")))
-        .collect::<Result<_>>()?;
-    if !(a.heartbeat_seconds > 0.0 && a.heartbeat_seconds.is_finite()) {
-        return Err(anyhow!("heartbeat seconds must be positive"));
+    match Cli::parse().command {
+        Command::LeafConfig(a) => {
+            let t = token(&a.token)?;
+            let (host, port) = a.hub.rsplit_once(':').ok_or_else(|| anyhow!("--hub must be host:port"))?;
+            let port: u16 = port.parse().map_err(|_| anyhow!("--hub port {port:?} is not a number"))?;
+            print!("{}", edge::leaf_config(&t, host, port, &a.store_dir, a.port, &a.agent_password));
+            Ok(())
+        }
+        Command::Run(a) => {
+            let t = token(&a.token)?;
+            let labels: BTreeMap<String, String> = a
+                .labels
+                .iter()
+                .filter(|l| !l.is_empty())
+                .map(|l| l.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).ok_or_else(|| anyhow!("label {l:?} is not KEY=VALUE")))
+                .collect::<Result<_>>()?;
+            if !(a.heartbeat_seconds > 0.0 && a.heartbeat_seconds.is_finite()) {
+                return Err(anyhow!("heartbeat seconds must be positive"));
+            }
+            run(AgentConfig {
+                leaf_url: a.leaf_url,
+                node_id: t.node_id,
+                name: a.name,
+                labels,
+                heartbeat_interval: Duration::from_secs_f64(a.heartbeat_seconds),
+                image: a.image,
+                docker_host: a.docker_host,
+            })
+            .await?;
+            Ok(())
+        }
     }
-    run(AgentConfig {
-        leaf_url: a.leaf_url,
-        node_id: a.node_id,
-        name: a.name,
-        labels,
-        heartbeat_interval: Duration::from_secs_f64(a.heartbeat_seconds),
-        image: a.image,
-        docker_host: a.docker_host,
-    })
-    .await?;
-    Ok(())
 }

@@ -46,6 +46,11 @@ pub fn node_permissions(id: &NodeId) -> (Vec<String>, Vec<String>) {
     (publish, subscribe)
 }
 
+/// A bcrypt hash of a platform password for the accounts file.
+pub fn hash_password(password: &str) -> Result<String, String> {
+    bcrypt::hash(password, 6).map_err(|e| e.to_string())
+}
+
 /// The system account's user, which the main server uses to close revoked nodes' links.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SystemUser {
