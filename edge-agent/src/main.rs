@@ -55,9 +55,12 @@ struct LeafArgs {
     hub: String,
     #[arg(long, env = "UD_EDGE_STORE_DIR", default_value = "/data/jetstream")]
     store_dir: String,
-    /// Loopback client port for the agent.
+    /// Client port for the agent.
     #[arg(long, env = "UD_EDGE_LEAF_PORT", default_value_t = 4223)]
     port: u16,
+    /// Address the client port listens on (loopback unless the agent runs in another container).
+    #[arg(long, env = "UD_EDGE_LEAF_HOST", default_value = "127.0.0.1")]
+    listen_host: String,
     #[arg(long, env = "UD_EDGE_AGENT_PASSWORD", hide_env_values = true)]
     agent_password: String,
 }
@@ -77,7 +80,7 @@ async fn main() -> Result<()> {
             let t = token(&a.token)?;
             let (host, port) = a.hub.rsplit_once(':').ok_or_else(|| anyhow!("--hub must be host:port"))?;
             let port: u16 = port.parse().map_err(|_| anyhow!("--hub port {port:?} is not a number"))?;
-            print!("{}", edge::leaf_config(&t, host, port, &a.store_dir, a.port, &a.agent_password));
+            print!("{}", edge::leaf_config(&t, host, port, &a.store_dir, &a.listen_host, a.port, &a.agent_password));
             Ok(())
         }
         Command::Run(a) => {

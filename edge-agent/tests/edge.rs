@@ -149,10 +149,14 @@ impl Stack {
     }
 
     async fn join(&self, name: &str, token: NodeToken, heartbeat: Duration) -> Result<Node> {
+        self.join_via(name, token, heartbeat, self.hub.leaf_port()).await
+    }
+
+    async fn join_via(&self, name: &str, token: NodeToken, heartbeat: Duration, hub_leaf_port: u16) -> Result<Node> {
         let leaf = NatsServer::start_with(NatsOptions {
             sync_always: false,
             domain: edge::domain(&token.node_id),
-            extra: edge::leaf_link_config(&token, "127.0.0.1", self.hub.leaf_port(), AGENT_PW),
+            extra: edge::leaf_link_config(&token, "127.0.0.1", hub_leaf_port, AGENT_PW),
             ..Default::default()
         })
         .await?;
@@ -350,5 +354,106 @@ async fn a_node_cannot_act_for_another() -> Result<()> {
     assert!(gone, "the revoked node is still connected");
     let r = s.get(&format!("/api/v1/nodes/{liar}")).await?;
     assert_eq!(r["status"], "revoked");
+    Ok(())
+}
+
+/// A TCP relay between a leaf and the hub that can cut the link.
+struct Link {
+    port: u16,
+    up: tokio::sync::watch::Sender<bool>,
+}
+
+impl Link {
+    async fn start(target: u16) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let (up, rx) = tokio::sync::watch::channel(true);
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !*rx.borrow() {
+                    continue; // refused while cut: dropped at once
+                }
+                let mut rx = rx.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = rx.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        Ok(Self { port, up })
+    }
+
+    fn cut(&self) {
+        let _ = self.up.send(false);
+    }
+
+    fn restore(&self) {
+        let _ = self.up.send(true);
+    }
+}
+
+#[tokio::test]
+async fn a_node_keeps_working_while_its_link_is_down_and_catches_up() -> Result<()> {
+    let mut s = Stack::start(Duration::from_secs(60)).await?;
+    let token = s.enroll("gamma").await?;
+    let link = Link::start(s.hub.leaf_port()).await?;
+    let node = s.join_via("gamma", token, Duration::from_millis(500), link.port).await?;
+    s.node_status(node.id, "online", Duration::from_secs(30)).await?;
+
+    // Watch the node's own stream for the task's end, from the node's side.
+    let local = async_nats::ConnectOptions::with_user_and_password("agent".into(), AGENT_PW.into())
+        .connect(format!("127.0.0.1:{}", node.leaf.port()))
+        .await?;
+    let task = s.submit("echo before the cut; sleep 2; echo after the cut", 120).await?;
+    let mut ended = local.subscribe(format!("ud.edge.{}.task.{task}.*", node.id)).await?;
+    s.task_state(&task, &["running"], Duration::from_secs(60)).await?;
+    link.cut();
+    // The task finishes while the hub cannot hear of it.
+    let end = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(m) = ended.next().await {
+            if !m.subject.ends_with(".started") {
+                return Some(m.subject.to_string());
+            }
+        }
+        None
+    })
+    .await?
+    .ok_or_else(|| anyhow!("no end"))?;
+    assert!(end.ends_with(".succeeded"), "{end}");
+    let t = s.get(&format!("/api/v1/tasks/{task}")).await?;
+    assert_eq!(t["state"], "running", "the hub heard of the end through a cut link");
+    link.restore();
+    let done = s.task_state(&task, &["succeeded"], Duration::from_secs(60)).await?;
+    assert_eq!(done["exit_code"], 0);
+    let history = s.get(&format!("/api/v1/tasks/{task}/events")).await?;
+    let types: Vec<&str> = history.as_array().into_iter().flatten().filter_map(|e| e["type"].as_str()).collect();
+    assert_eq!(types, vec!["task.submitted", "task.assigned", "task.started", "task.succeeded"]);
+    let out = logs(&s, &task).await?;
+    assert!(out.contains("before the cut") && out.contains("after the cut"), "{out:?}");
+    node.agent.abort();
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_restarted_agent_adopts_its_running_container() -> Result<()> {
+    let mut s = Stack::start(Duration::from_secs(60)).await?;
+    let token = s.enroll("delta").await?;
+    let node = s.join("delta", token.clone(), Duration::from_millis(500)).await?;
+    s.node_status(node.id, "online", Duration::from_secs(30)).await?;
+    let task = s.submit("echo first; sleep 3; echo second", 120).await?;
+    s.task_state(&task, &["running"], Duration::from_secs(60)).await?;
+    // The agent dies; its container goes on.
+    node.agent.abort();
+    let _ = node.agent.await;
+    let agent = spawn_agent(&node.leaf, &token, "delta", Duration::from_millis(500));
+    let done = s.task_state(&task, &["succeeded", "failed"], Duration::from_secs(60)).await?;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let history = s.get(&format!("/api/v1/tasks/{task}/events")).await?;
+    let starts = history.as_array().into_iter().flatten().filter(|e| e["type"] == "task.started").count();
+    assert_eq!(starts, 1, "the task was run twice");
+    agent.abort();
     Ok(())
 }

@@ -99,9 +99,12 @@ impl NodeToken {
 /// The leaf nats-server configuration of a node's Provider Gateway: its own
 /// JetStream domain, the outbound leaf link to the hub with the node's
 /// credentials, and a loopback client port for the agent only.
-pub fn leaf_config(token: &NodeToken, hub_host: &str, hub_leaf_port: u16, store_dir: &str, client_port: u16, agent_password: &str) -> String {
+/// `client_host` is loopback on a plain host; inside a compose network it is
+/// the container's own address, still unreachable from task containers
+/// (they run without a network).
+pub fn leaf_config(token: &NodeToken, hub_host: &str, hub_leaf_port: u16, store_dir: &str, client_host: &str, client_port: u16, agent_password: &str) -> String {
     format!(
-        "server_name: edge-{}\nhost: 127.0.0.1\nport: {client_port}\njetstream {{\n  store_dir: {store_dir:?}\n  domain: {}\n}}\n{}",
+        "server_name: edge-{}\nhost: {client_host}\nport: {client_port}\njetstream {{\n  store_dir: {store_dir:?}\n  domain: {}\n}}\n{}",
         hex(&token.node_id),
         domain(&token.node_id),
         leaf_link_config(token, hub_host, hub_leaf_port, agent_password)
