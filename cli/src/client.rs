@@ -391,7 +391,7 @@ pub async fn task(c: TaskCommand) -> Result<()> {
                     return Ok(());
                 }
                 let t = api.get(&format!("/api/v1/tasks/{}", a.id)).await?;
-                let done = matches!(t["state"].as_str(), Some("succeeded" | "failed" | "cancelled"));
+                let done = matches!(t["state"].as_str(), Some("succeeded" | "failed" | "timed_out" | "cancelled"));
                 if done && page["lines"].as_array().is_none_or(|l| l.is_empty()) {
                     return Ok(());
                 }

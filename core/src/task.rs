@@ -19,6 +19,7 @@ pub enum TaskState {
     Cancelling { node_id: NodeId, attempt: u32, reason: String },
     Succeeded { exit_code: i32 },
     Failed { exit_code: Option<i32>, reason: String },
+    TimedOut,
     Cancelled { reason: String },
 }
 
@@ -31,12 +32,13 @@ impl TaskState {
             Self::Cancelling { .. } => "cancelling",
             Self::Succeeded { .. } => "succeeded",
             Self::Failed { .. } => "failed",
+            Self::TimedOut => "timed_out",
             Self::Cancelled { .. } => "cancelled",
         }
     }
 
     pub fn is_terminal(&self) -> bool {
-        matches!(self, Self::Succeeded { .. } | Self::Failed { .. } | Self::Cancelled { .. })
+        matches!(self, Self::Succeeded { .. } | Self::Failed { .. } | Self::TimedOut | Self::Cancelled { .. })
     }
 
     /// The node holding the task's live assignment, if any.
@@ -51,8 +53,8 @@ impl TaskState {
 }
 
 /// All state names, for filters and documentation.
-pub const STATE_NAMES: [&str; 7] = [
-    "pending", "assigned", "running", "cancelling", "succeeded", "failed", "cancelled",
+pub const STATE_NAMES: [&str; 8] = [
+    "pending", "assigned", "running", "cancelling", "succeeded", "failed", "timed_out", "cancelled",
 ];
 
 /// A task folded from its events.
@@ -76,6 +78,7 @@ pub enum TaskCommand {
     Start { node_id: NodeId, attempt: u32 },
     Succeed { node_id: NodeId, exit_code: i32 },
     Fail { node_id: NodeId, exit_code: Option<i32>, reason: String },
+    TimeOut { node_id: NodeId },
     Cancel { reason: String },
     ConfirmCancelled { node_id: NodeId },
 }
@@ -88,6 +91,7 @@ impl TaskCommand {
             Self::Start { .. } => "start",
             Self::Succeed { .. } => "succeed",
             Self::Fail { .. } => "fail",
+            Self::TimeOut { .. } => "time-out",
             Self::Cancel { .. } => "cancel",
             Self::ConfirmCancelled { .. } => "confirm-cancelled",
         }
@@ -151,6 +155,10 @@ pub fn decide(task: Option<&Task>, command: TaskCommand, now: Millis) -> Result<
             check_node(&node_id)?;
             Ok(vec![TaskEvent::Failed(TaskFailed { at: now, exit_code, reason })])
         }
+        (TaskState::Assigned { .. } | TaskState::Running { .. }, TaskCommand::TimeOut { node_id }) => {
+            check_node(&node_id)?;
+            Ok(vec![TaskEvent::TimedOut(TaskTimedOut { at: now, timeout_seconds: task.spec.timeout_seconds })])
+        }
         (TaskState::Pending, TaskCommand::Cancel { reason }) => {
             Ok(vec![TaskEvent::Cancelled(TaskCancelled { at: now, reason })])
         }
@@ -195,6 +203,7 @@ pub fn evolve(task: Option<Task>, id: TaskId, event: &TaskEvent) -> Option<Task>
         (_, TaskEvent::Started(e)) => TaskState::Running { node_id: e.node_id, attempt: e.attempt },
         (_, TaskEvent::Succeeded(e)) => TaskState::Succeeded { exit_code: e.exit_code },
         (_, TaskEvent::Failed(e)) => TaskState::Failed { exit_code: e.exit_code, reason: e.reason.clone() },
+        (_, TaskEvent::TimedOut(_)) => TaskState::TimedOut,
         (_, TaskEvent::Cancelled(e)) => TaskState::Cancelled { reason: e.reason.clone() },
         (TaskState::Assigned { node_id, attempt } | TaskState::Running { node_id, attempt }, TaskEvent::CancelRequested(e)) => {
             TaskState::Cancelling { node_id, attempt, reason: e.reason.clone() }

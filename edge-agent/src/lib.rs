@@ -265,7 +265,7 @@ async fn supervise(
         },
         _ = deadline => {
             let _ = docker.stop(&container, 10).await;
-            TaskEvent::Failed(TaskFailed { at: now_millis(), exit_code: None, reason: format!("timed out after {} s", timeout.map_or(0, |t| t.as_secs())) })
+            TaskEvent::TimedOut(TaskTimedOut { at: now_millis(), timeout_seconds: timeout.map_or(0, |t| t.as_secs()) })
         },
     };
     let _ = logs.await;

@@ -55,7 +55,7 @@ pub struct TaskView {
     pub id: String,
     pub project: String,
     pub name: Option<String>,
-    /// pending, assigned, running, cancelling, succeeded, failed or cancelled.
+    /// pending, assigned, running, cancelling, succeeded, failed, timed_out or cancelled.
     pub state: String,
     pub node_id: Option<String>,
     pub attempt: i32,

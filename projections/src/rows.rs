@@ -68,7 +68,7 @@ pub fn apply_task(
     row.version += 1;
     row.last_seq = seq;
     row.updated_at = ts(event.at());
-    let terminal = matches!(row.state.as_str(), "succeeded" | "failed" | "cancelled");
+    let terminal = matches!(row.state.as_str(), "succeeded" | "failed" | "timed_out" | "cancelled");
     if terminal {
         return Ok(row);
     }
@@ -92,6 +92,11 @@ pub fn apply_task(
             row.state = "failed".into();
             row.exit_code = e.exit_code;
             row.reason = Some(e.reason.clone());
+            row.finished_at = Some(ts(e.at));
+        }
+        TaskEvent::TimedOut(e) => {
+            row.state = "timed_out".into();
+            row.reason = Some(format!("timed out after {} s", e.timeout_seconds));
             row.finished_at = Some(ts(e.at));
         }
         TaskEvent::CancelRequested(e) => {

@@ -18,6 +18,7 @@ pub enum TaskEvent {
     Started(TaskStarted),
     Succeeded(TaskSucceeded),
     Failed(TaskFailed),
+    TimedOut(TaskTimedOut),
     CancelRequested(TaskCancelRequested),
     Cancelled(TaskCancelled),
 }
@@ -55,6 +56,13 @@ pub struct TaskFailed {
     pub at: Millis,
     pub exit_code: Option<i32>,
     pub reason: String,
+}
+
+/// The run passed its time limit and was stopped.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskTimedOut {
+    pub at: Millis,
+    pub timeout_seconds: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,6 +163,7 @@ impl TaskEvent {
             Self::Started(_) => "started",
             Self::Succeeded(_) => "succeeded",
             Self::Failed(_) => "failed",
+            Self::TimedOut(_) => "timed_out",
             Self::CancelRequested(_) => "cancel_requested",
             Self::Cancelled(_) => "cancelled",
         }
@@ -166,6 +175,7 @@ impl TaskEvent {
             Self::Started(e) => e.at,
             Self::Succeeded(e) => e.at,
             Self::Failed(e) => e.at,
+            Self::TimedOut(e) => e.at,
             Self::CancelRequested(e) => e.at,
             Self::Cancelled(e) => e.at,
         }

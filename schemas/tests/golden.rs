@@ -60,6 +60,7 @@ fn fixtures_v1() -> Vec<(&'static str, Event)> {
         ("task-started", Event::Task(t, TaskEvent::Started(TaskStarted { at: AT, node_id: n, attempt: 1 }))),
         ("task-succeeded", Event::Task(t, TaskEvent::Succeeded(TaskSucceeded { at: AT, exit_code: 0 }))),
         ("task-failed", Event::Task(t, TaskEvent::Failed(TaskFailed { at: AT, exit_code: Some(137), reason: "killed".into() }))),
+        ("task-timed_out", Event::Task(t, TaskEvent::TimedOut(TaskTimedOut { at: AT, timeout_seconds: 3600 }))),
         ("task-cancel_requested", Event::Task(t, TaskEvent::CancelRequested(TaskCancelRequested { at: AT, reason: "user".into() }))),
         ("task-cancelled", Event::Task(t, TaskEvent::Cancelled(TaskCancelled { at: AT, reason: "user".into() }))),
         ("node-registered", Event::Node(n, NodeEvent::Registered(NodeRegistered {

@@ -61,6 +61,7 @@ fn task_command(node_id: NodeId, e: TaskEvent) -> Result<TaskCommand, Rejected> 
         TaskEvent::Succeeded(s) => TaskCommand::Succeed { node_id, exit_code: s.exit_code },
         TaskEvent::Failed(f) => TaskCommand::Fail { node_id, exit_code: f.exit_code, reason: f.reason },
         TaskEvent::Cancelled(_) => TaskCommand::ConfirmCancelled { node_id },
+        TaskEvent::TimedOut(_) => TaskCommand::TimeOut { node_id },
         other => return Err(Rejected::NotAllowed(format!("task.{}", other.name()))),
     })
 }

@@ -115,7 +115,7 @@ fn unknown_task_cannot_be_cancelled() {
 fn command_strategy(nodes: Vec<NodeId>) -> impl Strategy<Value = TaskCommand> {
     let n = nodes.len();
     let pick = move |i: usize| nodes[i % n];
-    (0u8..7, 0usize..8, 0u32..3, -2i32..3).prop_map(move |(kind, node, attempt, code)| {
+    (0u8..8, 0usize..8, 0u32..3, -2i32..3).prop_map(move |(kind, node, attempt, code)| {
         let node_id = pick(node);
         match kind {
             0 => TaskCommand::Submit { project: project(), spec: spec(), idempotency_key: None },
@@ -124,6 +124,7 @@ fn command_strategy(nodes: Vec<NodeId>) -> impl Strategy<Value = TaskCommand> {
             3 => TaskCommand::Succeed { node_id, exit_code: code },
             4 => TaskCommand::Fail { node_id, exit_code: Some(code), reason: "boom".into() },
             5 => TaskCommand::Cancel { reason: "stop".into() },
+            6 => TaskCommand::TimeOut { node_id },
             _ => TaskCommand::ConfirmCancelled { node_id },
         }
     })
