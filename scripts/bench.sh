@@ -8,8 +8,11 @@ source scripts/deps.sh
 ud_install_deps
 work="$(mktemp -d /tmp/ud-bench.XXXXXX)"
 pg_port="$(ud_free_port)"
-trap 'ud_stop_pg "$work/pg"; rm -rf "$work"' EXIT
+trap 'ud_stop_dockerd "$work/d"; ud_stop_pg "$work/pg"; rm -rf "$work"' EXIT
 ud_start_pg "$work/pg" "$pg_port" on
+ud_install_docker
+ud_start_dockerd "$work/d"
+ud_base_image >/dev/null
 export UD_TEST_DATABASE_URL="postgres://postgres@127.0.0.1:$pg_port/postgres"
 cargo build --release -p ud-bench
 target/release/ud-bench "${@:-backbone}"

@@ -2,6 +2,7 @@
 //! platform figure printed beside the raw ceiling measured in the same run.
 
 mod backbone;
+mod edge;
 mod stats;
 
 use anyhow::Result;
@@ -18,11 +19,14 @@ struct Cli {
 enum Bench {
     /// Appends, projection, lag, REST submit-to-projected, replay.
     Backbone(backbone::Args),
+    /// A real compute node: start latency, heartbeat ingest, offline detection.
+    Edge(edge::Args),
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
     match Cli::parse().bench {
         Bench::Backbone(a) => backbone::run(a).await,
+        Bench::Edge(a) => edge::run(a).await,
     }
 }

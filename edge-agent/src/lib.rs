@@ -209,26 +209,37 @@ async fn pull_dispatches(
 async fn start(cfg: &AgentConfig, docker: &docker::Executor, reporter: &Reporter, running: &Running, run: DispatchRun, tasks: &mut tokio::task::JoinSet<()>) {
     let task = run.task_id;
     let span = tracing::info_span!("task", task_id = %task, node_id = %cfg.node_id, attempt = run.attempt);
-    if running.lock().await.contains_key(&task) {
-        return;
-    }
     let (tx, rx) = oneshot::channel();
-    running.lock().await.insert(task, tx);
-    let started = Event::Task(task, TaskEvent::Started(TaskStarted { at: now_millis(), node_id: cfg.node_id, attempt: run.attempt }));
-    if let Err(e) = reporter.send(&started).await {
-        warn!(parent: &span, error = %e, "cannot record start");
-    }
-    let container = match docker.create(&cfg.image, &run).await {
-        Ok(c) => c,
-        Err(e) => {
-            running.lock().await.remove(&task);
-            let failed = Event::Task(task, TaskEvent::Failed(TaskFailed { at: now_millis(), exit_code: None, reason: format!("cannot start container: {e}") }));
-            let _ = reporter.send(&failed).await;
+    {
+        let mut r = running.lock().await;
+        // A repeated dispatch of a run this node already has.
+        if r.contains_key(&task) {
             return;
         }
-    };
-    let timeout = Duration::from_secs(run.spec.timeout_seconds);
-    tasks.spawn(supervise(docker.clone(), reporter.clone(), running.clone(), task, run.attempt, container, Some(timeout), rx).instrument(span));
+        r.insert(task, tx);
+    }
+    let (docker, reporter, running, image, node) = (docker.clone(), reporter.clone(), running.clone(), cfg.image.clone(), cfg.node_id);
+    // Containers start in parallel; the dispatch loop goes on at once.
+    tasks.spawn(
+        async move {
+            let container = match docker.create(&image, &run).await {
+                Ok(c) => c,
+                Err(e) => {
+                    running.lock().await.remove(&task);
+                    let failed = Event::Task(task, TaskEvent::Failed(TaskFailed { at: now_millis(), exit_code: None, reason: format!("cannot start container: {e}") }));
+                    let _ = reporter.send(&failed).await;
+                    return;
+                }
+            };
+            let started = Event::Task(task, TaskEvent::Started(TaskStarted { at: now_millis(), node_id: node, attempt: run.attempt }));
+            if let Err(e) = reporter.send(&started).await {
+                warn!(error = %e, "cannot record start");
+            }
+            let timeout = Duration::from_secs(run.spec.timeout_seconds);
+            supervise(docker, reporter, running, task, run.attempt, container, Some(timeout), rx).await;
+        }
+        .instrument(span),
+    );
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -66,7 +66,26 @@ fn task_command(node_id: NodeId, e: TaskEvent) -> Result<TaskCommand, Rejected> 
     })
 }
 
-async fn handle(commands: &TaskCommands, msg: &jetstream::Message) -> Outcome {
+/// Nodes as last loaded, so that heartbeats need no stream reads: a
+/// revocation reaches the cache within `NODE_CACHE_TTL` (and the hub closes
+/// the revoked node's link at once anyway).
+type NodeCache = std::collections::HashMap<NodeId, (Option<crate::node::Node>, u64, std::time::Instant)>;
+const NODE_CACHE_TTL: Duration = Duration::from_secs(5);
+
+async fn load_cached(store: &crate::EventStore, cache: &mut NodeCache, id: NodeId, fresh: bool) -> Result<(Option<crate::node::Node>, u64), EdgeError> {
+    if !fresh {
+        if let Some((n, seq, at)) = cache.get(&id) {
+            if at.elapsed() < NODE_CACHE_TTL {
+                return Ok((n.clone(), *seq));
+            }
+        }
+    }
+    let (n, seq) = enroll::load(store, &id).await?;
+    cache.insert(id, (n.clone(), seq, std::time::Instant::now()));
+    Ok((n, seq))
+}
+
+async fn handle(commands: &TaskCommands, cache: &mut NodeCache, msg: &jetstream::Message) -> Outcome {
     let Some(sender) = origin(msg.headers.as_ref()) else { return Outcome::Dropped(Rejected::NoSource) };
     let Some((named, canonical)) = edge::canonical_subject(msg.subject.as_str()) else {
         return Outcome::Dropped(Rejected::Subject(msg.subject.to_string()));
@@ -103,7 +122,9 @@ async fn handle(commands: &TaskCommands, msg: &jetstream::Message) -> Outcome {
     let actor = format!("node:{node_id}");
     match envelope.event {
         Event::Node(id, e) if id == node_id => {
-            let (current, last) = match enroll::load(store, &node_id).await {
+            // Registrations check against the stream; heartbeats may use the cache.
+            let fresh = !matches!(e, NodeEvent::Heartbeat(_));
+            let (current, last) = match load_cached(store, cache, node_id, fresh).await {
                 Ok(x) => x,
                 Err(e) => return Outcome::Retry(e.to_string()),
             };
@@ -159,10 +180,11 @@ async fn stop_stale(commands: &TaskCommands, node: NodeId, task: ud_schemas::Tas
 }
 
 async fn worker(commands: TaskCommands, mut rx: mpsc::Receiver<jetstream::Message>) {
+    let mut cache = NodeCache::new();
     while let Some(msg) = rx.recv().await {
         let mut attempts = 0;
         loop {
-            match handle(&commands, &msg).await {
+            match handle(&commands, &mut cache, &msg).await {
                 Outcome::Done => {
                     debug!(subject = %msg.subject, "ingested");
                     let _ = msg.ack().await;

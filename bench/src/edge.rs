@@ -1,0 +1,216 @@
+//! `ud-bench edge`: a real compute node (hub, leaf, agent, Docker) measured:
+//! submit-to-container-start latency on a warm node, heartbeats the main
+//! server ingests per second (a backlog drained after a link cut) and the
+//! CPU it spends on them, and the offline detection delay against its setting.
+
+use std::future::IntoFuture;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Result};
+use futures::StreamExt;
+use serde_json::json;
+use ud_gateway::server::{self, EdgeConfig, ServerConfig};
+use ud_schemas::edge::{self, NodeToken};
+use ud_schemas::events::NodeHeartbeat;
+use ud_schemas::{Event, NodeEvent};
+use ud_testkit::{NatsOptions, NatsServer, PgDatabase};
+
+use crate::stats::{line, ms, percentile};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Tasks submitted one after another for the latency figure.
+    #[arg(long, default_value_t = 30)]
+    tasks: usize,
+    /// Heartbeats buffered by the node while its link is down.
+    #[arg(long, default_value_t = 20_000)]
+    heartbeats: usize,
+    /// The offline timeout measured (90 s in production).
+    #[arg(long, default_value_t = 90)]
+    offline_timeout_seconds: u64,
+}
+
+fn cpu_seconds() -> f64 {
+    // utime + stime of this process, from /proc (clock ticks of 10 ms).
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let after = s.rsplit(')').next()?.split_whitespace().collect::<Vec<_>>();
+            let ut: f64 = after.get(11)?.parse().ok()?;
+            let st: f64 = after.get(12)?.parse().ok()?;
+            Some((ut + st) / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
+pub async fn run(a: Args) -> Result<()> {
+    println!("UniDesk edge benchmark: hub + leaf + agent + Docker on this machine");
+    let platform_pw = "bench-platform";
+    let system_pw = "bench-system";
+    let accounts = ud_core::edge::hubconf::accounts_with_system(
+        "platform",
+        &bcrypt::hash(platform_pw, 4)?,
+        &[],
+        Some(&ud_core::edge::hubconf::SystemUser { user: "sys".into(), password_hash: bcrypt::hash(system_pw, 4)? }),
+    );
+    let hub = NatsServer::start_with(NatsOptions { hub: true, accounts: Some(accounts), ..Default::default() }).await?;
+    let pg = PgDatabase::create().await?;
+    let timeout = Duration::from_secs(a.offline_timeout_seconds);
+    let running = server::start(ServerConfig {
+        nats_url: format!("nats://platform:{platform_pw}@127.0.0.1:{}", hub.port()),
+        js_domain: None,
+        database_url: pg.url.clone(),
+        listen: "127.0.0.1:0".into(),
+        replicas: 1,
+        run_projectors: true,
+        edge: Some(EdgeConfig {
+            hub: Some(ud_core::edge::hub::HubSettings {
+                accounts_file: hub.accounts_file(),
+                pid_file: Some(hub.pid_file()),
+                platform_user: "platform".into(),
+                platform_password: platform_pw.into(),
+                system_user: Some(("sys".into(), system_pw.into())),
+                hub_addr: format!("127.0.0.1:{}", hub.port()),
+                replicas: 1,
+            }),
+            controller: ud_core::edge::scheduler::ControllerSettings {
+                heartbeat_timeout: timeout,
+                check_interval: (timeout / 90).max(Duration::from_millis(100)),
+                cancel_grace_seconds: 1,
+            },
+        }),
+    })
+    .await?;
+    let store = running.state.commands.store().clone();
+    let admin = ud_core::commands::issue_token(&store, "bench", &[], true, "bench").await.map_err(|e| anyhow!("{e}"))?;
+    running.state.projected.wait(ud_schemas::streams::AUTH, admin.seq, Duration::from_secs(10)).await;
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", running.addr);
+    let v: serde_json::Value = http.post(format!("{base}/api/v1/nodes")).bearer_auth(&admin.secret).json(&json!({"name": "bench"})).send().await?.json().await?;
+    let token = NodeToken::parse(v["token"].as_str().unwrap_or_default()).map_err(|e| anyhow!(e))?;
+
+    // The node's link goes through a relay the benchmark can cut.
+    let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let relay_port = relay.local_addr()?.port();
+    let (up_tx, up_rx) = tokio::sync::watch::channel(true);
+    let hub_leaf = hub.leaf_port();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = relay.accept().await {
+            if !*up_rx.borrow() {
+                continue;
+            }
+            let mut rx = up_rx.clone();
+            tokio::spawn(async move {
+                let Ok(mut out) = tokio::net::TcpStream::connect(("127.0.0.1", hub_leaf)).await else { return };
+                tokio::select! { _ = tokio::io::copy_bidirectional(&mut inbound, &mut out) => {}, _ = rx.wait_for(|u| !*u) => {} }
+            });
+        }
+    });
+    let leaf = NatsServer::start_with(NatsOptions {
+        sync_always: false,
+        domain: edge::domain(&token.node_id),
+        extra: edge::leaf_link_config(&token, "127.0.0.1", relay_port, "agent-pw"),
+        ..Default::default()
+    })
+    .await?;
+    let cfg = ud_edge_agent::AgentConfig {
+        leaf_url: format!("nats://agent:agent-pw@127.0.0.1:{}", leaf.port()),
+        node_id: token.node_id,
+        name: "bench".into(),
+        labels: Default::default(),
+        heartbeat_interval: Duration::from_secs(1),
+        image: "unidesk/busybox:base".into(),
+        docker_host: std::env::var("DOCKER_HOST").ok(),
+    };
+    let agent = tokio::spawn(async move {
+        let _ = ud_edge_agent::run(cfg).await;
+    });
+    let mut registered = store.client().subscribe(format!("ud.node.{}.heartbeat", token.node_id)).await?;
+    tokio::time::timeout(Duration::from_secs(60), registered.next()).await?;
+
+    // 1. Submit to container start, warm node (image present), one task at a time.
+    let body = json!({
+        "project": "bench", "code_repo_url": "https://git.example.org/c.git",
+        "code_commit_id": "0123456789abcdef0123456789abcdef01234567",
+        "env_repo_url": "https://git.example.org/e.git", "env_commit_id": "0123456789abcdef0123456789abcdef01234567",
+        "dockerfile_path": "Dockerfile", "command": ["true"], "resources": {"cpus": 0.1, "memory_mb": 32}
+    });
+    let mut started = store.client().subscribe("ud.task.*.started").await?;
+    let mut lat = Vec::new();
+    for _ in 0..a.tasks {
+        let t0 = Instant::now();
+        let v: serde_json::Value = http.post(format!("{base}/api/v1/tasks")).bearer_auth(&admin.secret).json(&body).send().await?.json().await?;
+        let id = v["task_id"].as_str().unwrap_or_default().to_owned();
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(60), started.next()).await?.ok_or_else(|| anyhow!("no start"))?;
+            if m.subject.contains(&id) {
+                break;
+            }
+        }
+        lat.push(t0.elapsed());
+    }
+    lat.sort();
+    line("submit-to-container-start p50 (warm node)", ms(percentile(&lat, 0.5)), "ms", None);
+    line("submit-to-container-start p99 (warm node)", ms(percentile(&lat, 0.99)), "ms", None);
+
+    // 2. Heartbeats handled per second: a backlog written while the link is down, then drained.
+    up_tx.send(false)?;
+    let local_client = async_nats::ConnectOptions::with_user_and_password("agent".into(), "agent-pw".into())
+        .connect(format!("127.0.0.1:{}", leaf.port()))
+        .await?;
+    let local = async_nats::jetstream::with_domain(local_client, edge::domain(&token.node_id));
+    let mut acks = futures::stream::FuturesUnordered::new();
+    for i in 0..a.heartbeats {
+        let beat = Event::Node(token.node_id, NodeEvent::Heartbeat(NodeHeartbeat { at: ud_schemas::now_millis(), running_tasks: i as u32 % 3 }));
+        let (h, p) = ud_schemas::codec::encode_message(&beat, &ud_schemas::codec::EventMeta::new("bench"))?;
+        let subject = edge::edge_subject(&token.node_id, &beat.subject()).unwrap_or_default();
+        acks.push(local.publish_with_headers(subject, h, p.into()).await?.into_future());
+        if acks.len() >= 256 {
+            if let Some(r) = acks.next().await {
+                r?;
+            }
+        }
+    }
+    while let Some(r) = acks.next().await {
+        r?;
+    }
+    let mut ingested = store.client().subscribe(format!("ud.node.{}.heartbeat", token.node_id)).await?;
+    let cpu0 = cpu_seconds();
+    let t0 = Instant::now();
+    up_tx.send(true)?;
+    let mut n = 0;
+    while n < a.heartbeats {
+        tokio::time::timeout(Duration::from_secs(120), ingested.next()).await?.ok_or_else(|| anyhow!("drain stopped"))?;
+        n += 1;
+    }
+    let took = t0.elapsed();
+    let cpu = cpu_seconds() - cpu0;
+    let rate = n as f64 / took.as_secs_f64();
+    line("heartbeats ingested per second (backlog drain)", rate, "hb/s", None);
+    line("main-server CPU per heartbeat (in-process: ingest, append, projection)", cpu / n as f64 * 1e6, "us", None);
+    let needed = 10_000.0 / 15.0;
+    line("share of one core for 10,000 nodes at 15 s heartbeats", needed * cpu / n as f64 * 100.0, "%", None);
+
+    // 3. Offline detection: stop the agent, wait for the offline event.
+    let mut offline = store.client().subscribe(format!("ud.node.{}.offline", token.node_id)).await?;
+    let mut beats = store.client().subscribe(format!("ud.node.{}.heartbeat", token.node_id)).await?;
+    agent.abort();
+    let stopped = Instant::now();
+    // The last heartbeat the hub heard.
+    let mut last = stopped;
+    loop {
+        tokio::select! {
+            b = beats.next() => { if b.is_some() { last = Instant::now(); } }
+            o = offline.next() => {
+                o.ok_or_else(|| anyhow!("no offline event"))?;
+                break;
+            }
+            _ = tokio::time::sleep(timeout * 2) => return Err(anyhow!("not marked offline within twice the timeout")),
+        }
+    }
+    let detected = last.elapsed();
+    line(&format!("offline detected after the last heartbeat (timeout {} s)", timeout.as_secs()), detected.as_secs_f64(), "s", None);
+    line("offline detection error against the timeout", (detected.as_secs_f64() - timeout.as_secs_f64()) * 1000.0, "ms", None);
+    running.shutdown();
+    Ok(())
+}
