@@ -458,3 +458,43 @@ async fn a_restarted_agent_adopts_its_running_container() -> Result<()> {
     agent.abort();
     Ok(())
 }
+
+#[tokio::test]
+async fn two_main_servers_mark_a_silent_node_offline_once() -> Result<()> {
+    let mut s = Stack::start(Duration::from_secs(2)).await?;
+    // A second main-server instance on the same hub and database: its own
+    // ingest, liveness and scheduler, no projectors, no hub reconciler.
+    let second = server::start(ServerConfig {
+        nats_url: format!("nats://platform:{PLATFORM_PW}@127.0.0.1:{}", s.hub.port()),
+        js_domain: None,
+        database_url: s._pg.url.clone(),
+        listen: "127.0.0.1:0".into(),
+        replicas: 1,
+        run_projectors: false,
+        edge: Some(EdgeConfig {
+            hub: None,
+            controller: ud_core::edge::scheduler::ControllerSettings {
+                heartbeat_timeout: Duration::from_secs(2),
+                check_interval: Duration::from_millis(50),
+                cancel_grace_seconds: 1,
+            },
+        }),
+    })
+    .await?;
+    let token = s.enroll("epsilon").await?;
+    let node = s.join("epsilon", token, Duration::from_millis(300)).await?;
+    s.node_status(node.id, "online", Duration::from_secs(30)).await?;
+    let store = s.server.state.commands.store().clone();
+    let mut offline = store.client().subscribe(format!("ud.node.{}.offline", node.id)).await?;
+    node.agent.abort();
+    tokio::time::timeout(Duration::from_secs(30), offline.next()).await?.ok_or_else(|| anyhow!("no offline"))?;
+    s.node_status(node.id, "offline", Duration::from_secs(30)).await?;
+    // Both instances keep checking every 50 ms: a second offline event would
+    // come within this window (waiting for something that must not happen).
+    let again = tokio::time::timeout(Duration::from_millis(1000), offline.next()).await;
+    assert!(again.is_err(), "a second offline event");
+    let recorded = store.read_subject(ud_schemas::streams::NODES, &format!("ud.node.{}.offline", node.id)).await?.len();
+    assert_eq!(recorded, 1);
+    second.shutdown();
+    Ok(())
+}
