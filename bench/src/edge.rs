@@ -90,26 +90,11 @@ pub async fn run(a: Args) -> Result<()> {
     let token = NodeToken::parse(v["token"].as_str().unwrap_or_default()).map_err(|e| anyhow!(e))?;
 
     // The node's link goes through a relay the benchmark can cut.
-    let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let relay_port = relay.local_addr()?.port();
-    let (up_tx, up_rx) = tokio::sync::watch::channel(true);
-    let hub_leaf = hub.leaf_port();
-    tokio::spawn(async move {
-        while let Ok((mut inbound, _)) = relay.accept().await {
-            if !*up_rx.borrow() {
-                continue;
-            }
-            let mut rx = up_rx.clone();
-            tokio::spawn(async move {
-                let Ok(mut out) = tokio::net::TcpStream::connect(("127.0.0.1", hub_leaf)).await else { return };
-                tokio::select! { _ = tokio::io::copy_bidirectional(&mut inbound, &mut out) => {}, _ = rx.wait_for(|u| !*u) => {} }
-            });
-        }
-    });
+    let relay = ud_testkit::Relay::start(hub.leaf_port()).await?;
     let leaf = NatsServer::start_with(NatsOptions {
         sync_always: false,
         domain: edge::domain(&token.node_id),
-        extra: edge::leaf_link_config(&token, "127.0.0.1", relay_port, "agent-pw"),
+        extra: edge::leaf_link_config(&token, "127.0.0.1", relay.port(), "agent-pw"),
         ..Default::default()
     })
     .await?;
@@ -154,7 +139,7 @@ pub async fn run(a: Args) -> Result<()> {
     line("submit-to-container-start p99 (warm node)", ms(percentile(&lat, 0.99)), "ms", None);
 
     // 2. Heartbeats handled per second: a backlog written while the link is down, then drained.
-    up_tx.send(false)?;
+    relay.cut();
     let local_client = async_nats::ConnectOptions::with_user_and_password("agent".into(), "agent-pw".into())
         .connect(format!("127.0.0.1:{}", leaf.port()))
         .await?;
@@ -177,7 +162,7 @@ pub async fn run(a: Args) -> Result<()> {
     let mut ingested = store.client().subscribe(format!("ud.node.{}.heartbeat", token.node_id)).await?;
     let cpu0 = cpu_seconds();
     let t0 = Instant::now();
-    up_tx.send(true)?;
+    relay.restore();
     let mut n = 0;
     while n < a.heartbeats {
         tokio::time::timeout(Duration::from_secs(120), ingested.next()).await?.ok_or_else(|| anyhow!("drain stopped"))?;

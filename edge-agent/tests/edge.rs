@@ -358,50 +358,12 @@ async fn a_node_cannot_act_for_another() -> Result<()> {
     Ok(())
 }
 
-/// A TCP relay between a leaf and the hub that can cut the link.
-struct Link {
-    port: u16,
-    up: tokio::sync::watch::Sender<bool>,
-}
-
-impl Link {
-    async fn start(target: u16) -> Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let port = listener.local_addr()?.port();
-        let (up, rx) = tokio::sync::watch::channel(true);
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                if !*rx.borrow() {
-                    continue; // refused while cut: dropped at once
-                }
-                let mut rx = rx.clone();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else { return };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = rx.wait_for(|up| !*up) => {}
-                    }
-                });
-            }
-        });
-        Ok(Self { port, up })
-    }
-
-    fn cut(&self) {
-        let _ = self.up.send(false);
-    }
-
-    fn restore(&self) {
-        let _ = self.up.send(true);
-    }
-}
-
 #[tokio::test]
 async fn a_node_keeps_working_while_its_link_is_down_and_catches_up() -> Result<()> {
     let mut s = Stack::start(Duration::from_secs(60)).await?;
     let token = s.enroll("gamma").await?;
-    let link = Link::start(s.hub.leaf_port()).await?;
-    let node = s.join_via("gamma", token, Duration::from_millis(500), link.port).await?;
+    let link = ud_testkit::Relay::start(s.hub.leaf_port()).await?;
+    let node = s.join_via("gamma", token, Duration::from_millis(500), link.port()).await?;
     s.node_status(node.id, "online", Duration::from_secs(30)).await?;
 
     // Watch the node's own stream for the task's end, from the node's side.
