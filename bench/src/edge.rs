@@ -104,7 +104,8 @@ pub async fn run(a: Args) -> Result<()> {
         name: "bench".into(),
         labels: Default::default(),
         heartbeat_interval: Duration::from_secs(1),
-        image: "unidesk/busybox:base".into(),
+        image: Some("unidesk/busybox:base".into()),
+        work_dir: std::env::temp_dir().join(format!("ud-edge-{}", token.node_id)),
         docker_host: std::env::var("DOCKER_HOST").ok(),
     };
     let agent = tokio::spawn(async move {

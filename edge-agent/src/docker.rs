@@ -36,12 +36,17 @@ impl Executor {
         Ok(Self { docker, node })
     }
 
+    pub fn client(&self) -> Docker {
+        self.docker.clone()
+    }
+
     pub async fn version(&self) -> Option<String> {
         self.docker.version().await.ok().and_then(|v| v.version)
     }
 
     /// Creates and starts the task's container; returns its id.
-    pub async fn create(&self, image: &str, run: &DispatchRun) -> Result<String, AgentError> {
+    /// `workspace`, when given, is the task's code, mounted at `/workspace`.
+    pub async fn create(&self, image: &str, run: &DispatchRun, workspace: Option<&std::path::Path>) -> Result<String, AgentError> {
         let spec = &run.spec;
         let mut cmd = spec.command.clone();
         cmd.extend(spec.args.iter().cloned());
@@ -67,6 +72,7 @@ impl Executor {
             network_mode: Some("none".into()),
             privileged: Some(false),
             device_requests: gpus,
+            binds: workspace.map(|w| vec![format!("{}:/workspace", w.display())]),
             ..Default::default()
         };
         let body = ContainerCreateBody {
@@ -74,6 +80,7 @@ impl Executor {
             cmd: Some(cmd),
             env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
             labels: Some(labels),
+            working_dir: workspace.map(|_| "/workspace".to_owned()),
             host_config: Some(host),
             ..Default::default()
         };

@@ -3,6 +3,7 @@
 //! sourced by the hub), dispatches are pulled from the hub through the leaf.
 
 pub mod docker;
+pub mod env;
 pub mod info;
 
 use std::collections::{BTreeMap, HashMap};
@@ -41,8 +42,11 @@ pub struct AgentConfig {
     pub name: String,
     pub labels: BTreeMap<String, String>,
     pub heartbeat_interval: Duration,
-    /// Image tasks run in until environments are built from their repositories.
-    pub image: String,
+    /// Run every task in this image instead of building its environment
+    /// from the env repository (nodes without access to repositories).
+    pub image: Option<String>,
+    /// Git cache, build contexts and task workspaces.
+    pub work_dir: std::path::PathBuf,
     /// Docker socket (default: the local engine).
     pub docker_host: Option<String>,
 }
@@ -129,6 +133,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let reporter = Reporter { node, local };
     let docker = docker::Executor::connect(cfg.docker_host.as_deref(), node).await?;
     let running: Running = Arc::default();
+    let versions = env::Versions::new(cfg.work_dir.clone(), docker.client());
     // Everything the agent starts ends with it.
     let mut tasks = tokio::task::JoinSet::new();
 
@@ -162,7 +167,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
 
     loop {
         // Re-bind after any failure: leaf links have been seen to lose interest after a reset.
-        match pull_dispatches(&hub, &cfg, &docker, &reporter, &running, &mut tasks).await {
+        match pull_dispatches(&hub, &cfg, &docker, &versions, &reporter, &running, &mut tasks).await {
             Ok(()) => {}
             Err(e) => warn!(error = %e, "dispatch consumer lost; binding again"),
         }
@@ -174,6 +179,7 @@ async fn pull_dispatches(
     hub: &jetstream::Context,
     cfg: &AgentConfig,
     docker: &docker::Executor,
+    versions: &env::Versions,
     reporter: &Reporter,
     running: &Running,
     tasks: &mut tokio::task::JoinSet<()>,
@@ -186,7 +192,7 @@ async fn pull_dispatches(
         let kind = m.subject.rsplit('.').next().unwrap_or_default().to_owned();
         match kind.as_str() {
             "run" => match dispatch::from_cbor::<DispatchRun>(&m.payload, "dispatch-run") {
-                Ok(run) => start(cfg, docker, reporter, running, run, tasks).await,
+                Ok(run) => start(cfg, docker, versions, reporter, running, run, tasks).await,
                 Err(e) => warn!(subject = %m.subject, error = %e, "undecodable dispatch dropped"),
             },
             "cancel" => match dispatch::from_cbor::<DispatchCancel>(&m.payload, "dispatch-cancel") {
@@ -206,7 +212,15 @@ async fn pull_dispatches(
     Ok(())
 }
 
-async fn start(cfg: &AgentConfig, docker: &docker::Executor, reporter: &Reporter, running: &Running, run: DispatchRun, tasks: &mut tokio::task::JoinSet<()>) {
+async fn start(
+    cfg: &AgentConfig,
+    docker: &docker::Executor,
+    versions: &env::Versions,
+    reporter: &Reporter,
+    running: &Running,
+    run: DispatchRun,
+    tasks: &mut tokio::task::JoinSet<()>,
+) {
     let task = run.task_id;
     let span = tracing::info_span!("task", task_id = %task, node_id = %cfg.node_id, attempt = run.attempt);
     let (tx, rx) = oneshot::channel();
@@ -218,18 +232,38 @@ async fn start(cfg: &AgentConfig, docker: &docker::Executor, reporter: &Reporter
         }
         r.insert(task, tx);
     }
-    let (docker, reporter, running, image, node) = (docker.clone(), reporter.clone(), running.clone(), cfg.image.clone(), cfg.node_id);
-    // Containers start in parallel; the dispatch loop goes on at once.
+    let (docker, versions, reporter, running, image, node) =
+        (docker.clone(), versions.clone(), reporter.clone(), running.clone(), cfg.image.clone(), cfg.node_id);
+    let workspace = cfg.work_dir.join("tasks").join(format!("{task}-{}", run.attempt));
+    // Tasks are prepared and started in parallel; the dispatch loop goes on at once.
     tasks.spawn(
         async move {
-            let container = match docker.create(&image, &run).await {
-                Ok(c) => c,
-                Err(e) => {
-                    running.lock().await.remove(&task);
-                    let failed = Event::Task(task, TaskEvent::Failed(TaskFailed { at: now_millis(), exit_code: None, reason: format!("cannot start container: {e}") }));
-                    let _ = reporter.send(&failed).await;
-                    return;
+            let fail = |reason: String| async {
+                running.lock().await.remove(&task);
+                let failed = Event::Task(task, TaskEvent::Failed(TaskFailed { at: now_millis(), exit_code: None, reason }));
+                let _ = reporter.send(&failed).await;
+            };
+            let (image, mount) = match image {
+                Some(image) => (image, None),
+                None => {
+                    let log = |text: String| {
+                        let reporter = reporter.clone();
+                        async move {
+                            let _ = reporter.log(task, run.attempt, "build", text).await;
+                        }
+                    };
+                    match versions.prepare(&run.spec, &workspace, log).await {
+                        Ok(p) => (p.image, Some(p.workspace)),
+                        Err(e) => {
+                            let _ = std::fs::remove_dir_all(&workspace);
+                            return fail(e.to_string()).await;
+                        }
+                    }
                 }
+            };
+            let container = match docker.create(&image, &run, mount.as_deref()).await {
+                Ok(c) => c,
+                Err(e) => return fail(format!("cannot start container: {e}")).await,
             };
             let started = Event::Task(task, TaskEvent::Started(TaskStarted { at: now_millis(), node_id: node, attempt: run.attempt }));
             if let Err(e) = reporter.send(&started).await {
@@ -237,6 +271,9 @@ async fn start(cfg: &AgentConfig, docker: &docker::Executor, reporter: &Reporter
             }
             let timeout = Duration::from_secs(run.spec.timeout_seconds);
             supervise(docker, reporter, running, task, run.attempt, container, Some(timeout), rx).await;
+            if mount.is_some() {
+                let _ = std::fs::remove_dir_all(&workspace);
+            }
         }
         .instrument(span),
     );

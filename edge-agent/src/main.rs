@@ -39,9 +39,12 @@ struct RunArgs {
     labels: Vec<String>,
     #[arg(long, env = "UD_EDGE_HEARTBEAT_SECONDS", default_value_t = 15.0)]
     heartbeat_seconds: f64,
-    /// Image tasks run in.
-    #[arg(long, env = "UD_EDGE_IMAGE", default_value = "unidesk/busybox:base")]
-    image: String,
+    /// Run every task in this image instead of building its environment from the env repository.
+    #[arg(long, env = "UD_EDGE_IMAGE")]
+    image: Option<String>,
+    /// Git cache, build contexts and task workspaces (a path the Docker engine can mount).
+    #[arg(long, env = "UD_EDGE_WORK_DIR", default_value = "/var/lib/unidesk-edge")]
+    work_dir: std::path::PathBuf,
     #[arg(long, env = "DOCKER_HOST")]
     docker_host: Option<String>,
 }
@@ -100,7 +103,8 @@ async fn main() -> Result<()> {
                 name: a.name,
                 labels,
                 heartbeat_interval: Duration::from_secs_f64(a.heartbeat_seconds),
-                image: a.image,
+                image: a.image.filter(|i| !i.is_empty()),
+                work_dir: a.work_dir,
                 docker_host: a.docker_host,
             })
             .await?;

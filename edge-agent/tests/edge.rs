@@ -164,6 +164,10 @@ impl Stack {
         Ok(Node { id: token.node_id, token, leaf, agent })
     }
 
+    async fn submit_body(&self, body: Value) -> Result<String> {
+        Ok(self.post("/api/v1/tasks", body).await?["task_id"].as_str().unwrap_or_default().to_owned())
+    }
+
     async fn submit(&self, script: &str, timeout_seconds: u64) -> Result<String> {
         let v = self
             .post(
@@ -188,7 +192,8 @@ fn spawn_agent(leaf: &NatsServer, token: &NodeToken, name: &str, heartbeat: Dura
         name: name.to_owned(),
         labels: BTreeMap::from([("zone".to_owned(), name.to_owned())]),
         heartbeat_interval: heartbeat,
-        image: IMAGE.into(),
+        image: Some(IMAGE.into()),
+        work_dir: std::env::temp_dir().join(format!("ud-edge-{}", token.node_id)),
         docker_host: std::env::var("DOCKER_HOST").ok(),
     };
     tokio::spawn(async move {
@@ -458,5 +463,114 @@ async fn two_main_servers_mark_a_silent_node_offline_once() -> Result<()> {
     let recorded = store.read_subject(ud_schemas::streams::NODES, &format!("ud.node.{}.offline", node.id)).await?.len();
     assert_eq!(recorded, 1);
     second.shutdown();
+    Ok(())
+}
+
+fn git(dir: &std::path::Path, args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new("git")
+        .args(["-c", "user.name=t", "-c", "user.email=t@example.org", "-c", "init.defaultBranch=main"])
+        .args(args)
+        .current_dir(dir)
+        .output()?;
+    if !out.status.success() {
+        bail!("git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+}
+
+fn commit_all(dir: &std::path::Path, message: &str) -> Result<String> {
+    git(dir, &["add", "-A"])?;
+    git(dir, &["commit", "-q", "-m", message])?;
+    git(dir, &["rev-parse", "HEAD"])
+}
+
+#[tokio::test]
+async fn tasks_run_pinned_code_in_environments_built_from_their_repository() -> Result<()> {
+    let repos = tempfile::tempdir()?;
+    let env_dir = repos.path().join("env");
+    let code_dir = repos.path().join("code");
+    for d in [&env_dir, &code_dir] {
+        std::fs::create_dir_all(d)?;
+        git(d, &["init", "-q"])?;
+    }
+    std::fs::create_dir_all(env_dir.join("envs/a"))?;
+    std::fs::write(env_dir.join("envs/a/Dockerfile"), "FROM unidesk/busybox:base\nRUN echo env-a > /env.txt\n")?;
+    std::fs::create_dir_all(env_dir.join("envs/broken"))?;
+    std::fs::write(env_dir.join("envs/broken/Dockerfile"), "FROM unidesk/busybox:base\nRUN exit 7\n")?;
+    std::os::unix::fs::symlink("/etc", env_dir.join("outside"))?;
+    let env_commit = commit_all(&env_dir, "environments")?;
+    std::fs::write(code_dir.join("run.sh"), "echo code-v1; cat /env.txt; pwd\n")?;
+    let v1 = commit_all(&code_dir, "v1")?;
+    std::fs::write(code_dir.join("run.sh"), "echo code-v2; cat /env.txt\n")?;
+    let v2 = commit_all(&code_dir, "v2")?;
+
+    let mut s = Stack::start(Duration::from_secs(60)).await?;
+    let token = s.enroll("builder").await?;
+    let leaf = NatsServer::start_with(NatsOptions {
+        sync_always: false,
+        domain: edge::domain(&token.node_id),
+        extra: edge::leaf_link_config(&token, "127.0.0.1", s.hub.leaf_port(), AGENT_PW),
+        ..Default::default()
+    })
+    .await?;
+    let work = tempfile::tempdir()?;
+    let cfg = AgentConfig {
+        leaf_url: format!("nats://agent:{AGENT_PW}@127.0.0.1:{}", leaf.port()),
+        node_id: token.node_id,
+        name: "builder".into(),
+        labels: BTreeMap::new(),
+        heartbeat_interval: Duration::from_millis(500),
+        image: None,
+        work_dir: work.path().to_owned(),
+        docker_host: std::env::var("DOCKER_HOST").ok(),
+    };
+    let agent = tokio::spawn(async move {
+        let _ = ud_edge_agent::run(cfg).await;
+    });
+    s.node_status(token.node_id, "online", Duration::from_secs(30)).await?;
+
+    let url = |d: &std::path::Path| format!("file://{}", d.display());
+    let submit = |code: &str, env: &str, dockerfile: &str| {
+        json!({
+            "project": "lab", "code_repo_url": url(&code_dir), "code_commit_id": code,
+            "env_repo_url": url(&env_dir), "env_commit_id": env, "dockerfile_path": dockerfile,
+            "command": ["sh", "run.sh"], "resources": {"cpus": 0.5, "memory_mb": 64}, "timeout_seconds": 120
+        })
+    };
+
+    // First run: fetch both repositories, build the environment, run the code.
+    let first = s.submit_body(submit(&v1, &env_commit, "envs/a/Dockerfile")).await?;
+    let done = s.task_state(&first, &["succeeded", "failed"], Duration::from_secs(120)).await?;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let out = logs(&s, &first).await?;
+    assert!(out.contains("code-v1") && out.contains("env-a") && out.contains("/workspace"), "{out:?}");
+    assert!(out.contains("Step 1/2"), "the build log is kept with the task: {out:?}");
+
+    // Same environment, new commit of the code: no build, the new code.
+    let second = s.submit_body(submit(&v2, &env_commit, "envs/a/Dockerfile")).await?;
+    let done = s.task_state(&second, &["succeeded", "failed"], Duration::from_secs(120)).await?;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let out = logs(&s, &second).await?;
+    assert!(out.contains("code-v2") && out.contains("env-a"), "{out:?}");
+    assert!(!out.contains("Step 1/2"), "the environment was built again: {out:?}");
+
+    // Bad versions end the task with the step and the reason.
+    let cases = [
+        (submit(&"0".repeat(40), &env_commit, "envs/a/Dockerfile"), "is not in"),
+        (submit(&v1, &env_commit, "outside/passwd"), "dockerfile_path"),
+        (submit(&v1, &env_commit, "envs/missing/Dockerfile"), "dockerfile_path"),
+        (submit(&v1, &env_commit, "envs/broken/Dockerfile"), "building the environment image"),
+    ];
+    for (body, reason) in cases {
+        let id = s.submit_body(body).await?;
+        let done = s.task_state(&id, &["succeeded", "failed"], Duration::from_secs(120)).await?;
+        assert_eq!(done["state"], "failed", "{done}");
+        assert!(done["reason"].as_str().is_some_and(|r| r.contains(reason)), "expected {reason:?}: {done}");
+    }
+    // The node stays healthy: a good task still runs.
+    let last = s.submit_body(submit(&v1, &env_commit, "envs/a/Dockerfile")).await?;
+    let done = s.task_state(&last, &["succeeded", "failed"], Duration::from_secs(120)).await?;
+    assert_eq!(done["state"], "succeeded");
+    agent.abort();
     Ok(())
 }

@@ -1,0 +1,211 @@
+//! Versioned code and environments: a git cache of bare mirrors (only the
+//! commits asked for are fetched), checkouts into task workspaces, and
+//! environment images built from the env repository at its commit, named by
+//! what defines them so that a second task with the same environment starts
+//! without building.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bollard::query_parameters::BuildImageOptions;
+use bollard::Docker;
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+use tokio::sync::Mutex;
+use ud_schemas::TaskSpec;
+
+/// Why preparing a task failed, naming the step.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error("fetching {what} from {url}: {reason}")]
+    Fetch { what: &'static str, url: String, reason: String },
+    #[error("commit {commit} is not in {url}")]
+    NoCommit { url: String, commit: String },
+    #[error("dockerfile_path {0:?} is not a file inside the environment repository")]
+    Dockerfile(String),
+    #[error("building the environment image: {0}")]
+    Build(String),
+    #[error("preparing the workspace: {0}")]
+    Io(String),
+}
+
+fn digest(parts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update([0]);
+    }
+    hex::encode(h.finalize())
+}
+
+/// The image an environment builds into: named by env repo, commit and Dockerfile path.
+pub fn image_tag(spec: &TaskSpec) -> String {
+    format!("unidesk-env:{}", &digest(&[&spec.env_repo_url, &spec.env_commit_id, &spec.dockerfile_path])[..24])
+}
+
+#[derive(Clone)]
+pub struct Versions {
+    root: PathBuf,
+    docker: Docker,
+    /// One lock per repository mirror and per image: the same fetch or build
+    /// asked for by two tasks at once happens once.
+    locks: Arc<Mutex<HashMap<String, Arc<Mutex<()>>>>>,
+}
+
+/// What a prepared task runs: the image, and the code checked out for it.
+pub struct Prepared {
+    pub image: String,
+    pub workspace: PathBuf,
+}
+
+impl Versions {
+    pub fn new(root: PathBuf, docker: Docker) -> Self {
+        Self { root, docker, locks: Arc::default() }
+    }
+
+    async fn lock(&self, key: String) -> Arc<Mutex<()>> {
+        self.locks.lock().await.entry(key).or_default().clone()
+    }
+
+    fn mirror_path(&self, url: &str) -> PathBuf {
+        self.root.join("git").join(format!("{}.git", &digest(&[url])[..32]))
+    }
+
+    /// Makes sure the mirror of `url` has `commit`, fetching only what is missing.
+    async fn fetch(&self, what: &'static str, url: &str, commit: &str) -> Result<PathBuf, PrepareError> {
+        let path = self.mirror_path(url);
+        let lock = self.lock(path.display().to_string()).await;
+        let _guard = lock.lock().await;
+        let (p, u, c) = (path.clone(), url.to_owned(), commit.to_owned());
+        tokio::task::spawn_blocking(move || fetch_blocking(&p, &u, &c))
+            .await
+            .map_err(|e| PrepareError::Io(e.to_string()))?
+            .map_err(|e| match e {
+                FetchError::Missing => PrepareError::NoCommit { url: url.to_owned(), commit: commit.to_owned() },
+                FetchError::Git(reason) => PrepareError::Fetch { what, url: url.to_owned(), reason },
+            })?;
+        Ok(path)
+    }
+
+    /// Fetches code and environment, builds the image if it does not exist,
+    /// checks the code out into the task's workspace. `log` receives build output.
+    pub async fn prepare<F, Fut>(&self, spec: &TaskSpec, workspace: &Path, log: F) -> Result<Prepared, PrepareError>
+    where
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let code = self.fetch("code", &spec.code_repo_url, &spec.code_commit_id).await?;
+        let image = image_tag(spec);
+        let image_lock = self.lock(image.clone()).await;
+        {
+            let _guard = image_lock.lock().await;
+            if self.docker.inspect_image(&image).await.is_err() {
+                let env = self.fetch("environment", &spec.env_repo_url, &spec.env_commit_id).await?;
+                let context = self.root.join("build").join(&digest(&[&image])[..16]);
+                let (e, c, commit, path) = (env.clone(), context.clone(), spec.env_commit_id.clone(), spec.dockerfile_path.clone());
+                let tar = tokio::task::spawn_blocking(move || build_context(&e, &commit, &c, &path))
+                    .await
+                    .map_err(|e| PrepareError::Io(e.to_string()))??;
+                let result = self.build(&image, &spec.dockerfile_path, tar, &log).await;
+                let _ = std::fs::remove_dir_all(&context);
+                result?;
+            }
+        }
+        let (c, commit, dest) = (code, spec.code_commit_id.clone(), workspace.to_owned());
+        tokio::task::spawn_blocking(move || checkout(&c, &commit, &dest))
+            .await
+            .map_err(|e| PrepareError::Io(e.to_string()))??;
+        Ok(Prepared { image, workspace: workspace.to_owned() })
+    }
+
+    async fn build<F, Fut>(&self, image: &str, dockerfile: &str, tar: Vec<u8>, log: &F) -> Result<(), PrepareError>
+    where
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let options = BuildImageOptions { dockerfile: dockerfile.to_owned(), t: Some(image.to_owned()), rm: true, forcerm: true, ..Default::default() };
+        let mut stream = self.docker.build_image(options, None, Some(bollard::body_full(tar.into())));
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(info) => {
+                    if let Some(text) = info.stream {
+                        log(text).await;
+                    }
+                    if let Some(err) = info.error_detail.and_then(|d| d.message) {
+                        return Err(PrepareError::Build(err));
+                    }
+                }
+                Err(e) => return Err(PrepareError::Build(e.to_string())),
+            }
+        }
+        if self.docker.inspect_image(image).await.is_err() {
+            return Err(PrepareError::Build("the build produced no image".into()));
+        }
+        Ok(())
+    }
+}
+
+enum FetchError {
+    Missing,
+    Git(String),
+}
+
+fn fetch_blocking(path: &Path, url: &str, commit: &str) -> Result<(), FetchError> {
+    let git = |e: git2::Error| FetchError::Git(e.message().to_owned());
+    let oid = git2::Oid::from_str(commit).map_err(|_| FetchError::Missing)?;
+    let repo = if path.exists() {
+        git2::Repository::open_bare(path).map_err(git)?
+    } else {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| FetchError::Git(e.to_string()))?;
+        }
+        git2::Repository::init_bare(path).map_err(git)?
+    };
+    if repo.find_commit(oid).is_ok() {
+        return Ok(());
+    }
+    let mut remote = repo.remote_anonymous(url).map_err(git)?;
+    // Only the commit asked for, where the server allows it; else the branches and tags.
+    let direct = remote.fetch(&[commit], None, None);
+    if direct.is_err() || repo.find_commit(oid).is_err() {
+        let all = remote.fetch(&["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"], None, None);
+        if let (Err(e), Err(_)) = (all, direct) {
+            return Err(git(e));
+        }
+    }
+    repo.find_commit(oid).map(|_| ()).map_err(|_| FetchError::Missing)
+}
+
+fn io(e: impl std::fmt::Display) -> PrepareError {
+    PrepareError::Io(e.to_string())
+}
+
+/// Writes the tree of `commit` into `dest` (created fresh).
+fn checkout(mirror: &Path, commit: &str, dest: &Path) -> Result<(), PrepareError> {
+    let repo = git2::Repository::open_bare(mirror).map_err(io)?;
+    let oid = git2::Oid::from_str(commit).map_err(io)?;
+    let obj = repo.find_commit(oid).map_err(io)?.into_object();
+    if dest.exists() {
+        std::fs::remove_dir_all(dest).map_err(io)?;
+    }
+    std::fs::create_dir_all(dest).map_err(io)?;
+    let mut cb = git2::build::CheckoutBuilder::new();
+    cb.target_dir(dest).force().recreate_missing(true);
+    repo.checkout_tree(&obj, Some(&mut cb)).map_err(io)
+}
+
+/// The build context: the env repository at `commit`, as a tar, after checking
+/// that the Dockerfile is a file inside it.
+fn build_context(mirror: &Path, commit: &str, dir: &Path, dockerfile: &str) -> Result<Vec<u8>, PrepareError> {
+    checkout(mirror, commit, dir)?;
+    let root = dir.canonicalize().map_err(io)?;
+    let file = root.join(dockerfile).canonicalize().map_err(|_| PrepareError::Dockerfile(dockerfile.to_owned()))?;
+    if !file.starts_with(&root) || !file.is_file() {
+        return Err(PrepareError::Dockerfile(dockerfile.to_owned()));
+    }
+    let mut tar = tar::Builder::new(Vec::new());
+    tar.follow_symlinks(false);
+    tar.append_dir_all(".", &root).map_err(io)?;
+    tar.into_inner().map_err(io)
+}
