@@ -86,19 +86,33 @@ up() {
   fi
   if ! [ -f "$STATE/agent.pid" ] || ! kill -0 "$(cat "$STATE/agent.pid")" 2>/dev/null; then
     UD_NODE_TOKEN="$(cat "$STATE/node.token")" UD_EDGE_LEAF_URL="nats://agent:$agent_pw@127.0.0.1:$EDGE_PORT" \
-      "$EDGE" run --name main-server --label role=main > "$STATE/agent.log" 2>&1 &
+      UD_EDGE_WORK_DIR="$STATE/edge" "$EDGE" run --name main-server --label role=main > "$STATE/agent.log" 2>&1 &
     echo $! > "$STATE/agent.pid"
   fi
   cat "$STATE/server.out"
   echo "admin token: $STATE/admin.token"
 
-  # The main job: a project user submits a task, it runs on a node, its output comes back.
-  local user id
+  # The main job: a project user submits a task pinned to commits of a code and
+  # an environment repository; the node fetches both, builds the environment
+  # and runs the code in it.
+  local demo="$STATE/demo" code_commit env_commit user id
+  if ! [ -d "$demo/env/.git" ]; then
+    mkdir -p "$demo/env" "$demo/code"
+    printf 'FROM unidesk/busybox:base\nRUN echo "environment built from its repository" > /etc/unidesk-env\n' > "$demo/env/Dockerfile"
+    printf 'echo "hello from UniDesk"; cat /etc/unidesk-env; echo "6 * 7 = $((6 * 7))"\n' > "$demo/code/main.sh"
+    for r in env code; do
+      git -C "$demo/$r" -c init.defaultBranch=main init -q
+      git -C "$demo/$r" add -A
+      git -C "$demo/$r" -c user.name=demo -c user.email=demo@localhost commit -q -m "demo"
+    done
+  fi
+  code_commit="$(git -C "$demo/code" rev-parse HEAD)"
+  env_commit="$(git -C "$demo/env" rev-parse HEAD)"
   user="$("$BIN" token issue --name "demo-$(date +%s)" --project demo)"
   id="$(UD_TOKEN="$user" "$BIN" submit --project demo --wait \
-        --code-repo https://git.example.org/demo/code.git \
-        --code-commit 0123456789abcdef0123456789abcdef01234567 \
-        --cpus 0.5 --memory-mb 128 -- sh -c 'echo hello from UniDesk on $(hostname); echo 6*7 | bc 2>/dev/null || echo 42')"
+        --code-repo "file://$demo/code" --code-commit "$code_commit" \
+        --env-repo "file://$demo/env" --env-commit "$env_commit" --dockerfile Dockerfile \
+        --cpus 0.5 --memory-mb 128 -- sh main.sh)"
   echo "submitted task $id; its output:"
   UD_TOKEN="$user" timeout 120 "$BIN" task logs -f "$id"
   UD_TOKEN="$user" "$BIN" show "$id"
