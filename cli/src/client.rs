@@ -358,6 +358,34 @@ pub async fn token(c: TokenCommand) -> Result<()> {
 pub enum TaskCommand {
     /// Print a task's output; with -f keep following it.
     Logs(LogsArgs),
+    /// Submit the exact same versions, command and resources again; prints the new task id.
+    Rerun(IdArgs),
+}
+
+/// A submission with the same versions, command and resources as `task` (a TaskView).
+pub fn rerun_body(task: &Value) -> Value {
+    let spec = &task["spec"];
+    let r = &spec["resources"];
+    let mut body = json!({
+        "project": task["project"],
+        "name": spec["name"],
+        "code_repo_url": spec["code_repo_url"], "code_commit_id": spec["code_commit_id"],
+        "env_repo_url": spec["env_repo_url"], "env_commit_id": spec["env_commit_id"],
+        "dockerfile_path": spec["dockerfile_path"],
+        "command": spec["command"], "args": spec["args"], "env": spec["env"],
+        "resources": {
+            "cpus": r["cpu_millis"].as_f64().unwrap_or(1000.0) / 1000.0,
+            "memory_mb": r["memory_mb"], "gpus": r["gpus"], "gpu_model": r["gpu_model"], "labels": r["labels"],
+        },
+        "timeout_seconds": spec["timeout_seconds"],
+        "retry": spec["retry"],
+    });
+    if body["name"].is_null() {
+        if let Some(o) = body.as_object_mut() {
+            o.remove("name");
+        }
+    }
+    body
 }
 
 #[derive(Args)]
@@ -372,6 +400,17 @@ pub struct LogsArgs {
 
 pub async fn task(c: TaskCommand) -> Result<()> {
     match c {
+        TaskCommand::Rerun(a) => {
+            let api = Api::new(a.api.clone());
+            let t = api.get(&format!("/api/v1/tasks/{}", a.id)).await?;
+            let v = api.post("/api/v1/tasks", &rerun_body(&t)).await?;
+            if a.api.json {
+                print(&v);
+            } else {
+                println!("{}", v["task_id"].as_str().unwrap_or_default());
+            }
+            Ok(())
+        }
         TaskCommand::Logs(a) => {
             let api = Api::new(a.api);
             let mut after = 0u64;

@@ -113,6 +113,13 @@ async fn a_user_runs_the_whole_cycle_from_the_command_line() -> Result<()> {
     let list = server.ok(&["list", "--state", "pending"])?;
     assert!(list.contains(&id), "{list}");
 
+    // A rerun submits the exact same versions, command and resources.
+    let again = server.ok(&["task", "rerun", &id])?.trim().to_owned();
+    assert_ne!(again, id);
+    let rerun: serde_json::Value = serde_json::from_str(&server.ok(&["show", &again])?)?;
+    assert_eq!(rerun["spec"], shown["spec"]);
+    server.ok(&["cancel", &again])?;
+
     server.ok(&["cancel", &id, "--reason", "enough"])?;
     let history = server.ok(&["history", &id])?;
     let types: Vec<String> = history
@@ -138,7 +145,7 @@ async fn a_user_runs_the_whole_cycle_from_the_command_line() -> Result<()> {
     assert_eq!(exported[1]["type"], "task.cancelled");
     assert!(exported[0]["payload_cbor"].as_str().is_some_and(|p| !p.is_empty()));
     let all = server.ok(&["events", "export", "--stream", "UD_TASKS", "--since", "2000-01-01T00:00:00Z"])?;
-    assert_eq!(all.lines().count(), 2);
+    assert_eq!(all.lines().count(), 4);
     let none = server.ok(&["events", "export", "--stream", "UD_TASKS", "--until", "2000-01-01T00:00:00Z"])?;
     assert_eq!(none.lines().count(), 0);
 

@@ -75,6 +75,7 @@ pub struct Task {
 pub enum TaskCommand {
     Submit { project: ProjectId, spec: TaskSpec, idempotency_key: Option<String> },
     Assign { node_id: NodeId },
+    RecordPrepared(Box<TaskPrepared>),
     Start { node_id: NodeId, attempt: u32 },
     Succeed { node_id: NodeId, exit_code: i32 },
     Fail { node_id: NodeId, exit_code: Option<i32>, reason: String },
@@ -88,6 +89,7 @@ impl TaskCommand {
         match self {
             Self::Submit { .. } => "submit",
             Self::Assign { .. } => "assign",
+            Self::RecordPrepared(_) => "record-prepared",
             Self::Start { .. } => "start",
             Self::Succeed { .. } => "succeed",
             Self::Fail { .. } => "fail",
@@ -135,6 +137,10 @@ pub fn decide(task: Option<&Task>, command: TaskCommand, now: Millis) -> Result<
             node_id,
             attempt: task.attempts + 1,
         })]),
+        (TaskState::Assigned { node_id: live, attempt: a }, TaskCommand::RecordPrepared(p)) if *live == p.node_id && *a == p.attempt => {
+            Ok(vec![TaskEvent::Prepared(TaskPrepared { at: now, ..*p })])
+        }
+        (TaskState::Assigned { .. }, TaskCommand::RecordPrepared(p)) => Err(TaskError::WrongNode(p.node_id)),
         (TaskState::Assigned { node_id: live, attempt: a }, TaskCommand::Start { node_id, attempt })
             if *live == node_id && *a == attempt =>
         {
@@ -208,7 +214,7 @@ pub fn evolve(task: Option<Task>, id: TaskId, event: &TaskEvent) -> Option<Task>
         (TaskState::Assigned { node_id, attempt } | TaskState::Running { node_id, attempt }, TaskEvent::CancelRequested(e)) => {
             TaskState::Cancelling { node_id, attempt, reason: e.reason.clone() }
         }
-        (state, TaskEvent::CancelRequested(_) | TaskEvent::Submitted(_)) => state,
+        (state, TaskEvent::CancelRequested(_) | TaskEvent::Submitted(_) | TaskEvent::Prepared(_)) => state,
     };
     Some(task)
 }

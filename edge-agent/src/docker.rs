@@ -36,6 +36,10 @@ impl Executor {
         Ok(Self { docker, node })
     }
 
+    pub async fn image_id(&self, image: &str) -> String {
+        self.docker.inspect_image(image).await.ok().and_then(|i| i.id).unwrap_or_default()
+    }
+
     pub fn client(&self) -> Docker {
         self.docker.clone()
     }

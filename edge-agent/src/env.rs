@@ -56,7 +56,11 @@ pub struct Versions {
 /// What a prepared task runs: the image, and the code checked out for it.
 pub struct Prepared {
     pub image: String,
+    pub image_id: String,
+    pub dockerfile_digest: String,
     pub workspace: PathBuf,
+    /// Steps taken, in order, with their durations.
+    pub steps: Vec<(&'static str, std::time::Duration)>,
 }
 
 impl Versions {
@@ -95,13 +99,19 @@ impl Versions {
         F: Fn(String) -> Fut,
         Fut: std::future::Future<Output = ()>,
     {
+        let mut steps = Vec::new();
+        let t = std::time::Instant::now();
         let code = self.fetch("code", &spec.code_repo_url, &spec.code_commit_id).await?;
+        steps.push(("fetch_code", t.elapsed()));
         let image = image_tag(spec);
         let image_lock = self.lock(image.clone()).await;
-        {
+        let env = {
             let _guard = image_lock.lock().await;
+            let t = std::time::Instant::now();
+            let env = self.fetch("environment", &spec.env_repo_url, &spec.env_commit_id).await?;
+            steps.push(("fetch_environment", t.elapsed()));
             if self.docker.inspect_image(&image).await.is_err() {
-                let env = self.fetch("environment", &spec.env_repo_url, &spec.env_commit_id).await?;
+                let t = std::time::Instant::now();
                 let context = self.root.join("build").join(&digest(&[&image])[..16]);
                 let (e, c, commit, path) = (env.clone(), context.clone(), spec.env_commit_id.clone(), spec.dockerfile_path.clone());
                 let tar = tokio::task::spawn_blocking(move || build_context(&e, &commit, &c, &path))
@@ -110,13 +120,22 @@ impl Versions {
                 let result = self.build(&image, &spec.dockerfile_path, tar, &log).await;
                 let _ = std::fs::remove_dir_all(&context);
                 result?;
+                steps.push(("build_image", t.elapsed()));
             }
-        }
+            env
+        };
+        let t = std::time::Instant::now();
         let (c, commit, dest) = (code, spec.code_commit_id.clone(), workspace.to_owned());
         tokio::task::spawn_blocking(move || checkout(&c, &commit, &dest))
             .await
             .map_err(|e| PrepareError::Io(e.to_string()))??;
-        Ok(Prepared { image, workspace: workspace.to_owned() })
+        steps.push(("checkout", t.elapsed()));
+        let (e, commit, path) = (env, spec.env_commit_id.clone(), spec.dockerfile_path.clone());
+        let dockerfile_digest = tokio::task::spawn_blocking(move || blob_digest(&e, &commit, &path))
+            .await
+            .map_err(|e| PrepareError::Io(e.to_string()))??;
+        let image_id = self.docker.inspect_image(&image).await.ok().and_then(|i| i.id).unwrap_or_default();
+        Ok(Prepared { image, image_id, dockerfile_digest, workspace: workspace.to_owned(), steps })
     }
 
     async fn build<F, Fut>(&self, image: &str, dockerfile: &str, tar: Vec<u8>, log: &F) -> Result<(), PrepareError>
@@ -208,4 +227,13 @@ fn build_context(mirror: &Path, commit: &str, dir: &Path, dockerfile: &str) -> R
     tar.follow_symlinks(false);
     tar.append_dir_all(".", &root).map_err(io)?;
     tar.into_inner().map_err(io)
+}
+
+/// Hex SHA-256 of a file's bytes at a commit (the Dockerfile the image was built from).
+fn blob_digest(mirror: &Path, commit: &str, path: &str) -> Result<String, PrepareError> {
+    let repo = git2::Repository::open_bare(mirror).map_err(io)?;
+    let tree = repo.find_commit(git2::Oid::from_str(commit).map_err(io)?).map_err(io)?.tree().map_err(io)?;
+    let entry = tree.get_path(Path::new(path)).map_err(|_| PrepareError::Dockerfile(path.to_owned()))?;
+    let blob = repo.find_blob(entry.id()).map_err(|_| PrepareError::Dockerfile(path.to_owned()))?;
+    Ok(hex::encode(Sha256::digest(blob.content())))
 }

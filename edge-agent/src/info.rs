@@ -49,3 +49,18 @@ pub async fn detect(docker_version: Option<String>) -> NodeResources {
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
     }
 }
+
+/// GPUs with their driver version, for the record of what a run used.
+pub fn gpus_in_use() -> Vec<ud_schemas::events::GpuInUse> {
+    let out = std::process::Command::new("nvidia-smi")
+        .args(["--query-gpu=name,driver_version", "--format=csv,noheader"])
+        .output();
+    let Ok(out) = out else { return vec![] };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let (model, driver) = l.split_once(',')?;
+            Some(ud_schemas::events::GpuInUse { model: model.trim().to_owned(), driver: driver.trim().to_owned() })
+        })
+        .collect()
+}

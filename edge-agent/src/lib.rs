@@ -243,8 +243,11 @@ async fn start(
                 let failed = Event::Task(task, TaskEvent::Failed(TaskFailed { at: now_millis(), exit_code: None, reason }));
                 let _ = reporter.send(&failed).await;
             };
-            let (image, mount) = match image {
-                Some(image) => (image, None),
+            let (image, mount, mut prepared) = match image {
+                Some(image) => {
+                    let image_id = docker.image_id(&image).await;
+                    (image, None, (String::new(), image_id, Vec::new()))
+                }
                 None => {
                     let log = |text: String| {
                         let reporter = reporter.clone();
@@ -253,7 +256,7 @@ async fn start(
                         }
                     };
                     match versions.prepare(&run.spec, &workspace, log).await {
-                        Ok(p) => (p.image, Some(p.workspace)),
+                        Ok(p) => (p.image, Some(p.workspace), (p.dockerfile_digest, p.image_id, p.steps)),
                         Err(e) => {
                             let _ = std::fs::remove_dir_all(&workspace);
                             return fail(e.to_string()).await;
@@ -261,10 +264,27 @@ async fn start(
                     }
                 }
             };
+            let t = std::time::Instant::now();
             let container = match docker.create(&image, &run, mount.as_deref()).await {
                 Ok(c) => c,
                 Err(e) => return fail(format!("cannot start container: {e}")).await,
             };
+            prepared.2.push(("start", t.elapsed()));
+            let gpus = if run.spec.resources.gpus > 0 { tokio::task::spawn_blocking(info::gpus_in_use).await.unwrap_or_default() } else { vec![] };
+            let record = TaskPrepared {
+                at: now_millis(),
+                node_id: node,
+                attempt: run.attempt,
+                code_commit_id: run.spec.code_commit_id.clone(),
+                env_commit_id: run.spec.env_commit_id.clone(),
+                dockerfile_digest: prepared.0,
+                image_id: prepared.1,
+                steps: prepared.2.iter().map(|(name, d)| PrepareStep { name: (*name).to_owned(), millis: u64::try_from(d.as_millis()).unwrap_or(u64::MAX) }).collect(),
+                gpus,
+            };
+            if let Err(e) = reporter.send(&Event::Task(task, TaskEvent::Prepared(record))).await {
+                warn!(error = %e, "cannot record what the run uses");
+            }
             let started = Event::Task(task, TaskEvent::Started(TaskStarted { at: now_millis(), node_id: node, attempt: run.attempt }));
             if let Err(e) = reporter.send(&started).await {
                 warn!(error = %e, "cannot record start");

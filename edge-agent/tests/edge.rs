@@ -230,7 +230,7 @@ async fn nodes_join_run_tasks_in_docker_and_go_offline() -> Result<()> {
     assert!(out.contains("hello from the node") && out.contains("careful"), "{out:?}");
     let history = s.get(&format!("/api/v1/tasks/{ok}/events")).await?;
     let types: Vec<&str> = history.as_array().into_iter().flatten().filter_map(|e| e["type"].as_str()).collect();
-    assert_eq!(types, vec!["task.submitted", "task.assigned", "task.started", "task.succeeded"]);
+    assert_eq!(types, vec!["task.submitted", "task.assigned", "task.prepared", "task.started", "task.succeeded"]);
 
     // A failing command ends failed with its exit code.
     let bad = s.submit("exit 3", 60).await?;
@@ -382,7 +382,7 @@ async fn a_node_keeps_working_while_its_link_is_down_and_catches_up() -> Result<
     // The task finishes while the hub cannot hear of it.
     let end = tokio::time::timeout(Duration::from_secs(60), async {
         while let Some(m) = ended.next().await {
-            if !m.subject.ends_with(".started") {
+            if !m.subject.ends_with(".started") && !m.subject.ends_with(".prepared") {
                 return Some(m.subject.to_string());
             }
         }
@@ -398,7 +398,7 @@ async fn a_node_keeps_working_while_its_link_is_down_and_catches_up() -> Result<
     assert_eq!(done["exit_code"], 0);
     let history = s.get(&format!("/api/v1/tasks/{task}/events")).await?;
     let types: Vec<&str> = history.as_array().into_iter().flatten().filter_map(|e| e["type"].as_str()).collect();
-    assert_eq!(types, vec!["task.submitted", "task.assigned", "task.started", "task.succeeded"]);
+    assert_eq!(types, vec!["task.submitted", "task.assigned", "task.prepared", "task.started", "task.succeeded"]);
     let out = logs(&s, &task).await?;
     assert!(out.contains("before the cut") && out.contains("after the cut"), "{out:?}");
     node.agent.abort();
@@ -545,6 +545,15 @@ async fn tasks_run_pinned_code_in_environments_built_from_their_repository() -> 
     let out = logs(&s, &first).await?;
     assert!(out.contains("code-v1") && out.contains("env-a") && out.contains("/workspace"), "{out:?}");
     assert!(out.contains("Step 1/2"), "the build log is kept with the task: {out:?}");
+    // What the run really used.
+    let ran = &done["prepared"];
+    assert_eq!(ran["code_commit_id"], v1.as_str());
+    assert_eq!(ran["env_commit_id"], env_commit.as_str());
+    let dockerfile = std::fs::read(env_dir.join("envs/a/Dockerfile"))?;
+    assert_eq!(ran["dockerfile_digest"], hex_sha256(&dockerfile));
+    assert!(ran["image_id"].as_str().is_some_and(|i| i.starts_with("sha256:")), "{ran}");
+    let steps: Vec<&str> = ran["steps"].as_array().into_iter().flatten().filter_map(|s| s["name"].as_str()).collect();
+    assert_eq!(steps, vec!["fetch_code", "fetch_environment", "build_image", "checkout", "start"]);
 
     // Same environment, new commit of the code: no build, the new code.
     let second = s.submit_body(submit(&v2, &env_commit, "envs/a/Dockerfile")).await?;
@@ -553,6 +562,9 @@ async fn tasks_run_pinned_code_in_environments_built_from_their_repository() -> 
     let out = logs(&s, &second).await?;
     assert!(out.contains("code-v2") && out.contains("env-a"), "{out:?}");
     assert!(!out.contains("Step 1/2"), "the environment was built again: {out:?}");
+    let steps: Vec<&str> = done["prepared"]["steps"].as_array().into_iter().flatten().filter_map(|s| s["name"].as_str()).collect();
+    assert_eq!(steps, vec!["fetch_code", "fetch_environment", "checkout", "start"]);
+    assert_eq!(done["prepared"]["image_id"], ran_image_id(&s, &first).await?);
 
     // Bad versions end the task with the step and the reason.
     let cases = [
@@ -573,4 +585,13 @@ async fn tasks_run_pinned_code_in_environments_built_from_their_repository() -> 
     assert_eq!(done["state"], "succeeded");
     agent.abort();
     Ok(())
+}
+
+fn hex_sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+async fn ran_image_id(s: &Stack, task: &str) -> Result<Value> {
+    Ok(s.get(&format!("/api/v1/tasks/{task}")).await?["prepared"]["image_id"].clone())
 }

@@ -61,6 +61,9 @@ pub struct TaskView {
     pub attempt: i32,
     #[schema(value_type = ud_schemas::TaskSpec)]
     pub spec: serde_json::Value,
+    /// What the run really used: resolved commits, Dockerfile digest, image id,
+    /// preparing steps with their durations, GPUs (null until prepared).
+    pub prepared: Option<serde_json::Value>,
     pub exit_code: Option<i32>,
     pub reason: Option<String>,
     pub submitted_by: String,
@@ -81,6 +84,7 @@ impl From<TaskRow> for TaskView {
             node_id: r.node_id.map(|n| n.to_string()),
             attempt: r.attempt,
             spec: r.spec,
+            prepared: r.prepared,
             exit_code: r.exit_code,
             reason: r.reason,
             submitted_by: r.submitted_by,

@@ -17,6 +17,8 @@ pub struct TaskRow {
     pub node_id: Option<NodeId>,
     pub attempt: i32,
     pub spec: serde_json::Value,
+    /// What the run really used (task.prepared).
+    pub prepared: Option<serde_json::Value>,
     pub exit_code: Option<i32>,
     pub reason: Option<String>,
     pub submitted_by: String,
@@ -52,6 +54,7 @@ pub fn apply_task(
                 node_id: None,
                 attempt: 0,
                 spec: serde_json::to_value(&e.spec).unwrap_or_default(),
+                prepared: None,
                 exit_code: None,
                 reason: None,
                 submitted_by: actor.to_owned(),
@@ -78,6 +81,9 @@ pub fn apply_task(
             row.state = "assigned".into();
             row.node_id = Some(e.node_id);
             row.attempt = i32::try_from(e.attempt).unwrap_or(i32::MAX);
+        }
+        TaskEvent::Prepared(e) => {
+            row.prepared = serde_json::to_value(e).ok();
         }
         TaskEvent::Started(e) => {
             row.state = "running".into();

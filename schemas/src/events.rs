@@ -15,6 +15,7 @@ use crate::Millis;
 pub enum TaskEvent {
     Submitted(TaskSubmitted),
     Assigned(TaskAssigned),
+    Prepared(TaskPrepared),
     Started(TaskStarted),
     Succeeded(TaskSucceeded),
     Failed(TaskFailed),
@@ -36,6 +37,35 @@ pub struct TaskAssigned {
     pub at: Millis,
     pub node_id: NodeId,
     pub attempt: u32,
+}
+
+/// What a run really uses, recorded by the node before it starts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskPrepared {
+    pub at: Millis,
+    pub node_id: NodeId,
+    pub attempt: u32,
+    pub code_commit_id: String,
+    pub env_commit_id: String,
+    /// Hex SHA-256 of the Dockerfile's bytes (empty when the node runs a fixed image).
+    pub dockerfile_digest: String,
+    pub image_id: String,
+    /// Preparing steps in order, with their durations.
+    pub steps: Vec<PrepareStep>,
+    pub gpus: Vec<GpuInUse>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrepareStep {
+    /// `fetch_code`, `fetch_environment`, `build_image`, `checkout`, `start`.
+    pub name: String,
+    pub millis: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuInUse {
+    pub model: String,
+    pub driver: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,6 +190,7 @@ impl TaskEvent {
         match self {
             Self::Submitted(_) => "submitted",
             Self::Assigned(_) => "assigned",
+            Self::Prepared(_) => "prepared",
             Self::Started(_) => "started",
             Self::Succeeded(_) => "succeeded",
             Self::Failed(_) => "failed",
@@ -172,6 +203,7 @@ impl TaskEvent {
         match self {
             Self::Submitted(e) => e.at,
             Self::Assigned(e) => e.at,
+            Self::Prepared(e) => e.at,
             Self::Started(e) => e.at,
             Self::Succeeded(e) => e.at,
             Self::Failed(e) => e.at,

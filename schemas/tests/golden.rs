@@ -57,6 +57,14 @@ fn fixtures_v1() -> Vec<(&'static str, Event)> {
     vec![
         ("task-submitted", Event::Task(t, TaskEvent::Submitted(TaskSubmitted { at: AT, project: project(), spec: spec(), idempotency_key: Some("k-1".into()) }))),
         ("task-assigned", Event::Task(t, TaskEvent::Assigned(TaskAssigned { at: AT, node_id: n, attempt: 1 }))),
+        ("task-prepared", Event::Task(t, TaskEvent::Prepared(TaskPrepared {
+            at: AT, node_id: n, attempt: 1,
+            code_commit_id: "0123456789abcdef0123456789abcdef01234567".into(),
+            env_commit_id: "89abcdef0123456789abcdef0123456789abcdef".into(),
+            dockerfile_digest: "ab".repeat(32), image_id: "sha256:".to_owned() + &"cd".repeat(32),
+            steps: vec![PrepareStep { name: "fetch_code".into(), millis: 12 }, PrepareStep { name: "build_image".into(), millis: 3400 }],
+            gpus: vec![GpuInUse { model: "A100".into(), driver: "550.54".into() }],
+        }))),
         ("task-started", Event::Task(t, TaskEvent::Started(TaskStarted { at: AT, node_id: n, attempt: 1 }))),
         ("task-succeeded", Event::Task(t, TaskEvent::Succeeded(TaskSucceeded { at: AT, exit_code: 0 }))),
         ("task-failed", Event::Task(t, TaskEvent::Failed(TaskFailed { at: AT, exit_code: Some(137), reason: "killed".into() }))),
