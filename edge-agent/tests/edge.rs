@@ -595,3 +595,32 @@ fn hex_sha256(bytes: &[u8]) -> String {
 async fn ran_image_id(s: &Stack, task: &str) -> Result<Value> {
     Ok(s.get(&format!("/api/v1/tasks/{task}")).await?["prepared"]["image_id"].clone())
 }
+
+#[tokio::test]
+async fn nodes_come_back_after_a_hub_restart_with_what_they_kept() -> Result<()> {
+    let mut s = Stack::start(Duration::from_secs(60)).await?;
+    let token = s.enroll("zeta").await?;
+    let node = s.join("zeta", token, Duration::from_millis(300)).await?;
+    s.node_status(node.id, "online", Duration::from_secs(30)).await?;
+    let task = s.submit("echo during; sleep 3; echo done", 120).await?;
+    s.task_state(&task, &["running"], Duration::from_secs(60)).await?;
+    // The hub dies and comes back while the task runs and finishes.
+    s.hub.kill().await?;
+    let local = async_nats::ConnectOptions::with_user_and_password("agent".into(), AGENT_PW.into())
+        .connect(format!("127.0.0.1:{}", node.leaf.port()))
+        .await?;
+    let mut ended = local.subscribe(format!("ud.edge.{}.task.{task}.succeeded", node.id)).await?;
+    tokio::time::timeout(Duration::from_secs(60), ended.next()).await?.ok_or_else(|| anyhow!("no end"))?;
+    s.hub.restart().await?;
+    // Everything reconnects by itself: the node's events arrive, the read model catches up.
+    let done = s.task_state(&task, &["succeeded"], Duration::from_secs(90)).await?;
+    assert_eq!(done["exit_code"], 0);
+    let out = logs(&s, &task).await?;
+    assert!(out.contains("during") && out.contains("done"), "{out:?}");
+    // And new work still flows to the node.
+    let next = s.submit("echo after the restart", 60).await?;
+    let done = s.task_state(&next, &["succeeded", "failed"], Duration::from_secs(90)).await?;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    node.agent.abort();
+    Ok(())
+}
