@@ -106,6 +106,7 @@ pub async fn run(a: Args) -> Result<()> {
         heartbeat_interval: Duration::from_secs(1),
         image: Some("unidesk/busybox:base".into()),
         work_dir: std::env::temp_dir().join(format!("ud-edge-{}", token.node_id)),
+        build_timeout: Duration::from_secs(600),
         docker_host: std::env::var("DOCKER_HOST").ok(),
     };
     let agent = tokio::spawn(async move {

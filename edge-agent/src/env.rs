@@ -48,6 +48,7 @@ pub fn image_tag(spec: &TaskSpec) -> String {
 pub struct Versions {
     root: PathBuf,
     docker: Docker,
+    build_timeout: std::time::Duration,
     /// One lock per repository mirror and per image: the same fetch or build
     /// asked for by two tasks at once happens once.
     locks: Arc<Mutex<HashMap<String, Arc<Mutex<()>>>>>,
@@ -64,8 +65,8 @@ pub struct Prepared {
 }
 
 impl Versions {
-    pub fn new(root: PathBuf, docker: Docker) -> Self {
-        Self { root, docker, locks: Arc::default() }
+    pub fn new(root: PathBuf, docker: Docker, build_timeout: std::time::Duration) -> Self {
+        Self { root, docker, build_timeout, locks: Arc::default() }
     }
 
     async fn lock(&self, key: String) -> Arc<Mutex<()>> {
@@ -117,7 +118,11 @@ impl Versions {
                 let tar = tokio::task::spawn_blocking(move || build_context(&e, &commit, &c, &path))
                     .await
                     .map_err(|e| PrepareError::Io(e.to_string()))??;
-                let result = self.build(&image, &spec.dockerfile_path, tar, &log).await;
+                // Dropping the build's connection stops it; its intermediate containers are removed.
+                let result = match tokio::time::timeout(self.build_timeout, self.build(&image, &spec.dockerfile_path, tar, &log)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(PrepareError::Build(format!("ran past its time limit of {} s", self.build_timeout.as_secs()))),
+                };
                 let _ = std::fs::remove_dir_all(&context);
                 result?;
                 steps.push(("build_image", t.elapsed()));

@@ -47,6 +47,8 @@ pub struct AgentConfig {
     pub image: Option<String>,
     /// Git cache, build contexts and task workspaces.
     pub work_dir: std::path::PathBuf,
+    /// Longest an environment build may take.
+    pub build_timeout: Duration,
     /// Docker socket (default: the local engine).
     pub docker_host: Option<String>,
 }
@@ -133,7 +135,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let reporter = Reporter { node, local };
     let docker = docker::Executor::connect(cfg.docker_host.as_deref(), node).await?;
     let running: Running = Arc::default();
-    let versions = env::Versions::new(cfg.work_dir.clone(), docker.client());
+    let versions = env::Versions::new(cfg.work_dir.clone(), docker.client(), cfg.build_timeout);
     // Everything the agent starts ends with it.
     let mut tasks = tokio::task::JoinSet::new();
 

@@ -45,6 +45,9 @@ struct RunArgs {
     /// Git cache, build contexts and task workspaces (a path the Docker engine can mount).
     #[arg(long, env = "UD_EDGE_WORK_DIR", default_value = "/var/lib/unidesk-edge")]
     work_dir: std::path::PathBuf,
+    /// Longest an environment build may take, in seconds.
+    #[arg(long, env = "UD_EDGE_BUILD_TIMEOUT_SECONDS", default_value_t = 1800)]
+    build_timeout_seconds: u64,
     #[arg(long, env = "DOCKER_HOST")]
     docker_host: Option<String>,
 }
@@ -105,6 +108,7 @@ async fn main() -> Result<()> {
                 heartbeat_interval: Duration::from_secs_f64(a.heartbeat_seconds),
                 image: a.image.filter(|i| !i.is_empty()),
                 work_dir: a.work_dir,
+                build_timeout: Duration::from_secs(a.build_timeout_seconds),
                 docker_host: a.docker_host,
             })
             .await?;

@@ -194,6 +194,7 @@ fn spawn_agent(leaf: &NatsServer, token: &NodeToken, name: &str, heartbeat: Dura
         heartbeat_interval: heartbeat,
         image: Some(IMAGE.into()),
         work_dir: std::env::temp_dir().join(format!("ud-edge-{}", token.node_id)),
+        build_timeout: Duration::from_secs(600),
         docker_host: std::env::var("DOCKER_HOST").ok(),
     };
     tokio::spawn(async move {
@@ -497,6 +498,8 @@ async fn tasks_run_pinned_code_in_environments_built_from_their_repository() -> 
     std::fs::write(env_dir.join("envs/a/Dockerfile"), "FROM unidesk/busybox:base\nRUN echo env-a > /env.txt\n")?;
     std::fs::create_dir_all(env_dir.join("envs/broken"))?;
     std::fs::write(env_dir.join("envs/broken/Dockerfile"), "FROM unidesk/busybox:base\nRUN exit 7\n")?;
+    std::fs::create_dir_all(env_dir.join("envs/slow"))?;
+    std::fs::write(env_dir.join("envs/slow/Dockerfile"), "FROM unidesk/busybox:base\nRUN sleep 60\n")?;
     std::os::unix::fs::symlink("/etc", env_dir.join("outside"))?;
     let env_commit = commit_all(&env_dir, "environments")?;
     std::fs::write(code_dir.join("run.sh"), "echo code-v1; cat /env.txt; pwd\n")?;
@@ -522,6 +525,7 @@ async fn tasks_run_pinned_code_in_environments_built_from_their_repository() -> 
         heartbeat_interval: Duration::from_millis(500),
         image: None,
         work_dir: work.path().to_owned(),
+        build_timeout: Duration::from_secs(10),
         docker_host: std::env::var("DOCKER_HOST").ok(),
     };
     let agent = tokio::spawn(async move {
@@ -572,6 +576,7 @@ async fn tasks_run_pinned_code_in_environments_built_from_their_repository() -> 
         (submit(&v1, &env_commit, "outside/passwd"), "dockerfile_path"),
         (submit(&v1, &env_commit, "envs/missing/Dockerfile"), "dockerfile_path"),
         (submit(&v1, &env_commit, "envs/broken/Dockerfile"), "building the environment image"),
+        (submit(&v1, &env_commit, "envs/slow/Dockerfile"), "ran past its time limit of 10 s"),
     ];
     for (body, reason) in cases {
         let id = s.submit_body(body).await?;
