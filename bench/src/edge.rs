@@ -140,6 +140,9 @@ pub async fn run(a: Args) -> Result<()> {
     line("submit-to-container-start p50 (warm node)", ms(percentile(&lat, 0.5)), "ms", None);
     line("submit-to-container-start p99 (warm node)", ms(percentile(&lat, 0.99)), "ms", None);
 
+    // 1b. Versions: cold (nothing cached), warm (repository cached, new commit), hot (same versions).
+    versions_figures(&store, &http, &base, &admin.secret, hub.leaf_port()).await?;
+
     // 2. Heartbeats handled per second: a backlog written while the link is down, then drained.
     relay.cut();
     let local_client = async_nats::ConnectOptions::with_user_and_password("agent".into(), "agent-pw".into())
@@ -200,4 +203,116 @@ pub async fn run(a: Args) -> Result<()> {
     line("offline detection error against the timeout", (detected.as_secs_f64() - timeout.as_secs_f64()) * 1000.0, "ms", None);
     running.shutdown();
     Ok(())
+}
+
+fn git(dir: &std::path::Path, args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new("git")
+        .args(["-c", "user.name=b", "-c", "user.email=b@localhost", "-c", "init.defaultBranch=main"])
+        .args(args)
+        .current_dir(dir)
+        .output()?;
+    if !out.status.success() {
+        return Err(anyhow!("git {args:?}: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+}
+
+fn commit(dir: &std::path::Path, file: &str, text: &str) -> Result<String> {
+    std::fs::write(dir.join(file), text)?;
+    git(dir, &["add", "-A"])?;
+    git(dir, &["commit", "-q", "-m", "bench"])?;
+    git(dir, &["rev-parse", "HEAD"])
+}
+
+async fn versions_figures(store: &ud_core::EventStore, http: &reqwest::Client, base: &str, admin: &str, hub_leaf: u16) -> Result<()> {
+    let repos = tempfile::tempdir()?;
+    let (code, env) = (repos.path().join("code"), repos.path().join("env"));
+    for d in [&code, &env] {
+        std::fs::create_dir_all(d)?;
+        git(d, &["init", "-q"])?;
+    }
+    // A fresh tag per run, so that "cold" really builds.
+    let env_commit = commit(&env, "Dockerfile", &format!("FROM unidesk/busybox:base\nRUN echo {} > /env\n", ud_schemas::now_millis()))?;
+    let c1 = commit(&code, "main.sh", "true\n")?;
+    let v: serde_json::Value = http.post(format!("{base}/api/v1/nodes")).bearer_auth(admin).json(&json!({"name": "builder"})).send().await?.json().await?;
+    let token = NodeToken::parse(v["token"].as_str().unwrap_or_default()).map_err(|e| anyhow!(e))?;
+    let leaf = NatsServer::start_with(NatsOptions {
+        sync_always: false,
+        domain: edge::domain(&token.node_id),
+        extra: edge::leaf_link_config(&token, "127.0.0.1", hub_leaf, "agent-pw"),
+        ..Default::default()
+    })
+    .await?;
+    let work = tempfile::tempdir()?;
+    let cfg = ud_edge_agent::AgentConfig {
+        leaf_url: format!("nats://agent:agent-pw@127.0.0.1:{}", leaf.port()),
+        node_id: token.node_id,
+        name: "builder".into(),
+        labels: [("role".to_owned(), "builder".to_owned())].into(),
+        heartbeat_interval: Duration::from_secs(1),
+        image: None,
+        work_dir: work.path().to_owned(),
+        build_timeout: Duration::from_secs(600),
+        docker_host: std::env::var("DOCKER_HOST").ok(),
+    };
+    let agent = tokio::spawn(async move {
+        let _ = ud_edge_agent::run(cfg).await;
+    });
+    let mut beat = store.client().subscribe(format!("ud.node.{}.heartbeat", token.node_id)).await?;
+    tokio::time::timeout(Duration::from_secs(60), beat.next()).await?;
+    let started = store.client().subscribe("ud.task.*.started").await?;
+    let prepared = store.client().subscribe("ud.task.*.prepared").await?;
+    let url = |d: &std::path::Path| format!("file://{}", d.display());
+    let body = |code_commit: &str| {
+        json!({
+            "project": "bench", "code_repo_url": url(&code), "code_commit_id": code_commit,
+            "env_repo_url": url(&env), "env_commit_id": env_commit, "dockerfile_path": "Dockerfile",
+            "command": ["sh", "main.sh"], "resources": {"cpus": 0.1, "memory_mb": 32, "labels": {"role": "builder"}}
+        })
+    };
+    let mut subs = (started, prepared);
+    let step = |steps: &[ud_schemas::events::PrepareStep], name: &str| steps.iter().find(|s| s.name == name).map_or(0.0, |s| s.millis as f64);
+    let (cold, s1) = run_one(http, base, admin, body(&c1), &mut subs).await?;
+    line("cold node: submit to running", ms(cold), "ms", None);
+    line("cold node: git fetch (code + environment)", step(&s1, "fetch_code") + step(&s1, "fetch_environment"), "ms", None);
+    line("cold node: image build", step(&s1, "build_image"), "ms", None);
+    let c2 = commit(&code, "main.sh", "echo v2\n")?;
+    let (warm, s2) = run_one(http, base, admin, body(&c2), &mut subs).await?;
+    line("warm node (new commit): submit to running", ms(warm), "ms", None);
+    line("warm node: fetch of the new commit (target < 200 ms)", step(&s2, "fetch_code"), "ms", None);
+    let mut hot = Vec::new();
+    for _ in 0..10 {
+        hot.push(run_one(http, base, admin, body(&c2), &mut subs).await?.0);
+    }
+    hot.sort();
+    line("hot node (same versions): submit to running p50", ms(percentile(&hot, 0.5)), "ms", None);
+    line("hot node (same versions): submit to running max", ms(percentile(&hot, 1.0)), "ms", None);
+    agent.abort();
+    Ok(())
+}
+
+async fn run_one(
+    http: &reqwest::Client,
+    base: &str,
+    admin: &str,
+    body: serde_json::Value,
+    subs: &mut (async_nats::Subscriber, async_nats::Subscriber),
+) -> Result<(Duration, Vec<ud_schemas::events::PrepareStep>)> {
+    let t0 = Instant::now();
+    let v: serde_json::Value = http.post(format!("{base}/api/v1/tasks")).bearer_auth(admin).json(&body).send().await?.json().await?;
+    let id = v["task_id"].as_str().unwrap_or_default().to_owned();
+    let steps = loop {
+        let m = tokio::time::timeout(Duration::from_secs(120), subs.1.next()).await?.ok_or_else(|| anyhow!("no prepared"))?;
+        if m.subject.contains(&id) {
+            let p: ud_schemas::events::TaskPrepared = ud_schemas::dispatch::from_cbor(&m.payload, "task-prepared")?;
+            break p.steps;
+        }
+    };
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(120), subs.0.next()).await?.ok_or_else(|| anyhow!("no start"))?;
+        if m.subject.contains(&id) {
+            break;
+        }
+    }
+    Ok((t0.elapsed(), steps))
 }
