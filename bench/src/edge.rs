@@ -107,6 +107,7 @@ pub async fn run(a: Args) -> Result<()> {
         image: Some("unidesk/busybox:base".into()),
         work_dir: std::env::temp_dir().join(format!("ud-edge-{}", token.node_id)),
         build_timeout: Duration::from_secs(600),
+        min_free_disk_mb: 0,
         docker_host: std::env::var("DOCKER_HOST").ok(),
     };
     let agent = tokio::spawn(async move {
@@ -151,7 +152,7 @@ pub async fn run(a: Args) -> Result<()> {
     let local = async_nats::jetstream::with_domain(local_client, edge::domain(&token.node_id));
     let mut acks = futures::stream::FuturesUnordered::new();
     for i in 0..a.heartbeats {
-        let beat = Event::Node(token.node_id, NodeEvent::Heartbeat(NodeHeartbeat { at: ud_schemas::now_millis(), running_tasks: i as u32 % 3 }));
+        let beat = Event::Node(token.node_id, NodeEvent::Heartbeat(NodeHeartbeat { at: ud_schemas::now_millis(), running_tasks: i as u32 % 3, disk_free_mb: Some(100_000), low_disk: false }));
         let (h, p) = ud_schemas::codec::encode_message(&beat, &ud_schemas::codec::EventMeta::new("bench"))?;
         let subject = edge::edge_subject(&token.node_id, &beat.subject()).unwrap_or_default();
         acks.push(local.publish_with_headers(subject, h, p.into()).await?.into_future());
@@ -253,6 +254,7 @@ async fn versions_figures(store: &ud_core::EventStore, http: &reqwest::Client, b
         image: None,
         work_dir: work.path().to_owned(),
         build_timeout: Duration::from_secs(600),
+        min_free_disk_mb: 0,
         docker_host: std::env::var("DOCKER_HOST").ok(),
     };
     let agent = tokio::spawn(async move {

@@ -35,6 +35,8 @@ pub struct Node {
     /// The last heartbeat seen when the node was declared offline.
     pub offline_after: Option<Millis>,
     pub revoked: bool,
+    /// Below its free-disk threshold, as its last heartbeat said: takes no new tasks.
+    pub low_disk: bool,
 }
 
 impl Node {
@@ -55,7 +57,7 @@ pub enum NodeCommand {
     Enroll { name: String, labels: BTreeMap<String, String>, secret_hash: String },
     Revoke,
     Register { name: String, labels: BTreeMap<String, String>, resources: NodeResources },
-    Heartbeat { at: Millis, running_tasks: u32 },
+    Heartbeat { at: Millis, running_tasks: u32, disk_free_mb: Option<u64>, low_disk: bool },
     /// Marks the node offline if it has been silent for `timeout_ms`.
     CheckLiveness { timeout_ms: i64 },
 }
@@ -86,8 +88,8 @@ pub fn decide(node: Option<&Node>, command: NodeCommand, now: Millis) -> Result<
         (_, NodeCommand::Register { name, labels, resources }) => {
             Ok(vec![NodeEvent::Registered(NodeRegistered { at: now, name, labels, resources })])
         }
-        (_, NodeCommand::Heartbeat { at, running_tasks }) => {
-            Ok(vec![NodeEvent::Heartbeat(NodeHeartbeat { at, running_tasks })])
+        (_, NodeCommand::Heartbeat { at, running_tasks, disk_free_mb, low_disk }) => {
+            Ok(vec![NodeEvent::Heartbeat(NodeHeartbeat { at, running_tasks, disk_free_mb, low_disk })])
         }
         (n, NodeCommand::CheckLiveness { timeout_ms }) => match (n.liveness(), n.last_seen) {
             (Liveness::Online, Some(seen)) if now - seen >= timeout_ms => {
@@ -109,6 +111,7 @@ pub fn evolve(node: Option<Node>, id: NodeId, event: &NodeEvent) -> Option<Node>
             last_seen: None,
             offline_after: None,
             revoked: false,
+            low_disk: false,
         }),
         (None, _) => None,
         (Some(mut n), NodeEvent::Revoked(_)) => {
@@ -123,6 +126,9 @@ pub fn evolve(node: Option<Node>, id: NodeId, event: &NodeEvent) -> Option<Node>
             Some(n)
         }
         (Some(mut n), NodeEvent::Heartbeat(e)) => {
+            if n.last_seen.is_none_or(|seen| e.at >= seen) {
+                n.low_disk = e.low_disk;
+            }
             n.last_seen = n.last_seen.max(Some(e.at));
             Some(n)
         }
@@ -163,11 +169,11 @@ mod tests {
         assert_eq!(offline.as_ref().map(Node::liveness), Some(Liveness::Offline));
         let again = decide(offline.as_ref(), NodeCommand::CheckLiveness { timeout_ms: 90_000 }, 200_000);
         assert_eq!(again, Ok(vec![]));
-        let beat = decide(offline.as_ref(), NodeCommand::Heartbeat { at: 200_000, running_tasks: 0 }, 200_000).unwrap_or_default();
+        let beat = decide(offline.as_ref(), NodeCommand::Heartbeat { at: 200_000, running_tasks: 0, disk_free_mb: None, low_disk: false }, 200_000).unwrap_or_default();
         let back = apply(offline, id, &beat);
         assert_eq!(back.as_ref().map(Node::liveness), Some(Liveness::Online));
         // A late-projected old heartbeat does not bring it back.
-        let stale = NodeEvent::Heartbeat(NodeHeartbeat { at: 500, running_tasks: 0 });
+        let stale = NodeEvent::Heartbeat(NodeHeartbeat { at: 500, running_tasks: 0, disk_free_mb: None, low_disk: false });
         let mut n = back.unwrap_or_else(|| unreachable!());
         n.offline_after = Some(300_000);
         assert_eq!(evolve(Some(n), id, &stale).map(|n| n.liveness()), Some(Liveness::Offline));
@@ -175,11 +181,11 @@ mod tests {
 
     #[test]
     fn unknown_and_revoked_nodes_are_refused() {
-        assert_eq!(decide(None, NodeCommand::Heartbeat { at: 1, running_tasks: 0 }, 1), Err(NodeError::Unknown));
+        assert_eq!(decide(None, NodeCommand::Heartbeat { at: 1, running_tasks: 0, disk_free_mb: None, low_disk: false }, 1), Err(NodeError::Unknown));
         let (id, node) = online();
         let revoked = apply(node, id, &[NodeEvent::Revoked(NodeRevoked { at: 5 })]);
         assert_eq!(revoked.as_ref().map(Node::liveness), Some(Liveness::Revoked));
-        assert_eq!(decide(revoked.as_ref(), NodeCommand::Heartbeat { at: 6, running_tasks: 0 }, 6), Err(NodeError::Revoked));
+        assert_eq!(decide(revoked.as_ref(), NodeCommand::Heartbeat { at: 6, running_tasks: 0, disk_free_mb: None, low_disk: false }, 6), Err(NodeError::Revoked));
         assert_eq!(decide(revoked.as_ref(), NodeCommand::Revoke, 7), Ok(vec![]));
     }
 }

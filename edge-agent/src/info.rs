@@ -11,13 +11,19 @@ fn meminfo_mb() -> u64 {
 }
 
 fn disk_mb() -> u64 {
+    disk_free_mb(std::path::Path::new("/")).unwrap_or(0)
+}
+
+/// Free space, in MiB, of the filesystem holding `path`.
+pub fn disk_free_mb(path: &std::path::Path) -> Option<u64> {
     std::process::Command::new("df")
-        .args(["-Pk", "/"])
+        .arg("-Pk")
+        .arg(path)
         .output()
         .ok()
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .and_then(|s| s.lines().nth(1).and_then(|l| l.split_whitespace().nth(3)).and_then(|kb| kb.parse::<u64>().ok()))
-        .map_or(0, |kb| kb / 1024)
+        .map(|kb| kb / 1024)
 }
 
 /// GPUs from `nvidia-smi`, none where it is absent.

@@ -49,6 +49,8 @@ pub struct AgentConfig {
     pub work_dir: std::path::PathBuf,
     /// Longest an environment build may take.
     pub build_timeout: Duration,
+    /// Below this much free space in `work_dir` the node says so and takes no new tasks.
+    pub min_free_disk_mb: u64,
     /// Docker socket (default: the local engine).
     pub docker_host: Option<String>,
 }
@@ -155,12 +157,22 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let beat_reporter = reporter.clone();
     let beat_running = running.clone();
     let interval = cfg.heartbeat_interval;
+    let (work_dir, min_free) = (cfg.work_dir.clone(), cfg.min_free_disk_mb);
     tasks.spawn(async move {
         let mut tick = tokio::time::interval(interval);
         loop {
             tick.tick().await;
             let n = u32::try_from(beat_running.lock().await.len()).unwrap_or(u32::MAX);
-            let beat = Event::Node(node, NodeEvent::Heartbeat(NodeHeartbeat { at: now_millis(), running_tasks: n }));
+            let dir = work_dir.clone();
+            let free = tokio::task::spawn_blocking(move || {
+                let _ = std::fs::create_dir_all(&dir);
+                info::disk_free_mb(&dir)
+            })
+            .await
+            .ok()
+            .flatten();
+            let low_disk = free.is_some_and(|f| f < min_free);
+            let beat = Event::Node(node, NodeEvent::Heartbeat(NodeHeartbeat { at: now_millis(), running_tasks: n, disk_free_mb: free, low_disk }));
             if let Err(e) = beat_reporter.send(&beat).await {
                 warn!(error = %e, "heartbeat not recorded");
             }

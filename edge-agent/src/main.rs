@@ -48,6 +48,9 @@ struct RunArgs {
     /// Longest an environment build may take, in seconds.
     #[arg(long, env = "UD_EDGE_BUILD_TIMEOUT_SECONDS", default_value_t = 1800)]
     build_timeout_seconds: u64,
+    /// Below this much free space (MiB) in the work directory the node takes no new tasks.
+    #[arg(long, env = "UD_EDGE_MIN_FREE_DISK_MB", default_value_t = 5120)]
+    min_free_disk_mb: u64,
     #[arg(long, env = "DOCKER_HOST")]
     docker_host: Option<String>,
 }
@@ -109,6 +112,7 @@ async fn main() -> Result<()> {
                 image: a.image.filter(|i| !i.is_empty()),
                 work_dir: a.work_dir,
                 build_timeout: Duration::from_secs(a.build_timeout_seconds),
+                min_free_disk_mb: a.min_free_disk_mb,
                 docker_host: a.docker_host,
             })
             .await?;

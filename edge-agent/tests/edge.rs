@@ -195,6 +195,7 @@ fn spawn_agent(leaf: &NatsServer, token: &NodeToken, name: &str, heartbeat: Dura
         image: Some(IMAGE.into()),
         work_dir: std::env::temp_dir().join(format!("ud-edge-{}", token.node_id)),
         build_timeout: Duration::from_secs(600),
+        min_free_disk_mb: 0,
         docker_host: std::env::var("DOCKER_HOST").ok(),
     };
     tokio::spawn(async move {
@@ -320,7 +321,7 @@ async fn a_node_cannot_act_for_another() -> Result<()> {
     let forged = ud_schemas::Event::Task(task_id, ud_schemas::TaskEvent::Succeeded(ud_schemas::events::TaskSucceeded { at: 1, exit_code: 0 }));
     let (h, p) = ud_schemas::codec::encode_message(&forged, &ud_schemas::codec::EventMeta::new("liar"))?;
     local.publish_with_headers(edge::edge_subject(&liar, &forged.subject()).unwrap_or_default(), h, p.into()).await?.await?;
-    let beat = ud_schemas::Event::Node(runner, ud_schemas::NodeEvent::Heartbeat(ud_schemas::events::NodeHeartbeat { at: 1, running_tasks: 99 }));
+    let beat = ud_schemas::Event::Node(runner, ud_schemas::NodeEvent::Heartbeat(ud_schemas::events::NodeHeartbeat { at: 1, running_tasks: 99, disk_free_mb: None, low_disk: false }));
     let (h, p) = ud_schemas::codec::encode_message(&beat, &ud_schemas::codec::EventMeta::new("liar"))?;
     local.publish_with_headers(edge::edge_subject(&runner, &beat.subject()).unwrap_or_default(), h, p.into()).await?.await?;
     // A marker from the liar after the forgeries: once it is in, they were handled.
@@ -526,6 +527,7 @@ async fn tasks_run_pinned_code_in_environments_built_from_their_repository() -> 
         image: None,
         work_dir: work.path().to_owned(),
         build_timeout: Duration::from_secs(10),
+        min_free_disk_mb: 0,
         docker_host: std::env::var("DOCKER_HOST").ok(),
     };
     let agent = tokio::spawn(async move {
@@ -627,5 +629,59 @@ async fn nodes_come_back_after_a_hub_restart_with_what_they_kept() -> Result<()>
     let done = s.task_state(&next, &["succeeded", "failed"], Duration::from_secs(90)).await?;
     assert_eq!(done["state"], "succeeded", "{done}");
     node.agent.abort();
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_node_low_on_disk_says_so_and_takes_no_new_tasks() -> Result<()> {
+    let mut s = Stack::start(Duration::from_secs(60)).await?;
+    let token = s.enroll("eta").await?;
+    let leaf = NatsServer::start_with(NatsOptions {
+        sync_always: false,
+        domain: edge::domain(&token.node_id),
+        extra: edge::leaf_link_config(&token, "127.0.0.1", s.hub.leaf_port(), AGENT_PW),
+        ..Default::default()
+    })
+    .await?;
+    let cfg = AgentConfig {
+        leaf_url: format!("nats://agent:{AGENT_PW}@127.0.0.1:{}", leaf.port()),
+        node_id: token.node_id,
+        name: "eta".into(),
+        labels: BTreeMap::new(),
+        heartbeat_interval: Duration::from_millis(200),
+        image: Some(IMAGE.into()),
+        work_dir: std::env::temp_dir().join(format!("ud-edge-{}", token.node_id)),
+        build_timeout: Duration::from_secs(60),
+        // No disk is ever big enough.
+        min_free_disk_mb: u64::MAX,
+        docker_host: std::env::var("DOCKER_HOST").ok(),
+    };
+    let agent = tokio::spawn(async move {
+        let _ = ud_edge_agent::run(cfg).await;
+    });
+    let node = s.node_status(token.node_id, "online", Duration::from_secs(30)).await?;
+    let (http, base, admin, id) = (s.http.clone(), s.base.clone(), s.admin.clone(), token.node_id);
+    let node = if node["low_disk"] == true {
+        node
+    } else {
+        s.until("low disk reported", Duration::from_secs(30), move || {
+            let (http, base, admin) = (http.clone(), base.clone(), admin.clone());
+            async move {
+                let v: Value = http.get(format!("{base}/api/v1/nodes/{id}")).bearer_auth(&admin).send().await?.json().await?;
+                Ok((v["low_disk"] == true).then_some(v))
+            }
+        })
+        .await?
+    };
+    assert!(node["disk_free_mb"].as_u64().is_some(), "{node}");
+    let task = s.submit("echo never", 60).await?;
+    // Ten more heartbeats are projected; the task is still waiting.
+    let mut beats = s.server.state.commands.store().client().subscribe(format!("ud.node.{id}.heartbeat")).await?;
+    for _ in 0..10 {
+        tokio::time::timeout(Duration::from_secs(10), beats.next()).await?;
+    }
+    let t = s.get(&format!("/api/v1/tasks/{task}")).await?;
+    assert_eq!(t["state"], "pending", "{t}");
+    agent.abort();
     Ok(())
 }

@@ -24,6 +24,10 @@ pub struct NodeView {
     pub registered_at: Option<DateTime<Utc>>,
     pub last_seen: Option<DateTime<Utc>>,
     pub running_tasks: i32,
+    /// Free space where the node keeps caches and workspaces, from its last heartbeat.
+    pub disk_free_mb: Option<i64>,
+    /// Below its free-space threshold: the node takes no new tasks.
+    pub low_disk: bool,
 }
 
 impl From<NodeRow> for NodeView {
@@ -38,6 +42,8 @@ impl From<NodeRow> for NodeView {
             registered_at: r.registered_at,
             last_seen: r.last_seen,
             running_tasks: r.running_tasks,
+            disk_free_mb: r.disk_free_mb,
+            low_disk: r.low_disk,
         }
     }
 }

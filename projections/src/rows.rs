@@ -132,6 +132,8 @@ pub struct NodeRow {
     pub offline_after: Option<DateTime<Utc>>,
     pub running_tasks: i32,
     pub last_seq: i64,
+    pub disk_free_mb: Option<i64>,
+    pub low_disk: bool,
 }
 
 impl NodeRow {
@@ -164,6 +166,8 @@ pub fn apply_node(row: Option<NodeRow>, id: NodeId, event: &NodeEvent, seq: u64)
             offline_after: None,
             running_tasks: 0,
             last_seq: seq,
+            disk_free_mb: None,
+            low_disk: false,
         },
         // Nodes registered without enrollment (older histories) get a row too.
         (None, NodeEvent::Registered(e)) => NodeRow {
@@ -179,6 +183,8 @@ pub fn apply_node(row: Option<NodeRow>, id: NodeId, event: &NodeEvent, seq: u64)
             offline_after: None,
             running_tasks: 0,
             last_seq: seq,
+            disk_free_mb: None,
+            low_disk: false,
         },
         (None, e) => return Err(ApplyError::UnknownAggregate(e.name())),
         (Some(mut row), NodeEvent::Registered(e)) => {
@@ -194,6 +200,8 @@ pub fn apply_node(row: Option<NodeRow>, id: NodeId, event: &NodeEvent, seq: u64)
             if row.last_seen.is_none_or(|seen| ts(e.at) >= seen) {
                 row.last_seen = Some(ts(e.at));
                 row.running_tasks = i32::try_from(e.running_tasks).unwrap_or(i32::MAX);
+                row.disk_free_mb = e.disk_free_mb.map(|d| i64::try_from(d).unwrap_or(i64::MAX));
+                row.low_disk = e.low_disk;
             }
             row
         }

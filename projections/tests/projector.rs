@@ -57,7 +57,7 @@ async fn write_history(store: &EventStore, tasks: usize) -> Result<usize> {
             labels: BTreeMap::from([("zone".into(), "a".into())]),
             resources: NodeResources { cpu_millis: 8000, memory_mb: 32000, ..Default::default() },
         })));
-        items.push(Event::Node(*n, NodeEvent::Heartbeat(NodeHeartbeat { at: 2000, running_tasks: 1 })));
+        items.push(Event::Node(*n, NodeEvent::Heartbeat(NodeHeartbeat { at: 2000, running_tasks: 1, disk_free_mb: Some(1000), low_disk: false })));
     }
     items.push(Event::Node(nodes[0], NodeEvent::WentOffline(NodeWentOffline { at: 99_000, last_seen: 2000 })));
     let token = TokenId::new();

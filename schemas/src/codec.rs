@@ -14,8 +14,33 @@ use crate::events::*;
 use crate::ids::EventId;
 use crate::subjects::{self, ParsedSubject};
 
-/// The schema version written for new events of every type.
-pub const CURRENT_VERSION: u16 = 1;
+/// The schema version written for new events of a type.
+pub fn current_version(event: &Event) -> u16 {
+    match event {
+        Event::Node(_, NodeEvent::Heartbeat(_)) => 2,
+        _ => 1,
+    }
+}
+
+/// Frozen shapes of earlier versions, upcast to the current types on read.
+pub mod v1 {
+    use serde::Deserialize;
+
+    use crate::events::NodeHeartbeat;
+    use crate::Millis;
+
+    #[derive(Deserialize)]
+    pub struct NodeHeartbeatV1 {
+        pub at: Millis,
+        pub running_tasks: u32,
+    }
+
+    impl From<NodeHeartbeatV1> for NodeHeartbeat {
+        fn from(v: NodeHeartbeatV1) -> Self {
+            Self { at: v.at, running_tasks: v.running_tasks, disk_free_mb: None, low_disk: false }
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
@@ -94,7 +119,7 @@ pub fn encode_event(event: &Event) -> Result<Vec<u8>, CodecError> {
 
 /// Headers and payload of an event, ready to publish.
 pub fn encode_message(event: &Event, meta: &EventMeta) -> Result<(HeaderMap, Vec<u8>), CodecError> {
-    let headers = crate::headers::build(&event.event_type(), CURRENT_VERSION, meta);
+    let headers = crate::headers::build(&event.event_type(), current_version(event), meta);
     Ok((headers, encode_event(event)?))
 }
 
@@ -114,7 +139,11 @@ pub fn decode_event(subject: &str, version: u16, payload: &[u8]) -> Result<Event
         ParsedSubject::Node { name, .. } => format!("node.{name}"),
         ParsedSubject::Token { name, .. } => format!("token.{name}"),
     };
-    if version != 1 {
+    let known = match event_type.as_str() {
+        "node.heartbeat" => version == 1 || version == 2,
+        _ => version == 1,
+    };
+    if !known {
         return Err(CodecError::UnknownVersion { event_type, version });
     }
     let t = event_type.as_str();
@@ -141,6 +170,7 @@ pub fn decode_event(subject: &str, version: u16, payload: &[u8]) -> Result<Event
                 "enrolled" => NodeEvent::Enrolled(from_cbor(payload, t, v)?),
                 "revoked" => NodeEvent::Revoked(from_cbor(payload, t, v)?),
                 "registered" => NodeEvent::Registered(from_cbor(payload, t, v)?),
+                "heartbeat" if v == 1 => NodeEvent::Heartbeat(from_cbor::<v1::NodeHeartbeatV1>(payload, t, v)?.into()),
                 "heartbeat" => NodeEvent::Heartbeat(from_cbor(payload, t, v)?),
                 "offline" => NodeEvent::WentOffline(from_cbor(payload, t, v)?),
                 other => return Err(CodecError::UnknownType { kind: "node", name: other.to_owned() }),

@@ -140,10 +140,15 @@ pub struct NodeRegistered {
     pub resources: NodeResources,
 }
 
+/// Schema version 2 (version 1 had no disk fields; see `codec::v1`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeHeartbeat {
     pub at: Millis,
     pub running_tasks: u32,
+    /// Free space where the node keeps caches and workspaces (unknown in v1).
+    pub disk_free_mb: Option<u64>,
+    /// The node is below its free-space threshold and takes no new tasks.
+    pub low_disk: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

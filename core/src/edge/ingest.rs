@@ -132,7 +132,10 @@ async fn handle(commands: &TaskCommands, cache: &mut NodeCache, msg: &jetstream:
             let (command, stream_expect) = match e {
                 NodeEvent::Registered(r) => (NodeCommand::Register { name: r.name, labels: r.labels, resources: r.resources }, Expect::LastSeq(last)),
                 // Liveness runs on the hub's clock.
-                NodeEvent::Heartbeat(h) => (NodeCommand::Heartbeat { at: now_millis(), running_tasks: h.running_tasks }, Expect::Any),
+                NodeEvent::Heartbeat(h) => (
+                    NodeCommand::Heartbeat { at: now_millis(), running_tasks: h.running_tasks, disk_free_mb: h.disk_free_mb, low_disk: h.low_disk },
+                    Expect::Any,
+                ),
                 other => return Outcome::Dropped(Rejected::NotAllowed(format!("node.{}", other.name()))),
             };
             let events = match node::decide(current.as_ref(), command, now_millis()) {

@@ -26,6 +26,9 @@ pub struct Usage {
 /// Does `req` fit on `node` next to `used`?
 pub fn fits(node: &Node, used: Usage, req: &Resources) -> bool {
     let Some(res) = &node.resources else { return false };
+    if node.low_disk {
+        return false;
+    }
     let labels_ok = req.labels.iter().all(|(k, v)| node.labels.get(k) == Some(v));
     let gpu_model_ok = match &req.gpu_model {
         Some(model) => req.gpus == 0 || res.gpus.iter().filter(|g| &g.model == model).count() as u64 >= used.gpus + u64::from(req.gpus),
@@ -250,6 +253,7 @@ mod tests {
             last_seen: Some(1),
             offline_after: None,
             revoked: false,
+            low_disk: false,
         }
     }
 
