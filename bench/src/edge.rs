@@ -108,6 +108,7 @@ pub async fn run(a: Args) -> Result<()> {
         work_dir: std::env::temp_dir().join(format!("ud-edge-{}", token.node_id)),
         build_timeout: Duration::from_secs(600),
         min_free_disk_mb: 0,
+        cache_limit_mb: 1 << 20,
         docker_host: std::env::var("DOCKER_HOST").ok(),
     };
     let agent = tokio::spawn(async move {
@@ -255,6 +256,7 @@ async fn versions_figures(store: &ud_core::EventStore, http: &reqwest::Client, b
         work_dir: work.path().to_owned(),
         build_timeout: Duration::from_secs(600),
         min_free_disk_mb: 0,
+        cache_limit_mb: 1 << 20,
         docker_host: std::env::var("DOCKER_HOST").ok(),
     };
     let agent = tokio::spawn(async move {

@@ -49,6 +49,10 @@ pub struct Versions {
     root: PathBuf,
     docker: Docker,
     build_timeout: std::time::Duration,
+    /// Above this, environment images and repository mirrors are evicted, least recently used first.
+    cache_limit_bytes: u64,
+    /// When each image and mirror was last used (ms since the epoch).
+    last_used: Arc<Mutex<HashMap<String, i64>>>,
     /// One lock per repository mirror and per image: the same fetch or build
     /// asked for by two tasks at once happens once.
     locks: Arc<Mutex<HashMap<String, Arc<Mutex<()>>>>>,
@@ -65,8 +69,72 @@ pub struct Prepared {
 }
 
 impl Versions {
-    pub fn new(root: PathBuf, docker: Docker, build_timeout: std::time::Duration) -> Self {
-        Self { root, docker, build_timeout, locks: Arc::default() }
+    pub fn new(root: PathBuf, docker: Docker, build_timeout: std::time::Duration, cache_limit_bytes: u64) -> Self {
+        Self { root, docker, build_timeout, cache_limit_bytes, last_used: Arc::default(), locks: Arc::default() }
+    }
+
+    async fn touch(&self, key: &str) {
+        self.last_used.lock().await.insert(key.to_owned(), ud_schemas::now_millis());
+    }
+
+    /// Evicts environment images and repository mirrors, least recently used
+    /// first, until the cache fits its limit. What is in use stays: an image
+    /// a container still uses cannot be removed, and each removal takes the
+    /// lock of what it removes.
+    pub async fn evict(&self, current: &TaskSpec) {
+        let keep_keys = [
+            image_tag(current),
+            self.mirror_path(&current.code_repo_url).display().to_string(),
+            self.mirror_path(&current.env_repo_url).display().to_string(),
+        ];
+        let keep: Vec<&str> = keep_keys.iter().map(String::as_str).collect();
+        let mut items: Vec<(i64, String, u64, bool)> = Vec::new(); // (last used, key, bytes, is image)
+        let used = self.last_used.lock().await.clone();
+        let filters = HashMap::from([("reference".to_owned(), vec!["unidesk-env".to_owned()])]);
+        let images = self
+            .docker
+            .list_images(Some(bollard::query_parameters::ListImagesOptions { filters: Some(filters), ..Default::default() }))
+            .await
+            .unwrap_or_default();
+        for image in images {
+            for tag in image.repo_tags.iter().filter(|t| t.starts_with("unidesk-env:")) {
+                items.push((used.get(tag).copied().unwrap_or(0), tag.clone(), u64::try_from(image.size).unwrap_or(0), true));
+            }
+        }
+        if let Ok(dir) = std::fs::read_dir(self.root.join("git")) {
+            for entry in dir.flatten() {
+                let path = entry.path().display().to_string();
+                let bytes = tokio::task::spawn_blocking({
+                    let p = entry.path();
+                    move || dir_size(&p)
+                })
+                .await
+                .unwrap_or(0);
+                items.push((used.get(&path).copied().unwrap_or(0), path, bytes, false));
+            }
+        }
+        let mut total: u64 = items.iter().map(|i| i.2).sum();
+        items.sort();
+        for (_, key, bytes, is_image) in items {
+            if total <= self.cache_limit_bytes {
+                break;
+            }
+            if keep.contains(&key.as_str()) {
+                continue;
+            }
+            let lock = self.lock(key.clone()).await;
+            let _guard = lock.lock().await;
+            let removed = if is_image {
+                self.docker.remove_image(&key, None::<bollard::query_parameters::RemoveImageOptions>, None).await.is_ok()
+            } else {
+                std::fs::remove_dir_all(&key).is_ok()
+            };
+            if removed {
+                tracing::info!(item = %key, bytes, "evicted from the cache");
+                total = total.saturating_sub(bytes);
+                self.last_used.lock().await.remove(&key);
+            }
+        }
     }
 
     async fn lock(&self, key: String) -> Arc<Mutex<()>> {
@@ -105,6 +173,9 @@ impl Versions {
         let code = self.fetch("code", &spec.code_repo_url, &spec.code_commit_id).await?;
         steps.push(("fetch_code", t.elapsed()));
         let image = image_tag(spec);
+        self.touch(&self.mirror_path(&spec.code_repo_url).display().to_string()).await;
+        self.touch(&self.mirror_path(&spec.env_repo_url).display().to_string()).await;
+        self.touch(&image).await;
         let image_lock = self.lock(image.clone()).await;
         let env = {
             let _guard = image_lock.lock().await;
@@ -241,4 +312,16 @@ fn blob_digest(mirror: &Path, commit: &str, path: &str) -> Result<String, Prepar
     let entry = tree.get_path(Path::new(path)).map_err(|_| PrepareError::Dockerfile(path.to_owned()))?;
     let blob = repo.find_blob(entry.id()).map_err(|_| PrepareError::Dockerfile(path.to_owned()))?;
     Ok(hex::encode(Sha256::digest(blob.content())))
+}
+
+fn dir_size(path: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }

@@ -51,6 +51,8 @@ pub struct AgentConfig {
     pub build_timeout: Duration,
     /// Below this much free space in `work_dir` the node says so and takes no new tasks.
     pub min_free_disk_mb: u64,
+    /// Environment images and repository mirrors above this are evicted, least recently used first.
+    pub cache_limit_mb: u64,
     /// Docker socket (default: the local engine).
     pub docker_host: Option<String>,
 }
@@ -137,7 +139,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let reporter = Reporter { node, local };
     let docker = docker::Executor::connect(cfg.docker_host.as_deref(), node).await?;
     let running: Running = Arc::default();
-    let versions = env::Versions::new(cfg.work_dir.clone(), docker.client(), cfg.build_timeout);
+    let versions = env::Versions::new(cfg.work_dir.clone(), docker.client(), cfg.build_timeout, cfg.cache_limit_mb.saturating_mul(1024 * 1024));
     // Everything the agent starts ends with it.
     let mut tasks = tokio::task::JoinSet::new();
 
@@ -270,7 +272,11 @@ async fn start(
                         }
                     };
                     match versions.prepare(&run.spec, &workspace, log).await {
-                        Ok(p) => (p.image, Some(p.workspace), (p.dockerfile_digest, p.image_id, p.steps)),
+                        Ok(p) => {
+                            // Keep what this run needs; make room by what was used least recently.
+                            versions.evict(&run.spec).await;
+                            (p.image, Some(p.workspace), (p.dockerfile_digest, p.image_id, p.steps))
+                        }
                         Err(e) => {
                             let _ = std::fs::remove_dir_all(&workspace);
                             return fail(e.to_string()).await;

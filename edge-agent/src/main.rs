@@ -51,6 +51,9 @@ struct RunArgs {
     /// Below this much free space (MiB) in the work directory the node takes no new tasks.
     #[arg(long, env = "UD_EDGE_MIN_FREE_DISK_MB", default_value_t = 5120)]
     min_free_disk_mb: u64,
+    /// Environment images and repository mirrors above this (MiB) are evicted, least recently used first.
+    #[arg(long, env = "UD_EDGE_CACHE_LIMIT_MB", default_value_t = 51200)]
+    cache_limit_mb: u64,
     #[arg(long, env = "DOCKER_HOST")]
     docker_host: Option<String>,
 }
@@ -113,6 +116,7 @@ async fn main() -> Result<()> {
                 work_dir: a.work_dir,
                 build_timeout: Duration::from_secs(a.build_timeout_seconds),
                 min_free_disk_mb: a.min_free_disk_mb,
+                cache_limit_mb: a.cache_limit_mb,
                 docker_host: a.docker_host,
             })
             .await?;

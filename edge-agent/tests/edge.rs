@@ -196,6 +196,7 @@ fn spawn_agent(leaf: &NatsServer, token: &NodeToken, name: &str, heartbeat: Dura
         work_dir: std::env::temp_dir().join(format!("ud-edge-{}", token.node_id)),
         build_timeout: Duration::from_secs(600),
         min_free_disk_mb: 0,
+        cache_limit_mb: 1 << 20,
         docker_host: std::env::var("DOCKER_HOST").ok(),
     };
     tokio::spawn(async move {
@@ -499,6 +500,8 @@ async fn tasks_run_pinned_code_in_environments_built_from_their_repository() -> 
     std::fs::write(env_dir.join("envs/a/Dockerfile"), "FROM unidesk/busybox:base\nRUN echo env-a > /env.txt\n")?;
     std::fs::create_dir_all(env_dir.join("envs/broken"))?;
     std::fs::write(env_dir.join("envs/broken/Dockerfile"), "FROM unidesk/busybox:base\nRUN exit 7\n")?;
+    std::fs::create_dir_all(env_dir.join("envs/b"))?;
+    std::fs::write(env_dir.join("envs/b/Dockerfile"), "FROM unidesk/busybox:base\nRUN echo env-b > /env.txt\n")?;
     std::fs::create_dir_all(env_dir.join("envs/slow"))?;
     std::fs::write(env_dir.join("envs/slow/Dockerfile"), "FROM unidesk/busybox:base\nRUN sleep 60\n")?;
     std::os::unix::fs::symlink("/etc", env_dir.join("outside"))?;
@@ -528,6 +531,8 @@ async fn tasks_run_pinned_code_in_environments_built_from_their_repository() -> 
         work_dir: work.path().to_owned(),
         build_timeout: Duration::from_secs(10),
         min_free_disk_mb: 0,
+        // Room for one environment: the next one evicts the least recently used.
+        cache_limit_mb: 0,
         docker_host: std::env::var("DOCKER_HOST").ok(),
     };
     let agent = tokio::spawn(async move {
@@ -590,6 +595,24 @@ async fn tasks_run_pinned_code_in_environments_built_from_their_repository() -> 
     let last = s.submit_body(submit(&v1, &env_commit, "envs/a/Dockerfile")).await?;
     let done = s.task_state(&last, &["succeeded", "failed"], Duration::from_secs(120)).await?;
     assert_eq!(done["state"], "succeeded");
+    // Another environment on a full cache: the least recently used image goes.
+    let other = s.submit_body(submit(&v1, &env_commit, "envs/b/Dockerfile")).await?;
+    let done = s.task_state(&other, &["succeeded", "failed"], Duration::from_secs(120)).await?;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert!(logs(&s, &other).await?.contains("env-b"));
+    let docker = bollard::Docker::connect_with_local_defaults()?;
+    let spec_of = |path: &str| -> Result<ud_schemas::TaskSpec> {
+        Ok(serde_json::from_value(json!({
+            "name": null, "code_repo_url": url(&code_dir), "code_commit_id": v1, "env_repo_url": url(&env_dir),
+            "env_commit_id": env_commit, "dockerfile_path": path, "command": ["sh"], "args": [], "env": {},
+            "resources": {"cpu_millis": 1, "memory_mb": 1, "gpus": 0, "gpu_model": null, "labels": {}},
+            "timeout_seconds": 1, "retry": {"max_attempts": 1, "backoff_seconds": 0}
+        }))?)
+    };
+    let a_tag = ud_edge_agent::env::image_tag(&spec_of("envs/a/Dockerfile")?);
+    let b_tag = ud_edge_agent::env::image_tag(&spec_of("envs/b/Dockerfile")?);
+    assert!(docker.inspect_image(&a_tag).await.is_err(), "{a_tag} was not evicted");
+    assert!(docker.inspect_image(&b_tag).await.is_ok(), "{b_tag} was evicted while in use");
     agent.abort();
     Ok(())
 }
@@ -654,6 +677,7 @@ async fn a_node_low_on_disk_says_so_and_takes_no_new_tasks() -> Result<()> {
         build_timeout: Duration::from_secs(60),
         // No disk is ever big enough.
         min_free_disk_mb: u64::MAX,
+        cache_limit_mb: 1 << 20,
         docker_host: std::env::var("DOCKER_HOST").ok(),
     };
     let agent = tokio::spawn(async move {
