@@ -152,14 +152,19 @@ impl Stack {
         self.join_via(name, token, heartbeat, self.hub.leaf_port()).await
     }
 
-    async fn join_via(&self, name: &str, token: NodeToken, heartbeat: Duration, hub_leaf_port: u16) -> Result<Node> {
-        let leaf = NatsServer::start_with(NatsOptions {
+    /// The node's leaf nats-server, linked to the hub through `hub_leaf_port`.
+    async fn leaf(&self, token: &NodeToken, hub_leaf_port: u16) -> Result<NatsServer> {
+        NatsServer::start_with(NatsOptions {
             sync_always: false,
             domain: edge::domain(&token.node_id),
-            extra: edge::leaf_link_config(&token, "127.0.0.1", hub_leaf_port, AGENT_PW),
+            extra: edge::leaf_link_config(token, "127.0.0.1", hub_leaf_port, AGENT_PW),
             ..Default::default()
         })
-        .await?;
+        .await
+    }
+
+    async fn join_via(&self, name: &str, token: NodeToken, heartbeat: Duration, hub_leaf_port: u16) -> Result<Node> {
+        let leaf = self.leaf(&token, hub_leaf_port).await?;
         let agent = spawn_agent(&leaf, &token, name, heartbeat);
         Ok(Node { id: token.node_id, token, leaf, agent })
     }
@@ -185,8 +190,9 @@ impl Stack {
     }
 }
 
-fn spawn_agent(leaf: &NatsServer, token: &NodeToken, name: &str, heartbeat: Duration) -> tokio::task::JoinHandle<()> {
-    let cfg = AgentConfig {
+/// An agent on `leaf` that runs every task in the base image.
+fn agent_config(leaf: &NatsServer, token: &NodeToken, name: &str, heartbeat: Duration) -> AgentConfig {
+    AgentConfig {
         leaf_url: format!("nats://agent:{AGENT_PW}@127.0.0.1:{}", leaf.port()),
         node_id: token.node_id,
         name: name.to_owned(),
@@ -198,7 +204,14 @@ fn spawn_agent(leaf: &NatsServer, token: &NodeToken, name: &str, heartbeat: Dura
         min_free_disk_mb: 0,
         cache_limit_mb: 1 << 20,
         docker_host: std::env::var("DOCKER_HOST").ok(),
-    };
+    }
+}
+
+fn spawn_agent(leaf: &NatsServer, token: &NodeToken, name: &str, heartbeat: Duration) -> tokio::task::JoinHandle<()> {
+    run_agent(agent_config(leaf, token, name, heartbeat))
+}
+
+fn run_agent(cfg: AgentConfig) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         if let Err(e) = ud_edge_agent::run(cfg).await {
             eprintln!("agent stopped: {e}");
@@ -513,30 +526,16 @@ async fn tasks_run_pinned_code_in_environments_built_from_their_repository() -> 
 
     let mut s = Stack::start(Duration::from_secs(60)).await?;
     let token = s.enroll("builder").await?;
-    let leaf = NatsServer::start_with(NatsOptions {
-        sync_always: false,
-        domain: edge::domain(&token.node_id),
-        extra: edge::leaf_link_config(&token, "127.0.0.1", s.hub.leaf_port(), AGENT_PW),
-        ..Default::default()
-    })
-    .await?;
+    let leaf = s.leaf(&token, s.hub.leaf_port()).await?;
     let work = tempfile::tempdir()?;
-    let cfg = AgentConfig {
-        leaf_url: format!("nats://agent:{AGENT_PW}@127.0.0.1:{}", leaf.port()),
-        node_id: token.node_id,
-        name: "builder".into(),
-        labels: BTreeMap::new(),
-        heartbeat_interval: Duration::from_millis(500),
+    let agent = run_agent(AgentConfig {
         image: None,
         work_dir: work.path().to_owned(),
         build_timeout: Duration::from_secs(10),
-        min_free_disk_mb: 0,
         // Room for one environment: the next one evicts the least recently used.
         cache_limit_mb: 0,
-        docker_host: std::env::var("DOCKER_HOST").ok(),
-    };
-    let agent = tokio::spawn(async move {
-        let _ = ud_edge_agent::run(cfg).await;
+        labels: BTreeMap::new(),
+        ..agent_config(&leaf, &token, "builder", Duration::from_millis(500))
     });
     s.node_status(token.node_id, "online", Duration::from_secs(30)).await?;
 
@@ -659,30 +658,9 @@ async fn nodes_come_back_after_a_hub_restart_with_what_they_kept() -> Result<()>
 async fn a_node_low_on_disk_says_so_and_takes_no_new_tasks() -> Result<()> {
     let mut s = Stack::start(Duration::from_secs(60)).await?;
     let token = s.enroll("eta").await?;
-    let leaf = NatsServer::start_with(NatsOptions {
-        sync_always: false,
-        domain: edge::domain(&token.node_id),
-        extra: edge::leaf_link_config(&token, "127.0.0.1", s.hub.leaf_port(), AGENT_PW),
-        ..Default::default()
-    })
-    .await?;
-    let cfg = AgentConfig {
-        leaf_url: format!("nats://agent:{AGENT_PW}@127.0.0.1:{}", leaf.port()),
-        node_id: token.node_id,
-        name: "eta".into(),
-        labels: BTreeMap::new(),
-        heartbeat_interval: Duration::from_millis(200),
-        image: Some(IMAGE.into()),
-        work_dir: std::env::temp_dir().join(format!("ud-edge-{}", token.node_id)),
-        build_timeout: Duration::from_secs(60),
-        // No disk is ever big enough.
-        min_free_disk_mb: u64::MAX,
-        cache_limit_mb: 1 << 20,
-        docker_host: std::env::var("DOCKER_HOST").ok(),
-    };
-    let agent = tokio::spawn(async move {
-        let _ = ud_edge_agent::run(cfg).await;
-    });
+    let leaf = s.leaf(&token, s.hub.leaf_port()).await?;
+    // No disk is ever big enough.
+    let agent = run_agent(AgentConfig { min_free_disk_mb: u64::MAX, ..agent_config(&leaf, &token, "eta", Duration::from_millis(200)) });
     let node = s.node_status(token.node_id, "online", Duration::from_secs(30)).await?;
     let (http, base, admin, id) = (s.http.clone(), s.base.clone(), s.admin.clone(), token.node_id);
     let node = if node["low_disk"] == true {
