@@ -146,12 +146,14 @@ async fn projection_lag(store: &EventStore, db: &Db, per_sec: usize, secs: u64, 
     let mut notices = store.client().subscribe(ud_schemas::subjects::projected(streams::TASKS)).await?;
     let seen: std::sync::Arc<std::sync::Mutex<Vec<(u64, Instant)>>> = Default::default();
     let sink = seen.clone();
+    let (projected_tx, mut projected) = tokio::sync::watch::channel(0u64);
     let collector = tokio::spawn(async move {
         while let Some(m) = notices.next().await {
             if let Some(seq) = std::str::from_utf8(&m.payload).ok().and_then(|s| s.parse().ok()) {
                 if let Ok(mut v) = sink.lock() {
                     v.push((seq, Instant::now()));
                 }
+                let _ = projected_tx.send(seq);
             }
         }
     });
@@ -179,11 +181,7 @@ async fn projection_lag(store: &EventStore, db: &Db, per_sec: usize, secs: u64, 
     let offered = rate(events.len(), start.elapsed());
     let last = marks.last().map_or(0, |m| m.0);
     // Wait for the projector to cover the last event.
-    let mut waited = 0;
-    while db.checkpoint(streams::TASKS).await? < last && waited < 600 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        waited += 1;
-    }
+    let _ = tokio::time::timeout(Duration::from_secs(60), projected.wait_for(|seq| *seq >= last)).await;
     live.abort();
     collector.abort();
     let seen = seen.lock().map(|v| v.clone()).unwrap_or_default();

@@ -91,31 +91,7 @@ pub async fn run(a: Args) -> Result<()> {
 
     // The node's link goes through a relay the benchmark can cut.
     let relay = ud_testkit::Relay::start(hub.leaf_port()).await?;
-    let leaf = NatsServer::start_with(NatsOptions {
-        sync_always: false,
-        domain: edge::domain(&token.node_id),
-        extra: edge::leaf_link_config(&token, "127.0.0.1", relay.port(), "agent-pw"),
-        ..Default::default()
-    })
-    .await?;
-    let cfg = ud_edge_agent::AgentConfig {
-        leaf_url: format!("nats://agent:agent-pw@127.0.0.1:{}", leaf.port()),
-        node_id: token.node_id,
-        name: "bench".into(),
-        labels: Default::default(),
-        heartbeat_interval: Duration::from_secs(1),
-        image: Some("unidesk/busybox:base".into()),
-        work_dir: std::env::temp_dir().join(format!("ud-edge-{}", token.node_id)),
-        build_timeout: Duration::from_secs(600),
-        min_free_disk_mb: 0,
-        cache_limit_mb: 1 << 20,
-        docker_host: std::env::var("DOCKER_HOST").ok(),
-    };
-    let agent = tokio::spawn(async move {
-        let _ = ud_edge_agent::run(cfg).await;
-    });
-    let mut registered = store.client().subscribe(format!("ud.node.{}.heartbeat", token.node_id)).await?;
-    tokio::time::timeout(Duration::from_secs(60), registered.next()).await?;
+    let (leaf, agent) = join(&store, relay.port(), &token, "bench", |_| {}).await?;
 
     // 1. Submit to container start, warm node (image present), one task at a time.
     let body = json!({
@@ -238,32 +214,13 @@ async fn versions_figures(store: &ud_core::EventStore, http: &reqwest::Client, b
     let c1 = commit(&code, "main.sh", "true\n")?;
     let v: serde_json::Value = http.post(format!("{base}/api/v1/nodes")).bearer_auth(admin).json(&json!({"name": "builder"})).send().await?.json().await?;
     let token = NodeToken::parse(v["token"].as_str().unwrap_or_default()).map_err(|e| anyhow!(e))?;
-    let leaf = NatsServer::start_with(NatsOptions {
-        sync_always: false,
-        domain: edge::domain(&token.node_id),
-        extra: edge::leaf_link_config(&token, "127.0.0.1", hub_leaf, "agent-pw"),
-        ..Default::default()
+    let work = tempfile::tempdir()?;
+    let (_leaf, agent) = join(store, hub_leaf, &token, "builder", |cfg| {
+        cfg.labels = [("role".to_owned(), "builder".to_owned())].into();
+        cfg.image = None;
+        cfg.work_dir = work.path().to_owned();
     })
     .await?;
-    let work = tempfile::tempdir()?;
-    let cfg = ud_edge_agent::AgentConfig {
-        leaf_url: format!("nats://agent:agent-pw@127.0.0.1:{}", leaf.port()),
-        node_id: token.node_id,
-        name: "builder".into(),
-        labels: [("role".to_owned(), "builder".to_owned())].into(),
-        heartbeat_interval: Duration::from_secs(1),
-        image: None,
-        work_dir: work.path().to_owned(),
-        build_timeout: Duration::from_secs(600),
-        min_free_disk_mb: 0,
-        cache_limit_mb: 1 << 20,
-        docker_host: std::env::var("DOCKER_HOST").ok(),
-    };
-    let agent = tokio::spawn(async move {
-        let _ = ud_edge_agent::run(cfg).await;
-    });
-    let mut beat = store.client().subscribe(format!("ud.node.{}.heartbeat", token.node_id)).await?;
-    tokio::time::timeout(Duration::from_secs(60), beat.next()).await?;
     let started = store.client().subscribe("ud.task.*.started").await?;
     let prepared = store.client().subscribe("ud.task.*.prepared").await?;
     let url = |d: &std::path::Path| format!("file://{}", d.display());
@@ -319,4 +276,42 @@ async fn run_one(
         }
     }
     Ok((t0.elapsed(), steps))
+}
+
+/// Starts a node's leaf server (linked to the hub through `hub_leaf`) and its
+/// agent, and waits for its first heartbeat at the hub.
+async fn join(
+    store: &ud_core::EventStore,
+    hub_leaf: u16,
+    token: &NodeToken,
+    name: &str,
+    configure: impl FnOnce(&mut ud_edge_agent::AgentConfig),
+) -> Result<(NatsServer, tokio::task::JoinHandle<()>)> {
+    let leaf = NatsServer::start_with(NatsOptions {
+        sync_always: false,
+        domain: edge::domain(&token.node_id),
+        extra: edge::leaf_link_config(token, "127.0.0.1", hub_leaf, "agent-pw"),
+        ..Default::default()
+    })
+    .await?;
+    let mut cfg = ud_edge_agent::AgentConfig {
+        leaf_url: format!("nats://agent:agent-pw@127.0.0.1:{}", leaf.port()),
+        node_id: token.node_id,
+        name: name.into(),
+        labels: Default::default(),
+        heartbeat_interval: Duration::from_secs(1),
+        image: Some("unidesk/busybox:base".into()),
+        work_dir: std::env::temp_dir().join(format!("ud-edge-{}", token.node_id)),
+        build_timeout: Duration::from_secs(600),
+        min_free_disk_mb: 0,
+        cache_limit_mb: 1 << 20,
+        docker_host: std::env::var("DOCKER_HOST").ok(),
+    };
+    configure(&mut cfg);
+    let mut beat = store.client().subscribe(format!("ud.node.{}.heartbeat", token.node_id)).await?;
+    let agent = tokio::spawn(async move {
+        let _ = ud_edge_agent::run(cfg).await;
+    });
+    tokio::time::timeout(Duration::from_secs(60), beat.next()).await?;
+    Ok((leaf, agent))
 }

@@ -18,7 +18,7 @@ use tracing::{info, warn, Instrument};
 use ud_schemas::codec::{self, EventMeta};
 use ud_schemas::dispatch::{self, DispatchCancel, DispatchRun};
 use ud_schemas::events::*;
-use ud_schemas::{edge, now_millis, subjects, Event, NodeId, TaskId};
+use ud_schemas::{edge, now_millis, Event, NodeId, TaskId};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -363,5 +363,4 @@ async fn supervise(
         warn!(error = %e, "cannot record the outcome");
     }
     let _ = docker.remove(&container).await;
-    let _ = subjects::task_all(&task);
 }

@@ -82,7 +82,8 @@ impl Projector {
                 .into_iter()
                 .filter_map(|m| {
                     let seq = m.info().ok()?.stream_sequence;
-                    Some(Raw { seq, subject: m.subject.to_string(), headers: m.headers.clone(), payload: m.payload.clone() })
+                    let (msg, _) = m.split();
+                    Some(Raw { seq, subject: msg.subject.to_string(), headers: msg.headers, payload: msg.payload })
                 })
                 .filter(|r| r.seq > applied)
                 .collect();

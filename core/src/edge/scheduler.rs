@@ -1,7 +1,7 @@
 //! First-fit placement and the controller loop that runs liveness and
 //! scheduling on the main server.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -203,13 +203,11 @@ pub async fn run(commands: TaskCommands, settings: ControllerSettings) {
     drop(tx);
     let mut c = Controller { commands, settings, cluster: Cluster::default(), inflight: HashMap::new() };
     let mut tick = tokio::time::interval(c.settings.check_interval);
-    let mut caught_up: HashSet<&str> = HashSet::new();
     let mut resent = false;
     loop {
         tokio::select! {
             u = rx.recv() => {
                 let Some(u) = u else { break };
-                if u.live { caught_up.insert(if u.stream == streams::TASKS { "tasks" } else { "nodes" }); }
                 c.on_update(&u).await;
                 while let Ok(more) = rx.try_recv() {
                     c.on_update(&more).await;
