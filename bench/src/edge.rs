@@ -78,6 +78,7 @@ pub async fn run(a: Args) -> Result<()> {
                 check_interval: (timeout / 90).max(Duration::from_millis(100)),
                 cancel_grace_seconds: 1,
             },
+            git_credentials: Default::default(),
         }),
     })
     .await?;

@@ -77,6 +77,9 @@ pub struct ServeArgs {
     /// Seconds between a cancel's graceful signal and the kill.
     #[arg(long, env = "UD_CANCEL_GRACE_SECONDS", default_value_t = 10)]
     pub cancel_grace_seconds: u32,
+    /// JSON file of repository credentials per host, handed to nodes for their fetches only.
+    #[arg(long, env = "UD_GIT_CREDENTIALS_FILE")]
+    pub git_credentials_file: Option<std::path::PathBuf>,
 }
 
 fn edge_config(args: &ServeArgs) -> Result<Option<server::EdgeConfig>> {
@@ -104,6 +107,10 @@ fn edge_config(args: &ServeArgs) -> Result<Option<server::EdgeConfig>> {
             })
         }
     };
+    let git_credentials = match &args.git_credentials_file {
+        Some(path) => ud_core::edge::credentials::GitCredentials::load(path).context("UD_GIT_CREDENTIALS_FILE")?,
+        None => Default::default(),
+    };
     let timeout = std::time::Duration::from_secs_f64(args.heartbeat_timeout_seconds);
     Ok(Some(server::EdgeConfig {
         hub,
@@ -112,6 +119,7 @@ fn edge_config(args: &ServeArgs) -> Result<Option<server::EdgeConfig>> {
             check_interval: (timeout / 90).max(std::time::Duration::from_millis(100)),
             cancel_grace_seconds: args.cancel_grace_seconds,
         },
+        git_credentials,
     }))
 }
 

@@ -124,6 +124,40 @@ impl Errors {
     }
 }
 
+/// A repository URL's parts that matter to validation and credentials.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RepoUrl<'a> {
+    pub scheme: &'a str,
+    /// User name in the URL, if any (`ssh://git@host/...`).
+    pub user: Option<&'a str>,
+    /// Whether the URL carries a password (`https://user:secret@host/...`).
+    pub has_password: bool,
+    /// Host with its port, if any (empty for `file://`).
+    pub host: &'a str,
+    pub path: &'a str,
+}
+
+/// Splits `scheme://[user[:password]@]host[:port]/path`.
+pub fn parse_repo_url(url: &str) -> Option<RepoUrl<'_>> {
+    let (scheme, rest) = url.split_once("://")?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    let (userinfo, host) = match authority.rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, authority),
+    };
+    let (user, has_password) = match userinfo {
+        Some(u) => match u.split_once(':') {
+            Some((name, _)) => (Some(name), true),
+            None => (Some(u), false),
+        },
+        None => (None, false),
+    };
+    Some(RepoUrl { scheme, user, has_password, host, path })
+}
+
 pub fn repo_url(field: &str, url: &str) -> Result<(), FieldError> {
     let err = |r: &str| Err(FieldError::new(field, r));
     if url.len() > limits::MAX_URL_BYTES {
@@ -132,14 +166,23 @@ pub fn repo_url(field: &str, url: &str) -> Result<(), FieldError> {
     if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return err("must not contain whitespace or control characters");
     }
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return err("must be a URL with scheme https, ssh or file");
+    let Some(parsed) = parse_repo_url(url) else {
+        return err("must be a URL with scheme https, http, ssh, git or file");
     };
-    if !matches!(scheme, "https" | "ssh" | "file") {
-        return err(&format!("scheme {scheme:?} is not allowed; use https, ssh or file"));
+    if !matches!(parsed.scheme, "https" | "http" | "ssh" | "git" | "file") {
+        return err(&format!("scheme {:?} is not allowed; use https, http, ssh, git or file", parsed.scheme));
     }
-    if rest.is_empty() || rest == "/" {
+    if parsed.scheme == "file" {
+        if parsed.path.is_empty() || parsed.path == "/" {
+            return err("has no host or path");
+        }
+        return Ok(());
+    }
+    if parsed.host.is_empty() || parsed.path.is_empty() || parsed.path == "/" {
         return err("has no host or path");
+    }
+    if parsed.has_password || (parsed.user.is_some() && parsed.scheme != "ssh") {
+        return err("must not carry credentials: the platform holds them per repository host (see UD_GIT_CREDENTIALS_FILE)");
     }
     Ok(())
 }
@@ -315,7 +358,7 @@ pub fn idempotency_key(key: &str) -> Result<(), FieldError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use proptest::prelude::*;
 
     use super::*;
@@ -354,7 +397,7 @@ mod tests {
     #[test]
     fn bad_fields_are_named() {
         let mut r = request();
-        r.code_repo_url = "http://x/y".into();
+        r.code_repo_url = "ftp://x/y".into();
         r.env_commit_id = "abc".into();
         r.dockerfile_path = "../Dockerfile".into();
         r.resources.memory_mb = -5;
@@ -364,6 +407,18 @@ mod tests {
             fields(r),
             vec!["code_repo_url", "env_commit_id", "dockerfile_path", "command", "resources.cpus", "resources.memory_mb"]
         );
+    }
+
+    #[test]
+    fn repo_urls() {
+        for ok in ["https://git.example.org/a/b.git", "http://127.0.0.1:8080/code.git", "ssh://git@host:2222/x.git", "git://h/x", "file:///srv/env"] {
+            assert!(repo_url("u", ok).is_ok(), "{ok}");
+        }
+        for bad in ["https://user:secret@h/x.git", "https://token@h/x.git", "ssh://git:pw@h/x", "ftp://h/x", "https://h", "https:///x", "file://", "h/x"] {
+            assert!(repo_url("u", bad).is_err(), "{bad}");
+        }
+        let p = parse_repo_url("ssh://git@host:2222/x.git");
+        assert_eq!(p.map(|p| (p.user, p.host, p.path)), Some((Some("git"), "host:2222", "/x.git")));
     }
 
     #[test]

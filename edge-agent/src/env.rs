@@ -13,13 +13,16 @@ use bollard::Docker;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
-use ud_schemas::TaskSpec;
+use ud_schemas::dispatch::{self, GitCredentialsReply, GitCredentialsRequest};
+use ud_schemas::{edge, NodeId, TaskId, TaskSpec};
 
 /// Why preparing a task failed, naming the step.
 #[derive(Debug, thiserror::Error)]
 pub enum PrepareError {
     #[error("fetching {what} from {url}: {reason}")]
     Fetch { what: &'static str, url: String, reason: String },
+    #[error("fetching {what} from {url}: {reason}")]
+    Auth { what: &'static str, url: String, reason: String },
     #[error("commit {commit} is not in {url}")]
     NoCommit { url: String, commit: String },
     #[error("dockerfile_path {0:?} is not a file inside the environment repository")]
@@ -44,6 +47,30 @@ pub fn image_tag(spec: &TaskSpec) -> String {
     format!("unidesk-env:{}", &digest(&[&spec.env_repo_url, &spec.env_commit_id, &spec.dockerfile_path])[..24])
 }
 
+/// Asks the main server for a repository's credentials, for one fetch.
+#[derive(Clone)]
+pub struct CredentialSource {
+    pub client: async_nats::Client,
+    pub node: NodeId,
+}
+
+impl CredentialSource {
+    async fn get(&self, task: TaskId, url: &str) -> Result<GitCredentialsReply, String> {
+        let req = dispatch::to_cbor(&GitCredentialsRequest { task_id: task, repo_url: url.to_owned() }).map_err(|e| e.to_string())?;
+        let ask = self.client.request(edge::git_credentials_subject(&self.node), req.into());
+        let reply = tokio::time::timeout(std::time::Duration::from_secs(10), ask)
+            .await
+            .map_err(|_| "the main server did not answer".to_owned())?
+            .map_err(|e| e.to_string())?;
+        dispatch::from_cbor(&reply.payload, "git-credentials-reply").map_err(|e| e.to_string())
+    }
+}
+
+/// Whether a URL is fetched over the network (and may need credentials).
+fn remote(url: &str) -> bool {
+    !url.starts_with("file://")
+}
+
 #[derive(Clone)]
 pub struct Versions {
     root: PathBuf,
@@ -56,6 +83,7 @@ pub struct Versions {
     /// One lock per repository mirror and per image: the same fetch or build
     /// asked for by two tasks at once happens once.
     locks: Arc<Mutex<HashMap<String, Arc<Mutex<()>>>>>,
+    creds: Option<CredentialSource>,
 }
 
 /// What a prepared task runs: the image, and the code checked out for it.
@@ -70,7 +98,13 @@ pub struct Prepared {
 
 impl Versions {
     pub fn new(root: PathBuf, docker: Docker, build_timeout: std::time::Duration, cache_limit_bytes: u64) -> Self {
-        Self { root, docker, build_timeout, cache_limit_bytes, last_used: Arc::default(), locks: Arc::default() }
+        Self { root, docker, build_timeout, cache_limit_bytes, last_used: Arc::default(), locks: Arc::default(), creds: None }
+    }
+
+    /// Fetches from repositories that need credentials ask `source` for them.
+    pub fn with_credentials(mut self, source: CredentialSource) -> Self {
+        self.creds = Some(source);
+        self
     }
 
     async fn touch(&self, key: &str) {
@@ -146,31 +180,51 @@ impl Versions {
     }
 
     /// Makes sure the mirror of `url` has `commit`, fetching only what is missing.
-    async fn fetch(&self, what: &'static str, url: &str, commit: &str) -> Result<PathBuf, PrepareError> {
+    async fn fetch(&self, task: TaskId, what: &'static str, url: &str, commit: &str) -> Result<PathBuf, PrepareError> {
         let path = self.mirror_path(url);
         let lock = self.lock(path.display().to_string()).await;
         let _guard = lock.lock().await;
+        let (p, c) = (path.clone(), commit.to_owned());
+        let cached = tokio::task::spawn_blocking(move || has_commit(&p, &c)).await.unwrap_or(false);
+        if cached {
+            return Ok(path);
+        }
+        // Credentials live in memory for this fetch only.
+        let creds = match (&self.creds, remote(url)) {
+            (Some(source), true) => match source.get(task, url).await {
+                Ok(GitCredentialsReply::Denied { reason }) => {
+                    return Err(PrepareError::Auth { what, url: url.to_owned(), reason: format!("the platform refused credentials: {reason}") })
+                }
+                Ok(reply) => Some(reply),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no repository credentials; fetching without");
+                    None
+                }
+            },
+            _ => None,
+        };
         let (p, u, c) = (path.clone(), url.to_owned(), commit.to_owned());
-        tokio::task::spawn_blocking(move || fetch_blocking(&p, &u, &c))
+        tokio::task::spawn_blocking(move || fetch_blocking(&p, &u, &c, creds.as_ref()))
             .await
             .map_err(|e| PrepareError::Io(e.to_string()))?
             .map_err(|e| match e {
                 FetchError::Missing => PrepareError::NoCommit { url: url.to_owned(), commit: commit.to_owned() },
                 FetchError::Git(reason) => PrepareError::Fetch { what, url: url.to_owned(), reason },
+                FetchError::Auth(reason) => PrepareError::Auth { what, url: url.to_owned(), reason: reason.to_owned() },
             })?;
         Ok(path)
     }
 
     /// Fetches code and environment, builds the image if it does not exist,
     /// checks the code out into the task's workspace. `log` receives build output.
-    pub async fn prepare<F, Fut>(&self, spec: &TaskSpec, workspace: &Path, log: F) -> Result<Prepared, PrepareError>
+    pub async fn prepare<F, Fut>(&self, task: TaskId, spec: &TaskSpec, workspace: &Path, log: F) -> Result<Prepared, PrepareError>
     where
         F: Fn(String) -> Fut,
         Fut: std::future::Future<Output = ()>,
     {
         let mut steps = Vec::new();
         let t = std::time::Instant::now();
-        let code = self.fetch("code", &spec.code_repo_url, &spec.code_commit_id).await?;
+        let code = self.fetch(task, "code", &spec.code_repo_url, &spec.code_commit_id).await?;
         steps.push(("fetch_code", t.elapsed()));
         let image = image_tag(spec);
         self.touch(&self.mirror_path(&spec.code_repo_url).display().to_string()).await;
@@ -180,7 +234,7 @@ impl Versions {
         let env = {
             let _guard = image_lock.lock().await;
             let t = std::time::Instant::now();
-            let env = self.fetch("environment", &spec.env_repo_url, &spec.env_commit_id).await?;
+            let env = self.fetch(task, "environment", &spec.env_repo_url, &spec.env_commit_id).await?;
             steps.push(("fetch_environment", t.elapsed()));
             if self.docker.inspect_image(&image).await.is_err() {
                 let t = std::time::Instant::now();
@@ -244,10 +298,67 @@ impl Versions {
 enum FetchError {
     Missing,
     Git(String),
+    Auth(&'static str),
 }
 
-fn fetch_blocking(path: &Path, url: &str, commit: &str) -> Result<(), FetchError> {
-    let git = |e: git2::Error| FetchError::Git(e.message().to_owned());
+fn has_commit(path: &Path, commit: &str) -> bool {
+    let Ok(oid) = git2::Oid::from_str(commit) else { return false };
+    git2::Repository::open_bare(path).is_ok_and(|r| r.find_commit(oid).is_ok())
+}
+
+/// What the server asked for and what it was given, to explain a refusal.
+#[derive(Default)]
+struct AuthAsked {
+    /// Times the server asked: a second time means the first answer was refused.
+    calls: u32,
+    offered: bool,
+}
+
+impl AuthAsked {
+    fn failed(&self) -> Option<&'static str> {
+        match (self.calls, self.offered) {
+            (0, _) => None,
+            (_, false) => Some("the repository needs credentials and the platform holds none for its host"),
+            (1, true) => None,
+            (_, true) => Some("the repository refused the credentials the platform holds for its host"),
+        }
+    }
+}
+
+/// Callbacks that answer the server's credential challenge once with what
+/// the platform handed over, and give up when it asks again (refused).
+fn callbacks<'a>(creds: Option<&'a GitCredentialsReply>, state: &'a std::cell::RefCell<AuthAsked>) -> git2::RemoteCallbacks<'a> {
+    let mut cb = git2::RemoteCallbacks::new();
+    cb.credentials(move |_url, user_from_url, allowed| {
+        let mut s = state.borrow_mut();
+        s.calls += 1;
+        if s.calls > 1 {
+            return Err(git2::Error::from_str("credentials refused"));
+        }
+        let cred = match creds {
+            Some(GitCredentialsReply::Token { username, token }) if allowed.contains(git2::CredentialType::USER_PASS_PLAINTEXT) => {
+                git2::Cred::userpass_plaintext(username, token)
+            }
+            Some(GitCredentialsReply::Ssh { username, private_key, passphrase }) if allowed.contains(git2::CredentialType::SSH_KEY) => {
+                git2::Cred::ssh_key_from_memory(user_from_url.unwrap_or(username), None, private_key, passphrase.as_deref())
+            }
+            Some(GitCredentialsReply::Ssh { username, .. }) if allowed.contains(git2::CredentialType::USERNAME) => {
+                git2::Cred::username(user_from_url.unwrap_or(username))
+            }
+            _ => return Err(git2::Error::from_str("no credentials")),
+        };
+        s.offered = cred.is_ok();
+        cred
+    });
+    cb
+}
+
+fn fetch_blocking(path: &Path, url: &str, commit: &str, creds: Option<&GitCredentialsReply>) -> Result<(), FetchError> {
+    let state = std::cell::RefCell::new(AuthAsked::default());
+    let git = |e: git2::Error| match state.borrow().failed() {
+        Some(reason) => FetchError::Auth(reason),
+        None => FetchError::Git(e.message().to_owned()),
+    };
     let oid = git2::Oid::from_str(commit).map_err(|_| FetchError::Missing)?;
     let repo = if path.exists() {
         git2::Repository::open_bare(path).map_err(git)?
@@ -261,10 +372,19 @@ fn fetch_blocking(path: &Path, url: &str, commit: &str) -> Result<(), FetchError
         return Ok(());
     }
     let mut remote = repo.remote_anonymous(url).map_err(git)?;
+    let options = || {
+        let mut o = git2::FetchOptions::new();
+        o.remote_callbacks(callbacks(creds, &state));
+        o
+    };
     // Only the commit asked for, where the server allows it; else the branches and tags.
-    let direct = remote.fetch(&[commit], None, None);
+    let direct = remote.fetch(&[commit], Some(&mut options()), None);
+    if let (Some(reason), Err(_)) = (state.borrow().failed(), &direct) {
+        return Err(FetchError::Auth(reason));
+    }
     if direct.is_err() || repo.find_commit(oid).is_err() {
-        let all = remote.fetch(&["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"], None, None);
+        *state.borrow_mut() = AuthAsked::default();
+        let all = remote.fetch(&["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"], Some(&mut options()), None);
         if let (Err(e), Err(_)) = (all, direct) {
             return Err(git(e));
         }

@@ -139,7 +139,8 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let reporter = Reporter { node, local };
     let docker = docker::Executor::connect(cfg.docker_host.as_deref(), node).await?;
     let running: Running = Arc::default();
-    let versions = env::Versions::new(cfg.work_dir.clone(), docker.client(), cfg.build_timeout, cfg.cache_limit_mb.saturating_mul(1024 * 1024));
+    let versions = env::Versions::new(cfg.work_dir.clone(), docker.client(), cfg.build_timeout, cfg.cache_limit_mb.saturating_mul(1024 * 1024))
+        .with_credentials(env::CredentialSource { client: client.clone(), node });
     // Everything the agent starts ends with it.
     let mut tasks = tokio::task::JoinSet::new();
 
@@ -271,7 +272,7 @@ async fn start(
                             let _ = reporter.log(task, run.attempt, "build", text).await;
                         }
                     };
-                    match versions.prepare(&run.spec, &workspace, log).await {
+                    match versions.prepare(task, &run.spec, &workspace, log).await {
                         Ok(p) => {
                             // Keep what this run needs; make room by what was used least recently.
                             versions.evict(&run.spec).await;

@@ -45,6 +45,10 @@ fn initial_accounts() -> Result<String> {
 
 impl Stack {
     async fn start(heartbeat_timeout: Duration) -> Result<Self> {
+        Self::start_with(heartbeat_timeout, Default::default()).await
+    }
+
+    async fn start_with(heartbeat_timeout: Duration, git_credentials: ud_core::edge::credentials::GitCredentials) -> Result<Self> {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("UD_LOG").unwrap_or_else(|_| "warn".into()))
             .with_test_writer()
@@ -74,6 +78,7 @@ impl Stack {
                     check_interval: Duration::from_millis(100),
                     cancel_grace_seconds: 1,
                 },
+                git_credentials,
             }),
         })
         .await?;
@@ -461,6 +466,7 @@ async fn two_main_servers_mark_a_silent_node_offline_once() -> Result<()> {
                 check_interval: Duration::from_millis(50),
                 cancel_grace_seconds: 1,
             },
+            git_credentials: Default::default(),
         }),
     })
     .await?;
@@ -612,6 +618,98 @@ async fn tasks_run_pinned_code_in_environments_built_from_their_repository() -> 
     let b_tag = ud_edge_agent::env::image_tag(&spec_of("envs/b/Dockerfile")?);
     assert!(docker.inspect_image(&a_tag).await.is_err(), "{a_tag} was not evicted");
     assert!(docker.inspect_image(&b_tag).await.is_ok(), "{b_tag} was evicted while in use");
+    agent.abort();
+    Ok(())
+}
+
+/// Every message stored in `stream`, raw.
+async fn stream_bytes(s: &Stack, stream: &str) -> Result<Vec<u8>> {
+    let js = s.server.state.commands.store().jetstream().clone();
+    let mut st = js.get_stream(stream).await?;
+    let last = st.info().await?.state.last_sequence;
+    let mut out = Vec::new();
+    let mut seq = 1;
+    while seq <= last {
+        if let Ok(m) = st.get_raw_message(seq).await {
+            out.extend_from_slice(&m.payload);
+            out.extend_from_slice(format!("{:?}", m.headers).as_bytes());
+        }
+        seq += 1;
+    }
+    Ok(out)
+}
+
+#[tokio::test]
+async fn private_repositories_are_fetched_with_credentials_the_platform_holds_and_never_shows() -> Result<()> {
+    const TOKEN: &str = "tok-3f9a1c-kept-by-the-platform";
+    let root = tempfile::tempdir()?;
+    let src = root.path().join("src");
+    std::fs::create_dir_all(&src)?;
+    git(&src, &["init", "-q"])?;
+    std::fs::write(src.join("Dockerfile"), "FROM unidesk/busybox:base\nRUN echo env-private > /env.txt\n")?;
+    std::fs::write(src.join("run.sh"), "env; cat /env.txt; echo private-code-ran\n")?;
+    let commit = commit_all(&src, "private")?;
+    let served = root.path().join("served");
+    std::fs::create_dir_all(&served)?;
+    git(&served, &["clone", "-q", "--bare", &src.display().to_string(), "private.git"])?;
+    // Smart HTTP behind basic authentication: the right token, no entry, a wrong token.
+    let good = ud_testkit::GitHttpServer::start(&served, Some(("ci", TOKEN))).await?;
+    let unknown = ud_testkit::GitHttpServer::start(&served, Some(("ci", TOKEN))).await?;
+    let wrong = ud_testkit::GitHttpServer::start(&served, Some(("ci", TOKEN))).await?;
+    let file = json!({"hosts": {
+        format!("127.0.0.1:{}", good.port()): {"username": "ci", "token": TOKEN, "allow_http": true},
+        format!("127.0.0.1:{}", wrong.port()): {"username": "ci", "token": "not-the-token", "allow_http": true},
+    }});
+    let creds = ud_core::edge::credentials::GitCredentials::parse(&file.to_string(), std::path::Path::new("."))?;
+    let mut s = Stack::start_with(Duration::from_secs(60), creds).await?;
+    let token = s.enroll("private").await?;
+    let leaf = s.leaf(&token, s.hub.leaf_port()).await?;
+    let work = tempfile::tempdir()?;
+    let agent = run_agent(AgentConfig {
+        image: None,
+        work_dir: work.path().to_owned(),
+        labels: BTreeMap::new(),
+        ..agent_config(&leaf, &token, "private", Duration::from_millis(500))
+    });
+    s.node_status(token.node_id, "online", Duration::from_secs(30)).await?;
+    let submit = |url: String| {
+        json!({
+            "project": "lab", "code_repo_url": url, "code_commit_id": commit, "env_repo_url": url, "env_commit_id": commit,
+            "dockerfile_path": "Dockerfile", "command": ["sh", "run.sh"],
+            "resources": {"cpus": 0.5, "memory_mb": 64}, "timeout_seconds": 120
+        })
+    };
+
+    let id = s.submit_body(submit(good.url("private.git"))).await?;
+    let done = s.task_state(&id, &["succeeded", "failed"], Duration::from_secs(120)).await?;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let out = logs(&s, &id).await?;
+    assert!(out.contains("private-code-ran") && out.contains("env-private"), "{out:?}");
+    assert!(good.refused() >= 1 && good.served() >= 2, "the server asked for credentials and was given them");
+    // Never in the task's environment (printed by `env` above), its log, its events or any stream.
+    assert!(!out.contains(TOKEN), "the token reached the task: {out}");
+    let events = s.get(&format!("/api/v1/tasks/{id}/events")).await?;
+    assert!(!events.to_string().contains(TOKEN));
+    for stream in [ud_schemas::streams::TASKS, ud_schemas::streams::LOGS, edge::EDGE_IN, edge::DISPATCH] {
+        let bytes = stream_bytes(&s, stream).await?;
+        assert!(!bytes.is_empty(), "{stream} is empty");
+        assert!(!bytes.windows(TOKEN.len()).any(|w| w == TOKEN.as_bytes()), "the token is stored in {stream}");
+    }
+
+    // No credentials for the host, or the wrong ones: the task fails and says why.
+    for (server, reason) in [(&unknown, "the platform holds none"), (&wrong, "refused the credentials")] {
+        let id = s.submit_body(submit(server.url("private.git"))).await?;
+        let done = s.task_state(&id, &["succeeded", "failed"], Duration::from_secs(120)).await?;
+        assert_eq!(done["state"], "failed", "{done}");
+        assert!(done["reason"].as_str().is_some_and(|r| r.contains(reason) && r.contains("fetching code")), "expected {reason:?}: {done}");
+        assert_eq!(server.served(), 0);
+    }
+    // The node stays healthy and cached: the first repository runs again without a fetch.
+    let again = s.submit_body(submit(good.url("private.git"))).await?;
+    let before = good.served();
+    let done = s.task_state(&again, &["succeeded", "failed"], Duration::from_secs(120)).await?;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(good.served(), before, "a cached commit was fetched again");
     agent.abort();
     Ok(())
 }

@@ -30,6 +30,8 @@ pub struct EdgeConfig {
     /// platform's own NATS credentials to write them into the accounts file).
     pub hub: Option<ud_core::edge::hub::HubSettings>,
     pub controller: ud_core::edge::scheduler::ControllerSettings,
+    /// Repository credentials handed to nodes for their fetches.
+    pub git_credentials: ud_core::edge::credentials::GitCredentials,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +121,12 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         tasks.push(tokio::spawn(async move {
             if let Err(e) = ud_core::edge::ingest::run(c).await {
                 tracing::error!(error = %e, "ingest stopped");
+            }
+        }));
+        let (s, creds) = (store.clone(), edge.git_credentials.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = ud_core::edge::credentials::serve(s, creds).await {
+                tracing::error!(error = %e, "repository credentials service stopped");
             }
         }));
         let (c, settings) = (commands.clone(), edge.controller.clone());

@@ -86,7 +86,7 @@ async fn bad_input_names_the_field_and_appends_nothing() -> Result<()> {
         ("unknown field".into(), with(&|t| t["colour"] = json!("red")), StatusCode::BAD_REQUEST, "colour"),
         ("short commit".into(), with(&|t| t["code_commit_id"] = json!("abc123")), StatusCode::BAD_REQUEST, "code_commit_id"),
         ("branch name".into(), with(&|t| t["env_commit_id"] = json!("main")), StatusCode::BAD_REQUEST, "env_commit_id"),
-        ("http scheme".into(), with(&|t| t["code_repo_url"] = json!("http://x.org/r.git")), StatusCode::BAD_REQUEST, "code_repo_url"),
+        ("credentials in the URL".into(), with(&|t| t["code_repo_url"] = json!("https://me:secret@x.org/r.git")), StatusCode::BAD_REQUEST, "code_repo_url"),
         ("ftp scheme".into(), with(&|t| t["env_repo_url"] = json!("ftp://x.org/r.git")), StatusCode::BAD_REQUEST, "env_repo_url"),
         ("escaping dockerfile".into(), with(&|t| t["dockerfile_path"] = json!("../../etc/Dockerfile")), StatusCode::BAD_REQUEST, "dockerfile_path"),
         ("absolute dockerfile".into(), with(&|t| t["dockerfile_path"] = json!("/Dockerfile")), StatusCode::BAD_REQUEST, "dockerfile_path"),

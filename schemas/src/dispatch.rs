@@ -43,3 +43,40 @@ pub fn to_cbor<T: Serialize>(v: &T) -> Result<Vec<u8>, crate::CodecError> {
 pub fn from_cbor<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, crate::CodecError> {
     ciborium::from_reader(bytes).map_err(|e| crate::CodecError::Decode { event_type: what.to_owned(), version: 1, reason: e.to_string() })
 }
+
+/// A node asks the main server for the credentials of one repository of a
+/// task assigned to it: request/reply on `ud.git.credentials.<node_id>`,
+/// answered only to the node's own inbox and never stored (CDDL rules
+/// `git-credentials-request`, `git-credentials-reply`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GitCredentialsRequest {
+    pub task_id: TaskId,
+    pub repo_url: String,
+}
+
+/// What the main server hands a node for one fetch.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum GitCredentialsReply {
+    /// The platform holds nothing for this host: fetch without credentials.
+    None,
+    /// HTTPS basic authentication with a token as the password.
+    Token { username: String, token: String },
+    /// An SSH private key (OpenSSH or PEM text).
+    Ssh { username: String, private_key: String, passphrase: Option<String> },
+    /// The request was refused (the task is not assigned to the node, the
+    /// URL is not one of the task's repositories, ...).
+    Denied { reason: String },
+}
+
+/// Never prints a secret.
+impl std::fmt::Debug for GitCredentialsReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::None => f.write_str("None"),
+            Self::Token { username, .. } => write!(f, "Token {{ username: {username:?}, token: *** }}"),
+            Self::Ssh { username, .. } => write!(f, "Ssh {{ username: {username:?}, private_key: *** }}"),
+            Self::Denied { reason } => write!(f, "Denied {{ reason: {reason:?} }}"),
+        }
+    }
+}

@@ -58,6 +58,13 @@ pub fn dispatch_subject(node: &NodeId, task: &crate::TaskId, kind: &str) -> Stri
     format!("ud.dispatch.{node}.{task}.{kind}")
 }
 
+/// Where a node asks for the credentials of a repository (request/reply).
+pub const GIT_CREDENTIALS_PREFIX: &str = "ud.git.credentials";
+
+pub fn git_credentials_subject(node: &NodeId) -> String {
+    format!("{GIT_CREDENTIALS_PREFIX}.{node}")
+}
+
 /// The subject a node publishes an event on, in its own stream.
 pub fn edge_subject(node: &NodeId, canonical: &str) -> Option<String> {
     canonical.strip_prefix("ud.").map(|rest| format!("ud.edge.{node}.{rest}"))

@@ -1,6 +1,7 @@
 //! The hub side of compute nodes: enrollment, the hub's account file and
 //! sources, ingest of what nodes report, liveness and first-fit scheduling.
 
+pub mod credentials;
 pub mod enroll;
 pub mod hub;
 pub mod hubconf;
