@@ -75,6 +75,7 @@ pub struct Task {
 pub enum TaskCommand {
     Submit { project: ProjectId, spec: TaskSpec, idempotency_key: Option<String> },
     Assign { node_id: NodeId },
+    RecordPreparing { node_id: NodeId, attempt: u32, step: String },
     RecordPrepared(Box<TaskPrepared>),
     Start { node_id: NodeId, attempt: u32 },
     Succeed { node_id: NodeId, exit_code: i32 },
@@ -89,6 +90,7 @@ impl TaskCommand {
         match self {
             Self::Submit { .. } => "submit",
             Self::Assign { .. } => "assign",
+            Self::RecordPreparing { .. } => "record-preparing",
             Self::RecordPrepared(_) => "record-prepared",
             Self::Start { .. } => "start",
             Self::Succeed { .. } => "succeed",
@@ -141,6 +143,12 @@ pub fn decide(task: Option<&Task>, command: TaskCommand, now: Millis) -> Result<
             Ok(vec![TaskEvent::Prepared(TaskPrepared { at: now, ..*p })])
         }
         (TaskState::Assigned { .. }, TaskCommand::RecordPrepared(p)) => Err(TaskError::WrongNode(p.node_id)),
+        (TaskState::Assigned { node_id: live, attempt: a }, TaskCommand::RecordPreparing { node_id, attempt, step })
+            if *live == node_id && *a == attempt =>
+        {
+            Ok(vec![TaskEvent::Preparing(TaskPreparing { at: now, node_id, attempt, step })])
+        }
+        (TaskState::Assigned { .. }, TaskCommand::RecordPreparing { node_id, .. }) => Err(TaskError::WrongNode(node_id)),
         (TaskState::Assigned { node_id: live, attempt: a }, TaskCommand::Start { node_id, attempt })
             if *live == node_id && *a == attempt =>
         {
@@ -214,7 +222,7 @@ pub fn evolve(task: Option<Task>, id: TaskId, event: &TaskEvent) -> Option<Task>
         (TaskState::Assigned { node_id, attempt } | TaskState::Running { node_id, attempt }, TaskEvent::CancelRequested(e)) => {
             TaskState::Cancelling { node_id, attempt, reason: e.reason.clone() }
         }
-        (state, TaskEvent::CancelRequested(_) | TaskEvent::Submitted(_) | TaskEvent::Prepared(_)) => state,
+        (state, TaskEvent::CancelRequested(_) | TaskEvent::Submitted(_) | TaskEvent::Preparing(_) | TaskEvent::Prepared(_)) => state,
     };
     Some(task)
 }

@@ -216,13 +216,17 @@ impl Versions {
     }
 
     /// Fetches code and environment, builds the image if it does not exist,
-    /// checks the code out into the task's workspace. `log` receives build output.
-    pub async fn prepare<F, Fut>(&self, task: TaskId, spec: &TaskSpec, workspace: &Path, log: F) -> Result<Prepared, PrepareError>
+    /// checks the code out into the task's workspace. `log` receives build
+    /// output, `step` the name of each step as it begins.
+    pub async fn prepare<F, Fut, S, SFut>(&self, task: TaskId, spec: &TaskSpec, workspace: &Path, log: F, step: S) -> Result<Prepared, PrepareError>
     where
         F: Fn(String) -> Fut,
         Fut: std::future::Future<Output = ()>,
+        S: Fn(&'static str) -> SFut,
+        SFut: std::future::Future<Output = ()>,
     {
         let mut steps = Vec::new();
+        step("fetch_code").await;
         let t = std::time::Instant::now();
         let code = self.fetch(task, "code", &spec.code_repo_url, &spec.code_commit_id).await?;
         steps.push(("fetch_code", t.elapsed()));
@@ -233,10 +237,12 @@ impl Versions {
         let image_lock = self.lock(image.clone()).await;
         let env = {
             let _guard = image_lock.lock().await;
+            step("fetch_environment").await;
             let t = std::time::Instant::now();
             let env = self.fetch(task, "environment", &spec.env_repo_url, &spec.env_commit_id).await?;
             steps.push(("fetch_environment", t.elapsed()));
             if self.docker.inspect_image(&image).await.is_err() {
+                step("build_image").await;
                 let t = std::time::Instant::now();
                 let context = self.root.join("build").join(&digest(&[&image])[..16]);
                 let (e, c, commit, path) = (env.clone(), context.clone(), spec.env_commit_id.clone(), spec.dockerfile_path.clone());
@@ -254,6 +260,7 @@ impl Versions {
             }
             env
         };
+        step("checkout").await;
         let t = std::time::Instant::now();
         let (c, commit, dest) = (code, spec.code_commit_id.clone(), workspace.to_owned());
         tokio::task::spawn_blocking(move || checkout(&c, &commit, &dest))

@@ -79,6 +79,14 @@ impl Reporter {
         Ok(())
     }
 
+    /// Records that a preparing step began.
+    pub async fn step(&self, task: TaskId, attempt: u32, name: &str) {
+        let e = TaskPreparing { at: now_millis(), node_id: self.node, attempt, step: name.to_owned() };
+        if let Err(e) = self.send(&Event::Task(task, TaskEvent::Preparing(e))).await {
+            warn!(error = %e, step = name, "cannot record a preparing step");
+        }
+    }
+
     pub async fn log(&self, task: TaskId, attempt: u32, stream: &str, text: String) -> Result<(), AgentError> {
         let chunk = dispatch::LogChunk { at: now_millis(), attempt, stream: stream.to_owned(), text };
         let subject = format!("ud.edge.{}.log.{task}", self.node);
@@ -272,7 +280,11 @@ async fn start(
                             let _ = reporter.log(task, run.attempt, "build", text).await;
                         }
                     };
-                    match versions.prepare(task, &run.spec, &workspace, log).await {
+                    let step = |name: &'static str| {
+                        let reporter = reporter.clone();
+                        async move { reporter.step(task, run.attempt, name).await }
+                    };
+                    match versions.prepare(task, &run.spec, &workspace, log, step).await {
                         Ok(p) => {
                             // Keep what this run needs; make room by what was used least recently.
                             versions.evict(&run.spec).await;
@@ -285,6 +297,9 @@ async fn start(
                     }
                 }
             };
+            if mount.is_some() {
+                reporter.step(task, run.attempt, "start").await;
+            }
             let t = std::time::Instant::now();
             let container = match docker.create(&image, &run, mount.as_deref()).await {
                 Ok(c) => c,

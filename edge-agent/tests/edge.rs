@@ -570,6 +570,11 @@ async fn tasks_run_pinned_code_in_environments_built_from_their_repository() -> 
     assert!(ran["image_id"].as_str().is_some_and(|i| i.starts_with("sha256:")), "{ran}");
     let steps: Vec<&str> = ran["steps"].as_array().into_iter().flatten().filter_map(|s| s["name"].as_str()).collect();
     assert_eq!(steps, vec!["fetch_code", "fetch_environment", "build_image", "checkout", "start"]);
+    // Each step was an event as it began, so the task showed it while preparing.
+    let history = s.get(&format!("/api/v1/tasks/{first}/events")).await?;
+    let began: Vec<&str> = history.as_array().into_iter().flatten().filter(|e| e["type"] == "task.preparing").filter_map(|e| e["data"]["step"].as_str()).collect();
+    assert_eq!(began, steps);
+    assert!(done["preparing"].is_null(), "{done}");
 
     // Same environment, new commit of the code: no build, the new code.
     let second = s.submit_body(submit(&v2, &env_commit, "envs/a/Dockerfile")).await?;
@@ -590,8 +595,23 @@ async fn tasks_run_pinned_code_in_environments_built_from_their_repository() -> 
         (submit(&v1, &env_commit, "envs/broken/Dockerfile"), "building the environment image"),
         (submit(&v1, &env_commit, "envs/slow/Dockerfile"), "ran past its time limit of 10 s"),
     ];
-    for (body, reason) in cases {
+    for (i, (body, reason)) in cases.into_iter().enumerate() {
         let id = s.submit_body(body).await?;
+        if i == 4 {
+            // A long build shows as the step under way.
+            let http = (s.http.clone(), s.base.clone(), s.admin.clone(), id.clone());
+            let shown = s
+                .until("the build step to show", Duration::from_secs(60), || {
+                    let (http, base, admin, id) = http.clone();
+                    async move {
+                        let v: Value = http.get(format!("{base}/api/v1/tasks/{id}")).bearer_auth(&admin).send().await?.json().await?;
+                        Ok((v["preparing"]["step"] == "build_image").then_some(v))
+                    }
+                })
+                .await?;
+            assert_eq!(shown["state"], "assigned", "{shown}");
+            assert!(shown["preparing"]["since"].is_string(), "{shown}");
+        }
         let done = s.task_state(&id, &["succeeded", "failed"], Duration::from_secs(120)).await?;
         assert_eq!(done["state"], "failed", "{done}");
         assert!(done["reason"].as_str().is_some_and(|r| r.contains(reason)), "expected {reason:?}: {done}");

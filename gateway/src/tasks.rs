@@ -64,6 +64,10 @@ pub struct TaskView {
     /// What the run really used: resolved commits, Dockerfile digest, image id,
     /// preparing steps with their durations, GPUs (null until prepared).
     pub prepared: Option<serde_json::Value>,
+    /// While the node prepares the run: `{"step", "since", "attempt"}`, the
+    /// step under way (fetch_code, fetch_environment, build_image, checkout,
+    /// start) and when it began; null otherwise.
+    pub preparing: Option<serde_json::Value>,
     pub exit_code: Option<i32>,
     pub reason: Option<String>,
     pub submitted_by: String,
@@ -85,6 +89,7 @@ impl From<TaskRow> for TaskView {
             attempt: r.attempt,
             spec: r.spec,
             prepared: r.prepared,
+            preparing: r.preparing,
             exit_code: r.exit_code,
             reason: r.reason,
             submitted_by: r.submitted_by,

@@ -128,7 +128,7 @@ pub(crate) async fn record_error(
 }
 
 const TASK_COLS: &str = "id, project, name, state, node_id, attempt, spec, exit_code, reason, submitted_by, \
-                         submitted_at, updated_at, finished_at, version, last_seq, prepared";
+                         submitted_at, updated_at, finished_at, version, last_seq, prepared, preparing";
 
 pub(crate) fn task_from_row(r: &tokio_postgres::Row) -> TaskRow {
     TaskRow {
@@ -148,6 +148,7 @@ pub(crate) fn task_from_row(r: &tokio_postgres::Row) -> TaskRow {
         version: r.get(13),
         last_seq: r.get(14),
         prepared: r.get(15),
+        preparing: r.get(16),
     }
 }
 
@@ -181,23 +182,25 @@ pub(crate) async fn upsert_tasks(c: &impl GenericClient, rows: &[TaskRow]) -> Re
     let version: Vec<i64> = rows.iter().map(|r| r.version).collect();
     let last_seq: Vec<i64> = rows.iter().map(|r| r.last_seq).collect();
     let prepared: Vec<Option<&serde_json::Value>> = rows.iter().map(|r| r.prepared.as_ref()).collect();
+    let preparing: Vec<Option<&serde_json::Value>> = rows.iter().map(|r| r.preparing.as_ref()).collect();
     c.execute(
         &format!(
             "INSERT INTO tasks ({TASK_COLS})
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::uuid[], $6::int4[],
                                   $7::jsonb[], $8::int4[], $9::text[], $10::text[], $11::timestamptz[],
-                                  $12::timestamptz[], $13::timestamptz[], $14::int8[], $15::int8[], $16::jsonb[])
+                                  $12::timestamptz[], $13::timestamptz[], $14::int8[], $15::int8[], $16::jsonb[], $17::jsonb[])
              ON CONFLICT (id) DO UPDATE SET
                project = EXCLUDED.project, name = EXCLUDED.name, state = EXCLUDED.state,
                node_id = EXCLUDED.node_id, attempt = EXCLUDED.attempt, spec = EXCLUDED.spec,
                exit_code = EXCLUDED.exit_code, reason = EXCLUDED.reason,
                submitted_by = EXCLUDED.submitted_by, submitted_at = EXCLUDED.submitted_at,
                updated_at = EXCLUDED.updated_at, finished_at = EXCLUDED.finished_at,
-               version = EXCLUDED.version, last_seq = EXCLUDED.last_seq, prepared = EXCLUDED.prepared"
+               version = EXCLUDED.version, last_seq = EXCLUDED.last_seq, prepared = EXCLUDED.prepared,
+               preparing = EXCLUDED.preparing"
         ),
         &[
             &ids, &project, &name, &state, &node, &attempt, &spec, &exit, &reason, &by, &sub_at, &upd_at, &fin_at,
-            &version, &last_seq, &prepared,
+            &version, &last_seq, &prepared, &preparing,
         ],
     )
     .await?;

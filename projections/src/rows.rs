@@ -19,6 +19,8 @@ pub struct TaskRow {
     pub spec: serde_json::Value,
     /// What the run really used (task.prepared).
     pub prepared: Option<serde_json::Value>,
+    /// The preparing step under way (task.preparing), until the run starts or ends.
+    pub preparing: Option<serde_json::Value>,
     pub exit_code: Option<i32>,
     pub reason: Option<String>,
     pub submitted_by: String,
@@ -55,6 +57,7 @@ pub fn apply_task(
                 attempt: 0,
                 spec: serde_json::to_value(&e.spec).unwrap_or_default(),
                 prepared: None,
+                preparing: None,
                 exit_code: None,
                 reason: None,
                 submitted_by: actor.to_owned(),
@@ -75,12 +78,18 @@ pub fn apply_task(
     if terminal {
         return Ok(row);
     }
+    if !matches!(event, TaskEvent::Preparing(_) | TaskEvent::Prepared(_) | TaskEvent::CancelRequested(_)) {
+        row.preparing = None;
+    }
     match event {
         TaskEvent::Submitted(_) => {}
         TaskEvent::Assigned(e) => {
             row.state = "assigned".into();
             row.node_id = Some(e.node_id);
             row.attempt = i32::try_from(e.attempt).unwrap_or(i32::MAX);
+        }
+        TaskEvent::Preparing(e) => {
+            row.preparing = Some(serde_json::json!({ "step": e.step, "since": ts(e.at), "attempt": e.attempt }));
         }
         TaskEvent::Prepared(e) => {
             row.prepared = serde_json::to_value(e).ok();

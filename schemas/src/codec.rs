@@ -154,6 +154,7 @@ pub fn decode_event(subject: &str, version: u16, payload: &[u8]) -> Result<Event
             match name {
                 "submitted" => TaskEvent::Submitted(from_cbor(payload, t, v)?),
                 "assigned" => TaskEvent::Assigned(from_cbor(payload, t, v)?),
+                "preparing" => TaskEvent::Preparing(from_cbor(payload, t, v)?),
                 "prepared" => TaskEvent::Prepared(from_cbor(payload, t, v)?),
                 "started" => TaskEvent::Started(from_cbor(payload, t, v)?),
                 "succeeded" => TaskEvent::Succeeded(from_cbor(payload, t, v)?),

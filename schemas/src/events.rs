@@ -15,6 +15,7 @@ use crate::Millis;
 pub enum TaskEvent {
     Submitted(TaskSubmitted),
     Assigned(TaskAssigned),
+    Preparing(TaskPreparing),
     Prepared(TaskPrepared),
     Started(TaskStarted),
     Succeeded(TaskSucceeded),
@@ -37,6 +38,16 @@ pub struct TaskAssigned {
     pub at: Millis,
     pub node_id: NodeId,
     pub attempt: u32,
+}
+
+/// A preparing step began on the node (`fetch_code`, `fetch_environment`,
+/// `build_image`, `checkout`, `start`); the step before it ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskPreparing {
+    pub at: Millis,
+    pub node_id: NodeId,
+    pub attempt: u32,
+    pub step: String,
 }
 
 /// What a run really uses, recorded by the node before it starts.
@@ -195,6 +206,7 @@ impl TaskEvent {
         match self {
             Self::Submitted(_) => "submitted",
             Self::Assigned(_) => "assigned",
+            Self::Preparing(_) => "preparing",
             Self::Prepared(_) => "prepared",
             Self::Started(_) => "started",
             Self::Succeeded(_) => "succeeded",
@@ -208,6 +220,7 @@ impl TaskEvent {
         match self {
             Self::Submitted(e) => e.at,
             Self::Assigned(e) => e.at,
+            Self::Preparing(e) => e.at,
             Self::Prepared(e) => e.at,
             Self::Started(e) => e.at,
             Self::Succeeded(e) => e.at,

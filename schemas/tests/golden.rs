@@ -57,6 +57,7 @@ fn fixtures_v1() -> Vec<(&'static str, Event)> {
     vec![
         ("task-submitted", Event::Task(t, TaskEvent::Submitted(TaskSubmitted { at: AT, project: project(), spec: spec(), idempotency_key: Some("k-1".into()) }))),
         ("task-assigned", Event::Task(t, TaskEvent::Assigned(TaskAssigned { at: AT, node_id: n, attempt: 1 }))),
+        ("task-preparing", Event::Task(t, TaskEvent::Preparing(TaskPreparing { at: AT, node_id: n, attempt: 1, step: "build_image".into() }))),
         ("task-prepared", Event::Task(t, TaskEvent::Prepared(TaskPrepared {
             at: AT, node_id: n, attempt: 1,
             code_commit_id: "0123456789abcdef0123456789abcdef01234567".into(),
@@ -157,6 +158,30 @@ fn golden_files_decode_validate_and_round_trip() -> anyhow::Result<()> {
             validate_against_cddl(&rule, &fresh).map_err(|e| anyhow::anyhow!("{name} (fresh): {e}"))?;
         }
     }
+    Ok(())
+}
+
+#[test]
+fn messages_outside_the_event_streams_match_their_cddl() -> anyhow::Result<()> {
+    use ud_schemas::dispatch::*;
+    let run = DispatchRun { at: AT, task_id: task_id(), attempt: 1, spec: spec() };
+    let cancel = DispatchCancel { at: AT, task_id: task_id(), reason: "user".into(), grace_seconds: 10 };
+    let chunk = LogChunk { at: AT, attempt: 1, stream: "build".into(), text: "Step 1/2".into() };
+    let request = GitCredentialsRequest { task_id: task_id(), repo_url: "https://git.example.org/c.git".into() };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("dispatch-run", to_cbor(&run)?),
+        ("dispatch-cancel", to_cbor(&cancel)?),
+        ("log-chunk", to_cbor(&chunk)?),
+        ("git-credentials-request", to_cbor(&request)?),
+        ("git-credentials-reply", to_cbor(&GitCredentialsReply::None)?),
+        ("git-credentials-reply", to_cbor(&GitCredentialsReply::Token { username: "ci".into(), token: "t".into() })?),
+        ("git-credentials-reply", to_cbor(&GitCredentialsReply::Ssh { username: "git".into(), private_key: "k".into(), passphrase: None })?),
+        ("git-credentials-reply", to_cbor(&GitCredentialsReply::Denied { reason: "no".into() })?),
+    ];
+    for (rule, bytes) in cases {
+        validate_against_cddl(rule, &bytes).map_err(|e| anyhow::anyhow!("{rule}: {e}"))?;
+    }
+    assert!(validate_against_cddl("git-credentials-reply", &to_cbor(&request)?).is_err());
     Ok(())
 }
 
