@@ -13,8 +13,10 @@ use bollard::Docker;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
-use ud_schemas::dispatch::{self, GitCredentialsReply, GitCredentialsRequest};
-use ud_schemas::{edge, NodeId, TaskId, TaskSpec};
+use ud_schemas::dispatch::GitCredentialsReply;
+use ud_schemas::{TaskId, TaskSpec};
+
+use crate::hub::Hub;
 
 /// Why preparing a task failed, naming the step.
 #[derive(Debug, thiserror::Error)]
@@ -47,25 +49,6 @@ pub fn image_tag(spec: &TaskSpec) -> String {
     format!("unidesk-env:{}", &digest(&[&spec.env_repo_url, &spec.env_commit_id, &spec.dockerfile_path])[..24])
 }
 
-/// Asks the main server for a repository's credentials, for one fetch.
-#[derive(Clone)]
-pub struct CredentialSource {
-    pub client: async_nats::Client,
-    pub node: NodeId,
-}
-
-impl CredentialSource {
-    async fn get(&self, task: TaskId, url: &str) -> Result<GitCredentialsReply, String> {
-        let req = dispatch::to_cbor(&GitCredentialsRequest { task_id: task, repo_url: url.to_owned() }).map_err(|e| e.to_string())?;
-        let ask = self.client.request(edge::git_credentials_subject(&self.node), req.into());
-        let reply = tokio::time::timeout(std::time::Duration::from_secs(10), ask)
-            .await
-            .map_err(|_| "the main server did not answer".to_owned())?
-            .map_err(|e| e.to_string())?;
-        dispatch::from_cbor(&reply.payload, "git-credentials-reply").map_err(|e| e.to_string())
-    }
-}
-
 /// Whether a URL is fetched over the network (and may need credentials).
 fn remote(url: &str) -> bool {
     !url.starts_with("file://")
@@ -83,7 +66,7 @@ pub struct Versions {
     /// One lock per repository mirror and per image: the same fetch or build
     /// asked for by two tasks at once happens once.
     locks: Arc<Mutex<HashMap<String, Arc<Mutex<()>>>>>,
-    creds: Option<CredentialSource>,
+    creds: Option<Hub>,
 }
 
 /// What a prepared task runs: the image, and the code checked out for it.
@@ -102,7 +85,7 @@ impl Versions {
     }
 
     /// Fetches from repositories that need credentials ask `source` for them.
-    pub fn with_credentials(mut self, source: CredentialSource) -> Self {
+    pub fn with_credentials(mut self, source: Hub) -> Self {
         self.creds = Some(source);
         self
     }
@@ -191,7 +174,7 @@ impl Versions {
         }
         // Credentials live in memory for this fetch only.
         let creds = match (&self.creds, remote(url)) {
-            (Some(source), true) => match source.get(task, url).await {
+            (Some(source), true) => match source.credentials(task, url).await {
                 Ok(GitCredentialsReply::Denied { reason }) => {
                     return Err(PrepareError::Auth { what, url: url.to_owned(), reason: format!("the platform refused credentials: {reason}") })
                 }

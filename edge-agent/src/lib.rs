@@ -4,6 +4,7 @@
 
 pub mod docker;
 pub mod env;
+pub mod hub;
 pub mod info;
 
 use std::collections::{BTreeMap, HashMap};
@@ -147,8 +148,9 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let reporter = Reporter { node, local };
     let docker = docker::Executor::connect(cfg.docker_host.as_deref(), node).await?;
     let running: Running = Arc::default();
+    let requests = hub::Hub { client: client.clone(), node };
     let versions = env::Versions::new(cfg.work_dir.clone(), docker.client(), cfg.build_timeout, cfg.cache_limit_mb.saturating_mul(1024 * 1024))
-        .with_credentials(env::CredentialSource { client: client.clone(), node });
+        .with_credentials(requests.clone());
     // Everything the agent starts ends with it.
     let mut tasks = tokio::task::JoinSet::new();
 
@@ -192,7 +194,8 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
 
     loop {
         // Re-bind after any failure: leaf links have been seen to lose interest after a reset.
-        match pull_dispatches(&hub, &cfg, &docker, &versions, &reporter, &running, &mut tasks).await {
+        let ctx = Ctx { cfg: &cfg, docker: &docker, versions: &versions, reporter: &reporter, running: &running, requests: &requests };
+        match pull_dispatches(&hub, &ctx, &mut tasks).await {
             Ok(()) => {}
             Err(e) => warn!(error = %e, "dispatch consumer lost; binding again"),
         }
@@ -200,16 +203,18 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     }
 }
 
-async fn pull_dispatches(
-    hub: &jetstream::Context,
-    cfg: &AgentConfig,
-    docker: &docker::Executor,
-    versions: &env::Versions,
-    reporter: &Reporter,
-    running: &Running,
-    tasks: &mut tokio::task::JoinSet<()>,
-) -> Result<(), AgentError> {
-    let node = cfg.node_id;
+/// What handling a dispatch needs.
+struct Ctx<'a> {
+    cfg: &'a AgentConfig,
+    docker: &'a docker::Executor,
+    versions: &'a env::Versions,
+    reporter: &'a Reporter,
+    running: &'a Running,
+    requests: &'a hub::Hub,
+}
+
+async fn pull_dispatches(hub: &jetstream::Context, ctx: &Ctx<'_>, tasks: &mut tokio::task::JoinSet<()>) -> Result<(), AgentError> {
+    let node = ctx.cfg.node_id;
     let consumer: consumer::PullConsumer = hub.get_consumer_from_stream(edge::dispatch_consumer(&node), edge::DISPATCH).await.map_err(nats)?;
     let mut messages = consumer.messages().await.map_err(nats)?;
     while let Some(m) = messages.next().await {
@@ -217,13 +222,23 @@ async fn pull_dispatches(
         let kind = m.subject.rsplit('.').next().unwrap_or_default().to_owned();
         match kind.as_str() {
             "run" => match dispatch::from_cbor::<DispatchRun>(&m.payload, "dispatch-run") {
-                Ok(run) => start(cfg, docker, versions, reporter, running, run, tasks).await,
+                Ok(run) => start(ctx, run, tasks).await,
                 Err(e) => warn!(subject = %m.subject, error = %e, "undecodable dispatch dropped"),
             },
             "cancel" => match dispatch::from_cbor::<DispatchCancel>(&m.payload, "dispatch-cancel") {
                 Ok(c) => {
-                    if let Some(tx) = running.lock().await.remove(&c.task_id) {
-                        let _ = tx.send(c);
+                    let tx = ctx.running.lock().await.remove(&c.task_id);
+                    match tx {
+                        Some(tx) => {
+                            let _ = tx.send(c);
+                        }
+                        // Nothing runs here (a run refused as stale, or one that never came): done.
+                        None => {
+                            let cancelled = Event::Task(c.task_id, TaskEvent::Cancelled(TaskCancelled { at: now_millis(), reason: c.reason }));
+                            if let Err(e) = ctx.reporter.send(&cancelled).await {
+                                warn!(task_id = %c.task_id, error = %e, "cannot record a cancel");
+                            }
+                        }
                     }
                 }
                 Err(e) => warn!(subject = %m.subject, error = %e, "undecodable cancel dropped"),
@@ -237,18 +252,11 @@ async fn pull_dispatches(
     Ok(())
 }
 
-async fn start(
-    cfg: &AgentConfig,
-    docker: &docker::Executor,
-    versions: &env::Versions,
-    reporter: &Reporter,
-    running: &Running,
-    run: DispatchRun,
-    tasks: &mut tokio::task::JoinSet<()>,
-) {
+async fn start(ctx: &Ctx<'_>, run: DispatchRun, tasks: &mut tokio::task::JoinSet<()>) {
+    let (cfg, running) = (ctx.cfg, ctx.running);
     let task = run.task_id;
     let span = tracing::info_span!("task", task_id = %task, node_id = %cfg.node_id, attempt = run.attempt);
-    let (tx, rx) = oneshot::channel();
+    let (tx, mut rx) = oneshot::channel();
     {
         let mut r = running.lock().await;
         // A repeated dispatch of a run this node already has.
@@ -257,8 +265,8 @@ async fn start(
         }
         r.insert(task, tx);
     }
-    let (docker, versions, reporter, running, image, node) =
-        (docker.clone(), versions.clone(), reporter.clone(), running.clone(), cfg.image.clone(), cfg.node_id);
+    let (docker, versions, reporter, running, requests, image, node) =
+        (ctx.docker.clone(), ctx.versions.clone(), ctx.reporter.clone(), running.clone(), ctx.requests.clone(), cfg.image.clone(), cfg.node_id);
     let workspace = cfg.work_dir.join("tasks").join(format!("{task}-{}", run.attempt));
     // Tasks are prepared and started in parallel; the dispatch loop goes on at once.
     tasks.spawn(
@@ -268,6 +276,25 @@ async fn start(
                 let failed = Event::Task(task, TaskEvent::Failed(TaskFailed { at: now_millis(), exit_code: None, reason }));
                 let _ = reporter.send(&failed).await;
             };
+            // A dispatch that waited while the node was away may be stale: run
+            // it only if it is still the current assignment. Without an answer
+            // it runs (store and forward); the hub then refuses a stale start
+            // and stops it.
+            match requests.assignment(task, run.attempt).await {
+                Ok(reply) if !reply.current => {
+                    let reason = reply.reason.unwrap_or_default();
+                    warn!(reason = %reason, "stale dispatch dropped, not run");
+                    running.lock().await.remove(&task);
+                    // A cancel that came meanwhile is answered here.
+                    if let Ok(c) = rx.try_recv() {
+                        let cancelled = Event::Task(task, TaskEvent::Cancelled(TaskCancelled { at: now_millis(), reason: c.reason }));
+                        let _ = reporter.send(&cancelled).await;
+                    }
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "assignment not confirmed; running it"),
+            }
             let (image, mount, mut prepared) = match image {
                 Some(image) => {
                     let image_id = docker.image_id(&image).await;

@@ -427,6 +427,42 @@ async fn a_node_keeps_working_while_its_link_is_down_and_catches_up() -> Result<
 }
 
 #[tokio::test]
+async fn a_dispatch_that_went_stale_while_the_node_was_away_is_never_run() -> Result<()> {
+    let mut s = Stack::start(Duration::from_secs(60)).await?;
+    let token = s.enroll("delta").await?;
+    let link = ud_testkit::Relay::start(s.hub.leaf_port()).await?;
+    let node = s.join_via("delta", token, Duration::from_millis(500), link.port()).await?;
+    s.node_status(node.id, "online", Duration::from_secs(30)).await?;
+    link.cut();
+    // Assigned while the node is away: the dispatch waits in its consumer.
+    let task = s.submit("echo this-must-not-run", 120).await?;
+    s.task_state(&task, &["assigned"], Duration::from_secs(30)).await?;
+    // Meanwhile the assignment stops being current.
+    s.post(&format!("/api/v1/tasks/{task}/cancel"), json!({"reason": "changed my mind"})).await?;
+    s.task_state(&task, &["cancelling"], Duration::from_secs(30)).await?;
+    link.restore();
+    let done = s.task_state(&task, &["cancelled", "succeeded", "failed"], Duration::from_secs(60)).await?;
+    assert_eq!(done["state"], "cancelled", "{done}");
+    let history = s.get(&format!("/api/v1/tasks/{task}/events")).await?;
+    let types: Vec<&str> = history.as_array().into_iter().flatten().filter_map(|e| e["type"].as_str()).collect();
+    assert_eq!(types, vec!["task.submitted", "task.assigned", "task.cancel_requested", "task.cancelled"]);
+    assert!(!logs(&s, &task).await?.contains("this-must-not-run"));
+    // No container was ever made for it.
+    let docker = bollard::Docker::connect_with_local_defaults()?;
+    let filters = std::collections::HashMap::from([("label".to_owned(), vec![format!("{}={task}", ud_edge_agent::docker::LABEL_TASK)])]);
+    let made = docker
+        .list_containers(Some(bollard::query_parameters::ListContainersOptions { all: true, filters: Some(filters), ..Default::default() }))
+        .await?;
+    assert!(made.is_empty(), "a container was made for a stale dispatch: {made:?}");
+    // The node goes on taking work.
+    let next = s.submit("echo next", 60).await?;
+    let done = s.task_state(&next, &["succeeded", "failed"], Duration::from_secs(60)).await?;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    node.agent.abort();
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_restarted_agent_adopts_its_running_container() -> Result<()> {
     let mut s = Stack::start(Duration::from_secs(60)).await?;
     let token = s.enroll("delta").await?;

@@ -125,8 +125,8 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         }));
         let (s, creds) = (store.clone(), edge.git_credentials.clone());
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = ud_core::edge::credentials::serve(s, creds).await {
-                tracing::error!(error = %e, "repository credentials service stopped");
+            if let Err(e) = ud_core::edge::requests::serve(s, creds).await {
+                tracing::error!(error = %e, "node request service stopped");
             }
         }));
         let (c, settings) = (commands.clone(), edge.controller.clone());

@@ -80,3 +80,20 @@ impl std::fmt::Debug for GitCredentialsReply {
         }
     }
 }
+
+/// Before it starts a run, a node asks whether that assignment is still the
+/// current one: request/reply on `ud.assignment.<node_id>` (CDDL rules
+/// `assignment-check`, `assignment-reply`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AssignmentCheck {
+    pub task_id: TaskId,
+    pub attempt: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AssignmentReply {
+    /// The task is assigned to the asking node with this attempt and not being cancelled.
+    pub current: bool,
+    /// Why not, when it is not.
+    pub reason: Option<String>,
+}

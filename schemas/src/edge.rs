@@ -65,6 +65,13 @@ pub fn git_credentials_subject(node: &NodeId) -> String {
     format!("{GIT_CREDENTIALS_PREFIX}.{node}")
 }
 
+/// Where a node checks that an assignment is still current (request/reply).
+pub const ASSIGNMENT_PREFIX: &str = "ud.assignment";
+
+pub fn assignment_subject(node: &NodeId) -> String {
+    format!("{ASSIGNMENT_PREFIX}.{node}")
+}
+
 /// The subject a node publishes an event on, in its own stream.
 pub fn edge_subject(node: &NodeId, canonical: &str) -> Option<String> {
     canonical.strip_prefix("ud.").map(|rest| format!("ud.edge.{node}.{rest}"))

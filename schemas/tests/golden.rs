@@ -177,6 +177,9 @@ fn messages_outside_the_event_streams_match_their_cddl() -> anyhow::Result<()> {
         ("git-credentials-reply", to_cbor(&GitCredentialsReply::Token { username: "ci".into(), token: "t".into() })?),
         ("git-credentials-reply", to_cbor(&GitCredentialsReply::Ssh { username: "git".into(), private_key: "k".into(), passphrase: None })?),
         ("git-credentials-reply", to_cbor(&GitCredentialsReply::Denied { reason: "no".into() })?),
+        ("assignment-check", to_cbor(&AssignmentCheck { task_id: task_id(), attempt: 2 })?),
+        ("assignment-reply", to_cbor(&AssignmentReply { current: false, reason: Some("reassigned".into()) })?),
+        ("assignment-reply", to_cbor(&AssignmentReply { current: true, reason: None })?),
     ];
     for (rule, bytes) in cases {
         validate_against_cddl(rule, &bytes).map_err(|e| anyhow::anyhow!("{rule}: {e}"))?;

@@ -18,17 +18,13 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use bytes::Bytes;
-use futures::StreamExt;
 use serde::Deserialize;
-use tracing::{info, warn};
-use ud_schemas::dispatch::{self, GitCredentialsReply, GitCredentialsRequest};
-use ud_schemas::{edge, NodeId};
+use ud_schemas::dispatch::{GitCredentialsReply, GitCredentialsRequest};
+use ud_schemas::NodeId;
 
-use super::{nats_err, EdgeError};
+use super::EdgeError;
 use crate::task::Task;
 use crate::validate::parse_repo_url;
-use crate::EventStore;
 
 /// One host's entry in the credentials file.
 #[derive(Clone, Deserialize)]
@@ -109,6 +105,10 @@ impl GitCredentials {
         Ok(Self { hosts })
     }
 
+    pub fn len(&self) -> usize {
+        self.hosts.len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.hosts.is_empty()
     }
@@ -142,50 +142,6 @@ impl GitCredentials {
             _ => GitCredentialsReply::None,
         }
     }
-}
-
-/// Answers nodes' credential requests until the subscription ends. Several
-/// main-server instances share the work through a queue group.
-pub async fn serve(store: EventStore, creds: GitCredentials) -> Result<(), EdgeError> {
-    let client = store.client().clone();
-    let mut requests = client
-        .queue_subscribe(format!("{}.*", edge::GIT_CREDENTIALS_PREFIX), "unidesk-git-credentials".into())
-        .await
-        .map_err(nats_err)?;
-    info!(hosts = creds.hosts.len(), "answering repository credential requests");
-    while let Some(m) = requests.next().await {
-        let Some(reply_to) = m.reply.clone() else { continue };
-        let Some(node) = m.subject.rsplit('.').next().and_then(|s| s.parse::<NodeId>().ok()) else { continue };
-        // Only the node's own inbox, which no one else may subscribe to.
-        if !reply_to.starts_with(&format!("{}.", edge::inbox_prefix(&node))) {
-            warn!(node_id = %node, "credential request with a foreign reply subject dropped");
-            continue;
-        }
-        let answer = match dispatch::from_cbor::<GitCredentialsRequest>(&m.payload, "git-credentials-request") {
-            Ok(req) => {
-                let task = store.load_task(&req.task_id).await.map_err(EdgeError::from)?.map(|(t, _)| t);
-                let answer = creds.answer(&node, task.as_ref(), &req);
-                let kind = match &answer {
-                    GitCredentialsReply::None => "none",
-                    GitCredentialsReply::Token { .. } => "token",
-                    GitCredentialsReply::Ssh { .. } => "ssh",
-                    GitCredentialsReply::Denied { .. } => "denied",
-                };
-                info!(node_id = %node, task_id = %req.task_id, kind, "repository credentials requested");
-                answer
-            }
-            Err(e) => GitCredentialsReply::Denied { reason: format!("undecodable request: {e}") },
-        };
-        match dispatch::to_cbor(&answer) {
-            Ok(bytes) => {
-                if let Err(e) = client.publish(reply_to, Bytes::from(bytes)).await {
-                    warn!(node_id = %node, error = %e, "credential reply not sent");
-                }
-            }
-            Err(e) => warn!(error = %e, "cannot encode credential reply"),
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ pub mod hub;
 pub mod hubconf;
 pub mod ingest;
 pub mod liveness;
+pub mod requests;
 pub mod scheduler;
 pub mod view;
 

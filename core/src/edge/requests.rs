@@ -1,0 +1,153 @@
+//! What nodes ask the main server, request/reply over their leaf link, each
+//! on a subject only that node may publish on and answered only to its own
+//! inbox (`_INBOX.<node hex>.…`, which no one else may subscribe to):
+//!
+//! * `ud.git.credentials.<node_id>`: a repository's credentials for one fetch
+//!   (see [`super::credentials`]);
+//! * `ud.assignment.<node_id>`: whether an assignment is still current,
+//!   asked before a run starts, so that a stale dispatch is never run.
+//!
+//! Several main-server instances share the work through a queue group.
+
+use bytes::Bytes;
+use futures::StreamExt;
+use tracing::{info, warn, Instrument};
+use ud_schemas::dispatch::{self, AssignmentCheck, AssignmentReply, GitCredentialsReply, GitCredentialsRequest};
+use ud_schemas::{edge, NodeId};
+
+use super::credentials::GitCredentials;
+use super::{nats_err, EdgeError};
+use crate::task::{Task, TaskState};
+use crate::EventStore;
+
+const QUEUE: &str = "unidesk-node-requests";
+
+/// Whether `node` may still start `check`'s run, given the task as stored (pure).
+pub fn assignment_answer(node: &NodeId, task: Option<&Task>, check: &AssignmentCheck) -> AssignmentReply {
+    let not = |reason: String| AssignmentReply { current: false, reason: Some(reason) };
+    let Some(task) = task else { return not("no such task".into()) };
+    match &task.state {
+        TaskState::Assigned { node_id, attempt } | TaskState::Running { node_id, attempt } if node_id == node && *attempt == check.attempt => {
+            AssignmentReply { current: true, reason: None }
+        }
+        TaskState::Cancelling { node_id, attempt, reason } if node_id == node && *attempt == check.attempt => {
+            not(format!("cancel requested: {reason}"))
+        }
+        s if s.is_terminal() => not(format!("the task is {}", s.name())),
+        _ => not(format!("attempt {} on this node is no longer the task's assignment", check.attempt)),
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Credentials,
+    Assignment,
+}
+
+/// The node a request came from, if it is to be answered.
+fn requester(m: &async_nats::Message) -> Option<(NodeId, async_nats::Subject)> {
+    let reply = m.reply.clone()?;
+    let node: NodeId = m.subject.rsplit('.').next()?.parse().ok()?;
+    if !reply.starts_with(&format!("{}.", edge::inbox_prefix(&node))) {
+        warn!(node_id = %node, subject = %m.subject, "request with a foreign reply subject dropped");
+        return None;
+    }
+    Some((node, reply))
+}
+
+async fn answer(store: &EventStore, creds: &GitCredentials, kind: Kind, node: NodeId, payload: &[u8]) -> Result<Vec<u8>, EdgeError> {
+    let codec = |e: ud_schemas::CodecError| EdgeError::Invalid(e.to_string());
+    match kind {
+        Kind::Credentials => {
+            let reply = match dispatch::from_cbor::<GitCredentialsRequest>(payload, "git-credentials-request") {
+                Ok(req) => {
+                    let task = store.load_task(&req.task_id).await?.map(|(t, _)| t);
+                    let reply = creds.answer(&node, task.as_ref(), &req);
+                    let kind = match &reply {
+                        GitCredentialsReply::None => "none",
+                        GitCredentialsReply::Token { .. } => "token",
+                        GitCredentialsReply::Ssh { .. } => "ssh",
+                        GitCredentialsReply::Denied { .. } => "denied",
+                    };
+                    info!(task_id = %req.task_id, kind, "repository credentials requested");
+                    reply
+                }
+                Err(e) => GitCredentialsReply::Denied { reason: format!("undecodable request: {e}") },
+            };
+            dispatch::to_cbor(&reply).map_err(codec)
+        }
+        Kind::Assignment => {
+            let reply = match dispatch::from_cbor::<AssignmentCheck>(payload, "assignment-check") {
+                Ok(check) => {
+                    let task = store.load_task(&check.task_id).await?.map(|(t, _)| t);
+                    let reply = assignment_answer(&node, task.as_ref(), &check);
+                    if let Some(reason) = &reply.reason {
+                        warn!(task_id = %check.task_id, attempt = check.attempt, reason = %reason, "stale dispatch refused");
+                    }
+                    reply
+                }
+                Err(e) => AssignmentReply { current: false, reason: Some(format!("undecodable request: {e}")) },
+            };
+            dispatch::to_cbor(&reply).map_err(codec)
+        }
+    }
+}
+
+/// Answers nodes' requests until the connection ends.
+pub async fn serve(store: EventStore, creds: GitCredentials) -> Result<(), EdgeError> {
+    let client = store.client().clone();
+    let mut credentials = client.queue_subscribe(format!("{}.*", edge::GIT_CREDENTIALS_PREFIX), QUEUE.into()).await.map_err(nats_err)?;
+    let mut assignments = client.queue_subscribe(format!("{}.*", edge::ASSIGNMENT_PREFIX), QUEUE.into()).await.map_err(nats_err)?;
+    info!(credential_hosts = creds.len(), "answering node requests");
+    loop {
+        let (m, kind) = tokio::select! {
+            Some(m) = credentials.next() => (m, Kind::Credentials),
+            Some(m) = assignments.next() => (m, Kind::Assignment),
+            else => break,
+        };
+        let Some((node, reply_to)) = requester(&m) else { continue };
+        let (store, creds, client) = (store.clone(), creds.clone(), client.clone());
+        let span = tracing::info_span!("node_request", node_id = %node);
+        tokio::spawn(
+            async move {
+                match answer(&store, &creds, kind, node, &m.payload).await {
+                    Ok(bytes) => {
+                        if let Err(e) = client.publish(reply_to, Bytes::from(bytes)).await {
+                            warn!(error = %e, "reply not sent");
+                        }
+                    }
+                    // No reply: the node times out and goes on as if the hub were away.
+                    Err(e) => warn!(error = %e, "cannot answer"),
+                }
+            }
+            .instrument(span),
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(state: TaskState) -> Task {
+        let (project, spec) = crate::validate::submit_task(&crate::validate::tests::request()).unwrap_or_else(|e| panic!("{e:?}"));
+        Task { id: ud_schemas::TaskId::new(), project, spec, state, attempts: 1, version: 2 }
+    }
+
+    #[test]
+    fn only_the_current_assignment_may_start() {
+        let (a, b) = (NodeId::new(), NodeId::new());
+        let check = AssignmentCheck { task_id: ud_schemas::TaskId::new(), attempt: 1 };
+        let current = |t: &Task, n: &NodeId| assignment_answer(n, Some(t), &check).current;
+        assert!(current(&task(TaskState::Assigned { node_id: a, attempt: 1 }), &a));
+        assert!(current(&task(TaskState::Running { node_id: a, attempt: 1 }), &a));
+        assert!(!current(&task(TaskState::Assigned { node_id: a, attempt: 1 }), &b));
+        assert!(!current(&task(TaskState::Assigned { node_id: a, attempt: 2 }), &a));
+        assert!(!current(&task(TaskState::Cancelling { node_id: a, attempt: 1, reason: "user".into() }), &a));
+        assert!(!current(&task(TaskState::Pending), &a));
+        assert!(!current(&task(TaskState::Succeeded { exit_code: 0 }), &a));
+        assert!(!assignment_answer(&a, None, &check).current);
+        assert!(assignment_answer(&a, None, &check).reason.is_some());
+    }
+}
