@@ -87,15 +87,70 @@ async fn load_cached(store: &crate::EventStore, cache: &mut NodeCache, id: NodeI
     Ok((n, seq))
 }
 
-async fn handle(commands: &TaskCommands, cache: &mut NodeCache, msg: &jetstream::Message) -> Outcome {
-    let Some(sender) = origin(msg.headers.as_ref()) else { return Outcome::Dropped(Rejected::NoSource) };
+/// The node that sent `msg` (from its source stream, which must match the
+/// node the subject names) and the canonical subject.
+fn sender(msg: &jetstream::Message) -> Result<(NodeId, String), Outcome> {
+    let Some(sender) = origin(msg.headers.as_ref()) else { return Err(Outcome::Dropped(Rejected::NoSource)) };
     let Some((named, canonical)) = edge::canonical_subject(msg.subject.as_str()) else {
-        return Outcome::Dropped(Rejected::Subject(msg.subject.to_string()));
+        return Err(Outcome::Dropped(Rejected::Subject(msg.subject.to_string())));
     };
     if edge::hex(&named) != sender {
-        return Outcome::Dropped(Rejected::Impersonation { sender, named: named.to_string() });
+        return Err(Outcome::Dropped(Rejected::Impersonation { sender, named: named.to_string() }));
     }
-    let node_id = named;
+    Ok((named, canonical))
+}
+
+/// The platform events a node's own event becomes, checked against the node.
+async fn node_events(
+    store: &crate::EventStore,
+    cache: &mut NodeCache,
+    node_id: NodeId,
+    e: NodeEvent,
+    meta: EventMeta,
+) -> Result<(Vec<Event>, EventMeta, Expect), Outcome> {
+    // Registrations check against the stream; heartbeats may use the cache.
+    let fresh = !matches!(e, NodeEvent::Heartbeat(_));
+    let (current, last) = load_cached(store, cache, node_id, fresh).await.map_err(|e| Outcome::Retry(e.to_string()))?;
+    let (command, expect) = match e {
+        NodeEvent::Registered(r) => (NodeCommand::Register { name: r.name, labels: r.labels, resources: r.resources }, Expect::LastSeq(last)),
+        // Liveness runs on the hub's clock.
+        NodeEvent::Heartbeat(h) => (
+            NodeCommand::Heartbeat { at: now_millis(), running_tasks: h.running_tasks, disk_free_mb: h.disk_free_mb, low_disk: h.low_disk },
+            Expect::Any,
+        ),
+        other => return Err(Outcome::Dropped(Rejected::NotAllowed(format!("node.{}", other.name())))),
+    };
+    let events = node::decide(current.as_ref(), command, now_millis()).map_err(|e| Outcome::Dropped(Rejected::Refused(e.to_string())))?;
+    Ok((events.into_iter().map(|e| Event::Node(node_id, e)).collect(), meta, expect))
+}
+
+/// A heartbeat ready to append, or what became of it.
+async fn heartbeat(store: &crate::EventStore, cache: &mut NodeCache, msg: &jetstream::Message) -> Result<(Event, EventMeta), Outcome> {
+    let (node_id, canonical) = sender(msg)?;
+    let envelope = codec::decode_message(&canonical, msg.headers.as_ref(), &msg.payload).map_err(|e| Outcome::Dropped(Rejected::Decode(e.to_string())))?;
+    match envelope.event {
+        Event::Node(id, e @ NodeEvent::Heartbeat(_)) if id == node_id => {
+            let meta = EventMeta { actor: format!("node:{node_id}"), ..envelope.meta };
+            let (mut events, meta, _) = node_events(store, cache, node_id, e, meta).await?;
+            match (events.pop(), events.is_empty()) {
+                (Some(event), true) => Ok((event, meta)),
+                _ => Err(Outcome::Retry("a heartbeat that is not one event".into())),
+            }
+        }
+        Event::Node(id, _) => Err(Outcome::Dropped(Rejected::Impersonation { sender: node_id.to_string(), named: id.to_string() })),
+        _ => Err(Outcome::Retry("not a heartbeat".into())),
+    }
+}
+
+fn is_heartbeat(msg: &jetstream::Message) -> bool {
+    msg.subject.ends_with(".heartbeat")
+}
+
+async fn handle(commands: &TaskCommands, cache: &mut NodeCache, msg: &jetstream::Message) -> Outcome {
+    let (node_id, canonical) = match sender(msg) {
+        Ok(x) => x,
+        Err(outcome) => return outcome,
+    };
     let store = commands.store();
     if let Some(task) = canonical.strip_prefix("ud.log.") {
         // Output of a task assigned to this node, re-published as is.
@@ -124,28 +179,11 @@ async fn handle(commands: &TaskCommands, cache: &mut NodeCache, msg: &jetstream:
     let actor = format!("node:{node_id}");
     match envelope.event {
         Event::Node(id, e) if id == node_id => {
-            // Registrations check against the stream; heartbeats may use the cache.
-            let fresh = !matches!(e, NodeEvent::Heartbeat(_));
-            let (current, last) = match load_cached(store, cache, node_id, fresh).await {
+            let (events, meta, expect) = match node_events(store, cache, node_id, e, EventMeta { actor, ..envelope.meta.clone() }).await {
                 Ok(x) => x,
-                Err(e) => return Outcome::Retry(e.to_string()),
+                Err(outcome) => return outcome,
             };
-            let (command, stream_expect) = match e {
-                NodeEvent::Registered(r) => (NodeCommand::Register { name: r.name, labels: r.labels, resources: r.resources }, Expect::LastSeq(last)),
-                // Liveness runs on the hub's clock.
-                NodeEvent::Heartbeat(h) => (
-                    NodeCommand::Heartbeat { at: now_millis(), running_tasks: h.running_tasks, disk_free_mb: h.disk_free_mb, low_disk: h.low_disk },
-                    Expect::Any,
-                ),
-                other => return Outcome::Dropped(Rejected::NotAllowed(format!("node.{}", other.name()))),
-            };
-            let events = match node::decide(current.as_ref(), command, now_millis()) {
-                Ok(ev) => ev,
-                Err(e) => return Outcome::Dropped(Rejected::Refused(e.to_string())),
-            };
-            let meta = EventMeta { actor, ..envelope.meta.clone() };
-            let events: Vec<Event> = events.into_iter().map(|e| Event::Node(node_id, e)).collect();
-            match store.append_all(&events, &meta, stream_expect).await {
+            match store.append_all(&events, &meta, expect).await {
                 Ok(_) => Outcome::Done,
                 Err(crate::StoreError::Conflict) => Outcome::Retry("node changed concurrently".into()),
                 Err(e) => Outcome::Retry(e.to_string()),
@@ -184,32 +222,90 @@ async fn stop_stale(commands: &TaskCommands, node: NodeId, task: ud_schemas::Tas
     }
 }
 
+/// Most messages waiting at once that a worker takes together.
+const BATCH: usize = 512;
+
 async fn worker(commands: TaskCommands, mut rx: mpsc::Receiver<jetstream::Message>) {
     let mut cache = NodeCache::new();
-    while let Some(msg) = rx.recv().await {
-        let mut attempts = 0;
-        loop {
-            match handle(&commands, &mut cache, &msg).await {
-                Outcome::Done => {
-                    debug!(subject = %msg.subject, "ingested");
-                    let _ = msg.ack().await;
-                }
-                Outcome::Dropped(why) => {
-                    warn!(subject = %msg.subject, reason = %why, "node event dropped");
-                    let _ = msg.ack().await;
-                }
-                Outcome::Retry(why) if attempts < 5 => {
-                    attempts += 1;
-                    debug!(subject = %msg.subject, reason = %why, attempts, "retrying");
-                    continue;
-                }
-                Outcome::Retry(why) => {
-                    warn!(subject = %msg.subject, reason = %why, "ingest failed; redelivery later");
-                    let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
-                }
+    let mut batch = Vec::with_capacity(BATCH);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
             }
-            break;
         }
+        // Runs of heartbeats are appended together, many publishes in flight;
+        // everything else one by one, in order.
+        let mut rest = batch.as_slice();
+        while !rest.is_empty() {
+            let run = rest.iter().take_while(|m| is_heartbeat(m)).count();
+            if run >= 2 {
+                heartbeats(&commands, &mut cache, &rest[..run]).await;
+                rest = &rest[run..];
+            } else {
+                one(&commands, &mut cache, &rest[0]).await;
+                rest = &rest[1..];
+            }
+        }
+        batch.clear();
+    }
+}
+
+async fn heartbeats(commands: &TaskCommands, cache: &mut NodeCache, msgs: &[jetstream::Message]) {
+    let store = commands.store();
+    let mut items = Vec::with_capacity(msgs.len());
+    let mut ready = Vec::with_capacity(msgs.len());
+    for m in msgs {
+        match heartbeat(store, cache, m).await {
+            Ok((event, meta)) => {
+                items.push((event, meta, Expect::Any));
+                ready.push(m);
+            }
+            Err(Outcome::Dropped(why)) => {
+                warn!(subject = %m.subject, reason = %why, "node event dropped");
+                let _ = m.ack().await;
+            }
+            // Anything else takes the one-by-one path with its retries.
+            Err(_) => one(commands, cache, m).await,
+        }
+    }
+    let results = store.append_pipelined(items, BATCH).await;
+    for (m, r) in ready.into_iter().zip(results) {
+        match r {
+            Ok(_) => {
+                let _ = m.ack().await;
+            }
+            Err(_) => one(commands, cache, m).await,
+        }
+    }
+}
+
+/// Handles one message, retrying a few times before asking for redelivery.
+async fn one(commands: &TaskCommands, cache: &mut NodeCache, msg: &jetstream::Message) {
+    let mut attempts = 0;
+    loop {
+        match handle(commands, cache, msg).await {
+            Outcome::Done => {
+                debug!(subject = %msg.subject, "ingested");
+                let _ = msg.ack().await;
+            }
+            Outcome::Dropped(why) => {
+                warn!(subject = %msg.subject, reason = %why, "node event dropped");
+                let _ = msg.ack().await;
+            }
+            Outcome::Retry(why) if attempts < 5 => {
+                attempts += 1;
+                debug!(subject = %msg.subject, reason = %why, attempts, "retrying");
+                continue;
+            }
+            Outcome::Retry(why) => {
+                warn!(subject = %msg.subject, reason = %why, "ingest failed; redelivery later");
+                let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            }
+        }
+        break;
     }
 }
 
