@@ -3,6 +3,7 @@
 
 mod backbone;
 mod edge;
+mod restart;
 mod stats;
 
 use anyhow::Result;
@@ -21,6 +22,8 @@ enum Bench {
     Backbone(backbone::Args),
     /// A real compute node: start latency, heartbeat ingest, offline detection.
     Edge(edge::Args),
+    /// A hub restart with many nodes linked: time until every link is back.
+    Restart(restart::Args),
 }
 
 #[tokio::main]
@@ -28,5 +31,6 @@ async fn main() -> Result<()> {
     match Cli::parse().bench {
         Bench::Backbone(a) => backbone::run(a).await,
         Bench::Edge(a) => edge::run(a).await,
+        Bench::Restart(a) => restart::run(a).await,
     }
 }

@@ -98,7 +98,17 @@ async fn close_leaf_links(settings: &HubSettings, keep: usize) -> Result<(), Edg
     Err(EdgeError::Invalid("revoked links keep coming back".into()))
 }
 
-async fn reconcile(js: &jetstream::Context, settings: &HubSettings, hashes: &Hashes, active: &BTreeMap<NodeId, String>, revoked: &[NodeId]) -> Result<(), EdgeError> {
+/// Nodes whose dispatch consumer is known to exist on the hub.
+type Consumers = std::collections::HashSet<NodeId>;
+
+async fn reconcile(
+    js: &jetstream::Context,
+    settings: &HubSettings,
+    hashes: &Hashes,
+    active: &BTreeMap<NodeId, String>,
+    revoked: &[NodeId],
+    consumers: &mut Consumers,
+) -> Result<(), EdgeError> {
     let users: Vec<NodeUser> = active.iter().map(|(id, h)| NodeUser { id: *id, secret_hash: h.clone() }).collect();
     write_accounts(settings, hashes, &users)?;
     if !revoked.is_empty() {
@@ -119,7 +129,7 @@ async fn reconcile(js: &jetstream::Context, settings: &HubSettings, hashes: &Has
     // JetStream is briefly unavailable to the account while the hub reloads.
     let mut delay = Duration::from_millis(50);
     for attempt in 0.. {
-        match reconcile_streams(js, settings, active, revoked).await {
+        match reconcile_streams(js, settings, active, revoked, consumers).await {
             Ok(()) => return Ok(()),
             Err(e) if attempt < 30 => {
                 tracing::debug!(error = %e, "hub not ready; retrying");
@@ -132,7 +142,13 @@ async fn reconcile(js: &jetstream::Context, settings: &HubSettings, hashes: &Has
     Ok(())
 }
 
-async fn reconcile_streams(js: &jetstream::Context, settings: &HubSettings, active: &BTreeMap<NodeId, String>, revoked: &[NodeId]) -> Result<(), EdgeError> {
+async fn reconcile_streams(
+    js: &jetstream::Context,
+    settings: &HubSettings,
+    active: &BTreeMap<NodeId, String>,
+    revoked: &[NodeId],
+    consumers: &mut Consumers,
+) -> Result<(), EdgeError> {
     let sources: Vec<Source> = active.keys().map(source).collect();
     let config = streams::edge_in(settings.replicas, sources);
     match js.get_stream(edge::EDGE_IN).await {
@@ -140,7 +156,8 @@ async fn reconcile_streams(js: &jetstream::Context, settings: &HubSettings, acti
         Err(_) => js.create_stream(config).await.map(|_| ()).map_err(nats_err)?,
     }
     let dispatch = js.get_stream(edge::DISPATCH).await.map_err(nats_err)?;
-    for id in active.keys() {
+    let missing: Vec<NodeId> = active.keys().filter(|id| !consumers.contains(id)).copied().collect();
+    for id in &missing {
         let name = edge::dispatch_consumer(id);
         dispatch
             .get_or_create_consumer(&name, consumer::pull::Config {
@@ -152,9 +169,11 @@ async fn reconcile_streams(js: &jetstream::Context, settings: &HubSettings, acti
             })
             .await
             .map_err(nats_err)?;
+        consumers.insert(*id);
     }
     for id in revoked {
         let _ = dispatch.delete_consumer(&edge::dispatch_consumer(id)).await;
+        consumers.remove(id);
     }
     Ok(())
 }
@@ -187,8 +206,7 @@ pub async fn run(store: EventStore, settings: HubSettings) -> Result<(), EdgeErr
         },
     };
     let js = store.jetstream().clone();
-    let mut s = js.get_stream(streams::NODES).await.map_err(nats_err)?;
-    let caught_up_at = s.info().await.map_err(nats_err)?.state.last_sequence;
+    let s = js.get_stream(streams::NODES).await.map_err(nats_err)?;
     let consumer = s
         .create_consumer(consumer::pull::OrderedConfig {
             filter_subjects: vec!["ud.node.*.enrolled".into(), "ud.node.*.revoked".into()],
@@ -196,17 +214,17 @@ pub async fn run(store: EventStore, settings: HubSettings) -> Result<(), EdgeErr
         })
         .await
         .map_err(nats_err)?;
-    let mut pending = consumer.cached_info().num_pending;
+    let pending = consumer.cached_info().num_pending;
     let mut messages = consumer.messages().await.map_err(nats_err)?;
     let mut active: BTreeMap<NodeId, String> = BTreeMap::new();
     let mut revoked: Vec<NodeId> = Vec::new();
+    let mut consumers = Consumers::new();
     if pending == 0 {
-        reconcile(&js, &settings, &hashes, &active, &revoked).await?;
+        reconcile(&js, &settings, &hashes, &active, &revoked, &mut consumers).await?;
     }
     while let Some(m) = messages.next().await {
         let m = m.map_err(nats_err)?;
-        pending = pending.saturating_sub(1);
-        let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+        let (seq, more) = m.info().map(|i| (i.stream_sequence, i.pending)).unwrap_or((0, 0));
         match ud_schemas::codec::decode_message(m.subject.as_str(), m.headers.as_ref(), &m.payload) {
             Ok(env) => match env.event {
                 Event::Node(id, NodeEvent::Enrolled(e)) => {
@@ -220,8 +238,12 @@ pub async fn run(store: EventStore, settings: HubSettings) -> Result<(), EdgeErr
             },
             Err(e) => warn!(seq, error = %e, "undecodable node event"),
         }
-        if pending == 0 || seq >= caught_up_at {
-            reconcile(&js, &settings, &hashes, &active, &revoked).await?;
+        // A burst of enrolments is reconciled once, when the last of it is read.
+        if more == 0 {
+            if let Err(e) = reconcile(&js, &settings, &hashes, &active, &revoked, &mut consumers).await {
+                consumers.clear();
+                return Err(e);
+            }
             revoked.clear();
             info!(nodes = active.len(), "hub accounts and sources reconciled");
         }
