@@ -279,7 +279,7 @@ pub async fn run(a: Args) -> Result<()> {
     db.migrate().await?;
     let last = last_seq(&store, streams::TASKS).await?;
     let start = Instant::now();
-    Projector::new(db.clone(), store.jetstream().clone(), streams::TASKS, ProjectorOptions { batch_max: 5000, notify: false }).run(Some(last)).await?;
+    Projector::new(db.clone(), store.jetstream().clone(), streams::TASKS, ProjectorOptions { batch_max: 5000, notify: false, ..Default::default() }).run(Some(last)).await?;
     let projected = rate(a.events, start.elapsed());
     line("events projected/s (4 events per task, coalesced)", projected, "ev/s", Some((copy, "COPY rows/s")));
 

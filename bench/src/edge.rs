@@ -30,7 +30,7 @@ pub struct Args {
     offline_timeout_seconds: u64,
 }
 
-fn cpu_seconds() -> f64 {
+pub fn cpu_seconds() -> f64 {
     // utime + stime of this process, from /proc (clock ticks of 10 ms).
     std::fs::read_to_string("/proc/self/stat")
         .ok()

@@ -24,6 +24,9 @@ enum Bench {
     Edge(edge::Args),
     /// A hub restart with many nodes linked: time until every link is back.
     Restart(restart::Args),
+    /// (Used by `restart`: the simulated agents, as a child process.)
+    #[command(hide = true)]
+    Agents(restart::AgentsArgs),
 }
 
 #[tokio::main]
@@ -32,5 +35,6 @@ async fn main() -> Result<()> {
         Bench::Backbone(a) => backbone::run(a).await,
         Bench::Edge(a) => edge::run(a).await,
         Bench::Restart(a) => restart::run(a).await,
+        Bench::Agents(a) => restart::agents(a).await,
     }
 }

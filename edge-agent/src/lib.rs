@@ -73,6 +73,11 @@ pub struct Reporter {
 }
 
 impl Reporter {
+    /// Reports into `local`, the node's own JetStream (its leaf server).
+    pub fn new(node: NodeId, local: jetstream::Context) -> Self {
+        Self { node, local }
+    }
+
     pub async fn send(&self, event: &Event) -> Result<(), AgentError> {
         let (headers, payload) = codec::encode_message(event, &EventMeta::new(format!("node:{}", self.node)))?;
         let subject = edge::edge_subject(&self.node, &event.subject()).ok_or_else(|| nats("bad subject"))?;
@@ -96,7 +101,8 @@ impl Reporter {
     }
 }
 
-async fn ensure_local(local: &jetstream::Context, node: &NodeId) -> Result<(), AgentError> {
+/// Creates the node's own stream and the consumer the hub sources it through.
+pub async fn ensure_local(local: &jetstream::Context, node: &NodeId) -> Result<(), AgentError> {
     local
         .get_or_create_stream(stream::Config {
             name: edge::stream(node),

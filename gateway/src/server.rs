@@ -97,7 +97,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
     let mut tasks = Vec::new();
     if cfg.run_projectors {
         for stream in streams::PROJECTED {
-            let projector = Projector::new(db.clone(), store.jetstream().clone(), stream, ProjectorOptions::default());
+            let projector = Projector::new(db.clone(), store.jetstream().clone(), stream, ProjectorOptions::live(stream));
             tasks.push(tokio::spawn(async move { projector.run_forever().await }));
         }
     }

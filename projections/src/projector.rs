@@ -19,11 +19,23 @@ pub struct ProjectorOptions {
     pub batch_max: usize,
     /// Publish `ud.sys.projected.<stream>` after each commit (live projectors).
     pub notify: bool,
+    /// How long a batch waits for more messages once it has its first: one
+    /// transaction for many sparse events (heartbeats) instead of one each.
+    pub linger: Duration,
 }
 
 impl Default for ProjectorOptions {
     fn default() -> Self {
-        Self { batch_max: 5000, notify: true }
+        Self { batch_max: 5000, notify: true, linger: Duration::ZERO }
+    }
+}
+
+impl ProjectorOptions {
+    /// The live options for `stream`: heartbeats linger, everything else is
+    /// projected as soon as it arrives (read-your-writes waits on it).
+    pub fn live(stream: &str) -> Self {
+        let linger = if stream == streams::HEARTBEATS { Duration::from_millis(250) } else { Duration::ZERO };
+        Self { linger, ..Self::default() }
     }
 }
 
@@ -72,10 +84,16 @@ impl Projector {
                 return Err(ProjectionError::Stream("consumer closed".into()));
             };
             let mut batch = vec![first.map_err(stream_err)?];
+            let deadline = tokio::time::Instant::now() + self.options.linger;
             while batch.len() < self.options.batch_max {
                 match messages.next().now_or_never() {
                     Some(Some(m)) => batch.push(m.map_err(stream_err)?),
-                    _ => break,
+                    Some(None) => break,
+                    None if self.options.linger.is_zero() => break,
+                    None => match tokio::time::timeout_at(deadline, messages.next()).await {
+                        Ok(Some(m)) => batch.push(m.map_err(stream_err)?),
+                        _ => break,
+                    },
                 }
             }
             let raws: Vec<Raw> = batch

@@ -35,7 +35,7 @@ pub async fn rebuild(db: &Db, js: &jetstream::Context, batch_max: usize) -> Resu
             .map_err(|e| ProjectionError::Stream(e.to_string()))?
             .state
             .last_sequence;
-        let projector = Projector::new(db.clone(), js.clone(), name, ProjectorOptions { batch_max, notify: false });
+        let projector = Projector::new(db.clone(), js.clone(), name, ProjectorOptions { batch_max, notify: false, ..Default::default() });
         projector.run(Some(last)).await?;
         info!(stream = name, last_seq = last, schema = db.schema(), "replayed");
         out.push(StreamReplay { stream: name.to_owned(), last_seq: last });

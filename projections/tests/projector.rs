@@ -103,7 +103,7 @@ async fn last_seqs(store: &EventStore) -> Result<Vec<(&'static str, u64)>> {
 
 async fn project_all(db: &Db, store: &EventStore, batch_max: usize) -> Result<()> {
     for (s, last) in last_seqs(store).await? {
-        Projector::new(db.clone(), store.jetstream().clone(), s, ProjectorOptions { batch_max, notify: true }).run(Some(last)).await?;
+        Projector::new(db.clone(), store.jetstream().clone(), s, ProjectorOptions { batch_max, notify: true, ..Default::default() }).run(Some(last)).await?;
     }
     Ok(())
 }
@@ -157,7 +157,7 @@ async fn killed_mid_batch_and_restarted_equals_clean_replay() -> Result<()> {
     let mut kills = 0;
     // Kill the projector right after a commit (the next batch is then in flight), several times.
     for _ in 0..4 {
-        let projector = Projector::new(db.clone(), env.store.jetstream().clone(), streams::TASKS, ProjectorOptions { batch_max: 300, notify: true });
+        let projector = Projector::new(db.clone(), env.store.jetstream().clone(), streams::TASKS, ProjectorOptions { batch_max: 300, notify: true, ..Default::default() });
         let handle = tokio::spawn(async move { projector.run(Some(tasks_last)).await });
         let notice = tokio::time::timeout(Duration::from_secs(30), notices.next()).await?.ok_or_else(|| anyhow!("no notice"))?;
         handle.abort();
@@ -186,7 +186,7 @@ async fn competing_projectors_never_apply_an_event_twice() -> Result<()> {
     // Two instances over the same range, without the advisory lock: every
     // batch one of them applies is redelivered to the other.
     let run = |batch_max| {
-        let p = Projector::new(db.clone(), env.store.jetstream().clone(), streams::TASKS, ProjectorOptions { batch_max, notify: false });
+        let p = Projector::new(db.clone(), env.store.jetstream().clone(), streams::TASKS, ProjectorOptions { batch_max, notify: false, ..Default::default() });
         async move {
             loop {
                 match p.run(Some(last)).await {

@@ -4,6 +4,8 @@
 //! hub stamps each with `Nats-Stream-Source` naming the stream it came from;
 //! that, not the subject, says which node sent it. A node may only speak for
 //! itself and for tasks assigned to it; anything else is dropped and logged.
+//! A node's events are handled in order by one of several workers; heartbeats
+//! go through a lane of their own, appended many at a time.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -225,17 +227,30 @@ async fn stop_stale(commands: &TaskCommands, node: NodeId, task: ud_schemas::Tas
 /// Most messages waiting at once that a worker takes together.
 const BATCH: usize = 512;
 
-async fn worker(commands: TaskCommands, mut rx: mpsc::Receiver<jetstream::Message>) {
+/// How long the heartbeat lane waits for more heartbeats once it has one.
+const HEARTBEAT_LINGER: Duration = Duration::from_millis(50);
+
+/// Takes what waits in `rx` (and, with a linger, what comes within it) into `batch`.
+async fn take(rx: &mut mpsc::Receiver<jetstream::Message>, batch: &mut Vec<jetstream::Message>, linger: Duration) {
+    let deadline = tokio::time::Instant::now() + linger;
+    while batch.len() < BATCH {
+        match rx.try_recv() {
+            Ok(m) => batch.push(m),
+            Err(_) if linger.is_zero() => break,
+            Err(_) => match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(m)) => batch.push(m),
+                _ => break,
+            },
+        }
+    }
+}
+
+async fn worker(commands: TaskCommands, mut rx: mpsc::Receiver<jetstream::Message>, linger: Duration) {
     let mut cache = NodeCache::new();
     let mut batch = Vec::with_capacity(BATCH);
     while let Some(first) = rx.recv().await {
         batch.push(first);
-        while batch.len() < BATCH {
-            match rx.try_recv() {
-                Ok(m) => batch.push(m),
-                Err(_) => break,
-            }
-        }
+        take(&mut rx, &mut batch, linger).await;
         // Runs of heartbeats are appended together, many publishes in flight;
         // everything else one by one, in order.
         let mut rest = batch.as_slice();
@@ -333,16 +348,24 @@ pub async fn run(commands: TaskCommands) -> Result<(), EdgeError> {
     let mut senders = Vec::new();
     for _ in 0..WORKERS {
         let (tx, rx) = mpsc::channel(1024);
-        tokio::spawn(worker(commands.clone(), rx));
+        tokio::spawn(worker(commands.clone(), rx, Duration::ZERO));
         senders.push(tx);
     }
+    // Heartbeats take their own lane: they change nothing another event of
+    // the node depends on, and many at once cost far less than one by one.
+    let (beats, rx) = mpsc::channel(BATCH * 4);
+    tokio::spawn(worker(commands.clone(), rx, HEARTBEAT_LINGER));
     let mut messages = consumer.messages().await.map_err(nats_err)?;
     while let Some(m) = messages.next().await {
         let m = m.map_err(nats_err)?;
-        let mut h = DefaultHasher::new();
-        origin(m.headers.as_ref()).hash(&mut h);
-        let i = (h.finish() % WORKERS as u64) as usize;
-        if senders[i].send(m).await.is_err() {
+        let lane = if is_heartbeat(&m) {
+            &beats
+        } else {
+            let mut h = DefaultHasher::new();
+            origin(m.headers.as_ref()).hash(&mut h);
+            &senders[(h.finish() % WORKERS as u64) as usize]
+        };
+        if lane.send(m).await.is_err() {
             break;
         }
     }
