@@ -246,11 +246,15 @@ async fn versions_figures(store: &ud_core::EventStore, http: &reqwest::Client, b
     line("warm node (new commit): dispatch to running (seen at the hub)", ms(warm.1), "ms", None);
     line("warm node: fetch of the new commit (target < 200 ms)", step(&s2, "fetch_code"), "ms", None);
     let (mut hot, mut hot_dispatch, mut hot_node) = (Vec::new(), Vec::new(), Vec::new());
+    let mut by_step: std::collections::BTreeMap<String, Vec<Duration>> = Default::default();
     for _ in 0..10 {
         let ((total, from_dispatch), steps) = run_one(http, base, admin, body(&c2), &mut subs).await?;
         hot.push(total);
         hot_dispatch.push(from_dispatch);
         hot_node.push(Duration::from_millis(steps.iter().map(|s| s.millis).sum()));
+        for s in &steps {
+            by_step.entry(s.name.clone()).or_default().push(Duration::from_millis(s.millis));
+        }
     }
     for v in [&mut hot, &mut hot_dispatch, &mut hot_node] {
         v.sort();
@@ -260,6 +264,10 @@ async fn versions_figures(store: &ud_core::EventStore, http: &reqwest::Client, b
     line("hot node: dispatch to running, seen at the hub, p50 (target < 300 ms)", ms(percentile(&hot_dispatch, 0.5)), "ms", None);
     line("hot node: dispatch to running, seen at the hub, max", ms(percentile(&hot_dispatch, 1.0)), "ms", None);
     line("hot node: the node's own preparing steps incl. container start, p50", ms(percentile(&hot_node, 0.5)), "ms", None);
+    for (name, mut v) in by_step {
+        v.sort();
+        line(&format!("hot node: step {name} p50"), ms(percentile(&v, 0.5)), "ms", None);
+    }
     agent.abort();
     Ok(())
 }
