@@ -254,6 +254,7 @@ pub async fn history(a: IdArgs) -> Result<()> {
     Ok(())
 }
 
+/// An id and an optional reason (cancel, cordon, drain, resume).
 #[derive(Args)]
 pub struct CancelArgs {
     #[command(flatten)]
@@ -280,6 +281,12 @@ pub enum NodeCommand {
     Enroll(EnrollArgs),
     /// Revoke a node (admin): its connection is closed and it cannot reconnect.
     Revoke(IdArgs),
+    /// Cordon a node (admin): no new tasks; running ones go on.
+    Cordon(CancelArgs),
+    /// Drain a node (admin): no new tasks; running ones finish.
+    Drain(CancelArgs),
+    /// Put a cordoned or draining node back into service (admin).
+    Resume(CancelArgs),
 }
 
 #[derive(Args)]
@@ -312,7 +319,17 @@ pub async fn node(c: NodeCommand) -> Result<()> {
             let api = Api::new(a.api);
             api.post(&format!("/api/v1/nodes/{}/revoke", a.id), &json!({})).await?;
         }
+        NodeCommand::Cordon(a) => scheduling(a, "cordon").await?,
+        NodeCommand::Drain(a) => scheduling(a, "drain").await?,
+        NodeCommand::Resume(a) => scheduling(a, "resume").await?,
     }
+    Ok(())
+}
+
+async fn scheduling(a: CancelArgs, action: &str) -> Result<()> {
+    let api = Api::new(a.api);
+    let v = api.post(&format!("/api/v1/nodes/{}/{action}", a.id), &json!({"reason": a.reason})).await?;
+    print(&v);
     Ok(())
 }
 

@@ -37,6 +37,18 @@ pub struct Node {
     pub revoked: bool,
     /// Below its free-disk threshold, as its last heartbeat said: takes no new tasks.
     pub low_disk: bool,
+    /// `active`, `cordoned` or `draining`: only active nodes take new tasks.
+    pub scheduling: String,
+}
+
+/// The modes an operator can put a node in.
+pub const SCHEDULING_MODES: [&str; 3] = ["active", "cordoned", "draining"];
+
+impl Node {
+    /// Whether the scheduler may place new tasks here (online, active, room on disk).
+    pub fn takes_new_tasks(&self) -> bool {
+        self.liveness() == Liveness::Online && self.scheduling == "active" && !self.low_disk
+    }
 }
 
 impl Node {
@@ -60,6 +72,8 @@ pub enum NodeCommand {
     Heartbeat { at: Millis, running_tasks: u32, disk_free_mb: Option<u64>, low_disk: bool },
     /// Marks the node offline if it has been silent for `timeout_ms`.
     CheckLiveness { timeout_ms: i64 },
+    /// An operator cordons, drains or resumes the node.
+    SetScheduling { mode: String, reason: String },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -70,6 +84,8 @@ pub enum NodeError {
     AlreadyEnrolled,
     #[error("node was revoked")]
     Revoked,
+    #[error("scheduling mode {0:?} is not one of active, cordoned, draining")]
+    BadMode(String),
 }
 
 pub fn decide(node: Option<&Node>, command: NodeCommand, now: Millis) -> Result<Vec<NodeEvent>, NodeError> {
@@ -97,6 +113,9 @@ pub fn decide(node: Option<&Node>, command: NodeCommand, now: Millis) -> Result<
             }
             _ => Ok(vec![]),
         },
+        (_, NodeCommand::SetScheduling { mode, .. }) if !SCHEDULING_MODES.contains(&mode.as_str()) => Err(NodeError::BadMode(mode)),
+        (n, NodeCommand::SetScheduling { mode, .. }) if n.scheduling == mode => Ok(vec![]),
+        (_, NodeCommand::SetScheduling { mode, reason }) => Ok(vec![NodeEvent::Scheduling(NodeScheduling { at: now, mode, reason })]),
         (_, NodeCommand::Enroll { .. } | NodeCommand::Revoke) => Ok(vec![]),
     }
 }
@@ -112,6 +131,7 @@ pub fn evolve(node: Option<Node>, id: NodeId, event: &NodeEvent) -> Option<Node>
             offline_after: None,
             revoked: false,
             low_disk: false,
+            scheduling: "active".into(),
         }),
         (None, _) => None,
         (Some(mut n), NodeEvent::Revoked(_)) => {
@@ -134,6 +154,10 @@ pub fn evolve(node: Option<Node>, id: NodeId, event: &NodeEvent) -> Option<Node>
         }
         (Some(mut n), NodeEvent::WentOffline(e)) => {
             n.offline_after = n.offline_after.max(Some(e.last_seen));
+            Some(n)
+        }
+        (Some(mut n), NodeEvent::Scheduling(e)) => {
+            n.scheduling = e.mode.clone();
             Some(n)
         }
     }
@@ -177,6 +201,25 @@ mod tests {
         let mut n = back.unwrap_or_else(|| unreachable!());
         n.offline_after = Some(300_000);
         assert_eq!(evolve(Some(n), id, &stale).map(|n| n.liveness()), Some(Liveness::Offline));
+    }
+
+    #[test]
+    fn cordoned_and_draining_nodes_take_no_new_tasks_until_resumed() {
+        let (id, node) = online();
+        let set = |n: &Option<Node>, mode: &str| decide(n.as_ref(), NodeCommand::SetScheduling { mode: mode.into(), reason: "maintenance".into() }, 2000);
+        assert!(node.as_ref().is_some_and(Node::takes_new_tasks));
+        for mode in ["cordoned", "draining"] {
+            let events = set(&node, mode).unwrap_or_default();
+            assert_eq!(events.len(), 1);
+            let changed = apply(node.clone(), id, &events);
+            assert!(!changed.as_ref().is_some_and(Node::takes_new_tasks), "{mode}");
+            // Asking again changes nothing; resuming does.
+            assert_eq!(set(&changed, mode), Ok(vec![]));
+            let resumed = apply(changed.clone(), id, &set(&changed, "active").unwrap_or_default());
+            assert!(resumed.as_ref().is_some_and(Node::takes_new_tasks));
+        }
+        assert_eq!(set(&node, "paused"), Err(NodeError::BadMode("paused".into())));
+        assert_eq!(set(&None, "cordoned"), Err(NodeError::Unknown));
     }
 
     #[test]

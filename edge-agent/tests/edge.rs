@@ -463,6 +463,43 @@ async fn a_dispatch_that_went_stale_while_the_node_was_away_is_never_run() -> Re
 }
 
 #[tokio::test]
+async fn cordoned_and_draining_nodes_take_no_new_tasks_until_resumed() -> Result<()> {
+    let mut s = Stack::start(Duration::from_secs(60)).await?;
+    let a = s.join("zeta", s.enroll("zeta").await?, Duration::from_millis(500)).await?;
+    s.node_status(a.id, "online", Duration::from_secs(30)).await?;
+    let long = s.submit("sleep 2; echo finished-while-draining", 60).await?;
+    s.task_state(&long, &["running"], Duration::from_secs(60)).await?;
+    let v = s.post(&format!("/api/v1/nodes/{}/drain", a.id), json!({"reason": "disk swap"})).await?;
+    assert_eq!(v["scheduling"], "draining", "{v}");
+    // A second node joins; the draining one takes nothing new.
+    let b = s.join("eta", s.enroll("eta").await?, Duration::from_millis(500)).await?;
+    s.node_status(b.id, "online", Duration::from_secs(30)).await?;
+    let second = s.submit("echo on-the-active-node", 60).await?;
+    let done = s.task_state(&second, &["succeeded", "failed"], Duration::from_secs(60)).await?;
+    assert_eq!(done["node_id"], b.id.to_string(), "{done}");
+    // The running task finished where it was.
+    let done = s.task_state(&long, &["succeeded", "failed"], Duration::from_secs(60)).await?;
+    assert_eq!((done["state"].as_str(), done["node_id"].as_str()), (Some("succeeded"), Some(a.id.to_string().as_str())));
+    // Both out of service: a task waits; resuming the first places it there.
+    let v = s.post(&format!("/api/v1/nodes/{}/cordon", b.id), json!({})).await?;
+    assert_eq!(v["scheduling"], "cordoned");
+    let third = s.submit("echo after-resume", 60).await?;
+    s.task_state(&third, &["pending"], Duration::from_secs(10)).await?;
+    let v = s.post(&format!("/api/v1/nodes/{}/resume", a.id), json!({"reason": "disk replaced"})).await?;
+    assert_eq!(v["scheduling"], "active");
+    let done = s.task_state(&third, &["succeeded", "failed"], Duration::from_secs(60)).await?;
+    assert_eq!(done["node_id"], a.id.to_string(), "a cordoned node took a task: {done}");
+    // Unknown nodes and bodies are clear errors.
+    let resp = s.http.post(format!("{}/api/v1/nodes/{}/cordon", s.base, NodeId::new())).bearer_auth(&s.admin).send().await?;
+    assert_eq!(resp.status(), reqwest::StatusCode::NOT_FOUND);
+    let resp = s.http.post(format!("{}/api/v1/nodes/{}/drain", s.base, a.id)).bearer_auth(&s.admin).json(&json!({"why": 1})).send().await?;
+    assert_eq!(resp.status(), reqwest::StatusCode::BAD_REQUEST);
+    a.agent.abort();
+    b.agent.abort();
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_restarted_agent_adopts_its_running_container() -> Result<()> {
     let mut s = Stack::start(Duration::from_secs(60)).await?;
     let token = s.enroll("delta").await?;

@@ -28,6 +28,9 @@ pub struct NodeView {
     pub disk_free_mb: Option<i64>,
     /// Below its free-space threshold: the node takes no new tasks.
     pub low_disk: bool,
+    /// active, cordoned (no new tasks) or draining (no new tasks; running
+    /// ones finish: drained when `running_tasks` is 0).
+    pub scheduling: String,
 }
 
 impl From<NodeRow> for NodeView {
@@ -44,6 +47,7 @@ impl From<NodeRow> for NodeView {
             running_tasks: r.running_tasks,
             disk_free_mb: r.disk_free_mb,
             low_disk: r.low_disk,
+            scheduling: r.scheduling,
         }
     }
 }
@@ -113,6 +117,65 @@ pub async fn revoke(
         state.projected.wait(ud_schemas::streams::NODES, seq, crate::tasks::WAIT_PROJECTED).await;
     }
     Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, Serialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulingRequest {
+    /// Why, for the node's history.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+async fn set_scheduling(state: &AppState, caller: &Caller, id: &str, mode: &str, body: &[u8]) -> Result<Json<NodeView>, ApiError> {
+    let id: ud_schemas::NodeId = id.parse().map_err(|_| ApiError::not_found("node"))?;
+    let req: SchedulingRequest = if body.is_empty() { SchedulingRequest::default() } else { crate::body::parse(body)? };
+    let reason = req.reason.unwrap_or_default();
+    if reason.len() > 1024 {
+        return Err(ApiError::field("reason", "at most 1024 bytes"));
+    }
+    if let Some(seq) = ud_core::edge::enroll::set_scheduling(state.commands.store(), id, mode, &reason, &caller.actor()).await.map_err(edge_error)? {
+        state.projected.wait(ud_schemas::streams::NODES, seq, crate::tasks::WAIT_PROJECTED).await;
+    }
+    let client = state.db.client().await?;
+    let row = ud_projections::db::get_node(&client, id).await?.ok_or_else(|| ApiError::not_found("node"))?;
+    Ok(Json(row.into()))
+}
+
+/// Cordon a node (admin): it takes no new tasks; running ones go on.
+#[utoipa::path(post, path = "/api/v1/nodes/{id}/cordon", tag = "nodes", params(("id" = String, Path)), request_body(content = SchedulingRequest, description = "optional"),
+    responses((status = 200, body = NodeView), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn cordon(
+    State(state): State<AppState>,
+    crate::auth::Admin(caller): crate::auth::Admin,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<NodeView>, ApiError> {
+    set_scheduling(&state, &caller, &id, "cordoned", &body).await
+}
+
+/// Drain a node (admin): no new tasks; running ones finish, then it is empty.
+#[utoipa::path(post, path = "/api/v1/nodes/{id}/drain", tag = "nodes", params(("id" = String, Path)), request_body(content = SchedulingRequest, description = "optional"),
+    responses((status = 200, body = NodeView), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn drain(
+    State(state): State<AppState>,
+    crate::auth::Admin(caller): crate::auth::Admin,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<NodeView>, ApiError> {
+    set_scheduling(&state, &caller, &id, "draining", &body).await
+}
+
+/// Put a cordoned or draining node back into service (admin).
+#[utoipa::path(post, path = "/api/v1/nodes/{id}/resume", tag = "nodes", params(("id" = String, Path)), request_body(content = SchedulingRequest, description = "optional"),
+    responses((status = 200, body = NodeView), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn resume(
+    State(state): State<AppState>,
+    crate::auth::Admin(caller): crate::auth::Admin,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<NodeView>, ApiError> {
+    set_scheduling(&state, &caller, &id, "active", &body).await
 }
 
 fn edge_error(e: ud_core::edge::EdgeError) -> ApiError {

@@ -208,7 +208,7 @@ pub(crate) async fn upsert_tasks(c: &impl GenericClient, rows: &[TaskRow]) -> Re
 }
 
 const NODE_COLS: &str = "id, name, labels, resources, status, enrolled_at, registered_at, last_seen, revoked_at, \
-                         offline_after, running_tasks, last_seq, disk_free_mb, low_disk";
+                         offline_after, running_tasks, last_seq, disk_free_mb, low_disk, scheduling";
 
 pub(crate) fn node_from_row(r: &tokio_postgres::Row) -> NodeRow {
     NodeRow {
@@ -226,6 +226,7 @@ pub(crate) fn node_from_row(r: &tokio_postgres::Row) -> NodeRow {
         last_seq: r.get(11),
         disk_free_mb: r.get(12),
         low_disk: r.get(13),
+        scheduling: r.get(14),
     }
 }
 
@@ -258,20 +259,22 @@ pub(crate) async fn upsert_nodes(c: &impl GenericClient, rows: &[NodeRow]) -> Re
     let seq: Vec<i64> = rows.iter().map(|r| r.last_seq).collect();
     let disk: Vec<Option<i64>> = rows.iter().map(|r| r.disk_free_mb).collect();
     let low: Vec<bool> = rows.iter().map(|r| r.low_disk).collect();
+    let scheduling: Vec<&str> = rows.iter().map(|r| r.scheduling.as_str()).collect();
     c.execute(
         &format!(
             "INSERT INTO nodes ({NODE_COLS})
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[], $4::jsonb[], $5::text[],
                                   $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::timestamptz[],
-                                  $10::timestamptz[], $11::int4[], $12::int8[], $13::int8[], $14::bool[])
+                                  $10::timestamptz[], $11::int4[], $12::int8[], $13::int8[], $14::bool[], $15::text[])
              ON CONFLICT (id) DO UPDATE SET
                name = EXCLUDED.name, labels = EXCLUDED.labels, resources = EXCLUDED.resources,
                status = EXCLUDED.status, enrolled_at = EXCLUDED.enrolled_at,
                registered_at = EXCLUDED.registered_at, revoked_at = EXCLUDED.revoked_at,
                last_seen = EXCLUDED.last_seen, offline_after = EXCLUDED.offline_after, running_tasks = EXCLUDED.running_tasks,
-               last_seq = EXCLUDED.last_seq, disk_free_mb = EXCLUDED.disk_free_mb, low_disk = EXCLUDED.low_disk"
+               last_seq = EXCLUDED.last_seq, disk_free_mb = EXCLUDED.disk_free_mb, low_disk = EXCLUDED.low_disk,
+               scheduling = EXCLUDED.scheduling"
         ),
-        &[&ids, &name, &labels, &res, &status, &enr, &reg, &seen, &rev, &off, &running, &seq, &disk, &low],
+        &[&ids, &name, &labels, &res, &status, &enr, &reg, &seen, &rev, &off, &running, &seq, &disk, &low, &scheduling],
     )
     .await?;
     Ok(())

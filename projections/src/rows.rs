@@ -143,6 +143,8 @@ pub struct NodeRow {
     pub last_seq: i64,
     pub disk_free_mb: Option<i64>,
     pub low_disk: bool,
+    /// active, cordoned or draining.
+    pub scheduling: String,
 }
 
 impl NodeRow {
@@ -177,6 +179,7 @@ pub fn apply_node(row: Option<NodeRow>, id: NodeId, event: &NodeEvent, seq: u64)
             last_seq: seq,
             disk_free_mb: None,
             low_disk: false,
+            scheduling: "active".into(),
         },
         // Nodes registered without enrollment (older histories) get a row too.
         (None, NodeEvent::Registered(e)) => NodeRow {
@@ -194,6 +197,7 @@ pub fn apply_node(row: Option<NodeRow>, id: NodeId, event: &NodeEvent, seq: u64)
             last_seq: seq,
             disk_free_mb: None,
             low_disk: false,
+            scheduling: "active".into(),
         },
         (None, e) => return Err(ApplyError::UnknownAggregate(e.name())),
         (Some(mut row), NodeEvent::Registered(e)) => {
@@ -221,6 +225,11 @@ pub fn apply_node(row: Option<NodeRow>, id: NodeId, event: &NodeEvent, seq: u64)
         }
         (Some(mut row), NodeEvent::Revoked(e)) => {
             row.revoked_at = Some(ts(e.at));
+            row.last_seq = seq;
+            row
+        }
+        (Some(mut row), NodeEvent::Scheduling(e)) => {
+            row.scheduling = e.mode.clone();
             row.last_seq = seq;
             row
         }

@@ -174,6 +174,7 @@ pub fn decode_event(subject: &str, version: u16, payload: &[u8]) -> Result<Event
                 "heartbeat" if v == 1 => NodeEvent::Heartbeat(from_cbor::<v1::NodeHeartbeatV1>(payload, t, v)?.into()),
                 "heartbeat" => NodeEvent::Heartbeat(from_cbor(payload, t, v)?),
                 "offline" => NodeEvent::WentOffline(from_cbor(payload, t, v)?),
+                "scheduling" => NodeEvent::Scheduling(from_cbor(payload, t, v)?),
                 other => return Err(CodecError::UnknownType { kind: "node", name: other.to_owned() }),
             },
         ),

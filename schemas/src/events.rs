@@ -127,6 +127,17 @@ pub enum NodeEvent {
     Registered(NodeRegistered),
     Heartbeat(NodeHeartbeat),
     WentOffline(NodeWentOffline),
+    Scheduling(NodeScheduling),
+}
+
+/// An operator changed whether the node takes new tasks: `active`,
+/// `cordoned` (no new tasks) or `draining` (no new tasks; running ones
+/// finish, then the node is empty for maintenance).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeScheduling {
+    pub at: Millis,
+    pub mode: String,
+    pub reason: String,
 }
 
 /// An admin enrolled a node; its secret is kept only as a bcrypt hash.
@@ -240,6 +251,7 @@ impl NodeEvent {
             Self::Registered(_) => "registered",
             Self::Heartbeat(_) => "heartbeat",
             Self::WentOffline(_) => "offline",
+            Self::Scheduling(_) => "scheduling",
         }
     }
 }

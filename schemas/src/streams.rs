@@ -43,6 +43,7 @@ pub fn nodes(replicas: usize) -> Config {
             "ud.node.*.revoked".into(),
             "ud.node.*.registered".into(),
             "ud.node.*.offline".into(),
+            "ud.node.*.scheduling".into(),
         ],
         replicas,
     )

@@ -95,6 +95,7 @@ fn fixtures_v1() -> Vec<(&'static str, Event)> {
         // Version 1 had no disk fields: it reads back upcast.
         ("node-heartbeat", Event::Node(n, NodeEvent::Heartbeat(NodeHeartbeat { at: AT, running_tasks: 2, disk_free_mb: None, low_disk: false }))),
         ("node-offline", Event::Node(n, NodeEvent::WentOffline(NodeWentOffline { at: AT, last_seen: AT - 90_000 }))),
+        ("node-scheduling", Event::Node(n, NodeEvent::Scheduling(NodeScheduling { at: AT, mode: "draining".into(), reason: "disk swap".into() }))),
         ("token-issued", Event::Auth(token_id(), AuthEvent::TokenIssued(TokenIssued {
             at: AT, name: "ci".into(), digest: "ab".repeat(32), projects: vec![project()], admin: false,
         }))),

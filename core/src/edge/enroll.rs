@@ -45,6 +45,15 @@ pub async fn revoke(store: &EventStore, id: NodeId, actor: &str) -> Result<Optio
     Ok(store.append_all(&events, &EventMeta::new(actor), Expect::LastSeq(last)).await?)
 }
 
+/// Cordons, drains or resumes a node (`mode`: active, cordoned, draining).
+pub async fn set_scheduling(store: &EventStore, id: NodeId, mode: &str, reason: &str, actor: &str) -> Result<Option<u64>, EdgeError> {
+    let (node, last) = load(store, &id).await?;
+    let command = NodeCommand::SetScheduling { mode: mode.to_owned(), reason: reason.to_owned() };
+    let events = node::decide(node.as_ref(), command, now_millis()).map_err(|e| EdgeError::Invalid(e.to_string()))?;
+    let events: Vec<Event> = events.into_iter().map(|e| Event::Node(id, e)).collect();
+    Ok(store.append_all(&events, &EventMeta::new(actor), Expect::LastSeq(last)).await?)
+}
+
 /// A node folded from `UD_NODES` (heartbeats excluded), with its last sequence there.
 pub async fn load(store: &EventStore, id: &NodeId) -> Result<(Option<node::Node>, u64), EdgeError> {
     let events = store.read_subject(streams::NODES, &subjects::node_all(id)).await?;

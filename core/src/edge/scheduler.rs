@@ -26,7 +26,7 @@ pub struct Usage {
 /// Does `req` fit on `node` next to `used`?
 pub fn fits(node: &Node, used: Usage, req: &Resources) -> bool {
     let Some(res) = &node.resources else { return false };
-    if node.low_disk {
+    if node.low_disk || node.scheduling != "active" {
         return false;
     }
     let labels_ok = req.labels.iter().all(|(k, v)| node.labels.get(k) == Some(v));
@@ -252,6 +252,7 @@ mod tests {
             offline_after: None,
             revoked: false,
             low_disk: false,
+            scheduling: "active".into(),
         }
     }
 
