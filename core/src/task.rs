@@ -75,6 +75,10 @@ pub struct Task {
 pub enum TaskCommand {
     Submit { project: ProjectId, spec: TaskSpec, idempotency_key: Option<String> },
     Assign { node_id: NodeId },
+    /// The scheduler cannot place the task now: why.
+    Wait { reason: String },
+    /// No enrolled node could ever run the task: it fails at once.
+    Unschedulable { reason: String },
     RecordPreparing { node_id: NodeId, attempt: u32, step: String },
     RecordPrepared(Box<TaskPrepared>),
     Start { node_id: NodeId, attempt: u32 },
@@ -90,6 +94,8 @@ impl TaskCommand {
         match self {
             Self::Submit { .. } => "submit",
             Self::Assign { .. } => "assign",
+            Self::Wait { .. } => "wait",
+            Self::Unschedulable { .. } => "unschedulable",
             Self::RecordPreparing { .. } => "record-preparing",
             Self::RecordPrepared(_) => "record-prepared",
             Self::Start { .. } => "start",
@@ -173,6 +179,10 @@ pub fn decide(task: Option<&Task>, command: TaskCommand, now: Millis) -> Result<
             check_node(&node_id)?;
             Ok(vec![TaskEvent::TimedOut(TaskTimedOut { at: now, timeout_seconds: task.spec.timeout_seconds })])
         }
+        (TaskState::Pending, TaskCommand::Wait { reason }) => Ok(vec![TaskEvent::Waiting(TaskWaiting { at: now, reason })]),
+        (TaskState::Pending, TaskCommand::Unschedulable { reason }) => {
+            Ok(vec![TaskEvent::Failed(TaskFailed { at: now, exit_code: None, reason: format!("cannot be scheduled: {reason}") })])
+        }
         (TaskState::Pending, TaskCommand::Cancel { reason }) => {
             Ok(vec![TaskEvent::Cancelled(TaskCancelled { at: now, reason })])
         }
@@ -222,7 +232,9 @@ pub fn evolve(task: Option<Task>, id: TaskId, event: &TaskEvent) -> Option<Task>
         (TaskState::Assigned { node_id, attempt } | TaskState::Running { node_id, attempt }, TaskEvent::CancelRequested(e)) => {
             TaskState::Cancelling { node_id, attempt, reason: e.reason.clone() }
         }
-        (state, TaskEvent::CancelRequested(_) | TaskEvent::Submitted(_) | TaskEvent::Preparing(_) | TaskEvent::Prepared(_)) => state,
+        (state, TaskEvent::CancelRequested(_) | TaskEvent::Submitted(_) | TaskEvent::Waiting(_) | TaskEvent::Preparing(_) | TaskEvent::Prepared(_)) => {
+            state
+        }
     };
     Some(task)
 }

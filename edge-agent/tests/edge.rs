@@ -484,11 +484,36 @@ async fn cordoned_and_draining_nodes_take_no_new_tasks_until_resumed() -> Result
     let v = s.post(&format!("/api/v1/nodes/{}/cordon", b.id), json!({})).await?;
     assert_eq!(v["scheduling"], "cordoned");
     let third = s.submit("echo after-resume", 60).await?;
-    s.task_state(&third, &["pending"], Duration::from_secs(10)).await?;
+    // It says why it waits.
+    let http = (s.http.clone(), s.base.clone(), s.admin.clone(), third.clone());
+    let waiting = s
+        .until("the waiting reason", Duration::from_secs(30), || {
+            let (http, base, admin, id) = http.clone();
+            async move {
+                let v: Value = http.get(format!("{base}/api/v1/tasks/{id}")).bearer_auth(&admin).send().await?.json().await?;
+                Ok(v["waiting_reason"].as_str().is_some_and(|r| r.contains("cordoned 1") && r.contains("draining 1")).then_some(v))
+            }
+        })
+        .await?;
+    assert_eq!(waiting["state"], "pending", "{waiting}");
+    // A request no enrolled node could ever meet fails at once, saying so.
+    let mut huge = json!({
+        "project": "lab", "code_repo_url": "https://git.example.org/c.git",
+        "code_commit_id": "0123456789abcdef0123456789abcdef01234567",
+        "env_repo_url": "https://git.example.org/e.git", "env_commit_id": "0123456789abcdef0123456789abcdef01234567",
+        "dockerfile_path": "Dockerfile", "command": ["true"], "resources": {"cpus": 0.5, "memory_mb": 64, "gpus": 64}
+    });
+    let impossible = s.submit_body(huge.take()).await?;
+    let done = s.task_state(&impossible, &["failed"], Duration::from_secs(30)).await?;
+    assert!(done["reason"].as_str().is_some_and(|r| r.contains("no enrolled node could ever run it") && r.contains("64 GPUs")), "{done}");
     let v = s.post(&format!("/api/v1/nodes/{}/resume", a.id), json!({"reason": "disk replaced"})).await?;
     assert_eq!(v["scheduling"], "active");
     let done = s.task_state(&third, &["succeeded", "failed"], Duration::from_secs(60)).await?;
     assert_eq!(done["node_id"], a.id.to_string(), "a cordoned node took a task: {done}");
+    assert!(done["waiting_reason"].is_null(), "{done}");
+    let history = s.get(&format!("/api/v1/tasks/{third}/events")).await?;
+    let types: Vec<&str> = history.as_array().into_iter().flatten().filter_map(|e| e["type"].as_str()).collect();
+    assert_eq!(&types[..3], ["task.submitted", "task.waiting", "task.assigned"], "{types:?}");
     // Unknown nodes and bodies are clear errors.
     let resp = s.http.post(format!("{}/api/v1/nodes/{}/cordon", s.base, NodeId::new())).bearer_auth(&s.admin).send().await?;
     assert_eq!(resp.status(), reqwest::StatusCode::NOT_FOUND);

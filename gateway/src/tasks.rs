@@ -68,6 +68,9 @@ pub struct TaskView {
     /// step under way (fetch_code, fetch_environment, build_image, checkout,
     /// start) and when it began; null otherwise.
     pub preparing: Option<serde_json::Value>,
+    /// Why a pending task is not placed yet, as the scheduler last said
+    /// (null once placed, and before the scheduler has looked at it).
+    pub waiting_reason: Option<String>,
     pub exit_code: Option<i32>,
     pub reason: Option<String>,
     pub submitted_by: String,
@@ -90,6 +93,7 @@ impl From<TaskRow> for TaskView {
             spec: r.spec,
             prepared: r.prepared,
             preparing: r.preparing,
+            waiting_reason: r.waiting_reason,
             exit_code: r.exit_code,
             reason: r.reason,
             submitted_by: r.submitted_by,

@@ -21,6 +21,8 @@ pub struct TaskRow {
     pub prepared: Option<serde_json::Value>,
     /// The preparing step under way (task.preparing), until the run starts or ends.
     pub preparing: Option<serde_json::Value>,
+    /// Why the task, pending, is not placed yet (task.waiting).
+    pub waiting_reason: Option<String>,
     pub exit_code: Option<i32>,
     pub reason: Option<String>,
     pub submitted_by: String,
@@ -58,6 +60,7 @@ pub fn apply_task(
                 spec: serde_json::to_value(&e.spec).unwrap_or_default(),
                 prepared: None,
                 preparing: None,
+                waiting_reason: None,
                 exit_code: None,
                 reason: None,
                 submitted_by: actor.to_owned(),
@@ -81,8 +84,14 @@ pub fn apply_task(
     if !matches!(event, TaskEvent::Preparing(_) | TaskEvent::Prepared(_) | TaskEvent::CancelRequested(_)) {
         row.preparing = None;
     }
+    if !matches!(event, TaskEvent::Waiting(_)) {
+        row.waiting_reason = None;
+    }
     match event {
         TaskEvent::Submitted(_) => {}
+        TaskEvent::Waiting(e) => {
+            row.waiting_reason = Some(e.reason.clone());
+        }
         TaskEvent::Assigned(e) => {
             row.state = "assigned".into();
             row.node_id = Some(e.node_id);

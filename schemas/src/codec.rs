@@ -153,6 +153,7 @@ pub fn decode_event(subject: &str, version: u16, payload: &[u8]) -> Result<Event
             id,
             match name {
                 "submitted" => TaskEvent::Submitted(from_cbor(payload, t, v)?),
+                "waiting" => TaskEvent::Waiting(from_cbor(payload, t, v)?),
                 "assigned" => TaskEvent::Assigned(from_cbor(payload, t, v)?),
                 "preparing" => TaskEvent::Preparing(from_cbor(payload, t, v)?),
                 "prepared" => TaskEvent::Prepared(from_cbor(payload, t, v)?),

@@ -14,6 +14,7 @@ use crate::Millis;
 #[serde(untagged)]
 pub enum TaskEvent {
     Submitted(TaskSubmitted),
+    Waiting(TaskWaiting),
     Assigned(TaskAssigned),
     Preparing(TaskPreparing),
     Prepared(TaskPrepared),
@@ -31,6 +32,14 @@ pub struct TaskSubmitted {
     pub project: ProjectId,
     pub spec: TaskSpec,
     pub idempotency_key: Option<String>,
+}
+
+/// The scheduler could not place a pending task, and says why (written
+/// when the reason changes, not at every attempt).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskWaiting {
+    pub at: Millis,
+    pub reason: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -216,6 +225,7 @@ impl TaskEvent {
     pub fn name(&self) -> &'static str {
         match self {
             Self::Submitted(_) => "submitted",
+            Self::Waiting(_) => "waiting",
             Self::Assigned(_) => "assigned",
             Self::Preparing(_) => "preparing",
             Self::Prepared(_) => "prepared",
@@ -230,6 +240,7 @@ impl TaskEvent {
     pub fn at(&self) -> Millis {
         match self {
             Self::Submitted(e) => e.at,
+            Self::Waiting(e) => e.at,
             Self::Assigned(e) => e.at,
             Self::Preparing(e) => e.at,
             Self::Prepared(e) => e.at,

@@ -23,7 +23,7 @@ pub struct TaskSpec {
 }
 
 /// Resources a task requests. CPUs are in thousandths of a core.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 pub struct Resources {
     pub cpu_millis: u32,
     pub memory_mb: u64,

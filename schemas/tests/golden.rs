@@ -56,6 +56,7 @@ fn fixtures_v1() -> Vec<(&'static str, Event)> {
     let n = node_id();
     vec![
         ("task-submitted", Event::Task(t, TaskEvent::Submitted(TaskSubmitted { at: AT, project: project(), spec: spec(), idempotency_key: Some("k-1".into()) }))),
+        ("task-waiting", Event::Task(t, TaskEvent::Waiting(TaskWaiting { at: AT, reason: "waiting for room: 2 nodes could run it (busy 1, offline 1)".into() }))),
         ("task-assigned", Event::Task(t, TaskEvent::Assigned(TaskAssigned { at: AT, node_id: n, attempt: 1 }))),
         ("task-preparing", Event::Task(t, TaskEvent::Preparing(TaskPreparing { at: AT, node_id: n, attempt: 1, step: "build_image".into() }))),
         ("task-prepared", Event::Task(t, TaskEvent::Prepared(TaskPrepared {

@@ -51,6 +51,96 @@ pub fn first_fit<'a>(nodes: impl Iterator<Item = &'a Node>, usage: &HashMap<Node
         .map(|n| n.id)
 }
 
+/// Why a request is not placed now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Unplaced {
+    /// Some enrolled node could run it once it is online, in service and has
+    /// room. `kind` names what keeps it waiting, without counts.
+    Waits { reason: String, kind: String },
+    /// No enrolled node could ever run it, even empty.
+    Never(String),
+}
+
+fn describe(req: &Resources) -> String {
+    let mut s = format!("{} CPUs, {} MB", f64::from(req.cpu_millis) / 1000.0, req.memory_mb);
+    if req.gpus > 0 {
+        s.push_str(&format!(", {} GPUs", req.gpus));
+        if let Some(m) = &req.gpu_model {
+            s.push_str(&format!(" ({m})"));
+        }
+    }
+    for (k, v) in &req.labels {
+        s.push_str(&format!(", label {k}={v}"));
+    }
+    s
+}
+
+/// What of `req` this node could never give, even empty (`None`: it could,
+/// or its resources are not known yet).
+fn never_fits(node: &Node, req: &Resources) -> Option<&'static str> {
+    let res = node.resources.as_ref()?;
+    if !req.labels.iter().all(|(k, v)| node.labels.get(k) == Some(v)) {
+        return Some("labels");
+    }
+    let gpus = match &req.gpu_model {
+        Some(model) => res.gpus.iter().filter(|g| &g.model == model).count(),
+        None => res.gpus.len(),
+    };
+    if (gpus as u64) < u64::from(req.gpus) {
+        return Some("GPUs");
+    }
+    if req.cpu_millis > res.cpu_millis {
+        return Some("CPUs");
+    }
+    if req.memory_mb > res.memory_mb {
+        return Some("memory");
+    }
+    None
+}
+
+fn counts(items: &std::collections::BTreeMap<&str, usize>) -> String {
+    items.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", ")
+}
+
+/// Why `req` is not placed on any of `nodes` (every enrolled node) now.
+pub fn explain<'a>(nodes: impl Iterator<Item = &'a Node>, usage: &HashMap<NodeId, Usage>, req: &Resources) -> Unplaced {
+    use crate::node::Liveness;
+    use std::collections::BTreeMap;
+    let nodes: Vec<&Node> = nodes.filter(|n| !n.revoked).collect();
+    if nodes.is_empty() {
+        return Unplaced::Waits { reason: format!("no compute node is enrolled (needs {})", describe(req)), kind: "no nodes".into() };
+    }
+    let (mut could, mut never, mut why) = (0usize, BTreeMap::new(), BTreeMap::new());
+    for n in &nodes {
+        if let Some(what) = never_fits(n, req) {
+            *never.entry(what).or_insert(0) += 1;
+            continue;
+        }
+        could += 1;
+        let state = if n.resources.is_none() {
+            "not registered yet"
+        } else if n.liveness() != Liveness::Online {
+            "offline"
+        } else if n.scheduling != "active" {
+            if n.scheduling == "draining" { "draining" } else { "cordoned" }
+        } else if n.low_disk {
+            "low on disk"
+        } else if fits(n, usage.get(&n.id).copied().unwrap_or_default(), req) {
+            "free"
+        } else {
+            "busy"
+        };
+        *why.entry(state).or_insert(0) += 1;
+    }
+    if could == 0 {
+        return Unplaced::Never(format!("no enrolled node could ever run it (needs {}; too few or none of: {})", describe(req), counts(&never)));
+    }
+    Unplaced::Waits {
+        reason: format!("waiting for room: {could} of {} nodes could run it ({})", nodes.len(), counts(&why)),
+        kind: why.keys().copied().collect::<Vec<_>>().join(","),
+    }
+}
+
 fn add(usage: &mut HashMap<NodeId, Usage>, node: NodeId, spec: &TaskSpec) {
     let u = usage.entry(node).or_default();
     u.cpu_millis += u64::from(spec.resources.cpu_millis);
@@ -74,6 +164,13 @@ struct Controller {
     cluster: Cluster,
     /// Assigned by this instance, not yet seen back in the stream.
     inflight: HashMap<TaskId, NodeId>,
+    /// Why each unplaced pending task waits, as last written (its kind: what
+    /// keeps it waiting, without counts, so that it is written on change only).
+    waiting: HashMap<TaskId, String>,
+    /// Last sequences of the node and task streams at start, and how far the
+    /// view has applied them: no task is judged before the view is complete.
+    targets: HashMap<String, u64>,
+    applied: HashMap<String, u64>,
 }
 
 async fn publish_dispatch(commands: &TaskCommands, node: NodeId, task: TaskId, kind: &str, msg_id: String, payload: Vec<u8>) {
@@ -139,10 +236,29 @@ impl Controller {
         pending.sort();
         let mut usage = self.usage();
         let online: Vec<Node> = self.cluster.online().map(|e| e.node.clone()).collect();
+        let caught_up = self.targets.iter().all(|(s, t)| self.applied.get(s).copied().unwrap_or(0) >= *t);
+        let mut explained: HashMap<Resources, Unplaced> = HashMap::new();
+        let mut verdicts = Vec::new();
         for (_, id) in pending {
             let Some(entry) = self.cluster.tasks.get(&id) else { continue };
             let spec = entry.task.spec.clone();
-            let Some(node) = first_fit(online.iter(), &usage, &spec.resources) else { continue };
+            let Some(node) = first_fit(online.iter(), &usage, &spec.resources) else {
+                if caught_up {
+                    let why = explained
+                        .entry(spec.resources.clone())
+                        .or_insert_with(|| explain(self.cluster.nodes.values().map(|e| &e.node), &usage, &spec.resources))
+                        .clone();
+                    let (kind, command) = match why {
+                        Unplaced::Never(reason) => ("never".to_owned(), TaskCommand::Unschedulable { reason }),
+                        Unplaced::Waits { reason, kind } => (kind, TaskCommand::Wait { reason }),
+                    };
+                    if self.waiting.get(&id) != Some(&kind) {
+                        self.waiting.insert(id, kind);
+                        verdicts.push((id, command));
+                    }
+                }
+                continue;
+            };
             match self.commands.execute(id, TaskCommand::Assign { node_id: node }, "scheduler", |_| true).await {
                 Ok(_) => {
                     let attempt = entry.task.attempts + 1;
@@ -155,6 +271,18 @@ impl Controller {
                 Err(e) => warn!(task_id = %id, error = %e, "cannot assign"),
             }
         }
+        if !verdicts.is_empty() {
+            // Written in the background: placements do not wait for them.
+            let commands = self.commands.clone();
+            tokio::spawn(async move {
+                for (id, command) in verdicts {
+                    match commands.execute(id, command, "scheduler", |_| true).await {
+                        Ok(_) | Err(CommandError::Conflict | CommandError::Rejected(_)) => {}
+                        Err(e) => warn!(task_id = %id, error = %e, "cannot record why the task waits"),
+                    }
+                }
+            });
+        }
     }
 
     async fn on_update(&mut self, u: &Update) {
@@ -163,9 +291,12 @@ impl Controller {
             _ => None,
         };
         self.cluster.apply(u);
+        let applied = self.applied.entry(u.stream.clone()).or_default();
+        *applied = (*applied).max(u.seq);
         if let ud_schemas::Event::Task(id, e) = &u.envelope.event {
             if !matches!(self.cluster.tasks.get(id).map(|t| &t.task.state), Some(TaskState::Pending)) {
                 self.inflight.remove(id);
+                self.waiting.remove(id);
             }
             // Dispatches lost in a crash between assignment and send are sent again on start.
             if !u.live {
@@ -201,7 +332,23 @@ pub async fn run(commands: TaskCommands, settings: ControllerSettings) {
         });
     }
     drop(tx);
-    let mut c = Controller { commands, settings, cluster: Cluster::default(), inflight: HashMap::new() };
+    let mut targets = HashMap::new();
+    for stream in [streams::NODES, streams::TASKS] {
+        let last = match js.get_stream(stream).await {
+            Ok(mut s) => s.info().await.map(|i| i.state.last_sequence).unwrap_or(u64::MAX),
+            Err(_) => u64::MAX,
+        };
+        targets.insert(stream.to_owned(), last);
+    }
+    let mut c = Controller {
+        commands,
+        settings,
+        cluster: Cluster::default(),
+        inflight: HashMap::new(),
+        waiting: HashMap::new(),
+        targets,
+        applied: HashMap::new(),
+    };
     let mut tick = tokio::time::interval(c.settings.check_interval);
     let mut resent = false;
     loop {
@@ -258,6 +405,35 @@ mod tests {
 
     fn req(cpu: u32, mem: u64, gpus: u32) -> Resources {
         Resources { cpu_millis: cpu, memory_mb: mem, gpus, gpu_model: None, labels: BTreeMap::new() }
+    }
+
+    #[test]
+    fn unplaced_tasks_say_why_and_impossible_ones_are_told_apart() {
+        let small = node(1000, 1024, 0, "a");
+        let gpu = node(8000, 65536, 2, "b");
+        let none = HashMap::new();
+        // Nothing enrolled: wait (the platform is being set up).
+        assert!(matches!(explain([].iter(), &none, &req(1000, 1, 0)), Unplaced::Waits { reason: r, .. } if r.contains("no compute node")));
+        // More GPUs than any node has: never.
+        let never = explain([small.clone(), gpu.clone()].iter(), &none, &req(1000, 1, 4));
+        assert!(matches!(&never, Unplaced::Never(r) if r.contains("4 GPUs") && r.contains("GPUs 2")), "{never:?}");
+        // A label no node has: never.
+        let mut zoned = req(100, 1, 0);
+        zoned.labels.insert("zone".into(), "c".into());
+        assert!(matches!(explain([small.clone()].iter(), &none, &zoned), Unplaced::Never(r) if r.contains("labels")));
+        // Fits the GPU node, which is busy: waits, and says so.
+        let busy = HashMap::from([(gpu.id, Usage { cpu_millis: 8000, memory_mb: 0, gpus: 0 })]);
+        let waits = explain([small.clone(), gpu.clone()].iter(), &busy, &req(2000, 1, 0));
+        assert!(matches!(&waits, Unplaced::Waits { reason: r, .. } if r.contains("1 of 2") && r.contains("busy 1")), "{waits:?}");
+        // Cordoned, offline and unregistered nodes that could run it: waits.
+        let mut cordoned = gpu.clone();
+        cordoned.scheduling = "cordoned".into();
+        let mut offline = gpu.clone();
+        offline.offline_after = Some(5);
+        let mut unknown = gpu.clone();
+        unknown.resources = None;
+        let waits = explain([cordoned, offline, unknown].iter(), &none, &req(2000, 1, 1));
+        assert!(matches!(&waits, Unplaced::Waits { reason: r, .. } if r.contains("cordoned 1") && r.contains("offline 1") && r.contains("not registered yet 1")), "{waits:?}");
     }
 
     #[test]
