@@ -126,6 +126,8 @@ async fn a_user_runs_the_whole_cycle_from_the_command_line() -> Result<()> {
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter_map(|v| v["type"].as_str().map(str::to_owned))
+        // With no node enrolled the scheduler may have said why it waits.
+        .filter(|t| t != "task.waiting")
         .collect();
     assert_eq!(types, vec!["task.submitted", "task.cancelled"]);
 
@@ -140,12 +142,13 @@ async fn a_user_runs_the_whole_cycle_from_the_command_line() -> Result<()> {
 
     // Audit export of one task, straight from the stream.
     let export = server.ok(&["events", "export", "--task", &id])?;
-    let exported: Vec<serde_json::Value> = export.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let not_waiting = |v: &serde_json::Value| v["type"] != "task.waiting";
+    let exported: Vec<serde_json::Value> = export.lines().filter_map(|l| serde_json::from_str(l).ok()).filter(not_waiting).collect();
     assert_eq!(exported.len(), 2);
     assert_eq!(exported[1]["type"], "task.cancelled");
     assert!(exported[0]["payload_cbor"].as_str().is_some_and(|p| !p.is_empty()));
     let all = server.ok(&["events", "export", "--stream", "UD_TASKS", "--since", "2000-01-01T00:00:00Z"])?;
-    assert_eq!(all.lines().count(), 4);
+    assert_eq!(all.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).filter(not_waiting).count(), 4);
     let none = server.ok(&["events", "export", "--stream", "UD_TASKS", "--until", "2000-01-01T00:00:00Z"])?;
     assert_eq!(none.lines().count(), 0);
 

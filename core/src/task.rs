@@ -85,6 +85,8 @@ pub enum TaskCommand {
     Succeed { node_id: NodeId, exit_code: i32 },
     Fail { node_id: NodeId, exit_code: Option<i32>, reason: String },
     TimeOut { node_id: NodeId },
+    /// The task's node went offline.
+    Lose { node_id: NodeId, reason: String },
     Cancel { reason: String },
     ConfirmCancelled { node_id: NodeId },
 }
@@ -102,6 +104,7 @@ impl TaskCommand {
             Self::Succeed { .. } => "succeed",
             Self::Fail { .. } => "fail",
             Self::TimeOut { .. } => "time-out",
+            Self::Lose { .. } => "lose",
             Self::Cancel { .. } => "cancel",
             Self::ConfirmCancelled { .. } => "confirm-cancelled",
         }
@@ -183,6 +186,16 @@ pub fn decide(task: Option<&Task>, command: TaskCommand, now: Millis) -> Result<
         (TaskState::Pending, TaskCommand::Unschedulable { reason }) => {
             Ok(vec![TaskEvent::Failed(TaskFailed { at: now, exit_code: None, reason: format!("cannot be scheduled: {reason}") })])
         }
+        (TaskState::Assigned { node_id, attempt } | TaskState::Running { node_id, attempt }, TaskCommand::Lose { node_id: lost, reason })
+            if *node_id == lost =>
+        {
+            Ok(vec![TaskEvent::Lost(TaskLost { at: now, node_id: lost, attempt: *attempt, reason })])
+        }
+        // A cancel under way ends with the node that would have confirmed it.
+        (TaskState::Cancelling { node_id, reason, .. }, TaskCommand::Lose { node_id: lost, .. }) if *node_id == lost => {
+            Ok(vec![TaskEvent::Cancelled(TaskCancelled { at: now, reason: reason.clone() })])
+        }
+        (_, TaskCommand::Lose { node_id, .. }) => Err(TaskError::WrongNode(node_id)),
         (TaskState::Pending, TaskCommand::Cancel { reason }) => {
             Ok(vec![TaskEvent::Cancelled(TaskCancelled { at: now, reason })])
         }
@@ -228,6 +241,7 @@ pub fn evolve(task: Option<Task>, id: TaskId, event: &TaskEvent) -> Option<Task>
         (_, TaskEvent::Succeeded(e)) => TaskState::Succeeded { exit_code: e.exit_code },
         (_, TaskEvent::Failed(e)) => TaskState::Failed { exit_code: e.exit_code, reason: e.reason.clone() },
         (_, TaskEvent::TimedOut(_)) => TaskState::TimedOut,
+        (_, TaskEvent::Lost(_)) => TaskState::Pending,
         (_, TaskEvent::Cancelled(e)) => TaskState::Cancelled { reason: e.reason.clone() },
         (TaskState::Assigned { node_id, attempt } | TaskState::Running { node_id, attempt }, TaskEvent::CancelRequested(e)) => {
             TaskState::Cancelling { node_id, attempt, reason: e.reason.clone() }

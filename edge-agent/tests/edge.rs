@@ -525,6 +525,48 @@ async fn cordoned_and_draining_nodes_take_no_new_tasks_until_resumed() -> Result
 }
 
 #[tokio::test]
+async fn a_task_lost_with_its_node_runs_elsewhere_and_the_lost_run_is_stopped() -> Result<()> {
+    let mut s = Stack::start(Duration::from_secs(3)).await?;
+    let a = s.join("theta", s.enroll("theta").await?, Duration::from_millis(500)).await?;
+    s.node_status(a.id, "online", Duration::from_secs(30)).await?;
+    let task = s.submit("sleep 15; echo finished", 120).await?;
+    let running = s.task_state(&task, &["running"], Duration::from_secs(60)).await?;
+    assert_eq!(running["node_id"], a.id.to_string());
+    // The node goes silent (its container keeps running); another node is there.
+    a.agent.abort();
+    let b = s.join("iota", s.enroll("iota").await?, Duration::from_millis(500)).await?;
+    s.node_status(a.id, "offline", Duration::from_secs(30)).await?;
+    let http = (s.http.clone(), s.base.clone(), s.admin.clone(), task.clone(), b.id.to_string());
+    s.until("the task to run on the other node", Duration::from_secs(60), || {
+        let (http, base, admin, id, node) = http.clone();
+        async move {
+            let v: Value = http.get(format!("{base}/api/v1/tasks/{id}")).bearer_auth(&admin).send().await?.json().await?;
+            Ok((v["state"] == "running" && v["node_id"] == node.as_str()).then_some(v))
+        }
+    })
+    .await?;
+    // The first node comes back with the lost run still going: it is stopped.
+    let local = async_nats::ConnectOptions::with_user_and_password("agent".into(), AGENT_PW.into())
+        .connect(format!("127.0.0.1:{}", a.leaf.port()))
+        .await?;
+    let mut stopped = local.subscribe(format!("ud.edge.{}.task.{task}.cancelled", a.id)).await?;
+    let back = spawn_agent(&a.leaf, &a.token, "theta", Duration::from_millis(500));
+    tokio::time::timeout(Duration::from_secs(30), stopped.next()).await?.ok_or_else(|| anyhow!("the lost run was not stopped"))?;
+    let done = s.task_state(&task, &["succeeded", "failed", "cancelled"], Duration::from_secs(60)).await?;
+    assert_eq!((done["state"].as_str(), done["node_id"].as_str()), (Some("succeeded"), Some(b.id.to_string().as_str())), "{done}");
+    assert_eq!(done["attempt"], 2);
+    let history = s.get(&format!("/api/v1/tasks/{task}/events")).await?;
+    let types: Vec<&str> = history.as_array().into_iter().flatten().filter_map(|e| e["type"].as_str()).collect();
+    assert_eq!(
+        types,
+        vec!["task.submitted", "task.assigned", "task.prepared", "task.started", "task.lost", "task.assigned", "task.prepared", "task.started", "task.succeeded"]
+    );
+    back.abort();
+    b.agent.abort();
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_restarted_agent_adopts_its_running_container() -> Result<()> {
     let mut s = Stack::start(Duration::from_secs(60)).await?;
     let token = s.enroll("delta").await?;

@@ -96,6 +96,12 @@ pub fn apply_task(
             row.state = "assigned".into();
             row.node_id = Some(e.node_id);
             row.attempt = i32::try_from(e.attempt).unwrap_or(i32::MAX);
+            row.reason = None;
+        }
+        TaskEvent::Lost(e) => {
+            row.state = "pending".into();
+            row.node_id = None;
+            row.reason = Some(format!("attempt {} lost: {}", e.attempt, e.reason));
         }
         TaskEvent::Preparing(e) => {
             row.preparing = Some(serde_json::json!({ "step": e.step, "since": ts(e.at), "attempt": e.attempt }));

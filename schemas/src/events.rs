@@ -22,6 +22,7 @@ pub enum TaskEvent {
     Succeeded(TaskSucceeded),
     Failed(TaskFailed),
     TimedOut(TaskTimedOut),
+    Lost(TaskLost),
     CancelRequested(TaskCancelRequested),
     Cancelled(TaskCancelled),
 }
@@ -39,6 +40,16 @@ pub struct TaskSubmitted {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskWaiting {
     pub at: Millis,
+    pub reason: String,
+}
+
+/// The node running the task went offline: the task is pending again and
+/// will be placed anew; the lost run is stopped if its node comes back.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskLost {
+    pub at: Millis,
+    pub node_id: NodeId,
+    pub attempt: u32,
     pub reason: String,
 }
 
@@ -233,6 +244,7 @@ impl TaskEvent {
             Self::Succeeded(_) => "succeeded",
             Self::Failed(_) => "failed",
             Self::TimedOut(_) => "timed_out",
+            Self::Lost(_) => "lost",
             Self::CancelRequested(_) => "cancel_requested",
             Self::Cancelled(_) => "cancelled",
         }
@@ -248,6 +260,7 @@ impl TaskEvent {
             Self::Succeeded(e) => e.at,
             Self::Failed(e) => e.at,
             Self::TimedOut(e) => e.at,
+            Self::Lost(e) => e.at,
             Self::CancelRequested(e) => e.at,
             Self::Cancelled(e) => e.at,
         }

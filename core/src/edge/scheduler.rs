@@ -171,6 +171,25 @@ struct Controller {
     /// view has applied them: no task is judged before the view is complete.
     targets: HashMap<String, u64>,
     applied: HashMap<String, u64>,
+    /// Runs lost with their node, by node: stopped if the node comes back.
+    lost: HashMap<NodeId, Vec<TaskId>>,
+    /// Why tasks wait, written in order by one background writer.
+    verdicts: mpsc::UnboundedSender<(TaskId, TaskCommand)>,
+}
+
+/// Writes the scheduler's verdicts on unplaced tasks, in the order given
+/// (the last word on a task is the one kept), retrying conflicts.
+async fn write_verdicts(commands: TaskCommands, mut rx: mpsc::UnboundedReceiver<(TaskId, TaskCommand)>) {
+    while let Some((id, command)) = rx.recv().await {
+        for _ in 0..5 {
+            match commands.execute(id, command.clone(), "scheduler", |_| true).await {
+                Err(CommandError::Conflict) => continue,
+                Ok(_) | Err(CommandError::Rejected(_)) => {}
+                Err(e) => warn!(task_id = %id, error = %e, "cannot record why the task waits"),
+            }
+            break;
+        }
+    }
 }
 
 async fn publish_dispatch(commands: &TaskCommands, node: NodeId, task: TaskId, kind: &str, msg_id: String, payload: Vec<u8>) {
@@ -271,17 +290,9 @@ impl Controller {
                 Err(e) => warn!(task_id = %id, error = %e, "cannot assign"),
             }
         }
-        if !verdicts.is_empty() {
-            // Written in the background: placements do not wait for them.
-            let commands = self.commands.clone();
-            tokio::spawn(async move {
-                for (id, command) in verdicts {
-                    match commands.execute(id, command, "scheduler", |_| true).await {
-                        Ok(_) | Err(CommandError::Conflict | CommandError::Rejected(_)) => {}
-                        Err(e) => warn!(task_id = %id, error = %e, "cannot record why the task waits"),
-                    }
-                }
-            });
+        // Written in the background: placements do not wait for them.
+        for v in verdicts {
+            let _ = self.verdicts.send(v);
         }
     }
 
@@ -290,7 +301,28 @@ impl Controller {
             ud_schemas::Event::Task(id, _) => self.cluster.tasks.get(id).map(|t| t.task.state.clone()),
             _ => None,
         };
+        let node_before = match &u.envelope.event {
+            ud_schemas::Event::Node(id, _) => self.cluster.nodes.get(id).map(|n| n.node.liveness()),
+            _ => None,
+        };
         self.cluster.apply(u);
+        if let ud_schemas::Event::Task(id, ud_schemas::TaskEvent::Lost(l)) = &u.envelope.event {
+            self.lost.entry(l.node_id).or_default().push(*id);
+        }
+        if let ud_schemas::Event::Node(node, e) = &u.envelope.event {
+            let now = self.cluster.nodes.get(node).map(|n| n.node.liveness());
+            if u.live {
+                match e {
+                    // Its tasks are placed anew.
+                    ud_schemas::NodeEvent::WentOffline(_) => self.lose_tasks_of(*node).await,
+                    // Back with runs that lost the race: stop them.
+                    _ if node_before == Some(crate::node::Liveness::Offline) && now == Some(crate::node::Liveness::Online) => {
+                        self.stop_lost_runs(*node).await;
+                    }
+                    _ => {}
+                }
+            }
+        }
         let applied = self.applied.entry(u.stream.clone()).or_default();
         *applied = (*applied).max(u.seq);
         if let ud_schemas::Event::Task(id, e) = &u.envelope.event {
@@ -304,6 +336,29 @@ impl Controller {
             }
             if let (ud_schemas::TaskEvent::CancelRequested(c), Some(TaskState::Assigned { node_id, .. } | TaskState::Running { node_id, .. })) = (e, before) {
                 self.send_cancel(node_id, *id, &c.reason).await;
+            }
+        }
+    }
+
+    async fn lose_tasks_of(&mut self, node: NodeId) {
+        let tasks: Vec<TaskId> = self.cluster.tasks.iter().filter(|(_, t)| t.task.state.live_node() == Some(node)).map(|(id, _)| *id).collect();
+        for id in tasks {
+            let command = TaskCommand::Lose { node_id: node, reason: format!("node {node} went offline") };
+            match self.commands.execute(id, command, "scheduler", |_| true).await {
+                Ok(_) => info!(task_id = %id, node_id = %node, "task lost with its node; placing it again"),
+                Err(CommandError::Conflict | CommandError::Rejected(_)) => {}
+                Err(e) => warn!(task_id = %id, node_id = %node, error = %e, "cannot mark the task lost"),
+            }
+        }
+    }
+
+    async fn stop_lost_runs(&mut self, node: NodeId) {
+        for id in self.lost.remove(&node).unwrap_or_default() {
+            // Placed on this very node again: that run is the live one.
+            let live_here = self.cluster.tasks.get(&id).is_some_and(|t| t.task.state.live_node() == Some(node));
+            if !live_here {
+                info!(task_id = %id, node_id = %node, "stopping a run lost with its node");
+                self.send_cancel(node, id, "the run was lost with its node and placed elsewhere").await;
             }
         }
     }
@@ -334,13 +389,26 @@ pub async fn run(commands: TaskCommands, settings: ControllerSettings) {
     drop(tx);
     let mut targets = HashMap::new();
     for stream in [streams::NODES, streams::TASKS] {
-        let last = match js.get_stream(stream).await {
-            Ok(mut s) => s.info().await.map(|i| i.state.last_sequence).unwrap_or(u64::MAX),
-            Err(_) => u64::MAX,
-        };
-        targets.insert(stream.to_owned(), last);
+        // The hub's JetStream can be briefly away (a reload): ask again.
+        let mut last = None;
+        for _ in 0..50 {
+            if let Ok(mut s) = js.get_stream(stream).await {
+                if let Ok(info) = s.info().await {
+                    last = Some(info.state.last_sequence);
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        if last.is_none() {
+            warn!(stream, "cannot learn where the stream ends; judging unplaced tasks from now on");
+        }
+        targets.insert(stream.to_owned(), last.unwrap_or(0));
     }
+    let (verdicts, verdicts_rx) = mpsc::unbounded_channel();
+    tokio::spawn(write_verdicts(commands.clone(), verdicts_rx));
     let mut c = Controller {
+        verdicts,
         commands,
         settings,
         cluster: Cluster::default(),
@@ -348,6 +416,7 @@ pub async fn run(commands: TaskCommands, settings: ControllerSettings) {
         waiting: HashMap::new(),
         targets,
         applied: HashMap::new(),
+        lost: HashMap::new(),
     };
     let mut tick = tokio::time::interval(c.settings.check_interval);
     let mut resent = false;
