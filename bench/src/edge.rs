@@ -43,8 +43,9 @@ pub fn cpu_seconds() -> f64 {
         .unwrap_or(0.0)
 }
 
-pub async fn run(a: Args) -> Result<()> {
-    println!("UniDesk edge benchmark: hub + leaf + agent + Docker on this machine");
+/// A hub with its accounts file, PostgreSQL and the main server managing the
+/// hub's node users, with `timeout` as the offline setting.
+pub async fn start_platform(timeout: Duration) -> Result<(NatsServer, PgDatabase, ud_gateway::server::Running)> {
     let platform_pw = "bench-platform";
     let system_pw = "bench-system";
     let accounts = ud_core::edge::hubconf::accounts_with_system(
@@ -55,7 +56,6 @@ pub async fn run(a: Args) -> Result<()> {
     );
     let hub = NatsServer::start_with(NatsOptions { hub: true, accounts: Some(accounts), ..Default::default() }).await?;
     let pg = PgDatabase::create().await?;
-    let timeout = Duration::from_secs(a.offline_timeout_seconds);
     let running = server::start(ServerConfig {
         nats_url: format!("nats://platform:{platform_pw}@127.0.0.1:{}", hub.port()),
         js_domain: None,
@@ -82,6 +82,13 @@ pub async fn run(a: Args) -> Result<()> {
         }),
     })
     .await?;
+    Ok((hub, pg, running))
+}
+
+pub async fn run(a: Args) -> Result<()> {
+    println!("UniDesk edge benchmark: hub + leaf + agent + Docker on this machine");
+    let timeout = Duration::from_secs(a.offline_timeout_seconds);
+    let (hub, _pg, running) = start_platform(timeout).await?;
     let store = running.state.commands.store().clone();
     let admin = ud_core::commands::issue_token(&store, "bench", &[], true, "bench").await.map_err(|e| anyhow!("{e}"))?;
     running.state.projected.wait(ud_schemas::streams::AUTH, admin.seq, Duration::from_secs(10)).await;

@@ -22,12 +22,11 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
-use ud_gateway::server::{self, EdgeConfig, ServerConfig};
 use futures::StreamExt;
 use ud_schemas::edge::{self, NodeToken};
 use ud_schemas::events::{NodeHeartbeat, NodeRegistered};
 use ud_schemas::{now_millis, Event, NodeEvent, NodeId};
-use ud_testkit::{NatsOptions, NatsServer, PgDatabase};
+use ud_testkit::{NatsOptions, NatsServer};
 
 use crate::stats::line;
 
@@ -104,41 +103,7 @@ async fn until_linked(http: &reqwest::Client, monitor: &str, n: u64, limit: Dura
 
 pub async fn run(a: Args) -> Result<()> {
     println!("UniDesk hub-restart benchmark: {} nodes, each with its own leaf link and credentials", a.nodes);
-    let (platform_pw, system_pw) = ("bench-platform", "bench-system");
-    let accounts = ud_core::edge::hubconf::accounts_with_system(
-        "platform",
-        &bcrypt::hash(platform_pw, 4)?,
-        &[],
-        Some(&ud_core::edge::hubconf::SystemUser { user: "sys".into(), password_hash: bcrypt::hash(system_pw, 4)? }),
-    );
-    let mut hub = NatsServer::start_with(NatsOptions { hub: true, accounts: Some(accounts), ..Default::default() }).await?;
-    let pg = PgDatabase::create().await?;
-    let running = server::start(ServerConfig {
-        nats_url: format!("nats://platform:{platform_pw}@127.0.0.1:{}", hub.port()),
-        js_domain: None,
-        database_url: pg.url.clone(),
-        listen: "127.0.0.1:0".into(),
-        replicas: 1,
-        run_projectors: true,
-        edge: Some(EdgeConfig {
-            hub: Some(ud_core::edge::hub::HubSettings {
-                accounts_file: hub.accounts_file(),
-                pid_file: Some(hub.pid_file()),
-                platform_user: "platform".into(),
-                platform_password: platform_pw.into(),
-                system_user: Some(("sys".into(), system_pw.into())),
-                hub_addr: format!("127.0.0.1:{}", hub.port()),
-                replicas: 1,
-            }),
-            controller: ud_core::edge::scheduler::ControllerSettings {
-                heartbeat_timeout: Duration::from_secs(90),
-                check_interval: Duration::from_secs(1),
-                cancel_grace_seconds: 10,
-            },
-            git_credentials: Default::default(),
-        }),
-    })
-    .await?;
+    let (mut hub, _pg, running) = crate::edge::start_platform(Duration::from_secs(90)).await?;
     let store = running.state.commands.store().clone();
     let t = Instant::now();
     let mut tokens = Vec::with_capacity(a.nodes);
