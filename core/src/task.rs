@@ -66,6 +66,8 @@ pub struct Task {
     pub state: TaskState,
     /// Attempts started so far.
     pub attempts: u32,
+    /// A retried task is not placed before this (ms since the epoch).
+    pub not_before: Option<Millis>,
     /// Number of events applied: grows by one with every event.
     pub version: u64,
 }
@@ -176,7 +178,18 @@ pub fn decide(task: Option<&Task>, command: TaskCommand, now: Millis) -> Result<
             TaskCommand::Fail { node_id, exit_code, reason },
         ) => {
             check_node(&node_id)?;
-            Ok(vec![TaskEvent::Failed(TaskFailed { at: now, exit_code, reason })])
+            let attempt = match &task.state {
+                TaskState::Assigned { attempt, .. } | TaskState::Running { attempt, .. } => Some(*attempt),
+                _ => None,
+            };
+            // A failed run is retried while its policy allows (a cancelled one is not).
+            match attempt {
+                Some(attempt) if attempt < task.spec.retry.max_attempts => {
+                    let backoff = i64::from(task.spec.retry.backoff_seconds).saturating_mul(1000);
+                    Ok(vec![TaskEvent::Retrying(TaskRetrying { at: now, attempt, exit_code, reason, not_before: now.saturating_add(backoff) })])
+                }
+                _ => Ok(vec![TaskEvent::Failed(TaskFailed { at: now, exit_code, reason })]),
+            }
         }
         (TaskState::Assigned { .. } | TaskState::Running { .. }, TaskCommand::TimeOut { node_id }) => {
             check_node(&node_id)?;
@@ -223,6 +236,7 @@ pub fn evolve(task: Option<Task>, id: TaskId, event: &TaskEvent) -> Option<Task>
                 spec: e.spec.clone(),
                 state: TaskState::Pending,
                 attempts: 0,
+                not_before: None,
                 version: 1,
             }),
             _ => None,
@@ -242,6 +256,10 @@ pub fn evolve(task: Option<Task>, id: TaskId, event: &TaskEvent) -> Option<Task>
         (_, TaskEvent::Failed(e)) => TaskState::Failed { exit_code: e.exit_code, reason: e.reason.clone() },
         (_, TaskEvent::TimedOut(_)) => TaskState::TimedOut,
         (_, TaskEvent::Lost(_)) => TaskState::Pending,
+        (_, TaskEvent::Retrying(e)) => {
+            task.not_before = Some(e.not_before);
+            TaskState::Pending
+        }
         (_, TaskEvent::Cancelled(e)) => TaskState::Cancelled { reason: e.reason.clone() },
         (TaskState::Assigned { node_id, attempt } | TaskState::Running { node_id, attempt }, TaskEvent::CancelRequested(e)) => {
             TaskState::Cancelling { node_id, attempt, reason: e.reason.clone() }

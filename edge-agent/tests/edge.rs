@@ -567,6 +567,37 @@ async fn a_task_lost_with_its_node_runs_elsewhere_and_the_lost_run_is_stopped() 
 }
 
 #[tokio::test]
+async fn failed_runs_are_retried_per_their_policy() -> Result<()> {
+    let mut s = Stack::start(Duration::from_secs(60)).await?;
+    let node = s.join("kappa", s.enroll("kappa").await?, Duration::from_millis(500)).await?;
+    s.node_status(node.id, "online", Duration::from_secs(30)).await?;
+    let body = json!({
+        "project": "lab", "code_repo_url": "https://git.example.org/c.git",
+        "code_commit_id": "0123456789abcdef0123456789abcdef01234567",
+        "env_repo_url": "https://git.example.org/e.git", "env_commit_id": "0123456789abcdef0123456789abcdef01234567",
+        "dockerfile_path": "Dockerfile", "command": ["sh", "-c", "echo attempt; exit 3"],
+        "resources": {"cpus": 0.5, "memory_mb": 64}, "retry": {"max_attempts": 2, "backoff_seconds": 1}
+    });
+    let id = s.submit_body(body).await?;
+    let done = s.task_state(&id, &["succeeded", "failed"], Duration::from_secs(60)).await?;
+    assert_eq!((done["state"].as_str(), done["attempt"].as_i64(), done["exit_code"].as_i64()), (Some("failed"), Some(2), Some(3)), "{done}");
+    let history = s.get(&format!("/api/v1/tasks/{id}/events")).await?;
+    let events: Vec<&Value> = history.as_array().into_iter().flatten().collect();
+    let types: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
+    assert_eq!(
+        types,
+        vec!["task.submitted", "task.assigned", "task.prepared", "task.started", "task.retrying", "task.assigned", "task.prepared", "task.started", "task.failed"]
+    );
+    // The second attempt waited out the backoff.
+    let at = |t: &str, nth: usize| events.iter().filter(|e| e["type"] == t).nth(nth).and_then(|e| e["data"]["at"].as_i64()).unwrap_or_default();
+    assert!(at("task.assigned", 1) - at("task.retrying", 0) >= 1000, "{history}");
+    let out = logs(&s, &id).await?;
+    assert_eq!(out.matches("attempt").count(), 2, "{out:?}");
+    node.agent.abort();
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_restarted_agent_adopts_its_running_container() -> Result<()> {
     let mut s = Stack::start(Duration::from_secs(60)).await?;
     let token = s.enroll("delta").await?;

@@ -98,6 +98,12 @@ pub fn apply_task(
             row.attempt = i32::try_from(e.attempt).unwrap_or(i32::MAX);
             row.reason = None;
         }
+        TaskEvent::Retrying(e) => {
+            row.state = "pending".into();
+            row.node_id = None;
+            row.exit_code = e.exit_code;
+            row.reason = Some(format!("attempt {} failed: {}; retried from {}", e.attempt, e.reason, ts(e.not_before).to_rfc3339()));
+        }
         TaskEvent::Lost(e) => {
             row.state = "pending".into();
             row.node_id = None;

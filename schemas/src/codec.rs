@@ -162,6 +162,7 @@ pub fn decode_event(subject: &str, version: u16, payload: &[u8]) -> Result<Event
                 "failed" => TaskEvent::Failed(from_cbor(payload, t, v)?),
                 "timed_out" => TaskEvent::TimedOut(from_cbor(payload, t, v)?),
                 "lost" => TaskEvent::Lost(from_cbor(payload, t, v)?),
+                "retrying" => TaskEvent::Retrying(from_cbor(payload, t, v)?),
                 "cancel_requested" => TaskEvent::CancelRequested(from_cbor(payload, t, v)?),
                 "cancelled" => TaskEvent::Cancelled(from_cbor(payload, t, v)?),
                 other => return Err(CodecError::UnknownType { kind: "task", name: other.to_owned() }),

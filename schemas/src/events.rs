@@ -23,6 +23,7 @@ pub enum TaskEvent {
     Failed(TaskFailed),
     TimedOut(TaskTimedOut),
     Lost(TaskLost),
+    Retrying(TaskRetrying),
     CancelRequested(TaskCancelRequested),
     Cancelled(TaskCancelled),
 }
@@ -51,6 +52,17 @@ pub struct TaskLost {
     pub node_id: NodeId,
     pub attempt: u32,
     pub reason: String,
+}
+
+/// An attempt failed and the task's retry policy allows another: the task
+/// is pending again, to be placed no earlier than `not_before`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRetrying {
+    pub at: Millis,
+    pub attempt: u32,
+    pub exit_code: Option<i32>,
+    pub reason: String,
+    pub not_before: Millis,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -245,6 +257,7 @@ impl TaskEvent {
             Self::Failed(_) => "failed",
             Self::TimedOut(_) => "timed_out",
             Self::Lost(_) => "lost",
+            Self::Retrying(_) => "retrying",
             Self::CancelRequested(_) => "cancel_requested",
             Self::Cancelled(_) => "cancelled",
         }
@@ -261,6 +274,7 @@ impl TaskEvent {
             Self::Failed(e) => e.at,
             Self::TimedOut(e) => e.at,
             Self::Lost(e) => e.at,
+            Self::Retrying(e) => e.at,
             Self::CancelRequested(e) => e.at,
             Self::Cancelled(e) => e.at,
         }

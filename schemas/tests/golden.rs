@@ -67,6 +67,7 @@ fn fixtures_v1() -> Vec<(&'static str, Event)> {
             steps: vec![PrepareStep { name: "fetch_code".into(), millis: 12 }, PrepareStep { name: "build_image".into(), millis: 3400 }],
             gpus: vec![GpuInUse { model: "A100".into(), driver: "550.54".into() }],
         }))),
+        ("task-retrying", Event::Task(t, TaskEvent::Retrying(TaskRetrying { at: AT, attempt: 1, exit_code: Some(3), reason: "exited with code 3".into(), not_before: AT + 30_000 }))),
         ("task-lost", Event::Task(t, TaskEvent::Lost(TaskLost { at: AT, node_id: n, attempt: 1, reason: "node went offline".into() }))),
         ("task-started", Event::Task(t, TaskEvent::Started(TaskStarted { at: AT, node_id: n, attempt: 1 }))),
         ("task-succeeded", Event::Task(t, TaskEvent::Succeeded(TaskSucceeded { at: AT, exit_code: 0 }))),

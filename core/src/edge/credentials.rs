@@ -153,7 +153,7 @@ mod tests {
         let mut req = crate::validate::tests::request();
         req.code_repo_url = code.to_owned();
         let (project, spec) = crate::validate::submit_task(&req).unwrap_or_else(|e| panic!("{e:?}"));
-        Task { id: ud_schemas::TaskId::new(), project, spec, state: TaskState::Running { node_id: node, attempt: 1 }, attempts: 1, version: 2 }
+        Task { id: ud_schemas::TaskId::new(), project, spec, state: TaskState::Running { node_id: node, attempt: 1 }, attempts: 1, not_before: None, version: 2 }
     }
 
     fn creds() -> GitCredentials {

@@ -132,7 +132,7 @@ mod tests {
 
     fn task(state: TaskState) -> Task {
         let (project, spec) = crate::validate::submit_task(&crate::validate::tests::request()).unwrap_or_else(|e| panic!("{e:?}"));
-        Task { id: ud_schemas::TaskId::new(), project, spec, state, attempts: 1, version: 2 }
+        Task { id: ud_schemas::TaskId::new(), project, spec, state, attempts: 1, not_before: None, version: 2 }
     }
 
     #[test]

@@ -242,11 +242,14 @@ impl Controller {
     }
 
     async fn schedule(&mut self) {
+        let now = now_millis();
         let mut pending: Vec<(u64, TaskId)> = self
             .cluster
             .tasks
             .iter()
             .filter(|(id, t)| t.task.state == TaskState::Pending && !self.inflight.contains_key(id))
+            // A retry waits out its backoff (the periodic tick picks it up).
+            .filter(|(_, t)| t.task.not_before.is_none_or(|at| at <= now))
             .map(|(id, t)| (t.seq, *id))
             .collect();
         if pending.is_empty() {

@@ -174,3 +174,29 @@ proptest! {
         prop_assert_eq!(fold(id, &history), task);
     }
 }
+
+#[test]
+fn failed_runs_are_retried_while_the_policy_allows_then_fail() {
+    let node = NodeId::new();
+    let mut s = spec();
+    s.retry = RetryPolicy { max_attempts: 2, backoff_seconds: 30 };
+    let retried_submit = TaskCommand::Submit { project: project(), spec: s, idempotency_key: None };
+    let fail = || TaskCommand::Fail { node_id: node, exit_code: Some(3), reason: "exited with code 3".into() };
+    let run = [retried_submit, TaskCommand::Assign { node_id: node }, TaskCommand::Start { node_id: node, attempt: 1 }];
+    let (g, r) = given(&run).when(fail());
+    let events = r.unwrap_or_default();
+    assert!(matches!(events.as_slice(), [TaskEvent::Retrying(TaskRetrying { attempt: 1, exit_code: Some(3), not_before: 30_002, .. })]), "{events:?}");
+    let task = events.iter().fold(g.task, |t, e| evolve(t, g.id, e));
+    assert_eq!(task.as_ref().map(|t| (&t.state, t.not_before)), Some((&TaskState::Pending, Some(30_002))));
+    // The second attempt is the last one.
+    let mut task = task;
+    for c in [TaskCommand::Assign { node_id: node }, TaskCommand::Start { node_id: node, attempt: 2 }] {
+        let events = decide(task.as_ref(), c, 3).unwrap_or_default();
+        task = events.iter().fold(task, |t, e| evolve(t, g.id, e));
+    }
+    let last = decide(task.as_ref(), fail(), 4).unwrap_or_default();
+    assert!(matches!(last.as_slice(), [TaskEvent::Failed(_)]), "{last:?}");
+    // Without a retry policy a failure is final at once.
+    let (_, r) = given(&[submit(), TaskCommand::Assign { node_id: node }]).when(fail());
+    assert!(matches!(r.as_deref(), Ok([TaskEvent::Failed(_)])));
+}
