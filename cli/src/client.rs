@@ -116,6 +116,9 @@ pub struct SubmitArgs {
     max_attempts: Option<i64>,
     #[arg(long)]
     backoff_seconds: Option<i64>,
+    /// Higher runs first (-1000 to 1000).
+    #[arg(long, allow_hyphen_values = true)]
+    priority: Option<i64>,
     #[arg(long)]
     idempotency_key: Option<String>,
     /// Return once the task is in the read models.
@@ -165,6 +168,9 @@ fn task_body(a: &SubmitArgs) -> Result<Value> {
     }
     if let Some(m) = a.max_attempts {
         body["retry"] = json!({"max_attempts": m, "backoff_seconds": a.backoff_seconds.unwrap_or(0)});
+    }
+    if let Some(p) = a.priority {
+        body["priority"] = json!(p);
     }
     Ok(body)
 }
@@ -377,6 +383,17 @@ pub enum TaskCommand {
     Logs(LogsArgs),
     /// Submit the exact same versions, command and resources again; prints the new task id.
     Rerun(IdArgs),
+    /// Change a pending task's priority (higher runs first, -1000 to 1000).
+    Priority(PriorityArgs),
+}
+
+#[derive(Args)]
+pub struct PriorityArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    id: String,
+    #[arg(allow_hyphen_values = true)]
+    priority: i64,
 }
 
 /// A submission with the same versions, command and resources as `task` (a TaskView).
@@ -396,6 +413,7 @@ pub fn rerun_body(task: &Value) -> Value {
         },
         "timeout_seconds": spec["timeout_seconds"],
         "retry": spec["retry"],
+        "priority": task["priority"],
     });
     if body["name"].is_null() {
         if let Some(o) = body.as_object_mut() {
@@ -417,6 +435,11 @@ pub struct LogsArgs {
 
 pub async fn task(c: TaskCommand) -> Result<()> {
     match c {
+        TaskCommand::Priority(a) => {
+            let api = Api::new(a.api);
+            print(&api.post(&format!("/api/v1/tasks/{}/priority?wait=projected", a.id), &json!({"priority": a.priority})).await?);
+            Ok(())
+        }
         TaskCommand::Rerun(a) => {
             let api = Api::new(a.api.clone());
             let t = api.get(&format!("/api/v1/tasks/{}", a.id)).await?;

@@ -115,6 +115,10 @@ async fn a_user_runs_the_whole_cycle_from_the_command_line() -> Result<()> {
 
     // A rerun submits the exact same versions, command and resources.
     let again = server.ok(&["task", "rerun", &id])?.trim().to_owned();
+    // A pending task's priority can change (no node runs here, so it stays pending).
+    server.ok(&["task", "priority", &again, "-5"])?;
+    let moved: serde_json::Value = serde_json::from_str(&server.ok(&["show", &again])?)?;
+    assert_eq!(moved["priority"], -5);
     assert_ne!(again, id);
     let rerun: serde_json::Value = serde_json::from_str(&server.ok(&["show", &again])?)?;
     assert_eq!(rerun["spec"], shown["spec"]);
@@ -148,7 +152,7 @@ async fn a_user_runs_the_whole_cycle_from_the_command_line() -> Result<()> {
     assert_eq!(exported[1]["type"], "task.cancelled");
     assert!(exported[0]["payload_cbor"].as_str().is_some_and(|p| !p.is_empty()));
     let all = server.ok(&["events", "export", "--stream", "UD_TASKS", "--since", "2000-01-01T00:00:00Z"])?;
-    assert_eq!(all.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).filter(not_waiting).count(), 4);
+    assert_eq!(all.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).filter(not_waiting).count(), 5);
     let none = server.ok(&["events", "export", "--stream", "UD_TASKS", "--until", "2000-01-01T00:00:00Z"])?;
     assert_eq!(none.lines().count(), 0);
 

@@ -79,6 +79,8 @@ pub enum TaskCommand {
     Assign { node_id: NodeId },
     /// The scheduler cannot place the task now: why.
     Wait { reason: String },
+    /// Change the priority of a pending task.
+    Reprioritize { priority: i32 },
     /// No enrolled node could ever run the task: it fails at once.
     Unschedulable { reason: String },
     RecordPreparing { node_id: NodeId, attempt: u32, step: String },
@@ -99,6 +101,7 @@ impl TaskCommand {
             Self::Submit { .. } => "submit",
             Self::Assign { .. } => "assign",
             Self::Wait { .. } => "wait",
+            Self::Reprioritize { .. } => "reprioritize",
             Self::Unschedulable { .. } => "unschedulable",
             Self::RecordPreparing { .. } => "record-preparing",
             Self::RecordPrepared(_) => "record-prepared",
@@ -195,6 +198,8 @@ pub fn decide(task: Option<&Task>, command: TaskCommand, now: Millis) -> Result<
             check_node(&node_id)?;
             Ok(vec![TaskEvent::TimedOut(TaskTimedOut { at: now, timeout_seconds: task.spec.timeout_seconds })])
         }
+        (TaskState::Pending, TaskCommand::Reprioritize { priority }) if priority == task.spec.priority => Ok(vec![]),
+        (TaskState::Pending, TaskCommand::Reprioritize { priority }) => Ok(vec![TaskEvent::Reprioritized(TaskReprioritized { at: now, priority })]),
         (TaskState::Pending, TaskCommand::Wait { reason }) => Ok(vec![TaskEvent::Waiting(TaskWaiting { at: now, reason })]),
         (TaskState::Pending, TaskCommand::Unschedulable { reason }) => {
             Ok(vec![TaskEvent::Failed(TaskFailed { at: now, exit_code: None, reason: format!("cannot be scheduled: {reason}") })])
@@ -256,6 +261,10 @@ pub fn evolve(task: Option<Task>, id: TaskId, event: &TaskEvent) -> Option<Task>
         (_, TaskEvent::Failed(e)) => TaskState::Failed { exit_code: e.exit_code, reason: e.reason.clone() },
         (_, TaskEvent::TimedOut(_)) => TaskState::TimedOut,
         (_, TaskEvent::Lost(_)) => TaskState::Pending,
+        (state, TaskEvent::Reprioritized(e)) => {
+            task.spec.priority = e.priority;
+            state
+        }
         (_, TaskEvent::Retrying(e)) => {
             task.not_before = Some(e.not_before);
             TaskState::Pending

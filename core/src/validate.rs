@@ -60,6 +60,10 @@ pub struct SubmitTask {
     pub timeout_seconds: Option<i64>,
     #[serde(default)]
     pub retry: Option<RetryRequest>,
+    /// Higher runs first (-1000 to 1000, default 0); equal priorities share
+    /// capacity fairly between projects.
+    #[serde(default)]
+    pub priority: Option<i64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
@@ -185,6 +189,14 @@ pub fn repo_url(field: &str, url: &str) -> Result<(), FieldError> {
         return err("must not carry credentials: the platform holds them per repository host (see UD_GIT_CREDENTIALS_FILE)");
     }
     Ok(())
+}
+
+/// A task priority: -1000 to 1000.
+pub fn priority_value(p: i64) -> Result<i32, FieldError> {
+    match i32::try_from(p) {
+        Ok(v) if (-1000..=1000).contains(&v) => Ok(v),
+        _ => Err(FieldError::new("priority", "must be between -1000 and 1000")),
+    }
 }
 
 pub fn commit_id(field: &str, id: &str) -> Result<String, FieldError> {
@@ -314,6 +326,10 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
     if !(0..=limits::MAX_BACKOFF_SECONDS).contains(&retry.backoff_seconds) {
         e.add("retry.backoff_seconds", "must be between 0 and 86400");
     }
+    let priority = req.priority.unwrap_or(0);
+    if let Err(f) = priority_value(priority) {
+        e.0.push(f);
+    }
     match (e.0.is_empty(), project, code_commit, env_commit) {
         (true, Ok(project), Some(code_commit_id), Some(env_commit_id)) => Ok((
             project,
@@ -340,6 +356,7 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
                     max_attempts: u32::try_from(retry.max_attempts).unwrap_or(1),
                     backoff_seconds: u32::try_from(retry.backoff_seconds).unwrap_or(0),
                 },
+                priority: i32::try_from(priority).unwrap_or(0),
             },
         )),
         _ => Err(e.0),
@@ -378,6 +395,7 @@ pub(crate) mod tests {
             resources: ResourceRequest::default(),
             timeout_seconds: None,
             retry: None,
+            priority: None,
         }
     }
 

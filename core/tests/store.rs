@@ -27,6 +27,7 @@ pub fn request(project: &str) -> SubmitTask {
         resources: ResourceRequest::default(),
         timeout_seconds: Some(60),
         retry: None,
+        priority: None,
     }
 }
 

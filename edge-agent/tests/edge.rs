@@ -598,6 +598,50 @@ async fn failed_runs_are_retried_per_their_policy() -> Result<()> {
 }
 
 #[tokio::test]
+async fn pending_tasks_go_by_priority_then_projects_take_turns() -> Result<()> {
+    let mut s = Stack::start(Duration::from_secs(60)).await?;
+    let node = s.join("lambda", s.enroll("lambda").await?, Duration::from_millis(500)).await?;
+    let v = s.node_status(node.id, "online", Duration::from_secs(30)).await?;
+    // Every task takes the whole node, so they run one at a time.
+    let cpus = v["resources"]["cpu_millis"].as_f64().unwrap_or(1000.0) / 1000.0;
+    let task = |project: &str, script: &str| {
+        json!({
+            "project": project, "code_repo_url": "https://git.example.org/c.git",
+            "code_commit_id": "0123456789abcdef0123456789abcdef01234567",
+            "env_repo_url": "https://git.example.org/e.git", "env_commit_id": "0123456789abcdef0123456789abcdef01234567",
+            "dockerfile_path": "Dockerfile", "command": ["sh", "-c", script], "resources": {"cpus": cpus, "memory_mb": 64}
+        })
+    };
+    let blocker = s.submit_body(task("alpha", "sleep 3")).await?;
+    s.task_state(&blocker, &["running"], Duration::from_secs(60)).await?;
+    let a1 = s.submit_body(task("alpha", "true")).await?;
+    let a2 = s.submit_body(task("alpha", "true")).await?;
+    let a3 = s.submit_body(task("alpha", "true")).await?;
+    let b1 = s.submit_body(task("beta", "true")).await?;
+    s.post(&format!("/api/v1/tasks/{a3}/priority?wait=projected"), json!({"priority": 10})).await?;
+    assert_eq!(s.get(&format!("/api/v1/tasks/{a3}")).await?["priority"], 10);
+    let mut started = Vec::new();
+    for id in [&a1, &a2, &a3, &b1] {
+        s.task_state(id, &["succeeded"], Duration::from_secs(60)).await?;
+        let history = s.get(&format!("/api/v1/tasks/{id}/events")).await?;
+        let at = history.as_array().into_iter().flatten().find(|e| e["type"] == "task.assigned").and_then(|e| e["data"]["at"].as_i64());
+        started.push((at.unwrap_or(i64::MAX), id.clone()));
+    }
+    started.sort();
+    let order: Vec<String> = started.into_iter().map(|(_, id)| id).collect();
+    // a3 by priority; then beta, which alpha (served twice) owes a turn; then alpha's in order.
+    assert_eq!(order, vec![a3.clone(), b1, a1, a2], "priority first, then the projects take turns");
+    // Only a pending task's priority can change; bad values are named.
+    let resp = s.http.post(format!("{}/api/v1/tasks/{a3}/priority", s.base)).bearer_auth(&s.admin).json(&json!({"priority": 5})).send().await?;
+    assert_eq!(resp.status(), reqwest::StatusCode::CONFLICT);
+    let resp = s.http.post(format!("{}/api/v1/tasks/{blocker}/priority", s.base)).bearer_auth(&s.admin).json(&json!({"priority": 5000})).send().await?;
+    assert_eq!(resp.status(), reqwest::StatusCode::BAD_REQUEST);
+    assert!(resp.text().await?.contains("priority"));
+    node.agent.abort();
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_restarted_agent_adopts_its_running_container() -> Result<()> {
     let mut s = Stack::start(Duration::from_secs(60)).await?;
     let token = s.enroll("delta").await?;

@@ -71,6 +71,8 @@ pub struct TaskView {
     /// Why a pending task is not placed yet, as the scheduler last said
     /// (null once placed, and before the scheduler has looked at it).
     pub waiting_reason: Option<String>,
+    /// Current priority: higher first; equal priorities share capacity fairly between projects.
+    pub priority: i32,
     pub exit_code: Option<i32>,
     pub reason: Option<String>,
     pub submitted_by: String,
@@ -94,6 +96,7 @@ impl From<TaskRow> for TaskView {
             prepared: r.prepared,
             preparing: r.preparing,
             waiting_reason: r.waiting_reason,
+            priority: r.priority,
             exit_code: r.exit_code,
             reason: r.reason,
             submitted_by: r.submitted_by,
@@ -209,6 +212,37 @@ pub async fn cancel(
     let accepted = state
         .commands
         .cancel(id, &reason, &caller.actor(), |p| caller.may_see(p.as_str()))
+        .await?;
+    Ok(respond_accepted(&state, accepted, wait, StatusCode::ACCEPTED).await)
+}
+
+#[derive(Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PriorityRequest {
+    /// -1000 to 1000; higher first.
+    pub priority: i64,
+}
+
+/// Change the priority of a pending task.
+#[utoipa::path(post, path = "/api/v1/tasks/{id}/priority", tag = "tasks",
+    params(("id" = String, Path), WriteParams),
+    request_body = PriorityRequest,
+    responses((status = 202, body = Accepted), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "not pending any more, or changed concurrently", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn priority(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(params): Query<WriteParams>,
+    crate::body::JsonBody(req): crate::body::JsonBody<PriorityRequest>,
+) -> Result<Response, ApiError> {
+    let wait = params.wants_projection()?;
+    let id = parse_task_id(&id)?;
+    let priority = ud_core::validate::priority_value(req.priority).map_err(|f| ApiError::field(&f.field, &f.reason))?;
+    let accepted = state
+        .commands
+        .execute(id, ud_core::task::TaskCommand::Reprioritize { priority }, &caller.actor(), |p| caller.may_see(p.as_str()))
         .await?;
     Ok(respond_accepted(&state, accepted, wait, StatusCode::ACCEPTED).await)
 }

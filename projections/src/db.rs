@@ -128,7 +128,7 @@ pub(crate) async fn record_error(
 }
 
 const TASK_COLS: &str = "id, project, name, state, node_id, attempt, spec, exit_code, reason, submitted_by, \
-                         submitted_at, updated_at, finished_at, version, last_seq, prepared, preparing, waiting_reason";
+                         submitted_at, updated_at, finished_at, version, last_seq, prepared, preparing, waiting_reason, priority";
 
 pub(crate) fn task_from_row(r: &tokio_postgres::Row) -> TaskRow {
     TaskRow {
@@ -150,6 +150,7 @@ pub(crate) fn task_from_row(r: &tokio_postgres::Row) -> TaskRow {
         prepared: r.get(15),
         preparing: r.get(16),
         waiting_reason: r.get(17),
+        priority: r.get(18),
     }
 }
 
@@ -185,12 +186,13 @@ pub(crate) async fn upsert_tasks(c: &impl GenericClient, rows: &[TaskRow]) -> Re
     let prepared: Vec<Option<&serde_json::Value>> = rows.iter().map(|r| r.prepared.as_ref()).collect();
     let preparing: Vec<Option<&serde_json::Value>> = rows.iter().map(|r| r.preparing.as_ref()).collect();
     let waiting: Vec<Option<&str>> = rows.iter().map(|r| r.waiting_reason.as_deref()).collect();
+    let priority: Vec<i32> = rows.iter().map(|r| r.priority).collect();
     c.execute(
         &format!(
             "INSERT INTO tasks ({TASK_COLS})
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::uuid[], $6::int4[],
                                   $7::jsonb[], $8::int4[], $9::text[], $10::text[], $11::timestamptz[],
-                                  $12::timestamptz[], $13::timestamptz[], $14::int8[], $15::int8[], $16::jsonb[], $17::jsonb[], $18::text[])
+                                  $12::timestamptz[], $13::timestamptz[], $14::int8[], $15::int8[], $16::jsonb[], $17::jsonb[], $18::text[], $19::int4[])
              ON CONFLICT (id) DO UPDATE SET
                project = EXCLUDED.project, name = EXCLUDED.name, state = EXCLUDED.state,
                node_id = EXCLUDED.node_id, attempt = EXCLUDED.attempt, spec = EXCLUDED.spec,
@@ -198,11 +200,12 @@ pub(crate) async fn upsert_tasks(c: &impl GenericClient, rows: &[TaskRow]) -> Re
                submitted_by = EXCLUDED.submitted_by, submitted_at = EXCLUDED.submitted_at,
                updated_at = EXCLUDED.updated_at, finished_at = EXCLUDED.finished_at,
                version = EXCLUDED.version, last_seq = EXCLUDED.last_seq, prepared = EXCLUDED.prepared,
-               preparing = EXCLUDED.preparing, waiting_reason = EXCLUDED.waiting_reason"
+               preparing = EXCLUDED.preparing, waiting_reason = EXCLUDED.waiting_reason,
+               priority = EXCLUDED.priority"
         ),
         &[
             &ids, &project, &name, &state, &node, &attempt, &spec, &exit, &reason, &by, &sub_at, &upd_at, &fin_at,
-            &version, &last_seq, &prepared, &preparing, &waiting,
+            &version, &last_seq, &prepared, &preparing, &waiting, &priority,
         ],
     )
     .await?;

@@ -23,6 +23,8 @@ pub struct TaskRow {
     pub preparing: Option<serde_json::Value>,
     /// Why the task, pending, is not placed yet (task.waiting).
     pub waiting_reason: Option<String>,
+    /// Current priority (higher first).
+    pub priority: i32,
     pub exit_code: Option<i32>,
     pub reason: Option<String>,
     pub submitted_by: String,
@@ -61,6 +63,7 @@ pub fn apply_task(
                 prepared: None,
                 preparing: None,
                 waiting_reason: None,
+                priority: e.spec.priority,
                 exit_code: None,
                 reason: None,
                 submitted_by: actor.to_owned(),
@@ -84,7 +87,7 @@ pub fn apply_task(
     if !matches!(event, TaskEvent::Preparing(_) | TaskEvent::Prepared(_) | TaskEvent::CancelRequested(_)) {
         row.preparing = None;
     }
-    if !matches!(event, TaskEvent::Waiting(_)) {
+    if !matches!(event, TaskEvent::Waiting(_) | TaskEvent::Reprioritized(_)) {
         row.waiting_reason = None;
     }
     match event {
@@ -97,6 +100,9 @@ pub fn apply_task(
             row.node_id = Some(e.node_id);
             row.attempt = i32::try_from(e.attempt).unwrap_or(i32::MAX);
             row.reason = None;
+        }
+        TaskEvent::Reprioritized(e) => {
+            row.priority = e.priority;
         }
         TaskEvent::Retrying(e) => {
             row.state = "pending".into();

@@ -41,6 +41,7 @@ fn spec() -> ud_schemas::TaskSpec {
         resources: Default::default(),
         timeout_seconds: None,
         retry: None,
+        priority: None,
     };
     ud_core::validate::submit_task(&req).map(|(_, s)| s).unwrap_or_else(|e| unreachable!("{e:?}"))
 }

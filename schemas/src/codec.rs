@@ -163,6 +163,7 @@ pub fn decode_event(subject: &str, version: u16, payload: &[u8]) -> Result<Event
                 "timed_out" => TaskEvent::TimedOut(from_cbor(payload, t, v)?),
                 "lost" => TaskEvent::Lost(from_cbor(payload, t, v)?),
                 "retrying" => TaskEvent::Retrying(from_cbor(payload, t, v)?),
+                "reprioritized" => TaskEvent::Reprioritized(from_cbor(payload, t, v)?),
                 "cancel_requested" => TaskEvent::CancelRequested(from_cbor(payload, t, v)?),
                 "cancelled" => TaskEvent::Cancelled(from_cbor(payload, t, v)?),
                 other => return Err(CodecError::UnknownType { kind: "task", name: other.to_owned() }),

@@ -24,6 +24,7 @@ pub enum TaskEvent {
     TimedOut(TaskTimedOut),
     Lost(TaskLost),
     Retrying(TaskRetrying),
+    Reprioritized(TaskReprioritized),
     CancelRequested(TaskCancelRequested),
     Cancelled(TaskCancelled),
 }
@@ -63,6 +64,13 @@ pub struct TaskRetrying {
     pub exit_code: Option<i32>,
     pub reason: String,
     pub not_before: Millis,
+}
+
+/// The priority of a pending task was changed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskReprioritized {
+    pub at: Millis,
+    pub priority: i32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -258,6 +266,7 @@ impl TaskEvent {
             Self::TimedOut(_) => "timed_out",
             Self::Lost(_) => "lost",
             Self::Retrying(_) => "retrying",
+            Self::Reprioritized(_) => "reprioritized",
             Self::CancelRequested(_) => "cancel_requested",
             Self::Cancelled(_) => "cancelled",
         }
@@ -275,6 +284,7 @@ impl TaskEvent {
             Self::TimedOut(e) => e.at,
             Self::Lost(e) => e.at,
             Self::Retrying(e) => e.at,
+            Self::Reprioritized(e) => e.at,
             Self::CancelRequested(e) => e.at,
             Self::Cancelled(e) => e.at,
         }

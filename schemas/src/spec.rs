@@ -20,6 +20,9 @@ pub struct TaskSpec {
     pub resources: Resources,
     pub timeout_seconds: u64,
     pub retry: RetryPolicy,
+    /// Higher first; equal priorities share capacity fairly between projects.
+    #[serde(default)]
+    pub priority: i32,
 }
 
 /// Resources a task requests. CPUs are in thousandths of a core.

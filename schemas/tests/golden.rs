@@ -47,6 +47,7 @@ fn spec() -> TaskSpec {
         },
         timeout_seconds: 3600,
         retry: RetryPolicy { max_attempts: 3, backoff_seconds: 30 },
+        priority: 0,
     }
 }
 
@@ -67,6 +68,7 @@ fn fixtures_v1() -> Vec<(&'static str, Event)> {
             steps: vec![PrepareStep { name: "fetch_code".into(), millis: 12 }, PrepareStep { name: "build_image".into(), millis: 3400 }],
             gpus: vec![GpuInUse { model: "A100".into(), driver: "550.54".into() }],
         }))),
+        ("task-reprioritized", Event::Task(t, TaskEvent::Reprioritized(TaskReprioritized { at: AT, priority: 10 }))),
         ("task-retrying", Event::Task(t, TaskEvent::Retrying(TaskRetrying { at: AT, attempt: 1, exit_code: Some(3), reason: "exited with code 3".into(), not_before: AT + 30_000 }))),
         ("task-lost", Event::Task(t, TaskEvent::Lost(TaskLost { at: AT, node_id: n, attempt: 1, reason: "node went offline".into() }))),
         ("task-started", Event::Task(t, TaskEvent::Started(TaskStarted { at: AT, node_id: n, attempt: 1 }))),

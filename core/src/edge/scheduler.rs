@@ -51,6 +51,43 @@ pub fn first_fit<'a>(nodes: impl Iterator<Item = &'a Node>, usage: &HashMap<Node
         .map(|n| n.id)
 }
 
+/// One pending task as the queue sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Queued<'a> {
+    pub id: TaskId,
+    pub priority: i32,
+    pub project: &'a str,
+    /// Stream sequence of its submission (or of its return to pending).
+    pub seq: u64,
+    /// Tasks of its project assigned or running now.
+    pub live: usize,
+    /// When its project was last given a node (a rising counter; 0: never).
+    pub served: u64,
+}
+
+/// The order pending tasks are considered in: higher priority first; within
+/// a priority, projects take turns — a project's k-th waiting task goes
+/// after every other project's (k-1)-th, counting what each project runs
+/// now, and of equal turns the project served least recently goes first —
+/// so one project's 10,000 submissions do not starve another project's one.
+/// Each project's tasks keep their submission order.
+pub fn fair_order(tasks: &[Queued<'_>]) -> Vec<TaskId> {
+    use std::collections::BTreeMap;
+    let mut by_level: BTreeMap<(std::cmp::Reverse<i32>, &str), Vec<&Queued<'_>>> = BTreeMap::new();
+    for t in tasks {
+        by_level.entry((std::cmp::Reverse(t.priority), t.project)).or_default().push(t);
+    }
+    // (priority, turn, when the project was served, its first sequence, sequence)
+    let mut keyed: Vec<(std::cmp::Reverse<i32>, usize, u64, u64, u64, TaskId)> = Vec::with_capacity(tasks.len());
+    for ((priority, _), mut list) in by_level {
+        list.sort_by_key(|t| t.seq);
+        let first = list.first().map_or(0, |t| t.seq);
+        keyed.extend(list.iter().enumerate().map(|(turn, t)| (priority, t.live + turn, t.served, first, t.seq, t.id)));
+    }
+    keyed.sort();
+    keyed.into_iter().map(|k| k.5).collect()
+}
+
 /// Why a request is not placed now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Unplaced {
@@ -173,6 +210,9 @@ struct Controller {
     applied: HashMap<String, u64>,
     /// Runs lost with their node, by node: stopped if the node comes back.
     lost: HashMap<NodeId, Vec<TaskId>>,
+    /// When each project was last given a node (see `fair_order`).
+    served: HashMap<String, u64>,
+    serve_counter: u64,
     /// Why tasks wait, written in order by one background writer.
     verdicts: mpsc::UnboundedSender<(TaskId, TaskCommand)>,
 }
@@ -243,25 +283,33 @@ impl Controller {
 
     async fn schedule(&mut self) {
         let now = now_millis();
-        let mut pending: Vec<(u64, TaskId)> = self
+        let mut live: HashMap<&str, usize> = HashMap::new();
+        for t in self.cluster.tasks.values().filter(|t| t.task.state.live_node().is_some()) {
+            *live.entry(t.task.project.as_str()).or_default() += 1;
+        }
+        let queued: Vec<Queued<'_>> = self
             .cluster
             .tasks
             .iter()
             .filter(|(id, t)| t.task.state == TaskState::Pending && !self.inflight.contains_key(id))
             // A retry waits out its backoff (the periodic tick picks it up).
             .filter(|(_, t)| t.task.not_before.is_none_or(|at| at <= now))
-            .map(|(id, t)| (t.seq, *id))
+            .map(|(id, t)| {
+                let project = t.task.project.as_str();
+                let (live, served) = (live.get(project).copied().unwrap_or(0), self.served.get(project).copied().unwrap_or(0));
+                Queued { id: *id, priority: t.task.spec.priority, project, seq: t.queued_at, live, served }
+            })
             .collect();
-        if pending.is_empty() {
+        if queued.is_empty() {
             return;
         }
-        pending.sort();
+        let pending = fair_order(&queued);
         let mut usage = self.usage();
         let online: Vec<Node> = self.cluster.online().map(|e| e.node.clone()).collect();
         let caught_up = self.targets.iter().all(|(s, t)| self.applied.get(s).copied().unwrap_or(0) >= *t);
         let mut explained: HashMap<Resources, Unplaced> = HashMap::new();
         let mut verdicts = Vec::new();
-        for (_, id) in pending {
+        for id in pending {
             let Some(entry) = self.cluster.tasks.get(&id) else { continue };
             let spec = entry.task.spec.clone();
             let Some(node) = first_fit(online.iter(), &usage, &spec.resources) else {
@@ -287,6 +335,8 @@ impl Controller {
                     info!(task_id = %id, node_id = %node, attempt, "task assigned");
                     add(&mut usage, node, &spec);
                     self.inflight.insert(id, node);
+                    self.serve_counter += 1;
+                    self.served.insert(entry.task.project.to_string(), self.serve_counter);
                     self.send_run(node, id, attempt, &spec).await;
                 }
                 Err(CommandError::Conflict | CommandError::Rejected(_)) => {}
@@ -417,6 +467,8 @@ pub async fn run(commands: TaskCommands, settings: ControllerSettings) {
         cluster: Cluster::default(),
         inflight: HashMap::new(),
         waiting: HashMap::new(),
+        served: HashMap::new(),
+        serve_counter: 0,
         targets,
         applied: HashMap::new(),
         lost: HashMap::new(),
@@ -477,6 +529,59 @@ mod tests {
 
     fn req(cpu: u32, mem: u64, gpus: u32) -> Resources {
         Resources { cpu_millis: cpu, memory_mb: mem, gpus, gpu_model: None, labels: BTreeMap::new() }
+    }
+
+    proptest! {
+        #[test]
+        fn fair_order_puts_priority_first_and_lets_projects_take_turns(
+            items in proptest::collection::vec((0i32..3, 0usize..4, 0u64..1000), 0..60)
+        ) {
+            let projects = ["a", "b", "c", "d"];
+            let tasks: Vec<Queued<'_>> = items.iter().enumerate()
+                .map(|(i, (p, proj, seq))| Queued { id: TaskId::new(), priority: *p, project: projects[*proj], seq: seq * 100 + i as u64, live: 0, served: 0 })
+                .collect();
+            let order = fair_order(&tasks);
+            // A permutation.
+            prop_assert_eq!(order.len(), tasks.len());
+            let pos: HashMap<TaskId, usize> = order.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+            prop_assert_eq!(pos.len(), tasks.len());
+            for a in &tasks {
+                for b in &tasks {
+                    let (pa, pb) = (pos[&a.id], pos[&b.id]);
+                    // Higher priority first.
+                    if a.priority > b.priority { prop_assert!(pa < pb); }
+                    // Within a project and priority, submission order.
+                    if a.priority == b.priority && a.project == b.project && a.seq < b.seq { prop_assert!(pa < pb); }
+                }
+            }
+            // Turns: at one priority, a project's (k+1)-th task never comes
+            // before another project's k-th.
+            for a in &tasks {
+                for b in &tasks {
+                    if a.priority != b.priority || a.project == b.project { continue; }
+                    let turn = |t: &Queued<'_>| tasks.iter().filter(|u| u.priority == t.priority && u.project == t.project && u.seq < t.seq).count();
+                    if turn(a) < turn(b) { prop_assert!(pos[&a.id] < pos[&b.id]); }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn one_projects_flood_does_not_starve_another() {
+        let mut tasks: Vec<Queued<'_>> = (0..10_000).map(|i| Queued { id: TaskId::new(), priority: 0, project: "big", seq: i, live: 0, served: 0 }).collect();
+        let small = TaskId::new();
+        tasks.push(Queued { id: small, priority: 0, project: "small", seq: 20_000, live: 0, served: 0 });
+        let order = fair_order(&tasks);
+        assert_eq!(order.iter().position(|id| *id == small), Some(1));
+        // A project that runs many now, or was served more recently, waits its turn.
+        for t in tasks.iter_mut().filter(|t| t.project == "big") {
+            t.live = 3;
+        }
+        assert_eq!(fair_order(&tasks).first(), Some(&small));
+        for t in tasks.iter_mut() {
+            (t.live, t.served) = (0, if t.project == "big" { 7 } else { 3 });
+        }
+        assert_eq!(fair_order(&tasks).first(), Some(&small));
     }
 
     #[test]

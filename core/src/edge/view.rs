@@ -25,6 +25,9 @@ pub struct NodeEntry {
 pub struct TaskEntry {
     pub task: Task,
     pub seq: u64,
+    /// Sequence at which it last became pending (submitted, lost, retried):
+    /// its place in the queue, which notes such as `waiting` do not change.
+    pub queued_at: u64,
 }
 
 #[derive(Default)]
@@ -54,10 +57,16 @@ impl Cluster {
             }
             Event::Task(id, e) => {
                 let prev = self.tasks.remove(id);
+                let (prev_state, prev_queued) = (prev.as_ref().map(|p| p.task.state.clone()), prev.as_ref().map(|p| p.queued_at));
                 if let Some(t) = task::evolve(prev.map(|p| p.task), *id, e) {
                     // Finished tasks hold no resources and need no decisions.
                     if !t.state.is_terminal() {
-                        self.tasks.insert(*id, TaskEntry { task: t, seq: u.seq });
+                        let was_pending = prev_state.as_ref().is_some_and(|s| *s == task::TaskState::Pending);
+                        let queued_at = match prev_queued {
+                            Some(q) if was_pending && t.state == task::TaskState::Pending => q,
+                            _ => u.seq,
+                        };
+                        self.tasks.insert(*id, TaskEntry { task: t, seq: u.seq, queued_at });
                     }
                 }
             }

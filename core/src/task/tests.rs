@@ -19,6 +19,7 @@ pub(crate) fn spec() -> TaskSpec {
         resources: Resources { cpu_millis: 1000, memory_mb: 512, gpus: 0, gpu_model: None, labels: BTreeMap::new() },
         timeout_seconds: 60,
         retry: RetryPolicy { max_attempts: 1, backoff_seconds: 0 },
+        priority: 0,
     }
 }
 
