@@ -663,7 +663,7 @@ async fn a_restarted_agent_adopts_its_running_container() -> Result<()> {
 }
 
 #[tokio::test]
-async fn two_main_servers_mark_a_silent_node_offline_once() -> Result<()> {
+async fn two_main_servers_assign_each_task_once_and_mark_a_silent_node_offline_once() -> Result<()> {
     let mut s = Stack::start(Duration::from_secs(2)).await?;
     // A second main-server instance on the same hub and database: its own
     // ingest, liveness and scheduler, no projectors, no hub reconciler.
@@ -689,6 +689,17 @@ async fn two_main_servers_mark_a_silent_node_offline_once() -> Result<()> {
     let node = s.join("epsilon", token, Duration::from_millis(300)).await?;
     s.node_status(node.id, "online", Duration::from_secs(30)).await?;
     let store = s.server.state.commands.store().clone();
+    // Both schedulers see every task: the stream's concurrency check lets one assign it.
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(s.submit("true", 60).await?);
+    }
+    for id in &ids {
+        let done = s.task_state(id, &["succeeded", "failed"], Duration::from_secs(60)).await?;
+        assert_eq!(done["state"], "succeeded", "{done}");
+        let assigned = store.read_subject(ud_schemas::streams::TASKS, &format!("ud.task.{id}.assigned")).await?.len();
+        assert_eq!(assigned, 1, "task {id} assigned {assigned} times");
+    }
     let mut offline = store.client().subscribe(format!("ud.node.{}.offline", node.id)).await?;
     node.agent.abort();
     tokio::time::timeout(Duration::from_secs(30), offline.next()).await?.ok_or_else(|| anyhow!("no offline"))?;
