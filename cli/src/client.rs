@@ -332,6 +332,22 @@ pub async fn node(c: NodeCommand) -> Result<()> {
     Ok(())
 }
 
+#[derive(Subcommand)]
+pub enum ProjectCommand {
+    /// Cancel every unfinished task of a project.
+    Cancel(CancelArgs),
+}
+
+pub async fn project(c: ProjectCommand) -> Result<()> {
+    match c {
+        ProjectCommand::Cancel(a) => {
+            let api = Api::new(a.api);
+            print(&api.post(&format!("/api/v1/projects/{}/cancel", a.id), &json!({"reason": a.reason})).await?);
+        }
+    }
+    Ok(())
+}
+
 async fn scheduling(a: CancelArgs, action: &str) -> Result<()> {
     let api = Api::new(a.api);
     let v = api.post(&format!("/api/v1/nodes/{}/{action}", a.id), &json!({"reason": a.reason})).await?;

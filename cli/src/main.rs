@@ -32,9 +32,12 @@ enum Command {
     /// Compute nodes.
     #[command(subcommand)]
     Node(client::NodeCommand),
-    /// One task's output.
+    /// One task's output, rerun, priority.
     #[command(subcommand)]
     Task(client::TaskCommand),
+    /// Whole projects.
+    #[command(subcommand)]
+    Project(client::ProjectCommand),
     /// API tokens.
     #[command(subcommand)]
     Token(client::TokenCommand),
@@ -78,6 +81,7 @@ async fn main() -> std::process::ExitCode {
                 Command::Cancel(a) => client::cancel(a).await,
                 Command::Node(c) => client::node(c).await,
                 Command::Task(c) => client::task(c).await,
+                Command::Project(c) => client::project(c).await,
                 Command::Token(c) => client::token(c).await,
                 Command::Events(c) => ops::events(c).await,
                 Command::Projections(c) => ops::projections(c).await,

@@ -217,6 +217,55 @@ pub async fn cancel(
 }
 
 #[derive(Deserialize, Serialize, ToSchema)]
+pub struct ProjectCancelled {
+    /// Tasks a cancel was recorded for (pending ones end at once, running ones are stopped by their node).
+    pub cancelled: Vec<String>,
+    /// Tasks that finished meanwhile.
+    pub skipped: Vec<String>,
+}
+
+/// Cancel every unfinished task of a project (as the read model has them now).
+#[utoipa::path(post, path = "/api/v1/projects/{project}/cancel", tag = "tasks",
+    params(("project" = String, Path)),
+    request_body(content = Option<CancelRequest>),
+    responses((status = 200, body = ProjectCancelled), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn cancel_project(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(project): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<ProjectCancelled>, ApiError> {
+    if !caller.may_see(&project) {
+        return Err(ApiError::not_found("project"));
+    }
+    let req: CancelRequest = if body.is_empty() { CancelRequest::default() } else { crate::body::parse(&body)? };
+    let reason = req.reason.unwrap_or_else(|| format!("project {project} cancelled by {}", caller.actor()));
+    if reason.len() > 1000 {
+        return Err(ApiError::field("reason", "longer than 1000 bytes"));
+    }
+    let ids = {
+        let client = state.db.client().await?;
+        ud_projections::db::unfinished_tasks(&client, &project).await?
+    };
+    let mut out = ProjectCancelled { cancelled: Vec::new(), skipped: Vec::new() };
+    let mut last = 0;
+    for id in ids {
+        match state.commands.cancel(id, &reason, &caller.actor(), |p| p.as_str() == project).await {
+            Ok(a) => {
+                last = last.max(a.seq);
+                out.cancelled.push(id.to_string());
+            }
+            Err(ud_core::CommandError::Rejected(_) | ud_core::CommandError::NotFound) => out.skipped.push(id.to_string()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // Read your writes: the answer comes once the read models show the cancels.
+    state.projected.wait(ud_schemas::streams::TASKS, last, WAIT_PROJECTED).await;
+    Ok(Json(out))
+}
+
+#[derive(Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PriorityRequest {
     /// -1000 to 1000; higher first.

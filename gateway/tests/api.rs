@@ -227,6 +227,42 @@ async fn list_filters_and_pages() -> Result<()> {
 }
 
 #[tokio::test]
+async fn cancelling_a_project_cancels_its_unfinished_tasks_only() -> Result<()> {
+    let s = Stack::start().await?;
+    let token = s.token(&["lab", "other"]).await?;
+    let outsider = s.token(&["other"]).await?;
+    let submit = |project: &'static str| {
+        let (http, url, token) = (s.http.clone(), s.url("/api/v1/tasks?wait=projected"), token.clone());
+        async move {
+            let v: Value = http.post(url).bearer_auth(&token).json(&task(project)).send().await?.json().await?;
+            anyhow::Ok(v["task_id"].as_str().unwrap_or_default().to_owned())
+        }
+    };
+    let lab: Vec<String> = vec![submit("lab").await?, submit("lab").await?, submit("lab").await?];
+    let kept = submit("other").await?;
+    // One of them has finished already.
+    s.http.post(s.url(&format!("/api/v1/tasks/{}/cancel?wait=projected", lab[0]))).bearer_auth(&token).send().await?.error_for_status()?;
+    // A token of another project cannot.
+    let resp = s.http.post(s.url("/api/v1/projects/lab/cancel")).bearer_auth(&outsider).send().await?;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    let resp = s.http.post(s.url("/api/v1/projects/lab/cancel")).bearer_auth(&token).json(&serde_json::json!({"reason": "budget"})).send().await?;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let out: Value = resp.json().await?;
+    let mut cancelled: Vec<String> = out["cancelled"].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(str::to_owned)).collect();
+    cancelled.sort();
+    let mut expected = lab[1..].to_vec();
+    expected.sort();
+    assert_eq!(cancelled, expected);
+    for id in &lab[1..] {
+        let t: Value = s.http.get(s.url(&format!("/api/v1/tasks/{id}"))).bearer_auth(&token).send().await?.json().await?;
+        assert_eq!((t["state"].as_str(), t["reason"].as_str()), (Some("cancelled"), Some("budget")), "{t}");
+    }
+    let t: Value = s.http.get(s.url(&format!("/api/v1/tasks/{kept}"))).bearer_auth(&token).send().await?.json().await?;
+    assert_eq!(t["state"], "pending");
+    Ok(())
+}
+
+#[tokio::test]
 async fn concurrent_cancels_one_wins_the_rest_get_409() -> Result<()> {
     let s = Stack::start().await?;
     let token = s.token(&["lab"]).await?;

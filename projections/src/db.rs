@@ -361,6 +361,17 @@ pub async fn list_tasks(c: &impl GenericClient, f: &TaskFilter) -> Result<Vec<Ta
     Ok(rows.iter().map(task_from_row).collect())
 }
 
+/// Ids of a project's tasks that have not finished, oldest first.
+pub async fn unfinished_tasks(c: &impl GenericClient, project: &str) -> Result<Vec<TaskId>, ProjectionError> {
+    let rows = c
+        .query(
+            "SELECT id FROM tasks WHERE project = $1 AND state NOT IN ('succeeded', 'failed', 'timed_out', 'cancelled') ORDER BY id",
+            &[&project],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| TaskId(r.get(0))).collect())
+}
+
 pub async fn get_node(c: &impl GenericClient, id: NodeId) -> Result<Option<NodeRow>, ProjectionError> {
     let row = c
         .query_opt(&format!("SELECT {NODE_COLS} FROM nodes WHERE id = $1"), &[&id.0])
