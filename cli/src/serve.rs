@@ -77,6 +77,9 @@ pub struct ServeArgs {
     /// Seconds between a cancel's graceful signal and the kill.
     #[arg(long, env = "UD_CANCEL_GRACE_SECONDS", default_value_t = 10)]
     pub cancel_grace_seconds: u32,
+    /// How tasks choose among the nodes they fit on: pack (fullest first) or spread (emptiest first).
+    #[arg(long, env = "UD_PLACEMENT", default_value = "pack")]
+    pub placement: ud_core::edge::scheduler::Placement,
     /// JSON file of repository credentials per host, handed to nodes for their fetches only.
     #[arg(long, env = "UD_GIT_CREDENTIALS_FILE")]
     pub git_credentials_file: Option<std::path::PathBuf>,
@@ -118,6 +121,7 @@ fn edge_config(args: &ServeArgs) -> Result<Option<server::EdgeConfig>> {
             heartbeat_timeout: timeout,
             check_interval: (timeout / 90).max(std::time::Duration::from_millis(100)),
             cancel_grace_seconds: args.cancel_grace_seconds,
+            placement: args.placement,
         },
         git_credentials,
     }))

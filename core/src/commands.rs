@@ -182,6 +182,24 @@ impl TaskCommands {
         actor: &str,
         may_see: impl Fn(&ProjectId) -> bool,
     ) -> Result<Accepted, CommandError> {
+        // A concurrent change (often only a note such as `waiting`) means:
+        // read the task again and decide again; three tries, then 409.
+        let mut tries = 0;
+        loop {
+            match self.execute_once(id, command.clone(), actor, &may_see).await {
+                Err(CommandError::Conflict) if tries < 2 => tries += 1,
+                other => return other,
+            }
+        }
+    }
+
+    async fn execute_once(
+        &self,
+        id: TaskId,
+        command: TaskCommand,
+        actor: &str,
+        may_see: &impl Fn(&ProjectId) -> bool,
+    ) -> Result<Accepted, CommandError> {
         let Some((task, last_seq)) = self.store.load_task(&id).await? else {
             return Err(CommandError::NotFound);
         };

@@ -82,6 +82,9 @@ pub struct ResourceRequest {
     /// Labels a node must carry.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Labels a node should carry: such a node is chosen when it has room.
+    #[serde(default)]
+    pub preferred_labels: BTreeMap<String, String>,
 }
 
 fn one() -> f64 {
@@ -93,7 +96,7 @@ fn default_memory() -> i64 {
 
 impl Default for ResourceRequest {
     fn default() -> Self {
-        Self { cpus: 1.0, memory_mb: 1024, gpus: 0, gpu_model: None, labels: BTreeMap::new() }
+        Self { cpus: 1.0, memory_mb: 1024, gpus: 0, gpu_model: None, labels: BTreeMap::new(), preferred_labels: BTreeMap::new() }
     }
 }
 
@@ -310,9 +313,11 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
     if r.labels.len() > limits::MAX_LABELS {
         e.add("resources.labels", "more than 64 labels");
     }
-    for (k, v) in &r.labels {
-        if !label_key(k) || v.len() > 63 {
-            e.add(format!("resources.labels.{k}"), "keys are 1-63 of [A-Za-z0-9-_./], values at most 63 bytes");
+    for (field, labels) in [("labels", &r.labels), ("preferred_labels", &r.preferred_labels)] {
+        for (k, v) in labels {
+            if !label_key(k) || v.len() > 63 {
+                e.add(format!("resources.{field}.{k}"), "keys are 1-63 of [A-Za-z0-9-_./], values at most 63 bytes");
+            }
         }
     }
     let timeout = req.timeout_seconds.unwrap_or(limits::DEFAULT_TIMEOUT_SECONDS);
@@ -350,6 +355,7 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
                     gpus: u32::try_from(r.gpus).unwrap_or(0),
                     gpu_model: r.gpu_model.clone(),
                     labels: r.labels.clone(),
+                    preferred_labels: r.preferred_labels.clone(),
                 },
                 timeout_seconds: timeout.unsigned_abs(),
                 retry: RetryPolicy {

@@ -33,6 +33,9 @@ pub struct Resources {
     pub gpus: u32,
     pub gpu_model: Option<String>,
     pub labels: BTreeMap<String, String>,
+    /// Labels a node should carry: placed there when such a node has room.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub preferred_labels: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

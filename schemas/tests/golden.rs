@@ -44,6 +44,7 @@ fn spec() -> TaskSpec {
             gpus: 1,
             gpu_model: Some("A100".into()),
             labels: BTreeMap::from([("zone".into(), "lab2".into())]),
+            preferred_labels: BTreeMap::new(),
         },
         timeout_seconds: 3600,
         retry: RetryPolicy { max_attempts: 3, backoff_seconds: 30 },

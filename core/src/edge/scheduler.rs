@@ -41,13 +41,46 @@ pub fn fits(node: &Node, used: Usage, req: &Resources) -> bool {
         && used.gpus + u64::from(req.gpus) <= res.gpus.len() as u64
 }
 
-/// The first online node (by id, for stable choices) the request fits on.
-pub fn first_fit<'a>(nodes: impl Iterator<Item = &'a Node>, usage: &HashMap<NodeId, Usage>, req: &Resources) -> Option<NodeId> {
-    let mut candidates: Vec<&Node> = nodes.collect();
-    candidates.sort_by_key(|n| n.id);
-    candidates
-        .into_iter()
-        .find(|n| fits(n, usage.get(&n.id).copied().unwrap_or_default(), req))
+/// How a task chooses among the nodes it fits on (`UD_PLACEMENT`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Placement {
+    /// The fullest node that fits: keeps whole nodes free for large tasks.
+    #[default]
+    Pack,
+    /// The emptiest node: spreads load.
+    Spread,
+}
+
+impl std::str::FromStr for Placement {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "pack" => Ok(Self::Pack),
+            "spread" => Ok(Self::Spread),
+            other => Err(format!("placement {other:?} is not pack or spread")),
+        }
+    }
+}
+
+/// The node `req` goes to: among the nodes it fits on, the one carrying
+/// the most of its preferred labels, then the fullest (pack) or emptiest
+/// (spread) by CPU after placing it, then the lowest id (stable choices).
+pub fn place<'a>(nodes: impl Iterator<Item = &'a Node>, usage: &HashMap<NodeId, Usage>, req: &Resources, strategy: Placement) -> Option<NodeId> {
+    let used = |n: &Node| usage.get(&n.id).copied().unwrap_or_default();
+    nodes
+        .filter(|n| fits(n, used(n), req))
+        .max_by_key(|n| {
+            let preferred = req.preferred_labels.iter().filter(|(k, v)| n.labels.get(*k) == Some(*v)).count();
+            let total = n.resources.as_ref().map_or(1, |r| u64::from(r.cpu_millis).max(1));
+            let after = used(n).cpu_millis + u64::from(req.cpu_millis);
+            // Free share after placing, in thousandths.
+            let free = total.saturating_sub(after) * 1000 / total;
+            let fill = match strategy {
+                Placement::Pack => 1000 - free.min(1000),
+                Placement::Spread => free,
+            };
+            (preferred, fill, std::cmp::Reverse(n.id))
+        })
         .map(|n| n.id)
 }
 
@@ -193,6 +226,8 @@ pub struct ControllerSettings {
     pub check_interval: Duration,
     /// Seconds between a cancel's graceful signal and the kill.
     pub cancel_grace_seconds: u32,
+    /// Pack or spread tasks over the nodes they fit on.
+    pub placement: Placement,
 }
 
 struct Controller {
@@ -312,7 +347,7 @@ impl Controller {
         for id in pending {
             let Some(entry) = self.cluster.tasks.get(&id) else { continue };
             let spec = entry.task.spec.clone();
-            let Some(node) = first_fit(online.iter(), &usage, &spec.resources) else {
+            let Some(node) = place(online.iter(), &usage, &spec.resources, self.settings.placement) else {
                 if caught_up {
                     let why = explained
                         .entry(spec.resources.clone())
@@ -528,7 +563,7 @@ mod tests {
     }
 
     fn req(cpu: u32, mem: u64, gpus: u32) -> Resources {
-        Resources { cpu_millis: cpu, memory_mb: mem, gpus, gpu_model: None, labels: BTreeMap::new() }
+        Resources { cpu_millis: cpu, memory_mb: mem, gpus, gpu_model: None, labels: BTreeMap::new(), preferred_labels: BTreeMap::new() }
     }
 
     proptest! {
@@ -614,31 +649,51 @@ mod tests {
     }
 
     #[test]
+    fn preferred_labels_then_pack_or_spread_choose_among_fitting_nodes() {
+        let a = node(8000, 16000, 0, "a");
+        let b = node(8000, 16000, 0, "b");
+        let nodes = [a.clone(), b.clone()];
+        // b is half full: pack goes there, spread goes to a.
+        let usage = HashMap::from([(b.id, Usage { cpu_millis: 4000, memory_mb: 0, gpus: 0 })]);
+        assert_eq!(place(nodes.iter(), &usage, &req(1000, 1, 0), Placement::Pack), Some(b.id));
+        assert_eq!(place(nodes.iter(), &usage, &req(1000, 1, 0), Placement::Spread), Some(a.id));
+        // A preferred label outweighs both, while that node has room.
+        let mut prefers_a = req(1000, 1, 0);
+        prefers_a.preferred_labels.insert("zone".into(), "a".into());
+        assert_eq!(place(nodes.iter(), &usage, &prefers_a, Placement::Pack), Some(a.id));
+        let full_a = HashMap::from([(a.id, Usage { cpu_millis: 8000, memory_mb: 0, gpus: 0 })]);
+        assert_eq!(place(nodes.iter(), &full_a, &prefers_a, Placement::Pack), Some(b.id));
+        assert_eq!("spread".parse::<Placement>(), Ok(Placement::Spread));
+        assert!("random".parse::<Placement>().is_err());
+    }
+
+    #[test]
     fn labels_models_and_capacity_decide() {
         let small = node(1000, 1024, 0, "a");
         let gpu = node(8000, 65536, 2, "b");
         let nodes = [small.clone(), gpu.clone()];
         let none = HashMap::new();
-        assert_eq!(first_fit(nodes.iter(), &none, &req(4000, 1024, 0)), Some(gpu.id));
+        assert_eq!(place(nodes.iter(), &none, &req(4000, 1024, 0), Placement::Pack), Some(gpu.id));
         let mut zoned = req(500, 512, 0);
         zoned.labels.insert("zone".into(), "a".into());
-        assert_eq!(first_fit(nodes.iter(), &none, &zoned), Some(small.id));
+        assert_eq!(place(nodes.iter(), &none, &zoned, Placement::Pack), Some(small.id));
         let mut model = req(500, 512, 1);
         model.gpu_model = Some("H100".into());
-        assert_eq!(first_fit(nodes.iter(), &none, &model), None);
+        assert_eq!(place(nodes.iter(), &none, &model, Placement::Pack), None);
         let full = HashMap::from([(gpu.id, Usage { cpu_millis: 8000, memory_mb: 0, gpus: 0 })]);
-        assert_eq!(first_fit(nodes.iter(), &full, &req(4000, 1024, 0)), None);
+        assert_eq!(place(nodes.iter(), &full, &req(4000, 1024, 0), Placement::Pack), None);
     }
 
     proptest! {
         /// Placing tasks one after another never over-commits a node.
         #[test]
-        fn never_over_commits(reqs in proptest::collection::vec((1u32..4000, 1u64..8000, 0u32..3), 1..60)) {
+        fn never_over_commits(reqs in proptest::collection::vec((1u32..4000, 1u64..8000, 0u32..3), 1..60), spread in any::<bool>()) {
+            let strategy = if spread { Placement::Spread } else { Placement::Pack };
             let nodes = [node(8000, 16000, 2, "a"), node(4000, 8000, 0, "a"), node(16000, 32000, 4, "b")];
             let mut usage: HashMap<NodeId, Usage> = HashMap::new();
             for (cpu, mem, gpus) in reqs {
                 let r = req(cpu, mem, gpus);
-                if let Some(id) = first_fit(nodes.iter(), &usage, &r) {
+                if let Some(id) = place(nodes.iter(), &usage, &r, strategy) {
                     let u = usage.entry(id).or_default();
                     u.cpu_millis += u64::from(cpu);
                     u.memory_mb += mem;
