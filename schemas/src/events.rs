@@ -245,6 +245,7 @@ pub struct TokenRevoked {
 
 /// Any event, with the aggregate it belongs to.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)] // built once per command or event, never stored in bulk
 pub enum Event {
     Task(crate::TaskId, TaskEvent),
     Node(NodeId, NodeEvent),
