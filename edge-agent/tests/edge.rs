@@ -138,12 +138,31 @@ impl Stack {
     }
 
     async fn task_state(&mut self, id: &str, states: &'static [&'static str], timeout: Duration) -> Result<Value> {
+        self.task_until(id, &format!("task {id} in {states:?}"), timeout, move |v| v["state"].as_str().is_some_and(|s| states.contains(&s)))
+            .await
+    }
+
+    /// Submits `script`, waits for it to end and fails unless it succeeded.
+    async fn runs_ok(&mut self, script: &str, timeout_seconds: u64, wait: Duration) -> Result<Value> {
+        let id = self.submit(script, timeout_seconds).await?;
+        let done = self.task_state(&id, &["succeeded", "failed", "timed_out", "cancelled"], wait).await?;
+        if done["state"] != "succeeded" {
+            bail!("{script:?} did not succeed: {done}");
+        }
+        Ok(done)
+    }
+
+    /// Re-reads task `id` whenever a projector commits, until `check` holds for it.
+    async fn task_until<C>(&mut self, id: &str, what: &str, timeout: Duration, check: C) -> Result<Value>
+    where
+        C: Fn(&Value) -> bool + Clone,
+    {
         let (http, base, admin, id) = (self.http.clone(), self.base.clone(), self.admin.clone(), id.to_owned());
-        self.until(&format!("task {id} in {states:?}"), timeout, move || {
-            let (http, base, admin, id) = (http.clone(), base.clone(), admin.clone(), id.clone());
+        self.until(what, timeout, move || {
+            let (http, base, admin, id, check) = (http.clone(), base.clone(), admin.clone(), id.clone(), check.clone());
             async move {
                 let v: Value = http.get(format!("{base}/api/v1/tasks/{id}")).bearer_auth(&admin).send().await?.json().await?;
-                Ok(v["state"].as_str().is_some_and(|s| states.contains(&s)).then_some(v))
+                Ok(check(&v).then_some(v))
             }
         })
         .await
@@ -180,20 +199,20 @@ impl Stack {
     }
 
     async fn submit(&self, script: &str, timeout_seconds: u64) -> Result<String> {
-        let v = self
-            .post(
-                "/api/v1/tasks",
-                json!({
-                    "project": "lab", "code_repo_url": "https://git.example.org/c.git",
-                    "code_commit_id": "0123456789abcdef0123456789abcdef01234567",
-                    "env_repo_url": "https://git.example.org/e.git", "env_commit_id": "0123456789abcdef0123456789abcdef01234567",
-                    "dockerfile_path": "Dockerfile", "command": ["sh", "-c", script],
-                    "resources": {"cpus": 0.5, "memory_mb": 64}, "timeout_seconds": timeout_seconds
-                }),
-            )
-            .await?;
-        Ok(v["task_id"].as_str().unwrap_or_default().to_owned())
+        let mut body = task_body("lab", script, json!({"cpus": 0.5, "memory_mb": 64}));
+        body["timeout_seconds"] = json!(timeout_seconds);
+        self.submit_body(body).await
     }
+}
+
+/// A task of `project` running `sh -c script` (in the base image the test agents use).
+fn task_body(project: &str, script: &str, resources: Value) -> Value {
+    json!({
+        "project": project, "code_repo_url": "https://git.example.org/c.git",
+        "code_commit_id": "0123456789abcdef0123456789abcdef01234567",
+        "env_repo_url": "https://git.example.org/e.git", "env_commit_id": "0123456789abcdef0123456789abcdef01234567",
+        "dockerfile_path": "Dockerfile", "command": ["sh", "-c", script], "resources": resources
+    })
 }
 
 /// An agent on `leaf` that runs every task in the base image.
@@ -243,9 +262,8 @@ async fn nodes_join_run_tasks_in_docker_and_go_offline() -> Result<()> {
     assert!(node["resources"]["docker_version"].is_string());
 
     // A task runs in a container; its output is kept.
-    let ok = s.submit("echo hello from the node; echo careful >&2", 60).await?;
-    let done = s.task_state(&ok, &["succeeded", "failed"], Duration::from_secs(60)).await?;
-    assert_eq!(done["state"], "succeeded", "{done}");
+    let done = s.runs_ok("echo hello from the node; echo careful >&2", 60, Duration::from_secs(60)).await?;
+    let ok = done["id"].as_str().unwrap_or_default().to_owned();
     assert_eq!(done["exit_code"], 0);
     assert_eq!(done["node_id"], alpha.id.to_string());
     let out = logs(&s, &ok).await?;
@@ -456,9 +474,7 @@ async fn a_dispatch_that_went_stale_while_the_node_was_away_is_never_run() -> Re
         .await?;
     assert!(made.is_empty(), "a container was made for a stale dispatch: {made:?}");
     // The node goes on taking work.
-    let next = s.submit("echo next", 60).await?;
-    let done = s.task_state(&next, &["succeeded", "failed"], Duration::from_secs(60)).await?;
-    assert_eq!(done["state"], "succeeded", "{done}");
+    s.runs_ok("echo next", 60, Duration::from_secs(60)).await?;
     node.agent.abort();
     Ok(())
 }
@@ -486,25 +502,14 @@ async fn cordoned_and_draining_nodes_take_no_new_tasks_until_resumed() -> Result
     assert_eq!(v["scheduling"], "cordoned");
     let third = s.submit("echo after-resume", 60).await?;
     // It says why it waits.
-    let http = (s.http.clone(), s.base.clone(), s.admin.clone(), third.clone());
     let waiting = s
-        .until("the waiting reason", Duration::from_secs(30), || {
-            let (http, base, admin, id) = http.clone();
-            async move {
-                let v: Value = http.get(format!("{base}/api/v1/tasks/{id}")).bearer_auth(&admin).send().await?.json().await?;
-                Ok(v["waiting_reason"].as_str().is_some_and(|r| r.contains("cordoned 1") && r.contains("draining 1")).then_some(v))
-            }
+        .task_until(&third, "the waiting reason", Duration::from_secs(30), |v| {
+            v["waiting_reason"].as_str().is_some_and(|r| r.contains("cordoned 1") && r.contains("draining 1"))
         })
         .await?;
     assert_eq!(waiting["state"], "pending", "{waiting}");
     // A request no enrolled node could ever meet fails at once, saying so.
-    let mut huge = json!({
-        "project": "lab", "code_repo_url": "https://git.example.org/c.git",
-        "code_commit_id": "0123456789abcdef0123456789abcdef01234567",
-        "env_repo_url": "https://git.example.org/e.git", "env_commit_id": "0123456789abcdef0123456789abcdef01234567",
-        "dockerfile_path": "Dockerfile", "command": ["true"], "resources": {"cpus": 0.5, "memory_mb": 64, "gpus": 64}
-    });
-    let impossible = s.submit_body(huge.take()).await?;
+    let impossible = s.submit_body(task_body("lab", "true", json!({"cpus": 0.5, "memory_mb": 64, "gpus": 64}))).await?;
     let done = s.task_state(&impossible, &["failed"], Duration::from_secs(30)).await?;
     assert!(done["reason"].as_str().is_some_and(|r| r.contains("no enrolled node could ever run it") && r.contains("64 GPUs")), "{done}");
     let v = s.post(&format!("/api/v1/nodes/{}/resume", a.id), json!({"reason": "disk replaced"})).await?;
@@ -537,15 +542,9 @@ async fn a_task_lost_with_its_node_runs_elsewhere_and_the_lost_run_is_stopped() 
     a.agent.abort();
     let b = s.join("iota", s.enroll("iota").await?, Duration::from_millis(500)).await?;
     s.node_status(a.id, "offline", Duration::from_secs(30)).await?;
-    let http = (s.http.clone(), s.base.clone(), s.admin.clone(), task.clone(), b.id.to_string());
-    s.until("the task to run on the other node", Duration::from_secs(60), || {
-        let (http, base, admin, id, node) = http.clone();
-        async move {
-            let v: Value = http.get(format!("{base}/api/v1/tasks/{id}")).bearer_auth(&admin).send().await?.json().await?;
-            Ok((v["state"] == "running" && v["node_id"] == node.as_str()).then_some(v))
-        }
-    })
-    .await?;
+    let other = b.id.to_string();
+    s.task_until(&task, "the task to run on the other node", Duration::from_secs(60), move |v| v["state"] == "running" && v["node_id"] == other.as_str())
+        .await?;
     // The first node comes back with the lost run still going: it is stopped.
     let local = async_nats::ConnectOptions::with_user_and_password("agent".into(), AGENT_PW.into())
         .connect(format!("127.0.0.1:{}", a.leaf.port()))
@@ -573,13 +572,8 @@ async fn failed_runs_are_retried_per_their_policy() -> Result<()> {
     let mut s = Stack::start(Duration::from_secs(60)).await?;
     let node = s.join("kappa", s.enroll("kappa").await?, Duration::from_millis(500)).await?;
     s.node_status(node.id, "online", Duration::from_secs(30)).await?;
-    let body = json!({
-        "project": "lab", "code_repo_url": "https://git.example.org/c.git",
-        "code_commit_id": "0123456789abcdef0123456789abcdef01234567",
-        "env_repo_url": "https://git.example.org/e.git", "env_commit_id": "0123456789abcdef0123456789abcdef01234567",
-        "dockerfile_path": "Dockerfile", "command": ["sh", "-c", "echo attempt; exit 3"],
-        "resources": {"cpus": 0.5, "memory_mb": 64}, "retry": {"max_attempts": 2, "backoff_seconds": 1}
-    });
+    let mut body = task_body("lab", "echo attempt; exit 3", json!({"cpus": 0.5, "memory_mb": 64}));
+    body["retry"] = json!({"max_attempts": 2, "backoff_seconds": 1});
     let id = s.submit_body(body).await?;
     let done = s.task_state(&id, &["succeeded", "failed"], Duration::from_secs(60)).await?;
     assert_eq!((done["state"].as_str(), done["attempt"].as_i64(), done["exit_code"].as_i64()), (Some("failed"), Some(2), Some(3)), "{done}");
@@ -606,14 +600,7 @@ async fn pending_tasks_go_by_priority_then_projects_take_turns() -> Result<()> {
     let v = s.node_status(node.id, "online", Duration::from_secs(30)).await?;
     // Every task takes the whole node, so they run one at a time.
     let cpus = v["resources"]["cpu_millis"].as_f64().unwrap_or(1000.0) / 1000.0;
-    let task = |project: &str, script: &str| {
-        json!({
-            "project": project, "code_repo_url": "https://git.example.org/c.git",
-            "code_commit_id": "0123456789abcdef0123456789abcdef01234567",
-            "env_repo_url": "https://git.example.org/e.git", "env_commit_id": "0123456789abcdef0123456789abcdef01234567",
-            "dockerfile_path": "Dockerfile", "command": ["sh", "-c", script], "resources": {"cpus": cpus, "memory_mb": 64}
-        })
-    };
+    let task = |project: &str, script: &str| task_body(project, script, json!({"cpus": cpus, "memory_mb": 64}));
     let blocker = s.submit_body(task("alpha", "sleep 3")).await?;
     s.task_state(&blocker, &["running"], Duration::from_secs(60)).await?;
     let a1 = s.submit_body(task("alpha", "true")).await?;
@@ -828,16 +815,7 @@ async fn tasks_run_pinned_code_in_environments_built_from_their_repository() -> 
         let id = s.submit_body(body).await?;
         if i == 4 {
             // A long build shows as the step under way.
-            let http = (s.http.clone(), s.base.clone(), s.admin.clone(), id.clone());
-            let shown = s
-                .until("the build step to show", Duration::from_secs(60), || {
-                    let (http, base, admin, id) = http.clone();
-                    async move {
-                        let v: Value = http.get(format!("{base}/api/v1/tasks/{id}")).bearer_auth(&admin).send().await?.json().await?;
-                        Ok((v["preparing"]["step"] == "build_image").then_some(v))
-                    }
-                })
-                .await?;
+            let shown = s.task_until(&id, "the build step to show", Duration::from_secs(60), |v| v["preparing"]["step"] == "build_image").await?;
             assert_eq!(shown["state"], "assigned", "{shown}");
             assert!(shown["preparing"]["since"].is_string(), "{shown}");
         }
@@ -994,9 +972,7 @@ async fn nodes_come_back_after_a_hub_restart_with_what_they_kept() -> Result<()>
     let out = logs(&s, &task).await?;
     assert!(out.contains("during") && out.contains("done"), "{out:?}");
     // And new work still flows to the node.
-    let next = s.submit("echo after the restart", 60).await?;
-    let done = s.task_state(&next, &["succeeded", "failed"], Duration::from_secs(90)).await?;
-    assert_eq!(done["state"], "succeeded", "{done}");
+    s.runs_ok("echo after the restart", 60, Duration::from_secs(90)).await?;
     node.agent.abort();
     Ok(())
 }
