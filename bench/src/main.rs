@@ -4,6 +4,7 @@
 mod backbone;
 mod edge;
 mod restart;
+mod schedule;
 mod stats;
 
 use anyhow::Result;
@@ -24,6 +25,8 @@ enum Bench {
     Edge(edge::Args),
     /// A hub restart with many nodes linked: time until every link is back.
     Restart(restart::Args),
+    /// Placement and queue order over 1,000 nodes (pure functions).
+    Schedule(schedule::Args),
     /// (Used by `restart`: the simulated agents, as a child process.)
     #[command(hide = true)]
     Agents(restart::AgentsArgs),
@@ -35,6 +38,7 @@ async fn main() -> Result<()> {
         Bench::Backbone(a) => backbone::run(a).await,
         Bench::Edge(a) => edge::run(a).await,
         Bench::Restart(a) => restart::run(a).await,
+        Bench::Schedule(a) => schedule::run_bench(a),
         Bench::Agents(a) => restart::agents(a).await,
     }
 }
