@@ -23,6 +23,12 @@ ud_install_deps() {
   fi
   export PG_BIN
 
+  # Tests make git repositories and serve them over smart HTTP (git http-backend).
+  if ! command -v git >/dev/null || [ ! -x "$(git --exec-path 2>/dev/null)/git-http-backend" ]; then
+    echo "installing git" >&2
+    ud_apt_install git
+  fi
+
   local scripts nats
   scripts="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
   nats="$scripts/nats-server"
