@@ -186,16 +186,24 @@ pub fn decide(task: Option<&Task>, command: TaskCommand, now: Millis) -> Result<
                 _ => None,
             };
             // A failed run is retried while its policy allows (a cancelled one is not).
+            let policy = &task.spec.retry;
+            let counts = policy.exit_codes.is_empty() || exit_code.is_some_and(|c| policy.exit_codes.contains(&c));
             match attempt {
-                Some(attempt) if attempt < task.spec.retry.max_attempts => {
+                Some(attempt) if attempt < policy.max_attempts && counts => {
                     let backoff = i64::from(task.spec.retry.backoff_seconds).saturating_mul(1000);
                     Ok(vec![TaskEvent::Retrying(TaskRetrying { at: now, attempt, exit_code, reason, not_before: now.saturating_add(backoff) })])
                 }
                 _ => Ok(vec![TaskEvent::Failed(TaskFailed { at: now, exit_code, reason })]),
             }
         }
-        (TaskState::Assigned { .. } | TaskState::Running { .. }, TaskCommand::TimeOut { node_id }) => {
+        (TaskState::Assigned { attempt, .. } | TaskState::Running { attempt, .. }, TaskCommand::TimeOut { node_id }) => {
             check_node(&node_id)?;
+            let policy = &task.spec.retry;
+            if policy.on_timeout && *attempt < policy.max_attempts {
+                let backoff = i64::from(policy.backoff_seconds).saturating_mul(1000);
+                let reason = format!("timed out after {} s", task.spec.timeout_seconds);
+                return Ok(vec![TaskEvent::Retrying(TaskRetrying { at: now, attempt: *attempt, exit_code: None, reason, not_before: now.saturating_add(backoff) })]);
+            }
             Ok(vec![TaskEvent::TimedOut(TaskTimedOut { at: now, timeout_seconds: task.spec.timeout_seconds })])
         }
         (TaskState::Pending, TaskCommand::Reprioritize { priority }) if priority == task.spec.priority => Ok(vec![]),

@@ -107,6 +107,12 @@ pub struct RetryRequest {
     pub max_attempts: i64,
     #[serde(default)]
     pub backoff_seconds: i64,
+    /// Retry only runs that exited with one of these codes (default: any failure).
+    #[serde(default)]
+    pub exit_codes: Vec<i64>,
+    /// Retry runs that hit their time limit too (default false).
+    #[serde(default)]
+    pub on_timeout: bool,
 }
 
 /// One rejected field.
@@ -324,7 +330,10 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
     if !(1..=limits::MAX_TIMEOUT_SECONDS).contains(&timeout) {
         e.add("timeout_seconds", "must be between 1 and 2592000 (30 days)");
     }
-    let retry = req.retry.clone().unwrap_or(RetryRequest { max_attempts: 1, backoff_seconds: 0 });
+    let retry = req.retry.clone().unwrap_or(RetryRequest { max_attempts: 1, backoff_seconds: 0, exit_codes: vec![], on_timeout: false });
+    if retry.exit_codes.len() > 64 || retry.exit_codes.iter().any(|c| !(1..=255).contains(c)) {
+        e.add("retry.exit_codes", "at most 64 exit codes, each 1-255");
+    }
     if !(1..=limits::MAX_ATTEMPTS).contains(&retry.max_attempts) {
         e.add("retry.max_attempts", "must be between 1 and 100");
     }
@@ -361,6 +370,8 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
                 retry: RetryPolicy {
                     max_attempts: u32::try_from(retry.max_attempts).unwrap_or(1),
                     backoff_seconds: u32::try_from(retry.backoff_seconds).unwrap_or(0),
+                    exit_codes: retry.exit_codes.iter().filter_map(|c| i32::try_from(*c).ok()).collect(),
+                    on_timeout: retry.on_timeout,
                 },
                 priority: i32::try_from(priority).unwrap_or(0),
             },

@@ -43,6 +43,12 @@ pub struct RetryPolicy {
     /// Total attempts including the first one (1 = never retry).
     pub max_attempts: u32,
     pub backoff_seconds: u32,
+    /// Retry only runs that exited with one of these codes (empty: any failure).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exit_codes: Vec<i32>,
+    /// Retry runs that hit their time limit too.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub on_timeout: bool,
 }
 
 /// What a node declares about itself when it registers.

@@ -47,7 +47,7 @@ fn spec() -> TaskSpec {
             preferred_labels: BTreeMap::new(),
         },
         timeout_seconds: 3600,
-        retry: RetryPolicy { max_attempts: 3, backoff_seconds: 30 },
+        retry: RetryPolicy { max_attempts: 3, backoff_seconds: 30, exit_codes: vec![], on_timeout: false },
         priority: 0,
     }
 }

@@ -18,7 +18,7 @@ pub(crate) fn spec() -> TaskSpec {
         env: BTreeMap::new(),
         resources: Resources { cpu_millis: 1000, memory_mb: 512, gpus: 0, gpu_model: None, labels: BTreeMap::new(), preferred_labels: BTreeMap::new() },
         timeout_seconds: 60,
-        retry: RetryPolicy { max_attempts: 1, backoff_seconds: 0 },
+        retry: RetryPolicy { max_attempts: 1, backoff_seconds: 0, exit_codes: vec![], on_timeout: false },
         priority: 0,
     }
 }
@@ -180,7 +180,7 @@ proptest! {
 fn failed_runs_are_retried_while_the_policy_allows_then_fail() {
     let node = NodeId::new();
     let mut s = spec();
-    s.retry = RetryPolicy { max_attempts: 2, backoff_seconds: 30 };
+    s.retry = RetryPolicy { max_attempts: 2, backoff_seconds: 30, exit_codes: vec![], on_timeout: false };
     let retried_submit = TaskCommand::Submit { project: project(), spec: s, idempotency_key: None };
     let fail = || TaskCommand::Fail { node_id: node, exit_code: Some(3), reason: "exited with code 3".into() };
     let run = [retried_submit, TaskCommand::Assign { node_id: node }, TaskCommand::Start { node_id: node, attempt: 1 }];
@@ -197,6 +197,22 @@ fn failed_runs_are_retried_while_the_policy_allows_then_fail() {
     }
     let last = decide(task.as_ref(), fail(), 4).unwrap_or_default();
     assert!(matches!(last.as_slice(), [TaskEvent::Failed(_)]), "{last:?}");
+    // Only the listed exit codes count; time-outs only when asked for.
+    let mut picky = spec();
+    picky.retry = RetryPolicy { max_attempts: 3, backoff_seconds: 0, exit_codes: vec![75], on_timeout: true };
+    let picky_run = [
+        TaskCommand::Submit { project: project(), spec: picky, idempotency_key: None },
+        TaskCommand::Assign { node_id: node },
+        TaskCommand::Start { node_id: node, attempt: 1 },
+    ];
+    let (_, r) = given(&picky_run).when(fail());
+    assert!(matches!(r.as_deref(), Ok([TaskEvent::Failed(_)])), "exit 3 is not listed: {r:?}");
+    let (_, r) = given(&picky_run).when(TaskCommand::Fail { node_id: node, exit_code: Some(75), reason: "tempfail".into() });
+    assert!(matches!(r.as_deref(), Ok([TaskEvent::Retrying(_)])), "{r:?}");
+    let (_, r) = given(&picky_run).when(TaskCommand::TimeOut { node_id: node });
+    assert!(matches!(r.as_deref(), Ok([TaskEvent::Retrying(TaskRetrying { exit_code: None, .. })])), "{r:?}");
+    let (_, r) = given(&run[..]).when(TaskCommand::TimeOut { node_id: node });
+    assert!(matches!(r.as_deref(), Ok([TaskEvent::TimedOut(_)])), "time-outs do not retry by default: {r:?}");
     // Without a retry policy a failure is final at once.
     let (_, r) = given(&[submit(), TaskCommand::Assign { node_id: node }]).when(fail());
     assert!(matches!(r.as_deref(), Ok([TaskEvent::Failed(_)])));
