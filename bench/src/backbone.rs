@@ -56,6 +56,7 @@ fn spec() -> ud_schemas::TaskSpec {
         timeout_seconds: 3600,
         retry: ud_schemas::RetryPolicy { max_attempts: 1, backoff_seconds: 0, exit_codes: vec![], on_timeout: false },
         priority: 0,
+        queue: "default".into(),
     }
 }
 

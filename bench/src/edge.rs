@@ -78,6 +78,7 @@ pub async fn start_platform(timeout: Duration) -> Result<(NatsServer, PgDatabase
                 check_interval: (timeout / 90).max(Duration::from_millis(100)),
                 cancel_grace_seconds: 1,
                 placement: Default::default(),
+                queues: Default::default(),
             },
             git_credentials: Default::default(),
         }),

@@ -123,6 +123,7 @@ pub fn run_bench(a: Args) -> Result<()> {
     let queued: Vec<Queued<'_>> = (0..10_000u64)
         .map(|i| Queued {
             id: TaskId::new(),
+            queue_priority: 0,
             priority: (rng.next(3) as i32) - 1,
             project: projects[rng.next(50) as usize].as_str(),
             seq: i,

@@ -119,6 +119,9 @@ pub struct SubmitArgs {
     /// Higher runs first (-1000 to 1000).
     #[arg(long, allow_hyphen_values = true)]
     priority: Option<i64>,
+    /// The queue to wait in (default `default`).
+    #[arg(long)]
+    queue: Option<String>,
     #[arg(long)]
     idempotency_key: Option<String>,
     /// Return once the task is in the read models.
@@ -171,6 +174,9 @@ fn task_body(a: &SubmitArgs) -> Result<Value> {
     }
     if let Some(p) = a.priority {
         body["priority"] = json!(p);
+    }
+    if let Some(q) = &a.queue {
+        body["queue"] = json!(q);
     }
     Ok(body)
 }
@@ -430,6 +436,7 @@ pub fn rerun_body(task: &Value) -> Value {
         "timeout_seconds": spec["timeout_seconds"],
         "retry": spec["retry"],
         "priority": task["priority"],
+        "queue": spec["queue"],
     });
     if body["name"].is_null() {
         if let Some(o) = body.as_object_mut() {

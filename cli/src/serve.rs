@@ -80,6 +80,9 @@ pub struct ServeArgs {
     /// How tasks choose among the nodes they fit on: pack (fullest first) or spread (emptiest first).
     #[arg(long, env = "UD_PLACEMENT", default_value = "pack")]
     pub placement: ud_core::edge::scheduler::Placement,
+    /// JSON file of queue priorities and limits: {"queues": {"gpu": {"priority": 10, "max_running": 4}}}.
+    #[arg(long, env = "UD_QUEUES_FILE")]
+    pub queues_file: Option<std::path::PathBuf>,
     /// JSON file of repository credentials per host, handed to nodes for their fetches only.
     #[arg(long, env = "UD_GIT_CREDENTIALS_FILE")]
     pub git_credentials_file: Option<std::path::PathBuf>,
@@ -114,6 +117,10 @@ fn edge_config(args: &ServeArgs) -> Result<Option<server::EdgeConfig>> {
         Some(path) => ud_core::edge::credentials::GitCredentials::load(path).context("UD_GIT_CREDENTIALS_FILE")?,
         None => Default::default(),
     };
+    let queues = match &args.queues_file {
+        Some(path) => ud_core::edge::scheduler::Queues::load(path).context("UD_QUEUES_FILE")?,
+        None => Default::default(),
+    };
     let timeout = std::time::Duration::from_secs_f64(args.heartbeat_timeout_seconds);
     Ok(Some(server::EdgeConfig {
         hub,
@@ -122,6 +129,7 @@ fn edge_config(args: &ServeArgs) -> Result<Option<server::EdgeConfig>> {
             check_interval: (timeout / 90).max(std::time::Duration::from_millis(100)),
             cancel_grace_seconds: args.cancel_grace_seconds,
             placement: args.placement,
+            queues,
         },
         git_credentials,
     }))

@@ -64,6 +64,9 @@ pub struct SubmitTask {
     /// capacity fairly between projects.
     #[serde(default)]
     pub priority: Option<i64>,
+    /// The queue to wait in (default `default`): 1-63 of [a-z0-9-_].
+    #[serde(default)]
+    pub queue: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
@@ -340,6 +343,10 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
     if !(0..=limits::MAX_BACKOFF_SECONDS).contains(&retry.backoff_seconds) {
         e.add("retry.backoff_seconds", "must be between 0 and 86400");
     }
+    let queue = req.queue.clone().unwrap_or_else(ud_schemas::spec::default_queue);
+    if queue.is_empty() || queue.len() > 63 || !queue.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_') {
+        e.add("queue", "1-63 of a-z, 0-9, - and _");
+    }
     let priority = req.priority.unwrap_or(0);
     if let Err(f) = priority_value(priority) {
         e.0.push(f);
@@ -374,6 +381,7 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
                     on_timeout: retry.on_timeout,
                 },
                 priority: i32::try_from(priority).unwrap_or(0),
+                queue,
             },
         )),
         _ => Err(e.0),
@@ -413,6 +421,7 @@ pub(crate) mod tests {
             timeout_seconds: None,
             retry: None,
             priority: None,
+            queue: None,
         }
     }
 

@@ -28,6 +28,7 @@ pub fn request(project: &str) -> SubmitTask {
         timeout_seconds: Some(60),
         retry: None,
         priority: None,
+        queue: None,
     }
 }
 

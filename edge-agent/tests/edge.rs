@@ -45,10 +45,14 @@ fn initial_accounts() -> Result<String> {
 
 impl Stack {
     async fn start(heartbeat_timeout: Duration) -> Result<Self> {
-        Self::start_with(heartbeat_timeout, Default::default()).await
+        Self::start_with(heartbeat_timeout, Default::default(), Default::default()).await
     }
 
-    async fn start_with(heartbeat_timeout: Duration, git_credentials: ud_core::edge::credentials::GitCredentials) -> Result<Self> {
+    async fn start_with(
+        heartbeat_timeout: Duration,
+        git_credentials: ud_core::edge::credentials::GitCredentials,
+        queues: ud_core::edge::scheduler::Queues,
+    ) -> Result<Self> {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("UD_LOG").unwrap_or_else(|_| "warn".into()))
             .with_test_writer()
@@ -78,6 +82,7 @@ impl Stack {
                     check_interval: Duration::from_millis(100),
                     cancel_grace_seconds: 1,
                     placement: Default::default(),
+                queues,
                 },
                 git_credentials,
             }),
@@ -631,6 +636,37 @@ async fn pending_tasks_go_by_priority_then_projects_take_turns() -> Result<()> {
 }
 
 #[tokio::test]
+async fn a_queue_runs_no_more_than_its_limit_at_once() -> Result<()> {
+    let queues = ud_core::edge::scheduler::Queues::parse(r#"{"queues": {"serial": {"priority": 5, "max_running": 1}}}"#)?;
+    let mut s = Stack::start_with(Duration::from_secs(60), Default::default(), queues).await?;
+    let node = s.join("mu", s.enroll("mu").await?, Duration::from_millis(500)).await?;
+    s.node_status(node.id, "online", Duration::from_secs(30)).await?;
+    let serial = |script: &str| {
+        let mut b = task_body("lab", script, json!({"cpus": 0.25, "memory_mb": 32}));
+        b["queue"] = json!("serial");
+        b
+    };
+    let first = s.submit_body(serial("sleep 2")).await?;
+    let second = s.submit_body(serial("true")).await?;
+    s.task_state(&first, &["running"], Duration::from_secs(60)).await?;
+    // The node has room, the queue does not: the second waits and says why.
+    let waiting = s.task_until(&second, "the queue limit", Duration::from_secs(30), |v| v["waiting_reason"].as_str().is_some_and(|r| r.contains("limit of 1"))).await?;
+    assert_eq!(waiting["state"], "pending", "{waiting}");
+    // Another queue's task runs meanwhile.
+    s.runs_ok("true", 60, Duration::from_secs(60)).await?;
+    let running = s.get(&format!("/api/v1/tasks/{first}")).await?;
+    assert_eq!(running["state"], "running", "the other queue's task waited: {running}");
+    let done = s.task_state(&second, &["succeeded", "failed"], Duration::from_secs(60)).await?;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let at = |history: &Value, t: &str| history.as_array().into_iter().flatten().find(|e| e["type"] == t).and_then(|e| e["data"]["at"].as_i64());
+    let first_end = at(&s.get(&format!("/api/v1/tasks/{first}/events")).await?, "task.succeeded");
+    let second_placed = at(&s.get(&format!("/api/v1/tasks/{second}/events")).await?, "task.assigned");
+    assert!(first_end.is_some() && second_placed >= first_end, "the second was placed before the first ended: {second_placed:?} < {first_end:?}");
+    node.agent.abort();
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_restarted_agent_adopts_its_running_container() -> Result<()> {
     let mut s = Stack::start(Duration::from_secs(60)).await?;
     let token = s.enroll("delta").await?;
@@ -670,6 +706,7 @@ async fn two_main_servers_assign_each_task_once_and_mark_a_silent_node_offline_o
                 check_interval: Duration::from_millis(50),
                 cancel_grace_seconds: 1,
                 placement: Default::default(),
+                queues: Default::default(),
             },
             git_credentials: Default::default(),
         }),
@@ -888,7 +925,7 @@ async fn private_repositories_are_fetched_with_credentials_the_platform_holds_an
         format!("127.0.0.1:{}", wrong.port()): {"username": "ci", "token": "not-the-token", "allow_http": true},
     }});
     let creds = ud_core::edge::credentials::GitCredentials::parse(&file.to_string(), std::path::Path::new("."))?;
-    let mut s = Stack::start_with(Duration::from_secs(60), creds).await?;
+    let mut s = Stack::start_with(Duration::from_secs(60), creds, Default::default()).await?;
     let token = s.enroll("private").await?;
     let leaf = s.leaf(&token, s.hub.leaf_port()).await?;
     let work = tempfile::tempdir()?;

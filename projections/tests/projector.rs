@@ -42,6 +42,7 @@ fn spec() -> ud_schemas::TaskSpec {
         timeout_seconds: None,
         retry: None,
         priority: None,
+        queue: None,
     };
     ud_core::validate::submit_task(&req).map(|(_, s)| s).unwrap_or_else(|e| unreachable!("{e:?}"))
 }

@@ -23,6 +23,14 @@ pub struct TaskSpec {
     /// Higher first; equal priorities share capacity fairly between projects.
     #[serde(default)]
     pub priority: i32,
+    /// The queue it waits in (`default` when absent); queues have their own
+    /// priority and concurrency limit.
+    #[serde(default = "default_queue")]
+    pub queue: String,
+}
+
+pub fn default_queue() -> String {
+    "default".into()
 }
 
 /// Resources a task requests. CPUs are in thousandths of a core.

@@ -49,6 +49,7 @@ fn spec() -> TaskSpec {
         timeout_seconds: 3600,
         retry: RetryPolicy { max_attempts: 3, backoff_seconds: 30, exit_codes: vec![], on_timeout: false },
         priority: 0,
+        queue: "default".into(),
     }
 }
 

@@ -84,10 +84,51 @@ pub fn place<'a>(nodes: impl Iterator<Item = &'a Node>, usage: &HashMap<NodeId, 
         .map(|n| n.id)
 }
 
+/// One queue's settings.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    /// Tasks of higher-priority queues are considered first.
+    #[serde(default)]
+    pub priority: i32,
+    /// Most tasks of the queue assigned or running at once.
+    #[serde(default)]
+    pub max_running: Option<u32>,
+}
+
+/// Queue settings by name (`UD_QUEUES_FILE`, JSON
+/// `{"queues": {"gpu": {"priority": 10, "max_running": 4}}}`); a queue not
+/// named has priority 0 and no limit.
+#[derive(Clone, Debug, Default)]
+pub struct Queues(std::collections::BTreeMap<String, QueueConfig>);
+
+impl Queues {
+    pub fn parse(text: &str) -> Result<Self, super::EdgeError> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct File {
+            queues: std::collections::BTreeMap<String, QueueConfig>,
+        }
+        let f: File = serde_json::from_str(text).map_err(|e| super::EdgeError::Invalid(format!("queues file: {e}")))?;
+        Ok(Self(f.queues))
+    }
+
+    pub fn load(path: &std::path::Path) -> Result<Self, super::EdgeError> {
+        let text = std::fs::read_to_string(path).map_err(|e| super::EdgeError::Invalid(format!("cannot read {}: {e}", path.display())))?;
+        Self::parse(&text)
+    }
+
+    pub fn get(&self, name: &str) -> QueueConfig {
+        self.0.get(name).cloned().unwrap_or_default()
+    }
+}
+
 /// One pending task as the queue sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Queued<'a> {
     pub id: TaskId,
+    /// Its queue's priority (queues of higher priority first).
+    pub queue_priority: i32,
     pub priority: i32,
     pub project: &'a str,
     /// Stream sequence of its submission (or of its return to pending).
@@ -98,7 +139,8 @@ pub struct Queued<'a> {
     pub served: u64,
 }
 
-/// The order pending tasks are considered in: higher priority first; within
+/// The order pending tasks are considered in: higher queue priority first,
+/// then higher task priority; within
 /// a priority, projects take turns — a project's k-th waiting task goes
 /// after every other project's (k-1)-th, counting what each project runs
 /// now, and of equal turns the project served least recently goes first —
@@ -106,16 +148,19 @@ pub struct Queued<'a> {
 /// Each project's tasks keep their submission order.
 pub fn fair_order(tasks: &[Queued<'_>]) -> Vec<TaskId> {
     use std::collections::BTreeMap;
-    let mut by_level: BTreeMap<(std::cmp::Reverse<i32>, &str), Vec<&Queued<'_>>> = BTreeMap::new();
+    use std::cmp::Reverse;
+    /// Queue priority then task priority, higher first.
+    type Level = (Reverse<i32>, Reverse<i32>);
+    let mut by_level: BTreeMap<(Level, &str), Vec<&Queued<'_>>> = BTreeMap::new();
     for t in tasks {
-        by_level.entry((std::cmp::Reverse(t.priority), t.project)).or_default().push(t);
+        by_level.entry(((Reverse(t.queue_priority), Reverse(t.priority)), t.project)).or_default().push(t);
     }
-    // (priority, turn, when the project was served, its first sequence, sequence)
-    let mut keyed: Vec<(std::cmp::Reverse<i32>, usize, u64, u64, u64, TaskId)> = Vec::with_capacity(tasks.len());
-    for ((priority, _), mut list) in by_level {
+    // (level, turn, when the project was served, its first sequence, sequence)
+    let mut keyed: Vec<(Level, usize, u64, u64, u64, TaskId)> = Vec::with_capacity(tasks.len());
+    for ((level, _), mut list) in by_level {
         list.sort_by_key(|t| t.seq);
         let first = list.first().map_or(0, |t| t.seq);
-        keyed.extend(list.iter().enumerate().map(|(turn, t)| (priority, t.live + turn, t.served, first, t.seq, t.id)));
+        keyed.extend(list.iter().enumerate().map(|(turn, t)| (level, t.live + turn, t.served, first, t.seq, t.id)));
     }
     keyed.sort();
     keyed.into_iter().map(|k| k.5).collect()
@@ -228,6 +273,8 @@ pub struct ControllerSettings {
     pub cancel_grace_seconds: u32,
     /// Pack or spread tasks over the nodes they fit on.
     pub placement: Placement,
+    /// Queue priorities and limits.
+    pub queues: Queues,
 }
 
 struct Controller {
@@ -319,8 +366,16 @@ impl Controller {
     async fn schedule(&mut self) {
         let now = now_millis();
         let mut live: HashMap<&str, usize> = HashMap::new();
+        let mut queue_live: HashMap<String, u32> = HashMap::new();
         for t in self.cluster.tasks.values().filter(|t| t.task.state.live_node().is_some()) {
             *live.entry(t.task.project.as_str()).or_default() += 1;
+            *queue_live.entry(t.task.spec.queue.clone()).or_default() += 1;
+        }
+        // Placed by this instance, not yet seen back: they count against their queue too.
+        for id in self.inflight.keys() {
+            if let Some(t) = self.cluster.tasks.get(id).filter(|t| t.task.state == TaskState::Pending) {
+                *queue_live.entry(t.task.spec.queue.clone()).or_default() += 1;
+            }
         }
         let queued: Vec<Queued<'_>> = self
             .cluster
@@ -332,7 +387,8 @@ impl Controller {
             .map(|(id, t)| {
                 let project = t.task.project.as_str();
                 let (live, served) = (live.get(project).copied().unwrap_or(0), self.served.get(project).copied().unwrap_or(0));
-                Queued { id: *id, priority: t.task.spec.priority, project, seq: t.queued_at, live, served }
+                let queue_priority = self.settings.queues.get(&t.task.spec.queue).priority;
+                Queued { id: *id, queue_priority, priority: t.task.spec.priority, project, seq: t.queued_at, live, served }
             })
             .collect();
         if queued.is_empty() {
@@ -347,6 +403,18 @@ impl Controller {
         for id in pending {
             let Some(entry) = self.cluster.tasks.get(&id) else { continue };
             let spec = entry.task.spec.clone();
+            // A queue at its limit places nothing more until one of its tasks ends.
+            if let Some(limit) = self.settings.queues.get(&spec.queue).max_running {
+                if queue_live.get(&spec.queue).copied().unwrap_or(0) >= limit {
+                    let kind = format!("queue {} at its limit", spec.queue);
+                    if caught_up && self.waiting.get(&id) != Some(&kind) {
+                        let reason = format!("queue {} runs its limit of {limit} tasks", spec.queue);
+                        self.waiting.insert(id, kind);
+                        verdicts.push((id, TaskCommand::Wait { reason }));
+                    }
+                    continue;
+                }
+            }
             let Some(node) = place(online.iter(), &usage, &spec.resources, self.settings.placement) else {
                 if caught_up {
                     let why = explained
@@ -369,6 +437,7 @@ impl Controller {
                     let attempt = entry.task.attempts + 1;
                     info!(task_id = %id, node_id = %node, attempt, "task assigned");
                     add(&mut usage, node, &spec);
+                    *queue_live.entry(spec.queue.clone()).or_default() += 1;
                     self.inflight.insert(id, node);
                     self.serve_counter += 1;
                     self.served.insert(entry.task.project.to_string(), self.serve_counter);
@@ -573,7 +642,7 @@ mod tests {
         ) {
             let projects = ["a", "b", "c", "d"];
             let tasks: Vec<Queued<'_>> = items.iter().enumerate()
-                .map(|(i, (p, proj, seq))| Queued { id: TaskId::new(), priority: *p, project: projects[*proj], seq: seq * 100 + i as u64, live: 0, served: 0 })
+                .map(|(i, (p, proj, seq))| Queued { id: TaskId::new(), queue_priority: 0, priority: *p, project: projects[*proj], seq: seq * 100 + i as u64, live: 0, served: 0 })
                 .collect();
             let order = fair_order(&tasks);
             // A permutation.
@@ -602,10 +671,22 @@ mod tests {
     }
 
     #[test]
+    fn queue_priority_comes_before_task_priority_and_queue_files_are_checked() {
+        let q = |queue_priority, priority, seq| Queued { id: TaskId::new(), queue_priority, priority, project: "p", seq, live: 0, served: 0 };
+        let tasks = [q(0, 100, 1), q(10, -5, 2), q(10, 0, 3)];
+        assert_eq!(fair_order(&tasks), vec![tasks[2].id, tasks[1].id, tasks[0].id]);
+        let queues = Queues::parse(r#"{"queues": {"gpu": {"priority": 10, "max_running": 2}, "batch": {}}}"#).unwrap_or_default();
+        assert_eq!(queues.get("gpu"), QueueConfig { priority: 10, max_running: Some(2) });
+        assert_eq!(queues.get("unknown"), QueueConfig::default());
+        assert!(Queues::parse(r#"{"queues": {"gpu": {"prio": 1}}}"#).is_err());
+        assert!(Queues::parse("[]").is_err());
+    }
+
+    #[test]
     fn one_projects_flood_does_not_starve_another() {
-        let mut tasks: Vec<Queued<'_>> = (0..10_000).map(|i| Queued { id: TaskId::new(), priority: 0, project: "big", seq: i, live: 0, served: 0 }).collect();
+        let mut tasks: Vec<Queued<'_>> = (0..10_000).map(|i| Queued { id: TaskId::new(), queue_priority: 0, priority: 0, project: "big", seq: i, live: 0, served: 0 }).collect();
         let small = TaskId::new();
-        tasks.push(Queued { id: small, priority: 0, project: "small", seq: 20_000, live: 0, served: 0 });
+        tasks.push(Queued { id: small, queue_priority: 0, priority: 0, project: "small", seq: 20_000, live: 0, served: 0 });
         let order = fair_order(&tasks);
         assert_eq!(order.iter().position(|id| *id == small), Some(1));
         // A project that runs many now, or was served more recently, waits its turn.

@@ -20,6 +20,7 @@ pub(crate) fn spec() -> TaskSpec {
         timeout_seconds: 60,
         retry: RetryPolicy { max_attempts: 1, backoff_seconds: 0, exit_codes: vec![], on_timeout: false },
         priority: 0,
+        queue: "default".into(),
     }
 }
 
