@@ -344,14 +344,29 @@ pub enum ProjectCommand {
     Cancel(CancelArgs),
 }
 
+#[derive(Subcommand)]
+pub enum QueueCommand {
+    /// Cancel every unfinished task of a queue (that the token may see).
+    Cancel(CancelArgs),
+}
+
+/// Cancels every unfinished task of a project or queue (`what`: projects, queues).
+async fn cancel_all(a: CancelArgs, what: &str) -> Result<()> {
+    let api = Api::new(a.api);
+    print(&api.post(&format!("/api/v1/{what}/{}/cancel", a.id), &json!({"reason": a.reason})).await?);
+    Ok(())
+}
+
+pub async fn queue(c: QueueCommand) -> Result<()> {
+    match c {
+        QueueCommand::Cancel(a) => cancel_all(a, "queues").await,
+    }
+}
+
 pub async fn project(c: ProjectCommand) -> Result<()> {
     match c {
-        ProjectCommand::Cancel(a) => {
-            let api = Api::new(a.api);
-            print(&api.post(&format!("/api/v1/projects/{}/cancel", a.id), &json!({"reason": a.reason})).await?);
-        }
+        ProjectCommand::Cancel(a) => cancel_all(a, "projects").await,
     }
-    Ok(())
 }
 
 async fn scheduling(a: CancelArgs, action: &str) -> Result<()> {

@@ -38,6 +38,9 @@ enum Command {
     /// Whole projects.
     #[command(subcommand)]
     Project(client::ProjectCommand),
+    /// Whole queues.
+    #[command(subcommand)]
+    Queue(client::QueueCommand),
     /// API tokens.
     #[command(subcommand)]
     Token(client::TokenCommand),
@@ -82,6 +85,7 @@ async fn main() -> std::process::ExitCode {
                 Command::Node(c) => client::node(c).await,
                 Command::Task(c) => client::task(c).await,
                 Command::Project(c) => client::project(c).await,
+                Command::Queue(c) => client::queue(c).await,
                 Command::Token(c) => client::token(c).await,
                 Command::Events(c) => ops::events(c).await,
                 Command::Projections(c) => ops::projections(c).await,

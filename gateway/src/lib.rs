@@ -47,6 +47,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/tasks/{id}/cancel", post(tasks::cancel))
         .route("/api/v1/tasks/{id}/priority", post(tasks::priority))
         .route("/api/v1/projects/{project}/cancel", post(tasks::cancel_project))
+        .route("/api/v1/queues/{queue}/cancel", post(tasks::cancel_queue))
         .route("/api/v1/nodes", get(nodes::list).post(nodes::enroll))
         .route("/api/v1/nodes/{id}", get(nodes::get))
         .route("/api/v1/nodes/{id}/revoke", post(nodes::revoke))

@@ -18,7 +18,7 @@ impl Modify for Bearer {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "UniDesk API", description = "Submit and follow tasks on UniDesk compute nodes. Every call needs `Authorization: Bearer <token>`. Errors share one JSON shape (`ErrorBody`)."),
-    paths(tasks::submit, tasks::list, tasks::get, tasks::history, tasks::cancel, tasks::priority, tasks::cancel_project, tasks::logs, nodes::list, nodes::get, nodes::enroll, nodes::revoke, nodes::cordon, nodes::drain, nodes::resume, tokens::issue, tokens::revoke),
+    paths(tasks::submit, tasks::list, tasks::get, tasks::history, tasks::cancel, tasks::priority, tasks::cancel_project, tasks::cancel_queue, tasks::logs, nodes::list, nodes::get, nodes::enroll, nodes::revoke, nodes::cordon, nodes::drain, nodes::resume, tokens::issue, tokens::revoke),
     components(schemas(error::ErrorBody, ud_core::validate::FieldError, ud_core::validate::ResourceRequest, ud_core::validate::RetryRequest,
         ud_schemas::spec::Resources, ud_schemas::spec::RetryPolicy)),
     modifiers(&Bearer),

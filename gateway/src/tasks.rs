@@ -239,19 +239,47 @@ pub async fn cancel_project(
     if !caller.may_see(&project) {
         return Err(ApiError::not_found("project"));
     }
-    let req: CancelRequest = if body.is_empty() { CancelRequest::default() } else { crate::body::parse(&body)? };
-    let reason = req.reason.unwrap_or_else(|| format!("project {project} cancelled by {}", caller.actor()));
+    let default_reason = format!("project {project} cancelled by {}", caller.actor());
+    cancel_many(&state, &caller, Some(&project), None, &body, default_reason).await
+}
+
+/// Cancel every unfinished task of a queue that the token may see.
+#[utoipa::path(post, path = "/api/v1/queues/{queue}/cancel", tag = "tasks",
+    params(("queue" = String, Path)),
+    request_body(content = Option<CancelRequest>),
+    responses((status = 200, body = ProjectCancelled)),
+    security(("bearer" = [])))]
+pub async fn cancel_queue(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(queue): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<ProjectCancelled>, ApiError> {
+    let default_reason = format!("queue {queue} cancelled by {}", caller.actor());
+    cancel_many(&state, &caller, None, Some(&queue), &body, default_reason).await
+}
+
+async fn cancel_many(
+    state: &AppState,
+    caller: &Caller,
+    project: Option<&str>,
+    queue: Option<&str>,
+    body: &[u8],
+    default_reason: String,
+) -> Result<Json<ProjectCancelled>, ApiError> {
+    let req: CancelRequest = if body.is_empty() { CancelRequest::default() } else { crate::body::parse(body)? };
+    let reason = req.reason.unwrap_or(default_reason);
     if reason.len() > 1000 {
         return Err(ApiError::field("reason", "longer than 1000 bytes"));
     }
-    let ids = {
+    let tasks = {
         let client = state.db.client().await?;
-        ud_projections::db::unfinished_tasks(&client, &project).await?
+        ud_projections::db::unfinished_tasks(&client, project, queue).await?
     };
     let mut out = ProjectCancelled { cancelled: Vec::new(), skipped: Vec::new() };
     let mut last = 0;
-    for id in ids {
-        match state.commands.cancel(id, &reason, &caller.actor(), |p| p.as_str() == project).await {
+    for (id, _) in tasks.into_iter().filter(|(_, p)| caller.may_see(p)) {
+        match state.commands.cancel(id, &reason, &caller.actor(), |p| caller.may_see(p.as_str())).await {
             Ok(a) => {
                 last = last.max(a.seq);
                 out.cancelled.push(id.to_string());

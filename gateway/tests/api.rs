@@ -259,6 +259,21 @@ async fn cancelling_a_project_cancels_its_unfinished_tasks_only() -> Result<()> 
     }
     let t: Value = s.http.get(s.url(&format!("/api/v1/tasks/{kept}"))).bearer_auth(&token).send().await?.json().await?;
     assert_eq!(t["state"], "pending");
+    // A queue: only its tasks, and only those the token may see.
+    let mut queued = task("other");
+    queued["queue"] = serde_json::json!("night");
+    let v: Value = s.http.post(s.url("/api/v1/tasks?wait=projected")).bearer_auth(&token).json(&queued).send().await?.json().await?;
+    let night = v["task_id"].as_str().unwrap_or_default().to_owned();
+    let mut hidden = task("lab");
+    hidden["queue"] = serde_json::json!("night");
+    let v: Value = s.http.post(s.url("/api/v1/tasks?wait=projected")).bearer_auth(&token).json(&hidden).send().await?.json().await?;
+    let lab_night = v["task_id"].as_str().unwrap_or_default().to_owned();
+    let out: Value = s.http.post(s.url("/api/v1/queues/night/cancel")).bearer_auth(&outsider).send().await?.json().await?;
+    assert_eq!(out["cancelled"], serde_json::json!([night]));
+    let t: Value = s.http.get(s.url(&format!("/api/v1/tasks/{kept}"))).bearer_auth(&token).send().await?.json().await?;
+    assert_eq!(t["state"], "pending", "a task of another queue was cancelled");
+    let t: Value = s.http.get(s.url(&format!("/api/v1/tasks/{lab_night}"))).bearer_auth(&token).send().await?.json().await?;
+    assert_eq!(t["state"], "pending", "a task the token may not see was cancelled");
     Ok(())
 }
 

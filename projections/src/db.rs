@@ -361,15 +361,20 @@ pub async fn list_tasks(c: &impl GenericClient, f: &TaskFilter) -> Result<Vec<Ta
     Ok(rows.iter().map(task_from_row).collect())
 }
 
-/// Ids of a project's tasks that have not finished, oldest first.
-pub async fn unfinished_tasks(c: &impl GenericClient, project: &str) -> Result<Vec<TaskId>, ProjectionError> {
+/// Ids and projects of the tasks that have not finished, of one project or
+/// of one queue (or both), oldest first.
+pub async fn unfinished_tasks(c: &impl GenericClient, project: Option<&str>, queue: Option<&str>) -> Result<Vec<(TaskId, String)>, ProjectionError> {
     let rows = c
         .query(
-            "SELECT id FROM tasks WHERE project = $1 AND state NOT IN ('succeeded', 'failed', 'timed_out', 'cancelled') ORDER BY id",
-            &[&project],
+            "SELECT id, project FROM tasks
+             WHERE state NOT IN ('succeeded', 'failed', 'timed_out', 'cancelled')
+               AND ($1::text IS NULL OR project = $1)
+               AND ($2::text IS NULL OR COALESCE(spec->>'queue', 'default') = $2)
+             ORDER BY id",
+            &[&project, &queue],
         )
         .await?;
-    Ok(rows.iter().map(|r| TaskId(r.get(0))).collect())
+    Ok(rows.iter().map(|r| (TaskId(r.get(0)), r.get(1))).collect())
 }
 
 pub async fn get_node(c: &impl GenericClient, id: NodeId) -> Result<Option<NodeRow>, ProjectionError> {
