@@ -52,7 +52,7 @@ fn spec() -> ud_schemas::TaskSpec {
         command: vec!["python".into(), "train.py".into()],
         args: vec![],
         env: BTreeMap::new(),
-        resources: ud_schemas::Resources { cpu_millis: 1000, memory_mb: 1024, gpus: 0, gpu_model: None, labels: BTreeMap::new(), preferred_labels: BTreeMap::new() },
+        resources: ud_schemas::Resources { cpu_millis: 1000, memory_mb: 1024, gpus: 0, gpu_model: None, labels: BTreeMap::new(), preferred_labels: BTreeMap::new(), disk_mb: 0 },
         timeout_seconds: 3600,
         retry: ud_schemas::RetryPolicy { max_attempts: 1, backoff_seconds: 0, exit_codes: vec![], on_timeout: false },
         priority: 0,

@@ -52,6 +52,7 @@ fn nodes(n: usize, rng: &mut Lcg) -> Vec<Node> {
                 revoked: false,
                 low_disk: false,
                 scheduling: "active".into(),
+                disk_free_mb: Some(1_000_000),
             }
         })
         .collect()
@@ -76,6 +77,7 @@ fn requests(n: usize, rng: &mut Lcg) -> Vec<Resources> {
                 gpu_model: (gpus > 0 && rng.next(2) == 0).then(|| "A100".to_owned()),
                 labels,
                 preferred_labels: preferred,
+                disk_mb: 0,
             }
         })
         .collect()
@@ -86,6 +88,7 @@ fn add(usage: &mut HashMap<NodeId, Usage>, node: NodeId, r: &Resources) {
     u.cpu_millis += u64::from(r.cpu_millis);
     u.memory_mb += r.memory_mb;
     u.gpus += u64::from(r.gpus);
+    u.disk_mb += r.disk_mb;
 }
 
 /// Places every request in turn on a cluster that starts empty; (placed, per second).

@@ -39,6 +39,8 @@ pub struct Node {
     pub low_disk: bool,
     /// `active`, `cordoned` or `draining`: only active nodes take new tasks.
     pub scheduling: String,
+    /// Free disk where tasks run, from its last heartbeat.
+    pub disk_free_mb: Option<u64>,
 }
 
 /// The modes an operator can put a node in.
@@ -132,6 +134,7 @@ pub fn evolve(node: Option<Node>, id: NodeId, event: &NodeEvent) -> Option<Node>
             revoked: false,
             low_disk: false,
             scheduling: "active".into(),
+            disk_free_mb: None,
         }),
         (None, _) => None,
         (Some(mut n), NodeEvent::Revoked(_)) => {
@@ -148,6 +151,7 @@ pub fn evolve(node: Option<Node>, id: NodeId, event: &NodeEvent) -> Option<Node>
         (Some(mut n), NodeEvent::Heartbeat(e)) => {
             if n.last_seen.is_none_or(|seen| e.at >= seen) {
                 n.low_disk = e.low_disk;
+                n.disk_free_mb = e.disk_free_mb;
             }
             n.last_seen = n.last_seen.max(Some(e.at));
             Some(n)

@@ -88,6 +88,9 @@ pub struct ResourceRequest {
     /// Labels a node should carry: such a node is chosen when it has room.
     #[serde(default)]
     pub preferred_labels: BTreeMap<String, String>,
+    /// Free disk (MiB) the task needs on the node, default none.
+    #[serde(default)]
+    pub disk_mb: i64,
 }
 
 fn one() -> f64 {
@@ -99,7 +102,7 @@ fn default_memory() -> i64 {
 
 impl Default for ResourceRequest {
     fn default() -> Self {
-        Self { cpus: 1.0, memory_mb: 1024, gpus: 0, gpu_model: None, labels: BTreeMap::new(), preferred_labels: BTreeMap::new() }
+        Self { cpus: 1.0, memory_mb: 1024, gpus: 0, gpu_model: None, labels: BTreeMap::new(), preferred_labels: BTreeMap::new(), disk_mb: 0 }
     }
 }
 
@@ -322,6 +325,9 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
     if r.labels.len() > limits::MAX_LABELS {
         e.add("resources.labels", "more than 64 labels");
     }
+    if !(0..=100_000_000).contains(&r.disk_mb) {
+        e.add("resources.disk_mb", "must be between 0 and 100000000");
+    }
     for (field, labels) in [("labels", &r.labels), ("preferred_labels", &r.preferred_labels)] {
         for (k, v) in labels {
             if !label_key(k) || v.len() > 63 {
@@ -372,6 +378,7 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
                     gpu_model: r.gpu_model.clone(),
                     labels: r.labels.clone(),
                     preferred_labels: r.preferred_labels.clone(),
+                    disk_mb: r.disk_mb.unsigned_abs(),
                 },
                 timeout_seconds: timeout.unsigned_abs(),
                 retry: RetryPolicy {

@@ -29,6 +29,10 @@ pub struct TaskSpec {
     pub queue: String,
 }
 
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
 pub fn default_queue() -> String {
     "default".into()
 }
@@ -44,6 +48,9 @@ pub struct Resources {
     /// Labels a node should carry: placed there when such a node has room.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub preferred_labels: BTreeMap<String, String>,
+    /// Free disk the task needs on the node (0: no need stated).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub disk_mb: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

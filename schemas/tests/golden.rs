@@ -45,6 +45,7 @@ fn spec() -> TaskSpec {
             gpu_model: Some("A100".into()),
             labels: BTreeMap::from([("zone".into(), "lab2".into())]),
             preferred_labels: BTreeMap::new(),
+            disk_mb: 0,
         },
         timeout_seconds: 3600,
         retry: RetryPolicy { max_attempts: 3, backoff_seconds: 30, exit_codes: vec![], on_timeout: false },

@@ -21,6 +21,9 @@ pub struct Usage {
     pub cpu_millis: u64,
     pub memory_mb: u64,
     pub gpus: u64,
+    /// Disk the node's live tasks asked for; counted against the free disk
+    /// it last reported (conservative: their real use is in that figure too).
+    pub disk_mb: u64,
 }
 
 /// Does `req` fit on `node` next to `used`?
@@ -34,8 +37,11 @@ pub fn fits(node: &Node, used: Usage, req: &Resources) -> bool {
         Some(model) => req.gpus == 0 || res.gpus.iter().filter(|g| &g.model == model).count() as u64 >= used.gpus + u64::from(req.gpus),
         None => true,
     };
+    // Free disk as the last heartbeat said, less what the node's live tasks asked for.
+    let disk_ok = req.disk_mb == 0 || node.disk_free_mb.is_some_and(|free| used.disk_mb + req.disk_mb <= free);
     labels_ok
         && gpu_model_ok
+        && disk_ok
         && used.cpu_millis + u64::from(req.cpu_millis) <= u64::from(res.cpu_millis)
         && used.memory_mb + req.memory_mb <= res.memory_mb
         && used.gpus + u64::from(req.gpus) <= res.gpus.len() as u64
@@ -210,6 +216,9 @@ fn never_fits(node: &Node, req: &Resources) -> Option<&'static str> {
     if req.memory_mb > res.memory_mb {
         return Some("memory");
     }
+    if res.disk_mb > 0 && req.disk_mb > res.disk_mb {
+        return Some("disk");
+    }
     None
 }
 
@@ -261,6 +270,7 @@ fn add(usage: &mut HashMap<NodeId, Usage>, node: NodeId, spec: &TaskSpec) {
     u.cpu_millis += u64::from(spec.resources.cpu_millis);
     u.memory_mb += spec.resources.memory_mb;
     u.gpus += u64::from(spec.resources.gpus);
+    u.disk_mb += spec.resources.disk_mb;
 }
 
 #[derive(Clone, Debug)]
@@ -628,11 +638,12 @@ mod tests {
             revoked: false,
             low_disk: false,
             scheduling: "active".into(),
+            disk_free_mb: Some(1_000_000),
         }
     }
 
     fn req(cpu: u32, mem: u64, gpus: u32) -> Resources {
-        Resources { cpu_millis: cpu, memory_mb: mem, gpus, gpu_model: None, labels: BTreeMap::new(), preferred_labels: BTreeMap::new() }
+        Resources { cpu_millis: cpu, memory_mb: mem, gpus, gpu_model: None, labels: BTreeMap::new(), preferred_labels: BTreeMap::new(), disk_mb: 0 }
     }
 
     proptest! {
@@ -715,7 +726,7 @@ mod tests {
         zoned.labels.insert("zone".into(), "c".into());
         assert!(matches!(explain([small.clone()].iter(), &none, &zoned), Unplaced::Never(r) if r.contains("labels")));
         // Fits the GPU node, which is busy: waits, and says so.
-        let busy = HashMap::from([(gpu.id, Usage { cpu_millis: 8000, memory_mb: 0, gpus: 0 })]);
+        let busy = HashMap::from([(gpu.id, Usage { cpu_millis: 8000, ..Default::default() })]);
         let waits = explain([small.clone(), gpu.clone()].iter(), &busy, &req(2000, 1, 0));
         assert!(matches!(&waits, Unplaced::Waits { reason: r, .. } if r.contains("1 of 2") && r.contains("busy 1")), "{waits:?}");
         // Cordoned, offline and unregistered nodes that could run it: waits.
@@ -730,19 +741,37 @@ mod tests {
     }
 
     #[test]
+    fn disk_requests_fit_the_free_disk_nodes_report() {
+        let mut n = node(8000, 16000, 0, "a");
+        n.disk_free_mb = Some(10_000);
+        let mut r = req(1000, 1, 0);
+        r.disk_mb = 6_000;
+        assert!(fits(&n, Usage::default(), &r));
+        // What a task placed since the last heartbeat asked for counts too.
+        assert!(!fits(&n, Usage { disk_mb: 6_000, ..Default::default() }, &r));
+        n.disk_free_mb = None;
+        assert!(!fits(&n, Usage::default(), &r), "unknown free disk does not fit a disk request");
+        assert!(fits(&n, Usage::default(), &req(1000, 1, 0)), "no disk asked, none needed");
+        if let Some(res) = n.resources.as_mut() {
+            res.disk_mb = 5_000;
+        }
+        assert!(matches!(explain([n].iter(), &HashMap::new(), &r), Unplaced::Never(w) if w.contains("disk")));
+    }
+
+    #[test]
     fn preferred_labels_then_pack_or_spread_choose_among_fitting_nodes() {
         let a = node(8000, 16000, 0, "a");
         let b = node(8000, 16000, 0, "b");
         let nodes = [a.clone(), b.clone()];
         // b is half full: pack goes there, spread goes to a.
-        let usage = HashMap::from([(b.id, Usage { cpu_millis: 4000, memory_mb: 0, gpus: 0 })]);
+        let usage = HashMap::from([(b.id, Usage { cpu_millis: 4000, ..Default::default() })]);
         assert_eq!(place(nodes.iter(), &usage, &req(1000, 1, 0), Placement::Pack), Some(b.id));
         assert_eq!(place(nodes.iter(), &usage, &req(1000, 1, 0), Placement::Spread), Some(a.id));
         // A preferred label outweighs both, while that node has room.
         let mut prefers_a = req(1000, 1, 0);
         prefers_a.preferred_labels.insert("zone".into(), "a".into());
         assert_eq!(place(nodes.iter(), &usage, &prefers_a, Placement::Pack), Some(a.id));
-        let full_a = HashMap::from([(a.id, Usage { cpu_millis: 8000, memory_mb: 0, gpus: 0 })]);
+        let full_a = HashMap::from([(a.id, Usage { cpu_millis: 8000, ..Default::default() })]);
         assert_eq!(place(nodes.iter(), &full_a, &prefers_a, Placement::Pack), Some(b.id));
         assert_eq!("spread".parse::<Placement>(), Ok(Placement::Spread));
         assert!("random".parse::<Placement>().is_err());
@@ -761,7 +790,7 @@ mod tests {
         let mut model = req(500, 512, 1);
         model.gpu_model = Some("H100".into());
         assert_eq!(place(nodes.iter(), &none, &model, Placement::Pack), None);
-        let full = HashMap::from([(gpu.id, Usage { cpu_millis: 8000, memory_mb: 0, gpus: 0 })]);
+        let full = HashMap::from([(gpu.id, Usage { cpu_millis: 8000, ..Default::default() })]);
         assert_eq!(place(nodes.iter(), &full, &req(4000, 1024, 0), Placement::Pack), None);
     }
 

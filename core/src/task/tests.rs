@@ -16,7 +16,7 @@ pub(crate) fn spec() -> TaskSpec {
         command: vec!["true".into()],
         args: vec![],
         env: BTreeMap::new(),
-        resources: Resources { cpu_millis: 1000, memory_mb: 512, gpus: 0, gpu_model: None, labels: BTreeMap::new(), preferred_labels: BTreeMap::new() },
+        resources: Resources { cpu_millis: 1000, memory_mb: 512, gpus: 0, gpu_model: None, labels: BTreeMap::new(), preferred_labels: BTreeMap::new(), disk_mb: 0 },
         timeout_seconds: 60,
         retry: RetryPolicy { max_attempts: 1, backoff_seconds: 0, exit_codes: vec![], on_timeout: false },
         priority: 0,
