@@ -209,11 +209,12 @@ pub async fn agents(a: AgentsArgs) -> Result<()> {
     let text = std::fs::read_to_string(&a.nodes_file)?;
     let ids: Vec<NodeId> = text.lines().filter_map(|l| l.parse().ok()).collect();
     let interval = Duration::from_secs_f64(a.heartbeat_seconds);
+    let count = ids.len().max(1) as f64;
     let mut set = tokio::task::JoinSet::new();
     for (i, node) in ids.into_iter().enumerate() {
         let url = format!("127.0.0.1:{}", a.port);
         // Spread the first heartbeats over one interval.
-        let offset = interval.mul_f64(i as f64 / text.lines().count().max(1) as f64);
+        let offset = interval.mul_f64(i as f64 / count);
         set.spawn(async move {
             if let Err(e) = agent(url, i, node, interval, offset).await {
                 eprintln!("simulated node {i}: {e}");

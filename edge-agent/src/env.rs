@@ -358,9 +358,7 @@ fn fetch_blocking(path: &Path, url: &str, commit: &str, creds: Option<&GitCreden
         }
         git2::Repository::init_bare(path).map_err(git)?
     };
-    if repo.find_commit(oid).is_ok() {
-        return Ok(());
-    }
+    // The caller has seen that the commit is missing (`has_commit`, under the mirror's lock).
     let mut remote = repo.remote_anonymous(url).map_err(git)?;
     let options = || {
         let mut o = git2::FetchOptions::new();

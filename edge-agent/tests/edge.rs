@@ -178,6 +178,13 @@ impl Stack {
         NodeToken::parse(v["token"].as_str().unwrap_or_default()).map_err(|e| anyhow!(e))
     }
 
+    /// Enrols a node, starts its leaf server and agent, and waits until it is online.
+    async fn online_node(&mut self, name: &str) -> Result<Node> {
+        let node = self.join(name, self.enroll(name).await?, Duration::from_millis(500)).await?;
+        self.node_status(node.id, "online", Duration::from_secs(30)).await?;
+        Ok(node)
+    }
+
     async fn join(&self, name: &str, token: NodeToken, heartbeat: Duration) -> Result<Node> {
         self.join_via(name, token, heartbeat, self.hub.leaf_port()).await
     }
@@ -487,15 +494,13 @@ async fn a_dispatch_that_went_stale_while_the_node_was_away_is_never_run() -> Re
 #[tokio::test]
 async fn cordoned_and_draining_nodes_take_no_new_tasks_until_resumed() -> Result<()> {
     let mut s = Stack::start(Duration::from_secs(60)).await?;
-    let a = s.join("zeta", s.enroll("zeta").await?, Duration::from_millis(500)).await?;
-    s.node_status(a.id, "online", Duration::from_secs(30)).await?;
+    let a = s.online_node("zeta").await?;
     let long = s.submit("sleep 2; echo finished-while-draining", 60).await?;
     s.task_state(&long, &["running"], Duration::from_secs(60)).await?;
     let v = s.post(&format!("/api/v1/nodes/{}/drain", a.id), json!({"reason": "disk swap"})).await?;
     assert_eq!(v["scheduling"], "draining", "{v}");
     // A second node joins; the draining one takes nothing new.
-    let b = s.join("eta", s.enroll("eta").await?, Duration::from_millis(500)).await?;
-    s.node_status(b.id, "online", Duration::from_secs(30)).await?;
+    let b = s.online_node("eta").await?;
     let second = s.submit("echo on-the-active-node", 60).await?;
     let done = s.task_state(&second, &["succeeded", "failed"], Duration::from_secs(60)).await?;
     assert_eq!(done["node_id"], b.id.to_string(), "{done}");
@@ -538,8 +543,7 @@ async fn cordoned_and_draining_nodes_take_no_new_tasks_until_resumed() -> Result
 #[tokio::test]
 async fn a_task_lost_with_its_node_runs_elsewhere_and_the_lost_run_is_stopped() -> Result<()> {
     let mut s = Stack::start(Duration::from_secs(3)).await?;
-    let a = s.join("theta", s.enroll("theta").await?, Duration::from_millis(500)).await?;
-    s.node_status(a.id, "online", Duration::from_secs(30)).await?;
+    let a = s.online_node("theta").await?;
     let task = s.submit("sleep 15; echo finished", 120).await?;
     let running = s.task_state(&task, &["running"], Duration::from_secs(60)).await?;
     assert_eq!(running["node_id"], a.id.to_string());
@@ -575,8 +579,7 @@ async fn a_task_lost_with_its_node_runs_elsewhere_and_the_lost_run_is_stopped() 
 #[tokio::test]
 async fn failed_runs_are_retried_per_their_policy() -> Result<()> {
     let mut s = Stack::start(Duration::from_secs(60)).await?;
-    let node = s.join("kappa", s.enroll("kappa").await?, Duration::from_millis(500)).await?;
-    s.node_status(node.id, "online", Duration::from_secs(30)).await?;
+    let node = s.online_node("kappa").await?;
     let mut body = task_body("lab", "echo attempt; exit 3", json!({"cpus": 0.5, "memory_mb": 64}));
     body["retry"] = json!({"max_attempts": 2, "backoff_seconds": 1});
     let id = s.submit_body(body).await?;
@@ -639,8 +642,7 @@ async fn pending_tasks_go_by_priority_then_projects_take_turns() -> Result<()> {
 async fn a_queue_runs_no_more_than_its_limit_at_once() -> Result<()> {
     let queues = ud_core::edge::scheduler::Queues::parse(r#"{"queues": {"serial": {"priority": 5, "max_running": 1}}}"#)?;
     let mut s = Stack::start_with(Duration::from_secs(60), Default::default(), queues).await?;
-    let node = s.join("mu", s.enroll("mu").await?, Duration::from_millis(500)).await?;
-    s.node_status(node.id, "online", Duration::from_secs(30)).await?;
+    let node = s.online_node("mu").await?;
     let serial = |script: &str| {
         let mut b = task_body("lab", script, json!({"cpus": 0.25, "memory_mb": 32}));
         b["queue"] = json!("serial");

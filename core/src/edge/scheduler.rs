@@ -463,16 +463,25 @@ impl Controller {
         }
     }
 
-    async fn on_update(&mut self, u: &Update) {
+    /// Applies one update; says whether it may change what can be placed
+    /// (a heartbeat does only when it makes its node take tasks or stop).
+    async fn on_update(&mut self, u: &Update) -> bool {
         let before = match &u.envelope.event {
             ud_schemas::Event::Task(id, _) => self.cluster.tasks.get(id).map(|t| t.task.state.clone()),
             _ => None,
         };
         let node_before = match &u.envelope.event {
-            ud_schemas::Event::Node(id, _) => self.cluster.nodes.get(id).map(|n| n.node.liveness()),
+            ud_schemas::Event::Node(id, _) => self.cluster.nodes.get(id).map(|n| (n.node.liveness(), n.node.takes_new_tasks())),
             _ => None,
         };
         self.cluster.apply(u);
+        let relevant = match &u.envelope.event {
+            ud_schemas::Event::Node(id, ud_schemas::NodeEvent::Heartbeat(_)) => {
+                node_before.map(|b| b.1) != self.cluster.nodes.get(id).map(|n| n.node.takes_new_tasks())
+            }
+            _ => true,
+        };
+        let node_before = node_before.map(|b| b.0);
         if let ud_schemas::Event::Task(id, ud_schemas::TaskEvent::Lost(l)) = &u.envelope.event {
             self.lost.entry(l.node_id).or_default().push(*id);
         }
@@ -499,12 +508,13 @@ impl Controller {
             }
             // Dispatches lost in a crash between assignment and send are sent again on start.
             if !u.live {
-                return;
+                return relevant;
             }
             if let (ud_schemas::TaskEvent::CancelRequested(c), Some(TaskState::Assigned { node_id, .. } | TaskState::Running { node_id, .. })) = (e, before) {
                 self.send_cancel(node_id, *id, &c.reason).await;
             }
         }
+        relevant
     }
 
     async fn lose_tasks_of(&mut self, node: NodeId) {
@@ -593,11 +603,14 @@ pub async fn run(commands: TaskCommands, settings: ControllerSettings) {
         tokio::select! {
             u = rx.recv() => {
                 let Some(u) = u else { break };
-                c.on_update(&u).await;
+                let mut relevant = c.on_update(&u).await;
                 while let Ok(more) = rx.try_recv() {
-                    c.on_update(&more).await;
+                    relevant |= c.on_update(&more).await;
                 }
-                c.schedule().await;
+                // Heartbeats alone change nothing to place; the tick looks anyway.
+                if relevant {
+                    c.schedule().await;
+                }
             }
             _ = tick.tick() => {
                 if !resent {
