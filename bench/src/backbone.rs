@@ -57,6 +57,8 @@ fn spec() -> ud_schemas::TaskSpec {
         retry: ud_schemas::RetryPolicy { max_attempts: 1, backoff_seconds: 0, exit_codes: vec![], on_timeout: false },
         priority: 0,
         queue: "default".into(),
+        inputs: vec![],
+        outputs: vec![],
     }
 }
 
@@ -208,6 +210,7 @@ async fn rest_submit_to_projected(store: &EventStore, nats_url: String, pg: &PgD
         replicas: 1,
         run_projectors: true,
         edge: None,
+        storage: None,
     })
     .await?;
     let issued = ud_core::commands::issue_token(store, "bench", &["bench".into()], false, "bench").await.map_err(|e| anyhow!("{e}"))?;

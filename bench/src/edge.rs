@@ -63,6 +63,7 @@ pub async fn start_platform(timeout: Duration) -> Result<(NatsServer, PgDatabase
         listen: "127.0.0.1:0".into(),
         replicas: 1,
         run_projectors: true,
+        storage: None,
         edge: Some(EdgeConfig {
             hub: Some(ud_core::edge::hub::HubSettings {
                 accounts_file: hub.accounts_file(),

@@ -19,21 +19,21 @@ pub struct ApiArgs {
     pub json: bool,
 }
 
-struct Api {
-    http: reqwest::Client,
-    args: ApiArgs,
+pub(crate) struct Api {
+    pub(crate) http: reqwest::Client,
+    pub(crate) args: ApiArgs,
 }
 
 impl Api {
-    fn new(args: ApiArgs) -> Self {
+    pub(crate) fn new(args: ApiArgs) -> Self {
         Self { http: reqwest::Client::new(), args }
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("{}{}", self.args.api_url.trim_end_matches('/'), path)
     }
 
-    async fn send(&self, req: reqwest::RequestBuilder) -> Result<Value> {
+    pub(crate) async fn send(&self, req: reqwest::RequestBuilder) -> Result<Value> {
         let resp = req
             .bearer_auth(&self.args.token)
             .send()
@@ -49,16 +49,16 @@ impl Api {
         Ok(body)
     }
 
-    async fn get(&self, path: &str) -> Result<Value> {
+    pub(crate) async fn get(&self, path: &str) -> Result<Value> {
         self.send(self.http.get(self.url(path))).await
     }
 
-    async fn post(&self, path: &str, body: &Value) -> Result<Value> {
+    pub(crate) async fn post(&self, path: &str, body: &Value) -> Result<Value> {
         self.send(self.http.post(self.url(path)).json(body)).await
     }
 }
 
-fn print(v: &Value) {
+pub(crate) fn print(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
@@ -122,6 +122,13 @@ pub struct SubmitArgs {
     /// The queue to wait in (default `default`).
     #[arg(long)]
     queue: Option<String>,
+    /// A project file copied into the workspace before the run: SOURCE or
+    /// SOURCE:PATH (SOURCE ending in '/': a whole folder). Repeatable.
+    #[arg(long = "input")]
+    inputs: Vec<String>,
+    /// A workspace path uploaded after the run (a folder: everything below it). Repeatable.
+    #[arg(long = "output")]
+    outputs: Vec<String>,
     #[arg(long)]
     idempotency_key: Option<String>,
     /// Return once the task is in the read models.
@@ -177,6 +184,20 @@ fn task_body(a: &SubmitArgs) -> Result<Value> {
     }
     if let Some(q) = &a.queue {
         body["queue"] = json!(q);
+    }
+    if !a.inputs.is_empty() {
+        let inputs: Vec<Value> = a
+            .inputs
+            .iter()
+            .map(|i| match i.split_once(':') {
+                Some((source, path)) => json!({"source": source, "path": path}),
+                None => json!({"source": i, "path": i}),
+            })
+            .collect();
+        body["inputs"] = json!(inputs);
+    }
+    if !a.outputs.is_empty() {
+        body["outputs"] = json!(a.outputs);
     }
     Ok(body)
 }

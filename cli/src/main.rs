@@ -1,6 +1,7 @@
 //! `unidesk`: the server, the client and the operator's tools in one binary.
 
 mod client;
+mod files;
 mod ops;
 mod serve;
 
@@ -44,6 +45,9 @@ enum Command {
     /// API tokens.
     #[command(subcommand)]
     Token(client::TokenCommand),
+    /// A project's files in the object store.
+    #[command(subcommand)]
+    File(files::FileCommand),
     /// Follow or export events (talks to NATS directly).
     #[command(subcommand)]
     Events(ops::EventsCommand),
@@ -87,6 +91,7 @@ async fn main() -> std::process::ExitCode {
                 Command::Project(c) => client::project(c).await,
                 Command::Queue(c) => client::queue(c).await,
                 Command::Token(c) => client::token(c).await,
+                Command::File(c) => files::run(c).await,
                 Command::Events(c) => ops::events(c).await,
                 Command::Projections(c) => ops::projections(c).await,
                 Command::Admin(c) => ops::admin(c).await,

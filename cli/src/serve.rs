@@ -39,12 +39,66 @@ impl DbArgs {
     }
 }
 
+/// The object store (any S3-compatible service).
+#[derive(Args, Clone)]
+pub struct StorageArgs {
+    /// S3 endpoint URL (Garage, MinIO, ...); leave unset for AWS S3.
+    #[arg(long = "s3-endpoint", env = "UD_S3_ENDPOINT")]
+    pub endpoint: Option<String>,
+    #[arg(long = "s3-region", env = "UD_S3_REGION", default_value = "us-east-1")]
+    pub region: String,
+    /// Bucket for project files, task outputs and log archives; unset: no object store.
+    #[arg(long = "s3-bucket", env = "UD_S3_BUCKET")]
+    pub bucket: Option<String>,
+    #[arg(long = "s3-access-key-id", env = "UD_S3_ACCESS_KEY_ID")]
+    pub access_key_id: Option<String>,
+    #[arg(long = "s3-secret-access-key", env = "UD_S3_SECRET_ACCESS_KEY", hide_env_values = true)]
+    pub secret_access_key: Option<String>,
+    /// Address buckets by path (`<endpoint>/<bucket>`), as Garage and MinIO expect; false for virtual hosts.
+    #[arg(long = "s3-path-style", env = "UD_S3_PATH_STYLE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub path_style: bool,
+    /// Longest life of a presigned URL.
+    #[arg(long = "s3-url-ttl-seconds", env = "UD_S3_URL_TTL_SECONDS", default_value_t = 900)]
+    pub url_ttl_seconds: u64,
+    /// Most MiB one project may keep in the object store (unset: no limit).
+    #[arg(long = "project-quota-mb", env = "UD_PROJECT_QUOTA_MB")]
+    pub project_quota_mb: Option<u64>,
+}
+
+impl StorageArgs {
+    /// The store, or `None` when no bucket is set.
+    pub fn storage(&self) -> Result<Option<ud_storage::Storage>> {
+        let Some(bucket) = self.bucket.clone().filter(|b| !b.is_empty()) else { return Ok(None) };
+        let access_key_id = self.access_key_id.clone().filter(|k| !k.is_empty()).context("UD_S3_BUCKET is set but UD_S3_ACCESS_KEY_ID is not")?;
+        let secret_access_key =
+            self.secret_access_key.clone().filter(|k| !k.is_empty()).context("UD_S3_BUCKET is set but UD_S3_SECRET_ACCESS_KEY is not")?;
+        if let Some(e) = &self.endpoint {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                anyhow::bail!("UD_S3_ENDPOINT must be an http:// or https:// URL, not {e:?}");
+            }
+        }
+        let settings = ud_storage::StorageSettings {
+            endpoint: self.endpoint.clone().filter(|e| !e.is_empty()),
+            region: self.region.clone(),
+            bucket,
+            access_key_id,
+            secret_access_key,
+            path_style: self.path_style,
+            url_ttl: std::time::Duration::from_secs(self.url_ttl_seconds),
+            project_quota_bytes: self.project_quota_mb.map(|mb| mb.saturating_mul(1024 * 1024)),
+        };
+        Ok(Some(ud_storage::Storage::new(settings).context("UD_S3_* settings")?))
+    }
+}
+
 #[derive(Args)]
 pub struct ServeArgs {
     #[command(flatten)]
     pub nats: NatsArgs,
     #[command(flatten)]
     pub db: DbArgs,
+    #[command(flatten)]
+    pub storage: StorageArgs,
     /// Address of the REST API.
     #[arg(long, env = "UD_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: String,
@@ -144,6 +198,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         replicas: args.replicas,
         run_projectors: !args.no_projectors,
         edge: edge_config(&args)?,
+        storage: args.storage.storage()?,
     })
     .await?;
     println!("UniDesk API listening on http://{}", running.addr);

@@ -85,6 +85,8 @@ pub enum TaskCommand {
     Unschedulable { reason: String },
     RecordPreparing { node_id: NodeId, attempt: u32, step: String },
     RecordPrepared(Box<TaskPrepared>),
+    /// The run's outputs are in the object store.
+    RecordOutputs(Box<TaskOutputs>),
     Start { node_id: NodeId, attempt: u32 },
     Succeed { node_id: NodeId, exit_code: i32 },
     Fail { node_id: NodeId, exit_code: Option<i32>, reason: String },
@@ -105,6 +107,7 @@ impl TaskCommand {
             Self::Unschedulable { .. } => "unschedulable",
             Self::RecordPreparing { .. } => "record-preparing",
             Self::RecordPrepared(_) => "record-prepared",
+            Self::RecordOutputs(_) => "record-outputs",
             Self::Start { .. } => "start",
             Self::Succeed { .. } => "succeed",
             Self::Fail { .. } => "fail",
@@ -169,6 +172,11 @@ pub fn decide(task: Option<&Task>, command: TaskCommand, now: Millis) -> Result<
             Ok(vec![TaskEvent::Started(TaskStarted { at: now, node_id, attempt })])
         }
         (TaskState::Assigned { .. }, c @ TaskCommand::Start { .. }) => Err(invalid(&c)),
+        (
+            TaskState::Running { node_id: live, attempt: a } | TaskState::Cancelling { node_id: live, attempt: a, .. },
+            TaskCommand::RecordOutputs(o),
+        ) if *live == o.node_id && *a == o.attempt => Ok(vec![TaskEvent::Outputs(TaskOutputs { at: now, ..*o })]),
+        (TaskState::Running { .. } | TaskState::Cancelling { .. }, TaskCommand::RecordOutputs(o)) => Err(TaskError::WrongNode(o.node_id)),
         (
             TaskState::Assigned { .. } | TaskState::Running { .. } | TaskState::Cancelling { .. },
             TaskCommand::Succeed { node_id, exit_code },
@@ -281,7 +289,7 @@ pub fn evolve(task: Option<Task>, id: TaskId, event: &TaskEvent) -> Option<Task>
         (TaskState::Assigned { node_id, attempt } | TaskState::Running { node_id, attempt }, TaskEvent::CancelRequested(e)) => {
             TaskState::Cancelling { node_id, attempt, reason: e.reason.clone() }
         }
-        (state, TaskEvent::CancelRequested(_) | TaskEvent::Submitted(_) | TaskEvent::Waiting(_) | TaskEvent::Preparing(_) | TaskEvent::Prepared(_)) => {
+        (state, TaskEvent::CancelRequested(_) | TaskEvent::Submitted(_) | TaskEvent::Waiting(_) | TaskEvent::Preparing(_) | TaskEvent::Prepared(_) | TaskEvent::Outputs(_)) => {
             state
         }
     };

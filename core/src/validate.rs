@@ -24,6 +24,7 @@ pub mod limits {
     pub const MAX_URL_BYTES: usize = 2048;
     pub const MAX_PATH_BYTES: usize = 1024;
     pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
+    pub const MAX_FILES: usize = 256;
 }
 
 /// A task as a user submits it (REST body and NATS command payload).
@@ -67,6 +68,14 @@ pub struct SubmitTask {
     /// The queue to wait in (default `default`): 1-63 of [a-z0-9-_].
     #[serde(default)]
     pub queue: Option<String>,
+    /// Project files copied into the workspace before the run (`source`
+    /// ending in `/`: every file below that folder).
+    #[serde(default)]
+    pub inputs: Vec<ud_schemas::spec::TaskInput>,
+    /// Workspace paths uploaded to the object store after the run (also
+    /// after a failure); a directory uploads everything below it.
+    #[serde(default)]
+    pub outputs: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
@@ -353,6 +362,25 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
     if queue.is_empty() || queue.len() > 63 || !queue.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_') {
         e.add("queue", "1-63 of a-z, 0-9, - and _");
     }
+    if req.inputs.len() > limits::MAX_FILES {
+        e.add("inputs", "more than 256 inputs");
+    }
+    for (i, input) in req.inputs.iter().enumerate() {
+        if let Err(reason) = ud_schemas::spec::relative_path(&input.source) {
+            e.add(format!("inputs[{i}].source"), format!("{:?} {reason}", input.source));
+        }
+        if let Err(reason) = ud_schemas::spec::relative_path(&input.path) {
+            e.add(format!("inputs[{i}].path"), format!("{:?} {reason}: it must stay inside the workspace", input.path));
+        }
+    }
+    if req.outputs.len() > limits::MAX_FILES {
+        e.add("outputs", "more than 256 outputs");
+    }
+    for (i, path) in req.outputs.iter().enumerate() {
+        if let Err(reason) = ud_schemas::spec::relative_path(path) {
+            e.add(format!("outputs[{i}]"), format!("{path:?} {reason}: it must stay inside the workspace"));
+        }
+    }
     let priority = req.priority.unwrap_or(0);
     if let Err(f) = priority_value(priority) {
         e.0.push(f);
@@ -389,6 +417,8 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
                 },
                 priority: i32::try_from(priority).unwrap_or(0),
                 queue,
+                inputs: req.inputs.clone(),
+                outputs: req.outputs.iter().map(|p| p.trim_end_matches('/').to_owned()).collect(),
             },
         )),
         _ => Err(e.0),
@@ -429,6 +459,8 @@ pub(crate) mod tests {
             retry: None,
             priority: None,
             queue: None,
+            inputs: vec![],
+            outputs: vec![],
         }
     }
 
@@ -458,6 +490,21 @@ pub(crate) mod tests {
             fields(r),
             vec!["code_repo_url", "env_commit_id", "dockerfile_path", "command", "resources.cpus", "resources.memory_mb"]
         );
+    }
+
+    #[test]
+    fn files_stay_inside_the_workspace() {
+        let mut r = request();
+        r.inputs = vec![
+            ud_schemas::spec::TaskInput { source: "data/train.csv".into(), path: "data/train.csv".into() },
+            ud_schemas::spec::TaskInput { source: "/etc/passwd".into(), path: "../../x".into() },
+        ];
+        r.outputs = vec!["results/".into(), "../escape".into(), "/abs".into()];
+        assert_eq!(fields(r.clone()), vec!["inputs[1].source", "inputs[1].path", "outputs[1]", "outputs[2]"]);
+        r.inputs.truncate(1);
+        r.outputs.truncate(1);
+        let (_, spec) = submit_task(&r).unwrap_or_else(|e| unreachable!("{e:?}"));
+        assert_eq!(spec.outputs, vec!["results".to_owned()]);
     }
 
     #[test]

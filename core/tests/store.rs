@@ -29,6 +29,8 @@ pub fn request(project: &str) -> SubmitTask {
         retry: None,
         priority: None,
         queue: None,
+        inputs: vec![],
+        outputs: vec![],
     }
 }
 

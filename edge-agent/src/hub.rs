@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use serde::{de::DeserializeOwned, Serialize};
-use ud_schemas::dispatch::{self, AssignmentCheck, AssignmentReply, GitCredentialsReply, GitCredentialsRequest};
+use ud_schemas::dispatch::{self, AssignmentCheck, AssignmentReply, GitCredentialsReply, GitCredentialsRequest, StorageReply, StorageRequest};
 use ud_schemas::{edge, NodeId, TaskId};
 
 /// How long the agent waits for an answer before going on without one.
@@ -36,5 +36,10 @@ impl Hub {
     pub async fn assignment(&self, task: TaskId, attempt: u32) -> Result<AssignmentReply, String> {
         let q = AssignmentCheck { task_id: task, attempt };
         self.ask(edge::assignment_subject(&self.node), &q, "assignment-reply").await
+    }
+
+    /// Presigned URLs (or the outcome) for moving one task's files.
+    pub async fn storage(&self, req: &StorageRequest) -> Result<StorageReply, String> {
+        self.ask(edge::storage_subject(&self.node), req, "storage-reply").await
     }
 }

@@ -6,6 +6,7 @@ pub mod docker;
 pub mod env;
 pub mod hub;
 pub mod info;
+pub mod transfer;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -155,6 +156,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let docker = docker::Executor::connect(cfg.docker_host.as_deref(), node).await?;
     let running: Running = Arc::default();
     let requests = hub::Hub { client: client.clone(), node };
+    let transfers = transfer::Transfers::new(requests.clone());
     let versions = env::Versions::new(cfg.work_dir.clone(), docker.client(), cfg.build_timeout, cfg.cache_limit_mb.saturating_mul(1024 * 1024))
         .with_credentials(requests.clone());
     // Everything the agent starts ends with it.
@@ -170,7 +172,8 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     for (task, attempt, container) in docker.ours().await? {
         let (tx, rx) = oneshot::channel();
         running.lock().await.insert(task, tx);
-        tasks.spawn(supervise(docker.clone(), reporter.clone(), running.clone(), task, attempt, container, None, rx));
+        let run = Run { docker: docker.clone(), reporter: reporter.clone(), running: running.clone(), task, attempt };
+        tasks.spawn(supervise(run, container, None, None, rx));
     }
 
     let beat_reporter = reporter.clone();
@@ -200,7 +203,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
 
     loop {
         // Re-bind after any failure: leaf links have been seen to lose interest after a reset.
-        let ctx = Ctx { cfg: &cfg, docker: &docker, versions: &versions, reporter: &reporter, running: &running, requests: &requests };
+        let ctx = Ctx { cfg: &cfg, docker: &docker, versions: &versions, reporter: &reporter, running: &running, requests: &requests, transfers: &transfers };
         match pull_dispatches(&hub, &ctx, &mut tasks).await {
             Ok(()) => {}
             Err(e) => warn!(error = %e, "dispatch consumer lost; binding again"),
@@ -217,6 +220,7 @@ struct Ctx<'a> {
     reporter: &'a Reporter,
     running: &'a Running,
     requests: &'a hub::Hub,
+    transfers: &'a transfer::Transfers,
 }
 
 async fn pull_dispatches(hub: &jetstream::Context, ctx: &Ctx<'_>, tasks: &mut tokio::task::JoinSet<()>) -> Result<(), AgentError> {
@@ -271,8 +275,16 @@ async fn start(ctx: &Ctx<'_>, run: DispatchRun, tasks: &mut tokio::task::JoinSet
         }
         r.insert(task, tx);
     }
-    let (docker, versions, reporter, running, requests, image, node) =
-        (ctx.docker.clone(), ctx.versions.clone(), ctx.reporter.clone(), running.clone(), ctx.requests.clone(), cfg.image.clone(), cfg.node_id);
+    let (docker, versions, reporter, running, requests, transfers, image, node) = (
+        ctx.docker.clone(),
+        ctx.versions.clone(),
+        ctx.reporter.clone(),
+        running.clone(),
+        ctx.requests.clone(),
+        ctx.transfers.clone(),
+        cfg.image.clone(),
+        cfg.node_id,
+    );
     let workspace = cfg.work_dir.join("tasks").join(format!("{task}-{}", run.attempt));
     // Tasks are prepared and started in parallel; the dispatch loop goes on at once.
     tasks.spawn(
@@ -301,10 +313,18 @@ async fn start(ctx: &Ctx<'_>, run: DispatchRun, tasks: &mut tokio::task::JoinSet
                 Ok(_) => {}
                 Err(e) => warn!(error = %e, "assignment not confirmed; running it"),
             }
+            let files = !run.spec.inputs.is_empty() || !run.spec.outputs.is_empty();
             let (image, mount, mut prepared) = match image {
                 Some(image) => {
                     let image_id = docker.image_id(&image).await;
-                    (image, None, (String::new(), image_id, Vec::new()))
+                    // A fixed image gets a workspace only to exchange files through.
+                    let mount = files.then(|| workspace.clone());
+                    if let Some(w) = &mount {
+                        if let Err(e) = std::fs::create_dir_all(w) {
+                            return fail(format!("preparing the workspace: {e}")).await;
+                        }
+                    }
+                    (image, mount, (String::new(), image_id, Vec::new()))
                 }
                 None => {
                     let log = |text: String| {
@@ -330,6 +350,18 @@ async fn start(ctx: &Ctx<'_>, run: DispatchRun, tasks: &mut tokio::task::JoinSet
                     }
                 }
             };
+            if let (Some(w), false) = (&mount, run.spec.inputs.is_empty()) {
+                reporter.step(task, run.attempt, "fetch_inputs").await;
+                let t = std::time::Instant::now();
+                match transfers.inputs(task, run.attempt, w).await {
+                    Ok(bytes) => info!(bytes, millis = t.elapsed().as_millis() as u64, "inputs copied"),
+                    Err(e) => {
+                        let _ = std::fs::remove_dir_all(&workspace);
+                        return fail(format!("fetching inputs: {e}")).await;
+                    }
+                }
+                prepared.2.push(("fetch_inputs", t.elapsed()));
+            }
             if mount.is_some() {
                 reporter.step(task, run.attempt, "start").await;
             }
@@ -359,7 +391,12 @@ async fn start(ctx: &Ctx<'_>, run: DispatchRun, tasks: &mut tokio::task::JoinSet
                 warn!(error = %e, "cannot record start");
             }
             let timeout = Duration::from_secs(run.spec.timeout_seconds);
-            supervise(docker, reporter, running, task, run.attempt, container, Some(timeout), rx).await;
+            let outputs = match (&mount, run.spec.outputs.is_empty()) {
+                (Some(w), false) => Some(Outputs { transfers, workspace: w.clone(), paths: run.spec.outputs.clone() }),
+                _ => None,
+            };
+            let r = Run { docker, reporter, running, task, attempt: run.attempt };
+            supervise(r, container, Some(timeout), outputs, rx).await;
             if mount.is_some() {
                 let _ = std::fs::remove_dir_all(&workspace);
             }
@@ -368,17 +405,62 @@ async fn start(ctx: &Ctx<'_>, run: DispatchRun, tasks: &mut tokio::task::JoinSet
     );
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn supervise(
+/// One run on this node.
+struct Run {
     docker: docker::Executor,
     reporter: Reporter,
     running: Running,
     task: TaskId,
     attempt: u32,
-    container: String,
-    timeout: Option<Duration>,
-    cancel: oneshot::Receiver<DispatchCancel>,
-) {
+}
+
+/// What a run leaves in the object store when it ends.
+struct Outputs {
+    transfers: transfer::Transfers,
+    workspace: std::path::PathBuf,
+    paths: Vec<String>,
+}
+
+/// Stores a finished run's outputs and records them; the outcome changes to
+/// a failure when a succeeded run's outputs cannot be stored, so that no task
+/// is marked succeeded while its outputs are missing.
+async fn store_outputs(run: &Run, outputs: &Outputs, outcome: TaskEvent) -> TaskEvent {
+    let (required, keep) = match &outcome {
+        TaskEvent::Succeeded(_) => (true, true),
+        // Logs and partial results of failed runs are kept too.
+        TaskEvent::Failed(_) | TaskEvent::TimedOut(_) => (false, true),
+        _ => (false, false),
+    };
+    if !keep {
+        return outcome;
+    }
+    let t = std::time::Instant::now();
+    match outputs.transfers.outputs(run.task, run.attempt, &outputs.workspace, &outputs.paths, required).await {
+        Ok(files) if files.is_empty() => outcome,
+        Ok(files) => {
+            let bytes: u64 = files.iter().map(|f| f.size).sum();
+            info!(files = files.len(), bytes, millis = t.elapsed().as_millis() as u64, "outputs stored");
+            let record = TaskOutputs { at: now_millis(), node_id: run.reporter.node, attempt: run.attempt, files };
+            match run.reporter.send(&Event::Task(run.task, TaskEvent::Outputs(record))).await {
+                Ok(()) => outcome,
+                Err(e) => TaskEvent::Failed(TaskFailed { at: now_millis(), exit_code: None, reason: format!("cannot record the outputs: {e}") }),
+            }
+        }
+        Err(e) => {
+            warn!(error = %e, "outputs not stored");
+            match outcome {
+                TaskEvent::Succeeded(s) => {
+                    TaskEvent::Failed(TaskFailed { at: now_millis(), exit_code: Some(s.exit_code), reason: format!("storing outputs: {e}") })
+                }
+                TaskEvent::Failed(f) => TaskEvent::Failed(TaskFailed { reason: format!("{}; outputs not stored: {e}", f.reason), ..f }),
+                other => other,
+            }
+        }
+    }
+}
+
+async fn supervise(run: Run, container: String, timeout: Option<Duration>, outputs: Option<Outputs>, cancel: oneshot::Receiver<DispatchCancel>) {
+    let (docker, reporter, task, attempt) = (run.docker.clone(), run.reporter.clone(), run.task, run.attempt);
     let logs = tokio::spawn({
         let (docker, reporter, container) = (docker.clone(), reporter.clone(), container.clone());
         async move { docker.follow_logs(&container, |stream, text| reporter.log(task, attempt, stream, text)).await }
@@ -406,7 +488,11 @@ async fn supervise(
         },
     };
     let _ = logs.await;
-    running.lock().await.remove(&task);
+    let outcome = match &outputs {
+        Some(o) => store_outputs(&run, o, outcome).await,
+        None => outcome,
+    };
+    run.running.lock().await.remove(&task);
     info!(outcome = outcome.name(), "task finished");
     if let Err(e) = reporter.send(&Event::Task(task, outcome)).await {
         warn!(error = %e, "cannot record the outcome");

@@ -53,6 +53,15 @@ impl Stack {
         git_credentials: ud_core::edge::credentials::GitCredentials,
         queues: ud_core::edge::scheduler::Queues,
     ) -> Result<Self> {
+        Self::start_full(heartbeat_timeout, git_credentials, queues, None).await
+    }
+
+    async fn start_full(
+        heartbeat_timeout: Duration,
+        git_credentials: ud_core::edge::credentials::GitCredentials,
+        queues: ud_core::edge::scheduler::Queues,
+        storage: Option<ud_storage::Storage>,
+    ) -> Result<Self> {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("UD_LOG").unwrap_or_else(|_| "warn".into()))
             .with_test_writer()
@@ -67,6 +76,7 @@ impl Stack {
             listen: "127.0.0.1:0".into(),
             replicas: 1,
             run_projectors: true,
+            storage,
             edge: Some(EdgeConfig {
                 hub: Some(ud_core::edge::hub::HubSettings {
                     accounts_file: hub.accounts_file(),
@@ -701,6 +711,7 @@ async fn two_main_servers_assign_each_task_once_and_mark_a_silent_node_offline_o
         listen: "127.0.0.1:0".into(),
         replicas: 1,
         run_projectors: false,
+        storage: None,
         edge: Some(EdgeConfig {
             hub: None,
             controller: ud_core::edge::scheduler::ControllerSettings {

@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod body;
 pub mod error;
+pub mod files;
 pub mod nodes;
 pub mod openapi;
 pub mod projected;
@@ -23,6 +24,8 @@ pub struct AppState {
     pub commands: TaskCommands,
     pub db: Db,
     pub projected: Projected,
+    /// The object store, when one is configured.
+    pub storage: Option<ud_storage::Storage>,
 }
 
 async fn healthz() -> &'static str {
@@ -48,6 +51,11 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/tasks/{id}/priority", post(tasks::priority))
         .route("/api/v1/projects/{project}/cancel", post(tasks::cancel_project))
         .route("/api/v1/queues/{queue}/cancel", post(tasks::cancel_queue))
+        .route("/api/v1/projects/{project}/files", get(files::list))
+        .route("/api/v1/projects/{project}/files/{*path}", get(files::download))
+        .route("/api/v1/projects/{project}/uploads", post(files::start_upload))
+        .route("/api/v1/projects/{project}/uploads/{upload_id}", get(files::resume_upload).delete(files::abort_upload))
+        .route("/api/v1/projects/{project}/uploads/{upload_id}/complete", post(files::complete_upload))
         .route("/api/v1/nodes", get(nodes::list).post(nodes::enroll))
         .route("/api/v1/nodes/{id}", get(nodes::get))
         .route("/api/v1/nodes/{id}/revoke", post(nodes::revoke))

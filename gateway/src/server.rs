@@ -22,6 +22,8 @@ pub struct ServerConfig {
     pub run_projectors: bool,
     /// Compute nodes: hub reconciliation, ingest, liveness and scheduling.
     pub edge: Option<EdgeConfig>,
+    /// The object store for files, task inputs and outputs, and log archives.
+    pub storage: Option<ud_storage::Storage>,
 }
 
 #[derive(Clone, Debug)]
@@ -123,9 +125,9 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
                 tracing::error!(error = %e, "ingest stopped");
             }
         }));
-        let (s, creds) = (store.clone(), edge.git_credentials.clone());
+        let (s, creds, storage) = (store.clone(), edge.git_credentials.clone(), cfg.storage.clone());
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = ud_core::edge::requests::serve(s, creds).await {
+            if let Err(e) = ud_core::edge::requests::serve(s, creds, storage).await {
                 tracing::error!(error = %e, "node request service stopped");
             }
         }));
@@ -139,7 +141,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
     let addr = listener
         .local_addr()
         .map_err(|e| StartError::Listen { addr: cfg.listen.clone(), reason: e.to_string() })?;
-    let state = AppState { commands, db, projected };
+    let state = AppState { commands, db, projected, storage: cfg.storage.clone() };
     let api_state = state.clone();
     tasks.push(tokio::spawn(async move {
         if let Err(e) = crate::serve(listener, api_state).await {

@@ -65,7 +65,7 @@ pub struct TaskView {
     /// preparing steps with their durations, GPUs (null until prepared).
     pub prepared: Option<serde_json::Value>,
     /// While the node prepares the run: `{"step", "since", "attempt"}`, the
-    /// step under way (fetch_code, fetch_environment, build_image, checkout,
+    /// step under way (fetch_code, fetch_environment, build_image, checkout, fetch_inputs,
     /// start) and when it began; null otherwise.
     pub preparing: Option<serde_json::Value>,
     /// Why a pending task is not placed yet, as the scheduler last said
@@ -81,6 +81,9 @@ pub struct TaskView {
     pub finished_at: Option<DateTime<Utc>>,
     /// Events applied to this task; grows with every change.
     pub version: i64,
+    /// What the last run left in the object store, with download links (in
+    /// `GET /api/v1/tasks/{id}`; empty in lists).
+    pub outputs: Vec<crate::files::OutputView>,
 }
 
 impl From<TaskRow> for TaskView {
@@ -104,6 +107,7 @@ impl From<TaskRow> for TaskView {
             updated_at: r.updated_at,
             finished_at: r.finished_at,
             version: r.version,
+            outputs: vec![],
         }
     }
 }
@@ -334,7 +338,10 @@ pub async fn get(State(state): State<AppState>, caller: Caller, Path(id): Path<S
         .await?
         .filter(|r| caller.may_see(&r.project))
         .ok_or_else(|| ApiError::not_found("task"))?;
-    Ok(Json(row.into()))
+    let outputs = crate::files::outputs(state.storage.as_ref(), row.outputs.as_ref()).await;
+    let mut view = TaskView::from(row);
+    view.outputs = outputs;
+    Ok(Json(view))
 }
 
 /// Tasks the token may see, newest first.

@@ -128,7 +128,7 @@ pub(crate) async fn record_error(
 }
 
 const TASK_COLS: &str = "id, project, name, state, node_id, attempt, spec, exit_code, reason, submitted_by, \
-                         submitted_at, updated_at, finished_at, version, last_seq, prepared, preparing, waiting_reason, priority";
+                         submitted_at, updated_at, finished_at, version, last_seq, prepared, preparing, waiting_reason, priority, outputs";
 
 pub(crate) fn task_from_row(r: &tokio_postgres::Row) -> TaskRow {
     TaskRow {
@@ -151,6 +151,7 @@ pub(crate) fn task_from_row(r: &tokio_postgres::Row) -> TaskRow {
         preparing: r.get(16),
         waiting_reason: r.get(17),
         priority: r.get(18),
+        outputs: r.get(19),
     }
 }
 
@@ -187,12 +188,13 @@ pub(crate) async fn upsert_tasks(c: &impl GenericClient, rows: &[TaskRow]) -> Re
     let preparing: Vec<Option<&serde_json::Value>> = rows.iter().map(|r| r.preparing.as_ref()).collect();
     let waiting: Vec<Option<&str>> = rows.iter().map(|r| r.waiting_reason.as_deref()).collect();
     let priority: Vec<i32> = rows.iter().map(|r| r.priority).collect();
+    let outputs: Vec<Option<&serde_json::Value>> = rows.iter().map(|r| r.outputs.as_ref()).collect();
     c.execute(
         &format!(
             "INSERT INTO tasks ({TASK_COLS})
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::uuid[], $6::int4[],
                                   $7::jsonb[], $8::int4[], $9::text[], $10::text[], $11::timestamptz[],
-                                  $12::timestamptz[], $13::timestamptz[], $14::int8[], $15::int8[], $16::jsonb[], $17::jsonb[], $18::text[], $19::int4[])
+                                  $12::timestamptz[], $13::timestamptz[], $14::int8[], $15::int8[], $16::jsonb[], $17::jsonb[], $18::text[], $19::int4[], $20::jsonb[])
              ON CONFLICT (id) DO UPDATE SET
                project = EXCLUDED.project, name = EXCLUDED.name, state = EXCLUDED.state,
                node_id = EXCLUDED.node_id, attempt = EXCLUDED.attempt, spec = EXCLUDED.spec,
@@ -201,11 +203,11 @@ pub(crate) async fn upsert_tasks(c: &impl GenericClient, rows: &[TaskRow]) -> Re
                updated_at = EXCLUDED.updated_at, finished_at = EXCLUDED.finished_at,
                version = EXCLUDED.version, last_seq = EXCLUDED.last_seq, prepared = EXCLUDED.prepared,
                preparing = EXCLUDED.preparing, waiting_reason = EXCLUDED.waiting_reason,
-               priority = EXCLUDED.priority"
+               priority = EXCLUDED.priority, outputs = EXCLUDED.outputs"
         ),
         &[
             &ids, &project, &name, &state, &node, &attempt, &spec, &exit, &reason, &by, &sub_at, &upd_at, &fin_at,
-            &version, &last_seq, &prepared, &preparing, &waiting, &priority,
+            &version, &last_seq, &prepared, &preparing, &waiting, &priority, &outputs,
         ],
     )
     .await?;

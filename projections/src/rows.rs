@@ -25,6 +25,8 @@ pub struct TaskRow {
     pub waiting_reason: Option<String>,
     /// Current priority (higher first).
     pub priority: i32,
+    /// The outputs the last run left in the object store (task.outputs).
+    pub outputs: Option<serde_json::Value>,
     pub exit_code: Option<i32>,
     pub reason: Option<String>,
     pub submitted_by: String,
@@ -64,6 +66,7 @@ pub fn apply_task(
                 preparing: None,
                 waiting_reason: None,
                 priority: e.spec.priority,
+                outputs: None,
                 exit_code: None,
                 reason: None,
                 submitted_by: actor.to_owned(),
@@ -84,7 +87,7 @@ pub fn apply_task(
     if terminal {
         return Ok(row);
     }
-    if !matches!(event, TaskEvent::Preparing(_) | TaskEvent::Prepared(_) | TaskEvent::CancelRequested(_)) {
+    if !matches!(event, TaskEvent::Preparing(_) | TaskEvent::Prepared(_) | TaskEvent::CancelRequested(_) | TaskEvent::Outputs(_)) {
         row.preparing = None;
     }
     if !matches!(event, TaskEvent::Waiting(_) | TaskEvent::Reprioritized(_)) {
@@ -120,6 +123,9 @@ pub fn apply_task(
         }
         TaskEvent::Prepared(e) => {
             row.prepared = serde_json::to_value(e).ok();
+        }
+        TaskEvent::Outputs(e) => {
+            row.outputs = serde_json::to_value(e).ok();
         }
         TaskEvent::Started(e) => {
             row.state = "running".into();

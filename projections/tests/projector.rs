@@ -43,6 +43,8 @@ fn spec() -> ud_schemas::TaskSpec {
         retry: None,
         priority: None,
         queue: None,
+        inputs: vec![],
+        outputs: vec![],
     };
     ud_core::validate::submit_task(&req).map(|(_, s)| s).unwrap_or_else(|e| unreachable!("{e:?}"))
 }

@@ -157,6 +157,7 @@ pub fn decode_event(subject: &str, version: u16, payload: &[u8]) -> Result<Event
                 "assigned" => TaskEvent::Assigned(from_cbor(payload, t, v)?),
                 "preparing" => TaskEvent::Preparing(from_cbor(payload, t, v)?),
                 "prepared" => TaskEvent::Prepared(from_cbor(payload, t, v)?),
+                "outputs" => TaskEvent::Outputs(from_cbor(payload, t, v)?),
                 "started" => TaskEvent::Started(from_cbor(payload, t, v)?),
                 "succeeded" => TaskEvent::Succeeded(from_cbor(payload, t, v)?),
                 "failed" => TaskEvent::Failed(from_cbor(payload, t, v)?),

@@ -97,3 +97,68 @@ pub struct AssignmentReply {
     /// Why not, when it is not.
     pub reason: Option<String>,
 }
+
+/// A node asks for what it needs to move one task's files: request/reply on
+/// `ud.storage.<node_id>`, answered only for a task assigned to that node,
+/// with presigned URLs that name one object and one method and expire in
+/// minutes (CDDL rules `storage-request`, `storage-reply`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum StorageRequest {
+    /// URLs to read the task's inputs.
+    Inputs { task_id: TaskId, attempt: u32 },
+    /// URLs to write these outputs. A file with an `upload_id` resumes that upload.
+    Outputs { task_id: TaskId, attempt: u32, files: Vec<OutputFile> },
+    /// The outputs are written: complete their uploads and check their sizes.
+    Complete { task_id: TaskId, attempt: u32, files: Vec<OutputFile> },
+}
+
+/// An output file as the node found it in the workspace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputFile {
+    /// Relative to the workspace.
+    pub path: String,
+    pub size: u64,
+    /// Hex SHA-256 of the file's bytes.
+    pub sha256: String,
+    /// The multipart upload it is written with, once there is one.
+    pub upload_id: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum StorageReply {
+    Inputs { files: Vec<InputUrl> },
+    Outputs { files: Vec<OutputUrl> },
+    Complete { files: Vec<crate::events::OutputObject> },
+    /// Refused or impossible; `reason` names the object.
+    Refused { reason: String },
+}
+
+/// One input object to copy to `path` in the workspace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputUrl {
+    /// Relative to the workspace.
+    pub path: String,
+    /// The project file it is, for messages.
+    pub object: String,
+    pub size: u64,
+    pub url: String,
+}
+
+/// Where to write one output.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputUrl {
+    pub path: String,
+    pub upload: Upload,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Upload {
+    /// One PUT of the whole file.
+    Single { url: String },
+    /// PUT part `i + 1` (bytes `i * part_size ..`) to `part_urls[i]`; parts
+    /// in `done` are already stored.
+    Multipart { upload_id: String, part_size: u64, part_urls: Vec<String>, done: Vec<u32> },
+}

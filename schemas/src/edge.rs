@@ -65,6 +65,13 @@ pub fn git_credentials_subject(node: &NodeId) -> String {
     format!("{GIT_CREDENTIALS_PREFIX}.{node}")
 }
 
+/// Where a node asks for presigned URLs to move a task's files (request/reply).
+pub const STORAGE_PREFIX: &str = "ud.storage";
+
+pub fn storage_subject(node: &NodeId) -> String {
+    format!("{STORAGE_PREFIX}.{node}")
+}
+
 /// Where a node checks that an assignment is still current (request/reply).
 pub const ASSIGNMENT_PREFIX: &str = "ud.assignment";
 

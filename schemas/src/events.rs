@@ -19,6 +19,7 @@ pub enum TaskEvent {
     Preparing(TaskPreparing),
     Prepared(TaskPrepared),
     Started(TaskStarted),
+    Outputs(TaskOutputs),
     Succeeded(TaskSucceeded),
     Failed(TaskFailed),
     TimedOut(TaskTimedOut),
@@ -81,7 +82,7 @@ pub struct TaskAssigned {
 }
 
 /// A preparing step began on the node (`fetch_code`, `fetch_environment`,
-/// `build_image`, `checkout`, `start`); the step before it ended.
+/// `build_image`, `checkout`, `fetch_inputs`, `start`); the step before it ended.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskPreparing {
     pub at: Millis,
@@ -108,7 +109,7 @@ pub struct TaskPrepared {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PrepareStep {
-    /// `fetch_code`, `fetch_environment`, `build_image`, `checkout`, `start`.
+    /// `fetch_code`, `fetch_environment`, `build_image`, `checkout`, `fetch_inputs`, `start`.
     pub name: String,
     pub millis: u64,
 }
@@ -117,6 +118,27 @@ pub struct PrepareStep {
 pub struct GpuInUse {
     pub model: String,
     pub driver: String,
+}
+
+/// The outputs a run left, stored in the object store (written by the node
+/// after the run and before its outcome).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskOutputs {
+    pub at: Millis,
+    pub node_id: NodeId,
+    pub attempt: u32,
+    pub files: Vec<OutputObject>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputObject {
+    /// Relative to the workspace.
+    pub path: String,
+    /// The object's key in the store.
+    pub key: String,
+    pub size: u64,
+    /// Hex SHA-256 of its bytes.
+    pub sha256: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -261,6 +283,7 @@ impl TaskEvent {
             Self::Assigned(_) => "assigned",
             Self::Preparing(_) => "preparing",
             Self::Prepared(_) => "prepared",
+            Self::Outputs(_) => "outputs",
             Self::Started(_) => "started",
             Self::Succeeded(_) => "succeeded",
             Self::Failed(_) => "failed",
@@ -279,6 +302,7 @@ impl TaskEvent {
             Self::Assigned(e) => e.at,
             Self::Preparing(e) => e.at,
             Self::Prepared(e) => e.at,
+            Self::Outputs(e) => e.at,
             Self::Started(e) => e.at,
             Self::Succeeded(e) => e.at,
             Self::Failed(e) => e.at,

@@ -27,6 +27,48 @@ pub struct TaskSpec {
     /// priority and concurrency limit.
     #[serde(default = "default_queue")]
     pub queue: String,
+    /// Project files copied into the workspace before the run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<TaskInput>,
+    /// Workspace paths uploaded to the object store after the run, also after
+    /// a failure (a directory uploads everything below it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<String>,
+}
+
+/// A project file (or every file below a folder, when `source` ends with
+/// `/`) copied to `path` in the task's workspace before the run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TaskInput {
+    pub source: String,
+    pub path: String,
+}
+
+/// Longest object or workspace path (S3 keys are at most 1,024 bytes; prefixes need room).
+pub const MAX_RELATIVE_PATH_BYTES: usize = 900;
+
+/// Checks a relative `/`-separated path (an object path or a place in a
+/// workspace): no leading `/`, no empty, `.` or `..` segment, no control
+/// characters, so that joined to a prefix it never names anything outside
+/// it. Returns the path without a trailing `/`, or why it is refused.
+pub fn relative_path(path: &str) -> Result<&str, &'static str> {
+    let trimmed = path.strip_suffix('/').unwrap_or(path);
+    if trimmed.is_empty() {
+        return Err("is empty");
+    }
+    if path.len() > MAX_RELATIVE_PATH_BYTES {
+        return Err("is longer than 900 bytes");
+    }
+    if trimmed.starts_with('/') {
+        return Err("must be relative (no leading '/')");
+    }
+    if trimmed.chars().any(|c| c.is_control() || c == '\\') {
+        return Err("contains a control character or a backslash");
+    }
+    if trimmed.split('/').any(|s| s.is_empty() || s == "." || s == "..") {
+        return Err("has an empty, '.' or '..' segment");
+    }
+    Ok(trimmed)
 }
 
 fn is_zero(v: &u64) -> bool {

@@ -51,6 +51,8 @@ fn spec() -> TaskSpec {
         retry: RetryPolicy { max_attempts: 3, backoff_seconds: 30, exit_codes: vec![], on_timeout: false },
         priority: 0,
         queue: "default".into(),
+        inputs: vec![],
+        outputs: vec![],
     }
 }
 
@@ -75,6 +77,10 @@ fn fixtures_v1() -> Vec<(&'static str, Event)> {
         ("task-retrying", Event::Task(t, TaskEvent::Retrying(TaskRetrying { at: AT, attempt: 1, exit_code: Some(3), reason: "exited with code 3".into(), not_before: AT + 30_000 }))),
         ("task-lost", Event::Task(t, TaskEvent::Lost(TaskLost { at: AT, node_id: n, attempt: 1, reason: "node went offline".into() }))),
         ("task-started", Event::Task(t, TaskEvent::Started(TaskStarted { at: AT, node_id: n, attempt: 1 }))),
+        ("task-outputs", Event::Task(t, TaskEvent::Outputs(TaskOutputs {
+            at: AT, node_id: n, attempt: 1,
+            files: vec![OutputObject { path: "results/model.bin".into(), key: format!("projects/lab/tasks/{t}/outputs/results/model.bin"), size: 1024, sha256: "ef".repeat(32) }],
+        }))),
         ("task-succeeded", Event::Task(t, TaskEvent::Succeeded(TaskSucceeded { at: AT, exit_code: 0 }))),
         ("task-failed", Event::Task(t, TaskEvent::Failed(TaskFailed { at: AT, exit_code: Some(137), reason: "killed".into() }))),
         ("task-timed_out", Event::Task(t, TaskEvent::TimedOut(TaskTimedOut { at: AT, timeout_seconds: 3600 }))),
@@ -176,6 +182,7 @@ fn messages_outside_the_event_streams_match_their_cddl() -> anyhow::Result<()> {
     let run = DispatchRun { at: AT, task_id: task_id(), attempt: 1, spec: spec() };
     let cancel = DispatchCancel { at: AT, task_id: task_id(), reason: "user".into(), grace_seconds: 10 };
     let chunk = LogChunk { at: AT, attempt: 1, stream: "build".into(), text: "Step 1/2".into() };
+    let file = OutputFile { path: "results/m.bin".into(), size: 10, sha256: "ab".repeat(32), upload_id: None };
     let request = GitCredentialsRequest { task_id: task_id(), repo_url: "https://git.example.org/c.git".into() };
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("dispatch-run", to_cbor(&run)?),
@@ -189,6 +196,16 @@ fn messages_outside_the_event_streams_match_their_cddl() -> anyhow::Result<()> {
         ("assignment-check", to_cbor(&AssignmentCheck { task_id: task_id(), attempt: 2 })?),
         ("assignment-reply", to_cbor(&AssignmentReply { current: false, reason: Some("reassigned".into()) })?),
         ("assignment-reply", to_cbor(&AssignmentReply { current: true, reason: None })?),
+        ("storage-request", to_cbor(&StorageRequest::Inputs { task_id: task_id(), attempt: 1 })?),
+        ("storage-request", to_cbor(&StorageRequest::Outputs { task_id: task_id(), attempt: 1, files: vec![file.clone()] })?),
+        ("storage-request", to_cbor(&StorageRequest::Complete { task_id: task_id(), attempt: 1, files: vec![OutputFile { upload_id: Some("u1".into()), ..file }] })?),
+        ("storage-reply", to_cbor(&StorageReply::Inputs { files: vec![InputUrl { path: "data/x".into(), object: "x".into(), size: 3, url: "http://s3/x".into() }] })?),
+        ("storage-reply", to_cbor(&StorageReply::Outputs { files: vec![
+            OutputUrl { path: "a".into(), upload: Upload::Single { url: "http://s3/a".into() } },
+            OutputUrl { path: "b".into(), upload: Upload::Multipart { upload_id: "u".into(), part_size: 16 << 20, part_urls: vec!["http://s3/b?p=1".into()], done: vec![2] } },
+        ] })?),
+        ("storage-reply", to_cbor(&StorageReply::Complete { files: vec![ud_schemas::events::OutputObject { path: "a".into(), key: "k".into(), size: 1, sha256: "00".repeat(32) }] })?),
+        ("storage-reply", to_cbor(&StorageReply::Refused { reason: "input x: no such object".into() })?),
     ];
     for (rule, bytes) in cases {
         validate_against_cddl(rule, &bytes).map_err(|e| anyhow::anyhow!("{rule}: {e}"))?;

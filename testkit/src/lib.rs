@@ -1,12 +1,15 @@
 //! Real servers for tests and benchmarks: a `nats-server` with JetStream on
 //! a free loopback port (killed, store deleted, on drop) and a fresh
-//! PostgreSQL database per test, a git smart-HTTP server with authentication.
+//! PostgreSQL database per test, a git smart-HTTP server with authentication,
+//! a Garage object store with its bucket and key.
 //!
 //! * `UD_NATS_SERVER`: path of the nats-server binary (default: `nats-server` on PATH).
 //! * `UD_TEST_DATABASE_URL`: a PostgreSQL URL with the right to create
 //!   databases (`scripts/test.sh` starts a throw-away cluster and sets it).
 
+mod garage;
 mod git_http;
+pub use garage::Garage;
 pub use git_http::GitHttpServer;
 
 use std::path::PathBuf;

@@ -6,7 +6,7 @@
 //! * publish (node -> hub): its own source deliveries `ud.deliver.<id>.>`,
 //!   replies to the hub's source set-up `$JSC.R.>`, and exactly the pull,
 //!   info and ack subjects of its own dispatch consumer, and its own
-//!   request subjects (repository credentials, assignment checks);
+//!   request subjects (repository credentials, assignment checks, file transfers);
 //! * subscribe (hub -> node): its own source consumer's reset, its own flow
 //!   control and its own inbox prefix.
 
@@ -40,6 +40,7 @@ pub fn node_permissions(id: &NodeId) -> (Vec<String>, Vec<String>) {
         format!("$JS.ACK.{}.{consumer}.>", edge::DISPATCH),
         edge::git_credentials_subject(id),
         edge::assignment_subject(id),
+        edge::storage_subject(id),
     ];
     let subscribe = vec![
         format!("$JS.{}.API.CONSUMER.RESET.{stream}.{}", edge::domain(id), edge::SOURCE_CONSUMER),

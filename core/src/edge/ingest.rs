@@ -62,6 +62,7 @@ fn task_command(node_id: NodeId, e: TaskEvent) -> Result<TaskCommand, Rejected> 
         TaskEvent::Started(s) => TaskCommand::Start { node_id, attempt: s.attempt },
         TaskEvent::Preparing(p) if p.node_id == node_id => TaskCommand::RecordPreparing { node_id, attempt: p.attempt, step: p.step },
         TaskEvent::Prepared(p) if p.node_id == node_id => TaskCommand::RecordPrepared(Box::new(p)),
+        TaskEvent::Outputs(o) if o.node_id == node_id => TaskCommand::RecordOutputs(Box::new(o)),
         TaskEvent::Succeeded(s) => TaskCommand::Succeed { node_id, exit_code: s.exit_code },
         TaskEvent::Failed(f) => TaskCommand::Fail { node_id, exit_code: f.exit_code, reason: f.reason },
         TaskEvent::Cancelled(_) => TaskCommand::ConfirmCancelled { node_id },

@@ -3,6 +3,7 @@
 
 pub mod credentials;
 pub mod enroll;
+pub mod files;
 pub mod hub;
 pub mod hubconf;
 pub mod ingest;

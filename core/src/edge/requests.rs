@@ -5,14 +5,16 @@
 //! * `ud.git.credentials.<node_id>`: a repository's credentials for one fetch
 //!   (see [`super::credentials`]);
 //! * `ud.assignment.<node_id>`: whether an assignment is still current,
-//!   asked before a run starts, so that a stale dispatch is never run.
+//!   asked before a run starts, so that a stale dispatch is never run;
+//! * `ud.storage.<node_id>`: presigned URLs for a task's inputs and outputs
+//!   (see [`super::files`]).
 //!
 //! Several main-server instances share the work through a queue group.
 
 use bytes::Bytes;
 use futures::StreamExt;
 use tracing::{info, warn, Instrument};
-use ud_schemas::dispatch::{self, AssignmentCheck, AssignmentReply, GitCredentialsReply, GitCredentialsRequest};
+use ud_schemas::dispatch::{self, AssignmentCheck, AssignmentReply, GitCredentialsReply, GitCredentialsRequest, StorageReply, StorageRequest};
 use ud_schemas::{edge, NodeId};
 
 use super::credentials::GitCredentials;
@@ -42,6 +44,7 @@ pub fn assignment_answer(node: &NodeId, task: Option<&Task>, check: &AssignmentC
 enum Kind {
     Credentials,
     Assignment,
+    Storage,
 }
 
 /// The node a request came from, if it is to be answered.
@@ -55,7 +58,7 @@ fn requester(m: &async_nats::Message) -> Option<(NodeId, async_nats::Subject)> {
     Some((node, reply))
 }
 
-async fn answer(store: &EventStore, creds: &GitCredentials, kind: Kind, node: NodeId, payload: &[u8]) -> Result<Vec<u8>, EdgeError> {
+async fn answer(store: &EventStore, creds: &GitCredentials, storage: Option<&ud_storage::Storage>, kind: Kind, node: NodeId, payload: &[u8]) -> Result<Vec<u8>, EdgeError> {
     let codec = |e: ud_schemas::CodecError| EdgeError::Invalid(e.to_string());
     match kind {
         Kind::Credentials => {
@@ -90,27 +93,39 @@ async fn answer(store: &EventStore, creds: &GitCredentials, kind: Kind, node: No
             };
             dispatch::to_cbor(&reply).map_err(codec)
         }
+        Kind::Storage => {
+            let reply = match dispatch::from_cbor::<StorageRequest>(payload, "storage-request") {
+                Ok(req) => super::files::answer(store, storage, &node, req).await,
+                Err(e) => StorageReply::Refused { reason: format!("undecodable request: {e}") },
+            };
+            if let StorageReply::Refused { reason } = &reply {
+                warn!(reason = %reason, "file transfer refused");
+            }
+            dispatch::to_cbor(&reply).map_err(codec)
+        }
     }
 }
 
 /// Answers nodes' requests until the connection ends.
-pub async fn serve(store: EventStore, creds: GitCredentials) -> Result<(), EdgeError> {
+pub async fn serve(store: EventStore, creds: GitCredentials, storage: Option<ud_storage::Storage>) -> Result<(), EdgeError> {
     let client = store.client().clone();
     let mut credentials = client.queue_subscribe(format!("{}.*", edge::GIT_CREDENTIALS_PREFIX), QUEUE.into()).await.map_err(nats_err)?;
     let mut assignments = client.queue_subscribe(format!("{}.*", edge::ASSIGNMENT_PREFIX), QUEUE.into()).await.map_err(nats_err)?;
+    let mut transfers = client.queue_subscribe(format!("{}.*", edge::STORAGE_PREFIX), QUEUE.into()).await.map_err(nats_err)?;
     info!(credential_hosts = creds.len(), "answering node requests");
     loop {
         let (m, kind) = tokio::select! {
             Some(m) = credentials.next() => (m, Kind::Credentials),
             Some(m) = assignments.next() => (m, Kind::Assignment),
+            Some(m) = transfers.next() => (m, Kind::Storage),
             else => break,
         };
         let Some((node, reply_to)) = requester(&m) else { continue };
-        let (store, creds, client) = (store.clone(), creds.clone(), client.clone());
+        let (store, creds, client, storage) = (store.clone(), creds.clone(), client.clone(), storage.clone());
         let span = tracing::info_span!("node_request", node_id = %node);
         tokio::spawn(
             async move {
-                match answer(&store, &creds, kind, node, &m.payload).await {
+                match answer(&store, &creds, storage.as_ref(), kind, node, &m.payload).await {
                     Ok(bytes) => {
                         if let Err(e) = client.publish(reply_to, Bytes::from(bytes)).await {
                             warn!(error = %e, "reply not sent");

@@ -21,6 +21,8 @@ pub(crate) fn spec() -> TaskSpec {
         retry: RetryPolicy { max_attempts: 1, backoff_seconds: 0, exit_codes: vec![], on_timeout: false },
         priority: 0,
         queue: "default".into(),
+        inputs: vec![],
+        outputs: vec![],
     }
 }
 

@@ -1,4 +1,5 @@
 //! A whole main server in the test process, on real servers.
+#![allow(dead_code)] // each test binary uses part of it
 
 use anyhow::Result;
 use serde_json::{json, Value};
@@ -17,6 +18,10 @@ pub struct Stack {
 
 impl Stack {
     pub async fn start() -> Result<Self> {
+        Self::start_with(None).await
+    }
+
+    pub async fn start_with(storage: Option<ud_storage::Storage>) -> Result<Self> {
         let nats = NatsServer::start().await?;
         let pg = PgDatabase::create().await?;
         let server = server::start(ServerConfig {
@@ -27,6 +32,7 @@ impl Stack {
             replicas: 1,
             run_projectors: true,
             edge: None,
+            storage,
         })
         .await?;
         let issued = ud_core::commands::issue_token(server.state.commands.store(), "admin", &[], true, "test")

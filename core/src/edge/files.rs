@@ -1,0 +1,167 @@
+//! Presigned URLs for a node moving one task's files (`ud.storage.<node>`).
+//! Only the node the task is assigned to, for the current attempt, gets
+//! them; every URL names one object under the task's project (inputs) or
+//! the task's own prefix (outputs), for one method, and expires in minutes.
+
+use std::time::Duration;
+
+use tracing::info;
+use ud_schemas::dispatch::{InputUrl, OutputFile, OutputUrl, StorageReply, StorageRequest, Upload};
+use ud_schemas::events::OutputObject;
+use ud_schemas::NodeId;
+use ud_storage::{keys, part_plan, Storage, StorageError};
+
+use crate::task::{Task, TaskState};
+use crate::EventStore;
+
+/// Whether `node` may move files for `attempt` of `task` (pure).
+pub fn may_move_files(node: &NodeId, task: Option<&Task>, attempt: u32) -> Result<(), String> {
+    let Some(task) = task else { return Err("no such task".into()) };
+    match &task.state {
+        TaskState::Assigned { node_id, attempt: a } | TaskState::Running { node_id, attempt: a } | TaskState::Cancelling { node_id, attempt: a, .. }
+            if node_id == node && *a == attempt =>
+        {
+            Ok(())
+        }
+        s => Err(format!("attempt {attempt} of this task is not this node's (the task is {})", s.name())),
+    }
+}
+
+/// How long a URL for `bytes` stays valid: long enough to move them at 1 MiB/s, capped by the setting.
+fn ttl(storage: &Storage, bytes: u64) -> Duration {
+    let needed = Duration::from_secs(300 + bytes / (1024 * 1024));
+    needed.min(storage.settings().url_ttl)
+}
+
+/// Answers one request; `Refused` names the object when one is at fault.
+pub async fn answer(store: &EventStore, storage: Option<&Storage>, node: &NodeId, req: StorageRequest) -> StorageReply {
+    let refused = |reason: String| StorageReply::Refused { reason };
+    let Some(storage) = storage else {
+        return refused("this platform has no object store configured (UD_S3_* settings)".into());
+    };
+    let (task_id, attempt) = match &req {
+        StorageRequest::Inputs { task_id, attempt } | StorageRequest::Outputs { task_id, attempt, .. } | StorageRequest::Complete { task_id, attempt, .. } => {
+            (*task_id, *attempt)
+        }
+    };
+    let task = match store.load_task(&task_id).await {
+        Ok(t) => t.map(|(t, _)| t),
+        Err(e) => return refused(format!("cannot read the task: {e}")),
+    };
+    if let Err(reason) = may_move_files(node, task.as_ref(), attempt) {
+        return refused(reason);
+    }
+    let Some(task) = task else { return refused("no such task".into()) };
+    let result = match req {
+        StorageRequest::Inputs { .. } => inputs(storage, &task).await,
+        StorageRequest::Outputs { files, .. } => outputs(storage, &task, &files).await,
+        StorageRequest::Complete { files, .. } => complete(storage, &task, &files).await,
+    };
+    result.unwrap_or_else(|e| refused(e.to_string()))
+}
+
+async fn inputs(storage: &Storage, task: &Task) -> Result<StorageReply, StorageError> {
+    let project = task.project.as_str();
+    let mut files = Vec::new();
+    for input in &task.spec.inputs {
+        let dest = keys::check_path(&input.path)?;
+        if input.source.ends_with('/') {
+            let prefix = format!("{}/", keys::file_key(project, &input.source)?);
+            let listed = storage.list(&prefix).await?;
+            if listed.is_empty() {
+                return Err(StorageError::NoSuchObject(format!("input folder {:?} of project {project} (it holds no file)", input.source)));
+            }
+            for o in listed {
+                let Some(rel) = keys::relative(&o.key, &prefix) else { continue };
+                let url = storage.presign_get(&o.key, ttl(storage, o.size)).await?;
+                files.push(InputUrl { path: format!("{dest}/{rel}"), object: format!("{}{rel}", input.source), size: o.size, url: url.url });
+            }
+        } else {
+            let key = keys::file_key(project, &input.source)?;
+            let Some(o) = storage.head(&key).await? else {
+                return Err(StorageError::NoSuchObject(format!("input {:?} of project {project}", input.source)));
+            };
+            let url = storage.presign_get(&key, ttl(storage, o.size)).await?;
+            files.push(InputUrl { path: dest.to_owned(), object: input.source.clone(), size: o.size, url: url.url });
+        }
+    }
+    info!(task_id = %task.id, files = files.len(), "input urls handed out");
+    Ok(StorageReply::Inputs { files })
+}
+
+async fn outputs(storage: &Storage, task: &Task, files: &[OutputFile]) -> Result<StorageReply, StorageError> {
+    let (project, id) = (task.project.as_str(), task.id.to_string());
+    if let Some(quota) = storage.settings().project_quota_bytes {
+        let used = storage.usage(&keys::project_prefix(project)?).await?;
+        let adding: u64 = files.iter().map(|f| f.size).sum();
+        if used.saturating_add(adding) > quota {
+            return Err(StorageError::Settings(format!(
+                "outputs of {adding} bytes would exceed project {project}'s quota of {quota} bytes ({used} in use)"
+            )));
+        }
+    }
+    let mut out = Vec::with_capacity(files.len());
+    for f in files {
+        let key = keys::output_key(project, &id, &f.path)?;
+        let (part_size, parts) = part_plan(f.size);
+        let ttl = ttl(storage, f.size);
+        let upload = if parts <= 1 {
+            Upload::Single { url: storage.presign_put(&key, f.size, ttl).await?.url }
+        } else {
+            let (upload_id, done) = match &f.upload_id {
+                Some(id) => (id.clone(), storage.parts(&key, id).await?),
+                None => (storage.start_multipart(&key).await?, vec![]),
+            };
+            // A stored part of the wrong size (a cut-off write) is written again.
+            let done: Vec<u32> = done
+                .iter()
+                .filter(|p| p.size == part_size || (p.number == parts && p.size == f.size - part_size * u64::from(parts - 1)))
+                .map(|p| p.number)
+                .collect();
+            let mut part_urls = Vec::with_capacity(parts as usize);
+            for n in 1..=parts {
+                part_urls.push(if done.contains(&n) { String::new() } else { storage.presign_part(&key, &upload_id, n, ttl).await?.url });
+            }
+            Upload::Multipart { upload_id, part_size, part_urls, done }
+        };
+        out.push(OutputUrl { path: f.path.clone(), upload });
+    }
+    info!(task_id = %task.id, files = out.len(), "output urls handed out");
+    Ok(StorageReply::Outputs { files: out })
+}
+
+async fn complete(storage: &Storage, task: &Task, files: &[OutputFile]) -> Result<StorageReply, StorageError> {
+    let (project, id) = (task.project.as_str(), task.id.to_string());
+    let mut out = Vec::with_capacity(files.len());
+    for f in files {
+        let key = keys::output_key(project, &id, &f.path)?;
+        if let Some(upload_id) = &f.upload_id {
+            storage.complete_multipart(&key, upload_id).await?;
+        }
+        let stored = storage.head(&key).await?.ok_or_else(|| StorageError::NoSuchObject(format!("output {:?} ({key})", f.path)))?;
+        if stored.size != f.size {
+            return Err(StorageError::Backend(format!("output {:?} holds {} bytes, the node wrote {}", f.path, stored.size, f.size)));
+        }
+        out.push(OutputObject { path: f.path.clone(), key, size: f.size, sha256: f.sha256.clone() });
+    }
+    Ok(StorageReply::Complete { files: out })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::task::TaskState;
+
+    #[test]
+    fn only_the_assigned_node_moves_files() {
+        let (a, b) = (NodeId::new(), NodeId::new());
+        let (project, spec) = crate::validate::submit_task(&crate::validate::tests::request()).unwrap_or_else(|e| unreachable!("{e:?}"));
+        let task = |state| Task { id: ud_schemas::TaskId::new(), project: project.clone(), spec: spec.clone(), state, attempts: 1, not_before: None, version: 2 };
+        assert!(may_move_files(&a, Some(&task(TaskState::Running { node_id: a, attempt: 1 })), 1).is_ok());
+        assert!(may_move_files(&a, Some(&task(TaskState::Cancelling { node_id: a, attempt: 1, reason: "x".into() })), 1).is_ok());
+        assert!(may_move_files(&b, Some(&task(TaskState::Running { node_id: a, attempt: 1 })), 1).is_err());
+        assert!(may_move_files(&a, Some(&task(TaskState::Running { node_id: a, attempt: 2 })), 1).is_err());
+        assert!(may_move_files(&a, Some(&task(TaskState::Succeeded { exit_code: 0 })), 1).is_err());
+        assert!(may_move_files(&a, None, 1).is_err());
+    }
+}
