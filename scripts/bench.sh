@@ -13,6 +13,7 @@ ud_start_pg "$work/pg" "$pg_port" on
 ud_install_docker
 ud_start_dockerd "$work/d"
 ud_base_image >/dev/null
+ud_install_garage
 export UD_TEST_DATABASE_URL="postgres://postgres@127.0.0.1:$pg_port/postgres"
 cargo build --release -p ud-bench
 target/release/ud-bench "${@:-backbone}"

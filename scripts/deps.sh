@@ -5,6 +5,7 @@
 set -euo pipefail
 
 NATS_SERVER_VERSION="2.15.1"   # pinned; production compose uses the same release's image
+GARAGE_VERSION="2.5.0"         # the S3 server of the local stack and the tests
 
 ud_sudo() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -78,6 +79,69 @@ ud_apt_install() {
     UD_APT_UPDATED=1
   fi
   ud_sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+# Garage builds from crates.io (about 10 minutes the first time); exports UD_GARAGE.
+ud_install_garage() {
+  local g="${CARGO_HOME:-$HOME/.cargo}/bin/garage"
+  if ! { [ -x "$g" ] && "$g" --version 2>/dev/null | grep -q "cargo:$GARAGE_VERSION"; }; then
+    echo "installing garage $GARAGE_VERSION (a build from crates.io, about 10 minutes)" >&2
+    cargo install --locked --quiet --version "$GARAGE_VERSION" garage >&2
+  fi
+  export UD_GARAGE="$g"
+}
+
+# ud_start_garage DIR PORT: a one-node Garage with S3 on 127.0.0.1:PORT, its
+# layout, a key and the bucket "unidesk", made once; writes DIR/s3.env with
+# the UD_S3_* settings for the main server.
+ud_start_garage() {
+  local dir="$1" port="$2" i node rpc admin key secret
+  local cli=("$UD_GARAGE" -c "$dir/garage.toml")
+  mkdir -p "$dir"
+  if ! [ -s "$dir/garage.toml" ]; then
+    rpc="$(ud_free_port)"
+    admin="$(ud_free_port)"
+    cat >"$dir/garage.toml" <<EOF
+metadata_dir = "$dir/meta"
+data_dir = "$dir/data"
+db_engine = "sqlite"
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:$rpc"
+rpc_public_addr = "127.0.0.1:$rpc"
+rpc_secret = "$(python3 -c 'import secrets; print(secrets.token_hex(32))')"
+[s3_api]
+s3_region = "garage"
+api_bind_addr = "127.0.0.1:$port"
+root_domain = ".s3.garage.localhost"
+[admin]
+api_bind_addr = "127.0.0.1:$admin"
+EOF
+    chmod 600 "$dir/garage.toml"
+  fi
+  if ! "${cli[@]}" status >/dev/null 2>&1; then
+    "${cli[@]}" server >>"$dir/garage.log" 2>&1 </dev/null &
+    echo $! >"$dir/garage.pid"
+    for ((i = 0; i < 300; i++)); do "${cli[@]}" status >/dev/null 2>&1 && break; sleep 0.1; done
+    "${cli[@]}" status >/dev/null || { tail -20 "$dir/garage.log" >&2; return 1; }
+  fi
+  if ! [ -s "$dir/s3.env" ]; then
+    node="$("${cli[@]}" node id -q | cut -d@ -f1)"
+    "${cli[@]}" layout assign -z dc1 -c 1G "$node" >/dev/null
+    "${cli[@]}" layout apply --version 1 >/dev/null
+    key="GK$(python3 -c 'import secrets; print(secrets.token_hex(12))')"
+    secret="$(python3 -c 'import secrets; print(secrets.token_hex(32))')"
+    "${cli[@]}" key import --yes -n unidesk "$key" "$secret" >/dev/null
+    "${cli[@]}" bucket create unidesk >/dev/null
+    "${cli[@]}" bucket allow --read --write --owner unidesk --key unidesk >/dev/null
+    printf 'UD_S3_ENDPOINT=http://127.0.0.1:%s\nUD_S3_REGION=garage\nUD_S3_BUCKET=unidesk\nUD_S3_ACCESS_KEY_ID=%s\nUD_S3_SECRET_ACCESS_KEY=%s\n' \
+      "$port" "$key" "$secret" >"$dir/s3.env"
+    chmod 600 "$dir/s3.env"
+  fi
+}
+
+ud_stop_garage() {
+  local dir="$1"
+  if [ -f "$dir/garage.pid" ]; then kill "$(cat "$dir/garage.pid")" 2>/dev/null || true; fi
 }
 
 ud_alive() { [ -d "/proc/$1" ] && ! grep -q ') Z ' "/proc/$1/stat" 2>/dev/null; }

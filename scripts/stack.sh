@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The local UniDesk stack on one machine.
 #   scripts/stack.sh up     install what is missing, start the hub nats-server,
-#                           PostgreSQL, Docker, the main server and its own compute
-#                           node (leaf nats-server + agent), then run the main job:
-#                           a task submitted by a project user, run in Docker, its output shown
+#                           PostgreSQL, Docker, Garage (S3), the main server and its
+#                           own compute node (leaf nats-server + agent), then run the
+#                           main job: a project user uploads an input file and submits
+#                           a task; it runs in Docker, its log and its output are shown
 #   scripts/stack.sh down   stop everything started by `up`
 # State (data, logs, the admin token) lives in .unidesk/ (UD_STATE_DIR).
 set -euo pipefail
@@ -16,6 +17,7 @@ LEAF_PORT="${UD_LEAF_PORT:-7422}"
 MONITOR_PORT="${UD_MONITOR_PORT:-8222}"
 EDGE_PORT="${UD_EDGE_PORT:-4223}"
 PG_PORT="${UD_PG_PORT:-5433}"
+S3_PORT="${UD_S3_PORT:-3900}"
 API="${UD_LISTEN:-127.0.0.1:8080}"
 BIN="$PWD/target/release/unidesk"
 EDGE="$PWD/target/release/unidesk-edge"
@@ -55,6 +57,11 @@ up() {
   fi
   ud_start_dockerd "$STATE/docker"
   ud_base_image >/dev/null
+  ud_install_garage
+  ud_start_garage "$STATE/garage" "$S3_PORT"
+  set -a
+  source "$STATE/garage/s3.env"
+  set +a
 
   export UD_NATS_URL="nats://platform:$platform_pw@127.0.0.1:$NATS_PORT"
   export UD_DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/postgres"
@@ -99,7 +106,13 @@ up() {
   if ! [ -d "$demo/env/.git" ]; then
     mkdir -p "$demo/env" "$demo/code"
     printf 'FROM unidesk/busybox:base\nRUN echo "environment built from its repository" > /etc/unidesk-env\n' > "$demo/env/Dockerfile"
-    printf 'echo "hello from UniDesk"; cat /etc/unidesk-env; echo "6 * 7 = $((6 * 7))"\n' > "$demo/code/main.sh"
+    cat > "$demo/code/main.sh" <<'EOF'
+echo "hello from UniDesk"
+cat /etc/unidesk-env
+sum=0
+for n in $(cat numbers.txt); do sum=$((sum + n)); done
+echo "sum of the input numbers: $sum" | tee result.txt
+EOF
     for r in env code; do
       git -C "$demo/$r" -c init.defaultBranch=main init -q
       git -C "$demo/$r" add -A
@@ -109,15 +122,22 @@ up() {
   code_commit="$(git -C "$demo/code" rev-parse HEAD)"
   env_commit="$(git -C "$demo/env" rev-parse HEAD)"
   user="$("$BIN" token issue --name "demo-$(date +%s)" --project demo)"
+  printf '6\n7\n29\n' > "$demo/numbers.txt"
+  UD_TOKEN="$user" "$BIN" file put --quiet "$demo/numbers.txt" demo:data/numbers.txt
   id="$(UD_TOKEN="$user" "$BIN" submit --project demo --wait \
         --code-repo "file://$demo/code" --code-commit "$code_commit" \
         --env-repo "file://$demo/env" --env-commit "$env_commit" --dockerfile Dockerfile \
+        --input data/numbers.txt:numbers.txt --output result.txt \
         --cpus 0.5 --memory-mb 128 -- sh main.sh)"
-  echo "submitted task $id; its output:"
+  echo "submitted task $id; its log:"
   UD_TOKEN="$user" timeout 120 "$BIN" task logs -f "$id"
   UD_TOKEN="$user" "$BIN" show "$id"
+  echo "its output, fetched from the object store:"
+  rm -rf "$demo/outputs"
+  UD_TOKEN="$user" "$BIN" task outputs "$id" --download "$demo/outputs"
+  cat "$demo/outputs/result.txt"
   echo
-  echo "UniDesk is up: API $UD_API_URL, NATS 127.0.0.1:$NATS_PORT (leaf nodes on $LEAF_PORT), PostgreSQL $UD_DATABASE_URL"
+  echo "UniDesk is up: API $UD_API_URL, NATS 127.0.0.1:$NATS_PORT (leaf nodes on $LEAF_PORT), PostgreSQL $UD_DATABASE_URL, S3 $UD_S3_ENDPOINT"
   echo "stop it with: scripts/stack.sh down"
 }
 
@@ -127,6 +147,7 @@ down() {
   done
   if [ -f "$STATE/nats/hub.pid" ]; then kill "$(cat "$STATE/nats/hub.pid")" 2>/dev/null || true; fi
   ud_stop_dockerd "$STATE/docker"
+  ud_stop_garage "$STATE/garage"
   ud_find_pg_bin && ud_stop_pg "$STATE/pg"
   echo "stopped"
 }

@@ -8,6 +8,7 @@ source scripts/deps.sh
 ud_install_deps
 
 ud_install_docker
+ud_install_garage   # tests start their own Garage servers (testkit)
 
 work="$(mktemp -d /tmp/ud-test.XXXXXX)"
 pg_port="$(ud_free_port)"

@@ -52,9 +52,22 @@ fn spec() -> ud_schemas::TaskSpec {
         command: vec!["python".into(), "train.py".into()],
         args: vec![],
         env: BTreeMap::new(),
-        resources: ud_schemas::Resources { cpu_millis: 1000, memory_mb: 1024, gpus: 0, gpu_model: None, labels: BTreeMap::new(), preferred_labels: BTreeMap::new(), disk_mb: 0 },
+        resources: ud_schemas::Resources {
+            cpu_millis: 1000,
+            memory_mb: 1024,
+            gpus: 0,
+            gpu_model: None,
+            labels: BTreeMap::new(),
+            preferred_labels: BTreeMap::new(),
+            disk_mb: 0,
+        },
         timeout_seconds: 3600,
-        retry: ud_schemas::RetryPolicy { max_attempts: 1, backoff_seconds: 0, exit_codes: vec![], on_timeout: false },
+        retry: ud_schemas::RetryPolicy {
+            max_attempts: 1,
+            backoff_seconds: 0,
+            exit_codes: vec![],
+            on_timeout: false,
+        },
         priority: 0,
         queue: "default".into(),
         inputs: vec![],
@@ -63,7 +76,15 @@ fn spec() -> ud_schemas::TaskSpec {
 }
 
 fn submitted(id: TaskId) -> Event {
-    Event::Task(id, TaskEvent::Submitted(TaskSubmitted { at: ud_schemas::now_millis(), project: ud_schemas::ProjectId::parse("bench").unwrap_or_else(|_| unreachable!()), spec: spec(), idempotency_key: None }))
+    Event::Task(
+        id,
+        TaskEvent::Submitted(TaskSubmitted {
+            at: ud_schemas::now_millis(),
+            project: ud_schemas::ProjectId::parse("bench").unwrap_or_else(|_| unreachable!()),
+            spec: spec(),
+            idempotency_key: None,
+        }),
+    )
 }
 
 /// Whole task lifecycles: `n` events, four per task.
@@ -74,16 +95,37 @@ fn lifecycles(n: usize) -> Vec<Event> {
         let id = TaskId::new();
         let at = ud_schemas::now_millis();
         out.push(submitted(id));
-        out.push(Event::Task(id, TaskEvent::Assigned(TaskAssigned { at, node_id: node, attempt: 1 })));
-        out.push(Event::Task(id, TaskEvent::Started(TaskStarted { at, node_id: node, attempt: 1 })));
-        out.push(Event::Task(id, TaskEvent::Succeeded(TaskSucceeded { at, exit_code: 0 })));
+        out.push(Event::Task(
+            id,
+            TaskEvent::Assigned(TaskAssigned {
+                at,
+                node_id: node,
+                attempt: 1,
+            }),
+        ));
+        out.push(Event::Task(
+            id,
+            TaskEvent::Started(TaskStarted {
+                at,
+                node_id: node,
+                attempt: 1,
+            }),
+        ));
+        out.push(Event::Task(
+            id,
+            TaskEvent::Succeeded(TaskSucceeded { at, exit_code: 0 }),
+        ));
     }
     out.truncate(n);
     out
 }
 
 async fn server(sync_always: bool) -> Result<(NatsServer, EventStore)> {
-    let nats = NatsServer::start_with(NatsOptions { sync_always, ..Default::default() }).await?;
+    let nats = NatsServer::start_with(NatsOptions {
+        sync_always,
+        ..Default::default()
+    })
+    .await?;
     let store = EventStore::new(nats.connect().await?, None);
     store.ensure_streams(1).await?;
     Ok((nats, store))
@@ -92,7 +134,12 @@ async fn server(sync_always: bool) -> Result<(NatsServer, EventStore)> {
 /// Raw ceiling: plain acked publishes of an event-sized payload, `window` in flight.
 async fn raw_publish(store: &EventStore, n: usize, window: usize) -> Result<f64> {
     let js = store.jetstream();
-    js.create_stream(async_nats::jetstream::stream::Config { name: "RAW".into(), subjects: vec!["raw.>".into()], ..Default::default() }).await?;
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "RAW".into(),
+        subjects: vec!["raw.>".into()],
+        ..Default::default()
+    })
+    .await?;
     let payload = Bytes::from(ud_schemas::encode_event(&submitted(TaskId::new()))?);
     let start = Instant::now();
     let mut inflight = FuturesUnordered::new();
@@ -102,7 +149,11 @@ async fn raw_publish(store: &EventStore, n: usize, window: usize) -> Result<f64>
                 r?;
             }
         }
-        inflight.push(js.publish(format!("raw.{}", i % 4096), payload.clone()).await?.into_future());
+        inflight.push(
+            js.publish(format!("raw.{}", i % 4096), payload.clone())
+                .await?
+                .into_future(),
+        );
     }
     while let Some(r) = inflight.next().await {
         r?;
@@ -111,8 +162,16 @@ async fn raw_publish(store: &EventStore, n: usize, window: usize) -> Result<f64>
 }
 
 /// Platform appends: full events with headers and a concurrency check each.
-async fn appends(store: &EventStore, events: &[Event], window: usize, expect: Expect) -> Result<f64> {
-    let batch = events.iter().map(|e| (e.clone(), EventMeta::new("bench"), expect)).collect();
+async fn appends(
+    store: &EventStore,
+    events: &[Event],
+    window: usize,
+    expect: Expect,
+) -> Result<f64> {
+    let batch = events
+        .iter()
+        .map(|e| (e.clone(), EventMeta::new("bench"), expect))
+        .collect();
     let start = Instant::now();
     for r in store.append_pipelined(batch, window).await {
         r?;
@@ -121,7 +180,9 @@ async fn appends(store: &EventStore, events: &[Event], window: usize, expect: Ex
 }
 
 async fn write_fast(store: &EventStore, events: &[Event], window: usize) -> Result<()> {
-    appends(store, events, window, Expect::Any).await.map(|_| ())
+    appends(store, events, window, Expect::Any)
+        .await
+        .map(|_| ())
 }
 
 /// Ceiling: PostgreSQL binary COPY of task-sized rows.
@@ -130,30 +191,63 @@ async fn pg_copy(pg: &PgDatabase, n: usize) -> Result<f64> {
     client.batch_execute("CREATE TABLE copy_ceiling (id uuid PRIMARY KEY, project text, state text, spec jsonb, version bigint)").await?;
     let spec = serde_json::to_value(spec())?;
     let start = Instant::now();
-    let sink = client.copy_in("COPY copy_ceiling FROM STDIN BINARY").await?;
-    let writer = BinaryCopyInWriter::new(sink, &[Type::UUID, Type::TEXT, Type::TEXT, Type::JSONB, Type::INT8]);
+    let sink = client
+        .copy_in("COPY copy_ceiling FROM STDIN BINARY")
+        .await?;
+    let writer = BinaryCopyInWriter::new(
+        sink,
+        &[Type::UUID, Type::TEXT, Type::TEXT, Type::JSONB, Type::INT8],
+    );
     futures::pin_mut!(writer);
     for i in 0..n {
-        writer.as_mut().write(&[&uuid::Uuid::now_v7(), &"bench", &"succeeded", &spec, &(i as i64)]).await?;
+        writer
+            .as_mut()
+            .write(&[
+                &uuid::Uuid::now_v7(),
+                &"bench",
+                &"succeeded",
+                &spec,
+                &(i as i64),
+            ])
+            .await?;
     }
     writer.finish().await?;
     Ok(rate(n, start.elapsed()))
 }
 
 async fn last_seq(store: &EventStore, stream: &str) -> Result<u64> {
-    Ok(store.jetstream().get_stream(stream).await?.info().await?.state.last_sequence)
+    Ok(store
+        .jetstream()
+        .get_stream(stream)
+        .await?
+        .info()
+        .await?
+        .state
+        .last_sequence)
 }
 
 /// Offered load at `per_sec` for `secs` while a live projector runs; lag
 /// from each tick's publish ack to the projector's commit notice covering it.
-async fn projection_lag(store: &EventStore, db: &Db, per_sec: usize, secs: u64, window: usize) -> Result<(f64, Duration, Duration)> {
-    let mut notices = store.client().subscribe(ud_schemas::subjects::projected(streams::TASKS)).await?;
+async fn projection_lag(
+    store: &EventStore,
+    db: &Db,
+    per_sec: usize,
+    secs: u64,
+    window: usize,
+) -> Result<(f64, Duration, Duration)> {
+    let mut notices = store
+        .client()
+        .subscribe(ud_schemas::subjects::projected(streams::TASKS))
+        .await?;
     let seen: std::sync::Arc<std::sync::Mutex<Vec<(u64, Instant)>>> = Default::default();
     let sink = seen.clone();
     let (projected_tx, mut projected) = tokio::sync::watch::channel(0u64);
     let collector = tokio::spawn(async move {
         while let Some(m) = notices.next().await {
-            if let Some(seq) = std::str::from_utf8(&m.payload).ok().and_then(|s| s.parse().ok()) {
+            if let Some(seq) = std::str::from_utf8(&m.payload)
+                .ok()
+                .and_then(|s| s.parse().ok())
+            {
                 if let Ok(mut v) = sink.lock() {
                     v.push((seq, Instant::now()));
                 }
@@ -161,7 +255,12 @@ async fn projection_lag(store: &EventStore, db: &Db, per_sec: usize, secs: u64, 
             }
         }
     });
-    let projector = Projector::new(db.clone(), store.jetstream().clone(), streams::TASKS, ProjectorOptions::default());
+    let projector = Projector::new(
+        db.clone(),
+        store.jetstream().clone(),
+        streams::TASKS,
+        ProjectorOptions::default(),
+    );
     let live = tokio::spawn(async move { projector.run(None).await });
     let tick = Duration::from_millis(10);
     let per_tick = (per_sec as u64 * tick.as_millis() as u64 / 1000).max(1) as usize;
@@ -174,7 +273,10 @@ async fn projection_lag(store: &EventStore, db: &Db, per_sec: usize, secs: u64, 
     for chunk in events.chunks(per_tick) {
         interval.tick().await;
         let sent = Instant::now();
-        let batch = chunk.iter().map(|e| (e.clone(), EventMeta::new("bench"), Expect::Any)).collect();
+        let batch = chunk
+            .iter()
+            .map(|e| (e.clone(), EventMeta::new("bench"), Expect::Any))
+            .collect();
         let mut max = 0;
         for r in store.append_pipelined(batch, window).await {
             max = max.max(r?);
@@ -185,23 +287,41 @@ async fn projection_lag(store: &EventStore, db: &Db, per_sec: usize, secs: u64, 
     let offered = rate(events.len(), start.elapsed());
     let last = marks.last().map_or(0, |m| m.0);
     // Wait for the projector to cover the last event.
-    let _ = tokio::time::timeout(Duration::from_secs(60), projected.wait_for(|seq| *seq >= last)).await;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(60),
+        projected.wait_for(|seq| *seq >= last),
+    )
+    .await;
     live.abort();
     collector.abort();
     let seen = seen.lock().map(|v| v.clone()).unwrap_or_default();
     Ok(lags(offered, &marks, &seen))
 }
 
-fn lags(offered: f64, marks: &[(u64, Instant)], seen: &[(u64, Instant)]) -> (f64, Duration, Duration) {
+fn lags(
+    offered: f64,
+    marks: &[(u64, Instant)],
+    seen: &[(u64, Instant)],
+) -> (f64, Duration, Duration) {
     let mut lags: Vec<Duration> = marks
         .iter()
-        .filter_map(|(seq, at)| seen.iter().find(|(s, _)| s >= seq).map(|(_, t)| t.saturating_duration_since(*at)))
+        .filter_map(|(seq, at)| {
+            seen.iter()
+                .find(|(s, _)| s >= seq)
+                .map(|(_, t)| t.saturating_duration_since(*at))
+        })
         .collect();
     lags.sort();
     (offered, percentile(&lags, 0.5), percentile(&lags, 0.99))
 }
 
-async fn rest_submit_to_projected(store: &EventStore, nats_url: String, pg: &PgDatabase, per_sec: usize, secs: u64) -> Result<(f64, Duration, Duration, usize)> {
+async fn rest_submit_to_projected(
+    store: &EventStore,
+    nats_url: String,
+    pg: &PgDatabase,
+    per_sec: usize,
+    secs: u64,
+) -> Result<(f64, Duration, Duration, usize)> {
     let running = ud_gateway::server::start(ud_gateway::server::ServerConfig {
         nats_url,
         js_domain: None,
@@ -213,10 +333,18 @@ async fn rest_submit_to_projected(store: &EventStore, nats_url: String, pg: &PgD
         storage: None,
     })
     .await?;
-    let issued = ud_core::commands::issue_token(store, "bench", &["bench".into()], false, "bench").await.map_err(|e| anyhow!("{e}"))?;
-    running.state.projected.wait(streams::AUTH, issued.seq, Duration::from_secs(10)).await;
+    let issued = ud_core::commands::issue_token(store, "bench", &["bench".into()], false, "bench")
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    running
+        .state
+        .projected
+        .wait(streams::AUTH, issued.seq, Duration::from_secs(10))
+        .await;
     let url = format!("http://{}/api/v1/tasks?wait=projected", running.addr);
-    let http = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()?;
     let body = serde_json::json!({
         "project": "bench", "code_repo_url": "https://git.example.org/c.git",
         "code_commit_id": "0123456789abcdef0123456789abcdef01234567",
@@ -229,10 +357,21 @@ async fn rest_submit_to_projected(store: &EventStore, nats_url: String, pg: &PgD
     let mut handles = Vec::with_capacity(n);
     for i in 0..n {
         tokio::time::sleep_until((start + gap * i as u32).into()).await;
-        let (http, url, body, token) = (http.clone(), url.clone(), body.clone(), issued.secret.clone());
+        let (http, url, body, token) = (
+            http.clone(),
+            url.clone(),
+            body.clone(),
+            issued.secret.clone(),
+        );
         handles.push(tokio::spawn(async move {
             let t = Instant::now();
-            let resp = http.post(&url).bearer_auth(token).json(&body).send().await.ok()?;
+            let resp = http
+                .post(&url)
+                .bearer_auth(token)
+                .json(&body)
+                .send()
+                .await
+                .ok()?;
             let v: serde_json::Value = resp.json().await.ok()?;
             (v["projected"] == true).then(|| t.elapsed())
         }));
@@ -248,11 +387,19 @@ async fn rest_submit_to_projected(store: &EventStore, nats_url: String, pg: &PgD
     let offered = rate(n, start.elapsed());
     running.shutdown();
     lat.sort();
-    Ok((offered, percentile(&lat, 0.5), percentile(&lat, 0.99), failed))
+    Ok((
+        offered,
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99),
+        failed,
+    ))
 }
 
 pub async fn run(a: Args) -> Result<()> {
-    println!("UniDesk backbone benchmark: {} events, window {}, replay {} events", a.events, a.window, a.replay_events);
+    println!(
+        "UniDesk backbone benchmark: {} events, window {}, replay {} events",
+        a.events, a.window, a.replay_events
+    );
     println!("nats-server with JetStream (sync_interval always and default), PostgreSQL from UD_TEST_DATABASE_URL");
     println!();
 
@@ -268,25 +415,65 @@ pub async fn run(a: Args) -> Result<()> {
         results.push((sync_always, raw, checked, unchecked));
     }
     for (sync_always, raw, checked, unchecked) in &results {
-        let mode = if *sync_always { "sync always" } else { "default sync" };
-        line(&format!("ceiling: raw acked publishes/s ({mode})"), *raw, "msg/s", None);
-        line(&format!("appends with concurrency check/s ({mode})"), *checked, "ev/s", Some((*raw, "raw ceiling")));
-        line(&format!("appends, headers but no check/s ({mode})"), *unchecked, "ev/s", Some((*raw, "raw ceiling")));
+        let mode = if *sync_always {
+            "sync always"
+        } else {
+            "default sync"
+        };
+        line(
+            &format!("ceiling: raw acked publishes/s ({mode})"),
+            *raw,
+            "msg/s",
+            None,
+        );
+        line(
+            &format!("appends with concurrency check/s ({mode})"),
+            *checked,
+            "ev/s",
+            Some((*raw, "raw ceiling")),
+        );
+        line(
+            &format!("appends, headers but no check/s ({mode})"),
+            *unchecked,
+            "ev/s",
+            Some((*raw, "raw ceiling")),
+        );
     }
 
     // PostgreSQL ceiling and projection throughput.
     let pg = PgDatabase::create().await?;
     let copy = pg_copy(&pg, a.events).await?;
-    line("ceiling: PostgreSQL binary COPY rows/s", copy, "rows/s", None);
+    line(
+        "ceiling: PostgreSQL binary COPY rows/s",
+        copy,
+        "rows/s",
+        None,
+    );
     let (_nats, store) = server(false).await?;
     write_fast(&store, &lifecycles(a.events), a.window).await?;
     let db = Db::connect(&pg.url, "proj", 8).await?;
     db.migrate().await?;
     let last = last_seq(&store, streams::TASKS).await?;
     let start = Instant::now();
-    Projector::new(db.clone(), store.jetstream().clone(), streams::TASKS, ProjectorOptions { batch_max: 5000, notify: false, ..Default::default() }).run(Some(last)).await?;
+    Projector::new(
+        db.clone(),
+        store.jetstream().clone(),
+        streams::TASKS,
+        ProjectorOptions {
+            batch_max: 5000,
+            notify: false,
+            ..Default::default()
+        },
+    )
+    .run(Some(last))
+    .await?;
     let projected = rate(a.events, start.elapsed());
-    line("events projected/s (4 events per task, coalesced)", projected, "ev/s", Some((copy, "COPY rows/s")));
+    line(
+        "events projected/s (4 events per task, coalesced)",
+        projected,
+        "ev/s",
+        Some((copy, "COPY rows/s")),
+    );
 
     // Projection lag under load.
     let (_nats, store) = server(false).await?;
@@ -295,16 +482,32 @@ pub async fn run(a: Args) -> Result<()> {
     let (offered, p50, p99) = projection_lag(&store, &db, a.lag_rate, a.seconds, a.window).await?;
     line("projection lag: offered load", offered, "ev/s", None);
     line("projection lag p50", ms(p50), "ms", None);
-    line("projection lag p99 (target < 200 ms at 20k ev/s)", ms(p99), "ms", None);
+    line(
+        "projection lag p99 (target < 200 ms at 20k ev/s)",
+        ms(p99),
+        "ms",
+        None,
+    );
 
     // REST submit-to-projected, hub syncing every write.
     let (nats, store) = server(true).await?;
     let rest_pg = PgDatabase::create().await?;
-    let (offered, p50, p99, failed) = rest_submit_to_projected(&store, nats.url(), &rest_pg, a.rest_rate, a.seconds).await?;
+    let (offered, p50, p99, failed) =
+        rest_submit_to_projected(&store, nats.url(), &rest_pg, a.rest_rate, a.seconds).await?;
     line("REST submit-to-projected: offered", offered, "req/s", None);
     line("REST submit-to-projected p50", ms(p50), "ms", None);
-    line("REST submit-to-projected p99 (target < 50 ms at 500/s)", ms(p99), "ms", None);
-    line("REST submissions not projected or failed", failed as f64, "", None);
+    line(
+        "REST submit-to-projected p99 (target < 50 ms at 500/s)",
+        ms(p99),
+        "ms",
+        None,
+    );
+    line(
+        "REST submissions not projected or failed",
+        failed as f64,
+        "",
+        None,
+    );
 
     // Replay of a million events into an empty database.
     let (_nats, store) = server(false).await?;
@@ -313,7 +516,17 @@ pub async fn run(a: Args) -> Result<()> {
     let start = Instant::now();
     rebuild::rebuild(&db, store.jetstream(), 5000).await?;
     let took = start.elapsed();
-    line(&format!("replay of {} events into an empty schema", a.replay_events), took.as_secs_f64(), "s", None);
-    line("replay rate", rate(a.replay_events, took), "ev/s", Some((copy, "COPY rows/s")));
+    line(
+        &format!("replay of {} events into an empty schema", a.replay_events),
+        took.as_secs_f64(),
+        "s",
+        None,
+    );
+    line(
+        "replay rate",
+        rate(a.replay_events, took),
+        "ev/s",
+        Some((copy, "COPY rows/s")),
+    );
     Ok(())
 }

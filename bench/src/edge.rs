@@ -45,16 +45,26 @@ pub fn cpu_seconds() -> f64 {
 
 /// A hub with its accounts file, PostgreSQL and the main server managing the
 /// hub's node users, with `timeout` as the offline setting.
-pub async fn start_platform(timeout: Duration) -> Result<(NatsServer, PgDatabase, ud_gateway::server::Running)> {
+pub async fn start_platform(
+    timeout: Duration,
+) -> Result<(NatsServer, PgDatabase, ud_gateway::server::Running)> {
     let platform_pw = "bench-platform";
     let system_pw = "bench-system";
     let accounts = ud_core::edge::hubconf::accounts_with_system(
         "platform",
         &bcrypt::hash(platform_pw, 4)?,
         &[],
-        Some(&ud_core::edge::hubconf::SystemUser { user: "sys".into(), password_hash: bcrypt::hash(system_pw, 4)? }),
+        Some(&ud_core::edge::hubconf::SystemUser {
+            user: "sys".into(),
+            password_hash: bcrypt::hash(system_pw, 4)?,
+        }),
     );
-    let hub = NatsServer::start_with(NatsOptions { hub: true, accounts: Some(accounts), ..Default::default() }).await?;
+    let hub = NatsServer::start_with(NatsOptions {
+        hub: true,
+        accounts: Some(accounts),
+        ..Default::default()
+    })
+    .await?;
     let pg = PgDatabase::create().await?;
     let running = server::start(ServerConfig {
         nats_url: format!("nats://platform:{platform_pw}@127.0.0.1:{}", hub.port()),
@@ -93,12 +103,30 @@ pub async fn run(a: Args) -> Result<()> {
     let timeout = Duration::from_secs(a.offline_timeout_seconds);
     let (hub, _pg, running) = start_platform(timeout).await?;
     let store = running.state.commands.store().clone();
-    let admin = ud_core::commands::issue_token(&store, "bench", &[], true, "bench").await.map_err(|e| anyhow!("{e}"))?;
-    running.state.projected.wait(ud_schemas::streams::AUTH, admin.seq, Duration::from_secs(10)).await;
+    let admin = ud_core::commands::issue_token(&store, "bench", &[], true, "bench")
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    running
+        .state
+        .projected
+        .wait(
+            ud_schemas::streams::AUTH,
+            admin.seq,
+            Duration::from_secs(10),
+        )
+        .await;
     let http = reqwest::Client::new();
     let base = format!("http://{}", running.addr);
-    let v: serde_json::Value = http.post(format!("{base}/api/v1/nodes")).bearer_auth(&admin.secret).json(&json!({"name": "bench"})).send().await?.json().await?;
-    let token = NodeToken::parse(v["token"].as_str().unwrap_or_default()).map_err(|e| anyhow!(e))?;
+    let v: serde_json::Value = http
+        .post(format!("{base}/api/v1/nodes"))
+        .bearer_auth(&admin.secret)
+        .json(&json!({"name": "bench"}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let token =
+        NodeToken::parse(v["token"].as_str().unwrap_or_default()).map_err(|e| anyhow!(e))?;
 
     // The node's link goes through a relay the benchmark can cut.
     let relay = ud_testkit::Relay::start(hub.leaf_port()).await?;
@@ -115,10 +143,19 @@ pub async fn run(a: Args) -> Result<()> {
     let mut lat = Vec::new();
     for _ in 0..a.tasks {
         let t0 = Instant::now();
-        let v: serde_json::Value = http.post(format!("{base}/api/v1/tasks")).bearer_auth(&admin.secret).json(&body).send().await?.json().await?;
+        let v: serde_json::Value = http
+            .post(format!("{base}/api/v1/tasks"))
+            .bearer_auth(&admin.secret)
+            .json(&body)
+            .send()
+            .await?
+            .json()
+            .await?;
         let id = v["task_id"].as_str().unwrap_or_default().to_owned();
         loop {
-            let m = tokio::time::timeout(Duration::from_secs(60), started.next()).await?.ok_or_else(|| anyhow!("no start"))?;
+            let m = tokio::time::timeout(Duration::from_secs(60), started.next())
+                .await?
+                .ok_or_else(|| anyhow!("no start"))?;
             if m.subject.contains(&id) {
                 break;
             }
@@ -126,24 +163,49 @@ pub async fn run(a: Args) -> Result<()> {
         lat.push(t0.elapsed());
     }
     lat.sort();
-    line("submit-to-container-start p50 (warm node)", ms(percentile(&lat, 0.5)), "ms", None);
-    line("submit-to-container-start p99 (warm node)", ms(percentile(&lat, 0.99)), "ms", None);
+    line(
+        "submit-to-container-start p50 (warm node)",
+        ms(percentile(&lat, 0.5)),
+        "ms",
+        None,
+    );
+    line(
+        "submit-to-container-start p99 (warm node)",
+        ms(percentile(&lat, 0.99)),
+        "ms",
+        None,
+    );
 
     // 1b. Versions: cold (nothing cached), warm (repository cached, new commit), hot (same versions).
     versions_figures(&store, &http, &base, &admin.secret, hub.leaf_port()).await?;
 
     // 2. Heartbeats handled per second: a backlog written while the link is down, then drained.
     relay.cut();
-    let local_client = async_nats::ConnectOptions::with_user_and_password("agent".into(), "agent-pw".into())
-        .connect(format!("127.0.0.1:{}", leaf.port()))
-        .await?;
+    let local_client =
+        async_nats::ConnectOptions::with_user_and_password("agent".into(), "agent-pw".into())
+            .connect(format!("127.0.0.1:{}", leaf.port()))
+            .await?;
     let local = async_nats::jetstream::with_domain(local_client, edge::domain(&token.node_id));
     let mut acks = futures::stream::FuturesUnordered::new();
     for i in 0..a.heartbeats {
-        let beat = Event::Node(token.node_id, NodeEvent::Heartbeat(NodeHeartbeat { at: ud_schemas::now_millis(), running_tasks: i as u32 % 3, disk_free_mb: Some(100_000), low_disk: false }));
-        let (h, p) = ud_schemas::codec::encode_message(&beat, &ud_schemas::codec::EventMeta::new("bench"))?;
+        let beat = Event::Node(
+            token.node_id,
+            NodeEvent::Heartbeat(NodeHeartbeat {
+                at: ud_schemas::now_millis(),
+                running_tasks: i as u32 % 3,
+                disk_free_mb: Some(100_000),
+                low_disk: false,
+            }),
+        );
+        let (h, p) =
+            ud_schemas::codec::encode_message(&beat, &ud_schemas::codec::EventMeta::new("bench"))?;
         let subject = edge::edge_subject(&token.node_id, &beat.subject()).unwrap_or_default();
-        acks.push(local.publish_with_headers(subject, h, p.into()).await?.into_future());
+        acks.push(
+            local
+                .publish_with_headers(subject, h, p.into())
+                .await?
+                .into_future(),
+        );
         if acks.len() >= 256 {
             if let Some(r) = acks.next().await {
                 r?;
@@ -153,26 +215,52 @@ pub async fn run(a: Args) -> Result<()> {
     while let Some(r) = acks.next().await {
         r?;
     }
-    let mut ingested = store.client().subscribe(format!("ud.node.{}.heartbeat", token.node_id)).await?;
+    let mut ingested = store
+        .client()
+        .subscribe(format!("ud.node.{}.heartbeat", token.node_id))
+        .await?;
     let cpu0 = cpu_seconds();
     let t0 = Instant::now();
     relay.restore();
     let mut n = 0;
     while n < a.heartbeats {
-        tokio::time::timeout(Duration::from_secs(120), ingested.next()).await?.ok_or_else(|| anyhow!("drain stopped"))?;
+        tokio::time::timeout(Duration::from_secs(120), ingested.next())
+            .await?
+            .ok_or_else(|| anyhow!("drain stopped"))?;
         n += 1;
     }
     let took = t0.elapsed();
     let cpu = cpu_seconds() - cpu0;
     let rate = n as f64 / took.as_secs_f64();
-    line("heartbeats ingested per second (backlog drain)", rate, "hb/s", None);
-    line("main-server CPU per heartbeat (in-process: ingest, append, projection)", cpu / n as f64 * 1e6, "us", None);
+    line(
+        "heartbeats ingested per second (backlog drain)",
+        rate,
+        "hb/s",
+        None,
+    );
+    line(
+        "main-server CPU per heartbeat (in-process: ingest, append, projection)",
+        cpu / n as f64 * 1e6,
+        "us",
+        None,
+    );
     let needed = 10_000.0 / 15.0;
-    line("share of one core for 10,000 nodes at 15 s heartbeats", needed * cpu / n as f64 * 100.0, "%", None);
+    line(
+        "share of one core for 10,000 nodes at 15 s heartbeats",
+        needed * cpu / n as f64 * 100.0,
+        "%",
+        None,
+    );
 
     // 3. Offline detection: stop the agent, wait for the offline event.
-    let mut offline = store.client().subscribe(format!("ud.node.{}.offline", token.node_id)).await?;
-    let mut beats = store.client().subscribe(format!("ud.node.{}.heartbeat", token.node_id)).await?;
+    let mut offline = store
+        .client()
+        .subscribe(format!("ud.node.{}.offline", token.node_id))
+        .await?;
+    let mut beats = store
+        .client()
+        .subscribe(format!("ud.node.{}.heartbeat", token.node_id))
+        .await?;
     agent.abort();
     let stopped = Instant::now();
     // The last heartbeat the hub heard.
@@ -188,20 +276,43 @@ pub async fn run(a: Args) -> Result<()> {
         }
     }
     let detected = last.elapsed();
-    line(&format!("offline detected after the last heartbeat (timeout {} s)", timeout.as_secs()), detected.as_secs_f64(), "s", None);
-    line("offline detection error against the timeout", (detected.as_secs_f64() - timeout.as_secs_f64()) * 1000.0, "ms", None);
+    line(
+        &format!(
+            "offline detected after the last heartbeat (timeout {} s)",
+            timeout.as_secs()
+        ),
+        detected.as_secs_f64(),
+        "s",
+        None,
+    );
+    line(
+        "offline detection error against the timeout",
+        (detected.as_secs_f64() - timeout.as_secs_f64()) * 1000.0,
+        "ms",
+        None,
+    );
     running.shutdown();
     Ok(())
 }
 
 fn git(dir: &std::path::Path, args: &[&str]) -> Result<String> {
     let out = std::process::Command::new("git")
-        .args(["-c", "user.name=b", "-c", "user.email=b@localhost", "-c", "init.defaultBranch=main"])
+        .args([
+            "-c",
+            "user.name=b",
+            "-c",
+            "user.email=b@localhost",
+            "-c",
+            "init.defaultBranch=main",
+        ])
         .args(args)
         .current_dir(dir)
         .output()?;
     if !out.status.success() {
-        return Err(anyhow!("git {args:?}: {}", String::from_utf8_lossy(&out.stderr)));
+        return Err(anyhow!(
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     Ok(String::from_utf8(out.stdout)?.trim().to_owned())
 }
@@ -213,7 +324,13 @@ fn commit(dir: &std::path::Path, file: &str, text: &str) -> Result<String> {
     git(dir, &["rev-parse", "HEAD"])
 }
 
-async fn versions_figures(store: &ud_core::EventStore, http: &reqwest::Client, base: &str, admin: &str, hub_leaf: u16) -> Result<()> {
+async fn versions_figures(
+    store: &ud_core::EventStore,
+    http: &reqwest::Client,
+    base: &str,
+    admin: &str,
+    hub_leaf: u16,
+) -> Result<()> {
     let repos = tempfile::tempdir()?;
     let (code, env) = (repos.path().join("code"), repos.path().join("env"));
     for d in [&code, &env] {
@@ -221,10 +338,25 @@ async fn versions_figures(store: &ud_core::EventStore, http: &reqwest::Client, b
         git(d, &["init", "-q"])?;
     }
     // A fresh tag per run, so that "cold" really builds.
-    let env_commit = commit(&env, "Dockerfile", &format!("FROM unidesk/busybox:base\nRUN echo {} > /env\n", ud_schemas::now_millis()))?;
+    let env_commit = commit(
+        &env,
+        "Dockerfile",
+        &format!(
+            "FROM unidesk/busybox:base\nRUN echo {} > /env\n",
+            ud_schemas::now_millis()
+        ),
+    )?;
     let c1 = commit(&code, "main.sh", "true\n")?;
-    let v: serde_json::Value = http.post(format!("{base}/api/v1/nodes")).bearer_auth(admin).json(&json!({"name": "builder"})).send().await?.json().await?;
-    let token = NodeToken::parse(v["token"].as_str().unwrap_or_default()).map_err(|e| anyhow!(e))?;
+    let v: serde_json::Value = http
+        .post(format!("{base}/api/v1/nodes"))
+        .bearer_auth(admin)
+        .json(&json!({"name": "builder"}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let token =
+        NodeToken::parse(v["token"].as_str().unwrap_or_default()).map_err(|e| anyhow!(e))?;
     let work = tempfile::tempdir()?;
     let (_leaf, agent) = join(store, hub_leaf, &token, "builder", |cfg| {
         cfg.labels = [("role".to_owned(), "builder".to_owned())].into();
@@ -244,39 +376,108 @@ async fn versions_figures(store: &ud_core::EventStore, http: &reqwest::Client, b
     };
     let dispatched = store.client().subscribe("ud.dispatch.*.*.run").await?;
     let mut subs = (started, prepared, dispatched);
-    let step = |steps: &[ud_schemas::events::PrepareStep], name: &str| steps.iter().find(|s| s.name == name).map_or(0.0, |s| s.millis as f64);
+    let step = |steps: &[ud_schemas::events::PrepareStep], name: &str| {
+        steps
+            .iter()
+            .find(|s| s.name == name)
+            .map_or(0.0, |s| s.millis as f64)
+    };
     let (cold, s1) = run_one(http, base, admin, body(&c1), &mut subs).await?;
     line("cold node: submit to running", ms(cold.0), "ms", None);
-    line("cold node: dispatch to running (seen at the hub)", ms(cold.1), "ms", None);
-    line("cold node: git fetch (code + environment)", step(&s1, "fetch_code") + step(&s1, "fetch_environment"), "ms", None);
-    line("cold node: image build", step(&s1, "build_image"), "ms", None);
+    line(
+        "cold node: dispatch to running (seen at the hub)",
+        ms(cold.1),
+        "ms",
+        None,
+    );
+    line(
+        "cold node: git fetch (code + environment)",
+        step(&s1, "fetch_code") + step(&s1, "fetch_environment"),
+        "ms",
+        None,
+    );
+    line(
+        "cold node: image build",
+        step(&s1, "build_image"),
+        "ms",
+        None,
+    );
     let c2 = commit(&code, "main.sh", "echo v2\n")?;
     let (warm, s2) = run_one(http, base, admin, body(&c2), &mut subs).await?;
-    line("warm node (new commit): submit to running", ms(warm.0), "ms", None);
-    line("warm node (new commit): dispatch to running (seen at the hub)", ms(warm.1), "ms", None);
-    line("warm node: fetch of the new commit (target < 200 ms)", step(&s2, "fetch_code"), "ms", None);
+    line(
+        "warm node (new commit): submit to running",
+        ms(warm.0),
+        "ms",
+        None,
+    );
+    line(
+        "warm node (new commit): dispatch to running (seen at the hub)",
+        ms(warm.1),
+        "ms",
+        None,
+    );
+    line(
+        "warm node: fetch of the new commit (target < 200 ms)",
+        step(&s2, "fetch_code"),
+        "ms",
+        None,
+    );
     let (mut hot, mut hot_dispatch, mut hot_node) = (Vec::new(), Vec::new(), Vec::new());
     let mut by_step: std::collections::BTreeMap<String, Vec<Duration>> = Default::default();
     for _ in 0..10 {
-        let ((total, from_dispatch), steps) = run_one(http, base, admin, body(&c2), &mut subs).await?;
+        let ((total, from_dispatch), steps) =
+            run_one(http, base, admin, body(&c2), &mut subs).await?;
         hot.push(total);
         hot_dispatch.push(from_dispatch);
         hot_node.push(Duration::from_millis(steps.iter().map(|s| s.millis).sum()));
         for s in &steps {
-            by_step.entry(s.name.clone()).or_default().push(Duration::from_millis(s.millis));
+            by_step
+                .entry(s.name.clone())
+                .or_default()
+                .push(Duration::from_millis(s.millis));
         }
     }
     for v in [&mut hot, &mut hot_dispatch, &mut hot_node] {
         v.sort();
     }
-    line("hot node (same versions): submit to running p50", ms(percentile(&hot, 0.5)), "ms", None);
-    line("hot node (same versions): submit to running max", ms(percentile(&hot, 1.0)), "ms", None);
-    line("hot node: dispatch to running, seen at the hub, p50 (target < 300 ms)", ms(percentile(&hot_dispatch, 0.5)), "ms", None);
-    line("hot node: dispatch to running, seen at the hub, max", ms(percentile(&hot_dispatch, 1.0)), "ms", None);
-    line("hot node: the node's own preparing steps incl. container start, p50", ms(percentile(&hot_node, 0.5)), "ms", None);
+    line(
+        "hot node (same versions): submit to running p50",
+        ms(percentile(&hot, 0.5)),
+        "ms",
+        None,
+    );
+    line(
+        "hot node (same versions): submit to running max",
+        ms(percentile(&hot, 1.0)),
+        "ms",
+        None,
+    );
+    line(
+        "hot node: dispatch to running, seen at the hub, p50 (target < 300 ms)",
+        ms(percentile(&hot_dispatch, 0.5)),
+        "ms",
+        None,
+    );
+    line(
+        "hot node: dispatch to running, seen at the hub, max",
+        ms(percentile(&hot_dispatch, 1.0)),
+        "ms",
+        None,
+    );
+    line(
+        "hot node: the node's own preparing steps incl. container start, p50",
+        ms(percentile(&hot_node, 0.5)),
+        "ms",
+        None,
+    );
     for (name, mut v) in by_step {
         v.sort();
-        line(&format!("hot node: step {name} p50"), ms(percentile(&v, 0.5)), "ms", None);
+        line(
+            &format!("hot node: step {name} p50"),
+            ms(percentile(&v, 0.5)),
+            "ms",
+            None,
+        );
     }
     agent.abort();
     Ok(())
@@ -287,26 +488,44 @@ async fn run_one(
     base: &str,
     admin: &str,
     body: serde_json::Value,
-    subs: &mut (async_nats::Subscriber, async_nats::Subscriber, async_nats::Subscriber),
+    subs: &mut (
+        async_nats::Subscriber,
+        async_nats::Subscriber,
+        async_nats::Subscriber,
+    ),
 ) -> Result<((Duration, Duration), Vec<ud_schemas::events::PrepareStep>)> {
     let t0 = Instant::now();
-    let v: serde_json::Value = http.post(format!("{base}/api/v1/tasks")).bearer_auth(admin).json(&body).send().await?.json().await?;
+    let v: serde_json::Value = http
+        .post(format!("{base}/api/v1/tasks"))
+        .bearer_auth(admin)
+        .json(&body)
+        .send()
+        .await?
+        .json()
+        .await?;
     let id = v["task_id"].as_str().unwrap_or_default().to_owned();
     let dispatched = loop {
-        let m = tokio::time::timeout(Duration::from_secs(120), subs.2.next()).await?.ok_or_else(|| anyhow!("no dispatch"))?;
+        let m = tokio::time::timeout(Duration::from_secs(120), subs.2.next())
+            .await?
+            .ok_or_else(|| anyhow!("no dispatch"))?;
         if m.subject.contains(&id) {
             break Instant::now();
         }
     };
     let steps = loop {
-        let m = tokio::time::timeout(Duration::from_secs(120), subs.1.next()).await?.ok_or_else(|| anyhow!("no prepared"))?;
+        let m = tokio::time::timeout(Duration::from_secs(120), subs.1.next())
+            .await?
+            .ok_or_else(|| anyhow!("no prepared"))?;
         if m.subject.contains(&id) {
-            let p: ud_schemas::events::TaskPrepared = ud_schemas::dispatch::from_cbor(&m.payload, "task-prepared")?;
+            let p: ud_schemas::events::TaskPrepared =
+                ud_schemas::dispatch::from_cbor(&m.payload, "task-prepared")?;
             break p.steps;
         }
     };
     loop {
-        let m = tokio::time::timeout(Duration::from_secs(120), subs.0.next()).await?.ok_or_else(|| anyhow!("no start"))?;
+        let m = tokio::time::timeout(Duration::from_secs(120), subs.0.next())
+            .await?
+            .ok_or_else(|| anyhow!("no start"))?;
         if m.subject.contains(&id) {
             break;
         }
@@ -344,7 +563,10 @@ async fn join(
         docker_host: std::env::var("DOCKER_HOST").ok(),
     };
     configure(&mut cfg);
-    let mut beat = store.client().subscribe(format!("ud.node.{}.heartbeat", token.node_id)).await?;
+    let mut beat = store
+        .client()
+        .subscribe(format!("ud.node.{}.heartbeat", token.node_id))
+        .await?;
     let agent = tokio::spawn(async move {
         let _ = ud_edge_agent::run(cfg).await;
     });

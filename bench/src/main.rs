@@ -3,6 +3,7 @@
 
 mod backbone;
 mod edge;
+mod files;
 mod restart;
 mod schedule;
 mod stats;
@@ -25,6 +26,8 @@ enum Bench {
     Edge(edge::Args),
     /// A hub restart with many nodes linked: time until every link is back.
     Restart(restart::Args),
+    /// A large file through presigned URLs as the agent moves it, against a plain S3 client.
+    Files(files::Args),
     /// Placement and queue order over 1,000 nodes (pure functions).
     Schedule(schedule::Args),
     /// (Used by `restart`: the simulated agents, as a child process.)
@@ -39,6 +42,7 @@ async fn main() -> Result<()> {
         Bench::Edge(a) => edge::run(a).await,
         Bench::Restart(a) => restart::run(a).await,
         Bench::Schedule(a) => schedule::run_bench(a),
+        Bench::Files(a) => files::run(a).await,
         Bench::Agents(a) => restart::agents(a).await,
     }
 }

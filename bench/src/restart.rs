@@ -65,7 +65,10 @@ fn simulator_config(tokens: &[NodeToken], hub_leaf_port: u16) -> String {
             "  N{i} {{ jetstream: enabled, users: [ {{ user: \"n{i}\", password: \"x\" }} ], mappings: {{ \"$JS.{}.API.>\": \"$JS.API.>\" }} }}\n",
             edge::domain(&t.node_id)
         ));
-        remotes.push_str(&format!("    {{ urls: [\"nats-leaf://{}:{}@127.0.0.1:{hub_leaf_port}\"], account: N{i} }}\n", t.node_id, t.secret));
+        remotes.push_str(&format!(
+            "    {{ urls: [\"nats-leaf://{}:{}@127.0.0.1:{hub_leaf_port}\"], account: N{i} }}\n",
+            t.node_id, t.secret
+        ));
     }
     accounts.push_str("}\n");
     remotes.push_str("  ]\n}\n");
@@ -73,12 +76,24 @@ fn simulator_config(tokens: &[NodeToken], hub_leaf_port: u16) -> String {
 }
 
 async fn leaf_links(http: &reqwest::Client, monitor: &str) -> Option<u64> {
-    let v: serde_json::Value = http.get(format!("{monitor}/varz")).send().await.ok()?.json().await.ok()?;
+    let v: serde_json::Value = http
+        .get(format!("{monitor}/varz"))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
     v["leafnodes"].as_u64()
 }
 
 /// Samples the hub's leaf-link count until it reaches `n`: (time taken, peak links gained in one second).
-async fn until_linked(http: &reqwest::Client, monitor: &str, n: u64, limit: Duration) -> Result<(Duration, u64)> {
+async fn until_linked(
+    http: &reqwest::Client,
+    monitor: &str,
+    n: u64,
+    limit: Duration,
+) -> Result<(Duration, u64)> {
     let t0 = Instant::now();
     let mut samples: Vec<(Duration, u64)> = Vec::new();
     loop {
@@ -88,30 +103,47 @@ async fn until_linked(http: &reqwest::Client, monitor: &str, n: u64, limit: Dura
             break;
         }
         if t0.elapsed() > limit {
-            return Err(anyhow!("only {count} of {n} links after {} s", limit.as_secs()));
+            return Err(anyhow!(
+                "only {count} of {n} links after {} s",
+                limit.as_secs()
+            ));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let took = t0.elapsed();
     let mut peak = 0;
     for (i, (t, c)) in samples.iter().enumerate() {
-        let before = samples[..i].iter().rev().find(|(u, _)| *t - *u >= Duration::from_secs(1)).map_or(0, |(_, c)| *c);
+        let before = samples[..i]
+            .iter()
+            .rev()
+            .find(|(u, _)| *t - *u >= Duration::from_secs(1))
+            .map_or(0, |(_, c)| *c);
         peak = peak.max(c.saturating_sub(before));
     }
     Ok((took, peak))
 }
 
 pub async fn run(a: Args) -> Result<()> {
-    println!("UniDesk hub-restart benchmark: {} nodes, each with its own leaf link and credentials", a.nodes);
+    println!(
+        "UniDesk hub-restart benchmark: {} nodes, each with its own leaf link and credentials",
+        a.nodes
+    );
     let (mut hub, _pg, running) = crate::edge::start_platform(Duration::from_secs(90)).await?;
     let store = running.state.commands.store().clone();
     let t = Instant::now();
     let mut tokens = Vec::with_capacity(a.nodes);
     for i in 0..a.nodes {
-        let (token, _) = ud_core::edge::enroll::enroll(&store, &format!("sim-{i}"), Default::default(), "bench").await?;
+        let (token, _) =
+            ud_core::edge::enroll::enroll(&store, &format!("sim-{i}"), Default::default(), "bench")
+                .await?;
         tokens.push(token);
     }
-    line("enrolment of all nodes", t.elapsed().as_secs_f64(), "s", None);
+    line(
+        "enrolment of all nodes",
+        t.elapsed().as_secs_f64(),
+        "s",
+        None,
+    );
     // The hub reconciler writes every node user into the hub's accounts file.
     let t = Instant::now();
     loop {
@@ -124,28 +156,58 @@ pub async fn run(a: Args) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    line("accounts file holds every node", t.elapsed().as_secs_f64(), "s", None);
+    line(
+        "accounts file holds every node",
+        t.elapsed().as_secs_f64(),
+        "s",
+        None,
+    );
     let http = reqwest::Client::new();
     let monitor = hub.monitor_url();
-    let simulator = NatsServer::start_with(NatsOptions { sync_always: false, domain: "sim".into(), extra: simulator_config(&tokens, hub.leaf_port()), ..Default::default() }).await?;
+    let simulator = NatsServer::start_with(NatsOptions {
+        sync_always: false,
+        domain: "sim".into(),
+        extra: simulator_config(&tokens, hub.leaf_port()),
+        ..Default::default()
+    })
+    .await?;
     // The simulated agents, in their own process, start with their nodes' links.
     let t = Instant::now();
     let ids: Vec<NodeId> = tokens.iter().map(|t| t.node_id).collect();
     let nodes_file = simulator.dir().join("nodes.txt");
-    std::fs::write(&nodes_file, ids.iter().map(|n| format!("{n}\n")).collect::<String>())?;
+    std::fs::write(
+        &nodes_file,
+        ids.iter().map(|n| format!("{n}\n")).collect::<String>(),
+    )?;
     let mut beats = store.client().subscribe("ud.node.*.heartbeat").await?;
     let _agents = tokio::process::Command::new(std::env::current_exe()?)
-        .args(["agents", "--port", &simulator.port().to_string(), "--nodes-file"])
+        .args([
+            "agents",
+            "--port",
+            &simulator.port().to_string(),
+            "--nodes-file",
+        ])
         .arg(&nodes_file)
         .args(["--heartbeat-seconds", &a.heartbeat_seconds.to_string()])
         .kill_on_drop(true)
         .spawn()?;
-    let (joined, peak) = until_linked(&http, &monitor, a.nodes as u64, Duration::from_secs(180)).await?;
+    let (joined, peak) =
+        until_linked(&http, &monitor, a.nodes as u64, Duration::from_secs(180)).await?;
     line("first join: every link up", joined.as_secs_f64(), "s", None);
-    line("first join: peak links accepted in one second", peak as f64, "links/s", None);
+    line(
+        "first join: peak links accepted in one second",
+        peak as f64,
+        "links/s",
+        None,
+    );
     let limit = Duration::from_secs_f64(a.heartbeat_seconds * 4.0 + 300.0);
     all_heard(&mut beats, &ids, limit).await?;
-    line("every node heard (registered, first heartbeat ingested)", t.elapsed().as_secs_f64(), "s", None);
+    line(
+        "every node heard (registered, first heartbeat ingested)",
+        t.elapsed().as_secs_f64(),
+        "s",
+        None,
+    );
 
     // Steady heartbeats: what the main server spends on them.
     let cpu0 = crate::edge::cpu_seconds();
@@ -158,11 +220,31 @@ pub async fn run(a: Args) -> Result<()> {
     let took = t.elapsed().as_secs_f64();
     let cpu = crate::edge::cpu_seconds() - cpu0;
     let offered = a.nodes as f64 / a.heartbeat_seconds;
-    line("heartbeats ingested per second (steady)", n as f64 / took, "hb/s", None);
+    line(
+        "heartbeats ingested per second (steady)",
+        n as f64 / took,
+        "hb/s",
+        None,
+    );
     line("heartbeats offered per second", offered, "hb/s", None);
-    line("main-server CPU per heartbeat (steady)", cpu / n.max(1) as f64 * 1e6, "us", None);
-    line("main-server share of one core", cpu / took * 100.0, "%", None);
-    line("share of one core for 10,000 nodes at 15 s (target < 10%)", (10_000.0 / 15.0) * cpu / n.max(1) as f64 * 100.0, "%", None);
+    line(
+        "main-server CPU per heartbeat (steady)",
+        cpu / n.max(1) as f64 * 1e6,
+        "us",
+        None,
+    );
+    line(
+        "main-server share of one core",
+        cpu / took * 100.0,
+        "%",
+        None,
+    );
+    line(
+        "share of one core for 10,000 nodes at 15 s (target < 10%)",
+        (10_000.0 / 15.0) * cpu / n.max(1) as f64 * 100.0,
+        "%",
+        None,
+    );
 
     // A hub restart: every link back, every node heard again.
     hub.restart().await?;
@@ -170,24 +252,58 @@ pub async fn run(a: Args) -> Result<()> {
     let linked = until_linked(&http, &monitor, a.nodes as u64, Duration::from_secs(180));
     let heard = all_heard(&mut beats, &ids, limit);
     let ((back, peak), ()) = tokio::try_join!(linked, heard)?;
-    line("after a hub restart: every link back", back.as_secs_f64(), "s", None);
-    line("after a hub restart: peak links accepted in one second", peak as f64, "links/s", None);
-    line("after a hub restart: every node heard again (target < 60 s)", t.elapsed().as_secs_f64(), "s", None);
+    line(
+        "after a hub restart: every link back",
+        back.as_secs_f64(),
+        "s",
+        None,
+    );
+    line(
+        "after a hub restart: peak links accepted in one second",
+        peak as f64,
+        "links/s",
+        None,
+    );
+    line(
+        "after a hub restart: every node heard again (target < 60 s)",
+        t.elapsed().as_secs_f64(),
+        "s",
+        None,
+    );
     let log = std::fs::read_to_string(hub.dir().join("nats.log")).unwrap_or_default();
-    line("links the hub replaced (simulation artefact, see the module doc)", log.matches("Replacing connection from same server").count() as f64, "", None);
-    line("leaf connections the hub accepted in all", log.matches("Leafnode connection created").count() as f64, "", None);
+    line(
+        "links the hub replaced (simulation artefact, see the module doc)",
+        log.matches("Replacing connection from same server").count() as f64,
+        "",
+        None,
+    );
+    line(
+        "leaf connections the hub accepted in all",
+        log.matches("Leafnode connection created").count() as f64,
+        "",
+        None,
+    );
     running.shutdown();
     Ok(())
 }
 
 /// Waits until a heartbeat of every node in `ids` has been ingested.
-async fn all_heard(beats: &mut async_nats::Subscriber, ids: &[NodeId], limit: Duration) -> Result<()> {
-    let mut missing: std::collections::HashSet<String> = ids.iter().map(ToString::to_string).collect();
+async fn all_heard(
+    beats: &mut async_nats::Subscriber,
+    ids: &[NodeId],
+    limit: Duration,
+) -> Result<()> {
+    let mut missing: std::collections::HashSet<String> =
+        ids.iter().map(ToString::to_string).collect();
     let deadline = tokio::time::Instant::now() + limit;
     let mut report = tokio::time::Instant::now() + Duration::from_secs(10);
     while !missing.is_empty() {
         if tokio::time::Instant::now() >= report {
-            eprintln!("  ... {} of {} nodes heard", ids.len() - missing.len(), ids.len());
+            eprintln!(
+                "  ... {} of {} nodes heard",
+                ids.len() - missing.len(),
+                ids.len()
+            );
             report += Duration::from_secs(10);
         }
         match tokio::time::timeout_at(deadline, beats.next()).await {
@@ -196,8 +312,21 @@ async fn all_heard(beats: &mut async_nats::Subscriber, ids: &[NodeId], limit: Du
                     missing.remove(id);
                 }
             }
-            Ok(None) => return Err(anyhow!("the subscription ended with {} of {} nodes never heard", missing.len(), ids.len())),
-            Err(_) => return Err(anyhow!("{} of {} nodes never heard within {} s", missing.len(), ids.len(), limit.as_secs())),
+            Ok(None) => {
+                return Err(anyhow!(
+                    "the subscription ended with {} of {} nodes never heard",
+                    missing.len(),
+                    ids.len()
+                ))
+            }
+            Err(_) => {
+                return Err(anyhow!(
+                    "{} of {} nodes never heard within {} s",
+                    missing.len(),
+                    ids.len(),
+                    limit.as_secs()
+                ))
+            }
         }
     }
     Ok(())
@@ -225,24 +354,48 @@ pub async fn agents(a: AgentsArgs) -> Result<()> {
     Ok(())
 }
 
-async fn agent(url: String, i: usize, node: NodeId, interval: Duration, offset: Duration) -> Result<()> {
+async fn agent(
+    url: String,
+    i: usize,
+    node: NodeId,
+    interval: Duration,
+    offset: Duration,
+) -> Result<()> {
     let client = async_nats::ConnectOptions::with_user_and_password(format!("n{i}"), "x".into())
         .custom_inbox_prefix(edge::inbox_prefix(&node))
         .connect(url)
         .await?;
     let local = async_nats::jetstream::new(client);
-    ud_edge_agent::ensure_local(&local, &node).await.map_err(|e| anyhow!("{e}"))?;
+    ud_edge_agent::ensure_local(&local, &node)
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
     let reporter = ud_edge_agent::Reporter::new(node, local);
     let resources = ud_schemas::spec::NodeResources::default();
     reporter
-        .send(&Event::Node(node, NodeEvent::Registered(NodeRegistered { at: now_millis(), name: format!("sim-{i}"), labels: Default::default(), resources })))
+        .send(&Event::Node(
+            node,
+            NodeEvent::Registered(NodeRegistered {
+                at: now_millis(),
+                name: format!("sim-{i}"),
+                labels: Default::default(),
+                resources,
+            }),
+        ))
         .await
         .map_err(|e| anyhow!("{e}"))?;
     tokio::time::sleep(offset).await;
     let mut tick = tokio::time::interval(interval);
     loop {
         tick.tick().await;
-        let beat = Event::Node(node, NodeEvent::Heartbeat(NodeHeartbeat { at: now_millis(), running_tasks: 0, disk_free_mb: Some(100_000), low_disk: false }));
+        let beat = Event::Node(
+            node,
+            NodeEvent::Heartbeat(NodeHeartbeat {
+                at: now_millis(),
+                running_tasks: 0,
+                disk_free_mb: Some(100_000),
+                low_disk: false,
+            }),
+        );
         if let Err(e) = reporter.send(&beat).await {
             eprintln!("simulated node {i}: heartbeat not recorded: {e}");
         }

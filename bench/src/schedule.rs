@@ -27,7 +27,10 @@ pub struct Args {
 struct Lcg(u64);
 impl Lcg {
     fn next(&mut self, n: u64) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (self.0 >> 33) % n.max(1)
     }
 }
@@ -44,7 +47,12 @@ fn nodes(n: usize, rng: &mut Lcg) -> Vec<Node> {
                 resources: Some(NodeResources {
                     cpu_millis: [8_000, 16_000, 32_000, 64_000][rng.next(4) as usize],
                     memory_mb: [32_768, 65_536, 262_144][rng.next(3) as usize],
-                    gpus: (0..gpus).map(|_| Gpu { model: model.into(), memory_mb: 81_920 }).collect(),
+                    gpus: (0..gpus)
+                        .map(|_| Gpu {
+                            model: model.into(),
+                            memory_mb: 81_920,
+                        })
+                        .collect(),
                     ..Default::default()
                 }),
                 last_seen: Some(ud_schemas::now_millis()),
@@ -92,7 +100,11 @@ fn add(usage: &mut HashMap<NodeId, Usage>, node: NodeId, r: &Resources) {
 }
 
 /// Places every request in turn on a cluster that starts empty; (placed, per second).
-fn run(nodes: &[Node], reqs: &[Resources], choose: impl Fn(&[Node], &HashMap<NodeId, Usage>, &Resources) -> Option<NodeId>) -> (usize, f64) {
+fn run(
+    nodes: &[Node],
+    reqs: &[Resources],
+    choose: impl Fn(&[Node], &HashMap<NodeId, Usage>, &Resources) -> Option<NodeId>,
+) -> (usize, f64) {
     let mut usage = HashMap::new();
     let t = Instant::now();
     let mut placed = 0;
@@ -106,19 +118,36 @@ fn run(nodes: &[Node], reqs: &[Resources], choose: impl Fn(&[Node], &HashMap<Nod
 }
 
 pub fn run_bench(a: Args) -> Result<()> {
-    println!("UniDesk scheduler benchmark: {} nodes of mixed shapes, {} requests", a.nodes, a.tasks);
+    println!(
+        "UniDesk scheduler benchmark: {} nodes of mixed shapes, {} requests",
+        a.nodes, a.tasks
+    );
     let mut rng = Lcg(7);
     let nodes = nodes(a.nodes, &mut rng);
     let reqs = requests(a.tasks, &mut rng);
     // Baseline: the first node by id with room (no preferences, no scoring).
     let mut sorted = nodes.clone();
     sorted.sort_by_key(|n| n.id);
-    let (placed, base) = run(&sorted, &reqs, |ns, u, r| ns.iter().find(|n| fits(n, u.get(&n.id).copied().unwrap_or_default(), r)).map(|n| n.id));
-    line("baseline first fit: placement decisions per second", base, "/s", None);
+    let (placed, base) = run(&sorted, &reqs, |ns, u, r| {
+        ns.iter()
+            .find(|n| fits(n, u.get(&n.id).copied().unwrap_or_default(), r))
+            .map(|n| n.id)
+    });
+    line(
+        "baseline first fit: placement decisions per second",
+        base,
+        "/s",
+        None,
+    );
     line("baseline first fit: tasks placed", placed as f64, "", None);
     for (name, how) in [("pack", Placement::Pack), ("spread", Placement::Spread)] {
         let (placed, rate) = run(&nodes, &reqs, |ns, u, r| place(ns.iter(), u, r, how));
-        line(&format!("{name}: placement decisions per second (target 5,000)"), rate, "/s", Some((base, "first fit")));
+        line(
+            &format!("{name}: placement decisions per second (target 5,000)"),
+            rate,
+            "/s",
+            Some((base, "first fit")),
+        );
         line(&format!("{name}: tasks placed"), placed as f64, "", None);
     }
     // Ordering a large queue: 10,000 pending tasks of 50 projects at 3 priorities.
@@ -139,6 +168,11 @@ pub fn run_bench(a: Args) -> Result<()> {
     for _ in 0..rounds {
         std::hint::black_box(fair_order(&queued));
     }
-    line("fair order of 10,000 pending tasks", t.elapsed().as_secs_f64() * 1000.0 / f64::from(rounds), "ms", None);
+    line(
+        "fair order of 10,000 pending tasks",
+        t.elapsed().as_secs_f64() * 1000.0 / f64::from(rounds),
+        "ms",
+        None,
+    );
     Ok(())
 }

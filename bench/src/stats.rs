@@ -20,7 +20,10 @@ pub fn rate(n: usize, d: Duration) -> f64 {
 
 pub fn line(name: &str, value: f64, unit: &str, ceiling: Option<(f64, &str)>) {
     match ceiling {
-        Some((c, what)) => println!("{name:<52} {value:>12.1} {unit:<8} ratio {:.2} of {what} ({c:.1})", value / c.max(1e-9)),
+        Some((c, what)) => println!(
+            "{name:<52} {value:>12.1} {unit:<8} ratio {:.2} of {what} ({c:.1})",
+            value / c.max(1e-9)
+        ),
         None => println!("{name:<52} {value:>12.1} {unit}"),
     }
 }

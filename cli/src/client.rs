@@ -26,7 +26,10 @@ pub(crate) struct Api {
 
 impl Api {
     pub(crate) fn new(args: ApiArgs) -> Self {
-        Self { http: reqwest::Client::new(), args }
+        Self {
+            http: reqwest::Client::new(),
+            args,
+        }
     }
 
     pub(crate) fn url(&self, path: &str) -> String {
@@ -41,9 +44,17 @@ impl Api {
             .with_context(|| format!("cannot reach the API at {}", self.args.api_url))?;
         let status = resp.status();
         let text = resp.text().await?;
-        let body: Value = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        let body: Value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
         if !status.is_success() {
-            let msg = body.get("message").and_then(Value::as_str).map(str::to_owned).unwrap_or_else(|| body.to_string());
+            let msg = body
+                .get("message")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .unwrap_or_else(|| body.to_string());
             bail!("{status}: {msg}");
         }
         Ok(body)
@@ -141,10 +152,15 @@ pub struct SubmitArgs {
 
 fn task_body(a: &SubmitArgs) -> Result<Value> {
     if let Some(path) = &a.file {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        return serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()));
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        return serde_json::from_str(&text)
+            .with_context(|| format!("{} is not JSON", path.display()));
     }
-    let need = |v: &Option<String>, flag: &str| v.clone().ok_or_else(|| anyhow!("--{flag} is required (or --file)"));
+    let need = |v: &Option<String>, flag: &str| {
+        v.clone()
+            .ok_or_else(|| anyhow!("--{flag} is required (or --file)"))
+    };
     let code_repo = need(&a.code_repo, "code-repo")?;
     let code_commit = need(&a.code_commit, "code-commit")?;
     let mut resources = serde_json::Map::new();
@@ -177,7 +193,8 @@ fn task_body(a: &SubmitArgs) -> Result<Value> {
         body["timeout_seconds"] = json!(t);
     }
     if let Some(m) = a.max_attempts {
-        body["retry"] = json!({"max_attempts": m, "backoff_seconds": a.backoff_seconds.unwrap_or(0)});
+        body["retry"] =
+            json!({"max_attempts": m, "backoff_seconds": a.backoff_seconds.unwrap_or(0)});
     }
     if let Some(p) = a.priority {
         body["priority"] = json!(p);
@@ -205,7 +222,14 @@ fn task_body(a: &SubmitArgs) -> Result<Value> {
 pub async fn submit(a: SubmitArgs) -> Result<()> {
     let body = task_body(&a)?;
     let api = Api::new(a.api.clone());
-    let mut req = api.http.post(api.url(if a.wait { "/api/v1/tasks?wait=projected" } else { "/api/v1/tasks" })).json(&body);
+    let mut req = api
+        .http
+        .post(api.url(if a.wait {
+            "/api/v1/tasks?wait=projected"
+        } else {
+            "/api/v1/tasks"
+        }))
+        .json(&body);
     if let Some(k) = &a.idempotency_key {
         req = req.header("Idempotency-Key", k);
     }
@@ -238,17 +262,27 @@ pub struct ListArgs {
 pub async fn list(a: ListArgs) -> Result<()> {
     let api = Api::new(a.api.clone());
     let mut q = vec![("limit", a.limit.to_string())];
-    for (k, v) in [("state", &a.state), ("project", &a.project), ("node", &a.node), ("before", &a.before)] {
+    for (k, v) in [
+        ("state", &a.state),
+        ("project", &a.project),
+        ("node", &a.node),
+        ("before", &a.before),
+    ] {
         if let Some(v) = v {
             q.push((k, v.clone()));
         }
     }
-    let v = api.send(api.http.get(api.url("/api/v1/tasks")).query(&q)).await?;
+    let v = api
+        .send(api.http.get(api.url("/api/v1/tasks")).query(&q))
+        .await?;
     if a.api.json {
         print(&v);
         return Ok(());
     }
-    println!("{:<36}  {:<12}  {:<16}  {:<24}  NAME", "ID", "STATE", "PROJECT", "SUBMITTED");
+    println!(
+        "{:<36}  {:<12}  {:<16}  {:<24}  NAME",
+        "ID", "STATE", "PROJECT", "SUBMITTED"
+    );
     for t in v["items"].as_array().into_iter().flatten() {
         println!(
             "{:<36}  {:<12}  {:<16}  {:<24}  {}",
@@ -299,7 +333,12 @@ pub struct CancelArgs {
 
 pub async fn cancel(a: CancelArgs) -> Result<()> {
     let api = Api::new(a.api);
-    let v = api.post(&format!("/api/v1/tasks/{}/cancel", a.id), &json!({"reason": a.reason})).await?;
+    let v = api
+        .post(
+            &format!("/api/v1/tasks/{}/cancel", a.id),
+            &json!({"reason": a.reason}),
+        )
+        .await?;
     print(&v);
     Ok(())
 }
@@ -342,15 +381,25 @@ pub struct NodeListArgs {
 pub async fn node(c: NodeCommand) -> Result<()> {
     match c {
         NodeCommand::List(a) => print(&Api::new(a.api).get("/api/v1/nodes").await?),
-        NodeCommand::Show(a) => print(&Api::new(a.api).get(&format!("/api/v1/nodes/{}", a.id)).await?),
+        NodeCommand::Show(a) => print(
+            &Api::new(a.api)
+                .get(&format!("/api/v1/nodes/{}", a.id))
+                .await?,
+        ),
         NodeCommand::Enroll(a) => {
             let api = Api::new(a.api);
-            let v = api.post("/api/v1/nodes", &json!({"name": a.name, "labels": key_values(&a.labels, "--label")?})).await?;
+            let v = api
+                .post(
+                    "/api/v1/nodes",
+                    &json!({"name": a.name, "labels": key_values(&a.labels, "--label")?}),
+                )
+                .await?;
             println!("{}", v["token"].as_str().unwrap_or_default());
         }
         NodeCommand::Revoke(a) => {
             let api = Api::new(a.api);
-            api.post(&format!("/api/v1/nodes/{}/revoke", a.id), &json!({})).await?;
+            api.post(&format!("/api/v1/nodes/{}/revoke", a.id), &json!({}))
+                .await?;
         }
         NodeCommand::Cordon(a) => scheduling(a, "cordon").await?,
         NodeCommand::Drain(a) => scheduling(a, "drain").await?,
@@ -374,7 +423,13 @@ pub enum QueueCommand {
 /// Cancels every unfinished task of a project or queue (`what`: projects, queues).
 async fn cancel_all(a: CancelArgs, what: &str) -> Result<()> {
     let api = Api::new(a.api);
-    print(&api.post(&format!("/api/v1/{what}/{}/cancel", a.id), &json!({"reason": a.reason})).await?);
+    print(
+        &api.post(
+            &format!("/api/v1/{what}/{}/cancel", a.id),
+            &json!({"reason": a.reason}),
+        )
+        .await?,
+    );
     Ok(())
 }
 
@@ -392,7 +447,12 @@ pub async fn project(c: ProjectCommand) -> Result<()> {
 
 async fn scheduling(a: CancelArgs, action: &str) -> Result<()> {
     let api = Api::new(a.api);
-    let v = api.post(&format!("/api/v1/nodes/{}/{action}", a.id), &json!({"reason": a.reason})).await?;
+    let v = api
+        .post(
+            &format!("/api/v1/nodes/{}/{action}", a.id),
+            &json!({"reason": a.reason}),
+        )
+        .await?;
     print(&v);
     Ok(())
 }
@@ -423,13 +483,20 @@ pub async fn token(c: TokenCommand) -> Result<()> {
         TokenCommand::Issue(a) => {
             let api = Api::new(a.api);
             let v = api
-                .post("/api/v1/tokens", &json!({"name": a.name, "projects": a.projects, "admin": a.admin}))
+                .post(
+                    "/api/v1/tokens",
+                    &json!({"name": a.name, "projects": a.projects, "admin": a.admin}),
+                )
                 .await?;
             println!("{}", v["token"].as_str().unwrap_or_default());
         }
         TokenCommand::Revoke(a) => {
             let api = Api::new(a.api);
-            api.send(api.http.delete(api.url(&format!("/api/v1/tokens/{}", a.id)))).await?;
+            api.send(
+                api.http
+                    .delete(api.url(&format!("/api/v1/tokens/{}", a.id))),
+            )
+            .await?;
         }
     }
     Ok(())
@@ -443,6 +510,8 @@ pub enum TaskCommand {
     Rerun(IdArgs),
     /// Change a pending task's priority (higher runs first, -1000 to 1000).
     Priority(PriorityArgs),
+    /// List what a task's last run left in the object store; --download fetches it.
+    Outputs(crate::files::OutputsArgs),
 }
 
 #[derive(Args)]
@@ -474,6 +543,11 @@ pub fn rerun_body(task: &Value) -> Value {
         "priority": task["priority"],
         "queue": spec["queue"],
     });
+    for files in ["inputs", "outputs"] {
+        if spec[files].is_array() {
+            body[files] = spec[files].clone();
+        }
+    }
     if body["name"].is_null() {
         if let Some(o) = body.as_object_mut() {
             o.remove("name");
@@ -494,9 +568,16 @@ pub struct LogsArgs {
 
 pub async fn task(c: TaskCommand) -> Result<()> {
     match c {
+        TaskCommand::Outputs(a) => crate::files::outputs(a).await,
         TaskCommand::Priority(a) => {
             let api = Api::new(a.api);
-            print(&api.post(&format!("/api/v1/tasks/{}/priority?wait=projected", a.id), &json!({"priority": a.priority})).await?);
+            print(
+                &api.post(
+                    &format!("/api/v1/tasks/{}/priority?wait=projected", a.id),
+                    &json!({"priority": a.priority}),
+                )
+                .await?,
+            );
             Ok(())
         }
         TaskCommand::Rerun(a) => {
@@ -515,7 +596,12 @@ pub async fn task(c: TaskCommand) -> Result<()> {
             let mut after = 0u64;
             loop {
                 let wait = if a.follow { 20 } else { 0 };
-                let page = api.get(&format!("/api/v1/tasks/{}/logs?after={after}&wait={wait}", a.id)).await?;
+                let page = api
+                    .get(&format!(
+                        "/api/v1/tasks/{}/logs?after={after}&wait={wait}",
+                        a.id
+                    ))
+                    .await?;
                 for l in page["lines"].as_array().into_iter().flatten() {
                     let text = l["text"].as_str().unwrap_or_default();
                     if l["stream"] == "stderr" {
@@ -529,7 +615,10 @@ pub async fn task(c: TaskCommand) -> Result<()> {
                     return Ok(());
                 }
                 let t = api.get(&format!("/api/v1/tasks/{}", a.id)).await?;
-                let done = matches!(t["state"].as_str(), Some("succeeded" | "failed" | "timed_out" | "cancelled"));
+                let done = matches!(
+                    t["state"].as_str(),
+                    Some("succeeded" | "failed" | "timed_out" | "cancelled")
+                );
                 if done && page["lines"].as_array().is_none_or(|l| l.is_empty()) {
                     return Ok(());
                 }

@@ -63,7 +63,13 @@ pub struct ExportArgs {
     out: Option<std::path::PathBuf>,
 }
 
-fn event_line(subject: &str, seq: Option<u64>, stored_at: &str, headers: Option<&async_nats::HeaderMap>, payload: &[u8]) -> serde_json::Value {
+fn event_line(
+    subject: &str,
+    seq: Option<u64>,
+    stored_at: &str,
+    headers: Option<&async_nats::HeaderMap>,
+    payload: &[u8],
+) -> serde_json::Value {
     let raw = base64::engine::general_purpose::STANDARD.encode(payload);
     match codec::decode_message(subject, headers, payload) {
         Ok(envelope) => {
@@ -83,12 +89,15 @@ fn event_line(subject: &str, seq: Option<u64>, stored_at: &str, headers: Option<
             v["payload_cbor"] = json!(raw);
             v
         }
-        Err(e) => json!({"seq": seq, "subject": subject, "stored_at": stored_at, "decode_error": e.to_string(), "payload_cbor": raw}),
+        Err(e) => {
+            json!({"seq": seq, "subject": subject, "stored_at": stored_at, "decode_error": e.to_string(), "payload_cbor": raw})
+        }
     }
 }
 
 fn parse_time(s: &str, flag: &str) -> Result<time::OffsetDateTime> {
-    time::OffsetDateTime::parse(s, &Rfc3339).with_context(|| format!("--{flag} {s:?} is not an RFC 3339 time"))
+    time::OffsetDateTime::parse(s, &Rfc3339)
+        .with_context(|| format!("--{flag} {s:?} is not an RFC 3339 time"))
 }
 
 pub async fn events(c: EventsCommand) -> Result<()> {
@@ -101,10 +110,19 @@ pub async fn events(c: EventsCommand) -> Result<()> {
             let mut seen = 0usize;
             let mut out = std::io::stdout().lock();
             while let Some(msg) = sub.next().await {
-                if !msg.subject.starts_with("ud.") || msg.subject.starts_with("ud.sys.") || msg.subject.starts_with("ud.cmd.") {
+                if !msg.subject.starts_with("ud.")
+                    || msg.subject.starts_with("ud.sys.")
+                    || msg.subject.starts_with("ud.cmd.")
+                {
                     continue;
                 }
-                let line = event_line(msg.subject.as_str(), None, "", msg.headers.as_ref(), &msg.payload);
+                let line = event_line(
+                    msg.subject.as_str(),
+                    None,
+                    "",
+                    msg.headers.as_ref(),
+                    &msg.payload,
+                );
                 writeln!(out, "{line}")?;
                 out.flush()?;
                 seen += 1;
@@ -126,8 +144,16 @@ async fn export(a: ExportArgs) -> Result<()> {
         (_, _, Some(s)) => s.clone(),
         _ => String::new(),
     };
-    let since = a.since.as_deref().map(|s| parse_time(s, "since")).transpose()?;
-    let until = a.until.as_deref().map(|s| parse_time(s, "until")).transpose()?;
+    let since = a
+        .since
+        .as_deref()
+        .map(|s| parse_time(s, "since"))
+        .transpose()?;
+    let until = a
+        .until
+        .as_deref()
+        .map(|s| parse_time(s, "until"))
+        .transpose()?;
     let mut stream = store
         .jetstream()
         .get_stream(&a.stream)
@@ -135,7 +161,9 @@ async fn export(a: ExportArgs) -> Result<()> {
         .with_context(|| format!("no stream {}", a.stream))?;
     let last = stream.info().await?.state.last_sequence;
     let mut out: Box<dyn Write> = match &a.out {
-        Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?)),
+        Some(p) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+        )),
         None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
     };
     let mut written = 0u64;
@@ -143,7 +171,9 @@ async fn export(a: ExportArgs) -> Result<()> {
         let consumer = stream
             .create_consumer(OrderedConfig {
                 filter_subject: filter,
-                deliver_policy: since.map_or(DeliverPolicy::All, |t| DeliverPolicy::ByStartTime { start_time: t }),
+                deliver_policy: since.map_or(DeliverPolicy::All, |t| DeliverPolicy::ByStartTime {
+                    start_time: t,
+                }),
                 ..Default::default()
             })
             .await?;
@@ -151,7 +181,9 @@ async fn export(a: ExportArgs) -> Result<()> {
         let mut messages = consumer.messages().await?;
         let mut remaining = pending;
         while remaining > 0 {
-            let Some(msg) = messages.next().await else { break };
+            let Some(msg) = messages.next().await else {
+                break;
+            };
             let msg = msg?;
             remaining -= 1;
             let info = msg.info().map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -160,7 +192,13 @@ async fn export(a: ExportArgs) -> Result<()> {
                 break;
             }
             let stored_at = published.format(&Rfc3339).unwrap_or_default();
-            let line = event_line(msg.subject.as_str(), Some(seq), &stored_at, msg.headers.as_ref(), &msg.payload);
+            let line = event_line(
+                msg.subject.as_str(),
+                Some(seq),
+                &stored_at,
+                msg.headers.as_ref(),
+                &msg.payload,
+            );
             writeln!(out, "{line}")?;
             written += 1;
         }
@@ -201,7 +239,9 @@ pub async fn projections(c: ProjectionsCommand) -> Result<()> {
             let started = std::time::Instant::now();
             let replayed = rebuild::rebuild(&db, store.jetstream(), 5000).await?;
             let diffs = rebuild::compare(&db, &a.schema, &a.compare_with).await?;
-            let same = diffs.iter().all(|d| d.only_in_left == 0 && d.only_in_right == 0);
+            let same = diffs
+                .iter()
+                .all(|d| d.only_in_left == 0 && d.only_in_right == 0);
             println!(
                 "{}",
                 serde_json::to_string_pretty(&json!({
@@ -252,9 +292,21 @@ pub struct IssueTokenArgs {
 pub async fn admin(c: AdminCommand) -> Result<()> {
     match c {
         AdminCommand::HubAccounts(a) => {
-            let hash = |p: &str| ud_core::edge::hubconf::hash_password(p).map_err(|e| anyhow::anyhow!(e));
-            let system = ud_core::edge::hubconf::SystemUser { user: a.system_user, password_hash: hash(&a.system_password)? };
-            print!("{}", ud_core::edge::hubconf::accounts_with_system(&a.platform_user, &hash(&a.platform_password)?, &[], Some(&system)));
+            let hash =
+                |p: &str| ud_core::edge::hubconf::hash_password(p).map_err(|e| anyhow::anyhow!(e));
+            let system = ud_core::edge::hubconf::SystemUser {
+                user: a.system_user,
+                password_hash: hash(&a.system_password)?,
+            };
+            print!(
+                "{}",
+                ud_core::edge::hubconf::accounts_with_system(
+                    &a.platform_user,
+                    &hash(&a.platform_password)?,
+                    &[],
+                    Some(&system)
+                )
+            );
             Ok(())
         }
         AdminCommand::IssueToken(a) => {
@@ -263,14 +315,17 @@ pub async fn admin(c: AdminCommand) -> Result<()> {
                 .client()
                 .subscribe(ud_schemas::subjects::projected(ud_schemas::streams::AUTH))
                 .await?;
-            let issued = ud_core::commands::issue_token(&store, &a.name, &a.projects, a.admin, "admin-cli")
-                .await
-                .map_err(|e| anyhow::anyhow!(e.describe()))?;
+            let issued =
+                ud_core::commands::issue_token(&store, &a.name, &a.projects, a.admin, "admin-cli")
+                    .await
+                    .map_err(|e| anyhow::anyhow!(e.describe()))?;
             println!("{}", issued.secret);
             // Return once a running server's projector has it, so the token works at once.
             let projected = tokio::time::timeout(std::time::Duration::from_secs(10), async {
                 while let Some(m) = notices.next().await {
-                    let seq = std::str::from_utf8(&m.payload).ok().and_then(|s| s.parse::<u64>().ok());
+                    let seq = std::str::from_utf8(&m.payload)
+                        .ok()
+                        .and_then(|s| s.parse::<u64>().ok());
                     if seq.is_some_and(|s| s >= issued.seq) {
                         return true;
                     }
@@ -279,7 +334,9 @@ pub async fn admin(c: AdminCommand) -> Result<()> {
             })
             .await;
             if !matches!(projected, Ok(true)) {
-                eprintln!("warning: no projector confirmed the token yet; is `unidesk serve` running?");
+                eprintln!(
+                    "warning: no projector confirmed the token yet; is `unidesk serve` running?"
+                );
             }
             Ok(())
         }

@@ -20,7 +20,10 @@ pub struct NatsArgs {
 impl NatsArgs {
     pub async fn connect(&self, name: &str) -> Result<EventStore> {
         let client = server::connect_nats(&self.nats_url, name).await?;
-        Ok(EventStore::new(client, self.js_domain.as_deref().filter(|d| !d.is_empty())))
+        Ok(EventStore::new(
+            client,
+            self.js_domain.as_deref().filter(|d| !d.is_empty()),
+        ))
     }
 }
 
@@ -52,13 +55,21 @@ pub struct StorageArgs {
     pub bucket: Option<String>,
     #[arg(long = "s3-access-key-id", env = "UD_S3_ACCESS_KEY_ID")]
     pub access_key_id: Option<String>,
-    #[arg(long = "s3-secret-access-key", env = "UD_S3_SECRET_ACCESS_KEY", hide_env_values = true)]
+    #[arg(
+        long = "s3-secret-access-key",
+        env = "UD_S3_SECRET_ACCESS_KEY",
+        hide_env_values = true
+    )]
     pub secret_access_key: Option<String>,
     /// Address buckets by path (`<endpoint>/<bucket>`), as Garage and MinIO expect; false for virtual hosts.
     #[arg(long = "s3-path-style", env = "UD_S3_PATH_STYLE", default_value_t = true, action = clap::ArgAction::Set)]
     pub path_style: bool,
     /// Longest life of a presigned URL.
-    #[arg(long = "s3-url-ttl-seconds", env = "UD_S3_URL_TTL_SECONDS", default_value_t = 900)]
+    #[arg(
+        long = "s3-url-ttl-seconds",
+        env = "UD_S3_URL_TTL_SECONDS",
+        default_value_t = 900
+    )]
     pub url_ttl_seconds: u64,
     /// Most MiB one project may keep in the object store (unset: no limit).
     #[arg(long = "project-quota-mb", env = "UD_PROJECT_QUOTA_MB")]
@@ -68,10 +79,19 @@ pub struct StorageArgs {
 impl StorageArgs {
     /// The store, or `None` when no bucket is set.
     pub fn storage(&self) -> Result<Option<ud_storage::Storage>> {
-        let Some(bucket) = self.bucket.clone().filter(|b| !b.is_empty()) else { return Ok(None) };
-        let access_key_id = self.access_key_id.clone().filter(|k| !k.is_empty()).context("UD_S3_BUCKET is set but UD_S3_ACCESS_KEY_ID is not")?;
-        let secret_access_key =
-            self.secret_access_key.clone().filter(|k| !k.is_empty()).context("UD_S3_BUCKET is set but UD_S3_SECRET_ACCESS_KEY is not")?;
+        let Some(bucket) = self.bucket.clone().filter(|b| !b.is_empty()) else {
+            return Ok(None);
+        };
+        let access_key_id = self
+            .access_key_id
+            .clone()
+            .filter(|k| !k.is_empty())
+            .context("UD_S3_BUCKET is set but UD_S3_ACCESS_KEY_ID is not")?;
+        let secret_access_key = self
+            .secret_access_key
+            .clone()
+            .filter(|k| !k.is_empty())
+            .context("UD_S3_BUCKET is set but UD_S3_SECRET_ACCESS_KEY is not")?;
         if let Some(e) = &self.endpoint {
             if !(e.starts_with("http://") || e.starts_with("https://")) {
                 anyhow::bail!("UD_S3_ENDPOINT must be an http:// or https:// URL, not {e:?}");
@@ -85,9 +105,13 @@ impl StorageArgs {
             secret_access_key,
             path_style: self.path_style,
             url_ttl: std::time::Duration::from_secs(self.url_ttl_seconds),
-            project_quota_bytes: self.project_quota_mb.map(|mb| mb.saturating_mul(1024 * 1024)),
+            project_quota_bytes: self
+                .project_quota_mb
+                .map(|mb| mb.saturating_mul(1024 * 1024)),
         };
-        Ok(Some(ud_storage::Storage::new(settings).context("UD_S3_* settings")?))
+        Ok(Some(
+            ud_storage::Storage::new(settings).context("UD_S3_* settings")?,
+        ))
     }
 }
 
@@ -161,14 +185,18 @@ fn edge_config(args: &ServeArgs) -> Result<Option<server::EdgeConfig>> {
                 pid_file: args.hub_pid_file.clone(),
                 platform_user: user.to_owned(),
                 platform_password: password.to_owned(),
-                system_user: args.hub_system_password.clone().map(|p| (args.hub_system_user.clone(), p)),
+                system_user: args
+                    .hub_system_password
+                    .clone()
+                    .map(|p| (args.hub_system_user.clone(), p)),
                 hub_addr: format!("{}:{}", url.host(), url.port()),
                 replicas: args.replicas,
             })
         }
     };
     let git_credentials = match &args.git_credentials_file {
-        Some(path) => ud_core::edge::credentials::GitCredentials::load(path).context("UD_GIT_CREDENTIALS_FILE")?,
+        Some(path) => ud_core::edge::credentials::GitCredentials::load(path)
+            .context("UD_GIT_CREDENTIALS_FILE")?,
         None => Default::default(),
     };
     let queues = match &args.queues_file {
@@ -211,7 +239,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
 
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
-    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    {
         tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
     } else {
         let _ = ctrl_c.await;

@@ -20,7 +20,10 @@ impl Server {
     async fn start() -> Result<Self> {
         let nats = NatsServer::start().await?;
         let pg = PgDatabase::create().await?;
-        let env = vec![("UD_NATS_URL", nats.url()), ("UD_DATABASE_URL", pg.url.clone())];
+        let env = vec![
+            ("UD_NATS_URL", nats.url()),
+            ("UD_DATABASE_URL", pg.url.clone()),
+        ];
         let mut child = tokio::process::Command::new(BIN)
             .arg("serve")
             .env("UD_LISTEN", "127.0.0.1:0")
@@ -42,20 +45,31 @@ impl Server {
         .await??;
         let mut env = env;
         env.push(("UD_API_URL", url));
-        let mut server = Self { _nats: nats, _pg: pg, child, env };
+        let mut server = Self {
+            _nats: nats,
+            _pg: pg,
+            child,
+            env,
+        };
         let admin = server.ok(&["admin", "issue-token", "--name", "root", "--admin"])?;
         server.env.push(("UD_TOKEN", admin.trim().to_owned()));
         Ok(server)
     }
 
     fn run(&self, args: &[&str]) -> Result<Output> {
-        Ok(Command::new(BIN).args(args).envs(self.env.iter().map(|(k, v)| (*k, v.as_str()))).output()?)
+        Ok(Command::new(BIN)
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
+            .output()?)
     }
 
     fn ok(&self, args: &[&str]) -> Result<String> {
         let out = self.run(args)?;
         if !out.status.success() {
-            bail!("unidesk {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "unidesk {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(String::from_utf8(out.stdout)?)
     }
@@ -65,8 +79,20 @@ const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
 fn submit_args<'a>(project: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
-        "submit", "--project", project, "--code-repo", "https://git.example.org/code.git", "--code-commit", COMMIT,
-        "--cpus", "0.5", "--label", "zone=lab2", "--env", "SEED=3", "--wait",
+        "submit",
+        "--project",
+        project,
+        "--code-repo",
+        "https://git.example.org/code.git",
+        "--code-commit",
+        COMMIT,
+        "--cpus",
+        "0.5",
+        "--label",
+        "zone=lab2",
+        "--env",
+        "SEED=3",
+        "--wait",
     ];
     args.extend_from_slice(extra);
     args.extend_from_slice(&["--", "python", "train.py", "--epochs", "2"]);
@@ -83,23 +109,39 @@ async fn a_user_runs_the_whole_cycle_from_the_command_line() -> Result<()> {
 
     // A tail started before the submit sees it.
     let mut tail = tokio::process::Command::new(BIN)
-        .args(["events", "tail", "--subject", "ud.task.*.submitted", "--count", "1"])
+        .args([
+            "events",
+            "tail",
+            "--subject",
+            "ud.task.*.submitted",
+            "--count",
+            "1",
+        ])
         .envs(server.env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()?;
-    let mut tail_out = BufReader::new(tail.stdout.take().ok_or_else(|| anyhow!("no stdout"))?).lines();
-    let mut tail_err = BufReader::new(tail.stderr.take().ok_or_else(|| anyhow!("no stderr"))?).lines();
-    let ready = tokio::time::timeout(std::time::Duration::from_secs(10), tail_err.next_line()).await??;
+    let mut tail_out =
+        BufReader::new(tail.stdout.take().ok_or_else(|| anyhow!("no stdout"))?).lines();
+    let mut tail_err =
+        BufReader::new(tail.stderr.take().ok_or_else(|| anyhow!("no stderr"))?).lines();
+    let ready =
+        tokio::time::timeout(std::time::Duration::from_secs(10), tail_err.next_line()).await??;
     assert_eq!(ready.as_deref(), Some("following ud.task.*.submitted"));
-    let id = server.ok(&submit_args("lab", &["--idempotency-key", "cli-1"]))?.trim().to_owned();
+    let id = server
+        .ok(&submit_args("lab", &["--idempotency-key", "cli-1"]))?
+        .trim()
+        .to_owned();
     let tail_line = tokio::time::timeout(std::time::Duration::from_secs(10), tail_out.next_line())
         .await??
         .ok_or_else(|| anyhow!("tail printed nothing"))?;
     let event: serde_json::Value = serde_json::from_str(&tail_line)?;
     assert_eq!(event["type"], "task.submitted");
-    assert_eq!(event["data"]["spec"]["command"], serde_json::json!(["python", "train.py", "--epochs", "2"]));
+    assert_eq!(
+        event["data"]["spec"]["command"],
+        serde_json::json!(["python", "train.py", "--epochs", "2"])
+    );
 
     // Same idempotency key: same task.
     let again = server.ok(&submit_args("lab", &["--idempotency-key", "cli-1"]))?;
@@ -108,7 +150,10 @@ async fn a_user_runs_the_whole_cycle_from_the_command_line() -> Result<()> {
     let shown: serde_json::Value = serde_json::from_str(&server.ok(&["show", &id])?)?;
     assert_eq!(shown["state"], "pending");
     assert_eq!(shown["spec"]["resources"]["cpu_millis"], 500);
-    assert_eq!(shown["spec"]["env_repo_url"], "https://git.example.org/code.git");
+    assert_eq!(
+        shown["spec"]["env_repo_url"],
+        "https://git.example.org/code.git"
+    );
     assert_eq!(shown["spec"]["env"]["SEED"], "3");
     let list = server.ok(&["list", "--state", "pending"])?;
     assert!(list.contains(&id), "{list}");
@@ -140,24 +185,61 @@ async fn a_user_runs_the_whole_cycle_from_the_command_line() -> Result<()> {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("409"));
     // Bad input names the field.
-    let out = server.run(&["submit", "--project", "lab", "--code-repo", "https://x.org/r.git", "--code-commit", "main", "--", "true"])?;
+    let out = server.run(&[
+        "submit",
+        "--project",
+        "lab",
+        "--code-repo",
+        "https://x.org/r.git",
+        "--code-commit",
+        "main",
+        "--",
+        "true",
+    ])?;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("code_commit_id"));
 
     // Audit export of one task, straight from the stream.
     let export = server.ok(&["events", "export", "--task", &id])?;
     let not_waiting = |v: &serde_json::Value| v["type"] != "task.waiting";
-    let exported: Vec<serde_json::Value> = export.lines().filter_map(|l| serde_json::from_str(l).ok()).filter(not_waiting).collect();
+    let exported: Vec<serde_json::Value> = export
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(not_waiting)
+        .collect();
     assert_eq!(exported.len(), 2);
     assert_eq!(exported[1]["type"], "task.cancelled");
-    assert!(exported[0]["payload_cbor"].as_str().is_some_and(|p| !p.is_empty()));
-    let all = server.ok(&["events", "export", "--stream", "UD_TASKS", "--since", "2000-01-01T00:00:00Z"])?;
-    assert_eq!(all.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).filter(not_waiting).count(), 5);
-    let none = server.ok(&["events", "export", "--stream", "UD_TASKS", "--until", "2000-01-01T00:00:00Z"])?;
+    assert!(exported[0]["payload_cbor"]
+        .as_str()
+        .is_some_and(|p| !p.is_empty()));
+    let all = server.ok(&[
+        "events",
+        "export",
+        "--stream",
+        "UD_TASKS",
+        "--since",
+        "2000-01-01T00:00:00Z",
+    ])?;
+    assert_eq!(
+        all.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(not_waiting)
+            .count(),
+        5
+    );
+    let none = server.ok(&[
+        "events",
+        "export",
+        "--stream",
+        "UD_TASKS",
+        "--until",
+        "2000-01-01T00:00:00Z",
+    ])?;
     assert_eq!(none.lines().count(), 0);
 
     // Replay into an empty schema equals the live tables.
-    let rebuild: serde_json::Value = serde_json::from_str(&server.ok(&["projections", "rebuild", "--schema", "audit"])?)?;
+    let rebuild: serde_json::Value =
+        serde_json::from_str(&server.ok(&["projections", "rebuild", "--schema", "audit"])?)?;
     assert_eq!(rebuild["equal"], true, "{rebuild}");
     server.child.kill().await?;
     Ok(())

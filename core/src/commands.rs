@@ -122,8 +122,11 @@ impl TaskCommands {
         let mut task_id = TaskId::new();
         if let Some(key) = idempotency_key {
             let kv_key = idempotency_kv_key(&project, key);
-            let record = serde_json::to_vec(&IdempotencyRecord { task_id, request_digest: digest.clone() })
-                .map_err(|e| CommandError::Unavailable(e.to_string()))?;
+            let record = serde_json::to_vec(&IdempotencyRecord {
+                task_id,
+                request_digest: digest.clone(),
+            })
+            .map_err(|e| CommandError::Unavailable(e.to_string()))?;
             match self.idempotency.create(&kv_key, record.into()).await {
                 Ok(_) => {}
                 Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
@@ -133,7 +136,9 @@ impl TaskCommands {
                         .await
                         .map_err(|e| CommandError::Unavailable(e.to_string()))?
                         .and_then(|b| serde_json::from_slice::<IdempotencyRecord>(&b).ok())
-                        .ok_or_else(|| CommandError::Unavailable("idempotency record unreadable".into()))?;
+                        .ok_or_else(|| {
+                            CommandError::Unavailable("idempotency record unreadable".into())
+                        })?;
                     if earlier.request_digest != digest {
                         return Err(CommandError::IdempotencyMismatch);
                     }
@@ -142,18 +147,37 @@ impl TaskCommands {
                 Err(e) => return Err(CommandError::Unavailable(e.to_string())),
             }
         }
-        let cmd = TaskCommand::Submit { project, spec, idempotency_key: idempotency_key.map(str::to_owned) };
+        let cmd = TaskCommand::Submit {
+            project,
+            spec,
+            idempotency_key: idempotency_key.map(str::to_owned),
+        };
         let events = task::decide(None, cmd, now_millis()).map_err(CommandError::Rejected)?;
-        let events: Vec<Event> = events.into_iter().map(|e| Event::Task(task_id, e)).collect();
-        match self.store.append_all(&events, &EventMeta::new(actor), Expect::New).await {
+        let events: Vec<Event> = events
+            .into_iter()
+            .map(|e| Event::Task(task_id, e))
+            .collect();
+        match self
+            .store
+            .append_all(&events, &EventMeta::new(actor), Expect::New)
+            .await
+        {
             Ok(seq) => {
                 info!(task_id = %task_id, "task submitted");
-                Ok(Accepted { task_id, seq: seq.unwrap_or(0), created: true })
+                Ok(Accepted {
+                    task_id,
+                    seq: seq.unwrap_or(0),
+                    created: true,
+                })
             }
             // The key's task exists already: a repeat.
             Err(StoreError::Conflict) if idempotency_key.is_some() => {
                 let seq = self.last_seq(&task_id).await?;
-                Ok(Accepted { task_id, seq, created: false })
+                Ok(Accepted {
+                    task_id,
+                    seq,
+                    created: false,
+                })
             }
             Err(e) => Err(e.into()),
         }
@@ -186,7 +210,10 @@ impl TaskCommands {
         // read the task again and decide again; three tries, then 409.
         let mut tries = 0;
         loop {
-            match self.execute_once(id, command.clone(), actor, &may_see).await {
+            match self
+                .execute_once(id, command.clone(), actor, &may_see)
+                .await
+            {
                 Err(CommandError::Conflict) if tries < 2 => tries += 1,
                 other => return other,
             }
@@ -206,13 +233,18 @@ impl TaskCommands {
         if !may_see(&task.project) {
             return Err(CommandError::NotFound);
         }
-        let events = task::decide(Some(&task), command, now_millis()).map_err(CommandError::Rejected)?;
+        let events =
+            task::decide(Some(&task), command, now_millis()).map_err(CommandError::Rejected)?;
         let events: Vec<Event> = events.into_iter().map(|e| Event::Task(id, e)).collect();
         let seq = self
             .store
             .append_all(&events, &EventMeta::new(actor), Expect::LastSeq(last_seq))
             .await?;
-        Ok(Accepted { task_id: id, seq: seq.unwrap_or(last_seq), created: !events.is_empty() })
+        Ok(Accepted {
+            task_id: id,
+            seq: seq.unwrap_or(last_seq),
+            created: !events.is_empty(),
+        })
     }
 
     pub async fn cancel(
@@ -222,7 +254,15 @@ impl TaskCommands {
         actor: &str,
         may_see: impl Fn(&ProjectId) -> bool,
     ) -> Result<Accepted, CommandError> {
-        self.execute(id, TaskCommand::Cancel { reason: reason.to_owned() }, actor, may_see).await
+        self.execute(
+            id,
+            TaskCommand::Cancel {
+                reason: reason.to_owned(),
+            },
+            actor,
+            may_see,
+        )
+        .await
     }
 }
 
@@ -280,7 +320,10 @@ pub async fn issue_token(
         }
     }
     if parsed.is_empty() && !admin && errors.is_empty() {
-        errors.push(FieldError::new("projects", "a non-admin token needs at least one project"));
+        errors.push(FieldError::new(
+            "projects",
+            "a non-admin token needs at least one project",
+        ));
     }
     if !errors.is_empty() {
         return Err(CommandError::Invalid(errors));
@@ -297,16 +340,33 @@ pub async fn issue_token(
             admin,
         }),
     );
-    let seq = store.append(&event, &EventMeta::new(actor), Expect::New).await?;
-    Ok(IssuedToken { token_id, secret, seq })
+    let seq = store
+        .append(&event, &EventMeta::new(actor), Expect::New)
+        .await?;
+    Ok(IssuedToken {
+        token_id,
+        secret,
+        seq,
+    })
 }
 
 /// Revokes a token; it stops working as soon as the revocation is projected.
-pub async fn revoke_token(store: &EventStore, id: ud_schemas::TokenId, actor: &str) -> Result<u64, CommandError> {
-    let history = store.read_subject(streams::AUTH, &subjects::token_all(&id)).await?;
+pub async fn revoke_token(
+    store: &EventStore,
+    id: ud_schemas::TokenId,
+    actor: &str,
+) -> Result<u64, CommandError> {
+    let history = store
+        .read_subject(streams::AUTH, &subjects::token_all(&id))
+        .await?;
     let Some(last) = history.last() else {
         return Err(CommandError::NotFound);
     };
-    let event = Event::Auth(id, ud_schemas::AuthEvent::TokenRevoked(ud_schemas::events::TokenRevoked { at: now_millis() }));
-    Ok(store.append(&event, &EventMeta::new(actor), Expect::LastSeq(last.seq)).await?)
+    let event = Event::Auth(
+        id,
+        ud_schemas::AuthEvent::TokenRevoked(ud_schemas::events::TokenRevoked { at: now_millis() }),
+    );
+    Ok(store
+        .append(&event, &EventMeta::new(actor), Expect::LastSeq(last.seq))
+        .await?)
 }

@@ -6,6 +6,7 @@
 //! * [`commands`]: load, decide, append — the only place that does all three.
 //! * [`service`]: the command handlers as NATS micro services.
 
+pub mod archive;
 pub mod auth;
 pub mod commands;
 pub mod edge;

@@ -60,7 +60,9 @@ impl Node {
         match (self.revoked, self.last_seen) {
             (true, _) => Liveness::Revoked,
             (false, None) => Liveness::Enrolled,
-            (false, Some(seen)) if self.offline_after.is_some_and(|o| seen <= o) => Liveness::Offline,
+            (false, Some(seen)) if self.offline_after.is_some_and(|o| seen <= o) => {
+                Liveness::Offline
+            }
             (false, Some(_)) => Liveness::Online,
         }
     }
@@ -68,14 +70,32 @@ impl Node {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NodeCommand {
-    Enroll { name: String, labels: BTreeMap<String, String>, secret_hash: String },
+    Enroll {
+        name: String,
+        labels: BTreeMap<String, String>,
+        secret_hash: String,
+    },
     Revoke,
-    Register { name: String, labels: BTreeMap<String, String>, resources: NodeResources },
-    Heartbeat { at: Millis, running_tasks: u32, disk_free_mb: Option<u64>, low_disk: bool },
+    Register {
+        name: String,
+        labels: BTreeMap<String, String>,
+        resources: NodeResources,
+    },
+    Heartbeat {
+        at: Millis,
+        running_tasks: u32,
+        disk_free_mb: Option<u64>,
+        low_disk: bool,
+    },
     /// Marks the node offline if it has been silent for `timeout_ms`.
-    CheckLiveness { timeout_ms: i64 },
+    CheckLiveness {
+        timeout_ms: i64,
+    },
     /// An operator cordons, drains or resumes the node.
-    SetScheduling { mode: String, reason: String },
+    SetScheduling {
+        mode: String,
+        reason: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -90,34 +110,86 @@ pub enum NodeError {
     BadMode(String),
 }
 
-pub fn decide(node: Option<&Node>, command: NodeCommand, now: Millis) -> Result<Vec<NodeEvent>, NodeError> {
+pub fn decide(
+    node: Option<&Node>,
+    command: NodeCommand,
+    now: Millis,
+) -> Result<Vec<NodeEvent>, NodeError> {
     let node = match (node, command) {
-        (None, NodeCommand::Enroll { name, labels, secret_hash }) => {
-            return Ok(vec![NodeEvent::Enrolled(NodeEnrolled { at: now, name, labels, secret_hash })]);
+        (
+            None,
+            NodeCommand::Enroll {
+                name,
+                labels,
+                secret_hash,
+            },
+        ) => {
+            return Ok(vec![NodeEvent::Enrolled(NodeEnrolled {
+                at: now,
+                name,
+                labels,
+                secret_hash,
+            })]);
         }
         (Some(_), NodeCommand::Enroll { .. }) => return Err(NodeError::AlreadyEnrolled),
         (None, _) => return Err(NodeError::Unknown),
         (Some(n), NodeCommand::Revoke) if n.revoked => return Ok(vec![]),
-        (Some(_), NodeCommand::Revoke) => return Ok(vec![NodeEvent::Revoked(NodeRevoked { at: now })]),
+        (Some(_), NodeCommand::Revoke) => {
+            return Ok(vec![NodeEvent::Revoked(NodeRevoked { at: now })])
+        }
         (Some(n), _) if n.revoked => return Err(NodeError::Revoked),
         (Some(n), command) => (n, command),
     };
     match node {
-        (_, NodeCommand::Register { name, labels, resources }) => {
-            Ok(vec![NodeEvent::Registered(NodeRegistered { at: now, name, labels, resources })])
-        }
-        (_, NodeCommand::Heartbeat { at, running_tasks, disk_free_mb, low_disk }) => {
-            Ok(vec![NodeEvent::Heartbeat(NodeHeartbeat { at, running_tasks, disk_free_mb, low_disk })])
-        }
+        (
+            _,
+            NodeCommand::Register {
+                name,
+                labels,
+                resources,
+            },
+        ) => Ok(vec![NodeEvent::Registered(NodeRegistered {
+            at: now,
+            name,
+            labels,
+            resources,
+        })]),
+        (
+            _,
+            NodeCommand::Heartbeat {
+                at,
+                running_tasks,
+                disk_free_mb,
+                low_disk,
+            },
+        ) => Ok(vec![NodeEvent::Heartbeat(NodeHeartbeat {
+            at,
+            running_tasks,
+            disk_free_mb,
+            low_disk,
+        })]),
         (n, NodeCommand::CheckLiveness { timeout_ms }) => match (n.liveness(), n.last_seen) {
             (Liveness::Online, Some(seen)) if now - seen >= timeout_ms => {
-                Ok(vec![NodeEvent::WentOffline(NodeWentOffline { at: now, last_seen: seen })])
+                Ok(vec![NodeEvent::WentOffline(NodeWentOffline {
+                    at: now,
+                    last_seen: seen,
+                })])
             }
             _ => Ok(vec![]),
         },
-        (_, NodeCommand::SetScheduling { mode, .. }) if !SCHEDULING_MODES.contains(&mode.as_str()) => Err(NodeError::BadMode(mode)),
+        (_, NodeCommand::SetScheduling { mode, .. })
+            if !SCHEDULING_MODES.contains(&mode.as_str()) =>
+        {
+            Err(NodeError::BadMode(mode))
+        }
         (n, NodeCommand::SetScheduling { mode, .. }) if n.scheduling == mode => Ok(vec![]),
-        (_, NodeCommand::SetScheduling { mode, reason }) => Ok(vec![NodeEvent::Scheduling(NodeScheduling { at: now, mode, reason })]),
+        (_, NodeCommand::SetScheduling { mode, reason }) => {
+            Ok(vec![NodeEvent::Scheduling(NodeScheduling {
+                at: now,
+                mode,
+                reason,
+            })])
+        }
         (_, NodeCommand::Enroll { .. } | NodeCommand::Revoke) => Ok(vec![]),
     }
 }
@@ -177,10 +249,18 @@ mod tests {
 
     fn online() -> (NodeId, Option<Node>) {
         let id = NodeId::new();
-        let enroll = NodeCommand::Enroll { name: "n1".into(), labels: BTreeMap::new(), secret_hash: "h".into() };
+        let enroll = NodeCommand::Enroll {
+            name: "n1".into(),
+            labels: BTreeMap::new(),
+            secret_hash: "h".into(),
+        };
         let node = apply(None, id, &decide(None, enroll, 0).unwrap_or_default());
         assert_eq!(node.as_ref().map(Node::liveness), Some(Liveness::Enrolled));
-        let reg = NodeCommand::Register { name: "n1".into(), labels: BTreeMap::new(), resources: NodeResources::default() };
+        let reg = NodeCommand::Register {
+            name: "n1".into(),
+            labels: BTreeMap::new(),
+            resources: NodeResources::default(),
+        };
         let events = decide(node.as_ref(), reg, 1000).unwrap_or_default();
         (id, apply(node, id, &events))
     }
@@ -189,50 +269,130 @@ mod tests {
     fn goes_offline_after_timeout_once_and_back_with_a_heartbeat() {
         let (id, node) = online();
         assert_eq!(node.as_ref().map(Node::liveness), Some(Liveness::Online));
-        let early = decide(node.as_ref(), NodeCommand::CheckLiveness { timeout_ms: 90_000 }, 90_999);
+        let early = decide(
+            node.as_ref(),
+            NodeCommand::CheckLiveness { timeout_ms: 90_000 },
+            90_999,
+        );
         assert_eq!(early, Ok(vec![]));
-        let late = decide(node.as_ref(), NodeCommand::CheckLiveness { timeout_ms: 90_000 }, 91_000).unwrap_or_default();
+        let late = decide(
+            node.as_ref(),
+            NodeCommand::CheckLiveness { timeout_ms: 90_000 },
+            91_000,
+        )
+        .unwrap_or_default();
         assert_eq!(late.len(), 1);
         let offline = apply(node, id, &late);
-        assert_eq!(offline.as_ref().map(Node::liveness), Some(Liveness::Offline));
-        let again = decide(offline.as_ref(), NodeCommand::CheckLiveness { timeout_ms: 90_000 }, 200_000);
+        assert_eq!(
+            offline.as_ref().map(Node::liveness),
+            Some(Liveness::Offline)
+        );
+        let again = decide(
+            offline.as_ref(),
+            NodeCommand::CheckLiveness { timeout_ms: 90_000 },
+            200_000,
+        );
         assert_eq!(again, Ok(vec![]));
-        let beat = decide(offline.as_ref(), NodeCommand::Heartbeat { at: 200_000, running_tasks: 0, disk_free_mb: None, low_disk: false }, 200_000).unwrap_or_default();
+        let beat = decide(
+            offline.as_ref(),
+            NodeCommand::Heartbeat {
+                at: 200_000,
+                running_tasks: 0,
+                disk_free_mb: None,
+                low_disk: false,
+            },
+            200_000,
+        )
+        .unwrap_or_default();
         let back = apply(offline, id, &beat);
         assert_eq!(back.as_ref().map(Node::liveness), Some(Liveness::Online));
         // A late-projected old heartbeat does not bring it back.
-        let stale = NodeEvent::Heartbeat(NodeHeartbeat { at: 500, running_tasks: 0, disk_free_mb: None, low_disk: false });
+        let stale = NodeEvent::Heartbeat(NodeHeartbeat {
+            at: 500,
+            running_tasks: 0,
+            disk_free_mb: None,
+            low_disk: false,
+        });
         let mut n = back.unwrap_or_else(|| unreachable!());
         n.offline_after = Some(300_000);
-        assert_eq!(evolve(Some(n), id, &stale).map(|n| n.liveness()), Some(Liveness::Offline));
+        assert_eq!(
+            evolve(Some(n), id, &stale).map(|n| n.liveness()),
+            Some(Liveness::Offline)
+        );
     }
 
     #[test]
     fn cordoned_and_draining_nodes_take_no_new_tasks_until_resumed() {
         let (id, node) = online();
-        let set = |n: &Option<Node>, mode: &str| decide(n.as_ref(), NodeCommand::SetScheduling { mode: mode.into(), reason: "maintenance".into() }, 2000);
+        let set = |n: &Option<Node>, mode: &str| {
+            decide(
+                n.as_ref(),
+                NodeCommand::SetScheduling {
+                    mode: mode.into(),
+                    reason: "maintenance".into(),
+                },
+                2000,
+            )
+        };
         assert!(node.as_ref().is_some_and(Node::takes_new_tasks));
         for mode in ["cordoned", "draining"] {
             let events = set(&node, mode).unwrap_or_default();
             assert_eq!(events.len(), 1);
             let changed = apply(node.clone(), id, &events);
-            assert!(!changed.as_ref().is_some_and(Node::takes_new_tasks), "{mode}");
+            assert!(
+                !changed.as_ref().is_some_and(Node::takes_new_tasks),
+                "{mode}"
+            );
             // Asking again changes nothing; resuming does.
             assert_eq!(set(&changed, mode), Ok(vec![]));
-            let resumed = apply(changed.clone(), id, &set(&changed, "active").unwrap_or_default());
+            let resumed = apply(
+                changed.clone(),
+                id,
+                &set(&changed, "active").unwrap_or_default(),
+            );
             assert!(resumed.as_ref().is_some_and(Node::takes_new_tasks));
         }
-        assert_eq!(set(&node, "paused"), Err(NodeError::BadMode("paused".into())));
+        assert_eq!(
+            set(&node, "paused"),
+            Err(NodeError::BadMode("paused".into()))
+        );
         assert_eq!(set(&None, "cordoned"), Err(NodeError::Unknown));
     }
 
     #[test]
     fn unknown_and_revoked_nodes_are_refused() {
-        assert_eq!(decide(None, NodeCommand::Heartbeat { at: 1, running_tasks: 0, disk_free_mb: None, low_disk: false }, 1), Err(NodeError::Unknown));
+        assert_eq!(
+            decide(
+                None,
+                NodeCommand::Heartbeat {
+                    at: 1,
+                    running_tasks: 0,
+                    disk_free_mb: None,
+                    low_disk: false
+                },
+                1
+            ),
+            Err(NodeError::Unknown)
+        );
         let (id, node) = online();
         let revoked = apply(node, id, &[NodeEvent::Revoked(NodeRevoked { at: 5 })]);
-        assert_eq!(revoked.as_ref().map(Node::liveness), Some(Liveness::Revoked));
-        assert_eq!(decide(revoked.as_ref(), NodeCommand::Heartbeat { at: 6, running_tasks: 0, disk_free_mb: None, low_disk: false }, 6), Err(NodeError::Revoked));
+        assert_eq!(
+            revoked.as_ref().map(Node::liveness),
+            Some(Liveness::Revoked)
+        );
+        assert_eq!(
+            decide(
+                revoked.as_ref(),
+                NodeCommand::Heartbeat {
+                    at: 6,
+                    running_tasks: 0,
+                    disk_free_mb: None,
+                    low_disk: false
+                },
+                6
+            ),
+            Err(NodeError::Revoked)
+        );
         assert_eq!(decide(revoked.as_ref(), NodeCommand::Revoke, 7), Ok(vec![]));
     }
 }

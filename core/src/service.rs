@@ -52,22 +52,37 @@ pub struct Reply {
 
 fn reply(result: Result<Accepted, CommandError>) -> Result<Bytes, service::error::Error> {
     match result {
-        Ok(a) => serde_json::to_vec(&Reply { task_id: a.task_id, seq: a.seq, created: a.created })
-            .map(Bytes::from)
-            .map_err(|e| service::error::Error { status: e.to_string(), code: 500 }),
-        Err(e) => Err(service::error::Error { status: e.describe(), code: e.status_code().into() }),
+        Ok(a) => serde_json::to_vec(&Reply {
+            task_id: a.task_id,
+            seq: a.seq,
+            created: a.created,
+        })
+        .map(Bytes::from)
+        .map_err(|e| service::error::Error {
+            status: e.to_string(),
+            code: 500,
+        }),
+        Err(e) => Err(service::error::Error {
+            status: e.describe(),
+            code: e.status_code().into(),
+        }),
     }
 }
 
 fn bad_json(e: serde_json::Error) -> CommandError {
-    CommandError::Invalid(vec![crate::validate::FieldError::new("body", e.to_string())])
+    CommandError::Invalid(vec![crate::validate::FieldError::new(
+        "body",
+        e.to_string(),
+    )])
 }
 
 async fn handle_submit(commands: TaskCommands, req: service::Request) {
     let result = match serde_json::from_slice::<SubmitRequest>(&req.message.payload) {
         Ok(r) => {
             let actor = r.actor.unwrap_or_else(|| "nats".into());
-            commands.submit(&r.task, r.idempotency_key.as_deref(), &actor, |_| true).await
+            commands
+                .submit(&r.task, r.idempotency_key.as_deref(), &actor, |_| true)
+                .await
         }
         Err(e) => Err(bad_json(e)),
     };
@@ -91,7 +106,10 @@ async fn handle_cancel(commands: TaskCommands, req: service::Request) {
 }
 
 /// Serves the task commands until the connection closes.
-pub async fn run(client: async_nats::Client, commands: TaskCommands) -> Result<(), async_nats::Error> {
+pub async fn run(
+    client: async_nats::Client,
+    commands: TaskCommands,
+) -> Result<(), async_nats::Error> {
     let service = client
         .service_builder()
         .description("UniDesk task commands")

@@ -1,7 +1,9 @@
 //! The JetStream event store: append with optimistic concurrency per
 //! aggregate, and load an aggregate's events back.
 
-use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage, stream::DirectGetErrorKind};
+use async_nats::jetstream::{
+    self, context::PublishErrorKind, message::PublishMessage, stream::DirectGetErrorKind,
+};
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 use tracing::debug;
@@ -99,9 +101,15 @@ impl EventStore {
         Ok(())
     }
 
-    fn message(event: &Event, meta: &EventMeta, expect: Expect) -> Result<PublishMessage, StoreError> {
+    fn message(
+        event: &Event,
+        meta: &EventMeta,
+        expect: Expect,
+    ) -> Result<PublishMessage, StoreError> {
         let (headers, payload) = codec::encode_message(event, meta)?;
-        let mut msg = PublishMessage::build().headers(headers).payload(Bytes::from(payload));
+        let mut msg = PublishMessage::build()
+            .headers(headers)
+            .payload(Bytes::from(payload));
         let scope = match event {
             Event::Task(id, _) => subjects::task_all(id),
             Event::Node(id, _) => subjects::node_all(id),
@@ -119,7 +127,12 @@ impl EventStore {
     }
 
     /// Appends one event; returns its stream sequence.
-    pub async fn append(&self, event: &Event, meta: &EventMeta, expect: Expect) -> Result<u64, StoreError> {
+    pub async fn append(
+        &self,
+        event: &Event,
+        meta: &EventMeta,
+        expect: Expect,
+    ) -> Result<u64, StoreError> {
         let msg = Self::message(event, meta, expect)?;
         let ack = self
             .js
@@ -136,7 +149,12 @@ impl EventStore {
     }
 
     /// Appends events of one aggregate in order, each expecting the one before.
-    pub async fn append_all(&self, events: &[Event], meta: &EventMeta, expect: Expect) -> Result<Option<u64>, StoreError> {
+    pub async fn append_all(
+        &self,
+        events: &[Event],
+        meta: &EventMeta,
+        expect: Expect,
+    ) -> Result<Option<u64>, StoreError> {
         let mut expect = expect;
         let mut last = None;
         let mut meta = meta.clone();
@@ -152,7 +170,11 @@ impl EventStore {
     /// Appends many independent events, keeping up to `window` publishes in
     /// flight (a sliding window, so the server always has work); returns each
     /// one's sequence, in the order given.
-    pub async fn append_pipelined(&self, items: Vec<(Event, EventMeta, Expect)>, window: usize) -> Vec<Result<u64, StoreError>> {
+    pub async fn append_pipelined(
+        &self,
+        items: Vec<(Event, EventMeta, Expect)>,
+        window: usize,
+    ) -> Vec<Result<u64, StoreError>> {
         let mut out: Vec<Option<Result<u64, StoreError>>> = Vec::with_capacity(items.len());
         out.resize_with(items.len(), || None);
         let mut inflight = FuturesUnordered::new();
@@ -186,8 +208,16 @@ impl EventStore {
 
     /// Every event on `filter` in `stream`, in order (direct gets; meant for
     /// one aggregate's history, not for whole streams).
-    pub async fn read_subject(&self, stream: &str, filter: &str) -> Result<Vec<StoredEvent>, StoreError> {
-        let stream = self.js.get_stream_no_info(stream).await.map_err(unavailable)?;
+    pub async fn read_subject(
+        &self,
+        stream: &str,
+        filter: &str,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let stream = self
+            .js
+            .get_stream_no_info(stream)
+            .await
+            .map_err(unavailable)?;
         let mut out = Vec::new();
         let mut next = 1u64;
         loop {
@@ -197,8 +227,12 @@ impl EventStore {
                 Err(e) => return Err(unavailable(e)),
             };
             next = msg.sequence + 1;
-            let envelope = codec::decode_message(msg.subject.as_str(), Some(&msg.headers), &msg.payload)
-                .map_err(|e| StoreError::Corrupt { seq: msg.sequence, reason: e.to_string() })?;
+            let envelope =
+                codec::decode_message(msg.subject.as_str(), Some(&msg.headers), &msg.payload)
+                    .map_err(|e| StoreError::Corrupt {
+                        seq: msg.sequence,
+                        reason: e.to_string(),
+                    })?;
             out.push(StoredEvent {
                 seq: msg.sequence,
                 subject: msg.subject.to_string(),
@@ -211,7 +245,9 @@ impl EventStore {
 
     /// A task folded from its stream, with the sequence of its last event.
     pub async fn load_task(&self, id: &TaskId) -> Result<Option<(Task, u64)>, StoreError> {
-        let events = self.read_subject(streams::TASKS, &subjects::task_all(id)).await?;
+        let events = self
+            .read_subject(streams::TASKS, &subjects::task_all(id))
+            .await?;
         let mut task = None;
         let mut last = 0;
         for e in &events {

@@ -14,13 +14,30 @@ use ud_schemas::{Millis, NodeId, ProjectId, TaskId, TaskSpec};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TaskState {
     Pending,
-    Assigned { node_id: NodeId, attempt: u32 },
-    Running { node_id: NodeId, attempt: u32 },
-    Cancelling { node_id: NodeId, attempt: u32, reason: String },
-    Succeeded { exit_code: i32 },
-    Failed { exit_code: Option<i32>, reason: String },
+    Assigned {
+        node_id: NodeId,
+        attempt: u32,
+    },
+    Running {
+        node_id: NodeId,
+        attempt: u32,
+    },
+    Cancelling {
+        node_id: NodeId,
+        attempt: u32,
+        reason: String,
+    },
+    Succeeded {
+        exit_code: i32,
+    },
+    Failed {
+        exit_code: Option<i32>,
+        reason: String,
+    },
     TimedOut,
-    Cancelled { reason: String },
+    Cancelled {
+        reason: String,
+    },
 }
 
 impl TaskState {
@@ -38,15 +55,18 @@ impl TaskState {
     }
 
     pub fn is_terminal(&self) -> bool {
-        matches!(self, Self::Succeeded { .. } | Self::Failed { .. } | Self::TimedOut | Self::Cancelled { .. })
+        matches!(
+            self,
+            Self::Succeeded { .. } | Self::Failed { .. } | Self::TimedOut | Self::Cancelled { .. }
+        )
     }
 
     /// The node holding the task's live assignment, if any.
     pub fn live_node(&self) -> Option<NodeId> {
         match self {
-            Self::Assigned { node_id, .. } | Self::Running { node_id, .. } | Self::Cancelling { node_id, .. } => {
-                Some(*node_id)
-            }
+            Self::Assigned { node_id, .. }
+            | Self::Running { node_id, .. }
+            | Self::Cancelling { node_id, .. } => Some(*node_id),
             _ => None,
         }
     }
@@ -54,7 +74,14 @@ impl TaskState {
 
 /// All state names, for filters and documentation.
 pub const STATE_NAMES: [&str; 8] = [
-    "pending", "assigned", "running", "cancelling", "succeeded", "failed", "timed_out", "cancelled",
+    "pending",
+    "assigned",
+    "running",
+    "cancelling",
+    "succeeded",
+    "failed",
+    "timed_out",
+    "cancelled",
 ];
 
 /// A task folded from its events.
@@ -75,26 +102,61 @@ pub struct Task {
 #[allow(clippy::large_enum_variant)] // built once per command or event, never stored in bulk
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TaskCommand {
-    Submit { project: ProjectId, spec: TaskSpec, idempotency_key: Option<String> },
-    Assign { node_id: NodeId },
+    Submit {
+        project: ProjectId,
+        spec: TaskSpec,
+        idempotency_key: Option<String>,
+    },
+    Assign {
+        node_id: NodeId,
+    },
     /// The scheduler cannot place the task now: why.
-    Wait { reason: String },
+    Wait {
+        reason: String,
+    },
     /// Change the priority of a pending task.
-    Reprioritize { priority: i32 },
+    Reprioritize {
+        priority: i32,
+    },
     /// No enrolled node could ever run the task: it fails at once.
-    Unschedulable { reason: String },
-    RecordPreparing { node_id: NodeId, attempt: u32, step: String },
+    Unschedulable {
+        reason: String,
+    },
+    RecordPreparing {
+        node_id: NodeId,
+        attempt: u32,
+        step: String,
+    },
     RecordPrepared(Box<TaskPrepared>),
     /// The run's outputs are in the object store.
     RecordOutputs(Box<TaskOutputs>),
-    Start { node_id: NodeId, attempt: u32 },
-    Succeed { node_id: NodeId, exit_code: i32 },
-    Fail { node_id: NodeId, exit_code: Option<i32>, reason: String },
-    TimeOut { node_id: NodeId },
+    Start {
+        node_id: NodeId,
+        attempt: u32,
+    },
+    Succeed {
+        node_id: NodeId,
+        exit_code: i32,
+    },
+    Fail {
+        node_id: NodeId,
+        exit_code: Option<i32>,
+        reason: String,
+    },
+    TimeOut {
+        node_id: NodeId,
+    },
     /// The task's node went offline.
-    Lose { node_id: NodeId, reason: String },
-    Cancel { reason: String },
-    ConfirmCancelled { node_id: NodeId },
+    Lose {
+        node_id: NodeId,
+        reason: String,
+    },
+    Cancel {
+        reason: String,
+    },
+    ConfirmCancelled {
+        node_id: NodeId,
+    },
 }
 
 impl TaskCommand {
@@ -126,18 +188,32 @@ pub enum TaskError {
     #[error("task already exists")]
     AlreadyExists,
     #[error("task is {state}; cannot {command}")]
-    InvalidTransition { state: &'static str, command: &'static str },
+    InvalidTransition {
+        state: &'static str,
+        command: &'static str,
+    },
     #[error("task is not assigned to node {0}")]
     WrongNode(NodeId),
 }
 
 /// Decides which events a command produces, without side effects.
-pub fn decide(task: Option<&Task>, command: TaskCommand, now: Millis) -> Result<Vec<TaskEvent>, TaskError> {
+pub fn decide(
+    task: Option<&Task>,
+    command: TaskCommand,
+    now: Millis,
+) -> Result<Vec<TaskEvent>, TaskError> {
     let Some(task) = task else {
         return match command {
-            TaskCommand::Submit { project, spec, idempotency_key } => {
-                Ok(vec![TaskEvent::Submitted(TaskSubmitted { at: now, project, spec, idempotency_key })])
-            }
+            TaskCommand::Submit {
+                project,
+                spec,
+                idempotency_key,
+            } => Ok(vec![TaskEvent::Submitted(TaskSubmitted {
+                at: now,
+                project,
+                spec,
+                idempotency_key,
+            })]),
             _ => Err(TaskError::NotFound),
         };
     };
@@ -151,96 +227,208 @@ pub fn decide(task: Option<&Task>, command: TaskCommand, now: Millis) -> Result<
     };
     match (&task.state, command) {
         (_, TaskCommand::Submit { .. }) => Err(TaskError::AlreadyExists),
-        (TaskState::Pending, TaskCommand::Assign { node_id }) => Ok(vec![TaskEvent::Assigned(TaskAssigned {
-            at: now,
-            node_id,
-            attempt: task.attempts + 1,
-        })]),
-        (TaskState::Assigned { node_id: live, attempt: a }, TaskCommand::RecordPrepared(p)) if *live == p.node_id && *a == p.attempt => {
+        (TaskState::Pending, TaskCommand::Assign { node_id }) => {
+            Ok(vec![TaskEvent::Assigned(TaskAssigned {
+                at: now,
+                node_id,
+                attempt: task.attempts + 1,
+            })])
+        }
+        (
+            TaskState::Assigned {
+                node_id: live,
+                attempt: a,
+            },
+            TaskCommand::RecordPrepared(p),
+        ) if *live == p.node_id && *a == p.attempt => {
             Ok(vec![TaskEvent::Prepared(TaskPrepared { at: now, ..*p })])
         }
-        (TaskState::Assigned { .. }, TaskCommand::RecordPrepared(p)) => Err(TaskError::WrongNode(p.node_id)),
-        (TaskState::Assigned { node_id: live, attempt: a }, TaskCommand::RecordPreparing { node_id, attempt, step })
-            if *live == node_id && *a == attempt =>
-        {
-            Ok(vec![TaskEvent::Preparing(TaskPreparing { at: now, node_id, attempt, step })])
+        (TaskState::Assigned { .. }, TaskCommand::RecordPrepared(p)) => {
+            Err(TaskError::WrongNode(p.node_id))
         }
-        (TaskState::Assigned { .. }, TaskCommand::RecordPreparing { node_id, .. }) => Err(TaskError::WrongNode(node_id)),
-        (TaskState::Assigned { node_id: live, attempt: a }, TaskCommand::Start { node_id, attempt })
-            if *live == node_id && *a == attempt =>
-        {
-            Ok(vec![TaskEvent::Started(TaskStarted { at: now, node_id, attempt })])
+        (
+            TaskState::Assigned {
+                node_id: live,
+                attempt: a,
+            },
+            TaskCommand::RecordPreparing {
+                node_id,
+                attempt,
+                step,
+            },
+        ) if *live == node_id && *a == attempt => Ok(vec![TaskEvent::Preparing(TaskPreparing {
+            at: now,
+            node_id,
+            attempt,
+            step,
+        })]),
+        (TaskState::Assigned { .. }, TaskCommand::RecordPreparing { node_id, .. }) => {
+            Err(TaskError::WrongNode(node_id))
         }
+        (
+            TaskState::Assigned {
+                node_id: live,
+                attempt: a,
+            },
+            TaskCommand::Start { node_id, attempt },
+        ) if *live == node_id && *a == attempt => Ok(vec![TaskEvent::Started(TaskStarted {
+            at: now,
+            node_id,
+            attempt,
+        })]),
         (TaskState::Assigned { .. }, c @ TaskCommand::Start { .. }) => Err(invalid(&c)),
         (
-            TaskState::Running { node_id: live, attempt: a } | TaskState::Cancelling { node_id: live, attempt: a, .. },
+            TaskState::Running {
+                node_id: live,
+                attempt: a,
+            }
+            | TaskState::Cancelling {
+                node_id: live,
+                attempt: a,
+                ..
+            },
             TaskCommand::RecordOutputs(o),
-        ) if *live == o.node_id && *a == o.attempt => Ok(vec![TaskEvent::Outputs(TaskOutputs { at: now, ..*o })]),
-        (TaskState::Running { .. } | TaskState::Cancelling { .. }, TaskCommand::RecordOutputs(o)) => Err(TaskError::WrongNode(o.node_id)),
+        ) if *live == o.node_id && *a == o.attempt => {
+            Ok(vec![TaskEvent::Outputs(TaskOutputs { at: now, ..*o })])
+        }
+        (
+            TaskState::Running { .. } | TaskState::Cancelling { .. },
+            TaskCommand::RecordOutputs(o),
+        ) => Err(TaskError::WrongNode(o.node_id)),
         (
             TaskState::Assigned { .. } | TaskState::Running { .. } | TaskState::Cancelling { .. },
             TaskCommand::Succeed { node_id, exit_code },
         ) => {
             check_node(&node_id)?;
-            Ok(vec![TaskEvent::Succeeded(TaskSucceeded { at: now, exit_code })])
+            Ok(vec![TaskEvent::Succeeded(TaskSucceeded {
+                at: now,
+                exit_code,
+            })])
         }
         (
             TaskState::Assigned { .. } | TaskState::Running { .. } | TaskState::Cancelling { .. },
-            TaskCommand::Fail { node_id, exit_code, reason },
+            TaskCommand::Fail {
+                node_id,
+                exit_code,
+                reason,
+            },
         ) => {
             check_node(&node_id)?;
             let attempt = match &task.state {
-                TaskState::Assigned { attempt, .. } | TaskState::Running { attempt, .. } => Some(*attempt),
+                TaskState::Assigned { attempt, .. } | TaskState::Running { attempt, .. } => {
+                    Some(*attempt)
+                }
                 _ => None,
             };
             // A failed run is retried while its policy allows (a cancelled one is not).
             let policy = &task.spec.retry;
-            let counts = policy.exit_codes.is_empty() || exit_code.is_some_and(|c| policy.exit_codes.contains(&c));
+            let counts = policy.exit_codes.is_empty()
+                || exit_code.is_some_and(|c| policy.exit_codes.contains(&c));
             match attempt {
                 Some(attempt) if attempt < policy.max_attempts && counts => {
                     let backoff = i64::from(task.spec.retry.backoff_seconds).saturating_mul(1000);
-                    Ok(vec![TaskEvent::Retrying(TaskRetrying { at: now, attempt, exit_code, reason, not_before: now.saturating_add(backoff) })])
+                    Ok(vec![TaskEvent::Retrying(TaskRetrying {
+                        at: now,
+                        attempt,
+                        exit_code,
+                        reason,
+                        not_before: now.saturating_add(backoff),
+                    })])
                 }
-                _ => Ok(vec![TaskEvent::Failed(TaskFailed { at: now, exit_code, reason })]),
+                _ => Ok(vec![TaskEvent::Failed(TaskFailed {
+                    at: now,
+                    exit_code,
+                    reason,
+                })]),
             }
         }
-        (TaskState::Assigned { attempt, .. } | TaskState::Running { attempt, .. }, TaskCommand::TimeOut { node_id }) => {
+        (
+            TaskState::Assigned { attempt, .. } | TaskState::Running { attempt, .. },
+            TaskCommand::TimeOut { node_id },
+        ) => {
             check_node(&node_id)?;
             let policy = &task.spec.retry;
             if policy.on_timeout && *attempt < policy.max_attempts {
                 let backoff = i64::from(policy.backoff_seconds).saturating_mul(1000);
                 let reason = format!("timed out after {} s", task.spec.timeout_seconds);
-                return Ok(vec![TaskEvent::Retrying(TaskRetrying { at: now, attempt: *attempt, exit_code: None, reason, not_before: now.saturating_add(backoff) })]);
+                return Ok(vec![TaskEvent::Retrying(TaskRetrying {
+                    at: now,
+                    attempt: *attempt,
+                    exit_code: None,
+                    reason,
+                    not_before: now.saturating_add(backoff),
+                })]);
             }
-            Ok(vec![TaskEvent::TimedOut(TaskTimedOut { at: now, timeout_seconds: task.spec.timeout_seconds })])
+            Ok(vec![TaskEvent::TimedOut(TaskTimedOut {
+                at: now,
+                timeout_seconds: task.spec.timeout_seconds,
+            })])
         }
-        (TaskState::Pending, TaskCommand::Reprioritize { priority }) if priority == task.spec.priority => Ok(vec![]),
-        (TaskState::Pending, TaskCommand::Reprioritize { priority }) => Ok(vec![TaskEvent::Reprioritized(TaskReprioritized { at: now, priority })]),
-        (TaskState::Pending, TaskCommand::Wait { reason }) => Ok(vec![TaskEvent::Waiting(TaskWaiting { at: now, reason })]),
-        (TaskState::Pending, TaskCommand::Unschedulable { reason }) => {
-            Ok(vec![TaskEvent::Failed(TaskFailed { at: now, exit_code: None, reason: format!("cannot be scheduled: {reason}") })])
-        }
-        (TaskState::Assigned { node_id, attempt } | TaskState::Running { node_id, attempt }, TaskCommand::Lose { node_id: lost, reason })
-            if *node_id == lost =>
+        (TaskState::Pending, TaskCommand::Reprioritize { priority })
+            if priority == task.spec.priority =>
         {
-            Ok(vec![TaskEvent::Lost(TaskLost { at: now, node_id: lost, attempt: *attempt, reason })])
+            Ok(vec![])
         }
+        (TaskState::Pending, TaskCommand::Reprioritize { priority }) => {
+            Ok(vec![TaskEvent::Reprioritized(TaskReprioritized {
+                at: now,
+                priority,
+            })])
+        }
+        (TaskState::Pending, TaskCommand::Wait { reason }) => {
+            Ok(vec![TaskEvent::Waiting(TaskWaiting { at: now, reason })])
+        }
+        (TaskState::Pending, TaskCommand::Unschedulable { reason }) => {
+            Ok(vec![TaskEvent::Failed(TaskFailed {
+                at: now,
+                exit_code: None,
+                reason: format!("cannot be scheduled: {reason}"),
+            })])
+        }
+        (
+            TaskState::Assigned { node_id, attempt } | TaskState::Running { node_id, attempt },
+            TaskCommand::Lose {
+                node_id: lost,
+                reason,
+            },
+        ) if *node_id == lost => Ok(vec![TaskEvent::Lost(TaskLost {
+            at: now,
+            node_id: lost,
+            attempt: *attempt,
+            reason,
+        })]),
         // A cancel under way ends with the node that would have confirmed it.
-        (TaskState::Cancelling { node_id, reason, .. }, TaskCommand::Lose { node_id: lost, .. }) if *node_id == lost => {
-            Ok(vec![TaskEvent::Cancelled(TaskCancelled { at: now, reason: reason.clone() })])
-        }
+        (
+            TaskState::Cancelling {
+                node_id, reason, ..
+            },
+            TaskCommand::Lose { node_id: lost, .. },
+        ) if *node_id == lost => Ok(vec![TaskEvent::Cancelled(TaskCancelled {
+            at: now,
+            reason: reason.clone(),
+        })]),
         (_, TaskCommand::Lose { node_id, .. }) => Err(TaskError::WrongNode(node_id)),
         (TaskState::Pending, TaskCommand::Cancel { reason }) => {
-            Ok(vec![TaskEvent::Cancelled(TaskCancelled { at: now, reason })])
+            Ok(vec![TaskEvent::Cancelled(TaskCancelled {
+                at: now,
+                reason,
+            })])
         }
-        (TaskState::Assigned { .. } | TaskState::Running { .. }, TaskCommand::Cancel { reason }) => {
-            Ok(vec![TaskEvent::CancelRequested(TaskCancelRequested { at: now, reason })])
-        }
+        (
+            TaskState::Assigned { .. } | TaskState::Running { .. },
+            TaskCommand::Cancel { reason },
+        ) => Ok(vec![TaskEvent::CancelRequested(TaskCancelRequested {
+            at: now,
+            reason,
+        })]),
         // Asking again while a cancel is under way changes nothing.
         (TaskState::Cancelling { .. }, TaskCommand::Cancel { .. }) => Ok(vec![]),
         (TaskState::Cancelling { reason, .. }, TaskCommand::ConfirmCancelled { node_id }) => {
             check_node(&node_id)?;
-            Ok(vec![TaskEvent::Cancelled(TaskCancelled { at: now, reason: reason.clone() })])
+            Ok(vec![TaskEvent::Cancelled(TaskCancelled {
+                at: now,
+                reason: reason.clone(),
+            })])
         }
         (_, c) => Err(invalid(&c)),
     }
@@ -267,14 +455,28 @@ pub fn evolve(task: Option<Task>, id: TaskId, event: &TaskEvent) -> Option<Task>
     if task.state.is_terminal() {
         return Some(task);
     }
-    task.state = match (std::mem::replace(&mut task.state, TaskState::Pending), event) {
+    task.state = match (
+        std::mem::replace(&mut task.state, TaskState::Pending),
+        event,
+    ) {
         (_, TaskEvent::Assigned(e)) => {
             task.attempts = e.attempt;
-            TaskState::Assigned { node_id: e.node_id, attempt: e.attempt }
+            TaskState::Assigned {
+                node_id: e.node_id,
+                attempt: e.attempt,
+            }
         }
-        (_, TaskEvent::Started(e)) => TaskState::Running { node_id: e.node_id, attempt: e.attempt },
-        (_, TaskEvent::Succeeded(e)) => TaskState::Succeeded { exit_code: e.exit_code },
-        (_, TaskEvent::Failed(e)) => TaskState::Failed { exit_code: e.exit_code, reason: e.reason.clone() },
+        (_, TaskEvent::Started(e)) => TaskState::Running {
+            node_id: e.node_id,
+            attempt: e.attempt,
+        },
+        (_, TaskEvent::Succeeded(e)) => TaskState::Succeeded {
+            exit_code: e.exit_code,
+        },
+        (_, TaskEvent::Failed(e)) => TaskState::Failed {
+            exit_code: e.exit_code,
+            reason: e.reason.clone(),
+        },
         (_, TaskEvent::TimedOut(_)) => TaskState::TimedOut,
         (_, TaskEvent::Lost(_)) => TaskState::Pending,
         (state, TaskEvent::Reprioritized(e)) => {
@@ -285,13 +487,26 @@ pub fn evolve(task: Option<Task>, id: TaskId, event: &TaskEvent) -> Option<Task>
             task.not_before = Some(e.not_before);
             TaskState::Pending
         }
-        (_, TaskEvent::Cancelled(e)) => TaskState::Cancelled { reason: e.reason.clone() },
-        (TaskState::Assigned { node_id, attempt } | TaskState::Running { node_id, attempt }, TaskEvent::CancelRequested(e)) => {
-            TaskState::Cancelling { node_id, attempt, reason: e.reason.clone() }
-        }
-        (state, TaskEvent::CancelRequested(_) | TaskEvent::Submitted(_) | TaskEvent::Waiting(_) | TaskEvent::Preparing(_) | TaskEvent::Prepared(_) | TaskEvent::Outputs(_)) => {
-            state
-        }
+        (_, TaskEvent::Cancelled(e)) => TaskState::Cancelled {
+            reason: e.reason.clone(),
+        },
+        (
+            TaskState::Assigned { node_id, attempt } | TaskState::Running { node_id, attempt },
+            TaskEvent::CancelRequested(e),
+        ) => TaskState::Cancelling {
+            node_id,
+            attempt,
+            reason: e.reason.clone(),
+        },
+        (
+            state,
+            TaskEvent::CancelRequested(_)
+            | TaskEvent::Submitted(_)
+            | TaskEvent::Waiting(_)
+            | TaskEvent::Preparing(_)
+            | TaskEvent::Prepared(_)
+            | TaskEvent::Outputs(_),
+        ) => state,
     };
     Some(task)
 }

@@ -3,9 +3,9 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 use ud_schemas::spec::{Resources, RetryPolicy};
 use ud_schemas::{ProjectId, TaskSpec};
+use utoipa::ToSchema;
 
 /// Upper bounds on what one task may ask for.
 pub mod limits {
@@ -111,7 +111,15 @@ fn default_memory() -> i64 {
 
 impl Default for ResourceRequest {
     fn default() -> Self {
-        Self { cpus: 1.0, memory_mb: 1024, gpus: 0, gpu_model: None, labels: BTreeMap::new(), preferred_labels: BTreeMap::new(), disk_mb: 0 }
+        Self {
+            cpus: 1.0,
+            memory_mb: 1024,
+            gpus: 0,
+            gpu_model: None,
+            labels: BTreeMap::new(),
+            preferred_labels: BTreeMap::new(),
+            disk_mb: 0,
+        }
     }
 }
 
@@ -140,7 +148,10 @@ pub struct FieldError {
 
 impl FieldError {
     pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self { field: field.into(), reason: reason.into() }
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
     }
 }
 
@@ -183,7 +194,13 @@ pub fn parse_repo_url(url: &str) -> Option<RepoUrl<'_>> {
         },
         None => (None, false),
     };
-    Some(RepoUrl { scheme, user, has_password, host, path })
+    Some(RepoUrl {
+        scheme,
+        user,
+        has_password,
+        host,
+        path,
+    })
 }
 
 pub fn repo_url(field: &str, url: &str) -> Result<(), FieldError> {
@@ -198,7 +215,10 @@ pub fn repo_url(field: &str, url: &str) -> Result<(), FieldError> {
         return err("must be a URL with scheme https, http, ssh, git or file");
     };
     if !matches!(parsed.scheme, "https" | "http" | "ssh" | "git" | "file") {
-        return err(&format!("scheme {:?} is not allowed; use https, http, ssh, git or file", parsed.scheme));
+        return err(&format!(
+            "scheme {:?} is not allowed; use https, http, ssh, git or file",
+            parsed.scheme
+        ));
     }
     if parsed.scheme == "file" {
         if parsed.path.is_empty() || parsed.path == "/" {
@@ -219,7 +239,10 @@ pub fn repo_url(field: &str, url: &str) -> Result<(), FieldError> {
 pub fn priority_value(p: i64) -> Result<i32, FieldError> {
     match i32::try_from(p) {
         Ok(v) if (-1000..=1000).contains(&v) => Ok(v),
-        _ => Err(FieldError::new("priority", "must be between -1000 and 1000")),
+        _ => Err(FieldError::new(
+            "priority",
+            "must be between -1000 and 1000",
+        )),
     }
 }
 
@@ -228,7 +251,10 @@ pub fn commit_id(field: &str, id: &str) -> Result<String, FieldError> {
     if ok {
         Ok(id.to_ascii_lowercase())
     } else {
-        Err(FieldError::new(field, "must be a full commit id: 40 or 64 hex characters"))
+        Err(FieldError::new(
+            field,
+            "must be a full commit id: 40 or 64 hex characters",
+        ))
     }
 }
 
@@ -255,7 +281,8 @@ pub fn relative_path(field: &str, path: &str) -> Result<(), FieldError> {
 fn label_key(k: &str) -> bool {
     !k.is_empty()
         && k.len() <= 63
-        && k.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'))
+        && k.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'))
 }
 
 fn env_key(k: &str) -> bool {
@@ -284,7 +311,8 @@ fn argv(errors: &mut Errors, field: &str, list: &[String], required: bool) {
 /// Validates a submission into the project and spec recorded in the event.
 pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldError>> {
     let mut e = Errors(Vec::new());
-    let project = ProjectId::parse(&req.project).map_err(|err| FieldError::new("project", err.to_string()));
+    let project =
+        ProjectId::parse(&req.project).map_err(|err| FieldError::new("project", err.to_string()));
     if let Err(f) = &project {
         e.0.push(f.clone());
     }
@@ -293,13 +321,20 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
             e.add("name", "longer than 200 bytes");
         }
     }
-    for (field, url) in [("code_repo_url", &req.code_repo_url), ("env_repo_url", &req.env_repo_url)] {
+    for (field, url) in [
+        ("code_repo_url", &req.code_repo_url),
+        ("env_repo_url", &req.env_repo_url),
+    ] {
         if let Err(f) = repo_url(field, url) {
             e.0.push(f);
         }
     }
-    let code_commit = commit_id("code_commit_id", &req.code_commit_id).map_err(|f| e.0.push(f)).ok();
-    let env_commit = commit_id("env_commit_id", &req.env_commit_id).map_err(|f| e.0.push(f)).ok();
+    let code_commit = commit_id("code_commit_id", &req.code_commit_id)
+        .map_err(|f| e.0.push(f))
+        .ok();
+    let env_commit = commit_id("env_commit_id", &req.env_commit_id)
+        .map_err(|f| e.0.push(f))
+        .ok();
     if let Err(f) = relative_path("dockerfile_path", &req.dockerfile_path) {
         e.0.push(f);
     }
@@ -310,10 +345,16 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
     }
     for (k, v) in &req.env {
         if !env_key(k) {
-            e.add(format!("env.{k}"), "names are letters, digits and '_', not starting with a digit");
+            e.add(
+                format!("env.{k}"),
+                "names are letters, digits and '_', not starting with a digit",
+            );
         }
         if v.len() > limits::MAX_ENV_VALUE_BYTES || v.contains('\0') {
-            e.add(format!("env.{k}"), "value longer than 32 KiB or contains NUL");
+            e.add(
+                format!("env.{k}"),
+                "value longer than 32 KiB or contains NUL",
+            );
         }
     }
     let r = &req.resources;
@@ -321,7 +362,10 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
         e.add("resources.cpus", "must be between 0.001 and 1024");
     }
     if !(1..=limits::MAX_MEMORY_MB).contains(&r.memory_mb) {
-        e.add("resources.memory_mb", "must be between 1 and 16777216 (16 TiB)");
+        e.add(
+            "resources.memory_mb",
+            "must be between 1 and 16777216 (16 TiB)",
+        );
     }
     if !(0..=limits::MAX_GPUS).contains(&r.gpus) {
         e.add("resources.gpus", "must be between 0 and 64");
@@ -337,18 +381,31 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
     if !(0..=100_000_000).contains(&r.disk_mb) {
         e.add("resources.disk_mb", "must be between 0 and 100000000");
     }
-    for (field, labels) in [("labels", &r.labels), ("preferred_labels", &r.preferred_labels)] {
+    for (field, labels) in [
+        ("labels", &r.labels),
+        ("preferred_labels", &r.preferred_labels),
+    ] {
         for (k, v) in labels {
             if !label_key(k) || v.len() > 63 {
-                e.add(format!("resources.{field}.{k}"), "keys are 1-63 of [A-Za-z0-9-_./], values at most 63 bytes");
+                e.add(
+                    format!("resources.{field}.{k}"),
+                    "keys are 1-63 of [A-Za-z0-9-_./], values at most 63 bytes",
+                );
             }
         }
     }
-    let timeout = req.timeout_seconds.unwrap_or(limits::DEFAULT_TIMEOUT_SECONDS);
+    let timeout = req
+        .timeout_seconds
+        .unwrap_or(limits::DEFAULT_TIMEOUT_SECONDS);
     if !(1..=limits::MAX_TIMEOUT_SECONDS).contains(&timeout) {
         e.add("timeout_seconds", "must be between 1 and 2592000 (30 days)");
     }
-    let retry = req.retry.clone().unwrap_or(RetryRequest { max_attempts: 1, backoff_seconds: 0, exit_codes: vec![], on_timeout: false });
+    let retry = req.retry.clone().unwrap_or(RetryRequest {
+        max_attempts: 1,
+        backoff_seconds: 0,
+        exit_codes: vec![],
+        on_timeout: false,
+    });
     if retry.exit_codes.len() > 64 || retry.exit_codes.iter().any(|c| !(1..=255).contains(c)) {
         e.add("retry.exit_codes", "at most 64 exit codes, each 1-255");
     }
@@ -358,8 +415,16 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
     if !(0..=limits::MAX_BACKOFF_SECONDS).contains(&retry.backoff_seconds) {
         e.add("retry.backoff_seconds", "must be between 0 and 86400");
     }
-    let queue = req.queue.clone().unwrap_or_else(ud_schemas::spec::default_queue);
-    if queue.is_empty() || queue.len() > 63 || !queue.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_') {
+    let queue = req
+        .queue
+        .clone()
+        .unwrap_or_else(ud_schemas::spec::default_queue);
+    if queue.is_empty()
+        || queue.len() > 63
+        || !queue
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+    {
         e.add("queue", "1-63 of a-z, 0-9, - and _");
     }
     if req.inputs.len() > limits::MAX_FILES {
@@ -367,10 +432,19 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
     }
     for (i, input) in req.inputs.iter().enumerate() {
         if let Err(reason) = ud_schemas::spec::relative_path(&input.source) {
-            e.add(format!("inputs[{i}].source"), format!("{:?} {reason}", input.source));
+            e.add(
+                format!("inputs[{i}].source"),
+                format!("{:?} {reason}", input.source),
+            );
         }
         if let Err(reason) = ud_schemas::spec::relative_path(&input.path) {
-            e.add(format!("inputs[{i}].path"), format!("{:?} {reason}: it must stay inside the workspace", input.path));
+            e.add(
+                format!("inputs[{i}].path"),
+                format!(
+                    "{:?} {reason}: it must stay inside the workspace",
+                    input.path
+                ),
+            );
         }
     }
     if req.outputs.len() > limits::MAX_FILES {
@@ -378,7 +452,10 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
     }
     for (i, path) in req.outputs.iter().enumerate() {
         if let Err(reason) = ud_schemas::spec::relative_path(path) {
-            e.add(format!("outputs[{i}]"), format!("{path:?} {reason}: it must stay inside the workspace"));
+            e.add(
+                format!("outputs[{i}]"),
+                format!("{path:?} {reason}: it must stay inside the workspace"),
+            );
         }
     }
     let priority = req.priority.unwrap_or(0);
@@ -412,13 +489,21 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
                 retry: RetryPolicy {
                     max_attempts: u32::try_from(retry.max_attempts).unwrap_or(1),
                     backoff_seconds: u32::try_from(retry.backoff_seconds).unwrap_or(0),
-                    exit_codes: retry.exit_codes.iter().filter_map(|c| i32::try_from(*c).ok()).collect(),
+                    exit_codes: retry
+                        .exit_codes
+                        .iter()
+                        .filter_map(|c| i32::try_from(*c).ok())
+                        .collect(),
                     on_timeout: retry.on_timeout,
                 },
                 priority: i32::try_from(priority).unwrap_or(0),
                 queue,
                 inputs: req.inputs.clone(),
-                outputs: req.outputs.iter().map(|p| p.trim_end_matches('/').to_owned()).collect(),
+                outputs: req
+                    .outputs
+                    .iter()
+                    .map(|p| p.trim_end_matches('/').to_owned())
+                    .collect(),
             },
         )),
         _ => Err(e.0),
@@ -432,7 +517,10 @@ pub fn idempotency_key(key: &str) -> Result<(), FieldError> {
     if ok {
         Ok(())
     } else {
-        Err(FieldError::new("Idempotency-Key", "must be 1-255 printable ASCII characters without spaces"))
+        Err(FieldError::new(
+            "Idempotency-Key",
+            "must be 1-255 printable ASCII characters without spaces",
+        ))
     }
 }
 
@@ -465,7 +553,12 @@ pub(crate) mod tests {
     }
 
     fn fields(r: SubmitTask) -> Vec<String> {
-        submit_task(&r).err().unwrap_or_default().into_iter().map(|f| f.field).collect()
+        submit_task(&r)
+            .err()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|f| f.field)
+            .collect()
     }
 
     #[test]
@@ -488,7 +581,14 @@ pub(crate) mod tests {
         r.command = vec![];
         assert_eq!(
             fields(r),
-            vec!["code_repo_url", "env_commit_id", "dockerfile_path", "command", "resources.cpus", "resources.memory_mb"]
+            vec![
+                "code_repo_url",
+                "env_commit_id",
+                "dockerfile_path",
+                "command",
+                "resources.cpus",
+                "resources.memory_mb"
+            ]
         );
     }
 
@@ -496,11 +596,25 @@ pub(crate) mod tests {
     fn files_stay_inside_the_workspace() {
         let mut r = request();
         r.inputs = vec![
-            ud_schemas::spec::TaskInput { source: "data/train.csv".into(), path: "data/train.csv".into() },
-            ud_schemas::spec::TaskInput { source: "/etc/passwd".into(), path: "../../x".into() },
+            ud_schemas::spec::TaskInput {
+                source: "data/train.csv".into(),
+                path: "data/train.csv".into(),
+            },
+            ud_schemas::spec::TaskInput {
+                source: "/etc/passwd".into(),
+                path: "../../x".into(),
+            },
         ];
         r.outputs = vec!["results/".into(), "../escape".into(), "/abs".into()];
-        assert_eq!(fields(r.clone()), vec!["inputs[1].source", "inputs[1].path", "outputs[1]", "outputs[2]"]);
+        assert_eq!(
+            fields(r.clone()),
+            vec![
+                "inputs[1].source",
+                "inputs[1].path",
+                "outputs[1]",
+                "outputs[2]"
+            ]
+        );
         r.inputs.truncate(1);
         r.outputs.truncate(1);
         let (_, spec) = submit_task(&r).unwrap_or_else(|e| unreachable!("{e:?}"));
@@ -509,14 +623,32 @@ pub(crate) mod tests {
 
     #[test]
     fn repo_urls() {
-        for ok in ["https://git.example.org/a/b.git", "http://127.0.0.1:8080/code.git", "ssh://git@host:2222/x.git", "git://h/x", "file:///srv/env"] {
+        for ok in [
+            "https://git.example.org/a/b.git",
+            "http://127.0.0.1:8080/code.git",
+            "ssh://git@host:2222/x.git",
+            "git://h/x",
+            "file:///srv/env",
+        ] {
             assert!(repo_url("u", ok).is_ok(), "{ok}");
         }
-        for bad in ["https://user:secret@h/x.git", "https://token@h/x.git", "ssh://git:pw@h/x", "ftp://h/x", "https://h", "https:///x", "file://", "h/x"] {
+        for bad in [
+            "https://user:secret@h/x.git",
+            "https://token@h/x.git",
+            "ssh://git:pw@h/x",
+            "ftp://h/x",
+            "https://h",
+            "https:///x",
+            "file://",
+            "h/x",
+        ] {
             assert!(repo_url("u", bad).is_err(), "{bad}");
         }
         let p = parse_repo_url("ssh://git@host:2222/x.git");
-        assert_eq!(p.map(|p| (p.user, p.host, p.path)), Some((Some("git"), "host:2222", "/x.git")));
+        assert_eq!(
+            p.map(|p| (p.user, p.host, p.path)),
+            Some((Some("git"), "host:2222", "/x.git"))
+        );
     }
 
     #[test]

@@ -43,7 +43,14 @@ async fn setup() -> Result<(NatsServer, TaskCommands)> {
 }
 
 async fn stream_len(store: &EventStore, name: &str) -> Result<u64> {
-    Ok(store.jetstream().get_stream(name).await?.info().await?.state.messages)
+    Ok(store
+        .jetstream()
+        .get_stream(name)
+        .await?
+        .info()
+        .await?
+        .state
+        .messages)
 }
 
 #[tokio::test]
@@ -53,23 +60,66 @@ async fn concurrency_check_covers_every_subject_of_the_aggregate() -> Result<()>
     let id = TaskId::new();
     let node = NodeId::new();
     let meta = EventMeta::new("test");
-    let submitted = Event::Task(id, TaskEvent::Submitted(TaskSubmitted {
-        at: 1, project: "lab".parse()?, spec: ud_core::validate::submit_task(&request("lab")).map_err(|e| anyhow::anyhow!("{e:?}"))?.1, idempotency_key: None,
-    }));
+    let submitted = Event::Task(
+        id,
+        TaskEvent::Submitted(TaskSubmitted {
+            at: 1,
+            project: "lab".parse()?,
+            spec: ud_core::validate::submit_task(&request("lab"))
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?
+                .1,
+            idempotency_key: None,
+        }),
+    );
     let s1 = store.append(&submitted, &meta, Expect::New).await?;
     // A second "first" event of the same task is refused.
-    assert!(matches!(store.append(&submitted, &meta.next(), Expect::New).await, Err(StoreError::Conflict)));
-    let assigned = Event::Task(id, TaskEvent::Assigned(TaskAssigned { at: 2, node_id: node, attempt: 1 }));
+    assert!(matches!(
+        store.append(&submitted, &meta.next(), Expect::New).await,
+        Err(StoreError::Conflict)
+    ));
+    let assigned = Event::Task(
+        id,
+        TaskEvent::Assigned(TaskAssigned {
+            at: 2,
+            node_id: node,
+            attempt: 1,
+        }),
+    );
     // Expecting s1 on a different subject of the same task works: the scope is ud.task.<id>.>
-    let s2 = store.append(&assigned, &meta.next(), Expect::LastSeq(s1)).await?;
+    let s2 = store
+        .append(&assigned, &meta.next(), Expect::LastSeq(s1))
+        .await?;
     // A stale expectation is refused.
-    let started = Event::Task(id, TaskEvent::Started(TaskStarted { at: 3, node_id: node, attempt: 1 }));
-    assert!(matches!(store.append(&started, &meta.next(), Expect::LastSeq(s1)).await, Err(StoreError::Conflict)));
-    store.append(&started, &meta.next(), Expect::LastSeq(s2)).await?;
+    let started = Event::Task(
+        id,
+        TaskEvent::Started(TaskStarted {
+            at: 3,
+            node_id: node,
+            attempt: 1,
+        }),
+    );
+    assert!(matches!(
+        store
+            .append(&started, &meta.next(), Expect::LastSeq(s1))
+            .await,
+        Err(StoreError::Conflict)
+    ));
+    store
+        .append(&started, &meta.next(), Expect::LastSeq(s2))
+        .await?;
     // Another task's events do not interfere.
-    let other = Event::Task(TaskId::new(), match &submitted { Event::Task(_, e) => e.clone(), _ => unreachable!() });
+    let other = Event::Task(
+        TaskId::new(),
+        match &submitted {
+            Event::Task(_, e) => e.clone(),
+            _ => unreachable!(),
+        },
+    );
     store.append(&other, &meta.next(), Expect::New).await?;
-    let (task, last) = store.load_task(&id).await?.ok_or_else(|| anyhow::anyhow!("task missing"))?;
+    let (task, last) = store
+        .load_task(&id)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("task missing"))?;
     assert_eq!(task.state.name(), "running");
     assert_eq!(task.version, 3);
     assert!(last > s2);
@@ -81,7 +131,9 @@ async fn concurrency_check_covers_every_subject_of_the_aggregate() -> Result<()>
 async fn of_concurrent_conflicting_commands_exactly_one_wins() -> Result<()> {
     let (_nats, commands) = setup().await?;
     for _round in 0..5 {
-        let accepted = commands.submit(&request("lab"), None, "test", |_| true).await?;
+        let accepted = commands
+            .submit(&request("lab"), None, "test", |_| true)
+            .await?;
         let id = accepted.task_id;
         let node_a = NodeId::new();
         let node_b = NodeId::new();
@@ -89,7 +141,9 @@ async fn of_concurrent_conflicting_commands_exactly_one_wins() -> Result<()> {
         let cmds = [
             TaskCommand::Assign { node_id: node_a },
             TaskCommand::Assign { node_id: node_b },
-            TaskCommand::Cancel { reason: "race".into() },
+            TaskCommand::Cancel {
+                reason: "race".into(),
+            },
             TaskCommand::Assign { node_id: node_a },
         ];
         let results = futures::future::join_all(cmds.into_iter().map(|c| {
@@ -102,9 +156,18 @@ async fn of_concurrent_conflicting_commands_exactly_one_wins() -> Result<()> {
         let assigned = [0, 1, 3].iter().filter(|i| results[**i].is_ok()).count();
         assert!(assigned <= 1, "{results:?}");
         for r in &results {
-            assert!(matches!(r, Ok(_) | Err(CommandError::Conflict) | Err(CommandError::Rejected(_))), "{r:?}");
+            assert!(
+                matches!(
+                    r,
+                    Ok(_) | Err(CommandError::Conflict) | Err(CommandError::Rejected(_))
+                ),
+                "{r:?}"
+            );
         }
-        let history = commands.store().read_subject(streams::TASKS, &subjects::task_all(&id)).await?;
+        let history = commands
+            .store()
+            .read_subject(streams::TASKS, &subjects::task_all(&id))
+            .await?;
         let types: Vec<&str> = history
             .iter()
             .map(|e| match &e.envelope.event {
@@ -112,9 +175,22 @@ async fn of_concurrent_conflicting_commands_exactly_one_wins() -> Result<()> {
                 _ => "other",
             })
             .collect();
-        assert_eq!(types.iter().filter(|t| **t == "assigned").count(), assigned, "{types:?}");
-        assert_eq!(history.len(), 1 + results.iter().filter(|r| r.is_ok()).count(), "one event per accepted command: {types:?}");
-        assert!(types.iter().any(|t| matches!(*t, "cancelled" | "cancel_requested")) == results[2].is_ok());
+        assert_eq!(
+            types.iter().filter(|t| **t == "assigned").count(),
+            assigned,
+            "{types:?}"
+        );
+        assert_eq!(
+            history.len(),
+            1 + results.iter().filter(|r| r.is_ok()).count(),
+            "one event per accepted command: {types:?}"
+        );
+        assert!(
+            types
+                .iter()
+                .any(|t| matches!(*t, "cancelled" | "cancel_requested"))
+                == results[2].is_ok()
+        );
     }
     Ok(())
 }
@@ -122,21 +198,32 @@ async fn of_concurrent_conflicting_commands_exactly_one_wins() -> Result<()> {
 #[tokio::test]
 async fn idempotency_key_returns_the_first_task_and_appends_nothing() -> Result<()> {
     let (_nats, commands) = setup().await?;
-    let first = commands.submit(&request("lab"), Some("key-1"), "test", |_| true).await?;
-    let again = commands.submit(&request("lab"), Some("key-1"), "test", |_| true).await?;
+    let first = commands
+        .submit(&request("lab"), Some("key-1"), "test", |_| true)
+        .await?;
+    let again = commands
+        .submit(&request("lab"), Some("key-1"), "test", |_| true)
+        .await?;
     assert!(first.created);
     assert!(!again.created);
     assert_eq!(first.task_id, again.task_id);
     assert_eq!(first.seq, again.seq);
     assert_eq!(stream_len(commands.store(), streams::TASKS).await?, 1);
     // Same key in another project is another task.
-    let other = commands.submit(&request("other"), Some("key-1"), "test", |_| true).await?;
+    let other = commands
+        .submit(&request("other"), Some("key-1"), "test", |_| true)
+        .await?;
     assert_ne!(other.task_id, first.task_id);
     // Same key, different request: refused.
     let mut changed = request("lab");
     changed.command = vec!["false".into()];
-    let err = commands.submit(&changed, Some("key-1"), "test", |_| true).await;
-    assert!(matches!(err, Err(CommandError::IdempotencyMismatch)), "{err:?}");
+    let err = commands
+        .submit(&changed, Some("key-1"), "test", |_| true)
+        .await;
+    assert!(
+        matches!(err, Err(CommandError::IdempotencyMismatch)),
+        "{err:?}"
+    );
     assert_eq!(stream_len(commands.store(), streams::TASKS).await?, 2);
     Ok(())
 }
@@ -150,9 +237,13 @@ async fn invalid_and_forbidden_submissions_append_nothing() -> Result<()> {
         Err(CommandError::Invalid(fields)) => assert_eq!(fields[0].field, "code_commit_id"),
         other => panic!("expected invalid, got {other:?}"),
     }
-    let forbidden = commands.submit(&request("lab"), None, "test", |p| p.as_str() == "mine").await;
+    let forbidden = commands
+        .submit(&request("lab"), None, "test", |p| p.as_str() == "mine")
+        .await;
     assert!(matches!(forbidden, Err(CommandError::Forbidden(_))));
-    let bad_key = commands.submit(&request("lab"), Some("has space"), "test", |_| true).await;
+    let bad_key = commands
+        .submit(&request("lab"), Some("has space"), "test", |_| true)
+        .await;
     assert!(matches!(bad_key, Err(CommandError::Invalid(_))));
     assert_eq!(stream_len(commands.store(), streams::TASKS).await?, 0);
     Ok(())
@@ -168,7 +259,9 @@ async fn commands_are_a_nats_micro_service() -> Result<()> {
     let info = loop {
         match client.request("$SRV.INFO.unidesk-tasks", "".into()).await {
             Ok(m) => break serde_json::from_slice::<serde_json::Value>(&m.payload)?,
-            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => tokio::task::yield_now().await,
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                tokio::task::yield_now().await
+            }
             Err(e) => return Err(e.into()),
         }
     };
@@ -179,25 +272,51 @@ async fn commands_are_a_nats_micro_service() -> Result<()> {
         .flatten()
         .filter_map(|e| e["subject"].as_str().map(str::to_owned))
         .collect();
-    assert!(endpoints.contains(&"ud.cmd.task.submit".to_owned()), "{endpoints:?}");
+    assert!(
+        endpoints.contains(&"ud.cmd.task.submit".to_owned()),
+        "{endpoints:?}"
+    );
     assert!(endpoints.contains(&"ud.cmd.task.cancel".to_owned()));
 
     let body = serde_json::json!({"task": request("lab"), "idempotency_key": "nats-1", "actor": "integration"});
-    let reply = client.request("ud.cmd.task.submit", serde_json::to_vec(&body)?.into()).await?;
+    let reply = client
+        .request("ud.cmd.task.submit", serde_json::to_vec(&body)?.into())
+        .await?;
     let v: serde_json::Value = serde_json::from_slice(&reply.payload)?;
     let id: TaskId = v["task_id"].as_str().unwrap_or_default().parse()?;
-    let (task, _) = commands.store().load_task(&id).await?.ok_or_else(|| anyhow::anyhow!("not stored"))?;
+    let (task, _) = commands
+        .store()
+        .load_task(&id)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("not stored"))?;
     assert_eq!(task.project.as_str(), "lab");
 
     let bad = serde_json::json!({"task": {"project": "lab"}});
-    let reply = client.request("ud.cmd.task.submit", serde_json::to_vec(&bad)?.into()).await?;
-    let headers = reply.headers.ok_or_else(|| anyhow::anyhow!("no error headers"))?;
-    assert_eq!(headers.get("Nats-Service-Error-Code").map(|v| v.as_str()), Some("400"));
+    let reply = client
+        .request("ud.cmd.task.submit", serde_json::to_vec(&bad)?.into())
+        .await?;
+    let headers = reply
+        .headers
+        .ok_or_else(|| anyhow::anyhow!("no error headers"))?;
+    assert_eq!(
+        headers.get("Nats-Service-Error-Code").map(|v| v.as_str()),
+        Some("400")
+    );
 
     let cancel = serde_json::json!({"task_id": id.to_string(), "reason": "done"});
-    let reply = client.request("ud.cmd.task.cancel", serde_json::to_vec(&cancel)?.into()).await?;
-    assert!(reply.headers.as_ref().and_then(|h| h.get("Nats-Service-Error-Code")).is_none());
-    let (task, _) = commands.store().load_task(&id).await?.ok_or_else(|| anyhow::anyhow!("not stored"))?;
+    let reply = client
+        .request("ud.cmd.task.cancel", serde_json::to_vec(&cancel)?.into())
+        .await?;
+    assert!(reply
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Nats-Service-Error-Code"))
+        .is_none());
+    let (task, _) = commands
+        .store()
+        .load_task(&id)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("not stored"))?;
     assert_eq!(task.state.name(), "cancelled");
     Ok(())
 }

@@ -6,7 +6,8 @@ use std::collections::HashMap;
 
 use bollard::models::{ContainerCreateBody, DeviceRequest, HostConfig};
 use bollard::query_parameters::{
-    CreateContainerOptions, ListContainersOptions, LogsOptions, RemoveContainerOptions, StopContainerOptions, WaitContainerOptions,
+    CreateContainerOptions, ListContainersOptions, LogsOptions, RemoveContainerOptions,
+    StopContainerOptions, WaitContainerOptions,
 };
 use bollard::Docker;
 use futures::StreamExt;
@@ -29,7 +30,11 @@ pub struct Executor {
 impl Executor {
     pub async fn connect(host: Option<&str>, node: NodeId) -> Result<Self, AgentError> {
         let docker = match host {
-            Some(h) => Docker::connect_with_unix(h.trim_start_matches("unix://"), 120, bollard::API_DEFAULT_VERSION)?,
+            Some(h) => Docker::connect_with_unix(
+                h.trim_start_matches("unix://"),
+                120,
+                bollard::API_DEFAULT_VERSION,
+            )?,
             None => Docker::connect_with_local_defaults()?,
         };
         let docker = docker.negotiate_version().await?;
@@ -37,7 +42,12 @@ impl Executor {
     }
 
     pub async fn image_id(&self, image: &str) -> String {
-        self.docker.inspect_image(image).await.ok().and_then(|i| i.id).unwrap_or_default()
+        self.docker
+            .inspect_image(image)
+            .await
+            .ok()
+            .and_then(|i| i.id)
+            .unwrap_or_default()
     }
 
     pub fn client(&self) -> Docker {
@@ -50,7 +60,12 @@ impl Executor {
 
     /// Creates and starts the task's container; returns its id.
     /// `workspace`, when given, is the task's code, mounted at `/workspace`.
-    pub async fn create(&self, image: &str, run: &DispatchRun, workspace: Option<&std::path::Path>) -> Result<String, AgentError> {
+    pub async fn create(
+        &self,
+        image: &str,
+        run: &DispatchRun,
+        workspace: Option<&std::path::Path>,
+    ) -> Result<String, AgentError> {
         let spec = &run.spec;
         let mut cmd = spec.command.clone();
         cmd.extend(spec.args.iter().cloned());
@@ -69,7 +84,10 @@ impl Executor {
         });
         let host = HostConfig {
             nano_cpus: Some(i64::from(spec.resources.cpu_millis) * 1_000_000),
-            memory: Some(i64::try_from(spec.resources.memory_mb.saturating_mul(1024 * 1024)).unwrap_or(i64::MAX)),
+            memory: Some(
+                i64::try_from(spec.resources.memory_mb.saturating_mul(1024 * 1024))
+                    .unwrap_or(i64::MAX),
+            ),
             pids_limit: Some(PIDS_LIMIT),
             cap_drop: Some(vec!["ALL".into()]),
             security_opt: Some(vec!["no-new-privileges".into()]),
@@ -91,7 +109,13 @@ impl Executor {
         let name = format!("ud-{}-{}", run.task_id, run.attempt);
         let created = self
             .docker
-            .create_container(Some(CreateContainerOptions { name: Some(name), ..Default::default() }), body)
+            .create_container(
+                Some(CreateContainerOptions {
+                    name: Some(name),
+                    ..Default::default()
+                }),
+                body,
+            )
             .await?;
         if let Err(e) = self.docker.start_container(&created.id, None).await {
             let _ = self.remove(&created.id).await;
@@ -102,8 +126,18 @@ impl Executor {
 
     /// Containers this node started: (task, attempt, container id).
     pub async fn ours(&self) -> Result<Vec<(TaskId, u32, String)>, AgentError> {
-        let filters = HashMap::from([("label".to_owned(), vec![format!("{LABEL_NODE}={}", self.node)])]);
-        let list = self.docker.list_containers(Some(ListContainersOptions { all: true, filters: Some(filters), ..Default::default() })).await?;
+        let filters = HashMap::from([(
+            "label".to_owned(),
+            vec![format!("{LABEL_NODE}={}", self.node)],
+        )]);
+        let list = self
+            .docker
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await?;
         Ok(list
             .into_iter()
             .filter_map(|c| {
@@ -117,11 +151,15 @@ impl Executor {
 
     /// Exit code once the container stops.
     pub async fn wait(&self, container: &str) -> Result<i32, AgentError> {
-        let mut s = self.docker.wait_container(container, None::<WaitContainerOptions>);
+        let mut s = self
+            .docker
+            .wait_container(container, None::<WaitContainerOptions>);
         match s.next().await {
             Some(Ok(r)) => Ok(i32::try_from(r.status_code).unwrap_or(-1)),
             // A non-zero exit arrives as an error carrying the code.
-            Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => Ok(i32::try_from(code).unwrap_or(-1)),
+            Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => {
+                Ok(i32::try_from(code).unwrap_or(-1))
+            }
             Some(Err(e)) => Err(e.into()),
             None => Err(AgentError::Nats("wait ended without a status".into())),
         }
@@ -130,13 +168,27 @@ impl Executor {
     /// Graceful signal, then kill after `grace` seconds.
     pub async fn stop(&self, container: &str, grace: u32) -> Result<(), AgentError> {
         self.docker
-            .stop_container(container, Some(StopContainerOptions { t: Some(i32::try_from(grace).unwrap_or(10)), signal: None }))
+            .stop_container(
+                container,
+                Some(StopContainerOptions {
+                    t: Some(i32::try_from(grace).unwrap_or(10)),
+                    signal: None,
+                }),
+            )
             .await?;
         Ok(())
     }
 
     pub async fn remove(&self, container: &str) -> Result<(), AgentError> {
-        self.docker.remove_container(container, Some(RemoveContainerOptions { force: true, ..Default::default() })).await?;
+        self.docker
+            .remove_container(
+                container,
+                Some(RemoveContainerOptions {
+                    force: true,
+                    ..Default::default()
+                }),
+            )
+            .await?;
         Ok(())
     }
 
@@ -146,15 +198,25 @@ impl Executor {
         F: Fn(&'static str, String) -> Fut,
         Fut: std::future::Future<Output = Result<(), AgentError>>,
     {
-        let opts = LogsOptions { follow: true, stdout: true, stderr: true, tail: "all".into(), ..Default::default() };
+        let opts = LogsOptions {
+            follow: true,
+            stdout: true,
+            stderr: true,
+            tail: "all".into(),
+            ..Default::default()
+        };
         let mut logs = self.docker.logs(container, Some(opts));
         while let Some(Ok(out)) = logs.next().await {
             let (stream, bytes) = match out {
                 bollard::container::LogOutput::StdErr { message } => ("stderr", message),
-                bollard::container::LogOutput::StdOut { message } | bollard::container::LogOutput::Console { message } => ("stdout", message),
+                bollard::container::LogOutput::StdOut { message }
+                | bollard::container::LogOutput::Console { message } => ("stdout", message),
                 bollard::container::LogOutput::StdIn { .. } => continue,
             };
-            if sink(stream, String::from_utf8_lossy(&bytes).into_owned()).await.is_err() {
+            if sink(stream, String::from_utf8_lossy(&bytes).into_owned())
+                .await
+                .is_err()
+            {
                 tracing::warn!("log chunk not recorded");
             }
         }

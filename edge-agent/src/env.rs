@@ -22,9 +22,17 @@ use crate::hub::Hub;
 #[derive(Debug, thiserror::Error)]
 pub enum PrepareError {
     #[error("fetching {what} from {url}: {reason}")]
-    Fetch { what: &'static str, url: String, reason: String },
+    Fetch {
+        what: &'static str,
+        url: String,
+        reason: String,
+    },
     #[error("fetching {what} from {url}: {reason}")]
-    Auth { what: &'static str, url: String, reason: String },
+    Auth {
+        what: &'static str,
+        url: String,
+        reason: String,
+    },
     #[error("commit {commit} is not in {url}")]
     NoCommit { url: String, commit: String },
     #[error("dockerfile_path {0:?} is not a file inside the environment repository")]
@@ -46,7 +54,14 @@ fn digest(parts: &[&str]) -> String {
 
 /// The image an environment builds into: named by env repo, commit and Dockerfile path.
 pub fn image_tag(spec: &TaskSpec) -> String {
-    format!("unidesk-env:{}", &digest(&[&spec.env_repo_url, &spec.env_commit_id, &spec.dockerfile_path])[..24])
+    format!(
+        "unidesk-env:{}",
+        &digest(&[
+            &spec.env_repo_url,
+            &spec.env_commit_id,
+            &spec.dockerfile_path
+        ])[..24]
+    )
 }
 
 /// Whether a URL is fetched over the network (and may need credentials).
@@ -80,8 +95,21 @@ pub struct Prepared {
 }
 
 impl Versions {
-    pub fn new(root: PathBuf, docker: Docker, build_timeout: std::time::Duration, cache_limit_bytes: u64) -> Self {
-        Self { root, docker, build_timeout, cache_limit_bytes, last_used: Arc::default(), locks: Arc::default(), creds: None }
+    pub fn new(
+        root: PathBuf,
+        docker: Docker,
+        build_timeout: std::time::Duration,
+        cache_limit_bytes: u64,
+    ) -> Self {
+        Self {
+            root,
+            docker,
+            build_timeout,
+            cache_limit_bytes,
+            last_used: Arc::default(),
+            locks: Arc::default(),
+            creds: None,
+        }
     }
 
     /// Fetches from repositories that need credentials ask `source` for them.
@@ -91,7 +119,10 @@ impl Versions {
     }
 
     async fn touch(&self, key: &str) {
-        self.last_used.lock().await.insert(key.to_owned(), ud_schemas::now_millis());
+        self.last_used
+            .lock()
+            .await
+            .insert(key.to_owned(), ud_schemas::now_millis());
     }
 
     /// Evicts environment images and repository mirrors, least recently used
@@ -101,8 +132,12 @@ impl Versions {
     pub async fn evict(&self, current: &TaskSpec) {
         let keep_keys = [
             image_tag(current),
-            self.mirror_path(&current.code_repo_url).display().to_string(),
-            self.mirror_path(&current.env_repo_url).display().to_string(),
+            self.mirror_path(&current.code_repo_url)
+                .display()
+                .to_string(),
+            self.mirror_path(&current.env_repo_url)
+                .display()
+                .to_string(),
         ];
         let keep: Vec<&str> = keep_keys.iter().map(String::as_str).collect();
         let mut items: Vec<(i64, String, u64, bool)> = Vec::new(); // (last used, key, bytes, is image)
@@ -110,12 +145,24 @@ impl Versions {
         let filters = HashMap::from([("reference".to_owned(), vec!["unidesk-env".to_owned()])]);
         let images = self
             .docker
-            .list_images(Some(bollard::query_parameters::ListImagesOptions { filters: Some(filters), ..Default::default() }))
+            .list_images(Some(bollard::query_parameters::ListImagesOptions {
+                filters: Some(filters),
+                ..Default::default()
+            }))
             .await
             .unwrap_or_default();
         for image in images {
-            for tag in image.repo_tags.iter().filter(|t| t.starts_with("unidesk-env:")) {
-                items.push((used.get(tag).copied().unwrap_or(0), tag.clone(), u64::try_from(image.size).unwrap_or(0), true));
+            for tag in image
+                .repo_tags
+                .iter()
+                .filter(|t| t.starts_with("unidesk-env:"))
+            {
+                items.push((
+                    used.get(tag).copied().unwrap_or(0),
+                    tag.clone(),
+                    u64::try_from(image.size).unwrap_or(0),
+                    true,
+                ));
             }
         }
         if let Ok(dir) = std::fs::read_dir(self.root.join("git")) {
@@ -142,7 +189,14 @@ impl Versions {
             let lock = self.lock(key.clone()).await;
             let _guard = lock.lock().await;
             let removed = if is_image {
-                self.docker.remove_image(&key, None::<bollard::query_parameters::RemoveImageOptions>, None).await.is_ok()
+                self.docker
+                    .remove_image(
+                        &key,
+                        None::<bollard::query_parameters::RemoveImageOptions>,
+                        None,
+                    )
+                    .await
+                    .is_ok()
             } else {
                 std::fs::remove_dir_all(&key).is_ok()
             };
@@ -159,16 +213,26 @@ impl Versions {
     }
 
     fn mirror_path(&self, url: &str) -> PathBuf {
-        self.root.join("git").join(format!("{}.git", &digest(&[url])[..32]))
+        self.root
+            .join("git")
+            .join(format!("{}.git", &digest(&[url])[..32]))
     }
 
     /// Makes sure the mirror of `url` has `commit`, fetching only what is missing.
-    async fn fetch(&self, task: TaskId, what: &'static str, url: &str, commit: &str) -> Result<PathBuf, PrepareError> {
+    async fn fetch(
+        &self,
+        task: TaskId,
+        what: &'static str,
+        url: &str,
+        commit: &str,
+    ) -> Result<PathBuf, PrepareError> {
         let path = self.mirror_path(url);
         let lock = self.lock(path.display().to_string()).await;
         let _guard = lock.lock().await;
         let (p, c) = (path.clone(), commit.to_owned());
-        let cached = tokio::task::spawn_blocking(move || has_commit(&p, &c)).await.unwrap_or(false);
+        let cached = tokio::task::spawn_blocking(move || has_commit(&p, &c))
+            .await
+            .unwrap_or(false);
         if cached {
             return Ok(path);
         }
@@ -176,7 +240,11 @@ impl Versions {
         let creds = match (&self.creds, remote(url)) {
             (Some(source), true) => match source.credentials(task, url).await {
                 Ok(GitCredentialsReply::Denied { reason }) => {
-                    return Err(PrepareError::Auth { what, url: url.to_owned(), reason: format!("the platform refused credentials: {reason}") })
+                    return Err(PrepareError::Auth {
+                        what,
+                        url: url.to_owned(),
+                        reason: format!("the platform refused credentials: {reason}"),
+                    })
                 }
                 Ok(reply) => Some(reply),
                 Err(e) => {
@@ -191,9 +259,20 @@ impl Versions {
             .await
             .map_err(|e| PrepareError::Io(e.to_string()))?
             .map_err(|e| match e {
-                FetchError::Missing => PrepareError::NoCommit { url: url.to_owned(), commit: commit.to_owned() },
-                FetchError::Git(reason) => PrepareError::Fetch { what, url: url.to_owned(), reason },
-                FetchError::Auth(reason) => PrepareError::Auth { what, url: url.to_owned(), reason: reason.to_owned() },
+                FetchError::Missing => PrepareError::NoCommit {
+                    url: url.to_owned(),
+                    commit: commit.to_owned(),
+                },
+                FetchError::Git(reason) => PrepareError::Fetch {
+                    what,
+                    url: url.to_owned(),
+                    reason,
+                },
+                FetchError::Auth(reason) => PrepareError::Auth {
+                    what,
+                    url: url.to_owned(),
+                    reason: reason.to_owned(),
+                },
             })?;
         Ok(path)
     }
@@ -201,7 +280,14 @@ impl Versions {
     /// Fetches code and environment, builds the image if it does not exist,
     /// checks the code out into the task's workspace. `log` receives build
     /// output, `step` the name of each step as it begins.
-    pub async fn prepare<F, Fut, S, SFut>(&self, task: TaskId, spec: &TaskSpec, workspace: &Path, log: F, step: S) -> Result<Prepared, PrepareError>
+    pub async fn prepare<F, Fut, S, SFut>(
+        &self,
+        task: TaskId,
+        spec: &TaskSpec,
+        workspace: &Path,
+        log: F,
+        step: S,
+    ) -> Result<Prepared, PrepareError>
     where
         F: Fn(String) -> Fut,
         Fut: std::future::Future<Output = ()>,
@@ -211,31 +297,51 @@ impl Versions {
         let mut steps = Vec::new();
         step("fetch_code").await;
         let t = std::time::Instant::now();
-        let code = self.fetch(task, "code", &spec.code_repo_url, &spec.code_commit_id).await?;
+        let code = self
+            .fetch(task, "code", &spec.code_repo_url, &spec.code_commit_id)
+            .await?;
         steps.push(("fetch_code", t.elapsed()));
         let image = image_tag(spec);
-        self.touch(&self.mirror_path(&spec.code_repo_url).display().to_string()).await;
-        self.touch(&self.mirror_path(&spec.env_repo_url).display().to_string()).await;
+        self.touch(&self.mirror_path(&spec.code_repo_url).display().to_string())
+            .await;
+        self.touch(&self.mirror_path(&spec.env_repo_url).display().to_string())
+            .await;
         self.touch(&image).await;
         let image_lock = self.lock(image.clone()).await;
         let env = {
             let _guard = image_lock.lock().await;
             step("fetch_environment").await;
             let t = std::time::Instant::now();
-            let env = self.fetch(task, "environment", &spec.env_repo_url, &spec.env_commit_id).await?;
+            let env = self
+                .fetch(task, "environment", &spec.env_repo_url, &spec.env_commit_id)
+                .await?;
             steps.push(("fetch_environment", t.elapsed()));
             if self.docker.inspect_image(&image).await.is_err() {
                 step("build_image").await;
                 let t = std::time::Instant::now();
                 let context = self.root.join("build").join(&digest(&[&image])[..16]);
-                let (e, c, commit, path) = (env.clone(), context.clone(), spec.env_commit_id.clone(), spec.dockerfile_path.clone());
-                let tar = tokio::task::spawn_blocking(move || build_context(&e, &commit, &c, &path))
-                    .await
-                    .map_err(|e| PrepareError::Io(e.to_string()))??;
+                let (e, c, commit, path) = (
+                    env.clone(),
+                    context.clone(),
+                    spec.env_commit_id.clone(),
+                    spec.dockerfile_path.clone(),
+                );
+                let tar =
+                    tokio::task::spawn_blocking(move || build_context(&e, &commit, &c, &path))
+                        .await
+                        .map_err(|e| PrepareError::Io(e.to_string()))??;
                 // Dropping the build's connection stops it; its intermediate containers are removed.
-                let result = match tokio::time::timeout(self.build_timeout, self.build(&image, &spec.dockerfile_path, tar, &log)).await {
+                let result = match tokio::time::timeout(
+                    self.build_timeout,
+                    self.build(&image, &spec.dockerfile_path, tar, &log),
+                )
+                .await
+                {
                     Ok(r) => r,
-                    Err(_) => Err(PrepareError::Build(format!("ran past its time limit of {} s", self.build_timeout.as_secs()))),
+                    Err(_) => Err(PrepareError::Build(format!(
+                        "ran past its time limit of {} s",
+                        self.build_timeout.as_secs()
+                    ))),
                 };
                 let _ = std::fs::remove_dir_all(&context);
                 result?;
@@ -250,21 +356,52 @@ impl Versions {
             .await
             .map_err(|e| PrepareError::Io(e.to_string()))??;
         steps.push(("checkout", t.elapsed()));
-        let (e, commit, path) = (env, spec.env_commit_id.clone(), spec.dockerfile_path.clone());
-        let dockerfile_digest = tokio::task::spawn_blocking(move || blob_digest(&e, &commit, &path))
+        let (e, commit, path) = (
+            env,
+            spec.env_commit_id.clone(),
+            spec.dockerfile_path.clone(),
+        );
+        let dockerfile_digest =
+            tokio::task::spawn_blocking(move || blob_digest(&e, &commit, &path))
+                .await
+                .map_err(|e| PrepareError::Io(e.to_string()))??;
+        let image_id = self
+            .docker
+            .inspect_image(&image)
             .await
-            .map_err(|e| PrepareError::Io(e.to_string()))??;
-        let image_id = self.docker.inspect_image(&image).await.ok().and_then(|i| i.id).unwrap_or_default();
-        Ok(Prepared { image, image_id, dockerfile_digest, workspace: workspace.to_owned(), steps })
+            .ok()
+            .and_then(|i| i.id)
+            .unwrap_or_default();
+        Ok(Prepared {
+            image,
+            image_id,
+            dockerfile_digest,
+            workspace: workspace.to_owned(),
+            steps,
+        })
     }
 
-    async fn build<F, Fut>(&self, image: &str, dockerfile: &str, tar: Vec<u8>, log: &F) -> Result<(), PrepareError>
+    async fn build<F, Fut>(
+        &self,
+        image: &str,
+        dockerfile: &str,
+        tar: Vec<u8>,
+        log: &F,
+    ) -> Result<(), PrepareError>
     where
         F: Fn(String) -> Fut,
         Fut: std::future::Future<Output = ()>,
     {
-        let options = BuildImageOptions { dockerfile: dockerfile.to_owned(), t: Some(image.to_owned()), rm: true, forcerm: true, ..Default::default() };
-        let mut stream = self.docker.build_image(options, None, Some(bollard::body_full(tar.into())));
+        let options = BuildImageOptions {
+            dockerfile: dockerfile.to_owned(),
+            t: Some(image.to_owned()),
+            rm: true,
+            forcerm: true,
+            ..Default::default()
+        };
+        let mut stream =
+            self.docker
+                .build_image(options, None, Some(bollard::body_full(tar.into())));
         while let Some(item) = stream.next().await {
             match item {
                 Ok(info) => {
@@ -292,7 +429,9 @@ enum FetchError {
 }
 
 fn has_commit(path: &Path, commit: &str) -> bool {
-    let Ok(oid) = git2::Oid::from_str(commit) else { return false };
+    let Ok(oid) = git2::Oid::from_str(commit) else {
+        return false;
+    };
     git2::Repository::open_bare(path).is_ok_and(|r| r.find_commit(oid).is_ok())
 }
 
@@ -308,16 +447,23 @@ impl AuthAsked {
     fn failed(&self) -> Option<&'static str> {
         match (self.calls, self.offered) {
             (0, _) => None,
-            (_, false) => Some("the repository needs credentials and the platform holds none for its host"),
+            (_, false) => {
+                Some("the repository needs credentials and the platform holds none for its host")
+            }
             (1, true) => None,
-            (_, true) => Some("the repository refused the credentials the platform holds for its host"),
+            (_, true) => {
+                Some("the repository refused the credentials the platform holds for its host")
+            }
         }
     }
 }
 
 /// Callbacks that answer the server's credential challenge once with what
 /// the platform handed over, and give up when it asks again (refused).
-fn callbacks<'a>(creds: Option<&'a GitCredentialsReply>, state: &'a std::cell::RefCell<AuthAsked>) -> git2::RemoteCallbacks<'a> {
+fn callbacks<'a>(
+    creds: Option<&'a GitCredentialsReply>,
+    state: &'a std::cell::RefCell<AuthAsked>,
+) -> git2::RemoteCallbacks<'a> {
     let mut cb = git2::RemoteCallbacks::new();
     cb.credentials(move |_url, user_from_url, allowed| {
         let mut s = state.borrow_mut();
@@ -326,13 +472,26 @@ fn callbacks<'a>(creds: Option<&'a GitCredentialsReply>, state: &'a std::cell::R
             return Err(git2::Error::from_str("credentials refused"));
         }
         let cred = match creds {
-            Some(GitCredentialsReply::Token { username, token }) if allowed.contains(git2::CredentialType::USER_PASS_PLAINTEXT) => {
+            Some(GitCredentialsReply::Token { username, token })
+                if allowed.contains(git2::CredentialType::USER_PASS_PLAINTEXT) =>
+            {
                 git2::Cred::userpass_plaintext(username, token)
             }
-            Some(GitCredentialsReply::Ssh { username, private_key, passphrase }) if allowed.contains(git2::CredentialType::SSH_KEY) => {
-                git2::Cred::ssh_key_from_memory(user_from_url.unwrap_or(username), None, private_key, passphrase.as_deref())
+            Some(GitCredentialsReply::Ssh {
+                username,
+                private_key,
+                passphrase,
+            }) if allowed.contains(git2::CredentialType::SSH_KEY) => {
+                git2::Cred::ssh_key_from_memory(
+                    user_from_url.unwrap_or(username),
+                    None,
+                    private_key,
+                    passphrase.as_deref(),
+                )
             }
-            Some(GitCredentialsReply::Ssh { username, .. }) if allowed.contains(git2::CredentialType::USERNAME) => {
+            Some(GitCredentialsReply::Ssh { username, .. })
+                if allowed.contains(git2::CredentialType::USERNAME) =>
+            {
                 git2::Cred::username(user_from_url.unwrap_or(username))
             }
             _ => return Err(git2::Error::from_str("no credentials")),
@@ -343,7 +502,12 @@ fn callbacks<'a>(creds: Option<&'a GitCredentialsReply>, state: &'a std::cell::R
     cb
 }
 
-fn fetch_blocking(path: &Path, url: &str, commit: &str, creds: Option<&GitCredentialsReply>) -> Result<(), FetchError> {
+fn fetch_blocking(
+    path: &Path,
+    url: &str,
+    commit: &str,
+    creds: Option<&GitCredentialsReply>,
+) -> Result<(), FetchError> {
     let state = std::cell::RefCell::new(AuthAsked::default());
     let git = |e: git2::Error| match state.borrow().failed() {
         Some(reason) => FetchError::Auth(reason),
@@ -372,12 +536,18 @@ fn fetch_blocking(path: &Path, url: &str, commit: &str, creds: Option<&GitCreden
     }
     if direct.is_err() || repo.find_commit(oid).is_err() {
         *state.borrow_mut() = AuthAsked::default();
-        let all = remote.fetch(&["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"], Some(&mut options()), None);
+        let all = remote.fetch(
+            &["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"],
+            Some(&mut options()),
+            None,
+        );
         if let (Err(e), Err(_)) = (all, direct) {
             return Err(git(e));
         }
     }
-    repo.find_commit(oid).map(|_| ()).map_err(|_| FetchError::Missing)
+    repo.find_commit(oid)
+        .map(|_| ())
+        .map_err(|_| FetchError::Missing)
 }
 
 fn io(e: impl std::fmt::Display) -> PrepareError {
@@ -400,10 +570,18 @@ fn checkout(mirror: &Path, commit: &str, dest: &Path) -> Result<(), PrepareError
 
 /// The build context: the env repository at `commit`, as a tar, after checking
 /// that the Dockerfile is a file inside it.
-fn build_context(mirror: &Path, commit: &str, dir: &Path, dockerfile: &str) -> Result<Vec<u8>, PrepareError> {
+fn build_context(
+    mirror: &Path,
+    commit: &str,
+    dir: &Path,
+    dockerfile: &str,
+) -> Result<Vec<u8>, PrepareError> {
     checkout(mirror, commit, dir)?;
     let root = dir.canonicalize().map_err(io)?;
-    let file = root.join(dockerfile).canonicalize().map_err(|_| PrepareError::Dockerfile(dockerfile.to_owned()))?;
+    let file = root
+        .join(dockerfile)
+        .canonicalize()
+        .map_err(|_| PrepareError::Dockerfile(dockerfile.to_owned()))?;
     if !file.starts_with(&root) || !file.is_file() {
         return Err(PrepareError::Dockerfile(dockerfile.to_owned()));
     }
@@ -416,14 +594,24 @@ fn build_context(mirror: &Path, commit: &str, dir: &Path, dockerfile: &str) -> R
 /// Hex SHA-256 of a file's bytes at a commit (the Dockerfile the image was built from).
 fn blob_digest(mirror: &Path, commit: &str, path: &str) -> Result<String, PrepareError> {
     let repo = git2::Repository::open_bare(mirror).map_err(io)?;
-    let tree = repo.find_commit(git2::Oid::from_str(commit).map_err(io)?).map_err(io)?.tree().map_err(io)?;
-    let entry = tree.get_path(Path::new(path)).map_err(|_| PrepareError::Dockerfile(path.to_owned()))?;
-    let blob = repo.find_blob(entry.id()).map_err(|_| PrepareError::Dockerfile(path.to_owned()))?;
+    let tree = repo
+        .find_commit(git2::Oid::from_str(commit).map_err(io)?)
+        .map_err(io)?
+        .tree()
+        .map_err(io)?;
+    let entry = tree
+        .get_path(Path::new(path))
+        .map_err(|_| PrepareError::Dockerfile(path.to_owned()))?;
+    let blob = repo
+        .find_blob(entry.id())
+        .map_err(|_| PrepareError::Dockerfile(path.to_owned()))?;
     Ok(hex::encode(Sha256::digest(blob.content())))
 }
 
 fn dir_size(path: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(path) else { return 0 };
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return 0;
+    };
     entries
         .flatten()
         .map(|e| match e.metadata() {

@@ -4,7 +4,10 @@
 use std::time::Duration;
 
 use serde::{de::DeserializeOwned, Serialize};
-use ud_schemas::dispatch::{self, AssignmentCheck, AssignmentReply, GitCredentialsReply, GitCredentialsRequest, StorageReply, StorageRequest};
+use ud_schemas::dispatch::{
+    self, AssignmentCheck, AssignmentReply, GitCredentialsReply, GitCredentialsRequest,
+    StorageReply, StorageRequest,
+};
 use ud_schemas::{edge, NodeId, TaskId};
 
 /// How long the agent waits for an answer before going on without one.
@@ -17,7 +20,12 @@ pub struct Hub {
 }
 
 impl Hub {
-    async fn ask<Q: Serialize, A: DeserializeOwned>(&self, subject: String, question: &Q, what: &str) -> Result<A, String> {
+    async fn ask<Q: Serialize, A: DeserializeOwned>(
+        &self,
+        subject: String,
+        question: &Q,
+        what: &str,
+    ) -> Result<A, String> {
         let req = dispatch::to_cbor(question).map_err(|e| e.to_string())?;
         let reply = tokio::time::timeout(ANSWER_TIMEOUT, self.client.request(subject, req.into()))
             .await
@@ -27,19 +35,36 @@ impl Hub {
     }
 
     /// The credentials of one repository of `task`, for one fetch.
-    pub async fn credentials(&self, task: TaskId, url: &str) -> Result<GitCredentialsReply, String> {
-        let q = GitCredentialsRequest { task_id: task, repo_url: url.to_owned() };
-        self.ask(edge::git_credentials_subject(&self.node), &q, "git-credentials-reply").await
+    pub async fn credentials(
+        &self,
+        task: TaskId,
+        url: &str,
+    ) -> Result<GitCredentialsReply, String> {
+        let q = GitCredentialsRequest {
+            task_id: task,
+            repo_url: url.to_owned(),
+        };
+        self.ask(
+            edge::git_credentials_subject(&self.node),
+            &q,
+            "git-credentials-reply",
+        )
+        .await
     }
 
     /// Whether this node's `attempt` of `task` is still the current assignment.
     pub async fn assignment(&self, task: TaskId, attempt: u32) -> Result<AssignmentReply, String> {
-        let q = AssignmentCheck { task_id: task, attempt };
-        self.ask(edge::assignment_subject(&self.node), &q, "assignment-reply").await
+        let q = AssignmentCheck {
+            task_id: task,
+            attempt,
+        };
+        self.ask(edge::assignment_subject(&self.node), &q, "assignment-reply")
+            .await
     }
 
     /// Presigned URLs (or the outcome) for moving one task's files.
     pub async fn storage(&self, req: &StorageRequest) -> Result<StorageReply, String> {
-        self.ask(edge::storage_subject(&self.node), req, "storage-reply").await
+        self.ask(edge::storage_subject(&self.node), req, "storage-reply")
+            .await
     }
 }

@@ -80,24 +80,52 @@ impl Reporter {
     }
 
     pub async fn send(&self, event: &Event) -> Result<(), AgentError> {
-        let (headers, payload) = codec::encode_message(event, &EventMeta::new(format!("node:{}", self.node)))?;
-        let subject = edge::edge_subject(&self.node, &event.subject()).ok_or_else(|| nats("bad subject"))?;
-        self.local.publish_with_headers(subject, headers, Bytes::from(payload)).await.map_err(nats)?.await.map_err(nats)?;
+        let (headers, payload) =
+            codec::encode_message(event, &EventMeta::new(format!("node:{}", self.node)))?;
+        let subject =
+            edge::edge_subject(&self.node, &event.subject()).ok_or_else(|| nats("bad subject"))?;
+        self.local
+            .publish_with_headers(subject, headers, Bytes::from(payload))
+            .await
+            .map_err(nats)?
+            .await
+            .map_err(nats)?;
         Ok(())
     }
 
     /// Records that a preparing step began.
     pub async fn step(&self, task: TaskId, attempt: u32, name: &str) {
-        let e = TaskPreparing { at: now_millis(), node_id: self.node, attempt, step: name.to_owned() };
+        let e = TaskPreparing {
+            at: now_millis(),
+            node_id: self.node,
+            attempt,
+            step: name.to_owned(),
+        };
         if let Err(e) = self.send(&Event::Task(task, TaskEvent::Preparing(e))).await {
             warn!(error = %e, step = name, "cannot record a preparing step");
         }
     }
 
-    pub async fn log(&self, task: TaskId, attempt: u32, stream: &str, text: String) -> Result<(), AgentError> {
-        let chunk = dispatch::LogChunk { at: now_millis(), attempt, stream: stream.to_owned(), text };
+    pub async fn log(
+        &self,
+        task: TaskId,
+        attempt: u32,
+        stream: &str,
+        text: String,
+    ) -> Result<(), AgentError> {
+        let chunk = dispatch::LogChunk {
+            at: now_millis(),
+            attempt,
+            stream: stream.to_owned(),
+            text,
+        };
         let subject = format!("ud.edge.{}.log.{task}", self.node);
-        self.local.publish(subject, Bytes::from(dispatch::to_cbor(&chunk)?)).await.map_err(nats)?.await.map_err(nats)?;
+        self.local
+            .publish(subject, Bytes::from(dispatch::to_cbor(&chunk)?))
+            .await
+            .map_err(nats)?
+            .await
+            .map_err(nats)?;
         Ok(())
     }
 }
@@ -117,15 +145,18 @@ pub async fn ensure_local(local: &jetstream::Context, node: &NodeId) -> Result<(
     // The node owns the consumer the hub sources through, so that sourcing
     // resumes within seconds after the link returns.
     let s = local.get_stream(edge::stream(node)).await.map_err(nats)?;
-    s.get_or_create_consumer(edge::SOURCE_CONSUMER, consumer::push::Config {
-        durable_name: Some(edge::SOURCE_CONSUMER.into()),
-        deliver_subject: edge::deliver_subject(node),
-        ack_policy: consumer::AckPolicy::FlowControl,
-        flow_control: true,
-        idle_heartbeat: Duration::from_secs(1),
-        max_ack_pending: 10_000,
-        ..Default::default()
-    })
+    s.get_or_create_consumer(
+        edge::SOURCE_CONSUMER,
+        consumer::push::Config {
+            durable_name: Some(edge::SOURCE_CONSUMER.into()),
+            deliver_subject: edge::deliver_subject(node),
+            ack_policy: consumer::AckPolicy::FlowControl,
+            flow_control: true,
+            idle_heartbeat: Duration::from_secs(1),
+            max_ack_pending: 10_000,
+            ..Default::default()
+        },
+    )
     .await
     .map_err(nats)?;
     Ok(())
@@ -138,7 +169,9 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let node = cfg.node_id;
     let addr: async_nats::ServerAddr = cfg.leaf_url.parse().map_err(|e: std::io::Error| nats(e))?;
     let options = match (addr.username(), addr.password()) {
-        (Some(u), Some(p)) => async_nats::ConnectOptions::with_user_and_password(u.to_owned(), p.to_owned()),
+        (Some(u), Some(p)) => {
+            async_nats::ConnectOptions::with_user_and_password(u.to_owned(), p.to_owned())
+        }
         _ => async_nats::ConnectOptions::new(),
     };
     let client = options
@@ -155,16 +188,32 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let reporter = Reporter { node, local };
     let docker = docker::Executor::connect(cfg.docker_host.as_deref(), node).await?;
     let running: Running = Arc::default();
-    let requests = hub::Hub { client: client.clone(), node };
+    let requests = hub::Hub {
+        client: client.clone(),
+        node,
+    };
     let transfers = transfer::Transfers::new(requests.clone());
-    let versions = env::Versions::new(cfg.work_dir.clone(), docker.client(), cfg.build_timeout, cfg.cache_limit_mb.saturating_mul(1024 * 1024))
-        .with_credentials(requests.clone());
+    let versions = env::Versions::new(
+        cfg.work_dir.clone(),
+        docker.client(),
+        cfg.build_timeout,
+        cfg.cache_limit_mb.saturating_mul(1024 * 1024),
+    )
+    .with_credentials(requests.clone());
     // Everything the agent starts ends with it.
     let mut tasks = tokio::task::JoinSet::new();
 
     let resources = info::detect(docker.version().await).await;
     reporter
-        .send(&Event::Node(node, NodeEvent::Registered(NodeRegistered { at: now_millis(), name: cfg.name.clone(), labels: cfg.labels.clone(), resources })))
+        .send(&Event::Node(
+            node,
+            NodeEvent::Registered(NodeRegistered {
+                at: now_millis(),
+                name: cfg.name.clone(),
+                labels: cfg.labels.clone(),
+                resources,
+            }),
+        ))
         .await?;
     info!(node_id = %node, "registered");
 
@@ -172,7 +221,13 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     for (task, attempt, container) in docker.ours().await? {
         let (tx, rx) = oneshot::channel();
         running.lock().await.insert(task, tx);
-        let run = Run { docker: docker.clone(), reporter: reporter.clone(), running: running.clone(), task, attempt };
+        let run = Run {
+            docker: docker.clone(),
+            reporter: reporter.clone(),
+            running: running.clone(),
+            task,
+            attempt,
+        };
         tasks.spawn(supervise(run, container, None, None, rx));
     }
 
@@ -194,7 +249,15 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
             .ok()
             .flatten();
             let low_disk = free.is_some_and(|f| f < min_free);
-            let beat = Event::Node(node, NodeEvent::Heartbeat(NodeHeartbeat { at: now_millis(), running_tasks: n, disk_free_mb: free, low_disk }));
+            let beat = Event::Node(
+                node,
+                NodeEvent::Heartbeat(NodeHeartbeat {
+                    at: now_millis(),
+                    running_tasks: n,
+                    disk_free_mb: free,
+                    low_disk,
+                }),
+            );
             if let Err(e) = beat_reporter.send(&beat).await {
                 warn!(error = %e, "heartbeat not recorded");
             }
@@ -203,7 +266,15 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
 
     loop {
         // Re-bind after any failure: leaf links have been seen to lose interest after a reset.
-        let ctx = Ctx { cfg: &cfg, docker: &docker, versions: &versions, reporter: &reporter, running: &running, requests: &requests, transfers: &transfers };
+        let ctx = Ctx {
+            cfg: &cfg,
+            docker: &docker,
+            versions: &versions,
+            reporter: &reporter,
+            running: &running,
+            requests: &requests,
+            transfers: &transfers,
+        };
         match pull_dispatches(&hub, &ctx, &mut tasks).await {
             Ok(()) => {}
             Err(e) => warn!(error = %e, "dispatch consumer lost; binding again"),
@@ -223,9 +294,16 @@ struct Ctx<'a> {
     transfers: &'a transfer::Transfers,
 }
 
-async fn pull_dispatches(hub: &jetstream::Context, ctx: &Ctx<'_>, tasks: &mut tokio::task::JoinSet<()>) -> Result<(), AgentError> {
+async fn pull_dispatches(
+    hub: &jetstream::Context,
+    ctx: &Ctx<'_>,
+    tasks: &mut tokio::task::JoinSet<()>,
+) -> Result<(), AgentError> {
     let node = ctx.cfg.node_id;
-    let consumer: consumer::PullConsumer = hub.get_consumer_from_stream(edge::dispatch_consumer(&node), edge::DISPATCH).await.map_err(nats)?;
+    let consumer: consumer::PullConsumer = hub
+        .get_consumer_from_stream(edge::dispatch_consumer(&node), edge::DISPATCH)
+        .await
+        .map_err(nats)?;
     let mut messages = consumer.messages().await.map_err(nats)?;
     while let Some(m) = messages.next().await {
         let m = m.map_err(nats)?;
@@ -235,24 +313,32 @@ async fn pull_dispatches(hub: &jetstream::Context, ctx: &Ctx<'_>, tasks: &mut to
                 Ok(run) => start(ctx, run, tasks).await,
                 Err(e) => warn!(subject = %m.subject, error = %e, "undecodable dispatch dropped"),
             },
-            "cancel" => match dispatch::from_cbor::<DispatchCancel>(&m.payload, "dispatch-cancel") {
-                Ok(c) => {
-                    let tx = ctx.running.lock().await.remove(&c.task_id);
-                    match tx {
-                        Some(tx) => {
-                            let _ = tx.send(c);
-                        }
-                        // Nothing runs here (a run refused as stale, or one that never came): done.
-                        None => {
-                            let cancelled = Event::Task(c.task_id, TaskEvent::Cancelled(TaskCancelled { at: now_millis(), reason: c.reason }));
-                            if let Err(e) = ctx.reporter.send(&cancelled).await {
-                                warn!(task_id = %c.task_id, error = %e, "cannot record a cancel");
+            "cancel" => {
+                match dispatch::from_cbor::<DispatchCancel>(&m.payload, "dispatch-cancel") {
+                    Ok(c) => {
+                        let tx = ctx.running.lock().await.remove(&c.task_id);
+                        match tx {
+                            Some(tx) => {
+                                let _ = tx.send(c);
+                            }
+                            // Nothing runs here (a run refused as stale, or one that never came): done.
+                            None => {
+                                let cancelled = Event::Task(
+                                    c.task_id,
+                                    TaskEvent::Cancelled(TaskCancelled {
+                                        at: now_millis(),
+                                        reason: c.reason,
+                                    }),
+                                );
+                                if let Err(e) = ctx.reporter.send(&cancelled).await {
+                                    warn!(task_id = %c.task_id, error = %e, "cannot record a cancel");
+                                }
                             }
                         }
                     }
+                    Err(e) => warn!(subject = %m.subject, error = %e, "undecodable cancel dropped"),
                 }
-                Err(e) => warn!(subject = %m.subject, error = %e, "undecodable cancel dropped"),
-            },
+            }
             other => warn!(kind = other, "unknown dispatch kind dropped"),
         }
         if let Err(e) = m.ack().await {
@@ -265,7 +351,8 @@ async fn pull_dispatches(hub: &jetstream::Context, ctx: &Ctx<'_>, tasks: &mut to
 async fn start(ctx: &Ctx<'_>, run: DispatchRun, tasks: &mut tokio::task::JoinSet<()>) {
     let (cfg, running) = (ctx.cfg, ctx.running);
     let task = run.task_id;
-    let span = tracing::info_span!("task", task_id = %task, node_id = %cfg.node_id, attempt = run.attempt);
+    let span =
+        tracing::info_span!("task", task_id = %task, node_id = %cfg.node_id, attempt = run.attempt);
     let (tx, mut rx) = oneshot::channel();
     {
         let mut r = running.lock().await;
@@ -285,13 +372,23 @@ async fn start(ctx: &Ctx<'_>, run: DispatchRun, tasks: &mut tokio::task::JoinSet
         cfg.image.clone(),
         cfg.node_id,
     );
-    let workspace = cfg.work_dir.join("tasks").join(format!("{task}-{}", run.attempt));
+    let workspace = cfg
+        .work_dir
+        .join("tasks")
+        .join(format!("{task}-{}", run.attempt));
     // Tasks are prepared and started in parallel; the dispatch loop goes on at once.
     tasks.spawn(
         async move {
             let fail = |reason: String| async {
                 running.lock().await.remove(&task);
-                let failed = Event::Task(task, TaskEvent::Failed(TaskFailed { at: now_millis(), exit_code: None, reason }));
+                let failed = Event::Task(
+                    task,
+                    TaskEvent::Failed(TaskFailed {
+                        at: now_millis(),
+                        exit_code: None,
+                        reason,
+                    }),
+                );
                 let _ = reporter.send(&failed).await;
             };
             // A dispatch that waited while the node was away may be stale: run
@@ -305,7 +402,13 @@ async fn start(ctx: &Ctx<'_>, run: DispatchRun, tasks: &mut tokio::task::JoinSet
                     running.lock().await.remove(&task);
                     // A cancel that came meanwhile is answered here.
                     if let Ok(c) = rx.try_recv() {
-                        let cancelled = Event::Task(task, TaskEvent::Cancelled(TaskCancelled { at: now_millis(), reason: c.reason }));
+                        let cancelled = Event::Task(
+                            task,
+                            TaskEvent::Cancelled(TaskCancelled {
+                                at: now_millis(),
+                                reason: c.reason,
+                            }),
+                        );
                         let _ = reporter.send(&cancelled).await;
                     }
                     return;
@@ -337,11 +440,18 @@ async fn start(ctx: &Ctx<'_>, run: DispatchRun, tasks: &mut tokio::task::JoinSet
                         let reporter = reporter.clone();
                         async move { reporter.step(task, run.attempt, name).await }
                     };
-                    match versions.prepare(task, &run.spec, &workspace, log, step).await {
+                    match versions
+                        .prepare(task, &run.spec, &workspace, log, step)
+                        .await
+                    {
                         Ok(p) => {
                             // Keep what this run needs; make room by what was used least recently.
                             versions.evict(&run.spec).await;
-                            (p.image, Some(p.workspace), (p.dockerfile_digest, p.image_id, p.steps))
+                            (
+                                p.image,
+                                Some(p.workspace),
+                                (p.dockerfile_digest, p.image_id, p.steps),
+                            )
                         }
                         Err(e) => {
                             let _ = std::fs::remove_dir_all(&workspace);
@@ -354,7 +464,11 @@ async fn start(ctx: &Ctx<'_>, run: DispatchRun, tasks: &mut tokio::task::JoinSet
                 reporter.step(task, run.attempt, "fetch_inputs").await;
                 let t = std::time::Instant::now();
                 match transfers.inputs(task, run.attempt, w).await {
-                    Ok(bytes) => info!(bytes, millis = t.elapsed().as_millis() as u64, "inputs copied"),
+                    Ok(bytes) => info!(
+                        bytes,
+                        millis = t.elapsed().as_millis() as u64,
+                        "inputs copied"
+                    ),
                     Err(e) => {
                         let _ = std::fs::remove_dir_all(&workspace);
                         return fail(format!("fetching inputs: {e}")).await;
@@ -371,7 +485,13 @@ async fn start(ctx: &Ctx<'_>, run: DispatchRun, tasks: &mut tokio::task::JoinSet
                 Err(e) => return fail(format!("cannot start container: {e}")).await,
             };
             prepared.2.push(("start", t.elapsed()));
-            let gpus = if run.spec.resources.gpus > 0 { tokio::task::spawn_blocking(info::gpus_in_use).await.unwrap_or_default() } else { vec![] };
+            let gpus = if run.spec.resources.gpus > 0 {
+                tokio::task::spawn_blocking(info::gpus_in_use)
+                    .await
+                    .unwrap_or_default()
+            } else {
+                vec![]
+            };
             let record = TaskPrepared {
                 at: now_millis(),
                 node_id: node,
@@ -380,22 +500,49 @@ async fn start(ctx: &Ctx<'_>, run: DispatchRun, tasks: &mut tokio::task::JoinSet
                 env_commit_id: run.spec.env_commit_id.clone(),
                 dockerfile_digest: prepared.0,
                 image_id: prepared.1,
-                steps: prepared.2.iter().map(|(name, d)| PrepareStep { name: (*name).to_owned(), millis: u64::try_from(d.as_millis()).unwrap_or(u64::MAX) }).collect(),
+                steps: prepared
+                    .2
+                    .iter()
+                    .map(|(name, d)| PrepareStep {
+                        name: (*name).to_owned(),
+                        millis: u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
+                    })
+                    .collect(),
                 gpus,
             };
-            if let Err(e) = reporter.send(&Event::Task(task, TaskEvent::Prepared(record))).await {
+            if let Err(e) = reporter
+                .send(&Event::Task(task, TaskEvent::Prepared(record)))
+                .await
+            {
                 warn!(error = %e, "cannot record what the run uses");
             }
-            let started = Event::Task(task, TaskEvent::Started(TaskStarted { at: now_millis(), node_id: node, attempt: run.attempt }));
+            let started = Event::Task(
+                task,
+                TaskEvent::Started(TaskStarted {
+                    at: now_millis(),
+                    node_id: node,
+                    attempt: run.attempt,
+                }),
+            );
             if let Err(e) = reporter.send(&started).await {
                 warn!(error = %e, "cannot record start");
             }
             let timeout = Duration::from_secs(run.spec.timeout_seconds);
             let outputs = match (&mount, run.spec.outputs.is_empty()) {
-                (Some(w), false) => Some(Outputs { transfers, workspace: w.clone(), paths: run.spec.outputs.clone() }),
+                (Some(w), false) => Some(Outputs {
+                    transfers,
+                    workspace: w.clone(),
+                    paths: run.spec.outputs.clone(),
+                }),
                 _ => None,
             };
-            let r = Run { docker, reporter, running, task, attempt: run.attempt };
+            let r = Run {
+                docker,
+                reporter,
+                running,
+                task,
+                attempt: run.attempt,
+            };
             supervise(r, container, Some(timeout), outputs, rx).await;
             if mount.is_some() {
                 let _ = std::fs::remove_dir_all(&workspace);
@@ -435,35 +582,85 @@ async fn store_outputs(run: &Run, outputs: &Outputs, outcome: TaskEvent) -> Task
         return outcome;
     }
     let t = std::time::Instant::now();
-    match outputs.transfers.outputs(run.task, run.attempt, &outputs.workspace, &outputs.paths, required).await {
+    match outputs
+        .transfers
+        .outputs(
+            run.task,
+            run.attempt,
+            &outputs.workspace,
+            &outputs.paths,
+            required,
+        )
+        .await
+    {
         Ok(files) if files.is_empty() => outcome,
         Ok(files) => {
             let bytes: u64 = files.iter().map(|f| f.size).sum();
-            info!(files = files.len(), bytes, millis = t.elapsed().as_millis() as u64, "outputs stored");
-            let record = TaskOutputs { at: now_millis(), node_id: run.reporter.node, attempt: run.attempt, files };
-            match run.reporter.send(&Event::Task(run.task, TaskEvent::Outputs(record))).await {
+            info!(
+                files = files.len(),
+                bytes,
+                millis = t.elapsed().as_millis() as u64,
+                "outputs stored"
+            );
+            let record = TaskOutputs {
+                at: now_millis(),
+                node_id: run.reporter.node,
+                attempt: run.attempt,
+                files,
+            };
+            match run
+                .reporter
+                .send(&Event::Task(run.task, TaskEvent::Outputs(record)))
+                .await
+            {
                 Ok(()) => outcome,
-                Err(e) => TaskEvent::Failed(TaskFailed { at: now_millis(), exit_code: None, reason: format!("cannot record the outputs: {e}") }),
+                Err(e) => TaskEvent::Failed(TaskFailed {
+                    at: now_millis(),
+                    exit_code: None,
+                    reason: format!("cannot record the outputs: {e}"),
+                }),
             }
         }
         Err(e) => {
             warn!(error = %e, "outputs not stored");
             match outcome {
-                TaskEvent::Succeeded(s) => {
-                    TaskEvent::Failed(TaskFailed { at: now_millis(), exit_code: Some(s.exit_code), reason: format!("storing outputs: {e}") })
-                }
-                TaskEvent::Failed(f) => TaskEvent::Failed(TaskFailed { reason: format!("{}; outputs not stored: {e}", f.reason), ..f }),
+                TaskEvent::Succeeded(s) => TaskEvent::Failed(TaskFailed {
+                    at: now_millis(),
+                    exit_code: Some(s.exit_code),
+                    reason: format!("storing outputs: {e}"),
+                }),
+                TaskEvent::Failed(f) => TaskEvent::Failed(TaskFailed {
+                    reason: format!("{}; outputs not stored: {e}", f.reason),
+                    ..f
+                }),
                 other => other,
             }
         }
     }
 }
 
-async fn supervise(run: Run, container: String, timeout: Option<Duration>, outputs: Option<Outputs>, cancel: oneshot::Receiver<DispatchCancel>) {
-    let (docker, reporter, task, attempt) = (run.docker.clone(), run.reporter.clone(), run.task, run.attempt);
+async fn supervise(
+    run: Run,
+    container: String,
+    timeout: Option<Duration>,
+    outputs: Option<Outputs>,
+    cancel: oneshot::Receiver<DispatchCancel>,
+) {
+    let (docker, reporter, task, attempt) = (
+        run.docker.clone(),
+        run.reporter.clone(),
+        run.task,
+        run.attempt,
+    );
     let logs = tokio::spawn({
         let (docker, reporter, container) = (docker.clone(), reporter.clone(), container.clone());
-        async move { docker.follow_logs(&container, |stream, text| reporter.log(task, attempt, stream, text)).await }
+        async move {
+            docker
+                .follow_logs(&container, |stream, text| {
+                    reporter.log(task, attempt, stream, text)
+                })
+                .await
+        }
     });
     let deadline = async {
         match timeout {

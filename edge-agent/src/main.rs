@@ -27,7 +27,11 @@ enum Command {
 #[derive(Args)]
 struct RunArgs {
     /// Client URL of the local leaf nats-server, with the agent's credentials.
-    #[arg(long, env = "UD_EDGE_LEAF_URL", default_value = "nats://127.0.0.1:4223")]
+    #[arg(
+        long,
+        env = "UD_EDGE_LEAF_URL",
+        default_value = "nats://127.0.0.1:4223"
+    )]
     leaf_url: String,
     /// The node's token (only its node id is used here).
     #[arg(long, env = "UD_NODE_TOKEN", hide_env_values = true)]
@@ -43,7 +47,11 @@ struct RunArgs {
     #[arg(long, env = "UD_EDGE_IMAGE")]
     image: Option<String>,
     /// Git cache, build contexts and task workspaces (a path the Docker engine can mount).
-    #[arg(long, env = "UD_EDGE_WORK_DIR", default_value = "/var/lib/unidesk-edge")]
+    #[arg(
+        long,
+        env = "UD_EDGE_WORK_DIR",
+        default_value = "/var/lib/unidesk-edge"
+    )]
     work_dir: std::path::PathBuf,
     /// Longest an environment build may take, in seconds.
     #[arg(long, env = "UD_EDGE_BUILD_TIMEOUT_SECONDS", default_value_t = 1800)]
@@ -84,15 +92,34 @@ fn token(s: &str) -> Result<NodeToken> {
 #[tokio::main]
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("UD_LOG").unwrap_or_else(|_| "info,async_nats=warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("UD_LOG")
+                .unwrap_or_else(|_| "info,async_nats=warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
         Command::LeafConfig(a) => {
             let t = token(&a.token)?;
-            let (host, port) = a.hub.rsplit_once(':').ok_or_else(|| anyhow!("--hub must be host:port"))?;
-            let port: u16 = port.parse().map_err(|_| anyhow!("--hub port {port:?} is not a number"))?;
-            print!("{}", edge::leaf_config(&t, host, port, &a.store_dir, &a.listen_host, a.port, &a.agent_password));
+            let (host, port) = a
+                .hub
+                .rsplit_once(':')
+                .ok_or_else(|| anyhow!("--hub must be host:port"))?;
+            let port: u16 = port
+                .parse()
+                .map_err(|_| anyhow!("--hub port {port:?} is not a number"))?;
+            print!(
+                "{}",
+                edge::leaf_config(
+                    &t,
+                    host,
+                    port,
+                    &a.store_dir,
+                    &a.listen_host,
+                    a.port,
+                    &a.agent_password
+                )
+            );
             Ok(())
         }
         Command::Run(a) => {
@@ -101,7 +128,11 @@ async fn main() -> Result<()> {
                 .labels
                 .iter()
                 .filter(|l| !l.is_empty())
-                .map(|l| l.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).ok_or_else(|| anyhow!("label {l:?} is not KEY=VALUE")))
+                .map(|l| {
+                    l.split_once('=')
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        .ok_or_else(|| anyhow!("label {l:?} is not KEY=VALUE"))
+                })
                 .collect::<Result<_>>()?;
             if !(a.heartbeat_seconds > 0.0 && a.heartbeat_seconds.is_finite()) {
                 return Err(anyhow!("heartbeat seconds must be positive"));

@@ -48,32 +48,52 @@ fn backoff(attempt: u32) -> Duration {
 
 /// Whether an HTTP failure may succeed when tried again.
 fn transient(status: StatusCode) -> bool {
-    status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::REQUEST_TIMEOUT
+    status.is_server_error()
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || status == StatusCode::REQUEST_TIMEOUT
 }
 
 fn http_reason(status: StatusCode) -> String {
     match status {
-        StatusCode::FORBIDDEN => "the object store refused the URL (expired or not for this object)".into(),
+        StatusCode::FORBIDDEN => {
+            "the object store refused the URL (expired or not for this object)".into()
+        }
         StatusCode::NOT_FOUND => "no such object in the object store".into(),
         s => format!("the object store answered {s}"),
     }
 }
 
+/// Moves bytes between files and presigned URLs.
 #[derive(Clone)]
-pub struct Transfers {
+pub struct Mover {
     http: reqwest::Client,
-    hub: Hub,
 }
 
-impl Transfers {
-    pub fn new(hub: Hub) -> Self {
+impl Default for Mover {
+    fn default() -> Self {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             // A stalled read or write fails the request; it is then tried again.
             .read_timeout(Duration::from_secs(60))
             .build()
             .unwrap_or_default();
-        Self { http, hub }
+        Self { http }
+    }
+}
+
+/// A task's files: URLs from the main server, bytes moved by a [`Mover`].
+#[derive(Clone)]
+pub struct Transfers {
+    mover: Mover,
+    hub: Hub,
+}
+
+impl Transfers {
+    pub fn new(hub: Hub) -> Self {
+        Self {
+            mover: Mover::default(),
+            hub,
+        }
     }
 
     async fn ask(&self, req: StorageRequest) -> Result<StorageReply, TransferError> {
@@ -84,25 +104,122 @@ impl Transfers {
     }
 
     /// Copies the task's inputs into `workspace`; returns the bytes copied.
-    pub async fn inputs(&self, task: TaskId, attempt: u32, workspace: &Path) -> Result<u64, TransferError> {
-        let StorageReply::Inputs { files } = self.ask(StorageRequest::Inputs { task_id: task, attempt }).await? else {
-            return Err(TransferError::Refused("unexpected answer to an inputs request".into()));
+    pub async fn inputs(
+        &self,
+        task: TaskId,
+        attempt: u32,
+        workspace: &Path,
+    ) -> Result<u64, TransferError> {
+        let StorageReply::Inputs { files } = self
+            .ask(StorageRequest::Inputs {
+                task_id: task,
+                attempt,
+            })
+            .await?
+        else {
+            return Err(TransferError::Refused(
+                "unexpected answer to an inputs request".into(),
+            ));
         };
         let mut total = 0;
         for f in files {
-            let dest = inside(workspace, &f.path).map_err(|reason| TransferError::Input { object: f.object.clone(), reason })?;
-            self.download(&f.url, &dest, f.size).await.map_err(|reason| TransferError::Input { object: f.object.clone(), reason })?;
+            let dest = inside(workspace, &f.path).map_err(|reason| TransferError::Input {
+                object: f.object.clone(),
+                reason,
+            })?;
+            self.mover
+                .download(&f.url, &dest, f.size)
+                .await
+                .map_err(|reason| TransferError::Input {
+                    object: f.object.clone(),
+                    reason,
+                })?;
             total += f.size;
         }
         Ok(total)
     }
 
+    /// Uploads the files at `declared` paths in `workspace` (directories:
+    /// everything below them) and records them as the task's outputs. When
+    /// `required`, a declared path the run did not produce is an error.
+    pub async fn outputs(
+        &self,
+        task: TaskId,
+        attempt: u32,
+        workspace: &Path,
+        declared: &[String],
+        required: bool,
+    ) -> Result<Vec<OutputObject>, TransferError> {
+        let (root, declared_owned) = (workspace.to_owned(), declared.to_vec());
+        let found = tokio::task::spawn_blocking(move || collect(&root, &declared_owned, required))
+            .await
+            .map_err(|e| TransferError::Refused(e.to_string()))??;
+        if found.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut files: Vec<OutputFile> = found.iter().map(|(f, _)| f.clone()).collect();
+        // Rounds: a round that ran into expired URLs asks for fresh ones and resumes.
+        for round in 0..3 {
+            let StorageReply::Outputs { files: urls } = self
+                .ask(StorageRequest::Outputs {
+                    task_id: task,
+                    attempt,
+                    files: files.clone(),
+                })
+                .await?
+            else {
+                return Err(TransferError::Refused(
+                    "unexpected answer to an outputs request".into(),
+                ));
+            };
+            let mut expired = false;
+            for (url, (file, local)) in urls.iter().zip(found.iter()) {
+                let fail = |reason: String| TransferError::Output {
+                    path: file.path.clone(),
+                    reason,
+                };
+                if let Upload::Multipart { upload_id, .. } = &url.upload {
+                    if let Some(f) = files.iter_mut().find(|f| f.path == file.path) {
+                        f.upload_id = Some(upload_id.clone());
+                    }
+                }
+                match self.mover.upload(&url.upload, local, file.size).await {
+                    Ok(()) => {}
+                    Err(Put::Expired) if round < 2 => expired = true,
+                    Err(e) => return Err(fail(e.to_string())),
+                }
+            }
+            if !expired {
+                break;
+            }
+        }
+        let StorageReply::Complete { files: stored } = self
+            .ask(StorageRequest::Complete {
+                task_id: task,
+                attempt,
+                files,
+            })
+            .await?
+        else {
+            return Err(TransferError::Refused(
+                "unexpected answer to a complete request".into(),
+            ));
+        };
+        Ok(stored)
+    }
+}
+
+impl Mover {
     /// Downloads `url` into `dest` (exactly `size` bytes), resuming after a dropped link.
     pub async fn download(&self, url: &str, dest: &Path, size: u64) -> Result<(), String> {
         if let Some(parent) = dest.parent() {
-            tokio::fs::create_dir_all(parent).await.map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
         }
-        let mut file = tokio::fs::File::create(dest).await.map_err(|e| format!("cannot write {}: {e}", dest.display()))?;
+        let mut file = tokio::fs::File::create(dest)
+            .await
+            .map_err(|e| format!("cannot write {}: {e}", dest.display()))?;
         let mut written = 0u64;
         let mut last = String::new();
         for attempt in 0..TRIES {
@@ -131,14 +248,18 @@ impl Transfers {
             if written > 0 && status != StatusCode::PARTIAL_CONTENT {
                 // The store sent the whole object again: start over.
                 file.set_len(0).await.map_err(|e| e.to_string())?;
-                file.seek(std::io::SeekFrom::Start(0)).await.map_err(|e| e.to_string())?;
+                file.seek(std::io::SeekFrom::Start(0))
+                    .await
+                    .map_err(|e| e.to_string())?;
                 written = 0;
             }
             let mut body = resp.bytes_stream();
             while let Some(chunk) = body.next().await {
                 match chunk {
                     Ok(bytes) => {
-                        file.write_all(&bytes).await.map_err(|e| format!("cannot write {}: {e}", dest.display()))?;
+                        file.write_all(&bytes)
+                            .await
+                            .map_err(|e| format!("cannot write {}: {e}", dest.display()))?;
                         written += bytes.len() as u64;
                     }
                     Err(e) => {
@@ -152,61 +273,38 @@ impl Transfers {
                 return Ok(());
             }
             if written > size {
-                return Err(format!("the object store sent {written} bytes, more than the {size} expected"));
+                return Err(format!(
+                    "the object store sent {written} bytes, more than the {size} expected"
+                ));
             }
         }
         Err(format!("gave up after {TRIES} tries: {last}"))
     }
 
-    /// Uploads the files at `declared` paths in `workspace` (directories:
-    /// everything below them) and records them as the task's outputs. When
-    /// `required`, a declared path the run did not produce is an error.
-    pub async fn outputs(&self, task: TaskId, attempt: u32, workspace: &Path, declared: &[String], required: bool) -> Result<Vec<OutputObject>, TransferError> {
-        let (root, declared_owned) = (workspace.to_owned(), declared.to_vec());
-        let found = tokio::task::spawn_blocking(move || collect(&root, &declared_owned, required))
-            .await
-            .map_err(|e| TransferError::Refused(e.to_string()))??;
-        if found.is_empty() {
-            return Ok(vec![]);
-        }
-        let mut files: Vec<OutputFile> = found.iter().map(|(f, _)| f.clone()).collect();
-        // Rounds: a round that ran into expired URLs asks for fresh ones and resumes.
-        for round in 0..3 {
-            let StorageReply::Outputs { files: urls } = self.ask(StorageRequest::Outputs { task_id: task, attempt, files: files.clone() }).await? else {
-                return Err(TransferError::Refused("unexpected answer to an outputs request".into()));
-            };
-            let mut expired = false;
-            for (url, (file, local)) in urls.iter().zip(found.iter()) {
-                let fail = |reason: String| TransferError::Output { path: file.path.clone(), reason };
-                match &url.upload {
-                    Upload::Single { url } => match self.put(url, local, 0, file.size).await {
-                        Ok(()) => {}
-                        Err(Put::Expired) if round < 2 => expired = true,
-                        Err(e) => return Err(fail(e.to_string())),
-                    },
-                    Upload::Multipart { upload_id, part_size, part_urls, done } => {
-                        if let Some(f) = files.iter_mut().find(|f| f.path == file.path) {
-                            f.upload_id = Some(upload_id.clone());
-                        }
-                        match self.put_parts(local, file.size, *part_size, part_urls, done).await {
-                            Ok(()) => {}
-                            Err(Put::Expired) if round < 2 => expired = true,
-                            Err(e) => return Err(fail(e.to_string())),
-                        }
-                    }
-                }
-            }
-            if !expired {
-                break;
+    /// Sends `local` (`size` bytes) as `upload` says: one PUT, or its missing parts.
+    pub async fn upload(&self, upload: &Upload, local: &Path, size: u64) -> Result<(), Put> {
+        match upload {
+            Upload::Single { url } => self.put(url, local, 0, size).await,
+            Upload::Multipart {
+                part_size,
+                part_urls,
+                done,
+                ..
+            } => {
+                self.put_parts(local, size, *part_size, part_urls, done)
+                    .await
             }
         }
-        let StorageReply::Complete { files: stored } = self.ask(StorageRequest::Complete { task_id: task, attempt, files }).await? else {
-            return Err(TransferError::Refused("unexpected answer to a complete request".into()));
-        };
-        Ok(stored)
     }
 
-    async fn put_parts(&self, local: &Path, size: u64, part_size: u64, urls: &[String], done: &[u32]) -> Result<(), Put> {
+    async fn put_parts(
+        &self,
+        local: &Path,
+        size: u64,
+        part_size: u64,
+        urls: &[String],
+        done: &[u32],
+    ) -> Result<(), Put> {
         // Owned values only: the parts run as separate futures.
         let parts: Vec<(u64, String)> = urls
             .iter()
@@ -218,9 +316,20 @@ impl Transfers {
             .collect();
         let uploads = parts.into_iter().map(|(offset, url)| {
             let (this, local) = (self.clone(), local.to_path_buf());
-            async move { this.put(&url, &local, offset, part_size.min(size.saturating_sub(offset))).await }
+            async move {
+                this.put(
+                    &url,
+                    &local,
+                    offset,
+                    part_size.min(size.saturating_sub(offset)),
+                )
+                .await
+            }
         });
-        futures::stream::iter(uploads).buffer_unordered(PARALLEL_PARTS).try_collect::<Vec<()>>().await?;
+        futures::stream::iter(uploads)
+            .buffer_unordered(PARALLEL_PARTS)
+            .try_collect::<Vec<()>>()
+            .await?;
         Ok(())
     }
 
@@ -231,10 +340,24 @@ impl Transfers {
             if attempt > 0 {
                 tokio::time::sleep(backoff(attempt)).await;
             }
-            let mut file = tokio::fs::File::open(local).await.map_err(|e| Put::Failed(format!("cannot read {}: {e}", local.display())))?;
-            file.seek(std::io::SeekFrom::Start(offset)).await.map_err(|e| Put::Failed(e.to_string()))?;
-            let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(tokio::io::AsyncReadExt::take(file, len), CHUNK));
-            match self.http.put(url).header(CONTENT_LENGTH, len).body(body).send().await {
+            let mut file = tokio::fs::File::open(local)
+                .await
+                .map_err(|e| Put::Failed(format!("cannot read {}: {e}", local.display())))?;
+            file.seek(std::io::SeekFrom::Start(offset))
+                .await
+                .map_err(|e| Put::Failed(e.to_string()))?;
+            let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(
+                tokio::io::AsyncReadExt::take(file, len),
+                CHUNK,
+            ));
+            match self
+                .http
+                .put(url)
+                .header(CONTENT_LENGTH, len)
+                .body(body)
+                .send()
+                .await
+            {
                 Ok(r) if r.status().is_success() => return Ok(()),
                 // An expired URL: 403 from AWS, 400 "Date is too old" from Garage.
                 Ok(r) if r.status() == StatusCode::FORBIDDEN => return Err(Put::Expired),
@@ -243,9 +366,13 @@ impl Transfers {
                     if body.contains("too old") || body.to_lowercase().contains("expired") {
                         return Err(Put::Expired);
                     }
-                    return Err(Put::Failed(format!("the object store refused the request: {body}")));
+                    return Err(Put::Failed(format!(
+                        "the object store refused the request: {body}"
+                    )));
                 }
-                Ok(r) if !transient(r.status()) => return Err(Put::Failed(http_reason(r.status()))),
+                Ok(r) if !transient(r.status()) => {
+                    return Err(Put::Failed(http_reason(r.status())))
+                }
                 Ok(r) => last = http_reason(r.status()),
                 Err(e) => last = e.to_string(),
             }
@@ -255,7 +382,7 @@ impl Transfers {
 }
 
 #[derive(Debug, thiserror::Error)]
-enum Put {
+pub enum Put {
     #[error("the object store refused the URL (expired or not for this object)")]
     Expired,
     #[error("{0}")]
@@ -270,10 +397,17 @@ pub fn inside(root: &Path, rel: &str) -> Result<PathBuf, String> {
 
 /// The files below the declared output paths: (what the store is told, where it is).
 /// Symbolic links are never followed (they could point outside the workspace).
-fn collect(root: &Path, declared: &[String], required: bool) -> Result<Vec<(OutputFile, PathBuf)>, TransferError> {
+fn collect(
+    root: &Path,
+    declared: &[String],
+    required: bool,
+) -> Result<Vec<(OutputFile, PathBuf)>, TransferError> {
     let mut out = Vec::new();
     for d in declared {
-        let path = inside(root, d).map_err(|reason| TransferError::Output { path: d.clone(), reason })?;
+        let path = inside(root, d).map_err(|reason| TransferError::Output {
+            path: d.clone(),
+            reason,
+        })?;
         let meta = match std::fs::symlink_metadata(&path) {
             Ok(m) => m,
             Err(_) if required => return Err(TransferError::Missing(d.clone())),
@@ -282,15 +416,29 @@ fn collect(root: &Path, declared: &[String], required: bool) -> Result<Vec<(Outp
         let mut stack = vec![(path, d.trim_end_matches('/').to_owned(), meta)];
         while let Some((path, rel, meta)) = stack.pop() {
             if meta.is_dir() {
-                let entries = std::fs::read_dir(&path).map_err(|e| TransferError::Output { path: rel.clone(), reason: e.to_string() })?;
+                let entries = std::fs::read_dir(&path).map_err(|e| TransferError::Output {
+                    path: rel.clone(),
+                    reason: e.to_string(),
+                })?;
                 for entry in entries.flatten() {
                     let Ok(m) = entry.metadata() else { continue };
                     let name = entry.file_name().to_string_lossy().into_owned();
                     stack.push((entry.path(), format!("{rel}/{name}"), m));
                 }
             } else if meta.is_file() {
-                let (size, sha256) = hash(&path).map_err(|e| TransferError::Output { path: rel.clone(), reason: e.to_string() })?;
-                out.push((OutputFile { path: rel, size, sha256, upload_id: None }, path));
+                let (size, sha256) = hash(&path).map_err(|e| TransferError::Output {
+                    path: rel.clone(),
+                    reason: e.to_string(),
+                })?;
+                out.push((
+                    OutputFile {
+                        path: rel,
+                        size,
+                        sha256,
+                        upload_id: None,
+                    },
+                    path,
+                ));
             }
         }
     }
@@ -330,13 +478,22 @@ mod tests {
         std::fs::write(root.join("results/sub/b.txt"), b"beta")?;
         std::fs::write(root.join("model.bin"), b"m")?;
         std::os::unix::fs::symlink("/etc/passwd", root.join("results/link"))?;
-        let found = collect(root, &["results".into(), "model.bin".into()], true).map_err(std::io::Error::other)?;
+        let found = collect(root, &["results".into(), "model.bin".into()], true)
+            .map_err(std::io::Error::other)?;
         let paths: Vec<&str> = found.iter().map(|(f, _)| f.path.as_str()).collect();
-        assert_eq!(paths, vec!["model.bin", "results/a.txt", "results/sub/b.txt"]);
+        assert_eq!(
+            paths,
+            vec!["model.bin", "results/a.txt", "results/sub/b.txt"]
+        );
         assert_eq!(found[1].0.size, 5);
         assert_eq!(found[1].0.sha256, hex::encode(Sha256::digest(b"alpha")));
-        assert!(matches!(collect(root, &["nope".into()], true), Err(TransferError::Missing(_))));
-        assert!(collect(root, &["nope".into()], false).map(|f| f.is_empty()).unwrap_or(false));
+        assert!(matches!(
+            collect(root, &["nope".into()], true),
+            Err(TransferError::Missing(_))
+        ));
+        assert!(collect(root, &["nope".into()], false)
+            .map(|f| f.is_empty())
+            .unwrap_or(false));
         assert!(inside(root, "../x").is_err());
         Ok(())
     }

@@ -2,325 +2,130 @@
 //! nodes for two compute nodes, PostgreSQL, the main server, the agents and
 //! a real Docker engine (`DOCKER_HOST`, image `unidesk/busybox:base`).
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
 use futures::StreamExt;
 use serde_json::{json, Value};
 use ud_edge_agent::AgentConfig;
-use ud_gateway::server::{self, EdgeConfig, Running, ServerConfig};
-use ud_schemas::edge::{self, NodeToken};
+use ud_gateway::server::{self, EdgeConfig, ServerConfig};
+use ud_schemas::edge;
 use ud_schemas::NodeId;
-use ud_testkit::{NatsOptions, NatsServer, PgDatabase};
 
-const PLATFORM_PW: &str = "platform-secret";
-const AGENT_PW: &str = "agent-secret";
-const SYSTEM_PW: &str = "system-secret";
-const IMAGE: &str = "unidesk/busybox:base";
-
-struct Stack {
-    hub: NatsServer,
-    _pg: PgDatabase,
-    server: Running,
-    http: reqwest::Client,
-    base: String,
-    admin: String,
-    notices: async_nats::Subscriber,
-}
-
-struct Node {
-    id: NodeId,
-    token: NodeToken,
-    leaf: NatsServer,
-    agent: tokio::task::JoinHandle<()>,
-}
-
-fn initial_accounts() -> Result<String> {
-    let hash = bcrypt::hash(PLATFORM_PW, 4)?;
-    let system = ud_core::edge::hubconf::SystemUser { user: "sys".into(), password_hash: bcrypt::hash(SYSTEM_PW, 4)? };
-    Ok(ud_core::edge::hubconf::accounts_with_system("platform", &hash, &[], Some(&system)))
-}
-
-impl Stack {
-    async fn start(heartbeat_timeout: Duration) -> Result<Self> {
-        Self::start_with(heartbeat_timeout, Default::default(), Default::default()).await
-    }
-
-    async fn start_with(
-        heartbeat_timeout: Duration,
-        git_credentials: ud_core::edge::credentials::GitCredentials,
-        queues: ud_core::edge::scheduler::Queues,
-    ) -> Result<Self> {
-        Self::start_full(heartbeat_timeout, git_credentials, queues, None).await
-    }
-
-    async fn start_full(
-        heartbeat_timeout: Duration,
-        git_credentials: ud_core::edge::credentials::GitCredentials,
-        queues: ud_core::edge::scheduler::Queues,
-        storage: Option<ud_storage::Storage>,
-    ) -> Result<Self> {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("UD_LOG").unwrap_or_else(|_| "warn".into()))
-            .with_test_writer()
-            .try_init();
-        let hub = NatsServer::start_with(NatsOptions { hub: true, accounts: Some(initial_accounts()?), ..Default::default() }).await?;
-        let pg = PgDatabase::create().await?;
-        let nats_url = format!("nats://platform:{PLATFORM_PW}@127.0.0.1:{}", hub.port());
-        let server = server::start(ServerConfig {
-            nats_url: nats_url.clone(),
-            js_domain: None,
-            database_url: pg.url.clone(),
-            listen: "127.0.0.1:0".into(),
-            replicas: 1,
-            run_projectors: true,
-            storage,
-            edge: Some(EdgeConfig {
-                hub: Some(ud_core::edge::hub::HubSettings {
-                    accounts_file: hub.accounts_file(),
-                    pid_file: Some(hub.pid_file()),
-                    platform_user: "platform".into(),
-                    platform_password: PLATFORM_PW.into(),
-                    system_user: Some(("sys".into(), SYSTEM_PW.into())),
-                    hub_addr: format!("127.0.0.1:{}", hub.port()),
-                    replicas: 1,
-                }),
-                controller: ud_core::edge::scheduler::ControllerSettings {
-                    heartbeat_timeout,
-                    check_interval: Duration::from_millis(100),
-                    cancel_grace_seconds: 1,
-                    placement: Default::default(),
-                queues,
-                },
-                git_credentials,
-            }),
-        })
-        .await?;
-        let store = server.state.commands.store().clone();
-        let notices = store.client().subscribe("ud.sys.projected.>").await?;
-        let issued = ud_core::commands::issue_token(&store, "admin", &[], true, "test").await.map_err(|e| anyhow!("{e}"))?;
-        server.state.projected.wait(ud_schemas::streams::AUTH, issued.seq, Duration::from_secs(10)).await;
-        let base = format!("http://{}", server.addr);
-        Ok(Self { hub, _pg: pg, server, http: reqwest::Client::new(), base, admin: issued.secret, notices })
-    }
-
-    async fn get(&self, path: &str) -> Result<Value> {
-        Ok(self.http.get(format!("{}{path}", self.base)).bearer_auth(&self.admin).send().await?.json().await?)
-    }
-
-    async fn post(&self, path: &str, body: Value) -> Result<Value> {
-        let resp = self.http.post(format!("{}{path}", self.base)).bearer_auth(&self.admin).json(&body).send().await?;
-        let status = resp.status();
-        let text = resp.text().await?;
-        if !status.is_success() {
-            bail!("{path}: {status} {text}");
-        }
-        Ok(if text.is_empty() { Value::Null } else { serde_json::from_str(&text)? })
-    }
-
-    /// Re-checks `check` whenever a projector commits, until it holds.
-    async fn until<F, Fut>(&mut self, what: &str, timeout: Duration, mut check: F) -> Result<Value>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<Option<Value>>>,
-    {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            if let Some(v) = check().await? {
-                return Ok(v);
-            }
-            match tokio::time::timeout_at(deadline, self.notices.next()).await {
-                Ok(Some(_)) => {}
-                _ => bail!("timed out waiting for {what}"),
-            }
-        }
-    }
-
-    async fn node_status(&mut self, id: NodeId, status: &'static str, timeout: Duration) -> Result<Value> {
-        let (http, base, admin) = (self.http.clone(), self.base.clone(), self.admin.clone());
-        self.until(&format!("node {id} {status}"), timeout, move || {
-            let (http, base, admin) = (http.clone(), base.clone(), admin.clone());
-            async move {
-                let v: Value = http.get(format!("{base}/api/v1/nodes/{id}")).bearer_auth(&admin).send().await?.json().await?;
-                // Online also means its registration is in.
-                let registered = status != "online" || !v["registered_at"].is_null();
-                Ok((v["status"] == status && registered).then_some(v))
-            }
-        })
-        .await
-    }
-
-    async fn task_state(&mut self, id: &str, states: &'static [&'static str], timeout: Duration) -> Result<Value> {
-        self.task_until(id, &format!("task {id} in {states:?}"), timeout, move |v| v["state"].as_str().is_some_and(|s| states.contains(&s)))
-            .await
-    }
-
-    /// Submits `script`, waits for it to end and fails unless it succeeded.
-    async fn runs_ok(&mut self, script: &str, timeout_seconds: u64, wait: Duration) -> Result<Value> {
-        let id = self.submit(script, timeout_seconds).await?;
-        let done = self.task_state(&id, &["succeeded", "failed", "timed_out", "cancelled"], wait).await?;
-        if done["state"] != "succeeded" {
-            bail!("{script:?} did not succeed: {done}");
-        }
-        Ok(done)
-    }
-
-    /// Re-reads task `id` whenever a projector commits, until `check` holds for it.
-    async fn task_until<C>(&mut self, id: &str, what: &str, timeout: Duration, check: C) -> Result<Value>
-    where
-        C: Fn(&Value) -> bool + Clone,
-    {
-        let (http, base, admin, id) = (self.http.clone(), self.base.clone(), self.admin.clone(), id.to_owned());
-        self.until(what, timeout, move || {
-            let (http, base, admin, id, check) = (http.clone(), base.clone(), admin.clone(), id.clone(), check.clone());
-            async move {
-                let v: Value = http.get(format!("{base}/api/v1/tasks/{id}")).bearer_auth(&admin).send().await?.json().await?;
-                Ok(check(&v).then_some(v))
-            }
-        })
-        .await
-    }
-
-    async fn enroll(&self, name: &str) -> Result<NodeToken> {
-        let v = self.post("/api/v1/nodes", json!({"name": name, "labels": {"zone": name}})).await?;
-        NodeToken::parse(v["token"].as_str().unwrap_or_default()).map_err(|e| anyhow!(e))
-    }
-
-    /// Enrols a node, starts its leaf server and agent, and waits until it is online.
-    async fn online_node(&mut self, name: &str) -> Result<Node> {
-        let node = self.join(name, self.enroll(name).await?, Duration::from_millis(500)).await?;
-        self.node_status(node.id, "online", Duration::from_secs(30)).await?;
-        Ok(node)
-    }
-
-    async fn join(&self, name: &str, token: NodeToken, heartbeat: Duration) -> Result<Node> {
-        self.join_via(name, token, heartbeat, self.hub.leaf_port()).await
-    }
-
-    /// The node's leaf nats-server, linked to the hub through `hub_leaf_port`.
-    async fn leaf(&self, token: &NodeToken, hub_leaf_port: u16) -> Result<NatsServer> {
-        NatsServer::start_with(NatsOptions {
-            sync_always: false,
-            domain: edge::domain(&token.node_id),
-            extra: edge::leaf_link_config(token, "127.0.0.1", hub_leaf_port, AGENT_PW),
-            ..Default::default()
-        })
-        .await
-    }
-
-    async fn join_via(&self, name: &str, token: NodeToken, heartbeat: Duration, hub_leaf_port: u16) -> Result<Node> {
-        let leaf = self.leaf(&token, hub_leaf_port).await?;
-        let agent = spawn_agent(&leaf, &token, name, heartbeat);
-        Ok(Node { id: token.node_id, token, leaf, agent })
-    }
-
-    async fn submit_body(&self, body: Value) -> Result<String> {
-        Ok(self.post("/api/v1/tasks", body).await?["task_id"].as_str().unwrap_or_default().to_owned())
-    }
-
-    async fn submit(&self, script: &str, timeout_seconds: u64) -> Result<String> {
-        let mut body = task_body("lab", script, json!({"cpus": 0.5, "memory_mb": 64}));
-        body["timeout_seconds"] = json!(timeout_seconds);
-        self.submit_body(body).await
-    }
-}
-
-/// A task of `project` running `sh -c script` (in the base image the test agents use).
-fn task_body(project: &str, script: &str, resources: Value) -> Value {
-    json!({
-        "project": project, "code_repo_url": "https://git.example.org/c.git",
-        "code_commit_id": "0123456789abcdef0123456789abcdef01234567",
-        "env_repo_url": "https://git.example.org/e.git", "env_commit_id": "0123456789abcdef0123456789abcdef01234567",
-        "dockerfile_path": "Dockerfile", "command": ["sh", "-c", script], "resources": resources
-    })
-}
-
-/// An agent on `leaf` that runs every task in the base image.
-fn agent_config(leaf: &NatsServer, token: &NodeToken, name: &str, heartbeat: Duration) -> AgentConfig {
-    AgentConfig {
-        leaf_url: format!("nats://agent:{AGENT_PW}@127.0.0.1:{}", leaf.port()),
-        node_id: token.node_id,
-        name: name.to_owned(),
-        labels: BTreeMap::from([("zone".to_owned(), name.to_owned())]),
-        heartbeat_interval: heartbeat,
-        image: Some(IMAGE.into()),
-        work_dir: std::env::temp_dir().join(format!("ud-edge-{}", token.node_id)),
-        build_timeout: Duration::from_secs(600),
-        min_free_disk_mb: 0,
-        cache_limit_mb: 1 << 20,
-        docker_host: std::env::var("DOCKER_HOST").ok(),
-    }
-}
-
-fn spawn_agent(leaf: &NatsServer, token: &NodeToken, name: &str, heartbeat: Duration) -> tokio::task::JoinHandle<()> {
-    run_agent(agent_config(leaf, token, name, heartbeat))
-}
-
-fn run_agent(cfg: AgentConfig) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        if let Err(e) = ud_edge_agent::run(cfg).await {
-            eprintln!("agent stopped: {e}");
-        }
-    })
-}
-
-async fn logs(s: &Stack, id: &str) -> Result<String> {
-    let page = s.get(&format!("/api/v1/tasks/{id}/logs")).await?;
-    Ok(page["lines"].as_array().into_iter().flatten().filter_map(|l| l["text"].as_str()).collect())
-}
+use common::*;
 
 #[tokio::test]
 async fn nodes_join_run_tasks_in_docker_and_go_offline() -> Result<()> {
     let mut s = Stack::start(Duration::from_secs(3)).await?;
     let token = s.enroll("alpha").await?;
     let alpha = s.join("alpha", token, Duration::from_millis(500)).await?;
-    let node = s.node_status(alpha.id, "online", Duration::from_secs(30)).await?;
+    let node = s
+        .node_status(alpha.id, "online", Duration::from_secs(30))
+        .await?;
     assert_eq!(node["name"], "alpha");
-    assert!(node["resources"]["cpu_millis"].as_u64().is_some_and(|c| c >= 1000), "{node}");
-    assert!(node["resources"]["memory_mb"].as_u64().is_some_and(|m| m > 0));
+    assert!(
+        node["resources"]["cpu_millis"]
+            .as_u64()
+            .is_some_and(|c| c >= 1000),
+        "{node}"
+    );
+    assert!(node["resources"]["memory_mb"]
+        .as_u64()
+        .is_some_and(|m| m > 0));
     assert_eq!(node["resources"]["os"], "linux");
     assert!(node["resources"]["docker_version"].is_string());
 
     // A task runs in a container; its output is kept.
-    let done = s.runs_ok("echo hello from the node; echo careful >&2", 60, Duration::from_secs(60)).await?;
+    let done = s
+        .runs_ok(
+            "echo hello from the node; echo careful >&2",
+            60,
+            Duration::from_secs(60),
+        )
+        .await?;
     let ok = done["id"].as_str().unwrap_or_default().to_owned();
     assert_eq!(done["exit_code"], 0);
     assert_eq!(done["node_id"], alpha.id.to_string());
     let out = logs(&s, &ok).await?;
-    assert!(out.contains("hello from the node") && out.contains("careful"), "{out:?}");
+    assert!(
+        out.contains("hello from the node") && out.contains("careful"),
+        "{out:?}"
+    );
     let history = s.get(&format!("/api/v1/tasks/{ok}/events")).await?;
-    let types: Vec<&str> = history.as_array().into_iter().flatten().filter_map(|e| e["type"].as_str()).collect();
-    assert_eq!(types, vec!["task.submitted", "task.assigned", "task.prepared", "task.started", "task.succeeded"]);
+    let types: Vec<&str> = history
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["type"].as_str())
+        .collect();
+    assert_eq!(
+        types,
+        vec![
+            "task.submitted",
+            "task.assigned",
+            "task.prepared",
+            "task.started",
+            "task.succeeded"
+        ]
+    );
 
     // A failing command ends failed with its exit code.
     let bad = s.submit("exit 3", 60).await?;
-    let done = s.task_state(&bad, &["succeeded", "failed"], Duration::from_secs(60)).await?;
+    let done = s
+        .task_state(&bad, &["succeeded", "failed"], Duration::from_secs(60))
+        .await?;
     assert_eq!(done["state"], "failed");
     assert_eq!(done["exit_code"], 3);
 
     // Cancel stops the container.
     let long = s.submit("echo started; sleep 300", 600).await?;
-    s.task_state(&long, &["running"], Duration::from_secs(60)).await?;
-    s.post(&format!("/api/v1/tasks/{long}/cancel"), json!({"reason": "enough"})).await?;
-    let done = s.task_state(&long, &["cancelled"], Duration::from_secs(60)).await?;
+    s.task_state(&long, &["running"], Duration::from_secs(60))
+        .await?;
+    s.post(
+        &format!("/api/v1/tasks/{long}/cancel"),
+        json!({"reason": "enough"}),
+    )
+    .await?;
+    let done = s
+        .task_state(&long, &["cancelled"], Duration::from_secs(60))
+        .await?;
     assert_eq!(done["reason"], "enough");
 
     // A timeout does the same.
     let slow = s.submit("sleep 300", 2).await?;
-    let done = s.task_state(&slow, &["timed_out", "failed"], Duration::from_secs(60)).await?;
+    let done = s
+        .task_state(&slow, &["timed_out", "failed"], Duration::from_secs(60))
+        .await?;
     assert_eq!(done["state"], "timed_out", "{done}");
     assert_eq!(done["reason"], "timed out after 2 s");
 
     // Silence: offline after the timeout, exactly once; back with the next heartbeat.
     alpha.agent.abort();
     let _ = alpha.agent.await;
-    s.node_status(alpha.id, "offline", Duration::from_secs(30)).await?;
-    let offline = s.server.state.commands.store().read_subject(ud_schemas::streams::NODES, &format!("ud.node.{}.offline", alpha.id)).await?;
+    s.node_status(alpha.id, "offline", Duration::from_secs(30))
+        .await?;
+    let offline = s
+        .server
+        .state
+        .commands
+        .store()
+        .read_subject(
+            ud_schemas::streams::NODES,
+            &format!("ud.node.{}.offline", alpha.id),
+        )
+        .await?;
     assert_eq!(offline.len(), 1);
-    let agent = spawn_agent(&alpha.leaf, &alpha.token, "alpha", Duration::from_millis(500));
-    s.node_status(alpha.id, "online", Duration::from_secs(30)).await?;
+    let agent = spawn_agent(
+        &alpha.leaf,
+        &alpha.token,
+        "alpha",
+        Duration::from_millis(500),
+    );
+    s.node_status(alpha.id, "online", Duration::from_secs(30))
+        .await?;
     agent.abort();
     Ok(())
 }
@@ -332,20 +137,29 @@ async fn a_node_cannot_act_for_another() -> Result<()> {
     let tb = s.enroll("beta").await?;
     let a = s.join("alpha", ta, Duration::from_millis(500)).await?;
     let b = s.join("beta", tb, Duration::from_millis(500)).await?;
-    s.node_status(a.id, "online", Duration::from_secs(30)).await?;
-    s.node_status(b.id, "online", Duration::from_secs(30)).await?;
+    s.node_status(a.id, "online", Duration::from_secs(30))
+        .await?;
+    s.node_status(b.id, "online", Duration::from_secs(30))
+        .await?;
 
     // A client on node A's leaf, as A's agent is.
-    let client = async_nats::ConnectOptions::with_user_and_password("agent".into(), AGENT_PW.into())
-        .custom_inbox_prefix(edge::inbox_prefix(&a.id))
-        .connect(format!("127.0.0.1:{}", a.leaf.port()))
-        .await?;
+    let client =
+        async_nats::ConnectOptions::with_user_and_password("agent".into(), AGENT_PW.into())
+            .custom_inbox_prefix(edge::inbox_prefix(&a.id))
+            .connect(format!("127.0.0.1:{}", a.leaf.port()))
+            .await?;
     let hub = async_nats::jetstream::with_domain(client.clone(), "hub");
     // B's dispatches, the streams and the JetStream admin API are out of reach.
     let short = Duration::from_secs(2);
     for subject in [
-        format!("$JS.hub.API.CONSUMER.MSG.NEXT.UD_DISPATCH.{}", edge::dispatch_consumer(&b.id)),
-        format!("$JS.hub.API.CONSUMER.INFO.UD_DISPATCH.{}", edge::dispatch_consumer(&b.id)),
+        format!(
+            "$JS.hub.API.CONSUMER.MSG.NEXT.UD_DISPATCH.{}",
+            edge::dispatch_consumer(&b.id)
+        ),
+        format!(
+            "$JS.hub.API.CONSUMER.INFO.UD_DISPATCH.{}",
+            edge::dispatch_consumer(&b.id)
+        ),
         "$JS.hub.API.STREAM.LIST".to_owned(),
         "$JS.hub.API.STREAM.INFO.UD_TASKS".to_owned(),
         "$JS.hub.API.STREAM.MSG.GET.UD_TASKS".to_owned(),
@@ -354,15 +168,23 @@ async fn a_node_cannot_act_for_another() -> Result<()> {
         assert!(!matches!(r, Ok(Ok(_))), "{subject} answered");
     }
     // Its own consumer works.
-    let own: Result<async_nats::jetstream::consumer::PullConsumer, _> = hub.get_consumer_from_stream(edge::dispatch_consumer(&a.id), edge::DISPATCH).await;
+    let own: Result<async_nats::jetstream::consumer::PullConsumer, _> = hub
+        .get_consumer_from_stream(edge::dispatch_consumer(&a.id), edge::DISPATCH)
+        .await;
     assert!(own.is_ok());
     let mut spy = client.subscribe(format!("ud.dispatch.{}.>", b.id)).await?;
 
     // A long task lands on one of them; find who runs it.
     let task = s.submit("sleep 300", 600).await?;
-    let running = s.task_state(&task, &["running"], Duration::from_secs(60)).await?;
+    let running = s
+        .task_state(&task, &["running"], Duration::from_secs(60))
+        .await?;
     let runner: NodeId = running["node_id"].as_str().unwrap_or_default().parse()?;
-    let (liar, liar_leaf) = if runner == a.id { (b.id, &b.leaf) } else { (a.id, &a.leaf) };
+    let (liar, liar_leaf) = if runner == a.id {
+        (b.id, &b.leaf)
+    } else {
+        (a.id, &a.leaf)
+    };
     if runner == b.id {
         let got = tokio::time::timeout(Duration::from_millis(500), spy.next()).await;
         assert!(got.is_err(), "node A saw B's dispatch");
@@ -370,31 +192,88 @@ async fn a_node_cannot_act_for_another() -> Result<()> {
 
     // The other node, which controls its own leaf, writes forged events into
     // its own stream: the task's success, and a heartbeat in the runner's name.
-    let liar_client = async_nats::ConnectOptions::with_user_and_password("agent".into(), AGENT_PW.into())
-        .connect(format!("127.0.0.1:{}", liar_leaf.port()))
-        .await?;
+    let liar_client =
+        async_nats::ConnectOptions::with_user_and_password("agent".into(), AGENT_PW.into())
+            .connect(format!("127.0.0.1:{}", liar_leaf.port()))
+            .await?;
     let local = async_nats::jetstream::with_domain(liar_client.clone(), edge::domain(&liar));
-    let mut cfg = local.get_stream(edge::stream(&liar)).await?.info().await?.config.clone();
+    let mut cfg = local
+        .get_stream(edge::stream(&liar))
+        .await?
+        .info()
+        .await?
+        .config
+        .clone();
     cfg.subjects.push(format!("ud.edge.{runner}.>"));
     local.update_stream(&cfg).await?;
     let task_id: ud_schemas::TaskId = task.parse()?;
-    let forged = ud_schemas::Event::Task(task_id, ud_schemas::TaskEvent::Succeeded(ud_schemas::events::TaskSucceeded { at: 1, exit_code: 0 }));
-    let (h, p) = ud_schemas::codec::encode_message(&forged, &ud_schemas::codec::EventMeta::new("liar"))?;
-    local.publish_with_headers(edge::edge_subject(&liar, &forged.subject()).unwrap_or_default(), h, p.into()).await?.await?;
-    let beat = ud_schemas::Event::Node(runner, ud_schemas::NodeEvent::Heartbeat(ud_schemas::events::NodeHeartbeat { at: 1, running_tasks: 99, disk_free_mb: None, low_disk: false }));
-    let (h, p) = ud_schemas::codec::encode_message(&beat, &ud_schemas::codec::EventMeta::new("liar"))?;
-    local.publish_with_headers(edge::edge_subject(&runner, &beat.subject()).unwrap_or_default(), h, p.into()).await?.await?;
+    let forged = ud_schemas::Event::Task(
+        task_id,
+        ud_schemas::TaskEvent::Succeeded(ud_schemas::events::TaskSucceeded {
+            at: 1,
+            exit_code: 0,
+        }),
+    );
+    let (h, p) =
+        ud_schemas::codec::encode_message(&forged, &ud_schemas::codec::EventMeta::new("liar"))?;
+    local
+        .publish_with_headers(
+            edge::edge_subject(&liar, &forged.subject()).unwrap_or_default(),
+            h,
+            p.into(),
+        )
+        .await?
+        .await?;
+    let beat = ud_schemas::Event::Node(
+        runner,
+        ud_schemas::NodeEvent::Heartbeat(ud_schemas::events::NodeHeartbeat {
+            at: 1,
+            running_tasks: 99,
+            disk_free_mb: None,
+            low_disk: false,
+        }),
+    );
+    let (h, p) =
+        ud_schemas::codec::encode_message(&beat, &ud_schemas::codec::EventMeta::new("liar"))?;
+    local
+        .publish_with_headers(
+            edge::edge_subject(&runner, &beat.subject()).unwrap_or_default(),
+            h,
+            p.into(),
+        )
+        .await?
+        .await?;
     // A marker from the liar after the forgeries: once it is in, they were handled.
-    let marker = ud_schemas::Event::Node(liar, ud_schemas::NodeEvent::Registered(ud_schemas::events::NodeRegistered {
-        at: 2, name: "liar-marker".into(), labels: BTreeMap::new(), resources: Default::default(),
-    }));
-    let (h, p) = ud_schemas::codec::encode_message(&marker, &ud_schemas::codec::EventMeta::new("liar"))?;
-    local.publish_with_headers(edge::edge_subject(&liar, &marker.subject()).unwrap_or_default(), h, p.into()).await?.await?;
+    let marker = ud_schemas::Event::Node(
+        liar,
+        ud_schemas::NodeEvent::Registered(ud_schemas::events::NodeRegistered {
+            at: 2,
+            name: "liar-marker".into(),
+            labels: BTreeMap::new(),
+            resources: Default::default(),
+        }),
+    );
+    let (h, p) =
+        ud_schemas::codec::encode_message(&marker, &ud_schemas::codec::EventMeta::new("liar"))?;
+    local
+        .publish_with_headers(
+            edge::edge_subject(&liar, &marker.subject()).unwrap_or_default(),
+            h,
+            p.into(),
+        )
+        .await?
+        .await?;
     let (http, base, admin) = (s.http.clone(), s.base.clone(), s.admin.clone());
     s.until("the marker", Duration::from_secs(30), move || {
         let (http, base, admin) = (http.clone(), base.clone(), admin.clone());
         async move {
-            let v: Value = http.get(format!("{base}/api/v1/nodes/{liar}")).bearer_auth(&admin).send().await?.json().await?;
+            let v: Value = http
+                .get(format!("{base}/api/v1/nodes/{liar}"))
+                .bearer_auth(&admin)
+                .send()
+                .await?
+                .json()
+                .await?;
             Ok((v["name"] == "liar-marker").then_some(v))
         }
     })
@@ -407,10 +286,17 @@ async fn a_node_cannot_act_for_another() -> Result<()> {
     // Revocation closes the node's link and it cannot come back.
     let leafz = |s: &Stack| {
         let url = format!("{}/leafz", s.hub.monitor_url());
-        async move { Ok::<u64, anyhow::Error>(reqwest::get(url).await?.json::<Value>().await?["leafnodes"].as_u64().unwrap_or(0)) }
+        async move {
+            Ok::<u64, anyhow::Error>(
+                reqwest::get(url).await?.json::<Value>().await?["leafnodes"]
+                    .as_u64()
+                    .unwrap_or(0),
+            )
+        }
     };
     assert_eq!(leafz(&s).await?, 2);
-    s.post(&format!("/api/v1/nodes/{liar}/revoke"), json!({})).await?;
+    s.post(&format!("/api/v1/nodes/{liar}/revoke"), json!({}))
+        .await?;
     let mut gone = false;
     for _ in 0..100 {
         if leafz(&s).await? == 1 {
@@ -430,16 +316,24 @@ async fn a_node_keeps_working_while_its_link_is_down_and_catches_up() -> Result<
     let mut s = Stack::start(Duration::from_secs(60)).await?;
     let token = s.enroll("gamma").await?;
     let link = ud_testkit::Relay::start(s.hub.leaf_port()).await?;
-    let node = s.join_via("gamma", token, Duration::from_millis(500), link.port()).await?;
-    s.node_status(node.id, "online", Duration::from_secs(30)).await?;
+    let node = s
+        .join_via("gamma", token, Duration::from_millis(500), link.port())
+        .await?;
+    s.node_status(node.id, "online", Duration::from_secs(30))
+        .await?;
 
     // Watch the node's own stream for the task's end, from the node's side.
     let local = async_nats::ConnectOptions::with_user_and_password("agent".into(), AGENT_PW.into())
         .connect(format!("127.0.0.1:{}", node.leaf.port()))
         .await?;
-    let task = s.submit("echo before the cut; sleep 2; echo after the cut", 120).await?;
-    let mut ended = local.subscribe(format!("ud.edge.{}.task.{task}.*", node.id)).await?;
-    s.task_state(&task, &["running"], Duration::from_secs(60)).await?;
+    let task = s
+        .submit("echo before the cut; sleep 2; echo after the cut", 120)
+        .await?;
+    let mut ended = local
+        .subscribe(format!("ud.edge.{}.task.{task}.*", node.id))
+        .await?;
+    s.task_state(&task, &["running"], Duration::from_secs(60))
+        .await?;
     link.cut();
     // The task finishes while the hub cannot hear of it.
     let end = tokio::time::timeout(Duration::from_secs(60), async {
@@ -454,15 +348,37 @@ async fn a_node_keeps_working_while_its_link_is_down_and_catches_up() -> Result<
     .ok_or_else(|| anyhow!("no end"))?;
     assert!(end.ends_with(".succeeded"), "{end}");
     let t = s.get(&format!("/api/v1/tasks/{task}")).await?;
-    assert_eq!(t["state"], "running", "the hub heard of the end through a cut link");
+    assert_eq!(
+        t["state"], "running",
+        "the hub heard of the end through a cut link"
+    );
     link.restore();
-    let done = s.task_state(&task, &["succeeded"], Duration::from_secs(60)).await?;
+    let done = s
+        .task_state(&task, &["succeeded"], Duration::from_secs(60))
+        .await?;
     assert_eq!(done["exit_code"], 0);
     let history = s.get(&format!("/api/v1/tasks/{task}/events")).await?;
-    let types: Vec<&str> = history.as_array().into_iter().flatten().filter_map(|e| e["type"].as_str()).collect();
-    assert_eq!(types, vec!["task.submitted", "task.assigned", "task.prepared", "task.started", "task.succeeded"]);
+    let types: Vec<&str> = history
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["type"].as_str())
+        .collect();
+    assert_eq!(
+        types,
+        vec![
+            "task.submitted",
+            "task.assigned",
+            "task.prepared",
+            "task.started",
+            "task.succeeded"
+        ]
+    );
     let out = logs(&s, &task).await?;
-    assert!(out.contains("before the cut") && out.contains("after the cut"), "{out:?}");
+    assert!(
+        out.contains("before the cut") && out.contains("after the cut"),
+        "{out:?}"
+    );
     node.agent.abort();
     Ok(())
 }
@@ -472,29 +388,67 @@ async fn a_dispatch_that_went_stale_while_the_node_was_away_is_never_run() -> Re
     let mut s = Stack::start(Duration::from_secs(60)).await?;
     let token = s.enroll("delta").await?;
     let link = ud_testkit::Relay::start(s.hub.leaf_port()).await?;
-    let node = s.join_via("delta", token, Duration::from_millis(500), link.port()).await?;
-    s.node_status(node.id, "online", Duration::from_secs(30)).await?;
+    let node = s
+        .join_via("delta", token, Duration::from_millis(500), link.port())
+        .await?;
+    s.node_status(node.id, "online", Duration::from_secs(30))
+        .await?;
     link.cut();
     // Assigned while the node is away: the dispatch waits in its consumer.
     let task = s.submit("echo this-must-not-run", 120).await?;
-    s.task_state(&task, &["assigned"], Duration::from_secs(30)).await?;
+    s.task_state(&task, &["assigned"], Duration::from_secs(30))
+        .await?;
     // Meanwhile the assignment stops being current.
-    s.post(&format!("/api/v1/tasks/{task}/cancel"), json!({"reason": "changed my mind"})).await?;
-    s.task_state(&task, &["cancelling"], Duration::from_secs(30)).await?;
+    s.post(
+        &format!("/api/v1/tasks/{task}/cancel"),
+        json!({"reason": "changed my mind"}),
+    )
+    .await?;
+    s.task_state(&task, &["cancelling"], Duration::from_secs(30))
+        .await?;
     link.restore();
-    let done = s.task_state(&task, &["cancelled", "succeeded", "failed"], Duration::from_secs(60)).await?;
+    let done = s
+        .task_state(
+            &task,
+            &["cancelled", "succeeded", "failed"],
+            Duration::from_secs(60),
+        )
+        .await?;
     assert_eq!(done["state"], "cancelled", "{done}");
     let history = s.get(&format!("/api/v1/tasks/{task}/events")).await?;
-    let types: Vec<&str> = history.as_array().into_iter().flatten().filter_map(|e| e["type"].as_str()).collect();
-    assert_eq!(types, vec!["task.submitted", "task.assigned", "task.cancel_requested", "task.cancelled"]);
+    let types: Vec<&str> = history
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["type"].as_str())
+        .collect();
+    assert_eq!(
+        types,
+        vec![
+            "task.submitted",
+            "task.assigned",
+            "task.cancel_requested",
+            "task.cancelled"
+        ]
+    );
     assert!(!logs(&s, &task).await?.contains("this-must-not-run"));
     // No container was ever made for it.
     let docker = bollard::Docker::connect_with_local_defaults()?;
-    let filters = std::collections::HashMap::from([("label".to_owned(), vec![format!("{}={task}", ud_edge_agent::docker::LABEL_TASK)])]);
+    let filters = std::collections::HashMap::from([(
+        "label".to_owned(),
+        vec![format!("{}={task}", ud_edge_agent::docker::LABEL_TASK)],
+    )]);
     let made = docker
-        .list_containers(Some(bollard::query_parameters::ListContainersOptions { all: true, filters: Some(filters), ..Default::default() }))
+        .list_containers(Some(bollard::query_parameters::ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        }))
         .await?;
-    assert!(made.is_empty(), "a container was made for a stale dispatch: {made:?}");
+    assert!(
+        made.is_empty(),
+        "a container was made for a stale dispatch: {made:?}"
+    );
     // The node goes on taking work.
     s.runs_ok("echo next", 60, Duration::from_secs(60)).await?;
     node.agent.abort();
@@ -505,45 +459,108 @@ async fn a_dispatch_that_went_stale_while_the_node_was_away_is_never_run() -> Re
 async fn cordoned_and_draining_nodes_take_no_new_tasks_until_resumed() -> Result<()> {
     let mut s = Stack::start(Duration::from_secs(60)).await?;
     let a = s.online_node("zeta").await?;
-    let long = s.submit("sleep 2; echo finished-while-draining", 60).await?;
-    s.task_state(&long, &["running"], Duration::from_secs(60)).await?;
-    let v = s.post(&format!("/api/v1/nodes/{}/drain", a.id), json!({"reason": "disk swap"})).await?;
+    let long = s
+        .submit("sleep 2; echo finished-while-draining", 60)
+        .await?;
+    s.task_state(&long, &["running"], Duration::from_secs(60))
+        .await?;
+    let v = s
+        .post(
+            &format!("/api/v1/nodes/{}/drain", a.id),
+            json!({"reason": "disk swap"}),
+        )
+        .await?;
     assert_eq!(v["scheduling"], "draining", "{v}");
     // A second node joins; the draining one takes nothing new.
     let b = s.online_node("eta").await?;
     let second = s.submit("echo on-the-active-node", 60).await?;
-    let done = s.task_state(&second, &["succeeded", "failed"], Duration::from_secs(60)).await?;
+    let done = s
+        .task_state(&second, &["succeeded", "failed"], Duration::from_secs(60))
+        .await?;
     assert_eq!(done["node_id"], b.id.to_string(), "{done}");
     // The running task finished where it was.
-    let done = s.task_state(&long, &["succeeded", "failed"], Duration::from_secs(60)).await?;
-    assert_eq!((done["state"].as_str(), done["node_id"].as_str()), (Some("succeeded"), Some(a.id.to_string().as_str())));
+    let done = s
+        .task_state(&long, &["succeeded", "failed"], Duration::from_secs(60))
+        .await?;
+    assert_eq!(
+        (done["state"].as_str(), done["node_id"].as_str()),
+        (Some("succeeded"), Some(a.id.to_string().as_str()))
+    );
     // Both out of service: a task waits; resuming the first places it there.
-    let v = s.post(&format!("/api/v1/nodes/{}/cordon", b.id), json!({})).await?;
+    let v = s
+        .post(&format!("/api/v1/nodes/{}/cordon", b.id), json!({}))
+        .await?;
     assert_eq!(v["scheduling"], "cordoned");
     let third = s.submit("echo after-resume", 60).await?;
     // It says why it waits.
     let waiting = s
         .task_until(&third, "the waiting reason", Duration::from_secs(30), |v| {
-            v["waiting_reason"].as_str().is_some_and(|r| r.contains("cordoned 1") && r.contains("draining 1"))
+            v["waiting_reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("cordoned 1") && r.contains("draining 1"))
         })
         .await?;
     assert_eq!(waiting["state"], "pending", "{waiting}");
     // A request no enrolled node could ever meet fails at once, saying so.
-    let impossible = s.submit_body(task_body("lab", "true", json!({"cpus": 0.5, "memory_mb": 64, "gpus": 64}))).await?;
-    let done = s.task_state(&impossible, &["failed"], Duration::from_secs(30)).await?;
-    assert!(done["reason"].as_str().is_some_and(|r| r.contains("no enrolled node could ever run it") && r.contains("64 GPUs")), "{done}");
-    let v = s.post(&format!("/api/v1/nodes/{}/resume", a.id), json!({"reason": "disk replaced"})).await?;
+    let impossible = s
+        .submit_body(task_body(
+            "lab",
+            "true",
+            json!({"cpus": 0.5, "memory_mb": 64, "gpus": 64}),
+        ))
+        .await?;
+    let done = s
+        .task_state(&impossible, &["failed"], Duration::from_secs(30))
+        .await?;
+    assert!(
+        done["reason"].as_str().is_some_and(
+            |r| r.contains("no enrolled node could ever run it") && r.contains("64 GPUs")
+        ),
+        "{done}"
+    );
+    let v = s
+        .post(
+            &format!("/api/v1/nodes/{}/resume", a.id),
+            json!({"reason": "disk replaced"}),
+        )
+        .await?;
     assert_eq!(v["scheduling"], "active");
-    let done = s.task_state(&third, &["succeeded", "failed"], Duration::from_secs(60)).await?;
-    assert_eq!(done["node_id"], a.id.to_string(), "a cordoned node took a task: {done}");
+    let done = s
+        .task_state(&third, &["succeeded", "failed"], Duration::from_secs(60))
+        .await?;
+    assert_eq!(
+        done["node_id"],
+        a.id.to_string(),
+        "a cordoned node took a task: {done}"
+    );
     assert!(done["waiting_reason"].is_null(), "{done}");
     let history = s.get(&format!("/api/v1/tasks/{third}/events")).await?;
-    let types: Vec<&str> = history.as_array().into_iter().flatten().filter_map(|e| e["type"].as_str()).collect();
-    assert_eq!(&types[..3], ["task.submitted", "task.waiting", "task.assigned"], "{types:?}");
+    let types: Vec<&str> = history
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["type"].as_str())
+        .collect();
+    assert_eq!(
+        &types[..3],
+        ["task.submitted", "task.waiting", "task.assigned"],
+        "{types:?}"
+    );
     // Unknown nodes and bodies are clear errors.
-    let resp = s.http.post(format!("{}/api/v1/nodes/{}/cordon", s.base, NodeId::new())).bearer_auth(&s.admin).send().await?;
+    let resp = s
+        .http
+        .post(format!("{}/api/v1/nodes/{}/cordon", s.base, NodeId::new()))
+        .bearer_auth(&s.admin)
+        .send()
+        .await?;
     assert_eq!(resp.status(), reqwest::StatusCode::NOT_FOUND);
-    let resp = s.http.post(format!("{}/api/v1/nodes/{}/drain", s.base, a.id)).bearer_auth(&s.admin).json(&json!({"why": 1})).send().await?;
+    let resp = s
+        .http
+        .post(format!("{}/api/v1/nodes/{}/drain", s.base, a.id))
+        .bearer_auth(&s.admin)
+        .json(&json!({"why": 1}))
+        .send()
+        .await?;
     assert_eq!(resp.status(), reqwest::StatusCode::BAD_REQUEST);
     a.agent.abort();
     b.agent.abort();
@@ -555,31 +572,71 @@ async fn a_task_lost_with_its_node_runs_elsewhere_and_the_lost_run_is_stopped() 
     let mut s = Stack::start(Duration::from_secs(3)).await?;
     let a = s.online_node("theta").await?;
     let task = s.submit("sleep 15; echo finished", 120).await?;
-    let running = s.task_state(&task, &["running"], Duration::from_secs(60)).await?;
+    let running = s
+        .task_state(&task, &["running"], Duration::from_secs(60))
+        .await?;
     assert_eq!(running["node_id"], a.id.to_string());
     // The node goes silent (its container keeps running); another node is there.
     a.agent.abort();
-    let b = s.join("iota", s.enroll("iota").await?, Duration::from_millis(500)).await?;
-    s.node_status(a.id, "offline", Duration::from_secs(30)).await?;
-    let other = b.id.to_string();
-    s.task_until(&task, "the task to run on the other node", Duration::from_secs(60), move |v| v["state"] == "running" && v["node_id"] == other.as_str())
+    let b = s
+        .join("iota", s.enroll("iota").await?, Duration::from_millis(500))
         .await?;
+    s.node_status(a.id, "offline", Duration::from_secs(30))
+        .await?;
+    let other = b.id.to_string();
+    s.task_until(
+        &task,
+        "the task to run on the other node",
+        Duration::from_secs(60),
+        move |v| v["state"] == "running" && v["node_id"] == other.as_str(),
+    )
+    .await?;
     // The first node comes back with the lost run still going: it is stopped.
     let local = async_nats::ConnectOptions::with_user_and_password("agent".into(), AGENT_PW.into())
         .connect(format!("127.0.0.1:{}", a.leaf.port()))
         .await?;
-    let mut stopped = local.subscribe(format!("ud.edge.{}.task.{task}.cancelled", a.id)).await?;
+    let mut stopped = local
+        .subscribe(format!("ud.edge.{}.task.{task}.cancelled", a.id))
+        .await?;
     let back = spawn_agent(&a.leaf, &a.token, "theta", Duration::from_millis(500));
-    tokio::time::timeout(Duration::from_secs(30), stopped.next()).await?.ok_or_else(|| anyhow!("the lost run was not stopped"))?;
-    let done = s.task_state(&task, &["succeeded", "failed", "cancelled"], Duration::from_secs(60)).await?;
-    assert_eq!((done["state"].as_str(), done["node_id"].as_str()), (Some("succeeded"), Some(b.id.to_string().as_str())), "{done}");
+    tokio::time::timeout(Duration::from_secs(30), stopped.next())
+        .await?
+        .ok_or_else(|| anyhow!("the lost run was not stopped"))?;
+    let done = s
+        .task_state(
+            &task,
+            &["succeeded", "failed", "cancelled"],
+            Duration::from_secs(60),
+        )
+        .await?;
+    assert_eq!(
+        (done["state"].as_str(), done["node_id"].as_str()),
+        (Some("succeeded"), Some(b.id.to_string().as_str())),
+        "{done}"
+    );
     assert_eq!(done["attempt"], 2);
     let history = s.get(&format!("/api/v1/tasks/{task}/events")).await?;
     // (A `task.waiting` note may come between, if the other node was not yet online.)
-    let types: Vec<&str> = history.as_array().into_iter().flatten().filter_map(|e| e["type"].as_str()).filter(|t| *t != "task.waiting").collect();
+    let types: Vec<&str> = history
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["type"].as_str())
+        .filter(|t| *t != "task.waiting")
+        .collect();
     assert_eq!(
         types,
-        vec!["task.submitted", "task.assigned", "task.prepared", "task.started", "task.lost", "task.assigned", "task.prepared", "task.started", "task.succeeded"]
+        vec![
+            "task.submitted",
+            "task.assigned",
+            "task.prepared",
+            "task.started",
+            "task.lost",
+            "task.assigned",
+            "task.prepared",
+            "task.started",
+            "task.succeeded"
+        ]
     );
     back.abort();
     b.agent.abort();
@@ -590,21 +647,55 @@ async fn a_task_lost_with_its_node_runs_elsewhere_and_the_lost_run_is_stopped() 
 async fn failed_runs_are_retried_per_their_policy() -> Result<()> {
     let mut s = Stack::start(Duration::from_secs(60)).await?;
     let node = s.online_node("kappa").await?;
-    let mut body = task_body("lab", "echo attempt; exit 3", json!({"cpus": 0.5, "memory_mb": 64}));
+    let mut body = task_body(
+        "lab",
+        "echo attempt; exit 3",
+        json!({"cpus": 0.5, "memory_mb": 64}),
+    );
     body["retry"] = json!({"max_attempts": 2, "backoff_seconds": 1});
     let id = s.submit_body(body).await?;
-    let done = s.task_state(&id, &["succeeded", "failed"], Duration::from_secs(60)).await?;
-    assert_eq!((done["state"].as_str(), done["attempt"].as_i64(), done["exit_code"].as_i64()), (Some("failed"), Some(2), Some(3)), "{done}");
+    let done = s
+        .task_state(&id, &["succeeded", "failed"], Duration::from_secs(60))
+        .await?;
+    assert_eq!(
+        (
+            done["state"].as_str(),
+            done["attempt"].as_i64(),
+            done["exit_code"].as_i64()
+        ),
+        (Some("failed"), Some(2), Some(3)),
+        "{done}"
+    );
     let history = s.get(&format!("/api/v1/tasks/{id}/events")).await?;
     let events: Vec<&Value> = history.as_array().into_iter().flatten().collect();
     let types: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
     assert_eq!(
         types,
-        vec!["task.submitted", "task.assigned", "task.prepared", "task.started", "task.retrying", "task.assigned", "task.prepared", "task.started", "task.failed"]
+        vec![
+            "task.submitted",
+            "task.assigned",
+            "task.prepared",
+            "task.started",
+            "task.retrying",
+            "task.assigned",
+            "task.prepared",
+            "task.started",
+            "task.failed"
+        ]
     );
     // The second attempt waited out the backoff.
-    let at = |t: &str, nth: usize| events.iter().filter(|e| e["type"] == t).nth(nth).and_then(|e| e["data"]["at"].as_i64()).unwrap_or_default();
-    assert!(at("task.assigned", 1) - at("task.retrying", 0) >= 1000, "{history}");
+    let at = |t: &str, nth: usize| {
+        events
+            .iter()
+            .filter(|e| e["type"] == t)
+            .nth(nth)
+            .and_then(|e| e["data"]["at"].as_i64())
+            .unwrap_or_default()
+    };
+    assert!(
+        at("task.assigned", 1) - at("task.retrying", 0) >= 1000,
+        "{history}"
+    );
     let out = logs(&s, &id).await?;
     assert_eq!(out.matches("attempt").count(), 2, "{out:?}");
     node.agent.abort();
@@ -614,34 +705,71 @@ async fn failed_runs_are_retried_per_their_policy() -> Result<()> {
 #[tokio::test]
 async fn pending_tasks_go_by_priority_then_projects_take_turns() -> Result<()> {
     let mut s = Stack::start(Duration::from_secs(60)).await?;
-    let node = s.join("lambda", s.enroll("lambda").await?, Duration::from_millis(500)).await?;
-    let v = s.node_status(node.id, "online", Duration::from_secs(30)).await?;
+    let node = s
+        .join(
+            "lambda",
+            s.enroll("lambda").await?,
+            Duration::from_millis(500),
+        )
+        .await?;
+    let v = s
+        .node_status(node.id, "online", Duration::from_secs(30))
+        .await?;
     // Every task takes the whole node, so they run one at a time.
     let cpus = v["resources"]["cpu_millis"].as_f64().unwrap_or(1000.0) / 1000.0;
-    let task = |project: &str, script: &str| task_body(project, script, json!({"cpus": cpus, "memory_mb": 64}));
+    let task = |project: &str, script: &str| {
+        task_body(project, script, json!({"cpus": cpus, "memory_mb": 64}))
+    };
     let blocker = s.submit_body(task("alpha", "sleep 3")).await?;
-    s.task_state(&blocker, &["running"], Duration::from_secs(60)).await?;
+    s.task_state(&blocker, &["running"], Duration::from_secs(60))
+        .await?;
     let a1 = s.submit_body(task("alpha", "true")).await?;
     let a2 = s.submit_body(task("alpha", "true")).await?;
     let a3 = s.submit_body(task("alpha", "true")).await?;
     let b1 = s.submit_body(task("beta", "true")).await?;
-    s.post(&format!("/api/v1/tasks/{a3}/priority?wait=projected"), json!({"priority": 10})).await?;
+    s.post(
+        &format!("/api/v1/tasks/{a3}/priority?wait=projected"),
+        json!({"priority": 10}),
+    )
+    .await?;
     assert_eq!(s.get(&format!("/api/v1/tasks/{a3}")).await?["priority"], 10);
     let mut started = Vec::new();
     for id in [&a1, &a2, &a3, &b1] {
-        s.task_state(id, &["succeeded"], Duration::from_secs(60)).await?;
+        s.task_state(id, &["succeeded"], Duration::from_secs(60))
+            .await?;
         let history = s.get(&format!("/api/v1/tasks/{id}/events")).await?;
-        let at = history.as_array().into_iter().flatten().find(|e| e["type"] == "task.assigned").and_then(|e| e["data"]["at"].as_i64());
+        let at = history
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["type"] == "task.assigned")
+            .and_then(|e| e["data"]["at"].as_i64());
         started.push((at.unwrap_or(i64::MAX), id.clone()));
     }
     started.sort();
     let order: Vec<String> = started.into_iter().map(|(_, id)| id).collect();
     // a3 by priority; then beta, which alpha (served twice) owes a turn; then alpha's in order.
-    assert_eq!(order, vec![a3.clone(), b1, a1, a2], "priority first, then the projects take turns");
+    assert_eq!(
+        order,
+        vec![a3.clone(), b1, a1, a2],
+        "priority first, then the projects take turns"
+    );
     // Only a pending task's priority can change; bad values are named.
-    let resp = s.http.post(format!("{}/api/v1/tasks/{a3}/priority", s.base)).bearer_auth(&s.admin).json(&json!({"priority": 5})).send().await?;
+    let resp = s
+        .http
+        .post(format!("{}/api/v1/tasks/{a3}/priority", s.base))
+        .bearer_auth(&s.admin)
+        .json(&json!({"priority": 5}))
+        .send()
+        .await?;
     assert_eq!(resp.status(), reqwest::StatusCode::CONFLICT);
-    let resp = s.http.post(format!("{}/api/v1/tasks/{blocker}/priority", s.base)).bearer_auth(&s.admin).json(&json!({"priority": 5000})).send().await?;
+    let resp = s
+        .http
+        .post(format!("{}/api/v1/tasks/{blocker}/priority", s.base))
+        .bearer_auth(&s.admin)
+        .json(&json!({"priority": 5000}))
+        .send()
+        .await?;
     assert_eq!(resp.status(), reqwest::StatusCode::BAD_REQUEST);
     assert!(resp.text().await?.contains("priority"));
     node.agent.abort();
@@ -650,7 +778,9 @@ async fn pending_tasks_go_by_priority_then_projects_take_turns() -> Result<()> {
 
 #[tokio::test]
 async fn a_queue_runs_no_more_than_its_limit_at_once() -> Result<()> {
-    let queues = ud_core::edge::scheduler::Queues::parse(r#"{"queues": {"serial": {"priority": 5, "max_running": 1}}}"#)?;
+    let queues = ud_core::edge::scheduler::Queues::parse(
+        r#"{"queues": {"serial": {"priority": 5, "max_running": 1}}}"#,
+    )?;
     let mut s = Stack::start_with(Duration::from_secs(60), Default::default(), queues).await?;
     let node = s.online_node("mu").await?;
     let serial = |script: &str| {
@@ -660,20 +790,48 @@ async fn a_queue_runs_no_more_than_its_limit_at_once() -> Result<()> {
     };
     let first = s.submit_body(serial("sleep 2")).await?;
     let second = s.submit_body(serial("true")).await?;
-    s.task_state(&first, &["running"], Duration::from_secs(60)).await?;
+    s.task_state(&first, &["running"], Duration::from_secs(60))
+        .await?;
     // The node has room, the queue does not: the second waits and says why.
-    let waiting = s.task_until(&second, "the queue limit", Duration::from_secs(30), |v| v["waiting_reason"].as_str().is_some_and(|r| r.contains("limit of 1"))).await?;
+    let waiting = s
+        .task_until(&second, "the queue limit", Duration::from_secs(30), |v| {
+            v["waiting_reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("limit of 1"))
+        })
+        .await?;
     assert_eq!(waiting["state"], "pending", "{waiting}");
     // Another queue's task runs meanwhile.
     s.runs_ok("true", 60, Duration::from_secs(60)).await?;
     let running = s.get(&format!("/api/v1/tasks/{first}")).await?;
-    assert_eq!(running["state"], "running", "the other queue's task waited: {running}");
-    let done = s.task_state(&second, &["succeeded", "failed"], Duration::from_secs(60)).await?;
+    assert_eq!(
+        running["state"], "running",
+        "the other queue's task waited: {running}"
+    );
+    let done = s
+        .task_state(&second, &["succeeded", "failed"], Duration::from_secs(60))
+        .await?;
     assert_eq!(done["state"], "succeeded", "{done}");
-    let at = |history: &Value, t: &str| history.as_array().into_iter().flatten().find(|e| e["type"] == t).and_then(|e| e["data"]["at"].as_i64());
-    let first_end = at(&s.get(&format!("/api/v1/tasks/{first}/events")).await?, "task.succeeded");
-    let second_placed = at(&s.get(&format!("/api/v1/tasks/{second}/events")).await?, "task.assigned");
-    assert!(first_end.is_some() && second_placed >= first_end, "the second was placed before the first ended: {second_placed:?} < {first_end:?}");
+    let at = |history: &Value, t: &str| {
+        history
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["type"] == t)
+            .and_then(|e| e["data"]["at"].as_i64())
+    };
+    let first_end = at(
+        &s.get(&format!("/api/v1/tasks/{first}/events")).await?,
+        "task.succeeded",
+    );
+    let second_placed = at(
+        &s.get(&format!("/api/v1/tasks/{second}/events")).await?,
+        "task.assigned",
+    );
+    assert!(
+        first_end.is_some() && second_placed >= first_end,
+        "the second was placed before the first ended: {second_placed:?} < {first_end:?}"
+    );
     node.agent.abort();
     Ok(())
 }
@@ -682,25 +840,37 @@ async fn a_queue_runs_no_more_than_its_limit_at_once() -> Result<()> {
 async fn a_restarted_agent_adopts_its_running_container() -> Result<()> {
     let mut s = Stack::start(Duration::from_secs(60)).await?;
     let token = s.enroll("delta").await?;
-    let node = s.join("delta", token.clone(), Duration::from_millis(500)).await?;
-    s.node_status(node.id, "online", Duration::from_secs(30)).await?;
+    let node = s
+        .join("delta", token.clone(), Duration::from_millis(500))
+        .await?;
+    s.node_status(node.id, "online", Duration::from_secs(30))
+        .await?;
     let task = s.submit("echo first; sleep 3; echo second", 120).await?;
-    s.task_state(&task, &["running"], Duration::from_secs(60)).await?;
+    s.task_state(&task, &["running"], Duration::from_secs(60))
+        .await?;
     // The agent dies; its container goes on.
     node.agent.abort();
     let _ = node.agent.await;
     let agent = spawn_agent(&node.leaf, &token, "delta", Duration::from_millis(500));
-    let done = s.task_state(&task, &["succeeded", "failed"], Duration::from_secs(60)).await?;
+    let done = s
+        .task_state(&task, &["succeeded", "failed"], Duration::from_secs(60))
+        .await?;
     assert_eq!(done["state"], "succeeded", "{done}");
     let history = s.get(&format!("/api/v1/tasks/{task}/events")).await?;
-    let starts = history.as_array().into_iter().flatten().filter(|e| e["type"] == "task.started").count();
+    let starts = history
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["type"] == "task.started")
+        .count();
     assert_eq!(starts, 1, "the task was run twice");
     agent.abort();
     Ok(())
 }
 
 #[tokio::test]
-async fn two_main_servers_assign_each_task_once_and_mark_a_silent_node_offline_once() -> Result<()> {
+async fn two_main_servers_assign_each_task_once_and_mark_a_silent_node_offline_once() -> Result<()>
+{
     let mut s = Stack::start(Duration::from_secs(2)).await?;
     // A second main-server instance on the same hub and database: its own
     // ingest, liveness and scheduler, no projectors, no hub reconciler.
@@ -727,7 +897,8 @@ async fn two_main_servers_assign_each_task_once_and_mark_a_silent_node_offline_o
     .await?;
     let token = s.enroll("epsilon").await?;
     let node = s.join("epsilon", token, Duration::from_millis(300)).await?;
-    s.node_status(node.id, "online", Duration::from_secs(30)).await?;
+    s.node_status(node.id, "online", Duration::from_secs(30))
+        .await?;
     let store = s.server.state.commands.store().clone();
     // Both schedulers see every task: the stream's concurrency check lets one assign it.
     let mut ids = Vec::new();
@@ -735,20 +906,40 @@ async fn two_main_servers_assign_each_task_once_and_mark_a_silent_node_offline_o
         ids.push(s.submit("true", 60).await?);
     }
     for id in &ids {
-        let done = s.task_state(id, &["succeeded", "failed"], Duration::from_secs(60)).await?;
+        let done = s
+            .task_state(id, &["succeeded", "failed"], Duration::from_secs(60))
+            .await?;
         assert_eq!(done["state"], "succeeded", "{done}");
-        let assigned = store.read_subject(ud_schemas::streams::TASKS, &format!("ud.task.{id}.assigned")).await?.len();
+        let assigned = store
+            .read_subject(
+                ud_schemas::streams::TASKS,
+                &format!("ud.task.{id}.assigned"),
+            )
+            .await?
+            .len();
         assert_eq!(assigned, 1, "task {id} assigned {assigned} times");
     }
-    let mut offline = store.client().subscribe(format!("ud.node.{}.offline", node.id)).await?;
+    let mut offline = store
+        .client()
+        .subscribe(format!("ud.node.{}.offline", node.id))
+        .await?;
     node.agent.abort();
-    tokio::time::timeout(Duration::from_secs(30), offline.next()).await?.ok_or_else(|| anyhow!("no offline"))?;
-    s.node_status(node.id, "offline", Duration::from_secs(30)).await?;
+    tokio::time::timeout(Duration::from_secs(30), offline.next())
+        .await?
+        .ok_or_else(|| anyhow!("no offline"))?;
+    s.node_status(node.id, "offline", Duration::from_secs(30))
+        .await?;
     // Both instances keep checking every 50 ms: a second offline event would
     // come within this window (waiting for something that must not happen).
     let again = tokio::time::timeout(Duration::from_millis(1000), offline.next()).await;
     assert!(again.is_err(), "a second offline event");
-    let recorded = store.read_subject(ud_schemas::streams::NODES, &format!("ud.node.{}.offline", node.id)).await?.len();
+    let recorded = store
+        .read_subject(
+            ud_schemas::streams::NODES,
+            &format!("ud.node.{}.offline", node.id),
+        )
+        .await?
+        .len();
     assert_eq!(recorded, 1);
     second.shutdown();
     Ok(())
@@ -756,7 +947,14 @@ async fn two_main_servers_assign_each_task_once_and_mark_a_silent_node_offline_o
 
 fn git(dir: &std::path::Path, args: &[&str]) -> Result<String> {
     let out = std::process::Command::new("git")
-        .args(["-c", "user.name=t", "-c", "user.email=t@example.org", "-c", "init.defaultBranch=main"])
+        .args([
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@example.org",
+            "-c",
+            "init.defaultBranch=main",
+        ])
         .args(args)
         .current_dir(dir)
         .output()?;
@@ -782,13 +980,25 @@ async fn tasks_run_pinned_code_in_environments_built_from_their_repository() -> 
         git(d, &["init", "-q"])?;
     }
     std::fs::create_dir_all(env_dir.join("envs/a"))?;
-    std::fs::write(env_dir.join("envs/a/Dockerfile"), "FROM unidesk/busybox:base\nRUN echo env-a > /env.txt\n")?;
+    std::fs::write(
+        env_dir.join("envs/a/Dockerfile"),
+        "FROM unidesk/busybox:base\nRUN echo env-a > /env.txt\n",
+    )?;
     std::fs::create_dir_all(env_dir.join("envs/broken"))?;
-    std::fs::write(env_dir.join("envs/broken/Dockerfile"), "FROM unidesk/busybox:base\nRUN exit 7\n")?;
+    std::fs::write(
+        env_dir.join("envs/broken/Dockerfile"),
+        "FROM unidesk/busybox:base\nRUN exit 7\n",
+    )?;
     std::fs::create_dir_all(env_dir.join("envs/b"))?;
-    std::fs::write(env_dir.join("envs/b/Dockerfile"), "FROM unidesk/busybox:base\nRUN echo env-b > /env.txt\n")?;
+    std::fs::write(
+        env_dir.join("envs/b/Dockerfile"),
+        "FROM unidesk/busybox:base\nRUN echo env-b > /env.txt\n",
+    )?;
     std::fs::create_dir_all(env_dir.join("envs/slow"))?;
-    std::fs::write(env_dir.join("envs/slow/Dockerfile"), "FROM unidesk/busybox:base\nRUN sleep 60\n")?;
+    std::fs::write(
+        env_dir.join("envs/slow/Dockerfile"),
+        "FROM unidesk/busybox:base\nRUN sleep 60\n",
+    )?;
     std::os::unix::fs::symlink("/etc", env_dir.join("outside"))?;
     let env_commit = commit_all(&env_dir, "environments")?;
     std::fs::write(code_dir.join("run.sh"), "echo code-v1; cat /env.txt; pwd\n")?;
@@ -809,7 +1019,8 @@ async fn tasks_run_pinned_code_in_environments_built_from_their_repository() -> 
         labels: BTreeMap::new(),
         ..agent_config(&leaf, &token, "builder", Duration::from_millis(500))
     });
-    s.node_status(token.node_id, "online", Duration::from_secs(30)).await?;
+    s.node_status(token.node_id, "online", Duration::from_secs(30))
+        .await?;
 
     let url = |d: &std::path::Path| format!("file://{}", d.display());
     let submit = |code: &str, env: &str, dockerfile: &str| {
@@ -821,65 +1032,153 @@ async fn tasks_run_pinned_code_in_environments_built_from_their_repository() -> 
     };
 
     // First run: fetch both repositories, build the environment, run the code.
-    let first = s.submit_body(submit(&v1, &env_commit, "envs/a/Dockerfile")).await?;
-    let done = s.task_state(&first, &["succeeded", "failed"], Duration::from_secs(120)).await?;
+    let first = s
+        .submit_body(submit(&v1, &env_commit, "envs/a/Dockerfile"))
+        .await?;
+    let done = s
+        .task_state(&first, &["succeeded", "failed"], Duration::from_secs(120))
+        .await?;
     assert_eq!(done["state"], "succeeded", "{done}");
     let out = logs(&s, &first).await?;
-    assert!(out.contains("code-v1") && out.contains("env-a") && out.contains("/workspace"), "{out:?}");
-    assert!(out.contains("Step 1/2"), "the build log is kept with the task: {out:?}");
+    assert!(
+        out.contains("code-v1") && out.contains("env-a") && out.contains("/workspace"),
+        "{out:?}"
+    );
+    assert!(
+        out.contains("Step 1/2"),
+        "the build log is kept with the task: {out:?}"
+    );
     // What the run really used.
     let ran = &done["prepared"];
     assert_eq!(ran["code_commit_id"], v1.as_str());
     assert_eq!(ran["env_commit_id"], env_commit.as_str());
     let dockerfile = std::fs::read(env_dir.join("envs/a/Dockerfile"))?;
     assert_eq!(ran["dockerfile_digest"], hex_sha256(&dockerfile));
-    assert!(ran["image_id"].as_str().is_some_and(|i| i.starts_with("sha256:")), "{ran}");
-    let steps: Vec<&str> = ran["steps"].as_array().into_iter().flatten().filter_map(|s| s["name"].as_str()).collect();
-    assert_eq!(steps, vec!["fetch_code", "fetch_environment", "build_image", "checkout", "start"]);
+    assert!(
+        ran["image_id"]
+            .as_str()
+            .is_some_and(|i| i.starts_with("sha256:")),
+        "{ran}"
+    );
+    let steps: Vec<&str> = ran["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert_eq!(
+        steps,
+        vec![
+            "fetch_code",
+            "fetch_environment",
+            "build_image",
+            "checkout",
+            "start"
+        ]
+    );
     // Each step was an event as it began, so the task showed it while preparing.
     let history = s.get(&format!("/api/v1/tasks/{first}/events")).await?;
-    let began: Vec<&str> = history.as_array().into_iter().flatten().filter(|e| e["type"] == "task.preparing").filter_map(|e| e["data"]["step"].as_str()).collect();
+    let began: Vec<&str> = history
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["type"] == "task.preparing")
+        .filter_map(|e| e["data"]["step"].as_str())
+        .collect();
     assert_eq!(began, steps);
     assert!(done["preparing"].is_null(), "{done}");
 
     // Same environment, new commit of the code: no build, the new code.
-    let second = s.submit_body(submit(&v2, &env_commit, "envs/a/Dockerfile")).await?;
-    let done = s.task_state(&second, &["succeeded", "failed"], Duration::from_secs(120)).await?;
+    let second = s
+        .submit_body(submit(&v2, &env_commit, "envs/a/Dockerfile"))
+        .await?;
+    let done = s
+        .task_state(&second, &["succeeded", "failed"], Duration::from_secs(120))
+        .await?;
     assert_eq!(done["state"], "succeeded", "{done}");
     let out = logs(&s, &second).await?;
     assert!(out.contains("code-v2") && out.contains("env-a"), "{out:?}");
-    assert!(!out.contains("Step 1/2"), "the environment was built again: {out:?}");
-    let steps: Vec<&str> = done["prepared"]["steps"].as_array().into_iter().flatten().filter_map(|s| s["name"].as_str()).collect();
-    assert_eq!(steps, vec!["fetch_code", "fetch_environment", "checkout", "start"]);
-    assert_eq!(done["prepared"]["image_id"], ran_image_id(&s, &first).await?);
+    assert!(
+        !out.contains("Step 1/2"),
+        "the environment was built again: {out:?}"
+    );
+    let steps: Vec<&str> = done["prepared"]["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert_eq!(
+        steps,
+        vec!["fetch_code", "fetch_environment", "checkout", "start"]
+    );
+    assert_eq!(
+        done["prepared"]["image_id"],
+        ran_image_id(&s, &first).await?
+    );
 
     // Bad versions end the task with the step and the reason.
     let cases = [
-        (submit(&"0".repeat(40), &env_commit, "envs/a/Dockerfile"), "is not in"),
-        (submit(&v1, &env_commit, "outside/passwd"), "dockerfile_path"),
-        (submit(&v1, &env_commit, "envs/missing/Dockerfile"), "dockerfile_path"),
-        (submit(&v1, &env_commit, "envs/broken/Dockerfile"), "building the environment image"),
-        (submit(&v1, &env_commit, "envs/slow/Dockerfile"), "ran past its time limit of 10 s"),
+        (
+            submit(&"0".repeat(40), &env_commit, "envs/a/Dockerfile"),
+            "is not in",
+        ),
+        (
+            submit(&v1, &env_commit, "outside/passwd"),
+            "dockerfile_path",
+        ),
+        (
+            submit(&v1, &env_commit, "envs/missing/Dockerfile"),
+            "dockerfile_path",
+        ),
+        (
+            submit(&v1, &env_commit, "envs/broken/Dockerfile"),
+            "building the environment image",
+        ),
+        (
+            submit(&v1, &env_commit, "envs/slow/Dockerfile"),
+            "ran past its time limit of 10 s",
+        ),
     ];
     for (i, (body, reason)) in cases.into_iter().enumerate() {
         let id = s.submit_body(body).await?;
         if i == 4 {
             // A long build shows as the step under way.
-            let shown = s.task_until(&id, "the build step to show", Duration::from_secs(60), |v| v["preparing"]["step"] == "build_image").await?;
+            let shown = s
+                .task_until(
+                    &id,
+                    "the build step to show",
+                    Duration::from_secs(60),
+                    |v| v["preparing"]["step"] == "build_image",
+                )
+                .await?;
             assert_eq!(shown["state"], "assigned", "{shown}");
             assert!(shown["preparing"]["since"].is_string(), "{shown}");
         }
-        let done = s.task_state(&id, &["succeeded", "failed"], Duration::from_secs(120)).await?;
+        let done = s
+            .task_state(&id, &["succeeded", "failed"], Duration::from_secs(120))
+            .await?;
         assert_eq!(done["state"], "failed", "{done}");
-        assert!(done["reason"].as_str().is_some_and(|r| r.contains(reason)), "expected {reason:?}: {done}");
+        assert!(
+            done["reason"].as_str().is_some_and(|r| r.contains(reason)),
+            "expected {reason:?}: {done}"
+        );
     }
     // The node stays healthy: a good task still runs.
-    let last = s.submit_body(submit(&v1, &env_commit, "envs/a/Dockerfile")).await?;
-    let done = s.task_state(&last, &["succeeded", "failed"], Duration::from_secs(120)).await?;
+    let last = s
+        .submit_body(submit(&v1, &env_commit, "envs/a/Dockerfile"))
+        .await?;
+    let done = s
+        .task_state(&last, &["succeeded", "failed"], Duration::from_secs(120))
+        .await?;
     assert_eq!(done["state"], "succeeded");
     // Another environment on a full cache: the least recently used image goes.
-    let other = s.submit_body(submit(&v1, &env_commit, "envs/b/Dockerfile")).await?;
-    let done = s.task_state(&other, &["succeeded", "failed"], Duration::from_secs(120)).await?;
+    let other = s
+        .submit_body(submit(&v1, &env_commit, "envs/b/Dockerfile"))
+        .await?;
+    let done = s
+        .task_state(&other, &["succeeded", "failed"], Duration::from_secs(120))
+        .await?;
     assert_eq!(done["state"], "succeeded", "{done}");
     assert!(logs(&s, &other).await?.contains("env-b"));
     let docker = bollard::Docker::connect_with_local_defaults()?;
@@ -893,8 +1192,14 @@ async fn tasks_run_pinned_code_in_environments_built_from_their_repository() -> 
     };
     let a_tag = ud_edge_agent::env::image_tag(&spec_of("envs/a/Dockerfile")?);
     let b_tag = ud_edge_agent::env::image_tag(&spec_of("envs/b/Dockerfile")?);
-    assert!(docker.inspect_image(&a_tag).await.is_err(), "{a_tag} was not evicted");
-    assert!(docker.inspect_image(&b_tag).await.is_ok(), "{b_tag} was evicted while in use");
+    assert!(
+        docker.inspect_image(&a_tag).await.is_err(),
+        "{a_tag} was not evicted"
+    );
+    assert!(
+        docker.inspect_image(&b_tag).await.is_ok(),
+        "{b_tag} was evicted while in use"
+    );
     agent.abort();
     Ok(())
 }
@@ -917,18 +1222,34 @@ async fn stream_bytes(s: &Stack, stream: &str) -> Result<Vec<u8>> {
 }
 
 #[tokio::test]
-async fn private_repositories_are_fetched_with_credentials_the_platform_holds_and_never_shows() -> Result<()> {
+async fn private_repositories_are_fetched_with_credentials_the_platform_holds_and_never_shows(
+) -> Result<()> {
     const TOKEN: &str = "tok-3f9a1c-kept-by-the-platform";
     let root = tempfile::tempdir()?;
     let src = root.path().join("src");
     std::fs::create_dir_all(&src)?;
     git(&src, &["init", "-q"])?;
-    std::fs::write(src.join("Dockerfile"), "FROM unidesk/busybox:base\nRUN echo env-private > /env.txt\n")?;
-    std::fs::write(src.join("run.sh"), "env; cat /env.txt; echo private-code-ran\n")?;
+    std::fs::write(
+        src.join("Dockerfile"),
+        "FROM unidesk/busybox:base\nRUN echo env-private > /env.txt\n",
+    )?;
+    std::fs::write(
+        src.join("run.sh"),
+        "env; cat /env.txt; echo private-code-ran\n",
+    )?;
     let commit = commit_all(&src, "private")?;
     let served = root.path().join("served");
     std::fs::create_dir_all(&served)?;
-    git(&served, &["clone", "-q", "--bare", &src.display().to_string(), "private.git"])?;
+    git(
+        &served,
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            &src.display().to_string(),
+            "private.git",
+        ],
+    )?;
     // Smart HTTP behind basic authentication: the right token, no entry, a wrong token.
     let good = ud_testkit::GitHttpServer::start(&served, Some(("ci", TOKEN))).await?;
     let unknown = ud_testkit::GitHttpServer::start(&served, Some(("ci", TOKEN))).await?;
@@ -937,7 +1258,10 @@ async fn private_repositories_are_fetched_with_credentials_the_platform_holds_an
         format!("127.0.0.1:{}", good.port()): {"username": "ci", "token": TOKEN, "allow_http": true},
         format!("127.0.0.1:{}", wrong.port()): {"username": "ci", "token": "not-the-token", "allow_http": true},
     }});
-    let creds = ud_core::edge::credentials::GitCredentials::parse(&file.to_string(), std::path::Path::new("."))?;
+    let creds = ud_core::edge::credentials::GitCredentials::parse(
+        &file.to_string(),
+        std::path::Path::new("."),
+    )?;
     let mut s = Stack::start_with(Duration::from_secs(60), creds, Default::default()).await?;
     let token = s.enroll("private").await?;
     let leaf = s.leaf(&token, s.hub.leaf_port()).await?;
@@ -948,7 +1272,8 @@ async fn private_repositories_are_fetched_with_credentials_the_platform_holds_an
         labels: BTreeMap::new(),
         ..agent_config(&leaf, &token, "private", Duration::from_millis(500))
     });
-    s.node_status(token.node_id, "online", Duration::from_secs(30)).await?;
+    s.node_status(token.node_id, "online", Duration::from_secs(30))
+        .await?;
     let submit = |url: String| {
         json!({
             "project": "lab", "code_repo_url": url, "code_commit_id": commit, "env_repo_url": url, "env_commit_id": commit,
@@ -958,33 +1283,61 @@ async fn private_repositories_are_fetched_with_credentials_the_platform_holds_an
     };
 
     let id = s.submit_body(submit(good.url("private.git"))).await?;
-    let done = s.task_state(&id, &["succeeded", "failed"], Duration::from_secs(120)).await?;
+    let done = s
+        .task_state(&id, &["succeeded", "failed"], Duration::from_secs(120))
+        .await?;
     assert_eq!(done["state"], "succeeded", "{done}");
     let out = logs(&s, &id).await?;
-    assert!(out.contains("private-code-ran") && out.contains("env-private"), "{out:?}");
-    assert!(good.refused() >= 1 && good.served() >= 2, "the server asked for credentials and was given them");
+    assert!(
+        out.contains("private-code-ran") && out.contains("env-private"),
+        "{out:?}"
+    );
+    assert!(
+        good.refused() >= 1 && good.served() >= 2,
+        "the server asked for credentials and was given them"
+    );
     // Never in the task's environment (printed by `env` above), its log, its events or any stream.
     assert!(!out.contains(TOKEN), "the token reached the task: {out}");
     let events = s.get(&format!("/api/v1/tasks/{id}/events")).await?;
     assert!(!events.to_string().contains(TOKEN));
-    for stream in [ud_schemas::streams::TASKS, ud_schemas::streams::LOGS, edge::EDGE_IN, edge::DISPATCH] {
+    for stream in [
+        ud_schemas::streams::TASKS,
+        ud_schemas::streams::LOGS,
+        edge::EDGE_IN,
+        edge::DISPATCH,
+    ] {
         let bytes = stream_bytes(&s, stream).await?;
         assert!(!bytes.is_empty(), "{stream} is empty");
-        assert!(!bytes.windows(TOKEN.len()).any(|w| w == TOKEN.as_bytes()), "the token is stored in {stream}");
+        assert!(
+            !bytes.windows(TOKEN.len()).any(|w| w == TOKEN.as_bytes()),
+            "the token is stored in {stream}"
+        );
     }
 
     // No credentials for the host, or the wrong ones: the task fails and says why.
-    for (server, reason) in [(&unknown, "the platform holds none"), (&wrong, "refused the credentials")] {
+    for (server, reason) in [
+        (&unknown, "the platform holds none"),
+        (&wrong, "refused the credentials"),
+    ] {
         let id = s.submit_body(submit(server.url("private.git"))).await?;
-        let done = s.task_state(&id, &["succeeded", "failed"], Duration::from_secs(120)).await?;
+        let done = s
+            .task_state(&id, &["succeeded", "failed"], Duration::from_secs(120))
+            .await?;
         assert_eq!(done["state"], "failed", "{done}");
-        assert!(done["reason"].as_str().is_some_and(|r| r.contains(reason) && r.contains("fetching code")), "expected {reason:?}: {done}");
+        assert!(
+            done["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains(reason) && r.contains("fetching code")),
+            "expected {reason:?}: {done}"
+        );
         assert_eq!(server.served(), 0);
     }
     // The node stays healthy and cached: the first repository runs again without a fetch.
     let again = s.submit_body(submit(good.url("private.git"))).await?;
     let before = good.served();
-    let done = s.task_state(&again, &["succeeded", "failed"], Duration::from_secs(120)).await?;
+    let done = s
+        .task_state(&again, &["succeeded", "failed"], Duration::from_secs(120))
+        .await?;
     assert_eq!(done["state"], "succeeded", "{done}");
     assert_eq!(good.served(), before, "a cached commit was fetched again");
     agent.abort();
@@ -1005,24 +1358,33 @@ async fn nodes_come_back_after_a_hub_restart_with_what_they_kept() -> Result<()>
     let mut s = Stack::start(Duration::from_secs(60)).await?;
     let token = s.enroll("zeta").await?;
     let node = s.join("zeta", token, Duration::from_millis(300)).await?;
-    s.node_status(node.id, "online", Duration::from_secs(30)).await?;
+    s.node_status(node.id, "online", Duration::from_secs(30))
+        .await?;
     let task = s.submit("echo during; sleep 3; echo done", 120).await?;
-    s.task_state(&task, &["running"], Duration::from_secs(60)).await?;
+    s.task_state(&task, &["running"], Duration::from_secs(60))
+        .await?;
     // The hub dies and comes back while the task runs and finishes.
     s.hub.kill().await?;
     let local = async_nats::ConnectOptions::with_user_and_password("agent".into(), AGENT_PW.into())
         .connect(format!("127.0.0.1:{}", node.leaf.port()))
         .await?;
-    let mut ended = local.subscribe(format!("ud.edge.{}.task.{task}.succeeded", node.id)).await?;
-    tokio::time::timeout(Duration::from_secs(60), ended.next()).await?.ok_or_else(|| anyhow!("no end"))?;
+    let mut ended = local
+        .subscribe(format!("ud.edge.{}.task.{task}.succeeded", node.id))
+        .await?;
+    tokio::time::timeout(Duration::from_secs(60), ended.next())
+        .await?
+        .ok_or_else(|| anyhow!("no end"))?;
     s.hub.restart().await?;
     // Everything reconnects by itself: the node's events arrive, the read model catches up.
-    let done = s.task_state(&task, &["succeeded"], Duration::from_secs(90)).await?;
+    let done = s
+        .task_state(&task, &["succeeded"], Duration::from_secs(90))
+        .await?;
     assert_eq!(done["exit_code"], 0);
     let out = logs(&s, &task).await?;
     assert!(out.contains("during") && out.contains("done"), "{out:?}");
     // And new work still flows to the node.
-    s.runs_ok("echo after the restart", 60, Duration::from_secs(90)).await?;
+    s.runs_ok("echo after the restart", 60, Duration::from_secs(90))
+        .await?;
     node.agent.abort();
     Ok(())
 }
@@ -1033,16 +1395,32 @@ async fn a_node_low_on_disk_says_so_and_takes_no_new_tasks() -> Result<()> {
     let token = s.enroll("eta").await?;
     let leaf = s.leaf(&token, s.hub.leaf_port()).await?;
     // No disk is ever big enough.
-    let agent = run_agent(AgentConfig { min_free_disk_mb: u64::MAX, ..agent_config(&leaf, &token, "eta", Duration::from_millis(200)) });
-    let node = s.node_status(token.node_id, "online", Duration::from_secs(30)).await?;
-    let (http, base, admin, id) = (s.http.clone(), s.base.clone(), s.admin.clone(), token.node_id);
+    let agent = run_agent(AgentConfig {
+        min_free_disk_mb: u64::MAX,
+        ..agent_config(&leaf, &token, "eta", Duration::from_millis(200))
+    });
+    let node = s
+        .node_status(token.node_id, "online", Duration::from_secs(30))
+        .await?;
+    let (http, base, admin, id) = (
+        s.http.clone(),
+        s.base.clone(),
+        s.admin.clone(),
+        token.node_id,
+    );
     let node = if node["low_disk"] == true {
         node
     } else {
         s.until("low disk reported", Duration::from_secs(30), move || {
             let (http, base, admin) = (http.clone(), base.clone(), admin.clone());
             async move {
-                let v: Value = http.get(format!("{base}/api/v1/nodes/{id}")).bearer_auth(&admin).send().await?.json().await?;
+                let v: Value = http
+                    .get(format!("{base}/api/v1/nodes/{id}"))
+                    .bearer_auth(&admin)
+                    .send()
+                    .await?
+                    .json()
+                    .await?;
                 Ok((v["low_disk"] == true).then_some(v))
             }
         })
@@ -1051,7 +1429,14 @@ async fn a_node_low_on_disk_says_so_and_takes_no_new_tasks() -> Result<()> {
     assert!(node["disk_free_mb"].as_u64().is_some(), "{node}");
     let task = s.submit("echo never", 60).await?;
     // Ten more heartbeats are projected; the task is still waiting.
-    let mut beats = s.server.state.commands.store().client().subscribe(format!("ud.node.{id}.heartbeat")).await?;
+    let mut beats = s
+        .server
+        .state
+        .commands
+        .store()
+        .client()
+        .subscribe(format!("ud.node.{id}.heartbeat"))
+        .await?;
     for _ in 0..10 {
         tokio::time::timeout(Duration::from_secs(10), beats.next()).await?;
     }

@@ -2,8 +2,8 @@
 //! digest; the secret itself is never stored.
 
 use axum::extract::FromRequestParts;
-use axum::http::request::Parts;
 use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
 
 use crate::error::ApiError;
 use crate::AppState;
@@ -31,7 +31,10 @@ impl Caller {
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         let header = parts
             .headers
             .get(AUTHORIZATION)
@@ -52,7 +55,12 @@ impl FromRequestParts<AppState> for Caller {
             )
             .await?
             .ok_or_else(|| ApiError::unauthorized("unknown or revoked token"))?;
-        Ok(Caller { token_id: row.get(0), name: row.get(1), projects: row.get(2), admin: row.get(3) })
+        Ok(Caller {
+            token_id: row.get(0),
+            name: row.get(1),
+            projects: row.get(2),
+            admin: row.get(3),
+        })
     }
 }
 
@@ -62,10 +70,17 @@ pub struct Admin(pub Caller);
 impl FromRequestParts<AppState> for Admin {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         let caller = Caller::from_request_parts(parts, state).await?;
         if !caller.admin {
-            return Err(ApiError::new(axum::http::StatusCode::FORBIDDEN, "forbidden", "an admin token is required"));
+            return Err(ApiError::new(
+                axum::http::StatusCode::FORBIDDEN,
+                "forbidden",
+                "an admin token is required",
+            ));
         }
         Ok(Admin(caller))
     }

@@ -18,14 +18,24 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        let field = if path == "." || path.is_empty() { "body".to_owned() } else { path };
+        let field = if path == "." || path.is_empty() {
+            "body".to_owned()
+        } else {
+            path
+        };
         // serde reports a missing field on its parent; name the field itself.
         let msg = inner.to_string();
         let named = msg
             .split("missing field `")
             .nth(1)
             .and_then(|r| r.split('`').next())
-            .map(|f| if field == "body" { f.to_owned() } else { format!("{field}.{f}") });
+            .map(|f| {
+                if field == "body" {
+                    f.to_owned()
+                } else {
+                    format!("{field}.{f}")
+                }
+            });
         ApiError::field(&named.unwrap_or(field), msg)
     })
 }
@@ -37,7 +47,11 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
             let status = e.status();
             if status == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(status, "body_too_large", format!("request body is larger than {MAX_BODY_BYTES} bytes"))
+                ApiError::new(
+                    status,
+                    "body_too_large",
+                    format!("request body is larger than {MAX_BODY_BYTES} bytes"),
+                )
             } else {
                 ApiError::new(status, "bad_body", e.body_text())
             }

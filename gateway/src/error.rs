@@ -28,14 +28,29 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, error: &str, message: impl Into<String>) -> Self {
-        Self { status, body: ErrorBody { error: error.into(), message: message.into(), fields: vec![] } }
+        Self {
+            status,
+            body: ErrorBody {
+                error: error.into(),
+                message: message.into(),
+                fields: vec![],
+            },
+        }
     }
 
     pub fn fields(fields: Vec<FieldError>) -> Self {
-        let message = fields.iter().map(|f| format!("{}: {}", f.field, f.reason)).collect::<Vec<_>>().join("; ");
+        let message = fields
+            .iter()
+            .map(|f| format!("{}: {}", f.field, f.reason))
+            .collect::<Vec<_>>()
+            .join("; ");
         Self {
             status: StatusCode::BAD_REQUEST,
-            body: ErrorBody { error: "invalid_request".into(), message, fields },
+            body: ErrorBody {
+                error: "invalid_request".into(),
+                message,
+                fields,
+            },
         }
     }
 
@@ -48,25 +63,36 @@ impl ApiError {
     }
 
     pub fn not_found(what: &str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", format!("{what} not found"))
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{what} not found"),
+        )
     }
 
     pub fn unavailable(e: impl std::fmt::Display) -> Self {
         tracing::warn!(error = %e, "dependency unavailable");
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string())
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        )
     }
 }
 
 impl From<CommandError> for ApiError {
     fn from(e: CommandError) -> Self {
-        let status = StatusCode::from_u16(e.status_code()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status =
+            StatusCode::from_u16(e.status_code()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         match e {
             CommandError::Invalid(fields) => Self::fields(fields),
             CommandError::Forbidden(_) => Self::new(status, "forbidden", e.to_string()),
             CommandError::NotFound => Self::not_found("task"),
             CommandError::Rejected(_) => Self::new(status, "invalid_state", e.to_string()),
             CommandError::Conflict => Self::new(status, "conflict", e.to_string()),
-            CommandError::IdempotencyMismatch => Self::new(status, "idempotency_key_reused", e.to_string()),
+            CommandError::IdempotencyMismatch => {
+                Self::new(status, "idempotency_key_reused", e.to_string())
+            }
             CommandError::Unavailable(_) => Self::unavailable(e),
         }
     }
@@ -88,7 +114,8 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = (self.status, Json(self.body)).into_response();
         if self.status == StatusCode::SERVICE_UNAVAILABLE || self.status == StatusCode::CONFLICT {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         resp
     }

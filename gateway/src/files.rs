@@ -22,8 +22,14 @@ pub const MAX_FILE_BYTES: u64 = 5 << 40;
 impl From<StorageError> for ApiError {
     fn from(e: StorageError) -> Self {
         match e {
-            StorageError::Path { path, reason } => ApiError::field("path", format!("{path:?} {reason}")),
-            StorageError::NoSuchObject(what) => ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("{what} does not exist")),
+            StorageError::Path { path, reason } => {
+                ApiError::field("path", format!("{path:?} {reason}"))
+            }
+            StorageError::NoSuchObject(what) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("{what} does not exist"),
+            ),
             StorageError::Backend(_) | StorageError::Settings(_) => ApiError::unavailable(e),
         }
     }
@@ -31,7 +37,11 @@ impl From<StorageError> for ApiError {
 
 fn storage(state: &AppState) -> Result<&Storage, ApiError> {
     state.storage.as_ref().ok_or_else(|| {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_object_store", "this platform has no object store configured (UD_S3_* settings)")
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_object_store",
+            "this platform has no object store configured (UD_S3_* settings)",
+        )
     })
 }
 
@@ -55,7 +65,11 @@ pub struct SignedUrl {
 
 impl From<ud_storage::Presigned> for SignedUrl {
     fn from(p: ud_storage::Presigned) -> Self {
-        Self { method: p.method, url: p.url, expires_at: p.expires_at }
+        Self {
+            method: p.method,
+            url: p.url,
+            expires_at: p.expires_at,
+        }
     }
 }
 
@@ -85,7 +99,12 @@ pub struct FileList {
 /// A project's files.
 #[utoipa::path(get, path = "/api/v1/projects/{project}/files", tag = "files", params(("project" = String, Path), ListParams),
     responses((status = 200, body = FileList), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)), security(("bearer" = [])))]
-pub async fn list(State(state): State<AppState>, caller: Caller, Path(project): Path<String>, Query(p): Query<ListParams>) -> Result<Json<FileList>, ApiError> {
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(project): Path<String>,
+    Query(p): Query<ListParams>,
+) -> Result<Json<FileList>, ApiError> {
     project_of(&caller, &project)?;
     let storage = storage(&state)?;
     let base = keys::files_prefix(&project)?;
@@ -97,10 +116,20 @@ pub async fn list(State(state): State<AppState>, caller: Caller, Path(project): 
         .list(&prefix)
         .await?
         .into_iter()
-        .filter_map(|o| keys::relative(&o.key, &base).map(|path| FileInfo { path: path.to_owned(), size: o.size, modified: o.modified }))
+        .filter_map(|o| {
+            keys::relative(&o.key, &base).map(|path| FileInfo {
+                path: path.to_owned(),
+                size: o.size,
+                modified: o.modified,
+            })
+        })
         .collect();
     let used_bytes = storage.usage(&keys::project_prefix(&project)?).await?;
-    Ok(Json(FileList { files, used_bytes, quota_bytes: storage.settings().project_quota_bytes }))
+    Ok(Json(FileList {
+        files,
+        used_bytes,
+        quota_bytes: storage.settings().project_quota_bytes,
+    }))
 }
 
 #[derive(Serialize, Deserialize, ToSchema)]
@@ -113,13 +142,29 @@ pub struct Download {
 /// A URL to download one of a project's files.
 #[utoipa::path(get, path = "/api/v1/projects/{project}/files/{path}", tag = "files", params(("project" = String, Path), ("path" = String, Path)),
     responses((status = 200, body = Download), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)), security(("bearer" = [])))]
-pub async fn download(State(state): State<AppState>, caller: Caller, Path((project, path)): Path<(String, String)>) -> Result<Json<Download>, ApiError> {
+pub async fn download(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((project, path)): Path<(String, String)>,
+) -> Result<Json<Download>, ApiError> {
     project_of(&caller, &project)?;
     let storage = storage(&state)?;
     let key = keys::file_key(&project, &path)?;
-    let info = storage.head(&key).await?.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("file {path:?} of project {project} does not exist")))?;
-    let url = storage.presign_get(&key, storage.settings().url_ttl).await?;
-    Ok(Json(Download { path, size: info.size, download: url.into() }))
+    let info = storage.head(&key).await?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("file {path:?} of project {project} does not exist"),
+        )
+    })?;
+    let url = storage
+        .presign_get(&key, storage.settings().url_ttl)
+        .await?;
+    Ok(Json(Download {
+        path,
+        size: info.size,
+        download: url.into(),
+    }))
 }
 
 #[derive(Deserialize, Serialize, ToSchema)]
@@ -166,7 +211,9 @@ async fn check_quota(storage: &Storage, project: &str, adding: u64) -> Result<()
     if adding > MAX_FILE_BYTES {
         return Err(ApiError::field("size_bytes", "larger than 5 TiB"));
     }
-    let Some(quota) = storage.settings().project_quota_bytes else { return Ok(()) };
+    let Some(quota) = storage.settings().project_quota_bytes else {
+        return Ok(());
+    };
     let used = storage.usage(&keys::project_prefix(project)?).await?;
     if used.saturating_add(adding) > quota {
         return Err(ApiError::new(
@@ -178,7 +225,13 @@ async fn check_quota(storage: &Storage, project: &str, adding: u64) -> Result<()
     Ok(())
 }
 
-async fn plan(storage: &Storage, project: &str, path: &str, size: u64, upload_id: Option<String>) -> Result<UploadPlan, ApiError> {
+async fn plan(
+    storage: &Storage,
+    project: &str,
+    path: &str,
+    size: u64,
+    upload_id: Option<String>,
+) -> Result<UploadPlan, ApiError> {
     let key = keys::file_key(project, path)?;
     let (part_size, parts) = part_plan(size);
     let ttl = url_ttl(storage, size);
@@ -205,14 +258,33 @@ async fn plan(storage: &Storage, project: &str, path: &str, size: u64, upload_id
     let last = size.saturating_sub(part_size * u64::from(parts.saturating_sub(1)));
     let done: Vec<u32> = stored
         .iter()
-        .filter(|p| p.number >= 1 && p.number <= parts && p.size == if p.number == parts { last } else { part_size })
+        .filter(|p| {
+            p.number >= 1
+                && p.number <= parts
+                && p.size == if p.number == parts { last } else { part_size }
+        })
         .map(|p| p.number)
         .collect();
     let mut urls = Vec::new();
     for number in (1..=parts).filter(|n| !done.contains(n)) {
-        urls.push(PartUrl { number, url: storage.presign_part(&key, &upload_id, number, ttl).await?.into() });
+        urls.push(PartUrl {
+            number,
+            url: storage
+                .presign_part(&key, &upload_id, number, ttl)
+                .await?
+                .into(),
+        });
     }
-    Ok(UploadPlan { path: path.to_owned(), size_bytes: size, kind: "multipart".into(), url: None, upload_id: Some(upload_id), part_size: Some(part_size), parts: urls, done })
+    Ok(UploadPlan {
+        path: path.to_owned(),
+        size_bytes: size,
+        kind: "multipart".into(),
+        url: None,
+        upload_id: Some(upload_id),
+        part_size: Some(part_size),
+        parts: urls,
+        done,
+    })
 }
 
 /// Start an upload: answers with presigned PUT URLs (one, or one per part
@@ -230,7 +302,10 @@ pub async fn start_upload(
     let storage = storage(&state)?;
     keys::check_path(&req.path)?;
     check_quota(storage, &project, req.size_bytes).await?;
-    Ok((StatusCode::CREATED, Json(plan(storage, &project, &req.path, req.size_bytes, None).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(plan(storage, &project, &req.path, req.size_bytes, None).await?),
+    ))
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -253,7 +328,9 @@ pub async fn resume_upload(
 ) -> Result<Json<UploadPlan>, ApiError> {
     project_of(&caller, &project)?;
     let storage = storage(&state)?;
-    Ok(Json(plan(storage, &project, &p.path, p.size_bytes, Some(upload_id)).await?))
+    Ok(Json(
+        plan(storage, &project, &p.path, p.size_bytes, Some(upload_id)).await?,
+    ))
 }
 
 #[derive(Deserialize, Serialize, ToSchema)]
@@ -279,7 +356,12 @@ pub async fn complete_upload(
     let storage = storage(&state)?;
     let key = keys::file_key(&project, &req.path)?;
     // Nothing half-written is completed: the parts must add up to the file.
-    let stored: u64 = storage.parts(&key, &upload_id).await?.iter().map(|p| p.size).sum();
+    let stored: u64 = storage
+        .parts(&key, &upload_id)
+        .await?
+        .iter()
+        .map(|p| p.size)
+        .sum();
     if stored != req.size_bytes {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -289,7 +371,11 @@ pub async fn complete_upload(
     }
     let size = storage.complete_multipart(&key, &upload_id).await?;
     let modified = storage.head(&key).await?.and_then(|o| o.modified);
-    Ok(Json(FileInfo { path: req.path, size, modified }))
+    Ok(Json(FileInfo {
+        path: req.path,
+        size,
+        modified,
+    }))
 }
 
 /// Abort a multipart upload and drop the parts sent so far.
@@ -304,7 +390,9 @@ pub async fn abort_upload(
 ) -> Result<StatusCode, ApiError> {
     project_of(&caller, &project)?;
     let storage = storage(&state)?;
-    storage.abort_multipart(&keys::file_key(&project, &p.path)?, &upload_id).await?;
+    storage
+        .abort_multipart(&keys::file_key(&project, &p.path)?, &upload_id)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -321,17 +409,47 @@ pub struct OutputView {
 }
 
 /// The outputs a task's projected row lists, each with a fresh download link.
-pub async fn outputs(storage: Option<&Storage>, outputs: Option<&serde_json::Value>) -> Vec<OutputView> {
-    let Some(record) = outputs.and_then(|v| serde_json::from_value::<ud_schemas::events::TaskOutputs>(v.clone()).ok()) else {
+pub async fn outputs(
+    storage: Option<&Storage>,
+    outputs: Option<&serde_json::Value>,
+) -> Vec<OutputView> {
+    let Some(record) = outputs
+        .and_then(|v| serde_json::from_value::<ud_schemas::events::TaskOutputs>(v.clone()).ok())
+    else {
         return vec![];
     };
     let mut out = Vec::with_capacity(record.files.len());
     for f in record.files {
         let download = match storage {
-            Some(s) => s.presign_get(&f.key, s.settings().url_ttl).await.ok().map(SignedUrl::from),
+            Some(s) => s
+                .presign_get(&f.key, s.settings().url_ttl)
+                .await
+                .ok()
+                .map(SignedUrl::from),
             None => None,
         };
-        out.push(OutputView { path: f.path, size: f.size, sha256: f.sha256, download });
+        out.push(OutputView {
+            path: f.path,
+            size: f.size,
+            sha256: f.sha256,
+            download,
+        });
     }
     out
+}
+
+/// A download link for a task's archived log, if it is archived.
+pub async fn log_archive(
+    storage: Option<&Storage>,
+    project: &str,
+    task: &ud_schemas::TaskId,
+) -> Option<SignedUrl> {
+    let storage = storage?;
+    let key = ud_core::archive::log_key(project, task).ok()?;
+    storage.head(&key).await.ok()??;
+    storage
+        .presign_get(&key, storage.settings().url_ttl)
+        .await
+        .ok()
+        .map(SignedUrl::from)
 }

@@ -4,6 +4,7 @@ pub mod auth;
 pub mod body;
 pub mod error;
 pub mod files;
+pub mod health;
 pub mod nodes;
 pub mod openapi;
 pub mod projected;
@@ -43,19 +44,36 @@ async fn fallback() -> error::ApiError {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
         .route("/api/v1/openapi.json", get(openapi_json))
         .route("/api/v1/tasks", post(tasks::submit).get(tasks::list))
         .route("/api/v1/tasks/{id}", get(tasks::get))
         .route("/api/v1/tasks/{id}/events", get(tasks::history))
         .route("/api/v1/tasks/{id}/cancel", post(tasks::cancel))
         .route("/api/v1/tasks/{id}/priority", post(tasks::priority))
-        .route("/api/v1/projects/{project}/cancel", post(tasks::cancel_project))
+        .route(
+            "/api/v1/projects/{project}/cancel",
+            post(tasks::cancel_project),
+        )
         .route("/api/v1/queues/{queue}/cancel", post(tasks::cancel_queue))
         .route("/api/v1/projects/{project}/files", get(files::list))
-        .route("/api/v1/projects/{project}/files/{*path}", get(files::download))
-        .route("/api/v1/projects/{project}/uploads", post(files::start_upload))
-        .route("/api/v1/projects/{project}/uploads/{upload_id}", get(files::resume_upload).delete(files::abort_upload))
-        .route("/api/v1/projects/{project}/uploads/{upload_id}/complete", post(files::complete_upload))
+        .route(
+            "/api/v1/projects/{project}/files/{*path}",
+            get(files::download),
+        )
+        .route(
+            "/api/v1/projects/{project}/uploads",
+            post(files::start_upload),
+        )
+        .route(
+            "/api/v1/projects/{project}/uploads/{upload_id}",
+            get(files::resume_upload).delete(files::abort_upload),
+        )
+        .route(
+            "/api/v1/projects/{project}/uploads/{upload_id}/complete",
+            post(files::complete_upload),
+        )
         .route("/api/v1/nodes", get(nodes::list).post(nodes::enroll))
         .route("/api/v1/nodes/{id}", get(nodes::get))
         .route("/api/v1/nodes/{id}/revoke", post(nodes::revoke))

@@ -55,7 +55,10 @@ impl From<NodeRow> for NodeView {
 /// Every enrolled node.
 #[utoipa::path(get, path = "/api/v1/nodes", tag = "nodes",
     responses((status = 200, body = [NodeView])), security(("bearer" = [])))]
-pub async fn list(State(state): State<AppState>, _caller: Caller) -> Result<Json<Vec<NodeView>>, ApiError> {
+pub async fn list(
+    State(state): State<AppState>,
+    _caller: Caller,
+) -> Result<Json<Vec<NodeView>>, ApiError> {
     let client = state.db.client().await?;
     let rows = ud_projections::db::list_nodes(&client).await?;
     Ok(Json(rows.into_iter().map(NodeView::from).collect()))
@@ -64,7 +67,11 @@ pub async fn list(State(state): State<AppState>, _caller: Caller) -> Result<Json
 /// One node.
 #[utoipa::path(get, path = "/api/v1/nodes/{id}", tag = "nodes", params(("id" = String, Path)),
     responses((status = 200, body = NodeView), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
-pub async fn get(State(state): State<AppState>, _caller: Caller, Path(id): Path<String>) -> Result<Json<NodeView>, ApiError> {
+pub async fn get(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<NodeView>, ApiError> {
     let id = id.parse().map_err(|_| ApiError::not_found("node"))?;
     let client = state.db.client().await?;
     let row = ud_projections::db::get_node(&client, id)
@@ -97,11 +104,29 @@ pub async fn enroll(
     crate::auth::Admin(caller): crate::auth::Admin,
     crate::body::JsonBody(req): crate::body::JsonBody<EnrollRequest>,
 ) -> Result<(axum::http::StatusCode, Json<Enrolled>), ApiError> {
-    let (token, seq) = ud_core::edge::enroll::enroll(state.commands.store(), &req.name, req.labels, &caller.actor())
-        .await
-        .map_err(edge_error)?;
-    state.projected.wait(ud_schemas::streams::NODES, seq, crate::tasks::WAIT_PROJECTED).await;
-    Ok((axum::http::StatusCode::CREATED, Json(Enrolled { node_id: token.node_id.to_string(), token: token.encode() })))
+    let (token, seq) = ud_core::edge::enroll::enroll(
+        state.commands.store(),
+        &req.name,
+        req.labels,
+        &caller.actor(),
+    )
+    .await
+    .map_err(edge_error)?;
+    state
+        .projected
+        .wait(
+            ud_schemas::streams::NODES,
+            seq,
+            crate::tasks::WAIT_PROJECTED,
+        )
+        .await;
+    Ok((
+        axum::http::StatusCode::CREATED,
+        Json(Enrolled {
+            node_id: token.node_id.to_string(),
+            token: token.encode(),
+        }),
+    ))
 }
 
 /// Revoke a node (admin): its connection is closed and it cannot reconnect.
@@ -113,8 +138,18 @@ pub async fn revoke(
     Path(id): Path<String>,
 ) -> Result<axum::http::StatusCode, ApiError> {
     let id = id.parse().map_err(|_| ApiError::not_found("node"))?;
-    if let Some(seq) = ud_core::edge::enroll::revoke(state.commands.store(), id, &caller.actor()).await.map_err(edge_error)? {
-        state.projected.wait(ud_schemas::streams::NODES, seq, crate::tasks::WAIT_PROJECTED).await;
+    if let Some(seq) = ud_core::edge::enroll::revoke(state.commands.store(), id, &caller.actor())
+        .await
+        .map_err(edge_error)?
+    {
+        state
+            .projected
+            .wait(
+                ud_schemas::streams::NODES,
+                seq,
+                crate::tasks::WAIT_PROJECTED,
+            )
+            .await;
     }
     Ok(axum::http::StatusCode::NO_CONTENT)
 }
@@ -127,18 +162,46 @@ pub struct SchedulingRequest {
     pub reason: Option<String>,
 }
 
-async fn set_scheduling(state: &AppState, caller: &Caller, id: &str, mode: &str, body: &[u8]) -> Result<Json<NodeView>, ApiError> {
+async fn set_scheduling(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+    mode: &str,
+    body: &[u8],
+) -> Result<Json<NodeView>, ApiError> {
     let id: ud_schemas::NodeId = id.parse().map_err(|_| ApiError::not_found("node"))?;
-    let req: SchedulingRequest = if body.is_empty() { SchedulingRequest::default() } else { crate::body::parse(body)? };
+    let req: SchedulingRequest = if body.is_empty() {
+        SchedulingRequest::default()
+    } else {
+        crate::body::parse(body)?
+    };
     let reason = req.reason.unwrap_or_default();
     if reason.len() > 1024 {
         return Err(ApiError::field("reason", "at most 1024 bytes"));
     }
-    if let Some(seq) = ud_core::edge::enroll::set_scheduling(state.commands.store(), id, mode, &reason, &caller.actor()).await.map_err(edge_error)? {
-        state.projected.wait(ud_schemas::streams::NODES, seq, crate::tasks::WAIT_PROJECTED).await;
+    if let Some(seq) = ud_core::edge::enroll::set_scheduling(
+        state.commands.store(),
+        id,
+        mode,
+        &reason,
+        &caller.actor(),
+    )
+    .await
+    .map_err(edge_error)?
+    {
+        state
+            .projected
+            .wait(
+                ud_schemas::streams::NODES,
+                seq,
+                crate::tasks::WAIT_PROJECTED,
+            )
+            .await;
     }
     let client = state.db.client().await?;
-    let row = ud_projections::db::get_node(&client, id).await?.ok_or_else(|| ApiError::not_found("node"))?;
+    let row = ud_projections::db::get_node(&client, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("node"))?;
     Ok(Json(row.into()))
 }
 
@@ -180,7 +243,9 @@ pub async fn resume(
 
 fn edge_error(e: ud_core::edge::EdgeError) -> ApiError {
     match e {
-        ud_core::edge::EdgeError::Invalid(m) if m.contains("unknown node") => ApiError::not_found("node"),
+        ud_core::edge::EdgeError::Invalid(m) if m.contains("unknown node") => {
+            ApiError::not_found("node")
+        }
         ud_core::edge::EdgeError::Invalid(m) => {
             let (field, reason) = m.split_once(": ").unwrap_or(("body", m.as_str()));
             ApiError::field(field, reason)

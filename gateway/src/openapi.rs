@@ -3,14 +3,17 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::{error, files, nodes, tasks, tokens};
+use crate::{error, files, health, nodes, tasks, tokens};
 
 struct Bearer;
 
 impl Modify for Bearer {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         if let Some(c) = openapi.components.as_mut() {
-            c.add_security_scheme("bearer", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()));
+            c.add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+            );
         }
     }
 }
@@ -19,11 +22,11 @@ impl Modify for Bearer {
 #[openapi(
     info(title = "UniDesk API", description = "Submit and follow tasks on UniDesk compute nodes. Every call needs `Authorization: Bearer <token>`. Errors share one JSON shape (`ErrorBody`)."),
     paths(tasks::submit, tasks::list, tasks::get, tasks::history, tasks::cancel, tasks::priority, tasks::cancel_project, tasks::cancel_queue, tasks::logs, nodes::list, nodes::get, nodes::enroll, nodes::revoke, nodes::cordon, nodes::drain, nodes::resume, tokens::issue, tokens::revoke,
-        files::list, files::download, files::start_upload, files::resume_upload, files::complete_upload, files::abort_upload),
+        files::list, files::download, files::start_upload, files::resume_upload, files::complete_upload, files::abort_upload, health::readyz),
     components(schemas(error::ErrorBody, ud_core::validate::FieldError, ud_core::validate::ResourceRequest, ud_core::validate::RetryRequest,
         ud_schemas::spec::Resources, ud_schemas::spec::RetryPolicy, ud_schemas::spec::TaskInput)),
     modifiers(&Bearer),
-    tags((name = "tasks"), (name = "nodes"), (name = "tokens"), (name = "files"))
+    tags((name = "tasks"), (name = "nodes"), (name = "tokens"), (name = "files"), (name = "health"))
 )]
 struct ApiDoc;
 

@@ -27,12 +27,16 @@ impl Projected {
             let (tx, _) = watch::channel(db.checkpoint(s).await?);
             map.insert(s.to_owned(), tx);
         }
-        let this = Self { streams: Arc::new(map) };
+        let this = Self {
+            streams: Arc::new(map),
+        };
         let updater = this.clone();
         tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
                 let stream = msg.subject.as_str().rsplit('.').next().unwrap_or_default();
-                let seq = std::str::from_utf8(&msg.payload).ok().and_then(|s| s.parse::<u64>().ok());
+                let seq = std::str::from_utf8(&msg.payload)
+                    .ok()
+                    .and_then(|s| s.parse::<u64>().ok());
                 if let (Some(tx), Some(seq)) = (updater.streams.get(stream), seq) {
                     tx.send_if_modified(|cur| {
                         let newer = seq > *cur;
@@ -49,7 +53,9 @@ impl Projected {
 
     /// Waits until `stream` is projected up to `seq`; false on timeout.
     pub async fn wait(&self, stream: &str, seq: u64, timeout: Duration) -> bool {
-        let Some(tx) = self.streams.get(stream) else { return false };
+        let Some(tx) = self.streams.get(stream) else {
+            return false;
+        };
         let mut rx = tx.subscribe();
         tokio::time::timeout(timeout, rx.wait_for(|cur| *cur >= seq))
             .await

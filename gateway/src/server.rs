@@ -72,14 +72,25 @@ impl Running {
 }
 
 pub async fn connect_nats(url: &str, name: &str) -> Result<async_nats::Client, StartError> {
-    let fail = |reason: String| StartError::Nats { url: redact(url), reason };
-    let addr: async_nats::ServerAddr = url.parse().map_err(|e: std::io::Error| fail(e.to_string()))?;
+    let fail = |reason: String| StartError::Nats {
+        url: redact(url),
+        reason,
+    };
+    let addr: async_nats::ServerAddr = url
+        .parse()
+        .map_err(|e: std::io::Error| fail(e.to_string()))?;
     // Credentials in the URL are passed explicitly: the client does not take them from it.
     let options = match (addr.username(), addr.password()) {
-        (Some(u), Some(p)) => async_nats::ConnectOptions::with_user_and_password(u.to_owned(), p.to_owned()),
+        (Some(u), Some(p)) => {
+            async_nats::ConnectOptions::with_user_and_password(u.to_owned(), p.to_owned())
+        }
         _ => async_nats::ConnectOptions::new(),
     };
-    options.name(name).connect(addr).await.map_err(|e| fail(e.to_string()))
+    options
+        .name(name)
+        .connect(addr)
+        .await
+        .map_err(|e| fail(e.to_string()))
 }
 
 /// The URL without its password, for messages.
@@ -93,17 +104,27 @@ pub fn redact(url: &str) -> String {
 pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
     let client = connect_nats(&cfg.nats_url, "unidesk-server").await?;
     let store = EventStore::new(client, cfg.js_domain.as_deref().filter(|d| !d.is_empty()));
-    store.ensure_streams(cfg.replicas).await.map_err(|e| StartError::Streams(e.to_string()))?;
+    store
+        .ensure_streams(cfg.replicas)
+        .await
+        .map_err(|e| StartError::Streams(e.to_string()))?;
     let db = Db::connect(&cfg.database_url, "public", 16).await?;
     db.migrate().await?;
     let mut tasks = Vec::new();
     if cfg.run_projectors {
         for stream in streams::PROJECTED {
-            let projector = Projector::new(db.clone(), store.jetstream().clone(), stream, ProjectorOptions::live(stream));
+            let projector = Projector::new(
+                db.clone(),
+                store.jetstream().clone(),
+                stream,
+                ProjectorOptions::live(stream),
+            );
             tasks.push(tokio::spawn(async move { projector.run_forever().await }));
         }
     }
-    let commands = TaskCommands::new(store.clone()).await.map_err(|e| StartError::Streams(e.to_string()))?;
+    let commands = TaskCommands::new(store.clone())
+        .await
+        .map_err(|e| StartError::Streams(e.to_string()))?;
     let (service_client, service_commands) = (store.client().clone(), commands.clone());
     tasks.push(tokio::spawn(async move {
         if let Err(e) = ud_core::service::run(service_client, service_commands).await {
@@ -125,7 +146,11 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
                 tracing::error!(error = %e, "ingest stopped");
             }
         }));
-        let (s, creds, storage) = (store.clone(), edge.git_credentials.clone(), cfg.storage.clone());
+        let (s, creds, storage) = (
+            store.clone(),
+            edge.git_credentials.clone(),
+            cfg.storage.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             if let Err(e) = ud_core::edge::requests::serve(s, creds, storage).await {
                 tracing::error!(error = %e, "node request service stopped");
@@ -134,14 +159,31 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         let (c, settings) = (commands.clone(), edge.controller.clone());
         tasks.push(tokio::spawn(ud_core::edge::scheduler::run(c, settings)));
     }
+    if let Some(storage) = cfg.storage.clone() {
+        let s = store.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = ud_core::archive::run(s, storage).await {
+                tracing::error!(error = %e, "log archiver stopped");
+            }
+        }));
+    }
     let projected = Projected::start(store.client(), &db).await?;
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
-        .map_err(|e| StartError::Listen { addr: cfg.listen.clone(), reason: e.to_string() })?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| StartError::Listen { addr: cfg.listen.clone(), reason: e.to_string() })?;
-    let state = AppState { commands, db, projected, storage: cfg.storage.clone() };
+        .map_err(|e| StartError::Listen {
+            addr: cfg.listen.clone(),
+            reason: e.to_string(),
+        })?;
+    let addr = listener.local_addr().map_err(|e| StartError::Listen {
+        addr: cfg.listen.clone(),
+        reason: e.to_string(),
+    })?;
+    let state = AppState {
+        commands,
+        db,
+        projected,
+        storage: cfg.storage.clone(),
+    };
     let api_state = state.clone();
     tasks.push(tokio::spawn(async move {
         if let Err(e) = crate::serve(listener, api_state).await {

@@ -32,7 +32,10 @@ impl WriteParams {
         match self.wait.as_deref() {
             None => Ok(false),
             Some("projected") => Ok(true),
-            Some(other) => Err(ApiError::field("wait", format!("unknown value {other:?}; use 'projected'"))),
+            Some(other) => Err(ApiError::field(
+                "wait",
+                format!("unknown value {other:?}; use 'projected'"),
+            )),
         }
     }
 }
@@ -84,6 +87,9 @@ pub struct TaskView {
     /// What the last run left in the object store, with download links (in
     /// `GET /api/v1/tasks/{id}`; empty in lists).
     pub outputs: Vec<crate::files::OutputView>,
+    /// The whole log in the object store, once the task has ended and it is
+    /// archived (in `GET /api/v1/tasks/{id}`; null in lists).
+    pub log_archive: Option<crate::files::SignedUrl>,
 }
 
 impl From<TaskRow> for TaskView {
@@ -108,6 +114,7 @@ impl From<TaskRow> for TaskView {
             finished_at: r.finished_at,
             version: r.version,
             outputs: vec![],
+            log_archive: None,
         }
     }
 }
@@ -140,10 +147,19 @@ async fn respond_accepted(
     wait: bool,
     status: StatusCode,
 ) -> Response {
-    let projected = wait && state.projected.wait(streams::TASKS, a.seq, WAIT_PROJECTED).await;
+    let projected = wait
+        && state
+            .projected
+            .wait(streams::TASKS, a.seq, WAIT_PROJECTED)
+            .await;
     let mut resp = (
         status,
-        Json(Accepted { task_id: a.task_id.to_string(), created: a.created, seq: a.seq, projected }),
+        Json(Accepted {
+            task_id: a.task_id.to_string(),
+            created: a.created,
+            seq: a.seq,
+            projected,
+        }),
     )
         .into_response();
     if let Ok(loc) = HeaderValue::from_str(&format!("/api/v1/tasks/{}", a.task_id)) {
@@ -173,7 +189,10 @@ pub async fn submit(
     let wait = params.wants_projection()?;
     let key = match headers.get("idempotency-key") {
         None => None,
-        Some(v) => Some(v.to_str().map_err(|_| ApiError::field("Idempotency-Key", "must be printable ASCII"))?),
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| ApiError::field("Idempotency-Key", "must be printable ASCII"))?,
+        ),
     };
     let accepted = state
         .commands
@@ -181,7 +200,8 @@ pub async fn submit(
         .await?;
     let mut resp = respond_accepted(&state, accepted, wait, StatusCode::ACCEPTED).await;
     if !accepted.created {
-        resp.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+        resp.headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
     Ok(resp)
 }
@@ -208,8 +228,14 @@ pub async fn cancel(
 ) -> Result<Response, ApiError> {
     let wait = params.wants_projection()?;
     let id = parse_task_id(&id)?;
-    let req: CancelRequest = if body.is_empty() { CancelRequest::default() } else { crate::body::parse(&body)? };
-    let reason = req.reason.unwrap_or_else(|| format!("cancelled by {}", caller.actor()));
+    let req: CancelRequest = if body.is_empty() {
+        CancelRequest::default()
+    } else {
+        crate::body::parse(&body)?
+    };
+    let reason = req
+        .reason
+        .unwrap_or_else(|| format!("cancelled by {}", caller.actor()));
     if reason.len() > 1000 {
         return Err(ApiError::field("reason", "longer than 1000 bytes"));
     }
@@ -271,7 +297,11 @@ async fn cancel_many(
     body: &[u8],
     default_reason: String,
 ) -> Result<Json<ProjectCancelled>, ApiError> {
-    let req: CancelRequest = if body.is_empty() { CancelRequest::default() } else { crate::body::parse(body)? };
+    let req: CancelRequest = if body.is_empty() {
+        CancelRequest::default()
+    } else {
+        crate::body::parse(body)?
+    };
     let reason = req.reason.unwrap_or(default_reason);
     if reason.len() > 1000 {
         return Err(ApiError::field("reason", "longer than 1000 bytes"));
@@ -280,20 +310,32 @@ async fn cancel_many(
         let client = state.db.client().await?;
         ud_projections::db::unfinished_tasks(&client, project, queue).await?
     };
-    let mut out = ProjectCancelled { cancelled: Vec::new(), skipped: Vec::new() };
+    let mut out = ProjectCancelled {
+        cancelled: Vec::new(),
+        skipped: Vec::new(),
+    };
     let mut last = 0;
     for (id, _) in tasks.into_iter().filter(|(_, p)| caller.may_see(p)) {
-        match state.commands.cancel(id, &reason, &caller.actor(), |p| caller.may_see(p.as_str())).await {
+        match state
+            .commands
+            .cancel(id, &reason, &caller.actor(), |p| caller.may_see(p.as_str()))
+            .await
+        {
             Ok(a) => {
                 last = last.max(a.seq);
                 out.cancelled.push(id.to_string());
             }
-            Err(ud_core::CommandError::Rejected(_) | ud_core::CommandError::NotFound) => out.skipped.push(id.to_string()),
+            Err(ud_core::CommandError::Rejected(_) | ud_core::CommandError::NotFound) => {
+                out.skipped.push(id.to_string())
+            }
             Err(e) => return Err(e.into()),
         }
     }
     // Read your writes: the answer comes once the read models show the cancels.
-    state.projected.wait(ud_schemas::streams::TASKS, last, WAIT_PROJECTED).await;
+    state
+        .projected
+        .wait(ud_schemas::streams::TASKS, last, WAIT_PROJECTED)
+        .await;
     Ok(Json(out))
 }
 
@@ -320,10 +362,16 @@ pub async fn priority(
 ) -> Result<Response, ApiError> {
     let wait = params.wants_projection()?;
     let id = parse_task_id(&id)?;
-    let priority = ud_core::validate::priority_value(req.priority).map_err(|f| ApiError::field(&f.field, &f.reason))?;
+    let priority = ud_core::validate::priority_value(req.priority)
+        .map_err(|f| ApiError::field(&f.field, &f.reason))?;
     let accepted = state
         .commands
-        .execute(id, ud_core::task::TaskCommand::Reprioritize { priority }, &caller.actor(), |p| caller.may_see(p.as_str()))
+        .execute(
+            id,
+            ud_core::task::TaskCommand::Reprioritize { priority },
+            &caller.actor(),
+            |p| caller.may_see(p.as_str()),
+        )
         .await?;
     Ok(respond_accepted(&state, accepted, wait, StatusCode::ACCEPTED).await)
 }
@@ -331,7 +379,11 @@ pub async fn priority(
 /// One task from the read model.
 #[utoipa::path(get, path = "/api/v1/tasks/{id}", tag = "tasks", params(("id" = String, Path)),
     responses((status = 200, body = TaskView), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
-pub async fn get(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<Json<TaskView>, ApiError> {
+pub async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<TaskView>, ApiError> {
     let id = parse_task_id(&id)?;
     let client = state.db.client().await?;
     let row = ud_projections::db::get_task(&client, id)
@@ -339,8 +391,13 @@ pub async fn get(State(state): State<AppState>, caller: Caller, Path(id): Path<S
         .filter(|r| caller.may_see(&r.project))
         .ok_or_else(|| ApiError::not_found("task"))?;
     let outputs = crate::files::outputs(state.storage.as_ref(), row.outputs.as_ref()).await;
+    let archive = match row.finished_at {
+        Some(_) => crate::files::log_archive(state.storage.as_ref(), &row.project, &row.id).await,
+        None => None,
+    };
     let mut view = TaskView::from(row);
     view.outputs = outputs;
+    view.log_archive = archive;
     Ok(Json(view))
 }
 
@@ -358,18 +415,34 @@ pub async fn list(
     }
     if let Some(s) = &p.state {
         if !ud_core::task::STATE_NAMES.contains(&s.as_str()) {
-            return Err(ApiError::field("state", format!("unknown state; one of {}", ud_core::task::STATE_NAMES.join(", "))));
+            return Err(ApiError::field(
+                "state",
+                format!(
+                    "unknown state; one of {}",
+                    ud_core::task::STATE_NAMES.join(", ")
+                ),
+            ));
         }
     }
     let node = match &p.node {
-        Some(n) => Some(n.parse::<uuid::Uuid>().map_err(|_| ApiError::field("node", "not a node id"))?),
+        Some(n) => Some(
+            n.parse::<uuid::Uuid>()
+                .map_err(|_| ApiError::field("node", "not a node id"))?,
+        ),
         None => None,
     };
     let before = match &p.before {
-        Some(b) => Some(b.parse::<uuid::Uuid>().map_err(|_| ApiError::field("before", "not a task id"))?),
+        Some(b) => Some(
+            b.parse::<uuid::Uuid>()
+                .map_err(|_| ApiError::field("before", "not a task id"))?,
+        ),
         None => None,
     };
-    let projects: Option<Vec<String>> = if caller.admin { None } else { Some(caller.projects.clone()) };
+    let projects: Option<Vec<String>> = if caller.admin {
+        None
+    } else {
+        Some(caller.projects.clone())
+    };
     let filter = ud_projections::db::TaskFilter {
         state: p.state.clone(),
         project: p.project.clone(),
@@ -386,7 +459,10 @@ pub async fn list(
     } else {
         None
     };
-    Ok(Json(TaskPage { items: rows.into_iter().map(TaskView::from).collect(), next }))
+    Ok(Json(TaskPage {
+        items: rows.into_iter().map(TaskView::from).collect(),
+        next,
+    }))
 }
 
 /// One event of a task's history, decoded.
@@ -441,7 +517,9 @@ pub async fn history(
         .await
         .map_err(ApiError::unavailable)?;
     let visible = events.first().is_some_and(|e| match &e.envelope.event {
-        ud_schemas::Event::Task(_, ud_schemas::TaskEvent::Submitted(s)) => caller.may_see(s.project.as_str()),
+        ud_schemas::Event::Task(_, ud_schemas::TaskEvent::Submitted(s)) => {
+            caller.may_see(s.project.as_str())
+        }
         _ => false,
     });
     if !visible {
@@ -477,19 +555,36 @@ pub struct LogPage {
 
 async fn read_logs(state: &AppState, id: &TaskId, after: u64) -> Result<Vec<LogLine>, ApiError> {
     let js = state.commands.store().jetstream();
-    let stream = js.get_stream_no_info(streams::LOGS).await.map_err(ApiError::unavailable)?;
+    let stream = js
+        .get_stream_no_info(streams::LOGS)
+        .await
+        .map_err(ApiError::unavailable)?;
     let subject = format!("ud.log.{id}");
     let mut out = Vec::new();
     let mut next = after + 1;
     while out.len() < 5000 {
-        match stream.direct_get_next_for_subject(subject.as_str(), Some(next)).await {
+        match stream
+            .direct_get_next_for_subject(subject.as_str(), Some(next))
+            .await
+        {
             Ok(m) => {
                 next = m.sequence + 1;
-                if let Ok(c) = ud_schemas::dispatch::from_cbor::<ud_schemas::dispatch::LogChunk>(&m.payload, "log-chunk") {
-                    out.push(LogLine { seq: m.sequence, at: c.at, attempt: c.attempt, stream: c.stream, text: c.text });
+                if let Ok(c) = ud_schemas::dispatch::from_cbor::<ud_schemas::dispatch::LogChunk>(
+                    &m.payload,
+                    "log-chunk",
+                ) {
+                    out.push(LogLine {
+                        seq: m.sequence,
+                        at: c.at,
+                        attempt: c.attempt,
+                        stream: c.stream,
+                        text: c.text,
+                    });
                 }
             }
-            Err(e) if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => break,
+            Err(e) if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => {
+                break
+            }
             Err(e) => return Err(ApiError::unavailable(e)),
         }
     }
@@ -513,11 +608,21 @@ pub async fn logs(
         .ok_or_else(|| ApiError::not_found("task"))?;
     let after = p.after.unwrap_or(0);
     // Subscribe before reading, so nothing falls between the read and the wait.
-    let mut sub = state.commands.store().client().subscribe(format!("ud.log.{id}")).await.map_err(ApiError::unavailable)?;
+    let mut sub = state
+        .commands
+        .store()
+        .client()
+        .subscribe(format!("ud.log.{id}"))
+        .await
+        .map_err(ApiError::unavailable)?;
     let mut lines = read_logs(&state, &id, after).await?;
     if lines.is_empty() {
         if let Some(wait) = p.wait.filter(|w| *w > 0) {
-            let _ = tokio::time::timeout(Duration::from_secs(wait.min(30)), futures::StreamExt::next(&mut sub)).await;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(wait.min(30)),
+                futures::StreamExt::next(&mut sub),
+            )
+            .await;
             lines = read_logs(&state, &id, after).await?;
         }
     }

@@ -41,15 +41,35 @@ pub async fn issue(
     Admin(caller): Admin,
     JsonBody(req): JsonBody<IssueTokenRequest>,
 ) -> Result<(StatusCode, Json<IssuedTokenView>), ApiError> {
-    let issued = ud_core::commands::issue_token(state.commands.store(), &req.name, &req.projects, req.admin, &caller.actor()).await?;
-    state.projected.wait(streams::AUTH, issued.seq, WAIT_PROJECTED).await;
-    Ok((StatusCode::CREATED, Json(IssuedTokenView { id: issued.token_id.to_string(), token: issued.secret })))
+    let issued = ud_core::commands::issue_token(
+        state.commands.store(),
+        &req.name,
+        &req.projects,
+        req.admin,
+        &caller.actor(),
+    )
+    .await?;
+    state
+        .projected
+        .wait(streams::AUTH, issued.seq, WAIT_PROJECTED)
+        .await;
+    Ok((
+        StatusCode::CREATED,
+        Json(IssuedTokenView {
+            id: issued.token_id.to_string(),
+            token: issued.secret,
+        }),
+    ))
 }
 
 /// Revoke a token (admin).
 #[utoipa::path(delete, path = "/api/v1/tokens/{id}", tag = "tokens", params(("id" = String, Path)),
     responses((status = 204), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
-pub async fn revoke(State(state): State<AppState>, Admin(caller): Admin, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+pub async fn revoke(
+    State(state): State<AppState>,
+    Admin(caller): Admin,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
     let id = id.parse().map_err(|_| ApiError::not_found("token"))?;
     let seq = ud_core::commands::revoke_token(state.commands.store(), id, &caller.actor())
         .await
@@ -57,6 +77,9 @@ pub async fn revoke(State(state): State<AppState>, Admin(caller): Admin, Path(id
             ud_core::CommandError::NotFound => ApiError::not_found("token"),
             other => other.into(),
         })?;
-    state.projected.wait(streams::AUTH, seq, WAIT_PROJECTED).await;
+    state
+        .projected
+        .wait(streams::AUTH, seq, WAIT_PROJECTED)
+        .await;
     Ok(StatusCode::NO_CONTENT)
 }

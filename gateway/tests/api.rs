@@ -11,39 +11,85 @@ use serde_json::{json, Value};
 async fn submit_read_list_history_cancel() -> Result<()> {
     let s = Stack::start().await?;
     let token = s.token(&["lab"]).await?;
-    let resp = s.http.post(s.url("/api/v1/tasks?wait=projected")).bearer_auth(&token).json(&task("lab")).send().await?;
+    let resp = s
+        .http
+        .post(s.url("/api/v1/tasks?wait=projected"))
+        .bearer_auth(&token)
+        .json(&task("lab"))
+        .send()
+        .await?;
     assert_eq!(resp.status(), StatusCode::ACCEPTED);
     let accepted: Value = resp.json().await?;
     assert_eq!(accepted["projected"], true);
     let id = accepted["task_id"].as_str().unwrap_or_default().to_owned();
 
     // Read-your-writes: the read model has it right away.
-    let t: Value = s.http.get(s.url(&format!("/api/v1/tasks/{id}"))).bearer_auth(&token).send().await?.json().await?;
+    let t: Value = s
+        .http
+        .get(s.url(&format!("/api/v1/tasks/{id}")))
+        .bearer_auth(&token)
+        .send()
+        .await?
+        .json()
+        .await?;
     assert_eq!(t["state"], "pending");
     assert_eq!(t["project"], "lab");
     assert_eq!(t["spec"]["resources"]["cpu_millis"], 2000);
     assert_eq!(t["spec"]["dockerfile_path"], "envs/cpu/Dockerfile");
     assert_eq!(t["submitted_by"], "token:user-lab");
 
-    let resp = s.http.post(s.url(&format!("/api/v1/tasks/{id}/cancel?wait=projected"))).bearer_auth(&token).json(&json!({"reason": "changed my mind"})).send().await?;
+    let resp = s
+        .http
+        .post(s.url(&format!("/api/v1/tasks/{id}/cancel?wait=projected")))
+        .bearer_auth(&token)
+        .json(&json!({"reason": "changed my mind"}))
+        .send()
+        .await?;
     assert_eq!(resp.status(), StatusCode::ACCEPTED);
-    let t: Value = s.http.get(s.url(&format!("/api/v1/tasks/{id}"))).bearer_auth(&token).send().await?.json().await?;
+    let t: Value = s
+        .http
+        .get(s.url(&format!("/api/v1/tasks/{id}")))
+        .bearer_auth(&token)
+        .send()
+        .await?
+        .json()
+        .await?;
     assert_eq!(t["state"], "cancelled");
     assert_eq!(t["reason"], "changed my mind");
     assert_eq!(t["version"], 2);
 
     // Cancelling again is refused, and appends nothing.
     let before = s.tasks_in_stream().await?;
-    let resp = s.http.post(s.url(&format!("/api/v1/tasks/{id}/cancel"))).bearer_auth(&token).send().await?;
+    let resp = s
+        .http
+        .post(s.url(&format!("/api/v1/tasks/{id}/cancel")))
+        .bearer_auth(&token)
+        .send()
+        .await?;
     assert_eq!(resp.status(), StatusCode::CONFLICT);
     let body: Value = resp.json().await?;
     assert_eq!(body["error"], "invalid_state");
     assert_eq!(s.tasks_in_stream().await?, before);
 
-    let history: Value = s.http.get(s.url(&format!("/api/v1/tasks/{id}/events"))).bearer_auth(&token).send().await?.json().await?;
-    let types: Vec<&str> = history.as_array().into_iter().flatten().filter_map(|e| e["type"].as_str()).collect();
+    let history: Value = s
+        .http
+        .get(s.url(&format!("/api/v1/tasks/{id}/events")))
+        .bearer_auth(&token)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let types: Vec<&str> = history
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["type"].as_str())
+        .collect();
     assert_eq!(types, vec!["task.submitted", "task.cancelled"]);
-    assert_eq!(history[0]["data"]["spec"]["command"], json!(["python", "train.py"]));
+    assert_eq!(
+        history[0]["data"]["spec"]["command"],
+        json!(["python", "train.py"])
+    );
     assert_eq!(history[1]["actor"], "token:user-lab");
     assert_eq!(history[0]["schema_version"], 1);
     Ok(())
@@ -53,20 +99,40 @@ async fn submit_read_list_history_cancel() -> Result<()> {
 async fn idempotency_key_returns_the_same_task() -> Result<()> {
     let s = Stack::start().await?;
     let token = s.token(&["lab"]).await?;
-    let send = || s.http.post(s.url("/api/v1/tasks")).bearer_auth(&token).header("Idempotency-Key", "run-42").json(&task("lab")).send();
+    let send = || {
+        s.http
+            .post(s.url("/api/v1/tasks"))
+            .bearer_auth(&token)
+            .header("Idempotency-Key", "run-42")
+            .json(&task("lab"))
+            .send()
+    };
     let first = send().await?;
     assert_eq!(first.status(), StatusCode::ACCEPTED);
     let first: Value = first.json().await?;
     let again = send().await?;
     assert_eq!(again.status(), StatusCode::ACCEPTED);
-    assert_eq!(again.headers().get("idempotent-replayed").map(|v| v.as_bytes()), Some(&b"true"[..]));
+    assert_eq!(
+        again
+            .headers()
+            .get("idempotent-replayed")
+            .map(|v| v.as_bytes()),
+        Some(&b"true"[..])
+    );
     let again: Value = again.json().await?;
     assert_eq!(first["task_id"], again["task_id"]);
     assert_eq!(again["created"], false);
     assert_eq!(s.tasks_in_stream().await?, 1);
     let mut other = task("lab");
     other["command"] = json!(["echo"]);
-    let resp = s.http.post(s.url("/api/v1/tasks")).bearer_auth(&token).header("Idempotency-Key", "run-42").json(&other).send().await?;
+    let resp = s
+        .http
+        .post(s.url("/api/v1/tasks"))
+        .bearer_auth(&token)
+        .header("Idempotency-Key", "run-42")
+        .json(&other)
+        .send()
+        .await?;
     assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(s.tasks_in_stream().await?, 1);
     Ok(())
@@ -82,59 +148,209 @@ async fn bad_input_names_the_field_and_appends_nothing() -> Result<()> {
         t
     };
     let cases: Vec<(String, Value, StatusCode, &str)> = vec![
-        ("missing field".into(), with(&|t| { t.as_object_mut().map(|o| o.remove("code_commit_id")); }), StatusCode::BAD_REQUEST, "code_commit_id"),
-        ("unknown field".into(), with(&|t| t["colour"] = json!("red")), StatusCode::BAD_REQUEST, "colour"),
-        ("short commit".into(), with(&|t| t["code_commit_id"] = json!("abc123")), StatusCode::BAD_REQUEST, "code_commit_id"),
-        ("branch name".into(), with(&|t| t["env_commit_id"] = json!("main")), StatusCode::BAD_REQUEST, "env_commit_id"),
-        ("credentials in the URL".into(), with(&|t| t["code_repo_url"] = json!("https://me:secret@x.org/r.git")), StatusCode::BAD_REQUEST, "code_repo_url"),
-        ("ftp scheme".into(), with(&|t| t["env_repo_url"] = json!("ftp://x.org/r.git")), StatusCode::BAD_REQUEST, "env_repo_url"),
-        ("escaping dockerfile".into(), with(&|t| t["dockerfile_path"] = json!("../../etc/Dockerfile")), StatusCode::BAD_REQUEST, "dockerfile_path"),
-        ("absolute dockerfile".into(), with(&|t| t["dockerfile_path"] = json!("/Dockerfile")), StatusCode::BAD_REQUEST, "dockerfile_path"),
-        ("negative memory".into(), with(&|t| t["resources"]["memory_mb"] = json!(-1)), StatusCode::BAD_REQUEST, "resources.memory_mb"),
-        ("absurd cpus".into(), with(&|t| t["resources"]["cpus"] = json!(1e9)), StatusCode::BAD_REQUEST, "resources.cpus"),
-        ("absurd gpus".into(), with(&|t| t["resources"]["gpus"] = json!(1000)), StatusCode::BAD_REQUEST, "resources.gpus"),
-        ("wrong type".into(), with(&|t| t["resources"]["gpus"] = json!("two")), StatusCode::BAD_REQUEST, "resources.gpus"),
-        ("empty command".into(), with(&|t| t["command"] = json!([])), StatusCode::BAD_REQUEST, "command"),
-        ("bad env name".into(), with(&|t| t["env"] = json!({"1BAD": "x"})), StatusCode::BAD_REQUEST, "env.1BAD"),
-        ("zero timeout".into(), with(&|t| t["timeout_seconds"] = json!(0)), StatusCode::BAD_REQUEST, "timeout_seconds"),
-        ("bad retry".into(), with(&|t| t["retry"]["max_attempts"] = json!(0)), StatusCode::BAD_REQUEST, "retry.max_attempts"),
-        ("bad project".into(), with(&|t| t["project"] = json!("Not A Project")), StatusCode::BAD_REQUEST, "project"),
-        ("other project".into(), with(&|t| t["project"] = json!("secret")), StatusCode::FORBIDDEN, ""),
+        (
+            "missing field".into(),
+            with(&|t| {
+                t.as_object_mut().map(|o| o.remove("code_commit_id"));
+            }),
+            StatusCode::BAD_REQUEST,
+            "code_commit_id",
+        ),
+        (
+            "unknown field".into(),
+            with(&|t| t["colour"] = json!("red")),
+            StatusCode::BAD_REQUEST,
+            "colour",
+        ),
+        (
+            "short commit".into(),
+            with(&|t| t["code_commit_id"] = json!("abc123")),
+            StatusCode::BAD_REQUEST,
+            "code_commit_id",
+        ),
+        (
+            "branch name".into(),
+            with(&|t| t["env_commit_id"] = json!("main")),
+            StatusCode::BAD_REQUEST,
+            "env_commit_id",
+        ),
+        (
+            "credentials in the URL".into(),
+            with(&|t| t["code_repo_url"] = json!("https://me:secret@x.org/r.git")),
+            StatusCode::BAD_REQUEST,
+            "code_repo_url",
+        ),
+        (
+            "ftp scheme".into(),
+            with(&|t| t["env_repo_url"] = json!("ftp://x.org/r.git")),
+            StatusCode::BAD_REQUEST,
+            "env_repo_url",
+        ),
+        (
+            "escaping dockerfile".into(),
+            with(&|t| t["dockerfile_path"] = json!("../../etc/Dockerfile")),
+            StatusCode::BAD_REQUEST,
+            "dockerfile_path",
+        ),
+        (
+            "absolute dockerfile".into(),
+            with(&|t| t["dockerfile_path"] = json!("/Dockerfile")),
+            StatusCode::BAD_REQUEST,
+            "dockerfile_path",
+        ),
+        (
+            "negative memory".into(),
+            with(&|t| t["resources"]["memory_mb"] = json!(-1)),
+            StatusCode::BAD_REQUEST,
+            "resources.memory_mb",
+        ),
+        (
+            "absurd cpus".into(),
+            with(&|t| t["resources"]["cpus"] = json!(1e9)),
+            StatusCode::BAD_REQUEST,
+            "resources.cpus",
+        ),
+        (
+            "absurd gpus".into(),
+            with(&|t| t["resources"]["gpus"] = json!(1000)),
+            StatusCode::BAD_REQUEST,
+            "resources.gpus",
+        ),
+        (
+            "wrong type".into(),
+            with(&|t| t["resources"]["gpus"] = json!("two")),
+            StatusCode::BAD_REQUEST,
+            "resources.gpus",
+        ),
+        (
+            "empty command".into(),
+            with(&|t| t["command"] = json!([])),
+            StatusCode::BAD_REQUEST,
+            "command",
+        ),
+        (
+            "bad env name".into(),
+            with(&|t| t["env"] = json!({"1BAD": "x"})),
+            StatusCode::BAD_REQUEST,
+            "env.1BAD",
+        ),
+        (
+            "zero timeout".into(),
+            with(&|t| t["timeout_seconds"] = json!(0)),
+            StatusCode::BAD_REQUEST,
+            "timeout_seconds",
+        ),
+        (
+            "bad retry".into(),
+            with(&|t| t["retry"]["max_attempts"] = json!(0)),
+            StatusCode::BAD_REQUEST,
+            "retry.max_attempts",
+        ),
+        (
+            "bad project".into(),
+            with(&|t| t["project"] = json!("Not A Project")),
+            StatusCode::BAD_REQUEST,
+            "project",
+        ),
+        (
+            "other project".into(),
+            with(&|t| t["project"] = json!("secret")),
+            StatusCode::FORBIDDEN,
+            "",
+        ),
     ];
     for (name, body, status, field) in cases {
-        let resp = s.http.post(s.url("/api/v1/tasks")).bearer_auth(&token).json(&body).send().await?;
+        let resp = s
+            .http
+            .post(s.url("/api/v1/tasks"))
+            .bearer_auth(&token)
+            .json(&body)
+            .send()
+            .await?;
         assert_eq!(resp.status(), status, "{name}");
         let err: Value = resp.json().await?;
-        assert!(err["message"].as_str().is_some_and(|m| !m.is_empty()), "{name}: {err}");
+        assert!(
+            err["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{name}: {err}"
+        );
         if !field.is_empty() {
-            let fields: Vec<&str> = err["fields"].as_array().into_iter().flatten().filter_map(|f| f["field"].as_str()).collect();
+            let fields: Vec<&str> = err["fields"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|f| f["field"].as_str())
+                .collect();
             assert!(fields.contains(&field), "{name}: expected {field} in {err}");
         }
     }
     // Malformed JSON and oversized bodies.
-    let resp = s.http.post(s.url("/api/v1/tasks")).bearer_auth(&token).header("content-type", "application/json").body("{\"project\": ").send().await?;
+    let resp = s
+        .http
+        .post(s.url("/api/v1/tasks"))
+        .bearer_auth(&token)
+        .header("content-type", "application/json")
+        .body("{\"project\": ")
+        .send()
+        .await?;
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
     assert_eq!(resp.json::<Value>().await?["error"], "invalid_request");
     let mut huge = task("lab");
     huge["args"] = json!(vec!["x".repeat(1000); 400]);
-    let resp = s.http.post(s.url("/api/v1/tasks")).bearer_auth(&token).json(&huge).send().await?;
+    let resp = s
+        .http
+        .post(s.url("/api/v1/tasks"))
+        .bearer_auth(&token)
+        .json(&huge)
+        .send()
+        .await?;
     assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(resp.json::<Value>().await?["error"], "body_too_large");
-    let resp = s.http.post(s.url("/api/v1/tasks")).bearer_auth(&token).header("Idempotency-Key", "has space").json(&task("lab")).send().await?;
+    let resp = s
+        .http
+        .post(s.url("/api/v1/tasks"))
+        .bearer_auth(&token)
+        .header("Idempotency-Key", "has space")
+        .json(&task("lab"))
+        .send()
+        .await?;
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
-    assert_eq!(s.tasks_in_stream().await?, 0, "a rejected request appended an event");
+    assert_eq!(
+        s.tasks_in_stream().await?,
+        0,
+        "a rejected request appended an event"
+    );
 
     // Unknown ids.
-    for path in ["/api/v1/tasks/0190f000-0000-7000-8000-000000000000", "/api/v1/tasks/not-an-id", "/api/v1/nodes/nope", "/api/v1/tasks/0190f000-0000-7000-8000-000000000000/events"] {
+    for path in [
+        "/api/v1/tasks/0190f000-0000-7000-8000-000000000000",
+        "/api/v1/tasks/not-an-id",
+        "/api/v1/nodes/nope",
+        "/api/v1/tasks/0190f000-0000-7000-8000-000000000000/events",
+    ] {
         let resp = s.http.get(s.url(path)).bearer_auth(&token).send().await?;
         assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{path}");
         assert_eq!(resp.json::<Value>().await?["error"], "not_found");
     }
-    let resp = s.http.post(s.url("/api/v1/tasks/0190f000-0000-7000-8000-000000000000/cancel")).bearer_auth(&token).send().await?;
+    let resp = s
+        .http
+        .post(s.url("/api/v1/tasks/0190f000-0000-7000-8000-000000000000/cancel"))
+        .bearer_auth(&token)
+        .send()
+        .await?;
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
-    let resp = s.http.get(s.url("/api/v1/tasks?state=bogus")).bearer_auth(&token).send().await?;
+    let resp = s
+        .http
+        .get(s.url("/api/v1/tasks?state=bogus"))
+        .bearer_auth(&token)
+        .send()
+        .await?;
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
-    let resp = s.http.get(s.url("/api/v1/tasks?limit=0")).bearer_auth(&token).send().await?;
+    let resp = s
+        .http
+        .get(s.url("/api/v1/tasks?limit=0"))
+        .bearer_auth(&token)
+        .send()
+        .await?;
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
     Ok(())
 }
@@ -146,30 +362,91 @@ async fn tokens_are_required_scoped_and_revocable() -> Result<()> {
     let other = s.token(&["other"]).await?;
     let resp = s.http.get(s.url("/api/v1/tasks")).send().await?;
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
-    let resp = s.http.get(s.url("/api/v1/tasks")).bearer_auth("udt_wrong").send().await?;
+    let resp = s
+        .http
+        .get(s.url("/api/v1/tasks"))
+        .bearer_auth("udt_wrong")
+        .send()
+        .await?;
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     // Non-admins cannot issue tokens.
-    let resp = s.http.post(s.url("/api/v1/tokens")).bearer_auth(&lab).json(&json!({"name": "x", "projects": ["lab"]})).send().await?;
+    let resp = s
+        .http
+        .post(s.url("/api/v1/tokens"))
+        .bearer_auth(&lab)
+        .json(&json!({"name": "x", "projects": ["lab"]}))
+        .send()
+        .await?;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
 
-    let a: Value = s.http.post(s.url("/api/v1/tasks?wait=projected")).bearer_auth(&lab).json(&task("lab")).send().await?.json().await?;
-    let b: Value = s.http.post(s.url("/api/v1/tasks?wait=projected")).bearer_auth(&other).json(&task("other")).send().await?.json().await?;
+    let a: Value = s
+        .http
+        .post(s.url("/api/v1/tasks?wait=projected"))
+        .bearer_auth(&lab)
+        .json(&task("lab"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let b: Value = s
+        .http
+        .post(s.url("/api/v1/tasks?wait=projected"))
+        .bearer_auth(&other)
+        .json(&task("other"))
+        .send()
+        .await?
+        .json()
+        .await?;
     let lab_id = a["task_id"].as_str().unwrap_or_default();
     let other_id = b["task_id"].as_str().unwrap_or_default();
     // Each token sees only its own project's task.
-    let page: Value = s.http.get(s.url("/api/v1/tasks")).bearer_auth(&lab).send().await?.json().await?;
-    let ids: Vec<&str> = page["items"].as_array().into_iter().flatten().filter_map(|t| t["id"].as_str()).collect();
+    let page: Value = s
+        .http
+        .get(s.url("/api/v1/tasks"))
+        .bearer_auth(&lab)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let ids: Vec<&str> = page["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t["id"].as_str())
+        .collect();
     assert_eq!(ids, vec![lab_id]);
-    let page: Value = s.http.get(s.url("/api/v1/tasks?project=other")).bearer_auth(&lab).send().await?.json().await?;
+    let page: Value = s
+        .http
+        .get(s.url("/api/v1/tasks?project=other"))
+        .bearer_auth(&lab)
+        .send()
+        .await?
+        .json()
+        .await?;
     assert_eq!(page["items"].as_array().map(Vec::len), Some(0));
-    for path in [format!("/api/v1/tasks/{other_id}"), format!("/api/v1/tasks/{other_id}/events")] {
+    for path in [
+        format!("/api/v1/tasks/{other_id}"),
+        format!("/api/v1/tasks/{other_id}/events"),
+    ] {
         let resp = s.http.get(s.url(&path)).bearer_auth(&lab).send().await?;
         assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{path}");
     }
-    let resp = s.http.post(s.url(&format!("/api/v1/tasks/{other_id}/cancel"))).bearer_auth(&lab).send().await?;
+    let resp = s
+        .http
+        .post(s.url(&format!("/api/v1/tasks/{other_id}/cancel")))
+        .bearer_auth(&lab)
+        .send()
+        .await?;
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
     // The admin sees both.
-    let page: Value = s.http.get(s.url("/api/v1/tasks")).bearer_auth(&s.admin).send().await?.json().await?;
+    let page: Value = s
+        .http
+        .get(s.url("/api/v1/tasks"))
+        .bearer_auth(&s.admin)
+        .send()
+        .await?
+        .json()
+        .await?;
     assert_eq!(page["items"].as_array().map(Vec::len), Some(2));
 
     // Tokens are stored as digests only.
@@ -185,14 +462,35 @@ async fn tokens_are_required_scoped_and_revocable() -> Result<()> {
         .await?;
     for e in &history {
         let json = ud_schemas::codec::event_data_json(&e.envelope.event).to_string();
-        assert!(!json.contains(&lab[4..]) && !json.contains(&other[4..]), "a secret reached the stream");
+        assert!(
+            !json.contains(&lab[4..]) && !json.contains(&other[4..]),
+            "a secret reached the stream"
+        );
     }
 
     // Revocation.
-    let ids: Vec<uuid::Uuid> = c.query("SELECT id FROM api_tokens WHERE projects = ARRAY['lab']", &[]).await?.iter().map(|r| r.get(0)).collect();
-    let resp = s.http.delete(s.url(&format!("/api/v1/tokens/{}", ids[0]))).bearer_auth(&s.admin).send().await?;
+    let ids: Vec<uuid::Uuid> = c
+        .query(
+            "SELECT id FROM api_tokens WHERE projects = ARRAY['lab']",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let resp = s
+        .http
+        .delete(s.url(&format!("/api/v1/tokens/{}", ids[0])))
+        .bearer_auth(&s.admin)
+        .send()
+        .await?;
     assert_eq!(resp.status(), StatusCode::NO_CONTENT);
-    let resp = s.http.get(s.url("/api/v1/tasks")).bearer_auth(&lab).send().await?;
+    let resp = s
+        .http
+        .get(s.url("/api/v1/tasks"))
+        .bearer_auth(&lab)
+        .send()
+        .await?;
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     Ok(())
 }
@@ -203,15 +501,41 @@ async fn list_filters_and_pages() -> Result<()> {
     let token = s.token(&["lab"]).await?;
     let mut ids = Vec::new();
     for _ in 0..7 {
-        let v: Value = s.http.post(s.url("/api/v1/tasks?wait=projected")).bearer_auth(&token).json(&task("lab")).send().await?.json().await?;
+        let v: Value = s
+            .http
+            .post(s.url("/api/v1/tasks?wait=projected"))
+            .bearer_auth(&token)
+            .json(&task("lab"))
+            .send()
+            .await?
+            .json()
+            .await?;
         ids.push(v["task_id"].as_str().unwrap_or_default().to_owned());
     }
-    s.http.post(s.url(&format!("/api/v1/tasks/{}/cancel?wait=projected", ids[2]))).bearer_auth(&token).send().await?.error_for_status()?;
+    s.http
+        .post(s.url(&format!("/api/v1/tasks/{}/cancel?wait=projected", ids[2])))
+        .bearer_auth(&token)
+        .send()
+        .await?
+        .error_for_status()?;
     let mut seen = Vec::new();
     let mut url = s.url("/api/v1/tasks?limit=3");
     loop {
-        let page: Value = s.http.get(&url).bearer_auth(&token).send().await?.json().await?;
-        seen.extend(page["items"].as_array().into_iter().flatten().filter_map(|t| t["id"].as_str().map(str::to_owned)));
+        let page: Value = s
+            .http
+            .get(&url)
+            .bearer_auth(&token)
+            .send()
+            .await?
+            .json()
+            .await?;
+        seen.extend(
+            page["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|t| t["id"].as_str().map(str::to_owned)),
+        );
         match page["next"].as_str() {
             Some(next) => url = s.url(&format!("/api/v1/tasks?limit=3&before={next}")),
             None => break,
@@ -219,9 +543,23 @@ async fn list_filters_and_pages() -> Result<()> {
     }
     ids.reverse();
     assert_eq!(seen, ids, "newest first, every task exactly once");
-    let page: Value = s.http.get(s.url("/api/v1/tasks?state=cancelled")).bearer_auth(&token).send().await?.json().await?;
+    let page: Value = s
+        .http
+        .get(s.url("/api/v1/tasks?state=cancelled"))
+        .bearer_auth(&token)
+        .send()
+        .await?
+        .json()
+        .await?;
     assert_eq!(page["items"].as_array().map(Vec::len), Some(1));
-    let page: Value = s.http.get(s.url("/api/v1/tasks?state=pending&project=lab")).bearer_auth(&token).send().await?.json().await?;
+    let page: Value = s
+        .http
+        .get(s.url("/api/v1/tasks?state=pending&project=lab"))
+        .bearer_auth(&token)
+        .send()
+        .await?
+        .json()
+        .await?;
     assert_eq!(page["items"].as_array().map(Vec::len), Some(6));
     Ok(())
 }
@@ -232,48 +570,145 @@ async fn cancelling_a_project_cancels_its_unfinished_tasks_only() -> Result<()> 
     let token = s.token(&["lab", "other"]).await?;
     let outsider = s.token(&["other"]).await?;
     let submit = |project: &'static str| {
-        let (http, url, token) = (s.http.clone(), s.url("/api/v1/tasks?wait=projected"), token.clone());
+        let (http, url, token) = (
+            s.http.clone(),
+            s.url("/api/v1/tasks?wait=projected"),
+            token.clone(),
+        );
         async move {
-            let v: Value = http.post(url).bearer_auth(&token).json(&task(project)).send().await?.json().await?;
+            let v: Value = http
+                .post(url)
+                .bearer_auth(&token)
+                .json(&task(project))
+                .send()
+                .await?
+                .json()
+                .await?;
             anyhow::Ok(v["task_id"].as_str().unwrap_or_default().to_owned())
         }
     };
-    let lab: Vec<String> = vec![submit("lab").await?, submit("lab").await?, submit("lab").await?];
+    let lab: Vec<String> = vec![
+        submit("lab").await?,
+        submit("lab").await?,
+        submit("lab").await?,
+    ];
     let kept = submit("other").await?;
     // One of them has finished already.
-    s.http.post(s.url(&format!("/api/v1/tasks/{}/cancel?wait=projected", lab[0]))).bearer_auth(&token).send().await?.error_for_status()?;
+    s.http
+        .post(s.url(&format!("/api/v1/tasks/{}/cancel?wait=projected", lab[0])))
+        .bearer_auth(&token)
+        .send()
+        .await?
+        .error_for_status()?;
     // A token of another project cannot.
-    let resp = s.http.post(s.url("/api/v1/projects/lab/cancel")).bearer_auth(&outsider).send().await?;
+    let resp = s
+        .http
+        .post(s.url("/api/v1/projects/lab/cancel"))
+        .bearer_auth(&outsider)
+        .send()
+        .await?;
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
-    let resp = s.http.post(s.url("/api/v1/projects/lab/cancel")).bearer_auth(&token).json(&serde_json::json!({"reason": "budget"})).send().await?;
+    let resp = s
+        .http
+        .post(s.url("/api/v1/projects/lab/cancel"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"reason": "budget"}))
+        .send()
+        .await?;
     assert_eq!(resp.status(), StatusCode::OK);
     let out: Value = resp.json().await?;
-    let mut cancelled: Vec<String> = out["cancelled"].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(str::to_owned)).collect();
+    let mut cancelled: Vec<String> = out["cancelled"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str().map(str::to_owned))
+        .collect();
     cancelled.sort();
     let mut expected = lab[1..].to_vec();
     expected.sort();
     assert_eq!(cancelled, expected);
     for id in &lab[1..] {
-        let t: Value = s.http.get(s.url(&format!("/api/v1/tasks/{id}"))).bearer_auth(&token).send().await?.json().await?;
-        assert_eq!((t["state"].as_str(), t["reason"].as_str()), (Some("cancelled"), Some("budget")), "{t}");
+        let t: Value = s
+            .http
+            .get(s.url(&format!("/api/v1/tasks/{id}")))
+            .bearer_auth(&token)
+            .send()
+            .await?
+            .json()
+            .await?;
+        assert_eq!(
+            (t["state"].as_str(), t["reason"].as_str()),
+            (Some("cancelled"), Some("budget")),
+            "{t}"
+        );
     }
-    let t: Value = s.http.get(s.url(&format!("/api/v1/tasks/{kept}"))).bearer_auth(&token).send().await?.json().await?;
+    let t: Value = s
+        .http
+        .get(s.url(&format!("/api/v1/tasks/{kept}")))
+        .bearer_auth(&token)
+        .send()
+        .await?
+        .json()
+        .await?;
     assert_eq!(t["state"], "pending");
     // A queue: only its tasks, and only those the token may see.
     let mut queued = task("other");
     queued["queue"] = serde_json::json!("night");
-    let v: Value = s.http.post(s.url("/api/v1/tasks?wait=projected")).bearer_auth(&token).json(&queued).send().await?.json().await?;
+    let v: Value = s
+        .http
+        .post(s.url("/api/v1/tasks?wait=projected"))
+        .bearer_auth(&token)
+        .json(&queued)
+        .send()
+        .await?
+        .json()
+        .await?;
     let night = v["task_id"].as_str().unwrap_or_default().to_owned();
     let mut hidden = task("lab");
     hidden["queue"] = serde_json::json!("night");
-    let v: Value = s.http.post(s.url("/api/v1/tasks?wait=projected")).bearer_auth(&token).json(&hidden).send().await?.json().await?;
+    let v: Value = s
+        .http
+        .post(s.url("/api/v1/tasks?wait=projected"))
+        .bearer_auth(&token)
+        .json(&hidden)
+        .send()
+        .await?
+        .json()
+        .await?;
     let lab_night = v["task_id"].as_str().unwrap_or_default().to_owned();
-    let out: Value = s.http.post(s.url("/api/v1/queues/night/cancel")).bearer_auth(&outsider).send().await?.json().await?;
+    let out: Value = s
+        .http
+        .post(s.url("/api/v1/queues/night/cancel"))
+        .bearer_auth(&outsider)
+        .send()
+        .await?
+        .json()
+        .await?;
     assert_eq!(out["cancelled"], serde_json::json!([night]));
-    let t: Value = s.http.get(s.url(&format!("/api/v1/tasks/{kept}"))).bearer_auth(&token).send().await?.json().await?;
-    assert_eq!(t["state"], "pending", "a task of another queue was cancelled");
-    let t: Value = s.http.get(s.url(&format!("/api/v1/tasks/{lab_night}"))).bearer_auth(&token).send().await?.json().await?;
-    assert_eq!(t["state"], "pending", "a task the token may not see was cancelled");
+    let t: Value = s
+        .http
+        .get(s.url(&format!("/api/v1/tasks/{kept}")))
+        .bearer_auth(&token)
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(
+        t["state"], "pending",
+        "a task of another queue was cancelled"
+    );
+    let t: Value = s
+        .http
+        .get(s.url(&format!("/api/v1/tasks/{lab_night}")))
+        .bearer_auth(&token)
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(
+        t["state"], "pending",
+        "a task the token may not see was cancelled"
+    );
     Ok(())
 }
 
@@ -281,14 +716,46 @@ async fn cancelling_a_project_cancels_its_unfinished_tasks_only() -> Result<()> 
 async fn concurrent_cancels_one_wins_the_rest_get_409() -> Result<()> {
     let s = Stack::start().await?;
     let token = s.token(&["lab"]).await?;
-    let v: Value = s.http.post(s.url("/api/v1/tasks")).bearer_auth(&token).json(&task("lab")).send().await?.json().await?;
+    let v: Value = s
+        .http
+        .post(s.url("/api/v1/tasks"))
+        .bearer_auth(&token)
+        .json(&task("lab"))
+        .send()
+        .await?
+        .json()
+        .await?;
     let id = v["task_id"].as_str().unwrap_or_default().to_owned();
     let url = s.url(&format!("/api/v1/tasks/{id}/cancel"));
-    let results = futures::future::join_all((0..8).map(|_| s.http.post(&url).bearer_auth(&token).send())).await;
-    let statuses: Vec<StatusCode> = results.into_iter().map(|r| r.map(|r| r.status())).collect::<Result<_, _>>()?;
-    assert_eq!(statuses.iter().filter(|s| **s == StatusCode::ACCEPTED).count(), 1, "{statuses:?}");
-    assert!(statuses.iter().all(|s| *s == StatusCode::ACCEPTED || *s == StatusCode::CONFLICT), "{statuses:?}");
-    let history: Value = s.http.get(s.url(&format!("/api/v1/tasks/{id}/events"))).bearer_auth(&token).send().await?.json().await?;
+    let results =
+        futures::future::join_all((0..8).map(|_| s.http.post(&url).bearer_auth(&token).send()))
+            .await;
+    let statuses: Vec<StatusCode> = results
+        .into_iter()
+        .map(|r| r.map(|r| r.status()))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(
+        statuses
+            .iter()
+            .filter(|s| **s == StatusCode::ACCEPTED)
+            .count(),
+        1,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses
+            .iter()
+            .all(|s| *s == StatusCode::ACCEPTED || *s == StatusCode::CONFLICT),
+        "{statuses:?}"
+    );
+    let history: Value = s
+        .http
+        .get(s.url(&format!("/api/v1/tasks/{id}/events")))
+        .bearer_auth(&token)
+        .send()
+        .await?
+        .json()
+        .await?;
     assert_eq!(history.as_array().map(Vec::len), Some(2));
     Ok(())
 }
@@ -296,19 +763,48 @@ async fn concurrent_cancels_one_wins_the_rest_get_409() -> Result<()> {
 #[tokio::test]
 async fn openapi_document_is_served_and_matches_the_committed_one() -> Result<()> {
     let s = Stack::start().await?;
-    let served: Value = s.http.get(s.url("/api/v1/openapi.json")).send().await?.json().await?;
+    let served: Value = s
+        .http
+        .get(s.url("/api/v1/openapi.json"))
+        .send()
+        .await?
+        .json()
+        .await?;
     let committed_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("openapi.json");
     let generated = ud_gateway::openapi::json();
     if std::env::var_os("UD_BLESS").is_some() {
         std::fs::write(&committed_path, format!("{generated}\n"))?;
     }
     let committed: Value = serde_json::from_str(&std::fs::read_to_string(&committed_path)?)?;
-    assert_eq!(served, committed, "gateway/openapi.json is out of date: run with UD_BLESS=1");
-    for path in ["/api/v1/tasks", "/api/v1/tasks/{id}", "/api/v1/tasks/{id}/events", "/api/v1/tasks/{id}/cancel", "/api/v1/nodes", "/api/v1/nodes/{id}", "/api/v1/tokens"] {
-        assert!(served["paths"][path].is_object(), "{path} missing from the OpenAPI document");
+    assert_eq!(
+        served, committed,
+        "gateway/openapi.json is out of date: run with UD_BLESS=1"
+    );
+    for path in [
+        "/api/v1/tasks",
+        "/api/v1/tasks/{id}",
+        "/api/v1/tasks/{id}/events",
+        "/api/v1/tasks/{id}/cancel",
+        "/api/v1/nodes",
+        "/api/v1/nodes/{id}",
+        "/api/v1/tokens",
+    ] {
+        assert!(
+            served["paths"][path].is_object(),
+            "{path} missing from the OpenAPI document"
+        );
     }
-    for field in ["code_repo_url", "code_commit_id", "env_repo_url", "env_commit_id", "dockerfile_path"] {
-        assert!(served["components"]["schemas"]["SubmitTask"]["properties"][field].is_object(), "{field}");
+    for field in [
+        "code_repo_url",
+        "code_commit_id",
+        "env_repo_url",
+        "env_commit_id",
+        "dockerfile_path",
+    ] {
+        assert!(
+            served["components"]["schemas"]["SubmitTask"]["properties"][field].is_object(),
+            "{field}"
+        );
     }
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! PostgreSQL access: a pool bound to one schema, migrations, batch writers.
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use deadpool_postgres::GenericClient;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 use ud_schemas::{NodeId, TaskId, TokenId};
 
@@ -20,23 +20,42 @@ pub struct Db {
 }
 
 fn valid_schema(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 63 && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
 impl Db {
-    pub async fn connect(url: &str, schema: &str, max_size: usize) -> Result<Self, ProjectionError> {
+    pub async fn connect(
+        url: &str,
+        schema: &str,
+        max_size: usize,
+    ) -> Result<Self, ProjectionError> {
         if !valid_schema(schema) {
-            return Err(ProjectionError::Config(format!("schema name {schema:?}: use a-z, 0-9 and '_'")));
+            return Err(ProjectionError::Config(format!(
+                "schema name {schema:?}: use a-z, 0-9 and '_'"
+            )));
         }
-        let mut cfg: tokio_postgres::Config =
-            url.parse().map_err(|e| ProjectionError::Config(format!("database URL: {e}")))?;
+        let mut cfg: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| ProjectionError::Config(format!("database URL: {e}")))?;
         cfg.options(format!("-c search_path={schema}"));
-        let mgr = Manager::from_config(cfg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let mgr = Manager::from_config(
+            cfg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
         let pool = Pool::builder(mgr)
             .max_size(max_size)
             .build()
             .map_err(|e| ProjectionError::Config(e.to_string()))?;
-        let db = Self { pool, schema: schema.to_owned() };
+        let db = Self {
+            pool,
+            schema: schema.to_owned(),
+        };
         // Fail early with the real reason (wrong password, no server).
         let _probe = db.client().await?;
         Ok(db)
@@ -51,7 +70,10 @@ impl Db {
     }
 
     pub async fn client(&self) -> Result<deadpool_postgres::Object, ProjectionError> {
-        self.pool.get().await.map_err(|e| ProjectionError::Db(e.to_string()))
+        self.pool
+            .get()
+            .await
+            .map_err(|e| ProjectionError::Db(e.to_string()))
     }
 
     /// Creates the schema if needed and applies pending migrations.
@@ -81,7 +103,10 @@ impl Db {
         let row = self
             .client()
             .await?
-            .query_opt("SELECT seq FROM projection_checkpoints WHERE stream = $1", &[&stream])
+            .query_opt(
+                "SELECT seq FROM projection_checkpoints WHERE stream = $1",
+                &[&stream],
+            )
             .await?;
         Ok(row.map_or(0, |r| r.get::<_, i64>(0).unsigned_abs()))
     }
@@ -106,7 +131,10 @@ pub(crate) async fn advance_checkpoint(
     if n == 1 {
         Ok(())
     } else {
-        Err(ProjectionError::CheckpointMoved { stream: stream.to_owned(), expected: from })
+        Err(ProjectionError::CheckpointMoved {
+            stream: stream.to_owned(),
+            expected: from,
+        })
     }
 }
 
@@ -155,17 +183,26 @@ pub(crate) fn task_from_row(r: &tokio_postgres::Row) -> TaskRow {
     }
 }
 
-pub(crate) async fn load_tasks(c: &impl GenericClient, ids: &[uuid::Uuid]) -> Result<Vec<TaskRow>, ProjectionError> {
+pub(crate) async fn load_tasks(
+    c: &impl GenericClient,
+    ids: &[uuid::Uuid],
+) -> Result<Vec<TaskRow>, ProjectionError> {
     if ids.is_empty() {
         return Ok(vec![]);
     }
     let rows = c
-        .query(&format!("SELECT {TASK_COLS} FROM tasks WHERE id = ANY($1)"), &[&ids])
+        .query(
+            &format!("SELECT {TASK_COLS} FROM tasks WHERE id = ANY($1)"),
+            &[&ids],
+        )
         .await?;
     Ok(rows.iter().map(task_from_row).collect())
 }
 
-pub(crate) async fn upsert_tasks(c: &impl GenericClient, rows: &[TaskRow]) -> Result<(), ProjectionError> {
+pub(crate) async fn upsert_tasks(
+    c: &impl GenericClient,
+    rows: &[TaskRow],
+) -> Result<(), ProjectionError> {
     if rows.is_empty() {
         return Ok(());
     }
@@ -184,11 +221,14 @@ pub(crate) async fn upsert_tasks(c: &impl GenericClient, rows: &[TaskRow]) -> Re
     let fin_at: Vec<_> = rows.iter().map(|r| r.finished_at).collect();
     let version: Vec<i64> = rows.iter().map(|r| r.version).collect();
     let last_seq: Vec<i64> = rows.iter().map(|r| r.last_seq).collect();
-    let prepared: Vec<Option<&serde_json::Value>> = rows.iter().map(|r| r.prepared.as_ref()).collect();
-    let preparing: Vec<Option<&serde_json::Value>> = rows.iter().map(|r| r.preparing.as_ref()).collect();
+    let prepared: Vec<Option<&serde_json::Value>> =
+        rows.iter().map(|r| r.prepared.as_ref()).collect();
+    let preparing: Vec<Option<&serde_json::Value>> =
+        rows.iter().map(|r| r.preparing.as_ref()).collect();
     let waiting: Vec<Option<&str>> = rows.iter().map(|r| r.waiting_reason.as_deref()).collect();
     let priority: Vec<i32> = rows.iter().map(|r| r.priority).collect();
-    let outputs: Vec<Option<&serde_json::Value>> = rows.iter().map(|r| r.outputs.as_ref()).collect();
+    let outputs: Vec<Option<&serde_json::Value>> =
+        rows.iter().map(|r| r.outputs.as_ref()).collect();
     c.execute(
         &format!(
             "INSERT INTO tasks ({TASK_COLS})
@@ -237,18 +277,27 @@ pub(crate) fn node_from_row(r: &tokio_postgres::Row) -> NodeRow {
     }
 }
 
-pub(crate) async fn load_nodes(c: &impl GenericClient, ids: &[uuid::Uuid]) -> Result<Vec<NodeRow>, ProjectionError> {
+pub(crate) async fn load_nodes(
+    c: &impl GenericClient,
+    ids: &[uuid::Uuid],
+) -> Result<Vec<NodeRow>, ProjectionError> {
     if ids.is_empty() {
         return Ok(vec![]);
     }
     let rows = c
         // Two projectors (nodes, heartbeats) write these rows: lock them, in one order.
-        .query(&format!("SELECT {NODE_COLS} FROM nodes WHERE id = ANY($1) ORDER BY id FOR UPDATE"), &[&ids])
+        .query(
+            &format!("SELECT {NODE_COLS} FROM nodes WHERE id = ANY($1) ORDER BY id FOR UPDATE"),
+            &[&ids],
+        )
         .await?;
     Ok(rows.iter().map(node_from_row).collect())
 }
 
-pub(crate) async fn upsert_nodes(c: &impl GenericClient, rows: &[NodeRow]) -> Result<(), ProjectionError> {
+pub(crate) async fn upsert_nodes(
+    c: &impl GenericClient,
+    rows: &[NodeRow],
+) -> Result<(), ProjectionError> {
     if rows.is_empty() {
         return Ok(());
     }
@@ -289,12 +338,18 @@ pub(crate) async fn upsert_nodes(c: &impl GenericClient, rows: &[NodeRow]) -> Re
 
 const TOKEN_COLS: &str = "id, name, digest, projects, admin, issued_at, revoked_at";
 
-pub(crate) async fn load_tokens(c: &impl GenericClient, ids: &[uuid::Uuid]) -> Result<Vec<TokenRow>, ProjectionError> {
+pub(crate) async fn load_tokens(
+    c: &impl GenericClient,
+    ids: &[uuid::Uuid],
+) -> Result<Vec<TokenRow>, ProjectionError> {
     if ids.is_empty() {
         return Ok(vec![]);
     }
     let rows = c
-        .query(&format!("SELECT {TOKEN_COLS} FROM api_tokens WHERE id = ANY($1)"), &[&ids])
+        .query(
+            &format!("SELECT {TOKEN_COLS} FROM api_tokens WHERE id = ANY($1)"),
+            &[&ids],
+        )
         .await?;
     Ok(rows
         .iter()
@@ -310,7 +365,10 @@ pub(crate) async fn load_tokens(c: &impl GenericClient, ids: &[uuid::Uuid]) -> R
         .collect())
 }
 
-pub(crate) async fn upsert_tokens(c: &impl GenericClient, rows: &[TokenRow]) -> Result<(), ProjectionError> {
+pub(crate) async fn upsert_tokens(
+    c: &impl GenericClient,
+    rows: &[TokenRow],
+) -> Result<(), ProjectionError> {
     for r in rows {
         c.execute(
             &format!(
@@ -338,14 +396,23 @@ pub struct TaskFilter {
     pub limit: i64,
 }
 
-pub async fn get_task(c: &impl GenericClient, id: TaskId) -> Result<Option<TaskRow>, ProjectionError> {
+pub async fn get_task(
+    c: &impl GenericClient,
+    id: TaskId,
+) -> Result<Option<TaskRow>, ProjectionError> {
     let row = c
-        .query_opt(&format!("SELECT {TASK_COLS} FROM tasks WHERE id = $1"), &[&id.0])
+        .query_opt(
+            &format!("SELECT {TASK_COLS} FROM tasks WHERE id = $1"),
+            &[&id.0],
+        )
         .await?;
     Ok(row.as_ref().map(task_from_row))
 }
 
-pub async fn list_tasks(c: &impl GenericClient, f: &TaskFilter) -> Result<Vec<TaskRow>, ProjectionError> {
+pub async fn list_tasks(
+    c: &impl GenericClient,
+    f: &TaskFilter,
+) -> Result<Vec<TaskRow>, ProjectionError> {
     let rows = c
         .query(
             &format!(
@@ -357,7 +424,14 @@ pub async fn list_tasks(c: &impl GenericClient, f: &TaskFilter) -> Result<Vec<Ta
                    AND ($5::text[] IS NULL OR project = ANY($5))
                  ORDER BY id DESC LIMIT $6"
             ),
-            &[&f.state, &f.project, &f.node, &f.before, &f.projects, &f.limit],
+            &[
+                &f.state,
+                &f.project,
+                &f.node,
+                &f.before,
+                &f.projects,
+                &f.limit,
+            ],
         )
         .await?;
     Ok(rows.iter().map(task_from_row).collect())
@@ -365,7 +439,11 @@ pub async fn list_tasks(c: &impl GenericClient, f: &TaskFilter) -> Result<Vec<Ta
 
 /// Ids and projects of the tasks that have not finished, of one project or
 /// of one queue (or both), oldest first.
-pub async fn unfinished_tasks(c: &impl GenericClient, project: Option<&str>, queue: Option<&str>) -> Result<Vec<(TaskId, String)>, ProjectionError> {
+pub async fn unfinished_tasks(
+    c: &impl GenericClient,
+    project: Option<&str>,
+    queue: Option<&str>,
+) -> Result<Vec<(TaskId, String)>, ProjectionError> {
     let rows = c
         .query(
             "SELECT id, project FROM tasks
@@ -379,16 +457,25 @@ pub async fn unfinished_tasks(c: &impl GenericClient, project: Option<&str>, que
     Ok(rows.iter().map(|r| (TaskId(r.get(0)), r.get(1))).collect())
 }
 
-pub async fn get_node(c: &impl GenericClient, id: NodeId) -> Result<Option<NodeRow>, ProjectionError> {
+pub async fn get_node(
+    c: &impl GenericClient,
+    id: NodeId,
+) -> Result<Option<NodeRow>, ProjectionError> {
     let row = c
-        .query_opt(&format!("SELECT {NODE_COLS} FROM nodes WHERE id = $1"), &[&id.0])
+        .query_opt(
+            &format!("SELECT {NODE_COLS} FROM nodes WHERE id = $1"),
+            &[&id.0],
+        )
         .await?;
     Ok(row.as_ref().map(node_from_row))
 }
 
 pub async fn list_nodes(c: &impl GenericClient) -> Result<Vec<NodeRow>, ProjectionError> {
     let rows = c
-        .query(&format!("SELECT {NODE_COLS} FROM nodes ORDER BY name, id"), &[])
+        .query(
+            &format!("SELECT {NODE_COLS} FROM nodes ORDER BY name, id"),
+            &[],
+        )
         .await?;
     Ok(rows.iter().map(node_from_row).collect())
 }

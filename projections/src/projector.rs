@@ -26,7 +26,11 @@ pub struct ProjectorOptions {
 
 impl Default for ProjectorOptions {
     fn default() -> Self {
-        Self { batch_max: 5000, notify: true, linger: Duration::ZERO }
+        Self {
+            batch_max: 5000,
+            notify: true,
+            linger: Duration::ZERO,
+        }
     }
 }
 
@@ -34,8 +38,15 @@ impl ProjectorOptions {
     /// The live options for `stream`: heartbeats linger, everything else is
     /// projected as soon as it arrives (read-your-writes waits on it).
     pub fn live(stream: &str) -> Self {
-        let linger = if stream == streams::HEARTBEATS { Duration::from_millis(250) } else { Duration::ZERO };
-        Self { linger, ..Self::default() }
+        let linger = if stream == streams::HEARTBEATS {
+            Duration::from_millis(250)
+        } else {
+            Duration::ZERO
+        };
+        Self {
+            linger,
+            ..Self::default()
+        }
     }
 }
 
@@ -59,7 +70,12 @@ fn stream_err(e: impl std::fmt::Display) -> ProjectionError {
 
 impl Projector {
     pub fn new(db: Db, js: jetstream::Context, stream: &str, options: ProjectorOptions) -> Self {
-        Self { db, js, stream: stream.to_owned(), options }
+        Self {
+            db,
+            js,
+            stream: stream.to_owned(),
+            options,
+        }
     }
 
     /// Projects until the stream's sequence `until` is applied (`None`: forever).
@@ -72,7 +88,9 @@ impl Projector {
         let stream = self.js.get_stream(&self.stream).await.map_err(stream_err)?;
         let consumer = stream
             .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: applied + 1 },
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: applied + 1,
+                },
                 ..Default::default()
             })
             .await
@@ -101,11 +119,18 @@ impl Projector {
                 .filter_map(|m| {
                     let seq = m.info().ok()?.stream_sequence;
                     let (msg, _) = m.split();
-                    Some(Raw { seq, subject: msg.subject.to_string(), headers: msg.headers, payload: msg.payload })
+                    Some(Raw {
+                        seq,
+                        subject: msg.subject.to_string(),
+                        headers: msg.headers,
+                        payload: msg.payload,
+                    })
                 })
                 .filter(|r| r.seq > applied)
                 .collect();
-            let Some(last) = raws.last().map(|r| r.seq) else { continue };
+            let Some(last) = raws.last().map(|r| r.seq) else {
+                continue;
+            };
             self.apply_batch(&raws, applied, last).await?;
             applied = last;
             debug!(stream = %self.stream, seq = applied, n = raws.len(), "batch projected");
@@ -113,7 +138,10 @@ impl Projector {
                 let _ = self
                     .js
                     .client()
-                    .publish(subjects::projected(&self.stream), applied.to_string().into())
+                    .publish(
+                        subjects::projected(&self.stream),
+                        applied.to_string().into(),
+                    )
                     .await;
             }
             if until.is_some_and(|u| applied >= u) {
@@ -142,9 +170,12 @@ impl Projector {
     async fn run_locked(&self) -> Result<u64, ProjectionError> {
         let lock = self.db.client().await?;
         let key = format!("ud-projector:{}:{}", self.db.schema(), self.stream);
-        lock.execute("SELECT pg_advisory_lock(hashtext($1))", &[&key]).await?;
+        lock.execute("SELECT pg_advisory_lock(hashtext($1))", &[&key])
+            .await?;
         let result = self.run(None).await;
-        let _ = lock.execute("SELECT pg_advisory_unlock(hashtext($1))", &[&key]).await;
+        let _ = lock
+            .execute("SELECT pg_advisory_unlock(hashtext($1))", &[&key])
+            .await;
         result
     }
 
@@ -157,7 +188,15 @@ impl Projector {
                 Ok(env) => decoded.push((r.seq, env)),
                 Err(e) => {
                     warn!(stream = %self.stream, seq = r.seq, subject = %r.subject, error = %e, "undecodable event skipped");
-                    db::record_error(&tx, &self.stream, r.seq, &r.subject, &e.to_string(), &r.payload).await?;
+                    db::record_error(
+                        &tx,
+                        &self.stream,
+                        r.seq,
+                        &r.subject,
+                        &e.to_string(),
+                        &r.payload,
+                    )
+                    .await?;
                 }
             }
         }
@@ -165,7 +204,11 @@ impl Projector {
             streams::TASKS => apply_tasks(&tx, &decoded).await?,
             streams::NODES | streams::HEARTBEATS => apply_nodes(&tx, &decoded).await?,
             streams::AUTH => apply_tokens(&tx, &decoded).await?,
-            other => return Err(ProjectionError::Config(format!("no projection for stream {other}"))),
+            other => {
+                return Err(ProjectionError::Config(format!(
+                    "no projection for stream {other}"
+                )))
+            }
         };
         for (seq, error) in failures {
             if let Some(r) = raws.iter().find(|r| r.seq == seq) {
@@ -206,12 +249,19 @@ fn fold_batch<K: std::hash::Hash + Eq + Copy, R>(
             None => {}
         }
     }
-    let rows = touched.into_iter().filter_map(|k| existing.remove(&k)).collect();
+    let rows = touched
+        .into_iter()
+        .filter_map(|k| existing.remove(&k))
+        .collect();
     (rows, failures)
 }
 
 /// The distinct aggregate ids of a batch, for loading their stored rows.
-fn ids_of<K: Ord + Copy>(decoded: &[(u64, EventEnvelope)], key_of: impl Fn(&EventEnvelope) -> Option<K>, uuid: impl Fn(K) -> uuid::Uuid) -> Vec<uuid::Uuid> {
+fn ids_of<K: Ord + Copy>(
+    decoded: &[(u64, EventEnvelope)],
+    key_of: impl Fn(&EventEnvelope) -> Option<K>,
+    uuid: impl Fn(K) -> uuid::Uuid,
+) -> Vec<uuid::Uuid> {
     let mut keys: Vec<K> = decoded.iter().filter_map(|(_, e)| key_of(e)).collect();
     keys.sort();
     keys.dedup();
@@ -239,37 +289,68 @@ fn token_key(env: &EventEnvelope) -> Option<ud_schemas::TokenId> {
     }
 }
 
-async fn apply_tasks(tx: &deadpool_postgres::Transaction<'_>, decoded: &[(u64, EventEnvelope)]) -> Result<Failures, ProjectionError> {
+async fn apply_tasks(
+    tx: &deadpool_postgres::Transaction<'_>,
+    decoded: &[(u64, EventEnvelope)],
+) -> Result<Failures, ProjectionError> {
     let ids = ids_of(decoded, task_key, |k| k.0);
-    let existing: HashMap<_, TaskRow> = db::load_tasks(tx, &ids).await?.into_iter().map(|r| (r.id, r)).collect();
-    let (rows, failures) = fold_batch(decoded, existing, task_key, |row, env, seq| match &env.event {
-        Event::Task(id, e) => Some(rows::apply_task(row, *id, e, &env.meta.actor, seq).map_err(|e| e.to_string())),
-        _ => None,
+    let existing: HashMap<_, TaskRow> = db::load_tasks(tx, &ids)
+        .await?
+        .into_iter()
+        .map(|r| (r.id, r))
+        .collect();
+    let (rows, failures) = fold_batch(decoded, existing, task_key, |row, env, seq| {
+        match &env.event {
+            Event::Task(id, e) => {
+                Some(rows::apply_task(row, *id, e, &env.meta.actor, seq).map_err(|e| e.to_string()))
+            }
+            _ => None,
+        }
     });
     db::upsert_tasks(tx, &rows).await?;
     Ok(failures)
 }
 
-async fn apply_nodes(tx: &deadpool_postgres::Transaction<'_>, decoded: &[(u64, EventEnvelope)]) -> Result<Failures, ProjectionError> {
+async fn apply_nodes(
+    tx: &deadpool_postgres::Transaction<'_>,
+    decoded: &[(u64, EventEnvelope)],
+) -> Result<Failures, ProjectionError> {
     let ids = ids_of(decoded, node_key, |k| k.0);
-    let existing: HashMap<_, NodeRow> = db::load_nodes(tx, &ids).await?.into_iter().map(|r| (r.id, r)).collect();
-    let (rows, failures) = fold_batch(decoded, existing, node_key, |row, env, seq| match &env.event {
-        // A heartbeat may be projected before its node's registration
-        // (another stream); the next one will land.
-        Event::Node(_, NodeEvent::Heartbeat(_)) if row.is_none() => None,
-        Event::Node(id, e) => Some(rows::apply_node(row, *id, e, seq).map_err(|e| e.to_string())),
-        _ => None,
+    let existing: HashMap<_, NodeRow> = db::load_nodes(tx, &ids)
+        .await?
+        .into_iter()
+        .map(|r| (r.id, r))
+        .collect();
+    let (rows, failures) = fold_batch(decoded, existing, node_key, |row, env, seq| {
+        match &env.event {
+            // A heartbeat may be projected before its node's registration
+            // (another stream); the next one will land.
+            Event::Node(_, NodeEvent::Heartbeat(_)) if row.is_none() => None,
+            Event::Node(id, e) => {
+                Some(rows::apply_node(row, *id, e, seq).map_err(|e| e.to_string()))
+            }
+            _ => None,
+        }
     });
     db::upsert_nodes(tx, &rows).await?;
     Ok(failures)
 }
 
-async fn apply_tokens(tx: &deadpool_postgres::Transaction<'_>, decoded: &[(u64, EventEnvelope)]) -> Result<Failures, ProjectionError> {
+async fn apply_tokens(
+    tx: &deadpool_postgres::Transaction<'_>,
+    decoded: &[(u64, EventEnvelope)],
+) -> Result<Failures, ProjectionError> {
     let ids = ids_of(decoded, token_key, |k| k.0);
-    let existing: HashMap<_, TokenRow> = db::load_tokens(tx, &ids).await?.into_iter().map(|r| (r.id, r)).collect();
-    let (rows, failures) = fold_batch(decoded, existing, token_key, |row, env, _| match &env.event {
-        Event::Auth(id, e) => Some(rows::apply_token(row, *id, e).map_err(|e| e.to_string())),
-        _ => None,
+    let existing: HashMap<_, TokenRow> = db::load_tokens(tx, &ids)
+        .await?
+        .into_iter()
+        .map(|r| (r.id, r))
+        .collect();
+    let (rows, failures) = fold_batch(decoded, existing, token_key, |row, env, _| {
+        match &env.event {
+            Event::Auth(id, e) => Some(rows::apply_token(row, *id, e).map_err(|e| e.to_string())),
+            _ => None,
+        }
     });
     db::upsert_tokens(tx, &rows).await?;
     Ok(failures)

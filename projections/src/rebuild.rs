@@ -21,7 +21,11 @@ pub struct StreamReplay {
 
 /// Replays every projected stream, up to its last sequence at the start,
 /// into `db`'s schema, which is dropped and re-created first.
-pub async fn rebuild(db: &Db, js: &jetstream::Context, batch_max: usize) -> Result<Vec<StreamReplay>, ProjectionError> {
+pub async fn rebuild(
+    db: &Db,
+    js: &jetstream::Context,
+    batch_max: usize,
+) -> Result<Vec<StreamReplay>, ProjectionError> {
     db.reset().await?;
     let mut out = Vec::new();
     for name in streams::PROJECTED {
@@ -35,10 +39,27 @@ pub async fn rebuild(db: &Db, js: &jetstream::Context, batch_max: usize) -> Resu
             .map_err(|e| ProjectionError::Stream(e.to_string()))?
             .state
             .last_sequence;
-        let projector = Projector::new(db.clone(), js.clone(), name, ProjectorOptions { batch_max, notify: false, ..Default::default() });
+        let projector = Projector::new(
+            db.clone(),
+            js.clone(),
+            name,
+            ProjectorOptions {
+                batch_max,
+                notify: false,
+                ..Default::default()
+            },
+        );
         projector.run(Some(last)).await?;
-        info!(stream = name, last_seq = last, schema = db.schema(), "replayed");
-        out.push(StreamReplay { stream: name.to_owned(), last_seq: last });
+        info!(
+            stream = name,
+            last_seq = last,
+            schema = db.schema(),
+            "replayed"
+        );
+        out.push(StreamReplay {
+            stream: name.to_owned(),
+            last_seq: last,
+        });
     }
     Ok(out)
 }
@@ -60,7 +81,11 @@ pub async fn compare(db: &Db, left: &str, right: &str) -> Result<Vec<TableDiff>,
         };
         let l: i64 = client.query_one(&q(left, right), &[]).await?.get(0);
         let r: i64 = client.query_one(&q(right, left), &[]).await?.get(0);
-        out.push(TableDiff { table: table.to_owned(), only_in_left: l, only_in_right: r });
+        out.push(TableDiff {
+            table: table.to_owned(),
+            only_in_left: l,
+            only_in_right: r,
+        });
     }
     Ok(out)
 }

@@ -83,11 +83,20 @@ pub fn apply_task(
     row.version += 1;
     row.last_seq = seq;
     row.updated_at = ts(event.at());
-    let terminal = matches!(row.state.as_str(), "succeeded" | "failed" | "timed_out" | "cancelled");
+    let terminal = matches!(
+        row.state.as_str(),
+        "succeeded" | "failed" | "timed_out" | "cancelled"
+    );
     if terminal {
         return Ok(row);
     }
-    if !matches!(event, TaskEvent::Preparing(_) | TaskEvent::Prepared(_) | TaskEvent::CancelRequested(_) | TaskEvent::Outputs(_)) {
+    if !matches!(
+        event,
+        TaskEvent::Preparing(_)
+            | TaskEvent::Prepared(_)
+            | TaskEvent::CancelRequested(_)
+            | TaskEvent::Outputs(_)
+    ) {
         row.preparing = None;
     }
     if !matches!(event, TaskEvent::Waiting(_) | TaskEvent::Reprioritized(_)) {
@@ -111,7 +120,12 @@ pub fn apply_task(
             row.state = "pending".into();
             row.node_id = None;
             row.exit_code = e.exit_code;
-            row.reason = Some(format!("attempt {} failed: {}; retried from {}", e.attempt, e.reason, ts(e.not_before).to_rfc3339()));
+            row.reason = Some(format!(
+                "attempt {} failed: {}; retried from {}",
+                e.attempt,
+                e.reason,
+                ts(e.not_before).to_rfc3339()
+            ));
         }
         TaskEvent::Lost(e) => {
             row.state = "pending".into();
@@ -119,7 +133,9 @@ pub fn apply_task(
             row.reason = Some(format!("attempt {} lost: {}", e.attempt, e.reason));
         }
         TaskEvent::Preparing(e) => {
-            row.preparing = Some(serde_json::json!({ "step": e.step, "since": ts(e.at), "attempt": e.attempt }));
+            row.preparing = Some(
+                serde_json::json!({ "step": e.step, "since": ts(e.at), "attempt": e.attempt }),
+            );
         }
         TaskEvent::Prepared(e) => {
             row.prepared = serde_json::to_value(e).ok();
@@ -194,7 +210,12 @@ impl NodeRow {
     }
 }
 
-pub fn apply_node(row: Option<NodeRow>, id: NodeId, event: &NodeEvent, seq: u64) -> Result<NodeRow, ApplyError> {
+pub fn apply_node(
+    row: Option<NodeRow>,
+    id: NodeId,
+    event: &NodeEvent,
+    seq: u64,
+) -> Result<NodeRow, ApplyError> {
     let seq = i64::try_from(seq).unwrap_or(i64::MAX);
     let mut row = match (row, event) {
         (_, NodeEvent::Enrolled(e)) => NodeRow {
@@ -282,7 +303,11 @@ pub struct TokenRow {
     pub revoked_at: Option<DateTime<Utc>>,
 }
 
-pub fn apply_token(row: Option<TokenRow>, id: TokenId, event: &AuthEvent) -> Result<TokenRow, ApplyError> {
+pub fn apply_token(
+    row: Option<TokenRow>,
+    id: TokenId,
+    event: &AuthEvent,
+) -> Result<TokenRow, ApplyError> {
     match (row, event) {
         (_, AuthEvent::TokenIssued(e)) => Ok(TokenRow {
             id,

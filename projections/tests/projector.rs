@@ -23,7 +23,11 @@ async fn env() -> Result<Env> {
     let nats = NatsServer::start().await?;
     let store = EventStore::new(nats.connect().await?, None);
     store.ensure_streams(1).await?;
-    Ok(Env { _nats: nats, store, pg: PgDatabase::create().await? })
+    Ok(Env {
+        _nats: nats,
+        store,
+        pg: PgDatabase::create().await?,
+    })
 }
 
 fn spec() -> ud_schemas::TaskSpec {
@@ -46,7 +50,9 @@ fn spec() -> ud_schemas::TaskSpec {
         inputs: vec![],
         outputs: vec![],
     };
-    ud_core::validate::submit_task(&req).map(|(_, s)| s).unwrap_or_else(|e| unreachable!("{e:?}"))
+    ud_core::validate::submit_task(&req)
+        .map(|(_, s)| s)
+        .unwrap_or_else(|e| unreachable!("{e:?}"))
 }
 
 /// Writes a realistic mix: `tasks` tasks through various lifecycles, a few
@@ -55,41 +61,122 @@ async fn write_history(store: &EventStore, tasks: usize) -> Result<usize> {
     let nodes: Vec<NodeId> = (0..3).map(|_| NodeId::new()).collect();
     let mut items = Vec::new();
     for (i, n) in nodes.iter().enumerate() {
-        items.push(Event::Node(*n, NodeEvent::Registered(NodeRegistered {
-            at: 1000 + i as i64,
-            name: format!("node-{i}"),
-            labels: BTreeMap::from([("zone".into(), "a".into())]),
-            resources: NodeResources { cpu_millis: 8000, memory_mb: 32000, ..Default::default() },
-        })));
-        items.push(Event::Node(*n, NodeEvent::Heartbeat(NodeHeartbeat { at: 2000, running_tasks: 1, disk_free_mb: Some(1000), low_disk: false })));
+        items.push(Event::Node(
+            *n,
+            NodeEvent::Registered(NodeRegistered {
+                at: 1000 + i as i64,
+                name: format!("node-{i}"),
+                labels: BTreeMap::from([("zone".into(), "a".into())]),
+                resources: NodeResources {
+                    cpu_millis: 8000,
+                    memory_mb: 32000,
+                    ..Default::default()
+                },
+            }),
+        ));
+        items.push(Event::Node(
+            *n,
+            NodeEvent::Heartbeat(NodeHeartbeat {
+                at: 2000,
+                running_tasks: 1,
+                disk_free_mb: Some(1000),
+                low_disk: false,
+            }),
+        ));
     }
-    items.push(Event::Node(nodes[0], NodeEvent::WentOffline(NodeWentOffline { at: 99_000, last_seen: 2000 })));
+    items.push(Event::Node(
+        nodes[0],
+        NodeEvent::WentOffline(NodeWentOffline {
+            at: 99_000,
+            last_seen: 2000,
+        }),
+    ));
     let token = TokenId::new();
-    items.push(Event::Auth(token, AuthEvent::TokenIssued(TokenIssued { at: 1, name: "t".into(), digest: "d1".into(), projects: vec!["lab".parse()?], admin: false })));
-    items.push(Event::Auth(token, AuthEvent::TokenRevoked(TokenRevoked { at: 2 })));
+    items.push(Event::Auth(
+        token,
+        AuthEvent::TokenIssued(TokenIssued {
+            at: 1,
+            name: "t".into(),
+            digest: "d1".into(),
+            projects: vec!["lab".parse()?],
+            admin: false,
+        }),
+    ));
+    items.push(Event::Auth(
+        token,
+        AuthEvent::TokenRevoked(TokenRevoked { at: 2 }),
+    ));
     for i in 0..tasks {
         let id = TaskId::new();
         let node_id = nodes[i % 3];
         let at = 10_000 + i as i64;
-        items.push(Event::Task(id, TaskEvent::Submitted(TaskSubmitted { at, project: if i % 2 == 0 { "lab".parse()? } else { "other".parse()? }, spec: spec(), idempotency_key: None })));
+        items.push(Event::Task(
+            id,
+            TaskEvent::Submitted(TaskSubmitted {
+                at,
+                project: if i % 2 == 0 {
+                    "lab".parse()?
+                } else {
+                    "other".parse()?
+                },
+                spec: spec(),
+                idempotency_key: None,
+            }),
+        ));
         if i % 5 == 0 {
-            items.push(Event::Task(id, TaskEvent::Cancelled(TaskCancelled { at: at + 1, reason: "user".into() })));
+            items.push(Event::Task(
+                id,
+                TaskEvent::Cancelled(TaskCancelled {
+                    at: at + 1,
+                    reason: "user".into(),
+                }),
+            ));
             continue;
         }
-        items.push(Event::Task(id, TaskEvent::Assigned(TaskAssigned { at: at + 1, node_id, attempt: 1 })));
+        items.push(Event::Task(
+            id,
+            TaskEvent::Assigned(TaskAssigned {
+                at: at + 1,
+                node_id,
+                attempt: 1,
+            }),
+        ));
         if i % 5 == 1 {
             continue;
         }
-        items.push(Event::Task(id, TaskEvent::Started(TaskStarted { at: at + 2, node_id, attempt: 1 })));
-        items.push(Event::Task(id, match i % 5 {
-            2 => TaskEvent::Succeeded(TaskSucceeded { at: at + 3, exit_code: 0 }),
-            3 => TaskEvent::Failed(TaskFailed { at: at + 3, exit_code: Some(2), reason: "exit 2".into() }),
-            _ => TaskEvent::CancelRequested(TaskCancelRequested { at: at + 3, reason: "stop".into() }),
-        }));
+        items.push(Event::Task(
+            id,
+            TaskEvent::Started(TaskStarted {
+                at: at + 2,
+                node_id,
+                attempt: 1,
+            }),
+        ));
+        items.push(Event::Task(
+            id,
+            match i % 5 {
+                2 => TaskEvent::Succeeded(TaskSucceeded {
+                    at: at + 3,
+                    exit_code: 0,
+                }),
+                3 => TaskEvent::Failed(TaskFailed {
+                    at: at + 3,
+                    exit_code: Some(2),
+                    reason: "exit 2".into(),
+                }),
+                _ => TaskEvent::CancelRequested(TaskCancelRequested {
+                    at: at + 3,
+                    reason: "stop".into(),
+                }),
+            },
+        ));
     }
     let n = items.len();
     for chunk in items.chunks(1000) {
-        let batch = chunk.iter().map(|e| (e.clone(), EventMeta::new("test"), Expect::Any)).collect();
+        let batch = chunk
+            .iter()
+            .map(|e| (e.clone(), EventMeta::new("test"), Expect::Any))
+            .collect();
         for r in store.append_pipelined(batch, 256).await {
             r?;
         }
@@ -100,14 +187,35 @@ async fn write_history(store: &EventStore, tasks: usize) -> Result<usize> {
 async fn last_seqs(store: &EventStore) -> Result<Vec<(&'static str, u64)>> {
     let mut out = Vec::new();
     for s in streams::PROJECTED {
-        out.push((s, store.jetstream().get_stream(s).await?.info().await?.state.last_sequence));
+        out.push((
+            s,
+            store
+                .jetstream()
+                .get_stream(s)
+                .await?
+                .info()
+                .await?
+                .state
+                .last_sequence,
+        ));
     }
     Ok(out)
 }
 
 async fn project_all(db: &Db, store: &EventStore, batch_max: usize) -> Result<()> {
     for (s, last) in last_seqs(store).await? {
-        Projector::new(db.clone(), store.jetstream().clone(), s, ProjectorOptions { batch_max, notify: true, ..Default::default() }).run(Some(last)).await?;
+        Projector::new(
+            db.clone(),
+            store.jetstream().clone(),
+            s,
+            ProjectorOptions {
+                batch_max,
+                notify: true,
+                ..Default::default()
+            },
+        )
+        .run(Some(last))
+        .await?;
     }
     Ok(())
 }
@@ -117,7 +225,12 @@ async fn assert_equal_to_replay(env: &Env, live: &Db) -> Result<()> {
     rebuild::rebuild(&replay, env.store.jetstream(), 5000).await?;
     let diffs = rebuild::compare(&replay, live.schema(), "replay").await?;
     for d in &diffs {
-        assert_eq!((d.only_in_left, d.only_in_right), (0, 0), "{} differs from a clean replay", d.table);
+        assert_eq!(
+            (d.only_in_left, d.only_in_right),
+            (0, 0),
+            "{} differs from a clean replay",
+            d.table
+        );
     }
     Ok(())
 }
@@ -132,20 +245,38 @@ async fn projection_matches_history_and_replay() -> Result<()> {
     let c = db.client().await?;
     let count = |state: &'static str| {
         let c = &c;
-        async move { c.query_one("SELECT count(*) FROM tasks WHERE state = $1", &[&state]).await.map(|r| r.get::<_, i64>(0)) }
+        async move {
+            c.query_one("SELECT count(*) FROM tasks WHERE state = $1", &[&state])
+                .await
+                .map(|r| r.get::<_, i64>(0))
+        }
     };
     assert_eq!(count("cancelled").await?, 40);
     assert_eq!(count("assigned").await?, 40);
     assert_eq!(count("succeeded").await?, 40);
     assert_eq!(count("failed").await?, 40);
     assert_eq!(count("cancelling").await?, 40);
-    let row = c.query_one("SELECT exit_code, reason, version FROM tasks WHERE state = 'failed' LIMIT 1", &[]).await?;
+    let row = c
+        .query_one(
+            "SELECT exit_code, reason, version FROM tasks WHERE state = 'failed' LIMIT 1",
+            &[],
+        )
+        .await?;
     assert_eq!(row.get::<_, Option<i32>>(0), Some(2));
     assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("exit 2"));
     assert_eq!(row.get::<_, i64>(2), 4);
-    let offline: i64 = c.query_one("SELECT count(*) FROM nodes WHERE status = 'offline'", &[]).await?.get(0);
+    let offline: i64 = c
+        .query_one("SELECT count(*) FROM nodes WHERE status = 'offline'", &[])
+        .await?
+        .get(0);
     assert_eq!(offline, 1);
-    let revoked: i64 = c.query_one("SELECT count(*) FROM api_tokens WHERE revoked_at IS NOT NULL", &[]).await?.get(0);
+    let revoked: i64 = c
+        .query_one(
+            "SELECT count(*) FROM api_tokens WHERE revoked_at IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
     assert_eq!(revoked, 1);
     assert_equal_to_replay(&env, &db).await
 }
@@ -154,16 +285,39 @@ async fn projection_matches_history_and_replay() -> Result<()> {
 async fn killed_mid_batch_and_restarted_equals_clean_replay() -> Result<()> {
     let env = env().await?;
     write_history(&env.store, 3000).await?;
-    let tasks_last = env.store.jetstream().get_stream(streams::TASKS).await?.info().await?.state.last_sequence;
+    let tasks_last = env
+        .store
+        .jetstream()
+        .get_stream(streams::TASKS)
+        .await?
+        .info()
+        .await?
+        .state
+        .last_sequence;
     let db = Db::connect(&env.pg.url, "public", 4).await?;
     db.migrate().await?;
-    let mut notices = env.store.client().subscribe(ud_schemas::subjects::projected(streams::TASKS)).await?;
+    let mut notices = env
+        .store
+        .client()
+        .subscribe(ud_schemas::subjects::projected(streams::TASKS))
+        .await?;
     let mut kills = 0;
     // Kill the projector right after a commit (the next batch is then in flight), several times.
     for _ in 0..4 {
-        let projector = Projector::new(db.clone(), env.store.jetstream().clone(), streams::TASKS, ProjectorOptions { batch_max: 300, notify: true, ..Default::default() });
+        let projector = Projector::new(
+            db.clone(),
+            env.store.jetstream().clone(),
+            streams::TASKS,
+            ProjectorOptions {
+                batch_max: 300,
+                notify: true,
+                ..Default::default()
+            },
+        );
         let handle = tokio::spawn(async move { projector.run(Some(tasks_last)).await });
-        let notice = tokio::time::timeout(Duration::from_secs(30), notices.next()).await?.ok_or_else(|| anyhow!("no notice"))?;
+        let notice = tokio::time::timeout(Duration::from_secs(30), notices.next())
+            .await?
+            .ok_or_else(|| anyhow!("no notice"))?;
         handle.abort();
         let _ = handle.await;
         let committed: u64 = std::str::from_utf8(&notice.payload)?.parse()?;
@@ -174,7 +328,10 @@ async fn killed_mid_batch_and_restarted_equals_clean_replay() -> Result<()> {
         let cp = db.checkpoint(streams::TASKS).await?;
         assert!(cp >= committed && cp <= tasks_last);
     }
-    assert!(kills >= 1, "the projector was never interrupted before the end");
+    assert!(
+        kills >= 1,
+        "the projector was never interrupted before the end"
+    );
     project_all(&db, &env.store, 300).await?;
     assert_eq!(db.checkpoint(streams::TASKS).await?, tasks_last);
     assert_equal_to_replay(&env, &db).await
@@ -184,13 +341,30 @@ async fn killed_mid_batch_and_restarted_equals_clean_replay() -> Result<()> {
 async fn competing_projectors_never_apply_an_event_twice() -> Result<()> {
     let env = env().await?;
     write_history(&env.store, 1000).await?;
-    let last = env.store.jetstream().get_stream(streams::TASKS).await?.info().await?.state.last_sequence;
+    let last = env
+        .store
+        .jetstream()
+        .get_stream(streams::TASKS)
+        .await?
+        .info()
+        .await?
+        .state
+        .last_sequence;
     let db = Db::connect(&env.pg.url, "public", 8).await?;
     db.migrate().await?;
     // Two instances over the same range, without the advisory lock: every
     // batch one of them applies is redelivered to the other.
     let run = |batch_max| {
-        let p = Projector::new(db.clone(), env.store.jetstream().clone(), streams::TASKS, ProjectorOptions { batch_max, notify: false, ..Default::default() });
+        let p = Projector::new(
+            db.clone(),
+            env.store.jetstream().clone(),
+            streams::TASKS,
+            ProjectorOptions {
+                batch_max,
+                notify: false,
+                ..Default::default()
+            },
+        );
         async move {
             loop {
                 match p.run(Some(last)).await {
@@ -213,21 +387,44 @@ async fn undecodable_messages_are_recorded_and_projection_goes_on() -> Result<()
     let env = env().await?;
     let js = env.store.jetstream();
     let bad_id = TaskId::new();
-    js.publish(format!("ud.task.{bad_id}.submitted"), "not cbor".into()).await?.await?;
+    js.publish(format!("ud.task.{bad_id}.submitted"), "not cbor".into())
+        .await?
+        .await?;
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Ud-Schema-Version", "7");
-    js.publish_with_headers(format!("ud.task.{}.submitted", TaskId::new()), headers, "x".into()).await?.await?;
-    js.publish(format!("ud.task.{}.exploded", TaskId::new()), "x".into()).await?.await?;
+    js.publish_with_headers(
+        format!("ud.task.{}.submitted", TaskId::new()),
+        headers,
+        "x".into(),
+    )
+    .await?
+    .await?;
+    js.publish(format!("ud.task.{}.exploded", TaskId::new()), "x".into())
+        .await?
+        .await?;
     // An event for a task that was never submitted.
-    let orphan = Event::Task(TaskId::new(), TaskEvent::Succeeded(TaskSucceeded { at: 1, exit_code: 0 }));
-    env.store.append(&orphan, &EventMeta::new("test"), Expect::Any).await?;
+    let orphan = Event::Task(
+        TaskId::new(),
+        TaskEvent::Succeeded(TaskSucceeded {
+            at: 1,
+            exit_code: 0,
+        }),
+    );
+    env.store
+        .append(&orphan, &EventMeta::new("test"), Expect::Any)
+        .await?;
     let n = write_history(&env.store, 20).await?;
     assert!(n > 0);
     let db = Db::connect(&env.pg.url, "public", 4).await?;
     db.migrate().await?;
     project_all(&db, &env.store, 1000).await?;
     let c = db.client().await?;
-    let errors = c.query("SELECT seq, error FROM projection_errors WHERE stream = 'UD_TASKS' ORDER BY seq", &[]).await?;
+    let errors = c
+        .query(
+            "SELECT seq, error FROM projection_errors WHERE stream = 'UD_TASKS' ORDER BY seq",
+            &[],
+        )
+        .await?;
     let seqs: Vec<i64> = errors.iter().map(|r| r.get(0)).collect();
     assert_eq!(seqs, vec![1, 2, 3, 4]);
     let reasons: Vec<String> = errors.iter().map(|r| r.get(1)).collect();

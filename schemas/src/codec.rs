@@ -37,7 +37,12 @@ pub mod v1 {
 
     impl From<NodeHeartbeatV1> for NodeHeartbeat {
         fn from(v: NodeHeartbeatV1) -> Self {
-            Self { at: v.at, running_tasks: v.running_tasks, disk_free_mb: None, low_disk: false }
+            Self {
+                at: v.at,
+                running_tasks: v.running_tasks,
+                disk_free_mb: None,
+                low_disk: false,
+            }
         }
     }
 }
@@ -123,7 +128,11 @@ pub fn encode_message(event: &Event, meta: &EventMeta) -> Result<(HeaderMap, Vec
     Ok((headers, encode_event(event)?))
 }
 
-fn from_cbor<T: DeserializeOwned>(bytes: &[u8], event_type: &str, version: u16) -> Result<T, CodecError> {
+fn from_cbor<T: DeserializeOwned>(
+    bytes: &[u8],
+    event_type: &str,
+    version: u16,
+) -> Result<T, CodecError> {
     ciborium::from_reader(bytes).map_err(|e| CodecError::Decode {
         event_type: event_type.to_owned(),
         version,
@@ -144,7 +153,10 @@ pub fn decode_event(subject: &str, version: u16, payload: &[u8]) -> Result<Event
         _ => version == 1,
     };
     if !known {
-        return Err(CodecError::UnknownVersion { event_type, version });
+        return Err(CodecError::UnknownVersion {
+            event_type,
+            version,
+        });
     }
     let t = event_type.as_str();
     let v = version;
@@ -167,7 +179,12 @@ pub fn decode_event(subject: &str, version: u16, payload: &[u8]) -> Result<Event
                 "reprioritized" => TaskEvent::Reprioritized(from_cbor(payload, t, v)?),
                 "cancel_requested" => TaskEvent::CancelRequested(from_cbor(payload, t, v)?),
                 "cancelled" => TaskEvent::Cancelled(from_cbor(payload, t, v)?),
-                other => return Err(CodecError::UnknownType { kind: "task", name: other.to_owned() }),
+                other => {
+                    return Err(CodecError::UnknownType {
+                        kind: "task",
+                        name: other.to_owned(),
+                    })
+                }
             },
         ),
         ParsedSubject::Node { id, name } => Event::Node(
@@ -176,11 +193,18 @@ pub fn decode_event(subject: &str, version: u16, payload: &[u8]) -> Result<Event
                 "enrolled" => NodeEvent::Enrolled(from_cbor(payload, t, v)?),
                 "revoked" => NodeEvent::Revoked(from_cbor(payload, t, v)?),
                 "registered" => NodeEvent::Registered(from_cbor(payload, t, v)?),
-                "heartbeat" if v == 1 => NodeEvent::Heartbeat(from_cbor::<v1::NodeHeartbeatV1>(payload, t, v)?.into()),
+                "heartbeat" if v == 1 => {
+                    NodeEvent::Heartbeat(from_cbor::<v1::NodeHeartbeatV1>(payload, t, v)?.into())
+                }
                 "heartbeat" => NodeEvent::Heartbeat(from_cbor(payload, t, v)?),
                 "offline" => NodeEvent::WentOffline(from_cbor(payload, t, v)?),
                 "scheduling" => NodeEvent::Scheduling(from_cbor(payload, t, v)?),
-                other => return Err(CodecError::UnknownType { kind: "node", name: other.to_owned() }),
+                other => {
+                    return Err(CodecError::UnknownType {
+                        kind: "node",
+                        name: other.to_owned(),
+                    })
+                }
             },
         ),
         ParsedSubject::Token { id, name } => Event::Auth(
@@ -188,7 +212,12 @@ pub fn decode_event(subject: &str, version: u16, payload: &[u8]) -> Result<Event
             match name {
                 "issued" => AuthEvent::TokenIssued(from_cbor(payload, t, v)?),
                 "revoked" => AuthEvent::TokenRevoked(from_cbor(payload, t, v)?),
-                other => return Err(CodecError::UnknownType { kind: "token", name: other.to_owned() }),
+                other => {
+                    return Err(CodecError::UnknownType {
+                        kind: "token",
+                        name: other.to_owned(),
+                    })
+                }
             },
         ),
     })

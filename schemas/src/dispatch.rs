@@ -40,8 +40,15 @@ pub fn to_cbor<T: Serialize>(v: &T) -> Result<Vec<u8>, crate::CodecError> {
     Ok(out)
 }
 
-pub fn from_cbor<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, crate::CodecError> {
-    ciborium::from_reader(bytes).map_err(|e| crate::CodecError::Decode { event_type: what.to_owned(), version: 1, reason: e.to_string() })
+pub fn from_cbor<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    what: &str,
+) -> Result<T, crate::CodecError> {
+    ciborium::from_reader(bytes).map_err(|e| crate::CodecError::Decode {
+        event_type: what.to_owned(),
+        version: 1,
+        reason: e.to_string(),
+    })
 }
 
 /// A node asks the main server for the credentials of one repository of a
@@ -63,7 +70,11 @@ pub enum GitCredentialsReply {
     /// HTTPS basic authentication with a token as the password.
     Token { username: String, token: String },
     /// An SSH private key (OpenSSH or PEM text).
-    Ssh { username: String, private_key: String, passphrase: Option<String> },
+    Ssh {
+        username: String,
+        private_key: String,
+        passphrase: Option<String>,
+    },
     /// The request was refused (the task is not assigned to the node, the
     /// URL is not one of the task's repositories, ...).
     Denied { reason: String },
@@ -74,8 +85,12 @@ impl std::fmt::Debug for GitCredentialsReply {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::None => f.write_str("None"),
-            Self::Token { username, .. } => write!(f, "Token {{ username: {username:?}, token: *** }}"),
-            Self::Ssh { username, .. } => write!(f, "Ssh {{ username: {username:?}, private_key: *** }}"),
+            Self::Token { username, .. } => {
+                write!(f, "Token {{ username: {username:?}, token: *** }}")
+            }
+            Self::Ssh { username, .. } => {
+                write!(f, "Ssh {{ username: {username:?}, private_key: *** }}")
+            }
             Self::Denied { reason } => write!(f, "Denied {{ reason: {reason:?} }}"),
         }
     }
@@ -108,9 +123,17 @@ pub enum StorageRequest {
     /// URLs to read the task's inputs.
     Inputs { task_id: TaskId, attempt: u32 },
     /// URLs to write these outputs. A file with an `upload_id` resumes that upload.
-    Outputs { task_id: TaskId, attempt: u32, files: Vec<OutputFile> },
+    Outputs {
+        task_id: TaskId,
+        attempt: u32,
+        files: Vec<OutputFile>,
+    },
     /// The outputs are written: complete their uploads and check their sizes.
-    Complete { task_id: TaskId, attempt: u32, files: Vec<OutputFile> },
+    Complete {
+        task_id: TaskId,
+        attempt: u32,
+        files: Vec<OutputFile>,
+    },
 }
 
 /// An output file as the node found it in the workspace.
@@ -128,11 +151,19 @@ pub struct OutputFile {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum StorageReply {
-    Inputs { files: Vec<InputUrl> },
-    Outputs { files: Vec<OutputUrl> },
-    Complete { files: Vec<crate::events::OutputObject> },
+    Inputs {
+        files: Vec<InputUrl>,
+    },
+    Outputs {
+        files: Vec<OutputUrl>,
+    },
+    Complete {
+        files: Vec<crate::events::OutputObject>,
+    },
     /// Refused or impossible; `reason` names the object.
-    Refused { reason: String },
+    Refused {
+        reason: String,
+    },
 }
 
 /// One input object to copy to `path` in the workspace.
@@ -160,5 +191,10 @@ pub enum Upload {
     Single { url: String },
     /// PUT part `i + 1` (bytes `i * part_size ..`) to `part_urls[i]`; parts
     /// in `done` are already stored.
-    Multipart { upload_id: String, part_size: u64, part_urls: Vec<String>, done: Vec<u32> },
+    Multipart {
+        upload_id: String,
+        part_size: u64,
+        part_urls: Vec<String>,
+        done: Vec<u32>,
+    },
 }

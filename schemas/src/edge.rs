@@ -81,7 +81,9 @@ pub fn assignment_subject(node: &NodeId) -> String {
 
 /// The subject a node publishes an event on, in its own stream.
 pub fn edge_subject(node: &NodeId, canonical: &str) -> Option<String> {
-    canonical.strip_prefix("ud.").map(|rest| format!("ud.edge.{node}.{rest}"))
+    canonical
+        .strip_prefix("ud.")
+        .map(|rest| format!("ud.edge.{node}.{rest}"))
 }
 
 /// Splits `ud.edge.<node_id>.<rest>` into the node and the canonical subject `ud.<rest>`.
@@ -108,10 +110,16 @@ impl NodeToken {
     pub fn parse(s: &str) -> Result<Self, String> {
         let mut parts = s.trim().splitn(3, '.');
         match (parts.next(), parts.next(), parts.next()) {
-            (Some(TOKEN_PREFIX), Some(id), Some(secret)) if !secret.is_empty() && secret.bytes().all(|b| b.is_ascii_hexdigit()) => Ok(Self {
-                node_id: id.parse().map_err(|_| "node token: bad node id".to_owned())?,
-                secret: secret.to_owned(),
-            }),
+            (Some(TOKEN_PREFIX), Some(id), Some(secret))
+                if !secret.is_empty() && secret.bytes().all(|b| b.is_ascii_hexdigit()) =>
+            {
+                Ok(Self {
+                    node_id: id
+                        .parse()
+                        .map_err(|_| "node token: bad node id".to_owned())?,
+                    secret: secret.to_owned(),
+                })
+            }
             _ => Err("node token must look like udn.<node id>.<hex secret>".to_owned()),
         }
     }
@@ -123,7 +131,15 @@ impl NodeToken {
 /// `client_host` is loopback on a plain host; inside a compose network it is
 /// the container's own address, still unreachable from task containers
 /// (they run without a network).
-pub fn leaf_config(token: &NodeToken, hub_host: &str, hub_leaf_port: u16, store_dir: &str, client_host: &str, client_port: u16, agent_password: &str) -> String {
+pub fn leaf_config(
+    token: &NodeToken,
+    hub_host: &str,
+    hub_leaf_port: u16,
+    store_dir: &str,
+    client_host: &str,
+    client_port: u16,
+    agent_password: &str,
+) -> String {
     format!(
         "server_name: edge-{}\nhost: {client_host}\nport: {client_port}\njetstream {{\n  store_dir: {store_dir:?}\n  domain: {}\n}}\n{}",
         hex(&token.node_id),
@@ -133,8 +149,16 @@ pub fn leaf_config(token: &NodeToken, hub_host: &str, hub_leaf_port: u16, store_
 }
 
 /// The leaf link and the agent's account, without the server's own settings.
-pub fn leaf_link_config(token: &NodeToken, hub_host: &str, hub_leaf_port: u16, agent_password: &str) -> String {
-    let url = format!("nats-leaf://{}:{}@{hub_host}:{hub_leaf_port}", token.node_id, token.secret);
+pub fn leaf_link_config(
+    token: &NodeToken,
+    hub_host: &str,
+    hub_leaf_port: u16,
+    agent_password: &str,
+) -> String {
+    let url = format!(
+        "nats-leaf://{}:{}@{hub_host}:{hub_leaf_port}",
+        token.node_id, token.secret
+    );
     format!(
         "leafnodes {{\n  reconnect: \"1s\"\n  remotes: [ {{ urls: [{url:?}], account: UD }} ]\n}}\n\
          accounts {{\n  UD {{\n    jetstream: enabled\n    users: [ {{ user: agent, password: {agent_password:?} }} ]\n  }}\n}}\n"

@@ -16,7 +16,8 @@ pub const CAUSATION_ID: &str = "Ud-Causation-Id";
 pub const ACTOR: &str = "Ud-Actor";
 pub const MSG_ID: &str = "Nats-Msg-Id";
 pub const EXPECTED_LAST_SUBJECT_SEQUENCE: &str = "Nats-Expected-Last-Subject-Sequence";
-pub const EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT: &str = "Nats-Expected-Last-Subject-Sequence-Subject";
+pub const EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT: &str =
+    "Nats-Expected-Last-Subject-Sequence-Subject";
 
 pub const CBOR: &str = "application/cbor";
 
@@ -44,7 +45,9 @@ fn get<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
 pub fn schema_version(h: Option<&HeaderMap>) -> Result<u16, String> {
     match h.and_then(|h| get(h, SCHEMA_VERSION)) {
         None => Ok(1),
-        Some(v) => v.parse().map_err(|_| format!("bad {SCHEMA_VERSION} header {v:?}")),
+        Some(v) => v
+            .parse()
+            .map_err(|_| format!("bad {SCHEMA_VERSION} header {v:?}")),
     }
 }
 

@@ -17,7 +17,9 @@ pub enum IdError {
 macro_rules! uuid_id {
     ($name:ident, $doc:literal) => {
         #[doc = $doc]
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[derive(
+            Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+        )]
         #[serde(transparent)]
         pub struct $name(pub Uuid);
 
@@ -57,7 +59,10 @@ macro_rules! uuid_id {
 uuid_id!(TaskId, "Identifies a task across its whole life.");
 uuid_id!(NodeId, "Identifies an enrolled compute node.");
 uuid_id!(EventId, "Identifies one event; also its `Nats-Msg-Id`.");
-uuid_id!(TokenId, "Identifies an API token (never the secret itself).");
+uuid_id!(
+    TokenId,
+    "Identifies an API token (never the secret itself)."
+);
 
 /// A project: the unit of ownership and access for tasks.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -68,7 +73,8 @@ impl ProjectId {
     pub fn parse(s: &str) -> Result<Self, IdError> {
         let ok = !s.is_empty()
             && s.len() <= 63
-            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
             && !s.starts_with('-');
         if ok {
             Ok(Self(s.to_owned()))

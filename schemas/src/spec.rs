@@ -65,7 +65,10 @@ pub fn relative_path(path: &str) -> Result<&str, &'static str> {
     if trimmed.chars().any(|c| c.is_control() || c == '\\') {
         return Err("contains a control character or a backslash");
     }
-    if trimmed.split('/').any(|s| s.is_empty() || s == "." || s == "..") {
+    if trimmed
+        .split('/')
+        .any(|s| s.is_empty() || s == "." || s == "..")
+    {
         return Err("has an empty, '.' or '..' segment");
     }
     Ok(trimmed)

@@ -64,7 +64,14 @@ pub fn auth(replicas: usize) -> Config {
 
 /// Run and cancel messages to nodes; each node pulls its own with a filtered consumer.
 pub fn dispatch(replicas: usize) -> Config {
-    Config { max_age: Duration::from_secs(7 * 24 * 3600), ..base(crate::edge::DISPATCH, vec!["ud.dispatch.>".into()], replicas) }
+    Config {
+        max_age: Duration::from_secs(7 * 24 * 3600),
+        ..base(
+            crate::edge::DISPATCH,
+            vec!["ud.dispatch.>".into()],
+            replicas,
+        )
+    }
 }
 
 /// Task output, a bounded window per task (full logs are archived elsewhere).
@@ -78,9 +85,20 @@ pub fn logs(replicas: usize) -> Config {
 
 /// What nodes report, sourced from each node's own stream (no subjects of its own).
 pub fn edge_in(replicas: usize, sources: Vec<async_nats::jetstream::stream::Source>) -> Config {
-    Config { sources: Some(sources), max_age: Duration::from_secs(7 * 24 * 3600), ..base(crate::edge::EDGE_IN, vec![], replicas) }
+    Config {
+        sources: Some(sources),
+        max_age: Duration::from_secs(7 * 24 * 3600),
+        ..base(crate::edge::EDGE_IN, vec![], replicas)
+    }
 }
 
 pub fn all(replicas: usize) -> Vec<Config> {
-    vec![tasks(replicas), nodes(replicas), heartbeats(replicas), auth(replicas), dispatch(replicas), logs(replicas)]
+    vec![
+        tasks(replicas),
+        nodes(replicas),
+        heartbeats(replicas),
+        auth(replicas),
+        dispatch(replicas),
+        logs(replicas),
+    ]
 }

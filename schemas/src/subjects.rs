@@ -61,18 +61,27 @@ pub fn parse(subject: &str) -> Option<ParsedSubject<'_>> {
     let parsed = match parts.next()? {
         "task" => {
             let id = parts.next()?.parse().ok()?;
-            ParsedSubject::Task { id, name: parts.next()? }
+            ParsedSubject::Task {
+                id,
+                name: parts.next()?,
+            }
         }
         "node" => {
             let id = parts.next()?.parse().ok()?;
-            ParsedSubject::Node { id, name: parts.next()? }
+            ParsedSubject::Node {
+                id,
+                name: parts.next()?,
+            }
         }
         "auth" => {
             if parts.next()? != "token" {
                 return None;
             }
             let id = parts.next()?.parse().ok()?;
-            ParsedSubject::Token { id, name: parts.next()? }
+            ParsedSubject::Token {
+                id,
+                name: parts.next()?,
+            }
         }
         _ => return None,
     };

@@ -48,7 +48,12 @@ fn spec() -> TaskSpec {
             disk_mb: 0,
         },
         timeout_seconds: 3600,
-        retry: RetryPolicy { max_attempts: 3, backoff_seconds: 30, exit_codes: vec![], on_timeout: false },
+        retry: RetryPolicy {
+            max_attempts: 3,
+            backoff_seconds: 30,
+            exit_codes: vec![],
+            on_timeout: false,
+        },
         priority: 0,
         queue: "default".into(),
         inputs: vec![],
@@ -61,59 +66,286 @@ fn fixtures_v1() -> Vec<(&'static str, Event)> {
     let t = task_id();
     let n = node_id();
     vec![
-        ("task-submitted", Event::Task(t, TaskEvent::Submitted(TaskSubmitted { at: AT, project: project(), spec: spec(), idempotency_key: Some("k-1".into()) }))),
-        ("task-waiting", Event::Task(t, TaskEvent::Waiting(TaskWaiting { at: AT, reason: "waiting for room: 2 nodes could run it (busy 1, offline 1)".into() }))),
-        ("task-assigned", Event::Task(t, TaskEvent::Assigned(TaskAssigned { at: AT, node_id: n, attempt: 1 }))),
-        ("task-preparing", Event::Task(t, TaskEvent::Preparing(TaskPreparing { at: AT, node_id: n, attempt: 1, step: "build_image".into() }))),
-        ("task-prepared", Event::Task(t, TaskEvent::Prepared(TaskPrepared {
-            at: AT, node_id: n, attempt: 1,
-            code_commit_id: "0123456789abcdef0123456789abcdef01234567".into(),
-            env_commit_id: "89abcdef0123456789abcdef0123456789abcdef".into(),
-            dockerfile_digest: "ab".repeat(32), image_id: "sha256:".to_owned() + &"cd".repeat(32),
-            steps: vec![PrepareStep { name: "fetch_code".into(), millis: 12 }, PrepareStep { name: "build_image".into(), millis: 3400 }],
-            gpus: vec![GpuInUse { model: "A100".into(), driver: "550.54".into() }],
-        }))),
-        ("task-reprioritized", Event::Task(t, TaskEvent::Reprioritized(TaskReprioritized { at: AT, priority: 10 }))),
-        ("task-retrying", Event::Task(t, TaskEvent::Retrying(TaskRetrying { at: AT, attempt: 1, exit_code: Some(3), reason: "exited with code 3".into(), not_before: AT + 30_000 }))),
-        ("task-lost", Event::Task(t, TaskEvent::Lost(TaskLost { at: AT, node_id: n, attempt: 1, reason: "node went offline".into() }))),
-        ("task-started", Event::Task(t, TaskEvent::Started(TaskStarted { at: AT, node_id: n, attempt: 1 }))),
-        ("task-outputs", Event::Task(t, TaskEvent::Outputs(TaskOutputs {
-            at: AT, node_id: n, attempt: 1,
-            files: vec![OutputObject { path: "results/model.bin".into(), key: format!("projects/lab/tasks/{t}/outputs/results/model.bin"), size: 1024, sha256: "ef".repeat(32) }],
-        }))),
-        ("task-succeeded", Event::Task(t, TaskEvent::Succeeded(TaskSucceeded { at: AT, exit_code: 0 }))),
-        ("task-failed", Event::Task(t, TaskEvent::Failed(TaskFailed { at: AT, exit_code: Some(137), reason: "killed".into() }))),
-        ("task-timed_out", Event::Task(t, TaskEvent::TimedOut(TaskTimedOut { at: AT, timeout_seconds: 3600 }))),
-        ("task-cancel_requested", Event::Task(t, TaskEvent::CancelRequested(TaskCancelRequested { at: AT, reason: "user".into() }))),
-        ("task-cancelled", Event::Task(t, TaskEvent::Cancelled(TaskCancelled { at: AT, reason: "user".into() }))),
-        ("node-registered", Event::Node(n, NodeEvent::Registered(NodeRegistered {
-            at: AT,
-            name: "gpu-box-1".into(),
-            labels: BTreeMap::from([("zone".into(), "lab2".into())]),
-            resources: NodeResources {
-                cpu_millis: 32000,
-                memory_mb: 128 * 1024,
-                disk_mb: 2_000_000,
-                gpus: vec![Gpu { model: "A100".into(), memory_mb: 81920 }],
-                os: "linux".into(),
-                wsl: false,
-                docker_version: Some("28.2.2".into()),
-                agent_version: "0.1.0".into(),
-            },
-        }))),
-        ("node-enrolled", Event::Node(n, NodeEvent::Enrolled(NodeEnrolled {
-            at: AT, name: "gpu-box-1".into(), labels: BTreeMap::from([("zone".into(), "lab2".into())]),
-            secret_hash: "$2b$04$abcdefghijklmnopqrstuu5Q0m3V5Zb1rjw4qT4Ff3U3Qy7kZGkHe".into(),
-        }))),
-        ("node-revoked", Event::Node(n, NodeEvent::Revoked(NodeRevoked { at: AT }))),
+        (
+            "task-submitted",
+            Event::Task(
+                t,
+                TaskEvent::Submitted(TaskSubmitted {
+                    at: AT,
+                    project: project(),
+                    spec: spec(),
+                    idempotency_key: Some("k-1".into()),
+                }),
+            ),
+        ),
+        (
+            "task-waiting",
+            Event::Task(
+                t,
+                TaskEvent::Waiting(TaskWaiting {
+                    at: AT,
+                    reason: "waiting for room: 2 nodes could run it (busy 1, offline 1)".into(),
+                }),
+            ),
+        ),
+        (
+            "task-assigned",
+            Event::Task(
+                t,
+                TaskEvent::Assigned(TaskAssigned {
+                    at: AT,
+                    node_id: n,
+                    attempt: 1,
+                }),
+            ),
+        ),
+        (
+            "task-preparing",
+            Event::Task(
+                t,
+                TaskEvent::Preparing(TaskPreparing {
+                    at: AT,
+                    node_id: n,
+                    attempt: 1,
+                    step: "build_image".into(),
+                }),
+            ),
+        ),
+        (
+            "task-prepared",
+            Event::Task(
+                t,
+                TaskEvent::Prepared(TaskPrepared {
+                    at: AT,
+                    node_id: n,
+                    attempt: 1,
+                    code_commit_id: "0123456789abcdef0123456789abcdef01234567".into(),
+                    env_commit_id: "89abcdef0123456789abcdef0123456789abcdef".into(),
+                    dockerfile_digest: "ab".repeat(32),
+                    image_id: "sha256:".to_owned() + &"cd".repeat(32),
+                    steps: vec![
+                        PrepareStep {
+                            name: "fetch_code".into(),
+                            millis: 12,
+                        },
+                        PrepareStep {
+                            name: "build_image".into(),
+                            millis: 3400,
+                        },
+                    ],
+                    gpus: vec![GpuInUse {
+                        model: "A100".into(),
+                        driver: "550.54".into(),
+                    }],
+                }),
+            ),
+        ),
+        (
+            "task-reprioritized",
+            Event::Task(
+                t,
+                TaskEvent::Reprioritized(TaskReprioritized {
+                    at: AT,
+                    priority: 10,
+                }),
+            ),
+        ),
+        (
+            "task-retrying",
+            Event::Task(
+                t,
+                TaskEvent::Retrying(TaskRetrying {
+                    at: AT,
+                    attempt: 1,
+                    exit_code: Some(3),
+                    reason: "exited with code 3".into(),
+                    not_before: AT + 30_000,
+                }),
+            ),
+        ),
+        (
+            "task-lost",
+            Event::Task(
+                t,
+                TaskEvent::Lost(TaskLost {
+                    at: AT,
+                    node_id: n,
+                    attempt: 1,
+                    reason: "node went offline".into(),
+                }),
+            ),
+        ),
+        (
+            "task-started",
+            Event::Task(
+                t,
+                TaskEvent::Started(TaskStarted {
+                    at: AT,
+                    node_id: n,
+                    attempt: 1,
+                }),
+            ),
+        ),
+        (
+            "task-outputs",
+            Event::Task(
+                t,
+                TaskEvent::Outputs(TaskOutputs {
+                    at: AT,
+                    node_id: n,
+                    attempt: 1,
+                    files: vec![OutputObject {
+                        path: "results/model.bin".into(),
+                        key: format!("projects/lab/tasks/{t}/outputs/results/model.bin"),
+                        size: 1024,
+                        sha256: "ef".repeat(32),
+                    }],
+                }),
+            ),
+        ),
+        (
+            "task-succeeded",
+            Event::Task(
+                t,
+                TaskEvent::Succeeded(TaskSucceeded {
+                    at: AT,
+                    exit_code: 0,
+                }),
+            ),
+        ),
+        (
+            "task-failed",
+            Event::Task(
+                t,
+                TaskEvent::Failed(TaskFailed {
+                    at: AT,
+                    exit_code: Some(137),
+                    reason: "killed".into(),
+                }),
+            ),
+        ),
+        (
+            "task-timed_out",
+            Event::Task(
+                t,
+                TaskEvent::TimedOut(TaskTimedOut {
+                    at: AT,
+                    timeout_seconds: 3600,
+                }),
+            ),
+        ),
+        (
+            "task-cancel_requested",
+            Event::Task(
+                t,
+                TaskEvent::CancelRequested(TaskCancelRequested {
+                    at: AT,
+                    reason: "user".into(),
+                }),
+            ),
+        ),
+        (
+            "task-cancelled",
+            Event::Task(
+                t,
+                TaskEvent::Cancelled(TaskCancelled {
+                    at: AT,
+                    reason: "user".into(),
+                }),
+            ),
+        ),
+        (
+            "node-registered",
+            Event::Node(
+                n,
+                NodeEvent::Registered(NodeRegistered {
+                    at: AT,
+                    name: "gpu-box-1".into(),
+                    labels: BTreeMap::from([("zone".into(), "lab2".into())]),
+                    resources: NodeResources {
+                        cpu_millis: 32000,
+                        memory_mb: 128 * 1024,
+                        disk_mb: 2_000_000,
+                        gpus: vec![Gpu {
+                            model: "A100".into(),
+                            memory_mb: 81920,
+                        }],
+                        os: "linux".into(),
+                        wsl: false,
+                        docker_version: Some("28.2.2".into()),
+                        agent_version: "0.1.0".into(),
+                    },
+                }),
+            ),
+        ),
+        (
+            "node-enrolled",
+            Event::Node(
+                n,
+                NodeEvent::Enrolled(NodeEnrolled {
+                    at: AT,
+                    name: "gpu-box-1".into(),
+                    labels: BTreeMap::from([("zone".into(), "lab2".into())]),
+                    secret_hash: "$2b$04$abcdefghijklmnopqrstuu5Q0m3V5Zb1rjw4qT4Ff3U3Qy7kZGkHe"
+                        .into(),
+                }),
+            ),
+        ),
+        (
+            "node-revoked",
+            Event::Node(n, NodeEvent::Revoked(NodeRevoked { at: AT })),
+        ),
         // Version 1 had no disk fields: it reads back upcast.
-        ("node-heartbeat", Event::Node(n, NodeEvent::Heartbeat(NodeHeartbeat { at: AT, running_tasks: 2, disk_free_mb: None, low_disk: false }))),
-        ("node-offline", Event::Node(n, NodeEvent::WentOffline(NodeWentOffline { at: AT, last_seen: AT - 90_000 }))),
-        ("node-scheduling", Event::Node(n, NodeEvent::Scheduling(NodeScheduling { at: AT, mode: "draining".into(), reason: "disk swap".into() }))),
-        ("token-issued", Event::Auth(token_id(), AuthEvent::TokenIssued(TokenIssued {
-            at: AT, name: "ci".into(), digest: "ab".repeat(32), projects: vec![project()], admin: false,
-        }))),
-        ("token-revoked", Event::Auth(token_id(), AuthEvent::TokenRevoked(TokenRevoked { at: AT }))),
+        (
+            "node-heartbeat",
+            Event::Node(
+                n,
+                NodeEvent::Heartbeat(NodeHeartbeat {
+                    at: AT,
+                    running_tasks: 2,
+                    disk_free_mb: None,
+                    low_disk: false,
+                }),
+            ),
+        ),
+        (
+            "node-offline",
+            Event::Node(
+                n,
+                NodeEvent::WentOffline(NodeWentOffline {
+                    at: AT,
+                    last_seen: AT - 90_000,
+                }),
+            ),
+        ),
+        (
+            "node-scheduling",
+            Event::Node(
+                n,
+                NodeEvent::Scheduling(NodeScheduling {
+                    at: AT,
+                    mode: "draining".into(),
+                    reason: "disk swap".into(),
+                }),
+            ),
+        ),
+        (
+            "token-issued",
+            Event::Auth(
+                token_id(),
+                AuthEvent::TokenIssued(TokenIssued {
+                    at: AT,
+                    name: "ci".into(),
+                    digest: "ab".repeat(32),
+                    projects: vec![project()],
+                    admin: false,
+                }),
+            ),
+        ),
+        (
+            "token-revoked",
+            Event::Auth(token_id(), AuthEvent::TokenRevoked(TokenRevoked { at: AT })),
+        ),
     ]
 }
 
@@ -121,7 +353,15 @@ fn fixtures_v1() -> Vec<(&'static str, Event)> {
 fn fixtures_v2() -> Vec<(&'static str, Event)> {
     vec![(
         "node-heartbeat",
-        Event::Node(node_id(), NodeEvent::Heartbeat(NodeHeartbeat { at: AT, running_tasks: 2, disk_free_mb: Some(51_200), low_disk: false })),
+        Event::Node(
+            node_id(),
+            NodeEvent::Heartbeat(NodeHeartbeat {
+                at: AT,
+                running_tasks: 2,
+                disk_free_mb: Some(51_200),
+                low_disk: false,
+            }),
+        ),
     )]
 }
 
@@ -131,16 +371,26 @@ fn cases() -> Vec<(u16, &'static str, String, Event)> {
     let mut out: Vec<(u16, &'static str, String, Event)> = fixtures_v1()
         .into_iter()
         .map(|(name, e)| {
-            let rule = if newer.contains(&name) { format!("{name}-v1") } else { name.to_owned() };
+            let rule = if newer.contains(&name) {
+                format!("{name}-v1")
+            } else {
+                name.to_owned()
+            };
             (1, name, rule, e)
         })
         .collect();
-    out.extend(fixtures_v2().into_iter().map(|(name, e)| (2, name, name.to_owned(), e)));
+    out.extend(
+        fixtures_v2()
+            .into_iter()
+            .map(|(name, e)| (2, name, name.to_owned(), e)),
+    );
     out
 }
 
 fn golden_dir(version: u16) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("golden").join(format!("v{version}"))
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("golden")
+        .join(format!("v{version}"))
 }
 
 fn validate_against_cddl(rule: &str, bytes: &[u8]) -> Result<(), String> {
@@ -161,16 +411,26 @@ fn golden_files_decode_validate_and_round_trip() -> anyhow::Result<()> {
             std::fs::create_dir_all(&dir)?;
             std::fs::write(&path, codec::encode_event(&event)?)?;
         }
-        let golden = std::fs::read(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let golden =
+            std::fs::read(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         // Stored bytes of every version read back as the current value.
         let decoded = codec::decode_event(&event.subject(), version, &golden)?;
-        assert_eq!(decoded, event, "{name} v{version}: golden file decodes to something else");
-        validate_against_cddl(&rule, &golden).map_err(|e| anyhow::anyhow!("{name} v{version} (golden): {e}"))?;
+        assert_eq!(
+            decoded, event,
+            "{name} v{version}: golden file decodes to something else"
+        );
+        validate_against_cddl(&rule, &golden)
+            .map_err(|e| anyhow::anyhow!("{name} v{version} (golden): {e}"))?;
         if current {
             // The current encoder's bytes decode back to the same value.
             let fresh = codec::encode_event(&event)?;
-            assert_eq!(codec::decode_event(&event.subject(), version, &fresh)?, event, "{name}: encode/decode");
-            validate_against_cddl(&rule, &fresh).map_err(|e| anyhow::anyhow!("{name} (fresh): {e}"))?;
+            assert_eq!(
+                codec::decode_event(&event.subject(), version, &fresh)?,
+                event,
+                "{name}: encode/decode"
+            );
+            validate_against_cddl(&rule, &fresh)
+                .map_err(|e| anyhow::anyhow!("{name} (fresh): {e}"))?;
         }
     }
     Ok(())
@@ -179,33 +439,161 @@ fn golden_files_decode_validate_and_round_trip() -> anyhow::Result<()> {
 #[test]
 fn messages_outside_the_event_streams_match_their_cddl() -> anyhow::Result<()> {
     use ud_schemas::dispatch::*;
-    let run = DispatchRun { at: AT, task_id: task_id(), attempt: 1, spec: spec() };
-    let cancel = DispatchCancel { at: AT, task_id: task_id(), reason: "user".into(), grace_seconds: 10 };
-    let chunk = LogChunk { at: AT, attempt: 1, stream: "build".into(), text: "Step 1/2".into() };
-    let file = OutputFile { path: "results/m.bin".into(), size: 10, sha256: "ab".repeat(32), upload_id: None };
-    let request = GitCredentialsRequest { task_id: task_id(), repo_url: "https://git.example.org/c.git".into() };
+    let run = DispatchRun {
+        at: AT,
+        task_id: task_id(),
+        attempt: 1,
+        spec: spec(),
+    };
+    let cancel = DispatchCancel {
+        at: AT,
+        task_id: task_id(),
+        reason: "user".into(),
+        grace_seconds: 10,
+    };
+    let chunk = LogChunk {
+        at: AT,
+        attempt: 1,
+        stream: "build".into(),
+        text: "Step 1/2".into(),
+    };
+    let file = OutputFile {
+        path: "results/m.bin".into(),
+        size: 10,
+        sha256: "ab".repeat(32),
+        upload_id: None,
+    };
+    let request = GitCredentialsRequest {
+        task_id: task_id(),
+        repo_url: "https://git.example.org/c.git".into(),
+    };
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("dispatch-run", to_cbor(&run)?),
         ("dispatch-cancel", to_cbor(&cancel)?),
         ("log-chunk", to_cbor(&chunk)?),
         ("git-credentials-request", to_cbor(&request)?),
-        ("git-credentials-reply", to_cbor(&GitCredentialsReply::None)?),
-        ("git-credentials-reply", to_cbor(&GitCredentialsReply::Token { username: "ci".into(), token: "t".into() })?),
-        ("git-credentials-reply", to_cbor(&GitCredentialsReply::Ssh { username: "git".into(), private_key: "k".into(), passphrase: None })?),
-        ("git-credentials-reply", to_cbor(&GitCredentialsReply::Denied { reason: "no".into() })?),
-        ("assignment-check", to_cbor(&AssignmentCheck { task_id: task_id(), attempt: 2 })?),
-        ("assignment-reply", to_cbor(&AssignmentReply { current: false, reason: Some("reassigned".into()) })?),
-        ("assignment-reply", to_cbor(&AssignmentReply { current: true, reason: None })?),
-        ("storage-request", to_cbor(&StorageRequest::Inputs { task_id: task_id(), attempt: 1 })?),
-        ("storage-request", to_cbor(&StorageRequest::Outputs { task_id: task_id(), attempt: 1, files: vec![file.clone()] })?),
-        ("storage-request", to_cbor(&StorageRequest::Complete { task_id: task_id(), attempt: 1, files: vec![OutputFile { upload_id: Some("u1".into()), ..file }] })?),
-        ("storage-reply", to_cbor(&StorageReply::Inputs { files: vec![InputUrl { path: "data/x".into(), object: "x".into(), size: 3, url: "http://s3/x".into() }] })?),
-        ("storage-reply", to_cbor(&StorageReply::Outputs { files: vec![
-            OutputUrl { path: "a".into(), upload: Upload::Single { url: "http://s3/a".into() } },
-            OutputUrl { path: "b".into(), upload: Upload::Multipart { upload_id: "u".into(), part_size: 16 << 20, part_urls: vec!["http://s3/b?p=1".into()], done: vec![2] } },
-        ] })?),
-        ("storage-reply", to_cbor(&StorageReply::Complete { files: vec![ud_schemas::events::OutputObject { path: "a".into(), key: "k".into(), size: 1, sha256: "00".repeat(32) }] })?),
-        ("storage-reply", to_cbor(&StorageReply::Refused { reason: "input x: no such object".into() })?),
+        (
+            "git-credentials-reply",
+            to_cbor(&GitCredentialsReply::None)?,
+        ),
+        (
+            "git-credentials-reply",
+            to_cbor(&GitCredentialsReply::Token {
+                username: "ci".into(),
+                token: "t".into(),
+            })?,
+        ),
+        (
+            "git-credentials-reply",
+            to_cbor(&GitCredentialsReply::Ssh {
+                username: "git".into(),
+                private_key: "k".into(),
+                passphrase: None,
+            })?,
+        ),
+        (
+            "git-credentials-reply",
+            to_cbor(&GitCredentialsReply::Denied {
+                reason: "no".into(),
+            })?,
+        ),
+        (
+            "assignment-check",
+            to_cbor(&AssignmentCheck {
+                task_id: task_id(),
+                attempt: 2,
+            })?,
+        ),
+        (
+            "assignment-reply",
+            to_cbor(&AssignmentReply {
+                current: false,
+                reason: Some("reassigned".into()),
+            })?,
+        ),
+        (
+            "assignment-reply",
+            to_cbor(&AssignmentReply {
+                current: true,
+                reason: None,
+            })?,
+        ),
+        (
+            "storage-request",
+            to_cbor(&StorageRequest::Inputs {
+                task_id: task_id(),
+                attempt: 1,
+            })?,
+        ),
+        (
+            "storage-request",
+            to_cbor(&StorageRequest::Outputs {
+                task_id: task_id(),
+                attempt: 1,
+                files: vec![file.clone()],
+            })?,
+        ),
+        (
+            "storage-request",
+            to_cbor(&StorageRequest::Complete {
+                task_id: task_id(),
+                attempt: 1,
+                files: vec![OutputFile {
+                    upload_id: Some("u1".into()),
+                    ..file
+                }],
+            })?,
+        ),
+        (
+            "storage-reply",
+            to_cbor(&StorageReply::Inputs {
+                files: vec![InputUrl {
+                    path: "data/x".into(),
+                    object: "x".into(),
+                    size: 3,
+                    url: "http://s3/x".into(),
+                }],
+            })?,
+        ),
+        (
+            "storage-reply",
+            to_cbor(&StorageReply::Outputs {
+                files: vec![
+                    OutputUrl {
+                        path: "a".into(),
+                        upload: Upload::Single {
+                            url: "http://s3/a".into(),
+                        },
+                    },
+                    OutputUrl {
+                        path: "b".into(),
+                        upload: Upload::Multipart {
+                            upload_id: "u".into(),
+                            part_size: 16 << 20,
+                            part_urls: vec!["http://s3/b?p=1".into()],
+                            done: vec![2],
+                        },
+                    },
+                ],
+            })?,
+        ),
+        (
+            "storage-reply",
+            to_cbor(&StorageReply::Complete {
+                files: vec![ud_schemas::events::OutputObject {
+                    path: "a".into(),
+                    key: "k".into(),
+                    size: 1,
+                    sha256: "00".repeat(32),
+                }],
+            })?,
+        ),
+        (
+            "storage-reply",
+            to_cbor(&StorageReply::Refused {
+                reason: "input x: no such object".into(),
+            })?,
+        ),
     ];
     for (rule, bytes) in cases {
         validate_against_cddl(rule, &bytes).map_err(|e| anyhow::anyhow!("{rule}: {e}"))?;
@@ -217,18 +605,33 @@ fn messages_outside_the_event_streams_match_their_cddl() -> anyhow::Result<()> {
 #[test]
 fn cddl_rejects_wrong_shapes() {
     // A payload of another type must not validate: the check can fail.
-    let wrong = codec::encode_event(&Event::Task(task_id(), TaskEvent::Succeeded(TaskSucceeded { at: AT, exit_code: 0 })))
-        .unwrap_or_default();
+    let wrong = codec::encode_event(&Event::Task(
+        task_id(),
+        TaskEvent::Succeeded(TaskSucceeded {
+            at: AT,
+            exit_code: 0,
+        }),
+    ))
+    .unwrap_or_default();
     assert!(validate_against_cddl("task-failed", &wrong).is_err());
     assert!(validate_against_cddl("task-submitted", &wrong).is_err());
 }
 
 #[test]
 fn every_event_type_has_a_golden_file() {
-    let names: Vec<String> = fixtures_v1().iter().map(|(_, e)| e.event_type().replace('.', "-")).collect();
+    let names: Vec<String> = fixtures_v1()
+        .iter()
+        .map(|(_, e)| e.event_type().replace('.', "-"))
+        .collect();
     for (name, _) in fixtures_v1() {
-        assert!(names.iter().any(|n| n == name), "{name} is not named after its event type");
-        assert!(ud_schemas::CDDL.contains(&format!("\n{name} = ")), "{name} has no CDDL rule");
+        assert!(
+            names.iter().any(|n| n == name),
+            "{name} is not named after its event type"
+        );
+        assert!(
+            ud_schemas::CDDL.contains(&format!("\n{name} = ")),
+            "{name} has no CDDL rule"
+        );
     }
 }
 
@@ -236,8 +639,14 @@ fn every_event_type_has_a_golden_file() {
 fn unknown_versions_and_types_are_errors() {
     let bytes = codec::encode_event(&fixtures_v1()[0].1).unwrap_or_default();
     let subject = fixtures_v1()[0].1.subject();
-    assert!(matches!(codec::decode_event(&subject, 99, &bytes), Err(codec::CodecError::UnknownVersion { version: 99, .. })));
+    assert!(matches!(
+        codec::decode_event(&subject, 99, &bytes),
+        Err(codec::CodecError::UnknownVersion { version: 99, .. })
+    ));
     let other = subject.replace("submitted", "exploded");
-    assert!(matches!(codec::decode_event(&other, 1, &bytes), Err(codec::CodecError::UnknownType { .. })));
+    assert!(matches!(
+        codec::decode_event(&other, 1, &bytes),
+        Err(codec::CodecError::UnknownType { .. })
+    ));
     assert!(codec::decode_event(&subject, 1, b"\xff\x00garbage").is_err());
 }

@@ -14,19 +14,27 @@ use crate::StorageError;
 
 /// Checks a relative object or workspace path; returns it without a trailing `/`.
 pub fn check_path(path: &str) -> Result<&str, StorageError> {
-    ud_schemas::spec::relative_path(path).map_err(|reason| StorageError::Path { path: path.to_owned(), reason: reason.to_owned() })
+    ud_schemas::spec::relative_path(path).map_err(|reason| StorageError::Path {
+        path: path.to_owned(),
+        reason: reason.to_owned(),
+    })
 }
 
 /// Checks a project name as used in keys (the same rule as task submission).
 fn check_project(project: &str) -> Result<&str, StorageError> {
     let ok = !project.is_empty()
         && project.len() <= 64
-        && project.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && project
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
         && !project.starts_with('.');
     if ok {
         Ok(project)
     } else {
-        Err(StorageError::Path { path: project.to_owned(), reason: "is not a valid project name".into() })
+        Err(StorageError::Path {
+            path: project.to_owned(),
+            reason: "is not a valid project name".into(),
+        })
     }
 }
 
@@ -52,12 +60,19 @@ pub fn task_prefix(project: &str, task: &str) -> Result<String, StorageError> {
 
 /// The key of one of a task's outputs.
 pub fn output_key(project: &str, task: &str, path: &str) -> Result<String, StorageError> {
-    Ok(format!("{}outputs/{}", task_prefix(project, task)?, check_path(path)?))
+    Ok(format!(
+        "{}outputs/{}",
+        task_prefix(project, task)?,
+        check_path(path)?
+    ))
 }
 
 /// The key of a task attempt's archived log.
 pub fn log_key(project: &str, task: &str, attempt: u32) -> Result<String, StorageError> {
-    Ok(format!("{}logs/attempt-{attempt}.log", task_prefix(project, task)?))
+    Ok(format!(
+        "{}logs/attempt-{attempt}.log",
+        task_prefix(project, task)?
+    ))
 }
 
 /// A key's path below `prefix`, if it is below it.
@@ -81,17 +96,40 @@ mod tests {
 
     #[test]
     fn escaping_paths_are_refused() {
-        for p in ["", "/", "/etc/passwd", "../x", "a/../../b", "a//b", "./a", "a/.", "a\\b", "a\nb"] {
-            let e = check_path(p).err().map(|e| e.to_string()).unwrap_or_default();
+        for p in [
+            "",
+            "/",
+            "/etc/passwd",
+            "../x",
+            "a/../../b",
+            "a//b",
+            "./a",
+            "a/.",
+            "a\\b",
+            "a\nb",
+        ] {
+            let e = check_path(p)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
             assert!(e.contains(&format!("{p:?}")), "{p}: {e}");
         }
     }
 
     #[test]
     fn keys_stay_in_their_project() {
-        assert_eq!(file_key("p1", "a/b").ok().as_deref(), Some("projects/p1/files/a/b"));
-        assert_eq!(output_key("p1", "t", "out/x").ok().as_deref(), Some("projects/p1/tasks/t/outputs/out/x"));
-        assert_eq!(log_key("p1", "t", 2).ok().as_deref(), Some("projects/p1/tasks/t/logs/attempt-2.log"));
+        assert_eq!(
+            file_key("p1", "a/b").ok().as_deref(),
+            Some("projects/p1/files/a/b")
+        );
+        assert_eq!(
+            output_key("p1", "t", "out/x").ok().as_deref(),
+            Some("projects/p1/tasks/t/outputs/out/x")
+        );
+        assert_eq!(
+            log_key("p1", "t", 2).ok().as_deref(),
+            Some("projects/p1/tasks/t/logs/attempt-2.log")
+        );
         assert!(file_key("../p2", "a").is_err());
         assert!(file_key("p1/../p2", "a").is_err());
     }

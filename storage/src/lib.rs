@@ -8,7 +8,9 @@ pub mod keys;
 
 use std::time::Duration;
 
-use aws_sdk_s3::config::{Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation};
+use aws_sdk_s3::config::{
+    Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
 use aws_sdk_s3::presigning::PresigningConfig;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use serde::{Deserialize, Serialize};
@@ -111,7 +113,10 @@ pub struct Storage {
 
 impl std::fmt::Debug for Storage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Storage").field("endpoint", &self.settings.endpoint).field("bucket", &self.settings.bucket).finish()
+        f.debug_struct("Storage")
+            .field("endpoint", &self.settings.endpoint)
+            .field("bucket", &self.settings.bucket)
+            .finish()
     }
 }
 
@@ -121,9 +126,17 @@ impl Storage {
             return Err(StorageError::Settings("the bucket name is empty".into()));
         }
         if settings.url_ttl.is_zero() || settings.url_ttl > Duration::from_secs(7 * 24 * 3600) {
-            return Err(StorageError::Settings("presigned URLs must live between 1 s and 7 days".into()));
+            return Err(StorageError::Settings(
+                "presigned URLs must live between 1 s and 7 days".into(),
+            ));
         }
-        let creds = Credentials::new(&settings.access_key_id, &settings.secret_access_key, None, None, "unidesk");
+        let creds = Credentials::new(
+            &settings.access_key_id,
+            &settings.secret_access_key,
+            None,
+            None,
+            "unidesk",
+        );
         let mut config = aws_sdk_s3::Config::builder()
             .region(Region::new(settings.region.clone()))
             .credentials_provider(creds)
@@ -141,7 +154,10 @@ impl Storage {
         if let Some(endpoint) = &settings.endpoint {
             config = config.endpoint_url(endpoint);
         }
-        Ok(Self { client: aws_sdk_s3::Client::from_conf(config.build()), settings })
+        Ok(Self {
+            client: aws_sdk_s3::Client::from_conf(config.build()),
+            settings,
+        })
     }
 
     pub fn settings(&self) -> &StorageSettings {
@@ -156,35 +172,59 @@ impl Storage {
     fn presigning(&self, ttl: Duration) -> Result<(PresigningConfig, i64), StorageError> {
         let ttl = ttl.min(self.settings.url_ttl);
         let config = PresigningConfig::expires_in(ttl).map_err(backend)?;
-        Ok((config, now_millis() + i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)))
+        Ok((
+            config,
+            now_millis() + i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX),
+        ))
     }
 
     fn presigned(req: aws_sdk_s3::presigning::PresignedRequest, expires_at: i64) -> Presigned {
         Presigned {
             method: req.method().to_owned(),
             url: req.uri().to_owned(),
-            headers: req.headers().map(|(k, v)| (k.to_owned(), v.to_owned())).collect(),
+            headers: req
+                .headers()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
             expires_at,
         }
     }
 
     /// Is the bucket there and may we use it?
     pub async fn check(&self) -> Result<(), StorageError> {
-        self.client.head_bucket().bucket(&self.settings.bucket).send().await.map_err(backend)?;
+        self.client
+            .head_bucket()
+            .bucket(&self.settings.bucket)
+            .send()
+            .await
+            .map_err(backend)?;
         Ok(())
     }
 
     /// A URL to read one object.
     pub async fn presign_get(&self, key: &str, ttl: Duration) -> Result<Presigned, StorageError> {
         let (config, expires_at) = self.presigning(ttl)?;
-        let req = self.client.get_object().bucket(&self.settings.bucket).key(key).presigned(config).await.map_err(backend)?;
+        let req = self
+            .client
+            .get_object()
+            .bucket(&self.settings.bucket)
+            .key(key)
+            .presigned(config)
+            .await
+            .map_err(backend)?;
         Ok(Self::presigned(req, expires_at))
     }
 
     /// A URL to write one object of exactly `size` bytes.
-    pub async fn presign_put(&self, key: &str, size: u64, ttl: Duration) -> Result<Presigned, StorageError> {
+    pub async fn presign_put(
+        &self,
+        key: &str,
+        size: u64,
+        ttl: Duration,
+    ) -> Result<Presigned, StorageError> {
         let (config, expires_at) = self.presigning(ttl)?;
-        let size = i64::try_from(size).map_err(|_| StorageError::Settings("object too large".into()))?;
+        let size =
+            i64::try_from(size).map_err(|_| StorageError::Settings("object too large".into()))?;
         let req = self
             .client
             .put_object()
@@ -199,14 +239,29 @@ impl Storage {
 
     /// Starts a multipart upload; returns its id.
     pub async fn start_multipart(&self, key: &str) -> Result<String, StorageError> {
-        let out = self.client.create_multipart_upload().bucket(&self.settings.bucket).key(key).send().await.map_err(backend)?;
-        out.upload_id.ok_or_else(|| StorageError::Backend("no upload id in the answer".into()))
+        let out = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.settings.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(backend)?;
+        out.upload_id
+            .ok_or_else(|| StorageError::Backend("no upload id in the answer".into()))
     }
 
     /// A URL to write part `number` of an upload.
-    pub async fn presign_part(&self, key: &str, upload_id: &str, number: u32, ttl: Duration) -> Result<Presigned, StorageError> {
+    pub async fn presign_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: u32,
+        ttl: Duration,
+    ) -> Result<Presigned, StorageError> {
         let (config, expires_at) = self.presigning(ttl)?;
-        let number = i32::try_from(number).map_err(|_| StorageError::Settings("part number out of range".into()))?;
+        let number = i32::try_from(number)
+            .map_err(|_| StorageError::Settings("part number out of range".into()))?;
         let req = self
             .client
             .upload_part()
@@ -235,7 +290,9 @@ impl Storage {
                 .send()
                 .await
                 .map_err(|e| match e.as_service_error() {
-                    Some(s) if s.meta().code() == Some("NoSuchUpload") => StorageError::NoSuchObject(format!("upload {upload_id} of {key}")),
+                    Some(s) if s.meta().code() == Some("NoSuchUpload") => {
+                        StorageError::NoSuchObject(format!("upload {upload_id} of {key}"))
+                    }
                     _ => backend(e),
                 })?;
             for p in out.parts() {
@@ -255,16 +312,27 @@ impl Storage {
     }
 
     /// Completes an upload from the parts the store has; returns the object's size.
-    pub async fn complete_multipart(&self, key: &str, upload_id: &str) -> Result<u64, StorageError> {
+    pub async fn complete_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+    ) -> Result<u64, StorageError> {
         let parts = self.parts(key, upload_id).await?;
         if parts.is_empty() {
-            return Err(StorageError::Backend(format!("upload {upload_id} of {key} has no parts")));
+            return Err(StorageError::Backend(format!(
+                "upload {upload_id} of {key} has no parts"
+            )));
         }
         let done = CompletedMultipartUpload::builder()
             .set_parts(Some(
                 parts
                     .iter()
-                    .map(|p| CompletedPart::builder().part_number(i32::try_from(p.number).unwrap_or(0)).e_tag(&p.etag).build())
+                    .map(|p| {
+                        CompletedPart::builder()
+                            .part_number(i32::try_from(p.number).unwrap_or(0))
+                            .e_tag(&p.etag)
+                            .build()
+                    })
                     .collect(),
             ))
             .build();
@@ -281,13 +349,27 @@ impl Storage {
     }
 
     pub async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<(), StorageError> {
-        self.client.abort_multipart_upload().bucket(&self.settings.bucket).key(key).upload_id(upload_id).send().await.map_err(backend)?;
+        self.client
+            .abort_multipart_upload()
+            .bucket(&self.settings.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .send()
+            .await
+            .map_err(backend)?;
         Ok(())
     }
 
     /// The object's size and tag, or `None` when there is no such object.
     pub async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StorageError> {
-        match self.client.head_object().bucket(&self.settings.bucket).key(key).send().await {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.settings.bucket)
+            .key(key)
+            .send()
+            .await
+        {
             Ok(o) => Ok(Some(ObjectInfo {
                 key: key.to_owned(),
                 size: u64::try_from(o.content_length.unwrap_or(0)).unwrap_or(0),
@@ -302,7 +384,13 @@ impl Storage {
     /// Every object below `prefix`, in key order.
     pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
         let mut out = Vec::new();
-        let mut pages = self.client.list_objects_v2().bucket(&self.settings.bucket).prefix(prefix).into_paginator().send();
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.settings.bucket)
+            .prefix(prefix)
+            .into_paginator()
+            .send();
         while let Some(page) = pages.next().await {
             let page = page.map_err(backend)?;
             for o in page.contents() {
@@ -323,7 +411,12 @@ impl Storage {
     }
 
     /// Writes a small object in one request (archives, manifests).
-    pub async fn put(&self, key: &str, bytes: Vec<u8>, content_type: &str) -> Result<(), StorageError> {
+    pub async fn put(
+        &self,
+        key: &str,
+        bytes: Vec<u8>,
+        content_type: &str,
+    ) -> Result<(), StorageError> {
         self.client
             .put_object()
             .bucket(&self.settings.bucket)
@@ -336,8 +429,36 @@ impl Storage {
         Ok(())
     }
 
+    /// Writes a file's bytes as one object, streaming from disk.
+    pub async fn put_file(
+        &self,
+        key: &str,
+        path: &std::path::Path,
+        content_type: &str,
+    ) -> Result<(), StorageError> {
+        let body = aws_sdk_s3::primitives::ByteStream::from_path(path)
+            .await
+            .map_err(backend)?;
+        self.client
+            .put_object()
+            .bucket(&self.settings.bucket)
+            .key(key)
+            .content_type(content_type)
+            .body(body)
+            .send()
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
     pub async fn delete(&self, key: &str) -> Result<(), StorageError> {
-        self.client.delete_object().bucket(&self.settings.bucket).key(key).send().await.map_err(backend)?;
+        self.client
+            .delete_object()
+            .bucket(&self.settings.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(backend)?;
         Ok(())
     }
 }
@@ -348,12 +469,22 @@ mod tests {
 
     #[test]
     fn parts_cover_the_file_within_s3_limits() {
-        for size in [0u64, 1, MIN_PART_BYTES, MIN_PART_BYTES + 1, 1 << 30, 5 << 40] {
+        for size in [
+            0u64,
+            1,
+            MIN_PART_BYTES,
+            MIN_PART_BYTES + 1,
+            1 << 30,
+            5 << 40,
+        ] {
             let (part, n) = part_plan(size);
             assert!(part >= MIN_PART_BYTES);
             assert!(u64::from(n) <= MAX_PARTS, "{size}");
             assert!(part * u64::from(n) >= size, "{size}");
-            assert!(n == 1 || part * u64::from(n - 1) < size, "{size}: a part too many");
+            assert!(
+                n == 1 || part * u64::from(n - 1) < size,
+                "{size}: a part too many"
+            );
         }
     }
 }

@@ -31,16 +31,37 @@ async fn presigned_urls_are_for_one_object_one_method_and_expire() -> Result<()>
     let put = s.presign_put(key, 5, Duration::from_secs(60)).await?;
     assert_eq!(put.method, "PUT");
     // The signed length is enforced: a longer body is refused.
-    assert!(!http.put(&put.url).body("too long").send().await?.status().is_success());
-    assert!(http.put(&put.url).body("hello").send().await?.status().is_success());
+    assert!(!http
+        .put(&put.url)
+        .body("too long")
+        .send()
+        .await?
+        .status()
+        .is_success());
+    assert!(http
+        .put(&put.url)
+        .body("hello")
+        .send()
+        .await?
+        .status()
+        .is_success());
     assert_eq!(s.head(key).await?.map(|o| o.size), Some(5));
     assert_eq!(s.head("projects/lab/files/none").await?, None);
 
     let get = s.presign_get(key, Duration::from_secs(60)).await?;
     assert_eq!(http.get(&get.url).send().await?.text().await?, "hello");
     // Not for another method, nor another object.
-    assert_eq!(http.delete(&get.url).send().await?.status(), reqwest::StatusCode::FORBIDDEN);
-    assert_eq!(http.get(get.url.replacen("a.txt", "b.txt", 1)).send().await?.status(), reqwest::StatusCode::FORBIDDEN);
+    assert_eq!(
+        http.delete(&get.url).send().await?.status(),
+        reqwest::StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        http.get(get.url.replacen("a.txt", "b.txt", 1))
+            .send()
+            .await?
+            .status(),
+        reqwest::StatusCode::FORBIDDEN
+    );
 
     // A URL asked for longer than the setting lives only as long as the setting.
     let short = storage(&g, Duration::from_secs(1))?;
@@ -53,7 +74,10 @@ async fn presigned_urls_are_for_one_object_one_method_and_expire() -> Result<()>
     assert!(expired.status().is_client_error(), "{}", expired.status());
     let body = expired.text().await?;
     // AWS says "expired", Garage "Date is too old".
-    assert!(body.to_lowercase().contains("expir") || body.contains("too old"), "{body}");
+    assert!(
+        body.to_lowercase().contains("expir") || body.contains("too old"),
+        "{body}"
+    );
 
     assert_eq!(s.list("projects/lab/").await?.len(), 1);
     assert_eq!(s.usage("projects/").await?, 5);
@@ -65,7 +89,11 @@ async fn a_store_that_is_not_there_is_an_error_not_a_hang() -> Result<()> {
     let mut g = Garage::start().await?;
     let s = storage(&g, Duration::from_secs(60))?;
     g.stop().await?;
-    let e = tokio::time::timeout(Duration::from_secs(60), s.check()).await?.err().map(|e| e.to_string()).unwrap_or_default();
+    let e = tokio::time::timeout(Duration::from_secs(60), s.check())
+        .await?
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
     assert!(e.contains("object storage"), "{e}");
     Ok(())
 }

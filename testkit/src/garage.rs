@@ -23,15 +23,23 @@ fn garage_binary() -> PathBuf {
 }
 
 fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(name)).find(|p| p.exists()))
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.exists())
+    })
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 fn hex(bytes: usize) -> String {
-    (0..bytes).map(|_| format!("{:02x}", rand::random::<u8>())).collect()
+    (0..bytes)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect()
 }
 
 pub struct Garage {
@@ -77,13 +85,18 @@ impl Garage {
         g.spawn().await?;
         let node = g.cli(&["node", "id", "-q"]).await?;
         let node = node.split('@').next().unwrap_or_default().trim().to_owned();
-        g.cli(&["layout", "assign", "-z", "dc1", "-c", "1G", &node]).await?;
+        g.cli(&["layout", "assign", "-z", "dc1", "-c", "1G", &node])
+            .await?;
         g.cli(&["layout", "apply", "--version", "1"]).await?;
         let (id, secret) = (g.access_key_id.clone(), g.secret_access_key.clone());
-        g.cli(&["key", "import", "--yes", "-n", "unidesk", &id, &secret]).await?;
+        g.cli(&["key", "import", "--yes", "-n", "unidesk", &id, &secret])
+            .await?;
         let bucket = g.bucket.clone();
         g.cli(&["bucket", "create", &bucket]).await?;
-        g.cli(&["bucket", "allow", "--read", "--write", "--owner", &bucket, "--key", "unidesk"]).await?;
+        g.cli(&[
+            "bucket", "allow", "--read", "--write", "--owner", &bucket, "--key", "unidesk",
+        ])
+        .await?;
         Ok(g)
     }
 
@@ -92,7 +105,10 @@ impl Garage {
     }
 
     async fn spawn(&mut self) -> Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("garage.log"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("garage.log"))?;
         let child = Command::new(garage_binary())
             .arg("-c")
             .arg(self.config())
@@ -108,11 +124,14 @@ impl Garage {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
             let s3 = self.endpoint.trim_start_matches("http://").to_owned();
-            if self.cli(&["status"]).await.is_ok() && tokio::net::TcpStream::connect(&s3).await.is_ok() {
+            if self.cli(&["status"]).await.is_ok()
+                && tokio::net::TcpStream::connect(&s3).await.is_ok()
+            {
                 return Ok(());
             }
             if tokio::time::Instant::now() > deadline {
-                let log = std::fs::read_to_string(self.dir.path().join("garage.log")).unwrap_or_default();
+                let log =
+                    std::fs::read_to_string(self.dir.path().join("garage.log")).unwrap_or_default();
                 bail!("garage did not start within 30 s: {log}");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -121,9 +140,18 @@ impl Garage {
 
     /// Runs a garage CLI command against this server; returns its stdout.
     pub async fn cli(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new(garage_binary()).arg("-c").arg(self.config()).args(args).output().await?;
+        let out = Command::new(garage_binary())
+            .arg("-c")
+            .arg(self.config())
+            .args(args)
+            .output()
+            .await?;
         if !out.status.success() {
-            bail!("garage {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "garage {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }

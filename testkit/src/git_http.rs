@@ -39,7 +39,9 @@ impl GitHttpServer {
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
-        let app = axum::Router::new().fallback(handle).with_state(inner.clone());
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state(inner.clone());
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
@@ -71,7 +73,13 @@ impl Drop for GitHttpServer {
     }
 }
 
-async fn handle(State(inner): State<Arc<Inner>>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+async fn handle(
+    State(inner): State<Arc<Inner>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     if let Some(expected) = &inner.auth {
         let given = headers
             .get("authorization")
@@ -80,7 +88,12 @@ async fn handle(State(inner): State<Arc<Inner>>, method: Method, uri: Uri, heade
             .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok());
         if given.as_deref() != Some(expected.as_bytes()) {
             inner.refused.fetch_add(1, Ordering::SeqCst);
-            return (StatusCode::UNAUTHORIZED, [("www-authenticate", "Basic realm=\"git\"")], "authentication required").into_response();
+            return (
+                StatusCode::UNAUTHORIZED,
+                [("www-authenticate", "Basic realm=\"git\"")],
+                "authentication required",
+            )
+                .into_response();
         }
     }
     match backend(&inner.root, &method, &uri, &headers, body).await {
@@ -93,8 +106,20 @@ async fn handle(State(inner): State<Arc<Inner>>, method: Method, uri: Uri, heade
 }
 
 /// Runs `git http-backend` as a CGI program for one request.
-async fn backend(root: &Path, method: &Method, uri: &Uri, headers: &HeaderMap, body: Bytes) -> Result<Response> {
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+async fn backend(
+    root: &Path,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<Response> {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
     let mut child = tokio::process::Command::new("git")
         .arg("http-backend")
         .env_clear()
@@ -119,7 +144,11 @@ async fn backend(root: &Path, method: &Method, uri: &Uri, headers: &HeaderMap, b
     }
     let out = child.wait_with_output().await?;
     let text = out.stdout;
-    let split = text.windows(4).position(|w| w == b"\r\n\r\n").map(|i| (i, 4)).or_else(|| text.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2)));
+    let split = text
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| (i, 4))
+        .or_else(|| text.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2)));
     let (head, rest) = match split {
         Some((i, n)) => (&text[..i], &text[i + n..]),
         None => anyhow::bail!("git http-backend wrote no headers"),
@@ -127,13 +156,22 @@ async fn backend(root: &Path, method: &Method, uri: &Uri, headers: &HeaderMap, b
     let mut status = StatusCode::OK;
     let mut builder = Response::builder();
     for line in String::from_utf8_lossy(head).lines() {
-        let Some((k, v)) = line.split_once(':') else { continue };
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
         let v = v.trim();
         if k.eq_ignore_ascii_case("status") {
-            status = v.split_whitespace().next().and_then(|c| c.parse().ok()).and_then(|c| StatusCode::from_u16(c).ok()).unwrap_or(status);
+            status = v
+                .split_whitespace()
+                .next()
+                .and_then(|c| c.parse().ok())
+                .and_then(|c| StatusCode::from_u16(c).ok())
+                .unwrap_or(status);
         } else {
             builder = builder.header(k.trim(), v);
         }
     }
-    Ok(builder.status(status).body(axum::body::Body::from(rest.to_vec()))?)
+    Ok(builder
+        .status(status)
+        .body(axum::body::Body::from(rest.to_vec()))?)
 }

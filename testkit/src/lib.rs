@@ -37,7 +37,13 @@ pub struct NatsOptions {
 
 impl Default for NatsOptions {
     fn default() -> Self {
-        Self { sync_always: true, extra: String::new(), domain: "hub".into(), hub: false, accounts: None }
+        Self {
+            sync_always: true,
+            extra: String::new(),
+            domain: "hub".into(),
+            hub: false,
+            accounts: None,
+        }
     }
 }
 
@@ -65,15 +71,32 @@ impl NatsServer {
         if let Some(accounts) = &options.accounts {
             std::fs::write(dir.path().join("accounts.conf"), accounts)?;
         }
-        let mut server = Self { child: None, dir, options, port: 0, leaf_port: 0, http_port: 0 };
+        let mut server = Self {
+            child: None,
+            dir,
+            options,
+            port: 0,
+            leaf_port: 0,
+            http_port: 0,
+        };
         server.spawn().await?;
         Ok(server)
     }
 
     fn config(&self) -> String {
         let store = self.dir.path().join("js");
-        let sync = if self.options.sync_always { "sync_interval: always" } else { "" };
-        let port = |p: u16| if p == 0 { "-1".to_owned() } else { p.to_string() };
+        let sync = if self.options.sync_always {
+            "sync_interval: always"
+        } else {
+            ""
+        };
+        let port = |p: u16| {
+            if p == 0 {
+                "-1".to_owned()
+            } else {
+                p.to_string()
+            }
+        };
         let mut text = format!(
             "host: 127.0.0.1\nport: {}\nmax_payload: 8MB\npid_file: {:?}\njetstream {{\n  store_dir: {store:?}\n  domain: {}\n  {sync}\n}}\n",
             port(self.port),
@@ -133,7 +156,11 @@ impl NatsServer {
         let mut lines = BufReader::new(stderr).lines();
         let wait_ready = async {
             let mut ports = (None, 0u16, 0u16);
-            let parse = |rest: &str| rest.rsplit(':').next().and_then(|p| p.trim().parse::<u16>().ok());
+            let parse = |rest: &str| {
+                rest.rsplit(':')
+                    .next()
+                    .and_then(|p| p.trim().parse::<u16>().ok())
+            };
             let mut last = String::new();
             while let Some(line) = lines.next_line().await? {
                 last = line.clone();
@@ -147,7 +174,9 @@ impl NatsServer {
                     ports.2 = parse(rest).unwrap_or(0);
                 }
                 if line.contains("Server is ready") {
-                    let client = ports.0.ok_or_else(|| anyhow!("server ready but no port seen"))?;
+                    let client = ports
+                        .0
+                        .ok_or_else(|| anyhow!("server ready but no port seen"))?;
                     return Ok((client, ports.1, ports.2));
                 }
                 if line.contains("[FTL]") || line.contains("[ERR]") {
@@ -156,11 +185,16 @@ impl NatsServer {
             }
             bail!("nats-server exited before it was ready: {last}")
         };
-        let (port, leaf_port, http_port) = tokio::time::timeout(Duration::from_secs(20), wait_ready).await??;
+        let (port, leaf_port, http_port) =
+            tokio::time::timeout(Duration::from_secs(20), wait_ready).await??;
         // Keep draining the log so the server never blocks on a full pipe.
         let log = self.dir.path().join("nats.log");
         tokio::spawn(async move {
-            let mut out = std::fs::OpenOptions::new().create(true).append(true).open(log).ok();
+            let mut out = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .ok();
             while let Ok(Some(line)) = lines.next_line().await {
                 if let Some(f) = out.as_mut() {
                     use std::io::Write;
@@ -228,7 +262,9 @@ impl PgDatabase {
             .with_context(|| format!("cannot connect to {admin}"))?;
         tokio::spawn(conn);
         let name = format!("t_{}", uuid::Uuid::now_v7().simple());
-        client.batch_execute(&format!("CREATE DATABASE {name}")).await?;
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await?;
         let url = with_database(&admin, &name);
         Ok(Self { name, url })
     }
@@ -259,7 +295,11 @@ impl Relay {
                 }
                 let mut rx = rx.clone();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else { return };
+                    let Ok(mut outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    else {
+                        return;
+                    };
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
                         _ = rx.wait_for(|up| !*up) => {}

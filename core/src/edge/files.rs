@@ -16,14 +16,27 @@ use crate::EventStore;
 
 /// Whether `node` may move files for `attempt` of `task` (pure).
 pub fn may_move_files(node: &NodeId, task: Option<&Task>, attempt: u32) -> Result<(), String> {
-    let Some(task) = task else { return Err("no such task".into()) };
+    let Some(task) = task else {
+        return Err("no such task".into());
+    };
     match &task.state {
-        TaskState::Assigned { node_id, attempt: a } | TaskState::Running { node_id, attempt: a } | TaskState::Cancelling { node_id, attempt: a, .. }
-            if node_id == node && *a == attempt =>
-        {
-            Ok(())
+        TaskState::Assigned {
+            node_id,
+            attempt: a,
         }
-        s => Err(format!("attempt {attempt} of this task is not this node's (the task is {})", s.name())),
+        | TaskState::Running {
+            node_id,
+            attempt: a,
+        }
+        | TaskState::Cancelling {
+            node_id,
+            attempt: a,
+            ..
+        } if node_id == node && *a == attempt => Ok(()),
+        s => Err(format!(
+            "attempt {attempt} of this task is not this node's (the task is {})",
+            s.name()
+        )),
     }
 }
 
@@ -34,15 +47,24 @@ fn ttl(storage: &Storage, bytes: u64) -> Duration {
 }
 
 /// Answers one request; `Refused` names the object when one is at fault.
-pub async fn answer(store: &EventStore, storage: Option<&Storage>, node: &NodeId, req: StorageRequest) -> StorageReply {
+pub async fn answer(
+    store: &EventStore,
+    storage: Option<&Storage>,
+    node: &NodeId,
+    req: StorageRequest,
+) -> StorageReply {
     let refused = |reason: String| StorageReply::Refused { reason };
     let Some(storage) = storage else {
         return refused("this platform has no object store configured (UD_S3_* settings)".into());
     };
     let (task_id, attempt) = match &req {
-        StorageRequest::Inputs { task_id, attempt } | StorageRequest::Outputs { task_id, attempt, .. } | StorageRequest::Complete { task_id, attempt, .. } => {
-            (*task_id, *attempt)
+        StorageRequest::Inputs { task_id, attempt }
+        | StorageRequest::Outputs {
+            task_id, attempt, ..
         }
+        | StorageRequest::Complete {
+            task_id, attempt, ..
+        } => (*task_id, *attempt),
     };
     let task = match store.load_task(&task_id).await {
         Ok(t) => t.map(|(t, _)| t),
@@ -51,7 +73,9 @@ pub async fn answer(store: &EventStore, storage: Option<&Storage>, node: &NodeId
     if let Err(reason) = may_move_files(node, task.as_ref(), attempt) {
         return refused(reason);
     }
-    let Some(task) = task else { return refused("no such task".into()) };
+    let Some(task) = task else {
+        return refused("no such task".into());
+    };
     let result = match req {
         StorageRequest::Inputs { .. } => inputs(storage, &task).await,
         StorageRequest::Outputs { files, .. } => outputs(storage, &task, &files).await,
@@ -69,27 +93,49 @@ async fn inputs(storage: &Storage, task: &Task) -> Result<StorageReply, StorageE
             let prefix = format!("{}/", keys::file_key(project, &input.source)?);
             let listed = storage.list(&prefix).await?;
             if listed.is_empty() {
-                return Err(StorageError::NoSuchObject(format!("input folder {:?} of project {project} (it holds no file)", input.source)));
+                return Err(StorageError::NoSuchObject(format!(
+                    "input folder {:?} of project {project} (it holds no file)",
+                    input.source
+                )));
             }
             for o in listed {
-                let Some(rel) = keys::relative(&o.key, &prefix) else { continue };
+                let Some(rel) = keys::relative(&o.key, &prefix) else {
+                    continue;
+                };
                 let url = storage.presign_get(&o.key, ttl(storage, o.size)).await?;
-                files.push(InputUrl { path: format!("{dest}/{rel}"), object: format!("{}{rel}", input.source), size: o.size, url: url.url });
+                files.push(InputUrl {
+                    path: format!("{dest}/{rel}"),
+                    object: format!("{}{rel}", input.source),
+                    size: o.size,
+                    url: url.url,
+                });
             }
         } else {
             let key = keys::file_key(project, &input.source)?;
             let Some(o) = storage.head(&key).await? else {
-                return Err(StorageError::NoSuchObject(format!("input {:?} of project {project}", input.source)));
+                return Err(StorageError::NoSuchObject(format!(
+                    "input {:?} of project {project}",
+                    input.source
+                )));
             };
             let url = storage.presign_get(&key, ttl(storage, o.size)).await?;
-            files.push(InputUrl { path: dest.to_owned(), object: input.source.clone(), size: o.size, url: url.url });
+            files.push(InputUrl {
+                path: dest.to_owned(),
+                object: input.source.clone(),
+                size: o.size,
+                url: url.url,
+            });
         }
     }
     info!(task_id = %task.id, files = files.len(), "input urls handed out");
     Ok(StorageReply::Inputs { files })
 }
 
-async fn outputs(storage: &Storage, task: &Task, files: &[OutputFile]) -> Result<StorageReply, StorageError> {
+async fn outputs(
+    storage: &Storage,
+    task: &Task,
+    files: &[OutputFile],
+) -> Result<StorageReply, StorageError> {
     let (project, id) = (task.project.as_str(), task.id.to_string());
     if let Some(quota) = storage.settings().project_quota_bytes {
         let used = storage.usage(&keys::project_prefix(project)?).await?;
@@ -106,7 +152,9 @@ async fn outputs(storage: &Storage, task: &Task, files: &[OutputFile]) -> Result
         let (part_size, parts) = part_plan(f.size);
         let ttl = ttl(storage, f.size);
         let upload = if parts <= 1 {
-            Upload::Single { url: storage.presign_put(&key, f.size, ttl).await?.url }
+            Upload::Single {
+                url: storage.presign_put(&key, f.size, ttl).await?.url,
+            }
         } else {
             let (upload_id, done) = match &f.upload_id {
                 Some(id) => (id.clone(), storage.parts(&key, id).await?),
@@ -115,22 +163,42 @@ async fn outputs(storage: &Storage, task: &Task, files: &[OutputFile]) -> Result
             // A stored part of the wrong size (a cut-off write) is written again.
             let done: Vec<u32> = done
                 .iter()
-                .filter(|p| p.size == part_size || (p.number == parts && p.size == f.size - part_size * u64::from(parts - 1)))
+                .filter(|p| {
+                    p.size == part_size
+                        || (p.number == parts
+                            && p.size == f.size - part_size * u64::from(parts - 1))
+                })
                 .map(|p| p.number)
                 .collect();
             let mut part_urls = Vec::with_capacity(parts as usize);
             for n in 1..=parts {
-                part_urls.push(if done.contains(&n) { String::new() } else { storage.presign_part(&key, &upload_id, n, ttl).await?.url });
+                part_urls.push(if done.contains(&n) {
+                    String::new()
+                } else {
+                    storage.presign_part(&key, &upload_id, n, ttl).await?.url
+                });
             }
-            Upload::Multipart { upload_id, part_size, part_urls, done }
+            Upload::Multipart {
+                upload_id,
+                part_size,
+                part_urls,
+                done,
+            }
         };
-        out.push(OutputUrl { path: f.path.clone(), upload });
+        out.push(OutputUrl {
+            path: f.path.clone(),
+            upload,
+        });
     }
     info!(task_id = %task.id, files = out.len(), "output urls handed out");
     Ok(StorageReply::Outputs { files: out })
 }
 
-async fn complete(storage: &Storage, task: &Task, files: &[OutputFile]) -> Result<StorageReply, StorageError> {
+async fn complete(
+    storage: &Storage,
+    task: &Task,
+    files: &[OutputFile],
+) -> Result<StorageReply, StorageError> {
     let (project, id) = (task.project.as_str(), task.id.to_string());
     let mut out = Vec::with_capacity(files.len());
     for f in files {
@@ -138,11 +206,22 @@ async fn complete(storage: &Storage, task: &Task, files: &[OutputFile]) -> Resul
         if let Some(upload_id) = &f.upload_id {
             storage.complete_multipart(&key, upload_id).await?;
         }
-        let stored = storage.head(&key).await?.ok_or_else(|| StorageError::NoSuchObject(format!("output {:?} ({key})", f.path)))?;
+        let stored = storage
+            .head(&key)
+            .await?
+            .ok_or_else(|| StorageError::NoSuchObject(format!("output {:?} ({key})", f.path)))?;
         if stored.size != f.size {
-            return Err(StorageError::Backend(format!("output {:?} holds {} bytes, the node wrote {}", f.path, stored.size, f.size)));
+            return Err(StorageError::Backend(format!(
+                "output {:?} holds {} bytes, the node wrote {}",
+                f.path, stored.size, f.size
+            )));
         }
-        out.push(OutputObject { path: f.path.clone(), key, size: f.size, sha256: f.sha256.clone() });
+        out.push(OutputObject {
+            path: f.path.clone(),
+            key,
+            size: f.size,
+            sha256: f.sha256.clone(),
+        });
     }
     Ok(StorageReply::Complete { files: out })
 }
@@ -155,12 +234,54 @@ mod tests {
     #[test]
     fn only_the_assigned_node_moves_files() {
         let (a, b) = (NodeId::new(), NodeId::new());
-        let (project, spec) = crate::validate::submit_task(&crate::validate::tests::request()).unwrap_or_else(|e| unreachable!("{e:?}"));
-        let task = |state| Task { id: ud_schemas::TaskId::new(), project: project.clone(), spec: spec.clone(), state, attempts: 1, not_before: None, version: 2 };
-        assert!(may_move_files(&a, Some(&task(TaskState::Running { node_id: a, attempt: 1 })), 1).is_ok());
-        assert!(may_move_files(&a, Some(&task(TaskState::Cancelling { node_id: a, attempt: 1, reason: "x".into() })), 1).is_ok());
-        assert!(may_move_files(&b, Some(&task(TaskState::Running { node_id: a, attempt: 1 })), 1).is_err());
-        assert!(may_move_files(&a, Some(&task(TaskState::Running { node_id: a, attempt: 2 })), 1).is_err());
+        let (project, spec) = crate::validate::submit_task(&crate::validate::tests::request())
+            .unwrap_or_else(|e| unreachable!("{e:?}"));
+        let task = |state| Task {
+            id: ud_schemas::TaskId::new(),
+            project: project.clone(),
+            spec: spec.clone(),
+            state,
+            attempts: 1,
+            not_before: None,
+            version: 2,
+        };
+        assert!(may_move_files(
+            &a,
+            Some(&task(TaskState::Running {
+                node_id: a,
+                attempt: 1
+            })),
+            1
+        )
+        .is_ok());
+        assert!(may_move_files(
+            &a,
+            Some(&task(TaskState::Cancelling {
+                node_id: a,
+                attempt: 1,
+                reason: "x".into()
+            })),
+            1
+        )
+        .is_ok());
+        assert!(may_move_files(
+            &b,
+            Some(&task(TaskState::Running {
+                node_id: a,
+                attempt: 1
+            })),
+            1
+        )
+        .is_err());
+        assert!(may_move_files(
+            &a,
+            Some(&task(TaskState::Running {
+                node_id: a,
+                attempt: 2
+            })),
+            1
+        )
+        .is_err());
         assert!(may_move_files(&a, Some(&task(TaskState::Succeeded { exit_code: 0 })), 1).is_err());
         assert!(may_move_files(&a, None, 1).is_err());
     }

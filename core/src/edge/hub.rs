@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, stream::External, stream::Source, stream::StreamConsumerSource};
+use async_nats::jetstream::{
+    self, consumer, stream::External, stream::Source, stream::StreamConsumerSource,
+};
 use futures::StreamExt;
 use tracing::{info, warn};
 use ud_schemas::{edge, streams, Event, NodeEvent, NodeId};
@@ -32,27 +34,51 @@ pub struct HubSettings {
 fn source(node: &NodeId) -> Source {
     Source {
         name: edge::stream(node),
-        external: Some(External { api_prefix: format!("$JS.{}.API", edge::domain(node)), delivery_prefix: None }),
-        consumer: Some(StreamConsumerSource { name: edge::SOURCE_CONSUMER.into(), deliver_subject: edge::deliver_subject(node) }),
+        external: Some(External {
+            api_prefix: format!("$JS.{}.API", edge::domain(node)),
+            delivery_prefix: None,
+        }),
+        consumer: Some(StreamConsumerSource {
+            name: edge::SOURCE_CONSUMER.into(),
+            deliver_subject: edge::deliver_subject(node),
+        }),
         ..Default::default()
     }
 }
 
 /// Writes the accounts file and asks the hub to reload it.
-pub fn write_accounts(settings: &HubSettings, hashes: &Hashes, nodes: &[NodeUser]) -> Result<(), EdgeError> {
+pub fn write_accounts(
+    settings: &HubSettings,
+    hashes: &Hashes,
+    nodes: &[NodeUser],
+) -> Result<(), EdgeError> {
     let system = match (&settings.system_user, &hashes.system) {
-        (Some((user, _)), Some(h)) => Some(hubconf::SystemUser { user: user.clone(), password_hash: h.clone() }),
+        (Some((user, _)), Some(h)) => Some(hubconf::SystemUser {
+            user: user.clone(),
+            password_hash: h.clone(),
+        }),
         _ => None,
     };
-    let text = hubconf::accounts_with_system(&settings.platform_user, &hashes.platform, nodes, system.as_ref());
+    let text = hubconf::accounts_with_system(
+        &settings.platform_user,
+        &hashes.platform,
+        nodes,
+        system.as_ref(),
+    );
     let tmp = settings.accounts_file.with_extension("tmp");
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, &settings.accounts_file)?;
     if let Some(pid_file) = &settings.pid_file {
         let pid = std::fs::read_to_string(pid_file)?;
-        let status = std::process::Command::new("kill").arg("-HUP").arg(pid.trim()).status()?;
+        let status = std::process::Command::new("kill")
+            .arg("-HUP")
+            .arg(pid.trim())
+            .status()?;
         if !status.success() {
-            return Err(EdgeError::Invalid(format!("cannot signal the hub (pid {})", pid.trim())));
+            return Err(EdgeError::Invalid(format!(
+                "cannot signal the hub (pid {})",
+                pid.trim()
+            )));
         }
     }
     Ok(())
@@ -68,30 +94,53 @@ pub struct Hashes {
 /// revoked ones are refused. (The hub keeps established links on reload.)
 async fn close_leaf_links(settings: &HubSettings, keep: usize) -> Result<(), EdgeError> {
     let Some((user, password)) = &settings.system_user else {
-        tracing::warn!("no system user configured: a revoked node keeps its current link until it drops");
+        tracing::warn!(
+            "no system user configured: a revoked node keeps its current link until it drops"
+        );
         return Ok(());
     };
     let sys = async_nats::ConnectOptions::with_user_and_password(user.clone(), password.clone())
         .connect(settings.hub_addr.as_str())
         .await
         .map_err(nats_err)?;
-    let idz = sys.request("$SYS.REQ.SERVER.PING.IDZ", "".into()).await.map_err(nats_err)?;
-    let idz: serde_json::Value = serde_json::from_slice(&idz.payload).map_err(|e| EdgeError::Invalid(e.to_string()))?;
-    let server = idz["id"].as_str().or_else(|| idz["data"]["id"].as_str()).unwrap_or_default().to_owned();
+    let idz = sys
+        .request("$SYS.REQ.SERVER.PING.IDZ", "".into())
+        .await
+        .map_err(nats_err)?;
+    let idz: serde_json::Value =
+        serde_json::from_slice(&idz.payload).map_err(|e| EdgeError::Invalid(e.to_string()))?;
+    let server = idz["id"]
+        .as_str()
+        .or_else(|| idz["data"]["id"].as_str())
+        .unwrap_or_default()
+        .to_owned();
     if server.is_empty() {
-        return Err(EdgeError::Invalid("the hub did not say its server id".into()));
+        return Err(EdgeError::Invalid(
+            "the hub did not say its server id".into(),
+        ));
     }
     // The reload may still be under way: kick until no more links remain than enrolled nodes.
     for round in 0..20 {
-        let leafz = sys.request(format!("$SYS.REQ.SERVER.{server}.LEAFZ"), "{}".into()).await.map_err(nats_err)?;
-        let leafz: serde_json::Value = serde_json::from_slice(&leafz.payload).map_err(|e| EdgeError::Invalid(e.to_string()))?;
-        let leafs: Vec<u64> = leafz["data"]["leafs"].as_array().into_iter().flatten().filter_map(|l| l["id"].as_u64()).collect();
+        let leafz = sys
+            .request(format!("$SYS.REQ.SERVER.{server}.LEAFZ"), "{}".into())
+            .await
+            .map_err(nats_err)?;
+        let leafz: serde_json::Value = serde_json::from_slice(&leafz.payload)
+            .map_err(|e| EdgeError::Invalid(e.to_string()))?;
+        let leafs: Vec<u64> = leafz["data"]["leafs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l["id"].as_u64())
+            .collect();
         if round > 0 && leafs.len() <= keep {
             return Ok(());
         }
         for cid in leafs {
             let body = serde_json::json!({ "cid": cid }).to_string();
-            sys.request(format!("$SYS.REQ.SERVER.{server}.KICK"), body.into()).await.map_err(nats_err)?;
+            sys.request(format!("$SYS.REQ.SERVER.{server}.KICK"), body.into())
+                .await
+                .map_err(nats_err)?;
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -109,7 +158,13 @@ async fn reconcile(
     revoked: &[NodeId],
     consumers: &mut Consumers,
 ) -> Result<(), EdgeError> {
-    let users: Vec<NodeUser> = active.iter().map(|(id, h)| NodeUser { id: *id, secret_hash: h.clone() }).collect();
+    let users: Vec<NodeUser> = active
+        .iter()
+        .map(|(id, h)| NodeUser {
+            id: *id,
+            secret_hash: h.clone(),
+        })
+        .collect();
     write_accounts(settings, hashes, &users)?;
     if !revoked.is_empty() {
         // The hub answers system requests again shortly after a reload.
@@ -152,21 +207,36 @@ async fn reconcile_streams(
     let sources: Vec<Source> = active.keys().map(source).collect();
     let config = streams::edge_in(settings.replicas, sources);
     match js.get_stream(edge::EDGE_IN).await {
-        Ok(_) => js.update_stream(&config).await.map(|_| ()).map_err(nats_err)?,
-        Err(_) => js.create_stream(config).await.map(|_| ()).map_err(nats_err)?,
+        Ok(_) => js
+            .update_stream(&config)
+            .await
+            .map(|_| ())
+            .map_err(nats_err)?,
+        Err(_) => js
+            .create_stream(config)
+            .await
+            .map(|_| ())
+            .map_err(nats_err)?,
     }
     let dispatch = js.get_stream(edge::DISPATCH).await.map_err(nats_err)?;
-    let missing: Vec<NodeId> = active.keys().filter(|id| !consumers.contains(id)).copied().collect();
+    let missing: Vec<NodeId> = active
+        .keys()
+        .filter(|id| !consumers.contains(id))
+        .copied()
+        .collect();
     for id in &missing {
         let name = edge::dispatch_consumer(id);
         dispatch
-            .get_or_create_consumer(&name, consumer::pull::Config {
-                durable_name: Some(name.clone()),
-                filter_subject: edge::dispatch_filter(id),
-                ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(60),
-                ..Default::default()
-            })
+            .get_or_create_consumer(
+                &name,
+                consumer::pull::Config {
+                    durable_name: Some(name.clone()),
+                    filter_subject: edge::dispatch_filter(id),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: Duration::from_secs(60),
+                    ..Default::default()
+                },
+            )
             .await
             .map_err(nats_err)?;
         consumers.insert(*id);
@@ -186,7 +256,9 @@ fn current_hash(settings: &HubSettings, user: &str, password: &str) -> Option<St
     let marker = format!("user: {}, password: \"", serde_json::to_string(user).ok()?);
     let rest = text.split(&marker).nth(1)?;
     let hash = rest.split('"').next()?;
-    bcrypt::verify(password, hash).ok()?.then(|| hash.to_owned())
+    bcrypt::verify(password, hash)
+        .ok()?
+        .then(|| hash.to_owned())
 }
 
 fn stable_hash(settings: &HubSettings, user: &str, password: &str) -> Result<String, EdgeError> {
@@ -199,7 +271,11 @@ fn stable_hash(settings: &HubSettings, user: &str, password: &str) -> Result<Str
 /// Follows enrollments and revocations and reconciles the hub after each change.
 pub async fn run(store: EventStore, settings: HubSettings) -> Result<(), EdgeError> {
     let hashes = Hashes {
-        platform: stable_hash(&settings, &settings.platform_user, &settings.platform_password)?,
+        platform: stable_hash(
+            &settings,
+            &settings.platform_user,
+            &settings.platform_password,
+        )?,
         system: match &settings.system_user {
             Some((u, p)) => Some(stable_hash(&settings, u, p)?),
             None => None,
@@ -224,8 +300,12 @@ pub async fn run(store: EventStore, settings: HubSettings) -> Result<(), EdgeErr
     }
     while let Some(m) = messages.next().await {
         let m = m.map_err(nats_err)?;
-        let (seq, more) = m.info().map(|i| (i.stream_sequence, i.pending)).unwrap_or((0, 0));
-        match ud_schemas::codec::decode_message(m.subject.as_str(), m.headers.as_ref(), &m.payload) {
+        let (seq, more) = m
+            .info()
+            .map(|i| (i.stream_sequence, i.pending))
+            .unwrap_or((0, 0));
+        match ud_schemas::codec::decode_message(m.subject.as_str(), m.headers.as_ref(), &m.payload)
+        {
             Ok(env) => match env.event {
                 Event::Node(id, NodeEvent::Enrolled(e)) => {
                     active.insert(id, e.secret_hash);
@@ -240,7 +320,9 @@ pub async fn run(store: EventStore, settings: HubSettings) -> Result<(), EdgeErr
         }
         // A burst of enrolments is reconciled once, when the last of it is read.
         if more == 0 {
-            if let Err(e) = reconcile(&js, &settings, &hashes, &active, &revoked, &mut consumers).await {
+            if let Err(e) =
+                reconcile(&js, &settings, &hashes, &active, &revoked, &mut consumers).await
+            {
                 consumers.clear();
                 return Err(e);
             }

@@ -25,7 +25,11 @@ fn quote(s: &str) -> String {
 }
 
 fn list(items: &[String]) -> String {
-    items.iter().map(|s| quote(s)).collect::<Vec<_>>().join(", ")
+    items
+        .iter()
+        .map(|s| quote(s))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The allow-lists of one node, as (publish, subscribe).
@@ -36,14 +40,21 @@ pub fn node_permissions(id: &NodeId) -> (Vec<String>, Vec<String>) {
         format!("ud.deliver.{id}.>"),
         "$JSC.R.>".to_owned(),
         format!("$JS.hub.API.CONSUMER.INFO.{}.{consumer}", edge::DISPATCH),
-        format!("$JS.hub.API.CONSUMER.MSG.NEXT.{}.{consumer}", edge::DISPATCH),
+        format!(
+            "$JS.hub.API.CONSUMER.MSG.NEXT.{}.{consumer}",
+            edge::DISPATCH
+        ),
         format!("$JS.ACK.{}.{consumer}.>", edge::DISPATCH),
         edge::git_credentials_subject(id),
         edge::assignment_subject(id),
         edge::storage_subject(id),
     ];
     let subscribe = vec![
-        format!("$JS.{}.API.CONSUMER.RESET.{stream}.{}", edge::domain(id), edge::SOURCE_CONSUMER),
+        format!(
+            "$JS.{}.API.CONSUMER.RESET.{stream}.{}",
+            edge::domain(id),
+            edge::SOURCE_CONSUMER
+        ),
         format!("$JS.FC.{stream}.>"),
         format!("{}.>", edge::inbox_prefix(id)),
     ];
@@ -68,8 +79,17 @@ pub fn accounts(platform_user: &str, platform_password_hash: &str, nodes: &[Node
     accounts_with_system(platform_user, platform_password_hash, nodes, None)
 }
 
-pub fn accounts_with_system(platform_user: &str, platform_password_hash: &str, nodes: &[NodeUser], system: Option<&SystemUser>) -> String {
-    let mut users = vec![format!("      {{ user: {}, password: {} }}", quote(platform_user), quote(platform_password_hash))];
+pub fn accounts_with_system(
+    platform_user: &str,
+    platform_password_hash: &str,
+    nodes: &[NodeUser],
+    system: Option<&SystemUser>,
+) -> String {
+    let mut users = vec![format!(
+        "      {{ user: {}, password: {} }}",
+        quote(platform_user),
+        quote(platform_password_hash)
+    )];
     for n in nodes {
         let (publish, subscribe) = node_permissions(&n.id);
         users.push(format!(
@@ -82,7 +102,11 @@ pub fn accounts_with_system(platform_user: &str, platform_password_hash: &str, n
     }
     let (sys_account, sys_line) = match system {
         Some(s) => (
-            format!("  SYS {{\n    users: [ {{ user: {}, password: {} }} ]\n  }}\n", quote(&s.user), quote(&s.password_hash)),
+            format!(
+                "  SYS {{\n    users: [ {{ user: {}, password: {} }} ]\n  }}\n",
+                quote(&s.user),
+                quote(&s.password_hash)
+            ),
             "system_account: SYS\n".to_owned(),
         ),
         None => (String::new(), String::new()),
@@ -106,7 +130,14 @@ mod tests {
             assert!(!s.contains(&b.to_string()) && !s.contains(&edge::hex(&b)));
             assert!(!s.ends_with("API.>"), "{s} grants a whole API");
         }
-        let text = accounts("platform", "$2b$04$x", &[NodeUser { id: a, secret_hash: "$2b$04$y".into() }]);
+        let text = accounts(
+            "platform",
+            "$2b$04$x",
+            &[NodeUser {
+                id: a,
+                secret_hash: "$2b$04$y".into(),
+            }],
+        );
         assert!(text.contains("LEAFNODE"));
         assert!(text.contains(&format!("\"{a}\"")));
         assert_eq!(text.matches("user:").count(), 2);

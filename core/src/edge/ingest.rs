@@ -59,12 +59,26 @@ enum Outcome {
 
 fn task_command(node_id: NodeId, e: TaskEvent) -> Result<TaskCommand, Rejected> {
     Ok(match e {
-        TaskEvent::Started(s) => TaskCommand::Start { node_id, attempt: s.attempt },
-        TaskEvent::Preparing(p) if p.node_id == node_id => TaskCommand::RecordPreparing { node_id, attempt: p.attempt, step: p.step },
+        TaskEvent::Started(s) => TaskCommand::Start {
+            node_id,
+            attempt: s.attempt,
+        },
+        TaskEvent::Preparing(p) if p.node_id == node_id => TaskCommand::RecordPreparing {
+            node_id,
+            attempt: p.attempt,
+            step: p.step,
+        },
         TaskEvent::Prepared(p) if p.node_id == node_id => TaskCommand::RecordPrepared(Box::new(p)),
         TaskEvent::Outputs(o) if o.node_id == node_id => TaskCommand::RecordOutputs(Box::new(o)),
-        TaskEvent::Succeeded(s) => TaskCommand::Succeed { node_id, exit_code: s.exit_code },
-        TaskEvent::Failed(f) => TaskCommand::Fail { node_id, exit_code: f.exit_code, reason: f.reason },
+        TaskEvent::Succeeded(s) => TaskCommand::Succeed {
+            node_id,
+            exit_code: s.exit_code,
+        },
+        TaskEvent::Failed(f) => TaskCommand::Fail {
+            node_id,
+            exit_code: f.exit_code,
+            reason: f.reason,
+        },
         TaskEvent::Cancelled(_) => TaskCommand::ConfirmCancelled { node_id },
         TaskEvent::TimedOut(_) => TaskCommand::TimeOut { node_id },
         other => return Err(Rejected::NotAllowed(format!("task.{}", other.name()))),
@@ -74,10 +88,16 @@ fn task_command(node_id: NodeId, e: TaskEvent) -> Result<TaskCommand, Rejected> 
 /// Nodes as last loaded, so that heartbeats need no stream reads: a
 /// revocation reaches the cache within `NODE_CACHE_TTL` (and the hub closes
 /// the revoked node's link at once anyway).
-type NodeCache = std::collections::HashMap<NodeId, (Option<crate::node::Node>, u64, std::time::Instant)>;
+type NodeCache =
+    std::collections::HashMap<NodeId, (Option<crate::node::Node>, u64, std::time::Instant)>;
 const NODE_CACHE_TTL: Duration = Duration::from_secs(5);
 
-async fn load_cached(store: &crate::EventStore, cache: &mut NodeCache, id: NodeId, fresh: bool) -> Result<(Option<crate::node::Node>, u64), EdgeError> {
+async fn load_cached(
+    store: &crate::EventStore,
+    cache: &mut NodeCache,
+    id: NodeId,
+    fresh: bool,
+) -> Result<(Option<crate::node::Node>, u64), EdgeError> {
     if !fresh {
         if let Some((n, seq, at)) = cache.get(&id) {
             if at.elapsed() < NODE_CACHE_TTL {
@@ -93,12 +113,17 @@ async fn load_cached(store: &crate::EventStore, cache: &mut NodeCache, id: NodeI
 /// The node that sent `msg` (from its source stream, which must match the
 /// node the subject names) and the canonical subject.
 fn sender(msg: &jetstream::Message) -> Result<(NodeId, String), Outcome> {
-    let Some(sender) = origin(msg.headers.as_ref()) else { return Err(Outcome::Dropped(Rejected::NoSource)) };
+    let Some(sender) = origin(msg.headers.as_ref()) else {
+        return Err(Outcome::Dropped(Rejected::NoSource));
+    };
     let Some((named, canonical)) = edge::canonical_subject(msg.subject.as_str()) else {
         return Err(Outcome::Dropped(Rejected::Subject(msg.subject.to_string())));
     };
     if edge::hex(&named) != sender {
-        return Err(Outcome::Dropped(Rejected::Impersonation { sender, named: named.to_string() }));
+        return Err(Outcome::Dropped(Rejected::Impersonation {
+            sender,
+            named: named.to_string(),
+        }));
     }
     Ok((named, canonical))
 }
@@ -113,34 +138,72 @@ async fn node_events(
 ) -> Result<(Vec<Event>, EventMeta, Expect), Outcome> {
     // Registrations check against the stream; heartbeats may use the cache.
     let fresh = !matches!(e, NodeEvent::Heartbeat(_));
-    let (current, last) = load_cached(store, cache, node_id, fresh).await.map_err(|e| Outcome::Retry(e.to_string()))?;
+    let (current, last) = load_cached(store, cache, node_id, fresh)
+        .await
+        .map_err(|e| Outcome::Retry(e.to_string()))?;
     let (command, expect) = match e {
-        NodeEvent::Registered(r) => (NodeCommand::Register { name: r.name, labels: r.labels, resources: r.resources }, Expect::LastSeq(last)),
+        NodeEvent::Registered(r) => (
+            NodeCommand::Register {
+                name: r.name,
+                labels: r.labels,
+                resources: r.resources,
+            },
+            Expect::LastSeq(last),
+        ),
         // Liveness runs on the hub's clock.
         NodeEvent::Heartbeat(h) => (
-            NodeCommand::Heartbeat { at: now_millis(), running_tasks: h.running_tasks, disk_free_mb: h.disk_free_mb, low_disk: h.low_disk },
+            NodeCommand::Heartbeat {
+                at: now_millis(),
+                running_tasks: h.running_tasks,
+                disk_free_mb: h.disk_free_mb,
+                low_disk: h.low_disk,
+            },
             Expect::Any,
         ),
-        other => return Err(Outcome::Dropped(Rejected::NotAllowed(format!("node.{}", other.name())))),
+        other => {
+            return Err(Outcome::Dropped(Rejected::NotAllowed(format!(
+                "node.{}",
+                other.name()
+            ))))
+        }
     };
-    let events = node::decide(current.as_ref(), command, now_millis()).map_err(|e| Outcome::Dropped(Rejected::Refused(e.to_string())))?;
-    Ok((events.into_iter().map(|e| Event::Node(node_id, e)).collect(), meta, expect))
+    let events = node::decide(current.as_ref(), command, now_millis())
+        .map_err(|e| Outcome::Dropped(Rejected::Refused(e.to_string())))?;
+    Ok((
+        events
+            .into_iter()
+            .map(|e| Event::Node(node_id, e))
+            .collect(),
+        meta,
+        expect,
+    ))
 }
 
 /// A heartbeat ready to append, or what became of it.
-async fn heartbeat(store: &crate::EventStore, cache: &mut NodeCache, msg: &jetstream::Message) -> Result<(Event, EventMeta), Outcome> {
+async fn heartbeat(
+    store: &crate::EventStore,
+    cache: &mut NodeCache,
+    msg: &jetstream::Message,
+) -> Result<(Event, EventMeta), Outcome> {
     let (node_id, canonical) = sender(msg)?;
-    let envelope = codec::decode_message(&canonical, msg.headers.as_ref(), &msg.payload).map_err(|e| Outcome::Dropped(Rejected::Decode(e.to_string())))?;
+    let envelope = codec::decode_message(&canonical, msg.headers.as_ref(), &msg.payload)
+        .map_err(|e| Outcome::Dropped(Rejected::Decode(e.to_string())))?;
     match envelope.event {
         Event::Node(id, e @ NodeEvent::Heartbeat(_)) if id == node_id => {
-            let meta = EventMeta { actor: format!("node:{node_id}"), ..envelope.meta };
+            let meta = EventMeta {
+                actor: format!("node:{node_id}"),
+                ..envelope.meta
+            };
             let (mut events, meta, _) = node_events(store, cache, node_id, e, meta).await?;
             match (events.pop(), events.is_empty()) {
                 (Some(event), true) => Ok((event, meta)),
                 _ => Err(Outcome::Retry("a heartbeat that is not one event".into())),
             }
         }
-        Event::Node(id, _) => Err(Outcome::Dropped(Rejected::Impersonation { sender: node_id.to_string(), named: id.to_string() })),
+        Event::Node(id, _) => Err(Outcome::Dropped(Rejected::Impersonation {
+            sender: node_id.to_string(),
+            named: id.to_string(),
+        })),
         _ => Err(Outcome::Retry("not a heartbeat".into())),
     }
 }
@@ -149,7 +212,11 @@ fn is_heartbeat(msg: &jetstream::Message) -> bool {
     msg.subject.ends_with(".heartbeat")
 }
 
-async fn handle(commands: &TaskCommands, cache: &mut NodeCache, msg: &jetstream::Message) -> Outcome {
+async fn handle(
+    commands: &TaskCommands,
+    cache: &mut NodeCache,
+    msg: &jetstream::Message,
+) -> Outcome {
     let (node_id, canonical) = match sender(msg) {
         Ok(x) => x,
         Err(outcome) => return outcome,
@@ -157,17 +224,27 @@ async fn handle(commands: &TaskCommands, cache: &mut NodeCache, msg: &jetstream:
     let store = commands.store();
     if let Some(task) = canonical.strip_prefix("ud.log.") {
         // Output of a task assigned to this node, re-published as is.
-        let Ok(task_id) = task.parse() else { return Outcome::Dropped(Rejected::Subject(canonical)) };
+        let Ok(task_id) = task.parse() else {
+            return Outcome::Dropped(Rejected::Subject(canonical));
+        };
         match store.load_task(&task_id).await {
             Ok(Some((t, _))) if t.state.live_node() == Some(node_id) || t.state.is_terminal() => {}
-            Ok(_) => return Outcome::Dropped(Rejected::Refused(format!("log for task {task_id} not assigned to this node"))),
+            Ok(_) => {
+                return Outcome::Dropped(Rejected::Refused(format!(
+                    "log for task {task_id} not assigned to this node"
+                )))
+            }
             Err(e) => return Outcome::Retry(e.to_string()),
         }
         let mut headers = async_nats::HeaderMap::new();
         if let Some(id) = msg.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")) {
             headers.insert("Nats-Msg-Id", id.as_str());
         }
-        return match store.jetstream().publish_with_headers(canonical, headers, msg.payload.clone()).await {
+        return match store
+            .jetstream()
+            .publish_with_headers(canonical, headers, msg.payload.clone())
+            .await
+        {
             Ok(ack) => match ack.await {
                 Ok(_) => Outcome::Done,
                 Err(e) => Outcome::Retry(e.to_string()),
@@ -182,17 +259,33 @@ async fn handle(commands: &TaskCommands, cache: &mut NodeCache, msg: &jetstream:
     let actor = format!("node:{node_id}");
     match envelope.event {
         Event::Node(id, e) if id == node_id => {
-            let (events, meta, expect) = match node_events(store, cache, node_id, e, EventMeta { actor, ..envelope.meta.clone() }).await {
+            let (events, meta, expect) = match node_events(
+                store,
+                cache,
+                node_id,
+                e,
+                EventMeta {
+                    actor,
+                    ..envelope.meta.clone()
+                },
+            )
+            .await
+            {
                 Ok(x) => x,
                 Err(outcome) => return outcome,
             };
             match store.append_all(&events, &meta, expect).await {
                 Ok(_) => Outcome::Done,
-                Err(crate::StoreError::Conflict) => Outcome::Retry("node changed concurrently".into()),
+                Err(crate::StoreError::Conflict) => {
+                    Outcome::Retry("node changed concurrently".into())
+                }
                 Err(e) => Outcome::Retry(e.to_string()),
             }
         }
-        Event::Node(id, _) => Outcome::Dropped(Rejected::Impersonation { sender: node_id.to_string(), named: id.to_string() }),
+        Event::Node(id, _) => Outcome::Dropped(Rejected::Impersonation {
+            sender: node_id.to_string(),
+            named: id.to_string(),
+        }),
         Event::Task(task_id, e) => {
             let command = match task_command(node_id, e) {
                 Ok(c) => c,
@@ -203,7 +296,9 @@ async fn handle(commands: &TaskCommands, cache: &mut NodeCache, msg: &jetstream:
                 Ok(_) => Outcome::Done,
                 Err(CommandError::Conflict) => Outcome::Retry("task changed concurrently".into()),
                 Err(CommandError::Unavailable(e)) => Outcome::Retry(e),
-                Err(CommandError::Rejected(TaskError::WrongNode(_) | TaskError::InvalidTransition { .. })) if was_start => {
+                Err(CommandError::Rejected(
+                    TaskError::WrongNode(_) | TaskError::InvalidTransition { .. },
+                )) if was_start => {
                     // A stale dispatch: stop that run.
                     stop_stale(commands, node_id, task_id).await;
                     Outcome::Dropped(Rejected::Refused(format!("stale start of task {task_id}")))
@@ -216,10 +311,20 @@ async fn handle(commands: &TaskCommands, cache: &mut NodeCache, msg: &jetstream:
 }
 
 async fn stop_stale(commands: &TaskCommands, node: NodeId, task: ud_schemas::TaskId) {
-    let cancel = ud_schemas::dispatch::DispatchCancel { at: now_millis(), task_id: task, reason: "stale assignment".into(), grace_seconds: 10 };
+    let cancel = ud_schemas::dispatch::DispatchCancel {
+        at: now_millis(),
+        task_id: task,
+        reason: "stale assignment".into(),
+        grace_seconds: 10,
+    };
     if let Ok(bytes) = ud_schemas::dispatch::to_cbor(&cancel) {
         let subject = edge::dispatch_subject(&node, &task, "cancel");
-        if let Ok(ack) = commands.store().jetstream().publish(subject, bytes.into()).await {
+        if let Ok(ack) = commands
+            .store()
+            .jetstream()
+            .publish(subject, bytes.into())
+            .await
+        {
             let _ = ack.await;
         }
     }
@@ -232,7 +337,11 @@ const BATCH: usize = 512;
 const HEARTBEAT_LINGER: Duration = Duration::from_millis(50);
 
 /// Takes what waits in `rx` (and, with a linger, what comes within it) into `batch`.
-async fn take(rx: &mut mpsc::Receiver<jetstream::Message>, batch: &mut Vec<jetstream::Message>, linger: Duration) {
+async fn take(
+    rx: &mut mpsc::Receiver<jetstream::Message>,
+    batch: &mut Vec<jetstream::Message>,
+    linger: Duration,
+) {
     let deadline = tokio::time::Instant::now() + linger;
     while batch.len() < BATCH {
         match rx.try_recv() {
@@ -246,7 +355,11 @@ async fn take(rx: &mut mpsc::Receiver<jetstream::Message>, batch: &mut Vec<jetst
     }
 }
 
-async fn worker(commands: TaskCommands, mut rx: mpsc::Receiver<jetstream::Message>, linger: Duration) {
+async fn worker(
+    commands: TaskCommands,
+    mut rx: mpsc::Receiver<jetstream::Message>,
+    linger: Duration,
+) {
     let mut cache = NodeCache::new();
     let mut batch = Vec::with_capacity(BATCH);
     while let Some(first) = rx.recv().await {
@@ -318,7 +431,9 @@ async fn one(commands: &TaskCommands, cache: &mut NodeCache, msg: &jetstream::Me
             }
             Outcome::Retry(why) => {
                 warn!(subject = %msg.subject, reason = %why, "ingest failed; redelivery later");
-                let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                let _ = msg
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
             }
         }
         break;
@@ -337,13 +452,16 @@ pub async fn run(commands: TaskCommands) -> Result<(), EdgeError> {
         }
     };
     let consumer = stream
-        .get_or_create_consumer(CONSUMER, consumer::pull::Config {
-            durable_name: Some(CONSUMER.into()),
-            ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: Duration::from_secs(30),
-            max_ack_pending: 20_000,
-            ..Default::default()
-        })
+        .get_or_create_consumer(
+            CONSUMER,
+            consumer::pull::Config {
+                durable_name: Some(CONSUMER.into()),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(30),
+                max_ack_pending: 20_000,
+                ..Default::default()
+            },
+        )
         .await
         .map_err(nats_err)?;
     let mut senders = Vec::new();

@@ -14,12 +14,28 @@ use crate::store::{EventStore, Expect, StoreError};
 pub async fn check(store: &EventStore, cluster: &Cluster, now: Millis, timeout_ms: i64) -> usize {
     let mut marked = 0;
     for entry in cluster.nodes.values() {
-        let Ok(events) = node::decide(Some(&entry.node), NodeCommand::CheckLiveness { timeout_ms }, now) else { continue };
+        let Ok(events) = node::decide(
+            Some(&entry.node),
+            NodeCommand::CheckLiveness { timeout_ms },
+            now,
+        ) else {
+            continue;
+        };
         if events.is_empty() {
             continue;
         }
-        let events: Vec<Event> = events.into_iter().map(|e| Event::Node(entry.node.id, e)).collect();
-        match store.append_all(&events, &EventMeta::new("liveness"), Expect::LastSeq(entry.seq)).await {
+        let events: Vec<Event> = events
+            .into_iter()
+            .map(|e| Event::Node(entry.node.id, e))
+            .collect();
+        match store
+            .append_all(
+                &events,
+                &EventMeta::new("liveness"),
+                Expect::LastSeq(entry.seq),
+            )
+            .await
+        {
             Ok(_) => {
                 info!(node_id = %entry.node.id, "node offline");
                 marked += 1;

@@ -14,7 +14,10 @@
 use bytes::Bytes;
 use futures::StreamExt;
 use tracing::{info, warn, Instrument};
-use ud_schemas::dispatch::{self, AssignmentCheck, AssignmentReply, GitCredentialsReply, GitCredentialsRequest, StorageReply, StorageRequest};
+use ud_schemas::dispatch::{
+    self, AssignmentCheck, AssignmentReply, GitCredentialsReply, GitCredentialsRequest,
+    StorageReply, StorageRequest,
+};
 use ud_schemas::{edge, NodeId};
 
 use super::credentials::GitCredentials;
@@ -25,18 +28,39 @@ use crate::EventStore;
 const QUEUE: &str = "unidesk-node-requests";
 
 /// Whether `node` may still start `check`'s run, given the task as stored (pure).
-pub fn assignment_answer(node: &NodeId, task: Option<&Task>, check: &AssignmentCheck) -> AssignmentReply {
-    let not = |reason: String| AssignmentReply { current: false, reason: Some(reason) };
-    let Some(task) = task else { return not("no such task".into()) };
+pub fn assignment_answer(
+    node: &NodeId,
+    task: Option<&Task>,
+    check: &AssignmentCheck,
+) -> AssignmentReply {
+    let not = |reason: String| AssignmentReply {
+        current: false,
+        reason: Some(reason),
+    };
+    let Some(task) = task else {
+        return not("no such task".into());
+    };
     match &task.state {
-        TaskState::Assigned { node_id, attempt } | TaskState::Running { node_id, attempt } if node_id == node && *attempt == check.attempt => {
-            AssignmentReply { current: true, reason: None }
+        TaskState::Assigned { node_id, attempt } | TaskState::Running { node_id, attempt }
+            if node_id == node && *attempt == check.attempt =>
+        {
+            AssignmentReply {
+                current: true,
+                reason: None,
+            }
         }
-        TaskState::Cancelling { node_id, attempt, reason } if node_id == node && *attempt == check.attempt => {
+        TaskState::Cancelling {
+            node_id,
+            attempt,
+            reason,
+        } if node_id == node && *attempt == check.attempt => {
             not(format!("cancel requested: {reason}"))
         }
         s if s.is_terminal() => not(format!("the task is {}", s.name())),
-        _ => not(format!("attempt {} on this node is no longer the task's assignment", check.attempt)),
+        _ => not(format!(
+            "attempt {} on this node is no longer the task's assignment",
+            check.attempt
+        )),
     }
 }
 
@@ -58,11 +82,21 @@ fn requester(m: &async_nats::Message) -> Option<(NodeId, async_nats::Subject)> {
     Some((node, reply))
 }
 
-async fn answer(store: &EventStore, creds: &GitCredentials, storage: Option<&ud_storage::Storage>, kind: Kind, node: NodeId, payload: &[u8]) -> Result<Vec<u8>, EdgeError> {
+async fn answer(
+    store: &EventStore,
+    creds: &GitCredentials,
+    storage: Option<&ud_storage::Storage>,
+    kind: Kind,
+    node: NodeId,
+    payload: &[u8],
+) -> Result<Vec<u8>, EdgeError> {
     let codec = |e: ud_schemas::CodecError| EdgeError::Invalid(e.to_string());
     match kind {
         Kind::Credentials => {
-            let reply = match dispatch::from_cbor::<GitCredentialsRequest>(payload, "git-credentials-request") {
+            let reply = match dispatch::from_cbor::<GitCredentialsRequest>(
+                payload,
+                "git-credentials-request",
+            ) {
                 Ok(req) => {
                     let task = store.load_task(&req.task_id).await?.map(|(t, _)| t);
                     let reply = creds.answer(&node, task.as_ref(), &req);
@@ -75,7 +109,9 @@ async fn answer(store: &EventStore, creds: &GitCredentials, storage: Option<&ud_
                     info!(task_id = %req.task_id, kind, "repository credentials requested");
                     reply
                 }
-                Err(e) => GitCredentialsReply::Denied { reason: format!("undecodable request: {e}") },
+                Err(e) => GitCredentialsReply::Denied {
+                    reason: format!("undecodable request: {e}"),
+                },
             };
             dispatch::to_cbor(&reply).map_err(codec)
         }
@@ -89,14 +125,19 @@ async fn answer(store: &EventStore, creds: &GitCredentials, storage: Option<&ud_
                     }
                     reply
                 }
-                Err(e) => AssignmentReply { current: false, reason: Some(format!("undecodable request: {e}")) },
+                Err(e) => AssignmentReply {
+                    current: false,
+                    reason: Some(format!("undecodable request: {e}")),
+                },
             };
             dispatch::to_cbor(&reply).map_err(codec)
         }
         Kind::Storage => {
             let reply = match dispatch::from_cbor::<StorageRequest>(payload, "storage-request") {
                 Ok(req) => super::files::answer(store, storage, &node, req).await,
-                Err(e) => StorageReply::Refused { reason: format!("undecodable request: {e}") },
+                Err(e) => StorageReply::Refused {
+                    reason: format!("undecodable request: {e}"),
+                },
             };
             if let StorageReply::Refused { reason } = &reply {
                 warn!(reason = %reason, "file transfer refused");
@@ -107,11 +148,24 @@ async fn answer(store: &EventStore, creds: &GitCredentials, storage: Option<&ud_
 }
 
 /// Answers nodes' requests until the connection ends.
-pub async fn serve(store: EventStore, creds: GitCredentials, storage: Option<ud_storage::Storage>) -> Result<(), EdgeError> {
+pub async fn serve(
+    store: EventStore,
+    creds: GitCredentials,
+    storage: Option<ud_storage::Storage>,
+) -> Result<(), EdgeError> {
     let client = store.client().clone();
-    let mut credentials = client.queue_subscribe(format!("{}.*", edge::GIT_CREDENTIALS_PREFIX), QUEUE.into()).await.map_err(nats_err)?;
-    let mut assignments = client.queue_subscribe(format!("{}.*", edge::ASSIGNMENT_PREFIX), QUEUE.into()).await.map_err(nats_err)?;
-    let mut transfers = client.queue_subscribe(format!("{}.*", edge::STORAGE_PREFIX), QUEUE.into()).await.map_err(nats_err)?;
+    let mut credentials = client
+        .queue_subscribe(format!("{}.*", edge::GIT_CREDENTIALS_PREFIX), QUEUE.into())
+        .await
+        .map_err(nats_err)?;
+    let mut assignments = client
+        .queue_subscribe(format!("{}.*", edge::ASSIGNMENT_PREFIX), QUEUE.into())
+        .await
+        .map_err(nats_err)?;
+    let mut transfers = client
+        .queue_subscribe(format!("{}.*", edge::STORAGE_PREFIX), QUEUE.into())
+        .await
+        .map_err(nats_err)?;
     info!(credential_hosts = creds.len(), "answering node requests");
     loop {
         let (m, kind) = tokio::select! {
@@ -120,8 +174,15 @@ pub async fn serve(store: EventStore, creds: GitCredentials, storage: Option<ud_
             Some(m) = transfers.next() => (m, Kind::Storage),
             else => break,
         };
-        let Some((node, reply_to)) = requester(&m) else { continue };
-        let (store, creds, client, storage) = (store.clone(), creds.clone(), client.clone(), storage.clone());
+        let Some((node, reply_to)) = requester(&m) else {
+            continue;
+        };
+        let (store, creds, client, storage) = (
+            store.clone(),
+            creds.clone(),
+            client.clone(),
+            storage.clone(),
+        );
         let span = tracing::info_span!("node_request", node_id = %node);
         tokio::spawn(
             async move {
@@ -146,20 +207,63 @@ mod tests {
     use super::*;
 
     fn task(state: TaskState) -> Task {
-        let (project, spec) = crate::validate::submit_task(&crate::validate::tests::request()).unwrap_or_else(|e| panic!("{e:?}"));
-        Task { id: ud_schemas::TaskId::new(), project, spec, state, attempts: 1, not_before: None, version: 2 }
+        let (project, spec) = crate::validate::submit_task(&crate::validate::tests::request())
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        Task {
+            id: ud_schemas::TaskId::new(),
+            project,
+            spec,
+            state,
+            attempts: 1,
+            not_before: None,
+            version: 2,
+        }
     }
 
     #[test]
     fn only_the_current_assignment_may_start() {
         let (a, b) = (NodeId::new(), NodeId::new());
-        let check = AssignmentCheck { task_id: ud_schemas::TaskId::new(), attempt: 1 };
+        let check = AssignmentCheck {
+            task_id: ud_schemas::TaskId::new(),
+            attempt: 1,
+        };
         let current = |t: &Task, n: &NodeId| assignment_answer(n, Some(t), &check).current;
-        assert!(current(&task(TaskState::Assigned { node_id: a, attempt: 1 }), &a));
-        assert!(current(&task(TaskState::Running { node_id: a, attempt: 1 }), &a));
-        assert!(!current(&task(TaskState::Assigned { node_id: a, attempt: 1 }), &b));
-        assert!(!current(&task(TaskState::Assigned { node_id: a, attempt: 2 }), &a));
-        assert!(!current(&task(TaskState::Cancelling { node_id: a, attempt: 1, reason: "user".into() }), &a));
+        assert!(current(
+            &task(TaskState::Assigned {
+                node_id: a,
+                attempt: 1
+            }),
+            &a
+        ));
+        assert!(current(
+            &task(TaskState::Running {
+                node_id: a,
+                attempt: 1
+            }),
+            &a
+        ));
+        assert!(!current(
+            &task(TaskState::Assigned {
+                node_id: a,
+                attempt: 1
+            }),
+            &b
+        ));
+        assert!(!current(
+            &task(TaskState::Assigned {
+                node_id: a,
+                attempt: 2
+            }),
+            &a
+        ));
+        assert!(!current(
+            &task(TaskState::Cancelling {
+                node_id: a,
+                attempt: 1,
+                reason: "user".into()
+            }),
+            &a
+        ));
         assert!(!current(&task(TaskState::Pending), &a));
         assert!(!current(&task(TaskState::Succeeded { exit_code: 0 }), &a));
         assert!(!assignment_answer(&a, None, &check).current);

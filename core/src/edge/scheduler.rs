@@ -28,17 +28,29 @@ pub struct Usage {
 
 /// Does `req` fit on `node` next to `used`?
 pub fn fits(node: &Node, used: Usage, req: &Resources) -> bool {
-    let Some(res) = &node.resources else { return false };
+    let Some(res) = &node.resources else {
+        return false;
+    };
     if node.low_disk || node.scheduling != "active" {
         return false;
     }
-    let labels_ok = req.labels.iter().all(|(k, v)| node.labels.get(k) == Some(v));
+    let labels_ok = req
+        .labels
+        .iter()
+        .all(|(k, v)| node.labels.get(k) == Some(v));
     let gpu_model_ok = match &req.gpu_model {
-        Some(model) => req.gpus == 0 || res.gpus.iter().filter(|g| &g.model == model).count() as u64 >= used.gpus + u64::from(req.gpus),
+        Some(model) => {
+            req.gpus == 0
+                || res.gpus.iter().filter(|g| &g.model == model).count() as u64
+                    >= used.gpus + u64::from(req.gpus)
+        }
         None => true,
     };
     // Free disk as the last heartbeat said, less what the node's live tasks asked for.
-    let disk_ok = req.disk_mb == 0 || node.disk_free_mb.is_some_and(|free| used.disk_mb + req.disk_mb <= free);
+    let disk_ok = req.disk_mb == 0
+        || node
+            .disk_free_mb
+            .is_some_and(|free| used.disk_mb + req.disk_mb <= free);
     labels_ok
         && gpu_model_ok
         && disk_ok
@@ -71,13 +83,25 @@ impl std::str::FromStr for Placement {
 /// The node `req` goes to: among the nodes it fits on, the one carrying
 /// the most of its preferred labels, then the fullest (pack) or emptiest
 /// (spread) by CPU after placing it, then the lowest id (stable choices).
-pub fn place<'a>(nodes: impl Iterator<Item = &'a Node>, usage: &HashMap<NodeId, Usage>, req: &Resources, strategy: Placement) -> Option<NodeId> {
+pub fn place<'a>(
+    nodes: impl Iterator<Item = &'a Node>,
+    usage: &HashMap<NodeId, Usage>,
+    req: &Resources,
+    strategy: Placement,
+) -> Option<NodeId> {
     let used = |n: &Node| usage.get(&n.id).copied().unwrap_or_default();
     nodes
         .filter(|n| fits(n, used(n), req))
         .max_by_key(|n| {
-            let preferred = req.preferred_labels.iter().filter(|(k, v)| n.labels.get(*k) == Some(*v)).count();
-            let total = n.resources.as_ref().map_or(1, |r| u64::from(r.cpu_millis).max(1));
+            let preferred = req
+                .preferred_labels
+                .iter()
+                .filter(|(k, v)| n.labels.get(*k) == Some(*v))
+                .count();
+            let total = n
+                .resources
+                .as_ref()
+                .map_or(1, |r| u64::from(r.cpu_millis).max(1));
             let after = used(n).cpu_millis + u64::from(req.cpu_millis);
             // Free share after placing, in thousandths.
             let free = total.saturating_sub(after) * 1000 / total;
@@ -115,12 +139,15 @@ impl Queues {
         struct File {
             queues: std::collections::BTreeMap<String, QueueConfig>,
         }
-        let f: File = serde_json::from_str(text).map_err(|e| super::EdgeError::Invalid(format!("queues file: {e}")))?;
+        let f: File = serde_json::from_str(text)
+            .map_err(|e| super::EdgeError::Invalid(format!("queues file: {e}")))?;
         Ok(Self(f.queues))
     }
 
     pub fn load(path: &std::path::Path) -> Result<Self, super::EdgeError> {
-        let text = std::fs::read_to_string(path).map_err(|e| super::EdgeError::Invalid(format!("cannot read {}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            super::EdgeError::Invalid(format!("cannot read {}: {e}", path.display()))
+        })?;
         Self::parse(&text)
     }
 
@@ -153,20 +180,27 @@ pub struct Queued<'a> {
 /// so one project's 10,000 submissions do not starve another project's one.
 /// Each project's tasks keep their submission order.
 pub fn fair_order(tasks: &[Queued<'_>]) -> Vec<TaskId> {
-    use std::collections::BTreeMap;
     use std::cmp::Reverse;
+    use std::collections::BTreeMap;
     /// Queue priority then task priority, higher first.
     type Level = (Reverse<i32>, Reverse<i32>);
     let mut by_level: BTreeMap<(Level, &str), Vec<&Queued<'_>>> = BTreeMap::new();
     for t in tasks {
-        by_level.entry(((Reverse(t.queue_priority), Reverse(t.priority)), t.project)).or_default().push(t);
+        by_level
+            .entry(((Reverse(t.queue_priority), Reverse(t.priority)), t.project))
+            .or_default()
+            .push(t);
     }
     // (level, turn, when the project was served, its first sequence, sequence)
     let mut keyed: Vec<(Level, usize, u64, u64, u64, TaskId)> = Vec::with_capacity(tasks.len());
     for ((level, _), mut list) in by_level {
         list.sort_by_key(|t| t.seq);
         let first = list.first().map_or(0, |t| t.seq);
-        keyed.extend(list.iter().enumerate().map(|(turn, t)| (level, t.live + turn, t.served, first, t.seq, t.id)));
+        keyed.extend(
+            list.iter()
+                .enumerate()
+                .map(|(turn, t)| (level, t.live + turn, t.served, first, t.seq, t.id)),
+        );
     }
     keyed.sort();
     keyed.into_iter().map(|k| k.5).collect()
@@ -183,7 +217,11 @@ pub enum Unplaced {
 }
 
 fn describe(req: &Resources) -> String {
-    let mut s = format!("{} CPUs, {} MB", f64::from(req.cpu_millis) / 1000.0, req.memory_mb);
+    let mut s = format!(
+        "{} CPUs, {} MB",
+        f64::from(req.cpu_millis) / 1000.0,
+        req.memory_mb
+    );
     if req.gpus > 0 {
         s.push_str(&format!(", {} GPUs", req.gpus));
         if let Some(m) = &req.gpu_model {
@@ -200,7 +238,11 @@ fn describe(req: &Resources) -> String {
 /// or its resources are not known yet).
 fn never_fits(node: &Node, req: &Resources) -> Option<&'static str> {
     let res = node.resources.as_ref()?;
-    if !req.labels.iter().all(|(k, v)| node.labels.get(k) == Some(v)) {
+    if !req
+        .labels
+        .iter()
+        .all(|(k, v)| node.labels.get(k) == Some(v))
+    {
         return Some("labels");
     }
     let gpus = match &req.gpu_model {
@@ -223,16 +265,27 @@ fn never_fits(node: &Node, req: &Resources) -> Option<&'static str> {
 }
 
 fn counts(items: &std::collections::BTreeMap<&str, usize>) -> String {
-    items.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", ")
+    items
+        .iter()
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Why `req` is not placed on any of `nodes` (every enrolled node) now.
-pub fn explain<'a>(nodes: impl Iterator<Item = &'a Node>, usage: &HashMap<NodeId, Usage>, req: &Resources) -> Unplaced {
+pub fn explain<'a>(
+    nodes: impl Iterator<Item = &'a Node>,
+    usage: &HashMap<NodeId, Usage>,
+    req: &Resources,
+) -> Unplaced {
     use crate::node::Liveness;
     use std::collections::BTreeMap;
     let nodes: Vec<&Node> = nodes.filter(|n| !n.revoked).collect();
     if nodes.is_empty() {
-        return Unplaced::Waits { reason: format!("no compute node is enrolled (needs {})", describe(req)), kind: "no nodes".into() };
+        return Unplaced::Waits {
+            reason: format!("no compute node is enrolled (needs {})", describe(req)),
+            kind: "no nodes".into(),
+        };
     }
     let (mut could, mut never, mut why) = (0usize, BTreeMap::new(), BTreeMap::new());
     for n in &nodes {
@@ -246,7 +299,11 @@ pub fn explain<'a>(nodes: impl Iterator<Item = &'a Node>, usage: &HashMap<NodeId
         } else if n.liveness() != Liveness::Online {
             "offline"
         } else if n.scheduling != "active" {
-            if n.scheduling == "draining" { "draining" } else { "cordoned" }
+            if n.scheduling == "draining" {
+                "draining"
+            } else {
+                "cordoned"
+            }
         } else if n.low_disk {
             "low on disk"
         } else if fits(n, usage.get(&n.id).copied().unwrap_or_default(), req) {
@@ -257,10 +314,18 @@ pub fn explain<'a>(nodes: impl Iterator<Item = &'a Node>, usage: &HashMap<NodeId
         *why.entry(state).or_insert(0) += 1;
     }
     if could == 0 {
-        return Unplaced::Never(format!("no enrolled node could ever run it (needs {}; too few or none of: {})", describe(req), counts(&never)));
+        return Unplaced::Never(format!(
+            "no enrolled node could ever run it (needs {}; too few or none of: {})",
+            describe(req),
+            counts(&never)
+        ));
     }
     Unplaced::Waits {
-        reason: format!("waiting for room: {could} of {} nodes could run it ({})", nodes.len(), counts(&why)),
+        reason: format!(
+            "waiting for room: {could} of {} nodes could run it ({})",
+            nodes.len(),
+            counts(&why)
+        ),
         kind: why.keys().copied().collect::<Vec<_>>().join(","),
     }
 }
@@ -311,10 +376,16 @@ struct Controller {
 
 /// Writes the scheduler's verdicts on unplaced tasks, in the order given
 /// (the last word on a task is the one kept), retrying conflicts.
-async fn write_verdicts(commands: TaskCommands, mut rx: mpsc::UnboundedReceiver<(TaskId, TaskCommand)>) {
+async fn write_verdicts(
+    commands: TaskCommands,
+    mut rx: mpsc::UnboundedReceiver<(TaskId, TaskCommand)>,
+) {
     while let Some((id, command)) = rx.recv().await {
         for _ in 0..5 {
-            match commands.execute(id, command.clone(), "scheduler", |_| true).await {
+            match commands
+                .execute(id, command.clone(), "scheduler", |_| true)
+                .await
+            {
                 Err(CommandError::Conflict) => continue,
                 Ok(_) | Err(CommandError::Rejected(_)) => {}
                 Err(e) => warn!(task_id = %id, error = %e, "cannot record why the task waits"),
@@ -324,13 +395,23 @@ async fn write_verdicts(commands: TaskCommands, mut rx: mpsc::UnboundedReceiver<
     }
 }
 
-async fn publish_dispatch(commands: &TaskCommands, node: NodeId, task: TaskId, kind: &str, msg_id: String, payload: Vec<u8>) {
+async fn publish_dispatch(
+    commands: &TaskCommands,
+    node: NodeId,
+    task: TaskId,
+    kind: &str,
+    msg_id: String,
+    payload: Vec<u8>,
+) {
     let js = commands.store().jetstream();
     let subject = edge::dispatch_subject(&node, &task, kind);
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Nats-Msg-Id", msg_id.as_str());
     headers.insert("Content-Type", "application/cbor");
-    match js.publish_with_headers(subject, headers, Bytes::from(payload)).await {
+    match js
+        .publish_with_headers(subject, headers, Bytes::from(payload))
+        .await
+    {
         Ok(ack) => {
             if let Err(e) = ack.await {
                 warn!(task_id = %task, node_id = %node, error = %e, "dispatch not stored");
@@ -359,17 +440,45 @@ impl Controller {
     }
 
     async fn send_run(&self, node: NodeId, task: TaskId, attempt: u32, spec: &TaskSpec) {
-        let run = DispatchRun { at: now_millis(), task_id: task, attempt, spec: spec.clone() };
+        let run = DispatchRun {
+            at: now_millis(),
+            task_id: task,
+            attempt,
+            spec: spec.clone(),
+        };
         match dispatch::to_cbor(&run) {
-            Ok(bytes) => publish_dispatch(&self.commands, node, task, "run", format!("run-{task}-{attempt}"), bytes).await,
+            Ok(bytes) => {
+                publish_dispatch(
+                    &self.commands,
+                    node,
+                    task,
+                    "run",
+                    format!("run-{task}-{attempt}"),
+                    bytes,
+                )
+                .await
+            }
             Err(e) => warn!(task_id = %task, error = %e, "cannot encode dispatch"),
         }
     }
 
     async fn send_cancel(&self, node: NodeId, task: TaskId, reason: &str) {
-        let cancel = DispatchCancel { at: now_millis(), task_id: task, reason: reason.to_owned(), grace_seconds: self.settings.cancel_grace_seconds };
+        let cancel = DispatchCancel {
+            at: now_millis(),
+            task_id: task,
+            reason: reason.to_owned(),
+            grace_seconds: self.settings.cancel_grace_seconds,
+        };
         if let Ok(bytes) = dispatch::to_cbor(&cancel) {
-            publish_dispatch(&self.commands, node, task, "cancel", format!("cancel-{task}-{}", now_millis()), bytes).await;
+            publish_dispatch(
+                &self.commands,
+                node,
+                task,
+                "cancel",
+                format!("cancel-{task}-{}", now_millis()),
+                bytes,
+            )
+            .await;
         }
     }
 
@@ -377,13 +486,23 @@ impl Controller {
         let now = now_millis();
         let mut live: HashMap<&str, usize> = HashMap::new();
         let mut queue_live: HashMap<String, u32> = HashMap::new();
-        for t in self.cluster.tasks.values().filter(|t| t.task.state.live_node().is_some()) {
+        for t in self
+            .cluster
+            .tasks
+            .values()
+            .filter(|t| t.task.state.live_node().is_some())
+        {
             *live.entry(t.task.project.as_str()).or_default() += 1;
             *queue_live.entry(t.task.spec.queue.clone()).or_default() += 1;
         }
         // Placed by this instance, not yet seen back: they count against their queue too.
         for id in self.inflight.keys() {
-            if let Some(t) = self.cluster.tasks.get(id).filter(|t| t.task.state == TaskState::Pending) {
+            if let Some(t) = self
+                .cluster
+                .tasks
+                .get(id)
+                .filter(|t| t.task.state == TaskState::Pending)
+            {
                 *queue_live.entry(t.task.spec.queue.clone()).or_default() += 1;
             }
         }
@@ -396,9 +515,20 @@ impl Controller {
             .filter(|(_, t)| t.task.not_before.is_none_or(|at| at <= now))
             .map(|(id, t)| {
                 let project = t.task.project.as_str();
-                let (live, served) = (live.get(project).copied().unwrap_or(0), self.served.get(project).copied().unwrap_or(0));
+                let (live, served) = (
+                    live.get(project).copied().unwrap_or(0),
+                    self.served.get(project).copied().unwrap_or(0),
+                );
                 let queue_priority = self.settings.queues.get(&t.task.spec.queue).priority;
-                Queued { id: *id, queue_priority, priority: t.task.spec.priority, project, seq: t.queued_at, live, served }
+                Queued {
+                    id: *id,
+                    queue_priority,
+                    priority: t.task.spec.priority,
+                    project,
+                    seq: t.queued_at,
+                    live,
+                    served,
+                }
             })
             .collect();
         if queued.is_empty() {
@@ -407,32 +537,51 @@ impl Controller {
         let pending = fair_order(&queued);
         let mut usage = self.usage();
         let online: Vec<Node> = self.cluster.online().map(|e| e.node.clone()).collect();
-        let caught_up = self.targets.iter().all(|(s, t)| self.applied.get(s).copied().unwrap_or(0) >= *t);
+        let caught_up = self
+            .targets
+            .iter()
+            .all(|(s, t)| self.applied.get(s).copied().unwrap_or(0) >= *t);
         let mut explained: HashMap<Resources, Unplaced> = HashMap::new();
         let mut verdicts = Vec::new();
         for id in pending {
-            let Some(entry) = self.cluster.tasks.get(&id) else { continue };
+            let Some(entry) = self.cluster.tasks.get(&id) else {
+                continue;
+            };
             let spec = entry.task.spec.clone();
             // A queue at its limit places nothing more until one of its tasks ends.
             if let Some(limit) = self.settings.queues.get(&spec.queue).max_running {
                 if queue_live.get(&spec.queue).copied().unwrap_or(0) >= limit {
                     let kind = format!("queue {} at its limit", spec.queue);
                     if caught_up && self.waiting.get(&id) != Some(&kind) {
-                        let reason = format!("queue {} runs its limit of {limit} tasks", spec.queue);
+                        let reason =
+                            format!("queue {} runs its limit of {limit} tasks", spec.queue);
                         self.waiting.insert(id, kind);
                         verdicts.push((id, TaskCommand::Wait { reason }));
                     }
                     continue;
                 }
             }
-            let Some(node) = place(online.iter(), &usage, &spec.resources, self.settings.placement) else {
+            let Some(node) = place(
+                online.iter(),
+                &usage,
+                &spec.resources,
+                self.settings.placement,
+            ) else {
                 if caught_up {
                     let why = explained
                         .entry(spec.resources.clone())
-                        .or_insert_with(|| explain(self.cluster.nodes.values().map(|e| &e.node), &usage, &spec.resources))
+                        .or_insert_with(|| {
+                            explain(
+                                self.cluster.nodes.values().map(|e| &e.node),
+                                &usage,
+                                &spec.resources,
+                            )
+                        })
                         .clone();
                     let (kind, command) = match why {
-                        Unplaced::Never(reason) => ("never".to_owned(), TaskCommand::Unschedulable { reason }),
+                        Unplaced::Never(reason) => {
+                            ("never".to_owned(), TaskCommand::Unschedulable { reason })
+                        }
                         Unplaced::Waits { reason, kind } => (kind, TaskCommand::Wait { reason }),
                     };
                     if self.waiting.get(&id) != Some(&kind) {
@@ -442,7 +591,16 @@ impl Controller {
                 }
                 continue;
             };
-            match self.commands.execute(id, TaskCommand::Assign { node_id: node }, "scheduler", |_| true).await {
+            match self
+                .commands
+                .execute(
+                    id,
+                    TaskCommand::Assign { node_id: node },
+                    "scheduler",
+                    |_| true,
+                )
+                .await
+            {
                 Ok(_) => {
                     let attempt = entry.task.attempts + 1;
                     info!(task_id = %id, node_id = %node, attempt, "task assigned");
@@ -450,7 +608,8 @@ impl Controller {
                     *queue_live.entry(spec.queue.clone()).or_default() += 1;
                     self.inflight.insert(id, node);
                     self.serve_counter += 1;
-                    self.served.insert(entry.task.project.to_string(), self.serve_counter);
+                    self.served
+                        .insert(entry.task.project.to_string(), self.serve_counter);
                     self.send_run(node, id, attempt, &spec).await;
                 }
                 Err(CommandError::Conflict | CommandError::Rejected(_)) => {}
@@ -467,17 +626,24 @@ impl Controller {
     /// (a heartbeat does only when it makes its node take tasks or stop).
     async fn on_update(&mut self, u: &Update) -> bool {
         let before = match &u.envelope.event {
-            ud_schemas::Event::Task(id, _) => self.cluster.tasks.get(id).map(|t| t.task.state.clone()),
+            ud_schemas::Event::Task(id, _) => {
+                self.cluster.tasks.get(id).map(|t| t.task.state.clone())
+            }
             _ => None,
         };
         let node_before = match &u.envelope.event {
-            ud_schemas::Event::Node(id, _) => self.cluster.nodes.get(id).map(|n| (n.node.liveness(), n.node.takes_new_tasks())),
+            ud_schemas::Event::Node(id, _) => self
+                .cluster
+                .nodes
+                .get(id)
+                .map(|n| (n.node.liveness(), n.node.takes_new_tasks())),
             _ => None,
         };
         self.cluster.apply(u);
         let relevant = match &u.envelope.event {
             ud_schemas::Event::Node(id, ud_schemas::NodeEvent::Heartbeat(_)) => {
-                node_before.map(|b| b.1) != self.cluster.nodes.get(id).map(|n| n.node.takes_new_tasks())
+                node_before.map(|b| b.1)
+                    != self.cluster.nodes.get(id).map(|n| n.node.takes_new_tasks())
             }
             _ => true,
         };
@@ -492,7 +658,9 @@ impl Controller {
                     // Its tasks are placed anew.
                     ud_schemas::NodeEvent::WentOffline(_) => self.lose_tasks_of(*node).await,
                     // Back with runs that lost the race: stop them.
-                    _ if node_before == Some(crate::node::Liveness::Offline) && now == Some(crate::node::Liveness::Online) => {
+                    _ if node_before == Some(crate::node::Liveness::Offline)
+                        && now == Some(crate::node::Liveness::Online) =>
+                    {
                         self.stop_lost_runs(*node).await;
                     }
                     _ => {}
@@ -502,7 +670,10 @@ impl Controller {
         let applied = self.applied.entry(u.stream.clone()).or_default();
         *applied = (*applied).max(u.seq);
         if let ud_schemas::Event::Task(id, e) = &u.envelope.event {
-            if !matches!(self.cluster.tasks.get(id).map(|t| &t.task.state), Some(TaskState::Pending)) {
+            if !matches!(
+                self.cluster.tasks.get(id).map(|t| &t.task.state),
+                Some(TaskState::Pending)
+            ) {
                 self.inflight.remove(id);
                 self.waiting.remove(id);
             }
@@ -510,7 +681,11 @@ impl Controller {
             if !u.live {
                 return relevant;
             }
-            if let (ud_schemas::TaskEvent::CancelRequested(c), Some(TaskState::Assigned { node_id, .. } | TaskState::Running { node_id, .. })) = (e, before) {
+            if let (
+                ud_schemas::TaskEvent::CancelRequested(c),
+                Some(TaskState::Assigned { node_id, .. } | TaskState::Running { node_id, .. }),
+            ) = (e, before)
+            {
                 self.send_cancel(node_id, *id, &c.reason).await;
             }
         }
@@ -518,13 +693,30 @@ impl Controller {
     }
 
     async fn lose_tasks_of(&mut self, node: NodeId) {
-        let tasks: Vec<TaskId> = self.cluster.tasks.iter().filter(|(_, t)| t.task.state.live_node() == Some(node)).map(|(id, _)| *id).collect();
+        let tasks: Vec<TaskId> = self
+            .cluster
+            .tasks
+            .iter()
+            .filter(|(_, t)| t.task.state.live_node() == Some(node))
+            .map(|(id, _)| *id)
+            .collect();
         for id in tasks {
-            let command = TaskCommand::Lose { node_id: node, reason: format!("node {node} went offline") };
-            match self.commands.execute(id, command, "scheduler", |_| true).await {
-                Ok(_) => info!(task_id = %id, node_id = %node, "task lost with its node; placing it again"),
+            let command = TaskCommand::Lose {
+                node_id: node,
+                reason: format!("node {node} went offline"),
+            };
+            match self
+                .commands
+                .execute(id, command, "scheduler", |_| true)
+                .await
+            {
+                Ok(_) => {
+                    info!(task_id = %id, node_id = %node, "task lost with its node; placing it again")
+                }
                 Err(CommandError::Conflict | CommandError::Rejected(_)) => {}
-                Err(e) => warn!(task_id = %id, node_id = %node, error = %e, "cannot mark the task lost"),
+                Err(e) => {
+                    warn!(task_id = %id, node_id = %node, error = %e, "cannot mark the task lost")
+                }
             }
         }
     }
@@ -532,10 +724,19 @@ impl Controller {
     async fn stop_lost_runs(&mut self, node: NodeId) {
         for id in self.lost.remove(&node).unwrap_or_default() {
             // Placed on this very node again: that run is the live one.
-            let live_here = self.cluster.tasks.get(&id).is_some_and(|t| t.task.state.live_node() == Some(node));
+            let live_here = self
+                .cluster
+                .tasks
+                .get(&id)
+                .is_some_and(|t| t.task.state.live_node() == Some(node));
             if !live_here {
                 info!(task_id = %id, node_id = %node, "stopping a run lost with its node");
-                self.send_cancel(node, id, "the run was lost with its node and placed elsewhere").await;
+                self.send_cancel(
+                    node,
+                    id,
+                    "the run was lost with its node and placed elsewhere",
+                )
+                .await;
             }
         }
     }
@@ -543,8 +744,12 @@ impl Controller {
     async fn resend_unstarted(&self) {
         for (id, t) in &self.cluster.tasks {
             match &t.task.state {
-                TaskState::Assigned { node_id, attempt } => self.send_run(*node_id, *id, *attempt, &t.task.spec).await,
-                TaskState::Cancelling { node_id, .. } => self.send_cancel(*node_id, *id, "cancel requested").await,
+                TaskState::Assigned { node_id, attempt } => {
+                    self.send_run(*node_id, *id, *attempt, &t.task.spec).await
+                }
+                TaskState::Cancelling { node_id, .. } => {
+                    self.send_cancel(*node_id, *id, "cancel requested").await
+                }
                 _ => {}
             }
         }
@@ -578,7 +783,10 @@ pub async fn run(commands: TaskCommands, settings: ControllerSettings) {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         if last.is_none() {
-            warn!(stream, "cannot learn where the stream ends; judging unplaced tasks from now on");
+            warn!(
+                stream,
+                "cannot learn where the stream ends; judging unplaced tasks from now on"
+            );
         }
         targets.insert(stream.to_owned(), last.unwrap_or(0));
     }
@@ -643,7 +851,12 @@ mod tests {
             resources: Some(NodeResources {
                 cpu_millis: cpu,
                 memory_mb: mem,
-                gpus: (0..gpus).map(|_| Gpu { model: "A100".into(), memory_mb: 1 }).collect(),
+                gpus: (0..gpus)
+                    .map(|_| Gpu {
+                        model: "A100".into(),
+                        memory_mb: 1,
+                    })
+                    .collect(),
                 ..Default::default()
             }),
             last_seen: Some(1),
@@ -656,7 +869,15 @@ mod tests {
     }
 
     fn req(cpu: u32, mem: u64, gpus: u32) -> Resources {
-        Resources { cpu_millis: cpu, memory_mb: mem, gpus, gpu_model: None, labels: BTreeMap::new(), preferred_labels: BTreeMap::new(), disk_mb: 0 }
+        Resources {
+            cpu_millis: cpu,
+            memory_mb: mem,
+            gpus,
+            gpu_model: None,
+            labels: BTreeMap::new(),
+            preferred_labels: BTreeMap::new(),
+            disk_mb: 0,
+        }
     }
 
     proptest! {
@@ -696,11 +917,31 @@ mod tests {
 
     #[test]
     fn queue_priority_comes_before_task_priority_and_queue_files_are_checked() {
-        let q = |queue_priority, priority, seq| Queued { id: TaskId::new(), queue_priority, priority, project: "p", seq, live: 0, served: 0 };
+        let q = |queue_priority, priority, seq| Queued {
+            id: TaskId::new(),
+            queue_priority,
+            priority,
+            project: "p",
+            seq,
+            live: 0,
+            served: 0,
+        };
         let tasks = [q(0, 100, 1), q(10, -5, 2), q(10, 0, 3)];
-        assert_eq!(fair_order(&tasks), vec![tasks[2].id, tasks[1].id, tasks[0].id]);
-        let queues = Queues::parse(r#"{"queues": {"gpu": {"priority": 10, "max_running": 2}, "batch": {}}}"#).unwrap_or_default();
-        assert_eq!(queues.get("gpu"), QueueConfig { priority: 10, max_running: Some(2) });
+        assert_eq!(
+            fair_order(&tasks),
+            vec![tasks[2].id, tasks[1].id, tasks[0].id]
+        );
+        let queues = Queues::parse(
+            r#"{"queues": {"gpu": {"priority": 10, "max_running": 2}, "batch": {}}}"#,
+        )
+        .unwrap_or_default();
+        assert_eq!(
+            queues.get("gpu"),
+            QueueConfig {
+                priority: 10,
+                max_running: Some(2)
+            }
+        );
         assert_eq!(queues.get("unknown"), QueueConfig::default());
         assert!(Queues::parse(r#"{"queues": {"gpu": {"prio": 1}}}"#).is_err());
         assert!(Queues::parse("[]").is_err());
@@ -708,9 +949,27 @@ mod tests {
 
     #[test]
     fn one_projects_flood_does_not_starve_another() {
-        let mut tasks: Vec<Queued<'_>> = (0..10_000).map(|i| Queued { id: TaskId::new(), queue_priority: 0, priority: 0, project: "big", seq: i, live: 0, served: 0 }).collect();
+        let mut tasks: Vec<Queued<'_>> = (0..10_000)
+            .map(|i| Queued {
+                id: TaskId::new(),
+                queue_priority: 0,
+                priority: 0,
+                project: "big",
+                seq: i,
+                live: 0,
+                served: 0,
+            })
+            .collect();
         let small = TaskId::new();
-        tasks.push(Queued { id: small, queue_priority: 0, priority: 0, project: "small", seq: 20_000, live: 0, served: 0 });
+        tasks.push(Queued {
+            id: small,
+            queue_priority: 0,
+            priority: 0,
+            project: "small",
+            seq: 20_000,
+            live: 0,
+            served: 0,
+        });
         let order = fair_order(&tasks);
         assert_eq!(order.iter().position(|id| *id == small), Some(1));
         // A project that runs many now, or was served more recently, waits its turn.
@@ -730,18 +989,34 @@ mod tests {
         let gpu = node(8000, 65536, 2, "b");
         let none = HashMap::new();
         // Nothing enrolled: wait (the platform is being set up).
-        assert!(matches!(explain([].iter(), &none, &req(1000, 1, 0)), Unplaced::Waits { reason: r, .. } if r.contains("no compute node")));
+        assert!(
+            matches!(explain([].iter(), &none, &req(1000, 1, 0)), Unplaced::Waits { reason: r, .. } if r.contains("no compute node"))
+        );
         // More GPUs than any node has: never.
         let never = explain([small.clone(), gpu.clone()].iter(), &none, &req(1000, 1, 4));
-        assert!(matches!(&never, Unplaced::Never(r) if r.contains("4 GPUs") && r.contains("GPUs 2")), "{never:?}");
+        assert!(
+            matches!(&never, Unplaced::Never(r) if r.contains("4 GPUs") && r.contains("GPUs 2")),
+            "{never:?}"
+        );
         // A label no node has: never.
         let mut zoned = req(100, 1, 0);
         zoned.labels.insert("zone".into(), "c".into());
-        assert!(matches!(explain([small.clone()].iter(), &none, &zoned), Unplaced::Never(r) if r.contains("labels")));
+        assert!(
+            matches!(explain([small.clone()].iter(), &none, &zoned), Unplaced::Never(r) if r.contains("labels"))
+        );
         // Fits the GPU node, which is busy: waits, and says so.
-        let busy = HashMap::from([(gpu.id, Usage { cpu_millis: 8000, ..Default::default() })]);
+        let busy = HashMap::from([(
+            gpu.id,
+            Usage {
+                cpu_millis: 8000,
+                ..Default::default()
+            },
+        )]);
         let waits = explain([small.clone(), gpu.clone()].iter(), &busy, &req(2000, 1, 0));
-        assert!(matches!(&waits, Unplaced::Waits { reason: r, .. } if r.contains("1 of 2") && r.contains("busy 1")), "{waits:?}");
+        assert!(
+            matches!(&waits, Unplaced::Waits { reason: r, .. } if r.contains("1 of 2") && r.contains("busy 1")),
+            "{waits:?}"
+        );
         // Cordoned, offline and unregistered nodes that could run it: waits.
         let mut cordoned = gpu.clone();
         cordoned.scheduling = "cordoned".into();
@@ -750,7 +1025,10 @@ mod tests {
         let mut unknown = gpu.clone();
         unknown.resources = None;
         let waits = explain([cordoned, offline, unknown].iter(), &none, &req(2000, 1, 1));
-        assert!(matches!(&waits, Unplaced::Waits { reason: r, .. } if r.contains("cordoned 1") && r.contains("offline 1") && r.contains("not registered yet 1")), "{waits:?}");
+        assert!(
+            matches!(&waits, Unplaced::Waits { reason: r, .. } if r.contains("cordoned 1") && r.contains("offline 1") && r.contains("not registered yet 1")),
+            "{waits:?}"
+        );
     }
 
     #[test]
@@ -761,14 +1039,29 @@ mod tests {
         r.disk_mb = 6_000;
         assert!(fits(&n, Usage::default(), &r));
         // What a task placed since the last heartbeat asked for counts too.
-        assert!(!fits(&n, Usage { disk_mb: 6_000, ..Default::default() }, &r));
+        assert!(!fits(
+            &n,
+            Usage {
+                disk_mb: 6_000,
+                ..Default::default()
+            },
+            &r
+        ));
         n.disk_free_mb = None;
-        assert!(!fits(&n, Usage::default(), &r), "unknown free disk does not fit a disk request");
-        assert!(fits(&n, Usage::default(), &req(1000, 1, 0)), "no disk asked, none needed");
+        assert!(
+            !fits(&n, Usage::default(), &r),
+            "unknown free disk does not fit a disk request"
+        );
+        assert!(
+            fits(&n, Usage::default(), &req(1000, 1, 0)),
+            "no disk asked, none needed"
+        );
         if let Some(res) = n.resources.as_mut() {
             res.disk_mb = 5_000;
         }
-        assert!(matches!(explain([n].iter(), &HashMap::new(), &r), Unplaced::Never(w) if w.contains("disk")));
+        assert!(
+            matches!(explain([n].iter(), &HashMap::new(), &r), Unplaced::Never(w) if w.contains("disk"))
+        );
     }
 
     #[test]
@@ -777,15 +1070,39 @@ mod tests {
         let b = node(8000, 16000, 0, "b");
         let nodes = [a.clone(), b.clone()];
         // b is half full: pack goes there, spread goes to a.
-        let usage = HashMap::from([(b.id, Usage { cpu_millis: 4000, ..Default::default() })]);
-        assert_eq!(place(nodes.iter(), &usage, &req(1000, 1, 0), Placement::Pack), Some(b.id));
-        assert_eq!(place(nodes.iter(), &usage, &req(1000, 1, 0), Placement::Spread), Some(a.id));
+        let usage = HashMap::from([(
+            b.id,
+            Usage {
+                cpu_millis: 4000,
+                ..Default::default()
+            },
+        )]);
+        assert_eq!(
+            place(nodes.iter(), &usage, &req(1000, 1, 0), Placement::Pack),
+            Some(b.id)
+        );
+        assert_eq!(
+            place(nodes.iter(), &usage, &req(1000, 1, 0), Placement::Spread),
+            Some(a.id)
+        );
         // A preferred label outweighs both, while that node has room.
         let mut prefers_a = req(1000, 1, 0);
         prefers_a.preferred_labels.insert("zone".into(), "a".into());
-        assert_eq!(place(nodes.iter(), &usage, &prefers_a, Placement::Pack), Some(a.id));
-        let full_a = HashMap::from([(a.id, Usage { cpu_millis: 8000, ..Default::default() })]);
-        assert_eq!(place(nodes.iter(), &full_a, &prefers_a, Placement::Pack), Some(b.id));
+        assert_eq!(
+            place(nodes.iter(), &usage, &prefers_a, Placement::Pack),
+            Some(a.id)
+        );
+        let full_a = HashMap::from([(
+            a.id,
+            Usage {
+                cpu_millis: 8000,
+                ..Default::default()
+            },
+        )]);
+        assert_eq!(
+            place(nodes.iter(), &full_a, &prefers_a, Placement::Pack),
+            Some(b.id)
+        );
         assert_eq!("spread".parse::<Placement>(), Ok(Placement::Spread));
         assert!("random".parse::<Placement>().is_err());
     }
@@ -796,15 +1113,30 @@ mod tests {
         let gpu = node(8000, 65536, 2, "b");
         let nodes = [small.clone(), gpu.clone()];
         let none = HashMap::new();
-        assert_eq!(place(nodes.iter(), &none, &req(4000, 1024, 0), Placement::Pack), Some(gpu.id));
+        assert_eq!(
+            place(nodes.iter(), &none, &req(4000, 1024, 0), Placement::Pack),
+            Some(gpu.id)
+        );
         let mut zoned = req(500, 512, 0);
         zoned.labels.insert("zone".into(), "a".into());
-        assert_eq!(place(nodes.iter(), &none, &zoned, Placement::Pack), Some(small.id));
+        assert_eq!(
+            place(nodes.iter(), &none, &zoned, Placement::Pack),
+            Some(small.id)
+        );
         let mut model = req(500, 512, 1);
         model.gpu_model = Some("H100".into());
         assert_eq!(place(nodes.iter(), &none, &model, Placement::Pack), None);
-        let full = HashMap::from([(gpu.id, Usage { cpu_millis: 8000, ..Default::default() })]);
-        assert_eq!(place(nodes.iter(), &full, &req(4000, 1024, 0), Placement::Pack), None);
+        let full = HashMap::from([(
+            gpu.id,
+            Usage {
+                cpu_millis: 8000,
+                ..Default::default()
+            },
+        )]);
+        assert_eq!(
+            place(nodes.iter(), &full, &req(4000, 1024, 0), Placement::Pack),
+            None
+        );
     }
 
     proptest! {

@@ -50,23 +50,39 @@ impl Cluster {
         match &u.envelope.event {
             Event::Node(id, e) => {
                 let prev = self.nodes.remove(id);
-                let seq = if u.stream == ud_schemas::streams::NODES { u.seq } else { prev.as_ref().map_or(0, |p| p.seq) };
+                let seq = if u.stream == ud_schemas::streams::NODES {
+                    u.seq
+                } else {
+                    prev.as_ref().map_or(0, |p| p.seq)
+                };
                 if let Some(node) = node::evolve(prev.map(|p| p.node), *id, e) {
                     self.nodes.insert(*id, NodeEntry { node, seq });
                 }
             }
             Event::Task(id, e) => {
                 let prev = self.tasks.remove(id);
-                let (prev_state, prev_queued) = (prev.as_ref().map(|p| p.task.state.clone()), prev.as_ref().map(|p| p.queued_at));
+                let (prev_state, prev_queued) = (
+                    prev.as_ref().map(|p| p.task.state.clone()),
+                    prev.as_ref().map(|p| p.queued_at),
+                );
                 if let Some(t) = task::evolve(prev.map(|p| p.task), *id, e) {
                     // Finished tasks hold no resources and need no decisions.
                     if !t.state.is_terminal() {
-                        let was_pending = prev_state.as_ref().is_some_and(|s| *s == task::TaskState::Pending);
+                        let was_pending = prev_state
+                            .as_ref()
+                            .is_some_and(|s| *s == task::TaskState::Pending);
                         let queued_at = match prev_queued {
                             Some(q) if was_pending && t.state == task::TaskState::Pending => q,
                             _ => u.seq,
                         };
-                        self.tasks.insert(*id, TaskEntry { task: t, seq: u.seq, queued_at });
+                        self.tasks.insert(
+                            *id,
+                            TaskEntry {
+                                task: t,
+                                seq: u.seq,
+                                queued_at,
+                            },
+                        );
                     }
                 }
             }
@@ -75,14 +91,20 @@ impl Cluster {
     }
 
     pub fn online(&self) -> impl Iterator<Item = &NodeEntry> {
-        self.nodes.values().filter(|n| n.node.liveness() == Liveness::Online)
+        self.nodes
+            .values()
+            .filter(|n| n.node.liveness() == Liveness::Online)
     }
 }
 
 /// Follows `stream` from its first message, sending decoded updates; ends
 /// when the receiver is dropped. Resumes where it was after a failure (hub
 /// reloads drop ephemeral consumers).
-pub async fn follow(js: jetstream::Context, stream: &str, tx: mpsc::Sender<Update>) -> Result<(), EdgeError> {
+pub async fn follow(
+    js: jetstream::Context,
+    stream: &str,
+    tx: mpsc::Sender<Update>,
+) -> Result<(), EdgeError> {
     let mut next = 1u64;
     let mut caught_up_at = None;
     loop {
@@ -96,13 +118,21 @@ pub async fn follow(js: jetstream::Context, stream: &str, tx: mpsc::Sender<Updat
     }
 }
 
-async fn follow_from(js: &jetstream::Context, stream: &str, tx: &mpsc::Sender<Update>, next: &mut u64, caught_up_at: &mut Option<u64>) -> Result<(), EdgeError> {
+async fn follow_from(
+    js: &jetstream::Context,
+    stream: &str,
+    tx: &mpsc::Sender<Update>,
+    next: &mut u64,
+    caught_up_at: &mut Option<u64>,
+) -> Result<(), EdgeError> {
     let mut s = js.get_stream(stream).await.map_err(nats_err)?;
     let last = s.info().await.map_err(nats_err)?.state.last_sequence;
     let caught_up_at = *caught_up_at.get_or_insert(last);
     let consumer = s
         .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: *next },
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: *next,
+            },
             ..Default::default()
         })
         .await
@@ -114,7 +144,12 @@ async fn follow_from(js: &jetstream::Context, stream: &str, tx: &mpsc::Sender<Up
         *next = seq + 1;
         match codec::decode_message(m.subject.as_str(), m.headers.as_ref(), &m.payload) {
             Ok(envelope) => {
-                let update = Update { stream: stream.to_owned(), seq, envelope, live: seq > caught_up_at };
+                let update = Update {
+                    stream: stream.to_owned(),
+                    seq,
+                    envelope,
+                    live: seq > caught_up_at,
+                };
                 if tx.send(update).await.is_err() {
                     return Ok(());
                 }

@@ -16,9 +16,22 @@ pub(crate) fn spec() -> TaskSpec {
         command: vec!["true".into()],
         args: vec![],
         env: BTreeMap::new(),
-        resources: Resources { cpu_millis: 1000, memory_mb: 512, gpus: 0, gpu_model: None, labels: BTreeMap::new(), preferred_labels: BTreeMap::new(), disk_mb: 0 },
+        resources: Resources {
+            cpu_millis: 1000,
+            memory_mb: 512,
+            gpus: 0,
+            gpu_model: None,
+            labels: BTreeMap::new(),
+            preferred_labels: BTreeMap::new(),
+            disk_mb: 0,
+        },
         timeout_seconds: 60,
-        retry: RetryPolicy { max_attempts: 1, backoff_seconds: 0, exit_codes: vec![], on_timeout: false },
+        retry: RetryPolicy {
+            max_attempts: 1,
+            backoff_seconds: 0,
+            exit_codes: vec![],
+            on_timeout: false,
+        },
         priority: 0,
         queue: "default".into(),
         inputs: vec![],
@@ -40,7 +53,8 @@ fn given(commands: &[TaskCommand]) -> Given {
     let id = TaskId::new();
     let mut task = None;
     for c in commands {
-        let events = decide(task.as_ref(), c.clone(), 1).unwrap_or_else(|e| unreachable!("given: {e}"));
+        let events =
+            decide(task.as_ref(), c.clone(), 1).unwrap_or_else(|e| unreachable!("given: {e}"));
         for e in &events {
             task = evolve(task, id, e);
         }
@@ -56,7 +70,11 @@ impl Given {
 }
 
 fn submit() -> TaskCommand {
-    TaskCommand::Submit { project: project(), spec: spec(), idempotency_key: None }
+    TaskCommand::Submit {
+        project: project(),
+        spec: spec(),
+        idempotency_key: None,
+    }
 }
 
 #[test]
@@ -77,15 +95,26 @@ fn submit_twice_is_rejected() {
 
 #[test]
 fn cancel_pending_cancels_at_once() {
-    let (_, r) = given(&[submit()]).when(TaskCommand::Cancel { reason: "no".into() });
+    let (_, r) = given(&[submit()]).when(TaskCommand::Cancel {
+        reason: "no".into(),
+    });
     assert!(matches!(r.as_deref(), Ok([TaskEvent::Cancelled(_)])));
 }
 
 #[test]
 fn cancel_running_asks_the_node() {
     let node = NodeId::new();
-    let (_, r) = given(&[submit(), TaskCommand::Assign { node_id: node }, TaskCommand::Start { node_id: node, attempt: 1 }])
-        .when(TaskCommand::Cancel { reason: "no".into() });
+    let (_, r) = given(&[
+        submit(),
+        TaskCommand::Assign { node_id: node },
+        TaskCommand::Start {
+            node_id: node,
+            attempt: 1,
+        },
+    ])
+    .when(TaskCommand::Cancel {
+        reason: "no".into(),
+    });
     assert!(matches!(r.as_deref(), Ok([TaskEvent::CancelRequested(_)])));
 }
 
@@ -95,18 +124,32 @@ fn cancel_finished_task_is_rejected() {
     let (_, r) = given(&[
         submit(),
         TaskCommand::Assign { node_id: node },
-        TaskCommand::Succeed { node_id: node, exit_code: 0 },
+        TaskCommand::Succeed {
+            node_id: node,
+            exit_code: 0,
+        },
     ])
-    .when(TaskCommand::Cancel { reason: "late".into() });
-    assert_eq!(r, Err(TaskError::InvalidTransition { state: "succeeded", command: "cancel" }));
+    .when(TaskCommand::Cancel {
+        reason: "late".into(),
+    });
+    assert_eq!(
+        r,
+        Err(TaskError::InvalidTransition {
+            state: "succeeded",
+            command: "cancel"
+        })
+    );
 }
 
 #[test]
 fn other_node_cannot_report() {
     let node = NodeId::new();
     let other = NodeId::new();
-    let (_, r) = given(&[submit(), TaskCommand::Assign { node_id: node }])
-        .when(TaskCommand::Succeed { node_id: other, exit_code: 0 });
+    let (_, r) =
+        given(&[submit(), TaskCommand::Assign { node_id: node }]).when(TaskCommand::Succeed {
+            node_id: other,
+            exit_code: 0,
+        });
     assert_eq!(r, Err(TaskError::WrongNode(other)));
 }
 
@@ -122,12 +165,25 @@ fn command_strategy(nodes: Vec<NodeId>) -> impl Strategy<Value = TaskCommand> {
     (0u8..8, 0usize..8, 0u32..3, -2i32..3).prop_map(move |(kind, node, attempt, code)| {
         let node_id = pick(node);
         match kind {
-            0 => TaskCommand::Submit { project: project(), spec: spec(), idempotency_key: None },
+            0 => TaskCommand::Submit {
+                project: project(),
+                spec: spec(),
+                idempotency_key: None,
+            },
             1 => TaskCommand::Assign { node_id },
             2 => TaskCommand::Start { node_id, attempt },
-            3 => TaskCommand::Succeed { node_id, exit_code: code },
-            4 => TaskCommand::Fail { node_id, exit_code: Some(code), reason: "boom".into() },
-            5 => TaskCommand::Cancel { reason: "stop".into() },
+            3 => TaskCommand::Succeed {
+                node_id,
+                exit_code: code,
+            },
+            4 => TaskCommand::Fail {
+                node_id,
+                exit_code: Some(code),
+                reason: "boom".into(),
+            },
+            5 => TaskCommand::Cancel {
+                reason: "stop".into(),
+            },
             6 => TaskCommand::TimeOut { node_id },
             _ => TaskCommand::ConfirmCancelled { node_id },
         }
@@ -183,39 +239,116 @@ proptest! {
 fn failed_runs_are_retried_while_the_policy_allows_then_fail() {
     let node = NodeId::new();
     let mut s = spec();
-    s.retry = RetryPolicy { max_attempts: 2, backoff_seconds: 30, exit_codes: vec![], on_timeout: false };
-    let retried_submit = TaskCommand::Submit { project: project(), spec: s, idempotency_key: None };
-    let fail = || TaskCommand::Fail { node_id: node, exit_code: Some(3), reason: "exited with code 3".into() };
-    let run = [retried_submit, TaskCommand::Assign { node_id: node }, TaskCommand::Start { node_id: node, attempt: 1 }];
+    s.retry = RetryPolicy {
+        max_attempts: 2,
+        backoff_seconds: 30,
+        exit_codes: vec![],
+        on_timeout: false,
+    };
+    let retried_submit = TaskCommand::Submit {
+        project: project(),
+        spec: s,
+        idempotency_key: None,
+    };
+    let fail = || TaskCommand::Fail {
+        node_id: node,
+        exit_code: Some(3),
+        reason: "exited with code 3".into(),
+    };
+    let run = [
+        retried_submit,
+        TaskCommand::Assign { node_id: node },
+        TaskCommand::Start {
+            node_id: node,
+            attempt: 1,
+        },
+    ];
     let (g, r) = given(&run).when(fail());
     let events = r.unwrap_or_default();
-    assert!(matches!(events.as_slice(), [TaskEvent::Retrying(TaskRetrying { attempt: 1, exit_code: Some(3), not_before: 30_002, .. })]), "{events:?}");
+    assert!(
+        matches!(
+            events.as_slice(),
+            [TaskEvent::Retrying(TaskRetrying {
+                attempt: 1,
+                exit_code: Some(3),
+                not_before: 30_002,
+                ..
+            })]
+        ),
+        "{events:?}"
+    );
     let task = events.iter().fold(g.task, |t, e| evolve(t, g.id, e));
-    assert_eq!(task.as_ref().map(|t| (&t.state, t.not_before)), Some((&TaskState::Pending, Some(30_002))));
+    assert_eq!(
+        task.as_ref().map(|t| (&t.state, t.not_before)),
+        Some((&TaskState::Pending, Some(30_002)))
+    );
     // The second attempt is the last one.
     let mut task = task;
-    for c in [TaskCommand::Assign { node_id: node }, TaskCommand::Start { node_id: node, attempt: 2 }] {
+    for c in [
+        TaskCommand::Assign { node_id: node },
+        TaskCommand::Start {
+            node_id: node,
+            attempt: 2,
+        },
+    ] {
         let events = decide(task.as_ref(), c, 3).unwrap_or_default();
         task = events.iter().fold(task, |t, e| evolve(t, g.id, e));
     }
     let last = decide(task.as_ref(), fail(), 4).unwrap_or_default();
-    assert!(matches!(last.as_slice(), [TaskEvent::Failed(_)]), "{last:?}");
+    assert!(
+        matches!(last.as_slice(), [TaskEvent::Failed(_)]),
+        "{last:?}"
+    );
     // Only the listed exit codes count; time-outs only when asked for.
     let mut picky = spec();
-    picky.retry = RetryPolicy { max_attempts: 3, backoff_seconds: 0, exit_codes: vec![75], on_timeout: true };
+    picky.retry = RetryPolicy {
+        max_attempts: 3,
+        backoff_seconds: 0,
+        exit_codes: vec![75],
+        on_timeout: true,
+    };
     let picky_run = [
-        TaskCommand::Submit { project: project(), spec: picky, idempotency_key: None },
+        TaskCommand::Submit {
+            project: project(),
+            spec: picky,
+            idempotency_key: None,
+        },
         TaskCommand::Assign { node_id: node },
-        TaskCommand::Start { node_id: node, attempt: 1 },
+        TaskCommand::Start {
+            node_id: node,
+            attempt: 1,
+        },
     ];
     let (_, r) = given(&picky_run).when(fail());
-    assert!(matches!(r.as_deref(), Ok([TaskEvent::Failed(_)])), "exit 3 is not listed: {r:?}");
-    let (_, r) = given(&picky_run).when(TaskCommand::Fail { node_id: node, exit_code: Some(75), reason: "tempfail".into() });
-    assert!(matches!(r.as_deref(), Ok([TaskEvent::Retrying(_)])), "{r:?}");
+    assert!(
+        matches!(r.as_deref(), Ok([TaskEvent::Failed(_)])),
+        "exit 3 is not listed: {r:?}"
+    );
+    let (_, r) = given(&picky_run).when(TaskCommand::Fail {
+        node_id: node,
+        exit_code: Some(75),
+        reason: "tempfail".into(),
+    });
+    assert!(
+        matches!(r.as_deref(), Ok([TaskEvent::Retrying(_)])),
+        "{r:?}"
+    );
     let (_, r) = given(&picky_run).when(TaskCommand::TimeOut { node_id: node });
-    assert!(matches!(r.as_deref(), Ok([TaskEvent::Retrying(TaskRetrying { exit_code: None, .. })])), "{r:?}");
+    assert!(
+        matches!(
+            r.as_deref(),
+            Ok([TaskEvent::Retrying(TaskRetrying {
+                exit_code: None,
+                ..
+            })])
+        ),
+        "{r:?}"
+    );
     let (_, r) = given(&run[..]).when(TaskCommand::TimeOut { node_id: node });
-    assert!(matches!(r.as_deref(), Ok([TaskEvent::TimedOut(_)])), "time-outs do not retry by default: {r:?}");
+    assert!(
+        matches!(r.as_deref(), Ok([TaskEvent::TimedOut(_)])),
+        "time-outs do not retry by default: {r:?}"
+    );
     // Without a retry policy a failure is final at once.
     let (_, r) = given(&[submit(), TaskCommand::Assign { node_id: node }]).when(fail());
     assert!(matches!(r.as_deref(), Ok([TaskEvent::Failed(_)])));

@@ -35,12 +35,35 @@ impl Stack {
             storage,
         })
         .await?;
-        let issued = ud_core::commands::issue_token(server.state.commands.store(), "admin", &[], true, "test")
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        assert!(server.state.projected.wait(streams::AUTH, issued.seq, std::time::Duration::from_secs(10)).await);
+        let issued = ud_core::commands::issue_token(
+            server.state.commands.store(),
+            "admin",
+            &[],
+            true,
+            "test",
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        assert!(
+            server
+                .state
+                .projected
+                .wait(
+                    streams::AUTH,
+                    issued.seq,
+                    std::time::Duration::from_secs(10)
+                )
+                .await
+        );
         let base = format!("http://{}", server.addr);
-        Ok(Self { _nats: nats, _pg: pg, server, base, http: reqwest::Client::new(), admin: issued.secret })
+        Ok(Self {
+            _nats: nats,
+            _pg: pg,
+            server,
+            base,
+            http: reqwest::Client::new(),
+            admin: issued.secret,
+        })
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -63,7 +86,18 @@ impl Stack {
     }
 
     pub async fn tasks_in_stream(&self) -> Result<u64> {
-        Ok(self.server.state.commands.store().jetstream().get_stream(streams::TASKS).await?.info().await?.state.messages)
+        Ok(self
+            .server
+            .state
+            .commands
+            .store()
+            .jetstream()
+            .get_stream(streams::TASKS)
+            .await?
+            .info()
+            .await?
+            .state
+            .messages)
     }
 }
 

@@ -1,0 +1,418 @@
+//! What the compute-node tests share: a hub nats-server with leaf nodes,
+//! PostgreSQL, the main server, agents and a real Docker engine.
+#![allow(dead_code)] // each test binary uses part of it
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Result};
+use futures::StreamExt;
+use serde_json::{json, Value};
+use ud_edge_agent::AgentConfig;
+use ud_gateway::server::{self, EdgeConfig, Running, ServerConfig};
+use ud_schemas::edge::{self, NodeToken};
+use ud_schemas::NodeId;
+use ud_testkit::{NatsOptions, NatsServer, PgDatabase};
+
+pub const PLATFORM_PW: &str = "platform-secret";
+pub const AGENT_PW: &str = "agent-secret";
+pub const SYSTEM_PW: &str = "system-secret";
+pub const IMAGE: &str = "unidesk/busybox:base";
+
+pub struct Stack {
+    pub hub: NatsServer,
+    pub _pg: PgDatabase,
+    pub server: Running,
+    pub http: reqwest::Client,
+    pub base: String,
+    pub admin: String,
+    pub notices: async_nats::Subscriber,
+}
+
+pub struct Node {
+    pub id: NodeId,
+    pub token: NodeToken,
+    pub leaf: NatsServer,
+    pub agent: tokio::task::JoinHandle<()>,
+}
+
+pub fn initial_accounts() -> Result<String> {
+    let hash = bcrypt::hash(PLATFORM_PW, 4)?;
+    let system = ud_core::edge::hubconf::SystemUser {
+        user: "sys".into(),
+        password_hash: bcrypt::hash(SYSTEM_PW, 4)?,
+    };
+    Ok(ud_core::edge::hubconf::accounts_with_system(
+        "platform",
+        &hash,
+        &[],
+        Some(&system),
+    ))
+}
+
+impl Stack {
+    pub async fn start(heartbeat_timeout: Duration) -> Result<Self> {
+        Self::start_with(heartbeat_timeout, Default::default(), Default::default()).await
+    }
+
+    pub async fn start_with(
+        heartbeat_timeout: Duration,
+        git_credentials: ud_core::edge::credentials::GitCredentials,
+        queues: ud_core::edge::scheduler::Queues,
+    ) -> Result<Self> {
+        Self::start_full(heartbeat_timeout, git_credentials, queues, None).await
+    }
+
+    pub async fn start_full(
+        heartbeat_timeout: Duration,
+        git_credentials: ud_core::edge::credentials::GitCredentials,
+        queues: ud_core::edge::scheduler::Queues,
+        storage: Option<ud_storage::Storage>,
+    ) -> Result<Self> {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_env("UD_LOG")
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .with_test_writer()
+            .try_init();
+        let hub = NatsServer::start_with(NatsOptions {
+            hub: true,
+            accounts: Some(initial_accounts()?),
+            ..Default::default()
+        })
+        .await?;
+        let pg = PgDatabase::create().await?;
+        let nats_url = format!("nats://platform:{PLATFORM_PW}@127.0.0.1:{}", hub.port());
+        let server = server::start(ServerConfig {
+            nats_url: nats_url.clone(),
+            js_domain: None,
+            database_url: pg.url.clone(),
+            listen: "127.0.0.1:0".into(),
+            replicas: 1,
+            run_projectors: true,
+            storage,
+            edge: Some(EdgeConfig {
+                hub: Some(ud_core::edge::hub::HubSettings {
+                    accounts_file: hub.accounts_file(),
+                    pid_file: Some(hub.pid_file()),
+                    platform_user: "platform".into(),
+                    platform_password: PLATFORM_PW.into(),
+                    system_user: Some(("sys".into(), SYSTEM_PW.into())),
+                    hub_addr: format!("127.0.0.1:{}", hub.port()),
+                    replicas: 1,
+                }),
+                controller: ud_core::edge::scheduler::ControllerSettings {
+                    heartbeat_timeout,
+                    check_interval: Duration::from_millis(100),
+                    cancel_grace_seconds: 1,
+                    placement: Default::default(),
+                    queues,
+                },
+                git_credentials,
+            }),
+        })
+        .await?;
+        let store = server.state.commands.store().clone();
+        let notices = store.client().subscribe("ud.sys.projected.>").await?;
+        let issued = ud_core::commands::issue_token(&store, "admin", &[], true, "test")
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        server
+            .state
+            .projected
+            .wait(
+                ud_schemas::streams::AUTH,
+                issued.seq,
+                Duration::from_secs(10),
+            )
+            .await;
+        let base = format!("http://{}", server.addr);
+        Ok(Self {
+            hub,
+            _pg: pg,
+            server,
+            http: reqwest::Client::new(),
+            base,
+            admin: issued.secret,
+            notices,
+        })
+    }
+
+    pub async fn get(&self, path: &str) -> Result<Value> {
+        Ok(self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.admin)
+            .send()
+            .await?
+            .json()
+            .await?)
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Result<Value> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.admin)
+            .json(&body)
+            .send()
+            .await?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        if !status.is_success() {
+            bail!("{path}: {status} {text}");
+        }
+        Ok(if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text)?
+        })
+    }
+
+    /// Re-checks `check` whenever a projector commits, until it holds.
+    pub async fn until<F, Fut>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut check: F,
+    ) -> Result<Value>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<Option<Value>>>,
+    {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(v) = check().await? {
+                return Ok(v);
+            }
+            match tokio::time::timeout_at(deadline, self.notices.next()).await {
+                Ok(Some(_)) => {}
+                _ => bail!("timed out waiting for {what}"),
+            }
+        }
+    }
+
+    pub async fn node_status(
+        &mut self,
+        id: NodeId,
+        status: &'static str,
+        timeout: Duration,
+    ) -> Result<Value> {
+        let (http, base, admin) = (self.http.clone(), self.base.clone(), self.admin.clone());
+        self.until(&format!("node {id} {status}"), timeout, move || {
+            let (http, base, admin) = (http.clone(), base.clone(), admin.clone());
+            async move {
+                let v: Value = http
+                    .get(format!("{base}/api/v1/nodes/{id}"))
+                    .bearer_auth(&admin)
+                    .send()
+                    .await?
+                    .json()
+                    .await?;
+                // Online also means its registration is in.
+                let registered = status != "online" || !v["registered_at"].is_null();
+                Ok((v["status"] == status && registered).then_some(v))
+            }
+        })
+        .await
+    }
+
+    pub async fn task_state(
+        &mut self,
+        id: &str,
+        states: &'static [&'static str],
+        timeout: Duration,
+    ) -> Result<Value> {
+        self.task_until(id, &format!("task {id} in {states:?}"), timeout, move |v| {
+            v["state"].as_str().is_some_and(|s| states.contains(&s))
+        })
+        .await
+    }
+
+    /// Submits `script`, waits for it to end and fails unless it succeeded.
+    pub async fn runs_ok(
+        &mut self,
+        script: &str,
+        timeout_seconds: u64,
+        wait: Duration,
+    ) -> Result<Value> {
+        let id = self.submit(script, timeout_seconds).await?;
+        let done = self
+            .task_state(
+                &id,
+                &["succeeded", "failed", "timed_out", "cancelled"],
+                wait,
+            )
+            .await?;
+        if done["state"] != "succeeded" {
+            bail!("{script:?} did not succeed: {done}");
+        }
+        Ok(done)
+    }
+
+    /// Re-reads task `id` whenever a projector commits, until `check` holds for it.
+    pub async fn task_until<C>(
+        &mut self,
+        id: &str,
+        what: &str,
+        timeout: Duration,
+        check: C,
+    ) -> Result<Value>
+    where
+        C: Fn(&Value) -> bool + Clone,
+    {
+        let (http, base, admin, id) = (
+            self.http.clone(),
+            self.base.clone(),
+            self.admin.clone(),
+            id.to_owned(),
+        );
+        self.until(what, timeout, move || {
+            let (http, base, admin, id, check) = (
+                http.clone(),
+                base.clone(),
+                admin.clone(),
+                id.clone(),
+                check.clone(),
+            );
+            async move {
+                let v: Value = http
+                    .get(format!("{base}/api/v1/tasks/{id}"))
+                    .bearer_auth(&admin)
+                    .send()
+                    .await?
+                    .json()
+                    .await?;
+                Ok(check(&v).then_some(v))
+            }
+        })
+        .await
+    }
+
+    pub async fn enroll(&self, name: &str) -> Result<NodeToken> {
+        let v = self
+            .post(
+                "/api/v1/nodes",
+                json!({"name": name, "labels": {"zone": name}}),
+            )
+            .await?;
+        NodeToken::parse(v["token"].as_str().unwrap_or_default()).map_err(|e| anyhow!(e))
+    }
+
+    /// Enrols a node, starts its leaf server and agent, and waits until it is online.
+    pub async fn online_node(&mut self, name: &str) -> Result<Node> {
+        let node = self
+            .join(name, self.enroll(name).await?, Duration::from_millis(500))
+            .await?;
+        self.node_status(node.id, "online", Duration::from_secs(30))
+            .await?;
+        Ok(node)
+    }
+
+    pub async fn join(&self, name: &str, token: NodeToken, heartbeat: Duration) -> Result<Node> {
+        self.join_via(name, token, heartbeat, self.hub.leaf_port())
+            .await
+    }
+
+    /// The node's leaf nats-server, linked to the hub through `hub_leaf_port`.
+    pub async fn leaf(&self, token: &NodeToken, hub_leaf_port: u16) -> Result<NatsServer> {
+        NatsServer::start_with(NatsOptions {
+            sync_always: false,
+            domain: edge::domain(&token.node_id),
+            extra: edge::leaf_link_config(token, "127.0.0.1", hub_leaf_port, AGENT_PW),
+            ..Default::default()
+        })
+        .await
+    }
+
+    pub async fn join_via(
+        &self,
+        name: &str,
+        token: NodeToken,
+        heartbeat: Duration,
+        hub_leaf_port: u16,
+    ) -> Result<Node> {
+        let leaf = self.leaf(&token, hub_leaf_port).await?;
+        let agent = spawn_agent(&leaf, &token, name, heartbeat);
+        Ok(Node {
+            id: token.node_id,
+            token,
+            leaf,
+            agent,
+        })
+    }
+
+    pub async fn submit_body(&self, body: Value) -> Result<String> {
+        Ok(self.post("/api/v1/tasks", body).await?["task_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned())
+    }
+
+    pub async fn submit(&self, script: &str, timeout_seconds: u64) -> Result<String> {
+        let mut body = task_body("lab", script, json!({"cpus": 0.5, "memory_mb": 64}));
+        body["timeout_seconds"] = json!(timeout_seconds);
+        self.submit_body(body).await
+    }
+}
+
+/// A task of `project` running `sh -c script` (in the base image the test agents use).
+pub fn task_body(project: &str, script: &str, resources: Value) -> Value {
+    json!({
+        "project": project, "code_repo_url": "https://git.example.org/c.git",
+        "code_commit_id": "0123456789abcdef0123456789abcdef01234567",
+        "env_repo_url": "https://git.example.org/e.git", "env_commit_id": "0123456789abcdef0123456789abcdef01234567",
+        "dockerfile_path": "Dockerfile", "command": ["sh", "-c", script], "resources": resources
+    })
+}
+
+/// An agent on `leaf` that runs every task in the base image.
+pub fn agent_config(
+    leaf: &NatsServer,
+    token: &NodeToken,
+    name: &str,
+    heartbeat: Duration,
+) -> AgentConfig {
+    AgentConfig {
+        leaf_url: format!("nats://agent:{AGENT_PW}@127.0.0.1:{}", leaf.port()),
+        node_id: token.node_id,
+        name: name.to_owned(),
+        labels: BTreeMap::from([("zone".to_owned(), name.to_owned())]),
+        heartbeat_interval: heartbeat,
+        image: Some(IMAGE.into()),
+        work_dir: std::env::temp_dir().join(format!("ud-edge-{}", token.node_id)),
+        build_timeout: Duration::from_secs(600),
+        min_free_disk_mb: 0,
+        cache_limit_mb: 1 << 20,
+        docker_host: std::env::var("DOCKER_HOST").ok(),
+    }
+}
+
+pub fn spawn_agent(
+    leaf: &NatsServer,
+    token: &NodeToken,
+    name: &str,
+    heartbeat: Duration,
+) -> tokio::task::JoinHandle<()> {
+    run_agent(agent_config(leaf, token, name, heartbeat))
+}
+
+pub fn run_agent(cfg: AgentConfig) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        if let Err(e) = ud_edge_agent::run(cfg).await {
+            eprintln!("agent stopped: {e}");
+        }
+    })
+}
+
+pub async fn logs(s: &Stack, id: &str) -> Result<String> {
+    let page = s.get(&format!("/api/v1/tasks/{id}/logs")).await?;
+    Ok(page["lines"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l["text"].as_str())
+        .collect())
+}

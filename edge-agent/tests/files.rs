@@ -1,0 +1,415 @@
+//! Task inputs and outputs end to end: a real Garage, the main server, a
+//! compute node with its leaf server and agent, and Docker. The node moves
+//! the bytes itself, with presigned URLs for its own task only.
+
+mod common;
+
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use ud_schemas::dispatch::{self, OutputFile, StorageReply, StorageRequest};
+use ud_schemas::edge;
+use ud_testkit::Garage;
+
+use common::*;
+
+const MIB: usize = 1024 * 1024;
+
+fn storage(g: &Garage) -> Result<ud_storage::Storage> {
+    Ok(ud_storage::Storage::new(ud_storage::StorageSettings {
+        endpoint: Some(g.endpoint.clone()),
+        region: g.region.clone(),
+        bucket: g.bucket.clone(),
+        access_key_id: g.access_key_id.clone(),
+        secret_access_key: g.secret_access_key.clone(),
+        path_style: true,
+        url_ttl: Duration::from_secs(600),
+        project_quota_bytes: Some(512 * 1024 * 1024),
+    })?)
+}
+
+fn with_files(script: &str, inputs: Value, outputs: Value) -> Value {
+    let mut body = task_body("lab", script, json!({"cpus": 0.5, "memory_mb": 128}));
+    body["inputs"] = inputs;
+    body["outputs"] = outputs;
+    body["timeout_seconds"] = json!(120);
+    body
+}
+
+async fn ended(s: &mut Stack, id: &str) -> Result<Value> {
+    s.task_state(
+        id,
+        &["succeeded", "failed", "timed_out", "cancelled"],
+        Duration::from_secs(120),
+    )
+    .await
+}
+
+/// Asks the main server as the agent on `leaf` would, for node `node`.
+async fn ask(
+    leaf: &ud_testkit::NatsServer,
+    node: ud_schemas::NodeId,
+    req: &StorageRequest,
+) -> Result<StorageReply> {
+    let client =
+        async_nats::ConnectOptions::with_user_and_password("agent".into(), AGENT_PW.into())
+            .custom_inbox_prefix(edge::inbox_prefix(&node))
+            .connect(format!("127.0.0.1:{}", leaf.port()))
+            .await?;
+    let reply = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.request(edge::storage_subject(&node), dispatch::to_cbor(req)?.into()),
+    )
+    .await??;
+    Ok(dispatch::from_cbor(&reply.payload, "storage-reply")?)
+}
+
+#[tokio::test]
+async fn inputs_come_in_before_the_run_and_outputs_go_out_after_it() -> Result<()> {
+    let g = Garage::start().await?;
+    let store = storage(&g)?;
+    let mut s = Stack::start_full(
+        Duration::from_secs(30),
+        Default::default(),
+        Default::default(),
+        Some(store.clone()),
+    )
+    .await?;
+    let alpha = s.online_node("alpha").await?;
+
+    // The project's input files: one file and a folder of two.
+    store
+        .put(
+            "projects/lab/files/data/train.csv",
+            b"a,b\n1,2\n".to_vec(),
+            "text/csv",
+        )
+        .await?;
+    store
+        .put(
+            "projects/lab/files/data/set/a.txt",
+            b"alpha ".to_vec(),
+            "text/plain",
+        )
+        .await?;
+    store
+        .put(
+            "projects/lab/files/data/set/b.txt",
+            b"beta".to_vec(),
+            "text/plain",
+        )
+        .await?;
+
+    // The run reads them and writes a small file, a folder and a 20 MiB file (sent in parts).
+    let script =
+        "wc -c < in/train.csv > out/count.txt && cat in/set/a.txt in/set/b.txt > out/joined.txt \
+                  && mkdir -p out/sub && head -c 20971520 /dev/urandom > out/sub/big.bin";
+    let inputs = json!([{"source": "data/train.csv", "path": "in/train.csv"}, {"source": "data/set/", "path": "in/set"}]);
+    let mut archived = s
+        .server
+        .state
+        .commands
+        .store()
+        .client()
+        .subscribe("ud.sys.log_archived.>")
+        .await?;
+    let id = s
+        .submit_body(with_files(
+            &format!("echo working on it && mkdir -p out && {script}"),
+            inputs,
+            json!(["out/"]),
+        ))
+        .await?;
+    let done = ended(&mut s, &id).await?;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["node_id"], alpha.id.to_string());
+
+    // The outputs, listed with links that download exactly what the run wrote.
+    let outputs = done["outputs"].as_array().cloned().unwrap_or_default();
+    let paths: Vec<&str> = outputs.iter().filter_map(|o| o["path"].as_str()).collect();
+    assert_eq!(
+        paths,
+        vec!["out/count.txt", "out/joined.txt", "out/sub/big.bin"],
+        "{done}"
+    );
+    let http = s.http.clone();
+    let fetch = |o: &Value| {
+        let (http, url) = (
+            http.clone(),
+            o["download"]["url"].as_str().unwrap_or_default().to_owned(),
+        );
+        async move {
+            Ok::<_, anyhow::Error>(
+                http.get(url)
+                    .send()
+                    .await?
+                    .error_for_status()?
+                    .bytes()
+                    .await?,
+            )
+        }
+    };
+    assert_eq!(fetch(&outputs[0]).await?.as_ref(), b"8\n");
+    assert_eq!(fetch(&outputs[1]).await?.as_ref(), b"alpha beta");
+    let big = fetch(&outputs[2]).await?;
+    assert_eq!(big.len(), 20 * MIB);
+    assert_eq!(outputs[2]["size"].as_u64(), Some(20 * MIB as u64));
+    assert_eq!(
+        outputs[2]["sha256"].as_str().unwrap_or_default(),
+        hex::encode(Sha256::digest(&big))
+    );
+    // Stored under the task's own prefix.
+    let keys: Vec<String> = store
+        .list(&format!("projects/lab/tasks/{id}/outputs/"))
+        .await?
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    assert_eq!(keys.len(), 3, "{keys:?}");
+
+    // The history says when inputs were fetched and records the outputs before the outcome.
+    let history = s.get(&format!("/api/v1/tasks/{id}/events")).await?;
+    let types: Vec<&str> = history
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["type"].as_str())
+        .collect();
+    let at = |t: &str| types.iter().position(|x| *x == t);
+    assert!(
+        at("task.outputs") < at("task.succeeded") && at("task.started") < at("task.outputs"),
+        "{types:?}"
+    );
+    let steps: Vec<&str> = done["prepared"]["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|x| x["name"].as_str())
+        .collect();
+    assert_eq!(steps, vec!["fetch_inputs", "start"]);
+
+    // When the task ended its whole log went to the object store.
+    let notice = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(m) = futures::StreamExt::next(&mut archived).await {
+            if m.subject.ends_with(&id) {
+                return Some(m);
+            }
+        }
+        None
+    })
+    .await?;
+    let key = notice
+        .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+        .unwrap_or_default();
+    assert_eq!(key, format!("projects/lab/tasks/{id}/logs/task.log"));
+    let view = s.get(&format!("/api/v1/tasks/{id}")).await?;
+    let archive = fetch(&json!({"download": view["log_archive"]})).await?;
+    assert_eq!(
+        String::from_utf8_lossy(&archive),
+        "=== attempt 1 ===\nworking on it\n"
+    );
+
+    // A missing input fails the task, naming the object; nothing runs.
+    let id = s
+        .submit_body(with_files(
+            "echo ran",
+            json!([{"source": "data/nope.csv", "path": "x.csv"}]),
+            json!([]),
+        ))
+        .await?;
+    let done = ended(&mut s, &id).await?;
+    assert_eq!(done["state"], "failed");
+    let reason = done["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("data/nope.csv") && reason.contains("fetching inputs"),
+        "{reason}"
+    );
+    assert!(!logs(&s, &id).await?.contains("ran"));
+
+    // A succeeded run that did not produce a declared output is not a success.
+    let id = s
+        .submit_body(with_files(
+            "mkdir -p out && echo 1 > out/a.txt",
+            json!([]),
+            json!(["out/a.txt", "out/missing.txt"]),
+        ))
+        .await?;
+    let done = ended(&mut s, &id).await?;
+    assert_eq!(done["state"], "failed", "{done}");
+    assert!(
+        done["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("\"out/missing.txt\" was not produced"),
+        "{done}"
+    );
+
+    // A failed run keeps its partial results.
+    let id = s
+        .submit_body(with_files(
+            "mkdir -p out && echo partial > out/p.txt && exit 4",
+            json!([]),
+            json!(["out/"]),
+        ))
+        .await?;
+    let done = ended(&mut s, &id).await?;
+    assert_eq!(done["state"], "failed");
+    assert_eq!(done["exit_code"], 4);
+    assert_eq!(done["outputs"][0]["path"], "out/p.txt", "{done}");
+    assert_eq!(fetch(&done["outputs"][0]).await?.as_ref(), b"partial\n");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_node_gets_urls_only_for_its_own_running_task_and_prefix() -> Result<()> {
+    let g = Garage::start().await?;
+    let store = storage(&g)?;
+    let mut s = Stack::start_full(
+        Duration::from_secs(30),
+        Default::default(),
+        Default::default(),
+        Some(store.clone()),
+    )
+    .await?;
+    let a = s.online_node("alpha").await?;
+    let b = s.online_node("beta").await?;
+    store
+        .put(
+            "projects/lab/files/secret.txt",
+            b"secret".to_vec(),
+            "text/plain",
+        )
+        .await?;
+
+    let long = s
+        .submit_body(with_files(
+            "sleep 300",
+            json!([{"source": "secret.txt", "path": "secret.txt"}]),
+            json!(["out/"]),
+        ))
+        .await?;
+    let running = s
+        .task_state(&long, &["running"], Duration::from_secs(60))
+        .await?;
+    let runner: ud_schemas::NodeId = running["node_id"].as_str().unwrap_or_default().parse()?;
+    let (other, other_leaf, runner_leaf) = if runner == a.id {
+        (b.id, &b.leaf, &a.leaf)
+    } else {
+        (a.id, &a.leaf, &b.leaf)
+    };
+    let task_id: ud_schemas::TaskId = long.parse()?;
+
+    // The other node may not read this task's inputs nor write its outputs.
+    for req in [
+        StorageRequest::Inputs {
+            task_id,
+            attempt: 1,
+        },
+        StorageRequest::Outputs {
+            task_id,
+            attempt: 1,
+            files: vec![OutputFile {
+                path: "out/x".into(),
+                size: 1,
+                sha256: String::new(),
+                upload_id: None,
+            }],
+        },
+    ] {
+        match ask(other_leaf, other, &req).await? {
+            StorageReply::Refused { reason } => {
+                assert!(reason.contains("not this node's"), "{reason}")
+            }
+            r => bail!("another node got {r:?}"),
+        }
+    }
+    // Nor may it ask in the runner's name: nothing answers.
+    let forged = tokio::time::timeout(
+        Duration::from_secs(2),
+        ask(
+            other_leaf,
+            runner,
+            &StorageRequest::Inputs {
+                task_id,
+                attempt: 1,
+            },
+        ),
+    )
+    .await;
+    assert!(
+        !matches!(forged, Ok(Ok(_))),
+        "a request in another node's name was answered"
+    );
+
+    // The runner gets a URL for its own inputs, and none outside the task's prefix.
+    match ask(
+        runner_leaf,
+        runner,
+        &StorageRequest::Inputs {
+            task_id,
+            attempt: 1,
+        },
+    )
+    .await?
+    {
+        StorageReply::Inputs { files } => assert_eq!(files.len(), 1),
+        r => bail!("{r:?}"),
+    }
+    let escape = OutputFile {
+        path: "../../files/secret.txt".into(),
+        size: 1,
+        sha256: String::new(),
+        upload_id: None,
+    };
+    match ask(
+        runner_leaf,
+        runner,
+        &StorageRequest::Outputs {
+            task_id,
+            attempt: 1,
+            files: vec![escape],
+        },
+    )
+    .await?
+    {
+        StorageReply::Refused { reason } => assert!(reason.contains("'..'"), "{reason}"),
+        r => bail!("an escaping path got {r:?}"),
+    }
+    // A stale attempt gets nothing.
+    assert!(matches!(
+        ask(
+            runner_leaf,
+            runner,
+            &StorageRequest::Inputs {
+                task_id,
+                attempt: 2
+            }
+        )
+        .await?,
+        StorageReply::Refused { .. }
+    ));
+
+    s.post(
+        &format!("/api/v1/tasks/{long}/cancel"),
+        json!({"reason": "done"}),
+    )
+    .await?;
+    s.task_state(&long, &["cancelled"], Duration::from_secs(60))
+        .await?;
+    // Once the task is over, not even its node gets URLs.
+    assert!(matches!(
+        ask(
+            runner_leaf,
+            runner,
+            &StorageRequest::Inputs {
+                task_id,
+                attempt: 1
+            }
+        )
+        .await?,
+        StorageReply::Refused { .. }
+    ));
+    Ok(())
+}
