@@ -57,7 +57,8 @@ ud_start_pg() {
     chmod o+x "$(dirname "$dir")"
     run=(runuser -u postgres --)
   fi
-  "${run[@]}" "$PG_BIN/initdb" -D "$dir/data" -A trust -U postgres --no-sync >/dev/null
+  # A cluster left by an earlier run (stopped or crashed) is started again, not made anew.
+  [ -s "$dir/data/PG_VERSION" ] || "${run[@]}" "$PG_BIN/initdb" -D "$dir/data" -A trust -U postgres --no-sync >/dev/null
   "${run[@]}" "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/pg.log" -w \
     -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=$fsync -c max_connections=500 -c shared_buffers=256MB" \
     start >/dev/null

@@ -45,8 +45,26 @@ pub fn log_key(project: &str, task: &TaskId) -> Result<String, ud_storage::Stora
     ))
 }
 
-/// Archives logs of tasks as they end, until the connection ends.
+/// Archives logs of tasks as they end; binds its consumer again after any
+/// failure (the hub's accounts reload while nodes enrol, for instance).
 pub async fn run(store: EventStore, storage: Storage) -> Result<(), ArchiveError> {
+    let mut attempt = 0u32;
+    loop {
+        match consume(&store, &storage).await {
+            Ok(()) => attempt = 0,
+            Err(e) => {
+                attempt += 1;
+                warn!(error = %e, "log archiver interrupted; binding again");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(
+            200u64.saturating_mul(1 << attempt.min(6)),
+        ))
+        .await;
+    }
+}
+
+async fn consume(store: &EventStore, storage: &Storage) -> Result<(), ArchiveError> {
     let stream = store
         .jetstream()
         .get_stream(streams::TASKS)
@@ -86,7 +104,7 @@ pub async fn run(store: EventStore, storage: Storage) -> Result<(), ArchiveError
             let _ = m.ack().await;
             continue;
         };
-        match archive(&store, &storage, task).await {
+        match archive(store, storage, task).await {
             Ok(Some(key)) => {
                 let _ = store
                     .client()

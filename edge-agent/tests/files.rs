@@ -11,15 +11,19 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use ud_schemas::dispatch::{self, OutputFile, StorageReply, StorageRequest};
 use ud_schemas::edge;
-use ud_testkit::Garage;
+use ud_testkit::{Garage, Relay};
 
 use common::*;
 
 const MIB: usize = 1024 * 1024;
 
 fn storage(g: &Garage) -> Result<ud_storage::Storage> {
+    storage_at(g, &g.endpoint)
+}
+
+fn storage_at(g: &Garage, endpoint: &str) -> Result<ud_storage::Storage> {
     Ok(ud_storage::Storage::new(ud_storage::StorageSettings {
-        endpoint: Some(g.endpoint.clone()),
+        endpoint: Some(endpoint.to_owned()),
         region: g.region.clone(),
         bucket: g.bucket.clone(),
         access_key_id: g.access_key_id.clone(),
@@ -411,5 +415,101 @@ async fn a_node_gets_urls_only_for_its_own_running_task_and_prefix() -> Result<(
         .await?,
         StorageReply::Refused { .. }
     ));
+    Ok(())
+}
+
+async fn within(what: &str, f: impl std::future::Future<Output = ()>) -> Result<()> {
+    tokio::time::timeout(Duration::from_secs(60), f)
+        .await
+        .map_err(|_| anyhow::anyhow!("timed out waiting for {what}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfers_resume_after_the_link_to_the_store_drops() -> Result<()> {
+    // Everything reaches the store through a relay that can be cut.
+    let g = Garage::start().await?;
+    let port: u16 = g.endpoint.rsplit(':').next().unwrap_or_default().parse()?;
+    let relay = Relay::start(port).await?;
+    let store = storage_at(&g, &format!("http://127.0.0.1:{}", relay.port()))?;
+    let mut s = Stack::start_full(
+        Duration::from_secs(30),
+        Default::default(),
+        Default::default(),
+        Some(store.clone()),
+    )
+    .await?;
+    let _alpha = s.online_node("alpha").await?; // dropping it would stop its leaf server
+    let mut input = vec![0u8; 48 * MIB];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut input);
+    store
+        .put(
+            "projects/lab/files/big-in.bin",
+            input.clone(),
+            "application/octet-stream",
+        )
+        .await?;
+
+    let base = relay.bytes();
+    let script = "sha256sum in.bin | cut -d' ' -f1 > out/in.sha && head -c 100663296 /dev/urandom > out/big.bin";
+    let id = s
+        .submit_body(with_files(
+            &format!("mkdir -p out && {script}"),
+            json!([{"source": "big-in.bin", "path": "in.bin"}]),
+            json!(["out/"]),
+        ))
+        .await?;
+    // Cut while the input comes in; back once the node has tried again twice.
+    within("the input to flow", relay.relayed(base + 16 * MIB as u64)).await?;
+    relay.cut();
+    within(
+        "the node to try the input again",
+        relay.refused(relay.refusals() + 2),
+    )
+    .await?;
+    relay.restore();
+    // Cut again while the outputs go out (the input is at most 48 MiB of it).
+    within("the outputs to flow", relay.relayed(base + 90 * MIB as u64)).await?;
+    relay.cut();
+    within(
+        "the node to try the outputs again",
+        relay.refused(relay.refusals() + 2),
+    )
+    .await?;
+    relay.restore();
+
+    let done = ended(&mut s, &id).await?;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let http = s.http.clone();
+    let fetch = |o: &Value| {
+        let (http, url) = (
+            http.clone(),
+            o["download"]["url"].as_str().unwrap_or_default().to_owned(),
+        );
+        async move {
+            Ok::<_, anyhow::Error>(
+                http.get(url)
+                    .send()
+                    .await?
+                    .error_for_status()?
+                    .bytes()
+                    .await?,
+            )
+        }
+    };
+    let outputs = done["outputs"].as_array().cloned().unwrap_or_default();
+    assert_eq!(outputs.len(), 2, "{done}");
+    // The input arrived whole: the run saw exactly its bytes.
+    let seen = fetch(&outputs[1]).await?;
+    assert_eq!(
+        String::from_utf8_lossy(&seen).trim(),
+        hex::encode(Sha256::digest(&input))
+    );
+    // The output left whole: what the store has is what the node hashed.
+    let big = fetch(&outputs[0]).await?;
+    assert_eq!(big.len(), 96 * MIB);
+    assert_eq!(
+        outputs[0]["sha256"].as_str().unwrap_or_default(),
+        hex::encode(Sha256::digest(&big))
+    );
     Ok(())
 }

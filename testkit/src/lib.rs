@@ -281,6 +281,31 @@ impl PgDatabase {
 pub struct Relay {
     port: u16,
     up: tokio::sync::watch::Sender<bool>,
+    /// Bytes relayed so far, both ways.
+    bytes: tokio::sync::watch::Sender<u64>,
+    /// Connections refused while cut.
+    refused: tokio::sync::watch::Sender<u64>,
+}
+
+/// Copies `from` to `to`, counting what passes, until either side ends.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    bytes: tokio::sync::watch::Sender<u64>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+        bytes.send_modify(|b| *b += n as u64);
+    }
+    let _ = to.shutdown().await;
 }
 
 impl Relay {
@@ -288,26 +313,57 @@ impl Relay {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
         let (up, rx) = tokio::sync::watch::channel(true);
+        let (bytes, _) = tokio::sync::watch::channel(0u64);
+        let (refused, _) = tokio::sync::watch::channel(0u64);
+        let (counted, refusals) = (bytes.clone(), refused.clone());
         tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
+            while let Ok((inbound, _)) = listener.accept().await {
                 if !*rx.borrow() {
+                    refusals.send_modify(|r| *r += 1);
                     continue; // refused while cut: dropped at once
                 }
                 let mut rx = rx.clone();
+                let counted = counted.clone();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) =
-                        tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
                     else {
                         return;
                     };
+                    let (ir, iw) = inbound.into_split();
+                    let (or, ow) = outbound.into_split();
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = async { tokio::join!(pump(ir, ow, counted.clone()), pump(or, iw, counted.clone())) } => {}
                         _ = rx.wait_for(|up| !*up) => {}
                     }
                 });
             }
         });
-        Ok(Self { port, up })
+        Ok(Self {
+            port,
+            up,
+            bytes,
+            refused,
+        })
+    }
+
+    /// Bytes relayed so far, both ways.
+    pub fn bytes(&self) -> u64 {
+        *self.bytes.borrow()
+    }
+
+    /// Connections refused so far while cut.
+    pub fn refusals(&self) -> u64 {
+        *self.refused.borrow()
+    }
+
+    /// Waits until at least `n` bytes went through.
+    pub async fn relayed(&self, n: u64) {
+        let _ = self.bytes.subscribe().wait_for(|b| *b >= n).await;
+    }
+
+    /// Waits until at least `n` connections were refused while cut.
+    pub async fn refused(&self, n: u64) {
+        let _ = self.refused.subscribe().wait_for(|r| *r >= n).await;
     }
 
     pub fn port(&self) -> u16 {
