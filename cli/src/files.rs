@@ -195,6 +195,9 @@ async fn put(api: Api, local: &Path, target: &str, quiet: bool) -> Result<()> {
             .as_u64()
             .ok_or_else(|| anyhow!("no part size in the answer"))?;
         let done = plan["done"].as_array().map_or(0, Vec::len) as u64;
+        if done > 0 {
+            eprintln!("resuming upload {upload_id}: {done} part(s) already stored");
+        }
         bar.inc((done * part_size).min(size));
         for part in plan["parts"].as_array().cloned().unwrap_or_default() {
             let n = part["number"]
@@ -297,6 +300,9 @@ async fn get(api: Api, source: &str, local: Option<PathBuf>, quiet: bool) -> Res
         bail!("the object store answered {}", resp.status());
     }
     let resumed = have > 0 && resp.status() == reqwest::StatusCode::PARTIAL_CONTENT;
+    if resumed {
+        eprintln!("resuming download at byte {have}");
+    }
     let mut file = tokio::fs::OpenOptions::new()
         .create(true)
         .write(true)

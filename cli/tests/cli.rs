@@ -18,12 +18,17 @@ struct Server {
 
 impl Server {
     async fn start() -> Result<Self> {
+        Self::start_with(vec![]).await
+    }
+
+    async fn start_with(extra: Vec<(&'static str, String)>) -> Result<Self> {
         let nats = NatsServer::start().await?;
         let pg = PgDatabase::create().await?;
-        let env = vec![
+        let mut env = vec![
             ("UD_NATS_URL", nats.url()),
             ("UD_DATABASE_URL", pg.url.clone()),
         ];
+        env.extend(extra);
         let mut child = tokio::process::Command::new(BIN)
             .arg("serve")
             .env("UD_LISTEN", "127.0.0.1:0")
@@ -242,5 +247,128 @@ async fn a_user_runs_the_whole_cycle_from_the_command_line() -> Result<()> {
         serde_json::from_str(&server.ok(&["projections", "rebuild", "--schema", "audit"])?)?;
     assert_eq!(rebuild["equal"], true, "{rebuild}");
     server.child.kill().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn files_go_up_and_down_from_the_command_line_and_resume() -> Result<()> {
+    use rand::RngCore;
+    use sha2::{Digest, Sha256};
+    let g = ud_testkit::Garage::start().await?;
+    let server = Server::start_with(vec![
+        ("UD_S3_ENDPOINT", g.endpoint.clone()),
+        ("UD_S3_REGION", g.region.clone()),
+        ("UD_S3_BUCKET", g.bucket.clone()),
+        ("UD_S3_ACCESS_KEY_ID", g.access_key_id.clone()),
+        ("UD_S3_SECRET_ACCESS_KEY", g.secret_access_key.clone()),
+        ("UD_PROJECT_QUOTA_MB", "100".into()),
+    ])
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let local = dir.path().join("big.bin");
+    let mut bytes = vec![0u8; 40 * 1024 * 1024];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    std::fs::write(&local, &bytes)?;
+    let path = local.to_string_lossy().into_owned();
+
+    // An upload cut off after its first part: started through the API, one part sent.
+    let api = server
+        .env
+        .iter()
+        .find(|(k, _)| *k == "UD_API_URL")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let token = server
+        .env
+        .iter()
+        .find(|(k, _)| *k == "UD_TOKEN")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let http = reqwest::Client::new();
+    let plan: serde_json::Value = http
+        .post(format!("{api}/api/v1/projects/lab/uploads"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"path": "data/big.bin", "size_bytes": bytes.len()}))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let part_size = plan["part_size"].as_u64().unwrap_or(0) as usize;
+    let first = plan["parts"][0]["url"]["url"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    http.put(first)
+        .body(bytes[..part_size].to_vec())
+        .send()
+        .await?
+        .error_for_status()?;
+    let upload_id = plan["upload_id"].as_str().unwrap_or_default();
+    std::fs::write(
+        dir.path().join("big.bin.unidesk-upload"),
+        serde_json::json!({"project": "lab", "path": "data/big.bin", "size": bytes.len(), "upload_id": upload_id}).to_string(),
+    )?;
+
+    // Running the same put again finishes that upload.
+    let out = server.run(&["file", "put", "--quiet", &path, "lab:data/big.bin"])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!(
+        "resuming upload {upload_id}: 1 part(s) already stored"
+    )));
+    assert!(!dir.path().join("big.bin.unidesk-upload").exists());
+    let small = dir.path().join("notes.txt");
+    std::fs::write(&small, "hello")?;
+    server.ok(&[
+        "file",
+        "put",
+        "--quiet",
+        &small.to_string_lossy(),
+        "lab:data/",
+    ])?;
+    let listed = server.ok(&["file", "ls", "lab:data"])?;
+    assert!(
+        listed.contains(&format!("{}  data/big.bin", bytes.len()))
+            && listed.contains("5  data/notes.txt"),
+        "{listed}"
+    );
+
+    // A download cut off after 10 MiB resumes from there.
+    let got = dir.path().join("got.bin");
+    std::fs::write(dir.path().join("got.bin.part"), &bytes[..10 * 1024 * 1024])?;
+    let out = server.run(&[
+        "file",
+        "get",
+        "--quiet",
+        "lab:data/big.bin",
+        &got.to_string_lossy(),
+    ])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("resuming download at byte 10485760"));
+    assert_eq!(Sha256::digest(std::fs::read(&got)?), Sha256::digest(&bytes));
+
+    // Over the quota, a missing file, a target without a file: clear errors.
+    let huge = dir.path().join("huge.bin");
+    std::fs::File::create(&huge)?.set_len(70 * 1024 * 1024)?;
+    let out = server.run(&["file", "put", "--quiet", &huge.to_string_lossy(), "lab:"])?;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("quota"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = server.run(&["file", "get", "lab:data/none.bin", &got.to_string_lossy()])?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+    let out = server.run(&["file", "get", "lab:"])?;
+    assert!(String::from_utf8_lossy(&out.stderr).contains("name the file"));
     Ok(())
 }
