@@ -1,5 +1,6 @@
 //! `unidesk`: the server, the client and the operator's tools in one binary.
 
+mod backup;
 mod client;
 mod files;
 mod ops;
@@ -55,6 +56,10 @@ enum Command {
     /// Follow or export events (talks to NATS directly).
     #[command(subcommand)]
     Events(ops::EventsCommand),
+    /// Back up every stream and the read models into the backup directory (keeps the newest 7).
+    Backup(backup::BackupArgs),
+    /// Bring a backup back: streams with their sequences, then the read models.
+    Restore(backup::RestoreArgs),
     /// Read-model maintenance.
     #[command(subcommand)]
     Projections(ops::ProjectionsCommand),
@@ -101,6 +106,8 @@ async fn main() -> std::process::ExitCode {
                 Command::File(c) => files::run(c).await,
                 Command::Events(c) => ops::events(c).await,
                 Command::Projections(c) => ops::projections(c).await,
+                Command::Backup(a) => backup::backup(a).await,
+                Command::Restore(a) => backup::restore(a).await,
                 Command::Admin(c) => ops::admin(c).await,
                 Command::Serve(_) => Ok(()),
             }
