@@ -42,6 +42,9 @@ ud_install_deps() {
   if ! python3 -c 'import nats' 2>/dev/null; then
     python3 -m pip install -q --disable-pip-version-check "nats-py==2.16.0" >&2
   fi
+  if ! python3 -c 'import yaml' 2>/dev/null; then
+    python3 -m pip install -q --disable-pip-version-check "PyYAML==6.0.2" >&2
+  fi
   if ! python3 -c 'import cbor2' 2>/dev/null; then
     python3 -m pip install -q --disable-pip-version-check "cbor2==5.6.5" >&2
   fi

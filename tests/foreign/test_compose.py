@@ -1,0 +1,109 @@
+"""The compose files in infra/: they parse, every file they name exists,
+images are pinned, every variable they require is in the example settings,
+and every UniDesk setting they pass is one the binaries read, with every
+required one set. The binaries' own --help is the list of settings."""
+
+import os
+import re
+import subprocess
+import unittest
+
+import yaml
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+INFRA = os.path.join(ROOT, "infra")
+TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+
+
+def load(name):
+    with open(os.path.join(INFRA, name)) as f:
+        text = f.read()
+    return yaml.safe_load(text), text
+
+
+def settings(binary, *args):
+    """(every UD_* setting the command reads, the required ones) from its --help."""
+    out = subprocess.run([os.path.join(TARGET, "debug", binary), *args, "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    names = set(re.findall(r"\[env: (UD_[A-Z0-9_]+)", out))
+    usage, options = out.split("Options:", 1)
+    required = set()
+    for flag in re.findall(r"--([a-z0-9-]+) <", usage):
+        m = re.search(r"--" + re.escape(flag) + r" <[^>]+>\s+.*?\[env: (UD_[A-Z0-9_]+)", options, re.S)
+        if m:
+            required.add(m.group(1))
+    return names, required
+
+
+def env_of(service):
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(e.split("=", 1) for e in env)
+    return env
+
+
+class ComposeFiles(unittest.TestCase):
+    def check_common(self, name):
+        doc, text = load(name)
+        self.assertIn("services", doc)
+        for sname, svc in doc["services"].items():
+            image = svc.get("image", "")
+            if image:
+                self.assertRegex(image, r":[^:]+$", f"{name}: {sname} image is not pinned")
+                self.assertNotIn(":latest", image)
+            build = svc.get("build")
+            if build:
+                ctx = os.path.normpath(os.path.join(INFRA, os.path.dirname(name), build["context"]))
+                self.assertTrue(os.path.isdir(ctx), f"{sname}: build context {ctx}")
+                self.assertTrue(os.path.isfile(os.path.join(ctx, build["dockerfile"])), f"{sname}: {build['dockerfile']}")
+            for vol in svc.get("volumes", []):
+                src = vol.split(":")[0]
+                if src.startswith("./") or src.startswith("../"):
+                    path = os.path.normpath(os.path.join(INFRA, os.path.dirname(name), src))
+                    self.assertTrue(os.path.exists(path), f"{name}: {sname} mounts missing {src}")
+        return doc, text
+
+    def test_main_server_compose(self):
+        doc, text = self.check_common("compose.yaml")
+        with open(os.path.join(INFRA, "main.env.example")) as f:
+            example = dict(l.split("=", 1) for l in f.read().splitlines() if l and not l.startswith("#"))
+        for var in re.findall(r"\$\{(UD_[A-Z0-9_]+):\?", text):
+            self.assertIn(var, example, f"{var} is required but not in main.env.example")
+        for var in re.findall(r"\$\{(UD_[A-Z0-9_]+)", text):
+            self.assertIn(var, example, f"{var} is used but not in main.env.example")
+        serve, required = settings("unidesk", "serve")
+        self.assertIn("UD_DATABASE_URL", required)
+        env = env_of(doc["services"]["unidesk"])
+        for var in required:
+            self.assertIn(var, env, f"unidesk serve needs {var}")
+        backup, _ = settings("unidesk", "backup")
+        for var in env:
+            if var.startswith("UD_"):
+                self.assertIn(var, serve | backup, f"{var} is not a setting unidesk reads")
+        # The accounts file the server keeps in step is the one the hub includes.
+        with open(os.path.join(INFRA, "server", "hub.conf")) as f:
+            self.assertIn('include "accounts.conf"', f.read())
+        self.assertEqual(doc["services"]["unidesk"]["pid"], "service:nats")
+        # Only the leaf-node port and the proxy's are published.
+        published = [p for s in doc["services"].values() for p in s.get("ports", [])]
+        self.assertEqual(sorted(published), ["443:443", "7422:7422", "80:80"])
+        for sname in ("hub-accounts",):
+            self.assertTrue(doc["services"][sname]["entrypoint"])
+        names, _ = settings("unidesk", "admin", "hub-accounts")
+        for var in env_of(doc["services"]["hub-accounts"]):
+            self.assertIn(var, names)
+
+    def test_compute_node_compose(self):
+        doc, _ = self.check_common("edge/compose.yaml")
+        run, _ = settings("unidesk-edge", "run")
+        leaf, _ = settings("unidesk-edge", "leaf-config")
+        for var in env_of(doc["services"]["agent"]):
+            self.assertIn(var, run, f"agent: {var} is not a setting unidesk-edge run reads")
+        for var in env_of(doc["services"]["leaf-config"]):
+            self.assertIn(var, leaf, f"leaf-config: {var}")
+        # Task containers need the engine; the leaf's client port is not published.
+        self.assertNotIn("ports", doc["services"]["leaf"])
+
+
+if __name__ == "__main__":
+    unittest.main()
