@@ -71,34 +71,48 @@ impl Running {
     }
 }
 
+/// Connects to the servers of `url`: one URL, or several separated by commas
+/// (the members of a cluster; the client moves to another when one fails).
+/// Credentials are taken from the first URL that carries them.
 pub async fn connect_nats(url: &str, name: &str) -> Result<async_nats::Client, StartError> {
     let fail = |reason: String| StartError::Nats {
         url: redact(url),
         reason,
     };
-    let addr: async_nats::ServerAddr = url
-        .parse()
-        .map_err(|e: std::io::Error| fail(e.to_string()))?;
+    let addrs: Vec<async_nats::ServerAddr> = url
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| u.parse().map_err(|e: std::io::Error| fail(e.to_string())))
+        .collect::<Result<_, _>>()?;
+    if addrs.is_empty() {
+        return Err(fail("no server address".into()));
+    }
     // Credentials in the URL are passed explicitly: the client does not take them from it.
-    let options = match (addr.username(), addr.password()) {
-        (Some(u), Some(p)) => {
+    let creds = addrs.iter().find_map(|a| a.username().zip(a.password()));
+    let options = match creds {
+        Some((u, p)) => {
             async_nats::ConnectOptions::with_user_and_password(u.to_owned(), p.to_owned())
         }
-        _ => async_nats::ConnectOptions::new(),
+        None => async_nats::ConnectOptions::new(),
     };
     options
         .name(name)
-        .connect(addr)
+        .connect(addrs)
         .await
         .map_err(|e| fail(e.to_string()))
 }
 
 /// The URL without its password, for messages.
 pub fn redact(url: &str) -> String {
-    match (url.split_once("://"), url.rsplit_once('@')) {
+    let one = |url: &str| match (url.split_once("://"), url.rsplit_once('@')) {
         (Some((scheme, _)), Some((_, host))) => format!("{scheme}://***@{host}"),
         _ => url.to_owned(),
-    }
+    };
+    url.split(',')
+        .map(|u| one(u.trim()))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {

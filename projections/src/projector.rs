@@ -4,6 +4,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::DeliverPolicy};
+
+/// How long a projector waits for an event before checking it is not missing any.
+const STALL_CHECK: std::time::Duration = std::time::Duration::from_secs(3);
 use futures::{FutureExt, StreamExt};
 use tracing::{debug, info, warn};
 use ud_schemas::codec::{self, EventEnvelope};
@@ -85,7 +88,7 @@ impl Projector {
         if until.is_some_and(|u| applied >= u) {
             return Ok(applied);
         }
-        let stream = self.js.get_stream(&self.stream).await.map_err(stream_err)?;
+        let mut stream = self.js.get_stream(&self.stream).await.map_err(stream_err)?;
         let consumer = stream
             .create_consumer(jetstream::consumer::pull::OrderedConfig {
                 deliver_policy: DeliverPolicy::ByStartSequence {
@@ -98,8 +101,20 @@ impl Projector {
         let mut messages = consumer.messages().await.map_err(stream_err)?;
         info!(stream = %self.stream, from = applied + 1, "projector started");
         loop {
-            let Some(first) = messages.next().await else {
-                return Err(ProjectionError::Stream("consumer closed".into()));
+            // An ordered consumer whose server died can go quiet for good: when
+            // nothing comes for a while, check that nothing is being missed.
+            let first = match tokio::time::timeout(STALL_CHECK, messages.next()).await {
+                Ok(Some(m)) => m,
+                Ok(None) => return Err(ProjectionError::Stream("consumer closed".into())),
+                Err(_) => {
+                    let last = stream.info().await.map_err(stream_err)?.state.last_sequence;
+                    if last > applied {
+                        return Err(ProjectionError::Stream(format!(
+                            "consumer stalled at {applied} of {last}; binding again"
+                        )));
+                    }
+                    continue;
+                }
             };
             let mut batch = vec![first.map_err(stream_err)?];
             let deadline = tokio::time::Instant::now() + self.options.linger;

@@ -229,6 +229,51 @@ impl NatsServer {
         Ok(())
     }
 
+    /// Three servers forming one JetStream cluster on loopback (servers `n1`..`n3`,
+    /// cluster `unidesk`), each with its own store; returns once the cluster
+    /// has a JetStream meta leader.
+    pub async fn cluster(sync_always: bool) -> Result<Vec<NatsServer>> {
+        let ports: Vec<u16> = (0..3)
+            .map(|_| {
+                Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+                    .local_addr()?
+                    .port())
+            })
+            .collect::<Result<_>>()?;
+        let mut servers = Vec::new();
+        for (i, port) in ports.iter().enumerate() {
+            let routes: Vec<String> = ports
+                .iter()
+                .filter(|p| *p != port)
+                .map(|p| format!("nats-route://127.0.0.1:{p}"))
+                .collect();
+            let extra = format!(
+                "server_name: n{}\ncluster {{\n  name: unidesk\n  listen: 127.0.0.1:{port}\n  routes: [{}]\n}}\n",
+                i + 1,
+                routes.join(", ")
+            );
+            servers.push(
+                NatsServer::start_with(NatsOptions {
+                    sync_always,
+                    extra,
+                    ..Default::default()
+                })
+                .await?,
+            );
+        }
+        // Ready when JetStream answers with a meta leader.
+        let client = servers[0].connect().await?;
+        let js = async_nats::jetstream::with_domain(client, "hub");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while js.query_account().await.is_err() {
+            if tokio::time::Instant::now() > deadline {
+                bail!("the cluster has no JetStream leader after 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(servers)
+    }
+
     /// Starts the server again on the same port and store.
     pub async fn restart(&mut self) -> Result<()> {
         self.kill().await?;
