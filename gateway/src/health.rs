@@ -34,7 +34,12 @@ pub struct Readiness {
     pub nats: Check,
     pub postgres: Check,
     pub object_store: Check,
+    /// Down when a read model is more than `MAX_PROJECTION_LAG` events behind its stream.
+    pub projections: Check,
 }
+
+/// Events a read model may be behind its stream and still be ready.
+pub const MAX_PROJECTION_LAG: i64 = 10_000;
 
 async fn timed<F, E>(f: F) -> Check
 where
@@ -92,8 +97,22 @@ pub async fn readiness(state: &AppState) -> Readiness {
             },
         }
     };
-    let (nats, postgres, object_store) = tokio::join!(nats, postgres, store);
-    let ready = [&nats, &postgres, &object_store]
+    let projections = timed(async {
+        let behind: Vec<String> = projection_lags(state)
+            .await?
+            .into_iter()
+            .filter(|(_, lag)| *lag > MAX_PROJECTION_LAG)
+            .map(|(s, lag)| format!("{s} is {lag} events behind"))
+            .collect();
+        if behind.is_empty() {
+            Ok(())
+        } else {
+            Err(behind.join(", "))
+        }
+    });
+    let (nats, postgres, object_store, projections) =
+        tokio::join!(nats, postgres, store, projections);
+    let ready = [&nats, &postgres, &object_store, &projections]
         .iter()
         .all(|c| c.status != "down");
     Readiness {
@@ -101,10 +120,11 @@ pub async fn readiness(state: &AppState) -> Readiness {
         nats,
         postgres,
         object_store,
+        projections,
     }
 }
 
-/// Whether the main server can serve: NATS and the task stream, PostgreSQL, the object store.
+/// Whether the main server can serve: NATS and the task stream, PostgreSQL, the object store, projection lag.
 #[utoipa::path(get, path = "/readyz", tag = "health",
     responses((status = 200, body = Readiness), (status = 503, body = Readiness)))]
 pub async fn readyz(State(state): State<AppState>) -> Response {
@@ -146,5 +166,143 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
             ));
         }
     }
+    match platform_metrics(&state).await {
+        Ok(more) => out.push_str(&more),
+        Err(e) => out.push_str(&format!(
+            "# platform figures unavailable: {}\n",
+            e.replace('\n', " ")
+        )),
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// Escapes a Prometheus label value.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn gauge(out: &mut String, name: &str, help: &str) {
+    out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
+}
+
+/// Figures from the read models and the streams: tasks by state, queue
+/// depths, nodes by status, heartbeat ages, node disks, projection lag.
+async fn platform_metrics(state: &AppState) -> Result<String, String> {
+    let client = state.db.client().await.map_err(|e| e.to_string())?;
+    let q = |sql: &'static str| {
+        let client = &client;
+        async move { client.query(sql, &[]).await.map_err(|e| e.to_string()) }
+    };
+    let mut out = String::new();
+    gauge(
+        &mut out,
+        "unidesk_tasks",
+        "Tasks by state, as the read model has them.",
+    );
+    for r in q("SELECT state, count(*) FROM tasks GROUP BY state ORDER BY state").await? {
+        out.push_str(&format!(
+            "unidesk_tasks{{state=\"{}\"}} {}\n",
+            label(r.get(0)),
+            r.get::<_, i64>(1)
+        ));
+    }
+    gauge(&mut out, "unidesk_queue_depth", "Pending tasks per queue.");
+    for r in q("SELECT coalesce(spec->>'queue', 'default'), count(*) FROM tasks WHERE state = 'pending' GROUP BY 1 ORDER BY 1").await? {
+        out.push_str(&format!("unidesk_queue_depth{{queue=\"{}\"}} {}\n", label(r.get(0)), r.get::<_, i64>(1)));
+    }
+    gauge(&mut out, "unidesk_nodes", "Compute nodes by status.");
+    for r in q("SELECT status, count(*) FROM nodes GROUP BY status ORDER BY status").await? {
+        out.push_str(&format!(
+            "unidesk_nodes{{status=\"{}\"}} {}\n",
+            label(r.get(0)),
+            r.get::<_, i64>(1)
+        ));
+    }
+    let nodes = q("SELECT id::text, name, extract(epoch FROM now() - last_seen)::float8, disk_free_mb, low_disk FROM nodes \
+                   WHERE status <> 'revoked' AND last_seen IS NOT NULL ORDER BY name")
+        .await?;
+    gauge(
+        &mut out,
+        "unidesk_node_heartbeat_age_seconds",
+        "Seconds since each node's last heartbeat.",
+    );
+    for r in &nodes {
+        out.push_str(&format!(
+            "unidesk_node_heartbeat_age_seconds{{node_id=\"{}\",name=\"{}\"}} {:.1}\n",
+            r.get::<_, String>(0),
+            label(r.get(1)),
+            r.get::<_, f64>(2)
+        ));
+    }
+    gauge(
+        &mut out,
+        "unidesk_node_disk_free_bytes",
+        "Free disk in each node's work directory, from its last heartbeat.",
+    );
+    gauge(
+        &mut out,
+        "unidesk_node_low_disk",
+        "1 when a node reports too little free disk to take tasks (an alert).",
+    );
+    for r in &nodes {
+        let (id, name) = (r.get::<_, String>(0), label(r.get(1)));
+        if let Some(mb) = r.get::<_, Option<i64>>(3) {
+            out.push_str(&format!(
+                "unidesk_node_disk_free_bytes{{node_id=\"{id}\",name=\"{name}\"}} {}\n",
+                mb.saturating_mul(1024 * 1024)
+            ));
+        }
+        out.push_str(&format!(
+            "unidesk_node_low_disk{{node_id=\"{id}\",name=\"{name}\"}} {}\n",
+            u8::from(r.get::<_, bool>(4))
+        ));
+    }
+    gauge(
+        &mut out,
+        "unidesk_projection_lag_events",
+        "Events in a stream not yet in the read models.",
+    );
+    for (name, lag) in projection_lags(state).await? {
+        out.push_str(&format!(
+            "unidesk_projection_lag_events{{stream=\"{name}\"}} {lag}\n"
+        ));
+    }
+    Ok(out)
+}
+
+/// Events of each projected stream not yet in the read models.
+pub async fn projection_lags(state: &AppState) -> Result<Vec<(&'static str, i64)>, String> {
+    let client = state.db.client().await.map_err(|e| e.to_string())?;
+    let checkpoints = client
+        .query("SELECT stream, seq FROM projection_checkpoints", &[])
+        .await
+        .map_err(|e| e.to_string())?;
+    let js = state.commands.store().jetstream();
+    let mut out = Vec::new();
+    for name in streams::PROJECTED {
+        let applied = checkpoints
+            .iter()
+            .find(|r| r.get::<_, String>(0) == name)
+            .map_or(0, |r| r.get::<_, i64>(1));
+        let stream = js
+            .get_stream_no_info(name)
+            .await
+            .map_err(|e| e.to_string())?;
+        let last = stream
+            .get_info()
+            .await
+            .map_err(|e| e.to_string())?
+            .state
+            .last_sequence;
+        out.push((
+            name,
+            i64::try_from(last)
+                .unwrap_or(i64::MAX)
+                .saturating_sub(applied)
+                .max(0),
+        ));
+    }
+    Ok(out)
 }

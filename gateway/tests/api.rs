@@ -808,3 +808,33 @@ async fn openapi_document_is_served_and_matches_the_committed_one() -> Result<()
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn metrics_count_tasks_queues_and_projection_lag() -> Result<()> {
+    let s = Stack::start().await?;
+    for queue in ["default", "default", "gpu"] {
+        let mut body = task("lab");
+        body["queue"] = json!(queue);
+        let r = s
+            .http
+            .post(s.url("/api/v1/tasks?wait=projected"))
+            .bearer_auth(&s.admin)
+            .json(&body)
+            .send()
+            .await?;
+        assert_eq!(r.status(), StatusCode::ACCEPTED);
+    }
+    let metrics = s.http.get(s.url("/metrics")).send().await?.text().await?;
+    for line in [
+        "unidesk_tasks{state=\"pending\"} 3",
+        "unidesk_queue_depth{queue=\"default\"} 2",
+        "unidesk_queue_depth{queue=\"gpu\"} 1",
+        "unidesk_projection_lag_events{stream=\"UD_TASKS\"} 0",
+        "unidesk_dependency_up{dependency=\"nats\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} not in\n{metrics}");
+    }
+    // The object store is not configured here: no gauge claims it is down.
+    assert!(!metrics.contains("dependency=\"object_store\""));
+    Ok(())
+}
