@@ -184,7 +184,7 @@ pub async fn backup(a: BackupArgs) -> Result<()> {
     let status = std::process::Command::new(pg_tool(&a.pg_bin, "pg_dump"))
         .args(["-Fc", "--no-owner", "-f"])
         .arg(&dump)
-        .arg(&a.db.database_url)
+        .arg(a.db.url()?)
         .status()
         .context("cannot run pg_dump (install PostgreSQL's client or set UD_PG_BIN)")?;
     if !status.success() {
@@ -299,7 +299,7 @@ pub async fn restore(a: RestoreArgs) -> Result<()> {
     }
     let status = std::process::Command::new(pg_tool(&a.pg_bin, "pg_restore"))
         .args(["--clean", "--if-exists", "--no-owner", "-d"])
-        .arg(&a.db.database_url)
+        .arg(a.db.url()?)
         .arg(a.from.join("postgres.dump"))
         .status()
         .context("cannot run pg_restore (install PostgreSQL's client or set UD_PG_BIN)")?;

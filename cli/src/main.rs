@@ -7,7 +7,7 @@ mod ops;
 mod serve;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -68,6 +68,25 @@ enum Command {
     Admin(ops::AdminCommand),
 }
 
+/// Every (long flag, environment variable) pair of the command and its subcommands.
+fn env_names(cmd: &clap::Command) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = cmd
+        .get_arguments()
+        .filter_map(|a| {
+            Some((
+                a.get_long()?.to_owned(),
+                a.get_env()?.to_string_lossy().into_owned(),
+            ))
+        })
+        .collect();
+    for sub in cmd.get_subcommands() {
+        out.extend(env_names(sub));
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
 fn init_tracing(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("UD_LOG").unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("info,tower_http=warn,async_nats=warn")
@@ -84,7 +103,21 @@ fn init_tracing(json: bool) {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            // Settings usually come from the environment: name the variable too.
+            let text = e.render().to_string();
+            eprint!("{text}");
+            for (flag, env) in env_names(&Cli::command()) {
+                if text.contains(&format!("'--{flag} ")) || text.contains(&format!("--{flag} <")) {
+                    eprintln!("note: --{flag} is the setting {env}");
+                }
+            }
+            return std::process::ExitCode::from(2);
+        }
+    };
     let result: Result<()> = match cli.command {
         Command::Serve(a) => {
             init_tracing(a.log_json);

@@ -29,14 +29,22 @@ impl NatsArgs {
 
 #[derive(Args, Clone)]
 pub struct DbArgs {
-    /// PostgreSQL URL of the read models.
+    /// PostgreSQL URL of the read models (required).
     #[arg(long, env = "UD_DATABASE_URL")]
-    pub database_url: String,
+    database_url: Option<String>,
 }
 
 impl DbArgs {
+    /// The URL, or an error naming the setting.
+    pub fn url(&self) -> Result<&str> {
+        self.database_url
+            .as_deref()
+            .filter(|u| !u.is_empty())
+            .context("UD_DATABASE_URL (or --database-url) is required: the PostgreSQL URL of the read models")
+    }
+
     pub async fn connect(&self, schema: &str) -> Result<Db> {
-        Db::connect(&self.database_url, schema, 16)
+        Db::connect(self.url()?, schema, 16)
             .await
             .context("cannot connect to PostgreSQL (UD_DATABASE_URL)")
     }
@@ -221,7 +229,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let running = server::start(ServerConfig {
         nats_url: args.nats.nats_url.clone(),
         js_domain: args.nats.js_domain.clone(),
-        database_url: args.db.database_url.clone(),
+        database_url: args.db.url()?.to_owned(),
         listen: args.listen.clone(),
         replicas: args.replicas,
         run_projectors: !args.no_projectors,

@@ -3,7 +3,7 @@
 
 use std::process::{Command, Output, Stdio};
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, ensure, Result};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use ud_testkit::{NatsServer, PgDatabase};
 
@@ -16,7 +16,51 @@ struct Server {
     env: Vec<(&'static str, String)>,
 }
 
+/// Starts `unidesk serve` with `env`; returns it and its API URL once it listens.
+async fn spawn_serve(env: &[(&'static str, String)]) -> Result<(tokio::process::Child, String)> {
+    let mut child = tokio::process::Command::new(BIN)
+        .arg("serve")
+        .env("UD_LISTEN", "127.0.0.1:0")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let mut lines = BufReader::new(stdout).lines();
+    let url = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await? {
+            if let Some(url) = line.strip_prefix("UniDesk API listening on ") {
+                return Ok(url.to_owned());
+            }
+        }
+        bail!("unidesk serve exited before listening")
+    })
+    .await??;
+    Ok((child, url))
+}
+
 impl Server {
+    /// Stops `unidesk serve` with SIGTERM (it must exit cleanly) and starts it again.
+    async fn restart_serve(&mut self) -> Result<()> {
+        let pid = self
+            .child
+            .id()
+            .ok_or_else(|| anyhow!("serve is not running"))?;
+        let status = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?;
+        ensure!(status.success(), "kill failed");
+        let exit =
+            tokio::time::timeout(std::time::Duration::from_secs(30), self.child.wait()).await??;
+        ensure!(exit.success(), "serve exited with {exit} on SIGTERM");
+        self.env.retain(|(k, _)| *k != "UD_API_URL");
+        let (child, url) = spawn_serve(&self.env).await?;
+        self.child = child;
+        self.env.push(("UD_API_URL", url));
+        Ok(())
+    }
+
     async fn start() -> Result<Self> {
         Self::start_with(vec![]).await
     }
@@ -44,25 +88,7 @@ impl Server {
             ("UD_DATABASE_URL", pg.url.clone()),
         ];
         env.extend(extra);
-        let mut child = tokio::process::Command::new(BIN)
-            .arg("serve")
-            .env("UD_LISTEN", "127.0.0.1:0")
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()?;
-        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-        let mut lines = BufReader::new(stdout).lines();
-        let url = tokio::time::timeout(std::time::Duration::from_secs(60), async {
-            while let Some(line) = lines.next_line().await? {
-                if let Some(url) = line.strip_prefix("UniDesk API listening on ") {
-                    return Ok(url.to_owned());
-                }
-            }
-            bail!("unidesk serve exited before listening")
-        })
-        .await??;
+        let (child, url) = spawn_serve(&env).await?;
         let mut env = env;
         env.push(("UD_API_URL", url));
         Ok(Self {
@@ -494,5 +520,123 @@ async fn a_backup_brings_every_task_and_event_back_after_the_servers_are_gone() 
     server.ok(&["cancel", &ids[2], "--reason", "after the restore"])?;
     let fresh = server.ok(&submit_args("lab", &[]))?.trim().to_owned();
     assert!(!ids.contains(&fresh));
+    Ok(())
+}
+
+/// `unidesk serve` with these settings: its exit status and what it said.
+fn serve_fails(env: &[(&str, &str)]) -> Result<(bool, String)> {
+    let out = Command::new(BIN)
+        .arg("serve")
+        .env_remove("UD_DATABASE_URL")
+        .env_remove("UD_NATS_URL")
+        .env("UD_LISTEN", "127.0.0.1:0")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+#[tokio::test]
+async fn a_bad_setting_names_itself_and_the_server_exits_before_serving() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let pg = PgDatabase::create().await?;
+    let (nats_url, pg_url) = (nats.url(), pg.url.clone());
+    let missing_db = pg_url
+        .rsplit_once('/')
+        .map(|(base, _)| format!("{base}/no_such_database"))
+        .unwrap_or_default();
+    let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
+        (vec![("UD_NATS_URL", &nats_url)], "UD_DATABASE_URL"),
+        (
+            vec![("UD_NATS_URL", "not a url"), ("UD_DATABASE_URL", &pg_url)],
+            "NATS",
+        ),
+        (
+            vec![("UD_NATS_URL", &nats_url), ("UD_DATABASE_URL", &missing_db)],
+            "PostgreSQL",
+        ),
+        (
+            vec![
+                ("UD_NATS_URL", &nats_url),
+                ("UD_DATABASE_URL", &pg_url),
+                ("UD_S3_BUCKET", "b"),
+            ],
+            "UD_S3_ACCESS_KEY_ID",
+        ),
+        (
+            vec![
+                ("UD_NATS_URL", &nats_url),
+                ("UD_DATABASE_URL", &pg_url),
+                ("UD_HEARTBEAT_TIMEOUT_SECONDS", "-3"),
+            ],
+            "UD_HEARTBEAT_TIMEOUT_SECONDS",
+        ),
+        (
+            vec![
+                ("UD_NATS_URL", &nats_url),
+                ("UD_DATABASE_URL", &pg_url),
+                ("UD_PLACEMENT", "random"),
+            ],
+            "UD_PLACEMENT",
+        ),
+    ];
+    for (env, named) in cases {
+        let (ok, said) = serve_fails(&env)?;
+        assert!(!ok, "started with a bad {named}");
+        assert!(
+            said.contains(named),
+            "the error does not name {named}: {said}"
+        );
+    }
+    // A NATS password the server refuses says so, without printing it.
+    let auth = NatsServer::start_with(ud_testkit::NatsOptions {
+        extra: "authorization { user: platform, password: right }\n".into(),
+        ..Default::default()
+    })
+    .await?;
+    let wrong = auth.url().replace("nats://", "nats://platform:wrong@");
+    let (ok, said) = serve_fails(&[("UD_NATS_URL", &wrong), ("UD_DATABASE_URL", &pg_url)])?;
+    assert!(!ok);
+    assert!(
+        said.contains("cannot connect to NATS") && !said.contains("wrong"),
+        "{said}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_server_stops_on_sigterm_and_resumes_where_it_was() -> Result<()> {
+    let mut server = Server::start_with(vec![("UD_NO_EDGE", "true".to_owned())]).await?;
+    let mut acked = Vec::new();
+    for round in 0..3 {
+        for i in 0..20 {
+            let key = format!("term-{round}-{i}");
+            acked.push(
+                server
+                    .ok(&submit_args("lab", &["--idempotency-key", &key]))?
+                    .trim()
+                    .to_owned(),
+            );
+        }
+        // Stopped at once after writes; then started again on the same streams and tables.
+        server.restart_serve().await?;
+    }
+    // Everything acknowledged is there, projected, and the keys still hold.
+    let listed = server.ok(&["list", "--project", "lab", "--limit", "500"])?;
+    for id in &acked {
+        assert!(
+            listed.contains(id.as_str()),
+            "task {id} missing after restarts"
+        );
+    }
+    assert_eq!(
+        server
+            .ok(&submit_args("lab", &["--idempotency-key", "term-0-0"]))?
+            .trim(),
+        acked[0]
+    );
     Ok(())
 }
