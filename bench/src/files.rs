@@ -76,16 +76,15 @@ fn summary(name: &str, bytes: u64, times: &mut [Duration]) -> f64 {
 
 pub async fn run(a: Args) -> Result<()> {
     let g = Garage::start().await?;
-    let storage = Storage::new(StorageSettings {
-        endpoint: Some(g.endpoint.clone()),
-        region: g.region.clone(),
-        bucket: g.bucket.clone(),
-        access_key_id: g.access_key_id.clone(),
-        secret_access_key: g.secret_access_key.clone(),
-        path_style: true,
-        url_ttl: Duration::from_secs(3600),
-        project_quota_bytes: None,
-    })?;
+    let mut settings = StorageSettings::path_style(
+        &g.endpoint,
+        &g.region,
+        &g.bucket,
+        &g.access_key_id,
+        &g.secret_access_key,
+    );
+    settings.url_ttl = Duration::from_secs(3600);
+    let storage = Storage::new(settings)?;
     let dir = tempfile::tempdir()?;
     let src = dir.path().join("src.bin");
     random_file(&src, a.mib).await?;

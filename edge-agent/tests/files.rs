@@ -22,16 +22,15 @@ fn storage(g: &Garage) -> Result<ud_storage::Storage> {
 }
 
 fn storage_at(g: &Garage, endpoint: &str) -> Result<ud_storage::Storage> {
-    Ok(ud_storage::Storage::new(ud_storage::StorageSettings {
-        endpoint: Some(endpoint.to_owned()),
-        region: g.region.clone(),
-        bucket: g.bucket.clone(),
-        access_key_id: g.access_key_id.clone(),
-        secret_access_key: g.secret_access_key.clone(),
-        path_style: true,
-        url_ttl: Duration::from_secs(600),
-        project_quota_bytes: Some(512 * 1024 * 1024),
-    })?)
+    let mut s = ud_storage::StorageSettings::path_style(
+        endpoint,
+        &g.region,
+        &g.bucket,
+        &g.access_key_id,
+        &g.secret_access_key,
+    );
+    s.project_quota_bytes = Some(512 * 1024 * 1024);
+    Ok(ud_storage::Storage::new(s)?)
 }
 
 fn with_files(script: &str, inputs: Value, outputs: Value) -> Value {
@@ -40,6 +39,18 @@ fn with_files(script: &str, inputs: Value, outputs: Value) -> Value {
     body["outputs"] = outputs;
     body["timeout_seconds"] = json!(120);
     body
+}
+
+/// The bytes behind an output's (or archive's) download link.
+async fn download(http: &reqwest::Client, o: &Value) -> Result<bytes::Bytes> {
+    let url = o["download"]["url"].as_str().unwrap_or_default().to_owned();
+    Ok(http
+        .get(url)
+        .send()
+        .await?
+        .error_for_status()?
+        .bytes()
+        .await?)
 }
 
 async fn ended(s: &mut Stack, id: &str) -> Result<Value> {
@@ -139,25 +150,9 @@ async fn inputs_come_in_before_the_run_and_outputs_go_out_after_it() -> Result<(
         "{done}"
     );
     let http = s.http.clone();
-    let fetch = |o: &Value| {
-        let (http, url) = (
-            http.clone(),
-            o["download"]["url"].as_str().unwrap_or_default().to_owned(),
-        );
-        async move {
-            Ok::<_, anyhow::Error>(
-                http.get(url)
-                    .send()
-                    .await?
-                    .error_for_status()?
-                    .bytes()
-                    .await?,
-            )
-        }
-    };
-    assert_eq!(fetch(&outputs[0]).await?.as_ref(), b"8\n");
-    assert_eq!(fetch(&outputs[1]).await?.as_ref(), b"alpha beta");
-    let big = fetch(&outputs[2]).await?;
+    assert_eq!(download(&http, &outputs[0]).await?.as_ref(), b"8\n");
+    assert_eq!(download(&http, &outputs[1]).await?.as_ref(), b"alpha beta");
+    let big = download(&http, &outputs[2]).await?;
     assert_eq!(big.len(), 20 * MIB);
     assert_eq!(outputs[2]["size"].as_u64(), Some(20 * MIB as u64));
     assert_eq!(
@@ -209,7 +204,7 @@ async fn inputs_come_in_before_the_run_and_outputs_go_out_after_it() -> Result<(
         .unwrap_or_default();
     assert_eq!(key, format!("projects/lab/tasks/{id}/logs/task.log"));
     let view = s.get(&format!("/api/v1/tasks/{id}")).await?;
-    let archive = fetch(&json!({"download": view["log_archive"]})).await?;
+    let archive = download(&http, &json!({"download": view["log_archive"]})).await?;
     assert_eq!(
         String::from_utf8_lossy(&archive),
         "=== attempt 1 ===\nworking on it\n"
@@ -262,7 +257,10 @@ async fn inputs_come_in_before_the_run_and_outputs_go_out_after_it() -> Result<(
     assert_eq!(done["state"], "failed");
     assert_eq!(done["exit_code"], 4);
     assert_eq!(done["outputs"][0]["path"], "out/p.txt", "{done}");
-    assert_eq!(fetch(&done["outputs"][0]).await?.as_ref(), b"partial\n");
+    assert_eq!(
+        download(&http, &done["outputs"][0]).await?.as_ref(),
+        b"partial\n"
+    );
     Ok(())
 }
 
@@ -480,32 +478,16 @@ async fn transfers_resume_after_the_link_to_the_store_drops() -> Result<()> {
     let done = ended(&mut s, &id).await?;
     assert_eq!(done["state"], "succeeded", "{done}");
     let http = s.http.clone();
-    let fetch = |o: &Value| {
-        let (http, url) = (
-            http.clone(),
-            o["download"]["url"].as_str().unwrap_or_default().to_owned(),
-        );
-        async move {
-            Ok::<_, anyhow::Error>(
-                http.get(url)
-                    .send()
-                    .await?
-                    .error_for_status()?
-                    .bytes()
-                    .await?,
-            )
-        }
-    };
     let outputs = done["outputs"].as_array().cloned().unwrap_or_default();
     assert_eq!(outputs.len(), 2, "{done}");
     // The input arrived whole: the run saw exactly its bytes.
-    let seen = fetch(&outputs[1]).await?;
+    let seen = download(&http, &outputs[1]).await?;
     assert_eq!(
         String::from_utf8_lossy(&seen).trim(),
         hex::encode(Sha256::digest(&input))
     );
     // The output left whole: what the store has is what the node hashed.
-    let big = fetch(&outputs[0]).await?;
+    let big = download(&http, &outputs[0]).await?;
     assert_eq!(big.len(), 96 * MIB);
     assert_eq!(
         outputs[0]["sha256"].as_str().unwrap_or_default(),

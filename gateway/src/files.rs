@@ -2,8 +2,6 @@
 //! the object store. The gateway hands out presigned URLs; the bytes go
 //! straight between the caller and the store, never through the gateway.
 
-use std::time::Duration;
-
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
@@ -202,11 +200,6 @@ pub struct PartUrl {
     pub url: SignedUrl,
 }
 
-fn url_ttl(storage: &Storage, bytes: u64) -> Duration {
-    // Enough to move the bytes at 1 MiB/s, within the configured lifetime.
-    Duration::from_secs(300 + bytes / (1024 * 1024)).min(storage.settings().url_ttl)
-}
-
 async fn check_quota(storage: &Storage, project: &str, adding: u64) -> Result<(), ApiError> {
     if adding > MAX_FILE_BYTES {
         return Err(ApiError::field("size_bytes", "larger than 5 TiB"));
@@ -234,7 +227,7 @@ async fn plan(
 ) -> Result<UploadPlan, ApiError> {
     let key = keys::file_key(project, path)?;
     let (part_size, parts) = part_plan(size);
-    let ttl = url_ttl(storage, size);
+    let ttl = storage.ttl_for(size);
     if parts <= 1 && upload_id.is_none() {
         let url = storage.presign_put(&key, size, ttl).await?;
         return Ok(UploadPlan {
@@ -255,16 +248,7 @@ async fn plan(
         }
         None => (storage.start_multipart(&key).await?, vec![]),
     };
-    let last = size.saturating_sub(part_size * u64::from(parts.saturating_sub(1)));
-    let done: Vec<u32> = stored
-        .iter()
-        .filter(|p| {
-            p.number >= 1
-                && p.number <= parts
-                && p.size == if p.number == parts { last } else { part_size }
-        })
-        .map(|p| p.number)
-        .collect();
+    let done = ud_storage::parts_done(&stored, size);
     let mut urls = Vec::new();
     for number in (1..=parts).filter(|n| !done.contains(n)) {
         urls.push(PartUrl {

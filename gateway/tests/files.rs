@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use anyhow::{ensure, Result};
 use common::Stack;
 use reqwest::StatusCode;
@@ -16,16 +14,15 @@ use ud_testkit::Garage;
 const MIB: u64 = 1024 * 1024;
 
 pub fn settings(g: &Garage, quota_mb: Option<u64>) -> ud_storage::StorageSettings {
-    ud_storage::StorageSettings {
-        endpoint: Some(g.endpoint.clone()),
-        region: g.region.clone(),
-        bucket: g.bucket.clone(),
-        access_key_id: g.access_key_id.clone(),
-        secret_access_key: g.secret_access_key.clone(),
-        path_style: true,
-        url_ttl: Duration::from_secs(600),
-        project_quota_bytes: quota_mb.map(|m| m * MIB),
-    }
+    let mut s = ud_storage::StorageSettings::path_style(
+        &g.endpoint,
+        &g.region,
+        &g.bucket,
+        &g.access_key_id,
+        &g.secret_access_key,
+    );
+    s.project_quota_bytes = quota_mb.map(|m| m * MIB);
+    s
 }
 
 async fn start() -> Result<(Garage, Stack)> {

@@ -62,6 +62,29 @@ pub struct StorageSettings {
     pub project_quota_bytes: Option<u64>,
 }
 
+impl StorageSettings {
+    /// Settings for a store at `endpoint` addressed by path (Garage, MinIO),
+    /// with URLs living 15 minutes and no project quota.
+    pub fn path_style(
+        endpoint: &str,
+        region: &str,
+        bucket: &str,
+        access_key_id: &str,
+        secret_access_key: &str,
+    ) -> Self {
+        Self {
+            endpoint: Some(endpoint.to_owned()),
+            region: region.to_owned(),
+            bucket: bucket.to_owned(),
+            access_key_id: access_key_id.to_owned(),
+            secret_access_key: secret_access_key.to_owned(),
+            path_style: true,
+            url_ttl: Duration::from_secs(900),
+            project_quota_bytes: None,
+        }
+    }
+}
+
 /// A presigned request: the method, the URL, and headers the caller must send.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Presigned {
@@ -90,6 +113,22 @@ pub struct PartInfo {
     pub number: u32,
     pub size: u64,
     pub etag: String,
+}
+
+/// The parts of an upload of `size` bytes that are stored whole (a part of
+/// the wrong size, cut off by a dropped link, is sent again).
+pub fn parts_done(stored: &[PartInfo], size: u64) -> Vec<u32> {
+    let (part_size, parts) = part_plan(size);
+    let last = size.saturating_sub(part_size * u64::from(parts.saturating_sub(1)));
+    stored
+        .iter()
+        .filter(|p| {
+            p.number >= 1
+                && p.number <= parts
+                && p.size == if p.number == parts { last } else { part_size }
+        })
+        .map(|p| p.number)
+        .collect()
 }
 
 /// How a file of `size` bytes is cut into parts: (part size, number of parts).
@@ -188,6 +227,12 @@ impl Storage {
                 .collect(),
             expires_at,
         }
+    }
+
+    /// How long a URL for moving `bytes` stays valid: enough to move them at
+    /// 1 MiB/s (at least 5 minutes), within the configured lifetime.
+    pub fn ttl_for(&self, bytes: u64) -> Duration {
+        Duration::from_secs(300 + bytes / (1024 * 1024)).min(self.settings.url_ttl)
     }
 
     /// Is the bucket there and may we use it?

@@ -8,16 +8,15 @@ use ud_storage::{Storage, StorageSettings};
 use ud_testkit::Garage;
 
 fn storage(g: &Garage, ttl: Duration) -> Result<Storage> {
-    Ok(Storage::new(StorageSettings {
-        endpoint: Some(g.endpoint.clone()),
-        region: g.region.clone(),
-        bucket: g.bucket.clone(),
-        access_key_id: g.access_key_id.clone(),
-        secret_access_key: g.secret_access_key.clone(),
-        path_style: true,
-        url_ttl: ttl,
-        project_quota_bytes: None,
-    })?)
+    let mut s = StorageSettings::path_style(
+        &g.endpoint,
+        &g.region,
+        &g.bucket,
+        &g.access_key_id,
+        &g.secret_access_key,
+    );
+    s.url_ttl = ttl;
+    Ok(Storage::new(s)?)
 }
 
 #[tokio::test]

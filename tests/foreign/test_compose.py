@@ -32,6 +32,10 @@ def settings(binary, *args):
         m = re.search(r"--" + re.escape(flag) + r" <[^>]+>\s+.*?\[env: (UD_[A-Z0-9_]+)", options, re.S)
         if m:
             required.add(m.group(1))
+    # Settings checked by the program itself say "(required)" in their help.
+    for help_text, env in re.findall(r"--[a-z0-9-]+ <[^>]+>\s+([^\[]*?)\[env: (UD_[A-Z0-9_]+)", options, re.S):
+        if "(required)" in help_text:
+            required.add(env)
     return names, required
 
 

@@ -3,8 +3,6 @@
 //! them; every URL names one object under the task's project (inputs) or
 //! the task's own prefix (outputs), for one method, and expires in minutes.
 
-use std::time::Duration;
-
 use tracing::info;
 use ud_schemas::dispatch::{InputUrl, OutputFile, OutputUrl, StorageReply, StorageRequest, Upload};
 use ud_schemas::events::OutputObject;
@@ -38,12 +36,6 @@ pub fn may_move_files(node: &NodeId, task: Option<&Task>, attempt: u32) -> Resul
             s.name()
         )),
     }
-}
-
-/// How long a URL for `bytes` stays valid: long enough to move them at 1 MiB/s, capped by the setting.
-fn ttl(storage: &Storage, bytes: u64) -> Duration {
-    let needed = Duration::from_secs(300 + bytes / (1024 * 1024));
-    needed.min(storage.settings().url_ttl)
 }
 
 /// Answers one request; `Refused` names the object when one is at fault.
@@ -102,7 +94,7 @@ async fn inputs(storage: &Storage, task: &Task) -> Result<StorageReply, StorageE
                 let Some(rel) = keys::relative(&o.key, &prefix) else {
                     continue;
                 };
-                let url = storage.presign_get(&o.key, ttl(storage, o.size)).await?;
+                let url = storage.presign_get(&o.key, storage.ttl_for(o.size)).await?;
                 files.push(InputUrl {
                     path: format!("{dest}/{rel}"),
                     object: format!("{}{rel}", input.source),
@@ -118,7 +110,7 @@ async fn inputs(storage: &Storage, task: &Task) -> Result<StorageReply, StorageE
                     input.source
                 )));
             };
-            let url = storage.presign_get(&key, ttl(storage, o.size)).await?;
+            let url = storage.presign_get(&key, storage.ttl_for(o.size)).await?;
             files.push(InputUrl {
                 path: dest.to_owned(),
                 object: input.source.clone(),
@@ -150,7 +142,7 @@ async fn outputs(
     for f in files {
         let key = keys::output_key(project, &id, &f.path)?;
         let (part_size, parts) = part_plan(f.size);
-        let ttl = ttl(storage, f.size);
+        let ttl = storage.ttl_for(f.size);
         let upload = if parts <= 1 {
             Upload::Single {
                 url: storage.presign_put(&key, f.size, ttl).await?.url,
@@ -160,16 +152,7 @@ async fn outputs(
                 Some(id) => (id.clone(), storage.parts(&key, id).await?),
                 None => (storage.start_multipart(&key).await?, vec![]),
             };
-            // A stored part of the wrong size (a cut-off write) is written again.
-            let done: Vec<u32> = done
-                .iter()
-                .filter(|p| {
-                    p.size == part_size
-                        || (p.number == parts
-                            && p.size == f.size - part_size * u64::from(parts - 1))
-                })
-                .map(|p| p.number)
-                .collect();
+            let done = ud_storage::parts_done(&done, f.size);
             let mut part_urls = Vec::with_capacity(parts as usize);
             for n in 1..=parts {
                 part_urls.push(if done.contains(&n) {
