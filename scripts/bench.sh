@@ -15,5 +15,5 @@ ud_start_dockerd "$work/d"
 ud_base_image >/dev/null
 ud_install_garage
 export UD_TEST_DATABASE_URL="postgres://postgres@127.0.0.1:$pg_port/postgres"
-cargo build --release -p ud-bench
+cargo build --release -p ud-bench -p unidesk
 target/release/ud-bench "${@:-backbone}"

@@ -88,7 +88,7 @@ fn submitted(id: TaskId) -> Event {
 }
 
 /// Whole task lifecycles: `n` events, four per task.
-fn lifecycles(n: usize) -> Vec<Event> {
+pub(crate) fn lifecycles(n: usize) -> Vec<Event> {
     let node = NodeId::new();
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
@@ -179,7 +179,7 @@ async fn appends(
     Ok(rate(events.len(), start.elapsed()))
 }
 
-async fn write_fast(store: &EventStore, events: &[Event], window: usize) -> Result<()> {
+pub(crate) async fn write_fast(store: &EventStore, events: &[Event], window: usize) -> Result<()> {
     appends(store, events, window, Expect::Any)
         .await
         .map(|_| ())

@@ -2,6 +2,7 @@
 //! platform figure printed beside the raw ceiling measured in the same run.
 
 mod backbone;
+mod backup;
 mod edge;
 mod files;
 mod restart;
@@ -26,6 +27,8 @@ enum Bench {
     Edge(edge::Args),
     /// A hub restart with many nodes linked: time until every link is back.
     Restart(restart::Args),
+    /// `unidesk backup` and `unidesk restore` of a million events.
+    Backup(backup::Args),
     /// A large file through presigned URLs as the agent moves it, against a plain S3 client.
     Files(files::Args),
     /// Placement and queue order over 1,000 nodes (pure functions).
@@ -43,6 +46,7 @@ async fn main() -> Result<()> {
         Bench::Restart(a) => restart::run(a).await,
         Bench::Schedule(a) => schedule::run_bench(a),
         Bench::Files(a) => files::run(a).await,
+        Bench::Backup(a) => backup::run_bench(a).await,
         Bench::Agents(a) => restart::agents(a).await,
     }
 }
