@@ -53,6 +53,17 @@ async fn download(http: &reqwest::Client, o: &Value) -> Result<bytes::Bytes> {
         .await?)
 }
 
+/// The main server with this object store (nodes offline after 30 s).
+async fn stack(store: &ud_storage::Storage) -> Result<Stack> {
+    Stack::start_full(
+        Duration::from_secs(30),
+        Default::default(),
+        Default::default(),
+        Some(store.clone()),
+    )
+    .await
+}
+
 async fn ended(s: &mut Stack, id: &str) -> Result<Value> {
     s.task_state(
         id,
@@ -85,13 +96,7 @@ async fn ask(
 async fn inputs_come_in_before_the_run_and_outputs_go_out_after_it() -> Result<()> {
     let g = Garage::start().await?;
     let store = storage(&g)?;
-    let mut s = Stack::start_full(
-        Duration::from_secs(30),
-        Default::default(),
-        Default::default(),
-        Some(store.clone()),
-    )
-    .await?;
+    let mut s = stack(&store).await?;
     let alpha = s.online_node("alpha").await?;
 
     // The project's input files: one file and a folder of two.
@@ -268,13 +273,7 @@ async fn inputs_come_in_before_the_run_and_outputs_go_out_after_it() -> Result<(
 async fn a_node_gets_urls_only_for_its_own_running_task_and_prefix() -> Result<()> {
     let g = Garage::start().await?;
     let store = storage(&g)?;
-    let mut s = Stack::start_full(
-        Duration::from_secs(30),
-        Default::default(),
-        Default::default(),
-        Some(store.clone()),
-    )
-    .await?;
+    let mut s = stack(&store).await?;
     let a = s.online_node("alpha").await?;
     let b = s.online_node("beta").await?;
     store
@@ -429,13 +428,7 @@ async fn transfers_resume_after_the_link_to_the_store_drops() -> Result<()> {
     let port: u16 = g.endpoint.rsplit(':').next().unwrap_or_default().parse()?;
     let relay = Relay::start(port).await?;
     let store = storage_at(&g, &format!("http://127.0.0.1:{}", relay.port()))?;
-    let mut s = Stack::start_full(
-        Duration::from_secs(30),
-        Default::default(),
-        Default::default(),
-        Some(store.clone()),
-    )
-    .await?;
+    let mut s = stack(&store).await?;
     let _alpha = s.online_node("alpha").await?; // dropping it would stop its leaf server
     let mut input = vec![0u8; 48 * MIB];
     rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut input);
