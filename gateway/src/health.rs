@@ -261,6 +261,36 @@ async fn platform_metrics(state: &AppState) -> Result<String, String> {
     }
     gauge(
         &mut out,
+        "unidesk_jetstream_storage_bytes",
+        "File storage the platform's streams use on the hub.",
+    );
+    gauge(
+        &mut out,
+        "unidesk_jetstream_storage_limit_bytes",
+        "The account's file storage limit on the hub (absent: no limit).",
+    );
+    if let Ok(account) = state.commands.store().jetstream().query_account().await {
+        out.push_str(&format!(
+            "unidesk_jetstream_storage_bytes {}\n",
+            account.storage
+        ));
+        if let Some(max) = account.limits.max_storage {
+            out.push_str(&format!("unidesk_jetstream_storage_limit_bytes {max}\n"));
+        }
+    }
+    gauge(
+        &mut out,
+        "unidesk_postgres_database_bytes",
+        "Size of the read models' database.",
+    );
+    for r in q("SELECT pg_database_size(current_database())").await? {
+        out.push_str(&format!(
+            "unidesk_postgres_database_bytes {}\n",
+            r.get::<_, i64>(0)
+        ));
+    }
+    gauge(
+        &mut out,
         "unidesk_projection_lag_events",
         "Events in a stream not yet in the read models.",
     );

@@ -831,6 +831,8 @@ async fn metrics_count_tasks_queues_and_projection_lag() -> Result<()> {
         "unidesk_queue_depth{queue=\"gpu\"} 1",
         "unidesk_projection_lag_events{stream=\"UD_TASKS\"} 0",
         "unidesk_dependency_up{dependency=\"nats\"} 1",
+        "unidesk_jetstream_storage_bytes ",
+        "unidesk_postgres_database_bytes ",
     ] {
         assert!(metrics.contains(line), "{line} not in\n{metrics}");
     }
