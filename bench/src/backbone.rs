@@ -331,6 +331,7 @@ async fn rest_submit_to_projected(
         run_projectors: true,
         edge: None,
         storage: None,
+        disk: Default::default(),
     })
     .await?;
     let issued = ud_core::commands::issue_token(store, "bench", &["bench".into()], false, "bench")

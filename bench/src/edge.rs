@@ -74,6 +74,7 @@ pub async fn start_platform(
         replicas: 1,
         run_projectors: true,
         storage: None,
+        disk: Default::default(),
         edge: Some(EdgeConfig {
             hub: Some(ud_core::edge::hub::HubSettings {
                 accounts_file: hub.accounts_file(),

@@ -169,6 +169,12 @@ pub struct ServeArgs {
     /// JSON file of queue priorities and limits: {"queues": {"gpu": {"priority": 10, "max_running": 4}}}.
     #[arg(long, env = "UD_QUEUES_FILE")]
     pub queues_file: Option<std::path::PathBuf>,
+    /// The main server's own disks to watch, comma-separated (JetStream store, PostgreSQL data, backups).
+    #[arg(long, env = "UD_DISK_WATCH", value_delimiter = ',')]
+    pub disk_watch: Vec<std::path::PathBuf>,
+    /// Below this many free MiB on a watched disk, /readyz is down and the alert metric is 1.
+    #[arg(long, env = "UD_DISK_MIN_FREE_MB", default_value_t = 5120)]
+    pub disk_min_free_mb: u64,
     /// JSON file of repository credentials per host, handed to nodes for their fetches only.
     #[arg(long, env = "UD_GIT_CREDENTIALS_FILE")]
     pub git_credentials_file: Option<std::path::PathBuf>,
@@ -235,6 +241,10 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         run_projectors: !args.no_projectors,
         edge: edge_config(&args)?,
         storage: args.storage.storage()?,
+        disk: ud_gateway::health::DiskWatch {
+            paths: args.disk_watch.clone(),
+            min_free_mb: args.disk_min_free_mb,
+        },
     })
     .await?;
     println!("UniDesk API listening on http://{}", running.addr);

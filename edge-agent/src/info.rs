@@ -21,19 +21,7 @@ fn disk_mb() -> u64 {
 
 /// Free space, in MiB, of the filesystem holding `path`.
 pub fn disk_free_mb(path: &std::path::Path) -> Option<u64> {
-    std::process::Command::new("df")
-        .arg("-Pk")
-        .arg(path)
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| {
-            s.lines()
-                .nth(1)
-                .and_then(|l| l.split_whitespace().nth(3))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map(|kb| kb / 1024)
+    fs2::available_space(path).ok().map(|b| b / (1024 * 1024))
 }
 
 /// GPUs from `nvidia-smi`, none where it is absent.

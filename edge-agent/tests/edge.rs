@@ -882,6 +882,7 @@ async fn two_main_servers_assign_each_task_once_and_mark_a_silent_node_offline_o
         replicas: 1,
         run_projectors: false,
         storage: None,
+        disk: Default::default(),
         edge: Some(EdgeConfig {
             hub: None,
             controller: ud_core::edge::scheduler::ControllerSettings {

@@ -17,6 +17,32 @@ use crate::AppState;
 
 const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The main server's own disks: each path's filesystem is reported in
+/// `/metrics`, and `/readyz` is down while one has less than `min_free_mb`.
+#[derive(Clone, Debug, Default)]
+pub struct DiskWatch {
+    pub paths: Vec<std::path::PathBuf>,
+    pub min_free_mb: u64,
+}
+
+impl DiskWatch {
+    /// (path, free bytes) for each watched path that can be read.
+    pub fn free(&self) -> Vec<(String, u64)> {
+        self.paths
+            .iter()
+            .filter_map(|p| Some((p.display().to_string(), fs2::available_space(p).ok()?)))
+            .collect()
+    }
+
+    /// Paths below the threshold, with what they have.
+    pub fn low(&self) -> Vec<(String, u64)> {
+        self.free()
+            .into_iter()
+            .filter(|(_, b)| *b < self.min_free_mb.saturating_mul(1024 * 1024))
+            .collect()
+    }
+}
+
 #[derive(Serialize, ToSchema)]
 pub struct Check {
     /// `ok`, `down` or `not_configured`.
@@ -36,6 +62,8 @@ pub struct Readiness {
     pub object_store: Check,
     /// Down when a read model is more than `MAX_PROJECTION_LAG` events behind its stream.
     pub projections: Check,
+    /// Down while a watched disk has less than its minimum free (`not_configured` without `UD_DISK_WATCH`).
+    pub disk: Check,
 }
 
 /// Events a read model may be behind its stream and still be ready.
@@ -110,9 +138,35 @@ pub async fn readiness(state: &AppState) -> Readiness {
             Err(behind.join(", "))
         }
     });
+    let disk = if state.disk.paths.is_empty() {
+        Check {
+            status: "not_configured".into(),
+            error: None,
+            millis: 0,
+        }
+    } else {
+        let low = state.disk.low();
+        let error = (!low.is_empty()).then(|| {
+            low.iter()
+                .map(|(p, b)| {
+                    format!(
+                        "{p} has {} MiB free, below {} MiB",
+                        b / (1024 * 1024),
+                        state.disk.min_free_mb
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        });
+        Check {
+            status: if error.is_some() { "down" } else { "ok" }.into(),
+            error,
+            millis: 0,
+        }
+    };
     let (nats, postgres, object_store, projections) =
         tokio::join!(nats, postgres, store, projections);
-    let ready = [&nats, &postgres, &object_store, &projections]
+    let ready = [&nats, &postgres, &object_store, &projections, &disk]
         .iter()
         .all(|c| c.status != "down");
     Readiness {
@@ -121,6 +175,7 @@ pub async fn readiness(state: &AppState) -> Readiness {
         postgres,
         object_store,
         projections,
+        disk,
     }
 }
 
@@ -257,6 +312,27 @@ async fn platform_metrics(state: &AppState) -> Result<String, String> {
         out.push_str(&format!(
             "unidesk_node_low_disk{{node_id=\"{id}\",name=\"{name}\"}} {}\n",
             u8::from(r.get::<_, bool>(4))
+        ));
+    }
+    gauge(
+        &mut out,
+        "unidesk_disk_free_bytes",
+        "Free space on the main server's watched disks (UD_DISK_WATCH).",
+    );
+    gauge(
+        &mut out,
+        "unidesk_disk_low",
+        "1 while a watched disk has less than UD_DISK_MIN_FREE_MB free (an alert).",
+    );
+    let low = state.disk.low();
+    for (path, free) in state.disk.free() {
+        let path = label(&path);
+        out.push_str(&format!(
+            "unidesk_disk_free_bytes{{path=\"{path}\"}} {free}\n"
+        ));
+        out.push_str(&format!(
+            "unidesk_disk_low{{path=\"{path}\"}} {}\n",
+            u8::from(low.iter().any(|(p, _)| label(p) == path))
         ));
     }
     gauge(

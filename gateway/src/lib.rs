@@ -27,6 +27,8 @@ pub struct AppState {
     pub projected: Projected,
     /// The object store, when one is configured.
     pub storage: Option<ud_storage::Storage>,
+    /// The main server's disks to watch.
+    pub disk: health::DiskWatch,
 }
 
 async fn healthz() -> &'static str {

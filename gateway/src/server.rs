@@ -24,6 +24,8 @@ pub struct ServerConfig {
     pub edge: Option<EdgeConfig>,
     /// The object store for files, task inputs and outputs, and log archives.
     pub storage: Option<ud_storage::Storage>,
+    /// The main server's own disks to watch (JetStream store, PostgreSQL data, backups).
+    pub disk: crate::health::DiskWatch,
 }
 
 #[derive(Clone, Debug)]
@@ -197,6 +199,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         db,
         projected,
         storage: cfg.storage.clone(),
+        disk: cfg.disk.clone(),
     };
     let api_state = state.clone();
     tasks.push(tokio::spawn(async move {

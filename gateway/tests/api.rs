@@ -840,3 +840,57 @@ async fn metrics_count_tasks_queues_and_projection_lag() -> Result<()> {
     assert!(!metrics.contains("dependency=\"object_store\""));
     Ok(())
 }
+
+#[tokio::test]
+async fn a_watched_disk_below_its_minimum_is_an_alert_and_not_ready() -> Result<()> {
+    use ud_gateway::health::DiskWatch;
+    let dir = std::env::temp_dir();
+    let path = dir.display().to_string();
+    for (min_free_mb, low) in [(1u64, false), (u64::MAX / (1024 * 1024), true)] {
+        let s = Stack::start_full(
+            None,
+            DiskWatch {
+                paths: vec![dir.clone()],
+                min_free_mb,
+            },
+        )
+        .await?;
+        let ready = s.http.get(s.url("/readyz")).send().await?;
+        assert_eq!(
+            ready.status(),
+            if low {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::OK
+            }
+        );
+        let body: Value = ready.json().await?;
+        assert_eq!(
+            body["disk"]["status"],
+            if low { "down" } else { "ok" },
+            "{body}"
+        );
+        if low {
+            assert!(
+                body["disk"]["error"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains(&path),
+                "{body}"
+            );
+        }
+        let metrics = s.http.get(s.url("/metrics")).send().await?.text().await?;
+        assert!(
+            metrics.contains(&format!(
+                "unidesk_disk_low{{path=\"{path}\"}} {}",
+                u8::from(low)
+            )),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains(&format!("unidesk_disk_free_bytes{{path=\"{path}\"}} ")),
+            "{metrics}"
+        );
+    }
+    Ok(())
+}

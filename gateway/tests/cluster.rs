@@ -39,6 +39,7 @@ async fn a_cluster_that_loses_a_server_loses_no_acknowledged_task() -> Result<()
         run_projectors: true,
         edge: None,
         storage: None,
+        disk: Default::default(),
     })
     .await?;
     let store = running.state.commands.store().clone();

@@ -93,6 +93,7 @@ impl Stack {
             replicas: 1,
             run_projectors: true,
             storage,
+            disk: Default::default(),
             edge: Some(EdgeConfig {
                 hub: Some(ud_core::edge::hub::HubSettings {
                     accounts_file: hub.accounts_file(),

@@ -22,6 +22,13 @@ impl Stack {
     }
 
     pub async fn start_with(storage: Option<ud_storage::Storage>) -> Result<Self> {
+        Self::start_full(storage, Default::default()).await
+    }
+
+    pub async fn start_full(
+        storage: Option<ud_storage::Storage>,
+        disk: ud_gateway::health::DiskWatch,
+    ) -> Result<Self> {
         let nats = NatsServer::start().await?;
         let pg = PgDatabase::create().await?;
         let server = server::start(ServerConfig {
@@ -33,6 +40,7 @@ impl Stack {
             run_projectors: true,
             edge: None,
             storage,
+            disk,
         })
         .await?;
         let issued = ud_core::commands::issue_token(
