@@ -3,6 +3,7 @@
 
 mod backbone;
 mod backup;
+mod cluster;
 mod edge;
 mod files;
 mod restart;
@@ -27,6 +28,8 @@ enum Bench {
     Edge(edge::Args),
     /// A hub restart with many nodes linked: time until every link is back.
     Restart(restart::Args),
+    /// A steady load on a 3-server cluster while one server is killed.
+    Cluster(cluster::Args),
     /// `unidesk backup` and `unidesk restore` of a million events.
     Backup(backup::Args),
     /// A large file through presigned URLs as the agent moves it, against a plain S3 client.
@@ -47,6 +50,7 @@ async fn main() -> Result<()> {
         Bench::Schedule(a) => schedule::run_bench(a),
         Bench::Files(a) => files::run(a).await,
         Bench::Backup(a) => backup::run_bench(a).await,
+        Bench::Cluster(a) => cluster::run(a).await,
         Bench::Agents(a) => restart::agents(a).await,
     }
 }
