@@ -322,17 +322,10 @@ async fn rest_submit_to_projected(
     per_sec: usize,
     secs: u64,
 ) -> Result<(f64, Duration, Duration, usize)> {
-    let running = ud_gateway::server::start(ud_gateway::server::ServerConfig {
+    let running = ud_gateway::server::start(ud_gateway::server::ServerConfig::local(
         nats_url,
-        js_domain: None,
-        database_url: pg.url.clone(),
-        listen: "127.0.0.1:0".into(),
-        replicas: 1,
-        run_projectors: true,
-        edge: None,
-        storage: None,
-        disk: Default::default(),
-    })
+        pg.url.clone(),
+    ))
     .await?;
     let issued = ud_core::commands::issue_token(store, "bench", &["bench".into()], false, "bench")
         .await

@@ -46,15 +46,8 @@ pub async fn run(a: Args) -> Result<()> {
         .collect::<Vec<_>>()
         .join(",");
     let running = server::start(ServerConfig {
-        nats_url: url,
-        js_domain: None,
-        database_url: pg.url.clone(),
-        listen: "127.0.0.1:0".into(),
         replicas: 3,
-        run_projectors: true,
-        edge: None,
-        storage: None,
-        disk: Default::default(),
+        ..ServerConfig::local(url, pg.url.clone())
     })
     .await?;
     let store = running.state.commands.store().clone();

@@ -67,14 +67,6 @@ pub async fn start_platform(
     .await?;
     let pg = PgDatabase::create().await?;
     let running = server::start(ServerConfig {
-        nats_url: format!("nats://platform:{platform_pw}@127.0.0.1:{}", hub.port()),
-        js_domain: None,
-        database_url: pg.url.clone(),
-        listen: "127.0.0.1:0".into(),
-        replicas: 1,
-        run_projectors: true,
-        storage: None,
-        disk: Default::default(),
         edge: Some(EdgeConfig {
             hub: Some(ud_core::edge::hub::HubSettings {
                 accounts_file: hub.accounts_file(),
@@ -94,6 +86,10 @@ pub async fn start_platform(
             },
             git_credentials: Default::default(),
         }),
+        ..ServerConfig::local(
+            format!("nats://platform:{platform_pw}@127.0.0.1:{}", hub.port()),
+            pg.url.clone(),
+        )
     })
     .await?;
     Ok((hub, pg, running))

@@ -85,23 +85,8 @@ struct Record {
     seq: u64,
     subject: String,
     headers: Vec<(String, String)>,
-    #[serde(with = "serde_bytes_compat")]
+    #[serde(with = "serde_bytes")]
     payload: Vec<u8>,
-}
-
-/// CBOR byte strings for the payload (not arrays of integers).
-mod serde_bytes_compat {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(v)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        Ok(ciborium::Value::deserialize(d)?
-            .into_bytes()
-            .unwrap_or_default())
-    }
 }
 
 fn pg_tool(bin: &Option<PathBuf>, name: &str) -> PathBuf {

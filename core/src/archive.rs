@@ -9,10 +9,9 @@
 use std::io::Write;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, AckKind};
+use async_nats::jetstream::{consumer, AckKind};
 use futures::StreamExt;
 use tracing::{info, warn};
-use ud_schemas::dispatch::LogChunk;
 use ud_schemas::{streams, TaskId};
 use ud_storage::{keys, Storage};
 
@@ -138,34 +137,18 @@ pub async fn archive(
     let key = log_key(t.project.as_str(), &task)?;
     // Spooled to a file, so that a long log is never held in memory.
     let mut file = tempfile::NamedTempFile::new()?;
-    let logs = store
-        .jetstream()
-        .get_stream_no_info(streams::LOGS)
-        .await
-        .map_err(nats)?;
-    let subject = format!("ud.log.{task}");
-    let (mut next, mut attempt, mut bytes) = (1u64, 0u32, 0u64);
+    let (mut after, mut attempt, mut bytes) = (0u64, 0u32, 0u64);
     loop {
-        match logs
-            .direct_get_next_for_subject(subject.as_str(), Some(next))
-            .await
-        {
-            Ok(msg) => {
-                next = msg.sequence + 1;
-                let Ok(chunk) =
-                    ud_schemas::dispatch::from_cbor::<LogChunk>(&msg.payload, "log-chunk")
-                else {
-                    continue;
-                };
-                if chunk.attempt != attempt {
-                    attempt = chunk.attempt;
-                    writeln!(file, "=== attempt {attempt} ===")?;
-                }
-                file.write_all(chunk.text.as_bytes())?;
-                bytes += chunk.text.len() as u64;
+        let page = store.log_chunks(&task, after, 5000).await?;
+        let Some((last, _)) = page.last() else { break };
+        after = *last;
+        for (_, chunk) in page {
+            if chunk.attempt != attempt {
+                attempt = chunk.attempt;
+                writeln!(file, "=== attempt {attempt} ===")?;
             }
-            Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => break,
-            Err(e) => return Err(nats(e)),
+            file.write_all(chunk.text.as_bytes())?;
+            bytes += chunk.text.len() as u64;
         }
     }
     file.flush()?;

@@ -244,6 +244,40 @@ impl EventStore {
     }
 
     /// A task folded from its stream, with the sequence of its last event.
+    /// Up to `max` of a task's log chunks after log-stream sequence `after`,
+    /// in order, each with its sequence (undecodable chunks are skipped).
+    pub async fn log_chunks(
+        &self,
+        task: &TaskId,
+        after: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, ud_schemas::dispatch::LogChunk)>, StoreError> {
+        let unavailable = |e: &dyn std::fmt::Display| StoreError::Unavailable(e.to_string());
+        let stream = self
+            .js
+            .get_stream_no_info(ud_schemas::streams::LOGS)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let subject = format!("ud.log.{task}");
+        let (mut out, mut next) = (Vec::new(), after + 1);
+        while out.len() < max {
+            match stream
+                .direct_get_next_for_subject(subject.as_str(), Some(next))
+                .await
+            {
+                Ok(m) => {
+                    next = m.sequence + 1;
+                    if let Ok(chunk) = ud_schemas::dispatch::from_cbor(&m.payload, "log-chunk") {
+                        out.push((m.sequence, chunk));
+                    }
+                }
+                Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => break,
+                Err(e) => return Err(unavailable(&e)),
+            }
+        }
+        Ok(out)
+    }
+
     pub async fn load_task(&self, id: &TaskId) -> Result<Option<(Task, u64)>, StoreError> {
         let events = self
             .read_subject(streams::TASKS, &subjects::task_all(id))

@@ -143,11 +143,7 @@ async fn a_node_cannot_act_for_another() -> Result<()> {
         .await?;
 
     // A client on node A's leaf, as A's agent is.
-    let client =
-        async_nats::ConnectOptions::with_user_and_password("agent".into(), AGENT_PW.into())
-            .custom_inbox_prefix(edge::inbox_prefix(&a.id))
-            .connect(format!("127.0.0.1:{}", a.leaf.port()))
-            .await?;
+    let client = agent_client(&a.leaf, Some(a.id)).await?;
     let hub = async_nats::jetstream::with_domain(client.clone(), "hub");
     // B's dispatches, the streams and the JetStream admin API are out of reach.
     let short = Duration::from_secs(2);
@@ -192,10 +188,7 @@ async fn a_node_cannot_act_for_another() -> Result<()> {
 
     // The other node, which controls its own leaf, writes forged events into
     // its own stream: the task's success, and a heartbeat in the runner's name.
-    let liar_client =
-        async_nats::ConnectOptions::with_user_and_password("agent".into(), AGENT_PW.into())
-            .connect(format!("127.0.0.1:{}", liar_leaf.port()))
-            .await?;
+    let liar_client = agent_client(liar_leaf, None).await?;
     let local = async_nats::jetstream::with_domain(liar_client.clone(), edge::domain(&liar));
     let mut cfg = local
         .get_stream(edge::stream(&liar))
@@ -323,9 +316,7 @@ async fn a_node_keeps_working_while_its_link_is_down_and_catches_up() -> Result<
         .await?;
 
     // Watch the node's own stream for the task's end, from the node's side.
-    let local = async_nats::ConnectOptions::with_user_and_password("agent".into(), AGENT_PW.into())
-        .connect(format!("127.0.0.1:{}", node.leaf.port()))
-        .await?;
+    let local = agent_client(&node.leaf, None).await?;
     let task = s
         .submit("echo before the cut; sleep 2; echo after the cut", 120)
         .await?;
@@ -592,9 +583,7 @@ async fn a_task_lost_with_its_node_runs_elsewhere_and_the_lost_run_is_stopped() 
     )
     .await?;
     // The first node comes back with the lost run still going: it is stopped.
-    let local = async_nats::ConnectOptions::with_user_and_password("agent".into(), AGENT_PW.into())
-        .connect(format!("127.0.0.1:{}", a.leaf.port()))
-        .await?;
+    let local = agent_client(&a.leaf, None).await?;
     let mut stopped = local
         .subscribe(format!("ud.edge.{}.task.{task}.cancelled", a.id))
         .await?;
@@ -875,14 +864,7 @@ async fn two_main_servers_assign_each_task_once_and_mark_a_silent_node_offline_o
     // A second main-server instance on the same hub and database: its own
     // ingest, liveness and scheduler, no projectors, no hub reconciler.
     let second = server::start(ServerConfig {
-        nats_url: format!("nats://platform:{PLATFORM_PW}@127.0.0.1:{}", s.hub.port()),
-        js_domain: None,
-        database_url: s._pg.url.clone(),
-        listen: "127.0.0.1:0".into(),
-        replicas: 1,
         run_projectors: false,
-        storage: None,
-        disk: Default::default(),
         edge: Some(EdgeConfig {
             hub: None,
             controller: ud_core::edge::scheduler::ControllerSettings {
@@ -894,6 +876,10 @@ async fn two_main_servers_assign_each_task_once_and_mark_a_silent_node_offline_o
             },
             git_credentials: Default::default(),
         }),
+        ..ServerConfig::local(
+            format!("nats://platform:{PLATFORM_PW}@127.0.0.1:{}", s.hub.port()),
+            s._pg.url.clone(),
+        )
     })
     .await?;
     let token = s.enroll("epsilon").await?;
@@ -1366,9 +1352,7 @@ async fn nodes_come_back_after_a_hub_restart_with_what_they_kept() -> Result<()>
         .await?;
     // The hub dies and comes back while the task runs and finishes.
     s.hub.kill().await?;
-    let local = async_nats::ConnectOptions::with_user_and_password("agent".into(), AGENT_PW.into())
-        .connect(format!("127.0.0.1:{}", node.leaf.port()))
-        .await?;
+    let local = agent_client(&node.leaf, None).await?;
     let mut ended = local
         .subscribe(format!("ud.edge.{}.task.{task}.succeeded", node.id))
         .await?;

@@ -79,11 +79,7 @@ async fn ask(
     node: ud_schemas::NodeId,
     req: &StorageRequest,
 ) -> Result<StorageReply> {
-    let client =
-        async_nats::ConnectOptions::with_user_and_password("agent".into(), AGENT_PW.into())
-            .custom_inbox_prefix(edge::inbox_prefix(&node))
-            .connect(format!("127.0.0.1:{}", leaf.port()))
-            .await?;
+    let client = agent_client(leaf, Some(node)).await?;
     let reply = tokio::time::timeout(
         Duration::from_secs(10),
         client.request(edge::storage_subject(&node), dispatch::to_cbor(req)?.into()),

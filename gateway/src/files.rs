@@ -6,7 +6,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
-use ud_storage::{keys, part_plan, Storage, StorageError};
+use ud_storage::{keys, Storage, StorageError};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::Caller;
@@ -28,6 +28,9 @@ impl From<StorageError> for ApiError {
                 "not_found",
                 format!("{what} does not exist"),
             ),
+            StorageError::Quota(m) => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "quota_exceeded", m)
+            }
             StorageError::Backend(_) | StorageError::Settings(_) => ApiError::unavailable(e),
         }
     }
@@ -226,49 +229,45 @@ async fn plan(
     upload_id: Option<String>,
 ) -> Result<UploadPlan, ApiError> {
     let key = keys::file_key(project, path)?;
-    let (part_size, parts) = part_plan(size);
-    let ttl = storage.ttl_for(size);
-    if parts <= 1 && upload_id.is_none() {
-        let url = storage.presign_put(&key, size, ttl).await?;
-        return Ok(UploadPlan {
-            path: path.to_owned(),
-            size_bytes: size,
-            kind: "single".into(),
-            url: Some(url.into()),
-            upload_id: None,
-            part_size: None,
-            parts: vec![],
-            done: vec![],
-        });
-    }
-    let (upload_id, stored) = match upload_id {
-        Some(id) => {
-            let stored = storage.parts(&key, &id).await?;
-            (id, stored)
-        }
-        None => (storage.start_multipart(&key).await?, vec![]),
-    };
-    let done = ud_storage::parts_done(&stored, size);
-    let mut urls = Vec::new();
-    for number in (1..=parts).filter(|n| !done.contains(n)) {
-        urls.push(PartUrl {
-            number,
-            url: storage
-                .presign_part(&key, &upload_id, number, ttl)
-                .await?
-                .into(),
-        });
-    }
-    Ok(UploadPlan {
-        path: path.to_owned(),
-        size_bytes: size,
-        kind: "multipart".into(),
-        url: None,
-        upload_id: Some(upload_id),
-        part_size: Some(part_size),
-        parts: urls,
-        done,
-    })
+    let (path, size_bytes) = (path.to_owned(), size);
+    Ok(
+        match storage
+            .plan_upload(&key, size, upload_id.as_deref())
+            .await?
+        {
+            ud_storage::Plan::Single(url) => UploadPlan {
+                path,
+                size_bytes,
+                kind: "single".into(),
+                url: Some(url.into()),
+                upload_id: None,
+                part_size: None,
+                parts: vec![],
+                done: vec![],
+            },
+            ud_storage::Plan::Multipart {
+                upload_id,
+                part_size,
+                parts,
+                done,
+            } => UploadPlan {
+                path,
+                size_bytes,
+                kind: "multipart".into(),
+                url: None,
+                upload_id: Some(upload_id),
+                part_size: Some(part_size),
+                parts: parts
+                    .into_iter()
+                    .map(|(number, url)| PartUrl {
+                        number,
+                        url: url.into(),
+                    })
+                    .collect(),
+                done,
+            },
+        },
+    )
 }
 
 /// Start an upload: answers with presigned PUT URLs (one, or one per part

@@ -28,6 +28,25 @@ pub struct ServerConfig {
     pub disk: crate::health::DiskWatch,
 }
 
+impl ServerConfig {
+    /// One instance on these servers, as tests and benchmarks run it: the API
+    /// on a free loopback port, projectors on, one replica per stream, no
+    /// compute nodes, no object store, no watched disks.
+    pub fn local(nats_url: impl Into<String>, database_url: impl Into<String>) -> Self {
+        Self {
+            nats_url: nats_url.into(),
+            js_domain: None,
+            database_url: database_url.into(),
+            listen: "127.0.0.1:0".into(),
+            replicas: 1,
+            run_projectors: true,
+            edge: None,
+            storage: None,
+            disk: Default::default(),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct EdgeConfig {
     /// Set when this instance manages the hub's node users (it needs the

@@ -554,41 +554,22 @@ pub struct LogPage {
 }
 
 async fn read_logs(state: &AppState, id: &TaskId, after: u64) -> Result<Vec<LogLine>, ApiError> {
-    let js = state.commands.store().jetstream();
-    let stream = js
-        .get_stream_no_info(streams::LOGS)
+    let chunks = state
+        .commands
+        .store()
+        .log_chunks(id, after, 5000)
         .await
         .map_err(ApiError::unavailable)?;
-    let subject = format!("ud.log.{id}");
-    let mut out = Vec::new();
-    let mut next = after + 1;
-    while out.len() < 5000 {
-        match stream
-            .direct_get_next_for_subject(subject.as_str(), Some(next))
-            .await
-        {
-            Ok(m) => {
-                next = m.sequence + 1;
-                if let Ok(c) = ud_schemas::dispatch::from_cbor::<ud_schemas::dispatch::LogChunk>(
-                    &m.payload,
-                    "log-chunk",
-                ) {
-                    out.push(LogLine {
-                        seq: m.sequence,
-                        at: c.at,
-                        attempt: c.attempt,
-                        stream: c.stream,
-                        text: c.text,
-                    });
-                }
-            }
-            Err(e) if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => {
-                break
-            }
-            Err(e) => return Err(ApiError::unavailable(e)),
-        }
-    }
-    Ok(out)
+    Ok(chunks
+        .into_iter()
+        .map(|(seq, c)| LogLine {
+            seq,
+            at: c.at,
+            attempt: c.attempt,
+            stream: c.stream,
+            text: c.text,
+        })
+        .collect())
 }
 
 /// The task's output, from the log stream; with `wait`, answers when new output arrives.

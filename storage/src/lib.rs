@@ -31,6 +31,8 @@ pub enum StorageError {
     Backend(String),
     #[error("object storage settings: {0}")]
     Settings(String),
+    #[error("{0}")]
+    Quota(String),
 }
 
 fn backend(e: impl std::error::Error) -> StorageError {
@@ -129,6 +131,20 @@ pub fn parts_done(stored: &[PartInfo], size: u64) -> Vec<u32> {
         })
         .map(|p| p.number)
         .collect()
+}
+
+/// How to send one object: one PUT, or the parts still missing of a multipart upload.
+#[derive(Clone, Debug)]
+pub enum Plan {
+    Single(Presigned),
+    Multipart {
+        upload_id: String,
+        part_size: u64,
+        /// URLs of the parts still to send: (number from 1, PUT).
+        parts: Vec<(u32, Presigned)>,
+        /// Parts the store already has whole.
+        done: Vec<u32>,
+    },
 }
 
 /// How a file of `size` bytes is cut into parts: (part size, number of parts).
@@ -280,6 +296,39 @@ impl Storage {
             .await
             .map_err(backend)?;
         Ok(Self::presigned(req, expires_at))
+    }
+
+    /// How to send `size` bytes to `key`: one PUT for a single part, else a
+    /// multipart upload (resumed when `upload_id` names one: only the
+    /// missing parts get URLs).
+    pub async fn plan_upload(
+        &self,
+        key: &str,
+        size: u64,
+        upload_id: Option<&str>,
+    ) -> Result<Plan, StorageError> {
+        let (part_size, parts) = part_plan(size);
+        let ttl = self.ttl_for(size);
+        if parts <= 1 && upload_id.is_none() {
+            return Ok(Plan::Single(self.presign_put(key, size, ttl).await?));
+        }
+        let (upload_id, done) = match upload_id {
+            Some(id) => (id.to_owned(), parts_done(&self.parts(key, id).await?, size)),
+            None => (self.start_multipart(key).await?, vec![]),
+        };
+        let mut urls = Vec::new();
+        for number in (1..=parts).filter(|n| !done.contains(n)) {
+            urls.push((
+                number,
+                self.presign_part(key, &upload_id, number, ttl).await?,
+            ));
+        }
+        Ok(Plan::Multipart {
+            upload_id,
+            part_size,
+            parts: urls,
+            done,
+        })
     }
 
     /// Starts a multipart upload; returns its id.

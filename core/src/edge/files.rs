@@ -7,7 +7,7 @@ use tracing::info;
 use ud_schemas::dispatch::{InputUrl, OutputFile, OutputUrl, StorageReply, StorageRequest, Upload};
 use ud_schemas::events::OutputObject;
 use ud_schemas::NodeId;
-use ud_storage::{keys, part_plan, Storage, StorageError};
+use ud_storage::{keys, Storage, StorageError};
 
 use crate::task::{Task, TaskState};
 use crate::EventStore;
@@ -133,7 +133,7 @@ async fn outputs(
         let used = storage.usage(&keys::project_prefix(project)?).await?;
         let adding: u64 = files.iter().map(|f| f.size).sum();
         if used.saturating_add(adding) > quota {
-            return Err(StorageError::Settings(format!(
+            return Err(StorageError::Quota(format!(
                 "outputs of {adding} bytes would exceed project {project}'s quota of {quota} bytes ({used} in use)"
             )));
         }
@@ -141,31 +141,30 @@ async fn outputs(
     let mut out = Vec::with_capacity(files.len());
     for f in files {
         let key = keys::output_key(project, &id, &f.path)?;
-        let (part_size, parts) = part_plan(f.size);
-        let ttl = storage.ttl_for(f.size);
-        let upload = if parts <= 1 {
-            Upload::Single {
-                url: storage.presign_put(&key, f.size, ttl).await?.url,
-            }
-        } else {
-            let (upload_id, done) = match &f.upload_id {
-                Some(id) => (id.clone(), storage.parts(&key, id).await?),
-                None => (storage.start_multipart(&key).await?, vec![]),
-            };
-            let done = ud_storage::parts_done(&done, f.size);
-            let mut part_urls = Vec::with_capacity(parts as usize);
-            for n in 1..=parts {
-                part_urls.push(if done.contains(&n) {
-                    String::new()
-                } else {
-                    storage.presign_part(&key, &upload_id, n, ttl).await?.url
-                });
-            }
-            Upload::Multipart {
+        let upload = match storage
+            .plan_upload(&key, f.size, f.upload_id.as_deref())
+            .await?
+        {
+            ud_storage::Plan::Single(url) => Upload::Single { url: url.url },
+            ud_storage::Plan::Multipart {
                 upload_id,
                 part_size,
-                part_urls,
+                parts,
                 done,
+            } => {
+                // One URL per part number; parts already stored get none.
+                let mut part_urls = vec![String::new(); parts.len() + done.len()];
+                for (n, url) in parts {
+                    if let Some(slot) = part_urls.get_mut(n as usize - 1) {
+                        *slot = url.url;
+                    }
+                }
+                Upload::Multipart {
+                    upload_id,
+                    part_size,
+                    part_urls,
+                    done,
+                }
             }
         };
         out.push(OutputUrl {

@@ -86,14 +86,7 @@ impl Stack {
         let pg = PgDatabase::create().await?;
         let nats_url = format!("nats://platform:{PLATFORM_PW}@127.0.0.1:{}", hub.port());
         let server = server::start(ServerConfig {
-            nats_url: nats_url.clone(),
-            js_domain: None,
-            database_url: pg.url.clone(),
-            listen: "127.0.0.1:0".into(),
-            replicas: 1,
-            run_projectors: true,
             storage,
-            disk: Default::default(),
             edge: Some(EdgeConfig {
                 hub: Some(ud_core::edge::hub::HubSettings {
                     accounts_file: hub.accounts_file(),
@@ -113,6 +106,7 @@ impl Stack {
                 },
                 git_credentials,
             }),
+            ..ServerConfig::local(nats_url.clone(), pg.url.clone())
         })
         .await?;
         let store = server.state.commands.store().clone();
@@ -360,6 +354,19 @@ impl Stack {
 }
 
 /// A task of `project` running `sh -c script` (in the base image the test agents use).
+/// A client on a node's leaf server with the agent's credentials, its
+/// replies on `node`'s inbox prefix when given (as that node's agent).
+pub async fn agent_client(leaf: &NatsServer, node: Option<NodeId>) -> Result<async_nats::Client> {
+    let mut options =
+        async_nats::ConnectOptions::with_user_and_password("agent".into(), AGENT_PW.into());
+    if let Some(node) = node {
+        options = options.custom_inbox_prefix(edge::inbox_prefix(&node));
+    }
+    Ok(options
+        .connect(format!("127.0.0.1:{}", leaf.port()))
+        .await?)
+}
+
 pub fn task_body(project: &str, script: &str, resources: Value) -> Value {
     json!({
         "project": project, "code_repo_url": "https://git.example.org/c.git",

@@ -32,15 +32,9 @@ impl Stack {
         let nats = NatsServer::start().await?;
         let pg = PgDatabase::create().await?;
         let server = server::start(ServerConfig {
-            nats_url: nats.url(),
-            js_domain: None,
-            database_url: pg.url.clone(),
-            listen: "127.0.0.1:0".into(),
-            replicas: 1,
-            run_projectors: true,
-            edge: None,
             storage,
             disk,
+            ..ServerConfig::local(nats.url(), pg.url.clone())
         })
         .await?;
         let issued = ud_core::commands::issue_token(
