@@ -309,6 +309,51 @@ fn argv(errors: &mut Errors, field: &str, list: &[String], required: bool) {
 }
 
 /// Validates a submission into the project and spec recorded in the event.
+impl SubmitTask {
+    /// The request that submits `spec` again in `project` (a rerun): it
+    /// validates to the same spec.
+    pub fn rerun_of(project: &str, spec: &TaskSpec) -> Self {
+        let r = &spec.resources;
+        Self {
+            project: project.to_owned(),
+            name: spec.name.clone(),
+            code_repo_url: spec.code_repo_url.clone(),
+            code_commit_id: spec.code_commit_id.clone(),
+            env_repo_url: spec.env_repo_url.clone(),
+            env_commit_id: spec.env_commit_id.clone(),
+            dockerfile_path: spec.dockerfile_path.clone(),
+            command: spec.command.clone(),
+            args: spec.args.clone(),
+            env: spec.env.clone(),
+            resources: ResourceRequest {
+                cpus: f64::from(r.cpu_millis) / 1000.0,
+                memory_mb: i64::try_from(r.memory_mb).unwrap_or(i64::MAX),
+                gpus: i64::from(r.gpus),
+                gpu_model: r.gpu_model.clone(),
+                labels: r.labels.clone(),
+                preferred_labels: r.preferred_labels.clone(),
+                disk_mb: i64::try_from(r.disk_mb).unwrap_or(i64::MAX),
+            },
+            timeout_seconds: Some(i64::try_from(spec.timeout_seconds).unwrap_or(i64::MAX)),
+            retry: Some(RetryRequest {
+                max_attempts: i64::from(spec.retry.max_attempts),
+                backoff_seconds: i64::from(spec.retry.backoff_seconds),
+                exit_codes: spec
+                    .retry
+                    .exit_codes
+                    .iter()
+                    .map(|c| i64::from(*c))
+                    .collect(),
+                on_timeout: spec.retry.on_timeout,
+            }),
+            priority: Some(i64::from(spec.priority)),
+            queue: Some(spec.queue.clone()),
+            inputs: spec.inputs.clone(),
+            outputs: spec.outputs.clone(),
+        }
+    }
+}
+
 pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldError>> {
     let mut e = Errors(Vec::new());
     let project =
@@ -673,6 +718,26 @@ pub(crate) mod tests {
                 prop_assert!(spec.resources.gpus as i64 == gpus);
                 prop_assert!(spec.timeout_seconds as i64 == timeout);
             }
+        }
+
+        #[test]
+        fn a_rerun_validates_to_the_same_spec(cpus in 1u32..64_000, mem in 1i64..1_000_000, gpus in 0i64..8,
+            timeout in 1i64..86_400, attempts in 1i64..5, backoff in 0i64..600, prio in -1000i64..1000,
+            codes in proptest::collection::vec(1i64..255, 0..3), disk in 0i64..100_000, on_timeout in any::<bool>()) {
+            let mut r = request();
+            r.resources.cpus = f64::from(cpus) / 1000.0;
+            r.resources.memory_mb = mem;
+            r.resources.gpus = gpus;
+            r.resources.disk_mb = disk;
+            r.timeout_seconds = Some(timeout);
+            r.priority = Some(prio);
+            r.retry = Some(RetryRequest { max_attempts: attempts, backoff_seconds: backoff, exit_codes: codes, on_timeout });
+            r.outputs = vec!["out/".into()];
+            let (project, spec) = submit_task(&r).map_err(|e| TestCaseError::fail(format!("{e:?}")))?;
+            let again = submit_task(&SubmitTask::rerun_of(project.as_str(), &spec))
+                .map_err(|e| TestCaseError::fail(format!("{e:?}")))?;
+            prop_assert_eq!(again.0.as_str(), project.as_str());
+            prop_assert_eq!(again.1, spec);
         }
 
         #[test]

@@ -46,6 +46,13 @@ impl FromRequestParts<AppState> for Caller {
             .map(str::trim)
             .filter(|s| !s.is_empty())
             .ok_or_else(|| ApiError::unauthorized("Authorization must be 'Bearer <token>'"))?;
+        Caller::from_secret(state, secret).await
+    }
+}
+
+impl Caller {
+    /// The caller a token's secret names, or 401 when it is unknown or revoked.
+    pub async fn from_secret(state: &AppState, secret: &str) -> Result<Self, ApiError> {
         let digest = ud_core::auth::digest(secret);
         let client = state.db.client().await?;
         let row = client

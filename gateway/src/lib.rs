@@ -5,6 +5,7 @@ pub mod body;
 pub mod error;
 pub mod files;
 pub mod health;
+pub mod live;
 pub mod nodes;
 pub mod openapi;
 pub mod projected;
@@ -54,6 +55,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/tasks/{id}/events", get(tasks::history))
         .route("/api/v1/tasks/{id}/cancel", post(tasks::cancel))
         .route("/api/v1/tasks/{id}/priority", post(tasks::priority))
+        .route("/api/v1/tasks/{id}/rerun", post(tasks::rerun))
         .route(
             "/api/v1/projects/{project}/cancel",
             post(tasks::cancel_project),
@@ -83,6 +85,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/nodes/{id}/drain", post(nodes::drain))
         .route("/api/v1/nodes/{id}/resume", post(nodes::resume))
         .route("/api/v1/tasks/{id}/logs", get(tasks::logs))
+        .route("/api/v1/live", get(live::live))
         .route("/api/v1/tokens", post(tokens::issue))
         .route("/api/v1/tokens/{id}", delete(tokens::revoke))
         .fallback(fallback)

@@ -246,6 +246,38 @@ pub async fn cancel(
     Ok(respond_accepted(&state, accepted, wait, StatusCode::ACCEPTED).await)
 }
 
+/// Submit a task's spec again as a new task (same versions, command,
+/// resources, inputs and outputs); the new task's id is in the answer.
+#[utoipa::path(post, path = "/api/v1/tasks/{id}/rerun", tag = "tasks",
+    params(("id" = String, Path), WriteParams),
+    responses((status = 202, body = Accepted), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn rerun(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(params): Query<WriteParams>,
+) -> Result<Response, ApiError> {
+    let wait = params.wants_projection()?;
+    let id = parse_task_id(&id)?;
+    // From the stream (the source of truth), so a task submitted a moment
+    // ago can be rerun before the read model has it.
+    let (task, _) = state
+        .commands
+        .store()
+        .load_task(&id)
+        .await
+        .map_err(ApiError::unavailable)?
+        .filter(|(t, _)| caller.may_see(t.project.as_str()))
+        .ok_or_else(|| ApiError::not_found("task"))?;
+    let req = SubmitTask::rerun_of(task.project.as_str(), &task.spec);
+    let accepted = state
+        .commands
+        .submit(&req, None, &caller.actor(), |p| caller.may_see(p.as_str()))
+        .await?;
+    Ok(respond_accepted(&state, accepted, wait, StatusCode::ACCEPTED).await)
+}
+
 #[derive(Deserialize, Serialize, ToSchema)]
 pub struct ProjectCancelled {
     /// Tasks a cancel was recorded for (pending ones end at once, running ones are stopped by their node).
