@@ -85,6 +85,14 @@ ud_apt_install() {
   ud_sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
 
+# Headless Chromium and Node.js for the web UI's browser tests (playwright-core
+# itself is pinned in tests/browser/package-lock.json).
+ud_install_browser() {
+  command -v chromium >/dev/null || { echo "installing chromium" >&2; ud_apt_install chromium; }
+  command -v node >/dev/null || { echo "installing nodejs" >&2; ud_apt_install nodejs; }
+  command -v npm >/dev/null || { echo "installing npm" >&2; ud_apt_install npm; }
+}
+
 # Garage builds from crates.io (about 10 minutes the first time); exports UD_GARAGE.
 ud_install_garage() {
   local g="${CARGO_HOME:-$HOME/.cargo}/bin/garage"

@@ -119,6 +119,10 @@ EOF
       git -C "$demo/$r" -c user.name=demo -c user.email=demo@localhost commit -q -m "demo"
     done
   fi
+  if [ "${UD_STACK_DEMO:-1}" = 0 ]; then
+    echo "UniDesk is up: API and web UI $UD_API_URL (demo job skipped: UD_STACK_DEMO=0)"
+    return 0
+  fi
   code_commit="$(git -C "$demo/code" rev-parse HEAD)"
   env_commit="$(git -C "$demo/env" rev-parse HEAD)"
   user="$("$BIN" token issue --name "demo-$(date +%s)" --project demo)"
@@ -137,7 +141,7 @@ EOF
   UD_TOKEN="$user" "$BIN" task outputs "$id" --download "$demo/outputs"
   cat "$demo/outputs/result.txt"
   echo
-  echo "UniDesk is up: API $UD_API_URL, NATS 127.0.0.1:$NATS_PORT (leaf nodes on $LEAF_PORT), PostgreSQL $UD_DATABASE_URL, S3 $UD_S3_ENDPOINT"
+  echo "UniDesk is up: API and web UI $UD_API_URL, NATS 127.0.0.1:$NATS_PORT (leaf nodes on $LEAF_PORT), PostgreSQL $UD_DATABASE_URL, S3 $UD_S3_ENDPOINT"
   echo "stop it with: scripts/stack.sh down"
 }
 

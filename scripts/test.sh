@@ -23,3 +23,5 @@ ud_base_image >/dev/null
 cargo build --workspace --all-targets
 cargo test --workspace --no-fail-fast -- --test-threads=4
 python3 -m unittest discover -s tests/foreign -v
+# The web UI in headless Chromium against the whole local stack (release build).
+tests/browser/run.sh

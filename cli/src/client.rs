@@ -523,39 +523,6 @@ pub struct PriorityArgs {
     priority: i64,
 }
 
-/// A submission with the same versions, command and resources as `task` (a TaskView).
-pub fn rerun_body(task: &Value) -> Value {
-    let spec = &task["spec"];
-    let r = &spec["resources"];
-    let mut body = json!({
-        "project": task["project"],
-        "name": spec["name"],
-        "code_repo_url": spec["code_repo_url"], "code_commit_id": spec["code_commit_id"],
-        "env_repo_url": spec["env_repo_url"], "env_commit_id": spec["env_commit_id"],
-        "dockerfile_path": spec["dockerfile_path"],
-        "command": spec["command"], "args": spec["args"], "env": spec["env"],
-        "resources": {
-            "cpus": r["cpu_millis"].as_f64().unwrap_or(1000.0) / 1000.0,
-            "memory_mb": r["memory_mb"], "gpus": r["gpus"], "gpu_model": r["gpu_model"], "labels": r["labels"],
-        },
-        "timeout_seconds": spec["timeout_seconds"],
-        "retry": spec["retry"],
-        "priority": task["priority"],
-        "queue": spec["queue"],
-    });
-    for files in ["inputs", "outputs"] {
-        if spec[files].is_array() {
-            body[files] = spec[files].clone();
-        }
-    }
-    if body["name"].is_null() {
-        if let Some(o) = body.as_object_mut() {
-            o.remove("name");
-        }
-    }
-    body
-}
-
 #[derive(Args)]
 pub struct LogsArgs {
     #[command(flatten)]
@@ -582,8 +549,9 @@ pub async fn task(c: TaskCommand) -> Result<()> {
         }
         TaskCommand::Rerun(a) => {
             let api = Api::new(a.api.clone());
-            let t = api.get(&format!("/api/v1/tasks/{}", a.id)).await?;
-            let v = api.post("/api/v1/tasks", &rerun_body(&t)).await?;
+            let v = api
+                .post(&format!("/api/v1/tasks/{}/rerun", a.id), &json!({}))
+                .await?;
             if a.api.json {
                 print(&v);
             } else {

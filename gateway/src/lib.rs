@@ -10,8 +10,10 @@ pub mod nodes;
 pub mod openapi;
 pub mod projected;
 pub mod server;
+pub mod stats;
 pub mod tasks;
 pub mod tokens;
+pub mod ui;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{delete, get, post};
@@ -46,6 +48,9 @@ async fn fallback() -> error::ApiError {
 
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .route("/", get(ui::index))
+        .route("/ui/app.js", get(ui::app_js))
+        .route("/ui/app.css", get(ui::app_css))
         .route("/healthz", get(healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
@@ -86,6 +91,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/nodes/{id}/resume", post(nodes::resume))
         .route("/api/v1/tasks/{id}/logs", get(tasks::logs))
         .route("/api/v1/live", get(live::live))
+        .route("/api/v1/stats", get(stats::stats))
         .route("/api/v1/tokens", post(tokens::issue))
         .route("/api/v1/tokens/{id}", delete(tokens::revoke))
         .fallback(fallback)

@@ -362,6 +362,13 @@ async fn visible_project(state: &AppState, id: &TaskId) -> Option<String> {
     }
 }
 
+/// A stream timestamp (nanoseconds since the epoch) as RFC 3339.
+fn rfc3339(nanos: i128) -> String {
+    let nanos = i64::try_from(nanos).unwrap_or(i64::MAX);
+    chrono::DateTime::from_timestamp_nanos(nanos)
+        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
 /// Most task projects a connection remembers before it starts over.
 const PROJECT_CACHE: usize = 100_000;
 
@@ -420,7 +427,7 @@ async fn follow_tasks(
             task_id: Some(id.to_string()),
             node_id: None,
             project,
-            stored_at: stored_at.to_string(),
+            stored_at: rfc3339(stored_at.unix_timestamp_nanos()),
             actor: envelope.meta.actor.clone(),
             data: codec::event_data_json(&envelope.event),
         };
@@ -464,7 +471,7 @@ async fn follow_nodes(
             task_id: None,
             node_id: Some(id.to_string()),
             project: None,
-            stored_at: stored_at.to_string(),
+            stored_at: rfc3339(stored_at.unix_timestamp_nanos()),
             actor: envelope.meta.actor.clone(),
             data,
         };

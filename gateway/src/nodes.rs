@@ -31,6 +31,27 @@ pub struct NodeView {
     /// active, cordoned (no new tasks) or draining (no new tasks; running
     /// ones finish: drained when `running_tasks` is 0).
     pub scheduling: String,
+    /// What the node's assigned and running tasks hold of it.
+    pub in_use: InUse,
+}
+
+/// Resources held on a node by the tasks placed on it.
+#[derive(Serialize, Deserialize, ToSchema, Default, Clone, Copy)]
+pub struct InUse {
+    /// Thousandths of a CPU core.
+    pub cpu_millis: i64,
+    pub memory_mb: i64,
+    pub gpus: i64,
+}
+
+impl From<ud_projections::db::NodeUsage> for InUse {
+    fn from(u: ud_projections::db::NodeUsage) -> Self {
+        Self {
+            cpu_millis: u.cpu_millis,
+            memory_mb: u.memory_mb,
+            gpus: u.gpus,
+        }
+    }
 }
 
 impl From<NodeRow> for NodeView {
@@ -48,6 +69,7 @@ impl From<NodeRow> for NodeView {
             disk_free_mb: r.disk_free_mb,
             low_disk: r.low_disk,
             scheduling: r.scheduling,
+            in_use: InUse::default(),
         }
     }
 }
@@ -61,7 +83,17 @@ pub async fn list(
 ) -> Result<Json<Vec<NodeView>>, ApiError> {
     let client = state.db.client().await?;
     let rows = ud_projections::db::list_nodes(&client).await?;
-    Ok(Json(rows.into_iter().map(NodeView::from).collect()))
+    let usage = ud_projections::db::node_usage(&client).await?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|r| {
+                let used = usage.get(&r.id.0).copied().unwrap_or_default();
+                let mut view = NodeView::from(r);
+                view.in_use = used.into();
+                view
+            })
+            .collect(),
+    ))
 }
 
 /// One node.
@@ -77,7 +109,14 @@ pub async fn get(
     let row = ud_projections::db::get_node(&client, id)
         .await?
         .ok_or_else(|| ApiError::not_found("node"))?;
-    Ok(Json(row.into()))
+    let used = ud_projections::db::node_usage(&client)
+        .await?
+        .get(&row.id.0)
+        .copied()
+        .unwrap_or_default();
+    let mut view = NodeView::from(row);
+    view.in_use = used.into();
+    Ok(Json(view))
 }
 
 #[derive(Deserialize, Serialize, ToSchema)]
@@ -202,7 +241,14 @@ async fn set_scheduling(
     let row = ud_projections::db::get_node(&client, id)
         .await?
         .ok_or_else(|| ApiError::not_found("node"))?;
-    Ok(Json(row.into()))
+    let used = ud_projections::db::node_usage(&client)
+        .await?
+        .get(&row.id.0)
+        .copied()
+        .unwrap_or_default();
+    let mut view = NodeView::from(row);
+    view.in_use = used.into();
+    Ok(Json(view))
 }
 
 /// Cordon a node (admin): it takes no new tasks; running ones go on.

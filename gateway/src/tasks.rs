@@ -131,6 +131,7 @@ pub struct ListParams {
     pub state: Option<String>,
     pub project: Option<String>,
     pub node: Option<String>,
+    pub queue: Option<String>,
     /// Tasks submitted before this task id (paging cursor).
     pub before: Option<String>,
     /// Page size, 1-500 (default 50).
@@ -481,6 +482,7 @@ pub async fn list(
         node,
         before,
         projects,
+        queue: p.queue.clone(),
         limit: limit + 1,
     };
     let client = state.db.client().await?;

@@ -894,3 +894,54 @@ async fn a_watched_disk_below_its_minimum_is_an_alert_and_not_ready() -> Result<
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn stats_count_tasks_per_state_now_and_over_time_per_project() -> Result<()> {
+    let s = Stack::start().await?;
+    let lab = s.token(&["lab"]).await?;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let v: Value = s
+            .http
+            .post(s.url("/api/v1/tasks"))
+            .bearer_auth(&lab)
+            .json(&task("lab"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        ids.push(v["task_id"].as_str().unwrap_or_default().to_owned());
+    }
+    s.http
+        .post(s.url(&format!("/api/v1/tasks/{}/cancel?wait=projected", ids[0])))
+        .bearer_auth(&lab)
+        .send()
+        .await?
+        .error_for_status()?;
+    let stats = |token: String, query: &'static str| {
+        let (http, url) = (s.http.clone(), s.url(&format!("/api/v1/stats{query}")));
+        async move { anyhow::Ok(http.get(url).bearer_auth(token).send().await?) }
+    };
+    let st: Value = stats(lab.clone(), "?minutes=60&points=10").await?.json().await?;
+    assert_eq!(st["tasks_by_state"]["pending"], 2);
+    assert_eq!(st["tasks_by_state"]["cancelled"], 1);
+    assert_eq!(st["tasks_by_state"]["succeeded"], 0);
+    let points = st["timeline"].as_array().cloned().unwrap_or_default();
+    assert_eq!(points.len(), 10);
+    assert_eq!((&points[0]["unfinished"], &points[0]["cancelled"]), (&json!(0), &json!(0)));
+    assert_eq!((&points[9]["unfinished"], &points[9]["cancelled"]), (&json!(2), &json!(1)));
+
+    // Another project's token counts none of them.
+    let other = s.token(&["other"]).await?;
+    let st: Value = stats(other, "").await?.json().await?;
+    assert_eq!(st["tasks_by_state"]["pending"], 0);
+    assert_eq!(st["timeline"].as_array().map(Vec::len), Some(60));
+    assert_eq!(st["timeline"][59]["unfinished"], 0);
+
+    let resp = stats(lab.clone(), "?points=1").await?;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(resp.json::<Value>().await?["fields"][0]["field"], "points");
+    let resp = stats(lab, "?minutes=0").await?;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    Ok(())
+}

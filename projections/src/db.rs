@@ -393,6 +393,7 @@ pub struct TaskFilter {
     pub before: Option<uuid::Uuid>,
     /// `None`: every project (admin); otherwise only these.
     pub projects: Option<Vec<String>>,
+    pub queue: Option<String>,
     pub limit: i64,
 }
 
@@ -422,6 +423,7 @@ pub async fn list_tasks(
                    AND ($3::uuid IS NULL OR node_id = $3)
                    AND ($4::uuid IS NULL OR id < $4)
                    AND ($5::text[] IS NULL OR project = ANY($5))
+                   AND ($7::text IS NULL OR COALESCE(spec->>'queue', 'default') = $7)
                  ORDER BY id DESC LIMIT $6"
             ),
             &[
@@ -431,6 +433,7 @@ pub async fn list_tasks(
                 &f.before,
                 &f.projects,
                 &f.limit,
+                &f.queue,
             ],
         )
         .await?;
@@ -478,4 +481,101 @@ pub async fn list_nodes(c: &impl GenericClient) -> Result<Vec<NodeRow>, Projecti
         )
         .await?;
     Ok(rows.iter().map(node_from_row).collect())
+}
+
+/// What the unfinished tasks placed on a node hold of it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeUsage {
+    pub cpu_millis: i64,
+    pub memory_mb: i64,
+    pub gpus: i64,
+}
+
+/// Resources held on each node by its assigned, running and cancelling tasks.
+pub async fn node_usage(
+    c: &impl GenericClient,
+) -> Result<std::collections::HashMap<uuid::Uuid, NodeUsage>, ProjectionError> {
+    let rows = c
+        .query(
+            "SELECT node_id,
+                    COALESCE(sum((spec->'resources'->>'cpu_millis')::bigint), 0)::bigint,
+                    COALESCE(sum((spec->'resources'->>'memory_mb')::bigint), 0)::bigint,
+                    COALESCE(sum((spec->'resources'->>'gpus')::bigint), 0)::bigint
+             FROM tasks
+             WHERE node_id IS NOT NULL AND state IN ('assigned', 'running', 'cancelling')
+             GROUP BY node_id",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let usage = NodeUsage {
+                cpu_millis: r.get(1),
+                memory_mb: r.get(2),
+                gpus: r.get(3),
+            };
+            (r.get(0), usage)
+        })
+        .collect())
+}
+
+/// How many tasks were in each state at one moment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TimelinePoint {
+    pub at: chrono::DateTime<chrono::Utc>,
+    /// Submitted and not finished yet (pending, assigned or running).
+    pub unfinished: i64,
+    /// Finished since the window began, by how they ended.
+    pub succeeded: i64,
+    pub failed: i64,
+    pub timed_out: i64,
+    pub cancelled: i64,
+}
+
+/// Tasks per state at `points` evenly spaced moments over the last
+/// `window_seconds` (the last point is now), of the given projects (`None`:
+/// all): unfinished ones, and those that finished within the window by state.
+pub async fn task_timeline(
+    c: &impl GenericClient,
+    window_seconds: i64,
+    points: i64,
+    projects: Option<&[String]>,
+) -> Result<Vec<TimelinePoint>, ProjectionError> {
+    let step = (window_seconds as f64) / ((points.max(2) - 1) as f64);
+    let rows = c
+        .query(
+            "WITH now AS (SELECT now() AS t),
+             b AS (SELECT (SELECT t FROM now) - make_interval(secs => $1::float8 - i * $2::float8) AS t
+                   FROM generate_series(0, $3::bigint - 1) AS i),
+             k AS (SELECT state, submitted_at, finished_at FROM tasks
+                   WHERE (finished_at IS NULL OR finished_at >= (SELECT t FROM now) - make_interval(secs => $1::float8))
+                     AND ($4::text[] IS NULL OR project = ANY($4)))
+             SELECT b.t,
+               count(k.state) FILTER (WHERE k.submitted_at <= b.t AND (k.finished_at IS NULL OR k.finished_at > b.t)),
+               count(k.state) FILTER (WHERE k.finished_at <= b.t AND k.state = 'succeeded'),
+               count(k.state) FILTER (WHERE k.finished_at <= b.t AND k.state = 'failed'),
+               count(k.state) FILTER (WHERE k.finished_at <= b.t AND k.state = 'timed_out'),
+               count(k.state) FILTER (WHERE k.finished_at <= b.t AND k.state = 'cancelled')
+             FROM b LEFT JOIN k ON k.submitted_at <= b.t
+             GROUP BY b.t ORDER BY b.t",
+            &[
+                &(window_seconds as f64),
+                &step,
+                &points.max(2),
+                &projects.map(<[String]>::to_vec),
+            ],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| TimelinePoint {
+            at: r.get(0),
+            unfinished: r.get(1),
+            succeeded: r.get(2),
+            failed: r.get(3),
+            timed_out: r.get(4),
+            cancelled: r.get(5),
+        })
+        .collect())
 }

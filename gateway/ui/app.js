@@ -1,0 +1,670 @@
+// The UniDesk web UI: plain modules, no framework, every asset served by the
+// gateway. Reads the REST API and follows /api/v1/live for changes.
+
+const $ = (sel, root = document) => root.querySelector(sel);
+const main = $("#main");
+const TOKEN_KEY = "unidesk.token";
+const TERMINAL = ["succeeded", "failed", "timed_out", "cancelled"];
+const STATES = ["pending", "assigned", "running", "cancelling", ...TERMINAL];
+
+// ---- small helpers -------------------------------------------------------
+
+function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else if (k === "class") el.className = v;
+    else el.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children.flat(Infinity)) {
+    if (c === undefined || c === null || c === false) continue;
+    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return el;
+}
+
+const token = () => localStorage.getItem(TOKEN_KEY);
+const shortId = (id) => (id ? String(id).slice(0, 8) : "");
+const stateBadge = (s) => h("span", { class: `state ${s}`, "data-state": s }, s.replace("_", " "));
+
+function when(t) {
+  if (!t) return "";
+  const d = new Date(typeof t === "number" ? t : t);
+  return isNaN(d) ? String(t) : d.toLocaleString();
+}
+
+function ago(t) {
+  if (!t) return "never";
+  const s = Math.max(0, Math.round((Date.now() - new Date(t).getTime()) / 1000));
+  if (s < 60) return `${s} s ago`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ago`;
+  return `${Math.floor(s / 3600)} h ago`;
+}
+
+function debounce(fn, ms) {
+  let t = null;
+  return (...a) => { clearTimeout(t); t = setTimeout(() => fn(...a), ms); };
+}
+
+function flash(text, ok = false) {
+  const f = $("#flash");
+  f.textContent = text;
+  f.className = ok ? "ok" : "";
+  f.hidden = !text;
+}
+
+class ApiError extends Error {
+  constructor(status, body) {
+    super(body?.message || `HTTP ${status}`);
+    this.status = status;
+    this.body = body || {};
+  }
+}
+
+async function api(method, path, body) {
+  const opts = { method, headers: { Authorization: `Bearer ${token()}` } };
+  if (body !== undefined) {
+    opts.headers["Content-Type"] = "application/json";
+    opts.body = JSON.stringify(body);
+  }
+  let resp;
+  try {
+    resp = await fetch(path, opts);
+  } catch (e) {
+    throw new ApiError(0, { error: "network", message: `the server cannot be reached (${e.message})` });
+  }
+  const text = await resp.text();
+  let data = null;
+  try { data = text ? JSON.parse(text) : null; } catch { data = { message: text }; }
+  if (resp.status === 401) { signOut("Your token was refused: sign in again."); throw new ApiError(401, data); }
+  if (!resp.ok) throw new ApiError(resp.status, data);
+  return data;
+}
+
+// ---- live updates --------------------------------------------------------
+
+// One WebSocket to /api/v1/live. Remembers the last sequence of each stream
+// it has seen and resumes from there after a reconnect (exponential backoff
+// with full jitter), so no event is missed.
+class Live {
+  constructor(follow, onMessage) {
+    this.follow = follow; // {tasks?: {after?}, nodes?: {after?}, log?: {after?}, task_id?}
+    this.onMessage = onMessage;
+    this.cursor = {};
+    for (const k of ["tasks", "nodes", "log"]) this.cursor[k] = follow[k]?.after;
+    this.attempt = 0;
+    this.stopped = false;
+    this.open();
+  }
+
+  open() {
+    const ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/api/v1/live`);
+    this.ws = ws;
+    ws.onopen = () => {
+      const hello = { token: token() };
+      if (this.follow.task_id) hello.task_id = this.follow.task_id;
+      for (const k of ["tasks", "nodes", "log"]) {
+        if (this.follow[k]) hello[k] = this.cursor[k] === undefined ? {} : { after: this.cursor[k] };
+      }
+      ws.send(JSON.stringify(hello));
+    };
+    ws.onmessage = (e) => {
+      let m;
+      try { m = JSON.parse(e.data); } catch { return; }
+      if (m.type === "ready") {
+        this.attempt = 0;
+        setLive(true);
+        if (this.follow.tasks && this.cursor.tasks === undefined) this.cursor.tasks = m.tasks_seq;
+        if (this.follow.nodes && this.cursor.nodes === undefined) this.cursor.nodes = m.nodes_seq;
+      } else if (m.type === "event") {
+        this.cursor[m.stream] = m.seq;
+      } else if (m.type === "log") {
+        this.cursor.log = m.seq;
+      }
+      this.onMessage(m);
+    };
+    ws.onclose = (e) => {
+      if (this.stopped) return;
+      setLive(false);
+      if (e.code === 4401) { signOut("Your token was refused: sign in again."); return; }
+      // The request itself was refused (e.g. a task the token may not see): retrying cannot help.
+      if (e.code === 4400) { this.stopped = true; return; }
+      const delay = Math.random() * Math.min(15000, 500 * 2 ** this.attempt);
+      this.attempt += 1;
+      this.timer = setTimeout(() => this.open(), delay);
+    };
+  }
+
+  stop() {
+    this.stopped = true;
+    clearTimeout(this.timer);
+    this.ws?.close();
+  }
+}
+
+function setLive(on) {
+  const el = $("#live");
+  el.hidden = false;
+  el.textContent = on ? "live" : "reconnecting";
+  el.className = on ? "live on" : "live";
+}
+
+// ---- routing -------------------------------------------------------------
+
+let cleanup = [];
+function onLeave(fn) { cleanup.push(fn); }
+
+function route() {
+  for (const fn of cleanup) fn();
+  cleanup = [];
+  flash("");
+  main.replaceChildren();
+  if (!token()) return signInPage();
+  $("#nav").hidden = false;
+  $("#signout").hidden = false;
+  const [page, id] = location.hash.replace(/^#\/?/, "").split("/");
+  for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.dataset.page === (page || "tasks"));
+  const pages = { tasks: id ? () => taskPage(id) : tasksPage, nodes: nodesPage, submit: submitPage, overview: overviewPage };
+  (pages[page] || tasksPage)();
+}
+
+function signOut(message) {
+  localStorage.removeItem(TOKEN_KEY);
+  $("#nav").hidden = true;
+  $("#signout").hidden = true;
+  $("#live").hidden = true;
+  route();
+  if (message) flash(message);
+}
+
+// ---- sign in -------------------------------------------------------------
+
+function signInPage() {
+  const input = h("input", { type: "password", name: "token", autocomplete: "current-password", required: true });
+  const err = h("p", { class: "error", id: "signin-error" });
+  const form = h("form", { class: "card signin", onsubmit: async (e) => {
+    e.preventDefault();
+    err.textContent = "";
+    const t = input.value.trim();
+    const resp = await fetch("/api/v1/tasks?limit=1", { headers: { Authorization: `Bearer ${t}` } }).catch(() => null);
+    if (!resp) { err.textContent = "The server cannot be reached."; return; }
+    if (!resp.ok) {
+      const body = await resp.json().catch(() => ({}));
+      err.textContent = body.message || `Refused (HTTP ${resp.status}).`;
+      return;
+    }
+    localStorage.setItem(TOKEN_KEY, t);
+    location.hash = "#/tasks";
+    route();
+  } },
+  h("h1", {}, "Sign in"),
+  h("label", {}, "API token", input),
+  h("p", { class: "muted" }, "Ask an administrator for a token (unidesk token issue)."),
+  err,
+  h("button", { type: "submit" }, "Sign in"));
+  main.append(form);
+  input.focus();
+}
+
+// ---- tasks ---------------------------------------------------------------
+
+function tasksPage() {
+  const params = new URLSearchParams(location.hash.split("?")[1] || "");
+  const f = {
+    state: h("select", { name: "state" }, h("option", { value: "" }, "any state"), STATES.map((s) => h("option", { value: s }, s))),
+    project: h("input", { name: "project", placeholder: "any project", size: 14 }),
+    queue: h("input", { name: "queue", placeholder: "any queue", size: 12 }),
+    node: h("input", { name: "node", placeholder: "node id", size: 14 }),
+  };
+  for (const [k, el] of Object.entries(f)) el.value = params.get(k) || "";
+  const body = h("tbody");
+  const more = h("button", { class: "secondary", hidden: true }, "Older tasks");
+  const count = h("span", { class: "muted" });
+  let before = null;
+
+  const query = () => {
+    const q = new URLSearchParams();
+    for (const [k, el] of Object.entries(f)) if (el.value.trim()) q.set(k, el.value.trim());
+    return q;
+  };
+  const row = (t) => h("tr", { "data-task": t.id },
+    h("td", {}, h("a", { href: `#/tasks/${t.id}`, class: "mono" }, shortId(t.id))),
+    h("td", {}, t.name || ""),
+    h("td", {}, t.project),
+    h("td", {}, t.spec?.queue || "default"),
+    h("td", {}, stateBadge(t.state), t.waiting_reason ? h("div", { class: "muted" }, t.waiting_reason) : ""),
+    h("td", { class: "mono" }, t.node_id ? h("a", { href: `#/nodes` }, shortId(t.node_id)) : ""),
+    h("td", {}, when(t.submitted_at)),
+    h("td", {}, when(t.updated_at)));
+
+  const load = async () => {
+    try {
+      const q = query();
+      q.set("limit", "100");
+      const page = await api("GET", `/api/v1/tasks?${q}`);
+      body.replaceChildren(...page.items.map(row));
+      before = page.next;
+      more.hidden = !before;
+      count.textContent = `${page.items.length}${before ? "+" : ""} tasks`;
+    } catch (e) { if (e.status !== 401) flash(e.message); }
+  };
+  more.onclick = async () => {
+    const q = query();
+    q.set("limit", "100");
+    q.set("before", before);
+    const page = await api("GET", `/api/v1/tasks?${q}`).catch((e) => (flash(e.message), null));
+    if (!page) return;
+    body.append(...page.items.map(row));
+    before = page.next;
+    more.hidden = !before;
+  };
+  const apply = (e) => {
+    e?.preventDefault();
+    history.replaceState(null, "", `#/tasks?${query()}`);
+    load();
+  };
+  for (const el of Object.values(f)) el.addEventListener("change", apply);
+
+  main.append(
+    h("h1", {}, "Tasks"),
+    h("form", { class: "filters", onsubmit: apply },
+      h("label", {}, "State", f.state), h("label", {}, "Project", f.project),
+      h("label", {}, "Queue", f.queue), h("label", {}, "Node", f.node),
+      h("button", { type: "submit", class: "secondary" }, "Filter"), count),
+    h("table", { id: "tasks" },
+      h("thead", {}, h("tr", {}, ["Task", "Name", "Project", "Queue", "State", "Node", "Submitted", "Updated"].map((c) => h("th", {}, c)))),
+      body),
+    more);
+
+  // Ready comes once the read model holds everything before it: load then,
+  // and again (coalesced) whenever a task event arrives.
+  const refresh = debounce(load, 200);
+  const live = new Live({ tasks: {} }, (m) => {
+    if (m.type === "ready" || m.type === "event") refresh();
+  });
+  onLeave(() => live.stop());
+}
+
+function versionRows(t) {
+  const s = t.spec || {};
+  const p = t.prepared || {};
+  const same = (a, b) => (b && a !== b ? h("span", { class: "error" }, ` (ran ${b})`) : "");
+  return [
+    ["Code repository", s.code_repo_url],
+    ["Code commit", h("span", { class: "mono" }, s.code_commit_id, same(s.code_commit_id, p.code_commit_id))],
+    ["Environment repository", s.env_repo_url],
+    ["Environment commit", h("span", { class: "mono" }, s.env_commit_id, same(s.env_commit_id, p.env_commit_id))],
+    ["Dockerfile", s.dockerfile_path],
+    ["Dockerfile SHA-256", p.dockerfile_digest ? h("span", { class: "mono" }, p.dockerfile_digest) : h("span", { class: "muted" }, "not prepared yet")],
+    ["Image", p.image_id ? h("span", { class: "mono" }, p.image_id) : ""],
+  ];
+}
+
+function dl(rows) {
+  return h("dl", {}, rows.filter(([, v]) => v !== undefined && v !== null && v !== "").map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
+}
+
+function eventSummary(e) {
+  const d = e.data || {};
+  const parts = [];
+  for (const k of ["node_id", "attempt", "step", "exit_code", "reason", "priority", "mode"]) {
+    if (d[k] !== undefined && d[k] !== null && d[k] !== "") parts.push(`${k.replace("_", " ")}: ${k === "node_id" ? shortId(d[k]) : d[k]}`);
+  }
+  return parts.join(" · ");
+}
+
+function taskPage(id) {
+  const head = h("div");
+  const details = h("div", { class: "grid" });
+  const steps = h("div");
+  const outputs = h("div");
+  const timeline = h("tbody");
+  const log = h("pre", { class: "log", id: "log" });
+  const logNote = h("span", { class: "muted" });
+  let task = null;
+  let logLines = 0;
+
+  const cancel = h("button", { class: "danger", id: "cancel", onclick: async () => {
+    cancel.disabled = true;
+    try { await api("POST", `/api/v1/tasks/${id}/cancel`); flash("Cancel requested.", true); }
+    catch (e) { flash(e.message); cancel.disabled = false; }
+  } }, "Cancel");
+  const rerun = h("button", { class: "secondary", id: "rerun", onclick: async () => {
+    try {
+      const a = await api("POST", `/api/v1/tasks/${id}/rerun`);
+      location.hash = `#/tasks/${a.task_id}`;
+    } catch (e) { flash(e.message); }
+  } }, "Rerun");
+
+  const render = () => {
+    const t = task;
+    head.replaceChildren(
+      h("h1", {}, t.name || "Task", " ", h("span", { class: "mono muted" }, t.id), " ", stateBadge(t.state)),
+      h("div", { class: "actions" }, cancel, rerun));
+    cancel.disabled = TERMINAL.includes(t.state) || t.state === "cancelling";
+    details.replaceChildren(
+      h("div", { class: "card" }, h("h2", {}, "Run"), dl([
+        ["Project", t.project], ["Queue", t.spec?.queue || "default"], ["Priority", t.priority],
+        ["Node", t.node_id ? h("span", { class: "mono" }, t.node_id) : h("span", { class: "muted" }, "not placed")],
+        ["Attempt", t.attempt], ["Exit code", t.exit_code], ["Reason", t.reason],
+        ["Waiting", t.waiting_reason],
+        ["Preparing", t.preparing ? `${t.preparing.step} since ${when(t.preparing.since)}` : ""],
+        ["Submitted", `${when(t.submitted_at)} by ${t.submitted_by}`], ["Finished", when(t.finished_at)],
+        ["Command", h("code", {}, [...(t.spec?.command || []), ...(t.spec?.args || [])].join(" "))],
+        ["Resources", resourcesText(t.spec?.resources)],
+      ])),
+      h("div", { class: "card" }, h("h2", {}, "Versions"), dl(versionRows(t))));
+    const st = t.prepared?.steps || [];
+    steps.replaceChildren(st.length
+      ? h("table", { id: "steps" }, h("thead", {}, h("tr", {}, h("th", {}, "Preparing step"), h("th", {}, "Took"))),
+        h("tbody", {}, st.map((s) => h("tr", {}, h("td", {}, s.name), h("td", {}, `${(s.millis / 1000).toFixed(2)} s`)))))
+      : h("p", { class: "muted" }, "Not prepared yet."));
+    const outs = t.outputs || [];
+    outputs.replaceChildren(
+      outs.length
+        ? h("table", { id: "outputs" }, h("thead", {}, h("tr", {}, ["Path", "Size", "SHA-256"].map((c) => h("th", {}, c)))),
+          h("tbody", {}, outs.map((o) => h("tr", {},
+            h("td", {}, o.download ? h("a", { href: o.download.url, download: o.path }, o.path) : o.path),
+            h("td", {}, bytes(o.size)), h("td", { class: "mono" }, (o.sha256 || "").slice(0, 16))))))
+        : h("p", { class: "muted" }, t.spec?.outputs?.length ? "No outputs stored yet." : "The task declares no outputs."),
+      t.log_archive ? h("p", {}, h("a", { href: t.log_archive.url }, "Whole log (archived)")) : "");
+  };
+
+  const load = async () => {
+    try { task = await api("GET", `/api/v1/tasks/${id}`); render(); }
+    catch (e) {
+      if (e.status === 404) { main.replaceChildren(h("h1", {}, "No such task"), h("p", { class: "muted" }, "It does not exist, or your token may not see its project.")); live.stop(); }
+      else if (e.status !== 401) flash(e.message);
+    }
+  };
+  const refresh = debounce(load, 150);
+
+  main.append(head, details,
+    h("h2", {}, "Preparing steps"), steps,
+    h("h2", {}, "Log ", logNote), log,
+    h("h2", {}, "Outputs"), outputs,
+    h("h2", {}, "Timeline"),
+    h("table", { id: "timeline" }, h("thead", {}, h("tr", {}, ["#", "Event", "When", "By", "Details"].map((c) => h("th", {}, c)))), timeline));
+
+  load();
+  // The task's whole history and log come over the live connection from the
+  // start of the streams; after a reconnect it resumes where it stopped.
+  const live = new Live({ task_id: id, tasks: { after: 0 }, log: {} }, (m) => {
+    if (m.type === "ready") { refresh(); return; }
+    if (m.type === "event") {
+      timeline.append(h("tr", { "data-type": m.event_type },
+        h("td", { class: "mono" }, m.seq), h("td", {}, m.event_type), h("td", {}, when(m.stored_at)),
+        h("td", {}, m.actor), h("td", {}, eventSummary(m))));
+      refresh();
+    } else if (m.type === "log") {
+      const atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
+      log.append(h("span", { class: m.stream }, m.text));
+      logLines += 1;
+      if (logLines > 5000) log.firstChild?.remove();
+      logNote.textContent = `(attempt ${m.attempt})`;
+      if (atEnd) log.scrollTop = log.scrollHeight;
+    } else if (m.type === "error") {
+      flash(m.message);
+    }
+  });
+  onLeave(() => live.stop());
+}
+
+function resourcesText(r) {
+  if (!r) return "";
+  const parts = [`${r.cpu_millis / 1000} CPU`, `${r.memory_mb} MiB`];
+  if (r.gpus) parts.push(`${r.gpus} GPU${r.gpu_model ? ` (${r.gpu_model})` : ""}`);
+  if (r.disk_mb) parts.push(`${r.disk_mb} MiB disk`);
+  const labels = Object.entries(r.labels || {}).map(([k, v]) => `${k}=${v}`);
+  if (labels.length) parts.push(`on ${labels.join(", ")}`);
+  return parts.join(" · ");
+}
+
+function bytes(n) {
+  if (n === undefined || n === null) return "";
+  const u = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < u.length - 1) { n /= 1024; i += 1; }
+  return `${i ? n.toFixed(1) : n} ${u[i]}`;
+}
+
+// ---- nodes ---------------------------------------------------------------
+
+function usageBar(used, total, text) {
+  const pct = total > 0 ? Math.min(100, Math.round((100 * used) / total)) : 0;
+  return h("div", {}, h("div", { class: "bar", title: `${pct}%` }, h("span", { style: `width:${pct}%` })), h("span", { class: "muted" }, text));
+}
+
+function nodesPage() {
+  const body = h("tbody");
+  const row = (n) => {
+    const r = n.resources || {};
+    const gpus = r.gpus || [];
+    const act = (what, label, cls = "secondary") => h("button", { class: cls, "data-action": what, onclick: async () => {
+      try { await api("POST", `/api/v1/nodes/${n.id}/${what}`, {}); flash(`${n.name}: ${what} requested.`, true); load(); }
+      catch (e) { flash(e.message); }
+    } }, label);
+    return h("tr", { "data-node": n.name },
+      h("td", {}, h("strong", {}, n.name), h("div", { class: "mono muted" }, shortId(n.id)),
+        h("div", { class: "muted" }, Object.entries(n.labels || {}).map(([k, v]) => `${k}=${v}`).join(", "))),
+      h("td", { class: "status" }, stateBadge(n.status), " ", n.scheduling !== "active" ? stateBadge(n.scheduling) : "",
+        n.low_disk ? h("div", { class: "error" }, "low disk") : ""),
+      h("td", {}, usageBar(n.in_use.cpu_millis, r.cpu_millis, `${n.in_use.cpu_millis / 1000} / ${(r.cpu_millis || 0) / 1000} CPU`)),
+      h("td", {}, usageBar(n.in_use.memory_mb, r.memory_mb, `${bytes(n.in_use.memory_mb * 1048576)} / ${bytes((r.memory_mb || 0) * 1048576)}`)),
+      h("td", {}, gpus.length ? usageBar(n.in_use.gpus, gpus.length, `${n.in_use.gpus} / ${gpus.length}: ${[...new Set(gpus.map((g) => g.model))].join(", ")}`) : h("span", { class: "muted" }, "none")),
+      h("td", {}, n.disk_free_mb !== null && n.disk_free_mb !== undefined ? `${bytes(n.disk_free_mb * 1048576)} free` : ""),
+      h("td", {}, h("span", { class: "heartbeat", "data-seen": n.last_seen || "" }, ago(n.last_seen))),
+      h("td", {}, n.running_tasks ? h("a", { href: `#/tasks?node=${n.id}` }, `${n.running_tasks}`) : "0"),
+      h("td", {}, [r.os, r.wsl ? "WSL" : "", r.docker_version ? `Docker ${r.docker_version}` : "", r.agent_version ? `agent ${r.agent_version}` : ""].filter(Boolean).join(" · ")),
+      h("td", {}, h("div", { class: "actions" }, n.status === "revoked" ? "" : n.scheduling === "active"
+        ? [act("drain", "Drain"), act("cordon", "Cordon")]
+        : act("resume", "Resume"))));
+  };
+  const load = async () => {
+    try { body.replaceChildren(...(await api("GET", "/api/v1/nodes")).map(row)); }
+    catch (e) { if (e.status !== 401) flash(e.message); }
+  };
+  main.append(h("h1", {}, "Nodes"),
+    h("table", { id: "nodes" }, h("thead", {}, h("tr", {},
+      ["Node", "Status", "CPU in use", "Memory in use", "GPUs in use", "Disk", "Last heartbeat", "Running", "System", ""].map((c) => h("th", {}, c)))), body));
+  const refresh = debounce(load, 200);
+  const live = new Live({ nodes: {} }, (m) => { if (m.type === "ready" || m.type === "event") refresh(); });
+  // Heartbeats are not events of the live connection: refresh their ages.
+  const tick = setInterval(() => {
+    for (const el of document.querySelectorAll(".heartbeat")) el.textContent = ago(el.dataset.seen);
+  }, 1000);
+  const poll = setInterval(load, 15000);
+  onLeave(() => { live.stop(); clearInterval(tick); clearInterval(poll); });
+}
+
+// ---- submit --------------------------------------------------------------
+
+// Splits a command line into words: spaces separate, quotes group.
+function words(line) {
+  const out = [];
+  const re = /"((?:[^"\\]|\\.)*)"|'([^']*)'|(\S+)/g;
+  let m;
+  while ((m = re.exec(line))) out.push(m[1] !== undefined ? m[1].replace(/\\(.)/g, "$1") : m[2] !== undefined ? m[2] : m[3]);
+  return out;
+}
+
+function lines(text) { return text.split("\n").map((l) => l.trim()).filter(Boolean); }
+
+function pairs(text, sep, field, errors) {
+  const out = {};
+  lines(text).forEach((l, i) => {
+    const at = l.indexOf(sep);
+    if (at <= 0) errors.push({ field, reason: `line ${i + 1}: expected NAME${sep}VALUE` });
+    else out[l.slice(0, at).trim()] = l.slice(at + 1).trim();
+  });
+  return out;
+}
+
+function submitPage() {
+  const fields = [
+    ["project", "Project", "input", { required: true }],
+    ["name", "Name", "input", {}],
+    ["code_repo_url", "Code repository URL", "input", { required: true, placeholder: "https://, ssh:// or file://" }],
+    ["code_commit_id", "Code commit", "input", { required: true, placeholder: "40 or 64 hex digits", class: "mono" }],
+    ["env_repo_url", "Environment repository URL", "input", { required: true }],
+    ["env_commit_id", "Environment commit", "input", { required: true, placeholder: "40 or 64 hex digits", class: "mono" }],
+    ["dockerfile_path", "Dockerfile path", "input", { required: true, value: "Dockerfile" }],
+    ["command", "Command", "input", { required: true, placeholder: "python train.py --epochs 3" }],
+    ["resources.cpus", "CPUs", "input", { type: "number", step: "0.001", value: "1" }],
+    ["resources.memory_mb", "Memory (MiB)", "input", { type: "number", value: "1024" }],
+    ["resources.gpus", "GPUs", "input", { type: "number", value: "0" }],
+    ["resources.gpu_model", "GPU model", "input", { placeholder: "any" }],
+    ["resources.labels", "Node labels (one NAME=VALUE per line)", "textarea", { rows: 2 }],
+    ["timeout_seconds", "Time limit (seconds)", "input", { type: "number", placeholder: "one day" }],
+    ["queue", "Queue", "input", { placeholder: "default" }],
+    ["priority", "Priority", "input", { type: "number", placeholder: "0" }],
+    ["env", "Environment variables (NAME=VALUE per line)", "textarea", { rows: 3 }],
+    ["inputs", "Inputs (project file -> workspace path, per line)", "textarea", { rows: 3, placeholder: "data/train.csv -> train.csv" }],
+    ["outputs", "Outputs (workspace paths, per line)", "textarea", { rows: 3, placeholder: "results/" }],
+  ];
+  const els = {};
+  const errs = {};
+  const form = h("form", { class: "submit", id: "submit-form", novalidate: true });
+  for (const [key, label, tag, attrs] of fields) {
+    const { value, ...rest } = attrs;
+    const el = h(tag, { name: key, ...rest });
+    if (value !== undefined) el.value = value;
+    els[key] = el;
+    errs[key] = h("span", { class: "error", "data-error-for": key });
+    form.append(h("label", { class: tag === "textarea" ? "wide" : "" }, label, el, errs[key]));
+  }
+  const general = h("p", { class: "error wide", id: "submit-error" });
+  const button = h("button", { type: "submit" }, "Submit task");
+  form.append(general, h("div", { class: "wide" }, button));
+
+  const num = (k) => (els[k].value.trim() === "" ? undefined : Number(els[k].value));
+  const text = (k) => els[k].value.trim() || undefined;
+
+  form.onsubmit = async (e) => {
+    e.preventDefault();
+    for (const el of Object.values(errs)) el.textContent = "";
+    general.textContent = "";
+    const local = [];
+    const inputs = lines(els.inputs.value).map((l, i) => {
+      const [source, path] = l.split("->").map((s) => s.trim());
+      if (!source) local.push({ field: "inputs", reason: `line ${i + 1}: expected SOURCE -> PATH` });
+      return { source, path: path || source.split("/").filter(Boolean).pop() || "" };
+    });
+    const body = {
+      project: els.project.value.trim(),
+      name: text("name"),
+      code_repo_url: els.code_repo_url.value.trim(),
+      code_commit_id: els.code_commit_id.value.trim(),
+      env_repo_url: els.env_repo_url.value.trim(),
+      env_commit_id: els.env_commit_id.value.trim(),
+      dockerfile_path: els.dockerfile_path.value.trim(),
+      command: words(els.command.value),
+      env: pairs(els.env.value, "=", "env", local),
+      resources: {
+        cpus: num("resources.cpus") ?? 1,
+        memory_mb: num("resources.memory_mb") ?? 1024,
+        gpus: num("resources.gpus") ?? 0,
+        gpu_model: text("resources.gpu_model"),
+        labels: pairs(els["resources.labels"].value, "=", "resources.labels", local),
+      },
+      timeout_seconds: num("timeout_seconds"),
+      queue: text("queue"),
+      priority: num("priority"),
+      inputs,
+      outputs: lines(els.outputs.value),
+    };
+    if (local.length) return showErrors(local);
+    button.disabled = true;
+    try {
+      const a = await api("POST", "/api/v1/tasks", body);
+      location.hash = `#/tasks/${a.task_id}`;
+    } catch (err) {
+      if (err.body?.fields?.length) showErrors(err.body.fields);
+      else general.textContent = err.message;
+    } finally { button.disabled = false; }
+  };
+
+  // Each error goes next to its field (`inputs[0].path` to `inputs`, ...).
+  function showErrors(list) {
+    const rest = [];
+    for (const f of list) {
+      const key = Object.keys(errs).find((k) => f.field === k) ||
+        Object.keys(errs).sort((a, b) => b.length - a.length).find((k) => f.field.startsWith(k));
+      if (key) errs[key].textContent = (errs[key].textContent ? `${errs[key].textContent}; ` : "") + `${f.field}: ${f.reason}`;
+      else rest.push(`${f.field}: ${f.reason}`);
+    }
+    general.textContent = rest.join("; ");
+  }
+
+  main.append(h("h1", {}, "Submit a task"), form);
+}
+
+// ---- overview: plots -----------------------------------------------------
+
+const COLORS = { unfinished: "#2456c7", succeeded: "#1b7f3b", failed: "#b42318", timed_out: "#dc6803", cancelled: "#98a2b3" };
+
+function lineChart(points, keys) {
+  const W = 760, H = 240, L = 44, B = 26, T = 10, R = 10;
+  const ns = "http://www.w3.org/2000/svg";
+  const s = (tag, attrs, text) => {
+    const el = document.createElementNS(ns, tag);
+    for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, v);
+    if (text !== undefined) el.textContent = text;
+    return el;
+  };
+  const svg = s("svg", { viewBox: `0 0 ${W} ${H}`, width: "100%", role: "img", "aria-label": "tasks per state over time", id: "timeline-chart" });
+  const max = Math.max(1, ...points.flatMap((p) => keys.map((k) => p[k])));
+  const x = (i) => L + ((W - L - R) * i) / Math.max(1, points.length - 1);
+  const y = (v) => H - B - ((H - B - T) * v) / max;
+  for (let g = 0; g <= 4; g += 1) {
+    const v = Math.round((max * g) / 4);
+    svg.append(s("line", { x1: L, x2: W - R, y1: y(v), y2: y(v), stroke: "#eef2f6" }), s("text", { x: L - 6, y: y(v) + 4, "text-anchor": "end" }, v));
+  }
+  if (points.length) {
+    const fmt = (p) => new Date(p.at).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+    svg.append(s("text", { x: L, y: H - 6 }, fmt(points[0])), s("text", { x: W - R, y: H - 6, "text-anchor": "end" }, fmt(points[points.length - 1])));
+  }
+  for (const k of keys) {
+    const d = points.map((p, i) => `${i ? "L" : "M"}${x(i).toFixed(1)},${y(p[k]).toFixed(1)}`).join("");
+    svg.append(s("path", { d, fill: "none", stroke: COLORS[k], "stroke-width": 2, "data-series": k }));
+  }
+  return svg;
+}
+
+function overviewPage() {
+  const counts = h("div", { class: "grid", id: "counts" });
+  const chart = h("div", { class: "card" });
+  const nodes = h("tbody");
+  const minutes = h("select", {}, [15, 60, 360, 1440].map((m) => h("option", { value: m, selected: m === 60 }, m < 60 ? `${m} min` : `${m / 60} h`)));
+  const load = async () => {
+    try {
+      const st = await api("GET", `/api/v1/stats?minutes=${minutes.value}&points=60`);
+      counts.replaceChildren(...Object.entries(st.tasks_by_state).map(([k, v]) =>
+        h("div", { class: "card", "data-count": k }, h("div", { class: "muted" }, k.replace("_", " ")), h("strong", { style: "font-size:1.5rem" }, v))));
+      const keys = Object.keys(COLORS);
+      chart.replaceChildren(lineChart(st.timeline, keys),
+        h("div", { class: "legend" }, keys.map((k) => h("span", {}, h("i", { style: `background:${COLORS[k]}` }), k.replace("_", " ")))));
+      nodes.replaceChildren(...st.nodes.map((n) => h("tr", {},
+        h("td", {}, n.name), h("td", {}, stateBadge(n.status)),
+        h("td", {}, usageBar(n.in_use.cpu_millis, n.cpu_millis, `${n.in_use.cpu_millis / 1000} / ${n.cpu_millis / 1000}`)),
+        h("td", {}, usageBar(n.in_use.memory_mb, n.memory_mb, `${n.in_use.memory_mb} / ${n.memory_mb} MiB`)),
+        h("td", {}, n.gpus ? usageBar(n.in_use.gpus, n.gpus, `${n.in_use.gpus} / ${n.gpus}`) : h("span", { class: "muted" }, "none")))));
+    } catch (e) { if (e.status !== 401) flash(e.message); }
+  };
+  minutes.onchange = load;
+  main.append(h("h1", {}, "Overview"), counts,
+    h("div", { class: "filters" }, h("h2", {}, "Tasks per state over the last"), minutes), chart,
+    h("h2", {}, "Node utilisation"),
+    h("table", { id: "utilisation" }, h("thead", {}, h("tr", {}, ["Node", "Status", "CPU", "Memory", "GPUs"].map((c) => h("th", {}, c)))), nodes));
+  const refresh = debounce(load, 1000);
+  const live = new Live({ tasks: {}, nodes: {} }, (m) => { if (m.type === "ready" || m.type === "event") refresh(); });
+  const poll = setInterval(load, 30000);
+  onLeave(() => { live.stop(); clearInterval(poll); });
+}
+
+// ---- start ---------------------------------------------------------------
+
+$("#signout").onclick = () => signOut("");
+window.addEventListener("hashchange", route);
+route();

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# End-to-end tests of the web UI: starts the real local stack (hub nats-server,
+# PostgreSQL, Docker, Garage, the main server and its own compute node) on free
+# ports in a throw-away state directory, then drives headless Chromium through
+# it. Screenshots of every page land in target/browser-artifacts/.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+source scripts/deps.sh
+ud_install_browser
+
+state="$(mktemp -d /tmp/ud-browser.XXXXXX)"
+export UD_STATE_DIR="$state"
+export UD_NATS_PORT="$(ud_free_port)" UD_LEAF_PORT="$(ud_free_port)" UD_MONITOR_PORT="$(ud_free_port)"
+export UD_EDGE_PORT="$(ud_free_port)" UD_PG_PORT="$(ud_free_port)" UD_S3_PORT="$(ud_free_port)"
+export UD_LISTEN="127.0.0.1:$(ud_free_port)"
+# Seconds instead of the production 15 s / 90 s, so "offline" shows within the test.
+export UD_EDGE_HEARTBEAT_SECONDS=1 UD_HEARTBEAT_TIMEOUT_SECONDS=5 UD_CANCEL_GRACE_SECONDS=2
+export UD_STACK_DEMO=0
+cleanup() { scripts/stack.sh down >/dev/null 2>&1 || true; rm -rf "$state"; }
+trap cleanup EXIT
+scripts/stack.sh up >"$state/stack.out" 2>&1 || { cat "$state/stack.out" >&2; exit 1; }
+
+export UD_API_URL="http://$UD_LISTEN"
+export UD_ADMIN_TOKEN="$(cat "$state/admin.token")"
+export UD_ARTIFACTS="${UD_ARTIFACTS:-$PWD/target/browser-artifacts}"
+mkdir -p "$UD_ARTIFACTS"
+(cd tests/browser && npm ci --no-audit --no-fund --silent)
+status=0
+node --test --test-concurrency=1 tests/browser/ui.test.mjs || status=$?
+if [ "$status" != 0 ]; then
+  echo "--- server log (tail)" >&2; tail -40 "$state/server.log" >&2 || true
+  echo "--- agent log (tail)" >&2; tail -40 "$state/agent.log" >&2 || true
+fi
+exit "$status"

@@ -1,0 +1,222 @@
+// The web UI in headless Chromium against the real local stack started by
+// tests/browser/run.sh: sign in, submit through the form, watch a task finish
+// without reloading, read its log across a dropped live connection, cancel a
+// task, see the node go offline when its agent stops. Screenshots of every
+// page are written to $UD_ARTIFACTS.
+
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
+import { readFileSync } from "node:fs";
+import path from "node:path";
+import { chromium } from "playwright-core";
+
+const BASE = process.env.UD_API_URL;
+const ADMIN = process.env.UD_ADMIN_TOKEN;
+const STATE = process.env.UD_STATE_DIR;
+const ARTIFACTS = process.env.UD_ARTIFACTS;
+const WAIT = 90_000; // upper bound of any one wait: a missing change fails instead of hanging
+
+const demo = (repo) => ({
+  url: `file://${STATE}/demo/${repo}`,
+  commit: execFileSync("git", ["-C", `${STATE}/demo/${repo}`, "rev-parse", "HEAD"]).toString().trim(),
+});
+
+async function api(method, url, token, body) {
+  const resp = await fetch(BASE + url, {
+    method,
+    headers: { Authorization: `Bearer ${token}`, "Content-Type": "application/json" },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const data = await resp.json().catch(() => null);
+  if (!resp.ok) throw new Error(`${method} ${url}: ${resp.status} ${JSON.stringify(data)}`);
+  return data;
+}
+
+function taskBody(project, command) {
+  const code = demo("code");
+  const env = demo("env");
+  return {
+    project, code_repo_url: code.url, code_commit_id: code.commit, env_repo_url: env.url,
+    env_commit_id: env.commit, dockerfile_path: "Dockerfile", command,
+    resources: { cpus: 0.5, memory_mb: 128 },
+  };
+}
+
+let browser, page, user;
+const requests = [];
+const pageErrors = [];
+
+async function shot(name) {
+  await page.screenshot({ path: path.join(ARTIFACTS, `${name}.png`), fullPage: true });
+}
+
+before(async () => {
+  browser = await chromium.launch({ executablePath: "/usr/bin/chromium", args: ["--headless", "--no-sandbox"] });
+  page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+  page.setDefaultTimeout(WAIT);
+  page.on("request", (r) => requests.push(r.url()));
+  page.on("pageerror", (e) => pageErrors.push(e.message));
+  user = (await api("POST", "/api/v1/tokens", ADMIN, { name: "browser-user", projects: ["web"] })).token;
+});
+
+after(async () => {
+  await browser?.close();
+});
+
+test("sign in: a wrong token is refused with the API's reason, a right one opens the tasks page", async () => {
+  await page.goto(BASE + "/");
+  await page.locator("input[name=token]").fill("not-a-token");
+  await page.getByRole("button", { name: "Sign in" }).click();
+  await page.locator("#signin-error", { hasText: "unknown or revoked token" }).waitFor();
+  await shot("01-sign-in-refused");
+  await page.locator("input[name=token]").fill(user);
+  await page.getByRole("button", { name: "Sign in" }).click();
+  await page.locator("h1", { hasText: "Tasks" }).waitFor();
+  await page.locator("#live.on").waitFor();
+  // Marks this document: if anything reloads the page, the mark is gone.
+  await page.evaluate(() => { window.__unreloaded = true; });
+});
+
+test("the submit form shows the API's errors next to their fields and submits nothing bad", async () => {
+  await page.locator("nav a", { hasText: "Submit" }).click();
+  const form = page.locator("#submit-form");
+  const code = demo("code");
+  const env = demo("env");
+  await form.locator("[name=project]").fill("web");
+  await form.locator("[name=code_repo_url]").fill(code.url);
+  await form.locator("[name=code_commit_id]").fill("abc123");
+  await form.locator("[name=env_repo_url]").fill(env.url);
+  await form.locator("[name=env_commit_id]").fill(env.commit);
+  await form.locator("[name=command]").fill("sh -c 'echo never'");
+  await form.locator("[name='resources.cpus']").fill("5000");
+  await form.getByRole("button", { name: "Submit task" }).click();
+  await page.locator("[data-error-for=code_commit_id]", { hasText: "code_commit_id" }).waitFor();
+  await page.locator("[data-error-for='resources.cpus']", { hasText: "between 0.001 and 1024" }).waitFor();
+  await shot("02-submit-errors");
+  const none = await api("GET", "/api/v1/tasks?project=web", user);
+  assert.equal(none.items.length, 0, "a refused form created a task");
+});
+
+let doneId;
+test("a task submitted through the form goes from pending to succeeded without a reload; its log survives a dropped connection", async () => {
+  // Every live connection goes through this route so the test can cut it.
+  const sockets = [];
+  await page.routeWebSocket(/\/api\/v1\/live$/, (ws) => {
+    ws.connectToServer();
+    sockets.push(ws);
+  });
+  const form = page.locator("#submit-form");
+  await form.locator("[name=code_commit_id]").fill(demo("code").commit);
+  await form.locator("[name='resources.cpus']").fill("0.5");
+  await form.locator("[name='resources.memory_mb']").fill("128");
+  await form.locator("[name=name]").fill("counting");
+  await form.locator("[name=command]").fill(
+    "sh -c 'for i in $(seq 1 60); do echo line $i; sleep 0.1; done; echo to stderr >&2'");
+  await form.getByRole("button", { name: "Submit task" }).click();
+  await page.waitForURL(/#\/tasks\/[0-9a-f-]{36}$/);
+  doneId = page.url().split("/").pop();
+  await page.locator("h1 .state").first().waitFor();
+  // Cut the live connection once output has begun, while the task still runs.
+  await page.locator("#log", { hasText: "line 5" }).waitFor();
+  const cut = sockets.length;
+  await sockets[cut - 1].close({ code: 4000, reason: "cut by the test" });
+  await page.locator("h1 [data-state=succeeded]").waitFor();
+  assert.ok(sockets.length > cut, "the page did not reconnect");
+  // The log holds the image build's output, then the run's: every line once, in order.
+  const log = await page.locator("#log").textContent();
+  const counted = log.split("\n").filter((l) => /^line \d+$/.test(l));
+  assert.deepEqual(counted, Array.from({ length: 60 }, (_, i) => `line ${i + 1}`), "a gap or a repeat after the reconnect");
+  assert.ok(log.endsWith("line 60\nto stderr\n"), log.slice(-200));
+  assert.equal(await page.locator("#log .stderr").textContent(), "to stderr\n");
+  // The timeline comes from the stream, the versions from the read model.
+  const types = await page.locator("#timeline tr[data-type]").evaluateAll((rows) => rows.map((r) => r.dataset.type));
+  assert.equal(types[0], "task.submitted");
+  assert.ok(types.includes("task.started") && types.at(-1) === "task.succeeded", types.join(","));
+  const seqs = await page.locator("#timeline tr[data-type] td:first-child").allTextContents();
+  for (let i = 1; i < seqs.length; i += 1) assert.ok(Number(seqs[i]) > Number(seqs[i - 1]), `timeline ${seqs}`);
+  await page.locator("#steps td", { hasText: "build_image" }).waitFor();
+  await page.locator("dd", { hasText: demo("env").commit }).first().waitFor();
+  assert.equal(await page.evaluate(() => window.__unreloaded), true, "the page reloaded");
+  await shot("03-task-succeeded");
+  await page.unrouteAll({ behavior: "ignoreErrors" });
+});
+
+test("the tasks page follows state changes live; cancel stops a running task", async () => {
+  await page.locator("nav a", { hasText: "Tasks" }).click();
+  await page.locator(`tr[data-task="${doneId}"] [data-state=succeeded]`).waitFor();
+  // Submitted elsewhere (the API): the open page shows it and its changes.
+  const { task_id: id } = await api("POST", "/api/v1/tasks", user, taskBody("web", ["sh", "-c", "echo waiting; sleep 300"]));
+  await page.locator(`tr[data-task="${id}"] [data-state=running]`).waitFor();
+  await shot("04-tasks-live");
+  const [node] = await api("GET", "/api/v1/nodes", user);
+  assert.deepEqual(node.in_use, { cpu_millis: 500, memory_mb: 128, gpus: 0 });
+  const other = await api("POST", "/api/v1/tasks", ADMIN, taskBody("hidden", ["true"]));
+  await page.locator(`tr[data-task="${id}"] td:first-child a`).click();
+  await page.locator("#log", { hasText: "waiting" }).waitFor();
+  await page.locator("#cancel").click();
+  await page.locator("h1 [data-state=cancelled]").waitFor();
+  await page.locator("#timeline tr[data-type='task.cancelled']").waitFor();
+  assert.equal(await page.locator("#cancel").isDisabled(), true);
+  await shot("05-task-cancelled");
+  // Another project's task is never shown, not in the list, not by its address.
+  await page.goto(`${BASE}/#/tasks`);
+  await page.locator(`tr[data-task="${id}"] [data-state=cancelled]`).waitFor();
+  assert.equal(await page.locator(`tr[data-task="${other.task_id}"]`).count(), 0);
+  await page.goto(`${BASE}/#/tasks/${other.task_id}`);
+  await page.locator("h1", { hasText: "No such task" }).waitFor();
+  // Rerun makes a new task with the same spec.
+  await page.goto(`${BASE}/#/tasks/${doneId}`);
+  await page.locator("h1 [data-state=succeeded]").waitFor();
+  await page.locator("#rerun").click();
+  await page.waitForURL((u) => /#\/tasks\/[0-9a-f-]{36}$/.test(u.toString()) && !u.toString().endsWith(doneId));
+  await page.locator("h1 [data-state=succeeded]").waitFor();
+});
+
+test("the overview plots tasks per state and node utilisation", async () => {
+  await page.locator("nav a", { hasText: "Overview" }).click();
+  await page.locator("#timeline-chart path[data-series=succeeded]").waitFor();
+  const succeeded = Number(await page.locator("[data-count=succeeded] strong").textContent());
+  assert.ok(succeeded >= 2, `succeeded count ${succeeded}`);
+  assert.equal(Number(await page.locator("[data-count=cancelled] strong").textContent()), 1);
+  await page.locator("#utilisation td", { hasText: "main-server" }).waitFor();
+  await shot("06-overview");
+});
+
+test("the nodes page shows the node online, then offline when its agent stops", async () => {
+  await page.locator("nav a", { hasText: "Nodes" }).click();
+  const row = page.locator("tr[data-node=main-server]");
+  await row.locator(".status [data-state=online]").waitFor();
+  await row.locator("td", { hasText: "CPU" }).first().waitFor();
+  await shot("07-nodes-online");
+  // An operator drains the node and puts it back; a project user may not.
+  await row.locator("[data-action=drain]").click();
+  await page.locator("#flash", { hasText: "an admin token is required" }).waitFor();
+  const ops = await browser.newPage();
+  ops.setDefaultTimeout(WAIT);
+  await ops.goto(BASE + "/");
+  await ops.locator("input[name=token]").fill(ADMIN);
+  await ops.getByRole("button", { name: "Sign in" }).click();
+  await ops.locator("nav a", { hasText: "Nodes" }).click();
+  const opsRow = ops.locator("tr[data-node=main-server]");
+  await opsRow.locator("[data-action=drain]").click();
+  await opsRow.locator(".status [data-state=draining]").waitFor();
+  await row.locator(".status [data-state=draining]").waitFor(); // the user's page follows live
+  await ops.screenshot({ path: path.join(ARTIFACTS, "07b-nodes-draining.png"), fullPage: true });
+  await opsRow.locator("[data-action=resume]").click();
+  await row.locator(".status [data-state=draining]").waitFor({ state: "detached" });
+  await row.locator(".status [data-state=online]").waitFor();
+  await ops.close();
+  const pid = Number(readFileSync(`${STATE}/agent.pid`, "utf8").trim());
+  process.kill(pid, "SIGTERM");
+  await row.locator(".status [data-state=offline]").waitFor();
+  await shot("08-nodes-offline");
+});
+
+test("every request stayed on the gateway, and no script error", () => {
+  assert.deepEqual(pageErrors, []);
+  const origin = new URL(BASE).host;
+  const foreign = requests.filter((u) => !u.startsWith("data:") && new URL(u).host !== origin);
+  assert.deepEqual(foreign, []);
+  assert.ok(requests.some((u) => u.endsWith("/ui/app.js")));
+});
