@@ -48,9 +48,6 @@ async fn fallback() -> error::ApiError {
 
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/", get(ui::index))
-        .route("/ui/app.js", get(ui::app_js))
-        .route("/ui/app.css", get(ui::app_css))
         .route("/healthz", get(healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
@@ -94,6 +91,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/stats", get(stats::stats))
         .route("/api/v1/tokens", post(tokens::issue))
         .route("/api/v1/tokens/{id}", delete(tokens::revoke))
+        .merge(ui::router())
         .fallback(fallback)
         .layer(DefaultBodyLimit::max(body::MAX_BODY_BYTES))
         .layer(tower_http::trace::TraceLayer::new_for_http())

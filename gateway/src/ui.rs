@@ -37,3 +37,13 @@ pub async fn app_js() -> impl IntoResponse {
 pub async fn app_css() -> impl IntoResponse {
     asset("text/css; charset=utf-8", APP_CSS)
 }
+
+/// The UI's routes, gzip-compressed for browsers that accept it.
+pub fn router<S: Clone + Send + Sync + 'static>() -> axum::Router<S> {
+    use axum::routing::get;
+    axum::Router::new()
+        .route("/", get(index))
+        .route("/ui/app.js", get(app_js))
+        .route("/ui/app.css", get(app_css))
+        .layer(tower_http::compression::CompressionLayer::new())
+}

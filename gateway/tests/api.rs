@@ -922,14 +922,23 @@ async fn stats_count_tasks_per_state_now_and_over_time_per_project() -> Result<(
         let (http, url) = (s.http.clone(), s.url(&format!("/api/v1/stats{query}")));
         async move { anyhow::Ok(http.get(url).bearer_auth(token).send().await?) }
     };
-    let st: Value = stats(lab.clone(), "?minutes=60&points=10").await?.json().await?;
+    let st: Value = stats(lab.clone(), "?minutes=60&points=10")
+        .await?
+        .json()
+        .await?;
     assert_eq!(st["tasks_by_state"]["pending"], 2);
     assert_eq!(st["tasks_by_state"]["cancelled"], 1);
     assert_eq!(st["tasks_by_state"]["succeeded"], 0);
     let points = st["timeline"].as_array().cloned().unwrap_or_default();
     assert_eq!(points.len(), 10);
-    assert_eq!((&points[0]["unfinished"], &points[0]["cancelled"]), (&json!(0), &json!(0)));
-    assert_eq!((&points[9]["unfinished"], &points[9]["cancelled"]), (&json!(2), &json!(1)));
+    assert_eq!(
+        (&points[0]["unfinished"], &points[0]["cancelled"]),
+        (&json!(0), &json!(0))
+    );
+    assert_eq!(
+        (&points[9]["unfinished"], &points[9]["cancelled"]),
+        (&json!(2), &json!(1))
+    );
 
     // Another project's token counts none of them.
     let other = s.token(&["other"]).await?;

@@ -64,6 +64,27 @@ after(async () => {
   await browser?.close();
 });
 
+test("the first load is small and works on a slow link", async () => {
+  // 50 KiB/s down, 300 ms round trips: what a poor remote connection gives.
+  const slow = await browser.newPage();
+  const cdp = await slow.context().newCDPSession(slow);
+  await cdp.send("Network.enable");
+  await cdp.send("Network.emulateNetworkConditions", {
+    offline: false, latency: 300, downloadThroughput: 50 * 1024, uploadThroughput: 20 * 1024,
+  });
+  const loaded = [];
+  slow.on("requestfinished", async (r) => loaded.push({ url: r.url(), ...(await r.sizes()) }));
+  const t0 = Date.now();
+  await slow.goto(BASE + "/");
+  await slow.locator("input[name=token]").waitFor();
+  const ms = Date.now() - t0;
+  await slow.waitForLoadState("networkidle");
+  const bytes = loaded.reduce((n, r) => n + r.responseBodySize + r.responseHeadersSize, 0);
+  console.log(`first load: ${loaded.length} requests, ${bytes} bytes transferred; sign-in usable after ${ms} ms at 50 KiB/s with 300 ms latency`);
+  assert.ok(bytes < 64 * 1024, `first load transferred ${bytes} bytes`);
+  await slow.close();
+});
+
 test("sign in: a wrong token is refused with the API's reason, a right one opens the tasks page", async () => {
   await page.goto(BASE + "/");
   await page.locator("input[name=token]").fill("not-a-token");
@@ -112,7 +133,8 @@ test("a task submitted through the form goes from pending to succeeded without a
   await form.locator("[name='resources.memory_mb']").fill("128");
   await form.locator("[name=name]").fill("counting");
   await form.locator("[name=command]").fill(
-    "sh -c 'for i in $(seq 1 60); do echo line $i; sleep 0.1; done; echo to stderr >&2'");
+    "sh -c 'for i in $(seq 1 60); do echo line $i; sleep 0.1; done; echo 42 > result.txt; echo to stderr >&2'");
+  await form.locator("[name=outputs]").fill("result.txt");
   await form.getByRole("button", { name: "Submit task" }).click();
   await page.waitForURL(/#\/tasks\/[0-9a-f-]{36}$/);
   doneId = page.url().split("/").pop();
@@ -138,6 +160,12 @@ test("a task submitted through the form goes from pending to succeeded without a
   await page.locator("#steps td", { hasText: "build_image" }).waitFor();
   await page.locator("dd", { hasText: demo("env").commit }).first().waitFor();
   assert.equal(await page.evaluate(() => window.__unreloaded), true, "the page reloaded");
+  // The output, with a download link straight to the object store.
+  const link = page.locator("#outputs a", { hasText: "result.txt" });
+  await link.waitFor();
+  const resp = await fetch(await link.getAttribute("href"));
+  assert.equal(resp.status, 200);
+  assert.equal(await resp.text(), "42\n");
   await shot("03-task-succeeded");
   await page.unrouteAll({ behavior: "ignoreErrors" });
 });
@@ -162,6 +190,11 @@ test("the tasks page follows state changes live; cancel stops a running task", a
   // Another project's task is never shown, not in the list, not by its address.
   await page.goto(`${BASE}/#/tasks`);
   await page.locator(`tr[data-task="${id}"] [data-state=cancelled]`).waitFor();
+  await page.locator("select[name=state]").selectOption("cancelled");
+  await page.locator(`tr[data-task="${doneId}"]`).waitFor({ state: "detached" });
+  assert.deepEqual(await page.locator("#tasks tbody tr").evaluateAll((rows) => rows.map((r) => r.dataset.task)), [id]);
+  await page.locator("select[name=state]").selectOption("");
+  await page.locator(`tr[data-task="${doneId}"]`).waitFor();
   assert.equal(await page.locator(`tr[data-task="${other.task_id}"]`).count(), 0);
   await page.goto(`${BASE}/#/tasks/${other.task_id}`);
   await page.locator("h1", { hasText: "No such task" }).waitFor();
