@@ -141,7 +141,7 @@ pub async fn backup(a: BackupArgs) -> Result<()> {
                     .headers
                     .iter()
                     .flat_map(|h| h.iter())
-                    .filter(|(k, _)| kept_header(&k.to_string()))
+                    .filter(|(k, _)| kept_header(k.as_ref()))
                     .flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), v.to_string())))
                     .collect();
                 let record = Record {

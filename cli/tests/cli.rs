@@ -89,7 +89,6 @@ impl Server {
         ];
         env.extend(extra);
         let (child, url) = spawn_serve(&env).await?;
-        let mut env = env;
         env.push(("UD_API_URL", url));
         Ok(Self {
             _nats: nats,
