@@ -48,6 +48,14 @@ pub fn cpu_seconds() -> f64 {
 pub async fn start_platform(
     timeout: Duration,
 ) -> Result<(NatsServer, PgDatabase, ud_gateway::server::Running)> {
+    start_platform_with(timeout, true).await
+}
+
+/// [`start_platform`], with the hub syncing every write or not.
+pub async fn start_platform_with(
+    timeout: Duration,
+    sync_always: bool,
+) -> Result<(NatsServer, PgDatabase, ud_gateway::server::Running)> {
     let platform_pw = "bench-platform";
     let system_pw = "bench-system";
     let accounts = ud_core::edge::hubconf::accounts_with_system(
@@ -62,6 +70,7 @@ pub async fn start_platform(
     let hub = NatsServer::start_with(NatsOptions {
         hub: true,
         accounts: Some(accounts),
+        sync_always,
         ..Default::default()
     })
     .await?;

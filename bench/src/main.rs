@@ -6,6 +6,7 @@ mod backup;
 mod cluster;
 mod edge;
 mod files;
+mod lifecycle;
 mod restart;
 mod schedule;
 mod stats;
@@ -34,6 +35,8 @@ enum Bench {
     Backup(backup::Args),
     /// A large file through presigned URLs as the agent moves it, against a plain S3 client.
     Files(files::Args),
+    /// The whole task lifecycle through REST, scheduler, simulated nodes and PostgreSQL.
+    Lifecycle(lifecycle::Args),
     /// Placement and queue order over 1,000 nodes (pure functions).
     Schedule(schedule::Args),
     /// (Used by `restart`: the simulated agents, as a child process.)
@@ -48,6 +51,7 @@ async fn main() -> Result<()> {
         Bench::Edge(a) => edge::run(a).await,
         Bench::Restart(a) => restart::run(a).await,
         Bench::Schedule(a) => schedule::run_bench(a),
+        Bench::Lifecycle(a) => lifecycle::run(a).await,
         Bench::Files(a) => files::run(a).await,
         Bench::Backup(a) => backup::run_bench(a).await,
         Bench::Cluster(a) => cluster::run(a).await,

@@ -9,7 +9,7 @@ use ud_schemas::codec::EventMeta;
 use ud_schemas::{now_millis, streams, subjects, Event, ProjectId, TaskId, TaskSpec};
 
 use crate::store::{EventStore, Expect, StoreError};
-use crate::task::{self, TaskCommand, TaskError};
+use crate::task::{self, Task, TaskCommand, TaskError};
 use crate::validate::{self, FieldError, SubmitTask};
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +66,43 @@ struct IdempotencyRecord {
 pub struct TaskCommands {
     store: EventStore,
     idempotency: kv::Store,
+    recent: Recent,
+}
+
+/// Tasks as this process last wrote them, with the sequence of their last
+/// event: a command tries the cached state first (no stream reads) and the
+/// append's concurrency check refuses it if the task changed meanwhile; then
+/// the task is read from the stream and the command decided again. So the
+/// cache saves reads and never decides anything on its own.
+#[derive(Clone, Default)]
+struct Recent(std::sync::Arc<std::sync::Mutex<std::collections::HashMap<TaskId, (Task, u64)>>>);
+
+/// Most tasks remembered before the cache starts over.
+const RECENT_TASKS: usize = 100_000;
+
+impl Recent {
+    fn get(&self, id: &TaskId) -> Option<(Task, u64)> {
+        self.0.lock().ok()?.get(id).cloned()
+    }
+
+    fn put(&self, task: Task, seq: u64) {
+        if let Ok(mut m) = self.0.lock() {
+            if m.len() >= RECENT_TASKS {
+                m.clear();
+            }
+            if task.state.is_terminal() {
+                m.remove(&task.id);
+            } else {
+                m.insert(task.id, (task, seq));
+            }
+        }
+    }
+
+    fn forget(&self, id: &TaskId) {
+        if let Ok(mut m) = self.0.lock() {
+            m.remove(id);
+        }
+    }
 }
 
 fn request_digest(project: &ProjectId, spec: &TaskSpec) -> String {
@@ -84,11 +121,21 @@ impl TaskCommands {
             .get_key_value(streams::IDEMPOTENCY_BUCKET)
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        Ok(Self { store, idempotency })
+        Ok(Self {
+            store,
+            idempotency,
+            recent: Recent::default(),
+        })
     }
 
     pub fn store(&self) -> &EventStore {
         &self.store
+    }
+
+    /// Tells the commands what a task became after events appended elsewhere
+    /// in this process (the scheduler's placements), with its last sequence.
+    pub fn remember(&self, task: Task, seq: u64) {
+        self.recent.put(task, seq);
     }
 
     /// Submits a task. With an idempotency key, a repeat returns the first
@@ -164,6 +211,17 @@ impl TaskCommands {
         {
             Ok(seq) => {
                 info!(task_id = %task_id, "task submitted");
+                if let Some(seq) = seq {
+                    let mut task = None;
+                    for e in &events {
+                        if let Event::Task(_, te) = e {
+                            task = task::evolve(task, task_id, te);
+                        }
+                    }
+                    if let Some(t) = task {
+                        self.recent.put(t, seq);
+                    }
+                }
                 Ok(Accepted {
                     task_id,
                     seq: seq.unwrap_or(0),
@@ -227,12 +285,39 @@ impl TaskCommands {
         actor: &str,
         may_see: &impl Fn(&ProjectId) -> bool,
     ) -> Result<Accepted, CommandError> {
+        // The cached state first; whatever it refuses is decided again on
+        // the task as the stream has it.
+        if let Some((task, last_seq)) = self.recent.get(&id) {
+            if may_see(&task.project) {
+                match self
+                    .decide_and_append(id, task, last_seq, command.clone(), actor)
+                    .await
+                {
+                    Err(CommandError::Conflict | CommandError::Rejected(_)) => {
+                        self.recent.forget(&id)
+                    }
+                    other => return other,
+                }
+            }
+        }
         let Some((task, last_seq)) = self.store.load_task(&id).await? else {
             return Err(CommandError::NotFound);
         };
         if !may_see(&task.project) {
             return Err(CommandError::NotFound);
         }
+        self.decide_and_append(id, task, last_seq, command, actor)
+            .await
+    }
+
+    async fn decide_and_append(
+        &self,
+        id: TaskId,
+        task: Task,
+        last_seq: u64,
+        command: TaskCommand,
+        actor: &str,
+    ) -> Result<Accepted, CommandError> {
         let events =
             task::decide(Some(&task), command, now_millis()).map_err(CommandError::Rejected)?;
         let events: Vec<Event> = events.into_iter().map(|e| Event::Task(id, e)).collect();
@@ -240,6 +325,17 @@ impl TaskCommands {
             .store
             .append_all(&events, &EventMeta::new(actor), Expect::LastSeq(last_seq))
             .await?;
+        if let Some(seq) = seq {
+            let mut t = Some(task);
+            for e in &events {
+                if let Event::Task(_, te) = e {
+                    t = task::evolve(t, id, te);
+                }
+            }
+            if let Some(t) = t {
+                self.recent.put(t, seq);
+            }
+        }
         Ok(Accepted {
             task_id: id,
             seq: seq.unwrap_or(last_seq),

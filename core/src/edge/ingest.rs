@@ -366,13 +366,18 @@ async fn worker(
         batch.push(first);
         take(&mut rx, &mut batch, linger).await;
         // Runs of heartbeats are appended together, many publishes in flight;
-        // everything else one by one, in order.
+        // runs of task events and output go task by task, different tasks at
+        // once, each task's in order; everything else one by one, in order.
         let mut rest = batch.as_slice();
         while !rest.is_empty() {
-            let run = rest.iter().take_while(|m| is_heartbeat(m)).count();
-            if run >= 2 {
-                heartbeats(&commands, &mut cache, &rest[..run]).await;
-                rest = &rest[run..];
+            let beats = rest.iter().take_while(|m| is_heartbeat(m)).count();
+            let tasks = rest.iter().take_while(|m| task_of(m).is_some()).count();
+            if beats >= 2 {
+                heartbeats(&commands, &mut cache, &rest[..beats]).await;
+                rest = &rest[beats..];
+            } else if tasks >= 2 {
+                by_task(&commands, &rest[..tasks]).await;
+                rest = &rest[tasks..];
             } else {
                 one(&commands, &mut cache, &rest[0]).await;
                 rest = &rest[1..];
@@ -380,6 +385,42 @@ async fn worker(
         }
         batch.clear();
     }
+}
+
+/// The task a node's task event or output chunk is about (from its subject).
+fn task_of(msg: &jetstream::Message) -> Option<String> {
+    let (_, canonical) = edge::canonical_subject(msg.subject.as_str())?;
+    let rest = canonical
+        .strip_prefix("ud.task.")
+        .or_else(|| canonical.strip_prefix("ud.log."))?;
+    Some(rest.split('.').next()?.to_owned())
+}
+
+/// Messages about several tasks: each task's in order, the tasks in parallel
+/// (what costs is the round trips to the stream, not the work).
+async fn by_task(commands: &TaskCommands, msgs: &[jetstream::Message]) {
+    let mut order: Vec<String> = Vec::new();
+    let mut groups: std::collections::HashMap<String, Vec<&jetstream::Message>> =
+        std::collections::HashMap::new();
+    for m in msgs {
+        let key = task_of(m).unwrap_or_default();
+        let group = groups.entry(key.clone()).or_default();
+        if group.is_empty() {
+            order.push(key);
+        }
+        group.push(m);
+    }
+    let runs = order
+        .into_iter()
+        .filter_map(|k| groups.remove(&k))
+        .map(|group| async move {
+            // Task events and output never read the node cache.
+            let mut cache = NodeCache::new();
+            for m in group {
+                one(commands, &mut cache, m).await;
+            }
+        });
+    futures::future::join_all(runs).await;
 }
 
 async fn heartbeats(commands: &TaskCommands, cache: &mut NodeCache, msgs: &[jetstream::Message]) {

@@ -13,7 +13,13 @@ use ud_schemas::{edge, now_millis, streams, NodeId, Resources, TaskId, TaskSpec}
 use super::view::{self, Cluster, Update};
 use crate::commands::{CommandError, TaskCommands};
 use crate::node::Node;
-use crate::task::{TaskCommand, TaskState};
+use crate::store::Expect;
+use crate::task::{self, TaskCommand, TaskState};
+use ud_schemas::codec::EventMeta;
+use ud_schemas::Event;
+
+/// Assignments of one scheduling pass in flight at once.
+const PLACEMENTS_IN_FLIGHT: usize = 256;
 
 /// What the tasks placed on a node take from it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -440,25 +446,45 @@ impl Controller {
     }
 
     async fn send_run(&self, node: NodeId, task: TaskId, attempt: u32, spec: &TaskSpec) {
-        let run = DispatchRun {
-            at: now_millis(),
-            task_id: task,
-            attempt,
-            spec: spec.clone(),
-        };
-        match dispatch::to_cbor(&run) {
-            Ok(bytes) => {
-                publish_dispatch(
-                    &self.commands,
-                    node,
-                    task,
-                    "run",
-                    format!("run-{task}-{attempt}"),
-                    bytes,
-                )
+        self.send_runs(vec![(node, task, attempt, spec.clone())])
+            .await;
+    }
+
+    /// Publishes run dispatches, all in flight at once, and waits for the
+    /// stream to have stored each.
+    async fn send_runs(&self, runs: Vec<(NodeId, TaskId, u32, TaskSpec)>) {
+        let js = self.commands.store().jetstream();
+        let mut acks = Vec::with_capacity(runs.len());
+        for (node, task, attempt, spec) in runs {
+            let run = DispatchRun {
+                at: now_millis(),
+                task_id: task,
+                attempt,
+                spec,
+            };
+            let bytes = match dispatch::to_cbor(&run) {
+                Ok(b) => b,
+                Err(e) => {
+                    warn!(task_id = %task, error = %e, "cannot encode dispatch");
+                    continue;
+                }
+            };
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", format!("run-{task}-{attempt}").as_str());
+            headers.insert("Content-Type", "application/cbor");
+            let subject = edge::dispatch_subject(&node, &task, "run");
+            match js
+                .publish_with_headers(subject, headers, Bytes::from(bytes))
                 .await
+            {
+                Ok(ack) => acks.push((task, node, ack)),
+                Err(e) => warn!(task_id = %task, node_id = %node, error = %e, "dispatch not sent"),
             }
-            Err(e) => warn!(task_id = %task, error = %e, "cannot encode dispatch"),
+        }
+        for (task, node, ack) in acks {
+            if let Err(e) = ack.await {
+                warn!(task_id = %task, node_id = %node, error = %e, "dispatch not stored");
+            }
         }
     }
 
@@ -543,6 +569,7 @@ impl Controller {
             .all(|(s, t)| self.applied.get(s).copied().unwrap_or(0) >= *t);
         let mut explained: HashMap<Resources, Unplaced> = HashMap::new();
         let mut verdicts = Vec::new();
+        let (mut assigns, mut placed) = (Vec::new(), Vec::new());
         for id in pending {
             let Some(entry) = self.cluster.tasks.get(&id) else {
                 continue;
@@ -591,31 +618,53 @@ impl Controller {
                 }
                 continue;
             };
-            match self
-                .commands
-                .execute(
-                    id,
-                    TaskCommand::Assign { node_id: node },
-                    "scheduler",
-                    |_| true,
-                )
-                .await
-            {
-                Ok(_) => {
-                    let attempt = entry.task.attempts + 1;
+            // Decided here against this view; the append's concurrency
+            // check (the task's last sequence as seen) refuses it if the
+            // task changed meanwhile.
+            let events = match task::decide(
+                Some(&entry.task),
+                TaskCommand::Assign { node_id: node },
+                now,
+            ) {
+                Ok(events) if events.len() == 1 => events,
+                _ => continue,
+            };
+            add(&mut usage, node, &spec);
+            *queue_live.entry(spec.queue.clone()).or_default() += 1;
+            self.serve_counter += 1;
+            self.served
+                .insert(entry.task.project.to_string(), self.serve_counter);
+            let attempt = entry.task.attempts + 1;
+            let meta = EventMeta::new("scheduler");
+            let mut after = Some(entry.task.clone());
+            for e in events {
+                after = task::evolve(after, id, &e);
+                assigns.push((Event::Task(id, e), meta.clone(), Expect::LastSeq(entry.seq)));
+            }
+            placed.push((id, node, attempt, spec, after));
+        }
+        // Every placement of this pass appended at once, many in flight.
+        let results = self
+            .commands
+            .store()
+            .append_pipelined(assigns, PLACEMENTS_IN_FLIGHT)
+            .await;
+        let mut runs = Vec::with_capacity(placed.len());
+        for ((id, node, attempt, spec, after), r) in placed.into_iter().zip(results) {
+            match r {
+                Ok(seq) => {
                     info!(task_id = %id, node_id = %node, attempt, "task assigned");
-                    add(&mut usage, node, &spec);
-                    *queue_live.entry(spec.queue.clone()).or_default() += 1;
+                    if let Some(t) = after {
+                        self.commands.remember(t, seq);
+                    }
                     self.inflight.insert(id, node);
-                    self.serve_counter += 1;
-                    self.served
-                        .insert(entry.task.project.to_string(), self.serve_counter);
-                    self.send_run(node, id, attempt, &spec).await;
+                    runs.push((node, id, attempt, spec));
                 }
-                Err(CommandError::Conflict | CommandError::Rejected(_)) => {}
+                Err(crate::StoreError::Conflict) => {}
                 Err(e) => warn!(task_id = %id, error = %e, "cannot assign"),
             }
         }
+        self.send_runs(runs).await;
         // Written in the background: placements do not wait for them.
         for v in verdicts {
             let _ = self.verdicts.send(v);

@@ -1,0 +1,409 @@
+//! `ud-bench lifecycle`: the whole task lifecycle on real servers — REST
+//! submit, scheduler placement, dispatch through JetStream to the node's leaf
+//! server, the node's `started` and `succeeded` reported through its own
+//! stream that the hub sources, ingest, and the PostgreSQL projection.
+//!
+//! The nodes are simulated agents speaking the real protocol over real links:
+//! each has its own leaf nats-server (its own JetStream domain and
+//! credentials) and pulls its dispatches as `unidesk-edge` does, but finishes
+//! a task at once instead of running a container. Figures: submit-to-dispatch
+//! latency at a steady rate, and tasks per second from the first submission
+//! until the last task is projected as succeeded, with the hub syncing every
+//! write and with the default sync.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Result};
+use futures::StreamExt;
+use serde_json::json;
+use tokio::sync::Mutex;
+use ud_schemas::dispatch::{self, DispatchRun};
+use ud_schemas::edge::{self, NodeToken};
+use ud_schemas::events::{NodeHeartbeat, NodeRegistered, TaskStarted, TaskSucceeded};
+use ud_schemas::spec::NodeResources;
+use ud_schemas::{now_millis, Event, NodeEvent, NodeId, TaskEvent};
+use ud_testkit::{NatsOptions, NatsServer};
+
+use crate::stats::{line, ms, percentile};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Simulated nodes, each with its own leaf nats-server.
+    #[arg(long, default_value_t = 20)]
+    nodes: usize,
+    /// Tasks pushed through the whole lifecycle for the throughput figure.
+    #[arg(long, default_value_t = 10_000)]
+    tasks: usize,
+    /// Submissions per second for the latency figure.
+    #[arg(long, default_value_t = 500)]
+    rate: usize,
+    /// Seconds at that rate.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// REST submissions in flight during the throughput run.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Measure only this sync mode: `always` or `default` (both when absent).
+    #[arg(long)]
+    sync: Option<String>,
+}
+
+/// What a simulated node needs: its leaf server (kept alive) and agent task.
+struct SimNode {
+    _leaf: NatsServer,
+    _agent: tokio::task::JoinHandle<()>,
+}
+
+/// A simulated agent: registers with room for many tasks, beats every
+/// second, and answers each dispatch with `started` then `succeeded`.
+async fn sim_agent(leaf_url: String, node: NodeId, name: String) -> Result<()> {
+    let client =
+        async_nats::ConnectOptions::with_user_and_password("agent".into(), "agent-pw".into())
+            .custom_inbox_prefix(edge::inbox_prefix(&node))
+            .connect(leaf_url)
+            .await?;
+    let local = async_nats::jetstream::with_domain(client.clone(), edge::domain(&node));
+    let hub = async_nats::jetstream::with_domain(client.clone(), edge::HUB_DOMAIN);
+    ud_edge_agent::ensure_local(&local, &node)
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    let reporter = ud_edge_agent::Reporter::new(node, local);
+    reporter
+        .send(&Event::Node(
+            node,
+            NodeEvent::Registered(NodeRegistered {
+                at: now_millis(),
+                name,
+                labels: Default::default(),
+                resources: NodeResources {
+                    cpu_millis: 100_000_000,
+                    memory_mb: 1 << 40,
+                    disk_mb: 1 << 30,
+                    os: "linux".into(),
+                    agent_version: "sim".into(),
+                    ..Default::default()
+                },
+            }),
+        ))
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    let beats = reporter.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let beat = Event::Node(
+                node,
+                NodeEvent::Heartbeat(NodeHeartbeat {
+                    at: now_millis(),
+                    running_tasks: 0,
+                    disk_free_mb: Some(1 << 30),
+                    low_disk: false,
+                }),
+            );
+            let _ = beats.send(&beat).await;
+        }
+    });
+    loop {
+        // The hub makes the node's consumer shortly after enrolment: retry until it is there.
+        let consumer: async_nats::jetstream::consumer::PullConsumer = match hub
+            .get_consumer_from_stream(edge::dispatch_consumer(&node), edge::DISPATCH)
+            .await
+        {
+            Ok(c) => c,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let Ok(mut messages) = consumer.messages().await else {
+            continue;
+        };
+        let mut inflight = tokio::task::JoinSet::new();
+        while let Some(m) = messages.next().await {
+            let Ok(m) = m else { break };
+            if !m.subject.ends_with(".run") {
+                let _ = m.ack().await;
+                continue;
+            }
+            let Ok(run) = dispatch::from_cbor::<DispatchRun>(&m.payload, "dispatch-run") else {
+                let _ = m.ack().await;
+                continue;
+            };
+            let reporter = reporter.clone();
+            inflight.spawn(async move {
+                let started = Event::Task(
+                    run.task_id,
+                    TaskEvent::Started(TaskStarted {
+                        at: now_millis(),
+                        node_id: node,
+                        attempt: run.attempt,
+                    }),
+                );
+                let done = Event::Task(
+                    run.task_id,
+                    TaskEvent::Succeeded(TaskSucceeded {
+                        at: now_millis(),
+                        exit_code: 0,
+                    }),
+                );
+                if reporter.send(&started).await.is_ok() {
+                    let _ = reporter.send(&done).await;
+                }
+                let _ = m.ack().await;
+            });
+            while inflight.len() > 256 {
+                inflight.join_next().await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn join_sim(
+    hub_leaf: u16,
+    token: &NodeToken,
+    name: String,
+    store: &ud_core::EventStore,
+) -> Result<SimNode> {
+    let leaf = NatsServer::start_with(NatsOptions {
+        sync_always: false,
+        domain: edge::domain(&token.node_id),
+        extra: edge::leaf_link_config(token, "127.0.0.1", hub_leaf, "agent-pw"),
+        ..Default::default()
+    })
+    .await?;
+    let mut beat = store
+        .client()
+        .subscribe(format!("ud.node.{}.heartbeat", token.node_id))
+        .await?;
+    let (url, node) = (format!("nats://127.0.0.1:{}", leaf.port()), token.node_id);
+    let agent = tokio::spawn(async move {
+        if let Err(e) = sim_agent(url, node, name).await {
+            eprintln!("simulated node {node}: {e}");
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(60), beat.next())
+        .await
+        .map_err(|_| anyhow!("node {} never beat", token.node_id))?;
+    Ok(SimNode {
+        _leaf: leaf,
+        _agent: agent,
+    })
+}
+
+fn task_body() -> serde_json::Value {
+    json!({
+        "project": "bench", "code_repo_url": "https://git.example.org/c.git",
+        "code_commit_id": "0123456789abcdef0123456789abcdef01234567",
+        "env_repo_url": "https://git.example.org/e.git", "env_commit_id": "0123456789abcdef0123456789abcdef01234567",
+        "dockerfile_path": "Dockerfile", "command": ["true"], "resources": {"cpus": 0.1, "memory_mb": 32}
+    })
+}
+
+async fn succeeded(pg: &tokio_postgres::Client) -> Result<i64> {
+    Ok(pg
+        .query_one("SELECT count(*) FROM tasks WHERE state = 'succeeded'", &[])
+        .await?
+        .get(0))
+}
+
+async fn one_mode(a: &Args, sync_always: bool) -> Result<()> {
+    let mode = if sync_always {
+        "hub syncing every write"
+    } else {
+        "hub default sync"
+    };
+    println!("-- {mode}");
+    let (hub, pg, running) =
+        crate::edge::start_platform_with(Duration::from_secs(90), sync_always).await?;
+    let store = running.state.commands.store().clone();
+    let admin = ud_core::commands::issue_token(&store, "bench", &[], true, "bench")
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    running
+        .state
+        .projected
+        .wait(
+            ud_schemas::streams::AUTH,
+            admin.seq,
+            Duration::from_secs(10),
+        )
+        .await;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(512)
+        .build()?;
+    let base = format!("http://{}", running.addr);
+    let mut sims = Vec::new();
+    for i in 0..a.nodes {
+        let v: serde_json::Value = http
+            .post(format!("{base}/api/v1/nodes"))
+            .bearer_auth(&admin.secret)
+            .json(&json!({"name": format!("sim-{i}")}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let token =
+            NodeToken::parse(v["token"].as_str().unwrap_or_default()).map_err(|e| anyhow!(e))?;
+        sims.push(join_sim(hub.leaf_port(), &token, format!("sim-{i}"), &store).await?);
+    }
+    let (db, conn) = tokio_postgres::connect(&pg.url, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    line("simulated nodes online", a.nodes as f64, "", None);
+
+    // 1. Submit-to-dispatch at a steady rate: the dispatch as the hub stores it.
+    let mut dispatches = store.client().subscribe("ud.dispatch.*.*.run").await?;
+    let seen: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let watcher = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            while let Some(m) = dispatches.next().await {
+                let task = m.subject.split('.').nth(3).unwrap_or_default().to_owned();
+                seen.lock().await.entry(task).or_insert_with(Instant::now);
+            }
+        })
+    };
+    let n = a.rate * a.seconds as usize;
+    let gap = Duration::from_secs_f64(1.0 / a.rate as f64);
+    let url = format!("{base}/api/v1/tasks");
+    let start = Instant::now();
+    let mut handles = Vec::with_capacity(n);
+    for i in 0..n {
+        tokio::time::sleep_until((start + gap * i as u32).into()).await;
+        let (http, url, token) = (http.clone(), url.clone(), admin.secret.clone());
+        handles.push(tokio::spawn(async move {
+            let t = Instant::now();
+            let v: serde_json::Value = http
+                .post(&url)
+                .bearer_auth(token)
+                .json(&task_body())
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            Some((v["task_id"].as_str()?.to_owned(), t))
+        }));
+    }
+    let mut sent = Vec::with_capacity(n);
+    for h in handles {
+        if let Some(x) = h.await.ok().flatten() {
+            sent.push(x);
+        }
+    }
+    let offered = n as f64 / start.elapsed().as_secs_f64();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while (succeeded(&db).await? as usize) < sent.len() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    watcher.abort();
+    let seen = seen.lock().await;
+    let mut lat: Vec<Duration> = sent
+        .iter()
+        .filter_map(|(id, t)| seen.get(id).map(|d| d.saturating_duration_since(*t)))
+        .collect();
+    lat.sort();
+    line("submissions offered", offered, "tasks/s", None);
+    line(
+        "submit-to-dispatch p50",
+        ms(percentile(&lat, 0.5)),
+        "ms",
+        None,
+    );
+    line(
+        "submit-to-dispatch p99 (target < 20 ms at 500/s)",
+        ms(percentile(&lat, 0.99)),
+        "ms",
+        None,
+    );
+    line(
+        "dispatches seen / accepted submissions",
+        lat.len() as f64,
+        &format!("of {}", sent.len()),
+        None,
+    );
+    drop(seen);
+
+    // 2. Whole lifecycle as fast as it goes: submitted -> dispatched ->
+    // running -> succeeded -> projected.
+    let before = succeeded(&db).await?;
+    let start = Instant::now();
+    let sem = Arc::new(tokio::sync::Semaphore::new(a.concurrency));
+    let mut handles = Vec::with_capacity(a.tasks);
+    for _ in 0..a.tasks {
+        let permit = sem.clone().acquire_owned().await?;
+        let (http, url, token) = (http.clone(), url.clone(), admin.secret.clone());
+        handles.push(tokio::spawn(async move {
+            let ok = http
+                .post(&url)
+                .bearer_auth(token)
+                .json(&task_body())
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            drop(permit);
+            ok
+        }));
+    }
+    let mut accepted = 0;
+    for h in handles {
+        if h.await.unwrap_or(false) {
+            accepted += 1;
+        }
+    }
+    let submit_time = start.elapsed();
+    let target = before + accepted;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut done = succeeded(&db).await?;
+    while done < target && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        done = succeeded(&db).await?;
+    }
+    let total = start.elapsed();
+    line(
+        "REST submissions accepted",
+        accepted as f64 / submit_time.as_secs_f64(),
+        "tasks/s",
+        None,
+    );
+    line(
+        &format!(
+            "whole lifecycle, submit to projected succeeded ({} of {accepted} tasks)",
+            done - before
+        ),
+        (done - before) as f64 / total.as_secs_f64(),
+        "tasks/s",
+        None,
+    );
+    line(
+        "  baseline: Celery + RabbitMQ + PostgreSQL on this machine",
+        115.0,
+        "tasks/s",
+        None,
+    );
+    drop(sims);
+    running.shutdown();
+    Ok(())
+}
+
+pub async fn run(a: Args) -> Result<()> {
+    println!(
+        "UniDesk lifecycle benchmark: REST, scheduler, JetStream, {} simulated nodes on leaf servers, PostgreSQL",
+        a.nodes
+    );
+    match a.sync.as_deref() {
+        Some("always") => one_mode(&a, true).await,
+        Some("default") => one_mode(&a, false).await,
+        None => {
+            one_mode(&a, true).await?;
+            one_mode(&a, false).await
+        }
+        Some(other) => Err(anyhow!(
+            "--sync: unknown mode {other:?}; use always or default"
+        )),
+    }
+}
