@@ -67,6 +67,14 @@ impl Api {
     pub(crate) async fn post(&self, path: &str, body: &Value) -> Result<Value> {
         self.send(self.http.post(self.url(path)).json(body)).await
     }
+
+    pub(crate) async fn put(&self, path: &str, body: &Value) -> Result<Value> {
+        self.send(self.http.put(self.url(path)).json(body)).await
+    }
+
+    pub(crate) async fn delete(&self, path: &str) -> Result<Value> {
+        self.send(self.http.delete(self.url(path))).await
+    }
 }
 
 pub(crate) fn print(v: &Value) {
@@ -418,6 +426,38 @@ pub enum ProjectCommand {
 pub enum QueueCommand {
     /// Cancel every unfinished task of a queue (that the token may see).
     Cancel(CancelArgs),
+    /// Queues with settings or unfinished tasks.
+    List(ListQueuesArgs),
+    /// Set a queue's priority and limit (admin); applied at once.
+    Set(SetQueueArgs),
+    /// Drop a queue's settings (admin): back to UD_QUEUES_FILE or the defaults.
+    Reset(ResetQueueArgs),
+}
+
+#[derive(Args)]
+pub struct ListQueuesArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+#[derive(Args)]
+pub struct SetQueueArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    name: String,
+    /// Queues of higher priority are considered first (-1000 to 1000).
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    priority: i32,
+    /// Most tasks of the queue assigned or running at once (none: no limit).
+    #[arg(long)]
+    max_running: Option<u32>,
+}
+
+#[derive(Args)]
+pub struct ResetQueueArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    name: String,
 }
 
 /// Cancels every unfinished task of a project or queue (`what`: projects, queues).
@@ -436,6 +476,24 @@ async fn cancel_all(a: CancelArgs, what: &str) -> Result<()> {
 pub async fn queue(c: QueueCommand) -> Result<()> {
     match c {
         QueueCommand::Cancel(a) => cancel_all(a, "queues").await,
+        QueueCommand::List(a) => {
+            print(&Api::new(a.api).get("/api/v1/queues").await?);
+            Ok(())
+        }
+        QueueCommand::Set(a) => {
+            let body = json!({"priority": a.priority, "max_running": a.max_running});
+            let v = Api::new(a.api)
+                .put(&format!("/api/v1/queues/{}", a.name), &body)
+                .await?;
+            print(&v);
+            Ok(())
+        }
+        QueueCommand::Reset(a) => {
+            Api::new(a.api)
+                .delete(&format!("/api/v1/queues/{}", a.name))
+                .await?;
+            Ok(())
+        }
     }
 }
 

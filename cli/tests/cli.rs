@@ -210,6 +210,10 @@ async fn a_user_runs_the_whole_cycle_from_the_command_line() -> Result<()> {
     let rerun: serde_json::Value = serde_json::from_str(&server.ok(&["show", &again])?)?;
     assert_eq!(rerun["spec"], shown["spec"]);
     server.ok(&["cancel", &again])?;
+    // Queue settings are for admins.
+    let refused = server.run(&["queue", "set", "gpu", "--priority", "1"])?;
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("admin token is required"));
 
     server.ok(&["cancel", &id, "--reason", "enough"])?;
     let history = server.ok(&["history", &id])?;
@@ -637,5 +641,30 @@ async fn the_server_stops_on_sigterm_and_resumes_where_it_was() -> Result<()> {
             .trim(),
         acked[0]
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_admin_sets_lists_and_resets_queue_settings() -> Result<()> {
+    let server = Server::start().await?;
+    // Queue settings, applied by the scheduler while it runs.
+    let set = server.ok(&[
+        "queue",
+        "set",
+        "gpu",
+        "--priority",
+        "-3",
+        "--max-running",
+        "2",
+    ])?;
+    let set: serde_json::Value = serde_json::from_str(&set)?;
+    assert_eq!(
+        set["settings"],
+        serde_json::json!({"priority": -3, "max_running": 2})
+    );
+    let queues = server.ok(&["queue", "list"])?;
+    assert!(queues.contains("\"gpu\""), "{queues}");
+    server.ok(&["queue", "reset", "gpu"])?;
+    assert!(!server.ok(&["queue", "list"])?.contains("\"gpu\""));
     Ok(())
 }

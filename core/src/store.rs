@@ -98,6 +98,17 @@ impl EventStore {
             })
             .await
             .map_err(unavailable)?;
+        self.js
+            .create_key_value(jetstream::kv::Config {
+                bucket: streams::QUEUES_BUCKET.into(),
+                description: "queue name -> priority and limit set through the API".into(),
+                history: 16,
+                num_replicas: replicas,
+                storage: jetstream::stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable)?;
         Ok(())
     }
 

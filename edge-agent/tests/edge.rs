@@ -826,6 +826,55 @@ async fn a_queue_runs_no_more_than_its_limit_at_once() -> Result<()> {
 }
 
 #[tokio::test]
+async fn a_queue_limit_set_through_the_api_applies_at_once() -> Result<()> {
+    let mut s = Stack::start(Duration::from_secs(60)).await?;
+    let node = s.online_node("nu").await?;
+    let (http, url, admin) = (
+        s.http.clone(),
+        format!("{}/api/v1/queues/serial", s.base),
+        s.admin.clone(),
+    );
+    let set = |limit: u32| {
+        let (http, url, admin) = (http.clone(), url.clone(), admin.clone());
+        async move {
+            http.put(url)
+                .bearer_auth(admin)
+                .json(&json!({"max_running": limit}))
+                .send()
+                .await?
+                .error_for_status()?;
+            anyhow::Ok(())
+        }
+    };
+    set(1).await?;
+    let serial = |script: &str| {
+        let mut b = task_body("lab", script, json!({"cpus": 0.25, "memory_mb": 32}));
+        b["queue"] = json!("serial");
+        b
+    };
+    let first = s.submit_body(serial("sleep 30")).await?;
+    s.task_state(&first, &["running"], Duration::from_secs(60))
+        .await?;
+    let second = s.submit_body(serial("true")).await?;
+    s.task_until(&second, "the queue limit", Duration::from_secs(30), |v| {
+        v["waiting_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("limit of 1"))
+    })
+    .await?;
+    // Raised while the first still runs: the second is placed and runs now.
+    set(2).await?;
+    let done = s
+        .task_state(&second, &["succeeded", "failed"], Duration::from_secs(60))
+        .await?;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let first_now = s.get(&format!("/api/v1/tasks/{first}")).await?;
+    assert_eq!(first_now["state"], "running", "{first_now}");
+    node.agent.abort();
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_restarted_agent_adopts_its_running_container() -> Result<()> {
     let mut s = Stack::start(Duration::from_secs(60)).await?;
     let token = s.enroll("delta").await?;

@@ -9,6 +9,7 @@ pub mod live;
 pub mod nodes;
 pub mod openapi;
 pub mod projected;
+pub mod queues;
 pub mod server;
 pub mod stats;
 pub mod tasks;
@@ -63,6 +64,11 @@ pub fn router(state: AppState) -> Router {
             post(tasks::cancel_project),
         )
         .route("/api/v1/queues/{queue}/cancel", post(tasks::cancel_queue))
+        .route("/api/v1/queues", get(queues::list))
+        .route(
+            "/api/v1/queues/{queue}",
+            axum::routing::put(queues::put).delete(queues::reset),
+        )
         .route("/api/v1/projects/{project}/files", get(files::list))
         .route(
             "/api/v1/projects/{project}/files/{*path}",

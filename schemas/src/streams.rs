@@ -11,6 +11,10 @@ pub const AUTH: &str = "UD_AUTH";
 pub const LOGS: &str = "UD_LOGS";
 /// Key-value bucket mapping (project, Idempotency-Key) to the task it created.
 pub const IDEMPOTENCY_BUCKET: &str = "ud_idempotency";
+/// Key-value bucket of queue settings made through the API (key: queue name;
+/// value: JSON `{"priority", "max_running", "updated_by", "updated_at"}`),
+/// overriding `UD_QUEUES_FILE`; its history keeps the last 16 changes per queue.
+pub const QUEUES_BUCKET: &str = "ud_queues";
 
 /// Streams read by projectors, in the order they are listed here.
 pub const PROJECTED: [&str; 4] = [AUTH, NODES, HEARTBEATS, TASKS];

@@ -121,7 +121,7 @@ pub fn place<'a>(
 }
 
 /// One queue's settings.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueueConfig {
     /// Tasks of higher-priority queues are considered first.
@@ -136,7 +136,21 @@ pub struct QueueConfig {
 /// `{"queues": {"gpu": {"priority": 10, "max_running": 4}}}`); a queue not
 /// named has priority 0 and no limit.
 #[derive(Clone, Debug, Default)]
-pub struct Queues(std::collections::BTreeMap<String, QueueConfig>);
+pub struct Queues {
+    file: std::collections::BTreeMap<String, QueueConfig>,
+    /// Set through the API (the `ud_queues` bucket): these win over the file.
+    set: std::collections::BTreeMap<String, QueueConfig>,
+}
+
+/// A queue's settings as the API stores them in the `ud_queues` bucket.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+pub struct QueueRecord {
+    pub priority: i32,
+    pub max_running: Option<u32>,
+    pub updated_by: String,
+    /// Milliseconds since the epoch.
+    pub updated_at: i64,
+}
 
 impl Queues {
     pub fn parse(text: &str) -> Result<Self, super::EdgeError> {
@@ -147,7 +161,10 @@ impl Queues {
         }
         let f: File = serde_json::from_str(text)
             .map_err(|e| super::EdgeError::Invalid(format!("queues file: {e}")))?;
-        Ok(Self(f.queues))
+        Ok(Self {
+            file: f.queues,
+            set: Default::default(),
+        })
     }
 
     pub fn load(path: &std::path::Path) -> Result<Self, super::EdgeError> {
@@ -158,7 +175,19 @@ impl Queues {
     }
 
     pub fn get(&self, name: &str) -> QueueConfig {
-        self.0.get(name).cloned().unwrap_or_default()
+        self.set
+            .get(name)
+            .or_else(|| self.file.get(name))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// A queue's settings from the API (`None`: back to the file's or the defaults).
+    pub fn set(&mut self, name: &str, config: Option<QueueConfig>) {
+        match config {
+            Some(c) => self.set.insert(name.to_owned(), c),
+            None => self.set.remove(name),
+        };
     }
 }
 
@@ -805,6 +834,44 @@ impl Controller {
     }
 }
 
+/// Follows the `ud_queues` bucket (every queue's last value, then changes)
+/// and sends each queue's settings; binds again when the watch ends.
+async fn watch_queues(
+    js: async_nats::jetstream::Context,
+    tx: mpsc::Sender<(String, Option<QueueConfig>)>,
+) {
+    use futures::StreamExt;
+    loop {
+        let watch = match js.get_key_value(streams::QUEUES_BUCKET).await {
+            Ok(kv) => kv.watch_with_history(">").await.ok(),
+            Err(_) => None,
+        };
+        if let Some(mut entries) = watch {
+            while let Some(Ok(entry)) = entries.next().await {
+                let config = match entry.operation {
+                    async_nats::jetstream::kv::Operation::Put => {
+                        match serde_json::from_slice::<QueueRecord>(&entry.value) {
+                            Ok(r) => Some(QueueConfig {
+                                priority: r.priority,
+                                max_running: r.max_running,
+                            }),
+                            Err(e) => {
+                                warn!(queue = %entry.key, error = %e, "unreadable queue settings ignored");
+                                continue;
+                            }
+                        }
+                    }
+                    _ => None,
+                };
+                if tx.send((entry.key.clone(), config)).await.is_err() {
+                    return;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 /// Runs liveness and first-fit scheduling until the streams end.
 pub async fn run(commands: TaskCommands, settings: ControllerSettings) {
     let (tx, mut rx) = mpsc::channel::<Update>(65_536);
@@ -854,10 +921,17 @@ pub async fn run(commands: TaskCommands, settings: ControllerSettings) {
         applied: HashMap::new(),
         lost: HashMap::new(),
     };
+    let (queue_tx, mut queue_rx) = mpsc::channel(256);
+    tokio::spawn(watch_queues(js.clone(), queue_tx));
     let mut tick = tokio::time::interval(c.settings.check_interval);
     let mut resent = false;
     loop {
         tokio::select! {
+            Some((name, config)) = queue_rx.recv() => {
+                info!(queue = %name, ?config, "queue settings changed");
+                c.settings.queues.set(&name, config);
+                c.schedule().await;
+            }
             u = rx.recv() => {
                 let Some(u) = u else { break };
                 let mut relevant = c.on_update(&u).await;
