@@ -48,6 +48,9 @@ pub struct Args {
     /// Measure only this sync mode: `always` or `default` (both when absent).
     #[arg(long)]
     sync: Option<String>,
+    /// Print the read model's tasks by state every second of the throughput run.
+    #[arg(long)]
+    progress: bool,
 }
 
 /// What a simulated node needs: its leaf server (kept alive) and agent task.
@@ -332,6 +335,50 @@ async fn one_mode(a: &Args, sync_always: bool) -> Result<()> {
     // running -> succeeded -> projected.
     let before = succeeded(&db).await?;
     let start = Instant::now();
+    let sampler = a.progress.then(|| {
+        let url = pg.url.clone();
+        let js = store.jetstream().clone();
+        tokio::spawn(async move {
+            let Ok((db, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await else {
+                return;
+            };
+            tokio::spawn(conn);
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                if let Ok(rows) = db
+                    .query(
+                        "SELECT state, count(*) FROM tasks GROUP BY state ORDER BY state",
+                        &[],
+                    )
+                    .await
+                {
+                    let counts: Vec<String> = rows
+                        .iter()
+                        .map(|r| format!("{} {}", r.get::<_, String>(0), r.get::<_, i64>(1)))
+                        .collect();
+                    let last = match js.get_stream(ud_schemas::streams::TASKS).await {
+                        Ok(mut st) => st.info().await.map(|i| i.state.last_sequence).unwrap_or(0),
+                        Err(_) => 0,
+                    };
+                    let projected: i64 = db
+                        .query_opt(
+                            "SELECT seq FROM projection_checkpoints WHERE stream = $1",
+                            &[&ud_schemas::streams::TASKS],
+                        )
+                        .await
+                        .ok()
+                        .flatten()
+                        .map_or(0, |r| r.get(0));
+                    println!(
+                        "  {:>5.1} s: {} | stream {last}, projected {projected}",
+                        start.elapsed().as_secs_f64(),
+                        counts.join(", ")
+                    );
+                }
+            }
+        })
+    });
     let sem = Arc::new(tokio::sync::Semaphore::new(a.concurrency));
     let mut handles = Vec::with_capacity(a.tasks);
     for _ in 0..a.tasks {
@@ -364,6 +411,9 @@ async fn one_mode(a: &Args, sync_always: bool) -> Result<()> {
         done = succeeded(&db).await?;
     }
     let total = start.elapsed();
+    if let Some(s) = sampler {
+        s.abort();
+    }
     line(
         "REST submissions accepted",
         accepted as f64 / submit_time.as_secs_f64(),

@@ -50,10 +50,56 @@ impl FromRequestParts<AppState> for Caller {
     }
 }
 
+/// How long a token looked up stays trusted without asking PostgreSQL again.
+/// A revocation through this gateway takes effect at once (the entry is
+/// dropped); through another instance, within this time.
+pub const TOKEN_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Callers by token digest, as last read from the read model.
+#[derive(Clone, Default)]
+pub struct TokenCache(
+    std::sync::Arc<
+        std::sync::Mutex<std::collections::HashMap<String, (Caller, std::time::Instant)>>,
+    >,
+);
+
+impl TokenCache {
+    fn get(&self, digest: &str) -> Option<Caller> {
+        let map = self.0.lock().ok()?;
+        let (caller, at) = map.get(digest)?;
+        (at.elapsed() < TOKEN_CACHE_TTL).then(|| caller.clone())
+    }
+
+    fn put(&self, digest: String, caller: Caller) {
+        if let Ok(mut map) = self.0.lock() {
+            if map.len() > 10_000 {
+                map.retain(|_, (_, at)| at.elapsed() < TOKEN_CACHE_TTL);
+            }
+            map.insert(digest, (caller, std::time::Instant::now()));
+        }
+    }
+
+    /// Forgets a token at once (it was revoked).
+    pub fn forget(&self, token_id: uuid::Uuid) {
+        if let Ok(mut map) = self.0.lock() {
+            map.retain(|_, (c, _)| c.token_id != token_id);
+        }
+    }
+}
+
 impl Caller {
     /// The caller a token's secret names, or 401 when it is unknown or revoked.
     pub async fn from_secret(state: &AppState, secret: &str) -> Result<Self, ApiError> {
         let digest = ud_core::auth::digest(secret);
+        if let Some(c) = state.tokens.get(&digest) {
+            return Ok(c);
+        }
+        let caller = Self::look_up(state, &digest).await?;
+        state.tokens.put(digest, caller.clone());
+        Ok(caller)
+    }
+
+    async fn look_up(state: &AppState, digest: &str) -> Result<Self, ApiError> {
         let client = state.db.client().await?;
         let row = client
             .query_opt(

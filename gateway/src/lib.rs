@@ -33,6 +33,8 @@ pub struct AppState {
     pub storage: Option<ud_storage::Storage>,
     /// The main server's disks to watch.
     pub disk: health::DiskWatch,
+    /// Tokens recently looked up (see [`auth::TokenCache`]).
+    pub tokens: auth::TokenCache,
 }
 
 async fn healthz() -> &'static str {

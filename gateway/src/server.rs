@@ -147,9 +147,14 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
     db.migrate().await?;
     let mut tasks = Vec::new();
     if cfg.run_projectors {
+        // Projectors get connections of their own (a held advisory lock and
+        // a batch connection each), so a burst of API reads never starves
+        // the read models of the writes that keep them current.
+        let projector_db =
+            Db::connect(&cfg.database_url, "public", 2 * streams::PROJECTED.len()).await?;
         for stream in streams::PROJECTED {
             let projector = Projector::new(
-                db.clone(),
+                projector_db.clone(),
                 store.jetstream().clone(),
                 stream,
                 ProjectorOptions::live(stream),
@@ -219,6 +224,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         projected,
         storage: cfg.storage.clone(),
         disk: cfg.disk.clone(),
+        tokens: Default::default(),
     };
     let api_state = state.clone();
     tasks.push(tokio::spawn(async move {

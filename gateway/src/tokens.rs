@@ -70,7 +70,7 @@ pub async fn revoke(
     Admin(caller): Admin,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let id = id.parse().map_err(|_| ApiError::not_found("token"))?;
+    let id: ud_schemas::TokenId = id.parse().map_err(|_| ApiError::not_found("token"))?;
     let seq = ud_core::commands::revoke_token(state.commands.store(), id, &caller.actor())
         .await
         .map_err(|e| match e {
@@ -81,5 +81,6 @@ pub async fn revoke(
         .projected
         .wait(streams::AUTH, seq, WAIT_PROJECTED)
         .await;
+    state.tokens.forget(id.0);
     Ok(StatusCode::NO_CONTENT)
 }

@@ -43,6 +43,8 @@ impl ProjectorOptions {
     pub fn live(stream: &str) -> Self {
         let linger = if stream == streams::HEARTBEATS {
             Duration::from_millis(250)
+        } else if stream == streams::TASKS {
+            TASKS_LINGER
         } else {
             Duration::ZERO
         };
@@ -52,6 +54,10 @@ impl ProjectorOptions {
         }
     }
 }
+
+/// How long the task projector waits for more events once it has one: a few
+/// milliseconds of latency buy far larger transactions under load.
+const TASKS_LINGER: Duration = Duration::from_millis(5);
 
 pub struct Projector {
     db: Db,

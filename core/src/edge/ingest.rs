@@ -291,7 +291,11 @@ async fn handle(
                 Ok(c) => c,
                 Err(r) => return Outcome::Dropped(r),
             };
-            let was_start = matches!(command, TaskCommand::Start { .. });
+            let start_of = match &command {
+                TaskCommand::Start { attempt, .. } => Some(*attempt),
+                _ => None,
+            };
+            let was_start = start_of.is_some();
             match commands.execute(task_id, command, &actor, |_| true).await {
                 Ok(_) => Outcome::Done,
                 Err(CommandError::Conflict) => Outcome::Retry("task changed concurrently".into()),
@@ -299,6 +303,19 @@ async fn handle(
                 Err(CommandError::Rejected(
                     TaskError::WrongNode(_) | TaskError::InvalidTransition { .. },
                 )) if was_start => {
+                    // The same start again (its first append was stored but
+                    // not confirmed, so it came back): nothing to do.
+                    if let Ok(Some((t, _))) = store.load_task(&task_id).await {
+                        let same = matches!(
+                            t.state,
+                            crate::task::TaskState::Running { node_id: n, attempt: a }
+                                | crate::task::TaskState::Cancelling { node_id: n, attempt: a, .. }
+                                if n == node_id && Some(a) == start_of
+                        );
+                        if same {
+                            return Outcome::Done;
+                        }
+                    }
                     // A stale dispatch: stop that run.
                     stop_stale(commands, node_id, task_id).await;
                     Outcome::Dropped(Rejected::Refused(format!("stale start of task {task_id}")))
@@ -338,7 +355,7 @@ const HEARTBEAT_LINGER: Duration = Duration::from_millis(50);
 
 /// Takes what waits in `rx` (and, with a linger, what comes within it) into `batch`.
 async fn take(
-    rx: &mut mpsc::Receiver<jetstream::Message>,
+    rx: &mut mpsc::UnboundedReceiver<jetstream::Message>,
     batch: &mut Vec<jetstream::Message>,
     linger: Duration,
 ) {
@@ -357,7 +374,7 @@ async fn take(
 
 async fn worker(
     commands: TaskCommands,
-    mut rx: mpsc::Receiver<jetstream::Message>,
+    mut rx: mpsc::UnboundedReceiver<jetstream::Message>,
     linger: Duration,
 ) {
     let mut cache = NodeCache::new();
@@ -507,27 +524,63 @@ pub async fn run(commands: TaskCommands) -> Result<(), EdgeError> {
         .map_err(nats_err)?;
     let mut senders = Vec::new();
     for _ in 0..WORKERS {
-        let (tx, rx) = mpsc::channel(1024);
+        // Unbounded, so that routing never waits on a worker: what is in
+        // flight is bounded by the consumer's max_ack_pending instead. (A
+        // router waiting on a worker that waits on an ack that the same
+        // connection cannot deliver while the router stalls would deadlock.)
+        let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(worker(commands.clone(), rx, Duration::ZERO));
         senders.push(tx);
     }
     // Heartbeats take their own lane: they change nothing another event of
     // the node depends on, and many at once cost far less than one by one.
-    let (beats, rx) = mpsc::channel(BATCH * 4);
+    let (beats, rx) = mpsc::unbounded_channel();
     tokio::spawn(worker(commands.clone(), rx, HEARTBEAT_LINGER));
-    let mut messages = consumer.messages().await.map_err(nats_err)?;
+    let beats = &beats;
+    // A pull subscription can fail under load (missed idle heartbeats, a
+    // hub reload): bind again and go on; unacknowledged messages come back.
+    loop {
+        let mut messages = match consumer.messages().await {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(error = %e, "ingest cannot pull; trying again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        if !route(&mut messages, &senders, beats).await {
+            return Ok(());
+        }
+        warn!("ingest pull ended; binding again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Hands pulled messages to the lanes until the pull fails (true) or the
+/// lanes are gone (false).
+async fn route(
+    messages: &mut consumer::pull::Stream,
+    senders: &[mpsc::UnboundedSender<jetstream::Message>],
+    beats: &mpsc::UnboundedSender<jetstream::Message>,
+) -> bool {
     while let Some(m) = messages.next().await {
-        let m = m.map_err(nats_err)?;
+        let m = match m {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(error = %e, "ingest pull failed");
+                return true;
+            }
+        };
         let lane = if is_heartbeat(&m) {
-            &beats
+            beats
         } else {
             let mut h = DefaultHasher::new();
             origin(m.headers.as_ref()).hash(&mut h);
             &senders[(h.finish() % WORKERS as u64) as usize]
         };
-        if lane.send(m).await.is_err() {
-            break;
+        if lane.send(m).is_err() {
+            return false;
         }
     }
-    Ok(())
+    true
 }

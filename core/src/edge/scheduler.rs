@@ -18,6 +18,9 @@ use crate::task::{self, TaskCommand, TaskState};
 use ud_schemas::codec::EventMeta;
 use ud_schemas::Event;
 
+/// An assigned task whose node has not started it gets its run again after this.
+const RESEND_AFTER: Duration = Duration::from_secs(30);
+
 /// Assignments of one scheduling pass in flight at once.
 const PLACEMENTS_IN_FLIGHT: usize = 256;
 
@@ -402,6 +405,10 @@ struct Controller {
     applied: HashMap<String, u64>,
     /// Runs lost with their node, by node: stopped if the node comes back.
     lost: HashMap<NodeId, Vec<TaskId>>,
+    /// Assigned tasks not started yet, with when their run was last sent:
+    /// sent again after `RESEND_AFTER` (a dispatch whose store was not
+    /// confirmed may be missing; a node ignores a run it already has).
+    unstarted: HashMap<TaskId, std::time::Instant>,
     /// When each project was last given a node (see `fair_order`).
     served: HashMap<String, u64>,
     serve_counter: u64,
@@ -511,8 +518,10 @@ impl Controller {
             }
         }
         for (task, node, ack) in acks {
+            // Not confirmed: sent again after RESEND_AFTER (the message id
+            // keeps a stored one from being stored twice).
             if let Err(e) = ack.await {
-                warn!(task_id = %task, node_id = %node, error = %e, "dispatch not stored");
+                warn!(task_id = %task, node_id = %node, error = %e, "dispatch not confirmed; it will be sent again");
             }
         }
     }
@@ -755,6 +764,16 @@ impl Controller {
                 self.inflight.remove(id);
                 self.waiting.remove(id);
             }
+            match self.cluster.tasks.get(id).map(|t| &t.task.state) {
+                Some(TaskState::Assigned { .. }) => {
+                    self.unstarted
+                        .entry(*id)
+                        .or_insert_with(std::time::Instant::now);
+                }
+                _ => {
+                    self.unstarted.remove(id);
+                }
+            }
             // Dispatches lost in a crash between assignment and send are sent again on start.
             if !u.live {
                 return relevant;
@@ -816,6 +835,29 @@ impl Controller {
                 )
                 .await;
             }
+        }
+    }
+
+    /// Sends again the runs of tasks assigned long ago and not started.
+    async fn resend_overdue(&mut self) {
+        let mut runs = Vec::new();
+        for (id, since) in self.unstarted.iter_mut() {
+            if since.elapsed() < RESEND_AFTER {
+                continue;
+            }
+            if let Some(TaskState::Assigned { node_id, attempt }) =
+                self.cluster.tasks.get(id).map(|t| &t.task.state)
+            {
+                let spec = self.cluster.tasks.get(id).map(|t| t.task.spec.clone());
+                if let Some(spec) = spec {
+                    runs.push((*node_id, *id, *attempt, spec));
+                    *since = std::time::Instant::now();
+                }
+            }
+        }
+        if !runs.is_empty() {
+            info!(runs = runs.len(), "sending runs not started in time again");
+            self.send_runs(runs).await;
         }
     }
 
@@ -920,6 +962,7 @@ pub async fn run(commands: TaskCommands, settings: ControllerSettings) {
         targets,
         applied: HashMap::new(),
         lost: HashMap::new(),
+        unstarted: HashMap::new(),
     };
     let (queue_tx, mut queue_rx) = mpsc::channel(256);
     tokio::spawn(watch_queues(js.clone(), queue_tx));
@@ -950,6 +993,7 @@ pub async fn run(commands: TaskCommands, settings: ControllerSettings) {
                 }
                 let timeout = i64::try_from(c.settings.heartbeat_timeout.as_millis()).unwrap_or(i64::MAX);
                 super::liveness::check(c.commands.store(), &c.cluster, now_millis(), timeout).await;
+                c.resend_overdue().await;
                 c.schedule().await;
             }
         }
