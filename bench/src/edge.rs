@@ -104,14 +104,14 @@ pub async fn start_platform_with(
     Ok((hub, pg, running))
 }
 
-pub async fn run(a: Args) -> Result<()> {
-    println!("UniDesk edge benchmark: hub + leaf + agent + Docker on this machine");
-    let timeout = Duration::from_secs(a.offline_timeout_seconds);
-    let (hub, _pg, running) = start_platform(timeout).await?;
-    let store = running.state.commands.store().clone();
-    let admin = ud_core::commands::issue_token(&store, "bench", &[], true, "bench")
-        .await
-        .map_err(|e| anyhow!("{e}"))?;
+/// An admin token, usable through the API once this returns.
+pub async fn admin_token(
+    running: &ud_gateway::server::Running,
+) -> Result<ud_core::commands::IssuedToken> {
+    let admin =
+        ud_core::commands::issue_token(running.state.commands.store(), "bench", &[], true, "bench")
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
     running
         .state
         .projected
@@ -121,6 +121,15 @@ pub async fn run(a: Args) -> Result<()> {
             Duration::from_secs(10),
         )
         .await;
+    Ok(admin)
+}
+
+pub async fn run(a: Args) -> Result<()> {
+    println!("UniDesk edge benchmark: hub + leaf + agent + Docker on this machine");
+    let timeout = Duration::from_secs(a.offline_timeout_seconds);
+    let (hub, _pg, running) = start_platform(timeout).await?;
+    let store = running.state.commands.store().clone();
+    let admin = admin_token(&running).await?;
     let http = reqwest::Client::new();
     let base = format!("http://{}", running.addr);
     let v: serde_json::Value = http

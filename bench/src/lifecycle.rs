@@ -223,18 +223,7 @@ async fn one_mode(a: &Args, sync_always: bool) -> Result<()> {
     let (hub, pg, running) =
         crate::edge::start_platform_with(Duration::from_secs(90), sync_always).await?;
     let store = running.state.commands.store().clone();
-    let admin = ud_core::commands::issue_token(&store, "bench", &[], true, "bench")
-        .await
-        .map_err(|e| anyhow!("{e}"))?;
-    running
-        .state
-        .projected
-        .wait(
-            ud_schemas::streams::AUTH,
-            admin.seq,
-            Duration::from_secs(10),
-        )
-        .await;
+    let admin = crate::edge::admin_token(&running).await?;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(512)
         .build()?;

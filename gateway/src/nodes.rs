@@ -74,6 +74,22 @@ impl From<NodeRow> for NodeView {
     }
 }
 
+/// One node as the read model has it, with what its tasks hold of it.
+async fn node_view(state: &AppState, id: ud_schemas::NodeId) -> Result<NodeView, ApiError> {
+    let client = state.db.client().await?;
+    let row = ud_projections::db::get_node(&client, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("node"))?;
+    let used = ud_projections::db::node_usage(&client)
+        .await?
+        .get(&row.id.0)
+        .copied()
+        .unwrap_or_default();
+    let mut view = NodeView::from(row);
+    view.in_use = used.into();
+    Ok(view)
+}
+
 /// Every enrolled node.
 #[utoipa::path(get, path = "/api/v1/nodes", tag = "nodes",
     responses((status = 200, body = [NodeView])), security(("bearer" = [])))]
@@ -105,18 +121,7 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> Result<Json<NodeView>, ApiError> {
     let id = id.parse().map_err(|_| ApiError::not_found("node"))?;
-    let client = state.db.client().await?;
-    let row = ud_projections::db::get_node(&client, id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("node"))?;
-    let used = ud_projections::db::node_usage(&client)
-        .await?
-        .get(&row.id.0)
-        .copied()
-        .unwrap_or_default();
-    let mut view = NodeView::from(row);
-    view.in_use = used.into();
-    Ok(Json(view))
+    Ok(Json(node_view(&state, id).await?))
 }
 
 #[derive(Deserialize, Serialize, ToSchema)]
@@ -237,18 +242,7 @@ async fn set_scheduling(
             )
             .await;
     }
-    let client = state.db.client().await?;
-    let row = ud_projections::db::get_node(&client, id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("node"))?;
-    let used = ud_projections::db::node_usage(&client)
-        .await?
-        .get(&row.id.0)
-        .copied()
-        .unwrap_or_default();
-    let mut view = NodeView::from(row);
-    view.in_use = used.into();
-    Ok(Json(view))
+    Ok(Json(node_view(&state, id).await?))
 }
 
 /// Cordon a node (admin): it takes no new tasks; running ones go on.
