@@ -242,7 +242,7 @@ async fn set_scheduling(
             )
             .await;
     }
-    Ok(Json(node_view(&state, id).await?))
+    Ok(Json(node_view(state, id).await?))
 }
 
 /// Cordon a node (admin): it takes no new tasks; running ones go on.
