@@ -241,7 +241,9 @@ async fn session(state: AppState, mut socket: WebSocket, bearer: Option<String>)
         let (state, caller, tx) = (state.clone(), caller.clone(), tx.clone());
         followers.spawn(async move {
             let r = follow_tasks(&state, &caller, filter, from, &tx).await;
-            let _ = tx.send(r.map(|()| unreachable_end())).await;
+            if let Err(e) = r {
+                let _ = tx.send(Err(e)).await;
+            }
         });
     }
     if let Some(f) = hello.nodes {
@@ -249,7 +251,9 @@ async fn session(state: AppState, mut socket: WebSocket, bearer: Option<String>)
         let (js, tx) = (js.clone(), tx.clone());
         followers.spawn(async move {
             let r = follow_nodes(&js, from, &tx).await;
-            let _ = tx.send(r.map(|()| unreachable_end())).await;
+            if let Err(e) = r {
+                let _ = tx.send(Err(e)).await;
+            }
         });
     }
     if let (Some(f), Some(t)) = (hello.log, task) {
@@ -257,7 +261,9 @@ async fn session(state: AppState, mut socket: WebSocket, bearer: Option<String>)
         let (js, tx) = (js.clone(), tx.clone());
         followers.spawn(async move {
             let r = follow_log(&js, t, from, &tx).await;
-            let _ = tx.send(r.map(|()| unreachable_end())).await;
+            if let Err(e) = r {
+                let _ = tx.send(Err(e)).await;
+            }
         });
     }
     drop(tx);
@@ -302,14 +308,6 @@ async fn session(state: AppState, mut socket: WebSocket, bearer: Option<String>)
     }
     followers.abort_all();
     debug!(token = %caller.name, "live connection closed");
-}
-
-/// A follower's stream ended without an error (it never should).
-fn unreachable_end() -> Outgoing {
-    Outgoing::Error {
-        error: "unavailable".into(),
-        message: "event stream ended".into(),
-    }
 }
 
 async fn send(socket: &mut WebSocket, msg: &Outgoing) -> Result<(), ()> {
