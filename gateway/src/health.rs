@@ -256,11 +256,13 @@ async fn platform_metrics(state: &AppState) -> Result<String, String> {
         "unidesk_tasks",
         "Tasks by state, as the read model has them.",
     );
-    for r in q("SELECT state, count(*) FROM tasks GROUP BY state ORDER BY state").await? {
+    let by_state = ud_projections::db::tasks_by_state(&client, None)
+        .await
+        .map_err(|e| e.to_string())?;
+    for (state, n) in by_state {
         out.push_str(&format!(
-            "unidesk_tasks{{state=\"{}\"}} {}\n",
-            label(r.get(0)),
-            r.get::<_, i64>(1)
+            "unidesk_tasks{{state=\"{}\"}} {n}\n",
+            label(&state)
         ));
     }
     gauge(&mut out, "unidesk_queue_depth", "Pending tasks per queue.");

@@ -73,20 +73,12 @@ pub async fn stats(
     }
     let projects = (!caller.admin).then_some(caller.projects.as_slice());
     let client = state.db.client().await?;
-    let rows = client
-        .query(
-            "SELECT state, count(*) FROM tasks
-             WHERE ($1::text[] IS NULL OR project = ANY($1)) GROUP BY state",
-            &[&projects.map(<[String]>::to_vec)],
-        )
-        .await?;
+    let rows = ud_projections::db::tasks_by_state(&client, projects).await?;
     let mut tasks_by_state: std::collections::BTreeMap<String, i64> = ud_core::task::STATE_NAMES
         .iter()
         .map(|s| ((*s).to_owned(), 0))
         .collect();
-    for r in rows {
-        tasks_by_state.insert(r.get(0), r.get(1));
-    }
+    tasks_by_state.extend(rows);
     let timeline = ud_projections::db::task_timeline(&client, minutes * 60, points, projects)
         .await?
         .into_iter()

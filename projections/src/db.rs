@@ -579,3 +579,20 @@ pub async fn task_timeline(
         })
         .collect())
 }
+
+/// Tasks by state (only states some task is in), of the given projects
+/// (`None`: all), in state order.
+pub async fn tasks_by_state(
+    c: &impl GenericClient,
+    projects: Option<&[String]>,
+) -> Result<Vec<(String, i64)>, ProjectionError> {
+    let rows = c
+        .query(
+            "SELECT state, count(*) FROM tasks
+             WHERE ($1::text[] IS NULL OR project = ANY($1))
+             GROUP BY state ORDER BY state",
+            &[&projects.map(<[String]>::to_vec)],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
