@@ -21,7 +21,7 @@ use serde_json::json;
 use tokio::sync::Mutex;
 use ud_schemas::dispatch::{self, DispatchRun};
 use ud_schemas::edge::{self, NodeToken};
-use ud_schemas::events::{NodeHeartbeat, NodeRegistered, TaskStarted, TaskSucceeded};
+use ud_schemas::events::{NodeRegistered, TaskStarted, TaskSucceeded};
 use ud_schemas::spec::NodeResources;
 use ud_schemas::{now_millis, Event, NodeEvent, NodeId, TaskEvent};
 use ud_testkit::{NatsOptions, NatsServer};
@@ -97,16 +97,7 @@ async fn sim_agent(leaf_url: String, node: NodeId, name: String) -> Result<()> {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
-            let beat = Event::Node(
-                node,
-                NodeEvent::Heartbeat(NodeHeartbeat {
-                    at: now_millis(),
-                    running_tasks: 0,
-                    disk_free_mb: Some(1 << 30),
-                    low_disk: false,
-                }),
-            );
-            let _ = beats.send(&beat).await;
+            let _ = beats.send(&crate::restart::sim_heartbeat(node)).await;
         }
     });
     loop {

@@ -354,6 +354,19 @@ pub async fn agents(a: AgentsArgs) -> Result<()> {
     Ok(())
 }
 
+/// A simulated node's heartbeat: idle, with plenty of disk.
+pub fn sim_heartbeat(node: NodeId) -> Event {
+    Event::Node(
+        node,
+        NodeEvent::Heartbeat(NodeHeartbeat {
+            at: now_millis(),
+            running_tasks: 0,
+            disk_free_mb: Some(1 << 30),
+            low_disk: false,
+        }),
+    )
+}
+
 async fn agent(
     url: String,
     i: usize,
@@ -387,16 +400,7 @@ async fn agent(
     let mut tick = tokio::time::interval(interval);
     loop {
         tick.tick().await;
-        let beat = Event::Node(
-            node,
-            NodeEvent::Heartbeat(NodeHeartbeat {
-                at: now_millis(),
-                running_tasks: 0,
-                disk_free_mb: Some(100_000),
-                low_disk: false,
-            }),
-        );
-        if let Err(e) = reporter.send(&beat).await {
+        if let Err(e) = reporter.send(&sim_heartbeat(node)).await {
             eprintln!("simulated node {i}: heartbeat not recorded: {e}");
         }
     }
