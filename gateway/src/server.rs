@@ -117,12 +117,27 @@ pub async fn connect_nats(url: &str, name: &str) -> Result<async_nats::Client, S
         }
         None => async_nats::ConnectOptions::new(),
     };
-    options
-        .name(name)
-        .connect(addrs)
-        .await
-        .map_err(|e| fail(e.to_string()))
+    let options = options.name(name);
+    // A hub reloading its accounts (a node enrolled or revoked) resets or refuses
+    // new connections for a moment, even with the right password: try again for
+    // a few seconds before saying the connection is impossible.
+    let deadline = std::time::Instant::now() + CONNECT_PATIENCE;
+    let mut delay = std::time::Duration::from_millis(50);
+    loop {
+        match options.clone().connect(addrs.clone()).await {
+            Ok(client) => return Ok(client),
+            Err(e) if std::time::Instant::now() + delay < deadline => {
+                tracing::debug!(error = %e, "connecting to NATS failed; trying again");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_millis(500));
+            }
+            Err(e) => return Err(fail(e.to_string())),
+        }
+    }
 }
+
+/// How long a first connection is retried before it counts as failed.
+const CONNECT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(4);
 
 /// The URL without its password, for messages.
 pub fn redact(url: &str) -> String {
