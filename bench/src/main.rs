@@ -46,6 +46,13 @@ enum Bench {
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    // The platform's own log lines, when asked for with RUST_LOG (none by default).
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     match Cli::parse().bench {
         Bench::Backbone(a) => backbone::run(a).await,
         Bench::Edge(a) => edge::run(a).await,

@@ -21,7 +21,9 @@ use clap::Args;
 use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 
-use crate::serve::{DbArgs, NatsArgs};
+use crate::serve::{DbArgs, NatsArgs, StorageArgs};
+use ud_storage::keys::BACKUPS_PREFIX;
+use ud_storage::Storage;
 
 /// Publishes in flight while a stream is restored. A hub that syncs every
 /// write takes them at its sync rate whatever the window (4,096 measured no
@@ -47,6 +49,12 @@ pub struct BackupArgs {
     /// Folder with pg_dump and pg_restore (default: found on PATH).
     #[arg(long, env = "UD_PG_BIN")]
     pg_bin: Option<PathBuf>,
+    /// Also copy the backup to the object store (the UD_S3_* settings), under
+    /// `backups/<name>/`, keeping the newest `--keep` there as well.
+    #[arg(long, env = "UD_BACKUP_TO_OBJECT_STORE")]
+    to_object_store: bool,
+    #[command(flatten)]
+    storage: StorageArgs,
 }
 
 #[derive(Args)]
@@ -55,8 +63,21 @@ pub struct RestoreArgs {
     nats: NatsArgs,
     #[command(flatten)]
     db: DbArgs,
-    /// The backup folder to restore (one of those `unidesk backup` made).
+    /// The backup folder to restore (one of those `unidesk backup` made); with
+    /// `--from-object-store`, the backup's name there, or `latest`.
     from: PathBuf,
+    /// Fetch the backup from the object store (into the backup directory) first.
+    #[arg(long)]
+    from_object_store: bool,
+    /// Where a backup fetched from the object store is put.
+    #[arg(
+        long,
+        env = "UD_BACKUP_DIR",
+        default_value = "/var/lib/unidesk/backups"
+    )]
+    dir: PathBuf,
+    #[command(flatten)]
+    storage: StorageArgs,
     /// Replace streams that already hold messages (otherwise restore refuses).
     #[arg(long)]
     force: bool,
@@ -99,8 +120,139 @@ fn kept_header(name: &str) -> bool {
     !name.starts_with("Nats-Expected")
 }
 
+fn object_store(args: &StorageArgs) -> Result<Storage> {
+    args.storage()?.context(
+        "the object store is not configured (set UD_S3_BUCKET and the other UD_S3_* settings)",
+    )
+}
+
+/// Copies a finished backup folder to `backups/<name>/`: the streams and the
+/// dump first, the manifest last, so a copy cut short has no manifest and is
+/// never taken for a backup. Then keeps the newest `keep` there.
+async fn upload(storage: &Storage, dir: &Path, name: &str, keep: usize) -> Result<()> {
+    let prefix = format!("{BACKUPS_PREFIX}{name}/");
+    let mut files: Vec<String> = std::fs::read_dir(dir.join("streams"))?
+        .flatten()
+        .map(|e| format!("streams/{}", e.file_name().to_string_lossy()))
+        .collect();
+    files.sort();
+    files.push("postgres.dump".into());
+    for rel in &files {
+        storage
+            .put_file(
+                &format!("{prefix}{rel}"),
+                &dir.join(rel),
+                "application/octet-stream",
+            )
+            .await
+            .with_context(|| format!("cannot copy {rel} to the object store"))?;
+    }
+    storage
+        .put_file(
+            &format!("{prefix}manifest.json"),
+            &dir.join("manifest.json"),
+            "application/json",
+        )
+        .await
+        .context("cannot copy manifest.json to the object store")?;
+    let objects = storage.list(BACKUPS_PREFIX).await?;
+    let mut complete = stored_backups(&objects);
+    complete.sort();
+    let excess = complete.len().saturating_sub(keep.max(1));
+    // Old backups beyond `keep`, and copies older than this one that never finished.
+    let doomed = |key: &str| {
+        let Some(folder) = key
+            .strip_prefix(BACKUPS_PREFIX)
+            .and_then(|k| k.split('/').next())
+        else {
+            return false;
+        };
+        complete[..excess].iter().any(|c| c == folder)
+            || (folder < name && !complete.iter().any(|c| c == folder))
+    };
+    for o in objects.iter().filter(|o| doomed(&o.key)) {
+        storage.delete(&o.key).await?;
+    }
+    eprintln!(
+        "copied to the object store as {prefix}; {} kept there",
+        complete.len() - excess
+    );
+    Ok(())
+}
+
+/// The names of the complete backups (those with a manifest) in a listing of `backups/`.
+fn stored_backups(objects: &[ud_storage::ObjectInfo]) -> Vec<String> {
+    objects
+        .iter()
+        .filter_map(|o| {
+            o.key
+                .strip_prefix(BACKUPS_PREFIX)?
+                .strip_suffix("/manifest.json")
+                .filter(|n| !n.is_empty() && !n.contains('/') && !n.starts_with('.'))
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+/// Fetches the backup `name` (or the newest, for `latest`) from the object
+/// store into `dir/<name>`, manifest last; the folder it made.
+async fn download(storage: &Storage, dir: &Path, name: &str) -> Result<PathBuf> {
+    let objects = storage.list(BACKUPS_PREFIX).await?;
+    let mut complete = stored_backups(&objects);
+    complete.sort();
+    let name = if name == "latest" {
+        complete
+            .last()
+            .cloned()
+            .context("the object store holds no complete backup")?
+    } else if complete.iter().any(|c| c == name) {
+        name.to_owned()
+    } else {
+        bail!(
+            "no complete backup named {name:?} in the object store (there: {})",
+            if complete.is_empty() {
+                "none".into()
+            } else {
+                complete.join(", ")
+            }
+        );
+    };
+    let prefix = format!("{BACKUPS_PREFIX}{name}/");
+    let target = dir.join(&name);
+    let partial = dir.join(format!(".{name}.download"));
+    std::fs::create_dir_all(partial.join("streams"))
+        .with_context(|| format!("cannot write to {}", dir.display()))?;
+    for o in objects.iter().filter(|o| o.key.starts_with(&prefix)) {
+        let rel = &o.key[prefix.len()..];
+        let ok = rel == "postgres.dump"
+            || rel == "manifest.json"
+            || rel
+                .strip_prefix("streams/")
+                .is_some_and(|f| f.ends_with(".bin") && !f.contains('/') && !f.starts_with('.'));
+        if !ok {
+            eprintln!("skipping unexpected object {}", o.key);
+            continue;
+        }
+        storage.get_to_file(&o.key, &partial.join(rel)).await?;
+    }
+    if target.exists() {
+        std::fs::remove_dir_all(&target)?;
+    }
+    std::fs::rename(&partial, &target)?;
+    eprintln!("fetched {prefix} into {}", target.display());
+    Ok(target)
+}
+
 pub async fn backup(a: BackupArgs) -> Result<()> {
     let started = std::time::Instant::now();
+    // A wrong object store setting is told before the backup, not after it.
+    let storage = if a.to_object_store {
+        let s = object_store(&a.storage)?;
+        s.check().await.context("the object store")?;
+        Some(s)
+    } else {
+        None
+    };
     let store = a.nats.connect("unidesk-backup").await?;
     let js = store.jetstream();
     let name = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ").to_string();
@@ -196,6 +348,9 @@ pub async fn backup(a: BackupArgs) -> Result<()> {
     for old in &all[..excess] {
         std::fs::remove_dir_all(old)?;
     }
+    if let Some(storage) = &storage {
+        upload(storage, &dir, &name, a.keep).await?;
+    }
     println!("{}", dir.display());
     eprintln!(
         "backup done in {:.1} s; {} kept",
@@ -226,8 +381,13 @@ fn read_records(path: &Path) -> Result<impl Iterator<Item = Result<Record>>> {
     }))
 }
 
-pub async fn restore(a: RestoreArgs) -> Result<()> {
+pub async fn restore(mut a: RestoreArgs) -> Result<()> {
     let started = std::time::Instant::now();
+    if a.from_object_store {
+        let storage = object_store(&a.storage)?;
+        let name = a.from.to_string_lossy().into_owned();
+        a.from = download(&storage, &a.dir, &name).await?;
+    }
     let manifest: Manifest = serde_json::from_slice(
         &std::fs::read(a.from.join("manifest.json"))
             .with_context(|| format!("{} is not a backup (no manifest.json)", a.from.display()))?,

@@ -526,6 +526,183 @@ async fn a_backup_brings_every_task_and_event_back_after_the_servers_are_gone() 
     Ok(())
 }
 
+#[tokio::test]
+async fn a_backup_in_the_object_store_outlives_the_machine_it_was_taken_on() -> Result<()> {
+    let g = ud_testkit::Garage::start().await?;
+    let s3 = vec![
+        ("UD_S3_ENDPOINT", g.endpoint.clone()),
+        ("UD_S3_REGION", g.region.clone()),
+        ("UD_S3_BUCKET", g.bucket.clone()),
+        ("UD_S3_ACCESS_KEY_ID", g.access_key_id.clone()),
+        ("UD_S3_SECRET_ACCESS_KEY", g.secret_access_key.clone()),
+    ];
+    let quiet = || {
+        let mut env = s3.clone();
+        env.push(("UD_NO_EDGE", "true".to_owned()));
+        env
+    };
+    let server = Server::start_with(quiet()).await?;
+    let pg_bin = std::env::var("PG_BIN").unwrap_or_default();
+    let with_pg_bin = |mut args: Vec<String>| {
+        if !pg_bin.is_empty() {
+            args.extend(["--pg-bin".to_owned(), pg_bin.clone()]);
+        }
+        args
+    };
+    // Without object store settings the backup refuses before it starts.
+    let local = tempfile::tempdir()?;
+    let dir = local.path().to_string_lossy().into_owned();
+    let out = Command::new(BIN)
+        .args(with_pg_bin(vec![
+            "backup".into(),
+            "--to-object-store".into(),
+            "--dir".into(),
+            dir.clone(),
+        ]))
+        .envs(
+            server
+                .env
+                .iter()
+                .filter(|(k, _)| !k.starts_with("UD_S3"))
+                .map(|(k, v)| (*k, v.as_str())),
+        )
+        .output()?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not configured"));
+    assert_eq!(
+        std::fs::read_dir(local.path())?.count(),
+        0,
+        "nothing written"
+    );
+
+    // A copy an earlier backup never finished (no manifest) is there.
+    let settings = ud_storage::StorageSettings::path_style(
+        &g.endpoint,
+        &g.region,
+        &g.bucket,
+        &g.access_key_id,
+        &g.secret_access_key,
+    );
+    let store = ud_storage::Storage::new(settings)?;
+    store
+        .put(
+            "backups/20260101T000000.000Z/streams/UD_TASKS.bin",
+            b"cut short".to_vec(),
+            "application/octet-stream",
+        )
+        .await?;
+    let first = server.ok(&submit_args("lab", &[]))?.trim().to_owned();
+    let backup = |keep: &str| {
+        server.ok(&with_pg_bin(vec![
+            "backup".into(),
+            "--to-object-store".into(),
+            "--keep".into(),
+            keep.into(),
+            "--dir".into(),
+            dir.clone(),
+        ])
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>())
+    };
+    backup("1")?;
+    server.ok(&["cancel", &first, "--reason", "before the second backup"])?;
+    let second = server.ok(&submit_args("lab", &[]))?.trim().to_owned();
+    let taken = backup("1")?.trim().to_owned();
+    let name = std::path::Path::new(&taken)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // The store keeps the newest complete backup only; the unfinished copy is gone.
+    let folders: std::collections::BTreeSet<String> = store
+        .list("backups/")
+        .await?
+        .iter()
+        .filter_map(|o| o.key.split('/').nth(1).map(str::to_owned))
+        .collect();
+    assert_eq!(folders.into_iter().collect::<Vec<_>>(), vec![name.clone()]);
+    let before: Vec<(String, String)> = [&first, &second]
+        .iter()
+        .map(|id| Ok((server.ok(&["history", id])?, server.ok(&["show", id])?)))
+        .collect::<Result<_>>()?;
+    let admin = server
+        .env
+        .iter()
+        .find(|(k, _)| *k == "UD_TOKEN")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+
+    // The machine is lost with its backup folder; new servers, a new disk.
+    drop(server);
+    drop(local);
+    let (nats, pg) = (NatsServer::start().await?, PgDatabase::create().await?);
+    let fresh = tempfile::tempdir()?;
+    let restore = |from: &str| {
+        let mut env: Vec<(&str, String)> = s3.clone();
+        env.push(("UD_NATS_URL", nats.url()));
+        env.push(("UD_DATABASE_URL", pg.url.clone()));
+        Command::new(BIN)
+            .args(with_pg_bin(vec![
+                "restore".into(),
+                from.into(),
+                "--from-object-store".into(),
+                "--dir".into(),
+                fresh.path().to_string_lossy().into_owned(),
+            ]))
+            .envs(env)
+            .output()
+    };
+    let out = restore("20991231T000000.000Z")?;
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("no complete backup") && said.contains(&name),
+        "{said}"
+    );
+    let out = restore("latest")?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(fresh.path().join(&name).join("postgres.dump").exists());
+
+    let mut server = Server::start_on(nats, pg, quiet()).await?;
+    server.env.push(("UD_TOKEN", admin));
+    for (id, (history, shown)) in [&first, &second].iter().zip(&before) {
+        let strip = |text: &str| -> Vec<serde_json::Value> {
+            text.lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .map(|mut v| {
+                    if let Some(o) = v.as_object_mut() {
+                        o.remove("stored_at");
+                    }
+                    v
+                })
+                .collect()
+        };
+        assert_eq!(
+            strip(&server.ok(&["history", id])?),
+            strip(history),
+            "history of {id}"
+        );
+        // The same read model; only the archived log's link is signed anew.
+        let unsigned = |text: &str| -> Result<serde_json::Value> {
+            let mut v: serde_json::Value = serde_json::from_str(text)?;
+            if let Some(o) = v.as_object_mut() {
+                o.remove("log_archive");
+            }
+            Ok(v)
+        };
+        assert_eq!(
+            unsigned(&server.ok(&["show", id])?)?,
+            unsigned(shown)?,
+            "read model of {id}"
+        );
+    }
+    Ok(())
+}
+
 /// `unidesk serve` with these settings: its exit status and what it said.
 fn serve_fails(env: &[(&str, &str)]) -> Result<(bool, String)> {
     let out = Command::new(BIN)

@@ -53,7 +53,14 @@ pub struct EventStore {
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(e.to_string())
+    let text = e.to_string();
+    // JetStream refuses a write it has no room for: say so plainly.
+    if text.contains("insufficient resources") || text.contains("insufficient storage") {
+        return StoreError::Unavailable(format!(
+            "the event store is out of space ({text}); nothing was recorded"
+        ));
+    }
+    StoreError::Unavailable(text)
 }
 
 impl EventStore {
@@ -188,29 +195,19 @@ impl EventStore {
     ) -> Vec<Result<u64, StoreError>> {
         let mut out: Vec<Option<Result<u64, StoreError>>> = Vec::with_capacity(items.len());
         out.resize_with(items.len(), || None);
-        let mut inflight = FuturesUnordered::new();
+        let mut ready = Vec::with_capacity(items.len());
         for (i, (event, meta, expect)) in items.iter().enumerate() {
-            while inflight.len() >= window.max(1) {
-                if let Some((j, r)) = inflight.next().await {
-                    out[j] = Some(r);
-                }
-            }
             match Self::message(event, meta, *expect) {
-                Ok(msg) => match self.js.send_publish(event.subject(), msg).await {
-                    Ok(ack) => inflight.push(async move {
-                        let r = ack.await.map(|a| a.sequence).map_err(|e| match e.kind() {
-                            PublishErrorKind::WrongLastSequence => StoreError::Conflict,
-                            _ => unavailable(e),
-                        });
-                        (i, r)
-                    }),
-                    Err(e) => out[i] = Some(Err(unavailable(e))),
-                },
+                Ok(msg) => ready.push((i, event.subject(), msg)),
                 Err(e) => out[i] = Some(Err(e)),
             }
         }
-        while let Some((j, r)) = inflight.next().await {
-            out[j] = Some(r);
+        let sent = publish_pipelined(&self.js, ready, window).await;
+        for (i, r) in sent {
+            out[i] = Some(r.map(|a| a.sequence).map_err(|e| match e.kind() {
+                PublishErrorKind::WrongLastSequence => StoreError::Conflict,
+                _ => unavailable(e),
+            }));
         }
         out.into_iter()
             .map(|r| r.unwrap_or_else(|| Err(StoreError::Unavailable("publish not sent".into()))))
@@ -303,4 +300,49 @@ impl EventStore {
         }
         Ok(task.map(|t| (t, last)))
     }
+}
+
+/// Publishes many messages, keeping up to `window` of them awaiting their
+/// acknowledgement; each result comes with the key it was given.
+///
+/// The client lets only so many publishes await acknowledgement on a
+/// connection (async-nats: 5,000) and makes the next one wait for a free
+/// slot. A pipeline that waited for a slot while holding acknowledgements it
+/// does not read would never free its own, and pipelines holding each other's
+/// slots would all stop: so while waiting to send, the acknowledgements that
+/// arrived are taken.
+pub async fn publish_pipelined<K>(
+    js: &jetstream::Context,
+    messages: Vec<(K, String, PublishMessage)>,
+    window: usize,
+) -> Vec<(
+    K,
+    Result<jetstream::publish::PublishAck, jetstream::context::PublishError>,
+)> {
+    let mut out = Vec::with_capacity(messages.len());
+    let mut inflight = FuturesUnordered::new();
+    for (key, subject, msg) in messages {
+        while inflight.len() >= window.max(1) {
+            if let Some(done) = inflight.next().await {
+                out.push(done);
+            }
+        }
+        let send = js.send_publish(subject, msg);
+        tokio::pin!(send);
+        let sent = loop {
+            tokio::select! {
+                biased;
+                sent = &mut send => break sent,
+                Some(done) = inflight.next(), if !inflight.is_empty() => out.push(done),
+            }
+        };
+        match sent {
+            Ok(ack) => inflight.push(async move { (key, ack.await) }),
+            Err(e) => out.push((key, Err(e))),
+        }
+    }
+    while let Some(done) = inflight.next().await {
+        out.push(done);
+    }
+    out
 }

@@ -43,6 +43,86 @@ impl DiskWatch {
     }
 }
 
+/// How often the watched disks are checked for alerts.
+pub const DISK_CHECK_INTERVAL: Duration = Duration::from_secs(30);
+
+/// The watched paths that crossed the threshold since the last check:
+/// (path, free bytes, low now). A path not seen before counts as having been
+/// fine, so at start only a disk that is already low is told.
+pub fn disk_transitions(
+    previous: &std::collections::HashMap<String, bool>,
+    free: &[(String, u64)],
+    min_free_bytes: u64,
+) -> Vec<(String, u64, bool)> {
+    free.iter()
+        .filter_map(|(path, bytes)| {
+            let low = *bytes < min_free_bytes;
+            (previous.get(path).copied().unwrap_or(false) != low)
+                .then(|| (path.clone(), *bytes, low))
+        })
+        .collect()
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "main".into())
+}
+
+/// Checks the watched disks now and every [`DISK_CHECK_INTERVAL`]; each
+/// crossing of the threshold becomes `ud.alert.disk.low` or `.ok` in
+/// `UD_ALERTS` (a failed publish is tried again at the next check).
+pub async fn watch_disks(js: async_nats::jetstream::Context, disk: DiskWatch) {
+    use ud_schemas::dispatch::{to_cbor, DiskAlert, DISK_LOW_SUBJECT, DISK_OK_SUBJECT};
+    let server = host_name();
+    let min_free_bytes = disk.min_free_mb.saturating_mul(1024 * 1024);
+    let mut known = std::collections::HashMap::new();
+    let mut tick = tokio::time::interval(DISK_CHECK_INTERVAL);
+    loop {
+        tick.tick().await;
+        for (path, free_bytes, low) in disk_transitions(&known, &disk.free(), min_free_bytes) {
+            let alert = DiskAlert {
+                at: ud_schemas::now_millis(),
+                server: server.clone(),
+                path: path.clone(),
+                free_bytes,
+                min_free_bytes,
+            };
+            let Ok(bytes) = to_cbor(&alert) else { continue };
+            let subject = if low {
+                DISK_LOW_SUBJECT
+            } else {
+                DISK_OK_SUBJECT
+            };
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Content-Type", "application/cbor");
+            let stored = match js
+                .publish_with_headers(subject, headers, bytes.into())
+                .await
+            {
+                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match stored {
+                Ok(()) => {
+                    if low {
+                        tracing::warn!(%path, free_bytes, min_free_bytes, "a watched disk is low");
+                    } else {
+                        tracing::info!(%path, free_bytes, "a watched disk is fine again");
+                    }
+                    known.insert(path, low);
+                }
+                Err(e) => {
+                    tracing::warn!(%path, error = %e, "disk alert not stored; trying again at the next check")
+                }
+            }
+        }
+    }
+}
+
 #[derive(Serialize, ToSchema)]
 pub struct Check {
     /// `ok`, `down` or `not_configured`.
@@ -413,4 +493,31 @@ pub async fn projection_lags(state: &AppState) -> Result<Vec<(&'static str, i64)
         ));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::disk_transitions;
+    use std::collections::HashMap;
+
+    #[test]
+    fn only_crossings_of_the_threshold_are_told() {
+        let mut known = HashMap::new();
+        let free = |a: u64, b: u64| vec![("/a".to_owned(), a), ("/b".to_owned(), b)];
+        // At start: only the low one.
+        let t = disk_transitions(&known, &free(50, 500), 100);
+        assert_eq!(t, vec![("/a".to_owned(), 50, true)]);
+        known.insert("/a".to_owned(), true);
+        known.insert("/b".to_owned(), false);
+        // Still low, still fine: nothing.
+        assert!(disk_transitions(&known, &free(40, 400), 100).is_empty());
+        // /a recovers, /b falls: both told.
+        let t = disk_transitions(&known, &free(150, 99), 100);
+        assert_eq!(
+            t,
+            vec![("/a".to_owned(), 150, false), ("/b".to_owned(), 99, true)]
+        );
+        // Exactly the minimum is not low.
+        assert!(disk_transitions(&HashMap::new(), &free(100, 100), 100).is_empty());
+    }
 }

@@ -222,6 +222,10 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
             }
         }));
     }
+    if !cfg.disk.paths.is_empty() {
+        let (js, disk) = (store.jetstream().clone(), cfg.disk.clone());
+        tasks.push(tokio::spawn(crate::health::watch_disks(js, disk)));
+    }
     let projected = Projected::start(store.client(), &db).await?;
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await

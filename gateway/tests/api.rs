@@ -878,6 +878,25 @@ async fn a_watched_disk_below_its_minimum_is_an_alert_and_not_ready() -> Result<
                     .contains(&path),
                 "{body}"
             );
+            // The crossing is an event too, for whoever subscribes to alerts.
+            use async_nats::jetstream::consumer::pull::OrderedConfig;
+            use futures::StreamExt;
+            let js = s.server.state.commands.store().jetstream().clone();
+            let mut alerts = js
+                .get_stream(ud_schemas::streams::ALERTS)
+                .await?
+                .create_consumer(OrderedConfig::default())
+                .await?
+                .messages()
+                .await?;
+            let m = tokio::time::timeout(std::time::Duration::from_secs(10), alerts.next())
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("no alert"))??;
+            assert_eq!(m.subject.as_str(), "ud.alert.disk.low");
+            let alert: ud_schemas::dispatch::DiskAlert =
+                ud_schemas::dispatch::from_cbor(&m.payload, "disk-alert")?;
+            assert_eq!(alert.path, path);
+            assert!(alert.free_bytes < alert.min_free_bytes, "{alert:?}");
         }
         let metrics = s.http.get(s.url("/metrics")).send().await?.text().await?;
         assert!(
@@ -1039,5 +1058,211 @@ async fn queue_settings_are_set_listed_and_reset_by_admins() -> Result<()> {
         .filter_map(|q| q["name"].as_str())
         .collect();
     assert_eq!(names, vec!["cpu"]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_full_event_store_refuses_new_work_plainly_and_keeps_what_it_accepted() -> Result<()> {
+    // JetStream may use 2 MB of disk; each task below carries about 90 KB.
+    let nats = ud_testkit::NatsServer::start_with(ud_testkit::NatsOptions {
+        max_file_store: Some("2MB".into()),
+        ..Default::default()
+    })
+    .await?;
+    let s = Stack::start_on(nats, None, Default::default()).await?;
+    let token = s.token(&["lab"]).await?;
+    let mut body = task("lab");
+    let big = "x".repeat(30_000);
+    body["env"] = json!({"A": big, "B": big, "C": big});
+    let (mut accepted, mut refused) = (Vec::new(), None);
+    for _ in 0..200 {
+        let resp = s
+            .http
+            .post(s.url("/api/v1/tasks"))
+            .bearer_auth(&token)
+            .json(&body)
+            .send()
+            .await?;
+        match resp.status() {
+            StatusCode::ACCEPTED => {
+                let v: Value = resp.json().await?;
+                accepted.push(v["task_id"].as_str().unwrap_or_default().to_owned());
+            }
+            StatusCode::SERVICE_UNAVAILABLE => {
+                refused = Some(resp.json::<Value>().await?);
+                break;
+            }
+            other => anyhow::bail!("unexpected {other}: {}", resp.text().await?),
+        }
+    }
+    let refused = refused.ok_or_else(|| anyhow::anyhow!("the store never filled"))?;
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("out of space"),
+        "{refused}"
+    );
+    assert!(accepted.len() >= 5, "only {} accepted", accepted.len());
+    // Every task it accepted is in the stream and, in time, in the read model;
+    // the refused one is nowhere.
+    let store = s.server.state.commands.store();
+    let submitted = store
+        .read_subject(ud_schemas::streams::TASKS, "ud.task.*.submitted")
+        .await?;
+    assert_eq!(submitted.len(), accepted.len());
+    let last = submitted.last().map(|e| e.seq).unwrap_or_default();
+    assert!(
+        s.server
+            .state
+            .projected
+            .wait(
+                ud_schemas::streams::TASKS,
+                last,
+                std::time::Duration::from_secs(20)
+            )
+            .await
+    );
+    for id in &accepted {
+        let r = s
+            .http
+            .get(s.url(&format!("/api/v1/tasks/{id}")))
+            .bearer_auth(&token)
+            .send()
+            .await?;
+        assert_eq!(
+            r.status(),
+            StatusCode::OK,
+            "task {id} accepted but not readable"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_full_postgresql_disk_holds_the_read_models_back_and_loses_nothing() -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Some(disk) = ud_testkit::SmallDisk::mount(64)? else {
+        eprintln!("skipped: mounting a small filesystem needs root here");
+        return Ok(());
+    };
+    // A tablespace on the small disk, owned by the PostgreSQL server's user.
+    let admin = ud_testkit::PgDatabase::admin().await?;
+    let data_dir: String = admin.query_one("SHOW data_directory", &[]).await?.get(0);
+    let owner = std::fs::metadata(&data_dir)?;
+    let space = disk.path().join("pg");
+    std::fs::create_dir(&space)?;
+    std::os::unix::fs::chown(&space, Some(owner.uid()), Some(owner.gid()))?;
+    let ts = format!("ts_{}", uuid::Uuid::now_v7().simple());
+    admin
+        .batch_execute(&format!(
+            "CREATE TABLESPACE {ts} LOCATION '{}'",
+            space.display()
+        ))
+        .await?;
+    let pg = ud_testkit::PgDatabase::create_in(&ts).await?;
+    let db_name = pg.name.clone();
+    // Whatever happens in the drill (a failed assertion too), the database
+    // leaves the small disk before the disk goes: PostgreSQL must never be
+    // left with a tablespace whose files vanished.
+    use futures::FutureExt;
+    let result = std::panic::AssertUnwindSafe(full_disk_drill(&disk, pg))
+        .catch_unwind()
+        .await;
+    let _ = disk.unfill();
+    let dropped = admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
+        .await;
+    let dropped = match dropped {
+        Ok(()) => {
+            admin
+                .batch_execute(&format!("DROP TABLESPACE IF EXISTS {ts}"))
+                .await
+        }
+        Err(e) => Err(e),
+    };
+    if dropped.is_err() {
+        // Still in use: keep the disk mounted rather than pull it away.
+        std::mem::forget(disk);
+    }
+    match result {
+        Ok(r) => r?,
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+    dropped?;
+    Ok(())
+}
+
+async fn full_disk_drill(disk: &ud_testkit::SmallDisk, pg: ud_testkit::PgDatabase) -> Result<()> {
+    let nats = ud_testkit::NatsServer::start().await?;
+    let direct = pg.connect().await?;
+    let s = Stack::start_on_db(nats, pg, None, Default::default()).await?;
+    let token = s.token(&["lab"]).await?;
+    let submit = || async {
+        let r = s
+            .http
+            .post(s.url("/api/v1/tasks"))
+            .bearer_auth(&token)
+            .json(&task("lab"))
+            .send()
+            .await?;
+        anyhow::ensure!(r.status() == StatusCode::ACCEPTED, "submit: {}", r.status());
+        let v: Value = r.json().await?;
+        Ok::<_, anyhow::Error>(v["task_id"].as_str().unwrap_or_default().to_owned())
+    };
+    let mut ids = vec![submit().await?];
+    // The disk fills up: PostgreSQL can no longer write there.
+    disk.fill(0)?;
+    let refused = direct
+        .batch_execute(
+            "CREATE TABLE filler AS SELECT repeat('x', 100) FROM generate_series(1, 100000)",
+        )
+        .await;
+    let said = refused.err().map(|e| format!("{e:?}")).unwrap_or_default();
+    assert!(
+        said.contains("No space left") || said.contains("could not extend"),
+        "{said}"
+    );
+    // Work is still taken: the events are in JetStream, the read model waits.
+    for _ in 0..300 {
+        ids.push(submit().await?);
+    }
+    let last = s
+        .server
+        .state
+        .commands
+        .store()
+        .read_subject(ud_schemas::streams::TASKS, "ud.task.*.submitted")
+        .await?;
+    assert_eq!(
+        last.len(),
+        ids.len(),
+        "every accepted task is in the stream"
+    );
+    let last = last.last().map(|e| e.seq).unwrap_or_default();
+    let behind = s.http.get(s.url("/metrics")).send().await?.text().await?;
+    assert!(
+        !behind.contains("unidesk_projection_lag_events{stream=\"UD_TASKS\"} 0\n"),
+        "the read model kept up on a full disk:\n{behind}"
+    );
+    // Space comes back: the read model catches up with every task, none lost.
+    disk.unfill()?;
+    assert!(
+        s.server
+            .state
+            .projected
+            .wait(
+                ud_schemas::streams::TASKS,
+                last,
+                std::time::Duration::from_secs(60)
+            )
+            .await,
+        "the read model did not catch up"
+    );
+    let n: i64 = direct
+        .query_one("SELECT count(*) FROM tasks WHERE state = 'pending'", &[])
+        .await?
+        .get(0);
+    assert_eq!(n, i64::try_from(ids.len())?);
     Ok(())
 }

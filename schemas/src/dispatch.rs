@@ -34,6 +34,24 @@ pub struct LogChunk {
     pub text: String,
 }
 
+/// A watched disk of the main server crossed its minimum free space:
+/// `ud.alert.disk.low` when it fell below, `ud.alert.disk.ok` when it is
+/// back above (stored in `UD_ALERTS`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskAlert {
+    pub at: Millis,
+    /// The host the main server runs on.
+    pub server: String,
+    /// The watched path (`UD_DISK_WATCH`).
+    pub path: String,
+    pub free_bytes: u64,
+    /// `UD_DISK_MIN_FREE_MB` in bytes.
+    pub min_free_bytes: u64,
+}
+
+pub const DISK_LOW_SUBJECT: &str = "ud.alert.disk.low";
+pub const DISK_OK_SUBJECT: &str = "ud.alert.disk.ok";
+
 pub fn to_cbor<T: Serialize>(v: &T) -> Result<Vec<u8>, crate::CodecError> {
     let mut out = Vec::new();
     ciborium::into_writer(v, &mut out).map_err(|e| crate::CodecError::Encode(e.to_string()))?;

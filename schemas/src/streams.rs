@@ -9,6 +9,8 @@ pub const NODES: &str = "UD_NODES";
 pub const HEARTBEATS: &str = "UD_HEARTBEATS";
 pub const AUTH: &str = "UD_AUTH";
 pub const LOGS: &str = "UD_LOGS";
+/// Operational alerts (`ud.alert.>`), kept 90 days.
+pub const ALERTS: &str = "UD_ALERTS";
 /// Key-value bucket mapping (project, Idempotency-Key) to the task it created.
 pub const IDEMPOTENCY_BUCKET: &str = "ud_idempotency";
 /// Key-value bucket of queue settings made through the API (key: queue name;
@@ -96,8 +98,17 @@ pub fn edge_in(replicas: usize, sources: Vec<async_nats::jetstream::stream::Sour
     }
 }
 
+/// Operational alerts such as a main-server disk running low: 90 days.
+pub fn alerts(replicas: usize) -> Config {
+    Config {
+        max_age: Duration::from_secs(90 * 24 * 3600),
+        ..base(ALERTS, vec!["ud.alert.>".into()], replicas)
+    }
+}
+
 pub fn all(replicas: usize) -> Vec<Config> {
     vec![
+        alerts(replicas),
         tasks(replicas),
         nodes(replicas),
         heartbeats(replicas),

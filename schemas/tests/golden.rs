@@ -471,6 +471,16 @@ fn messages_outside_the_event_streams_match_their_cddl() -> anyhow::Result<()> {
         ("dispatch-run", to_cbor(&run)?),
         ("dispatch-cancel", to_cbor(&cancel)?),
         ("log-chunk", to_cbor(&chunk)?),
+        (
+            "disk-alert",
+            to_cbor(&DiskAlert {
+                at: AT,
+                server: "main".into(),
+                path: "/var/lib/unidesk".into(),
+                free_bytes: 1 << 30,
+                min_free_bytes: 2 << 30,
+            })?,
+        ),
         ("git-credentials-request", to_cbor(&request)?),
         (
             "git-credentials-reply",

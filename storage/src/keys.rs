@@ -75,6 +75,10 @@ pub fn log_key(project: &str, task: &str, attempt: u32) -> Result<String, Storag
     ))
 }
 
+/// Where `unidesk backup --to-object-store` keeps its backups: one folder
+/// per backup, named by its time (outside every project's keys).
+pub const BACKUPS_PREFIX: &str = "backups/";
+
 /// A key's path below `prefix`, if it is below it.
 pub fn relative<'a>(key: &'a str, prefix: &str) -> Option<&'a str> {
     key.strip_prefix(prefix).filter(|r| !r.is_empty())

@@ -545,6 +545,32 @@ impl Storage {
         Ok(())
     }
 
+    /// Reads an object into a file, streaming to disk; the bytes written.
+    pub async fn get_to_file(
+        &self,
+        key: &str,
+        path: &std::path::Path,
+    ) -> Result<u64, StorageError> {
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.settings.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| match e.as_service_error() {
+                Some(s) if s.is_no_such_key() => StorageError::NoSuchObject(key.to_owned()),
+                _ => backend(e),
+            })?;
+        let mut body = out.body.into_async_read();
+        let mut file = tokio::fs::File::create(path).await.map_err(backend)?;
+        let n = tokio::io::copy(&mut body, &mut file)
+            .await
+            .map_err(backend)?;
+        file.sync_all().await.map_err(backend)?;
+        Ok(n)
+    }
+
     pub async fn delete(&self, key: &str) -> Result<(), StorageError> {
         self.client
             .delete_object()

@@ -33,6 +33,8 @@ pub struct NatsOptions {
     pub hub: bool,
     /// Initial content of `accounts.conf`, included by the configuration.
     pub accounts: Option<String>,
+    /// JetStream's `max_file_store` (e.g. `"4MB"`): the disk it may use.
+    pub max_file_store: Option<String>,
 }
 
 impl Default for NatsOptions {
@@ -43,6 +45,7 @@ impl Default for NatsOptions {
             domain: "hub".into(),
             hub: false,
             accounts: None,
+            max_file_store: None,
         }
     }
 }
@@ -85,11 +88,14 @@ impl NatsServer {
 
     fn config(&self) -> String {
         let store = self.dir.path().join("js");
-        let sync = if self.options.sync_always {
-            "sync_interval: always"
+        let mut sync = if self.options.sync_always {
+            "sync_interval: always".to_owned()
         } else {
-            ""
+            String::new()
         };
+        if let Some(max) = &self.options.max_file_store {
+            sync.push_str(&format!("\n  max_file_store: {max}"));
+        }
         let port = |p: u16| {
             if p == 0 {
                 "-1".to_owned()
@@ -314,10 +320,113 @@ impl PgDatabase {
         Ok(Self { name, url })
     }
 
+    /// A database whose tables live in `tablespace`.
+    pub async fn create_in(tablespace: &str) -> Result<Self> {
+        let admin = admin_url()?;
+        let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+            .await
+            .with_context(|| format!("cannot connect to {admin}"))?;
+        tokio::spawn(conn);
+        let name = format!("t_{}", uuid::Uuid::now_v7().simple());
+        client
+            .batch_execute(&format!("CREATE DATABASE {name} TABLESPACE {tablespace}"))
+            .await?;
+        let url = with_database(&admin, &name);
+        Ok(Self { name, url })
+    }
+
+    /// A client of the cluster's administrative database.
+    pub async fn admin() -> Result<tokio_postgres::Client> {
+        let admin = admin_url()?;
+        let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+            .await
+            .with_context(|| format!("cannot connect to {admin}"))?;
+        tokio::spawn(conn);
+        Ok(client)
+    }
+
     pub async fn connect(&self) -> Result<tokio_postgres::Client> {
         let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls).await?;
         tokio::spawn(conn);
         Ok(client)
+    }
+}
+
+/// A small filesystem of its own (a tmpfs), to see what happens when a disk
+/// fills. Mounting needs root; [`SmallDisk::mount`] says `None` where it is
+/// not allowed. Unmounted on drop (lazily, should something still use it).
+pub struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    pub fn mount(size_mb: u64) -> Result<Option<Self>> {
+        let dir = tempfile::tempdir()?;
+        let status = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size_mb}m,mode=0755"),
+                "tmpfs",
+            ])
+            .arg(dir.path())
+            .stderr(Stdio::null())
+            .status();
+        match status {
+            Ok(s) if s.success() => Ok(Some(Self { dir })),
+            _ => Ok(None),
+        }
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Fills the disk with a file `filler` until at most `leave` bytes are free.
+    pub fn fill(&self, leave: u64) -> Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.dir.path().join("filler"))?;
+        let chunk = vec![0u8; 64 * 1024];
+        loop {
+            let free = fs_free(self.dir.path())?;
+            if free <= leave {
+                return Ok(());
+            }
+            let n = usize::try_from((free - leave).min(chunk.len() as u64))?;
+            match f.write_all(&chunk[..n]) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(28) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Frees what [`SmallDisk::fill`] took.
+    pub fn unfill(&self) -> Result<()> {
+        std::fs::remove_file(self.dir.path().join("filler"))?;
+        Ok(())
+    }
+}
+
+fn fs_free(path: &std::path::Path) -> Result<u64> {
+    let out = std::process::Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(path)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .ok_or_else(|| anyhow!("cannot read the free space of {}: {text}", path.display()))
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
     }
 }
 

@@ -93,6 +93,11 @@ class ComposeFiles(unittest.TestCase):
         self.assertEqual(sorted(published), ["443:443", "7422:7422", "80:80"])
         for sname in ("hub-accounts",):
             self.assertTrue(doc["services"][sname]["entrypoint"])
+        # The daily backup reads only what `unidesk backup` reads.
+        self.assertIn("unidesk backup", " ".join(doc["services"]["backup"]["entrypoint"]))
+        for var in env_of(doc["services"]["backup"]):
+            self.assertIn(var, backup, f"{var} is not a setting unidesk backup reads")
+        self.assertIn("UD_BACKUP_TO_OBJECT_STORE", backup)
         names, _ = settings("unidesk", "admin", "hub-accounts")
         for var in env_of(doc["services"]["hub-accounts"]):
             self.assertIn(var, names)

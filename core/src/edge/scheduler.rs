@@ -13,8 +13,9 @@ use ud_schemas::{edge, now_millis, streams, NodeId, Resources, TaskId, TaskSpec}
 use super::view::{self, Cluster, Update};
 use crate::commands::{CommandError, TaskCommands};
 use crate::node::Node;
-use crate::store::Expect;
+use crate::store::{publish_pipelined, Expect};
 use crate::task::{self, TaskCommand, TaskState};
+use async_nats::jetstream::message::PublishMessage;
 use ud_schemas::codec::EventMeta;
 use ud_schemas::Event;
 
@@ -23,6 +24,8 @@ const RESEND_AFTER: Duration = Duration::from_secs(30);
 
 /// Assignments of one scheduling pass in flight at once.
 const PLACEMENTS_IN_FLIGHT: usize = 256;
+/// Run dispatches awaiting the stream's acknowledgement at once.
+const DISPATCHES_IN_FLIGHT: usize = 256;
 
 /// What the tasks placed on a node take from it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -486,11 +489,10 @@ impl Controller {
             .await;
     }
 
-    /// Publishes run dispatches, all in flight at once, and waits for the
+    /// Publishes run dispatches, many in flight at once, and waits for the
     /// stream to have stored each.
     async fn send_runs(&self, runs: Vec<(NodeId, TaskId, u32, TaskSpec)>) {
-        let js = self.commands.store().jetstream();
-        let mut acks = Vec::with_capacity(runs.len());
+        let mut messages = Vec::with_capacity(runs.len());
         for (node, task, attempt, spec) in runs {
             let run = DispatchRun {
                 at: now_millis(),
@@ -505,22 +507,21 @@ impl Controller {
                     continue;
                 }
             };
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert("Nats-Msg-Id", format!("run-{task}-{attempt}").as_str());
-            headers.insert("Content-Type", "application/cbor");
-            let subject = edge::dispatch_subject(&node, &task, "run");
-            match js
-                .publish_with_headers(subject, headers, Bytes::from(bytes))
-                .await
-            {
-                Ok(ack) => acks.push((task, node, ack)),
-                Err(e) => warn!(task_id = %task, node_id = %node, error = %e, "dispatch not sent"),
-            }
+            let msg = PublishMessage::build()
+                .message_id(format!("run-{task}-{attempt}").as_str())
+                .header("Content-Type", "application/cbor")
+                .payload(Bytes::from(bytes));
+            messages.push((
+                (task, node),
+                edge::dispatch_subject(&node, &task, "run"),
+                msg,
+            ));
         }
-        for (task, node, ack) in acks {
+        let js = self.commands.store().jetstream();
+        for ((task, node), r) in publish_pipelined(js, messages, DISPATCHES_IN_FLIGHT).await {
             // Not confirmed: sent again after RESEND_AFTER (the message id
             // keeps a stored one from being stored twice).
-            if let Err(e) = ack.await {
+            if let Err(e) = r {
                 warn!(task_id = %task, node_id = %node, error = %e, "dispatch not confirmed; it will be sent again");
             }
         }

@@ -29,8 +29,23 @@ impl Stack {
         storage: Option<ud_storage::Storage>,
         disk: ud_gateway::health::DiskWatch,
     ) -> Result<Self> {
-        let nats = NatsServer::start().await?;
-        let pg = PgDatabase::create().await?;
+        Self::start_on(NatsServer::start().await?, storage, disk).await
+    }
+
+    pub async fn start_on(
+        nats: NatsServer,
+        storage: Option<ud_storage::Storage>,
+        disk: ud_gateway::health::DiskWatch,
+    ) -> Result<Self> {
+        Self::start_on_db(nats, PgDatabase::create().await?, storage, disk).await
+    }
+
+    pub async fn start_on_db(
+        nats: NatsServer,
+        pg: PgDatabase,
+        storage: Option<ud_storage::Storage>,
+        disk: ud_gateway::health::DiskWatch,
+    ) -> Result<Self> {
         let server = server::start(ServerConfig {
             storage,
             disk,
