@@ -703,6 +703,128 @@ async fn a_backup_in_the_object_store_outlives_the_machine_it_was_taken_on() -> 
     Ok(())
 }
 
+/// The streams and read models the previous release (0.1.0) left behind,
+/// made by `tests/fixtures/make-release-fixture.sh` with that release's own
+/// binaries (its local stack, its main job and more work, then its own
+/// `unidesk backup`). Restored into empty servers, this version migrates the
+/// tables, reads every old event, rebuilds read models from the old streams
+/// equal to the migrated ones, and goes on working on them.
+#[tokio::test]
+async fn this_version_takes_over_the_streams_and_tables_of_the_previous_release() -> Result<()> {
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/release-0.1.0");
+    let (nats, pg) = (NatsServer::start().await?, PgDatabase::create().await?);
+    let pg_bin = std::env::var("PG_BIN").unwrap_or_default();
+    let mut args = vec!["restore".to_owned(), fixture.display().to_string()];
+    if !pg_bin.is_empty() {
+        args.extend(["--pg-bin".to_owned(), pg_bin.clone()]);
+    }
+    let out = Command::new(BIN)
+        .args(&args)
+        .env("UD_NATS_URL", nats.url())
+        .env("UD_DATABASE_URL", &pg.url)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let db = pg.connect().await?;
+    let version = "SELECT max(version) FROM refinery_schema_history";
+    let old: i32 = db.query_one(version, &[]).await?.get(0);
+    let latest =
+        std::fs::read_dir(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations"))?
+            .filter_map(|e| {
+                let name = e.ok()?.file_name().to_string_lossy().into_owned();
+                name.strip_prefix('V')?
+                    .split("__")
+                    .next()?
+                    .parse::<i32>()
+                    .ok()
+            })
+            .max()
+            .unwrap_or_default();
+    assert!(
+        old < latest,
+        "the fixture's tables are at V{old}, this version's at V{latest}"
+    );
+
+    let mut server = Server::start_on(nats, pg, vec![("UD_NO_EDGE", "true".to_owned())]).await?;
+    let now: i32 = db.query_one(version, &[]).await?.get(0);
+    assert_eq!(now, latest, "migrations ran");
+    let admin = server.ok(&["admin", "issue-token", "--name", "upgrade", "--admin"])?;
+    server.env.push(("UD_TOKEN", admin.trim().to_owned()));
+
+    // Every old event of every stream decodes with this version.
+    for stream in ["UD_TASKS", "UD_NODES", "UD_HEARTBEATS", "UD_AUTH"] {
+        let lines = server.ok(&["events", "export", "--stream", stream])?;
+        let events: Vec<serde_json::Value> = lines
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()?;
+        assert!(!events.is_empty(), "{stream} is empty in the fixture");
+        for e in &events {
+            assert!(e.get("decode_error").is_none(), "{stream}: {e}");
+        }
+    }
+    // The old release's tasks are there as it left them, with their histories.
+    let rows = db
+        .query(
+            "SELECT id::text, state FROM tasks ORDER BY submitted_at",
+            &[],
+        )
+        .await?;
+    let states: std::collections::BTreeSet<String> = rows.iter().map(|r| r.get(1)).collect();
+    for s in ["succeeded", "failed", "cancelled"] {
+        assert!(states.contains(s), "no {s} task in the fixture: {states:?}");
+    }
+    for r in &rows {
+        let id: String = r.get(0);
+        let history = server.ok(&["history", &id])?;
+        assert!(history.lines().count() >= 2, "history of {id}: {history}");
+        let shown: serde_json::Value = serde_json::from_str(&server.ok(&["show", &id])?)?;
+        assert_eq!(
+            shown["state"].as_str(),
+            Some(r.get::<_, String>(1).as_str())
+        );
+    }
+    let succeeded: String = rows
+        .iter()
+        .find(|r| r.get::<_, String>(1) == "succeeded")
+        .map(|r| r.get(0))
+        .unwrap_or_default();
+    let shown: serde_json::Value = serde_json::from_str(&server.ok(&["show", &succeeded])?)?;
+    assert!(
+        shown["outputs"].as_array().is_some_and(|o| !o.is_empty()),
+        "the main job's outputs: {shown}"
+    );
+    // Read models rebuilt from the old streams by this version equal the migrated ones.
+    let rebuilt: serde_json::Value =
+        serde_json::from_str(&server.ok(&["projections", "rebuild"])?)?;
+    assert_eq!(rebuilt["equal"], true, "{rebuilt}");
+    let errors: i64 = db
+        .query_one("SELECT count(*) FROM projection_errors", &[])
+        .await?
+        .get(0);
+    assert_eq!(errors, 0);
+    // Work goes on over the old streams: an old task rerun, a new one submitted.
+    let rerun = server.ok(&["task", "rerun", &succeeded])?.trim().to_owned();
+    assert_ne!(rerun, succeeded);
+    let fresh = server.ok(&submit_args("demo", &[]))?.trim().to_owned();
+    server.ok(&["cancel", &fresh, "--reason", "after the upgrade"])?;
+    // And the upgraded server restarts on them as on its own.
+    server.restart_serve().await?;
+    let history = server.ok(&["history", &fresh])?;
+    let last: serde_json::Value = serde_json::from_str(history.lines().last().unwrap_or_default())?;
+    assert!(
+        last["subject"]
+            .as_str()
+            .is_some_and(|s| s.ends_with(".cancelled")),
+        "{history}"
+    );
+    Ok(())
+}
+
 /// `unidesk serve` with these settings: its exit status and what it said.
 fn serve_fails(env: &[(&str, &str)]) -> Result<(bool, String)> {
     let out = Command::new(BIN)
