@@ -313,6 +313,7 @@ async fn one_mode(a: &Args, sync_always: bool) -> Result<()> {
 
     // 2. Whole lifecycle as fast as it goes: submitted -> dispatched ->
     // running -> succeeded -> projected.
+    let hub_before = hub_messages(store.jetstream()).await;
     let before = succeeded(&db).await?;
     let start = Instant::now();
     let sampler = a.progress.then(|| {
@@ -415,9 +416,67 @@ async fn one_mode(a: &Args, sync_always: bool) -> Result<()> {
         "tasks/s",
         None,
     );
+    // What bounds it when every write is synced: the hub stores each message
+    // with a sync of its own (no group commit for one replica), so its
+    // disk's sync rate divided by the messages a task costs is a ceiling.
+    let per_task =
+        (hub_messages(store.jetstream()).await - hub_before) as f64 / (done - before).max(1) as f64;
+    line(
+        "hub messages stored per task (all streams)",
+        per_task,
+        "",
+        None,
+    );
+    if sync_always {
+        let syncs = disk_syncs_per_second(Duration::from_secs(2))?;
+        line(
+            "  one writer's syncs per second on this disk",
+            syncs,
+            "/s",
+            None,
+        );
+        line(
+            "  ceiling: syncs per second / messages per task",
+            syncs / per_task.max(1e-9),
+            "tasks/s",
+            None,
+        );
+    }
     drop(sims);
     running.shutdown();
     Ok(())
+}
+
+/// Messages stored so far in every stream of the hub.
+async fn hub_messages(js: &async_nats::jetstream::Context) -> u64 {
+    use futures::TryStreamExt;
+    let Ok(names) = js.stream_names().try_collect::<Vec<String>>().await else {
+        return 0;
+    };
+    let mut total = 0;
+    for name in names {
+        if let Ok(mut s) = js.get_stream(&name).await {
+            if let Ok(info) = s.info().await {
+                total += info.state.last_sequence;
+            }
+        }
+    }
+    total
+}
+
+/// Small writes each followed by a data sync, for `window`, in the
+/// temporary directory (where the benchmark's servers keep their stores).
+fn disk_syncs_per_second(window: Duration) -> Result<f64> {
+    use std::io::Write;
+    let dir = tempfile::tempdir()?;
+    let mut f = std::fs::File::create(dir.path().join("sync-probe"))?;
+    let (start, mut n) = (Instant::now(), 0u64);
+    while start.elapsed() < window {
+        f.write_all(&[0u8; 256])?;
+        f.sync_data()?;
+        n += 1;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
 pub async fn run(a: Args) -> Result<()> {

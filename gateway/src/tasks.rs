@@ -136,6 +136,27 @@ pub struct ListParams {
     pub before: Option<String>,
     /// Page size, 1-500 (default 50).
     pub limit: Option<i64>,
+    /// Answer once the read model includes `UD_TASKS` up to this sequence
+    /// (waiting at most 5 s): pass the `seq` of the last live event seen.
+    pub projected_seq: Option<u64>,
+}
+
+#[derive(Deserialize, IntoParams)]
+pub struct GetParams {
+    /// Answer once the read model includes `UD_TASKS` up to this sequence
+    /// (waiting at most 5 s): pass the `seq` of the last live event seen.
+    pub projected_seq: Option<u64>,
+}
+
+/// Read-your-events: waits (bounded) until the task read model includes
+/// `seq`; after the bound it answers with what it has.
+async fn caught_up(state: &AppState, seq: Option<u64>) {
+    if let Some(seq) = seq.filter(|s| *s > 0) {
+        let _ = state
+            .projected
+            .wait(streams::TASKS, seq, WAIT_PROJECTED)
+            .await;
+    }
 }
 
 fn parse_task_id(id: &str) -> Result<TaskId, ApiError> {
@@ -410,14 +431,16 @@ pub async fn priority(
 }
 
 /// One task from the read model.
-#[utoipa::path(get, path = "/api/v1/tasks/{id}", tag = "tasks", params(("id" = String, Path)),
+#[utoipa::path(get, path = "/api/v1/tasks/{id}", tag = "tasks", params(("id" = String, Path), GetParams),
     responses((status = 200, body = TaskView), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
 pub async fn get(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
+    Query(q): Query<GetParams>,
 ) -> Result<Json<TaskView>, ApiError> {
     let id = parse_task_id(&id)?;
+    caught_up(&state, q.projected_seq).await;
     let client = state.db.client().await?;
     let row = ud_projections::db::get_task(&client, id)
         .await?
@@ -471,6 +494,7 @@ pub async fn list(
         ),
         None => None,
     };
+    caught_up(&state, p.projected_seq).await;
     let projects: Option<Vec<String>> = if caller.admin {
         None
     } else {

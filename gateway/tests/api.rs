@@ -1266,3 +1266,51 @@ async fn full_disk_drill(disk: &ud_testkit::SmallDisk, pg: ud_testkit::PgDatabas
     assert_eq!(n, i64::try_from(ids.len())?);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_read_can_wait_for_the_event_it_has_seen() -> Result<()> {
+    let s = Stack::start().await?;
+    let token = s.token(&["lab"]).await?;
+    for _ in 0..20 {
+        // Submitted without waiting: the answer names the event's sequence,
+        // as a live event would; reads that pass it see the task at once.
+        let accepted: Value = s
+            .http
+            .post(s.url("/api/v1/tasks"))
+            .bearer_auth(&token)
+            .json(&task("lab"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let (id, seq) = (
+            accepted["task_id"].as_str().unwrap_or_default().to_owned(),
+            accepted["seq"].as_u64().unwrap_or_default(),
+        );
+        assert!(seq > 0, "{accepted}");
+        let one = s
+            .http
+            .get(s.url(&format!("/api/v1/tasks/{id}?projected_seq={seq}")))
+            .bearer_auth(&token)
+            .send()
+            .await?;
+        assert_eq!(one.status(), StatusCode::OK);
+        let page: Value = s
+            .http
+            .get(s.url(&format!("/api/v1/tasks?projected_seq={seq}&limit=1")))
+            .bearer_auth(&token)
+            .send()
+            .await?
+            .json()
+            .await?;
+        assert_eq!(page["items"][0]["id"], id.as_str(), "{page}");
+    }
+    let bad = s
+        .http
+        .get(s.url("/api/v1/tasks?projected_seq=x"))
+        .bearer_auth(&token)
+        .send()
+        .await?;
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    Ok(())
+}

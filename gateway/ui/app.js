@@ -238,10 +238,12 @@ function tasksPage() {
     h("td", {}, when(t.submitted_at)),
     h("td", {}, when(t.updated_at)));
 
+  let seen = 0; // the newest task event seen live
   const load = async () => {
     try {
       const q = query();
       q.set("limit", "100");
+      if (seen) q.set("projected_seq", String(seen));
       const page = await api("GET", `/api/v1/tasks?${q}`);
       body.replaceChildren(...page.items.map(row));
       before = page.next;
@@ -281,6 +283,9 @@ function tasksPage() {
   // and again (coalesced) whenever a task event arrives.
   const refresh = debounce(load, 200);
   const live = new Live({ tasks: {} }, (m) => {
+    // A live event can come before the read model has it: the list is read
+    // once the read model includes the newest event seen.
+    if (m.type === "event") seen = Math.max(seen, m.seq);
     if (m.type === "ready" || m.type === "event") refresh();
   });
   onLeave(() => live.stop());
@@ -332,7 +337,7 @@ function taskPage(id) {
   } }, "Cancel");
   const rerun = h("button", { class: "secondary", id: "rerun", onclick: async () => {
     try {
-      const a = await api("POST", `/api/v1/tasks/${id}/rerun`);
+      const a = await api("POST", `/api/v1/tasks/${id}/rerun?wait=projected`);
       location.hash = `#/tasks/${a.task_id}`;
     } catch (e) { flash(e.message); }
   } }, "Rerun");
@@ -371,21 +376,34 @@ function taskPage(id) {
       t.log_archive ? h("p", {}, h("a", { href: t.log_archive.url }, "Whole log (archived)")) : "");
   };
 
+  let seen = 0; // the newest event of this task seen live
   const load = async () => {
-    try { task = await api("GET", `/api/v1/tasks/${id}`); render(); }
-    catch (e) {
-      if (e.status === 404) { main.replaceChildren(h("h1", {}, "No such task"), h("p", { class: "muted" }, "It does not exist, or your token may not see its project.")); live.stop(); }
+    try {
+      const t = await api("GET", `/api/v1/tasks/${id}${seen ? `?projected_seq=${seen}` : ""}`);
+      if (left) return; // answered after the page was left: not ours to show
+      task = t;
+      if (!main.contains(head)) main.replaceChildren(...layout);
+      render();
+    } catch (e) {
+      if (left) return;
+      // Not (yet) in the read model: the live connection still brings the
+      // task's events if it exists and may be seen, and each one loads again;
+      // for a task that is not there it closes, and this stays.
+      if (e.status === 404) { if (!task) main.replaceChildren(h("h1", {}, "No such task"), h("p", { class: "muted" }, "It does not exist, or your token may not see its project.")); }
       else if (e.status !== 401) flash(e.message);
     }
   };
   const refresh = debounce(load, 150);
 
-  main.append(head, details,
+  let left = false;
+  onLeave(() => { left = true; });
+  const layout = [head, details,
     h("h2", {}, "Preparing steps"), steps,
     h("h2", {}, "Log ", logNote), log,
     h("h2", {}, "Outputs"), outputs,
     h("h2", {}, "Timeline"),
-    h("table", { id: "timeline" }, h("thead", {}, h("tr", {}, ["#", "Event", "When", "By", "Details"].map((c) => h("th", {}, c)))), timeline));
+    h("table", { id: "timeline" }, h("thead", {}, h("tr", {}, ["#", "Event", "When", "By", "Details"].map((c) => h("th", {}, c)))), timeline)];
+  main.append(...layout);
 
   load();
   // The task's whole history and log come over the live connection from the
@@ -393,6 +411,8 @@ function taskPage(id) {
   const live = new Live({ task_id: id, tasks: { after: 0 }, log: {} }, (m) => {
     if (m.type === "ready") { refresh(); return; }
     if (m.type === "event") {
+      // Read the task once the read model includes this event.
+      seen = Math.max(seen, m.seq);
       timeline.append(h("tr", { "data-type": m.event_type },
         h("td", { class: "mono" }, m.seq), h("td", {}, m.event_type), h("td", {}, when(m.stored_at)),
         h("td", {}, m.actor), h("td", {}, eventSummary(m))));
@@ -577,7 +597,7 @@ function submitPage() {
     if (local.length) return showErrors(local);
     button.disabled = true;
     try {
-      const a = await api("POST", "/api/v1/tasks", body);
+      const a = await api("POST", "/api/v1/tasks?wait=projected", body);
       location.hash = `#/tasks/${a.task_id}`;
     } catch (err) {
       if (err.body?.fields?.length) showErrors(err.body.fields);

@@ -65,11 +65,6 @@ pub fn write_accounts(
         nodes,
         system.as_ref(),
     );
-    // A reload makes the hub refuse new connections for a moment: skip it when
-    // nothing changed (the server's first reconcile usually finds the file as is).
-    if std::fs::read_to_string(&settings.accounts_file).is_ok_and(|old| old == text) {
-        return Ok(());
-    }
     let tmp = settings.accounts_file.with_extension("tmp");
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, &settings.accounts_file)?;
