@@ -496,17 +496,7 @@ async fn a_backup_brings_every_task_and_event_back_after_the_servers_are_gone() 
     let mut server = Server::start_on(nats, pg, quiet()).await?;
     server.env.push(("UD_TOKEN", admin));
     // Every event comes back as it was; only the stream's own storage time is the restore's.
-    let events = |text: &str| -> Vec<serde_json::Value> {
-        text.lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .map(|mut v| {
-                if let Some(o) = v.as_object_mut() {
-                    o.remove("stored_at");
-                }
-                v
-            })
-            .collect()
-    };
+    let events = history_without_storage_times;
     for (id, (history, shown)) in ids.iter().zip(&before) {
         let restored = events(&server.ok(&["history", id])?);
         assert!(!restored.is_empty());
@@ -670,17 +660,7 @@ async fn a_backup_in_the_object_store_outlives_the_machine_it_was_taken_on() -> 
     let mut server = Server::start_on(nats, pg, quiet()).await?;
     server.env.push(("UD_TOKEN", admin));
     for (id, (history, shown)) in [&first, &second].iter().zip(&before) {
-        let strip = |text: &str| -> Vec<serde_json::Value> {
-            text.lines()
-                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                .map(|mut v| {
-                    if let Some(o) = v.as_object_mut() {
-                        o.remove("stored_at");
-                    }
-                    v
-                })
-                .collect()
-        };
+        let strip = history_without_storage_times;
         assert_eq!(
             strip(&server.ok(&["history", id])?),
             strip(history),
@@ -823,6 +803,19 @@ async fn this_version_takes_over_the_streams_and_tables_of_the_previous_release(
         "{history}"
     );
     Ok(())
+}
+
+/// `unidesk history` lines without the storage time a restore sets anew.
+fn history_without_storage_times(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|mut v| {
+            if let Some(o) = v.as_object_mut() {
+                o.remove("stored_at");
+            }
+            v
+        })
+        .collect()
 }
 
 /// `unidesk serve` with these settings: its exit status and what it said.

@@ -136,6 +136,19 @@ pub async fn connect_nats(url: &str, name: &str) -> Result<async_nats::Client, S
     }
 }
 
+/// Errors of a JetStream that is still coming up (a cluster electing its
+/// leader or waiting for its peers), as opposed to a refused configuration.
+fn jetstream_forming(error: &str) -> bool {
+    [
+        "no suitable peers",
+        "temporarily unavailable",
+        "timed out",
+        "no responders",
+    ]
+    .iter()
+    .any(|s| error.contains(s))
+}
+
 /// How long a first connection is retried before it counts as failed.
 const CONNECT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(4);
 
@@ -154,10 +167,19 @@ pub fn redact(url: &str) -> String {
 pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
     let client = connect_nats(&cfg.nats_url, "unidesk-server").await?;
     let store = EventStore::new(client, cfg.js_domain.as_deref().filter(|d| !d.is_empty()));
-    store
-        .ensure_streams(cfg.replicas)
-        .await
-        .map_err(|e| StartError::Streams(e.to_string()))?;
+    // A cluster still forming has no peers for replicated streams yet, and a
+    // JetStream just started can be briefly away: wait for it, a while.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match store.ensure_streams(cfg.replicas).await {
+            Ok(()) => break,
+            Err(e) if std::time::Instant::now() < deadline && jetstream_forming(&e.to_string()) => {
+                tracing::warn!(error = %e, "JetStream not ready for the streams yet; trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(StartError::Streams(e.to_string())),
+        }
+    }
     let db = Db::connect(&cfg.database_url, "public", 16).await?;
     db.migrate().await?;
     let mut tasks = Vec::new();

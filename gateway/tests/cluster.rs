@@ -1,7 +1,8 @@
 //! The main server on a three-server JetStream cluster with replicated
 //! streams (R3): one server is killed with SIGKILL under a steady load of
-//! submissions; no acknowledged task is lost, the API keeps serving, and the
-//! read models equal a replay of the streams.
+//! submissions and node heartbeats; no acknowledged task or heartbeat is
+//! lost, the API keeps serving, and the read models equal a replay of the
+//! streams.
 
 mod common;
 
@@ -10,9 +11,12 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Result};
 use reqwest::StatusCode;
 use serde_json::Value;
+use ud_core::store::Expect;
 use ud_gateway::server::{self, ServerConfig};
 use ud_projections::{rebuild, Db};
-use ud_schemas::streams;
+use ud_schemas::codec::EventMeta;
+use ud_schemas::events::{NodeHeartbeat, NodeRegistered};
+use ud_schemas::{now_millis, streams, Event, NodeEvent, NodeResources};
 use ud_testkit::{NatsServer, PgDatabase};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -58,7 +62,33 @@ async fn a_cluster_that_loses_a_server_loses_no_acknowledged_task() -> Result<()
     );
     let (http, base) = (reqwest::Client::new(), format!("http://{}", running.addr));
 
-    // A steady load: one submission every 20 ms for 12 s; n1 dies after 2 s.
+    // Five nodes, heartbeating as the main server's ingest records them.
+    let nodes: Vec<ud_schemas::NodeId> = (0..5).map(|_| ud_schemas::NodeId::new()).collect();
+    for (i, node) in nodes.iter().enumerate() {
+        let registered = Event::Node(
+            *node,
+            NodeEvent::Registered(NodeRegistered {
+                at: now_millis(),
+                name: format!("n{i}"),
+                labels: Default::default(),
+                resources: NodeResources {
+                    cpu_millis: 8000,
+                    memory_mb: 16384,
+                    os: "linux".into(),
+                    agent_version: "test".into(),
+                    ..Default::default()
+                },
+            }),
+        );
+        store
+            .append(&registered, &EventMeta::new("node"), Expect::New)
+            .await?;
+    }
+    let mut beats: Vec<(ud_schemas::NodeId, u64)> = Vec::new();
+    let mut beats_refused = 0;
+
+    // A steady load: one submission every 20 ms and a heartbeat every 100 ms
+    // for 12 s; n1 dies after 2 s.
     let mut acked: Vec<(String, Instant)> = Vec::new();
     let mut refused = 0;
     let start = Instant::now();
@@ -69,6 +99,26 @@ async fn a_cluster_that_loses_a_server_loses_no_acknowledged_task() -> Result<()
         if killed_at.is_none() && start.elapsed() > Duration::from_secs(2) {
             nats[0].kill().await?;
             killed_at = Some(Instant::now());
+        }
+        let n = acked.len() + refused;
+        if n % 5 == 0 {
+            let node = nodes[(n / 5) % nodes.len()];
+            let beat = Event::Node(
+                node,
+                NodeEvent::Heartbeat(NodeHeartbeat {
+                    at: now_millis(),
+                    running_tasks: 0,
+                    disk_free_mb: Some(1 << 20),
+                    low_disk: false,
+                }),
+            );
+            match store
+                .append(&beat, &EventMeta::new("node"), Expect::Any)
+                .await
+            {
+                Ok(seq) => beats.push((node, seq)),
+                Err(_) => beats_refused += 1,
+            }
         }
         let resp = http
             .post(format!("{base}/api/v1/tasks"))
@@ -97,6 +147,30 @@ async fn a_cluster_that_loses_a_server_loses_no_acknowledged_task() -> Result<()
     println!("acknowledged {} submissions ({after} after the kill), {refused} refused; longest gap between acknowledgements {gap:?}", acked.len());
     ensure!(after > 0, "nothing was acknowledged after the kill");
 
+    // Every acknowledged heartbeat is in its stream.
+    println!(
+        "{} heartbeats acknowledged, {beats_refused} refused",
+        beats.len()
+    );
+    ensure!(
+        beats.iter().any(|(_, seq)| *seq > 0),
+        "no heartbeat acknowledged"
+    );
+    for node in &nodes {
+        let stored: std::collections::HashSet<u64> = store
+            .read_subject(streams::HEARTBEATS, &format!("ud.node.{node}.heartbeat"))
+            .await?
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        for (_, seq) in beats.iter().filter(|(n, _)| n == node) {
+            ensure!(
+                stored.contains(seq),
+                "acknowledged heartbeat {seq} of {node} is lost"
+            );
+        }
+    }
+
     // Every acknowledged task is in the stream and, once projected, in the read model.
     for (id, _) in &acked {
         let task: ud_schemas::TaskId = id.parse()?;
@@ -120,6 +194,15 @@ async fn a_cluster_that_loses_a_server_loses_no_acknowledged_task() -> Result<()
             .wait(streams::TASKS, last, Duration::from_secs(30))
             .await
     );
+    if let Some((_, last_beat)) = beats.last() {
+        assert!(
+            running
+                .state
+                .projected
+                .wait(streams::HEARTBEATS, *last_beat, Duration::from_secs(30))
+                .await
+        );
+    }
     for (id, _) in &acked {
         let r = http
             .get(format!("{base}/api/v1/tasks/{id}"))

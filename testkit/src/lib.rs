@@ -307,31 +307,21 @@ fn with_database(url: &str, db: &str) -> String {
 
 impl PgDatabase {
     pub async fn create() -> Result<Self> {
-        let admin = admin_url()?;
-        let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
-            .await
-            .with_context(|| format!("cannot connect to {admin}"))?;
-        tokio::spawn(conn);
-        let name = format!("t_{}", uuid::Uuid::now_v7().simple());
-        client
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await?;
-        let url = with_database(&admin, &name);
-        Ok(Self { name, url })
+        Self::create_with("").await
     }
 
     /// A database whose tables live in `tablespace`.
     pub async fn create_in(tablespace: &str) -> Result<Self> {
-        let admin = admin_url()?;
-        let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
-            .await
-            .with_context(|| format!("cannot connect to {admin}"))?;
-        tokio::spawn(conn);
+        Self::create_with(&format!(" TABLESPACE {tablespace}")).await
+    }
+
+    async fn create_with(options: &str) -> Result<Self> {
+        let client = Self::admin().await?;
         let name = format!("t_{}", uuid::Uuid::now_v7().simple());
         client
-            .batch_execute(&format!("CREATE DATABASE {name} TABLESPACE {tablespace}"))
+            .batch_execute(&format!("CREATE DATABASE {name}{options}"))
             .await?;
-        let url = with_database(&admin, &name);
+        let url = with_database(&admin_url()?, &name);
         Ok(Self { name, url })
     }
 
