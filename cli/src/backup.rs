@@ -30,19 +30,25 @@ use ud_storage::Storage;
 /// faster than 256).
 const RESTORE_IN_FLIGHT: usize = 256;
 
+/// The backup directory: one folder per backup, named by its time.
+#[derive(Args)]
+pub struct BackupDir {
+    #[arg(
+        long = "dir",
+        env = "UD_BACKUP_DIR",
+        default_value = "/var/lib/unidesk/backups"
+    )]
+    path: PathBuf,
+}
+
 #[derive(Args)]
 pub struct BackupArgs {
     #[command(flatten)]
     nats: NatsArgs,
     #[command(flatten)]
     db: DbArgs,
-    /// Where backups go: one folder per backup, named by its time.
-    #[arg(
-        long,
-        env = "UD_BACKUP_DIR",
-        default_value = "/var/lib/unidesk/backups"
-    )]
-    dir: PathBuf,
+    #[command(flatten)]
+    dir: BackupDir,
     /// How many backups to keep (older ones are deleted after a backup succeeds).
     #[arg(long, default_value_t = 7)]
     keep: usize,
@@ -69,13 +75,9 @@ pub struct RestoreArgs {
     /// Fetch the backup from the object store (into the backup directory) first.
     #[arg(long)]
     from_object_store: bool,
-    /// Where a backup fetched from the object store is put.
-    #[arg(
-        long,
-        env = "UD_BACKUP_DIR",
-        default_value = "/var/lib/unidesk/backups"
-    )]
-    dir: PathBuf,
+    // Where a backup fetched from the object store is put.
+    #[command(flatten)]
+    dir: BackupDir,
     #[command(flatten)]
     storage: StorageArgs,
     /// Replace streams that already hold messages (otherwise restore refuses).
@@ -156,8 +158,7 @@ async fn upload(storage: &Storage, dir: &Path, name: &str, keep: usize) -> Resul
         .await
         .context("cannot copy manifest.json to the object store")?;
     let objects = storage.list(BACKUPS_PREFIX).await?;
-    let mut complete = stored_backups(&objects);
-    complete.sort();
+    let complete = stored_backups(&objects);
     let excess = complete.len().saturating_sub(keep.max(1));
     // Old backups beyond `keep`, and copies older than this one that never finished.
     let doomed = |key: &str| {
@@ -180,9 +181,10 @@ async fn upload(storage: &Storage, dir: &Path, name: &str, keep: usize) -> Resul
     Ok(())
 }
 
-/// The names of the complete backups (those with a manifest) in a listing of `backups/`.
+/// The names of the complete backups (those with a manifest) in a listing
+/// of `backups/`, oldest first (names are times).
 fn stored_backups(objects: &[ud_storage::ObjectInfo]) -> Vec<String> {
-    objects
+    let mut names: Vec<String> = objects
         .iter()
         .filter_map(|o| {
             o.key
@@ -191,15 +193,16 @@ fn stored_backups(objects: &[ud_storage::ObjectInfo]) -> Vec<String> {
                 .filter(|n| !n.is_empty() && !n.contains('/') && !n.starts_with('.'))
                 .map(str::to_owned)
         })
-        .collect()
+        .collect();
+    names.sort();
+    names
 }
 
 /// Fetches the backup `name` (or the newest, for `latest`) from the object
 /// store into `dir/<name>`, manifest last; the folder it made.
 async fn download(storage: &Storage, dir: &Path, name: &str) -> Result<PathBuf> {
     let objects = storage.list(BACKUPS_PREFIX).await?;
-    let mut complete = stored_backups(&objects);
-    complete.sort();
+    let complete = stored_backups(&objects);
     let name = if name == "latest" {
         complete
             .last()
@@ -256,10 +259,10 @@ pub async fn backup(a: BackupArgs) -> Result<()> {
     let store = a.nats.connect("unidesk-backup").await?;
     let js = store.jetstream();
     let name = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ").to_string();
-    let dir = a.dir.join(&name);
-    let partial = a.dir.join(format!(".{name}.partial"));
+    let dir = a.dir.path.join(&name);
+    let partial = a.dir.path.join(format!(".{name}.partial"));
     std::fs::create_dir_all(partial.join("streams"))
-        .with_context(|| format!("cannot write to {}", a.dir.display()))?;
+        .with_context(|| format!("cannot write to {}", a.dir.path.display()))?;
     let names: Vec<String> = js.stream_names().try_collect().await?;
     let mut manifest = Manifest {
         created_at: name.clone(),
@@ -338,7 +341,7 @@ pub async fn backup(a: BackupArgs) -> Result<()> {
     )?;
     // Complete only now: a backup cut short is never taken for a good one.
     std::fs::rename(&partial, &dir)?;
-    let mut all: Vec<PathBuf> = std::fs::read_dir(&a.dir)?
+    let mut all: Vec<PathBuf> = std::fs::read_dir(&a.dir.path)?
         .flatten()
         .map(|e| e.path())
         .filter(|p| p.join("manifest.json").exists())
@@ -386,7 +389,7 @@ pub async fn restore(mut a: RestoreArgs) -> Result<()> {
     if a.from_object_store {
         let storage = object_store(&a.storage)?;
         let name = a.from.to_string_lossy().into_owned();
-        a.from = download(&storage, &a.dir, &name).await?;
+        a.from = download(&storage, &a.dir.path, &name).await?;
     }
     let manifest: Manifest = serde_json::from_slice(
         &std::fs::read(a.from.join("manifest.json"))

@@ -34,11 +34,15 @@ impl DiskWatch {
             .collect()
     }
 
+    pub fn min_free_bytes(&self) -> u64 {
+        self.min_free_mb.saturating_mul(1024 * 1024)
+    }
+
     /// Paths below the threshold, with what they have.
     pub fn low(&self) -> Vec<(String, u64)> {
         self.free()
             .into_iter()
-            .filter(|(_, b)| *b < self.min_free_mb.saturating_mul(1024 * 1024))
+            .filter(|(_, b)| *b < self.min_free_bytes())
             .collect()
     }
 }
@@ -76,9 +80,9 @@ fn host_name() -> String {
 /// crossing of the threshold becomes `ud.alert.disk.low` or `.ok` in
 /// `UD_ALERTS` (a failed publish is tried again at the next check).
 pub async fn watch_disks(js: async_nats::jetstream::Context, disk: DiskWatch) {
-    use ud_schemas::dispatch::{to_cbor, DiskAlert, DISK_LOW_SUBJECT, DISK_OK_SUBJECT};
+    use ud_schemas::dispatch::{DiskAlert, DISK_LOW_SUBJECT, DISK_OK_SUBJECT};
     let server = host_name();
-    let min_free_bytes = disk.min_free_mb.saturating_mul(1024 * 1024);
+    let min_free_bytes = disk.min_free_bytes();
     let mut known = std::collections::HashMap::new();
     let mut tick = tokio::time::interval(DISK_CHECK_INTERVAL);
     loop {
@@ -91,36 +95,41 @@ pub async fn watch_disks(js: async_nats::jetstream::Context, disk: DiskWatch) {
                 free_bytes,
                 min_free_bytes,
             };
-            let Ok(bytes) = to_cbor(&alert) else { continue };
             let subject = if low {
                 DISK_LOW_SUBJECT
             } else {
                 DISK_OK_SUBJECT
             };
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert("Content-Type", "application/cbor");
-            let stored = match js
-                .publish_with_headers(subject, headers, bytes.into())
-                .await
-            {
-                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            match stored {
-                Ok(()) => {
-                    if low {
-                        tracing::warn!(%path, free_bytes, min_free_bytes, "a watched disk is low");
-                    } else {
-                        tracing::info!(%path, free_bytes, "a watched disk is fine again");
-                    }
-                    known.insert(path, low);
-                }
-                Err(e) => {
-                    tracing::warn!(%path, error = %e, "disk alert not stored; trying again at the next check")
-                }
+            if let Err(e) = store_alert(&js, subject, &alert).await {
+                tracing::warn!(%path, error = %e, "disk alert not stored; trying again at the next check");
+                continue;
             }
+            if low {
+                tracing::warn!(%path, free_bytes, min_free_bytes, "a watched disk is low");
+            } else {
+                tracing::info!(%path, free_bytes, "a watched disk is fine again");
+            }
+            known.insert(path, low);
         }
     }
+}
+
+/// Stores one alert in `UD_ALERTS` and waits for the stream to have it.
+async fn store_alert(
+    js: &async_nats::jetstream::Context,
+    subject: &'static str,
+    alert: &ud_schemas::dispatch::DiskAlert,
+) -> Result<(), String> {
+    let bytes = ud_schemas::dispatch::to_cbor(alert).map_err(|e| e.to_string())?;
+    let msg = async_nats::jetstream::message::PublishMessage::build()
+        .header("Content-Type", "application/cbor")
+        .payload(bytes.into());
+    js.send_publish(subject, msg)
+        .await
+        .map_err(|e| e.to_string())?
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 #[derive(Serialize, ToSchema)]

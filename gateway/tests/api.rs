@@ -1212,7 +1212,7 @@ async fn full_disk_drill(disk: &ud_testkit::SmallDisk, pg: ud_testkit::PgDatabas
     };
     let mut ids = vec![submit().await?];
     // The disk fills up: PostgreSQL can no longer write there.
-    disk.fill(0)?;
+    disk.fill()?;
     let refused = direct
         .batch_execute(
             "CREATE TABLE filler AS SELECT repeat('x', 100) FROM generate_series(1, 100000)",
@@ -1305,6 +1305,21 @@ async fn a_read_can_wait_for_the_event_it_has_seen() -> Result<()> {
             .await?;
         assert_eq!(page["items"][0]["id"], id.as_str(), "{page}");
     }
+    // A sequence the read model never reaches: the read waits out its bound
+    // (5 s), then answers with what there is.
+    let started = std::time::Instant::now();
+    let late = s
+        .http
+        .get(s.url("/api/v1/tasks?projected_seq=1000000000&limit=1"))
+        .bearer_auth(&token)
+        .send()
+        .await?;
+    assert_eq!(late.status(), StatusCode::OK);
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(4900),
+        "answered after {:?} without waiting",
+        started.elapsed()
+    );
     let bad = s
         .http
         .get(s.url("/api/v1/tasks?projected_seq=x"))

@@ -88,14 +88,17 @@ impl NatsServer {
 
     fn config(&self) -> String {
         let store = self.dir.path().join("js");
-        let mut sync = if self.options.sync_always {
-            "sync_interval: always".to_owned()
+        let sync = if self.options.sync_always {
+            "sync_interval: always"
         } else {
-            String::new()
+            ""
         };
-        if let Some(max) = &self.options.max_file_store {
-            sync.push_str(&format!("\n  max_file_store: {max}"));
-        }
+        let limit = self
+            .options
+            .max_file_store
+            .as_ref()
+            .map(|max| format!("\n  max_file_store: {max}"))
+            .unwrap_or_default();
         let port = |p: u16| {
             if p == 0 {
                 "-1".to_owned()
@@ -104,7 +107,7 @@ impl NatsServer {
             }
         };
         let mut text = format!(
-            "host: 127.0.0.1\nport: {}\nmax_payload: 8MB\npid_file: {:?}\njetstream {{\n  store_dir: {store:?}\n  domain: {}\n  {sync}\n}}\n",
+            "host: 127.0.0.1\nport: {}\nmax_payload: 8MB\npid_file: {:?}\njetstream {{\n  store_dir: {store:?}\n  domain: {}\n  {sync}{limit}\n}}\n",
             port(self.port),
             self.pid_file(),
             self.options.domain
@@ -373,20 +376,16 @@ impl SmallDisk {
         self.dir.path()
     }
 
-    /// Fills the disk with a file `filler` until at most `leave` bytes are free.
-    pub fn fill(&self, leave: u64) -> Result<()> {
+    /// Fills the disk with a file `filler` until no byte is left.
+    pub fn fill(&self) -> Result<()> {
         use std::io::Write;
         let mut f = std::fs::File::create(self.dir.path().join("filler"))?;
         let chunk = vec![0u8; 64 * 1024];
         loop {
-            let free = fs_free(self.dir.path())?;
-            if free <= leave {
-                return Ok(());
-            }
-            let n = usize::try_from((free - leave).min(chunk.len() as u64))?;
-            match f.write_all(&chunk[..n]) {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(28) => return Ok(()),
+            match f.write(&chunk) {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(28) => return Ok(()), // ENOSPC
                 Err(e) => return Err(e.into()),
             }
         }
@@ -397,18 +396,6 @@ impl SmallDisk {
         std::fs::remove_file(self.dir.path().join("filler"))?;
         Ok(())
     }
-}
-
-fn fs_free(path: &std::path::Path) -> Result<u64> {
-    let out = std::process::Command::new("df")
-        .args(["--output=avail", "-B1"])
-        .arg(path)
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .nth(1)
-        .and_then(|l| l.trim().parse().ok())
-        .ok_or_else(|| anyhow!("cannot read the free space of {}: {text}", path.display()))
 }
 
 impl Drop for SmallDisk {
