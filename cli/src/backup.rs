@@ -33,6 +33,8 @@ const RESTORE_IN_FLIGHT: usize = 256;
 /// The backup directory: one folder per backup, named by its time.
 #[derive(Args)]
 pub struct BackupDir {
+    /// The backup directory: one folder per backup, named by its time (a
+    /// backup fetched from the object store is put there too).
     #[arg(
         long = "dir",
         env = "UD_BACKUP_DIR",
