@@ -5,7 +5,9 @@
 //! that, not the subject, says which node sent it. A node may only speak for
 //! itself and for tasks assigned to it; anything else is dropped and logged.
 //! A node's events are handled in order by one of several workers; heartbeats
-//! go through a lane of their own, appended many at a time.
+//! go through a lane of their own, appended many at a time. With several
+//! main-server instances, one ingests (the consumer pins it) and the others
+//! stand by.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -25,6 +27,12 @@ use crate::store::Expect;
 use crate::task::{TaskCommand, TaskError};
 
 pub const CONSUMER: &str = "ingest";
+/// The consumer's priority group: the instance pinned to it ingests.
+const PIN_GROUP: &str = "ingest";
+/// A pinned instance that has not pulled for this long loses the pin to a standby one.
+const PIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Each pull lasts this long (well inside `PIN_TIMEOUT`, so the pin is kept between pulls).
+const PULL_EXPIRES: Duration = Duration::from_secs(3);
 const WORKERS: usize = 8;
 
 /// Why a message was dropped.
@@ -510,16 +518,20 @@ pub async fn run(commands: TaskCommands) -> Result<(), EdgeError> {
         }
     };
     let consumer = stream
-        .get_or_create_consumer(
-            CONSUMER,
-            consumer::pull::Config {
-                durable_name: Some(CONSUMER.into()),
-                ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(30),
-                max_ack_pending: 20_000,
-                ..Default::default()
-            },
-        )
+        // Created or updated: consumers made before pinning get it here.
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(CONSUMER.into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(30),
+            max_ack_pending: 20_000,
+            // One instance at a time takes a node's events, so that they
+            // are handled in the order the node sent them; another takes
+            // over when it stops pulling.
+            priority_policy: consumer::PriorityPolicy::PinnedClient,
+            priority_groups: vec![PIN_GROUP.into()],
+            priority_timeout: PIN_TIMEOUT,
+            ..Default::default()
+        })
         .await
         .map_err(nats_err)?;
     let mut senders = Vec::new();
@@ -540,7 +552,13 @@ pub async fn run(commands: TaskCommands) -> Result<(), EdgeError> {
     // A pull subscription can fail under load (missed idle heartbeats, a
     // hub reload): bind again and go on; unacknowledged messages come back.
     loop {
-        let mut messages = match consumer.messages().await {
+        let pull = consumer
+            .stream()
+            .group(PIN_GROUP)
+            .expires(PULL_EXPIRES)
+            .heartbeat(PULL_EXPIRES / 2)
+            .messages();
+        let mut messages = match pull.await {
             Ok(m) => m,
             Err(e) => {
                 warn!(error = %e, "ingest cannot pull; trying again");
