@@ -18,7 +18,7 @@ use crate::serve::{DbArgs, NatsArgs};
 
 #[derive(Subcommand)]
 pub enum EventsCommand {
-    /// Follow live events on a subject and print them decoded, one JSON object a line.
+    /// Follow events as the streams store them (from now on), decoded, one JSON object a line.
     Tail(TailArgs),
     /// Write the stored history of a stream, an aggregate or a time range as JSON lines, for audits.
     Export(ExportArgs),
@@ -102,38 +102,61 @@ fn parse_time(s: &str, flag: &str) -> Result<time::OffsetDateTime> {
 
 pub async fn events(c: EventsCommand) -> Result<()> {
     match c {
-        EventsCommand::Tail(a) => {
-            let store = a.nats.connect("unidesk-events-tail").await?;
-            let mut sub = store.client().subscribe(a.subject.clone()).await?;
-            store.client().flush().await?;
-            eprintln!("following {}", a.subject);
-            let mut seen = 0usize;
-            let mut out = std::io::stdout().lock();
-            while let Some(msg) = sub.next().await {
-                if !msg.subject.starts_with("ud.")
-                    || msg.subject.starts_with("ud.sys.")
-                    || msg.subject.starts_with("ud.cmd.")
-                {
-                    continue;
-                }
-                let line = event_line(
-                    msg.subject.as_str(),
-                    None,
-                    "",
-                    msg.headers.as_ref(),
-                    &msg.payload,
-                );
-                writeln!(out, "{line}")?;
-                out.flush()?;
-                seen += 1;
-                if a.count.is_some_and(|c| seen >= c) {
-                    break;
-                }
-            }
-            Ok(())
-        }
+        EventsCommand::Tail(a) => tail(a).await,
         EventsCommand::Export(a) => export(a).await,
     }
+}
+
+/// Follows what the streams store from now on: a publish a stream refused
+/// (the loser of two main-server instances racing) is never shown.
+async fn tail(a: TailArgs) -> Result<()> {
+    let store = a.nats.connect("unidesk-events-tail").await?;
+    let mut feeds = Vec::new();
+    for config in ud_schemas::streams::all(1) {
+        let Ok(stream) = store.jetstream().get_stream(&config.name).await else {
+            continue;
+        };
+        let consumer = stream
+            .create_consumer(OrderedConfig {
+                filter_subject: a.subject.clone(),
+                deliver_policy: DeliverPolicy::New,
+                ..Default::default()
+            })
+            .await
+            .with_context(|| format!("cannot follow {} in {}", a.subject, config.name))?;
+        feeds.push(consumer.messages().await?);
+    }
+    if feeds.is_empty() {
+        bail!("no UniDesk streams on this server: is the platform set up?");
+    }
+    eprintln!("following {}", a.subject);
+    let mut messages = futures::stream::select_all(feeds);
+    let mut seen = 0usize;
+    let mut out = std::io::stdout().lock();
+    while let Some(msg) = messages.next().await {
+        let msg = msg?;
+        let (seq, stored_at) = match msg.info() {
+            Ok(i) => (
+                Some(i.stream_sequence),
+                i.published.format(&Rfc3339).unwrap_or_default(),
+            ),
+            Err(_) => (None, String::new()),
+        };
+        let line = event_line(
+            msg.subject.as_str(),
+            seq,
+            &stored_at,
+            msg.headers.as_ref(),
+            &msg.payload,
+        );
+        writeln!(out, "{line}")?;
+        out.flush()?;
+        seen += 1;
+        if a.count.is_some_and(|c| seen >= c) {
+            break;
+        }
+    }
+    Ok(())
 }
 
 async fn export(a: ExportArgs) -> Result<()> {

@@ -180,6 +180,12 @@ async fn a_user_runs_the_whole_cycle_from_the_command_line() -> Result<()> {
         .ok_or_else(|| anyhow!("tail printed nothing"))?;
     let event: serde_json::Value = serde_json::from_str(&tail_line)?;
     assert_eq!(event["type"], "task.submitted");
+    // What the stream stored: its sequence and time come with it.
+    assert!(event["seq"].as_u64().is_some_and(|s| s > 0), "{event}");
+    assert!(
+        !event["stored_at"].as_str().unwrap_or_default().is_empty(),
+        "{event}"
+    );
     assert_eq!(
         event["data"]["spec"]["command"],
         serde_json::json!(["python", "train.py", "--epochs", "2"])
