@@ -566,20 +566,30 @@ pub async fn run(commands: TaskCommands) -> Result<(), EdgeError> {
                 continue;
             }
         };
-        if !route(&mut messages, &senders, beats).await {
+        let mut pinned = false;
+        if !route(&mut messages, &senders, beats, &mut pinned).await {
             return Ok(());
         }
         warn!("ingest pull ended; binding again");
+        if pinned {
+            // The pin was this instance's: release it, or the next pull
+            // (a new client to the server) would stand by until it expires.
+            if let Err(e) = stream.unpin_consumer(CONSUMER, PIN_GROUP).await {
+                debug!(error = %e, "cannot release the ingest pin");
+            }
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
 /// Hands pulled messages to the lanes until the pull fails (true) or the
-/// lanes are gone (false).
+/// lanes are gone (false); `pinned` is set once a message came (this
+/// instance holds the pin).
 async fn route(
     messages: &mut consumer::pull::Stream,
     senders: &[mpsc::UnboundedSender<jetstream::Message>],
     beats: &mpsc::UnboundedSender<jetstream::Message>,
+    pinned: &mut bool,
 ) -> bool {
     while let Some(m) = messages.next().await {
         let m = match m {
@@ -589,6 +599,8 @@ async fn route(
                 return true;
             }
         };
+        // Only the pinned client is sent messages.
+        *pinned = true;
         let lane = if is_heartbeat(&m) {
             beats
         } else {
