@@ -18,6 +18,7 @@ import urllib.parse
 
 import cbor2
 import nats
+import nats.js.api
 from nats.errors import NoRespondersError
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -186,13 +187,17 @@ class NatsContract(unittest.IsolatedAsyncioTestCase):
 
     async def test_c_cancelled_event_by_subject(self):
         task_id = (await self.submit("py-cancel"))["task_id"]
-        sub = await self.nc.subscribe("ud.task.*.cancelled")
-        await self.nc.flush()
+        # What the stream stored, the way the contract says to read events.
+        js = self.nc.jetstream()
+        sub = await js.subscribe("ud.task.*.cancelled", ordered_consumer=True,
+                                 deliver_policy=nats.js.api.DeliverPolicy.NEW)
         reply = await self.request("ud.cmd.task.cancel", {"task_id": task_id, "reason": "py", "actor": "python"})
         self.assertFalse((reply.headers or {}).get("Nats-Service-Error-Code"), reply.headers)
 
         msg = await self.next_event(sub, task_id)
         self.assertEqual(msg.subject, f"ud.task.{task_id}.cancelled")
+        self.assertEqual(msg.metadata.stream, "UD_TASKS")
+        self.assertGreater(msg.metadata.sequence.stream, 0)
         h = msg.headers or {}
         self.assertEqual(h.get("Ud-Event-Type"), "task.cancelled")
         self.assertEqual(h.get("Ud-Schema-Version"), "1")
