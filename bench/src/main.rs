@@ -1,6 +1,9 @@
 //! `ud-bench backbone`: the event backbone measured on real servers, each
 //! platform figure printed beside the raw ceiling measured in the same run.
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod backbone;
 mod backup;
 mod cluster;

@@ -1,5 +1,8 @@
 //! `unidesk`: the server, the client and the operator's tools in one binary.
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod backup;
 mod client;
 mod files;

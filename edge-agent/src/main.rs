@@ -1,6 +1,9 @@
 //! `unidesk-edge`: the compute-node agent, and the leaf configuration of the
 //! node's Provider Gateway.
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
