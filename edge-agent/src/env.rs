@@ -81,7 +81,48 @@ pub struct Versions {
     /// One lock per repository mirror and per image: the same fetch or build
     /// asked for by two tasks at once happens once.
     locks: Arc<Mutex<HashMap<String, Arc<Mutex<()>>>>>,
+    /// Images and mirrors that runs are preparing or using, with how many:
+    /// never evicted.
+    in_use: InUseMap,
     creds: Option<Hub>,
+}
+
+type InUseMap = Arc<std::sync::Mutex<HashMap<String, usize>>>;
+
+/// What one run needs from the cache (its image and mirrors), kept from
+/// eviction while this lives.
+pub struct InUse {
+    keys: Vec<String>,
+    map: InUseMap,
+}
+
+impl InUse {
+    fn take(map: &InUseMap, keys: Vec<String>) -> Self {
+        if let Ok(mut m) = map.lock() {
+            for k in &keys {
+                *m.entry(k.clone()).or_default() += 1;
+            }
+        }
+        Self {
+            keys,
+            map: map.clone(),
+        }
+    }
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.map.lock() {
+            for k in &self.keys {
+                if let Some(n) = m.get_mut(k) {
+                    *n -= 1;
+                    if *n == 0 {
+                        m.remove(k);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// What a prepared task runs: the image, and the code checked out for it.
@@ -92,6 +133,8 @@ pub struct Prepared {
     pub workspace: PathBuf,
     /// Steps taken, in order, with their durations.
     pub steps: Vec<(&'static str, std::time::Duration)>,
+    /// Keeps the image and mirrors from eviction until the run is over.
+    pub in_use: InUse,
 }
 
 impl Versions {
@@ -108,6 +151,7 @@ impl Versions {
             cache_limit_bytes,
             last_used: Arc::default(),
             locks: Arc::default(),
+            in_use: Arc::default(),
             creds: None,
         }
     }
@@ -125,21 +169,11 @@ impl Versions {
             .insert(key.to_owned(), ud_schemas::now_millis());
     }
 
-    /// Evicts environment images and repository mirrors, least recently used
-    /// first, until the cache fits its limit. What is in use stays: an image
-    /// a container still uses cannot be removed, and each removal takes the
-    /// lock of what it removes.
-    pub async fn evict(&self, current: &TaskSpec) {
-        let keep_keys = [
-            image_tag(current),
-            self.mirror_path(&current.code_repo_url)
-                .display()
-                .to_string(),
-            self.mirror_path(&current.env_repo_url)
-                .display()
-                .to_string(),
-        ];
-        let keep: Vec<&str> = keep_keys.iter().map(String::as_str).collect();
+    /// Evicts this node's environment images and repository mirrors, least
+    /// recently used first, until the cache fits its limit. What runs are
+    /// preparing or using stays (and Docker refuses to remove an image a
+    /// container uses); each removal takes the lock of what it removes.
+    pub async fn evict(&self) {
         let mut items: Vec<(i64, String, u64, bool)> = Vec::new(); // (last used, key, bytes, is image)
         let used = self.last_used.lock().await.clone();
         let filters = HashMap::from([("reference".to_owned(), vec!["unidesk-env".to_owned()])]);
@@ -156,6 +190,9 @@ impl Versions {
                 .repo_tags
                 .iter()
                 .filter(|t| t.starts_with("unidesk-env:"))
+                // Only what this agent built: another agent on the same
+                // Docker engine keeps its own.
+                .filter(|t| self.built_marker(t).exists())
             {
                 items.push((
                     used.get(tag).copied().unwrap_or(0),
@@ -183,20 +220,25 @@ impl Versions {
             if total <= self.cache_limit_bytes {
                 break;
             }
-            if keep.contains(&key.as_str()) {
-                continue;
-            }
             let lock = self.lock(key.clone()).await;
             let _guard = lock.lock().await;
+            if self.is_in_use(&key) {
+                continue;
+            }
             let removed = if is_image {
-                self.docker
+                let gone = self
+                    .docker
                     .remove_image(
                         &key,
                         None::<bollard::query_parameters::RemoveImageOptions>,
                         None,
                     )
                     .await
-                    .is_ok()
+                    .is_ok();
+                if gone {
+                    let _ = std::fs::remove_file(self.built_marker(&key));
+                }
+                gone
             } else {
                 std::fs::remove_dir_all(&key).is_ok()
             };
@@ -206,6 +248,18 @@ impl Versions {
                 self.last_used.lock().await.remove(&key);
             }
         }
+    }
+
+    /// A file that says this agent built the image `tag` (kept across restarts).
+    fn built_marker(&self, tag: &str) -> PathBuf {
+        self.root.join("images").join(tag.replace(':', "_"))
+    }
+
+    fn is_in_use(&self, key: &str) -> bool {
+        self.in_use
+            .lock()
+            .map(|m| m.contains_key(key))
+            .unwrap_or(true)
     }
 
     async fn lock(&self, key: String) -> Arc<Mutex<()>> {
@@ -295,13 +349,22 @@ impl Versions {
         SFut: std::future::Future<Output = ()>,
     {
         let mut steps = Vec::new();
+        let image = image_tag(spec);
+        // Kept from eviction from here until the run is over.
+        let in_use = InUse::take(
+            &self.in_use,
+            vec![
+                image.clone(),
+                self.mirror_path(&spec.code_repo_url).display().to_string(),
+                self.mirror_path(&spec.env_repo_url).display().to_string(),
+            ],
+        );
         step("fetch_code").await;
         let t = std::time::Instant::now();
         let code = self
             .fetch(task, "code", &spec.code_repo_url, &spec.code_commit_id)
             .await?;
         steps.push(("fetch_code", t.elapsed()));
-        let image = image_tag(spec);
         self.touch(&self.mirror_path(&spec.code_repo_url).display().to_string())
             .await;
         self.touch(&self.mirror_path(&spec.env_repo_url).display().to_string())
@@ -345,6 +408,13 @@ impl Versions {
                 };
                 let _ = std::fs::remove_dir_all(&context);
                 result?;
+                let marker = self.built_marker(&image);
+                if let Some(dir) = marker.parent() {
+                    let _ = std::fs::create_dir_all(dir);
+                }
+                if let Err(e) = std::fs::write(&marker, b"") {
+                    tracing::warn!(error = %e, image = %image, "cannot record the build; the image will not be evicted");
+                }
                 steps.push(("build_image", t.elapsed()));
             }
             env
@@ -378,6 +448,7 @@ impl Versions {
             dockerfile_digest,
             workspace: workspace.to_owned(),
             steps,
+            in_use,
         })
     }
 

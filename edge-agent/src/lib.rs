@@ -417,6 +417,8 @@ async fn start(ctx: &Ctx<'_>, run: DispatchRun, tasks: &mut tokio::task::JoinSet
                 Err(e) => warn!(error = %e, "assignment not confirmed; running it"),
             }
             let files = !run.spec.inputs.is_empty() || !run.spec.outputs.is_empty();
+            // What the run needs from the cache stays there while this lives.
+            let mut _in_use = None;
             let (image, mount, mut prepared) = match image {
                 Some(image) => {
                     let image_id = docker.image_id(&image).await;
@@ -445,8 +447,9 @@ async fn start(ctx: &Ctx<'_>, run: DispatchRun, tasks: &mut tokio::task::JoinSet
                         .await
                     {
                         Ok(p) => {
-                            // Keep what this run needs; make room by what was used least recently.
-                            versions.evict(&run.spec).await;
+                            // Make room by what was used least recently (what runs use stays).
+                            versions.evict().await;
+                            _in_use = Some(p.in_use);
                             (
                                 p.image,
                                 Some(p.workspace),

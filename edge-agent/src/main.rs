@@ -62,7 +62,8 @@ struct RunArgs {
     /// Below this much free space (MiB) in the work directory the node takes no new tasks.
     #[arg(long, env = "UD_EDGE_MIN_FREE_DISK_MB", default_value_t = 5120)]
     min_free_disk_mb: u64,
-    /// Environment images and repository mirrors above this (MiB) are evicted, least recently used first.
+    /// Environment images and repository mirrors above this (MiB) are evicted, least recently used first
+    /// (only images this agent built; never what a run is preparing or using).
     #[arg(long, env = "UD_EDGE_CACHE_LIMIT_MB", default_value_t = 51200)]
     cache_limit_mb: u64,
     #[arg(long, env = "DOCKER_HOST")]

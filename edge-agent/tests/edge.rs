@@ -1246,6 +1246,21 @@ async fn tasks_run_pinned_code_in_environments_built_from_their_repository() -> 
         .await?;
     assert_eq!(done["state"], "succeeded");
     // Another environment on a full cache: the least recently used image goes.
+    // An environment image of another node on the same Docker engine: not
+    // this agent's to evict.
+    let docker = bollard::Docker::connect_with_local_defaults()?;
+    let foreign = format!("another-node-{}", token.node_id);
+    docker
+        .tag_image(
+            "unidesk/busybox:base",
+            Some(
+                bollard::query_parameters::TagImageOptionsBuilder::new()
+                    .repo("unidesk-env")
+                    .tag(&foreign)
+                    .build(),
+            ),
+        )
+        .await?;
     let other = s
         .submit_body(submit(&v1, &env_commit, "envs/b/Dockerfile"))
         .await?;
@@ -1254,7 +1269,16 @@ async fn tasks_run_pinned_code_in_environments_built_from_their_repository() -> 
         .await?;
     assert_eq!(done["state"], "succeeded", "{done}");
     assert!(logs(&s, &other).await?.contains("env-b"));
-    let docker = bollard::Docker::connect_with_local_defaults()?;
+    let foreign = format!("unidesk-env:{foreign}");
+    let kept = docker.inspect_image(&foreign).await.is_ok();
+    let _ = docker
+        .remove_image(
+            &foreign,
+            None::<bollard::query_parameters::RemoveImageOptions>,
+            None,
+        )
+        .await;
+    assert!(kept, "{foreign}, another node's image, was evicted");
     let spec_of = |path: &str| -> Result<ud_schemas::TaskSpec> {
         Ok(serde_json::from_value(json!({
             "name": null, "code_repo_url": url(&code_dir), "code_commit_id": v1, "env_repo_url": url(&env_dir),
