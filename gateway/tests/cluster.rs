@@ -101,7 +101,7 @@ async fn a_cluster_that_loses_a_server_loses_no_acknowledged_task() -> Result<()
             killed_at = Some(Instant::now());
         }
         let n = acked.len() + refused;
-        if n % 5 == 0 {
+        if n.is_multiple_of(5) {
             let node = nodes[(n / 5) % nodes.len()];
             let beat = Event::Node(
                 node,
