@@ -365,11 +365,9 @@ impl Versions {
             .fetch(task, "code", &spec.code_repo_url, &spec.code_commit_id)
             .await?;
         steps.push(("fetch_code", t.elapsed()));
-        self.touch(&self.mirror_path(&spec.code_repo_url).display().to_string())
-            .await;
-        self.touch(&self.mirror_path(&spec.env_repo_url).display().to_string())
-            .await;
-        self.touch(&image).await;
+        for key in &in_use.keys {
+            self.touch(key).await;
+        }
         let image_lock = self.lock(image.clone()).await;
         let env = {
             let _guard = image_lock.lock().await;

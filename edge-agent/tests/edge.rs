@@ -946,23 +946,23 @@ async fn two_main_servers_assign_each_task_once_and_mark_a_silent_node_offline_o
             .task_state(id, &["succeeded", "failed"], Duration::from_secs(60))
             .await?;
         assert_eq!(done["state"], "succeeded", "{done}");
-        let assigned = store
-            .read_subject(
-                ud_schemas::streams::TASKS,
-                &format!("ud.task.{id}.assigned"),
-            )
-            .await?
-            .len();
+        let stored = |kind: &'static str| {
+            let subject = format!("ud.task.{id}.{kind}");
+            let store = store.clone();
+            async move {
+                Ok::<_, anyhow::Error>(
+                    store
+                        .read_subject(ud_schemas::streams::TASKS, &subject)
+                        .await?
+                        .len(),
+                )
+            }
+        };
+        let assigned = stored("assigned").await?;
         assert_eq!(assigned, 1, "task {id} assigned {assigned} times");
         // One instance ingests at a time, so a node's events keep their
         // order: what the run used is recorded before its start.
-        let prepared = store
-            .read_subject(
-                ud_schemas::streams::TASKS,
-                &format!("ud.task.{id}.prepared"),
-            )
-            .await?
-            .len();
+        let prepared = stored("prepared").await?;
         assert_eq!(prepared, 1, "task {id}: what it ran with was not recorded");
     }
     // What the stream stored, not what was published: the instance that

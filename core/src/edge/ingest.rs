@@ -566,10 +566,9 @@ pub async fn run(commands: TaskCommands) -> Result<(), EdgeError> {
                 continue;
             }
         };
-        let mut pinned = false;
-        if !route(&mut messages, &senders, beats, &mut pinned).await {
+        let Some(pinned) = route(&mut messages, &senders, beats).await else {
             return Ok(());
-        }
+        };
         warn!("ingest pull ended; binding again");
         if pinned {
             // The pin was this instance's: release it, or the next pull
@@ -582,25 +581,24 @@ pub async fn run(commands: TaskCommands) -> Result<(), EdgeError> {
     }
 }
 
-/// Hands pulled messages to the lanes until the pull fails (true) or the
-/// lanes are gone (false); `pinned` is set once a message came (this
-/// instance holds the pin).
+/// Hands pulled messages to the lanes until the pull fails or the lanes are
+/// gone (`None`). When the pull fails, says whether a message came, i.e.
+/// whether this instance held the pin (only the pinned client is sent any).
 async fn route(
     messages: &mut consumer::pull::Stream,
     senders: &[mpsc::UnboundedSender<jetstream::Message>],
     beats: &mpsc::UnboundedSender<jetstream::Message>,
-    pinned: &mut bool,
-) -> bool {
+) -> Option<bool> {
+    let mut pinned = false;
     while let Some(m) = messages.next().await {
         let m = match m {
             Ok(m) => m,
             Err(e) => {
                 warn!(error = %e, "ingest pull failed");
-                return true;
+                return Some(pinned);
             }
         };
-        // Only the pinned client is sent messages.
-        *pinned = true;
+        pinned = true;
         let lane = if is_heartbeat(&m) {
             beats
         } else {
@@ -609,8 +607,8 @@ async fn route(
             &senders[(h.finish() % WORKERS as u64) as usize]
         };
         if lane.send(m).is_err() {
-            return false;
+            return None;
         }
     }
-    true
+    Some(pinned)
 }
