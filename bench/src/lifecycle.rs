@@ -259,6 +259,7 @@ async fn one_mode(a: &Args, sync_always: bool) -> Result<()> {
         let (http, url, token) = (http.clone(), url.clone(), admin.secret.clone());
         handles.push(tokio::spawn(async move {
             let t = Instant::now();
+            let wall = unix_nanos();
             let v: serde_json::Value = http
                 .post(&url)
                 .bearer_auth(token)
@@ -269,7 +270,7 @@ async fn one_mode(a: &Args, sync_always: bool) -> Result<()> {
                 .json()
                 .await
                 .ok()?;
-            Some((v["task_id"].as_str()?.to_owned(), t))
+            Some((v["task_id"].as_str()?.to_owned(), t, wall))
         }));
     }
     let mut sent = Vec::with_capacity(n);
@@ -287,7 +288,7 @@ async fn one_mode(a: &Args, sync_always: bool) -> Result<()> {
     let seen = seen.lock().await;
     let mut lat: Vec<Duration> = sent
         .iter()
-        .filter_map(|(id, t)| seen.get(id).map(|d| d.saturating_duration_since(*t)))
+        .filter_map(|(id, t, _)| seen.get(id).map(|d| d.saturating_duration_since(*t)))
         .collect();
     lat.sort();
     line("submissions offered", offered, "tasks/s", None);
@@ -310,6 +311,7 @@ async fn one_mode(a: &Args, sync_always: bool) -> Result<()> {
         None,
     );
     drop(seen);
+    stages(store.jetstream(), &sent).await;
 
     // 2. Whole lifecycle as fast as it goes: submitted -> dispatched ->
     // running -> succeeded -> projected.
@@ -448,6 +450,97 @@ async fn one_mode(a: &Args, sync_always: bool) -> Result<()> {
 }
 
 /// Messages stored so far in every stream of the hub.
+fn unix_nanos() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128)
+}
+
+/// Where submit-to-dispatch time goes, from the hub's store times of each
+/// task's `submitted`, its `assigned` and its run dispatch.
+async fn stages(js: &async_nats::jetstream::Context, sent: &[(String, Instant, i128)]) {
+    let (Ok(tasks), Ok(dispatches)) = (
+        js.get_stream_no_info(ud_schemas::streams::TASKS).await,
+        js.get_stream_no_info(edge::DISPATCH).await,
+    ) else {
+        return;
+    };
+    let stored = |s: &async_nats::jetstream::stream::Stream<()>, filter: String| {
+        let s = s.clone();
+        async move {
+            s.direct_get_last_for_subject(filter)
+                .await
+                .ok()
+                .map(|m| m.time.unix_timestamp_nanos())
+        }
+    };
+    let (mut submit, mut assign, mut dispatch) = (Vec::new(), Vec::new(), Vec::new());
+    for (id, _, wall) in sent.iter().step_by((sent.len() / 1000).max(1)) {
+        let (Some(s), Some(a), Some(d)) = (
+            stored(&tasks, format!("ud.task.{id}.submitted")).await,
+            stored(&tasks, format!("ud.task.{id}.assigned")).await,
+            stored(&dispatches, format!("ud.dispatch.*.{id}.run")).await,
+        ) else {
+            continue;
+        };
+        let gap = |x: i128, y: i128| Duration::from_nanos(u64::try_from(y - x).unwrap_or(0));
+        submit.push(gap(*wall, s));
+        assign.push(gap(s, a));
+        dispatch.push(gap(a, d));
+    }
+    // Gaps between consecutive stores in each stream over the window: when a
+    // stream is busy they show what one stored message costs it.
+    for (name, stream) in [
+        (ud_schemas::streams::TASKS, &tasks),
+        (edge::DISPATCH, &dispatches),
+    ] {
+        let Ok(info) = js
+            .get_stream(name)
+            .await
+            .map(|s| s.cached_info().state.clone())
+        else {
+            continue;
+        };
+        let mut times = Vec::new();
+        let first = info
+            .last_sequence
+            .saturating_sub(20_000)
+            .max(info.first_sequence);
+        for seq in first..=info.last_sequence {
+            if let Ok(m) = stream.direct_get(seq).await {
+                times.push(m.time.unix_timestamp_nanos());
+            }
+        }
+        let mut gaps: Vec<Duration> = times
+            .windows(2)
+            .map(|w| Duration::from_nanos(u64::try_from(w[1] - w[0]).unwrap_or(0)))
+            .collect();
+        gaps.sort();
+        let span = times.last().zip(times.first()).map_or(0, |(l, f)| l - f) as f64 / 1e9;
+        println!(
+            "  {name} last {} stores: {:.0}/s, gap p10 {:.3} ms p50 {:.3} ms p90 {:.3} ms",
+            times.len(),
+            times.len() as f64 / span.max(1e-9),
+            ms(percentile(&gaps, 0.1)),
+            ms(percentile(&gaps, 0.5)),
+            ms(percentile(&gaps, 0.9)),
+        );
+    }
+    for (name, v) in [
+        ("request -> submitted stored", &mut submit),
+        ("submitted -> assigned stored", &mut assign),
+        ("assigned -> dispatch stored", &mut dispatch),
+    ] {
+        v.sort();
+        println!(
+            "  {name:<40} p50 {:>6.1} ms  p99 {:>6.1} ms  ({} tasks)",
+            ms(percentile(v, 0.5)),
+            ms(percentile(v, 0.99)),
+            v.len()
+        );
+    }
+}
+
 async fn hub_messages(js: &async_nats::jetstream::Context) -> u64 {
     use futures::TryStreamExt;
     let Ok(names) = js.stream_names().try_collect::<Vec<String>>().await else {

@@ -13,7 +13,7 @@ use ud_schemas::{edge, now_millis, streams, NodeId, Resources, TaskId, TaskSpec}
 use super::view::{self, Cluster, Update};
 use crate::commands::{CommandError, TaskCommands};
 use crate::node::Node;
-use crate::store::{publish_pipelined, Expect};
+use crate::store::Expect;
 use crate::task::{self, TaskCommand, TaskState};
 use async_nats::jetstream::message::PublishMessage;
 use ud_schemas::codec::EventMeta;
@@ -417,6 +417,8 @@ struct Controller {
     serve_counter: u64,
     /// Why tasks wait, written in order by one background writer.
     verdicts: mpsc::UnboundedSender<(TaskId, TaskCommand)>,
+    /// Runs and cancels for nodes, published in order by one background publisher.
+    dispatches: mpsc::UnboundedSender<Vec<Dispatch>>,
 }
 
 /// Writes the scheduler's verdicts on unplaced tasks, in the order given
@@ -440,29 +442,55 @@ async fn write_verdicts(
     }
 }
 
-async fn publish_dispatch(
-    commands: &TaskCommands,
-    node: NodeId,
-    task: TaskId,
-    kind: &str,
-    msg_id: String,
-    payload: Vec<u8>,
+/// One dispatch to publish: the task and node it is for, its subject, the message.
+type Dispatch = ((TaskId, NodeId), String, PublishMessage);
+
+/// Publishes the controller's dispatches in the order it made them, many
+/// awaiting the stream's acknowledgement at once, so that scheduling never
+/// waits for the hub's disk. One publisher keeps a task's run before its
+/// cancel. An unconfirmed run is sent again after `RESEND_AFTER` (its
+/// message id keeps a stored one from being stored twice).
+async fn publish_dispatches(
+    js: async_nats::jetstream::Context,
+    mut rx: mpsc::UnboundedReceiver<Vec<Dispatch>>,
 ) {
-    let js = commands.store().jetstream();
-    let subject = edge::dispatch_subject(&node, &task, kind);
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Nats-Msg-Id", msg_id.as_str());
-    headers.insert("Content-Type", "application/cbor");
-    match js
-        .publish_with_headers(subject, headers, Bytes::from(payload))
-        .await
-    {
-        Ok(ack) => {
-            if let Err(e) = ack.await {
-                warn!(task_id = %task, node_id = %node, error = %e, "dispatch not stored");
+    use futures::StreamExt;
+    fn report(
+        ((task, node), r): (
+            (TaskId, NodeId),
+            Result<
+                async_nats::jetstream::publish::PublishAck,
+                async_nats::jetstream::context::PublishError,
+            >,
+        ),
+    ) {
+        if let Err(e) = r {
+            warn!(task_id = %task, node_id = %node, error = %e, "dispatch not confirmed");
+        }
+    }
+    let mut inflight = futures::stream::FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            biased;
+            Some(done) = inflight.next(), if !inflight.is_empty() => report(done),
+            batch = rx.recv() => {
+                let Some(batch) = batch else { break };
+                for (key, subject, msg) in batch {
+                    while inflight.len() >= DISPATCHES_IN_FLIGHT {
+                        if let Some(done) = inflight.next().await {
+                            report(done);
+                        }
+                    }
+                    match js.send_publish(subject, msg).await {
+                        Ok(ack) => inflight.push(async move { (key, ack.await) }),
+                        Err(e) => report((key, Err(e))),
+                    }
+                }
             }
         }
-        Err(e) => warn!(task_id = %task, node_id = %node, error = %e, "dispatch not sent"),
+    }
+    while let Some(done) = inflight.next().await {
+        report(done);
     }
 }
 
@@ -484,14 +512,12 @@ impl Controller {
         usage
     }
 
-    async fn send_run(&self, node: NodeId, task: TaskId, attempt: u32, spec: &TaskSpec) {
-        self.send_runs(vec![(node, task, attempt, spec.clone())])
-            .await;
+    fn send_run(&self, node: NodeId, task: TaskId, attempt: u32, spec: &TaskSpec) {
+        self.send_runs(vec![(node, task, attempt, spec.clone())]);
     }
 
-    /// Publishes run dispatches, many in flight at once, and waits for the
-    /// stream to have stored each.
-    async fn send_runs(&self, runs: Vec<(NodeId, TaskId, u32, TaskSpec)>) {
+    /// Hands run dispatches to the publisher, in order.
+    fn send_runs(&self, runs: Vec<(NodeId, TaskId, u32, TaskSpec)>) {
         let mut messages = Vec::with_capacity(runs.len());
         for (node, task, attempt, spec) in runs {
             let run = DispatchRun {
@@ -517,33 +543,28 @@ impl Controller {
                 msg,
             ));
         }
-        let js = self.commands.store().jetstream();
-        for ((task, node), r) in publish_pipelined(js, messages, DISPATCHES_IN_FLIGHT).await {
-            // Not confirmed: sent again after RESEND_AFTER (the message id
-            // keeps a stored one from being stored twice).
-            if let Err(e) = r {
-                warn!(task_id = %task, node_id = %node, error = %e, "dispatch not confirmed; it will be sent again");
-            }
+        if !messages.is_empty() {
+            let _ = self.dispatches.send(messages);
         }
     }
 
-    async fn send_cancel(&self, node: NodeId, task: TaskId, reason: &str) {
+    fn send_cancel(&self, node: NodeId, task: TaskId, reason: &str) {
         let cancel = DispatchCancel {
             at: now_millis(),
             task_id: task,
             reason: reason.to_owned(),
             grace_seconds: self.settings.cancel_grace_seconds,
         };
-        if let Ok(bytes) = dispatch::to_cbor(&cancel) {
-            publish_dispatch(
-                &self.commands,
-                node,
-                task,
-                "cancel",
-                format!("cancel-{task}-{}", now_millis()),
-                bytes,
-            )
-            .await;
+        match dispatch::to_cbor(&cancel) {
+            Ok(bytes) => {
+                let msg = PublishMessage::build()
+                    .message_id(format!("cancel-{task}-{}", now_millis()).as_str())
+                    .header("Content-Type", "application/cbor")
+                    .payload(Bytes::from(bytes));
+                let subject = edge::dispatch_subject(&node, &task, "cancel");
+                let _ = self.dispatches.send(vec![((task, node), subject, msg)]);
+            }
+            Err(e) => warn!(task_id = %task, error = %e, "cannot encode cancel"),
         }
     }
 
@@ -703,7 +724,8 @@ impl Controller {
                 Err(e) => warn!(task_id = %id, error = %e, "cannot assign"),
             }
         }
-        self.send_runs(runs).await;
+        // Published in the background: the next pass does not wait for them.
+        self.send_runs(runs);
         // Written in the background: placements do not wait for them.
         for v in verdicts {
             let _ = self.verdicts.send(v);
@@ -784,7 +806,7 @@ impl Controller {
                 Some(TaskState::Assigned { node_id, .. } | TaskState::Running { node_id, .. }),
             ) = (e, before)
             {
-                self.send_cancel(node_id, *id, &c.reason).await;
+                self.send_cancel(node_id, *id, &c.reason);
             }
         }
         relevant
@@ -833,8 +855,7 @@ impl Controller {
                     node,
                     id,
                     "the run was lost with its node and placed elsewhere",
-                )
-                .await;
+                );
             }
         }
     }
@@ -858,7 +879,7 @@ impl Controller {
         }
         if !runs.is_empty() {
             info!(runs = runs.len(), "sending runs not started in time again");
-            self.send_runs(runs).await;
+            self.send_runs(runs);
         }
     }
 
@@ -866,10 +887,10 @@ impl Controller {
         for (id, t) in &self.cluster.tasks {
             match &t.task.state {
                 TaskState::Assigned { node_id, attempt } => {
-                    self.send_run(*node_id, *id, *attempt, &t.task.spec).await
+                    self.send_run(*node_id, *id, *attempt, &t.task.spec)
                 }
                 TaskState::Cancelling { node_id, .. } => {
-                    self.send_cancel(*node_id, *id, "cancel requested").await
+                    self.send_cancel(*node_id, *id, "cancel requested")
                 }
                 _ => {}
             }
@@ -951,8 +972,11 @@ pub async fn run(commands: TaskCommands, settings: ControllerSettings) {
     }
     let (verdicts, verdicts_rx) = mpsc::unbounded_channel();
     tokio::spawn(write_verdicts(commands.clone(), verdicts_rx));
+    let (dispatches, dispatches_rx) = mpsc::unbounded_channel();
+    tokio::spawn(publish_dispatches(js.clone(), dispatches_rx));
     let mut c = Controller {
         verdicts,
+        dispatches,
         commands,
         settings,
         cluster: Cluster::default(),
