@@ -56,6 +56,19 @@ pub async fn start_platform_with(
     timeout: Duration,
     sync_always: bool,
 ) -> Result<(NatsServer, PgDatabase, ud_gateway::server::Running)> {
+    let (mut hubs, pg, running) = start_platform_on(timeout, sync_always, false).await?;
+    let hub = hubs.pop().ok_or_else(|| anyhow!("no hub"))?;
+    Ok((hub, pg, running))
+}
+
+/// [`start_platform_with`], on one hub or on a three-server cluster (streams
+/// with three replicas; nodes link to the first member, whose accounts file
+/// the main server keeps).
+pub async fn start_platform_on(
+    timeout: Duration,
+    sync_always: bool,
+    cluster: bool,
+) -> Result<(Vec<NatsServer>, PgDatabase, ud_gateway::server::Running)> {
     let platform_pw = "bench-platform";
     let system_pw = "bench-system";
     let accounts = ud_core::edge::hubconf::accounts_with_system(
@@ -67,13 +80,23 @@ pub async fn start_platform_with(
             password_hash: bcrypt::hash(system_pw, 4)?,
         }),
     );
-    let hub = NatsServer::start_with(NatsOptions {
+    let options = NatsOptions {
         hub: true,
         accounts: Some(accounts),
         sync_always,
         ..Default::default()
-    })
-    .await?;
+    };
+    let hubs = if cluster {
+        NatsServer::cluster_with(options, Some(("platform", platform_pw))).await?
+    } else {
+        vec![NatsServer::start_with(options).await?]
+    };
+    let hub = &hubs[0];
+    let replicas = hubs.len();
+    let urls: Vec<String> = hubs
+        .iter()
+        .map(|h| format!("nats://platform:{platform_pw}@127.0.0.1:{}", h.port()))
+        .collect();
     let pg = PgDatabase::create().await?;
     let running = server::start(ServerConfig {
         edge: Some(EdgeConfig {
@@ -84,7 +107,7 @@ pub async fn start_platform_with(
                 platform_password: platform_pw.into(),
                 system_user: Some(("sys".into(), system_pw.into())),
                 hub_addr: format!("127.0.0.1:{}", hub.port()),
-                replicas: 1,
+                replicas,
             }),
             controller: ud_core::edge::scheduler::ControllerSettings {
                 heartbeat_timeout: timeout,
@@ -95,13 +118,11 @@ pub async fn start_platform_with(
             },
             git_credentials: Default::default(),
         }),
-        ..ServerConfig::local(
-            format!("nats://platform:{platform_pw}@127.0.0.1:{}", hub.port()),
-            pg.url.clone(),
-        )
+        replicas,
+        ..ServerConfig::local(urls.join(","), pg.url.clone())
     })
     .await?;
-    Ok((hub, pg, running))
+    Ok((hubs, pg, running))
 }
 
 /// An admin token, usable through the API once this returns.

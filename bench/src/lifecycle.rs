@@ -48,6 +48,10 @@ pub struct Args {
     /// Measure only this sync mode: `always` or `default` (both when absent).
     #[arg(long)]
     sync: Option<String>,
+    /// Run the hub as a three-server cluster (streams with three replicas;
+    /// the simulated nodes link to the first member).
+    #[arg(long)]
+    cluster: bool,
     /// Print the read model's tasks by state every second of the throughput run.
     #[arg(long)]
     progress: bool,
@@ -210,9 +214,14 @@ async fn one_mode(a: &Args, sync_always: bool) -> Result<()> {
     } else {
         "hub default sync"
     };
-    println!("-- {mode}");
-    let (hub, pg, running) =
-        crate::edge::start_platform_with(Duration::from_secs(90), sync_always).await?;
+    if a.cluster {
+        println!("-- {mode}, hub of three clustered servers (three replicas)");
+    } else {
+        println!("-- {mode}");
+    }
+    let (hubs, pg, running) =
+        crate::edge::start_platform_on(Duration::from_secs(90), sync_always, a.cluster).await?;
+    let hub = &hubs[0];
     let store = running.state.commands.store().clone();
     let admin = crate::edge::admin_token(&running).await?;
     let http = reqwest::Client::builder()

@@ -242,6 +242,23 @@ impl NatsServer {
     /// cluster `unidesk`), each with its own store; returns once the cluster
     /// has a JetStream meta leader.
     pub async fn cluster(sync_always: bool) -> Result<Vec<NatsServer>> {
+        Self::cluster_with(
+            NatsOptions {
+                sync_always,
+                ..Default::default()
+            },
+            None,
+        )
+        .await
+    }
+
+    /// [`NatsServer::cluster`], each member configured by `base` (its
+    /// `extra` text follows the cluster block); `user` is who asks whether
+    /// the cluster is ready, when `base` has accounts.
+    pub async fn cluster_with(
+        base: NatsOptions,
+        user: Option<(&str, &str)>,
+    ) -> Result<Vec<NatsServer>> {
         let ports: Vec<u16> = (0..3)
             .map(|_| {
                 Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -263,15 +280,21 @@ impl NatsServer {
             );
             servers.push(
                 NatsServer::start_with(NatsOptions {
-                    sync_always,
-                    extra,
-                    ..Default::default()
+                    extra: extra + &base.extra,
+                    ..base.clone()
                 })
                 .await?,
             );
         }
         // Ready when JetStream answers with a meta leader.
-        let client = servers[0].connect().await?;
+        let client = match user {
+            Some((user, password)) => {
+                async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+                    .connect(servers[0].url())
+                    .await?
+            }
+            None => servers[0].connect().await?,
+        };
         let js = async_nats::jetstream::with_domain(client, "hub");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         while js.query_account().await.is_err() {
