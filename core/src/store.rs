@@ -320,29 +320,61 @@ pub async fn publish_pipelined<K>(
     Result<jetstream::publish::PublishAck, jetstream::context::PublishError>,
 )> {
     let mut out = Vec::with_capacity(messages.len());
+    publish_each(
+        js,
+        futures::stream::iter(messages),
+        window,
+        |key, result| out.push((key, result)),
+    )
+    .await;
+    out
+}
+
+/// [`publish_pipelined`] for messages that keep coming: publishes what
+/// `messages` yields, in order, until it ends, and hands each result to
+/// `done` as it arrives.
+pub async fn publish_each<K, S, F>(
+    js: &jetstream::Context,
+    mut messages: S,
+    window: usize,
+    mut done: F,
+) where
+    S: futures::Stream<Item = (K, String, PublishMessage)> + Unpin,
+    F: FnMut(K, Result<jetstream::publish::PublishAck, jetstream::context::PublishError>),
+{
     let mut inflight = FuturesUnordered::new();
-    for (key, subject, msg) in messages {
+    loop {
         while inflight.len() >= window.max(1) {
-            if let Some(done) = inflight.next().await {
-                out.push(done);
+            if let Some((key, result)) = inflight.next().await {
+                done(key, result);
             }
         }
+        let next = tokio::select! {
+            biased;
+            Some((key, result)) = inflight.next(), if !inflight.is_empty() => {
+                done(key, result);
+                continue;
+            }
+            next = messages.next() => next,
+        };
+        let Some((key, subject, msg)) = next else {
+            break;
+        };
         let send = js.send_publish(subject, msg);
         tokio::pin!(send);
         let sent = loop {
             tokio::select! {
                 biased;
                 sent = &mut send => break sent,
-                Some(done) = inflight.next(), if !inflight.is_empty() => out.push(done),
+                Some((key, result)) = inflight.next(), if !inflight.is_empty() => done(key, result),
             }
         };
         match sent {
             Ok(ack) => inflight.push(async move { (key, ack.await) }),
-            Err(e) => out.push((key, Err(e))),
+            Err(e) => done(key, Err(e)),
         }
     }
-    while let Some(done) = inflight.next().await {
-        out.push(done);
+    while let Some((key, result)) = inflight.next().await {
+        done(key, result);
     }
-    out
 }

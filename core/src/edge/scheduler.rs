@@ -13,7 +13,7 @@ use ud_schemas::{edge, now_millis, streams, NodeId, Resources, TaskId, TaskSpec}
 use super::view::{self, Cluster, Update};
 use crate::commands::{CommandError, TaskCommands};
 use crate::node::Node;
-use crate::store::Expect;
+use crate::store::{publish_each, Expect};
 use crate::task::{self, TaskCommand, TaskState};
 use async_nats::jetstream::message::PublishMessage;
 use ud_schemas::codec::EventMeta;
@@ -418,7 +418,7 @@ struct Controller {
     /// Why tasks wait, written in order by one background writer.
     verdicts: mpsc::UnboundedSender<(TaskId, TaskCommand)>,
     /// Runs and cancels for nodes, published in order by one background publisher.
-    dispatches: mpsc::UnboundedSender<Vec<Dispatch>>,
+    dispatches: mpsc::UnboundedSender<Dispatch>,
 }
 
 /// Writes the scheduler's verdicts on unplaced tasks, in the order given
@@ -452,46 +452,15 @@ type Dispatch = ((TaskId, NodeId), String, PublishMessage);
 /// message id keeps a stored one from being stored twice).
 async fn publish_dispatches(
     js: async_nats::jetstream::Context,
-    mut rx: mpsc::UnboundedReceiver<Vec<Dispatch>>,
+    mut rx: mpsc::UnboundedReceiver<Dispatch>,
 ) {
-    use futures::StreamExt;
-    fn report(
-        ((task, node), r): (
-            (TaskId, NodeId),
-            Result<
-                async_nats::jetstream::publish::PublishAck,
-                async_nats::jetstream::context::PublishError,
-            >,
-        ),
-    ) {
+    let dispatches = futures::stream::poll_fn(|cx| rx.poll_recv(cx));
+    publish_each(&js, dispatches, DISPATCHES_IN_FLIGHT, |(task, node), r| {
         if let Err(e) = r {
             warn!(task_id = %task, node_id = %node, error = %e, "dispatch not confirmed");
         }
-    }
-    let mut inflight = futures::stream::FuturesUnordered::new();
-    loop {
-        tokio::select! {
-            biased;
-            Some(done) = inflight.next(), if !inflight.is_empty() => report(done),
-            batch = rx.recv() => {
-                let Some(batch) = batch else { break };
-                for (key, subject, msg) in batch {
-                    while inflight.len() >= DISPATCHES_IN_FLIGHT {
-                        if let Some(done) = inflight.next().await {
-                            report(done);
-                        }
-                    }
-                    match js.send_publish(subject, msg).await {
-                        Ok(ack) => inflight.push(async move { (key, ack.await) }),
-                        Err(e) => report((key, Err(e))),
-                    }
-                }
-            }
-        }
-    }
-    while let Some(done) = inflight.next().await {
-        report(done);
-    }
+    })
+    .await;
 }
 
 impl Controller {
@@ -518,7 +487,6 @@ impl Controller {
 
     /// Hands run dispatches to the publisher, in order.
     fn send_runs(&self, runs: Vec<(NodeId, TaskId, u32, TaskSpec)>) {
-        let mut messages = Vec::with_capacity(runs.len());
         for (node, task, attempt, spec) in runs {
             let run = DispatchRun {
                 at: now_millis(),
@@ -537,14 +505,8 @@ impl Controller {
                 .message_id(format!("run-{task}-{attempt}").as_str())
                 .header("Content-Type", "application/cbor")
                 .payload(Bytes::from(bytes));
-            messages.push((
-                (task, node),
-                edge::dispatch_subject(&node, &task, "run"),
-                msg,
-            ));
-        }
-        if !messages.is_empty() {
-            let _ = self.dispatches.send(messages);
+            let subject = edge::dispatch_subject(&node, &task, "run");
+            let _ = self.dispatches.send(((task, node), subject, msg));
         }
     }
 
@@ -562,7 +524,7 @@ impl Controller {
                     .header("Content-Type", "application/cbor")
                     .payload(Bytes::from(bytes));
                 let subject = edge::dispatch_subject(&node, &task, "cancel");
-                let _ = self.dispatches.send(vec![((task, node), subject, msg)]);
+                let _ = self.dispatches.send(((task, node), subject, msg));
             }
             Err(e) => warn!(task_id = %task, error = %e, "cannot encode cancel"),
         }
