@@ -459,11 +459,15 @@ async fn one_mode(a: &Args, sync_always: bool) -> Result<()> {
     Ok(())
 }
 
-/// Messages stored so far in every stream of the hub.
 fn unix_nanos() -> i128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as i128)
+}
+
+/// From `earlier` to `later` (Unix nanoseconds); zero if out of order.
+fn between(earlier: i128, later: i128) -> Duration {
+    Duration::from_nanos(u64::try_from(later - earlier).unwrap_or(0))
 }
 
 /// Where submit-to-dispatch time goes, from the hub's store times of each
@@ -493,10 +497,9 @@ async fn stages(js: &async_nats::jetstream::Context, sent: &[(String, Instant, i
         ) else {
             continue;
         };
-        let gap = |x: i128, y: i128| Duration::from_nanos(u64::try_from(y - x).unwrap_or(0));
-        submit.push(gap(*wall, s));
-        assign.push(gap(s, a));
-        dispatch.push(gap(a, d));
+        submit.push(between(*wall, s));
+        assign.push(between(s, a));
+        dispatch.push(between(a, d));
     }
     // Gaps between consecutive stores in each stream over the window: when a
     // stream is busy they show what one stored message costs it.
@@ -521,10 +524,7 @@ async fn stages(js: &async_nats::jetstream::Context, sent: &[(String, Instant, i
                 times.push(m.time.unix_timestamp_nanos());
             }
         }
-        let mut gaps: Vec<Duration> = times
-            .windows(2)
-            .map(|w| Duration::from_nanos(u64::try_from(w[1] - w[0]).unwrap_or(0)))
-            .collect();
+        let mut gaps: Vec<Duration> = times.windows(2).map(|w| between(w[0], w[1])).collect();
         gaps.sort();
         let span = times.last().zip(times.first()).map_or(0, |(l, f)| l - f) as f64 / 1e9;
         println!(
@@ -551,6 +551,7 @@ async fn stages(js: &async_nats::jetstream::Context, sent: &[(String, Instant, i
     }
 }
 
+/// Messages stored so far in every stream of the hub.
 async fn hub_messages(js: &async_nats::jetstream::Context) -> u64 {
     use futures::TryStreamExt;
     let Ok(names) = js.stream_names().try_collect::<Vec<String>>().await else {
