@@ -428,7 +428,18 @@ pub async fn restore(mut a: RestoreArgs) -> Result<()> {
             let r = r?;
             let mut headers = async_nats::HeaderMap::new();
             for (k, v) in &r.headers {
-                headers.append(k.as_str(), v.as_str());
+                // A damaged file must not take the restore down mid-way.
+                let (Ok(name), Ok(value)) = (
+                    k.parse::<async_nats::header::HeaderName>(),
+                    v.parse::<async_nats::HeaderValue>(),
+                ) else {
+                    bail!(
+                        "stream {} record {}: header {k:?}: {v:?} cannot be sent",
+                        s.name,
+                        r.seq
+                    );
+                };
+                headers.append(name, value);
             }
             let ack = js
                 .publish_with_headers(r.subject, headers, r.payload.into())

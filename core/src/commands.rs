@@ -407,6 +407,11 @@ pub async fn issue_token(
     let mut errors = Vec::new();
     if name.is_empty() || name.len() > 100 {
         errors.push(FieldError::new("name", "must be 1-100 bytes"));
+    } else if name.chars().any(char::is_control) {
+        errors.push(FieldError::new(
+            "name",
+            "must not contain control characters",
+        ));
     }
     let mut parsed = Vec::new();
     for (i, p) in projects.iter().enumerate() {

@@ -69,6 +69,23 @@ fn reply(result: Result<Accepted, CommandError>) -> Result<Bytes, service::error
     }
 }
 
+/// The actor a request names ("nats" when it names none): printable text,
+/// as it goes into every event's `Ud-Actor` header.
+fn actor(named: Option<String>) -> Result<String, CommandError> {
+    match named {
+        None => Ok("nats".into()),
+        Some(a) if a.is_empty() || a.len() > 200 || a.chars().any(char::is_control) => {
+            Err(CommandError::Invalid(vec![
+                crate::validate::FieldError::new(
+                    "actor",
+                    "must be 1-200 bytes of text without control characters",
+                ),
+            ]))
+        }
+        Some(a) => Ok(a),
+    }
+}
+
 fn bad_json(e: serde_json::Error) -> CommandError {
     CommandError::Invalid(vec![crate::validate::FieldError::new(
         "body",
@@ -78,12 +95,14 @@ fn bad_json(e: serde_json::Error) -> CommandError {
 
 async fn handle_submit(commands: TaskCommands, req: service::Request) {
     let result = match serde_json::from_slice::<SubmitRequest>(&req.message.payload) {
-        Ok(r) => {
-            let actor = r.actor.unwrap_or_else(|| "nats".into());
-            commands
-                .submit(&r.task, r.idempotency_key.as_deref(), &actor, |_| true)
-                .await
-        }
+        Ok(r) => match actor(r.actor) {
+            Ok(actor) => {
+                commands
+                    .submit(&r.task, r.idempotency_key.as_deref(), &actor, |_| true)
+                    .await
+            }
+            Err(e) => Err(e),
+        },
         Err(e) => Err(bad_json(e)),
     };
     if let Err(e) = req.respond(reply(result)).await {
@@ -93,11 +112,13 @@ async fn handle_submit(commands: TaskCommands, req: service::Request) {
 
 async fn handle_cancel(commands: TaskCommands, req: service::Request) {
     let result = match serde_json::from_slice::<CancelRequest>(&req.message.payload) {
-        Ok(r) => {
-            let actor = r.actor.unwrap_or_else(|| "nats".into());
-            let reason = r.reason.unwrap_or_else(|| format!("cancelled by {actor}"));
-            commands.cancel(r.task_id, &reason, &actor, |_| true).await
-        }
+        Ok(r) => match actor(r.actor) {
+            Ok(actor) => {
+                let reason = r.reason.unwrap_or_else(|| format!("cancelled by {actor}"));
+                commands.cancel(r.task_id, &reason, &actor, |_| true).await
+            }
+            Err(e) => Err(e),
+        },
         Err(e) => Err(bad_json(e)),
     };
     if let Err(e) = req.respond(reply(result)).await {

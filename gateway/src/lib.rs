@@ -24,8 +24,25 @@ use ud_projections::Db;
 
 pub use projected::Projected;
 
+/// What every request handler shares. A handle: cloning it (axum does, for
+/// each request) costs one reference count, not a copy of the settings.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(std::sync::Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> Self {
+        Self(std::sync::Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+pub struct Shared {
     pub commands: TaskCommands,
     pub db: Db,
     pub projected: Projected,

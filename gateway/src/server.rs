@@ -259,14 +259,14 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         addr: cfg.listen.clone(),
         reason: e.to_string(),
     })?;
-    let state = AppState {
+    let state = AppState::new(crate::Shared {
         commands,
         db,
         projected,
         storage: cfg.storage.clone(),
         disk: cfg.disk.clone(),
         tokens: Default::default(),
-    };
+    });
     let api_state = state.clone();
     tasks.push(tokio::spawn(async move {
         if let Err(e) = crate::serve(listener, api_state).await {

@@ -16,6 +16,8 @@ use crate::AppState;
 #[derive(Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IssueTokenRequest {
+    /// 1-100 bytes without control characters; what the token does is
+    /// recorded as done by `token:<name>`.
     pub name: String,
     /// Projects the token may see and submit to.
     #[serde(default)]

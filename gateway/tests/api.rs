@@ -378,6 +378,18 @@ async fn tokens_are_required_scoped_and_revocable() -> Result<()> {
         .send()
         .await?;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    // A token's name becomes the actor of what it does, recorded in every
+    // event's headers: a line break in it is refused, naming the field.
+    let resp = s
+        .http
+        .post(s.url("/api/v1/tokens"))
+        .bearer_auth(&s.admin)
+        .json(&json!({"name": "x\r\nUd-Actor: y", "projects": ["lab"]}))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let body: Value = resp.json().await?;
+    assert!(body.to_string().contains("name"), "{body}");
 
     let a: Value = s
         .http

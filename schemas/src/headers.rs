@@ -1,6 +1,7 @@
 //! NATS headers carried by every event, so that a person reading a stream
 //! with the NATS CLI sees what it is without decoding the CBOR payload.
 
+use async_nats::header::{HeaderName, HeaderValue};
 use async_nats::HeaderMap;
 
 use crate::codec::EventMeta;
@@ -21,29 +22,49 @@ pub const EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT: &str =
 
 pub const CBOR: &str = "application/cbor";
 
+// The names as async-nats values, made once: naming a header by `&str`
+// validates and copies the name on every insert and lookup.
+const EVENT_TYPE_NAME: HeaderName = HeaderName::from_static(EVENT_TYPE);
+const SCHEMA_VERSION_NAME: HeaderName = HeaderName::from_static(SCHEMA_VERSION);
+const CONTENT_TYPE_NAME: HeaderName = HeaderName::from_static(CONTENT_TYPE);
+const MSG_ID_NAME: HeaderName = HeaderName::from_static(MSG_ID);
+const CORRELATION_ID_NAME: HeaderName = HeaderName::from_static(CORRELATION_ID);
+const CAUSATION_ID_NAME: HeaderName = HeaderName::from_static(CAUSATION_ID);
+const ACTOR_NAME: HeaderName = HeaderName::from_static(ACTOR);
+
+/// A header value from text. A line break would end the header (async-nats
+/// refuses one by panicking), so each `\r` or `\n` becomes a space.
+pub fn value(text: String) -> HeaderValue {
+    if text.contains(['\r', '\n']) {
+        HeaderValue::from(text.replace(['\r', '\n'], " "))
+    } else {
+        HeaderValue::from(text)
+    }
+}
+
 /// Headers of one event. The aggregate id is in the subject; the event id
 /// is the `Nats-Msg-Id`.
 pub fn build(event_type: &str, schema_version: u16, meta: &EventMeta) -> HeaderMap {
     let mut h = HeaderMap::new();
-    h.insert(EVENT_TYPE, event_type);
-    h.insert(SCHEMA_VERSION, schema_version.to_string().as_str());
-    h.insert(CONTENT_TYPE, CBOR);
-    h.insert(MSG_ID, meta.event_id.to_string().as_str());
-    h.insert(CORRELATION_ID, meta.correlation_id.to_string().as_str());
+    h.insert(EVENT_TYPE_NAME, value(event_type.to_owned()));
+    h.insert(SCHEMA_VERSION_NAME, value(schema_version.to_string()));
+    h.insert(CONTENT_TYPE_NAME, HeaderValue::from(CBOR));
+    h.insert(MSG_ID_NAME, value(meta.event_id.to_string()));
+    h.insert(CORRELATION_ID_NAME, value(meta.correlation_id.to_string()));
     if let Some(c) = &meta.causation_id {
-        h.insert(CAUSATION_ID, c.to_string().as_str());
+        h.insert(CAUSATION_ID_NAME, value(c.to_string()));
     }
-    h.insert(ACTOR, meta.actor.as_str());
+    h.insert(ACTOR_NAME, value(meta.actor.clone()));
     h
 }
 
-fn get<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+fn get(h: &HeaderMap, name: HeaderName) -> Option<&str> {
     h.get(name).map(|v| v.as_str())
 }
 
 /// The schema version named in the headers (1 when absent).
 pub fn schema_version(h: Option<&HeaderMap>) -> Result<u16, String> {
-    match h.and_then(|h| get(h, SCHEMA_VERSION)) {
+    match h.and_then(|h| get(h, SCHEMA_VERSION_NAME)) {
         None => Ok(1),
         Some(v) => v
             .parse()
@@ -57,14 +78,34 @@ pub fn meta(h: Option<&HeaderMap>) -> EventMeta {
         h.and_then(|h| get(h, name))
             .and_then(|v| v.parse::<EventId>().ok())
     };
-    let event_id = parse_id(EVENT_ID).unwrap_or_else(|| EventId(uuid::Uuid::nil()));
+    let event_id = parse_id(MSG_ID_NAME).unwrap_or_else(|| EventId(uuid::Uuid::nil()));
     EventMeta {
         event_id,
-        correlation_id: parse_id(CORRELATION_ID).unwrap_or(event_id),
-        causation_id: parse_id(CAUSATION_ID),
+        correlation_id: parse_id(CORRELATION_ID_NAME).unwrap_or(event_id),
+        causation_id: parse_id(CAUSATION_ID_NAME),
         actor: h
-            .and_then(|h| get(h, ACTOR))
+            .and_then(|h| get(h, ACTOR_NAME))
             .unwrap_or("unknown")
             .to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_break_in_a_value_becomes_a_space_and_the_rest_reads_back() {
+        let meta = EventMeta::new("token:first\r\nUd-Actor: forged");
+        let h = build("task.submitted", 2, &meta);
+        let back = super::meta(Some(&h));
+        assert_eq!(back.actor, "token:first  Ud-Actor: forged");
+        assert_eq!(back.event_id, meta.event_id);
+        assert_eq!(back.correlation_id, meta.correlation_id);
+        assert_eq!(schema_version(Some(&h)), Ok(2));
+        assert_eq!(
+            h.get(EVENT_TYPE).map(|v| v.as_str()),
+            Some("task.submitted")
+        );
     }
 }

@@ -240,6 +240,16 @@ class NatsContract(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(h.get("Nats-Service-Error-Code"), "404", h)
         self.assertTrue(h.get("Nats-Service-Error"))
 
+        # An actor goes into every event's headers: a line break is refused
+        # with a reason, and the service goes on answering.
+        reply = await self.request("ud.cmd.task.submit",
+                                   {"task": task_body(), "actor": "py\r\nUd-Actor: forged"})
+        h = reply.headers or {}
+        self.assertEqual(h.get("Nats-Service-Error-Code"), "400", h)
+        self.assertIn("actor", h.get("Nats-Service-Error", ""))
+        reply = await self.request("ud.cmd.task.submit", {"task": task_body(), "actor": "python"})
+        self.assertFalse((reply.headers or {}).get("Nats-Service-Error-Code"), reply.headers)
+
 
 if __name__ == "__main__":
     unittest.main()
