@@ -184,8 +184,11 @@ fn edge_config(args: &ServeArgs) -> Result<Option<server::EdgeConfig>> {
     if args.no_edge {
         return Ok(None);
     }
-    if !(args.heartbeat_timeout_seconds > 0.0 && args.heartbeat_timeout_seconds.is_finite()) {
-        anyhow::bail!("UD_HEARTBEAT_TIMEOUT_SECONDS must be a positive number");
+    if !(0.001..=1_000_000.0).contains(&args.heartbeat_timeout_seconds) {
+        anyhow::bail!(
+            "UD_HEARTBEAT_TIMEOUT_SECONDS must be between 0.001 and 1000000, not {}",
+            args.heartbeat_timeout_seconds
+        );
     }
     let hub = match &args.hub_accounts_file {
         None => None,

@@ -10,6 +10,7 @@ pub mod archive;
 pub mod auth;
 pub mod commands;
 pub mod edge;
+pub mod guard;
 pub mod node;
 pub mod service;
 pub mod store;

@@ -63,7 +63,9 @@ fn reply(result: Result<Accepted, CommandError>) -> Result<Bytes, service::error
             code: 500,
         }),
         Err(e) => Err(service::error::Error {
-            status: e.describe(),
+            // The reason goes into a header: a line break in it (a field
+            // name from the request) would end the header.
+            status: e.describe().replace(['\r', '\n'], " "),
             code: e.status_code().into(),
         }),
     }

@@ -267,7 +267,7 @@ impl EventStore {
             .await
             .map_err(|e| unavailable(&e))?;
         let subject = format!("ud.log.{task}");
-        let (mut out, mut next) = (Vec::new(), after + 1);
+        let (mut out, mut next) = (Vec::new(), after.saturating_add(1));
         while out.len() < max {
             match stream
                 .direct_get_next_for_subject(subject.as_str(), Some(next))

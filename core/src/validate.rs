@@ -362,8 +362,11 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
         e.0.push(f.clone());
     }
     if let Some(name) = &req.name {
-        if name.len() > 200 {
-            e.add("name", "longer than 200 bytes");
+        if name.len() > 200 || name.chars().any(char::is_control) {
+            e.add(
+                "name",
+                "longer than 200 bytes or contains control characters",
+            );
         }
     }
     for (field, url) in [
@@ -416,8 +419,11 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
         e.add("resources.gpus", "must be between 0 and 64");
     }
     if let Some(m) = &r.gpu_model {
-        if m.is_empty() || m.len() > 128 {
-            e.add("resources.gpu_model", "must be 1-128 bytes");
+        if m.is_empty() || m.len() > 128 || m.chars().any(char::is_control) {
+            e.add(
+                "resources.gpu_model",
+                "must be 1-128 bytes without control characters",
+            );
         }
     }
     if r.labels.len() > limits::MAX_LABELS {
@@ -431,10 +437,10 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
         ("preferred_labels", &r.preferred_labels),
     ] {
         for (k, v) in labels {
-            if !label_key(k) || v.len() > 63 {
+            if !label_key(k) || v.len() > 63 || v.chars().any(char::is_control) {
                 e.add(
                     format!("resources.{field}.{k}"),
-                    "keys are 1-63 of [A-Za-z0-9-_./], values at most 63 bytes",
+                    "keys are 1-63 of [A-Za-z0-9-_./], values at most 63 bytes without control characters",
                 );
             }
         }
@@ -613,6 +619,24 @@ pub(crate) mod tests {
         assert_eq!(spec.code_commit_id, "a".repeat(40));
         assert_eq!(spec.resources.cpu_millis, 1000);
         assert_eq!(spec.timeout_seconds, 86400);
+    }
+
+    #[test]
+    fn text_that_cannot_be_stored_or_sent_is_refused() {
+        let mut r = request();
+        r.name = Some("a\0b".into());
+        r.resources.gpu_model = Some("A100\n".into());
+        r.resources.labels.insert("zone".into(), "eu\0".into());
+        r.env.insert("X".into(), "\0".into());
+        assert_eq!(
+            fields(r),
+            vec![
+                "name",
+                "env.X",
+                "resources.gpu_model",
+                "resources.labels.zone"
+            ]
+        );
     }
 
     #[test]

@@ -138,8 +138,11 @@ async fn main() -> Result<()> {
                         .ok_or_else(|| anyhow!("label {l:?} is not KEY=VALUE"))
                 })
                 .collect::<Result<_>>()?;
-            if !(a.heartbeat_seconds > 0.0 && a.heartbeat_seconds.is_finite()) {
-                return Err(anyhow!("heartbeat seconds must be positive"));
+            if !(0.001..=86_400.0).contains(&a.heartbeat_seconds) {
+                return Err(anyhow!(
+                    "UD_EDGE_HEARTBEAT_SECONDS must be between 0.001 and 86400, not {}",
+                    a.heartbeat_seconds
+                ));
             }
             run(AgentConfig {
                 leaf_url: a.leaf_url,

@@ -234,7 +234,7 @@ async fn session(state: AppState, mut socket: WebSocket, bearer: Option<String>)
 
     let (tx, mut rx) = mpsc::channel::<Result<Outgoing, String>>(256);
     let mut followers = tokio::task::JoinSet::new();
-    let start = |f: Follow, last: u64| f.after.map_or(last + 1, |a| a + 1);
+    let start = |f: Follow, last: u64| f.after.unwrap_or(last).saturating_add(1);
     if let Some(f) = hello.tasks {
         let filter = task.map(|t| ud_schemas::subjects::task_all(&t));
         let from = start(f, tasks_seq);
@@ -257,7 +257,7 @@ async fn session(state: AppState, mut socket: WebSocket, bearer: Option<String>)
         });
     }
     if let (Some(f), Some(t)) = (hello.log, task) {
-        let from = f.after.map_or(1, |a| a + 1);
+        let from = f.after.map_or(1, |a| a.saturating_add(1));
         let (js, tx) = (js.clone(), tx.clone());
         followers.spawn(async move {
             let r = follow_log(&js, t, from, &tx).await;

@@ -96,11 +96,21 @@ impl Running {
 /// (the members of a cluster; the client moves to another when one fails).
 /// Credentials are taken from the first URL that carries them.
 pub async fn connect_nats(url: &str, name: &str) -> Result<async_nats::Client, StartError> {
+    connect_nats_with(url, name, false).await
+}
+
+/// Like [`connect_nats`], through a [`ud_core::guard`] for each server when
+/// `guarded` (a `tls://` server is reached directly: the guard cannot read it).
+pub async fn connect_nats_with(
+    url: &str,
+    name: &str,
+    guarded: bool,
+) -> Result<async_nats::Client, StartError> {
     let fail = |reason: String| StartError::Nats {
         url: redact(url),
         reason,
     };
-    let addrs: Vec<async_nats::ServerAddr> = url
+    let mut addrs: Vec<async_nats::ServerAddr> = url
         .split(',')
         .map(str::trim)
         .filter(|u| !u.is_empty())
@@ -117,7 +127,29 @@ pub async fn connect_nats(url: &str, name: &str) -> Result<async_nats::Client, S
         }
         None => async_nats::ConnectOptions::new(),
     };
-    let options = options.name(name);
+    let mut options = options.name(name);
+    if guarded && addrs.iter().any(|a| a.tls_required()) {
+        tracing::warn!("NATS over TLS: node and command input is read without the guard");
+    } else if guarded {
+        let mut upstreams = Vec::new();
+        for a in &addrs {
+            let found = tokio::net::lookup_host((a.host(), a.port()))
+                .await
+                .map_err(|e| fail(format!("{}: {e}", a.host())))?
+                .next();
+            upstreams.push(found.ok_or_else(|| fail(format!("{}: no address", a.host())))?);
+        }
+        let local = ud_core::guard::start(&upstreams)
+            .await
+            .map_err(|e| fail(format!("starting the guard: {e}")))?;
+        addrs = local
+            .iter()
+            .map(|l| format!("nats://{l}").parse())
+            .collect::<Result<_, std::io::Error>>()
+            .map_err(|e| fail(e.to_string()))?;
+        // Servers a cluster announces would be reached around the guard.
+        options = options.ignore_discovered_servers();
+    }
     // A hub reloading its accounts (a node enrolled or revoked) resets or refuses
     // new connections for a moment, even with the right password: try again for
     // a few seconds before saying the connection is impossible.
@@ -199,10 +231,16 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
             tasks.push(tokio::spawn(async move { projector.run_forever().await }));
         }
     }
+    // What nodes and integrations send comes in on a connection of its own,
+    // through the guard: the client would stop on some header blocks.
+    let guarded = EventStore::new(
+        connect_nats_with(&cfg.nats_url, "unidesk-server-input", true).await?,
+        cfg.js_domain.as_deref().filter(|d| !d.is_empty()),
+    );
     let commands = TaskCommands::new(store.clone())
         .await
         .map_err(|e| StartError::Streams(e.to_string()))?;
-    let (service_client, service_commands) = (store.client().clone(), commands.clone());
+    let (service_client, service_commands) = (guarded.client().clone(), commands.clone());
     tasks.push(tokio::spawn(async move {
         if let Err(e) = ud_core::service::run(service_client, service_commands).await {
             tracing::error!(error = %e, "command service stopped");
@@ -217,14 +255,14 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
                 }
             }));
         }
-        let c = commands.clone();
+        let (c, reader) = (commands.clone(), guarded.jetstream().clone());
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = ud_core::edge::ingest::run(c).await {
+            if let Err(e) = ud_core::edge::ingest::run(c, reader).await {
                 tracing::error!(error = %e, "ingest stopped");
             }
         }));
         let (s, creds, storage) = (
-            store.clone(),
+            guarded.clone(),
             edge.git_credentials.clone(),
             cfg.storage.clone(),
         );

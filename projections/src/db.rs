@@ -149,7 +149,14 @@ pub(crate) async fn record_error(
     c.execute(
         "INSERT INTO projection_errors (stream, seq, subject, error, payload) VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT DO NOTHING",
-        &[&stream, &(seq as i64), &subject, &error, &payload],
+        &[
+            &stream,
+            &(seq as i64),
+            &subject,
+            // An error may quote what it could not read.
+            &error.replace('\0', "\u{fffd}"),
+            &payload,
+        ],
     )
     .await?;
     Ok(())

@@ -328,6 +328,8 @@ async fn apply_tasks(
             _ => None,
         }
     });
+    let mut rows = rows;
+    rows.iter_mut().for_each(TaskRow::scrub);
     db::upsert_tasks(tx, &rows).await?;
     Ok(failures)
 }
@@ -353,6 +355,8 @@ async fn apply_nodes(
             _ => None,
         }
     });
+    let mut rows = rows;
+    rows.iter_mut().for_each(NodeRow::scrub);
     db::upsert_nodes(tx, &rows).await?;
     Ok(failures)
 }
@@ -373,6 +377,8 @@ async fn apply_tokens(
             _ => None,
         }
     });
+    let mut rows = rows;
+    rows.iter_mut().for_each(TokenRow::scrub);
     db::upsert_tokens(tx, &rows).await?;
     Ok(failures)
 }

@@ -325,3 +325,83 @@ pub fn apply_token(
         }
     }
 }
+
+/// PostgreSQL's `text` and `jsonb` cannot hold a NUL character: a value with
+/// one would stop the projection at that event for good. Each NUL becomes
+/// U+FFFD (what a node or an old event wrote is not refused here).
+fn scrub(s: &mut String) {
+    if s.contains('\0') {
+        *s = s.replace('\0', "\u{fffd}");
+    }
+}
+
+fn scrub_json(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::String(s) => scrub(s),
+        serde_json::Value::Array(a) => a.iter_mut().for_each(scrub_json),
+        serde_json::Value::Object(m) => {
+            if m.keys().any(|k| k.contains('\0')) {
+                let entries = std::mem::take(m);
+                for (mut k, v) in entries {
+                    scrub(&mut k);
+                    m.insert(k, v);
+                }
+            }
+            m.values_mut().for_each(scrub_json);
+        }
+        _ => {}
+    }
+}
+
+impl TaskRow {
+    pub(crate) fn scrub(&mut self) {
+        for s in [&mut self.project, &mut self.state, &mut self.submitted_by] {
+            scrub(s);
+        }
+        for s in [&mut self.name, &mut self.waiting_reason, &mut self.reason]
+            .into_iter()
+            .flatten()
+        {
+            scrub(s);
+        }
+        scrub_json(&mut self.spec);
+        for v in [&mut self.prepared, &mut self.preparing, &mut self.outputs]
+            .into_iter()
+            .flatten()
+        {
+            scrub_json(v);
+        }
+    }
+}
+
+impl NodeRow {
+    pub(crate) fn scrub(&mut self) {
+        for s in [&mut self.name, &mut self.status, &mut self.scheduling] {
+            scrub(s);
+        }
+        scrub_json(&mut self.labels);
+        scrub_json(&mut self.resources);
+    }
+}
+
+impl TokenRow {
+    pub(crate) fn scrub(&mut self) {
+        scrub(&mut self.name);
+        self.projects.iter_mut().for_each(scrub);
+    }
+}
+
+#[cfg(test)]
+mod scrub_tests {
+    use super::*;
+
+    #[test]
+    fn nul_characters_become_replacement_characters_everywhere() {
+        let mut v = serde_json::json!({"a\0": ["x\0", {"b": "\0"}], "n": 1});
+        scrub_json(&mut v);
+        assert_eq!(
+            v,
+            serde_json::json!({"a\u{fffd}": ["x\u{fffd}", {"b": "\u{fffd}"}], "n": 1})
+        );
+    }
+}

@@ -434,3 +434,77 @@ async fn undecodable_messages_are_recorded_and_projection_goes_on() -> Result<()
     assert_eq!(tasks, 20);
     Ok(())
 }
+
+#[tokio::test]
+async fn nul_characters_from_events_do_not_stop_the_projection() -> Result<()> {
+    let env = env().await?;
+    // What validation refuses can still come from a node, or from history.
+    let (node, task) = (NodeId::new(), TaskId::new());
+    let mut spec = spec();
+    spec.name = Some("a\0b".into());
+    spec.env.insert("X".into(), "\0".into());
+    let events = [
+        Event::Node(
+            node,
+            NodeEvent::Registered(NodeRegistered {
+                at: 1,
+                name: "gpu\0box".into(),
+                labels: BTreeMap::from([("zone\0".into(), "a\0".into())]),
+                resources: NodeResources::default(),
+            }),
+        ),
+        Event::Task(
+            task,
+            TaskEvent::Submitted(TaskSubmitted {
+                at: 2,
+                project: "lab".parse()?,
+                spec,
+                idempotency_key: None,
+            }),
+        ),
+        Event::Task(
+            task,
+            TaskEvent::Failed(TaskFailed {
+                at: 3,
+                exit_code: None,
+                reason: "bad\0reason".into(),
+            }),
+        ),
+    ];
+    for e in &events {
+        env.store
+            .append(e, &EventMeta::new("test"), Expect::Any)
+            .await?;
+    }
+    // Work after them is projected too.
+    let n = write_history(&env.store, 5).await?;
+    assert!(n > 0);
+    let db = Db::connect(&env.pg.url, "public", 4).await?;
+    db.migrate().await?;
+    project_all(&db, &env.store, 1000).await?;
+    let c = db.client().await?;
+    let row = c
+        .query_one(
+            "SELECT name, reason, spec->'env'->>'X', state FROM tasks WHERE id = $1",
+            &[&task.0],
+        )
+        .await?;
+    let (name, reason, x, state): (String, String, String, String) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    assert_eq!(name, "a\u{fffd}b");
+    assert_eq!(reason, "bad\u{fffd}reason");
+    assert_eq!(x, "\u{fffd}");
+    assert_eq!(state, "failed");
+    let row = c
+        .query_one(
+            "SELECT name, labels::text FROM nodes WHERE id = $1",
+            &[&node.0],
+        )
+        .await?;
+    let (name, labels): (String, String) = (row.get(0), row.get(1));
+    assert_eq!(name, "gpu\u{fffd}box");
+    assert!(labels.contains("zone\u{fffd}"), "{labels}");
+    let tasks: i64 = c.query_one("SELECT count(*) FROM tasks", &[]).await?.get(0);
+    assert_eq!(tasks, 6);
+    Ok(())
+}

@@ -131,7 +131,8 @@ async fn outputs(
     let (project, id) = (task.project.as_str(), task.id.to_string());
     if let Some(quota) = storage.settings().project_quota_bytes {
         let used = storage.usage(&keys::project_prefix(project)?).await?;
-        let adding: u64 = files.iter().map(|f| f.size).sum();
+        // Sizes come from the node: added without wrapping round.
+        let adding = files.iter().fold(0u64, |sum, f| sum.saturating_add(f.size));
         if used.saturating_add(adding) > quota {
             return Err(StorageError::Quota(format!(
                 "outputs of {adding} bytes would exceed project {project}'s quota of {quota} bytes ({used} in use)"

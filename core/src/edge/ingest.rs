@@ -54,7 +54,8 @@ pub enum Rejected {
 
 /// The node a sourced message came from, from `Nats-Stream-Source`.
 pub fn origin(headers: Option<&async_nats::HeaderMap>) -> Option<String> {
-    let value = headers?.get("Nats-Stream-Source")?.as_str();
+    // The hub removes any such header a node wrote and adds its own last.
+    let value = headers?.get_last("Nats-Stream-Source")?.as_str();
     let stream = value.split_whitespace().next()?.split(':').next()?;
     stream.strip_prefix("EDGE_").map(str::to_owned)
 }
@@ -506,10 +507,11 @@ async fn one(commands: &TaskCommands, cache: &mut NodeCache, msg: &jetstream::Me
     }
 }
 
-/// Consumes `UD_EDGE_IN` until the connection ends. Messages of one node are
-/// handled in order; different nodes in parallel.
-pub async fn run(commands: TaskCommands) -> Result<(), EdgeError> {
-    let js = commands.store().jetstream().clone();
+/// Consumes `UD_EDGE_IN` through `js` (a guarded connection: see
+/// [`crate::guard`]) until the connection ends, appending through
+/// `commands`. Messages of one node are handled in order; different nodes in
+/// parallel.
+pub async fn run(commands: TaskCommands, js: jetstream::Context) -> Result<(), EdgeError> {
     let stream = loop {
         // The hub reconciler creates the stream; wait for it.
         match js.get_stream(edge::EDGE_IN).await {
