@@ -365,6 +365,8 @@ pub async fn backup(a: BackupArgs) -> Result<()> {
     Ok(())
 }
 
+const MAX_RECORD_BYTES: usize = 65 << 20;
+
 fn read_records(path: &Path) -> Result<impl Iterator<Item = Result<Record>>> {
     let mut input = BufReader::new(
         std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?,
@@ -376,7 +378,15 @@ fn read_records(path: &Path) -> Result<impl Iterator<Item = Result<Record>>> {
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return None,
             Err(e) => return Some(Err(e.into())),
         }
-        let mut bytes = vec![0u8; u32::from_be_bytes(len) as usize];
+        let len = u32::from_be_bytes(len) as usize;
+        // No message is larger than nats-server's 64 MiB limit (with room for
+        // its subject and headers): a larger length is damage, not a record.
+        if len > MAX_RECORD_BYTES {
+            return Some(Err(anyhow::anyhow!(
+                "a record of {len} bytes: the file is damaged"
+            )));
+        }
+        let mut bytes = vec![0u8; len];
         if let Err(e) = input.read_exact(&mut bytes) {
             return Some(Err(anyhow::anyhow!("truncated record: {e}")));
         }
@@ -478,4 +488,27 @@ pub async fn restore(mut a: RestoreArgs) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn first_error(bytes: &[u8]) -> String {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| unreachable!("{e}"));
+        let path = dir.path().join("s.bin");
+        std::fs::write(&path, bytes).unwrap_or_else(|e| unreachable!("{e}"));
+        match read_records(&path).map(|mut r| r.next()) {
+            Ok(Some(Err(e))) => e.to_string(),
+            _ => String::new(),
+        }
+    }
+
+    #[test]
+    fn a_damaged_file_is_an_error_not_a_crash() {
+        // A length no message can have is refused before anything is allocated.
+        assert!(first_error(&[0xff, 0xff, 0xff, 0xff, 1, 2]).contains("damaged"));
+        assert!(first_error(&[0, 0, 0, 9, 1, 2]).contains("truncated"));
+        assert!(first_error(&[0, 0, 0, 2, 0xff, 0xff]).contains("bad record"));
+    }
 }
