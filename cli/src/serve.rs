@@ -251,10 +251,12 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     })
     .await?;
     println!("UniDesk API listening on http://{}", running.addr);
+    let mut running = running;
     tokio::select! {
         _ = shutdown_signal() => info!("shutting down"),
         _ = running.wait() => anyhow::bail!("the API server stopped"),
     }
+    running.stop().await;
     Ok(())
 }
 

@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, warn};
+use tracing::warn;
 
 /// The status line every header block starts with.
 const VERSION: &str = "NATS/1.0";
@@ -155,76 +155,145 @@ fn line_end(b: &[u8]) -> Option<usize> {
     None
 }
 
-/// Copies the complete protocol operations at the start of `input` to
-/// `out`, rewriting unreadable header blocks, and returns how many bytes it
-/// took; an incomplete operation at the end waits for more.
+/// Most arguments a message line has: `HMSG subject sid reply hdr total`.
+const MAX_ARGS: usize = 6;
+
+/// The arguments of a protocol line, split as nats-server splits them (on
+/// spaces and tabs), or `None` if there are more than a message line has.
+fn split_args(line: &[u8]) -> Option<([&[u8]; MAX_ARGS], usize)> {
+    let mut args: [&[u8]; MAX_ARGS] = [&[]; MAX_ARGS];
+    let mut n = 0;
+    for a in line
+        .split(|&b| b == b' ' || b == b'\t')
+        .filter(|a| !a.is_empty())
+    {
+        *args.get_mut(n)? = a;
+        n += 1;
+    }
+    Some((args, n))
+}
+
+/// Whether async-nats reads the arguments as nats-server wrote them: text,
+/// and no argument it would split further (it splits an `HMSG` line at any
+/// white space, a `MSG` line at spaces).
+fn args_readable(args: &[&[u8]]) -> bool {
+    args.iter().all(|a| match std::str::from_utf8(a) {
+        Ok(t) => !t.contains(char::is_whitespace),
+        Err(_) => false,
+    })
+}
+
+/// An argument as the client can read it: bytes that are not UTF-8 become
+/// U+FFFD and white space becomes `_`.
+fn mend_arg(a: &[u8]) -> String {
+    String::from_utf8_lossy(a)
+        .chars()
+        .map(|c| if c.is_whitespace() { '_' } else { c })
+        .collect()
+}
+
+/// One frame's rewritten form, if it needs one: its line's arguments and
+/// its header block.
+fn rewrite(args: &[&[u8]], body: &[u8], hdr: Option<usize>) -> Option<Vec<u8>> {
+    let line_ok = args_readable(args);
+    // A stored message is delivered with an acknowledgement subject
+    // (args: subject sid reply hdr total).
+    let stored = hdr.is_some() && args.len() == 5 && args[2].starts_with(STORED_REPLY);
+    let block = hdr.and_then(|h| sanitize(&body[..h], stored));
+    if line_ok && block.is_none() {
+        return None;
+    }
+    let (head, payload) = match hdr {
+        Some(h) => (block.as_deref().unwrap_or(&body[..h]), &body[h..]),
+        None => (&body[..0], body),
+    };
+    let sizes = if hdr.is_some() { 2 } else { 1 };
+    let mut out = Vec::with_capacity(body.len() + 64);
+    for a in &args[..args.len() - sizes] {
+        out.extend_from_slice(mend_arg(a).as_bytes());
+        out.push(b' ');
+    }
+    let total = head.len() + payload.len();
+    let sizes = match hdr {
+        Some(_) => format!("{} {total}\r\n", head.len()),
+        None => format!("{total}\r\n"),
+    };
+    out.extend_from_slice(sizes.as_bytes());
+    out.extend_from_slice(head);
+    out.extend_from_slice(payload);
+    out.extend_from_slice(b"\r\n");
+    Some(out)
+}
+
+/// Takes the complete protocol operations at the start of `input` and
+/// returns how many bytes they are. If any needed rewriting, `out` holds
+/// what to send for those bytes; if none did, `out` stays empty and the
+/// bytes go on as they are. An incomplete operation at the end waits.
 pub fn filter(input: &[u8], out: &mut Vec<u8>) -> usize {
-    let mut pos = 0;
+    let (mut pos, mut sent) = (0, 0);
     while let Some(eol) = line_end(&input[pos..]) {
         let rest = &input[pos..];
-        let line = &rest[..eol];
-        let op = line
-            .iter()
-            .position(|b| b.is_ascii_whitespace())
-            .map_or(line, |i| &line[..i]);
-        let args: Vec<&[u8]> = line
-            .split(|b| b.is_ascii_whitespace())
-            .filter(|a| !a.is_empty())
-            .collect();
-        let number =
-            |a: Option<&&[u8]>| -> Option<usize> { std::str::from_utf8(a?).ok()?.parse().ok() };
-        let frame = if op.eq_ignore_ascii_case(b"HMSG") && args.len() >= 5 {
-            match (number(args.get(args.len() - 2)), number(args.last())) {
-                (Some(hdr), Some(total)) if hdr <= total => Some((Some(hdr), total)),
+        let number = |a: &[u8]| std::str::from_utf8(a).ok()?.parse::<usize>().ok();
+        let (all, n) = split_args(&rest[..eol]).unwrap_or(([&[]; MAX_ARGS], 0));
+        let frame = match all[0] {
+            b"HMSG" if n == 5 || n == 6 => match (number(all[n - 2]), number(all[n - 1])) {
+                (Some(h), Some(total)) if h <= total => Some((Some(h), total)),
                 _ => None,
-            }
-        } else if op.eq_ignore_ascii_case(b"MSG") && args.len() >= 4 {
-            number(args.last()).map(|total| (None, total))
-        } else {
-            None
+            },
+            b"MSG" if n == 4 || n == 5 => number(all[n - 1]).map(|total| (None, total)),
+            _ => None,
         };
         let Some((hdr, total)) = frame else {
             // Any other operation is one line.
-            out.extend_from_slice(&rest[..eol + 2]);
             pos += eol + 2;
             continue;
         };
+        let args = &all[1..n];
         let len = eol + 2 + total + 2;
         if rest.len() < len {
             break;
         }
-        let body = &rest[eol + 2..eol + 2 + total];
-        let rewritten = hdr.and_then(|hdr| {
-            // args: HMSG subject sid [reply] hdr total
-            let stored = args.len() == 6 && args[3].starts_with(STORED_REPLY);
-            sanitize(&body[..hdr], stored).map(|block| (hdr, block))
-        });
-        match rewritten {
-            None => out.extend_from_slice(&rest[..len]),
-            Some((hdr, block)) => {
-                let subject = String::from_utf8_lossy(args[1]);
-                warn!(%subject, "a message's headers were unreadable; rewritten");
-                for a in &args[..args.len() - 2] {
-                    out.extend_from_slice(a);
-                    out.push(b' ');
-                }
-                let payload = &body[hdr..];
-                out.extend_from_slice(
-                    format!("{} {}\r\n", block.len(), block.len() + payload.len()).as_bytes(),
-                );
-                out.extend_from_slice(&block);
-                out.extend_from_slice(payload);
-                out.extend_from_slice(b"\r\n");
-            }
+        if let Some(frame) = rewrite(args, &rest[eol + 2..eol + 2 + total], hdr) {
+            note_rewrite(args);
+            out.extend_from_slice(&input[sent..pos]);
+            out.extend_from_slice(if hdr.is_some() { b"HMSG " } else { b"MSG " });
+            out.extend_from_slice(&frame);
+            sent = pos + len;
         }
         pos += len;
+    }
+    if sent > 0 {
+        out.extend_from_slice(&input[sent..pos]);
     }
     pos
 }
 
-/// Relays one client connection to `upstream` until either side closes.
-async fn relay(client: TcpStream, upstream: SocketAddr) -> std::io::Result<()> {
-    let server = TcpStream::connect(upstream).await?;
+/// Says that a message was rewritten, at most once a second (a stored
+/// message comes back at every redelivery).
+fn note_rewrite(args: &[&[u8]]) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    static SINCE: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let more = SINCE.fetch_add(1, Ordering::Relaxed);
+    if LAST.swap(now, Ordering::Relaxed) != now {
+        SINCE.store(0, Ordering::Relaxed);
+        let subject = args.first().map(|a| mend_arg(a)).unwrap_or_default();
+        warn!(%subject, also = more, "a message the client could not read was rewritten");
+    }
+}
+
+/// Relays one client connection to `upstream` (host, port; resolved anew
+/// each time, every address tried) until either side closes.
+async fn relay(client: TcpStream, upstream: &(String, u16)) -> std::io::Result<()> {
+    let server = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        TcpStream::connect((upstream.0.as_str(), upstream.1)),
+    )
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting timed out"))??;
     client.set_nodelay(true)?;
     server.set_nodelay(true)?;
     let (mut from_client, mut to_client) = client.into_split();
@@ -236,14 +305,30 @@ async fn relay(client: TcpStream, upstream: SocketAddr) -> std::io::Result<()> {
     let down = async {
         let mut buf = BytesMut::with_capacity(64 * 1024);
         let mut out = Vec::with_capacity(64 * 1024);
+        let mut first = true;
         loop {
             if from_server.read_buf(&mut buf).await? == 0 {
                 return to_client.shutdown().await;
             }
+            if std::mem::take(&mut first) && tls_required(&buf) {
+                return Err(std::io::Error::other(
+                    "the server requires TLS, which the guard cannot read: name it with tls://",
+                ));
+            }
             out.clear();
             let used = filter(&buf, &mut out);
+            if out.is_empty() {
+                to_client.write_all(&buf[..used]).await?;
+            } else {
+                to_client.write_all(&out).await?;
+            }
             buf.advance(used);
-            to_client.write_all(&out).await?;
+            if buf.capacity() > 1 << 20 && buf.is_empty() {
+                buf = BytesMut::with_capacity(64 * 1024);
+            }
+            if out.capacity() > 1 << 20 {
+                out = Vec::with_capacity(64 * 1024);
+            }
         }
     };
     // When one direction ends the other has nothing left to do.
@@ -253,21 +338,34 @@ async fn relay(client: TcpStream, upstream: SocketAddr) -> std::io::Result<()> {
     }
 }
 
+/// Whether the server's greeting asks for TLS.
+fn tls_required(greeting: &[u8]) -> bool {
+    let line = line_end(greeting).map_or(greeting, |e| &greeting[..e]);
+    line.starts_with(b"INFO ")
+        && String::from_utf8_lossy(line)
+            .replace(' ', "")
+            .contains("\"tls_required\":true")
+}
+
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Starts a guard for each of `upstreams` (host, port) and returns the local
 /// addresses to connect to instead, in the same order. The guards live as
 /// long as the runtime.
-pub async fn start(upstreams: &[SocketAddr]) -> std::io::Result<Vec<SocketAddr>> {
+pub async fn start(upstreams: &[(String, u16)]) -> std::io::Result<Vec<SocketAddr>> {
     let mut local = Vec::new();
-    for &upstream in upstreams {
+    for upstream in upstreams {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         local.push(listener.local_addr()?);
+        let upstream = std::sync::Arc::new(upstream.clone());
         tokio::spawn(async move {
             loop {
                 match listener.accept().await {
                     Ok((client, _)) => {
+                        let upstream = upstream.clone();
                         tokio::spawn(async move {
-                            if let Err(e) = relay(client, upstream).await {
-                                debug!(error = %e, %upstream, "guarded connection ended");
+                            if let Err(e) = relay(client, &upstream).await {
+                                warn!(error = %e, host = %upstream.0, port = upstream.1, "guarded connection ended");
                             }
                         });
                     }
@@ -372,6 +470,19 @@ mod tests {
         assert_eq!(&input[used..], b"HMSG c 3 10 12\r\nNATS/1.0\r\n");
     }
 
+    #[test]
+    fn readable_frames_are_taken_without_a_copy() {
+        let block = "NATS/1.0\r\nX: 1\r\nY: 22\r\n\r\n";
+        let input = format!(
+            "PING\r\nMSG a 1 _INBOX.x 3\r\nabc\r\nHMSG b 2 {} {}\r\n{block}hi\r\n",
+            block.len(),
+            block.len() + 2
+        );
+        let mut out = Vec::new();
+        assert_eq!(filter(input.as_bytes(), &mut out), input.len());
+        assert!(out.is_empty());
+    }
+
     proptest! {
         /// Whatever the bytes, the result reads cleanly, and reading it
         /// again changes nothing.
@@ -379,13 +490,19 @@ mod tests {
         fn sanitized_blocks_are_readable(
             lines in proptest::collection::vec(
                 proptest::collection::vec(prop_oneof![
-                    Just(b'\r'), Just(b'\n'), Just(b':'), Just(b' '), Just(0xffu8),
+                    Just(b'\r'), Just(b'\n'), Just(b':'), Just(b' '), Just(b'\t'), Just(0xffu8),
+                    // the two bytes of U+00A0, a no-break space
+                    Just(0xc2u8), Just(0xa0u8),
                     b'a'..=b'e', Just(b'1'),
                 ], 0..12),
                 0..6),
+            first in prop_oneof![
+                Just(&b"NATS/1.0"[..]), Just(&b"NATS/1.0 503"[..]),
+                Just(&b"NATS/1.0 100 Idle Heartbeat"[..]), Just(&b"NATS/1.0 x"[..]), Just(&b""[..]),
+            ],
             stored in any::<bool>(),
         ) {
-            let mut block = b"NATS/1.0".to_vec();
+            let mut block = first.to_vec();
             for l in &lines {
                 block.extend_from_slice(b"\r\n");
                 block.extend_from_slice(l);

@@ -23,17 +23,29 @@ const BLOCKS: [(&[u8], &str); 5] = [
     (b"NATS/1.0\r\nX: f\r\n\r\n", "f"),
 ];
 
-/// Publishes each block with a two-byte payload on `subject`, as a raw client.
+/// Publishes each of [`BLOCKS`] with a two-byte payload on `subject`, as a raw client.
 async fn publish_raw(server: &NatsServer, subject: &str) -> Result<()> {
-    let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", server.port())).await?;
-    let mut out = b"CONNECT {\"verbose\":false,\"headers\":true}\r\n".to_vec();
-    for (block, _) in BLOCKS {
-        out.extend_from_slice(
+    let blocks: Vec<&[u8]> = BLOCKS.iter().map(|(b, _)| *b).collect();
+    publish_blocks(server, subject, &blocks).await
+}
+
+async fn publish_blocks(server: &NatsServer, subject: &str, blocks: &[&[u8]]) -> Result<()> {
+    let mut ops = Vec::new();
+    for block in blocks {
+        ops.extend_from_slice(
             format!("HPUB {subject} {} {}\r\n", block.len(), block.len() + 2).as_bytes(),
         );
-        out.extend_from_slice(block);
-        out.extend_from_slice(b"ok\r\n");
+        ops.extend_from_slice(block);
+        ops.extend_from_slice(b"ok\r\n");
     }
+    send_raw(server, &ops).await
+}
+
+/// Sends protocol operations as a raw client, and waits until the server has taken them.
+async fn send_raw(server: &NatsServer, ops: &[u8]) -> Result<()> {
+    let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", server.port())).await?;
+    let mut out = b"CONNECT {\"verbose\":false,\"headers\":true}\r\n".to_vec();
+    out.extend_from_slice(ops);
     out.extend_from_slice(b"PING\r\n");
     raw.write_all(&out).await?;
     // The server answers the PING once it has taken every publish.
@@ -60,7 +72,7 @@ async fn publish_raw(server: &NatsServer, subject: &str) -> Result<()> {
 }
 
 async fn guarded(server: &NatsServer) -> Result<async_nats::Client> {
-    let local = ud_core::guard::start(&[format!("127.0.0.1:{}", server.port()).parse()?]).await?;
+    let local = ud_core::guard::start(&[("127.0.0.1".to_owned(), server.port())]).await?;
     Ok(async_nats::ConnectOptions::new()
         .ignore_discovered_servers()
         .connect(format!("nats://{}", local[0]))
@@ -101,13 +113,19 @@ async fn a_client_behind_the_guard_reads_every_header_block_and_stays_connected(
             .is_none());
     }
     client.flush().await?;
-    // The bare client's connection reads the first block before the answer
-    // to this flush, and stops there.
-    let flushed = tokio::time::timeout(Duration::from_secs(5), bare.flush()).await;
-    assert!(
-        !matches!(flushed, Ok(Ok(()))),
-        "the bare client is still up"
-    );
+    // The bare client's connection stops at the first block. A flush may
+    // still be answered by a PONG that was on its way before it: flush until
+    // one fails.
+    let stopped = tokio::time::timeout(Duration::from_secs(5), async {
+        for _ in 0..1000 {
+            if bare.flush().await.is_err() {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert!(!matches!(stopped, Ok(false)), "the bare client is still up");
     Ok(())
 }
 
@@ -144,5 +162,97 @@ async fn a_stored_message_with_an_unreadable_header_block_is_delivered_and_ackno
     let info = consumer.info().await?;
     assert_eq!(info.num_ack_pending, 0);
     assert_eq!(info.ack_floor.stream_sequence, BLOCKS.len() as u64);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_sourced_message_names_the_stream_it_came_from_whatever_its_headers_say() -> Result<()> {
+    let server = NatsServer::start().await?;
+    let client = guarded(&server).await?;
+    let js = jetstream::new(client.clone());
+    js.create_stream(stream::Config {
+        name: "EDGE_mine".into(),
+        subjects: vec!["mine.>".into()],
+        ..Default::default()
+    })
+    .await?;
+    let inbox = js
+        .create_stream(stream::Config {
+            name: "IN".into(),
+            sources: Some(vec![stream::Source {
+                name: "EDGE_mine".into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        })
+        .await?;
+    // Ways a node could try to name another node's stream. nats-server
+    // refuses to store the first and the last (it sees the header); the
+    // two with a lone LF or CR it stores, as it does not see one there.
+    let forged: [&[u8]; 5] = [
+        b"NATS/1.0\r\nNats-Stream-Source: EDGE_victim 1\r\n\r\n",
+        b"NATS/1.0\r\nX: lf\nNats-Stream-Source: EDGE_victim 1\r\n\r\n",
+        b"NATS/1.0\r\nX: cr\rNats-Stream-Source: EDGE_victim 1\r\n\r\n",
+        b"NATS/1.0\r\nNats-Stream-Source: EDGE_victim zz",
+        b"NATS/1.0\r\nX: end\r\n\r\n",
+    ];
+    publish_blocks(&server, "mine.x", &forged).await?;
+    let consumer = inbox
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("reader".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    let mut seen = Vec::new();
+    while seen.last().map(String::as_str) != Some("end") {
+        let m = tokio::time::timeout(Duration::from_secs(5), messages.next())
+            .await
+            .map_err(|_| anyhow!("only {seen:?} sourced"))?
+            .ok_or_else(|| anyhow!("the pull ended"))??;
+        assert_eq!(
+            ud_core::edge::ingest::origin(m.headers.as_ref()).as_deref(),
+            Some("mine"),
+            "read as {:?}",
+            m.headers
+        );
+        let x = x(&m).unwrap_or_default();
+        seen.push(x.split_whitespace().next().unwrap_or_default().to_owned());
+        m.ack().await.map_err(|e| anyhow!("ack: {e}"))?;
+    }
+    assert_eq!(seen, ["lf", "cr", "end"]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn subjects_and_replies_the_client_cannot_read_are_mended() -> Result<()> {
+    let server = NatsServer::start().await?;
+    let client = guarded(&server).await?;
+    let mut sub = client.subscribe("probe.>").await?;
+    client.flush().await?;
+    // A reply subject that is not UTF-8, and a subject with a no-break space
+    // (nats-server splits only at spaces and tabs; the client at any white space).
+    let mut ops = b"PUB probe.a _INBOX.x\xff 2\r\nok\r\n".to_vec();
+    ops.extend_from_slice(b"HPUB probe.b\xc2\xa0c 12 14\r\nNATS/1.0\r\n\r\nok\r\n");
+    ops.extend_from_slice(b"PUB probe.d 2\r\nok\r\n");
+    send_raw(&server, &ops).await?;
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let m = tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .map_err(|_| anyhow!("only {got:?}"))?
+            .ok_or_else(|| anyhow!("the guarded subscription ended"))?;
+        got.push((m.subject.to_string(), m.reply.map(|r| r.to_string())));
+    }
+    assert_eq!(
+        got,
+        [
+            ("probe.a".to_owned(), Some("_INBOX.x\u{fffd}".to_owned())),
+            ("probe.b_c".to_owned(), None),
+            ("probe.d".to_owned(), None),
+        ]
+    );
+    client.flush().await?;
     Ok(())
 }

@@ -906,14 +906,44 @@ async fn a_restarted_agent_adopts_its_running_container() -> Result<()> {
     Ok(())
 }
 
+/// Whether the instance at `addr` says its ingest holds the pin.
+async fn ingests(s: &Stack, addr: std::net::SocketAddr) -> Result<bool> {
+    let text = s
+        .http
+        .get(format!("http://{addr}/metrics"))
+        .bearer_auth(&s.admin)
+        .send()
+        .await?
+        .text()
+        .await?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("unidesk_ingest_pinned "))
+        .ok_or_else(|| anyhow!("no unidesk_ingest_pinned in the metrics"))?;
+    Ok(line.ends_with(" 1"))
+}
+
+/// The client id the ingest consumer is pinned to, if any.
+async fn ingest_pin(store: &ud_core::EventStore) -> Result<Option<String>> {
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = store
+        .jetstream()
+        .get_consumer_from_stream(ud_core::edge::ingest::CONSUMER, ud_schemas::edge::EDGE_IN)
+        .await?;
+    Ok(consumer
+        .info()
+        .await?
+        .priority_groups
+        .iter()
+        .find_map(|g| g.pinned_client_id.clone()))
+}
+
 #[tokio::test]
-async fn two_main_servers_assign_each_task_once_and_mark_a_silent_node_offline_once() -> Result<()>
-{
+async fn two_main_servers_assign_each_task_once_mark_a_silent_node_offline_once_and_hand_over_the_ingest(
+) -> Result<()> {
     let mut s = Stack::start(Duration::from_secs(2)).await?;
     // A second main-server instance on the same hub and database: its own
-    // ingest, liveness and scheduler, no projectors, no hub reconciler.
-    let second = server::start(ServerConfig {
-        run_projectors: false,
+    // ingest, liveness, scheduler and projectors, no hub reconciler.
+    let mut second = server::start(ServerConfig {
         edge: Some(EdgeConfig {
             hub: None,
             controller: ud_core::edge::scheduler::ControllerSettings {
@@ -965,6 +995,16 @@ async fn two_main_servers_assign_each_task_once_and_mark_a_silent_node_offline_o
         let prepared = stored("prepared").await?;
         assert_eq!(prepared, 1, "task {id}: what it ran with was not recorded");
     }
+    // Exactly one instance ingested what the node reported.
+    let (first_ingests, second_ingests) = (
+        ingests(&s, s.server.addr).await?,
+        ingests(&s, second.addr).await?,
+    );
+    assert!(
+        first_ingests != second_ingests,
+        "ingesting: first {first_ingests}, second {second_ingests}"
+    );
+
     // What the stream stored, not what was published: the instance that
     // loses the race publishes too, and core subscribers see that publish
     // although the stream refuses it.
@@ -1001,20 +1041,34 @@ async fn two_main_servers_assign_each_task_once_and_mark_a_silent_node_offline_o
             .collect();
         panic!("a second offline event:\n{}", history.join("\n"));
     }
-    // Without the second instance the first goes on alone (taking over the
-    // ingest if the second held it).
-    second.shutdown();
+
+    // The instance that ingests stops gracefully and the other takes over.
+    // The stack's API moves to the one that stays.
     let token = s.enroll("epsilon-2").await?;
     let node = s
         .join("epsilon-2", token, Duration::from_millis(300))
         .await?;
     s.node_status(node.id, "online", Duration::from_secs(60))
         .await?;
+    if first_ingests {
+        std::mem::swap(&mut s.server, &mut second);
+        s.base = format!("http://{}", s.server.addr);
+    }
+    let pin = ingest_pin(&store).await?;
+    assert!(pin.is_some(), "the ingest consumer is pinned to no one");
+    second.stop().await;
+    // Released, not left to expire: the pin is gone or someone else's.
+    let after = ingest_pin(&store).await?;
+    assert_ne!(after, pin, "the stopped instance still holds the pin");
     let id = s.submit("true", 60).await?;
     let done = s
         .task_state(&id, &["succeeded", "failed"], Duration::from_secs(60))
         .await?;
     assert_eq!(done["state"], "succeeded", "{done}");
+    assert!(
+        ingests(&s, s.server.addr).await?,
+        "the instance left does not ingest"
+    );
     Ok(())
 }
 

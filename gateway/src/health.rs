@@ -310,6 +310,13 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
             ));
         }
     }
+    if let Some(p) = &state.ingest_pinned {
+        out.push_str(&format!(
+            "# HELP unidesk_ingest_pinned Whether this instance ingests what nodes report (1) or stands by (0).\n\
+             # TYPE unidesk_ingest_pinned gauge\nunidesk_ingest_pinned {}\n",
+            u8::from(p.load(std::sync::atomic::Ordering::Relaxed))
+        ));
+    }
     match platform_metrics(&state).await {
         Ok(more) => out.push_str(&more),
         Err(e) => out.push_str(&format!(

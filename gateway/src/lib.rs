@@ -52,6 +52,8 @@ pub struct Shared {
     pub disk: health::DiskWatch,
     /// Tokens recently looked up (see [`auth::TokenCache`]).
     pub tokens: auth::TokenCache,
+    /// Whether this instance's ingest holds the pin (when it runs one).
+    pub ingest_pinned: Option<ud_core::edge::ingest::Pinned>,
 }
 
 async fn healthz() -> &'static str {

@@ -69,24 +69,40 @@ pub enum StartError {
     Listen { addr: String, reason: String },
 }
 
-/// A started server; dropping it stops nothing, `shutdown` does.
+/// A started server; dropping it stops nothing, `stop` or `shutdown` does.
 pub struct Running {
     pub addr: SocketAddr,
     pub state: AppState,
     tasks: Vec<JoinHandle<()>>,
+    /// The ingest, which hands over when `stop_ingest` turns true.
+    ingest: Option<JoinHandle<()>>,
+    stop_ingest: tokio::sync::watch::Sender<bool>,
 }
 
 impl Running {
-    /// Stops the API, the projectors and the command service.
+    /// Stops everything at once, as a crash would.
     pub fn shutdown(self) {
-        for t in self.tasks {
+        for t in self.tasks.into_iter().chain(self.ingest) {
             t.abort();
         }
     }
 
+    /// Stops gracefully: the ingest hands over to a standby instance first
+    /// (see [`ud_core::edge::ingest::run`]), then everything else stops.
+    pub async fn stop(mut self) {
+        let _ = self.stop_ingest.send(true);
+        if let Some(ingest) = self.ingest.take() {
+            let patience = ud_core::edge::ingest::HANDOVER + std::time::Duration::from_secs(5);
+            if tokio::time::timeout(patience, ingest).await.is_err() {
+                tracing::warn!("the ingest did not hand over in time");
+            }
+        }
+        self.shutdown();
+    }
+
     /// Waits until the API server ends (it does not end by itself).
-    pub async fn wait(mut self) {
-        if let Some(api) = self.tasks.pop() {
+    pub async fn wait(&mut self) {
+        if let Some(api) = self.tasks.last_mut() {
             let _ = api.await;
         }
     }
@@ -128,17 +144,16 @@ pub async fn connect_nats_with(
         None => async_nats::ConnectOptions::new(),
     };
     let mut options = options.name(name);
-    if guarded && addrs.iter().any(|a| a.tls_required()) {
-        tracing::warn!("NATS over TLS: node and command input is read without the guard");
+    let plain = |a: &async_nats::ServerAddr| !a.tls_required() && a.scheme() == "nats";
+    if guarded && !addrs.iter().all(plain) {
+        tracing::warn!(
+            "NATS over TLS or WebSocket: node and command input is read without the guard"
+        );
     } else if guarded {
-        let mut upstreams = Vec::new();
-        for a in &addrs {
-            let found = tokio::net::lookup_host((a.host(), a.port()))
-                .await
-                .map_err(|e| fail(format!("{}: {e}", a.host())))?
-                .next();
-            upstreams.push(found.ok_or_else(|| fail(format!("{}: no address", a.host())))?);
-        }
+        let upstreams: Vec<(String, u16)> = addrs
+            .iter()
+            .map(|a| (a.host().to_owned(), a.port()))
+            .collect();
         let local = ud_core::guard::start(&upstreams)
             .await
             .map_err(|e| fail(format!("starting the guard: {e}")))?;
@@ -237,6 +252,9 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         connect_nats_with(&cfg.nats_url, "unidesk-server-input", true).await?,
         cfg.js_domain.as_deref().filter(|d| !d.is_empty()),
     );
+    let (stop_ingest, _) = tokio::sync::watch::channel(false);
+    let pinned = ud_core::edge::ingest::Pinned::default();
+    let mut ingest = None;
     let commands = TaskCommands::new(store.clone())
         .await
         .map_err(|e| StartError::Streams(e.to_string()))?;
@@ -256,8 +274,9 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
             }));
         }
         let (c, reader) = (commands.clone(), guarded.jetstream().clone());
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = ud_core::edge::ingest::run(c, reader).await {
+        let (held, stop) = (pinned.clone(), stop_ingest.subscribe());
+        ingest = Some(tokio::spawn(async move {
+            if let Err(e) = ud_core::edge::ingest::run(c, reader, held, stop).await {
                 tracing::error!(error = %e, "ingest stopped");
             }
         }));
@@ -304,6 +323,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         storage: cfg.storage.clone(),
         disk: cfg.disk.clone(),
         tokens: Default::default(),
+        ingest_pinned: cfg.edge.is_some().then_some(pinned),
     });
     let api_state = state.clone();
     tasks.push(tokio::spawn(async move {
@@ -312,5 +332,11 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         }
     }));
     info!(%addr, "api listening");
-    Ok(Running { addr, state, tasks })
+    Ok(Running {
+        addr,
+        state,
+        tasks,
+        ingest,
+        stop_ingest,
+    })
 }

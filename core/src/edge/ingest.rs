@@ -31,6 +31,8 @@ pub const CONSUMER: &str = "ingest";
 const PIN_GROUP: &str = "ingest";
 /// A pinned instance that has not pulled for this long loses the pin to a standby one.
 const PIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a stopping instance waits for its workers before releasing the pin.
+pub const HANDOVER: Duration = Duration::from_secs(5);
 /// Each pull lasts this long (well inside `PIN_TIMEOUT`, so the pin is kept between pulls).
 const PULL_EXPIRES: Duration = Duration::from_secs(3);
 const WORKERS: usize = 8;
@@ -52,10 +54,17 @@ pub enum Rejected {
     Refused(String),
 }
 
+const SOURCE: &str = "Nats-Stream-Source";
+const SOURCE_NAME: &str = "Nats-Stream-Source:";
+
 /// The node a sourced message came from, from `Nats-Stream-Source`.
 pub fn origin(headers: Option<&async_nats::HeaderMap>) -> Option<String> {
     // The hub removes any such header a node wrote and adds its own last.
-    let value = headers?.get_last("Nats-Stream-Source")?.as_str();
+    let value = headers?.get_last(SOURCE)?.as_str();
+    // Except a line the node left unterminated: nats-server then cuts that
+    // line's last two bytes and appends its own header to it. What the hub
+    // wrote is after the last name.
+    let value = value.rsplit(SOURCE_NAME).next()?;
     let stream = value.split_whitespace().next()?.split(':').next()?;
     stream.strip_prefix("EDGE_").map(str::to_owned)
 }
@@ -507,11 +516,22 @@ async fn one(commands: &TaskCommands, cache: &mut NodeCache, msg: &jetstream::Me
     }
 }
 
+/// Whether this instance holds the ingest pin (it has been sent messages
+/// since it last pulled anew), for operators to see which instance ingests.
+pub type Pinned = std::sync::Arc<std::sync::atomic::AtomicBool>;
+
 /// Consumes `UD_EDGE_IN` through `js` (a guarded connection: see
-/// [`crate::guard`]) until the connection ends, appending through
-/// `commands`. Messages of one node are handled in order; different nodes in
-/// parallel.
-pub async fn run(commands: TaskCommands, js: jetstream::Context) -> Result<(), EdgeError> {
+/// [`crate::guard`]) until the connection ends or `stop` turns true,
+/// appending through `commands`. Messages of one node are handled in order;
+/// different nodes in parallel. On `stop` it hands over: it stops pulling,
+/// lets the workers finish what they were given (up to [`HANDOVER`]) and
+/// releases the pin, so a standby instance ingests at once.
+pub async fn run(
+    commands: TaskCommands,
+    js: jetstream::Context,
+    pinned: Pinned,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), EdgeError> {
     let stream = loop {
         // The hub reconciler creates the stream; wait for it.
         match js.get_stream(edge::EDGE_IN).await {
@@ -537,20 +557,20 @@ pub async fn run(commands: TaskCommands, js: jetstream::Context) -> Result<(), E
         .await
         .map_err(nats_err)?;
     let mut senders = Vec::new();
+    let mut workers = tokio::task::JoinSet::new();
     for _ in 0..WORKERS {
         // Unbounded, so that routing never waits on a worker: what is in
         // flight is bounded by the consumer's max_ack_pending instead. (A
         // router waiting on a worker that waits on an ack that the same
         // connection cannot deliver while the router stalls would deadlock.)
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(worker(commands.clone(), rx, Duration::ZERO));
+        workers.spawn(worker(commands.clone(), rx, Duration::ZERO));
         senders.push(tx);
     }
     // Heartbeats take their own lane: they change nothing another event of
     // the node depends on, and many at once cost far less than one by one.
     let (beats, rx) = mpsc::unbounded_channel();
-    tokio::spawn(worker(commands.clone(), rx, HEARTBEAT_LINGER));
-    let beats = &beats;
+    workers.spawn(worker(commands.clone(), rx, HEARTBEAT_LINGER));
     // A pull subscription can fail under load (missed idle heartbeats, a
     // hub reload): bind again and go on; unacknowledged messages come back.
     loop {
@@ -568,11 +588,37 @@ pub async fn run(commands: TaskCommands, js: jetstream::Context) -> Result<(), E
                 continue;
             }
         };
-        let Some(pinned) = route(&mut messages, &senders, beats).await else {
+        let routed = tokio::select! {
+            r = route(&mut messages, &senders, &beats, &pinned) => r,
+            // Only a stop that is asked for: a dropped sender asks nothing.
+            // (The guard `wait_for` returns must not live across the awaits below.)
+            () = async {
+                if stop.wait_for(|s| *s).await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            } => {
+                drop(messages);
+                // Closed lanes let the workers finish what they hold, then end.
+                drop((senders, beats));
+                let finished = async { while workers.join_next().await.is_some() {} };
+                if tokio::time::timeout(HANDOVER, finished).await.is_err() {
+                    warn!("ingest workers still busy; what they hold comes back after the ack wait");
+                }
+                if pinned.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                    if let Err(e) = stream.unpin_consumer(CONSUMER, PIN_GROUP).await {
+                        warn!(error = %e, "cannot release the ingest pin; a standby takes it when it expires");
+                    }
+                }
+                tracing::info!("ingest stopped and handed over");
+                return Ok(());
+            }
+        };
+        let Some(held) = routed else {
             return Ok(());
         };
         warn!("ingest pull ended; binding again");
-        if pinned {
+        pinned.store(false, std::sync::atomic::Ordering::Relaxed);
+        if held {
             // The pin was this instance's: release it, or the next pull
             // (a new client to the server) would stand by until it expires.
             if let Err(e) = stream.unpin_consumer(CONSUMER, PIN_GROUP).await {
@@ -590,6 +636,7 @@ async fn route(
     messages: &mut consumer::pull::Stream,
     senders: &[mpsc::UnboundedSender<jetstream::Message>],
     beats: &mpsc::UnboundedSender<jetstream::Message>,
+    holds_pin: &Pinned,
 ) -> Option<bool> {
     let mut pinned = false;
     while let Some(m) = messages.next().await {
@@ -600,7 +647,10 @@ async fn route(
                 return Some(pinned);
             }
         };
-        pinned = true;
+        if !pinned {
+            pinned = true;
+            holds_pin.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         let lane = if is_heartbeat(&m) {
             beats
         } else {
@@ -613,4 +663,34 @@ async fn route(
         }
     }
     Some(pinned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(values: &[&str]) -> async_nats::HeaderMap {
+        let mut h = async_nats::HeaderMap::new();
+        for v in values {
+            h.append(SOURCE, *v);
+        }
+        h
+    }
+
+    #[test]
+    fn the_origin_is_what_the_hub_wrote_last() {
+        let origin = |values: &[&str]| origin(Some(&source(values)));
+        assert_eq!(origin(&["EDGE_ab12 7 > >"]).as_deref(), Some("ab12"));
+        assert_eq!(
+            origin(&["EDGE_x 1", "EDGE_ab12 7 > >"]).as_deref(),
+            Some("ab12")
+        );
+        // A node's unterminated line that the hub's header was appended to.
+        assert_eq!(
+            origin(&["EDGE_x Nats-Stream-Source: EDGE_ab12 7 > >"]).as_deref(),
+            Some("ab12")
+        );
+        assert_eq!(origin(&["OTHER 1"]), None);
+        assert_eq!(super::origin(None), None);
+    }
 }
