@@ -79,6 +79,22 @@ async fn guarded(server: &NatsServer) -> Result<async_nats::Client> {
         .await?)
 }
 
+/// Returns once the server has `sub`'s interest: `client` publishes on
+/// `subject` and waits to see it (async-nats's flush does not ask the server).
+async fn synced(
+    client: &async_nats::Client,
+    sub: &mut async_nats::Subscriber,
+    subject: &str,
+) -> Result<()> {
+    client.publish(subject.to_owned(), "sync".into()).await?;
+    let m = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .map_err(|_| anyhow!("{subject}: the subscription saw nothing"))?
+        .ok_or_else(|| anyhow!("{subject}: the subscription ended"))?;
+    assert_eq!(&m.payload[..], b"sync");
+    Ok(())
+}
+
 fn x(m: &async_nats::Message) -> Option<String> {
     m.headers
         .as_ref()
@@ -91,11 +107,14 @@ async fn a_client_behind_the_guard_reads_every_header_block_and_stays_connected(
     let server = NatsServer::start().await?;
     let client = guarded(&server).await?;
     let mut sub = client.subscribe("probe.core").await?;
-    client.flush().await?;
+    synced(&client, &mut sub, "probe.core").await?;
     // Without the guard the same messages end the client's connection.
     let bare = server.connect().await?;
-    let _bare_sub = bare.subscribe("probe.core").await?;
-    bare.flush().await?;
+    let mut bare_sub = bare.subscribe("probe.core").await?;
+    synced(&bare, &mut bare_sub, "probe.core").await?;
+    // The guarded client sees the bare one's marker too.
+    let marker = tokio::time::timeout(Duration::from_secs(5), sub.next()).await?;
+    assert_eq!(marker.map(|m| m.payload), Some("sync".into()));
 
     publish_raw(&server, "probe.core").await?;
     for (_, want) in BLOCKS {
@@ -113,19 +132,12 @@ async fn a_client_behind_the_guard_reads_every_header_block_and_stays_connected(
             .is_none());
     }
     client.flush().await?;
-    // The bare client's connection stops at the first block. A flush may
-    // still be answered by a PONG that was on its way before it: flush until
-    // one fails.
-    let stopped = tokio::time::timeout(Duration::from_secs(5), async {
-        for _ in 0..1000 {
-            if bare.flush().await.is_err() {
-                return true;
-            }
-        }
-        false
-    })
-    .await;
-    assert!(!matches!(stopped, Ok(false)), "the bare client is still up");
+    // The bare client's connection stops at the first block, and with it
+    // its subscriptions.
+    let bare_got = tokio::time::timeout(Duration::from_secs(5), bare_sub.next())
+        .await
+        .map_err(|_| anyhow!("the bare subscription neither ended nor read"))?;
+    assert!(bare_got.is_none(), "the bare client read {bare_got:?}");
     Ok(())
 }
 
@@ -230,7 +242,7 @@ async fn subjects_and_replies_the_client_cannot_read_are_mended() -> Result<()> 
     let server = NatsServer::start().await?;
     let client = guarded(&server).await?;
     let mut sub = client.subscribe("probe.>").await?;
-    client.flush().await?;
+    synced(&client, &mut sub, "probe.sync").await?;
     // A reply subject that is not UTF-8, and a subject with a no-break space
     // (nats-server splits only at spaces and tabs; the client at any white space).
     let mut ops = b"PUB probe.a _INBOX.x\xff 2\r\nok\r\n".to_vec();
