@@ -417,30 +417,43 @@ struct Controller {
     serve_counter: u64,
     /// Why tasks wait, written in order by one background writer.
     verdicts: mpsc::UnboundedSender<(TaskId, TaskCommand)>,
+    /// Tasks whose verdict the writer could not record: judged afresh.
+    unwritten: mpsc::UnboundedReceiver<TaskId>,
     /// Runs and cancels for nodes, published in order by one background publisher.
     dispatches: mpsc::UnboundedSender<Dispatch>,
 }
 
 /// Writes the scheduler's verdicts on unplaced tasks, in the order given
-/// (the last word on a task is the one kept), retrying conflicts.
+/// (the last word on a task is the one kept), retrying conflicts. A verdict
+/// it cannot record goes back as `unwritten`, so that the next pass writes it
+/// again (the scheduler writes a verdict only when it changes).
 async fn write_verdicts(
     commands: TaskCommands,
     mut rx: mpsc::UnboundedReceiver<(TaskId, TaskCommand)>,
+    unwritten: mpsc::UnboundedSender<TaskId>,
 ) {
     while let Some((id, command)) = rx.recv().await {
+        let mut written = false;
         for _ in 0..5 {
             match commands
                 .execute(id, command.clone(), "scheduler", |_| true)
                 .await
             {
                 Err(CommandError::Conflict) => continue,
-                Ok(_) | Err(CommandError::Rejected(_)) => {}
+                // Rejected: the task is no longer waiting.
+                Ok(_) | Err(CommandError::Rejected(_)) => written = true,
                 Err(e) => warn!(task_id = %id, error = %e, "cannot record why the task waits"),
             }
             break;
         }
+        if !written {
+            let _ = unwritten.send(id);
+        }
     }
 }
+
+/// How long the queue settings watch may be quiet before it is checked.
+const QUEUES_STALL_CHECK: Duration = Duration::from_secs(2);
 
 /// One dispatch to publish: the task and node it is for, its subject, the message.
 type Dispatch = ((TaskId, NodeId), String, PublishMessage);
@@ -531,6 +544,9 @@ impl Controller {
     }
 
     async fn schedule(&mut self) {
+        while let Ok(id) = self.unwritten.try_recv() {
+            self.waiting.remove(&id);
+        }
         let now = now_millis();
         let mut live: HashMap<&str, usize> = HashMap::new();
         let mut queue_live: HashMap<String, u32> = HashMap::new();
@@ -861,19 +877,35 @@ impl Controller {
 }
 
 /// Follows the `ud_queues` bucket (every queue's last value, then changes)
-/// and sends each queue's settings; binds again when the watch ends.
+/// and sends each queue's settings; binds again when the watch ends, or when
+/// it has gone quiet while the bucket changed (a hub reload can drop the
+/// watch's consumer without the client noticing for a while).
 async fn watch_queues(
     js: async_nats::jetstream::Context,
     tx: mpsc::Sender<(String, Option<QueueConfig>)>,
 ) {
     use futures::StreamExt;
     loop {
-        let watch = match js.get_key_value(streams::QUEUES_BUCKET).await {
-            Ok(kv) => kv.watch_with_history(">").await.ok(),
-            Err(_) => None,
+        let kv = js.get_key_value(streams::QUEUES_BUCKET).await.ok();
+        let watch = match &kv {
+            Some(kv) => kv.watch_with_history(">").await.ok(),
+            None => None,
         };
-        if let Some(mut entries) = watch {
-            while let Some(Ok(entry)) = entries.next().await {
+        if let (Some(kv), Some(mut entries)) = (kv, watch) {
+            let mut seen = 0;
+            loop {
+                let entry = match tokio::time::timeout(QUEUES_STALL_CHECK, entries.next()).await {
+                    Ok(Some(Ok(entry))) => entry,
+                    Ok(_) => break,
+                    Err(_) => match kv.status().await {
+                        Ok(s) if s.info.state.last_sequence > seen => {
+                            warn!("queue settings watch stalled; watching again");
+                            break;
+                        }
+                        _ => continue,
+                    },
+                };
+                seen = entry.revision;
                 let config = match entry.operation {
                     async_nats::jetstream::kv::Operation::Put => {
                         match serde_json::from_slice::<QueueRecord>(&entry.value) {
@@ -894,7 +926,7 @@ async fn watch_queues(
                 }
             }
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -933,11 +965,13 @@ pub async fn run(commands: TaskCommands, settings: ControllerSettings) {
         targets.insert(stream.to_owned(), last.unwrap_or(0));
     }
     let (verdicts, verdicts_rx) = mpsc::unbounded_channel();
-    tokio::spawn(write_verdicts(commands.clone(), verdicts_rx));
+    let (unwritten_tx, unwritten) = mpsc::unbounded_channel();
+    tokio::spawn(write_verdicts(commands.clone(), verdicts_rx, unwritten_tx));
     let (dispatches, dispatches_rx) = mpsc::unbounded_channel();
     tokio::spawn(publish_dispatches(js.clone(), dispatches_rx));
     let mut c = Controller {
         verdicts,
+        unwritten,
         dispatches,
         commands,
         settings,

@@ -264,26 +264,38 @@ impl Stack {
             self.admin.clone(),
             id.to_owned(),
         );
-        self.until(what, timeout, move || {
-            let (http, base, admin, id, check) = (
-                http.clone(),
-                base.clone(),
-                admin.clone(),
-                id.clone(),
-                check.clone(),
-            );
-            async move {
-                let v: Value = http
-                    .get(format!("{base}/api/v1/tasks/{id}"))
-                    .bearer_auth(&admin)
-                    .send()
-                    .await?
-                    .json()
-                    .await?;
-                Ok(check(&v).then_some(v))
-            }
+        // The task as last read, for the message when the wait times out.
+        let last = std::sync::Arc::new(std::sync::Mutex::new(Value::Null));
+        let seen = last.clone();
+        let result = self
+            .until(what, timeout, move || {
+                let (http, base, admin, id, check, seen) = (
+                    http.clone(),
+                    base.clone(),
+                    admin.clone(),
+                    id.clone(),
+                    check.clone(),
+                    seen.clone(),
+                );
+                async move {
+                    let v: Value = http
+                        .get(format!("{base}/api/v1/tasks/{id}"))
+                        .bearer_auth(&admin)
+                        .send()
+                        .await?
+                        .json()
+                        .await?;
+                    if let Ok(mut s) = seen.lock() {
+                        *s = v.clone();
+                    }
+                    Ok(check(&v).then_some(v))
+                }
+            })
+            .await;
+        result.map_err(|e| {
+            let last = last.lock().map(|v| v.to_string()).unwrap_or_default();
+            anyhow!("{e}; the task was last {last}")
         })
-        .await
     }
 
     pub async fn enroll(&self, name: &str) -> Result<NodeToken> {
