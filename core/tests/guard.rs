@@ -95,6 +95,29 @@ async fn synced(
     Ok(())
 }
 
+/// A durable pull consumer on `stream` with explicit acks, and its messages.
+async fn reader(
+    stream: &stream::Stream,
+) -> Result<(consumer::PullConsumer, consumer::pull::Stream)> {
+    let consumer = stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("reader".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await?;
+    let messages = consumer.messages().await?;
+    Ok((consumer, messages))
+}
+
+async fn next(messages: &mut consumer::pull::Stream) -> Result<jetstream::Message> {
+    let m = tokio::time::timeout(Duration::from_secs(5), messages.next())
+        .await
+        .map_err(|_| anyhow!("no message in 5 s"))?
+        .ok_or_else(|| anyhow!("the pull ended"))?;
+    m.map_err(|e| anyhow!("pull: {e}"))
+}
+
 fn x(m: &async_nats::Message) -> Option<String> {
     m.headers
         .as_ref()
@@ -155,18 +178,9 @@ async fn a_stored_message_with_an_unreadable_header_block_is_delivered_and_ackno
         })
         .await?;
     publish_raw(&server, "probe.stored").await?;
-    let consumer = stream
-        .create_consumer(consumer::pull::Config {
-            durable_name: Some("reader".into()),
-            ack_policy: consumer::AckPolicy::Explicit,
-            ..Default::default()
-        })
-        .await?;
-    let mut messages = consumer.messages().await?;
+    let (consumer, mut messages) = reader(&stream).await?;
     for (_, want) in BLOCKS {
-        let m = tokio::time::timeout(Duration::from_secs(5), messages.next())
-            .await?
-            .ok_or_else(|| anyhow!("the pull ended"))??;
+        let m = next(&mut messages).await?;
         assert_eq!(x(&m).as_deref(), Some(want));
         m.double_ack().await.map_err(|e| anyhow!("ack: {e}"))?;
     }
@@ -209,20 +223,12 @@ async fn a_sourced_message_names_the_stream_it_came_from_whatever_its_headers_sa
         b"NATS/1.0\r\nX: end\r\n\r\n",
     ];
     publish_blocks(&server, "mine.x", &forged).await?;
-    let consumer = inbox
-        .create_consumer(consumer::pull::Config {
-            durable_name: Some("reader".into()),
-            ack_policy: consumer::AckPolicy::Explicit,
-            ..Default::default()
-        })
-        .await?;
-    let mut messages = consumer.messages().await?;
+    let (_consumer, mut messages) = reader(&inbox).await?;
     let mut seen = Vec::new();
     while seen.last().map(String::as_str) != Some("end") {
-        let m = tokio::time::timeout(Duration::from_secs(5), messages.next())
+        let m = next(&mut messages)
             .await
-            .map_err(|_| anyhow!("only {seen:?} sourced"))?
-            .ok_or_else(|| anyhow!("the pull ended"))??;
+            .map_err(|e| anyhow!("{e} after {seen:?}"))?;
         assert_eq!(
             ud_core::edge::ingest::origin(m.headers.as_ref()).as_deref(),
             Some("mine"),
