@@ -258,7 +258,8 @@ pub async fn backup(a: BackupArgs) -> Result<()> {
     } else {
         None
     };
-    let store = a.nats.connect("unidesk-backup").await?;
+    // Every stream, nodes' reports among them: read through the guard.
+    let store = a.nats.connect_guarded("unidesk-backup").await?;
     let js = store.jetstream();
     let name = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ").to_string();
     let dir = a.dir.path.join(&name);

@@ -19,7 +19,16 @@ pub struct NatsArgs {
 
 impl NatsArgs {
     pub async fn connect(&self, name: &str) -> Result<EventStore> {
-        let client = server::connect_nats(&self.nats_url, name).await?;
+        self.connect_with(name, false).await
+    }
+
+    /// Connects through [`ud_core::guard`], for reading what nodes wrote.
+    pub async fn connect_guarded(&self, name: &str) -> Result<EventStore> {
+        self.connect_with(name, true).await
+    }
+
+    async fn connect_with(&self, name: &str, guarded: bool) -> Result<EventStore> {
+        let client = server::connect_nats_with(&self.nats_url, name, guarded).await?;
         Ok(EventStore::new(
             client,
             self.js_domain.as_deref().filter(|d| !d.is_empty()),
