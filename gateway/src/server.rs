@@ -91,10 +91,11 @@ impl Running {
     /// (see [`ud_core::edge::ingest::run`]), then everything else stops.
     pub async fn stop(mut self) {
         let _ = self.stop_ingest.send(true);
-        if let Some(ingest) = self.ingest.take() {
+        if let Some(mut ingest) = self.ingest.take() {
             let patience = ud_core::edge::ingest::HANDOVER + std::time::Duration::from_secs(5);
-            if tokio::time::timeout(patience, ingest).await.is_err() {
+            if tokio::time::timeout(patience, &mut ingest).await.is_err() {
                 tracing::warn!("the ingest did not hand over in time");
+                ingest.abort();
             }
         }
         self.shutdown();

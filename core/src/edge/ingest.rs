@@ -14,7 +14,7 @@ use std::hash::{Hash, Hasher};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, AckKind};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 use ud_schemas::codec::{self, EventMeta};
@@ -532,10 +532,12 @@ pub async fn run(
     pinned: Pinned,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), EdgeError> {
+    let asked_to_stop = |stop: &tokio::sync::watch::Receiver<bool>| *stop.borrow();
     let stream = loop {
         // The hub reconciler creates the stream; wait for it.
         match js.get_stream(edge::EDGE_IN).await {
             Ok(s) => break s,
+            Err(_) if asked_to_stop(&stop) => return Ok(()),
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     };
@@ -582,6 +584,7 @@ pub async fn run(
             .messages();
         let mut messages = match pull.await {
             Ok(m) => m,
+            Err(_) if asked_to_stop(&stop) => return Ok(()),
             Err(e) => {
                 warn!(error = %e, "ingest cannot pull; trying again");
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -597,13 +600,26 @@ pub async fn run(
                     std::future::pending::<()>().await;
                 }
             } => {
+                // What the pull holds already but no worker was given goes
+                // back (below) ahead of anything newer; what is still on its
+                // way comes back after the ack wait.
+                let mut held = Vec::new();
+                while let Some(Some(Ok(m))) = messages.next().now_or_never() {
+                    held.push(m);
+                }
                 drop(messages);
                 // Closed lanes let the workers finish what they hold, then end.
                 drop((senders, beats));
                 let finished = async { while workers.join_next().await.is_some() {} };
                 if tokio::time::timeout(HANDOVER, finished).await.is_err() {
                     warn!("ingest workers still busy; what they hold comes back after the ack wait");
+                    workers.abort_all();
                 }
+                for m in held {
+                    let _ = m.ack_with(AckKind::Nak(None)).await;
+                }
+                // Acknowledgements are only queued until the client sends them.
+                let _ = js.client().flush().await;
                 if pinned.swap(false, std::sync::atomic::Ordering::Relaxed) {
                     if let Err(e) = stream.unpin_consumer(CONSUMER, PIN_GROUP).await {
                         warn!(error = %e, "cannot release the ingest pin; a standby takes it when it expires");

@@ -885,6 +885,10 @@ async fn watch_queues(
     tx: mpsc::Sender<(String, Option<QueueConfig>)>,
 ) {
     use futures::StreamExt;
+    // The bucket's last sequence when the watch was last bound anew for
+    // being behind it: if that message is gone (a compaction), a fresh watch
+    // never reaches it, and is not behind for that.
+    let mut rebound_at = 0;
     loop {
         let kv = js.get_key_value(streams::QUEUES_BUCKET).await.ok();
         let watch = match &kv {
@@ -898,7 +902,8 @@ async fn watch_queues(
                     Ok(Some(Ok(entry))) => entry,
                     Ok(_) => break,
                     Err(_) => match kv.status().await {
-                        Ok(s) if s.info.state.last_sequence > seen => {
+                        Ok(s) if s.info.state.last_sequence > seen.max(rebound_at) => {
+                            rebound_at = s.info.state.last_sequence;
                             warn!("queue settings watch stalled; watching again");
                             break;
                         }
