@@ -405,12 +405,10 @@ pub async fn issue_token(
     actor: &str,
 ) -> Result<IssuedToken, CommandError> {
     let mut errors = Vec::new();
-    if name.is_empty() || name.len() > 100 {
-        errors.push(FieldError::new("name", "must be 1-100 bytes"));
-    } else if name.chars().any(char::is_control) {
+    if name.is_empty() || !crate::validate::plain_text(name, 100) {
         errors.push(FieldError::new(
             "name",
-            "must not contain control characters",
+            "must be 1-100 bytes without control characters",
         ));
     }
     let mut parsed = Vec::new();

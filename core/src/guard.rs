@@ -49,7 +49,11 @@ fn readable(block: &[u8], stored: bool) -> bool {
         }
     }
     let mut lines = text.split("\r\n");
-    if !lines.next().is_some_and(|first| status_ok(first, stored)) {
+    if lines
+        .next()
+        .and_then(|first| status(first, stored))
+        .is_none()
+    {
         return false;
     }
     let mut in_header = false;
@@ -85,10 +89,6 @@ fn status(first: &str, stored: bool) -> Option<&str> {
     }
     let code = rest.split_once(' ').map_or(rest, |(c, _)| c.trim());
     code.parse::<async_nats::StatusCode>().ok().map(|_| rest)
-}
-
-fn status_ok(first: &str, stored: bool) -> bool {
-    status(first, stored).is_some()
 }
 
 /// `block` as the client will read it as nats-server meant it, or `None`

@@ -65,7 +65,7 @@ fn reply(result: Result<Accepted, CommandError>) -> Result<Bytes, service::error
         Err(e) => Err(service::error::Error {
             // The reason goes into a header: a line break in it (a field
             // name from the request) would end the header.
-            status: e.describe().replace(['\r', '\n'], " "),
+            status: ud_schemas::headers::one_line(e.describe()),
             code: e.status_code().into(),
         }),
     }
@@ -76,7 +76,7 @@ fn reply(result: Result<Accepted, CommandError>) -> Result<Bytes, service::error
 fn actor(named: Option<String>) -> Result<String, CommandError> {
     match named {
         None => Ok("nats".into()),
-        Some(a) if a.is_empty() || a.len() > 200 || a.chars().any(char::is_control) => {
+        Some(a) if a.is_empty() || !crate::validate::plain_text(&a, 200) => {
             Err(CommandError::Invalid(vec![
                 crate::validate::FieldError::new(
                     "actor",

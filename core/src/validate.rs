@@ -278,6 +278,12 @@ pub fn relative_path(field: &str, path: &str) -> Result<(), FieldError> {
     Ok(())
 }
 
+/// Text a person wrote that goes into headers, rows and logs: at most `max`
+/// bytes, without control characters (line breaks, NUL).
+pub fn plain_text(s: &str, max: usize) -> bool {
+    s.len() <= max && !s.chars().any(char::is_control)
+}
+
 fn label_key(k: &str) -> bool {
     !k.is_empty()
         && k.len() <= 63
@@ -362,7 +368,7 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
         e.0.push(f.clone());
     }
     if let Some(name) = &req.name {
-        if name.len() > 200 || name.chars().any(char::is_control) {
+        if !plain_text(name, 200) {
             e.add(
                 "name",
                 "longer than 200 bytes or contains control characters",
@@ -419,7 +425,7 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
         e.add("resources.gpus", "must be between 0 and 64");
     }
     if let Some(m) = &r.gpu_model {
-        if m.is_empty() || m.len() > 128 || m.chars().any(char::is_control) {
+        if m.is_empty() || !plain_text(m, 128) {
             e.add(
                 "resources.gpu_model",
                 "must be 1-128 bytes without control characters",
@@ -437,7 +443,7 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
         ("preferred_labels", &r.preferred_labels),
     ] {
         for (k, v) in labels {
-            if !label_key(k) || v.len() > 63 || v.chars().any(char::is_control) {
+            if !label_key(k) || !plain_text(v, 63) {
                 e.add(
                     format!("resources.{field}.{k}"),
                     "keys are 1-63 of [A-Za-z0-9-_./], values at most 63 bytes without control characters",

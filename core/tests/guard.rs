@@ -118,6 +118,19 @@ async fn next(messages: &mut consumer::pull::Stream) -> Result<jetstream::Messag
     m.map_err(|e| anyhow!("pull: {e}"))
 }
 
+/// A guarded client subscribed to `filter`, once the server has the
+/// interest (seen through a marker on `marker`).
+async fn guarded_subscription(
+    server: &NatsServer,
+    filter: &str,
+    marker: &str,
+) -> Result<(async_nats::Client, async_nats::Subscriber)> {
+    let client = guarded(server).await?;
+    let mut sub = client.subscribe(filter.to_owned()).await?;
+    synced(&client, &mut sub, marker).await?;
+    Ok((client, sub))
+}
+
 fn x(m: &async_nats::Message) -> Option<String> {
     m.headers
         .as_ref()
@@ -128,9 +141,7 @@ fn x(m: &async_nats::Message) -> Option<String> {
 #[tokio::test]
 async fn a_client_behind_the_guard_reads_every_header_block_and_stays_connected() -> Result<()> {
     let server = NatsServer::start().await?;
-    let client = guarded(&server).await?;
-    let mut sub = client.subscribe("probe.core").await?;
-    synced(&client, &mut sub, "probe.core").await?;
+    let (client, mut sub) = guarded_subscription(&server, "probe.core", "probe.core").await?;
     // Without the guard the same messages end the client's connection.
     let bare = server.connect().await?;
     let mut bare_sub = bare.subscribe("probe.core").await?;
@@ -246,9 +257,7 @@ async fn a_sourced_message_names_the_stream_it_came_from_whatever_its_headers_sa
 #[tokio::test]
 async fn subjects_and_replies_the_client_cannot_read_are_mended() -> Result<()> {
     let server = NatsServer::start().await?;
-    let client = guarded(&server).await?;
-    let mut sub = client.subscribe("probe.>").await?;
-    synced(&client, &mut sub, "probe.sync").await?;
+    let (client, mut sub) = guarded_subscription(&server, "probe.>", "probe.sync").await?;
     // A reply subject that is not UTF-8, and a subject with a no-break space
     // (nats-server splits only at spaces and tabs; the client at any white space).
     let mut ops = b"PUB probe.a _INBOX.x\xff 2\r\nok\r\n".to_vec();

@@ -320,15 +320,14 @@ async fn apply_tasks(
         .into_iter()
         .map(|r| (r.id, r))
         .collect();
-    let (rows, failures) = fold_batch(decoded, existing, task_key, |row, env, seq| {
-        match &env.event {
-            Event::Task(id, e) => {
-                Some(rows::apply_task(row, *id, e, &env.meta.actor, seq).map_err(|e| e.to_string()))
-            }
-            _ => None,
+    let (mut rows, failures) = fold_batch(decoded, existing, task_key, |row, env, seq| match &env
+        .event
+    {
+        Event::Task(id, e) => {
+            Some(rows::apply_task(row, *id, e, &env.meta.actor, seq).map_err(|e| e.to_string()))
         }
+        _ => None,
     });
-    let mut rows = rows;
     rows.iter_mut().for_each(TaskRow::scrub);
     db::upsert_tasks(tx, &rows).await?;
     Ok(failures)
@@ -344,7 +343,7 @@ async fn apply_nodes(
         .into_iter()
         .map(|r| (r.id, r))
         .collect();
-    let (rows, failures) = fold_batch(decoded, existing, node_key, |row, env, seq| {
+    let (mut rows, failures) = fold_batch(decoded, existing, node_key, |row, env, seq| {
         match &env.event {
             // A heartbeat may be projected before its node's registration
             // (another stream); the next one will land.
@@ -355,7 +354,6 @@ async fn apply_nodes(
             _ => None,
         }
     });
-    let mut rows = rows;
     rows.iter_mut().for_each(NodeRow::scrub);
     db::upsert_nodes(tx, &rows).await?;
     Ok(failures)
@@ -371,13 +369,12 @@ async fn apply_tokens(
         .into_iter()
         .map(|r| (r.id, r))
         .collect();
-    let (rows, failures) = fold_batch(decoded, existing, token_key, |row, env, _| {
+    let (mut rows, failures) = fold_batch(decoded, existing, token_key, |row, env, _| {
         match &env.event {
             Event::Auth(id, e) => Some(rows::apply_token(row, *id, e).map_err(|e| e.to_string())),
             _ => None,
         }
     });
-    let mut rows = rows;
     rows.iter_mut().for_each(TokenRow::scrub);
     db::upsert_tokens(tx, &rows).await?;
     Ok(failures)

@@ -32,14 +32,19 @@ const CORRELATION_ID_NAME: HeaderName = HeaderName::from_static(CORRELATION_ID);
 const CAUSATION_ID_NAME: HeaderName = HeaderName::from_static(CAUSATION_ID);
 const ACTOR_NAME: HeaderName = HeaderName::from_static(ACTOR);
 
-/// A header value from text. A line break would end the header (async-nats
+/// Text fit for a header: a line break would end the header (async-nats
 /// refuses one by panicking), so each `\r` or `\n` becomes a space.
-pub fn value(text: String) -> HeaderValue {
+pub fn one_line(text: String) -> String {
     if text.contains(['\r', '\n']) {
-        HeaderValue::from(text.replace(['\r', '\n'], " "))
+        text.replace(['\r', '\n'], " ")
     } else {
-        HeaderValue::from(text)
+        text
     }
+}
+
+/// A header value from text, on one line (see [`one_line`]).
+pub fn value(text: String) -> HeaderValue {
+    HeaderValue::from(one_line(text))
 }
 
 /// Headers of one event. The aggregate id is in the subject; the event id
