@@ -63,6 +63,14 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(text)
 }
 
+/// A refused or failed publish: a lost concurrency race is a conflict.
+fn publish_error(e: jetstream::context::PublishError) -> StoreError {
+    match e.kind() {
+        PublishErrorKind::WrongLastSequence => StoreError::Conflict,
+        _ => unavailable(e),
+    }
+}
+
 impl EventStore {
     /// `domain` is the JetStream domain to address (`None` on the hub itself).
     pub fn new(client: async_nats::Client, domain: Option<&str>) -> Self {
@@ -158,10 +166,7 @@ impl EventStore {
             .await
             .map_err(unavailable)?
             .await
-            .map_err(|e| match e.kind() {
-                PublishErrorKind::WrongLastSequence => StoreError::Conflict,
-                _ => unavailable(e),
-            })?;
+            .map_err(publish_error)?;
         debug!(seq = ack.sequence, subject = %event.subject(), "appended");
         Ok(ack.sequence)
     }
@@ -195,23 +200,35 @@ impl EventStore {
     ) -> Vec<Result<u64, StoreError>> {
         let mut out: Vec<Option<Result<u64, StoreError>>> = Vec::with_capacity(items.len());
         out.resize_with(items.len(), || None);
+        self.append_each(items, window, |i, r| out[i] = Some(r))
+            .await;
+        out.into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(StoreError::Unavailable("publish not sent".into()))))
+            .collect()
+    }
+
+    /// [`Self::append_pipelined`] that hands each result to `done` (with the
+    /// index of its event) as soon as it arrives, so that a caller can act on
+    /// the first events stored while the last ones are still on their way.
+    pub async fn append_each<F>(
+        &self,
+        items: Vec<(Event, EventMeta, Expect)>,
+        window: usize,
+        mut done: F,
+    ) where
+        F: FnMut(usize, Result<u64, StoreError>),
+    {
         let mut ready = Vec::with_capacity(items.len());
         for (i, (event, meta, expect)) in items.iter().enumerate() {
             match Self::message(event, meta, *expect) {
                 Ok(msg) => ready.push((i, event.subject(), msg)),
-                Err(e) => out[i] = Some(Err(e)),
+                Err(e) => done(i, Err(e)),
             }
         }
-        let sent = publish_pipelined(&self.js, ready, window).await;
-        for (i, r) in sent {
-            out[i] = Some(r.map(|a| a.sequence).map_err(|e| match e.kind() {
-                PublishErrorKind::WrongLastSequence => StoreError::Conflict,
-                _ => unavailable(e),
-            }));
-        }
-        out.into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(StoreError::Unavailable("publish not sent".into()))))
-            .collect()
+        publish_each(&self.js, futures::stream::iter(ready), window, |i, r| {
+            done(i, r.map(|a| a.sequence).map_err(publish_error))
+        })
+        .await;
     }
 
     /// Every event on `filter` in `stream`, in order (direct gets; meant for
@@ -302,8 +319,9 @@ impl EventStore {
     }
 }
 
-/// Publishes many messages, keeping up to `window` of them awaiting their
-/// acknowledgement; each result comes with the key it was given.
+/// Publishes what `messages` yields, in order, until it ends, keeping up to
+/// `window` of them awaiting their acknowledgement, and hands each result to
+/// `done` (with the key it was given) as it arrives.
 ///
 /// The client lets only so many publishes await acknowledgement on a
 /// connection (async-nats: 5,000) and makes the next one wait for a free
@@ -311,28 +329,6 @@ impl EventStore {
 /// does not read would never free its own, and pipelines holding each other's
 /// slots would all stop: so while waiting to send, the acknowledgements that
 /// arrived are taken.
-pub async fn publish_pipelined<K>(
-    js: &jetstream::Context,
-    messages: Vec<(K, String, PublishMessage)>,
-    window: usize,
-) -> Vec<(
-    K,
-    Result<jetstream::publish::PublishAck, jetstream::context::PublishError>,
-)> {
-    let mut out = Vec::with_capacity(messages.len());
-    publish_each(
-        js,
-        futures::stream::iter(messages),
-        window,
-        |key, result| out.push((key, result)),
-    )
-    .await;
-    out
-}
-
-/// [`publish_pipelined`] for messages that keep coming: publishes what
-/// `messages` yields, in order, until it ends, and hands each result to
-/// `done` as it arrives.
 pub async fn publish_each<K, S, F>(
     js: &jetstream::Context,
     mut messages: S,
