@@ -1,0 +1,678 @@
+//! The controller loop on the main server: follows the streams, runs
+//! liveness, and places pending tasks with the pure policy of the parent module.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_nats::jetstream::message::PublishMessage;
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+use ud_schemas::codec::EventMeta;
+use ud_schemas::dispatch::{self, DispatchCancel, DispatchRun};
+use ud_schemas::{edge, now_millis, streams, Event, NodeId, Resources, TaskId, TaskSpec};
+
+use super::{
+    add, explain, fair_order, place, Placement, QueueConfig, QueueRecord, Queued, Queues, Unplaced,
+    Usage,
+};
+use crate::commands::{CommandError, TaskCommands};
+use crate::edge::view::{self, Cluster, Update};
+use crate::node::Node;
+use crate::store::{publish_each, Expect};
+use crate::task::{self, TaskCommand, TaskState};
+
+/// An assigned task whose node has not started it gets its run again after this.
+const RESEND_AFTER: Duration = Duration::from_secs(30);
+
+/// Assignments of one scheduling pass in flight at once.
+const PLACEMENTS_IN_FLIGHT: usize = 256;
+/// Run dispatches awaiting the stream's acknowledgement at once.
+const DISPATCHES_IN_FLIGHT: usize = 256;
+
+#[derive(Clone, Debug)]
+pub struct ControllerSettings {
+    /// A node silent this long is offline.
+    pub heartbeat_timeout: Duration,
+    /// How often liveness is checked.
+    pub check_interval: Duration,
+    /// Seconds between a cancel's graceful signal and the kill.
+    pub cancel_grace_seconds: u32,
+    /// Pack or spread tasks over the nodes they fit on.
+    pub placement: Placement,
+    /// Queue priorities and limits.
+    pub queues: Queues,
+}
+
+struct Controller {
+    commands: TaskCommands,
+    settings: ControllerSettings,
+    cluster: Cluster,
+    /// Assigned by this instance, not yet seen back in the stream.
+    inflight: HashMap<TaskId, NodeId>,
+    /// Why each unplaced pending task waits, as last written (its kind: what
+    /// keeps it waiting, without counts, so that it is written on change only).
+    waiting: HashMap<TaskId, String>,
+    /// Last sequences of the node and task streams at start, and how far the
+    /// view has applied them: no task is judged before the view is complete.
+    targets: HashMap<String, u64>,
+    applied: HashMap<String, u64>,
+    /// Runs lost with their node, by node: stopped if the node comes back.
+    lost: HashMap<NodeId, Vec<TaskId>>,
+    /// Assigned tasks not started yet, with when their run was last sent:
+    /// sent again after `RESEND_AFTER` (a dispatch whose store was not
+    /// confirmed may be missing; a node ignores a run it already has).
+    unstarted: HashMap<TaskId, std::time::Instant>,
+    /// When each project was last given a node (see `fair_order`).
+    served: HashMap<String, u64>,
+    serve_counter: u64,
+    /// Why tasks wait, written in order by one background writer.
+    verdicts: mpsc::UnboundedSender<(TaskId, TaskCommand)>,
+    /// Tasks whose verdict the writer could not record: judged afresh.
+    unwritten: mpsc::UnboundedReceiver<TaskId>,
+    /// Runs and cancels for nodes, published in order by one background publisher.
+    dispatches: mpsc::UnboundedSender<Dispatch>,
+}
+
+/// Writes the scheduler's verdicts on unplaced tasks, in the order given
+/// (the last word on a task is the one kept), retrying conflicts. A verdict
+/// it cannot record goes back as `unwritten`, so that the next pass writes it
+/// again (the scheduler writes a verdict only when it changes).
+async fn write_verdicts(
+    commands: TaskCommands,
+    mut rx: mpsc::UnboundedReceiver<(TaskId, TaskCommand)>,
+    unwritten: mpsc::UnboundedSender<TaskId>,
+) {
+    while let Some((id, command)) = rx.recv().await {
+        let mut written = false;
+        for _ in 0..5 {
+            match commands
+                .execute(id, command.clone(), "scheduler", |_| true)
+                .await
+            {
+                Err(CommandError::Conflict) => continue,
+                // Rejected: the task is no longer waiting.
+                Ok(_) | Err(CommandError::Rejected(_)) => written = true,
+                Err(e) => warn!(task_id = %id, error = %e, "cannot record why the task waits"),
+            }
+            break;
+        }
+        if !written {
+            let _ = unwritten.send(id);
+        }
+    }
+}
+
+/// How long the queue settings watch may be quiet before it is checked.
+const QUEUES_STALL_CHECK: Duration = Duration::from_secs(2);
+
+/// One dispatch to publish: the task and node it is for, its subject, the message.
+type Dispatch = ((TaskId, NodeId), String, PublishMessage);
+
+/// Publishes the controller's dispatches in the order it made them, many
+/// awaiting the stream's acknowledgement at once, so that scheduling never
+/// waits for the hub's disk. One publisher keeps a task's run before its
+/// cancel. An unconfirmed run is sent again after `RESEND_AFTER` (its
+/// message id keeps a stored one from being stored twice).
+async fn publish_dispatches(
+    js: async_nats::jetstream::Context,
+    mut rx: mpsc::UnboundedReceiver<Dispatch>,
+) {
+    let dispatches = futures::stream::poll_fn(|cx| rx.poll_recv(cx));
+    publish_each(&js, dispatches, DISPATCHES_IN_FLIGHT, |(task, node), r| {
+        if let Err(e) = r {
+            warn!(task_id = %task, node_id = %node, error = %e, "dispatch not confirmed");
+        }
+    })
+    .await;
+}
+
+impl Controller {
+    fn usage(&self) -> HashMap<NodeId, Usage> {
+        let mut usage = HashMap::new();
+        for t in self.cluster.tasks.values() {
+            if let Some(node) = t.task.state.live_node() {
+                add(&mut usage, node, &t.task.spec);
+            }
+        }
+        for (task, node) in &self.inflight {
+            if let Some(t) = self.cluster.tasks.get(task) {
+                if t.task.state == TaskState::Pending {
+                    add(&mut usage, *node, &t.task.spec);
+                }
+            }
+        }
+        usage
+    }
+
+    fn send_run(&self, node: NodeId, task: TaskId, attempt: u32, spec: &TaskSpec) {
+        self.send_runs(vec![(node, task, attempt, spec.clone())]);
+    }
+
+    /// Hands run dispatches to the publisher, in order.
+    fn send_runs(&self, runs: Vec<(NodeId, TaskId, u32, TaskSpec)>) {
+        for (node, task, attempt, spec) in runs {
+            let run = DispatchRun {
+                at: now_millis(),
+                task_id: task,
+                attempt,
+                spec,
+            };
+            let bytes = match dispatch::to_cbor(&run) {
+                Ok(b) => b,
+                Err(e) => {
+                    warn!(task_id = %task, error = %e, "cannot encode dispatch");
+                    continue;
+                }
+            };
+            let msg = PublishMessage::build()
+                .message_id(format!("run-{task}-{attempt}").as_str())
+                .header("Content-Type", "application/cbor")
+                .payload(Bytes::from(bytes));
+            let subject = edge::dispatch_subject(&node, &task, "run");
+            let _ = self.dispatches.send(((task, node), subject, msg));
+        }
+    }
+
+    fn send_cancel(&self, node: NodeId, task: TaskId, reason: &str) {
+        let cancel = DispatchCancel {
+            at: now_millis(),
+            task_id: task,
+            reason: reason.to_owned(),
+            grace_seconds: self.settings.cancel_grace_seconds,
+        };
+        match dispatch::to_cbor(&cancel) {
+            Ok(bytes) => {
+                let msg = PublishMessage::build()
+                    .message_id(format!("cancel-{task}-{}", now_millis()).as_str())
+                    .header("Content-Type", "application/cbor")
+                    .payload(Bytes::from(bytes));
+                let subject = edge::dispatch_subject(&node, &task, "cancel");
+                let _ = self.dispatches.send(((task, node), subject, msg));
+            }
+            Err(e) => warn!(task_id = %task, error = %e, "cannot encode cancel"),
+        }
+    }
+
+    async fn schedule(&mut self) {
+        while let Ok(id) = self.unwritten.try_recv() {
+            self.waiting.remove(&id);
+        }
+        let now = now_millis();
+        let mut live: HashMap<&str, usize> = HashMap::new();
+        let mut queue_live: HashMap<String, u32> = HashMap::new();
+        for t in self
+            .cluster
+            .tasks
+            .values()
+            .filter(|t| t.task.state.live_node().is_some())
+        {
+            *live.entry(t.task.project.as_str()).or_default() += 1;
+            *queue_live.entry(t.task.spec.queue.clone()).or_default() += 1;
+        }
+        // Placed by this instance, not yet seen back: they count against their queue too.
+        for id in self.inflight.keys() {
+            if let Some(t) = self
+                .cluster
+                .tasks
+                .get(id)
+                .filter(|t| t.task.state == TaskState::Pending)
+            {
+                *queue_live.entry(t.task.spec.queue.clone()).or_default() += 1;
+            }
+        }
+        let queued: Vec<Queued<'_>> = self
+            .cluster
+            .tasks
+            .iter()
+            .filter(|(id, t)| t.task.state == TaskState::Pending && !self.inflight.contains_key(id))
+            // A retry waits out its backoff (the periodic tick picks it up).
+            .filter(|(_, t)| t.task.not_before.is_none_or(|at| at <= now))
+            .map(|(id, t)| {
+                let project = t.task.project.as_str();
+                let (live, served) = (
+                    live.get(project).copied().unwrap_or(0),
+                    self.served.get(project).copied().unwrap_or(0),
+                );
+                let queue_priority = self.settings.queues.get(&t.task.spec.queue).priority;
+                Queued {
+                    id: *id,
+                    queue_priority,
+                    priority: t.task.spec.priority,
+                    project,
+                    seq: t.queued_at,
+                    live,
+                    served,
+                }
+            })
+            .collect();
+        if queued.is_empty() {
+            return;
+        }
+        let pending = fair_order(&queued);
+        let mut usage = self.usage();
+        let online: Vec<Node> = self.cluster.online().map(|e| e.node.clone()).collect();
+        let caught_up = self
+            .targets
+            .iter()
+            .all(|(s, t)| self.applied.get(s).copied().unwrap_or(0) >= *t);
+        let mut explained: HashMap<Resources, Unplaced> = HashMap::new();
+        let mut verdicts = Vec::new();
+        let (mut assigns, mut placed) = (Vec::new(), Vec::new());
+        for id in pending {
+            let Some(entry) = self.cluster.tasks.get(&id) else {
+                continue;
+            };
+            let spec = entry.task.spec.clone();
+            // A queue at its limit places nothing more until one of its tasks ends.
+            if let Some(limit) = self.settings.queues.get(&spec.queue).max_running {
+                if queue_live.get(&spec.queue).copied().unwrap_or(0) >= limit {
+                    let kind = format!("queue {} at its limit", spec.queue);
+                    if caught_up && self.waiting.get(&id) != Some(&kind) {
+                        let reason =
+                            format!("queue {} runs its limit of {limit} tasks", spec.queue);
+                        self.waiting.insert(id, kind);
+                        verdicts.push((id, TaskCommand::Wait { reason }));
+                    }
+                    continue;
+                }
+            }
+            let Some(node) = place(
+                online.iter(),
+                &usage,
+                &spec.resources,
+                self.settings.placement,
+            ) else {
+                if caught_up {
+                    let why = explained
+                        .entry(spec.resources.clone())
+                        .or_insert_with(|| {
+                            explain(
+                                self.cluster.nodes.values().map(|e| &e.node),
+                                &usage,
+                                &spec.resources,
+                            )
+                        })
+                        .clone();
+                    let (kind, command) = match why {
+                        Unplaced::Never(reason) => {
+                            ("never".to_owned(), TaskCommand::Unschedulable { reason })
+                        }
+                        Unplaced::Waits { reason, kind } => (kind, TaskCommand::Wait { reason }),
+                    };
+                    if self.waiting.get(&id) != Some(&kind) {
+                        self.waiting.insert(id, kind);
+                        verdicts.push((id, command));
+                    }
+                }
+                continue;
+            };
+            // Decided here against this view; the append's concurrency
+            // check (the task's last sequence as seen) refuses it if the
+            // task changed meanwhile.
+            let events = match task::decide(
+                Some(&entry.task),
+                TaskCommand::Assign { node_id: node },
+                now,
+            ) {
+                Ok(events) if events.len() == 1 => events,
+                _ => continue,
+            };
+            add(&mut usage, node, &spec);
+            *queue_live.entry(spec.queue.clone()).or_default() += 1;
+            self.serve_counter += 1;
+            self.served
+                .insert(entry.task.project.to_string(), self.serve_counter);
+            let attempt = entry.task.attempts + 1;
+            let meta = EventMeta::new("scheduler");
+            let mut after = Some(entry.task.clone());
+            for e in events {
+                after = task::evolve(after, id, &e);
+                assigns.push((Event::Task(id, e), meta.clone(), Expect::LastSeq(entry.seq)));
+            }
+            placed.push((id, node, attempt, spec, after));
+        }
+        // Every placement of this pass appended at once, many in flight.
+        let results = self
+            .commands
+            .store()
+            .append_pipelined(assigns, PLACEMENTS_IN_FLIGHT)
+            .await;
+        let mut runs = Vec::with_capacity(placed.len());
+        for ((id, node, attempt, spec, after), r) in placed.into_iter().zip(results) {
+            match r {
+                Ok(seq) => {
+                    info!(task_id = %id, node_id = %node, attempt, "task assigned");
+                    if let Some(t) = after {
+                        self.commands.remember(t, seq);
+                    }
+                    self.inflight.insert(id, node);
+                    runs.push((node, id, attempt, spec));
+                }
+                Err(crate::StoreError::Conflict) => {}
+                Err(e) => warn!(task_id = %id, error = %e, "cannot assign"),
+            }
+        }
+        // Published in the background: the next pass does not wait for them.
+        self.send_runs(runs);
+        // Written in the background: placements do not wait for them.
+        for v in verdicts {
+            let _ = self.verdicts.send(v);
+        }
+    }
+
+    /// Applies one update; says whether it may change what can be placed
+    /// (a heartbeat does only when it makes its node take tasks or stop).
+    async fn on_update(&mut self, u: &Update) -> bool {
+        let before = match &u.envelope.event {
+            ud_schemas::Event::Task(id, _) => {
+                self.cluster.tasks.get(id).map(|t| t.task.state.clone())
+            }
+            _ => None,
+        };
+        let node_before = match &u.envelope.event {
+            ud_schemas::Event::Node(id, _) => self
+                .cluster
+                .nodes
+                .get(id)
+                .map(|n| (n.node.liveness(), n.node.takes_new_tasks())),
+            _ => None,
+        };
+        self.cluster.apply(u);
+        let relevant = match &u.envelope.event {
+            ud_schemas::Event::Node(id, ud_schemas::NodeEvent::Heartbeat(_)) => {
+                node_before.map(|b| b.1)
+                    != self.cluster.nodes.get(id).map(|n| n.node.takes_new_tasks())
+            }
+            _ => true,
+        };
+        let node_before = node_before.map(|b| b.0);
+        if let ud_schemas::Event::Task(id, ud_schemas::TaskEvent::Lost(l)) = &u.envelope.event {
+            self.lost.entry(l.node_id).or_default().push(*id);
+        }
+        if let ud_schemas::Event::Node(node, e) = &u.envelope.event {
+            let now = self.cluster.nodes.get(node).map(|n| n.node.liveness());
+            if u.live {
+                match e {
+                    // Its tasks are placed anew.
+                    ud_schemas::NodeEvent::WentOffline(_) => self.lose_tasks_of(*node).await,
+                    // Back with runs that lost the race: stop them.
+                    _ if node_before == Some(crate::node::Liveness::Offline)
+                        && now == Some(crate::node::Liveness::Online) =>
+                    {
+                        self.stop_lost_runs(*node).await;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let applied = self.applied.entry(u.stream.clone()).or_default();
+        *applied = (*applied).max(u.seq);
+        if let ud_schemas::Event::Task(id, e) = &u.envelope.event {
+            if !matches!(
+                self.cluster.tasks.get(id).map(|t| &t.task.state),
+                Some(TaskState::Pending)
+            ) {
+                self.inflight.remove(id);
+                self.waiting.remove(id);
+            }
+            match self.cluster.tasks.get(id).map(|t| &t.task.state) {
+                Some(TaskState::Assigned { .. }) => {
+                    self.unstarted
+                        .entry(*id)
+                        .or_insert_with(std::time::Instant::now);
+                }
+                _ => {
+                    self.unstarted.remove(id);
+                }
+            }
+            // Dispatches lost in a crash between assignment and send are sent again on start.
+            if !u.live {
+                return relevant;
+            }
+            if let (
+                ud_schemas::TaskEvent::CancelRequested(c),
+                Some(TaskState::Assigned { node_id, .. } | TaskState::Running { node_id, .. }),
+            ) = (e, before)
+            {
+                self.send_cancel(node_id, *id, &c.reason);
+            }
+        }
+        relevant
+    }
+
+    async fn lose_tasks_of(&mut self, node: NodeId) {
+        let tasks: Vec<TaskId> = self
+            .cluster
+            .tasks
+            .iter()
+            .filter(|(_, t)| t.task.state.live_node() == Some(node))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in tasks {
+            let command = TaskCommand::Lose {
+                node_id: node,
+                reason: format!("node {node} went offline"),
+            };
+            match self
+                .commands
+                .execute(id, command, "scheduler", |_| true)
+                .await
+            {
+                Ok(_) => {
+                    info!(task_id = %id, node_id = %node, "task lost with its node; placing it again")
+                }
+                Err(CommandError::Conflict | CommandError::Rejected(_)) => {}
+                Err(e) => {
+                    warn!(task_id = %id, node_id = %node, error = %e, "cannot mark the task lost")
+                }
+            }
+        }
+    }
+
+    async fn stop_lost_runs(&mut self, node: NodeId) {
+        for id in self.lost.remove(&node).unwrap_or_default() {
+            // Placed on this very node again: that run is the live one.
+            let live_here = self
+                .cluster
+                .tasks
+                .get(&id)
+                .is_some_and(|t| t.task.state.live_node() == Some(node));
+            if !live_here {
+                info!(task_id = %id, node_id = %node, "stopping a run lost with its node");
+                self.send_cancel(
+                    node,
+                    id,
+                    "the run was lost with its node and placed elsewhere",
+                );
+            }
+        }
+    }
+
+    /// Sends again the runs of tasks assigned long ago and not started.
+    async fn resend_overdue(&mut self) {
+        let mut runs = Vec::new();
+        for (id, since) in self.unstarted.iter_mut() {
+            if since.elapsed() < RESEND_AFTER {
+                continue;
+            }
+            if let Some(TaskState::Assigned { node_id, attempt }) =
+                self.cluster.tasks.get(id).map(|t| &t.task.state)
+            {
+                let spec = self.cluster.tasks.get(id).map(|t| t.task.spec.clone());
+                if let Some(spec) = spec {
+                    runs.push((*node_id, *id, *attempt, spec));
+                    *since = std::time::Instant::now();
+                }
+            }
+        }
+        if !runs.is_empty() {
+            info!(runs = runs.len(), "sending runs not started in time again");
+            self.send_runs(runs);
+        }
+    }
+
+    async fn resend_unstarted(&self) {
+        for (id, t) in &self.cluster.tasks {
+            match &t.task.state {
+                TaskState::Assigned { node_id, attempt } => {
+                    self.send_run(*node_id, *id, *attempt, &t.task.spec)
+                }
+                TaskState::Cancelling { node_id, .. } => {
+                    self.send_cancel(*node_id, *id, "cancel requested")
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Follows the `ud_queues` bucket (every queue's last value, then changes)
+/// and sends each queue's settings; binds again when the watch ends, or when
+/// it has gone quiet while the bucket changed (a hub reload can drop the
+/// watch's consumer without the client noticing for a while).
+async fn watch_queues(
+    js: async_nats::jetstream::Context,
+    tx: mpsc::Sender<(String, Option<QueueConfig>)>,
+) {
+    use futures::StreamExt;
+    // The bucket's last sequence when the watch was last bound anew for
+    // being behind it: if that message is gone (a compaction), a fresh watch
+    // never reaches it, and is not behind for that.
+    let mut rebound_at = 0;
+    loop {
+        let kv = js.get_key_value(streams::QUEUES_BUCKET).await.ok();
+        let watch = match &kv {
+            Some(kv) => kv.watch_with_history(">").await.ok(),
+            None => None,
+        };
+        if let (Some(kv), Some(mut entries)) = (kv, watch) {
+            let mut seen = 0;
+            loop {
+                let entry = match tokio::time::timeout(QUEUES_STALL_CHECK, entries.next()).await {
+                    Ok(Some(Ok(entry))) => entry,
+                    Ok(_) => break,
+                    Err(_) => match kv.status().await {
+                        Ok(s) if s.info.state.last_sequence > seen.max(rebound_at) => {
+                            rebound_at = s.info.state.last_sequence;
+                            warn!("queue settings watch stalled; watching again");
+                            break;
+                        }
+                        _ => continue,
+                    },
+                };
+                seen = entry.revision;
+                let config = match entry.operation {
+                    async_nats::jetstream::kv::Operation::Put => {
+                        match serde_json::from_slice::<QueueRecord>(&entry.value) {
+                            Ok(r) => Some(QueueConfig {
+                                priority: r.priority,
+                                max_running: r.max_running,
+                            }),
+                            Err(e) => {
+                                warn!(queue = %entry.key, error = %e, "unreadable queue settings ignored");
+                                continue;
+                            }
+                        }
+                    }
+                    _ => None,
+                };
+                if tx.send((entry.key.clone(), config)).await.is_err() {
+                    return;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Runs liveness and first-fit scheduling until the streams end.
+pub async fn run(commands: TaskCommands, settings: ControllerSettings) {
+    let (tx, mut rx) = mpsc::channel::<Update>(65_536);
+    let js = commands.store().jetstream().clone();
+    for stream in [streams::NODES, streams::HEARTBEATS, streams::TASKS] {
+        let (js, tx) = (js.clone(), tx.clone());
+        tokio::spawn(async move {
+            if let Err(e) = view::follow(js, stream, tx).await {
+                warn!(stream, error = %e, "controller stopped following");
+            }
+        });
+    }
+    drop(tx);
+    let mut targets = HashMap::new();
+    for stream in [streams::NODES, streams::TASKS] {
+        // The hub's JetStream can be briefly away (a reload): ask again.
+        let mut last = None;
+        for _ in 0..50 {
+            if let Ok(mut s) = js.get_stream(stream).await {
+                if let Ok(info) = s.info().await {
+                    last = Some(info.state.last_sequence);
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        if last.is_none() {
+            warn!(
+                stream,
+                "cannot learn where the stream ends; judging unplaced tasks from now on"
+            );
+        }
+        targets.insert(stream.to_owned(), last.unwrap_or(0));
+    }
+    let (verdicts, verdicts_rx) = mpsc::unbounded_channel();
+    let (unwritten_tx, unwritten) = mpsc::unbounded_channel();
+    tokio::spawn(write_verdicts(commands.clone(), verdicts_rx, unwritten_tx));
+    let (dispatches, dispatches_rx) = mpsc::unbounded_channel();
+    tokio::spawn(publish_dispatches(js.clone(), dispatches_rx));
+    let mut c = Controller {
+        verdicts,
+        unwritten,
+        dispatches,
+        commands,
+        settings,
+        cluster: Cluster::default(),
+        inflight: HashMap::new(),
+        waiting: HashMap::new(),
+        served: HashMap::new(),
+        serve_counter: 0,
+        targets,
+        applied: HashMap::new(),
+        lost: HashMap::new(),
+        unstarted: HashMap::new(),
+    };
+    let (queue_tx, mut queue_rx) = mpsc::channel(256);
+    tokio::spawn(watch_queues(js.clone(), queue_tx));
+    let mut tick = tokio::time::interval(c.settings.check_interval);
+    let mut resent = false;
+    loop {
+        tokio::select! {
+            Some((name, config)) = queue_rx.recv() => {
+                info!(queue = %name, ?config, "queue settings changed");
+                c.settings.queues.set(&name, config);
+                c.schedule().await;
+            }
+            u = rx.recv() => {
+                let Some(u) = u else { break };
+                let mut relevant = c.on_update(&u).await;
+                while let Ok(more) = rx.try_recv() {
+                    relevant |= c.on_update(&more).await;
+                }
+                // Heartbeats alone change nothing to place; the tick looks anyway.
+                if relevant {
+                    c.schedule().await;
+                }
+            }
+            _ = tick.tick() => {
+                if !resent {
+                    c.resend_unstarted().await;
+                    resent = true;
+                }
+                let timeout = i64::try_from(c.settings.heartbeat_timeout.as_millis()).unwrap_or(i64::MAX);
+                crate::edge::liveness::check(c.commands.store(), &c.cluster, now_millis(), timeout).await;
+                c.resend_overdue().await;
+                c.schedule().await;
+            }
+        }
+    }
+}
