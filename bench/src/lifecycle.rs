@@ -321,6 +321,9 @@ async fn one_mode(a: &Args, sync_always: bool) -> Result<()> {
     );
     drop(seen);
     stages(store.jetstream(), &sent).await;
+    if a.cluster {
+        leaders(&store).await;
+    }
 
     // 2. Whole lifecycle as fast as it goes: submitted -> dispatched ->
     // running -> succeeded -> projected.
@@ -549,6 +552,27 @@ async fn stages(js: &async_nats::jetstream::Context, sent: &[(String, Instant, i
             v.len()
         );
     }
+}
+
+/// Which member leads each stream the lifecycle writes, and which one the
+/// main server's connection is on: a step whose leader is elsewhere crosses
+/// a route both ways, so runs differ with where the elections fell.
+async fn leaders(store: &ud_core::EventStore) {
+    let on = store.client().server_info().server_name;
+    let mut led = Vec::new();
+    for name in [
+        ud_schemas::streams::TASKS,
+        edge::DISPATCH,
+        edge::EDGE_IN,
+    ] {
+        if let Ok(mut s) = store.jetstream().get_stream(name).await {
+            if let Ok(info) = s.info().await {
+                let leader = info.cluster.as_ref().and_then(|c| c.leader.clone()).unwrap_or_default();
+                led.push(format!("{name} {leader}"));
+            }
+        }
+    }
+    println!("  main connection on {on}; leaders: {}", led.join(", "));
 }
 
 /// Messages stored so far in every stream of the hub.

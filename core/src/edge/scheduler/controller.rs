@@ -27,6 +27,10 @@ const RESEND_AFTER: Duration = Duration::from_secs(30);
 
 /// Assignments of one scheduling pass in flight at once.
 const PLACEMENTS_IN_FLIGHT: usize = 256;
+/// Scheduling passes whose assignments may await the stream at once: a task
+/// submitted while one pass waits for the hub's disk (or a cluster's commit)
+/// is placed by the next instead of waiting for it, and passes stay few.
+const PASSES_IN_FLIGHT: usize = 2;
 /// Run dispatches awaiting the stream's acknowledgement at once.
 const DISPATCHES_IN_FLIGHT: usize = 256;
 
@@ -44,12 +48,39 @@ pub struct ControllerSettings {
     pub queues: Queues,
 }
 
+/// A task a pass placed, as the pass decided it.
+struct Placed {
+    id: TaskId,
+    node: NodeId,
+    attempt: u32,
+    spec: TaskSpec,
+    /// The task as the assignment leaves it.
+    after: Option<task::Task>,
+}
+
+/// What a pass in flight reports back to the controller.
+enum PassNews {
+    /// One assignment's append came back.
+    Appended(Box<Placed>, Result<u64, crate::StoreError>),
+    /// Every assignment of the pass came back.
+    Done,
+}
+
 struct Controller {
     commands: TaskCommands,
     settings: ControllerSettings,
     cluster: Cluster,
-    /// Assigned by this instance, not yet seen back in the stream.
+    /// Assigned by this instance (or being assigned), not yet seen back in
+    /// the stream: not placed again, and counted against their node.
     inflight: HashMap<TaskId, NodeId>,
+    /// Being assigned, the append not yet answered, with the cancels asked
+    /// for meanwhile: they go to the node after the run, never before it.
+    placing: HashMap<TaskId, Vec<(NodeId, String)>>,
+    /// Passes whose appends are on their way, and where they report.
+    passes: usize,
+    pass_news: mpsc::UnboundedSender<PassNews>,
+    /// A pass is due (something changed what can be placed).
+    wanted: bool,
     /// Why each unplaced pending task waits, as last written (its kind: what
     /// keeps it waiting, without counts, so that it is written on change only).
     waiting: HashMap<TaskId, String>,
@@ -174,7 +205,15 @@ impl Controller {
         }
     }
 
-    fn send_cancel(&self, node: NodeId, task: TaskId, reason: &str) {
+    /// Sends a cancel to `node`, after the run if the task is still being placed.
+    fn send_cancel(&mut self, node: NodeId, task: TaskId, reason: &str) {
+        match self.placing.get_mut(&task) {
+            Some(held) => held.push((node, reason.to_owned())),
+            None => self.publish_cancel(node, task, reason),
+        }
+    }
+
+    fn publish_cancel(&self, node: NodeId, task: TaskId, reason: &str) {
         let cancel = DispatchCancel {
             at: now_millis(),
             task_id: task,
@@ -194,7 +233,15 @@ impl Controller {
         }
     }
 
-    async fn schedule(&mut self) {
+    /// Decides a pass against the view and sends its assignments on their
+    /// way, unless `PASSES_IN_FLIGHT` passes wait already (then the pass
+    /// stays due and runs when one of them is done).
+    fn schedule(&mut self) {
+        if self.passes >= PASSES_IN_FLIGHT {
+            self.wanted = true;
+            return;
+        }
+        self.wanted = false;
         while let Ok(id) = self.unwritten.try_recv() {
             self.waiting.remove(&id);
         }
@@ -330,34 +377,78 @@ impl Controller {
                 after = task::evolve(after, id, &e);
                 assigns.push((Event::Task(id, e), meta.clone(), Expect::LastSeq(entry.seq)));
             }
-            placed.push((id, node, attempt, spec, after));
+            self.inflight.insert(id, node);
+            self.placing.insert(id, Vec::new());
+            placed.push(Placed {
+                id,
+                node,
+                attempt,
+                spec,
+                after,
+            });
         }
-        // Every placement of this pass appended at once, many in flight.
-        let results = self
-            .commands
-            .store()
-            .append_pipelined(assigns, PLACEMENTS_IN_FLIGHT)
-            .await;
-        let mut runs = Vec::with_capacity(placed.len());
-        for ((id, node, attempt, spec, after), r) in placed.into_iter().zip(results) {
-            match r {
-                Ok(seq) => {
-                    info!(task_id = %id, node_id = %node, attempt, "task assigned");
-                    if let Some(t) = after {
-                        self.commands.remember(t, seq);
-                    }
-                    self.inflight.insert(id, node);
-                    runs.push((node, id, attempt, spec));
-                }
-                Err(crate::StoreError::Conflict) => {}
-                Err(e) => warn!(task_id = %id, error = %e, "cannot assign"),
-            }
-        }
-        // Published in the background: the next pass does not wait for them.
-        self.send_runs(runs);
         // Written in the background: placements do not wait for them.
         for v in verdicts {
             let _ = self.verdicts.send(v);
+        }
+        if assigns.is_empty() {
+            return;
+        }
+        // Every placement of this pass appended at once, many in flight, each
+        // reported as it comes back (its run goes out then).
+        self.passes += 1;
+        let (store, news) = (self.commands.store().clone(), self.pass_news.clone());
+        tokio::spawn(async move {
+            let mut placed: Vec<Option<Placed>> = placed.into_iter().map(Some).collect();
+            store
+                .append_each(assigns, PLACEMENTS_IN_FLIGHT, |i, r| {
+                    if let Some(p) = placed.get_mut(i).and_then(Option::take) {
+                        let _ = news.send(PassNews::Appended(Box::new(p), r));
+                    }
+                })
+                .await;
+            let _ = news.send(PassNews::Done);
+        });
+    }
+
+    /// What a pass in flight reported: an assignment stored sends its run
+    /// (then any cancel asked for meanwhile); one refused frees its task for
+    /// the next pass.
+    fn on_pass_news(&mut self, news: PassNews) {
+        let (p, result) = match news {
+            PassNews::Done => {
+                self.passes = self.passes.saturating_sub(1);
+                return;
+            }
+            PassNews::Appended(p, result) => (p, result),
+        };
+        let Placed {
+            id,
+            node,
+            attempt,
+            spec,
+            after,
+        } = *p;
+        let held = self.placing.remove(&id).unwrap_or_default();
+        match result {
+            Ok(seq) => {
+                info!(task_id = %id, node_id = %node, attempt, "task assigned");
+                if let Some(t) = after {
+                    self.commands.remember(t, seq);
+                }
+                self.send_runs(vec![(node, id, attempt, spec)]);
+            }
+            Err(e) => {
+                if !matches!(e, crate::StoreError::Conflict) {
+                    warn!(task_id = %id, error = %e, "cannot assign");
+                }
+                // The task changed meanwhile (or the store failed): judged again.
+                self.inflight.remove(&id);
+                self.wanted = true;
+            }
+        }
+        for (node, reason) in held {
+            self.publish_cancel(node, id, &reason);
         }
     }
 
@@ -519,7 +610,7 @@ impl Controller {
                     self.send_run(*node_id, *id, *attempt, &t.task.spec)
                 }
                 TaskState::Cancelling { node_id, .. } => {
-                    self.send_cancel(*node_id, *id, "cancel requested")
+                    self.publish_cancel(*node_id, *id, "cancel requested")
                 }
                 _ => {}
             }
@@ -625,7 +716,12 @@ pub async fn run(commands: TaskCommands, settings: ControllerSettings) {
     tokio::spawn(write_verdicts(commands.clone(), verdicts_rx, unwritten_tx));
     let (dispatches, dispatches_rx) = mpsc::unbounded_channel();
     tokio::spawn(publish_dispatches(js.clone(), dispatches_rx));
+    let (pass_news, mut news) = mpsc::unbounded_channel();
     let mut c = Controller {
+        placing: HashMap::new(),
+        passes: 0,
+        pass_news,
+        wanted: false,
         verdicts,
         unwritten,
         dispatches,
@@ -647,10 +743,16 @@ pub async fn run(commands: TaskCommands, settings: ControllerSettings) {
     let mut resent = false;
     loop {
         tokio::select! {
+            Some(n) = news.recv() => {
+                c.on_pass_news(n);
+                while let Ok(more) = news.try_recv() {
+                    c.on_pass_news(more);
+                }
+            }
             Some((name, config)) = queue_rx.recv() => {
                 info!(queue = %name, ?config, "queue settings changed");
                 c.settings.queues.set(&name, config);
-                c.schedule().await;
+                c.wanted = true;
             }
             u = rx.recv() => {
                 let Some(u) = u else { break };
@@ -660,7 +762,7 @@ pub async fn run(commands: TaskCommands, settings: ControllerSettings) {
                 }
                 // Heartbeats alone change nothing to place; the tick looks anyway.
                 if relevant {
-                    c.schedule().await;
+                    c.wanted = true;
                 }
             }
             _ = tick.tick() => {
@@ -671,8 +773,11 @@ pub async fn run(commands: TaskCommands, settings: ControllerSettings) {
                 let timeout = i64::try_from(c.settings.heartbeat_timeout.as_millis()).unwrap_or(i64::MAX);
                 crate::edge::liveness::check(c.commands.store(), &c.cluster, now_millis(), timeout).await;
                 c.resend_overdue().await;
-                c.schedule().await;
+                c.wanted = true;
             }
+        }
+        if c.wanted {
+            c.schedule();
         }
     }
 }
