@@ -560,14 +560,14 @@ async fn stages(js: &async_nats::jetstream::Context, sent: &[(String, Instant, i
 async fn leaders(store: &ud_core::EventStore) {
     let on = store.client().server_info().server_name;
     let mut led = Vec::new();
-    for name in [
-        ud_schemas::streams::TASKS,
-        edge::DISPATCH,
-        edge::EDGE_IN,
-    ] {
+    for name in [ud_schemas::streams::TASKS, edge::DISPATCH, edge::EDGE_IN] {
         if let Ok(mut s) = store.jetstream().get_stream(name).await {
             if let Ok(info) = s.info().await {
-                let leader = info.cluster.as_ref().and_then(|c| c.leader.clone()).unwrap_or_default();
+                let leader = info
+                    .cluster
+                    .as_ref()
+                    .and_then(|c| c.leader.clone())
+                    .unwrap_or_default();
                 led.push(format!("{name} {leader}"));
             }
         }

@@ -632,6 +632,88 @@ async fn a_task_lost_with_its_node_runs_elsewhere_and_the_lost_run_is_stopped() 
     Ok(())
 }
 
+/// An assignment stored for a node that is offline by then (another main
+/// server's view was behind, or the two crossed) does not strand its task:
+/// the task is lost with that node and runs elsewhere.
+#[tokio::test]
+async fn a_task_assigned_to_a_node_already_offline_runs_elsewhere() -> Result<()> {
+    let mut s = Stack::start(Duration::from_secs(3)).await?;
+    let gone = s.online_node("lambda").await?;
+    gone.agent.abort();
+    s.node_status(gone.id, "offline", Duration::from_secs(30))
+        .await?;
+    let task = s.submit("echo placed again", 60).await?;
+    let id: ud_schemas::TaskId = task.parse().map_err(|e| anyhow!("{e}"))?;
+    // What a lagging scheduler would write: the task assigned to the gone node.
+    let store = s.server.state.commands.store().clone();
+    let mut assigned = false;
+    for _ in 0..20 {
+        let (t, seq) = store
+            .load_task(&id)
+            .await?
+            .ok_or_else(|| anyhow!("no task {id}"))?;
+        let events = ud_core::task::decide(
+            Some(&t),
+            ud_core::task::TaskCommand::Assign { node_id: gone.id },
+            ud_schemas::now_millis(),
+        )?;
+        let events: Vec<ud_schemas::Event> = events
+            .into_iter()
+            .map(|e| ud_schemas::Event::Task(id, e))
+            .collect();
+        match store
+            .append_all(
+                &events,
+                &ud_schemas::codec::EventMeta::new("scheduler"),
+                ud_core::store::Expect::LastSeq(seq),
+            )
+            .await
+        {
+            Ok(_) => {
+                assigned = true;
+                break;
+            }
+            // A note on why it waits came between: read it again.
+            Err(ud_core::StoreError::Conflict) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    assert!(assigned, "the assignment could not be written");
+    let other = s.online_node("mu").await?;
+    let on = other.id.to_string();
+    let done = s
+        .task_until(
+            &task,
+            "the task to succeed on the other node",
+            Duration::from_secs(60),
+            move |v| v["state"] == "succeeded" && v["node_id"] == on.as_str(),
+        )
+        .await?;
+    assert_eq!(done["attempt"], 2, "{done}");
+    let history = s.get(&format!("/api/v1/tasks/{task}/events")).await?;
+    let steps: Vec<(String, String)> = history
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["type"] == "task.assigned" || e["type"] == "task.lost")
+        .map(|e| {
+            let node = e["data"]["node_id"].as_str().unwrap_or_default().to_owned();
+            (e["type"].as_str().unwrap_or_default().to_owned(), node)
+        })
+        .collect();
+    let (gone, other) = (gone.id.to_string(), other.id.to_string());
+    assert_eq!(
+        steps,
+        vec![
+            ("task.assigned".to_owned(), gone.clone()),
+            ("task.lost".to_owned(), gone),
+            ("task.assigned".to_owned(), other),
+        ],
+        "{history}"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn failed_runs_are_retried_per_their_policy() -> Result<()> {
     let mut s = Stack::start(Duration::from_secs(60)).await?;

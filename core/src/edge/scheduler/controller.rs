@@ -299,10 +299,7 @@ impl Controller {
         let pending = fair_order(&queued);
         let mut usage = self.usage();
         let online: Vec<Node> = self.cluster.online().map(|e| e.node.clone()).collect();
-        let caught_up = self
-            .targets
-            .iter()
-            .all(|(s, t)| self.applied.get(s).copied().unwrap_or(0) >= *t);
+        let caught_up = self.caught_up();
         let mut explained: HashMap<Resources, Unplaced> = HashMap::new();
         let mut verdicts = Vec::new();
         let (mut assigns, mut placed) = (Vec::new(), Vec::new());
@@ -530,6 +527,42 @@ impl Controller {
             }
         }
         relevant
+    }
+
+    /// Whether the view has applied the node and task streams as far as
+    /// they reached at start (before that, no task is judged).
+    fn caught_up(&self) -> bool {
+        self.targets
+            .iter()
+            .all(|(s, t)| self.applied.get(s).copied().unwrap_or(0) >= *t)
+    }
+
+    /// Marks lost the tasks live on a node the view has offline, so that
+    /// they are placed again. Most are lost when the node goes offline; this
+    /// also finds those assigned to it while it went (by another instance,
+    /// or an assignment seen after the offline event).
+    async fn lose_stranded(&mut self) {
+        if !self.caught_up() {
+            return;
+        }
+        let offline: Vec<NodeId> = self
+            .cluster
+            .nodes
+            .values()
+            .filter(|e| e.node.liveness() == crate::node::Liveness::Offline)
+            .map(|e| e.node.id)
+            .collect();
+        let stranded = self.cluster.tasks.values().any(|t| {
+            t.task
+                .state
+                .live_node()
+                .is_some_and(|n| offline.contains(&n))
+        });
+        if stranded {
+            for node in offline {
+                self.lose_tasks_of(node).await;
+            }
+        }
     }
 
     async fn lose_tasks_of(&mut self, node: NodeId) {
@@ -773,6 +806,7 @@ pub async fn run(commands: TaskCommands, settings: ControllerSettings) {
                 let timeout = i64::try_from(c.settings.heartbeat_timeout.as_millis()).unwrap_or(i64::MAX);
                 crate::edge::liveness::check(c.commands.store(), &c.cluster, now_millis(), timeout).await;
                 c.resend_overdue().await;
+                c.lose_stranded().await;
                 c.wanted = true;
             }
         }
