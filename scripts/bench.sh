@@ -15,5 +15,15 @@ ud_start_dockerd "$work/d"
 ud_base_image >/dev/null
 ud_install_garage
 export UD_TEST_DATABASE_URL="postgres://postgres@127.0.0.1:$pg_port/postgres"
+if [ "${1:-}" = lifecycle ]; then
+  # The peer baseline measured in the same run: Celery, RabbitMQ, PostgreSQL results.
+  ud_install_celery_baseline
+  mq_port="$(ud_free_port)"
+  trap 'ud_stop_rabbitmq "$work/mq"; ud_stop_dockerd "$work/d"; ud_stop_pg "$work/pg"; rm -rf "$work"' EXIT
+  ud_start_rabbitmq "$work/mq" "$mq_port"
+  "$PG_BIN/psql" -q -h 127.0.0.1 -p "$pg_port" -U postgres -c "CREATE DATABASE celery_baseline" >/dev/null
+  export UD_BENCH_CELERY_BROKER="amqp://guest:guest@127.0.0.1:$mq_port//"
+  export UD_BENCH_CELERY_RESULTS="postgresql://postgres@127.0.0.1:$pg_port/celery_baseline"
+fi
 cargo build --release -p ud-bench -p unidesk
 target/release/ud-bench "${@:-backbone}"

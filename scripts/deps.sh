@@ -236,3 +236,41 @@ ud_base_image() {
   fi
   docker image inspect -f '{{.Id}}' "$image"
 }
+
+# The peer baseline of `ud-bench lifecycle`: Celery with a RabbitMQ broker and
+# PostgreSQL results (bench/baseline/celery_noop.py), installed when missing.
+ud_install_celery_baseline() {
+  [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || { echo "installing rabbitmq-server" >&2; ud_apt_install rabbitmq-server; }
+  if ! python3 -c 'import celery, sqlalchemy, psycopg2' 2>/dev/null; then
+    python3 -m pip install -q --disable-pip-version-check \
+      "celery==5.4.0" "SQLAlchemy==2.0.36" "psycopg2-binary==2.9.10" >&2
+  fi
+}
+
+# ud_start_rabbitmq DIR PORT: a private broker (guest may connect over
+# loopback) with its data in DIR, listening on 127.0.0.1:PORT.
+ud_start_rabbitmq() {
+  local dir="$1" port="$2" dist i
+  dist="$(ud_free_port)"   # the Erlang distribution port, also on loopback
+  mkdir -p "$dir/mnesia" "$dir/log"
+  echo "[]." >"$dir/plugins"
+  echo "loopback_users = none" >"$dir/rabbitmq.conf"
+  env RABBITMQ_NODE_PORT="$port" RABBITMQ_NODENAME="udbench$port@localhost" \
+    RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 RABBITMQ_DIST_PORT="$dist" \
+    RABBITMQ_MNESIA_BASE="$dir/mnesia" RABBITMQ_LOG_BASE="$dir/log" \
+    RABBITMQ_CONFIG_FILE="$dir/rabbitmq" RABBITMQ_ENABLED_PLUGINS_FILE="$dir/plugins" \
+    RABBITMQ_PID_FILE="$dir/node.pid" HOME="$dir" ERL_EPMD_ADDRESS=127.0.0.1 ERL_CRASH_DUMP="$dir/erl_crash.dump" \
+    /usr/lib/rabbitmq/bin/rabbitmq-server >"$dir/out.log" 2>&1 </dev/null &
+  echo $! >"$dir/pid"
+  for ((i = 0; i < 600; i++)); do
+    if python3 -c "import socket; socket.create_connection(('127.0.0.1', $port), 0.2)" 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  echo "rabbitmq did not come up; see $dir/out.log" >&2
+  return 1
+}
+
+ud_stop_rabbitmq() {
+  local dir="$1"
+  [ -s "$dir/pid" ] && kill "$(cat "$dir/pid")" 2>/dev/null || true
+}

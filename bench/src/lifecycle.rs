@@ -55,6 +55,10 @@ pub struct Args {
     /// Print the read model's tasks by state every second of the throughput run.
     #[arg(long)]
     progress: bool,
+    /// No-op tasks for the Celery baseline, measured once before the modes
+    /// (where `scripts/bench.sh` set up its broker).
+    #[arg(long, default_value_t = 5_000)]
+    baseline_tasks: usize,
 }
 
 /// What a simulated node needs: its leaf server (kept alive) and agent task.
@@ -208,7 +212,7 @@ async fn succeeded(pg: &tokio_postgres::Client) -> Result<i64> {
         .get(0))
 }
 
-async fn one_mode(a: &Args, sync_always: bool) -> Result<()> {
+async fn one_mode(a: &Args, sync_always: bool, baseline: Option<f64>) -> Result<()> {
     let mode = if sync_always {
         "hub syncing every write"
     } else {
@@ -422,13 +426,7 @@ async fn one_mode(a: &Args, sync_always: bool) -> Result<()> {
         ),
         (done - before) as f64 / total.as_secs_f64(),
         "tasks/s",
-        None,
-    );
-    line(
-        "  baseline: Celery + RabbitMQ + PostgreSQL on this machine",
-        115.0,
-        "tasks/s",
-        None,
+        baseline.map(|b| (b, "Celery")),
     );
     // What bounds it when every write is synced: the hub stores each message
     // with a sync of its own (no group commit for one replica), so its
@@ -612,15 +610,19 @@ pub async fn run(a: Args) -> Result<()> {
         "UniDesk lifecycle benchmark: REST, scheduler, JetStream, {} simulated nodes on leaf servers, PostgreSQL",
         a.nodes
     );
-    match a.sync.as_deref() {
-        Some("always") => one_mode(&a, true).await,
-        Some("default") => one_mode(&a, false).await,
-        None => {
-            one_mode(&a, true).await?;
-            one_mode(&a, false).await
+    let modes: &[bool] = match a.sync.as_deref() {
+        Some("always") => &[true],
+        Some("default") => &[false],
+        None => &[true, false],
+        Some(other) => {
+            return Err(anyhow!(
+                "--sync: unknown mode {other:?}; use always or default"
+            ))
         }
-        Some(other) => Err(anyhow!(
-            "--sync: unknown mode {other:?}; use always or default"
-        )),
+    };
+    let baseline = crate::baseline::celery(a.baseline_tasks).await?;
+    for &sync_always in modes {
+        one_mode(&a, sync_always, baseline).await?;
     }
+    Ok(())
 }

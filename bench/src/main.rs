@@ -6,6 +6,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod backbone;
 mod backup;
+mod baseline;
 mod cluster;
 mod edge;
 mod files;
