@@ -483,7 +483,10 @@ impl Controller {
             if u.live {
                 match e {
                     // Its tasks are placed anew.
-                    ud_schemas::NodeEvent::WentOffline(_) => self.lose_tasks_of(*node).await,
+                    ud_schemas::NodeEvent::WentOffline(_) => {
+                        let node = *node;
+                        self.lose_tasks_on(|n| n == node).await
+                    }
                     // Back with runs that lost the race: stop them.
                     _ if node_before == Some(crate::node::Liveness::Offline)
                         && now == Some(crate::node::Liveness::Online) =>
@@ -545,35 +548,33 @@ impl Controller {
         if !self.caught_up() {
             return;
         }
-        let offline: Vec<NodeId> = self
+        let offline: std::collections::HashSet<NodeId> = self
             .cluster
             .nodes
             .values()
             .filter(|e| e.node.liveness() == crate::node::Liveness::Offline)
             .map(|e| e.node.id)
             .collect();
-        let stranded = self.cluster.tasks.values().any(|t| {
-            t.task
-                .state
-                .live_node()
-                .is_some_and(|n| offline.contains(&n))
-        });
-        if stranded {
-            for node in offline {
-                self.lose_tasks_of(node).await;
-            }
+        if !offline.is_empty() {
+            self.lose_tasks_on(|n| offline.contains(&n)).await;
         }
     }
 
-    async fn lose_tasks_of(&mut self, node: NodeId) {
-        let tasks: Vec<TaskId> = self
+    /// Marks lost every task live on a node `gone` says is gone.
+    async fn lose_tasks_on(&mut self, gone: impl Fn(NodeId) -> bool) {
+        let tasks: Vec<(TaskId, NodeId)> = self
             .cluster
             .tasks
             .iter()
-            .filter(|(_, t)| t.task.state.live_node() == Some(node))
-            .map(|(id, _)| *id)
+            .filter_map(|(id, t)| {
+                t.task
+                    .state
+                    .live_node()
+                    .filter(|n| gone(*n))
+                    .map(|n| (*id, n))
+            })
             .collect();
-        for id in tasks {
+        for (id, node) in tasks {
             let command = TaskCommand::Lose {
                 node_id: node,
                 reason: format!("node {node} went offline"),
