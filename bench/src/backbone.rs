@@ -322,11 +322,8 @@ async fn rest_submit_to_projected(
     per_sec: usize,
     secs: u64,
 ) -> Result<(f64, Duration, Duration, usize)> {
-    let running = ud_gateway::server::start(ud_gateway::server::ServerConfig::local(
-        nats_url,
-        pg.url.clone(),
-    ))
-    .await?;
+    let running =
+        ud_server::start(ud_server::ServerConfig::local(nats_url, pg.url.clone())).await?;
     let issued = ud_core::commands::issue_token(store, "bench", &["bench".into()], false, "bench")
         .await
         .map_err(|e| anyhow!("{e}"))?;

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use clap::Parser;
 use serde_json::{json, Value};
-use ud_gateway::server::{self, ServerConfig};
 use ud_schemas::streams;
+use ud_server::{self as server, ServerConfig};
 use ud_testkit::{NatsServer, PgDatabase};
 
 use crate::stats::{ms, percentile};

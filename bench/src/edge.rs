@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Result};
 use futures::StreamExt;
 use serde_json::json;
-use ud_gateway::server::{self, EdgeConfig, ServerConfig};
 use ud_schemas::edge::{self, NodeToken};
 use ud_schemas::events::NodeHeartbeat;
 use ud_schemas::{Event, NodeEvent};
+use ud_server::{self as server, EdgeConfig, ServerConfig};
 use ud_testkit::{NatsOptions, NatsServer, PgDatabase};
 
 use crate::stats::{line, ms, percentile};
@@ -47,7 +47,7 @@ pub fn cpu_seconds() -> f64 {
 /// hub's node users, with `timeout` as the offline setting.
 pub async fn start_platform(
     timeout: Duration,
-) -> Result<(NatsServer, PgDatabase, ud_gateway::server::Running)> {
+) -> Result<(NatsServer, PgDatabase, ud_server::Running)> {
     start_platform_with(timeout, true).await
 }
 
@@ -55,7 +55,7 @@ pub async fn start_platform(
 pub async fn start_platform_with(
     timeout: Duration,
     sync_always: bool,
-) -> Result<(NatsServer, PgDatabase, ud_gateway::server::Running)> {
+) -> Result<(NatsServer, PgDatabase, ud_server::Running)> {
     let (mut hubs, pg, running) = start_platform_on(timeout, sync_always, false).await?;
     let hub = hubs.pop().ok_or_else(|| anyhow!("no hub"))?;
     Ok((hub, pg, running))
@@ -68,7 +68,7 @@ pub async fn start_platform_on(
     timeout: Duration,
     sync_always: bool,
     cluster: bool,
-) -> Result<(Vec<NatsServer>, PgDatabase, ud_gateway::server::Running)> {
+) -> Result<(Vec<NatsServer>, PgDatabase, ud_server::Running)> {
     let platform_pw = "bench-platform";
     let system_pw = "bench-system";
     let accounts = ud_core::edge::hubconf::accounts_with_system(
@@ -126,9 +126,7 @@ pub async fn start_platform_on(
 }
 
 /// An admin token, usable through the API once this returns.
-pub async fn admin_token(
-    running: &ud_gateway::server::Running,
-) -> Result<ud_core::commands::IssuedToken> {
+pub async fn admin_token(running: &ud_server::Running) -> Result<ud_core::commands::IssuedToken> {
     let admin =
         ud_core::commands::issue_token(running.state.commands.store(), "bench", &[], true, "bench")
             .await
@@ -235,7 +233,7 @@ pub async fn run(a: Args) -> Result<()> {
         );
         let (h, p) =
             ud_schemas::codec::encode_message(&beat, &ud_schemas::codec::EventMeta::new("bench"))?;
-        let subject = edge::edge_subject(&token.node_id, &beat.subject()).unwrap_or_default();
+        let subject = edge::report_subject(&token.node_id, &beat.subject());
         acks.push(
             local
                 .publish_with_headers(subject, h, p.into())

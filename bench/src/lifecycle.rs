@@ -22,8 +22,9 @@ use tokio::sync::Mutex;
 use ud_schemas::dispatch::{self, DispatchRun};
 use ud_schemas::edge::{self, NodeToken};
 use ud_schemas::events::{NodeRegistered, TaskStarted, TaskSucceeded};
+use ud_schemas::report::{Report, RunReport};
 use ud_schemas::spec::NodeResources;
-use ud_schemas::{now_millis, Event, NodeEvent, NodeId, TaskEvent};
+use ud_schemas::{now_millis, NodeId};
 use ud_testkit::{NatsOptions, NatsServer};
 
 use crate::stats::{line, ms, percentile};
@@ -82,22 +83,19 @@ async fn sim_agent(leaf_url: String, node: NodeId, name: String) -> Result<()> {
         .map_err(|e| anyhow!("{e}"))?;
     let reporter = ud_edge_agent::Reporter::new(node, local);
     reporter
-        .send(&Event::Node(
-            node,
-            NodeEvent::Registered(NodeRegistered {
-                at: now_millis(),
-                name,
-                labels: Default::default(),
-                resources: NodeResources {
-                    cpu_millis: 100_000_000,
-                    memory_mb: 1 << 40,
-                    disk_mb: 1 << 30,
-                    os: "linux".into(),
-                    agent_version: "sim".into(),
-                    ..Default::default()
-                },
-            }),
-        ))
+        .send(Report::Registered(NodeRegistered {
+            at: now_millis(),
+            name,
+            labels: Default::default(),
+            resources: NodeResources {
+                cpu_millis: 100_000_000,
+                memory_mb: 1 << 40,
+                disk_mb: 1 << 30,
+                os: "linux".into(),
+                agent_version: "sim".into(),
+                ..Default::default()
+            },
+        }))
         .await
         .map_err(|e| anyhow!("{e}"))?;
     let beats = reporter.clone();
@@ -105,7 +103,7 @@ async fn sim_agent(leaf_url: String, node: NodeId, name: String) -> Result<()> {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
-            let _ = beats.send(&crate::restart::sim_heartbeat(node)).await;
+            let _ = beats.send(crate::restart::sim_heartbeat()).await;
         }
     });
     loop {
@@ -136,23 +134,17 @@ async fn sim_agent(leaf_url: String, node: NodeId, name: String) -> Result<()> {
             };
             let reporter = reporter.clone();
             inflight.spawn(async move {
-                let started = Event::Task(
-                    run.task_id,
-                    TaskEvent::Started(TaskStarted {
-                        at: now_millis(),
-                        node_id: node,
-                        attempt: run.attempt,
-                    }),
-                );
-                let done = Event::Task(
-                    run.task_id,
-                    TaskEvent::Succeeded(TaskSucceeded {
-                        at: now_millis(),
-                        exit_code: 0,
-                    }),
-                );
-                if reporter.send(&started).await.is_ok() {
-                    let _ = reporter.send(&done).await;
+                let started = RunReport::Started(TaskStarted {
+                    at: now_millis(),
+                    node_id: node,
+                    attempt: run.attempt,
+                });
+                let done = RunReport::Succeeded(TaskSucceeded {
+                    at: now_millis(),
+                    exit_code: 0,
+                });
+                if reporter.run(run.task_id, started).await.is_ok() {
+                    let _ = reporter.run(run.task_id, done).await;
                 }
                 let _ = m.ack().await;
             });

@@ -25,7 +25,8 @@ use anyhow::{anyhow, Result};
 use futures::StreamExt;
 use ud_schemas::edge::{self, NodeToken};
 use ud_schemas::events::{NodeHeartbeat, NodeRegistered};
-use ud_schemas::{now_millis, Event, NodeEvent, NodeId};
+use ud_schemas::report::Report;
+use ud_schemas::{now_millis, NodeId};
 use ud_testkit::{NatsOptions, NatsServer};
 
 use crate::stats::line;
@@ -355,16 +356,13 @@ pub async fn agents(a: AgentsArgs) -> Result<()> {
 }
 
 /// A simulated node's heartbeat: idle, with plenty of disk.
-pub fn sim_heartbeat(node: NodeId) -> Event {
-    Event::Node(
-        node,
-        NodeEvent::Heartbeat(NodeHeartbeat {
-            at: now_millis(),
-            running_tasks: 0,
-            disk_free_mb: Some(1 << 30),
-            low_disk: false,
-        }),
-    )
+pub fn sim_heartbeat() -> Report {
+    Report::Heartbeat(NodeHeartbeat {
+        at: now_millis(),
+        running_tasks: 0,
+        disk_free_mb: Some(1 << 30),
+        low_disk: false,
+    })
 }
 
 async fn agent(
@@ -385,22 +383,19 @@ async fn agent(
     let reporter = ud_edge_agent::Reporter::new(node, local);
     let resources = ud_schemas::spec::NodeResources::default();
     reporter
-        .send(&Event::Node(
-            node,
-            NodeEvent::Registered(NodeRegistered {
-                at: now_millis(),
-                name: format!("sim-{i}"),
-                labels: Default::default(),
-                resources,
-            }),
-        ))
+        .send(Report::Registered(NodeRegistered {
+            at: now_millis(),
+            name: format!("sim-{i}"),
+            labels: Default::default(),
+            resources,
+        }))
         .await
         .map_err(|e| anyhow!("{e}"))?;
     tokio::time::sleep(offset).await;
     let mut tick = tokio::time::interval(interval);
     loop {
         tick.tick().await;
-        if let Err(e) = reporter.send(&sim_heartbeat(node)).await {
+        if let Err(e) = reporter.send(sim_heartbeat()).await {
             eprintln!("simulated node {i}: heartbeat not recorded: {e}");
         }
     }

@@ -59,7 +59,7 @@ fn nodes(n: usize, rng: &mut Lcg) -> Vec<Node> {
                 offline_after: None,
                 revoked: false,
                 low_disk: false,
-                scheduling: "active".into(),
+                scheduling: ud_schemas::SchedulingMode::Active,
                 disk_free_mb: Some(1_000_000),
             }
         })

@@ -4,8 +4,8 @@ use anyhow::{Context, Result};
 use clap::Args;
 use tracing::info;
 use ud_core::EventStore;
-use ud_gateway::server::{self, ServerConfig};
 use ud_projections::Db;
+use ud_server::{self as server, ServerConfig};
 
 #[derive(Args, Clone)]
 pub struct NatsArgs {
@@ -257,16 +257,27 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             paths: args.disk_watch.clone(),
             min_free_mb: args.disk_min_free_mb,
         },
+        restarts: Default::default(),
     })
     .await?;
     println!("UniDesk API listening on http://{}", running.addr);
     let mut running = running;
-    tokio::select! {
-        _ = shutdown_signal() => info!("shutting down"),
-        _ = running.wait() => anyhow::bail!("the API server stopped"),
+    let fatal = tokio::select! {
+        _ = shutdown_signal() => None,
+        fatal = running.wait() => Some(fatal),
+    };
+    match fatal {
+        None => {
+            info!("shutting down");
+            running.stop().await;
+            Ok(())
+        }
+        Some(fatal) => {
+            tracing::error!(service = %fatal.service, reason = %fatal.reason, "stopping: a service keeps failing");
+            running.stop().await;
+            Err(fatal.into())
+        }
     }
-    running.stop().await;
-    Ok(())
 }
 
 async fn shutdown_signal() {

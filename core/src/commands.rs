@@ -6,10 +6,12 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tracing::{info, instrument};
 use ud_schemas::codec::EventMeta;
-use ud_schemas::{now_millis, streams, subjects, Event, ProjectId, TaskId, TaskSpec};
+use ud_schemas::{streams, subjects, ProjectId, TaskId, TaskSpec};
 
-use crate::store::{EventStore, Expect, StoreError};
-use crate::task::{self, Task, TaskCommand, TaskError};
+use crate::aggregate::{ExecuteError, Repository, Retries};
+use crate::store::{EventStore, StoreError};
+use crate::task::{Task, TaskCommand, TaskError};
+use crate::token::{Token, TokenCommand, TokenError};
 use crate::validate::{self, FieldError, SubmitTask};
 
 #[derive(Debug, thiserror::Error)]
@@ -64,43 +66,20 @@ struct IdempotencyRecord {
 
 #[derive(Clone)]
 pub struct TaskCommands {
-    store: EventStore,
+    tasks: Repository<Task>,
     idempotency: kv::Store,
-    recent: Recent,
 }
 
-/// Tasks as this process last wrote them, with the sequence of their last
-/// event: a command tries the cached state first (no stream reads) and the
-/// append's concurrency check refuses it if the task changed meanwhile; then
-/// the task is read from the stream and the command decided again. So the
-/// cache saves reads and never decides anything on its own.
-#[derive(Clone, Default)]
-struct Recent(std::sync::Arc<std::sync::Mutex<std::collections::HashMap<TaskId, (Task, u64)>>>);
+/// Most tasks a main server remembers (see [`Repository`]'s cache).
+const RECENT_TASKS: u64 = 100_000;
 
-/// Most tasks remembered before the cache starts over.
-const RECENT_TASKS: usize = 100_000;
-
-impl Recent {
-    fn get(&self, id: &TaskId) -> Option<(Task, u64)> {
-        self.0.lock().ok()?.get(id).cloned()
-    }
-
-    fn put(&self, task: Task, seq: u64) {
-        if let Ok(mut m) = self.0.lock() {
-            if m.len() >= RECENT_TASKS {
-                m.clear();
-            }
-            if task.state.is_terminal() {
-                m.remove(&task.id);
-            } else {
-                m.insert(task.id, (task, seq));
-            }
-        }
-    }
-
-    fn forget(&self, id: &TaskId) {
-        if let Ok(mut m) = self.0.lock() {
-            m.remove(id);
+impl From<ExecuteError<TaskError>> for CommandError {
+    fn from(e: ExecuteError<TaskError>) -> Self {
+        match e {
+            ExecuteError::Rejected(TaskError::NotFound) | ExecuteError::Hidden => Self::NotFound,
+            ExecuteError::Rejected(e) => Self::Rejected(e),
+            ExecuteError::Conflict => Self::Conflict,
+            ExecuteError::Store(e) => e.into(),
         }
     }
 }
@@ -122,20 +101,18 @@ impl TaskCommands {
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         Ok(Self {
-            store,
+            tasks: Repository::cached(store, RECENT_TASKS, None),
             idempotency,
-            recent: Recent::default(),
         })
     }
 
     pub fn store(&self) -> &EventStore {
-        &self.store
+        self.tasks.store()
     }
 
-    /// Tells the commands what a task became after events appended elsewhere
-    /// in this process (the scheduler's placements), with its last sequence.
-    pub fn remember(&self, task: Task, seq: u64) {
-        self.recent.put(task, seq);
+    /// The tasks' repository: every change to a task goes through it.
+    pub fn tasks(&self) -> &Repository<Task> {
+        &self.tasks
     }
 
     /// Submits a task. With an idempotency key, a repeat returns the first
@@ -199,37 +176,21 @@ impl TaskCommands {
             spec,
             idempotency_key: idempotency_key.map(str::to_owned),
         };
-        let events = task::decide(None, cmd, now_millis()).map_err(CommandError::Rejected)?;
-        let events: Vec<Event> = events
-            .into_iter()
-            .map(|e| Event::Task(task_id, e))
-            .collect();
         match self
-            .store
-            .append_all(&events, &EventMeta::new(actor), Expect::New)
+            .tasks
+            .create(task_id, cmd, &EventMeta::new(actor))
             .await
         {
-            Ok(seq) => {
+            Ok(done) => {
                 info!(task_id = %task_id, "task submitted");
-                if let Some(seq) = seq {
-                    let mut task = None;
-                    for e in &events {
-                        if let Event::Task(_, te) = e {
-                            task = task::evolve(task, task_id, te);
-                        }
-                    }
-                    if let Some(t) = task {
-                        self.recent.put(t, seq);
-                    }
-                }
                 Ok(Accepted {
                     task_id,
-                    seq: seq.unwrap_or(0),
+                    seq: done.seq,
                     created: true,
                 })
             }
             // The key's task exists already: a repeat.
-            Err(StoreError::Conflict) if idempotency_key.is_some() => {
+            Err(ExecuteError::Conflict) if idempotency_key.is_some() => {
                 let seq = self.last_seq(&task_id).await?;
                 Ok(Accepted {
                     task_id,
@@ -243,7 +204,7 @@ impl TaskCommands {
 
     async fn last_seq(&self, id: &TaskId) -> Result<u64, CommandError> {
         let stream = self
-            .store
+            .store()
             .jetstream()
             .get_stream_no_info(streams::TASKS)
             .await
@@ -255,7 +216,9 @@ impl TaskCommands {
         Ok(msg.sequence)
     }
 
-    /// Runs a command against an existing task the caller may see.
+    /// Runs a command against an existing task the caller may see. A
+    /// concurrent change (often only a note such as `waiting`) means: read
+    /// the task again and decide again; three tries, then 409.
     #[instrument(skip_all, fields(task_id = %id, command = command.name()))]
     pub async fn execute(
         &self,
@@ -264,85 +227,20 @@ impl TaskCommands {
         actor: &str,
         may_see: impl Fn(&ProjectId) -> bool,
     ) -> Result<Accepted, CommandError> {
-        // A concurrent change (often only a note such as `waiting`) means:
-        // read the task again and decide again; three tries, then 409.
-        let mut tries = 0;
-        loop {
-            match self
-                .execute_once(id, command.clone(), actor, &may_see)
-                .await
-            {
-                Err(CommandError::Conflict) if tries < 2 => tries += 1,
-                other => return other,
-            }
-        }
-    }
-
-    async fn execute_once(
-        &self,
-        id: TaskId,
-        command: TaskCommand,
-        actor: &str,
-        may_see: &impl Fn(&ProjectId) -> bool,
-    ) -> Result<Accepted, CommandError> {
-        // The cached state first; whatever it refuses is decided again on
-        // the task as the stream has it.
-        if let Some((task, last_seq)) = self.recent.get(&id) {
-            if may_see(&task.project) {
-                match self
-                    .decide_and_append(id, task, last_seq, command.clone(), actor)
-                    .await
-                {
-                    Err(CommandError::Conflict | CommandError::Rejected(_)) => {
-                        self.recent.forget(&id)
-                    }
-                    other => return other,
-                }
-            }
-        }
-        let Some((task, last_seq)) = self.store.load_task(&id).await? else {
-            return Err(CommandError::NotFound);
-        };
-        if !may_see(&task.project) {
-            return Err(CommandError::NotFound);
-        }
-        self.decide_and_append(id, task, last_seq, command, actor)
-            .await
-    }
-
-    async fn decide_and_append(
-        &self,
-        id: TaskId,
-        task: Task,
-        last_seq: u64,
-        command: TaskCommand,
-        actor: &str,
-    ) -> Result<Accepted, CommandError> {
-        let events =
-            task::decide(Some(&task), command, now_millis()).map_err(CommandError::Rejected)?;
-        let events: Vec<Event> = events.into_iter().map(|e| Event::Task(id, e)).collect();
-        let seq = self
-            .store
-            .append_all(&events, &EventMeta::new(actor), Expect::LastSeq(last_seq))
+        let done = self
+            .tasks
+            .execute(id, command, &EventMeta::new(actor), Retries(2), |t| {
+                may_see(&t.project)
+            })
             .await?;
-        if let Some(seq) = seq {
-            let mut t = Some(task);
-            for e in &events {
-                if let Event::Task(_, te) = e {
-                    t = task::evolve(t, id, te);
-                }
-            }
-            if let Some(t) = t {
-                self.recent.put(t, seq);
-            }
-        }
         Ok(Accepted {
             task_id: id,
-            seq: seq.unwrap_or(last_seq),
-            created: !events.is_empty(),
+            seq: done.seq,
+            created: !done.events.is_empty(),
         })
     }
 
+    /// Cancels a task; the reason is checked here, whoever asks (REST or NATS).
     pub async fn cancel(
         &self,
         id: TaskId,
@@ -350,15 +248,11 @@ impl TaskCommands {
         actor: &str,
         may_see: impl Fn(&ProjectId) -> bool,
     ) -> Result<Accepted, CommandError> {
-        self.execute(
-            id,
-            TaskCommand::Cancel {
-                reason: reason.to_owned(),
-            },
-            actor,
-            may_see,
-        )
-        .await
+        validate::reason("reason", reason).map_err(|f| CommandError::Invalid(vec![f]))?;
+        let command = TaskCommand::Cancel {
+            reason: reason.to_owned(),
+        };
+        self.execute(id, command, actor, may_see).await
     }
 }
 
@@ -429,24 +323,33 @@ pub async fn issue_token(
     }
     let secret = crate::auth::generate_secret();
     let token_id = ud_schemas::TokenId::new();
-    let event = Event::Auth(
-        token_id,
-        ud_schemas::AuthEvent::TokenIssued(ud_schemas::events::TokenIssued {
-            at: now_millis(),
-            name: name.to_owned(),
-            digest: crate::auth::digest(&secret),
-            projects: parsed,
-            admin,
-        }),
-    );
-    let seq = store
-        .append(&event, &EventMeta::new(actor), Expect::New)
-        .await?;
+    let command = TokenCommand::Issue {
+        name: name.to_owned(),
+        digest: crate::auth::digest(&secret),
+        projects: parsed,
+        admin,
+    };
+    let done = Repository::<Token>::new(store.clone())
+        .create(token_id, command, &EventMeta::new(actor))
+        .await
+        .map_err(token_error)?;
     Ok(IssuedToken {
         token_id,
         secret,
-        seq,
+        seq: done.seq,
     })
+}
+
+fn token_error(e: ExecuteError<TokenError>) -> CommandError {
+    match e {
+        ExecuteError::Rejected(TokenError::NotFound) | ExecuteError::Hidden => {
+            CommandError::NotFound
+        }
+        ExecuteError::Rejected(TokenError::AlreadyIssued) | ExecuteError::Conflict => {
+            CommandError::Conflict
+        }
+        ExecuteError::Store(e) => e.into(),
+    }
 }
 
 /// Revokes a token; it stops working as soon as the revocation is projected.
@@ -455,17 +358,15 @@ pub async fn revoke_token(
     id: ud_schemas::TokenId,
     actor: &str,
 ) -> Result<u64, CommandError> {
-    let history = store
-        .read_subject(streams::AUTH, &subjects::token_all(&id))
-        .await?;
-    let Some(last) = history.last() else {
-        return Err(CommandError::NotFound);
-    };
-    let event = Event::Auth(
-        id,
-        ud_schemas::AuthEvent::TokenRevoked(ud_schemas::events::TokenRevoked { at: now_millis() }),
-    );
-    Ok(store
-        .append(&event, &EventMeta::new(actor), Expect::LastSeq(last.seq))
-        .await?)
+    let done = Repository::<Token>::new(store.clone())
+        .execute(
+            id,
+            TokenCommand::Revoke,
+            &EventMeta::new(actor),
+            Retries(2),
+            |_| true,
+        )
+        .await
+        .map_err(token_error)?;
+    Ok(done.seq)
 }

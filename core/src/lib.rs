@@ -3,9 +3,11 @@
 //! * [`task`], [`node`]: lifecycles as pure `decide` / `evolve` functions.
 //! * [`validate`]: user input to validated specs, with field-named errors.
 //! * [`store`]: the JetStream event store (append with optimistic concurrency, load).
-//! * [`commands`]: load, decide, append — the only place that does all three.
+//! * [`aggregate`]: load, decide, append — the one command path of every aggregate.
+//! * [`commands`]: task commands as users give them (validation, idempotency, visibility).
 //! * [`service`]: the command handlers as NATS micro services.
 
+pub mod aggregate;
 pub mod archive;
 pub mod auth;
 pub mod commands;
@@ -15,6 +17,7 @@ pub mod node;
 pub mod service;
 pub mod store;
 pub mod task;
+pub mod token;
 pub mod validate;
 
 pub use commands::{CommandError, TaskCommands};

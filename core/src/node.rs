@@ -3,27 +3,10 @@
 use std::collections::BTreeMap;
 
 use ud_schemas::events::*;
-use ud_schemas::{Millis, NodeId, NodeResources};
+use ud_schemas::{Millis, NodeId, NodeResources, NodeStatus, SchedulingMode};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Liveness {
-    /// Enrolled, never heard from.
-    Enrolled,
-    Online,
-    Offline,
-    Revoked,
-}
-
-impl Liveness {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::Enrolled => "enrolled",
-            Self::Online => "online",
-            Self::Offline => "offline",
-            Self::Revoked => "revoked",
-        }
-    }
-}
+/// Whether a node is heard from (see [`NodeStatus::of`]).
+pub type Liveness = NodeStatus;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Node {
@@ -37,19 +20,18 @@ pub struct Node {
     pub revoked: bool,
     /// Below its free-disk threshold, as its last heartbeat said: takes no new tasks.
     pub low_disk: bool,
-    /// `active`, `cordoned` or `draining`: only active nodes take new tasks.
-    pub scheduling: String,
+    /// Only active nodes take new tasks.
+    pub scheduling: SchedulingMode,
     /// Free disk where tasks run, from its last heartbeat.
     pub disk_free_mb: Option<u64>,
 }
 
-/// The modes an operator can put a node in.
-pub const SCHEDULING_MODES: [&str; 3] = ["active", "cordoned", "draining"];
-
 impl Node {
     /// Whether the scheduler may place new tasks here (online, active, room on disk).
     pub fn takes_new_tasks(&self) -> bool {
-        self.liveness() == Liveness::Online && self.scheduling == "active" && !self.low_disk
+        self.liveness() == Liveness::Online
+            && self.scheduling == SchedulingMode::Active
+            && !self.low_disk
     }
 }
 
@@ -57,14 +39,7 @@ impl Node {
     /// Online unless declared offline and silent since: heartbeats after an
     /// offline decision bring a node back without another event.
     pub fn liveness(&self) -> Liveness {
-        match (self.revoked, self.last_seen) {
-            (true, _) => Liveness::Revoked,
-            (false, None) => Liveness::Enrolled,
-            (false, Some(seen)) if self.offline_after.is_some_and(|o| seen <= o) => {
-                Liveness::Offline
-            }
-            (false, Some(_)) => Liveness::Online,
-        }
+        NodeStatus::of(self.revoked, self.last_seen, self.offline_after)
     }
 }
 
@@ -93,7 +68,7 @@ pub enum NodeCommand {
     },
     /// An operator cordons, drains or resumes the node.
     SetScheduling {
-        mode: String,
+        mode: SchedulingMode,
         reason: String,
     },
 }
@@ -106,8 +81,6 @@ pub enum NodeError {
     AlreadyEnrolled,
     #[error("node was revoked")]
     Revoked,
-    #[error("scheduling mode {0:?} is not one of active, cordoned, draining")]
-    BadMode(String),
 }
 
 pub fn decide(
@@ -177,11 +150,6 @@ pub fn decide(
             }
             _ => Ok(vec![]),
         },
-        (_, NodeCommand::SetScheduling { mode, .. })
-            if !SCHEDULING_MODES.contains(&mode.as_str()) =>
-        {
-            Err(NodeError::BadMode(mode))
-        }
         (n, NodeCommand::SetScheduling { mode, .. }) if n.scheduling == mode => Ok(vec![]),
         (_, NodeCommand::SetScheduling { mode, reason }) => {
             Ok(vec![NodeEvent::Scheduling(NodeScheduling {
@@ -205,7 +173,7 @@ pub fn evolve(node: Option<Node>, id: NodeId, event: &NodeEvent) -> Option<Node>
             offline_after: None,
             revoked: false,
             low_disk: false,
-            scheduling: "active".into(),
+            scheduling: SchedulingMode::Active,
             disk_free_mb: None,
         }),
         (None, _) => None,
@@ -233,9 +201,51 @@ pub fn evolve(node: Option<Node>, id: NodeId, event: &NodeEvent) -> Option<Node>
             Some(n)
         }
         (Some(mut n), NodeEvent::Scheduling(e)) => {
-            n.scheduling = e.mode.clone();
+            n.scheduling = e.mode;
             Some(n)
         }
+    }
+}
+
+impl crate::aggregate::Aggregate for Node {
+    type Id = NodeId;
+    type Command = NodeCommand;
+    type Event = NodeEvent;
+    type Error = NodeError;
+
+    const STREAM: &'static str = ud_schemas::streams::NODES;
+
+    fn scope(id: &NodeId) -> String {
+        ud_schemas::subjects::node_all(id)
+    }
+
+    fn wrap(id: NodeId, event: NodeEvent) -> ud_schemas::Event {
+        ud_schemas::Event::Node(id, event)
+    }
+
+    fn unwrap(event: ud_schemas::Event) -> Option<(NodeId, NodeEvent)> {
+        match event {
+            ud_schemas::Event::Node(id, e) => Some((id, e)),
+            _ => None,
+        }
+    }
+
+    fn decide(
+        state: Option<&Self>,
+        command: NodeCommand,
+        now: Millis,
+    ) -> Result<Vec<NodeEvent>, NodeError> {
+        decide(state, command, now)
+    }
+
+    fn evolve(state: Option<Self>, id: NodeId, event: &NodeEvent) -> Option<Self> {
+        evolve(state, id, event)
+    }
+
+    /// A heartbeat is recorded whatever else happened to the node (it lives
+    /// in a stream of its own, outside the node's concurrency scope).
+    fn checked(command: &NodeCommand) -> bool {
+        !matches!(command, NodeCommand::Heartbeat { .. })
     }
 }
 
@@ -324,18 +334,18 @@ mod tests {
     #[test]
     fn cordoned_and_draining_nodes_take_no_new_tasks_until_resumed() {
         let (id, node) = online();
-        let set = |n: &Option<Node>, mode: &str| {
+        let set = |n: &Option<Node>, mode: SchedulingMode| {
             decide(
                 n.as_ref(),
                 NodeCommand::SetScheduling {
-                    mode: mode.into(),
+                    mode,
                     reason: "maintenance".into(),
                 },
                 2000,
             )
         };
         assert!(node.as_ref().is_some_and(Node::takes_new_tasks));
-        for mode in ["cordoned", "draining"] {
+        for mode in [SchedulingMode::Cordoned, SchedulingMode::Draining] {
             let events = set(&node, mode).unwrap_or_default();
             assert_eq!(events.len(), 1);
             let changed = apply(node.clone(), id, &events);
@@ -348,15 +358,14 @@ mod tests {
             let resumed = apply(
                 changed.clone(),
                 id,
-                &set(&changed, "active").unwrap_or_default(),
+                &set(&changed, SchedulingMode::Active).unwrap_or_default(),
             );
             assert!(resumed.as_ref().is_some_and(Node::takes_new_tasks));
         }
         assert_eq!(
-            set(&node, "paused"),
-            Err(NodeError::BadMode("paused".into()))
+            set(&None, SchedulingMode::Cordoned),
+            Err(NodeError::Unknown)
         );
-        assert_eq!(set(&None, "cordoned"), Err(NodeError::Unknown));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use ud_schemas::codec::{self, CodecError, EventEnvelope, EventMeta};
 use ud_schemas::headers::{EXPECTED_LAST_SUBJECT_SEQUENCE, EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT};
 use ud_schemas::{streams, subjects, Event, TaskId};
 
-use crate::task::{self, Task};
+use crate::task::Task;
 
 /// What the appender expects of the aggregate's history.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -268,7 +268,6 @@ impl EventStore {
         Ok(out)
     }
 
-    /// A task folded from its stream, with the sequence of its last event.
     /// Up to `max` of a task's log chunks after log-stream sequence `after`,
     /// in order, each with its sequence (undecodable chunks are skipped).
     pub async fn log_chunks(
@@ -283,7 +282,7 @@ impl EventStore {
             .get_stream_no_info(ud_schemas::streams::LOGS)
             .await
             .map_err(|e| unavailable(&e))?;
-        let subject = format!("ud.log.{task}");
+        let subject = ud_schemas::subjects::log(task);
         let (mut out, mut next) = (Vec::new(), after.saturating_add(1));
         while out.len() < max {
             match stream
@@ -303,19 +302,11 @@ impl EventStore {
         Ok(out)
     }
 
+    /// A task folded from its stream, with the sequence of its last event.
     pub async fn load_task(&self, id: &TaskId) -> Result<Option<(Task, u64)>, StoreError> {
-        let events = self
-            .read_subject(streams::TASKS, &subjects::task_all(id))
-            .await?;
-        let mut task = None;
-        let mut last = 0;
-        for e in &events {
-            if let Event::Task(_, te) = &e.envelope.event {
-                task = task::evolve(task, *id, te);
-                last = e.seq;
-            }
-        }
-        Ok(task.map(|t| (t, last)))
+        crate::aggregate::Repository::<Task>::new(self.clone())
+            .load(id)
+            .await
     }
 }
 

@@ -8,7 +8,7 @@
 //! ```
 
 use ud_schemas::events::*;
-use ud_schemas::{Millis, NodeId, ProjectId, TaskId, TaskSpec};
+use ud_schemas::{Millis, NodeId, ProjectId, TaskId, TaskSpec, TaskStatus};
 
 /// Where a task is in its life. Each state carries only what it has.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,24 +41,25 @@ pub enum TaskState {
 }
 
 impl TaskState {
-    pub fn name(&self) -> &'static str {
+    pub fn status(&self) -> TaskStatus {
         match self {
-            Self::Pending => "pending",
-            Self::Assigned { .. } => "assigned",
-            Self::Running { .. } => "running",
-            Self::Cancelling { .. } => "cancelling",
-            Self::Succeeded { .. } => "succeeded",
-            Self::Failed { .. } => "failed",
-            Self::TimedOut => "timed_out",
-            Self::Cancelled { .. } => "cancelled",
+            Self::Pending => TaskStatus::Pending,
+            Self::Assigned { .. } => TaskStatus::Assigned,
+            Self::Running { .. } => TaskStatus::Running,
+            Self::Cancelling { .. } => TaskStatus::Cancelling,
+            Self::Succeeded { .. } => TaskStatus::Succeeded,
+            Self::Failed { .. } => TaskStatus::Failed,
+            Self::TimedOut => TaskStatus::TimedOut,
+            Self::Cancelled { .. } => TaskStatus::Cancelled,
         }
     }
 
+    pub fn name(&self) -> &'static str {
+        self.status().as_str()
+    }
+
     pub fn is_terminal(&self) -> bool {
-        matches!(
-            self,
-            Self::Succeeded { .. } | Self::Failed { .. } | Self::TimedOut | Self::Cancelled { .. }
-        )
+        self.status().is_terminal()
     }
 
     /// The node holding the task's live assignment, if any.
@@ -72,17 +73,11 @@ impl TaskState {
     }
 }
 
-/// All state names, for filters and documentation.
-pub const STATE_NAMES: [&str; 8] = [
-    "pending",
-    "assigned",
-    "running",
-    "cancelling",
-    "succeeded",
-    "failed",
-    "timed_out",
-    "cancelled",
-];
+/// Why a run that hit its time limit ended, in words (the read model and
+/// retries say the same).
+pub fn timed_out_reason(timeout_seconds: u64) -> String {
+    format!("timed out after {timeout_seconds} s")
+}
 
 /// A task folded from its events.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -350,7 +345,7 @@ pub fn decide(
             let policy = &task.spec.retry;
             if policy.on_timeout && *attempt < policy.max_attempts {
                 let backoff = i64::from(policy.backoff_seconds).saturating_mul(1000);
-                let reason = format!("timed out after {} s", task.spec.timeout_seconds);
+                let reason = timed_out_reason(task.spec.timeout_seconds);
                 return Ok(vec![TaskEvent::Retrying(TaskRetrying {
                     at: now,
                     attempt: *attempt,
@@ -517,4 +512,44 @@ pub fn fold<'a>(id: TaskId, events: impl IntoIterator<Item = &'a TaskEvent>) -> 
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
+
+impl crate::aggregate::Aggregate for Task {
+    type Id = TaskId;
+    type Command = TaskCommand;
+    type Event = TaskEvent;
+    type Error = TaskError;
+
+    const STREAM: &'static str = ud_schemas::streams::TASKS;
+
+    fn scope(id: &TaskId) -> String {
+        ud_schemas::subjects::task_all(id)
+    }
+
+    fn wrap(id: TaskId, event: TaskEvent) -> ud_schemas::Event {
+        ud_schemas::Event::Task(id, event)
+    }
+
+    fn unwrap(event: ud_schemas::Event) -> Option<(TaskId, TaskEvent)> {
+        match event {
+            ud_schemas::Event::Task(id, e) => Some((id, e)),
+            _ => None,
+        }
+    }
+
+    fn decide(
+        state: Option<&Self>,
+        command: TaskCommand,
+        now: Millis,
+    ) -> Result<Vec<TaskEvent>, TaskError> {
+        decide(state, command, now)
+    }
+
+    fn evolve(state: Option<Self>, id: TaskId, event: &TaskEvent) -> Option<Self> {
+        evolve(state, id, event)
+    }
+
+    fn settled(&self) -> bool {
+        self.state.is_terminal()
+    }
+}

@@ -1,11 +1,9 @@
 //! User input to validated specs. Every rejection names the field and the reason.
 
-use std::collections::BTreeMap;
-
-use serde::{Deserialize, Serialize};
 use ud_schemas::spec::{Resources, RetryPolicy};
 use ud_schemas::{ProjectId, TaskSpec};
-use utoipa::ToSchema;
+
+pub use ud_schemas::api::{FieldError, ResourceRequest, RetryRequest, SubmitTask};
 
 /// Upper bounds on what one task may ask for.
 pub mod limits {
@@ -25,134 +23,15 @@ pub mod limits {
     pub const MAX_PATH_BYTES: usize = 1024;
     pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
     pub const MAX_FILES: usize = 256;
-}
-
-/// A task as a user submits it (REST body and NATS command payload).
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct SubmitTask {
-    /// Project the task belongs to.
-    pub project: String,
-    /// Optional human-readable name.
-    #[serde(default)]
-    pub name: Option<String>,
-    /// `https://`, `ssh://` or `file://` URL of the code repository.
-    pub code_repo_url: String,
-    /// Full hex commit id (40 or 64 characters) of the code.
-    pub code_commit_id: String,
-    /// URL of the environment repository (may equal the code repository).
-    pub env_repo_url: String,
-    /// Full hex commit id of the environment.
-    pub env_commit_id: String,
-    /// Path of the Dockerfile inside the environment repository.
-    pub dockerfile_path: String,
-    /// Program and its leading arguments, e.g. `["python", "train.py"]`.
-    pub command: Vec<String>,
-    /// Further arguments appended to `command`.
-    #[serde(default)]
-    pub args: Vec<String>,
-    /// Environment variables of the task's process.
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    #[serde(default)]
-    pub resources: ResourceRequest,
-    /// Seconds the run may take (default one day, at most 30 days).
-    #[serde(default)]
-    pub timeout_seconds: Option<i64>,
-    #[serde(default)]
-    pub retry: Option<RetryRequest>,
-    /// Higher runs first (-1000 to 1000, default 0); equal priorities share
-    /// capacity fairly between projects.
-    #[serde(default)]
-    pub priority: Option<i64>,
-    /// The queue to wait in (default `default`): 1-63 of [a-z0-9-_].
-    #[serde(default)]
-    pub queue: Option<String>,
-    /// Project files copied into the workspace before the run (`source`
-    /// ending in `/`: every file below that folder).
-    #[serde(default)]
-    pub inputs: Vec<ud_schemas::spec::TaskInput>,
-    /// Workspace paths uploaded to the object store after the run (also
-    /// after a failure); a directory uploads everything below it.
-    #[serde(default)]
-    pub outputs: Vec<String>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ResourceRequest {
-    /// CPU cores (fractions allowed), default 1.
-    #[serde(default = "one")]
-    pub cpus: f64,
-    /// Memory in MiB, default 1024.
-    #[serde(default = "default_memory")]
-    pub memory_mb: i64,
-    #[serde(default)]
-    pub gpus: i64,
-    #[serde(default)]
-    pub gpu_model: Option<String>,
-    /// Labels a node must carry.
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    /// Labels a node should carry: such a node is chosen when it has room.
-    #[serde(default)]
-    pub preferred_labels: BTreeMap<String, String>,
-    /// Free disk (MiB) the task needs on the node, default none.
-    #[serde(default)]
-    pub disk_mb: i64,
-}
-
-fn one() -> f64 {
-    1.0
-}
-fn default_memory() -> i64 {
-    1024
-}
-
-impl Default for ResourceRequest {
-    fn default() -> Self {
-        Self {
-            cpus: 1.0,
-            memory_mb: 1024,
-            gpus: 0,
-            gpu_model: None,
-            labels: BTreeMap::new(),
-            preferred_labels: BTreeMap::new(),
-            disk_mb: 0,
-        }
-    }
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct RetryRequest {
-    /// Total attempts including the first (1 = no retry).
-    pub max_attempts: i64,
-    #[serde(default)]
-    pub backoff_seconds: i64,
-    /// Retry only runs that exited with one of these codes (default: any failure).
-    #[serde(default)]
-    pub exit_codes: Vec<i64>,
-    /// Retry runs that hit their time limit too (default false).
-    #[serde(default)]
-    pub on_timeout: bool,
-}
-
-/// One rejected field.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct FieldError {
-    /// Dotted path of the field, e.g. `resources.memory_mb`.
-    pub field: String,
-    pub reason: String,
-}
-
-impl FieldError {
-    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            reason: reason.into(),
-        }
-    }
+    pub const MAX_QUEUE_NAME_BYTES: usize = 63;
+    pub const MAX_REASON_BYTES: usize = 1000;
+    pub const MAX_NAME_BYTES: usize = 200;
+    pub const MAX_GPU_MODEL_BYTES: usize = 128;
+    pub const MAX_LABEL_BYTES: usize = 63;
+    pub const MAX_EXIT_CODES: usize = 64;
+    pub const MAX_DISK_MB: i64 = 100_000_000;
+    pub const MIN_PRIORITY: i64 = -1000;
+    pub const MAX_PRIORITY: i64 = 1000;
 }
 
 struct Errors(Vec<FieldError>);
@@ -206,7 +85,7 @@ pub fn parse_repo_url(url: &str) -> Option<RepoUrl<'_>> {
 pub fn repo_url(field: &str, url: &str) -> Result<(), FieldError> {
     let err = |r: &str| Err(FieldError::new(field, r));
     if url.len() > limits::MAX_URL_BYTES {
-        return err("longer than 2048 bytes");
+        return err(&format!("longer than {} bytes", limits::MAX_URL_BYTES));
     }
     if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return err("must not contain whitespace or control characters");
@@ -238,10 +117,14 @@ pub fn repo_url(field: &str, url: &str) -> Result<(), FieldError> {
 /// A task priority: -1000 to 1000.
 pub fn priority_value(p: i64) -> Result<i32, FieldError> {
     match i32::try_from(p) {
-        Ok(v) if (-1000..=1000).contains(&v) => Ok(v),
+        Ok(v) if (limits::MIN_PRIORITY..=limits::MAX_PRIORITY).contains(&i64::from(v)) => Ok(v),
         _ => Err(FieldError::new(
             "priority",
-            "must be between -1000 and 1000",
+            format!(
+                "must be between {} and {}",
+                limits::MIN_PRIORITY,
+                limits::MAX_PRIORITY
+            ),
         )),
     }
 }
@@ -258,24 +141,44 @@ pub fn commit_id(field: &str, id: &str) -> Result<String, FieldError> {
     }
 }
 
+/// A path inside a repository or workspace (the one rule:
+/// [`ud_schemas::spec::relative_path`]).
 pub fn relative_path(field: &str, path: &str) -> Result<(), FieldError> {
-    let err = |r: &str| Err(FieldError::new(field, r));
-    if path.is_empty() {
-        return err("must not be empty");
+    ud_schemas::spec::relative_path(path)
+        .map(|_| ())
+        .map_err(|reason| FieldError::new(field, format!("{path:?} {reason}")))
+}
+
+/// A queue's name: 1 to [`limits::MAX_QUEUE_NAME_BYTES`] of a-z, 0-9, `-` and `_`.
+pub fn queue_name(field: &str, name: &str) -> Result<(), FieldError> {
+    let ok = (1..=limits::MAX_QUEUE_NAME_BYTES).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(FieldError::new(
+            field,
+            format!("1-{} of a-z, 0-9, - and _", limits::MAX_QUEUE_NAME_BYTES),
+        ))
     }
-    if path.len() > limits::MAX_PATH_BYTES {
-        return err("longer than 1024 bytes");
+}
+
+/// Why someone cancelled or cordoned: text for people, at most
+/// [`limits::MAX_REASON_BYTES`] without control characters.
+pub fn reason(field: &str, text: &str) -> Result<(), FieldError> {
+    if plain_text(text, limits::MAX_REASON_BYTES) {
+        Ok(())
+    } else {
+        Err(FieldError::new(
+            field,
+            format!(
+                "at most {} bytes without control characters",
+                limits::MAX_REASON_BYTES
+            ),
+        ))
     }
-    if path.contains('\0') || path.contains('\\') {
-        return err("must not contain NUL or backslashes");
-    }
-    if path.starts_with('/') {
-        return err("must be relative to the repository root");
-    }
-    if path.split('/').any(|c| c == "..") {
-        return err("must not leave the repository ('..')");
-    }
-    Ok(())
 }
 
 /// Text a person wrote that goes into headers, rows and logs: at most `max`
@@ -286,7 +189,7 @@ pub fn plain_text(s: &str, max: usize) -> bool {
 
 fn label_key(k: &str) -> bool {
     !k.is_empty()
-        && k.len() <= 63
+        && k.len() <= limits::MAX_LABEL_BYTES
         && k.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'))
 }
@@ -302,11 +205,14 @@ fn argv(errors: &mut Errors, field: &str, list: &[String], required: bool) {
         errors.add(field, "must name at least the program to run");
     }
     if list.len() > limits::MAX_ARGV {
-        errors.add(field, "more than 256 entries");
+        errors.add(field, format!("more than {} entries", limits::MAX_ARGV));
     }
     for (i, a) in list.iter().enumerate() {
         if a.len() > limits::MAX_ARG_BYTES {
-            errors.add(format!("{field}[{i}]"), "longer than 4096 bytes");
+            errors.add(
+                format!("{field}[{i}]"),
+                format!("longer than {} bytes", limits::MAX_ARG_BYTES),
+            );
         }
         if a.contains('\0') {
             errors.add(format!("{field}[{i}]"), "contains NUL");
@@ -314,52 +220,50 @@ fn argv(errors: &mut Errors, field: &str, list: &[String], required: bool) {
     }
 }
 
-/// Validates a submission into the project and spec recorded in the event.
-impl SubmitTask {
-    /// The request that submits `spec` again in `project` (a rerun): it
-    /// validates to the same spec.
-    pub fn rerun_of(project: &str, spec: &TaskSpec) -> Self {
-        let r = &spec.resources;
-        Self {
-            project: project.to_owned(),
-            name: spec.name.clone(),
-            code_repo_url: spec.code_repo_url.clone(),
-            code_commit_id: spec.code_commit_id.clone(),
-            env_repo_url: spec.env_repo_url.clone(),
-            env_commit_id: spec.env_commit_id.clone(),
-            dockerfile_path: spec.dockerfile_path.clone(),
-            command: spec.command.clone(),
-            args: spec.args.clone(),
-            env: spec.env.clone(),
-            resources: ResourceRequest {
-                cpus: f64::from(r.cpu_millis) / 1000.0,
-                memory_mb: i64::try_from(r.memory_mb).unwrap_or(i64::MAX),
-                gpus: i64::from(r.gpus),
-                gpu_model: r.gpu_model.clone(),
-                labels: r.labels.clone(),
-                preferred_labels: r.preferred_labels.clone(),
-                disk_mb: i64::try_from(r.disk_mb).unwrap_or(i64::MAX),
-            },
-            timeout_seconds: Some(i64::try_from(spec.timeout_seconds).unwrap_or(i64::MAX)),
-            retry: Some(RetryRequest {
-                max_attempts: i64::from(spec.retry.max_attempts),
-                backoff_seconds: i64::from(spec.retry.backoff_seconds),
-                exit_codes: spec
-                    .retry
-                    .exit_codes
-                    .iter()
-                    .map(|c| i64::from(*c))
-                    .collect(),
-                on_timeout: spec.retry.on_timeout,
-            }),
-            priority: Some(i64::from(spec.priority)),
-            queue: Some(spec.queue.clone()),
-            inputs: spec.inputs.clone(),
-            outputs: spec.outputs.clone(),
-        }
+/// The request that submits `spec` again in `project` (a rerun): it
+/// validates to the same spec.
+pub fn rerun_request(project: &str, spec: &TaskSpec) -> SubmitTask {
+    let r = &spec.resources;
+    SubmitTask {
+        project: project.to_owned(),
+        name: spec.name.clone(),
+        code_repo_url: spec.code_repo_url.clone(),
+        code_commit_id: spec.code_commit_id.clone(),
+        env_repo_url: spec.env_repo_url.clone(),
+        env_commit_id: spec.env_commit_id.clone(),
+        dockerfile_path: spec.dockerfile_path.clone(),
+        command: spec.command.clone(),
+        args: spec.args.clone(),
+        env: spec.env.clone(),
+        resources: ResourceRequest {
+            cpus: f64::from(r.cpu_millis) / 1000.0,
+            memory_mb: i64::try_from(r.memory_mb).unwrap_or(i64::MAX),
+            gpus: i64::from(r.gpus),
+            gpu_model: r.gpu_model.clone(),
+            labels: r.labels.clone(),
+            preferred_labels: r.preferred_labels.clone(),
+            disk_mb: i64::try_from(r.disk_mb).unwrap_or(i64::MAX),
+        },
+        timeout_seconds: Some(i64::try_from(spec.timeout_seconds).unwrap_or(i64::MAX)),
+        retry: Some(RetryRequest {
+            max_attempts: i64::from(spec.retry.max_attempts),
+            backoff_seconds: i64::from(spec.retry.backoff_seconds),
+            exit_codes: spec
+                .retry
+                .exit_codes
+                .iter()
+                .map(|c| i64::from(*c))
+                .collect(),
+            on_timeout: spec.retry.on_timeout,
+        }),
+        priority: Some(i64::from(spec.priority)),
+        queue: Some(spec.queue.clone()),
+        inputs: spec.inputs.clone(),
+        outputs: spec.outputs.clone(),
     }
 }
 
+/// Validates a submission into the project and spec recorded in the event.
 pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldError>> {
     let mut e = Errors(Vec::new());
     let project =
@@ -368,10 +272,13 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
         e.0.push(f.clone());
     }
     if let Some(name) = &req.name {
-        if !plain_text(name, 200) {
+        if !plain_text(name, limits::MAX_NAME_BYTES) {
             e.add(
                 "name",
-                "longer than 200 bytes or contains control characters",
+                format!(
+                    "longer than {} bytes or contains control characters",
+                    limits::MAX_NAME_BYTES
+                ),
             );
         }
     }
@@ -395,7 +302,7 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
     argv(&mut e, "command", &req.command, true);
     argv(&mut e, "args", &req.args, false);
     if req.env.len() > limits::MAX_ENV {
-        e.add("env", "more than 256 variables");
+        e.add("env", format!("more than {} variables", limits::MAX_ENV));
     }
     for (k, v) in &req.env {
         if !env_key(k) {
@@ -407,46 +314,64 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
         if v.len() > limits::MAX_ENV_VALUE_BYTES || v.contains('\0') {
             e.add(
                 format!("env.{k}"),
-                "value longer than 32 KiB or contains NUL",
+                format!(
+                    "value longer than {} bytes or contains NUL",
+                    limits::MAX_ENV_VALUE_BYTES
+                ),
             );
         }
     }
     let r = &req.resources;
     if !(r.cpus.is_finite() && r.cpus >= 0.001 && r.cpus <= limits::MAX_CPUS) {
-        e.add("resources.cpus", "must be between 0.001 and 1024");
+        e.add(
+            "resources.cpus",
+            format!("must be between 0.001 and {}", limits::MAX_CPUS),
+        );
     }
     if !(1..=limits::MAX_MEMORY_MB).contains(&r.memory_mb) {
         e.add(
             "resources.memory_mb",
-            "must be between 1 and 16777216 (16 TiB)",
+            format!("must be between 1 and {}", limits::MAX_MEMORY_MB),
         );
     }
     if !(0..=limits::MAX_GPUS).contains(&r.gpus) {
-        e.add("resources.gpus", "must be between 0 and 64");
+        e.add(
+            "resources.gpus",
+            format!("must be between 0 and {}", limits::MAX_GPUS),
+        );
     }
     if let Some(m) = &r.gpu_model {
-        if m.is_empty() || !plain_text(m, 128) {
+        if m.is_empty() || !plain_text(m, limits::MAX_GPU_MODEL_BYTES) {
             e.add(
                 "resources.gpu_model",
-                "must be 1-128 bytes without control characters",
+                format!(
+                    "must be 1-{} bytes without control characters",
+                    limits::MAX_GPU_MODEL_BYTES
+                ),
             );
         }
     }
     if r.labels.len() > limits::MAX_LABELS {
-        e.add("resources.labels", "more than 64 labels");
+        e.add(
+            "resources.labels",
+            format!("more than {} labels", limits::MAX_LABELS),
+        );
     }
-    if !(0..=100_000_000).contains(&r.disk_mb) {
-        e.add("resources.disk_mb", "must be between 0 and 100000000");
+    if !(0..=limits::MAX_DISK_MB).contains(&r.disk_mb) {
+        e.add(
+            "resources.disk_mb",
+            format!("must be between 0 and {}", limits::MAX_DISK_MB),
+        );
     }
     for (field, labels) in [
         ("labels", &r.labels),
         ("preferred_labels", &r.preferred_labels),
     ] {
         for (k, v) in labels {
-            if !label_key(k) || !plain_text(v, 63) {
+            if !label_key(k) || !plain_text(v, limits::MAX_LABEL_BYTES) {
                 e.add(
                     format!("resources.{field}.{k}"),
-                    "keys are 1-63 of [A-Za-z0-9-_./], values at most 63 bytes without control characters",
+                    format!("keys are 1-{0} of [A-Za-z0-9-_./], values at most {0} bytes without control characters", limits::MAX_LABEL_BYTES),
                 );
             }
         }
@@ -455,7 +380,10 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
         .timeout_seconds
         .unwrap_or(limits::DEFAULT_TIMEOUT_SECONDS);
     if !(1..=limits::MAX_TIMEOUT_SECONDS).contains(&timeout) {
-        e.add("timeout_seconds", "must be between 1 and 2592000 (30 days)");
+        e.add(
+            "timeout_seconds",
+            format!("must be between 1 and {}", limits::MAX_TIMEOUT_SECONDS),
+        );
     }
     let retry = req.retry.clone().unwrap_or(RetryRequest {
         max_attempts: 1,
@@ -463,29 +391,35 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
         exit_codes: vec![],
         on_timeout: false,
     });
-    if retry.exit_codes.len() > 64 || retry.exit_codes.iter().any(|c| !(1..=255).contains(c)) {
-        e.add("retry.exit_codes", "at most 64 exit codes, each 1-255");
+    if retry.exit_codes.len() > limits::MAX_EXIT_CODES
+        || retry.exit_codes.iter().any(|c| !(1..=255).contains(c))
+    {
+        e.add(
+            "retry.exit_codes",
+            format!("at most {} exit codes, each 1-255", limits::MAX_EXIT_CODES),
+        );
     }
     if !(1..=limits::MAX_ATTEMPTS).contains(&retry.max_attempts) {
-        e.add("retry.max_attempts", "must be between 1 and 100");
+        e.add(
+            "retry.max_attempts",
+            format!("must be between 1 and {}", limits::MAX_ATTEMPTS),
+        );
     }
     if !(0..=limits::MAX_BACKOFF_SECONDS).contains(&retry.backoff_seconds) {
-        e.add("retry.backoff_seconds", "must be between 0 and 86400");
+        e.add(
+            "retry.backoff_seconds",
+            format!("must be between 0 and {}", limits::MAX_BACKOFF_SECONDS),
+        );
     }
     let queue = req
         .queue
         .clone()
         .unwrap_or_else(ud_schemas::spec::default_queue);
-    if queue.is_empty()
-        || queue.len() > 63
-        || !queue
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-    {
-        e.add("queue", "1-63 of a-z, 0-9, - and _");
+    if let Err(f) = queue_name("queue", &queue) {
+        e.0.push(f);
     }
     if req.inputs.len() > limits::MAX_FILES {
-        e.add("inputs", "more than 256 inputs");
+        e.add("inputs", format!("more than {} inputs", limits::MAX_FILES));
     }
     for (i, input) in req.inputs.iter().enumerate() {
         if let Err(reason) = ud_schemas::spec::relative_path(&input.source) {
@@ -505,7 +439,10 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
         }
     }
     if req.outputs.len() > limits::MAX_FILES {
-        e.add("outputs", "more than 256 outputs");
+        e.add(
+            "outputs",
+            format!("more than {} outputs", limits::MAX_FILES),
+        );
     }
     for (i, path) in req.outputs.iter().enumerate() {
         if let Err(reason) = ud_schemas::spec::relative_path(path) {
@@ -583,6 +520,8 @@ pub fn idempotency_key(key: &str) -> Result<(), FieldError> {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use std::collections::BTreeMap;
+
     use proptest::prelude::*;
 
     use super::*;
@@ -764,7 +703,7 @@ pub(crate) mod tests {
             r.retry = Some(RetryRequest { max_attempts: attempts, backoff_seconds: backoff, exit_codes: codes, on_timeout });
             r.outputs = vec!["out/".into()];
             let (project, spec) = submit_task(&r).map_err(|e| TestCaseError::fail(format!("{e:?}")))?;
-            let again = submit_task(&SubmitTask::rerun_of(project.as_str(), &spec))
+            let again = submit_task(&rerun_request(project.as_str(), &spec))
                 .map_err(|e| TestCaseError::fail(format!("{e:?}")))?;
             prop_assert_eq!(again.0.as_str(), project.as_str());
             prop_assert_eq!(again.1, spec);

@@ -12,14 +12,92 @@ use bollard::query_parameters::{
 use bollard::Docker;
 use futures::StreamExt;
 use ud_schemas::dispatch::DispatchRun;
-use ud_schemas::{NodeId, TaskId};
+use ud_schemas::{now_millis, Millis, NodeId, TaskId};
 
 use crate::AgentError;
 
 pub const LABEL_NODE: &str = "io.unidesk.node";
 pub const LABEL_TASK: &str = "io.unidesk.task";
 pub const LABEL_ATTEMPT: &str = "io.unidesk.attempt";
+/// When the container was made (ms since the epoch): its time limit counts from here.
+pub const LABEL_STARTED: &str = "io.unidesk.started_at";
+pub const LABEL_TIMEOUT: &str = "io.unidesk.timeout_seconds";
+/// The workspace paths uploaded when it ends (a JSON array).
+pub const LABEL_OUTPUTS: &str = "io.unidesk.outputs";
+/// The task's workspace on the node, mounted at `/workspace`.
+pub const LABEL_WORKSPACE: &str = "io.unidesk.workspace";
 pub const PIDS_LIMIT: i64 = 4096;
+
+/// A container of this node found after a restart, with what its run needs
+/// to be supervised as if the agent had never stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Adopted {
+    pub task: TaskId,
+    pub attempt: u32,
+    pub container: String,
+    /// When it was made (ms since the epoch; 0 when its labels do not say).
+    pub started_at: Millis,
+    pub timeout_seconds: Option<u64>,
+    pub outputs: Vec<String>,
+    pub workspace: Option<std::path::PathBuf>,
+}
+
+impl Adopted {
+    /// Reads a container's labels; `None` for one that is not a run of `node`.
+    pub fn from_labels(
+        node: &NodeId,
+        id: String,
+        labels: &HashMap<String, String>,
+    ) -> Option<Self> {
+        if labels.get(LABEL_NODE) != Some(&node.to_string()) {
+            return None;
+        }
+        Some(Self {
+            task: labels.get(LABEL_TASK)?.parse().ok()?,
+            attempt: labels.get(LABEL_ATTEMPT)?.parse().ok()?,
+            container: id,
+            started_at: labels
+                .get(LABEL_STARTED)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+            timeout_seconds: labels.get(LABEL_TIMEOUT).and_then(|v| v.parse().ok()),
+            outputs: labels
+                .get(LABEL_OUTPUTS)
+                .and_then(|v| serde_json::from_str(v).ok())
+                .unwrap_or_default(),
+            workspace: labels.get(LABEL_WORKSPACE).map(std::path::PathBuf::from),
+        })
+    }
+}
+
+/// The labels a run's container carries: whose run it is, and what a
+/// restarted agent needs to go on supervising it.
+pub fn labels(
+    node: &NodeId,
+    run: &DispatchRun,
+    workspace: Option<&std::path::Path>,
+    started_at: Millis,
+) -> HashMap<String, String> {
+    let mut labels = HashMap::from([
+        (LABEL_NODE.to_owned(), node.to_string()),
+        (LABEL_TASK.to_owned(), run.task_id.to_string()),
+        (LABEL_ATTEMPT.to_owned(), run.attempt.to_string()),
+        (LABEL_STARTED.to_owned(), started_at.to_string()),
+        (
+            LABEL_TIMEOUT.to_owned(),
+            run.spec.timeout_seconds.to_string(),
+        ),
+    ]);
+    if !run.spec.outputs.is_empty() {
+        if let Ok(outputs) = serde_json::to_string(&run.spec.outputs) {
+            labels.insert(LABEL_OUTPUTS.to_owned(), outputs);
+        }
+    }
+    if let Some(w) = workspace {
+        labels.insert(LABEL_WORKSPACE.to_owned(), w.display().to_string());
+    }
+    labels
+}
 
 #[derive(Clone)]
 pub struct Executor {
@@ -69,11 +147,7 @@ impl Executor {
         let spec = &run.spec;
         let mut cmd = spec.command.clone();
         cmd.extend(spec.args.iter().cloned());
-        let labels = HashMap::from([
-            (LABEL_NODE.to_owned(), self.node.to_string()),
-            (LABEL_TASK.to_owned(), run.task_id.to_string()),
-            (LABEL_ATTEMPT.to_owned(), run.attempt.to_string()),
-        ]);
+        let labels = labels(&self.node, run, workspace, now_millis());
         let gpus = (spec.resources.gpus > 0).then(|| {
             vec![DeviceRequest {
                 driver: Some("nvidia".into()),
@@ -124,8 +198,8 @@ impl Executor {
         Ok(created.id)
     }
 
-    /// Containers this node started: (task, attempt, container id).
-    pub async fn ours(&self) -> Result<Vec<(TaskId, u32, String)>, AgentError> {
+    /// Containers this node started, running or not.
+    pub async fn ours(&self) -> Result<Vec<Adopted>, AgentError> {
         let filters = HashMap::from([(
             "label".to_owned(),
             vec![format!("{LABEL_NODE}={}", self.node)],
@@ -140,12 +214,7 @@ impl Executor {
             .await?;
         Ok(list
             .into_iter()
-            .filter_map(|c| {
-                let labels = c.labels?;
-                let task = labels.get(LABEL_TASK)?.parse().ok()?;
-                let attempt = labels.get(LABEL_ATTEMPT)?.parse().ok()?;
-                Some((task, attempt, c.id?))
-            })
+            .filter_map(|c| Adopted::from_labels(&self.node, c.id?, &c.labels?))
             .collect())
     }
 
@@ -161,8 +230,28 @@ impl Executor {
                 Ok(i32::try_from(code).unwrap_or(-1))
             }
             Some(Err(e)) => Err(e.into()),
-            None => Err(AgentError::Nats("wait ended without a status".into())),
+            None => Err(AgentError::NoExitStatus(container.to_owned())),
         }
+    }
+
+    /// When a stopped container ended (ms since the epoch); `None` while it
+    /// runs or when the engine does not say.
+    pub async fn finished_at(&self, container: &str) -> Option<Millis> {
+        let state = self
+            .docker
+            .inspect_container(
+                container,
+                None::<bollard::query_parameters::InspectContainerOptions>,
+            )
+            .await
+            .ok()?
+            .state?;
+        if state.running == Some(true) {
+            return None;
+        }
+        let finished = chrono::DateTime::parse_from_rfc3339(&state.finished_at?).ok()?;
+        // Docker says "0001-01-01T00:00:00Z" for a container that never ran.
+        Some(finished.timestamp_millis()).filter(|ms| *ms > 0)
     }
 
     /// Graceful signal, then kill after `grace` seconds.
@@ -220,5 +309,41 @@ impl Executor {
                 tracing::warn!("log chunk not recorded");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_restarted_agent_reads_back_what_a_run_needs_from_its_labels() {
+        let node = NodeId::new();
+        let mut spec = crate::tests::spec();
+        spec.timeout_seconds = 15;
+        spec.outputs = vec!["result.txt".into(), "out/".into()];
+        let run = DispatchRun {
+            at: 1,
+            task_id: TaskId::new(),
+            attempt: 3,
+            spec,
+        };
+        let w = std::path::Path::new("/var/lib/unidesk-edge/tasks/x-3");
+        let l = labels(&node, &run, Some(w), 1234);
+        let back = Adopted::from_labels(&node, "c1".into(), &l);
+        assert_eq!(
+            back,
+            Some(Adopted {
+                task: run.task_id,
+                attempt: 3,
+                container: "c1".into(),
+                started_at: 1234,
+                timeout_seconds: Some(15),
+                outputs: vec!["result.txt".into(), "out/".into()],
+                workspace: Some(w.to_owned()),
+            })
+        );
+        // Another node's container is not ours.
+        assert_eq!(Adopted::from_labels(&NodeId::new(), "c1".into(), &l), None);
     }
 }

@@ -17,7 +17,7 @@ use ud_schemas::dispatch::{OutputFile, StorageReply, StorageRequest, Upload};
 use ud_schemas::events::OutputObject;
 use ud_schemas::TaskId;
 
-use crate::hub::Hub;
+use crate::requests::Requests;
 
 /// Tries per request before giving up.
 const TRIES: u32 = 6;
@@ -37,7 +37,7 @@ pub enum TransferError {
     #[error("input {object:?}: {reason}")]
     Input { object: String, reason: String },
     #[error("the main server did not answer: {0}")]
-    Hub(String),
+    Requests(String),
 }
 
 /// Exponential backoff with full jitter: about 0.2 s, 0.4 s, ... capped at 10 s.
@@ -85,11 +85,11 @@ impl Default for Mover {
 #[derive(Clone)]
 pub struct Transfers {
     mover: Mover,
-    hub: Hub,
+    hub: Requests,
 }
 
 impl Transfers {
-    pub fn new(hub: Hub) -> Self {
+    pub fn new(hub: Requests) -> Self {
         Self {
             mover: Mover::default(),
             hub,
@@ -97,7 +97,12 @@ impl Transfers {
     }
 
     async fn ask(&self, req: StorageRequest) -> Result<StorageReply, TransferError> {
-        match self.hub.storage(&req).await.map_err(TransferError::Hub)? {
+        match self
+            .hub
+            .storage(&req)
+            .await
+            .map_err(TransferError::Requests)?
+        {
             StorageReply::Refused { reason } => Err(TransferError::Refused(reason)),
             reply => Ok(reply),
         }

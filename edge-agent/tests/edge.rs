@@ -11,9 +11,9 @@ use anyhow::{anyhow, bail, Result};
 use futures::StreamExt;
 use serde_json::{json, Value};
 use ud_edge_agent::AgentConfig;
-use ud_gateway::server::{self, EdgeConfig, ServerConfig};
 use ud_schemas::edge;
 use ud_schemas::NodeId;
+use ud_server::{self as server, EdgeConfig, ServerConfig};
 
 use common::*;
 
@@ -210,11 +210,7 @@ async fn a_node_cannot_act_for_another() -> Result<()> {
     let (h, p) =
         ud_schemas::codec::encode_message(&forged, &ud_schemas::codec::EventMeta::new("liar"))?;
     local
-        .publish_with_headers(
-            edge::edge_subject(&liar, &forged.subject()).unwrap_or_default(),
-            h,
-            p.into(),
-        )
+        .publish_with_headers(edge::report_subject(&liar, &forged.subject()), h, p.into())
         .await?
         .await?;
     let beat = ud_schemas::Event::Node(
@@ -229,11 +225,7 @@ async fn a_node_cannot_act_for_another() -> Result<()> {
     let (h, p) =
         ud_schemas::codec::encode_message(&beat, &ud_schemas::codec::EventMeta::new("liar"))?;
     local
-        .publish_with_headers(
-            edge::edge_subject(&runner, &beat.subject()).unwrap_or_default(),
-            h,
-            p.into(),
-        )
+        .publish_with_headers(edge::report_subject(&runner, &beat.subject()), h, p.into())
         .await?
         .await?;
     // A marker from the liar after the forgeries: once it is in, they were handled.
@@ -249,11 +241,7 @@ async fn a_node_cannot_act_for_another() -> Result<()> {
     let (h, p) =
         ud_schemas::codec::encode_message(&marker, &ud_schemas::codec::EventMeta::new("liar"))?;
     local
-        .publish_with_headers(
-            edge::edge_subject(&liar, &marker.subject()).unwrap_or_default(),
-            h,
-            p.into(),
-        )
+        .publish_with_headers(edge::report_subject(&liar, &marker.subject()), h, p.into())
         .await?
         .await?;
     let (http, base, admin) = (s.http.clone(), s.base.clone(), s.admin.clone());
@@ -984,6 +972,102 @@ async fn a_restarted_agent_adopts_its_running_container() -> Result<()> {
         .filter(|e| e["type"] == "task.started")
         .count();
     assert_eq!(starts, 1, "the task was run twice");
+    agent.abort();
+    Ok(())
+}
+
+/// When each of a task's events of type `kind` was stored, in ms since the
+/// epoch, from its history.
+async fn stored_at(s: &Stack, task: &str, kind: &str) -> Result<Vec<i64>> {
+    let history = s.get(&format!("/api/v1/tasks/{task}/events")).await?;
+    Ok(history
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["type"] == kind)
+        .filter_map(|e| e["data"]["at"].as_i64())
+        .collect())
+}
+
+#[tokio::test]
+async fn a_restarted_agent_keeps_the_time_limit_of_the_run_it_adopts() -> Result<()> {
+    let mut s = Stack::start(Duration::from_secs(60)).await?;
+    let token = s.enroll("echo").await?;
+    let node = s
+        .join("echo", token.clone(), Duration::from_millis(500))
+        .await?;
+    s.node_status(node.id, "online", Duration::from_secs(30))
+        .await?;
+    // A run that stops at once when asked to (so that its end is its limit).
+    let task = s
+        .submit("trap 'exit 143' TERM; echo up; sleep 60 & wait", 6)
+        .await?;
+    s.task_state(&task, &["running"], Duration::from_secs(60))
+        .await?;
+    // Killed and back 3 s later: the run goes on, its limit counted from its start.
+    node.agent.abort();
+    let _ = node.agent.await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let agent = spawn_agent(&node.leaf, &token, "echo", Duration::from_millis(500));
+    let done = s
+        .task_state(
+            &task,
+            &["succeeded", "failed", "timed_out"],
+            Duration::from_secs(60),
+        )
+        .await?;
+    assert_eq!(done["state"], "timed_out", "{done}");
+    let started = stored_at(&s, &task, "task.started").await?;
+    let ended = stored_at(&s, &task, "task.timed_out").await?;
+    assert_eq!(started.len(), 1, "started once: {started:?}");
+    let ran = ended.first().copied().unwrap_or(i64::MAX) - started[0];
+    // Stopped at its 6 s limit, not 6 s after the restart (9 s or more).
+    assert!(
+        (5_000..8_500).contains(&ran),
+        "timed out {ran} ms after it started"
+    );
+    agent.abort();
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_agent_back_after_a_runs_limit_stops_it_at_once_as_timed_out() -> Result<()> {
+    let mut s = Stack::start(Duration::from_secs(60)).await?;
+    let token = s.enroll("foxtrot").await?;
+    let node = s
+        .join("foxtrot", token.clone(), Duration::from_millis(500))
+        .await?;
+    s.node_status(node.id, "online", Duration::from_secs(30))
+        .await?;
+    // One run goes on past its limit while the agent is away, one ends past it.
+    let long = s.submit("sleep 60", 3).await?;
+    let short = s.submit("sleep 5; echo done", 3).await?;
+    for t in [&long, &short] {
+        s.task_state(t, &["running"], Duration::from_secs(60))
+            .await?;
+    }
+    node.agent.abort();
+    let _ = node.agent.await;
+    // The agent stays away past both limits, and past the short run's end.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let back = ud_schemas::now_millis();
+    let agent = spawn_agent(&node.leaf, &token, "foxtrot", Duration::from_millis(500));
+    for t in [&long, &short] {
+        let done = s
+            .task_state(
+                t,
+                &["succeeded", "failed", "timed_out"],
+                Duration::from_secs(60),
+            )
+            .await?;
+        assert_eq!(done["state"], "timed_out", "{done}");
+    }
+    let ended = stored_at(&s, &long, "task.timed_out").await?;
+    let after = ended.first().copied().unwrap_or(i64::MAX) - back;
+    assert!(
+        after < 15_000,
+        "stopped {after} ms after the agent came back"
+    );
     agent.abort();
     Ok(())
 }

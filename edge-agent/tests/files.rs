@@ -484,3 +484,31 @@ async fn transfers_resume_after_the_link_to_the_store_drops() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn an_adopted_run_still_stores_its_outputs() -> Result<()> {
+    let g = Garage::start().await?;
+    let store = storage(&g)?;
+    let mut s = stack(&store).await?;
+    let node = s.online_node("golf").await?;
+    let id = s
+        .submit_body(with_files(
+            "sleep 3 && mkdir -p out && echo adopted > out/result.txt",
+            json!([]),
+            json!(["out/result.txt"]),
+        ))
+        .await?;
+    s.task_state(&id, &["running"], Duration::from_secs(60))
+        .await?;
+    // The agent dies mid-run; the one started in its place adopts the run.
+    node.agent.abort();
+    let _ = node.agent.await;
+    let agent = spawn_agent(&node.leaf, &node.token, "golf", Duration::from_millis(500));
+    let done = ended(&mut s, &id).await?;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let outputs = done["outputs"].as_array().cloned().unwrap_or_default();
+    assert_eq!(outputs.len(), 1, "{done}");
+    assert_eq!(download(&s.http, &outputs[0]).await?.as_ref(), b"adopted\n");
+    agent.abort();
+    Ok(())
+}

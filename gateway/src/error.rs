@@ -70,6 +70,11 @@ impl ApiError {
         )
     }
 
+    /// The resource's state does not allow the request (409).
+    pub fn invalid_state(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "invalid_state", message)
+    }
+
     pub fn unavailable(e: impl std::fmt::Display) -> Self {
         tracing::warn!(error = %e, "dependency unavailable");
         Self::new(

@@ -3,6 +3,8 @@
 //! store) and answers 503 naming what is down; `/metrics` gives the same
 //! checks in the Prometheus text format.
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
@@ -153,6 +155,50 @@ pub struct Readiness {
     pub projections: Check,
     /// Down while a watched disk has less than its minimum free (`not_configured` without `UD_DISK_WATCH`).
     pub disk: Check,
+    /// Down while one of the main server's services is not running (it names them).
+    pub services: Check,
+}
+
+/// What the main server's supervisor says of one of its services.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum ServiceState {
+    Running,
+    /// It stopped when nobody asked it to and starts again shortly.
+    Restarting {
+        reason: String,
+    },
+    /// It kept stopping: the process stops.
+    Failed {
+        reason: String,
+    },
+}
+
+/// Every service's state, by name, as the supervisor keeps it (empty when
+/// the API runs without one).
+#[derive(Clone, Debug, Default)]
+pub struct ServiceStates(Arc<Mutex<BTreeMap<String, ServiceState>>>);
+
+impl ServiceStates {
+    pub fn set(&self, name: &str, state: ServiceState) {
+        if let Ok(mut m) = self.0.lock() {
+            m.insert(name.to_owned(), state);
+        }
+    }
+
+    pub fn remove(&self, name: &str) {
+        if let Ok(mut m) = self.0.lock() {
+            m.remove(name);
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<ServiceState> {
+        self.0.lock().ok()?.get(name).cloned()
+    }
+
+    pub fn all(&self) -> BTreeMap<String, ServiceState> {
+        self.0.lock().map(|m| m.clone()).unwrap_or_default()
+    }
 }
 
 /// Events a read model may be behind its stream and still be ready.
@@ -253,11 +299,33 @@ pub async fn readiness(state: &AppState) -> Readiness {
             millis: 0,
         }
     };
+    let not_running: Vec<String> = state
+        .services
+        .all()
+        .into_iter()
+        .filter_map(|(name, s)| match s {
+            ServiceState::Running => None,
+            ServiceState::Restarting { reason } => Some(format!("{name} restarting ({reason})")),
+            ServiceState::Failed { reason } => Some(format!("{name} failed ({reason})")),
+        })
+        .collect();
+    let services = Check {
+        status: if not_running.is_empty() { "ok" } else { "down" }.into(),
+        error: (!not_running.is_empty()).then(|| not_running.join(", ")),
+        millis: 0,
+    };
     let (nats, postgres, object_store, projections) =
         tokio::join!(nats, postgres, store, projections);
-    let ready = [&nats, &postgres, &object_store, &projections, &disk]
-        .iter()
-        .all(|c| c.status != "down");
+    let ready = [
+        &nats,
+        &postgres,
+        &object_store,
+        &projections,
+        &disk,
+        &services,
+    ]
+    .iter()
+    .all(|c| c.status != "down");
     Readiness {
         status: if ready { "ready" } else { "not_ready" }.into(),
         nats,
@@ -265,6 +333,7 @@ pub async fn readiness(state: &AppState) -> Readiness {
         object_store,
         projections,
         disk,
+        services,
     }
 }
 

@@ -10,7 +10,6 @@ pub mod nodes;
 pub mod openapi;
 pub mod projected;
 pub mod queues;
-pub mod server;
 pub mod stats;
 pub mod tasks;
 pub mod tokens;
@@ -54,6 +53,8 @@ pub struct Shared {
     pub tokens: auth::TokenCache,
     /// Whether this instance's ingest holds the pin (when it runs one).
     pub ingest_pinned: Option<ud_core::edge::ingest::Pinned>,
+    /// What the main server's supervisor says of its services.
+    pub services: health::ServiceStates,
 }
 
 async fn healthz() -> &'static str {

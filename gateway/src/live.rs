@@ -486,7 +486,13 @@ async fn follow_log(
     from: u64,
     tx: &mpsc::Sender<Result<Outgoing, String>>,
 ) -> Result<(), String> {
-    let mut messages = ordered(js, streams::LOGS, Some(format!("ud.log.{task}")), from).await?;
+    let mut messages = ordered(
+        js,
+        streams::LOGS,
+        Some(ud_schemas::subjects::log(&task)),
+        from,
+    )
+    .await?;
     while let Some(m) = messages.next().await {
         let m = m.map_err(|e| e.to_string())?;
         let Some(seq) = m.info().ok().map(|i| i.stream_sequence) else {

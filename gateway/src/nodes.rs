@@ -10,6 +10,7 @@ use utoipa::ToSchema;
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorBody};
 use crate::AppState;
+use ud_schemas::SchedulingMode;
 
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct NodeView {
@@ -19,7 +20,7 @@ pub struct NodeView {
     /// What the node declared: CPUs (thousandths), memory, disk, GPUs, OS, WSL, Docker and agent versions.
     pub resources: serde_json::Value,
     /// enrolled (never seen), online, offline or revoked.
-    pub status: String,
+    pub status: ud_schemas::NodeStatus,
     pub enrolled_at: Option<DateTime<Utc>>,
     pub registered_at: Option<DateTime<Utc>>,
     pub last_seen: Option<DateTime<Utc>>,
@@ -30,7 +31,7 @@ pub struct NodeView {
     pub low_disk: bool,
     /// active, cordoned (no new tasks) or draining (no new tasks; running
     /// ones finish: drained when `running_tasks` is 0).
-    pub scheduling: String,
+    pub scheduling: ud_schemas::SchedulingMode,
     /// What the node's assigned and running tasks hold of it.
     pub in_use: InUse,
 }
@@ -210,7 +211,7 @@ async fn set_scheduling(
     state: &AppState,
     caller: &Caller,
     id: &str,
-    mode: &str,
+    mode: SchedulingMode,
     body: &[u8],
 ) -> Result<Json<NodeView>, ApiError> {
     let id: ud_schemas::NodeId = id.parse().map_err(|_| ApiError::not_found("node"))?;
@@ -220,9 +221,7 @@ async fn set_scheduling(
         crate::body::parse(body)?
     };
     let reason = req.reason.unwrap_or_default();
-    if reason.len() > 1024 {
-        return Err(ApiError::field("reason", "at most 1024 bytes"));
-    }
+    ud_core::validate::reason("reason", &reason).map_err(|f| ApiError::fields(vec![f]))?;
     if let Some(seq) = ud_core::edge::enroll::set_scheduling(
         state.commands.store(),
         id,
@@ -254,7 +253,7 @@ pub async fn cordon(
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<NodeView>, ApiError> {
-    set_scheduling(&state, &caller, &id, "cordoned", &body).await
+    set_scheduling(&state, &caller, &id, SchedulingMode::Cordoned, &body).await
 }
 
 /// Drain a node (admin): no new tasks; running ones finish, then it is empty.
@@ -266,7 +265,7 @@ pub async fn drain(
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<NodeView>, ApiError> {
-    set_scheduling(&state, &caller, &id, "draining", &body).await
+    set_scheduling(&state, &caller, &id, SchedulingMode::Draining, &body).await
 }
 
 /// Put a cordoned or draining node back into service (admin).
@@ -278,18 +277,16 @@ pub async fn resume(
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<NodeView>, ApiError> {
-    set_scheduling(&state, &caller, &id, "active", &body).await
+    set_scheduling(&state, &caller, &id, SchedulingMode::Active, &body).await
 }
 
 fn edge_error(e: ud_core::edge::EdgeError) -> ApiError {
+    use ud_core::edge::EdgeError;
+    use ud_core::node::NodeError;
     match e {
-        ud_core::edge::EdgeError::Invalid(m) if m.contains("unknown node") => {
-            ApiError::not_found("node")
-        }
-        ud_core::edge::EdgeError::Invalid(m) => {
-            let (field, reason) = m.split_once(": ").unwrap_or(("body", m.as_str()));
-            ApiError::field(field, reason)
-        }
+        EdgeError::Node(NodeError::Unknown) => ApiError::not_found("node"),
+        EdgeError::Node(e) => ApiError::invalid_state(e.to_string()),
+        EdgeError::Invalid { field, reason } => ApiError::field(field, reason),
         other => ApiError::unavailable(other),
     }
 }

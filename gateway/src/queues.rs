@@ -6,7 +6,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
-use ud_core::edge::scheduler::QueueRecord;
+use ud_schemas::api::QueueRecord;
 use ud_schemas::streams;
 use utoipa::ToSchema;
 
@@ -41,15 +41,7 @@ pub struct QueueView {
 }
 
 fn queue_name(name: &str) -> Result<(), ApiError> {
-    let ok = (1..=63).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::field("queue", "1-63 of a-z, 0-9, - and _"))
-    }
+    ud_core::validate::queue_name("queue", name).map_err(|f| ApiError::fields(vec![f]))
 }
 
 async fn bucket(state: &AppState) -> Result<async_nats::jetstream::kv::Store, ApiError> {

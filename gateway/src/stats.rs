@@ -38,8 +38,8 @@ pub struct TimelinePoint {
 pub struct NodeUtilisation {
     pub id: String,
     pub name: String,
-    pub status: String,
-    pub scheduling: String,
+    pub status: ud_schemas::NodeStatus,
+    pub scheduling: ud_schemas::SchedulingMode,
     pub cpu_millis: i64,
     pub memory_mb: i64,
     pub gpus: i64,
@@ -74,9 +74,9 @@ pub async fn stats(
     let projects = (!caller.admin).then_some(caller.projects.as_slice());
     let client = state.db.client().await?;
     let rows = ud_projections::db::tasks_by_state(&client, projects).await?;
-    let mut tasks_by_state: std::collections::BTreeMap<String, i64> = ud_core::task::STATE_NAMES
+    let mut tasks_by_state: std::collections::BTreeMap<String, i64> = ud_schemas::TaskStatus::ALL
         .iter()
-        .map(|s| ((*s).to_owned(), 0))
+        .map(|s| (s.as_str().to_owned(), 0))
         .collect();
     tasks_by_state.extend(rows);
     let timeline = ud_projections::db::task_timeline(&client, minutes * 60, points, projects)
@@ -95,7 +95,7 @@ pub async fn stats(
     let nodes = ud_projections::db::list_nodes(&client)
         .await?
         .into_iter()
-        .filter(|n| n.status != "revoked")
+        .filter(|n| n.status != ud_schemas::NodeStatus::Revoked)
         .map(|n| {
             let num = |k: &str| {
                 n.resources
@@ -111,8 +111,8 @@ pub async fn stats(
             NodeUtilisation {
                 id: n.id.to_string(),
                 name: n.name.clone(),
-                status: n.status.clone(),
-                scheduling: n.scheduling.clone(),
+                status: n.status,
+                scheduling: n.scheduling,
                 cpu_millis: num("cpu_millis"),
                 memory_mb: num("memory_mb"),
                 gpus,

@@ -58,8 +58,7 @@ pub struct TaskView {
     pub id: String,
     pub project: String,
     pub name: Option<String>,
-    /// pending, assigned, running, cancelling, succeeded, failed, timed_out or cancelled.
-    pub state: String,
+    pub state: ud_schemas::TaskStatus,
     pub node_id: Option<String>,
     pub attempt: i32,
     #[schema(value_type = ud_schemas::TaskSpec)]
@@ -258,9 +257,6 @@ pub async fn cancel(
     let reason = req
         .reason
         .unwrap_or_else(|| format!("cancelled by {}", caller.actor()));
-    if reason.len() > 1000 {
-        return Err(ApiError::field("reason", "longer than 1000 bytes"));
-    }
     let accepted = state
         .commands
         .cancel(id, &reason, &caller.actor(), |p| caller.may_see(p.as_str()))
@@ -292,7 +288,7 @@ pub async fn rerun(
         .map_err(ApiError::unavailable)?
         .filter(|(t, _)| caller.may_see(t.project.as_str()))
         .ok_or_else(|| ApiError::not_found("task"))?;
-    let req = SubmitTask::rerun_of(task.project.as_str(), &task.spec);
+    let req = ud_core::validate::rerun_request(task.project.as_str(), &task.spec);
     let accepted = state
         .commands
         .submit(&req, None, &caller.actor(), |p| caller.may_see(p.as_str()))
@@ -357,9 +353,6 @@ async fn cancel_many(
         crate::body::parse(body)?
     };
     let reason = req.reason.unwrap_or(default_reason);
-    if reason.len() > 1000 {
-        return Err(ApiError::field("reason", "longer than 1000 bytes"));
-    }
     let tasks = {
         let client = state.db.client().await?;
         ud_projections::db::unfinished_tasks(&client, project, queue).await?
@@ -469,17 +462,13 @@ pub async fn list(
     if !(1..=500).contains(&limit) {
         return Err(ApiError::field("limit", "must be between 1 and 500"));
     }
-    if let Some(s) = &p.state {
-        if !ud_core::task::STATE_NAMES.contains(&s.as_str()) {
-            return Err(ApiError::field(
-                "state",
-                format!(
-                    "unknown state; one of {}",
-                    ud_core::task::STATE_NAMES.join(", ")
-                ),
-            ));
-        }
-    }
+    let state_filter = match &p.state {
+        Some(s) => Some(
+            s.parse::<ud_schemas::TaskStatus>()
+                .map_err(|e| ApiError::field("state", format!("unknown state: {e}")))?,
+        ),
+        None => None,
+    };
     let node = match &p.node {
         Some(n) => Some(
             n.parse::<uuid::Uuid>()
@@ -501,7 +490,7 @@ pub async fn list(
         Some(caller.projects.clone())
     };
     let filter = ud_projections::db::TaskFilter {
-        state: p.state.clone(),
+        state: state_filter,
         project: p.project.clone(),
         node,
         before,
@@ -651,7 +640,7 @@ pub async fn logs(
         .commands
         .store()
         .client()
-        .subscribe(format!("ud.log.{id}"))
+        .subscribe(ud_schemas::subjects::log(&id))
         .await
         .map_err(ApiError::unavailable)?;
     let mut lines = read_logs(&state, &id, after).await?;

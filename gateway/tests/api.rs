@@ -1341,3 +1341,48 @@ async fn a_read_can_wait_for_the_event_it_has_seen() -> Result<()> {
     assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_crashed_service_is_named_by_readyz_and_comes_back() -> Result<()> {
+    // Restarts slow enough to be seen.
+    let s = Stack::start_restarting(ud_server::Policy {
+        first_delay: std::time::Duration::from_secs(2),
+        max_delay: std::time::Duration::from_secs(2),
+        ..Default::default()
+    })
+    .await?;
+    let ready = |s: &Stack| {
+        let (http, url) = (s.http.clone(), s.url("/readyz"));
+        async move {
+            let r = http.get(url).send().await?;
+            Ok::<_, anyhow::Error>((r.status(), r.json::<Value>().await?))
+        }
+    };
+    assert_eq!(ready(&s).await?.0, StatusCode::OK);
+    assert!(s.server.crash("projector:UD_TASKS"));
+    // Named while it waits to restart...
+    let (status, body) = ready(&s).await?;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let error = body["services"]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("projector:UD_TASKS restarting (it was aborted)"),
+        "{body}"
+    );
+    // ...then back, and projecting again.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while ready(&s).await?.0 != StatusCode::OK {
+        assert!(std::time::Instant::now() < deadline, "not ready again");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let accepted: Value = s
+        .http
+        .post(s.url("/api/v1/tasks?wait=projected"))
+        .bearer_auth(&s.admin)
+        .json(&task("lab"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(accepted["projected"], true, "{accepted}");
+    Ok(())
+}

@@ -12,11 +12,11 @@ use anyhow::{ensure, Result};
 use reqwest::StatusCode;
 use serde_json::Value;
 use ud_core::store::Expect;
-use ud_gateway::server::{self, ServerConfig};
 use ud_projections::{rebuild, Db};
 use ud_schemas::codec::EventMeta;
 use ud_schemas::events::{NodeHeartbeat, NodeRegistered};
 use ud_schemas::{now_millis, streams, Event, NodeEvent, NodeResources};
+use ud_server::{self as server, ServerConfig};
 use ud_testkit::{NatsServer, PgDatabase};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

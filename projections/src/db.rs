@@ -165,12 +165,24 @@ pub(crate) async fn record_error(
 const TASK_COLS: &str = "id, project, name, state, node_id, attempt, spec, exit_code, reason, submitted_by, \
                          submitted_at, updated_at, finished_at, version, last_seq, prepared, preparing, waiting_reason, priority, outputs";
 
-pub(crate) fn task_from_row(r: &tokio_postgres::Row) -> TaskRow {
-    TaskRow {
+/// A column holding one of an enum's names.
+fn named<T: std::str::FromStr<Err = ud_schemas::status::UnknownName>>(
+    r: &tokio_postgres::Row,
+    i: usize,
+) -> Result<T, ProjectionError> {
+    r.get::<_, &str>(i)
+        .parse()
+        .map_err(|e: ud_schemas::status::UnknownName| {
+            ProjectionError::Db(format!("column {i}: {e}"))
+        })
+}
+
+pub(crate) fn task_from_row(r: &tokio_postgres::Row) -> Result<TaskRow, ProjectionError> {
+    Ok(TaskRow {
         id: TaskId(r.get(0)),
         project: r.get(1),
         name: r.get(2),
-        state: r.get(3),
+        state: named(r, 3)?,
         node_id: r.get::<_, Option<uuid::Uuid>>(4).map(NodeId),
         attempt: r.get(5),
         spec: r.get(6),
@@ -187,7 +199,7 @@ pub(crate) fn task_from_row(r: &tokio_postgres::Row) -> TaskRow {
         waiting_reason: r.get(17),
         priority: r.get(18),
         outputs: r.get(19),
-    }
+    })
 }
 
 pub(crate) async fn load_tasks(
@@ -203,7 +215,7 @@ pub(crate) async fn load_tasks(
             &[&ids],
         )
         .await?;
-    Ok(rows.iter().map(task_from_row).collect())
+    rows.iter().map(task_from_row).collect()
 }
 
 pub(crate) async fn upsert_tasks(
@@ -264,13 +276,13 @@ pub(crate) async fn upsert_tasks(
 const NODE_COLS: &str = "id, name, labels, resources, status, enrolled_at, registered_at, last_seen, revoked_at, \
                          offline_after, running_tasks, last_seq, disk_free_mb, low_disk, scheduling";
 
-pub(crate) fn node_from_row(r: &tokio_postgres::Row) -> NodeRow {
-    NodeRow {
+pub(crate) fn node_from_row(r: &tokio_postgres::Row) -> Result<NodeRow, ProjectionError> {
+    Ok(NodeRow {
         id: NodeId(r.get(0)),
         name: r.get(1),
         labels: r.get(2),
         resources: r.get(3),
-        status: r.get(4),
+        status: named(r, 4)?,
         enrolled_at: r.get(5),
         registered_at: r.get(6),
         last_seen: r.get(7),
@@ -280,8 +292,8 @@ pub(crate) fn node_from_row(r: &tokio_postgres::Row) -> NodeRow {
         last_seq: r.get(11),
         disk_free_mb: r.get(12),
         low_disk: r.get(13),
-        scheduling: r.get(14),
-    }
+        scheduling: named(r, 14)?,
+    })
 }
 
 pub(crate) async fn load_nodes(
@@ -298,7 +310,7 @@ pub(crate) async fn load_nodes(
             &[&ids],
         )
         .await?;
-    Ok(rows.iter().map(node_from_row).collect())
+    rows.iter().map(node_from_row).collect()
 }
 
 pub(crate) async fn upsert_nodes(
@@ -394,7 +406,7 @@ pub(crate) async fn upsert_tokens(
 /// Filters of a task listing (keyset paging on the time-ordered id).
 #[derive(Clone, Debug, Default)]
 pub struct TaskFilter {
-    pub state: Option<String>,
+    pub state: Option<ud_schemas::TaskStatus>,
     pub project: Option<String>,
     pub node: Option<uuid::Uuid>,
     pub before: Option<uuid::Uuid>,
@@ -414,13 +426,14 @@ pub async fn get_task(
             &[&id.0],
         )
         .await?;
-    Ok(row.as_ref().map(task_from_row))
+    row.as_ref().map(task_from_row).transpose()
 }
 
 pub async fn list_tasks(
     c: &impl GenericClient,
     f: &TaskFilter,
 ) -> Result<Vec<TaskRow>, ProjectionError> {
+    let state = f.state.map(ud_schemas::TaskStatus::as_str);
     let rows = c
         .query(
             &format!(
@@ -434,7 +447,7 @@ pub async fn list_tasks(
                  ORDER BY id DESC LIMIT $6"
             ),
             &[
-                &f.state,
+                &state,
                 &f.project,
                 &f.node,
                 &f.before,
@@ -444,7 +457,7 @@ pub async fn list_tasks(
             ],
         )
         .await?;
-    Ok(rows.iter().map(task_from_row).collect())
+    rows.iter().map(task_from_row).collect()
 }
 
 /// Ids and projects of the tasks that have not finished, of one project or
@@ -477,7 +490,7 @@ pub async fn get_node(
             &[&id.0],
         )
         .await?;
-    Ok(row.as_ref().map(node_from_row))
+    row.as_ref().map(node_from_row).transpose()
 }
 
 pub async fn list_nodes(c: &impl GenericClient) -> Result<Vec<NodeRow>, ProjectionError> {
@@ -487,7 +500,7 @@ pub async fn list_nodes(c: &impl GenericClient) -> Result<Vec<NodeRow>, Projecti
             &[],
         )
         .await?;
-    Ok(rows.iter().map(node_from_row).collect())
+    rows.iter().map(node_from_row).collect()
 }
 
 /// What the unfinished tasks placed on a node hold of it.

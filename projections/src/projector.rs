@@ -189,7 +189,11 @@ impl Projector {
     }
 
     async fn run_locked(&self) -> Result<u64, ProjectionError> {
-        let lock = self.db.client().await?;
+        // A connection of its own, out of the pool: if this projector stops
+        // before it unlocks (a crash, an abort), the connection closes and the
+        // lock goes with it, instead of staying held by a pooled connection
+        // that the projector started in its place would wait on forever.
+        let lock = deadpool_postgres::Object::take(self.db.client().await?);
         let key = format!("ud-projector:{}:{}", self.db.schema(), self.stream);
         lock.execute("SELECT pg_advisory_lock(hashtext($1))", &[&key])
             .await?;

@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, TimeZone, Utc};
 use ud_schemas::events::*;
-use ud_schemas::{Millis, NodeId, TaskId, TokenId};
+use ud_schemas::{Millis, NodeId, NodeStatus, SchedulingMode, TaskId, TaskStatus, TokenId};
 
 pub fn ts(ms: Millis) -> DateTime<Utc> {
     Utc.timestamp_millis_opt(ms).single().unwrap_or_default()
@@ -13,7 +13,7 @@ pub struct TaskRow {
     pub id: TaskId,
     pub project: String,
     pub name: Option<String>,
-    pub state: String,
+    pub state: TaskStatus,
     pub node_id: Option<NodeId>,
     pub attempt: i32,
     pub spec: serde_json::Value,
@@ -58,7 +58,7 @@ pub fn apply_task(
                 id,
                 project: e.project.to_string(),
                 name: e.spec.name.clone(),
-                state: "pending".into(),
+                state: TaskStatus::Pending,
                 node_id: None,
                 attempt: 0,
                 spec: serde_json::to_value(&e.spec).unwrap_or_default(),
@@ -83,11 +83,7 @@ pub fn apply_task(
     row.version += 1;
     row.last_seq = seq;
     row.updated_at = ts(event.at());
-    let terminal = matches!(
-        row.state.as_str(),
-        "succeeded" | "failed" | "timed_out" | "cancelled"
-    );
-    if terminal {
+    if row.state.is_terminal() {
         return Ok(row);
     }
     if !matches!(
@@ -108,7 +104,7 @@ pub fn apply_task(
             row.waiting_reason = Some(e.reason.clone());
         }
         TaskEvent::Assigned(e) => {
-            row.state = "assigned".into();
+            row.state = TaskStatus::Assigned;
             row.node_id = Some(e.node_id);
             row.attempt = i32::try_from(e.attempt).unwrap_or(i32::MAX);
             row.reason = None;
@@ -117,7 +113,7 @@ pub fn apply_task(
             row.priority = e.priority;
         }
         TaskEvent::Retrying(e) => {
-            row.state = "pending".into();
+            row.state = TaskStatus::Pending;
             row.node_id = None;
             row.exit_code = e.exit_code;
             row.reason = Some(format!(
@@ -128,7 +124,7 @@ pub fn apply_task(
             ));
         }
         TaskEvent::Lost(e) => {
-            row.state = "pending".into();
+            row.state = TaskStatus::Pending;
             row.node_id = None;
             row.reason = Some(format!("attempt {} lost: {}", e.attempt, e.reason));
         }
@@ -144,31 +140,31 @@ pub fn apply_task(
             row.outputs = serde_json::to_value(e).ok();
         }
         TaskEvent::Started(e) => {
-            row.state = "running".into();
+            row.state = TaskStatus::Running;
             row.node_id = Some(e.node_id);
         }
         TaskEvent::Succeeded(e) => {
-            row.state = "succeeded".into();
+            row.state = TaskStatus::Succeeded;
             row.exit_code = Some(e.exit_code);
             row.finished_at = Some(ts(e.at));
         }
         TaskEvent::Failed(e) => {
-            row.state = "failed".into();
+            row.state = TaskStatus::Failed;
             row.exit_code = e.exit_code;
             row.reason = Some(e.reason.clone());
             row.finished_at = Some(ts(e.at));
         }
         TaskEvent::TimedOut(e) => {
-            row.state = "timed_out".into();
-            row.reason = Some(format!("timed out after {} s", e.timeout_seconds));
+            row.state = TaskStatus::TimedOut;
+            row.reason = Some(ud_core::task::timed_out_reason(e.timeout_seconds));
             row.finished_at = Some(ts(e.at));
         }
         TaskEvent::CancelRequested(e) => {
-            row.state = "cancelling".into();
+            row.state = TaskStatus::Cancelling;
             row.reason = Some(e.reason.clone());
         }
         TaskEvent::Cancelled(e) => {
-            row.state = "cancelled".into();
+            row.state = TaskStatus::Cancelled;
             row.reason = Some(e.reason.clone());
             row.finished_at = Some(ts(e.at));
         }
@@ -182,7 +178,7 @@ pub struct NodeRow {
     pub name: String,
     pub labels: serde_json::Value,
     pub resources: serde_json::Value,
-    pub status: String,
+    pub status: NodeStatus,
     pub enrolled_at: Option<DateTime<Utc>>,
     pub registered_at: Option<DateTime<Utc>>,
     pub last_seen: Option<DateTime<Utc>>,
@@ -192,21 +188,19 @@ pub struct NodeRow {
     pub last_seq: i64,
     pub disk_free_mb: Option<i64>,
     pub low_disk: bool,
-    /// active, cordoned or draining.
-    pub scheduling: String,
+    pub scheduling: SchedulingMode,
 }
 
 impl NodeRow {
-    /// The same rule as `ud_core::node::Node::liveness`, so that the result
-    /// does not depend on which stream (nodes, heartbeats) is projected first.
+    /// The one liveness rule ([`NodeStatus::of`]), so that the result does
+    /// not depend on which stream (nodes, heartbeats) is projected first.
     fn settle_status(&mut self) {
-        self.status = match (self.revoked_at, self.last_seen) {
-            (Some(_), _) => "revoked",
-            (None, None) => "enrolled",
-            (None, Some(seen)) if self.offline_after.is_some_and(|o| seen <= o) => "offline",
-            (None, Some(_)) => "online",
-        }
-        .into();
+        let ms = |t: Option<DateTime<Utc>>| t.map(|t| t.timestamp_millis());
+        self.status = NodeStatus::of(
+            self.revoked_at.is_some(),
+            ms(self.last_seen),
+            ms(self.offline_after),
+        );
     }
 }
 
@@ -223,7 +217,7 @@ pub fn apply_node(
             name: e.name.clone(),
             labels: serde_json::to_value(&e.labels).unwrap_or_default(),
             resources: serde_json::json!({}),
-            status: String::new(),
+            status: NodeStatus::Enrolled,
             enrolled_at: Some(ts(e.at)),
             registered_at: None,
             last_seen: None,
@@ -233,7 +227,7 @@ pub fn apply_node(
             last_seq: seq,
             disk_free_mb: None,
             low_disk: false,
-            scheduling: "active".into(),
+            scheduling: SchedulingMode::Active,
         },
         // Nodes registered without enrollment (older histories) get a row too.
         (None, NodeEvent::Registered(e)) => NodeRow {
@@ -241,7 +235,7 @@ pub fn apply_node(
             name: e.name.clone(),
             labels: serde_json::to_value(&e.labels).unwrap_or_default(),
             resources: serde_json::to_value(&e.resources).unwrap_or_default(),
-            status: String::new(),
+            status: NodeStatus::Enrolled,
             enrolled_at: None,
             registered_at: Some(ts(e.at)),
             last_seen: Some(ts(e.at)),
@@ -251,7 +245,7 @@ pub fn apply_node(
             last_seq: seq,
             disk_free_mb: None,
             low_disk: false,
-            scheduling: "active".into(),
+            scheduling: SchedulingMode::Active,
         },
         (None, e) => return Err(ApplyError::UnknownAggregate(e.name())),
         (Some(mut row), NodeEvent::Registered(e)) => {
@@ -283,7 +277,7 @@ pub fn apply_node(
             row
         }
         (Some(mut row), NodeEvent::Scheduling(e)) => {
-            row.scheduling = e.mode.clone();
+            row.scheduling = e.mode;
             row.last_seq = seq;
             row
         }
@@ -355,7 +349,7 @@ fn scrub_json(v: &mut serde_json::Value) {
 
 impl TaskRow {
     pub(crate) fn scrub(&mut self) {
-        for s in [&mut self.project, &mut self.state, &mut self.submitted_by] {
+        for s in [&mut self.project, &mut self.submitted_by] {
             scrub(s);
         }
         for s in [&mut self.name, &mut self.waiting_reason, &mut self.reason]
@@ -376,9 +370,7 @@ impl TaskRow {
 
 impl NodeRow {
     pub(crate) fn scrub(&mut self) {
-        for s in [&mut self.name, &mut self.status, &mut self.scheduling] {
-            scrub(s);
-        }
+        scrub(&mut self.name);
         scrub_json(&mut self.labels);
         scrub_json(&mut self.resources);
     }
@@ -403,5 +395,152 @@ mod scrub_tests {
             v,
             serde_json::json!({"a\u{fffd}": ["x\u{fffd}", {"b": "\u{fffd}"}], "n": 1})
         );
+    }
+}
+
+/// The read model's rows and the domain's own `evolve` say the same of any
+/// history the domain can produce.
+#[cfg(test)]
+mod agreement {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+    use ud_core::task::{self, Task, TaskCommand, TaskState};
+    use ud_schemas::spec::{Resources, RetryPolicy};
+    use ud_schemas::{ProjectId, TaskSpec};
+
+    use super::*;
+
+    fn spec(max_attempts: u32) -> TaskSpec {
+        TaskSpec {
+            name: None,
+            code_repo_url: "https://example.org/code.git".into(),
+            code_commit_id: "a".repeat(40),
+            env_repo_url: "https://example.org/env.git".into(),
+            env_commit_id: "b".repeat(40),
+            dockerfile_path: "Dockerfile".into(),
+            command: vec!["true".into()],
+            args: vec![],
+            env: BTreeMap::new(),
+            resources: Resources {
+                cpu_millis: 1000,
+                memory_mb: 512,
+                gpus: 0,
+                gpu_model: None,
+                labels: BTreeMap::new(),
+                preferred_labels: BTreeMap::new(),
+                disk_mb: 0,
+            },
+            timeout_seconds: 60,
+            retry: RetryPolicy {
+                max_attempts,
+                backoff_seconds: 0,
+                exit_codes: vec![],
+                on_timeout: true,
+            },
+            priority: 0,
+            queue: "default".into(),
+            inputs: vec![],
+            outputs: vec![],
+        }
+    }
+
+    /// A command of kind `k` as a node or user would give it to `t` now.
+    fn command(k: u8, code: i32, nodes: &[NodeId], t: &Task) -> TaskCommand {
+        let (live, attempt) = match &t.state {
+            TaskState::Assigned { node_id, attempt }
+            | TaskState::Running { node_id, attempt }
+            | TaskState::Cancelling {
+                node_id, attempt, ..
+            } => (*node_id, *attempt),
+            _ => (nodes[usize::from(k) % nodes.len()], t.attempts),
+        };
+        match k % 11 {
+            0 => TaskCommand::Assign { node_id: live },
+            1 => TaskCommand::Start {
+                node_id: live,
+                attempt,
+            },
+            2 => TaskCommand::Succeed {
+                node_id: live,
+                exit_code: code,
+            },
+            3 => TaskCommand::Fail {
+                node_id: live,
+                exit_code: Some(code + 1),
+                reason: "exited".into(),
+            },
+            4 => TaskCommand::TimeOut { node_id: live },
+            5 => TaskCommand::Lose {
+                node_id: live,
+                reason: "gone".into(),
+            },
+            6 => TaskCommand::Cancel {
+                reason: "stop".into(),
+            },
+            7 => TaskCommand::ConfirmCancelled { node_id: live },
+            8 => TaskCommand::Wait {
+                reason: "busy".into(),
+            },
+            9 => TaskCommand::Reprioritize {
+                priority: code * 10,
+            },
+            _ => TaskCommand::RecordPreparing {
+                node_id: live,
+                attempt,
+                step: "build_image".into(),
+            },
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn rows_and_the_domain_agree_on_every_history(
+            kinds in proptest::collection::vec(0u8..44, 1..60),
+            codes in proptest::collection::vec(0i32..3, 60),
+            max_attempts in 1u32..4,
+        ) {
+            let id = TaskId::new();
+            let nodes = [NodeId::new(), NodeId::new()];
+            let submit = TaskCommand::Submit {
+                project: ProjectId::parse("lab").map_err(|e| TestCaseError::fail(e.to_string()))?,
+                spec: spec(max_attempts),
+                idempotency_key: None,
+            };
+            let mut task: Option<Task> = None;
+            let mut row: Option<TaskRow> = None;
+            let mut seq = 0;
+            let steps = std::iter::once(None).chain(kinds.iter().copied().map(Some));
+            for (i, k) in steps.enumerate() {
+                let cmd = match (k, &task) {
+                    (None, _) => submit.clone(),
+                    (Some(k), Some(t)) => command(k, codes[i % codes.len()], &nodes, t),
+                    (Some(_), None) => break,
+                };
+                let Ok(events) = task::decide(task.as_ref(), cmd, i64::try_from(i).unwrap_or(0)) else {
+                    continue;
+                };
+                for e in &events {
+                    seq += 1;
+                    task = task::evolve(task, id, e);
+                    row = Some(apply_task(row, id, e, "user", seq).map_err(|e| TestCaseError::fail(e.to_string()))?);
+                }
+                let (Some(t), Some(r)) = (&task, &row) else { continue };
+                prop_assert_eq!(r.state, t.state.status());
+                prop_assert_eq!(r.priority, t.spec.priority);
+                match &t.state {
+                    TaskState::Assigned { node_id, attempt }
+                    | TaskState::Running { node_id, attempt }
+                    | TaskState::Cancelling { node_id, attempt, .. } => {
+                        prop_assert_eq!(r.node_id, Some(*node_id));
+                        prop_assert_eq!(i64::from(r.attempt), i64::from(*attempt));
+                    }
+                    TaskState::Pending => prop_assert_eq!(r.node_id, None),
+                    TaskState::Succeeded { exit_code } => prop_assert_eq!(r.exit_code, Some(*exit_code)),
+                    TaskState::Failed { exit_code, .. } => prop_assert_eq!(r.exit_code, *exit_code),
+                    TaskState::TimedOut | TaskState::Cancelled { .. } => {}
+                }
+            }
+        }
     }
 }

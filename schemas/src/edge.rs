@@ -79,16 +79,19 @@ pub fn assignment_subject(node: &NodeId) -> String {
     format!("{ASSIGNMENT_PREFIX}.{node}")
 }
 
-/// The subject a node publishes an event on, in its own stream.
-pub fn edge_subject(node: &NodeId, canonical: &str) -> Option<String> {
-    canonical
-        .strip_prefix("ud.")
-        .map(|rest| format!("ud.edge.{node}.{rest}"))
+/// What every subject a node reports on starts with.
+pub const REPORT_PREFIX: &str = "ud.edge.";
+
+/// The subject a node reports on, in its own stream, for the canonical
+/// subject `ud.<rest>`: `ud.edge.<node_id>.<rest>`.
+pub fn report_subject(node: &NodeId, canonical: &str) -> String {
+    let rest = canonical.strip_prefix("ud.").unwrap_or(canonical);
+    format!("{REPORT_PREFIX}{node}.{rest}")
 }
 
 /// Splits `ud.edge.<node_id>.<rest>` into the node and the canonical subject `ud.<rest>`.
 pub fn canonical_subject(edge: &str) -> Option<(NodeId, String)> {
-    let rest = edge.strip_prefix("ud.edge.")?;
+    let rest = edge.strip_prefix(REPORT_PREFIX)?;
     let (node, tail) = rest.split_once('.')?;
     Some((node.parse().ok()?, format!("ud.{tail}")))
 }
@@ -174,7 +177,7 @@ mod tests {
         let n = NodeId::new();
         let t = crate::TaskId::new();
         let canonical = crate::subjects::task_event(&t, "started");
-        let edge = edge_subject(&n, &canonical).unwrap_or_default();
+        let edge = report_subject(&n, &canonical);
         assert_eq!(canonical_subject(&edge), Some((n, canonical)));
         assert_eq!(canonical_subject("ud.edge.bad.node.heartbeat"), None);
         assert!(!domain(&n).contains('-'));

@@ -198,7 +198,7 @@ pub enum NodeEvent {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeScheduling {
     pub at: Millis,
-    pub mode: String,
+    pub mode: crate::SchedulingMode,
     pub reason: String,
 }
 

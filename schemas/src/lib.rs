@@ -6,13 +6,16 @@
 //! decoding. The CDDL text in `cddl/unidesk.cddl` describes the same payloads
 //! for integrations in other languages.
 
+pub mod api;
 pub mod codec;
 pub mod dispatch;
 pub mod edge;
 pub mod events;
 pub mod headers;
 pub mod ids;
+pub mod report;
 pub mod spec;
+pub mod status;
 pub mod streams;
 pub mod subjects;
 
@@ -20,6 +23,7 @@ pub use codec::{decode_event, encode_event, CodecError, EventEnvelope, EventMeta
 pub use events::{AuthEvent, Event, NodeEvent, TaskEvent};
 pub use ids::{EventId, IdError, NodeId, ProjectId, TaskId, TokenId};
 pub use spec::{NodeResources, Resources, RetryPolicy, TaskSpec};
+pub use status::{NodeStatus, SchedulingMode, TaskStatus};
 
 /// The CDDL text that describes every event payload, for integrations.
 pub const CDDL: &str = include_str!("../cddl/unidesk.cddl");

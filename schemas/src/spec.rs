@@ -51,25 +51,25 @@ pub const MAX_RELATIVE_PATH_BYTES: usize = 900;
 /// workspace): no leading `/`, no empty, `.` or `..` segment, no control
 /// characters, so that joined to a prefix it never names anything outside
 /// it. Returns the path without a trailing `/`, or why it is refused.
-pub fn relative_path(path: &str) -> Result<&str, &'static str> {
+pub fn relative_path(path: &str) -> Result<&str, String> {
     let trimmed = path.strip_suffix('/').unwrap_or(path);
     if trimmed.is_empty() {
-        return Err("is empty");
+        return Err("is empty".into());
     }
     if path.len() > MAX_RELATIVE_PATH_BYTES {
-        return Err("is longer than 900 bytes");
+        return Err(format!("is longer than {MAX_RELATIVE_PATH_BYTES} bytes"));
     }
     if trimmed.starts_with('/') {
-        return Err("must be relative (no leading '/')");
+        return Err("must be relative (no leading '/')".into());
     }
     if trimmed.chars().any(|c| c.is_control() || c == '\\') {
-        return Err("contains a control character or a backslash");
+        return Err("contains a control character or a backslash".into());
     }
     if trimmed
         .split('/')
         .any(|s| s.is_empty() || s == "." || s == "..")
     {
-        return Err("has an empty, '.' or '..' segment");
+        return Err("has an empty, '.' or '..' segment".into());
     }
     Ok(trimmed)
 }

@@ -5,6 +5,7 @@
 //! | `ud.task.<task_id>.<event>` | task lifecycle events |
 //! | `ud.node.<node_id>.<event>` | node registration, liveness (heartbeats live in their own stream) |
 //! | `ud.auth.token.<token_id>.<event>` | API token issued / revoked |
+//! | `ud.log.<task_id>` | a task's output, chunk by chunk |
 //! | `ud.cmd.<endpoint>` | command services (NATS micro, JSON request/reply) |
 //! | `ud.sys.projected.<stream>` | core-NATS notice: a projector committed up to a sequence |
 
@@ -14,6 +15,7 @@ pub const TASK_PREFIX: &str = "ud.task";
 pub const NODE_PREFIX: &str = "ud.node";
 pub const TOKEN_PREFIX: &str = "ud.auth.token";
 pub const PROJECTED_PREFIX: &str = "ud.sys.projected";
+pub const LOG_PREFIX: &str = "ud.log";
 
 pub fn task_event(id: &TaskId, name: &str) -> String {
     format!("{TASK_PREFIX}.{id}.{name}")
@@ -38,6 +40,11 @@ pub fn token_event(id: &TokenId, name: &str) -> String {
 
 pub fn token_all(id: &TokenId) -> String {
     format!("{TOKEN_PREFIX}.{id}.>")
+}
+
+/// A task's output chunks (stream `UD_LOGS`).
+pub fn log(task: &TaskId) -> String {
+    format!("{LOG_PREFIX}.{task}")
 }
 
 pub fn projected(stream: &str) -> String {

@@ -324,7 +324,7 @@ fn fixtures_v1() -> Vec<(&'static str, Event)> {
                 n,
                 NodeEvent::Scheduling(NodeScheduling {
                     at: AT,
-                    mode: "draining".into(),
+                    mode: ud_schemas::SchedulingMode::Draining,
                     reason: "disk swap".into(),
                 }),
             ),

@@ -79,24 +79,33 @@ fn read_secret(base: &Path, file: &str) -> Result<String, EdgeError> {
     let path = base.join(file);
     std::fs::read_to_string(&path)
         .map(|s| s.trim_end_matches(['\r', '\n']).to_owned())
-        .map_err(|e| EdgeError::Invalid(format!("cannot read {}: {e}", path.display())))
+        .map_err(|e| EdgeError::Settings {
+            file: path.display().to_string(),
+            reason: e.to_string(),
+        })
 }
 
 impl GitCredentials {
     /// Loads the credentials file; secret files are read relative to it.
     pub fn load(path: &Path) -> Result<Self, EdgeError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| EdgeError::Invalid(format!("cannot read {}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path).map_err(|e| EdgeError::Settings {
+            file: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
         Self::parse(&text, path.parent().unwrap_or(Path::new(".")))
     }
 
     pub fn parse(text: &str, base: &Path) -> Result<Self, EdgeError> {
-        let file: File = serde_json::from_str(text)
-            .map_err(|e| EdgeError::Invalid(format!("credentials file: {e}")))?;
+        let file: File = serde_json::from_str(text).map_err(|e| EdgeError::Settings {
+            file: "credentials file".into(),
+            reason: e.to_string(),
+        })?;
         let mut hosts = BTreeMap::new();
         for (host, e) in file.hosts {
-            let bad =
-                |why: &str| EdgeError::Invalid(format!("credentials file, host {host:?}: {why}"));
+            let bad = |why: &str| EdgeError::Settings {
+                file: "credentials file".into(),
+                reason: format!("host {host:?}: {why}"),
+            };
             let token = match (&e.token, &e.token_file) {
                 (Some(t), None) => Some(t.clone()),
                 (None, Some(f)) => Some(read_secret(base, f)?),

@@ -5,11 +5,12 @@ use std::collections::BTreeMap;
 
 use ud_schemas::codec::EventMeta;
 use ud_schemas::edge::NodeToken;
-use ud_schemas::{now_millis, streams, subjects, Event, NodeId};
+use ud_schemas::NodeId;
 
 use super::EdgeError;
-use crate::node::{self, NodeCommand};
-use crate::store::{EventStore, Expect};
+use crate::aggregate::{ExecuteError, Repository, Retries};
+use crate::node::{Node, NodeCommand, NodeError};
+use crate::store::EventStore;
 
 pub fn validate_name(name: &str) -> Result<(), EdgeError> {
     let ok = !name.is_empty()
@@ -20,9 +21,10 @@ pub fn validate_name(name: &str) -> Result<(), EdgeError> {
     if ok {
         Ok(())
     } else {
-        Err(EdgeError::Invalid(
-            "name: 1-63 of A-Z, a-z, 0-9, '-', '_', '.'".into(),
-        ))
+        Err(EdgeError::Invalid {
+            field: "name",
+            reason: "1-63 of A-Z, a-z, 0-9, '-', '_', '.'".into(),
+        })
     }
 }
 
@@ -36,82 +38,77 @@ pub async fn enroll(
     validate_name(name)?;
     for (k, v) in &labels {
         if k.is_empty() || k.len() > 63 || v.len() > 63 {
-            return Err(EdgeError::Invalid(format!(
-                "label {k:?}: keys 1-63 bytes, values at most 63"
-            )));
+            return Err(EdgeError::Invalid {
+                field: "labels",
+                reason: format!("label {k:?}: keys 1-63 bytes, values at most 63"),
+            });
         }
     }
     let token = NodeToken {
         node_id: NodeId::new(),
         secret: hex::encode(rand::random::<[u8; 32]>()),
     };
-    let secret_hash = bcrypt::hash(&token.secret, super::SECRET_HASH_COST)
-        .map_err(|e| EdgeError::Invalid(e.to_string()))?;
-    let events = node::decide(
-        None,
-        NodeCommand::Enroll {
-            name: name.to_owned(),
-            labels,
-            secret_hash,
-        },
-        now_millis(),
-    )
-    .map_err(|e| EdgeError::Invalid(e.to_string()))?;
-    let events: Vec<Event> = events
-        .into_iter()
-        .map(|e| Event::Node(token.node_id, e))
-        .collect();
-    let seq = store
-        .append_all(&events, &EventMeta::new(actor), Expect::New)
-        .await?
-        .unwrap_or(0);
-    Ok((token, seq))
+    let secret_hash = bcrypt::hash(&token.secret, super::SECRET_HASH_COST)?;
+    let command = NodeCommand::Enroll {
+        name: name.to_owned(),
+        labels,
+        secret_hash,
+    };
+    let done = Repository::<Node>::new(store.clone())
+        .create(token.node_id, command, &EventMeta::new(actor))
+        .await
+        .map_err(node_error)?;
+    Ok((token, done.seq))
+}
+
+fn node_error(e: ExecuteError<NodeError>) -> EdgeError {
+    match e {
+        ExecuteError::Rejected(e) => EdgeError::Node(e),
+        ExecuteError::Hidden => EdgeError::Node(NodeError::Unknown),
+        ExecuteError::Conflict => EdgeError::Store(crate::StoreError::Conflict),
+        ExecuteError::Store(e) => EdgeError::Store(e),
+    }
+}
+
+/// Runs an operator's command on a node (one retry after a lost race).
+async fn execute(
+    store: &EventStore,
+    id: NodeId,
+    command: NodeCommand,
+    actor: &str,
+) -> Result<Option<u64>, EdgeError> {
+    let done = Repository::<Node>::new(store.clone())
+        .execute(id, command, &EventMeta::new(actor), Retries(1), |_| true)
+        .await
+        .map_err(node_error)?;
+    Ok((!done.events.is_empty()).then_some(done.seq))
 }
 
 /// Revokes a node: the hub drops its user, closing its connection.
 pub async fn revoke(store: &EventStore, id: NodeId, actor: &str) -> Result<Option<u64>, EdgeError> {
-    let (node, last) = load(store, &id).await?;
-    let events = node::decide(node.as_ref(), NodeCommand::Revoke, now_millis())
-        .map_err(|e| EdgeError::Invalid(e.to_string()))?;
-    let events: Vec<Event> = events.into_iter().map(|e| Event::Node(id, e)).collect();
-    Ok(store
-        .append_all(&events, &EventMeta::new(actor), Expect::LastSeq(last))
-        .await?)
+    execute(store, id, NodeCommand::Revoke, actor).await
 }
 
-/// Cordons, drains or resumes a node (`mode`: active, cordoned, draining).
+/// Cordons, drains or resumes a node.
 pub async fn set_scheduling(
     store: &EventStore,
     id: NodeId,
-    mode: &str,
+    mode: ud_schemas::SchedulingMode,
     reason: &str,
     actor: &str,
 ) -> Result<Option<u64>, EdgeError> {
-    let (node, last) = load(store, &id).await?;
     let command = NodeCommand::SetScheduling {
-        mode: mode.to_owned(),
+        mode,
         reason: reason.to_owned(),
     };
-    let events = node::decide(node.as_ref(), command, now_millis())
-        .map_err(|e| EdgeError::Invalid(e.to_string()))?;
-    let events: Vec<Event> = events.into_iter().map(|e| Event::Node(id, e)).collect();
-    Ok(store
-        .append_all(&events, &EventMeta::new(actor), Expect::LastSeq(last))
-        .await?)
+    execute(store, id, command, actor).await
 }
 
 /// A node folded from `UD_NODES` (heartbeats excluded), with its last sequence there.
-pub async fn load(store: &EventStore, id: &NodeId) -> Result<(Option<node::Node>, u64), EdgeError> {
-    let events = store
-        .read_subject(streams::NODES, &subjects::node_all(id))
-        .await?;
-    let mut n = None;
-    let mut last = 0;
-    for e in &events {
-        if let Event::Node(_, ne) = &e.envelope.event {
-            n = node::evolve(n, *id, ne);
-            last = e.seq;
-        }
-    }
-    Ok((n, last))
+pub async fn load(store: &EventStore, id: &NodeId) -> Result<(Option<Node>, u64), EdgeError> {
+    let loaded = Repository::<Node>::new(store.clone()).load(id).await?;
+    Ok(match loaded {
+        Some((n, seq)) => (Some(n), seq),
+        None => (None, 0),
+    })
 }

@@ -75,7 +75,7 @@ pub fn write_accounts(
             .arg(pid.trim())
             .status()?;
         if !status.success() {
-            return Err(EdgeError::Invalid(format!(
+            return Err(EdgeError::Hub(format!(
                 "cannot signal the hub (pid {})",
                 pid.trim()
             )));
@@ -108,16 +108,14 @@ async fn close_leaf_links(settings: &HubSettings, keep: usize) -> Result<(), Edg
         .await
         .map_err(nats_err)?;
     let idz: serde_json::Value =
-        serde_json::from_slice(&idz.payload).map_err(|e| EdgeError::Invalid(e.to_string()))?;
+        serde_json::from_slice(&idz.payload).map_err(|e| EdgeError::Hub(e.to_string()))?;
     let server = idz["id"]
         .as_str()
         .or_else(|| idz["data"]["id"].as_str())
         .unwrap_or_default()
         .to_owned();
     if server.is_empty() {
-        return Err(EdgeError::Invalid(
-            "the hub did not say its server id".into(),
-        ));
+        return Err(EdgeError::Hub("the hub did not say its server id".into()));
     }
     // The reload may still be under way: kick until no more links remain than enrolled nodes.
     for round in 0..20 {
@@ -125,8 +123,8 @@ async fn close_leaf_links(settings: &HubSettings, keep: usize) -> Result<(), Edg
             .request(format!("$SYS.REQ.SERVER.{server}.LEAFZ"), "{}".into())
             .await
             .map_err(nats_err)?;
-        let leafz: serde_json::Value = serde_json::from_slice(&leafz.payload)
-            .map_err(|e| EdgeError::Invalid(e.to_string()))?;
+        let leafz: serde_json::Value =
+            serde_json::from_slice(&leafz.payload).map_err(|e| EdgeError::Hub(e.to_string()))?;
         let leafs: Vec<u64> = leafz["data"]["leafs"]
             .as_array()
             .into_iter()
@@ -144,7 +142,7 @@ async fn close_leaf_links(settings: &HubSettings, keep: usize) -> Result<(), Edg
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    Err(EdgeError::Invalid("revoked links keep coming back".into()))
+    Err(EdgeError::Hub("revoked links keep coming back".into()))
 }
 
 /// Nodes whose dispatch consumer is known to exist on the hub.
@@ -264,7 +262,7 @@ fn current_hash(settings: &HubSettings, user: &str, password: &str) -> Option<St
 fn stable_hash(settings: &HubSettings, user: &str, password: &str) -> Result<String, EdgeError> {
     match current_hash(settings, user, password) {
         Some(h) => Ok(h),
-        None => bcrypt::hash(password, 6).map_err(|e| EdgeError::Invalid(e.to_string())),
+        None => Ok(bcrypt::hash(password, 6)?),
     }
 }
 

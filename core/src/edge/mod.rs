@@ -2,6 +2,7 @@
 //! sources, ingest of what nodes report, liveness and first-fit scheduling.
 
 pub mod credentials;
+pub mod dispatch;
 pub mod enroll;
 pub mod files;
 pub mod hub;
@@ -21,14 +22,28 @@ pub const SECRET_HASH_COST: u32 = 4;
 pub enum EdgeError {
     #[error(transparent)]
     Store(#[from] crate::StoreError),
+    /// The node's rules refused the command.
+    #[error(transparent)]
+    Node(#[from] crate::node::NodeError),
+    /// A value the caller gave is wrong.
+    #[error("{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    /// A settings file cannot be used.
+    #[error("{file}: {reason}")]
+    Settings { file: String, reason: String },
+    /// The hub's nats-server did something the platform cannot work with.
+    #[error("hub: {0}")]
+    Hub(String),
     #[error("nats: {0}")]
-    Nats(String),
+    Nats(#[source] async_nats::Error),
+    #[error(transparent)]
+    Codec(#[from] ud_schemas::CodecError),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
-    #[error("{0}")]
-    Invalid(String),
+    #[error("password hash: {0}")]
+    Hash(#[from] bcrypt::BcryptError),
 }
 
-pub(crate) fn nats_err(e: impl std::fmt::Display) -> EdgeError {
-    EdgeError::Nats(e.to_string())
+pub(crate) fn nats_err(e: impl Into<async_nats::Error>) -> EdgeError {
+    EdgeError::Nats(e.into())
 }

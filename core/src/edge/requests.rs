@@ -90,7 +90,7 @@ async fn answer(
     node: NodeId,
     payload: &[u8],
 ) -> Result<Vec<u8>, EdgeError> {
-    let codec = |e: ud_schemas::CodecError| EdgeError::Invalid(e.to_string());
+    let codec = EdgeError::Codec;
     match kind {
         Kind::Credentials => {
             let reply = match dispatch::from_cbor::<GitCredentialsRequest>(

@@ -10,9 +10,9 @@ use anyhow::{anyhow, bail, Result};
 use futures::StreamExt;
 use serde_json::{json, Value};
 use ud_edge_agent::AgentConfig;
-use ud_gateway::server::{self, EdgeConfig, Running, ServerConfig};
 use ud_schemas::edge::{self, NodeToken};
 use ud_schemas::NodeId;
+use ud_server::{self as server, EdgeConfig, Running, ServerConfig};
 use ud_testkit::{NatsOptions, NatsServer, PgDatabase};
 
 pub const PLATFORM_PW: &str = "platform-secret";

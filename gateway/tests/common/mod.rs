@@ -3,8 +3,8 @@
 
 use anyhow::Result;
 use serde_json::{json, Value};
-use ud_gateway::server::{self, Running, ServerConfig};
 use ud_schemas::streams;
+use ud_server::{self as server, Running, ServerConfig};
 use ud_testkit::{NatsServer, PgDatabase};
 
 pub struct Stack {
@@ -46,12 +46,26 @@ impl Stack {
         storage: Option<ud_storage::Storage>,
         disk: ud_gateway::health::DiskWatch,
     ) -> Result<Self> {
-        let server = server::start(ServerConfig {
+        let cfg = ServerConfig {
             storage,
             disk,
             ..ServerConfig::local(nats.url(), pg.url.clone())
-        })
-        .await?;
+        };
+        Self::start_config(nats, pg, cfg).await
+    }
+
+    /// A stack whose services restart as `restarts` says.
+    pub async fn start_restarting(restarts: server::Policy) -> Result<Self> {
+        let (nats, pg) = (NatsServer::start().await?, PgDatabase::create().await?);
+        let cfg = ServerConfig {
+            restarts,
+            ..ServerConfig::local(nats.url(), pg.url.clone())
+        };
+        Self::start_config(nats, pg, cfg).await
+    }
+
+    pub async fn start_config(nats: NatsServer, pg: PgDatabase, cfg: ServerConfig) -> Result<Self> {
+        let server = server::start(cfg).await?;
         let issued = ud_core::commands::issue_token(
             server.state.commands.store(),
             "admin",

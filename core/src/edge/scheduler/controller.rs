@@ -1,26 +1,23 @@
 //! The controller loop on the main server: follows the streams, runs
 //! liveness, and places pending tasks with the pure policy of the parent module.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use async_nats::jetstream::message::PublishMessage;
-use bytes::Bytes;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 use ud_schemas::codec::EventMeta;
-use ud_schemas::dispatch::{self, DispatchCancel, DispatchRun};
-use ud_schemas::{edge, now_millis, streams, Event, NodeId, Resources, TaskId, TaskSpec};
+use ud_schemas::{now_millis, streams, NodeId, TaskId, TaskSpec};
 
-use super::{
-    add, explain, fair_order, place, Placement, QueueConfig, QueueRecord, Queued, Queues, Unplaced,
-    Usage,
-};
-use crate::commands::{CommandError, TaskCommands};
+use super::plan::{self, Memory, Rules};
+use super::{Placement, QueueConfig, QueueRecord, Queues};
+use crate::aggregate::{Against, ExecuteError, Executed, Repository, Retries};
+use crate::commands::TaskCommands;
 use crate::edge::view::{self, Cluster, Update};
 use crate::node::Node;
-use crate::store::{publish_each, Expect};
-use crate::task::{self, TaskCommand, TaskState};
+use crate::store::publish_each;
+use crate::task::{Task, TaskCommand, TaskState};
 
 /// An assigned task whose node has not started it gets its run again after this.
 const RESEND_AFTER: Duration = Duration::from_secs(30);
@@ -48,26 +45,24 @@ pub struct ControllerSettings {
     pub queues: Queues,
 }
 
-/// A task a pass placed, as the pass decided it.
-struct Placed {
-    id: TaskId,
-    node: NodeId,
-    attempt: u32,
-    spec: TaskSpec,
-    /// The task as the assignment leaves it.
-    after: Option<task::Task>,
-}
-
 /// What a pass in flight reports back to the controller.
+#[allow(clippy::large_enum_variant)] // one per assignment, read at once
 enum PassNews {
     /// One assignment's append came back.
-    Appended(Box<Placed>, Result<u64, crate::StoreError>),
+    Appended {
+        id: TaskId,
+        node: NodeId,
+        result: Result<Executed<Task>, ExecuteError<crate::task::TaskError>>,
+    },
     /// Every assignment of the pass came back.
     Done,
+    /// The tasks of a lost node are marked lost (or were found changed).
+    Lost(Vec<TaskId>),
 }
 
 struct Controller {
-    commands: TaskCommands,
+    tasks: Repository<Task>,
+    nodes: Repository<Node>,
     settings: ControllerSettings,
     cluster: Cluster,
     /// Assigned by this instance (or being assigned), not yet seen back in
@@ -81,9 +76,10 @@ struct Controller {
     pass_news: mpsc::UnboundedSender<PassNews>,
     /// A pass is due (something changed what can be placed).
     wanted: bool,
-    /// Why each unplaced pending task waits, as last written (its kind: what
-    /// keeps it waiting, without counts, so that it is written on change only).
-    waiting: HashMap<TaskId, String>,
+    /// What passes remember (turns of projects, what waiting tasks were told).
+    memory: Memory,
+    /// Tasks being marked lost in the background: not marked again meanwhile.
+    losing: HashSet<TaskId>,
     /// Last sequences of the node and task streams at start, and how far the
     /// view has applied them: no task is judged before the view is complete.
     targets: HashMap<String, u64>,
@@ -94,9 +90,6 @@ struct Controller {
     /// sent again after `RESEND_AFTER` (a dispatch whose store was not
     /// confirmed may be missing; a node ignores a run it already has).
     unstarted: HashMap<TaskId, std::time::Instant>,
-    /// When each project was last given a node (see `fair_order`).
-    served: HashMap<String, u64>,
-    serve_counter: u64,
     /// Why tasks wait, written in order by one background writer.
     verdicts: mpsc::UnboundedSender<(TaskId, TaskCommand)>,
     /// Tasks whose verdict the writer could not record: judged afresh.
@@ -110,26 +103,23 @@ struct Controller {
 /// it cannot record goes back as `unwritten`, so that the next pass writes it
 /// again (the scheduler writes a verdict only when it changes).
 async fn write_verdicts(
-    commands: TaskCommands,
+    tasks: Repository<Task>,
     mut rx: mpsc::UnboundedReceiver<(TaskId, TaskCommand)>,
     unwritten: mpsc::UnboundedSender<TaskId>,
 ) {
     while let Some((id, command)) = rx.recv().await {
-        let mut written = false;
-        for _ in 0..5 {
-            match commands
-                .execute(id, command.clone(), "scheduler", |_| true)
-                .await
-            {
-                Err(CommandError::Conflict) => continue,
-                // Rejected: the task is no longer waiting.
-                Ok(_) | Err(CommandError::Rejected(_)) => written = true,
-                Err(e) => warn!(task_id = %id, error = %e, "cannot record why the task waits"),
+        // Each event its own id: the stream drops a second one with the same.
+        let meta = EventMeta::new("scheduler");
+        match tasks
+            .execute(id, command, &meta, Retries(4), |_| true)
+            .await
+        {
+            // Rejected: the task is no longer waiting.
+            Ok(_) | Err(ExecuteError::Rejected(_)) => {}
+            Err(e) => {
+                warn!(task_id = %id, error = %e, "cannot record why the task waits");
+                let _ = unwritten.send(id);
             }
-            break;
-        }
-        if !written {
-            let _ = unwritten.send(id);
         }
     }
 }
@@ -159,23 +149,6 @@ async fn publish_dispatches(
 }
 
 impl Controller {
-    fn usage(&self) -> HashMap<NodeId, Usage> {
-        let mut usage = HashMap::new();
-        for t in self.cluster.tasks.values() {
-            if let Some(node) = t.task.state.live_node() {
-                add(&mut usage, node, &t.task.spec);
-            }
-        }
-        for (task, node) in &self.inflight {
-            if let Some(t) = self.cluster.tasks.get(task) {
-                if t.task.state == TaskState::Pending {
-                    add(&mut usage, *node, &t.task.spec);
-                }
-            }
-        }
-        usage
-    }
-
     fn send_run(&self, node: NodeId, task: TaskId, attempt: u32, spec: &TaskSpec) {
         self.send_runs(vec![(node, task, attempt, spec.clone())]);
     }
@@ -183,25 +156,12 @@ impl Controller {
     /// Hands run dispatches to the publisher, in order.
     fn send_runs(&self, runs: Vec<(NodeId, TaskId, u32, TaskSpec)>) {
         for (node, task, attempt, spec) in runs {
-            let run = DispatchRun {
-                at: now_millis(),
-                task_id: task,
-                attempt,
-                spec,
-            };
-            let bytes = match dispatch::to_cbor(&run) {
-                Ok(b) => b,
-                Err(e) => {
-                    warn!(task_id = %task, error = %e, "cannot encode dispatch");
-                    continue;
+            match crate::edge::dispatch::run(&node, task, attempt, spec) {
+                Ok((subject, msg)) => {
+                    let _ = self.dispatches.send(((task, node), subject, msg));
                 }
-            };
-            let msg = PublishMessage::build()
-                .message_id(format!("run-{task}-{attempt}").as_str())
-                .header("Content-Type", "application/cbor")
-                .payload(Bytes::from(bytes));
-            let subject = edge::dispatch_subject(&node, &task, "run");
-            let _ = self.dispatches.send(((task, node), subject, msg));
+                Err(e) => warn!(task_id = %task, error = %e, "cannot encode dispatch"),
+            }
         }
     }
 
@@ -214,19 +174,9 @@ impl Controller {
     }
 
     fn publish_cancel(&self, node: NodeId, task: TaskId, reason: &str) {
-        let cancel = DispatchCancel {
-            at: now_millis(),
-            task_id: task,
-            reason: reason.to_owned(),
-            grace_seconds: self.settings.cancel_grace_seconds,
-        };
-        match dispatch::to_cbor(&cancel) {
-            Ok(bytes) => {
-                let msg = PublishMessage::build()
-                    .message_id(format!("cancel-{task}-{}", now_millis()).as_str())
-                    .header("Content-Type", "application/cbor")
-                    .payload(Bytes::from(bytes));
-                let subject = edge::dispatch_subject(&node, &task, "cancel");
+        let grace = self.settings.cancel_grace_seconds;
+        match crate::edge::dispatch::cancel(&node, task, reason, grace) {
+            Ok((subject, msg)) => {
                 let _ = self.dispatches.send(((task, node), subject, msg));
             }
             Err(e) => warn!(task_id = %task, error = %e, "cannot encode cancel"),
@@ -243,164 +193,51 @@ impl Controller {
         }
         self.wanted = false;
         while let Ok(id) = self.unwritten.try_recv() {
-            self.waiting.remove(&id);
+            self.memory.waiting.remove(&id);
         }
-        let now = now_millis();
-        let mut live: HashMap<&str, usize> = HashMap::new();
-        let mut queue_live: HashMap<String, u32> = HashMap::new();
-        for t in self
-            .cluster
-            .tasks
-            .values()
-            .filter(|t| t.task.state.live_node().is_some())
-        {
-            *live.entry(t.task.project.as_str()).or_default() += 1;
-            *queue_live.entry(t.task.spec.queue.clone()).or_default() += 1;
+        let rules = Rules {
+            placement: self.settings.placement,
+            queues: &self.settings.queues,
+            caught_up: self.caught_up(),
+            now: now_millis(),
+        };
+        let plan = plan::plan(&self.cluster, &self.inflight, &rules, &mut self.memory);
+        // Written in the background: placements do not wait for them.
+        for v in plan.verdicts {
+            let _ = self.verdicts.send(v);
         }
-        // Placed by this instance, not yet seen back: they count against their queue too.
-        for id in self.inflight.keys() {
-            if let Some(t) = self
-                .cluster
-                .tasks
-                .get(id)
-                .filter(|t| t.task.state == TaskState::Pending)
-            {
-                *queue_live.entry(t.task.spec.queue.clone()).or_default() += 1;
-            }
-        }
-        let queued: Vec<Queued<'_>> = self
-            .cluster
-            .tasks
-            .iter()
-            .filter(|(id, t)| t.task.state == TaskState::Pending && !self.inflight.contains_key(id))
-            // A retry waits out its backoff (the periodic tick picks it up).
-            .filter(|(_, t)| t.task.not_before.is_none_or(|at| at <= now))
-            .map(|(id, t)| {
-                let project = t.task.project.as_str();
-                let (live, served) = (
-                    live.get(project).copied().unwrap_or(0),
-                    self.served.get(project).copied().unwrap_or(0),
-                );
-                let queue_priority = self.settings.queues.get(&t.task.spec.queue).priority;
-                Queued {
-                    id: *id,
-                    queue_priority,
-                    priority: t.task.spec.priority,
-                    project,
-                    seq: t.queued_at,
-                    live,
-                    served,
-                }
-            })
-            .collect();
-        if queued.is_empty() {
+        if plan.assign.is_empty() {
             return;
         }
-        let pending = fair_order(&queued);
-        let mut usage = self.usage();
-        let online: Vec<Node> = self.cluster.online().map(|e| e.node.clone()).collect();
-        let caught_up = self.caught_up();
-        let mut explained: HashMap<Resources, Unplaced> = HashMap::new();
-        let mut verdicts = Vec::new();
-        let (mut assigns, mut placed) = (Vec::new(), Vec::new());
-        for id in pending {
+        let mut placed = Vec::with_capacity(plan.assign.len());
+        let mut assigns = Vec::with_capacity(plan.assign.len());
+        for (id, node) in plan.assign {
             let Some(entry) = self.cluster.tasks.get(&id) else {
                 continue;
             };
-            let spec = entry.task.spec.clone();
-            // A queue at its limit places nothing more until one of its tasks ends.
-            if let Some(limit) = self.settings.queues.get(&spec.queue).max_running {
-                if queue_live.get(&spec.queue).copied().unwrap_or(0) >= limit {
-                    let kind = format!("queue {} at its limit", spec.queue);
-                    if caught_up && self.waiting.get(&id) != Some(&kind) {
-                        let reason =
-                            format!("queue {} runs its limit of {limit} tasks", spec.queue);
-                        self.waiting.insert(id, kind);
-                        verdicts.push((id, TaskCommand::Wait { reason }));
-                    }
-                    continue;
-                }
-            }
-            let Some(node) = place(
-                online.iter(),
-                &usage,
-                &spec.resources,
-                self.settings.placement,
-            ) else {
-                if caught_up {
-                    let why = explained
-                        .entry(spec.resources.clone())
-                        .or_insert_with(|| {
-                            explain(
-                                self.cluster.nodes.values().map(|e| &e.node),
-                                &usage,
-                                &spec.resources,
-                            )
-                        })
-                        .clone();
-                    let (kind, command) = match why {
-                        Unplaced::Never(reason) => {
-                            ("never".to_owned(), TaskCommand::Unschedulable { reason })
-                        }
-                        Unplaced::Waits { reason, kind } => (kind, TaskCommand::Wait { reason }),
-                    };
-                    if self.waiting.get(&id) != Some(&kind) {
-                        self.waiting.insert(id, kind);
-                        verdicts.push((id, command));
-                    }
-                }
-                continue;
-            };
-            // Decided here against this view; the append's concurrency
-            // check (the task's last sequence as seen) refuses it if the
-            // task changed meanwhile.
-            let events = match task::decide(
-                Some(&entry.task),
-                TaskCommand::Assign { node_id: node },
-                now,
-            ) {
-                Ok(events) if events.len() == 1 => events,
-                _ => continue,
-            };
-            add(&mut usage, node, &spec);
-            *queue_live.entry(spec.queue.clone()).or_default() += 1;
-            self.serve_counter += 1;
-            self.served
-                .insert(entry.task.project.to_string(), self.serve_counter);
-            let attempt = entry.task.attempts + 1;
-            let meta = EventMeta::new("scheduler");
-            let mut after = Some(entry.task.clone());
-            for e in events {
-                after = task::evolve(after, id, &e);
-                assigns.push((Event::Task(id, e), meta.clone(), Expect::LastSeq(entry.seq)));
-            }
+            // Decided against this view; the append's concurrency check
+            // (the task's last sequence as seen) refuses it if the task
+            // changed meanwhile.
+            assigns.push(Against {
+                id,
+                state: Some(entry.task.clone()),
+                seq: entry.seq,
+                command: TaskCommand::Assign { node_id: node },
+                meta: EventMeta::new("scheduler"),
+            });
+            placed.push((id, node));
             self.inflight.insert(id, node);
             self.placing.insert(id, Vec::new());
-            placed.push(Placed {
-                id,
-                node,
-                attempt,
-                spec,
-                after,
-            });
-        }
-        // Written in the background: placements do not wait for them.
-        for v in verdicts {
-            let _ = self.verdicts.send(v);
-        }
-        if assigns.is_empty() {
-            return;
         }
         // Every placement of this pass appended at once, many in flight, each
         // reported as it comes back (its run goes out then).
         self.passes += 1;
-        let (store, news) = (self.commands.store().clone(), self.pass_news.clone());
+        let (tasks, news) = (self.tasks.clone(), self.pass_news.clone());
         tokio::spawn(async move {
-            let mut placed: Vec<Option<Placed>> = placed.into_iter().map(Some).collect();
-            store
-                .append_each(assigns, PLACEMENTS_IN_FLIGHT, |i, r| {
-                    if let Some(p) = placed.get_mut(i).and_then(Option::take) {
-                        let _ = news.send(PassNews::Appended(Box::new(p), r));
+            tasks
+                .execute_each(assigns, PLACEMENTS_IN_FLIGHT, Retries(0), |i, result| {
+                    if let Some((id, node)) = placed.get(i).copied() {
+                        let _ = news.send(PassNews::Appended { id, node, result });
                     }
                 })
                 .await;
@@ -412,32 +249,33 @@ impl Controller {
     /// (then any cancel asked for meanwhile); one refused frees its task for
     /// the next pass.
     fn on_pass_news(&mut self, news: PassNews) {
-        let (p, result) = match news {
+        let (id, node, result) = match news {
             PassNews::Done => {
                 self.passes = self.passes.saturating_sub(1);
                 return;
             }
-            PassNews::Appended(p, result) => (p, result),
+            PassNews::Lost(ids) => {
+                for id in ids {
+                    self.losing.remove(&id);
+                }
+                return;
+            }
+            PassNews::Appended { id, node, result } => (id, node, result),
         };
-        let Placed {
-            id,
-            node,
-            attempt,
-            spec,
-            after,
-        } = *p;
         let held = self.placing.remove(&id).unwrap_or_default();
         match result {
-            Ok(seq) => {
+            Ok(Executed {
+                state: Some(task), ..
+            }) => {
+                let attempt = task.attempts;
                 info!(task_id = %id, node_id = %node, attempt, "task assigned");
-                if let Some(t) = after {
-                    self.commands.remember(t, seq);
-                }
-                self.send_runs(vec![(node, id, attempt, spec)]);
+                self.send_runs(vec![(node, id, attempt, task.spec)]);
             }
-            Err(e) => {
-                if !matches!(e, crate::StoreError::Conflict) {
-                    warn!(task_id = %id, error = %e, "cannot assign");
+            other => {
+                if let Err(e) = other.as_ref().map(|_| ()) {
+                    if !matches!(e, ExecuteError::Conflict) {
+                        warn!(task_id = %id, error = %e, "cannot assign");
+                    }
                 }
                 // The task changed meanwhile (or the store failed): judged again.
                 self.inflight.remove(&id);
@@ -485,7 +323,7 @@ impl Controller {
                     // Its tasks are placed anew.
                     ud_schemas::NodeEvent::WentOffline(_) => {
                         let node = *node;
-                        self.lose_tasks_on(|n| n == node).await
+                        self.lose_tasks_on(|n| n == node)
                     }
                     // Back with runs that lost the race: stop them.
                     _ if node_before == Some(crate::node::Liveness::Offline)
@@ -505,7 +343,7 @@ impl Controller {
                 Some(TaskState::Pending)
             ) {
                 self.inflight.remove(id);
-                self.waiting.remove(id);
+                self.memory.waiting.remove(id);
             }
             match self.cluster.tasks.get(id).map(|t| &t.task.state) {
                 Some(TaskState::Assigned { .. }) => {
@@ -544,7 +382,7 @@ impl Controller {
     /// they are placed again. Most are lost when the node goes offline; this
     /// also finds those assigned to it while it went (by another instance,
     /// or an assignment seen after the offline event).
-    async fn lose_stranded(&mut self) {
+    fn lose_stranded(&mut self) {
         if !self.caught_up() {
             return;
         }
@@ -556,43 +394,53 @@ impl Controller {
             .map(|e| e.node.id)
             .collect();
         if !offline.is_empty() {
-            self.lose_tasks_on(|n| offline.contains(&n)).await;
+            self.lose_tasks_on(|n| offline.contains(&n));
         }
     }
 
-    /// Marks lost every task live on a node `gone` says is gone.
-    async fn lose_tasks_on(&mut self, gone: impl Fn(NodeId) -> bool) {
-        let tasks: Vec<(TaskId, NodeId)> = self
-            .cluster
-            .tasks
-            .iter()
-            .filter_map(|(id, t)| {
-                t.task
-                    .state
-                    .live_node()
-                    .filter(|n| gone(*n))
-                    .map(|n| (*id, n))
-            })
-            .collect();
-        for (id, node) in tasks {
-            let command = TaskCommand::Lose {
-                node_id: node,
-                reason: format!("node {node} went offline"),
+    /// Marks lost every task live on a node `gone` says is gone, in the
+    /// background and many at once: placements go on meanwhile.
+    fn lose_tasks_on(&mut self, gone: impl Fn(NodeId) -> bool) {
+        let mut items = Vec::new();
+        for (id, t) in &self.cluster.tasks {
+            let Some(node) = t.task.state.live_node().filter(|n| gone(*n)) else {
+                continue;
             };
-            match self
-                .commands
-                .execute(id, command, "scheduler", |_| true)
-                .await
-            {
-                Ok(_) => {
-                    info!(task_id = %id, node_id = %node, "task lost with its node; placing it again")
-                }
-                Err(CommandError::Conflict | CommandError::Rejected(_)) => {}
-                Err(e) => {
-                    warn!(task_id = %id, node_id = %node, error = %e, "cannot mark the task lost")
-                }
+            if !self.losing.insert(*id) {
+                continue;
             }
+            items.push(Against {
+                id: *id,
+                state: Some(t.task.clone()),
+                seq: t.seq,
+                command: TaskCommand::Lose {
+                    node_id: node,
+                    reason: format!("node {node} went offline"),
+                },
+                meta: EventMeta::new("scheduler"),
+            });
         }
+        if items.is_empty() {
+            return;
+        }
+        let ids: Vec<TaskId> = items.iter().map(|a| a.id).collect();
+        let (tasks, news) = (self.tasks.clone(), self.pass_news.clone());
+        tokio::spawn(async move {
+            tasks
+                .execute_each(items, PLACEMENTS_IN_FLIGHT, Retries(2), |i, result| {
+                    let Some(id) = ids.get(i) else { return };
+                    match result {
+                        Ok(done) if !done.events.is_empty() => {
+                            info!(task_id = %id, "task lost with its node; placing it again")
+                        }
+                        // Changed meanwhile: no longer live on that node.
+                        Ok(_) | Err(ExecuteError::Rejected(_) | ExecuteError::Conflict) => {}
+                        Err(e) => warn!(task_id = %id, error = %e, "cannot mark the task lost"),
+                    }
+                })
+                .await;
+            let _ = news.send(PassNews::Lost(ids));
+        });
     }
 
     async fn stop_lost_runs(&mut self, node: NodeId) {
@@ -711,10 +559,12 @@ async fn watch_queues(
     }
 }
 
-/// Runs liveness and first-fit scheduling until the streams end.
+/// Runs liveness and scheduling until the streams end.
 pub async fn run(commands: TaskCommands, settings: ControllerSettings) {
     let (tx, mut rx) = mpsc::channel::<Update>(65_536);
     let js = commands.store().jetstream().clone();
+    let tasks = commands.tasks().clone();
+    let nodes = Repository::<Node>::new(commands.store().clone());
     for stream in [streams::NODES, streams::HEARTBEATS, streams::TASKS] {
         let (js, tx) = (js.clone(), tx.clone());
         tokio::spawn(async move {
@@ -747,7 +597,7 @@ pub async fn run(commands: TaskCommands, settings: ControllerSettings) {
     }
     let (verdicts, verdicts_rx) = mpsc::unbounded_channel();
     let (unwritten_tx, unwritten) = mpsc::unbounded_channel();
-    tokio::spawn(write_verdicts(commands.clone(), verdicts_rx, unwritten_tx));
+    tokio::spawn(write_verdicts(tasks.clone(), verdicts_rx, unwritten_tx));
     let (dispatches, dispatches_rx) = mpsc::unbounded_channel();
     tokio::spawn(publish_dispatches(js.clone(), dispatches_rx));
     let (pass_news, mut news) = mpsc::unbounded_channel();
@@ -759,13 +609,13 @@ pub async fn run(commands: TaskCommands, settings: ControllerSettings) {
         verdicts,
         unwritten,
         dispatches,
-        commands,
+        tasks,
+        nodes,
         settings,
         cluster: Cluster::default(),
         inflight: HashMap::new(),
-        waiting: HashMap::new(),
-        served: HashMap::new(),
-        serve_counter: 0,
+        memory: Memory::default(),
+        losing: HashSet::new(),
         targets,
         applied: HashMap::new(),
         lost: HashMap::new(),
@@ -805,9 +655,9 @@ pub async fn run(commands: TaskCommands, settings: ControllerSettings) {
                     resent = true;
                 }
                 let timeout = i64::try_from(c.settings.heartbeat_timeout.as_millis()).unwrap_or(i64::MAX);
-                crate::edge::liveness::check(c.commands.store(), &c.cluster, now_millis(), timeout).await;
+                crate::edge::liveness::check(&c.nodes, &c.cluster, now_millis(), timeout).await;
                 c.resend_overdue().await;
-                c.lose_stranded().await;
+                c.lose_stranded();
                 c.wanted = true;
             }
         }

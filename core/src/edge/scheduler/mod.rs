@@ -6,11 +6,12 @@
 
 use std::collections::HashMap;
 
-use ud_schemas::{NodeId, Resources, TaskId, TaskSpec};
+use ud_schemas::{NodeId, Resources, SchedulingMode, TaskId, TaskSpec};
 
 use crate::node::Node;
 
 mod controller;
+pub mod plan;
 
 pub use controller::{run, ControllerSettings};
 
@@ -30,7 +31,7 @@ pub fn fits(node: &Node, used: Usage, req: &Resources) -> bool {
     let Some(res) = &node.resources else {
         return false;
     };
-    if node.low_disk || node.scheduling != "active" {
+    if node.low_disk || node.scheduling != SchedulingMode::Active {
         return false;
     }
     let labels_ok = req
@@ -135,15 +136,7 @@ pub struct Queues {
     set: std::collections::BTreeMap<String, QueueConfig>,
 }
 
-/// A queue's settings as the API stores them in the `ud_queues` bucket.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-pub struct QueueRecord {
-    pub priority: i32,
-    pub max_running: Option<u32>,
-    pub updated_by: String,
-    /// Milliseconds since the epoch.
-    pub updated_at: i64,
-}
+pub use ud_schemas::api::QueueRecord;
 
 impl Queues {
     pub fn parse(text: &str) -> Result<Self, super::EdgeError> {
@@ -152,8 +145,10 @@ impl Queues {
         struct File {
             queues: std::collections::BTreeMap<String, QueueConfig>,
         }
-        let f: File = serde_json::from_str(text)
-            .map_err(|e| super::EdgeError::Invalid(format!("queues file: {e}")))?;
+        let f: File = serde_json::from_str(text).map_err(|e| super::EdgeError::Settings {
+            file: "queues file".into(),
+            reason: e.to_string(),
+        })?;
         Ok(Self {
             file: f.queues,
             set: Default::default(),
@@ -161,8 +156,9 @@ impl Queues {
     }
 
     pub fn load(path: &std::path::Path) -> Result<Self, super::EdgeError> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            super::EdgeError::Invalid(format!("cannot read {}: {e}", path.display()))
+        let text = std::fs::read_to_string(path).map_err(|e| super::EdgeError::Settings {
+            file: path.display().to_string(),
+            reason: e.to_string(),
         })?;
         Self::parse(&text)
     }
@@ -326,12 +322,8 @@ pub fn explain<'a>(
             "not registered yet"
         } else if n.liveness() != Liveness::Online {
             "offline"
-        } else if n.scheduling != "active" {
-            if n.scheduling == "draining" {
-                "draining"
-            } else {
-                "cordoned"
-            }
+        } else if n.scheduling != SchedulingMode::Active {
+            n.scheduling.as_str()
         } else if n.low_disk {
             "low on disk"
         } else if fits(n, usage.get(&n.id).copied().unwrap_or_default(), req) {
@@ -396,7 +388,7 @@ mod tests {
             offline_after: None,
             revoked: false,
             low_disk: false,
-            scheduling: "active".into(),
+            scheduling: SchedulingMode::Active,
             disk_free_mb: Some(1_000_000),
         }
     }
@@ -552,7 +544,7 @@ mod tests {
         );
         // Cordoned, offline and unregistered nodes that could run it: waits.
         let mut cordoned = gpu.clone();
-        cordoned.scheduling = "cordoned".into();
+        cordoned.scheduling = SchedulingMode::Cordoned;
         let mut offline = gpu.clone();
         offline.offline_after = Some(5);
         let mut unknown = gpu.clone();

@@ -1,15 +1,21 @@
-//! The main server's services composed in one process: streams, migrations,
-//! projectors, the command service and the REST API.
+//! The main server composed in one place: its streams and read models set
+//! up, then every service started by name under one supervisor (projectors,
+//! the command service, the hub's accounts, ingest, node requests, the
+//! scheduler, the log archiver, the disk watch, the REST API), stopped by one
+//! call, and restarted (or the process stopped) when one ends unexpectedly.
+
+pub mod supervise;
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
-use tokio::task::JoinHandle;
 use tracing::info;
 use ud_core::{EventStore, TaskCommands};
+use ud_gateway::{AppState, Projected};
 use ud_projections::{Db, Projector, ProjectorOptions};
 use ud_schemas::streams;
 
-use crate::{AppState, Projected};
+pub use supervise::{Fatal, Policy, Supervisor};
 
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
@@ -25,7 +31,9 @@ pub struct ServerConfig {
     /// The object store for files, task inputs and outputs, and log archives.
     pub storage: Option<ud_storage::Storage>,
     /// The main server's own disks to watch (JetStream store, PostgreSQL data, backups).
-    pub disk: crate::health::DiskWatch,
+    pub disk: ud_gateway::health::DiskWatch,
+    /// How services that end unexpectedly are restarted.
+    pub restarts: Policy,
 }
 
 impl ServerConfig {
@@ -43,6 +51,7 @@ impl ServerConfig {
             edge: None,
             storage: None,
             disk: Default::default(),
+            restarts: Policy::default(),
         }
     }
 }
@@ -65,6 +74,8 @@ pub enum StartError {
     Streams(String),
     #[error("PostgreSQL: {0}")]
     Db(#[from] ud_projections::ProjectionError),
+    #[error("the event store: {0}")]
+    Store(#[from] ud_core::StoreError),
     #[error("cannot listen on {addr}: {reason}")]
     Listen { addr: String, reason: String },
 }
@@ -73,39 +84,30 @@ pub enum StartError {
 pub struct Running {
     pub addr: SocketAddr,
     pub state: AppState,
-    tasks: Vec<JoinHandle<()>>,
-    /// The ingest, which hands over when `stop_ingest` turns true.
-    ingest: Option<JoinHandle<()>>,
-    stop_ingest: tokio::sync::watch::Sender<bool>,
+    supervisor: Supervisor,
 }
 
 impl Running {
     /// Stops everything at once, as a crash would.
     pub fn shutdown(self) {
-        for t in self.tasks.into_iter().chain(self.ingest) {
-            t.abort();
-        }
+        self.supervisor.abort();
     }
 
     /// Stops gracefully: the ingest hands over to a standby instance first
-    /// (see [`ud_core::edge::ingest::run`]), then everything else stops.
-    pub async fn stop(mut self) {
-        let _ = self.stop_ingest.send(true);
-        if let Some(mut ingest) = self.ingest.take() {
-            let patience = ud_core::edge::ingest::HANDOVER + std::time::Duration::from_secs(5);
-            if tokio::time::timeout(patience, &mut ingest).await.is_err() {
-                tracing::warn!("the ingest did not hand over in time");
-                ingest.abort();
-            }
-        }
-        self.shutdown();
+    /// (see [`ud_core::edge::ingest::run`]), the others stop at once.
+    pub async fn stop(self) {
+        self.supervisor.stop().await;
     }
 
-    /// Waits until the API server ends (it does not end by itself).
-    pub async fn wait(&mut self) {
-        if let Some(api) = self.tasks.last_mut() {
-            let _ = api.await;
-        }
+    /// Waits until a service stops the process (it kept ending unexpectedly).
+    pub async fn wait(&mut self) -> Fatal {
+        self.supervisor.failed().await
+    }
+
+    /// Aborts one service as a crash would (tests and drills); false when
+    /// no service has that name.
+    pub fn crash(&self, service: &str) -> bool {
+        self.supervisor.crash(service)
     }
 }
 
@@ -212,25 +214,31 @@ pub fn redact(url: &str) -> String {
         .join(",")
 }
 
+/// A service's error as the supervisor records it.
+fn failed(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
 pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
     let client = connect_nats(&cfg.nats_url, "unidesk-server").await?;
     let store = EventStore::new(client, cfg.js_domain.as_deref().filter(|d| !d.is_empty()));
     // A cluster still forming has no peers for replicated streams yet, and a
     // JetStream just started can be briefly away: wait for it, a while.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         match store.ensure_streams(cfg.replicas).await {
             Ok(()) => break,
             Err(e) if std::time::Instant::now() < deadline && jetstream_forming(&e.to_string()) => {
                 tracing::warn!(error = %e, "JetStream not ready for the streams yet; trying again");
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
             Err(e) => return Err(StartError::Streams(e.to_string())),
         }
     }
     let db = Db::connect(&cfg.database_url, "public", 16).await?;
     db.migrate().await?;
-    let mut tasks = Vec::new();
+    let supervisor = Supervisor::default();
+    let policy = cfg.restarts;
     if cfg.run_projectors {
         // Projectors get connections of their own (a held advisory lock and
         // a batch connection each), so a burst of API reads never starves
@@ -238,13 +246,19 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         let projector_db =
             Db::connect(&cfg.database_url, "public", 2 * streams::PROJECTED.len()).await?;
         for stream in streams::PROJECTED {
-            let projector = Projector::new(
-                projector_db.clone(),
-                store.jetstream().clone(),
-                stream,
-                ProjectorOptions::live(stream),
-            );
-            tasks.push(tokio::spawn(async move { projector.run_forever().await }));
+            let (db, js) = (projector_db.clone(), store.jetstream().clone());
+            supervisor.spawn(&format!("projector:{stream}"), policy, move |_| {
+                let projector = Projector::new(
+                    db.clone(),
+                    js.clone(),
+                    stream,
+                    ProjectorOptions::live(stream),
+                );
+                async move {
+                    projector.run_forever().await;
+                    Ok(())
+                }
+            });
         }
     }
     // What nodes and integrations send comes in on a connection of its own,
@@ -253,58 +267,76 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         connect_nats_with(&cfg.nats_url, "unidesk-server-input", true).await?,
         cfg.js_domain.as_deref().filter(|d| !d.is_empty()),
     );
-    let (stop_ingest, _) = tokio::sync::watch::channel(false);
     let pinned = ud_core::edge::ingest::Pinned::default();
-    let mut ingest = None;
-    let commands = TaskCommands::new(store.clone())
-        .await
-        .map_err(|e| StartError::Streams(e.to_string()))?;
-    let (service_client, service_commands) = (guarded.client().clone(), commands.clone());
-    tasks.push(tokio::spawn(async move {
-        if let Err(e) = ud_core::service::run(service_client, service_commands).await {
-            tracing::error!(error = %e, "command service stopped");
-        }
-    }));
+    let commands = TaskCommands::new(store.clone()).await?;
+    let (client, c) = (guarded.client().clone(), commands.clone());
+    supervisor.spawn("command-service", policy, move |_| {
+        let (client, c) = (client.clone(), c.clone());
+        async move { ud_core::service::run(client, c).await.map_err(failed) }
+    });
     if let Some(edge) = &cfg.edge {
         if let Some(hub) = edge.hub.clone() {
             let s = store.clone();
-            tasks.push(tokio::spawn(async move {
-                if let Err(e) = ud_core::edge::hub::run(s, hub).await {
-                    tracing::error!(error = %e, "hub reconciler stopped");
-                }
-            }));
+            supervisor.spawn("hub-accounts", policy, move |_| {
+                let (s, hub) = (s.clone(), hub.clone());
+                async move { ud_core::edge::hub::run(s, hub).await.map_err(failed) }
+            });
         }
-        let (c, reader) = (commands.clone(), guarded.jetstream().clone());
-        let (held, stop) = (pinned.clone(), stop_ingest.subscribe());
-        ingest = Some(tokio::spawn(async move {
-            if let Err(e) = ud_core::edge::ingest::run(c, reader, held, stop).await {
-                tracing::error!(error = %e, "ingest stopped");
+        let ingest = ud_core::edge::ingest::Ingest::new(
+            commands.clone(),
+            edge.controller.cancel_grace_seconds,
+        );
+        let (reader, held) = (guarded.jetstream().clone(), pinned.clone());
+        let handover = Policy {
+            patience: ud_core::edge::ingest::HANDOVER + Duration::from_secs(5),
+            ..policy
+        };
+        supervisor.spawn("ingest", handover, move |stop| {
+            let (ingest, reader, held) = (ingest.clone(), reader.clone(), held.clone());
+            async move {
+                ud_core::edge::ingest::run(ingest, reader, held, stop)
+                    .await
+                    .map_err(failed)
             }
-        }));
+        });
         let (s, creds, storage) = (
             guarded.clone(),
             edge.git_credentials.clone(),
             cfg.storage.clone(),
         );
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = ud_core::edge::requests::serve(s, creds, storage).await {
-                tracing::error!(error = %e, "node request service stopped");
+        supervisor.spawn("node-requests", policy, move |_| {
+            let (s, creds, storage) = (s.clone(), creds.clone(), storage.clone());
+            async move {
+                ud_core::edge::requests::serve(s, creds, storage)
+                    .await
+                    .map_err(failed)
             }
-        }));
+        });
         let (c, settings) = (commands.clone(), edge.controller.clone());
-        tasks.push(tokio::spawn(ud_core::edge::scheduler::run(c, settings)));
+        supervisor.spawn("scheduler", policy, move |_| {
+            let (c, settings) = (c.clone(), settings.clone());
+            async move {
+                ud_core::edge::scheduler::run(c, settings).await;
+                Ok(())
+            }
+        });
     }
     if let Some(storage) = cfg.storage.clone() {
         let s = store.clone();
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = ud_core::archive::run(s, storage).await {
-                tracing::error!(error = %e, "log archiver stopped");
-            }
-        }));
+        supervisor.spawn("log-archiver", policy, move |_| {
+            let (s, storage) = (s.clone(), storage.clone());
+            async move { ud_core::archive::run(s, storage).await.map_err(failed) }
+        });
     }
     if !cfg.disk.paths.is_empty() {
         let (js, disk) = (store.jetstream().clone(), cfg.disk.clone());
-        tasks.push(tokio::spawn(crate::health::watch_disks(js, disk)));
+        supervisor.spawn("disk-watch", policy, move |_| {
+            let (js, disk) = (js.clone(), disk.clone());
+            async move {
+                ud_gateway::health::watch_disks(js, disk).await;
+                Ok(())
+            }
+        });
     }
     let projected = Projected::start(store.client(), &db).await?;
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
@@ -317,7 +349,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         addr: cfg.listen.clone(),
         reason: e.to_string(),
     })?;
-    let state = AppState::new(crate::Shared {
+    let state = AppState::new(ud_gateway::Shared {
         commands,
         db,
         projected,
@@ -325,19 +357,25 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         disk: cfg.disk.clone(),
         tokens: Default::default(),
         ingest_pinned: cfg.edge.is_some().then_some(pinned),
+        services: supervisor.states(),
     });
+    // The API owns its listener: when it ends, the process stops.
+    let api = std::sync::Mutex::new(Some(listener));
     let api_state = state.clone();
-    tasks.push(tokio::spawn(async move {
-        if let Err(e) = crate::serve(listener, api_state).await {
-            tracing::error!(error = %e, "api server stopped");
+    supervisor.spawn("api", Policy::fatal(), move |_| {
+        let listener = api.lock().ok().and_then(|mut l| l.take());
+        let state = api_state.clone();
+        async move {
+            match listener {
+                Some(l) => ud_gateway::serve(l, state).await.map_err(failed),
+                None => Err("its listener is gone".into()),
+            }
         }
-    }));
+    });
     info!(%addr, "api listening");
     Ok(Running {
         addr,
         state,
-        tasks,
-        ingest,
-        stop_ingest,
+        supervisor,
     })
 }

@@ -13,13 +13,14 @@ use ud_schemas::{edge, NodeId, TaskId};
 /// How long the agent waits for an answer before going on without one.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Asks the main server, on this node's own request subjects.
 #[derive(Clone)]
-pub struct Hub {
+pub struct Requests {
     pub client: async_nats::Client,
     pub node: NodeId,
 }
 
-impl Hub {
+impl Requests {
     async fn ask<Q: Serialize, A: DeserializeOwned>(
         &self,
         subject: String,

@@ -1,0 +1,332 @@
+//! The ingest's lanes: each worker takes what waits for it, handles runs of
+//! heartbeats together, runs of task reports task by task (tasks in
+//! parallel, each task's in order), and anything else one by one.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind};
+use backon::{ExponentialBuilder, Retryable};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+use ud_schemas::codec::EventMeta;
+use ud_schemas::report::Report;
+use ud_schemas::{headers, now_millis, NodeId, TaskId};
+
+use super::translate::{self, Translated};
+use super::{origin, Ingest, Rejected};
+use crate::aggregate::{Against, ExecuteError, Retries};
+use crate::commands::CommandError;
+use crate::node::NodeError;
+use crate::task::{TaskCommand, TaskError, TaskState};
+
+/// Most messages waiting at once that a worker takes together.
+pub const BATCH: usize = 512;
+
+/// How long the heartbeat lane waits for more heartbeats once it has one.
+pub const HEARTBEAT_LINGER: Duration = Duration::from_millis(50);
+
+/// What became of a message.
+pub(super) enum Outcome {
+    Done,
+    Dropped(Rejected),
+    /// Not handled now (the store is away, a race was lost): try again.
+    Retry(String),
+}
+
+/// Takes what waits in `rx` (and, with a linger, what comes within it) into `batch`.
+async fn take(
+    rx: &mut mpsc::UnboundedReceiver<jetstream::Message>,
+    batch: &mut Vec<jetstream::Message>,
+    linger: Duration,
+) {
+    let deadline = tokio::time::Instant::now() + linger;
+    while batch.len() < BATCH {
+        match rx.try_recv() {
+            Ok(m) => batch.push(m),
+            Err(_) if linger.is_zero() => break,
+            Err(_) => match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(m)) => batch.push(m),
+                _ => break,
+            },
+        }
+    }
+}
+
+pub(super) async fn worker(
+    ingest: Ingest,
+    mut rx: mpsc::UnboundedReceiver<jetstream::Message>,
+    linger: Duration,
+) {
+    let mut batch = Vec::with_capacity(BATCH);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        take(&mut rx, &mut batch, linger).await;
+        let mut rest = batch.as_slice();
+        while let Some(first) = rest.first() {
+            let beats = rest
+                .iter()
+                .take_while(|m| Report::is_heartbeat(&m.subject))
+                .count();
+            let runs = rest
+                .iter()
+                .take_while(|m| Report::task_of(&m.subject).is_some())
+                .count();
+            if beats >= 2 {
+                heartbeats(&ingest, &rest[..beats]).await;
+                rest = &rest[beats..];
+            } else if runs >= 2 {
+                by_task(&ingest, &rest[..runs]).await;
+                rest = &rest[runs..];
+            } else {
+                one(&ingest, first).await;
+                rest = &rest[1..];
+            }
+        }
+        batch.clear();
+    }
+}
+
+/// Messages about several tasks: each task's in order, the tasks in parallel
+/// (what costs is the round trips to the stream, not the work).
+async fn by_task(ingest: &Ingest, msgs: &[jetstream::Message]) {
+    let mut order: Vec<&str> = Vec::new();
+    let mut groups: HashMap<&str, Vec<&jetstream::Message>> = HashMap::new();
+    for m in msgs {
+        let key = Report::task_of(&m.subject).unwrap_or_default();
+        let group = groups.entry(key).or_default();
+        if group.is_empty() {
+            order.push(key);
+        }
+        group.push(m);
+    }
+    let runs = order
+        .into_iter()
+        .filter_map(|k| groups.remove(k))
+        .map(|group| async move {
+            for m in group {
+                one(ingest, m).await;
+            }
+        });
+    futures::future::join_all(runs).await;
+}
+
+/// Heartbeats appended together, many in flight; anything that is not a
+/// plain heartbeat of a known node takes the one-by-one path.
+async fn heartbeats(ingest: &Ingest, msgs: &[jetstream::Message]) {
+    let mut items = Vec::with_capacity(msgs.len());
+    let mut ready = Vec::with_capacity(msgs.len());
+    for m in msgs {
+        match heartbeat(ingest, m).await {
+            Ok(item) => {
+                items.push(item);
+                ready.push(m);
+            }
+            Err(Outcome::Dropped(why)) => {
+                warn!(subject = %m.subject, reason = %why, "node report dropped");
+                let _ = m.ack().await;
+            }
+            Err(_) => one(ingest, m).await,
+        }
+    }
+    let mut outcomes = Vec::new();
+    ingest
+        .nodes
+        .execute_each(items, BATCH, Retries(0), |i, result| match result {
+            Ok(_) => {
+                if let Some(m) = ready.get(i) {
+                    outcomes.push((*m, true));
+                }
+            }
+            Err(_) => {
+                if let Some(m) = ready.get(i) {
+                    outcomes.push((*m, false));
+                }
+            }
+        })
+        .await;
+    for (m, stored) in outcomes {
+        if stored {
+            let _ = m.ack().await;
+        } else {
+            one(ingest, m).await;
+        }
+    }
+}
+
+/// A heartbeat ready to append against the node as last known.
+async fn heartbeat(
+    ingest: &Ingest,
+    msg: &jetstream::Message,
+) -> Result<Against<crate::node::Node>, Outcome> {
+    let node = origin::sender(msg).map_err(Outcome::Dropped)?;
+    let (_, report) = Report::decode(&msg.subject, msg.headers.as_ref(), &msg.payload)
+        .map_err(|e| Outcome::Dropped(Rejected::Report(e)))?;
+    let Ok(Translated::Node(command)) = translate::command(node, report, now_millis()) else {
+        return Err(Outcome::Retry("not a heartbeat".into()));
+    };
+    let current = ingest
+        .nodes
+        .current(&node)
+        .await
+        .map_err(|e| Outcome::Retry(e.to_string()))?;
+    let Some((state, seq)) = current else {
+        return Err(Outcome::Dropped(Rejected::Node(NodeError::Unknown)));
+    };
+    Ok(Against {
+        id: node,
+        state: Some(state),
+        seq,
+        command,
+        meta: meta(node, msg),
+    })
+}
+
+fn meta(node: NodeId, msg: &jetstream::Message) -> EventMeta {
+    EventMeta {
+        actor: format!("node:{node}"),
+        ..headers::meta(msg.headers.as_ref())
+    }
+}
+
+/// Handles one message, trying again a few times, briefly, before asking
+/// for redelivery.
+pub(super) async fn one(ingest: &Ingest, msg: &jetstream::Message) {
+    let attempt = || async {
+        match handle(ingest, msg).await {
+            Outcome::Retry(why) => Err(why),
+            other => Ok(other),
+        }
+    };
+    let result = attempt
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(5))
+                .with_max_delay(Duration::from_millis(200))
+                .with_max_times(5)
+                .with_jitter(),
+        )
+        .notify(|why, _| debug!(subject = %msg.subject, reason = %why, "retrying"))
+        .await;
+    match result {
+        Ok(Outcome::Dropped(why)) => {
+            warn!(subject = %msg.subject, reason = %why, "node report dropped");
+            let _ = msg.ack().await;
+        }
+        Ok(_) => {
+            debug!(subject = %msg.subject, "ingested");
+            let _ = msg.ack().await;
+        }
+        Err(why) => {
+            warn!(subject = %msg.subject, reason = %why, "ingest failed; redelivery later");
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
+        }
+    }
+}
+
+async fn handle(ingest: &Ingest, msg: &jetstream::Message) -> Outcome {
+    let node = match origin::sender(msg) {
+        Ok(node) => node,
+        Err(why) => return Outcome::Dropped(why),
+    };
+    let report = match Report::decode(&msg.subject, msg.headers.as_ref(), &msg.payload) {
+        Ok((_, report)) => report,
+        Err(e) => return Outcome::Dropped(Rejected::Report(e)),
+    };
+    match translate::command(node, report, now_millis()) {
+        Err(why) => Outcome::Dropped(why),
+        Ok(Translated::Log(task)) => log(ingest, node, task, msg).await,
+        Ok(Translated::Node(command)) => {
+            match ingest
+                .nodes
+                .execute(node, command, &meta(node, msg), Retries(0), |_| true)
+                .await
+            {
+                Ok(_) => Outcome::Done,
+                Err(ExecuteError::Rejected(e)) => Outcome::Dropped(Rejected::Node(e)),
+                Err(e) => Outcome::Retry(e.to_string()),
+            }
+        }
+        Ok(Translated::Run(task, command)) => run(ingest, node, task, command).await,
+    }
+}
+
+/// Output of a task this node runs (or ran), passed on as it came.
+async fn log(ingest: &Ingest, node: NodeId, task: TaskId, msg: &jetstream::Message) -> Outcome {
+    let tasks = ingest.commands.tasks();
+    let mine = |t: &crate::task::Task| t.state.live_node() == Some(node) || t.state.is_terminal();
+    // The remembered state first; what it refuses is checked on the stream's.
+    let known = match tasks.current(&task).await {
+        Ok(Some((t, _))) if mine(&t) => true,
+        Ok(_) => match tasks.load(&task).await {
+            Ok(t) => t.is_some_and(|(t, _)| mine(&t)),
+            Err(e) => return Outcome::Retry(e.to_string()),
+        },
+        Err(e) => return Outcome::Retry(e.to_string()),
+    };
+    if !known {
+        return Outcome::Dropped(Rejected::Refused(format!(
+            "log for task {task} not assigned to this node"
+        )));
+    }
+    let mut headers = async_nats::HeaderMap::new();
+    if let Some(id) = msg.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")) {
+        headers.insert("Nats-Msg-Id", id.as_str());
+    }
+    let js = ingest.commands.store().jetstream();
+    match js
+        .publish_with_headers(
+            ud_schemas::subjects::log(&task),
+            headers,
+            msg.payload.clone(),
+        )
+        .await
+    {
+        Ok(ack) => match ack.await {
+            Ok(_) => Outcome::Done,
+            Err(e) => Outcome::Retry(e.to_string()),
+        },
+        Err(e) => Outcome::Retry(e.to_string()),
+    }
+}
+
+/// A report on a run: the task decides what it means.
+async fn run(ingest: &Ingest, node: NodeId, task: TaskId, command: TaskCommand) -> Outcome {
+    let start_of = match &command {
+        TaskCommand::Start { attempt, .. } => Some(*attempt),
+        _ => None,
+    };
+    let actor = format!("node:{node}");
+    match ingest
+        .commands
+        .execute(task, command, &actor, |_| true)
+        .await
+    {
+        Ok(_) => Outcome::Done,
+        Err(CommandError::Conflict) => Outcome::Retry("task changed concurrently".into()),
+        Err(CommandError::Unavailable(e)) => Outcome::Retry(e),
+        Err(CommandError::Rejected(
+            TaskError::WrongNode(_) | TaskError::InvalidTransition { .. },
+        )) if start_of.is_some() => {
+            // The same start again (its first append was stored but not
+            // confirmed, so it came back): nothing to do.
+            if let Ok(Some((t, _))) = ingest.commands.tasks().load(&task).await {
+                let same = matches!(
+                    t.state,
+                    TaskState::Running { node_id: n, attempt: a }
+                        | TaskState::Cancelling { node_id: n, attempt: a, .. }
+                        if n == node && Some(a) == start_of
+                );
+                if same {
+                    return Outcome::Done;
+                }
+            }
+            // A stale dispatch: stop that run.
+            ingest.stop(node, task, "stale assignment").await;
+            Outcome::Dropped(Rejected::Refused(format!("stale start of task {task}")))
+        }
+        Err(e) => Outcome::Dropped(Rejected::Refused(format!("task {task}: {e}"))),
+    }
+}

@@ -1,0 +1,72 @@
+//! Who sent a message: the hub stamps every message it sources from a
+//! node's stream with `Nats-Stream-Source`, naming that stream. That, not
+//! the subject, says which node sent it.
+
+use async_nats::jetstream;
+use ud_schemas::{edge, NodeId};
+
+use super::Rejected;
+
+const SOURCE: &str = "Nats-Stream-Source";
+const SOURCE_NAME: &str = "Nats-Stream-Source:";
+
+/// The node (as the hex of its id) a sourced message came from, from
+/// `Nats-Stream-Source`.
+pub fn origin(headers: Option<&async_nats::HeaderMap>) -> Option<String> {
+    // The hub removes any such header a node wrote and adds its own last.
+    let value = headers?.get_last(SOURCE)?.as_str();
+    // Except a line the node left unterminated: nats-server then cuts that
+    // line's last two bytes and appends its own header to it. What the hub
+    // wrote is after the last name.
+    let value = value.rsplit(SOURCE_NAME).next()?;
+    let stream = value.split_whitespace().next()?.split(':').next()?;
+    stream.strip_prefix("EDGE_").map(str::to_owned)
+}
+
+/// The node that sent `msg`: the one its subject names, which must be the
+/// one whose stream it came from.
+pub fn sender(msg: &jetstream::Message) -> Result<NodeId, Rejected> {
+    let Some(sender) = origin(msg.headers.as_ref()) else {
+        return Err(Rejected::NoSource);
+    };
+    let Some((named, _)) = edge::canonical_subject(msg.subject.as_str()) else {
+        return Err(Rejected::Subject(msg.subject.to_string()));
+    };
+    if edge::hex(&named) != sender {
+        return Err(Rejected::Impersonation {
+            sender,
+            named: named.to_string(),
+        });
+    }
+    Ok(named)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(values: &[&str]) -> async_nats::HeaderMap {
+        let mut h = async_nats::HeaderMap::new();
+        for v in values {
+            h.append(SOURCE, *v);
+        }
+        h
+    }
+
+    #[test]
+    fn the_origin_is_what_the_hub_wrote_last() {
+        let origin = |values: &[&str]| origin(Some(&source(values)));
+        assert_eq!(origin(&["EDGE_ab12 7 > >"]).as_deref(), Some("ab12"));
+        assert_eq!(
+            origin(&["EDGE_x 1", "EDGE_ab12 7 > >"]).as_deref(),
+            Some("ab12")
+        );
+        // A node's unterminated line that the hub's header was appended to.
+        assert_eq!(
+            origin(&["EDGE_x Nats-Stream-Source: EDGE_ab12 7 > >"]).as_deref(),
+            Some("ab12")
+        );
+        assert_eq!(origin(&["OTHER 1"]), None);
+        assert_eq!(super::origin(None), None);
+    }
+}

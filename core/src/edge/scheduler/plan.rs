@@ -1,0 +1,342 @@
+//! One scheduling pass as a pure function: given the view of nodes and
+//! tasks, what is being placed already and the queue settings, which tasks
+//! go to which node and what the others are told about why they wait.
+
+use std::collections::HashMap;
+
+use ud_schemas::{Millis, NodeId, Resources, TaskId};
+
+use super::{add, explain, fair_order, place, Placement, Queued, Queues, Unplaced, Usage};
+use crate::edge::view::Cluster;
+use crate::node::Node;
+use crate::task::{TaskCommand, TaskState};
+
+/// What passes remember from one to the next.
+#[derive(Clone, Debug, Default)]
+pub struct Memory {
+    /// When each project was last given a node (see [`fair_order`]).
+    pub served: HashMap<String, u64>,
+    pub serve_counter: u64,
+    /// Why each unplaced pending task waits, as last told (its kind: what
+    /// keeps it waiting, without counts, so that it is told on change only).
+    pub waiting: HashMap<TaskId, String>,
+}
+
+/// What a pass decided.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Tasks to assign, each to its node, in the order they were served.
+    pub assign: Vec<(TaskId, NodeId)>,
+    /// What unplaced tasks are told (`Wait` or `Unschedulable`).
+    pub verdicts: Vec<(TaskId, TaskCommand)>,
+}
+
+/// The settings a pass reads.
+pub struct Rules<'a> {
+    pub placement: Placement,
+    pub queues: &'a Queues,
+    /// Whether the view holds every event stored before the controller
+    /// started: until then, no task is judged unplaceable.
+    pub caught_up: bool,
+    pub now: Millis,
+}
+
+/// What the tasks live on each node (and those being placed there) take.
+pub fn usage(cluster: &Cluster, inflight: &HashMap<TaskId, NodeId>) -> HashMap<NodeId, Usage> {
+    let mut usage = HashMap::new();
+    for t in cluster.tasks.values() {
+        if let Some(node) = t.task.state.live_node() {
+            add(&mut usage, node, &t.task.spec);
+        }
+    }
+    for (task, node) in inflight {
+        if let Some(t) = cluster.tasks.get(task) {
+            if t.task.state == TaskState::Pending {
+                add(&mut usage, *node, &t.task.spec);
+            }
+        }
+    }
+    usage
+}
+
+/// Decides one pass. `inflight` holds tasks this instance is assigning and
+/// has not seen back yet: they are not placed again and count against their
+/// node and queue.
+pub fn plan(
+    cluster: &Cluster,
+    inflight: &HashMap<TaskId, NodeId>,
+    rules: &Rules<'_>,
+    memory: &mut Memory,
+) -> Plan {
+    let mut out = Plan::default();
+    let mut live: HashMap<&str, usize> = HashMap::new();
+    let mut queue_live: HashMap<String, u32> = HashMap::new();
+    for t in cluster
+        .tasks
+        .values()
+        .filter(|t| t.task.state.live_node().is_some())
+    {
+        *live.entry(t.task.project.as_str()).or_default() += 1;
+        *queue_live.entry(t.task.spec.queue.clone()).or_default() += 1;
+    }
+    // Being placed, not yet seen back: they count against their queue too.
+    for id in inflight.keys() {
+        if let Some(t) = cluster
+            .tasks
+            .get(id)
+            .filter(|t| t.task.state == TaskState::Pending)
+        {
+            *queue_live.entry(t.task.spec.queue.clone()).or_default() += 1;
+        }
+    }
+    let queued: Vec<Queued<'_>> = cluster
+        .tasks
+        .iter()
+        .filter(|(id, t)| t.task.state == TaskState::Pending && !inflight.contains_key(id))
+        // A retry waits out its backoff (the periodic tick picks it up).
+        .filter(|(_, t)| t.task.not_before.is_none_or(|at| at <= rules.now))
+        .map(|(id, t)| {
+            let project = t.task.project.as_str();
+            Queued {
+                id: *id,
+                queue_priority: rules.queues.get(&t.task.spec.queue).priority,
+                priority: t.task.spec.priority,
+                project,
+                seq: t.queued_at,
+                live: live.get(project).copied().unwrap_or(0),
+                served: memory.served.get(project).copied().unwrap_or(0),
+            }
+        })
+        .collect();
+    if queued.is_empty() {
+        return out;
+    }
+    let mut usage = usage(cluster, inflight);
+    let online: Vec<&Node> = cluster.online().map(|e| &e.node).collect();
+    let mut explained: HashMap<Resources, Unplaced> = HashMap::new();
+    for id in fair_order(&queued) {
+        let Some(entry) = cluster.tasks.get(&id) else {
+            continue;
+        };
+        let spec = &entry.task.spec;
+        // A queue at its limit places nothing more until one of its tasks ends.
+        if let Some(limit) = rules.queues.get(&spec.queue).max_running {
+            if queue_live.get(&spec.queue).copied().unwrap_or(0) >= limit {
+                let kind = format!("queue {} at its limit", spec.queue);
+                if rules.caught_up && memory.waiting.get(&id) != Some(&kind) {
+                    let reason = format!("queue {} runs its limit of {limit} tasks", spec.queue);
+                    memory.waiting.insert(id, kind);
+                    out.verdicts.push((id, TaskCommand::Wait { reason }));
+                }
+                continue;
+            }
+        }
+        let Some(node) = place(
+            online.iter().copied(),
+            &usage,
+            &spec.resources,
+            rules.placement,
+        ) else {
+            if rules.caught_up {
+                let why = explained
+                    .entry(spec.resources.clone())
+                    .or_insert_with(|| {
+                        explain(
+                            cluster.nodes.values().map(|e| &e.node),
+                            &usage,
+                            &spec.resources,
+                        )
+                    })
+                    .clone();
+                let (kind, command) = match why {
+                    Unplaced::Never(reason) => {
+                        ("never".to_owned(), TaskCommand::Unschedulable { reason })
+                    }
+                    Unplaced::Waits { reason, kind } => (kind, TaskCommand::Wait { reason }),
+                };
+                if memory.waiting.get(&id) != Some(&kind) {
+                    memory.waiting.insert(id, kind);
+                    out.verdicts.push((id, command));
+                }
+            }
+            continue;
+        };
+        add(&mut usage, node, spec);
+        *queue_live.entry(spec.queue.clone()).or_default() += 1;
+        memory.serve_counter += 1;
+        memory
+            .served
+            .insert(entry.task.project.to_string(), memory.serve_counter);
+        out.assign.push((id, node));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use ud_schemas::{NodeResources, ProjectId};
+
+    use super::*;
+    use crate::edge::view::{NodeEntry, TaskEntry};
+    use crate::task::Task;
+
+    fn node(cpus: u32) -> Node {
+        Node {
+            id: NodeId::new(),
+            name: "n".into(),
+            labels: BTreeMap::new(),
+            resources: Some(NodeResources {
+                cpu_millis: cpus * 1000,
+                memory_mb: 64 * 1024,
+                ..Default::default()
+            }),
+            last_seen: Some(1),
+            offline_after: None,
+            revoked: false,
+            low_disk: false,
+            scheduling: ud_schemas::SchedulingMode::Active,
+            disk_free_mb: Some(1_000_000),
+        }
+    }
+
+    fn task(project: &str, cpus: u32, queue: &str) -> Task {
+        let mut spec = crate::task::tests::spec();
+        spec.resources.cpu_millis = cpus * 1000;
+        spec.queue = queue.into();
+        Task {
+            id: TaskId::new(),
+            project: ProjectId::parse(project).unwrap_or_else(|e| unreachable!("{e}")),
+            spec,
+            state: TaskState::Pending,
+            attempts: 0,
+            not_before: None,
+            version: 1,
+        }
+    }
+
+    fn cluster(nodes: &[Node], tasks: &[Task]) -> Cluster {
+        let mut c = Cluster::default();
+        for n in nodes {
+            c.nodes.insert(
+                n.id,
+                NodeEntry {
+                    node: n.clone(),
+                    seq: 1,
+                },
+            );
+        }
+        for (i, t) in tasks.iter().enumerate() {
+            c.tasks.insert(
+                t.id,
+                TaskEntry {
+                    task: t.clone(),
+                    seq: i as u64 + 1,
+                    queued_at: i as u64 + 1,
+                },
+            );
+        }
+        c
+    }
+
+    fn rules(queues: &Queues) -> Rules<'_> {
+        Rules {
+            placement: Placement::Pack,
+            queues,
+            caught_up: true,
+            now: 10,
+        }
+    }
+
+    #[test]
+    fn tasks_that_fit_are_assigned_and_the_rest_told_why_once() {
+        let n = node(4);
+        let tasks = [
+            task("a", 2, "default"),
+            task("a", 2, "default"),
+            task("a", 2, "default"),
+        ];
+        let view = cluster(std::slice::from_ref(&n), &tasks);
+        let queues = Queues::default();
+        let mut memory = Memory::default();
+        let p = plan(&view, &HashMap::new(), &rules(&queues), &mut memory);
+        assert_eq!(p.assign, vec![(tasks[0].id, n.id), (tasks[1].id, n.id)]);
+        assert_eq!(p.verdicts.len(), 1);
+        assert_eq!(p.verdicts[0].0, tasks[2].id);
+        assert!(matches!(p.verdicts[0].1, TaskCommand::Wait { .. }));
+        // The two placed are in flight now: the third still waits, and is
+        // not told again.
+        let inflight = p.assign.iter().copied().collect();
+        let again = plan(&view, &inflight, &rules(&queues), &mut memory);
+        assert_eq!(again, Plan::default());
+    }
+
+    #[test]
+    fn a_task_no_node_could_ever_run_is_unschedulable() {
+        let view = cluster(&[node(2)], &[task("a", 8, "default")]);
+        let queues = Queues::default();
+        let p = plan(
+            &view,
+            &HashMap::new(),
+            &rules(&queues),
+            &mut Memory::default(),
+        );
+        assert!(p.assign.is_empty());
+        assert!(
+            matches!(&p.verdicts[..], [(_, TaskCommand::Unschedulable { reason })] if reason.contains("CPUs"))
+        );
+    }
+
+    #[test]
+    fn a_queue_at_its_limit_places_nothing_more() {
+        let tasks = [task("a", 1, "gpu"), task("a", 1, "gpu")];
+        let view = cluster(&[node(8)], &tasks);
+        let queues = Queues::parse(r#"{"queues": {"gpu": {"max_running": 1}}}"#)
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        let p = plan(
+            &view,
+            &HashMap::new(),
+            &rules(&queues),
+            &mut Memory::default(),
+        );
+        assert_eq!(p.assign.len(), 1);
+        assert!(
+            matches!(&p.verdicts[..], [(id, TaskCommand::Wait { reason })] if *id == tasks[1].id && reason.contains("limit of 1"))
+        );
+    }
+
+    #[test]
+    fn nothing_is_judged_before_the_view_caught_up_and_retries_wait_out_their_backoff() {
+        let mut later = task("a", 1, "default");
+        later.not_before = Some(20);
+        let impossible = task("a", 64, "default");
+        let view = cluster(&[node(2)], &[later, impossible]);
+        let queues = Queues::default();
+        let mut r = rules(&queues);
+        r.caught_up = false;
+        let p = plan(&view, &HashMap::new(), &r, &mut Memory::default());
+        assert_eq!(p, Plan::default());
+        r.now = 20;
+        let p = plan(&view, &HashMap::new(), &r, &mut Memory::default());
+        assert_eq!(p.assign.len(), 1);
+    }
+
+    #[test]
+    fn projects_take_turns_on_a_full_node() {
+        let a: Vec<Task> = (0..4).map(|_| task("a", 1, "default")).collect();
+        let b = task("b", 1, "default");
+        let mut all = a.clone();
+        all.push(b.clone());
+        let view = cluster(&[node(2)], &all);
+        let queues = Queues::default();
+        let p = plan(
+            &view,
+            &HashMap::new(),
+            &rules(&queues),
+            &mut Memory::default(),
+        );
+        let placed: Vec<TaskId> = p.assign.iter().map(|(t, _)| *t).collect();
+        assert_eq!(placed, vec![a[0].id, b.id]);
+    }
+}

@@ -1,0 +1,88 @@
+//! What the node reports, published into its own stream (kept while the
+//! uplink is down, then sourced by the hub): reports about itself and its
+//! runs, and the runs' output.
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use tracing::warn;
+use ud_schemas::codec::EventMeta;
+use ud_schemas::dispatch;
+use ud_schemas::events::TaskPreparing;
+use ud_schemas::report::{Report, RunReport};
+use ud_schemas::{now_millis, NodeId, TaskId};
+
+use crate::{nats, AgentError};
+
+#[derive(Clone)]
+pub struct Reporter {
+    node: NodeId,
+    local: jetstream::Context,
+}
+
+impl Reporter {
+    /// Reports into `local`, the node's own JetStream (its leaf server).
+    pub fn new(node: NodeId, local: jetstream::Context) -> Self {
+        Self { node, local }
+    }
+
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    /// Publishes a report and waits until the node's stream holds it.
+    pub async fn send(&self, report: Report) -> Result<(), AgentError> {
+        let meta = EventMeta::new(format!("node:{}", self.node));
+        let (subject, headers, payload) = report.encode(&self.node, &meta)?;
+        self.local
+            .publish_with_headers(subject, headers, Bytes::from(payload))
+            .await
+            .map_err(nats)?
+            .await
+            .map_err(nats)?;
+        Ok(())
+    }
+
+    /// Reports on a run.
+    pub async fn run(&self, task: TaskId, report: RunReport) -> Result<(), AgentError> {
+        self.send(Report::Run(task, report)).await
+    }
+
+    /// Records that a preparing step began.
+    pub async fn step(&self, task: TaskId, attempt: u32, name: &str) {
+        let e = TaskPreparing {
+            at: now_millis(),
+            node_id: self.node,
+            attempt,
+            step: name.to_owned(),
+        };
+        if let Err(e) = self.run(task, RunReport::Preparing(e)).await {
+            warn!(error = %e, step = name, "cannot record a preparing step");
+        }
+    }
+
+    /// Publishes a chunk of a run's output.
+    pub async fn log(
+        &self,
+        task: TaskId,
+        attempt: u32,
+        stream: &str,
+        text: String,
+    ) -> Result<(), AgentError> {
+        let chunk = dispatch::LogChunk {
+            at: now_millis(),
+            attempt,
+            stream: stream.to_owned(),
+            text,
+        };
+        self.local
+            .publish(
+                Report::Log(task).subject(&self.node),
+                Bytes::from(dispatch::to_cbor(&chunk)?),
+            )
+            .await
+            .map_err(nats)?
+            .await
+            .map_err(nats)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,499 @@
+//! One run on this node: checked to be current, prepared (code, environment
+//! image, inputs), started in a container, supervised to its outcome (exit,
+//! cancel or time limit), its outputs stored and the outcome reported. A run
+//! whose container outlived an agent restart is adopted and supervised the
+//! same way, its time limit counted from when it started.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tracing::{info, warn, Instrument};
+use ud_schemas::dispatch::{DispatchCancel, DispatchRun};
+use ud_schemas::events::*;
+use ud_schemas::report::RunReport;
+use ud_schemas::{now_millis, Millis, TaskId};
+
+use crate::{docker, env, transfer, Agent};
+
+/// Starts a dispatched run in the background, unless this node has it already.
+pub(crate) async fn start(agent: &Agent, run: DispatchRun, tasks: &mut tokio::task::JoinSet<()>) {
+    let task = run.task_id;
+    let (tx, rx) = oneshot::channel();
+    {
+        let mut running = agent.running.lock().await;
+        // A repeated dispatch of a run this node already has.
+        if running.contains_key(&task) {
+            return;
+        }
+        running.insert(task, tx);
+    }
+    let span = tracing::info_span!("task", task_id = %task, node_id = %agent.cfg.node_id, attempt = run.attempt);
+    // Runs are prepared and started in parallel; the dispatch loop goes on at once.
+    tasks.spawn(agent.clone().execute(run, rx).instrument(span));
+}
+
+/// Supervises a container found after a restart, as if the agent had never stopped.
+pub(crate) async fn adopt(
+    agent: &Agent,
+    adopted: docker::Adopted,
+    tasks: &mut tokio::task::JoinSet<()>,
+) {
+    let (tx, rx) = oneshot::channel();
+    agent.running.lock().await.insert(adopted.task, tx);
+    let span = tracing::info_span!("task", task_id = %adopted.task, node_id = %agent.cfg.node_id, attempt = adopted.attempt);
+    info!(parent: &span, container = %adopted.container, "run adopted after a restart");
+    let outputs = match (&adopted.workspace, adopted.outputs.is_empty()) {
+        (Some(w), false) => Some(Outputs {
+            workspace: w.clone(),
+            paths: adopted.outputs.clone(),
+        }),
+        _ => None,
+    };
+    let supervised = Supervised {
+        task: adopted.task,
+        attempt: adopted.attempt,
+        container: adopted.container,
+        limit: adopted
+            .timeout_seconds
+            .map(|t| Limit::new(adopted.started_at, t)),
+        outputs,
+        workspace: adopted.workspace,
+    };
+    tasks.spawn(agent.clone().supervise(supervised, rx).instrument(span));
+}
+
+/// What a prepared run starts from.
+struct PreparedRun {
+    image: String,
+    image_id: String,
+    dockerfile_digest: String,
+    /// The task's workspace, mounted at `/workspace` (none for a fixed image
+    /// with no files to exchange).
+    workspace: Option<PathBuf>,
+    /// Steps taken, in order, with their durations.
+    steps: Vec<(&'static str, Duration)>,
+    /// Keeps the image and mirrors from eviction while the run lives.
+    _in_use: Option<env::InUse>,
+}
+
+/// A run's time limit, counted from when its container was made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Limit {
+    pub seconds: u64,
+    /// When it runs out (ms since the epoch).
+    pub at: Millis,
+}
+
+impl Limit {
+    pub(crate) fn new(started_at: Millis, seconds: u64) -> Self {
+        let ms = i64::try_from(seconds.saturating_mul(1000)).unwrap_or(i64::MAX);
+        Self {
+            seconds,
+            at: started_at.saturating_add(ms),
+        }
+    }
+
+    /// How long is left at `now`.
+    pub(crate) fn left(&self, now: Millis) -> Duration {
+        Duration::from_millis(u64::try_from(self.at.saturating_sub(now)).unwrap_or(0))
+    }
+}
+
+/// What a run leaves in the object store when it ends.
+struct Outputs {
+    workspace: PathBuf,
+    paths: Vec<String>,
+}
+
+/// A started run under supervision.
+struct Supervised {
+    task: TaskId,
+    attempt: u32,
+    container: String,
+    limit: Option<Limit>,
+    outputs: Option<Outputs>,
+    /// Removed when the run is over.
+    workspace: Option<PathBuf>,
+}
+
+impl Agent {
+    async fn execute(self, run: DispatchRun, mut cancel: oneshot::Receiver<DispatchCancel>) {
+        let (task, attempt) = (run.task_id, run.attempt);
+        if !self.still_current(&run, &mut cancel).await {
+            return;
+        }
+        let workspace = self
+            .cfg
+            .work_dir
+            .join("tasks")
+            .join(format!("{task}-{attempt}"));
+        let mut prepared = match self.prepare(&run, &workspace).await {
+            Ok(p) => p,
+            Err(reason) => {
+                remove_dir(workspace).await;
+                return self.fail(task, reason).await;
+            }
+        };
+        if prepared.workspace.is_some() {
+            self.reporter.step(task, attempt, "start").await;
+        }
+        let t = std::time::Instant::now();
+        let started_at = now_millis();
+        let container = match self
+            .docker
+            .create(&prepared.image, &run, prepared.workspace.as_deref())
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(w) = prepared.workspace.take() {
+                    remove_dir(w).await;
+                }
+                return self
+                    .fail(task, format!("cannot start container: {e}"))
+                    .await;
+            }
+        };
+        prepared.steps.push(("start", t.elapsed()));
+        self.record_start(&run, &prepared).await;
+        let outputs = match (&prepared.workspace, run.spec.outputs.is_empty()) {
+            (Some(w), false) => Some(Outputs {
+                workspace: w.clone(),
+                paths: run.spec.outputs.clone(),
+            }),
+            _ => None,
+        };
+        let supervised = Supervised {
+            task,
+            attempt,
+            container,
+            limit: Some(Limit::new(started_at, run.spec.timeout_seconds)),
+            outputs,
+            workspace: prepared.workspace.clone(),
+        };
+        self.supervise(supervised, cancel).await;
+    }
+
+    /// A dispatch that waited while the node was away may be stale: it runs
+    /// only if it is still the current assignment. Without an answer it runs
+    /// (store and forward); the hub then refuses a stale start and stops it.
+    async fn still_current(
+        &self,
+        run: &DispatchRun,
+        cancel: &mut oneshot::Receiver<DispatchCancel>,
+    ) -> bool {
+        let task = run.task_id;
+        match self.requests.assignment(task, run.attempt).await {
+            Ok(reply) if !reply.current => {
+                let reason = reply.reason.unwrap_or_default();
+                warn!(reason = %reason, "stale dispatch dropped, not run");
+                self.running.lock().await.remove(&task);
+                // A cancel that came meanwhile is answered here.
+                if let Ok(c) = cancel.try_recv() {
+                    let cancelled = RunReport::Cancelled(TaskCancelled {
+                        at: now_millis(),
+                        reason: c.reason,
+                    });
+                    let _ = self.reporter.run(task, cancelled).await;
+                }
+                false
+            }
+            Ok(_) => true,
+            Err(e) => {
+                warn!(error = %e, "assignment not confirmed; running it");
+                true
+            }
+        }
+    }
+
+    /// The image the run starts from and its workspace with the code and
+    /// inputs in place.
+    async fn prepare(
+        &self,
+        run: &DispatchRun,
+        workspace: &std::path::Path,
+    ) -> Result<PreparedRun, String> {
+        let (task, attempt) = (run.task_id, run.attempt);
+        let mut prepared = match &self.cfg.image {
+            Some(image) => {
+                let image_id = self.docker.image_id(image).await;
+                // A fixed image gets a workspace only to exchange files through.
+                let files = !run.spec.inputs.is_empty() || !run.spec.outputs.is_empty();
+                if files {
+                    tokio::fs::create_dir_all(workspace)
+                        .await
+                        .map_err(|e| format!("preparing the workspace: {e}"))?;
+                }
+                PreparedRun {
+                    image: image.clone(),
+                    image_id,
+                    dockerfile_digest: String::new(),
+                    workspace: files.then(|| workspace.to_owned()),
+                    steps: Vec::new(),
+                    _in_use: None,
+                }
+            }
+            None => {
+                let log = |text: String| {
+                    let reporter = self.reporter.clone();
+                    async move {
+                        let _ = reporter.log(task, attempt, "build", text).await;
+                    }
+                };
+                let step = |name: &'static str| {
+                    let reporter = self.reporter.clone();
+                    async move { reporter.step(task, attempt, name).await }
+                };
+                let p = self
+                    .versions
+                    .prepare(task, &run.spec, workspace, log, step)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                // Make room by what was used least recently (what runs use stays).
+                self.versions.evict().await;
+                PreparedRun {
+                    image: p.image,
+                    image_id: p.image_id,
+                    dockerfile_digest: p.dockerfile_digest,
+                    workspace: Some(p.workspace),
+                    steps: p.steps,
+                    _in_use: Some(p.in_use),
+                }
+            }
+        };
+        if let (Some(w), false) = (&prepared.workspace, run.spec.inputs.is_empty()) {
+            self.reporter.step(task, attempt, "fetch_inputs").await;
+            let t = std::time::Instant::now();
+            let bytes = self
+                .transfers
+                .inputs(task, attempt, w)
+                .await
+                .map_err(|e| format!("fetching inputs: {e}"))?;
+            info!(
+                bytes,
+                millis = t.elapsed().as_millis() as u64,
+                "inputs copied"
+            );
+            prepared.steps.push(("fetch_inputs", t.elapsed()));
+        }
+        Ok(prepared)
+    }
+
+    /// Reports what the run really uses, then that it started.
+    async fn record_start(&self, run: &DispatchRun, prepared: &PreparedRun) {
+        let (task, attempt, node) = (run.task_id, run.attempt, self.cfg.node_id);
+        let gpus = if run.spec.resources.gpus > 0 {
+            tokio::task::spawn_blocking(crate::info::gpus_in_use)
+                .await
+                .unwrap_or_default()
+        } else {
+            vec![]
+        };
+        let record = TaskPrepared {
+            at: now_millis(),
+            node_id: node,
+            attempt,
+            code_commit_id: run.spec.code_commit_id.clone(),
+            env_commit_id: run.spec.env_commit_id.clone(),
+            dockerfile_digest: prepared.dockerfile_digest.clone(),
+            image_id: prepared.image_id.clone(),
+            steps: prepared
+                .steps
+                .iter()
+                .map(|(name, d)| PrepareStep {
+                    name: (*name).to_owned(),
+                    millis: u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
+                })
+                .collect(),
+            gpus,
+        };
+        if let Err(e) = self.reporter.run(task, RunReport::Prepared(record)).await {
+            warn!(error = %e, "cannot record what the run uses");
+        }
+        let started = RunReport::Started(TaskStarted {
+            at: now_millis(),
+            node_id: node,
+            attempt,
+        });
+        if let Err(e) = self.reporter.run(task, started).await {
+            warn!(error = %e, "cannot record start");
+        }
+    }
+
+    /// Reports a run that could not start.
+    async fn fail(&self, task: TaskId, reason: String) {
+        self.running.lock().await.remove(&task);
+        let failed = RunReport::Failed(TaskFailed {
+            at: now_millis(),
+            exit_code: None,
+            reason,
+        });
+        if let Err(e) = self.reporter.run(task, failed).await {
+            warn!(error = %e, "cannot record the failure");
+        }
+    }
+
+    /// Follows a started run to its outcome: its exit, a cancel or its time
+    /// limit; stores its outputs and reports the outcome.
+    async fn supervise(self, s: Supervised, cancel: oneshot::Receiver<DispatchCancel>) {
+        let (task, attempt) = (s.task, s.attempt);
+        let logs = tokio::spawn({
+            let (docker, reporter, container) = (
+                self.docker.clone(),
+                self.reporter.clone(),
+                s.container.clone(),
+            );
+            async move {
+                docker
+                    .follow_logs(&container, |stream, text| {
+                        reporter.log(task, attempt, stream, text)
+                    })
+                    .await
+            }
+        });
+        let deadline = async {
+            match s.limit {
+                Some(limit) => tokio::time::sleep(limit.left(now_millis())).await,
+                None => futures::future::pending().await,
+            }
+        };
+        let timed_out = |limit: Option<Limit>| {
+            RunReport::TimedOut(TaskTimedOut {
+                at: now_millis(),
+                timeout_seconds: limit.map_or(0, |l| l.seconds),
+            })
+        };
+        let outcome = tokio::select! {
+            code = self.docker.wait(&s.container) => match code {
+                // A run that ended past its limit (while the agent was away) timed out.
+                Ok(_) if self.ended_past(&s).await => timed_out(s.limit),
+                Ok(0) => RunReport::Succeeded(TaskSucceeded { at: now_millis(), exit_code: 0 }),
+                Ok(code) => RunReport::Failed(TaskFailed { at: now_millis(), exit_code: Some(code), reason: format!("exited with code {code}") }),
+                Err(e) => RunReport::Failed(TaskFailed { at: now_millis(), exit_code: None, reason: format!("lost the container: {e}") }),
+            },
+            c = cancel => {
+                let grace = c.as_ref().map_or(10, |c| c.grace_seconds);
+                let _ = self.docker.stop(&s.container, grace).await;
+                RunReport::Cancelled(TaskCancelled { at: now_millis(), reason: c.map_or_else(|_| "agent stopping".into(), |c| c.reason) })
+            },
+            () = deadline => {
+                let _ = self.docker.stop(&s.container, 10).await;
+                timed_out(s.limit)
+            },
+        };
+        let _ = logs.await;
+        let outcome = match &s.outputs {
+            Some(o) => self.store_outputs(task, attempt, o, outcome).await,
+            None => outcome,
+        };
+        self.running.lock().await.remove(&task);
+        info!(outcome = outcome.name(), "task finished");
+        if let Err(e) = self.reporter.run(task, outcome).await {
+            warn!(error = %e, "cannot record the outcome");
+        }
+        let _ = self.docker.remove(&s.container).await;
+        if let Some(w) = s.workspace {
+            remove_dir(w).await;
+        }
+    }
+
+    /// Whether the run's container ended after its time limit.
+    async fn ended_past(&self, s: &Supervised) -> bool {
+        let Some(limit) = s.limit else { return false };
+        self.docker
+            .finished_at(&s.container)
+            .await
+            .is_some_and(|finished| finished > limit.at)
+    }
+
+    /// Stores a finished run's outputs and records them; the outcome changes
+    /// to a failure when a succeeded run's outputs cannot be stored, so that
+    /// no task is marked succeeded while its outputs are missing.
+    async fn store_outputs(
+        &self,
+        task: TaskId,
+        attempt: u32,
+        outputs: &Outputs,
+        outcome: RunReport,
+    ) -> RunReport {
+        let (required, keep) = match &outcome {
+            RunReport::Succeeded(_) => (true, true),
+            // Logs and partial results of failed runs are kept too.
+            RunReport::Failed(_) | RunReport::TimedOut(_) => (false, true),
+            _ => (false, false),
+        };
+        if !keep {
+            return outcome;
+        }
+        let t = std::time::Instant::now();
+        let stored = self
+            .transfers
+            .outputs(task, attempt, &outputs.workspace, &outputs.paths, required)
+            .await;
+        match stored {
+            Ok(files) if files.is_empty() => outcome,
+            Ok(files) => {
+                let bytes: u64 = files.iter().map(|f| f.size).sum();
+                info!(
+                    files = files.len(),
+                    bytes,
+                    millis = t.elapsed().as_millis() as u64,
+                    "outputs stored"
+                );
+                let record = TaskOutputs {
+                    at: now_millis(),
+                    node_id: self.cfg.node_id,
+                    attempt,
+                    files,
+                };
+                match self.reporter.run(task, RunReport::Outputs(record)).await {
+                    Ok(()) => outcome,
+                    Err(e) => RunReport::Failed(TaskFailed {
+                        at: now_millis(),
+                        exit_code: None,
+                        reason: format!("cannot record the outputs: {e}"),
+                    }),
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "outputs not stored");
+                outputs_missing(outcome, &e)
+            }
+        }
+    }
+}
+
+/// The outcome of a run whose outputs could not be stored.
+fn outputs_missing(outcome: RunReport, e: &transfer::TransferError) -> RunReport {
+    match outcome {
+        RunReport::Succeeded(s) => RunReport::Failed(TaskFailed {
+            at: now_millis(),
+            exit_code: Some(s.exit_code),
+            reason: format!("storing outputs: {e}"),
+        }),
+        RunReport::Failed(f) => RunReport::Failed(TaskFailed {
+            reason: format!("{}; outputs not stored: {e}", f.reason),
+            ..f
+        }),
+        other => other,
+    }
+}
+
+async fn remove_dir(dir: PathBuf) {
+    let _ = tokio::fs::remove_dir_all(dir).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_limit_counts_from_the_start_and_never_goes_below_zero() {
+        let limit = Limit::new(10_000, 15);
+        assert_eq!(limit.at, 25_000);
+        assert_eq!(limit.left(20_000), Duration::from_secs(5));
+        // An agent back after the limit ran out stops the run at once.
+        assert_eq!(limit.left(100_000), Duration::ZERO);
+    }
+}

@@ -1,0 +1,147 @@
+//! What users and integrations send: the REST bodies and NATS command
+//! payloads (JSON), and what the API stores for them. The OpenAPI document is
+//! generated from these types; `ud_core::validate` turns them into specs.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// A task as a user submits it (REST body and NATS command payload).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitTask {
+    /// Project the task belongs to.
+    pub project: String,
+    /// Optional human-readable name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `https://`, `ssh://` or `file://` URL of the code repository.
+    pub code_repo_url: String,
+    /// Full hex commit id (40 or 64 characters) of the code.
+    pub code_commit_id: String,
+    /// URL of the environment repository (may equal the code repository).
+    pub env_repo_url: String,
+    /// Full hex commit id of the environment.
+    pub env_commit_id: String,
+    /// Path of the Dockerfile inside the environment repository.
+    pub dockerfile_path: String,
+    /// Program and its leading arguments, e.g. `["python", "train.py"]`.
+    pub command: Vec<String>,
+    /// Further arguments appended to `command`.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Environment variables of the task's process.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub resources: ResourceRequest,
+    /// Seconds the run may take (default one day, at most 30 days).
+    #[serde(default)]
+    pub timeout_seconds: Option<i64>,
+    #[serde(default)]
+    pub retry: Option<RetryRequest>,
+    /// Higher runs first (-1000 to 1000, default 0); equal priorities share
+    /// capacity fairly between projects.
+    #[serde(default)]
+    pub priority: Option<i64>,
+    /// The queue to wait in (default `default`): 1-63 of [a-z0-9-_].
+    #[serde(default)]
+    pub queue: Option<String>,
+    /// Project files copied into the workspace before the run (`source`
+    /// ending in `/`: every file below that folder).
+    #[serde(default)]
+    pub inputs: Vec<crate::spec::TaskInput>,
+    /// Workspace paths uploaded to the object store after the run (also
+    /// after a failure); a directory uploads everything below it.
+    #[serde(default)]
+    pub outputs: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceRequest {
+    /// CPU cores (fractions allowed), default 1.
+    #[serde(default = "one")]
+    pub cpus: f64,
+    /// Memory in MiB, default 1024.
+    #[serde(default = "default_memory")]
+    pub memory_mb: i64,
+    #[serde(default)]
+    pub gpus: i64,
+    #[serde(default)]
+    pub gpu_model: Option<String>,
+    /// Labels a node must carry.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Labels a node should carry: such a node is chosen when it has room.
+    #[serde(default)]
+    pub preferred_labels: BTreeMap<String, String>,
+    /// Free disk (MiB) the task needs on the node, default none.
+    #[serde(default)]
+    pub disk_mb: i64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn default_memory() -> i64 {
+    1024
+}
+
+impl Default for ResourceRequest {
+    fn default() -> Self {
+        Self {
+            cpus: 1.0,
+            memory_mb: 1024,
+            gpus: 0,
+            gpu_model: None,
+            labels: BTreeMap::new(),
+            preferred_labels: BTreeMap::new(),
+            disk_mb: 0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetryRequest {
+    /// Total attempts including the first (1 = no retry).
+    pub max_attempts: i64,
+    #[serde(default)]
+    pub backoff_seconds: i64,
+    /// Retry only runs that exited with one of these codes (default: any failure).
+    #[serde(default)]
+    pub exit_codes: Vec<i64>,
+    /// Retry runs that hit their time limit too (default false).
+    #[serde(default)]
+    pub on_timeout: bool,
+}
+
+/// One rejected field.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct FieldError {
+    /// Dotted path of the field, e.g. `resources.memory_mb`.
+    pub field: String,
+    pub reason: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A queue's settings as the API stores them in the `ud_queues` bucket
+/// (JSON; key: the queue's name).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+pub struct QueueRecord {
+    pub priority: i32,
+    pub max_running: Option<u32>,
+    pub updated_by: String,
+    /// Milliseconds since the epoch.
+    pub updated_at: i64,
+}
