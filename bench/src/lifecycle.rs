@@ -19,13 +19,7 @@ use anyhow::{anyhow, Result};
 use futures::StreamExt;
 use serde_json::json;
 use tokio::sync::Mutex;
-use ud_schemas::dispatch::{self, DispatchRun};
 use ud_schemas::edge::{self, NodeToken};
-use ud_schemas::events::{NodeRegistered, TaskStarted, TaskSucceeded};
-use ud_schemas::report::{Report, RunReport};
-use ud_schemas::spec::NodeResources;
-use ud_schemas::{now_millis, NodeId};
-use ud_testkit::{NatsOptions, NatsServer};
 
 use crate::stats::{line, ms, percentile};
 
@@ -60,132 +54,6 @@ pub struct Args {
     /// (where `scripts/bench.sh` set up its broker).
     #[arg(long, default_value_t = 5_000)]
     baseline_tasks: usize,
-}
-
-/// What a simulated node needs: its leaf server (kept alive) and agent task.
-struct SimNode {
-    _leaf: NatsServer,
-    _agent: tokio::task::JoinHandle<()>,
-}
-
-/// A simulated agent: registers with room for many tasks, beats every
-/// second, and answers each dispatch with `started` then `succeeded`.
-async fn sim_agent(leaf_url: String, node: NodeId, name: String) -> Result<()> {
-    let client =
-        async_nats::ConnectOptions::with_user_and_password("agent".into(), "agent-pw".into())
-            .custom_inbox_prefix(edge::inbox_prefix(&node))
-            .connect(leaf_url)
-            .await?;
-    let local = async_nats::jetstream::with_domain(client.clone(), edge::domain(&node));
-    let hub = async_nats::jetstream::with_domain(client.clone(), edge::HUB_DOMAIN);
-    ud_edge_agent::ensure_local(&local, &node)
-        .await
-        .map_err(|e| anyhow!("{e}"))?;
-    let reporter = ud_edge_agent::Reporter::new(node, local);
-    reporter
-        .send(Report::Registered(NodeRegistered {
-            at: now_millis(),
-            name,
-            labels: Default::default(),
-            resources: NodeResources {
-                cpu_millis: 100_000_000,
-                memory_mb: 1 << 40,
-                disk_mb: 1 << 30,
-                os: "linux".into(),
-                agent_version: "sim".into(),
-                ..Default::default()
-            },
-        }))
-        .await
-        .map_err(|e| anyhow!("{e}"))?;
-    let beats = reporter.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tick.tick().await;
-            let _ = beats.send(crate::restart::sim_heartbeat()).await;
-        }
-    });
-    loop {
-        // The hub makes the node's consumer shortly after enrolment: retry until it is there.
-        let consumer: async_nats::jetstream::consumer::PullConsumer = match hub
-            .get_consumer_from_stream(edge::dispatch_consumer(&node), edge::DISPATCH)
-            .await
-        {
-            Ok(c) => c,
-            Err(_) => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-        };
-        let Ok(mut messages) = consumer.messages().await else {
-            continue;
-        };
-        let mut inflight = tokio::task::JoinSet::new();
-        while let Some(m) = messages.next().await {
-            let Ok(m) = m else { break };
-            if !m.subject.ends_with(".run") {
-                let _ = m.ack().await;
-                continue;
-            }
-            let Ok(run) = dispatch::from_cbor::<DispatchRun>(&m.payload, "dispatch-run") else {
-                let _ = m.ack().await;
-                continue;
-            };
-            let reporter = reporter.clone();
-            inflight.spawn(async move {
-                let started = RunReport::Started(TaskStarted {
-                    at: now_millis(),
-                    node_id: node,
-                    attempt: run.attempt,
-                });
-                let done = RunReport::Succeeded(TaskSucceeded {
-                    at: now_millis(),
-                    exit_code: 0,
-                });
-                if reporter.run(run.task_id, started).await.is_ok() {
-                    let _ = reporter.run(run.task_id, done).await;
-                }
-                let _ = m.ack().await;
-            });
-            while inflight.len() > 256 {
-                inflight.join_next().await;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-async fn join_sim(
-    hub_leaf: u16,
-    token: &NodeToken,
-    name: String,
-    store: &ud_core::EventStore,
-) -> Result<SimNode> {
-    let leaf = NatsServer::start_with(NatsOptions {
-        sync_always: false,
-        domain: edge::domain(&token.node_id),
-        extra: edge::leaf_link_config(token, "127.0.0.1", hub_leaf, "agent-pw"),
-        ..Default::default()
-    })
-    .await?;
-    let mut beat = store
-        .client()
-        .subscribe(format!("ud.node.{}.heartbeat", token.node_id))
-        .await?;
-    let (url, node) = (format!("nats://127.0.0.1:{}", leaf.port()), token.node_id);
-    let agent = tokio::spawn(async move {
-        if let Err(e) = sim_agent(url, node, name).await {
-            eprintln!("simulated node {node}: {e}");
-        }
-    });
-    tokio::time::timeout(Duration::from_secs(60), beat.next())
-        .await
-        .map_err(|_| anyhow!("node {} never beat", token.node_id))?;
-    Ok(SimNode {
-        _leaf: leaf,
-        _agent: agent,
-    })
 }
 
 fn task_body() -> serde_json::Value {
@@ -236,7 +104,9 @@ async fn one_mode(a: &Args, sync_always: bool, baseline: Option<f64>) -> Result<
             .await?;
         let token =
             NodeToken::parse(v["token"].as_str().unwrap_or_default()).map_err(|e| anyhow!(e))?;
-        sims.push(join_sim(hub.leaf_port(), &token, format!("sim-{i}"), &store).await?);
+        sims.push(
+            crate::sim::join(hub.leaf_port(), &token, format!("sim-{i}"), &store, true).await?,
+        );
     }
     let (db, conn) = tokio_postgres::connect(&pg.url, tokio_postgres::NoTls).await?;
     tokio::spawn(conn);

@@ -11,8 +11,10 @@ mod cluster;
 mod edge;
 mod files;
 mod lifecycle;
+mod lost;
 mod restart;
 mod schedule;
+mod sim;
 mod stats;
 
 use anyhow::Result;
@@ -43,6 +45,9 @@ enum Bench {
     Lifecycle(lifecycle::Args),
     /// Placement and queue order over 1,000 nodes (pure functions).
     Schedule(schedule::Args),
+    /// Tasks lost with a node that goes silent: how long marking them takes,
+    /// and placement latency meanwhile.
+    Lost(lost::Args),
     /// (Used by `restart`: the simulated agents, as a child process.)
     #[command(hide = true)]
     Agents(restart::AgentsArgs),
@@ -66,6 +71,7 @@ async fn main() -> Result<()> {
         Bench::Files(a) => files::run(a).await,
         Bench::Backup(a) => backup::run_bench(a).await,
         Bench::Cluster(a) => cluster::run(a).await,
+        Bench::Lost(a) => lost::run(a).await,
         Bench::Agents(a) => restart::agents(a).await,
     }
 }

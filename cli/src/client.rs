@@ -6,6 +6,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
+use crate::output;
+
 #[derive(Args, Clone)]
 pub struct ApiArgs {
     /// Base URL of the UniDesk API.
@@ -14,7 +16,7 @@ pub struct ApiArgs {
     /// API token.
     #[arg(long, env = "UD_TOKEN", hide_env_values = true)]
     pub token: String,
-    /// Print raw JSON.
+    /// Print the API's JSON (for scripts) instead of tables and summaries.
     #[arg(long)]
     pub json: bool,
 }
@@ -78,7 +80,7 @@ impl Api {
 }
 
 pub(crate) fn print(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    crate::output::json(v);
 }
 
 fn key_values(items: &[String], what: &str) -> Result<BTreeMap<String, String>> {
@@ -315,17 +317,18 @@ pub struct IdArgs {
 }
 
 pub async fn show(a: IdArgs) -> Result<()> {
+    let as_json = a.api.json;
     let api = Api::new(a.api);
-    print(&api.get(&format!("/api/v1/tasks/{}", a.id)).await?);
+    let v = api.get(&format!("/api/v1/tasks/{}", a.id)).await?;
+    output::either(as_json, &v, output::task);
     Ok(())
 }
 
 pub async fn history(a: IdArgs) -> Result<()> {
+    let as_json = a.api.json;
     let api = Api::new(a.api);
     let v = api.get(&format!("/api/v1/tasks/{}/events", a.id)).await?;
-    for e in v.as_array().into_iter().flatten() {
-        println!("{}", serde_json::to_string(e).unwrap_or_default());
-    }
+    output::either(as_json, &v, output::history);
     Ok(())
 }
 
@@ -340,6 +343,7 @@ pub struct CancelArgs {
 }
 
 pub async fn cancel(a: CancelArgs) -> Result<()> {
+    let as_json = a.api.json;
     let api = Api::new(a.api);
     let v = api
         .post(
@@ -347,7 +351,7 @@ pub async fn cancel(a: CancelArgs) -> Result<()> {
             &json!({"reason": a.reason}),
         )
         .await?;
-    print(&v);
+    output::either(as_json, &v, output::accepted("cancel asked for task"));
     Ok(())
 }
 
@@ -388,12 +392,18 @@ pub struct NodeListArgs {
 
 pub async fn node(c: NodeCommand) -> Result<()> {
     match c {
-        NodeCommand::List(a) => print(&Api::new(a.api).get("/api/v1/nodes").await?),
-        NodeCommand::Show(a) => print(
-            &Api::new(a.api)
+        NodeCommand::List(a) => {
+            let as_json = a.api.json;
+            let v = Api::new(a.api).get("/api/v1/nodes").await?;
+            output::either(as_json, &v, output::nodes);
+        }
+        NodeCommand::Show(a) => {
+            let as_json = a.api.json;
+            let v = Api::new(a.api)
                 .get(&format!("/api/v1/nodes/{}", a.id))
-                .await?,
-        ),
+                .await?;
+            output::either(as_json, &v, output::node);
+        }
         NodeCommand::Enroll(a) => {
             let api = Api::new(a.api);
             let v = api
@@ -462,14 +472,20 @@ pub struct ResetQueueArgs {
 
 /// Cancels every unfinished task of a project or queue (`what`: projects, queues).
 async fn cancel_all(a: CancelArgs, what: &str) -> Result<()> {
+    let as_json = a.api.json;
     let api = Api::new(a.api);
-    print(
-        &api.post(
+    let v = api
+        .post(
             &format!("/api/v1/{what}/{}/cancel", a.id),
             &json!({"reason": a.reason}),
         )
-        .await?,
-    );
+        .await?;
+    output::either(as_json, &v, |v| {
+        format!(
+            "cancel asked for {} tasks\n",
+            v["cancelled"].as_array().map_or(0, Vec::len)
+        )
+    });
     Ok(())
 }
 
@@ -477,15 +493,18 @@ pub async fn queue(c: QueueCommand) -> Result<()> {
     match c {
         QueueCommand::Cancel(a) => cancel_all(a, "queues").await,
         QueueCommand::List(a) => {
-            print(&Api::new(a.api).get("/api/v1/queues").await?);
+            let as_json = a.api.json;
+            let v = Api::new(a.api).get("/api/v1/queues").await?;
+            output::either(as_json, &v, output::queues);
             Ok(())
         }
         QueueCommand::Set(a) => {
+            let as_json = a.api.json;
             let body = json!({"priority": a.priority, "max_running": a.max_running});
             let v = Api::new(a.api)
                 .put(&format!("/api/v1/queues/{}", a.name), &body)
                 .await?;
-            print(&v);
+            output::either(as_json, &v, |v| output::queues(&json!([v])));
             Ok(())
         }
         QueueCommand::Reset(a) => {
@@ -504,6 +523,7 @@ pub async fn project(c: ProjectCommand) -> Result<()> {
 }
 
 async fn scheduling(a: CancelArgs, action: &str) -> Result<()> {
+    let as_json = a.api.json;
     let api = Api::new(a.api);
     let v = api
         .post(
@@ -511,7 +531,7 @@ async fn scheduling(a: CancelArgs, action: &str) -> Result<()> {
             &json!({"reason": a.reason}),
         )
         .await?;
-    print(&v);
+    output::either(as_json, &v, output::node);
     Ok(())
 }
 
@@ -595,14 +615,15 @@ pub async fn task(c: TaskCommand) -> Result<()> {
     match c {
         TaskCommand::Outputs(a) => crate::files::outputs(a).await,
         TaskCommand::Priority(a) => {
+            let as_json = a.api.json;
             let api = Api::new(a.api);
-            print(
-                &api.post(
+            let v = api
+                .post(
                     &format!("/api/v1/tasks/{}/priority?wait=projected", a.id),
                     &json!({"priority": a.priority}),
                 )
-                .await?,
-            );
+                .await?;
+            output::either(as_json, &v, output::accepted("priority changed for task"));
             Ok(())
         }
         TaskCommand::Rerun(a) => {

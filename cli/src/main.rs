@@ -7,6 +7,7 @@ mod backup;
 mod client;
 mod files;
 mod ops;
+mod output;
 mod serve;
 
 use anyhow::Result;

@@ -34,6 +34,9 @@ pub struct TailArgs {
     /// Stop after this many events.
     #[arg(long)]
     count: Option<usize>,
+    /// One JSON object per event (for scripts) instead of one line for people.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -149,7 +152,11 @@ async fn tail(a: TailArgs) -> Result<()> {
             msg.headers.as_ref(),
             &msg.payload,
         );
-        writeln!(out, "{line}")?;
+        if a.json {
+            writeln!(out, "{line}")?;
+        } else {
+            writeln!(out, "{}", human_event(&line))?;
+        }
         out.flush()?;
         seen += 1;
         if a.count.is_some_and(|c| seen >= c) {
@@ -157,6 +164,74 @@ async fn tail(a: TailArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// One event on one line for people: sequence, time, subject, actor and
+/// the event's short fields.
+fn human_event(v: &serde_json::Value) -> String {
+    let s = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    let data = &v["data"];
+    let detail: Vec<String> = [
+        "reason",
+        "node_id",
+        "attempt",
+        "exit_code",
+        "step",
+        "mode",
+        "name",
+    ]
+    .iter()
+    .filter(|k| !data[**k].is_null())
+    .map(|k| format!("{k}={}", s(&data[*k])))
+    .collect();
+    format!(
+        "{:>8}  {}  {}  {}  {}",
+        s(&v["seq"]),
+        s(&v["stored_at"]),
+        s(&v["subject"]),
+        s(&v["actor"]),
+        detail.join(" ")
+    )
+}
+
+fn human_rebuild(r: &serde_json::Value) -> String {
+    let events: u64 = r["streams"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["last_seq"].as_u64())
+        .sum();
+    let mut out = format!(
+        "rebuilt schema {} from streams up to {events} events in {:.1} s\n",
+        r["schema"].as_str().unwrap_or_default(),
+        r["seconds"].as_f64().unwrap_or(0.0)
+    );
+    let rows: Vec<Vec<String>> = r["differences"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|d| {
+            vec![
+                d["table"].as_str().unwrap_or_default().to_owned(),
+                d["only_in_left"].to_string(),
+                d["only_in_right"].to_string(),
+            ]
+        })
+        .collect();
+    out.push_str(&crate::output::table(
+        &["TABLE", "ONLY REBUILT", "ONLY LIVE"],
+        &rows,
+    ));
+    out.push_str(&format!(
+        "equal to {}: {}\n",
+        r["compared_with"].as_str().unwrap_or_default(),
+        if r["equal"] == true { "yes" } else { "no" }
+    ));
+    out
 }
 
 async fn export(a: ExportArgs) -> Result<()> {
@@ -249,6 +324,9 @@ pub struct RebuildArgs {
     /// Schema of the live read models to compare with.
     #[arg(long, default_value = "public")]
     compare_with: String,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 pub async fn projections(c: ProjectionsCommand) -> Result<()> {
@@ -265,13 +343,11 @@ pub async fn projections(c: ProjectionsCommand) -> Result<()> {
             let same = diffs
                 .iter()
                 .all(|d| d.only_in_left == 0 && d.only_in_right == 0);
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&json!({
-                    "schema": a.schema, "seconds": started.elapsed().as_secs_f64(),
-                    "streams": replayed, "compared_with": a.compare_with, "differences": diffs, "equal": same,
-                }))?
-            );
+            let report = json!({
+                "schema": a.schema, "seconds": started.elapsed().as_secs_f64(),
+                "streams": replayed, "compared_with": a.compare_with, "differences": diffs, "equal": same,
+            });
+            crate::output::either(a.json, &report, human_rebuild);
             if !same {
                 bail!("the rebuilt read models differ from {}", a.compare_with);
             }

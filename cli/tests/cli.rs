@@ -158,6 +158,7 @@ async fn a_user_runs_the_whole_cycle_from_the_command_line() -> Result<()> {
             "ud.task.*.submitted",
             "--count",
             "1",
+            "--json",
         ])
         .envs(server.env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdout(Stdio::piped())
@@ -195,8 +196,15 @@ async fn a_user_runs_the_whole_cycle_from_the_command_line() -> Result<()> {
     let again = server.ok(&submit_args("lab", &["--idempotency-key", "cli-1"]))?;
     assert_eq!(again.trim(), id);
 
-    let shown: serde_json::Value = serde_json::from_str(&server.ok(&["show", &id])?)?;
+    let shown: serde_json::Value = serde_json::from_str(&server.ok(&["show", "--json", &id])?)?;
     assert_eq!(shown["state"], "pending");
+    // For people: a summary, not JSON.
+    let summary = server.ok(&["show", &id])?;
+    assert!(
+        summary.contains("id:") && summary.contains("state:       pending"),
+        "{summary}"
+    );
+    assert!(serde_json::from_str::<serde_json::Value>(&summary).is_err());
     assert_eq!(shown["spec"]["resources"]["cpu_millis"], 500);
     assert_eq!(
         shown["spec"]["env_repo_url"],
@@ -210,10 +218,10 @@ async fn a_user_runs_the_whole_cycle_from_the_command_line() -> Result<()> {
     let again = server.ok(&["task", "rerun", &id])?.trim().to_owned();
     // A pending task's priority can change (no node runs here, so it stays pending).
     server.ok(&["task", "priority", &again, "-5"])?;
-    let moved: serde_json::Value = serde_json::from_str(&server.ok(&["show", &again])?)?;
+    let moved: serde_json::Value = serde_json::from_str(&server.ok(&["show", "--json", &again])?)?;
     assert_eq!(moved["priority"], -5);
     assert_ne!(again, id);
-    let rerun: serde_json::Value = serde_json::from_str(&server.ok(&["show", &again])?)?;
+    let rerun: serde_json::Value = serde_json::from_str(&server.ok(&["show", "--json", &again])?)?;
     assert_eq!(rerun["spec"], shown["spec"]);
     server.ok(&["cancel", &again])?;
     // Queue settings are for admins.
@@ -222,10 +230,9 @@ async fn a_user_runs_the_whole_cycle_from_the_command_line() -> Result<()> {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("admin token is required"));
 
     server.ok(&["cancel", &id, "--reason", "enough"])?;
-    let history = server.ok(&["history", &id])?;
-    let types: Vec<String> = history
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    let history = server.ok(&["history", "--json", &id])?;
+    let types: Vec<String> = serde_json::from_str::<Vec<serde_json::Value>>(&history)?
+        .into_iter()
         .filter_map(|v| v["type"].as_str().map(str::to_owned))
         // With no node enrolled the scheduler may have said why it waits.
         .filter(|t| t != "task.waiting")
@@ -290,8 +297,13 @@ async fn a_user_runs_the_whole_cycle_from_the_command_line() -> Result<()> {
     assert_eq!(none.lines().count(), 0);
 
     // Replay into an empty schema equals the live tables.
-    let rebuild: serde_json::Value =
-        serde_json::from_str(&server.ok(&["projections", "rebuild", "--schema", "audit"])?)?;
+    let rebuild: serde_json::Value = serde_json::from_str(&server.ok(&[
+        "projections",
+        "rebuild",
+        "--schema",
+        "audit",
+        "--json",
+    ])?)?;
     assert_eq!(rebuild["equal"], true, "{rebuild}");
     server.child.kill().await?;
     Ok(())
@@ -448,7 +460,12 @@ async fn a_backup_brings_every_task_and_event_back_after_the_servers_are_gone() 
     store_raw(&server._nats, "notes.1", b"NATS/1.0\r\nX: a\rb\r\n\r\n").await?;
     let before: Vec<(String, String)> = ids
         .iter()
-        .map(|id| Ok((server.ok(&["history", id])?, server.ok(&["show", id])?)))
+        .map(|id| {
+            Ok((
+                server.ok(&["history", "--json", id])?,
+                server.ok(&["show", "--json", id])?,
+            ))
+        })
         .collect::<Result<_>>()?;
 
     // Eight older backups are there already; the newest seven are kept.
@@ -514,10 +531,14 @@ async fn a_backup_brings_every_task_and_event_back_after_the_servers_are_gone() 
     // Every event comes back as it was; only the stream's own storage time is the restore's.
     let events = history_without_storage_times;
     for (id, (history, shown)) in ids.iter().zip(&before) {
-        let restored = events(&server.ok(&["history", id])?);
+        let restored = events(&server.ok(&["history", "--json", id])?);
         assert!(!restored.is_empty());
         assert_eq!(restored, events(history), "history of {id}");
-        assert_eq!(&server.ok(&["show", id])?, shown, "read model of {id}");
+        assert_eq!(
+            &server.ok(&["show", "--json", id])?,
+            shown,
+            "read model of {id}"
+        );
     }
     // The restored platform goes on: the idempotency keys hold, new commands pass the concurrency checks.
     assert_eq!(
@@ -659,7 +680,12 @@ async fn a_backup_in_the_object_store_outlives_the_machine_it_was_taken_on() -> 
     assert_eq!(folders.into_iter().collect::<Vec<_>>(), vec![name.clone()]);
     let before: Vec<(String, String)> = [&first, &second]
         .iter()
-        .map(|id| Ok((server.ok(&["history", id])?, server.ok(&["show", id])?)))
+        .map(|id| {
+            Ok((
+                server.ok(&["history", "--json", id])?,
+                server.ok(&["show", "--json", id])?,
+            ))
+        })
         .collect::<Result<_>>()?;
     let admin = server
         .env
@@ -708,7 +734,7 @@ async fn a_backup_in_the_object_store_outlives_the_machine_it_was_taken_on() -> 
     for (id, (history, shown)) in [&first, &second].iter().zip(&before) {
         let strip = history_without_storage_times;
         assert_eq!(
-            strip(&server.ok(&["history", id])?),
+            strip(&server.ok(&["history", "--json", id])?),
             strip(history),
             "history of {id}"
         );
@@ -721,7 +747,7 @@ async fn a_backup_in_the_object_store_outlives_the_machine_it_was_taken_on() -> 
             Ok(v)
         };
         assert_eq!(
-            unsigned(&server.ok(&["show", id])?)?,
+            unsigned(&server.ok(&["show", "--json", id])?)?,
             unsigned(shown)?,
             "read model of {id}"
         );
@@ -806,9 +832,10 @@ async fn this_version_takes_over_the_streams_and_tables_of_the_previous_release(
     }
     for r in &rows {
         let id: String = r.get(0);
-        let history = server.ok(&["history", &id])?;
-        assert!(history.lines().count() >= 2, "history of {id}: {history}");
-        let shown: serde_json::Value = serde_json::from_str(&server.ok(&["show", &id])?)?;
+        let history = server.ok(&["history", "--json", &id])?;
+        let events: Vec<serde_json::Value> = serde_json::from_str(&history)?;
+        assert!(events.len() >= 2, "history of {id}: {history}");
+        let shown: serde_json::Value = serde_json::from_str(&server.ok(&["show", "--json", &id])?)?;
         assert_eq!(
             shown["state"].as_str(),
             Some(r.get::<_, String>(1).as_str())
@@ -819,14 +846,15 @@ async fn this_version_takes_over_the_streams_and_tables_of_the_previous_release(
         .find(|r| r.get::<_, String>(1) == "succeeded")
         .map(|r| r.get(0))
         .unwrap_or_default();
-    let shown: serde_json::Value = serde_json::from_str(&server.ok(&["show", &succeeded])?)?;
+    let shown: serde_json::Value =
+        serde_json::from_str(&server.ok(&["show", "--json", &succeeded])?)?;
     assert!(
         shown["outputs"].as_array().is_some_and(|o| !o.is_empty()),
         "the main job's outputs: {shown}"
     );
     // Read models rebuilt from the old streams by this version equal the migrated ones.
     let rebuilt: serde_json::Value =
-        serde_json::from_str(&server.ok(&["projections", "rebuild"])?)?;
+        serde_json::from_str(&server.ok(&["projections", "rebuild", "--json"])?)?;
     assert_eq!(rebuilt["equal"], true, "{rebuilt}");
     let errors: i64 = db
         .query_one("SELECT count(*) FROM projection_errors", &[])
@@ -840,21 +868,23 @@ async fn this_version_takes_over_the_streams_and_tables_of_the_previous_release(
     server.ok(&["cancel", &fresh, "--reason", "after the upgrade"])?;
     // And the upgraded server restarts on them as on its own.
     server.restart_serve().await?;
-    let history = server.ok(&["history", &fresh])?;
-    let last: serde_json::Value = serde_json::from_str(history.lines().last().unwrap_or_default())?;
+    let history: Vec<serde_json::Value> =
+        serde_json::from_str(&server.ok(&["history", "--json", &fresh])?)?;
+    let last = history.last().cloned().unwrap_or_default();
     assert!(
         last["subject"]
             .as_str()
             .is_some_and(|s| s.ends_with(".cancelled")),
-        "{history}"
+        "{history:?}"
     );
     Ok(())
 }
 
 /// `unidesk history` lines without the storage time a restore sets anew.
 fn history_without_storage_times(text: &str) -> Vec<serde_json::Value> {
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    serde_json::from_str::<Vec<serde_json::Value>>(text)
+        .unwrap_or_default()
+        .into_iter()
         .map(|mut v| {
             if let Some(o) = v.as_object_mut() {
                 o.remove("stored_at");
@@ -994,15 +1024,22 @@ async fn an_admin_sets_lists_and_resets_queue_settings() -> Result<()> {
         "-3",
         "--max-running",
         "2",
+        "--json",
     ])?;
     let set: serde_json::Value = serde_json::from_str(&set)?;
     assert_eq!(
         set["settings"],
         serde_json::json!({"priority": -3, "max_running": 2})
     );
-    let queues = server.ok(&["queue", "list"])?;
+    let queues = server.ok(&["queue", "list", "--json"])?;
     assert!(queues.contains("\"gpu\""), "{queues}");
+    // For people: a table.
+    let table = server.ok(&["queue", "list"])?;
+    assert!(
+        table.starts_with("QUEUE") && table.lines().any(|l| l.starts_with("gpu ")),
+        "{table}"
+    );
     server.ok(&["queue", "reset", "gpu"])?;
-    assert!(!server.ok(&["queue", "list"])?.contains("\"gpu\""));
+    assert!(!server.ok(&["queue", "list", "--json"])?.contains("\"gpu\""));
     Ok(())
 }

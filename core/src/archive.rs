@@ -23,7 +23,7 @@ pub const NOTICE_PREFIX: &str = "ud.sys.log_archived";
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
     #[error("nats: {0}")]
-    Nats(String),
+    Nats(#[source] crate::store::NatsError),
     #[error(transparent)]
     Storage(#[from] ud_storage::StorageError),
     #[error("io: {0}")]
@@ -32,8 +32,8 @@ pub enum ArchiveError {
     Store(#[from] crate::StoreError),
 }
 
-fn nats(e: impl std::fmt::Display) -> ArchiveError {
-    ArchiveError::Nats(e.to_string())
+fn nats(e: impl Into<crate::store::NatsError>) -> ArchiveError {
+    ArchiveError::Nats(e.into())
 }
 
 /// The archive's key for a task of `project`.
@@ -47,19 +47,18 @@ pub fn log_key(project: &str, task: &TaskId) -> Result<String, ud_storage::Stora
 /// Archives logs of tasks as they end; binds its consumer again after any
 /// failure (the hub's accounts reload while nodes enrol, for instance).
 pub async fn run(store: EventStore, storage: Storage) -> Result<(), ArchiveError> {
-    let mut attempt = 0u32;
+    use backon::BackoffBuilder;
+    let schedule = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(13))
+        .without_max_times();
+    let mut delays = schedule.build();
     loop {
         match consume(&store, &storage).await {
-            Ok(()) => attempt = 0,
-            Err(e) => {
-                attempt += 1;
-                warn!(error = %e, "log archiver interrupted; binding again");
-            }
+            Ok(()) => delays = schedule.build(),
+            Err(e) => warn!(error = %e, "log archiver interrupted; binding again"),
         }
-        tokio::time::sleep(Duration::from_millis(
-            200u64.saturating_mul(1 << attempt.min(6)),
-        ))
-        .await;
+        tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(13))).await;
     }
 }
 

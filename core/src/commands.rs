@@ -34,16 +34,19 @@ pub enum CommandError {
     /// The Idempotency-Key was used before with a different request (HTTP 422).
     #[error("Idempotency-Key was already used for a different request")]
     IdempotencyMismatch,
-    /// Infrastructure failure (HTTP 503).
-    #[error("unavailable: {0}")]
-    Unavailable(String),
+    /// The event store failed (HTTP 503).
+    #[error(transparent)]
+    Unavailable(StoreError),
+    /// The idempotency bucket failed (HTTP 503).
+    #[error("the idempotency keys are unavailable: {0}")]
+    Idempotency(#[source] crate::store::NatsError),
 }
 
 impl From<StoreError> for CommandError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Conflict => Self::Conflict,
-            other => Self::Unavailable(other.to_string()),
+            other => Self::Unavailable(other),
         }
     }
 }
@@ -99,7 +102,7 @@ impl TaskCommands {
             .jetstream()
             .get_key_value(streams::IDEMPOTENCY_BUCKET)
             .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            .map_err(crate::store::unavailable)?;
         Ok(Self {
             tasks: Repository::cached(store, RECENT_TASKS, None),
             idempotency,
@@ -150,7 +153,7 @@ impl TaskCommands {
                 task_id,
                 request_digest: digest.clone(),
             })
-            .map_err(|e| CommandError::Unavailable(e.to_string()))?;
+            .map_err(|e| CommandError::Idempotency(e.into()))?;
             match self.idempotency.create(&kv_key, record.into()).await {
                 Ok(_) => {}
                 Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
@@ -158,17 +161,17 @@ impl TaskCommands {
                         .idempotency
                         .get(&kv_key)
                         .await
-                        .map_err(|e| CommandError::Unavailable(e.to_string()))?
+                        .map_err(|e| CommandError::Idempotency(e.into()))?
                         .and_then(|b| serde_json::from_slice::<IdempotencyRecord>(&b).ok())
                         .ok_or_else(|| {
-                            CommandError::Unavailable("idempotency record unreadable".into())
+                            CommandError::Idempotency("a record is unreadable".into())
                         })?;
                     if earlier.request_digest != digest {
                         return Err(CommandError::IdempotencyMismatch);
                     }
                     task_id = earlier.task_id;
                 }
-                Err(e) => return Err(CommandError::Unavailable(e.to_string())),
+                Err(e) => return Err(CommandError::Idempotency(e.into())),
             }
         }
         let cmd = TaskCommand::Submit {
@@ -208,11 +211,11 @@ impl TaskCommands {
             .jetstream()
             .get_stream_no_info(streams::TASKS)
             .await
-            .map_err(|e| CommandError::Unavailable(e.to_string()))?;
+            .map_err(crate::store::unavailable)?;
         let msg = stream
             .direct_get_last_for_subject(subjects::task_event(id, "submitted"))
             .await
-            .map_err(|e| CommandError::Unavailable(e.to_string()))?;
+            .map_err(crate::store::unavailable)?;
         Ok(msg.sequence)
     }
 
@@ -265,7 +268,7 @@ impl CommandError {
             Self::NotFound => 404,
             Self::Rejected(_) | Self::Conflict => 409,
             Self::IdempotencyMismatch => 422,
-            Self::Unavailable(_) => 503,
+            Self::Unavailable(_) | Self::Idempotency(_) => 503,
         }
     }
 

@@ -24,16 +24,26 @@ pub enum Expect {
     LastSeq(u64),
 }
 
+/// Any error of the NATS client, kept as the source.
+pub type NatsError = Box<dyn std::error::Error + Send + Sync>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("concurrent change: the aggregate moved on since it was read")]
     Conflict,
+    /// JetStream has no room for the write.
+    #[error("the event store is out of space ({0}); nothing was recorded")]
+    Full(#[source] NatsError),
     #[error("event store unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] NatsError),
     #[error(transparent)]
     Codec(#[from] CodecError),
-    #[error("stored event at sequence {seq} cannot be read: {reason}")]
-    Corrupt { seq: u64, reason: String },
+    #[error("stored event at sequence {seq} cannot be read: {source}")]
+    Corrupt {
+        seq: u64,
+        #[source]
+        source: CodecError,
+    },
 }
 
 /// An event read back from a stream.
@@ -52,15 +62,30 @@ pub struct EventStore {
     js: jetstream::Context,
 }
 
-fn unavailable(e: impl std::fmt::Display) -> StoreError {
-    let text = e.to_string();
-    // JetStream refuses a write it has no room for: say so plainly.
-    if text.contains("insufficient resources") || text.contains("insufficient storage") {
-        return StoreError::Unavailable(format!(
-            "the event store is out of space ({text}); nothing was recorded"
-        ));
+/// What the server answered, when it was a JetStream error.
+fn jetstream_code(e: &(dyn std::error::Error + 'static)) -> Option<jetstream::ErrorCode> {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if let Some(js) = c.downcast_ref::<jetstream::Error>() {
+            return Some(js.error_code());
+        }
+        cause = c.source();
     }
-    StoreError::Unavailable(text)
+    None
+}
+
+pub(crate) fn unavailable(e: impl Into<NatsError>) -> StoreError {
+    let e = e.into();
+    // JetStream refuses a write it has no room for: say so plainly.
+    match jetstream_code(e.as_ref()) {
+        Some(
+            jetstream::ErrorCode::INSUFFICIENT_RESOURCES
+            | jetstream::ErrorCode::STORAGE_RESOURCES_EXCEEDED
+            | jetstream::ErrorCode::MEMORY_RESOURCES_EXCEEDED
+            | jetstream::ErrorCode::ACCOUNT_RESOURCES_EXCEEDED,
+        ) => StoreError::Full(e),
+        _ => StoreError::Unavailable(e),
+    }
 }
 
 /// A refused or failed publish: a lost concurrency race is a conflict.
@@ -254,9 +279,9 @@ impl EventStore {
             next = msg.sequence + 1;
             let envelope =
                 codec::decode_message(msg.subject.as_str(), Some(&msg.headers), &msg.payload)
-                    .map_err(|e| StoreError::Corrupt {
+                    .map_err(|source| StoreError::Corrupt {
                         seq: msg.sequence,
-                        reason: e.to_string(),
+                        source,
                     })?;
             out.push(StoredEvent {
                 seq: msg.sequence,
@@ -276,12 +301,11 @@ impl EventStore {
         after: u64,
         max: usize,
     ) -> Result<Vec<(u64, ud_schemas::dispatch::LogChunk)>, StoreError> {
-        let unavailable = |e: &dyn std::fmt::Display| StoreError::Unavailable(e.to_string());
         let stream = self
             .js
             .get_stream_no_info(ud_schemas::streams::LOGS)
             .await
-            .map_err(|e| unavailable(&e))?;
+            .map_err(unavailable)?;
         let subject = ud_schemas::subjects::log(task);
         let (mut out, mut next) = (Vec::new(), after.saturating_add(1));
         while out.len() < max {
@@ -296,7 +320,7 @@ impl EventStore {
                     }
                 }
                 Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => break,
-                Err(e) => return Err(unavailable(&e)),
+                Err(e) => return Err(unavailable(e)),
             }
         }
         Ok(out)

@@ -166,12 +166,25 @@ async fn a_client_behind_the_guard_reads_every_header_block_and_stays_connected(
             .is_none());
     }
     client.flush().await?;
-    // The bare client's connection stops at the first block, and with it
-    // its subscriptions.
-    let bare_got = tokio::time::timeout(Duration::from_secs(5), bare_sub.next())
-        .await
-        .map_err(|_| anyhow!("the bare subscription neither ended nor read"))?;
-    assert!(bare_got.is_none(), "the bare client read {bare_got:?}");
+    // The bare client (async-nats 0.52) drops its connection at the first
+    // block it cannot read and loses what was on the way, or reads a
+    // forged `Nats-Stream-Source`: either way it does not read every block
+    // as it was meant.
+    let mut intact = 0;
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(2), bare_sub.next()).await {
+        let forged = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Stream-Source"))
+            .is_some();
+        if !forged && &m.payload[..] == b"ok" {
+            intact += 1;
+        }
+    }
+    assert!(
+        intact < BLOCKS.len(),
+        "the bare client read all {intact} blocks: the guard would not be needed"
+    );
     Ok(())
 }
 

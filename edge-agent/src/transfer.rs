@@ -40,10 +40,15 @@ pub enum TransferError {
     Requests(String),
 }
 
-/// Exponential backoff with full jitter: about 0.2 s, 0.4 s, ... capped at 10 s.
-fn backoff(attempt: u32) -> Duration {
-    let cap = 200u64.saturating_mul(1 << attempt.min(6)).min(10_000);
-    Duration::from_millis(cap / 2 + rand::random::<u64>() % (cap / 2 + 1))
+/// The waits between tries: from 0.2 s, doubling with jitter, at most 10 s.
+fn waits() -> backon::ExponentialBackoff {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(10))
+        .with_jitter()
+        .without_max_times()
+        .build()
 }
 
 /// Whether an HTTP failure may succeed when tried again.
@@ -227,9 +232,10 @@ impl Mover {
             .map_err(|e| format!("cannot write {}: {e}", dest.display()))?;
         let mut written = 0u64;
         let mut last = String::new();
+        let mut waits = waits();
         for attempt in 0..TRIES {
             if attempt > 0 {
-                tokio::time::sleep(backoff(attempt)).await;
+                tokio::time::sleep(waits.next().unwrap_or(Duration::from_secs(10))).await;
             }
             let mut req = self.http.get(url);
             if written > 0 {
@@ -341,9 +347,10 @@ impl Mover {
     /// PUTs `len` bytes of `local` from `offset`, streaming, with retries.
     async fn put(&self, url: &str, local: &Path, offset: u64, len: u64) -> Result<(), Put> {
         let mut last = String::new();
+        let mut waits = waits();
         for attempt in 0..TRIES {
             if attempt > 0 {
-                tokio::time::sleep(backoff(attempt)).await;
+                tokio::time::sleep(waits.next().unwrap_or(Duration::from_secs(10))).await;
             }
             let mut file = tokio::fs::File::open(local)
                 .await

@@ -56,33 +56,40 @@ impl FromRequestParts<AppState> for Caller {
 pub const TOKEN_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Callers by token digest, as last read from the read model.
-#[derive(Clone, Default)]
-pub struct TokenCache(
-    std::sync::Arc<
-        std::sync::Mutex<std::collections::HashMap<String, (Caller, std::time::Instant)>>,
-    >,
-);
+#[derive(Clone)]
+pub struct TokenCache(moka::sync::Cache<String, Caller>);
+
+impl Default for TokenCache {
+    fn default() -> Self {
+        Self(
+            moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(TOKEN_CACHE_TTL)
+                .build(),
+        )
+    }
+}
 
 impl TokenCache {
     fn get(&self, digest: &str) -> Option<Caller> {
-        let map = self.0.lock().ok()?;
-        let (caller, at) = map.get(digest)?;
-        (at.elapsed() < TOKEN_CACHE_TTL).then(|| caller.clone())
+        self.0.get(digest)
     }
 
     fn put(&self, digest: String, caller: Caller) {
-        if let Ok(mut map) = self.0.lock() {
-            if map.len() > 10_000 {
-                map.retain(|_, (_, at)| at.elapsed() < TOKEN_CACHE_TTL);
-            }
-            map.insert(digest, (caller, std::time::Instant::now()));
-        }
+        self.0.insert(digest, caller);
     }
 
     /// Forgets a token at once (it was revoked).
     pub fn forget(&self, token_id: uuid::Uuid) {
-        if let Ok(mut map) = self.0.lock() {
-            map.retain(|_, (c, _)| c.token_id != token_id);
+        // A revocation is rare: walking the cache is fine.
+        let gone: Vec<String> = self
+            .0
+            .iter()
+            .filter(|(_, c)| c.token_id == token_id)
+            .map(|(k, _)| (*k).clone())
+            .collect();
+        for k in gone {
+            self.0.invalidate(&k);
         }
     }
 }

@@ -98,7 +98,7 @@ impl From<CommandError> for ApiError {
             CommandError::IdempotencyMismatch => {
                 Self::new(status, "idempotency_key_reused", e.to_string())
             }
-            CommandError::Unavailable(_) => Self::unavailable(e),
+            CommandError::Unavailable(_) | CommandError::Idempotency(_) => Self::unavailable(e),
         }
     }
 }

@@ -21,7 +21,7 @@ impl Projected {
         let mut sub = client
             .subscribe(format!("{}.>", subjects::PROJECTED_PREFIX))
             .await
-            .map_err(|e| ProjectionError::Stream(e.to_string()))?;
+            .map_err(|e| ProjectionError::Stream(e.into()))?;
         let mut map = HashMap::new();
         for s in streams::PROJECTED {
             let (tx, _) = watch::channel(db.checkpoint(s).await?);

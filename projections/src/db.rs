@@ -73,7 +73,7 @@ impl Db {
         self.pool
             .get()
             .await
-            .map_err(|e| ProjectionError::Db(e.to_string()))
+            .map_err(|e| ProjectionError::Pool(e.into()))
     }
 
     /// Creates the schema if needed and applies pending migrations.
@@ -86,7 +86,7 @@ impl Db {
         embedded::migrations::runner()
             .run_async(client)
             .await
-            .map_err(|e| ProjectionError::Db(format!("migration failed: {e}")))?;
+            .map_err(|e| ProjectionError::Migration(e.into()))?;
         Ok(())
     }
 
@@ -173,7 +173,7 @@ fn named<T: std::str::FromStr<Err = ud_schemas::status::UnknownName>>(
     r.get::<_, &str>(i)
         .parse()
         .map_err(|e: ud_schemas::status::UnknownName| {
-            ProjectionError::Db(format!("column {i}: {e}"))
+            ProjectionError::Row(format!("column {i}: {e}"))
         })
 }
 

@@ -15,24 +15,39 @@ pub mod rows;
 pub use db::Db;
 pub use projector::{Projector, ProjectorOptions};
 
+/// Any error of a client library, kept as the source.
+pub type SourceError = Box<dyn std::error::Error + Send + Sync>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectionError {
     #[error("configuration: {0}")]
     Config(String),
-    #[error("database: {0}")]
-    Db(String),
+    /// PostgreSQL refused or failed (the server's message when it sent one).
+    #[error("database: {}", db_message(.0))]
+    Db(#[source] tokio_postgres::Error),
+    #[error("database pool: {0}")]
+    Pool(#[source] SourceError),
+    #[error("migration failed: {0}")]
+    Migration(#[source] SourceError),
+    /// A stored row is not what the read model writes.
+    #[error("read model row: {0}")]
+    Row(String),
     #[error("event stream: {0}")]
-    Stream(String),
+    Stream(#[source] SourceError),
     #[error("checkpoint of {stream} is no longer {expected}: another projector got there first")]
     CheckpointMoved { stream: String, expected: u64 },
 }
 
+/// The server's message (e.g. a failed constraint) rather than "db error".
+fn db_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => db.to_string(),
+        None => e.to_string(),
+    }
+}
+
 impl From<tokio_postgres::Error> for ProjectionError {
     fn from(e: tokio_postgres::Error) -> Self {
-        // The source carries the server's message (e.g. a failed constraint).
-        match e.as_db_error() {
-            Some(db) => Self::Db(db.to_string()),
-            None => Self::Db(e.to_string()),
-        }
+        Self::Db(e)
     }
 }

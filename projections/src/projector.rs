@@ -73,8 +73,8 @@ struct Raw {
     payload: bytes::Bytes,
 }
 
-fn stream_err(e: impl std::fmt::Display) -> ProjectionError {
-    ProjectionError::Stream(e.to_string())
+fn stream_err(e: impl Into<crate::SourceError>) -> ProjectionError {
+    ProjectionError::Stream(e.into())
 }
 
 impl Projector {
@@ -115,9 +115,10 @@ impl Projector {
                 Err(_) => {
                     let last = stream.info().await.map_err(stream_err)?.state.last_sequence;
                     if last > applied {
-                        return Err(ProjectionError::Stream(format!(
-                            "consumer stalled at {applied} of {last}; binding again"
-                        )));
+                        return Err(ProjectionError::Stream(
+                            format!("consumer stalled at {applied} of {last}; binding again")
+                                .into(),
+                        ));
                     }
                     continue;
                 }
@@ -175,14 +176,18 @@ impl Projector {
     /// several instances, one projects each stream while the others wait on
     /// a PostgreSQL advisory lock.
     pub async fn run_forever(&self) {
-        let mut delay = Duration::from_millis(200);
+        use backon::BackoffBuilder;
+        let schedule = backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_delay(Duration::from_secs(10))
+            .without_max_times();
+        let mut delays = schedule.build();
         loop {
             match self.run_locked().await {
-                Ok(_) => delay = Duration::from_millis(200),
+                Ok(_) => delays = schedule.build(),
                 Err(e) => {
                     warn!(stream = %self.stream, error = %e, "projector failed; restarting");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(10));
+                    tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(10))).await;
                 }
             }
         }

@@ -32,11 +32,11 @@ pub async fn rebuild(
         let mut stream = js
             .get_stream(name)
             .await
-            .map_err(|e| ProjectionError::Stream(e.to_string()))?;
+            .map_err(|e| ProjectionError::Stream(e.into()))?;
         let last = stream
             .info()
             .await
-            .map_err(|e| ProjectionError::Stream(e.to_string()))?
+            .map_err(|e| ProjectionError::Stream(e.into()))?
             .state
             .last_sequence;
         let projector = Projector::new(

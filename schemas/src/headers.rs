@@ -44,7 +44,7 @@ pub fn one_line(text: String) -> String {
 
 /// A header value from text, on one line (see [`one_line`]).
 pub fn value(text: String) -> HeaderValue {
-    HeaderValue::from(one_line(text))
+    HeaderValue::from_lossy(&one_line(text))
 }
 
 /// Headers of one event. The aggregate id is in the subject; the event id
@@ -53,7 +53,7 @@ pub fn build(event_type: &str, schema_version: u16, meta: &EventMeta) -> HeaderM
     let mut h = HeaderMap::new();
     h.insert(EVENT_TYPE_NAME, value(event_type.to_owned()));
     h.insert(SCHEMA_VERSION_NAME, value(schema_version.to_string()));
-    h.insert(CONTENT_TYPE_NAME, HeaderValue::from(CBOR));
+    h.insert(CONTENT_TYPE_NAME, value(CBOR.to_owned()));
     h.insert(MSG_ID_NAME, value(meta.event_id.to_string()));
     h.insert(CORRELATION_ID_NAME, value(meta.correlation_id.to_string()));
     if let Some(c) = &meta.causation_id {

@@ -171,19 +171,17 @@ pub async fn connect_nats_with(
     // A hub reloading its accounts (a node enrolled or revoked) resets or refuses
     // new connections for a moment, even with the right password: try again for
     // a few seconds before saying the connection is impossible.
-    let deadline = std::time::Instant::now() + CONNECT_PATIENCE;
-    let mut delay = std::time::Duration::from_millis(50);
-    loop {
-        match options.clone().connect(addrs.clone()).await {
-            Ok(client) => return Ok(client),
-            Err(e) if std::time::Instant::now() + delay < deadline => {
-                tracing::debug!(error = %e, "connecting to NATS failed; trying again");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(std::time::Duration::from_millis(500));
-            }
-            Err(e) => return Err(fail(e.to_string())),
-        }
-    }
+    use backon::Retryable;
+    (|| options.clone().connect(addrs.clone()))
+        .retry(
+            backon::ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(50))
+                .with_max_delay(Duration::from_millis(500))
+                .with_total_delay(Some(CONNECT_PATIENCE)),
+        )
+        .notify(|e, _| tracing::debug!(error = %e, "connecting to NATS failed; trying again"))
+        .await
+        .map_err(|e| fail(e.to_string()))
 }
 
 /// Errors of a JetStream that is still coming up (a cluster electing its

@@ -8,6 +8,7 @@ use std::time::Duration;
 use async_nats::jetstream::{
     self, consumer, stream::External, stream::Source, stream::StreamConsumerSource,
 };
+use backon::{BackoffBuilder, Retryable};
 use futures::StreamExt;
 use tracing::{info, warn};
 use ud_schemas::{edge, streams, Event, NodeEvent, NodeId};
@@ -166,33 +167,36 @@ async fn reconcile(
     write_accounts(settings, hashes, &users)?;
     if !revoked.is_empty() {
         // The hub answers system requests again shortly after a reload.
-        let mut result = close_leaf_links(settings, active.len()).await;
-        for _ in 0..50 {
-            match &result {
-                Ok(()) => break,
-                Err(e) => tracing::debug!(error = %e, "closing leaf links failed; retrying"),
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            result = close_leaf_links(settings, active.len()).await;
-        }
+        let result = (|| close_leaf_links(settings, active.len()))
+            .retry(
+                backon::ConstantBuilder::default()
+                    .with_delay(Duration::from_millis(100))
+                    .with_max_times(50),
+            )
+            .notify(|e, _| tracing::debug!(error = %e, "closing leaf links failed; retrying"))
+            .await;
         if let Err(e) = result {
             tracing::warn!(error = %e, "cannot close the revoked nodes' links");
         }
     }
     // JetStream is briefly unavailable to the account while the hub reloads.
-    let mut delay = Duration::from_millis(50);
-    for attempt in 0.. {
+    let mut delays = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(1))
+        .with_max_times(30)
+        .build();
+    loop {
         match reconcile_streams(js, settings, active, revoked, consumers).await {
             Ok(()) => return Ok(()),
-            Err(e) if attempt < 30 => {
-                tracing::debug!(error = %e, "hub not ready; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(1));
-            }
-            Err(e) => return Err(e),
+            Err(e) => match delays.next() {
+                Some(delay) => {
+                    tracing::debug!(error = %e, "hub not ready; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                None => return Err(e),
+            },
         }
     }
-    Ok(())
 }
 
 async fn reconcile_streams(

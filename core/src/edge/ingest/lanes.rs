@@ -306,7 +306,9 @@ async fn run(ingest: &Ingest, node: NodeId, task: TaskId, command: TaskCommand) 
     {
         Ok(_) => Outcome::Done,
         Err(CommandError::Conflict) => Outcome::Retry("task changed concurrently".into()),
-        Err(CommandError::Unavailable(e)) => Outcome::Retry(e),
+        Err(e @ (CommandError::Unavailable(_) | CommandError::Idempotency(_))) => {
+            Outcome::Retry(e.to_string())
+        }
         Err(CommandError::Rejected(
             TaskError::WrongNode(_) | TaskError::InvalidTransition { .. },
         )) if start_of.is_some() => {

@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use async_nats::jetstream::message::PublishMessage;
+use backon::Retryable;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 use ud_schemas::codec::EventMeta;
@@ -14,6 +15,7 @@ use super::plan::{self, Memory, Rules};
 use super::{Placement, QueueConfig, QueueRecord, Queues};
 use crate::aggregate::{Against, ExecuteError, Executed, Repository, Retries};
 use crate::commands::TaskCommands;
+use crate::edge::nats_err;
 use crate::edge::view::{self, Cluster, Update};
 use crate::node::Node;
 use crate::store::publish_each;
@@ -577,16 +579,17 @@ pub async fn run(commands: TaskCommands, settings: ControllerSettings) {
     let mut targets = HashMap::new();
     for stream in [streams::NODES, streams::TASKS] {
         // The hub's JetStream can be briefly away (a reload): ask again.
-        let mut last = None;
-        for _ in 0..50 {
-            if let Ok(mut s) = js.get_stream(stream).await {
-                if let Ok(info) = s.info().await {
-                    last = Some(info.state.last_sequence);
-                    break;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        let last = (|| async {
+            let mut s = js.get_stream(stream).await.map_err(nats_err)?;
+            Ok::<_, crate::edge::EdgeError>(s.info().await.map_err(nats_err)?.state.last_sequence)
+        })
+        .retry(
+            backon::ConstantBuilder::default()
+                .with_delay(Duration::from_millis(200))
+                .with_max_times(50),
+        )
+        .await
+        .ok();
         if last.is_none() {
             warn!(
                 stream,

@@ -4,8 +4,6 @@
 //! lost, the API keeps serving, and the read models equal a replay of the
 //! streams.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
@@ -123,7 +121,7 @@ async fn a_cluster_that_loses_a_server_loses_no_acknowledged_task() -> Result<()
         let resp = http
             .post(format!("{base}/api/v1/tasks"))
             .bearer_auth(&issued.secret)
-            .json(&common::task("lab"))
+            .json(&crate::common::task("lab"))
             .send()
             .await;
         match resp {

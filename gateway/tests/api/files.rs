@@ -2,14 +2,13 @@
 //! (one PUT and multipart, resumed after a cut), listing, downloads,
 //! project isolation, quota, bad paths and the store being down.
 
-mod common;
-
 use anyhow::{ensure, Result};
-use common::Stack;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use ud_testkit::Garage;
+
+use crate::common::Stack;
 
 const MIB: u64 = 1024 * 1024;
 

@@ -2,8 +2,6 @@
 //! compute node with its leaf server and agent, and Docker. The node moves
 //! the bytes itself, with presigned URLs for its own task only.
 
-mod common;
-
 use std::time::Duration;
 
 use anyhow::{bail, Result};
@@ -13,7 +11,7 @@ use ud_schemas::dispatch::{self, OutputFile, StorageReply, StorageRequest};
 use ud_schemas::edge;
 use ud_testkit::{Garage, Relay};
 
-use common::*;
+use crate::common::*;
 
 const MIB: usize = 1024 * 1024;
 

@@ -1,17 +1,16 @@
 //! The live WebSocket on real servers: events a token may see, in order,
 //! resumable from a stream sequence; a task's log followed and resumed.
 
-mod common;
-
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
-use common::{task, Stack};
 use futures::{SinkExt, StreamExt};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
+
+use crate::common::{task, Stack};
 
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;

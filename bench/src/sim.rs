@@ -1,0 +1,173 @@
+//! Simulated compute nodes speaking the real protocol over real links: each
+//! has its own leaf nats-server (its own JetStream domain and credentials),
+//! pulls its dispatches as `unidesk-edge` does and reports through its own
+//! stream, but answers a run at once instead of running a container.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, Result};
+use futures::StreamExt;
+use ud_schemas::dispatch::{self, DispatchRun};
+use ud_schemas::edge::{self, NodeToken};
+use ud_schemas::events::{NodeRegistered, TaskStarted, TaskSucceeded};
+use ud_schemas::report::{Report, RunReport};
+use ud_schemas::spec::NodeResources;
+use ud_schemas::{now_millis, NodeId};
+use ud_testkit::{NatsOptions, NatsServer};
+
+/// A simulated node: its leaf server, its agent and its heartbeats, all
+/// stopped when it is dropped.
+pub(crate) struct SimNode {
+    _leaf: NatsServer,
+    agent: tokio::task::JoinHandle<()>,
+    beats: tokio::task::JoinHandle<()>,
+}
+
+impl SimNode {
+    /// The node goes silent (its agent and heartbeats stop; its link stays).
+    pub(crate) fn silence(&self) {
+        self.beats.abort();
+        self.agent.abort();
+    }
+}
+
+impl Drop for SimNode {
+    fn drop(&mut self) {
+        self.silence();
+    }
+}
+
+/// A simulated agent: registers with room for many tasks, beats every
+/// second, and answers each dispatch with `started`, then (with `finish`)
+/// `succeeded` at once.
+async fn sim_agent(
+    leaf_url: String,
+    node: NodeId,
+    name: String,
+    finish: bool,
+    beats_to: tokio::sync::oneshot::Sender<ud_edge_agent::Reporter>,
+) -> Result<()> {
+    let client =
+        async_nats::ConnectOptions::with_user_and_password("agent".into(), "agent-pw".into())
+            .custom_inbox_prefix(edge::inbox_prefix(&node))
+            .connect(leaf_url)
+            .await?;
+    let local = async_nats::jetstream::with_domain(client.clone(), edge::domain(&node));
+    let hub = async_nats::jetstream::with_domain(client.clone(), edge::HUB_DOMAIN);
+    ud_edge_agent::ensure_local(&local, &node)
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    let reporter = ud_edge_agent::Reporter::new(node, local);
+    reporter
+        .send(Report::Registered(NodeRegistered {
+            at: now_millis(),
+            name,
+            labels: Default::default(),
+            resources: NodeResources {
+                cpu_millis: 100_000_000,
+                memory_mb: 1 << 40,
+                disk_mb: 1 << 30,
+                os: "linux".into(),
+                agent_version: "sim".into(),
+                ..Default::default()
+            },
+        }))
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    let _ = beats_to.send(reporter.clone());
+    loop {
+        // The hub makes the node's consumer shortly after enrolment: retry until it is there.
+        let consumer: async_nats::jetstream::consumer::PullConsumer = match hub
+            .get_consumer_from_stream(edge::dispatch_consumer(&node), edge::DISPATCH)
+            .await
+        {
+            Ok(c) => c,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let Ok(mut messages) = consumer.messages().await else {
+            continue;
+        };
+        let mut inflight = tokio::task::JoinSet::new();
+        while let Some(m) = messages.next().await {
+            let Ok(m) = m else { break };
+            if !m.subject.ends_with(".run") {
+                let _ = m.ack().await;
+                continue;
+            }
+            let Ok(run) = dispatch::from_cbor::<DispatchRun>(&m.payload, "dispatch-run") else {
+                let _ = m.ack().await;
+                continue;
+            };
+            let reporter = reporter.clone();
+            inflight.spawn(async move {
+                let started = RunReport::Started(TaskStarted {
+                    at: now_millis(),
+                    node_id: node,
+                    attempt: run.attempt,
+                });
+                let done = RunReport::Succeeded(TaskSucceeded {
+                    at: now_millis(),
+                    exit_code: 0,
+                });
+                if reporter.run(run.task_id, started).await.is_ok() && finish {
+                    let _ = reporter.run(run.task_id, done).await;
+                }
+                let _ = m.ack().await;
+            });
+            while inflight.len() > 256 {
+                inflight.join_next().await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Starts a simulated node's leaf and agent; returns once the hub has its
+/// first heartbeat.
+pub(crate) async fn join(
+    hub_leaf: u16,
+    token: &NodeToken,
+    name: String,
+    store: &ud_core::EventStore,
+    finish: bool,
+) -> Result<SimNode> {
+    let leaf = NatsServer::start_with(NatsOptions {
+        sync_always: false,
+        domain: edge::domain(&token.node_id),
+        extra: edge::leaf_link_config(token, "127.0.0.1", hub_leaf, "agent-pw"),
+        ..Default::default()
+    })
+    .await?;
+    let mut beat = store
+        .client()
+        .subscribe(format!("ud.node.{}.heartbeat", token.node_id))
+        .await?;
+    let (url, node) = (format!("nats://127.0.0.1:{}", leaf.port()), token.node_id);
+    let (beats_to, reporter) = tokio::sync::oneshot::channel();
+    let agent = tokio::spawn(async move {
+        if let Err(e) = sim_agent(url, node, name, finish, beats_to).await {
+            eprintln!("simulated node {node}: {e}");
+        }
+    });
+    let reporter = reporter
+        .await
+        .map_err(|_| anyhow!("simulated node {node} did not register"))?;
+    let beats = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let _ = reporter.send(crate::restart::sim_heartbeat()).await;
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(60), beat.next())
+        .await
+        .map_err(|_| anyhow!("node {} never beat", token.node_id))?;
+    Ok(SimNode {
+        _leaf: leaf,
+        agent,
+        beats,
+    })
+}

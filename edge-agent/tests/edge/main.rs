@@ -1,0 +1,11 @@
+//! Compute nodes end to end on real servers: a hub nats-server with leaf
+//! nodes, PostgreSQL, the main server, the agents and a real Docker engine
+//! (`DOCKER_HOST`, image `unidesk/busybox:base`); one test binary, a module
+//! per feature.
+
+mod common;
+mod files;
+mod nodes;
+mod runs;
+mod scheduling;
+mod versions;

@@ -1,0 +1,449 @@
+//! Nodes joining, speaking only for themselves, working through a cut link and a hub restart, low disk.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{anyhow, Result};
+use futures::StreamExt;
+use serde_json::{json, Value};
+use ud_edge_agent::AgentConfig;
+use ud_schemas::edge;
+use ud_schemas::NodeId;
+
+use crate::common::*;
+
+#[tokio::test]
+async fn nodes_join_run_tasks_in_docker_and_go_offline() -> Result<()> {
+    let mut s = Stack::start(Duration::from_secs(3)).await?;
+    let token = s.enroll("alpha").await?;
+    let alpha = s.join("alpha", token, Duration::from_millis(500)).await?;
+    let node = s
+        .node_status(alpha.id, "online", Duration::from_secs(30))
+        .await?;
+    assert_eq!(node["name"], "alpha");
+    assert!(
+        node["resources"]["cpu_millis"]
+            .as_u64()
+            .is_some_and(|c| c >= 1000),
+        "{node}"
+    );
+    assert!(node["resources"]["memory_mb"]
+        .as_u64()
+        .is_some_and(|m| m > 0));
+    assert_eq!(node["resources"]["os"], "linux");
+    assert!(node["resources"]["docker_version"].is_string());
+
+    // A task runs in a container; its output is kept.
+    let done = s
+        .runs_ok(
+            "echo hello from the node; echo careful >&2",
+            60,
+            Duration::from_secs(60),
+        )
+        .await?;
+    let ok = done["id"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(done["exit_code"], 0);
+    assert_eq!(done["node_id"], alpha.id.to_string());
+    let out = logs(&s, &ok).await?;
+    assert!(
+        out.contains("hello from the node") && out.contains("careful"),
+        "{out:?}"
+    );
+    let history = s.get(&format!("/api/v1/tasks/{ok}/events")).await?;
+    let types: Vec<&str> = history
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["type"].as_str())
+        .collect();
+    assert_eq!(
+        types,
+        vec![
+            "task.submitted",
+            "task.assigned",
+            "task.prepared",
+            "task.started",
+            "task.succeeded"
+        ]
+    );
+
+    // A failing command ends failed with its exit code.
+    let bad = s.submit("exit 3", 60).await?;
+    let done = s
+        .task_state(&bad, &["succeeded", "failed"], Duration::from_secs(60))
+        .await?;
+    assert_eq!(done["state"], "failed");
+    assert_eq!(done["exit_code"], 3);
+
+    // Cancel stops the container.
+    let long = s.submit("echo started; sleep 300", 600).await?;
+    s.task_state(&long, &["running"], Duration::from_secs(60))
+        .await?;
+    s.post(
+        &format!("/api/v1/tasks/{long}/cancel"),
+        json!({"reason": "enough"}),
+    )
+    .await?;
+    let done = s
+        .task_state(&long, &["cancelled"], Duration::from_secs(60))
+        .await?;
+    assert_eq!(done["reason"], "enough");
+
+    // A timeout does the same.
+    let slow = s.submit("sleep 300", 2).await?;
+    let done = s
+        .task_state(&slow, &["timed_out", "failed"], Duration::from_secs(60))
+        .await?;
+    assert_eq!(done["state"], "timed_out", "{done}");
+    assert_eq!(done["reason"], "timed out after 2 s");
+
+    // Silence: offline after the timeout, exactly once; back with the next heartbeat.
+    alpha.agent.abort();
+    let _ = alpha.agent.await;
+    s.node_status(alpha.id, "offline", Duration::from_secs(30))
+        .await?;
+    let offline = s
+        .server
+        .state
+        .commands
+        .store()
+        .read_subject(
+            ud_schemas::streams::NODES,
+            &format!("ud.node.{}.offline", alpha.id),
+        )
+        .await?;
+    assert_eq!(offline.len(), 1);
+    let agent = spawn_agent(
+        &alpha.leaf,
+        &alpha.token,
+        "alpha",
+        Duration::from_millis(500),
+    );
+    s.node_status(alpha.id, "online", Duration::from_secs(30))
+        .await?;
+    agent.abort();
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_node_cannot_act_for_another() -> Result<()> {
+    let mut s = Stack::start(Duration::from_secs(30)).await?;
+    let ta = s.enroll("alpha").await?;
+    let tb = s.enroll("beta").await?;
+    let a = s.join("alpha", ta, Duration::from_millis(500)).await?;
+    let b = s.join("beta", tb, Duration::from_millis(500)).await?;
+    s.node_status(a.id, "online", Duration::from_secs(30))
+        .await?;
+    s.node_status(b.id, "online", Duration::from_secs(30))
+        .await?;
+
+    // A client on node A's leaf, as A's agent is.
+    let client = agent_client(&a.leaf, Some(a.id)).await?;
+    let hub = async_nats::jetstream::with_domain(client.clone(), "hub");
+    // B's dispatches, the streams and the JetStream admin API are out of reach.
+    let short = Duration::from_secs(2);
+    for subject in [
+        format!(
+            "$JS.hub.API.CONSUMER.MSG.NEXT.UD_DISPATCH.{}",
+            edge::dispatch_consumer(&b.id)
+        ),
+        format!(
+            "$JS.hub.API.CONSUMER.INFO.UD_DISPATCH.{}",
+            edge::dispatch_consumer(&b.id)
+        ),
+        "$JS.hub.API.STREAM.LIST".to_owned(),
+        "$JS.hub.API.STREAM.INFO.UD_TASKS".to_owned(),
+        "$JS.hub.API.STREAM.MSG.GET.UD_TASKS".to_owned(),
+    ] {
+        let r = tokio::time::timeout(short, client.request(subject.clone(), "{}".into())).await;
+        assert!(!matches!(r, Ok(Ok(_))), "{subject} answered");
+    }
+    // Its own consumer works.
+    let own: Result<async_nats::jetstream::consumer::PullConsumer, _> = hub
+        .get_consumer_from_stream(edge::dispatch_consumer(&a.id), edge::DISPATCH)
+        .await;
+    assert!(own.is_ok());
+    let mut spy = client.subscribe(format!("ud.dispatch.{}.>", b.id)).await?;
+
+    // A long task lands on one of them; find who runs it.
+    let task = s.submit("sleep 300", 600).await?;
+    let running = s
+        .task_state(&task, &["running"], Duration::from_secs(60))
+        .await?;
+    let runner: NodeId = running["node_id"].as_str().unwrap_or_default().parse()?;
+    let (liar, liar_leaf) = if runner == a.id {
+        (b.id, &b.leaf)
+    } else {
+        (a.id, &a.leaf)
+    };
+    if runner == b.id {
+        let got = tokio::time::timeout(Duration::from_millis(500), spy.next()).await;
+        assert!(got.is_err(), "node A saw B's dispatch");
+    }
+
+    // The other node, which controls its own leaf, writes forged events into
+    // its own stream: the task's success, and a heartbeat in the runner's name.
+    let liar_client = agent_client(liar_leaf, None).await?;
+    let local = async_nats::jetstream::with_domain(liar_client.clone(), edge::domain(&liar));
+    let mut cfg = local
+        .get_stream(edge::stream(&liar))
+        .await?
+        .info()
+        .await?
+        .config
+        .clone();
+    cfg.subjects.push(format!("ud.edge.{runner}.>"));
+    local.update_stream(&cfg).await?;
+    let task_id: ud_schemas::TaskId = task.parse()?;
+    let forged = ud_schemas::Event::Task(
+        task_id,
+        ud_schemas::TaskEvent::Succeeded(ud_schemas::events::TaskSucceeded {
+            at: 1,
+            exit_code: 0,
+        }),
+    );
+    let (h, p) =
+        ud_schemas::codec::encode_message(&forged, &ud_schemas::codec::EventMeta::new("liar"))?;
+    local
+        .publish_with_headers(edge::report_subject(&liar, &forged.subject()), h, p.into())
+        .await?
+        .await?;
+    let beat = ud_schemas::Event::Node(
+        runner,
+        ud_schemas::NodeEvent::Heartbeat(ud_schemas::events::NodeHeartbeat {
+            at: 1,
+            running_tasks: 99,
+            disk_free_mb: None,
+            low_disk: false,
+        }),
+    );
+    let (h, p) =
+        ud_schemas::codec::encode_message(&beat, &ud_schemas::codec::EventMeta::new("liar"))?;
+    local
+        .publish_with_headers(edge::report_subject(&runner, &beat.subject()), h, p.into())
+        .await?
+        .await?;
+    // A marker from the liar after the forgeries: once it is in, they were handled.
+    let marker = ud_schemas::Event::Node(
+        liar,
+        ud_schemas::NodeEvent::Registered(ud_schemas::events::NodeRegistered {
+            at: 2,
+            name: "liar-marker".into(),
+            labels: BTreeMap::new(),
+            resources: Default::default(),
+        }),
+    );
+    let (h, p) =
+        ud_schemas::codec::encode_message(&marker, &ud_schemas::codec::EventMeta::new("liar"))?;
+    local
+        .publish_with_headers(edge::report_subject(&liar, &marker.subject()), h, p.into())
+        .await?
+        .await?;
+    let (http, base, admin) = (s.http.clone(), s.base.clone(), s.admin.clone());
+    s.until("the marker", Duration::from_secs(30), move || {
+        let (http, base, admin) = (http.clone(), base.clone(), admin.clone());
+        async move {
+            let v: Value = http
+                .get(format!("{base}/api/v1/nodes/{liar}"))
+                .bearer_auth(&admin)
+                .send()
+                .await?
+                .json()
+                .await?;
+            Ok((v["name"] == "liar-marker").then_some(v))
+        }
+    })
+    .await?;
+    let t = s.get(&format!("/api/v1/tasks/{task}")).await?;
+    assert_eq!(t["state"], "running", "a forged success was accepted");
+    let r = s.get(&format!("/api/v1/nodes/{runner}")).await?;
+    assert_ne!(r["running_tasks"], 99, "a forged heartbeat was accepted");
+
+    // Revocation closes the node's link and it cannot come back.
+    let leafz = |s: &Stack| {
+        let url = format!("{}/leafz", s.hub.monitor_url());
+        async move {
+            Ok::<u64, anyhow::Error>(
+                reqwest::get(url).await?.json::<Value>().await?["leafnodes"]
+                    .as_u64()
+                    .unwrap_or(0),
+            )
+        }
+    };
+    assert_eq!(leafz(&s).await?, 2);
+    s.post(&format!("/api/v1/nodes/{liar}/revoke"), json!({}))
+        .await?;
+    let mut gone = false;
+    for _ in 0..100 {
+        if leafz(&s).await? == 1 {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "the revoked node is still connected");
+    let r = s.get(&format!("/api/v1/nodes/{liar}")).await?;
+    assert_eq!(r["status"], "revoked");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_node_keeps_working_while_its_link_is_down_and_catches_up() -> Result<()> {
+    let mut s = Stack::start(Duration::from_secs(60)).await?;
+    let token = s.enroll("gamma").await?;
+    let link = ud_testkit::Relay::start(s.hub.leaf_port()).await?;
+    let node = s
+        .join_via("gamma", token, Duration::from_millis(500), link.port())
+        .await?;
+    s.node_status(node.id, "online", Duration::from_secs(30))
+        .await?;
+
+    // Watch the node's own stream for the task's end, from the node's side.
+    let local = agent_client(&node.leaf, None).await?;
+    let task = s
+        .submit("echo before the cut; sleep 2; echo after the cut", 120)
+        .await?;
+    let mut ended = local
+        .subscribe(format!("ud.edge.{}.task.{task}.*", node.id))
+        .await?;
+    s.task_state(&task, &["running"], Duration::from_secs(60))
+        .await?;
+    link.cut();
+    // The task finishes while the hub cannot hear of it.
+    let end = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(m) = ended.next().await {
+            if !m.subject.ends_with(".started") && !m.subject.ends_with(".prepared") {
+                return Some(m.subject.to_string());
+            }
+        }
+        None
+    })
+    .await?
+    .ok_or_else(|| anyhow!("no end"))?;
+    assert!(end.ends_with(".succeeded"), "{end}");
+    let t = s.get(&format!("/api/v1/tasks/{task}")).await?;
+    assert_eq!(
+        t["state"], "running",
+        "the hub heard of the end through a cut link"
+    );
+    link.restore();
+    let done = s
+        .task_state(&task, &["succeeded"], Duration::from_secs(60))
+        .await?;
+    assert_eq!(done["exit_code"], 0);
+    let history = s.get(&format!("/api/v1/tasks/{task}/events")).await?;
+    let types: Vec<&str> = history
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["type"].as_str())
+        .collect();
+    assert_eq!(
+        types,
+        vec![
+            "task.submitted",
+            "task.assigned",
+            "task.prepared",
+            "task.started",
+            "task.succeeded"
+        ]
+    );
+    let out = logs(&s, &task).await?;
+    assert!(
+        out.contains("before the cut") && out.contains("after the cut"),
+        "{out:?}"
+    );
+    node.agent.abort();
+    Ok(())
+}
+
+#[tokio::test]
+async fn nodes_come_back_after_a_hub_restart_with_what_they_kept() -> Result<()> {
+    let mut s = Stack::start(Duration::from_secs(60)).await?;
+    let token = s.enroll("zeta").await?;
+    let node = s.join("zeta", token, Duration::from_millis(300)).await?;
+    s.node_status(node.id, "online", Duration::from_secs(30))
+        .await?;
+    let task = s.submit("echo during; sleep 3; echo done", 120).await?;
+    s.task_state(&task, &["running"], Duration::from_secs(60))
+        .await?;
+    // The hub dies and comes back while the task runs and finishes.
+    s.hub.kill().await?;
+    let local = agent_client(&node.leaf, None).await?;
+    let mut ended = local
+        .subscribe(format!("ud.edge.{}.task.{task}.succeeded", node.id))
+        .await?;
+    tokio::time::timeout(Duration::from_secs(60), ended.next())
+        .await?
+        .ok_or_else(|| anyhow!("no end"))?;
+    s.hub.restart().await?;
+    // Everything reconnects by itself: the node's events arrive, the read model catches up.
+    let done = s
+        .task_state(&task, &["succeeded"], Duration::from_secs(90))
+        .await?;
+    assert_eq!(done["exit_code"], 0);
+    let out = logs(&s, &task).await?;
+    assert!(out.contains("during") && out.contains("done"), "{out:?}");
+    // And new work still flows to the node.
+    s.runs_ok("echo after the restart", 60, Duration::from_secs(90))
+        .await?;
+    node.agent.abort();
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_node_low_on_disk_says_so_and_takes_no_new_tasks() -> Result<()> {
+    let mut s = Stack::start(Duration::from_secs(60)).await?;
+    let token = s.enroll("eta").await?;
+    let leaf = s.leaf(&token, s.hub.leaf_port()).await?;
+    // No disk is ever big enough.
+    let agent = run_agent(AgentConfig {
+        min_free_disk_mb: u64::MAX,
+        ..agent_config(&leaf, &token, "eta", Duration::from_millis(200))
+    });
+    let node = s
+        .node_status(token.node_id, "online", Duration::from_secs(30))
+        .await?;
+    let (http, base, admin, id) = (
+        s.http.clone(),
+        s.base.clone(),
+        s.admin.clone(),
+        token.node_id,
+    );
+    let node = if node["low_disk"] == true {
+        node
+    } else {
+        s.until("low disk reported", Duration::from_secs(30), move || {
+            let (http, base, admin) = (http.clone(), base.clone(), admin.clone());
+            async move {
+                let v: Value = http
+                    .get(format!("{base}/api/v1/nodes/{id}"))
+                    .bearer_auth(&admin)
+                    .send()
+                    .await?
+                    .json()
+                    .await?;
+                Ok((v["low_disk"] == true).then_some(v))
+            }
+        })
+        .await?
+    };
+    assert!(node["disk_free_mb"].as_u64().is_some(), "{node}");
+    let task = s.submit("echo never", 60).await?;
+    // Ten more heartbeats are projected; the task is still waiting.
+    let mut beats = s
+        .server
+        .state
+        .commands
+        .store()
+        .client()
+        .subscribe(format!("ud.node.{id}.heartbeat"))
+        .await?;
+    for _ in 0..10 {
+        tokio::time::timeout(Duration::from_secs(10), beats.next()).await?;
+    }
+    let t = s.get(&format!("/api/v1/tasks/{task}")).await?;
+    assert_eq!(t["state"], "pending", "{t}");
+    agent.abort();
+    Ok(())
+}

@@ -1,0 +1,376 @@
+//! Runs across trouble: stale dispatches, agent restarts (adoption, time limits), two main servers.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, Result};
+use futures::StreamExt;
+use serde_json::json;
+use ud_server::{self as server, EdgeConfig, ServerConfig};
+
+use crate::common::*;
+
+#[tokio::test]
+async fn a_dispatch_that_went_stale_while_the_node_was_away_is_never_run() -> Result<()> {
+    let mut s = Stack::start(Duration::from_secs(60)).await?;
+    let token = s.enroll("delta").await?;
+    let link = ud_testkit::Relay::start(s.hub.leaf_port()).await?;
+    let node = s
+        .join_via("delta", token, Duration::from_millis(500), link.port())
+        .await?;
+    s.node_status(node.id, "online", Duration::from_secs(30))
+        .await?;
+    link.cut();
+    // Assigned while the node is away: the dispatch waits in its consumer.
+    let task = s.submit("echo this-must-not-run", 120).await?;
+    s.task_state(&task, &["assigned"], Duration::from_secs(30))
+        .await?;
+    // Meanwhile the assignment stops being current.
+    s.post(
+        &format!("/api/v1/tasks/{task}/cancel"),
+        json!({"reason": "changed my mind"}),
+    )
+    .await?;
+    s.task_state(&task, &["cancelling"], Duration::from_secs(30))
+        .await?;
+    link.restore();
+    let done = s
+        .task_state(
+            &task,
+            &["cancelled", "succeeded", "failed"],
+            Duration::from_secs(60),
+        )
+        .await?;
+    assert_eq!(done["state"], "cancelled", "{done}");
+    let history = s.get(&format!("/api/v1/tasks/{task}/events")).await?;
+    let types: Vec<&str> = history
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["type"].as_str())
+        .collect();
+    assert_eq!(
+        types,
+        vec![
+            "task.submitted",
+            "task.assigned",
+            "task.cancel_requested",
+            "task.cancelled"
+        ]
+    );
+    assert!(!logs(&s, &task).await?.contains("this-must-not-run"));
+    // No container was ever made for it.
+    let docker = bollard::Docker::connect_with_local_defaults()?;
+    let filters = std::collections::HashMap::from([(
+        "label".to_owned(),
+        vec![format!("{}={task}", ud_edge_agent::docker::LABEL_TASK)],
+    )]);
+    let made = docker
+        .list_containers(Some(bollard::query_parameters::ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        }))
+        .await?;
+    assert!(
+        made.is_empty(),
+        "a container was made for a stale dispatch: {made:?}"
+    );
+    // The node goes on taking work.
+    s.runs_ok("echo next", 60, Duration::from_secs(60)).await?;
+    node.agent.abort();
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_restarted_agent_adopts_its_running_container() -> Result<()> {
+    let mut s = Stack::start(Duration::from_secs(60)).await?;
+    let token = s.enroll("delta").await?;
+    let node = s
+        .join("delta", token.clone(), Duration::from_millis(500))
+        .await?;
+    s.node_status(node.id, "online", Duration::from_secs(30))
+        .await?;
+    let task = s.submit("echo first; sleep 3; echo second", 120).await?;
+    s.task_state(&task, &["running"], Duration::from_secs(60))
+        .await?;
+    // The agent dies; its container goes on.
+    node.agent.abort();
+    let _ = node.agent.await;
+    let agent = spawn_agent(&node.leaf, &token, "delta", Duration::from_millis(500));
+    let done = s
+        .task_state(&task, &["succeeded", "failed"], Duration::from_secs(60))
+        .await?;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let history = s.get(&format!("/api/v1/tasks/{task}/events")).await?;
+    let starts = history
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["type"] == "task.started")
+        .count();
+    assert_eq!(starts, 1, "the task was run twice");
+    agent.abort();
+    Ok(())
+}
+
+/// When each of a task's events of type `kind` was stored, in ms since the
+/// epoch, from its history.
+async fn stored_at(s: &Stack, task: &str, kind: &str) -> Result<Vec<i64>> {
+    let history = s.get(&format!("/api/v1/tasks/{task}/events")).await?;
+    Ok(history
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["type"] == kind)
+        .filter_map(|e| e["data"]["at"].as_i64())
+        .collect())
+}
+
+#[tokio::test]
+async fn a_restarted_agent_keeps_the_time_limit_of_the_run_it_adopts() -> Result<()> {
+    let mut s = Stack::start(Duration::from_secs(60)).await?;
+    let token = s.enroll("echo").await?;
+    let node = s
+        .join("echo", token.clone(), Duration::from_millis(500))
+        .await?;
+    s.node_status(node.id, "online", Duration::from_secs(30))
+        .await?;
+    // A run that stops at once when asked to (so that its end is its limit).
+    let task = s
+        .submit("trap 'exit 143' TERM; echo up; sleep 60 & wait", 6)
+        .await?;
+    s.task_state(&task, &["running"], Duration::from_secs(60))
+        .await?;
+    // Killed and back 3 s later: the run goes on, its limit counted from its start.
+    node.agent.abort();
+    let _ = node.agent.await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let agent = spawn_agent(&node.leaf, &token, "echo", Duration::from_millis(500));
+    let done = s
+        .task_state(
+            &task,
+            &["succeeded", "failed", "timed_out"],
+            Duration::from_secs(60),
+        )
+        .await?;
+    assert_eq!(done["state"], "timed_out", "{done}");
+    let started = stored_at(&s, &task, "task.started").await?;
+    let ended = stored_at(&s, &task, "task.timed_out").await?;
+    assert_eq!(started.len(), 1, "started once: {started:?}");
+    let ran = ended.first().copied().unwrap_or(i64::MAX) - started[0];
+    // Stopped at its 6 s limit, not 6 s after the restart (9 s or more).
+    assert!(
+        (5_000..8_500).contains(&ran),
+        "timed out {ran} ms after it started"
+    );
+    agent.abort();
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_agent_back_after_a_runs_limit_stops_it_at_once_as_timed_out() -> Result<()> {
+    let mut s = Stack::start(Duration::from_secs(60)).await?;
+    let token = s.enroll("foxtrot").await?;
+    let node = s
+        .join("foxtrot", token.clone(), Duration::from_millis(500))
+        .await?;
+    s.node_status(node.id, "online", Duration::from_secs(30))
+        .await?;
+    // One run goes on past its limit while the agent is away, one ends past it.
+    let long = s.submit("sleep 60", 3).await?;
+    let short = s.submit("sleep 5; echo done", 3).await?;
+    for t in [&long, &short] {
+        s.task_state(t, &["running"], Duration::from_secs(60))
+            .await?;
+    }
+    node.agent.abort();
+    let _ = node.agent.await;
+    // The agent stays away past both limits, and past the short run's end.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let back = ud_schemas::now_millis();
+    let agent = spawn_agent(&node.leaf, &token, "foxtrot", Duration::from_millis(500));
+    for t in [&long, &short] {
+        let done = s
+            .task_state(
+                t,
+                &["succeeded", "failed", "timed_out"],
+                Duration::from_secs(60),
+            )
+            .await?;
+        assert_eq!(done["state"], "timed_out", "{done}");
+    }
+    let ended = stored_at(&s, &long, "task.timed_out").await?;
+    let after = ended.first().copied().unwrap_or(i64::MAX) - back;
+    assert!(
+        after < 15_000,
+        "stopped {after} ms after the agent came back"
+    );
+    agent.abort();
+    Ok(())
+}
+
+/// Whether the instance at `addr` says its ingest holds the pin.
+async fn ingests(s: &Stack, addr: std::net::SocketAddr) -> Result<bool> {
+    let text = s
+        .http
+        .get(format!("http://{addr}/metrics"))
+        .bearer_auth(&s.admin)
+        .send()
+        .await?
+        .text()
+        .await?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("unidesk_ingest_pinned "))
+        .ok_or_else(|| anyhow!("no unidesk_ingest_pinned in the metrics"))?;
+    Ok(line.ends_with(" 1"))
+}
+
+/// The client id the ingest consumer is pinned to, if any.
+async fn ingest_pin(store: &ud_core::EventStore) -> Result<Option<String>> {
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = store
+        .jetstream()
+        .get_consumer_from_stream(ud_core::edge::ingest::CONSUMER, ud_schemas::edge::EDGE_IN)
+        .await?;
+    Ok(consumer
+        .info()
+        .await?
+        .priority_groups
+        .iter()
+        .find_map(|g| g.pinned_client_id.clone()))
+}
+
+#[tokio::test]
+async fn two_main_servers_assign_each_task_once_mark_a_silent_node_offline_once_and_hand_over_the_ingest(
+) -> Result<()> {
+    let mut s = Stack::start(Duration::from_secs(2)).await?;
+    // A second main-server instance on the same hub and database: its own
+    // ingest, liveness, scheduler and projectors, no hub reconciler.
+    let mut second = server::start(ServerConfig {
+        edge: Some(EdgeConfig {
+            hub: None,
+            controller: ud_core::edge::scheduler::ControllerSettings {
+                heartbeat_timeout: Duration::from_secs(2),
+                check_interval: Duration::from_millis(50),
+                cancel_grace_seconds: 1,
+                placement: Default::default(),
+                queues: Default::default(),
+            },
+            git_credentials: Default::default(),
+        }),
+        ..ServerConfig::local(
+            format!("nats://platform:{PLATFORM_PW}@127.0.0.1:{}", s.hub.port()),
+            s._pg.url.clone(),
+        )
+    })
+    .await?;
+    let token = s.enroll("epsilon").await?;
+    let node = s.join("epsilon", token, Duration::from_millis(300)).await?;
+    s.node_status(node.id, "online", Duration::from_secs(30))
+        .await?;
+    let store = s.server.state.commands.store().clone();
+    // Both schedulers see every task: the stream's concurrency check lets one assign it.
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(s.submit("true", 60).await?);
+    }
+    for id in &ids {
+        let done = s
+            .task_state(id, &["succeeded", "failed"], Duration::from_secs(60))
+            .await?;
+        assert_eq!(done["state"], "succeeded", "{done}");
+        let stored = |kind: &'static str| {
+            let subject = format!("ud.task.{id}.{kind}");
+            let store = store.clone();
+            async move {
+                Ok::<_, anyhow::Error>(
+                    store
+                        .read_subject(ud_schemas::streams::TASKS, &subject)
+                        .await?
+                        .len(),
+                )
+            }
+        };
+        let assigned = stored("assigned").await?;
+        assert_eq!(assigned, 1, "task {id} assigned {assigned} times");
+        // One instance ingests at a time, so a node's events keep their
+        // order: what the run used is recorded before its start.
+        let prepared = stored("prepared").await?;
+        assert_eq!(prepared, 1, "task {id}: what it ran with was not recorded");
+    }
+    // Exactly one instance ingested what the node reported.
+    let (first_ingests, second_ingests) = (
+        ingests(&s, s.server.addr).await?,
+        ingests(&s, second.addr).await?,
+    );
+    assert!(
+        first_ingests != second_ingests,
+        "ingesting: first {first_ingests}, second {second_ingests}"
+    );
+
+    // What the stream stored, not what was published: the instance that
+    // loses the race publishes too, and core subscribers see that publish
+    // although the stream refuses it.
+    let mut offline = store
+        .jetstream()
+        .get_stream(ud_schemas::streams::NODES)
+        .await?
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            filter_subject: format!("ud.node.{}.offline", node.id),
+            ..Default::default()
+        })
+        .await?
+        .messages()
+        .await?;
+    node.agent.abort();
+    tokio::time::timeout(Duration::from_secs(30), offline.next())
+        .await?
+        .ok_or_else(|| anyhow!("no offline"))??;
+    s.node_status(node.id, "offline", Duration::from_secs(30))
+        .await?;
+    // Both instances keep checking every 50 ms: a second offline event would
+    // be stored within this window (waiting for something that must not happen).
+    let again = tokio::time::timeout(Duration::from_millis(1000), offline.next()).await;
+    if again.is_ok() {
+        let history = store
+            .read_subject(
+                ud_schemas::streams::NODES,
+                &format!("ud.node.{}.>", node.id),
+            )
+            .await?;
+        let history: Vec<String> = history
+            .iter()
+            .map(|e| format!("{} {} {:?}", e.seq, e.stored_at, e.envelope.event))
+            .collect();
+        panic!("a second offline event:\n{}", history.join("\n"));
+    }
+
+    // The instance that ingests stops gracefully and the other takes over.
+    // The stack's API moves to the one that stays.
+    let token = s.enroll("epsilon-2").await?;
+    let node = s
+        .join("epsilon-2", token, Duration::from_millis(300))
+        .await?;
+    s.node_status(node.id, "online", Duration::from_secs(60))
+        .await?;
+    if first_ingests {
+        std::mem::swap(&mut s.server, &mut second);
+        s.base = format!("http://{}", s.server.addr);
+    }
+    let pin = ingest_pin(&store).await?;
+    assert!(pin.is_some(), "the ingest consumer is pinned to no one");
+    second.stop().await;
+    // Released, not left to expire: the pin is gone or someone else's.
+    let after = ingest_pin(&store).await?;
+    assert_ne!(after, pin, "the stopped instance still holds the pin");
+    let id = s.submit("true", 60).await?;
+    let done = s
+        .task_state(&id, &["succeeded", "failed"], Duration::from_secs(60))
+        .await?;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert!(
+        ingests(&s, s.server.addr).await?,
+        "the instance left does not ingest"
+    );
+    Ok(())
+}
