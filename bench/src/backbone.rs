@@ -60,6 +60,11 @@ fn spec() -> ud_schemas::TaskSpec {
             labels: BTreeMap::new(),
             preferred_labels: BTreeMap::new(),
             disk_mb: 0,
+            gpu_memory_mb: 0,
+            gpu_compute_capability: None,
+            gpu_driver: None,
+            gpu_shared: false,
+            network: Default::default(),
         },
         timeout_seconds: 3600,
         retry: ud_schemas::RetryPolicy {
@@ -72,6 +77,9 @@ fn spec() -> ud_schemas::TaskSpec {
         queue: "default".into(),
         inputs: vec![],
         outputs: vec![],
+        shm_size_mb: None,
+        secrets: vec![],
+        checkpoint: None,
     }
 }
 
@@ -101,6 +109,7 @@ pub(crate) fn lifecycles(n: usize) -> Vec<Event> {
                 at,
                 node_id: node,
                 attempt: 1,
+                gpus: vec![],
             }),
         ));
         out.push(Event::Task(

@@ -229,6 +229,7 @@ pub async fn run(a: Args) -> Result<()> {
                 running_tasks: i as u32 % 3,
                 disk_free_mb: Some(100_000),
                 low_disk: false,
+                gpus: None,
             }),
         );
         let (h, p) =
@@ -595,6 +596,7 @@ async fn join(
         min_free_disk_mb: 0,
         cache_limit_mb: 1 << 20,
         docker_host: std::env::var("DOCKER_HOST").ok(),
+        ..ud_edge_agent::AgentConfig::new(String::new(), token.node_id, String::new())
     };
     configure(&mut cfg);
     let mut beat = store

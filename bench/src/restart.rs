@@ -362,6 +362,7 @@ pub fn sim_heartbeat() -> Report {
         running_tasks: 0,
         disk_free_mb: Some(1 << 30),
         low_disk: false,
+        gpus: None,
     })
 }
 

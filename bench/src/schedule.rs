@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use anyhow::Result;
-use ud_core::edge::scheduler::{fair_order, fits, place, Placement, Queued, Usage};
+use ud_core::edge::scheduler::{fair_order, fit, place, Placement, Queued, Usage};
 use ud_core::node::Node;
 use ud_schemas::spec::Gpu;
 use ud_schemas::{NodeId, NodeResources, Resources, TaskId};
@@ -38,8 +38,12 @@ impl Lcg {
 fn nodes(n: usize, rng: &mut Lcg) -> Vec<Node> {
     (0..n)
         .map(|i| {
-            let gpus = [0, 0, 0, 2, 4, 8][rng.next(6) as usize];
-            let model = if rng.next(2) == 0 { "A100" } else { "H100" };
+            let gpus = [0, 0, 0, 1, 2, 4, 8][rng.next(7) as usize];
+            let (model, cc) = if rng.next(2) == 0 {
+                ("NVIDIA A100-SXM4-80GB", "8.0")
+            } else {
+                ("NVIDIA H100 80GB HBM3", "9.0")
+            };
             Node {
                 id: NodeId::new(),
                 name: format!("n{i}"),
@@ -48,9 +52,14 @@ fn nodes(n: usize, rng: &mut Lcg) -> Vec<Node> {
                     cpu_millis: [8_000, 16_000, 32_000, 64_000][rng.next(4) as usize],
                     memory_mb: [32_768, 65_536, 262_144][rng.next(3) as usize],
                     gpus: (0..gpus)
-                        .map(|_| Gpu {
+                        .map(|g| Gpu {
                             model: model.into(),
                             memory_mb: 81_920,
+                            index: g,
+                            uuid: format!("GPU-{i:04}-{g}"),
+                            compute_capability: Some(cc.into()),
+                            mig_profile: None,
+                            pci_bus_id: None,
                         })
                         .collect(),
                     ..Default::default()
@@ -61,6 +70,7 @@ fn nodes(n: usize, rng: &mut Lcg) -> Vec<Node> {
                 low_disk: false,
                 scheduling: ud_schemas::SchedulingMode::Active,
                 disk_free_mb: Some(1_000_000),
+                visible_gpus: None,
             }
         })
         .collect()
@@ -86,31 +96,37 @@ fn requests(n: usize, rng: &mut Lcg) -> Vec<Resources> {
                 labels,
                 preferred_labels: preferred,
                 disk_mb: 0,
+                gpu_memory_mb: 0,
+                gpu_compute_capability: None,
+                gpu_driver: None,
+                gpu_shared: false,
+                network: Default::default(),
             }
         })
         .collect()
 }
 
-fn add(usage: &mut HashMap<NodeId, Usage>, node: NodeId, r: &Resources) {
+fn add(usage: &mut HashMap<NodeId, Usage>, node: NodeId, r: &Resources, devices: &[String]) {
     let u = usage.entry(node).or_default();
     u.cpu_millis += u64::from(r.cpu_millis);
     u.memory_mb += r.memory_mb;
-    u.gpus += u64::from(r.gpus);
+    u.gpus.take(devices, r.gpus, r.gpu_shared);
     u.disk_mb += r.disk_mb;
 }
 
-/// Places every request in turn on a cluster that starts empty; (placed, per second).
+/// Places every request in turn on a cluster that starts empty, each GPU
+/// task on its own devices; (placed, per second).
 fn run(
     nodes: &[Node],
     reqs: &[Resources],
-    choose: impl Fn(&[Node], &HashMap<NodeId, Usage>, &Resources) -> Option<NodeId>,
+    choose: impl Fn(&[Node], &HashMap<NodeId, Usage>, &Resources) -> Option<(NodeId, Vec<String>)>,
 ) -> (usize, f64) {
     let mut usage = HashMap::new();
     let t = Instant::now();
     let mut placed = 0;
     for r in reqs {
-        if let Some(n) = choose(nodes, &usage, r) {
-            add(&mut usage, n, r);
+        if let Some((n, devices)) = choose(nodes, &usage, r) {
+            add(&mut usage, n, r, &devices);
             placed += 1;
         }
     }
@@ -128,10 +144,10 @@ pub fn run_bench(a: Args) -> Result<()> {
     // Baseline: the first node by id with room (no preferences, no scoring).
     let mut sorted = nodes.clone();
     sorted.sort_by_key(|n| n.id);
+    let none = Usage::default();
     let (placed, base) = run(&sorted, &reqs, |ns, u, r| {
         ns.iter()
-            .find(|n| fits(n, u.get(&n.id).copied().unwrap_or_default(), r))
-            .map(|n| n.id)
+            .find_map(|n| fit(n, u.get(&n.id).unwrap_or(&none), r).map(|d| (n.id, d)))
     });
     line(
         "baseline first fit: placement decisions per second",

@@ -24,6 +24,8 @@ pub struct Node {
     pub scheduling: SchedulingMode,
     /// Free disk where tasks run, from its last heartbeat.
     pub disk_free_mb: Option<u64>,
+    /// The GPU devices it saw at its last heartbeat, when it said.
+    pub visible_gpus: Option<Vec<String>>,
 }
 
 impl Node {
@@ -61,6 +63,7 @@ pub enum NodeCommand {
         running_tasks: u32,
         disk_free_mb: Option<u64>,
         low_disk: bool,
+        gpus: Option<Vec<String>>,
     },
     /// Marks the node offline if it has been silent for `timeout_ms`.
     CheckLiveness {
@@ -134,12 +137,14 @@ pub fn decide(
                 running_tasks,
                 disk_free_mb,
                 low_disk,
+                gpus,
             },
         ) => Ok(vec![NodeEvent::Heartbeat(NodeHeartbeat {
             at,
             running_tasks,
             disk_free_mb,
             low_disk,
+            gpus,
         })]),
         (n, NodeCommand::CheckLiveness { timeout_ms }) => match (n.liveness(), n.last_seen) {
             (Liveness::Online, Some(seen)) if now - seen >= timeout_ms => {
@@ -175,6 +180,7 @@ pub fn evolve(node: Option<Node>, id: NodeId, event: &NodeEvent) -> Option<Node>
             low_disk: false,
             scheduling: SchedulingMode::Active,
             disk_free_mb: None,
+            visible_gpus: None,
         }),
         (None, _) => None,
         (Some(mut n), NodeEvent::Revoked(_)) => {
@@ -192,6 +198,7 @@ pub fn evolve(node: Option<Node>, id: NodeId, event: &NodeEvent) -> Option<Node>
             if n.last_seen.is_none_or(|seen| e.at >= seen) {
                 n.low_disk = e.low_disk;
                 n.disk_free_mb = e.disk_free_mb;
+                n.visible_gpus = e.gpus.clone();
             }
             n.last_seen = n.last_seen.max(Some(e.at));
             Some(n)
@@ -310,6 +317,7 @@ mod tests {
                 running_tasks: 0,
                 disk_free_mb: None,
                 low_disk: false,
+                gpus: None,
             },
             200_000,
         )
@@ -322,6 +330,7 @@ mod tests {
             running_tasks: 0,
             disk_free_mb: None,
             low_disk: false,
+            gpus: None,
         });
         let mut n = back.unwrap_or_else(|| unreachable!());
         n.offline_after = Some(300_000);
@@ -377,7 +386,8 @@ mod tests {
                     at: 1,
                     running_tasks: 0,
                     disk_free_mb: None,
-                    low_disk: false
+                    low_disk: false,
+                    gpus: None,
                 },
                 1
             ),
@@ -396,7 +406,8 @@ mod tests {
                     at: 6,
                     running_tasks: 0,
                     disk_free_mb: None,
-                    low_disk: false
+                    low_disk: false,
+                    gpus: None,
                 },
                 6
             ),

@@ -90,6 +90,8 @@ pub struct Task {
     pub attempts: u32,
     /// A retried task is not placed before this (ms since the epoch).
     pub not_before: Option<Millis>,
+    /// The GPU devices (UUIDs) its live assignment holds; empty when none.
+    pub gpus: Vec<String>,
     /// Number of events applied: grows by one with every event.
     pub version: u64,
 }
@@ -104,6 +106,8 @@ pub enum TaskCommand {
     },
     Assign {
         node_id: NodeId,
+        /// The node's GPU devices the run is given.
+        gpus: Vec<String>,
     },
     /// The scheduler cannot place the task now: why.
     Wait {
@@ -222,11 +226,12 @@ pub fn decide(
     };
     match (&task.state, command) {
         (_, TaskCommand::Submit { .. }) => Err(TaskError::AlreadyExists),
-        (TaskState::Pending, TaskCommand::Assign { node_id }) => {
+        (TaskState::Pending, TaskCommand::Assign { node_id, gpus }) => {
             Ok(vec![TaskEvent::Assigned(TaskAssigned {
                 at: now,
                 node_id,
                 attempt: task.attempts + 1,
+                gpus,
             })])
         }
         (
@@ -441,6 +446,7 @@ pub fn evolve(task: Option<Task>, id: TaskId, event: &TaskEvent) -> Option<Task>
                 state: TaskState::Pending,
                 attempts: 0,
                 not_before: None,
+                gpus: Vec::new(),
                 version: 1,
             }),
             _ => None,
@@ -456,6 +462,7 @@ pub fn evolve(task: Option<Task>, id: TaskId, event: &TaskEvent) -> Option<Task>
     ) {
         (_, TaskEvent::Assigned(e)) => {
             task.attempts = e.attempt;
+            task.gpus = e.gpus.clone();
             TaskState::Assigned {
                 node_id: e.node_id,
                 attempt: e.attempt,
@@ -503,6 +510,10 @@ pub fn evolve(task: Option<Task>, id: TaskId, event: &TaskEvent) -> Option<Task>
             | TaskEvent::Outputs(_),
         ) => state,
     };
+    // Devices are held only by a live assignment.
+    if task.state.live_node().is_none() {
+        task.gpus.clear();
+    }
     Some(task)
 }
 

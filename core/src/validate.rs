@@ -3,7 +3,9 @@
 use ud_schemas::spec::{Resources, RetryPolicy};
 use ud_schemas::{ProjectId, TaskSpec};
 
-pub use ud_schemas::api::{FieldError, ResourceRequest, RetryRequest, SubmitTask};
+pub use ud_schemas::api::{
+    CheckpointRequest, FieldError, ResourceRequest, RetryRequest, SubmitTask,
+};
 
 /// Upper bounds on what one task may ask for.
 pub mod limits {
@@ -32,6 +34,33 @@ pub mod limits {
     pub const MAX_DISK_MB: i64 = 100_000_000;
     pub const MIN_PRIORITY: i64 = -1000;
     pub const MAX_PRIORITY: i64 = 1000;
+    pub const MAX_GPU_MEMORY_MB: i64 = 1024 * 1024;
+    pub const MAX_VERSION_BYTES: usize = 32;
+    pub const MAX_SHM_MB: i64 = 1024 * 1024;
+    pub const MAX_SECRETS: usize = 64;
+    pub const MIN_CHECKPOINT_SECONDS: i64 = 10;
+    pub const MAX_CHECKPOINT_SECONDS: i64 = 24 * 3600;
+    pub const DEFAULT_CHECKPOINT_SECONDS: i64 = 600;
+}
+
+/// A dotted version of numbers (`8.0`, `535.104.05`).
+fn dotted_version(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= limits::MAX_VERSION_BYTES
+        && v.split('.')
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// A secret's name: what its environment variable is called too.
+pub fn secret_name(field: &str, name: &str) -> Result<(), FieldError> {
+    if env_key(name) && name.len() <= 128 {
+        Ok(())
+    } else {
+        Err(FieldError::new(
+            field,
+            "1-128 letters, digits and '_', not starting with a digit",
+        ))
+    }
 }
 
 struct Errors(Vec<FieldError>);
@@ -243,6 +272,10 @@ pub fn rerun_request(project: &str, spec: &TaskSpec) -> SubmitTask {
             labels: r.labels.clone(),
             preferred_labels: r.preferred_labels.clone(),
             disk_mb: i64::try_from(r.disk_mb).unwrap_or(i64::MAX),
+            gpu_memory_mb: i64::try_from(r.gpu_memory_mb).unwrap_or(i64::MAX),
+            gpu_compute_capability: r.gpu_compute_capability.clone(),
+            gpu_driver: r.gpu_driver.clone(),
+            gpu_shared: r.gpu_shared,
         },
         timeout_seconds: Some(i64::try_from(spec.timeout_seconds).unwrap_or(i64::MAX)),
         retry: Some(RetryRequest {
@@ -260,6 +293,15 @@ pub fn rerun_request(project: &str, spec: &TaskSpec) -> SubmitTask {
         queue: Some(spec.queue.clone()),
         inputs: spec.inputs.clone(),
         outputs: spec.outputs.clone(),
+        network: Some(r.network),
+        shm_size_mb: spec
+            .shm_size_mb
+            .map(|m| i64::try_from(m).unwrap_or(i64::MAX)),
+        secrets: spec.secrets.clone(),
+        checkpoint: spec.checkpoint.as_ref().map(|c| CheckpointRequest {
+            path: c.path.clone(),
+            every_seconds: Some(i64::try_from(c.every_seconds).unwrap_or(i64::MAX)),
+        }),
     }
 }
 
@@ -452,6 +494,70 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
             );
         }
     }
+    if !(0..=limits::MAX_GPU_MEMORY_MB).contains(&r.gpu_memory_mb) {
+        e.add(
+            "resources.gpu_memory_mb",
+            format!("must be between 0 and {}", limits::MAX_GPU_MEMORY_MB),
+        );
+    }
+    for (field, v) in [
+        ("resources.gpu_compute_capability", &r.gpu_compute_capability),
+        ("resources.gpu_driver", &r.gpu_driver),
+    ] {
+        if v.as_deref().is_some_and(|v| !dotted_version(v)) {
+            e.add(field, "a version of dotted numbers, e.g. 8.0 or 535.104");
+        }
+    }
+    let network = req.network.unwrap_or_default();
+    if let Some(shm) = req.shm_size_mb {
+        if !(1..=limits::MAX_SHM_MB).contains(&shm) {
+            e.add(
+                "shm_size_mb",
+                format!("must be between 1 and {}", limits::MAX_SHM_MB),
+            );
+        }
+    }
+    if req.secrets.len() > limits::MAX_SECRETS {
+        e.add(
+            "secrets",
+            format!("more than {} secrets", limits::MAX_SECRETS),
+        );
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, name) in req.secrets.iter().enumerate() {
+        if let Err(f) = secret_name(&format!("secrets[{i}]"), name) {
+            e.0.push(f);
+        } else if !seen.insert(name) {
+            e.add(format!("secrets[{i}]"), format!("{name} is named twice"));
+        } else if req.env.contains_key(name) {
+            e.add(
+                format!("secrets[{i}]"),
+                format!("{name} is also set in env: give it one value"),
+            );
+        }
+    }
+    let checkpoint = req.checkpoint.as_ref().map(|c| {
+        if let Err(f) = relative_path("checkpoint.path", &c.path) {
+            e.0.push(f);
+        }
+        let every = c
+            .every_seconds
+            .unwrap_or(limits::DEFAULT_CHECKPOINT_SECONDS);
+        if !(limits::MIN_CHECKPOINT_SECONDS..=limits::MAX_CHECKPOINT_SECONDS).contains(&every) {
+            e.add(
+                "checkpoint.every_seconds",
+                format!(
+                    "must be between {} and {}",
+                    limits::MIN_CHECKPOINT_SECONDS,
+                    limits::MAX_CHECKPOINT_SECONDS
+                ),
+            );
+        }
+        ud_schemas::spec::Checkpoint {
+            path: c.path.trim_end_matches('/').to_owned(),
+            every_seconds: every.unsigned_abs(),
+        }
+    });
     let priority = req.priority.unwrap_or(0);
     if let Err(f) = priority_value(priority) {
         e.0.push(f);
@@ -478,6 +584,11 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
                     labels: r.labels.clone(),
                     preferred_labels: r.preferred_labels.clone(),
                     disk_mb: r.disk_mb.unsigned_abs(),
+                    gpu_memory_mb: r.gpu_memory_mb.unsigned_abs(),
+                    gpu_compute_capability: r.gpu_compute_capability.clone(),
+                    gpu_driver: r.gpu_driver.clone(),
+                    gpu_shared: r.gpu_shared,
+                    network,
                 },
                 timeout_seconds: timeout.unsigned_abs(),
                 retry: RetryPolicy {
@@ -498,6 +609,9 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
                     .iter()
                     .map(|p| p.trim_end_matches('/').to_owned())
                     .collect(),
+                shm_size_mb: req.shm_size_mb.map(i64::unsigned_abs),
+                secrets: req.secrets.clone(),
+                checkpoint,
             },
         )),
         _ => Err(e.0),
@@ -545,6 +659,10 @@ pub(crate) mod tests {
             queue: None,
             inputs: vec![],
             outputs: vec![],
+            network: None,
+            shm_size_mb: None,
+            secrets: vec![],
+            checkpoint: None,
         }
     }
 

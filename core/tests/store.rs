@@ -31,6 +31,10 @@ pub fn request(project: &str) -> SubmitTask {
         queue: None,
         inputs: vec![],
         outputs: vec![],
+        network: None,
+        shm_size_mb: None,
+        secrets: vec![],
+        checkpoint: None,
     }
 }
 
@@ -83,6 +87,7 @@ async fn concurrency_check_covers_every_subject_of_the_aggregate() -> Result<()>
             at: 2,
             node_id: node,
             attempt: 1,
+            gpus: vec![],
         }),
     );
     // Expecting s1 on a different subject of the same task works: the scope is ud.task.<id>.>
@@ -139,12 +144,12 @@ async fn of_concurrent_conflicting_commands_exactly_one_wins() -> Result<()> {
         let node_b = NodeId::new();
         // Two schedulers assign the same pending task at once, plus a cancel.
         let cmds = [
-            TaskCommand::Assign { node_id: node_a },
-            TaskCommand::Assign { node_id: node_b },
+            TaskCommand::Assign { node_id: node_a, gpus: vec![] },
+            TaskCommand::Assign { node_id: node_b, gpus: vec![] },
             TaskCommand::Cancel {
                 reason: "race".into(),
             },
-            TaskCommand::Assign { node_id: node_a },
+            TaskCommand::Assign { node_id: node_a, gpus: vec![] },
         ];
         let results = futures::future::join_all(cmds.into_iter().map(|c| {
             let commands = commands.clone();

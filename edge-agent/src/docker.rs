@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use bollard::models::{ContainerCreateBody, DeviceRequest, HostConfig};
+use bollard::models::{ContainerCreateBody, DeviceRequest, HostConfig, ResourcesUlimits};
 use bollard::query_parameters::{
     CreateContainerOptions, ListContainersOptions, LogsOptions, RemoveContainerOptions,
     StopContainerOptions, WaitContainerOptions,
@@ -12,6 +12,7 @@ use bollard::query_parameters::{
 use bollard::Docker;
 use futures::StreamExt;
 use ud_schemas::dispatch::DispatchRun;
+use ud_schemas::spec::NetworkMode;
 use ud_schemas::{now_millis, Millis, NodeId, TaskId};
 
 use crate::AgentError;
@@ -26,6 +27,8 @@ pub const LABEL_TIMEOUT: &str = "io.unidesk.timeout_seconds";
 pub const LABEL_OUTPUTS: &str = "io.unidesk.outputs";
 /// The task's workspace on the node, mounted at `/workspace`.
 pub const LABEL_WORKSPACE: &str = "io.unidesk.workspace";
+/// The GPU devices the run was given (comma-separated UUIDs).
+pub const LABEL_GPUS: &str = "io.unidesk.gpus";
 pub const PIDS_LIMIT: i64 = 4096;
 
 /// A container of this node found after a restart, with what its run needs
@@ -40,6 +43,8 @@ pub struct Adopted {
     pub timeout_seconds: Option<u64>,
     pub outputs: Vec<String>,
     pub workspace: Option<std::path::PathBuf>,
+    /// The GPU devices it was given.
+    pub gpus: Vec<String>,
 }
 
 impl Adopted {
@@ -66,7 +71,110 @@ impl Adopted {
                 .and_then(|v| serde_json::from_str(v).ok())
                 .unwrap_or_default(),
             workspace: labels.get(LABEL_WORKSPACE).map(std::path::PathBuf::from),
+            gpus: labels
+                .get(LABEL_GPUS)
+                .map(|g| g.split(',').map(str::to_owned).collect())
+                .unwrap_or_default(),
         })
+    }
+}
+
+/// What one run's container starts from.
+pub struct Launch<'a> {
+    pub image: &'a str,
+    pub run: &'a DispatchRun,
+    /// The task's workspace, mounted at `/workspace`.
+    pub workspace: Option<&'a std::path::Path>,
+    /// The network `egress` tasks join.
+    pub egress_network: &'a str,
+    /// Environment variables given to this run only (its secrets): never in
+    /// the spec, the labels or a log.
+    pub secrets: &'a [(String, String)],
+}
+
+/// `/dev/shm` when the task does not say: half its memory, at most 16 GiB
+/// (PyTorch's DataLoader workers pass batches through it; Docker's 64 MiB
+/// kills them).
+pub fn default_shm_mb(memory_mb: u64) -> u64 {
+    (memory_mb / 2).clamp(64, 16 * 1024)
+}
+
+/// The stack size NVIDIA recommends for GPU containers.
+pub const GPU_STACK_BYTES: i64 = 64 * 1024 * 1024;
+
+/// A run's container: its limits, its GPU devices by id (never a count:
+/// Docker turns a count into devices 0..n), its network, shared memory and
+/// private IPC, no privileges, and the labels a restarted agent reads.
+pub fn container(node: &NodeId, l: &Launch<'_>, started_at: Millis) -> ContainerCreateBody {
+    let spec = &l.run.spec;
+    let mut cmd = spec.command.clone();
+    cmd.extend(spec.args.iter().cloned());
+    let gpu = !l.run.gpus.is_empty();
+    let devices = gpu.then(|| {
+        vec![DeviceRequest {
+            driver: Some("nvidia".into()),
+            device_ids: Some(l.run.gpus.clone()),
+            capabilities: Some(vec![vec!["gpu".into()]]),
+            ..Default::default()
+        }]
+    });
+    // NVIDIA's recommended limits for GPU work: locked memory for pinned
+    // host buffers, a larger stack.
+    let ulimits = gpu.then(|| {
+        vec![
+            ResourcesUlimits {
+                name: Some("memlock".into()),
+                soft: Some(-1),
+                hard: Some(-1),
+            },
+            ResourcesUlimits {
+                name: Some("stack".into()),
+                soft: Some(GPU_STACK_BYTES),
+                hard: Some(GPU_STACK_BYTES),
+            },
+        ]
+    });
+    let network = match spec.resources.network {
+        NetworkMode::None => "none",
+        NetworkMode::Egress => l.egress_network,
+    };
+    let shm_mb = spec
+        .shm_size_mb
+        .unwrap_or_else(|| default_shm_mb(spec.resources.memory_mb));
+    let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    // Exactly the devices given (and none on a node whose default runtime
+    // would otherwise show every GPU to a CPU task).
+    env.push(format!(
+        "NVIDIA_VISIBLE_DEVICES={}",
+        if gpu { l.run.gpus.join(",") } else { "void".into() }
+    ));
+    env.extend(l.secrets.iter().map(|(k, v)| format!("{k}={v}")));
+    let mb = |m: u64| i64::try_from(m.saturating_mul(1024 * 1024)).unwrap_or(i64::MAX);
+    let host = HostConfig {
+        nano_cpus: Some(i64::from(spec.resources.cpu_millis) * 1_000_000),
+        memory: Some(mb(spec.resources.memory_mb)),
+        pids_limit: Some(PIDS_LIMIT),
+        cap_drop: Some(vec!["ALL".into()]),
+        security_opt: Some(vec!["no-new-privileges".into()]),
+        network_mode: Some(network.to_owned()),
+        privileged: Some(false),
+        ipc_mode: Some("private".into()),
+        shm_size: Some(mb(shm_mb)),
+        ulimits,
+        device_requests: devices,
+        binds: l
+            .workspace
+            .map(|w| vec![format!("{}:/workspace", w.display())]),
+        ..Default::default()
+    };
+    ContainerCreateBody {
+        image: Some(l.image.to_owned()),
+        cmd: Some(cmd),
+        env: Some(env),
+        labels: Some(labels(node, l.run, l.workspace, started_at)),
+        working_dir: l.workspace.map(|_| "/workspace".to_owned()),
+        host_config: Some(host),
+        ..Default::default()
     }
 }
 
@@ -95,6 +203,9 @@ pub fn labels(
     }
     if let Some(w) = workspace {
         labels.insert(LABEL_WORKSPACE.to_owned(), w.display().to_string());
+    }
+    if !run.gpus.is_empty() {
+        labels.insert(LABEL_GPUS.to_owned(), run.gpus.join(","));
     }
     labels
 }
@@ -136,51 +247,10 @@ impl Executor {
         self.docker.version().await.ok().and_then(|v| v.version)
     }
 
-    /// Creates and starts the task's container; returns its id.
-    /// `workspace`, when given, is the task's code, mounted at `/workspace`.
-    pub async fn create(
-        &self,
-        image: &str,
-        run: &DispatchRun,
-        workspace: Option<&std::path::Path>,
-    ) -> Result<String, AgentError> {
-        let spec = &run.spec;
-        let mut cmd = spec.command.clone();
-        cmd.extend(spec.args.iter().cloned());
-        let labels = labels(&self.node, run, workspace, now_millis());
-        let gpus = (spec.resources.gpus > 0).then(|| {
-            vec![DeviceRequest {
-                driver: Some("nvidia".into()),
-                count: Some(i64::from(spec.resources.gpus)),
-                capabilities: Some(vec![vec!["gpu".into()]]),
-                ..Default::default()
-            }]
-        });
-        let host = HostConfig {
-            nano_cpus: Some(i64::from(spec.resources.cpu_millis) * 1_000_000),
-            memory: Some(
-                i64::try_from(spec.resources.memory_mb.saturating_mul(1024 * 1024))
-                    .unwrap_or(i64::MAX),
-            ),
-            pids_limit: Some(PIDS_LIMIT),
-            cap_drop: Some(vec!["ALL".into()]),
-            security_opt: Some(vec!["no-new-privileges".into()]),
-            network_mode: Some("none".into()),
-            privileged: Some(false),
-            device_requests: gpus,
-            binds: workspace.map(|w| vec![format!("{}:/workspace", w.display())]),
-            ..Default::default()
-        };
-        let body = ContainerCreateBody {
-            image: Some(image.to_owned()),
-            cmd: Some(cmd),
-            env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
-            labels: Some(labels),
-            working_dir: workspace.map(|_| "/workspace".to_owned()),
-            host_config: Some(host),
-            ..Default::default()
-        };
-        let name = format!("ud-{}-{}", run.task_id, run.attempt);
+    /// Creates and starts the task's container as [`container`] describes
+    /// it; returns its id.
+    pub async fn create(&self, launch: &Launch<'_>) -> Result<String, AgentError> {
+        let name = format!("ud-{}-{}", launch.run.task_id, launch.run.attempt);
         let created = self
             .docker
             .create_container(
@@ -188,7 +258,7 @@ impl Executor {
                     name: Some(name),
                     ..Default::default()
                 }),
-                body,
+                container(&self.node, launch, now_millis()),
             )
             .await?;
         if let Err(e) = self.docker.start_container(&created.id, None).await {
@@ -196,6 +266,56 @@ impl Executor {
             return Err(e.into());
         }
         Ok(created.id)
+    }
+
+    /// Makes the private bridge network `egress` tasks join (once): no
+    /// traffic between its containers, and its bridge named `bridge` so that
+    /// the host's firewall can keep it from the host's own services.
+    pub async fn ensure_egress_network(&self, name: &str, bridge: &str) -> Result<(), AgentError> {
+        if self
+            .docker
+            .inspect_network(name, None::<bollard::query_parameters::InspectNetworkOptions>)
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        let options = HashMap::from([
+            (
+                "com.docker.network.bridge.enable_icc".to_owned(),
+                "false".to_owned(),
+            ),
+            (
+                "com.docker.network.bridge.name".to_owned(),
+                bridge.to_owned(),
+            ),
+        ]);
+        self.docker
+            .create_network(bollard::models::NetworkCreateRequest {
+                name: name.to_owned(),
+                driver: Some("bridge".into()),
+                options: Some(options),
+                labels: Some(HashMap::from([(LABEL_NODE.to_owned(), self.node.to_string())])),
+                ..Default::default()
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Whether the engine can give containers NVIDIA GPUs (the NVIDIA
+    /// Container Toolkit's runtime, or CDI specifications).
+    pub async fn gives_gpus(&self) -> bool {
+        match self.docker.info().await {
+            Ok(info) => {
+                info.runtimes.is_some_and(|r| r.contains_key("nvidia"))
+                    || info
+                        .discovered_devices
+                        .unwrap_or_default()
+                        .iter()
+                        .any(|d| d.id.as_deref().is_some_and(|id| id.starts_with("nvidia.com/gpu")))
+            }
+            Err(_) => false,
+        }
     }
 
     /// Containers this node started, running or not.
@@ -327,6 +447,7 @@ mod tests {
             task_id: TaskId::new(),
             attempt: 3,
             spec,
+            gpus: vec!["GPU-a".into(), "GPU-b".into()],
         };
         let w = std::path::Path::new("/var/lib/unidesk-edge/tasks/x-3");
         let l = labels(&node, &run, Some(w), 1234);
@@ -341,6 +462,7 @@ mod tests {
                 timeout_seconds: Some(15),
                 outputs: vec!["result.txt".into(), "out/".into()],
                 workspace: Some(w.to_owned()),
+                gpus: vec!["GPU-a".into(), "GPU-b".into()],
             })
         );
         // Another node's container is not ours.

@@ -1,7 +1,11 @@
-//! What a node declares about itself.
+//! What a node declares about itself: what it offers tasks, its own reserve
+//! taken off.
 
-use ud_schemas::spec::Gpu;
+use ud_schemas::events::GpuInUse;
+use ud_schemas::spec::NetworkMode;
 use ud_schemas::NodeResources;
+
+use crate::gpus::Detected;
 
 fn meminfo_mb() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
@@ -15,66 +19,92 @@ fn meminfo_mb() -> u64 {
         .map_or(0, |kb| kb / 1024)
 }
 
-fn disk_mb() -> u64 {
-    disk_free_mb(std::path::Path::new("/")).unwrap_or(0)
-}
-
 /// Free space, in MiB, of the filesystem holding `path`.
 pub fn disk_free_mb(path: &std::path::Path) -> Option<u64> {
     fs2::available_space(path).ok().map(|b| b / (1024 * 1024))
 }
 
-/// GPUs from `nvidia-smi`, none where it is absent.
-pub fn gpus() -> Vec<Gpu> {
-    let out = std::process::Command::new("nvidia-smi")
-        .args([
-            "--query-gpu=name,memory.total",
-            "--format=csv,noheader,nounits",
-        ])
-        .output();
-    let Ok(out) = out else { return vec![] };
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            let (name, mem) = l.split_once(',')?;
-            Some(Gpu {
-                model: name.trim().to_owned(),
-                memory_mb: mem.trim().parse().ok()?,
-            })
-        })
-        .collect()
+/// What the node keeps for itself and what it lets tasks do.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Offer {
+    /// CPU (thousandths of a core) and memory never offered to tasks.
+    pub reserve_cpu_millis: u32,
+    pub reserve_memory_mb: u64,
+    /// Network modes its owner allows tasks besides `none`.
+    pub networks: Vec<NetworkMode>,
 }
 
-pub async fn detect(docker_version: Option<String>) -> NodeResources {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let wsl = std::fs::read_to_string("/proc/version")
-        .is_ok_and(|v| v.to_lowercase().contains("microsoft"));
+/// What the node offers: the machine's CPUs, memory and disk less the
+/// reserve, and the GPUs found (none when Docker cannot give them).
+pub fn resources(
+    docker_version: Option<String>,
+    offer: &Offer,
+    gpus: &Detected,
+    cpus: usize,
+    memory_mb: u64,
+) -> NodeResources {
+    let cpu_millis = u32::try_from(cpus * 1000).unwrap_or(u32::MAX);
+    let mut networks = vec![NetworkMode::None];
+    networks.extend(offer.networks.iter().filter(|n| **n != NetworkMode::None));
+    networks.dedup();
     NodeResources {
-        cpu_millis: u32::try_from(cpus * 1000).unwrap_or(u32::MAX),
-        memory_mb: meminfo_mb(),
-        disk_mb: disk_mb(),
-        gpus: tokio::task::spawn_blocking(gpus).await.unwrap_or_default(),
+        cpu_millis: cpu_millis.saturating_sub(offer.reserve_cpu_millis),
+        memory_mb: memory_mb.saturating_sub(offer.reserve_memory_mb),
+        disk_mb: disk_free_mb(std::path::Path::new("/")).unwrap_or(0),
+        gpus: gpus.gpus.clone(),
         os: std::env::consts::OS.to_owned(),
-        wsl,
+        wsl: crate::gpus::is_wsl(),
         docker_version,
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        gpu_driver: gpus.driver.clone(),
+        cuda_version: gpus.cuda.clone(),
+        networks,
     }
 }
 
-/// GPUs with their driver version, for the record of what a run used.
-pub fn gpus_in_use() -> Vec<ud_schemas::events::GpuInUse> {
-    let out = std::process::Command::new("nvidia-smi")
-        .args(["--query-gpu=name,driver_version", "--format=csv,noheader"])
-        .output();
-    let Ok(out) = out else { return vec![] };
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            let (model, driver) = l.split_once(',')?;
-            Some(ud_schemas::events::GpuInUse {
-                model: model.trim().to_owned(),
-                driver: driver.trim().to_owned(),
-            })
+/// This machine's CPUs and memory.
+pub fn machine() -> (usize, u64) {
+    (
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        meminfo_mb(),
+    )
+}
+
+/// The devices a run was given, as the record of what it used.
+pub fn gpus_in_use(detected: &Detected, devices: &[String]) -> Vec<GpuInUse> {
+    devices
+        .iter()
+        .map(|id| {
+            let gpu = detected.gpus.iter().find(|g| &g.uuid == id);
+            GpuInUse {
+                model: gpu.map(|g| g.model.clone()).unwrap_or_default(),
+                driver: detected.driver.clone().unwrap_or_default(),
+                uuid: id.clone(),
+            }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reserve_is_kept_back_and_egress_is_offered_only_when_allowed() {
+        let offer = Offer {
+            reserve_cpu_millis: 1500,
+            reserve_memory_mb: 4096,
+            networks: vec![],
+        };
+        let r = resources(None, &offer, &Detected::default(), 8, 32768);
+        assert_eq!((r.cpu_millis, r.memory_mb), (6500, 28672));
+        assert_eq!(r.networks, vec![NetworkMode::None]);
+        let open = Offer {
+            networks: vec![NetworkMode::Egress],
+            ..offer
+        };
+        let r = resources(None, &open, &Detected::default(), 1, 1024);
+        assert_eq!((r.cpu_millis, r.memory_mb), (0, 0), "a reserve larger than the machine offers nothing");
+        assert_eq!(r.networks, vec![NetworkMode::None, NetworkMode::Egress]);
+    }
 }

@@ -10,6 +10,7 @@
 
 pub mod docker;
 pub mod env;
+pub mod gpus;
 pub mod info;
 pub mod reporter;
 pub mod requests;
@@ -71,6 +72,37 @@ pub struct AgentConfig {
     pub cache_limit_mb: u64,
     /// Docker socket (default: the local engine).
     pub docker_host: Option<String>,
+    /// `nvidia-smi` to ask when NVML cannot be loaded (a path, or a name on the PATH).
+    pub nvidia_smi: String,
+    /// What the node keeps for itself and lets tasks do.
+    pub offer: info::Offer,
+    /// The Docker network `egress` tasks join, and its bridge's name.
+    pub egress_network: String,
+    pub egress_bridge: String,
+}
+
+impl AgentConfig {
+    /// Settings for a node with everything else as `unidesk-edge run`
+    /// defaults it (tests and benchmarks).
+    pub fn new(leaf_url: String, node_id: NodeId, name: String) -> Self {
+        Self {
+            leaf_url,
+            node_id,
+            name,
+            labels: BTreeMap::new(),
+            heartbeat_interval: Duration::from_secs(15),
+            image: None,
+            work_dir: std::env::temp_dir().join(format!("ud-edge-{node_id}")),
+            build_timeout: Duration::from_secs(1800),
+            min_free_disk_mb: 5120,
+            cache_limit_mb: 51200,
+            docker_host: None,
+            nvidia_smi: "nvidia-smi".into(),
+            offer: info::Offer::default(),
+            egress_network: "unidesk-egress".into(),
+            egress_bridge: "ud-egress0".into(),
+        }
+    }
 }
 
 /// Exponential backoff with full jitter, capped at 30 s.
@@ -125,6 +157,36 @@ pub(crate) struct Agent {
     pub running: Running,
     pub requests: requests::Requests,
     pub transfers: transfer::Transfers,
+    /// The GPUs as last found (none when Docker cannot give them).
+    pub gpus: Arc<std::sync::Mutex<gpus::Detected>>,
+}
+
+/// The node's GPUs, as containers can have them: none, saying why, when
+/// Docker cannot give GPUs to containers.
+async fn usable_gpus(cfg: &AgentConfig, docker: &docker::Executor) -> gpus::Detected {
+    let smi = cfg.nvidia_smi.clone();
+    let found = tokio::task::spawn_blocking(move || gpus::detect(&smi))
+        .await
+        .unwrap_or_default();
+    if let Some(problem) = &found.problem {
+        warn!(problem = %problem, "the NVIDIA driver did not answer; this node offers no GPU");
+    }
+    if found.gpus.is_empty() {
+        return found;
+    }
+    if !docker.gives_gpus().await {
+        tracing::error!(
+            gpus = found.gpus.len(),
+            "GPUs found, but Docker cannot give them to containers: install the NVIDIA Container Toolkit (docs/gpus.md); this node offers no GPU until then"
+        );
+        return gpus::Detected {
+            gpus: Vec::new(),
+            problem: Some("Docker has no NVIDIA runtime".into()),
+            ..found
+        };
+    }
+    info!(gpus = found.gpus.len(), source = found.source, driver = ?found.driver, cuda = ?found.cuda, "GPUs found");
+    found
 }
 
 /// Runs the agent until the process is stopped.
@@ -160,11 +222,20 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         cfg.cache_limit_mb.saturating_mul(1024 * 1024),
     )
     .with_credentials(requests.clone());
+    let found = usable_gpus(&cfg, &docker).await;
+    if cfg.offer.networks.contains(&ud_schemas::spec::NetworkMode::Egress) {
+        docker
+            .ensure_egress_network(&cfg.egress_network, &cfg.egress_bridge)
+            .await?;
+    }
+    let (cpus, memory_mb) = info::machine();
+    let resources = info::resources(docker.version().await, &cfg.offer, &found, cpus, memory_mb);
     let agent = Agent {
         reporter: Reporter::new(node, local),
         transfers: transfer::Transfers::new(requests.clone()),
         running: Arc::default(),
         cfg: Arc::new(cfg),
+        gpus: Arc::new(std::sync::Mutex::new(found)),
         docker,
         versions,
         requests,
@@ -172,7 +243,6 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     // Everything the agent starts ends with it.
     let mut tasks = tokio::task::JoinSet::new();
 
-    let resources = info::detect(agent.docker.version().await).await;
     agent
         .reporter
         .send(Report::Registered(NodeRegistered {
@@ -199,11 +269,26 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     }
 }
 
-/// Reports the node's heartbeat every interval: its runs and its free disk.
+/// Reports the node's heartbeat every interval: its runs, its free disk and
+/// (on a node with GPUs) the devices it sees now.
 async fn heartbeats(agent: Agent) {
+    let has_gpus = agent.gpus.lock().is_ok_and(|g| !g.gpus.is_empty());
     let mut tick = tokio::time::interval(agent.cfg.heartbeat_interval);
     loop {
         tick.tick().await;
+        let seen = if has_gpus {
+            let smi = agent.cfg.nvidia_smi.clone();
+            let now = tokio::task::spawn_blocking(move || gpus::detect(&smi))
+                .await
+                .unwrap_or_default();
+            let ids: Vec<String> = now.gpus.iter().map(|g| g.uuid.clone()).collect();
+            if let Ok(mut g) = agent.gpus.lock() {
+                g.gpus = now.gpus;
+            }
+            Some(ids)
+        } else {
+            None
+        };
         let n = u32::try_from(agent.running.lock().await.len()).unwrap_or(u32::MAX);
         let dir = agent.cfg.work_dir.clone();
         let free = tokio::task::spawn_blocking(move || {
@@ -218,6 +303,7 @@ async fn heartbeats(agent: Agent) {
             running_tasks: n,
             disk_free_mb: free,
             low_disk: free.is_some_and(|f| f < agent.cfg.min_free_disk_mb),
+            gpus: seen,
         });
         if let Err(e) = agent.reporter.send(beat).await {
             warn!(error = %e, "heartbeat not recorded");
@@ -251,6 +337,11 @@ pub(crate) mod tests {
                 labels: BTreeMap::new(),
                 preferred_labels: BTreeMap::new(),
                 disk_mb: 0,
+                gpu_memory_mb: 0,
+                gpu_compute_capability: None,
+                gpu_driver: None,
+                gpu_shared: false,
+                network: Default::default(),
             },
             timeout_seconds: 60,
             retry: RetryPolicy {
@@ -263,6 +354,9 @@ pub(crate) mod tests {
             queue: "default".into(),
             inputs: vec![],
             outputs: vec![],
+            shm_size_mb: None,
+            secrets: vec![],
+            checkpoint: None,
         }
     }
 }

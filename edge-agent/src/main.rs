@@ -11,6 +11,7 @@ use anyhow::{anyhow, Result};
 use clap::{Args, Parser, Subcommand};
 use ud_edge_agent::{run, AgentConfig};
 use ud_schemas::edge::{self, NodeToken};
+use ud_schemas::spec::NetworkMode;
 
 #[derive(Parser)]
 #[command(name = "unidesk-edge", version, about = "UniDesk compute-node agent")]
@@ -68,6 +69,25 @@ struct RunArgs {
     cache_limit_mb: u64,
     #[arg(long, env = "DOCKER_HOST")]
     docker_host: Option<String>,
+    /// `nvidia-smi` to ask when NVML cannot be loaded (a path, or a name on the PATH).
+    #[arg(long, env = "UD_EDGE_NVIDIA_SMI", default_value = "nvidia-smi")]
+    nvidia_smi: String,
+    /// CPUs (fractions allowed) this machine keeps for itself, never offered to tasks.
+    #[arg(long, env = "UD_EDGE_RESERVE_CPUS", default_value_t = 0.0)]
+    reserve_cpus: f64,
+    /// Memory (MiB) this machine keeps for itself, never offered to tasks.
+    #[arg(long, env = "UD_EDGE_RESERVE_MEMORY_MB", default_value_t = 0)]
+    reserve_memory_mb: u64,
+    /// Network modes tasks may ask for besides `none` (`egress`: a private
+    /// bridge network to the outside; see docs/nodes.md for the host rule
+    /// that keeps it from this machine's own services).
+    #[arg(long = "allow-network", env = "UD_EDGE_ALLOW_NETWORK", value_delimiter = ',')]
+    allow_network: Vec<String>,
+    /// The Docker network egress tasks join, and its bridge's name.
+    #[arg(long, env = "UD_EDGE_EGRESS_NETWORK", default_value = "unidesk-egress")]
+    egress_network: String,
+    #[arg(long, env = "UD_EDGE_EGRESS_BRIDGE", default_value = "ud-egress0")]
+    egress_bridge: String,
 }
 
 #[derive(Args)]
@@ -144,6 +164,24 @@ async fn main() -> Result<()> {
                     a.heartbeat_seconds
                 ));
             }
+            if !(0.0..=4096.0).contains(&a.reserve_cpus) {
+                return Err(anyhow!(
+                    "UD_EDGE_RESERVE_CPUS must be between 0 and 4096, not {}",
+                    a.reserve_cpus
+                ));
+            }
+            let networks = a
+                .allow_network
+                .iter()
+                .filter(|n| !n.is_empty())
+                .map(|n| match n.as_str() {
+                    "none" => Ok(NetworkMode::None),
+                    "egress" => Ok(NetworkMode::Egress),
+                    other => Err(anyhow!(
+                        "UD_EDGE_ALLOW_NETWORK: {other:?} is not none or egress"
+                    )),
+                })
+                .collect::<Result<Vec<_>>>()?;
             run(AgentConfig {
                 leaf_url: a.leaf_url,
                 node_id: t.node_id,
@@ -156,6 +194,14 @@ async fn main() -> Result<()> {
                 min_free_disk_mb: a.min_free_disk_mb,
                 cache_limit_mb: a.cache_limit_mb,
                 docker_host: a.docker_host,
+                nvidia_smi: a.nvidia_smi,
+                offer: ud_edge_agent::info::Offer {
+                    reserve_cpu_millis: (a.reserve_cpus * 1000.0).round() as u32,
+                    reserve_memory_mb: a.reserve_memory_mb,
+                    networks,
+                },
+                egress_network: a.egress_network,
+                egress_bridge: a.egress_bridge,
             })
             .await?;
             Ok(())

@@ -140,11 +140,14 @@ impl Agent {
         }
         let t = std::time::Instant::now();
         let started_at = now_millis();
-        let container = match self
-            .docker
-            .create(&prepared.image, &run, prepared.workspace.as_deref())
-            .await
-        {
+        let launch = docker::Launch {
+            image: &prepared.image,
+            run: &run,
+            workspace: prepared.workspace.as_deref(),
+            egress_network: &self.cfg.egress_network,
+            secrets: &[],
+        };
+        let container = match self.docker.create(&launch).await {
             Ok(c) => c,
             Err(e) => {
                 if let Some(w) = prepared.workspace.take() {
@@ -283,12 +286,9 @@ impl Agent {
     /// Reports what the run really uses, then that it started.
     async fn record_start(&self, run: &DispatchRun, prepared: &PreparedRun) {
         let (task, attempt, node) = (run.task_id, run.attempt, self.cfg.node_id);
-        let gpus = if run.spec.resources.gpus > 0 {
-            tokio::task::spawn_blocking(crate::info::gpus_in_use)
-                .await
-                .unwrap_or_default()
-        } else {
-            vec![]
+        let gpus = match self.gpus.lock() {
+            Ok(found) => crate::info::gpus_in_use(&found, &run.gpus),
+            Err(_) => Vec::new(),
         };
         let record = TaskPrepared {
             at: now_millis(),

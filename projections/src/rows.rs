@@ -430,6 +430,11 @@ mod agreement {
                 labels: BTreeMap::new(),
                 preferred_labels: BTreeMap::new(),
                 disk_mb: 0,
+                gpu_memory_mb: 0,
+                gpu_compute_capability: None,
+                gpu_driver: None,
+                gpu_shared: false,
+                network: Default::default(),
             },
             timeout_seconds: 60,
             retry: RetryPolicy {
@@ -442,6 +447,9 @@ mod agreement {
             queue: "default".into(),
             inputs: vec![],
             outputs: vec![],
+            shm_size_mb: None,
+            secrets: vec![],
+            checkpoint: None,
         }
     }
 
@@ -456,7 +464,7 @@ mod agreement {
             _ => (nodes[usize::from(k) % nodes.len()], t.attempts),
         };
         match k % 11 {
-            0 => TaskCommand::Assign { node_id: live },
+            0 => TaskCommand::Assign { node_id: live, gpus: vec![] },
             1 => TaskCommand::Start {
                 node_id: live,
                 attempt,

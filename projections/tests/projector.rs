@@ -49,6 +49,10 @@ fn spec() -> ud_schemas::TaskSpec {
         queue: None,
         inputs: vec![],
         outputs: vec![],
+        network: None,
+        shm_size_mb: None,
+        secrets: vec![],
+        checkpoint: None,
     };
     ud_core::validate::submit_task(&req)
         .map(|(_, s)| s)
@@ -81,6 +85,7 @@ async fn write_history(store: &EventStore, tasks: usize) -> Result<usize> {
                 running_tasks: 1,
                 disk_free_mb: Some(1000),
                 low_disk: false,
+                gpus: None,
             }),
         ));
     }
@@ -139,6 +144,7 @@ async fn write_history(store: &EventStore, tasks: usize) -> Result<usize> {
                 at: at + 1,
                 node_id,
                 attempt: 1,
+                gpus: vec![],
             }),
         ));
         if i % 5 == 1 {

@@ -56,6 +56,31 @@ pub struct SubmitTask {
     /// after a failure); a directory uploads everything below it.
     #[serde(default)]
     pub outputs: Vec<String>,
+    /// `none` (default) or `egress`: a private network to the outside, on
+    /// nodes whose owner allows it.
+    #[serde(default)]
+    pub network: Option<crate::spec::NetworkMode>,
+    /// Size of `/dev/shm` in MiB (default: half the memory, at most 16384).
+    #[serde(default)]
+    pub shm_size_mb: Option<i64>,
+    /// Project secrets given to the run as environment variables.
+    #[serde(default)]
+    pub secrets: Vec<String>,
+    /// A workspace folder kept across attempts (retries, lost nodes, reruns).
+    #[serde(default)]
+    pub checkpoint: Option<CheckpointRequest>,
+}
+
+/// A workspace folder uploaded while the run goes and at its end, and put
+/// back before the next attempt starts.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointRequest {
+    /// Relative to the workspace.
+    pub path: String,
+    /// Seconds between uploads while the run goes (default 600).
+    #[serde(default)]
+    pub every_seconds: Option<i64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
@@ -80,6 +105,18 @@ pub struct ResourceRequest {
     /// Free disk (MiB) the task needs on the node, default none.
     #[serde(default)]
     pub disk_mb: i64,
+    /// Memory (MiB) each GPU must have, default any.
+    #[serde(default)]
+    pub gpu_memory_mb: i64,
+    /// Lowest CUDA compute capability of each GPU, e.g. `8.0`.
+    #[serde(default)]
+    pub gpu_compute_capability: Option<String>,
+    /// Lowest NVIDIA driver version of the node, e.g. `535.104`.
+    #[serde(default)]
+    pub gpu_driver: Option<String>,
+    /// Share GPUs with other tasks that share theirs (default: GPUs of its own).
+    #[serde(default)]
+    pub gpu_shared: bool,
 }
 
 fn one() -> f64 {
@@ -99,6 +136,10 @@ impl Default for ResourceRequest {
             labels: BTreeMap::new(),
             preferred_labels: BTreeMap::new(),
             disk_mb: 0,
+            gpu_memory_mb: 0,
+            gpu_compute_capability: None,
+            gpu_driver: None,
+            gpu_shared: false,
         }
     }
 }

@@ -42,6 +42,7 @@ pub mod v1 {
                 running_tasks: v.running_tasks,
                 disk_free_mb: None,
                 low_disk: false,
+                gpus: None,
             }
         }
     }

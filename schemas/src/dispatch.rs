@@ -12,6 +12,9 @@ pub struct DispatchRun {
     pub task_id: TaskId,
     pub attempt: u32,
     pub spec: TaskSpec,
+    /// The GPU devices (UUIDs) the run is given; absent when none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpus: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -79,6 +79,9 @@ pub struct TaskAssigned {
     pub at: Millis,
     pub node_id: NodeId,
     pub attempt: u32,
+    /// The node's GPU devices (UUIDs) the run is given; absent when none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpus: Vec<String>,
 }
 
 /// A preparing step began on the node (`fetch_code`, `fetch_environment`,
@@ -118,6 +121,9 @@ pub struct PrepareStep {
 pub struct GpuInUse {
     pub model: String,
     pub driver: String,
+    /// The device's UUID (absent in older events).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub uuid: String,
 }
 
 /// The outputs a run left, stored in the object store (written by the node
@@ -233,6 +239,11 @@ pub struct NodeHeartbeat {
     pub disk_free_mb: Option<u64>,
     /// The node is below its free-space threshold and takes no new tasks.
     pub low_disk: bool,
+    /// The GPU devices (UUIDs) the node sees now; absent when it does not
+    /// say (no GPUs, or an older agent). A device it registered and no
+    /// longer sees takes no new tasks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<Vec<String>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

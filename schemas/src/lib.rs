@@ -11,6 +11,7 @@ pub mod codec;
 pub mod dispatch;
 pub mod edge;
 pub mod events;
+pub mod gpu;
 pub mod headers;
 pub mod ids;
 pub mod report;

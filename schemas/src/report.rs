@@ -213,6 +213,7 @@ mod tests {
                 at: 1,
                 node_id: node,
                 attempt: 1,
+                gpus: vec![],
             }),
         );
         let (h, p) = codec::encode_message(&assigned, &EventMeta::new("node"))?;
@@ -228,6 +229,7 @@ mod tests {
             running_tasks: 0,
             disk_free_mb: None,
             low_disk: false,
+            gpus: None,
         });
         let (_, h, p) = beat.encode(&other, &EventMeta::new("node"))?;
         let forged = format!("ud.edge.{node}.node.{other}.heartbeat");

@@ -34,6 +34,51 @@ pub struct TaskSpec {
     /// a failure (a directory uploads everything below it).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outputs: Vec<String>,
+    /// Size of `/dev/shm` in MiB (absent: half the memory, at most 16 GiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shm_size_mb: Option<u64>,
+    /// Project secrets the run gets as environment variables of the same
+    /// names; only names are recorded, never values.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
+    /// A workspace folder kept across attempts: uploaded while the run goes
+    /// and at its end, and put back before the next attempt starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<Checkpoint>,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
+/// What a run's container may reach over the network.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum NetworkMode {
+    /// No network at all.
+    #[default]
+    None,
+    /// A private bridge network to the outside: never the host's network and
+    /// never the host's own services. Only on nodes whose owner allows it.
+    Egress,
+}
+
+impl NetworkMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Egress => "egress",
+        }
+    }
+}
+
+/// A folder of the workspace kept across attempts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Checkpoint {
+    /// Relative to the workspace.
+    pub path: String,
+    /// Seconds between uploads of what changed while the run goes.
+    pub every_seconds: u64,
 }
 
 /// A project file (or every file below a folder, when `source` ends with
@@ -96,6 +141,22 @@ pub struct Resources {
     /// Free disk the task needs on the node (0: no need stated).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub disk_mb: u64,
+    /// Memory each GPU must have, in MiB (0: any).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub gpu_memory_mb: u64,
+    /// Lowest CUDA compute capability each GPU must have (`8.0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_compute_capability: Option<String>,
+    /// Lowest NVIDIA driver version the node must run (`535.104`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_driver: Option<String>,
+    /// The task may share its GPUs with other tasks that share theirs.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gpu_shared: bool,
+    /// What the run's container may reach (absent: `none`); a node offers
+    /// `egress` only where its owner allows it.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub network: NetworkMode,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -111,7 +172,8 @@ pub struct RetryPolicy {
     pub on_timeout: bool,
 }
 
-/// What a node declares about itself when it registers.
+/// What a node declares about itself when it registers: what it offers
+/// tasks (its own reserve already taken off).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
 pub struct NodeResources {
     pub cpu_millis: u32,
@@ -122,10 +184,35 @@ pub struct NodeResources {
     pub wsl: bool,
     pub docker_version: Option<String>,
     pub agent_version: String,
+    /// The NVIDIA driver version (absent without GPUs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_driver: Option<String>,
+    /// The CUDA version the driver supports (`12.2`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cuda_version: Option<String>,
+    /// Network modes the node's owner allows tasks (absent: `none` only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub networks: Vec<NetworkMode>,
 }
 
+/// A GPU device a container can be given: a whole GPU, or a MIG instance
+/// of a GPU in MIG mode.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Gpu {
     pub model: String,
     pub memory_mb: u64,
+    /// The GPU's index on the node (a MIG instance's: its parent's).
+    #[serde(default)]
+    pub index: u32,
+    /// `GPU-…`, or `MIG-…` for a MIG instance (absent in older events).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub uuid: String,
+    /// CUDA compute capability (`8.0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compute_capability: Option<String>,
+    /// The MIG profile of an instance (`1g.10gb`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mig_profile: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_bus_id: Option<String>,
 }

@@ -46,6 +46,11 @@ fn spec() -> TaskSpec {
             labels: BTreeMap::from([("zone".into(), "lab2".into())]),
             preferred_labels: BTreeMap::new(),
             disk_mb: 0,
+            gpu_memory_mb: 0,
+            gpu_compute_capability: None,
+            gpu_driver: None,
+            gpu_shared: false,
+            network: Default::default(),
         },
         timeout_seconds: 3600,
         retry: RetryPolicy {
@@ -58,6 +63,9 @@ fn spec() -> TaskSpec {
         queue: "default".into(),
         inputs: vec![],
         outputs: vec![],
+        shm_size_mb: None,
+        secrets: vec![],
+        checkpoint: None,
     }
 }
 
@@ -96,6 +104,7 @@ fn fixtures_v1() -> Vec<(&'static str, Event)> {
                     at: AT,
                     node_id: n,
                     attempt: 1,
+                    gpus: vec![],
                 }),
             ),
         ),
@@ -136,6 +145,7 @@ fn fixtures_v1() -> Vec<(&'static str, Event)> {
                     gpus: vec![GpuInUse {
                         model: "A100".into(),
                         driver: "550.54".into(),
+                        uuid: String::new(),
                     }],
                 }),
             ),
@@ -269,11 +279,19 @@ fn fixtures_v1() -> Vec<(&'static str, Event)> {
                         gpus: vec![Gpu {
                             model: "A100".into(),
                             memory_mb: 81920,
+                            index: 0,
+                            uuid: String::new(),
+                            compute_capability: None,
+                            mig_profile: None,
+                            pci_bus_id: None,
                         }],
                         os: "linux".into(),
                         wsl: false,
                         docker_version: Some("28.2.2".into()),
                         agent_version: "0.1.0".into(),
+                        gpu_driver: None,
+                        cuda_version: None,
+                        networks: vec![],
                     },
                 }),
             ),
@@ -305,6 +323,7 @@ fn fixtures_v1() -> Vec<(&'static str, Event)> {
                     running_tasks: 2,
                     disk_free_mb: None,
                     low_disk: false,
+                    gpus: None,
                 }),
             ),
         ),
@@ -360,9 +379,128 @@ fn fixtures_v2() -> Vec<(&'static str, Event)> {
                 running_tasks: 2,
                 disk_free_mb: Some(51_200),
                 low_disk: false,
+                gpus: None,
             }),
         ),
     )]
+}
+
+/// A spec using the fields added to `task-spec` and `task-resources` after
+/// their first events were stored (optional: older events lack them).
+fn gpu_spec() -> TaskSpec {
+    let mut s = spec();
+    s.resources.gpus = 2;
+    s.resources.gpu_model = Some("a100-80gb".into());
+    s.resources.gpu_memory_mb = 40_960;
+    s.resources.gpu_compute_capability = Some("8.0".into());
+    s.resources.gpu_driver = Some("535.104".into());
+    s.resources.gpu_shared = true;
+    s.resources.network = ud_schemas::spec::NetworkMode::Egress;
+    s.shm_size_mb = Some(8192);
+    s.secrets = vec!["WANDB_API_KEY".into()];
+    s.checkpoint = Some(ud_schemas::spec::Checkpoint {
+        path: "checkpoints".into(),
+        every_seconds: 300,
+    });
+    s
+}
+
+/// Events with the optional fields added later, each in its own file
+/// (`<type>+<what>.cbor`) beside the type's first one.
+fn fixtures_with_later_fields() -> Vec<(&'static str, &'static str, Event)> {
+    let (t, n) = (task_id(), node_id());
+    vec![
+        (
+            "task-submitted+gpus-runtime",
+            "task-submitted",
+            Event::Task(
+                t,
+                TaskEvent::Submitted(TaskSubmitted {
+                    at: AT,
+                    project: project(),
+                    spec: gpu_spec(),
+                    idempotency_key: None,
+                }),
+            ),
+        ),
+        (
+            "task-assigned+gpus",
+            "task-assigned",
+            Event::Task(
+                t,
+                TaskEvent::Assigned(TaskAssigned {
+                    at: AT,
+                    node_id: n,
+                    attempt: 1,
+                    gpus: vec![
+                        "GPU-d8594bd4-0fc3-8595-e355-7c98138f3b95".into(),
+                        "MIG-ce861fb0-a248-58ce-a9a8-f9adbc22a66a".into(),
+                    ],
+                }),
+            ),
+        ),
+        (
+            "node-registered+gpus",
+            "node-registered",
+            Event::Node(
+                n,
+                NodeEvent::Registered(NodeRegistered {
+                    at: AT,
+                    name: "gpu-box-1".into(),
+                    labels: BTreeMap::new(),
+                    resources: NodeResources {
+                        cpu_millis: 32000,
+                        memory_mb: 128 * 1024,
+                        disk_mb: 2_000_000,
+                        gpus: vec![
+                            Gpu {
+                                model: "NVIDIA A100-SXM4-80GB".into(),
+                                memory_mb: 81920,
+                                index: 1,
+                                uuid: "GPU-d8594bd4-0fc3-8595-e355-7c98138f3b95".into(),
+                                compute_capability: Some("8.0".into()),
+                                mig_profile: None,
+                                pci_bus_id: Some("00000000:41:00.0".into()),
+                            },
+                            Gpu {
+                                model: "NVIDIA A100-SXM4-80GB MIG 1g.20gb".into(),
+                                memory_mb: 20480,
+                                index: 0,
+                                uuid: "MIG-ce861fb0-a248-58ce-a9a8-f9adbc22a66a".into(),
+                                compute_capability: Some("8.0".into()),
+                                mig_profile: Some("1g.20gb".into()),
+                                pci_bus_id: Some("00000000:01:00.0".into()),
+                            },
+                        ],
+                        os: "linux".into(),
+                        wsl: true,
+                        docker_version: Some("28.2.2".into()),
+                        agent_version: "0.2.0".into(),
+                        gpu_driver: Some("535.216.01".into()),
+                        cuda_version: Some("12.2".into()),
+                        networks: vec![
+                            ud_schemas::spec::NetworkMode::None,
+                            ud_schemas::spec::NetworkMode::Egress,
+                        ],
+                    },
+                }),
+            ),
+        ),
+        (
+            "node-heartbeat+gpus",
+            "node-heartbeat",
+            Event::Node(
+                n,
+                NodeEvent::Heartbeat(NodeHeartbeat {
+                    at: AT,
+                    running_tasks: 1,
+                    disk_free_mb: Some(51_200),
+                    low_disk: false,
+                    gpus: Some(vec!["GPU-d8594bd4-0fc3-8595-e355-7c98138f3b95".into()]),
+                }),
+            ),
+        ),
+    ]
 }
 
 /// Every stored version: (version, file name, CDDL rule, value it reads as).
@@ -383,6 +521,11 @@ fn cases() -> Vec<(u16, &'static str, String, Event)> {
         fixtures_v2()
             .into_iter()
             .map(|(name, e)| (2, name, name.to_owned(), e)),
+    );
+    out.extend(
+        fixtures_with_later_fields()
+            .into_iter()
+            .map(|(file, rule, e)| (codec::current_version(&e), file, rule.to_owned(), e)),
     );
     out
 }
@@ -443,7 +586,8 @@ fn messages_outside_the_event_streams_match_their_cddl() -> anyhow::Result<()> {
         at: AT,
         task_id: task_id(),
         attempt: 1,
-        spec: spec(),
+        spec: gpu_spec(),
+        gpus: vec!["GPU-513536b6-7d19-9063-b049-1e69664bb298".into()],
     };
     let cancel = DispatchCancel {
         at: AT,

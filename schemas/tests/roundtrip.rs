@@ -10,7 +10,7 @@ proptest! {
     fn task_events_round_trip(kind in 0u8..5, at in any::<i64>(), code in any::<i32>(), reason in ".{0,40}", attempt in any::<u32>(), n in any::<u128>()) {
         let node_id = NodeId(Uuid::from_u128(n));
         let e = match kind {
-            0 => TaskEvent::Assigned(TaskAssigned { at, node_id, attempt }),
+            0 => TaskEvent::Assigned(TaskAssigned { at, node_id, attempt, gpus: (0..(attempt % 3)).map(|i| format!("GPU-{i}")).collect() }),
             1 => TaskEvent::Started(TaskStarted { at, node_id, attempt }),
             2 => TaskEvent::Succeeded(TaskSucceeded { at, exit_code: code }),
             3 => TaskEvent::Failed(TaskFailed { at, exit_code: Some(code), reason }),

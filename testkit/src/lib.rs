@@ -9,8 +9,10 @@
 
 mod garage;
 mod git_http;
+mod isolated_docker;
 pub use garage::Garage;
 pub use git_http::GitHttpServer;
+pub use isolated_docker::IsolatedDocker;
 
 use std::path::PathBuf;
 use std::process::Stdio;

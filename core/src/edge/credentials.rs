@@ -228,6 +228,7 @@ mod tests {
             },
             attempts: 1,
             not_before: None,
+            gpus: Vec::new(),
             version: 2,
         }
     }

@@ -17,19 +17,21 @@ fn message(id: String, payload: Vec<u8>) -> PublishMessage {
         .payload(Bytes::from(payload))
 }
 
-/// The run of `attempt` of `task` on `node`. Its message id is the
-/// attempt's, so a run sent again is stored once.
+/// The run of `attempt` of `task` on `node`, with the GPU devices it gets.
+/// Its message id is the attempt's, so a run sent again is stored once.
 pub fn run(
     node: &NodeId,
     task: TaskId,
     attempt: u32,
     spec: TaskSpec,
+    gpus: Vec<String>,
 ) -> Result<Outgoing, CodecError> {
     let run = DispatchRun {
         at: now_millis(),
         task_id: task,
         attempt,
         spec,
+        gpus,
     };
     Ok((
         edge::dispatch_subject(node, &task, "run"),

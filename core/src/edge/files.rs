@@ -226,6 +226,7 @@ mod tests {
             state,
             attempts: 1,
             not_before: None,
+            gpus: Vec::new(),
             version: 2,
         };
         assert!(may_move_files(

@@ -216,6 +216,7 @@ mod tests {
             state,
             attempts: 1,
             not_before: None,
+            gpus: Vec::new(),
             version: 2,
         }
     }

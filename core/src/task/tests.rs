@@ -24,6 +24,11 @@ pub(crate) fn spec() -> TaskSpec {
             labels: BTreeMap::new(),
             preferred_labels: BTreeMap::new(),
             disk_mb: 0,
+            gpu_memory_mb: 0,
+            gpu_compute_capability: None,
+            gpu_driver: None,
+            gpu_shared: false,
+            network: Default::default(),
         },
         timeout_seconds: 60,
         retry: RetryPolicy {
@@ -36,6 +41,9 @@ pub(crate) fn spec() -> TaskSpec {
         queue: "default".into(),
         inputs: vec![],
         outputs: vec![],
+        shm_size_mb: None,
+        secrets: vec![],
+        checkpoint: None,
     }
 }
 
@@ -106,7 +114,7 @@ fn cancel_running_asks_the_node() {
     let node = NodeId::new();
     let (_, r) = given(&[
         submit(),
-        TaskCommand::Assign { node_id: node },
+        TaskCommand::Assign { node_id: node, gpus: vec![] },
         TaskCommand::Start {
             node_id: node,
             attempt: 1,
@@ -123,7 +131,7 @@ fn cancel_finished_task_is_rejected() {
     let node = NodeId::new();
     let (_, r) = given(&[
         submit(),
-        TaskCommand::Assign { node_id: node },
+        TaskCommand::Assign { node_id: node, gpus: vec![] },
         TaskCommand::Succeed {
             node_id: node,
             exit_code: 0,
@@ -146,7 +154,7 @@ fn other_node_cannot_report() {
     let node = NodeId::new();
     let other = NodeId::new();
     let (_, r) =
-        given(&[submit(), TaskCommand::Assign { node_id: node }]).when(TaskCommand::Succeed {
+        given(&[submit(), TaskCommand::Assign { node_id: node, gpus: vec![] }]).when(TaskCommand::Succeed {
             node_id: other,
             exit_code: 0,
         });
@@ -170,7 +178,7 @@ fn command_strategy(nodes: Vec<NodeId>) -> impl Strategy<Value = TaskCommand> {
                 spec: spec(),
                 idempotency_key: None,
             },
-            1 => TaskCommand::Assign { node_id },
+            1 => TaskCommand::Assign { node_id, gpus: vec![] },
             2 => TaskCommand::Start { node_id, attempt },
             3 => TaskCommand::Succeed {
                 node_id,
@@ -257,7 +265,7 @@ fn failed_runs_are_retried_while_the_policy_allows_then_fail() {
     };
     let run = [
         retried_submit,
-        TaskCommand::Assign { node_id: node },
+        TaskCommand::Assign { node_id: node, gpus: vec![] },
         TaskCommand::Start {
             node_id: node,
             attempt: 1,
@@ -285,7 +293,7 @@ fn failed_runs_are_retried_while_the_policy_allows_then_fail() {
     // The second attempt is the last one.
     let mut task = task;
     for c in [
-        TaskCommand::Assign { node_id: node },
+        TaskCommand::Assign { node_id: node, gpus: vec![] },
         TaskCommand::Start {
             node_id: node,
             attempt: 2,
@@ -313,7 +321,7 @@ fn failed_runs_are_retried_while_the_policy_allows_then_fail() {
             spec: picky,
             idempotency_key: None,
         },
-        TaskCommand::Assign { node_id: node },
+        TaskCommand::Assign { node_id: node, gpus: vec![] },
         TaskCommand::Start {
             node_id: node,
             attempt: 1,
@@ -350,6 +358,6 @@ fn failed_runs_are_retried_while_the_policy_allows_then_fail() {
         "time-outs do not retry by default: {r:?}"
     );
     // Without a retry policy a failure is final at once.
-    let (_, r) = given(&[submit(), TaskCommand::Assign { node_id: node }]).when(fail());
+    let (_, r) = given(&[submit(), TaskCommand::Assign { node_id: node, gpus: vec![] }]).when(fail());
     assert!(matches!(r.as_deref(), Ok([TaskEvent::Failed(_)])));
 }

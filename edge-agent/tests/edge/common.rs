@@ -407,6 +407,7 @@ pub fn agent_config(
         min_free_disk_mb: 0,
         cache_limit_mb: 1 << 20,
         docker_host: std::env::var("DOCKER_HOST").ok(),
+        ..ud_edge_agent::AgentConfig::new(String::new(), token.node_id, String::new())
     }
 }
 

@@ -5,6 +5,8 @@
 
 mod common;
 mod files;
+mod gpus;
+mod network;
 mod nodes;
 mod runs;
 mod scheduling;

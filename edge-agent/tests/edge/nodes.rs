@@ -215,6 +215,7 @@ async fn a_node_cannot_act_for_another() -> Result<()> {
             running_tasks: 99,
             disk_free_mb: None,
             low_disk: false,
+            gpus: None,
         }),
     );
     let (h, p) =

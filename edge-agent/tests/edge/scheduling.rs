@@ -217,7 +217,7 @@ async fn a_task_assigned_to_a_node_already_offline_runs_elsewhere() -> Result<()
             .ok_or_else(|| anyhow!("no task {id}"))?;
         let events = ud_core::task::decide(
             Some(&t),
-            ud_core::task::TaskCommand::Assign { node_id: gone.id },
+            ud_core::task::TaskCommand::Assign { node_id: gone.id, gpus: vec![] },
             ud_schemas::now_millis(),
         )?;
         let events: Vec<ud_schemas::Event> = events

@@ -108,6 +108,7 @@ async fn a_cluster_that_loses_a_server_loses_no_acknowledged_task() -> Result<()
                     running_tasks: 0,
                     disk_free_mb: Some(1 << 20),
                     low_disk: false,
+                    gpus: None,
                 }),
             );
             match store

@@ -33,6 +33,7 @@ pub fn command(node: NodeId, report: Report, now: Millis) -> Result<Translated, 
             running_tasks: h.running_tasks,
             disk_free_mb: h.disk_free_mb,
             low_disk: h.low_disk,
+            gpus: h.gpus,
         }),
         Report::Log(task) => Translated::Log(task),
         Report::Run(task, run) => Translated::Run(task, run_command(node, run)?),
@@ -87,6 +88,7 @@ mod tests {
             running_tasks: 2,
             disk_free_mb: Some(3),
             low_disk: false,
+            gpus: Some(vec!["GPU-1".into()]),
         });
         assert_eq!(
             command(node, beat, 99).ok(),
@@ -94,7 +96,8 @@ mod tests {
                 at: 99,
                 running_tasks: 2,
                 disk_free_mb: Some(3),
-                low_disk: false
+                low_disk: false,
+                gpus: Some(vec!["GPU-1".into()]),
             }))
         );
         let started = Report::Run(

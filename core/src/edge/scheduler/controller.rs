@@ -9,7 +9,7 @@ use backon::Retryable;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 use ud_schemas::codec::EventMeta;
-use ud_schemas::{now_millis, streams, NodeId, TaskId, TaskSpec};
+use ud_schemas::{now_millis, streams, NodeId, TaskId};
 
 use super::plan::{self, Memory, Rules};
 use super::{Placement, QueueConfig, QueueRecord, Queues};
@@ -69,7 +69,7 @@ struct Controller {
     cluster: Cluster,
     /// Assigned by this instance (or being assigned), not yet seen back in
     /// the stream: not placed again, and counted against their node.
-    inflight: HashMap<TaskId, NodeId>,
+    inflight: plan::InFlight,
     /// Being assigned, the append not yet answered, with the cancels asked
     /// for meanwhile: they go to the node after the run, never before it.
     placing: HashMap<TaskId, Vec<(NodeId, String)>>,
@@ -151,19 +151,20 @@ async fn publish_dispatches(
 }
 
 impl Controller {
-    fn send_run(&self, node: NodeId, task: TaskId, attempt: u32, spec: &TaskSpec) {
-        self.send_runs(vec![(node, task, attempt, spec.clone())]);
-    }
-
-    /// Hands run dispatches to the publisher, in order.
-    fn send_runs(&self, runs: Vec<(NodeId, TaskId, u32, TaskSpec)>) {
-        for (node, task, attempt, spec) in runs {
-            match crate::edge::dispatch::run(&node, task, attempt, spec) {
-                Ok((subject, msg)) => {
-                    let _ = self.dispatches.send(((task, node), subject, msg));
-                }
-                Err(e) => warn!(task_id = %task, error = %e, "cannot encode dispatch"),
+    /// Hands the run of a task's live assignment on `node` to the publisher.
+    fn send_run(&self, node: NodeId, task: &Task) {
+        let run = crate::edge::dispatch::run(
+            &node,
+            task.id,
+            task.attempts,
+            task.spec.clone(),
+            task.gpus.clone(),
+        );
+        match run {
+            Ok((subject, msg)) => {
+                let _ = self.dispatches.send(((task.id, node), subject, msg));
             }
+            Err(e) => warn!(task_id = %task.id, error = %e, "cannot encode dispatch"),
         }
     }
 
@@ -213,7 +214,7 @@ impl Controller {
         }
         let mut placed = Vec::with_capacity(plan.assign.len());
         let mut assigns = Vec::with_capacity(plan.assign.len());
-        for (id, node) in plan.assign {
+        for (id, node, devices) in plan.assign {
             let Some(entry) = self.cluster.tasks.get(&id) else {
                 continue;
             };
@@ -224,11 +225,14 @@ impl Controller {
                 id,
                 state: Some(entry.task.clone()),
                 seq: entry.seq,
-                command: TaskCommand::Assign { node_id: node },
+                command: TaskCommand::Assign {
+                    node_id: node,
+                    gpus: devices.clone(),
+                },
                 meta: EventMeta::new("scheduler"),
             });
             placed.push((id, node));
-            self.inflight.insert(id, node);
+            self.inflight.insert(id, (node, devices));
             self.placing.insert(id, Vec::new());
         }
         // Every placement of this pass appended at once, many in flight, each
@@ -269,9 +273,8 @@ impl Controller {
             Ok(Executed {
                 state: Some(task), ..
             }) => {
-                let attempt = task.attempts;
-                info!(task_id = %id, node_id = %node, attempt, "task assigned");
-                self.send_runs(vec![(node, id, attempt, task.spec)]);
+                info!(task_id = %id, node_id = %node, attempt = task.attempts, gpus = ?task.gpus, "task assigned");
+                self.send_run(node, &task);
             }
             other => {
                 if let Err(e) = other.as_ref().map(|_| ()) {
@@ -465,34 +468,31 @@ impl Controller {
     }
 
     /// Sends again the runs of tasks assigned long ago and not started.
-    async fn resend_overdue(&mut self) {
+    fn resend_overdue(&mut self) {
         let mut runs = Vec::new();
         for (id, since) in self.unstarted.iter_mut() {
             if since.elapsed() < RESEND_AFTER {
                 continue;
             }
-            if let Some(TaskState::Assigned { node_id, attempt }) =
-                self.cluster.tasks.get(id).map(|t| &t.task.state)
-            {
-                let spec = self.cluster.tasks.get(id).map(|t| t.task.spec.clone());
-                if let Some(spec) = spec {
-                    runs.push((*node_id, *id, *attempt, spec));
+            if let Some(t) = self.cluster.tasks.get(id) {
+                if let TaskState::Assigned { node_id, .. } = t.task.state {
+                    runs.push((node_id, t.task.clone()));
                     *since = std::time::Instant::now();
                 }
             }
         }
         if !runs.is_empty() {
             info!(runs = runs.len(), "sending runs not started in time again");
-            self.send_runs(runs);
+        }
+        for (node, task) in runs {
+            self.send_run(node, &task);
         }
     }
 
-    async fn resend_unstarted(&self) {
+    fn resend_unstarted(&self) {
         for (id, t) in &self.cluster.tasks {
             match &t.task.state {
-                TaskState::Assigned { node_id, attempt } => {
-                    self.send_run(*node_id, *id, *attempt, &t.task.spec)
-                }
+                TaskState::Assigned { node_id, .. } => self.send_run(*node_id, &t.task),
                 TaskState::Cancelling { node_id, .. } => {
                     self.publish_cancel(*node_id, *id, "cancel requested")
                 }
@@ -654,12 +654,12 @@ pub async fn run(commands: TaskCommands, settings: ControllerSettings) {
             }
             _ = tick.tick() => {
                 if !resent {
-                    c.resend_unstarted().await;
+                    c.resend_unstarted();
                     resent = true;
                 }
                 let timeout = i64::try_from(c.settings.heartbeat_timeout.as_millis()).unwrap_or(i64::MAX);
                 crate::edge::liveness::check(&c.nodes, &c.cluster, now_millis(), timeout).await;
-                c.resend_overdue().await;
+                c.resend_overdue();
                 c.lose_stranded();
                 c.wanted = true;
             }

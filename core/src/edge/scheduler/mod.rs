@@ -6,57 +6,68 @@
 
 use std::collections::HashMap;
 
+use ud_schemas::spec::NetworkMode;
 use ud_schemas::{NodeId, Resources, SchedulingMode, TaskId, TaskSpec};
 
 use crate::node::Node;
 
 mod controller;
+pub mod gpus;
 pub mod plan;
 
 pub use controller::{run, ControllerSettings};
 
 /// What the tasks placed on a node take from it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Usage {
     pub cpu_millis: u64,
     pub memory_mb: u64,
-    pub gpus: u64,
+    /// The GPU devices held.
+    pub gpus: gpus::Held,
     /// Disk the node's live tasks asked for; counted against the free disk
     /// it last reported (conservative: their real use is in that figure too).
     pub disk_mb: u64,
 }
 
-/// Does `req` fit on `node` next to `used`?
-pub fn fits(node: &Node, used: Usage, req: &Resources) -> bool {
-    let Some(res) = &node.resources else {
-        return false;
-    };
+/// Whether the node's owner lets tasks have `network`.
+fn network_allowed(node: &Node, network: NetworkMode) -> bool {
+    network == NetworkMode::None
+        || node
+            .resources
+            .as_ref()
+            .is_some_and(|r| r.networks.contains(&network))
+}
+
+/// The GPU devices `req` gets on `node` next to `used`, when it fits there
+/// at all (`Some(vec![])` for a task that asks for no GPU).
+pub fn fit(node: &Node, used: &Usage, req: &Resources) -> Option<Vec<String>> {
+    let res = node.resources.as_ref()?;
     if node.low_disk || node.scheduling != SchedulingMode::Active {
-        return false;
+        return None;
     }
     let labels_ok = req
         .labels
         .iter()
         .all(|(k, v)| node.labels.get(k) == Some(v));
-    let gpu_model_ok = match &req.gpu_model {
-        Some(model) => {
-            req.gpus == 0
-                || res.gpus.iter().filter(|g| &g.model == model).count() as u64
-                    >= used.gpus + u64::from(req.gpus)
-        }
-        None => true,
-    };
     // Free disk as the last heartbeat said, less what the node's live tasks asked for.
     let disk_ok = req.disk_mb == 0
         || node
             .disk_free_mb
             .is_some_and(|free| used.disk_mb + req.disk_mb <= free);
-    labels_ok
-        && gpu_model_ok
+    let room = labels_ok
         && disk_ok
+        && network_allowed(node, req.network)
         && used.cpu_millis + u64::from(req.cpu_millis) <= u64::from(res.cpu_millis)
-        && used.memory_mb + req.memory_mb <= res.memory_mb
-        && used.gpus + u64::from(req.gpus) <= res.gpus.len() as u64
+        && used.memory_mb + req.memory_mb <= res.memory_mb;
+    if !room {
+        return None;
+    }
+    gpus::allocate(node, &used.gpus, req)
+}
+
+/// Does `req` fit on `node` next to `used`?
+pub fn fits(node: &Node, used: &Usage, req: &Resources) -> bool {
+    fit(node, used, req).is_some()
 }
 
 /// How a task chooses among the nodes it fits on (`UD_PLACEMENT`).
@@ -80,19 +91,21 @@ impl std::str::FromStr for Placement {
     }
 }
 
-/// The node `req` goes to: among the nodes it fits on, the one carrying
-/// the most of its preferred labels, then the fullest (pack) or emptiest
-/// (spread) by CPU after placing it, then the lowest id (stable choices).
+/// The node `req` goes to, with the GPU devices it gets there: among the
+/// nodes it fits on, the one carrying the most of its preferred labels, then
+/// the fullest (pack) or emptiest (spread) by CPU after placing it, then the
+/// lowest id (stable choices).
 pub fn place<'a>(
     nodes: impl Iterator<Item = &'a Node>,
     usage: &HashMap<NodeId, Usage>,
     req: &Resources,
     strategy: Placement,
-) -> Option<NodeId> {
-    let used = |n: &Node| usage.get(&n.id).copied().unwrap_or_default();
+) -> Option<(NodeId, Vec<String>)> {
+    let none = Usage::default();
+    let used = |n: &Node| usage.get(&n.id).unwrap_or(&none);
     nodes
-        .filter(|n| fits(n, used(n), req))
-        .max_by_key(|n| {
+        .filter_map(|n| fit(n, used(n), req).map(|devices| (n, devices)))
+        .max_by_key(|(n, _)| {
             let preferred = req
                 .preferred_labels
                 .iter()
@@ -111,7 +124,7 @@ pub fn place<'a>(
             };
             (preferred, fill, std::cmp::Reverse(n.id))
         })
-        .map(|n| n.id)
+        .map(|(n, devices)| (n.id, devices))
 }
 
 /// One queue's settings.
@@ -269,12 +282,11 @@ fn never_fits(node: &Node, req: &Resources) -> Option<&'static str> {
     {
         return Some("labels");
     }
-    let gpus = match &req.gpu_model {
-        Some(model) => res.gpus.iter().filter(|g| &g.model == model).count(),
-        None => res.gpus.len(),
-    };
-    if (gpus as u64) < u64::from(req.gpus) {
+    if (gpus::suitable(res, req) as u64) < u64::from(req.gpus) {
         return Some("GPUs");
+    }
+    if !network_allowed(node, req.network) {
+        return Some("network");
     }
     if req.cpu_millis > res.cpu_millis {
         return Some("CPUs");
@@ -326,7 +338,7 @@ pub fn explain<'a>(
             n.scheduling.as_str()
         } else if n.low_disk {
             "low on disk"
-        } else if fits(n, usage.get(&n.id).copied().unwrap_or_default(), req) {
+        } else if fits(n, usage.get(&n.id).unwrap_or(&Usage::default()), req) {
             "free"
         } else {
             "busy"
@@ -350,11 +362,18 @@ pub fn explain<'a>(
     }
 }
 
-pub(super) fn add(usage: &mut HashMap<NodeId, Usage>, node: NodeId, spec: &TaskSpec) {
+/// A task of `spec` holding `devices` on `node` takes from it.
+pub(super) fn add(
+    usage: &mut HashMap<NodeId, Usage>,
+    node: NodeId,
+    spec: &TaskSpec,
+    devices: &[String],
+) {
     let u = usage.entry(node).or_default();
     u.cpu_millis += u64::from(spec.resources.cpu_millis);
     u.memory_mb += spec.resources.memory_mb;
-    u.gpus += u64::from(spec.resources.gpus);
+    u.gpus
+        .take(devices, spec.resources.gpus, spec.resources.gpu_shared);
     u.disk_mb += spec.resources.disk_mb;
 }
 
@@ -377,9 +396,14 @@ mod tests {
                 cpu_millis: cpu,
                 memory_mb: mem,
                 gpus: (0..gpus)
-                    .map(|_| Gpu {
-                        model: "A100".into(),
-                        memory_mb: 1,
+                    .map(|i| Gpu {
+                        model: "NVIDIA A100-SXM4-80GB".into(),
+                        memory_mb: 81920,
+                        index: i as u32,
+                        uuid: format!("GPU-{i}"),
+                        compute_capability: Some("8.0".into()),
+                        mig_profile: None,
+                        pci_bus_id: None,
                     })
                     .collect(),
                 ..Default::default()
@@ -390,6 +414,7 @@ mod tests {
             low_disk: false,
             scheduling: SchedulingMode::Active,
             disk_free_mb: Some(1_000_000),
+            visible_gpus: None,
         }
     }
 
@@ -402,6 +427,11 @@ mod tests {
             labels: BTreeMap::new(),
             preferred_labels: BTreeMap::new(),
             disk_mb: 0,
+            gpu_memory_mb: 0,
+            gpu_compute_capability: None,
+            gpu_driver: None,
+            gpu_shared: false,
+            network: Default::default(),
         }
     }
 
@@ -562,11 +592,11 @@ mod tests {
         n.disk_free_mb = Some(10_000);
         let mut r = req(1000, 1, 0);
         r.disk_mb = 6_000;
-        assert!(fits(&n, Usage::default(), &r));
+        assert!(fits(&n, &Usage::default(), &r));
         // What a task placed since the last heartbeat asked for counts too.
         assert!(!fits(
             &n,
-            Usage {
+            &Usage {
                 disk_mb: 6_000,
                 ..Default::default()
             },
@@ -574,11 +604,11 @@ mod tests {
         ));
         n.disk_free_mb = None;
         assert!(
-            !fits(&n, Usage::default(), &r),
+            !fits(&n, &Usage::default(), &r),
             "unknown free disk does not fit a disk request"
         );
         assert!(
-            fits(&n, Usage::default(), &req(1000, 1, 0)),
+            fits(&n, &Usage::default(), &req(1000, 1, 0)),
             "no disk asked, none needed"
         );
         if let Some(res) = n.resources.as_mut() {
@@ -603,18 +633,18 @@ mod tests {
             },
         )]);
         assert_eq!(
-            place(nodes.iter(), &usage, &req(1000, 1, 0), Placement::Pack),
+            place(nodes.iter(), &usage, &req(1000, 1, 0), Placement::Pack).map(|p| p.0),
             Some(b.id)
         );
         assert_eq!(
-            place(nodes.iter(), &usage, &req(1000, 1, 0), Placement::Spread),
+            place(nodes.iter(), &usage, &req(1000, 1, 0), Placement::Spread).map(|p| p.0),
             Some(a.id)
         );
         // A preferred label outweighs both, while that node has room.
         let mut prefers_a = req(1000, 1, 0);
         prefers_a.preferred_labels.insert("zone".into(), "a".into());
         assert_eq!(
-            place(nodes.iter(), &usage, &prefers_a, Placement::Pack),
+            place(nodes.iter(), &usage, &prefers_a, Placement::Pack).map(|p| p.0),
             Some(a.id)
         );
         let full_a = HashMap::from([(
@@ -625,7 +655,7 @@ mod tests {
             },
         )]);
         assert_eq!(
-            place(nodes.iter(), &full_a, &prefers_a, Placement::Pack),
+            place(nodes.iter(), &full_a, &prefers_a, Placement::Pack).map(|p| p.0),
             Some(b.id)
         );
         assert_eq!("spread".parse::<Placement>(), Ok(Placement::Spread));
@@ -639,18 +669,18 @@ mod tests {
         let nodes = [small.clone(), gpu.clone()];
         let none = HashMap::new();
         assert_eq!(
-            place(nodes.iter(), &none, &req(4000, 1024, 0), Placement::Pack),
+            place(nodes.iter(), &none, &req(4000, 1024, 0), Placement::Pack).map(|p| p.0),
             Some(gpu.id)
         );
         let mut zoned = req(500, 512, 0);
         zoned.labels.insert("zone".into(), "a".into());
         assert_eq!(
-            place(nodes.iter(), &none, &zoned, Placement::Pack),
+            place(nodes.iter(), &none, &zoned, Placement::Pack).map(|p| p.0),
             Some(small.id)
         );
         let mut model = req(500, 512, 1);
         model.gpu_model = Some("H100".into());
-        assert_eq!(place(nodes.iter(), &none, &model, Placement::Pack), None);
+        assert_eq!(place(nodes.iter(), &none, &model, Placement::Pack).map(|p| p.0), None);
         let full = HashMap::from([(
             gpu.id,
             Usage {
@@ -659,7 +689,7 @@ mod tests {
             },
         )]);
         assert_eq!(
-            place(nodes.iter(), &full, &req(4000, 1024, 0), Placement::Pack),
+            place(nodes.iter(), &full, &req(4000, 1024, 0), Placement::Pack).map(|p| p.0),
             None
         );
     }
@@ -673,19 +703,23 @@ mod tests {
             let mut usage: HashMap<NodeId, Usage> = HashMap::new();
             for (cpu, mem, gpus) in reqs {
                 let r = req(cpu, mem, gpus);
-                if let Some(id) = place(nodes.iter(), &usage, &r, strategy) {
+                if let Some((id, devices)) = place(nodes.iter(), &usage, &r, strategy) {
+                    prop_assert_eq!(devices.len(), gpus as usize);
                     let u = usage.entry(id).or_default();
                     u.cpu_millis += u64::from(cpu);
                     u.memory_mb += mem;
-                    u.gpus += u64::from(gpus);
+                    for d in &devices {
+                        prop_assert!(!u.gpus.devices.contains_key(d), "{} given twice", d);
+                    }
+                    u.gpus.take(&devices, gpus, false);
                 }
             }
             for n in &nodes {
-                let u = usage.get(&n.id).copied().unwrap_or_default();
+                let u = usage.get(&n.id).cloned().unwrap_or_default();
                 let res = n.resources.as_ref().unwrap_or_else(|| unreachable!());
                 prop_assert!(u.cpu_millis <= u64::from(res.cpu_millis));
                 prop_assert!(u.memory_mb <= res.memory_mb);
-                prop_assert!(u.gpus <= res.gpus.len() as u64);
+                prop_assert!(u.gpus.count() <= res.gpus.len() as u64);
             }
         }
     }

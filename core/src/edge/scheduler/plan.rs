@@ -22,11 +22,15 @@ pub struct Memory {
     pub waiting: HashMap<TaskId, String>,
 }
 
+/// Tasks being assigned and not seen back yet: their node and GPU devices.
+pub type InFlight = HashMap<TaskId, (NodeId, Vec<String>)>;
+
 /// What a pass decided.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
-    /// Tasks to assign, each to its node, in the order they were served.
-    pub assign: Vec<(TaskId, NodeId)>,
+    /// Tasks to assign, each to its node with its GPU devices, in the order
+    /// they were served.
+    pub assign: Vec<(TaskId, NodeId, Vec<String>)>,
     /// What unplaced tasks are told (`Wait` or `Unschedulable`).
     pub verdicts: Vec<(TaskId, TaskCommand)>,
 }
@@ -42,17 +46,17 @@ pub struct Rules<'a> {
 }
 
 /// What the tasks live on each node (and those being placed there) take.
-pub fn usage(cluster: &Cluster, inflight: &HashMap<TaskId, NodeId>) -> HashMap<NodeId, Usage> {
+pub fn usage(cluster: &Cluster, inflight: &InFlight) -> HashMap<NodeId, Usage> {
     let mut usage = HashMap::new();
     for t in cluster.tasks.values() {
         if let Some(node) = t.task.state.live_node() {
-            add(&mut usage, node, &t.task.spec);
+            add(&mut usage, node, &t.task.spec, &t.task.gpus);
         }
     }
-    for (task, node) in inflight {
+    for (task, (node, devices)) in inflight {
         if let Some(t) = cluster.tasks.get(task) {
             if t.task.state == TaskState::Pending {
-                add(&mut usage, *node, &t.task.spec);
+                add(&mut usage, *node, &t.task.spec, devices);
             }
         }
     }
@@ -64,7 +68,7 @@ pub fn usage(cluster: &Cluster, inflight: &HashMap<TaskId, NodeId>) -> HashMap<N
 /// node and queue.
 pub fn plan(
     cluster: &Cluster,
-    inflight: &HashMap<TaskId, NodeId>,
+    inflight: &InFlight,
     rules: &Rules<'_>,
     memory: &mut Memory,
 ) -> Plan {
@@ -131,7 +135,7 @@ pub fn plan(
                 continue;
             }
         }
-        let Some(node) = place(
+        let Some((node, devices)) = place(
             online.iter().copied(),
             &usage,
             &spec.resources,
@@ -161,13 +165,13 @@ pub fn plan(
             }
             continue;
         };
-        add(&mut usage, node, spec);
+        add(&mut usage, node, spec, &devices);
         *queue_live.entry(spec.queue.clone()).or_default() += 1;
         memory.serve_counter += 1;
         memory
             .served
             .insert(entry.task.project.to_string(), memory.serve_counter);
-        out.assign.push((id, node));
+        out.assign.push((id, node, devices));
     }
     out
 }
@@ -198,6 +202,7 @@ mod tests {
             low_disk: false,
             scheduling: ud_schemas::SchedulingMode::Active,
             disk_free_mb: Some(1_000_000),
+            visible_gpus: None,
         }
     }
 
@@ -212,6 +217,7 @@ mod tests {
             state: TaskState::Pending,
             attempts: 0,
             not_before: None,
+            gpus: Vec::new(),
             version: 1,
         }
     }
@@ -261,13 +267,20 @@ mod tests {
         let queues = Queues::default();
         let mut memory = Memory::default();
         let p = plan(&view, &HashMap::new(), &rules(&queues), &mut memory);
-        assert_eq!(p.assign, vec![(tasks[0].id, n.id), (tasks[1].id, n.id)]);
+        assert_eq!(
+            p.assign,
+            vec![(tasks[0].id, n.id, vec![]), (tasks[1].id, n.id, vec![])]
+        );
         assert_eq!(p.verdicts.len(), 1);
         assert_eq!(p.verdicts[0].0, tasks[2].id);
         assert!(matches!(p.verdicts[0].1, TaskCommand::Wait { .. }));
         // The two placed are in flight now: the third still waits, and is
         // not told again.
-        let inflight = p.assign.iter().copied().collect();
+        let inflight = p
+            .assign
+            .iter()
+            .map(|(t, n, d)| (*t, (*n, d.clone())))
+            .collect();
         let again = plan(&view, &inflight, &rules(&queues), &mut memory);
         assert_eq!(again, Plan::default());
     }
@@ -336,7 +349,7 @@ mod tests {
             &rules(&queues),
             &mut Memory::default(),
         );
-        let placed: Vec<TaskId> = p.assign.iter().map(|(t, _)| *t).collect();
+        let placed: Vec<TaskId> = p.assign.iter().map(|(t, ..)| *t).collect();
         assert_eq!(placed, vec![a[0].id, b.id]);
     }
 }
