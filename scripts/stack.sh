@@ -66,9 +66,11 @@ up() {
   export UD_NATS_URL="nats://platform:$platform_pw@127.0.0.1:$NATS_PORT"
   export UD_DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/postgres"
   export UD_API_URL="http://$API"
+  # The key project secrets are encrypted with (kept apart from backups).
+  [ -s "$STATE/secrets.key" ] || "$BIN" admin secret-key --out "$STATE/secrets.key" >/dev/null
   if ! [ -f "$STATE/server.pid" ] || ! kill -0 "$(cat "$STATE/server.pid")" 2>/dev/null; then
     : > "$STATE/server.out"
-    UD_LISTEN="$API" UD_HUB_ACCOUNTS_FILE="$STATE/nats/accounts.conf" UD_HUB_PID_FILE="$STATE/nats/hub.pid" \
+    UD_SECRETS_KEY_FILE="$STATE/secrets.key" UD_LISTEN="$API" UD_HUB_ACCOUNTS_FILE="$STATE/nats/accounts.conf" UD_HUB_PID_FILE="$STATE/nats/hub.pid" \
       UD_HUB_SYSTEM_PASSWORD="$system_pw" "$BIN" serve >"$STATE/server.out" 2>"$STATE/server.log" &
     echo $! > "$STATE/server.pid"
     wait_for_line "$STATE/server.out" "listening" 60
@@ -79,7 +81,8 @@ up() {
   export UD_TOKEN="$(cat "$STATE/admin.token")"
 
   # The main server's own compute node, joined exactly like a remote one:
-  # enrolled, its own leaf nats-server, its agent on the local Docker engine.
+  # enrolled, its own leaf nats-server, its agent on the local Docker engine;
+  # it holds back what the services here need (UD_MAIN_RESERVE_CPUS/_MEMORY_MB).
   if ! [ -s "$STATE/node.token" ]; then
     "$BIN" node enroll --name main-server --label role=main > "$STATE/node.token"
   fi
@@ -93,7 +96,8 @@ up() {
   fi
   if ! [ -f "$STATE/agent.pid" ] || ! kill -0 "$(cat "$STATE/agent.pid")" 2>/dev/null; then
     UD_NODE_TOKEN="$(cat "$STATE/node.token")" UD_EDGE_LEAF_URL="nats://agent:$agent_pw@127.0.0.1:$EDGE_PORT" \
-      UD_EDGE_WORK_DIR="$STATE/edge" "$EDGE" run --name main-server --label role=main > "$STATE/agent.log" 2>&1 &
+      UD_EDGE_WORK_DIR="$STATE/edge" UD_EDGE_RESERVE_CPUS="${UD_MAIN_RESERVE_CPUS:-0.5}" \
+      UD_EDGE_RESERVE_MEMORY_MB="${UD_MAIN_RESERVE_MEMORY_MB:-2048}" "$EDGE" run --name main-server --label role=main > "$STATE/agent.log" 2>&1 &
     echo $! > "$STATE/agent.pid"
   fi
   cat "$STATE/server.out"

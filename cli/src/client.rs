@@ -123,8 +123,41 @@ pub struct SubmitArgs {
     memory_mb: Option<i64>,
     #[arg(long)]
     gpus: Option<i64>,
+    /// GPU family, as users write it (`A100`, `a100-80gb`, `RTX 4090`).
     #[arg(long)]
     gpu_model: Option<String>,
+    /// Memory each GPU must have, MiB.
+    #[arg(long)]
+    gpu_memory_mb: Option<i64>,
+    /// Lowest CUDA compute capability, e.g. 8.0.
+    #[arg(long)]
+    gpu_compute_capability: Option<String>,
+    /// Lowest NVIDIA driver version, e.g. 535.
+    #[arg(long)]
+    gpu_driver: Option<String>,
+    /// Share GPUs with other tasks that share (otherwise a GPU is the task's alone).
+    #[arg(long)]
+    gpu_shared: bool,
+    /// `none` (the default) or `egress`: a private network to the outside,
+    /// on nodes that allow it.
+    #[arg(long)]
+    network: Option<String>,
+    /// Size of /dev/shm, MiB (default: half the memory, at most 16 GiB).
+    #[arg(long)]
+    shm_size_mb: Option<i64>,
+    /// A project secret the run gets as an environment variable of its name (repeatable).
+    #[arg(long = "secret")]
+    secrets: Vec<String>,
+    /// A workspace folder kept across attempts: uploaded while the run goes
+    /// and at its end, put back before the next attempt starts.
+    #[arg(long)]
+    checkpoint: Option<String>,
+    /// Seconds between checkpoint uploads (default 600).
+    #[arg(long, requires = "checkpoint")]
+    checkpoint_every: Option<i64>,
+    /// Start from the checkpoint of this earlier task.
+    #[arg(long, requires = "checkpoint")]
+    resume_from: Option<String>,
     /// Required node label, KEY=VALUE (repeatable).
     #[arg(long = "label")]
     labels: Vec<String>,
@@ -186,6 +219,18 @@ fn task_body(a: &SubmitArgs) -> Result<Value> {
     if let Some(g) = &a.gpu_model {
         resources.insert("gpu_model".into(), json!(g));
     }
+    if let Some(m) = a.gpu_memory_mb {
+        resources.insert("gpu_memory_mb".into(), json!(m));
+    }
+    if let Some(c) = &a.gpu_compute_capability {
+        resources.insert("gpu_compute_capability".into(), json!(c));
+    }
+    if let Some(d) = &a.gpu_driver {
+        resources.insert("gpu_driver".into(), json!(d));
+    }
+    if a.gpu_shared {
+        resources.insert("gpu_shared".into(), json!(true));
+    }
     resources.insert("labels".into(), json!(key_values(&a.labels, "--label")?));
     let mut body = json!({
         "project": need(&a.project, "project")?,
@@ -225,6 +270,20 @@ fn task_body(a: &SubmitArgs) -> Result<Value> {
     }
     if !a.outputs.is_empty() {
         body["outputs"] = json!(a.outputs);
+    }
+    if let Some(n) = &a.network {
+        body["network"] = json!(n);
+    }
+    if let Some(m) = a.shm_size_mb {
+        body["shm_size_mb"] = json!(m);
+    }
+    if !a.secrets.is_empty() {
+        body["secrets"] = json!(a.secrets);
+    }
+    if let Some(path) = &a.checkpoint {
+        body["checkpoint"] = json!({
+            "path": path, "every_seconds": a.checkpoint_every, "resume_from": a.resume_from,
+        });
     }
     Ok(body)
 }
@@ -533,6 +592,92 @@ async fn scheduling(a: CancelArgs, action: &str) -> Result<()> {
         .await?;
     output::either(as_json, &v, output::node);
     Ok(())
+}
+
+#[derive(Subcommand)]
+pub enum SecretCommand {
+    /// Set a project secret; the value is read from standard input (one
+    /// trailing newline dropped). A new version when it is set already.
+    Set(SecretArgs),
+    /// Secrets of a project (or of every project the token may use): names
+    /// and versions, never values.
+    Ls(SecretListArgs),
+    /// Delete a project secret.
+    Rm(SecretArgs),
+}
+
+#[derive(Args)]
+pub struct SecretArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    project: String,
+    /// Also the environment variable tasks get it as.
+    name: String,
+}
+
+#[derive(Args)]
+pub struct SecretListArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    project: Option<String>,
+}
+
+pub async fn secret(c: SecretCommand) -> Result<()> {
+    match c {
+        SecretCommand::Set(a) => {
+            use std::io::Read;
+            let mut value = String::new();
+            std::io::stdin()
+                .read_to_string(&mut value)
+                .context("cannot read the value from standard input")?;
+            let value = value
+                .strip_suffix('\n')
+                .map(|v| v.strip_suffix('\r').unwrap_or(v))
+                .unwrap_or(&value);
+            let as_json = a.api.json;
+            let v = Api::new(a.api)
+                .put(
+                    &format!("/api/v1/projects/{}/secrets/{}", a.project, a.name),
+                    &json!({ "value": value }),
+                )
+                .await?;
+            output::either(as_json, &v, |v| {
+                format!(
+                    "{}/{} version {}\n",
+                    a.project,
+                    v["name"].as_str().unwrap_or_default(),
+                    v["version"]
+                )
+            });
+            Ok(())
+        }
+        SecretCommand::Ls(a) => {
+            let as_json = a.api.json;
+            let path = match &a.project {
+                Some(p) => format!("/api/v1/projects/{p}/secrets"),
+                None => "/api/v1/secrets".into(),
+            };
+            let v = Api::new(a.api).get(&path).await?;
+            output::either(as_json, &v, output::secrets);
+            Ok(())
+        }
+        SecretCommand::Rm(a) => {
+            let as_json = a.api.json;
+            let v = Api::new(a.api)
+                .delete(&format!(
+                    "/api/v1/projects/{}/secrets/{}",
+                    a.project, a.name
+                ))
+                .await?;
+            output::either(as_json, &v, |v| {
+                format!(
+                    "{}/{} deleted (version {})\n",
+                    a.project, a.name, v["version"]
+                )
+            });
+            Ok(())
+        }
+    }
 }
 
 #[derive(Subcommand)]

@@ -54,6 +54,9 @@ enum Command {
     /// API tokens.
     #[command(subcommand)]
     Token(client::TokenCommand),
+    /// Project secrets that tasks get as environment variables.
+    #[command(subcommand)]
+    Secret(client::SecretCommand),
     /// A project's files in the object store.
     #[command(subcommand)]
     File(files::FileCommand),
@@ -140,6 +143,7 @@ async fn main() -> std::process::ExitCode {
                 Command::Project(c) => client::project(c).await,
                 Command::Queue(c) => client::queue(c).await,
                 Command::Token(c) => client::token(c).await,
+                Command::Secret(c) => client::secret(c).await,
                 Command::File(c) => files::run(c).await,
                 Command::Events(c) => ops::events(c).await,
                 Command::Projections(c) => ops::projections(c).await,

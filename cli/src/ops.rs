@@ -362,6 +362,17 @@ pub enum AdminCommand {
     IssueToken(IssueTokenArgs),
     /// Print the hub's initial accounts file (platform and system users, no nodes yet).
     HubAccounts(HubAccountsArgs),
+    /// Make the key project secrets are encrypted with (UD_SECRETS_KEY_FILE);
+    /// an existing file is never replaced. Keep a copy apart from the
+    /// backups: without it the secrets in a backup cannot be read.
+    SecretKey(SecretKeyArgs),
+}
+
+#[derive(Args)]
+pub struct SecretKeyArgs {
+    /// The file to write (readable by its owner only).
+    #[arg(long)]
+    out: std::path::PathBuf,
 }
 
 #[derive(Args)]
@@ -390,6 +401,11 @@ pub struct IssueTokenArgs {
 
 pub async fn admin(c: AdminCommand) -> Result<()> {
     match c {
+        AdminCommand::SecretKey(a) => {
+            let key = ud_core::secrets::SecretKey::create(&a.out)?;
+            println!("{} (key id {})", a.out.display(), key.id());
+            Ok(())
+        }
         AdminCommand::HubAccounts(a) => {
             let hash =
                 |p: &str| ud_core::edge::hubconf::hash_password(p).map_err(|e| anyhow::anyhow!(e));

@@ -310,6 +310,24 @@ pub(crate) fn queues(list: &Value) -> String {
     )
 }
 
+/// Project secrets: names and versions (the API never returns a value).
+pub(crate) fn secrets(list: &Value) -> String {
+    let rows: Vec<Vec<String>> = list["secrets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|x| {
+            vec![
+                s(&x["project"]),
+                s(&x["name"]),
+                s(&x["version"]),
+                s(&x["updated_by"]),
+            ]
+        })
+        .collect();
+    table(&["PROJECT", "NAME", "VERSION", "SET BY"], &rows)
+}
+
 /// What an accepted command did to a task.
 pub(crate) fn accepted(what: &str) -> impl FnOnce(&Value) -> String + '_ {
     move |v| {

@@ -187,6 +187,10 @@ pub struct ServeArgs {
     /// JSON file of repository credentials per host, handed to nodes for their fetches only.
     #[arg(long, env = "UD_GIT_CREDENTIALS_FILE")]
     pub git_credentials_file: Option<std::path::PathBuf>,
+    /// The key project secrets are encrypted with (64 hex digits; make one
+    /// with `unidesk admin secret-key`). Without it tasks cannot name secrets.
+    #[arg(long, env = "UD_SECRETS_KEY_FILE")]
+    pub secrets_key_file: Option<std::path::PathBuf>,
 }
 
 fn edge_config(args: &ServeArgs) -> Result<Option<server::EdgeConfig>> {
@@ -258,6 +262,12 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             min_free_mb: args.disk_min_free_mb,
         },
         restarts: Default::default(),
+        secrets: args
+            .secrets_key_file
+            .as_deref()
+            .map(ud_core::secrets::SecretKey::load)
+            .transpose()
+            .context("UD_SECRETS_KEY_FILE")?,
     })
     .await?;
     println!("UniDesk API listening on http://{}", running.addr);

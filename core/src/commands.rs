@@ -42,6 +42,17 @@ pub enum CommandError {
     Idempotency(#[source] crate::store::NatsError),
 }
 
+fn secret_error(e: crate::secrets::SecretError) -> CommandError {
+    use crate::secrets::SecretError;
+    match e {
+        SecretError::Store(e) => e.into(),
+        SecretError::Invalid { field, reason } => {
+            CommandError::Invalid(vec![FieldError::new(field, reason)])
+        }
+        other => CommandError::Unavailable(StoreError::Unavailable(other.to_string().into())),
+    }
+}
+
 impl From<StoreError> for CommandError {
     fn from(e: StoreError) -> Self {
         match e {
@@ -71,6 +82,8 @@ struct IdempotencyRecord {
 pub struct TaskCommands {
     tasks: Repository<Task>,
     idempotency: kv::Store,
+    /// Project secrets, when the platform holds a key for them.
+    secrets: Option<crate::secrets::Secrets>,
 }
 
 /// Most tasks a main server remembers (see [`Repository`]'s cache).
@@ -106,7 +119,65 @@ impl TaskCommands {
         Ok(Self {
             tasks: Repository::cached(store, RECENT_TASKS, None),
             idempotency,
+            secrets: None,
         })
+    }
+
+    /// Tasks may name project secrets (checked to be set when submitted).
+    pub fn with_secrets(mut self, secrets: Option<crate::secrets::Secrets>) -> Self {
+        self.secrets = secrets;
+        self
+    }
+
+    /// Project secrets, when the platform holds a key for them.
+    pub fn secrets(&self) -> Option<&crate::secrets::Secrets> {
+        self.secrets.as_ref()
+    }
+
+    /// What a spec names beyond itself: project secrets that must be set,
+    /// an earlier task whose checkpoint it continues.
+    async fn check_references(
+        &self,
+        project: &ProjectId,
+        spec: &TaskSpec,
+    ) -> Result<(), CommandError> {
+        let mut errors = Vec::new();
+        if !spec.secrets.is_empty() {
+            match &self.secrets {
+                None => errors.push(FieldError::new(
+                    "secrets",
+                    "this platform holds no key for secrets (UD_SECRETS_KEY_FILE)",
+                )),
+                Some(secrets) => {
+                    let missing = secrets
+                        .missing(project, &spec.secrets)
+                        .await
+                        .map_err(secret_error)?;
+                    for (i, name) in spec.secrets.iter().enumerate() {
+                        if missing.contains(name) {
+                            errors.push(FieldError::new(
+                                format!("secrets[{i}]"),
+                                format!("{name} is not set in project {project} (unidesk secret set {project} {name})"),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(from) = spec.checkpoint.as_ref().and_then(|c| c.from) {
+            let found = self.tasks.current(&from).await?;
+            if !found.is_some_and(|(t, _)| &t.project == project) {
+                errors.push(FieldError::new(
+                    "checkpoint.resume_from",
+                    format!("no task {from} in project {project}"),
+                ));
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(CommandError::Invalid(errors))
+        }
     }
 
     pub fn store(&self) -> &EventStore {
@@ -145,6 +216,7 @@ impl TaskCommands {
         if !may_use(&project) {
             return Err(CommandError::Forbidden(project.to_string()));
         }
+        self.check_references(&project, &spec).await?;
         let digest = request_digest(&project, &spec);
         let mut task_id = TaskId::new();
         if let Some(key) = idempotency_key {

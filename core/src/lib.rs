@@ -14,6 +14,7 @@ pub mod commands;
 pub mod edge;
 pub mod guard;
 pub mod node;
+pub mod secrets;
 pub mod service;
 pub mod store;
 pub mod task;

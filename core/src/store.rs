@@ -140,6 +140,17 @@ impl EventStore {
             .map_err(unavailable)?;
         self.js
             .create_key_value(jetstream::kv::Config {
+                bucket: streams::SECRETS_BUCKET.into(),
+                description: "<project>.<NAME> -> project secret, encrypted".into(),
+                history: 1,
+                num_replicas: replicas,
+                storage: jetstream::stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable)?;
+        self.js
+            .create_key_value(jetstream::kv::Config {
                 bucket: streams::QUEUES_BUCKET.into(),
                 description: "queue name -> priority and limit set through the API".into(),
                 history: 16,
@@ -165,6 +176,7 @@ impl EventStore {
             Event::Task(id, _) => subjects::task_all(id),
             Event::Node(id, _) => subjects::node_all(id),
             Event::Auth(id, _) => subjects::token_all(id),
+            Event::Secret(s, _) => subjects::secret_all(s),
         };
         let seq = match expect {
             Expect::Any => return Ok(msg),

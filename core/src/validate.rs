@@ -53,14 +53,9 @@ fn dotted_version(v: &str) -> bool {
 
 /// A secret's name: what its environment variable is called too.
 pub fn secret_name(field: &str, name: &str) -> Result<(), FieldError> {
-    if env_key(name) && name.len() <= 128 {
-        Ok(())
-    } else {
-        Err(FieldError::new(
-            field,
-            "1-128 letters, digits and '_', not starting with a digit",
-        ))
-    }
+    ud_schemas::spec::secret_name(name)
+        .map(|_| ())
+        .map_err(|reason| FieldError::new(field, reason))
 }
 
 struct Errors(Vec<FieldError>);
@@ -223,12 +218,6 @@ fn label_key(k: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'))
 }
 
-fn env_key(k: &str) -> bool {
-    let mut bytes = k.bytes();
-    matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
-        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
-}
-
 fn argv(errors: &mut Errors, field: &str, list: &[String], required: bool) {
     if required && list.is_empty() {
         errors.add(field, "must name at least the program to run");
@@ -249,9 +238,9 @@ fn argv(errors: &mut Errors, field: &str, list: &[String], required: bool) {
     }
 }
 
-/// The request that submits `spec` again in `project` (a rerun): it
-/// validates to the same spec.
-pub fn rerun_request(project: &str, spec: &TaskSpec) -> SubmitTask {
+/// The request that submits `task`'s `spec` again in `project` (a rerun):
+/// it validates to the same spec, its checkpoint continuing `task`'s.
+pub fn rerun_request(project: &str, task: ud_schemas::TaskId, spec: &TaskSpec) -> SubmitTask {
     let r = &spec.resources;
     SubmitTask {
         project: project.to_owned(),
@@ -298,9 +287,11 @@ pub fn rerun_request(project: &str, spec: &TaskSpec) -> SubmitTask {
             .shm_size_mb
             .map(|m| i64::try_from(m).unwrap_or(i64::MAX)),
         secrets: spec.secrets.clone(),
+        // A rerun goes on from the checkpoint its first task started.
         checkpoint: spec.checkpoint.as_ref().map(|c| CheckpointRequest {
             path: c.path.clone(),
             every_seconds: Some(i64::try_from(c.every_seconds).unwrap_or(i64::MAX)),
+            resume_from: Some(c.owner(task).to_string()),
         }),
     }
 }
@@ -347,7 +338,7 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
         e.add("env", format!("more than {} variables", limits::MAX_ENV));
     }
     for (k, v) in &req.env {
-        if !env_key(k) {
+        if !ud_schemas::spec::env_name(k) {
             e.add(
                 format!("env.{k}"),
                 "names are letters, digits and '_', not starting with a digit",
@@ -501,7 +492,10 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
         );
     }
     for (field, v) in [
-        ("resources.gpu_compute_capability", &r.gpu_compute_capability),
+        (
+            "resources.gpu_compute_capability",
+            &r.gpu_compute_capability,
+        ),
         ("resources.gpu_driver", &r.gpu_driver),
     ] {
         if v.as_deref().is_some_and(|v| !dotted_version(v)) {
@@ -553,9 +547,22 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
                 ),
             );
         }
+        let from = match c
+            .resume_from
+            .as_deref()
+            .map(str::parse::<ud_schemas::TaskId>)
+        {
+            Some(Ok(id)) => Some(id),
+            Some(Err(_)) => {
+                e.add("checkpoint.resume_from", "is not a task id");
+                None
+            }
+            None => None,
+        };
         ud_schemas::spec::Checkpoint {
             path: c.path.trim_end_matches('/').to_owned(),
             every_seconds: every.unsigned_abs(),
+            from,
         }
     });
     let priority = req.priority.unwrap_or(0);
@@ -810,7 +817,8 @@ pub(crate) mod tests {
         #[test]
         fn a_rerun_validates_to_the_same_spec(cpus in 1u32..64_000, mem in 1i64..1_000_000, gpus in 0i64..8,
             timeout in 1i64..86_400, attempts in 1i64..5, backoff in 0i64..600, prio in -1000i64..1000,
-            codes in proptest::collection::vec(1i64..255, 0..3), disk in 0i64..100_000, on_timeout in any::<bool>()) {
+            codes in proptest::collection::vec(1i64..255, 0..3), disk in 0i64..100_000, on_timeout in any::<bool>(),
+            checkpoint in any::<bool>()) {
             let mut r = request();
             r.resources.cpus = f64::from(cpus) / 1000.0;
             r.resources.memory_mb = mem;
@@ -820,11 +828,22 @@ pub(crate) mod tests {
             r.priority = Some(prio);
             r.retry = Some(RetryRequest { max_attempts: attempts, backoff_seconds: backoff, exit_codes: codes, on_timeout });
             r.outputs = vec!["out/".into()];
+            r.checkpoint = checkpoint.then(|| CheckpointRequest { path: "ckpt/".into(), every_seconds: Some(60), resume_from: None });
             let (project, spec) = submit_task(&r).map_err(|e| TestCaseError::fail(format!("{e:?}")))?;
-            let again = submit_task(&rerun_request(project.as_str(), &spec))
+            let first = ud_schemas::TaskId::new();
+            let again = submit_task(&rerun_request(project.as_str(), first, &spec))
                 .map_err(|e| TestCaseError::fail(format!("{e:?}")))?;
             prop_assert_eq!(again.0.as_str(), project.as_str());
-            prop_assert_eq!(again.1, spec);
+            // The same spec, its checkpoint going on from the first task's.
+            let mut expected = spec.clone();
+            if let Some(c) = expected.checkpoint.as_mut() {
+                c.from = Some(first);
+            }
+            prop_assert_eq!(&again.1, &expected);
+            // A rerun of the rerun still reads the first task's checkpoint.
+            let third = submit_task(&rerun_request(project.as_str(), ud_schemas::TaskId::new(), &again.1))
+                .map_err(|e| TestCaseError::fail(format!("{e:?}")))?;
+            prop_assert_eq!(third.1, expected);
         }
 
         #[test]

@@ -144,12 +144,21 @@ async fn of_concurrent_conflicting_commands_exactly_one_wins() -> Result<()> {
         let node_b = NodeId::new();
         // Two schedulers assign the same pending task at once, plus a cancel.
         let cmds = [
-            TaskCommand::Assign { node_id: node_a, gpus: vec![] },
-            TaskCommand::Assign { node_id: node_b, gpus: vec![] },
+            TaskCommand::Assign {
+                node_id: node_a,
+                gpus: vec![],
+            },
+            TaskCommand::Assign {
+                node_id: node_b,
+                gpus: vec![],
+            },
             TaskCommand::Cancel {
                 reason: "race".into(),
             },
-            TaskCommand::Assign { node_id: node_a, gpus: vec![] },
+            TaskCommand::Assign {
+                node_id: node_a,
+                gpus: vec![],
+            },
         ];
         let results = futures::future::join_all(cmds.into_iter().map(|c| {
             let commands = commands.clone();

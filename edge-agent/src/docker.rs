@@ -29,6 +29,8 @@ pub const LABEL_OUTPUTS: &str = "io.unidesk.outputs";
 pub const LABEL_WORKSPACE: &str = "io.unidesk.workspace";
 /// The GPU devices the run was given (comma-separated UUIDs).
 pub const LABEL_GPUS: &str = "io.unidesk.gpus";
+/// The task's checkpoint folder and period (JSON `checkpoint`).
+pub const LABEL_CHECKPOINT: &str = "io.unidesk.checkpoint";
 pub const PIDS_LIMIT: i64 = 4096;
 
 /// A container of this node found after a restart, with what its run needs
@@ -45,6 +47,8 @@ pub struct Adopted {
     pub workspace: Option<std::path::PathBuf>,
     /// The GPU devices it was given.
     pub gpus: Vec<String>,
+    /// Its checkpoint folder, uploaded while it runs.
+    pub checkpoint: Option<ud_schemas::spec::Checkpoint>,
 }
 
 impl Adopted {
@@ -75,6 +79,9 @@ impl Adopted {
                 .get(LABEL_GPUS)
                 .map(|g| g.split(',').map(str::to_owned).collect())
                 .unwrap_or_default(),
+            checkpoint: labels
+                .get(LABEL_CHECKPOINT)
+                .and_then(|c| serde_json::from_str(c).ok()),
         })
     }
 }
@@ -146,7 +153,11 @@ pub fn container(node: &NodeId, l: &Launch<'_>, started_at: Millis) -> Container
     // would otherwise show every GPU to a CPU task).
     env.push(format!(
         "NVIDIA_VISIBLE_DEVICES={}",
-        if gpu { l.run.gpus.join(",") } else { "void".into() }
+        if gpu {
+            l.run.gpus.join(",")
+        } else {
+            "void".into()
+        }
     ));
     env.extend(l.secrets.iter().map(|(k, v)| format!("{k}={v}")));
     let mb = |m: u64| i64::try_from(m.saturating_mul(1024 * 1024)).unwrap_or(i64::MAX);
@@ -206,6 +217,11 @@ pub fn labels(
     }
     if !run.gpus.is_empty() {
         labels.insert(LABEL_GPUS.to_owned(), run.gpus.join(","));
+    }
+    if let Some(c) = &run.spec.checkpoint {
+        if let Ok(c) = serde_json::to_string(c) {
+            labels.insert(LABEL_CHECKPOINT.to_owned(), c);
+        }
     }
     labels
 }
@@ -274,7 +290,10 @@ impl Executor {
     pub async fn ensure_egress_network(&self, name: &str, bridge: &str) -> Result<(), AgentError> {
         if self
             .docker
-            .inspect_network(name, None::<bollard::query_parameters::InspectNetworkOptions>)
+            .inspect_network(
+                name,
+                None::<bollard::query_parameters::InspectNetworkOptions>,
+            )
             .await
             .is_ok()
         {
@@ -295,7 +314,10 @@ impl Executor {
                 name: name.to_owned(),
                 driver: Some("bridge".into()),
                 options: Some(options),
-                labels: Some(HashMap::from([(LABEL_NODE.to_owned(), self.node.to_string())])),
+                labels: Some(HashMap::from([(
+                    LABEL_NODE.to_owned(),
+                    self.node.to_string(),
+                )])),
                 ..Default::default()
             })
             .await?;
@@ -308,11 +330,10 @@ impl Executor {
         match self.docker.info().await {
             Ok(info) => {
                 info.runtimes.is_some_and(|r| r.contains_key("nvidia"))
-                    || info
-                        .discovered_devices
-                        .unwrap_or_default()
-                        .iter()
-                        .any(|d| d.id.as_deref().is_some_and(|id| id.starts_with("nvidia.com/gpu")))
+                    || info.discovered_devices.unwrap_or_default().iter().any(|d| {
+                        d.id.as_deref()
+                            .is_some_and(|id| id.starts_with("nvidia.com/gpu"))
+                    })
             }
             Err(_) => false,
         }
@@ -442,6 +463,11 @@ mod tests {
         let mut spec = crate::tests::spec();
         spec.timeout_seconds = 15;
         spec.outputs = vec!["result.txt".into(), "out/".into()];
+        spec.checkpoint = Some(ud_schemas::spec::Checkpoint {
+            path: "ckpt".into(),
+            every_seconds: 60,
+            from: Some(TaskId::new()),
+        });
         let run = DispatchRun {
             at: 1,
             task_id: TaskId::new(),
@@ -463,6 +489,7 @@ mod tests {
                 outputs: vec!["result.txt".into(), "out/".into()],
                 workspace: Some(w.to_owned()),
                 gpus: vec!["GPU-a".into(), "GPU-b".into()],
+                checkpoint: run.spec.checkpoint.clone(),
             })
         );
         // Another node's container is not ours.

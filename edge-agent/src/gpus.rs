@@ -40,7 +40,8 @@ pub struct Row {
 pub const QUERY: &str =
     "index,uuid,name,memory.total,driver_version,compute_cap,mig.mode.current,pci.bus_id";
 /// The same without `compute_cap`, for drivers older than R510 that refuse it.
-pub const QUERY_OLD: &str = "index,uuid,name,memory.total,driver_version,mig.mode.current,pci.bus_id";
+pub const QUERY_OLD: &str =
+    "index,uuid,name,memory.total,driver_version,mig.mode.current,pci.bus_id";
 
 /// A value `nvidia-smi` could not give (`[N/A]`, `[Not Supported]`).
 fn known(v: &str) -> Option<String> {
@@ -65,7 +66,9 @@ pub fn parse_query(text: &str, with_compute_cap: bool) -> Vec<Row> {
                 memory_mb: f.get(3)?.parse().ok()?,
                 driver: f.get(4).and_then(|v| known(v)),
                 compute_capability: cc,
-                mig: rest.first().is_some_and(|m| m.eq_ignore_ascii_case("enabled")),
+                mig: rest
+                    .first()
+                    .is_some_and(|m| m.eq_ignore_ascii_case("enabled")),
                 pci_bus_id: rest.get(1).and_then(|v| known(v)),
             })
         })
@@ -110,11 +113,14 @@ pub fn parse_list(text: &str) -> Vec<MigInstance> {
 /// The CUDA version from `nvidia-smi`'s banner (`CUDA Version: 12.2`, or
 /// `CUDA UMD Version: 13.3` from R610 on).
 pub fn parse_cuda(banner: &str) -> Option<String> {
-    let at = banner.find("CUDA Version:").map(|i| i + "CUDA Version:".len()).or_else(|| {
-        banner
-            .find("CUDA UMD Version:")
-            .map(|i| i + "CUDA UMD Version:".len())
-    })?;
+    let at = banner
+        .find("CUDA Version:")
+        .map(|i| i + "CUDA Version:".len())
+        .or_else(|| {
+            banner
+                .find("CUDA UMD Version:")
+                .map(|i| i + "CUDA UMD Version:".len())
+        })?;
     let v = banner[at..].split_whitespace().next()?;
     known(v).filter(|v| v != "ERR!")
 }
@@ -164,7 +170,9 @@ pub fn devices(rows: &[Row], migs: &[MigInstance]) -> Vec<Gpu> {
 pub fn is_wsl() -> bool {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let release = release.to_lowercase();
-    release.contains("microsoft") || release.contains("wsl") || std::path::Path::new("/dev/dxg").exists()
+    release.contains("microsoft")
+        || release.contains("wsl")
+        || std::path::Path::new("/dev/dxg").exists()
 }
 
 /// Finds the GPUs: NVML first (the WSL2 library where there is one), then
@@ -265,9 +273,10 @@ pub fn from_smi(smi: &str) -> Detected {
     let (query, with_cc) = match run(smi, &[&format!("--query-gpu={QUERY}"), format]) {
         Ok(text) => (Ok(text), true),
         // Drivers before R510 do not know compute_cap.
-        Err(e) if e.contains("compute_cap") => {
-            (run(smi, &[&format!("--query-gpu={QUERY_OLD}"), format]), false)
-        }
+        Err(e) if e.contains("compute_cap") => (
+            run(smi, &[&format!("--query-gpu={QUERY_OLD}"), format]),
+            false,
+        ),
         Err(e) => (Err(e), true),
     };
     let text = match query {
@@ -282,7 +291,9 @@ pub fn from_smi(smi: &str) -> Detected {
         }
     };
     let rows = parse_query(&text, with_cc);
-    let migs = run(smi, &["-L"]).map(|t| parse_list(&t)).unwrap_or_default();
+    let migs = run(smi, &["-L"])
+        .map(|t| parse_list(&t))
+        .unwrap_or_default();
     let cuda = run(smi, &[]).ok().and_then(|t| parse_cuda(&t));
     Detected {
         driver: rows.iter().find_map(|r| r.driver.clone()),
@@ -306,7 +317,10 @@ mod tests {
     #[test]
     fn a_four_gpu_server_is_read_by_device() {
         let rows = parse_query(fixture!("a100-sxm4-80gb-x4.query-gpu.csv"), true);
-        let gpus = devices(&rows, &parse_list(fixture!("a100-sxm4-80gb-x4.nvidia-smi-L.txt")));
+        let gpus = devices(
+            &rows,
+            &parse_list(fixture!("a100-sxm4-80gb-x4.nvidia-smi-L.txt")),
+        );
         assert_eq!(gpus.len(), 4);
         assert_eq!(gpus[0].uuid, "GPU-513536b6-7d19-9063-b049-1e69664bb298");
         assert_eq!(gpus[0].model, "NVIDIA A100-SXM4-80GB");
@@ -330,17 +344,34 @@ mod tests {
         assert_eq!(gpus.len(), 3 + 4);
         let mig: Vec<&Gpu> = gpus.iter().filter(|g| g.mig_profile.is_some()).collect();
         assert_eq!(mig.len(), 4);
-        assert!(mig.iter().all(|g| g.uuid.starts_with("MIG-") && g.index == 0));
+        assert!(mig
+            .iter()
+            .all(|g| g.uuid.starts_with("MIG-") && g.index == 0));
         assert_eq!(mig[0].memory_mb, 20 * 1024);
         assert_eq!(mig[0].model, "NVIDIA A100-SXM4-80GB MIG 1g.20gb");
-        assert!(!gpus.iter().any(|g| g.uuid == rows[0].uuid), "the MIG parent is not offered whole");
+        assert!(
+            !gpus.iter().any(|g| g.uuid == rows[0].uuid),
+            "the MIG parent is not offered whole"
+        );
         // An H100 cut into instances of two profiles.
         let h100 = devices(
             &parse_query(fixture!("h100-80gb-hbm3-mig.query-gpu.csv"), true),
             &parse_list(fixture!("h100-80gb-hbm3-mig.nvidia-smi-L.txt")),
         );
-        let profiles: Vec<&str> = h100.iter().filter_map(|g| g.mig_profile.as_deref()).collect();
-        assert_eq!(profiles, vec!["1c.3g.40gb", "1c.3g.40gb", "1c.3g.40gb", "1g.10gb", "1g.10gb"]);
+        let profiles: Vec<&str> = h100
+            .iter()
+            .filter_map(|g| g.mig_profile.as_deref())
+            .collect();
+        assert_eq!(
+            profiles,
+            vec![
+                "1c.3g.40gb",
+                "1c.3g.40gb",
+                "1c.3g.40gb",
+                "1g.10gb",
+                "1g.10gb"
+            ]
+        );
         assert_eq!(h100[3].memory_mb, 10 * 1024);
         assert_eq!(
             parse_cuda(fixture!("h100-80gb-hbm3-mig.nvidia-smi-header.txt")).as_deref(),
@@ -363,7 +394,10 @@ mod tests {
             Some("12.2")
         );
         assert_eq!(
-            parse_cuda(fixture!("wsl2-quadro-rtx4000-in-docker.nvidia-smi-header.txt")).as_deref(),
+            parse_cuda(fixture!(
+                "wsl2-quadro-rtx4000-in-docker.nvidia-smi-header.txt"
+            ))
+            .as_deref(),
             Some("12.0")
         );
         // From R610 the banner says `CUDA UMD Version`.
@@ -371,14 +405,27 @@ mod tests {
             parse_cuda(fixture!("edge-r610-header.nvidia-smi-header.txt")).as_deref(),
             Some("13.3")
         );
-        assert_eq!(parse_query(fixture!("edge-no-driver.stdout.txt"), true), vec![]);
+        assert_eq!(
+            parse_query(fixture!("edge-no-driver.stdout.txt"), true),
+            vec![]
+        );
     }
 
     /// A stand-in `nvidia-smi` that answers as `responses` says, by its first argument.
-    fn stand_in(dir: &std::path::Path, query: &str, list: &str, banner: &str, old: bool) -> std::path::PathBuf {
+    fn stand_in(
+        dir: &std::path::Path,
+        query: &str,
+        list: &str,
+        banner: &str,
+        old: bool,
+    ) -> std::path::PathBuf {
         use std::os::unix::fs::PermissionsExt;
         let write = |name: &str, text: &str| std::fs::write(dir.join(name), text);
-        let _ = (write("query", query), write("list", list), write("banner", banner));
+        let _ = (
+            write("query", query),
+            write("list", list),
+            write("banner", banner),
+        );
         let refuse = if old {
             format!(
                 "case \"$1\" in *compute_cap*) cat {}; exit 2;; esac\n",
@@ -387,7 +434,10 @@ mod tests {
         } else {
             String::new()
         };
-        let _ = write("old", include_str!("../fixtures/gpu/edge-old-driver-compute_cap.stdout.txt"));
+        let _ = write(
+            "old",
+            include_str!("../fixtures/gpu/edge-old-driver-compute_cap.stdout.txt"),
+        );
         let script = format!(
             "#!/bin/sh\n{refuse}case \"$1\" in\n  --query-gpu=*) cat {q};;\n  -L) cat {l};;\n  *) cat {b};;\nesac\n",
             q = dir.join("query").display(),
@@ -417,7 +467,8 @@ mod tests {
         assert_eq!(found.cuda.as_deref(), Some("12.2"));
         // A driver too old for compute_cap: asked again without it.
         let old_dir = tempfile::tempdir()?;
-        let old_rows = "0, GPU-aaaa, Tesla V100-SXM2-16GB, 16384, 470.256.02, Disabled, 00000000:00:1E.0\n";
+        let old_rows =
+            "0, GPU-aaaa, Tesla V100-SXM2-16GB, 16384, 470.256.02, Disabled, 00000000:00:1E.0\n";
         let smi = stand_in(old_dir.path(), old_rows, "", "", true);
         let found = from_smi(&smi.display().to_string());
         assert_eq!(found.gpus.len(), 1, "{found:?}");
@@ -425,7 +476,10 @@ mod tests {
         assert_eq!(found.gpus[0].uuid, "GPU-aaaa");
         // No nvidia-smi at all: no GPU and no problem to report.
         let none = from_smi("/nonexistent/nvidia-smi");
-        assert_eq!((none.gpus.len(), none.source, none.problem), (0, "none", None));
+        assert_eq!(
+            (none.gpus.len(), none.source, none.problem),
+            (0, "none", None)
+        );
         Ok(())
     }
 }

@@ -104,7 +104,11 @@ mod tests {
             ..offer
         };
         let r = resources(None, &open, &Detected::default(), 1, 1024);
-        assert_eq!((r.cpu_millis, r.memory_mb), (0, 0), "a reserve larger than the machine offers nothing");
+        assert_eq!(
+            (r.cpu_millis, r.memory_mb),
+            (0, 0),
+            "a reserve larger than the machine offers nothing"
+        );
         assert_eq!(r.networks, vec![NetworkMode::None, NetworkMode::Egress]);
     }
 }

@@ -223,7 +223,11 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     )
     .with_credentials(requests.clone());
     let found = usable_gpus(&cfg, &docker).await;
-    if cfg.offer.networks.contains(&ud_schemas::spec::NetworkMode::Egress) {
+    if cfg
+        .offer
+        .networks
+        .contains(&ud_schemas::spec::NetworkMode::Egress)
+    {
         docker
             .ensure_egress_network(&cfg.egress_network, &cfg.egress_bridge)
             .await?;

@@ -81,7 +81,11 @@ struct RunArgs {
     /// Network modes tasks may ask for besides `none` (`egress`: a private
     /// bridge network to the outside; see docs/nodes.md for the host rule
     /// that keeps it from this machine's own services).
-    #[arg(long = "allow-network", env = "UD_EDGE_ALLOW_NETWORK", value_delimiter = ',')]
+    #[arg(
+        long = "allow-network",
+        env = "UD_EDGE_ALLOW_NETWORK",
+        value_delimiter = ','
+    )]
     allow_network: Vec<String>,
     /// The Docker network egress tasks join, and its bridge's name.
     #[arg(long, env = "UD_EDGE_EGRESS_NETWORK", default_value = "unidesk-egress")]

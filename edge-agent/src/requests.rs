@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::{de::DeserializeOwned, Serialize};
 use ud_schemas::dispatch::{
     self, AssignmentCheck, AssignmentReply, GitCredentialsReply, GitCredentialsRequest,
-    StorageReply, StorageRequest,
+    SecretsReply, SecretsRequest, StorageReply, StorageRequest,
 };
 use ud_schemas::{edge, NodeId, TaskId};
 
@@ -60,6 +60,16 @@ impl Requests {
             attempt,
         };
         self.ask(edge::assignment_subject(&self.node), &q, "assignment-reply")
+            .await
+    }
+
+    /// The values of the project secrets `attempt` of `task` gets.
+    pub async fn secrets(&self, task: TaskId, attempt: u32) -> Result<SecretsReply, String> {
+        let q = SecretsRequest {
+            task_id: task,
+            attempt,
+        };
+        self.ask(edge::secrets_subject(&self.node), &q, "secrets-reply")
             .await
     }
 

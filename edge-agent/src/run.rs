@@ -1,15 +1,16 @@
 //! One run on this node: checked to be current, prepared (code, environment
-//! image, inputs), started in a container, supervised to its outcome (exit,
-//! cancel or time limit), its outputs stored and the outcome reported. A run
-//! whose container outlived an agent restart is adopted and supervised the
-//! same way, its time limit counted from when it started.
+//! image, inputs, the last checkpoint), given its secrets, started in a
+//! container, supervised to its outcome (exit, cancel or time limit) while
+//! its checkpoint folder is uploaded, its outputs stored and the outcome
+//! reported. A run whose container outlived an agent restart is adopted and
+//! supervised the same way, its time limit counted from when it started.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tracing::{info, warn, Instrument};
-use ud_schemas::dispatch::{DispatchCancel, DispatchRun};
+use ud_schemas::dispatch::{DispatchCancel, DispatchRun, SecretsReply};
 use ud_schemas::events::*;
 use ud_schemas::report::RunReport;
 use ud_schemas::{now_millis, Millis, TaskId};
@@ -58,6 +59,7 @@ pub(crate) async fn adopt(
             .timeout_seconds
             .map(|t| Limit::new(adopted.started_at, t)),
         outputs,
+        checkpoint: Kept::of(adopted.checkpoint.as_ref(), adopted.workspace.as_ref()),
         workspace: adopted.workspace,
     };
     tasks.spawn(agent.clone().supervise(supervised, rx).instrument(span));
@@ -106,6 +108,25 @@ struct Outputs {
     paths: Vec<String>,
 }
 
+/// A checkpoint folder, uploaded while its run goes and when it ends.
+struct Kept {
+    workspace: PathBuf,
+    /// Relative to the workspace.
+    folder: String,
+    every: Duration,
+}
+
+impl Kept {
+    fn of(c: Option<&ud_schemas::spec::Checkpoint>, workspace: Option<&PathBuf>) -> Option<Self> {
+        let (c, w) = (c?, workspace?);
+        Some(Self {
+            workspace: w.clone(),
+            folder: c.path.clone(),
+            every: Duration::from_secs(c.every_seconds.max(1)),
+        })
+    }
+}
+
 /// A started run under supervision.
 struct Supervised {
     task: TaskId,
@@ -113,6 +134,7 @@ struct Supervised {
     container: String,
     limit: Option<Limit>,
     outputs: Option<Outputs>,
+    checkpoint: Option<Kept>,
     /// Removed when the run is over.
     workspace: Option<PathBuf>,
 }
@@ -135,6 +157,15 @@ impl Agent {
                 return self.fail(task, reason).await;
             }
         };
+        let secrets = match self.secrets(&run).await {
+            Ok(s) => s,
+            Err(reason) => {
+                if let Some(w) = prepared.workspace.take() {
+                    remove_dir(w).await;
+                }
+                return self.fail(task, reason).await;
+            }
+        };
         if prepared.workspace.is_some() {
             self.reporter.step(task, attempt, "start").await;
         }
@@ -145,7 +176,7 @@ impl Agent {
             run: &run,
             workspace: prepared.workspace.as_deref(),
             egress_network: &self.cfg.egress_network,
-            secrets: &[],
+            secrets: &secrets,
         };
         let container = match self.docker.create(&launch).await {
             Ok(c) => c,
@@ -173,6 +204,7 @@ impl Agent {
             container,
             limit: Some(Limit::new(started_at, run.spec.timeout_seconds)),
             outputs,
+            checkpoint: Kept::of(run.spec.checkpoint.as_ref(), prepared.workspace.as_ref()),
             workspace: prepared.workspace.clone(),
         };
         self.supervise(supervised, cancel).await;
@@ -222,7 +254,9 @@ impl Agent {
             Some(image) => {
                 let image_id = self.docker.image_id(image).await;
                 // A fixed image gets a workspace only to exchange files through.
-                let files = !run.spec.inputs.is_empty() || !run.spec.outputs.is_empty();
+                let files = !run.spec.inputs.is_empty()
+                    || !run.spec.outputs.is_empty()
+                    || run.spec.checkpoint.is_some();
                 if files {
                     tokio::fs::create_dir_all(workspace)
                         .await
@@ -280,7 +314,78 @@ impl Agent {
             );
             prepared.steps.push(("fetch_inputs", t.elapsed()));
         }
+        if let (Some(w), Some(c)) = (&prepared.workspace, &run.spec.checkpoint) {
+            self.reporter
+                .step(task, attempt, "restore_checkpoint")
+                .await;
+            let t = std::time::Instant::now();
+            let folder = transfer::inside(w, &c.path)?;
+            tokio::fs::create_dir_all(&folder)
+                .await
+                .map_err(|e| format!("preparing the checkpoint folder: {e}"))?;
+            let bytes = self
+                .transfers
+                .restore_checkpoint(task, attempt, w)
+                .await
+                .map_err(|e| format!("restoring the checkpoint: {e}"))?;
+            info!(
+                bytes,
+                millis = t.elapsed().as_millis() as u64,
+                "checkpoint restored"
+            );
+            prepared.steps.push(("restore_checkpoint", t.elapsed()));
+        }
         Ok(prepared)
+    }
+
+    /// The values of the project secrets the run gets (none asked: none).
+    async fn secrets(&self, run: &DispatchRun) -> Result<Vec<(String, String)>, String> {
+        if run.spec.secrets.is_empty() {
+            return Ok(Vec::new());
+        }
+        match self.requests.secrets(run.task_id, run.attempt).await {
+            Ok(SecretsReply::Values { values }) => {
+                Ok(values.into_iter().map(|v| (v.name, v.value)).collect())
+            }
+            Ok(SecretsReply::Denied { reason }) => {
+                Err(format!("the run's secrets were refused: {reason}"))
+            }
+            Err(e) => Err(format!("cannot get the run's secrets: {e}")),
+        }
+    }
+
+    /// Uploads the run's checkpoint folder every period, for as long as it
+    /// is polled (the run's supervision drops it when the run ends).
+    async fn keep_saving(
+        &self,
+        s: &Supervised,
+        sent: &mut transfer::Sent,
+    ) -> std::convert::Infallible {
+        let Some(k) = &s.checkpoint else {
+            return futures::future::pending().await;
+        };
+        loop {
+            tokio::time::sleep(k.every).await;
+            self.save_checkpoint(s, k, sent).await;
+        }
+    }
+
+    async fn save_checkpoint(&self, s: &Supervised, k: &Kept, sent: &mut transfer::Sent) {
+        let t = std::time::Instant::now();
+        match self
+            .transfers
+            .save_checkpoint(s.task, s.attempt, &k.workspace, &k.folder, sent)
+            .await
+        {
+            Ok(0) => {}
+            Ok(files) => info!(
+                files,
+                millis = t.elapsed().as_millis() as u64,
+                "checkpoint saved"
+            ),
+            // Tried again at the next period (and when the run ends).
+            Err(e) => warn!(error = %e, "checkpoint not saved"),
+        }
     }
 
     /// Reports what the run really uses, then that it started.
@@ -364,25 +469,35 @@ impl Agent {
                 timeout_seconds: limit.map_or(0, |l| l.seconds),
             })
         };
-        let outcome = tokio::select! {
-            code = self.docker.wait(&s.container) => match code {
-                // A run that ended past its limit (while the agent was away) timed out.
-                Ok(_) if self.ended_past(&s).await => timed_out(s.limit),
-                Ok(0) => RunReport::Succeeded(TaskSucceeded { at: now_millis(), exit_code: 0 }),
-                Ok(code) => RunReport::Failed(TaskFailed { at: now_millis(), exit_code: Some(code), reason: format!("exited with code {code}") }),
-                Err(e) => RunReport::Failed(TaskFailed { at: now_millis(), exit_code: None, reason: format!("lost the container: {e}") }),
-            },
-            c = cancel => {
-                let grace = c.as_ref().map_or(10, |c| c.grace_seconds);
-                let _ = self.docker.stop(&s.container, grace).await;
-                RunReport::Cancelled(TaskCancelled { at: now_millis(), reason: c.map_or_else(|_| "agent stopping".into(), |c| c.reason) })
-            },
-            () = deadline => {
-                let _ = self.docker.stop(&s.container, 10).await;
-                timed_out(s.limit)
-            },
+        let mut sent = transfer::Sent::default();
+        let outcome = {
+            let saving = self.keep_saving(&s, &mut sent);
+            tokio::pin!(saving);
+            tokio::select! {
+                never = &mut saving => match never {},
+                code = self.docker.wait(&s.container) => match code {
+                    // A run that ended past its limit (while the agent was away) timed out.
+                    Ok(_) if self.ended_past(&s).await => timed_out(s.limit),
+                    Ok(0) => RunReport::Succeeded(TaskSucceeded { at: now_millis(), exit_code: 0 }),
+                    Ok(code) => RunReport::Failed(TaskFailed { at: now_millis(), exit_code: Some(code), reason: format!("exited with code {code}") }),
+                    Err(e) => RunReport::Failed(TaskFailed { at: now_millis(), exit_code: None, reason: format!("lost the container: {e}") }),
+                },
+                c = cancel => {
+                    let grace = c.as_ref().map_or(10, |c| c.grace_seconds);
+                    let _ = self.docker.stop(&s.container, grace).await;
+                    RunReport::Cancelled(TaskCancelled { at: now_millis(), reason: c.map_or_else(|_| "agent stopping".into(), |c| c.reason) })
+                },
+                () = deadline => {
+                    let _ = self.docker.stop(&s.container, 10).await;
+                    timed_out(s.limit)
+                },
+            }
         };
         let _ = logs.await;
+        // What the run left in its checkpoint folder, whatever its outcome.
+        if let Some(k) = &s.checkpoint {
+            self.save_checkpoint(&s, k, &mut sent).await;
+        }
         let outcome = match &s.outputs {
             Some(o) => self.store_outputs(task, attempt, o, outcome).await,
             None => outcome,

@@ -131,6 +131,123 @@ impl Transfers {
                 "unexpected answer to an inputs request".into(),
             ));
         };
+        self.download_all(workspace, files).await
+    }
+
+    /// Uploads the files at `declared` paths in `workspace` (directories:
+    /// everything below them) and records them as the task's outputs. When
+    /// `required`, a declared path the run did not produce is an error.
+    pub async fn outputs(
+        &self,
+        task: TaskId,
+        attempt: u32,
+        workspace: &Path,
+        declared: &[String],
+        required: bool,
+    ) -> Result<Vec<OutputObject>, TransferError> {
+        let (root, declared_owned) = (workspace.to_owned(), declared.to_vec());
+        let found = tokio::task::spawn_blocking(move || {
+            walk(&root, &declared_owned, required).and_then(|found| hash_all(found))
+        })
+        .await
+        .map_err(|e| TransferError::Refused(e.to_string()))??;
+        if found.is_empty() {
+            return Ok(vec![]);
+        }
+        self.send(
+            &found,
+            |files| StorageRequest::Outputs {
+                task_id: task,
+                attempt,
+                files,
+            },
+            |files| StorageRequest::Complete {
+                task_id: task,
+                attempt,
+                files,
+            },
+        )
+        .await
+    }
+
+    /// Puts the task's last checkpoint into `workspace` (nothing when there
+    /// is none yet); returns the bytes copied.
+    pub async fn restore_checkpoint(
+        &self,
+        task: TaskId,
+        attempt: u32,
+        workspace: &Path,
+    ) -> Result<u64, TransferError> {
+        let StorageReply::Inputs { files } = self
+            .ask(StorageRequest::CheckpointRestore {
+                task_id: task,
+                attempt,
+            })
+            .await?
+        else {
+            return Err(TransferError::Refused(
+                "unexpected answer to a checkpoint request".into(),
+            ));
+        };
+        self.download_all(workspace, files).await
+    }
+
+    /// Uploads what changed in the checkpoint `folder` of `workspace` since
+    /// `sent` (what was uploaded before: path -> size and modification
+    /// time) and drops from the store what the folder no longer holds;
+    /// returns the files uploaded.
+    pub async fn save_checkpoint(
+        &self,
+        task: TaskId,
+        attempt: u32,
+        workspace: &Path,
+        folder: &str,
+        sent: &mut Sent,
+    ) -> Result<usize, TransferError> {
+        let (root, folder_owned, before) = (workspace.to_owned(), folder.to_owned(), sent.clone());
+        let (changed, now) = tokio::task::spawn_blocking(move || {
+            let found = walk(&root, &[folder_owned], false)?;
+            let now: Sent = found
+                .iter()
+                .map(|f| (f.rel.clone(), (f.size, f.modified)))
+                .collect();
+            let changed: Vec<Found> = found
+                .into_iter()
+                .filter(|f| before.get(&f.rel) != Some(&(f.size, f.modified)))
+                .collect();
+            Ok::<_, TransferError>((hash_all(changed)?, now))
+        })
+        .await
+        .map_err(|e| TransferError::Refused(e.to_string()))??;
+        if changed.is_empty() && now.keys().eq(sent.keys()) {
+            return Ok(0);
+        }
+        let present: Vec<String> = now.keys().cloned().collect();
+        self.send(
+            &changed,
+            |files| StorageRequest::CheckpointSave {
+                task_id: task,
+                attempt,
+                files,
+            },
+            |files| StorageRequest::CheckpointComplete {
+                task_id: task,
+                attempt,
+                files,
+                present: present.clone(),
+            },
+        )
+        .await?;
+        *sent = now;
+        Ok(changed.len())
+    }
+
+    /// Downloads `files` into `workspace`; returns the bytes copied.
+    async fn download_all(
+        &self,
+        workspace: &Path,
+        files: Vec<ud_schemas::dispatch::InputUrl>,
+    ) -> Result<u64, TransferError> {
         let mut total = 0;
         for f in files {
             let dest = inside(workspace, &f.path).map_err(|reason| TransferError::Input {
@@ -149,41 +266,28 @@ impl Transfers {
         Ok(total)
     }
 
-    /// Uploads the files at `declared` paths in `workspace` (directories:
-    /// everything below them) and records them as the task's outputs. When
-    /// `required`, a declared path the run did not produce is an error.
-    pub async fn outputs(
+    /// Uploads `found` with the URLs `urls` asks for, then completes them as
+    /// `complete` asks.
+    async fn send(
         &self,
-        task: TaskId,
-        attempt: u32,
-        workspace: &Path,
-        declared: &[String],
-        required: bool,
+        found: &[(OutputFile, PathBuf)],
+        urls: impl Fn(Vec<OutputFile>) -> StorageRequest,
+        complete: impl Fn(Vec<OutputFile>) -> StorageRequest,
     ) -> Result<Vec<OutputObject>, TransferError> {
-        let (root, declared_owned) = (workspace.to_owned(), declared.to_vec());
-        let found = tokio::task::spawn_blocking(move || collect(&root, &declared_owned, required))
-            .await
-            .map_err(|e| TransferError::Refused(e.to_string()))??;
-        if found.is_empty() {
-            return Ok(vec![]);
-        }
         let mut files: Vec<OutputFile> = found.iter().map(|(f, _)| f.clone()).collect();
         // Rounds: a round that ran into expired URLs asks for fresh ones and resumes.
         for round in 0..3 {
-            let StorageReply::Outputs { files: urls } = self
-                .ask(StorageRequest::Outputs {
-                    task_id: task,
-                    attempt,
-                    files: files.clone(),
-                })
-                .await?
+            if files.is_empty() {
+                break;
+            }
+            let StorageReply::Outputs { files: given } = self.ask(urls(files.clone())).await?
             else {
                 return Err(TransferError::Refused(
-                    "unexpected answer to an outputs request".into(),
+                    "unexpected answer to an upload request".into(),
                 ));
             };
             let mut expired = false;
-            for (url, (file, local)) in urls.iter().zip(found.iter()) {
+            for (url, (file, local)) in given.iter().zip(found.iter()) {
                 let fail = |reason: String| TransferError::Output {
                     path: file.path.clone(),
                     reason,
@@ -203,14 +307,7 @@ impl Transfers {
                 break;
             }
         }
-        let StorageReply::Complete { files: stored } = self
-            .ask(StorageRequest::Complete {
-                task_id: task,
-                attempt,
-                files,
-            })
-            .await?
-        else {
+        let StorageReply::Complete { files: stored } = self.ask(complete(files)).await? else {
             return Err(TransferError::Refused(
                 "unexpected answer to a complete request".into(),
             ));
@@ -407,13 +504,22 @@ pub fn inside(root: &Path, rel: &str) -> Result<PathBuf, String> {
     Ok(root.join(rel))
 }
 
-/// The files below the declared output paths: (what the store is told, where it is).
-/// Symbolic links are never followed (they could point outside the workspace).
-fn collect(
-    root: &Path,
-    declared: &[String],
-    required: bool,
-) -> Result<Vec<(OutputFile, PathBuf)>, TransferError> {
+/// What was uploaded of a folder: path (relative to the workspace) -> size
+/// and modification time.
+pub type Sent = std::collections::BTreeMap<String, (u64, Option<std::time::SystemTime>)>;
+
+/// A file found below a declared path.
+struct Found {
+    /// Relative to the workspace.
+    rel: String,
+    path: PathBuf,
+    size: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+/// The files below the declared paths, by path. Symbolic links are never
+/// followed (they could point outside the workspace).
+fn walk(root: &Path, declared: &[String], required: bool) -> Result<Vec<Found>, TransferError> {
     let mut out = Vec::new();
     for d in declared {
         let path = inside(root, d).map_err(|reason| TransferError::Output {
@@ -438,25 +544,40 @@ fn collect(
                     stack.push((entry.path(), format!("{rel}/{name}"), m));
                 }
             } else if meta.is_file() {
-                let (size, sha256) = hash(&path).map_err(|e| TransferError::Output {
-                    path: rel.clone(),
-                    reason: e.to_string(),
-                })?;
-                out.push((
-                    OutputFile {
-                        path: rel,
-                        size,
-                        sha256,
-                        upload_id: None,
-                    },
+                out.push(Found {
+                    rel,
                     path,
-                ));
+                    size: meta.len(),
+                    modified: meta.modified().ok(),
+                });
             }
         }
     }
-    out.sort_by(|a, b| a.0.path.cmp(&b.0.path));
-    out.dedup_by(|a, b| a.0.path == b.0.path);
+    out.sort_by(|a, b| a.rel.cmp(&b.rel));
+    out.dedup_by(|a, b| a.rel == b.rel);
     Ok(out)
+}
+
+/// What the store is told of each file, and where it is.
+fn hash_all(found: Vec<Found>) -> Result<Vec<(OutputFile, PathBuf)>, TransferError> {
+    found
+        .into_iter()
+        .map(|f| {
+            let (size, sha256) = hash(&f.path).map_err(|e| TransferError::Output {
+                path: f.rel.clone(),
+                reason: e.to_string(),
+            })?;
+            Ok((
+                OutputFile {
+                    path: f.rel,
+                    size,
+                    sha256,
+                    upload_id: None,
+                },
+                f.path,
+            ))
+        })
+        .collect()
 }
 
 /// Size and hex SHA-256 of a file, read in chunks.
@@ -480,6 +601,14 @@ pub fn hash(path: &Path) -> std::io::Result<(u64, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn collect(
+        root: &Path,
+        declared: &[String],
+        required: bool,
+    ) -> Result<Vec<(OutputFile, PathBuf)>, TransferError> {
+        hash_all(walk(root, declared, required)?)
+    }
 
     #[test]
     fn outputs_are_collected_without_leaving_the_workspace() -> std::io::Result<()> {

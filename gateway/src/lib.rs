@@ -10,6 +10,7 @@ pub mod nodes;
 pub mod openapi;
 pub mod projected;
 pub mod queues;
+pub mod secrets;
 pub mod stats;
 pub mod tasks;
 pub mod tokens;
@@ -108,6 +109,12 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/projects/{project}/uploads/{upload_id}/complete",
             post(files::complete_upload),
         )
+        .route("/api/v1/projects/{project}/secrets", get(secrets::list))
+        .route(
+            "/api/v1/projects/{project}/secrets/{name}",
+            axum::routing::put(secrets::put).delete(secrets::delete),
+        )
+        .route("/api/v1/secrets", get(secrets::list_all))
         .route("/api/v1/nodes", get(nodes::list).post(nodes::enroll))
         .route("/api/v1/nodes/{id}", get(nodes::get))
         .route("/api/v1/nodes/{id}/revoke", post(nodes::revoke))

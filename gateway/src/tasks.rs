@@ -288,7 +288,7 @@ pub async fn rerun(
         .map_err(ApiError::unavailable)?
         .filter(|(t, _)| caller.may_see(t.project.as_str()))
         .ok_or_else(|| ApiError::not_found("task"))?;
-    let req = ud_core::validate::rerun_request(task.project.as_str(), &task.spec);
+    let req = ud_core::validate::rerun_request(task.project.as_str(), task.id, &task.spec);
     let accepted = state
         .commands
         .submit(&req, None, &caller.actor(), |p| caller.may_see(p.as_str()))

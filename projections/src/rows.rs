@@ -464,7 +464,10 @@ mod agreement {
             _ => (nodes[usize::from(k) % nodes.len()], t.attempts),
         };
         match k % 11 {
-            0 => TaskCommand::Assign { node_id: live, gpus: vec![] },
+            0 => TaskCommand::Assign {
+                node_id: live,
+                gpus: vec![],
+            },
             1 => TaskCommand::Start {
                 node_id: live,
                 attempt,

@@ -81,6 +81,10 @@ pub struct CheckpointRequest {
     /// Seconds between uploads while the run goes (default 600).
     #[serde(default)]
     pub every_seconds: Option<i64>,
+    /// Start from the checkpoint of this earlier task of the same project
+    /// (a rerun does so by itself).
+    #[serde(default)]
+    pub resume_from: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
@@ -185,4 +189,32 @@ pub struct QueueRecord {
     pub updated_by: String,
     /// Milliseconds since the epoch.
     pub updated_at: i64,
+}
+
+/// A project secret as users see it: never its value.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+pub struct SecretInfo {
+    /// Also the environment variable a task gets it as.
+    pub name: String,
+    /// 1 for the first value, one more for each value set after it.
+    pub version: u32,
+    /// Milliseconds since the epoch.
+    pub updated_at: i64,
+    /// The token (or admin) that set it last.
+    pub updated_by: String,
+}
+
+/// Sets a project secret's value.
+#[derive(Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetSecret {
+    /// 1 byte to 64 KiB of text without NUL.
+    pub value: String,
+}
+
+/// Never prints the value.
+impl std::fmt::Debug for SetSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SetSecret { value: *** }")
+    }
 }

@@ -120,6 +120,7 @@ pub fn encode_event(event: &Event) -> Result<Vec<u8>, CodecError> {
         Event::Task(_, e) => to_cbor(e),
         Event::Node(_, e) => to_cbor(e),
         Event::Auth(_, e) => to_cbor(e),
+        Event::Secret(_, e) => to_cbor(e),
     }
 }
 
@@ -148,6 +149,7 @@ pub fn decode_event(subject: &str, version: u16, payload: &[u8]) -> Result<Event
         ParsedSubject::Task { name, .. } => format!("task.{name}"),
         ParsedSubject::Node { name, .. } => format!("node.{name}"),
         ParsedSubject::Token { name, .. } => format!("token.{name}"),
+        ParsedSubject::Secret { name, .. } => format!("secret.{name}"),
     };
     let known = match event_type.as_str() {
         "node.heartbeat" => version == 1 || version == 2,
@@ -221,6 +223,19 @@ pub fn decode_event(subject: &str, version: u16, payload: &[u8]) -> Result<Event
                 }
             },
         ),
+        ParsedSubject::Secret { secret, name } => Event::Secret(
+            secret,
+            match name {
+                "set" => SecretEvent::Set(from_cbor(payload, t, v)?),
+                "deleted" => SecretEvent::Deleted(from_cbor(payload, t, v)?),
+                other => {
+                    return Err(CodecError::UnknownType {
+                        kind: "secret",
+                        name: other.to_owned(),
+                    })
+                }
+            },
+        ),
     })
 }
 
@@ -245,6 +260,7 @@ pub fn event_data_json(event: &Event) -> serde_json::Value {
         Event::Task(_, e) => serde_json::to_value(e),
         Event::Node(_, e) => serde_json::to_value(e),
         Event::Auth(_, e) => serde_json::to_value(e),
+        Event::Secret(_, e) => serde_json::to_value(e),
     };
     value.unwrap_or(serde_json::Value::Null)
 }

@@ -117,6 +117,44 @@ impl std::fmt::Debug for GitCredentialsReply {
     }
 }
 
+/// Before it starts a run, a node asks for the values of the project secrets
+/// the task names: request/reply on `ud.secrets.<node_id>` (CDDL rules
+/// `secrets-request`, `secrets-reply`), answered only to that node's inbox
+/// and only for its current attempt of the task.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretsRequest {
+    pub task_id: TaskId,
+    pub attempt: u32,
+}
+
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SecretsReply {
+    /// Every secret the task names, in the order it names them.
+    Values { values: Vec<SecretValue> },
+    /// Refused (not this node's attempt, a secret no longer set, ...).
+    Denied { reason: String },
+}
+
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretValue {
+    pub name: String,
+    pub value: String,
+}
+
+/// Never prints a value.
+impl std::fmt::Debug for SecretsReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Values { values } => {
+                let names: Vec<&str> = values.iter().map(|v| v.name.as_str()).collect();
+                write!(f, "Values {{ names: {names:?} }}")
+            }
+            Self::Denied { reason } => write!(f, "Denied {{ reason: {reason:?} }}"),
+        }
+    }
+}
+
 /// Before it starts a run, a node asks whether that assignment is still the
 /// current one: request/reply on `ud.assignment.<node_id>` (CDDL rules
 /// `assignment-check`, `assignment-reply`).
@@ -155,6 +193,46 @@ pub enum StorageRequest {
         attempt: u32,
         files: Vec<OutputFile>,
     },
+    /// URLs to read the task's last checkpoint (answered with `inputs`,
+    /// paths relative to the workspace; none when there is no checkpoint yet).
+    CheckpointRestore { task_id: TaskId, attempt: u32 },
+    /// URLs to write these changed checkpoint files (answered with `outputs`).
+    CheckpointSave {
+        task_id: TaskId,
+        attempt: u32,
+        files: Vec<OutputFile>,
+    },
+    /// The changed files are written: complete their uploads, and drop from
+    /// the checkpoint every file not in `present` (paths relative to the
+    /// workspace; answered with `complete`).
+    CheckpointComplete {
+        task_id: TaskId,
+        attempt: u32,
+        files: Vec<OutputFile>,
+        present: Vec<String>,
+    },
+}
+
+impl StorageRequest {
+    /// The task and attempt the request is for.
+    pub fn attempt(&self) -> (TaskId, u32) {
+        match self {
+            Self::Inputs { task_id, attempt }
+            | Self::Outputs {
+                task_id, attempt, ..
+            }
+            | Self::Complete {
+                task_id, attempt, ..
+            }
+            | Self::CheckpointRestore { task_id, attempt }
+            | Self::CheckpointSave {
+                task_id, attempt, ..
+            }
+            | Self::CheckpointComplete {
+                task_id, attempt, ..
+            } => (*task_id, *attempt),
+        }
+    }
 }
 
 /// An output file as the node found it in the workspace.

@@ -72,6 +72,13 @@ pub fn storage_subject(node: &NodeId) -> String {
     format!("{STORAGE_PREFIX}.{node}")
 }
 
+/// Where a node asks for the values of one run's project secrets (request/reply).
+pub const SECRETS_PREFIX: &str = "ud.secrets";
+
+pub fn secrets_subject(node: &NodeId) -> String {
+    format!("{SECRETS_PREFIX}.{node}")
+}
+
 /// Where a node checks that an assignment is still current (request/reply).
 pub const ASSIGNMENT_PREFIX: &str = "ud.assignment";
 

@@ -276,6 +276,44 @@ pub struct TokenRevoked {
     pub at: Millis,
 }
 
+/// Setting and deleting a project secret. Only its name and version are
+/// recorded; the value is kept encrypted in KV bucket `ud_secrets`, never in
+/// a stream that keeps history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum SecretEvent {
+    Set(SecretSet),
+    Deleted(SecretDeleted),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretSet {
+    pub at: Millis,
+    /// 1 for the first value, one more for each value set after it.
+    pub version: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretDeleted {
+    pub at: Millis,
+    /// The version deleted.
+    pub version: u32,
+}
+
+/// A project secret: the aggregate of secret events.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SecretRef {
+    pub project: ProjectId,
+    /// Also the environment variable a run gets it as (see [`crate::spec::secret_name`]).
+    pub name: String,
+}
+
+impl std::fmt::Display for SecretRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.project, self.name)
+    }
+}
+
 /// Any event, with the aggregate it belongs to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[allow(clippy::large_enum_variant)] // built once per command or event, never stored in bulk
@@ -283,6 +321,7 @@ pub enum Event {
     Task(crate::TaskId, TaskEvent),
     Node(NodeId, NodeEvent),
     Auth(TokenId, AuthEvent),
+    Secret(SecretRef, SecretEvent),
 }
 
 impl TaskEvent {
@@ -349,6 +388,15 @@ impl AuthEvent {
     }
 }
 
+impl SecretEvent {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Set(_) => "set",
+            Self::Deleted(_) => "deleted",
+        }
+    }
+}
+
 impl Event {
     /// `task.submitted`, `node.heartbeat`, ...: the `Ud-Event-Type` header.
     pub fn event_type(&self) -> String {
@@ -356,6 +404,7 @@ impl Event {
             Self::Task(_, e) => format!("task.{}", e.name()),
             Self::Node(_, e) => format!("node.{}", e.name()),
             Self::Auth(_, e) => format!("token.{}", e.name()),
+            Self::Secret(_, e) => format!("secret.{}", e.name()),
         }
     }
 
@@ -365,15 +414,17 @@ impl Event {
             Self::Task(id, e) => crate::subjects::task_event(id, e.name()),
             Self::Node(id, e) => crate::subjects::node_event(id, e.name()),
             Self::Auth(id, e) => crate::subjects::token_event(id, e.name()),
+            Self::Secret(s, e) => crate::subjects::secret_event(s, e.name()),
         }
     }
 
-    /// The aggregate id as text (task, node or token id).
+    /// The aggregate id as text (task, node or token id; `project/NAME` of a secret).
     pub fn aggregate_id(&self) -> String {
         match self {
             Self::Task(id, _) => id.to_string(),
             Self::Node(id, _) => id.to_string(),
             Self::Auth(id, _) => id.to_string(),
+            Self::Secret(s, _) => s.to_string(),
         }
     }
 }

@@ -36,7 +36,10 @@ fn tokens(text: &str) -> Tokens {
         }
         // `80gb`, `80g`: a memory size.
         let digits = word.trim_end_matches("gb").trim_end_matches('g');
-        if digits.len() < word.len() && !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+        if digits.len() < word.len()
+            && !digits.is_empty()
+            && digits.bytes().all(|b| b.is_ascii_digit())
+        {
             out.memory_gb = digits.parse().ok();
             continue;
         }
@@ -89,9 +92,7 @@ pub fn model_matches(wanted: &str, name: &str, memory_mb: u64) -> bool {
     match want.memory_gb {
         None => true,
         Some(gb) => {
-            let actual = have
-                .memory_gb
-                .unwrap_or_else(|| (memory_mb + 512) / 1024);
+            let actual = have.memory_gb.unwrap_or_else(|| (memory_mb + 512) / 1024);
             let slack = (gb / 20).max(1);
             actual.abs_diff(gb) <= slack
         }
@@ -121,18 +122,43 @@ mod tests {
             ("rtx4090-24gb", "NVIDIA GeForce RTX 4090", 24564, true),
             ("4090", "NVIDIA GeForce RTX 4090", 24564, true),
             ("RTX 4090", "NVIDIA GeForce RTX 4090 D", 24564, false),
-            ("RTX 4090", "NVIDIA GeForce RTX 4090 Laptop GPU", 16376, false),
+            (
+                "RTX 4090",
+                "NVIDIA GeForce RTX 4090 Laptop GPU",
+                16376,
+                false,
+            ),
             ("RTX 3080", "NVIDIA GeForce RTX 3080 Ti", 12288, false),
             ("rtx3080ti", "NVIDIA GeForce RTX 3080 Ti", 12288, true),
             ("L40", "NVIDIA L40S", 46068, false),
             ("RTX 6000", "NVIDIA RTX A6000", 49140, false),
             ("A6000", "NVIDIA RTX A6000", 49140, true),
             ("T4", "Tesla T4", 15360, true),
-            ("RTX PRO 6000", "NVIDIA RTX PRO 6000 Blackwell Server Edition", 97887, true),
+            (
+                "RTX PRO 6000",
+                "NVIDIA RTX PRO 6000 Blackwell Server Edition",
+                97887,
+                true,
+            ),
             ("RTX 6000", "NVIDIA RTX 6000 Ada Generation", 49140, false),
-            ("RTX 6000", "NVIDIA RTX PRO 6000 Blackwell Server Edition", 97887, false),
-            ("RTX 6000 Ada", "NVIDIA RTX 6000 Ada Generation", 49140, true),
-            ("nvidia a100-sxm4-80gb", "NVIDIA A100-SXM4-80GB", 81920, true),
+            (
+                "RTX 6000",
+                "NVIDIA RTX PRO 6000 Blackwell Server Edition",
+                97887,
+                false,
+            ),
+            (
+                "RTX 6000 Ada",
+                "NVIDIA RTX 6000 Ada Generation",
+                49140,
+                true,
+            ),
+            (
+                "nvidia a100-sxm4-80gb",
+                "NVIDIA A100-SXM4-80GB",
+                81920,
+                true,
+            ),
         ];
         for (wanted, name, mem, expected) in cases {
             assert_eq!(

@@ -79,6 +79,18 @@ pub struct Checkpoint {
     pub path: String,
     /// Seconds between uploads of what changed while the run goes.
     pub every_seconds: u64,
+    /// The task whose checkpoint this one continues (a rerun's first task);
+    /// `None`: the task's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub from: Option<crate::TaskId>,
+}
+
+impl Checkpoint {
+    /// The task whose checkpoint every attempt of `task` reads and writes.
+    pub fn owner(&self, task: crate::TaskId) -> crate::TaskId {
+        self.from.unwrap_or(task)
+    }
 }
 
 /// A project file (or every file below a folder, when `source` ends with
@@ -117,6 +129,26 @@ pub fn relative_path(path: &str) -> Result<&str, String> {
         return Err("has an empty, '.' or '..' segment".into());
     }
     Ok(trimmed)
+}
+
+/// Whether `name` may name an environment variable: letters, digits and
+/// `_`, not starting with a digit.
+pub fn env_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// Longest name of a project secret.
+pub const MAX_SECRET_NAME_BYTES: usize = 128;
+
+/// A project secret is named as the environment variable a run gets it as.
+pub fn secret_name(name: &str) -> Result<&str, &'static str> {
+    if env_name(name) && name.len() <= MAX_SECRET_NAME_BYTES {
+        Ok(name)
+    } else {
+        Err("1-128 letters, digits and '_', not starting with a digit")
+    }
 }
 
 fn is_zero(v: &u64) -> bool {

@@ -18,6 +18,11 @@ pub const IDEMPOTENCY_BUCKET: &str = "ud_idempotency";
 /// overriding `UD_QUEUES_FILE`; its history keeps the last 16 changes per queue.
 pub const QUEUES_BUCKET: &str = "ud_queues";
 
+/// Key-value bucket of project secrets (key: `<project>.<NAME>`; value: CBOR
+/// `stored-secret`, the value encrypted with the main server's key). One
+/// revision per key: a value set again leaves nothing of the one before.
+pub const SECRETS_BUCKET: &str = "ud_secrets";
+
 /// Streams read by projectors, in the order they are listed here.
 pub const PROJECTED: [&str; 4] = [AUTH, NODES, HEARTBEATS, TASKS];
 

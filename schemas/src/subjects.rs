@@ -5,6 +5,7 @@
 //! | `ud.task.<task_id>.<event>` | task lifecycle events |
 //! | `ud.node.<node_id>.<event>` | node registration, liveness (heartbeats live in their own stream) |
 //! | `ud.auth.token.<token_id>.<event>` | API token issued / revoked |
+//! | `ud.auth.secret.<project>.<NAME>.<event>` | project secret set / deleted (name and version only) |
 //! | `ud.log.<task_id>` | a task's output, chunk by chunk |
 //! | `ud.cmd.<endpoint>` | command services (NATS micro, JSON request/reply) |
 //! | `ud.sys.projected.<stream>` | core-NATS notice: a projector committed up to a sequence |
@@ -14,6 +15,7 @@ use crate::ids::{NodeId, TaskId, TokenId};
 pub const TASK_PREFIX: &str = "ud.task";
 pub const NODE_PREFIX: &str = "ud.node";
 pub const TOKEN_PREFIX: &str = "ud.auth.token";
+pub const SECRET_PREFIX: &str = "ud.auth.secret";
 pub const PROJECTED_PREFIX: &str = "ud.sys.projected";
 pub const LOG_PREFIX: &str = "ud.log";
 
@@ -42,6 +44,14 @@ pub fn token_all(id: &TokenId) -> String {
     format!("{TOKEN_PREFIX}.{id}.>")
 }
 
+pub fn secret_event(s: &crate::events::SecretRef, name: &str) -> String {
+    format!("{SECRET_PREFIX}.{}.{}.{name}", s.project, s.name)
+}
+
+pub fn secret_all(s: &crate::events::SecretRef) -> String {
+    format!("{SECRET_PREFIX}.{}.{}.>", s.project, s.name)
+}
+
 /// A task's output chunks (stream `UD_LOGS`).
 pub fn log(task: &TaskId) -> String {
     format!("{LOG_PREFIX}.{task}")
@@ -54,9 +64,22 @@ pub fn projected(stream: &str) -> String {
 /// Which aggregate a subject belongs to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ParsedSubject<'a> {
-    Task { id: TaskId, name: &'a str },
-    Node { id: NodeId, name: &'a str },
-    Token { id: TokenId, name: &'a str },
+    Task {
+        id: TaskId,
+        name: &'a str,
+    },
+    Node {
+        id: NodeId,
+        name: &'a str,
+    },
+    Token {
+        id: TokenId,
+        name: &'a str,
+    },
+    Secret {
+        secret: crate::events::SecretRef,
+        name: &'a str,
+    },
 }
 
 /// Parses an event subject; `None` for anything that is not one.
@@ -80,16 +103,27 @@ pub fn parse(subject: &str) -> Option<ParsedSubject<'_>> {
                 name: parts.next()?,
             }
         }
-        "auth" => {
-            if parts.next()? != "token" {
-                return None;
+        "auth" => match parts.next()? {
+            "token" => {
+                let id = parts.next()?.parse().ok()?;
+                ParsedSubject::Token {
+                    id,
+                    name: parts.next()?,
+                }
             }
-            let id = parts.next()?.parse().ok()?;
-            ParsedSubject::Token {
-                id,
-                name: parts.next()?,
+            "secret" => {
+                let project = parts.next()?.parse().ok()?;
+                let secret = crate::spec::secret_name(parts.next()?).ok()?.to_owned();
+                ParsedSubject::Secret {
+                    secret: crate::events::SecretRef {
+                        project,
+                        name: secret,
+                    },
+                    name: parts.next()?,
+                }
             }
-        }
+            _ => return None,
+        },
         _ => return None,
     };
     if parts.next().is_some() {
@@ -110,5 +144,17 @@ mod tests {
         assert_eq!(parse("ud.task.nope.failed"), None);
         assert_eq!(parse(&format!("{s}.extra")), None);
         assert_eq!(parse("other.task"), None);
+        let secret = crate::events::SecretRef {
+            project: "lab".parse().unwrap_or_else(|e| unreachable!("{e}")),
+            name: "WANDB_API_KEY".into(),
+        };
+        assert_eq!(
+            parse(&secret_event(&secret, "set")),
+            Some(ParsedSubject::Secret {
+                secret,
+                name: "set"
+            })
+        );
+        assert_eq!(parse("ud.auth.secret.lab.not-a-name.set"), None);
     }
 }

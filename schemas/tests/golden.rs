@@ -365,7 +365,25 @@ fn fixtures_v1() -> Vec<(&'static str, Event)> {
             "token-revoked",
             Event::Auth(token_id(), AuthEvent::TokenRevoked(TokenRevoked { at: AT })),
         ),
+        (
+            "secret-set",
+            Event::Secret(secret(), SecretEvent::Set(SecretSet { at: AT, version: 3 })),
+        ),
+        (
+            "secret-deleted",
+            Event::Secret(
+                secret(),
+                SecretEvent::Deleted(SecretDeleted { at: AT, version: 3 }),
+            ),
+        ),
     ]
+}
+
+fn secret() -> ud_schemas::SecretRef {
+    ud_schemas::SecretRef {
+        project: project(),
+        name: "WANDB_API_KEY".into(),
+    }
 }
 
 /// Version 2 of the event types that have one.
@@ -401,6 +419,9 @@ fn gpu_spec() -> TaskSpec {
     s.checkpoint = Some(ud_schemas::spec::Checkpoint {
         path: "checkpoints".into(),
         every_seconds: 300,
+        from: Some(ud_schemas::TaskId(uuid::Uuid::from_u128(
+            0x0190_0000_0000_7000_8000_0000_0000_0002,
+        ))),
     });
     s
 }
@@ -694,7 +715,7 @@ fn messages_outside_the_event_streams_match_their_cddl() -> anyhow::Result<()> {
                 attempt: 1,
                 files: vec![OutputFile {
                     upload_id: Some("u1".into()),
-                    ..file
+                    ..file.clone()
                 }],
             })?,
         ),
@@ -746,6 +767,52 @@ fn messages_outside_the_event_streams_match_their_cddl() -> anyhow::Result<()> {
             "storage-reply",
             to_cbor(&StorageReply::Refused {
                 reason: "input x: no such object".into(),
+            })?,
+        ),
+        (
+            "storage-request",
+            to_cbor(&StorageRequest::CheckpointRestore {
+                task_id: task_id(),
+                attempt: 2,
+            })?,
+        ),
+        (
+            "storage-request",
+            to_cbor(&StorageRequest::CheckpointSave {
+                task_id: task_id(),
+                attempt: 2,
+                files: vec![file.clone()],
+            })?,
+        ),
+        (
+            "storage-request",
+            to_cbor(&StorageRequest::CheckpointComplete {
+                task_id: task_id(),
+                attempt: 2,
+                files: vec![file.clone()],
+                present: vec!["ckpt/step-100.pt".into()],
+            })?,
+        ),
+        (
+            "secrets-request",
+            to_cbor(&SecretsRequest {
+                task_id: task_id(),
+                attempt: 1,
+            })?,
+        ),
+        (
+            "secrets-reply",
+            to_cbor(&SecretsReply::Values {
+                values: vec![SecretValue {
+                    name: "WANDB_API_KEY".into(),
+                    value: "v".into(),
+                }],
+            })?,
+        ),
+        (
+            "secrets-reply",
+            to_cbor(&SecretsReply::Denied {
+                reason: "no".into(),
             })?,
         ),
     ];

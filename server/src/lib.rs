@@ -34,6 +34,8 @@ pub struct ServerConfig {
     pub disk: ud_gateway::health::DiskWatch,
     /// How services that end unexpectedly are restarted.
     pub restarts: Policy,
+    /// The key project secrets are encrypted with (none: tasks cannot name secrets).
+    pub secrets: Option<ud_core::secrets::SecretKey>,
 }
 
 impl ServerConfig {
@@ -52,6 +54,7 @@ impl ServerConfig {
             storage: None,
             disk: Default::default(),
             restarts: Policy::default(),
+            secrets: None,
         }
     }
 }
@@ -266,7 +269,17 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         cfg.js_domain.as_deref().filter(|d| !d.is_empty()),
     );
     let pinned = ud_core::edge::ingest::Pinned::default();
-    let commands = TaskCommands::new(store.clone()).await?;
+    let secrets = match cfg.secrets.clone() {
+        Some(key) => Some(
+            ud_core::secrets::Secrets::open(store.clone(), key)
+                .await
+                .map_err(|e| StartError::Streams(e.to_string()))?,
+        ),
+        None => None,
+    };
+    let commands = TaskCommands::new(store.clone())
+        .await?
+        .with_secrets(secrets.clone());
     let (client, c) = (guarded.client().clone(), commands.clone());
     supervisor.spawn("command-service", policy, move |_| {
         let (client, c) = (client.clone(), c.clone());
@@ -297,15 +310,16 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
                     .map_err(failed)
             }
         });
-        let (s, creds, storage) = (
-            guarded.clone(),
-            edge.git_credentials.clone(),
-            cfg.storage.clone(),
-        );
+        let sources = ud_core::edge::requests::Sources {
+            store: guarded.clone(),
+            credentials: edge.git_credentials.clone(),
+            storage: cfg.storage.clone(),
+            secrets: secrets.clone(),
+        };
         supervisor.spawn("node-requests", policy, move |_| {
-            let (s, creds, storage) = (s.clone(), creds.clone(), storage.clone());
+            let sources = sources.clone();
             async move {
-                ud_core::edge::requests::serve(s, creds, storage)
+                ud_core::edge::requests::serve(sources)
                     .await
                     .map_err(failed)
             }

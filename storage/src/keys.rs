@@ -67,6 +67,22 @@ pub fn output_key(project: &str, task: &str, path: &str) -> Result<String, Stora
     ))
 }
 
+/// The prefix of a task's checkpoint (`task`: the task that owns it, see
+/// `Checkpoint::owner`): what every attempt and rerun reads and writes.
+pub fn checkpoint_prefix(project: &str, task: &str) -> Result<String, StorageError> {
+    Ok(format!("{}checkpoint/", task_prefix(project, task)?))
+}
+
+/// The key of one file of a task's checkpoint (`path` relative to the
+/// checkpoint folder).
+pub fn checkpoint_key(project: &str, task: &str, path: &str) -> Result<String, StorageError> {
+    Ok(format!(
+        "{}{}",
+        checkpoint_prefix(project, task)?,
+        check_path(path)?
+    ))
+}
+
 /// The key of a task attempt's archived log.
 pub fn log_key(project: &str, task: &str, attempt: u32) -> Result<String, StorageError> {
     Ok(format!(

@@ -113,6 +113,25 @@ class ComposeFiles(unittest.TestCase):
         # Task containers need the engine; the leaf's client port is not published.
         self.assertNotIn("ports", doc["services"]["leaf"])
 
+    def test_gpu_override_gives_the_agent_every_gpu_to_read(self):
+        doc, _ = load("edge/compose.gpu.yaml")
+        base, _ = load("edge/compose.yaml")
+        self.assertEqual(set(doc["services"]), {"agent"})
+        self.assertIn("agent", base["services"])
+        devices = doc["services"]["agent"]["deploy"]["resources"]["reservations"]["devices"]
+        self.assertEqual(devices[0]["driver"], "nvidia")
+        self.assertEqual(devices[0]["count"], "all")
+        self.assertIn("utility", devices[0]["capabilities"])
+        self.assertIn("gpu", devices[0]["capabilities"])
+
+    def test_the_main_server_gets_its_secrets_key(self):
+        doc, _ = load("compose.yaml")
+        env = env_of(doc["services"]["unidesk"])
+        key = env["UD_SECRETS_KEY_FILE"]
+        mounted = [v for v in doc["services"]["unidesk"]["volumes"] if "}/secrets:" + os.path.dirname(key) in v]
+        self.assertEqual(len(mounted), 1)
+        self.assertIn("secret-key --out " + key, " ".join(doc["services"]["secret-key"]["entrypoint"]))
+
 
 if __name__ == "__main__":
     unittest.main()

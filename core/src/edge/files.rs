@@ -1,7 +1,8 @@
 //! Presigned URLs for a node moving one task's files (`ud.storage.<node>`).
 //! Only the node the task is assigned to, for the current attempt, gets
-//! them; every URL names one object under the task's project (inputs) or
-//! the task's own prefix (outputs), for one method, and expires in minutes.
+//! them; every URL names one object under the task's project (inputs), the
+//! task's own prefix (outputs) or its checkpoint's (the first task's, for
+//! reruns), for one method, and expires in minutes.
 
 use tracing::info;
 use ud_schemas::dispatch::{InputUrl, OutputFile, OutputUrl, StorageReply, StorageRequest, Upload};
@@ -49,15 +50,7 @@ pub async fn answer(
     let Some(storage) = storage else {
         return refused("this platform has no object store configured (UD_S3_* settings)".into());
     };
-    let (task_id, attempt) = match &req {
-        StorageRequest::Inputs { task_id, attempt }
-        | StorageRequest::Outputs {
-            task_id, attempt, ..
-        }
-        | StorageRequest::Complete {
-            task_id, attempt, ..
-        } => (*task_id, *attempt),
-    };
+    let (task_id, attempt) = req.attempt();
     let task = match store.load_task(&task_id).await {
         Ok(t) => t.map(|(t, _)| t),
         Err(e) => return refused(format!("cannot read the task: {e}")),
@@ -68,12 +61,106 @@ pub async fn answer(
     let Some(task) = task else {
         return refused("no such task".into());
     };
+    let (project, id) = (task.project.as_str(), task.id.to_string());
+    let output = |path: &str| keys::output_key(project, &id, path);
     let result = match req {
         StorageRequest::Inputs { .. } => inputs(storage, &task).await,
-        StorageRequest::Outputs { files, .. } => outputs(storage, &task, &files).await,
-        StorageRequest::Complete { files, .. } => complete(storage, &task, &files).await,
+        StorageRequest::Outputs { files, .. } => uploads(storage, &task, &files, output).await,
+        StorageRequest::Complete { files, .. } => complete(storage, &files, output)
+            .await
+            .map(|files| StorageReply::Complete { files }),
+        StorageRequest::CheckpointRestore { .. } => match Folder::of(&task) {
+            Ok(folder) => restore(storage, &folder).await,
+            Err(e) => Err(e),
+        },
+        StorageRequest::CheckpointSave { files, .. } => match Folder::of(&task) {
+            Ok(folder) => uploads(storage, &task, &files, |p| folder.key(p)).await,
+            Err(e) => Err(e),
+        },
+        StorageRequest::CheckpointComplete { files, present, .. } => match Folder::of(&task) {
+            Ok(folder) => save(storage, &folder, &files, &present).await,
+            Err(e) => Err(e),
+        },
     };
     result.unwrap_or_else(|e| refused(e.to_string()))
+}
+
+/// Where a task's checkpoint folder is kept.
+struct Folder {
+    /// The folder, relative to the workspace.
+    path: String,
+    /// Where its files are kept in the store.
+    prefix: String,
+    project: String,
+    owner: String,
+}
+
+impl Folder {
+    fn of(task: &Task) -> Result<Self, StorageError> {
+        let Some(c) = &task.spec.checkpoint else {
+            return Err(StorageError::Path {
+                path: String::new(),
+                reason: "the task has no checkpoint folder".into(),
+            });
+        };
+        let (project, owner) = (task.project.to_string(), c.owner(task.id).to_string());
+        Ok(Self {
+            path: c.path.clone(),
+            prefix: keys::checkpoint_prefix(&project, &owner)?,
+            project,
+            owner,
+        })
+    }
+
+    /// The key of `path` (relative to the workspace), which must be in the folder.
+    fn key(&self, path: &str) -> Result<String, StorageError> {
+        let inside = path
+            .strip_prefix(&self.path)
+            .and_then(|rest| rest.strip_prefix('/'))
+            .ok_or_else(|| StorageError::Path {
+                path: path.to_owned(),
+                reason: format!("is not in the checkpoint folder {:?}", self.path),
+            })?;
+        keys::checkpoint_key(&self.project, &self.owner, inside)
+    }
+}
+
+/// URLs to read the last checkpoint (none yet: no files).
+async fn restore(storage: &Storage, folder: &Folder) -> Result<StorageReply, StorageError> {
+    let mut files = Vec::new();
+    for o in storage.list(&folder.prefix).await? {
+        let Some(rel) = keys::relative(&o.key, &folder.prefix) else {
+            continue;
+        };
+        let url = storage.presign_get(&o.key, storage.ttl_for(o.size)).await?;
+        files.push(InputUrl {
+            path: format!("{}/{rel}", folder.path),
+            object: format!("checkpoint {rel}"),
+            size: o.size,
+            url: url.url,
+        });
+    }
+    Ok(StorageReply::Inputs { files })
+}
+
+/// Completes the changed files, then drops what the folder no longer holds.
+async fn save(
+    storage: &Storage,
+    folder: &Folder,
+    files: &[OutputFile],
+    present: &[String],
+) -> Result<StorageReply, StorageError> {
+    let stored = complete(storage, files, |p| folder.key(p)).await?;
+    let keep = present
+        .iter()
+        .map(|p| folder.key(p))
+        .collect::<Result<std::collections::HashSet<String>, _>>()?;
+    for o in storage.list(&folder.prefix).await? {
+        if !keep.contains(&o.key) {
+            storage.delete(&o.key).await?;
+        }
+    }
+    Ok(StorageReply::Complete { files: stored })
 }
 
 async fn inputs(storage: &Storage, task: &Task) -> Result<StorageReply, StorageError> {
@@ -123,25 +210,27 @@ async fn inputs(storage: &Storage, task: &Task) -> Result<StorageReply, StorageE
     Ok(StorageReply::Inputs { files })
 }
 
-async fn outputs(
+/// URLs to write `files` (outputs or checkpoint files) at `key_of` their paths.
+async fn uploads(
     storage: &Storage,
     task: &Task,
     files: &[OutputFile],
+    key_of: impl Fn(&str) -> Result<String, StorageError>,
 ) -> Result<StorageReply, StorageError> {
-    let (project, id) = (task.project.as_str(), task.id.to_string());
+    let project = task.project.as_str();
     if let Some(quota) = storage.settings().project_quota_bytes {
         let used = storage.usage(&keys::project_prefix(project)?).await?;
         // Sizes come from the node: added without wrapping round.
         let adding = files.iter().fold(0u64, |sum, f| sum.saturating_add(f.size));
         if used.saturating_add(adding) > quota {
             return Err(StorageError::Quota(format!(
-                "outputs of {adding} bytes would exceed project {project}'s quota of {quota} bytes ({used} in use)"
+                "files of {adding} bytes would exceed project {project}'s quota of {quota} bytes ({used} in use)"
             )));
         }
     }
     let mut out = Vec::with_capacity(files.len());
     for f in files {
-        let key = keys::output_key(project, &id, &f.path)?;
+        let key = key_of(&f.path)?;
         let upload = match storage
             .plan_upload(&key, f.size, f.upload_id.as_deref())
             .await?
@@ -173,29 +262,29 @@ async fn outputs(
             upload,
         });
     }
-    info!(task_id = %task.id, files = out.len(), "output urls handed out");
+    info!(task_id = %task.id, files = out.len(), "upload urls handed out");
     Ok(StorageReply::Outputs { files: out })
 }
 
+/// Completes the uploads of `files` at `key_of` their paths and checks their sizes.
 async fn complete(
     storage: &Storage,
-    task: &Task,
     files: &[OutputFile],
-) -> Result<StorageReply, StorageError> {
-    let (project, id) = (task.project.as_str(), task.id.to_string());
+    key_of: impl Fn(&str) -> Result<String, StorageError>,
+) -> Result<Vec<OutputObject>, StorageError> {
     let mut out = Vec::with_capacity(files.len());
     for f in files {
-        let key = keys::output_key(project, &id, &f.path)?;
+        let key = key_of(&f.path)?;
         if let Some(upload_id) = &f.upload_id {
             storage.complete_multipart(&key, upload_id).await?;
         }
         let stored = storage
             .head(&key)
             .await?
-            .ok_or_else(|| StorageError::NoSuchObject(format!("output {:?} ({key})", f.path)))?;
+            .ok_or_else(|| StorageError::NoSuchObject(format!("{:?} ({key})", f.path)))?;
         if stored.size != f.size {
             return Err(StorageError::Backend(format!(
-                "output {:?} holds {} bytes, the node wrote {}",
+                "{:?} holds {} bytes, the node wrote {}",
                 f.path, stored.size, f.size
             )));
         }
@@ -206,7 +295,7 @@ async fn complete(
             sha256: f.sha256.clone(),
         });
     }
-    Ok(StorageReply::Complete { files: out })
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -6,7 +6,8 @@
 //! * publish (node -> hub): its own source deliveries `ud.deliver.<id>.>`,
 //!   replies to the hub's source set-up `$JSC.R.>`, and exactly the pull,
 //!   info and ack subjects of its own dispatch consumer, and its own
-//!   request subjects (repository credentials, assignment checks, file transfers);
+//!   request subjects (repository credentials, assignment checks, file
+//!   transfers, secrets);
 //! * subscribe (hub -> node): its own source consumer's reset, its own flow
 //!   control and its own inbox prefix.
 
@@ -48,6 +49,7 @@ pub fn node_permissions(id: &NodeId) -> (Vec<String>, Vec<String>) {
         edge::git_credentials_subject(id),
         edge::assignment_subject(id),
         edge::storage_subject(id),
+        edge::secrets_subject(id),
     ];
     let subscribe = vec![
         format!(

@@ -6,8 +6,10 @@
 //!   (see [`super::credentials`]);
 //! * `ud.assignment.<node_id>`: whether an assignment is still current,
 //!   asked before a run starts, so that a stale dispatch is never run;
-//! * `ud.storage.<node_id>`: presigned URLs for a task's inputs and outputs
-//!   (see [`super::files`]).
+//! * `ud.storage.<node_id>`: presigned URLs for a task's inputs, outputs and
+//!   checkpoint (see [`super::files`]);
+//! * `ud.secrets.<node_id>`: the values of the project secrets a task names,
+//!   for the node's current attempt only (see [`crate::secrets`]).
 //!
 //! Several main-server instances share the work through a queue group.
 
@@ -16,12 +18,13 @@ use futures::StreamExt;
 use tracing::{info, warn, Instrument};
 use ud_schemas::dispatch::{
     self, AssignmentCheck, AssignmentReply, GitCredentialsReply, GitCredentialsRequest,
-    StorageReply, StorageRequest,
+    SecretValue, SecretsReply, SecretsRequest, StorageReply, StorageRequest,
 };
 use ud_schemas::{edge, NodeId};
 
 use super::credentials::GitCredentials;
 use super::{nats_err, EdgeError};
+use crate::secrets::Secrets;
 use crate::task::{Task, TaskState};
 use crate::EventStore;
 
@@ -69,6 +72,53 @@ enum Kind {
     Credentials,
     Assignment,
     Storage,
+    Secrets,
+}
+
+/// What a node's request is answered from.
+#[derive(Clone)]
+pub struct Sources {
+    pub store: EventStore,
+    pub credentials: GitCredentials,
+    pub storage: Option<ud_storage::Storage>,
+    pub secrets: Option<Secrets>,
+}
+
+/// The values of the secrets `task` names, for `node`'s `attempt` of it.
+async fn secrets_answer(
+    secrets: Option<&Secrets>,
+    node: &NodeId,
+    task: Option<&Task>,
+    req: &SecretsRequest,
+) -> SecretsReply {
+    let denied = |reason: String| SecretsReply::Denied { reason };
+    let check = AssignmentCheck {
+        task_id: req.task_id,
+        attempt: req.attempt,
+    };
+    let current = assignment_answer(node, task, &check);
+    let (Some(task), true) = (task, current.current) else {
+        return denied(
+            current
+                .reason
+                .unwrap_or_else(|| "not this node's run".into()),
+        );
+    };
+    let Some(secrets) = secrets else {
+        return denied("this platform holds no key for secrets (UD_SECRETS_KEY_FILE)".into());
+    };
+    match secrets.values(&task.project, &task.spec.secrets).await {
+        Ok(values) => SecretsReply::Values {
+            values: values
+                .into_iter()
+                .map(|(name, value)| SecretValue {
+                    name,
+                    value: value.as_str().to_owned(),
+                })
+                .collect(),
+        },
+        Err(e) => denied(e.to_string()),
+    }
 }
 
 /// The node a request came from, if it is to be answered.
@@ -83,13 +133,12 @@ fn requester(m: &async_nats::Message) -> Option<(NodeId, async_nats::Subject)> {
 }
 
 async fn answer(
-    store: &EventStore,
-    creds: &GitCredentials,
-    storage: Option<&ud_storage::Storage>,
+    from: &Sources,
     kind: Kind,
     node: NodeId,
     payload: &[u8],
 ) -> Result<Vec<u8>, EdgeError> {
+    let (store, creds, storage) = (&from.store, &from.credentials, from.storage.as_ref());
     let codec = EdgeError::Codec;
     match kind {
         Kind::Credentials => {
@@ -132,6 +181,28 @@ async fn answer(
             };
             dispatch::to_cbor(&reply).map_err(codec)
         }
+        Kind::Secrets => {
+            let reply = match dispatch::from_cbor::<SecretsRequest>(payload, "secrets-request") {
+                Ok(req) => {
+                    let task = store.load_task(&req.task_id).await?.map(|(t, _)| t);
+                    let reply =
+                        secrets_answer(from.secrets.as_ref(), &node, task.as_ref(), &req).await;
+                    match &reply {
+                        SecretsReply::Values { values } => {
+                            info!(task_id = %req.task_id, count = values.len(), "secrets handed out")
+                        }
+                        SecretsReply::Denied { reason } => {
+                            warn!(task_id = %req.task_id, reason = %reason, "secrets refused")
+                        }
+                    }
+                    reply
+                }
+                Err(e) => SecretsReply::Denied {
+                    reason: format!("undecodable request: {e}"),
+                },
+            };
+            dispatch::to_cbor(&reply).map_err(codec)
+        }
         Kind::Storage => {
             let reply = match dispatch::from_cbor::<StorageRequest>(payload, "storage-request") {
                 Ok(req) => super::files::answer(store, storage, &node, req).await,
@@ -148,45 +219,42 @@ async fn answer(
 }
 
 /// Answers nodes' requests until the connection ends.
-pub async fn serve(
-    store: EventStore,
-    creds: GitCredentials,
-    storage: Option<ud_storage::Storage>,
-) -> Result<(), EdgeError> {
-    let client = store.client().clone();
-    let mut credentials = client
-        .queue_subscribe(format!("{}.*", edge::GIT_CREDENTIALS_PREFIX), QUEUE.into())
-        .await
-        .map_err(nats_err)?;
-    let mut assignments = client
-        .queue_subscribe(format!("{}.*", edge::ASSIGNMENT_PREFIX), QUEUE.into())
-        .await
-        .map_err(nats_err)?;
-    let mut transfers = client
-        .queue_subscribe(format!("{}.*", edge::STORAGE_PREFIX), QUEUE.into())
-        .await
-        .map_err(nats_err)?;
-    info!(credential_hosts = creds.len(), "answering node requests");
+pub async fn serve(from: Sources) -> Result<(), EdgeError> {
+    let client = from.store.client().clone();
+    let subscribe = |prefix: &'static str| {
+        let client = client.clone();
+        async move {
+            client
+                .queue_subscribe(format!("{prefix}.*"), QUEUE.into())
+                .await
+                .map_err(nats_err)
+        }
+    };
+    let mut credentials = subscribe(edge::GIT_CREDENTIALS_PREFIX).await?;
+    let mut assignments = subscribe(edge::ASSIGNMENT_PREFIX).await?;
+    let mut transfers = subscribe(edge::STORAGE_PREFIX).await?;
+    let mut secrets = subscribe(edge::SECRETS_PREFIX).await?;
+    info!(
+        credential_hosts = from.credentials.len(),
+        secrets = from.secrets.is_some(),
+        "answering node requests"
+    );
     loop {
         let (m, kind) = tokio::select! {
             Some(m) = credentials.next() => (m, Kind::Credentials),
             Some(m) = assignments.next() => (m, Kind::Assignment),
             Some(m) = transfers.next() => (m, Kind::Storage),
+            Some(m) = secrets.next() => (m, Kind::Secrets),
             else => break,
         };
         let Some((node, reply_to)) = requester(&m) else {
             continue;
         };
-        let (store, creds, client, storage) = (
-            store.clone(),
-            creds.clone(),
-            client.clone(),
-            storage.clone(),
-        );
+        let (from, client) = (from.clone(), client.clone());
         let span = tracing::info_span!("node_request", node_id = %node);
         tokio::spawn(
             async move {
-                match answer(&store, &creds, storage.as_ref(), kind, node, &m.payload).await {
+                match answer(&from, kind, node, &m.payload).await {
                     Ok(bytes) => {
                         if let Err(e) = client.publish(reply_to, Bytes::from(bytes)).await {
                             warn!(error = %e, "reply not sent");

@@ -86,7 +86,7 @@ impl Cluster {
                     }
                 }
             }
-            Event::Auth(..) => {}
+            Event::Auth(..) | Event::Secret(..) => {}
         }
     }
 

@@ -114,7 +114,10 @@ fn cancel_running_asks_the_node() {
     let node = NodeId::new();
     let (_, r) = given(&[
         submit(),
-        TaskCommand::Assign { node_id: node, gpus: vec![] },
+        TaskCommand::Assign {
+            node_id: node,
+            gpus: vec![],
+        },
         TaskCommand::Start {
             node_id: node,
             attempt: 1,
@@ -131,7 +134,10 @@ fn cancel_finished_task_is_rejected() {
     let node = NodeId::new();
     let (_, r) = given(&[
         submit(),
-        TaskCommand::Assign { node_id: node, gpus: vec![] },
+        TaskCommand::Assign {
+            node_id: node,
+            gpus: vec![],
+        },
         TaskCommand::Succeed {
             node_id: node,
             exit_code: 0,
@@ -153,11 +159,17 @@ fn cancel_finished_task_is_rejected() {
 fn other_node_cannot_report() {
     let node = NodeId::new();
     let other = NodeId::new();
-    let (_, r) =
-        given(&[submit(), TaskCommand::Assign { node_id: node, gpus: vec![] }]).when(TaskCommand::Succeed {
-            node_id: other,
-            exit_code: 0,
-        });
+    let (_, r) = given(&[
+        submit(),
+        TaskCommand::Assign {
+            node_id: node,
+            gpus: vec![],
+        },
+    ])
+    .when(TaskCommand::Succeed {
+        node_id: other,
+        exit_code: 0,
+    });
     assert_eq!(r, Err(TaskError::WrongNode(other)));
 }
 
@@ -178,7 +190,10 @@ fn command_strategy(nodes: Vec<NodeId>) -> impl Strategy<Value = TaskCommand> {
                 spec: spec(),
                 idempotency_key: None,
             },
-            1 => TaskCommand::Assign { node_id, gpus: vec![] },
+            1 => TaskCommand::Assign {
+                node_id,
+                gpus: vec![],
+            },
             2 => TaskCommand::Start { node_id, attempt },
             3 => TaskCommand::Succeed {
                 node_id,
@@ -265,7 +280,10 @@ fn failed_runs_are_retried_while_the_policy_allows_then_fail() {
     };
     let run = [
         retried_submit,
-        TaskCommand::Assign { node_id: node, gpus: vec![] },
+        TaskCommand::Assign {
+            node_id: node,
+            gpus: vec![],
+        },
         TaskCommand::Start {
             node_id: node,
             attempt: 1,
@@ -293,7 +311,10 @@ fn failed_runs_are_retried_while_the_policy_allows_then_fail() {
     // The second attempt is the last one.
     let mut task = task;
     for c in [
-        TaskCommand::Assign { node_id: node, gpus: vec![] },
+        TaskCommand::Assign {
+            node_id: node,
+            gpus: vec![],
+        },
         TaskCommand::Start {
             node_id: node,
             attempt: 2,
@@ -321,7 +342,10 @@ fn failed_runs_are_retried_while_the_policy_allows_then_fail() {
             spec: picky,
             idempotency_key: None,
         },
-        TaskCommand::Assign { node_id: node, gpus: vec![] },
+        TaskCommand::Assign {
+            node_id: node,
+            gpus: vec![],
+        },
         TaskCommand::Start {
             node_id: node,
             attempt: 1,
@@ -358,6 +382,13 @@ fn failed_runs_are_retried_while_the_policy_allows_then_fail() {
         "time-outs do not retry by default: {r:?}"
     );
     // Without a retry policy a failure is final at once.
-    let (_, r) = given(&[submit(), TaskCommand::Assign { node_id: node, gpus: vec![] }]).when(fail());
+    let (_, r) = given(&[
+        submit(),
+        TaskCommand::Assign {
+            node_id: node,
+            gpus: vec![],
+        },
+    ])
+    .when(fail());
     assert!(matches!(r.as_deref(), Ok([TaskEvent::Failed(_)])));
 }

@@ -15,6 +15,11 @@ use ud_schemas::NodeId;
 use ud_server::{self as server, EdgeConfig, Running, ServerConfig};
 use ud_testkit::{NatsOptions, NatsServer, PgDatabase};
 
+/// How long a freshly joined node may take to be online: the hub sets up its
+/// source of the node's stream with nats-server's own retry schedule (10 s,
+/// then 20 s more) when the first try comes before the node's leaf is up.
+pub const JOIN: Duration = Duration::from_secs(60);
+
 pub const PLATFORM_PW: &str = "platform-secret";
 pub const AGENT_PW: &str = "agent-secret";
 pub const SYSTEM_PW: &str = "system-secret";
@@ -22,7 +27,7 @@ pub const IMAGE: &str = "unidesk/busybox:base";
 
 pub struct Stack {
     pub hub: NatsServer,
-    pub _pg: PgDatabase,
+    pub pg: PgDatabase,
     pub server: Running,
     pub http: reqwest::Client,
     pub base: String,
@@ -51,6 +56,62 @@ pub fn initial_accounts() -> Result<String> {
     ))
 }
 
+/// Every log line the servers and agents of this test binary wrote, at
+/// `info` and above (what an operator's log would hold), beside what the
+/// test output shows (`UD_LOG`, default `warn`).
+static LOGGED: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+/// Most log bytes kept: the oldest half goes when it is reached.
+const LOGGED_MAX: usize = 256 << 20;
+
+struct Logged;
+
+impl std::io::Write for Logged {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut l) = LOGGED.lock() {
+            if l.len() + buf.len() > LOGGED_MAX {
+                let half = l.len() / 2;
+                l.drain(..half);
+            }
+            l.extend_from_slice(buf);
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Whether any log line so far holds `needle`.
+pub fn logged(needle: &str) -> bool {
+    LOGGED
+        .lock()
+        .map(|l| l.windows(needle.len()).any(|w| w == needle.as_bytes()))
+        .unwrap_or(false)
+}
+
+fn init_tracing() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{fmt, EnvFilter, Layer};
+    let shown = fmt::layer()
+        .with_test_writer()
+        .with_filter(EnvFilter::try_from_env("UD_LOG").unwrap_or_else(|_| "warn".into()));
+    let kept = fmt::layer()
+        .with_ansi(false)
+        .with_writer(|| Logged)
+        .with_filter(EnvFilter::new("info"));
+    let _ = tracing_subscriber::registry()
+        .with(shown)
+        .with(kept)
+        .try_init();
+}
+
+/// A fresh key for project secrets.
+pub fn secret_key() -> ud_core::secrets::SecretKey {
+    ud_core::secrets::SecretKey::random().0
+}
+
 impl Stack {
     pub async fn start(heartbeat_timeout: Duration) -> Result<Self> {
         Self::start_with(heartbeat_timeout, Default::default(), Default::default()).await
@@ -70,13 +131,7 @@ impl Stack {
         queues: ud_core::edge::scheduler::Queues,
         storage: Option<ud_storage::Storage>,
     ) -> Result<Self> {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_env("UD_LOG")
-                    .unwrap_or_else(|_| "warn".into()),
-            )
-            .with_test_writer()
-            .try_init();
+        init_tracing();
         let hub = NatsServer::start_with(NatsOptions {
             hub: true,
             accounts: Some(initial_accounts()?),
@@ -106,6 +161,7 @@ impl Stack {
                 },
                 git_credentials,
             }),
+            secrets: Some(secret_key()),
             ..ServerConfig::local(nats_url.clone(), pg.url.clone())
         })
         .await?;
@@ -126,7 +182,7 @@ impl Stack {
         let base = format!("http://{}", server.addr);
         Ok(Self {
             hub,
-            _pg: pg,
+            pg,
             server,
             http: reqwest::Client::new(),
             base,
@@ -313,8 +369,7 @@ impl Stack {
         let node = self
             .join(name, self.enroll(name).await?, Duration::from_millis(500))
             .await?;
-        self.node_status(node.id, "online", Duration::from_secs(30))
-            .await?;
+        self.node_status(node.id, "online", JOIN).await?;
         Ok(node)
     }
 

@@ -510,3 +510,108 @@ async fn an_adopted_run_still_stores_its_outputs() -> Result<()> {
     agent.abort();
     Ok(())
 }
+
+/// The number after `resumed at ` in a task's log.
+async fn resumed_at(s: &Stack, id: &str) -> Result<u32> {
+    let log = logs(s, id).await?;
+    let n = log
+        .split("resumed at ")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok());
+    n.ok_or_else(|| anyhow::anyhow!("no resume line in {log:?}"))
+}
+
+#[tokio::test]
+async fn a_run_lost_with_its_node_resumes_from_its_checkpoint_elsewhere() -> Result<()> {
+    let g = Garage::start().await?;
+    let store = storage(&g)?;
+    let mut s = Stack::start_full(
+        Duration::from_secs(3),
+        Default::default(),
+        Default::default(),
+        Some(store.clone()),
+    )
+    .await?;
+    let a = s.online_node("omicron").await?;
+    // Counts to 25, a step a second, keeping the count in its checkpoint folder.
+    let script = "n=$(cat ckpt/n 2>/dev/null || echo 0); echo \"resumed at $n\"; \
+                  while [ $n -lt 25 ]; do n=$((n+1)); echo $n > ckpt/n; sleep 1; done; echo \"ended at $n\"";
+    let mut body = task_body("lab", script, json!({"cpus": 0.5, "memory_mb": 64}));
+    body["timeout_seconds"] = json!(300);
+    body["checkpoint"] = json!({"path": "ckpt", "every_seconds": 10});
+    let id = s.submit_body(body).await?;
+    let running = s
+        .task_state(&id, &["running"], Duration::from_secs(60))
+        .await?;
+    assert_eq!(running["node_id"], a.id.to_string());
+    assert_eq!(resumed_at(&s, &id).await?, 0);
+
+    // The first periodic upload lands in the store...
+    let key = ud_storage::keys::checkpoint_key("lab", &id, "n")?;
+    let saved = async {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tick.tick().await;
+            if store.head(&key).await.ok().flatten().is_some() {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), saved).await?;
+    // ...then the node is gone for good: its agent and its container.
+    a.agent.abort();
+    let docker = bollard::Docker::connect_with_local_defaults()?;
+    let filters = std::collections::HashMap::from([(
+        "label".to_owned(),
+        vec![format!("{}={id}", ud_edge_agent::docker::LABEL_TASK)],
+    )]);
+    for c in docker
+        .list_containers(Some(bollard::query_parameters::ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        }))
+        .await?
+    {
+        docker
+            .remove_container(
+                c.id.as_deref().unwrap_or_default(),
+                Some(bollard::query_parameters::RemoveContainerOptions {
+                    force: true,
+                    ..Default::default()
+                }),
+            )
+            .await?;
+    }
+    let b = s.online_node("pi").await?;
+    let done = ended(&mut s, &id).await?;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["node_id"], b.id.to_string());
+    assert_eq!(done["attempt"], 2);
+    // The second attempt went on from what the first had saved.
+    let from = resumed_at_last(&s, &id).await?;
+    assert!((1..25).contains(&from), "attempt 2 resumed at {from}");
+
+    // A rerun starts from where the task ended.
+    let rerun = s
+        .post(&format!("/api/v1/tasks/{id}/rerun"), json!({}))
+        .await?;
+    let again = rerun["task_id"].as_str().unwrap_or_default().to_owned();
+    let done = ended(&mut s, &again).await?;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(resumed_at(&s, &again).await?, 25);
+    b.agent.abort();
+    Ok(())
+}
+
+/// The number after the last `resumed at ` in a task's log.
+async fn resumed_at_last(s: &Stack, id: &str) -> Result<u32> {
+    let log = logs(s, id).await?;
+    log.rsplit("resumed at ")
+        .next()
+        .filter(|_| log.contains("resumed at "))
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no resume line in {log:?}"))
+}

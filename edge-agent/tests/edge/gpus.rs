@@ -46,7 +46,11 @@ fn stand_in_smi(dir: &std::path::Path) -> Result<String> {
 #[tokio::test]
 async fn a_gpu_run_asks_docker_for_exactly_its_devices() -> Result<()> {
     let docker = bollard::Docker::connect_with_local_defaults()?;
-    let mut body = task_body("lab", "nvidia-smi", json!({"cpus": 1, "memory_mb": 8192, "gpus": 2}));
+    let mut body = task_body(
+        "lab",
+        "nvidia-smi",
+        json!({"cpus": 1, "memory_mb": 8192, "gpus": 2}),
+    );
     body["shm_size_mb"] = json!(4096);
     let run = DispatchRun {
         at: 1,
@@ -121,7 +125,11 @@ async fn a_gpu_run_asks_docker_for_exactly_its_devices() -> Result<()> {
     // A CPU run: no device, NVIDIA_VISIBLE_DEVICES=void, shared memory half its memory.
     let cpu = DispatchRun {
         gpus: vec![],
-        spec: spec_of(task_body("lab", "true", json!({"cpus": 1, "memory_mb": 2048})))?,
+        spec: spec_of(task_body(
+            "lab",
+            "true",
+            json!({"cpus": 1, "memory_mb": 2048}),
+        ))?,
         ..run
     };
     let body = container(
@@ -225,7 +233,7 @@ struct NatsServerGuard(
 async fn two_one_gpu_tasks_on_a_four_gpu_node_get_different_devices() -> Result<()> {
     let mut s = Stack::start(Duration::from_secs(60)).await?;
     let (node, _keep) = four_gpu_node(&s, "a100-box").await?;
-    s.node_status(node, "online", Duration::from_secs(30)).await?;
+    s.node_status(node, "online", JOIN).await?;
     let mut runs = s
         .server
         .state
@@ -235,7 +243,9 @@ async fn two_one_gpu_tasks_on_a_four_gpu_node_get_different_devices() -> Result<
         .subscribe(format!("ud.dispatch.{node}.*.run"))
         .await?;
     let one_gpu = json!({"cpus": 1, "memory_mb": 1024, "gpus": 1, "gpu_model": "A100"});
-    let first = s.submit_body(task_body("lab", "true", one_gpu.clone())).await?;
+    let first = s
+        .submit_body(task_body("lab", "true", one_gpu.clone()))
+        .await?;
     let second = s.submit_body(task_body("lab", "true", one_gpu)).await?;
     let mut given = std::collections::HashMap::new();
     while given.len() < 2 {
@@ -260,7 +270,11 @@ async fn two_one_gpu_tasks_on_a_four_gpu_node_get_different_devices() -> Result<
     assert_eq!(assigned, vec![json!(a)]);
     // A model no node has, asked by family, can never be placed.
     let h100 = s
-        .submit_body(task_body("lab", "true", json!({"gpus": 1, "gpu_model": "H100"})))
+        .submit_body(task_body(
+            "lab",
+            "true",
+            json!({"gpus": 1, "gpu_model": "H100"}),
+        ))
         .await?;
     let done = s
         .task_state(&h100, &["failed"], Duration::from_secs(30))

@@ -10,4 +10,5 @@ mod network;
 mod nodes;
 mod runs;
 mod scheduling;
+mod secrets;
 mod versions;

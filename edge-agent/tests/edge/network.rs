@@ -38,8 +38,7 @@ async fn egress_reaches_the_internet_but_not_the_host_and_none_reaches_nothing()
         },
         ..agent_config(&leaf, &token, "open", Duration::from_millis(500))
     });
-    s.node_status(token.node_id, "online", Duration::from_secs(30))
-        .await?;
+    s.node_status(token.node_id, "online", JOIN).await?;
     let cases = [
         (iso.internet.as_str(), "egress", "succeeded"),
         (iso.internet.as_str(), "none", "failed"),
@@ -68,9 +67,13 @@ async fn an_egress_task_never_goes_to_a_node_that_does_not_allow_it() -> Result<
     let id = s
         .submit_body(fetch("http://10.99.0.2:8080/", "egress"))
         .await?;
-    let done = s.task_state(&id, &["failed"], Duration::from_secs(30)).await?;
+    let done = s
+        .task_state(&id, &["failed"], Duration::from_secs(30))
+        .await?;
     assert!(
-        done["reason"].as_str().is_some_and(|r| r.contains("network")),
+        done["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("network")),
         "{done}"
     );
     Ok(())

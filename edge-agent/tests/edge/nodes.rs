@@ -17,9 +17,7 @@ async fn nodes_join_run_tasks_in_docker_and_go_offline() -> Result<()> {
     let mut s = Stack::start(Duration::from_secs(3)).await?;
     let token = s.enroll("alpha").await?;
     let alpha = s.join("alpha", token, Duration::from_millis(500)).await?;
-    let node = s
-        .node_status(alpha.id, "online", Duration::from_secs(30))
-        .await?;
+    let node = s.node_status(alpha.id, "online", JOIN).await?;
     assert_eq!(node["name"], "alpha");
     assert!(
         node["resources"]["cpu_millis"]
@@ -119,8 +117,7 @@ async fn nodes_join_run_tasks_in_docker_and_go_offline() -> Result<()> {
         "alpha",
         Duration::from_millis(500),
     );
-    s.node_status(alpha.id, "online", Duration::from_secs(30))
-        .await?;
+    s.node_status(alpha.id, "online", JOIN).await?;
     agent.abort();
     Ok(())
 }
@@ -132,10 +129,8 @@ async fn a_node_cannot_act_for_another() -> Result<()> {
     let tb = s.enroll("beta").await?;
     let a = s.join("alpha", ta, Duration::from_millis(500)).await?;
     let b = s.join("beta", tb, Duration::from_millis(500)).await?;
-    s.node_status(a.id, "online", Duration::from_secs(30))
-        .await?;
-    s.node_status(b.id, "online", Duration::from_secs(30))
-        .await?;
+    s.node_status(a.id, "online", JOIN).await?;
+    s.node_status(b.id, "online", JOIN).await?;
 
     // A client on node A's leaf, as A's agent is.
     let client = agent_client(&a.leaf, Some(a.id)).await?;
@@ -296,8 +291,7 @@ async fn a_node_keeps_working_while_its_link_is_down_and_catches_up() -> Result<
     let node = s
         .join_via("gamma", token, Duration::from_millis(500), link.port())
         .await?;
-    s.node_status(node.id, "online", Duration::from_secs(30))
-        .await?;
+    s.node_status(node.id, "online", JOIN).await?;
 
     // Watch the node's own stream for the task's end, from the node's side.
     let local = agent_client(&node.leaf, None).await?;
@@ -363,8 +357,7 @@ async fn nodes_come_back_after_a_hub_restart_with_what_they_kept() -> Result<()>
     let mut s = Stack::start(Duration::from_secs(60)).await?;
     let token = s.enroll("zeta").await?;
     let node = s.join("zeta", token, Duration::from_millis(300)).await?;
-    s.node_status(node.id, "online", Duration::from_secs(30))
-        .await?;
+    s.node_status(node.id, "online", JOIN).await?;
     let task = s.submit("echo during; sleep 3; echo done", 120).await?;
     s.task_state(&task, &["running"], Duration::from_secs(60))
         .await?;
@@ -402,9 +395,7 @@ async fn a_node_low_on_disk_says_so_and_takes_no_new_tasks() -> Result<()> {
         min_free_disk_mb: u64::MAX,
         ..agent_config(&leaf, &token, "eta", Duration::from_millis(200))
     });
-    let node = s
-        .node_status(token.node_id, "online", Duration::from_secs(30))
-        .await?;
+    let node = s.node_status(token.node_id, "online", JOIN).await?;
     let (http, base, admin, id) = (
         s.http.clone(),
         s.base.clone(),

@@ -17,8 +17,7 @@ async fn a_dispatch_that_went_stale_while_the_node_was_away_is_never_run() -> Re
     let node = s
         .join_via("delta", token, Duration::from_millis(500), link.port())
         .await?;
-    s.node_status(node.id, "online", Duration::from_secs(30))
-        .await?;
+    s.node_status(node.id, "online", JOIN).await?;
     link.cut();
     // Assigned while the node is away: the dispatch waits in its consumer.
     let task = s.submit("echo this-must-not-run", 120).await?;
@@ -88,8 +87,7 @@ async fn a_restarted_agent_adopts_its_running_container() -> Result<()> {
     let node = s
         .join("delta", token.clone(), Duration::from_millis(500))
         .await?;
-    s.node_status(node.id, "online", Duration::from_secs(30))
-        .await?;
+    s.node_status(node.id, "online", JOIN).await?;
     let task = s.submit("echo first; sleep 3; echo second", 120).await?;
     s.task_state(&task, &["running"], Duration::from_secs(60))
         .await?;
@@ -133,8 +131,7 @@ async fn a_restarted_agent_keeps_the_time_limit_of_the_run_it_adopts() -> Result
     let node = s
         .join("echo", token.clone(), Duration::from_millis(500))
         .await?;
-    s.node_status(node.id, "online", Duration::from_secs(30))
-        .await?;
+    s.node_status(node.id, "online", JOIN).await?;
     // A run that stops at once when asked to (so that its end is its limit).
     let task = s
         .submit("trap 'exit 143' TERM; echo up; sleep 60 & wait", 6)
@@ -174,8 +171,7 @@ async fn an_agent_back_after_a_runs_limit_stops_it_at_once_as_timed_out() -> Res
     let node = s
         .join("foxtrot", token.clone(), Duration::from_millis(500))
         .await?;
-    s.node_status(node.id, "online", Duration::from_secs(30))
-        .await?;
+    s.node_status(node.id, "online", JOIN).await?;
     // One run goes on past its limit while the agent is away, one ends past it.
     let long = s.submit("sleep 60", 3).await?;
     let short = s.submit("sleep 5; echo done", 3).await?;
@@ -260,14 +256,13 @@ async fn two_main_servers_assign_each_task_once_mark_a_silent_node_offline_once_
         }),
         ..ServerConfig::local(
             format!("nats://platform:{PLATFORM_PW}@127.0.0.1:{}", s.hub.port()),
-            s._pg.url.clone(),
+            s.pg.url.clone(),
         )
     })
     .await?;
     let token = s.enroll("epsilon").await?;
     let node = s.join("epsilon", token, Duration::from_millis(300)).await?;
-    s.node_status(node.id, "online", Duration::from_secs(30))
-        .await?;
+    s.node_status(node.id, "online", JOIN).await?;
     let store = s.server.state.commands.store().clone();
     // Both schedulers see every task: the stream's concurrency check lets one assign it.
     let mut ids = Vec::new();

@@ -217,7 +217,10 @@ async fn a_task_assigned_to_a_node_already_offline_runs_elsewhere() -> Result<()
             .ok_or_else(|| anyhow!("no task {id}"))?;
         let events = ud_core::task::decide(
             Some(&t),
-            ud_core::task::TaskCommand::Assign { node_id: gone.id, gpus: vec![] },
+            ud_core::task::TaskCommand::Assign {
+                node_id: gone.id,
+                gpus: vec![],
+            },
             ud_schemas::now_millis(),
         )?;
         let events: Vec<ud_schemas::Event> = events
@@ -346,9 +349,7 @@ async fn pending_tasks_go_by_priority_then_projects_take_turns() -> Result<()> {
             Duration::from_millis(500),
         )
         .await?;
-    let v = s
-        .node_status(node.id, "online", Duration::from_secs(30))
-        .await?;
+    let v = s.node_status(node.id, "online", JOIN).await?;
     // Every task takes the whole node, so they run one at a time.
     let cpus = v["resources"]["cpu_millis"].as_f64().unwrap_or(1000.0) / 1000.0;
     let task = |project: &str, script: &str| {

@@ -93,8 +93,7 @@ impl Builder {
             labels: BTreeMap::new(),
             ..agent_config(&leaf, &token, "builder", Duration::from_millis(500))
         });
-        s.node_status(token.node_id, "online", Duration::from_secs(30))
-            .await?;
+        s.node_status(token.node_id, "online", JOIN).await?;
         Ok(Self {
             _repos: repos,
             _work: work,
@@ -393,8 +392,7 @@ async fn private_repositories_are_fetched_with_credentials_the_platform_holds_an
         labels: BTreeMap::new(),
         ..agent_config(&leaf, &token, "private", Duration::from_millis(500))
     });
-    s.node_status(token.node_id, "online", Duration::from_secs(30))
-        .await?;
+    s.node_status(token.node_id, "online", JOIN).await?;
     let submit = |url: String| {
         json!({
             "project": "lab", "code_repo_url": url, "code_commit_id": commit, "env_repo_url": url, "env_commit_id": commit,

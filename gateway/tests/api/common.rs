@@ -49,6 +49,7 @@ impl Stack {
         let cfg = ServerConfig {
             storage,
             disk,
+            secrets: Some(ud_core::secrets::SecretKey::random().0),
             ..ServerConfig::local(nats.url(), pg.url.clone())
         };
         Self::start_config(nats, pg, cfg).await

@@ -246,7 +246,11 @@ mod tests {
             gpu_model: Some("a100-80gb".into()),
             ..req(1)
         };
-        assert_eq!(allocate(&n, &held, &a100_80), None, "its only device is held");
+        assert_eq!(
+            allocate(&n, &held, &a100_80),
+            None,
+            "its only device is held"
+        );
         let big = Resources {
             gpu_memory_mb: 30_000,
             ..req(1)
@@ -262,7 +266,13 @@ mod tests {
             ..req(1)
         };
         assert_eq!(allocate(&n, &Held::default(), &newer_driver), None);
-        assert_eq!(suitable(n.resources.as_ref().unwrap_or_else(|| unreachable!()), &ampere), 2);
+        assert_eq!(
+            suitable(
+                n.resources.as_ref().unwrap_or_else(|| unreachable!()),
+                &ampere
+            ),
+            2
+        );
     }
 
     #[test]
@@ -284,7 +294,10 @@ mod tests {
         // A device the node no longer sees is not given.
         n.visible_gpus = Some(vec!["GPU-0".into()]);
         assert_eq!(allocate(&n, &Held::default(), &req(2)), None);
-        assert_eq!(allocate(&n, &Held::default(), &req(1)), Some(vec!["GPU-0".to_owned()]));
+        assert_eq!(
+            allocate(&n, &Held::default(), &req(1)),
+            Some(vec!["GPU-0".to_owned()])
+        );
     }
 
     #[test]

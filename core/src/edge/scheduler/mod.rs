@@ -680,7 +680,10 @@ mod tests {
         );
         let mut model = req(500, 512, 1);
         model.gpu_model = Some("H100".into());
-        assert_eq!(place(nodes.iter(), &none, &model, Placement::Pack).map(|p| p.0), None);
+        assert_eq!(
+            place(nodes.iter(), &none, &model, Placement::Pack).map(|p| p.0),
+            None
+        );
         let full = HashMap::from([(
             gpu.id,
             Usage {
