@@ -30,6 +30,12 @@ ud_install_deps() {
     ud_apt_install git
   fi
 
+  # A real HTTPS proxy for nodes linking over WebSocket (tests/edge link).
+  if ! command -v caddy >/dev/null; then
+    echo "installing caddy" >&2
+    ud_apt_install caddy
+  fi
+
   local scripts nats
   scripts="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
   nats="$scripts/nats-server"

@@ -87,7 +87,7 @@ up() {
     "$BIN" node enroll --name main-server --label role=main > "$STATE/node.token"
   fi
   if ! [ -f "$STATE/leaf.pid" ] || ! kill -0 "$(cat "$STATE/leaf.pid")" 2>/dev/null; then
-    UD_NODE_TOKEN="$(cat "$STATE/node.token")" "$EDGE" leaf-config --hub "127.0.0.1:$LEAF_PORT" \
+    UD_NODE_TOKEN="$(cat "$STATE/node.token")" "$EDGE" leaf-config --hub "nats-leaf://127.0.0.1:$LEAF_PORT" --allow-plain-link \
       --store-dir "$STATE/leaf/js" --port "$EDGE_PORT" --agent-password "$agent_pw" > "$STATE/leaf/leaf.conf"
     : > "$STATE/leaf.log"
     "$UD_NATS_SERVER" -c "$STATE/leaf/leaf.conf" >>"$STATE/leaf.log" 2>&1 &

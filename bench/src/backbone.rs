@@ -80,6 +80,7 @@ fn spec() -> ud_schemas::TaskSpec {
         shm_size_mb: None,
         secrets: vec![],
         checkpoint: None,
+        lost_after_seconds: None,
     }
 }
 

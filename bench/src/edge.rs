@@ -115,6 +115,8 @@ pub async fn start_platform_on(
                 cancel_grace_seconds: 1,
                 placement: Default::default(),
                 queues: Default::default(),
+                lost_after: Duration::ZERO,
+                max_lost_after: Duration::from_secs(7 * 24 * 3600),
             },
             git_credentials: Default::default(),
         }),
@@ -577,13 +579,7 @@ async fn join(
     name: &str,
     configure: impl FnOnce(&mut ud_edge_agent::AgentConfig),
 ) -> Result<(NatsServer, tokio::task::JoinHandle<()>)> {
-    let leaf = NatsServer::start_with(NatsOptions {
-        sync_always: false,
-        domain: edge::domain(&token.node_id),
-        extra: edge::leaf_link_config(token, "127.0.0.1", hub_leaf, "agent-pw"),
-        ..Default::default()
-    })
-    .await?;
+    let leaf = crate::sim::leaf_server(hub_leaf, token).await?;
     let mut cfg = ud_edge_agent::AgentConfig {
         leaf_url: format!("nats://agent:agent-pw@127.0.0.1:{}", leaf.port()),
         node_id: token.node_id,

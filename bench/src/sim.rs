@@ -127,6 +127,26 @@ async fn sim_agent(
 
 /// Starts a simulated node's leaf and agent; returns once the hub has its
 /// first heartbeat.
+/// A node's leaf server linked to the hub on loopback (in clear: benchmarks
+/// measure the platform, not TLS).
+pub(crate) async fn leaf_server(hub_leaf: u16, token: &NodeToken) -> Result<NatsServer> {
+    NatsServer::start_with(NatsOptions {
+        sync_always: false,
+        domain: edge::domain(&token.node_id),
+        extra: edge::leaf_link_config(
+            token,
+            &edge::HubLink::Plain {
+                host: "127.0.0.1".into(),
+                port: hub_leaf,
+            },
+            None,
+            "agent-pw",
+        ),
+        ..Default::default()
+    })
+    .await
+}
+
 pub(crate) async fn join(
     hub_leaf: u16,
     token: &NodeToken,
@@ -134,13 +154,7 @@ pub(crate) async fn join(
     store: &ud_core::EventStore,
     finish: bool,
 ) -> Result<SimNode> {
-    let leaf = NatsServer::start_with(NatsOptions {
-        sync_always: false,
-        domain: edge::domain(&token.node_id),
-        extra: edge::leaf_link_config(token, "127.0.0.1", hub_leaf, "agent-pw"),
-        ..Default::default()
-    })
-    .await?;
+    let leaf = leaf_server(hub_leaf, token).await?;
     let mut beat = store
         .client()
         .subscribe(format!("ud.node.{}.heartbeat", token.node_id))

@@ -158,6 +158,10 @@ pub struct SubmitArgs {
     /// Start from the checkpoint of this earlier task.
     #[arg(long, requires = "checkpoint")]
     resume_from: Option<String>,
+    /// Seconds the run may stay `disconnected` when its node goes offline
+    /// before the task is lost and placed anew (default: the platform's).
+    #[arg(long)]
+    lost_after_seconds: Option<i64>,
     /// Required node label, KEY=VALUE (repeatable).
     #[arg(long = "label")]
     labels: Vec<String>,
@@ -284,6 +288,9 @@ fn task_body(a: &SubmitArgs) -> Result<Value> {
         body["checkpoint"] = json!({
             "path": path, "every_seconds": a.checkpoint_every, "resume_from": a.resume_from,
         });
+    }
+    if let Some(s) = a.lost_after_seconds {
+        body["lost_after_seconds"] = json!(s);
     }
     Ok(body)
 }
@@ -520,6 +527,10 @@ pub struct SetQueueArgs {
     /// Most tasks of the queue assigned or running at once (none: no limit).
     #[arg(long)]
     max_running: Option<u32>,
+    /// Seconds its runs stay `disconnected` when their node goes offline
+    /// (none: the platform's default).
+    #[arg(long)]
+    lost_after_seconds: Option<u64>,
 }
 
 #[derive(Args)]
@@ -559,7 +570,10 @@ pub async fn queue(c: QueueCommand) -> Result<()> {
         }
         QueueCommand::Set(a) => {
             let as_json = a.api.json;
-            let body = json!({"priority": a.priority, "max_running": a.max_running});
+            let body = json!({
+                "priority": a.priority, "max_running": a.max_running,
+                "lost_after_seconds": a.lost_after_seconds,
+            });
             let v = Api::new(a.api)
                 .put(&format!("/api/v1/queues/{}", a.name), &body)
                 .await?;

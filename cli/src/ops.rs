@@ -362,6 +362,9 @@ pub enum AdminCommand {
     IssueToken(IssueTokenArgs),
     /// Print the hub's initial accounts file (platform and system users, no nodes yet).
     HubAccounts(HubAccountsArgs),
+    /// Print the hub's `leafnodes` block: TLS with DIR/hub.pem and
+    /// DIR/hub.key when both exist, otherwise the port on loopback only.
+    HubLeafnodes(HubLeafnodesArgs),
     /// Make the key project secrets are encrypted with (UD_SECRETS_KEY_FILE);
     /// an existing file is never replaced. Keep a copy apart from the
     /// backups: without it the secrets in a backup cannot be read.
@@ -373,6 +376,15 @@ pub struct SecretKeyArgs {
     /// The file to write (readable by its owner only).
     #[arg(long)]
     out: std::path::PathBuf,
+}
+
+#[derive(Args)]
+pub struct HubLeafnodesArgs {
+    /// Folder with the hub's certificate (chain) and key.
+    #[arg(long)]
+    tls_dir: std::path::PathBuf,
+    #[arg(long, default_value_t = 7422)]
+    port: u16,
 }
 
 #[derive(Args)]
@@ -404,6 +416,23 @@ pub async fn admin(c: AdminCommand) -> Result<()> {
         AdminCommand::SecretKey(a) => {
             let key = ud_core::secrets::SecretKey::create(&a.out)?;
             println!("{} (key id {})", a.out.display(), key.id());
+            Ok(())
+        }
+        AdminCommand::HubLeafnodes(a) => {
+            let (cert, key) = (a.tls_dir.join("hub.pem"), a.tls_dir.join("hub.key"));
+            let tls = (cert.is_file() && key.is_file()).then(|| {
+                (
+                    cert.to_string_lossy().into_owned(),
+                    key.to_string_lossy().into_owned(),
+                )
+            });
+            print!(
+                "{}",
+                ud_core::edge::hubconf::leafnodes_block(
+                    a.port,
+                    tls.as_ref().map(|(c, k)| (c.as_str(), k.as_str()))
+                )
+            );
             Ok(())
         }
         AdminCommand::HubAccounts(a) => {

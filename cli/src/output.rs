@@ -298,6 +298,7 @@ pub(crate) fn queues(list: &Value) -> String {
                 s(&q["name"]),
                 s(&set["priority"]),
                 s(&set["max_running"]),
+                s(&set["lost_after_seconds"]),
                 s(&q["pending"]),
                 s(&q["running"]),
                 s(&q["updated_by"]),
@@ -305,7 +306,9 @@ pub(crate) fn queues(list: &Value) -> String {
         })
         .collect();
     table(
-        &["QUEUE", "PRIORITY", "LIMIT", "PENDING", "RUNNING", "SET BY"],
+        &[
+            "QUEUE", "PRIORITY", "LIMIT", "GRACE S", "PENDING", "RUNNING", "SET BY",
+        ],
         &rows,
     )
 }

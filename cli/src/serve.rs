@@ -65,6 +65,11 @@ pub struct StorageArgs {
     /// S3 endpoint URL (Garage, MinIO, ...); leave unset for AWS S3.
     #[arg(long = "s3-endpoint", env = "UD_S3_ENDPOINT")]
     pub endpoint: Option<String>,
+    /// The store's address in the presigned URLs nodes and users get, when
+    /// it differs from UD_S3_ENDPOINT (a proxy on the public host that keeps
+    /// the Host header); unset: UD_S3_ENDPOINT.
+    #[arg(long = "s3-public-endpoint", env = "UD_S3_PUBLIC_ENDPOINT")]
+    pub public_endpoint: Option<String>,
     #[arg(long = "s3-region", env = "UD_S3_REGION", default_value = "us-east-1")]
     pub region: String,
     /// Bucket for project files, task outputs and log archives; unset: no object store.
@@ -109,13 +114,19 @@ impl StorageArgs {
             .clone()
             .filter(|k| !k.is_empty())
             .context("UD_S3_BUCKET is set but UD_S3_SECRET_ACCESS_KEY is not")?;
-        if let Some(e) = &self.endpoint {
-            if !(e.starts_with("http://") || e.starts_with("https://")) {
-                anyhow::bail!("UD_S3_ENDPOINT must be an http:// or https:// URL, not {e:?}");
+        for (name, e) in [
+            ("UD_S3_ENDPOINT", &self.endpoint),
+            ("UD_S3_PUBLIC_ENDPOINT", &self.public_endpoint),
+        ] {
+            if let Some(e) = e.as_ref().filter(|e| !e.is_empty()) {
+                if !(e.starts_with("http://") || e.starts_with("https://")) {
+                    anyhow::bail!("{name} must be an http:// or https:// URL, not {e:?}");
+                }
             }
         }
         let settings = ud_storage::StorageSettings {
             endpoint: self.endpoint.clone().filter(|e| !e.is_empty()),
+            public_endpoint: self.public_endpoint.clone().filter(|e| !e.is_empty()),
             region: self.region.clone(),
             bucket,
             access_key_id,
@@ -172,6 +183,14 @@ pub struct ServeArgs {
     /// Seconds between a cancel's graceful signal and the kill.
     #[arg(long, env = "UD_CANCEL_GRACE_SECONDS", default_value_t = 10)]
     pub cancel_grace_seconds: u32,
+    /// Seconds a run whose node went offline stays `disconnected`, waiting
+    /// for it, before its task is lost and placed anew (a task's own
+    /// `lost_after_seconds` wins; 0: lost at once).
+    #[arg(long, env = "UD_LOST_AFTER_SECONDS", default_value_t = 600)]
+    pub lost_after_seconds: u64,
+    /// The longest grace a task or queue may ask for (longer ones are cut to it).
+    #[arg(long, env = "UD_MAX_LOST_AFTER_SECONDS", default_value_t = 604_800)]
+    pub max_lost_after_seconds: u64,
     /// How tasks choose among the nodes they fit on: pack (fullest first) or spread (emptiest first).
     #[arg(long, env = "UD_PLACEMENT", default_value = "pack")]
     pub placement: ud_core::edge::scheduler::Placement,
@@ -242,6 +261,8 @@ fn edge_config(args: &ServeArgs) -> Result<Option<server::EdgeConfig>> {
             cancel_grace_seconds: args.cancel_grace_seconds,
             placement: args.placement,
             queues,
+            lost_after: std::time::Duration::from_secs(args.lost_after_seconds),
+            max_lost_after: std::time::Duration::from_secs(args.max_lost_after_seconds),
         },
         git_credentials,
     }))

@@ -22,6 +22,14 @@ pub enum TaskState {
         node_id: NodeId,
         attempt: u32,
     },
+    /// Its node went offline; the run (`running`: started, else still
+    /// preparing) may be heard from again until `lost_at`.
+    Disconnected {
+        node_id: NodeId,
+        attempt: u32,
+        running: bool,
+        lost_at: Millis,
+    },
     Cancelling {
         node_id: NodeId,
         attempt: u32,
@@ -46,6 +54,7 @@ impl TaskState {
             Self::Pending => TaskStatus::Pending,
             Self::Assigned { .. } => TaskStatus::Assigned,
             Self::Running { .. } => TaskStatus::Running,
+            Self::Disconnected { .. } => TaskStatus::Disconnected,
             Self::Cancelling { .. } => TaskStatus::Cancelling,
             Self::Succeeded { .. } => TaskStatus::Succeeded,
             Self::Failed { .. } => TaskStatus::Failed,
@@ -67,8 +76,32 @@ impl TaskState {
         match self {
             Self::Assigned { node_id, .. }
             | Self::Running { node_id, .. }
+            | Self::Disconnected { node_id, .. }
             | Self::Cancelling { node_id, .. } => Some(*node_id),
             _ => None,
+        }
+    }
+
+    /// What a disconnected task was before its node went: what it is
+    /// again when the node is back (every other state as it is).
+    fn connected(&self) -> Self {
+        match self {
+            Self::Disconnected {
+                node_id,
+                attempt,
+                running: true,
+                ..
+            } => Self::Running {
+                node_id: *node_id,
+                attempt: *attempt,
+            },
+            Self::Disconnected {
+                node_id, attempt, ..
+            } => Self::Assigned {
+                node_id: *node_id,
+                attempt: *attempt,
+            },
+            other => other.clone(),
         }
     }
 }
@@ -145,7 +178,16 @@ pub enum TaskCommand {
     TimeOut {
         node_id: NodeId,
     },
-    /// The task's node went offline.
+    /// The task's node went offline: its run waits for it until `lost_at`.
+    Disconnect {
+        node_id: NodeId,
+        lost_at: Millis,
+    },
+    /// The node of a disconnected task is back.
+    Reconnect {
+        node_id: NodeId,
+    },
+    /// The task's node went offline (and its grace, if any, is over).
     Lose {
         node_id: NodeId,
         reason: String,
@@ -173,6 +215,8 @@ impl TaskCommand {
             Self::Succeed { .. } => "succeed",
             Self::Fail { .. } => "fail",
             Self::TimeOut { .. } => "time-out",
+            Self::Disconnect { .. } => "disconnect",
+            Self::Reconnect { .. } => "reconnect",
             Self::Lose { .. } => "lose",
             Self::Cancel { .. } => "cancel",
             Self::ConfirmCancelled { .. } => "confirm-cancelled",
@@ -224,8 +268,44 @@ pub fn decide(
         Some(live) if live == *node => Ok(()),
         _ => Err(TaskError::WrongNode(*node)),
     };
-    match (&task.state, command) {
+    // A disconnected run is judged as the run it was: whatever its node
+    // reports once it is back counts as before.
+    let disconnected = matches!(task.state, TaskState::Disconnected { .. });
+    let state = task.state.connected();
+    match (&state, command) {
         (_, TaskCommand::Submit { .. }) => Err(TaskError::AlreadyExists),
+        (
+            TaskState::Assigned { node_id, attempt } | TaskState::Running { node_id, attempt },
+            TaskCommand::Disconnect {
+                node_id: gone,
+                lost_at,
+            },
+        ) if *node_id == gone => Ok(if disconnected {
+            vec![]
+        } else {
+            vec![TaskEvent::Disconnected(TaskDisconnected {
+                at: now,
+                node_id: gone,
+                attempt: *attempt,
+                lost_at,
+            })]
+        }),
+        (
+            TaskState::Assigned { node_id, attempt } | TaskState::Running { node_id, attempt },
+            TaskCommand::Reconnect { node_id: back },
+        ) if *node_id == back => Ok(if disconnected {
+            vec![TaskEvent::Reconnected(TaskReconnected {
+                at: now,
+                node_id: back,
+                attempt: *attempt,
+                running: matches!(state, TaskState::Running { .. }),
+            })]
+        } else {
+            vec![]
+        }),
+        (_, TaskCommand::Disconnect { node_id, .. } | TaskCommand::Reconnect { node_id }) => {
+            Err(TaskError::WrongNode(node_id))
+        }
         (TaskState::Pending, TaskCommand::Assign { node_id, gpus }) => {
             Ok(vec![TaskEvent::Assigned(TaskAssigned {
                 at: now,
@@ -314,7 +394,7 @@ pub fn decide(
             },
         ) => {
             check_node(&node_id)?;
-            let attempt = match &task.state {
+            let attempt = match &state {
                 TaskState::Assigned { attempt, .. } | TaskState::Running { attempt, .. } => {
                     Some(*attempt)
                 }
@@ -481,6 +561,23 @@ pub fn evolve(task: Option<Task>, id: TaskId, event: &TaskEvent) -> Option<Task>
         },
         (_, TaskEvent::TimedOut(_)) => TaskState::TimedOut,
         (_, TaskEvent::Lost(_)) => TaskState::Pending,
+        (TaskState::Assigned { node_id, attempt }, TaskEvent::Disconnected(e)) => {
+            TaskState::Disconnected {
+                node_id,
+                attempt,
+                running: false,
+                lost_at: e.lost_at,
+            }
+        }
+        (TaskState::Running { node_id, attempt }, TaskEvent::Disconnected(e)) => {
+            TaskState::Disconnected {
+                node_id,
+                attempt,
+                running: true,
+                lost_at: e.lost_at,
+            }
+        }
+        (state @ TaskState::Disconnected { .. }, TaskEvent::Reconnected(_)) => state.connected(),
         (state, TaskEvent::Reprioritized(e)) => {
             task.spec.priority = e.priority;
             state
@@ -493,7 +590,11 @@ pub fn evolve(task: Option<Task>, id: TaskId, event: &TaskEvent) -> Option<Task>
             reason: e.reason.clone(),
         },
         (
-            TaskState::Assigned { node_id, attempt } | TaskState::Running { node_id, attempt },
+            TaskState::Assigned { node_id, attempt }
+            | TaskState::Running { node_id, attempt }
+            | TaskState::Disconnected {
+                node_id, attempt, ..
+            },
             TaskEvent::CancelRequested(e),
         ) => TaskState::Cancelling {
             node_id,
@@ -507,7 +608,9 @@ pub fn evolve(task: Option<Task>, id: TaskId, event: &TaskEvent) -> Option<Task>
             | TaskEvent::Waiting(_)
             | TaskEvent::Preparing(_)
             | TaskEvent::Prepared(_)
-            | TaskEvent::Outputs(_),
+            | TaskEvent::Outputs(_)
+            | TaskEvent::Disconnected(_)
+            | TaskEvent::Reconnected(_),
         ) => state,
     };
     // Devices are held only by a live assignment.

@@ -41,6 +41,8 @@ pub mod limits {
     pub const MIN_CHECKPOINT_SECONDS: i64 = 10;
     pub const MAX_CHECKPOINT_SECONDS: i64 = 24 * 3600;
     pub const DEFAULT_CHECKPOINT_SECONDS: i64 = 600;
+    /// Longest a disconnected run may wait for its node: 7 days.
+    pub const MAX_LOST_AFTER_SECONDS: i64 = 7 * 24 * 3600;
 }
 
 /// A dotted version of numbers (`8.0`, `535.104.05`).
@@ -293,6 +295,9 @@ pub fn rerun_request(project: &str, task: ud_schemas::TaskId, spec: &TaskSpec) -
             every_seconds: Some(i64::try_from(c.every_seconds).unwrap_or(i64::MAX)),
             resume_from: Some(c.owner(task).to_string()),
         }),
+        lost_after_seconds: spec
+            .lost_after_seconds
+            .map(|s| i64::try_from(s).unwrap_or(i64::MAX)),
     }
 }
 
@@ -565,6 +570,14 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
             from,
         }
     });
+    if let Some(s) = req.lost_after_seconds {
+        if !(0..=limits::MAX_LOST_AFTER_SECONDS).contains(&s) {
+            e.add(
+                "lost_after_seconds",
+                format!("must be between 0 and {}", limits::MAX_LOST_AFTER_SECONDS),
+            );
+        }
+    }
     let priority = req.priority.unwrap_or(0);
     if let Err(f) = priority_value(priority) {
         e.0.push(f);
@@ -619,6 +632,7 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
                 shm_size_mb: req.shm_size_mb.map(i64::unsigned_abs),
                 secrets: req.secrets.clone(),
                 checkpoint,
+                lost_after_seconds: req.lost_after_seconds.map(i64::unsigned_abs),
             },
         )),
         _ => Err(e.0),
@@ -670,6 +684,7 @@ pub(crate) mod tests {
             shm_size_mb: None,
             secrets: vec![],
             checkpoint: None,
+            lost_after_seconds: None,
         }
     }
 

@@ -35,6 +35,7 @@ pub fn request(project: &str) -> SubmitTask {
         shm_size_mb: None,
         secrets: vec![],
         checkpoint: None,
+        lost_after_seconds: None,
     }
 }
 

@@ -361,6 +361,7 @@ pub(crate) mod tests {
             shm_size_mb: None,
             secrets: vec![],
             checkpoint: None,
+            lost_after_seconds: None,
         }
     }
 }

@@ -98,9 +98,20 @@ struct RunArgs {
 struct LeafArgs {
     #[arg(long, env = "UD_NODE_TOKEN", hide_env_values = true)]
     token: String,
-    /// The hub's leaf-node address, host:port (outbound from the node).
+    /// The hub, outbound from the node: `tls://host:port` (or `host:port`),
+    /// TLS on the hub's leaf-node port; `wss://host[:port]`, a WebSocket
+    /// through the hub's HTTPS entry; `nats-leaf://host:port`, unencrypted,
+    /// only with --allow-plain-link.
     #[arg(long, env = "UD_HUB_LEAF_ADDR")]
     hub: String,
+    /// The certificate authority the hub's certificate must chain to (a PEM
+    /// file the leaf server reads); without it, the system's roots.
+    #[arg(long, env = "UD_HUB_CA_FILE")]
+    hub_ca: Option<String>,
+    /// Accept a `nats-leaf://` hub: node secrets, task environments and
+    /// URLs would cross the network in clear. For loopback tests.
+    #[arg(long, env = "UD_EDGE_ALLOW_PLAIN_LINK")]
+    allow_plain_link: bool,
     #[arg(long, env = "UD_EDGE_STORE_DIR", default_value = "/data/jetstream")]
     store_dir: String,
     /// Client port for the agent.
@@ -129,23 +140,29 @@ async fn main() -> Result<()> {
     match Cli::parse().command {
         Command::LeafConfig(a) => {
             let t = token(&a.token)?;
-            let (host, port) = a
-                .hub
-                .rsplit_once(':')
-                .ok_or_else(|| anyhow!("--hub must be host:port"))?;
-            let port: u16 = port
-                .parse()
-                .map_err(|_| anyhow!("--hub port {port:?} is not a number"))?;
+            let hub: edge::HubLink = a.hub.parse().map_err(|e| anyhow!("--hub: {e}"))?;
+            if hub.is_plain() && !a.allow_plain_link {
+                return Err(anyhow!(
+                    "--hub {}: a plain link carries the node's secret in clear; use tls:// or wss://, or --allow-plain-link for a loopback test",
+                    a.hub
+                ));
+            }
+            let hub_ca = a.hub_ca.filter(|c| !c.is_empty());
+            if let Some(ca) = &hub_ca {
+                std::fs::metadata(ca).map_err(|e| anyhow!("--hub-ca {ca}: {e}"))?;
+            }
             print!(
                 "{}",
                 edge::leaf_config(
                     &t,
-                    host,
-                    port,
-                    &a.store_dir,
-                    &a.listen_host,
-                    a.port,
-                    &a.agent_password
+                    &edge::LeafSettings {
+                        hub: &hub,
+                        hub_ca_file: hub_ca.as_deref(),
+                        store_dir: &a.store_dir,
+                        client_host: &a.listen_host,
+                        client_port: a.port,
+                        agent_password: &a.agent_password,
+                    }
                 )
             );
             Ok(())

@@ -120,15 +120,18 @@ impl Transfers {
         attempt: u32,
         workspace: &Path,
     ) -> Result<u64, TransferError> {
-        let StorageReply::Inputs { files } = self
-            .ask(StorageRequest::Inputs {
-                task_id: task,
-                attempt,
-            })
-            .await?
-        else {
+        let req = StorageRequest::Inputs {
+            task_id: task,
+            attempt,
+        };
+        self.fetch(req, workspace).await
+    }
+
+    /// Downloads into `workspace` the files the answer to `req` names.
+    async fn fetch(&self, req: StorageRequest, workspace: &Path) -> Result<u64, TransferError> {
+        let StorageReply::Inputs { files } = self.ask(req).await? else {
             return Err(TransferError::Refused(
-                "unexpected answer to an inputs request".into(),
+                "unexpected answer to a request for files".into(),
             ));
         };
         self.download_all(workspace, files).await
@@ -178,18 +181,11 @@ impl Transfers {
         attempt: u32,
         workspace: &Path,
     ) -> Result<u64, TransferError> {
-        let StorageReply::Inputs { files } = self
-            .ask(StorageRequest::CheckpointRestore {
-                task_id: task,
-                attempt,
-            })
-            .await?
-        else {
-            return Err(TransferError::Refused(
-                "unexpected answer to a checkpoint request".into(),
-            ));
+        let req = StorageRequest::CheckpointRestore {
+            task_id: task,
+            attempt,
         };
-        self.download_all(workspace, files).await
+        self.fetch(req, workspace).await
     }
 
     /// Uploads what changed in the checkpoint `folder` of `workspace` since

@@ -24,6 +24,10 @@ pub struct QueueSettings {
     /// Most tasks of the queue assigned or running at once (absent: no limit).
     #[serde(default)]
     pub max_running: Option<u32>,
+    /// Seconds a run of the queue's tasks stays `disconnected` when its node
+    /// goes offline, unless the task says (absent: the platform's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_after_seconds: Option<u64>,
 }
 
 #[derive(Deserialize, Serialize, ToSchema)]
@@ -70,6 +74,7 @@ fn view(name: String, r: Option<QueueRecord>, pending: i64, running: i64) -> Que
         settings: r.map(|r| QueueSettings {
             priority: r.priority,
             max_running: r.max_running,
+            lost_after_seconds: r.lost_after_seconds,
         }),
         pending,
         running,
@@ -87,9 +92,9 @@ async fn counts(
         .query(
             "SELECT COALESCE(spec->>'queue', 'default'),
                     count(*) FILTER (WHERE state = 'pending'),
-                    count(*) FILTER (WHERE state IN ('assigned', 'running', 'cancelling'))
+                    count(*) FILTER (WHERE state IN ('assigned', 'running', 'disconnected', 'cancelling'))
              FROM tasks
-             WHERE state IN ('pending', 'assigned', 'running', 'cancelling')
+             WHERE state IN ('pending', 'assigned', 'running', 'disconnected', 'cancelling')
                AND ($1::text[] IS NULL OR project = ANY($1))
              GROUP BY 1",
             &[&projects],
@@ -149,9 +154,17 @@ pub async fn put(
             "must be at least 1 (leave it out for no limit)",
         ));
     }
+    let max = ud_core::validate::limits::MAX_LOST_AFTER_SECONDS.unsigned_abs();
+    if req.lost_after_seconds.is_some_and(|s| s > max) {
+        return Err(ApiError::field(
+            "lost_after_seconds",
+            format!("must be between 0 and {max}"),
+        ));
+    }
     let r = QueueRecord {
         priority: req.priority,
         max_running: req.max_running,
+        lost_after_seconds: req.lost_after_seconds,
         updated_by: caller.actor(),
         updated_at: ud_schemas::now_millis(),
     };

@@ -5,7 +5,7 @@ const $ = (sel, root = document) => root.querySelector(sel);
 const main = $("#main");
 const TOKEN_KEY = "unidesk.token";
 const TERMINAL = ["succeeded", "failed", "timed_out", "cancelled"];
-const STATES = ["pending", "assigned", "running", "cancelling", ...TERMINAL];
+const STATES = ["pending", "assigned", "running", "disconnected", "cancelling", ...TERMINAL];
 
 // ---- small helpers -------------------------------------------------------
 

@@ -511,7 +511,7 @@ pub struct NodeUsage {
     pub gpus: i64,
 }
 
-/// Resources held on each node by its assigned, running and cancelling tasks.
+/// Resources held on each node by its assigned, running, disconnected and cancelling tasks.
 pub async fn node_usage(
     c: &impl GenericClient,
 ) -> Result<std::collections::HashMap<uuid::Uuid, NodeUsage>, ProjectionError> {
@@ -522,7 +522,7 @@ pub async fn node_usage(
                     COALESCE(sum((spec->'resources'->>'memory_mb')::bigint), 0)::bigint,
                     COALESCE(sum((spec->'resources'->>'gpus')::bigint), 0)::bigint
              FROM tasks
-             WHERE node_id IS NOT NULL AND state IN ('assigned', 'running', 'cancelling')
+             WHERE node_id IS NOT NULL AND state IN ('assigned', 'running', 'disconnected', 'cancelling')
              GROUP BY node_id",
             &[],
         )

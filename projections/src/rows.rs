@@ -128,6 +128,22 @@ pub fn apply_task(
             row.node_id = None;
             row.reason = Some(format!("attempt {} lost: {}", e.attempt, e.reason));
         }
+        TaskEvent::Disconnected(e) => {
+            row.state = TaskStatus::Disconnected;
+            row.reason = Some(format!(
+                "node {} went offline; lost at {} unless it is back",
+                e.node_id,
+                ts(e.lost_at).to_rfc3339()
+            ));
+        }
+        TaskEvent::Reconnected(e) => {
+            row.state = if e.running {
+                TaskStatus::Running
+            } else {
+                TaskStatus::Assigned
+            };
+            row.reason = None;
+        }
         TaskEvent::Preparing(e) => {
             row.preparing = Some(
                 serde_json::json!({ "step": e.step, "since": ts(e.at), "attempt": e.attempt }),
@@ -450,6 +466,7 @@ mod agreement {
             shm_size_mb: None,
             secrets: vec![],
             checkpoint: None,
+            lost_after_seconds: None,
         }
     }
 
@@ -458,12 +475,20 @@ mod agreement {
         let (live, attempt) = match &t.state {
             TaskState::Assigned { node_id, attempt }
             | TaskState::Running { node_id, attempt }
+            | TaskState::Disconnected {
+                node_id, attempt, ..
+            }
             | TaskState::Cancelling {
                 node_id, attempt, ..
             } => (*node_id, *attempt),
             _ => (nodes[usize::from(k) % nodes.len()], t.attempts),
         };
-        match k % 11 {
+        match k % 13 {
+            11 => TaskCommand::Disconnect {
+                node_id: live,
+                lost_at: 600_000,
+            },
+            12 => TaskCommand::Reconnect { node_id: live },
             0 => TaskCommand::Assign {
                 node_id: live,
                 gpus: vec![],
@@ -507,7 +532,7 @@ mod agreement {
     proptest! {
         #[test]
         fn rows_and_the_domain_agree_on_every_history(
-            kinds in proptest::collection::vec(0u8..44, 1..60),
+            kinds in proptest::collection::vec(0u8..52, 1..60),
             codes in proptest::collection::vec(0i32..3, 60),
             max_attempts in 1u32..4,
         ) {
@@ -542,6 +567,7 @@ mod agreement {
                 match &t.state {
                     TaskState::Assigned { node_id, attempt }
                     | TaskState::Running { node_id, attempt }
+                    | TaskState::Disconnected { node_id, attempt, .. }
                     | TaskState::Cancelling { node_id, attempt, .. } => {
                         prop_assert_eq!(r.node_id, Some(*node_id));
                         prop_assert_eq!(i64::from(r.attempt), i64::from(*attempt));

@@ -53,6 +53,7 @@ fn spec() -> ud_schemas::TaskSpec {
         shm_size_mb: None,
         secrets: vec![],
         checkpoint: None,
+        lost_after_seconds: None,
     };
     ud_core::validate::submit_task(&req)
         .map(|(_, s)| s)

@@ -69,6 +69,11 @@ pub struct SubmitTask {
     /// A workspace folder kept across attempts (retries, lost nodes, reruns).
     #[serde(default)]
     pub checkpoint: Option<CheckpointRequest>,
+    /// Seconds a run whose node went offline may stay `disconnected` before
+    /// the task is lost and placed anew (0: at once; default: the
+    /// platform's, 600 unless set otherwise).
+    #[serde(default)]
+    pub lost_after_seconds: Option<i64>,
 }
 
 /// A workspace folder uploaded while the run goes and at its end, and put
@@ -186,6 +191,9 @@ impl FieldError {
 pub struct QueueRecord {
     pub priority: i32,
     pub max_running: Option<u32>,
+    /// How long runs of the queue's tasks stay `disconnected` by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_after_seconds: Option<u64>,
     pub updated_by: String,
     /// Milliseconds since the epoch.
     pub updated_at: i64,

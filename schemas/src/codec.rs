@@ -178,6 +178,8 @@ pub fn decode_event(subject: &str, version: u16, payload: &[u8]) -> Result<Event
                 "failed" => TaskEvent::Failed(from_cbor(payload, t, v)?),
                 "timed_out" => TaskEvent::TimedOut(from_cbor(payload, t, v)?),
                 "lost" => TaskEvent::Lost(from_cbor(payload, t, v)?),
+                "disconnected" => TaskEvent::Disconnected(from_cbor(payload, t, v)?),
+                "reconnected" => TaskEvent::Reconnected(from_cbor(payload, t, v)?),
                 "retrying" => TaskEvent::Retrying(from_cbor(payload, t, v)?),
                 "reprioritized" => TaskEvent::Reprioritized(from_cbor(payload, t, v)?),
                 "cancel_requested" => TaskEvent::CancelRequested(from_cbor(payload, t, v)?),

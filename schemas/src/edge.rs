@@ -135,43 +135,138 @@ impl NodeToken {
     }
 }
 
+/// How a node's leaf server reaches the hub: always encrypted, except by an
+/// explicit choice for loopback tests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HubLink {
+    /// TLS on the hub's leaf-node port: `tls://host:port` (or `host:port`).
+    Tls { host: String, port: u16 },
+    /// A WebSocket over HTTPS through the hub's HTTPS entry:
+    /// `wss://host[:port]` (443 by default). The leaf server asks for
+    /// `/leafnode` there; the entry forwards that path to the hub.
+    WebSocket { host: String, port: u16 },
+    /// No encryption: `nats-leaf://host:port`. Loopback tests only.
+    Plain { host: String, port: u16 },
+}
+
+fn host_port(rest: &str, default_port: Option<u16>) -> Result<(String, u16), String> {
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) => (
+            h,
+            p.parse::<u16>()
+                .map_err(|_| format!("port {p:?} is not a number"))?,
+        ),
+        None => (
+            rest,
+            default_port.ok_or_else(|| format!("{rest:?} has no port"))?,
+        ),
+    };
+    if host.is_empty() || host.contains(['/', '@', ' ']) {
+        return Err(format!("{host:?} is not a host name"));
+    }
+    Ok((host.to_owned(), port))
+}
+
+impl std::str::FromStr for HubLink {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (scheme, rest) = s.split_once("://").unwrap_or(("tls", s));
+        match scheme {
+            "tls" => host_port(rest, None).map(|(host, port)| Self::Tls { host, port }),
+            "wss" => {
+                let rest = rest.strip_suffix('/').unwrap_or(rest);
+                if rest.contains('/') {
+                    return Err(format!(
+                        "{s}: give the hub's HTTPS entry without a path (the leaf server asks for /leafnode there)"
+                    ));
+                }
+                host_port(rest, Some(443)).map(|(host, port)| Self::WebSocket { host, port })
+            }
+            "nats-leaf" => host_port(rest, None).map(|(host, port)| Self::Plain { host, port }),
+            "ws" | "nats" => Err(format!(
+                "{s} would carry the link in clear: use tls://host:port or wss://host"
+            )),
+            other => Err(format!(
+                "{other}:// is not a hub link: use tls://host:port or wss://host"
+            )),
+        }
+    }
+}
+
+impl HubLink {
+    pub fn is_plain(&self) -> bool {
+        matches!(self, Self::Plain { .. })
+    }
+
+    /// The remote's URL, with the node's credentials.
+    fn url(&self, user: &str, password: &str) -> String {
+        match self {
+            Self::Tls { host, port } => format!("tls://{user}:{password}@{host}:{port}"),
+            Self::WebSocket { host, port } => format!("wss://{user}:{password}@{host}:{port}"),
+            Self::Plain { host, port } => format!("nats-leaf://{user}:{password}@{host}:{port}"),
+        }
+    }
+}
+
+/// A node's reconnect interval to the hub, between 1 and 10 s and fixed by
+/// its id: after a hub restart (or a revocation, which closes every link)
+/// nodes come back spread over those seconds instead of all at once, as a
+/// shared interval would have them (nats-server has one interval for all of
+/// a server's remotes and no jitter of its own).
+pub fn reconnect_millis(node: &NodeId) -> u64 {
+    let spread = node
+        .0
+        .as_bytes()
+        .iter()
+        .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(*b)));
+    1000 + spread % 9000
+}
+
 /// The leaf nats-server configuration of a node's Provider Gateway: its own
 /// JetStream domain, the outbound leaf link to the hub with the node's
 /// credentials, and a loopback client port for the agent only.
 /// `client_host` is loopback on a plain host; inside a compose network it is
 /// the container's own address, still unreachable from task containers
 /// (they run without a network).
-pub fn leaf_config(
-    token: &NodeToken,
-    hub_host: &str,
-    hub_leaf_port: u16,
-    store_dir: &str,
-    client_host: &str,
-    client_port: u16,
-    agent_password: &str,
-) -> String {
+pub struct LeafSettings<'a> {
+    pub hub: &'a HubLink,
+    /// The CA the hub's certificate must chain to (none: the system's roots).
+    pub hub_ca_file: Option<&'a str>,
+    pub store_dir: &'a str,
+    pub client_host: &'a str,
+    pub client_port: u16,
+    pub agent_password: &'a str,
+}
+
+pub fn leaf_config(token: &NodeToken, s: &LeafSettings<'_>) -> String {
     format!(
-        "server_name: edge-{}\nhost: {client_host}\nport: {client_port}\njetstream {{\n  store_dir: {store_dir:?}\n  domain: {}\n}}\n{}",
+        "server_name: edge-{}\nhost: {}\nport: {}\njetstream {{\n  store_dir: {:?}\n  domain: {}\n}}\n{}",
         hex(&token.node_id),
+        s.client_host,
+        s.client_port,
+        s.store_dir,
         domain(&token.node_id),
-        leaf_link_config(token, hub_host, hub_leaf_port, agent_password)
+        leaf_link_config(token, s.hub, s.hub_ca_file, s.agent_password)
     )
 }
 
 /// The leaf link and the agent's account, without the server's own settings.
 pub fn leaf_link_config(
     token: &NodeToken,
-    hub_host: &str,
-    hub_leaf_port: u16,
+    hub: &HubLink,
+    hub_ca_file: Option<&str>,
     agent_password: &str,
 ) -> String {
-    let url = format!(
-        "nats-leaf://{}:{}@{hub_host}:{hub_leaf_port}",
-        token.node_id, token.secret
-    );
+    let url = hub.url(&token.node_id.to_string(), &token.secret);
+    let tls = match hub_ca_file {
+        Some(ca) if !hub.is_plain() => format!(", tls: {{ ca_file: {ca:?} }}"),
+        _ => String::new(),
+    };
     format!(
-        "leafnodes {{\n  reconnect: \"1s\"\n  remotes: [ {{ urls: [{url:?}], account: UD }} ]\n}}\n\
-         accounts {{\n  UD {{\n    jetstream: enabled\n    users: [ {{ user: agent, password: {agent_password:?} }} ]\n  }}\n}}\n"
+        "leafnodes {{\n  reconnect: \"{}ms\"\n  remotes: [ {{ urls: [{url:?}], account: UD{tls} }} ]\n}}\n\
+         accounts {{\n  UD {{\n    jetstream: enabled\n    users: [ {{ user: agent, password: {agent_password:?} }} ]\n  }}\n}}\n",
+        reconnect_millis(&token.node_id)
     )
 }
 
@@ -188,5 +283,74 @@ mod tests {
         assert_eq!(canonical_subject(&edge), Some((n, canonical)));
         assert_eq!(canonical_subject("ud.edge.bad.node.heartbeat"), None);
         assert!(!domain(&n).contains('-'));
+    }
+
+    #[test]
+    fn hub_links_are_encrypted_unless_plain_is_spelled_out() {
+        let tls = |h: &str, p| HubLink::Tls {
+            host: h.into(),
+            port: p,
+        };
+        assert_eq!(
+            "hub.example.org:7422".parse(),
+            Ok(tls("hub.example.org", 7422))
+        );
+        assert_eq!("tls://10.0.0.1:7422".parse(), Ok(tls("10.0.0.1", 7422)));
+        assert_eq!(
+            "wss://hub.example.org".parse(),
+            Ok(HubLink::WebSocket {
+                host: "hub.example.org".into(),
+                port: 443
+            })
+        );
+        assert_eq!(
+            "wss://hub.example.org:8443/".parse(),
+            Ok(HubLink::WebSocket {
+                host: "hub.example.org".into(),
+                port: 8443
+            })
+        );
+        assert!("nats-leaf://127.0.0.1:7422"
+            .parse::<HubLink>()
+            .is_ok_and(|l| l.is_plain()));
+        for bad in [
+            "ws://h:80",
+            "nats://h:4222",
+            "wss://h/leafnode",
+            "h",
+            "tls://:7422",
+            "http://h:1",
+        ] {
+            assert!(bad.parse::<HubLink>().is_err(), "{bad}");
+        }
+        let token = NodeToken {
+            node_id: NodeId::new(),
+            secret: "s".into(),
+        };
+        let conf = leaf_link_config(&token, &tls("h", 1), Some("/ca.pem"), "pw");
+        assert!(
+            conf.contains("tls://") && conf.contains("ca_file: \"/ca.pem\""),
+            "{conf}"
+        );
+        let plain = HubLink::Plain {
+            host: "h".into(),
+            port: 1,
+        };
+        assert!(!leaf_link_config(&token, &plain, Some("/ca.pem"), "pw").contains("tls"));
+    }
+
+    #[test]
+    fn reconnects_spread_over_nine_seconds() {
+        let ms: Vec<u64> = (0..2000)
+            .map(|_| reconnect_millis(&NodeId::new()))
+            .collect();
+        assert!(ms.iter().all(|m| (1000..10_000).contains(m)));
+        // Every second of the range gets some of them.
+        for second in 1..10 {
+            assert!(
+                ms.iter().any(|m| m / 1000 == second),
+                "none in second {second}"
+            );
+        }
     }
 }

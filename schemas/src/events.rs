@@ -24,6 +24,8 @@ pub enum TaskEvent {
     Failed(TaskFailed),
     TimedOut(TaskTimedOut),
     Lost(TaskLost),
+    Disconnected(TaskDisconnected),
+    Reconnected(TaskReconnected),
     Retrying(TaskRetrying),
     Reprioritized(TaskReprioritized),
     CancelRequested(TaskCancelRequested),
@@ -54,6 +56,27 @@ pub struct TaskLost {
     pub node_id: NodeId,
     pub attempt: u32,
     pub reason: String,
+}
+
+/// The node running the task went offline: the run is given until
+/// `lost_at` to be heard from again before the task is lost and placed anew.
+/// Its resources stay held on that node meanwhile.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskDisconnected {
+    pub at: Millis,
+    pub node_id: NodeId,
+    pub attempt: u32,
+    pub lost_at: Millis,
+}
+
+/// The node of a disconnected task is back in time: the run goes on
+/// (`running`: it had started; otherwise it is assigned, still preparing).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskReconnected {
+    pub at: Millis,
+    pub node_id: NodeId,
+    pub attempt: u32,
+    pub running: bool,
 }
 
 /// An attempt failed and the task's retry policy allows another: the task
@@ -339,6 +362,8 @@ impl TaskEvent {
             Self::Failed(_) => "failed",
             Self::TimedOut(_) => "timed_out",
             Self::Lost(_) => "lost",
+            Self::Disconnected(_) => "disconnected",
+            Self::Reconnected(_) => "reconnected",
             Self::Retrying(_) => "retrying",
             Self::Reprioritized(_) => "reprioritized",
             Self::CancelRequested(_) => "cancel_requested",
@@ -358,6 +383,8 @@ impl TaskEvent {
             Self::Failed(e) => e.at,
             Self::TimedOut(e) => e.at,
             Self::Lost(e) => e.at,
+            Self::Disconnected(e) => e.at,
+            Self::Reconnected(e) => e.at,
             Self::Retrying(e) => e.at,
             Self::Reprioritized(e) => e.at,
             Self::CancelRequested(e) => e.at,

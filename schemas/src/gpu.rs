@@ -68,13 +68,36 @@ fn tokens(text: &str) -> Tokens {
     out
 }
 
+thread_local! {
+    /// Tokens of the few model names a scheduler sees, asked for once per
+    /// device and request: made once each.
+    static TOKENS: std::cell::RefCell<std::collections::HashMap<String, std::rc::Rc<Tokens>>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+fn cached_tokens(text: &str) -> std::rc::Rc<Tokens> {
+    TOKENS.with(|cache| {
+        if let Some(t) = cache.borrow().get(text) {
+            return t.clone();
+        }
+        let t = std::rc::Rc::new(tokens(text));
+        let mut cache = cache.borrow_mut();
+        // Names are few; anything else (users' spellings) must not grow it forever.
+        if cache.len() >= 4096 {
+            cache.clear();
+        }
+        cache.insert(text.to_owned(), t.clone());
+        t
+    })
+}
+
 /// Whether a GPU named `name` with `memory_mb` of memory is what `wanted`
 /// asks for: every word of `wanted` is a word of the name (`sxm` matches
 /// `sxm4`), the name has no variant word `wanted` does not (`RTX 4090` is
 /// not a `RTX 4090 D`), and a memory size in `wanted` is the name's (or
 /// the memory's, within 5 %, when the name gives none).
 pub fn model_matches(wanted: &str, name: &str, memory_mb: u64) -> bool {
-    let (want, have) = (tokens(wanted), tokens(name));
+    let (want, have) = (cached_tokens(wanted), cached_tokens(name));
     let has = |w: &str| {
         have.words.iter().any(|h| h == w)
             || (w == "sxm" && have.words.iter().any(|h| h.starts_with("sxm")))

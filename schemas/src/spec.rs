@@ -45,6 +45,10 @@ pub struct TaskSpec {
     /// and at its end, and put back before the next attempt starts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<Checkpoint>,
+    /// How long a run whose node went offline may stay disconnected before
+    /// the task is lost and placed anew; `None`: the platform's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_after_seconds: Option<u64>,
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {

@@ -61,6 +61,8 @@ named! {
         Pending => "pending",
         Assigned => "assigned",
         Running => "running",
+        /// Its node went offline; the run has a grace to be heard from again.
+        Disconnected => "disconnected",
         Cancelling => "cancelling",
         Succeeded => "succeeded",
         Failed => "failed",

@@ -66,6 +66,7 @@ fn spec() -> TaskSpec {
         shm_size_mb: None,
         secrets: vec![],
         checkpoint: None,
+        lost_after_seconds: None,
     }
 }
 
@@ -182,6 +183,30 @@ fn fixtures_v1() -> Vec<(&'static str, Event)> {
                     node_id: n,
                     attempt: 1,
                     reason: "node went offline".into(),
+                }),
+            ),
+        ),
+        (
+            "task-disconnected",
+            Event::Task(
+                t,
+                TaskEvent::Disconnected(TaskDisconnected {
+                    at: AT,
+                    node_id: n,
+                    attempt: 1,
+                    lost_at: AT + 600_000,
+                }),
+            ),
+        ),
+        (
+            "task-reconnected",
+            Event::Task(
+                t,
+                TaskEvent::Reconnected(TaskReconnected {
+                    at: AT,
+                    node_id: n,
+                    attempt: 1,
+                    running: true,
                 }),
             ),
         ),

@@ -52,6 +52,10 @@ fn backend(e: impl std::error::Error) -> StorageError {
 pub struct StorageSettings {
     /// `None` for AWS S3 itself; a URL such as `http://127.0.0.1:3900` otherwise.
     pub endpoint: Option<String>,
+    /// The address presigned URLs name, for nodes and users elsewhere (the
+    /// store behind a proxy of the public host, which keeps the `Host`
+    /// header); `None`: `endpoint`.
+    pub public_endpoint: Option<String>,
     pub region: String,
     pub bucket: String,
     pub access_key_id: String,
@@ -76,6 +80,7 @@ impl StorageSettings {
     ) -> Self {
         Self {
             endpoint: Some(endpoint.to_owned()),
+            public_endpoint: None,
             region: region.to_owned(),
             bucket: bucket.to_owned(),
             access_key_id: access_key_id.to_owned(),
@@ -163,6 +168,8 @@ fn now_millis() -> i64 {
 #[derive(Clone)]
 pub struct Storage {
     client: aws_sdk_s3::Client,
+    /// Signs URLs for the public endpoint (the same client without one).
+    presigner: aws_sdk_s3::Client,
     settings: StorageSettings,
 }
 
@@ -206,11 +213,20 @@ impl Storage {
                     .operation_attempt_timeout(Duration::from_secs(60))
                     .build(),
             );
+        let public = settings
+            .public_endpoint
+            .as_ref()
+            .or(settings.endpoint.as_ref());
+        let presigner = match public {
+            Some(endpoint) => config.clone().endpoint_url(endpoint),
+            None => config.clone(),
+        };
         if let Some(endpoint) = &settings.endpoint {
             config = config.endpoint_url(endpoint);
         }
         Ok(Self {
             client: aws_sdk_s3::Client::from_conf(config.build()),
+            presigner: aws_sdk_s3::Client::from_conf(presigner.build()),
             settings,
         })
     }
@@ -266,7 +282,7 @@ impl Storage {
     pub async fn presign_get(&self, key: &str, ttl: Duration) -> Result<Presigned, StorageError> {
         let (config, expires_at) = self.presigning(ttl)?;
         let req = self
-            .client
+            .presigner
             .get_object()
             .bucket(&self.settings.bucket)
             .key(key)
@@ -287,7 +303,7 @@ impl Storage {
         let size =
             i64::try_from(size).map_err(|_| StorageError::Settings("object too large".into()))?;
         let req = self
-            .client
+            .presigner
             .put_object()
             .bucket(&self.settings.bucket)
             .key(key)
@@ -357,7 +373,7 @@ impl Storage {
         let number = i32::try_from(number)
             .map_err(|_| StorageError::Settings("part number out of range".into()))?;
         let req = self
-            .client
+            .presigner
             .upload_part()
             .bucket(&self.settings.bucket)
             .key(key)

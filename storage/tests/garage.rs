@@ -96,3 +96,59 @@ async fn a_store_that_is_not_there_is_an_error_not_a_hang() -> Result<()> {
     assert!(e.contains("object storage"), "{e}");
     Ok(())
 }
+
+#[tokio::test]
+async fn urls_name_the_public_address_and_work_through_a_proxy_there() -> Result<()> {
+    let g = Garage::start().await?;
+    let internal_port: u16 = g
+        .endpoint
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no port in {}", g.endpoint))?;
+    // The public entry: another address, forwarding to the store.
+    let proxy = ud_testkit::Proxy::start(None, &[("/", internal_port)]).await?;
+    let mut settings = StorageSettings::path_style(
+        &g.endpoint,
+        &g.region,
+        &g.bucket,
+        &g.access_key_id,
+        &g.secret_access_key,
+    );
+    settings.public_endpoint = Some(proxy.url());
+    let s = Storage::new(settings)?;
+    // The platform itself still reaches the store directly.
+    s.check().await?;
+    let http = reqwest::Client::new();
+    let key = "projects/lab/files/public.txt";
+
+    let put = s.presign_put(key, 6, Duration::from_secs(60)).await?;
+    assert!(put.url.starts_with(&proxy.url()), "{}", put.url);
+    assert!(!put.url.contains(&g.endpoint));
+    let sent = http.put(&put.url).body("hello!").send().await?;
+    assert!(sent.status().is_success(), "{}", sent.text().await?);
+    let head = s
+        .head(key)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("not stored"))?;
+    assert_eq!(head.size, 6);
+
+    let get = s.presign_get(key, Duration::from_secs(60)).await?;
+    assert!(get.url.starts_with(&proxy.url()), "{}", get.url);
+    assert_eq!(http.get(&get.url).send().await?.text().await?, "hello!");
+
+    // Multipart parts are signed for the public address too.
+    let upload = s.start_multipart("projects/lab/files/parts.bin").await?;
+    let part = s
+        .presign_part(
+            "projects/lab/files/parts.bin",
+            &upload,
+            1,
+            Duration::from_secs(60),
+        )
+        .await?;
+    assert!(part.url.starts_with(&proxy.url()), "{}", part.url);
+    s.abort_multipart("projects/lab/files/parts.bin", &upload)
+        .await?;
+    Ok(())
+}

@@ -10,9 +10,13 @@
 mod garage;
 mod git_http;
 mod isolated_docker;
+mod proxy;
+mod tls;
 pub use garage::Garage;
 pub use git_http::GitHttpServer;
 pub use isolated_docker::IsolatedDocker;
+pub use proxy::Proxy;
+pub use tls::{TestCa, TlsFiles};
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -37,6 +41,10 @@ pub struct NatsOptions {
     pub accounts: Option<String>,
     /// JetStream's `max_file_store` (e.g. `"4MB"`): the disk it may use.
     pub max_file_store: Option<String>,
+    /// TLS on the leaf-node port (hubs only).
+    pub leaf_tls: Option<TlsFiles>,
+    /// A WebSocket port without TLS for leaf links behind a proxy (hubs only).
+    pub websocket: bool,
 }
 
 impl Default for NatsOptions {
@@ -48,6 +56,8 @@ impl Default for NatsOptions {
             hub: false,
             accounts: None,
             max_file_store: None,
+            leaf_tls: None,
+            websocket: false,
         }
     }
 }
@@ -60,6 +70,7 @@ pub struct NatsServer {
     port: u16,
     leaf_port: u16,
     http_port: u16,
+    ws_port: u16,
 }
 
 fn nats_binary() -> PathBuf {
@@ -83,6 +94,7 @@ impl NatsServer {
             port: 0,
             leaf_port: 0,
             http_port: 0,
+            ws_port: 0,
         };
         server.spawn().await?;
         Ok(server)
@@ -115,11 +127,28 @@ impl NatsServer {
             self.options.domain
         );
         if self.options.hub {
+            let tls = self
+                .options
+                .leaf_tls
+                .as_ref()
+                .map(|t| {
+                    format!(
+                        "  tls {{\n    cert_file: {:?}\n    key_file: {:?}\n    timeout: 5\n  }}\n",
+                        t.cert_file, t.key_file
+                    )
+                })
+                .unwrap_or_default();
             text.push_str(&format!(
-                "http: \"127.0.0.1:{}\"\nleafnodes {{\n  host: 127.0.0.1\n  port: {}\n  no_advertise: true\n}}\n",
+                "http: \"127.0.0.1:{}\"\nleafnodes {{\n  host: 127.0.0.1\n  port: {}\n  no_advertise: true\n{tls}}}\n",
                 port(self.http_port),
                 port(self.leaf_port)
             ));
+            if self.options.websocket {
+                text.push_str(&format!(
+                    "websocket {{\n  host: 127.0.0.1\n  port: {}\n  no_tls: true\n}}\n",
+                    port(self.ws_port)
+                ));
+            }
         }
         if self.options.accounts.is_some() {
             text.push_str("include \"accounts.conf\"\n");
@@ -147,6 +176,16 @@ impl NatsServer {
         self.leaf_port
     }
 
+    /// The WebSocket port (hubs started with `websocket`).
+    pub fn ws_port(&self) -> u16 {
+        self.ws_port
+    }
+
+    /// What the server has logged since it was ready.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()
+    }
+
     /// Base URL of the monitoring endpoint (hubs only).
     pub fn monitor_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.http_port)
@@ -166,7 +205,7 @@ impl NatsServer {
         let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
         let mut lines = BufReader::new(stderr).lines();
         let wait_ready = async {
-            let mut ports = (None, 0u16, 0u16);
+            let mut ports = (None, 0u16, 0u16, 0u16);
             let parse = |rest: &str| {
                 rest.rsplit(':')
                     .next()
@@ -184,11 +223,14 @@ impl NatsServer {
                 if let Some(rest) = line.split("Starting http monitor on ").nth(1) {
                     ports.2 = parse(rest).unwrap_or(0);
                 }
+                if let Some(rest) = line.split("Listening for websocket clients on ").nth(1) {
+                    ports.3 = parse(rest).unwrap_or(0);
+                }
                 if line.contains("Server is ready") {
                     let client = ports
                         .0
                         .ok_or_else(|| anyhow!("server ready but no port seen"))?;
-                    return Ok((client, ports.1, ports.2));
+                    return Ok((client, ports.1, ports.2, ports.3));
                 }
                 if line.contains("[FTL]") || line.contains("[ERR]") {
                     bail!("nats-server: {line}");
@@ -196,7 +238,7 @@ impl NatsServer {
             }
             bail!("nats-server exited before it was ready: {last}")
         };
-        let (port, leaf_port, http_port) =
+        let (port, leaf_port, http_port, ws_port) =
             tokio::time::timeout(Duration::from_secs(20), wait_ready).await??;
         // Keep draining the log so the server never blocks on a full pipe.
         let log = self.dir.path().join("nats.log");
@@ -216,6 +258,7 @@ impl NatsServer {
         self.port = port;
         self.leaf_port = leaf_port;
         self.http_port = http_port;
+        self.ws_port = ws_port;
         self.child = Some(child);
         Ok(())
     }

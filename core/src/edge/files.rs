@@ -27,6 +27,11 @@ pub fn may_move_files(node: &NodeId, task: Option<&Task>, attempt: u32) -> Resul
             node_id,
             attempt: a,
         }
+        | TaskState::Disconnected {
+            node_id,
+            attempt: a,
+            ..
+        }
         | TaskState::Cancelling {
             node_id,
             attempt: a,

@@ -95,7 +95,7 @@ pub fn accounts_with_system(
     for n in nodes {
         let (publish, subscribe) = node_permissions(&n.id);
         users.push(format!(
-            "      {{ user: {}, password: {}, allowed_connection_types: [\"LEAFNODE\"],\n        permissions: {{ publish: {{ allow: [{}] }}, subscribe: {{ allow: [{}] }} }} }}",
+            "      {{ user: {}, password: {}, allowed_connection_types: [\"LEAFNODE\", \"LEAFNODE_WS\"],\n        permissions: {{ publish: {{ allow: [{}] }}, subscribe: {{ allow: [{}] }} }} }}",
             quote(&n.id.to_string()),
             quote(&n.secret_hash),
             list(&publish),
@@ -119,9 +119,31 @@ pub fn accounts_with_system(
     )
 }
 
+/// The hub's `leafnodes` block: TLS on every interface when the hub has a
+/// certificate, otherwise loopback only (nodes then link over WebSocket
+/// through the HTTPS entry, which still needs a leaf-node listener).
+pub fn leafnodes_block(port: u16, tls: Option<(&str, &str)>) -> String {
+    match tls {
+        Some((cert, key)) => format!(
+            "leafnodes {{\n  listen: \"0.0.0.0:{port}\"\n  no_advertise: true\n  tls {{\n    cert_file: {cert:?}\n    key_file: {key:?}\n    timeout: 5\n  }}\n}}\n"
+        ),
+        None => format!(
+            "# No certificate for the hub: the leaf-node port stays on loopback.\nleafnodes {{\n  listen: \"127.0.0.1:{port}\"\n  no_advertise: true\n}}\n"
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_leaf_port_is_open_only_with_tls() {
+        let open = leafnodes_block(7422, Some(("/tls/hub.pem", "/tls/hub.key")));
+        assert!(open.contains("0.0.0.0:7422") && open.contains("cert_file: \"/tls/hub.pem\""));
+        let closed = leafnodes_block(7422, None);
+        assert!(closed.contains("127.0.0.1:7422") && !closed.contains("tls"));
+    }
 
     #[test]
     fn node_users_get_only_their_own_subjects() {

@@ -44,14 +44,14 @@ pub fn assignment_answer(
         return not("no such task".into());
     };
     match &task.state {
-        TaskState::Assigned { node_id, attempt } | TaskState::Running { node_id, attempt }
-            if node_id == node && *attempt == check.attempt =>
-        {
-            AssignmentReply {
-                current: true,
-                reason: None,
-            }
-        }
+        TaskState::Assigned { node_id, attempt }
+        | TaskState::Running { node_id, attempt }
+        | TaskState::Disconnected {
+            node_id, attempt, ..
+        } if node_id == node && *attempt == check.attempt => AssignmentReply {
+            current: true,
+            reason: None,
+        },
         TaskState::Cancelling {
             node_id,
             attempt,

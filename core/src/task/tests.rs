@@ -44,6 +44,7 @@ pub(crate) fn spec() -> TaskSpec {
         shm_size_mb: None,
         secrets: vec![],
         checkpoint: None,
+        lost_after_seconds: None,
     }
 }
 
@@ -182,7 +183,7 @@ fn unknown_task_cannot_be_cancelled() {
 fn command_strategy(nodes: Vec<NodeId>) -> impl Strategy<Value = TaskCommand> {
     let n = nodes.len();
     let pick = move |i: usize| nodes[i % n];
-    (0u8..8, 0usize..8, 0u32..3, -2i32..3).prop_map(move |(kind, node, attempt, code)| {
+    (0u8..11, 0usize..8, 0u32..3, -2i32..3).prop_map(move |(kind, node, attempt, code)| {
         let node_id = pick(node);
         match kind {
             0 => TaskCommand::Submit {
@@ -208,6 +209,15 @@ fn command_strategy(nodes: Vec<NodeId>) -> impl Strategy<Value = TaskCommand> {
                 reason: "stop".into(),
             },
             6 => TaskCommand::TimeOut { node_id },
+            7 => TaskCommand::Disconnect {
+                node_id,
+                lost_at: 100,
+            },
+            8 => TaskCommand::Reconnect { node_id },
+            9 => TaskCommand::Lose {
+                node_id,
+                reason: "gone".into(),
+            },
             _ => TaskCommand::ConfirmCancelled { node_id },
         }
     })
@@ -256,6 +266,116 @@ proptest! {
         }
         prop_assert_eq!(fold(id, &history), task);
     }
+}
+
+fn running_on(node: NodeId) -> Vec<TaskCommand> {
+    vec![
+        submit(),
+        TaskCommand::Assign {
+            node_id: node,
+            gpus: vec!["GPU-a".into()],
+        },
+        TaskCommand::Start {
+            node_id: node,
+            attempt: 1,
+        },
+    ]
+}
+
+#[test]
+fn a_disconnected_run_keeps_its_node_and_goes_on_when_it_is_back() {
+    let node = NodeId::new();
+    let mut history = running_on(node);
+    history.push(TaskCommand::Disconnect {
+        node_id: node,
+        lost_at: 600,
+    });
+    let g = given(&history);
+    let task = g.task.clone().unwrap_or_else(|| unreachable!());
+    assert_eq!(task.state.name(), "disconnected");
+    // Still holds its node and devices.
+    assert_eq!(task.state.live_node(), Some(node));
+    assert_eq!(task.gpus, vec!["GPU-a".to_owned()]);
+    // Asked again: nothing new.
+    let (g, r) = g.when(TaskCommand::Disconnect {
+        node_id: node,
+        lost_at: 900,
+    });
+    assert_eq!(r, Ok(vec![]));
+    // Back: running again, the same attempt.
+    let (g, r) = g.when(TaskCommand::Reconnect { node_id: node });
+    let events = r.unwrap_or_default();
+    assert!(
+        matches!(events.as_slice(), [TaskEvent::Reconnected(e)] if e.running && e.attempt == 1),
+        "{events:?}"
+    );
+    let back = evolve(g.task, g.id, &events[0]).unwrap_or_else(|| unreachable!());
+    assert_eq!(
+        back.state,
+        TaskState::Running {
+            node_id: node,
+            attempt: 1
+        }
+    );
+}
+
+#[test]
+fn what_a_disconnected_node_reports_once_back_counts() {
+    let node = NodeId::new();
+    let mut history = running_on(node);
+    history.push(TaskCommand::Disconnect {
+        node_id: node,
+        lost_at: 600,
+    });
+    let (_, r) = given(&history).when(TaskCommand::Succeed {
+        node_id: node,
+        exit_code: 0,
+    });
+    assert!(matches!(r.as_deref(), Ok([TaskEvent::Succeeded(_)])));
+    // Another node cannot.
+    let (_, r) = given(&history).when(TaskCommand::Succeed {
+        node_id: NodeId::new(),
+        exit_code: 0,
+    });
+    assert!(matches!(r, Err(TaskError::WrongNode(_))));
+    // A failure is retried as it would have been.
+    let (_, r) = given(&history).when(TaskCommand::Fail {
+        node_id: node,
+        exit_code: Some(1),
+        reason: "x".into(),
+    });
+    assert!(matches!(
+        r.as_deref(),
+        Ok([TaskEvent::Failed(_)] | [TaskEvent::Retrying(_)])
+    ));
+}
+
+#[test]
+fn a_disconnected_run_past_its_grace_is_lost_and_frees_its_devices() {
+    let node = NodeId::new();
+    let mut history = running_on(node);
+    history.push(TaskCommand::Disconnect {
+        node_id: node,
+        lost_at: 600,
+    });
+    let (g, r) = given(&history).when(TaskCommand::Lose {
+        node_id: node,
+        reason: "node went offline".into(),
+    });
+    let events = r.unwrap_or_default();
+    assert!(matches!(events.as_slice(), [TaskEvent::Lost(l)] if l.attempt == 1));
+    let task = evolve(g.task, g.id, &events[0]).unwrap_or_else(|| unreachable!());
+    assert_eq!(task.state, TaskState::Pending);
+    assert!(task.gpus.is_empty());
+    // Disconnect and reconnect name the task's own node only.
+    let (_, r) = given(&running_on(node)).when(TaskCommand::Disconnect {
+        node_id: NodeId::new(),
+        lost_at: 1,
+    });
+    assert!(matches!(r, Err(TaskError::WrongNode(_))));
+    // A pending task has no node to wait for.
+    let (_, r) = given(&[submit()]).when(TaskCommand::Reconnect { node_id: node });
+    assert!(matches!(r, Err(TaskError::WrongNode(_))));
 }
 
 #[test]

@@ -26,6 +26,8 @@ pub const SYSTEM_PW: &str = "system-secret";
 pub const IMAGE: &str = "unidesk/busybox:base";
 
 pub struct Stack {
+    /// The authority of the hub's leaf-node certificate: every link is TLS.
+    pub ca: ud_testkit::TestCa,
     pub hub: NatsServer,
     pub pg: PgDatabase,
     pub server: Running,
@@ -132,9 +134,12 @@ impl Stack {
         storage: Option<ud_storage::Storage>,
     ) -> Result<Self> {
         init_tracing();
+        let ca = ud_testkit::TestCa::new("UniDesk test hub CA")?;
         let hub = NatsServer::start_with(NatsOptions {
             hub: true,
             accounts: Some(initial_accounts()?),
+            leaf_tls: Some(ca.server()?),
+            websocket: true,
             ..Default::default()
         })
         .await?;
@@ -158,6 +163,9 @@ impl Stack {
                     cancel_grace_seconds: 1,
                     placement: Default::default(),
                     queues,
+                    // Lost at once unless a test's task asks for a grace.
+                    lost_after: Duration::ZERO,
+                    max_lost_after: Duration::from_secs(7 * 24 * 3600),
                 },
                 git_credentials,
             }),
@@ -181,6 +189,7 @@ impl Stack {
             .await;
         let base = format!("http://{}", server.addr);
         Ok(Self {
+            ca,
             hub,
             pg,
             server,
@@ -378,15 +387,14 @@ impl Stack {
             .await
     }
 
-    /// The node's leaf nats-server, linked to the hub through `hub_leaf_port`.
+    /// The node's leaf nats-server, linked to the hub over TLS through `hub_leaf_port`.
     pub async fn leaf(&self, token: &NodeToken, hub_leaf_port: u16) -> Result<NatsServer> {
-        NatsServer::start_with(NatsOptions {
-            sync_always: false,
-            domain: edge::domain(&token.node_id),
-            extra: edge::leaf_link_config(token, "127.0.0.1", hub_leaf_port, AGENT_PW),
-            ..Default::default()
-        })
-        .await
+        let link = edge::HubLink::Tls {
+            host: "127.0.0.1".into(),
+            port: hub_leaf_port,
+        };
+        let ca = self.ca.ca_file();
+        leaf_server(token, &link, Some(&ca)).await
     }
 
     pub async fn join_via(
@@ -418,6 +426,23 @@ impl Stack {
         body["timeout_seconds"] = json!(timeout_seconds);
         self.submit_body(body).await
     }
+}
+
+/// A node's leaf nats-server linked to the hub by `link`, trusting `ca`
+/// (none: the system's roots).
+pub async fn leaf_server(
+    token: &NodeToken,
+    link: &edge::HubLink,
+    ca: Option<&std::path::Path>,
+) -> Result<NatsServer> {
+    let ca = ca.map(|c| c.to_string_lossy().into_owned());
+    NatsServer::start_with(NatsOptions {
+        sync_always: false,
+        domain: edge::domain(&token.node_id),
+        extra: edge::leaf_link_config(token, link, ca.as_deref(), AGENT_PW),
+        ..Default::default()
+    })
+    .await
 }
 
 /// A task of `project` running `sh -c script` (in the base image the test agents use).
@@ -481,6 +506,20 @@ pub fn run_agent(cfg: AgentConfig) -> tokio::task::JoinHandle<()> {
             eprintln!("agent stopped: {e}");
         }
     })
+}
+
+/// The types of a task's events, in order, without `task.waiting` notes
+/// (which come when another node was not online yet).
+pub async fn history(s: &Stack, id: &str) -> Result<Vec<String>> {
+    let events = s.get(&format!("/api/v1/tasks/{id}/events")).await?;
+    Ok(events
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["type"].as_str())
+        .filter(|t| *t != "task.waiting")
+        .map(str::to_owned)
+        .collect())
 }
 
 pub async fn logs(s: &Stack, id: &str) -> Result<String> {

@@ -6,6 +6,8 @@
 mod common;
 mod files;
 mod gpus;
+mod grace;
+mod link;
 mod network;
 mod nodes;
 mod runs;

@@ -251,6 +251,8 @@ async fn two_main_servers_assign_each_task_once_mark_a_silent_node_offline_once_
                 cancel_grace_seconds: 1,
                 placement: Default::default(),
                 queues: Default::default(),
+                lost_after: Duration::ZERO,
+                max_lost_after: Duration::from_secs(7 * 24 * 3600),
             },
             git_credentials: Default::default(),
         }),

@@ -167,17 +167,8 @@ async fn a_task_lost_with_its_node_runs_elsewhere_and_the_lost_run_is_stopped() 
         "{done}"
     );
     assert_eq!(done["attempt"], 2);
-    let history = s.get(&format!("/api/v1/tasks/{task}/events")).await?;
-    // (A `task.waiting` note may come between, if the other node was not yet online.)
-    let types: Vec<&str> = history
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e["type"].as_str())
-        .filter(|t| *t != "task.waiting")
-        .collect();
     assert_eq!(
-        types,
+        history(&s, &task).await?,
         vec![
             "task.submitted",
             "task.assigned",

@@ -88,6 +88,17 @@ async fn queue_settings_are_set_listed_and_reset_by_admins() -> Result<()> {
         resp.json::<Value>().await?["fields"][0]["field"],
         "max_running"
     );
+    let resp = put(s.admin.clone(), "gpu", json!({"lost_after_seconds": 700_000})).await?;
+    assert_eq!(
+        resp.json::<Value>().await?["fields"][0]["field"],
+        "lost_after_seconds"
+    );
+    let resp = put(s.admin.clone(), "slow-links", json!({"lost_after_seconds": 1800})).await?;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        resp.json::<Value>().await?["settings"],
+        json!({"priority": 0, "max_running": null, "lost_after_seconds": 1800})
+    );
     let resp = put(s.admin.clone(), "GPU!", json!({})).await?;
     assert_eq!(resp.json::<Value>().await?["fields"][0]["field"], "queue");
     let resp = put(s.admin.clone(), "gpu", json!({"priority": 1, "limit": 2})).await?;
@@ -149,6 +160,6 @@ async fn queue_settings_are_set_listed_and_reset_by_admins() -> Result<()> {
         .flatten()
         .filter_map(|q| q["name"].as_str())
         .collect();
-    assert_eq!(names, vec!["cpu"]);
+    assert_eq!(names, vec!["cpu", "slow-links"]);
     Ok(())
 }

@@ -318,6 +318,7 @@ async fn run(ingest: &Ingest, node: NodeId, task: TaskId, command: TaskCommand) 
                 let same = matches!(
                     t.state,
                     TaskState::Running { node_id: n, attempt: a }
+                        | TaskState::Disconnected { node_id: n, attempt: a, running: true, .. }
                         | TaskState::Cancelling { node_id: n, attempt: a, .. }
                         if n == node && Some(a) == start_of
                 );

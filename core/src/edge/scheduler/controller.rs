@@ -45,6 +45,11 @@ pub struct ControllerSettings {
     pub placement: Placement,
     /// Queue priorities and limits.
     pub queues: Queues,
+    /// How long a run whose node went offline stays `disconnected` before
+    /// its task is lost, unless its task or queue says otherwise.
+    pub lost_after: Duration,
+    /// The longest any task or queue may ask for.
+    pub max_lost_after: Duration,
 }
 
 /// What a pass in flight reports back to the controller.
@@ -325,16 +330,18 @@ impl Controller {
             let now = self.cluster.nodes.get(node).map(|n| n.node.liveness());
             if u.live {
                 match e {
-                    // Its tasks are placed anew.
+                    // Its runs wait for it, or their tasks are placed anew.
                     ud_schemas::NodeEvent::WentOffline(_) => {
                         let node = *node;
-                        self.lose_tasks_on(|n| n == node)
+                        self.settle_tasks_on(|n| n == node, |_| false)
                     }
-                    // Back with runs that lost the race: stop them.
+                    // Back: its waiting runs go on, those that lost the race stop.
                     _ if node_before == Some(crate::node::Liveness::Offline)
                         && now == Some(crate::node::Liveness::Online) =>
                     {
-                        self.stop_lost_runs(*node).await;
+                        let node = *node;
+                        self.settle_tasks_on(|_| false, |n| n == node);
+                        self.stop_lost_runs(node).await;
                     }
                     _ => {}
                 }
@@ -366,7 +373,11 @@ impl Controller {
             }
             if let (
                 ud_schemas::TaskEvent::CancelRequested(c),
-                Some(TaskState::Assigned { node_id, .. } | TaskState::Running { node_id, .. }),
+                Some(
+                    TaskState::Assigned { node_id, .. }
+                    | TaskState::Running { node_id, .. }
+                    | TaskState::Disconnected { node_id, .. },
+                ),
             ) = (e, before)
             {
                 self.send_cancel(node_id, *id, &c.reason);
@@ -383,33 +394,80 @@ impl Controller {
             .all(|(s, t)| self.applied.get(s).copied().unwrap_or(0) >= *t)
     }
 
-    /// Marks lost the tasks live on a node the view has offline, so that
-    /// they are placed again. Most are lost when the node goes offline; this
-    /// also finds those assigned to it while it went (by another instance,
-    /// or an assignment seen after the offline event).
+    /// Settles the tasks live on nodes the view has offline, so that they
+    /// wait for their node or are placed again, and reconnects the waiting
+    /// runs of nodes that are back. Most are settled when a node goes or
+    /// comes; this also finds those assigned to a node while it went (by
+    /// another instance, or an assignment seen after the offline event) and
+    /// the runs whose wait is over.
     fn lose_stranded(&mut self) {
         if !self.caught_up() {
             return;
         }
-        let offline: std::collections::HashSet<NodeId> = self
-            .cluster
-            .nodes
-            .values()
-            .filter(|e| e.node.liveness() == crate::node::Liveness::Offline)
-            .map(|e| e.node.id)
-            .collect();
-        if !offline.is_empty() {
-            self.lose_tasks_on(|n| offline.contains(&n));
+        let (mut offline, mut online) = (HashSet::new(), HashSet::new());
+        for e in self.cluster.nodes.values() {
+            if e.node.liveness() == crate::node::Liveness::Offline {
+                offline.insert(e.node.id);
+            } else {
+                online.insert(e.node.id);
+            }
         }
+        self.settle_tasks_on(|n| offline.contains(&n), |n| online.contains(&n));
     }
 
-    /// Marks lost every task live on a node `gone` says is gone, in the
+    /// For every task live on a node `gone` says is gone: a disconnect (the
+    /// run may be heard from again within its grace), or a loss when it has
+    /// no grace or its grace is over, so that it is placed anew. For every
+    /// disconnected task of a node `back` says is back: a reconnect. In the
     /// background and many at once: placements go on meanwhile.
-    fn lose_tasks_on(&mut self, gone: impl Fn(NodeId) -> bool) {
+    fn settle_tasks_on(&mut self, gone: impl Fn(NodeId) -> bool, back: impl Fn(NodeId) -> bool) {
+        let now = now_millis();
+        let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        let (default_grace, max_grace) = (
+            millis(self.settings.lost_after),
+            millis(self.settings.max_lost_after),
+        );
         let mut items = Vec::new();
         for (id, t) in &self.cluster.tasks {
-            let Some(node) = t.task.state.live_node().filter(|n| gone(*n)) else {
+            let Some(node) = t.task.state.live_node() else {
                 continue;
+            };
+            let command = match &t.task.state {
+                TaskState::Disconnected { .. } if back(node) => {
+                    TaskCommand::Reconnect { node_id: node }
+                }
+                TaskState::Disconnected { lost_at, .. } if gone(node) && now >= *lost_at => {
+                    TaskCommand::Lose {
+                        node_id: node,
+                        reason: format!("node {node} went offline and was not back in time"),
+                    }
+                }
+                TaskState::Assigned { .. } | TaskState::Running { .. } if gone(node) => {
+                    let spec = &t.task.spec;
+                    let grace = spec
+                        .lost_after_seconds
+                        .or_else(|| self.settings.queues.get(&spec.queue).lost_after_seconds)
+                        .map_or(default_grace, |s| {
+                            i64::try_from(s).unwrap_or(i64::MAX).saturating_mul(1000)
+                        })
+                        .min(max_grace);
+                    if grace > 0 {
+                        TaskCommand::Disconnect {
+                            node_id: node,
+                            lost_at: now.saturating_add(grace),
+                        }
+                    } else {
+                        TaskCommand::Lose {
+                            node_id: node,
+                            reason: format!("node {node} went offline"),
+                        }
+                    }
+                }
+                TaskState::Cancelling { .. } if gone(node) => TaskCommand::Lose {
+                    node_id: node,
+                    reason: format!("node {node} went offline"),
+                },
+                _ => continue,
             };
             if !self.losing.insert(*id) {
                 continue;
@@ -418,10 +476,7 @@ impl Controller {
                 id: *id,
                 state: Some(t.task.clone()),
                 seq: t.seq,
-                command: TaskCommand::Lose {
-                    node_id: node,
-                    reason: format!("node {node} went offline"),
-                },
+                command,
                 meta: EventMeta::new("scheduler"),
             });
         }
@@ -429,18 +484,23 @@ impl Controller {
             return;
         }
         let ids: Vec<TaskId> = items.iter().map(|a| a.id).collect();
+        let commands: Vec<&'static str> = items.iter().map(|a| a.command.name()).collect();
         let (tasks, news) = (self.tasks.clone(), self.pass_news.clone());
         tokio::spawn(async move {
             tasks
                 .execute_each(items, PLACEMENTS_IN_FLIGHT, Retries(2), |i, result| {
-                    let Some(id) = ids.get(i) else { return };
+                    let (Some(id), Some(command)) = (ids.get(i), commands.get(i)) else {
+                        return;
+                    };
                     match result {
-                        Ok(done) if !done.events.is_empty() => {
-                            info!(task_id = %id, "task lost with its node; placing it again")
-                        }
+                        Ok(done) if !done.events.is_empty() => match *command {
+                            "disconnect" => info!(task_id = %id, "node offline; the run waits for it"),
+                            "reconnect" => info!(task_id = %id, "node back; the run goes on"),
+                            _ => info!(task_id = %id, "task lost with its node; placing it again"),
+                        },
                         // Changed meanwhile: no longer live on that node.
                         Ok(_) | Err(ExecuteError::Rejected(_) | ExecuteError::Conflict) => {}
-                        Err(e) => warn!(task_id = %id, error = %e, "cannot mark the task lost"),
+                        Err(e) => warn!(task_id = %id, error = %e, command, "cannot settle the task of a node"),
                     }
                 })
                 .await;
@@ -543,6 +603,7 @@ async fn watch_queues(
                             Ok(r) => Some(QueueConfig {
                                 priority: r.priority,
                                 max_running: r.max_running,
+                                lost_after_seconds: r.lost_after_seconds,
                             }),
                             Err(e) => {
                                 warn!(queue = %entry.key, error = %e, "unreadable queue settings ignored");

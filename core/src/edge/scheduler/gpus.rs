@@ -120,6 +120,70 @@ pub fn suitable(res: &NodeResources, req: &Resources) -> usize {
     res.gpus.iter().filter(|g| suits(g, req)).count()
 }
 
+/// How many devices `req` could get on `node` next to what `held` holds,
+/// without choosing them (no allocation: placement asks this of every node).
+pub fn free_count(node: &Node, held: &Held, req: &Resources) -> usize {
+    let Some(res) = node.resources.as_ref() else {
+        return 0;
+    };
+    if !driver_suits(res, req) {
+        return 0;
+    }
+    let total = res.gpus.len();
+    let unnamed = usize::try_from(held.unnamed).unwrap_or(usize::MAX);
+    // Devices held are the node's own: at most the rest are wholly free,
+    // which is all a task that does not share can get.
+    let at_most = total
+        .saturating_sub(held.devices.len())
+        .saturating_sub(unnamed);
+    let plain = req.gpu_model.is_none()
+        && req.gpu_memory_mb == 0
+        && req.gpu_compute_capability.is_none()
+        && node.visible_gpus.is_none();
+    if !req.gpu_shared && (plain || at_most < usize::try_from(req.gpus).unwrap_or(usize::MAX)) {
+        return at_most;
+    }
+    let (mut whole, mut shared) = (0usize, 0usize);
+    // A node's devices are mostly alike: judged once per kind.
+    let mut last: Option<(&Gpu, bool)> = None;
+    for (i, g) in res.gpus.iter().enumerate() {
+        let position: String;
+        let id = if g.uuid.is_empty() {
+            position = i.to_string();
+            position.as_str()
+        } else {
+            g.uuid.as_str()
+        };
+        let visible = node
+            .visible_gpus
+            .as_ref()
+            .is_none_or(|v| v.iter().any(|v| v == id));
+        let suited = match last {
+            Some((l, ok))
+                if l.model == g.model
+                    && l.memory_mb == g.memory_mb
+                    && l.compute_capability == g.compute_capability =>
+            {
+                ok
+            }
+            _ => {
+                let ok = suits(g, req);
+                last = Some((g, ok));
+                ok
+            }
+        };
+        if !visible || !suited {
+            continue;
+        }
+        match held.devices.get(id) {
+            None => whole += 1,
+            Some(Hold::Shared(_)) if req.gpu_shared => shared += 1,
+            Some(_) => {}
+        }
+    }
+    whole.saturating_sub(unnamed) + shared
+}
+
 /// The devices `req` gets on `node` next to what `held` holds, lowest index
 /// first; `None` when too few are free. A task asking for no GPU gets none.
 pub fn allocate(node: &Node, held: &Held, req: &Resources) -> Option<Vec<String>> {

@@ -41,9 +41,20 @@ fn network_allowed(node: &Node, network: NetworkMode) -> bool {
 /// The GPU devices `req` gets on `node` next to `used`, when it fits there
 /// at all (`Some(vec![])` for a task that asks for no GPU).
 pub fn fit(node: &Node, used: &Usage, req: &Resources) -> Option<Vec<String>> {
-    let res = node.resources.as_ref()?;
-    if node.low_disk || node.scheduling != SchedulingMode::Active {
+    if !fits(node, used, req) {
         return None;
+    }
+    gpus::allocate(node, &used.gpus, req)
+}
+
+/// Whether the node takes tasks and has room for `req`'s CPUs, memory,
+/// disk, labels and network (GPUs apart).
+fn room(node: &Node, used: &Usage, req: &Resources) -> bool {
+    let Some(res) = node.resources.as_ref() else {
+        return false;
+    };
+    if node.low_disk || node.scheduling != SchedulingMode::Active {
+        return false;
     }
     let labels_ok = req
         .labels
@@ -54,20 +65,20 @@ pub fn fit(node: &Node, used: &Usage, req: &Resources) -> Option<Vec<String>> {
         || node
             .disk_free_mb
             .is_some_and(|free| used.disk_mb + req.disk_mb <= free);
-    let room = labels_ok
+    labels_ok
         && disk_ok
         && network_allowed(node, req.network)
         && used.cpu_millis + u64::from(req.cpu_millis) <= u64::from(res.cpu_millis)
-        && used.memory_mb + req.memory_mb <= res.memory_mb;
-    if !room {
-        return None;
-    }
-    gpus::allocate(node, &used.gpus, req)
+        && used.memory_mb + req.memory_mb <= res.memory_mb
 }
 
-/// Does `req` fit on `node` next to `used`?
+/// Does `req` fit on `node` next to `used`? (As [`fit`], without choosing
+/// devices.)
 pub fn fits(node: &Node, used: &Usage, req: &Resources) -> bool {
-    fit(node, used, req).is_some()
+    room(node, used, req)
+        && (req.gpus == 0
+            || gpus::free_count(node, &used.gpus, req)
+                >= usize::try_from(req.gpus).unwrap_or(usize::MAX))
 }
 
 /// How a task chooses among the nodes it fits on (`UD_PLACEMENT`).
@@ -103,28 +114,27 @@ pub fn place<'a>(
 ) -> Option<(NodeId, Vec<String>)> {
     let none = Usage::default();
     let used = |n: &Node| usage.get(&n.id).unwrap_or(&none);
-    nodes
-        .filter_map(|n| fit(n, used(n), req).map(|devices| (n, devices)))
-        .max_by_key(|(n, _)| {
-            let preferred = req
-                .preferred_labels
-                .iter()
-                .filter(|(k, v)| n.labels.get(*k) == Some(*v))
-                .count();
-            let total = n
-                .resources
-                .as_ref()
-                .map_or(1, |r| u64::from(r.cpu_millis).max(1));
-            let after = used(n).cpu_millis + u64::from(req.cpu_millis);
-            // Free share after placing, in thousandths.
-            let free = total.saturating_sub(after) * 1000 / total;
-            let fill = match strategy {
-                Placement::Pack => 1000 - free.min(1000),
-                Placement::Spread => free,
-            };
-            (preferred, fill, std::cmp::Reverse(n.id))
-        })
-        .map(|(n, devices)| (n.id, devices))
+    let best = nodes.filter(|n| fits(n, used(n), req)).max_by_key(|n| {
+        let preferred = req
+            .preferred_labels
+            .iter()
+            .filter(|(k, v)| n.labels.get(*k) == Some(*v))
+            .count();
+        let total = n
+            .resources
+            .as_ref()
+            .map_or(1, |r| u64::from(r.cpu_millis).max(1));
+        let after = used(n).cpu_millis + u64::from(req.cpu_millis);
+        // Free share after placing, in thousandths.
+        let free = total.saturating_sub(after) * 1000 / total;
+        let fill = match strategy {
+            Placement::Pack => 1000 - free.min(1000),
+            Placement::Spread => free,
+        };
+        (preferred, fill, std::cmp::Reverse(n.id))
+    })?;
+    // Devices are chosen on the chosen node only.
+    gpus::allocate(best, &used(best).gpus, req).map(|devices| (best.id, devices))
 }
 
 /// One queue's settings.
@@ -137,6 +147,10 @@ pub struct QueueConfig {
     /// Most tasks of the queue assigned or running at once.
     #[serde(default)]
     pub max_running: Option<u32>,
+    /// How long a run of the queue stays `disconnected` before its task is
+    /// lost, unless the task says (none: the platform's default).
+    #[serde(default)]
+    pub lost_after_seconds: Option<u64>,
 }
 
 /// Queue settings by name (`UD_QUEUES_FILE`, JSON
@@ -493,6 +507,7 @@ mod tests {
         assert_eq!(
             queues.get("gpu"),
             QueueConfig {
+                lost_after_seconds: None,
                 priority: 10,
                 max_running: Some(2)
             }
