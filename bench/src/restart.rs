@@ -5,11 +5,14 @@
 //!
 //! Every node's link is a real leaf-node connection with that node's own
 //! credentials and allow-lists, and every node reports into its own stream
-//! that the hub sources, as a real agent does. To fit one small machine, one
-//! simulator nats-server carries all the nodes: one remote and one account per
-//! node, the account's JetStream reachable under the node's own domain prefix
-//! (`$JS.n<hex>.API`) by a subject mapping, instead of one leaf server per
-//! node. The simulated agents run in a child process, so the CPU figure is
+//! that the hub sources, as a real agent does. To fit one small machine, a
+//! few simulator nats-servers carry all the nodes: one remote and one
+//! account per node, the account's JetStream reachable under the node's own
+//! domain prefix (`$JS.n<hex>.API`) by a subject mapping, instead of one leaf
+//! server per node. A leaf server has one reconnect interval for all its
+//! remotes, so with `--reconnect spread` the nodes are grouped by the
+//! interval their own leaf servers would have (one simulator per second of
+//! it); `--reconnect fixed` puts them all on one at 1 s, for comparison. The simulated agents run in a child process, so the CPU figure is
 //! the main server's alone.
 //!
 //! Limitation, printed with the figures: the hub keeps one leaf connection
@@ -42,6 +45,12 @@ pub struct Args {
     /// Seconds of steady heartbeats measured.
     #[arg(long, default_value_t = 45)]
     measure_seconds: u64,
+    /// How the nodes' leaf servers time their reconnects: `spread`, each at
+    /// its own interval of 1 to 10 s as `unidesk-edge leaf-config` writes
+    /// it (one simulator server per whole second), or `fixed`, every node at
+    /// 1 s (as before).
+    #[arg(long, default_value = "spread")]
+    reconnect: String,
 }
 
 /// The simulated agents: run by the benchmark as its own child process.
@@ -58,9 +67,9 @@ pub struct AgentsArgs {
 }
 
 /// One remote and one local account per node, with JetStream under the node's domain prefix.
-fn simulator_config(tokens: &[NodeToken], hub_leaf_port: u16) -> String {
+fn simulator_config(tokens: &[NodeToken], hub_leaf_port: u16, reconnect_ms: u64) -> String {
     let mut accounts = String::from("accounts {\n");
-    let mut remotes = String::from("leafnodes {\n  reconnect: \"1s\"\n  remotes: [\n");
+    let mut remotes = format!("leafnodes {{\n  reconnect: \"{reconnect_ms}ms\"\n  remotes: [\n");
     for (i, t) in tokens.iter().enumerate() {
         accounts.push_str(&format!(
             "  N{i} {{ jetstream: enabled, users: [ {{ user: \"n{i}\", password: \"x\" }} ], mappings: {{ \"$JS.{}.API.>\": \"$JS.API.>\" }} }}\n",
@@ -165,33 +174,59 @@ pub async fn run(a: Args) -> Result<()> {
     );
     let http = reqwest::Client::new();
     let monitor = hub.monitor_url();
-    let simulator = NatsServer::start_with(NatsOptions {
-        sync_always: false,
-        domain: "sim".into(),
-        extra: simulator_config(&tokens, hub.leaf_port()),
-        ..Default::default()
-    })
-    .await?;
-    // The simulated agents, in their own process, start with their nodes' links.
-    let t = Instant::now();
+    // The nodes by reconnect interval: one simulator server for each.
+    let mut groups: std::collections::BTreeMap<u64, Vec<NodeToken>> = Default::default();
+    for t in &tokens {
+        let ms = match a.reconnect.as_str() {
+            "fixed" => 1000,
+            "spread" => edge::reconnect_millis(&t.node_id) / 1000 * 1000,
+            other => return Err(anyhow!("--reconnect {other:?} is not spread or fixed")),
+        };
+        groups.entry(ms).or_default().push(t.clone());
+    }
+    line(
+        &format!("reconnect intervals ({}): simulator servers", a.reconnect),
+        groups.len() as f64,
+        "",
+        None,
+    );
     let ids: Vec<NodeId> = tokens.iter().map(|t| t.node_id).collect();
-    let nodes_file = simulator.dir().join("nodes.txt");
-    std::fs::write(
-        &nodes_file,
-        ids.iter().map(|n| format!("{n}\n")).collect::<String>(),
-    )?;
     let mut beats = store.client().subscribe("ud.node.*.heartbeat").await?;
-    let _agents = tokio::process::Command::new(std::env::current_exe()?)
-        .args([
-            "agents",
-            "--port",
-            &simulator.port().to_string(),
-            "--nodes-file",
-        ])
-        .arg(&nodes_file)
-        .args(["--heartbeat-seconds", &a.heartbeat_seconds.to_string()])
-        .kill_on_drop(true)
-        .spawn()?;
+    let t = Instant::now();
+    let mut simulators = Vec::new();
+    let mut agents = Vec::new();
+    for (ms, group) in &groups {
+        let simulator = NatsServer::start_with(NatsOptions {
+            sync_always: false,
+            domain: format!("sim{ms}"),
+            extra: simulator_config(group, hub.leaf_port(), *ms),
+            ..Default::default()
+        })
+        .await?;
+        // The simulated agents, in their own process, start with their nodes' links.
+        let nodes_file = simulator.dir().join("nodes.txt");
+        std::fs::write(
+            &nodes_file,
+            group
+                .iter()
+                .map(|t| format!("{}\n", t.node_id))
+                .collect::<String>(),
+        )?;
+        agents.push(
+            tokio::process::Command::new(std::env::current_exe()?)
+                .args([
+                    "agents",
+                    "--port",
+                    &simulator.port().to_string(),
+                    "--nodes-file",
+                ])
+                .arg(&nodes_file)
+                .args(["--heartbeat-seconds", &a.heartbeat_seconds.to_string()])
+                .kill_on_drop(true)
+                .spawn()?,
+        );
+        simulators.push(simulator);
+    }
     let (joined, peak) =
         until_linked(&http, &monitor, a.nodes as u64, Duration::from_secs(180)).await?;
     line("first join: every link up", joined.as_secs_f64(), "s", None);

@@ -15,7 +15,7 @@ use crate::common::*;
 
 const MIB: usize = 1024 * 1024;
 
-fn storage(g: &Garage) -> Result<ud_storage::Storage> {
+pub(crate) fn storage(g: &Garage) -> Result<ud_storage::Storage> {
     storage_at(g, &g.endpoint)
 }
 
@@ -40,7 +40,7 @@ fn with_files(script: &str, inputs: Value, outputs: Value) -> Value {
 }
 
 /// The bytes behind an output's (or archive's) download link.
-async fn download(http: &reqwest::Client, o: &Value) -> Result<bytes::Bytes> {
+pub(crate) async fn download(http: &reqwest::Client, o: &Value) -> Result<bytes::Bytes> {
     let url = o["download"]["url"].as_str().unwrap_or_default().to_owned();
     Ok(http
         .get(url)

@@ -20,9 +20,16 @@ async fn relayed(s: &mut Stack, name: &str) -> Result<(Node, ud_testkit::Relay)>
     Ok((node, link))
 }
 
-/// Submits `script` (with a grace of its own, if given) and waits until it runs.
-async fn running(s: &mut Stack, script: &str, lost_after_seconds: Option<u64>) -> Result<String> {
+/// Submits `script` (with a grace of its own, if given; keeping `outputs`)
+/// and waits until it runs.
+async fn running(
+    s: &mut Stack,
+    script: &str,
+    lost_after_seconds: Option<u64>,
+    outputs: &[&str],
+) -> Result<String> {
     let mut body = task_body("lab", script, json!({"cpus": 0.5, "memory_mb": 64}));
+    body["outputs"] = json!(outputs);
     body["timeout_seconds"] = json!(300);
     if let Some(grace) = lost_after_seconds {
         body["lost_after_seconds"] = json!(grace);
@@ -35,7 +42,14 @@ async fn running(s: &mut Stack, script: &str, lost_after_seconds: Option<u64>) -
 
 #[tokio::test]
 async fn a_blip_longer_than_the_offline_timeout_kills_nothing() -> Result<()> {
-    let mut s = Stack::start(Duration::from_secs(3)).await?;
+    let g = ud_testkit::Garage::start().await?;
+    let mut s = Stack::start_full(
+        Duration::from_secs(3),
+        Default::default(),
+        Default::default(),
+        Some(crate::files::storage(&g)?),
+    )
+    .await?;
     let (node, link) = relayed(&mut s, "tau").await?;
     // The grace comes from the task's queue (the platform's default here is none).
     let queue = s
@@ -63,8 +77,9 @@ async fn a_blip_longer_than_the_offline_timeout_kills_nothing() -> Result<()> {
     assert!(applied, "the scheduler never saw the queue's settings");
     let id = running(
         &mut s,
-        "echo before the blip; sleep 25; echo after the blip",
+        "echo before the blip; sleep 25; echo after the blip | tee result.txt",
         None,
+        &["result.txt"],
     )
     .await?;
 
@@ -102,15 +117,21 @@ async fn a_blip_longer_than_the_offline_timeout_kills_nothing() -> Result<()> {
         "{out:?}"
     );
     assert_eq!(out.matches("before the blip").count(), 1, "{out:?}");
+    // Its output, written after the blip, is stored.
+    assert_eq!(done["outputs"][0]["path"], "result.txt", "{done}");
+    let stored = crate::files::download(&s.http, &done["outputs"][0]).await?;
+    assert_eq!(stored.as_ref(), b"after the blip\n");
     assert_eq!(
         history(&s, &id).await?,
         vec![
             "task.submitted",
             "task.assigned",
+            "task.preparing",
             "task.prepared",
             "task.started",
             "task.disconnected",
             "task.reconnected",
+            "task.outputs",
             "task.succeeded"
         ]
     );
@@ -122,7 +143,7 @@ async fn a_blip_longer_than_the_offline_timeout_kills_nothing() -> Result<()> {
 async fn a_node_gone_past_the_grace_loses_its_run_which_is_stopped_on_return() -> Result<()> {
     let mut s = Stack::start(Duration::from_secs(3)).await?;
     let (a, link) = relayed(&mut s, "upsilon").await?;
-    let id = running(&mut s, "sleep 20; echo finished", Some(4)).await?;
+    let id = running(&mut s, "sleep 20; echo finished", Some(4), &[]).await?;
     let b = s.online_node("phi").await?;
 
     link.cut();

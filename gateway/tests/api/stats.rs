@@ -88,12 +88,22 @@ async fn queue_settings_are_set_listed_and_reset_by_admins() -> Result<()> {
         resp.json::<Value>().await?["fields"][0]["field"],
         "max_running"
     );
-    let resp = put(s.admin.clone(), "gpu", json!({"lost_after_seconds": 700_000})).await?;
+    let resp = put(
+        s.admin.clone(),
+        "gpu",
+        json!({"lost_after_seconds": 700_000}),
+    )
+    .await?;
     assert_eq!(
         resp.json::<Value>().await?["fields"][0]["field"],
         "lost_after_seconds"
     );
-    let resp = put(s.admin.clone(), "slow-links", json!({"lost_after_seconds": 1800})).await?;
+    let resp = put(
+        s.admin.clone(),
+        "slow-links",
+        json!({"lost_after_seconds": 1800}),
+    )
+    .await?;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(
         resp.json::<Value>().await?["settings"],
