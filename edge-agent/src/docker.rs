@@ -31,6 +31,8 @@ pub const LABEL_WORKSPACE: &str = "io.unidesk.workspace";
 pub const LABEL_GPUS: &str = "io.unidesk.gpus";
 /// The task's checkpoint folder and period (JSON `checkpoint`).
 pub const LABEL_CHECKPOINT: &str = "io.unidesk.checkpoint";
+/// Seconds cut off from the main server after which the run stops itself.
+pub const LABEL_FENCE: &str = "io.unidesk.fence_after_seconds";
 pub const PIDS_LIMIT: i64 = 4096;
 
 /// A container of this node found after a restart, with what its run needs
@@ -49,6 +51,8 @@ pub struct Adopted {
     pub gpus: Vec<String>,
     /// Its checkpoint folder, uploaded while it runs.
     pub checkpoint: Option<ud_schemas::spec::Checkpoint>,
+    /// Cut off from the main server this long, it stops itself.
+    pub fence_after_seconds: Option<u64>,
 }
 
 impl Adopted {
@@ -82,6 +86,7 @@ impl Adopted {
             checkpoint: labels
                 .get(LABEL_CHECKPOINT)
                 .and_then(|c| serde_json::from_str(c).ok()),
+            fence_after_seconds: labels.get(LABEL_FENCE).and_then(|v| v.parse().ok()),
         })
     }
 }
@@ -222,6 +227,9 @@ pub fn labels(
         if let Ok(c) = serde_json::to_string(c) {
             labels.insert(LABEL_CHECKPOINT.to_owned(), c);
         }
+    }
+    if let Some(f) = run.fence_after_seconds {
+        labels.insert(LABEL_FENCE.to_owned(), f.to_string());
     }
     labels
 }
@@ -474,6 +482,7 @@ mod tests {
             attempt: 3,
             spec,
             gpus: vec!["GPU-a".into(), "GPU-b".into()],
+            fence_after_seconds: Some(900),
         };
         let w = std::path::Path::new("/var/lib/unidesk-edge/tasks/x-3");
         let l = labels(&node, &run, Some(w), 1234);
@@ -490,6 +499,7 @@ mod tests {
                 workspace: Some(w.to_owned()),
                 gpus: vec!["GPU-a".into(), "GPU-b".into()],
                 checkpoint: run.spec.checkpoint.clone(),
+                fence_after_seconds: Some(900),
             })
         );
         // Another node's container is not ours.

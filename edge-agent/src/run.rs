@@ -61,6 +61,7 @@ pub(crate) async fn adopt(
         outputs,
         checkpoint: Kept::of(adopted.checkpoint.as_ref(), adopted.workspace.as_ref()),
         workspace: adopted.workspace,
+        fence: adopted.fence_after_seconds.map(Duration::from_secs),
     };
     tasks.spawn(agent.clone().supervise(supervised, rx).instrument(span));
 }
@@ -102,6 +103,12 @@ impl Limit {
     }
 }
 
+/// How long a run stopping on its own gets between the graceful signal and
+/// the kill: 10 s, less for a short fence.
+fn fence_stop_grace(fence: Duration) -> Duration {
+    (fence / 4).min(Duration::from_secs(10))
+}
+
 /// What a run leaves in the object store when it ends.
 struct Outputs {
     workspace: PathBuf,
@@ -137,6 +144,8 @@ struct Supervised {
     checkpoint: Option<Kept>,
     /// Removed when the run is over.
     workspace: Option<PathBuf>,
+    /// Cut off from the main server this long, the run stops itself.
+    fence: Option<Duration>,
 }
 
 impl Agent {
@@ -206,6 +215,7 @@ impl Agent {
             outputs,
             checkpoint: Kept::of(run.spec.checkpoint.as_ref(), prepared.workspace.as_ref()),
             workspace: prepared.workspace.clone(),
+            fence: run.fence_after_seconds.map(Duration::from_secs),
         };
         self.supervise(supervised, cancel).await;
     }
@@ -439,6 +449,52 @@ impl Agent {
         }
     }
 
+    /// Resolves when the run must stop on its own: the main server says it
+    /// is no longer this node's, or the node has been cut off from the main
+    /// server for nearly `fence`, the time after which the platform places
+    /// it elsewhere. It stops early enough to be gone before that: one
+    /// check, one heartbeat interval (the main server may have heard the
+    /// node last up to a heartbeat before the cut), its stop's grace and a
+    /// second early.
+    async fn fenced(&self, s: &Supervised) -> String {
+        let Some(fence) = s.fence else {
+            return futures::future::pending().await;
+        };
+        let every = (fence / 4).clamp(Duration::from_millis(500), Duration::from_secs(15));
+        let cut_off = fence
+            .saturating_sub(every)
+            .saturating_sub(self.cfg.heartbeat_interval)
+            .saturating_sub(fence_stop_grace(fence))
+            .saturating_sub(Duration::from_secs(1));
+        let mut heard = tokio::time::Instant::now();
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let asked = tokio::time::Instant::now();
+            let answer = tokio::time::timeout(every, self.requests.assignment(s.task, s.attempt))
+                .await
+                .map_err(|_| "no answer".to_owned())
+                .and_then(|r| r);
+            match answer {
+                Ok(reply) if !reply.current => {
+                    return format!(
+                        "no longer this node's run: {}",
+                        reply.reason.unwrap_or_default()
+                    );
+                }
+                Ok(_) => heard = asked,
+                Err(e) if heard.elapsed() >= cut_off => {
+                    return format!(
+                        "cut off from the main server for {} s ({e}); the platform places the task elsewhere",
+                        heard.elapsed().as_secs()
+                    );
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
     /// Follows a started run to its outcome: its exit, a cancel or its time
     /// limit; stores its outputs and reports the outcome.
     async fn supervise(self, s: Supervised, cancel: oneshot::Receiver<DispatchCancel>) {
@@ -473,8 +529,17 @@ impl Agent {
         let outcome = {
             let saving = self.keep_saving(&s, &mut sent);
             tokio::pin!(saving);
+            let fenced = self.fenced(&s);
+            tokio::pin!(fenced);
             tokio::select! {
                 never = &mut saving => match never {},
+                reason = &mut fenced => {
+                    warn!(reason = %reason, "stopping the run on its own");
+                    let grace = s.fence.map_or(10, |f| fence_stop_grace(f).as_secs());
+                    let _ = self.docker.stop(&s.container, u32::try_from(grace).unwrap_or(10)).await;
+                    // As a stop the main server asks for (which may come too).
+                    RunReport::Cancelled(TaskCancelled { at: now_millis(), reason })
+                },
                 code = self.docker.wait(&s.container) => match code {
                     // A run that ended past its limit (while the agent was away) timed out.
                     Ok(_) if self.ended_past(&s).await => timed_out(s.limit),

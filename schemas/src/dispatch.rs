@@ -15,6 +15,12 @@ pub struct DispatchRun {
     /// The GPU devices (UUIDs) the run is given; absent when none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gpus: Vec<String>,
+    /// How long the node may be cut off from the main server before the
+    /// platform places the run elsewhere (the offline timeout plus the
+    /// run's grace): the node stops the run itself once cut off that long,
+    /// so that it never runs twice at once. Absent: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence_after_seconds: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -634,6 +634,7 @@ fn messages_outside_the_event_streams_match_their_cddl() -> anyhow::Result<()> {
         attempt: 1,
         spec: gpu_spec(),
         gpus: vec!["GPU-513536b6-7d19-9063-b049-1e69664bb298".into()],
+        fence_after_seconds: Some(690),
     };
     let cancel = DispatchCancel {
         at: AT,

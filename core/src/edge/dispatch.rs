@@ -25,6 +25,7 @@ pub fn run(
     attempt: u32,
     spec: TaskSpec,
     gpus: Vec<String>,
+    fence_after_seconds: Option<u64>,
 ) -> Result<Outgoing, CodecError> {
     let run = DispatchRun {
         at: now_millis(),
@@ -32,6 +33,7 @@ pub fn run(
         attempt,
         spec,
         gpus,
+        fence_after_seconds,
     };
     Ok((
         edge::dispatch_subject(node, &task, "run"),

@@ -58,6 +58,7 @@ async fn a_gpu_run_asks_docker_for_exactly_its_devices() -> Result<()> {
         attempt: 1,
         spec: spec_of(body)?,
         gpus: vec!["GPU-d8594bd4".into(), "MIG-ce861fb0".into()],
+        fence_after_seconds: None,
     };
     let node = NodeId::new();
     let secrets = [("WANDB_API_KEY".to_owned(), "not-in-any-label".to_owned())];
@@ -125,6 +126,7 @@ async fn a_gpu_run_asks_docker_for_exactly_its_devices() -> Result<()> {
     // A CPU run: no device, NVIDIA_VISIBLE_DEVICES=void, shared memory half its memory.
     let cpu = DispatchRun {
         gpus: vec![],
+        fence_after_seconds: None,
         spec: spec_of(task_body(
             "lab",
             "true",

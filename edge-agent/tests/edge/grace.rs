@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use anyhow::{anyhow, Result};
-use futures::StreamExt;
 use serde_json::json;
 
 use crate::common::*;
@@ -146,6 +145,23 @@ async fn a_node_gone_past_the_grace_loses_its_run_which_is_stopped_on_return() -
     let id = running(&mut s, "sleep 20; echo finished", Some(4), &[]).await?;
     let b = s.online_node("phi").await?;
 
+    let docker = bollard::Docker::connect_with_local_defaults()?;
+    let containers = |docker: bollard::Docker, node: ud_schemas::NodeId| async move {
+        let filters = std::collections::HashMap::from([(
+            "label".to_owned(),
+            vec![format!("{}={node}", ud_edge_agent::docker::LABEL_NODE)],
+        )]);
+        Ok::<usize, anyhow::Error>(
+            docker
+                .list_containers(Some(bollard::query_parameters::ListContainersOptions {
+                    filters: Some(filters),
+                    ..Default::default()
+                }))
+                .await?
+                .len(),
+        )
+    };
+    assert_eq!(containers(docker.clone(), a.id).await?, 1);
     link.cut();
     s.task_state(&id, &["disconnected"], Duration::from_secs(30))
         .await?;
@@ -158,15 +174,27 @@ async fn a_node_gone_past_the_grace_loses_its_run_which_is_stopped_on_return() -
         move |v| v["state"] == "running" && v["node_id"] == other.as_str(),
     )
     .await?;
-    // The first node comes back with its run still going: it is stopped.
-    let local = agent_client(&a.leaf, None).await?;
-    let mut stopped = local
-        .subscribe(format!("ud.edge.{}.task.{id}.cancelled", a.id))
-        .await?;
-    link.restore();
-    tokio::time::timeout(Duration::from_secs(60), stopped.next())
+    // Cut off for the offline timeout and the grace, the first node has
+    // stopped its run itself: never two runs at once.
+    assert_eq!(
+        containers(docker.clone(), a.id).await?,
+        0,
+        "the cut-off node still runs the task"
+    );
+    // Its stop waits in its own stream; when it comes back it is refused
+    // as stale, and the run elsewhere goes on.
+    let local = async_nats::jetstream::with_domain(
+        agent_client(&a.leaf, None).await?,
+        ud_schemas::edge::domain(&a.id),
+    );
+    let stop = local
+        .get_stream(ud_schemas::edge::stream(&a.id))
         .await?
-        .ok_or_else(|| anyhow!("the lost run was not stopped"))?;
+        .get_last_raw_message_by_subject(&format!("ud.edge.{}.task.{id}.cancelled", a.id))
+        .await
+        .map_err(|e| anyhow!("the node recorded no stop of its run: {e}"))?;
+    assert!(!stop.payload.is_empty());
+    link.restore();
     let done = s
         .task_state(
             &id,

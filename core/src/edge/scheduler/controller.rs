@@ -164,6 +164,9 @@ impl Controller {
             task.attempts,
             task.spec.clone(),
             task.gpus.clone(),
+            // The node stops the run itself when cut off as long as the
+            // platform waits for it before placing it elsewhere.
+            Some((self.settings.heartbeat_timeout + self.grace_of(&task.spec)).as_secs()),
         );
         match run {
             Ok((subject, msg)) => {
@@ -171,6 +174,17 @@ impl Controller {
             }
             Err(e) => warn!(task_id = %task.id, error = %e, "cannot encode dispatch"),
         }
+    }
+
+    /// How long a run of `spec` waits for its node: the task's grace, else
+    /// its queue's, else the platform's, at most the longest allowed.
+    fn grace_of(&self, spec: &ud_schemas::TaskSpec) -> Duration {
+        let seconds = spec
+            .lost_after_seconds
+            .or_else(|| self.settings.queues.get(&spec.queue).lost_after_seconds);
+        seconds
+            .map_or(self.settings.lost_after, Duration::from_secs)
+            .min(self.settings.max_lost_after)
     }
 
     /// Sends a cancel to `node`, after the run if the task is still being placed.
@@ -422,11 +436,6 @@ impl Controller {
     /// background and many at once: placements go on meanwhile.
     fn settle_tasks_on(&mut self, gone: impl Fn(NodeId) -> bool, back: impl Fn(NodeId) -> bool) {
         let now = now_millis();
-        let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
-        let (default_grace, max_grace) = (
-            millis(self.settings.lost_after),
-            millis(self.settings.max_lost_after),
-        );
         let mut items = Vec::new();
         for (id, t) in &self.cluster.tasks {
             let Some(node) = t.task.state.live_node() else {
@@ -443,14 +452,8 @@ impl Controller {
                     }
                 }
                 TaskState::Assigned { .. } | TaskState::Running { .. } if gone(node) => {
-                    let spec = &t.task.spec;
-                    let grace = spec
-                        .lost_after_seconds
-                        .or_else(|| self.settings.queues.get(&spec.queue).lost_after_seconds)
-                        .map_or(default_grace, |s| {
-                            i64::try_from(s).unwrap_or(i64::MAX).saturating_mul(1000)
-                        })
-                        .min(max_grace);
+                    let grace =
+                        i64::try_from(self.grace_of(&t.task.spec).as_millis()).unwrap_or(i64::MAX);
                     if grace > 0 {
                         TaskCommand::Disconnect {
                             node_id: node,
