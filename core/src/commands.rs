@@ -166,7 +166,7 @@ impl TaskCommands {
         }
         if let Some(from) = spec.checkpoint.as_ref().and_then(|c| c.from) {
             let found = self.tasks.current(&from).await?;
-            if !found.is_some_and(|(t, _)| &t.project == project) {
+            if found.is_none_or(|(t, _)| &t.project != project) {
                 errors.push(FieldError::new(
                     "checkpoint.resume_from",
                     format!("no task {from} in project {project}"),

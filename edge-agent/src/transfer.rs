@@ -150,7 +150,7 @@ impl Transfers {
     ) -> Result<Vec<OutputObject>, TransferError> {
         let (root, declared_owned) = (workspace.to_owned(), declared.to_vec());
         let found = tokio::task::spawn_blocking(move || {
-            walk(&root, &declared_owned, required).and_then(|found| hash_all(found))
+            walk(&root, &declared_owned, required).and_then(hash_all)
         })
         .await
         .map_err(|e| TransferError::Refused(e.to_string()))??;
