@@ -81,6 +81,7 @@ fn spec() -> ud_schemas::TaskSpec {
         secrets: vec![],
         checkpoint: None,
         lost_after_seconds: None,
+        after: vec![],
     }
 }
 

@@ -162,6 +162,10 @@ pub struct SubmitArgs {
     /// before the task is lost and placed anew (default: the platform's).
     #[arg(long)]
     lost_after_seconds: Option<i64>,
+    /// Run after this task of the project has succeeded; `ID:any`: after it
+    /// has ended, however (repeatable).
+    #[arg(long = "after")]
+    after: Vec<String>,
     /// Required node label, KEY=VALUE (repeatable).
     #[arg(long = "label")]
     labels: Vec<String>,
@@ -291,6 +295,16 @@ fn task_body(a: &SubmitArgs) -> Result<Value> {
     }
     if let Some(s) = a.lost_after_seconds {
         body["lost_after_seconds"] = json!(s);
+    }
+    if !a.after.is_empty() {
+        body["after"] = a
+            .after
+            .iter()
+            .map(|a| match a.split_once(':') {
+                Some((task, when)) => json!({"task": task, "when": when}),
+                None => json!({"task": a}),
+            })
+            .collect();
     }
     Ok(body)
 }

@@ -173,6 +173,15 @@ impl TaskCommands {
                 ));
             }
         }
+        for (i, a) in spec.after.iter().enumerate() {
+            let found = self.tasks.current(&a.task).await?;
+            if found.is_none_or(|(t, _)| &t.project != project) {
+                errors.push(FieldError::new(
+                    format!("after[{i}].task"),
+                    format!("no task {} in project {project}", a.task),
+                ));
+            }
+        }
         if errors.is_empty() {
             Ok(())
         } else {

@@ -41,6 +41,8 @@ pub mod limits {
     pub const MIN_CHECKPOINT_SECONDS: i64 = 10;
     pub const MAX_CHECKPOINT_SECONDS: i64 = 24 * 3600;
     pub const DEFAULT_CHECKPOINT_SECONDS: i64 = 600;
+    /// Most tasks one task may run after.
+    pub const MAX_AFTER: usize = 64;
     /// Longest a disconnected run may wait for its node: 7 days.
     pub const MAX_LOST_AFTER_SECONDS: i64 = 7 * 24 * 3600;
 }
@@ -298,6 +300,20 @@ pub fn rerun_request(project: &str, task: ud_schemas::TaskId, spec: &TaskSpec) -
         lost_after_seconds: spec
             .lost_after_seconds
             .map(|s| i64::try_from(s).unwrap_or(i64::MAX)),
+        after: spec
+            .after
+            .iter()
+            .map(|a| ud_schemas::api::AfterRequest {
+                task: a.task.to_string(),
+                when: Some(
+                    match a.when {
+                        ud_schemas::spec::AfterWhen::Success => "success",
+                        ud_schemas::spec::AfterWhen::Any => "any",
+                    }
+                    .to_owned(),
+                ),
+            })
+            .collect(),
     }
 }
 
@@ -570,6 +586,27 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
             from,
         }
     });
+    if req.after.len() > limits::MAX_AFTER {
+        e.add("after", format!("at most {} tasks", limits::MAX_AFTER));
+    }
+    let mut after: Vec<ud_schemas::spec::After> = Vec::new();
+    for (i, a) in req.after.iter().enumerate() {
+        let when = match a.when.as_deref() {
+            None | Some("success") => ud_schemas::spec::AfterWhen::Success,
+            Some("any") => ud_schemas::spec::AfterWhen::Any,
+            Some(_) => {
+                e.add(format!("after[{i}].when"), "must be success or any");
+                continue;
+            }
+        };
+        match a.task.parse::<ud_schemas::TaskId>() {
+            Ok(task) if after.iter().any(|b| b.task == task) => {
+                e.add(format!("after[{i}].task"), "is named twice");
+            }
+            Ok(task) => after.push(ud_schemas::spec::After { task, when }),
+            Err(_) => e.add(format!("after[{i}].task"), "is not a task id"),
+        }
+    }
     if let Some(s) = req.lost_after_seconds {
         if !(0..=limits::MAX_LOST_AFTER_SECONDS).contains(&s) {
             e.add(
@@ -633,6 +670,7 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
                 secrets: req.secrets.clone(),
                 checkpoint,
                 lost_after_seconds: req.lost_after_seconds.map(i64::unsigned_abs),
+                after,
             },
         )),
         _ => Err(e.0),
@@ -685,6 +723,7 @@ pub(crate) mod tests {
             secrets: vec![],
             checkpoint: None,
             lost_after_seconds: None,
+            after: vec![],
         }
     }
 

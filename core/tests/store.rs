@@ -36,6 +36,7 @@ pub fn request(project: &str) -> SubmitTask {
         secrets: vec![],
         checkpoint: None,
         lost_after_seconds: None,
+        after: vec![],
     }
 }
 

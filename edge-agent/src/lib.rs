@@ -362,6 +362,7 @@ pub(crate) mod tests {
             secrets: vec![],
             checkpoint: None,
             lost_after_seconds: None,
+            after: vec![],
         }
     }
 }

@@ -467,6 +467,7 @@ mod agreement {
             secrets: vec![],
             checkpoint: None,
             lost_after_seconds: None,
+            after: vec![],
         }
     }
 

@@ -54,6 +54,7 @@ fn spec() -> ud_schemas::TaskSpec {
         secrets: vec![],
         checkpoint: None,
         lost_after_seconds: None,
+        after: vec![],
     };
     ud_core::validate::submit_task(&req)
         .map(|(_, s)| s)

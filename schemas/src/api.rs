@@ -74,6 +74,19 @@ pub struct SubmitTask {
     /// platform's, 600 unless set otherwise).
     #[serde(default)]
     pub lost_after_seconds: Option<i64>,
+    /// Earlier tasks of the same project this one runs after.
+    #[serde(default)]
+    pub after: Vec<AfterRequest>,
+}
+
+/// A task to run after: its id, and `success` (the default: it must have
+/// succeeded) or `any` (it must have ended).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AfterRequest {
+    pub task: String,
+    #[serde(default)]
+    pub when: Option<String>,
 }
 
 /// A workspace folder uploaded while the run goes and at its end, and put

@@ -49,6 +49,30 @@ pub struct TaskSpec {
     /// the task is lost and placed anew; `None`: the platform's default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lost_after_seconds: Option<u64>,
+    /// Tasks of the same project this one runs after: it stays pending
+    /// until each has ended as its `when` asks, and fails if one cannot.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<After>,
+}
+
+/// A task another one runs after.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+pub struct After {
+    #[schema(value_type = String)]
+    pub task: crate::TaskId,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub when: AfterWhen,
+}
+
+/// How a task must end for the ones after it to run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AfterWhen {
+    /// It succeeded (if it ends otherwise, the task after it fails).
+    #[default]
+    Success,
+    /// It ended, however.
+    Any,
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {

@@ -67,6 +67,7 @@ fn spec() -> TaskSpec {
         secrets: vec![],
         checkpoint: None,
         lost_after_seconds: None,
+        after: vec![],
     }
 }
 

@@ -45,6 +45,7 @@ pub(crate) fn spec() -> TaskSpec {
         secrets: vec![],
         checkpoint: None,
         lost_after_seconds: None,
+        after: vec![],
     }
 }
 

@@ -510,3 +510,106 @@ async fn a_queue_limit_set_through_the_api_applies_at_once() -> Result<()> {
     node.agent.abort();
     Ok(())
 }
+
+#[tokio::test]
+async fn tasks_run_after_the_tasks_they_name() -> Result<()> {
+    let mut s = Stack::start(Duration::from_secs(60)).await?;
+    let node = s.online_node("xi").await?;
+    let first = s.submit("sleep 3; echo first done", 120).await?;
+    let failing = s.submit("exit 3", 120).await?;
+    let after = |script: &str, deps: Value| {
+        let mut body = task_body("lab", script, json!({"cpus": 0.5, "memory_mb": 64}));
+        body["after"] = deps;
+        body
+    };
+    let next = s
+        .submit_body(after("echo next", json!([{"task": first}])))
+        .await?;
+    let blocked = s
+        .submit_body(after("echo never", json!([{"task": failing}])))
+        .await?;
+    let cleanup = s
+        .submit_body(after(
+            "echo cleanup",
+            json!([{"task": failing, "when": "any"}]),
+        ))
+        .await?;
+    // Waits, saying for what, while the first runs.
+    let waiting = s
+        .task_until(
+            &next,
+            "a reason naming the first task",
+            Duration::from_secs(30),
+            {
+                let first = first.clone();
+                move |v| {
+                    v["waiting_reason"]
+                        .as_str()
+                        .is_some_and(|r| r.contains(&first))
+                }
+            },
+        )
+        .await?;
+    assert_eq!(waiting["state"], "pending", "{waiting}");
+    let done = s
+        .task_state(&next, &["succeeded", "failed"], Duration::from_secs(60))
+        .await?;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let first_done = s.get(&format!("/api/v1/tasks/{first}")).await?;
+    assert_eq!(first_done["state"], "succeeded");
+    // It started only after the first had ended (stream order).
+    let seq_of = |events: Value, kind: &str| {
+        events
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["type"] == kind)
+            .and_then(|e| e["seq"].as_u64())
+            .unwrap_or(0)
+    };
+    let started = seq_of(
+        s.get(&format!("/api/v1/tasks/{next}/events")).await?,
+        "task.started",
+    );
+    let ended = seq_of(
+        s.get(&format!("/api/v1/tasks/{first}/events")).await?,
+        "task.succeeded",
+    );
+    assert!(
+        started > ended && ended > 0,
+        "started at {started}, the first ended at {ended}"
+    );
+    // After a failure: `success` fails at once, saying why; `any` runs.
+    let never = s
+        .task_state(&blocked, &["succeeded", "failed"], Duration::from_secs(60))
+        .await?;
+    assert_eq!(never["state"], "failed", "{never}");
+    assert!(
+        never["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains(&failing)),
+        "{never}"
+    );
+    assert!(!logs(&s, &blocked).await?.contains("never"));
+    let ran = s
+        .task_state(&cleanup, &["succeeded", "failed"], Duration::from_secs(60))
+        .await?;
+    assert_eq!(ran["state"], "succeeded", "{ran}");
+    // A task of another project, or none, cannot be named.
+    let resp = s
+        .http
+        .post(format!("{}/api/v1/tasks", s.base))
+        .bearer_auth(&s.admin)
+        .json(&{
+            let mut b = after("echo x", json!([{"task": first}]));
+            b["project"] = json!("other");
+            b
+        })
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 400);
+    let v: Value = resp.json().await?;
+    assert_eq!(v["fields"][0]["field"], "after[0].task", "{v}");
+    node.agent.abort();
+    Ok(())
+}

@@ -65,6 +65,8 @@ enum PassNews {
     Done,
     /// The tasks of a lost node are marked lost (or were found changed).
     Lost(Vec<TaskId>),
+    /// How tasks others run after ended (`None`: not ended, or not found).
+    Ended(Vec<(TaskId, Option<ud_schemas::TaskStatus>)>),
 }
 
 struct Controller {
@@ -87,6 +89,11 @@ struct Controller {
     memory: Memory,
     /// Tasks being marked lost in the background: not marked again meanwhile.
     losing: HashSet<TaskId>,
+    /// How tasks that pending ones run after ended (kept while the
+    /// controller runs: one entry per such task).
+    ended: HashMap<TaskId, ud_schemas::TaskStatus>,
+    /// Being looked up in the store.
+    looking_up: HashSet<TaskId>,
     /// Last sequences of the node and task streams at start, and how far the
     /// view has applied them: no task is judged before the view is complete.
     targets: HashMap<String, u64>,
@@ -176,6 +183,37 @@ impl Controller {
         }
     }
 
+    /// Looks up, in the background, how the tasks pending ones run after
+    /// ended, when the view no longer holds them.
+    fn look_up_ended(&mut self) {
+        if !self.caught_up() {
+            return;
+        }
+        let wanted: Vec<TaskId> = plan::unknown_after(&self.cluster, &self.ended)
+            .into_iter()
+            .filter(|id| self.looking_up.insert(*id))
+            .collect();
+        if wanted.is_empty() {
+            return;
+        }
+        let (tasks, news) = (self.tasks.clone(), self.pass_news.clone());
+        tokio::spawn(async move {
+            let mut found = Vec::with_capacity(wanted.len());
+            for id in wanted {
+                let status = match tasks.load(&id).await {
+                    Ok(Some((t, _))) if t.state.is_terminal() => Some(t.state.status()),
+                    Ok(_) => None,
+                    Err(e) => {
+                        warn!(task_id = %id, error = %e, "cannot read a task others run after");
+                        None
+                    }
+                };
+                found.push((id, status));
+            }
+            let _ = news.send(PassNews::Ended(found));
+        });
+    }
+
     /// How long a run of `spec` waits for its node: the task's grace, else
     /// its queue's, else the platform's, at most the longest allowed.
     fn grace_of(&self, spec: &ud_schemas::TaskSpec) -> Duration {
@@ -217,11 +255,13 @@ impl Controller {
         while let Ok(id) = self.unwritten.try_recv() {
             self.memory.waiting.remove(&id);
         }
+        self.look_up_ended();
         let rules = Rules {
             placement: self.settings.placement,
             queues: &self.settings.queues,
             caught_up: self.caught_up(),
             now: now_millis(),
+            ended: &self.ended,
         };
         let plan = plan::plan(&self.cluster, &self.inflight, &rules, &mut self.memory);
         // Written in the background: placements do not wait for them.
@@ -282,6 +322,16 @@ impl Controller {
             PassNews::Lost(ids) => {
                 for id in ids {
                     self.losing.remove(&id);
+                }
+                return;
+            }
+            PassNews::Ended(found) => {
+                for (id, status) in found {
+                    self.looking_up.remove(&id);
+                    if let Some(status) = status {
+                        self.ended.insert(id, status);
+                        self.wanted = true;
+                    }
                 }
                 return;
             }
@@ -683,6 +733,8 @@ pub async fn run(commands: TaskCommands, settings: ControllerSettings) {
         inflight: HashMap::new(),
         memory: Memory::default(),
         losing: HashSet::new(),
+        ended: HashMap::new(),
+        looking_up: HashSet::new(),
         targets,
         applied: HashMap::new(),
         lost: HashMap::new(),

@@ -4,7 +4,8 @@
 
 use std::collections::HashMap;
 
-use ud_schemas::{Millis, NodeId, Resources, TaskId};
+use ud_schemas::spec::AfterWhen;
+use ud_schemas::{Millis, NodeId, Resources, TaskId, TaskStatus};
 
 use super::{add, explain, fair_order, place, Placement, Queued, Queues, Unplaced, Usage};
 use crate::edge::view::Cluster;
@@ -43,6 +44,53 @@ pub struct Rules<'a> {
     /// started: until then, no task is judged unplaceable.
     pub caught_up: bool,
     pub now: Millis,
+    /// How tasks that others run after ended, as far as known (a task the
+    /// view no longer holds has ended; one in neither is being looked up).
+    pub ended: &'a HashMap<TaskId, TaskStatus>,
+}
+
+/// Whether a pending task's `after` tasks let it run.
+#[derive(Debug, PartialEq, Eq)]
+enum Ready {
+    Yes,
+    /// Not yet: the first task it still waits for.
+    Waits(TaskId),
+    /// Never: one ended as it may not.
+    Never(String),
+}
+
+fn ready(cluster: &Cluster, rules: &Rules<'_>, t: &crate::task::Task) -> Ready {
+    for a in &t.spec.after {
+        if cluster.tasks.contains_key(&a.task) {
+            return Ready::Waits(a.task);
+        }
+        match (rules.ended.get(&a.task), a.when) {
+            (None, _) => return Ready::Waits(a.task),
+            (Some(TaskStatus::Succeeded), _) | (Some(_), AfterWhen::Any) => {}
+            (Some(other), AfterWhen::Success) => {
+                return Ready::Never(format!(
+                    "task {} it runs after ended {other}, not succeeded",
+                    a.task
+                ))
+            }
+        }
+    }
+    Ready::Yes
+}
+
+/// The tasks pending ones run after that have left the view and whose end
+/// is not known yet: to be looked up.
+pub fn unknown_after(cluster: &Cluster, ended: &HashMap<TaskId, TaskStatus>) -> Vec<TaskId> {
+    let mut out: Vec<TaskId> = cluster
+        .tasks
+        .values()
+        .filter(|t| t.task.state == TaskState::Pending)
+        .flat_map(|t| t.task.spec.after.iter().map(|a| a.task))
+        .filter(|id| !cluster.tasks.contains_key(id) && !ended.contains_key(id))
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 /// What the tasks live on each node (and those being placed there) take.
@@ -93,12 +141,34 @@ pub fn plan(
             *queue_live.entry(t.task.spec.queue.clone()).or_default() += 1;
         }
     }
+    let mut verdicts = Vec::new();
     let queued: Vec<Queued<'_>> = cluster
         .tasks
         .iter()
         .filter(|(id, t)| t.task.state == TaskState::Pending && !inflight.contains_key(id))
         // A retry waits out its backoff (the periodic tick picks it up).
         .filter(|(_, t)| t.task.not_before.is_none_or(|at| at <= rules.now))
+        // Tasks that run after others wait for them (or fail, if they cannot).
+        .filter(|(id, t)| match ready(cluster, rules, &t.task) {
+            Ready::Yes => true,
+            _ if !rules.caught_up => false,
+            Ready::Waits(first) => {
+                let kind = format!("after {first}");
+                if memory.waiting.get(*id) != Some(&kind) {
+                    let reason = format!("waiting for task {first} to end");
+                    memory.waiting.insert(**id, kind);
+                    verdicts.push((**id, TaskCommand::Wait { reason }));
+                }
+                false
+            }
+            Ready::Never(reason) => {
+                if memory.waiting.get(*id).map(String::as_str) != Some("never") {
+                    memory.waiting.insert(**id, "never".into());
+                    verdicts.push((**id, TaskCommand::Unschedulable { reason }));
+                }
+                false
+            }
+        })
         .map(|(id, t)| {
             let project = t.task.project.as_str();
             Queued {
@@ -112,6 +182,7 @@ pub fn plan(
             }
         })
         .collect();
+    out.verdicts = verdicts;
     if queued.is_empty() {
         return out;
     }
@@ -252,7 +323,73 @@ mod tests {
             queues,
             caught_up: true,
             now: 10,
+            // Leaked: a test's few bytes, for a reference that lives as long as `queues`.
+            ended: Box::leak(Box::default()),
         }
+    }
+
+    #[test]
+    fn a_task_runs_after_the_tasks_it_names_and_fails_if_one_cannot_end_as_asked() {
+        let n = node(8);
+        let first = task("a", 1, "default");
+        let mut after = task("a", 1, "default");
+        after.spec.after = vec![ud_schemas::spec::After {
+            task: first.id,
+            when: AfterWhen::Success,
+        }];
+        let mut after_any = task("a", 1, "default");
+        after_any.spec.after = vec![ud_schemas::spec::After {
+            task: first.id,
+            when: AfterWhen::Any,
+        }];
+        let queues = Queues::default();
+        let mut memory = Memory::default();
+        // While the first is in the view (unfinished), both wait, told once.
+        let view = cluster(
+            &[n.clone()],
+            &[first.clone(), after.clone(), after_any.clone()],
+        );
+        let p = plan(&view, &HashMap::new(), &rules(&queues), &mut memory);
+        assert_eq!(
+            p.assign.iter().map(|a| a.0).collect::<Vec<_>>(),
+            vec![first.id]
+        );
+        assert_eq!(p.verdicts.len(), 2, "{:?}", p.verdicts);
+        assert!(p
+            .verdicts
+            .iter()
+            .all(|(_, c)| matches!(c, TaskCommand::Wait { reason } if reason.contains(&first.id.to_string()))));
+        let again = plan(&view, &HashMap::new(), &rules(&queues), &mut memory);
+        assert!(again.verdicts.is_empty());
+        // Gone from the view, its end not known yet: looked up, still waiting.
+        let view = cluster(&[n.clone()], &[after.clone(), after_any.clone()]);
+        assert_eq!(unknown_after(&view, &HashMap::new()), vec![first.id]);
+        let p = plan(&view, &HashMap::new(), &rules(&queues), &mut memory);
+        assert!(p.assign.is_empty());
+        // It failed: the one after it fails too, the one after any end runs.
+        let ended = HashMap::from([(first.id, TaskStatus::Failed)]);
+        assert!(unknown_after(&view, &ended).is_empty());
+        let r = Rules {
+            ended: &ended,
+            ..rules(&queues)
+        };
+        let p = plan(&view, &HashMap::new(), &r, &mut memory);
+        assert_eq!(
+            p.assign.iter().map(|a| a.0).collect::<Vec<_>>(),
+            vec![after_any.id]
+        );
+        assert!(matches!(
+            &p.verdicts[..],
+            [(id, TaskCommand::Unschedulable { reason })] if *id == after.id && reason.contains("failed")
+        ));
+        // It succeeded: both run.
+        let ended = HashMap::from([(first.id, TaskStatus::Succeeded)]);
+        let r = Rules {
+            ended: &ended,
+            ..rules(&queues)
+        };
+        let p = plan(&view, &HashMap::new(), &r, &mut Memory::default());
+        assert_eq!(p.assign.len(), 2);
     }
 
     #[test]
