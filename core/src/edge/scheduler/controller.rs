@@ -89,8 +89,8 @@ struct Controller {
     memory: Memory,
     /// Tasks being marked lost in the background: not marked again meanwhile.
     losing: HashSet<TaskId>,
-    /// How tasks that pending ones run after ended (kept while the
-    /// controller runs: one entry per such task).
+    /// How tasks that pending ones run after ended (kept while a pending
+    /// task names them).
     ended: HashMap<TaskId, ud_schemas::TaskStatus>,
     /// Being looked up in the store.
     looking_up: HashSet<TaskId>,
@@ -181,6 +181,21 @@ impl Controller {
             }
             Err(e) => warn!(task_id = %task.id, error = %e, "cannot encode dispatch"),
         }
+    }
+
+    /// Forgets how tasks ended that no pending task runs after any more.
+    fn prune_ended(&mut self) {
+        if self.ended.is_empty() {
+            return;
+        }
+        let named: HashSet<TaskId> = self
+            .cluster
+            .tasks
+            .values()
+            .filter(|t| t.task.state == TaskState::Pending)
+            .flat_map(|t| t.task.spec.after.iter().map(|a| a.task))
+            .collect();
+        self.ended.retain(|id, _| named.contains(id));
     }
 
     /// Looks up, in the background, how the tasks pending ones run after
@@ -777,6 +792,7 @@ pub async fn run(commands: TaskCommands, settings: ControllerSettings) {
                 crate::edge::liveness::check(&c.nodes, &c.cluster, now_millis(), timeout).await;
                 c.resend_overdue();
                 c.lose_stranded();
+                c.prune_ended();
                 c.wanted = true;
             }
         }
