@@ -261,6 +261,11 @@ impl Secrets {
         Ok(Some((stored, entry.revision)))
     }
 
+    /// The secret's record while it is set (not deleted).
+    async fn live(&self, secret: &SecretRef) -> Result<Option<(Stored, u64)>, SecretError> {
+        Ok(self.stored(secret).await?.filter(|(s, _)| !s.deleted))
+    }
+
     /// Writes `next` over the record at `revision` (none: a first write).
     async fn write(
         &self,
@@ -362,8 +367,7 @@ impl Secrets {
     ) -> Result<SecretInfo, SecretError> {
         let secret = secret_ref(project, name)?;
         for _ in 0..CAS_TRIES {
-            let Some((before, revision)) = self.stored(&secret).await?.filter(|(s, _)| !s.deleted)
-            else {
+            let Some((before, revision)) = self.live(&secret).await? else {
                 return Err(SecretError::NotSet(secret));
             };
             let next = Stored {
@@ -417,7 +421,7 @@ impl Secrets {
                 continue;
             }
             let secret = secret_ref(&project, name)?;
-            if let Some((s, _)) = self.stored(&secret).await?.filter(|(s, _)| !s.deleted) {
+            if let Some((s, _)) = self.live(&secret).await? {
                 out.push((project, info_of(name, &s)));
             }
         }
@@ -434,12 +438,7 @@ impl Secrets {
         let mut out = Vec::new();
         for name in names {
             let secret = secret_ref(project, name)?;
-            if self
-                .stored(&secret)
-                .await?
-                .filter(|(s, _)| !s.deleted)
-                .is_none()
-            {
+            if self.live(&secret).await?.is_none() {
                 out.push(name.clone());
             }
         }
@@ -455,7 +454,7 @@ impl Secrets {
         let mut out = Vec::with_capacity(names.len());
         for name in names {
             let secret = secret_ref(project, name)?;
-            let Some((s, _)) = self.stored(&secret).await?.filter(|(s, _)| !s.deleted) else {
+            let Some((s, _)) = self.live(&secret).await? else {
                 return Err(SecretError::NotSet(secret));
             };
             let unreadable = |reason: String| SecretError::Unreadable {

@@ -100,14 +100,8 @@ async fn a_store_that_is_not_there_is_an_error_not_a_hang() -> Result<()> {
 #[tokio::test]
 async fn urls_name_the_public_address_and_work_through_a_proxy_there() -> Result<()> {
     let g = Garage::start().await?;
-    let internal_port: u16 = g
-        .endpoint
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.trim_end_matches('/').parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no port in {}", g.endpoint))?;
     // The public entry: another address, forwarding to the store.
-    let proxy = ud_testkit::Proxy::start(None, &[("/", internal_port)]).await?;
+    let proxy = ud_testkit::Proxy::start(None, &[("/", g.port)]).await?;
     let mut settings = StorageSettings::path_style(
         &g.endpoint,
         &g.region,

@@ -47,6 +47,8 @@ pub struct Garage {
     child: Option<Child>,
     /// `http://127.0.0.1:<port>`, the S3 API.
     pub endpoint: String,
+    /// The port of `endpoint`.
+    pub port: u16,
     pub region: String,
     pub bucket: String,
     pub access_key_id: String,
@@ -77,6 +79,7 @@ impl Garage {
             dir,
             child: None,
             endpoint: format!("http://127.0.0.1:{s3}"),
+            port: s3,
             region: "garage".into(),
             bucket: "unidesk".into(),
             access_key_id: format!("GK{}", hex(12)),

@@ -71,6 +71,8 @@ pub struct NatsServer {
     leaf_port: u16,
     http_port: u16,
     ws_port: u16,
+    /// Woken whenever the server logs a line.
+    logged: std::sync::Arc<tokio::sync::Notify>,
 }
 
 fn nats_binary() -> PathBuf {
@@ -95,6 +97,7 @@ impl NatsServer {
             leaf_port: 0,
             http_port: 0,
             ws_port: 0,
+            logged: Default::default(),
         };
         server.spawn().await?;
         Ok(server)
@@ -186,6 +189,28 @@ impl NatsServer {
         std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()
     }
 
+    /// Waits until the server has logged a line holding `needle`.
+    pub async fn until_logged(&self, needle: &str, timeout: Duration) -> Result<()> {
+        let wait = async {
+            loop {
+                let next = self.logged.notified();
+                tokio::pin!(next);
+                // Registered before looking, so that no line is missed between.
+                next.as_mut().enable();
+                if self.log().contains(needle) {
+                    return;
+                }
+                next.await;
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.map_err(|_| {
+            anyhow!(
+                "nats-server never logged {needle:?} within {timeout:?}:\n{}",
+                self.log()
+            )
+        })
+    }
+
     /// Base URL of the monitoring endpoint (hubs only).
     pub fn monitor_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.http_port)
@@ -242,6 +267,7 @@ impl NatsServer {
             tokio::time::timeout(Duration::from_secs(20), wait_ready).await??;
         // Keep draining the log so the server never blocks on a full pipe.
         let log = self.dir.path().join("nats.log");
+        let logged = self.logged.clone();
         tokio::spawn(async move {
             let mut out = std::fs::OpenOptions::new()
                 .create(true)
@@ -253,6 +279,7 @@ impl NatsServer {
                     use std::io::Write;
                     let _ = writeln!(f, "{line}");
                 }
+                logged.notify_waiters();
             }
         });
         self.port = port;

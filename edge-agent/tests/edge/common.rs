@@ -66,6 +66,9 @@ static LOGGED: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
 /// Most log bytes kept: the oldest half goes when it is reached.
 const LOGGED_MAX: usize = 256 << 20;
 
+/// Woken whenever a log line is kept.
+static LOG_WRITTEN: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
 struct Logged;
 
 impl std::io::Write for Logged {
@@ -77,6 +80,7 @@ impl std::io::Write for Logged {
             }
             l.extend_from_slice(buf);
         }
+        LOG_WRITTEN.notify_waiters();
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -90,6 +94,25 @@ pub fn logged(needle: &str) -> bool {
         .lock()
         .map(|l| l.windows(needle.len()).any(|w| w == needle.as_bytes()))
         .unwrap_or(false)
+}
+
+/// Waits until a log line holds `needle`.
+pub async fn until_logged(needle: &str, timeout: Duration) -> Result<()> {
+    let wait = async {
+        loop {
+            let written = LOG_WRITTEN.notified();
+            tokio::pin!(written);
+            // Registered before looking, so that no line is missed between.
+            written.as_mut().enable();
+            if logged(needle) {
+                return;
+            }
+            written.await;
+        }
+    };
+    tokio::time::timeout(timeout, wait)
+        .await
+        .map_err(|_| anyhow!("nothing logged {needle:?} within {timeout:?}"))
 }
 
 fn init_tracing() {

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Result};
+use futures::StreamExt;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use ud_schemas::dispatch::{self, OutputFile, StorageReply, StorageRequest};
@@ -419,7 +420,7 @@ async fn within(what: &str, f: impl std::future::Future<Output = ()>) -> Result<
 async fn transfers_resume_after_the_link_to_the_store_drops() -> Result<()> {
     // Everything reaches the store through a relay that can be cut.
     let g = Garage::start().await?;
-    let port: u16 = g.endpoint.rsplit(':').next().unwrap_or_default().parse()?;
+    let port = g.port;
     let relay = Relay::start(port).await?;
     let store = storage_at(&g, &format!("http://127.0.0.1:{}", relay.port()))?;
     let mut s = stack(&store).await?;
@@ -534,6 +535,15 @@ async fn a_run_lost_with_its_node_resumes_from_its_checkpoint_elsewhere() -> Res
     )
     .await?;
     let a = s.online_node("omicron").await?;
+    // What the node asks the main server for its files, as the main server sees it.
+    let mut asked = s
+        .server
+        .state
+        .commands
+        .store()
+        .client()
+        .subscribe(edge::storage_subject(&a.id))
+        .await?;
     // Counts to 25, a step a second, keeping the count in its checkpoint folder.
     let script = "n=$(cat ckpt/n 2>/dev/null || echo 0); echo \"resumed at $n\"; \
                   while [ $n -lt 25 ]; do n=$((n+1)); echo $n > ckpt/n; sleep 1; done; echo \"ended at $n\"";
@@ -547,18 +557,25 @@ async fn a_run_lost_with_its_node_resumes_from_its_checkpoint_elsewhere() -> Res
     assert_eq!(running["node_id"], a.id.to_string());
     assert_eq!(resumed_at(&s, &id).await?, 0);
 
-    // The first periodic upload lands in the store...
-    let key = ud_storage::keys::checkpoint_key("lab", &id, "n")?;
+    // The first periodic upload is completed, and its file is in the store...
     let saved = async {
-        let mut tick = tokio::time::interval(Duration::from_millis(200));
-        loop {
-            tick.tick().await;
-            if store.head(&key).await.ok().flatten().is_some() {
-                break;
+        while let Some(m) = asked.next().await {
+            if let Ok(StorageRequest::CheckpointComplete { present, .. }) =
+                dispatch::from_cbor::<StorageRequest>(&m.payload, "storage-request")
+            {
+                if present.iter().any(|p| p == "ckpt/n") {
+                    return true;
+                }
             }
         }
+        false
     };
-    tokio::time::timeout(Duration::from_secs(60), saved).await?;
+    assert!(tokio::time::timeout(Duration::from_secs(60), saved).await?);
+    let key = ud_storage::keys::checkpoint_key("lab", &id, "n")?;
+    assert!(
+        store.head(&key).await?.is_some(),
+        "{key} is not in the store"
+    );
     // ...then the node is gone for good: its agent and its container.
     a.agent.abort();
     let docker = bollard::Docker::connect_with_local_defaults()?;

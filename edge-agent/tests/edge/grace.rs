@@ -65,15 +65,7 @@ async fn a_blip_longer_than_the_offline_timeout_kills_nothing() -> Result<()> {
         "{settings}"
     );
     // The queue's setting reaches the scheduler through the key-value bucket.
-    let mut applied = false;
-    for _ in 0..100 {
-        if logged("lost_after_seconds: Some(120)") {
-            applied = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(applied, "the scheduler never saw the queue's settings");
+    until_logged("lost_after_seconds: Some(120)", Duration::from_secs(10)).await?;
     let id = running(
         &mut s,
         "echo before the blip; sleep 25; echo after the blip | tee result.txt",

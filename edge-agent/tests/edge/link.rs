@@ -4,28 +4,12 @@
 
 use std::time::Duration;
 
-use anyhow::{anyhow, Result};
+use anyhow::Result;
 use tokio::io::AsyncReadExt;
 use ud_schemas::edge::HubLink;
 use ud_testkit::{NatsOptions, NatsServer, Proxy, TestCa};
 
 use crate::common::*;
-
-/// Waits until the leaf server's log has `needle`.
-async fn leaf_logged(leaf: &NatsServer, needle: &str) -> Result<()> {
-    let watch = async {
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
-        loop {
-            tick.tick().await;
-            if leaf.log().contains(needle) {
-                return;
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(30), watch)
-        .await
-        .map_err(|_| anyhow!("the leaf never logged {needle:?}:\n{}", leaf.log()))
-}
 
 #[tokio::test]
 async fn the_hub_requires_tls_and_a_node_that_cannot_verify_it_stays_out() -> Result<()> {
@@ -45,7 +29,12 @@ async fn the_hub_requires_tls_and_a_node_that_cannot_verify_it_stays_out() -> Re
         port: s.hub.leaf_port(),
     };
     let wrong = leaf_server(&token, &link, Some(&other.ca_file())).await?;
-    leaf_logged(&wrong, "certificate signed by unknown authority").await?;
+    wrong
+        .until_logged(
+            "certificate signed by unknown authority",
+            Duration::from_secs(30),
+        )
+        .await?;
     drop(wrong);
 
     // A hub whose certificate expired is refused as well.
@@ -61,7 +50,8 @@ async fn the_hub_requires_tls_and_a_node_that_cannot_verify_it_stays_out() -> Re
         port: stale.leaf_port(),
     };
     let leaf = leaf_server(&token, &to_stale, Some(&s.ca.ca_file())).await?;
-    leaf_logged(&leaf, "certificate has expired").await?;
+    leaf.until_logged("certificate has expired", Duration::from_secs(30))
+        .await?;
     drop(leaf);
 
     // The agent's own tool will not write a plain link unless told to.

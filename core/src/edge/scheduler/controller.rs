@@ -198,13 +198,10 @@ impl Controller {
         self.ended.retain(|id, _| named.contains(id));
     }
 
-    /// Looks up, in the background, how the tasks pending ones run after
-    /// ended, when the view no longer holds them.
-    fn look_up_ended(&mut self) {
-        if !self.caught_up() {
-            return;
-        }
-        let wanted: Vec<TaskId> = plan::unknown_after(&self.cluster, &self.ended)
+    /// Looks up, in the background, how the tasks `ids` ended (tasks pending
+    /// ones run after that the view no longer holds).
+    fn look_up_ended(&mut self, ids: Vec<TaskId>) {
+        let wanted: Vec<TaskId> = ids
             .into_iter()
             .filter(|id| self.looking_up.insert(*id))
             .collect();
@@ -270,7 +267,6 @@ impl Controller {
         while let Ok(id) = self.unwritten.try_recv() {
             self.memory.waiting.remove(&id);
         }
-        self.look_up_ended();
         let rules = Rules {
             placement: self.settings.placement,
             queues: &self.settings.queues,
@@ -279,6 +275,7 @@ impl Controller {
             ended: &self.ended,
         };
         let plan = plan::plan(&self.cluster, &self.inflight, &rules, &mut self.memory);
+        self.look_up_ended(plan.look_up);
         // Written in the background: placements do not wait for them.
         for v in plan.verdicts {
             let _ = self.verdicts.send(v);
@@ -479,7 +476,7 @@ impl Controller {
     /// comes; this also finds those assigned to a node while it went (by
     /// another instance, or an assignment seen after the offline event) and
     /// the runs whose wait is over.
-    fn lose_stranded(&mut self) {
+    fn settle_stranded(&mut self) {
         if !self.caught_up() {
             return;
         }
@@ -561,11 +558,11 @@ impl Controller {
                         return;
                     };
                     match result {
-                        Ok(done) if !done.events.is_empty() => match *command {
-                            "disconnect" => info!(task_id = %id, "node offline; the run waits for it"),
-                            "reconnect" => info!(task_id = %id, "node back; the run goes on"),
-                            _ => info!(task_id = %id, "task lost with its node; placing it again"),
-                        },
+                        // `disconnect` (the run waits for its node), `reconnect`
+                        // (it goes on) or `lose` (it is placed again).
+                        Ok(done) if !done.events.is_empty() => {
+                            info!(task_id = %id, command, "task of a node that went or came settled")
+                        }
                         // Changed meanwhile: no longer live on that node.
                         Ok(_) | Err(ExecuteError::Rejected(_) | ExecuteError::Conflict) => {}
                         Err(e) => warn!(task_id = %id, error = %e, command, "cannot settle the task of a node"),
@@ -791,7 +788,7 @@ pub async fn run(commands: TaskCommands, settings: ControllerSettings) {
                 let timeout = i64::try_from(c.settings.heartbeat_timeout.as_millis()).unwrap_or(i64::MAX);
                 crate::edge::liveness::check(&c.nodes, &c.cluster, now_millis(), timeout).await;
                 c.resend_overdue();
-                c.lose_stranded();
+                c.settle_stranded();
                 c.prune_ended();
                 c.wanted = true;
             }

@@ -2,6 +2,7 @@
 //! tasks already placed there hold. A device is held by one task, unless
 //! every task holding it asked to share.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use ud_schemas::gpu::model_matches;
@@ -48,23 +49,6 @@ impl Held {
     pub fn count(&self) -> u64 {
         self.devices.len() as u64 + self.unnamed
     }
-}
-
-/// A node's devices with the id a container is given: the UUID, or the
-/// position for GPUs an older agent registered without one.
-pub fn devices(res: &NodeResources) -> Vec<(String, &Gpu)> {
-    res.gpus
-        .iter()
-        .enumerate()
-        .map(|(i, g)| {
-            let id = if g.uuid.is_empty() {
-                i.to_string()
-            } else {
-                g.uuid.clone()
-            };
-            (id, g)
-        })
-        .collect()
 }
 
 /// Whether `a` (dotted numbers: `8.0`, `535.104.05`) is at least `b`.
@@ -120,44 +104,32 @@ pub fn suitable(res: &NodeResources, req: &Resources) -> usize {
     res.gpus.iter().filter(|g| suits(g, req)).count()
 }
 
-/// How many devices `req` could get on `node` next to what `held` holds,
-/// without choosing them (no allocation: placement asks this of every node).
-pub fn free_count(node: &Node, held: &Held, req: &Resources) -> usize {
-    let Some(res) = node.resources.as_ref() else {
-        return 0;
-    };
+/// The devices of `node` that `req` could get next to what `held` holds,
+/// in the node's order: (rank, index, id), rank 0 for a device others share
+/// (when `req` shares too), 1 for a free one. The id is the UUID, or the
+/// position for GPUs an older agent registered without one. `None`: the
+/// node's driver is too old (or its resources are not known).
+fn usable<'a>(
+    node: &'a Node,
+    held: &'a Held,
+    req: &'a Resources,
+) -> Option<impl Iterator<Item = (u8, u32, Cow<'a, str>)> + 'a> {
+    let res = node.resources.as_ref()?;
     if !driver_suits(res, req) {
-        return 0;
+        return None;
     }
-    let total = res.gpus.len();
-    let unnamed = usize::try_from(held.unnamed).unwrap_or(usize::MAX);
-    // Devices held are the node's own: at most the rest are wholly free,
-    // which is all a task that does not share can get.
-    let at_most = total
-        .saturating_sub(held.devices.len())
-        .saturating_sub(unnamed);
-    let plain = req.gpu_model.is_none()
-        && req.gpu_memory_mb == 0
-        && req.gpu_compute_capability.is_none()
-        && node.visible_gpus.is_none();
-    if !req.gpu_shared && (plain || at_most < usize::try_from(req.gpus).unwrap_or(usize::MAX)) {
-        return at_most;
-    }
-    let (mut whole, mut shared) = (0usize, 0usize);
     // A node's devices are mostly alike: judged once per kind.
     let mut last: Option<(&Gpu, bool)> = None;
-    for (i, g) in res.gpus.iter().enumerate() {
-        let position: String;
-        let id = if g.uuid.is_empty() {
-            position = i.to_string();
-            position.as_str()
+    Some(res.gpus.iter().enumerate().filter_map(move |(i, g)| {
+        let id: Cow<'a, str> = if g.uuid.is_empty() {
+            Cow::Owned(i.to_string())
         } else {
-            g.uuid.as_str()
+            Cow::Borrowed(g.uuid.as_str())
         };
         let visible = node
             .visible_gpus
             .as_ref()
-            .is_none_or(|v| v.iter().any(|v| v == id));
+            .is_none_or(|v| v.iter().any(|v| *v == *id));
         let suited = match last {
             Some((l, ok))
                 if l.model == g.model
@@ -173,14 +145,51 @@ pub fn free_count(node: &Node, held: &Held, req: &Resources) -> usize {
             }
         };
         if !visible || !suited {
-            continue;
+            return None;
         }
-        match held.devices.get(id) {
-            None => whole += 1,
-            Some(Hold::Shared(_)) if req.gpu_shared => shared += 1,
-            Some(_) => {}
-        }
+        let rank = match held.devices.get(id.as_ref()) {
+            None => 1,
+            // A sharing task goes where others share first, keeping whole
+            // devices free.
+            Some(Hold::Shared(_)) if req.gpu_shared => 0,
+            Some(_) => return None,
+        };
+        Some((rank, g.index, id))
+    }))
+}
+
+/// How many devices `req` could get on `node` next to what `held` holds,
+/// without choosing them (placement asks this of every node).
+pub fn free_count(node: &Node, held: &Held, req: &Resources) -> usize {
+    let Some(res) = node.resources.as_ref() else {
+        return 0;
+    };
+    let unnamed = usize::try_from(held.unnamed).unwrap_or(usize::MAX);
+    // Devices held are the node's own: at most the rest are wholly free,
+    // which is all a task that does not share can get.
+    let at_most = res
+        .gpus
+        .len()
+        .saturating_sub(held.devices.len())
+        .saturating_sub(unnamed);
+    let plain = req.gpu_model.is_none()
+        && req.gpu_memory_mb == 0
+        && req.gpu_compute_capability.is_none()
+        && node.visible_gpus.is_none();
+    if !req.gpu_shared && (plain || at_most < usize::try_from(req.gpus).unwrap_or(usize::MAX)) {
+        return if driver_suits(res, req) { at_most } else { 0 };
     }
+    let Some(devices) = usable(node, held, req) else {
+        return 0;
+    };
+    let (whole, shared) = devices.fold((0usize, 0usize), |(w, s), (rank, ..)| {
+        if rank == 1 {
+            (w + 1, s)
+        } else {
+            (w, s + 1)
+        }
+    });
+    // Tasks that name no devices took some of the free ones.
     whole.saturating_sub(unnamed) + shared
 }
 
@@ -190,28 +199,8 @@ pub fn allocate(node: &Node, held: &Held, req: &Resources) -> Option<Vec<String>
     if req.gpus == 0 {
         return Some(Vec::new());
     }
-    let res = node.resources.as_ref()?;
-    if !driver_suits(res, req) {
-        return None;
-    }
-    let visible = |id: &str| {
-        node.visible_gpus
-            .as_ref()
-            .is_none_or(|v| v.iter().any(|g| g == id))
-    };
-    let mut free: Vec<(u8, u32, String)> = devices(res)
-        .into_iter()
-        .filter(|(id, g)| visible(id) && suits(g, req))
-        .filter_map(|(id, g)| {
-            let rank = match held.devices.get(&id) {
-                None => 1,
-                // A sharing task goes where others share first, keeping
-                // whole devices free.
-                Some(Hold::Shared(_)) if req.gpu_shared => 0,
-                Some(_) => return None,
-            };
-            Some((rank, g.index, id))
-        })
+    let mut free: Vec<(u8, u32, String)> = usable(node, held, req)?
+        .map(|(rank, index, id)| (rank, index, id.into_owned()))
         .collect();
     free.sort();
     // Tasks that name no devices took some of the free ones.
@@ -400,6 +389,9 @@ mod tests {
                     held.take(devices, devices.len() as u32, *s);
                 }
                 let r = Resources { gpu_shared: *shared, ..req(*want) };
+                // Placement's count agrees with the choice made afterwards.
+                let fits = free_count(&n, &held, &r) >= *want as usize;
+                prop_assert_eq!(fits, allocate(&n, &held, &r).is_some());
                 if let Some(got) = allocate(&n, &held, &r) {
                     prop_assert_eq!(got.len(), *want as usize);
                     let mut distinct = got.clone();

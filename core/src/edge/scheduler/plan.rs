@@ -34,6 +34,9 @@ pub struct Plan {
     pub assign: Vec<(TaskId, NodeId, Vec<String>)>,
     /// What unplaced tasks are told (`Wait` or `Unschedulable`).
     pub verdicts: Vec<(TaskId, TaskCommand)>,
+    /// Tasks pending ones run after whose end is to be looked up: the view
+    /// no longer holds them and `Rules::ended` does not know them yet.
+    pub look_up: Vec<TaskId>,
 }
 
 /// The settings a pass reads.
@@ -53,7 +56,8 @@ pub struct Rules<'a> {
 #[derive(Debug, PartialEq, Eq)]
 enum Ready {
     Yes,
-    /// Not yet: the first task it still waits for.
+    /// Not yet: the first task it still waits for (one the view no longer
+    /// holds has ended, and how is to be looked up).
     Waits(TaskId),
     /// Never: one ended as it may not.
     Never(String),
@@ -76,21 +80,6 @@ fn ready(cluster: &Cluster, rules: &Rules<'_>, t: &crate::task::Task) -> Ready {
         }
     }
     Ready::Yes
-}
-
-/// The tasks pending ones run after that have left the view and whose end
-/// is not known yet: to be looked up.
-pub fn unknown_after(cluster: &Cluster, ended: &HashMap<TaskId, TaskStatus>) -> Vec<TaskId> {
-    let mut out: Vec<TaskId> = cluster
-        .tasks
-        .values()
-        .filter(|t| t.task.state == TaskState::Pending)
-        .flat_map(|t| t.task.spec.after.iter().map(|a| a.task))
-        .filter(|id| !cluster.tasks.contains_key(id) && !ended.contains_key(id))
-        .collect();
-    out.sort_unstable();
-    out.dedup();
-    out
 }
 
 /// What the tasks live on each node (and those being placed there) take.
@@ -141,7 +130,7 @@ pub fn plan(
             *queue_live.entry(t.task.spec.queue.clone()).or_default() += 1;
         }
     }
-    let mut verdicts = Vec::new();
+    let (mut verdicts, mut look_up) = (Vec::new(), Vec::new());
     let queued: Vec<Queued<'_>> = cluster
         .tasks
         .iter()
@@ -153,6 +142,9 @@ pub fn plan(
             Ready::Yes => true,
             _ if !rules.caught_up => false,
             Ready::Waits(first) => {
+                if !cluster.tasks.contains_key(&first) {
+                    look_up.push(first);
+                }
                 let kind = format!("after {first}");
                 if memory.waiting.get(*id) != Some(&kind) {
                     let reason = format!("waiting for task {first} to end");
@@ -183,6 +175,9 @@ pub fn plan(
         })
         .collect();
     out.verdicts = verdicts;
+    look_up.sort_unstable();
+    look_up.dedup();
+    out.look_up = look_up;
     if queued.is_empty() {
         return out;
     }
@@ -346,7 +341,7 @@ mod tests {
         let mut memory = Memory::default();
         // While the first is in the view (unfinished), both wait, told once.
         let view = cluster(
-            &[n.clone()],
+            std::slice::from_ref(&n),
             &[first.clone(), after.clone(), after_any.clone()],
         );
         let p = plan(&view, &HashMap::new(), &rules(&queues), &mut memory);
@@ -362,18 +357,21 @@ mod tests {
         let again = plan(&view, &HashMap::new(), &rules(&queues), &mut memory);
         assert!(again.verdicts.is_empty());
         // Gone from the view, its end not known yet: looked up, still waiting.
-        let view = cluster(&[n.clone()], &[after.clone(), after_any.clone()]);
-        assert_eq!(unknown_after(&view, &HashMap::new()), vec![first.id]);
+        let view = cluster(
+            std::slice::from_ref(&n),
+            &[after.clone(), after_any.clone()],
+        );
         let p = plan(&view, &HashMap::new(), &rules(&queues), &mut memory);
         assert!(p.assign.is_empty());
+        assert_eq!(p.look_up, vec![first.id]);
         // It failed: the one after it fails too, the one after any end runs.
         let ended = HashMap::from([(first.id, TaskStatus::Failed)]);
-        assert!(unknown_after(&view, &ended).is_empty());
         let r = Rules {
             ended: &ended,
             ..rules(&queues)
         };
         let p = plan(&view, &HashMap::new(), &r, &mut memory);
+        assert!(p.look_up.is_empty());
         assert_eq!(
             p.assign.iter().map(|a| a.0).collect::<Vec<_>>(),
             vec![after_any.id]
