@@ -181,6 +181,71 @@ pub struct RetryRequest {
     pub on_timeout: bool,
 }
 
+/// A pipeline as a user submits it (REST body; `unidesk pipeline submit`
+/// reads the same document from YAML).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitPipeline {
+    pub project: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Task fields every step has unless it sets them itself (any field of
+    /// a task but `project`, `name` and `after`; `env` is merged), e.g. the
+    /// repositories and commits.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub defaults: serde_json::Map<String, serde_json::Value>,
+    pub steps: Vec<PipelineStepRequest>,
+}
+
+/// One step: its place in the graph, and the fields of its task (any field
+/// of a task but `project`, `name` and `after`) next to them. An input may name
+/// another step's outputs: `step:<name>/<path>` (a step it needs).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct PipelineStepRequest {
+    /// 1-63 of a-z, 0-9, `-` and `_`, unique in the pipeline.
+    pub name: String,
+    /// Steps that must end before this one starts (a matrix step: all of it).
+    #[serde(default)]
+    pub needs: Vec<String>,
+    /// `on_success` (default), `on_failure` or `always`.
+    #[serde(default)]
+    pub when: Option<crate::spec::StepWhen>,
+    /// Parameter name (a-z, 0-9, `_`) to values (1-64 of A-Z, a-z, 0-9, `.`,
+    /// `_`, `-`): one step per combination, named `name[v1,v2]`, each with
+    /// `{{matrix.NAME}}` replaced in its command, arguments, environment
+    /// values and name, and `UD_MATRIX_<NAME>` in its environment.
+    #[serde(default)]
+    pub matrix: BTreeMap<String, Vec<String>>,
+    /// The task's fields.
+    #[serde(flatten)]
+    #[schema(value_type = Object)]
+    pub task: serde_json::Map<String, serde_json::Value>,
+}
+
+/// One step of a pipeline as it runs (a matrix step: one per combination).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PipelineStepView {
+    /// `train`, or `train[0.1,adam]` for one combination of a matrix step.
+    pub name: String,
+    /// The step as listed in the pipeline.
+    pub step: String,
+    /// Its matrix values (empty for a plain step).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub values: BTreeMap<String, String>,
+    /// Steps it needs (names as here).
+    pub needs: Vec<String>,
+    pub when: crate::spec::StepWhen,
+    /// waiting, running, succeeded, failed, timed_out, cancelled or skipped.
+    pub state: String,
+    /// Its latest task (see `/api/v1/tasks/{id}` for its log and outputs).
+    pub task_id: Option<String>,
+    /// Tasks created for it so far (reruns included).
+    pub runs: u32,
+    /// Why it was skipped.
+    pub reason: Option<String>,
+}
+
 /// One rejected field.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct FieldError {

@@ -121,6 +121,7 @@ pub fn encode_event(event: &Event) -> Result<Vec<u8>, CodecError> {
         Event::Node(_, e) => to_cbor(e),
         Event::Auth(_, e) => to_cbor(e),
         Event::Secret(_, e) => to_cbor(e),
+        Event::Pipeline(_, e) => to_cbor(e),
     }
 }
 
@@ -150,6 +151,7 @@ pub fn decode_event(subject: &str, version: u16, payload: &[u8]) -> Result<Event
         ParsedSubject::Node { name, .. } => format!("node.{name}"),
         ParsedSubject::Token { name, .. } => format!("token.{name}"),
         ParsedSubject::Secret { name, .. } => format!("secret.{name}"),
+        ParsedSubject::Pipeline { name, .. } => format!("pipeline.{name}"),
     };
     let known = match event_type.as_str() {
         "node.heartbeat" => version == 1 || version == 2,
@@ -238,6 +240,24 @@ pub fn decode_event(subject: &str, version: u16, payload: &[u8]) -> Result<Event
                 }
             },
         ),
+        ParsedSubject::Pipeline { id, name } => Event::Pipeline(
+            id,
+            match name {
+                "submitted" => PipelineEvent::Submitted(from_cbor(payload, t, v)?),
+                "step_started" => PipelineEvent::StepStarted(from_cbor(payload, t, v)?),
+                "step_ended" => PipelineEvent::StepEnded(from_cbor(payload, t, v)?),
+                "step_skipped" => PipelineEvent::StepSkipped(from_cbor(payload, t, v)?),
+                "cancel_requested" => PipelineEvent::CancelRequested(from_cbor(payload, t, v)?),
+                "rerun" => PipelineEvent::Rerun(from_cbor(payload, t, v)?),
+                "ended" => PipelineEvent::Ended(from_cbor(payload, t, v)?),
+                other => {
+                    return Err(CodecError::UnknownType {
+                        kind: "pipeline",
+                        name: other.to_owned(),
+                    })
+                }
+            },
+        ),
     })
 }
 
@@ -263,6 +283,7 @@ pub fn event_data_json(event: &Event) -> serde_json::Value {
         Event::Node(_, e) => serde_json::to_value(e),
         Event::Auth(_, e) => serde_json::to_value(e),
         Event::Secret(_, e) => serde_json::to_value(e),
+        Event::Pipeline(_, e) => serde_json::to_value(e),
     };
     value.unwrap_or(serde_json::Value::Null)
 }

@@ -4,8 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{NodeId, ProjectId, TokenId};
-use crate::spec::{NodeResources, TaskSpec};
+use crate::ids::{NodeId, PipelineId, ProjectId, TaskId, TokenId};
+use crate::spec::{NodeResources, PipelineStep, TaskSpec};
 use crate::Millis;
 
 /// Everything that happens to a task.
@@ -337,6 +337,115 @@ impl std::fmt::Display for SecretRef {
     }
 }
 
+/// Everything that happens to a pipeline (`ud.pipeline.<id>.<event>`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum PipelineEvent {
+    Submitted(PipelineSubmitted),
+    StepStarted(PipelineStepStarted),
+    StepEnded(PipelineStepEnded),
+    StepSkipped(PipelineStepSkipped),
+    CancelRequested(PipelineCancelRequested),
+    Rerun(PipelineRerun),
+    Ended(PipelineEnded),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PipelineSubmitted {
+    pub at: Millis,
+    pub project: ProjectId,
+    pub name: Option<String>,
+    /// As submitted: a matrix step is one entry.
+    pub steps: Vec<PipelineStep>,
+    pub idempotency_key: Option<String>,
+}
+
+/// A step's task was created (its `run`-th, counting reruns from 1).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PipelineStepStarted {
+    pub at: Millis,
+    /// The step as expanded (`train[0.1]` for a matrix step).
+    pub step: String,
+    pub task: TaskId,
+    pub run: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PipelineStepEnded {
+    pub at: Millis,
+    pub step: String,
+    pub task: TaskId,
+    pub outcome: StepOutcome,
+}
+
+/// How a step's task ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepOutcome {
+    Succeeded,
+    Failed,
+    TimedOut,
+    Cancelled,
+}
+
+impl StepOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::TimedOut => "timed_out",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// A step that will not run in this run of the pipeline, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PipelineStepSkipped {
+    pub at: Millis,
+    pub step: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PipelineCancelRequested {
+    pub at: Millis,
+    pub reason: String,
+}
+
+/// An ended pipeline runs again: these steps (expanded names) wait anew;
+/// the others keep how they ended, and their outputs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PipelineRerun {
+    pub at: Millis,
+    pub steps: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PipelineEnded {
+    pub at: Millis,
+    pub outcome: PipelineOutcome,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PipelineOutcome {
+    /// No step failed, timed out or was cancelled.
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl PipelineOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
 /// Any event, with the aggregate it belongs to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[allow(clippy::large_enum_variant)] // built once per command or event, never stored in bulk
@@ -345,6 +454,7 @@ pub enum Event {
     Node(NodeId, NodeEvent),
     Auth(TokenId, AuthEvent),
     Secret(SecretRef, SecretEvent),
+    Pipeline(PipelineId, PipelineEvent),
 }
 
 impl TaskEvent {
@@ -424,6 +534,20 @@ impl SecretEvent {
     }
 }
 
+impl PipelineEvent {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Submitted(_) => "submitted",
+            Self::StepStarted(_) => "step_started",
+            Self::StepEnded(_) => "step_ended",
+            Self::StepSkipped(_) => "step_skipped",
+            Self::CancelRequested(_) => "cancel_requested",
+            Self::Rerun(_) => "rerun",
+            Self::Ended(_) => "ended",
+        }
+    }
+}
+
 impl Event {
     /// `task.submitted`, `node.heartbeat`, ...: the `Ud-Event-Type` header.
     pub fn event_type(&self) -> String {
@@ -432,6 +556,7 @@ impl Event {
             Self::Node(_, e) => format!("node.{}", e.name()),
             Self::Auth(_, e) => format!("token.{}", e.name()),
             Self::Secret(_, e) => format!("secret.{}", e.name()),
+            Self::Pipeline(_, e) => format!("pipeline.{}", e.name()),
         }
     }
 
@@ -442,16 +567,18 @@ impl Event {
             Self::Node(id, e) => crate::subjects::node_event(id, e.name()),
             Self::Auth(id, e) => crate::subjects::token_event(id, e.name()),
             Self::Secret(s, e) => crate::subjects::secret_event(s, e.name()),
+            Self::Pipeline(id, e) => crate::subjects::pipeline_event(id, e.name()),
         }
     }
 
-    /// The aggregate id as text (task, node or token id; `project/NAME` of a secret).
+    /// The aggregate id as text (task, node, pipeline or token id; `project/NAME` of a secret).
     pub fn aggregate_id(&self) -> String {
         match self {
             Self::Task(id, _) => id.to_string(),
             Self::Node(id, _) => id.to_string(),
             Self::Auth(id, _) => id.to_string(),
             Self::Secret(s, _) => s.to_string(),
+            Self::Pipeline(id, _) => id.to_string(),
         }
     }
 }

@@ -1,4 +1,4 @@
-//! Identifier newtypes. Task, node, event and token ids are time-ordered UUIDv7.
+//! Identifier newtypes. Task, node, pipeline, event and token ids are time-ordered UUIDv7.
 
 use std::fmt;
 use std::str::FromStr;
@@ -58,6 +58,10 @@ macro_rules! uuid_id {
 
 uuid_id!(TaskId, "Identifies a task across its whole life.");
 uuid_id!(NodeId, "Identifies an enrolled compute node.");
+uuid_id!(
+    PipelineId,
+    "Identifies a pipeline: steps that run after one another."
+);
 uuid_id!(EventId, "Identifies one event; also its `Nats-Msg-Id`.");
 uuid_id!(
     TokenId,

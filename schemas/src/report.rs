@@ -160,6 +160,7 @@ impl Report {
             Event::Task(task, e) => Report::Run(task, RunReport::from_event(e)?),
             Event::Auth(..) => return Err(ReportError::NotAllowed("token events".into())),
             Event::Secret(..) => return Err(ReportError::NotAllowed("secret events".into())),
+            Event::Pipeline(..) => return Err(ReportError::NotAllowed("pipeline events".into())),
         };
         Ok((node, report))
     }

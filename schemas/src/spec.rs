@@ -75,6 +75,39 @@ pub enum AfterWhen {
     Any,
 }
 
+/// One step of a pipeline as submitted: a task spec and where it stands in
+/// the graph. Kept as given (a matrix step is one entry); the steps that run
+/// are its expansion (`ud_core::pipeline::expand`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PipelineStep {
+    /// Unique in the pipeline: 1-63 of a-z, 0-9, `-` and `_`.
+    pub name: String,
+    /// The task it runs; in a matrix step, `{{matrix.KEY}}` in the command,
+    /// arguments, environment values and name stands for the value.
+    pub spec: TaskSpec,
+    /// Steps that end before this one starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub needs: Vec<String>,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub when: StepWhen,
+    /// Parameter name to values: one step per combination of values.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub matrix: BTreeMap<String, Vec<String>>,
+}
+
+/// When a step runs, once every step it needs has ended.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StepWhen {
+    /// Every step it needs succeeded (otherwise it is skipped).
+    #[default]
+    OnSuccess,
+    /// A step it needs failed, timed out or was cancelled.
+    OnFailure,
+    /// However they ended.
+    Always,
+}
+
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
     *v == T::default()
 }
@@ -127,6 +160,55 @@ impl Checkpoint {
 pub struct TaskInput {
     pub source: String,
     pub path: String,
+}
+
+/// Where an input comes from: a project file (or folder), a task's
+/// outputs (`task:<id>/<path>`; `task:<id>/` for all of them), or in a
+/// pipeline a step's outputs (`step:<name>/<path>`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InputSource<'a> {
+    File(&'a str),
+    /// `path` is empty for every output; ends with `/` for a folder.
+    TaskOutput {
+        task: crate::TaskId,
+        path: &'a str,
+    },
+    StepOutput {
+        step: &'a str,
+        path: &'a str,
+    },
+}
+
+impl<'a> InputSource<'a> {
+    /// Parses and checks `source`: the path part must be relative (see
+    /// [`relative_path`]), except that a reference may name all outputs.
+    pub fn parse(source: &'a str) -> Result<Self, String> {
+        let reference = |rest: &'a str, what: &str| -> Result<(&'a str, &'a str), String> {
+            let (name, path) = rest.split_once('/').ok_or_else(|| {
+                format!("names no path: write {what}/<path> ({what}/ for all outputs)")
+            })?;
+            if !path.is_empty() {
+                relative_path(path)?;
+            }
+            Ok((name, path))
+        };
+        if let Some(rest) = source.strip_prefix("task:") {
+            let (task, path) = reference(rest, "task:<id>")?;
+            let task = task
+                .parse()
+                .map_err(|_| format!("names no task id: {task:?}"))?;
+            Ok(Self::TaskOutput { task, path })
+        } else if let Some(rest) = source.strip_prefix("step:") {
+            let (step, path) = reference(rest, "step:<name>")?;
+            if step.is_empty() {
+                return Err("names no step".into());
+            }
+            Ok(Self::StepOutput { step, path })
+        } else {
+            relative_path(source)?;
+            Ok(Self::File(source))
+        }
+    }
 }
 
 /// Longest object or workspace path (S3 keys are at most 1,024 bytes; prefixes need room).

@@ -8,6 +8,7 @@ pub const TASKS: &str = "UD_TASKS";
 pub const NODES: &str = "UD_NODES";
 pub const HEARTBEATS: &str = "UD_HEARTBEATS";
 pub const AUTH: &str = "UD_AUTH";
+pub const PIPELINES: &str = "UD_PIPELINES";
 pub const LOGS: &str = "UD_LOGS";
 /// Operational alerts (`ud.alert.>`), kept 90 days.
 pub const ALERTS: &str = "UD_ALERTS";
@@ -24,7 +25,7 @@ pub const QUEUES_BUCKET: &str = "ud_queues";
 pub const SECRETS_BUCKET: &str = "ud_secrets";
 
 /// Streams read by projectors, in the order they are listed here.
-pub const PROJECTED: [&str; 4] = [AUTH, NODES, HEARTBEATS, TASKS];
+pub const PROJECTED: [&str; 5] = [AUTH, NODES, HEARTBEATS, TASKS, PIPELINES];
 
 fn base(name: &str, subjects: Vec<String>, replicas: usize) -> Config {
     Config {
@@ -43,6 +44,11 @@ fn base(name: &str, subjects: Vec<String>, replicas: usize) -> Config {
 /// Task lifecycle events: kept forever (the source of truth).
 pub fn tasks(replicas: usize) -> Config {
     base(TASKS, vec!["ud.task.>".into()], replicas)
+}
+
+/// Pipeline events: kept forever.
+pub fn pipelines(replicas: usize) -> Config {
+    base(PIPELINES, vec!["ud.pipeline.>".into()], replicas)
 }
 
 /// Node registration and liveness transitions: kept forever.
@@ -118,6 +124,7 @@ pub fn all(replicas: usize) -> Vec<Config> {
         nodes(replicas),
         heartbeats(replicas),
         auth(replicas),
+        pipelines(replicas),
         dispatch(replicas),
         logs(replicas),
     ]

@@ -6,14 +6,16 @@
 //! | `ud.node.<node_id>.<event>` | node registration, liveness (heartbeats live in their own stream) |
 //! | `ud.auth.token.<token_id>.<event>` | API token issued / revoked |
 //! | `ud.auth.secret.<project>.<NAME>.<event>` | project secret set / deleted (name and version only) |
+//! | `ud.pipeline.<pipeline_id>.<event>` | pipeline events: steps started, ended, skipped; cancel, rerun, end |
 //! | `ud.log.<task_id>` | a task's output, chunk by chunk |
 //! | `ud.cmd.<endpoint>` | command services (NATS micro, JSON request/reply) |
 //! | `ud.sys.projected.<stream>` | core-NATS notice: a projector committed up to a sequence |
 
-use crate::ids::{NodeId, TaskId, TokenId};
+use crate::ids::{NodeId, PipelineId, TaskId, TokenId};
 
 pub const TASK_PREFIX: &str = "ud.task";
 pub const NODE_PREFIX: &str = "ud.node";
+pub const PIPELINE_PREFIX: &str = "ud.pipeline";
 pub const TOKEN_PREFIX: &str = "ud.auth.token";
 pub const SECRET_PREFIX: &str = "ud.auth.secret";
 pub const PROJECTED_PREFIX: &str = "ud.sys.projected";
@@ -34,6 +36,15 @@ pub fn node_event(id: &NodeId, name: &str) -> String {
 
 pub fn node_all(id: &NodeId) -> String {
     format!("{NODE_PREFIX}.{id}.>")
+}
+
+pub fn pipeline_event(id: &PipelineId, name: &str) -> String {
+    format!("{PIPELINE_PREFIX}.{id}.{name}")
+}
+
+/// Every event of one pipeline: the concurrency scope of the pipeline aggregate.
+pub fn pipeline_all(id: &PipelineId) -> String {
+    format!("{PIPELINE_PREFIX}.{id}.>")
 }
 
 pub fn token_event(id: &TokenId, name: &str) -> String {
@@ -80,6 +91,10 @@ pub enum ParsedSubject<'a> {
         secret: crate::events::SecretRef,
         name: &'a str,
     },
+    Pipeline {
+        id: PipelineId,
+        name: &'a str,
+    },
 }
 
 /// Parses an event subject; `None` for anything that is not one.
@@ -99,6 +114,13 @@ pub fn parse(subject: &str) -> Option<ParsedSubject<'_>> {
         "node" => {
             let id = parts.next()?.parse().ok()?;
             ParsedSubject::Node {
+                id,
+                name: parts.next()?,
+            }
+        }
+        "pipeline" => {
+            let id = parts.next()?.parse().ok()?;
+            ParsedSubject::Pipeline {
                 id,
                 name: parts.next()?,
             }
@@ -156,5 +178,13 @@ mod tests {
             })
         );
         assert_eq!(parse("ud.auth.secret.lab.not-a-name.set"), None);
+        let p = PipelineId::new();
+        assert_eq!(
+            parse(&pipeline_event(&p, "step_ended")),
+            Some(ParsedSubject::Pipeline {
+                id: p,
+                name: "step_ended"
+            })
+        );
     }
 }

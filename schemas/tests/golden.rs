@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use ud_schemas::events::*;
-use ud_schemas::spec::{Gpu, Resources, RetryPolicy};
+use ud_schemas::spec::{Gpu, PipelineStep, Resources, RetryPolicy, StepWhen};
 use ud_schemas::{codec, Event, NodeId, NodeResources, ProjectId, TaskId, TaskSpec, TokenId};
 use uuid::Uuid;
 
@@ -402,7 +402,107 @@ fn fixtures_v1() -> Vec<(&'static str, Event)> {
                 SecretEvent::Deleted(SecretDeleted { at: AT, version: 3 }),
             ),
         ),
+        (
+            "pipeline-submitted",
+            Event::Pipeline(
+                pipeline_id(),
+                PipelineEvent::Submitted(PipelineSubmitted {
+                    at: AT,
+                    project: project(),
+                    name: Some("nightly".into()),
+                    steps: vec![
+                        PipelineStep {
+                            name: "train".into(),
+                            spec: spec(),
+                            needs: vec![],
+                            when: StepWhen::OnSuccess,
+                            matrix: BTreeMap::from([(
+                                "lr".into(),
+                                vec!["0.1".into(), "0.01".into()],
+                            )]),
+                        },
+                        PipelineStep {
+                            name: "report".into(),
+                            spec: spec(),
+                            needs: vec!["train".into()],
+                            when: StepWhen::Always,
+                            matrix: BTreeMap::new(),
+                        },
+                    ],
+                    idempotency_key: None,
+                }),
+            ),
+        ),
+        (
+            "pipeline-step_started",
+            Event::Pipeline(
+                pipeline_id(),
+                PipelineEvent::StepStarted(PipelineStepStarted {
+                    at: AT,
+                    step: "train[0.1]".into(),
+                    task: task_id(),
+                    run: 1,
+                }),
+            ),
+        ),
+        (
+            "pipeline-step_ended",
+            Event::Pipeline(
+                pipeline_id(),
+                PipelineEvent::StepEnded(PipelineStepEnded {
+                    at: AT,
+                    step: "train[0.1]".into(),
+                    task: task_id(),
+                    outcome: StepOutcome::TimedOut,
+                }),
+            ),
+        ),
+        (
+            "pipeline-step_skipped",
+            Event::Pipeline(
+                pipeline_id(),
+                PipelineEvent::StepSkipped(PipelineStepSkipped {
+                    at: AT,
+                    step: "report".into(),
+                    reason: "step train[0.1] timed_out".into(),
+                }),
+            ),
+        ),
+        (
+            "pipeline-cancel_requested",
+            Event::Pipeline(
+                pipeline_id(),
+                PipelineEvent::CancelRequested(PipelineCancelRequested {
+                    at: AT,
+                    reason: "wrong data".into(),
+                }),
+            ),
+        ),
+        (
+            "pipeline-rerun",
+            Event::Pipeline(
+                pipeline_id(),
+                PipelineEvent::Rerun(PipelineRerun {
+                    at: AT,
+                    steps: vec!["train[0.1]".into(), "report".into()],
+                }),
+            ),
+        ),
+        (
+            "pipeline-ended",
+            Event::Pipeline(
+                pipeline_id(),
+                PipelineEvent::Ended(PipelineEnded {
+                    at: AT,
+                    outcome: PipelineOutcome::Failed,
+                }),
+            ),
+        ),
     ]
+}
+
+fn pipeline_id() -> ud_schemas::PipelineId {
+    ud_schemas::PipelineId(Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0004))
 }
 
 fn secret() -> ud_schemas::SecretRef {
