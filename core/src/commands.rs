@@ -28,6 +28,12 @@ pub enum CommandError {
     /// The task's state does not allow the command (HTTP 409).
     #[error(transparent)]
     Rejected(TaskError),
+    /// No such pipeline, or not one the caller may see (HTTP 404).
+    #[error("pipeline not found")]
+    NoPipeline,
+    /// The pipeline's state does not allow the command (HTTP 409).
+    #[error(transparent)]
+    PipelineRejected(crate::pipeline::PipelineError),
     /// Another command changed the task first (HTTP 409, retry).
     #[error("the task was changed concurrently; read it again and retry")]
     Conflict,
@@ -136,7 +142,7 @@ impl TaskCommands {
 
     /// What a spec names beyond itself: project secrets that must be set,
     /// an earlier task whose checkpoint it continues.
-    async fn check_references(
+    pub(crate) async fn check_references(
         &self,
         project: &ProjectId,
         spec: &TaskSpec,
@@ -171,6 +177,18 @@ impl TaskCommands {
                     "checkpoint.resume_from",
                     format!("no task {from} in project {project}"),
                 ));
+            }
+        }
+        for (i, input) in spec.inputs.iter().enumerate() {
+            use ud_schemas::spec::InputSource;
+            if let Ok(InputSource::TaskOutput { task, .. }) = InputSource::parse(&input.source) {
+                let found = self.tasks.current(&task).await?;
+                if found.is_none_or(|(t, _)| &t.project != project) {
+                    errors.push(FieldError::new(
+                        format!("inputs[{i}].source"),
+                        format!("no task {task} in project {project}"),
+                    ));
+                }
             }
         }
         for (i, a) in spec.after.iter().enumerate() {
@@ -224,6 +242,14 @@ impl TaskCommands {
         };
         if !may_use(&project) {
             return Err(CommandError::Forbidden(project.to_string()));
+        }
+        for (i, input) in spec.inputs.iter().enumerate() {
+            if input.source.starts_with("step:") {
+                return Err(CommandError::Invalid(vec![FieldError::new(
+                    format!("inputs[{i}].source"),
+                    "step:<name>/ names a step's outputs in a pipeline; a task names another task's as task:<id>/",
+                )]));
+            }
         }
         self.check_references(&project, &spec).await?;
         let digest = request_digest(&project, &spec);
@@ -347,7 +373,8 @@ impl CommandError {
             Self::Invalid(_) => 400,
             Self::Forbidden(_) => 403,
             Self::NotFound => 404,
-            Self::Rejected(_) | Self::Conflict => 409,
+            Self::NoPipeline => 404,
+            Self::Rejected(_) | Self::PipelineRejected(_) | Self::Conflict => 409,
             Self::IdempotencyMismatch => 422,
             Self::Unavailable(_) | Self::Idempotency(_) => 503,
         }

@@ -1,6 +1,6 @@
 //! The UniDesk domain and the thin services built on it.
 //!
-//! * [`task`], [`node`]: lifecycles as pure `decide` / `evolve` functions.
+//! * [`task`], [`node`], [`pipeline`]: lifecycles as pure `decide` / `evolve` functions.
 //! * [`validate`]: user input to validated specs, with field-named errors.
 //! * [`store`]: the JetStream event store (append with optimistic concurrency, load).
 //! * [`aggregate`]: load, decide, append — the one command path of every aggregate.
@@ -14,6 +14,7 @@ pub mod commands;
 pub mod edge;
 pub mod guard;
 pub mod node;
+pub mod pipeline;
 pub mod secrets;
 pub mod service;
 pub mod store;

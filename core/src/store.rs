@@ -177,6 +177,7 @@ impl EventStore {
             Event::Node(id, _) => subjects::node_all(id),
             Event::Auth(id, _) => subjects::token_all(id),
             Event::Secret(s, _) => subjects::secret_all(s),
+            Event::Pipeline(id, _) => subjects::pipeline_all(id),
         };
         let seq = match expect {
             Expect::Any => return Ok(msg),

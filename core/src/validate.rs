@@ -476,7 +476,7 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
         e.add("inputs", format!("more than {} inputs", limits::MAX_FILES));
     }
     for (i, input) in req.inputs.iter().enumerate() {
-        if let Err(reason) = ud_schemas::spec::relative_path(&input.source) {
+        if let Err(reason) = ud_schemas::spec::InputSource::parse(&input.source) {
             e.add(
                 format!("inputs[{i}].source"),
                 format!("{:?} {reason}", input.source),

@@ -3,9 +3,9 @@
 use deadpool_postgres::GenericClient;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
-use ud_schemas::{NodeId, TaskId, TokenId};
+use ud_schemas::{NodeId, PipelineId, TaskId, TokenId};
 
-use crate::rows::{NodeRow, TaskRow, TokenRow};
+use crate::rows::{NodeRow, PipelineRow, TaskRow, TokenRow};
 use crate::ProjectionError;
 
 mod embedded {
@@ -615,4 +615,120 @@ pub async fn tasks_by_state(
         )
         .await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+const PIPELINE_COLS: &str = "id, project, name, status, cancelling, definition, steps, \
+     submitted_by, submitted_at, updated_at, finished_at, version, last_seq";
+
+fn pipeline_from_row(r: &tokio_postgres::Row) -> PipelineRow {
+    PipelineRow {
+        id: PipelineId(r.get(0)),
+        project: r.get(1),
+        name: r.get(2),
+        status: r.get(3),
+        cancelling: r.get(4),
+        definition: r.get(5),
+        steps: r.get(6),
+        submitted_by: r.get(7),
+        submitted_at: r.get(8),
+        updated_at: r.get(9),
+        finished_at: r.get(10),
+        version: r.get(11),
+        last_seq: r.get(12),
+    }
+}
+
+pub(crate) async fn load_pipelines(
+    c: &impl GenericClient,
+    ids: &[uuid::Uuid],
+) -> Result<Vec<PipelineRow>, ProjectionError> {
+    if ids.is_empty() {
+        return Ok(vec![]);
+    }
+    let rows = c
+        .query(
+            &format!("SELECT {PIPELINE_COLS} FROM pipelines WHERE id = ANY($1)"),
+            &[&ids],
+        )
+        .await?;
+    Ok(rows.iter().map(pipeline_from_row).collect())
+}
+
+pub(crate) async fn upsert_pipelines(
+    c: &impl GenericClient,
+    rows: &[PipelineRow],
+) -> Result<(), ProjectionError> {
+    for r in rows {
+        c.execute(
+            &format!(
+                "INSERT INTO pipelines ({PIPELINE_COLS})
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                 ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status,
+                   cancelling = EXCLUDED.cancelling, steps = EXCLUDED.steps,
+                   updated_at = EXCLUDED.updated_at, finished_at = EXCLUDED.finished_at,
+                   version = EXCLUDED.version, last_seq = EXCLUDED.last_seq"
+            ),
+            &[
+                &r.id.0,
+                &r.project,
+                &r.name,
+                &r.status,
+                &r.cancelling,
+                &r.definition,
+                &r.steps,
+                &r.submitted_by,
+                &r.submitted_at,
+                &r.updated_at,
+                &r.finished_at,
+                &r.version,
+                &r.last_seq,
+            ],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+pub async fn get_pipeline(
+    c: &impl GenericClient,
+    id: PipelineId,
+) -> Result<Option<PipelineRow>, ProjectionError> {
+    let row = c
+        .query_opt(
+            &format!("SELECT {PIPELINE_COLS} FROM pipelines WHERE id = $1"),
+            &[&id.0],
+        )
+        .await?;
+    Ok(row.as_ref().map(pipeline_from_row))
+}
+
+/// Filters of a pipeline listing (keyset paging on the time-ordered id).
+#[derive(Clone, Debug, Default)]
+pub struct PipelineFilter {
+    pub status: Option<String>,
+    pub project: Option<String>,
+    /// Only these projects (`None`: every project).
+    pub projects: Option<Vec<String>>,
+    pub before: Option<uuid::Uuid>,
+    pub limit: i64,
+}
+
+pub async fn list_pipelines(
+    c: &impl GenericClient,
+    f: &PipelineFilter,
+) -> Result<Vec<PipelineRow>, ProjectionError> {
+    let rows = c
+        .query(
+            &format!(
+                "SELECT {PIPELINE_COLS} FROM pipelines
+                 WHERE ($1::text IS NULL OR status = $1)
+                   AND ($2::text IS NULL OR project = $2)
+                   AND ($3::text[] IS NULL OR project = ANY($3))
+                   AND ($4::uuid IS NULL OR id < $4)
+                 ORDER BY id DESC LIMIT $5"
+            ),
+            &[&f.status, &f.project, &f.projects, &f.before, &f.limit],
+        )
+        .await?;
+    Ok(rows.iter().map(pipeline_from_row).collect())
 }

@@ -13,7 +13,7 @@ use ud_schemas::codec::{self, EventEnvelope};
 use ud_schemas::{streams, subjects, Event, NodeEvent};
 
 use crate::db::{self, Db};
-use crate::rows::{self, NodeRow, TaskRow, TokenRow};
+use crate::rows::{self, NodeRow, PipelineFold, TaskRow, TokenRow};
 use crate::ProjectionError;
 
 #[derive(Clone, Debug)]
@@ -234,6 +234,7 @@ impl Projector {
             streams::TASKS => apply_tasks(&tx, &decoded).await?,
             streams::NODES | streams::HEARTBEATS => apply_nodes(&tx, &decoded).await?,
             streams::AUTH => apply_tokens(&tx, &decoded).await?,
+            streams::PIPELINES => apply_pipelines(&tx, &decoded).await?,
             other => {
                 return Err(ProjectionError::Config(format!(
                     "no projection for stream {other}"
@@ -386,5 +387,36 @@ async fn apply_tokens(
     });
     rows.iter_mut().for_each(TokenRow::scrub);
     db::upsert_tokens(tx, &rows).await?;
+    Ok(failures)
+}
+
+fn pipeline_key(env: &EventEnvelope) -> Option<ud_schemas::PipelineId> {
+    match &env.event {
+        Event::Pipeline(id, _) => Some(*id),
+        _ => None,
+    }
+}
+
+async fn apply_pipelines(
+    tx: &deadpool_postgres::Transaction<'_>,
+    decoded: &[(u64, EventEnvelope)],
+) -> Result<Failures, ProjectionError> {
+    let ids = ids_of(decoded, pipeline_key, |k| k.0);
+    // Folded as aggregates through the batch, written as rows once.
+    let existing: HashMap<_, PipelineFold> = db::load_pipelines(tx, &ids)
+        .await?
+        .iter()
+        .filter_map(|r| Some((r.id, PipelineFold::from_row(r)?)))
+        .collect();
+    let (folds, failures) = fold_batch(decoded, existing, pipeline_key, |f, env, seq| {
+        match &env.event {
+            Event::Pipeline(id, e) => Some(
+                rows::apply_pipeline(f, *id, e, &env.meta.actor, seq).map_err(|e| e.to_string()),
+            ),
+            _ => None,
+        }
+    });
+    let rows: Vec<_> = folds.into_iter().map(PipelineFold::into_row).collect();
+    db::upsert_pipelines(tx, &rows).await?;
     Ok(failures)
 }

@@ -11,7 +11,7 @@ use crate::projector::{Projector, ProjectorOptions};
 use crate::ProjectionError;
 
 /// Tables that hold read models (checkpoints and errors are bookkeeping).
-pub const READ_MODEL_TABLES: [&str; 3] = ["tasks", "nodes", "api_tokens"];
+pub const READ_MODEL_TABLES: [&str; 4] = ["tasks", "nodes", "api_tokens", "pipelines"];
 
 #[derive(Debug, Serialize)]
 pub struct StreamReplay {

@@ -1,8 +1,14 @@
 //! Read-model rows and how events change them. Pure: no I/O, no clock.
 
 use chrono::{DateTime, TimeZone, Utc};
+use ud_core::pipeline::{Pipeline, PipelineStatus};
+use ud_schemas::api::PipelineStepView;
 use ud_schemas::events::*;
-use ud_schemas::{Millis, NodeId, NodeStatus, SchedulingMode, TaskId, TaskStatus, TokenId};
+use ud_schemas::spec::PipelineStep;
+use ud_schemas::{
+    Millis, NodeId, NodeStatus, PipelineEvent, PipelineId, ProjectId, SchedulingMode, TaskId,
+    TaskStatus, TokenId,
+};
 
 pub fn ts(ms: Millis) -> DateTime<Utc> {
     Utc.timestamp_millis_opt(ms).single().unwrap_or_default()
@@ -581,4 +587,124 @@ mod agreement {
             }
         }
     }
+}
+
+/// A pipeline as the read model holds it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PipelineRow {
+    pub id: PipelineId,
+    pub project: String,
+    pub name: Option<String>,
+    /// running, succeeded, failed or cancelled.
+    pub status: String,
+    pub cancelling: bool,
+    /// The steps as submitted (`[PipelineStep]`).
+    pub definition: serde_json::Value,
+    /// Each step as it runs (`[PipelineStepView]`).
+    pub steps: serde_json::Value,
+    pub submitted_by: String,
+    pub submitted_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub version: i64,
+    pub last_seq: i64,
+}
+
+/// A pipeline while a batch of its events is applied: the aggregate itself
+/// (its rules decide what each event does to its steps) and the row's own
+/// bookkeeping.
+#[derive(Clone, Debug)]
+pub struct PipelineFold {
+    pub state: Pipeline,
+    pub submitted_by: String,
+    pub updated_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub version: i64,
+    pub last_seq: i64,
+}
+
+impl PipelineFold {
+    pub fn from_row(row: &PipelineRow) -> Option<Self> {
+        let steps: Vec<PipelineStep> = serde_json::from_value(row.definition.clone()).ok()?;
+        let views: Vec<PipelineStepView> = serde_json::from_value(row.steps.clone()).ok()?;
+        let submitted = PipelineSubmitted {
+            at: row.submitted_at.timestamp_millis(),
+            project: ProjectId::parse(&row.project).ok()?,
+            name: row.name.clone(),
+            steps,
+            idempotency_key: None,
+        };
+        let status = PipelineStatus::parse(&row.status)?;
+        Some(Self {
+            state: Pipeline::restore(row.id, &submitted, status, row.cancelling, &views)?,
+            submitted_by: row.submitted_by.clone(),
+            updated_at: row.updated_at,
+            finished_at: row.finished_at,
+            version: row.version,
+            last_seq: row.last_seq,
+        })
+    }
+
+    pub fn into_row(self) -> PipelineRow {
+        let p = &self.state;
+        PipelineRow {
+            id: p.id,
+            project: p.project.to_string(),
+            name: p.name.clone(),
+            status: p.status.as_str().to_owned(),
+            cancelling: p.cancelling,
+            definition: serde_json::to_value(p.listed.as_ref()).unwrap_or_default(),
+            steps: serde_json::to_value(p.views()).unwrap_or_default(),
+            submitted_by: self.submitted_by,
+            submitted_at: ts(p.submitted_at),
+            updated_at: self.updated_at,
+            finished_at: self.finished_at,
+            version: self.version,
+            last_seq: self.last_seq,
+        }
+    }
+}
+
+pub fn apply_pipeline(
+    fold: Option<PipelineFold>,
+    id: PipelineId,
+    event: &PipelineEvent,
+    actor: &str,
+    seq: u64,
+) -> Result<PipelineFold, ApplyError> {
+    let seq = i64::try_from(seq).unwrap_or(i64::MAX);
+    let at = match event {
+        PipelineEvent::Submitted(e) => e.at,
+        PipelineEvent::StepStarted(e) => e.at,
+        PipelineEvent::StepEnded(e) => e.at,
+        PipelineEvent::StepSkipped(e) => e.at,
+        PipelineEvent::CancelRequested(e) => e.at,
+        PipelineEvent::Rerun(e) => e.at,
+        PipelineEvent::Ended(e) => e.at,
+    };
+    let (state, mut fold) = match fold {
+        None if matches!(event, PipelineEvent::Submitted(_)) => (None, None),
+        None => return Err(ApplyError::UnknownAggregate(event.name())),
+        Some(f) => (Some(f.state.clone()), Some(f)),
+    };
+    let state = ud_core::pipeline::evolve(state, id, event)
+        .ok_or(ApplyError::UnknownAggregate(event.name()))?;
+    let mut f = fold.take().unwrap_or_else(|| PipelineFold {
+        state: state.clone(),
+        submitted_by: actor.to_owned(),
+        updated_at: ts(at),
+        finished_at: None,
+        version: 0,
+        last_seq: seq,
+    });
+    f.state = state;
+    f.updated_at = ts(at);
+    f.version += 1;
+    f.last_seq = seq;
+    f.finished_at = match event {
+        PipelineEvent::Ended(_) => Some(ts(at)),
+        PipelineEvent::Rerun(_) => None,
+        _ => f.finished_at,
+    };
+    Ok(f)
 }

@@ -168,13 +168,29 @@ async fn save(
     Ok(StorageReply::Complete { files: stored })
 }
 
+/// The object key an input names in `project` (a folder's without its
+/// trailing `/`): a project file, or another task's output, read where it is.
+fn input_key(project: &str, source: &str) -> Result<String, StorageError> {
+    use ud_schemas::spec::InputSource;
+    match InputSource::parse(source) {
+        Ok(InputSource::TaskOutput { task, path: "" }) => {
+            let prefix = keys::task_prefix(project, &task.to_string())?;
+            Ok(format!("{prefix}outputs"))
+        }
+        Ok(InputSource::TaskOutput { task, path }) => {
+            keys::output_key(project, &task.to_string(), path)
+        }
+        _ => keys::file_key(project, source),
+    }
+}
+
 async fn inputs(storage: &Storage, task: &Task) -> Result<StorageReply, StorageError> {
     let project = task.project.as_str();
     let mut files = Vec::new();
     for input in &task.spec.inputs {
         let dest = keys::check_path(&input.path)?;
         if input.source.ends_with('/') {
-            let prefix = format!("{}/", keys::file_key(project, &input.source)?);
+            let prefix = format!("{}/", input_key(project, &input.source)?);
             let listed = storage.list(&prefix).await?;
             if listed.is_empty() {
                 return Err(StorageError::NoSuchObject(format!(
@@ -195,7 +211,7 @@ async fn inputs(storage: &Storage, task: &Task) -> Result<StorageReply, StorageE
                 });
             }
         } else {
-            let key = keys::file_key(project, &input.source)?;
+            let key = input_key(project, &input.source)?;
             let Some(o) = storage.head(&key).await? else {
                 return Err(StorageError::NoSuchObject(format!(
                     "input {:?} of project {project}",

@@ -86,7 +86,7 @@ impl Cluster {
                     }
                 }
             }
-            Event::Auth(..) | Event::Secret(..) => {}
+            Event::Auth(..) | Event::Secret(..) | Event::Pipeline(..) => {}
         }
     }
 
