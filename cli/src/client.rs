@@ -83,6 +83,24 @@ pub(crate) fn print(v: &Value) {
     crate::output::json(v);
 }
 
+/// `--input SOURCE[:PATH]` as (source, path): a source naming a task's
+/// outputs (`task:<id>/model/`) keeps its prefix, and the path defaults to
+/// the source's own path.
+fn input_arg(arg: &str) -> (String, String) {
+    let (prefix, rest) = match arg.strip_prefix("task:") {
+        Some(rest) => ("task:", rest),
+        None => ("", arg),
+    };
+    match rest.split_once(':') {
+        Some((source, path)) => (format!("{prefix}{source}"), path.to_owned()),
+        None if prefix.is_empty() => (arg.to_owned(), arg.to_owned()),
+        None => {
+            let own = rest.split_once('/').map_or("", |(_, p)| p);
+            (arg.to_owned(), own.to_owned())
+        }
+    }
+}
+
 fn key_values(items: &[String], what: &str) -> Result<BTreeMap<String, String>> {
     items
         .iter()
@@ -185,7 +203,8 @@ pub struct SubmitArgs {
     #[arg(long)]
     queue: Option<String>,
     /// A project file copied into the workspace before the run: SOURCE or
-    /// SOURCE:PATH (SOURCE ending in '/': a whole folder). Repeatable.
+    /// SOURCE:PATH (SOURCE ending in '/': a whole folder; `task:<id>/PATH`:
+    /// another task's outputs). Repeatable.
     #[arg(long = "input")]
     inputs: Vec<String>,
     /// A workspace path uploaded after the run (a folder: everything below it). Repeatable.
@@ -269,9 +288,9 @@ fn task_body(a: &SubmitArgs) -> Result<Value> {
         let inputs: Vec<Value> = a
             .inputs
             .iter()
-            .map(|i| match i.split_once(':') {
-                Some((source, path)) => json!({"source": source, "path": path}),
-                None => json!({"source": i, "path": i}),
+            .map(|i| {
+                let (source, path) = input_arg(i);
+                json!({"source": source, "path": path})
             })
             .collect();
         body["inputs"] = json!(inputs);
@@ -844,5 +863,26 @@ pub async fn task(c: TaskCommand) -> Result<()> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::input_arg;
+
+    #[test]
+    fn inputs_name_files_or_task_outputs_and_where_they_go() {
+        let pair = |a: &str, b: &str| (a.to_owned(), b.to_owned());
+        assert_eq!(input_arg("data/a.csv"), pair("data/a.csv", "data/a.csv"));
+        assert_eq!(input_arg("data/:in/"), pair("data/", "in/"));
+        let t = "task:0190a5a4-0000-7000-8000-000000000001";
+        assert_eq!(
+            input_arg(&format!("{t}/model/")),
+            pair(&format!("{t}/model/"), "model/")
+        );
+        assert_eq!(
+            input_arg(&format!("{t}/model/:m/")),
+            pair(&format!("{t}/model/"), "m/")
+        );
     }
 }

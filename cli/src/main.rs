@@ -8,6 +8,7 @@ mod client;
 mod files;
 mod ops;
 mod output;
+mod pipelines;
 mod serve;
 
 use anyhow::Result;
@@ -39,6 +40,9 @@ enum Command {
     History(client::IdArgs),
     /// Cancel a task.
     Cancel(client::CancelArgs),
+    /// Pipelines: steps that run once the steps they need have ended.
+    #[command(subcommand)]
+    Pipeline(pipelines::PipelineCommand),
     /// Compute nodes.
     #[command(subcommand)]
     Node(client::NodeCommand),
@@ -138,6 +142,7 @@ async fn main() -> std::process::ExitCode {
                 Command::Show(a) => client::show(a).await,
                 Command::History(a) => client::history(a).await,
                 Command::Cancel(a) => client::cancel(a).await,
+                Command::Pipeline(c) => pipelines::run(c).await,
                 Command::Node(c) => client::node(c).await,
                 Command::Task(c) => client::task(c).await,
                 Command::Project(c) => client::project(c).await,

@@ -314,6 +314,62 @@ pub(crate) fn queues(list: &Value) -> String {
 }
 
 /// Project secrets: names and versions (the API never returns a value).
+/// Pipelines as a table.
+pub(crate) fn pipelines(page: &Value) -> String {
+    let rows: Vec<Vec<String>> = page["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            let steps = p["steps"].as_array().map_or(0, Vec::len);
+            let done = p["steps"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|s| !matches!(s["state"].as_str(), Some("waiting" | "running")))
+                .count();
+            vec![
+                s(&p["id"]),
+                s(&p["project"]),
+                s(&p["name"]),
+                s(&p["status"]),
+                format!("{done}/{steps}"),
+            ]
+        })
+        .collect();
+    table(&["ID", "PROJECT", "NAME", "STATUS", "STEPS ENDED"], &rows)
+}
+
+/// One pipeline: a summary line, then its steps.
+pub(crate) fn pipeline(p: &Value) -> String {
+    let rows: Vec<Vec<String>> = p["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|st| {
+            vec![
+                s(&st["name"]),
+                s(&st["state"]),
+                s(&st["task_id"]),
+                s(&st["runs"]),
+                s(&st["reason"]),
+            ]
+        })
+        .collect();
+    let cancelling = if p["cancelling"].as_bool() == Some(true) && p["status"] == "running" {
+        " (cancelling)"
+    } else {
+        ""
+    };
+    format!(
+        "pipeline {} {} {}{cancelling}\n{}",
+        s(&p["id"]),
+        s(&p["name"]),
+        s(&p["status"]),
+        table(&["STEP", "STATE", "TASK", "RUNS", "REASON"], &rows)
+    )
+}
+
 pub(crate) fn secrets(list: &Value) -> String {
     let rows: Vec<Vec<String>> = list["secrets"]
         .as_array()

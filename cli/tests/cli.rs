@@ -1043,3 +1043,70 @@ async fn an_admin_sets_lists_and_resets_queue_settings() -> Result<()> {
     assert!(!server.ok(&["queue", "list", "--json"])?.contains("\"gpu\""));
     Ok(())
 }
+
+#[tokio::test]
+async fn a_pipeline_file_is_submitted_followed_and_cancelled() -> Result<()> {
+    let server = Server::start().await?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("pipeline.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "project: lab
+name: nightly
+defaults:
+  code_repo_url: https://git.example.org/code.git
+  code_commit_id: {COMMIT}
+  env_repo_url: https://git.example.org/env.git
+  env_commit_id: {COMMIT}
+  dockerfile_path: Dockerfile
+  command: [python, prepare.py]
+steps:
+  - name: prepare
+  - name: train
+    needs: [prepare]
+    matrix:
+      lr: ['0.1', '0.01']
+    command: [python, train.py, --lr, '{{{{matrix.lr}}}}']
+"
+        ),
+    )?;
+    let id = server.ok(&["pipeline", "submit", file.to_str().unwrap_or_default()])?;
+    let id = id.trim().to_owned();
+    // No node: the first step's task waits, the others wait for it.
+    let shown = server.ok(&["pipeline", "show", &id])?;
+    let states: Vec<(&str, &str)> = shown
+        .lines()
+        .skip(2)
+        .filter_map(|l| {
+            let mut cols = l.split_whitespace();
+            Some((cols.next()?, cols.next()?))
+        })
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("prepare", "running"),
+            ("train[0.1]", "waiting"),
+            ("train[0.01]", "waiting")
+        ],
+        "{shown}"
+    );
+    assert!(server.ok(&["pipeline", "ls"])?.contains(&id));
+    server.ok(&["pipeline", "cancel", &id, "--reason", "wrong data"])?;
+    // Followed to its end, which is not a success.
+    let out = server.run(&["pipeline", "show", &id, "--wait"])?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("pipeline {id} cancelled")), "{err}");
+    let json: serde_json::Value =
+        serde_json::from_str(&server.ok(&["pipeline", "show", &id, "--json"])?)?;
+    assert_eq!(json["steps"][1]["state"], "skipped", "{json}");
+    // A bad file is refused naming the field.
+    std::fs::write(&file, "project: lab\nsteps:\n  - name: a\n    needs: [b]\n")?;
+    let out = server.run(&["pipeline", "submit", file.to_str().unwrap_or_default()])?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("steps[0].needs[0]"), "{err}");
+    Ok(())
+}

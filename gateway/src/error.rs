@@ -93,7 +93,10 @@ impl From<CommandError> for ApiError {
             CommandError::Invalid(fields) => Self::fields(fields),
             CommandError::Forbidden(_) => Self::new(status, "forbidden", e.to_string()),
             CommandError::NotFound => Self::not_found("task"),
-            CommandError::Rejected(_) => Self::new(status, "invalid_state", e.to_string()),
+            CommandError::NoPipeline => Self::not_found("pipeline"),
+            CommandError::Rejected(_) | CommandError::PipelineRejected(_) => {
+                Self::new(status, "invalid_state", e.to_string())
+            }
             CommandError::Conflict => Self::new(status, "conflict", e.to_string()),
             CommandError::IdempotencyMismatch => {
                 Self::new(status, "idempotency_key_reused", e.to_string())

@@ -8,6 +8,7 @@ pub mod health;
 pub mod live;
 pub mod nodes;
 pub mod openapi;
+pub mod pipelines;
 pub mod projected;
 pub mod queues;
 pub mod secrets;
@@ -44,6 +45,7 @@ impl std::ops::Deref for AppState {
 
 pub struct Shared {
     pub commands: TaskCommands,
+    pub pipelines: ud_core::pipeline::commands::PipelineCommands,
     pub db: Db,
     pub projected: Projected,
     /// The object store, when one is configured.
@@ -87,6 +89,13 @@ pub fn router(state: AppState) -> Router {
             post(tasks::cancel_project),
         )
         .route("/api/v1/queues/{queue}/cancel", post(tasks::cancel_queue))
+        .route(
+            "/api/v1/pipelines",
+            post(pipelines::submit).get(pipelines::list),
+        )
+        .route("/api/v1/pipelines/{id}", get(pipelines::get))
+        .route("/api/v1/pipelines/{id}/cancel", post(pipelines::cancel))
+        .route("/api/v1/pipelines/{id}/rerun", post(pipelines::rerun))
         .route("/api/v1/queues", get(queues::list))
         .route(
             "/api/v1/queues/{queue}",

@@ -17,7 +17,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
-use ud_schemas::{codec, streams, Event, TaskEvent, TaskId};
+use ud_schemas::{codec, streams, Event, PipelineEvent, PipelineId, TaskEvent, TaskId};
 use utoipa::ToSchema;
 
 use crate::auth::Caller;
@@ -60,6 +60,8 @@ pub struct Hello {
     pub nodes: Option<Follow>,
     /// With `task_id`: follow the task's output; `after` is a log sequence.
     pub log: Option<Follow>,
+    /// Follow pipeline events (of projects the token may see).
+    pub pipelines: Option<Follow>,
 }
 
 /// What the server sends: one JSON object per text message, told apart by `type`.
@@ -74,10 +76,11 @@ pub enum Outgoing {
         tasks_seq: u64,
         nodes_seq: u64,
         log_seq: u64,
+        pipelines_seq: u64,
     },
     /// A stored event.
     Event {
-        /// `tasks` or `nodes`.
+        /// `tasks`, `nodes` or `pipelines`.
         stream: String,
         seq: u64,
         subject: String,
@@ -85,6 +88,9 @@ pub enum Outgoing {
         event_type: String,
         task_id: Option<String>,
         node_id: Option<String>,
+        /// For pipeline events.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pipeline_id: Option<String>,
         project: Option<String>,
         stored_at: String,
         actor: String,
@@ -217,9 +223,10 @@ async fn session(state: AppState, mut socket: WebSocket, bearer: Option<String>)
             last_seq(&js, streams::TASKS).await?,
             last_seq(&js, streams::NODES).await?,
             last_seq(&js, streams::LOGS).await?,
+            last_seq(&js, streams::PIPELINES).await?,
         ))
     };
-    let (tasks_seq, nodes_seq, log_seq) = match seqs.await {
+    let (tasks_seq, nodes_seq, log_seq, pipelines_seq) = match seqs.await {
         Ok(s) => s,
         Err(e) => return close(&mut socket, CLOSE_UNAVAILABLE, "unavailable", e).await,
     };
@@ -230,6 +237,10 @@ async fn session(state: AppState, mut socket: WebSocket, bearer: Option<String>)
     state
         .projected
         .wait(streams::NODES, nodes_seq, READY_WAIT)
+        .await;
+    state
+        .projected
+        .wait(streams::PIPELINES, pipelines_seq, READY_WAIT)
         .await;
 
     let (tx, mut rx) = mpsc::channel::<Result<Outgoing, String>>(256);
@@ -256,6 +267,16 @@ async fn session(state: AppState, mut socket: WebSocket, bearer: Option<String>)
             }
         });
     }
+    if let Some(f) = hello.pipelines {
+        let from = start(f, pipelines_seq);
+        let (state, caller, tx) = (state.clone(), caller.clone(), tx.clone());
+        followers.spawn(async move {
+            let r = follow_pipelines(&state, &caller, from, &tx).await;
+            if let Err(e) = r {
+                let _ = tx.send(Err(e)).await;
+            }
+        });
+    }
     if let (Some(f), Some(t)) = (hello.log, task) {
         let from = f.after.map_or(1, |a| a.saturating_add(1));
         let (js, tx) = (js.clone(), tx.clone());
@@ -272,6 +293,7 @@ async fn session(state: AppState, mut socket: WebSocket, bearer: Option<String>)
         tasks_seq,
         nodes_seq,
         log_seq,
+        pipelines_seq,
     };
     if send(&mut socket, &ready).await.is_err() {
         return;
@@ -424,6 +446,7 @@ async fn follow_tasks(
             event_type: envelope.event.event_type(),
             task_id: Some(id.to_string()),
             node_id: None,
+            pipeline_id: None,
             project,
             stored_at: rfc3339(stored_at.unix_timestamp_nanos()),
             actor: envelope.meta.actor.clone(),
@@ -468,6 +491,7 @@ async fn follow_nodes(
             event_type: envelope.event.event_type(),
             task_id: None,
             node_id: Some(id.to_string()),
+            pipeline_id: None,
             project: None,
             stored_at: rfc3339(stored_at.unix_timestamp_nanos()),
             actor: envelope.meta.actor.clone(),
@@ -478,6 +502,70 @@ async fn follow_nodes(
         }
     }
     Err("node stream ended".into())
+}
+
+async fn follow_pipelines(
+    state: &AppState,
+    caller: &Caller,
+    from: u64,
+    tx: &mpsc::Sender<Result<Outgoing, String>>,
+) -> Result<(), String> {
+    let js = state.commands.store().jetstream();
+    let mut messages = ordered(js, streams::PIPELINES, None, from).await?;
+    let mut projects: HashMap<PipelineId, Option<String>> = HashMap::new();
+    while let Some(m) = messages.next().await {
+        let m = m.map_err(|e| e.to_string())?;
+        let Some((seq, stored_at)) = m.info().ok().map(|i| (i.stream_sequence, i.published)) else {
+            continue;
+        };
+        let Ok(envelope) =
+            codec::decode_message(m.subject.as_str(), m.headers.as_ref(), &m.payload)
+        else {
+            warn!(seq, "undecodable pipeline event not sent live");
+            continue;
+        };
+        let Event::Pipeline(id, pe) = &envelope.event else {
+            continue;
+        };
+        if projects.len() >= PROJECT_CACHE {
+            projects.clear();
+        }
+        let project = match pe {
+            PipelineEvent::Submitted(s) => Some(s.project.as_str().to_owned()),
+            _ => match projects.get(id) {
+                Some(p) => p.clone(),
+                None => state
+                    .pipelines
+                    .pipelines()
+                    .current(id)
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|(p, _)| p.project.as_str().to_owned()),
+            },
+        };
+        projects.insert(*id, project.clone());
+        if !project.as_deref().is_some_and(|p| caller.may_see(p)) {
+            continue;
+        }
+        let out = Outgoing::Event {
+            stream: "pipelines".into(),
+            seq,
+            subject: m.subject.to_string(),
+            event_type: envelope.event.event_type(),
+            task_id: None,
+            node_id: None,
+            pipeline_id: Some(id.to_string()),
+            project,
+            stored_at: rfc3339(stored_at.unix_timestamp_nanos()),
+            actor: envelope.meta.actor.clone(),
+            data: codec::event_data_json(&envelope.event),
+        };
+        if tx.send(Ok(out)).await.is_err() {
+            return Ok(());
+        }
+    }
+    Err("pipeline stream ended".into())
 }
 
 async fn follow_log(

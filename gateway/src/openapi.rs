@@ -3,7 +3,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::{error, files, health, live, nodes, queues, secrets, stats, tasks, tokens};
+use crate::{error, files, health, live, nodes, pipelines, queues, secrets, stats, tasks, tokens};
 
 struct Bearer;
 
@@ -23,11 +23,12 @@ impl Modify for Bearer {
     info(title = "UniDesk API", description = "Submit and follow tasks on UniDesk compute nodes. Every call needs `Authorization: Bearer <token>`. Errors share one JSON shape (`ErrorBody`)."),
     paths(tasks::submit, tasks::list, tasks::get, tasks::history, tasks::cancel, tasks::rerun, tasks::priority, tasks::cancel_project, tasks::cancel_queue, tasks::logs, nodes::list, nodes::get, nodes::enroll, nodes::revoke, nodes::cordon, nodes::drain, nodes::resume, tokens::issue, tokens::revoke,
         files::list, files::download, files::start_upload, files::resume_upload, files::complete_upload, files::abort_upload, health::readyz, live::live, stats::stats, queues::list, queues::put, queues::reset,
-        secrets::put, secrets::delete, secrets::list, secrets::list_all),
+        secrets::put, secrets::delete, secrets::list, secrets::list_all,
+        pipelines::submit, pipelines::list, pipelines::get, pipelines::cancel, pipelines::rerun),
     components(schemas(error::ErrorBody, ud_core::validate::FieldError, ud_core::validate::ResourceRequest, ud_core::validate::RetryRequest,
         ud_schemas::spec::Resources, ud_schemas::spec::RetryPolicy, ud_schemas::spec::TaskInput, live::Hello, live::Follow, live::Outgoing)),
     modifiers(&Bearer),
-    tags((name = "tasks"), (name = "nodes"), (name = "tokens"), (name = "files"), (name = "queues"), (name = "secrets", description = "Project secrets, write-only: tasks get them as environment variables"), (name = "health"), (name = "live", description = "One WebSocket with the events a token may see; resumes from a stream sequence"))
+    tags((name = "tasks"), (name = "pipelines", description = "Steps, each a task, that run once the steps they need have ended"), (name = "nodes"), (name = "tokens"), (name = "files"), (name = "queues"), (name = "secrets", description = "Project secrets, write-only: tasks get them as environment variables"), (name = "health"), (name = "live", description = "One WebSocket with the events a token may see; resumes from a stream sequence"))
 )]
 struct ApiDoc;
 

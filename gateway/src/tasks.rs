@@ -28,7 +28,7 @@ pub struct WriteParams {
 }
 
 impl WriteParams {
-    fn wants_projection(&self) -> Result<bool, ApiError> {
+    pub(crate) fn wants_projection(&self) -> Result<bool, ApiError> {
         match self.wait.as_deref() {
             None => Ok(false),
             Some("projected") => Ok(true),

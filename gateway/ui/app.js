@@ -92,7 +92,7 @@ class Live {
     this.follow = follow; // {tasks?: {after?}, nodes?: {after?}, log?: {after?}, task_id?}
     this.onMessage = onMessage;
     this.cursor = {};
-    for (const k of ["tasks", "nodes", "log"]) this.cursor[k] = follow[k]?.after;
+    for (const k of ["tasks", "nodes", "log", "pipelines"]) this.cursor[k] = follow[k]?.after;
     this.attempt = 0;
     this.stopped = false;
     this.open();
@@ -104,7 +104,7 @@ class Live {
     ws.onopen = () => {
       const hello = { token: token() };
       if (this.follow.task_id) hello.task_id = this.follow.task_id;
-      for (const k of ["tasks", "nodes", "log"]) {
+      for (const k of ["tasks", "nodes", "log", "pipelines"]) {
         if (this.follow[k]) hello[k] = this.cursor[k] === undefined ? {} : { after: this.cursor[k] };
       }
       ws.send(JSON.stringify(hello));
@@ -117,6 +117,7 @@ class Live {
         setLive(true);
         if (this.follow.tasks && this.cursor.tasks === undefined) this.cursor.tasks = m.tasks_seq;
         if (this.follow.nodes && this.cursor.nodes === undefined) this.cursor.nodes = m.nodes_seq;
+        if (this.follow.pipelines && this.cursor.pipelines === undefined) this.cursor.pipelines = m.pipelines_seq;
       } else if (m.type === "event") {
         this.cursor[m.stream] = m.seq;
       } else if (m.type === "log") {
@@ -165,7 +166,11 @@ function route() {
   $("#signout").hidden = false;
   const [page, id] = location.hash.replace(/^#\/?/, "").split("/");
   for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.dataset.page === (page || "tasks"));
-  const pages = { tasks: id ? () => taskPage(id) : tasksPage, nodes: nodesPage, submit: submitPage, overview: overviewPage };
+  const pages = {
+    tasks: id ? () => taskPage(id) : tasksPage,
+    pipelines: id ? () => pipelinePage(id) : pipelinesPage,
+    nodes: nodesPage, submit: submitPage, overview: overviewPage,
+  };
   (pages[page] || tasksPage)();
 }
 
@@ -427,6 +432,175 @@ function taskPage(id) {
     } else if (m.type === "error") {
       flash(m.message);
     }
+  });
+  onLeave(() => live.stop());
+}
+
+// ---- pipelines -----------------------------------------------------------
+
+function pipelinesPage() {
+  const body = h("tbody");
+  const row = (p) => {
+    const ended = p.steps.filter((s) => !["waiting", "running"].includes(s.state)).length;
+    return h("tr", { "data-pipeline": p.id },
+      h("td", {}, h("a", { href: `#/pipelines/${p.id}`, class: "mono" }, shortId(p.id))),
+      h("td", {}, p.name || ""), h("td", {}, p.project),
+      h("td", {}, stateBadge(p.status)), h("td", {}, `${ended} / ${p.steps.length}`),
+      h("td", {}, when(p.submitted_at)), h("td", {}, when(p.updated_at)));
+  };
+  let seen = 0;
+  const load = async () => {
+    try {
+      const page = await api("GET", `/api/v1/pipelines?limit=100${seen ? `&projected_seq=${seen}` : ""}`);
+      body.replaceChildren(...page.items.map(row));
+    } catch (e) { if (e.status !== 401) flash(e.message); }
+  };
+  main.append(h("h1", {}, "Pipelines"),
+    h("p", { class: "muted" }, "Submit one with ", h("code", {}, "unidesk pipeline submit FILE.yaml"), " or POST /api/v1/pipelines."),
+    h("table", { id: "pipelines" },
+      h("thead", {}, h("tr", {}, ["Pipeline", "Name", "Project", "Status", "Steps ended", "Submitted", "Updated"].map((c) => h("th", {}, c)))),
+      body));
+  const refresh = debounce(load, 200);
+  const live = new Live({ pipelines: {} }, (m) => {
+    if (m.type === "event") seen = Math.max(seen, m.seq);
+    if (m.type === "ready" || m.type === "event") refresh();
+  });
+  onLeave(() => live.stop());
+}
+
+// Columns by depth (the longest chain of needs before a step), one row per
+// step within its column; edges from each need to the step.
+function layoutGraph(steps) {
+  const byName = new Map(steps.map((s) => [s.name, s]));
+  const depth = new Map();
+  const depthOf = (s, path = new Set()) => {
+    if (depth.has(s.name)) return depth.get(s.name);
+    if (path.has(s.name)) return 0;
+    path.add(s.name);
+    const d = Math.max(-1, ...s.needs.map((n) => (byName.has(n) ? depthOf(byName.get(n), path) : -1))) + 1;
+    depth.set(s.name, d);
+    return d;
+  };
+  const columns = [];
+  for (const s of steps) {
+    const d = depthOf(s);
+    (columns[d] ||= []).push(s);
+  }
+  const W = 170, H = 46, GX = 60, GY = 16;
+  const at = new Map();
+  columns.forEach((col, x) => col.forEach((s, y) => at.set(s.name, { x: 10 + x * (W + GX), y: 10 + y * (H + GY) })));
+  const width = 20 + columns.length * (W + GX) - GX;
+  const height = 20 + Math.max(1, ...columns.map((c) => c.length)) * (H + GY) - GY;
+  return { at, W, H, width, height };
+}
+
+const SVG = "http://www.w3.org/2000/svg";
+function svgEl(tag, attrs = {}, ...children) {
+  const el = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else el.setAttribute(k, v);
+  }
+  for (const c of children) el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  return el;
+}
+
+function pipelinePage(id) {
+  const head = h("div");
+  const graph = h("div", { class: "graph card" });
+  const panel = h("div", { id: "step" });
+  let pipeline = null;
+  let selected = null;
+  let stepLive = null;
+
+  const cancel = h("button", { class: "danger", id: "cancel", onclick: async () => {
+    cancel.disabled = true;
+    try { await api("POST", `/api/v1/pipelines/${id}/cancel`); flash("Cancel requested.", true); }
+    catch (e) { flash(e.message); cancel.disabled = false; }
+  } }, "Cancel");
+  const rerun = h("button", { class: "secondary", id: "rerun", onclick: async () => {
+    try {
+      await api("POST", `/api/v1/pipelines/${id}/rerun`, selected ? { step: selected } : {});
+      flash(selected ? `Running ${selected} and the steps after it again.` : "Running every step again.", true);
+    } catch (e) { flash(e.message); }
+  } }, "Rerun");
+
+  const info = h("div");
+  const log = h("pre", { class: "log", id: "step-log" });
+  let logTask = null;
+  const showStep = (name) => {
+    selected = name;
+    const st = pipeline.steps.find((x) => x.name === name);
+    if (!st) return;
+    for (const g of graph.querySelectorAll("g.step")) g.classList.toggle("selected", g.dataset.step === name);
+    rerun.textContent = `Rerun from ${name}`;
+    info.replaceChildren(
+      h("h2", {}, "Step ", h("span", { class: "mono" }, name), " ", stateBadge(st.state)),
+      dl([["Task", st.task_id ? h("a", { href: `#/tasks/${st.task_id}`, class: "mono" }, st.task_id) : h("span", { class: "muted" }, "none yet")],
+        ["Needs", st.needs.join(", ")], ["When", st.when], ["Runs", st.runs], ["Reason", st.reason]]));
+    if (!panel.contains(info)) panel.replaceChildren(info, h("h2", {}, "Log"), log);
+    // The log of the step's latest task, followed from its first chunk.
+    if (st.task_id === logTask) return;
+    logTask = st.task_id;
+    stepLive?.stop();
+    stepLive = null;
+    log.replaceChildren();
+    if (st.task_id) {
+      stepLive = new Live({ task_id: st.task_id, log: {} }, (m) => {
+        if (m.type === "log") log.append(h("span", { class: m.stream }, m.text));
+      });
+    }
+  };
+
+  const render = () => {
+    const p = pipeline;
+    head.replaceChildren(
+      h("h1", {}, p.name || "Pipeline", " ", h("span", { class: "mono muted" }, p.id), " ", stateBadge(p.cancelling && p.status === "running" ? "cancelling" : p.status)),
+      h("div", { class: "actions" }, cancel, rerun));
+    cancel.disabled = p.status !== "running" || p.cancelling;
+    rerun.disabled = p.status === "running";
+    const { at, W, H, width, height } = layoutGraph(p.steps);
+    const svg = svgEl("svg", { width, height, viewBox: `0 0 ${width} ${height}`, id: "graph" });
+    for (const st of p.steps) {
+      const b = at.get(st.name);
+      for (const n of st.needs) {
+        const a = at.get(n);
+        if (!a) continue;
+        svg.append(svgEl("path", { class: "edge", d: `M${a.x + W},${a.y + H / 2} C${a.x + W + 30},${a.y + H / 2} ${b.x - 30},${b.y + H / 2} ${b.x},${b.y + H / 2}` }));
+      }
+    }
+    for (const st of p.steps) {
+      const b = at.get(st.name);
+      svg.append(svgEl("g", { class: `step ${st.state}`, "data-step": st.name, "data-state": st.state, transform: `translate(${b.x},${b.y})`, onclick: () => showStep(st.name) },
+        svgEl("rect", { width: W, height: H, rx: 6 }),
+        svgEl("text", { x: 10, y: 19, class: "name" }, st.name.length > 24 ? `${st.name.slice(0, 23)}…` : st.name),
+        svgEl("text", { x: 10, y: 36 }, st.state.replace("_", " ") + (st.runs > 1 ? ` · run ${st.runs}` : ""))));
+    }
+    graph.replaceChildren(svg);
+    if (selected) showStep(selected);
+  };
+
+  let seen = 0;
+  let left = false;
+  onLeave(() => { left = true; stepLive?.stop(); });
+  const load = async () => {
+    try {
+      const p = await api("GET", `/api/v1/pipelines/${id}${seen ? `?projected_seq=${seen}` : ""}`);
+      if (left) return;
+      pipeline = p;
+      render();
+    } catch (e) {
+      if (left) return;
+      if (e.status === 404) { if (!pipeline) main.replaceChildren(h("h1", {}, "No such pipeline"), h("p", { class: "muted" }, "It does not exist, or your token may not see its project.")); }
+      else if (e.status !== 401) flash(e.message);
+    }
+  };
+  const refresh = debounce(load, 150);
+  main.append(head, graph, panel);
+  load();
+  const live = new Live({ pipelines: {} }, (m) => {
+    if (m.type === "ready") { refresh(); return; }
+    if (m.type === "event" && m.pipeline_id === id) { seen = Math.max(seen, m.seq); refresh(); }
   });
   onLeave(() => live.stop());
 }

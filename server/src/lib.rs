@@ -285,6 +285,12 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         let (client, c) = (client.clone(), c.clone());
         async move { ud_core::service::run(client, c).await.map_err(failed) }
     });
+    let pipelines = ud_core::pipeline::commands::PipelineCommands::new(commands.clone());
+    let (p, c) = (pipelines.clone(), commands.clone());
+    supervisor.spawn("pipeline-driver", policy, move |_| {
+        let (p, c) = (p.clone(), c.clone());
+        async move { ud_core::pipeline::driver::run(p, c).await.map_err(failed) }
+    });
     if let Some(edge) = &cfg.edge {
         if let Some(hub) = edge.hub.clone() {
             let s = store.clone();
@@ -363,6 +369,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
     })?;
     let state = AppState::new(ud_gateway::Shared {
         commands,
+        pipelines,
         db,
         projected,
         storage: cfg.storage.clone(),

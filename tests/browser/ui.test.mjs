@@ -1,7 +1,7 @@
 // The web UI in headless Chromium against the real local stack started by
 // tests/browser/run.sh: sign in, submit through the form, watch a task finish
 // without reloading, read its log across a dropped live connection, cancel a
-// task, see the node go offline when its agent stops. Screenshots of every
+// task, follow a pipeline's graph, see the node go offline when its agent stops. Screenshots of every
 // page are written to $UD_ARTIFACTS.
 
 import { test, before, after } from "node:test";
@@ -214,6 +214,47 @@ test("the overview plots tasks per state and node utilisation", async () => {
   assert.equal(Number(await page.locator("[data-count=cancelled] strong").textContent()), 1);
   await page.locator("#utilisation td", { hasText: "main-server" }).waitFor();
   await shot("06-overview");
+});
+
+test("a pipeline's graph follows its steps live, each with its log; a step runs again from the page", async () => {
+  const step = (command) => ({ command: ["sh", "-c", command] });
+  const defaults = taskBody("web", ["true"]);
+  delete defaults.project;
+  const { pipeline_id: id } = await api("POST", "/api/v1/pipelines", user, {
+    project: "web", name: "graph", defaults,
+    steps: [
+      { name: "fetch", ...step("echo from-fetch; sleep 1") },
+      { name: "train", needs: ["fetch"], matrix: { lr: ["0.1", "0.2"] }, ...step("echo training at {{matrix.lr}}") },
+      { name: "check", needs: ["fetch"], ...step("echo checking; exit 3") },
+      { name: "report", needs: ["train", "check"], when: "always", ...step("echo report") },
+    ],
+  });
+  await page.locator("nav a", { hasText: "Pipelines" }).click();
+  await page.locator(`tr[data-pipeline="${id}"]`).waitFor();
+  await page.locator(`tr[data-pipeline="${id}"] a`).click();
+  // Drawn at once, then followed: every step ends without a reload.
+  await page.evaluate(() => { window.__samePipelinePage = true; });
+  const node = (name, state) => page.locator(`#graph g.step[data-step="${name}"]${state ? `[data-state=${state}]` : ""}`);
+  await node("fetch").waitFor();
+  assert.equal(await page.locator("#graph g.step").count(), 5);
+  assert.equal(await page.locator("#graph path.edge").count(), 1 * 2 + 1 + 3);
+  await node("report", "succeeded").waitFor();
+  await node("check", "failed").waitFor();
+  await node("train[0.2]", "succeeded").waitFor();
+  await page.locator("h1 [data-state=failed]").waitFor();
+  // A step's log, from its task.
+  await node("train[0.2]").click();
+  await page.locator("#step-log", { hasText: "training at 0.2" }).waitFor();
+  await node("fetch").click();
+  await page.locator("#step-log", { hasText: "from-fetch" }).waitFor();
+  await shot("09-pipeline-graph");
+  // Run `check` and what comes after it again.
+  await node("check").click();
+  await page.locator("#rerun", { hasText: "Rerun from check" }).click();
+  await page.locator("#graph g.step[data-step=report] text", { hasText: "run 2" }).waitFor();
+  await page.locator("h1 [data-state=failed]").waitFor();
+  assert.equal(await page.locator("#graph g.step[data-step=fetch] text", { hasText: "run 2" }).count(), 0);
+  assert.equal(await page.evaluate(() => window.__samePipelinePage), true, "the page reloaded");
 });
 
 test("the nodes page shows the node online, then offline when its agent stops", async () => {

@@ -346,28 +346,58 @@ impl Stack {
     where
         C: Fn(&Value) -> bool + Clone,
     {
-        let (http, base, admin, id) = (
+        self.view_until(&format!("/api/v1/tasks/{id}"), "task", what, timeout, check)
+            .await
+    }
+
+    /// A pipeline once `check` holds for it.
+    pub async fn pipeline_until<C>(
+        &mut self,
+        id: &str,
+        what: &str,
+        timeout: Duration,
+        check: C,
+    ) -> Result<Value>
+    where
+        C: Fn(&Value) -> bool + Clone,
+    {
+        let path = format!("/api/v1/pipelines/{id}");
+        self.view_until(&path, "pipeline", what, timeout, check)
+            .await
+    }
+
+    /// What the API says at `path`, once `check` holds for it (read again
+    /// whenever a projector commits).
+    async fn view_until<C>(
+        &mut self,
+        path: &str,
+        kind: &str,
+        what: &str,
+        timeout: Duration,
+        check: C,
+    ) -> Result<Value>
+    where
+        C: Fn(&Value) -> bool + Clone,
+    {
+        let (http, admin, url) = (
             self.http.clone(),
-            self.base.clone(),
             self.admin.clone(),
-            id.to_owned(),
+            format!("{}{path}", self.base),
         );
-        // The task as last read, for the message when the wait times out.
         let last = std::sync::Arc::new(std::sync::Mutex::new(Value::Null));
         let seen = last.clone();
         let result = self
             .until(what, timeout, move || {
-                let (http, base, admin, id, check, seen) = (
+                let (http, admin, url, check, seen) = (
                     http.clone(),
-                    base.clone(),
                     admin.clone(),
-                    id.clone(),
+                    url.clone(),
                     check.clone(),
                     seen.clone(),
                 );
                 async move {
                     let v: Value = http
-                        .get(format!("{base}/api/v1/tasks/{id}"))
+                        .get(url)
                         .bearer_auth(&admin)
                         .send()
                         .await?
@@ -382,7 +412,7 @@ impl Stack {
             .await;
         result.map_err(|e| {
             let last = last.lock().map(|v| v.to_string()).unwrap_or_default();
-            anyhow!("{e}; the task was last {last}")
+            anyhow!("{e}; the {kind} was last {last}")
         })
     }
 

@@ -10,6 +10,7 @@ mod grace;
 mod link;
 mod network;
 mod nodes;
+mod pipelines;
 mod runs;
 mod scheduling;
 mod secrets;

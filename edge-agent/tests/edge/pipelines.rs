@@ -1,0 +1,286 @@
+//! Pipelines end to end: steps run on a real node in order, read what the
+//! steps they need wrote (from those steps' own outputs in a real Garage),
+//! fan out by a matrix, fan in, skip or run as `when` asks; a pipeline is
+//! cancelled and run again; bad pipelines are refused with nothing appended.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use serde_json::{json, Value};
+use ud_testkit::Garage;
+
+use crate::common::*;
+use crate::files::storage;
+
+/// The fields every step of these pipelines shares (a step that runs
+/// something else says so).
+fn defaults() -> Value {
+    let mut d = task_body("lab", "true", json!({"cpus": 0.5, "memory_mb": 64}));
+    if let Some(o) = d.as_object_mut() {
+        o.remove("project");
+    }
+    d
+}
+
+fn sh(script: &str) -> Value {
+    json!(["sh", "-c", script])
+}
+
+fn step<'a>(p: &'a Value, name: &str) -> &'a Value {
+    p["steps"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == name))
+        .unwrap_or(&Value::Null)
+}
+
+fn ended(p: &Value) -> bool {
+    p["status"].as_str().is_some_and(|s| s != "running")
+}
+
+const END: Duration = Duration::from_secs(180);
+
+#[tokio::test]
+async fn steps_run_in_order_and_read_what_earlier_steps_wrote() -> Result<()> {
+    let g = Garage::start().await?;
+    let store = storage(&g)?;
+    let mut s = Stack::start_full(
+        Duration::from_secs(30),
+        Default::default(),
+        Default::default(),
+        Some(store.clone()),
+    )
+    .await?;
+    let _node = s.online_node("pi").await?;
+    let pipeline = json!({
+        "project": "lab",
+        "name": "nightly",
+        "defaults": defaults(),
+        "steps": [
+            {"name": "make", "command": sh("mkdir -p out && echo model-v1 > out/model.txt"),
+             "outputs": ["out/"]},
+            {"name": "train", "needs": ["make"], "matrix": {"lr": ["a", "b"]},
+             "inputs": [{"source": "step:make/out/", "path": "in/"}],
+             "command": sh("cat in/model.txt; echo lr={{matrix.lr}} $UD_MATRIX_LR step=$UD_PIPELINE_STEP")},
+            {"name": "fail", "needs": ["make"], "command": sh("exit 4")},
+            {"name": "report", "needs": ["train", "fail"], "command": sh("echo report")},
+            {"name": "alert", "needs": ["fail"], "when": "on_failure", "command": sh("echo alert")},
+        ],
+    });
+    let accepted = s.post("/api/v1/pipelines", pipeline).await?;
+    let id = accepted["pipeline_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let done = s
+        .pipeline_until(&id, "the pipeline's end", END, ended)
+        .await?;
+    assert_eq!(done["status"], "failed", "{done}");
+    let states: Vec<(String, String)> = done["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|st| {
+            (
+                st["name"].as_str().unwrap_or_default().to_owned(),
+                st["state"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    let expected = [
+        ("make", "succeeded"),
+        ("train[a]", "succeeded"),
+        ("train[b]", "succeeded"),
+        ("fail", "failed"),
+        ("report", "skipped"),
+        ("alert", "succeeded"),
+    ];
+    assert_eq!(
+        states,
+        expected.map(|(a, b)| (a.to_owned(), b.to_owned())),
+        "{done}"
+    );
+    assert!(step(&done, "report")["reason"]
+        .as_str()
+        .is_some_and(|r| r.contains("fail")));
+    // Each matrix step read the first step's output, with its own value.
+    let made = step(&done, "make")["task_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let train_a = step(&done, "train[a]")["task_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let log = logs(&s, &train_a).await?;
+    assert!(log.contains("model-v1"), "{log}");
+    assert!(log.contains("lr=a a step=train[a]"), "{log}");
+    let task = s.get(&format!("/api/v1/tasks/{train_a}")).await?;
+    assert_eq!(
+        task["spec"]["inputs"][0]["source"],
+        format!("task:{made}/out/"),
+        "{task}"
+    );
+    assert_eq!(task["spec"]["name"], "nightly/train[a]");
+    // Read where it was written: no copy among the project's files.
+    let copies = store.list("projects/lab/files/").await?;
+    assert!(copies.is_empty(), "{copies:?}");
+    // The `train` step started only after `make` had ended (stream order).
+    let seq_of = |events: &Value, kind: &str| {
+        events
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["type"] == kind)
+            .and_then(|e| e["seq"].as_u64())
+            .unwrap_or(0)
+    };
+    let made_end = seq_of(
+        &s.get(&format!("/api/v1/tasks/{made}/events")).await?,
+        "task.succeeded",
+    );
+    let train_submitted = seq_of(
+        &s.get(&format!("/api/v1/tasks/{train_a}/events")).await?,
+        "task.submitted",
+    );
+    assert!(made_end > 0 && train_submitted > made_end);
+
+    // Running `train` again reruns it and what comes after it, from the
+    // same input; the other steps keep how they ended.
+    let rerun = s
+        .post(
+            &format!("/api/v1/pipelines/{id}/rerun"),
+            json!({"step": "train"}),
+        )
+        .await?;
+    assert_eq!(rerun["changed"], true);
+    let again = s
+        .pipeline_until(&id, "the rerun's end", END, |p| {
+            ended(p) && step(p, "train[a]")["runs"] == 2
+        })
+        .await?;
+    assert_eq!(again["status"], "failed", "{again}");
+    assert_eq!(step(&again, "make")["runs"], 1);
+    assert_eq!(
+        step(&again, "make")["task_id"].as_str(),
+        Some(made.as_str())
+    );
+    let second = step(&again, "train[a]")["task_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert_ne!(second, train_a);
+    assert!(logs(&s, &second).await?.contains("model-v1"));
+    assert_eq!(step(&again, "report")["state"], "skipped");
+    // Listed, with a summary of its steps.
+    let page = s.get("/api/v1/pipelines?project=lab").await?;
+    assert_eq!(page["items"][0]["id"], id.as_str(), "{page}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_cancelled_pipeline_stops_its_runs_and_bad_ones_are_refused() -> Result<()> {
+    let mut s = Stack::start(Duration::from_secs(30)).await?;
+    let _node = s.online_node("rho").await?;
+    // Refused, naming the field, and nothing appended.
+    for (steps, field) in [
+        (
+            json!([{"name": "a", "needs": ["b"]}, {"name": "b", "needs": ["a"]}]),
+            "steps[0].needs",
+        ),
+        (
+            json!([{"name": "a", "needs": ["nope"]}]),
+            "steps[0].needs[0]",
+        ),
+        (
+            json!([{"name": "a", "resources": {"cpus": 0}}]),
+            "steps[0].resources.cpus",
+        ),
+        (
+            json!([{"name": "a", "matrix": {"x": (0..2001).map(|i| i.to_string()).collect::<Vec<_>>()}}]),
+            "steps[0].matrix",
+        ),
+    ] {
+        let resp = s
+            .http
+            .post(format!("{}/api/v1/pipelines", s.base))
+            .bearer_auth(&s.admin)
+            .json(&json!({"project": "lab", "defaults": defaults(), "steps": steps}))
+            .send()
+            .await?;
+        assert_eq!(resp.status(), 400);
+        let body: Value = resp.json().await?;
+        let fields: Vec<&str> = body["fields"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|f| f["field"].as_str())
+            .collect();
+        assert!(fields.contains(&field), "{field}: {body}");
+    }
+    let mut stream = s
+        .server
+        .state
+        .commands
+        .store()
+        .jetstream()
+        .get_stream(ud_schemas::streams::PIPELINES)
+        .await?;
+    assert_eq!(stream.info().await?.state.messages, 0);
+
+    let accepted = s
+        .post(
+            "/api/v1/pipelines",
+            json!({"project": "lab", "defaults": defaults(), "steps": [
+                {"name": "long", "command": sh("echo started; sleep 120")},
+                {"name": "next", "needs": ["long"], "when": "always", "command": sh("echo next")},
+            ]}),
+        )
+        .await?;
+    let id = accepted["pipeline_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let running = s
+        .pipeline_until(&id, "the first step's task", END, |p| {
+            step(p, "long")["task_id"].is_string()
+        })
+        .await?;
+    let long = step(&running, "long")["task_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    s.task_state(&long, &["running"], END).await?;
+    s.post(
+        &format!("/api/v1/pipelines/{id}/cancel"),
+        json!({"reason": "wrong data"}),
+    )
+    .await?;
+    let done = s
+        .pipeline_until(&id, "the pipeline's end", END, ended)
+        .await?;
+    assert_eq!(done["status"], "cancelled", "{done}");
+    assert_eq!(step(&done, "long")["state"], "cancelled", "{done}");
+    assert_eq!(step(&done, "next")["state"], "skipped", "{done}");
+    // Its run was stopped (the task read model may lag the pipeline's).
+    let task = s
+        .task_state(&long, &["cancelled", "succeeded", "failed"], END)
+        .await?;
+    assert_eq!(task["state"], "cancelled", "{task}");
+    // Ended: a second cancel is refused; a rerun of one unknown step too.
+    let resp = s
+        .http
+        .post(format!("{}/api/v1/pipelines/{id}/cancel", s.base))
+        .bearer_auth(&s.admin)
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 409);
+    let resp = s
+        .http
+        .post(format!("{}/api/v1/pipelines/{id}/rerun", s.base))
+        .bearer_auth(&s.admin)
+        .json(&json!({"step": "nope"}))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 400);
+    Ok(())
+}
