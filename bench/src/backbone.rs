@@ -65,6 +65,7 @@ fn spec() -> ud_schemas::TaskSpec {
             gpu_driver: None,
             gpu_shared: false,
             network: Default::default(),
+            preferred_nodes: Vec::new(),
         },
         timeout_seconds: 3600,
         retry: ud_schemas::RetryPolicy {
@@ -82,6 +83,7 @@ fn spec() -> ud_schemas::TaskSpec {
         checkpoint: None,
         lost_after_seconds: None,
         after: vec![],
+        shared: None,
     }
 }
 

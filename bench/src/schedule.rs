@@ -101,6 +101,7 @@ fn requests(n: usize, rng: &mut Lcg) -> Vec<Resources> {
                 gpu_driver: None,
                 gpu_shared: false,
                 network: Default::default(),
+                preferred_nodes: Vec::new(),
             }
         })
         .collect()

@@ -125,6 +125,8 @@ pub struct Task {
     pub not_before: Option<Millis>,
     /// The GPU devices (UUIDs) its live assignment holds; empty when none.
     pub gpus: Vec<String>,
+    /// The node of its latest assignment, kept after it ends.
+    pub last_node: Option<NodeId>,
     /// Number of events applied: grows by one with every event.
     pub version: u64,
 }
@@ -527,6 +529,7 @@ pub fn evolve(task: Option<Task>, id: TaskId, event: &TaskEvent) -> Option<Task>
                 attempts: 0,
                 not_before: None,
                 gpus: Vec::new(),
+                last_node: None,
                 version: 1,
             }),
             _ => None,
@@ -543,6 +546,7 @@ pub fn evolve(task: Option<Task>, id: TaskId, event: &TaskEvent) -> Option<Task>
         (_, TaskEvent::Assigned(e)) => {
             task.attempts = e.attempt;
             task.gpus = e.gpus.clone();
+            task.last_node = Some(e.node_id);
             TaskState::Assigned {
                 node_id: e.node_id,
                 attempt: e.attempt,

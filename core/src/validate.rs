@@ -646,6 +646,7 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
                     gpu_driver: r.gpu_driver.clone(),
                     gpu_shared: r.gpu_shared,
                     network,
+                    preferred_nodes: Vec::new(),
                 },
                 timeout_seconds: timeout.unsigned_abs(),
                 retry: RetryPolicy {
@@ -671,6 +672,7 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
                 checkpoint,
                 lost_after_seconds: req.lost_after_seconds.map(i64::unsigned_abs),
                 after,
+                shared: None,
             },
         )),
         _ => Err(e.0),

@@ -27,6 +27,8 @@ pub const LABEL_TIMEOUT: &str = "io.unidesk.timeout_seconds";
 pub const LABEL_OUTPUTS: &str = "io.unidesk.outputs";
 /// The task's workspace on the node, mounted at `/workspace`.
 pub const LABEL_WORKSPACE: &str = "io.unidesk.workspace";
+/// A pipeline step's `/shared` folder on the node.
+pub const LABEL_SHARED: &str = "io.unidesk.shared";
 /// The GPU devices the run was given (comma-separated UUIDs).
 pub const LABEL_GPUS: &str = "io.unidesk.gpus";
 /// The task's checkpoint folder and period (JSON `checkpoint`).
@@ -53,6 +55,8 @@ pub struct Adopted {
     pub checkpoint: Option<ud_schemas::spec::Checkpoint>,
     /// Cut off from the main server this long, it stops itself.
     pub fence_after_seconds: Option<u64>,
+    /// Its `/shared` folder, saved when it ends.
+    pub shared: Option<std::path::PathBuf>,
 }
 
 impl Adopted {
@@ -87,6 +91,7 @@ impl Adopted {
                 .get(LABEL_CHECKPOINT)
                 .and_then(|c| serde_json::from_str(c).ok()),
             fence_after_seconds: labels.get(LABEL_FENCE).and_then(|v| v.parse().ok()),
+            shared: labels.get(LABEL_SHARED).map(std::path::PathBuf::from),
         })
     }
 }
@@ -97,6 +102,8 @@ pub struct Launch<'a> {
     pub run: &'a DispatchRun,
     /// The task's workspace, mounted at `/workspace`.
     pub workspace: Option<&'a std::path::Path>,
+    /// A pipeline step's folder, mounted at `/shared`.
+    pub shared: Option<&'a std::path::Path>,
     /// The network `egress` tasks join.
     pub egress_network: &'a str,
     /// Environment variables given to this run only (its secrets): never in
@@ -178,16 +185,28 @@ pub fn container(node: &NodeId, l: &Launch<'_>, started_at: Millis) -> Container
         shm_size: Some(mb(shm_mb)),
         ulimits,
         device_requests: devices,
-        binds: l
-            .workspace
-            .map(|w| vec![format!("{}:/workspace", w.display())]),
+        binds: {
+            let binds: Vec<String> = l
+                .workspace
+                .map(|w| format!("{}:/workspace", w.display()))
+                .into_iter()
+                .chain(l.shared.map(|s| format!("{}:/shared", s.display())))
+                .collect();
+            (!binds.is_empty()).then_some(binds)
+        },
         ..Default::default()
     };
     ContainerCreateBody {
         image: Some(l.image.to_owned()),
         cmd: Some(cmd),
         env: Some(env),
-        labels: Some(labels(node, l.run, l.workspace, started_at)),
+        labels: Some({
+            let mut labels = labels(node, l.run, l.workspace, started_at);
+            if let Some(s) = l.shared {
+                labels.insert(LABEL_SHARED.to_owned(), s.display().to_string());
+            }
+            labels
+        }),
         working_dir: l.workspace.map(|_| "/workspace".to_owned()),
         host_config: Some(host),
         ..Default::default()
@@ -500,6 +519,7 @@ mod tests {
                 gpus: vec!["GPU-a".into(), "GPU-b".into()],
                 checkpoint: run.spec.checkpoint.clone(),
                 fence_after_seconds: Some(900),
+                shared: None,
             })
         );
         // Another node's container is not ours.

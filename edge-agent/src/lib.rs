@@ -14,6 +14,7 @@ pub mod gpus;
 pub mod info;
 pub mod reporter;
 pub mod requests;
+pub mod shared;
 pub mod transfer;
 
 mod dispatch;
@@ -79,6 +80,9 @@ pub struct AgentConfig {
     /// The Docker network `egress` tasks join, and its bridge's name.
     pub egress_network: String,
     pub egress_bridge: String,
+    /// Pipeline `/shared` contents kept on the node above this (MiB) are
+    /// evicted, least recently used first.
+    pub shared_cache_mb: u64,
 }
 
 impl AgentConfig {
@@ -101,6 +105,7 @@ impl AgentConfig {
             offer: info::Offer::default(),
             egress_network: "unidesk-egress".into(),
             egress_bridge: "ud-egress0".into(),
+            shared_cache_mb: 20480,
         }
     }
 }
@@ -157,6 +162,8 @@ pub(crate) struct Agent {
     pub running: Running,
     pub requests: requests::Requests,
     pub transfers: transfer::Transfers,
+    /// Pipeline `/shared` contents kept on this node.
+    pub shared: shared::Cache,
     /// The GPUs as last found (none when Docker cannot give them).
     pub gpus: Arc<std::sync::Mutex<gpus::Detected>>,
 }
@@ -237,6 +244,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let agent = Agent {
         reporter: Reporter::new(node, local),
         transfers: transfer::Transfers::new(requests.clone()),
+        shared: shared::Cache::new(cfg.work_dir.join("shared-cache"), cfg.shared_cache_mb),
         running: Arc::default(),
         cfg: Arc::new(cfg),
         gpus: Arc::new(std::sync::Mutex::new(found)),
@@ -346,6 +354,7 @@ pub(crate) mod tests {
                 gpu_driver: None,
                 gpu_shared: false,
                 network: Default::default(),
+                preferred_nodes: Vec::new(),
             },
             timeout_seconds: 60,
             retry: RetryPolicy {
@@ -363,6 +372,7 @@ pub(crate) mod tests {
             checkpoint: None,
             lost_after_seconds: None,
             after: vec![],
+            shared: None,
         }
     }
 }

@@ -67,6 +67,10 @@ struct RunArgs {
     /// (only images this agent built; never what a run is preparing or using).
     #[arg(long, env = "UD_EDGE_CACHE_LIMIT_MB", default_value_t = 51200)]
     cache_limit_mb: u64,
+    /// Pipeline `/shared` file contents kept on the node above this (MiB) are
+    /// evicted, least recently used first (what a step just used is kept).
+    #[arg(long, env = "UD_EDGE_SHARED_CACHE_MB", default_value_t = 20480)]
+    shared_cache_mb: u64,
     #[arg(long, env = "DOCKER_HOST")]
     docker_host: Option<String>,
     /// `nvidia-smi` to ask when NVML cannot be loaded (a path, or a name on the PATH).
@@ -214,6 +218,7 @@ async fn main() -> Result<()> {
                 build_timeout: Duration::from_secs(a.build_timeout_seconds),
                 min_free_disk_mb: a.min_free_disk_mb,
                 cache_limit_mb: a.cache_limit_mb,
+                shared_cache_mb: a.shared_cache_mb,
                 docker_host: a.docker_host,
                 nvidia_smi: a.nvidia_smi,
                 offer: ud_edge_agent::info::Offer {

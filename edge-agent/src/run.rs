@@ -15,7 +15,7 @@ use ud_schemas::events::*;
 use ud_schemas::report::RunReport;
 use ud_schemas::{now_millis, Millis, TaskId};
 
-use crate::{docker, env, transfer, Agent};
+use crate::{docker, env, shared, transfer, Agent};
 
 /// Starts a dispatched run in the background, unless this node has it already.
 pub(crate) async fn start(agent: &Agent, run: DispatchRun, tasks: &mut tokio::task::JoinSet<()>) {
@@ -62,6 +62,11 @@ pub(crate) async fn adopt(
         checkpoint: Kept::of(adopted.checkpoint.as_ref(), adopted.workspace.as_ref()),
         workspace: adopted.workspace,
         fence: adopted.fence_after_seconds.map(Duration::from_secs),
+        // What it started from is read back from beside the folder.
+        shared: adopted.shared.map(|dir| {
+            let base = shared::Base::read(&dir).unwrap_or_default();
+            (dir, base)
+        }),
     };
     tasks.spawn(agent.clone().supervise(supervised, rx).instrument(span));
 }
@@ -76,6 +81,8 @@ struct PreparedRun {
     workspace: Option<PathBuf>,
     /// Steps taken, in order, with their durations.
     steps: Vec<(&'static str, Duration)>,
+    /// A pipeline step's `/shared` folder and what it was put together from.
+    shared: Option<(PathBuf, shared::Base)>,
     /// Keeps the image and mirrors from eviction while the run lives.
     _in_use: Option<env::InUse>,
 }
@@ -146,6 +153,8 @@ struct Supervised {
     workspace: Option<PathBuf>,
     /// Cut off from the main server this long, the run stops itself.
     fence: Option<Duration>,
+    /// Its `/shared` folder, saved when it ends, and what it started from.
+    shared: Option<(PathBuf, shared::Base)>,
 }
 
 impl Agent {
@@ -162,6 +171,7 @@ impl Agent {
         let mut prepared = match self.prepare(&run, &workspace).await {
             Ok(p) => p,
             Err(reason) => {
+                remove_dir(shared::dir_of(&workspace)).await;
                 remove_dir(workspace).await;
                 return self.fail(task, reason).await;
             }
@@ -169,6 +179,9 @@ impl Agent {
         let secrets = match self.secrets(&run).await {
             Ok(s) => s,
             Err(reason) => {
+                if let Some((d, _)) = prepared.shared.take() {
+                    remove_dir(d).await;
+                }
                 if let Some(w) = prepared.workspace.take() {
                     remove_dir(w).await;
                 }
@@ -184,12 +197,16 @@ impl Agent {
             image: &prepared.image,
             run: &run,
             workspace: prepared.workspace.as_deref(),
+            shared: prepared.shared.as_ref().map(|(d, _)| d.as_path()),
             egress_network: &self.cfg.egress_network,
             secrets: &secrets,
         };
         let container = match self.docker.create(&launch).await {
             Ok(c) => c,
             Err(e) => {
+                if let Some((d, _)) = prepared.shared.take() {
+                    remove_dir(d).await;
+                }
                 if let Some(w) = prepared.workspace.take() {
                     remove_dir(w).await;
                 }
@@ -216,6 +233,7 @@ impl Agent {
             checkpoint: Kept::of(run.spec.checkpoint.as_ref(), prepared.workspace.as_ref()),
             workspace: prepared.workspace.clone(),
             fence: run.fence_after_seconds.map(Duration::from_secs),
+            shared: prepared.shared.take(),
         };
         self.supervise(supervised, cancel).await;
     }
@@ -266,7 +284,8 @@ impl Agent {
                 // A fixed image gets a workspace only to exchange files through.
                 let files = !run.spec.inputs.is_empty()
                     || !run.spec.outputs.is_empty()
-                    || run.spec.checkpoint.is_some();
+                    || run.spec.checkpoint.is_some()
+                    || run.spec.shared.is_some();
                 if files {
                     tokio::fs::create_dir_all(workspace)
                         .await
@@ -278,6 +297,7 @@ impl Agent {
                     dockerfile_digest: String::new(),
                     workspace: files.then(|| workspace.to_owned()),
                     steps: Vec::new(),
+                    shared: None,
                     _in_use: None,
                 }
             }
@@ -305,6 +325,7 @@ impl Agent {
                     dockerfile_digest: p.dockerfile_digest,
                     workspace: Some(p.workspace),
                     steps: p.steps,
+                    shared: None,
                     _in_use: Some(p.in_use),
                 }
             }
@@ -344,6 +365,25 @@ impl Agent {
                 "checkpoint restored"
             );
             prepared.steps.push(("restore_checkpoint", t.elapsed()));
+        }
+        if let (Some(w), Some(_)) = (&prepared.workspace, &run.spec.shared) {
+            self.reporter.step(task, attempt, "fetch_shared").await;
+            let t = std::time::Instant::now();
+            let dir = shared::dir_of(w);
+            let (base, fetched) =
+                shared::restore(&self.transfers, &self.shared, task, attempt, &dir)
+                    .await
+                    .map_err(|e| format!("putting /shared together: {e}"))?;
+            if let Err(e) = base.write(&dir) {
+                warn!(error = %e, "what /shared started from is not kept for a restart");
+            }
+            info!(
+                fetched,
+                millis = t.elapsed().as_millis() as u64,
+                "/shared put together"
+            );
+            prepared.steps.push(("fetch_shared", t.elapsed()));
+            prepared.shared = Some((dir, base));
         }
         Ok(prepared)
     }
@@ -563,6 +603,10 @@ impl Agent {
         if let Some(k) = &s.checkpoint {
             self.save_checkpoint(&s, k, &mut sent).await;
         }
+        let outcome = match &s.shared {
+            Some((dir, base)) => self.save_shared(task, attempt, dir, base, outcome).await,
+            None => outcome,
+        };
         let outcome = match &s.outputs {
             Some(o) => self.store_outputs(task, attempt, o, outcome).await,
             None => outcome,
@@ -573,8 +617,47 @@ impl Agent {
             warn!(error = %e, "cannot record the outcome");
         }
         let _ = self.docker.remove(&s.container).await;
+        if let Some((d, _)) = s.shared {
+            shared::Base::forget(&d);
+            remove_dir(d).await;
+        }
         if let Some(w) = s.workspace {
             remove_dir(w).await;
+        }
+    }
+
+    /// Saves a finished run's `/shared` (not a cancelled one's: its
+    /// pipeline goes no further); a succeeded run whose folder cannot be
+    /// saved fails, as the steps after it would start from nothing.
+    async fn save_shared(
+        &self,
+        task: TaskId,
+        attempt: u32,
+        dir: &std::path::Path,
+        base: &shared::Base,
+        outcome: RunReport,
+    ) -> RunReport {
+        if !matches!(
+            outcome,
+            RunReport::Succeeded(_) | RunReport::Failed(_) | RunReport::TimedOut(_)
+        ) {
+            return outcome;
+        }
+        let t = std::time::Instant::now();
+        match shared::save(&self.transfers, &self.shared, task, attempt, dir, base).await {
+            Ok(saved) => {
+                info!(
+                    files = saved.files,
+                    new_bytes = saved.new_bytes,
+                    millis = t.elapsed().as_millis() as u64,
+                    "/shared saved"
+                );
+                outcome
+            }
+            Err(e) => {
+                warn!(error = %e, "/shared not saved");
+                shared_missing(outcome, &e)
+            }
         }
     }
 
@@ -646,14 +729,23 @@ impl Agent {
 
 /// The outcome of a run whose outputs could not be stored.
 fn outputs_missing(outcome: RunReport, e: &transfer::TransferError) -> RunReport {
+    not_stored(outcome, "outputs", e)
+}
+
+/// The outcome of a run whose `/shared` could not be saved.
+fn shared_missing(outcome: RunReport, e: &transfer::TransferError) -> RunReport {
+    not_stored(outcome, "/shared", e)
+}
+
+fn not_stored(outcome: RunReport, what: &str, e: &transfer::TransferError) -> RunReport {
     match outcome {
         RunReport::Succeeded(s) => RunReport::Failed(TaskFailed {
             at: now_millis(),
             exit_code: Some(s.exit_code),
-            reason: format!("storing outputs: {e}"),
+            reason: format!("storing {what}: {e}"),
         }),
         RunReport::Failed(f) => RunReport::Failed(TaskFailed {
-            reason: format!("{}; outputs not stored: {e}", f.reason),
+            reason: format!("{}; {what} not stored: {e}", f.reason),
             ..f
         }),
         other => other,

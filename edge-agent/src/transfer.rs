@@ -101,7 +101,11 @@ impl Transfers {
         }
     }
 
-    async fn ask(&self, req: StorageRequest) -> Result<StorageReply, TransferError> {
+    pub(crate) fn mover(&self) -> &Mover {
+        &self.mover
+    }
+
+    pub(crate) async fn ask(&self, req: StorageRequest) -> Result<StorageReply, TransferError> {
         match self
             .hub
             .storage(&req)
@@ -262,9 +266,9 @@ impl Transfers {
         Ok(total)
     }
 
-    /// Uploads `found` with the URLs `urls` asks for, then completes them as
-    /// `complete` asks.
-    async fn send(
+    /// Uploads `found` with the URLs `urls` asks for (for some or all of
+    /// them, by path), then completes them as `complete` asks.
+    pub(crate) async fn send(
         &self,
         found: &[(OutputFile, PathBuf)],
         urls: impl Fn(Vec<OutputFile>) -> StorageRequest,
@@ -283,7 +287,13 @@ impl Transfers {
                 ));
             };
             let mut expired = false;
-            for (url, (file, local)) in given.iter().zip(found.iter()) {
+            for url in &given {
+                let Some((file, local)) = found.iter().find(|(f, _)| f.path == url.path) else {
+                    return Err(TransferError::Refused(format!(
+                        "an upload URL for {:?}, which was not asked for",
+                        url.path
+                    )));
+                };
                 let fail = |reason: String| TransferError::Output {
                     path: file.path.clone(),
                     reason,

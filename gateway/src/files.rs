@@ -31,6 +31,7 @@ impl From<StorageError> for ApiError {
             StorageError::Quota(m) => {
                 ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "quota_exceeded", m)
             }
+            StorageError::Refused(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
             StorageError::Backend(_) | StorageError::Settings(_) => ApiError::unavailable(e),
         }
     }

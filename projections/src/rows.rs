@@ -457,6 +457,7 @@ mod agreement {
                 gpu_driver: None,
                 gpu_shared: false,
                 network: Default::default(),
+                preferred_nodes: Vec::new(),
             },
             timeout_seconds: 60,
             retry: RetryPolicy {
@@ -474,6 +475,7 @@ mod agreement {
             checkpoint: None,
             lost_after_seconds: None,
             after: vec![],
+            shared: None,
         }
     }
 

@@ -217,6 +217,11 @@ pub struct PipelineStepRequest {
     /// values and name, and `UD_MATRIX_<NAME>` in its environment.
     #[serde(default)]
     pub matrix: BTreeMap<String, Vec<String>>,
+    /// With several needs: `strict` (default; a path two of them changed
+    /// differently fails the step, naming the paths) or `last` (the step
+    /// needed last wins).
+    #[serde(default)]
+    pub merge: Option<crate::spec::SharedMerge>,
     /// The task's fields.
     #[serde(flatten)]
     #[schema(value_type = Object)]

@@ -217,6 +217,63 @@ pub enum StorageRequest {
         files: Vec<OutputFile>,
         present: Vec<String>,
     },
+    /// The folder a pipeline step's run starts with at `/shared` (answered
+    /// with `shared`).
+    SharedRestore { task_id: TaskId, attempt: u32 },
+    /// URLs to write those of these objects (`path`: `blobs/<hash>` or
+    /// `packs/<hash>`) the store lacks (answered with `outputs`, listing
+    /// only those).
+    SharedPlan {
+        task_id: TaskId,
+        attempt: u32,
+        objects: Vec<OutputFile>,
+    },
+    /// The objects are written: complete their uploads and keep the run's
+    /// folder as `manifest` (answered with `complete`, no files).
+    SharedSave {
+        task_id: TaskId,
+        attempt: u32,
+        objects: Vec<OutputFile>,
+        manifest: SharedManifest,
+    },
+}
+
+/// A saved `/shared` folder: each file's content is in an object of the
+/// project's store (a blob of its own, or a range of a pack of small
+/// files), named by BLAKE3 hashes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedManifest {
+    pub files: Vec<SharedFile>,
+    /// Paths deleted since (and by whom), so a fan-in knows a deletion
+    /// from a file that never was.
+    #[serde(default)]
+    pub deleted: Vec<SharedDeleted>,
+    /// Every task whose folder led to this one (filled by the main server).
+    #[serde(default)]
+    pub ancestors: Vec<TaskId>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedFile {
+    /// Relative to the folder.
+    pub path: String,
+    /// Unix permission bits.
+    pub mode: u32,
+    pub size: u64,
+    /// Hex BLAKE3 of the file's bytes.
+    pub blake3: String,
+    /// `blobs/<hash>` or `packs/<hash>`, below the project's shared prefix.
+    pub object: String,
+    /// Where the file starts in `object` (0 for a blob).
+    pub offset: u64,
+    /// The task whose run wrote this version.
+    pub writer: TaskId,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedDeleted {
+    pub path: String,
+    pub writer: TaskId,
 }
 
 impl StorageRequest {
@@ -235,6 +292,13 @@ impl StorageRequest {
                 task_id, attempt, ..
             }
             | Self::CheckpointComplete {
+                task_id, attempt, ..
+            }
+            | Self::SharedRestore { task_id, attempt }
+            | Self::SharedPlan {
+                task_id, attempt, ..
+            }
+            | Self::SharedSave {
                 task_id, attempt, ..
             } => (*task_id, *attempt),
         }
@@ -264,6 +328,11 @@ pub enum StorageReply {
     },
     Complete {
         files: Vec<crate::events::OutputObject>,
+    },
+    /// The folder to start with, and URLs to read the objects it names.
+    Shared {
+        manifest: SharedManifest,
+        objects: Vec<InputUrl>,
     },
     /// Refused or impossible; `reason` names the object.
     Refused {

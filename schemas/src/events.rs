@@ -108,7 +108,8 @@ pub struct TaskAssigned {
 }
 
 /// A preparing step began on the node (`fetch_code`, `fetch_environment`,
-/// `build_image`, `checkout`, `fetch_inputs`, `start`); the step before it ended.
+/// `build_image`, `checkout`, `fetch_inputs`, `restore_checkpoint`, `fetch_shared`,
+/// `start`); the step before it ended.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskPreparing {
     pub at: Millis,
@@ -135,7 +136,8 @@ pub struct TaskPrepared {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PrepareStep {
-    /// `fetch_code`, `fetch_environment`, `build_image`, `checkout`, `fetch_inputs`, `start`.
+    /// `fetch_code`, `fetch_environment`, `build_image`, `checkout`, `fetch_inputs`,
+    /// `restore_checkpoint`, `fetch_shared`, `start`.
     pub name: String,
     pub millis: u64,
 }

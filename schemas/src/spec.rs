@@ -53,6 +53,34 @@ pub struct TaskSpec {
     /// until each has ended as its `when` asks, and fails if one cannot.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub after: Vec<After>,
+    /// A pipeline step's folder at `/shared`: put together before the run
+    /// from what the steps it needs left there, saved when it ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared: Option<SharedFolder>,
+}
+
+/// The `/shared` folder of a pipeline step's run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SharedFolder {
+    /// The tasks whose saved folders it starts from (the latest task of
+    /// each step it needs, in order); none: it starts empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(value_type = Vec<String>)]
+    pub from: Vec<crate::TaskId>,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub merge: SharedMerge,
+}
+
+/// What starting from several folders does with a path that two of them
+/// changed differently since they parted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SharedMerge {
+    /// The run fails, naming the paths.
+    #[default]
+    Strict,
+    /// The version of the step needed last wins.
+    Last,
 }
 
 /// A task another one runs after.
@@ -93,6 +121,9 @@ pub struct PipelineStep {
     /// Parameter name to values: one step per combination of values.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub matrix: BTreeMap<String, Vec<String>>,
+    /// How `/shared` is put together when it needs several steps.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub merge: SharedMerge,
 }
 
 /// When a step runs, once every step it needs has ended.
@@ -299,6 +330,11 @@ pub struct Resources {
     /// `egress` only where its owner allows it.
     #[serde(default, skip_serializing_if = "is_default")]
     pub network: NetworkMode,
+    /// Nodes to place it on when one has room (those holding what it
+    /// starts from), before preferred labels.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(value_type = Vec<String>)]
+    pub preferred_nodes: Vec<crate::NodeId>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

@@ -51,6 +51,7 @@ fn spec() -> TaskSpec {
             gpu_driver: None,
             gpu_shared: false,
             network: Default::default(),
+            preferred_nodes: Vec::new(),
         },
         timeout_seconds: 3600,
         retry: RetryPolicy {
@@ -68,6 +69,7 @@ fn spec() -> TaskSpec {
         checkpoint: None,
         lost_after_seconds: None,
         after: vec![],
+        shared: None,
     }
 }
 
@@ -420,6 +422,7 @@ fn fixtures_v1() -> Vec<(&'static str, Event)> {
                                 "lr".into(),
                                 vec!["0.1".into(), "0.01".into()],
                             )]),
+                            merge: Default::default(),
                         },
                         PipelineStep {
                             name: "report".into(),
@@ -427,6 +430,7 @@ fn fixtures_v1() -> Vec<(&'static str, Event)> {
                             needs: vec!["train".into()],
                             when: StepWhen::Always,
                             matrix: BTreeMap::new(),
+                            merge: Default::default(),
                         },
                     ],
                     idempotency_key: None,
@@ -749,6 +753,22 @@ fn messages_outside_the_event_streams_match_their_cddl() -> anyhow::Result<()> {
         stream: "build".into(),
         text: "Step 1/2".into(),
     };
+    let shared = ud_schemas::dispatch::SharedManifest {
+        files: vec![ud_schemas::dispatch::SharedFile {
+            path: "data/train.csv".into(),
+            mode: 0o644,
+            size: 4096,
+            blake3: "cd".repeat(32),
+            object: format!("packs/{}", "ab".repeat(32)),
+            offset: 8192,
+            writer: task_id(),
+        }],
+        deleted: vec![ud_schemas::dispatch::SharedDeleted {
+            path: "tmp/old".into(),
+            writer: task_id(),
+        }],
+        ancestors: vec![task_id()],
+    };
     let file = OutputFile {
         path: "results/m.bin".into(),
         size: 10,
@@ -918,6 +938,47 @@ fn messages_outside_the_event_streams_match_their_cddl() -> anyhow::Result<()> {
                 attempt: 2,
                 files: vec![file.clone()],
                 present: vec!["ckpt/step-100.pt".into()],
+            })?,
+        ),
+        (
+            "storage-request",
+            to_cbor(&StorageRequest::SharedRestore {
+                task_id: task_id(),
+                attempt: 1,
+            })?,
+        ),
+        (
+            "storage-request",
+            to_cbor(&StorageRequest::SharedPlan {
+                task_id: task_id(),
+                attempt: 1,
+                objects: vec![OutputFile {
+                    path: format!("packs/{}", "ab".repeat(32)),
+                    size: 4096,
+                    sha256: String::new(),
+                    upload_id: None,
+                }],
+            })?,
+        ),
+        (
+            "storage-request",
+            to_cbor(&StorageRequest::SharedSave {
+                task_id: task_id(),
+                attempt: 1,
+                objects: vec![],
+                manifest: shared.clone(),
+            })?,
+        ),
+        (
+            "storage-reply",
+            to_cbor(&StorageReply::Shared {
+                manifest: shared.clone(),
+                objects: vec![InputUrl {
+                    path: format!("packs/{}", "ab".repeat(32)),
+                    object: format!("packs/{}", "ab".repeat(32)),
+                    size: 4096,
+                    url: "https://s3.example.org/p?X-Amz-Signature=1".into(),
+                }],
             })?,
         ),
         (

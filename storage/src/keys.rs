@@ -83,6 +83,37 @@ pub fn checkpoint_key(project: &str, task: &str, path: &str) -> Result<String, S
     ))
 }
 
+/// The prefix of a project's pipeline folders' contents (content-addressed:
+/// `blobs/<hash>` and `packs/<hash>`).
+pub fn shared_prefix(project: &str) -> Result<String, StorageError> {
+    Ok(format!("{}shared/", project_prefix(project)?))
+}
+
+/// The key of one object of a project's pipeline folders: `rel` must be
+/// `blobs/<hash>` or `packs/<hash>` with a 64-digit lowercase hex hash.
+pub fn shared_key(project: &str, rel: &str) -> Result<String, StorageError> {
+    let hash = rel
+        .strip_prefix("blobs/")
+        .or_else(|| rel.strip_prefix("packs/"));
+    let ok = hash.is_some_and(|h| {
+        h.len() == 64
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    });
+    if !ok {
+        return Err(StorageError::Path {
+            path: rel.to_owned(),
+            reason: "is not blobs/<hash> or packs/<hash>".into(),
+        });
+    }
+    Ok(format!("{}{rel}", shared_prefix(project)?))
+}
+
+/// Where the `/shared` folder a task's run left is described.
+pub fn shared_manifest_key(project: &str, task: &str) -> Result<String, StorageError> {
+    Ok(format!("{}shared.json", task_prefix(project, task)?))
+}
+
 /// The key of a task attempt's archived log.
 pub fn log_key(project: &str, task: &str, attempt: u32) -> Result<String, StorageError> {
     Ok(format!(

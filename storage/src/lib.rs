@@ -33,6 +33,9 @@ pub enum StorageError {
     Settings(String),
     #[error("{0}")]
     Quota(String),
+    /// What was asked for cannot be put together (the reason says why).
+    #[error("{0}")]
+    Refused(String),
 }
 
 fn backend(e: impl std::error::Error) -> StorageError {
@@ -585,6 +588,24 @@ impl Storage {
             .map_err(backend)?;
         file.sync_all().await.map_err(backend)?;
         Ok(n)
+    }
+
+    /// A small object's bytes (`None`: no such object).
+    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        let out = match self
+            .client
+            .get_object()
+            .bucket(&self.settings.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => return Ok(None),
+            Err(e) => return Err(backend(e)),
+        };
+        let bytes = out.body.collect().await.map_err(backend)?;
+        Ok(Some(bytes.into_bytes().to_vec()))
     }
 
     pub async fn delete(&self, key: &str) -> Result<(), StorageError> {

@@ -229,6 +229,7 @@ mod tests {
             attempts: 1,
             not_before: None,
             gpus: Vec::new(),
+            last_node: None,
             version: 2,
         }
     }

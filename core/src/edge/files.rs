@@ -5,9 +5,12 @@
 //! reruns), for one method, and expires in minutes.
 
 use tracing::info;
-use ud_schemas::dispatch::{InputUrl, OutputFile, OutputUrl, StorageReply, StorageRequest, Upload};
+use ud_schemas::dispatch::{
+    InputUrl, OutputFile, OutputUrl, SharedManifest, StorageReply, StorageRequest, Upload,
+};
 use ud_schemas::events::OutputObject;
-use ud_schemas::NodeId;
+use ud_schemas::spec::SharedMerge;
+use ud_schemas::{NodeId, TaskId};
 use ud_storage::{keys, Storage, StorageError};
 
 use crate::task::{Task, TaskState};
@@ -86,6 +89,11 @@ pub async fn answer(
             Ok(folder) => save(storage, &folder, &files, &present).await,
             Err(e) => Err(e),
         },
+        StorageRequest::SharedRestore { .. } => shared_restore(storage, &task).await,
+        StorageRequest::SharedPlan { objects, .. } => shared_plan(storage, &task, &objects).await,
+        StorageRequest::SharedSave {
+            objects, manifest, ..
+        } => shared_save(storage, &task, &objects, manifest).await,
     };
     result.unwrap_or_else(|e| refused(e.to_string()))
 }
@@ -231,6 +239,123 @@ async fn inputs(storage: &Storage, task: &Task) -> Result<StorageReply, StorageE
     Ok(StorageReply::Inputs { files })
 }
 
+/// The folders the task's `/shared` starts from, as their tasks saved them
+/// (a task that saved none adds nothing), and how to put them together.
+async fn saved_folders(
+    storage: &Storage,
+    task: &Task,
+) -> Result<(Vec<(TaskId, SharedManifest)>, SharedMerge), StorageError> {
+    let Some(shared) = &task.spec.shared else {
+        return Err(StorageError::Refused(
+            "the task has no shared folder".into(),
+        ));
+    };
+    let project = task.project.as_str();
+    let mut saved = Vec::with_capacity(shared.from.len());
+    for from in &shared.from {
+        let key = keys::shared_manifest_key(project, &from.to_string())?;
+        if let Some(bytes) = storage.get(&key).await? {
+            let manifest = serde_json::from_slice(&bytes)
+                .map_err(|e| StorageError::Backend(format!("{key}: {e}")))?;
+            saved.push((*from, manifest));
+        }
+    }
+    Ok((saved, shared.merge))
+}
+
+/// The folder the run starts with, and URLs to read what it names.
+async fn shared_restore(storage: &Storage, task: &Task) -> Result<StorageReply, StorageError> {
+    let (saved, policy) = saved_folders(storage, task).await?;
+    let manifest = crate::pipeline::shared::merge(&saved, policy).map_err(|paths| {
+        StorageError::Refused(format!(
+            "the steps it needs changed these paths of /shared differently: {} \
+             (merge: last takes the version of the step needed last)",
+            paths.join(", ")
+        ))
+    })?;
+    let project = task.project.as_str();
+    let named: std::collections::BTreeSet<&str> =
+        manifest.files.iter().map(|f| f.object.as_str()).collect();
+    let mut objects = Vec::with_capacity(named.len());
+    for object in named {
+        let key = keys::shared_key(project, object)?;
+        let Some(o) = storage.head(&key).await? else {
+            return Err(StorageError::NoSuchObject(format!(
+                "{object} of /shared ({key})"
+            )));
+        };
+        let url = storage.presign_get(&key, storage.ttl_for(o.size)).await?;
+        objects.push(InputUrl {
+            path: object.to_owned(),
+            object: object.to_owned(),
+            size: o.size,
+            url: url.url,
+        });
+    }
+    info!(task_id = %task.id, files = manifest.files.len(), objects = objects.len(), "shared folder handed out");
+    Ok(StorageReply::Shared { manifest, objects })
+}
+
+/// URLs to write the objects of a saved folder that the store lacks.
+async fn shared_plan(
+    storage: &Storage,
+    task: &Task,
+    objects: &[OutputFile],
+) -> Result<StorageReply, StorageError> {
+    let project = task.project.as_str();
+    let mut missing = Vec::new();
+    for o in objects {
+        let key = keys::shared_key(project, &o.path)?;
+        // Content-addressed: an object already there holds the same bytes.
+        let stored = match &o.upload_id {
+            Some(_) => None,
+            None => storage.head(&key).await?,
+        };
+        if stored.is_none_or(|s| s.size != o.size) {
+            missing.push(o.clone());
+        }
+    }
+    uploads(storage, task, &missing, |p| keys::shared_key(project, p)).await
+}
+
+/// Completes the objects' uploads and keeps the folder the run left.
+async fn shared_save(
+    storage: &Storage,
+    task: &Task,
+    objects: &[OutputFile],
+    mut manifest: SharedManifest,
+) -> Result<StorageReply, StorageError> {
+    let project = task.project.as_str();
+    complete(storage, objects, |p| keys::shared_key(project, p)).await?;
+    let uploaded: std::collections::HashSet<&str> =
+        objects.iter().map(|o| o.path.as_str()).collect();
+    let named: std::collections::BTreeSet<&str> =
+        manifest.files.iter().map(|f| f.object.as_str()).collect();
+    for object in named.into_iter().filter(|o| !uploaded.contains(o)) {
+        let key = keys::shared_key(project, object)?;
+        if storage.head(&key).await?.is_none() {
+            return Err(StorageError::NoSuchObject(format!(
+                "{object} of /shared ({key})"
+            )));
+        }
+    }
+    for path in manifest
+        .files
+        .iter()
+        .map(|f| &f.path)
+        .chain(manifest.deleted.iter().map(|d| &d.path))
+    {
+        keys::check_path(path)?;
+    }
+    let (saved, _) = saved_folders(storage, task).await?;
+    manifest.ancestors = crate::pipeline::shared::history(&saved);
+    let key = keys::shared_manifest_key(project, &task.id.to_string())?;
+    let bytes = serde_json::to_vec(&manifest).map_err(|e| StorageError::Backend(e.to_string()))?;
+    storage.put(&key, bytes, "application/json").await?;
+    info!(task_id = %task.id, files = manifest.files.len(), uploaded = objects.len(), "shared folder saved");
+    Ok(StorageReply::Complete { files: vec![] })
+}
+
 /// URLs to write `files` (outputs or checkpoint files) at `key_of` their paths.
 async fn uploads(
     storage: &Storage,
@@ -337,6 +462,7 @@ mod tests {
             attempts: 1,
             not_before: None,
             gpus: Vec::new(),
+            last_node: None,
             version: 2,
         };
         assert!(may_move_files(

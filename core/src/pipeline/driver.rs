@@ -244,9 +244,21 @@ impl Driver {
         let Some(i) = p.steps.iter().position(|s| s.name == step) else {
             return;
         };
+        let mut spec = p.task_spec(i);
+        // Placed where what it starts from already is, when that node has room.
+        for from in spec.shared.iter().flat_map(|s| s.from.clone()) {
+            if let Ok(Some((t, _))) = self.tasks.tasks().current(&from).await {
+                if let Some(node) = t
+                    .last_node
+                    .filter(|n| !spec.resources.preferred_nodes.contains(n))
+                {
+                    spec.resources.preferred_nodes.push(node);
+                }
+            }
+        }
         let command = TaskCommand::Submit {
             project: p.project.clone(),
-            spec: p.task_spec(i),
+            spec,
             idempotency_key: None,
         };
         match self

@@ -10,6 +10,7 @@
 pub mod commands;
 pub mod driver;
 mod graph;
+pub mod shared;
 #[cfg(test)]
 mod tests;
 pub mod validate;
@@ -22,7 +23,7 @@ use ud_schemas::events::{
     PipelineCancelRequested, PipelineEnded, PipelineOutcome, PipelineRerun, PipelineStepEnded,
     PipelineStepSkipped, PipelineStepStarted, PipelineSubmitted, StepOutcome,
 };
-use ud_schemas::spec::{PipelineStep, StepWhen, TaskInput};
+use ud_schemas::spec::{PipelineStep, SharedFolder, StepWhen, TaskInput};
 use ud_schemas::{Millis, PipelineEvent, PipelineId, ProjectId, TaskId, TaskSpec};
 
 pub use graph::{expand, Expanded};
@@ -249,6 +250,15 @@ impl Pipeline {
                 None => input,
             })
             .collect();
+        // `/shared` starts from what the steps it needs left there.
+        spec.shared = Some(SharedFolder {
+            from: step
+                .needs
+                .iter()
+                .filter_map(|n| self.steps[*n].task)
+                .collect(),
+            merge: self.listed[step.listed].merge,
+        });
         spec
     }
 

@@ -20,6 +20,7 @@ fn step(name: &str, needs: &[&str], when: StepWhen) -> PipelineStep {
         needs: needs.iter().map(|n| (*n).to_owned()).collect(),
         when,
         matrix: BTreeMap::new(),
+        merge: Default::default(),
     }
 }
 
@@ -430,6 +431,7 @@ fn graphs() -> impl Strategy<Value = (Vec<PipelineStep>, Vec<u8>)> {
                         needs: names,
                         when,
                         matrix: BTreeMap::new(),
+                        merge: Default::default(),
                     }
                 })
                 .collect();

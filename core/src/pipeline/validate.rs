@@ -207,6 +207,7 @@ pub fn submit_pipeline(
             needs: s.needs.clone(),
             when: s.when.unwrap_or_default(),
             matrix: s.matrix.clone(),
+            merge: s.merge.unwrap_or_default(),
         });
     }
     let graph: Vec<(&str, &[String])> = req

@@ -29,6 +29,7 @@ pub(crate) fn spec() -> TaskSpec {
             gpu_driver: None,
             gpu_shared: false,
             network: Default::default(),
+            preferred_nodes: Vec::new(),
         },
         timeout_seconds: 60,
         retry: RetryPolicy {
@@ -46,6 +47,7 @@ pub(crate) fn spec() -> TaskSpec {
         checkpoint: None,
         lost_after_seconds: None,
         after: vec![],
+        shared: None,
     }
 }
 

@@ -66,6 +66,7 @@ async fn a_gpu_run_asks_docker_for_exactly_its_devices() -> Result<()> {
         image: IMAGE,
         run: &run,
         workspace: None,
+        shared: None,
         egress_network: "unidesk-egress",
         secrets: &secrets,
     };

@@ -284,3 +284,185 @@ async fn a_cancelled_pipeline_stops_its_runs_and_bad_ones_are_refused() -> Resul
     assert_eq!(resp.status(), 400);
     Ok(())
 }
+
+/// The objects kept for a project's `/shared` folders.
+async fn shared_objects(store: &ud_storage::Storage) -> Result<Vec<String>> {
+    Ok(store
+        .list("projects/lab/shared/")
+        .await?
+        .into_iter()
+        .map(|o| o.key)
+        .collect())
+}
+
+#[tokio::test]
+async fn steps_share_a_folder_that_branches_change_and_a_fan_in_joins() -> Result<()> {
+    let g = Garage::start().await?;
+    let store = storage(&g)?;
+    let mut s = Stack::start_full(
+        Duration::from_secs(30),
+        Default::default(),
+        Default::default(),
+        Some(store.clone()),
+    )
+    .await?;
+    let _node = s.online_node("sigma").await?;
+    let pipeline = json!({
+        "project": "lab",
+        "defaults": defaults(),
+        "steps": [
+            {"name": "make", "command": sh(
+                "mkdir -p /shared/data && for i in $(seq 1 200); do echo file $i > /shared/data/$i.txt; done \
+                 && head -c 3145728 /dev/urandom > /shared/big.bin && md5sum /shared/big.bin | cut -c1-32 > /shared/big.md5")},
+            {"name": "left", "needs": ["make"], "command": sh(
+                "echo left was here > /shared/data/1.txt && echo from left > /shared/left.txt")},
+            {"name": "right", "needs": ["make"], "command": sh(
+                "rm /shared/data/2.txt && echo from right > /shared/right.txt")},
+            {"name": "join", "needs": ["left", "right"], "command": sh(
+                "cat /shared/data/1.txt; test ! -e /shared/data/2.txt && echo two-gone; \
+                 cat /shared/left.txt /shared/right.txt; \
+                 md5sum /shared/big.bin | cut -c1-32 | cmp - /shared/big.md5 && echo big-intact; \
+                 ls /shared/data | wc -l")},
+        ],
+    });
+    let accepted = s.post("/api/v1/pipelines", pipeline).await?;
+    let id = accepted["pipeline_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let done = s
+        .pipeline_until(&id, "the pipeline's end", END, ended)
+        .await?;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let join = step(&done, "join")["task_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let log = logs(&s, &join).await?;
+    for line in [
+        "left was here",
+        "two-gone",
+        "from left",
+        "from right",
+        "big-intact",
+        "199",
+    ] {
+        assert!(log.contains(line), "{line:?} not in {log}");
+    }
+    // Content-addressed: make stored a pack of its small files and a blob;
+    // left and right a pack each of what they changed; join, which changed
+    // nothing, no object at all.
+    let objects = shared_objects(&store).await?;
+    let packs = objects.iter().filter(|k| k.contains("/packs/")).count();
+    let blobs = objects.iter().filter(|k| k.contains("/blobs/")).count();
+    assert_eq!((packs, blobs), (3, 1), "{objects:?}");
+    let prepared = s.get(&format!("/api/v1/tasks/{join}")).await?;
+    let steps: Vec<&str> = prepared["prepared"]["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|st| st["name"].as_str())
+        .collect();
+    assert!(steps.contains(&"fetch_shared"), "{prepared}");
+
+    // Two branches writing one path differently: the fan-in fails naming
+    // it, unless it asks for the last one's version.
+    let clash = |merge: &str| {
+        json!({
+            "project": "lab",
+            "defaults": defaults(),
+            "steps": [
+                {"name": "a", "command": sh("echo base > /shared/x.txt")},
+                {"name": "b", "needs": ["a"], "command": sh("echo from b > /shared/x.txt")},
+                {"name": "c", "needs": ["a"], "command": sh("echo from c > /shared/x.txt")},
+                {"name": "d", "needs": ["b", "c"], "merge": merge, "command": sh("cat /shared/x.txt")},
+            ],
+        })
+    };
+    let strict = s.post("/api/v1/pipelines", clash("strict")).await?;
+    let strict = strict["pipeline_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let done = s
+        .pipeline_until(&strict, "the clash's end", END, ended)
+        .await?;
+    assert_eq!(done["status"], "failed", "{done}");
+    let d = step(&done, "d")["task_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let task = s.task_state(&d, &["failed"], END).await?;
+    let reason = task["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("x.txt") && reason.contains("merge: last"),
+        "{task}"
+    );
+    let last = s.post("/api/v1/pipelines", clash("last")).await?;
+    let last = last["pipeline_id"].as_str().unwrap_or_default().to_owned();
+    let done = s
+        .pipeline_until(&last, "the last-wins end", END, ended)
+        .await?;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let d = step(&done, "d")["task_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(logs(&s, &d).await?.contains("from c"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_step_goes_where_its_folder_is_and_another_node_fetches_it() -> Result<()> {
+    let g = Garage::start().await?;
+    let store = storage(&g)?;
+    let mut s = Stack::start_full(
+        Duration::from_secs(30),
+        Default::default(),
+        Default::default(),
+        Some(store.clone()),
+    )
+    .await?;
+    let alpha = s.online_node("alpha").await?;
+    let beta = s.online_node("beta").await?;
+    let on = |zone: &str| json!({"cpus": 0.5, "memory_mb": 64, "labels": {"zone": zone}});
+    let pipeline = json!({
+        "project": "lab",
+        "defaults": defaults(),
+        "steps": [
+            {"name": "first", "resources": on("alpha"), "command": sh("echo made on alpha > /shared/note.txt")},
+            // Free to go anywhere: it goes where the folder already is.
+            {"name": "second", "needs": ["first"], "command": sh("cat /shared/note.txt && echo second >> /shared/note.txt")},
+            // Held elsewhere: that node fetches the folder.
+            {"name": "third", "needs": ["second"], "resources": on("beta"), "command": sh("cat /shared/note.txt")},
+        ],
+    });
+    let accepted = s.post("/api/v1/pipelines", pipeline).await?;
+    let id = accepted["pipeline_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let done = s
+        .pipeline_until(&id, "the pipeline's end", END, ended)
+        .await?;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let node_of = |name: &str| {
+        let task = step(&done, name)["task_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let s = &s;
+        async move { Ok::<_, anyhow::Error>((s.get(&format!("/api/v1/tasks/{task}")).await?, task)) }
+    };
+    let (second, _) = node_of("second").await?;
+    assert_eq!(second["node_id"], alpha.id.to_string(), "{second}");
+    assert_eq!(
+        second["spec"]["resources"]["preferred_nodes"],
+        json!([alpha.id.to_string()])
+    );
+    let (third, task) = node_of("third").await?;
+    assert_eq!(third["node_id"], beta.id.to_string(), "{third}");
+    let log = logs(&s, &task).await?;
+    assert!(log.contains("made on alpha\nsecond"), "{log}");
+    Ok(())
+}

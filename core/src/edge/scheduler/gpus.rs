@@ -279,6 +279,7 @@ mod tests {
             gpu_driver: None,
             gpu_shared: false,
             network: Default::default(),
+            preferred_nodes: Vec::new(),
         }
     }
 

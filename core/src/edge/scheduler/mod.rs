@@ -103,7 +103,8 @@ impl std::str::FromStr for Placement {
 }
 
 /// The node `req` goes to, with the GPU devices it gets there: among the
-/// nodes it fits on, the one carrying the most of its preferred labels, then
+/// nodes it fits on, one it prefers by id (it holds what the task starts
+/// from), then the one carrying the most of its preferred labels, then
 /// the fullest (pack) or emptiest (spread) by CPU after placing it, then the
 /// lowest id (stable choices).
 pub fn place<'a>(
@@ -131,7 +132,8 @@ pub fn place<'a>(
             Placement::Pack => 1000 - free.min(1000),
             Placement::Spread => free,
         };
-        (preferred, fill, std::cmp::Reverse(n.id))
+        let holds = req.preferred_nodes.contains(&n.id);
+        (holds, preferred, fill, std::cmp::Reverse(n.id))
     })?;
     // Devices are chosen on the chosen node only.
     gpus::allocate(best, &used(best).gpus, req).map(|devices| (best.id, devices))
@@ -446,6 +448,7 @@ mod tests {
             gpu_driver: None,
             gpu_shared: false,
             network: Default::default(),
+            preferred_nodes: Vec::new(),
         }
     }
 
@@ -672,6 +675,24 @@ mod tests {
         assert_eq!(
             place(nodes.iter(), &full_a, &prefers_a, Placement::Pack).map(|p| p.0),
             Some(b.id)
+        );
+        // The node holding what the task starts from comes first of all.
+        let mut holds_b = prefers_a.clone();
+        holds_b.preferred_nodes = vec![b.id];
+        assert_eq!(
+            place(nodes.iter(), &usage, &holds_b, Placement::Spread).map(|p| p.0),
+            Some(b.id)
+        );
+        let full_b = HashMap::from([(
+            b.id,
+            Usage {
+                cpu_millis: 8000,
+                ..Default::default()
+            },
+        )]);
+        assert_eq!(
+            place(nodes.iter(), &full_b, &holds_b, Placement::Pack).map(|p| p.0),
+            Some(a.id)
         );
         assert_eq!("spread".parse::<Placement>(), Ok(Placement::Spread));
         assert!("random".parse::<Placement>().is_err());

@@ -284,6 +284,7 @@ mod tests {
             attempts: 0,
             not_before: None,
             gpus: Vec::new(),
+            last_node: None,
             version: 1,
         }
     }
