@@ -41,7 +41,7 @@ pub struct Args {
     rest_rate: usize,
 }
 
-fn spec() -> ud_schemas::TaskSpec {
+pub(crate) fn spec() -> ud_schemas::TaskSpec {
     ud_schemas::TaskSpec {
         name: Some("bench".into()),
         code_repo_url: "https://git.example.org/lab/code.git".into(),

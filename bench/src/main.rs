@@ -9,11 +9,13 @@ mod backup;
 mod baseline;
 mod cluster;
 mod edge;
+mod fanout;
 mod files;
 mod lifecycle;
 mod lost;
 mod restart;
 mod schedule;
+mod shared;
 mod sim;
 mod stats;
 
@@ -41,6 +43,10 @@ enum Bench {
     Backup(backup::Args),
     /// A large file through presigned URLs as the agent moves it, against a plain S3 client.
     Files(files::Args),
+    /// A pipeline's /shared folder saved and put together, against a plain S3 client.
+    Shared(shared::Args),
+    /// A pipeline fanning out into many steps, against as many plain tasks.
+    Fanout(fanout::Args),
     /// The whole task lifecycle through REST, scheduler, simulated nodes and PostgreSQL.
     Lifecycle(lifecycle::Args),
     /// Placement and queue order over 1,000 nodes (pure functions).
@@ -69,6 +75,8 @@ async fn main() -> Result<()> {
         Bench::Schedule(a) => schedule::run_bench(a),
         Bench::Lifecycle(a) => lifecycle::run(a).await,
         Bench::Files(a) => files::run(a).await,
+        Bench::Shared(a) => shared::run(a).await,
+        Bench::Fanout(a) => fanout::run(a).await,
         Bench::Backup(a) => backup::run_bench(a).await,
         Bench::Cluster(a) => cluster::run(a).await,
         Bench::Lost(a) => lost::run(a).await,

@@ -366,12 +366,13 @@ impl Agent {
             );
             prepared.steps.push(("restore_checkpoint", t.elapsed()));
         }
-        if let (Some(w), Some(_)) = (&prepared.workspace, &run.spec.shared) {
+        if let (Some(w), Some(from)) = (&prepared.workspace, &run.spec.shared) {
             self.reporter.step(task, attempt, "fetch_shared").await;
             let t = std::time::Instant::now();
             let dir = shared::dir_of(w);
+            let empty = from.from.is_empty();
             let (base, fetched) =
-                shared::restore(&self.transfers, &self.shared, task, attempt, &dir)
+                shared::restore(&self.transfers, &self.shared, task, attempt, &dir, empty)
                     .await
                     .map_err(|e| format!("putting /shared together: {e}"))?;
             if let Err(e) = base.write(&dir) {

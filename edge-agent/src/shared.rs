@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use tracing::{info, warn};
 use ud_schemas::dispatch::{
     OutputFile, SharedDeleted, SharedFile, SharedManifest, StorageReply, StorageRequest,
+    SHARED_MANIFEST,
 };
 use ud_schemas::TaskId;
 
@@ -257,22 +258,36 @@ fn place_from(local: &Path, files: &[SharedFile], dir: &Path) -> Result<(), Tran
     Ok(())
 }
 
-/// Puts the run's `/shared` together in `dir`; returns what it started
-/// from and the bytes fetched from the store.
+/// Puts the run's `/shared` together in `dir` (`empty`: it starts from no
+/// step's folder); returns what it started
+/// from and the bytes of objects fetched from the store (besides its
+/// manifest).
 pub async fn restore(
     transfers: &Transfers,
     cache: &Cache,
     task: TaskId,
     attempt: u32,
     dir: &Path,
+    empty: bool,
 ) -> Result<(Base, u64), TransferError> {
+    if empty {
+        // A first step: nothing to ask for.
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| io("creating the folder", e))?;
+        return Ok((Base::default(), 0));
+    }
     let reply = transfers
         .ask(StorageRequest::SharedRestore {
             task_id: task,
             attempt,
         })
         .await?;
-    let StorageReply::Shared { manifest, objects } = reply else {
+    let StorageReply::Shared {
+        manifest: manifest_url,
+        objects,
+    } = reply
+    else {
         return Err(TransferError::Refused(
             "unexpected answer to a request for /shared".into(),
         ));
@@ -281,6 +296,22 @@ pub async fn restore(
         .await
         .map_err(|e| io("creating the folder", e))?;
     let fetch_dir = dir.with_extension("fetch");
+    let local = fetch_dir.join(SHARED_MANIFEST);
+    transfers
+        .mover()
+        .download(&manifest_url.url, &local, manifest_url.size)
+        .await
+        .map_err(|reason| TransferError::Input {
+            object: "/shared manifest".into(),
+            reason,
+        })?;
+    let manifest: SharedManifest = serde_json::from_slice(
+        &tokio::fs::read(&local)
+            .await
+            .map_err(|e| io("the manifest", e))?,
+    )
+    .map_err(|e| TransferError::Refused(format!("/shared: the manifest: {e}")))?;
+    // Bytes of the objects fetched (the manifest aside).
     let mut fetched = 0u64;
     let mut placed: HashSet<String> = HashSet::new();
     for o in &objects {
@@ -564,23 +595,51 @@ pub async fn save(
         files: found.manifest.files.len(),
         new_bytes: found.bytes,
     };
-    let manifest = found.manifest;
-    let sent = transfers
-        .send(
-            &found.objects,
-            |objects| StorageRequest::SharedPlan {
-                task_id: task,
-                attempt,
-                objects,
-            },
-            |objects| StorageRequest::SharedSave {
-                task_id: task,
-                attempt,
-                objects,
-                manifest: manifest.clone(),
-            },
-        )
-        .await;
+    // The manifest goes to the store beside the objects: it may be far
+    // larger than a message.
+    let mut objects = found.objects;
+    let written = async {
+        let json = serde_json::to_vec(&found.manifest)
+            .map_err(|e| TransferError::Refused(format!("/shared: the manifest: {e}")))?;
+        tokio::fs::create_dir_all(&packs_dir)
+            .await
+            .map_err(|e| io("the manifest", e))?;
+        let local = packs_dir.join(SHARED_MANIFEST);
+        tokio::fs::write(&local, &json)
+            .await
+            .map_err(|e| io("the manifest", e))?;
+        Ok::<_, TransferError>((json.len() as u64, local))
+    }
+    .await;
+    let sent = match written {
+        Ok((size, local)) => {
+            objects.push((
+                OutputFile {
+                    path: SHARED_MANIFEST.into(),
+                    size,
+                    sha256: String::new(),
+                    upload_id: None,
+                },
+                local,
+            ));
+            transfers
+                .send(
+                    &objects,
+                    |objects| StorageRequest::SharedPlan {
+                        task_id: task,
+                        attempt,
+                        objects,
+                    },
+                    |objects| StorageRequest::SharedSave {
+                        task_id: task,
+                        attempt,
+                        objects,
+                    },
+                )
+                .await
+        }
+        Err(e) => Err(e),
+    };
     let _ = tokio::fs::remove_dir_all(&packs_dir).await;
     sent?;
     let c = cache.clone();

@@ -23,6 +23,8 @@ use crate::requests::Requests;
 const TRIES: u32 = 6;
 /// Parts of one file sent at once.
 const PARALLEL_PARTS: usize = 4;
+/// Files sent at once.
+const PARALLEL_FILES: usize = 4;
 /// Read buffer for streaming a file into a request.
 const CHUNK: usize = 256 * 1024;
 
@@ -286,7 +288,7 @@ impl Transfers {
                     "unexpected answer to an upload request".into(),
                 ));
             };
-            let mut expired = false;
+            let mut uploads = Vec::with_capacity(given.len());
             for url in &given {
                 let Some((file, local)) = found.iter().find(|(f, _)| f.path == url.path) else {
                     return Err(TransferError::Refused(format!(
@@ -294,19 +296,43 @@ impl Transfers {
                         url.path
                     )));
                 };
-                let fail = |reason: String| TransferError::Output {
-                    path: file.path.clone(),
-                    reason,
-                };
                 if let Upload::Multipart { upload_id, .. } = &url.upload {
                     if let Some(f) = files.iter_mut().find(|f| f.path == file.path) {
                         f.upload_id = Some(upload_id.clone());
                     }
                 }
-                match self.mover.upload(&url.upload, local, file.size).await {
+                uploads.push((
+                    url.upload.clone(),
+                    file.path.clone(),
+                    local.clone(),
+                    file.size,
+                ));
+            }
+            // Several files at once (each in parts, some at once): a link
+            // with latency is kept busy. The futures own what they use.
+            let mover = self.mover.clone();
+            let results: Vec<(String, Result<(), Put>)> = futures::stream::iter(uploads)
+                .map(move |(upload, path, local, size)| {
+                    let mover = mover.clone();
+                    async move {
+                        let r = mover.upload(&upload, &local, size).await;
+                        (path, r)
+                    }
+                })
+                .buffer_unordered(PARALLEL_FILES)
+                .collect()
+                .await;
+            let mut expired = false;
+            for (path, r) in results {
+                match r {
                     Ok(()) => {}
                     Err(Put::Expired) if round < 2 => expired = true,
-                    Err(e) => return Err(fail(e.to_string())),
+                    Err(e) => {
+                        return Err(TransferError::Output {
+                            path,
+                            reason: e.to_string(),
+                        })
+                    }
                 }
             }
             if !expired {

@@ -677,7 +677,7 @@ pub fn apply_pipeline(
     let seq = i64::try_from(seq).unwrap_or(i64::MAX);
     let at = match event {
         PipelineEvent::Submitted(e) => e.at,
-        PipelineEvent::StepStarted(e) => e.at,
+        PipelineEvent::StepsStarted(e) => e.at,
         PipelineEvent::StepEnded(e) => e.at,
         PipelineEvent::StepSkipped(e) => e.at,
         PipelineEvent::CancelRequested(e) => e.at,

@@ -244,7 +244,7 @@ pub fn decode_event(subject: &str, version: u16, payload: &[u8]) -> Result<Event
             id,
             match name {
                 "submitted" => PipelineEvent::Submitted(from_cbor(payload, t, v)?),
-                "step_started" => PipelineEvent::StepStarted(from_cbor(payload, t, v)?),
+                "steps_started" => PipelineEvent::StepsStarted(from_cbor(payload, t, v)?),
                 "step_ended" => PipelineEvent::StepEnded(from_cbor(payload, t, v)?),
                 "step_skipped" => PipelineEvent::StepSkipped(from_cbor(payload, t, v)?),
                 "cancel_requested" => PipelineEvent::CancelRequested(from_cbor(payload, t, v)?),

@@ -220,23 +220,26 @@ pub enum StorageRequest {
     /// The folder a pipeline step's run starts with at `/shared` (answered
     /// with `shared`).
     SharedRestore { task_id: TaskId, attempt: u32 },
-    /// URLs to write those of these objects (`path`: `blobs/<hash>` or
-    /// `packs/<hash>`) the store lacks (answered with `outputs`, listing
-    /// only those).
+    /// URLs to write those of these objects the store lacks (answered with
+    /// `outputs`, listing only those): `blobs/<hash>` and `packs/<hash>`,
+    /// and `manifest`, the run's folder as a JSON [`SharedManifest`] (always
+    /// written: it may be far larger than a message).
     SharedPlan {
         task_id: TaskId,
         attempt: u32,
         objects: Vec<OutputFile>,
     },
-    /// The objects are written: complete their uploads and keep the run's
-    /// folder as `manifest` (answered with `complete`, no files).
+    /// The objects are written: complete their uploads and keep the
+    /// manifest written with them (answered with `complete`, no files).
     SharedSave {
         task_id: TaskId,
         attempt: u32,
         objects: Vec<OutputFile>,
-        manifest: SharedManifest,
     },
 }
+
+/// The object name a saved folder's manifest is written as.
+pub const SHARED_MANIFEST: &str = "manifest";
 
 /// A saved `/shared` folder: each file's content is in an object of the
 /// project's store (a blob of its own, or a range of a pack of small
@@ -329,9 +332,10 @@ pub enum StorageReply {
     Complete {
         files: Vec<crate::events::OutputObject>,
     },
-    /// The folder to start with, and URLs to read the objects it names.
+    /// The folder to start with (a JSON [`SharedManifest`] to read at
+    /// `manifest`), and URLs to read the objects it names.
     Shared {
-        manifest: SharedManifest,
+        manifest: InputUrl,
         objects: Vec<InputUrl>,
     },
     /// Refused or impossible; `reason` names the object.

@@ -344,7 +344,7 @@ impl std::fmt::Display for SecretRef {
 #[serde(untagged)]
 pub enum PipelineEvent {
     Submitted(PipelineSubmitted),
-    StepStarted(PipelineStepStarted),
+    StepsStarted(PipelineStepsStarted),
     StepEnded(PipelineStepEnded),
     StepSkipped(PipelineStepSkipped),
     CancelRequested(PipelineCancelRequested),
@@ -362,10 +362,17 @@ pub struct PipelineSubmitted {
     pub idempotency_key: Option<String>,
 }
 
-/// A step's task was created (its `run`-th, counting reruns from 1).
+/// Steps started together (a fan-out is one event): each step's task is
+/// created with the id given here.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PipelineStepStarted {
+pub struct PipelineStepsStarted {
     pub at: Millis,
+    pub steps: Vec<StepStart>,
+}
+
+/// One step started: its `run`-th task, counting reruns from 1.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepStart {
     /// The step as expanded (`train[0.1]` for a matrix step).
     pub step: String,
     pub task: TaskId,
@@ -540,7 +547,7 @@ impl PipelineEvent {
     pub fn name(&self) -> &'static str {
         match self {
             Self::Submitted(_) => "submitted",
-            Self::StepStarted(_) => "step_started",
+            Self::StepsStarted(_) => "steps_started",
             Self::StepEnded(_) => "step_ended",
             Self::StepSkipped(_) => "step_skipped",
             Self::CancelRequested(_) => "cancel_requested",

@@ -438,14 +438,23 @@ fn fixtures_v1() -> Vec<(&'static str, Event)> {
             ),
         ),
         (
-            "pipeline-step_started",
+            "pipeline-steps_started",
             Event::Pipeline(
                 pipeline_id(),
-                PipelineEvent::StepStarted(PipelineStepStarted {
+                PipelineEvent::StepsStarted(PipelineStepsStarted {
                     at: AT,
-                    step: "train[0.1]".into(),
-                    task: task_id(),
-                    run: 1,
+                    steps: vec![
+                        StepStart {
+                            step: "train[0.1]".into(),
+                            task: task_id(),
+                            run: 1,
+                        },
+                        StepStart {
+                            step: "train[0.01]".into(),
+                            task: task_id(),
+                            run: 2,
+                        },
+                    ],
                 }),
             ),
         ),
@@ -769,6 +778,10 @@ fn messages_outside_the_event_streams_match_their_cddl() -> anyhow::Result<()> {
         }],
         ancestors: vec![task_id()],
     };
+    // A saved folder's manifest is JSON, kept in the object store.
+    let doc = format!("root = shared-manifest\n{}", ud_schemas::CDDL);
+    cddl::validate_json_from_str(&doc, &serde_json::to_string(&shared)?, None)
+        .map_err(|e| anyhow::anyhow!("shared-manifest: {e}"))?;
     let file = OutputFile {
         path: "results/m.bin".into(),
         size: 10,
@@ -966,13 +979,17 @@ fn messages_outside_the_event_streams_match_their_cddl() -> anyhow::Result<()> {
                 task_id: task_id(),
                 attempt: 1,
                 objects: vec![],
-                manifest: shared.clone(),
             })?,
         ),
         (
             "storage-reply",
             to_cbor(&StorageReply::Shared {
-                manifest: shared.clone(),
+                manifest: InputUrl {
+                    path: "manifest".into(),
+                    object: "manifest".into(),
+                    size: 2048,
+                    url: "https://s3.example.org/m?X-Amz-Signature=1".into(),
+                },
                 objects: vec![InputUrl {
                     path: format!("packs/{}", "ab".repeat(32)),
                     object: format!("packs/{}", "ab".repeat(32)),

@@ -286,10 +286,14 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         async move { ud_core::service::run(client, c).await.map_err(failed) }
     });
     let pipelines = ud_core::pipeline::commands::PipelineCommands::new(commands.clone());
-    let (p, c) = (pipelines.clone(), commands.clone());
+    let (p, c, shared) = (pipelines.clone(), commands.clone(), cfg.storage.is_some());
     supervisor.spawn("pipeline-driver", policy, move |_| {
         let (p, c) = (p.clone(), c.clone());
-        async move { ud_core::pipeline::driver::run(p, c).await.map_err(failed) }
+        async move {
+            ud_core::pipeline::driver::run(p, c, shared)
+                .await
+                .map_err(failed)
+        }
     });
     if let Some(edge) = &cfg.edge {
         if let Some(hub) = edge.hub.clone() {

@@ -114,6 +114,12 @@ pub fn shared_manifest_key(project: &str, task: &str) -> Result<String, StorageE
     Ok(format!("{}shared.json", task_prefix(project, task)?))
 }
 
+/// Where the folder a task's `/shared` starts from is written when it is
+/// put together from several.
+pub fn shared_start_key(project: &str, task: &str) -> Result<String, StorageError> {
+    Ok(format!("{}shared-start.json", task_prefix(project, task)?))
+}
+
 /// The key of a task attempt's archived log.
 pub fn log_key(project: &str, task: &str, attempt: u32) -> Result<String, StorageError> {
     Ok(format!(

@@ -7,6 +7,7 @@
 use tracing::info;
 use ud_schemas::dispatch::{
     InputUrl, OutputFile, OutputUrl, SharedManifest, StorageReply, StorageRequest, Upload,
+    SHARED_MANIFEST,
 };
 use ud_schemas::events::OutputObject;
 use ud_schemas::spec::SharedMerge;
@@ -91,9 +92,7 @@ pub async fn answer(
         },
         StorageRequest::SharedRestore { .. } => shared_restore(storage, &task).await,
         StorageRequest::SharedPlan { objects, .. } => shared_plan(storage, &task, &objects).await,
-        StorageRequest::SharedSave {
-            objects, manifest, ..
-        } => shared_save(storage, &task, &objects, manifest).await,
+        StorageRequest::SharedSave { objects, .. } => shared_save(storage, &task, &objects).await,
     };
     result.unwrap_or_else(|e| refused(e.to_string()))
 }
@@ -263,7 +262,9 @@ async fn saved_folders(
     Ok((saved, shared.merge))
 }
 
-/// The folder the run starts with, and URLs to read what it names.
+/// The folder the run starts with, and URLs to read what it names. The
+/// merged manifest is written to the store (it may be larger than a
+/// message) unless it is one task's as that task saved it.
 async fn shared_restore(storage: &Storage, task: &Task) -> Result<StorageReply, StorageError> {
     let (saved, policy) = saved_folders(storage, task).await?;
     let manifest = crate::pipeline::shared::merge(&saved, policy).map_err(|paths| {
@@ -274,29 +275,56 @@ async fn shared_restore(storage: &Storage, task: &Task) -> Result<StorageReply, 
         ))
     })?;
     let project = task.project.as_str();
+    let key = match saved.as_slice() {
+        [(only, _)] => keys::shared_manifest_key(project, &only.to_string())?,
+        _ => {
+            let key = keys::shared_start_key(project, &task.id.to_string())?;
+            let bytes =
+                serde_json::to_vec(&manifest).map_err(|e| StorageError::Backend(e.to_string()))?;
+            storage.put(&key, bytes, "application/json").await?;
+            key
+        }
+    };
+    let read = |key: String, name: String| async move {
+        let Some(o) = storage.head(&key).await? else {
+            return Err(StorageError::NoSuchObject(format!(
+                "{name} of /shared ({key})"
+            )));
+        };
+        let url = storage.presign_get(&key, storage.ttl_for(o.size)).await?;
+        Ok(InputUrl {
+            path: name.clone(),
+            object: name,
+            size: o.size,
+            url: url.url,
+        })
+    };
+    let manifest_url = read(key, SHARED_MANIFEST.to_owned()).await?;
     let named: std::collections::BTreeSet<&str> =
         manifest.files.iter().map(|f| f.object.as_str()).collect();
     let mut objects = Vec::with_capacity(named.len());
     for object in named {
-        let key = keys::shared_key(project, object)?;
-        let Some(o) = storage.head(&key).await? else {
-            return Err(StorageError::NoSuchObject(format!(
-                "{object} of /shared ({key})"
-            )));
-        };
-        let url = storage.presign_get(&key, storage.ttl_for(o.size)).await?;
-        objects.push(InputUrl {
-            path: object.to_owned(),
-            object: object.to_owned(),
-            size: o.size,
-            url: url.url,
-        });
+        objects.push(read(keys::shared_key(project, object)?, object.to_owned()).await?);
     }
     info!(task_id = %task.id, files = manifest.files.len(), objects = objects.len(), "shared folder handed out");
-    Ok(StorageReply::Shared { manifest, objects })
+    Ok(StorageReply::Shared {
+        manifest: manifest_url,
+        objects,
+    })
 }
 
-/// URLs to write the objects of a saved folder that the store lacks.
+/// The key of an object of a saved folder, or of the manifest written with them.
+fn shared_object_key(project: &str, task: &Task, name: &str) -> Result<String, StorageError> {
+    if name == SHARED_MANIFEST {
+        let saved = keys::shared_manifest_key(project, &task.id.to_string())?;
+        Ok(format!("{saved}.new"))
+    } else {
+        keys::shared_key(project, name)
+    }
+}
+
+/// URLs to write the objects of a saved folder that the store lacks (and
+/// its manifest, always).
 async fn shared_plan(
     storage: &Storage,
     task: &Task,
@@ -305,28 +333,37 @@ async fn shared_plan(
     let project = task.project.as_str();
     let mut missing = Vec::new();
     for o in objects {
-        let key = keys::shared_key(project, &o.path)?;
+        let key = shared_object_key(project, task, &o.path)?;
         // Content-addressed: an object already there holds the same bytes.
-        let stored = match &o.upload_id {
-            Some(_) => None,
-            None => storage.head(&key).await?,
+        let stored = match (&o.upload_id, o.path == SHARED_MANIFEST) {
+            (None, false) => storage.head(&key).await?,
+            _ => None,
         };
         if stored.is_none_or(|s| s.size != o.size) {
             missing.push(o.clone());
         }
     }
-    uploads(storage, task, &missing, |p| keys::shared_key(project, p)).await
+    uploads(storage, task, &missing, |p| {
+        shared_object_key(project, task, p)
+    })
+    .await
 }
 
-/// Completes the objects' uploads and keeps the folder the run left.
+/// Completes the objects' uploads and keeps the folder the run left, as
+/// its manifest says, once every object it names is there.
 async fn shared_save(
     storage: &Storage,
     task: &Task,
     objects: &[OutputFile],
-    mut manifest: SharedManifest,
 ) -> Result<StorageReply, StorageError> {
     let project = task.project.as_str();
-    complete(storage, objects, |p| keys::shared_key(project, p)).await?;
+    complete(storage, objects, |p| shared_object_key(project, task, p)).await?;
+    let written = shared_object_key(project, task, SHARED_MANIFEST)?;
+    let bytes = storage.get(&written).await?.ok_or_else(|| {
+        StorageError::NoSuchObject(format!("the manifest of /shared ({written})"))
+    })?;
+    let mut manifest: SharedManifest = serde_json::from_slice(&bytes)
+        .map_err(|e| StorageError::Refused(format!("the manifest of /shared: {e}")))?;
     let uploaded: std::collections::HashSet<&str> =
         objects.iter().map(|o| o.path.as_str()).collect();
     let named: std::collections::BTreeSet<&str> =
@@ -352,6 +389,7 @@ async fn shared_save(
     let key = keys::shared_manifest_key(project, &task.id.to_string())?;
     let bytes = serde_json::to_vec(&manifest).map_err(|e| StorageError::Backend(e.to_string()))?;
     storage.put(&key, bytes, "application/json").await?;
+    storage.delete(&written).await?;
     info!(task_id = %task.id, files = manifest.files.len(), uploaded = objects.len(), "shared folder saved");
     Ok(StorageReply::Complete { files: vec![] })
 }

@@ -5,7 +5,7 @@
 //! It reads the pipeline stream from its start (pipelines are few next to
 //! tasks) and holds the running pipelines; once it has read all there was,
 //! it makes sure every running step has its task (a step's task id is in its
-//! `step_started` event, so creating it twice is a no-op) and then acts on
+//! `steps_started` event, so creating it twice is a no-op) and then acts on
 //! each event as it comes. The ends of tasks come from a durable consumer on
 //! the task stream's terminal events: an end seen while the driver was away
 //! waits in it.
@@ -14,8 +14,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use async_nats::jetstream::{consumer, AckKind};
-use futures::StreamExt;
-use tracing::{info, instrument, warn};
+use futures::{FutureExt, StreamExt};
+use tracing::{info, warn};
 use ud_schemas::codec::EventMeta;
 use ud_schemas::events::StepOutcome;
 use ud_schemas::{streams, Event, PipelineEvent, PipelineId, TaskId};
@@ -32,6 +32,10 @@ use super::commands::PipelineCommands;
 pub const CONSUMER: &str = "pipeline-steps";
 /// The actor of the driver's events.
 pub const ACTOR: &str = "unidesk-pipelines";
+/// Most pipeline events acted on together.
+const BATCH: usize = 4096;
+/// Step tasks created at once.
+const CREATE_AT_ONCE: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
@@ -45,8 +49,13 @@ fn nats(e: impl Into<NatsError>) -> DriverError {
     DriverError::Nats(e.into())
 }
 
-/// Runs the driver, binding its consumers again after any failure.
-pub async fn run(commands: PipelineCommands, tasks: TaskCommands) -> Result<(), DriverError> {
+/// Runs the driver, binding its consumers again after any failure. With
+/// `shared` (the platform has an object store), steps get a `/shared` folder.
+pub async fn run(
+    commands: PipelineCommands,
+    tasks: TaskCommands,
+    shared: bool,
+) -> Result<(), DriverError> {
     use backon::BackoffBuilder;
     let schedule = backon::ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(200))
@@ -59,6 +68,7 @@ pub async fn run(commands: PipelineCommands, tasks: TaskCommands) -> Result<(), 
             tasks: tasks.clone(),
             pipelines: HashMap::new(),
             running: HashMap::new(),
+            shared,
         };
         match driver.drive().await {
             Ok(()) => delays = schedule.build(),
@@ -75,6 +85,8 @@ struct Driver {
     pipelines: HashMap<PipelineId, Pipeline>,
     /// The task of every running step.
     running: HashMap<TaskId, (PipelineId, String)>,
+    /// Steps get a `/shared` folder.
+    shared: bool,
 }
 
 fn outcome(event: &str) -> Option<StepOutcome> {
@@ -140,10 +152,34 @@ impl Driver {
             tokio::select! {
                 m = events.next() => {
                     let Some(m) = m else { return Err(DriverError::Nats("pipeline stream ended".into())) };
-                    let m = m.map_err(nats)?;
-                    if let Some((id, e)) = decode(&m) {
+                    let mut batch = vec![m.map_err(nats)?];
+                    // What else has come is acted on together: a fan-out's
+                    // steps are created at once.
+                    while batch.len() < BATCH {
+                        match events.next().now_or_never() {
+                            Some(Some(m)) => batch.push(m.map_err(nats)?),
+                            _ => break,
+                        }
+                    }
+                    let mut starts = Vec::new();
+                    let mut cancels = Vec::new();
+                    for m in &batch {
+                        let Some((id, e)) = decode(m) else { continue };
                         self.fold(id, &e).await?;
-                        self.act(id, &e).await;
+                        match e {
+                            PipelineEvent::StepsStarted(s) => {
+                                starts.extend(s.steps.into_iter().map(|s| (id, s.step, s.task)));
+                            }
+                            PipelineEvent::CancelRequested(c) => cancels.push((id, c.reason)),
+                            _ => {}
+                        }
+                    }
+                    // Created first: a cancel in the same batch then stops them.
+                    self.create_all(starts).await;
+                    for (id, reason) in cancels {
+                        if let Some(p) = self.pipelines.get(&id) {
+                            self.cancel_running(p, &reason).await;
+                        }
                     }
                 }
                 m = ended.next() => {
@@ -184,8 +220,10 @@ impl Driver {
             (None, _) => self.commands.pipelines().load(&id).await?.map(|(p, _)| p),
         };
         match e {
-            PipelineEvent::StepStarted(s) => {
-                self.running.insert(s.task, (id, s.step.clone()));
+            PipelineEvent::StepsStarted(e) => {
+                for s in &e.steps {
+                    self.running.insert(s.task, (id, s.step.clone()));
+                }
             }
             PipelineEvent::StepEnded(s) => {
                 self.running.remove(&s.task);
@@ -198,27 +236,17 @@ impl Driver {
         Ok(())
     }
 
-    /// What an event asks of the world: tasks to create or cancel.
-    async fn act(&self, id: PipelineId, e: &PipelineEvent) {
-        let Some(p) = self.pipelines.get(&id) else {
-            return;
-        };
-        match e {
-            PipelineEvent::StepStarted(s) => self.create(p, &s.step, s.task).await,
-            PipelineEvent::CancelRequested(c) => self.cancel_running(p, &c.reason).await,
-            _ => {}
-        }
-    }
-
     /// After reading the history: every running step has its task, a
     /// cancelled pipeline none running, and no step waits that could start.
     async fn reconcile(&self) {
+        let running = self.pipelines.values().flat_map(|p| {
+            p.steps
+                .iter()
+                .filter(|s| s.state == StepState::Running)
+                .filter_map(|s| Some((p.id, s.name.clone(), s.task?)))
+        });
+        self.create_all(running.collect()).await;
         for p in self.pipelines.values() {
-            for s in p.steps.iter().filter(|s| s.state == StepState::Running) {
-                if let Some(task) = s.task {
-                    self.create(p, &s.name, task).await;
-                }
-            }
             if p.cancelling {
                 self.cancel_running(p, "the pipeline was cancelled").await;
             }
@@ -239,13 +267,11 @@ impl Driver {
         }
     }
 
-    #[instrument(skip_all, fields(pipeline_id = %p.id, step, task_id = %task))]
-    async fn create(&self, p: &Pipeline, step: &str, task: TaskId) {
-        let Some(i) = p.steps.iter().position(|s| s.name == step) else {
-            return;
-        };
-        let mut spec = p.task_spec(i);
-        // Placed where what it starts from already is, when that node has room.
+    /// The task a started step runs: its spec, placed where what it starts
+    /// from already is when that node has room.
+    async fn step_task(&self, p: &Pipeline, step: &str) -> Option<TaskCommand> {
+        let i = p.index_of(step)?;
+        let mut spec = p.task_spec(i, self.shared);
         for from in spec.shared.iter().flat_map(|s| s.from.clone()) {
             if let Ok(Some((t, _))) = self.tasks.tasks().current(&from).await {
                 if let Some(node) = t
@@ -256,24 +282,47 @@ impl Driver {
                 }
             }
         }
-        let command = TaskCommand::Submit {
+        Some(TaskCommand::Submit {
             project: p.project.clone(),
             spec,
             idempotency_key: None,
-        };
-        match self
-            .tasks
-            .tasks()
-            .create(task, command, &EventMeta::new(ACTOR))
-            .await
-        {
-            Ok(_) => info!("step task created"),
-            // Created before (a repeat after a restart).
-            Err(ExecuteError::Conflict) => {}
-            Err(e) => {
-                warn!(error = %e, "step task not created; the driver tries again when it binds again")
+        })
+    }
+
+    /// Creates the tasks of started steps, many at once (a task created
+    /// before, after a restart, is left as it is).
+    async fn create_all(&self, starts: Vec<(PipelineId, String, TaskId)>) {
+        let mut commands = Vec::with_capacity(starts.len());
+        for (id, step, task) in starts {
+            let Some(p) = self.pipelines.get(&id) else {
+                continue;
+            };
+            if let Some(command) = self.step_task(p, &step).await {
+                commands.push((id, task, command));
             }
         }
+        let repo = self.tasks.tasks().clone();
+        futures::stream::iter(commands)
+            .map(move |(pipeline, task, command)| {
+                let repo = repo.clone();
+                async move {
+                    let created = repo.create(task, command, &EventMeta::new(ACTOR)).await;
+                    match created {
+                        Ok(_) => {
+                            info!(pipeline_id = %pipeline, task_id = %task, "step task created")
+                        }
+                        // Created before (a repeat after a restart).
+                        Err(ExecuteError::Conflict) => {}
+                        Err(e) => warn!(
+                            pipeline_id = %pipeline, task_id = %task, error = %e,
+                            "step task not created; the driver tries again when it binds again"
+                        ),
+                    }
+                }
+            })
+            .buffer_unordered(CREATE_AT_ONCE)
+            .collect::<()>()
+            .await;
     }
 
     async fn cancel_running(&self, p: &Pipeline, reason: &str) {

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 use ud_schemas::events::{
     PipelineCancelRequested, PipelineEnded, PipelineOutcome, PipelineRerun, PipelineStepEnded,
-    PipelineStepSkipped, PipelineStepStarted, PipelineSubmitted, StepOutcome,
+    PipelineStepSkipped, PipelineStepsStarted, PipelineSubmitted, StepOutcome, StepStart,
 };
 use ud_schemas::spec::{PipelineStep, SharedFolder, StepWhen, TaskInput};
 use ud_schemas::{Millis, PipelineEvent, PipelineId, ProjectId, TaskId, TaskSpec};
@@ -198,6 +198,11 @@ impl Pipeline {
         self.index.get(name).map(|i| &self.steps[*i])
     }
 
+    /// The index of step `name` in [`Pipeline::steps`].
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.index.get(name).copied()
+    }
+
     /// The steps a rerun of `step` (all when `None`) runs again: the named
     /// ones and every step after them.
     pub fn rerun_set(&self, step: Option<&str>) -> Result<Vec<usize>, PipelineError> {
@@ -229,9 +234,10 @@ impl Pipeline {
     }
 
     /// The task step `i` runs: its listed spec with its matrix values put
-    /// in, the pipeline named in its environment, and inputs naming other
-    /// steps' outputs pointed at those steps' latest tasks.
-    pub fn task_spec(&self, i: usize) -> TaskSpec {
+    /// in, the pipeline named in its environment, inputs naming other
+    /// steps' outputs pointed at those steps' latest tasks, and (where the
+    /// platform has an object store to keep it in) its `/shared` folder.
+    pub fn task_spec(&self, i: usize, shared: bool) -> TaskSpec {
         let step = &self.steps[i];
         let mut spec = graph::expand_spec(&self.listed[step.listed].spec, &step.values);
         spec.name = Some(match &self.name {
@@ -251,7 +257,7 @@ impl Pipeline {
             })
             .collect();
         // `/shared` starts from what the steps it needs left there.
-        spec.shared = Some(SharedFolder {
+        spec.shared = shared.then(|| SharedFolder {
             from: step
                 .needs
                 .iter()
@@ -312,10 +318,12 @@ impl Pipeline {
 }
 
 /// Starts or skips every waiting step whose needs have ended, until none
-/// changes, and ends the pipeline when no step waits or runs.
+/// changes (the steps started in one round are one event), and ends the
+/// pipeline when no step waits or runs.
 fn advance(mut p: Pipeline, now: Millis, out: &mut Vec<PipelineEvent>) {
     loop {
         let mut next = Vec::new();
+        let mut starts = Vec::new();
         for i in 0..p.steps.len() {
             let s = &p.steps[i];
             if s.state != StepState::Waiting {
@@ -332,25 +340,30 @@ fn advance(mut p: Pipeline, now: Millis, out: &mut Vec<PipelineEvent>) {
             if !s.needs.iter().all(|n| p.steps[*n].state.ended()) {
                 continue;
             }
-            next.push(match p.hold(i) {
-                Some(reason) => PipelineEvent::StepSkipped(PipelineStepSkipped {
+            match p.hold(i) {
+                Some(reason) => next.push(PipelineEvent::StepSkipped(PipelineStepSkipped {
                     at: now,
                     step: s.name.clone(),
                     reason,
-                }),
-                None => PipelineEvent::StepStarted(PipelineStepStarted {
-                    at: now,
+                })),
+                None => starts.push(StepStart {
                     step: s.name.clone(),
                     task: step_task_id(p.id, &s.name, s.runs + 1, now),
                     run: s.runs + 1,
                 }),
-            });
+            }
+        }
+        if !starts.is_empty() {
+            next.push(PipelineEvent::StepsStarted(PipelineStepsStarted {
+                at: now,
+                steps: starts,
+            }));
         }
         if next.is_empty() {
             break;
         }
         for e in next {
-            p = apply(p, &e);
+            apply(&mut p, &e);
             out.push(e);
         }
     }
@@ -414,7 +427,8 @@ pub fn decide(
                     task,
                     outcome,
                 });
-                let state = apply(p.clone(), &ended);
+                let mut state = p.clone();
+                apply(&mut state, &ended);
                 out.push(ended);
                 advance(state, now, &mut out);
             }
@@ -425,7 +439,8 @@ pub fn decide(
             PipelineStatus::Running => {
                 let cancel =
                     PipelineEvent::CancelRequested(PipelineCancelRequested { at: now, reason });
-                let state = apply(p.clone(), &cancel);
+                let mut state = p.clone();
+                apply(&mut state, &cancel);
                 out.push(cancel);
                 advance(state, now, &mut out);
             }
@@ -445,18 +460,13 @@ pub fn decide(
                 .map(|i| p.steps[i].name.clone())
                 .collect();
             let rerun = PipelineEvent::Rerun(PipelineRerun { at: now, steps });
-            let state = apply(p.clone(), &rerun);
+            let mut state = p.clone();
+            apply(&mut state, &rerun);
             out.push(rerun);
             advance(state, now, &mut out);
         }
     }
     Ok(out)
-}
-
-fn apply(p: Pipeline, event: &PipelineEvent) -> Pipeline {
-    let id = p.id;
-    let fallback = p.clone();
-    evolve(Some(p), id, event).unwrap_or(fallback)
 }
 
 pub fn evolve(p: Option<Pipeline>, id: PipelineId, event: &PipelineEvent) -> Option<Pipeline> {
@@ -494,25 +504,33 @@ pub fn evolve(p: Option<Pipeline>, id: PipelineId, event: &PipelineEvent) -> Opt
         });
     }
     let mut p = p?;
+    apply(&mut p, event);
+    Some(p)
+}
+
+/// Applies an event to a submitted pipeline, in place.
+fn apply(p: &mut Pipeline, event: &PipelineEvent) {
     let step_mut = |p: &mut Pipeline, name: &str| -> Option<usize> { p.index.get(name).copied() };
     match event {
         PipelineEvent::Submitted(_) => {}
-        PipelineEvent::StepStarted(e) => {
-            if let Some(i) = step_mut(&mut p, &e.step) {
-                let s = &mut p.steps[i];
-                s.state = StepState::Running;
-                s.task = Some(e.task);
-                s.runs = e.run;
-                s.reason = None;
+        PipelineEvent::StepsStarted(e) => {
+            for start in &e.steps {
+                if let Some(i) = step_mut(p, &start.step) {
+                    let s = &mut p.steps[i];
+                    s.state = StepState::Running;
+                    s.task = Some(start.task);
+                    s.runs = start.run;
+                    s.reason = None;
+                }
             }
         }
         PipelineEvent::StepEnded(e) => {
-            if let Some(i) = step_mut(&mut p, &e.step) {
+            if let Some(i) = step_mut(p, &e.step) {
                 p.steps[i].state = e.outcome.into();
             }
         }
         PipelineEvent::StepSkipped(e) => {
-            if let Some(i) = step_mut(&mut p, &e.step) {
+            if let Some(i) = step_mut(p, &e.step) {
                 p.steps[i].state = StepState::Skipped;
                 p.steps[i].reason = Some(e.reason.clone());
             }
@@ -522,7 +540,7 @@ pub fn evolve(p: Option<Pipeline>, id: PipelineId, event: &PipelineEvent) -> Opt
             p.status = PipelineStatus::Running;
             p.cancelling = false;
             for name in &e.steps {
-                if let Some(i) = step_mut(&mut p, name) {
+                if let Some(i) = step_mut(p, name) {
                     p.steps[i].state = StepState::Waiting;
                     p.steps[i].reason = None;
                 }
@@ -530,7 +548,6 @@ pub fn evolve(p: Option<Pipeline>, id: PipelineId, event: &PipelineEvent) -> Opt
         }
         PipelineEvent::Ended(e) => p.status = PipelineStatus::Ended(e.outcome),
     }
-    Some(p)
 }
 
 impl crate::aggregate::Aggregate for Pipeline {

@@ -58,9 +58,9 @@ fn submit(steps: Vec<PipelineStep>) -> (Pipeline, Vec<PipelineEvent>, PipelineId
 fn started(events: &[PipelineEvent]) -> Vec<String> {
     events
         .iter()
-        .filter_map(|e| match e {
-            PipelineEvent::StepStarted(s) => Some(s.step.clone()),
-            _ => None,
+        .flat_map(|e| match e {
+            PipelineEvent::StepsStarted(s) => s.steps.iter().map(|s| s.step.clone()).collect(),
+            _ => vec![],
         })
         .collect()
 }
@@ -177,7 +177,7 @@ fn a_matrix_step_runs_once_per_combination_and_is_needed_as_a_whole() {
         .iter()
         .position(|s| s.name == "train[0.01,sgd]")
         .unwrap_or(0);
-    let spec = p.task_spec(i);
+    let spec = p.task_spec(i, true);
     assert_eq!(spec.args, ["--lr=0.01", "--opt=sgd"]);
     assert_eq!(
         spec.env.get("UD_MATRIX_LR").map(String::as_str),
@@ -213,7 +213,7 @@ fn a_step_reads_what_a_step_it_needs_wrote_from_that_steps_task() {
     let (p, _) = end(p, "make", StepOutcome::Succeeded);
     let i = p.steps.iter().position(|s| s.name == "use").unwrap_or(0);
     assert_eq!(
-        p.task_spec(i).inputs[0].source,
+        p.task_spec(i, true).inputs[0].source,
         format!("task:{made}/model/")
     );
 }
@@ -452,11 +452,13 @@ proptest! {
         let mut rounds = 0;
         loop {
             for e in &events {
-                if let PipelineEvent::StepStarted(s) = e {
-                    let step = p.step(&s.step).unwrap_or_else(|| unreachable!());
-                    prop_assert_eq!(step.runs, 1);
-                    for n in &step.needs {
-                        prop_assert!(p.steps[*n].state.ended());
+                if let PipelineEvent::StepsStarted(started) = e {
+                    for s in &started.steps {
+                        let step = p.step(&s.step).unwrap_or_else(|| unreachable!());
+                        prop_assert_eq!(step.runs, 1);
+                        for n in &step.needs {
+                            prop_assert!(p.steps[*n].state.ended());
+                        }
                     }
                 }
             }
