@@ -84,6 +84,7 @@ pub(crate) fn spec() -> ud_schemas::TaskSpec {
         lost_after_seconds: None,
         after: vec![],
         shared: None,
+        store: None,
     }
 }
 

@@ -38,10 +38,11 @@ pub struct Args {
 /// The main server's storage requests, as its node-requests service answers
 /// them, on a NATS server of their own.
 async fn serve_storage(store: EventStore, storage: Storage) -> Result<()> {
+    let stores = ud_storage::Stores::platform_only(Some(storage));
     let mut requests = store.client().subscribe("ud.storage.*").await?;
     tokio::spawn(async move {
         while let Some(m) = requests.next().await {
-            let (store, storage) = (store.clone(), storage.clone());
+            let (store, stores) = (store.clone(), stores.clone());
             tokio::spawn(async move {
                 let Some(reply) = m.reply.clone() else { return };
                 let Some(node) = m
@@ -56,7 +57,7 @@ async fn serve_storage(store: EventStore, storage: Storage) -> Result<()> {
                 else {
                     return;
                 };
-                let answer = ud_core::edge::files::answer(&store, Some(&storage), &node, req).await;
+                let answer = ud_core::edge::files::answer(&store, &stores, &node, req).await;
                 if let Ok(bytes) = dispatch::to_cbor(&answer) {
                     let _ = store.client().publish(reply, bytes.into()).await;
                 }

@@ -96,6 +96,27 @@ pub struct StorageArgs {
     /// Most MiB one project may keep in the object store (unset: no limit).
     #[arg(long = "project-quota-mb", env = "UD_PROJECT_QUOTA_MB")]
     pub project_quota_mb: Option<u64>,
+    /// A JSON file of projects' own object stores (docs/pipelines.md,
+    /// "Stores per project"); those projects keep their files there.
+    #[arg(long = "stores-file", env = "UD_STORES_FILE")]
+    pub stores_file: Option<std::path::PathBuf>,
+}
+
+impl StorageArgs {
+    /// The projects' own stores, as the stores file gives them.
+    pub fn stores(&self) -> Result<ud_storage::StoresConfig> {
+        let Some(path) = self
+            .stores_file
+            .as_ref()
+            .filter(|p| !p.as_os_str().is_empty())
+        else {
+            return Ok(Default::default());
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("UD_STORES_FILE: cannot read {}", path.display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("UD_STORES_FILE: {} is not a stores file", path.display()))
+    }
 }
 
 impl StorageArgs {
@@ -278,6 +299,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         run_projectors: !args.no_projectors,
         edge: edge_config(&args)?,
         storage: args.storage.storage()?,
+        stores: args.storage.stores()?,
         disk: ud_gateway::health::DiskWatch {
             paths: args.disk_watch.clone(),
             min_free_mb: args.disk_min_free_mb,

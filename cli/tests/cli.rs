@@ -919,6 +919,15 @@ async fn a_bad_setting_names_itself_and_the_server_exits_before_serving() -> Res
         .rsplit_once('/')
         .map(|(base, _)| format!("{base}/no_such_database"))
         .unwrap_or_default();
+    // A stores file whose project has two stores and names no default.
+    let dir = tempfile::tempdir()?;
+    let stores_file = dir.path().join("stores.json");
+    let store = serde_json::json!({"bucket": "b", "access_key_id": "k", "secret_access_key": "s"});
+    std::fs::write(
+        &stores_file,
+        serde_json::json!({"projects": {"lab": {"stores": {"one": store, "two": store}}}})
+            .to_string(),
+    )?;
     let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
         (vec![("UD_NATS_URL", &nats_url)], "UD_DATABASE_URL"),
         (
@@ -952,6 +961,22 @@ async fn a_bad_setting_names_itself_and_the_server_exits_before_serving() -> Res
                 ("UD_PLACEMENT", "random"),
             ],
             "UD_PLACEMENT",
+        ),
+        (
+            vec![
+                ("UD_NATS_URL", &nats_url),
+                ("UD_DATABASE_URL", &pg_url),
+                ("UD_STORES_FILE", "/nonexistent/stores.json"),
+            ],
+            "UD_STORES_FILE",
+        ),
+        (
+            vec![
+                ("UD_NATS_URL", &nats_url),
+                ("UD_DATABASE_URL", &pg_url),
+                ("UD_STORES_FILE", stores_file.to_str().unwrap_or_default()),
+            ],
+            "several stores and no default",
         ),
     ];
     for (env, named) in cases {

@@ -13,7 +13,7 @@ use async_nats::jetstream::{consumer, AckKind};
 use futures::StreamExt;
 use tracing::{info, warn};
 use ud_schemas::{streams, TaskId};
-use ud_storage::{keys, Storage};
+use ud_storage::{keys, Stores};
 
 use crate::EventStore;
 
@@ -46,7 +46,7 @@ pub fn log_key(project: &str, task: &TaskId) -> Result<String, ud_storage::Stora
 
 /// Archives logs of tasks as they end; binds its consumer again after any
 /// failure (the hub's accounts reload while nodes enrol, for instance).
-pub async fn run(store: EventStore, storage: Storage) -> Result<(), ArchiveError> {
+pub async fn run(store: EventStore, storage: Stores) -> Result<(), ArchiveError> {
     use backon::BackoffBuilder;
     let schedule = backon::ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(200))
@@ -62,7 +62,7 @@ pub async fn run(store: EventStore, storage: Storage) -> Result<(), ArchiveError
     }
 }
 
-async fn consume(store: &EventStore, storage: &Storage) -> Result<(), ArchiveError> {
+async fn consume(store: &EventStore, storage: &Stores) -> Result<(), ArchiveError> {
     let stream = store
         .jetstream()
         .get_stream(streams::TASKS)
@@ -127,12 +127,14 @@ async fn consume(store: &EventStore, storage: &Storage) -> Result<(), ArchiveErr
 /// Writes one task's log to the store; `None` when the task is unknown.
 pub async fn archive(
     store: &EventStore,
-    storage: &Storage,
+    stores: &Stores,
     task: TaskId,
 ) -> Result<Option<String>, ArchiveError> {
     let Some((t, _)) = store.load_task(&task).await? else {
         return Ok(None);
     };
+    // The log goes where the task's files go.
+    let storage = stores.of(t.project.as_str(), t.spec.store.as_deref())?;
     let key = log_key(t.project.as_str(), &task)?;
     // Spooled to a file, so that a long log is never held in memory.
     let mut file = tempfile::NamedTempFile::new()?;

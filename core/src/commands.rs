@@ -90,6 +90,8 @@ pub struct TaskCommands {
     idempotency: kv::Store,
     /// Project secrets, when the platform holds a key for them.
     secrets: Option<crate::secrets::Secrets>,
+    /// The object stores tasks may name.
+    stores: ud_storage::Stores,
 }
 
 /// Most tasks a main server remembers (see [`Repository`]'s cache).
@@ -126,12 +128,19 @@ impl TaskCommands {
             tasks: Repository::cached(store, RECENT_TASKS, None),
             idempotency,
             secrets: None,
+            stores: ud_storage::Stores::default(),
         })
     }
 
     /// Tasks may name project secrets (checked to be set when submitted).
     pub fn with_secrets(mut self, secrets: Option<crate::secrets::Secrets>) -> Self {
         self.secrets = secrets;
+        self
+    }
+
+    /// Tasks may name these object stores of their projects.
+    pub fn with_stores(mut self, stores: ud_storage::Stores) -> Self {
+        self.stores = stores;
         self
     }
 
@@ -168,6 +177,14 @@ impl TaskCommands {
                         }
                     }
                 }
+            }
+        }
+        if let Some(name) = &spec.store {
+            if !self.stores.has(project.as_str(), name) {
+                errors.push(FieldError::new(
+                    "store",
+                    format!("project {project} has no store {name:?} (GET /api/v1/projects/{project}/stores)"),
+                ));
             }
         }
         if let Some(from) = spec.checkpoint.as_ref().and_then(|c| c.from) {

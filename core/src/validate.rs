@@ -314,7 +314,17 @@ pub fn rerun_request(project: &str, task: ud_schemas::TaskId, spec: &TaskSpec) -
                 ),
             })
             .collect(),
+        store: spec.store.clone(),
     }
+}
+
+/// A store's name: 1-63 of a-z, 0-9, `-` and `_`.
+fn store_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 /// Validates a submission into the project and spec recorded in the event.
@@ -586,6 +596,14 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
             from,
         }
     });
+    if let Some(store) = &req.store {
+        if !store_name(store) {
+            e.add(
+                "store",
+                format!("{store:?}: use 1-63 of a-z, 0-9, '-' and '_'"),
+            );
+        }
+    }
     if req.after.len() > limits::MAX_AFTER {
         e.add("after", format!("at most {} tasks", limits::MAX_AFTER));
     }
@@ -673,6 +691,7 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
                 lost_after_seconds: req.lost_after_seconds.map(i64::unsigned_abs),
                 after,
                 shared: None,
+                store: req.store.clone(),
             },
         )),
         _ => Err(e.0),
@@ -726,6 +745,7 @@ pub(crate) mod tests {
             checkpoint: None,
             lost_after_seconds: None,
             after: vec![],
+            store: None,
         }
     }
 

@@ -37,6 +37,7 @@ pub fn request(project: &str) -> SubmitTask {
         checkpoint: None,
         lost_after_seconds: None,
         after: vec![],
+        store: None,
     }
 }
 

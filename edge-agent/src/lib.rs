@@ -373,6 +373,7 @@ pub(crate) mod tests {
             lost_after_seconds: None,
             after: vec![],
             shared: None,
+            store: None,
         }
     }
 }

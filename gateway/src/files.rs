@@ -37,12 +37,13 @@ impl From<StorageError> for ApiError {
     }
 }
 
-fn storage(state: &AppState) -> Result<&Storage, ApiError> {
-    state.storage.as_ref().ok_or_else(|| {
+/// The store of a project's files: its default store, else the platform's.
+fn storage<'a>(state: &'a AppState, project: &str) -> Result<&'a Storage, ApiError> {
+    state.stores.of(project, None).map_err(|e| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "no_object_store",
-            "this platform has no object store configured (UD_S3_* settings)",
+            e.to_string(),
         )
     })
 }
@@ -98,6 +99,49 @@ pub struct FileList {
     pub quota_bytes: Option<u64>,
 }
 
+/// One of a project's object stores, as users see it: never its credentials.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct StoreView {
+    pub name: String,
+    /// Absent: AWS S3.
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub bucket: String,
+    /// Where tasks that name no store keep their files.
+    pub default: bool,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct StoreList {
+    /// Empty: the project keeps its files in the platform's store, under
+    /// its own prefix.
+    pub stores: Vec<StoreView>,
+}
+
+/// A project's object stores (a task names one in `store`).
+#[utoipa::path(get, path = "/api/v1/projects/{project}/stores", tag = "files", params(("project" = String, Path)),
+    responses((status = 200, body = StoreList), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn stores(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(project): Path<String>,
+) -> Result<Json<StoreList>, ApiError> {
+    project_of(&caller, &project)?;
+    let stores = state
+        .stores
+        .list(&project)
+        .into_iter()
+        .map(|s| StoreView {
+            name: s.name,
+            endpoint: s.endpoint,
+            region: s.region,
+            bucket: s.bucket,
+            default: s.default,
+        })
+        .collect();
+    Ok(Json(StoreList { stores }))
+}
+
 /// A project's files.
 #[utoipa::path(get, path = "/api/v1/projects/{project}/files", tag = "files", params(("project" = String, Path), ListParams),
     responses((status = 200, body = FileList), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)), security(("bearer" = [])))]
@@ -108,7 +152,7 @@ pub async fn list(
     Query(p): Query<ListParams>,
 ) -> Result<Json<FileList>, ApiError> {
     project_of(&caller, &project)?;
-    let storage = storage(&state)?;
+    let storage = storage(&state, &project)?;
     let base = keys::files_prefix(&project)?;
     let prefix = match p.prefix.as_deref().filter(|p| !p.is_empty()) {
         Some(p) => format!("{base}{}/", keys::check_path(p)?),
@@ -150,7 +194,7 @@ pub async fn download(
     Path((project, path)): Path<(String, String)>,
 ) -> Result<Json<Download>, ApiError> {
     project_of(&caller, &project)?;
-    let storage = storage(&state)?;
+    let storage = storage(&state, &project)?;
     let key = keys::file_key(&project, &path)?;
     let info = storage.head(&key).await?.ok_or_else(|| {
         ApiError::new(
@@ -283,7 +327,7 @@ pub async fn start_upload(
     JsonBody(req): JsonBody<StartUpload>,
 ) -> Result<(StatusCode, Json<UploadPlan>), ApiError> {
     project_of(&caller, &project)?;
-    let storage = storage(&state)?;
+    let storage = storage(&state, &project)?;
     keys::check_path(&req.path)?;
     check_quota(storage, &project, req.size_bytes).await?;
     Ok((
@@ -311,7 +355,7 @@ pub async fn resume_upload(
     Query(p): Query<UploadParams>,
 ) -> Result<Json<UploadPlan>, ApiError> {
     project_of(&caller, &project)?;
-    let storage = storage(&state)?;
+    let storage = storage(&state, &project)?;
     Ok(Json(
         plan(storage, &project, &p.path, p.size_bytes, Some(upload_id)).await?,
     ))
@@ -337,7 +381,7 @@ pub async fn complete_upload(
     JsonBody(req): JsonBody<CompleteUpload>,
 ) -> Result<Json<FileInfo>, ApiError> {
     project_of(&caller, &project)?;
-    let storage = storage(&state)?;
+    let storage = storage(&state, &project)?;
     let key = keys::file_key(&project, &req.path)?;
     // Nothing half-written is completed: the parts must add up to the file.
     let stored: u64 = storage
@@ -373,7 +417,7 @@ pub async fn abort_upload(
     Query(p): Query<UploadParams>,
 ) -> Result<StatusCode, ApiError> {
     project_of(&caller, &project)?;
-    let storage = storage(&state)?;
+    let storage = storage(&state, &project)?;
     storage
         .abort_multipart(&keys::file_key(&project, &p.path)?, &upload_id)
         .await?;

@@ -251,7 +251,7 @@ pub async fn readiness(state: &AppState) -> Readiness {
         Ok::<(), String>(())
     });
     let store = async {
-        match &state.storage {
+        match state.stores.platform() {
             Some(s) => timed(s.check()).await,
             None => Check {
                 status: "not_configured".into(),

@@ -48,8 +48,8 @@ pub struct Shared {
     pub pipelines: ud_core::pipeline::commands::PipelineCommands,
     pub db: Db,
     pub projected: Projected,
-    /// The object store, when one is configured.
-    pub storage: Option<ud_storage::Storage>,
+    /// The platform's object store and the projects' own.
+    pub stores: ud_storage::Stores,
     /// The main server's disks to watch.
     pub disk: health::DiskWatch,
     /// Tokens recently looked up (see [`auth::TokenCache`]).
@@ -102,6 +102,7 @@ pub fn router(state: AppState) -> Router {
             axum::routing::put(queues::put).delete(queues::reset),
         )
         .route("/api/v1/projects/{project}/files", get(files::list))
+        .route("/api/v1/projects/{project}/stores", get(files::stores))
         .route(
             "/api/v1/projects/{project}/files/{*path}",
             get(files::download),

@@ -22,7 +22,7 @@ impl Modify for Bearer {
 #[openapi(
     info(title = "UniDesk API", description = "Submit and follow tasks on UniDesk compute nodes. Every call needs `Authorization: Bearer <token>`. Errors share one JSON shape (`ErrorBody`)."),
     paths(tasks::submit, tasks::list, tasks::get, tasks::history, tasks::cancel, tasks::rerun, tasks::priority, tasks::cancel_project, tasks::cancel_queue, tasks::logs, nodes::list, nodes::get, nodes::enroll, nodes::revoke, nodes::cordon, nodes::drain, nodes::resume, tokens::issue, tokens::revoke,
-        files::list, files::download, files::start_upload, files::resume_upload, files::complete_upload, files::abort_upload, health::readyz, live::live, stats::stats, queues::list, queues::put, queues::reset,
+        files::list, files::stores, files::download, files::start_upload, files::resume_upload, files::complete_upload, files::abort_upload, health::readyz, live::live, stats::stats, queues::list, queues::put, queues::reset,
         secrets::put, secrets::delete, secrets::list, secrets::list_all,
         pipelines::submit, pipelines::list, pipelines::get, pipelines::cancel, pipelines::rerun),
     components(schemas(error::ErrorBody, ud_core::validate::FieldError, ud_core::validate::ResourceRequest, ud_core::validate::RetryRequest,

@@ -439,9 +439,12 @@ pub async fn get(
         .await?
         .filter(|r| caller.may_see(&r.project))
         .ok_or_else(|| ApiError::not_found("task"))?;
-    let outputs = crate::files::outputs(state.storage.as_ref(), row.outputs.as_ref()).await;
+    // Where the task's files are: the store it names, or its project's.
+    let named = row.spec.get("store").and_then(|s| s.as_str());
+    let storage = state.stores.of(&row.project, named).ok();
+    let outputs = crate::files::outputs(storage, row.outputs.as_ref()).await;
     let archive = match row.finished_at {
-        Some(_) => crate::files::log_archive(state.storage.as_ref(), &row.project, &row.id).await,
+        Some(_) => crate::files::log_archive(storage, &row.project, &row.id).await,
         None => None,
     };
     let mut view = TaskView::from(row);

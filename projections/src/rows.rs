@@ -476,6 +476,7 @@ mod agreement {
             lost_after_seconds: None,
             after: vec![],
             shared: None,
+            store: None,
         }
     }
 

@@ -55,6 +55,7 @@ fn spec() -> ud_schemas::TaskSpec {
         checkpoint: None,
         lost_after_seconds: None,
         after: vec![],
+        store: None,
     };
     ud_core::validate::submit_task(&req)
         .map(|(_, s)| s)

@@ -77,6 +77,10 @@ pub struct SubmitTask {
     /// Earlier tasks of the same project this one runs after.
     #[serde(default)]
     pub after: Vec<AfterRequest>,
+    /// One of the project's object stores (`GET /api/v1/projects/{p}/stores`)
+    /// its files are read from and written to; absent: the project's default.
+    #[serde(default)]
+    pub store: Option<String>,
 }
 
 /// A task to run after: its id, and `success` (the default: it must have

@@ -57,6 +57,11 @@ pub struct TaskSpec {
     /// from what the steps it needs left there, saved when it ends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shared: Option<SharedFolder>,
+    /// The project's object store its files are read from and written to
+    /// (inputs, outputs, checkpoint, `/shared`, log); `None`: the project's
+    /// default store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
 }
 
 /// The `/shared` folder of a pipeline step's run.

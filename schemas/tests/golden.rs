@@ -70,6 +70,7 @@ fn spec() -> TaskSpec {
         lost_after_seconds: None,
         after: vec![],
         shared: None,
+        store: None,
     }
 }
 

@@ -30,6 +30,9 @@ pub struct ServerConfig {
     pub edge: Option<EdgeConfig>,
     /// The object store for files, task inputs and outputs, and log archives.
     pub storage: Option<ud_storage::Storage>,
+    /// Projects' own object stores (`UD_STORES_FILE`), used instead of
+    /// `storage` for those projects.
+    pub stores: ud_storage::StoresConfig,
     /// The main server's own disks to watch (JetStream store, PostgreSQL data, backups).
     pub disk: ud_gateway::health::DiskWatch,
     /// How services that end unexpectedly are restarted.
@@ -52,6 +55,7 @@ impl ServerConfig {
             run_projectors: true,
             edge: None,
             storage: None,
+            stores: Default::default(),
             disk: Default::default(),
             restarts: Policy::default(),
             secrets: None,
@@ -81,6 +85,8 @@ pub enum StartError {
     Store(#[from] ud_core::StoreError),
     #[error("cannot listen on {addr}: {reason}")]
     Listen { addr: String, reason: String },
+    #[error("object stores: {0}")]
+    Stores(#[from] ud_storage::StorageError),
 }
 
 /// A started server; dropping it stops nothing, `stop` or `shutdown` does.
@@ -277,16 +283,24 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         ),
         None => None,
     };
+    let ttl = cfg
+        .storage
+        .as_ref()
+        .map_or(std::time::Duration::from_secs(900), |s| {
+            s.settings().url_ttl
+        });
+    let stores = ud_storage::Stores::new(cfg.storage.clone(), cfg.stores.clone(), ttl)?;
     let commands = TaskCommands::new(store.clone())
         .await?
-        .with_secrets(secrets.clone());
+        .with_secrets(secrets.clone())
+        .with_stores(stores.clone());
     let (client, c) = (guarded.client().clone(), commands.clone());
     supervisor.spawn("command-service", policy, move |_| {
         let (client, c) = (client.clone(), c.clone());
         async move { ud_core::service::run(client, c).await.map_err(failed) }
     });
     let pipelines = ud_core::pipeline::commands::PipelineCommands::new(commands.clone());
-    let (p, c, shared) = (pipelines.clone(), commands.clone(), cfg.storage.is_some());
+    let (p, c, shared) = (pipelines.clone(), commands.clone(), stores.any());
     supervisor.spawn("pipeline-driver", policy, move |_| {
         let (p, c) = (p.clone(), c.clone());
         async move {
@@ -323,7 +337,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         let sources = ud_core::edge::requests::Sources {
             store: guarded.clone(),
             credentials: edge.git_credentials.clone(),
-            storage: cfg.storage.clone(),
+            stores: stores.clone(),
             secrets: secrets.clone(),
         };
         supervisor.spawn("node-requests", policy, move |_| {
@@ -343,7 +357,8 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
             }
         });
     }
-    if let Some(storage) = cfg.storage.clone() {
+    if stores.any() {
+        let storage = stores.clone();
         let s = store.clone();
         supervisor.spawn("log-archiver", policy, move |_| {
             let (s, storage) = (s.clone(), storage.clone());
@@ -376,7 +391,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         pipelines,
         db,
         projected,
-        storage: cfg.storage.clone(),
+        stores: stores.clone(),
         disk: cfg.disk.clone(),
         tokens: Default::default(),
         ingest_pinned: cfg.edge.is_some().then_some(pinned),

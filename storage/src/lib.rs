@@ -5,6 +5,9 @@
 //! valid for minutes.
 
 pub mod keys;
+pub mod stores;
+
+pub use stores::{StoreInfo, Stores, StoresConfig};
 
 use std::time::Duration;
 

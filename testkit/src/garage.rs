@@ -141,6 +141,20 @@ impl Garage {
         }
     }
 
+    /// Another bucket, with a key of its own allowed on it alone; returns
+    /// the bucket, the key id and its secret.
+    pub async fn bucket_with_key(&self, bucket: &str) -> Result<(String, String, String)> {
+        let (id, secret) = (format!("GK{}", hex(12)), hex(32));
+        self.cli(&["key", "import", "--yes", "-n", bucket, &id, &secret])
+            .await?;
+        self.cli(&["bucket", "create", bucket]).await?;
+        self.cli(&[
+            "bucket", "allow", "--read", "--write", "--owner", bucket, "--key", bucket,
+        ])
+        .await?;
+        Ok((bucket.to_owned(), id, secret))
+    }
+
     /// Runs a garage CLI command against this server; returns its stdout.
     pub async fn cli(&self, args: &[&str]) -> Result<String> {
         let out = Command::new(garage_binary())

@@ -12,7 +12,7 @@ use ud_schemas::dispatch::{
 use ud_schemas::events::OutputObject;
 use ud_schemas::spec::SharedMerge;
 use ud_schemas::{NodeId, TaskId};
-use ud_storage::{keys, Storage, StorageError};
+use ud_storage::{keys, Storage, StorageError, Stores};
 
 use crate::task::{Task, TaskState};
 use crate::EventStore;
@@ -51,14 +51,11 @@ pub fn may_move_files(node: &NodeId, task: Option<&Task>, attempt: u32) -> Resul
 /// Answers one request; `Refused` names the object when one is at fault.
 pub async fn answer(
     store: &EventStore,
-    storage: Option<&Storage>,
+    stores: &Stores,
     node: &NodeId,
     req: StorageRequest,
 ) -> StorageReply {
     let refused = |reason: String| StorageReply::Refused { reason };
-    let Some(storage) = storage else {
-        return refused("this platform has no object store configured (UD_S3_* settings)".into());
-    };
     let (task_id, attempt) = req.attempt();
     let task = match store.load_task(&task_id).await {
         Ok(t) => t.map(|(t, _)| t),
@@ -70,10 +67,15 @@ pub async fn answer(
     let Some(task) = task else {
         return refused("no such task".into());
     };
+    // The task's files are in the store it names, or its project's default.
+    let storage = match stores.of(task.project.as_str(), task.spec.store.as_deref()) {
+        Ok(s) => s,
+        Err(e) => return refused(e.to_string()),
+    };
     let (project, id) = (task.project.as_str(), task.id.to_string());
     let output = |path: &str| keys::output_key(project, &id, path);
     let result = match req {
-        StorageRequest::Inputs { .. } => inputs(storage, &task).await,
+        StorageRequest::Inputs { .. } => inputs(store, stores, storage, &task).await,
         StorageRequest::Outputs { files, .. } => uploads(storage, &task, &files, output).await,
         StorageRequest::Complete { files, .. } => complete(storage, &files, output)
             .await
@@ -191,10 +193,44 @@ fn input_key(project: &str, source: &str) -> Result<String, StorageError> {
     }
 }
 
-async fn inputs(storage: &Storage, task: &Task) -> Result<StorageReply, StorageError> {
+/// The store an input is read from: another task's outputs are in that
+/// task's store; project files in the reading task's.
+async fn input_store<'a>(
+    store: &EventStore,
+    stores: &'a Stores,
+    own: &'a Storage,
+    task: &Task,
+    source: &str,
+) -> Result<&'a Storage, StorageError> {
+    use ud_schemas::spec::InputSource;
+    let Ok(InputSource::TaskOutput { task: other, .. }) = InputSource::parse(source) else {
+        return Ok(own);
+    };
+    let named = match store.load_task(&other).await {
+        Ok(Some((t, _))) => t.spec.store,
+        Ok(None) => None,
+        Err(e) => {
+            return Err(StorageError::Backend(format!(
+                "cannot read task {other}: {e}"
+            )))
+        }
+    };
+    if named == task.spec.store {
+        return Ok(own);
+    }
+    stores.of(task.project.as_str(), named.as_deref())
+}
+
+async fn inputs(
+    store: &EventStore,
+    stores: &Stores,
+    own: &Storage,
+    task: &Task,
+) -> Result<StorageReply, StorageError> {
     let project = task.project.as_str();
     let mut files = Vec::new();
     for input in &task.spec.inputs {
+        let storage = input_store(store, stores, own, task, &input.source).await?;
         let dest = keys::check_path(&input.path)?;
         if input.source.ends_with('/') {
             let prefix = format!("{}/", input_key(project, &input.source)?);

@@ -80,7 +80,7 @@ enum Kind {
 pub struct Sources {
     pub store: EventStore,
     pub credentials: GitCredentials,
-    pub storage: Option<ud_storage::Storage>,
+    pub stores: ud_storage::Stores,
     pub secrets: Option<Secrets>,
 }
 
@@ -138,7 +138,7 @@ async fn answer(
     node: NodeId,
     payload: &[u8],
 ) -> Result<Vec<u8>, EdgeError> {
-    let (store, creds, storage) = (&from.store, &from.credentials, from.storage.as_ref());
+    let (store, creds, stores) = (&from.store, &from.credentials, &from.stores);
     let codec = EdgeError::Codec;
     match kind {
         Kind::Credentials => {
@@ -205,7 +205,7 @@ async fn answer(
         }
         Kind::Storage => {
             let reply = match dispatch::from_cbor::<StorageRequest>(payload, "storage-request") {
-                Ok(req) => super::files::answer(store, storage, &node, req).await,
+                Ok(req) => super::files::answer(store, stores, &node, req).await,
                 Err(e) => StorageReply::Refused {
                     reason: format!("undecodable request: {e}"),
                 },

@@ -229,6 +229,17 @@ pub fn submit_pipeline(
             ),
         ));
     }
+    // Steps share their folder through one store.
+    if let Some(first) = steps.first() {
+        for (i, s) in steps.iter().enumerate() {
+            if s.spec.store != first.spec.store {
+                errors.push(FieldError::new(
+                    format!("steps[{i}].store"),
+                    "the steps of a pipeline share their folder through one store: name it in defaults",
+                ));
+            }
+        }
+    }
     if !errors.is_empty() {
         return Err(errors);
     }

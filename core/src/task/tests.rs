@@ -48,6 +48,7 @@ pub(crate) fn spec() -> TaskSpec {
         lost_after_seconds: None,
         after: vec![],
         shared: None,
+        store: None,
     }
 }
 

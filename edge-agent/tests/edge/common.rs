@@ -156,6 +156,18 @@ impl Stack {
         queues: ud_core::edge::scheduler::Queues,
         storage: Option<ud_storage::Storage>,
     ) -> Result<Self> {
+        let (creds, none) = (git_credentials, Default::default());
+        Self::start_stores(heartbeat_timeout, creds, queues, storage, none).await
+    }
+
+    /// [`Stack::start_full`] with projects' own object stores.
+    pub async fn start_stores(
+        heartbeat_timeout: Duration,
+        git_credentials: ud_core::edge::credentials::GitCredentials,
+        queues: ud_core::edge::scheduler::Queues,
+        storage: Option<ud_storage::Storage>,
+        stores: ud_storage::StoresConfig,
+    ) -> Result<Self> {
         init_tracing();
         let ca = ud_testkit::TestCa::new("UniDesk test hub CA")?;
         let hub = NatsServer::start_with(NatsOptions {
@@ -170,6 +182,7 @@ impl Stack {
         let nats_url = format!("nats://platform:{PLATFORM_PW}@127.0.0.1:{}", hub.port());
         let server = server::start(ServerConfig {
             storage,
+            stores,
             edge: Some(EdgeConfig {
                 hub: Some(ud_core::edge::hub::HubSettings {
                     accounts_file: hub.accounts_file(),

@@ -632,3 +632,112 @@ async fn resumed_at_last(s: &Stack, id: &str) -> Result<u32> {
         .and_then(|n| n.parse().ok())
         .ok_or_else(|| anyhow::anyhow!("no resume line in {log:?}"))
 }
+
+#[tokio::test]
+async fn each_project_keeps_its_files_in_its_own_bucket_with_its_own_key() -> Result<()> {
+    let g = Garage::start().await?;
+    let platform = storage(&g)?;
+    // Two projects, each with a bucket and a key allowed on it alone; one
+    // of them with a second store.
+    let (bucket_a, id_a, secret_a) = g.bucket_with_key("lab-a-files").await?;
+    let (bucket_b, id_b, secret_b) = g.bucket_with_key("lab-b-files").await?;
+    let (bucket_arch, id_arch, secret_arch) = g.bucket_with_key("lab-a-archive").await?;
+    let store = |bucket: &str, id: &str, secret: &str| {
+        json!({"endpoint": g.endpoint, "region": g.region, "bucket": bucket,
+               "access_key_id": id, "secret_access_key": secret})
+    };
+    let stores: ud_storage::StoresConfig = serde_json::from_value(json!({"projects": {
+        "lab-a": {"default": "main", "stores": {
+            "main": store(&bucket_a, &id_a, &secret_a),
+            "archive": store(&bucket_arch, &id_arch, &secret_arch)}},
+        "lab-b": {"stores": {"main": store(&bucket_b, &id_b, &secret_b)}},
+    }}))?;
+    let mut s = Stack::start_stores(
+        Duration::from_secs(30),
+        Default::default(),
+        Default::default(),
+        Some(platform.clone()),
+        stores,
+    )
+    .await?;
+    let _node = s.online_node("tau").await?;
+    // What users see of the stores: never a credential.
+    let listed = s.get("/api/v1/projects/lab-a/stores").await?;
+    let text = listed.to_string();
+    assert!(
+        text.contains("lab-a-archive") && !text.contains(&secret_a) && !text.contains(&id_a),
+        "{listed}"
+    );
+    assert_eq!(
+        s.get("/api/v1/projects/lab-b/stores").await?["stores"][0]["default"],
+        true
+    );
+
+    // A task of each project writes an output; lab-a's second one to its archive store.
+    let submit = |project: &str, text: &str, store: Option<&str>| {
+        let mut body = task_body(
+            project,
+            &format!("mkdir -p out && echo {text} > out/r.txt"),
+            json!({"cpus": 0.5, "memory_mb": 64}),
+        );
+        body["outputs"] = json!(["out/"]);
+        if let Some(name) = store {
+            body["store"] = json!(name);
+        }
+        body
+    };
+    let a = s.submit_body(submit("lab-a", "from-a", None)).await?;
+    let b = s.submit_body(submit("lab-b", "from-b", None)).await?;
+    let arch = s
+        .submit_body(submit("lab-a", "archived", Some("archive")))
+        .await?;
+    for id in [&a, &b, &arch] {
+        let done = ended(&mut s, id).await?;
+        assert_eq!(done["state"], "succeeded", "{done}");
+    }
+    // Each object is in its project's bucket, none in the platform's.
+    let in_bucket = |bucket: &str, id: &str, secret: &str| -> Result<ud_storage::Storage> {
+        Ok(ud_storage::Storage::new(
+            ud_storage::StorageSettings::path_style(&g.endpoint, &g.region, bucket, id, secret),
+        )?)
+    };
+    let (sa, sb, sarch) = (
+        in_bucket(&bucket_a, &id_a, &secret_a)?,
+        in_bucket(&bucket_b, &id_b, &secret_b)?,
+        in_bucket(&bucket_arch, &id_arch, &secret_arch)?,
+    );
+    let key =
+        |project: &str, task: &str| format!("projects/{project}/tasks/{task}/outputs/out/r.txt");
+    assert!(sa.head(&key("lab-a", &a)).await?.is_some());
+    assert!(sb.head(&key("lab-b", &b)).await?.is_some());
+    assert!(sarch.head(&key("lab-a", &arch)).await?.is_some());
+    assert!(sa.head(&key("lab-a", &arch)).await?.is_none());
+    assert!(platform.list("projects/").await?.is_empty());
+    // The download links name the project's bucket and read back its bytes.
+    let task = s.get(&format!("/api/v1/tasks/{a}")).await?;
+    let url = task["outputs"][0]["download"]["url"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(url.contains(&bucket_a) && !url.contains(&bucket_b), "{url}");
+    assert_eq!(
+        download(&s.http, &task["outputs"][0]).await?.as_ref(),
+        b"from-a\n"
+    );
+    // One project's key reaches nothing of the other's bucket.
+    let crossed = in_bucket(&bucket_b, &id_a, &secret_a)?;
+    assert!(crossed.head(&key("lab-b", &b)).await.is_err());
+    assert!(crossed.list("projects/").await.is_err());
+    // A store the project does not have is refused at submission.
+    let resp = s
+        .http
+        .post(format!("{}/api/v1/tasks", s.base))
+        .bearer_auth(&s.admin)
+        .json(&submit("lab-b", "x", Some("archive")))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await?;
+    assert_eq!(body["fields"][0]["field"], "store", "{body}");
+    Ok(())
+}
