@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Result};
 use futures::StreamExt;
 use serde_json::json;
-use ud_schemas::edge::NodeToken;
 
 use crate::stats::line;
 
@@ -100,22 +99,15 @@ pub async fn run(a: Args) -> Result<()> {
         .pool_max_idle_per_host(256)
         .build()?;
     let base = format!("http://{}", running.addr);
-    let mut sims = Vec::new();
-    for i in 0..a.nodes {
-        let v: serde_json::Value = http
-            .post(format!("{base}/api/v1/nodes"))
-            .bearer_auth(&admin.secret)
-            .json(&json!({"name": format!("sim-{i}")}))
-            .send()
-            .await?
-            .json()
-            .await?;
-        let token =
-            NodeToken::parse(v["token"].as_str().unwrap_or_default()).map_err(|e| anyhow!(e))?;
-        sims.push(
-            crate::sim::join(hub.leaf_port(), &token, format!("sim-{i}"), &store, true).await?,
-        );
-    }
+    let sims = crate::sim::enrol(
+        &http,
+        &base,
+        &admin.secret,
+        hub.leaf_port(),
+        &store,
+        a.nodes,
+    )
+    .await?;
     let (db, conn) = tokio_postgres::connect(&pg.url, tokio_postgres::NoTls).await?;
     tokio::spawn(conn);
     println!(

@@ -19,7 +19,7 @@ use anyhow::{anyhow, Result};
 use futures::StreamExt;
 use serde_json::json;
 use tokio::sync::Mutex;
-use ud_schemas::edge::{self, NodeToken};
+use ud_schemas::edge;
 
 use crate::stats::{line, ms, percentile};
 
@@ -92,22 +92,15 @@ async fn one_mode(a: &Args, sync_always: bool, baseline: Option<f64>) -> Result<
         .pool_max_idle_per_host(512)
         .build()?;
     let base = format!("http://{}", running.addr);
-    let mut sims = Vec::new();
-    for i in 0..a.nodes {
-        let v: serde_json::Value = http
-            .post(format!("{base}/api/v1/nodes"))
-            .bearer_auth(&admin.secret)
-            .json(&json!({"name": format!("sim-{i}")}))
-            .send()
-            .await?
-            .json()
-            .await?;
-        let token =
-            NodeToken::parse(v["token"].as_str().unwrap_or_default()).map_err(|e| anyhow!(e))?;
-        sims.push(
-            crate::sim::join(hub.leaf_port(), &token, format!("sim-{i}"), &store, true).await?,
-        );
-    }
+    let sims = crate::sim::enrol(
+        &http,
+        &base,
+        &admin.secret,
+        hub.leaf_port(),
+        &store,
+        a.nodes,
+    )
+    .await?;
     let (db, conn) = tokio_postgres::connect(&pg.url, tokio_postgres::NoTls).await?;
     tokio::spawn(conn);
     line("simulated nodes online", a.nodes as f64, "", None);

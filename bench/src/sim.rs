@@ -185,3 +185,30 @@ pub(crate) async fn join(
         beats,
     })
 }
+
+/// Enrols `n` simulated nodes (`sim-0`, `sim-1`, ...) through the REST API
+/// and links each through its own leaf server; they finish tasks at once.
+pub(crate) async fn enrol(
+    http: &reqwest::Client,
+    base: &str,
+    admin: &str,
+    hub_leaf: u16,
+    store: &ud_core::EventStore,
+    n: usize,
+) -> Result<Vec<SimNode>> {
+    let mut sims = Vec::with_capacity(n);
+    for i in 0..n {
+        let v: serde_json::Value = http
+            .post(format!("{base}/api/v1/nodes"))
+            .bearer_auth(admin)
+            .json(&serde_json::json!({"name": format!("sim-{i}")}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let token = NodeToken::parse(v["token"].as_str().unwrap_or_default())
+            .map_err(|e| anyhow::anyhow!(e))?;
+        sims.push(join(hub_leaf, &token, format!("sim-{i}"), store, true).await?);
+    }
+    Ok(sims)
+}

@@ -73,10 +73,7 @@ async fn consume(store: &EventStore, storage: &Stores) -> Result<(), ArchiveErro
             CONSUMER,
             consumer::pull::Config {
                 durable_name: Some(CONSUMER.into()),
-                filter_subjects: ["succeeded", "failed", "timed_out", "cancelled"]
-                    .iter()
-                    .map(|e| format!("ud.task.*.{e}"))
-                    .collect(),
+                filter_subjects: ud_schemas::subjects::task_end_filters(),
                 ack_wait: Duration::from_secs(120),
                 max_ack_pending: 16,
                 ..Default::default()

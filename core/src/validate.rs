@@ -318,15 +318,6 @@ pub fn rerun_request(project: &str, task: ud_schemas::TaskId, spec: &TaskSpec) -
     }
 }
 
-/// A store's name: 1-63 of a-z, 0-9, `-` and `_`.
-fn store_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-}
-
 /// Validates a submission into the project and spec recorded in the event.
 pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldError>> {
     let mut e = Errors(Vec::new());
@@ -597,7 +588,7 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
         }
     });
     if let Some(store) = &req.store {
-        if !store_name(store) {
+        if !ud_schemas::spec::short_name(store) {
             e.add(
                 "store",
                 format!("{store:?}: use 1-63 of a-z, 0-9, '-' and '_'"),

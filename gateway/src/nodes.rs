@@ -215,11 +215,7 @@ async fn set_scheduling(
     body: &[u8],
 ) -> Result<Json<NodeView>, ApiError> {
     let id: ud_schemas::NodeId = id.parse().map_err(|_| ApiError::not_found("node"))?;
-    let req: SchedulingRequest = if body.is_empty() {
-        SchedulingRequest::default()
-    } else {
-        crate::body::parse(body)?
-    };
+    let req: SchedulingRequest = crate::body::parse_or_default(body)?;
     let reason = req.reason.unwrap_or_default();
     ud_core::validate::reason("reason", &reason).map_err(|f| ApiError::fields(vec![f]))?;
     if let Some(seq) = ud_core::edge::enroll::set_scheduling(

@@ -1,8 +1,8 @@
 //! `/api/v1/pipelines`: submit, read, cancel, rerun.
 
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::StatusCode;
+use axum::response::Response;
 use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -107,12 +107,6 @@ pub struct GetParams {
 
 #[derive(Deserialize, Serialize, ToSchema, Default)]
 #[serde(deny_unknown_fields)]
-pub struct CancelPipeline {
-    pub reason: Option<String>,
-}
-
-#[derive(Deserialize, Serialize, ToSchema, Default)]
-#[serde(deny_unknown_fields)]
 pub struct RerunPipeline {
     /// Run this step (a listed name: all of a matrix step; or one
     /// combination, `train[0.1]`) and every step after it again; absent:
@@ -140,25 +134,17 @@ async fn respond(
     wait: bool,
     status: StatusCode,
 ) -> Response {
-    let projected = wait
-        && state
-            .projected
-            .wait(streams::PIPELINES, a.seq, WAIT_PROJECTED)
-            .await;
-    let mut resp = (
-        status,
-        Json(PipelineAcceptedView {
+    let location = format!("/api/v1/pipelines/{}", a.pipeline_id);
+    let seq = (streams::PIPELINES, a.seq);
+    crate::tasks::written(state, seq, wait, status, location, |projected| {
+        PipelineAcceptedView {
             pipeline_id: a.pipeline_id.to_string(),
             changed: a.changed,
             seq: a.seq,
             projected,
-        }),
-    )
-        .into_response();
-    if let Ok(loc) = HeaderValue::from_str(&format!("/api/v1/pipelines/{}", a.pipeline_id)) {
-        resp.headers_mut().insert(axum::http::header::LOCATION, loc);
-    }
-    resp
+        }
+    })
+    .await
 }
 
 /// Submit a pipeline: steps that run once the steps they need have ended.
@@ -262,7 +248,7 @@ pub async fn list(
 /// Cancel a pipeline: waiting steps are skipped, running ones cancelled.
 #[utoipa::path(post, path = "/api/v1/pipelines/{id}/cancel", tag = "pipelines",
     params(("id" = String, Path), WriteParams),
-    request_body(content = Option<CancelPipeline>),
+    request_body(content = Option<crate::tasks::CancelRequest>),
     responses((status = 202, body = PipelineAcceptedView), (status = 404, body = ErrorBody),
         (status = 409, description = "ended already, or changed concurrently", body = ErrorBody)),
     security(("bearer" = [])))]
@@ -275,11 +261,7 @@ pub async fn cancel(
 ) -> Result<Response, ApiError> {
     let wait = params.wants_projection()?;
     let id = parse_id(&id)?;
-    let req: CancelPipeline = if body.is_empty() {
-        CancelPipeline::default()
-    } else {
-        crate::body::parse(&body)?
-    };
+    let req: crate::tasks::CancelRequest = crate::body::parse_or_default(&body)?;
     let reason = req
         .reason
         .unwrap_or_else(|| format!("cancelled by {}", caller.actor()));
@@ -306,11 +288,7 @@ pub async fn rerun(
 ) -> Result<Response, ApiError> {
     let wait = params.wants_projection()?;
     let id = parse_id(&id)?;
-    let req: RerunPipeline = if body.is_empty() {
-        RerunPipeline::default()
-    } else {
-        crate::body::parse(&body)?
-    };
+    let req: RerunPipeline = crate::body::parse_or_default(&body)?;
     let accepted = state
         .pipelines
         .rerun(id, req.step, &caller.actor(), |p| {

@@ -162,31 +162,46 @@ fn parse_task_id(id: &str) -> Result<TaskId, ApiError> {
     id.parse().map_err(|_| ApiError::not_found("task"))
 }
 
+/// The answer to an accepted write: `body`, told whether the read models
+/// include it (waiting for `seq` of `stream` when asked to), and where what
+/// it wrote is read.
+pub(crate) async fn written<T: Serialize>(
+    state: &AppState,
+    (stream, seq): (&str, u64),
+    wait: bool,
+    status: StatusCode,
+    location: String,
+    body: impl FnOnce(bool) -> T,
+) -> Response {
+    let projected = wait && state.projected.wait(stream, seq, WAIT_PROJECTED).await;
+    let mut resp = (status, Json(body(projected))).into_response();
+    if let Ok(loc) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(axum::http::header::LOCATION, loc);
+    }
+    resp
+}
+
 async fn respond_accepted(
     state: &AppState,
     a: ud_core::commands::Accepted,
     wait: bool,
     status: StatusCode,
 ) -> Response {
-    let projected = wait
-        && state
-            .projected
-            .wait(streams::TASKS, a.seq, WAIT_PROJECTED)
-            .await;
-    let mut resp = (
+    let location = format!("/api/v1/tasks/{}", a.task_id);
+    written(
+        state,
+        (streams::TASKS, a.seq),
+        wait,
         status,
-        Json(Accepted {
+        location,
+        |projected| Accepted {
             task_id: a.task_id.to_string(),
             created: a.created,
             seq: a.seq,
             projected,
-        }),
+        },
     )
-        .into_response();
-    if let Ok(loc) = HeaderValue::from_str(&format!("/api/v1/tasks/{}", a.task_id)) {
-        resp.headers_mut().insert(axum::http::header::LOCATION, loc);
-    }
-    resp
+    .await
 }
 
 /// Submit a task.
@@ -249,11 +264,7 @@ pub async fn cancel(
 ) -> Result<Response, ApiError> {
     let wait = params.wants_projection()?;
     let id = parse_task_id(&id)?;
-    let req: CancelRequest = if body.is_empty() {
-        CancelRequest::default()
-    } else {
-        crate::body::parse(&body)?
-    };
+    let req: CancelRequest = crate::body::parse_or_default(&body)?;
     let reason = req
         .reason
         .unwrap_or_else(|| format!("cancelled by {}", caller.actor()));
@@ -347,11 +358,7 @@ async fn cancel_many(
     body: &[u8],
     default_reason: String,
 ) -> Result<Json<ProjectCancelled>, ApiError> {
-    let req: CancelRequest = if body.is_empty() {
-        CancelRequest::default()
-    } else {
-        crate::body::parse(body)?
-    };
+    let req: CancelRequest = crate::body::parse_or_default(body)?;
     let reason = req.reason.unwrap_or(default_reason);
     let tasks = {
         let client = state.db.client().await?;

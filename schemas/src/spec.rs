@@ -277,6 +277,16 @@ pub fn relative_path(path: &str) -> Result<&str, String> {
     Ok(trimmed)
 }
 
+/// A short name (a pipeline step, an object store): 1-63 of a-z, 0-9, `-`
+/// and `_`.
+pub fn short_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
 /// Whether `name` may name an environment variable: letters, digits and
 /// `_`, not starting with a digit.
 pub fn env_name(name: &str) -> bool {

@@ -25,6 +25,17 @@ pub fn task_event(id: &TaskId, name: &str) -> String {
     format!("{TASK_PREFIX}.{id}.{name}")
 }
 
+/// The last subject tokens of the events a task ends with.
+pub const TASK_ENDS: [&str; 4] = ["succeeded", "failed", "timed_out", "cancelled"];
+
+/// Filters of every task's ending events (`ud.task.*.succeeded`, ...).
+pub fn task_end_filters() -> Vec<String> {
+    TASK_ENDS
+        .iter()
+        .map(|e| format!("{TASK_PREFIX}.*.{e}"))
+        .collect()
+}
+
 /// Every event of one task: the concurrency scope of the task aggregate.
 pub fn task_all(id: &TaskId) -> String {
     format!("{TASK_PREFIX}.{id}.>")

@@ -81,12 +81,7 @@ pub struct Stores {
 }
 
 fn named(name: &str) -> Result<(), StorageError> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
-    if ok {
+    if ud_schemas::spec::short_name(name) {
         Ok(())
     } else {
         Err(StorageError::Settings(format!(

@@ -110,10 +110,7 @@ impl Driver {
                 CONSUMER,
                 consumer::pull::Config {
                     durable_name: Some(CONSUMER.into()),
-                    filter_subjects: ["succeeded", "failed", "timed_out", "cancelled"]
-                        .iter()
-                        .map(|e| format!("ud.task.*.{e}"))
-                        .collect(),
+                    filter_subjects: ud_schemas::subjects::task_end_filters(),
                     ack_wait: Duration::from_secs(60),
                     max_ack_pending: 1000,
                     ..Default::default()

@@ -22,15 +22,6 @@ const NOT_IN_STEPS: [(&str, &str); 3] = [
 /// Most values of one matrix parameter, and longest value.
 const MAX_MATRIX_VALUE_BYTES: usize = 64;
 
-/// Step and matrix parameter names: 1-63 of a-z, 0-9, `-` and `_`.
-fn step_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-}
-
 fn matrix_key(key: &str) -> bool {
     !key.is_empty()
         && key.len() <= 32
@@ -111,7 +102,7 @@ pub fn submit_pipeline(
     let mut steps = Vec::with_capacity(req.steps.len());
     for (i, s) in req.steps.iter().enumerate() {
         let at = format!("steps[{i}]");
-        if !step_name(&s.name) {
+        if !ud_schemas::spec::short_name(&s.name) {
             errors.push(FieldError::new(
                 format!("{at}.name"),
                 format!("{:?}: use 1-63 of a-z, 0-9, '-' and '_'", s.name),

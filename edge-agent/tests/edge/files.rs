@@ -53,7 +53,7 @@ pub(crate) async fn download(http: &reqwest::Client, o: &Value) -> Result<bytes:
 }
 
 /// The main server with this object store (nodes offline after 30 s).
-async fn stack(store: &ud_storage::Storage) -> Result<Stack> {
+pub(crate) async fn stack(store: &ud_storage::Storage) -> Result<Stack> {
     Stack::start_full(
         Duration::from_secs(30),
         Default::default(),

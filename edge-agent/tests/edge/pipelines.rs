@@ -43,13 +43,7 @@ const END: Duration = Duration::from_secs(180);
 async fn steps_run_in_order_and_read_what_earlier_steps_wrote() -> Result<()> {
     let g = Garage::start().await?;
     let store = storage(&g)?;
-    let mut s = Stack::start_full(
-        Duration::from_secs(30),
-        Default::default(),
-        Default::default(),
-        Some(store.clone()),
-    )
-    .await?;
+    let mut s = crate::files::stack(&store).await?;
     let _node = s.online_node("pi").await?;
     let pipeline = json!({
         "project": "lab",
@@ -299,13 +293,7 @@ async fn shared_objects(store: &ud_storage::Storage) -> Result<Vec<String>> {
 async fn steps_share_a_folder_that_branches_change_and_a_fan_in_joins() -> Result<()> {
     let g = Garage::start().await?;
     let store = storage(&g)?;
-    let mut s = Stack::start_full(
-        Duration::from_secs(30),
-        Default::default(),
-        Default::default(),
-        Some(store.clone()),
-    )
-    .await?;
+    let mut s = crate::files::stack(&store).await?;
     let _node = s.online_node("sigma").await?;
     let pipeline = json!({
         "project": "lab",
@@ -416,13 +404,7 @@ async fn steps_share_a_folder_that_branches_change_and_a_fan_in_joins() -> Resul
 async fn a_step_goes_where_its_folder_is_and_another_node_fetches_it() -> Result<()> {
     let g = Garage::start().await?;
     let store = storage(&g)?;
-    let mut s = Stack::start_full(
-        Duration::from_secs(30),
-        Default::default(),
-        Default::default(),
-        Some(store.clone()),
-    )
-    .await?;
+    let mut s = crate::files::stack(&store).await?;
     let alpha = s.online_node("alpha").await?;
     let beta = s.online_node("beta").await?;
     let on = |zone: &str| json!({"cpus": 0.5, "memory_mb": 64, "labels": {"zone": zone}});
