@@ -90,26 +90,18 @@ async fn until_succeeded(db: &tokio_postgres::Client, project: &str, n: usize) -
 }
 
 pub async fn run(a: Args) -> Result<()> {
-    let (hubs, pg, running) =
-        crate::edge::start_platform_on(Duration::from_secs(90), false, false).await?;
-    let hub = &hubs[0];
-    let store = running.state.commands.store().clone();
-    let admin = crate::edge::admin_token(&running).await?;
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(256)
-        .build()?;
-    let base = format!("http://{}", running.addr);
-    let sims = crate::sim::enrol(
-        &http,
-        &base,
-        &admin.secret,
-        hub.leaf_port(),
-        &store,
-        a.nodes,
-    )
-    .await?;
-    let (db, conn) = tokio_postgres::connect(&pg.url, tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
+    let crate::sim::SimPlatform {
+        running,
+        store,
+        admin,
+        http,
+        base,
+        db,
+        sims,
+        // The servers live as long as the run.
+        hubs: _hubs,
+        pg: _pg,
+    } = crate::sim::SimPlatform::start(a.nodes, false, false).await?;
     println!(
         "{} steps against {} plain tasks, {} simulated nodes",
         a.steps, a.steps, a.nodes

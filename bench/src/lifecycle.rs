@@ -83,26 +83,17 @@ async fn one_mode(a: &Args, sync_always: bool, baseline: Option<f64>) -> Result<
     } else {
         println!("-- {mode}");
     }
-    let (hubs, pg, running) =
-        crate::edge::start_platform_on(Duration::from_secs(90), sync_always, a.cluster).await?;
-    let hub = &hubs[0];
-    let store = running.state.commands.store().clone();
-    let admin = crate::edge::admin_token(&running).await?;
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(512)
-        .build()?;
-    let base = format!("http://{}", running.addr);
-    let sims = crate::sim::enrol(
-        &http,
-        &base,
-        &admin.secret,
-        hub.leaf_port(),
-        &store,
-        a.nodes,
-    )
-    .await?;
-    let (db, conn) = tokio_postgres::connect(&pg.url, tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
+    let crate::sim::SimPlatform {
+        hubs: _hubs,
+        pg,
+        running,
+        store,
+        admin,
+        http,
+        base,
+        db,
+        sims,
+    } = crate::sim::SimPlatform::start(a.nodes, sync_always, a.cluster).await?;
     line("simulated nodes online", a.nodes as f64, "", None);
 
     // 1. Submit-to-dispatch at a steady rate: the dispatch as the hub stores it.

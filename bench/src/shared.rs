@@ -177,7 +177,7 @@ pub async fn run(a: Args) -> Result<()> {
     let dir1 = root.join("first.shared");
     let (base, _) = shared::restore(&ta, &cache_a, first, 1, &dir1, false)
         .await
-        .context("stage 1")?;
+        .context("starting the large folder")?;
     let big = a.large_mib / 64;
     random_files(&dir1, big, 64 << 20, |i| format!("model/shard-{i:03}.bin"))?;
     let bytes = big * (64 << 20);
@@ -185,7 +185,7 @@ pub async fn run(a: Args) -> Result<()> {
     let t = Instant::now();
     let saved = shared::save(&ta, &cache_a, first, 1, &dir1, &base)
         .await
-        .context("stage 2")?;
+        .context("saving the large folder")?;
     let save_large = t.elapsed();
     // The same bytes by a plain S3 client: one streaming PUT per file.
     drop_caches();
@@ -206,12 +206,12 @@ pub async fn run(a: Args) -> Result<()> {
     let t = Instant::now();
     let (base2, fetched_same) = shared::restore(&ta, &cache_a, second, 1, &dir2, false)
         .await
-        .context("stage 3")?;
+        .context("handing the large folder over on the same node")?;
     let handoff = t.elapsed();
     let t = Instant::now();
     let unchanged = shared::save(&ta, &cache_a, second, 1, &dir2, &base2)
         .await
-        .context("stage 4")?;
+        .context("saving it again unchanged")?;
     let save_unchanged = t.elapsed();
     // Another node puts the large folder together from the store.
     let elsewhere = step_task(&tasks, &project, vec![second], node_b).await?;
@@ -220,7 +220,7 @@ pub async fn run(a: Args) -> Result<()> {
     let (_, fetched_b) =
         shared::restore(&tb, &cache_b, elsewhere, 1, &root.join("b.shared"), false)
             .await
-            .context("stage 5")?;
+            .context("putting the large folder together on another node")?;
     let restore_large = t.elapsed();
     drop_caches();
     let t = Instant::now();
@@ -270,7 +270,7 @@ pub async fn run(a: Args) -> Result<()> {
     let dir3 = root.join("many.shared");
     let (base3, _) = shared::restore(&ta, &cache_a, many, 1, &dir3, false)
         .await
-        .context("stage 6")?;
+        .context("starting the many-files folder")?;
     random_files(&dir3, a.files as u64, 4096, |i| {
         format!("d{:03}/f{i}", i % 1000)
     })?;
@@ -278,14 +278,14 @@ pub async fn run(a: Args) -> Result<()> {
     let t = Instant::now();
     let saved_many = shared::save(&ta, &cache_a, many, 1, &dir3, &base3)
         .await
-        .context("stage 7")?;
+        .context("saving the many-files folder")?;
     let save_many = t.elapsed();
     let there = step_task(&tasks, &project, vec![many], node_b).await?;
     let dir4: PathBuf = root.join("there.shared");
     let t = Instant::now();
     let (_, fetched_many) = shared::restore(&tb, &cache_b, there, 1, &dir4, false)
         .await
-        .context("stage 8")?;
+        .context("putting the many-files folder together on another node")?;
     let restore_many = t.elapsed();
     let placed = walk_count(&dir4)?;
     if placed != a.files {

@@ -212,3 +212,47 @@ pub(crate) async fn enrol(
     }
     Ok(sims)
 }
+
+/// The main server on a hub (or a three-server cluster) with simulated
+/// nodes online, an admin token, an HTTP client and the read models.
+pub(crate) struct SimPlatform {
+    pub hubs: Vec<ud_testkit::NatsServer>,
+    pub pg: ud_testkit::PgDatabase,
+    pub running: ud_server::Running,
+    pub store: ud_core::EventStore,
+    pub admin: ud_core::commands::IssuedToken,
+    pub http: reqwest::Client,
+    /// The API's address, `http://...`.
+    pub base: String,
+    pub db: tokio_postgres::Client,
+    pub sims: Vec<SimNode>,
+}
+
+impl SimPlatform {
+    pub(crate) async fn start(nodes: usize, sync_always: bool, cluster: bool) -> Result<Self> {
+        let timeout = std::time::Duration::from_secs(90);
+        let (hubs, pg, running) =
+            crate::edge::start_platform_on(timeout, sync_always, cluster).await?;
+        let store = running.state.commands.store().clone();
+        let admin = crate::edge::admin_token(&running).await?;
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(512)
+            .build()?;
+        let base = format!("http://{}", running.addr);
+        let leaf = hubs[0].leaf_port();
+        let sims = enrol(&http, &base, &admin.secret, leaf, &store, nodes).await?;
+        let (db, conn) = tokio_postgres::connect(&pg.url, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        Ok(Self {
+            hubs,
+            pg,
+            running,
+            store,
+            admin,
+            http,
+            base,
+            db,
+            sims,
+        })
+    }
+}

@@ -422,7 +422,11 @@ fn scan(
         .map(|f| (f.blake3.clone(), (f.object.clone(), f.offset)))
         .collect();
     let mut files = Vec::with_capacity(found.len());
+    // Small new files to pack (one per content), and the other files with
+    // the same content as one of them.
     let mut small: Vec<(usize, PathBuf)> = Vec::new();
+    let mut small_by_hash: HashMap<String, usize> = HashMap::new();
+    let mut copies: Vec<(usize, usize)> = Vec::new();
     let mut objects = Vec::new();
     let mut present = HashSet::with_capacity(found.len());
     let mut bytes = 0u64;
@@ -475,7 +479,10 @@ fn scan(
                 path,
             ));
             bytes += meta.len();
+        } else if let Some(&first) = small_by_hash.get(&hash) {
+            copies.push((files.len(), first));
         } else {
+            small_by_hash.insert(hash, files.len());
             small.push((files.len(), path));
         }
         files.push(entry);
@@ -492,18 +499,10 @@ fn scan(
         let mut members = Vec::new();
         while at < small.len() && (size == 0 || size + files[small[at].0].size <= PACK_MAX) {
             let (i, path) = &small[at];
-            // A file seen twice in this pack is packed once.
-            if let Some((_, offset)) = known.get(&files[*i].blake3).filter(|(o, _)| o.is_empty()) {
-                files[*i].offset = *offset;
-                members.push(*i);
-                at += 1;
-                continue;
-            }
             let bytes_of = std::fs::read(path).map_err(|e| io(&files[*i].path, e))?;
             pack.write_all(&bytes_of).map_err(|e| io("packing", e))?;
             hasher.update(&bytes_of);
             files[*i].offset = size;
-            known.insert(files[*i].blake3.clone(), (String::new(), size));
             size += bytes_of.len() as u64;
             members.push(*i);
             at += 1;
@@ -512,7 +511,6 @@ fn scan(
         let object = format!("packs/{}", hasher.finalize().to_hex());
         for i in members {
             files[i].object = object.clone();
-            known.insert(files[i].blake3.clone(), (object.clone(), files[i].offset));
         }
         let local = packs_dir.join(object.replace('/', "-"));
         std::fs::rename(&tmp, &local).map_err(|e| io("packing", e))?;
@@ -526,6 +524,10 @@ fn scan(
             },
             local,
         ));
+    }
+    for (copy, first) in copies {
+        files[copy].object = files[first].object.clone();
+        files[copy].offset = files[first].offset;
     }
     // Deleted: what was there and is not, and what was deleted before and
     // is still not there.

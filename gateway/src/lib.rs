@@ -8,6 +8,7 @@ pub mod health;
 pub mod live;
 pub mod nodes;
 pub mod openapi;
+pub mod paging;
 pub mod pipelines;
 pub mod projected;
 pub mod queues;

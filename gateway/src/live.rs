@@ -392,6 +392,81 @@ fn rfc3339(nanos: i128) -> String {
 /// Most task projects a connection remembers before it starts over.
 const PROJECT_CACHE: usize = 100_000;
 
+/// A stored event as an ordered consumer hands it over.
+struct Stored {
+    seq: u64,
+    subject: String,
+    stored_at: String,
+    envelope: codec::EventEnvelope,
+}
+
+impl Stored {
+    /// The event of message `m`; `None` (said in the log) when it cannot be read.
+    fn of(m: &jetstream::Message) -> Option<Self> {
+        let info = m.info().ok()?;
+        let (seq, stored_at) = (info.stream_sequence, info.published);
+        match codec::decode_message(m.subject.as_str(), m.headers.as_ref(), &m.payload) {
+            Ok(envelope) => Some(Self {
+                seq,
+                subject: m.subject.to_string(),
+                stored_at: rfc3339(stored_at.unix_timestamp_nanos()),
+                envelope,
+            }),
+            Err(e) => {
+                warn!(seq, subject = %m.subject, error = %e, "undecodable event not sent live");
+                None
+            }
+        }
+    }
+
+    /// What the socket sends of it, from `stream`, with `data` as its payload.
+    fn outgoing(self, stream: &str, project: Option<String>, data: serde_json::Value) -> Outgoing {
+        let (mut task_id, mut node_id, mut pipeline_id) = (None, None, None);
+        match &self.envelope.event {
+            Event::Task(id, _) => task_id = Some(id.to_string()),
+            Event::Node(id, _) => node_id = Some(id.to_string()),
+            Event::Pipeline(id, _) => pipeline_id = Some(id.to_string()),
+            Event::Auth(..) | Event::Secret(..) => {}
+        }
+        Outgoing::Event {
+            stream: stream.into(),
+            seq: self.seq,
+            subject: self.subject,
+            event_type: self.envelope.event.event_type(),
+            task_id,
+            node_id,
+            pipeline_id,
+            project,
+            stored_at: self.stored_at,
+            actor: self.envelope.meta.actor,
+            data,
+        }
+    }
+}
+
+/// The project of an aggregate, as learnt from its first event or looked up
+/// once (`look_up`), remembered for the next events.
+async fn project_of<
+    K: std::hash::Hash + Eq + Copy,
+    F: std::future::Future<Output = Option<String>>,
+>(
+    projects: &mut HashMap<K, Option<String>>,
+    id: K,
+    first: Option<&ud_schemas::ProjectId>,
+    look_up: impl FnOnce() -> F,
+) -> Option<String> {
+    if projects.len() >= PROJECT_CACHE {
+        projects.clear();
+    }
+    let project = match (first, projects.get(&id)) {
+        (Some(p), _) => Some(p.as_str().to_owned()),
+        (None, Some(p)) => p.clone(),
+        (None, None) => look_up().await,
+    };
+    projects.insert(id, project.clone());
+    project
+}
+
 async fn follow_tasks(
     state: &AppState,
     caller: &Caller,
@@ -403,56 +478,27 @@ async fn follow_tasks(
     let mut messages = ordered(js, streams::TASKS, filter, from).await?;
     let mut projects: HashMap<TaskId, Option<String>> = HashMap::new();
     while let Some(m) = messages.next().await {
-        let m = m.map_err(|e| e.to_string())?;
-        let Some((seq, stored_at)) = m.info().ok().map(|i| (i.stream_sequence, i.published)) else {
+        let Some(stored) = Stored::of(&m.map_err(|e| e.to_string())?) else {
             continue;
         };
-        let envelope =
-            match codec::decode_message(m.subject.as_str(), m.headers.as_ref(), &m.payload) {
-                Ok(e) => e,
-                Err(e) => {
-                    warn!(seq, error = %e, "undecodable task event not sent live");
-                    continue;
-                }
-            };
-        let Event::Task(id, te) = &envelope.event else {
+        let Event::Task(id, te) = &stored.envelope.event else {
             continue;
         };
-        if projects.len() >= PROJECT_CACHE {
-            projects.clear();
-        }
-        let project = match te {
-            TaskEvent::Submitted(s) => {
-                let p = s.project.as_str().to_owned();
-                projects.insert(*id, Some(p.clone()));
-                Some(p)
-            }
-            _ => match projects.get(id) {
-                Some(p) => p.clone(),
-                None => {
-                    let p = visible_project(state, id).await;
-                    projects.insert(*id, p.clone());
-                    p
-                }
-            },
+        let first = match te {
+            TaskEvent::Submitted(s) => Some(&s.project),
+            _ => None,
         };
+        let id = *id;
+        let project = project_of(&mut projects, id, first, || visible_project(state, &id)).await;
         if !project.as_deref().is_some_and(|p| caller.may_see(p)) {
             continue;
         }
-        let out = Outgoing::Event {
-            stream: "tasks".into(),
-            seq,
-            subject: m.subject.to_string(),
-            event_type: envelope.event.event_type(),
-            task_id: Some(id.to_string()),
-            node_id: None,
-            pipeline_id: None,
-            project,
-            stored_at: rfc3339(stored_at.unix_timestamp_nanos()),
-            actor: envelope.meta.actor.clone(),
-            data: codec::event_data_json(&envelope.event),
-        };
-        if tx.send(Ok(out)).await.is_err() {
+        let data = codec::event_data_json(&stored.envelope.event);
+        if tx
+            .send(Ok(stored.outgoing("tasks", project, data)))
+            .await
+            .is_err()
+        {
             return Ok(());
         }
     }
@@ -466,38 +512,22 @@ async fn follow_nodes(
 ) -> Result<(), String> {
     let mut messages = ordered(js, streams::NODES, None, from).await?;
     while let Some(m) = messages.next().await {
-        let m = m.map_err(|e| e.to_string())?;
-        let Some((seq, stored_at)) = m.info().ok().map(|i| (i.stream_sequence, i.published)) else {
+        let Some(stored) = Stored::of(&m.map_err(|e| e.to_string())?) else {
             continue;
         };
-        let Ok(envelope) =
-            codec::decode_message(m.subject.as_str(), m.headers.as_ref(), &m.payload)
-        else {
-            warn!(seq, "undecodable node event not sent live");
+        if !matches!(stored.envelope.event, Event::Node(..)) {
             continue;
-        };
-        let Event::Node(id, _) = &envelope.event else {
-            continue;
-        };
-        let mut data = codec::event_data_json(&envelope.event);
+        }
+        let mut data = codec::event_data_json(&stored.envelope.event);
         // The enrolment secret's hash stays on the server.
         if let Some(obj) = data.as_object_mut() {
             obj.remove("secret_hash");
         }
-        let out = Outgoing::Event {
-            stream: "nodes".into(),
-            seq,
-            subject: m.subject.to_string(),
-            event_type: envelope.event.event_type(),
-            task_id: None,
-            node_id: Some(id.to_string()),
-            pipeline_id: None,
-            project: None,
-            stored_at: rfc3339(stored_at.unix_timestamp_nanos()),
-            actor: envelope.meta.actor.clone(),
-            data,
-        };
-        if tx.send(Ok(out)).await.is_err() {
+        if tx
+            .send(Ok(stored.outgoing("nodes", None, data)))
+            .await
+            .is_err()
+        {
             return Ok(());
         }
     }
@@ -514,54 +544,31 @@ async fn follow_pipelines(
     let mut messages = ordered(js, streams::PIPELINES, None, from).await?;
     let mut projects: HashMap<PipelineId, Option<String>> = HashMap::new();
     while let Some(m) = messages.next().await {
-        let m = m.map_err(|e| e.to_string())?;
-        let Some((seq, stored_at)) = m.info().ok().map(|i| (i.stream_sequence, i.published)) else {
+        let Some(stored) = Stored::of(&m.map_err(|e| e.to_string())?) else {
             continue;
         };
-        let Ok(envelope) =
-            codec::decode_message(m.subject.as_str(), m.headers.as_ref(), &m.payload)
-        else {
-            warn!(seq, "undecodable pipeline event not sent live");
+        let Event::Pipeline(id, pe) = &stored.envelope.event else {
             continue;
         };
-        let Event::Pipeline(id, pe) = &envelope.event else {
-            continue;
+        let first = match pe {
+            PipelineEvent::Submitted(s) => Some(&s.project),
+            _ => None,
         };
-        if projects.len() >= PROJECT_CACHE {
-            projects.clear();
-        }
-        let project = match pe {
-            PipelineEvent::Submitted(s) => Some(s.project.as_str().to_owned()),
-            _ => match projects.get(id) {
-                Some(p) => p.clone(),
-                None => state
-                    .pipelines
-                    .pipelines()
-                    .current(id)
-                    .await
-                    .ok()
-                    .flatten()
-                    .map(|(p, _)| p.project.as_str().to_owned()),
-            },
+        let id = *id;
+        let look_up = || async move {
+            let found = state.pipelines.pipelines().current(&id).await.ok()??;
+            Some(found.0.project.as_str().to_owned())
         };
-        projects.insert(*id, project.clone());
+        let project = project_of(&mut projects, id, first, look_up).await;
         if !project.as_deref().is_some_and(|p| caller.may_see(p)) {
             continue;
         }
-        let out = Outgoing::Event {
-            stream: "pipelines".into(),
-            seq,
-            subject: m.subject.to_string(),
-            event_type: envelope.event.event_type(),
-            task_id: None,
-            node_id: None,
-            pipeline_id: Some(id.to_string()),
-            project,
-            stored_at: rfc3339(stored_at.unix_timestamp_nanos()),
-            actor: envelope.meta.actor.clone(),
-            data: codec::event_data_json(&envelope.event),
-        };
-        if tx.send(Ok(out)).await.is_err() {
+        let data = codec::event_data_json(&stored.envelope.event);
+        if tx
+            .send(Ok(stored.outgoing("pipelines", project, data)))
+            .await
+            .is_err()
+        {
             return Ok(());
         }
     }

@@ -15,7 +15,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::auth::Caller;
 use crate::body::JsonBody;
 use crate::error::{ApiError, ErrorBody};
-use crate::tasks::{WriteParams, WAIT_PROJECTED};
+use crate::tasks::WriteParams;
 use crate::AppState;
 
 /// The answer to an accepted pipeline command.
@@ -119,15 +119,6 @@ fn parse_id(id: &str) -> Result<PipelineId, ApiError> {
     id.parse().map_err(|_| ApiError::not_found("pipeline"))
 }
 
-async fn caught_up(state: &AppState, seq: Option<u64>) {
-    if let Some(seq) = seq.filter(|s| *s > 0) {
-        let _ = state
-            .projected
-            .wait(streams::PIPELINES, seq, WAIT_PROJECTED)
-            .await;
-    }
-}
-
 async fn respond(
     state: &AppState,
     a: PipelineAccepted,
@@ -183,7 +174,7 @@ pub async fn get(
     Query(q): Query<GetParams>,
 ) -> Result<Json<PipelineView>, ApiError> {
     let id = parse_id(&id)?;
-    caught_up(&state, q.projected_seq).await;
+    crate::paging::caught_up(&state, streams::PIPELINES, q.projected_seq).await;
     let client = state.db.client().await?;
     let row = ud_projections::db::get_pipeline(&client, id)
         .await?
@@ -201,10 +192,7 @@ pub async fn list(
     caller: Caller,
     Query(p): Query<ListParams>,
 ) -> Result<Json<PipelinePage>, ApiError> {
-    let limit = p.limit.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
-        return Err(ApiError::field("limit", "must be between 1 and 500"));
-    }
+    let limit = crate::paging::limit(p.limit)?;
     if let Some(s) = &p.status {
         if ud_core::pipeline::PipelineStatus::parse(s).is_none() {
             return Err(ApiError::field(
@@ -213,14 +201,8 @@ pub async fn list(
             ));
         }
     }
-    let before = match &p.before {
-        Some(b) => Some(
-            b.parse::<uuid::Uuid>()
-                .map_err(|_| ApiError::field("before", "not a pipeline id"))?,
-        ),
-        None => None,
-    };
-    caught_up(&state, p.projected_seq).await;
+    let before = crate::paging::before(p.before.as_deref(), "pipeline")?;
+    crate::paging::caught_up(&state, streams::PIPELINES, p.projected_seq).await;
     let filter = ud_projections::db::PipelineFilter {
         status: p.status.clone(),
         project: p.project.clone(),
@@ -230,12 +212,7 @@ pub async fn list(
     };
     let client = state.db.client().await?;
     let mut rows = ud_projections::db::list_pipelines(&client, &filter).await?;
-    let next = if rows.len() as i64 > limit {
-        rows.truncate(limit as usize);
-        rows.last().map(|r| r.id.to_string())
-    } else {
-        None
-    };
+    let next = crate::paging::cut(&mut rows, limit, |r| r.id.to_string());
     Ok(Json(PipelinePage {
         items: rows
             .into_iter()

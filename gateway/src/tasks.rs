@@ -147,17 +147,6 @@ pub struct GetParams {
     pub projected_seq: Option<u64>,
 }
 
-/// Read-your-events: waits (bounded) until the task read model includes
-/// `seq`; after the bound it answers with what it has.
-async fn caught_up(state: &AppState, seq: Option<u64>) {
-    if let Some(seq) = seq.filter(|s| *s > 0) {
-        let _ = state
-            .projected
-            .wait(streams::TASKS, seq, WAIT_PROJECTED)
-            .await;
-    }
-}
-
 fn parse_task_id(id: &str) -> Result<TaskId, ApiError> {
     id.parse().map_err(|_| ApiError::not_found("task"))
 }
@@ -440,7 +429,7 @@ pub async fn get(
     Query(q): Query<GetParams>,
 ) -> Result<Json<TaskView>, ApiError> {
     let id = parse_task_id(&id)?;
-    caught_up(&state, q.projected_seq).await;
+    crate::paging::caught_up(&state, streams::TASKS, q.projected_seq).await;
     let client = state.db.client().await?;
     let row = ud_projections::db::get_task(&client, id)
         .await?
@@ -468,10 +457,7 @@ pub async fn list(
     caller: Caller,
     Query(p): Query<ListParams>,
 ) -> Result<Json<TaskPage>, ApiError> {
-    let limit = p.limit.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
-        return Err(ApiError::field("limit", "must be between 1 and 500"));
-    }
+    let limit = crate::paging::limit(p.limit)?;
     let state_filter = match &p.state {
         Some(s) => Some(
             s.parse::<ud_schemas::TaskStatus>()
@@ -486,14 +472,8 @@ pub async fn list(
         ),
         None => None,
     };
-    let before = match &p.before {
-        Some(b) => Some(
-            b.parse::<uuid::Uuid>()
-                .map_err(|_| ApiError::field("before", "not a task id"))?,
-        ),
-        None => None,
-    };
-    caught_up(&state, p.projected_seq).await;
+    let before = crate::paging::before(p.before.as_deref(), "task")?;
+    crate::paging::caught_up(&state, streams::TASKS, p.projected_seq).await;
     let projects: Option<Vec<String>> = if caller.admin {
         None
     } else {
@@ -510,12 +490,7 @@ pub async fn list(
     };
     let client = state.db.client().await?;
     let mut rows = ud_projections::db::list_tasks(&client, &filter).await?;
-    let next = if rows.len() as i64 > limit {
-        rows.truncate(limit as usize);
-        rows.last().map(|r| r.id.to_string())
-    } else {
-        None
-    };
+    let next = crate::paging::cut(&mut rows, limit, |r| r.id.to_string());
     Ok(Json(TaskPage {
         items: rows.into_iter().map(TaskView::from).collect(),
         next,

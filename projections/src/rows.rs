@@ -676,38 +676,31 @@ pub fn apply_pipeline(
     seq: u64,
 ) -> Result<PipelineFold, ApplyError> {
     let seq = i64::try_from(seq).unwrap_or(i64::MAX);
-    let at = match event {
-        PipelineEvent::Submitted(e) => e.at,
-        PipelineEvent::StepsStarted(e) => e.at,
-        PipelineEvent::StepEnded(e) => e.at,
-        PipelineEvent::StepSkipped(e) => e.at,
-        PipelineEvent::CancelRequested(e) => e.at,
-        PipelineEvent::Rerun(e) => e.at,
-        PipelineEvent::Ended(e) => e.at,
+    let at = ts(event.at());
+    let unknown = || ApplyError::UnknownAggregate(event.name());
+    let mut f = match fold {
+        Some(mut f) => {
+            // The aggregate moves through its rules, without a copy.
+            f.state = ud_core::pipeline::evolve(Some(f.state), id, event).ok_or_else(unknown)?;
+            f
+        }
+        // Only a submission makes a pipeline.
+        None => PipelineFold {
+            state: ud_core::pipeline::evolve(None, id, event).ok_or_else(unknown)?,
+            submitted_by: actor.to_owned(),
+            updated_at: at,
+            finished_at: None,
+            version: 0,
+            last_seq: seq,
+        },
     };
-    let (state, mut fold) = match fold {
-        None if matches!(event, PipelineEvent::Submitted(_)) => (None, None),
-        None => return Err(ApplyError::UnknownAggregate(event.name())),
-        Some(f) => (Some(f.state.clone()), Some(f)),
-    };
-    let state = ud_core::pipeline::evolve(state, id, event)
-        .ok_or(ApplyError::UnknownAggregate(event.name()))?;
-    let mut f = fold.take().unwrap_or_else(|| PipelineFold {
-        state: state.clone(),
-        submitted_by: actor.to_owned(),
-        updated_at: ts(at),
-        finished_at: None,
-        version: 0,
-        last_seq: seq,
-    });
-    f.state = state;
-    f.updated_at = ts(at);
+    f.updated_at = at;
     f.version += 1;
     f.last_seq = seq;
-    f.finished_at = match event {
-        PipelineEvent::Ended(_) => Some(ts(at)),
-        PipelineEvent::Rerun(_) => None,
-        _ => f.finished_at,
-    };
+    match event {
+        PipelineEvent::Ended(_) => f.finished_at = Some(at),
+        PipelineEvent::Rerun(_) => f.finished_at = None,
+        _ => {}
+    }
     Ok(f)
 }

@@ -544,6 +544,18 @@ impl SecretEvent {
 }
 
 impl PipelineEvent {
+    pub fn at(&self) -> Millis {
+        match self {
+            Self::Submitted(e) => e.at,
+            Self::StepsStarted(e) => e.at,
+            Self::StepEnded(e) => e.at,
+            Self::StepSkipped(e) => e.at,
+            Self::CancelRequested(e) => e.at,
+            Self::Rerun(e) => e.at,
+            Self::Ended(e) => e.at,
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Self::Submitted(_) => "submitted",

@@ -482,6 +482,18 @@ impl Stack {
         })
     }
 
+    /// The stream sequence of a task's first event of `kind` (0: none).
+    pub async fn seq_of(&self, task: &str, kind: &str) -> Result<u64> {
+        let events = self.get(&format!("/api/v1/tasks/{task}/events")).await?;
+        Ok(events
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["type"] == kind)
+            .and_then(|e| e["seq"].as_u64())
+            .unwrap_or(0))
+    }
+
     pub async fn submit_body(&self, body: Value) -> Result<String> {
         Ok(self.post("/api/v1/tasks", body).await?["task_id"]
             .as_str()

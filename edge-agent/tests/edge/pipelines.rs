@@ -39,6 +39,32 @@ fn ended(p: &Value) -> bool {
 
 const END: Duration = Duration::from_secs(180);
 
+/// The task id of a pipeline's step.
+fn task_of(p: &Value, name: &str) -> String {
+    step(p, name)["task_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Submits a pipeline; its id.
+async fn submit(s: &Stack, pipeline: Value) -> Result<String> {
+    let accepted = s.post("/api/v1/pipelines", pipeline).await?;
+    Ok(accepted["pipeline_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned())
+}
+
+/// Submits a pipeline and waits for its end; its id and how it ended.
+async fn run(s: &mut Stack, pipeline: Value) -> Result<(String, Value)> {
+    let id = submit(s, pipeline).await?;
+    let done = s
+        .pipeline_until(&id, "the pipeline's end", END, ended)
+        .await?;
+    Ok((id, done))
+}
+
 #[tokio::test]
 async fn steps_run_in_order_and_read_what_earlier_steps_wrote() -> Result<()> {
     let g = Garage::start().await?;
@@ -60,14 +86,7 @@ async fn steps_run_in_order_and_read_what_earlier_steps_wrote() -> Result<()> {
             {"name": "alert", "needs": ["fail"], "when": "on_failure", "command": sh("echo alert")},
         ],
     });
-    let accepted = s.post("/api/v1/pipelines", pipeline).await?;
-    let id = accepted["pipeline_id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    let done = s
-        .pipeline_until(&id, "the pipeline's end", END, ended)
-        .await?;
+    let (id, done) = run(&mut s, pipeline).await?;
     assert_eq!(done["status"], "failed", "{done}");
     let states: Vec<(String, String)> = done["steps"]
         .as_array()
@@ -97,14 +116,8 @@ async fn steps_run_in_order_and_read_what_earlier_steps_wrote() -> Result<()> {
         .as_str()
         .is_some_and(|r| r.contains("fail")));
     // Each matrix step read the first step's output, with its own value.
-    let made = step(&done, "make")["task_id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    let train_a = step(&done, "train[a]")["task_id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
+    let made = task_of(&done, "make");
+    let train_a = task_of(&done, "train[a]");
     let log = logs(&s, &train_a).await?;
     assert!(log.contains("model-v1"), "{log}");
     assert!(log.contains("lr=a a step=train[a]"), "{log}");
@@ -119,23 +132,8 @@ async fn steps_run_in_order_and_read_what_earlier_steps_wrote() -> Result<()> {
     let copies = store.list("projects/lab/files/").await?;
     assert!(copies.is_empty(), "{copies:?}");
     // The `train` step started only after `make` had ended (stream order).
-    let seq_of = |events: &Value, kind: &str| {
-        events
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|e| e["type"] == kind)
-            .and_then(|e| e["seq"].as_u64())
-            .unwrap_or(0)
-    };
-    let made_end = seq_of(
-        &s.get(&format!("/api/v1/tasks/{made}/events")).await?,
-        "task.succeeded",
-    );
-    let train_submitted = seq_of(
-        &s.get(&format!("/api/v1/tasks/{train_a}/events")).await?,
-        "task.submitted",
-    );
+    let made_end = s.seq_of(&made, "task.succeeded").await?;
+    let train_submitted = s.seq_of(&train_a, "task.submitted").await?;
     assert!(made_end > 0 && train_submitted > made_end);
 
     // Running `train` again reruns it and what comes after it, from the
@@ -158,10 +156,7 @@ async fn steps_run_in_order_and_read_what_earlier_steps_wrote() -> Result<()> {
         step(&again, "make")["task_id"].as_str(),
         Some(made.as_str())
     );
-    let second = step(&again, "train[a]")["task_id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
+    let second = task_of(&again, "train[a]");
     assert_ne!(second, train_a);
     assert!(logs(&s, &second).await?.contains("model-v1"));
     assert_eq!(step(&again, "report")["state"], "skipped");
@@ -221,28 +216,20 @@ async fn a_cancelled_pipeline_stops_its_runs_and_bad_ones_are_refused() -> Resul
         .await?;
     assert_eq!(stream.info().await?.state.messages, 0);
 
-    let accepted = s
-        .post(
-            "/api/v1/pipelines",
-            json!({"project": "lab", "defaults": defaults(), "steps": [
-                {"name": "long", "command": sh("echo started; sleep 120")},
-                {"name": "next", "needs": ["long"], "when": "always", "command": sh("echo next")},
-            ]}),
-        )
-        .await?;
-    let id = accepted["pipeline_id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
+    let id = submit(
+        &s,
+        json!({"project": "lab", "defaults": defaults(), "steps": [
+            {"name": "long", "command": sh("echo started; sleep 120")},
+            {"name": "next", "needs": ["long"], "when": "always", "command": sh("echo next")},
+        ]}),
+    )
+    .await?;
     let running = s
         .pipeline_until(&id, "the first step's task", END, |p| {
             step(p, "long")["task_id"].is_string()
         })
         .await?;
-    let long = step(&running, "long")["task_id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
+    let long = task_of(&running, "long");
     s.task_state(&long, &["running"], END).await?;
     s.post(
         &format!("/api/v1/pipelines/{id}/cancel"),
@@ -313,19 +300,9 @@ async fn steps_share_a_folder_that_branches_change_and_a_fan_in_joins() -> Resul
                  ls /shared/data | wc -l")},
         ],
     });
-    let accepted = s.post("/api/v1/pipelines", pipeline).await?;
-    let id = accepted["pipeline_id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    let done = s
-        .pipeline_until(&id, "the pipeline's end", END, ended)
-        .await?;
+    let (_, done) = run(&mut s, pipeline).await?;
     assert_eq!(done["status"], "succeeded", "{done}");
-    let join = step(&done, "join")["task_id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
+    let join = task_of(&done, "join");
     let log = logs(&s, &join).await?;
     for line in [
         "left was here",
@@ -367,35 +344,18 @@ async fn steps_share_a_folder_that_branches_change_and_a_fan_in_joins() -> Resul
             ],
         })
     };
-    let strict = s.post("/api/v1/pipelines", clash("strict")).await?;
-    let strict = strict["pipeline_id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    let done = s
-        .pipeline_until(&strict, "the clash's end", END, ended)
-        .await?;
+    let (_, done) = run(&mut s, clash("strict")).await?;
     assert_eq!(done["status"], "failed", "{done}");
-    let d = step(&done, "d")["task_id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
+    let d = task_of(&done, "d");
     let task = s.task_state(&d, &["failed"], END).await?;
     let reason = task["reason"].as_str().unwrap_or_default();
     assert!(
         reason.contains("x.txt") && reason.contains("merge: last"),
         "{task}"
     );
-    let last = s.post("/api/v1/pipelines", clash("last")).await?;
-    let last = last["pipeline_id"].as_str().unwrap_or_default().to_owned();
-    let done = s
-        .pipeline_until(&last, "the last-wins end", END, ended)
-        .await?;
+    let (_, done) = run(&mut s, clash("last")).await?;
     assert_eq!(done["status"], "succeeded", "{done}");
-    let d = step(&done, "d")["task_id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
+    let d = task_of(&done, "d");
     assert!(logs(&s, &d).await?.contains("from c"));
     Ok(())
 }
@@ -419,14 +379,7 @@ async fn a_step_goes_where_its_folder_is_and_another_node_fetches_it() -> Result
             {"name": "third", "needs": ["second"], "resources": on("beta"), "command": sh("cat /shared/note.txt")},
         ],
     });
-    let accepted = s.post("/api/v1/pipelines", pipeline).await?;
-    let id = accepted["pipeline_id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    let done = s
-        .pipeline_until(&id, "the pipeline's end", END, ended)
-        .await?;
+    let (_, done) = run(&mut s, pipeline).await?;
     assert_eq!(done["status"], "succeeded", "{done}");
     let node_of = |name: &str| {
         let task = step(&done, name)["task_id"]

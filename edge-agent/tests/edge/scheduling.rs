@@ -558,23 +558,8 @@ async fn tasks_run_after_the_tasks_they_name() -> Result<()> {
     let first_done = s.get(&format!("/api/v1/tasks/{first}")).await?;
     assert_eq!(first_done["state"], "succeeded");
     // It started only after the first had ended (stream order).
-    let seq_of = |events: Value, kind: &str| {
-        events
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|e| e["type"] == kind)
-            .and_then(|e| e["seq"].as_u64())
-            .unwrap_or(0)
-    };
-    let started = seq_of(
-        s.get(&format!("/api/v1/tasks/{next}/events")).await?,
-        "task.started",
-    );
-    let ended = seq_of(
-        s.get(&format!("/api/v1/tasks/{first}/events")).await?,
-        "task.succeeded",
-    );
+    let started = s.seq_of(&next, "task.started").await?;
+    let ended = s.seq_of(&first, "task.succeeded").await?;
     assert!(
         started > ended && ended > 0,
         "started at {started}, the first ended at {ended}"
