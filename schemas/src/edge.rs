@@ -8,6 +8,8 @@
 //! | the hub stream sourcing all nodes | `UD_EDGE_IN` |
 //! | dispatches to the node | stream `UD_DISPATCH`, subjects `ud.dispatch.<node_id>.<task_id>.<kind>`, pull consumer `node_<hex>` |
 //! | the agent's inbox prefix | `_INBOX.<hex>` |
+//! | tunnel frames to the node | `ud.tunnel.<node_id>.to.<connection>` (core NATS) |
+//! | tunnel frames from the node | `ud.tunnel.<node_id>.from.<connection>` (core NATS) |
 //!
 //! Events a node reports are published as `ud.edge.<node_id>.<canonical suffix>`:
 //! `ud.edge.<node_id>.node.heartbeat` becomes `ud.node.<node_id>.heartbeat`,
@@ -84,6 +86,21 @@ pub const ASSIGNMENT_PREFIX: &str = "ud.assignment";
 
 pub fn assignment_subject(node: &NodeId) -> String {
     format!("{ASSIGNMENT_PREFIX}.{node}")
+}
+
+/// Tunnels (sessions, `exec`, port forwarding) are core NATS, never
+/// JetStream: frames to the node on `ud.tunnel.<node_id>.to.<connection>`,
+/// from it on `ud.tunnel.<node_id>.from.<connection>`.
+pub const TUNNEL_PREFIX: &str = "ud.tunnel";
+
+/// The subjects of frames to `node`, without the connection (`….to`).
+pub fn tunnel_to(node: &NodeId) -> String {
+    format!("{TUNNEL_PREFIX}.{node}.to")
+}
+
+/// The subjects of frames from `node`, without the connection (`….from`).
+pub fn tunnel_from(node: &NodeId) -> String {
+    format!("{TUNNEL_PREFIX}.{node}.from")
 }
 
 /// What every subject a node reports on starts with.

@@ -7,9 +7,9 @@
 //!   replies to the hub's source set-up `$JSC.R.>`, and exactly the pull,
 //!   info and ack subjects of its own dispatch consumer, and its own
 //!   request subjects (repository credentials, assignment checks, file
-//!   transfers, secrets);
+//!   transfers, secrets), and its own tunnels' frames from it;
 //! * subscribe (hub -> node): its own source consumer's reset, its own flow
-//!   control and its own inbox prefix.
+//!   control, its own inbox prefix and its own tunnels' frames to it.
 
 use ud_schemas::{edge, NodeId};
 
@@ -50,6 +50,7 @@ pub fn node_permissions(id: &NodeId) -> (Vec<String>, Vec<String>) {
         edge::assignment_subject(id),
         edge::storage_subject(id),
         edge::secrets_subject(id),
+        format!("{}.*", edge::tunnel_from(id)),
     ];
     let subscribe = vec![
         format!(
@@ -59,6 +60,7 @@ pub fn node_permissions(id: &NodeId) -> (Vec<String>, Vec<String>) {
         ),
         format!("$JS.FC.{stream}.>"),
         format!("{}.>", edge::inbox_prefix(id)),
+        format!("{}.*", edge::tunnel_to(id)),
     ];
     (publish, subscribe)
 }
