@@ -85,6 +85,8 @@ pub(crate) fn spec() -> ud_schemas::TaskSpec {
         after: vec![],
         shared: None,
         store: None,
+        ports: vec![],
+        session: None,
     }
 }
 

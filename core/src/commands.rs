@@ -270,6 +270,11 @@ impl TaskCommands {
         }
         self.check_references(&project, &spec).await?;
         let digest = request_digest(&project, &spec);
+        let mut spec = spec;
+        if let Some(s) = spec.session.as_mut() {
+            // Drawn after the digest: a repeat with the same key is the same request.
+            s.id = hex::encode(rand::random::<[u8; 16]>());
+        }
         let mut task_id = TaskId::new();
         if let Some(key) = idempotency_key {
             let kv_key = idempotency_kv_key(&project, key);

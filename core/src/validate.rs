@@ -39,6 +39,9 @@ pub mod limits {
     pub const MAX_SHM_MB: i64 = 1024 * 1024;
     pub const MAX_SECRETS: usize = 64;
     pub const MIN_CHECKPOINT_SECONDS: i64 = 10;
+    pub const MAX_PORTS: usize = 16;
+    pub const DEFAULT_SESSION_IDLE_MINUTES: i64 = 60;
+    pub const MAX_SESSION_IDLE_MINUTES: i64 = 30 * 24 * 60;
     pub const MAX_CHECKPOINT_SECONDS: i64 = 24 * 3600;
     pub const DEFAULT_CHECKPOINT_SECONDS: i64 = 600;
     /// Most tasks one task may run after.
@@ -315,6 +318,17 @@ pub fn rerun_request(project: &str, task: ud_schemas::TaskId, spec: &TaskSpec) -
             })
             .collect(),
         store: spec.store.clone(),
+        ports: spec
+            .ports
+            .iter()
+            .filter(|p| spec.session.as_ref().is_none_or(|s| s.port != **p))
+            .map(|p| i64::from(*p))
+            .collect(),
+        // A rerun is a new session, with an id of its own.
+        session: spec.session.as_ref().map(|s| ud_schemas::api::SessionRequest {
+            port: i64::from(s.port),
+            idle_timeout_minutes: Some(i64::try_from(s.idle_timeout_seconds / 60).unwrap_or(i64::MAX)),
+        }),
     }
 }
 
@@ -624,6 +638,7 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
             );
         }
     }
+    let (ports, session) = ports_and_session(&mut e, req);
     let priority = req.priority.unwrap_or(0);
     if let Err(f) = priority_value(priority) {
         e.0.push(f);
@@ -683,10 +698,63 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
                 after,
                 shared: None,
                 store: req.store.clone(),
+                ports,
+                session,
             },
         )),
         _ => Err(e.0),
     }
+}
+
+fn port_value(e: &mut Errors, field: String, p: i64) -> Option<u16> {
+    match u16::try_from(p) {
+        Ok(p) if p > 0 => Some(p),
+        _ => {
+            e.add(field, format!("{p} is not a TCP port (1-65535)"));
+            None
+        }
+    }
+}
+
+/// The declared ports (the session's among them) and the session, whose
+/// id the command path draws after validation (empty here).
+fn ports_and_session(
+    e: &mut Errors,
+    req: &SubmitTask,
+) -> (Vec<u16>, Option<ud_schemas::spec::Session>) {
+    let mut ports: Vec<u16> = Vec::new();
+    if req.ports.len() > limits::MAX_PORTS {
+        e.add("ports", format!("at most {} ports", limits::MAX_PORTS));
+    }
+    for (i, p) in req.ports.iter().enumerate() {
+        match port_value(e, format!("ports[{i}]"), *p) {
+            Some(p) if ports.contains(&p) => e.add(format!("ports[{i}]"), "is named twice"),
+            Some(p) => ports.push(p),
+            None => {}
+        }
+    }
+    let session = req.session.as_ref().and_then(|s| {
+        let port = port_value(e, "session.port".into(), s.port)?;
+        let idle = s
+            .idle_timeout_minutes
+            .unwrap_or(limits::DEFAULT_SESSION_IDLE_MINUTES);
+        if !(0..=limits::MAX_SESSION_IDLE_MINUTES).contains(&idle) {
+            e.add(
+                "session.idle_timeout_minutes",
+                format!("must be between 0 and {}", limits::MAX_SESSION_IDLE_MINUTES),
+            );
+            return None;
+        }
+        if !ports.contains(&port) {
+            ports.push(port);
+        }
+        Some(ud_schemas::spec::Session {
+            id: String::new(),
+            port,
+            idle_timeout_seconds: idle.unsigned_abs() * 60,
+        })
+    });
+    (ports, session)
 }
 
 pub fn idempotency_key(key: &str) -> Result<(), FieldError> {
@@ -737,6 +805,8 @@ pub(crate) mod tests {
             lost_after_seconds: None,
             after: vec![],
             store: None,
+            ports: vec![],
+            session: None,
         }
     }
 
@@ -747,6 +817,36 @@ pub(crate) mod tests {
             .into_iter()
             .map(|f| f.field)
             .collect()
+    }
+
+    #[test]
+    fn ports_and_sessions() {
+        let mut r = request();
+        r.ports = vec![6006];
+        r.session = Some(ud_schemas::api::SessionRequest {
+            port: 8888,
+            idle_timeout_minutes: None,
+        });
+        let (_, spec) = submit_task(&r).unwrap_or_else(|e| unreachable!("{e:?}"));
+        assert_eq!(spec.ports, vec![6006, 8888]);
+        let session = spec.session.clone().unwrap_or_else(|| unreachable!());
+        assert_eq!((session.port, session.idle_timeout_seconds), (8888, 3600));
+        // A rerun asks for the same ports and session again.
+        let again = rerun_request("lab", ud_schemas::TaskId::new(), &spec);
+        let (_, respec) = submit_task(&again).unwrap_or_else(|e| unreachable!("{e:?}"));
+        assert_eq!((respec.ports, respec.session), (spec.ports, spec.session));
+        r.ports = vec![0, 70000, 22, 22];
+        r.session = Some(ud_schemas::api::SessionRequest {
+            port: -1,
+            idle_timeout_minutes: Some(-5),
+        });
+        assert_eq!(fields(r.clone()), ["ports[0]", "ports[1]", "ports[3]", "session.port"]);
+        r.ports = vec![];
+        r.session = Some(ud_schemas::api::SessionRequest {
+            port: 8888,
+            idle_timeout_minutes: Some(-5),
+        });
+        assert_eq!(fields(r), ["session.idle_timeout_minutes"]);
     }
 
     #[test]

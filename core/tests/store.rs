@@ -38,6 +38,8 @@ pub fn request(project: &str) -> SubmitTask {
         lost_after_seconds: None,
         after: vec![],
         store: None,
+        ports: vec![],
+        session: None,
     }
 }
 

@@ -374,6 +374,8 @@ pub(crate) mod tests {
             after: vec![],
             shared: None,
             store: None,
+            ports: vec![],
+            session: None,
         }
     }
 }

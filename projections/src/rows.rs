@@ -477,6 +477,8 @@ mod agreement {
             after: vec![],
             shared: None,
             store: None,
+            ports: vec![],
+            session: None,
         }
     }
 

@@ -56,6 +56,8 @@ fn spec() -> ud_schemas::TaskSpec {
         lost_after_seconds: None,
         after: vec![],
         store: None,
+        ports: vec![],
+        session: None,
     };
     ud_core::validate::submit_task(&req)
         .map(|(_, s)| s)

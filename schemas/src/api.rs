@@ -81,6 +81,27 @@ pub struct SubmitTask {
     /// its files are read from and written to; absent: the project's default.
     #[serde(default)]
     pub store: Option<String>,
+    /// Container ports that may be reached through the platform
+    /// (`unidesk task port-forward`); the container then joins a network
+    /// the node's agent reaches (never the host's).
+    #[serde(default)]
+    pub ports: Vec<i64>,
+    /// Makes the task an interactive session serving a port at an origin
+    /// of its own (`POST /api/v1/tasks/{id}/session` gives a link).
+    #[serde(default)]
+    pub session: Option<SessionRequest>,
+}
+
+/// An interactive session (Jupyter, TensorBoard, a web app).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SessionRequest {
+    /// The port the session's origin serves (added to `ports`).
+    pub port: i64,
+    /// Minutes without traffic after which the session ends (default 60;
+    /// 0: never).
+    #[serde(default)]
+    pub idle_timeout_minutes: Option<i64>,
 }
 
 /// A task to run after: its id, and `success` (the default: it must have

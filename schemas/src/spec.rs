@@ -62,6 +62,31 @@ pub struct TaskSpec {
     /// default store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<String>,
+    /// TCP ports of the container that may be reached through the platform
+    /// (`unidesk task port-forward`, a session): the container then joins
+    /// a network the node's agent reaches, never the host's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
+    /// An interactive session: its container serves `port` at an origin of
+    /// its own; no traffic for `idle_timeout_seconds` ends it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<Session>,
+}
+
+/// What makes a task a session.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Session {
+    /// 128 random bits (32 hex digits): the session's host name.
+    pub id: String,
+    /// The port the session's origin serves (one of the task's `ports`).
+    pub port: u16,
+    /// No traffic through the session for this long ends it (0: never).
+    pub idle_timeout_seconds: u64,
+}
+
+/// Whether `id` is a session id: 32 lowercase hex digits.
+pub fn session_id(id: &str) -> bool {
+    id.len() == 32 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// The `/shared` folder of a pipeline step's run.

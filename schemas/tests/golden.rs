@@ -71,6 +71,8 @@ fn spec() -> TaskSpec {
         after: vec![],
         shared: None,
         store: None,
+        ports: vec![],
+        session: None,
     }
 }
 
@@ -571,6 +573,27 @@ fn gpu_spec() -> TaskSpec {
 fn fixtures_with_later_fields() -> Vec<(&'static str, &'static str, Event)> {
     let (t, n) = (task_id(), node_id());
     vec![
+        (
+            "task-submitted+session",
+            "task-submitted",
+            Event::Task(
+                t,
+                TaskEvent::Submitted(TaskSubmitted {
+                    at: AT,
+                    project: project(),
+                    spec: TaskSpec {
+                        ports: vec![6006, 8888],
+                        session: Some(ud_schemas::spec::Session {
+                            id: "3f2a9c0d5b6e4f718293a4b5c6d7e8f9".into(),
+                            port: 8888,
+                            idle_timeout_seconds: 3600,
+                        }),
+                        ..spec()
+                    },
+                    idempotency_key: None,
+                }),
+            ),
+        ),
         (
             "task-submitted+gpus-runtime",
             "task-submitted",

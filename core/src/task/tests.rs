@@ -49,6 +49,8 @@ pub(crate) fn spec() -> TaskSpec {
         after: vec![],
         shared: None,
         store: None,
+        ports: vec![],
+        session: None,
     }
 }
 
