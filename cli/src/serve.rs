@@ -231,6 +231,31 @@ pub struct ServeArgs {
     /// with `unidesk admin secret-key`). Without it tasks cannot name secrets.
     #[arg(long, env = "UD_SECRETS_KEY_FILE")]
     pub secrets_key_file: Option<std::path::PathBuf>,
+    /// Sessions at hosts of their own: `https://{id}.s.example.org` (a
+    /// wildcard DNS name and certificate at the HTTPS entry); without it,
+    /// sessions are served under `/s/<id>/` of the platform's origin.
+    #[arg(long, env = "UD_SESSION_ORIGIN")]
+    pub session_origin: Option<String>,
+    /// The key session links and cookies are signed with (64 hex digits,
+    /// the same file on every main server; `unidesk admin secret-key`
+    /// makes one). Without it, a key of this process.
+    #[arg(long, env = "UD_SESSION_KEY_FILE")]
+    pub session_key_file: Option<std::path::PathBuf>,
+}
+
+fn session_settings(args: &ServeArgs) -> Result<ud_gateway::sessions::SessionSettings> {
+    let key = match &args.session_key_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).context("UD_SESSION_KEY_FILE")?;
+            let mut key = [0u8; 32];
+            hex::decode_to_slice(text.trim(), &mut key)
+                .map_err(|_| anyhow::anyhow!("UD_SESSION_KEY_FILE must hold 64 hex digits"))?;
+            Some(key)
+        }
+        None => None,
+    };
+    ud_gateway::sessions::SessionSettings::new(args.session_origin.as_deref(), key)
+        .map_err(|e| anyhow::anyhow!(e))
 }
 
 fn edge_config(args: &ServeArgs) -> Result<Option<server::EdgeConfig>> {
@@ -311,6 +336,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             .map(ud_core::secrets::SecretKey::load)
             .transpose()
             .context("UD_SECRETS_KEY_FILE")?,
+        sessions: session_settings(&args)?,
     })
     .await?;
     println!("UniDesk API listening on http://{}", running.addr);

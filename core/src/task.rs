@@ -197,8 +197,12 @@ pub enum TaskCommand {
     Cancel {
         reason: String,
     },
+    /// The node stopped the run: as asked (a cancel under way), or on its
+    /// own for `reason` (a session left idle, a run cut off from the main
+    /// server).
     ConfirmCancelled {
         node_id: NodeId,
+        reason: String,
     },
 }
 
@@ -505,12 +509,19 @@ pub fn decide(
         })]),
         // Asking again while a cancel is under way changes nothing.
         (TaskState::Cancelling { .. }, TaskCommand::Cancel { .. }) => Ok(vec![]),
-        (TaskState::Cancelling { reason, .. }, TaskCommand::ConfirmCancelled { node_id }) => {
+        (TaskState::Cancelling { reason, .. }, TaskCommand::ConfirmCancelled { node_id, .. }) => {
             check_node(&node_id)?;
             Ok(vec![TaskEvent::Cancelled(TaskCancelled {
                 at: now,
                 reason: reason.clone(),
             })])
+        }
+        (
+            TaskState::Assigned { .. } | TaskState::Running { .. },
+            TaskCommand::ConfirmCancelled { node_id, reason },
+        ) => {
+            check_node(&node_id)?;
+            Ok(vec![TaskEvent::Cancelled(TaskCancelled { at: now, reason })])
         }
         (_, c) => Err(invalid(&c)),
     }

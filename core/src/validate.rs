@@ -327,7 +327,7 @@ pub fn rerun_request(project: &str, task: ud_schemas::TaskId, spec: &TaskSpec) -
         // A rerun is a new session, with an id of its own.
         session: spec.session.as_ref().map(|s| ud_schemas::api::SessionRequest {
             port: i64::from(s.port),
-            idle_timeout_minutes: Some(i64::try_from(s.idle_timeout_seconds / 60).unwrap_or(i64::MAX)),
+            idle_timeout_minutes: Some(s.idle_timeout_seconds as f64 / 60.0),
         }),
     }
 }
@@ -737,8 +737,8 @@ fn ports_and_session(
         let port = port_value(e, "session.port".into(), s.port)?;
         let idle = s
             .idle_timeout_minutes
-            .unwrap_or(limits::DEFAULT_SESSION_IDLE_MINUTES);
-        if !(0..=limits::MAX_SESSION_IDLE_MINUTES).contains(&idle) {
+            .unwrap_or(limits::DEFAULT_SESSION_IDLE_MINUTES as f64);
+        if !(0.0..=limits::MAX_SESSION_IDLE_MINUTES as f64).contains(&idle) {
             e.add(
                 "session.idle_timeout_minutes",
                 format!("must be between 0 and {}", limits::MAX_SESSION_IDLE_MINUTES),
@@ -751,7 +751,8 @@ fn ports_and_session(
         Some(ud_schemas::spec::Session {
             id: String::new(),
             port,
-            idle_timeout_seconds: idle.unsigned_abs() * 60,
+            // In range by the check above.
+            idle_timeout_seconds: (idle * 60.0).round() as u64,
         })
     });
     (ports, session)
@@ -838,13 +839,13 @@ pub(crate) mod tests {
         r.ports = vec![0, 70000, 22, 22];
         r.session = Some(ud_schemas::api::SessionRequest {
             port: -1,
-            idle_timeout_minutes: Some(-5),
+            idle_timeout_minutes: Some(-5.0),
         });
         assert_eq!(fields(r.clone()), ["ports[0]", "ports[1]", "ports[3]", "session.port"]);
         r.ports = vec![];
         r.session = Some(ud_schemas::api::SessionRequest {
             port: 8888,
-            idle_timeout_minutes: Some(-5),
+            idle_timeout_minutes: Some(-5.0),
         });
         assert_eq!(fields(r), ["session.idle_timeout_minutes"]);
     }

@@ -33,6 +33,10 @@ pub const LABEL_SHARED: &str = "io.unidesk.shared";
 pub const LABEL_GPUS: &str = "io.unidesk.gpus";
 /// The task's checkpoint folder and period (JSON `checkpoint`).
 pub const LABEL_CHECKPOINT: &str = "io.unidesk.checkpoint";
+/// The ports the platform may reach (comma-separated).
+pub const LABEL_PORTS: &str = "io.unidesk.ports";
+/// A session's idle limit in seconds.
+pub const LABEL_IDLE: &str = "io.unidesk.idle_timeout_seconds";
 /// Seconds cut off from the main server after which the run stops itself.
 pub const LABEL_FENCE: &str = "io.unidesk.fence_after_seconds";
 pub const PIDS_LIMIT: i64 = 4096;
@@ -57,6 +61,10 @@ pub struct Adopted {
     pub fence_after_seconds: Option<u64>,
     /// Its `/shared` folder, saved when it ends.
     pub shared: Option<std::path::PathBuf>,
+    /// Ports the platform may reach.
+    pub ports: Vec<u16>,
+    /// A session's idle limit.
+    pub idle_timeout_seconds: Option<u64>,
 }
 
 impl Adopted {
@@ -92,6 +100,11 @@ impl Adopted {
                 .and_then(|c| serde_json::from_str(c).ok()),
             fence_after_seconds: labels.get(LABEL_FENCE).and_then(|v| v.parse().ok()),
             shared: labels.get(LABEL_SHARED).map(std::path::PathBuf::from),
+            ports: labels
+                .get(LABEL_PORTS)
+                .map(|p| p.split(',').filter_map(|p| p.parse().ok()).collect())
+                .unwrap_or_default(),
+            idle_timeout_seconds: labels.get(LABEL_IDLE).and_then(|v| v.parse().ok()),
         })
     }
 }
@@ -106,6 +119,8 @@ pub struct Launch<'a> {
     pub shared: Option<&'a std::path::Path>,
     /// The network `egress` tasks join.
     pub egress_network: &'a str,
+    /// The internal network tasks with ports join otherwise.
+    pub sessions_network: &'a str,
     /// Environment variables given to this run only (its secrets): never in
     /// the spec, the labels or a log.
     pub secrets: &'a [(String, String)],
@@ -153,8 +168,12 @@ pub fn container(node: &NodeId, l: &Launch<'_>, started_at: Millis) -> Container
             },
         ]
     });
+    // A task with ports must be reachable by the agent, never through the
+    // host's network: without egress it joins an internal network (no
+    // route out, no traffic between its containers).
     let network = match spec.resources.network {
-        NetworkMode::None => "none",
+        NetworkMode::None if spec.ports.is_empty() => "none",
+        NetworkMode::None => l.sessions_network,
         NetworkMode::Egress => l.egress_network,
     };
     let shm_mb = spec
@@ -171,6 +190,11 @@ pub fn container(node: &NodeId, l: &Launch<'_>, started_at: Millis) -> Container
             "void".into()
         }
     ));
+    if let Some(s) = &spec.session {
+        // Served under /s/<id>/ where sessions have no host of their own.
+        env.push(format!("UD_SESSION_ID={}", s.id));
+        env.push(format!("UD_SESSION_PORT={}", s.port));
+    }
     env.extend(l.secrets.iter().map(|(k, v)| format!("{k}={v}")));
     let mb = |m: u64| i64::try_from(m.saturating_mul(1024 * 1024)).unwrap_or(i64::MAX);
     let host = HostConfig {
@@ -249,6 +273,13 @@ pub fn labels(
     }
     if let Some(f) = run.fence_after_seconds {
         labels.insert(LABEL_FENCE.to_owned(), f.to_string());
+    }
+    if !run.spec.ports.is_empty() {
+        let ports: Vec<String> = run.spec.ports.iter().map(u16::to_string).collect();
+        labels.insert(LABEL_PORTS.to_owned(), ports.join(","));
+    }
+    if let Some(s) = &run.spec.session {
+        labels.insert(LABEL_IDLE.to_owned(), s.idle_timeout_seconds.to_string());
     }
     labels
 }
@@ -349,6 +380,57 @@ impl Executor {
             })
             .await?;
         Ok(())
+    }
+
+    /// Makes the internal network tasks with ports join (once): no route
+    /// out of it, no traffic between its containers; the host (the agent)
+    /// reaches them.
+    pub async fn ensure_sessions_network(&self, name: &str) -> Result<(), AgentError> {
+        if self
+            .docker
+            .inspect_network(
+                name,
+                None::<bollard::query_parameters::InspectNetworkOptions>,
+            )
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        self.docker
+            .create_network(bollard::models::NetworkCreateRequest {
+                name: name.to_owned(),
+                driver: Some("bridge".into()),
+                internal: Some(true),
+                options: Some(HashMap::from([(
+                    "com.docker.network.bridge.enable_icc".to_owned(),
+                    "false".to_owned(),
+                )])),
+                labels: Some(HashMap::from([(
+                    LABEL_NODE.to_owned(),
+                    self.node.to_string(),
+                )])),
+                ..Default::default()
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// The container's address on its network (none without one).
+    pub async fn address(&self, container: &str) -> Option<std::net::IpAddr> {
+        let c = self
+            .docker
+            .inspect_container(
+                container,
+                None::<bollard::query_parameters::InspectContainerOptions>,
+            )
+            .await
+            .ok()?;
+        c.network_settings?
+            .networks?
+            .values()
+            .filter_map(|n| n.ip_address.as_deref())
+            .find_map(|ip| ip.parse().ok())
     }
 
     /// Whether the engine can give containers NVIDIA GPUs (the NVIDIA
@@ -495,6 +577,12 @@ mod tests {
             every_seconds: 60,
             from: Some(TaskId::new()),
         });
+        spec.ports = vec![6006, 8888];
+        spec.session = Some(ud_schemas::spec::Session {
+            id: "0".repeat(32),
+            port: 8888,
+            idle_timeout_seconds: 600,
+        });
         let run = DispatchRun {
             at: 1,
             task_id: TaskId::new(),
@@ -520,6 +608,8 @@ mod tests {
                 checkpoint: run.spec.checkpoint.clone(),
                 fence_after_seconds: Some(900),
                 shared: None,
+                ports: vec![6006, 8888],
+                idle_timeout_seconds: Some(600),
             })
         );
         // Another node's container is not ours.

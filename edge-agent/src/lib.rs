@@ -17,6 +17,8 @@ pub mod requests;
 pub mod shared;
 pub mod transfer;
 
+mod tunnel;
+
 mod dispatch;
 mod run;
 
@@ -80,6 +82,9 @@ pub struct AgentConfig {
     /// The Docker network `egress` tasks join, and its bridge's name.
     pub egress_network: String,
     pub egress_bridge: String,
+    /// The internal Docker network tasks with ports (sessions) join when
+    /// they have no egress: the agent reaches them, nothing else does.
+    pub sessions_network: String,
     /// Pipeline `/shared` contents kept on the node above this (MiB) are
     /// evicted, least recently used first.
     pub shared_cache_mb: u64,
@@ -105,6 +110,7 @@ impl AgentConfig {
             offer: info::Offer::default(),
             egress_network: "unidesk-egress".into(),
             egress_bridge: "ud-egress0".into(),
+            sessions_network: "unidesk-sessions".into(),
             shared_cache_mb: 20480,
         }
     }
@@ -166,6 +172,8 @@ pub(crate) struct Agent {
     pub shared: shared::Cache,
     /// The GPUs as last found (none when Docker cannot give them).
     pub gpus: Arc<std::sync::Mutex<gpus::Detected>>,
+    /// Running tasks as tunnels reach them.
+    pub reachable: tunnel::Reachable,
 }
 
 /// The node's GPUs, as containers can have them: none, saying why, when
@@ -239,6 +247,9 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
             .ensure_egress_network(&cfg.egress_network, &cfg.egress_bridge)
             .await?;
     }
+    docker
+        .ensure_sessions_network(&cfg.sessions_network)
+        .await?;
     let (cpus, memory_mb) = info::machine();
     let resources = info::resources(docker.version().await, &cfg.offer, &found, cpus, memory_mb);
     let agent = Agent {
@@ -251,6 +262,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         docker,
         versions,
         requests,
+        reachable: tunnel::Reachable::default(),
     };
     // Everything the agent starts ends with it.
     let mut tasks = tokio::task::JoinSet::new();
@@ -271,12 +283,33 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         run::adopt(&agent, adopted, &mut tasks).await;
     }
     tasks.spawn(heartbeats(agent.clone()));
+    tasks.spawn(serve_tunnels(client.clone(), agent.clone()));
     loop {
         // Bind again after any failure: leaf links have been seen to lose
         // interest after a reset.
         if let Err(e) = dispatch::pull(&hub, &agent, &mut tasks).await {
             warn!(error = %e, "dispatch consumer lost; binding again");
         }
+        tokio::time::sleep(reconnect_delay(3)).await;
+    }
+}
+
+/// Answers the platform's tunnels (sessions, exec, port forwarding) for as
+/// long as the agent runs.
+async fn serve_tunnels(client: async_nats::Client, agent: Agent) {
+    let resolver = tunnel::Resolver {
+        docker: agent.docker.clone(),
+        reachable: agent.reachable.clone(),
+    };
+    loop {
+        let served = ud_tunnel::serve(
+            client.clone(),
+            agent.cfg.node_id,
+            resolver.clone(),
+            ud_tunnel::Settings::default(),
+        )
+        .await;
+        warn!(outcome = ?served.err(), "tunnels stopped; serving again");
         tokio::time::sleep(reconnect_delay(3)).await;
     }
 }

@@ -96,6 +96,14 @@ struct RunArgs {
     egress_network: String,
     #[arg(long, env = "UD_EDGE_EGRESS_BRIDGE", default_value = "ud-egress0")]
     egress_bridge: String,
+    /// The internal Docker network tasks with ports (sessions) join when
+    /// they have no egress: reachable by the agent only.
+    #[arg(
+        long,
+        env = "UD_EDGE_SESSIONS_NETWORK",
+        default_value = "unidesk-sessions"
+    )]
+    sessions_network: String,
 }
 
 #[derive(Args)]
@@ -228,6 +236,7 @@ async fn main() -> Result<()> {
                 },
                 egress_network: a.egress_network,
                 egress_bridge: a.egress_bridge,
+                sessions_network: a.sessions_network,
             })
             .await?;
             Ok(())

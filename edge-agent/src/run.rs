@@ -51,6 +51,11 @@ pub(crate) async fn adopt(
         }),
         _ => None,
     };
+    let activity = agent.reachable.insert(
+        adopted.task,
+        adopted.container.clone(),
+        adopted.ports.clone(),
+    );
     let supervised = Supervised {
         task: adopted.task,
         attempt: adopted.attempt,
@@ -67,6 +72,11 @@ pub(crate) async fn adopt(
             let base = shared::Base::read(&dir).unwrap_or_default();
             (dir, base)
         }),
+        // Its idle time counts again from the restart.
+        idle: adopted
+            .idle_timeout_seconds
+            .filter(|s| *s > 0)
+            .map(|s| (Duration::from_secs(s), activity)),
     };
     tasks.spawn(agent.clone().supervise(supervised, rx).instrument(span));
 }
@@ -155,6 +165,8 @@ struct Supervised {
     fence: Option<Duration>,
     /// Its `/shared` folder, saved when it ends, and what it started from.
     shared: Option<(PathBuf, shared::Base)>,
+    /// A session's idle limit, and the time of its last traffic.
+    idle: Option<(Duration, ud_tunnel::Activity)>,
 }
 
 impl Agent {
@@ -199,6 +211,7 @@ impl Agent {
             workspace: prepared.workspace.as_deref(),
             shared: prepared.shared.as_ref().map(|(d, _)| d.as_path()),
             egress_network: &self.cfg.egress_network,
+            sessions_network: &self.cfg.sessions_network,
             secrets: &secrets,
         };
         let container = match self.docker.create(&launch).await {
@@ -215,6 +228,9 @@ impl Agent {
                     .await;
             }
         };
+        let activity = self
+            .reachable
+            .insert(task, container.clone(), run.spec.ports.clone());
         prepared.steps.push(("start", t.elapsed()));
         self.record_start(&run, &prepared).await;
         let outputs = match (&prepared.workspace, run.spec.outputs.is_empty()) {
@@ -234,6 +250,12 @@ impl Agent {
             workspace: prepared.workspace.clone(),
             fence: run.fence_after_seconds.map(Duration::from_secs),
             shared: prepared.shared.take(),
+            idle: run
+                .spec
+                .session
+                .as_ref()
+                .filter(|s| s.idle_timeout_seconds > 0)
+                .map(|s| (Duration::from_secs(s.idle_timeout_seconds), activity)),
         };
         self.supervise(supervised, cancel).await;
     }
@@ -566,6 +588,19 @@ impl Agent {
                 timeout_seconds: limit.map_or(0, |l| l.seconds),
             })
         };
+        let idle = async {
+            match &s.idle {
+                Some((limit, activity)) => loop {
+                    let last = activity.load(std::sync::atomic::Ordering::Relaxed);
+                    let quiet = Duration::from_millis(u64::try_from(now_millis() - last).unwrap_or(0));
+                    if quiet >= *limit {
+                        break *limit;
+                    }
+                    tokio::time::sleep(*limit - quiet).await;
+                },
+                None => futures::future::pending().await,
+            }
+        };
         let mut sent = transfer::Sent::default();
         let outcome = {
             let saving = self.keep_saving(&s, &mut sent);
@@ -597,8 +632,15 @@ impl Agent {
                     let _ = self.docker.stop(&s.container, 10).await;
                     timed_out(s.limit)
                 },
+                limit = idle => {
+                    let _ = self.docker.stop(&s.container, 10).await;
+                    let reason = format!("ended after {} min without session traffic (idle_timeout_minutes)", limit.as_secs() / 60);
+                    info!(reason = %reason, "session idle");
+                    RunReport::Cancelled(TaskCancelled { at: now_millis(), reason })
+                },
             }
         };
+        self.reachable.remove(&task);
         let _ = logs.await;
         // What the run left in its checkpoint folder, whatever its outcome.
         if let Some(k) = &s.checkpoint {

@@ -13,6 +13,7 @@ pub mod pipelines;
 pub mod projected;
 pub mod queues;
 pub mod secrets;
+pub mod sessions;
 pub mod stats;
 pub mod tasks;
 pub mod tokens;
@@ -59,6 +60,10 @@ pub struct Shared {
     pub ingest_pinned: Option<ud_core::edge::ingest::Pinned>,
     /// What the main server's supervisor says of its services.
     pub services: health::ServiceStates,
+    /// Tunnels to running tasks on their nodes.
+    pub tunnels: ud_tunnel::Tunnels,
+    /// Where sessions are served and how they are entered.
+    pub sessions: sessions::SessionSettings,
 }
 
 async fn healthz() -> &'static str {
@@ -85,6 +90,11 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/tasks/{id}/cancel", post(tasks::cancel))
         .route("/api/v1/tasks/{id}/priority", post(tasks::priority))
         .route("/api/v1/tasks/{id}/rerun", post(tasks::rerun))
+        .route("/api/v1/tasks/{id}/session", post(sessions::link))
+        .route("/api/v1/tasks/{id}/exec", get(sessions::exec))
+        .route("/api/v1/tasks/{id}/ports/{port}", get(sessions::port))
+        .route("/s/{session}", axum::routing::any(sessions::by_path))
+        .route("/s/{session}/{*rest}", axum::routing::any(sessions::by_path))
         .route(
             "/api/v1/projects/{project}/cancel",
             post(tasks::cancel_project),
@@ -140,8 +150,29 @@ pub fn router(state: AppState) -> Router {
         .merge(ui::router())
         .fallback(fallback)
         .layer(DefaultBodyLimit::max(body::MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            session_hosts,
+        ))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// Requests to a session's own host go to the session, whatever their path.
+async fn session_hosts(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let host = req
+        .headers()
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_ascii_lowercase);
+    match host.and_then(|h| state.sessions.session_of_host(&h)) {
+        Some(session) => sessions::serve(state, session, String::new(), req).await,
+        None => next.run(req).await,
+    }
 }
 
 /// Serves the API on `listener` until the future is dropped.

@@ -429,6 +429,22 @@ pub async fn get_task(
     row.as_ref().map(task_from_row).transpose()
 }
 
+/// The task of a session, by the session's id.
+pub async fn get_task_by_session(
+    c: &impl GenericClient,
+    session: &str,
+) -> Result<Option<TaskRow>, ProjectionError> {
+    let row = c
+        .query_opt(
+            &format!(
+                "SELECT {TASK_COLS} FROM tasks WHERE spec ? 'session' AND spec->'session'->>'id' = $1"
+            ),
+            &[&session],
+        )
+        .await?;
+    row.as_ref().map(task_from_row).transpose()
+}
+
 pub async fn list_tasks(
     c: &impl GenericClient,
     f: &TaskFilter,

@@ -526,7 +526,10 @@ mod agreement {
             6 => TaskCommand::Cancel {
                 reason: "stop".into(),
             },
-            7 => TaskCommand::ConfirmCancelled { node_id: live },
+            7 => TaskCommand::ConfirmCancelled {
+                node_id: live,
+                reason: "stopped".into(),
+            },
             8 => TaskCommand::Wait {
                 reason: "busy".into(),
             },

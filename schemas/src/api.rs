@@ -99,9 +99,9 @@ pub struct SessionRequest {
     /// The port the session's origin serves (added to `ports`).
     pub port: i64,
     /// Minutes without traffic after which the session ends (default 60;
-    /// 0: never).
+    /// fractions allowed; 0: never).
     #[serde(default)]
-    pub idle_timeout_minutes: Option<i64>,
+    pub idle_timeout_minutes: Option<f64>,
 }
 
 /// A task to run after: its id, and `success` (the default: it must have

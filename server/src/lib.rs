@@ -39,6 +39,8 @@ pub struct ServerConfig {
     pub restarts: Policy,
     /// The key project secrets are encrypted with (none: tasks cannot name secrets).
     pub secrets: Option<ud_core::secrets::SecretKey>,
+    /// Where sessions are served and the key their links are signed with.
+    pub sessions: ud_gateway::sessions::SessionSettings,
 }
 
 impl ServerConfig {
@@ -59,6 +61,7 @@ impl ServerConfig {
             disk: Default::default(),
             restarts: Policy::default(),
             secrets: None,
+            sessions: Default::default(),
         }
     }
 }
@@ -396,6 +399,8 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         tokens: Default::default(),
         ingest_pinned: cfg.edge.is_some().then_some(pinned),
         services: supervisor.states(),
+        tunnels: ud_tunnel::Tunnels::new(store.client().clone()),
+        sessions: cfg.sessions.clone(),
     });
     // The API owns its listener: when it ends, the process stops.
     let api = std::sync::Mutex::new(Some(listener));

@@ -137,6 +137,34 @@ fn cancel_running_asks_the_node() {
 }
 
 #[test]
+fn a_node_may_stop_its_own_run_and_say_why() {
+    let node = NodeId::new();
+    let running = [
+        submit(),
+        TaskCommand::Assign {
+            node_id: node,
+            gpus: vec![],
+        },
+        TaskCommand::Start {
+            node_id: node,
+            attempt: 1,
+        },
+    ];
+    let stop = |node_id| TaskCommand::ConfirmCancelled {
+        node_id,
+        reason: "ended after 60 min without session traffic".into(),
+    };
+    let (_, r) = given(&running).when(stop(node));
+    match r.as_deref() {
+        Ok([TaskEvent::Cancelled(c)]) => assert!(c.reason.contains("session traffic")),
+        other => unreachable!("{other:?}"),
+    }
+    let other = NodeId::new();
+    let (_, r) = given(&running).when(stop(other));
+    assert_eq!(r, Err(TaskError::WrongNode(other)));
+}
+
+#[test]
 fn cancel_finished_task_is_rejected() {
     let node = NodeId::new();
     let (_, r) = given(&[
@@ -224,7 +252,10 @@ fn command_strategy(nodes: Vec<NodeId>) -> impl Strategy<Value = TaskCommand> {
                 node_id,
                 reason: "gone".into(),
             },
-            _ => TaskCommand::ConfirmCancelled { node_id },
+            _ => TaskCommand::ConfirmCancelled {
+                node_id,
+                reason: "stopped".into(),
+            },
         }
     })
 }

@@ -26,6 +26,8 @@ pub const PLATFORM_PW: &str = "platform-secret";
 pub const AGENT_PW: &str = "agent-secret";
 pub const SYSTEM_PW: &str = "system-secret";
 pub const IMAGE: &str = "unidesk/busybox:base";
+/// Sessions of test stacks: `*.localhost` is loopback, on the API's port.
+pub const SESSION_ORIGIN: &str = "http://{id}.s.localhost";
 
 pub struct Stack {
     /// The authority of the hub's leaf-node certificate: every link is TLS.
@@ -170,6 +172,30 @@ impl Stack {
         storage: Option<ud_storage::Storage>,
         stores: ud_storage::StoresConfig,
     ) -> Result<Self> {
+        let sessions = Self::session_settings(Some(SESSION_ORIGIN))?;
+        Self::start_inner(heartbeat_timeout, git_credentials, queues, storage, stores, sessions).await
+    }
+
+    /// Sessions at `origin` (`None`: under `/s/<id>/`).
+    pub fn session_settings(origin: Option<&str>) -> Result<ud_gateway::sessions::SessionSettings> {
+        ud_gateway::sessions::SessionSettings::new(origin, Some(rand::random()))
+            .map_err(|e| anyhow!(e))
+    }
+
+    /// A stack whose sessions are served as `sessions` says.
+    pub async fn start_sessions(sessions: ud_gateway::sessions::SessionSettings) -> Result<Self> {
+        let (creds, queues, stores) = Default::default();
+        Self::start_inner(Duration::from_secs(60), creds, queues, None, stores, sessions).await
+    }
+
+    async fn start_inner(
+        heartbeat_timeout: Duration,
+        git_credentials: ud_core::edge::credentials::GitCredentials,
+        queues: ud_core::edge::scheduler::Queues,
+        storage: Option<ud_storage::Storage>,
+        stores: ud_storage::StoresConfig,
+        sessions: ud_gateway::sessions::SessionSettings,
+    ) -> Result<Self> {
         init_tracing();
         let ca = ud_testkit::TestCa::new("UniDesk test hub CA")?;
         let hub = NatsServer::start_with(NatsOptions {
@@ -208,6 +234,7 @@ impl Stack {
                 git_credentials,
             }),
             secrets: Some(secret_key()),
+            sessions,
             ..ServerConfig::local(nats_url.clone(), pg.url.clone())
         })
         .await?;

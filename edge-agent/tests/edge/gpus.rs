@@ -68,6 +68,7 @@ async fn a_gpu_run_asks_docker_for_exactly_its_devices() -> Result<()> {
         workspace: None,
         shared: None,
         egress_network: "unidesk-egress",
+        sessions_network: "unidesk-sessions",
         secrets: &secrets,
     };
     let created = docker

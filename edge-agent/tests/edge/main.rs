@@ -14,4 +14,5 @@ mod pipelines;
 mod runs;
 mod scheduling;
 mod secrets;
+mod sessions;
 mod versions;

@@ -69,7 +69,10 @@ fn run_command(node: NodeId, run: RunReport) -> Result<TaskCommand, Rejected> {
             exit_code: f.exit_code,
             reason: f.reason,
         },
-        RunReport::Cancelled(_) => TaskCommand::ConfirmCancelled { node_id: node },
+        RunReport::Cancelled(c) => TaskCommand::ConfirmCancelled {
+            node_id: node,
+            reason: c.reason,
+        },
         RunReport::TimedOut(_) => TaskCommand::TimeOut { node_id: node },
     })
 }
