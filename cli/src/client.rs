@@ -220,7 +220,7 @@ pub struct SubmitArgs {
     command: Vec<String>,
 }
 
-fn task_body(a: &SubmitArgs) -> Result<Value> {
+pub(crate) fn task_body(a: &SubmitArgs) -> Result<Value> {
     if let Some(path) = &a.file {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
@@ -413,6 +413,22 @@ pub struct IdArgs {
     #[command(flatten)]
     api: ApiArgs,
     id: String,
+}
+
+impl IdArgs {
+    pub(crate) fn api(&self) -> &ApiArgs {
+        &self.api
+    }
+
+    pub(crate) fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl SubmitArgs {
+    pub(crate) fn api(&self) -> &ApiArgs {
+        &self.api
+    }
 }
 
 pub async fn show(a: IdArgs) -> Result<()> {
@@ -782,6 +798,12 @@ pub enum TaskCommand {
     Priority(PriorityArgs),
     /// List what a task's last run left in the object store; --download fetches it.
     Outputs(crate::files::OutputsArgs),
+    /// Run a command in a running task's container (default: a shell with
+    /// a terminal); exits with its code.
+    Exec(crate::interactive::ExecArgs),
+    /// Reach a port the task declared (`ports`) on this machine, e.g.
+    /// TensorBoard: `unidesk task port-forward ID 6006`.
+    PortForward(crate::interactive::PortForwardArgs),
 }
 
 #[derive(Args)]
@@ -806,6 +828,8 @@ pub struct LogsArgs {
 pub async fn task(c: TaskCommand) -> Result<()> {
     match c {
         TaskCommand::Outputs(a) => crate::files::outputs(a).await,
+        TaskCommand::Exec(a) => crate::interactive::exec(a).await,
+        TaskCommand::PortForward(a) => crate::interactive::port_forward(a).await,
         TaskCommand::Priority(a) => {
             let as_json = a.api.json;
             let api = Api::new(a.api);

@@ -6,6 +6,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod backup;
 mod client;
 mod files;
+mod interactive;
 mod ops;
 mod output;
 mod pipelines;
@@ -49,6 +50,9 @@ enum Command {
     /// One task's output, rerun, priority.
     #[command(subcommand)]
     Task(client::TaskCommand),
+    /// Interactive sessions: Jupyter, TensorBoard, a web app in a task.
+    #[command(subcommand)]
+    Session(interactive::SessionCommand),
     /// Whole projects.
     #[command(subcommand)]
     Project(client::ProjectCommand),
@@ -145,6 +149,7 @@ async fn main() -> std::process::ExitCode {
                 Command::Pipeline(c) => pipelines::run(c).await,
                 Command::Node(c) => client::node(c).await,
                 Command::Task(c) => client::task(c).await,
+                Command::Session(c) => interactive::session(c).await,
                 Command::Project(c) => client::project(c).await,
                 Command::Queue(c) => client::queue(c).await,
                 Command::Token(c) => client::token(c).await,
