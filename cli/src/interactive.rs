@@ -13,6 +13,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::client::{Api, ApiArgs, IdArgs, SubmitArgs};
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per command, never stored
 pub enum SessionCommand {
     /// Start a session: a task whose container serves a port (Jupyter,
     /// TensorBoard, a web app) at an origin of its own; prints its task id
@@ -322,11 +323,7 @@ async fn bridge(tcp: tokio::net::TcpStream, ws: Ws) {
     let down = async move {
         while let Some(Ok(m)) = rx.next().await {
             match m {
-                Message::Binary(b) => {
-                    if w.write_all(&b).await.is_err() {
-                        break;
-                    }
-                }
+                Message::Binary(b) if w.write_all(&b).await.is_err() => break,
                 Message::Close(_) => break,
                 _ => {}
             }

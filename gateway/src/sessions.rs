@@ -557,11 +557,7 @@ async fn bridge(socket: WebSocket, tunnel: ud_tunnel::Tunnel) {
     let inbound = async move {
         while let Some(Ok(m)) = rx.next().await {
             match m {
-                Message::Binary(b) => {
-                    if w.write_all(&b).await.is_err() {
-                        break;
-                    }
-                }
+                Message::Binary(b) if w.write_all(&b).await.is_err() => break,
                 Message::Text(t) => {
                     if let Ok(c) = serde_json::from_str::<Control>(&t) {
                         let _ = controls.send(c).await;

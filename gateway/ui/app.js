@@ -347,11 +347,21 @@ function taskPage(id) {
     } catch (e) { flash(e.message); }
   } }, "Rerun");
 
+  // A session opens at its own origin, through a one-minute link.
+  const openSession = h("button", { id: "open-session", onclick: async () => {
+    try {
+      const l = await api("POST", `/api/v1/tasks/${id}/session`);
+      window.open(l.url, "_blank", "noopener");
+    } catch (e) { flash(e.message); }
+  } }, "Open session");
+
   const render = () => {
     const t = task;
+    const session = t.spec?.session ? [openSession] : [];
+    openSession.disabled = t.state !== "running";
     head.replaceChildren(
       h("h1", {}, t.name || "Task", " ", h("span", { class: "mono muted" }, t.id), " ", stateBadge(t.state)),
-      h("div", { class: "actions" }, cancel, rerun));
+      h("div", { class: "actions" }, ...session, cancel, rerun));
     cancel.disabled = TERMINAL.includes(t.state) || t.state === "cancelling";
     details.replaceChildren(
       h("div", { class: "card" }, h("h2", {}, "Run"), dl([

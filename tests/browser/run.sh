@@ -16,11 +16,24 @@ export UD_LISTEN="127.0.0.1:$(ud_free_port)"
 # Seconds instead of the production 15 s / 90 s, so "offline" shows within the test.
 export UD_EDGE_HEARTBEAT_SECONDS=1 UD_HEARTBEAT_TIMEOUT_SECONDS=5 UD_CANCEL_GRACE_SECONDS=2
 export UD_STACK_DEMO=0
+# Sessions at hosts of their own: Chromium resolves *.localhost to loopback.
+export UD_SESSION_ORIGIN='http://{id}.s.localhost'
 cleanup() { scripts/stack.sh down >/dev/null 2>&1 || true; rm -rf "$state"; }
 trap cleanup EXIT
 scripts/stack.sh up >"$state/stack.out" 2>&1 || { cat "$state/stack.out" >&2; exit 1; }
 
 export UD_API_URL="http://$UD_LISTEN"
+# An environment repository whose image has the session program of the tests.
+env_repo="$state/sessiond-env"
+mkdir -p "$env_repo"
+RUSTFLAGS="-C target-feature=+crt-static" cargo build --quiet --release --target x86_64-unknown-linux-gnu \
+  --manifest-path testkit/sessiond/Cargo.toml --target-dir target/sessiond
+cp target/sessiond/x86_64-unknown-linux-gnu/release/ud-sessiond "$env_repo/"
+printf 'FROM unidesk/busybox:base\nCOPY ud-sessiond /bin/ud-sessiond\n' > "$env_repo/Dockerfile"
+git -C "$env_repo" -c init.defaultBranch=main init -q
+git -C "$env_repo" add -A
+git -C "$env_repo" -c user.name=test -c user.email=test@localhost commit -q -m "session program"
+export UD_SESSIOND_ENV="$env_repo"
 export UD_ADMIN_TOKEN="$(cat "$state/admin.token")"
 export UD_ARTIFACTS="${UD_ARTIFACTS:-$PWD/target/browser-artifacts}"
 mkdir -p "$UD_ARTIFACTS"

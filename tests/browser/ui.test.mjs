@@ -1,12 +1,14 @@
 // The web UI in headless Chromium against the real local stack started by
 // tests/browser/run.sh: sign in, submit through the form, watch a task finish
 // without reloading, read its log across a dropped live connection, cancel a
-// task, follow a pipeline's graph, see the node go offline when its agent stops. Screenshots of every
+// task, follow a pipeline's graph, open a session at its own origin (and use
+// `unidesk task exec` and `port-forward` on it), see the node go offline when
+// its agent stops. Screenshots of every
 // page are written to $UD_ARTIFACTS.
 
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { execFileSync } from "node:child_process";
+import { execFileSync, spawn, spawnSync } from "node:child_process";
 import { readFileSync } from "node:fs";
 import path from "node:path";
 import { chromium } from "playwright-core";
@@ -255,6 +257,52 @@ test("a pipeline's graph follows its steps live, each with its log; a step runs 
   await page.locator("h1 [data-state=failed]").waitFor();
   assert.equal(await page.locator("#graph g.step[data-step=fetch] text", { hasText: "run 2" }).count(), 0);
   assert.equal(await page.evaluate(() => window.__samePipelinePage), true, "the page reloaded");
+});
+
+test("a session opens at its own origin with a WebSocket; the CLI gets a shell and a port in it", async () => {
+  const env = { url: `file://${process.env.UD_SESSIOND_ENV}`, commit: execFileSync("git", ["-C", process.env.UD_SESSIOND_ENV, "rev-parse", "HEAD"]).toString().trim() };
+  const body = {
+    ...taskBody("web", ["ud-sessiond", "8888"]),
+    env_repo_url: env.url, env_commit_id: env.commit, name: "notebook",
+    session: { port: 8888, idle_timeout_minutes: 30 },
+  };
+  const { task_id: id } = await api("POST", "/api/v1/tasks?wait=projected", user, body);
+  await page.evaluate((id) => { location.hash = `#/tasks/${id}`; }, id);
+  const open = page.locator("#open-session");
+  await open.waitFor();
+  await page.locator("h1 [data-state=running]").waitFor();
+  await page.waitForFunction(() => !document.querySelector("#open-session").disabled);
+  const [session] = await Promise.all([page.context().waitForEvent("page"), open.click()]);
+  session.setDefaultTimeout(WAIT);
+  await session.waitForLoadState();
+  // Its own origin, signed in by the link's cookie; its WebSocket echoes.
+  assert.match(new URL(session.url()).host, /^[0-9a-f]{32}\.s\.localhost:\d+$/);
+  await session.locator("#ws", { hasText: "echo: ping-123" }).waitFor();
+  await session.screenshot({ path: path.join(ARTIFACTS, "08a-session.png"), fullPage: true });
+  // The session's script cannot read the platform's token or the cookie.
+  assert.equal(await session.evaluate(() => document.cookie), "");
+  await session.close();
+
+  const cli = path.resolve("target/release/unidesk");
+  const cliEnv = { ...process.env, UD_API_URL: BASE, UD_TOKEN: user };
+  const sh = spawnSync(cli, ["task", "exec", "-T", id, "--", "sh", "-c", "echo inside $UD_SESSION_PORT; exit 4"], { env: cliEnv });
+  assert.equal(sh.stdout.toString().trim(), "inside 8888", sh.stderr.toString());
+  assert.equal(sh.status, 4);
+  const port = 20000 + Math.floor(Math.random() * 20000);
+  const fwd = spawn(cli, ["task", "port-forward", id, "8888", "--local", String(port)], { env: cliEnv });
+  try {
+    // It says so once it listens and the task's port answered.
+    await new Promise((resolve, reject) => {
+      let err = "";
+      fwd.stderr.on("data", (d) => { err += d; if (err.includes("forwarding")) resolve(); });
+      fwd.on("exit", (code) => reject(new Error(`port-forward exited ${code}: ${err}`)));
+    });
+    const text = await fetch(`http://127.0.0.1:${port}/headers`).then((r) => r.text());
+    assert.match(text, /host: 127\.0\.0\.1/);
+  } finally {
+    fwd.kill();
+  }
+  await api("POST", `/api/v1/tasks/${id}/cancel`, user, {});
 });
 
 test("the nodes page shows the node online, then offline when its agent stops", async () => {
