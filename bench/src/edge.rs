@@ -572,7 +572,7 @@ async fn run_one(
 
 /// Starts a node's leaf server (linked to the hub through `hub_leaf`) and its
 /// agent, and waits for its first heartbeat at the hub.
-async fn join(
+pub(crate) async fn join(
     store: &ud_core::EventStore,
     hub_leaf: u16,
     token: &NodeToken,

@@ -18,6 +18,7 @@ mod schedule;
 mod shared;
 mod sim;
 mod stats;
+mod tunnel;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -47,6 +48,8 @@ enum Bench {
     Shared(shared::Args),
     /// A pipeline fanning out into many steps, against as many plain tasks.
     Fanout(fanout::Args),
+    /// A session through the node's link against its container reached directly.
+    Tunnel(tunnel::Args),
     /// The whole task lifecycle through REST, scheduler, simulated nodes and PostgreSQL.
     Lifecycle(lifecycle::Args),
     /// Placement and queue order over 1,000 nodes (pure functions).
@@ -77,6 +80,7 @@ async fn main() -> Result<()> {
         Bench::Files(a) => files::run(a).await,
         Bench::Shared(a) => shared::run(a).await,
         Bench::Fanout(a) => fanout::run(a).await,
+        Bench::Tunnel(a) => tunnel::run(a).await,
         Bench::Backup(a) => backup::run_bench(a).await,
         Bench::Cluster(a) => cluster::run(a).await,
         Bench::Lost(a) => lost::run(a).await,

@@ -202,7 +202,8 @@ pub async fn exec(a: ExecArgs) -> Result<()> {
             loop {
                 match stdin.read(&mut buf).await {
                     Ok(0) | Err(_) => {
-                        let _ = out_tx.send(Message::Close(None)).await;
+                        // The end of the input; the output goes on.
+                        let _ = out_tx.send(Message::Binary(bytes::Bytes::new())).await;
                         break;
                     }
                     Ok(n) => {
@@ -318,7 +319,8 @@ async fn bridge(tcp: tokio::net::TcpStream, ws: Ws) {
                 }
             }
         }
-        let _ = tx.send(Message::Close(None)).await;
+        // The end of what goes to the task; its answer goes on.
+        let _ = tx.send(Message::Binary(bytes::Bytes::new())).await;
     };
     let down = async move {
         while let Some(Ok(m)) = rx.next().await {

@@ -481,7 +481,8 @@ pub struct ExecParams {
 }
 
 /// A command in a running task's container, over a WebSocket: binary
-/// messages carry its input and output; text messages carry
+/// messages carry its input and output (an empty one ends the input); text
+/// messages carry
 /// `{"resize":{"cols":C,"rows":R}}` to it and `{"exit":{"code":N}}` from
 /// it, before the socket closes.
 #[utoipa::path(get, path = "/api/v1/tasks/{id}/exec", tag = "sessions", params(ExecParams),
@@ -518,7 +519,7 @@ pub async fn exec(
 }
 
 /// A port a running task declared, over a WebSocket of binary messages
-/// (`unidesk task port-forward`).
+/// (an empty one ends what goes to the task; `unidesk task port-forward`).
 #[utoipa::path(get, path = "/api/v1/tasks/{id}/ports/{port}", tag = "sessions",
     responses((status = 101, description = "WebSocket"), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 502, body = ErrorBody)),
     security(("bearer" = [])))]
@@ -557,6 +558,11 @@ async fn bridge(socket: WebSocket, tunnel: ud_tunnel::Tunnel) {
     let inbound = async move {
         while let Some(Ok(m)) = rx.next().await {
             match m {
+                // An empty message ends the input (the socket stays open
+                // for the output).
+                Message::Binary(b) if b.is_empty() => {
+                    let _ = w.shutdown().await;
+                }
                 Message::Binary(b) if w.write_all(&b).await.is_err() => break,
                 Message::Text(t) => {
                     if let Ok(c) = serde_json::from_str::<Control>(&t) {

@@ -17,7 +17,7 @@ export UD_LISTEN="127.0.0.1:$(ud_free_port)"
 export UD_EDGE_HEARTBEAT_SECONDS=1 UD_HEARTBEAT_TIMEOUT_SECONDS=5 UD_CANCEL_GRACE_SECONDS=2
 export UD_STACK_DEMO=0
 # Sessions at hosts of their own: Chromium resolves *.localhost to loopback.
-export UD_SESSION_ORIGIN='http://{id}.s.localhost'
+export UD_SESSION_ORIGIN="http://{id}.s.localhost:${UD_LISTEN##*:}"
 cleanup() { scripts/stack.sh down >/dev/null 2>&1 || true; rm -rf "$state"; }
 trap cleanup EXIT
 scripts/stack.sh up >"$state/stack.out" 2>&1 || { cat "$state/stack.out" >&2; exit 1; }
