@@ -174,12 +174,13 @@ pub async fn run(a: Args) -> Result<()> {
     let rt = round_trips(&mut through, a.round_trips).await?;
     for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
         let (t, d) = (percentile(&rt, q), percentile(&base_rt, q));
-        line(&format!("round trip {name}, direct"), ms(d), "ms", None);
-        line(&format!("round trip {name}, through the tunnel"), ms(t), "ms", None);
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        line(&format!("round trip {name}, direct"), us(d), "µs", None);
+        line(&format!("round trip {name}, through the tunnel"), us(t), "µs", None);
         line(
             &format!("round trip {name}, added by the tunnel"),
-            ms(t.saturating_sub(d)),
-            "ms",
+            us(t.saturating_sub(d)),
+            "µs",
             None,
         );
     }
@@ -213,8 +214,9 @@ pub async fn run(a: Args) -> Result<()> {
         }
         gaps
     });
+    // Long enough for several beats.
     let mut s = tunnels.open(node, task, Target::Port(8888)).await?.stream;
-    let secs = download(&mut s, bytes).await?;
+    let secs = download(&mut s, bytes * 8).await?;
     let mut after = store.client().subscribe(format!("ud.node.{node}.heartbeat")).await?;
     tokio::time::timeout(Duration::from_secs(10), after.next()).await?;
     let _ = tx.send(());
