@@ -153,16 +153,7 @@ pub async fn run(a: Args) -> Result<()> {
     let admin = admin_token(&running).await?;
     let http = reqwest::Client::new();
     let base = format!("http://{}", running.addr);
-    let v: serde_json::Value = http
-        .post(format!("{base}/api/v1/nodes"))
-        .bearer_auth(&admin.secret)
-        .json(&json!({"name": "bench"}))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let token =
-        NodeToken::parse(v["token"].as_str().unwrap_or_default()).map_err(|e| anyhow!(e))?;
+    let token = enroll(&http, &base, &admin.secret, "bench").await?;
 
     // The node's link goes through a relay the benchmark can cut.
     let relay = ud_testkit::Relay::start(hub.leaf_port()).await?;
@@ -384,16 +375,7 @@ async fn versions_figures(
         ),
     )?;
     let c1 = commit(&code, "main.sh", "true\n")?;
-    let v: serde_json::Value = http
-        .post(format!("{base}/api/v1/nodes"))
-        .bearer_auth(admin)
-        .json(&json!({"name": "builder"}))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let token =
-        NodeToken::parse(v["token"].as_str().unwrap_or_default()).map_err(|e| anyhow!(e))?;
+    let token = enroll(http, base, admin, "builder").await?;
     let work = tempfile::tempdir()?;
     let (_leaf, agent) = join(store, hub_leaf, &token, "builder", |cfg| {
         cfg.labels = [("role".to_owned(), "builder".to_owned())].into();
@@ -568,6 +550,24 @@ async fn run_one(
         }
     }
     Ok(((t0.elapsed(), dispatched.elapsed()), steps))
+}
+
+/// Enrols a node named `name` through the API; its token.
+pub(crate) async fn enroll(
+    http: &reqwest::Client,
+    base: &str,
+    admin: &str,
+    name: &str,
+) -> Result<NodeToken> {
+    let v: serde_json::Value = http
+        .post(format!("{base}/api/v1/nodes"))
+        .bearer_auth(admin)
+        .json(&json!({ "name": name }))
+        .send()
+        .await?
+        .json()
+        .await?;
+    NodeToken::parse(v["token"].as_str().unwrap_or_default()).map_err(|e| anyhow!(e))
 }
 
 /// Starts a node's leaf server (linked to the hub through `hub_leaf`) and its

@@ -11,11 +11,10 @@ use anyhow::{anyhow, bail, Result};
 use futures::StreamExt;
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use ud_schemas::edge::NodeToken;
 use ud_schemas::TaskId;
 use ud_tunnel::Target;
 
-use crate::edge::{admin_token, join, start_platform};
+use crate::edge::{admin_token, enroll, join, start_platform};
 use crate::stats::{line, ms, percentile};
 
 #[derive(clap::Args)]
@@ -112,15 +111,7 @@ pub async fn run(a: Args) -> Result<()> {
     let admin = admin_token(&running).await?;
     let http = reqwest::Client::new();
     let base = format!("http://{}", running.addr);
-    let v: serde_json::Value = http
-        .post(format!("{base}/api/v1/nodes"))
-        .bearer_auth(&admin.secret)
-        .json(&json!({"name": "tunnel"}))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let token = NodeToken::parse(v["token"].as_str().unwrap_or_default()).map_err(|e| anyhow!(e))?;
+    let token = enroll(&http, &base, &admin.secret, "tunnel").await?;
     let node = token.node_id;
     let (_leaf, agent) = join(&store, hub.leaf_port(), &token, "tunnel", |cfg| {
         cfg.image = Some(image);

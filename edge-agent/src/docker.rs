@@ -346,46 +346,25 @@ impl Executor {
     /// traffic between its containers, and its bridge named `bridge` so that
     /// the host's firewall can keep it from the host's own services.
     pub async fn ensure_egress_network(&self, name: &str, bridge: &str) -> Result<(), AgentError> {
-        if self
-            .docker
-            .inspect_network(
-                name,
-                None::<bollard::query_parameters::InspectNetworkOptions>,
-            )
-            .await
-            .is_ok()
-        {
-            return Ok(());
-        }
-        let options = HashMap::from([
-            (
-                "com.docker.network.bridge.enable_icc".to_owned(),
-                "false".to_owned(),
-            ),
-            (
-                "com.docker.network.bridge.name".to_owned(),
-                bridge.to_owned(),
-            ),
-        ]);
-        self.docker
-            .create_network(bollard::models::NetworkCreateRequest {
-                name: name.to_owned(),
-                driver: Some("bridge".into()),
-                options: Some(options),
-                labels: Some(HashMap::from([(
-                    LABEL_NODE.to_owned(),
-                    self.node.to_string(),
-                )])),
-                ..Default::default()
-            })
-            .await?;
-        Ok(())
+        let bridge = ("com.docker.network.bridge.name".to_owned(), bridge.to_owned());
+        self.ensure_network(name, false, Some(bridge)).await
     }
 
     /// Makes the internal network tasks with ports join (once): no route
     /// out of it, no traffic between its containers; the host (the agent)
     /// reaches them.
     pub async fn ensure_sessions_network(&self, name: &str) -> Result<(), AgentError> {
+        self.ensure_network(name, true, None).await
+    }
+
+    /// A bridge network of this node without traffic between its
+    /// containers, made unless it exists.
+    async fn ensure_network(
+        &self,
+        name: &str,
+        internal: bool,
+        option: Option<(String, String)>,
+    ) -> Result<(), AgentError> {
         if self
             .docker
             .inspect_network(
@@ -397,15 +376,17 @@ impl Executor {
         {
             return Ok(());
         }
+        let mut options = HashMap::from([(
+            "com.docker.network.bridge.enable_icc".to_owned(),
+            "false".to_owned(),
+        )]);
+        options.extend(option);
         self.docker
             .create_network(bollard::models::NetworkCreateRequest {
                 name: name.to_owned(),
                 driver: Some("bridge".into()),
-                internal: Some(true),
-                options: Some(HashMap::from([(
-                    "com.docker.network.bridge.enable_icc".to_owned(),
-                    "false".to_owned(),
-                )])),
+                internal: Some(internal),
+                options: Some(options),
                 labels: Some(HashMap::from([(
                     LABEL_NODE.to_owned(),
                     self.node.to_string(),
