@@ -55,7 +55,10 @@ async fn ws_round_trip<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<(
     Ok(())
 }
 
-async fn round_trips<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, n: usize) -> Result<Vec<Duration>> {
+async fn round_trips<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    n: usize,
+) -> Result<Vec<Duration>> {
     ws_open(s).await?;
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
@@ -105,7 +108,8 @@ fn container_address(task: &TaskId) -> Result<String> {
 
 pub async fn run(a: Args) -> Result<()> {
     println!("UniDesk tunnel benchmark: a session through the node's link vs the container reached directly");
-    let image = tokio::task::spawn_blocking(|| ud_testkit::session_image("unidesk/busybox:base")).await??;
+    let image =
+        tokio::task::spawn_blocking(|| ud_testkit::session_image("unidesk/busybox:base")).await??;
     let (hub, _pg, running) = start_platform(Duration::from_secs(30)).await?;
     let store = running.state.commands.store().clone();
     let admin = admin_token(&running).await?;
@@ -134,7 +138,11 @@ pub async fn run(a: Args) -> Result<()> {
         .await?
         .json()
         .await?;
-    let task: TaskId = v["task_id"].as_str().unwrap_or_default().parse().map_err(|_| anyhow!("no task id: {v}"))?;
+    let task: TaskId = v["task_id"]
+        .as_str()
+        .unwrap_or_default()
+        .parse()
+        .map_err(|_| anyhow!("no task id: {v}"))?;
     tokio::time::timeout(Duration::from_secs(120), started.next())
         .await?
         .ok_or_else(|| anyhow!("no start"))?;
@@ -154,7 +162,12 @@ pub async fn run(a: Args) -> Result<()> {
             bail!("the session never answered");
         }
     }
-    line("session reachable after its container started", ms(up.elapsed()), "ms", None);
+    line(
+        "session reachable after its container started",
+        ms(up.elapsed()),
+        "ms",
+        None,
+    );
 
     // Round trips on one open connection: through the tunnel, and directly.
     let ip = container_address(&task)?;
@@ -167,7 +180,12 @@ pub async fn run(a: Args) -> Result<()> {
         let (t, d) = (percentile(&rt, q), percentile(&base_rt, q));
         let us = |d: Duration| d.as_secs_f64() * 1e6;
         line(&format!("round trip {name}, direct"), us(d), "µs", None);
-        line(&format!("round trip {name}, through the tunnel"), us(t), "µs", None);
+        line(
+            &format!("round trip {name}, through the tunnel"),
+            us(t),
+            "µs",
+            None,
+        );
         line(
             &format!("round trip {name}, added by the tunnel"),
             us(t.saturating_sub(d)),
@@ -184,10 +202,18 @@ pub async fn run(a: Args) -> Result<()> {
     let t = download(&mut s, bytes).await?;
     let mb = |secs: f64| bytes as f64 / secs / 1e6;
     line("one stream, direct", mb(d), "MB/s", None);
-    line("one stream, through the tunnel", mb(t), "MB/s", Some((mb(d), "direct")));
+    line(
+        "one stream, through the tunnel",
+        mb(t),
+        "MB/s",
+        Some((mb(d), "direct")),
+    );
     // The node's heartbeats (every 1 s) during another download.
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let mut beats = store.client().subscribe(format!("ud.node.{node}.heartbeat")).await?;
+    let mut beats = store
+        .client()
+        .subscribe(format!("ud.node.{node}.heartbeat"))
+        .await?;
     let watcher = tokio::spawn(async move {
         let mut last: Option<Instant> = None;
         let mut gaps = Vec::new();
@@ -208,7 +234,10 @@ pub async fn run(a: Args) -> Result<()> {
     // Long enough for several beats.
     let mut s = tunnels.open(node, task, Target::Port(8888)).await?.stream;
     let secs = download(&mut s, bytes * 8).await?;
-    let mut after = store.client().subscribe(format!("ud.node.{node}.heartbeat")).await?;
+    let mut after = store
+        .client()
+        .subscribe(format!("ud.node.{node}.heartbeat"))
+        .await?;
     tokio::time::timeout(Duration::from_secs(10), after.next()).await?;
     let _ = tx.send(());
     let mut gaps = watcher.await?;
@@ -216,7 +245,10 @@ pub async fn run(a: Args) -> Result<()> {
     println!(
         "heartbeat gaps (every 1 s) during a {:.1} s download through the tunnel: {}",
         secs,
-        gaps.iter().map(|g| format!("{:.2}", g.as_secs_f64())).collect::<Vec<_>>().join(" ")
+        gaps.iter()
+            .map(|g| format!("{:.2}", g.as_secs_f64()))
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     line(
         "largest heartbeat gap during the download",
@@ -244,7 +276,10 @@ pub async fn run(a: Args) -> Result<()> {
         }
     }
     line(
-        &format!("{} connections at once, 20 round trips each: connected and echoed", a.connections),
+        &format!(
+            "{} connections at once, 20 round trips each: connected and echoed",
+            a.connections
+        ),
         f64::from(ok),
         "",
         None,

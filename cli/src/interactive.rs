@@ -57,7 +57,8 @@ pub async fn session(c: SessionCommand) -> Result<()> {
     match c {
         SessionCommand::Start(a) => {
             let mut body = crate::client::task_body(&a.task)?;
-            body["session"] = json!({"port": a.session_port, "idle_timeout_minutes": a.idle_minutes});
+            body["session"] =
+                json!({"port": a.session_port, "idle_timeout_minutes": a.idle_minutes});
             let api = Api::new(a.task.api().clone());
             let v = api.post("/api/v1/tasks?wait=projected", &body).await?;
             let id = v["task_id"].as_str().unwrap_or_default().to_owned();
@@ -70,7 +71,10 @@ pub async fn session(c: SessionCommand) -> Result<()> {
                 match t["state"].as_str() {
                     Some("running") => break,
                     Some(s @ ("succeeded" | "failed" | "timed_out" | "cancelled")) => {
-                        bail!("the session {s}: {}", t["reason"].as_str().unwrap_or_default())
+                        bail!(
+                            "the session {s}: {}",
+                            t["reason"].as_str().unwrap_or_default()
+                        )
                     }
                     _ => tokio::time::sleep(std::time::Duration::from_millis(500)).await,
                 }
@@ -123,9 +127,8 @@ pub struct PortForwardArgs {
     address: String,
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<
-    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
->;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn connect(api: &ApiArgs, path: &str) -> Result<Ws> {
     let base = api.api_url.trim_end_matches('/');

@@ -72,6 +72,17 @@ impl TaskState {
     }
 
     /// The node holding the task's live assignment, if any.
+    /// The attempt of the run under way.
+    pub fn live_attempt(&self) -> Option<u32> {
+        match self {
+            Self::Assigned { attempt, .. }
+            | Self::Running { attempt, .. }
+            | Self::Disconnected { attempt, .. }
+            | Self::Cancelling { attempt, .. } => Some(*attempt),
+            _ => None,
+        }
+    }
+
     pub fn live_node(&self) -> Option<NodeId> {
         match self {
             Self::Assigned { node_id, .. }
@@ -168,17 +179,23 @@ pub enum TaskCommand {
         node_id: NodeId,
         attempt: u32,
     },
+    /// Outcomes name the attempt they are about when the node says so
+    /// (agents since sessions do): an outcome of another attempt than the
+    /// live one is refused.
     Succeed {
         node_id: NodeId,
         exit_code: i32,
+        attempt: Option<u32>,
     },
     Fail {
         node_id: NodeId,
         exit_code: Option<i32>,
         reason: String,
+        attempt: Option<u32>,
     },
     TimeOut {
         node_id: NodeId,
+        attempt: Option<u32>,
     },
     /// The task's node went offline: its run waits for it until `lost_at`.
     Disconnect {
@@ -203,10 +220,22 @@ pub enum TaskCommand {
     ConfirmCancelled {
         node_id: NodeId,
         reason: String,
+        attempt: Option<u32>,
     },
 }
 
 impl TaskCommand {
+    /// The attempt an outcome says it is about.
+    fn reported_attempt(&self) -> Option<u32> {
+        match self {
+            Self::Succeed { attempt, .. }
+            | Self::Fail { attempt, .. }
+            | Self::TimeOut { attempt, .. }
+            | Self::ConfirmCancelled { attempt, .. } => *attempt,
+            _ => None,
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Self::Submit { .. } => "submit",
@@ -243,6 +272,8 @@ pub enum TaskError {
     },
     #[error("task is not assigned to node {0}")]
     WrongNode(NodeId),
+    #[error("an outcome of attempt {reported}, but the task's attempt is {live}")]
+    StaleAttempt { reported: u32, live: u32 },
 }
 
 /// Decides which events a command produces, without side effects.
@@ -276,6 +307,11 @@ pub fn decide(
     };
     // A disconnected run is judged as the run it was: whatever its node
     // reports once it is back counts as before.
+    if let (Some(reported), Some(live)) = (command.reported_attempt(), task.state.live_attempt()) {
+        if reported != live {
+            return Err(TaskError::StaleAttempt { reported, live });
+        }
+    }
     let disconnected = matches!(task.state, TaskState::Disconnected { .. });
     let state = task.state.connected();
     match (&state, command) {
@@ -383,7 +419,9 @@ pub fn decide(
         ) => Err(TaskError::WrongNode(o.node_id)),
         (
             TaskState::Assigned { .. } | TaskState::Running { .. } | TaskState::Cancelling { .. },
-            TaskCommand::Succeed { node_id, exit_code },
+            TaskCommand::Succeed {
+                node_id, exit_code, ..
+            },
         ) => {
             check_node(&node_id)?;
             Ok(vec![TaskEvent::Succeeded(TaskSucceeded {
@@ -397,6 +435,7 @@ pub fn decide(
                 node_id,
                 exit_code,
                 reason,
+                ..
             },
         ) => {
             check_node(&node_id)?;
@@ -430,7 +469,7 @@ pub fn decide(
         }
         (
             TaskState::Assigned { attempt, .. } | TaskState::Running { attempt, .. },
-            TaskCommand::TimeOut { node_id },
+            TaskCommand::TimeOut { node_id, .. },
         ) => {
             check_node(&node_id)?;
             let policy = &task.spec.retry;
@@ -518,10 +557,15 @@ pub fn decide(
         }
         (
             TaskState::Assigned { .. } | TaskState::Running { .. },
-            TaskCommand::ConfirmCancelled { node_id, reason },
+            TaskCommand::ConfirmCancelled {
+                node_id, reason, ..
+            },
         ) => {
             check_node(&node_id)?;
-            Ok(vec![TaskEvent::Cancelled(TaskCancelled { at: now, reason })])
+            Ok(vec![TaskEvent::Cancelled(TaskCancelled {
+                at: now,
+                reason,
+            })])
         }
         (_, c) => Err(invalid(&c)),
     }

@@ -325,10 +325,13 @@ pub fn rerun_request(project: &str, task: ud_schemas::TaskId, spec: &TaskSpec) -
             .map(|p| i64::from(*p))
             .collect(),
         // A rerun is a new session, with an id of its own.
-        session: spec.session.as_ref().map(|s| ud_schemas::api::SessionRequest {
-            port: i64::from(s.port),
-            idle_timeout_minutes: Some(s.idle_timeout_seconds as f64 / 60.0),
-        }),
+        session: spec
+            .session
+            .as_ref()
+            .map(|s| ud_schemas::api::SessionRequest {
+                port: i64::from(s.port),
+                idle_timeout_minutes: Some(s.idle_timeout_seconds as f64 / 60.0),
+            }),
     }
 }
 
@@ -841,7 +844,10 @@ pub(crate) mod tests {
             port: -1,
             idle_timeout_minutes: Some(-5.0),
         });
-        assert_eq!(fields(r.clone()), ["ports[0]", "ports[1]", "ports[3]", "session.port"]);
+        assert_eq!(
+            fields(r.clone()),
+            ["ports[0]", "ports[1]", "ports[3]", "session.port"]
+        );
         r.ports = vec![];
         r.session = Some(ud_schemas::api::SessionRequest {
             port: 8888,

@@ -346,7 +346,10 @@ impl Executor {
     /// traffic between its containers, and its bridge named `bridge` so that
     /// the host's firewall can keep it from the host's own services.
     pub async fn ensure_egress_network(&self, name: &str, bridge: &str) -> Result<(), AgentError> {
-        let bridge = ("com.docker.network.bridge.name".to_owned(), bridge.to_owned());
+        let bridge = (
+            "com.docker.network.bridge.name".to_owned(),
+            bridge.to_owned(),
+        );
         self.ensure_network(name, false, Some(bridge)).await
     }
 

@@ -47,6 +47,26 @@ impl Reporter {
         self.send(Report::Run(task, report)).await
     }
 
+    /// Reports a run's outcome, naming its attempt (`Ud-Attempt`): the
+    /// platform refuses it when another attempt has become the task's.
+    pub async fn outcome(
+        &self,
+        task: TaskId,
+        attempt: u32,
+        report: RunReport,
+    ) -> Result<(), AgentError> {
+        let meta = EventMeta::new(format!("node:{}", self.node));
+        let (subject, mut headers, payload) = Report::Run(task, report).encode(&self.node, &meta)?;
+        headers.insert(ud_schemas::headers::ATTEMPT, attempt.to_string().as_str());
+        self.local
+            .publish_with_headers(subject, headers, Bytes::from(payload))
+            .await
+            .map_err(nats)?
+            .await
+            .map_err(nats)?;
+        Ok(())
+    }
+
     /// Records that a preparing step began.
     pub async fn step(&self, task: TaskId, attempt: u32, name: &str) {
         let e = TaskPreparing {

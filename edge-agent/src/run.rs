@@ -185,7 +185,7 @@ impl Agent {
             Err(reason) => {
                 remove_dir(shared::dir_of(&workspace)).await;
                 remove_dir(workspace).await;
-                return self.fail(task, reason).await;
+                return self.fail(task, attempt, reason).await;
             }
         };
         let secrets = match self.secrets(&run).await {
@@ -197,7 +197,7 @@ impl Agent {
                 if let Some(w) = prepared.workspace.take() {
                     remove_dir(w).await;
                 }
-                return self.fail(task, reason).await;
+                return self.fail(task, attempt, reason).await;
             }
         };
         if prepared.workspace.is_some() {
@@ -224,7 +224,7 @@ impl Agent {
                     remove_dir(w).await;
                 }
                 return self
-                    .fail(task, format!("cannot start container: {e}"))
+                    .fail(task, attempt, format!("cannot start container: {e}"))
                     .await;
             }
         };
@@ -280,7 +280,7 @@ impl Agent {
                         at: now_millis(),
                         reason: c.reason,
                     });
-                    let _ = self.reporter.run(task, cancelled).await;
+                    let _ = self.reporter.outcome(task, run.attempt, cancelled).await;
                 }
                 false
             }
@@ -500,14 +500,14 @@ impl Agent {
     }
 
     /// Reports a run that could not start.
-    async fn fail(&self, task: TaskId, reason: String) {
+    async fn fail(&self, task: TaskId, attempt: u32, reason: String) {
         self.running.lock().await.remove(&task);
         let failed = RunReport::Failed(TaskFailed {
             at: now_millis(),
             exit_code: None,
             reason,
         });
-        if let Err(e) = self.reporter.run(task, failed).await {
+        if let Err(e) = self.reporter.outcome(task, attempt, failed).await {
             warn!(error = %e, "cannot record the failure");
         }
     }
@@ -592,7 +592,8 @@ impl Agent {
             match &s.idle {
                 Some((limit, activity)) => loop {
                     let last = activity.load(std::sync::atomic::Ordering::Relaxed);
-                    let quiet = Duration::from_millis(u64::try_from(now_millis() - last).unwrap_or(0));
+                    let quiet =
+                        Duration::from_millis(u64::try_from(now_millis() - last).unwrap_or(0));
                     if quiet >= *limit {
                         break *limit;
                     }
@@ -656,7 +657,7 @@ impl Agent {
         };
         self.running.lock().await.remove(&task);
         info!(outcome = outcome.name(), "task finished");
-        if let Err(e) = self.reporter.run(task, outcome).await {
+        if let Err(e) = self.reporter.outcome(task, attempt, outcome).await {
             warn!(error = %e, "cannot record the outcome");
         }
         let _ = self.docker.remove(&s.container).await;

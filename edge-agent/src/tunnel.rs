@@ -34,7 +34,10 @@ impl Reachable {
     /// Lists a started run; its activity starts now.
     pub fn insert(&self, task: TaskId, container: String, ports: Vec<u16>) -> Activity {
         let activity = Activity::default();
-        activity.store(ud_schemas::now_millis(), std::sync::atomic::Ordering::Relaxed);
+        activity.store(
+            ud_schemas::now_millis(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         if let Ok(mut m) = self.0.lock() {
             m.insert(
                 task,

@@ -94,7 +94,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/tasks/{id}/exec", get(sessions::exec))
         .route("/api/v1/tasks/{id}/ports/{port}", get(sessions::port))
         .route("/s/{session}", axum::routing::any(sessions::by_path))
-        .route("/s/{session}/{*rest}", axum::routing::any(sessions::by_path))
+        .route(
+            "/s/{session}/{*rest}",
+            axum::routing::any(sessions::by_path),
+        )
         .route(
             "/api/v1/projects/{project}/cancel",
             post(tasks::cancel_project),

@@ -55,7 +55,9 @@ impl SessionSettings {
     pub fn new(origin: Option<&str>, key: Option<[u8; 32]>) -> Result<Self, String> {
         let origin = origin.map(OriginTemplate::parse).transpose()?;
         let key = key.unwrap_or_else(|| {
-            warn!("no UD_SESSION_KEY_FILE: session links work only on the main server that made them");
+            warn!(
+                "no UD_SESSION_KEY_FILE: session links work only on the main server that made them"
+            );
             rand::random()
         });
         Ok(Self { origin, key })
@@ -82,7 +84,6 @@ impl Default for SessionSettings {
 }
 
 impl SessionSettings {
-
     fn mac(&self, kind: &str, session: &str, expires: i64) -> String {
         let mut m = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.key)
             .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
@@ -161,7 +162,9 @@ pub struct OriginTemplate {
 impl OriginTemplate {
     pub fn parse(t: &str) -> Result<Self, String> {
         let err = || {
-            format!("UD_SESSION_ORIGIN {t:?}: give it as https://{{id}}.sessions.example.org[:port]")
+            format!(
+                "UD_SESSION_ORIGIN {t:?}: give it as https://{{id}}.sessions.example.org[:port]"
+            )
         };
         let (scheme, rest) = t.split_once("://").ok_or_else(err)?;
         if scheme != "https" && scheme != "http" {
@@ -217,7 +220,11 @@ fn running(row: ud_projections::rows::TaskRow) -> Result<Running, ApiError> {
     Ok(Running { node, spec })
 }
 
-async fn task_for(state: &AppState, caller: &Caller, id: &str) -> Result<(TaskId, Running), ApiError> {
+async fn task_for(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+) -> Result<(TaskId, Running), ApiError> {
     let id: TaskId = id.parse().map_err(|_| ApiError::not_found("task"))?;
     let client = state.db.client().await?;
     let row = ud_projections::db::get_task(&client, id)
@@ -278,7 +285,11 @@ pub async fn serve(state: AppState, session: String, prefix: String, req: Reques
 }
 
 /// Path mode: `/s/{session}/{*rest}`.
-pub async fn by_path(State(state): State<AppState>, Path(params): Path<Vec<(String, String)>>, req: Request) -> Response {
+pub async fn by_path(
+    State(state): State<AppState>,
+    Path(params): Path<Vec<(String, String)>>,
+    req: Request,
+) -> Response {
     let session = params
         .into_iter()
         .find(|(k, _)| k == "session")
@@ -327,14 +338,32 @@ fn forwarded_headers(headers: &HeaderMap) -> HeaderMap {
 }
 
 fn text(status: StatusCode, body: impl Into<String>) -> Response {
-    (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body.into()).into_response()
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        body.into(),
+    )
+        .into_response()
 }
 
-async fn proxy(state: &AppState, session: &str, prefix: &str, mut req: Request) -> Result<Response, ApiError> {
+async fn proxy(
+    state: &AppState,
+    session: &str,
+    prefix: &str,
+    mut req: Request,
+) -> Result<Response, ApiError> {
     let now = ud_schemas::now_millis();
-    let secure = state.sessions.origin.as_ref().is_some_and(OriginTemplate::secure);
+    let secure = state
+        .sessions
+        .origin
+        .as_ref()
+        .is_some_and(OriginTemplate::secure);
     let path = req.uri().path().to_owned();
-    let cookie_path = if prefix.is_empty() { "/".to_owned() } else { format!("{prefix}/") };
+    let cookie_path = if prefix.is_empty() {
+        "/".to_owned()
+    } else {
+        format!("{prefix}/")
+    };
     // The link: exchanged for the cookie, then on to the session.
     if path == format!("{prefix}{ENTER_PATH}") {
         let token = req
@@ -374,16 +403,20 @@ async fn proxy(state: &AppState, session: &str, prefix: &str, mut req: Request) 
     let upgrade = req.headers().contains_key(header::UPGRADE);
     if upgrade {
         // Only the session's own pages may open its WebSockets.
-        let origin = req.headers().get(header::ORIGIN).and_then(|o| o.to_str().ok());
+        let origin = req
+            .headers()
+            .get(header::ORIGIN)
+            .and_then(|o| o.to_str().ok());
         let own = match state.sessions.origin {
             Some(_) => origin.is_some_and(|o| state.sessions.own_origin(session, o)),
             // Path mode: the platform's own origin, as the Host names it.
             None => {
-                let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok());
+                let host = req
+                    .headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok());
                 match (origin, host) {
-                    (Some(o), Some(h)) => {
-                        o.split_once("://").map(|(_, rest)| rest) == Some(h)
-                    }
+                    (Some(o), Some(h)) => o.split_once("://").map(|(_, rest)| rest) == Some(h),
                     _ => false,
                 }
             }
@@ -622,7 +655,10 @@ mod tests {
         assert!(s.verify("link", ID, &t, 1_999));
         assert!(!s.verify("link", ID, &t, 2_001), "expired");
         assert!(!s.verify("cookie", ID, &t, 1_000), "another kind");
-        assert!(!s.verify("link", &"f".repeat(32), &t, 1_000), "another session");
+        assert!(
+            !s.verify("link", &"f".repeat(32), &t, 1_000),
+            "another session"
+        );
         let forged = format!("9999999{}", &t[4..]);
         assert!(!s.verify("link", ID, &forged, 1_000), "a later expiry");
         let other = SessionSettings::new(None, Some([8; 32])).unwrap_or_default();
@@ -637,8 +673,14 @@ mod tests {
         let s = SessionSettings::new(Some("https://{id}.s.example.org"), Some([7; 32]))
             .unwrap_or_default();
         assert_eq!(s.origin_of(ID), Some(format!("https://{ID}.s.example.org")));
-        assert_eq!(s.session_of_host(&format!("{ID}.s.example.org")), Some(ID.into()));
-        assert_eq!(s.session_of_host(&format!("{ID}.s.example.org:443")), Some(ID.into()));
+        assert_eq!(
+            s.session_of_host(&format!("{ID}.s.example.org")),
+            Some(ID.into())
+        );
+        assert_eq!(
+            s.session_of_host(&format!("{ID}.s.example.org:443")),
+            Some(ID.into())
+        );
         assert_eq!(s.session_of_host("app.example.org"), None);
         assert_eq!(s.session_of_host(&format!("x{ID}.s.example.org")), None);
         assert!(s.own_origin(ID, &format!("https://{ID}.s.example.org")));
@@ -647,9 +689,21 @@ mod tests {
         assert!(!s.own_origin(ID, &format!("https://{}.s.example.org", "f".repeat(32))));
         let with_port = SessionSettings::new(Some("http://{id}.s.localhost:8443/"), Some([7; 32]))
             .unwrap_or_default();
-        assert_eq!(with_port.session_of_host(&format!("{ID}.s.localhost:8443")), Some(ID.into()));
-        assert_eq!(with_port.session_of_host(&format!("{ID}.s.localhost:80")), None);
-        for bad in ["s.example.org", "ftp://{id}.x.org", "https://x.{id}.org", "https://{id}", "https://{id}.a/b"] {
+        assert_eq!(
+            with_port.session_of_host(&format!("{ID}.s.localhost:8443")),
+            Some(ID.into())
+        );
+        assert_eq!(
+            with_port.session_of_host(&format!("{ID}.s.localhost:80")),
+            None
+        );
+        for bad in [
+            "s.example.org",
+            "ftp://{id}.x.org",
+            "https://x.{id}.org",
+            "https://{id}",
+            "https://{id}.a/b",
+        ] {
             assert!(OriginTemplate::parse(bad).is_err(), "{bad}");
         }
     }
@@ -657,14 +711,26 @@ mod tests {
     #[test]
     fn the_platform_credentials_never_reach_a_session() {
         let mut h = HeaderMap::new();
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer secret"));
-        h.append(header::COOKIE, HeaderValue::from_static("ud_session=1.abc; theirs=2"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer secret"),
+        );
+        h.append(
+            header::COOKIE,
+            HeaderValue::from_static("ud_session=1.abc; theirs=2"),
+        );
         h.append(header::COOKIE, HeaderValue::from_static("ud_other=x"));
         h.insert(header::ACCEPT, HeaderValue::from_static("text/html"));
         let out = forwarded_headers(&h);
         assert!(out.get(header::AUTHORIZATION).is_none());
-        assert_eq!(out.get(header::COOKIE).and_then(|v| v.to_str().ok()), Some("theirs=2"));
-        assert_eq!(out.get(header::ACCEPT).and_then(|v| v.to_str().ok()), Some("text/html"));
+        assert_eq!(
+            out.get(header::COOKIE).and_then(|v| v.to_str().ok()),
+            Some("theirs=2")
+        );
+        assert_eq!(
+            out.get(header::ACCEPT).and_then(|v| v.to_str().ok()),
+            Some("text/html")
+        );
         assert_eq!(cookie_of(&h, COOKIE).as_deref(), Some("1.abc"));
     }
 }

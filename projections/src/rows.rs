@@ -512,13 +512,18 @@ mod agreement {
             2 => TaskCommand::Succeed {
                 node_id: live,
                 exit_code: code,
+                attempt: None,
             },
             3 => TaskCommand::Fail {
                 node_id: live,
                 exit_code: Some(code + 1),
                 reason: "exited".into(),
+                attempt: None,
             },
-            4 => TaskCommand::TimeOut { node_id: live },
+            4 => TaskCommand::TimeOut {
+                node_id: live,
+                attempt: None,
+            },
             5 => TaskCommand::Lose {
                 node_id: live,
                 reason: "gone".into(),
@@ -529,6 +534,7 @@ mod agreement {
             7 => TaskCommand::ConfirmCancelled {
                 node_id: live,
                 reason: "stopped".into(),
+                attempt: None,
             },
             8 => TaskCommand::Wait {
                 reason: "busy".into(),

@@ -15,6 +15,8 @@ pub const EVENT_ID: &str = "Nats-Msg-Id";
 pub const CORRELATION_ID: &str = "Ud-Correlation-Id";
 pub const CAUSATION_ID: &str = "Ud-Causation-Id";
 pub const ACTOR: &str = "Ud-Actor";
+/// On a node's report of a run's outcome: the attempt it is about.
+pub const ATTEMPT: &str = "Ud-Attempt";
 pub const MSG_ID: &str = "Nats-Msg-Id";
 pub const EXPECTED_LAST_SUBJECT_SEQUENCE: &str = "Nats-Expected-Last-Subject-Sequence";
 pub const EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT: &str =

@@ -93,6 +93,12 @@ impl RunReport {
     }
 }
 
+/// The attempt a run report names in its `Ud-Attempt` header (reports of
+/// older agents name none).
+pub fn attempt_of(headers: Option<&HeaderMap>) -> Option<u32> {
+    headers?.get(crate::headers::ATTEMPT)?.as_str().parse().ok()
+}
+
 impl Report {
     /// The subject `node` publishes this report on, in its own stream.
     pub fn subject(&self, node: &NodeId) -> String {

@@ -86,7 +86,10 @@ pub struct Session {
 
 /// Whether `id` is a session id: 32 lowercase hex digits.
 pub fn session_id(id: &str) -> bool {
-    id.len() == 32 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    id.len() == 32
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// The `/shared` folder of a pipeline step's run.

@@ -20,7 +20,13 @@ pub fn session_server() -> Result<PathBuf> {
     let root = workspace();
     let target = root.join("target/sessiond");
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--release", "--quiet", "--target", "x86_64-unknown-linux-gnu"])
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+        ])
         .arg("--manifest-path")
         .arg(root.join("testkit/sessiond/Cargo.toml"))
         .arg("--target-dir")

@@ -76,7 +76,11 @@ enum Event {
 
 impl Pump {
     /// Runs until both directions ended (`Ok`) or the connection failed.
-    pub(crate) async fn run<L>(self, inbound: BoxStream<'static, Bytes>, local: L) -> Result<(), String>
+    pub(crate) async fn run<L>(
+        self,
+        inbound: BoxStream<'static, Bytes>,
+        local: L,
+    ) -> Result<(), String>
     where
         L: AsyncRead + AsyncWrite + Send + 'static,
     {
@@ -98,7 +102,13 @@ impl Pump {
         let chunk = settings.chunk.clamp(1, (peer_window as usize).max(1));
         let (write_tx, write_rx) = mpsc::unbounded_channel::<Option<Bytes>>();
 
-        let sender = tokio::spawn(send_frames(client, out_subject, sent, out_rx, ev_tx.clone()));
+        let sender = tokio::spawn(send_frames(
+            client,
+            out_subject,
+            sent,
+            out_rx,
+            ev_tx.clone(),
+        ));
         let mut parts = tokio::task::JoinSet::new();
         parts.spawn(read_local(
             local_r,

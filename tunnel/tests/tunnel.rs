@@ -65,7 +65,12 @@ fn small() -> Settings {
 async fn bytes_go_both_ways_within_the_window_and_end_cleanly() -> Result<()> {
     let nats = NatsServer::start().await?;
     let node = NodeId::new();
-    let served = tokio::spawn(ud_tunnel::serve(nats.connect().await?, node, Local, small()));
+    let served = tokio::spawn(ud_tunnel::serve(
+        nats.connect().await?,
+        node,
+        Local,
+        small(),
+    ));
     let tunnels = Tunnels::with_settings(nats.connect().await?, small());
     let port = echo_server().await?;
     // 5 MiB through a 64 KiB window: credit has to come back many times.
@@ -83,7 +88,12 @@ async fn bytes_go_both_ways_within_the_window_and_end_cleanly() -> Result<()> {
     let mut back = Vec::new();
     r.read_to_end(&mut back).await?;
     writer.await??;
-    assert!(back == data, "echoed {} of {} bytes, or not the same", back.len(), data.len());
+    assert!(
+        back == data,
+        "echoed {} of {} bytes, or not the same",
+        back.len(),
+        data.len()
+    );
     assert_eq!(t.ended.await?, Ok(()));
     served.abort();
     Ok(())
@@ -109,7 +119,12 @@ async fn open_retrying(
 async fn a_refusal_says_why_and_a_closed_port_too() -> Result<()> {
     let nats = NatsServer::start().await?;
     let node = NodeId::new();
-    let served = tokio::spawn(ud_tunnel::serve(nats.connect().await?, node, Local, small()));
+    let served = tokio::spawn(ud_tunnel::serve(
+        nats.connect().await?,
+        node,
+        Local,
+        small(),
+    ));
     let tunnels = Tunnels::with_settings(nats.connect().await?, small());
     // Wait for the node's side to listen.
     let port = echo_server().await?;
@@ -119,13 +134,19 @@ async fn a_refusal_says_why_and_a_closed_port_too() -> Result<()> {
         other => bail!("port 1: {:?}", other.map(|_| ())),
     }
     let closed = TcpListener::bind("127.0.0.1:0").await?.local_addr()?.port();
-    match tunnels.open(node, TaskId::new(), Target::Port(closed)).await {
+    match tunnels
+        .open(node, TaskId::new(), Target::Port(closed))
+        .await
+    {
         Err(ud_tunnel::TunnelError::Refused(r)) => assert!(r.contains("refused"), "{r}"),
         other => bail!("a closed port: {:?}", other.map(|_| ())),
     }
     // Nobody serves this node: no answer, within the bound.
     let t0 = std::time::Instant::now();
-    match tunnels.open(NodeId::new(), TaskId::new(), Target::Port(port)).await {
+    match tunnels
+        .open(NodeId::new(), TaskId::new(), Target::Port(port))
+        .await
+    {
         Err(ud_tunnel::TunnelError::NoAnswer(_)) => {}
         other => bail!("an absent node: {:?}", other.map(|_| ())),
     }
@@ -138,20 +159,33 @@ async fn a_refusal_says_why_and_a_closed_port_too() -> Result<()> {
 async fn a_gap_in_the_frames_ends_the_connection_on_both_sides() -> Result<()> {
     let nats = NatsServer::start().await?;
     let node = NodeId::new();
-    let served = tokio::spawn(ud_tunnel::serve(nats.connect().await?, node, Local, small()));
+    let served = tokio::spawn(ud_tunnel::serve(
+        nats.connect().await?,
+        node,
+        Local,
+        small(),
+    ));
     let tunnels = Tunnels::with_settings(nats.connect().await?, small());
     let port = echo_server().await?;
     let t = open_retrying(&tunnels, node, Target::Port(port)).await?;
     // Someone on the link injects a frame numbered out of turn into the
     // connection's subject towards the opener.
     let raw = nats.connect().await?;
-    let mut watch = raw.subscribe(format!("{}.*", edge::tunnel_to(&node))).await?;
+    let mut watch = raw
+        .subscribe(format!("{}.*", edge::tunnel_to(&node)))
+        .await?;
     let (_r, mut w) = tokio::io::split(t.stream);
     w.write_all(b"x").await?;
     let seen = tokio::time::timeout(Duration::from_secs(5), futures::StreamExt::next(&mut watch))
         .await?
         .ok_or_else(|| anyhow::anyhow!("no frame seen"))?;
-    let conn = seen.subject.as_str().rsplit('.').next().unwrap_or_default().to_owned();
+    let conn = seen
+        .subject
+        .as_str()
+        .rsplit('.')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
     raw.publish(
         format!("{}.{conn}", edge::tunnel_from(&node)),
         Frame::encode(Kind::Data, 1_000, b"forged"),

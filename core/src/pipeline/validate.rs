@@ -15,7 +15,10 @@ use crate::validate::{limits, plain_text, rerun_request, submit_task};
 /// Task fields a step may not set: the pipeline sets them.
 const NOT_IN_STEPS: [(&str, &str); 4] = [
     ("project", "a step runs in the pipeline's project"),
-    ("session", "a session is a task of its own, not a pipeline step"),
+    (
+        "session",
+        "a session is a task of its own, not a pipeline step",
+    ),
     ("after", "a step names the steps it runs after in needs"),
     ("name", "a step's task is named after the step"),
 ];

@@ -153,6 +153,7 @@ fn a_node_may_stop_its_own_run_and_say_why() {
     let stop = |node_id| TaskCommand::ConfirmCancelled {
         node_id,
         reason: "ended after 60 min without session traffic".into(),
+        attempt: None,
     };
     let (_, r) = given(&running).when(stop(node));
     match r.as_deref() {
@@ -162,6 +163,33 @@ fn a_node_may_stop_its_own_run_and_say_why() {
     let other = NodeId::new();
     let (_, r) = given(&running).when(stop(other));
     assert_eq!(r, Err(TaskError::WrongNode(other)));
+}
+
+#[test]
+fn an_outcome_of_another_attempt_changes_nothing() {
+    let node = NodeId::new();
+    let running = [
+        submit(),
+        TaskCommand::Assign {
+            node_id: node,
+            gpus: vec![],
+        },
+        TaskCommand::Start {
+            node_id: node,
+            attempt: 1,
+        },
+    ];
+    let succeed = |attempt| TaskCommand::Succeed {
+        node_id: node,
+        exit_code: 0,
+        attempt,
+    };
+    let (_, r) = given(&running).when(succeed(Some(2)));
+    assert_eq!(r, Err(TaskError::StaleAttempt { reported: 2, live: 1 }));
+    for ok in [Some(1), None] {
+        let (_, r) = given(&running).when(succeed(ok));
+        assert!(matches!(r.as_deref(), Ok([TaskEvent::Succeeded(_)])), "{ok:?}");
+    }
 }
 
 #[test]
@@ -176,6 +204,7 @@ fn cancel_finished_task_is_rejected() {
         TaskCommand::Succeed {
             node_id: node,
             exit_code: 0,
+            attempt: None,
         },
     ])
     .when(TaskCommand::Cancel {
@@ -204,6 +233,7 @@ fn other_node_cannot_report() {
     .when(TaskCommand::Succeed {
         node_id: other,
         exit_code: 0,
+        attempt: None,
     });
     assert_eq!(r, Err(TaskError::WrongNode(other)));
 }
@@ -233,16 +263,21 @@ fn command_strategy(nodes: Vec<NodeId>) -> impl Strategy<Value = TaskCommand> {
             3 => TaskCommand::Succeed {
                 node_id,
                 exit_code: code,
+                attempt: None,
             },
             4 => TaskCommand::Fail {
                 node_id,
                 exit_code: Some(code),
                 reason: "boom".into(),
+                attempt: None,
             },
             5 => TaskCommand::Cancel {
                 reason: "stop".into(),
             },
-            6 => TaskCommand::TimeOut { node_id },
+            6 => TaskCommand::TimeOut {
+                node_id,
+                attempt: None,
+            },
             7 => TaskCommand::Disconnect {
                 node_id,
                 lost_at: 100,
@@ -255,6 +290,7 @@ fn command_strategy(nodes: Vec<NodeId>) -> impl Strategy<Value = TaskCommand> {
             _ => TaskCommand::ConfirmCancelled {
                 node_id,
                 reason: "stopped".into(),
+                attempt: None,
             },
         }
     })
@@ -367,12 +403,14 @@ fn what_a_disconnected_node_reports_once_back_counts() {
     let (_, r) = given(&history).when(TaskCommand::Succeed {
         node_id: node,
         exit_code: 0,
+        attempt: None,
     });
     assert!(matches!(r.as_deref(), Ok([TaskEvent::Succeeded(_)])));
     // Another node cannot.
     let (_, r) = given(&history).when(TaskCommand::Succeed {
         node_id: NodeId::new(),
         exit_code: 0,
+        attempt: None,
     });
     assert!(matches!(r, Err(TaskError::WrongNode(_))));
     // A failure is retried as it would have been.
@@ -380,6 +418,7 @@ fn what_a_disconnected_node_reports_once_back_counts() {
         node_id: node,
         exit_code: Some(1),
         reason: "x".into(),
+        attempt: None,
     });
     assert!(matches!(
         r.as_deref(),
@@ -434,6 +473,7 @@ fn failed_runs_are_retried_while_the_policy_allows_then_fail() {
         node_id: node,
         exit_code: Some(3),
         reason: "exited with code 3".into(),
+        attempt: None,
     };
     let run = [
         retried_submit,
@@ -517,12 +557,16 @@ fn failed_runs_are_retried_while_the_policy_allows_then_fail() {
         node_id: node,
         exit_code: Some(75),
         reason: "tempfail".into(),
+        attempt: None,
     });
     assert!(
         matches!(r.as_deref(), Ok([TaskEvent::Retrying(_)])),
         "{r:?}"
     );
-    let (_, r) = given(&picky_run).when(TaskCommand::TimeOut { node_id: node });
+    let (_, r) = given(&picky_run).when(TaskCommand::TimeOut {
+        node_id: node,
+        attempt: None,
+    });
     assert!(
         matches!(
             r.as_deref(),
@@ -533,7 +577,10 @@ fn failed_runs_are_retried_while_the_policy_allows_then_fail() {
         ),
         "{r:?}"
     );
-    let (_, r) = given(&run[..]).when(TaskCommand::TimeOut { node_id: node });
+    let (_, r) = given(&run[..]).when(TaskCommand::TimeOut {
+        node_id: node,
+        attempt: None,
+    });
     assert!(
         matches!(r.as_deref(), Ok([TaskEvent::TimedOut(_)])),
         "time-outs do not retry by default: {r:?}"

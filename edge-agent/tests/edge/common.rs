@@ -173,7 +173,15 @@ impl Stack {
         stores: ud_storage::StoresConfig,
     ) -> Result<Self> {
         let sessions = Self::session_settings(Some(SESSION_ORIGIN))?;
-        Self::start_inner(heartbeat_timeout, git_credentials, queues, storage, stores, sessions).await
+        Self::start_inner(
+            heartbeat_timeout,
+            git_credentials,
+            queues,
+            storage,
+            stores,
+            sessions,
+        )
+        .await
     }
 
     /// Sessions at `origin` (`None`: under `/s/<id>/`).
@@ -185,7 +193,15 @@ impl Stack {
     /// A stack whose sessions are served as `sessions` says.
     pub async fn start_sessions(sessions: ud_gateway::sessions::SessionSettings) -> Result<Self> {
         let (creds, queues, stores) = Default::default();
-        Self::start_inner(Duration::from_secs(60), creds, queues, None, stores, sessions).await
+        Self::start_inner(
+            Duration::from_secs(60),
+            creds,
+            queues,
+            None,
+            stores,
+            sessions,
+        )
+        .await
     }
 
     async fn start_inner(

@@ -5,6 +5,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Result};
 use futures::StreamExt;
 use serde_json::json;
+use ud_schemas::edge;
 use ud_server::{self as server, EdgeConfig, ServerConfig};
 
 use crate::common::*;
@@ -369,5 +370,48 @@ async fn two_main_servers_assign_each_task_once_mark_a_silent_node_offline_once_
         ingests(&s, s.server.addr).await?,
         "the instance left does not ingest"
     );
+    Ok(())
+}
+
+/// An outcome names its attempt: one about another attempt than the task's
+/// (a run lost, then placed again, reporting late) changes nothing.
+#[tokio::test]
+async fn an_outcome_of_another_attempt_is_refused() -> Result<()> {
+    let mut s = Stack::start(Duration::from_secs(60)).await?;
+    let node = s.online_node("solo").await?;
+    let id = s.submit("sleep 60", 120).await?;
+    s.task_state(&id, &["running"], Duration::from_secs(60)).await?;
+    let task: ud_schemas::TaskId = id.parse()?;
+    let client = agent_client(&node.leaf, None).await?;
+    let local = async_nats::jetstream::with_domain(client, edge::domain(&node.id));
+    let report = |event: ud_schemas::TaskEvent, attempt: u32| -> Result<_> {
+        let e = ud_schemas::Event::Task(task, event);
+        let (mut h, p) =
+            ud_schemas::codec::encode_message(&e, &ud_schemas::codec::EventMeta::new("test"))?;
+        h.insert(ud_schemas::headers::ATTEMPT, attempt.to_string().as_str());
+        Ok((edge::report_subject(&node.id, &e.subject()), h, p))
+    };
+    // A success of attempt 2 (the task is on attempt 1), then a failure of
+    // attempt 1: the task fails, so the first was refused.
+    let stale = report(
+        ud_schemas::TaskEvent::Succeeded(ud_schemas::events::TaskSucceeded { at: 1, exit_code: 0 }),
+        2,
+    )?;
+    let current = report(
+        ud_schemas::TaskEvent::Failed(ud_schemas::events::TaskFailed {
+            at: 2,
+            exit_code: Some(9),
+            reason: "reported for attempt 1".into(),
+        }),
+        1,
+    )?;
+    for (subject, h, p) in [stale, current] {
+        local.publish_with_headers(subject, h, p.into()).await?.await?;
+    }
+    let done = s
+        .task_state(&id, &["succeeded", "failed"], Duration::from_secs(30))
+        .await?;
+    assert_eq!(done["state"], "failed", "{done}");
+    assert_eq!(done["reason"], "reported for attempt 1");
     Ok(())
 }

@@ -162,7 +162,12 @@ async fn heartbeat(
     let node = origin::sender(msg).map_err(Outcome::Dropped)?;
     let (_, report) = Report::decode(&msg.subject, msg.headers.as_ref(), &msg.payload)
         .map_err(|e| Outcome::Dropped(Rejected::Report(e)))?;
-    let Ok(Translated::Node(command)) = translate::command(node, report, now_millis()) else {
+    let Ok(Translated::Node(command)) = translate::command(
+        node,
+        report,
+        now_millis(),
+        ud_schemas::report::attempt_of(msg.headers.as_ref()),
+    ) else {
         return Err(Outcome::Retry("not a heartbeat".into()));
     };
     let current = ingest
@@ -235,7 +240,12 @@ async fn handle(ingest: &Ingest, msg: &jetstream::Message) -> Outcome {
         Ok((_, report)) => report,
         Err(e) => return Outcome::Dropped(Rejected::Report(e)),
     };
-    match translate::command(node, report, now_millis()) {
+    match translate::command(
+        node,
+        report,
+        now_millis(),
+        ud_schemas::report::attempt_of(msg.headers.as_ref()),
+    ) {
         Err(why) => Outcome::Dropped(why),
         Ok(Translated::Log(task)) => log(ingest, node, task, msg).await,
         Ok(Translated::Node(command)) => {

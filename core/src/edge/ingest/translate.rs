@@ -19,8 +19,15 @@ pub enum Translated {
     Log(TaskId),
 }
 
-/// The command `node`'s report stands for, at the hub's time `now`.
-pub fn command(node: NodeId, report: Report, now: Millis) -> Result<Translated, Rejected> {
+/// The command `node`'s report stands for, at the hub's time `now`; an
+/// outcome names the attempt it is about when the report's `Ud-Attempt`
+/// header says it.
+pub fn command(
+    node: NodeId,
+    report: Report,
+    now: Millis,
+    attempt: Option<u32>,
+) -> Result<Translated, Rejected> {
     Ok(match report {
         Report::Registered(r) => Translated::Node(NodeCommand::Register {
             name: r.name,
@@ -36,11 +43,15 @@ pub fn command(node: NodeId, report: Report, now: Millis) -> Result<Translated, 
             gpus: h.gpus,
         }),
         Report::Log(task) => Translated::Log(task),
-        Report::Run(task, run) => Translated::Run(task, run_command(node, run)?),
+        Report::Run(task, run) => Translated::Run(task, run_command(node, run, attempt)?),
     })
 }
 
-fn run_command(node: NodeId, run: RunReport) -> Result<TaskCommand, Rejected> {
+fn run_command(
+    node: NodeId,
+    run: RunReport,
+    attempt: Option<u32>,
+) -> Result<TaskCommand, Rejected> {
     let named = |other: NodeId| Rejected::Impersonation {
         sender: node.to_string(),
         named: other.to_string(),
@@ -63,17 +74,23 @@ fn run_command(node: NodeId, run: RunReport) -> Result<TaskCommand, Rejected> {
         RunReport::Succeeded(s) => TaskCommand::Succeed {
             node_id: node,
             exit_code: s.exit_code,
+            attempt,
         },
         RunReport::Failed(f) => TaskCommand::Fail {
             node_id: node,
             exit_code: f.exit_code,
             reason: f.reason,
+            attempt,
         },
         RunReport::Cancelled(c) => TaskCommand::ConfirmCancelled {
             node_id: node,
             reason: c.reason,
+            attempt,
         },
-        RunReport::TimedOut(_) => TaskCommand::TimeOut { node_id: node },
+        RunReport::TimedOut(_) => TaskCommand::TimeOut {
+            node_id: node,
+            attempt,
+        },
     })
 }
 
@@ -94,7 +111,7 @@ mod tests {
             gpus: Some(vec!["GPU-1".into()]),
         });
         assert_eq!(
-            command(node, beat, 99).ok(),
+            command(node, beat, 99, None).ok(),
             Some(Translated::Node(NodeCommand::Heartbeat {
                 at: 99,
                 running_tasks: 2,
@@ -113,7 +130,7 @@ mod tests {
         );
         // The node is the one the hub says sent it, whatever the payload says.
         assert_eq!(
-            command(node, started, 5).ok(),
+            command(node, started, 5, None).ok(),
             Some(Translated::Run(
                 task,
                 TaskCommand::Start {
@@ -132,7 +149,7 @@ mod tests {
             }),
         );
         assert!(matches!(
-            command(node, preparing, 5),
+            command(node, preparing, 5, None),
             Err(Rejected::Impersonation { .. })
         ));
     }
