@@ -31,8 +31,16 @@ impl Reporter {
 
     /// Publishes a report and waits until the node's stream holds it.
     pub async fn send(&self, report: Report) -> Result<(), AgentError> {
+        self.publish(report, None).await
+    }
+
+    /// [`Reporter::send`], naming the attempt an outcome is about.
+    async fn publish(&self, report: Report, attempt: Option<u32>) -> Result<(), AgentError> {
         let meta = EventMeta::new(format!("node:{}", self.node));
-        let (subject, headers, payload) = report.encode(&self.node, &meta)?;
+        let (subject, mut headers, payload) = report.encode(&self.node, &meta)?;
+        if let Some(a) = attempt {
+            headers.insert(ud_schemas::headers::ATTEMPT, a.to_string().as_str());
+        }
         self.local
             .publish_with_headers(subject, headers, Bytes::from(payload))
             .await
@@ -55,16 +63,7 @@ impl Reporter {
         attempt: u32,
         report: RunReport,
     ) -> Result<(), AgentError> {
-        let meta = EventMeta::new(format!("node:{}", self.node));
-        let (subject, mut headers, payload) = Report::Run(task, report).encode(&self.node, &meta)?;
-        headers.insert(ud_schemas::headers::ATTEMPT, attempt.to_string().as_str());
-        self.local
-            .publish_with_headers(subject, headers, Bytes::from(payload))
-            .await
-            .map_err(nats)?
-            .await
-            .map_err(nats)?;
-        Ok(())
+        self.publish(Report::Run(task, report), Some(attempt)).await
     }
 
     /// Records that a preparing step began.

@@ -119,18 +119,7 @@ fn cancel_pending_cancels_at_once() {
 #[test]
 fn cancel_running_asks_the_node() {
     let node = NodeId::new();
-    let (_, r) = given(&[
-        submit(),
-        TaskCommand::Assign {
-            node_id: node,
-            gpus: vec![],
-        },
-        TaskCommand::Start {
-            node_id: node,
-            attempt: 1,
-        },
-    ])
-    .when(TaskCommand::Cancel {
+    let (_, r) = given(&running_on(node)).when(TaskCommand::Cancel {
         reason: "no".into(),
     });
     assert!(matches!(r.as_deref(), Ok([TaskEvent::CancelRequested(_)])));
@@ -139,17 +128,7 @@ fn cancel_running_asks_the_node() {
 #[test]
 fn a_node_may_stop_its_own_run_and_say_why() {
     let node = NodeId::new();
-    let running = [
-        submit(),
-        TaskCommand::Assign {
-            node_id: node,
-            gpus: vec![],
-        },
-        TaskCommand::Start {
-            node_id: node,
-            attempt: 1,
-        },
-    ];
+    let running = running_on(node);
     let stop = |node_id| TaskCommand::ConfirmCancelled {
         node_id,
         reason: "ended after 60 min without session traffic".into(),
@@ -168,27 +147,26 @@ fn a_node_may_stop_its_own_run_and_say_why() {
 #[test]
 fn an_outcome_of_another_attempt_changes_nothing() {
     let node = NodeId::new();
-    let running = [
-        submit(),
-        TaskCommand::Assign {
-            node_id: node,
-            gpus: vec![],
-        },
-        TaskCommand::Start {
-            node_id: node,
-            attempt: 1,
-        },
-    ];
+    let running = running_on(node);
     let succeed = |attempt| TaskCommand::Succeed {
         node_id: node,
         exit_code: 0,
         attempt,
     };
     let (_, r) = given(&running).when(succeed(Some(2)));
-    assert_eq!(r, Err(TaskError::StaleAttempt { reported: 2, live: 1 }));
+    assert_eq!(
+        r,
+        Err(TaskError::StaleAttempt {
+            reported: 2,
+            live: 1
+        })
+    );
     for ok in [Some(1), None] {
         let (_, r) = given(&running).when(succeed(ok));
-        assert!(matches!(r.as_deref(), Ok([TaskEvent::Succeeded(_)])), "{ok:?}");
+        assert!(
+            matches!(r.as_deref(), Ok([TaskEvent::Succeeded(_)])),
+            "{ok:?}"
+        );
     }
 }
 

@@ -380,7 +380,8 @@ async fn an_outcome_of_another_attempt_is_refused() -> Result<()> {
     let mut s = Stack::start(Duration::from_secs(60)).await?;
     let node = s.online_node("solo").await?;
     let id = s.submit("sleep 60", 120).await?;
-    s.task_state(&id, &["running"], Duration::from_secs(60)).await?;
+    s.task_state(&id, &["running"], Duration::from_secs(60))
+        .await?;
     let task: ud_schemas::TaskId = id.parse()?;
     let client = agent_client(&node.leaf, None).await?;
     let local = async_nats::jetstream::with_domain(client, edge::domain(&node.id));
@@ -394,7 +395,10 @@ async fn an_outcome_of_another_attempt_is_refused() -> Result<()> {
     // A success of attempt 2 (the task is on attempt 1), then a failure of
     // attempt 1: the task fails, so the first was refused.
     let stale = report(
-        ud_schemas::TaskEvent::Succeeded(ud_schemas::events::TaskSucceeded { at: 1, exit_code: 0 }),
+        ud_schemas::TaskEvent::Succeeded(ud_schemas::events::TaskSucceeded {
+            at: 1,
+            exit_code: 0,
+        }),
         2,
     )?;
     let current = report(
@@ -406,7 +410,10 @@ async fn an_outcome_of_another_attempt_is_refused() -> Result<()> {
         1,
     )?;
     for (subject, h, p) in [stale, current] {
-        local.publish_with_headers(subject, h, p.into()).await?.await?;
+        local
+            .publish_with_headers(subject, h, p.into())
+            .await?
+            .await?;
     }
     let done = s
         .task_state(&id, &["succeeded", "failed"], Duration::from_secs(30))
