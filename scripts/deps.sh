@@ -30,6 +30,12 @@ ud_install_deps() {
     ud_apt_install git
   fi
 
+  # The session tests' program (testkit/sessiond) links statically: glibc's static library.
+  if ! [ -f "$(gcc -print-file-name=libc.a 2>/dev/null)" ]; then
+    echo "installing libc6-dev" >&2
+    ud_apt_install libc6-dev
+  fi
+
   # A real HTTPS proxy for nodes linking over WebSocket (tests/edge link).
   if ! command -v caddy >/dev/null; then
     echo "installing caddy" >&2

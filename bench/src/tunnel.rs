@@ -90,22 +90,6 @@ async fn download<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, bytes: usize) ->
     Ok(t.elapsed().as_secs_f64())
 }
 
-fn container_address(task: &TaskId) -> Result<String> {
-    let out = std::process::Command::new("docker")
-        .args([
-            "inspect",
-            "-f",
-            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
-            &format!("ud-{task}-1"),
-        ])
-        .output()?;
-    let ip = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    if ip.is_empty() {
-        bail!("no address for the container of {task}");
-    }
-    Ok(ip)
-}
-
 pub async fn run(a: Args) -> Result<()> {
     println!("UniDesk tunnel benchmark: a session through the node's link vs the container reached directly");
     let image =
@@ -170,7 +154,17 @@ pub async fn run(a: Args) -> Result<()> {
     );
 
     // Round trips on one open connection: through the tunnel, and directly.
-    let ip = container_address(&task)?;
+    // The container's address, as the agent dials it.
+    let docker = ud_edge_agent::docker::Executor::connect(
+        std::env::var("DOCKER_HOST").ok().as_deref(),
+        node,
+    )
+    .await?;
+    let ip = docker
+        .address(&format!("ud-{task}-1"))
+        .await
+        .ok_or_else(|| anyhow!("no address for the container of {task}"))?
+        .to_string();
     let mut direct = tokio::net::TcpStream::connect((ip.as_str(), 8888)).await?;
     direct.set_nodelay(true)?;
     let base_rt = round_trips(&mut direct, a.round_trips).await?;

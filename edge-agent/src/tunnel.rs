@@ -24,6 +24,8 @@ pub(crate) struct Reach {
     pub ports: Vec<u16>,
     /// The time of the last byte through any of its connections.
     pub activity: Activity,
+    /// The container's address, asked of Docker once.
+    pub address: Arc<tokio::sync::OnceCell<std::net::IpAddr>>,
 }
 
 /// The node's running tasks, as tunnels see them.
@@ -45,6 +47,7 @@ impl Reachable {
                     container,
                     ports,
                     activity: activity.clone(),
+                    address: Arc::default(),
                 },
             );
         }
@@ -98,11 +101,15 @@ impl Resolver {
                 reach.ports
             ));
         }
-        let ip = self
-            .docker
-            .address(&reach.container)
-            .await
-            .ok_or("the task's container has no network address")?;
+        let ip = *reach
+            .address
+            .get_or_try_init(|| async {
+                self.docker
+                    .address(&reach.container)
+                    .await
+                    .ok_or("the task's container has no network address")
+            })
+            .await?;
         let start = Instant::now();
         loop {
             match tokio::net::TcpStream::connect((ip, port)).await {

@@ -64,6 +64,8 @@ pub struct Shared {
     pub tunnels: ud_tunnel::Tunnels,
     /// Where sessions are served and how they are entered.
     pub sessions: sessions::SessionSettings,
+    /// Running sessions recently looked up.
+    pub session_targets: sessions::SessionTargets,
 }
 
 async fn healthz() -> &'static str {
@@ -167,6 +169,9 @@ async fn session_hosts(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
+    if state.sessions.origin.is_none() {
+        return next.run(req).await;
+    }
     let host = req
         .headers()
         .get(axum::http::header::HOST)

@@ -24,7 +24,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::{debug, info_span, warn, Instrument};
 use ud_schemas::spec::{session_id, TaskSpec};
 use ud_schemas::{NodeId, TaskId, TaskStatus};
-use ud_tunnel::{Control, Target, TunnelError};
+use ud_tunnel::{Control, TunnelError};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::Caller;
@@ -84,37 +84,31 @@ impl Default for SessionSettings {
 }
 
 impl SessionSettings {
-    fn mac(&self, kind: &str, session: &str, expires: i64) -> String {
+    fn mac(&self, kind: &str, session: &str, expires: i64) -> Hmac<sha2::Sha256> {
         let mut m = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.key)
             .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
         m.update(format!("{kind}|{session}|{expires}").as_bytes());
-        hex::encode(m.finalize().into_bytes())
+        m
     }
 
     /// A token of `kind` for `session`, valid until `expires` (ms).
     pub fn sign(&self, kind: &str, session: &str, expires: i64) -> String {
-        format!("{expires}.{}", self.mac(kind, session, expires))
+        let mac = self.mac(kind, session, expires).finalize().into_bytes();
+        format!("{expires}.{}", hex::encode(mac))
     }
 
-    /// Whether `token` is a token of `kind` for `session` not yet expired.
+    /// Whether `token` is a token of `kind` for `session` not yet expired
+    /// (compared in constant time).
     pub fn verify(&self, kind: &str, session: &str, token: &str, now: i64) -> bool {
         let Some((expires, mac)) = token.split_once('.') else {
             return false;
         };
-        let Ok(expires) = expires.parse::<i64>() else {
-            return false;
-        };
-        if expires < now {
-            return false;
+        match (expires.parse::<i64>(), hex::decode(mac)) {
+            (Ok(expires), Ok(mac)) if expires >= now => {
+                self.mac(kind, session, expires).verify_slice(&mac).is_ok()
+            }
+            _ => false,
         }
-        let want = self.mac(kind, session, expires);
-        // Constant time: compare every byte.
-        want.len() == mac.len()
-            && want
-                .bytes()
-                .zip(mac.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
     }
 
     /// The origin a session is served at (host mode), e.g.
@@ -199,6 +193,60 @@ pub struct SessionLink {
     pub expires_at: String,
 }
 
+/// Where a running session's requests go.
+#[derive(Clone, Copy)]
+struct Target {
+    task: TaskId,
+    node: NodeId,
+    port: u16,
+}
+
+/// Running sessions by id, as last read from the read model: a page's many
+/// requests cost one lookup, not one each. An ended session answers from
+/// here for at most [`TARGET_TTL`]; its node then refuses the tunnel.
+#[derive(Clone)]
+pub struct SessionTargets(moka::sync::Cache<String, Target>);
+
+pub const TARGET_TTL: Duration = Duration::from_secs(2);
+
+impl Default for SessionTargets {
+    fn default() -> Self {
+        Self(
+            moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(TARGET_TTL)
+                .build(),
+        )
+    }
+}
+
+impl SessionTargets {
+    async fn find(&self, state: &AppState, session: &str) -> Result<Target, ApiError> {
+        if let Some(t) = self.0.get(session) {
+            return Ok(t);
+        }
+        let row = {
+            let client = state.db.client().await?;
+            ud_projections::db::get_task_by_session(&client, session).await?
+        }
+        .ok_or_else(|| ApiError::not_found("session"))?;
+        let task = row.id;
+        let run = running(row)?;
+        let port = run
+            .spec
+            .session
+            .map(|s| s.port)
+            .ok_or_else(|| ApiError::not_found("session"))?;
+        let target = Target {
+            task,
+            node: run.node,
+            port,
+        };
+        self.0.insert(session.to_owned(), target);
+        Ok(target)
+    }
+}
+
 /// A running task that tunnels may reach: its node and spec.
 struct Running {
     node: NodeId,
@@ -225,13 +273,8 @@ async fn task_for(
     caller: &Caller,
     id: &str,
 ) -> Result<(TaskId, Running), ApiError> {
-    let id: TaskId = id.parse().map_err(|_| ApiError::not_found("task"))?;
-    let client = state.db.client().await?;
-    let row = ud_projections::db::get_task(&client, id)
-        .await?
-        .filter(|r| caller.may_see(&r.project))
-        .ok_or_else(|| ApiError::not_found("task"))?;
-    Ok((id, running(row)?))
+    let row = crate::tasks::visible(state, caller, id).await?;
+    Ok((row.id, running(row)?))
 }
 
 fn tunnel_error(e: TunnelError) -> ApiError {
@@ -284,17 +327,18 @@ pub async fn serve(state: AppState, session: String, prefix: String, req: Reques
     }
 }
 
+/// The path of a session in path mode (`rest` is the session's own path).
+#[derive(Deserialize)]
+pub struct SessionPath {
+    session: String,
+}
+
 /// Path mode: `/s/{session}/{*rest}`.
 pub async fn by_path(
     State(state): State<AppState>,
-    Path(params): Path<Vec<(String, String)>>,
+    Path(SessionPath { session }): Path<SessionPath>,
     req: Request,
 ) -> Response {
-    let session = params
-        .into_iter()
-        .find(|(k, _)| k == "session")
-        .map(|(_, v)| v)
-        .unwrap_or_default();
     // Where sessions have hosts of their own, they are served nowhere else.
     if !session_id(&session) || state.sessions.origin.is_some() {
         return ApiError::not_found("session").into_response();
@@ -428,24 +472,16 @@ async fn proxy(
             ));
         }
     }
-    let row = {
-        let client = state.db.client().await?;
-        ud_projections::db::get_task_by_session(&client, session).await?
-    }
-    .ok_or_else(|| ApiError::not_found("session"))?;
-    let task_id = row.id;
-    let task = running(row)?;
-    let port = task
-        .spec
-        .session
-        .as_ref()
-        .map(|s| s.port)
-        .ok_or_else(|| ApiError::not_found("session"))?;
-    let span = info_span!("session", task_id = %task_id, node_id = %task.node);
+    let Target {
+        task: task_id,
+        node,
+        port,
+    } = state.session_targets.find(state, session).await?;
+    let span = info_span!("session", task_id = %task_id, node_id = %node);
     async move {
         let tunnel = state
             .tunnels
-            .open(task.node, task_id, Target::Port(port))
+            .open(node, task_id, ud_tunnel::Target::Port(port))
             .await
             .map_err(tunnel_error)?;
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -537,7 +573,7 @@ pub async fn exec(
         return Err(ApiError::field("command", "must name a program"));
     }
     let (task_id, task) = task_for(&state, &caller, &id).await?;
-    let target = Target::Exec {
+    let target = ud_tunnel::Target::Exec {
         command,
         tty: p.tty.unwrap_or(true),
         cols: p.cols.unwrap_or(80),
@@ -571,7 +607,7 @@ pub async fn port(
     }
     let tunnel = state
         .tunnels
-        .open(task.node, task_id, Target::Port(port))
+        .open(task.node, task_id, ud_tunnel::Target::Port(port))
         .await
         .map_err(tunnel_error)?;
     Ok(ws.on_upgrade(move |socket| bridge(socket, tunnel)))

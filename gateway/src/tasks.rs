@@ -151,6 +151,21 @@ fn parse_task_id(id: &str) -> Result<TaskId, ApiError> {
     id.parse().map_err(|_| ApiError::not_found("task"))
 }
 
+/// The task `id` names, as the read model has it, if the caller may see it
+/// (404 otherwise, as for a task that does not exist).
+pub(crate) async fn visible(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+) -> Result<ud_projections::rows::TaskRow, ApiError> {
+    let id = parse_task_id(id)?;
+    let client = state.db.client().await?;
+    ud_projections::db::get_task(&client, id)
+        .await?
+        .filter(|r| caller.may_see(&r.project))
+        .ok_or_else(|| ApiError::not_found("task"))
+}
+
 /// The answer to an accepted write: `body`, told whether the read models
 /// include it (waiting for `seq` of `stream` when asked to), and where what
 /// it wrote is read.
@@ -428,13 +443,8 @@ pub async fn get(
     Path(id): Path<String>,
     Query(q): Query<GetParams>,
 ) -> Result<Json<TaskView>, ApiError> {
-    let id = parse_task_id(&id)?;
     crate::paging::caught_up(&state, streams::TASKS, q.projected_seq).await;
-    let client = state.db.client().await?;
-    let row = ud_projections::db::get_task(&client, id)
-        .await?
-        .filter(|r| caller.may_see(&r.project))
-        .ok_or_else(|| ApiError::not_found("task"))?;
+    let row = visible(&state, &caller, &id).await?;
     // Where the task's files are: the store it names, or its project's.
     let named = row.spec.get("store").and_then(|s| s.as_str());
     let storage = state.stores.of(&row.project, named).ok();
@@ -613,12 +623,7 @@ pub async fn logs(
     Path(id): Path<String>,
     Query(p): Query<LogParams>,
 ) -> Result<Json<LogPage>, ApiError> {
-    let id = parse_task_id(&id)?;
-    let client = state.db.client().await?;
-    ud_projections::db::get_task(&client, id)
-        .await?
-        .filter(|r| caller.may_see(&r.project))
-        .ok_or_else(|| ApiError::not_found("task"))?;
+    let id = visible(&state, &caller, &id).await?.id;
     let after = p.after.unwrap_or(0);
     // Subscribe before reading, so nothing falls between the read and the wait.
     let mut sub = state

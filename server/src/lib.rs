@@ -401,6 +401,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         services: supervisor.states(),
         tunnels: ud_tunnel::Tunnels::new(store.client().clone()),
         sessions: cfg.sessions.clone(),
+        session_targets: Default::default(),
     });
     // The API owns its listener: when it ends, the process stops.
     let api = std::sync::Mutex::new(Some(listener));

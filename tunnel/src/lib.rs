@@ -115,7 +115,7 @@ impl Tunnels {
             Kind::Opened if first.seq == 0 && first.payload.len() == 4 => {
                 let mut w = [0u8; 4];
                 w.copy_from_slice(&first.payload);
-                u32::from_be_bytes(w)
+                u32::from_be_bytes(w).clamp(MIN_WINDOW, MAX_WINDOW)
             }
             Kind::Reset => {
                 return Err(TunnelError::Refused(
@@ -175,6 +175,11 @@ pub struct Endpoint {
 pub trait Resolver: Clone + Send + Sync + 'static {
     fn connect(&self, open: Open) -> impl Future<Output = Result<Endpoint, String>> + Send;
 }
+
+/// The window a side may give, whatever it asks: the data a peer may have
+/// in flight stays bounded.
+pub const MIN_WINDOW: u32 = 1024;
+pub const MAX_WINDOW: u32 = 16 << 20;
 
 /// Most connections one node serves at once.
 pub const MAX_CONNECTIONS: usize = 512;
@@ -239,7 +244,7 @@ pub async fn serve<R: Resolver>(
             continue;
         }
         let open = match serde_json::from_slice::<Open>(&frame.payload) {
-            Ok(o) if frame.seq == 0 && o.window >= 1024 => o,
+            Ok(o) if frame.seq == 0 && o.window >= MIN_WINDOW => o,
             _ => {
                 let _ = client
                     .publish(reply, Frame::encode(Kind::Reset, 0, b"a bad open frame"))
@@ -277,7 +282,7 @@ async fn answer<R: Resolver>(
     done: mpsc::UnboundedSender<String>,
     conn: String,
 ) {
-    let peer_window = open.window;
+    let peer_window = open.window.min(MAX_WINDOW);
     match resolver.connect(open).await {
         Err(reason) => {
             debug!(reason = %reason, "tunnel refused");

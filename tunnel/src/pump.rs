@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -212,12 +212,15 @@ async fn read_local<R: AsyncRead + Send>(
 ) {
     let control = |c: &Control| Bytes::from(serde_json::to_vec(c).unwrap_or_default());
     let mut r = std::pin::pin!(r);
+    // One buffer, reused once the frames cut from it are sent.
+    let mut buf = BytesMut::new();
     loop {
         let Ok(permit) = credit.acquire_many(chunk as u32).await else {
             return;
         };
         permit.forget();
-        let mut buf = BytesMut::zeroed(chunk);
+        buf.reserve(chunk);
+        let mut room = (&mut buf).limit(chunk);
         let read = tokio::select! {
             biased;
             Some(c) = async { match controls.as_mut() { Some(rx) => rx.recv().await, None => None } } => {
@@ -227,7 +230,7 @@ async fn read_local<R: AsyncRead + Send>(
                 }
                 continue;
             }
-            read = r.read(&mut buf) => read,
+            read = r.read_buf(&mut room) => read,
         };
         match read {
             Ok(0) => {
@@ -245,9 +248,8 @@ async fn read_local<R: AsyncRead + Send>(
             }
             Ok(n) => {
                 credit.add_permits(chunk - n);
-                buf.truncate(n);
                 touch(activity.as_ref());
-                if out.send((Kind::Data, buf.freeze())).await.is_err() {
+                if out.send((Kind::Data, buf.split().freeze())).await.is_err() {
                     return;
                 }
             }

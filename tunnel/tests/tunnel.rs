@@ -61,17 +61,42 @@ fn small() -> Settings {
     }
 }
 
+/// A nats-server, a node serving tunnels on it and an opener.
+struct Served {
+    nats: NatsServer,
+    node: NodeId,
+    served: tokio::task::JoinHandle<Result<(), ud_tunnel::TunnelError>>,
+    tunnels: Tunnels,
+}
+
+impl Served {
+    async fn start() -> Result<Self> {
+        let nats = NatsServer::start().await?;
+        let node = NodeId::new();
+        let served = tokio::spawn(ud_tunnel::serve(
+            nats.connect().await?,
+            node,
+            Local,
+            small(),
+        ));
+        let tunnels = Tunnels::with_settings(nats.connect().await?, small());
+        Ok(Self {
+            nats,
+            node,
+            served,
+            tunnels,
+        })
+    }
+}
+
 #[tokio::test]
 async fn bytes_go_both_ways_within_the_window_and_end_cleanly() -> Result<()> {
-    let nats = NatsServer::start().await?;
-    let node = NodeId::new();
-    let served = tokio::spawn(ud_tunnel::serve(
-        nats.connect().await?,
+    let Served {
+        nats: _nats,
         node,
-        Local,
-        small(),
-    ));
-    let tunnels = Tunnels::with_settings(nats.connect().await?, small());
+        served,
+        tunnels,
+    } = Served::start().await?;
     let port = echo_server().await?;
     // 5 MiB through a 64 KiB window: credit has to come back many times.
     let data: Vec<u8> = (0..5 << 20).map(|i: u32| (i % 251) as u8).collect();
@@ -117,15 +142,12 @@ async fn open_retrying(
 
 #[tokio::test]
 async fn a_refusal_says_why_and_a_closed_port_too() -> Result<()> {
-    let nats = NatsServer::start().await?;
-    let node = NodeId::new();
-    let served = tokio::spawn(ud_tunnel::serve(
-        nats.connect().await?,
+    let Served {
+        nats: _nats,
         node,
-        Local,
-        small(),
-    ));
-    let tunnels = Tunnels::with_settings(nats.connect().await?, small());
+        served,
+        tunnels,
+    } = Served::start().await?;
     // Wait for the node's side to listen.
     let port = echo_server().await?;
     drop(open_retrying(&tunnels, node, Target::Port(port)).await?);
@@ -157,15 +179,12 @@ async fn a_refusal_says_why_and_a_closed_port_too() -> Result<()> {
 
 #[tokio::test]
 async fn a_gap_in_the_frames_ends_the_connection_on_both_sides() -> Result<()> {
-    let nats = NatsServer::start().await?;
-    let node = NodeId::new();
-    let served = tokio::spawn(ud_tunnel::serve(
-        nats.connect().await?,
+    let Served {
+        nats,
         node,
-        Local,
-        small(),
-    ));
-    let tunnels = Tunnels::with_settings(nats.connect().await?, small());
+        served,
+        tunnels,
+    } = Served::start().await?;
     let port = echo_server().await?;
     let t = open_retrying(&tunnels, node, Target::Port(port)).await?;
     // Someone on the link injects a frame numbered out of turn into the
