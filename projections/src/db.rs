@@ -76,17 +76,33 @@ impl Db {
             .map_err(|e| ProjectionError::Pool(e.into()))
     }
 
-    /// Creates the schema if needed and applies pending migrations.
+    /// Creates the schema if needed and applies pending migrations. Main
+    /// servers started together take turns: one applies them under a
+    /// session lock of the schema while the others wait, then find nothing
+    /// left to do (a crashed holder's lock ends with its connection).
     pub async fn migrate(&self) -> Result<(), ProjectionError> {
         let mut client = self.client().await?;
+        let key = format!("unidesk migrations {}", self.schema);
         client
-            .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", self.schema))
+            .execute("SELECT pg_advisory_lock(hashtext($1))", &[&key])
             .await?;
         let client: &mut tokio_postgres::Client = &mut client;
-        embedded::migrations::runner()
-            .run_async(client)
-            .await
-            .map_err(|e| ProjectionError::Migration(e.into()))?;
+        let applied = async {
+            client
+                .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", self.schema))
+                .await?;
+            embedded::migrations::runner()
+                .run_async(client)
+                .await
+                .map_err(|e| ProjectionError::Migration(e.into()))?;
+            Ok::<_, ProjectionError>(())
+        }
+        .await;
+        let unlocked = client
+            .execute("SELECT pg_advisory_unlock(hashtext($1))", &[&key])
+            .await;
+        applied?;
+        unlocked?;
         Ok(())
     }
 

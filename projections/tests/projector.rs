@@ -246,6 +246,34 @@ async fn assert_equal_to_replay(env: &Env, live: &Db) -> Result<()> {
     Ok(())
 }
 
+/// Main servers started at the same time on an empty database: each one
+/// migrates it, none fails on what another has just created.
+#[tokio::test]
+async fn servers_migrating_at_once_all_succeed() -> Result<()> {
+    let pg = PgDatabase::create().await?;
+    let mut dbs = Vec::new();
+    for _ in 0..4 {
+        dbs.push(Db::connect(&pg.url, "public", 2).await?);
+    }
+    let results = futures::future::join_all(dbs.iter().map(|db| db.migrate())).await;
+    for r in results {
+        r?;
+    }
+    let c = dbs[0].client().await?;
+    let applied: i64 = c
+        .query_one("SELECT count(*) FROM refinery_schema_history", &[])
+        .await?
+        .get(0);
+    let files = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../migrations"))?
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "sql"))
+        })
+        .count();
+    assert_eq!(applied as usize, files, "every migration applied once");
+    Ok(())
+}
+
 #[tokio::test]
 async fn projection_matches_history_and_replay() -> Result<()> {
     let env = env().await?;
