@@ -399,6 +399,20 @@ pub fn decide(
             attempt,
         })]),
         (TaskState::Assigned { .. }, c @ TaskCommand::Start { .. }) => Err(invalid(&c)),
+        // Said again by an agent that adopted the run after a restart and
+        // cannot know whether its first word arrived: nothing new.
+        (
+            TaskState::Running {
+                node_id: live,
+                attempt: a,
+            }
+            | TaskState::Cancelling {
+                node_id: live,
+                attempt: a,
+                ..
+            },
+            TaskCommand::Start { node_id, attempt },
+        ) if *live == node_id && *a == attempt => Ok(vec![]),
         (
             TaskState::Running {
                 node_id: live,

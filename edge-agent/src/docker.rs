@@ -468,6 +468,25 @@ impl Executor {
         }
     }
 
+    /// Starts a container that was made and never started (the agent
+    /// stopped between the two); says whether it did.
+    pub async fn start_if_created(&self, container: &str) -> Result<bool, AgentError> {
+        let state = self
+            .docker
+            .inspect_container(
+                container,
+                None::<bollard::query_parameters::InspectContainerOptions>,
+            )
+            .await?
+            .state;
+        let created = state.and_then(|s| s.status)
+            == Some(bollard::models::ContainerStateStatusEnum::CREATED);
+        if created {
+            self.docker.start_container(container, None).await?;
+        }
+        Ok(created)
+    }
+
     /// When a stopped container ended (ms since the epoch); `None` while it
     /// runs or when the engine does not say.
     pub async fn finished_at(&self, container: &str) -> Option<Millis> {

@@ -78,7 +78,31 @@ pub(crate) async fn adopt(
             .filter(|s| *s > 0)
             .map(|s| (Duration::from_secs(s), activity)),
     };
-    tasks.spawn(agent.clone().supervise(supervised, rx).instrument(span));
+    let agent = agent.clone();
+    let (task, attempt, container) = (adopted.task, adopted.attempt, supervised.container.clone());
+    tasks.spawn(
+        async move {
+            // Made but not started when the agent stopped: started now, as
+            // the agent would have done next.
+            match agent.docker.start_if_created(&container).await {
+                Ok(true) => info!("its container had not started: started now"),
+                Ok(false) => {}
+                Err(e) => warn!(error = %e, "cannot start the adopted container"),
+            }
+            // The start may not have been reported before the restart; said
+            // again, it changes nothing.
+            let started = RunReport::Started(TaskStarted {
+                at: now_millis(),
+                node_id: agent.cfg.node_id,
+                attempt,
+            });
+            if let Err(e) = agent.reporter.run(task, started).await {
+                warn!(error = %e, "cannot record start");
+            }
+            agent.supervise(supervised, rx).await;
+        }
+        .instrument(span),
+    );
 }
 
 /// What a prepared run starts from.

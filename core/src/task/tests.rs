@@ -334,6 +334,28 @@ fn running_on(node: NodeId) -> Vec<TaskCommand> {
 }
 
 #[test]
+fn a_start_said_again_for_the_running_attempt_changes_nothing() {
+    let node = NodeId::new();
+    let g = given(&running_on(node));
+    let (g, r) = g.when(TaskCommand::Start {
+        node_id: node,
+        attempt: 1,
+    });
+    assert_eq!(r, Ok(vec![]));
+    // Another attempt, or another node, is still refused.
+    let (g, r) = g.when(TaskCommand::Start {
+        node_id: node,
+        attempt: 2,
+    });
+    assert!(r.is_err(), "{r:?}");
+    let (_, r) = g.when(TaskCommand::Start {
+        node_id: NodeId::new(),
+        attempt: 1,
+    });
+    assert!(r.is_err(), "{r:?}");
+}
+
+#[test]
 fn a_disconnected_run_keeps_its_node_and_goes_on_when_it_is_back() {
     let node = NodeId::new();
     let mut history = running_on(node);
