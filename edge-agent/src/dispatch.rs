@@ -7,7 +7,7 @@ use tracing::warn;
 use ud_schemas::dispatch::{self, DispatchCancel, DispatchRun};
 use ud_schemas::events::TaskCancelled;
 use ud_schemas::report::RunReport;
-use ud_schemas::{edge, now_millis};
+use ud_schemas::{edge, now_millis, streams};
 
 use crate::{nats, run, Agent, AgentError};
 
@@ -22,7 +22,13 @@ pub(crate) async fn pull(
         .get_consumer_from_stream(edge::dispatch_consumer(&node), edge::DISPATCH)
         .await
         .map_err(nats)?;
-    let mut messages = consumer.messages().await.map_err(nats)?;
+    let mut messages = consumer
+        .stream()
+        .expires(streams::PULL_EXPIRES)
+        .heartbeat(streams::PULL_EXPIRES / 2)
+        .messages()
+        .await
+        .map_err(nats)?;
     while let Some(m) = messages.next().await {
         let m = m.map_err(nats)?;
         let kind = m.subject.rsplit('.').next().unwrap_or_default();

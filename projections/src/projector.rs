@@ -100,6 +100,7 @@ impl Projector {
                 deliver_policy: DeliverPolicy::ByStartSequence {
                     start_sequence: applied + 1,
                 },
+                max_expires: ud_schemas::streams::PULL_EXPIRES,
                 ..Default::default()
             })
             .await

@@ -4,6 +4,12 @@ use std::time::Duration;
 
 use async_nats::jetstream::stream::{Config, DiscardPolicy, RetentionPolicy, StorageType};
 
+/// How long one pull from a consumer waits on the hub before it is asked
+/// again (idle heartbeats at half of it). A restarted hub forgets pulls
+/// in flight; a reader notices within about this long (the client's
+/// default of 30 s left nodes without work for half a minute).
+pub const PULL_EXPIRES: Duration = Duration::from_secs(3);
+
 pub const TASKS: &str = "UD_TASKS";
 pub const NODES: &str = "UD_NODES";
 pub const HEARTBEATS: &str = "UD_HEARTBEATS";

@@ -288,6 +288,7 @@ pub async fn run(store: EventStore, settings: HubSettings) -> Result<(), EdgeErr
     let consumer = s
         .create_consumer(consumer::pull::OrderedConfig {
             filter_subjects: vec!["ud.node.*.enrolled".into(), "ud.node.*.revoked".into()],
+            max_expires: streams::PULL_EXPIRES,
             ..Default::default()
         })
         .await

@@ -133,6 +133,7 @@ async fn follow_from(
             deliver_policy: DeliverPolicy::ByStartSequence {
                 start_sequence: *next,
             },
+            max_expires: ud_schemas::streams::PULL_EXPIRES,
             ..Default::default()
         })
         .await

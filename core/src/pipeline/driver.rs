@@ -122,7 +122,10 @@ impl Driver {
             .get_stream(streams::PIPELINES)
             .await
             .map_err(nats)?
-            .create_consumer(consumer::pull::OrderedConfig::default())
+            .create_consumer(consumer::pull::OrderedConfig {
+                max_expires: streams::PULL_EXPIRES,
+                ..Default::default()
+            })
             .await
             .map_err(nats)?;
         let mut pending = history.cached_info().num_pending;
@@ -144,7 +147,13 @@ impl Driver {
             steps = self.running.len(),
             "pipeline driver caught up"
         );
-        let mut ended = ends.messages().await.map_err(nats)?;
+        let mut ended = ends
+            .stream()
+            .expires(streams::PULL_EXPIRES)
+            .heartbeat(streams::PULL_EXPIRES / 2)
+            .messages()
+            .await
+            .map_err(nats)?;
         loop {
             tokio::select! {
                 m = events.next() => {

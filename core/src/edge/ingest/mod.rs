@@ -43,7 +43,7 @@ const PIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a stopping instance waits for its workers before releasing the pin.
 pub const HANDOVER: Duration = Duration::from_secs(5);
 /// Each pull lasts this long (well inside `PIN_TIMEOUT`, so the pin is kept between pulls).
-const PULL_EXPIRES: Duration = Duration::from_secs(3);
+const PULL_EXPIRES: Duration = ud_schemas::streams::PULL_EXPIRES;
 const WORKERS: usize = 8;
 /// How long a node as last read serves heartbeats before it is read again
 /// (a revocation is also enforced at once by the hub closing the link).
