@@ -25,5 +25,5 @@ if [ "${1:-}" = lifecycle ]; then
   export UD_BENCH_CELERY_BROKER="amqp://guest:guest@127.0.0.1:$mq_port//"
   export UD_BENCH_CELERY_RESULTS="postgresql://postgres@127.0.0.1:$pg_port/celery_baseline"
 fi
-cargo build --release -p ud-bench -p unidesk
+cargo build --release -p ud-bench -p unidesk -p ud-edge-agent
 target/release/ud-bench "${@:-backbone}"

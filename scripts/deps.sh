@@ -36,6 +36,12 @@ ud_install_deps() {
     ud_apt_install libc6-dev
   fi
 
+  # The fault suite sets a node's clock minutes off with libfaketime.
+  if ! [ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ]; then
+    echo "installing faketime" >&2
+    ud_apt_install faketime
+  fi
+
   # A real HTTPS proxy for nodes linking over WebSocket (tests/edge link).
   if ! command -v caddy >/dev/null; then
     echo "installing caddy" >&2

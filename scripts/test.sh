@@ -23,5 +23,8 @@ ud_base_image >/dev/null
 cargo build --workspace --all-targets
 cargo test --workspace --no-fail-fast -- --test-threads=4
 python3 -m unittest discover -s tests/foreign -v
+# The fault suite's short subset: each fault once, at random times from a
+# fixed seed, on the whole stack as separate processes (docs/faults.md).
+target/debug/ud-bench faults --runs 10 --seed "${UD_FAULTS_SEED:-1}"
 # The web UI in headless Chromium against the whole local stack (release build).
 tests/browser/run.sh

@@ -10,6 +10,7 @@ mod baseline;
 mod cluster;
 mod edge;
 mod fanout;
+mod faults;
 mod files;
 mod lifecycle;
 mod lost;
@@ -57,6 +58,8 @@ enum Bench {
     /// Tasks lost with a node that goes silent: how long marking them takes,
     /// and placement latency meanwhile.
     Lost(lost::Args),
+    /// Faults at random under load on the whole local stack; one table of outcomes.
+    Faults(faults::Args),
     /// (Used by `restart`: the simulated agents, as a child process.)
     #[command(hide = true)]
     Agents(restart::AgentsArgs),
@@ -84,6 +87,7 @@ async fn main() -> Result<()> {
         Bench::Backup(a) => backup::run_bench(a).await,
         Bench::Cluster(a) => cluster::run(a).await,
         Bench::Lost(a) => lost::run(a).await,
+        Bench::Faults(a) => faults::run(a).await,
         Bench::Agents(a) => restart::agents(a).await,
     }
 }
