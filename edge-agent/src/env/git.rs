@@ -137,18 +137,27 @@ pub(super) fn fetch_blocking(
         .map_err(|_| FetchError::Missing)
 }
 
-/// Writes the tree of `commit` into `dest` (created fresh).
+/// Writes the tree of `commit` into `dest` (created fresh). Through an
+/// index of its own in memory: the mirror's index file is never locked, so
+/// runs check out of one mirror at once, and a checkout cut short by a
+/// crash leaves no lock that would stop the next ones.
 pub(super) fn checkout(mirror: &Path, commit: &str, dest: &Path) -> Result<(), PrepareError> {
     let repo = git2::Repository::open_bare(mirror).map_err(io)?;
     let oid = git2::Oid::from_str(commit).map_err(io)?;
-    let obj = repo.find_commit(oid).map_err(io)?.into_object();
+    let tree = repo.find_commit(oid).map_err(io)?.tree().map_err(io)?;
     if dest.exists() {
         std::fs::remove_dir_all(dest).map_err(io)?;
     }
     std::fs::create_dir_all(dest).map_err(io)?;
+    let mut index = git2::Index::new().map_err(io)?;
+    index.read_tree(&tree).map_err(io)?;
     let mut cb = git2::build::CheckoutBuilder::new();
-    cb.target_dir(dest).force().recreate_missing(true);
-    repo.checkout_tree(&obj, Some(&mut cb)).map_err(io)
+    cb.target_dir(dest)
+        .force()
+        .recreate_missing(true)
+        .update_index(false);
+    repo.checkout_index(Some(&mut index), Some(&mut cb))
+        .map_err(io)
 }
 
 /// Hex SHA-256 of a file's bytes at a commit (the Dockerfile the image was built from).
@@ -166,4 +175,57 @@ pub(super) fn blob_digest(mirror: &Path, commit: &str, path: &str) -> Result<Str
         .find_blob(entry.id())
         .map_err(|_| PrepareError::Dockerfile(path.to_owned()))?;
     Ok(hex::encode(Sha256::digest(blob.content())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A mirror with one commit of `files`; its id.
+    fn mirror(dir: &Path, files: &[(&str, &str)]) -> String {
+        let repo = git2::Repository::init_bare(dir).unwrap_or_else(|e| panic!("{e}"));
+        let mut tb = repo.treebuilder(None).unwrap_or_else(|e| panic!("{e}"));
+        for (name, text) in files {
+            let blob = repo.blob(text.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+            tb.insert(name, blob, 0o100644)
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let tree = repo
+            .find_tree(tb.write().unwrap_or_else(|e| panic!("{e}")))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let sig = git2::Signature::now("t", "t@localhost").unwrap_or_else(|e| panic!("{e}"));
+        repo.commit(None, &sig, &sig, "one", &tree, &[])
+            .unwrap_or_else(|e| panic!("{e}"))
+            .to_string()
+    }
+
+    #[test]
+    fn checkouts_of_one_mirror_go_on_at_once_and_past_a_crashed_ones_lock() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let m = dir.path().join("mirror.git");
+        let commit = mirror(&m, &[("main.sh", "echo hi\n"), ("data.txt", "1 2 3\n")]);
+        // What a checkout killed half-way through used to leave behind.
+        std::fs::write(m.join("index.lock"), b"").unwrap_or_else(|e| panic!("{e}"));
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let (m, commit, dest) =
+                    (m.clone(), commit.clone(), dir.path().join(format!("w{i}")));
+                std::thread::spawn(move || checkout(&m, &commit, &dest).map(|()| dest))
+            })
+            .collect();
+        for h in handles {
+            let dest = h
+                .join()
+                .unwrap_or_else(|_| panic!("a checkout panicked"))
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(
+                std::fs::read_to_string(dest.join("main.sh")).unwrap_or_default(),
+                "echo hi\n"
+            );
+            assert_eq!(
+                std::fs::read_to_string(dest.join("data.txt")).unwrap_or_default(),
+                "1 2 3\n"
+            );
+        }
+    }
 }
