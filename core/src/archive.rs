@@ -81,13 +81,7 @@ async fn consume(store: &EventStore, storage: &Stores) -> Result<(), ArchiveErro
         )
         .await
         .map_err(nats)?;
-    let mut messages = consumer
-        .stream()
-        .expires(streams::PULL_EXPIRES)
-        .heartbeat(streams::PULL_EXPIRES / 2)
-        .messages()
-        .await
-        .map_err(nats)?;
+    let mut messages = streams::pull(&consumer).await.map_err(nats)?;
     while let Some(m) = messages.next().await {
         let m = match m {
             Ok(m) => m,

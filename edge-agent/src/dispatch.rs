@@ -22,13 +22,7 @@ pub(crate) async fn pull(
         .get_consumer_from_stream(edge::dispatch_consumer(&node), edge::DISPATCH)
         .await
         .map_err(nats)?;
-    let mut messages = consumer
-        .stream()
-        .expires(streams::PULL_EXPIRES)
-        .heartbeat(streams::PULL_EXPIRES / 2)
-        .messages()
-        .await
-        .map_err(nats)?;
+    let mut messages = streams::pull(&consumer).await.map_err(nats)?;
     while let Some(m) = messages.next().await {
         let m = m.map_err(nats)?;
         let kind = m.subject.rsplit('.').next().unwrap_or_default();

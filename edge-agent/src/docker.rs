@@ -534,16 +534,22 @@ impl Executor {
         Ok(())
     }
 
-    /// Follows stdout and stderr until the container ends, handing each chunk to `sink`.
-    pub async fn follow_logs<F, Fut>(&self, container: &str, sink: F)
+    /// Follows stdout and stderr until the container ends, handing each
+    /// chunk after `after` (the engine's time of the last one sent before,
+    /// RFC 3339) to `sink` with its own time.
+    pub async fn follow_logs<F, Fut>(&self, container: &str, after: Option<&str>, sink: F)
     where
-        F: Fn(&'static str, String) -> Fut,
+        F: Fn(&'static str, String, String) -> Fut,
         Fut: std::future::Future<Output = Result<(), AgentError>>,
     {
+        let after = after.and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
         let opts = LogsOptions {
             follow: true,
             stdout: true,
             stderr: true,
+            timestamps: true,
+            // Whole seconds: the chunks of that second are sorted out below.
+            since: after.map_or(0, |t| i32::try_from(t.timestamp()).unwrap_or(0)),
             tail: "all".into(),
             ..Default::default()
         };
@@ -555,7 +561,15 @@ impl Executor {
                 | bollard::container::LogOutput::Console { message } => ("stdout", message),
                 bollard::container::LogOutput::StdIn { .. } => continue,
             };
-            if sink(stream, String::from_utf8_lossy(&bytes).into_owned())
+            let chunk = String::from_utf8_lossy(&bytes);
+            let Some((time, text)) = chunk.split_once(' ') else {
+                continue;
+            };
+            let at = chrono::DateTime::parse_from_rfc3339(time).ok();
+            if after.is_some_and(|after| at.is_some_and(|at| at <= after)) {
+                continue; // sent before a restart
+            }
+            if sink(stream, text.to_owned(), time.to_owned())
                 .await
                 .is_err()
             {

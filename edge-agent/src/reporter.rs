@@ -9,7 +9,7 @@ use ud_schemas::codec::EventMeta;
 use ud_schemas::dispatch;
 use ud_schemas::events::TaskPreparing;
 use ud_schemas::report::{Report, RunReport};
-use ud_schemas::{now_millis, NodeId, TaskId};
+use ud_schemas::{edge, headers, now_millis, NodeId, TaskId};
 
 use crate::{nats, AgentError};
 
@@ -86,6 +86,7 @@ impl Reporter {
         attempt: u32,
         stream: &str,
         text: String,
+        engine_time: Option<&str>,
     ) -> Result<(), AgentError> {
         let chunk = dispatch::LogChunk {
             at: now_millis(),
@@ -93,9 +94,14 @@ impl Reporter {
             stream: stream.to_owned(),
             text,
         };
+        let mut h = async_nats::HeaderMap::new();
+        if let Some(t) = engine_time {
+            h.insert(headers::LOG_TIME, t);
+        }
         self.local
-            .publish(
+            .publish_with_headers(
                 Report::Log(task).subject(&self.node),
+                h,
                 Bytes::from(dispatch::to_cbor(&chunk)?),
             )
             .await
@@ -103,5 +109,26 @@ impl Reporter {
             .await
             .map_err(nats)?;
         Ok(())
+    }
+
+    /// The engine's time of the last log chunk of `attempt` this node
+    /// sent, read back from its own stream; `None` when it sent none.
+    pub async fn log_sent_until(&self, task: TaskId, attempt: u32) -> Option<String> {
+        let stream = self
+            .local
+            .get_stream_no_info(edge::stream(&self.node))
+            .await
+            .ok()?;
+        let last = stream
+            .get_last_raw_message_by_subject(&Report::Log(task).subject(&self.node))
+            .await
+            .ok()?;
+        let chunk: dispatch::LogChunk = dispatch::from_cbor(&last.payload, "log-chunk").ok()?;
+        if chunk.attempt != attempt {
+            return None;
+        }
+        last.headers
+            .get(headers::LOG_TIME)
+            .map(|v| v.as_str().to_owned())
     }
 }

@@ -351,7 +351,7 @@ impl Agent {
                 let log = |text: String| {
                     let reporter = self.reporter.clone();
                     async move {
-                        let _ = reporter.log(task, attempt, "build", text).await;
+                        let _ = reporter.log(task, attempt, "build", text, None).await;
                     }
                 };
                 let step = |name: &'static str| {
@@ -593,9 +593,12 @@ impl Agent {
                 s.container.clone(),
             );
             async move {
+                // After a restart, on from the last chunk sent before it.
+                let after = reporter.log_sent_until(task, attempt).await;
                 docker
-                    .follow_logs(&container, |stream, text| {
-                        reporter.log(task, attempt, stream, text)
+                    .follow_logs(&container, after.as_deref(), |stream, text, time| {
+                        let reporter = reporter.clone();
+                        async move { reporter.log(task, attempt, stream, text, Some(&time)).await }
                     })
                     .await
             }

@@ -18,6 +18,9 @@ pub const ACTOR: &str = "Ud-Actor";
 /// On a node's report of a run's outcome: the attempt it is about.
 pub const ATTEMPT: &str = "Ud-Attempt";
 pub const MSG_ID: &str = "Nats-Msg-Id";
+/// On a node's log chunk: the container engine's time of it (RFC 3339), by
+/// which a restarted agent goes on after the last chunk it sent.
+pub const LOG_TIME: &str = "Ud-Log-Time";
 pub const EXPECTED_LAST_SUBJECT_SEQUENCE: &str = "Nats-Expected-Last-Subject-Sequence";
 pub const EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT: &str =
     "Nats-Expected-Last-Subject-Sequence-Subject";

@@ -10,6 +10,21 @@ use async_nats::jetstream::stream::{Config, DiscardPolicy, RetentionPolicy, Stor
 /// default of 30 s left nodes without work for half a minute).
 pub const PULL_EXPIRES: Duration = Duration::from_secs(3);
 
+/// A consumer's messages, pulled [`PULL_EXPIRES`] at a time.
+pub async fn pull(
+    consumer: &async_nats::jetstream::consumer::PullConsumer,
+) -> Result<
+    async_nats::jetstream::consumer::pull::Stream,
+    async_nats::jetstream::consumer::StreamError,
+> {
+    consumer
+        .stream()
+        .expires(PULL_EXPIRES)
+        .heartbeat(PULL_EXPIRES / 2)
+        .messages()
+        .await
+}
+
 pub const TASKS: &str = "UD_TASKS";
 pub const NODES: &str = "UD_NODES";
 pub const HEARTBEATS: &str = "UD_HEARTBEATS";

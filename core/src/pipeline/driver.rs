@@ -147,13 +147,7 @@ impl Driver {
             steps = self.running.len(),
             "pipeline driver caught up"
         );
-        let mut ended = ends
-            .stream()
-            .expires(streams::PULL_EXPIRES)
-            .heartbeat(streams::PULL_EXPIRES / 2)
-            .messages()
-            .await
-            .map_err(nats)?;
+        let mut ended = streams::pull(&ends).await.map_err(nats)?;
         loop {
             tokio::select! {
                 m = events.next() => {
