@@ -40,11 +40,20 @@ pub const CONSUMER: &str = "ingest";
 const PIN_GROUP: &str = "ingest";
 /// A pinned instance that has not pulled for this long loses the pin to a standby one.
 const PIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// What an instance was given and did not acknowledge goes out again after
+/// this long. Below [`PIN_TIMEOUT`]: when an instance dies, what it held is
+/// due again before the pin moves, and the server hands out what is due
+/// again before anything newer, so the next instance takes a node's
+/// reports in the order the node sent them. (With a longer wait it went on
+/// with later reports first: a node's log lines out of order, an outputs
+/// report refused after the outcome it preceded.)
+const ACK_WAIT: Duration = Duration::from_secs(8);
 /// How long a stopping instance waits for its workers before releasing the pin.
 pub const HANDOVER: Duration = Duration::from_secs(5);
 /// Each pull lasts this long (well inside `PIN_TIMEOUT`, so the pin is kept between pulls).
 const PULL_EXPIRES: Duration = ud_schemas::streams::PULL_EXPIRES;
 const WORKERS: usize = 8;
+const _: () = assert!(ACK_WAIT.as_secs() < PIN_TIMEOUT.as_secs());
 /// How long a node as last read serves heartbeats before it is read again
 /// (a revocation is also enforced at once by the hub closing the link).
 const NODE_CACHE_TTL: Duration = Duration::from_secs(5);
@@ -136,7 +145,7 @@ pub async fn run(
         .create_consumer(consumer::pull::Config {
             durable_name: Some(CONSUMER.into()),
             ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: Duration::from_secs(30),
+            ack_wait: ACK_WAIT,
             max_ack_pending: 20_000,
             // One instance at a time takes a node's events, so that they
             // are handled in the order the node sent them; another takes
