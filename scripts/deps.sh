@@ -224,6 +224,10 @@ ud_stop_dockerd() {
   local dir="$1" pid i
   [ -f "$dir/docker.pid" ] || return 0
   pid="$(cat "$dir/docker.pid")"
+  # Its networks' bridges would outlive it on the host, and each later
+  # private engine takes new address pools until none are left.
+  DOCKER_HOST="unix://$dir/docker.sock" docker ps -aq | xargs -r env DOCKER_HOST="unix://$dir/docker.sock" docker rm -f >/dev/null 2>&1 || true
+  DOCKER_HOST="unix://$dir/docker.sock" docker network prune -f >/dev/null 2>&1 || true
   ud_sudo kill "$pid" 2>/dev/null || return 0
   for ((i = 0; i < 200; i++)); do
     ud_alive "$pid" || return 0
