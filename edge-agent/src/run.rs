@@ -77,6 +77,7 @@ pub(crate) async fn adopt(
             .idle_timeout_seconds
             .filter(|s| *s > 0)
             .map(|s| (Duration::from_secs(s), activity)),
+        logs_after: None,
     };
     let agent = agent.clone();
     let (task, attempt, container) = (adopted.task, adopted.attempt, supervised.container.clone());
@@ -99,6 +100,8 @@ pub(crate) async fn adopt(
             if let Err(e) = agent.reporter.run(task, started).await {
                 warn!(error = %e, "cannot record start");
             }
+            let mut supervised = supervised;
+            supervised.logs_after = agent.reporter.log_sent_until(task, attempt).await;
             agent.supervise(supervised, rx).await;
         }
         .instrument(span),
@@ -191,6 +194,9 @@ struct Supervised {
     shared: Option<(PathBuf, shared::Base)>,
     /// A session's idle limit, and the time of its last traffic.
     idle: Option<(Duration, ud_tunnel::Activity)>,
+    /// Adopted after a restart: the engine's time of the last log chunk
+    /// sent before it, after which its log goes on.
+    logs_after: Option<String>,
 }
 
 impl Agent {
@@ -280,6 +286,7 @@ impl Agent {
                 .as_ref()
                 .filter(|s| s.idle_timeout_seconds > 0)
                 .map(|s| (Duration::from_secs(s.idle_timeout_seconds), activity)),
+            logs_after: None,
         };
         self.supervise(supervised, cancel).await;
     }
@@ -587,14 +594,13 @@ impl Agent {
     async fn supervise(self, s: Supervised, cancel: oneshot::Receiver<DispatchCancel>) {
         let (task, attempt) = (s.task, s.attempt);
         let logs = tokio::spawn({
-            let (docker, reporter, container) = (
+            let (docker, reporter, container, after) = (
                 self.docker.clone(),
                 self.reporter.clone(),
                 s.container.clone(),
+                s.logs_after.clone(),
             );
             async move {
-                // After a restart, on from the last chunk sent before it.
-                let after = reporter.log_sent_until(task, attempt).await;
                 docker
                     .follow_logs(&container, after.as_deref(), |stream, text, time| {
                         let reporter = reporter.clone();

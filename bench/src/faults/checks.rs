@@ -350,3 +350,36 @@ impl Drop for Containers {
         let _ = self.stop.send(true);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(events: &[(i64, bool)]) -> (Vec<String>, usize) {
+        let timeline = BTreeMap::from([("n".to_owned(), events.to_vec())]);
+        transitions(&timeline, &HashMap::new(), 5_000)
+    }
+
+    #[test]
+    fn offline_events_once_per_silence() {
+        // Heard every second, silent 8 s, declared once, heard again.
+        let ok = [
+            (0, true),
+            (1_000, true),
+            (6_000, false),
+            (9_000, true),
+            (10_000, true),
+        ];
+        assert_eq!(check(&ok), (vec![], 1));
+        // Declared while heard.
+        let (v, _) = check(&[(0, true), (1_000, true), (1_500, false)]);
+        assert!(v[0].contains("after a heartbeat"), "{v:?}");
+        // Declared twice for one silence.
+        let (v, n) = check(&[(0, true), (6_000, false), (7_000, false), (9_000, true)]);
+        assert_eq!(n, 2);
+        assert!(v.iter().any(|m| m.contains("twice")), "{v:?}");
+        // A long silence never declared.
+        let (v, _) = check(&[(0, true), (20_000, true)]);
+        assert!(v[0].contains("never declared"), "{v:?}");
+    }
+}

@@ -182,10 +182,13 @@ async fn inject(fault: Fault, stack: &mut Stack, rng: &mut StdRng) -> Result<Str
         }
         Fault::DiskFull => {
             let d = secs(rng, 2.0, 12.0);
-            let Some(n) = stack.nodes.iter().find(|n| n.disk.is_some()) else {
+            let Some((n, disk)) = stack
+                .nodes
+                .iter()
+                .find_map(|n| n.disk.as_ref().map(|d| (n, d)))
+            else {
                 bail!("no node has a small disk (mounting a tmpfs needs root)");
             };
-            let disk = n.disk.as_ref().expect("found above");
             disk.fill()?;
             tokio::time::sleep(d).await;
             disk.unfill()?;
@@ -316,6 +319,9 @@ pub async fn run(a: Args) -> Result<()> {
         a.runs, a.servers, a.nodes, a.rate
     );
     let mut stack = Stack::start(a.servers, a.nodes, TIMING).await?;
+    if faults.contains(&Fault::DiskFull) && stack.nodes.iter().all(|n| n.disk.is_none()) {
+        bail!("disk-full needs a node on a tmpfs of its own (mounting one needs root, and 2 nodes or more); leave it out with --faults");
+    }
     println!("stack up; logs in {}", stack.logs.display());
     let fixture = Fixture::create(&stack).await?;
     // Every node builds the environment once before the faults begin.
