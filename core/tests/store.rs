@@ -339,3 +339,79 @@ async fn commands_are_a_nats_micro_service() -> Result<()> {
     assert_eq!(task.state.name(), "cancelled");
     Ok(())
 }
+
+/// A main server whose view lags behind the stored heartbeats (after a
+/// restart of the hub or of itself, under a burst) marks offline only the
+/// nodes its last stored heartbeat shows silent, naming that heartbeat.
+#[tokio::test]
+async fn liveness_judges_on_the_last_stored_heartbeat() -> Result<()> {
+    use ud_core::aggregate::{Repository, Retries};
+    use ud_core::edge::liveness;
+    use ud_core::edge::view::{Cluster, NodeEntry};
+    use ud_core::node::{Node, NodeCommand};
+
+    let nats = NatsServer::start().await?;
+    let store = EventStore::new(nats.connect().await?, None);
+    store.ensure_streams(1).await?;
+    let nodes: Repository<Node> = Repository::new(store.clone());
+    let now = ud_schemas::now_millis();
+    let beat = |at| NodeCommand::Heartbeat {
+        at,
+        running_tasks: 0,
+        disk_free_mb: None,
+        low_disk: false,
+        gpus: None,
+    };
+    let mut cluster = Cluster::default();
+    // Two nodes the view last heard 20 s ago; since then one was heard 1 s
+    // ago and the other 8 s ago, stored but not yet in the view (whose
+    // registration, just now, would count as heard).
+    let mut ids = Vec::new();
+    for (name, heard) in [("heard", now - 1_000), ("silent", now - 8_000)] {
+        let id = NodeId::new();
+        let enroll = NodeCommand::Enroll {
+            name: name.into(),
+            labels: BTreeMap::new(),
+            secret_hash: "h".into(),
+        };
+        nodes.create(id, enroll, &EventMeta::new("test")).await?;
+        let register = NodeCommand::Register {
+            name: name.into(),
+            labels: BTreeMap::new(),
+            resources: ud_schemas::spec::NodeResources::default(),
+        };
+        let registered = nodes
+            .execute(id, register, &EventMeta::new("test"), Retries(0), |_| true)
+            .await?;
+        // The view as it was 20 s ago (last heard then).
+        let mut node = registered.state.expect("a registered node");
+        node.last_seen = Some(now - 20_000);
+        cluster.nodes.insert(
+            id,
+            NodeEntry {
+                node,
+                seq: registered.seq,
+            },
+        );
+        nodes
+            .execute(id, beat(heard), &EventMeta::new("test"), Retries(0), |_| {
+                true
+            })
+            .await?;
+        ids.push(id);
+    }
+    let before = stream_len(&store, streams::NODES).await?;
+
+    assert_eq!(liveness::check(&nodes, &cluster, now, 5_000).await, 1);
+
+    assert_eq!(stream_len(&store, streams::NODES).await?, before + 1);
+    let (heard, _) = nodes.load(&ids[0]).await?.expect("heard node");
+    assert_eq!(heard.offline_after, None, "a node heard 1 s ago is online");
+    let (silent, _) = nodes.load(&ids[1]).await?.expect("silent node");
+    assert_eq!(
+        silent.offline_after,
+        Some(now - 8_000),
+        "the mark names the last stored heartbeat, not the view's"
+    );
+    Ok(())
+}
