@@ -25,9 +25,6 @@ cargo test --workspace --no-fail-fast -- --test-threads=4
 python3 -m unittest discover -s tests/foreign -v
 # The fault suite's short subset: each fault once, at random times from a
 # fixed seed, on the whole stack as separate processes (docs/faults.md).
-# server-kill stays in the long run only, until offline detection across a
-# main-server kill holds (an open finding, docs/faults.md).
-target/debug/ud-bench faults --runs 9 --seed "${UD_FAULTS_SEED:-1}" \
-  --faults hub-kill,agent-kill,leaf-kill,link-cut-short,link-cut-long,pg-restart,store-down,disk-full,clock-off
+target/debug/ud-bench faults --runs 10 --seed "${UD_FAULTS_SEED:-1}"
 # The web UI in headless Chromium against the whole local stack (release build).
 tests/browser/run.sh
