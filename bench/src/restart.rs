@@ -15,12 +15,17 @@
 //! it); `--reconnect fixed` puts them all on one at 1 s, for comparison. The simulated agents run in a child process, so the CPU figure is
 //! the main server's alone.
 //!
-//! Limitation, printed with the figures: the hub keeps one leaf connection
-//! per remote server and account, so links from the one simulator into the
-//! hub's node account replace each other now and then (the hub logs
-//! "Replacing connection from same server"). Real nodes each have their own
-//! leaf server and never do; the simulation's churn makes its figures
-//! pessimistic, and the count of replacements is printed beside them.
+//! The hub replaces an accepted leaf link only when a link of the same
+//! server, cluster, local account and hub account comes again (nats-server's
+//! `addLeafNodeConnection`): each simulated node binds an account of its own
+//! on its simulator, so the nodes of one simulator never replace each
+//! other; the replacements counted are links that came back while the hub
+//! still held the old one, as a real node's can.
+//!
+//! A simulated agent whose start fails (connect, its own stream, its
+//! registration) tries again with backoff, as a supervised real agent is
+//! restarted; each failure is printed (`simulated node i: start failed`),
+//! so that a node never heard can be told from one that never started.
 
 use std::time::{Duration, Instant};
 
@@ -308,7 +313,7 @@ pub async fn run(a: Args) -> Result<()> {
     );
     let log = std::fs::read_to_string(hub.dir().join("nats.log")).unwrap_or_default();
     line(
-        "links the hub replaced (simulation artefact, see the module doc)",
+        "links the hub replaced (a link back before the hub dropped the old one)",
         log.matches("Replacing connection from same server").count() as f64,
         "",
         None,
@@ -408,6 +413,29 @@ async fn agent(
     interval: Duration,
     offset: Duration,
 ) -> Result<()> {
+    let mut attempt = 0;
+    let reporter = loop {
+        match start_agent(&url, i, node).await {
+            Ok(r) => break r,
+            Err(e) => {
+                eprintln!("simulated node {i}: start failed, trying again: {e}");
+                tokio::time::sleep(ud_edge_agent::reconnect_delay(attempt)).await;
+                attempt += 1;
+            }
+        }
+    };
+    tokio::time::sleep(offset).await;
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tick.tick().await;
+        if let Err(e) = reporter.send(sim_heartbeat()).await {
+            eprintln!("simulated node {i}: heartbeat not recorded: {e}");
+        }
+    }
+}
+
+/// Connects as the node's user, makes its own stream and registers it.
+async fn start_agent(url: &str, i: usize, node: NodeId) -> Result<ud_edge_agent::Reporter> {
     let client = async_nats::ConnectOptions::with_user_and_password(format!("n{i}"), "x".into())
         .custom_inbox_prefix(edge::inbox_prefix(&node))
         .connect(url)
@@ -417,22 +445,14 @@ async fn agent(
         .await
         .map_err(|e| anyhow!("{e}"))?;
     let reporter = ud_edge_agent::Reporter::new(node, local);
-    let resources = ud_schemas::spec::NodeResources::default();
     reporter
         .send(Report::Registered(NodeRegistered {
             at: now_millis(),
             name: format!("sim-{i}"),
             labels: Default::default(),
-            resources,
+            resources: ud_schemas::spec::NodeResources::default(),
         }))
         .await
         .map_err(|e| anyhow!("{e}"))?;
-    tokio::time::sleep(offset).await;
-    let mut tick = tokio::time::interval(interval);
-    loop {
-        tick.tick().await;
-        if let Err(e) = reporter.send(sim_heartbeat()).await {
-            eprintln!("simulated node {i}: heartbeat not recorded: {e}");
-        }
-    }
+    Ok(reporter)
 }
