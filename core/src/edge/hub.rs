@@ -32,6 +32,10 @@ pub struct HubSettings {
     pub replicas: usize,
 }
 
+/// How long the reconciler waits for a further enrolment before it writes
+/// the accounts and reloads the hub.
+const QUIET: Duration = Duration::from_millis(200);
+
 fn source(node: &NodeId) -> Source {
     Source {
         name: edge::stream(node),
@@ -301,7 +305,32 @@ pub async fn run(store: EventStore, settings: HubSettings) -> Result<(), EdgeErr
     if pending == 0 {
         reconcile(&js, &settings, &hashes, &active, &revoked, &mut consumers).await?;
     }
-    while let Some(m) = messages.next().await {
+    // Enrolled since the last reconcile: reconciled once no more arrive
+    // for QUIET, so that enrolments one after another cost one reload of
+    // the hub, not one each (a reload of many users takes the hub seconds,
+    // and links are refused meanwhile).
+    let mut unreconciled = false;
+    loop {
+        let next = if unreconciled {
+            match tokio::time::timeout(QUIET, messages.next()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    if let Err(e) =
+                        reconcile(&js, &settings, &hashes, &active, &revoked, &mut consumers).await
+                    {
+                        consumers.clear();
+                        return Err(e);
+                    }
+                    revoked.clear();
+                    unreconciled = false;
+                    info!(nodes = active.len(), "hub accounts and sources reconciled");
+                    continue;
+                }
+            }
+        } else {
+            messages.next().await
+        };
+        let Some(m) = next else { break };
         let m = m.map_err(nats_err)?;
         let (seq, more) = m
             .info()
@@ -321,16 +350,9 @@ pub async fn run(store: EventStore, settings: HubSettings) -> Result<(), EdgeErr
             },
             Err(e) => warn!(seq, error = %e, "undecodable node event"),
         }
-        // A burst of enrolments is reconciled once, when the last of it is read.
+        // A stored burst is reconciled once, after the last of it is read.
         if more == 0 {
-            if let Err(e) =
-                reconcile(&js, &settings, &hashes, &active, &revoked, &mut consumers).await
-            {
-                consumers.clear();
-                return Err(e);
-            }
-            revoked.clear();
-            info!(nodes = active.len(), "hub accounts and sources reconciled");
+            unreconciled = true;
         }
     }
     Ok(())
