@@ -385,11 +385,7 @@ pub async fn agents(a: AgentsArgs) -> Result<()> {
         let url = format!("127.0.0.1:{}", a.port);
         // Spread the first heartbeats over one interval.
         let offset = interval.mul_f64(i as f64 / count);
-        set.spawn(async move {
-            if let Err(e) = agent(url, i, node, interval, offset).await {
-                eprintln!("simulated node {i}: {e}");
-            }
-        });
+        set.spawn(agent(url, i, node, interval, offset));
     }
     while set.join_next().await.is_some() {}
     Ok(())
@@ -406,13 +402,7 @@ pub fn sim_heartbeat() -> Report {
     })
 }
 
-async fn agent(
-    url: String,
-    i: usize,
-    node: NodeId,
-    interval: Duration,
-    offset: Duration,
-) -> Result<()> {
+async fn agent(url: String, i: usize, node: NodeId, interval: Duration, offset: Duration) {
     let mut attempt = 0;
     let reporter = loop {
         match start_agent(&url, i, node).await {
