@@ -197,16 +197,53 @@ pub async fn connect_nats_with(
 }
 
 /// Errors of a JetStream that is still coming up (a cluster electing its
-/// leader or waiting for its peers), as opposed to a refused configuration.
+/// leader or waiting for its peers) or reloading its accounts (no one answers
+/// the API for a moment), as opposed to a refused configuration.
 fn jetstream_forming(error: &str) -> bool {
     [
         "no suitable peers",
         "temporarily unavailable",
         "timed out",
         "no responders",
+        // async-nats's words for no responders to a JetStream API request
+        "requested JetStream resource does not exist",
     ]
     .iter()
     .any(|s| error.contains(s))
+}
+
+/// Retries a start-up step while JetStream is briefly away, up to a deadline
+/// shared by every step.
+struct Patience {
+    deadline: std::time::Instant,
+}
+
+impl Patience {
+    fn new(bound: Duration) -> Self {
+        Self {
+            deadline: std::time::Instant::now() + bound,
+        }
+    }
+
+    async fn retry<T, E, F, Fut>(&self, what: &str, mut step: F) -> Result<T, E>
+    where
+        E: std::fmt::Display,
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        loop {
+            match step().await {
+                Err(e)
+                    if std::time::Instant::now() < self.deadline
+                        && jetstream_forming(&e.to_string()) =>
+                {
+                    tracing::warn!(error = %e, "JetStream not ready for {what} yet; trying again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                other => return other,
+            }
+        }
+    }
 }
 
 /// How long a first connection is retried before it counts as failed.
@@ -233,18 +270,12 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
     let client = connect_nats(&cfg.nats_url, "unidesk-server").await?;
     let store = EventStore::new(client, cfg.js_domain.as_deref().filter(|d| !d.is_empty()));
     // A cluster still forming has no peers for replicated streams yet, and a
-    // JetStream just started can be briefly away: wait for it, a while.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        match store.ensure_streams(cfg.replicas).await {
-            Ok(()) => break,
-            Err(e) if std::time::Instant::now() < deadline && jetstream_forming(&e.to_string()) => {
-                tracing::warn!(error = %e, "JetStream not ready for the streams yet; trying again");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Err(e) => return Err(StartError::Streams(e.to_string())),
-        }
-    }
+    // JetStream just started, or reloading its accounts, can be briefly away.
+    let patience = Patience::new(Duration::from_secs(30));
+    patience
+        .retry("the streams", || store.ensure_streams(cfg.replicas))
+        .await
+        .map_err(|e| StartError::Streams(e.to_string()))?;
     let db = Db::connect(&cfg.database_url, "public", 16).await?;
     db.migrate().await?;
     let supervisor = Supervisor::default();
@@ -280,7 +311,10 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
     let pinned = ud_core::edge::ingest::Pinned::default();
     let secrets = match cfg.secrets.clone() {
         Some(key) => Some(
-            ud_core::secrets::Secrets::open(store.clone(), key)
+            patience
+                .retry("the secrets bucket", || {
+                    ud_core::secrets::Secrets::open(store.clone(), key.clone())
+                })
                 .await
                 .map_err(|e| StartError::Streams(e.to_string()))?,
         ),
@@ -293,7 +327,10 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
             s.settings().url_ttl
         });
     let stores = ud_storage::Stores::new(cfg.storage.clone(), cfg.stores.clone(), ttl)?;
-    let commands = TaskCommands::new(store.clone())
+    let commands = patience
+        .retry("the idempotency bucket", || {
+            TaskCommands::new(store.clone())
+        })
         .await?
         .with_secrets(secrets.clone())
         .with_stores(stores.clone());
