@@ -521,8 +521,13 @@ pub async fn run(a: Args) -> Result<()> {
     write_fast(&store, &lifecycles(a.replay_events), a.window).await?;
     let db = Db::connect(&pg.url, "replay", 8).await?;
     let start = Instant::now();
-    rebuild::rebuild(&db, store.jetstream(), 5000).await?;
+    let replayed = rebuild::rebuild(&db, store.jetstream(), 5000).await?;
     let took = start.elapsed();
+    let (read, write) = replayed.iter().fold((0.0, 0.0), |(r, w), s| {
+        (r + s.read_seconds, w + s.write_seconds)
+    });
+    line("replay: reading, decoding and folding", read, "s", None);
+    line("replay: writing the rows", write, "s", None);
     line(
         &format!("replay of {} events into an empty schema", a.replay_events),
         took.as_secs_f64(),

@@ -234,6 +234,107 @@ pub(crate) async fn load_tasks(
     rows.iter().map(task_from_row).collect()
 }
 
+/// A stored task row replaced by a newer one.
+const TASK_UPDATES: &str =
+    "project = EXCLUDED.project, name = EXCLUDED.name, state = EXCLUDED.state,
+    node_id = EXCLUDED.node_id, attempt = EXCLUDED.attempt, spec = EXCLUDED.spec,
+    exit_code = EXCLUDED.exit_code, reason = EXCLUDED.reason,
+    submitted_by = EXCLUDED.submitted_by, submitted_at = EXCLUDED.submitted_at,
+    updated_at = EXCLUDED.updated_at, finished_at = EXCLUDED.finished_at,
+    version = EXCLUDED.version, last_seq = EXCLUDED.last_seq, prepared = EXCLUDED.prepared,
+    preparing = EXCLUDED.preparing, waiting_reason = EXCLUDED.waiting_reason,
+    priority = EXCLUDED.priority, outputs = EXCLUDED.outputs";
+
+/// Writes many task rows with binary COPY: straight into the table when
+/// none of them is stored yet (`fresh`), otherwise through a temporary
+/// table, replacing stored ones.
+pub(crate) async fn copy_tasks(
+    c: &deadpool_postgres::Transaction<'_>,
+    rows: &[TaskRow],
+    fresh: bool,
+) -> Result<(), ProjectionError> {
+    use tokio_postgres::binary_copy::BinaryCopyInWriter;
+    use tokio_postgres::types::Type;
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let target = if fresh {
+        "tasks"
+    } else {
+        c.batch_execute("CREATE TEMP TABLE replay_tasks (LIKE tasks) ON COMMIT DROP")
+            .await?;
+        "replay_tasks"
+    };
+    let sink = c
+        .copy_in(&format!("COPY {target} ({TASK_COLS}) FROM STDIN BINARY"))
+        .await?;
+    let writer = BinaryCopyInWriter::new(
+        sink,
+        &[
+            Type::UUID,
+            Type::TEXT,
+            Type::TEXT,
+            Type::TEXT,
+            Type::UUID,
+            Type::INT4,
+            Type::JSONB,
+            Type::INT4,
+            Type::TEXT,
+            Type::TEXT,
+            Type::TIMESTAMPTZ,
+            Type::TIMESTAMPTZ,
+            Type::TIMESTAMPTZ,
+            Type::INT8,
+            Type::INT8,
+            Type::JSONB,
+            Type::JSONB,
+            Type::TEXT,
+            Type::INT4,
+            Type::JSONB,
+        ],
+    );
+    futures::pin_mut!(writer);
+    for r in rows {
+        writer
+            .as_mut()
+            .write(&[
+                &r.id.0,
+                &r.project,
+                &r.name,
+                &r.state.as_str(),
+                &r.node_id.map(|n| n.0),
+                &r.attempt,
+                &r.spec,
+                &r.exit_code,
+                &r.reason,
+                &r.submitted_by,
+                &r.submitted_at,
+                &r.updated_at,
+                &r.finished_at,
+                &r.version,
+                &r.last_seq,
+                &r.prepared,
+                &r.preparing,
+                &r.waiting_reason,
+                &r.priority,
+                &r.outputs,
+            ])
+            .await?;
+    }
+    writer.finish().await?;
+    if !fresh {
+        c.execute(
+            &format!(
+                "INSERT INTO tasks ({TASK_COLS}) SELECT {TASK_COLS} FROM replay_tasks
+                 ON CONFLICT (id) DO UPDATE SET {TASK_UPDATES}"
+            ),
+            &[],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 pub(crate) async fn upsert_tasks(
     c: &impl GenericClient,
     rows: &[TaskRow],
@@ -270,15 +371,7 @@ pub(crate) async fn upsert_tasks(
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::uuid[], $6::int4[],
                                   $7::jsonb[], $8::int4[], $9::text[], $10::text[], $11::timestamptz[],
                                   $12::timestamptz[], $13::timestamptz[], $14::int8[], $15::int8[], $16::jsonb[], $17::jsonb[], $18::text[], $19::int4[], $20::jsonb[])
-             ON CONFLICT (id) DO UPDATE SET
-               project = EXCLUDED.project, name = EXCLUDED.name, state = EXCLUDED.state,
-               node_id = EXCLUDED.node_id, attempt = EXCLUDED.attempt, spec = EXCLUDED.spec,
-               exit_code = EXCLUDED.exit_code, reason = EXCLUDED.reason,
-               submitted_by = EXCLUDED.submitted_by, submitted_at = EXCLUDED.submitted_at,
-               updated_at = EXCLUDED.updated_at, finished_at = EXCLUDED.finished_at,
-               version = EXCLUDED.version, last_seq = EXCLUDED.last_seq, prepared = EXCLUDED.prepared,
-               preparing = EXCLUDED.preparing, waiting_reason = EXCLUDED.waiting_reason,
-               priority = EXCLUDED.priority, outputs = EXCLUDED.outputs"
+             ON CONFLICT (id) DO UPDATE SET {TASK_UPDATES}"
         ),
         &[
             &ids, &project, &name, &state, &node, &attempt, &spec, &exit, &reason, &by, &sub_at, &upd_at, &fin_at,

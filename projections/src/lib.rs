@@ -8,6 +8,7 @@
 //! `projection_errors` and projection goes on after them.
 
 pub mod db;
+mod model;
 pub mod projector;
 pub mod rebuild;
 pub mod rows;

@@ -1,6 +1,5 @@
 //! The projector loop: ordered consumer -> batches -> one transaction each.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::DeliverPolicy};
@@ -10,10 +9,10 @@ const STALL_CHECK: std::time::Duration = std::time::Duration::from_secs(3);
 use futures::{FutureExt, StreamExt};
 use tracing::{debug, info, warn};
 use ud_schemas::codec::{self, EventEnvelope};
-use ud_schemas::{streams, subjects, Event, NodeEvent};
+use ud_schemas::{streams, subjects};
 
 use crate::db::{self, Db};
-use crate::rows::{self, NodeRow, PipelineFold, TaskRow, TokenRow};
+use crate::model::{apply, Nodes, Pipelines, Tasks, Tokens};
 use crate::ProjectionError;
 
 #[derive(Clone, Debug)]
@@ -66,14 +65,150 @@ pub struct Projector {
     options: ProjectorOptions,
 }
 
-struct Raw {
-    seq: u64,
-    subject: String,
-    headers: Option<async_nats::HeaderMap>,
-    payload: bytes::Bytes,
+pub(crate) struct Raw {
+    pub(crate) seq: u64,
+    pub(crate) subject: String,
+    pub(crate) payload: bytes::Bytes,
 }
 
-fn stream_err(e: impl Into<crate::SourceError>) -> ProjectionError {
+/// Batches read and decoded ahead of the one being written.
+pub(crate) const READ_AHEAD: usize = 2;
+
+/// One transaction's worth of events, decoded.
+pub(crate) struct Batch {
+    pub(crate) raws: Vec<Raw>,
+    pub(crate) decoded: Vec<(u64, EventEnvelope)>,
+    /// Events that do not decode, by sequence, with why.
+    pub(crate) undecodable: Vec<(u64, String)>,
+}
+
+/// Stops the reader when the projector stops.
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Reads the consumer into batches (up to `batch_max`, lingering as the
+/// options say), decodes them and hands them on, until the projector stops
+/// or an error, which is handed on last. Fetching goes on, on a task of its
+/// own, while a batch is decoded: the consumer asks for more only while it
+/// is polled.
+pub(crate) async fn read_batches(
+    messages: jetstream::consumer::pull::Ordered,
+    stream: jetstream::stream::Stream,
+    mut read: u64,
+    options: ProjectorOptions,
+    out: tokio::sync::mpsc::Sender<Result<Batch, ProjectionError>>,
+) {
+    let (fetched, mut next) = tokio::sync::mpsc::channel(READ_AHEAD);
+    let _fetch = AbortOnDrop(tokio::spawn(fetch_batches(
+        messages, stream, read, options, fetched,
+    )));
+    while let Some(batch) = next.recv().await {
+        let failed = batch.is_err();
+        let batch = batch.map(|msgs| decode(msgs, &mut read));
+        if out.send(batch).await.is_err() || failed {
+            return;
+        }
+    }
+}
+
+async fn fetch_batches(
+    mut messages: jetstream::consumer::pull::Ordered,
+    mut stream: jetstream::stream::Stream,
+    mut read: u64,
+    options: ProjectorOptions,
+    out: tokio::sync::mpsc::Sender<Result<Vec<jetstream::Message>, ProjectionError>>,
+) {
+    loop {
+        let batch = next_batch(&mut messages, &mut stream, read, &options).await;
+        if let Some(seq) = batch
+            .as_ref()
+            .ok()
+            .and_then(|b| b.last())
+            .and_then(|m| m.info().ok())
+            .map(|i| i.stream_sequence)
+        {
+            read = read.max(seq);
+        }
+        let failed = batch.is_err();
+        if out.send(batch).await.is_err() || failed {
+            return;
+        }
+    }
+}
+
+async fn next_batch(
+    messages: &mut jetstream::consumer::pull::Ordered,
+    stream: &mut jetstream::stream::Stream,
+    read: u64,
+    options: &ProjectorOptions,
+) -> Result<Vec<jetstream::Message>, ProjectionError> {
+    // An ordered consumer whose server died can go quiet for good: when
+    // nothing comes for a while, check that nothing is being missed.
+    let first = loop {
+        match tokio::time::timeout(STALL_CHECK, messages.next()).await {
+            Ok(Some(m)) => break m,
+            Ok(None) => return Err(ProjectionError::Stream("consumer closed".into())),
+            Err(_) => {
+                let last = stream.info().await.map_err(stream_err)?.state.last_sequence;
+                if last > read {
+                    return Err(ProjectionError::Stream(
+                        format!("consumer stalled at {read} of {last}; binding again").into(),
+                    ));
+                }
+            }
+        }
+    };
+    let mut batch = vec![first.map_err(stream_err)?];
+    let deadline = tokio::time::Instant::now() + options.linger;
+    while batch.len() < options.batch_max {
+        match messages.next().now_or_never() {
+            Some(Some(m)) => batch.push(m.map_err(stream_err)?),
+            Some(None) => break,
+            None if options.linger.is_zero() => break,
+            None => match tokio::time::timeout_at(deadline, messages.next()).await {
+                Ok(Some(m)) => batch.push(m.map_err(stream_err)?),
+                _ => break,
+            },
+        }
+    }
+    Ok(batch)
+}
+
+/// Decodes fetched messages after `read`, moving `read` on.
+fn decode(batch: Vec<jetstream::Message>, read: &mut u64) -> Batch {
+    let mut out = Batch {
+        raws: Vec::with_capacity(batch.len()),
+        decoded: Vec::with_capacity(batch.len()),
+        undecodable: Vec::new(),
+    };
+    for m in batch {
+        let Some(seq) = m.info().ok().map(|i| i.stream_sequence) else {
+            continue;
+        };
+        if seq <= *read {
+            continue;
+        }
+        *read = seq;
+        let (msg, _) = m.split();
+        match codec::decode_message(msg.subject.as_str(), msg.headers.as_ref(), &msg.payload) {
+            Ok(env) => out.decoded.push((seq, env)),
+            Err(e) => out.undecodable.push((seq, e.to_string())),
+        }
+        out.raws.push(Raw {
+            seq,
+            subject: msg.subject.to_string(),
+            payload: msg.payload,
+        });
+    }
+    out
+}
+
+pub(crate) fn stream_err(e: impl Into<crate::SourceError>) -> ProjectionError {
     ProjectionError::Stream(e.into())
 }
 
@@ -94,7 +229,7 @@ impl Projector {
         if until.is_some_and(|u| applied >= u) {
             return Ok(applied);
         }
-        let mut stream = self.js.get_stream(&self.stream).await.map_err(stream_err)?;
+        let stream = self.js.get_stream(&self.stream).await.map_err(stream_err)?;
         let consumer = stream
             .create_consumer(jetstream::consumer::pull::OrderedConfig {
                 deliver_policy: DeliverPolicy::ByStartSequence {
@@ -105,58 +240,33 @@ impl Projector {
             })
             .await
             .map_err(stream_err)?;
-        let mut messages = consumer.messages().await.map_err(stream_err)?;
+        let messages = consumer.messages().await.map_err(stream_err)?;
         info!(stream = %self.stream, from = applied + 1, "projector started");
+        // Reading and decoding the next batches goes on, on a task of its
+        // own, while this one writes the last: the two overlap instead of
+        // taking turns.
+        let (batches, mut ready) = tokio::sync::mpsc::channel(READ_AHEAD);
+        let reader = AbortOnDrop(tokio::spawn(read_batches(
+            messages,
+            stream,
+            applied,
+            self.options.clone(),
+            batches,
+        )));
         loop {
-            // An ordered consumer whose server died can go quiet for good: when
-            // nothing comes for a while, check that nothing is being missed.
-            let first = match tokio::time::timeout(STALL_CHECK, messages.next()).await {
-                Ok(Some(m)) => m,
-                Ok(None) => return Err(ProjectionError::Stream("consumer closed".into())),
-                Err(_) => {
-                    let last = stream.info().await.map_err(stream_err)?.state.last_sequence;
-                    if last > applied {
-                        return Err(ProjectionError::Stream(
-                            format!("consumer stalled at {applied} of {last}; binding again")
-                                .into(),
-                        ));
-                    }
-                    continue;
+            let batch = match ready.recv().await {
+                Some(batch) => batch?,
+                None => {
+                    drop(reader);
+                    return Err(ProjectionError::Stream("consumer closed".into()));
                 }
             };
-            let mut batch = vec![first.map_err(stream_err)?];
-            let deadline = tokio::time::Instant::now() + self.options.linger;
-            while batch.len() < self.options.batch_max {
-                match messages.next().now_or_never() {
-                    Some(Some(m)) => batch.push(m.map_err(stream_err)?),
-                    Some(None) => break,
-                    None if self.options.linger.is_zero() => break,
-                    None => match tokio::time::timeout_at(deadline, messages.next()).await {
-                        Ok(Some(m)) => batch.push(m.map_err(stream_err)?),
-                        _ => break,
-                    },
-                }
-            }
-            let raws: Vec<Raw> = batch
-                .into_iter()
-                .filter_map(|m| {
-                    let seq = m.info().ok()?.stream_sequence;
-                    let (msg, _) = m.split();
-                    Some(Raw {
-                        seq,
-                        subject: msg.subject.to_string(),
-                        headers: msg.headers,
-                        payload: msg.payload,
-                    })
-                })
-                .filter(|r| r.seq > applied)
-                .collect();
-            let Some(last) = raws.last().map(|r| r.seq) else {
+            let Some(last) = batch.raws.last().map(|r| r.seq) else {
                 continue;
             };
-            self.apply_batch(&raws, applied, last).await?;
+            self.apply_batch(batch, applied, last).await?;
             applied = last;
-            debug!(stream = %self.stream, seq = applied, n = raws.len(), "batch projected");
+            debug!(stream = %self.stream, seq = applied, "batch projected");
             if self.options.notify {
                 let _ = self
                     .js
@@ -210,32 +320,22 @@ impl Projector {
         result
     }
 
-    async fn apply_batch(&self, raws: &[Raw], from: u64, last: u64) -> Result<(), ProjectionError> {
+    async fn apply_batch(&self, batch: Batch, from: u64, last: u64) -> Result<(), ProjectionError> {
         let mut client = self.db.client().await?;
         let tx = client.transaction().await?;
-        let mut decoded: Vec<(u64, EventEnvelope)> = Vec::with_capacity(raws.len());
-        for r in raws {
-            match codec::decode_message(&r.subject, r.headers.as_ref(), &r.payload) {
-                Ok(env) => decoded.push((r.seq, env)),
-                Err(e) => {
-                    warn!(stream = %self.stream, seq = r.seq, subject = %r.subject, error = %e, "undecodable event skipped");
-                    db::record_error(
-                        &tx,
-                        &self.stream,
-                        r.seq,
-                        &r.subject,
-                        &e.to_string(),
-                        &r.payload,
-                    )
-                    .await?;
-                }
+        let raws = &batch.raws;
+        for (seq, e) in &batch.undecodable {
+            if let Some(r) = raws.iter().find(|r| r.seq == *seq) {
+                warn!(stream = %self.stream, seq, subject = %r.subject, error = %e, "undecodable event skipped");
+                db::record_error(&tx, &self.stream, *seq, &r.subject, e, &r.payload).await?;
             }
         }
+        let decoded = batch.decoded;
         let failures = match self.stream.as_str() {
-            streams::TASKS => apply_tasks(&tx, &decoded).await?,
-            streams::NODES | streams::HEARTBEATS => apply_nodes(&tx, &decoded).await?,
-            streams::AUTH => apply_tokens(&tx, &decoded).await?,
-            streams::PIPELINES => apply_pipelines(&tx, &decoded).await?,
+            streams::TASKS => apply::<Tasks>(&tx, &decoded).await?,
+            streams::NODES | streams::HEARTBEATS => apply::<Nodes>(&tx, &decoded).await?,
+            streams::AUTH => apply::<Tokens>(&tx, &decoded).await?,
+            streams::PIPELINES => apply::<Pipelines>(&tx, &decoded).await?,
             other => {
                 return Err(ProjectionError::Config(format!(
                     "no projection for stream {other}"
@@ -252,172 +352,4 @@ impl Projector {
         tx.commit().await?;
         Ok(())
     }
-}
-
-type Failures = Vec<(u64, String)>;
-
-/// Folds a batch into rows keyed by aggregate, starting from stored rows.
-fn fold_batch<K: std::hash::Hash + Eq + Copy, R>(
-    decoded: &[(u64, EventEnvelope)],
-    mut existing: HashMap<K, R>,
-    key_of: impl Fn(&EventEnvelope) -> Option<K>,
-    mut apply: impl FnMut(Option<R>, &EventEnvelope, u64) -> Option<Result<R, String>>,
-) -> (Vec<R>, Failures) {
-    let mut touched: Vec<K> = Vec::new();
-    let mut seen: std::collections::HashSet<K> = std::collections::HashSet::new();
-    let mut failures = Vec::new();
-    for (seq, env) in decoded {
-        let Some(key) = key_of(env) else { continue };
-        let before = existing.remove(&key);
-        match apply(before, env, *seq) {
-            Some(Ok(row)) => {
-                if seen.insert(key) {
-                    touched.push(key);
-                }
-                existing.insert(key, row);
-            }
-            // Only an event for an aggregate with no row fails; nothing was removed.
-            Some(Err(e)) => failures.push((*seq, e)),
-            None => {}
-        }
-    }
-    let rows = touched
-        .into_iter()
-        .filter_map(|k| existing.remove(&k))
-        .collect();
-    (rows, failures)
-}
-
-/// The distinct aggregate ids of a batch, for loading their stored rows.
-fn ids_of<K: Ord + Copy>(
-    decoded: &[(u64, EventEnvelope)],
-    key_of: impl Fn(&EventEnvelope) -> Option<K>,
-    uuid: impl Fn(K) -> uuid::Uuid,
-) -> Vec<uuid::Uuid> {
-    let mut keys: Vec<K> = decoded.iter().filter_map(|(_, e)| key_of(e)).collect();
-    keys.sort();
-    keys.dedup();
-    keys.into_iter().map(uuid).collect()
-}
-
-fn task_key(env: &EventEnvelope) -> Option<ud_schemas::TaskId> {
-    match &env.event {
-        Event::Task(id, _) => Some(*id),
-        _ => None,
-    }
-}
-
-fn node_key(env: &EventEnvelope) -> Option<ud_schemas::NodeId> {
-    match &env.event {
-        Event::Node(id, _) => Some(*id),
-        _ => None,
-    }
-}
-
-fn token_key(env: &EventEnvelope) -> Option<ud_schemas::TokenId> {
-    match &env.event {
-        Event::Auth(id, _) => Some(*id),
-        _ => None,
-    }
-}
-
-async fn apply_tasks(
-    tx: &deadpool_postgres::Transaction<'_>,
-    decoded: &[(u64, EventEnvelope)],
-) -> Result<Failures, ProjectionError> {
-    let ids = ids_of(decoded, task_key, |k| k.0);
-    let existing: HashMap<_, TaskRow> = db::load_tasks(tx, &ids)
-        .await?
-        .into_iter()
-        .map(|r| (r.id, r))
-        .collect();
-    let (mut rows, failures) = fold_batch(decoded, existing, task_key, |row, env, seq| match &env
-        .event
-    {
-        Event::Task(id, e) => {
-            Some(rows::apply_task(row, *id, e, &env.meta.actor, seq).map_err(|e| e.to_string()))
-        }
-        _ => None,
-    });
-    rows.iter_mut().for_each(TaskRow::scrub);
-    db::upsert_tasks(tx, &rows).await?;
-    Ok(failures)
-}
-
-async fn apply_nodes(
-    tx: &deadpool_postgres::Transaction<'_>,
-    decoded: &[(u64, EventEnvelope)],
-) -> Result<Failures, ProjectionError> {
-    let ids = ids_of(decoded, node_key, |k| k.0);
-    let existing: HashMap<_, NodeRow> = db::load_nodes(tx, &ids)
-        .await?
-        .into_iter()
-        .map(|r| (r.id, r))
-        .collect();
-    let (mut rows, failures) = fold_batch(decoded, existing, node_key, |row, env, seq| {
-        match &env.event {
-            // A heartbeat may be projected before its node's registration
-            // (another stream); the next one will land.
-            Event::Node(_, NodeEvent::Heartbeat(_)) if row.is_none() => None,
-            Event::Node(id, e) => {
-                Some(rows::apply_node(row, *id, e, seq).map_err(|e| e.to_string()))
-            }
-            _ => None,
-        }
-    });
-    rows.iter_mut().for_each(NodeRow::scrub);
-    db::upsert_nodes(tx, &rows).await?;
-    Ok(failures)
-}
-
-async fn apply_tokens(
-    tx: &deadpool_postgres::Transaction<'_>,
-    decoded: &[(u64, EventEnvelope)],
-) -> Result<Failures, ProjectionError> {
-    let ids = ids_of(decoded, token_key, |k| k.0);
-    let existing: HashMap<_, TokenRow> = db::load_tokens(tx, &ids)
-        .await?
-        .into_iter()
-        .map(|r| (r.id, r))
-        .collect();
-    let (mut rows, failures) = fold_batch(decoded, existing, token_key, |row, env, _| {
-        match &env.event {
-            Event::Auth(id, e) => Some(rows::apply_token(row, *id, e).map_err(|e| e.to_string())),
-            _ => None,
-        }
-    });
-    rows.iter_mut().for_each(TokenRow::scrub);
-    db::upsert_tokens(tx, &rows).await?;
-    Ok(failures)
-}
-
-fn pipeline_key(env: &EventEnvelope) -> Option<ud_schemas::PipelineId> {
-    match &env.event {
-        Event::Pipeline(id, _) => Some(*id),
-        _ => None,
-    }
-}
-
-async fn apply_pipelines(
-    tx: &deadpool_postgres::Transaction<'_>,
-    decoded: &[(u64, EventEnvelope)],
-) -> Result<Failures, ProjectionError> {
-    let ids = ids_of(decoded, pipeline_key, |k| k.0);
-    // Folded as aggregates through the batch, written as rows once.
-    let existing: HashMap<_, PipelineFold> = db::load_pipelines(tx, &ids)
-        .await?
-        .iter()
-        .filter_map(|r| Some((r.id, PipelineFold::from_row(r)?)))
-        .collect();
-    let (folds, failures) = fold_batch(decoded, existing, pipeline_key, |f, env, seq| {
-        match &env.event {
-            Event::Pipeline(id, e) => Some(
-                rows::apply_pipeline(f, *id, e, &env.meta.actor, seq).map_err(|e| e.to_string()),
-            ),
-            _ => None,
-        }
-    });
-    let rows: Vec<_> = folds.into_iter().map(PipelineFold::into_row).collect();
-    db::upsert_pipelines(tx, &rows).await?;
-    Ok(failures)
 }

@@ -1,13 +1,17 @@
 //! Rebuild by replay: project every stream from its first event into an
 //! empty schema, and compare two schemas' read models.
 
-use async_nats::jetstream;
+use std::collections::{HashMap, HashSet};
+
+use async_nats::jetstream::{self, consumer::DeliverPolicy};
 use serde::Serialize;
-use tracing::info;
+use tracing::{info, warn};
+use ud_schemas::codec::EventEnvelope;
 use ud_schemas::streams;
 
-use crate::db::Db;
-use crate::projector::{Projector, ProjectorOptions};
+use crate::db::{self, Db};
+use crate::model::{fold_into, keys_of, Model, Nodes, Pipelines, Tasks, Tokens};
+use crate::projector::{read_batches, stream_err, AbortOnDrop, ProjectorOptions, READ_AHEAD};
 use crate::ProjectionError;
 
 /// Tables that hold read models (checkpoints and errors are bookkeeping).
@@ -17,51 +21,205 @@ pub const READ_MODEL_TABLES: [&str; 4] = ["tasks", "nodes", "api_tokens", "pipel
 pub struct StreamReplay {
     pub stream: String,
     pub last_seq: u64,
+    /// Seconds spent reading and folding the events.
+    pub read_seconds: f64,
+    /// Seconds spent writing the rows (the last write; earlier flushes count as reading).
+    pub write_seconds: f64,
 }
 
 /// Replays every projected stream, up to its last sequence at the start,
 /// into `db`'s schema, which is dropped and re-created first.
+///
+/// Unlike the live projector, which writes each batch's aggregates in a
+/// transaction of its own, a replay folds up to [`REPLAY_FOLDS`] aggregates
+/// in memory across batches and writes them at once (binary COPY for
+/// tasks), so that each is written about once.
 pub async fn rebuild(
     db: &Db,
     js: &jetstream::Context,
     batch_max: usize,
 ) -> Result<Vec<StreamReplay>, ProjectionError> {
+    rebuild_bounded(db, js, batch_max, REPLAY_FOLDS).await
+}
+
+/// [`rebuild`] holding at most `folds_max` aggregates in memory.
+pub async fn rebuild_bounded(
+    db: &Db,
+    js: &jetstream::Context,
+    batch_max: usize,
+    folds_max: usize,
+) -> Result<Vec<StreamReplay>, ProjectionError> {
     db.reset().await?;
     let mut out = Vec::new();
     for name in streams::PROJECTED {
-        let mut stream = js
-            .get_stream(name)
-            .await
-            .map_err(|e| ProjectionError::Stream(e.into()))?;
-        let last = stream
-            .info()
-            .await
-            .map_err(|e| ProjectionError::Stream(e.into()))?
-            .state
-            .last_sequence;
-        let projector = Projector::new(
-            db.clone(),
-            js.clone(),
-            name,
-            ProjectorOptions {
-                batch_max,
-                notify: false,
-                ..Default::default()
-            },
-        );
-        projector.run(Some(last)).await?;
+        let mut stream = js.get_stream(name).await.map_err(stream_err)?;
+        let last = stream.info().await.map_err(stream_err)?.state.last_sequence;
+        let took = match name {
+            streams::TASKS => replay::<Tasks>(db, stream, name, last, batch_max, folds_max).await?,
+            streams::NODES | streams::HEARTBEATS => {
+                replay::<Nodes>(db, stream, name, last, batch_max, folds_max).await?
+            }
+            streams::AUTH => replay::<Tokens>(db, stream, name, last, batch_max, folds_max).await?,
+            streams::PIPELINES => {
+                replay::<Pipelines>(db, stream, name, last, batch_max, folds_max).await?
+            }
+            other => {
+                return Err(ProjectionError::Config(format!(
+                    "no projection for stream {other}"
+                )))
+            }
+        };
         info!(
             stream = name,
             last_seq = last,
             schema = db.schema(),
+            read_seconds = took.read,
+            write_seconds = took.write,
             "replayed"
         );
         out.push(StreamReplay {
             stream: name.to_owned(),
             last_seq: last,
+            read_seconds: took.read,
+            write_seconds: took.write,
         });
     }
     Ok(out)
+}
+
+/// Most aggregates a replay holds in memory before it writes them.
+pub const REPLAY_FOLDS: usize = 200_000;
+
+/// An event recorded in `projection_errors` when the replay is written.
+struct Refused {
+    seq: u64,
+    subject: String,
+    error: String,
+    payload: bytes::Bytes,
+}
+
+/// Where a stream's replay spent its time, in seconds.
+#[derive(Default)]
+struct Took {
+    read: f64,
+    write: f64,
+}
+
+/// Replays one stream, from its first event to `last`, into model `M`.
+async fn replay<M: Model>(
+    db: &Db,
+    stream: jetstream::stream::Stream,
+    name: &str,
+    last: u64,
+    batch_max: usize,
+    folds_max: usize,
+) -> Result<Took, ProjectionError> {
+    let start = std::time::Instant::now();
+    let from = db.checkpoint(name).await?;
+    if last <= from {
+        return Ok(Took::default());
+    }
+    // Another stream may have written this model's table already (nodes
+    // from their events, then from their heartbeats).
+    let mut stored_before = {
+        let c = db.client().await?;
+        let q = format!("SELECT EXISTS (SELECT 1 FROM {})", M::TABLE);
+        c.query_one(&q, &[]).await?.get::<_, bool>(0)
+    };
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: from + 1,
+            },
+            max_expires: streams::PULL_EXPIRES,
+            ..Default::default()
+        })
+        .await
+        .map_err(stream_err)?;
+    let messages = consumer.messages().await.map_err(stream_err)?;
+    let (batches, mut ready) = tokio::sync::mpsc::channel(READ_AHEAD);
+    let options = ProjectorOptions {
+        batch_max,
+        notify: false,
+        ..Default::default()
+    };
+    let _reader = AbortOnDrop(tokio::spawn(read_batches(
+        messages, stream, from, options, batches,
+    )));
+    let mut folds: HashMap<M::Key, M::Fold> = HashMap::new();
+    // Aggregates written by an earlier flush of this replay.
+    let mut flushed: HashSet<M::Key> = HashSet::new();
+    let mut refused: Vec<Refused> = Vec::new();
+    let mut read = from;
+    while read < last {
+        let batch = ready
+            .recv()
+            .await
+            .ok_or_else(|| ProjectionError::Stream("consumer closed".into()))??;
+        let Some(end) = batch.raws.last().map(|r| r.seq) else {
+            continue;
+        };
+        let decoded: Vec<(u64, EventEnvelope)> = batch
+            .decoded
+            .into_iter()
+            .filter(|(seq, _)| *seq <= last)
+            .collect();
+        // Aggregates folded before but not in memory are loaded first.
+        let missing: Vec<uuid::Uuid> = keys_of::<M>(&decoded)
+            .into_iter()
+            .filter(|k| !folds.contains_key(k) && (stored_before || flushed.contains(k)))
+            .map(M::uuid)
+            .collect();
+        if !missing.is_empty() {
+            let mut c = db.client().await?;
+            let tx = c.transaction().await?;
+            for f in M::load(&tx, &missing).await? {
+                folds.insert(M::key_of(&f), f);
+            }
+            tx.commit().await?;
+        }
+        let (_, failures) = fold_into::<M>(&mut folds, &decoded);
+        let why = batch
+            .undecodable
+            .into_iter()
+            .chain(failures)
+            .filter(|(seq, _)| *seq <= last);
+        for (seq, error) in why {
+            if let Some(r) = batch.raws.iter().find(|r| r.seq == seq) {
+                warn!(stream = name, seq, error = %error, "event not applicable; recorded");
+                refused.push(Refused {
+                    seq,
+                    subject: r.subject.clone(),
+                    error,
+                    payload: r.payload.clone(),
+                });
+            }
+        }
+        read = end.min(last);
+        if folds.len() >= folds_max && read < last {
+            let fresh = !stored_before && flushed.is_empty();
+            flushed.extend(folds.keys().copied());
+            let mut c = db.client().await?;
+            let tx = c.transaction().await?;
+            M::store_many(&tx, folds.drain().map(|(_, f)| f).collect(), fresh).await?;
+            tx.commit().await?;
+            stored_before = stored_before || fresh;
+        }
+    }
+    let read = start.elapsed().as_secs_f64();
+    let fresh = !stored_before && flushed.is_empty();
+    let mut c = db.client().await?;
+    let tx = c.transaction().await?;
+    M::store_many(&tx, folds.into_values().collect(), fresh).await?;
+    for r in &refused {
+        db::record_error(&tx, name, r.seq, &r.subject, &r.error, &r.payload).await?;
+    }
+    db::advance_checkpoint(&tx, name, from, last).await?;
+    tx.commit().await?;
+    Ok(Took {
+        read,
+        write: start.elapsed().as_secs_f64() - read,
+    })
 }
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
