@@ -22,6 +22,9 @@ pub const LABEL_TASK: &str = "io.unidesk.task";
 pub const LABEL_ATTEMPT: &str = "io.unidesk.attempt";
 /// When the container was made (ms since the epoch): its time limit counts from here.
 pub const LABEL_STARTED: &str = "io.unidesk.started_at";
+/// The same moment on the machine's boot clock ([`crate::boot::stamp`]),
+/// which steps of the wall clock do not move.
+pub const LABEL_STARTED_BOOT: &str = "io.unidesk.started_boot";
 pub const LABEL_TIMEOUT: &str = "io.unidesk.timeout_seconds";
 /// The workspace paths uploaded when it ends (a JSON array).
 pub const LABEL_OUTPUTS: &str = "io.unidesk.outputs";
@@ -50,6 +53,8 @@ pub struct Adopted {
     pub container: String,
     /// When it was made (ms since the epoch; 0 when its labels do not say).
     pub started_at: Millis,
+    /// The same on the boot clock, when its labels say.
+    pub started_boot: Option<String>,
     pub timeout_seconds: Option<u64>,
     pub outputs: Vec<String>,
     pub workspace: Option<std::path::PathBuf>,
@@ -85,6 +90,7 @@ impl Adopted {
                 .get(LABEL_STARTED)
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0),
+            started_boot: labels.get(LABEL_STARTED_BOOT).cloned(),
             timeout_seconds: labels.get(LABEL_TIMEOUT).and_then(|v| v.parse().ok()),
             outputs: labels
                 .get(LABEL_OUTPUTS)
@@ -139,7 +145,12 @@ pub const GPU_STACK_BYTES: i64 = 64 * 1024 * 1024;
 /// A run's container: its limits, its GPU devices by id (never a count:
 /// Docker turns a count into devices 0..n), its network, shared memory and
 /// private IPC, no privileges, and the labels a restarted agent reads.
-pub fn container(node: &NodeId, l: &Launch<'_>, started_at: Millis) -> ContainerCreateBody {
+pub fn container(
+    node: &NodeId,
+    l: &Launch<'_>,
+    started_at: Millis,
+    started_boot: Option<&str>,
+) -> ContainerCreateBody {
     let spec = &l.run.spec;
     let mut cmd = spec.command.clone();
     cmd.extend(spec.args.iter().cloned());
@@ -228,6 +239,9 @@ pub fn container(node: &NodeId, l: &Launch<'_>, started_at: Millis) -> Container
             let mut labels = labels(node, l.run, l.workspace, started_at);
             if let Some(s) = l.shared {
                 labels.insert(LABEL_SHARED.to_owned(), s.display().to_string());
+            }
+            if let Some(b) = started_boot {
+                labels.insert(LABEL_STARTED_BOOT.to_owned(), b.to_owned());
             }
             labels
         }),
@@ -332,7 +346,12 @@ impl Executor {
                     name: Some(name),
                     ..Default::default()
                 }),
-                container(&self.node, launch, now_millis()),
+                container(
+                    &self.node,
+                    launch,
+                    now_millis(),
+                    crate::boot::stamp().as_deref(),
+                ),
             )
             .await?;
         if let Err(e) = self.docker.start_container(&created.id, None).await {
@@ -609,7 +628,8 @@ mod tests {
             fence_after_seconds: Some(900),
         };
         let w = std::path::Path::new("/var/lib/unidesk-edge/tasks/x-3");
-        let l = labels(&node, &run, Some(w), 1234);
+        let mut l = labels(&node, &run, Some(w), 1234);
+        l.insert(LABEL_STARTED_BOOT.into(), "b1 5000".into());
         let back = Adopted::from_labels(&node, "c1".into(), &l);
         assert_eq!(
             back,
@@ -618,6 +638,7 @@ mod tests {
                 attempt: 3,
                 container: "c1".into(),
                 started_at: 1234,
+                started_boot: Some("b1 5000".into()),
                 timeout_seconds: Some(15),
                 outputs: vec!["result.txt".into(), "out/".into()],
                 workspace: Some(w.to_owned()),

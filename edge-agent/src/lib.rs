@@ -8,6 +8,7 @@
 //! * [`docker`], [`env`], [`transfer`]: containers, versions, task files;
 //! * [`requests`]: what the agent asks the main server.
 
+pub mod boot;
 pub mod docker;
 pub mod env;
 pub mod gpus;

@@ -60,9 +60,18 @@ pub(crate) async fn adopt(
         task: adopted.task,
         attempt: adopted.attempt,
         container: adopted.container,
-        limit: adopted
-            .timeout_seconds
-            .map(|t| Limit::new(adopted.started_at, t)),
+        // Counted on the boot clock: a restart across a step of the wall
+        // clock neither stretches nor cuts the limit.
+        limit: adopted.timeout_seconds.map(|t| {
+            let now = now_millis();
+            let elapsed = crate::boot::elapsed(
+                adopted.started_boot.as_deref(),
+                crate::boot::stamp().as_deref(),
+                adopted.started_at,
+                now,
+            );
+            Limit::after(t, elapsed, now)
+        }),
         outputs,
         checkpoint: Kept::of(adopted.checkpoint.as_ref(), adopted.workspace.as_ref()),
         workspace: adopted.workspace,
@@ -128,22 +137,24 @@ struct PreparedRun {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Limit {
     pub seconds: u64,
-    /// When it runs out (ms since the epoch).
+    /// When it runs out (ms since the epoch), for comparing with the
+    /// engine's times.
     pub at: Millis,
+    /// When it runs out, on this process's monotonic clock: steps of the
+    /// wall clock do not move it.
+    pub deadline: tokio::time::Instant,
 }
 
 impl Limit {
-    pub(crate) fn new(started_at: Millis, seconds: u64) -> Self {
-        let ms = i64::try_from(seconds.saturating_mul(1000)).unwrap_or(i64::MAX);
+    /// A limit of `seconds` for a run that has been going `elapsed`, at
+    /// wall-clock time `now`.
+    pub(crate) fn after(seconds: u64, elapsed: Duration, now: Millis) -> Self {
+        let left = Duration::from_secs(seconds).saturating_sub(elapsed);
         Self {
             seconds,
-            at: started_at.saturating_add(ms),
+            at: now.saturating_add(i64::try_from(left.as_millis()).unwrap_or(i64::MAX)),
+            deadline: tokio::time::Instant::now() + left,
         }
-    }
-
-    /// How long is left at `now`.
-    pub(crate) fn left(&self, now: Millis) -> Duration {
-        Duration::from_millis(u64::try_from(self.at.saturating_sub(now)).unwrap_or(0))
     }
 }
 
@@ -234,7 +245,6 @@ impl Agent {
             self.reporter.step(task, attempt, "start").await;
         }
         let t = std::time::Instant::now();
-        let started_at = now_millis();
         let launch = docker::Launch {
             image: &prepared.image,
             run: &run,
@@ -274,7 +284,11 @@ impl Agent {
             task,
             attempt,
             container,
-            limit: Some(Limit::new(started_at, run.spec.timeout_seconds)),
+            limit: Some(Limit::after(
+                run.spec.timeout_seconds,
+                t.elapsed(),
+                now_millis(),
+            )),
             outputs,
             checkpoint: Kept::of(run.spec.checkpoint.as_ref(), prepared.workspace.as_ref()),
             workspace: prepared.workspace.clone(),
@@ -611,7 +625,7 @@ impl Agent {
         });
         let deadline = async {
             match s.limit {
-                Some(limit) => tokio::time::sleep(limit.left(now_millis())).await,
+                Some(limit) => tokio::time::sleep_until(limit.deadline).await,
                 None => futures::future::pending().await,
             }
         };
@@ -837,12 +851,19 @@ async fn remove_dir(dir: PathBuf) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_limit_counts_from_the_start_and_never_goes_below_zero() {
-        let limit = Limit::new(10_000, 15);
-        assert_eq!(limit.at, 25_000);
-        assert_eq!(limit.left(20_000), Duration::from_secs(5));
+    #[tokio::test]
+    async fn a_limit_counts_what_is_left_and_never_goes_below_zero() {
+        let before = tokio::time::Instant::now();
+        let limit = Limit::after(15, Duration::from_secs(10), 100_000);
+        assert_eq!(limit.at, 105_000);
+        let left = limit.deadline - before;
+        assert!(
+            left >= Duration::from_secs(5) && left < Duration::from_secs(6),
+            "{left:?}"
+        );
         // An agent back after the limit ran out stops the run at once.
-        assert_eq!(limit.left(100_000), Duration::ZERO);
+        let over = Limit::after(15, Duration::from_secs(90), 100_000);
+        assert_eq!(over.at, 100_000);
+        assert!(over.deadline <= tokio::time::Instant::now());
     }
 }

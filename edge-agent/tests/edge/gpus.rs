@@ -77,7 +77,7 @@ async fn a_gpu_run_asks_docker_for_exactly_its_devices() -> Result<()> {
                 name: Some(format!("ud-gpu-readback-{}", run.task_id)),
                 ..Default::default()
             }),
-            container(&node, &launch, now_millis()),
+            container(&node, &launch, now_millis(), None),
         )
         .await?;
     let seen = docker.inspect_container(&created.id, None).await;
@@ -144,6 +144,7 @@ async fn a_gpu_run_asks_docker_for_exactly_its_devices() -> Result<()> {
             ..launch
         },
         now_millis(),
+        None,
     );
     let host = body.host_config.ok_or_else(|| anyhow!("no host config"))?;
     assert!(host.device_requests.is_none());
