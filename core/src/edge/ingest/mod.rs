@@ -41,12 +41,12 @@ const PIN_GROUP: &str = "ingest";
 /// A pinned instance that has not pulled for this long loses the pin to a standby one.
 const PIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// What an instance was given and did not acknowledge goes out again after
-/// this long. Below [`PIN_TIMEOUT`]: when an instance dies, what it held is
-/// due again before the pin moves, and the server hands out what is due
-/// again before anything newer, so the next instance takes a node's
-/// reports in the order the node sent them. (With a longer wait it went on
-/// with later reports first: a node's log lines out of order, an outputs
-/// report refused after the outcome it preceded.)
+/// this long. Below [`PIN_TIMEOUT`], so that when an instance dies what it
+/// held is due again about when the pin moves; the next instance still
+/// waits for all of it and takes it in stream order before anything newer
+/// ([`gather`]): the server may hand out newer messages first, and handled
+/// first they put a node's reports out of order (log lines shuffled, an
+/// outcome before the start it follows).
 const ACK_WAIT: Duration = Duration::from_secs(8);
 /// How long a stopping instance waits for its workers before releasing the pin.
 pub const HANDOVER: Duration = Duration::from_secs(5);
@@ -191,7 +191,7 @@ pub async fn run(
             }
         };
         let routed = tokio::select! {
-            r = route(&mut messages, &senders, &beats, &pinned) => r,
+            r = route(&mut messages, &stream, &senders, &beats, &pinned) => r,
             () = stop.cancelled() => {
                 // What the pull holds already but no worker was given goes
                 // back (below) ahead of anything newer; what is still on its
@@ -243,6 +243,7 @@ pub async fn run(
 /// whether this instance held the pin (only the pinned client is sent any).
 async fn route(
     messages: &mut consumer::pull::Stream,
+    stream: &jetstream::stream::Stream,
     senders: &[mpsc::UnboundedSender<jetstream::Message>],
     beats: &mpsc::UnboundedSender<jetstream::Message>,
     holds_pin: &Pinned,
@@ -256,20 +257,177 @@ async fn route(
                 return Some(pinned);
             }
         };
-        if !pinned {
+        let taken = if pinned {
+            vec![m]
+        } else {
             pinned = true;
             holds_pin.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-        let lane = if Report::is_heartbeat(&m.subject) {
-            beats
-        } else {
-            let mut h = DefaultHasher::new();
-            origin(m.headers.as_ref()).hash(&mut h);
-            &senders[(h.finish() % WORKERS as u64) as usize]
+            match gather(messages, stream, m).await {
+                Ok(taken) => taken,
+                Err(taken) => {
+                    for m in taken {
+                        let _ = m.ack_with(AckKind::Nak(None)).await;
+                    }
+                    return Some(pinned);
+                }
+            }
         };
-        if lane.send(m).is_err() {
-            return None;
+        for m in taken {
+            let lane = if Report::is_heartbeat(&m.subject) {
+                beats
+            } else {
+                let mut h = DefaultHasher::new();
+                origin(m.headers.as_ref()).hash(&mut h);
+                &senders[(h.finish() % WORKERS as u64) as usize]
+            };
+            if lane.send(m).is_err() {
+                return None;
+            }
         }
     }
     Some(pinned)
+}
+
+/// How long a new holder of the pin waits for what its predecessor was
+/// given and did not acknowledge: it comes back after the ack wait.
+const TAKEOVER: Duration = Duration::from_secs(ACK_WAIT.as_secs() + 2);
+
+/// On taking the pin: what the previous holder was given and did not
+/// acknowledge (it died holding it) comes back only after the ack wait,
+/// and may come after newer messages, which handled first would put a
+/// node's reports out of order (an outcome before the start it follows,
+/// log lines shuffled). Holds what arrives until every message given out
+/// and not acknowledged is here (or [`TAKEOVER`] has passed), and returns
+/// it in stream order. `Err`: the pull failed; what was held goes back.
+async fn gather(
+    messages: &mut consumer::pull::Stream,
+    stream: &jetstream::stream::Stream,
+    first: jetstream::Message,
+) -> Result<Vec<jetstream::Message>, Vec<jetstream::Message>> {
+    let seq = |m: &jetstream::Message| m.info().map_or(0, |i| i.stream_sequence);
+    let mut held = vec![first];
+    let deadline = tokio::time::Instant::now() + TAKEOVER;
+    loop {
+        // Everything unacknowledged when the server answers was delivered
+        // at or below its highest delivered sequence: once that many of
+        // those are held, nothing is left with anyone else.
+        let here = |info: &consumer::Info| {
+            let below = info.delivered.stream_sequence;
+            held.iter().filter(|m| seq(m) <= below).count() >= info.num_ack_pending
+        };
+        match stream.consumer_info(CONSUMER).await {
+            Ok(info) if here(&info) => break,
+            Ok(info) if tokio::time::Instant::now() >= deadline => {
+                warn!(
+                    held = held.len(),
+                    pending = info.num_ack_pending,
+                    "ingest took over without all its predecessor held"
+                );
+                break;
+            }
+            Ok(info) => debug!(
+                held = held.len(),
+                pending = info.num_ack_pending,
+                "ingest taking over; waiting for what its predecessor held"
+            ),
+            Err(e) => debug!(error = %e, "ingest cannot read its consumer"),
+        }
+        let until = deadline.min(tokio::time::Instant::now() + Duration::from_millis(200));
+        while let Ok(next) = tokio::time::timeout_at(until, messages.next()).await {
+            match next {
+                Some(Ok(m)) => held.push(m),
+                Some(Err(e)) => {
+                    warn!(error = %e, "ingest pull failed");
+                    return Err(held);
+                }
+                None => return Err(held),
+            }
+        }
+    }
+    held.sort_by_key(seq);
+    if held.len() > 1 {
+        debug!(held = held.len(), "ingest took over");
+    }
+    Ok(held)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ud_testkit::NatsServer;
+
+    fn seqs(msgs: &[jetstream::Message]) -> Vec<u64> {
+        msgs.iter()
+            .map(|m| m.info().map_or(0, |i| i.stream_sequence))
+            .collect()
+    }
+
+    /// An instance that dies holding messages: the next one to take the
+    /// pin gets newer messages before they come back (here the pin moves
+    /// before the ack wait ends), and still hands them on in stream order.
+    #[tokio::test]
+    async fn a_takeover_hands_on_what_the_dead_holder_had_first() -> anyhow::Result<()> {
+        let nats = NatsServer::start().await?;
+        let js = jetstream::new(nats.connect().await?);
+        let stream = js
+            .create_stream(jetstream::stream::Config {
+                name: "TAKEOVER".into(),
+                subjects: vec!["r.>".into()],
+                ..Default::default()
+            })
+            .await?;
+        let consumer = stream
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some(CONSUMER.into()),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(4),
+                priority_policy: consumer::PriorityPolicy::PinnedClient,
+                priority_groups: vec![PIN_GROUP.into()],
+                priority_timeout: Duration::from_secs(2),
+                ..Default::default()
+            })
+            .await?;
+        for i in 1..=3 {
+            js.publish(format!("r.{i}"), "".into()).await?.await?;
+        }
+        // The first holder takes three and dies without acknowledging.
+        {
+            let dead = jetstream::new(nats.connect().await?);
+            let c: consumer::PullConsumer = dead
+                .get_stream("TAKEOVER")
+                .await?
+                .get_consumer(CONSUMER)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let mut pull = c.stream().group(PIN_GROUP).messages().await?;
+            for _ in 0..3 {
+                pull.next()
+                    .await
+                    .ok_or_else(|| anyhow::anyhow!("ended"))??;
+            }
+        }
+        for i in 4..=5 {
+            js.publish(format!("r.{i}"), "".into()).await?.await?;
+        }
+        let mut pull = consumer
+            .stream()
+            .group(PIN_GROUP)
+            .expires(Duration::from_secs(1))
+            .messages()
+            .await?;
+        let first = pull
+            .next()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("ended"))??;
+        let first_seq = first.info().map_or(0, |i| i.stream_sequence);
+        let taken = gather(&mut pull, &stream, first)
+            .await
+            .map_err(|_| anyhow::anyhow!("pull failed"))?;
+        assert_eq!(
+            seqs(&taken),
+            vec![1, 2, 3, 4, 5],
+            "the first message after the takeover was {first_seq}"
+        );
+        Ok(())
+    }
 }
