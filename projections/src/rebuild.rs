@@ -121,7 +121,7 @@ async fn replay<M: Model>(
     }
     // Another stream may have written this model's table already (nodes
     // from their events, then from their heartbeats).
-    let mut stored_before = {
+    let stored_before = {
         let c = db.client().await?;
         let q = format!("SELECT EXISTS (SELECT 1 FROM {})", M::TABLE);
         c.query_one(&q, &[]).await?.get::<_, bool>(0)
@@ -203,7 +203,6 @@ async fn replay<M: Model>(
             let tx = c.transaction().await?;
             M::store_many(&tx, folds.drain().map(|(_, f)| f).collect(), fresh).await?;
             tx.commit().await?;
-            stored_before = stored_before || fresh;
         }
     }
     let read = start.elapsed().as_secs_f64();
