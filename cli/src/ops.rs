@@ -308,7 +308,8 @@ async fn export(a: ExportArgs) -> Result<()> {
 
 #[derive(Subcommand)]
 pub enum ProjectionsCommand {
-    /// Replay every stream into an empty schema and compare it with the live tables.
+    /// Replay every stream into an empty schema and compare it with the live
+    /// tables as of one moment (up to the events they had projected then).
     Rebuild(RebuildArgs),
 }
 
@@ -338,14 +339,14 @@ pub async fn projections(c: ProjectionsCommand) -> Result<()> {
             let store = a.nats.connect("unidesk-rebuild").await?;
             let db = a.db.connect(&a.schema).await?;
             let started = std::time::Instant::now();
-            let replayed = rebuild::rebuild(&db, store.jetstream(), 5000).await?;
-            let diffs = rebuild::compare(&db, &a.schema, &a.compare_with).await?;
-            let same = diffs
-                .iter()
-                .all(|d| d.only_in_left == 0 && d.only_in_right == 0);
+            // Compared with the live tables as of one moment, replayed up
+            // to what they had projected then.
+            let audit = rebuild::audit(&db, store.jetstream(), 5000, &a.compare_with).await?;
+            let same = audit.equal();
             let report = json!({
                 "schema": a.schema, "seconds": started.elapsed().as_secs_f64(),
-                "streams": replayed, "compared_with": a.compare_with, "differences": diffs, "equal": same,
+                "streams": audit.streams, "compared_with": a.compare_with,
+                "differences": audit.differences, "equal": same,
             });
             crate::output::either(a.json, &report, human_rebuild);
             if !same {

@@ -19,7 +19,7 @@ pub struct Db {
     schema: String,
 }
 
-fn valid_schema(s: &str) -> bool {
+pub(crate) fn valid_schema(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.bytes()

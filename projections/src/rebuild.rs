@@ -49,11 +49,26 @@ pub async fn rebuild_bounded(
     batch_max: usize,
     folds_max: usize,
 ) -> Result<Vec<StreamReplay>, ProjectionError> {
+    replay_until(db, js, batch_max, folds_max, None).await
+}
+
+/// Replays each stream up to `until`'s sequence for it (none: nothing),
+/// or to its last sequence without `until`.
+async fn replay_until(
+    db: &Db,
+    js: &jetstream::Context,
+    batch_max: usize,
+    folds_max: usize,
+    until: Option<&HashMap<String, u64>>,
+) -> Result<Vec<StreamReplay>, ProjectionError> {
     db.reset().await?;
     let mut out = Vec::new();
     for name in streams::PROJECTED {
         let mut stream = js.get_stream(name).await.map_err(stream_err)?;
-        let last = stream.info().await.map_err(stream_err)?.state.last_sequence;
+        let mut last = stream.info().await.map_err(stream_err)?.state.last_sequence;
+        if let Some(until) = until {
+            last = last.min(until.get(name).copied().unwrap_or(0));
+        }
         let took = match name {
             streams::TASKS => replay::<Tasks>(db, stream, name, last, batch_max, folds_max).await?,
             streams::NODES | streams::HEARTBEATS => {
@@ -218,6 +233,81 @@ async fn replay<M: Model>(
     Ok(Took {
         read,
         write: start.elapsed().as_secs_f64() - read,
+    })
+}
+
+/// An audit of live read models: what a replay of the same events made of
+/// them, table by table.
+#[derive(Debug, Serialize)]
+pub struct Audit {
+    pub streams: Vec<StreamReplay>,
+    pub differences: Vec<TableDiff>,
+}
+
+impl Audit {
+    pub fn equal(&self) -> bool {
+        self.differences
+            .iter()
+            .all(|d| d.only_in_left == 0 && d.only_in_right == 0)
+    }
+}
+
+/// Replays the streams into `db`'s schema and compares the result with the
+/// read models in schema `live`, as they were at one moment: their tables
+/// and checkpoints are copied in one snapshot first (into `<schema>_live`,
+/// dropped after), and each stream is replayed up to the checkpoint the
+/// copy holds, so a live system that goes on projecting (heartbeats keep
+/// coming) is compared at a point where both saw the same events.
+pub async fn audit(
+    db: &Db,
+    js: &jetstream::Context,
+    batch_max: usize,
+    live: &str,
+) -> Result<Audit, ProjectionError> {
+    let copy = format!("{}_live", db.schema());
+    if !crate::db::valid_schema(live) || !crate::db::valid_schema(&copy) || copy == live {
+        return Err(ProjectionError::Config(format!(
+            "cannot audit schema {live:?} from {:?}",
+            db.schema()
+        )));
+    }
+    let until: HashMap<String, u64> = {
+        let mut c = db.client().await?;
+        let tx = c
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .start()
+            .await?;
+        tx.batch_execute(&format!(
+            "DROP SCHEMA IF EXISTS {copy} CASCADE; CREATE SCHEMA {copy}"
+        ))
+        .await?;
+        for table in READ_MODEL_TABLES {
+            tx.batch_execute(&format!(
+                "CREATE TABLE {copy}.{table} AS TABLE {live}.{table}"
+            ))
+            .await?;
+        }
+        let rows = tx
+            .query(
+                &format!("SELECT stream, seq FROM {live}.projection_checkpoints"),
+                &[],
+            )
+            .await?;
+        tx.commit().await?;
+        rows.iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1).max(0) as u64))
+            .collect()
+    };
+    let streams = replay_until(db, js, batch_max, REPLAY_FOLDS, Some(&until)).await?;
+    let differences = compare(db, db.schema(), &copy).await?;
+    db.client()
+        .await?
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {copy} CASCADE"))
+        .await?;
+    Ok(Audit {
+        streams,
+        differences,
     })
 }
 

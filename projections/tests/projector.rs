@@ -569,3 +569,46 @@ async fn nul_characters_from_events_do_not_stop_the_projection() -> Result<()> {
     assert_eq!(tasks, 6);
     Ok(())
 }
+
+/// An audit compares the live tables with a replay of the events they had
+/// projected at one moment: events appended but not projected yet (a live
+/// system goes on) are not differences, while a replay of everything does
+/// differ from them.
+#[tokio::test]
+async fn an_audit_compares_at_what_the_live_side_had_projected() -> Result<()> {
+    let env = env().await?;
+    write_history(&env.store, 30).await?;
+    let db = Db::connect(&env.pg.url, "public", 4).await?;
+    db.migrate().await?;
+    project_all(&db, &env.store, 1000).await?;
+    // A node registers after the live side last projected.
+    let late = Event::Node(
+        NodeId::new(),
+        NodeEvent::Registered(NodeRegistered {
+            at: 5000,
+            name: "late".into(),
+            labels: BTreeMap::new(),
+            resources: NodeResources::default(),
+        }),
+    );
+    env.store
+        .append(&late, &EventMeta::new("test"), Expect::Any)
+        .await?;
+    let replay = Db::connect(&env.pg.url, "audit", 4).await?;
+    let audit = rebuild::audit(&replay, env.store.jetstream(), 5000, "public").await?;
+    assert!(audit.equal(), "{:?}", audit.differences);
+    rebuild::rebuild(&replay, env.store.jetstream(), 5000).await?;
+    let diffs = rebuild::compare(&replay, "audit", "public").await?;
+    assert!(diffs.iter().any(|d| d.only_in_left > 0), "{diffs:?}");
+    // The copy of the live tables is gone.
+    let c = db.client().await?;
+    let left: i64 = c
+        .query_one(
+            "SELECT count(*) FROM information_schema.schemata WHERE schema_name = 'audit_live'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(left, 0);
+    Ok(())
+}
