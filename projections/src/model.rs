@@ -61,7 +61,7 @@ pub(crate) async fn apply<M: Model>(
         .into_iter()
         .map(|f| (M::key_of(&f), f))
         .collect();
-    let (touched, failures) = fold_into::<M>(&mut folds, decoded);
+    let (touched, failures) = fold_into::<M, _>(&mut folds, decoded);
     let folds = touched
         .into_iter()
         .filter_map(|k| folds.remove(&k))
@@ -72,8 +72,8 @@ pub(crate) async fn apply<M: Model>(
 
 /// Folds events into `folds`; returns the keys touched, in first-touched
 /// order, and the events that could not be applied.
-pub(crate) fn fold_into<M: Model>(
-    folds: &mut HashMap<M::Key, M::Fold>,
+pub(crate) fn fold_into<M: Model, S: std::hash::BuildHasher>(
+    folds: &mut HashMap<M::Key, M::Fold, S>,
     decoded: &[(u64, EventEnvelope)],
 ) -> (Vec<M::Key>, Failures) {
     let mut touched: Vec<M::Key> = Vec::new();

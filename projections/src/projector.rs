@@ -67,7 +67,7 @@ pub struct Projector {
 
 pub(crate) struct Raw {
     pub(crate) seq: u64,
-    pub(crate) subject: String,
+    pub(crate) subject: async_nats::Subject,
     pub(crate) payload: bytes::Bytes,
 }
 
@@ -201,7 +201,7 @@ fn decode(batch: Vec<jetstream::Message>, read: &mut u64) -> Batch {
         }
         out.raws.push(Raw {
             seq,
-            subject: msg.subject.to_string(),
+            subject: msg.subject,
             payload: msg.payload,
         });
     }

@@ -161,9 +161,12 @@ async fn replay<M: Model>(
     let _reader = AbortOnDrop(tokio::spawn(read_batches(
         messages, stream, from, options, batches,
     )));
-    let mut folds: HashMap<M::Key, M::Fold> = HashMap::new();
+    let hasher = foldhash::fast::RandomState::default;
+    let expected = usize::try_from(last - from).unwrap_or(usize::MAX);
+    let mut folds: HashMap<M::Key, M::Fold, _> =
+        HashMap::with_capacity_and_hasher(folds_max.min(expected), hasher());
     // Aggregates written by an earlier flush of this replay.
-    let mut flushed: HashSet<M::Key> = HashSet::new();
+    let mut flushed: HashSet<M::Key, _> = HashSet::with_hasher(hasher());
     let mut refused: Vec<Refused> = Vec::new();
     let mut read = from;
     while read < last {
@@ -193,7 +196,7 @@ async fn replay<M: Model>(
             }
             tx.commit().await?;
         }
-        let (_, failures) = fold_into::<M>(&mut folds, &decoded);
+        let (_, failures) = fold_into::<M, _>(&mut folds, &decoded);
         let why = batch
             .undecodable
             .into_iter()
@@ -204,7 +207,7 @@ async fn replay<M: Model>(
                 warn!(stream = name, seq, error = %error, "event not applicable; recorded");
                 refused.push(Refused {
                     seq,
-                    subject: r.subject.clone(),
+                    subject: r.subject.to_string(),
                     error,
                     payload: r.payload.clone(),
                 });

@@ -38,6 +38,8 @@ pub use origin::origin;
 pub const CONSUMER: &str = "ingest";
 /// The consumer's priority group: the instance pinned to it ingests.
 const PIN_GROUP: &str = "ingest";
+/// The header naming the pin a message was delivered under.
+const PIN_ID: &str = "Nats-Pin-Id";
 /// A pinned instance that has not pulled for this long loses the pin to a standby one.
 const PIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// What an instance was given and did not acknowledge goes out again after
@@ -249,6 +251,10 @@ async fn route(
     holds_pin: &Pinned,
 ) -> Option<bool> {
     let mut pinned = false;
+    // The server names the pin on what it delivers; the client takes a new
+    // pin on its own when it lost the old one (another instance held it
+    // meanwhile), so a new name is a takeover too.
+    let mut pin: Option<String> = None;
     while let Some(m) = messages.next().await {
         let m = match m {
             Ok(m) => m,
@@ -257,7 +263,16 @@ async fn route(
                 return Some(pinned);
             }
         };
-        let taken = if pinned {
+        let named = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get_last(PIN_ID))
+            .map(|v| v.as_str().to_owned());
+        let repinned = named.is_some() && named != pin;
+        if repinned {
+            pin = named;
+        }
+        let taken = if pinned && !repinned {
             vec![m]
         } else {
             pinned = true;
@@ -420,6 +435,15 @@ mod tests {
             .await
             .ok_or_else(|| anyhow::anyhow!("ended"))??;
         let first_seq = first.info().map_or(0, |i| i.stream_sequence);
+        // What `route` tells a takeover by, when the pin changes under one pull.
+        assert!(
+            first
+                .headers
+                .as_ref()
+                .and_then(|h| h.get_last(PIN_ID))
+                .is_some(),
+            "a pinned delivery names its pin"
+        );
         let taken = gather(&mut pull, &stream, first)
             .await
             .map_err(|_| anyhow::anyhow!("pull failed"))?;
