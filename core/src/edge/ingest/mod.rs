@@ -345,6 +345,10 @@ async fn gather(
                 pending = info.num_ack_pending,
                 "ingest taking over; waiting for what its predecessor held"
             ),
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                warn!(error = %e, "ingest took over without reading its consumer");
+                break;
+            }
             Err(e) => debug!(error = %e, "ingest cannot read its consumer"),
         }
         let until = deadline.min(tokio::time::Instant::now() + Duration::from_millis(200));
