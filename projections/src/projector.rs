@@ -11,6 +11,8 @@ use tracing::{debug, info, warn};
 use ud_schemas::codec::{self, EventEnvelope};
 use ud_schemas::{streams, subjects};
 
+use tokio_util::task::AbortOnDropHandle;
+
 use crate::db::{self, Db};
 use crate::model::{apply, Nodes, Pipelines, Tasks, Tokens};
 use crate::ProjectionError;
@@ -82,15 +84,6 @@ pub(crate) struct Batch {
     pub(crate) undecodable: Vec<(u64, String)>,
 }
 
-/// Stops the reader when the projector stops.
-pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// Reads the consumer into batches (up to `batch_max`, lingering as the
 /// options say), decodes them and hands them on, until the projector stops
 /// or an error, which is handed on last. Fetching goes on, on a task of its
@@ -104,7 +97,7 @@ pub(crate) async fn read_batches(
     out: tokio::sync::mpsc::Sender<Result<Batch, ProjectionError>>,
 ) {
     let (fetched, mut next) = tokio::sync::mpsc::channel(READ_AHEAD);
-    let _fetch = AbortOnDrop(tokio::spawn(fetch_batches(
+    let _fetch = AbortOnDropHandle::new(tokio::spawn(fetch_batches(
         messages, stream, read, options, fetched,
     )));
     while let Some(batch) = next.recv().await {
@@ -246,7 +239,7 @@ impl Projector {
         // own, while this one writes the last: the two overlap instead of
         // taking turns.
         let (batches, mut ready) = tokio::sync::mpsc::channel(READ_AHEAD);
-        let reader = AbortOnDrop(tokio::spawn(read_batches(
+        let reader = AbortOnDropHandle::new(tokio::spawn(read_batches(
             messages,
             stream,
             applied,
@@ -324,12 +317,6 @@ impl Projector {
         let mut client = self.db.client().await?;
         let tx = client.transaction().await?;
         let raws = &batch.raws;
-        for (seq, e) in &batch.undecodable {
-            if let Some(r) = raws.iter().find(|r| r.seq == *seq) {
-                warn!(stream = %self.stream, seq, subject = %r.subject, error = %e, "undecodable event skipped");
-                db::record_error(&tx, &self.stream, *seq, &r.subject, e, &r.payload).await?;
-            }
-        }
         let decoded = batch.decoded;
         let failures = match self.stream.as_str() {
             streams::TASKS => apply::<Tasks>(&tx, &decoded).await?,
@@ -342,9 +329,9 @@ impl Projector {
                 )))
             }
         };
-        for (seq, error) in failures {
+        for (seq, error) in batch.undecodable.into_iter().chain(failures) {
             if let Some(r) = raws.iter().find(|r| r.seq == seq) {
-                warn!(stream = %self.stream, seq, error = %error, "event not applicable; recorded");
+                warn!(stream = %self.stream, seq, subject = %r.subject, error = %error, "event not applied; recorded");
                 db::record_error(&tx, &self.stream, seq, &r.subject, &error, &r.payload).await?;
             }
         }

@@ -11,7 +11,7 @@ use ud_schemas::streams;
 
 use crate::db::{self, Db};
 use crate::model::{fold_into, keys_of, Model, Nodes, Pipelines, Tasks, Tokens};
-use crate::projector::{read_batches, stream_err, AbortOnDrop, ProjectorOptions, READ_AHEAD};
+use crate::projector::{read_batches, stream_err, ProjectorOptions, READ_AHEAD};
 use crate::ProjectionError;
 
 /// Tables that hold read models (checkpoints and errors are bookkeeping).
@@ -158,7 +158,7 @@ async fn replay<M: Model>(
         notify: false,
         ..Default::default()
     };
-    let _reader = AbortOnDrop(tokio::spawn(read_batches(
+    let _reader = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(read_batches(
         messages, stream, from, options, batches,
     )));
     let hasher = foldhash::fast::RandomState::default;

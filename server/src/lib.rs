@@ -212,38 +212,23 @@ fn jetstream_forming(error: &str) -> bool {
     .any(|s| error.contains(s))
 }
 
-/// Retries a start-up step while JetStream is briefly away, up to a deadline
-/// shared by every step.
-struct Patience {
-    deadline: std::time::Instant,
-}
-
-impl Patience {
-    fn new(bound: Duration) -> Self {
-        Self {
-            deadline: std::time::Instant::now() + bound,
-        }
-    }
-
-    async fn retry<T, E, F, Fut>(&self, what: &str, mut step: F) -> Result<T, E>
-    where
-        E: std::fmt::Display,
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T, E>>,
-    {
-        loop {
-            match step().await {
-                Err(e)
-                    if std::time::Instant::now() < self.deadline
-                        && jetstream_forming(&e.to_string()) =>
-                {
-                    tracing::warn!(error = %e, "JetStream not ready for {what} yet; trying again");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                other => return other,
-            }
-        }
-    }
+/// Runs a start-up step again while JetStream is briefly away (for up to
+/// 30 s), giving up at once on any other error.
+async fn patiently<T, E, F, Fut>(what: &str, step: F) -> Result<T, E>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    use backon::Retryable;
+    step.retry(
+        backon::ConstantBuilder::default()
+            .with_delay(Duration::from_millis(500))
+            .with_max_times(60),
+    )
+    .when(|e| jetstream_forming(&e.to_string()))
+    .notify(|e, _| tracing::warn!(error = %e, "JetStream not ready for {what} yet; trying again"))
+    .await
 }
 
 /// How long a first connection is retried before it counts as failed.
@@ -271,9 +256,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
     let store = EventStore::new(client, cfg.js_domain.as_deref().filter(|d| !d.is_empty()));
     // A cluster still forming has no peers for replicated streams yet, and a
     // JetStream just started, or reloading its accounts, can be briefly away.
-    let patience = Patience::new(Duration::from_secs(30));
-    patience
-        .retry("the streams", || store.ensure_streams(cfg.replicas))
+    patiently("the streams", || store.ensure_streams(cfg.replicas))
         .await
         .map_err(|e| StartError::Streams(e.to_string()))?;
     let db = Db::connect(&cfg.database_url, "public", 16).await?;
@@ -311,12 +294,11 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
     let pinned = ud_core::edge::ingest::Pinned::default();
     let secrets = match cfg.secrets.clone() {
         Some(key) => Some(
-            patience
-                .retry("the secrets bucket", || {
-                    ud_core::secrets::Secrets::open(store.clone(), key.clone())
-                })
-                .await
-                .map_err(|e| StartError::Streams(e.to_string()))?,
+            patiently("the secrets bucket", || {
+                ud_core::secrets::Secrets::open(store.clone(), key.clone())
+            })
+            .await
+            .map_err(|e| StartError::Streams(e.to_string()))?,
         ),
         None => None,
     };
@@ -327,13 +309,12 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
             s.settings().url_ttl
         });
     let stores = ud_storage::Stores::new(cfg.storage.clone(), cfg.stores.clone(), ttl)?;
-    let commands = patience
-        .retry("the idempotency bucket", || {
-            TaskCommands::new(store.clone())
-        })
-        .await?
-        .with_secrets(secrets.clone())
-        .with_stores(stores.clone());
+    let commands = patiently("the idempotency bucket", || {
+        TaskCommands::new(store.clone())
+    })
+    .await?
+    .with_secrets(secrets.clone())
+    .with_stores(stores.clone());
     let (client, c) = (guarded.client().clone(), commands.clone());
     supervisor.spawn("command-service", policy, move |_| {
         let (client, c) = (client.clone(), c.clone());

@@ -263,14 +263,10 @@ async fn route(
                 return Some(pinned);
             }
         };
-        let named = m
-            .headers
-            .as_ref()
-            .and_then(|h| h.get_last(PIN_ID))
-            .map(|v| v.as_str().to_owned());
-        let repinned = named.is_some() && named != pin;
+        let named = m.headers.as_ref().and_then(|h| h.get_last(PIN_ID));
+        let repinned = named.is_some_and(|n| pin.as_deref() != Some(n.as_str()));
         if repinned {
-            pin = named;
+            pin = named.map(|n| n.as_str().to_owned());
         }
         let taken = if pinned && !repinned {
             vec![m]
