@@ -51,8 +51,7 @@ fn source(node: &NodeId) -> Source {
     }
 }
 
-/// Writes the accounts file and asks the hub to reload it, unless the file
-/// already says the same.
+/// Writes the accounts file and asks the hub to reload it.
 pub fn write_accounts(
     settings: &HubSettings,
     hashes: &Hashes,
@@ -71,13 +70,6 @@ pub fn write_accounts(
         nodes,
         system.as_ref(),
     );
-    // A reload takes JetStream away from every account for a moment (its
-    // requests meet no responders), so a file already as wanted, as after a
-    // main server's restart, is left alone.
-    if std::fs::read_to_string(&settings.accounts_file).is_ok_and(|current| current == text) {
-        tracing::debug!("hub accounts already current; no reload");
-        return Ok(());
-    }
     let tmp = settings.accounts_file.with_extension("tmp");
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, &settings.accounts_file)?;
