@@ -380,43 +380,81 @@ impl Executor {
     }
 
     /// A bridge network of this node without traffic between its
-    /// containers, made unless it exists.
+    /// containers, made unless it exists. Engines before API 1.44 let
+    /// agents starting together on one engine make several networks of one
+    /// name, which makes the name ambiguous and takes an address pool each;
+    /// every agent therefore keeps the oldest and removes the others.
     async fn ensure_network(
         &self,
         name: &str,
         internal: bool,
         option: Option<(String, String)>,
     ) -> Result<(), AgentError> {
-        if self
-            .docker
-            .inspect_network(
-                name,
-                None::<bollard::query_parameters::InspectNetworkOptions>,
-            )
-            .await
-            .is_ok()
-        {
-            return Ok(());
+        let made = if self.named_networks(name).await?.is_empty() {
+            let mut options = HashMap::from([(
+                "com.docker.network.bridge.enable_icc".to_owned(),
+                "false".to_owned(),
+            )]);
+            options.extend(option);
+            let made = self
+                .docker
+                .create_network(bollard::models::NetworkCreateRequest {
+                    name: name.to_owned(),
+                    driver: Some("bridge".into()),
+                    internal: Some(internal),
+                    options: Some(options),
+                    labels: Some(HashMap::from([(
+                        LABEL_NODE.to_owned(),
+                        self.node.to_string(),
+                    )])),
+                    ..Default::default()
+                })
+                .await;
+            match made {
+                Ok(m) => Some(m.id),
+                // Made by another agent in the meantime.
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 409, ..
+                }) => None,
+                Err(e) => return Err(e.into()),
+            }
+        } else {
+            None
+        };
+        let mut found = self.named_networks(name).await?;
+        found.sort();
+        for (_, id) in found.iter().skip(1) {
+            match self.docker.remove_network(id).await {
+                Ok(()) => {
+                    tracing::info!(
+                        network = name,
+                        id = id.as_str(),
+                        "removed a duplicate network"
+                    )
+                }
+                // In use, or removed by another agent already.
+                Err(e) if made.as_deref() != Some(id.as_str()) => {
+                    tracing::debug!(network = name, error = %e, "duplicate network left")
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
-        let mut options = HashMap::from([(
-            "com.docker.network.bridge.enable_icc".to_owned(),
-            "false".to_owned(),
-        )]);
-        options.extend(option);
-        self.docker
-            .create_network(bollard::models::NetworkCreateRequest {
-                name: name.to_owned(),
-                driver: Some("bridge".into()),
-                internal: Some(internal),
-                options: Some(options),
-                labels: Some(HashMap::from([(
-                    LABEL_NODE.to_owned(),
-                    self.node.to_string(),
-                )])),
-                ..Default::default()
-            })
-            .await?;
         Ok(())
+    }
+
+    /// The networks of exactly this name, as (made at, id).
+    async fn named_networks(&self, name: &str) -> Result<Vec<(String, String)>, AgentError> {
+        let list = self
+            .docker
+            .list_networks(Some(bollard::query_parameters::ListNetworksOptions {
+                filters: Some(HashMap::from([("name".to_owned(), vec![name.to_owned()])])),
+            }))
+            .await?;
+        Ok(list
+            .into_iter()
+            .filter(|n| n.name.as_deref() == Some(name))
+            .filter_map(|n| Some((n.created.unwrap_or_default(), n.id?)))
+            .collect())
     }
 
     /// The container's address on its network (none without one).

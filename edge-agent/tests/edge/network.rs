@@ -78,3 +78,64 @@ async fn an_egress_task_never_goes_to_a_node_that_does_not_allow_it() -> Result<
     );
     Ok(())
 }
+
+/// Agents starting together on one engine end with one network of each
+/// name, even where the engine accepts several of one name and one is left
+/// over from before: duplicates make the name ambiguous, so no container can
+/// join it, and each takes one of the engine's few address pools.
+#[tokio::test]
+async fn agents_starting_together_share_one_network_of_each_name() -> Result<()> {
+    use bollard::query_parameters::ListNetworksOptions;
+    use ud_edge_agent::docker::Executor;
+
+    let host = std::env::var("DOCKER_HOST").ok();
+    let name = format!("ud-test-{:08x}", rand::random::<u32>());
+    let engine = Executor::connect(host.as_deref(), ud_schemas::NodeId::new()).await?;
+    let docker = engine.client();
+    let count = || async {
+        let list = docker
+            .list_networks(Some(ListNetworksOptions {
+                filters: Some([("name".to_owned(), vec![name.clone()])].into()),
+            }))
+            .await?;
+        anyhow::Ok(
+            list.iter()
+                .filter(|n| n.name.as_deref() == Some(name.as_str()))
+                .count(),
+        )
+    };
+    // One made before, plus a duplicate where the engine allows it.
+    for _ in 0..2 {
+        let _ = docker
+            .create_network(bollard::models::NetworkCreateRequest {
+                name: name.clone(),
+                internal: Some(true),
+                ..Default::default()
+            })
+            .await;
+    }
+    let before = count().await?;
+    let mut starting = tokio::task::JoinSet::new();
+    for _ in 0..6 {
+        let host = host.clone();
+        let name = name.clone();
+        starting.spawn(async move {
+            Executor::connect(host.as_deref(), ud_schemas::NodeId::new())
+                .await?
+                .ensure_sessions_network(&name)
+                .await?;
+            anyhow::Ok(())
+        });
+    }
+    while let Some(done) = starting.join_next().await {
+        done??;
+    }
+    let after = count().await?;
+    let _ = docker.remove_network(&name).await;
+    assert!(before >= 1, "{before}");
+    assert_eq!(
+        after, 1,
+        "networks named {name}: {before} before, {after} after"
+    );
+    Ok(())
+}
