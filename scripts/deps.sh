@@ -66,6 +66,11 @@ ud_install_deps() {
   if ! python3 -c 'import cbor2' 2>/dev/null; then
     python3 -m pip install -q --disable-pip-version-check "cbor2==5.6.5" >&2
   fi
+  # An in-memory Kubernetes API server for the Kubernetes runtime's tests
+  # (testkit/scripts/kube-api.py); no kube-apiserver installs from a registry.
+  if ! python3 -c 'import kmock' 2>/dev/null; then
+    python3 -m pip install -q --disable-pip-version-check "kmock==0.8" >&2
+  fi
 }
 
 # ud_start_pg DIR PORT [fsync]: a throw-away cluster in DIR on 127.0.0.1:PORT.

@@ -11,126 +11,15 @@ use bollard::query_parameters::{
 };
 use bollard::Docker;
 use futures::StreamExt;
-use ud_schemas::dispatch::DispatchRun;
 use ud_schemas::spec::NetworkMode;
-use ud_schemas::{now_millis, Millis, NodeId, TaskId};
+use ud_schemas::{now_millis, Millis, NodeId};
 
+use crate::runtime::*;
 use crate::AgentError;
 
-pub const LABEL_NODE: &str = "io.unidesk.node";
-pub const LABEL_TASK: &str = "io.unidesk.task";
-pub const LABEL_ATTEMPT: &str = "io.unidesk.attempt";
-/// When the container was made (ms since the epoch): its time limit counts from here.
-pub const LABEL_STARTED: &str = "io.unidesk.started_at";
-/// The same moment on the machine's boot clock ([`crate::boot::stamp`]),
-/// which steps of the wall clock do not move.
-pub const LABEL_STARTED_BOOT: &str = "io.unidesk.started_boot";
-pub const LABEL_TIMEOUT: &str = "io.unidesk.timeout_seconds";
-/// The workspace paths uploaded when it ends (a JSON array).
-pub const LABEL_OUTPUTS: &str = "io.unidesk.outputs";
-/// The task's workspace on the node, mounted at `/workspace`.
-pub const LABEL_WORKSPACE: &str = "io.unidesk.workspace";
-/// A pipeline step's `/shared` folder on the node.
-pub const LABEL_SHARED: &str = "io.unidesk.shared";
-/// The GPU devices the run was given (comma-separated UUIDs).
-pub const LABEL_GPUS: &str = "io.unidesk.gpus";
-/// The task's checkpoint folder and period (JSON `checkpoint`).
-pub const LABEL_CHECKPOINT: &str = "io.unidesk.checkpoint";
-/// The ports the platform may reach (comma-separated).
-pub const LABEL_PORTS: &str = "io.unidesk.ports";
-/// A session's idle limit in seconds.
-pub const LABEL_IDLE: &str = "io.unidesk.idle_timeout_seconds";
-/// Seconds cut off from the main server after which the run stops itself.
-pub const LABEL_FENCE: &str = "io.unidesk.fence_after_seconds";
+pub use crate::runtime::{labels, Adopted, Launch, LABEL_NODE, LABEL_TASK};
+
 pub const PIDS_LIMIT: i64 = 4096;
-
-/// A container of this node found after a restart, with what its run needs
-/// to be supervised as if the agent had never stopped.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Adopted {
-    pub task: TaskId,
-    pub attempt: u32,
-    pub container: String,
-    /// When it was made (ms since the epoch; 0 when its labels do not say).
-    pub started_at: Millis,
-    /// The same on the boot clock, when its labels say.
-    pub started_boot: Option<String>,
-    pub timeout_seconds: Option<u64>,
-    pub outputs: Vec<String>,
-    pub workspace: Option<std::path::PathBuf>,
-    /// The GPU devices it was given.
-    pub gpus: Vec<String>,
-    /// Its checkpoint folder, uploaded while it runs.
-    pub checkpoint: Option<ud_schemas::spec::Checkpoint>,
-    /// Cut off from the main server this long, it stops itself.
-    pub fence_after_seconds: Option<u64>,
-    /// Its `/shared` folder, saved when it ends.
-    pub shared: Option<std::path::PathBuf>,
-    /// Ports the platform may reach.
-    pub ports: Vec<u16>,
-    /// A session's idle limit.
-    pub idle_timeout_seconds: Option<u64>,
-}
-
-impl Adopted {
-    /// Reads a container's labels; `None` for one that is not a run of `node`.
-    pub fn from_labels(
-        node: &NodeId,
-        id: String,
-        labels: &HashMap<String, String>,
-    ) -> Option<Self> {
-        if labels.get(LABEL_NODE) != Some(&node.to_string()) {
-            return None;
-        }
-        Some(Self {
-            task: labels.get(LABEL_TASK)?.parse().ok()?,
-            attempt: labels.get(LABEL_ATTEMPT)?.parse().ok()?,
-            container: id,
-            started_at: labels
-                .get(LABEL_STARTED)
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0),
-            started_boot: labels.get(LABEL_STARTED_BOOT).cloned(),
-            timeout_seconds: labels.get(LABEL_TIMEOUT).and_then(|v| v.parse().ok()),
-            outputs: labels
-                .get(LABEL_OUTPUTS)
-                .and_then(|v| serde_json::from_str(v).ok())
-                .unwrap_or_default(),
-            workspace: labels.get(LABEL_WORKSPACE).map(std::path::PathBuf::from),
-            gpus: labels
-                .get(LABEL_GPUS)
-                .map(|g| g.split(',').map(str::to_owned).collect())
-                .unwrap_or_default(),
-            checkpoint: labels
-                .get(LABEL_CHECKPOINT)
-                .and_then(|c| serde_json::from_str(c).ok()),
-            fence_after_seconds: labels.get(LABEL_FENCE).and_then(|v| v.parse().ok()),
-            shared: labels.get(LABEL_SHARED).map(std::path::PathBuf::from),
-            ports: labels
-                .get(LABEL_PORTS)
-                .map(|p| p.split(',').filter_map(|p| p.parse().ok()).collect())
-                .unwrap_or_default(),
-            idle_timeout_seconds: labels.get(LABEL_IDLE).and_then(|v| v.parse().ok()),
-        })
-    }
-}
-
-/// What one run's container starts from.
-pub struct Launch<'a> {
-    pub image: &'a str,
-    pub run: &'a DispatchRun,
-    /// The task's workspace, mounted at `/workspace`.
-    pub workspace: Option<&'a std::path::Path>,
-    /// A pipeline step's folder, mounted at `/shared`.
-    pub shared: Option<&'a std::path::Path>,
-    /// The network `egress` tasks join.
-    pub egress_network: &'a str,
-    /// The internal network tasks with ports join otherwise.
-    pub sessions_network: &'a str,
-    /// Environment variables given to this run only (its secrets): never in
-    /// the spec, the labels or a log.
-    pub secrets: &'a [(String, String)],
-}
 
 /// `/dev/shm` when the task does not say: half its memory, at most 16 GiB
 /// (PyTorch's DataLoader workers pass batches through it; Docker's 64 MiB
@@ -251,53 +140,6 @@ pub fn container(
     }
 }
 
-/// The labels a run's container carries: whose run it is, and what a
-/// restarted agent needs to go on supervising it.
-pub fn labels(
-    node: &NodeId,
-    run: &DispatchRun,
-    workspace: Option<&std::path::Path>,
-    started_at: Millis,
-) -> HashMap<String, String> {
-    let mut labels = HashMap::from([
-        (LABEL_NODE.to_owned(), node.to_string()),
-        (LABEL_TASK.to_owned(), run.task_id.to_string()),
-        (LABEL_ATTEMPT.to_owned(), run.attempt.to_string()),
-        (LABEL_STARTED.to_owned(), started_at.to_string()),
-        (
-            LABEL_TIMEOUT.to_owned(),
-            run.spec.timeout_seconds.to_string(),
-        ),
-    ]);
-    if !run.spec.outputs.is_empty() {
-        if let Ok(outputs) = serde_json::to_string(&run.spec.outputs) {
-            labels.insert(LABEL_OUTPUTS.to_owned(), outputs);
-        }
-    }
-    if let Some(w) = workspace {
-        labels.insert(LABEL_WORKSPACE.to_owned(), w.display().to_string());
-    }
-    if !run.gpus.is_empty() {
-        labels.insert(LABEL_GPUS.to_owned(), run.gpus.join(","));
-    }
-    if let Some(c) = &run.spec.checkpoint {
-        if let Ok(c) = serde_json::to_string(c) {
-            labels.insert(LABEL_CHECKPOINT.to_owned(), c);
-        }
-    }
-    if let Some(f) = run.fence_after_seconds {
-        labels.insert(LABEL_FENCE.to_owned(), f.to_string());
-    }
-    if !run.spec.ports.is_empty() {
-        let ports: Vec<String> = run.spec.ports.iter().map(u16::to_string).collect();
-        labels.insert(LABEL_PORTS.to_owned(), ports.join(","));
-    }
-    if let Some(s) = &run.spec.session {
-        labels.insert(LABEL_IDLE.to_owned(), s.idle_timeout_seconds.to_string());
-    }
-    labels
-}
-
 #[derive(Clone)]
 pub struct Executor {
     docker: Docker,
@@ -318,47 +160,8 @@ impl Executor {
         Ok(Self { docker, node })
     }
 
-    pub async fn image_id(&self, image: &str) -> String {
-        self.docker
-            .inspect_image(image)
-            .await
-            .ok()
-            .and_then(|i| i.id)
-            .unwrap_or_default()
-    }
-
     pub fn client(&self) -> Docker {
         self.docker.clone()
-    }
-
-    pub async fn version(&self) -> Option<String> {
-        self.docker.version().await.ok().and_then(|v| v.version)
-    }
-
-    /// Creates and starts the task's container as [`container`] describes
-    /// it; returns its id.
-    pub async fn create(&self, launch: &Launch<'_>) -> Result<String, AgentError> {
-        let name = format!("ud-{}-{}", launch.run.task_id, launch.run.attempt);
-        let created = self
-            .docker
-            .create_container(
-                Some(CreateContainerOptions {
-                    name: Some(name),
-                    ..Default::default()
-                }),
-                container(
-                    &self.node,
-                    launch,
-                    now_millis(),
-                    crate::boot::stamp().as_deref(),
-                ),
-            )
-            .await?;
-        if let Err(e) = self.docker.start_container(&created.id, None).await {
-            let _ = self.remove(&created.id).await;
-            return Err(e.into());
-        }
-        Ok(created.id)
     }
 
     /// Makes the private bridge network `egress` tasks join (once): no
@@ -457,8 +260,65 @@ impl Executor {
             .collect())
     }
 
+    /// Whether the engine can give containers NVIDIA GPUs (the NVIDIA
+    /// Container Toolkit's runtime, or CDI specifications).
+    pub async fn gives_gpus(&self) -> bool {
+        match self.docker.info().await {
+            Ok(info) => {
+                info.runtimes.is_some_and(|r| r.contains_key("nvidia"))
+                    || info.discovered_devices.unwrap_or_default().iter().any(|d| {
+                        d.id.as_deref()
+                            .is_some_and(|id| id.starts_with("nvidia.com/gpu"))
+                    })
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Runtime for Executor {
+    async fn image_id(&self, image: &str) -> String {
+        self.docker
+            .inspect_image(image)
+            .await
+            .ok()
+            .and_then(|i| i.id)
+            .unwrap_or_default()
+    }
+
+    async fn version(&self) -> Option<String> {
+        self.docker.version().await.ok().and_then(|v| v.version)
+    }
+
+    /// Creates and starts the task's container as [`container`] describes
+    /// it; returns its id.
+    async fn create(&self, launch: &Launch<'_>) -> Result<String, AgentError> {
+        let name = format!("ud-{}-{}", launch.run.task_id, launch.run.attempt);
+        let created = self
+            .docker
+            .create_container(
+                Some(CreateContainerOptions {
+                    name: Some(name),
+                    ..Default::default()
+                }),
+                container(
+                    &self.node,
+                    launch,
+                    now_millis(),
+                    crate::boot::stamp().as_deref(),
+                ),
+            )
+            .await?;
+        if let Err(e) = self.docker.start_container(&created.id, None).await {
+            let _ = self.remove(&created.id).await;
+            return Err(e.into());
+        }
+        Ok(created.id)
+    }
+
     /// The container's address on its network (none without one).
-    pub async fn address(&self, container: &str) -> Option<std::net::IpAddr> {
+    async fn address(&self, container: &str) -> Option<std::net::IpAddr> {
         let c = self
             .docker
             .inspect_container(
@@ -474,23 +334,8 @@ impl Executor {
             .find_map(|ip| ip.parse().ok())
     }
 
-    /// Whether the engine can give containers NVIDIA GPUs (the NVIDIA
-    /// Container Toolkit's runtime, or CDI specifications).
-    pub async fn gives_gpus(&self) -> bool {
-        match self.docker.info().await {
-            Ok(info) => {
-                info.runtimes.is_some_and(|r| r.contains_key("nvidia"))
-                    || info.discovered_devices.unwrap_or_default().iter().any(|d| {
-                        d.id.as_deref()
-                            .is_some_and(|id| id.starts_with("nvidia.com/gpu"))
-                    })
-            }
-            Err(_) => false,
-        }
-    }
-
     /// Containers this node started, running or not.
-    pub async fn ours(&self) -> Result<Vec<Adopted>, AgentError> {
+    async fn ours(&self) -> Result<Vec<Adopted>, AgentError> {
         let filters = HashMap::from([(
             "label".to_owned(),
             vec![format!("{LABEL_NODE}={}", self.node)],
@@ -510,7 +355,7 @@ impl Executor {
     }
 
     /// Exit code once the container stops.
-    pub async fn wait(&self, container: &str) -> Result<i32, AgentError> {
+    async fn wait(&self, container: &str) -> Result<i32, AgentError> {
         let mut s = self
             .docker
             .wait_container(container, None::<WaitContainerOptions>);
@@ -527,7 +372,7 @@ impl Executor {
 
     /// Starts a container that was made and never started (the agent
     /// stopped between the two); says whether it did.
-    pub async fn start_if_created(&self, container: &str) -> Result<bool, AgentError> {
+    async fn start_if_created(&self, container: &str) -> Result<bool, AgentError> {
         let state = self
             .docker
             .inspect_container(
@@ -546,7 +391,7 @@ impl Executor {
 
     /// When a stopped container ended (ms since the epoch); `None` while it
     /// runs or when the engine does not say.
-    pub async fn finished_at(&self, container: &str) -> Option<Millis> {
+    async fn finished_at(&self, container: &str) -> Option<Millis> {
         let state = self
             .docker
             .inspect_container(
@@ -565,7 +410,7 @@ impl Executor {
     }
 
     /// Graceful signal, then kill after `grace` seconds.
-    pub async fn stop(&self, container: &str, grace: u32) -> Result<(), AgentError> {
+    async fn stop(&self, container: &str, grace: u32) -> Result<(), AgentError> {
         self.docker
             .stop_container(
                 container,
@@ -578,7 +423,7 @@ impl Executor {
         Ok(())
     }
 
-    pub async fn remove(&self, container: &str) -> Result<(), AgentError> {
+    async fn remove(&self, container: &str) -> Result<(), AgentError> {
         self.docker
             .remove_container(
                 container,
@@ -594,11 +439,7 @@ impl Executor {
     /// Follows stdout and stderr until the container ends, handing each
     /// chunk after `after` (the engine's time of the last one sent before,
     /// RFC 3339) to `sink` with its own time.
-    pub async fn follow_logs<F, Fut>(&self, container: &str, after: Option<&str>, sink: F)
-    where
-        F: Fn(&'static str, String, String) -> Fut,
-        Fut: std::future::Future<Output = Result<(), AgentError>>,
-    {
+    async fn follow_logs(&self, container: &str, after: Option<&str>, sink: LogSink) {
         let after = after.and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
         let opts = LogsOptions {
             follow: true,
@@ -639,6 +480,8 @@ impl Executor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ud_schemas::dispatch::DispatchRun;
+    use ud_schemas::TaskId;
 
     #[test]
     fn a_restarted_agent_reads_back_what_a_run_needs_from_its_labels() {

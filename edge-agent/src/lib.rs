@@ -5,7 +5,8 @@
 //! * [`reporter`]: what the node reports;
 //! * `dispatch`: the runs and cancels the hub sends;
 //! * `run`: one run, from its preparation to its outcome;
-//! * [`docker`], [`env`], [`transfer`]: containers, versions, task files;
+//! * [`runtime`]: where runs execute, [`docker`] containers or [`k8s`] Pods;
+//! * [`env`], [`transfer`]: versions, task files;
 //! * [`requests`]: what the agent asks the main server.
 
 pub mod boot;
@@ -13,8 +14,10 @@ pub mod docker;
 pub mod env;
 pub mod gpus;
 pub mod info;
+pub mod k8s;
 pub mod reporter;
 pub mod requests;
+pub mod runtime;
 pub mod shared;
 pub mod transfer;
 
@@ -47,6 +50,10 @@ pub enum AgentError {
     Docker(#[from] bollard::errors::Error),
     #[error("container {0} ended without an exit status")]
     NoExitStatus(String),
+    #[error("kubernetes: {0}")]
+    Kube(#[from] ::kube::Error),
+    #[error("{0}")]
+    Refused(String),
     #[error(transparent)]
     Codec(#[from] ud_schemas::CodecError),
 }
@@ -89,6 +96,9 @@ pub struct AgentConfig {
     /// Pipeline `/shared` contents kept on the node above this (MiB) are
     /// evicted, least recently used first.
     pub shared_cache_mb: u64,
+    /// Runs tasks as Pods of this Kubernetes cluster instead of Docker
+    /// containers.
+    pub kubernetes: Option<k8s::Settings>,
 }
 
 impl AgentConfig {
@@ -113,6 +123,7 @@ impl AgentConfig {
             egress_bridge: "ud-egress0".into(),
             sessions_network: "unidesk-sessions".into(),
             shared_cache_mb: 20480,
+            kubernetes: None,
         }
     }
 }
@@ -163,8 +174,13 @@ pub(crate) type Running = Arc<Mutex<HashMap<TaskId, oneshot::Sender<DispatchCanc
 #[derive(Clone)]
 pub(crate) struct Agent {
     pub cfg: Arc<AgentConfig>,
-    pub docker: docker::Executor,
-    pub versions: env::Versions,
+    /// Where runs execute.
+    pub runtime: Arc<dyn runtime::Runtime>,
+    /// The Docker engine, on a node whose runs are containers: environment
+    /// builds and `exec` need it.
+    pub docker: Option<docker::Executor>,
+    /// Environment images built from env repositories (Docker nodes only).
+    pub versions: Option<env::Versions>,
     pub reporter: Reporter,
     pub running: Running,
     pub requests: requests::Requests,
@@ -226,33 +242,54 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let local = jetstream::with_domain(client.clone(), edge::domain(&node));
     let hub = jetstream::with_domain(client.clone(), edge::HUB_DOMAIN);
     ensure_local(&local, &node).await?;
-    let docker = docker::Executor::connect(cfg.docker_host.as_deref(), node).await?;
     let requests = requests::Requests {
         client: client.clone(),
         node,
     };
-    let versions = env::Versions::new(
-        cfg.work_dir.clone(),
-        docker.client(),
-        cfg.build_timeout,
-        cfg.cache_limit_mb.saturating_mul(1024 * 1024),
-    )
-    .with_credentials(requests.clone());
-    let found = usable_gpus(&cfg, &docker).await;
-    if cfg
-        .offer
-        .networks
-        .contains(&ud_schemas::spec::NetworkMode::Egress)
-    {
-        docker
-            .ensure_egress_network(&cfg.egress_network, &cfg.egress_bridge)
-            .await?;
-    }
-    docker
-        .ensure_sessions_network(&cfg.sessions_network)
-        .await?;
-    let (cpus, memory_mb) = info::machine();
-    let resources = info::resources(docker.version().await, &cfg.offer, &found, cpus, memory_mb);
+    let (runtime, docker, versions, found, resources) = match &cfg.kubernetes {
+        Some(k) => {
+            let pods = k8s::Pods::connect(k.clone(), node).await?;
+            let found = k.gpus();
+            let resources = info::resources(
+                runtime::Runtime::version(&pods).await,
+                &cfg.offer,
+                &found,
+                0,
+                0,
+            );
+            let resources = k.capacity(resources);
+            let runtime: Arc<dyn runtime::Runtime> = Arc::new(pods);
+            (runtime, None, None, found, resources)
+        }
+        None => {
+            let docker = docker::Executor::connect(cfg.docker_host.as_deref(), node).await?;
+            let versions = env::Versions::new(
+                cfg.work_dir.clone(),
+                docker.client(),
+                cfg.build_timeout,
+                cfg.cache_limit_mb.saturating_mul(1024 * 1024),
+            )
+            .with_credentials(requests.clone());
+            let found = usable_gpus(&cfg, &docker).await;
+            if cfg
+                .offer
+                .networks
+                .contains(&ud_schemas::spec::NetworkMode::Egress)
+            {
+                docker
+                    .ensure_egress_network(&cfg.egress_network, &cfg.egress_bridge)
+                    .await?;
+            }
+            docker
+                .ensure_sessions_network(&cfg.sessions_network)
+                .await?;
+            let (cpus, memory_mb) = info::machine();
+            let version = runtime::Runtime::version(&docker).await;
+            let resources = info::resources(version, &cfg.offer, &found, cpus, memory_mb);
+            let runtime: Arc<dyn runtime::Runtime> = Arc::new(docker.clone());
+            (runtime, Some(docker), Some(versions), found, resources)
+        }
+    };
     let agent = Agent {
         reporter: Reporter::new(node, local),
         transfers: transfer::Transfers::new(requests.clone()),
@@ -260,6 +297,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         running: Arc::default(),
         cfg: Arc::new(cfg),
         gpus: Arc::new(std::sync::Mutex::new(found)),
+        runtime,
         docker,
         versions,
         requests,
@@ -280,7 +318,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     info!(node_id = %node, "registered");
 
     // Containers from before a restart: adopted, never run twice.
-    for adopted in agent.docker.ours().await? {
+    for adopted in agent.runtime.ours().await? {
         run::adopt(&agent, adopted, &mut tasks).await;
     }
     tasks.spawn(heartbeats(agent.clone()));
@@ -299,6 +337,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
 /// long as the agent runs.
 async fn serve_tunnels(client: async_nats::Client, agent: Agent) {
     let resolver = tunnel::Resolver {
+        runtime: agent.runtime.clone(),
         docker: agent.docker.clone(),
         reachable: agent.reachable.clone(),
     };
@@ -318,7 +357,9 @@ async fn serve_tunnels(client: async_nats::Client, agent: Agent) {
 /// Reports the node's heartbeat every interval: its runs, its free disk and
 /// (on a node with GPUs) the devices it sees now.
 async fn heartbeats(agent: Agent) {
-    let has_gpus = agent.gpus.lock().is_ok_and(|g| !g.gpus.is_empty());
+    // A cluster's GPUs are its scheduler's, not this machine's to look at.
+    let has_gpus =
+        agent.cfg.kubernetes.is_none() && agent.gpus.lock().is_ok_and(|g| !g.gpus.is_empty());
     let mut tick = tokio::time::interval(agent.cfg.heartbeat_interval);
     loop {
         tick.tick().await;

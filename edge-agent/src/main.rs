@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent against the local leaf nats-server.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the leaf nats-server configuration for this node.
     LeafConfig(LeafArgs),
 }
@@ -104,6 +104,97 @@ struct RunArgs {
         default_value = "unidesk-sessions"
     )]
     sessions_network: String,
+    #[command(flatten)]
+    kubernetes: KubeArgs,
+}
+
+/// Running tasks as Pods of a Kubernetes cluster (docs/kubernetes.md).
+#[derive(Args)]
+struct KubeArgs {
+    /// Run tasks as Pods of a Kubernetes cluster instead of Docker containers
+    /// (needs --image).
+    #[arg(long, env = "UD_EDGE_KUBERNETES")]
+    kubernetes: bool,
+    /// The kubeconfig to use (default: the Pod's service account, or $KUBECONFIG).
+    #[arg(long, env = "UD_K8S_KUBECONFIG")]
+    kubeconfig: Option<std::path::PathBuf>,
+    /// The API server's URL without a kubeconfig (plain HTTP, e.g. `kubectl proxy`).
+    #[arg(long, env = "UD_K8S_URL")]
+    k8s_url: Option<String>,
+    /// The namespace of the Pods.
+    #[arg(long, env = "UD_K8S_NAMESPACE", default_value = "unidesk")]
+    k8s_namespace: String,
+    /// What the cluster offers UniDesk: CPUs (fractions allowed), memory (MiB), GPUs.
+    #[arg(long, env = "UD_K8S_CPUS", default_value_t = 0.0)]
+    k8s_cpus: f64,
+    #[arg(long, env = "UD_K8S_MEMORY_MB", default_value_t = 0)]
+    k8s_memory_mb: u64,
+    #[arg(long, env = "UD_K8S_GPUS", default_value_t = 0)]
+    k8s_gpus: u32,
+    /// The model of those GPUs, and their memory (MiB), as tasks ask for them.
+    #[arg(long, env = "UD_K8S_GPU_MODEL", default_value = "NVIDIA GPU")]
+    k8s_gpu_model: String,
+    #[arg(long, env = "UD_K8S_GPU_MEMORY_MB", default_value_t = 0)]
+    k8s_gpu_memory_mb: u64,
+    /// The image of the init container that checks the code out (git and sh).
+    #[arg(long, env = "UD_K8S_GIT_IMAGE", default_value = "alpine/git:2.47.2")]
+    k8s_git_image: String,
+    /// Node label KEY=VALUE every Pod asks for (repeatable, or comma-separated).
+    #[arg(
+        long = "k8s-node-selector",
+        env = "UD_K8S_NODE_SELECTOR",
+        value_delimiter = ','
+    )]
+    k8s_node_selector: Vec<String>,
+    /// The Volcano queue the Pods go to (their scheduler is then Volcano).
+    #[arg(long, env = "UD_K8S_VOLCANO_QUEUE")]
+    k8s_volcano_queue: Option<String>,
+}
+
+impl KubeArgs {
+    fn settings(self, image: Option<&String>) -> Result<Option<ud_edge_agent::k8s::Settings>> {
+        if !self.kubernetes {
+            return Ok(None);
+        }
+        if image.is_none() {
+            return Err(anyhow!(
+                "UD_EDGE_KUBERNETES needs UD_EDGE_IMAGE: the image the cluster runs tasks in"
+            ));
+        }
+        if !(0.0..=1_000_000.0).contains(&self.k8s_cpus) {
+            return Err(anyhow!(
+                "UD_K8S_CPUS must be between 0 and 1000000, not {}",
+                self.k8s_cpus
+            ));
+        }
+        Ok(Some(ud_edge_agent::k8s::Settings {
+            kubeconfig: self.kubeconfig,
+            url: self.k8s_url.filter(|u| !u.is_empty()),
+            namespace: self.k8s_namespace,
+            cpu_millis: (self.k8s_cpus * 1000.0).round() as u32,
+            memory_mb: self.k8s_memory_mb,
+            gpus: self.k8s_gpus,
+            gpu_model: self.k8s_gpu_model,
+            gpu_memory_mb: self.k8s_gpu_memory_mb,
+            git_image: self.k8s_git_image,
+            node_selector: key_values("UD_K8S_NODE_SELECTOR", &self.k8s_node_selector)?,
+            volcano_queue: self.k8s_volcano_queue.filter(|q| !q.is_empty()),
+        }))
+    }
+}
+
+/// `KEY=VALUE` items, refused with the setting's name when one is not.
+fn key_values(setting: &str, items: &[String]) -> Result<BTreeMap<String, String>> {
+    items
+        .iter()
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            l.split_once('=')
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                .filter(|(k, _)| !k.is_empty())
+                .ok_or_else(|| anyhow!("{setting}: {l:?} is not KEY=VALUE"))
+        })
+        .collect()
 }
 
 #[derive(Args)]
@@ -181,16 +272,7 @@ async fn main() -> Result<()> {
         }
         Command::Run(a) => {
             let t = token(&a.token)?;
-            let labels: BTreeMap<String, String> = a
-                .labels
-                .iter()
-                .filter(|l| !l.is_empty())
-                .map(|l| {
-                    l.split_once('=')
-                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                        .ok_or_else(|| anyhow!("label {l:?} is not KEY=VALUE"))
-                })
-                .collect::<Result<_>>()?;
+            let labels = key_values("UD_EDGE_LABELS", &a.labels)?;
             if !(0.001..=86_400.0).contains(&a.heartbeat_seconds) {
                 return Err(anyhow!(
                     "UD_EDGE_HEARTBEAT_SECONDS must be between 0.001 and 86400, not {}",
@@ -215,13 +297,15 @@ async fn main() -> Result<()> {
                     )),
                 })
                 .collect::<Result<Vec<_>>>()?;
+            let image = a.image.filter(|i| !i.is_empty());
+            let kubernetes = a.kubernetes.settings(image.as_ref())?;
             run(AgentConfig {
                 leaf_url: a.leaf_url,
                 node_id: t.node_id,
                 name: a.name,
                 labels,
                 heartbeat_interval: Duration::from_secs_f64(a.heartbeat_seconds),
-                image: a.image.filter(|i| !i.is_empty()),
+                image,
                 work_dir: a.work_dir,
                 build_timeout: Duration::from_secs(a.build_timeout_seconds),
                 min_free_disk_mb: a.min_free_disk_mb,
@@ -237,6 +321,7 @@ async fn main() -> Result<()> {
                 egress_network: a.egress_network,
                 egress_bridge: a.egress_bridge,
                 sessions_network: a.sessions_network,
+                kubernetes,
             })
             .await?;
             Ok(())

@@ -15,7 +15,8 @@ use ud_schemas::events::*;
 use ud_schemas::report::RunReport;
 use ud_schemas::{now_millis, Millis, TaskId};
 
-use crate::{docker, env, shared, transfer, Agent};
+use crate::runtime::{Adopted, Launch};
+use crate::{env, shared, transfer, Agent};
 
 /// Starts a dispatched run in the background, unless this node has it already.
 pub(crate) async fn start(agent: &Agent, run: DispatchRun, tasks: &mut tokio::task::JoinSet<()>) {
@@ -35,11 +36,7 @@ pub(crate) async fn start(agent: &Agent, run: DispatchRun, tasks: &mut tokio::ta
 }
 
 /// Supervises a container found after a restart, as if the agent had never stopped.
-pub(crate) async fn adopt(
-    agent: &Agent,
-    adopted: docker::Adopted,
-    tasks: &mut tokio::task::JoinSet<()>,
-) {
+pub(crate) async fn adopt(agent: &Agent, adopted: Adopted, tasks: &mut tokio::task::JoinSet<()>) {
     let (tx, rx) = oneshot::channel();
     agent.running.lock().await.insert(adopted.task, tx);
     let span = tracing::info_span!("task", task_id = %adopted.task, node_id = %agent.cfg.node_id, attempt = adopted.attempt);
@@ -94,7 +91,7 @@ pub(crate) async fn adopt(
         async move {
             // Made but not started when the agent stopped: started now, as
             // the agent would have done next.
-            match agent.docker.start_if_created(&container).await {
+            match agent.runtime.start_if_created(&container).await {
                 Ok(true) => info!("its container had not started: started now"),
                 Ok(false) => {}
                 Err(e) => warn!(error = %e, "cannot start the adopted container"),
@@ -245,7 +242,7 @@ impl Agent {
             self.reporter.step(task, attempt, "start").await;
         }
         let t = std::time::Instant::now();
-        let launch = docker::Launch {
+        let launch = Launch {
             image: &prepared.image,
             run: &run,
             workspace: prepared.workspace.as_deref(),
@@ -254,7 +251,7 @@ impl Agent {
             sessions_network: &self.cfg.sessions_network,
             secrets: &secrets,
         };
-        let container = match self.docker.create(&launch).await {
+        let container = match self.runtime.create(&launch).await {
             Ok(c) => c,
             Err(e) => {
                 if let Some((d, _)) = prepared.shared.take() {
@@ -347,7 +344,7 @@ impl Agent {
         let (task, attempt) = (run.task_id, run.attempt);
         let mut prepared = match &self.cfg.image {
             Some(image) => {
-                let image_id = self.docker.image_id(image).await;
+                let image_id = self.runtime.image_id(image).await;
                 // A fixed image gets a workspace only to exchange files through.
                 let files = !run.spec.inputs.is_empty()
                     || !run.spec.outputs.is_empty()
@@ -379,13 +376,15 @@ impl Agent {
                     let reporter = self.reporter.clone();
                     async move { reporter.step(task, attempt, name).await }
                 };
-                let p = self
-                    .versions
+                let Some(versions) = &self.versions else {
+                    return Err("this node runs tasks only in the image its owner named, and this task's environment must be built from its env repository".into());
+                };
+                let p = versions
                     .prepare(task, &run.spec, workspace, log, step)
                     .await
                     .map_err(|e| e.to_string())?;
                 // Make room by what was used least recently (what runs use stays).
-                self.versions.evict().await;
+                versions.evict().await;
                 PreparedRun {
                     image: p.image,
                     image_id: p.image_id,
@@ -608,18 +607,21 @@ impl Agent {
     async fn supervise(self, s: Supervised, cancel: oneshot::Receiver<DispatchCancel>) {
         let (task, attempt) = (s.task, s.attempt);
         let logs = tokio::spawn({
-            let (docker, reporter, container, after) = (
-                self.docker.clone(),
+            let (runtime, reporter, container, after) = (
+                self.runtime.clone(),
                 self.reporter.clone(),
                 s.container.clone(),
                 s.logs_after.clone(),
             );
             async move {
-                docker
-                    .follow_logs(&container, after.as_deref(), |stream, text, time| {
-                        let reporter = reporter.clone();
-                        async move { reporter.log(task, attempt, stream, text, Some(&time)).await }
-                    })
+                let sink: crate::runtime::LogSink = Box::new(move |stream, text, time| {
+                    let reporter = reporter.clone();
+                    Box::pin(
+                        async move { reporter.log(task, attempt, stream, text, Some(&time)).await },
+                    )
+                });
+                runtime
+                    .follow_logs(&container, after.as_deref(), sink)
                     .await
             }
         });
@@ -660,11 +662,11 @@ impl Agent {
                 reason = &mut fenced => {
                     warn!(reason = %reason, "stopping the run on its own");
                     let grace = s.fence.map_or(10, |f| fence_stop_grace(f).as_secs());
-                    let _ = self.docker.stop(&s.container, u32::try_from(grace).unwrap_or(10)).await;
+                    let _ = self.runtime.stop(&s.container, u32::try_from(grace).unwrap_or(10)).await;
                     // As a stop the main server asks for (which may come too).
                     RunReport::Cancelled(TaskCancelled { at: now_millis(), reason })
                 },
-                code = self.docker.wait(&s.container) => match code {
+                code = self.runtime.wait(&s.container) => match code {
                     // A run that ended past its limit (while the agent was away) timed out.
                     Ok(_) if self.ended_past(&s).await => timed_out(s.limit),
                     Ok(0) => RunReport::Succeeded(TaskSucceeded { at: now_millis(), exit_code: 0 }),
@@ -673,15 +675,15 @@ impl Agent {
                 },
                 c = cancel => {
                     let grace = c.as_ref().map_or(10, |c| c.grace_seconds);
-                    let _ = self.docker.stop(&s.container, grace).await;
+                    let _ = self.runtime.stop(&s.container, grace).await;
                     RunReport::Cancelled(TaskCancelled { at: now_millis(), reason: c.map_or_else(|_| "agent stopping".into(), |c| c.reason) })
                 },
                 () = deadline => {
-                    let _ = self.docker.stop(&s.container, 10).await;
+                    let _ = self.runtime.stop(&s.container, 10).await;
                     timed_out(s.limit)
                 },
                 limit = idle => {
-                    let _ = self.docker.stop(&s.container, 10).await;
+                    let _ = self.runtime.stop(&s.container, 10).await;
                     let reason = format!("ended after {} min without session traffic (idle_timeout_minutes)", limit.as_secs() / 60);
                     info!(reason = %reason, "session idle");
                     RunReport::Cancelled(TaskCancelled { at: now_millis(), reason })
@@ -707,7 +709,7 @@ impl Agent {
         if let Err(e) = self.reporter.outcome(task, attempt, outcome).await {
             warn!(error = %e, "cannot record the outcome");
         }
-        let _ = self.docker.remove(&s.container).await;
+        let _ = self.runtime.remove(&s.container).await;
         if let Some((d, _)) = s.shared {
             shared::Base::forget(&d);
             remove_dir(d).await;
@@ -755,7 +757,7 @@ impl Agent {
     /// Whether the run's container ended after its time limit.
     async fn ended_past(&self, s: &Supervised) -> bool {
         let Some(limit) = s.limit else { return false };
-        self.docker
+        self.runtime
             .finished_at(&s.container)
             .await
             .is_some_and(|finished| finished > limit.at)

@@ -71,7 +71,9 @@ const DIAL_FOR: Duration = Duration::from_secs(10);
 
 #[derive(Clone)]
 pub(crate) struct Resolver {
-    pub docker: docker::Executor,
+    pub runtime: std::sync::Arc<dyn crate::runtime::Runtime>,
+    /// Exec needs the Docker engine (none on a Kubernetes node).
+    pub docker: Option<docker::Executor>,
     pub reachable: Reachable,
 }
 
@@ -88,7 +90,10 @@ impl ud_tunnel::Resolver for Resolver {
                 tty,
                 cols,
                 rows,
-            } => exec(&self.docker.client(), &reach, command, tty, cols, rows).await,
+            } => match &self.docker {
+                Some(d) => exec(&d.client(), &reach, command, tty, cols, rows).await,
+                None => Err("exec into a task is not available on a node that runs tasks as Kubernetes Pods".into()),
+            },
         }
     }
 }
@@ -104,7 +109,7 @@ impl Resolver {
         let ip = *reach
             .address
             .get_or_try_init(|| async {
-                self.docker
+                self.runtime
                     .address(&reach.container)
                     .await
                     .ok_or("the task's container has no network address")

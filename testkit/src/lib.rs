@@ -10,12 +10,14 @@
 mod garage;
 mod git_http;
 mod isolated_docker;
+mod kube_api;
 mod proxy;
 mod session_image;
 mod tls;
 pub use garage::Garage;
 pub use git_http::GitHttpServer;
 pub use isolated_docker::IsolatedDocker;
+pub use kube_api::KubeApi;
 pub use proxy::Proxy;
 pub use session_image::{session_image, session_server, SESSION_IMAGE};
 pub use tls::{TestCa, TlsFiles};

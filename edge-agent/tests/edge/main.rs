@@ -7,6 +7,7 @@ mod common;
 mod files;
 mod gpus;
 mod grace;
+mod kubernetes;
 mod link;
 mod network;
 mod nodes;

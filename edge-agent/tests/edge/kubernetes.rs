@@ -1,0 +1,224 @@
+//! A cluster joins like a node: its agent makes one Pod per attempt through
+//! the Kubernetes API, follows it to its end and adopts it after a restart.
+//! The API server is a stand-in (no kube-apiserver installs here) that runs
+//! no kubelet: the test plays the kubelet, setting the Pods' status and
+//! putting their logs.
+
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, Patch, PatchParams, WatchEvent, WatchParams};
+use serde_json::json;
+use ud_edge_agent::k8s::Settings;
+use ud_edge_agent::AgentConfig;
+use ud_testkit::KubeApi;
+
+use crate::common::*;
+
+const NS: &str = "lab";
+const TRAIN_IMAGE: &str = "registry.example.org/lab/train:1";
+
+/// Waits for an event of the task's Pod that `want` accepts.
+async fn pod_event(
+    pods: &Api<Pod>,
+    task: &str,
+    want: impl Fn(&WatchEvent<Pod>) -> bool,
+) -> Result<Pod> {
+    let params = WatchParams::default()
+        .labels(&format!("io.unidesk.task={task}"))
+        .timeout(60);
+    let mut events = pods.watch(&params, "0").await?.boxed();
+    while let Some(e) = events.try_next().await? {
+        if want(&e) {
+            if let WatchEvent::Added(p) | WatchEvent::Modified(p) | WatchEvent::Deleted(p) = e {
+                return Ok(p);
+            }
+        }
+    }
+    bail!("no such event of the Pod of task {task} within 60 s")
+}
+
+async fn made(pods: &Api<Pod>, task: &str) -> Result<(Pod, String)> {
+    let p = pod_event(pods, task, |e| matches!(e, WatchEvent::Added(_))).await?;
+    let name = p.metadata.name.clone().unwrap_or_default();
+    Ok((p, name))
+}
+
+/// Waits until the task's Pod is deleted (at once when it is gone already).
+async fn gone(pods: &Api<Pod>, task: &str) -> Result<()> {
+    let params = WatchParams::default()
+        .labels(&format!("io.unidesk.task={task}"))
+        .timeout(60);
+    let list = pods
+        .list(&kube::api::ListParams::default().labels(&format!("io.unidesk.task={task}")))
+        .await?;
+    if list.items.is_empty() {
+        return Ok(());
+    }
+    let version = list.metadata.resource_version.unwrap_or_default();
+    let mut events = pods.watch(&params, &version).await?.boxed();
+    while let Some(e) = events.try_next().await? {
+        if matches!(e, WatchEvent::Deleted(_)) {
+            return Ok(());
+        }
+    }
+    bail!("the Pod of task {task} was not deleted within 60 s")
+}
+
+/// What the kubelet would say of the task container.
+async fn set_state(
+    pods: &Api<Pod>,
+    name: &str,
+    phase: &str,
+    state: serde_json::Value,
+) -> Result<()> {
+    let status = json!({"status": {"phase": phase, "podIP": "10.42.0.7", "containerStatuses": [{
+        "name": "task", "image": TRAIN_IMAGE, "imageID": "", "ready": phase == "Running",
+        "restartCount": 0, "state": state
+    }]}});
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(status))
+        .await?;
+    Ok(())
+}
+
+async fn running(pods: &Api<Pod>, name: &str) -> Result<()> {
+    set_state(
+        pods,
+        name,
+        "Running",
+        json!({"running": {"startedAt": "2026-12-06T10:00:00Z"}}),
+    )
+    .await
+}
+
+async fn ended(pods: &Api<Pod>, name: &str, code: i32) -> Result<()> {
+    let phase = if code == 0 { "Succeeded" } else { "Failed" };
+    let state = json!({"terminated": {"exitCode": code, "finishedAt": chrono_now()}});
+    set_state(pods, name, phase, state).await
+}
+
+fn chrono_now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+#[tokio::test]
+async fn a_cluster_runs_tasks_as_pods_and_adopts_them_after_a_restart() -> Result<()> {
+    let api = KubeApi::start().await?;
+    let mut s = Stack::start(Duration::from_secs(60)).await?;
+    let token = s.enroll("cluster").await?;
+    let leaf = s.leaf(&token, s.hub.leaf_port()).await?;
+    let cfg = AgentConfig {
+        image: Some(TRAIN_IMAGE.into()),
+        kubernetes: Some(Settings {
+            url: Some(api.url.clone()),
+            namespace: NS.into(),
+            cpu_millis: 16_000,
+            memory_mb: 65_536,
+            gpus: 4,
+            gpu_model: "NVIDIA A100".into(),
+            gpu_memory_mb: 40_960,
+            ..Settings::default()
+        }),
+        ..agent_config(&leaf, &token, "cluster", Duration::from_millis(500))
+    };
+    let agent = run_agent(cfg.clone());
+    // It offers the quota, not the machine the agent runs on.
+    let node = s.node_status(token.node_id, "online", JOIN).await?;
+    assert_eq!(node["resources"]["cpu_millis"], 16_000, "{node}");
+    assert_eq!(node["resources"]["memory_mb"], 65_536, "{node}");
+    assert_eq!(
+        node["resources"]["gpus"].as_array().map(Vec::len),
+        Some(4),
+        "{node}"
+    );
+    assert_eq!(node["resources"]["os"], "kubernetes", "{node}");
+    let pods: Api<Pod> = Api::namespaced(
+        kube::Client::try_from(kube::Config::new(api.url.parse()?))?,
+        NS,
+    );
+
+    // A GPU task: a Pod asking for its GPUs, in the owner's image, with the
+    // code checked out at its commit; its log and exit come back.
+    let train = s
+        .submit_body(task_body(
+            "lab",
+            "python train.py",
+            json!({"cpus": 2, "memory_mb": 4096, "gpus": 2}),
+        ))
+        .await?;
+    let (pod, name) = made(&pods, &train).await?;
+    let spec = pod.spec.clone().unwrap_or_default();
+    let task = &spec.containers[0];
+    assert_eq!(task.image.as_deref(), Some(TRAIN_IMAGE));
+    let limits = task
+        .resources
+        .clone()
+        .unwrap_or_default()
+        .limits
+        .unwrap_or_default();
+    assert_eq!(limits["nvidia.com/gpu"].0, "2");
+    assert_eq!(limits["cpu"].0, "2000m");
+    let init = spec.init_containers.clone().unwrap_or_default();
+    let env = init[0].env.clone().unwrap_or_default();
+    assert!(env
+        .iter()
+        .any(|e| e.value.as_deref() == Some("0123456789abcdef0123456789abcdef01234567")));
+    assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+    running(&pods, &name).await?;
+    api.log(
+        NS,
+        &name,
+        "2026-12-06T10:00:01.000000000Z epoch 1 loss 0.42\n",
+    )
+    .await?;
+    ended(&pods, &name, 0).await?;
+    let done = s
+        .task_state(&train, &["succeeded", "failed"], Duration::from_secs(60))
+        .await?;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert!(logs(&s, &train).await?.contains("epoch 1 loss 0.42"));
+    gone(&pods, &train).await?;
+
+    // A cancel deletes the Pod.
+    let long = s.submit("sleep 600", 600).await?;
+    let (_, name) = made(&pods, &long).await?;
+    running(&pods, &name).await?;
+    s.post(
+        &format!("/api/v1/tasks/{long}/cancel"),
+        json!({"reason": "not needed"}),
+    )
+    .await?;
+    gone(&pods, &long).await?;
+    s.task_state(&long, &["cancelled"], Duration::from_secs(30))
+        .await?;
+
+    // A restarted agent adopts its Pod and reports how it ended.
+    let adopted = s.submit("python eval.py", 600).await?;
+    let (_, name) = made(&pods, &adopted).await?;
+    running(&pods, &name).await?;
+    agent.abort();
+    let _ = agent.await;
+    let agent = run_agent(cfg);
+    ended(&pods, &name, 3).await?;
+    let done = s
+        .task_state(&adopted, &["succeeded", "failed"], Duration::from_secs(60))
+        .await?;
+    assert_eq!(done["state"], "failed", "{done}");
+    assert_eq!(done["exit_code"], 3, "{done}");
+
+    // What Pods cannot do yet is refused with the reason, not lost.
+    let mut body = task_body("lab", "true", json!({"cpus": 1, "memory_mb": 64}));
+    body["outputs"] = json!(["out/"]);
+    let files = s.submit_body(body).await?;
+    let done = s
+        .task_state(&files, &["failed"], Duration::from_secs(60))
+        .await?;
+    assert!(
+        done["reason"].as_str().is_some_and(|r| r.contains("files")),
+        "{done}"
+    );
+    agent.abort();
+    Ok(())
+}
