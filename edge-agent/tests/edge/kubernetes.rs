@@ -222,3 +222,49 @@ async fn a_cluster_runs_tasks_as_pods_and_adopts_them_after_a_restart() -> Resul
     agent.abort();
     Ok(())
 }
+
+/// On a real cluster, where `UD_K8S_TEST_KUBECONFIG` names one (its
+/// kubelets run the Pods; the namespace `UD_K8S_TEST_NAMESPACE`, default
+/// `unidesk-test`, must exist and the nodes must reach GitHub and Docker
+/// Hub): a task checks out public code at its commit and runs. Without the
+/// setting it returns at once, saying so.
+#[tokio::test]
+async fn a_real_cluster_runs_a_task_from_its_pinned_code() -> Result<()> {
+    let Some(kubeconfig) = std::env::var_os("UD_K8S_TEST_KUBECONFIG") else {
+        eprintln!("UD_K8S_TEST_KUBECONFIG is not set: no real cluster to run on");
+        return Ok(());
+    };
+    let namespace =
+        std::env::var("UD_K8S_TEST_NAMESPACE").unwrap_or_else(|_| "unidesk-test".into());
+    let mut s = Stack::start(Duration::from_secs(60)).await?;
+    let token = s.enroll("real-cluster").await?;
+    let leaf = s.leaf(&token, s.hub.leaf_port()).await?;
+    let agent = run_agent(AgentConfig {
+        image: Some("busybox:1.36".into()),
+        kubernetes: Some(Settings {
+            kubeconfig: Some(kubeconfig.into()),
+            namespace,
+            cpu_millis: 1000,
+            memory_mb: 512,
+            ..Settings::default()
+        }),
+        ..agent_config(&leaf, &token, "real-cluster", Duration::from_millis(500))
+    });
+    s.node_status(token.node_id, "online", JOIN).await?;
+    let mut body = task_body(
+        "lab",
+        "ls /workspace && echo hello from the cluster",
+        json!({"cpus": 0.5, "memory_mb": 64}),
+    );
+    body["code_repo_url"] = json!("https://github.com/octocat/Hello-World.git");
+    body["code_commit_id"] = json!("7fd1a60b01f91b314f59955a4e4d4e80d8edf11d");
+    let id = s.submit_body(body).await?;
+    let done = s
+        .task_state(&id, &["succeeded", "failed"], Duration::from_secs(300))
+        .await?;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let log = logs(&s, &id).await?;
+    assert!(log.contains("README") && log.contains("hello from the cluster"), "{log}");
+    agent.abort();
+    Ok(())
+}
