@@ -47,21 +47,25 @@ async fn made(pods: &Api<Pod>, task: &str) -> Result<(Pod, String)> {
 }
 
 /// Waits until the task's Pod is deleted (at once when it is gone already).
+/// The stand-in's watch does not replay deletions from before it began, so
+/// each second without an event the Pod is looked for again.
 async fn gone(pods: &Api<Pod>, task: &str) -> Result<()> {
-    let params = WatchParams::default()
-        .labels(&format!("io.unidesk.task={task}"))
-        .timeout(60);
-    let list = pods
-        .list(&kube::api::ListParams::default().labels(&format!("io.unidesk.task={task}")))
-        .await?;
-    if list.items.is_empty() {
-        return Ok(());
-    }
-    let version = list.metadata.resource_version.unwrap_or_default();
-    let mut events = pods.watch(&params, &version).await?.boxed();
-    while let Some(e) = events.try_next().await? {
-        if matches!(e, WatchEvent::Deleted(_)) {
+    let selector = format!("io.unidesk.task={task}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while tokio::time::Instant::now() < deadline {
+        let list = pods
+            .list(&kube::api::ListParams::default().labels(&selector))
+            .await?;
+        if list.items.is_empty() {
             return Ok(());
+        }
+        let version = list.metadata.resource_version.unwrap_or_default();
+        let params = WatchParams::default().labels(&selector).timeout(1);
+        let mut events = pods.watch(&params, &version).await?.boxed();
+        while let Some(e) = events.try_next().await? {
+            if matches!(e, WatchEvent::Deleted(_)) {
+                return Ok(());
+            }
         }
     }
     bail!("the Pod of task {task} was not deleted within 60 s")
