@@ -432,13 +432,17 @@ impl Pods {
         // Kubernetes client needs one chosen.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let client = kube::Client::try_from(config)?;
-        Ok(Self {
+        Ok(Self::with_client(client, settings, node))
+    }
+
+    pub fn with_client(client: kube::Client, settings: Settings, node: NodeId) -> Self {
+        Self {
             pods: Api::namespaced(client.clone(), &settings.namespace),
             secrets: Api::namespaced(client.clone(), &settings.namespace),
             client,
             settings,
             node,
-        })
+        }
     }
 
     /// The Pod's status now; `None` once it is gone.
@@ -774,5 +778,92 @@ mod tests {
         )
         .unwrap();
         assert_eq!(phase(&pending), Phase::Going);
+    }
+
+    /// The API server's answers as a sequence: a watch that expires (410)
+    /// is followed by reading the Pod again; a Pod gone, or made before,
+    /// says so.
+    #[tokio::test]
+    async fn the_api_servers_expired_watches_missing_and_existing_pods_are_handled() {
+        use http::{Request, Response};
+        use kube::client::Body;
+        let (service, mut server) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let settings = Settings {
+            namespace: "lab".into(),
+            ..Settings::default()
+        };
+        let pods = Pods::with_client(kube::Client::new(service, "lab"), settings, NodeId::new());
+        let pod = |state: serde_json::Value| {
+            serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "p", "namespace": "lab", "resourceVersion": "5"},
+                "status": {"phase": "Running", "containerStatuses": [{"name": "task", "image": "i",
+                    "imageID": "", "ready": true, "restartCount": 0, "state": state}]}})
+        };
+        let status = |code: u16, reason: &str| {
+            serde_json::json!({"apiVersion": "v1", "kind": "Status", "status": "Failure",
+                "code": code, "reason": reason, "message": reason})
+        };
+        let answers = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let answer = |seen: &mut Vec<String>, req: Request<Body>, code: u16, body: String| {
+                seen.push(format!("{} {}", req.method(), req.uri()));
+                Response::builder()
+                    .status(code)
+                    .body(Body::from(body.into_bytes()))
+                    .unwrap()
+            };
+            let (req, send) = server.next_request().await.unwrap();
+            send.send_response(answer(
+                &mut seen,
+                req,
+                200,
+                pod(serde_json::json!({"running": {}})).to_string(),
+            ));
+            let (req, send) = server.next_request().await.unwrap();
+            let expired = serde_json::json!({"type": "ERROR", "object": status(410, "Expired")});
+            send.send_response(answer(&mut seen, req, 200, format!("{expired}\n")));
+            let (req, send) = server.next_request().await.unwrap();
+            let ended = pod(serde_json::json!({"terminated": {"exitCode": 7}}));
+            send.send_response(answer(&mut seen, req, 200, ended.to_string()));
+            let (req, send) = server.next_request().await.unwrap();
+            send.send_response(answer(
+                &mut seen,
+                req,
+                404,
+                status(404, "NotFound").to_string(),
+            ));
+            let (req, send) = server.next_request().await.unwrap();
+            send.send_response(answer(
+                &mut seen,
+                req,
+                409,
+                status(409, "AlreadyExists").to_string(),
+            ));
+            seen
+        });
+        assert_eq!(pods.wait("p").await.unwrap(), 7);
+        assert!(matches!(
+            pods.wait("q").await,
+            Err(AgentError::NoExitStatus(_))
+        ));
+        let run = run();
+        let made = pods.create(&launch(&run, &[])).await;
+        assert!(
+            matches!(&made, Err(AgentError::Refused(m)) if m.contains("exists already")),
+            "{made:?}"
+        );
+        let seen = answers.await.unwrap();
+        assert!(
+            seen[0].starts_with("GET /api/v1/namespaces/lab/pods/p"),
+            "{seen:?}"
+        );
+        assert!(
+            seen[1].contains("watch=true") && seen[1].contains("resourceVersion=5"),
+            "{seen:?}"
+        );
+        assert!(
+            seen[4].starts_with("POST /api/v1/namespaces/lab/pods"),
+            "{seen:?}"
+        );
     }
 }

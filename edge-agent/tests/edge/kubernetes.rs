@@ -268,7 +268,10 @@ async fn a_real_cluster_runs_a_task_from_its_pinned_code() -> Result<()> {
         .await?;
     assert_eq!(done["state"], "succeeded", "{done}");
     let log = logs(&s, &id).await?;
-    assert!(log.contains("README") && log.contains("hello from the cluster"), "{log}");
+    assert!(
+        log.contains("README") && log.contains("hello from the cluster"),
+        "{log}"
+    );
     agent.abort();
     Ok(())
 }
