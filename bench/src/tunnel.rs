@@ -160,6 +160,7 @@ pub async fn run(a: Args) -> Result<()> {
         node,
     )
     .await?;
+    use ud_edge_agent::runtime::Runtime;
     let ip = docker
         .address(&format!("ud-{task}-1"))
         .await
