@@ -330,45 +330,76 @@ pub async fn run(a: Args) -> Result<()> {
     }
     let mut order = Vec::new();
     let mut results = Vec::new();
-    for i in 0..a.runs {
-        if order.is_empty() {
-            faults.shuffle(&mut rng);
-            order = faults.clone();
-            order.reverse();
-        }
-        let fault = order.pop().expect("refilled above");
-        let started = Instant::now();
-        let run = one_run(&mut stack, &fixture, fault, &mut rng, a.rate).await?;
-        println!(
-            "run {:>3} {:<15} {:<36} tasks {:>3}  recovered {:>6}  {:>5.1} s  {}",
-            i + 1,
-            fault.name(),
-            run.what,
-            run.tasks,
-            run.recovered
-                .map_or("never".into(), |d| format!("{:.2} s", d.as_secs_f64())),
-            started.elapsed().as_secs_f64(),
-            if run.violations.is_empty() {
-                "ok".to_owned()
-            } else {
-                format!("{} VIOLATIONS", run.violations.len())
+    // The runs race a stop signal: whatever ends them, the stack is stopped
+    // below, so no server, agent or container outlives the suite.
+    let runs = async {
+        for i in 0..a.runs {
+            if order.is_empty() {
+                faults.shuffle(&mut rng);
+                order = faults.clone();
+                order.reverse();
             }
-        );
-        for v in &run.violations {
-            println!("      - {v}");
+            let fault = order.pop().expect("refilled above");
+            let started = Instant::now();
+            let run = one_run(&mut stack, &fixture, fault, &mut rng, a.rate).await?;
+            print_run(i + 1, &run, started.elapsed());
+            results.push(run);
         }
-        results.push(run);
-    }
+        anyhow::Ok(())
+    };
+    let ended = tokio::select! {
+        r = runs => r,
+        signal = stop_signal() => Err(anyhow::anyhow!("stopped by {signal}")),
+    };
     let violated = results.iter().any(|r| !r.violations.is_empty());
-    print_table(&results);
-    let kept = stack.stop(violated || a.keep).await?;
+    if !results.is_empty() {
+        print_table(&results);
+    }
+    let kept = stack.stop(violated || a.keep || ended.is_err()).await?;
     if let Some(dir) = kept {
         println!("work directory kept: {}", dir.display());
     }
+    ended.with_context(|| format!("after {} of {} runs (seed {seed})", results.len(), a.runs))?;
     if violated {
         bail!("violations found (seed {seed})");
     }
     Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM with the signal's name.
+async fn stop_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
+}
+
+fn print_run(n: usize, run: &Run, took: Duration) {
+    println!(
+        "run {:>3} {:<15} {:<36} tasks {:>3}  recovered {:>6}  {:>5.1} s  {}",
+        n,
+        run.fault.name(),
+        run.what,
+        run.tasks,
+        run.recovered
+            .map_or("never".into(), |d| format!("{:.2} s", d.as_secs_f64())),
+        took.as_secs_f64(),
+        if run.violations.is_empty() {
+            "ok".to_owned()
+        } else {
+            format!("{} VIOLATIONS", run.violations.len())
+        }
+    );
+    for v in &run.violations {
+        println!("      - {v}");
+    }
 }
 
 fn print_table(results: &[Run]) {
