@@ -42,6 +42,13 @@ ud_install_deps() {
     ud_apt_install faketime
   fi
 
+  # A real container registry (Distribution, `registry:2`) for tasks that
+  # name an image (tests/edge versions).
+  if ! command -v docker-registry >/dev/null; then
+    echo "installing docker-registry" >&2
+    ud_apt_install docker-registry
+  fi
+
   # A real HTTPS proxy for nodes linking over WebSocket (tests/edge link).
   if ! command -v caddy >/dev/null; then
     echo "installing caddy" >&2

@@ -87,6 +87,7 @@ pub(crate) fn spec() -> ud_schemas::TaskSpec {
         store: None,
         ports: vec![],
         session: None,
+        image: None,
     }
 }
 

@@ -135,6 +135,10 @@ pub struct SubmitArgs {
     env_commit: Option<String>,
     #[arg(long, default_value = "Dockerfile")]
     dockerfile: String,
+    /// Run in this image, pulled from its registry (`name:tag`, best
+    /// `name@sha256:...`), instead of building the environment.
+    #[arg(long, conflicts_with_all = ["env_repo", "env_commit"])]
+    image: Option<String>,
     #[arg(long)]
     cpus: Option<f64>,
     #[arg(long)]
@@ -264,13 +268,19 @@ pub(crate) fn task_body(a: &SubmitArgs) -> Result<Value> {
         "name": a.name,
         "code_repo_url": code_repo,
         "code_commit_id": code_commit,
-        "env_repo_url": a.env_repo.clone().unwrap_or_else(|| code_repo.clone()),
-        "env_commit_id": a.env_commit.clone().unwrap_or_else(|| code_commit.clone()),
-        "dockerfile_path": a.dockerfile,
         "command": a.command,
         "env": key_values(&a.env, "--env")?,
         "resources": resources,
     });
+    match &a.image {
+        Some(image) => body["image"] = json!(image),
+        None => {
+            body["env_repo_url"] = json!(a.env_repo.clone().unwrap_or_else(|| code_repo.clone()));
+            body["env_commit_id"] =
+                json!(a.env_commit.clone().unwrap_or_else(|| code_commit.clone()));
+            body["dockerfile_path"] = json!(a.dockerfile);
+        }
+    }
     if let Some(t) = a.timeout_seconds {
         body["timeout_seconds"] = json!(t);
     }

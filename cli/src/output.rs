@@ -141,12 +141,15 @@ pub(crate) fn task(t: &Value) -> String {
         ),
         (
             "environment",
-            format!(
-                "{} @ {}, {}",
-                s(&spec["env_repo_url"]),
-                short(&spec["env_commit_id"]),
-                s(&spec["dockerfile_path"])
-            ),
+            match spec["image"].as_str() {
+                Some(image) => format!("image {image}"),
+                None => format!(
+                    "{} @ {}, {}",
+                    s(&spec["env_repo_url"]),
+                    short(&spec["env_commit_id"]),
+                    s(&spec["dockerfile_path"])
+                ),
+            },
         ),
         ("command", command.join(" ")),
         ("resources", resources(&spec["resources"])),

@@ -22,6 +22,7 @@ pub mod limits {
     pub const MAX_ENV_VALUE_BYTES: usize = 32 * 1024;
     pub const MAX_LABELS: usize = 64;
     pub const MAX_URL_BYTES: usize = 2048;
+    pub const MAX_IMAGE_BYTES: usize = 512;
     pub const MAX_PATH_BYTES: usize = 1024;
     pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
     pub const MAX_FILES: usize = 256;
@@ -146,6 +147,77 @@ pub fn repo_url(field: &str, url: &str) -> Result<(), FieldError> {
 }
 
 /// A task priority: -1000 to 1000.
+/// An image reference as Docker and Kubernetes read it:
+/// `[registry[:port]/]name[/name...][:tag][@algorithm:hex]`, the name's
+/// components lowercase.
+pub fn image_ref(field: &str, r: &str) -> Result<(), FieldError> {
+    let err = |why: &str| Err(FieldError::new(field, why));
+    if r.is_empty() || r.len() > limits::MAX_IMAGE_BYTES {
+        return err(&format!("must be 1 to {} bytes", limits::MAX_IMAGE_BYTES));
+    }
+    let (rest, digest) = match r.split_once('@') {
+        Some((rest, d)) => (rest, Some(d)),
+        None => (r, None),
+    };
+    if let Some(d) = digest {
+        let ok = d.split_once(':').is_some_and(|(algo, hex)| {
+            !algo.is_empty()
+                && algo
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+                && hex.len() >= 32
+                && hex.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f'))
+                && (algo != "sha256" || hex.len() == 64)
+        });
+        if !ok {
+            return err("has a digest that is not algorithm:hex (sha256: and 64 hex digits)");
+        }
+    }
+    let (name, tag) = match rest.rfind(':') {
+        Some(i) if !rest[i..].contains('/') => (&rest[..i], Some(&rest[i + 1..])),
+        _ => (rest, None),
+    };
+    if let Some(t) = tag {
+        let ok = !t.is_empty()
+            && t.len() <= 128
+            && !t.starts_with(['.', '-'])
+            && t.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        if !ok {
+            return err("has a tag that is not 1 to 128 letters, digits, _ . -");
+        }
+    }
+    let mut parts: Vec<&str> = name.split('/').collect();
+    // A first part with a dot, a port or `localhost` names the registry.
+    if parts.len() > 1 && (parts[0].contains(['.', ':']) || parts[0] == "localhost") {
+        let registry = parts.remove(0);
+        let (host, port) = match registry.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (registry, None),
+        };
+        let host_ok = !host.is_empty()
+            && host
+                .split('.')
+                .all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+        let port_ok = port.is_none_or(|p| !p.is_empty() && p.parse::<u16>().is_ok());
+        if !host_ok || !port_ok {
+            return err("has a registry that is not host[:port]");
+        }
+    }
+    let component = |c: &str| {
+        !c.is_empty()
+            && c.chars().all(|ch| {
+                ch.is_ascii_lowercase() || ch.is_ascii_digit() || matches!(ch, '.' | '_' | '-')
+            })
+            && c.starts_with(|ch: char| ch.is_ascii_alphanumeric())
+            && c.ends_with(|ch: char| ch.is_ascii_alphanumeric())
+    };
+    if !parts.iter().all(|c| component(c)) {
+        return err("has a name that is not lowercase letters, digits and . _ - between slashes");
+    }
+    Ok(())
+}
+
 pub fn priority_value(p: i64) -> Result<i32, FieldError> {
     match i32::try_from(p) {
         Ok(v) if (limits::MIN_PRIORITY..=limits::MAX_PRIORITY).contains(&i64::from(v)) => Ok(v),
@@ -324,6 +396,7 @@ pub fn rerun_request(project: &str, task: ud_schemas::TaskId, spec: &TaskSpec) -
             .filter(|p| spec.session.as_ref().is_none_or(|s| s.port != **p))
             .map(|p| i64::from(*p))
             .collect(),
+        image: spec.image.clone(),
         // A rerun is a new session, with an id of its own.
         session: spec
             .session
@@ -354,23 +427,43 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
             );
         }
     }
-    for (field, url) in [
-        ("code_repo_url", &req.code_repo_url),
-        ("env_repo_url", &req.env_repo_url),
-    ] {
-        if let Err(f) = repo_url(field, url) {
-            e.0.push(f);
-        }
+    if let Err(f) = repo_url("code_repo_url", &req.code_repo_url) {
+        e.0.push(f);
     }
     let code_commit = commit_id("code_commit_id", &req.code_commit_id)
         .map_err(|f| e.0.push(f))
         .ok();
-    let env_commit = commit_id("env_commit_id", &req.env_commit_id)
-        .map_err(|f| e.0.push(f))
-        .ok();
-    if let Err(f) = relative_path("dockerfile_path", &req.dockerfile_path) {
-        e.0.push(f);
-    }
+    // The environment: an image pulled from its registry, or one built
+    // from the env repository at its commit; never both.
+    let env_commit = match &req.image {
+        Some(image) => {
+            if let Err(f) = image_ref("image", image) {
+                e.0.push(f);
+            }
+            let env_given = [&req.env_repo_url, &req.env_commit_id, &req.dockerfile_path]
+                .iter()
+                .any(|f| !f.is_empty());
+            if env_given {
+                e.add(
+                    "image",
+                    "names the environment, so env_repo_url, env_commit_id and dockerfile_path must be empty",
+                );
+            }
+            Some(String::new())
+        }
+        None => {
+            if let Err(f) = repo_url("env_repo_url", &req.env_repo_url) {
+                e.0.push(f);
+            }
+            let commit = commit_id("env_commit_id", &req.env_commit_id)
+                .map_err(|f| e.0.push(f))
+                .ok();
+            if let Err(f) = relative_path("dockerfile_path", &req.dockerfile_path) {
+                e.0.push(f);
+            }
+            commit
+        }
+    };
     argv(&mut e, "command", &req.command, true);
     argv(&mut e, "args", &req.args, false);
     if req.env.len() > limits::MAX_ENV {
@@ -703,6 +796,7 @@ pub fn submit_task(req: &SubmitTask) -> Result<(ProjectId, TaskSpec), Vec<FieldE
                 store: req.store.clone(),
                 ports,
                 session,
+                image: req.image.clone(),
             },
         )),
         _ => Err(e.0),
@@ -811,6 +905,61 @@ pub(crate) mod tests {
             store: None,
             ports: vec![],
             session: None,
+            image: None,
+        }
+    }
+
+    #[test]
+    fn an_image_names_the_environment_instead_of_an_env_repository() {
+        let mut r = request();
+        r.image = Some("registry.example.org:5000/team/pytorch:2.4-cuda12".into());
+        assert_eq!(fields(r.clone()), vec!["image"], "env fields given too");
+        r.env_repo_url.clear();
+        r.env_commit_id.clear();
+        r.dockerfile_path.clear();
+        let (_, spec) = submit_task(&r).expect("an image alone is an environment");
+        assert_eq!(spec.image.as_deref(), r.image.as_deref());
+        assert_eq!(spec.env_commit_id, "");
+        assert_eq!(
+            submit_task(&rerun_request(&r.project, ud_schemas::TaskId::new(), &spec))
+                .map(|(_, s)| s.image),
+            Ok(spec.image.clone()),
+            "a rerun keeps the image"
+        );
+        r.image = None;
+        assert_eq!(
+            fields(r),
+            vec!["env_repo_url", "env_commit_id", "dockerfile_path"],
+            "no image and no env repository"
+        );
+    }
+
+    #[test]
+    fn image_references() {
+        for ok in [
+            "busybox",
+            "busybox:1.36",
+            "library/busybox:latest",
+            "nvcr.io/nvidia/pytorch:24.05-py3",
+            "localhost:5000/x/y",
+        ] {
+            assert!(image_ref("i", ok).is_ok(), "{ok}");
+        }
+        let pinned = format!("ghcr.io/team/env:1@sha256:{}", "a".repeat(64));
+        assert!(image_ref("i", &pinned).is_ok());
+        for bad in [
+            "",
+            "Busybox",
+            "busy box",
+            "x:",
+            "x:-tag",
+            "x@sha256:abc",
+            "-x",
+            "x//y",
+            "host:port/x",
+            "x:1@md5",
+        ] {
+            assert!(image_ref("i", bad).is_err(), "{bad}");
         }
     }
 

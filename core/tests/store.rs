@@ -40,6 +40,7 @@ pub fn request(project: &str) -> SubmitTask {
         store: None,
         ports: vec![],
         session: None,
+        image: None,
     }
 }
 

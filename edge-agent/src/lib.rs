@@ -451,6 +451,7 @@ pub(crate) mod tests {
             store: None,
             ports: vec![],
             session: None,
+            image: None,
         }
     }
 }

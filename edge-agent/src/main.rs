@@ -47,7 +47,8 @@ struct RunArgs {
     labels: Vec<String>,
     #[arg(long, env = "UD_EDGE_HEARTBEAT_SECONDS", default_value_t = 15.0)]
     heartbeat_seconds: f64,
-    /// Run every task in this image instead of building its environment from the env repository.
+    /// Run every task that names no image of its own in this one instead of
+    /// building its environment from the env repository.
     #[arg(long, env = "UD_EDGE_IMAGE")]
     image: Option<String>,
     /// Git cache, build contexts and task workspaces (a path the Docker engine can mount).
@@ -112,7 +113,7 @@ struct RunArgs {
 #[derive(Args)]
 struct KubeArgs {
     /// Run tasks as Pods of a Kubernetes cluster instead of Docker containers
-    /// (needs --image).
+    /// (in the image each task names, or else --image).
     #[arg(long, env = "UD_EDGE_KUBERNETES")]
     kubernetes: bool,
     /// The kubeconfig to use (default: the Pod's service account, or $KUBECONFIG).
@@ -152,14 +153,9 @@ struct KubeArgs {
 }
 
 impl KubeArgs {
-    fn settings(self, image: Option<&String>) -> Result<Option<ud_edge_agent::k8s::Settings>> {
+    fn settings(self) -> Result<Option<ud_edge_agent::k8s::Settings>> {
         if !self.kubernetes {
             return Ok(None);
-        }
-        if image.is_none() {
-            return Err(anyhow!(
-                "UD_EDGE_KUBERNETES needs UD_EDGE_IMAGE: the image the cluster runs tasks in"
-            ));
         }
         if !(0.0..=1_000_000.0).contains(&self.k8s_cpus) {
             return Err(anyhow!(
@@ -298,7 +294,7 @@ async fn main() -> Result<()> {
                 })
                 .collect::<Result<Vec<_>>>()?;
             let image = a.image.filter(|i| !i.is_empty());
-            let kubernetes = a.kubernetes.settings(image.as_ref())?;
+            let kubernetes = a.kubernetes.settings()?;
             run(AgentConfig {
                 leaf_url: a.leaf_url,
                 node_id: t.node_id,

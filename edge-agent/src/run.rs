@@ -342,7 +342,14 @@ impl Agent {
         workspace: &std::path::Path,
     ) -> Result<PreparedRun, String> {
         let (task, attempt) = (run.task_id, run.attempt);
-        let mut prepared = match &self.cfg.image {
+        // Docker nodes build or pull the environment (`versions`); a
+        // cluster pulls what the task or, failing that, the node names.
+        let fixed = match (&run.spec.image, &self.cfg.image, &self.versions) {
+            (Some(task_image), _, None) => Some(task_image),
+            (None, Some(node_image), _) => Some(node_image),
+            _ => None,
+        };
+        let mut prepared = match fixed {
             Some(image) => {
                 let image_id = self.runtime.image_id(image).await;
                 // A fixed image gets a workspace only to exchange files through.
@@ -377,7 +384,7 @@ impl Agent {
                     async move { reporter.step(task, attempt, name).await }
                 };
                 let Some(versions) = &self.versions else {
-                    return Err("this node runs tasks only in the image its owner named, and this task's environment must be built from its env repository".into());
+                    return Err("this node runs tasks only in an image the task or the node's owner names, and this task's environment must be built from its env repository".into());
                 };
                 let p = versions
                     .prepare(task, &run.spec, workspace, log, step)

@@ -306,7 +306,8 @@ function versionRows(t) {
     ["Environment repository", s.env_repo_url],
     ["Environment commit", h("span", { class: "mono" }, s.env_commit_id, same(s.env_commit_id, p.env_commit_id))],
     ["Dockerfile", s.dockerfile_path],
-    ["Dockerfile SHA-256", p.dockerfile_digest ? h("span", { class: "mono" }, p.dockerfile_digest) : h("span", { class: "muted" }, "not prepared yet")],
+    ["Dockerfile SHA-256", s.image ? "" : p.dockerfile_digest ? h("span", { class: "mono" }, p.dockerfile_digest) : h("span", { class: "muted" }, "not prepared yet")],
+    ["Image named", s.image ? h("span", { class: "mono" }, s.image) : ""],
     ["Image", p.image_id ? h("span", { class: "mono" }, p.image_id) : ""],
   ];
 }
@@ -711,9 +712,10 @@ function submitPage() {
     ["name", "Name", "input", {}],
     ["code_repo_url", "Code repository URL", "input", { required: true, placeholder: "https://, ssh:// or file://" }],
     ["code_commit_id", "Code commit", "input", { required: true, placeholder: "40 or 64 hex digits", class: "mono" }],
-    ["env_repo_url", "Environment repository URL", "input", { required: true }],
-    ["env_commit_id", "Environment commit", "input", { required: true, placeholder: "40 or 64 hex digits", class: "mono" }],
-    ["dockerfile_path", "Dockerfile path", "input", { required: true, value: "Dockerfile" }],
+    ["env_repo_url", "Environment repository URL", "input", {}],
+    ["env_commit_id", "Environment commit", "input", { placeholder: "40 or 64 hex digits", class: "mono" }],
+    ["dockerfile_path", "Dockerfile path", "input", { value: "Dockerfile" }],
+    ["image", "Or an image instead of the environment repository", "input", { placeholder: "registry/name:tag or name@sha256:...", class: "mono" }],
     ["command", "Command", "input", { required: true, placeholder: "python train.py --epochs 3" }],
     ["resources.cpus", "CPUs", "input", { type: "number", step: "0.001", value: "1" }],
     ["resources.memory_mb", "Memory (MiB)", "input", { type: "number", value: "1024" }],
@@ -760,9 +762,13 @@ function submitPage() {
       name: text("name"),
       code_repo_url: els.code_repo_url.value.trim(),
       code_commit_id: els.code_commit_id.value.trim(),
-      env_repo_url: els.env_repo_url.value.trim(),
-      env_commit_id: els.env_commit_id.value.trim(),
-      dockerfile_path: els.dockerfile_path.value.trim(),
+      ...(text("image")
+        ? { image: text("image") }
+        : {
+            env_repo_url: els.env_repo_url.value.trim(),
+            env_commit_id: els.env_commit_id.value.trim(),
+            dockerfile_path: els.dockerfile_path.value.trim(),
+          }),
       command: words(els.command.value),
       env: pairs(els.env.value, "=", "env", local),
       resources: {

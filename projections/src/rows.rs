@@ -479,6 +479,7 @@ mod agreement {
             store: None,
             ports: vec![],
             session: None,
+            image: None,
         }
     }
 

@@ -58,6 +58,7 @@ fn spec() -> ud_schemas::TaskSpec {
         store: None,
         ports: vec![],
         session: None,
+        image: None,
     };
     ud_core::validate::submit_task(&req)
         .map(|(_, s)| s)

@@ -20,12 +20,22 @@ pub struct SubmitTask {
     pub code_repo_url: String,
     /// Full hex commit id (40 or 64 characters) of the code.
     pub code_commit_id: String,
-    /// URL of the environment repository (may equal the code repository).
+    /// URL of the environment repository (may equal the code repository);
+    /// absent or empty when `image` names the environment.
+    #[serde(default)]
     pub env_repo_url: String,
-    /// Full hex commit id of the environment.
+    /// Full hex commit id of the environment; absent or empty with `image`.
+    #[serde(default)]
     pub env_commit_id: String,
-    /// Path of the Dockerfile inside the environment repository.
+    /// Path of the Dockerfile inside the environment repository; absent or
+    /// empty with `image`.
+    #[serde(default)]
     pub dockerfile_path: String,
+    /// An image to run in, pulled from its registry, instead of an
+    /// environment built from `env_repo_url`: `registry/name:tag`, best
+    /// pinned by digest (`name@sha256:...`).
+    #[serde(default)]
+    pub image: Option<String>,
     /// Program and its leading arguments, e.g. `["python", "train.py"]`.
     pub command: Vec<String>,
     /// Further arguments appended to `command`.

@@ -71,6 +71,11 @@ pub struct TaskSpec {
     /// its own; no traffic for `idle_timeout_seconds` ends it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<Session>,
+    /// An image to run in, pulled from its registry, instead of an
+    /// environment built from the env repository (whose fields are then
+    /// empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 /// What makes a task a session.

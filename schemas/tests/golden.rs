@@ -73,6 +73,7 @@ fn spec() -> TaskSpec {
         store: None,
         ports: vec![],
         session: None,
+        image: None,
     }
 }
 
@@ -603,6 +604,25 @@ fn fixtures_with_later_fields() -> Vec<(&'static str, &'static str, Event)> {
                     at: AT,
                     project: project(),
                     spec: gpu_spec(),
+                    idempotency_key: None,
+                }),
+            ),
+        ),
+        (
+            "task-submitted+image",
+            "task-submitted",
+            Event::Task(
+                t,
+                TaskEvent::Submitted(TaskSubmitted {
+                    at: AT,
+                    project: project(),
+                    spec: TaskSpec {
+                        env_repo_url: String::new(),
+                        env_commit_id: String::new(),
+                        dockerfile_path: String::new(),
+                        image: Some(format!("nvcr.io/nvidia/pytorch@sha256:{}", "5f".repeat(32))),
+                        ..spec()
+                    },
                     idempotency_key: None,
                 }),
             ),

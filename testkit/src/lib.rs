@@ -12,6 +12,7 @@ mod git_http;
 mod isolated_docker;
 mod kube_api;
 mod proxy;
+mod registry;
 mod session_image;
 mod tls;
 pub use garage::Garage;
@@ -19,6 +20,7 @@ pub use git_http::GitHttpServer;
 pub use isolated_docker::IsolatedDocker;
 pub use kube_api::KubeApi;
 pub use proxy::Proxy;
+pub use registry::Registry;
 pub use session_image::{session_image, session_server, SESSION_IMAGE};
 pub use tls::{TestCa, TlsFiles};
 

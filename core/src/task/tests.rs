@@ -51,6 +51,7 @@ pub(crate) fn spec() -> TaskSpec {
         store: None,
         ports: vec![],
         session: None,
+        image: None,
     }
 }
 

@@ -1,9 +1,10 @@
 //! Environment images: the build context from the env repository at its
-//! commit, and the build through the Docker engine.
+//! commit, the build through the Docker engine, and the pull of an image a
+//! task names.
 
 use std::path::Path;
 
-use bollard::query_parameters::BuildImageOptions;
+use bollard::query_parameters::{BuildImageOptions, CreateImageOptions};
 use futures::StreamExt;
 
 use super::{git, io, PrepareError, Versions};
@@ -68,6 +69,45 @@ impl Versions {
         }
         if self.docker.inspect_image(image).await.is_err() {
             return Err(PrepareError::Build("the build produced no image".into()));
+        }
+        Ok(())
+    }
+
+    /// Pulls `image` (a reference with its tag or digest) from its
+    /// registry; `log` receives each layer's status as it changes.
+    pub(super) async fn pull<F, Fut>(&self, image: &str, log: &F) -> Result<(), PrepareError>
+    where
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let fail = |reason: String| PrepareError::Pull {
+            image: image.to_owned(),
+            reason,
+        };
+        let options = CreateImageOptions {
+            from_image: Some(image.to_owned()),
+            ..Default::default()
+        };
+        let mut stream = self.docker.create_image(Some(options), None, None);
+        let mut last = String::new();
+        while let Some(item) = stream.next().await {
+            let info = item.map_err(|e| fail(e.to_string()))?;
+            if let Some(err) = info.error_detail.and_then(|d| d.message) {
+                return Err(fail(err));
+            }
+            // One line per layer and status, not per progress tick.
+            let line = match (info.id, info.status) {
+                (Some(id), Some(status)) => format!("{id}: {status}"),
+                (None, Some(status)) => status,
+                _ => continue,
+            };
+            if line != last {
+                log(format!("{line}\n")).await;
+                last = line;
+            }
+        }
+        if self.docker.inspect_image(image).await.is_err() {
+            return Err(fail("the pull produced no image".into()));
         }
         Ok(())
     }

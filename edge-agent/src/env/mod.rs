@@ -46,6 +46,8 @@ pub enum PrepareError {
     Dockerfile(String),
     #[error("building the environment image: {0}")]
     Build(String),
+    #[error("pulling the image {image}: {reason}")]
+    Pull { image: String, reason: String },
     #[error("preparing the workspace: {0}")]
     Io(String),
 }
@@ -73,6 +75,17 @@ pub fn image_tag(spec: &TaskSpec) -> String {
             &spec.dockerfile_path
         ])[..24]
     )
+}
+
+/// A reference as Docker pulls it: without a tag or digest, `latest` (the
+/// engine's API would otherwise pull every tag).
+pub fn with_tag(image: &str) -> String {
+    let name = image.rsplit('/').next().unwrap_or(image);
+    if image.contains('@') || name.contains(':') {
+        image.to_owned()
+    } else {
+        format!("{image}:latest")
+    }
 }
 
 /// Whether a URL is fetched over the network (and may need credentials).
@@ -294,8 +307,9 @@ impl Versions {
         Ok(path)
     }
 
-    /// Fetches code and environment, builds the image if it does not exist,
-    /// checks the code out into the task's workspace. `log` receives build
+    /// Fetches code and environment, builds the image if it does not exist
+    /// (or pulls the image the task names if it is not here), checks the
+    /// code out into the task's workspace. `log` receives build
     /// output, `step` the name of each step as it begins.
     pub async fn prepare<F, Fut, S, SFut>(
         &self,
@@ -312,16 +326,19 @@ impl Versions {
         SFut: std::future::Future<Output = ()>,
     {
         let mut steps = Vec::new();
-        let image = image_tag(spec);
+        let image = match &spec.image {
+            Some(named) => with_tag(named),
+            None => image_tag(spec),
+        };
+        let mut keys = vec![
+            image.clone(),
+            self.mirror_path(&spec.code_repo_url).display().to_string(),
+        ];
+        if spec.image.is_none() {
+            keys.push(self.mirror_path(&spec.env_repo_url).display().to_string());
+        }
         // Kept from eviction from here until the run is over.
-        let in_use = InUse::take(
-            &self.in_use,
-            vec![
-                image.clone(),
-                self.mirror_path(&spec.code_repo_url).display().to_string(),
-                self.mirror_path(&spec.env_repo_url).display().to_string(),
-            ],
-        );
+        let in_use = InUse::take(&self.in_use, keys);
         step("fetch_code").await;
         let t = std::time::Instant::now();
         let code = self
@@ -331,7 +348,28 @@ impl Versions {
         for key in &in_use.keys {
             self.touch(key).await;
         }
-        let env = {
+        let env = if spec.image.is_some() {
+            // An image the task names: pulled once, however many runs ask.
+            let _guard = self.lock(image.clone()).await;
+            if self.docker.inspect_image(&image).await.is_err() {
+                step("pull_image").await;
+                let t = std::time::Instant::now();
+                match tokio::time::timeout(self.build_timeout, self.pull(&image, &log)).await {
+                    Ok(r) => r?,
+                    Err(_) => {
+                        return Err(PrepareError::Pull {
+                            image: image.clone(),
+                            reason: format!(
+                                "ran past its time limit of {} s",
+                                self.build_timeout.as_secs()
+                            ),
+                        })
+                    }
+                }
+                steps.push(("pull_image", t.elapsed()));
+            }
+            None
+        } else {
             let _guard = self.lock(image.clone()).await;
             step("fetch_environment").await;
             let t = std::time::Instant::now();
@@ -383,7 +421,7 @@ impl Versions {
                 }
                 steps.push(("build_image", t.elapsed()));
             }
-            env
+            Some(env)
         };
         step("checkout").await;
         let t = std::time::Instant::now();
@@ -392,15 +430,15 @@ impl Versions {
             .await
             .map_err(|e| PrepareError::Io(e.to_string()))??;
         steps.push(("checkout", t.elapsed()));
-        let (e, commit, path) = (
-            env,
-            spec.env_commit_id.clone(),
-            spec.dockerfile_path.clone(),
-        );
-        let dockerfile_digest =
-            tokio::task::spawn_blocking(move || git::blob_digest(&e, &commit, &path))
-                .await
-                .map_err(|e| PrepareError::Io(e.to_string()))??;
+        let dockerfile_digest = match env {
+            Some(e) => {
+                let (commit, path) = (spec.env_commit_id.clone(), spec.dockerfile_path.clone());
+                tokio::task::spawn_blocking(move || git::blob_digest(&e, &commit, &path))
+                    .await
+                    .map_err(|e| PrepareError::Io(e.to_string()))??
+            }
+            None => String::new(),
+        };
         let image_id = self
             .docker
             .inspect_image(&image)
@@ -422,6 +460,15 @@ impl Versions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reference_without_tag_or_digest_means_latest() {
+        assert_eq!(with_tag("busybox"), "busybox:latest");
+        assert_eq!(with_tag("localhost:5000/x/y"), "localhost:5000/x/y:latest");
+        assert_eq!(with_tag("localhost:5000/x/y:2"), "localhost:5000/x/y:2");
+        let pinned = format!("nvcr.io/nvidia/pytorch@sha256:{}", "0".repeat(64));
+        assert_eq!(with_tag(&pinned), pinned);
+    }
 
     #[tokio::test]
     async fn a_keys_lock_is_forgotten_once_no_one_holds_or_awaits_it() {

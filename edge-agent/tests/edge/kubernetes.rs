@@ -185,6 +185,31 @@ async fn a_cluster_runs_tasks_as_pods_and_adopts_them_after_a_restart() -> Resul
     assert!(logs(&s, &train).await?.contains("epoch 1 loss 0.42"));
     gone(&pods, &train).await?;
 
+    // A task that names its own image runs in it, not in the owner's.
+    let mut body = task_body("lab", "nvidia-smi", json!({"cpus": 1, "memory_mb": 64}));
+    for f in ["env_repo_url", "env_commit_id", "dockerfile_path"] {
+        body.as_object_mut().map(|o| o.remove(f));
+    }
+    body["image"] = json!("nvcr.io/nvidia/pytorch:24.05-py3");
+    let named = s.submit_body(body).await?;
+    let (pod, name) = made(&pods, &named).await?;
+    let spec = pod.spec.clone().unwrap_or_default();
+    assert_eq!(
+        spec.containers[0].image.as_deref(),
+        Some("nvcr.io/nvidia/pytorch:24.05-py3")
+    );
+    running(&pods, &name).await?;
+    ended(&pods, &name, 0).await?;
+    let done = s
+        .task_state(&named, &["succeeded", "failed"], Duration::from_secs(60))
+        .await?;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(
+        done["prepared"]["image_id"], "nvcr.io/nvidia/pytorch:24.05-py3",
+        "{done}"
+    );
+    gone(&pods, &named).await?;
+
     // A cancel deletes the Pod.
     let long = s.submit("sleep 600", 600).await?;
     let (_, name) = made(&pods, &long).await?;

@@ -231,6 +231,82 @@ async fn a_task_runs_pinned_code_in_an_environment_built_once() -> Result<()> {
 }
 
 #[tokio::test]
+async fn a_task_runs_in_the_image_it_names_pulled_once_from_its_registry() -> Result<()> {
+    let registry = ud_testkit::Registry::start().await?;
+    let docker = bollard::Docker::connect_with_local_defaults()?;
+    let name = format!("lab/pulled:{}", uuid::Uuid::new_v4().simple());
+    let image = registry.push(&docker, IMAGE, &name).await?;
+    let mut b = Builder::start().await?;
+    let body = |image: &str| {
+        json!({
+            "project": "lab", "code_repo_url": Builder::url(&b.code_dir), "code_commit_id": b.v1,
+            "image": image, "command": ["sh", "run.sh"],
+            "resources": {"cpus": 0.5, "memory_mb": 64}, "timeout_seconds": 120
+        })
+    };
+    let (first, second, missing) = (
+        body(&image),
+        body(&image),
+        body(&format!("{}/lab/missing:1", registry.host)),
+    );
+    let s = &mut b.s;
+    let id = s.submit_body(first).await?;
+    let done = s
+        .task_state(&id, &["succeeded", "failed"], Duration::from_secs(120))
+        .await?;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let out = logs(s, &id).await?;
+    assert!(
+        out.contains("code-v1") && out.contains("/workspace"),
+        "{out:?}"
+    );
+    assert!(
+        out.contains("Downloaded newer image"),
+        "the pull's progress is kept with the task: {out:?}"
+    );
+    let ran = &done["prepared"];
+    assert_eq!(
+        step_names(ran),
+        vec!["fetch_code", "pull_image", "checkout", "start"]
+    );
+    assert_eq!(ran["dockerfile_digest"], "");
+    let pulled = docker.inspect_image(&image).await?.id;
+    assert_eq!(ran["image_id"].as_str(), pulled.as_deref());
+
+    // The image is here now: the next run does not pull it again.
+    let id = s.submit_body(second).await?;
+    let done = s
+        .task_state(&id, &["succeeded", "failed"], Duration::from_secs(120))
+        .await?;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(
+        step_names(&done["prepared"]),
+        vec!["fetch_code", "checkout", "start"]
+    );
+
+    // An image the registry does not have fails the task, naming it.
+    let id = s.submit_body(missing).await?;
+    let done = s
+        .task_state(&id, &["succeeded", "failed"], Duration::from_secs(120))
+        .await?;
+    assert_eq!(done["state"], "failed", "{done}");
+    assert!(
+        done["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("pulling the image") && r.contains("lab/missing:1")),
+        "{done}"
+    );
+    let _ = docker
+        .remove_image(
+            &image,
+            None::<bollard::query_parameters::RemoveImageOptions>,
+            None,
+        )
+        .await;
+    Ok(())
+}
+
+#[tokio::test]
 async fn bad_versions_end_the_task_naming_the_step_and_the_node_stays_healthy() -> Result<()> {
     let mut b = Builder::start().await?;
     let cases = [

@@ -192,6 +192,23 @@ async fn bad_input_names_the_field_and_appends_nothing() -> Result<()> {
             "dockerfile_path",
         ),
         (
+            "an image and an env repository".into(),
+            with(&|t| t["image"] = json!("nvcr.io/nvidia/pytorch:24.05-py3")),
+            StatusCode::BAD_REQUEST,
+            "image",
+        ),
+        (
+            "an image that is no reference".into(),
+            with(&|t| {
+                for f in ["env_repo_url", "env_commit_id", "dockerfile_path"] {
+                    t.as_object_mut().map(|o| o.remove(f));
+                }
+                t["image"] = json!("Not An Image");
+            }),
+            StatusCode::BAD_REQUEST,
+            "image",
+        ),
+        (
             "absolute dockerfile".into(),
             with(&|t| t["dockerfile_path"] = json!("/Dockerfile")),
             StatusCode::BAD_REQUEST,
@@ -696,5 +713,38 @@ async fn a_read_can_wait_for_the_event_it_has_seen() -> Result<()> {
         .send()
         .await?;
     assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_task_may_name_an_image_instead_of_an_env_repository() -> Result<()> {
+    let s = Stack::start().await?;
+    let token = s.token(&["lab"]).await?;
+    let mut body = task("lab");
+    for f in ["env_repo_url", "env_commit_id", "dockerfile_path"] {
+        body.as_object_mut().map(|o| o.remove(f));
+    }
+    body["image"] = json!("nvcr.io/nvidia/pytorch:24.05-py3");
+    let resp = s
+        .http
+        .post(s.url("/api/v1/tasks?wait=projected"))
+        .bearer_auth(&token)
+        .json(&body)
+        .send()
+        .await?;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    let accepted: Value = resp.json().await?;
+    let id = accepted["task_id"].as_str().unwrap_or_default();
+    let t: Value = s
+        .http
+        .get(s.url(&format!("/api/v1/tasks/{id}")))
+        .bearer_auth(&token)
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(t["spec"]["image"], "nvcr.io/nvidia/pytorch:24.05-py3");
+    assert_eq!(t["spec"]["env_repo_url"], "");
+    assert_eq!(t["spec"]["dockerfile_path"], "");
     Ok(())
 }
