@@ -2,19 +2,23 @@
 //! the cluster (or anywhere its kubeconfig reaches the API server) and makes
 //! one Pod per attempt in its namespace, with no restarts (the platform
 //! retries). The task's code is checked out at its commit by an init
-//! container into the Pod's workspace volume; the task runs in the image the
-//! node's owner names. CPUs, memory and GPUs (`nvidia.com/gpu`) are requests
+//! container into the Pod's workspace volume; the task runs in the image it
+//! names or else the node's owner names. Runs with files get their workspace
+//! on a ReadWriteMany claim the agent has mounted too, so that the agent
+//! moves inputs, outputs, checkpoints and `/shared` with its own transfer
+//! code, as on Docker. CPUs, memory and GPUs (`nvidia.com/gpu`) are requests
 //! and limits; secrets go in a Secret of the attempt, never in the Pod spec.
 //! A restarted agent finds its Pods by their labels and reads what their
 //! supervision needs back from their annotations.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use futures::{AsyncBufReadExt, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, EnvFromSource, EnvVar, Pod, PodSpec,
-    ResourceRequirements, Secret, SecretEnvSource, SecurityContext, Volume, VolumeMount,
+    Capabilities, Container, EmptyDirVolumeSource, EnvFromSource, EnvVar,
+    PersistentVolumeClaimVolumeSource, Pod, PodSpec, ResourceRequirements, Secret, SecretEnvSource,
+    SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -57,6 +61,29 @@ pub struct Settings {
     pub node_selector: BTreeMap<String, String>,
     /// The Volcano queue the Pods go to (their scheduler is then Volcano).
     pub volcano_queue: Option<String>,
+    /// Where runs with files keep their workspace (none: such runs are
+    /// refused).
+    pub workspace_claim: Option<WorkspaceClaim>,
+}
+
+/// A ReadWriteMany PersistentVolumeClaim that the agent has mounted as its
+/// work directory: a run's workspace and `/shared` folder, made by the agent
+/// below that directory, are mounted into the Pod as sub-paths of the claim.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkspaceClaim {
+    /// The claim's name, in the agent's namespace.
+    pub name: String,
+    /// Where the agent has it mounted (its work directory).
+    pub mounted_at: PathBuf,
+}
+
+impl WorkspaceClaim {
+    /// The claim's sub-path of a directory the agent made below it.
+    fn sub_path(&self, dir: &Path) -> Option<String> {
+        let rel = dir.strip_prefix(&self.mounted_at).ok()?;
+        let rel = rel.to_str()?;
+        (!rel.is_empty()).then(|| rel.to_owned())
+    }
 }
 
 impl Default for Settings {
@@ -73,6 +100,7 @@ impl Default for Settings {
             git_image: "alpine/git:2.47.2".into(),
             node_selector: BTreeMap::new(),
             volcano_queue: None,
+            workspace_claim: None,
         }
     }
 }
@@ -114,14 +142,25 @@ pub fn pod_name(l: &Launch<'_>) -> String {
 }
 
 /// Why this runtime cannot run a launch yet, if it cannot.
-pub fn unsupported(l: &Launch<'_>) -> Option<String> {
+pub fn unsupported(s: &Settings, l: &Launch<'_>) -> Option<String> {
     let spec = &l.run.spec;
     let files = !spec.inputs.is_empty()
         || !spec.outputs.is_empty()
         || spec.checkpoint.is_some()
         || spec.shared.is_some();
     if files || l.workspace.is_some() || l.shared.is_some() {
-        return Some("a task with files (inputs, outputs, a checkpoint or /shared) cannot run on a Kubernetes node yet".into());
+        let Some(claim) = &s.workspace_claim else {
+            return Some("a task with files (inputs, outputs, a checkpoint or /shared) cannot run on this Kubernetes node: it has no workspace claim (UD_K8S_WORKSPACE_CLAIM)".into());
+        };
+        for dir in l.workspace.iter().chain(l.shared.iter()) {
+            if claim.sub_path(dir).is_none() {
+                return Some(format!(
+                    "{} is not below the workspace claim's mount {}: the agent's work directory must be the claim",
+                    dir.display(),
+                    claim.mounted_at.display()
+                ));
+            }
+        }
     }
     if !spec.ports.is_empty() || spec.session.is_some() {
         return Some("a task with ports or a session cannot run on a Kubernetes node yet".into());
@@ -189,18 +228,54 @@ pub fn pod(node: &NodeId, s: &Settings, l: &Launch<'_>, started_at: Millis) -> P
         ..Default::default()
     }];
     let mut init = Vec::new();
-    if code {
+    // A run with files has its workspace (and `/shared`) below the agent's
+    // work directory, on the claim; a run with code alone, a volume of its
+    // own Pod.
+    let claim = s.workspace_claim.as_ref();
+    let sub = |dir: Option<&Path>| Some((claim?, claim?.sub_path(dir?)?));
+    if let Some((c, _)) = sub(l.workspace).or(sub(l.shared)) {
         volumes.push(Volume {
-            name: "workspace".into(),
-            empty_dir: Some(EmptyDirVolumeSource::default()),
+            name: "files".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: c.name.clone(),
+                read_only: Some(false),
+            }),
             ..Default::default()
         });
-        let workspace = VolumeMount {
-            name: "workspace".into(),
-            mount_path: "/workspace".into(),
+    }
+    if let Some((_, path)) = sub(l.shared) {
+        mounts.push(VolumeMount {
+            name: "files".into(),
+            mount_path: "/shared".into(),
+            sub_path: Some(path),
             ..Default::default()
-        };
-        mounts.push(workspace.clone());
+        });
+    }
+    let workspace = match sub(l.workspace) {
+        Some((_, path)) => Some(VolumeMount {
+            name: "files".into(),
+            mount_path: "/workspace".into(),
+            sub_path: Some(path),
+            ..Default::default()
+        }),
+        None if code => {
+            volumes.push(Volume {
+                name: "workspace".into(),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Default::default()
+            });
+            Some(VolumeMount {
+                name: "workspace".into(),
+                mount_path: "/workspace".into(),
+                ..Default::default()
+            })
+        }
+        None => None,
+    };
+    if let Some(w) = &workspace {
+        mounts.push(w.clone());
+    }
+    if let (true, Some(workspace)) = (code, workspace.clone()) {
         init.push(Container {
             name: "code".into(),
             image: Some(s.git_image.clone()),
@@ -244,7 +319,7 @@ pub fn pod(node: &NodeId, s: &Settings, l: &Launch<'_>, started_at: Millis) -> P
                 ..Default::default()
             }]
         }),
-        working_dir: code.then(|| "/workspace".to_owned()),
+        working_dir: workspace.is_some().then(|| "/workspace".to_owned()),
         volume_mounts: Some(mounts),
         resources: Some(ResourceRequirements {
             requests: Some(quantities.clone()),
@@ -471,7 +546,7 @@ impl Pods {
 #[async_trait::async_trait]
 impl Runtime for Pods {
     async fn create(&self, l: &Launch<'_>) -> Result<String, AgentError> {
-        if let Some(why) = unsupported(l) {
+        if let Some(why) = unsupported(&self.settings, l) {
             return Err(AgentError::Refused(why));
         }
         let name = pod_name(l);
@@ -737,14 +812,95 @@ mod tests {
     }
 
     #[test]
-    fn files_ports_and_egress_are_refused_with_the_reason() {
+    fn files_without_a_claim_ports_and_egress_are_refused_with_the_reason() {
         let mut run = run();
-        assert_eq!(unsupported(&launch(&run, &[])), None);
+        let none = Settings::default();
+        assert_eq!(unsupported(&none, &launch(&run, &[])), None);
         run.spec.outputs = vec!["out/".into()];
-        assert!(unsupported(&launch(&run, &[])).unwrap().contains("files"));
+        let why = unsupported(&none, &launch(&run, &[])).unwrap();
+        assert!(why.contains("UD_K8S_WORKSPACE_CLAIM"), "{why}");
+        let claim = Settings {
+            workspace_claim: Some(WorkspaceClaim {
+                name: "unidesk-work".into(),
+                mounted_at: "/var/lib/unidesk-edge".into(),
+            }),
+            ..Settings::default()
+        };
+        let inside = PathBuf::from("/var/lib/unidesk-edge/tasks/t-1");
+        let outside = PathBuf::from("/tmp/t-1");
+        fn with<'a>(run: &'a DispatchRun, w: &'a Path) -> Launch<'a> {
+            Launch {
+                workspace: Some(w),
+                ..launch(run, &[])
+            }
+        }
+        assert_eq!(unsupported(&claim, &with(&run, &inside)), None);
+        assert!(unsupported(&claim, &with(&run, &outside))
+            .unwrap()
+            .contains("not below"));
         run.spec.outputs.clear();
         run.spec.ports = vec![8888];
-        assert!(unsupported(&launch(&run, &[])).unwrap().contains("ports"));
+        assert!(unsupported(&none, &launch(&run, &[]))
+            .unwrap()
+            .contains("ports"));
+    }
+
+    #[test]
+    fn a_run_with_files_mounts_its_directories_from_the_claim() {
+        let mut run = run();
+        run.spec.outputs = vec!["out/".into()];
+        let settings = Settings {
+            workspace_claim: Some(WorkspaceClaim {
+                name: "unidesk-work".into(),
+                mounted_at: "/work".into(),
+            }),
+            ..Settings::default()
+        };
+        let (w, sh) = (
+            PathBuf::from("/work/tasks/t-2"),
+            PathBuf::from("/work/tasks/t-2.shared"),
+        );
+        let l = Launch {
+            workspace: Some(&w),
+            shared: Some(&sh),
+            ..launch(&run, &[])
+        };
+        let spec = pod(&NodeId::new(), &settings, &l, 1).spec.unwrap();
+        let volumes = spec.volumes.unwrap_or_default();
+        let files = volumes.iter().find(|v| v.name == "files").unwrap();
+        assert_eq!(
+            files
+                .persistent_volume_claim
+                .as_ref()
+                .map(|c| c.claim_name.as_str()),
+            Some("unidesk-work")
+        );
+        assert!(volumes.iter().all(|v| v.name != "workspace"));
+        let mounts = |c: &Container| -> Vec<(String, Option<String>)> {
+            c.volume_mounts
+                .iter()
+                .flatten()
+                .filter(|m| m.name == "files")
+                .map(|m| (m.mount_path.clone(), m.sub_path.clone()))
+                .collect()
+        };
+        assert_eq!(
+            mounts(&spec.containers[0]),
+            vec![
+                ("/shared".into(), Some("tasks/t-2.shared".into())),
+                ("/workspace".into(), Some("tasks/t-2".into()))
+            ]
+        );
+        // The code is checked out into the same directory.
+        let init = spec.init_containers.unwrap_or_default();
+        assert_eq!(
+            mounts(&init[0]),
+            vec![("/workspace".into(), Some("tasks/t-2".into()))]
+        );
+        assert_eq!(
+            spec.containers[0].working_dir.as_deref(),
+            Some("/workspace")
+        );
     }
 
     #[test]

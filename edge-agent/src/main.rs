@@ -150,10 +150,15 @@ struct KubeArgs {
     /// The Volcano queue the Pods go to (their scheduler is then Volcano).
     #[arg(long, env = "UD_K8S_VOLCANO_QUEUE")]
     k8s_volcano_queue: Option<String>,
+    /// A ReadWriteMany PersistentVolumeClaim mounted as the agent's work
+    /// directory: tasks with files get their workspace on it (without one
+    /// they are refused).
+    #[arg(long, env = "UD_K8S_WORKSPACE_CLAIM")]
+    k8s_workspace_claim: Option<String>,
 }
 
 impl KubeArgs {
-    fn settings(self) -> Result<Option<ud_edge_agent::k8s::Settings>> {
+    fn settings(self, work_dir: &std::path::Path) -> Result<Option<ud_edge_agent::k8s::Settings>> {
         if !self.kubernetes {
             return Ok(None);
         }
@@ -175,6 +180,13 @@ impl KubeArgs {
             git_image: self.k8s_git_image,
             node_selector: key_values("UD_K8S_NODE_SELECTOR", &self.k8s_node_selector)?,
             volcano_queue: self.k8s_volcano_queue.filter(|q| !q.is_empty()),
+            workspace_claim: self
+                .k8s_workspace_claim
+                .filter(|c| !c.is_empty())
+                .map(|name| ud_edge_agent::k8s::WorkspaceClaim {
+                    name,
+                    mounted_at: work_dir.to_owned(),
+                }),
         }))
     }
 }
@@ -294,7 +306,7 @@ async fn main() -> Result<()> {
                 })
                 .collect::<Result<Vec<_>>>()?;
             let image = a.image.filter(|i| !i.is_empty());
-            let kubernetes = a.kubernetes.settings()?;
+            let kubernetes = a.kubernetes.settings(&a.work_dir)?;
             run(AgentConfig {
                 leaf_url: a.leaf_url,
                 node_id: t.node_id,

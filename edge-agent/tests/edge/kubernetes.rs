@@ -11,7 +11,7 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch, PatchParams, WatchEvent, WatchParams};
 use serde_json::json;
-use ud_edge_agent::k8s::Settings;
+use ud_edge_agent::k8s::{Settings, WorkspaceClaim};
 use ud_edge_agent::AgentConfig;
 use ud_testkit::KubeApi;
 
@@ -245,9 +245,101 @@ async fn a_cluster_runs_tasks_as_pods_and_adopts_them_after_a_restart() -> Resul
         .task_state(&files, &["failed"], Duration::from_secs(60))
         .await?;
     assert!(
-        done["reason"].as_str().is_some_and(|r| r.contains("files")),
+        done["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("files") && r.contains("UD_K8S_WORKSPACE_CLAIM")),
         "{done}"
     );
+    agent.abort();
+    Ok(())
+}
+
+/// With a workspace claim (here the agent's work directory stands for it),
+/// a run's inputs are in its workspace on the claim before its Pod starts,
+/// and what the run leaves there is uploaded after it ends.
+#[tokio::test]
+async fn a_cluster_moves_files_through_its_workspace_claim() -> Result<()> {
+    let api = KubeApi::start().await?;
+    let g = ud_testkit::Garage::start().await?;
+    let store = crate::files::storage(&g)?;
+    let mut s = crate::files::stack(&store).await?;
+    let token = s.enroll("cluster").await?;
+    let leaf = s.leaf(&token, s.hub.leaf_port()).await?;
+    let work = tempfile::tempdir()?;
+    let agent = run_agent(AgentConfig {
+        image: Some(TRAIN_IMAGE.into()),
+        work_dir: work.path().to_owned(),
+        kubernetes: Some(Settings {
+            url: Some(api.url.clone()),
+            namespace: NS.into(),
+            cpu_millis: 16_000,
+            memory_mb: 65_536,
+            workspace_claim: Some(WorkspaceClaim {
+                name: "unidesk-work".into(),
+                mounted_at: work.path().to_owned(),
+            }),
+            ..Settings::default()
+        }),
+        ..agent_config(&leaf, &token, "cluster", Duration::from_millis(500))
+    });
+    s.node_status(token.node_id, "online", JOIN).await?;
+    store
+        .put(
+            "projects/lab/files/data/train.csv",
+            b"a,b\n1,2\n".to_vec(),
+            "text/csv",
+        )
+        .await?;
+    let mut body = task_body(
+        "lab",
+        "wc -l < train.csv > out/lines.txt",
+        json!({"cpus": 1, "memory_mb": 64}),
+    );
+    body["inputs"] = json!([{"source": "data/train.csv", "path": "train.csv"}]);
+    body["outputs"] = json!(["out/"]);
+    let id = s.submit_body(body).await?;
+    let pods: Api<Pod> = Api::namespaced(
+        kube::Client::try_from(kube::Config::new(api.url.parse()?))?,
+        NS,
+    );
+    let (pod, name) = made(&pods, &id).await?;
+    let spec = pod.spec.unwrap_or_default();
+    let claim = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find_map(|v| v.persistent_volume_claim.as_ref())
+        .map(|c| c.claim_name.clone());
+    assert_eq!(claim.as_deref(), Some("unidesk-work"));
+    let mount = spec.containers[0]
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == "/workspace")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(mount.name, "files");
+    let dir = work.path().join(mount.sub_path.unwrap_or_default());
+    // The inputs are in place before the Pod runs.
+    assert_eq!(std::fs::read(dir.join("train.csv"))?, b"a,b\n1,2\n");
+    // The kubelet's part: the run writes its output on the claim and ends.
+    running(&pods, &name).await?;
+    std::fs::create_dir_all(dir.join("out"))?;
+    std::fs::write(dir.join("out/lines.txt"), b"2\n")?;
+    ended(&pods, &name, 0).await?;
+    let done = s
+        .task_state(&id, &["succeeded", "failed"], Duration::from_secs(60))
+        .await?;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let outputs = done["outputs"].as_array().cloned().unwrap_or_default();
+    let paths: Vec<&str> = outputs.iter().filter_map(|o| o["path"].as_str()).collect();
+    assert_eq!(paths, vec!["out/lines.txt"], "{done}");
+    let http = s.http.clone();
+    assert_eq!(
+        crate::files::download(&http, &outputs[0]).await?.as_ref(),
+        b"2\n"
+    );
+    gone(&pods, &id).await?;
     agent.abort();
     Ok(())
 }
