@@ -507,6 +507,7 @@ mod tests {
             spec,
             gpus: vec!["GPU-a".into(), "GPU-b".into()],
             fence_after_seconds: Some(900),
+            project: None,
         };
         let w = std::path::Path::new("/var/lib/unidesk-edge/tasks/x-3");
         let mut l = labels(&node, &run, Some(w), 1234);

@@ -47,6 +47,10 @@ pub struct Settings {
     pub url: Option<String>,
     /// Where the Pods (and the Secrets of their runs) are made.
     pub namespace: String,
+    /// Projects whose Pods go to a namespace of their own (project ->
+    /// namespace), for the cluster's quotas and policies per project; the
+    /// agent needs the same rights there as in `namespace`.
+    pub project_namespaces: BTreeMap<String, String>,
     /// What the cluster offers UniDesk (a quota the admin sets): CPU in
     /// thousandths of a core, memory, and GPUs of one model.
     pub cpu_millis: u32,
@@ -92,6 +96,7 @@ impl Default for Settings {
             kubeconfig: None,
             url: None,
             namespace: "unidesk".into(),
+            project_namespaces: BTreeMap::new(),
             cpu_millis: 0,
             memory_mb: 0,
             gpus: 0,
@@ -106,6 +111,23 @@ impl Default for Settings {
 }
 
 impl Settings {
+    /// The namespace of a run of `project`.
+    pub fn namespace_of(&self, project: Option<&str>) -> &str {
+        project
+            .and_then(|p| self.project_namespaces.get(p))
+            .unwrap_or(&self.namespace)
+    }
+
+    /// Every namespace the agent makes Pods in.
+    fn namespaces(&self) -> Vec<&str> {
+        let mut all: Vec<&str> = std::iter::once(self.namespace.as_str())
+            .chain(self.project_namespaces.values().map(String::as_str))
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
+
     /// The GPUs the quota offers, as the scheduler counts them: the cluster
     /// picks the devices, so they are named by their place in the quota.
     pub fn gpus(&self) -> Detected {
@@ -343,7 +365,7 @@ pub fn pod(node: &NodeId, s: &Settings, l: &Launch<'_>, started_at: Millis) -> P
     Pod {
         metadata: ObjectMeta {
             name: Some(name),
-            namespace: Some(s.namespace.clone()),
+            namespace: Some(s.namespace_of(l.run.project.as_deref()).to_owned()),
             labels: Some(BTreeMap::from([
                 (LABEL_NODE.to_owned(), node.to_string()),
                 (LABEL_TASK.to_owned(), l.run.task_id.to_string()),
@@ -398,11 +420,11 @@ fn unprivileged() -> SecurityContext {
 }
 
 /// The Secret of an attempt's secrets, named as its Pod.
-pub fn secret(s: &Settings, name: &str, node: &NodeId, values: &[(String, String)]) -> Secret {
+pub fn secret(namespace: &str, name: &str, node: &NodeId, values: &[(String, String)]) -> Secret {
     Secret {
         metadata: ObjectMeta {
             name: Some(name.to_owned()),
-            namespace: Some(s.namespace.clone()),
+            namespace: Some(namespace.to_owned()),
             labels: Some(BTreeMap::from([
                 (LABEL_NODE.to_owned(), node.to_string()),
                 (MANAGED_BY.0.to_owned(), MANAGED_BY.1.to_owned()),
@@ -475,12 +497,10 @@ pub fn phase(p: &Pod) -> Phase {
     }
 }
 
-/// Runs as Pods of one namespace.
+/// Runs as Pods. A run's id is `<namespace>/<Pod name>`.
 #[derive(Clone)]
 pub struct Pods {
     client: kube::Client,
-    pods: Api<Pod>,
-    secrets: Api<Secret>,
     settings: Settings,
     node: NodeId,
 }
@@ -512,25 +532,39 @@ impl Pods {
 
     pub fn with_client(client: kube::Client, settings: Settings, node: NodeId) -> Self {
         Self {
-            pods: Api::namespaced(client.clone(), &settings.namespace),
-            secrets: Api::namespaced(client.clone(), &settings.namespace),
             client,
             settings,
             node,
         }
     }
 
+    /// The namespace and name of a run's Pod (and Secret).
+    fn split<'a>(&'a self, id: &'a str) -> (&'a str, &'a str) {
+        id.split_once('/')
+            .unwrap_or((self.settings.namespace.as_str(), id))
+    }
+
+    fn pods(&self, namespace: &str) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), namespace)
+    }
+
+    fn secrets(&self, namespace: &str) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), namespace)
+    }
+
     /// The Pod's status now; `None` once it is gone.
-    async fn status(&self, name: &str) -> Result<Option<Pod>, AgentError> {
-        Ok(self.pods.get_opt(name).await?)
+    async fn status(&self, id: &str) -> Result<Option<Pod>, AgentError> {
+        let (ns, name) = self.split(id);
+        Ok(self.pods(ns).get_opt(name).await?)
     }
 
     /// Waits for the Pod to change after `version`, up to `seconds`.
-    async fn changed(&self, name: &str, version: &str, seconds: u32) -> Result<(), AgentError> {
+    async fn changed(&self, id: &str, version: &str, seconds: u32) -> Result<(), AgentError> {
+        let (ns, name) = self.split(id);
         let params = WatchParams::default()
             .fields(&format!("metadata.name={name}"))
             .timeout(seconds);
-        let mut events = self.pods.watch(&params, version).await?.boxed();
+        let mut events = self.pods(ns).watch(&params, version).await?.boxed();
         while let Some(e) = events.try_next().await? {
             match e {
                 WatchEvent::Bookmark(_) => {}
@@ -550,9 +584,14 @@ impl Runtime for Pods {
             return Err(AgentError::Refused(why));
         }
         let name = pod_name(l);
+        let ns = self.settings.namespace_of(l.run.project.as_deref());
         if !l.secrets.is_empty() {
-            let secret = secret(&self.settings, &name, &self.node, l.secrets);
-            match self.secrets.create(&PostParams::default(), &secret).await {
+            let secret = secret(ns, &name, &self.node, l.secrets);
+            match self
+                .secrets(ns)
+                .create(&PostParams::default(), &secret)
+                .await
+            {
                 Ok(_) => {}
                 // Made by this agent before a restart.
                 Err(kube::Error::Api(e)) if e.code == 409 => {}
@@ -560,8 +599,8 @@ impl Runtime for Pods {
             }
         }
         let pod = pod(&self.node, &self.settings, l, now_millis());
-        match self.pods.create(&PostParams::default(), &pod).await {
-            Ok(_) => Ok(name),
+        match self.pods(ns).create(&PostParams::default(), &pod).await {
+            Ok(_) => Ok(format!("{ns}/{name}")),
             Err(kube::Error::Api(e)) if e.code == 409 => Err(AgentError::Refused(format!(
                 "the Pod {name} exists already: the attempt was started before"
             ))),
@@ -598,26 +637,28 @@ impl Runtime for Pods {
         }
     }
 
-    async fn stop(&self, name: &str, grace: u32) -> Result<(), AgentError> {
+    async fn stop(&self, id: &str, grace: u32) -> Result<(), AgentError> {
+        let (ns, name) = self.split(id);
         let params = DeleteParams {
             grace_period_seconds: Some(grace),
             ..Default::default()
         };
-        match self.pods.delete(name, &params).await {
+        match self.pods(ns).delete(name, &params).await {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
             Err(e) => Err(e.into()),
         }
     }
 
-    async fn remove(&self, name: &str) -> Result<(), AgentError> {
+    async fn remove(&self, id: &str) -> Result<(), AgentError> {
+        let (ns, name) = self.split(id);
         let now = DeleteParams {
             grace_period_seconds: Some(0),
             ..Default::default()
         };
         for gone in [
-            self.pods.delete(name, &now).await.map(|_| ()),
-            self.secrets.delete(name, &now).await.map(|_| ()),
+            self.pods(ns).delete(name, &now).await.map(|_| ()),
+            self.secrets(ns).delete(name, &now).await.map(|_| ()),
         ] {
             match gone {
                 Ok(()) => {}
@@ -659,7 +700,8 @@ impl Runtime for Pods {
                 }
                 continue;
             }
-            let Ok(stream) = self.pods.log_stream(name, &params).await else {
+            let (ns, pod_name) = self.split(name);
+            let Ok(stream) = self.pods(ns).log_stream(pod_name, &params).await else {
                 return;
             };
             let mut lines = stream.lines();
@@ -690,12 +732,14 @@ impl Runtime for Pods {
 
     async fn ours(&self) -> Result<Vec<Adopted>, AgentError> {
         let params = ListParams::default().labels(&format!("{LABEL_NODE}={}", self.node));
-        let list = self.pods.list(&params).await?;
-        Ok(list
-            .items
+        let mut items = Vec::new();
+        for ns in self.settings.namespaces() {
+            items.extend(self.pods(ns).list(&params).await?.items);
+        }
+        Ok(items
             .into_iter()
             .filter_map(|p| {
-                let name = p.metadata.name?;
+                let name = format!("{}/{}", p.metadata.namespace?, p.metadata.name?);
                 let mut all: HashMap<String, String> = p
                     .metadata
                     .annotations
@@ -746,6 +790,7 @@ mod tests {
             spec,
             gpus: vec!["k8s-gpu-0".into(), "k8s-gpu-1".into()],
             fence_after_seconds: Some(900),
+            project: Some("vision".into()),
         }
     }
 
@@ -785,7 +830,7 @@ mod tests {
         assert_eq!(got, want, "the Pod differs from {path}");
         // The secret's value is in its Secret only.
         assert!(!got.contains("s3cr3t"));
-        let secret = serde_json::to_string(&secret(&settings, "x", &node, &secrets)).unwrap();
+        let secret = serde_json::to_string(&secret("lab", "x", &node, &secrets)).unwrap();
         assert!(secret.contains("s3cr3t"));
     }
 
@@ -843,6 +888,26 @@ mod tests {
         assert!(unsupported(&none, &launch(&run, &[]))
             .unwrap()
             .contains("ports"));
+    }
+
+    #[test]
+    fn a_projects_runs_go_to_its_own_namespace_when_it_has_one() {
+        let run = run();
+        let mut settings = Settings {
+            namespace: "unidesk".into(),
+            ..Settings::default()
+        };
+        let ns = |s: &Settings| {
+            pod(&NodeId::new(), s, &launch(&run, &[]), 1)
+                .metadata
+                .namespace
+        };
+        assert_eq!(ns(&settings).as_deref(), Some("unidesk"));
+        settings
+            .project_namespaces
+            .insert("vision".into(), "unidesk-vision".into());
+        assert_eq!(ns(&settings).as_deref(), Some("unidesk-vision"));
+        assert_eq!(settings.namespaces(), vec!["unidesk", "unidesk-vision"]);
     }
 
     #[test]

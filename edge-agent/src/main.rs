@@ -147,6 +147,14 @@ struct KubeArgs {
         value_delimiter = ','
     )]
     k8s_node_selector: Vec<String>,
+    /// PROJECT=NAMESPACE: that project's Pods go to a namespace of its own
+    /// (repeatable, or comma-separated); others to --k8s-namespace.
+    #[arg(
+        long = "k8s-project-namespace",
+        env = "UD_K8S_PROJECT_NAMESPACES",
+        value_delimiter = ','
+    )]
+    k8s_project_namespaces: Vec<String>,
     /// The Volcano queue the Pods go to (their scheduler is then Volcano).
     #[arg(long, env = "UD_K8S_VOLCANO_QUEUE")]
     k8s_volcano_queue: Option<String>,
@@ -172,6 +180,10 @@ impl KubeArgs {
             kubeconfig: self.kubeconfig,
             url: self.k8s_url.filter(|u| !u.is_empty()),
             namespace: self.k8s_namespace,
+            project_namespaces: key_values(
+                "UD_K8S_PROJECT_NAMESPACES",
+                &self.k8s_project_namespaces,
+            )?,
             cpu_millis: (self.k8s_cpus * 1000.0).round() as u32,
             memory_mb: self.k8s_memory_mb,
             gpus: self.k8s_gpus,

@@ -21,6 +21,10 @@ pub struct DispatchRun {
     /// so that it never runs twice at once. Absent: never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fence_after_seconds: Option<u64>,
+    /// The task's project (a cluster may run each project's Pods in a
+    /// namespace of its own); absent in runs sent before it was added.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

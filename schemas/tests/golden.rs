@@ -793,6 +793,7 @@ fn messages_outside_the_event_streams_match_their_cddl() -> anyhow::Result<()> {
         spec: gpu_spec(),
         gpus: vec!["GPU-513536b6-7d19-9063-b049-1e69664bb298".into()],
         fence_after_seconds: Some(690),
+        project: Some("vision-lab".into()),
     };
     let cancel = DispatchCancel {
         at: AT,

@@ -5,7 +5,7 @@
 use async_nats::jetstream::message::PublishMessage;
 use bytes::Bytes;
 use ud_schemas::dispatch::{self, DispatchCancel, DispatchRun};
-use ud_schemas::{edge, now_millis, CodecError, NodeId, TaskId, TaskSpec};
+use ud_schemas::{edge, now_millis, CodecError, NodeId, TaskId};
 
 /// A message for a node: its subject and what to publish.
 pub type Outgoing = (String, PublishMessage);
@@ -21,20 +21,20 @@ fn message(id: String, payload: Vec<u8>) -> PublishMessage {
 /// Its message id is the attempt's, so a run sent again is stored once.
 pub fn run(
     node: &NodeId,
-    task: TaskId,
-    attempt: u32,
-    spec: TaskSpec,
-    gpus: Vec<String>,
+    task: &crate::task::Task,
     fence_after_seconds: Option<u64>,
 ) -> Result<Outgoing, CodecError> {
+    let (attempt, task_id) = (task.attempts, task.id);
     let run = DispatchRun {
         at: now_millis(),
-        task_id: task,
+        task_id,
         attempt,
-        spec,
-        gpus,
+        spec: task.spec.clone(),
+        gpus: task.gpus.clone(),
         fence_after_seconds,
+        project: Some(task.project.to_string()),
     };
+    let task = task_id;
     Ok((
         edge::dispatch_subject(node, &task, "run"),
         message(format!("run-{task}-{attempt}"), dispatch::to_cbor(&run)?),

@@ -59,6 +59,7 @@ async fn a_gpu_run_asks_docker_for_exactly_its_devices() -> Result<()> {
         spec: spec_of(body)?,
         gpus: vec!["GPU-d8594bd4".into(), "MIG-ce861fb0".into()],
         fence_after_seconds: None,
+        project: None,
     };
     let node = NodeId::new();
     let secrets = [("WANDB_API_KEY".to_owned(), "not-in-any-label".to_owned())];
@@ -129,6 +130,7 @@ async fn a_gpu_run_asks_docker_for_exactly_its_devices() -> Result<()> {
     let cpu = DispatchRun {
         gpus: vec![],
         fence_after_seconds: None,
+        project: None,
         spec: spec_of(task_body(
             "lab",
             "true",

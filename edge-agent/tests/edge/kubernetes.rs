@@ -117,7 +117,10 @@ async fn a_cluster_runs_tasks_as_pods_and_adopts_them_after_a_restart() -> Resul
         image: Some(TRAIN_IMAGE.into()),
         kubernetes: Some(Settings {
             url: Some(api.url.clone()),
-            namespace: NS.into(),
+            // Project `lab` has a namespace of its own; a restarted agent
+            // finds its Pods there too.
+            namespace: "unidesk".into(),
+            project_namespaces: [("lab".to_owned(), NS.to_owned())].into(),
             cpu_millis: 16_000,
             memory_mb: 65_536,
             gpus: 4,

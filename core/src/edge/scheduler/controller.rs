@@ -167,10 +167,7 @@ impl Controller {
     fn send_run(&self, node: NodeId, task: &Task) {
         let run = crate::edge::dispatch::run(
             &node,
-            task.id,
-            task.attempts,
-            task.spec.clone(),
-            task.gpus.clone(),
+            task,
             // The node stops the run itself when cut off as long as the
             // platform waits for it before placing it elsewhere.
             Some((self.settings.heartbeat_timeout + self.grace_of(&task.spec)).as_secs()),
