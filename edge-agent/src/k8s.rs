@@ -65,6 +65,9 @@ pub struct Settings {
     pub node_selector: BTreeMap<String, String>,
     /// The Volcano queue the Pods go to (their scheduler is then Volcano).
     pub volcano_queue: Option<String>,
+    /// The Volcano queue of each UniDesk queue that has one of its own
+    /// (others go to `volcano_queue`, or to the cluster's own scheduler).
+    pub volcano_queues: BTreeMap<String, String>,
     /// Where runs with files keep their workspace (none: such runs are
     /// refused).
     pub workspace_claim: Option<WorkspaceClaim>,
@@ -105,6 +108,7 @@ impl Default for Settings {
             git_image: "alpine/git:2.47.2".into(),
             node_selector: BTreeMap::new(),
             volcano_queue: None,
+            volcano_queues: BTreeMap::new(),
             workspace_claim: None,
         }
     }
@@ -359,7 +363,11 @@ pub fn pod(node: &NodeId, s: &Settings, l: &Launch<'_>, started_at: Millis) -> P
     let mut annotations: BTreeMap<String, String> = runtime::labels(node, l.run, None, started_at)
         .into_iter()
         .collect();
-    if let Some(q) = &s.volcano_queue {
+    let volcano = s
+        .volcano_queues
+        .get(&spec.queue)
+        .or(s.volcano_queue.as_ref());
+    if let Some(q) = volcano {
         annotations.insert("scheduling.volcano.sh/queue-name".into(), q.clone());
     }
     Pod {
@@ -387,7 +395,7 @@ pub fn pod(node: &NodeId, s: &Settings, l: &Launch<'_>, started_at: Millis) -> P
                 // The agent stops it at its limit; the cluster, should the
                 // agent be gone, a minute later.
                 .map(|t| t.saturating_add(60)),
-            scheduler_name: s.volcano_queue.as_ref().map(|_| "volcano".to_owned()),
+            scheduler_name: volcano.map(|_| "volcano".to_owned()),
             node_selector: (!selector.is_empty()).then_some(selector),
             init_containers: (!init.is_empty()).then_some(init),
             containers: vec![task],
@@ -888,6 +896,36 @@ mod tests {
         assert!(unsupported(&none, &launch(&run, &[]))
             .unwrap()
             .contains("ports"));
+    }
+
+    #[test]
+    fn a_unidesk_queue_may_have_a_volcano_queue_of_its_own() {
+        let mut run = run();
+        run.spec.queue = "urgent".into();
+        let mut settings = Settings::default();
+        let queue = |s: &Settings| {
+            let p = pod(&NodeId::new(), s, &launch(&run, &[]), 1);
+            let q = p
+                .metadata
+                .annotations
+                .unwrap_or_default()
+                .get("scheduling.volcano.sh/queue-name")
+                .cloned();
+            (q, p.spec.unwrap_or_default().scheduler_name)
+        };
+        assert_eq!(queue(&settings), (None, None));
+        settings.volcano_queue = Some("research".into());
+        assert_eq!(
+            queue(&settings),
+            (Some("research".into()), Some("volcano".into()))
+        );
+        settings
+            .volcano_queues
+            .insert("urgent".into(), "deadline".into());
+        assert_eq!(
+            queue(&settings),
+            (Some("deadline".into()), Some("volcano".into()))
+        );
     }
 
     #[test]

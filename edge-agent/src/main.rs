@@ -158,6 +158,14 @@ struct KubeArgs {
     /// The Volcano queue the Pods go to (their scheduler is then Volcano).
     #[arg(long, env = "UD_K8S_VOLCANO_QUEUE")]
     k8s_volcano_queue: Option<String>,
+    /// QUEUE=VOLCANO_QUEUE: a UniDesk queue's Pods go to a Volcano queue of
+    /// its own (repeatable, or comma-separated).
+    #[arg(
+        long = "k8s-volcano-queue-of",
+        env = "UD_K8S_VOLCANO_QUEUES",
+        value_delimiter = ','
+    )]
+    k8s_volcano_queues: Vec<String>,
     /// A ReadWriteMany PersistentVolumeClaim mounted as the agent's work
     /// directory: tasks with files get their workspace on it (without one
     /// they are refused).
@@ -192,6 +200,7 @@ impl KubeArgs {
             git_image: self.k8s_git_image,
             node_selector: key_values("UD_K8S_NODE_SELECTOR", &self.k8s_node_selector)?,
             volcano_queue: self.k8s_volcano_queue.filter(|q| !q.is_empty()),
+            volcano_queues: key_values("UD_K8S_VOLCANO_QUEUES", &self.k8s_volcano_queues)?,
             workspace_claim: self
                 .k8s_workspace_claim
                 .filter(|c| !c.is_empty())
