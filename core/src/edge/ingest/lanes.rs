@@ -282,7 +282,7 @@ async fn log(ingest: &Ingest, node: NodeId, task: TaskId, msg: &jetstream::Messa
         )));
     }
     let mut headers = async_nats::HeaderMap::new();
-    if let Some(id) = msg.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")) {
+    if let Some(id) = log_id(msg.headers.as_ref(), &msg.payload) {
         headers.insert("Nats-Msg-Id", id.as_str());
     }
     let js = ingest.commands.store().jetstream();
@@ -300,6 +300,24 @@ async fn log(ingest: &Ingest, node: NodeId, task: TaskId, msg: &jetstream::Messa
         },
         Err(e) => Outcome::Retry(e.to_string()),
     }
+}
+
+/// The id a log chunk is stored under in `UD_LOGS`, so that the stream
+/// keeps it once however often it comes: the node's own, or its place in
+/// the node's stream and its bytes. A chunk comes again when the ingest
+/// dies before its acknowledgement, or when the hub, killed, had not yet
+/// stored that it had sourced it and sources it anew.
+fn log_id(headers: Option<&async_nats::HeaderMap>, payload: &[u8]) -> Option<String> {
+    if let Some(id) = headers.and_then(|h| h.get("Nats-Msg-Id")) {
+        return Some(id.as_str().to_owned());
+    }
+    let (stream, seq) = origin::position(headers)?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    std::hash::Hash::hash(payload, &mut h);
+    Some(format!(
+        "log-{stream}-{seq}-{:016x}",
+        std::hash::Hasher::finish(&h)
+    ))
 }
 
 /// A report on a run: the task decides what it means.
@@ -341,5 +359,32 @@ async fn run(ingest: &Ingest, node: NodeId, task: TaskId, command: TaskCommand) 
             Outcome::Dropped(Rejected::Refused(format!("stale start of task {task}")))
         }
         Err(e) => Outcome::Dropped(Rejected::Refused(format!("task {task}: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sourced(position: &str) -> async_nats::HeaderMap {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Nats-Stream-Source", position);
+        h
+    }
+
+    #[test]
+    fn a_log_chunk_that_comes_again_has_the_same_id() {
+        let first = log_id(Some(&sourced("EDGE_ab12 7 > >")), b"chunk");
+        assert!(first.is_some());
+        assert_eq!(first, log_id(Some(&sourced("EDGE_ab12 7 > >")), b"chunk"));
+        // Another place in the stream, or other bytes at the same place
+        // (a stream made anew), is another chunk.
+        assert_ne!(first, log_id(Some(&sourced("EDGE_ab12 8 > >")), b"chunk"));
+        assert_ne!(first, log_id(Some(&sourced("EDGE_ab12 7 > >")), b"other"));
+        // The node's own id wins; nothing to go by, no id.
+        let mut own = sourced("EDGE_ab12 7 > >");
+        own.insert("Nats-Msg-Id", "n-1");
+        assert_eq!(log_id(Some(&own), b"chunk").as_deref(), Some("n-1"));
+        assert_eq!(log_id(None, b"chunk"), None);
     }
 }

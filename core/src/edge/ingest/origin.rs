@@ -23,6 +23,20 @@ pub fn origin(headers: Option<&async_nats::HeaderMap>) -> Option<String> {
     stream.strip_prefix("EDGE_").map(str::to_owned)
 }
 
+/// Where in its node's stream a sourced message was: the stream's name and
+/// the message's sequence there, from `Nats-Stream-Source`. The same
+/// message sourced or delivered again has the same position.
+pub fn position(headers: Option<&async_nats::HeaderMap>) -> Option<(String, u64)> {
+    let value = headers?.get_last(SOURCE)?.as_str();
+    let value = value.rsplit(SOURCE_NAME).next()?;
+    let mut words = value.split_whitespace();
+    let stream = words.next()?.split(':').next()?;
+    let seq = words.next()?.parse().ok()?;
+    stream
+        .starts_with("EDGE_")
+        .then(|| (stream.to_owned(), seq))
+}
+
 /// The node that sent `msg`: the one its subject names, which must be the
 /// one whose stream it came from.
 pub fn sender(msg: &jetstream::Message) -> Result<NodeId, Rejected> {
@@ -68,5 +82,20 @@ mod tests {
         );
         assert_eq!(origin(&["OTHER 1"]), None);
         assert_eq!(super::origin(None), None);
+    }
+
+    #[test]
+    fn a_messages_position_is_its_node_streams_name_and_sequence() {
+        let position = |values: &[&str]| position(Some(&source(values)));
+        assert_eq!(
+            position(&["EDGE_ab12 7 > >"]),
+            Some(("EDGE_ab12".into(), 7))
+        );
+        assert_eq!(
+            position(&["EDGE_x Nats-Stream-Source: EDGE_ab12 42 > >"]),
+            Some(("EDGE_ab12".into(), 42))
+        );
+        assert_eq!(position(&["EDGE_ab12 seven"]), None);
+        assert_eq!(position(&["OTHER 1"]), None);
     }
 }
