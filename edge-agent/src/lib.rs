@@ -19,6 +19,7 @@ pub mod reporter;
 pub mod requests;
 pub mod runtime;
 pub mod shared;
+pub mod sourcing;
 pub mod transfer;
 
 mod tunnel;
@@ -290,6 +291,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
             (runtime, Some(docker), Some(versions), found, resources)
         }
     };
+    let local_for_watch = local.clone();
     let agent = Agent {
         reporter: Reporter::new(node, local),
         transfers: transfer::Transfers::new(requests.clone()),
@@ -322,6 +324,11 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         run::adopt(&agent, adopted, &mut tasks).await;
     }
     tasks.spawn(heartbeats(agent.clone()));
+    tasks.spawn(sourcing::keep(
+        local_for_watch,
+        node,
+        agent.requests.clone(),
+    ));
     tasks.spawn(serve_tunnels(client.clone(), agent.clone()));
     loop {
         // Bind again after any failure: leaf links have been seen to lose

@@ -88,6 +88,14 @@ pub fn assignment_subject(node: &NodeId) -> String {
     format!("{ASSIGNMENT_PREFIX}.{node}")
 }
 
+/// Where a node says that the hub has stopped taking its reports, so that
+/// the hub sets up its source of the node's stream again (request/reply).
+pub const SOURCING_PREFIX: &str = "ud.sourcing";
+
+pub fn sourcing_subject(node: &NodeId) -> String {
+    format!("{SOURCING_PREFIX}.{node}")
+}
+
 /// Tunnels (sessions, `exec`, port forwarding) are core NATS, never
 /// JetStream: frames to the node on `ud.tunnel.<node_id>.to.<connection>`,
 /// from it on `ud.tunnel.<node_id>.from.<connection>`.

@@ -11,6 +11,7 @@ use async_nats::jetstream::{
 use backon::{BackoffBuilder, Retryable};
 use futures::StreamExt;
 use tracing::{info, warn};
+use ud_schemas::dispatch::{self, SourcingReply, SourcingStalled};
 use ud_schemas::{edge, streams, Event, NodeEvent, NodeId};
 
 use super::hubconf::{self, NodeUser};
@@ -183,7 +184,19 @@ async fn reconcile(
             tracing::warn!(error = %e, "cannot close the revoked nodes' links");
         }
     }
-    // JetStream is briefly unavailable to the account while the hub reloads.
+    retry_streams(js, settings, active, revoked, consumers).await
+}
+
+/// Brings `UD_EDGE_IN`'s sources and the dispatch consumers in step with the
+/// enrolled nodes, retried while the hub's JetStream is briefly unavailable
+/// to the account (as during a reload).
+async fn retry_streams(
+    js: &jetstream::Context,
+    settings: &HubSettings,
+    active: &BTreeMap<NodeId, String>,
+    revoked: &[NodeId],
+    consumers: &mut Consumers,
+) -> Result<(), EdgeError> {
     let mut delays = backon::ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(50))
         .with_max_delay(Duration::from_secs(1))
@@ -274,7 +287,8 @@ fn stable_hash(settings: &HubSettings, user: &str, password: &str) -> Result<Str
     }
 }
 
-/// Follows enrollments and revocations and reconciles the hub after each change.
+/// Follows enrollments and revocations and reconciles the hub after each
+/// change; sets up again the sources nodes say have stalled.
 pub async fn run(store: EventStore, settings: HubSettings) -> Result<(), EdgeError> {
     let hashes = Hashes {
         platform: stable_hash(
@@ -297,11 +311,20 @@ pub async fn run(store: EventStore, settings: HubSettings) -> Result<(), EdgeErr
         })
         .await
         .map_err(nats_err)?;
+    let mut stalls = store
+        .client()
+        .queue_subscribe(
+            format!("{}.*", edge::SOURCING_PREFIX),
+            SOURCING_QUEUE.into(),
+        )
+        .await
+        .map_err(nats_err)?;
     let pending = consumer.cached_info().num_pending;
     let mut messages = consumer.messages().await.map_err(nats_err)?;
     let mut active: BTreeMap<NodeId, String> = BTreeMap::new();
     let mut revoked: Vec<NodeId> = Vec::new();
     let mut consumers = Consumers::new();
+    let mut stalled = Stalled::default();
     if pending == 0 {
         reconcile(&js, &settings, &hashes, &active, &revoked, &mut consumers).await?;
     }
@@ -309,51 +332,288 @@ pub async fn run(store: EventStore, settings: HubSettings) -> Result<(), EdgeErr
     // for QUIET, so that enrolments one after another cost one reload of
     // the hub, not one each (a reload of many users takes the hub seconds,
     // and links are refused meanwhile).
-    let mut unreconciled = false;
+    let mut reconcile_at: Option<tokio::time::Instant> = None;
     loop {
-        let next = if unreconciled {
-            match tokio::time::timeout(QUIET, messages.next()).await {
-                Ok(next) => next,
-                Err(_) => {
-                    if let Err(e) =
-                        reconcile(&js, &settings, &hashes, &active, &revoked, &mut consumers).await
-                    {
-                        consumers.clear();
-                        return Err(e);
-                    }
-                    revoked.clear();
-                    unreconciled = false;
-                    info!(nodes = active.len(), "hub accounts and sources reconciled");
-                    continue;
+        let far = tokio::time::Instant::now() + Duration::from_secs(3600);
+        tokio::select! {
+            next = messages.next() => {
+                let Some(m) = next else { break };
+                let m = m.map_err(nats_err)?;
+                let (seq, more) = m
+                    .info()
+                    .map(|i| (i.stream_sequence, i.pending))
+                    .unwrap_or((0, 0));
+                match ud_schemas::codec::decode_message(
+                    m.subject.as_str(),
+                    m.headers.as_ref(),
+                    &m.payload,
+                ) {
+                    Ok(env) => match env.event {
+                        Event::Node(id, NodeEvent::Enrolled(e)) => {
+                            active.insert(id, e.secret_hash);
+                        }
+                        Event::Node(id, NodeEvent::Revoked(_)) => {
+                            active.remove(&id);
+                            revoked.push(id);
+                        }
+                        _ => {}
+                    },
+                    Err(e) => warn!(seq, error = %e, "undecodable node event"),
+                }
+                // A stored burst is reconciled once, after the last of it is read.
+                if more == 0 || reconcile_at.is_some() {
+                    reconcile_at = Some(tokio::time::Instant::now() + QUIET);
                 }
             }
-        } else {
-            messages.next().await
-        };
-        let Some(m) = next else { break };
-        let m = m.map_err(nats_err)?;
-        let (seq, more) = m
-            .info()
-            .map(|i| (i.stream_sequence, i.pending))
-            .unwrap_or((0, 0));
-        match ud_schemas::codec::decode_message(m.subject.as_str(), m.headers.as_ref(), &m.payload)
-        {
-            Ok(env) => match env.event {
-                Event::Node(id, NodeEvent::Enrolled(e)) => {
-                    active.insert(id, e.secret_hash);
+            () = tokio::time::sleep_until(reconcile_at.unwrap_or(far)), if reconcile_at.is_some() => {
+                if let Err(e) =
+                    reconcile(&js, &settings, &hashes, &active, &revoked, &mut consumers).await
+                {
+                    consumers.clear();
+                    return Err(e);
                 }
-                Event::Node(id, NodeEvent::Revoked(_)) => {
-                    active.remove(&id);
-                    revoked.push(id);
+                revoked.clear();
+                reconcile_at = None;
+                info!(nodes = active.len(), "hub accounts and sources reconciled");
+            }
+            Some(m) = stalls.next() => stalled.ask(m),
+            () = tokio::time::sleep_until(stalled.due.unwrap_or(far)), if stalled.due.is_some() => {
+                // Enrolments read but not yet reconciled wait for their reconcile.
+                let known: BTreeMap<NodeId, String> = if reconcile_at.is_some() {
+                    BTreeMap::new()
+                } else {
+                    active.clone()
+                };
+                let answers = restart_sources(&js, &settings, &known, &mut stalled, &mut consumers).await;
+                for (reply, answer) in answers {
+                    match dispatch::to_cbor(&answer) {
+                        Ok(bytes) => {
+                            if let Err(e) = store.client().publish(reply, bytes.into()).await {
+                                warn!(error = %e, "sourcing reply not sent");
+                            }
+                        }
+                        Err(e) => warn!(error = %e, "sourcing reply not encoded"),
+                    }
                 }
-                _ => {}
-            },
-            Err(e) => warn!(seq, error = %e, "undecodable node event"),
-        }
-        // A stored burst is reconciled once, after the last of it is read.
-        if more == 0 {
-            unreconciled = true;
+            }
         }
     }
     Ok(())
+}
+
+/// The queue group that answers nodes whose sourcing stalled: one main
+/// server sets each source up again.
+const SOURCING_QUEUE: &str = "unidesk-hub-sourcing";
+
+/// How often the hub sets up one node's source again at most.
+pub const RESTART_EVERY: Duration = Duration::from_secs(10);
+
+/// How long the hub gathers stalled nodes before it sets their sources up
+/// again together: after a hub restart every node may ask at once, and two
+/// stream updates serve them all.
+const GATHER: Duration = Duration::from_millis(500);
+
+/// A source the hub has heard from this recently is working.
+const HEARD: Duration = Duration::from_secs(5);
+
+/// The nodes that said their sourcing stalled, waiting for the next batch.
+#[derive(Default)]
+struct Stalled {
+    asking: Vec<(NodeId, async_nats::Subject)>,
+    due: Option<tokio::time::Instant>,
+    restarted: std::collections::HashMap<NodeId, tokio::time::Instant>,
+}
+
+impl Stalled {
+    fn ask(&mut self, m: async_nats::Message) {
+        let Some((node, reply)) = super::requests::requester(&m) else {
+            return;
+        };
+        match dispatch::from_cbor::<SourcingStalled>(&m.payload, "sourcing-stalled") {
+            Ok(s) => {
+                info!(node_id = %node, pending = s.pending, bound = s.bound, "node says its sourcing stalled");
+            }
+            Err(e) => {
+                warn!(node_id = %node, error = %e, "undecodable sourcing request");
+                return;
+            }
+        }
+        self.asking.push((node, reply));
+        self.due
+            .get_or_insert_with(|| tokio::time::Instant::now() + GATHER);
+    }
+}
+
+fn refused(reason: impl Into<String>) -> SourcingReply {
+    SourcingReply {
+        restarted: false,
+        reason: Some(reason.into()),
+    }
+}
+
+/// Which of the asking nodes get their source set up again, and the answer
+/// for each of the others.
+fn choose(
+    asking: &[(NodeId, async_nats::Subject)],
+    active: &BTreeMap<NodeId, String>,
+    heard: &std::collections::HashMap<String, Duration>,
+    restarted: &std::collections::HashMap<NodeId, tokio::time::Instant>,
+    now: tokio::time::Instant,
+) -> (Vec<NodeId>, Vec<(async_nats::Subject, SourcingReply)>) {
+    let mut chosen = Vec::new();
+    let mut answers = Vec::new();
+    for (node, reply) in asking {
+        let recently = restarted
+            .get(node)
+            .is_some_and(|t| now.saturating_duration_since(*t) < RESTART_EVERY);
+        let answer = if !active.contains_key(node) {
+            Some(refused("not an enrolled node the hub knows yet"))
+        } else if recently || chosen.contains(node) {
+            Some(refused(format!(
+                "set up again less than {} s ago",
+                RESTART_EVERY.as_secs()
+            )))
+        } else if heard.get(&edge::stream(node)).is_some_and(|d| *d < HEARD) {
+            Some(refused("the hub hears this node"))
+        } else {
+            None
+        };
+        match answer {
+            Some(a) => answers.push((reply.clone(), a)),
+            None => chosen.push(*node),
+        }
+    }
+    (chosen, answers)
+}
+
+/// Sets up again the sources of the stalled nodes: removed in one update of
+/// `UD_EDGE_IN`, put back in the next, so nats-server asks each node's
+/// consumer again at once instead of at its retry backoff (up to two
+/// minutes). The node's consumer keeps its position; the hub resumes from
+/// what it stored.
+async fn restart_sources(
+    js: &jetstream::Context,
+    settings: &HubSettings,
+    active: &BTreeMap<NodeId, String>,
+    stalled: &mut Stalled,
+    consumers: &mut Consumers,
+) -> Vec<(async_nats::Subject, SourcingReply)> {
+    let asking = std::mem::take(&mut stalled.asking);
+    stalled.due = None;
+    let heard: std::collections::HashMap<String, Duration> =
+        match js.get_stream(edge::EDGE_IN).await {
+            Ok(mut s) => match s.info().await {
+                Ok(info) => info
+                    .sources
+                    .iter()
+                    .filter_map(|si| si.active.map(|a| (si.name.clone(), a)))
+                    .collect(),
+                Err(_) => Default::default(),
+            },
+            Err(_) => Default::default(),
+        };
+    let now = tokio::time::Instant::now();
+    let (chosen, mut answers) = choose(&asking, active, &heard, &stalled.restarted, now);
+    if chosen.is_empty() {
+        return answers;
+    }
+    let kept: Vec<Source> = active
+        .keys()
+        .filter(|id| !chosen.contains(id))
+        .map(source)
+        .collect();
+    let outcome = match js
+        .update_stream(&streams::edge_in(settings.replicas, kept))
+        .await
+    {
+        Ok(_) => {
+            // Put back, retried like any reconcile: the sources must not
+            // stay out.
+            let empty = Vec::new();
+            retry_streams(js, settings, active, &empty, consumers).await
+        }
+        Err(e) => Err(nats_err(e)),
+    };
+    stalled
+        .restarted
+        .retain(|_, t| now.saturating_duration_since(*t) < RESTART_EVERY);
+    let reply = match &outcome {
+        Ok(()) => {
+            info!(
+                nodes = chosen.len(),
+                "sources of stalled nodes set up again"
+            );
+            SourcingReply {
+                restarted: true,
+                reason: None,
+            }
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot set up the stalled nodes' sources again");
+            refused(format!("the hub's stream could not be updated: {e}"))
+        }
+    };
+    for (node, r) in &asking {
+        if chosen.contains(node) {
+            stalled.restarted.insert(*node, now);
+            answers.push((r.clone(), reply.clone()));
+        }
+    }
+    answers
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn reply(n: u8) -> async_nats::Subject {
+        format!("_INBOX.r{n}").into()
+    }
+
+    #[test]
+    fn only_enrolled_unheard_nodes_not_restarted_lately_are_set_up_again() {
+        let (a, b, c, d, e) = (
+            NodeId::new(),
+            NodeId::new(),
+            NodeId::new(),
+            NodeId::new(),
+            NodeId::new(),
+        );
+        let active: BTreeMap<NodeId, String> =
+            [a, b, c, d].iter().map(|n| (*n, "h".to_owned())).collect();
+        let now = tokio::time::Instant::now();
+        let heard = HashMap::from([
+            (edge::stream(&b), Duration::from_secs(1)),
+            (edge::stream(&a), Duration::from_secs(60)),
+        ]);
+        let restarted = HashMap::from([
+            (c, now - Duration::from_secs(2)),
+            (d, now - RESTART_EVERY - Duration::from_secs(1)),
+        ]);
+        let asking = vec![
+            (a, reply(1)),
+            (b, reply(2)),
+            (c, reply(3)),
+            (d, reply(4)),
+            (e, reply(5)),
+            (a, reply(6)),
+        ];
+        let (chosen, answers) = choose(&asking, &active, &heard, &restarted, now);
+        // Long unheard and a restart long ago: set up again, once each.
+        assert_eq!(chosen, vec![a, d]);
+        let reasons: HashMap<String, String> = answers
+            .into_iter()
+            .map(|(r, a)| {
+                assert!(!a.restarted);
+                (r.to_string(), a.reason.unwrap_or_default())
+            })
+            .collect();
+        assert_eq!(reasons.len(), 4);
+        assert!(reasons["_INBOX.r2"].contains("hears"));
+        assert!(reasons["_INBOX.r3"].contains("less than 10 s ago"));
+        assert!(reasons["_INBOX.r5"].contains("not an enrolled node"));
+        assert!(reasons["_INBOX.r6"].contains("less than 10 s ago"));
+    }
 }

@@ -50,6 +50,7 @@ pub fn node_permissions(id: &NodeId) -> (Vec<String>, Vec<String>) {
         edge::assignment_subject(id),
         edge::storage_subject(id),
         edge::secrets_subject(id),
+        edge::sourcing_subject(id),
         format!("{}.*", edge::tunnel_from(id)),
     ];
     let subscribe = vec![

@@ -122,7 +122,7 @@ async fn secrets_answer(
 }
 
 /// The node a request came from, if it is to be answered.
-fn requester(m: &async_nats::Message) -> Option<(NodeId, async_nats::Subject)> {
+pub(crate) fn requester(m: &async_nats::Message) -> Option<(NodeId, async_nats::Subject)> {
     let reply = m.reply.clone()?;
     let node: NodeId = m.subject.rsplit('.').next()?.parse().ok()?;
     if !reply.starts_with(&format!("{}.", edge::inbox_prefix(&node))) {

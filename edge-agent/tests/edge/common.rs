@@ -18,10 +18,9 @@ use ud_testkit::{NatsOptions, NatsServer, PgDatabase};
 /// How long a freshly joined node may take to be online: the hub sets up its
 /// source of the node's stream with nats-server's own retry schedule (10 s,
 /// then 20 s more, then longer) when the first try comes before the node's
-/// leaf is up; with four suites running at once on two cores, a third or
-/// (once seen) a fourth retry is needed. An upper bound: a node online
-/// sooner ends the wait.
-pub const JOIN: Duration = Duration::from_secs(240);
+/// leaf is up, and the agent asks for it again after 6 s of reports waiting
+/// unsourced. An upper bound: a node online sooner ends the wait.
+pub const JOIN: Duration = Duration::from_secs(120);
 
 pub const PLATFORM_PW: &str = "platform-secret";
 pub const AGENT_PW: &str = "agent-secret";
@@ -490,7 +489,27 @@ impl Stack {
         let node = self
             .join(name, self.enroll(name).await?, Duration::from_millis(500))
             .await?;
-        self.node_status(node.id, "online", JOIN).await?;
+        if let Err(e) = self.node_status(node.id, "online", JOIN).await {
+            // What the hub said about sourcing the node's stream.
+            let ours = edge::stream(&node.id);
+            let log = self.hub.log();
+            let said: Vec<&str> = log.lines().filter(|l| l.contains(&ours)).collect();
+            // And what the platform's side said of the node and of the hub.
+            let id = node.id.to_string();
+            let kept = LOGGED
+                .lock()
+                .map(|l| String::from_utf8_lossy(&l).into_owned())
+                .unwrap_or_default();
+            let platform: Vec<&str> = kept
+                .lines()
+                .filter(|l| l.contains(&id) || l.contains("ud_core::edge::hub"))
+                .collect();
+            bail!(
+                "{e}; the hub logged of its stream:\n{}\nthe platform logged:\n{}",
+                said.join("\n"),
+                platform.join("\n")
+            );
+        }
         Ok(node)
     }
 

@@ -482,3 +482,48 @@ async fn the_hub_reloads_once_per_burst_of_enrolments() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_node_whose_source_the_hub_dropped_asks_for_it_and_gets_it_back() -> Result<()> {
+    let mut s = Stack::start(Duration::from_secs(60)).await?;
+    let node = s.online_node("kappa").await?;
+    // The hub stops sourcing the node's stream (as a source that went wrong
+    // would): nothing the node reports reaches the platform, and nothing on
+    // the hub's side would set the source up again before the next enrolment.
+    let platform =
+        async_nats::ConnectOptions::with_user_and_password("platform".into(), PLATFORM_PW.into())
+            .connect(format!("127.0.0.1:{}", s.hub.port()))
+            .await?;
+    let js = async_nats::jetstream::new(platform);
+    let mut edge_in = js.get_stream(edge::EDGE_IN).await?;
+    let mut config = edge_in.info().await?.config.clone();
+    let ours = edge::stream(&node.id);
+    config
+        .sources
+        .as_mut()
+        .ok_or_else(|| anyhow!("UD_EDGE_IN has no sources"))?
+        .retain(|src| src.name != ours);
+    js.update_stream(&config).await?;
+    // The node runs what it is given; its reports wait in its stream until
+    // it has told the hub, which sets the source up again.
+    let task = s.submit("echo reported-after-all", 60).await?;
+    let done = s
+        .task_state(&task, &["succeeded", "failed"], Duration::from_secs(90))
+        .await?;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let said = format!(
+        "the hub set up its source of this node again node_id={}",
+        node.id
+    );
+    assert!(logged(&said), "the agent never had its source set up again");
+    let sourced = edge_in
+        .info()
+        .await?
+        .config
+        .sources
+        .clone()
+        .unwrap_or_default();
+    assert_eq!(sourced.iter().filter(|src| src.name == ours).count(), 1);
+    node.agent.abort();
+    Ok(())
+}

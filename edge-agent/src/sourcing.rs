@@ -1,0 +1,153 @@
+//! Keeps the hub taking this node's reports: when they wait in the node's
+//! stream with nobody on the hub's side bound to its source consumer (or
+//! nothing acknowledged for long), the agent asks the main server to set up
+//! the hub's source of the stream again, instead of waiting for
+//! nats-server's own retry backoff (up to two minutes: after a late join, a
+//! link back from a long cut, or a source that went wrong).
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use tracing::{debug, info};
+use ud_schemas::dispatch::SourcingStalled;
+use ud_schemas::{edge, NodeId};
+
+use crate::requests::Requests;
+
+/// How often the agent looks at its source consumer.
+pub const CHECK_EVERY: Duration = Duration::from_secs(3);
+
+/// Checks in a row with reports waiting and nobody bound before it asks.
+const UNBOUND_CHECKS: u32 = 2;
+
+/// Checks in a row with reports waiting and the acknowledged floor still
+/// before it asks (bound, but nothing taken for half a minute).
+const STUCK_CHECKS: u32 = 10;
+
+/// What the agent has seen of its source consumer so far.
+#[derive(Debug, Default)]
+pub struct Watch {
+    unbound: u32,
+    stuck: u32,
+    floor: Option<u64>,
+}
+
+/// One look at the source consumer.
+#[derive(Clone, Copy, Debug)]
+pub struct Seen {
+    /// Reports not yet delivered or not yet acknowledged.
+    pub waiting: u64,
+    /// Someone (the hub's source) is bound to the consumer's deliver subject.
+    pub bound: bool,
+    /// The last stream sequence the hub acknowledged.
+    pub floor: u64,
+}
+
+impl Watch {
+    /// Takes in one look; true when the agent should ask now.
+    pub fn observe(&mut self, seen: Seen) -> bool {
+        let moved = self.floor != Some(seen.floor);
+        self.floor = Some(seen.floor);
+        if seen.waiting == 0 {
+            self.unbound = 0;
+            self.stuck = 0;
+            return false;
+        }
+        self.unbound = if seen.bound { 0 } else { self.unbound + 1 };
+        self.stuck = if moved { 0 } else { self.stuck + 1 };
+        self.unbound >= UNBOUND_CHECKS || self.stuck >= STUCK_CHECKS
+    }
+
+    /// The hub set the source up again: counted afresh.
+    pub fn restarted(&mut self) {
+        self.unbound = 0;
+        self.stuck = 0;
+    }
+}
+
+async fn look(local: &jetstream::Context, node: &NodeId) -> Option<Seen> {
+    let stream = local.get_stream(edge::stream(node)).await.ok()?;
+    let c = stream.consumer_info(edge::SOURCE_CONSUMER).await.ok()?;
+    Some(Seen {
+        waiting: c
+            .num_pending
+            .saturating_add(u64::try_from(c.num_ack_pending).unwrap_or(u64::MAX)),
+        bound: c.push_bound,
+        floor: c.ack_floor.stream_sequence,
+    })
+}
+
+/// Watches the source consumer for as long as the agent runs.
+pub async fn keep(local: jetstream::Context, node: NodeId, requests: Requests) {
+    let mut watch = Watch::default();
+    let mut tick = tokio::time::interval(CHECK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(seen) = look(&local, &node).await else {
+            continue;
+        };
+        if !watch.observe(seen) {
+            continue;
+        }
+        let asked = SourcingStalled {
+            pending: seen.waiting,
+            bound: seen.bound,
+        };
+        match requests.sourcing(&asked).await {
+            Ok(r) if r.restarted => {
+                info!(node_id = %node, waiting = seen.waiting, "the hub set up its source of this node again");
+                watch.restarted();
+            }
+            Ok(r) => {
+                debug!(node_id = %node, reason = ?r.reason, "the hub left its source as it is")
+            }
+            Err(e) => {
+                debug!(node_id = %node, error = %e, "cannot ask the main server about sourcing")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seen(waiting: u64, bound: bool, floor: u64) -> Seen {
+        Seen {
+            waiting,
+            bound,
+            floor,
+        }
+    }
+
+    #[test]
+    fn reports_waiting_with_nobody_bound_ask_on_the_second_look() {
+        let mut w = Watch::default();
+        assert!(!w.observe(seen(1, false, 0)));
+        assert!(w.observe(seen(1, false, 0)));
+        // Asked and answered: counted afresh.
+        w.restarted();
+        assert!(!w.observe(seen(1, false, 0)));
+        // The hub binds and takes them: nothing to ask.
+        assert!(!w.observe(seen(1, true, 0)));
+        assert!(!w.observe(seen(0, true, 1)));
+        assert!(!w.observe(seen(0, false, 1)));
+        assert!(!w.observe(seen(0, false, 1)));
+    }
+
+    #[test]
+    fn a_bound_source_that_takes_nothing_for_long_is_asked_about() {
+        let mut w = Watch::default();
+        // The first look only learns where the floor is.
+        for _ in 0..STUCK_CHECKS {
+            assert!(!w.observe(seen(5, true, 7)));
+        }
+        assert!(w.observe(seen(5, true, 7)));
+        // One that moves, however slowly, is left alone.
+        let mut w = Watch::default();
+        for floor in 0..3 * u64::from(STUCK_CHECKS) {
+            assert!(!w.observe(seen(5, true, floor)));
+        }
+    }
+}
