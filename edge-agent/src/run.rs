@@ -87,6 +87,7 @@ pub(crate) async fn adopt(agent: &Agent, adopted: Adopted, tasks: &mut tokio::ta
     };
     let agent = agent.clone();
     let (task, attempt, container) = (adopted.task, adopted.attempt, supervised.container.clone());
+    let started_at = adopted.started_at;
     tasks.spawn(
         async move {
             // Made but not started when the agent stopped: started now, as
@@ -99,7 +100,7 @@ pub(crate) async fn adopt(agent: &Agent, adopted: Adopted, tasks: &mut tokio::ta
             // The start may not have been reported before the restart; said
             // again, it changes nothing.
             let started = RunReport::Started(TaskStarted {
-                at: now_millis(),
+                at: started_at,
                 node_id: agent.cfg.node_id,
                 attempt,
             });
@@ -241,7 +242,8 @@ impl Agent {
         if prepared.workspace.is_some() {
             self.reporter.step(task, attempt, "start").await;
         }
-        let t = std::time::Instant::now();
+        // The run's start, as its history says and its limit counts from.
+        let (t, started_at) = (std::time::Instant::now(), now_millis());
         let launch = Launch {
             image: &prepared.image,
             run: &run,
@@ -269,7 +271,7 @@ impl Agent {
             .reachable
             .insert(task, container.clone(), run.spec.ports.clone());
         prepared.steps.push(("start", t.elapsed()));
-        self.record_start(&run, &prepared).await;
+        self.record_start(&run, &prepared, started_at).await;
         let outputs = match (&prepared.workspace, run.spec.outputs.is_empty()) {
             (Some(w), false) => Some(Outputs {
                 workspace: w.clone(),
@@ -512,8 +514,9 @@ impl Agent {
         }
     }
 
-    /// Reports what the run really uses, then that it started.
-    async fn record_start(&self, run: &DispatchRun, prepared: &PreparedRun) {
+    /// Reports what the run really uses, then that it started (`at`: when
+    /// its container was made, from which its limit counts).
+    async fn record_start(&self, run: &DispatchRun, prepared: &PreparedRun, at: Millis) {
         let (task, attempt, node) = (run.task_id, run.attempt, self.cfg.node_id);
         let gpus = match self.gpus.lock() {
             Ok(found) => crate::info::gpus_in_use(&found, &run.gpus),
@@ -541,7 +544,7 @@ impl Agent {
             warn!(error = %e, "cannot record what the run uses");
         }
         let started = RunReport::Started(TaskStarted {
-            at: now_millis(),
+            at,
             node_id: node,
             attempt,
         });
@@ -613,7 +616,9 @@ impl Agent {
     /// limit; stores its outputs and reports the outcome.
     async fn supervise(self, s: Supervised, cancel: oneshot::Receiver<DispatchCancel>) {
         let (task, attempt) = (s.task, s.attempt);
-        let logs = tokio::spawn({
+        // Ends with the supervision: an agent stopped mid-run leaves no
+        // follower behind to send the run's lines a second time.
+        let logs = tokio_util::task::AbortOnDropHandle::new(tokio::spawn({
             let (runtime, reporter, container, after) = (
                 self.runtime.clone(),
                 self.reporter.clone(),
@@ -631,7 +636,7 @@ impl Agent {
                     .follow_logs(&container, after.as_deref(), sink)
                     .await
             }
-        });
+        }));
         let deadline = async {
             match s.limit {
                 Some(limit) => tokio::time::sleep_until(limit.deadline).await,
