@@ -75,6 +75,16 @@ async fn sim_agent(
         .await
         .map_err(|e| anyhow!("{e}"))?;
     let _ = beats_to.send(reporter.clone());
+    // As the agent does: asks the hub to source the node's stream again
+    // when its reports wait unsourced; ends with the simulated agent.
+    let requests = ud_edge_agent::requests::Requests {
+        client: client.clone(),
+        node,
+    };
+    let local = async_nats::jetstream::with_domain(client.clone(), edge::domain(&node));
+    let _sourcing = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
+        ud_edge_agent::sourcing::keep(local, node, requests),
+    ));
     loop {
         // The hub makes the node's consumer shortly after enrolment: retry until it is there.
         let consumer: async_nats::jetstream::consumer::PullConsumer = match hub
