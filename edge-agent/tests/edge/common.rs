@@ -46,6 +46,35 @@ pub struct Node {
     pub token: NodeToken,
     pub leaf: NatsServer,
     pub agent: tokio::task::JoinHandle<()>,
+    /// Removes the node's containers when the test is done with it.
+    pub containers: Containers,
+}
+
+/// The containers of one node, removed when dropped: runs a test leaves
+/// going (a session, a long sleep) end with the test instead of piling up
+/// in the engine.
+pub struct Containers(pub NodeId);
+
+impl Drop for Containers {
+    fn drop(&mut self) {
+        let filter = format!("label={}={}", ud_edge_agent::docker::LABEL_NODE, self.0);
+        let Ok(found) = std::process::Command::new("docker")
+            .args(["ps", "-aq", "--filter", &filter])
+            .output()
+        else {
+            return;
+        };
+        let ids: Vec<String> = String::from_utf8_lossy(&found.stdout)
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        if !ids.is_empty() {
+            let _ = std::process::Command::new("docker")
+                .args(["rm", "-f"])
+                .args(&ids)
+                .output();
+        }
+    }
 }
 
 pub fn initial_accounts() -> Result<String> {
@@ -539,6 +568,7 @@ impl Stack {
         let agent = spawn_agent(&leaf, &token, name, heartbeat);
         Ok(Node {
             id: token.node_id,
+            containers: Containers(token.node_id),
             token,
             leaf,
             agent,

@@ -35,6 +35,7 @@ async fn session_node(s: &mut Stack, name: &str, hub_port: u16) -> Result<Node> 
     s.node_status(token.node_id, "online", JOIN).await?;
     Ok(Node {
         id: token.node_id,
+        containers: Containers(token.node_id),
         token,
         leaf,
         agent,
