@@ -404,9 +404,9 @@ pub fn sim_heartbeat() -> Report {
 
 async fn agent(url: String, i: usize, node: NodeId, interval: Duration, offset: Duration) {
     let mut attempt = 0;
-    let reporter = loop {
+    let (reporter, client) = loop {
         match start_agent(&url, i, node).await {
-            Ok(r) => break r,
+            Ok(started) => break started,
             Err(e) => {
                 eprintln!("simulated node {i}: start failed, trying again: {e}");
                 tokio::time::sleep(ud_edge_agent::reconnect_delay(attempt)).await;
@@ -414,6 +414,17 @@ async fn agent(url: String, i: usize, node: NodeId, interval: Duration, offset: 
             }
         }
     };
+    // As the agent does: asks the hub to source the node's stream again
+    // when its reports wait unsourced.
+    let requests = ud_edge_agent::requests::Requests {
+        client: client.clone(),
+        node,
+    };
+    tokio::spawn(ud_edge_agent::sourcing::keep(
+        async_nats::jetstream::new(client),
+        node,
+        requests,
+    ));
     tokio::time::sleep(offset).await;
     let mut tick = tokio::time::interval(interval);
     loop {
@@ -425,12 +436,16 @@ async fn agent(url: String, i: usize, node: NodeId, interval: Duration, offset: 
 }
 
 /// Connects as the node's user, makes its own stream and registers it.
-async fn start_agent(url: &str, i: usize, node: NodeId) -> Result<ud_edge_agent::Reporter> {
+async fn start_agent(
+    url: &str,
+    i: usize,
+    node: NodeId,
+) -> Result<(ud_edge_agent::Reporter, async_nats::Client)> {
     let client = async_nats::ConnectOptions::with_user_and_password(format!("n{i}"), "x".into())
         .custom_inbox_prefix(edge::inbox_prefix(&node))
         .connect(url)
         .await?;
-    let local = async_nats::jetstream::new(client);
+    let local = async_nats::jetstream::new(client.clone());
     ud_edge_agent::ensure_local(&local, &node)
         .await
         .map_err(|e| anyhow!("{e}"))?;
@@ -444,5 +459,5 @@ async fn start_agent(url: &str, i: usize, node: NodeId) -> Result<ud_edge_agent:
         }))
         .await
         .map_err(|e| anyhow!("{e}"))?;
-    Ok(reporter)
+    Ok((reporter, client))
 }
