@@ -12,6 +12,7 @@ pub mod archive;
 pub mod auth;
 pub mod commands;
 pub mod edge;
+pub mod follow;
 pub mod guard;
 pub mod node;
 pub mod pipeline;

@@ -5,13 +5,13 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::DeliverPolicy};
 
 /// How long a projector waits for an event before checking it is not missing any.
-const STALL_CHECK: std::time::Duration = std::time::Duration::from_secs(3);
 use futures::{FutureExt, StreamExt};
 use tracing::{debug, info, warn};
 use ud_schemas::codec::{self, EventEnvelope};
 use ud_schemas::{streams, subjects};
 
 use tokio_util::task::AbortOnDropHandle;
+use ud_core::follow::Next;
 
 use crate::db::{self, Db};
 use crate::model::{apply, Nodes, Pipelines, Tasks, Tokens};
@@ -142,21 +142,17 @@ async fn next_batch(
 ) -> Result<Vec<jetstream::Message>, ProjectionError> {
     // An ordered consumer whose server died can go quiet for good: when
     // nothing comes for a while, check that nothing is being missed.
-    let first = loop {
-        match tokio::time::timeout(STALL_CHECK, messages.next()).await {
-            Ok(Some(m)) => break m,
-            Ok(None) => return Err(ProjectionError::Stream("consumer closed".into())),
-            Err(_) => {
-                let last = stream.info().await.map_err(stream_err)?.state.last_sequence;
-                if last > read {
-                    return Err(ProjectionError::Stream(
-                        format!("consumer stalled at {read} of {last}; binding again").into(),
-                    ));
-                }
-            }
+    let first = match ud_core::follow::next_or_stalled(messages, stream, read).await {
+        Next::Message(m) => *m,
+        Next::Closed => return Err(ProjectionError::Stream("consumer closed".into())),
+        Next::Stalled { read, last } => {
+            return Err(ProjectionError::Stream(
+                format!("consumer stalled at {read} of {last}; binding again").into(),
+            ))
         }
+        Next::Failed(e) => return Err(ProjectionError::Stream(e)),
     };
-    let mut batch = vec![first.map_err(stream_err)?];
+    let mut batch = vec![first];
     let deadline = tokio::time::Instant::now() + options.linger;
     while batch.len() < options.batch_max {
         match messages.next().now_or_never() {

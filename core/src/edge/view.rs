@@ -4,13 +4,13 @@
 use std::collections::HashMap;
 
 use async_nats::jetstream::{self, consumer::DeliverPolicy};
-use futures::StreamExt;
 use tokio::sync::mpsc;
 use tracing::warn;
 use ud_schemas::codec::{self, EventEnvelope};
 use ud_schemas::{Event, NodeId, TaskId};
 
 use super::{nats_err, EdgeError};
+use crate::follow::Next;
 use crate::node::{self, Liveness, Node};
 use crate::task::{self, Task};
 
@@ -139,8 +139,20 @@ async fn follow_from(
         .await
         .map_err(nats_err)?;
     let mut messages = consumer.messages().await.map_err(nats_err)?;
-    while let Some(m) = messages.next().await {
-        let m = m.map_err(nats_err)?;
+    loop {
+        // A consumer gone quiet with its server is bound again at once.
+        let m = match crate::follow::next_or_stalled(&mut messages, &mut s, next.saturating_sub(1))
+            .await
+        {
+            Next::Message(m) => *m,
+            Next::Closed => break,
+            Next::Stalled { read, last } => {
+                return Err(EdgeError::Nats(
+                    format!("{stream} consumer stalled at {read} of {last}").into(),
+                ))
+            }
+            Next::Failed(e) => return Err(EdgeError::Nats(e)),
+        };
         let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
         *next = seq + 1;
         match codec::decode_message(m.subject.as_str(), m.headers.as_ref(), &m.payload) {
