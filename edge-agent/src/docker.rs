@@ -3,6 +3,7 @@
 //! with dropped capabilities, no new privileges and a pids limit.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use bollard::models::{ContainerCreateBody, DeviceRequest, HostConfig, ResourcesUlimits};
 use bollard::query_parameters::{
@@ -440,20 +441,74 @@ impl Runtime for Executor {
     /// chunk after `after` (the engine's time of the last one sent before,
     /// RFC 3339) to `sink` with its own time.
     async fn follow_logs(&self, container: &str, after: Option<&str>, sink: LogSink) {
-        let after = after.and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+        let mut last = after.and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+        // Followed while the container runs; a broken stream is followed
+        // again from the last line sent.
+        for tries in 1.. {
+            match self.read_logs(container, true, &mut last, &sink).await {
+                Ok(()) if !self.is_running(container).await => break,
+                Ok(()) => {}
+                Err(e) if tries < LOG_TRIES => {
+                    tracing::warn!(error = %e, "the run's log stream broke; following it again");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot follow the run's logs");
+                    break;
+                }
+            }
+            if tries >= LOG_TRIES {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200 * u64::from(tries))).await;
+        }
+        // Read once more after the end: lines written as the container
+        // stopped can miss a follower.
+        if let Err(e) = self.read_logs(container, false, &mut last, &sink).await {
+            tracing::warn!(error = %e, "cannot read the run's last log lines");
+        }
+    }
+}
+
+/// How often the agent opens a run's log stream at most.
+const LOG_TRIES: u32 = 5;
+
+impl Executor {
+    /// Whether the container still runs (false when it cannot be told).
+    async fn is_running(&self, container: &str) -> bool {
+        self.docker
+            .inspect_container(
+                container,
+                None::<bollard::query_parameters::InspectContainerOptions>,
+            )
+            .await
+            .ok()
+            .and_then(|c| c.state)
+            .and_then(|s| s.running)
+            .unwrap_or(false)
+    }
+
+    /// Hands the container's log chunks after `last` to `sink` (until it
+    /// stops, with `follow`), moving `last` on.
+    async fn read_logs(
+        &self,
+        container: &str,
+        follow: bool,
+        last: &mut Option<chrono::DateTime<chrono::FixedOffset>>,
+        sink: &LogSink,
+    ) -> Result<(), bollard::errors::Error> {
         let opts = LogsOptions {
-            follow: true,
+            follow,
             stdout: true,
             stderr: true,
             timestamps: true,
             // Whole seconds: the chunks of that second are sorted out below.
-            since: after.map_or(0, |t| i32::try_from(t.timestamp()).unwrap_or(0)),
+            since: last.map_or(0, |t| i32::try_from(t.timestamp()).unwrap_or(0)),
             tail: "all".into(),
             ..Default::default()
         };
         let mut logs = self.docker.logs(container, Some(opts));
-        while let Some(Ok(out)) = logs.next().await {
-            let (stream, bytes) = match out {
+        while let Some(out) = logs.next().await {
+            let (stream, bytes) = match out? {
                 bollard::container::LogOutput::StdErr { message } => ("stderr", message),
                 bollard::container::LogOutput::StdOut { message }
                 | bollard::container::LogOutput::Console { message } => ("stdout", message),
@@ -464,8 +519,8 @@ impl Runtime for Executor {
                 continue;
             };
             let at = chrono::DateTime::parse_from_rfc3339(time).ok();
-            if after.is_some_and(|after| at.is_some_and(|at| at <= after)) {
-                continue; // sent before a restart
+            if last.is_some_and(|last| at.is_some_and(|at| at <= last)) {
+                continue; // sent already (before a restart, or by an earlier read)
             }
             if sink(stream, text.to_owned(), time.to_owned())
                 .await
@@ -473,7 +528,11 @@ impl Runtime for Executor {
             {
                 tracing::warn!("log chunk not recorded");
             }
+            if at.is_some() {
+                *last = at;
+            }
         }
+        Ok(())
     }
 }
 
