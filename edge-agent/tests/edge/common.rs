@@ -371,22 +371,53 @@ impl Stack {
         timeout: Duration,
     ) -> Result<Value> {
         let (http, base, admin) = (self.http.clone(), self.base.clone(), self.admin.clone());
-        self.until(&format!("node {id} {status}"), timeout, move || {
-            let (http, base, admin) = (http.clone(), base.clone(), admin.clone());
-            async move {
-                let v: Value = http
-                    .get(format!("{base}/api/v1/nodes/{id}"))
-                    .bearer_auth(&admin)
-                    .send()
-                    .await?
-                    .json()
-                    .await?;
-                // Online also means its registration is in.
-                let registered = status != "online" || !v["registered_at"].is_null();
-                Ok((v["status"] == status && registered).then_some(v))
-            }
-        })
-        .await
+        let waited = self
+            .until(&format!("node {id} {status}"), timeout, move || {
+                let (http, base, admin) = (http.clone(), base.clone(), admin.clone());
+                async move {
+                    let v: Value = http
+                        .get(format!("{base}/api/v1/nodes/{id}"))
+                        .bearer_auth(&admin)
+                        .send()
+                        .await?
+                        .json()
+                        .await?;
+                    // Online also means its registration is in.
+                    let registered = status != "online" || !v["registered_at"].is_null();
+                    Ok((v["status"] == status && registered).then_some(v))
+                }
+            })
+            .await;
+        match waited {
+            Err(e) if status == "online" => Err(self.never_online(id, e)),
+            other => other,
+        }
+    }
+
+    /// Why a node never came online, as far as the logs tell: what the hub
+    /// said of reloads and of the node's stream, and what the platform's
+    /// side said of the node and of the hub.
+    fn never_online(&self, id: NodeId, e: anyhow::Error) -> anyhow::Error {
+        let ours = edge::stream(&id);
+        let log = self.hub.log();
+        let hub: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains(&ours) || l.contains("eload") || l.contains("JetStream"))
+            .collect();
+        let node = id.to_string();
+        let kept = LOGGED
+            .lock()
+            .map(|l| String::from_utf8_lossy(&l).into_owned())
+            .unwrap_or_default();
+        let platform: Vec<&str> = kept
+            .lines()
+            .filter(|l| l.contains(&node) || l.contains("ud_core::edge::hub"))
+            .collect();
+        anyhow!(
+            "{e}; the hub logged:\n{}\nthe platform logged:\n{}",
+            hub.join("\n"),
+            platform.join("\n")
+        )
     }
 
     pub async fn task_state(
@@ -518,27 +549,7 @@ impl Stack {
         let node = self
             .join(name, self.enroll(name).await?, Duration::from_millis(500))
             .await?;
-        if let Err(e) = self.node_status(node.id, "online", JOIN).await {
-            // What the hub said about sourcing the node's stream.
-            let ours = edge::stream(&node.id);
-            let log = self.hub.log();
-            let said: Vec<&str> = log.lines().filter(|l| l.contains(&ours)).collect();
-            // And what the platform's side said of the node and of the hub.
-            let id = node.id.to_string();
-            let kept = LOGGED
-                .lock()
-                .map(|l| String::from_utf8_lossy(&l).into_owned())
-                .unwrap_or_default();
-            let platform: Vec<&str> = kept
-                .lines()
-                .filter(|l| l.contains(&id) || l.contains("ud_core::edge::hub"))
-                .collect();
-            bail!(
-                "{e}; the hub logged of its stream:\n{}\nthe platform logged:\n{}",
-                said.join("\n"),
-                platform.join("\n")
-            );
-        }
+        self.node_status(node.id, "online", JOIN).await?;
         Ok(node)
     }
 

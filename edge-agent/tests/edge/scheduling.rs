@@ -414,7 +414,10 @@ async fn a_queue_runs_no_more_than_its_limit_at_once() -> Result<()> {
         b["queue"] = json!("serial");
         b
     };
-    let first = s.submit_body(serial("sleep 2")).await?;
+    // Long enough to outlast whatever the test does meanwhile; cancelled below.
+    let first = s
+        .submit_body(serial("trap 'exit 143' TERM; sleep 120 & wait"))
+        .await?;
     let second = s.submit_body(serial("true")).await?;
     s.task_state(&first, &["running"], Duration::from_secs(60))
         .await?;
@@ -434,6 +437,9 @@ async fn a_queue_runs_no_more_than_its_limit_at_once() -> Result<()> {
         running["state"], "running",
         "the other queue's task waited: {running}"
     );
+    // The first ends; only then is the second placed.
+    s.post(&format!("/api/v1/tasks/{first}/cancel"), json!({}))
+        .await?;
     let done = s
         .task_state(&second, &["succeeded", "failed"], Duration::from_secs(60))
         .await?;
@@ -448,7 +454,7 @@ async fn a_queue_runs_no_more_than_its_limit_at_once() -> Result<()> {
     };
     let first_end = at(
         &s.get(&format!("/api/v1/tasks/{first}/events")).await?,
-        "task.succeeded",
+        "task.cancelled",
     );
     let second_placed = at(
         &s.get(&format!("/api/v1/tasks/{second}/events")).await?,
