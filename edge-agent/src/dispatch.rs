@@ -3,7 +3,7 @@
 
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
-use tracing::warn;
+use tracing::{info, warn};
 use ud_schemas::dispatch::{self, DispatchCancel, DispatchRun};
 use ud_schemas::events::TaskCancelled;
 use ud_schemas::report::RunReport;
@@ -47,10 +47,20 @@ pub(crate) async fn pull(
 }
 
 /// Stops a run this node has; confirms at once a cancel of one it has not
-/// (a run refused as stale, or one that never came).
+/// (a run refused as stale, or one that never came). A cancel of another
+/// attempt than the one running leaves the run be.
 async fn cancel(agent: &Agent, c: DispatchCancel) {
     let task = c.task_id;
-    let stop = agent.running.lock().await.remove(&task);
+    let stop = {
+        let mut running = agent.running.lock().await;
+        match (running.get(&task), c.attempt) {
+            (Some((runs, _)), Some(wanted)) if *runs != wanted => {
+                info!(task_id = %task, attempt = wanted, running = *runs, "a cancel of another attempt left the run be");
+                return;
+            }
+            _ => running.remove(&task).map(|(_, stop)| stop),
+        }
+    };
     match stop {
         Some(stop) => {
             let _ = stop.send(c);
@@ -60,7 +70,12 @@ async fn cancel(agent: &Agent, c: DispatchCancel) {
                 at: now_millis(),
                 reason: c.reason,
             });
-            if let Err(e) = agent.reporter.run(task, cancelled).await {
+            // Naming the attempt, the platform refuses it for any other.
+            let recorded = match c.attempt {
+                Some(attempt) => agent.reporter.outcome(task, attempt, cancelled).await,
+                None => agent.reporter.run(task, cancelled).await,
+            };
+            if let Err(e) = recorded {
                 warn!(task_id = %task, error = %e, "cannot record a cancel");
             }
         }

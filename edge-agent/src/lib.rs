@@ -168,8 +168,8 @@ pub async fn ensure_local(local: &jetstream::Context, node: &NodeId) -> Result<(
     Ok(())
 }
 
-/// The runs this node has, each with where its cancel goes.
-pub(crate) type Running = Arc<Mutex<HashMap<TaskId, oneshot::Sender<DispatchCancel>>>>;
+/// The runs this node has, each with its attempt and where its cancel goes.
+pub(crate) type Running = Arc<Mutex<HashMap<TaskId, (u32, oneshot::Sender<DispatchCancel>)>>>;
 
 /// What every part of the agent shares: cloning it costs reference counts.
 #[derive(Clone)]

@@ -28,7 +28,7 @@ pub(crate) async fn start(agent: &Agent, run: DispatchRun, tasks: &mut tokio::ta
         if running.contains_key(&task) {
             return;
         }
-        running.insert(task, tx);
+        running.insert(task, (run.attempt, tx));
     }
     let span = tracing::info_span!("task", task_id = %task, node_id = %agent.cfg.node_id, attempt = run.attempt);
     // Runs are prepared and started in parallel; the dispatch loop goes on at once.
@@ -38,7 +38,11 @@ pub(crate) async fn start(agent: &Agent, run: DispatchRun, tasks: &mut tokio::ta
 /// Supervises a container found after a restart, as if the agent had never stopped.
 pub(crate) async fn adopt(agent: &Agent, adopted: Adopted, tasks: &mut tokio::task::JoinSet<()>) {
     let (tx, rx) = oneshot::channel();
-    agent.running.lock().await.insert(adopted.task, tx);
+    agent
+        .running
+        .lock()
+        .await
+        .insert(adopted.task, (adopted.attempt, tx));
     let span = tracing::info_span!("task", task_id = %adopted.task, node_id = %agent.cfg.node_id, attempt = adopted.attempt);
     info!(parent: &span, container = %adopted.container, "run adopted after a restart");
     let outputs = match (&adopted.workspace, adopted.outputs.is_empty()) {

@@ -34,6 +34,11 @@ pub struct DispatchCancel {
     pub reason: String,
     /// Seconds between the graceful signal and the kill.
     pub grace_seconds: u32,
+    /// The attempt to stop: a node running another attempt of the task
+    /// leaves it be. Absent in cancels sent before it was added (and when
+    /// the platform does not know it): whatever attempt runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
 }
 
 /// One chunk of a task's output, on `ud.log.<task_id>` (and

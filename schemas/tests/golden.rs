@@ -800,6 +800,12 @@ fn messages_outside_the_event_streams_match_their_cddl() -> anyhow::Result<()> {
         task_id: task_id(),
         reason: "user".into(),
         grace_seconds: 10,
+        attempt: None,
+    };
+    let stale = DispatchCancel {
+        reason: "stale assignment".into(),
+        attempt: Some(1),
+        ..cancel.clone()
     };
     let chunk = LogChunk {
         at: AT,
@@ -840,6 +846,7 @@ fn messages_outside_the_event_streams_match_their_cddl() -> anyhow::Result<()> {
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("dispatch-run", to_cbor(&run)?),
         ("dispatch-cancel", to_cbor(&cancel)?),
+        ("dispatch-cancel", to_cbor(&stale)?),
         ("log-chunk", to_cbor(&chunk)?),
         (
             "disk-alert",

@@ -46,6 +46,7 @@ pub fn run(
 pub fn cancel(
     node: &NodeId,
     task: TaskId,
+    attempt: Option<u32>,
     reason: &str,
     grace_seconds: u32,
 ) -> Result<Outgoing, CodecError> {
@@ -55,6 +56,7 @@ pub fn cancel(
         task_id: task,
         reason: reason.to_owned(),
         grace_seconds,
+        attempt,
     };
     Ok((
         edge::dispatch_subject(node, &task, "cancel"),

@@ -437,3 +437,54 @@ async fn an_outcome_of_another_attempt_is_refused() -> Result<()> {
     assert_eq!(done["reason"], "reported for attempt 1");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_cancel_of_another_attempt_leaves_the_run_be() -> Result<()> {
+    let mut s = Stack::start(Duration::from_secs(60)).await?;
+    let node = s.online_node("tau").await?;
+    let id = s
+        .submit("trap 'exit 143' TERM; echo up; sleep 60 & wait", 120)
+        .await?;
+    s.task_state(&id, &["running"], Duration::from_secs(60))
+        .await?;
+    let task: ud_schemas::TaskId = id.parse()?;
+    // A stop of attempt 2, as the platform sends for a stale run of a task
+    // whose attempt 1 runs here: the node leaves its run be.
+    let js = s.server.state.commands.store().jetstream().clone();
+    let (subject, msg) =
+        ud_core::edge::dispatch::cancel(&node.id, task, Some(2), "stale assignment", 1)?;
+    js.send_publish(subject, msg).await?.await?;
+    until_logged(
+        &format!("a cancel of another attempt left the run be task_id={task}"),
+        Duration::from_secs(60),
+    )
+    .await?;
+    let docker = bollard::Docker::connect_with_local_defaults()?;
+    let filters = std::collections::HashMap::from([(
+        "label".to_owned(),
+        vec![format!("{}={task}", ud_edge_agent::docker::LABEL_TASK)],
+    )]);
+    let running = docker
+        .list_containers(Some(bollard::query_parameters::ListContainersOptions {
+            filters: Some(filters),
+            ..Default::default()
+        }))
+        .await?;
+    assert_eq!(running.len(), 1, "the run was stopped: {running:?}");
+    // A cancel of the task stops it.
+    s.post(
+        &format!("/api/v1/tasks/{id}/cancel"),
+        json!({"reason": "done"}),
+    )
+    .await?;
+    let done = s
+        .task_state(
+            &id,
+            &["cancelled", "succeeded", "failed"],
+            Duration::from_secs(60),
+        )
+        .await?;
+    assert_eq!(done["state"], "cancelled", "{done}");
+    node.agent.abort();
+    Ok(())
+}

@@ -354,8 +354,11 @@ async fn run(ingest: &Ingest, node: NodeId, task: TaskId, command: TaskCommand) 
                     return Outcome::Done;
                 }
             }
-            // A stale dispatch: stop that run.
-            ingest.stop(node, task, "stale assignment").await;
+            // A stale dispatch: stop that run (that attempt only: a later
+            // one may have been placed on the same node meanwhile).
+            if let Some(attempt) = start_of {
+                ingest.stop(node, task, attempt, "stale assignment").await;
+            }
             Outcome::Dropped(Rejected::Refused(format!("stale start of task {task}")))
         }
         Err(e) => Outcome::Dropped(Rejected::Refused(format!("task {task}: {e}"))),

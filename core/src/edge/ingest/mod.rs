@@ -97,10 +97,14 @@ impl Ingest {
     }
 
     /// Stops a run on `node` that is not the task's current one.
-    async fn stop(&self, node: NodeId, task: TaskId, reason: &str) {
-        let Ok((subject, msg)) =
-            super::dispatch::cancel(&node, task, reason, self.cancel_grace_seconds)
-        else {
+    async fn stop(&self, node: NodeId, task: TaskId, attempt: u32, reason: &str) {
+        let Ok((subject, msg)) = super::dispatch::cancel(
+            &node,
+            task,
+            Some(attempt),
+            reason,
+            self.cancel_grace_seconds,
+        ) else {
             return;
         };
         let js = self.commands.store().jetstream();

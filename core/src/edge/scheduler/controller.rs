@@ -79,7 +79,7 @@ struct Controller {
     inflight: plan::InFlight,
     /// Being assigned, the append not yet answered, with the cancels asked
     /// for meanwhile: they go to the node after the run, never before it.
-    placing: HashMap<TaskId, Vec<(NodeId, String)>>,
+    placing: HashMap<TaskId, Vec<(NodeId, Option<u32>, String)>>,
     /// Passes whose appends are on their way, and where they report.
     passes: usize,
     pass_news: mpsc::UnboundedSender<PassNews>,
@@ -234,17 +234,18 @@ impl Controller {
             .min(self.settings.max_lost_after)
     }
 
-    /// Sends a cancel to `node`, after the run if the task is still being placed.
-    fn send_cancel(&mut self, node: NodeId, task: TaskId, reason: &str) {
+    /// Sends a cancel of `attempt` (none: whichever runs) to `node`, after
+    /// the run if the task is still being placed.
+    fn send_cancel(&mut self, node: NodeId, task: TaskId, attempt: Option<u32>, reason: &str) {
         match self.placing.get_mut(&task) {
-            Some(held) => held.push((node, reason.to_owned())),
-            None => self.publish_cancel(node, task, reason),
+            Some(held) => held.push((node, attempt, reason.to_owned())),
+            None => self.publish_cancel(node, task, attempt, reason),
         }
     }
 
-    fn publish_cancel(&self, node: NodeId, task: TaskId, reason: &str) {
+    fn publish_cancel(&self, node: NodeId, task: TaskId, attempt: Option<u32>, reason: &str) {
         let grace = self.settings.cancel_grace_seconds;
-        match crate::edge::dispatch::cancel(&node, task, reason, grace) {
+        match crate::edge::dispatch::cancel(&node, task, attempt, reason, grace) {
             Ok((subject, msg)) => {
                 let _ = self.dispatches.send(((task, node), subject, msg));
             }
@@ -365,8 +366,8 @@ impl Controller {
                 self.wanted = true;
             }
         }
-        for (node, reason) in held {
-            self.publish_cancel(node, id, &reason);
+        for (node, attempt, reason) in held {
+            self.publish_cancel(node, id, attempt, &reason);
         }
     }
 
@@ -447,13 +448,15 @@ impl Controller {
             if let (
                 ud_schemas::TaskEvent::CancelRequested(c),
                 Some(
-                    TaskState::Assigned { node_id, .. }
-                    | TaskState::Running { node_id, .. }
-                    | TaskState::Disconnected { node_id, .. },
+                    TaskState::Assigned { node_id, attempt }
+                    | TaskState::Running { node_id, attempt }
+                    | TaskState::Disconnected {
+                        node_id, attempt, ..
+                    },
                 ),
             ) = (e, before)
             {
-                self.send_cancel(node_id, *id, &c.reason);
+                self.send_cancel(node_id, *id, Some(attempt), &c.reason);
             }
         }
         relevant
@@ -583,6 +586,7 @@ impl Controller {
                 self.send_cancel(
                     node,
                     id,
+                    None,
                     "the run was lost with its node and placed elsewhere",
                 );
             }
@@ -615,9 +619,9 @@ impl Controller {
         for (id, t) in &self.cluster.tasks {
             match &t.task.state {
                 TaskState::Assigned { node_id, .. } => self.send_run(*node_id, &t.task),
-                TaskState::Cancelling { node_id, .. } => {
-                    self.publish_cancel(*node_id, *id, "cancel requested")
-                }
+                TaskState::Cancelling {
+                    node_id, attempt, ..
+                } => self.publish_cancel(*node_id, *id, Some(*attempt), "cancel requested"),
                 _ => {}
             }
         }
