@@ -21,8 +21,8 @@ pub const CHECK_EVERY: Duration = Duration::from_secs(3);
 const UNBOUND_CHECKS: u32 = 2;
 
 /// Checks in a row with reports waiting and the acknowledged floor still
-/// before it asks (bound, but nothing taken for half a minute).
-const STUCK_CHECKS: u32 = 10;
+/// before it asks (bound, but nothing taken for 15 s).
+const STUCK_CHECKS: u32 = 5;
 
 /// What the agent has seen of its source consumer so far.
 #[derive(Debug, Default)]

@@ -419,7 +419,9 @@ const HEARD: Duration = Duration::from_secs(5);
 /// The nodes that said their sourcing stalled, waiting for the next batch.
 #[derive(Default)]
 struct Stalled {
-    asking: Vec<(NodeId, async_nats::Subject)>,
+    /// Each asking node, where its answer goes, and whether it said the
+    /// hub's side is bound to its consumer.
+    asking: Vec<(NodeId, async_nats::Subject, bool)>,
     due: Option<tokio::time::Instant>,
     restarted: std::collections::HashMap<NodeId, tokio::time::Instant>,
 }
@@ -429,16 +431,17 @@ impl Stalled {
         let Some((node, reply)) = super::requests::requester(&m) else {
             return;
         };
-        match dispatch::from_cbor::<SourcingStalled>(&m.payload, "sourcing-stalled") {
+        let bound = match dispatch::from_cbor::<SourcingStalled>(&m.payload, "sourcing-stalled") {
             Ok(s) => {
                 info!(node_id = %node, pending = s.pending, bound = s.bound, "node says its sourcing stalled");
+                s.bound
             }
             Err(e) => {
                 warn!(node_id = %node, error = %e, "undecodable sourcing request");
                 return;
             }
-        }
-        self.asking.push((node, reply));
+        };
+        self.asking.push((node, reply, bound));
         self.due
             .get_or_insert_with(|| tokio::time::Instant::now() + GATHER);
     }
@@ -454,7 +457,7 @@ fn refused(reason: impl Into<String>) -> SourcingReply {
 /// Which of the asking nodes get their source set up again, and the answer
 /// for each of the others.
 fn choose(
-    asking: &[(NodeId, async_nats::Subject)],
+    asking: &[(NodeId, async_nats::Subject, bool)],
     active: &BTreeMap<NodeId, String>,
     heard: &std::collections::HashMap<String, Duration>,
     restarted: &std::collections::HashMap<NodeId, tokio::time::Instant>,
@@ -462,7 +465,7 @@ fn choose(
 ) -> (Vec<NodeId>, Vec<(async_nats::Subject, SourcingReply)>) {
     let mut chosen = Vec::new();
     let mut answers = Vec::new();
-    for (node, reply) in asking {
+    for (node, reply, bound) in asking {
         let recently = restarted
             .get(node)
             .is_some_and(|t| now.saturating_duration_since(*t) < RESTART_EVERY);
@@ -473,7 +476,9 @@ fn choose(
                 "set up again less than {} s ago",
                 RESTART_EVERY.as_secs()
             )))
-        } else if heard.get(&edge::stream(node)).is_some_and(|d| *d < HEARD) {
+        } else if !bound && heard.get(&edge::stream(node)).is_some_and(|d| *d < HEARD) {
+            // A node that sees the hub bound but taking nothing is set up
+            // again, heard or not.
             Some(refused("the hub hears this node"))
         } else {
             None
@@ -553,7 +558,7 @@ async fn restart_sources(
             refused(format!("the hub's stream could not be updated: {e}"))
         }
     };
-    for (node, r) in &asking {
+    for (node, r, _) in &asking {
         if chosen.contains(node) {
             stalled.restarted.insert(*node, now);
             answers.push((r.clone(), reply.clone()));
@@ -593,16 +598,19 @@ mod tests {
             (d, now - RESTART_EVERY - Duration::from_secs(1)),
         ]);
         let asking = vec![
-            (a, reply(1)),
-            (b, reply(2)),
-            (c, reply(3)),
-            (d, reply(4)),
-            (e, reply(5)),
-            (a, reply(6)),
+            (a, reply(1), false),
+            (b, reply(2), false),
+            (c, reply(3), false),
+            (d, reply(4), false),
+            (e, reply(5), false),
+            (a, reply(6), false),
         ];
         let (chosen, answers) = choose(&asking, &active, &heard, &restarted, now);
         // Long unheard and a restart long ago: set up again, once each.
         assert_eq!(chosen, vec![a, d]);
+        // Heard, but bound and taking nothing as the node sees it: set up again.
+        let (chosen, _) = choose(&[(b, reply(7), true)], &active, &heard, &restarted, now);
+        assert_eq!(chosen, vec![b]);
         let reasons: HashMap<String, String> = answers
             .into_iter()
             .map(|(r, a)| {
