@@ -2,6 +2,8 @@
 //! uplink is down, then sourced by the hub): reports about itself and its
 //! runs, and the runs' output.
 
+use std::time::Duration;
+
 use async_nats::jetstream;
 use bytes::Bytes;
 use tracing::warn;
@@ -12,6 +14,36 @@ use ud_schemas::report::{Report, RunReport};
 use ud_schemas::{edge, headers, now_millis, NodeId, TaskId};
 
 use crate::{nats, AgentError};
+
+/// How long a log chunk or an outcome is tried at most: well inside the
+/// two minutes in which the node's stream recognises what it holds by its
+/// id.
+pub const PATIENCE: Duration = Duration::from_secs(90);
+
+/// The id a run's log chunk is stored under. A chunk with the engine's
+/// time is named by what it is (task, attempt, stream, time, text), so an
+/// agent that restarts and reads it again from the engine names it alike;
+/// one without (a build's output) gets a fresh id.
+pub fn log_chunk_id(
+    task: TaskId,
+    attempt: u32,
+    stream: &str,
+    text: &str,
+    engine_time: Option<&str>,
+) -> String {
+    match engine_time {
+        Some(t) => {
+            let mut h = blake3::Hasher::new();
+            for part in [stream, t, text] {
+                h.update(&(part.len() as u64).to_le_bytes());
+                h.update(part.as_bytes());
+            }
+            let hash = h.finalize().to_hex();
+            format!("log-{task}-{attempt}-{}", &hash[..32])
+        }
+        None => format!("log-{task}-{attempt}-{}", uuid::Uuid::now_v7()),
+    }
+}
 
 #[derive(Clone)]
 pub struct Reporter {
@@ -34,20 +66,63 @@ impl Reporter {
         self.publish(report, None).await
     }
 
-    /// [`Reporter::send`], naming the attempt an outcome is about.
+    /// [`Reporter::send`], naming the attempt an outcome is about; an
+    /// outcome is tried with patience, as a log chunk is.
     async fn publish(&self, report: Report, attempt: Option<u32>) -> Result<(), AgentError> {
         let meta = EventMeta::new(format!("node:{}", self.node));
         let (subject, mut headers, payload) = report.encode(&self.node, &meta)?;
-        if let Some(a) = attempt {
-            headers.insert(ud_schemas::headers::ATTEMPT, a.to_string().as_str());
+        let payload = Bytes::from(payload);
+        match attempt {
+            Some(a) => {
+                headers.insert(ud_schemas::headers::ATTEMPT, a.to_string().as_str());
+                self.patiently(subject, headers, payload).await
+            }
+            None => self.once(subject, headers, payload).await,
         }
+    }
+
+    /// Publishes into the node's stream and waits until it holds it.
+    async fn once(
+        &self,
+        subject: String,
+        headers: async_nats::HeaderMap,
+        payload: Bytes,
+    ) -> Result<(), AgentError> {
         self.local
-            .publish_with_headers(subject, headers, Bytes::from(payload))
+            .publish_with_headers(subject, headers, payload)
             .await
             .map_err(nats)?
             .await
             .map_err(nats)?;
         Ok(())
+    }
+
+    /// [`Reporter::once`], tried again for up to [`PATIENCE`] while the
+    /// leaf server does not take it (it restarts, say). The message keeps
+    /// its id (`Nats-Msg-Id`) through its tries, so the node's stream
+    /// keeps it once even when a try that seemed to fail was stored.
+    async fn patiently(
+        &self,
+        subject: String,
+        headers: async_nats::HeaderMap,
+        payload: Bytes,
+    ) -> Result<(), AgentError> {
+        let started = tokio::time::Instant::now();
+        let mut wait = Duration::from_millis(100);
+        loop {
+            match self
+                .once(subject.clone(), headers.clone(), payload.clone())
+                .await
+            {
+                Ok(()) => return Ok(()),
+                Err(e) if started.elapsed() + wait >= PATIENCE => return Err(e),
+                Err(e) => {
+                    warn!(error = %e, subject, "not taken by the leaf server; trying again");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
     }
 
     /// Reports on a run.
@@ -79,7 +154,7 @@ impl Reporter {
         }
     }
 
-    /// Publishes a chunk of a run's output.
+    /// Publishes a chunk of a run's output, with patience.
     pub async fn log(
         &self,
         task: TaskId,
@@ -88,27 +163,21 @@ impl Reporter {
         text: String,
         engine_time: Option<&str>,
     ) -> Result<(), AgentError> {
+        let id = log_chunk_id(task, attempt, stream, &text, engine_time);
         let chunk = dispatch::LogChunk {
             at: now_millis(),
             attempt,
             stream: stream.to_owned(),
             text,
         };
+        let payload = Bytes::from(dispatch::to_cbor(&chunk)?);
         let mut h = async_nats::HeaderMap::new();
+        h.insert(headers::MSG_ID, id.as_str());
         if let Some(t) = engine_time {
             h.insert(headers::LOG_TIME, t);
         }
-        self.local
-            .publish_with_headers(
-                Report::Log(task).subject(&self.node),
-                h,
-                Bytes::from(dispatch::to_cbor(&chunk)?),
-            )
+        self.patiently(Report::Log(task).subject(&self.node), h, payload)
             .await
-            .map_err(nats)?
-            .await
-            .map_err(nats)?;
-        Ok(())
     }
 
     /// The engine's time of the last log chunk of `attempt` this node
@@ -130,5 +199,38 @@ impl Reporter {
         last.headers
             .get(headers::LOG_TIME)
             .map(|v| v.as_str().to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chunk_read_again_is_named_alike_and_others_not() {
+        let task = TaskId::new();
+        let t = Some("2026-01-01T00:00:00.000000001Z");
+        let a = log_chunk_id(task, 1, "stdout", "line", t);
+        assert_eq!(a, log_chunk_id(task, 1, "stdout", "line", t));
+        assert_ne!(a, log_chunk_id(task, 2, "stdout", "line", t));
+        assert_ne!(a, log_chunk_id(task, 1, "stderr", "line", t));
+        assert_ne!(a, log_chunk_id(task, 1, "stdout", "line2", t));
+        assert_ne!(
+            a,
+            log_chunk_id(
+                task,
+                1,
+                "stdout",
+                "line",
+                Some("2026-01-01T00:00:00.000000002Z")
+            )
+        );
+        // Parts are delimited: moving bytes between them changes the id.
+        assert_ne!(
+            log_chunk_id(task, 1, "ab", "c", t),
+            log_chunk_id(task, 1, "a", "bc", t)
+        );
+        let b = log_chunk_id(task, 1, "build", "x", None);
+        assert_ne!(b, log_chunk_id(task, 1, "build", "x", None));
     }
 }

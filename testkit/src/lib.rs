@@ -222,7 +222,9 @@ impl NatsServer {
         format!("http://127.0.0.1:{}", self.http_port)
     }
 
-    async fn spawn(&mut self) -> Result<()> {
+    /// Starts the server (again, after [`NatsServer::kill`]) on its port
+    /// and store.
+    pub async fn spawn(&mut self) -> Result<()> {
         let conf = self.dir.path().join("nats.conf");
         std::fs::write(&conf, self.config())?;
         let mut child = Command::new(nats_binary())

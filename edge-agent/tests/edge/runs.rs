@@ -488,3 +488,38 @@ async fn a_cancel_of_another_attempt_leaves_the_run_be() -> Result<()> {
     node.agent.abort();
     Ok(())
 }
+
+/// A run's lines outlast its node's leaf server going down for longer than
+/// one try to publish waits: the agent tries each chunk again, and the
+/// node's stream keeps a chunk once however often it came.
+#[tokio::test]
+async fn a_runs_lines_outlast_its_leaf_server_going_down() -> Result<()> {
+    let mut s = Stack::start(Duration::from_secs(60)).await?;
+    let mut node = s.online_node("echo").await?;
+    let task = s
+        .submit(
+            "i=0; while [ $i -lt 40 ]; do seq $((i*100+1)) $((i*100+100)); i=$((i+1)); sleep 0.2; done",
+            120,
+        )
+        .await?;
+    s.task_state(&task, &["running"], Duration::from_secs(60))
+        .await?;
+    node.leaf.kill().await?;
+    // The outage itself: longer than the 5 s one publish waits for its ack.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    node.leaf.spawn().await?;
+    let done = s
+        .task_state(
+            &task,
+            &["succeeded", "failed", "timed_out", "cancelled", "lost"],
+            Duration::from_secs(120),
+        )
+        .await?;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let log = logs(&s, &task).await?;
+    for i in 1..=4000 {
+        let n = log.lines().filter(|l| *l == i.to_string()).count();
+        assert_eq!(n, 1, "line {i} stored {n} times");
+    }
+    Ok(())
+}
