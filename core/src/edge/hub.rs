@@ -202,10 +202,17 @@ async fn retry_streams(
         .with_max_delay(Duration::from_secs(1))
         .with_max_times(30)
         .build();
+    let mut tries = 0u32;
     loop {
+        tries += 1;
         match reconcile_streams(js, settings, active, revoked, consumers).await {
             Ok(()) => return Ok(()),
             Err(e) => match delays.next() {
+                // Said aloud when it lasts: a reconcile held up holds joins.
+                Some(delay) if tries.is_multiple_of(5) => {
+                    warn!(error = %e, tries, "hub still not ready for its sources; retrying");
+                    tokio::time::sleep(delay).await;
+                }
                 Some(delay) => {
                     tracing::debug!(error = %e, "hub not ready; retrying");
                     tokio::time::sleep(delay).await;
@@ -366,9 +373,18 @@ pub async fn run(store: EventStore, settings: HubSettings) -> Result<(), EdgeErr
                 }
             }
             () = tokio::time::sleep_until(reconcile_at.unwrap_or(far)), if reconcile_at.is_some() => {
-                if let Err(e) =
-                    reconcile(&js, &settings, &hashes, &active, &revoked, &mut consumers).await
-                {
+                let reconciled = tokio::time::timeout(
+                    RECONCILE_WITHIN,
+                    reconcile(&js, &settings, &hashes, &active, &revoked, &mut consumers),
+                )
+                .await
+                .unwrap_or_else(|_| {
+                    Err(EdgeError::Hub(format!(
+                        "reconcile not done within {} s",
+                        RECONCILE_WITHIN.as_secs()
+                    )))
+                });
+                if let Err(e) = reconciled {
                     consumers.clear();
                     return Err(e);
                 }
@@ -400,6 +416,11 @@ pub async fn run(store: EventStore, settings: HubSettings) -> Result<(), EdgeErr
     }
     Ok(())
 }
+
+/// How long one reconcile may take before the hub starts over (the
+/// supervisor runs it again from the enrolments): the nodes' asks wait
+/// meanwhile.
+const RECONCILE_WITHIN: Duration = Duration::from_secs(90);
 
 /// The queue group that answers nodes whose sourcing stalled: one main
 /// server sets each source up again.
