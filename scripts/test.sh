@@ -23,6 +23,7 @@ ud_base_image >/dev/null
 cargo build --workspace --all-targets
 cargo test --workspace --no-fail-fast -- --test-threads=4
 python3 -m unittest discover -s tests/foreign -v
+python3 -m unittest discover -s clients/python/tests -v
 # The fault suite's short subset: each fault once, at random times from a
 # fixed seed, on the whole stack as separate processes (docs/faults.md).
 target/debug/ud-bench faults --runs 10 --seed "${UD_FAULTS_SEED:-1}"

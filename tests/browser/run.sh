@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# End-to-end tests of the web UI: starts the real local stack (hub nats-server,
-# PostgreSQL, Docker, Garage, the main server and its own compute node) on free
-# ports in a throw-away state directory, then drives headless Chromium through
-# it. Screenshots of every page land in target/browser-artifacts/.
+# End-to-end tests of the web UI and the Python client: starts the real local
+# stack (hub nats-server, PostgreSQL, Docker, Garage, the main server and its
+# own compute node) on free ports in a throw-away state directory, then drives
+# headless Chromium through it and runs clients/python/tests/stack_test.py.
+# Screenshots of every page land in target/browser-artifacts/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/deps.sh
@@ -40,6 +41,8 @@ mkdir -p "$UD_ARTIFACTS"
 (cd tests/browser && npm ci --no-audit --no-fund --silent)
 status=0
 node --test --test-concurrency=1 tests/browser/ui.test.mjs || status=$?
+export UD_NATS_PORT
+python3 -m unittest -v clients/python/tests/stack_test.py || status=$?
 if [ "$status" != 0 ]; then
   echo "--- server log (tail)" >&2; tail -40 "$state/server.log" >&2 || true
   echo "--- agent log (tail)" >&2; tail -40 "$state/agent.log" >&2 || true
