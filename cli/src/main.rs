@@ -10,6 +10,7 @@ mod interactive;
 mod ops;
 mod output;
 mod pipelines;
+mod schedules;
 mod serve;
 
 use anyhow::Result;
@@ -44,6 +45,9 @@ enum Command {
     /// Pipelines: steps that run once the steps they need have ended.
     #[command(subcommand)]
     Pipeline(pipelines::PipelineCommand),
+    /// Schedules: a task or pipeline submitted at the times of a cron expression.
+    #[command(subcommand)]
+    Schedule(schedules::ScheduleCommand),
     /// Compute nodes.
     #[command(subcommand)]
     Node(client::NodeCommand),
@@ -147,6 +151,7 @@ async fn main() -> std::process::ExitCode {
                 Command::History(a) => client::history(a).await,
                 Command::Cancel(a) => client::cancel(a).await,
                 Command::Pipeline(c) => pipelines::run(c).await,
+                Command::Schedule(c) => schedules::run(c).await,
                 Command::Node(c) => client::node(c).await,
                 Command::Task(c) => client::task(c).await,
                 Command::Session(c) => interactive::session(c).await,

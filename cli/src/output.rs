@@ -390,6 +390,56 @@ pub(crate) fn secrets(list: &Value) -> String {
     table(&["PROJECT", "NAME", "VERSION", "SET BY"], &rows)
 }
 
+pub(crate) fn schedules(list: &Value) -> String {
+    let rows: Vec<Vec<String>> = list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|x| {
+            vec![
+                s(&x["id"]),
+                s(&x["project"]),
+                s(&x["name"]),
+                format!("{} ({})", s(&x["cron"]), s(&x["timezone"])),
+                s(&x["state"]),
+                s(&x["next_due"]),
+                s(&x["fired"]),
+            ]
+        })
+        .collect();
+    table(
+        &["ID", "PROJECT", "NAME", "CRON", "STATE", "NEXT", "FIRED"],
+        &rows,
+    )
+}
+
+/// One schedule: what it submits, when, and how its last time went.
+pub(crate) fn schedule(x: &Value) -> String {
+    let what = if x["task"].is_object() {
+        format!("task {}", s(&x["task"]["command"]))
+    } else {
+        format!("pipeline {}", s(&x["pipeline"]["name"]))
+    };
+    fields(&[
+        ("id", s(&x["id"])),
+        ("project", s(&x["project"])),
+        ("name", s(&x["name"])),
+        ("cron", format!("{} ({})", s(&x["cron"]), s(&x["timezone"]))),
+        ("missed", s(&x["missed"])),
+        ("submits", what),
+        ("state", s(&x["state"])),
+        ("paused", s(&x["paused_reason"])),
+        ("next", s(&x["next_due"])),
+        ("fired", s(&x["fired"])),
+        ("skipped", s(&x["skipped"])),
+        ("last time", s(&x["last_due"])),
+        ("last task", s(&x["last_task_id"])),
+        ("last pipeline", s(&x["last_pipeline_id"])),
+        ("last error", s(&x["last_error"])),
+        ("created by", s(&x["created_by"])),
+    ])
+}
+
 /// What an accepted command did to a task.
 pub(crate) fn accepted(what: &str) -> impl FnOnce(&Value) -> String + '_ {
     move |v| {

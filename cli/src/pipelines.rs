@@ -81,7 +81,7 @@ pub struct RerunArgs {
 }
 
 /// A pipeline file as the API's JSON body.
-fn read_file(path: &std::path::Path, project: Option<&str>) -> Result<Value> {
+pub(crate) fn read_file(path: &std::path::Path, project: Option<&str>) -> Result<Value> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut body: Value = serde_yaml_ng::from_str(&text)

@@ -1135,3 +1135,111 @@ steps:
     assert!(err.contains("steps[0].needs[0]"), "{err}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_schedule_is_made_read_paused_resumed_and_deleted_from_the_command_line() -> Result<()> {
+    let server = Server::start().await?;
+    let task = |name: &'static str, cron: &'static str| -> Vec<&'static str> {
+        vec![
+            "schedule",
+            "create",
+            name,
+            "--cron",
+            cron,
+            "--timezone",
+            "Europe/Berlin",
+            "--project",
+            "lab",
+            "--code-repo",
+            "https://git.example.org/code.git",
+            "--code-commit",
+            COMMIT,
+            "--",
+            "python",
+            "eval.py",
+        ]
+    };
+    let id = server
+        .ok(&task("nightly-eval", "0 3 * * *"))?
+        .trim()
+        .to_owned();
+    let listed = server.ok(&["schedule", "ls"])?;
+    assert!(
+        listed.contains(&id) && listed.contains("0 3 * * * (Europe/Berlin)"),
+        "{listed}"
+    );
+    let shown = server.ok(&["schedule", "show", &id])?;
+    assert!(shown.contains("task [\"python\",\"eval.py\"]"), "{shown}");
+    let json = |out: String| -> Result<serde_json::Value> { Ok(serde_json::from_str(&out)?) };
+    let v = json(server.ok(&["schedule", "show", &id, "--json"])?)?;
+    assert_eq!(
+        (v["state"].as_str(), v["missed"].as_str()),
+        (Some("active"), Some("skip")),
+        "{v}"
+    );
+    assert!(
+        v["next_due"]
+            .as_str()
+            .is_some_and(|t| t.contains("T01:00:00Z") || t.contains("T02:00:00Z")),
+        "{v}"
+    );
+
+    server.ok(&["schedule", "pause", &id, "--reason", "data migration"])?;
+    let v = json(server.ok(&["schedule", "show", &id, "--json"])?)?;
+    assert_eq!(
+        (v["state"].as_str(), v["paused_reason"].as_str()),
+        (Some("paused"), Some("data migration"))
+    );
+    assert!(v["next_due"].is_null(), "{v}");
+    server.ok(&["schedule", "resume", &id])?;
+    let v = json(server.ok(&["schedule", "show", &id, "--json"])?)?;
+    assert_eq!(v["state"], "active", "{v}");
+    server.ok(&["schedule", "delete", &id])?;
+    assert!(!server.ok(&["schedule", "ls"])?.contains(&id));
+    assert!(server.ok(&["schedule", "ls", "--deleted"])?.contains(&id));
+
+    // A pipeline file on a schedule.
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("pipeline.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "project: lab\nname: nightly\ndefaults:\n  code_repo_url: https://git.example.org/code.git\n  code_commit_id: {COMMIT}\n  env_repo_url: https://git.example.org/env.git\n  env_commit_id: {COMMIT}\n  dockerfile_path: Dockerfile\n  command: [python, prepare.py]\nsteps:\n  - name: prepare\n"
+        ),
+    )?;
+    let path = file.to_str().unwrap_or_default();
+    let p = server
+        .ok(&[
+            "schedule",
+            "create",
+            "nightly-pipeline",
+            "--cron",
+            "@daily",
+            "--missed",
+            "catch_up",
+            "--pipeline",
+            path,
+        ])?
+        .trim()
+        .to_owned();
+    let v = json(server.ok(&["schedule", "show", &p, "--json"])?)?;
+    assert_eq!(
+        (v["pipeline"]["name"].as_str(), v["missed"].as_str()),
+        (Some("nightly"), Some("catch_up")),
+        "{v}"
+    );
+
+    // Bad input names its field; nothing is made.
+    let out = server.run(&task("nightly-eval", "every night"))?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cron"), "{err}");
+    let mut bad_zone = task("nightly-eval", "0 3 * * *");
+    bad_zone[6] = "Mars/Olympus";
+    let out = server.run(&bad_zone)?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("timezone"), "{err}");
+    let all = json(server.ok(&["schedule", "ls", "--deleted", "--json"])?)?;
+    assert_eq!(all["items"].as_array().map_or(0, Vec::len), 2, "{all}");
+    Ok(())
+}

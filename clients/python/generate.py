@@ -21,7 +21,7 @@ CDDL = HERE.parents[1] / "schemas" / "cddl" / "unidesk.cddl"
 OUT = HERE / "unidesk" / "events.py"
 
 # Rules whose payloads travel on subjects integrations read.
-EVENT_PREFIXES = ("task-", "pipeline-", "node-", "token-", "secret-")
+EVENT_PREFIXES = ("task-", "pipeline-", "schedule-", "node-", "token-", "secret-")
 EXTRA_RULES = ("log-chunk", "disk-alert", "dispatch-run", "dispatch-cancel")
 
 TOKEN = re.compile(r'\s*(=>|\.size|"[^"]*"|[A-Za-z_][A-Za-z0-9_\-]*|-?\d+|[{}\[\],:/?*+=()])')
@@ -165,6 +165,8 @@ class Generator:
                 return "bool", same, same
             if n == "bstr":
                 return "bytes", "bytes({})", same
+            if n == "any":
+                return "Any", same, same
             body = self.rules.get(n)
             if body and body[0] == "map":
                 self.add(class_name(n), n, body)

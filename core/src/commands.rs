@@ -34,6 +34,12 @@ pub enum CommandError {
     /// The pipeline's state does not allow the command (HTTP 409).
     #[error(transparent)]
     PipelineRejected(crate::pipeline::PipelineError),
+    /// No such schedule, or not one the caller may see (HTTP 404).
+    #[error("schedule not found")]
+    NoSchedule,
+    /// The schedule's state does not allow the command (HTTP 409).
+    #[error(transparent)]
+    ScheduleRejected(crate::schedule::ScheduleError),
     /// Another command changed the task first (HTTP 409, retry).
     #[error("the task was changed concurrently; read it again and retry")]
     Conflict,
@@ -395,8 +401,11 @@ impl CommandError {
             Self::Invalid(_) => 400,
             Self::Forbidden(_) => 403,
             Self::NotFound => 404,
-            Self::NoPipeline => 404,
-            Self::Rejected(_) | Self::PipelineRejected(_) | Self::Conflict => 409,
+            Self::NoPipeline | Self::NoSchedule => 404,
+            Self::Rejected(_)
+            | Self::PipelineRejected(_)
+            | Self::ScheduleRejected(_)
+            | Self::Conflict => 409,
             Self::IdempotencyMismatch => 422,
             Self::Unavailable(_) | Self::Idempotency(_) => 503,
         }

@@ -178,6 +178,7 @@ impl EventStore {
             Event::Auth(id, _) => subjects::token_all(id),
             Event::Secret(s, _) => subjects::secret_all(s),
             Event::Pipeline(id, _) => subjects::pipeline_all(id),
+            Event::Schedule(id, _) => subjects::schedule_all(id),
         };
         let seq = match expect {
             Expect::Any => return Ok(msg),

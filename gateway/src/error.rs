@@ -94,7 +94,10 @@ impl From<CommandError> for ApiError {
             CommandError::Forbidden(_) => Self::new(status, "forbidden", e.to_string()),
             CommandError::NotFound => Self::not_found("task"),
             CommandError::NoPipeline => Self::not_found("pipeline"),
-            CommandError::Rejected(_) | CommandError::PipelineRejected(_) => {
+            CommandError::NoSchedule => Self::not_found("schedule"),
+            CommandError::Rejected(_)
+            | CommandError::PipelineRejected(_)
+            | CommandError::ScheduleRejected(_) => {
                 Self::new(status, "invalid_state", e.to_string())
             }
             CommandError::Conflict => Self::new(status, "conflict", e.to_string()),

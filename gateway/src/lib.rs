@@ -12,6 +12,7 @@ pub mod paging;
 pub mod pipelines;
 pub mod projected;
 pub mod queues;
+pub mod schedules;
 pub mod secrets;
 pub mod sessions;
 pub mod stats;
@@ -48,6 +49,7 @@ impl std::ops::Deref for AppState {
 pub struct Shared {
     pub commands: TaskCommands,
     pub pipelines: ud_core::pipeline::commands::PipelineCommands,
+    pub schedules: ud_core::schedule::commands::ScheduleCommands,
     pub db: Db,
     pub projected: Projected,
     /// The platform's object store and the projects' own.
@@ -112,6 +114,16 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/pipelines/{id}", get(pipelines::get))
         .route("/api/v1/pipelines/{id}/cancel", post(pipelines::cancel))
         .route("/api/v1/pipelines/{id}/rerun", post(pipelines::rerun))
+        .route(
+            "/api/v1/schedules",
+            post(schedules::create).get(schedules::list),
+        )
+        .route(
+            "/api/v1/schedules/{id}",
+            get(schedules::get).delete(schedules::delete),
+        )
+        .route("/api/v1/schedules/{id}/pause", post(schedules::pause))
+        .route("/api/v1/schedules/{id}/resume", post(schedules::resume))
         .route("/api/v1/queues", get(queues::list))
         .route(
             "/api/v1/queues/{queue}",

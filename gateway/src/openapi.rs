@@ -4,7 +4,8 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::{
-    error, files, health, live, nodes, pipelines, queues, secrets, sessions, stats, tasks, tokens,
+    error, files, health, live, nodes, pipelines, queues, schedules, secrets, sessions, stats,
+    tasks, tokens,
 };
 
 struct Bearer;
@@ -27,11 +28,12 @@ impl Modify for Bearer {
         files::list, files::stores, files::download, files::start_upload, files::resume_upload, files::complete_upload, files::abort_upload, health::readyz, live::live, stats::stats, queues::list, queues::put, queues::reset,
         secrets::put, secrets::delete, secrets::list, secrets::list_all,
         pipelines::submit, pipelines::list, pipelines::get, pipelines::cancel, pipelines::rerun,
+        schedules::create, schedules::list, schedules::get, schedules::pause, schedules::resume, schedules::delete,
         sessions::link, sessions::exec, sessions::port),
     components(schemas(error::ErrorBody, ud_core::validate::FieldError, ud_core::validate::ResourceRequest, ud_core::validate::RetryRequest,
         ud_schemas::spec::Resources, ud_schemas::spec::RetryPolicy, ud_schemas::spec::TaskInput, live::Hello, live::Follow, live::Outgoing)),
     modifiers(&Bearer),
-    tags((name = "tasks"), (name = "pipelines", description = "Steps, each a task, that run once the steps they need have ended"), (name = "nodes"), (name = "tokens"), (name = "files"), (name = "queues"), (name = "secrets", description = "Project secrets, write-only: tasks get them as environment variables"), (name = "health"), (name = "live", description = "One WebSocket with the events a token may see; resumes from a stream sequence"), (name = "sessions", description = "Interactive work on running tasks through their node's link: a session's own origin, exec, port forwarding"))
+    tags((name = "tasks"), (name = "pipelines", description = "Steps, each a task, that run once the steps they need have ended"), (name = "schedules", description = "A task or pipeline submitted at the times of a cron expression in a time zone"), (name = "nodes"), (name = "tokens"), (name = "files"), (name = "queues"), (name = "secrets", description = "Project secrets, write-only: tasks get them as environment variables"), (name = "health"), (name = "live", description = "One WebSocket with the events a token may see; resumes from a stream sequence"), (name = "sessions", description = "Interactive work on running tasks through their node's link: a session's own origin, exec, port forwarding"))
 )]
 struct ApiDoc;
 

@@ -169,6 +169,7 @@ function route() {
   const pages = {
     tasks: id ? () => taskPage(id) : tasksPage,
     pipelines: id ? () => pipelinePage(id) : pipelinesPage,
+    schedules: schedulesPage,
     nodes: nodesPage, submit: submitPage, overview: overviewPage,
   };
   (pages[page] || tasksPage)();
@@ -477,6 +478,51 @@ function pipelinesPage() {
     if (m.type === "ready" || m.type === "event") refresh();
   });
   onLeave(() => live.stop());
+}
+
+// ---- schedules -----------------------------------------------------------
+
+function schedulesPage() {
+  const body = h("tbody");
+  const act = (s, what) => h("button", { class: "link", "data-action": what, onclick: async () => {
+    try {
+      await api("POST", `/api/v1/schedules/${s.id}/${what}?wait=projected`, what === "pause" ? {} : undefined);
+      load();
+    } catch (e) { flash(e.message); }
+  } }, what);
+  const row = (s) => {
+    const last = s.last_task_id
+      ? h("a", { href: `#/tasks/${s.last_task_id}`, class: "mono" }, shortId(s.last_task_id))
+      : s.last_pipeline_id ? h("a", { href: `#/pipelines/${s.last_pipeline_id}`, class: "mono" }, shortId(s.last_pipeline_id)) : "";
+    return h("tr", { "data-schedule": s.id, "data-fired": s.fired },
+      h("td", {}, s.name), h("td", {}, s.project),
+      h("td", {}, h("code", {}, s.cron), ` ${s.timezone}`),
+      h("td", {}, s.task ? "task" : "pipeline"),
+      h("td", {}, stateBadge(s.state), s.paused_reason ? h("span", { class: "muted" }, ` ${s.paused_reason}`) : ""),
+      h("td", {}, when(s.next_due)), h("td", { class: "fired" }, String(s.fired)),
+      h("td", {}, when(s.last_due), " ", last, s.last_error ? h("span", { class: "error" }, ` ${s.last_error}`) : ""),
+      h("td", {}, s.state === "active" ? act(s, "pause") : s.state === "paused" ? act(s, "resume") : ""));
+  };
+  const load = async () => {
+    try {
+      const list = await api("GET", "/api/v1/schedules");
+      body.replaceChildren(...list.items.map(row));
+    } catch (e) { if (e.status !== 401) flash(e.message); }
+  };
+  main.append(h("h1", {}, "Schedules"),
+    h("p", { class: "muted" }, "Make one with ", h("code", {}, "unidesk schedule create NAME --cron \"0 3 * * *\" ..."), " or POST /api/v1/schedules."),
+    h("table", { id: "schedules" },
+      h("thead", {}, h("tr", {}, ["Name", "Project", "When", "Submits", "State", "Next", "Fired", "Last", ""].map((c) => h("th", {}, c)))),
+      body));
+  load();
+  // A firing submits work: the page follows the task and pipeline events,
+  // and looks again every few seconds (the next times move on by themselves).
+  const refresh = debounce(load, 300);
+  const live = new Live({ tasks: {}, pipelines: {} }, (m) => {
+    if (m.type === "event" && m.event_type.endsWith(".submitted")) refresh();
+  });
+  const timer = setInterval(load, 5000);
+  onLeave(() => { live.stop(); clearInterval(timer); });
 }
 
 // Columns by depth (the longest chain of needs before a step), one row per

@@ -3,9 +3,9 @@
 use deadpool_postgres::GenericClient;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
-use ud_schemas::{NodeId, PipelineId, TaskId, TokenId};
+use ud_schemas::{NodeId, PipelineId, ScheduleId, TaskId, TokenId};
 
-use crate::rows::{NodeRow, PipelineRow, TaskRow, TokenRow};
+use crate::rows::{NodeRow, PipelineRow, ScheduleRow, TaskRow, TokenRow};
 use crate::ProjectionError;
 
 mod embedded {
@@ -856,4 +856,133 @@ pub async fn list_pipelines(
         )
         .await?;
     Ok(rows.iter().map(pipeline_from_row).collect())
+}
+
+const SCHEDULE_COLS: &str = "id, project, name, cron, timezone, missed, body, state, \
+     paused_reason, done_until, fired, skipped, last_due, last_task_id, last_pipeline_id, \
+     last_error, created_by, created_at, updated_at, version, last_seq";
+
+fn schedule_from_row(r: &tokio_postgres::Row) -> ScheduleRow {
+    ScheduleRow {
+        id: ScheduleId(r.get(0)),
+        project: r.get(1),
+        name: r.get(2),
+        cron: r.get(3),
+        timezone: r.get(4),
+        missed: r.get(5),
+        body: r.get(6),
+        state: r.get(7),
+        paused_reason: r.get(8),
+        done_until: r.get(9),
+        fired: r.get(10),
+        skipped: r.get(11),
+        last_due: r.get(12),
+        last_task_id: r.get(13),
+        last_pipeline_id: r.get(14),
+        last_error: r.get(15),
+        created_by: r.get(16),
+        created_at: r.get(17),
+        updated_at: r.get(18),
+        version: r.get(19),
+        last_seq: r.get(20),
+    }
+}
+
+pub(crate) async fn load_schedules(
+    c: &impl GenericClient,
+    ids: &[uuid::Uuid],
+) -> Result<Vec<ScheduleRow>, ProjectionError> {
+    if ids.is_empty() {
+        return Ok(vec![]);
+    }
+    let rows = c
+        .query(
+            &format!("SELECT {SCHEDULE_COLS} FROM schedules WHERE id = ANY($1)"),
+            &[&ids],
+        )
+        .await?;
+    Ok(rows.iter().map(schedule_from_row).collect())
+}
+
+pub(crate) async fn upsert_schedules(
+    c: &impl GenericClient,
+    rows: &[ScheduleRow],
+) -> Result<(), ProjectionError> {
+    for r in rows {
+        c.execute(
+            &format!(
+                "INSERT INTO schedules ({SCHEDULE_COLS})
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
+                         $16, $17, $18, $19, $20, $21)
+                 ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state,
+                   paused_reason = EXCLUDED.paused_reason, done_until = EXCLUDED.done_until,
+                   fired = EXCLUDED.fired, skipped = EXCLUDED.skipped,
+                   last_due = EXCLUDED.last_due, last_task_id = EXCLUDED.last_task_id,
+                   last_pipeline_id = EXCLUDED.last_pipeline_id, last_error = EXCLUDED.last_error,
+                   updated_at = EXCLUDED.updated_at, version = EXCLUDED.version,
+                   last_seq = EXCLUDED.last_seq"
+            ),
+            &[
+                &r.id.0,
+                &r.project,
+                &r.name,
+                &r.cron,
+                &r.timezone,
+                &r.missed,
+                &r.body,
+                &r.state,
+                &r.paused_reason,
+                &r.done_until,
+                &r.fired,
+                &r.skipped,
+                &r.last_due,
+                &r.last_task_id,
+                &r.last_pipeline_id,
+                &r.last_error,
+                &r.created_by,
+                &r.created_at,
+                &r.updated_at,
+                &r.version,
+                &r.last_seq,
+            ],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+pub async fn get_schedule(
+    c: &impl GenericClient,
+    id: ScheduleId,
+) -> Result<Option<ScheduleRow>, ProjectionError> {
+    let row = c
+        .query_opt(
+            &format!("SELECT {SCHEDULE_COLS} FROM schedules WHERE id = $1"),
+            &[&id.0],
+        )
+        .await?;
+    Ok(row.as_ref().map(schedule_from_row))
+}
+
+/// Schedules of these projects (`None`: every project), newest first;
+/// deleted ones only with `deleted`.
+pub async fn list_schedules(
+    c: &impl GenericClient,
+    project: Option<&str>,
+    projects: Option<&[String]>,
+    deleted: bool,
+) -> Result<Vec<ScheduleRow>, ProjectionError> {
+    let rows = c
+        .query(
+            &format!(
+                "SELECT {SCHEDULE_COLS} FROM schedules
+                 WHERE ($1::text IS NULL OR project = $1)
+                   AND ($2::text[] IS NULL OR project = ANY($2))
+                   AND ($3 OR state <> 'deleted')
+                 ORDER BY id DESC LIMIT 1000"
+            ),
+            &[&project, &projects, &deleted],
+        )
+        .await?;
+    Ok(rows.iter().map(schedule_from_row).collect())
 }

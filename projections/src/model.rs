@@ -6,10 +6,10 @@ use std::collections::HashMap;
 
 use deadpool_postgres::Transaction;
 use ud_schemas::codec::EventEnvelope;
-use ud_schemas::{Event, NodeEvent, NodeId, PipelineId, TaskId, TokenId};
+use ud_schemas::{Event, NodeEvent, NodeId, PipelineId, ScheduleId, TaskId, TokenId};
 
 use crate::db;
-use crate::rows::{self, NodeRow, PipelineFold, TaskRow, TokenRow};
+use crate::rows::{self, NodeRow, PipelineFold, ScheduleFold, TaskRow, TokenRow};
 use crate::ProjectionError;
 
 /// Events that could not be applied, by sequence, with why.
@@ -292,5 +292,52 @@ impl Model for Pipelines {
     async fn store(tx: &Transaction<'_>, folds: Vec<PipelineFold>) -> Result<(), ProjectionError> {
         let rows: Vec<_> = folds.into_iter().map(PipelineFold::into_row).collect();
         db::upsert_pipelines(tx, &rows).await
+    }
+}
+
+pub(crate) struct Schedules;
+
+impl Model for Schedules {
+    type Key = ScheduleId;
+    type Fold = ScheduleFold;
+    const TABLE: &'static str = "schedules";
+
+    fn key(env: &EventEnvelope) -> Option<ScheduleId> {
+        match &env.event {
+            Event::Schedule(id, _) => Some(*id),
+            _ => None,
+        }
+    }
+    fn uuid(key: ScheduleId) -> uuid::Uuid {
+        key.0
+    }
+    fn key_of(fold: &ScheduleFold) -> ScheduleId {
+        fold.state.id
+    }
+    fn apply(
+        fold: Option<ScheduleFold>,
+        env: &EventEnvelope,
+        seq: u64,
+    ) -> Option<Result<ScheduleFold, String>> {
+        match &env.event {
+            Event::Schedule(id, e) => Some(
+                rows::apply_schedule(fold, *id, e, &env.meta.actor, seq).map_err(|e| e.to_string()),
+            ),
+            _ => None,
+        }
+    }
+    async fn load(
+        tx: &Transaction<'_>,
+        ids: &[uuid::Uuid],
+    ) -> Result<Vec<ScheduleFold>, ProjectionError> {
+        Ok(db::load_schedules(tx, ids)
+            .await?
+            .iter()
+            .filter_map(ScheduleFold::from_row)
+            .collect())
+    }
+    async fn store(tx: &Transaction<'_>, folds: Vec<ScheduleFold>) -> Result<(), ProjectionError> {
+        let rows: Vec<_> = folds.into_iter().map(ScheduleFold::into_row).collect();
+        db::upsert_schedules(tx, &rows).await
     }
 }

@@ -14,7 +14,7 @@ use tokio_util::task::AbortOnDropHandle;
 use ud_core::follow::Next;
 
 use crate::db::{self, Db};
-use crate::model::{apply, Nodes, Pipelines, Tasks, Tokens};
+use crate::model::{apply, Nodes, Pipelines, Schedules, Tasks, Tokens};
 use crate::ProjectionError;
 
 #[derive(Clone, Debug)]
@@ -319,6 +319,7 @@ impl Projector {
             streams::NODES | streams::HEARTBEATS => apply::<Nodes>(&tx, &decoded).await?,
             streams::AUTH => apply::<Tokens>(&tx, &decoded).await?,
             streams::PIPELINES => apply::<Pipelines>(&tx, &decoded).await?,
+            streams::SCHEDULES => apply::<Schedules>(&tx, &decoded).await?,
             other => {
                 return Err(ProjectionError::Config(format!(
                     "no projection for stream {other}"

@@ -10,12 +10,12 @@ use ud_schemas::codec::EventEnvelope;
 use ud_schemas::streams;
 
 use crate::db::{self, Db};
-use crate::model::{fold_into, keys_of, Model, Nodes, Pipelines, Tasks, Tokens};
+use crate::model::{fold_into, keys_of, Model, Nodes, Pipelines, Schedules, Tasks, Tokens};
 use crate::projector::{read_batches, stream_err, ProjectorOptions, READ_AHEAD};
 use crate::ProjectionError;
 
 /// Tables that hold read models (checkpoints and errors are bookkeeping).
-pub const READ_MODEL_TABLES: [&str; 4] = ["tasks", "nodes", "api_tokens", "pipelines"];
+pub const READ_MODEL_TABLES: [&str; 5] = ["tasks", "nodes", "api_tokens", "pipelines", "schedules"];
 
 #[derive(Debug, Serialize)]
 pub struct StreamReplay {
@@ -77,6 +77,9 @@ async fn replay_until(
             streams::AUTH => replay::<Tokens>(db, stream, name, last, batch_max, folds_max).await?,
             streams::PIPELINES => {
                 replay::<Pipelines>(db, stream, name, last, batch_max, folds_max).await?
+            }
+            streams::SCHEDULES => {
+                replay::<Schedules>(db, stream, name, last, batch_max, folds_max).await?
             }
             other => {
                 return Err(ProjectionError::Config(format!(

@@ -2,12 +2,13 @@
 
 use chrono::{DateTime, TimeZone, Utc};
 use ud_core::pipeline::{Pipeline, PipelineStatus};
+use ud_core::schedule::Schedule;
 use ud_schemas::api::PipelineStepView;
 use ud_schemas::events::*;
 use ud_schemas::spec::PipelineStep;
 use ud_schemas::{
-    Millis, NodeId, NodeStatus, PipelineEvent, PipelineId, ProjectId, SchedulingMode, TaskId,
-    TaskStatus, TokenId,
+    Millis, NodeId, NodeStatus, PipelineEvent, PipelineId, ProjectId, ScheduleEvent, ScheduleId,
+    SchedulingMode, TaskId, TaskStatus, TokenId,
 };
 
 pub fn ts(ms: Millis) -> DateTime<Utc> {
@@ -714,5 +715,157 @@ pub fn apply_pipeline(
         PipelineEvent::Rerun(_) => f.finished_at = None,
         _ => {}
     }
+    Ok(f)
+}
+
+/// A schedule as the read model holds it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScheduleRow {
+    pub id: ScheduleId,
+    pub project: String,
+    pub name: String,
+    pub cron: String,
+    pub timezone: String,
+    /// skip or catch_up.
+    pub missed: String,
+    /// `{"task": ...}` or `{"pipeline": ...}`: the REST body it submits.
+    pub body: serde_json::Value,
+    /// active, paused or deleted.
+    pub state: String,
+    pub paused_reason: Option<String>,
+    pub done_until: DateTime<Utc>,
+    pub fired: i64,
+    pub skipped: i64,
+    pub last_due: Option<DateTime<Utc>>,
+    pub last_task_id: Option<uuid::Uuid>,
+    pub last_pipeline_id: Option<uuid::Uuid>,
+    pub last_error: Option<String>,
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub version: i64,
+    pub last_seq: i64,
+}
+
+/// A schedule while a batch of its events is applied: the aggregate and
+/// the row's own bookkeeping.
+#[derive(Clone, Debug)]
+pub struct ScheduleFold {
+    pub state: Schedule,
+    pub created_by: String,
+    pub updated_at: DateTime<Utc>,
+    pub version: i64,
+    pub last_seq: i64,
+}
+
+impl ScheduleFold {
+    pub fn from_row(row: &ScheduleRow) -> Option<Self> {
+        let missed: Missed =
+            serde_json::from_value(serde_json::Value::String(row.missed.clone())).ok()?;
+        let created = ScheduleCreated {
+            at: row.created_at.timestamp_millis(),
+            project: ProjectId::parse(&row.project).ok()?,
+            name: row.name.clone(),
+            cron: row.cron.clone(),
+            timezone: row.timezone.clone(),
+            missed,
+            task: row.body.get("task").cloned(),
+            pipeline: row.body.get("pipeline").cloned(),
+        };
+        let last_fired = row.last_due.map(|due| ScheduleFired {
+            at: 0,
+            due: due.timestamp_millis(),
+            task_id: row.last_task_id.map(TaskId),
+            pipeline_id: row.last_pipeline_id.map(PipelineId),
+            error: row.last_error.clone(),
+        });
+        Some(Self {
+            state: Schedule {
+                id: row.id,
+                created,
+                paused: row.paused_reason.clone(),
+                deleted: row.state == "deleted",
+                done_until: row.done_until.timestamp_millis(),
+                fired: row.fired.unsigned_abs(),
+                skipped: row.skipped.unsigned_abs(),
+                last_fired,
+            },
+            created_by: row.created_by.clone(),
+            updated_at: row.updated_at,
+            version: row.version,
+            last_seq: row.last_seq,
+        })
+    }
+
+    pub fn into_row(self) -> ScheduleRow {
+        let s = self.state;
+        let state = if s.deleted {
+            "deleted"
+        } else if s.paused.is_some() {
+            "paused"
+        } else {
+            "active"
+        };
+        let mut body = serde_json::Map::new();
+        if let Some(t) = s.created.task {
+            body.insert("task".into(), t);
+        }
+        if let Some(p) = s.created.pipeline {
+            body.insert("pipeline".into(), p);
+        }
+        let last = s.last_fired;
+        ScheduleRow {
+            id: s.id,
+            project: s.created.project.to_string(),
+            name: s.created.name,
+            cron: s.created.cron,
+            timezone: s.created.timezone,
+            missed: s.created.missed.as_str().to_owned(),
+            body: serde_json::Value::Object(body),
+            state: state.to_owned(),
+            paused_reason: s.paused,
+            done_until: ts(s.done_until),
+            fired: i64::try_from(s.fired).unwrap_or(i64::MAX),
+            skipped: i64::try_from(s.skipped).unwrap_or(i64::MAX),
+            last_due: last.as_ref().map(|f| ts(f.due)),
+            last_task_id: last.as_ref().and_then(|f| f.task_id).map(|t| t.0),
+            last_pipeline_id: last.as_ref().and_then(|f| f.pipeline_id).map(|p| p.0),
+            last_error: last.and_then(|f| f.error),
+            created_by: self.created_by,
+            created_at: ts(s.created.at),
+            updated_at: self.updated_at,
+            version: self.version,
+            last_seq: self.last_seq,
+        }
+    }
+}
+
+pub fn apply_schedule(
+    fold: Option<ScheduleFold>,
+    id: ScheduleId,
+    event: &ScheduleEvent,
+    actor: &str,
+    seq: u64,
+) -> Result<ScheduleFold, ApplyError> {
+    use ud_core::aggregate::Aggregate;
+    let seq = i64::try_from(seq).unwrap_or(i64::MAX);
+    let at = ts(event.at());
+    let unknown = || ApplyError::UnknownAggregate(event.name());
+    let mut f = match fold {
+        Some(mut f) => {
+            f.state = Schedule::evolve(Some(f.state), id, event).ok_or_else(unknown)?;
+            f
+        }
+        None => ScheduleFold {
+            state: Schedule::evolve(None, id, event).ok_or_else(unknown)?,
+            created_by: actor.to_owned(),
+            updated_at: at,
+            version: 0,
+            last_seq: seq,
+        },
+    };
+    f.updated_at = at;
+    f.version += 1;
+    f.last_seq = seq;
     Ok(f)
 }

@@ -10,7 +10,9 @@ use ud_projections::rebuild;
 use ud_projections::{Db, Projector, ProjectorOptions};
 use ud_schemas::codec::EventMeta;
 use ud_schemas::events::*;
-use ud_schemas::{streams, Event, NodeId, NodeResources, TaskId, TokenId};
+use ud_schemas::{
+    streams, Event, NodeId, NodeResources, ScheduleEvent, ScheduleId, TaskId, TokenId,
+};
 use ud_testkit::{NatsServer, PgDatabase};
 
 struct Env {
@@ -117,6 +119,53 @@ async fn write_history(store: &EventStore, tasks: usize) -> Result<usize> {
         token,
         AuthEvent::TokenRevoked(TokenRevoked { at: 2 }),
     ));
+    // Schedules: one fired, skipped, paused and resumed; one deleted.
+    for (k, deleted) in [(0_i64, false), (1, true)] {
+        let id = ScheduleId::new();
+        items.push(Event::Schedule(
+            id,
+            ScheduleEvent::Created(ScheduleCreated {
+                at: 3_000 + k,
+                project: "lab".parse()?,
+                name: format!("nightly-{k}"),
+                cron: "0 3 * * *".into(),
+                timezone: "Europe/Berlin".into(),
+                missed: Missed::Skip,
+                task: Some(serde_json::json!({"project": "lab", "command": ["true"]})),
+                pipeline: None,
+            }),
+        ));
+        items.push(Event::Schedule(
+            id,
+            ScheduleEvent::Fired(ScheduleFired {
+                at: 90_000,
+                due: 86_400_000,
+                task_id: Some(TaskId::new()),
+                pipeline_id: None,
+                error: None,
+            }),
+        ));
+        items.push(Event::Schedule(
+            id,
+            ScheduleEvent::Skipped(ScheduleSkipped {
+                at: 400_000_000,
+                first: 172_800_000,
+                last: 259_200_000,
+                count: 2,
+            }),
+        ));
+        items.push(Event::Schedule(
+            id,
+            if deleted {
+                ScheduleEvent::Deleted(ScheduleDeleted { at: 400_000_001 })
+            } else {
+                ScheduleEvent::Paused(SchedulePaused {
+                    at: 400_000_001,
+                    reason: "maintenance".into(),
+                })
+            },
+        ));
+    }
     for i in 0..tasks {
         let id = TaskId::new();
         let node_id = nodes[i % 3];
@@ -340,6 +389,22 @@ async fn projection_matches_history_and_replay() -> Result<()> {
         .await?
         .get(0);
     assert_eq!(revoked, 1);
+    let schedules: Vec<(String, i64, i64, Option<String>)> = c
+        .query(
+            "SELECT state, fired, skipped, paused_reason FROM schedules ORDER BY name",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    assert_eq!(
+        schedules,
+        [
+            ("paused".into(), 1, 2, Some("maintenance".into())),
+            ("deleted".into(), 1, 2, None)
+        ]
+    );
     assert_equal_to_replay(&env, &db).await
 }
 

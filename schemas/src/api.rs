@@ -7,6 +7,31 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+/// A schedule as a user makes it (`POST /api/v1/schedules`).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSchedule {
+    /// 1-63 of a-z, 0-9, `-` and `_`.
+    pub name: String,
+    /// Five fields (minute hour day-of-month month day-of-week), or six
+    /// with seconds first; `@daily`, `@hourly`, ... too.
+    pub cron: String,
+    /// An IANA time zone the expression is read in (default `UTC`).
+    #[serde(default)]
+    pub timezone: Option<String>,
+    /// `skip` (default) or `catch_up`: what becomes of the times that
+    /// passed while no main server ran.
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub missed: Option<crate::events::Missed>,
+    /// The task submitted at each time (the body of `POST /api/v1/tasks`).
+    #[serde(default)]
+    pub task: Option<SubmitTask>,
+    /// Or the pipeline (the body of `POST /api/v1/pipelines`).
+    #[serde(default)]
+    pub pipeline: Option<SubmitPipeline>,
+}
+
 /// A task as a user submits it (REST body and NATS command payload).
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -122,6 +122,7 @@ pub fn encode_event(event: &Event) -> Result<Vec<u8>, CodecError> {
         Event::Auth(_, e) => to_cbor(e),
         Event::Secret(_, e) => to_cbor(e),
         Event::Pipeline(_, e) => to_cbor(e),
+        Event::Schedule(_, e) => to_cbor(e),
     }
 }
 
@@ -152,6 +153,7 @@ pub fn decode_event(subject: &str, version: u16, payload: &[u8]) -> Result<Event
         ParsedSubject::Token { name, .. } => format!("token.{name}"),
         ParsedSubject::Secret { name, .. } => format!("secret.{name}"),
         ParsedSubject::Pipeline { name, .. } => format!("pipeline.{name}"),
+        ParsedSubject::Schedule { name, .. } => format!("schedule.{name}"),
     };
     let known = match event_type.as_str() {
         "node.heartbeat" => version == 1 || version == 2,
@@ -258,6 +260,23 @@ pub fn decode_event(subject: &str, version: u16, payload: &[u8]) -> Result<Event
                 }
             },
         ),
+        ParsedSubject::Schedule { id, name } => Event::Schedule(
+            id,
+            match name {
+                "created" => ScheduleEvent::Created(from_cbor(payload, t, v)?),
+                "fired" => ScheduleEvent::Fired(from_cbor(payload, t, v)?),
+                "skipped" => ScheduleEvent::Skipped(from_cbor(payload, t, v)?),
+                "paused" => ScheduleEvent::Paused(from_cbor(payload, t, v)?),
+                "resumed" => ScheduleEvent::Resumed(from_cbor(payload, t, v)?),
+                "deleted" => ScheduleEvent::Deleted(from_cbor(payload, t, v)?),
+                other => {
+                    return Err(CodecError::UnknownType {
+                        kind: "schedule",
+                        name: other.to_owned(),
+                    })
+                }
+            },
+        ),
     })
 }
 
@@ -284,6 +303,7 @@ pub fn event_data_json(event: &Event) -> serde_json::Value {
         Event::Auth(_, e) => serde_json::to_value(e),
         Event::Secret(_, e) => serde_json::to_value(e),
         Event::Pipeline(_, e) => serde_json::to_value(e),
+        Event::Schedule(_, e) => serde_json::to_value(e),
     };
     value.unwrap_or(serde_json::Value::Null)
 }

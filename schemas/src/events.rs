@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{NodeId, PipelineId, ProjectId, TaskId, TokenId};
+use crate::ids::{NodeId, PipelineId, ProjectId, ScheduleId, TaskId, TokenId};
 use crate::spec::{NodeResources, PipelineStep, TaskSpec};
 use crate::Millis;
 
@@ -455,6 +455,122 @@ impl PipelineOutcome {
     }
 }
 
+/// Everything that happens to a schedule (`ud.schedule.<id>.<event>`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum ScheduleEvent {
+    Created(ScheduleCreated),
+    Fired(ScheduleFired),
+    Skipped(ScheduleSkipped),
+    Paused(SchedulePaused),
+    Resumed(ScheduleResumed),
+    Deleted(ScheduleDeleted),
+}
+
+/// A schedule was made: what it submits (a task or a pipeline, as the
+/// body of its REST call) at the times of `cron` in `timezone`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleCreated {
+    pub at: Millis,
+    pub project: ProjectId,
+    pub name: String,
+    /// Five fields (minute hour day-of-month month day-of-week), or six
+    /// with seconds first.
+    pub cron: String,
+    /// An IANA time zone, e.g. `Europe/Berlin`.
+    pub timezone: String,
+    pub missed: Missed,
+    /// The body of `POST /api/v1/tasks`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<serde_json::Value>,
+    /// The body of `POST /api/v1/pipelines`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<serde_json::Value>,
+}
+
+/// What becomes of the times a schedule passed while no main server ran.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Missed {
+    /// They are skipped (recorded as skipped); the next time runs.
+    Skip,
+    /// Each of them runs, oldest first.
+    CatchUp,
+}
+
+impl Missed {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Skip => "skip",
+            Self::CatchUp => "catch_up",
+        }
+    }
+}
+
+/// One time of a schedule came: what it submitted, or why it could not.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleFired {
+    pub at: Millis,
+    /// The time of the schedule this is for.
+    pub due: Millis,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<TaskId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline_id: Option<PipelineId>,
+    /// Why nothing was submitted (the body is no longer accepted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Times of the schedule that passed while no main server ran, skipped.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleSkipped {
+    pub at: Millis,
+    pub first: Millis,
+    pub last: Millis,
+    pub count: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SchedulePaused {
+    pub at: Millis,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleResumed {
+    pub at: Millis,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleDeleted {
+    pub at: Millis,
+}
+
+impl ScheduleEvent {
+    pub fn at(&self) -> Millis {
+        match self {
+            Self::Created(e) => e.at,
+            Self::Fired(e) => e.at,
+            Self::Skipped(e) => e.at,
+            Self::Paused(e) => e.at,
+            Self::Resumed(e) => e.at,
+            Self::Deleted(e) => e.at,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Created(_) => "created",
+            Self::Fired(_) => "fired",
+            Self::Skipped(_) => "skipped",
+            Self::Paused(_) => "paused",
+            Self::Resumed(_) => "resumed",
+            Self::Deleted(_) => "deleted",
+        }
+    }
+}
+
 /// Any event, with the aggregate it belongs to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[allow(clippy::large_enum_variant)] // built once per command or event, never stored in bulk
@@ -464,6 +580,7 @@ pub enum Event {
     Auth(TokenId, AuthEvent),
     Secret(SecretRef, SecretEvent),
     Pipeline(PipelineId, PipelineEvent),
+    Schedule(ScheduleId, ScheduleEvent),
 }
 
 impl TaskEvent {
@@ -578,6 +695,7 @@ impl Event {
             Self::Auth(_, e) => format!("token.{}", e.name()),
             Self::Secret(_, e) => format!("secret.{}", e.name()),
             Self::Pipeline(_, e) => format!("pipeline.{}", e.name()),
+            Self::Schedule(_, e) => format!("schedule.{}", e.name()),
         }
     }
 
@@ -589,6 +707,7 @@ impl Event {
             Self::Auth(id, e) => crate::subjects::token_event(id, e.name()),
             Self::Secret(s, e) => crate::subjects::secret_event(s, e.name()),
             Self::Pipeline(id, e) => crate::subjects::pipeline_event(id, e.name()),
+            Self::Schedule(id, e) => crate::subjects::schedule_event(id, e.name()),
         }
     }
 
@@ -600,6 +719,7 @@ impl Event {
             Self::Auth(id, _) => id.to_string(),
             Self::Secret(s, _) => s.to_string(),
             Self::Pipeline(id, _) => id.to_string(),
+            Self::Schedule(id, _) => id.to_string(),
         }
     }
 }

@@ -62,6 +62,10 @@ uuid_id!(
     PipelineId,
     "Identifies a pipeline: steps that run after one another."
 );
+uuid_id!(
+    ScheduleId,
+    "Identifies a schedule: a task or pipeline submitted at the times of a cron expression."
+);
 uuid_id!(EventId, "Identifies one event; also its `Nats-Msg-Id`.");
 uuid_id!(
     TokenId,

@@ -21,8 +21,10 @@ pub mod streams;
 pub mod subjects;
 
 pub use codec::{decode_event, encode_event, CodecError, EventEnvelope, EventMeta};
-pub use events::{AuthEvent, Event, NodeEvent, PipelineEvent, SecretEvent, SecretRef, TaskEvent};
-pub use ids::{EventId, IdError, NodeId, PipelineId, ProjectId, TaskId, TokenId};
+pub use events::{
+    AuthEvent, Event, NodeEvent, PipelineEvent, ScheduleEvent, SecretEvent, SecretRef, TaskEvent,
+};
+pub use ids::{EventId, IdError, NodeId, PipelineId, ProjectId, ScheduleId, TaskId, TokenId};
 pub use spec::{NodeResources, Resources, RetryPolicy, TaskSpec};
 pub use status::{NodeStatus, SchedulingMode, TaskStatus};
 

@@ -167,6 +167,7 @@ impl Report {
             Event::Auth(..) => return Err(ReportError::NotAllowed("token events".into())),
             Event::Secret(..) => return Err(ReportError::NotAllowed("secret events".into())),
             Event::Pipeline(..) => return Err(ReportError::NotAllowed("pipeline events".into())),
+            Event::Schedule(..) => return Err(ReportError::NotAllowed("schedule events".into())),
         };
         Ok((node, report))
     }

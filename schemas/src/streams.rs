@@ -30,6 +30,7 @@ pub const NODES: &str = "UD_NODES";
 pub const HEARTBEATS: &str = "UD_HEARTBEATS";
 pub const AUTH: &str = "UD_AUTH";
 pub const PIPELINES: &str = "UD_PIPELINES";
+pub const SCHEDULES: &str = "UD_SCHEDULES";
 pub const LOGS: &str = "UD_LOGS";
 /// Operational alerts (`ud.alert.>`), kept 90 days.
 pub const ALERTS: &str = "UD_ALERTS";
@@ -46,7 +47,7 @@ pub const QUEUES_BUCKET: &str = "ud_queues";
 pub const SECRETS_BUCKET: &str = "ud_secrets";
 
 /// Streams read by projectors, in the order they are listed here.
-pub const PROJECTED: [&str; 5] = [AUTH, NODES, HEARTBEATS, TASKS, PIPELINES];
+pub const PROJECTED: [&str; 6] = [AUTH, NODES, HEARTBEATS, TASKS, PIPELINES, SCHEDULES];
 
 fn base(name: &str, subjects: Vec<String>, replicas: usize) -> Config {
     Config {
@@ -70,6 +71,11 @@ pub fn tasks(replicas: usize) -> Config {
 /// Pipeline events: kept forever.
 pub fn pipelines(replicas: usize) -> Config {
     base(PIPELINES, vec!["ud.pipeline.>".into()], replicas)
+}
+
+/// Schedules and their firings: kept forever.
+pub fn schedules(replicas: usize) -> Config {
+    base(SCHEDULES, vec!["ud.schedule.>".into()], replicas)
 }
 
 /// Node registration and liveness transitions: kept forever.
@@ -146,6 +152,7 @@ pub fn all(replicas: usize) -> Vec<Config> {
         heartbeats(replicas),
         auth(replicas),
         pipelines(replicas),
+        schedules(replicas),
         dispatch(replicas),
         logs(replicas),
     ]

@@ -11,11 +11,12 @@
 //! | `ud.cmd.<endpoint>` | command services (NATS micro, JSON request/reply) |
 //! | `ud.sys.projected.<stream>` | core-NATS notice: a projector committed up to a sequence |
 
-use crate::ids::{NodeId, PipelineId, TaskId, TokenId};
+use crate::ids::{NodeId, PipelineId, ScheduleId, TaskId, TokenId};
 
 pub const TASK_PREFIX: &str = "ud.task";
 pub const NODE_PREFIX: &str = "ud.node";
 pub const PIPELINE_PREFIX: &str = "ud.pipeline";
+pub const SCHEDULE_PREFIX: &str = "ud.schedule";
 pub const TOKEN_PREFIX: &str = "ud.auth.token";
 pub const SECRET_PREFIX: &str = "ud.auth.secret";
 pub const PROJECTED_PREFIX: &str = "ud.sys.projected";
@@ -56,6 +57,15 @@ pub fn pipeline_event(id: &PipelineId, name: &str) -> String {
 /// Every event of one pipeline: the concurrency scope of the pipeline aggregate.
 pub fn pipeline_all(id: &PipelineId) -> String {
     format!("{PIPELINE_PREFIX}.{id}.>")
+}
+
+pub fn schedule_event(id: &ScheduleId, name: &str) -> String {
+    format!("{SCHEDULE_PREFIX}.{id}.{name}")
+}
+
+/// Every event of one schedule: the concurrency scope of the schedule aggregate.
+pub fn schedule_all(id: &ScheduleId) -> String {
+    format!("{SCHEDULE_PREFIX}.{id}.>")
 }
 
 pub fn token_event(id: &TokenId, name: &str) -> String {
@@ -106,6 +116,10 @@ pub enum ParsedSubject<'a> {
         id: PipelineId,
         name: &'a str,
     },
+    Schedule {
+        id: ScheduleId,
+        name: &'a str,
+    },
 }
 
 /// Parses an event subject; `None` for anything that is not one.
@@ -132,6 +146,13 @@ pub fn parse(subject: &str) -> Option<ParsedSubject<'_>> {
         "pipeline" => {
             let id = parts.next()?.parse().ok()?;
             ParsedSubject::Pipeline {
+                id,
+                name: parts.next()?,
+            }
+        }
+        "schedule" => {
+            let id = parts.next()?.parse().ok()?;
+            ParsedSubject::Schedule {
                 id,
                 name: parts.next()?,
             }

@@ -515,7 +515,82 @@ fn fixtures_v1() -> Vec<(&'static str, Event)> {
                 }),
             ),
         ),
+        (
+            "schedule-created",
+            Event::Schedule(
+                schedule_id(),
+                ScheduleEvent::Created(ScheduleCreated {
+                    at: AT,
+                    project: project(),
+                    name: "nightly-eval".into(),
+                    cron: "0 3 * * *".into(),
+                    timezone: "Europe/Berlin".into(),
+                    missed: Missed::Skip,
+                    task: Some(serde_json::json!({
+                        "project": "vision-lab",
+                        "code_repo_url": "https://git.example.org/lab/code.git",
+                        "code_commit_id": "0123456789abcdef0123456789abcdef01234567",
+                        "command": ["python", "eval.py"],
+                        "resources": {"cpus": 0.5, "gpus": 1},
+                    })),
+                    pipeline: None,
+                }),
+            ),
+        ),
+        (
+            "schedule-fired",
+            Event::Schedule(
+                schedule_id(),
+                ScheduleEvent::Fired(ScheduleFired {
+                    at: AT,
+                    due: AT - 20,
+                    task_id: Some(task_id()),
+                    pipeline_id: None,
+                    error: None,
+                }),
+            ),
+        ),
+        (
+            "schedule-skipped",
+            Event::Schedule(
+                schedule_id(),
+                ScheduleEvent::Skipped(ScheduleSkipped {
+                    at: AT,
+                    first: AT - 3 * 86_400_000,
+                    last: AT - 86_400_000,
+                    count: 3,
+                }),
+            ),
+        ),
+        (
+            "schedule-paused",
+            Event::Schedule(
+                schedule_id(),
+                ScheduleEvent::Paused(SchedulePaused {
+                    at: AT,
+                    reason: "cluster maintenance".into(),
+                }),
+            ),
+        ),
+        (
+            "schedule-resumed",
+            Event::Schedule(
+                schedule_id(),
+                ScheduleEvent::Resumed(ScheduleResumed { at: AT }),
+            ),
+        ),
+        (
+            "schedule-deleted",
+            Event::Schedule(
+                schedule_id(),
+                ScheduleEvent::Deleted(ScheduleDeleted { at: AT }),
+            ),
+        ),
     ]
+}
+
+fn schedule_id() -> ud_schemas::ScheduleId {
+    ud_schemas::ScheduleId(Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0005))
 }
 
 fn pipeline_id() -> ud_schemas::PipelineId {

@@ -330,6 +330,13 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
                 .map_err(failed)
         }
     });
+    let schedules =
+        ud_core::schedule::commands::ScheduleCommands::new(commands.clone(), pipelines.clone());
+    let s = schedules.clone();
+    supervisor.spawn("schedules", policy, move |_| {
+        let s = s.clone();
+        async move { ud_core::schedule::runner::run(s).await.map_err(failed) }
+    });
     if let Some(edge) = &cfg.edge {
         if let Some(hub) = edge.hub.clone() {
             let s = store.clone();
@@ -410,6 +417,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
     let state = AppState::new(ud_gateway::Shared {
         commands,
         pipelines,
+        schedules,
         db,
         projected,
         stores: stores.clone(),

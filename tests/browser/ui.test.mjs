@@ -1,7 +1,7 @@
 // The web UI in headless Chromium against the real local stack started by
 // tests/browser/run.sh: sign in, submit through the form, watch a task finish
 // without reloading, read its log across a dropped live connection, cancel a
-// task, follow a pipeline's graph, open a session at its own origin (and use
+// task, follow a pipeline's graph, watch a schedule fire, open a session at its own origin (and use
 // `unidesk task exec` and `port-forward` on it), see the node go offline when
 // its agent stops. Screenshots of every
 // page are written to $UD_ARTIFACTS.
@@ -257,6 +257,26 @@ test("a pipeline's graph follows its steps live, each with its log; a step runs 
   await page.locator("h1 [data-state=failed]").waitFor();
   assert.equal(await page.locator("#graph g.step[data-step=fetch] text", { hasText: "run 2" }).count(), 0);
   assert.equal(await page.evaluate(() => window.__samePipelinePage), true, "the page reloaded");
+});
+
+test("a schedule's firings show on its page, which pauses and resumes it", async () => {
+  const { schedule_id: id } = await api("POST", "/api/v1/schedules?wait=projected", user, {
+    name: "every-3s", cron: "*/3 * * * * *", timezone: "Europe/Berlin", task: taskBody("web", ["true"]),
+  });
+  await page.locator("nav a", { hasText: "Schedules" }).click();
+  const row = page.locator(`tr[data-schedule="${id}"]`);
+  await row.locator("[data-state=active]").waitFor();
+  // Two of its times come and go without a reload.
+  await page.locator(`tr[data-schedule="${id}"]:not([data-fired="0"]):not([data-fired="1"])`).waitFor();
+  assert.ok((await row.locator("a.mono").count()) === 1, "the last task is linked");
+  await shot("10-schedules");
+  await row.locator("button[data-action=pause]").click();
+  await row.locator("[data-state=paused]").waitFor();
+  const fired = Number(await row.getAttribute("data-fired"));
+  await row.locator("button[data-action=resume]").click();
+  await row.locator("[data-state=active]").waitFor();
+  await api("DELETE", `/api/v1/schedules/${id}`, user);
+  assert.ok(fired >= 2, `fired ${fired}`);
 });
 
 test("a session opens at its own origin with a WebSocket; the CLI gets a shell and a port in it", async () => {

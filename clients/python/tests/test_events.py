@@ -31,6 +31,7 @@ class Generated(unittest.TestCase):
         seen = 0
         for f, version, rule in goldens():
             subject = {"task": "ud.task.{}.{}", "node": "ud.node.{}.{}", "pipeline": "ud.pipeline.{}.{}",
+                       "schedule": "ud.schedule.{}.{}",
                        "token": "ud.auth.token.{}.{}", "secret": "ud.auth.secret.lab.{}.{}"}
             kind, name = rule.split("-", 1)
             ev = decode(subject[kind].format(uuid.uuid4() if kind != "secret" else "KEY", name),
@@ -74,6 +75,7 @@ class Generated(unittest.TestCase):
         cases = {
             f"ud.task.{t}.timed_out": "task-timed_out",
             f"ud.pipeline.{t}.steps_started": "pipeline-steps_started",
+            f"ud.schedule.{t}.fired": "schedule-fired",
             f"ud.auth.token.{t}.issued": "token-issued",
             "ud.auth.secret.lab.API_KEY.set": "secret-set",
             f"ud.log.{t}": "log-chunk",

@@ -1258,6 +1258,194 @@ class PipelineEnded:
 
 
 @dataclass
+class ScheduleCreated:
+    """CDDL `schedule-created`."""
+
+    at: int
+    project: str
+    name: str
+    cron: str
+    timezone: str
+    missed: str
+    task: Optional[Dict[str, Any]] = None
+    pipeline: Optional[Dict[str, Any]] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
+    """Fields a newer producer added that this module does not know."""
+
+    @classmethod
+    def from_cbor(cls, m: Dict[str, Any]) -> "ScheduleCreated":
+        m = dict(m)
+        return cls(
+            at=_need(m, "at", "ScheduleCreated"),
+            project=_need(m, "project", "ScheduleCreated"),
+            name=_need(m, "name", "ScheduleCreated"),
+            cron=_need(m, "cron", "ScheduleCreated"),
+            timezone=_need(m, "timezone", "ScheduleCreated"),
+            missed=_need(m, "missed", "ScheduleCreated"),
+            task=_opt(m.pop("task", None), lambda v: dict(v)),
+            pipeline=_opt(m.pop("pipeline", None), lambda v: dict(v)),
+            extra=m,
+        )
+
+    def to_cbor(self) -> Dict[str, Any]:
+        m: Dict[str, Any] = {}
+        m["at"] = self.at
+        m["project"] = self.project
+        m["name"] = self.name
+        m["cron"] = self.cron
+        m["timezone"] = self.timezone
+        m["missed"] = self.missed
+        if self.task is not None:
+            m["task"] = dict(self.task)
+        if self.pipeline is not None:
+            m["pipeline"] = dict(self.pipeline)
+        m.update(self.extra)
+        return m
+
+
+@dataclass
+class ScheduleFired:
+    """CDDL `schedule-fired`."""
+
+    at: int
+    due: int
+    task_id: Optional[uuid.UUID] = None
+    pipeline_id: Optional[uuid.UUID] = None
+    error: Optional[str] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
+    """Fields a newer producer added that this module does not know."""
+
+    @classmethod
+    def from_cbor(cls, m: Dict[str, Any]) -> "ScheduleFired":
+        m = dict(m)
+        return cls(
+            at=_need(m, "at", "ScheduleFired"),
+            due=_need(m, "due", "ScheduleFired"),
+            task_id=_opt(m.pop("task_id", None), lambda v: uuid.UUID(bytes=bytes(v))),
+            pipeline_id=_opt(m.pop("pipeline_id", None), lambda v: uuid.UUID(bytes=bytes(v))),
+            error=m.pop("error", None),
+            extra=m,
+        )
+
+    def to_cbor(self) -> Dict[str, Any]:
+        m: Dict[str, Any] = {}
+        m["at"] = self.at
+        m["due"] = self.due
+        if self.task_id is not None:
+            m["task_id"] = self.task_id.bytes
+        if self.pipeline_id is not None:
+            m["pipeline_id"] = self.pipeline_id.bytes
+        if self.error is not None:
+            m["error"] = self.error
+        m.update(self.extra)
+        return m
+
+
+@dataclass
+class ScheduleSkipped:
+    """CDDL `schedule-skipped`."""
+
+    at: int
+    first: int
+    last: int
+    count: int
+    extra: Dict[str, Any] = field(default_factory=dict)
+    """Fields a newer producer added that this module does not know."""
+
+    @classmethod
+    def from_cbor(cls, m: Dict[str, Any]) -> "ScheduleSkipped":
+        m = dict(m)
+        return cls(
+            at=_need(m, "at", "ScheduleSkipped"),
+            first=_need(m, "first", "ScheduleSkipped"),
+            last=_need(m, "last", "ScheduleSkipped"),
+            count=_need(m, "count", "ScheduleSkipped"),
+            extra=m,
+        )
+
+    def to_cbor(self) -> Dict[str, Any]:
+        m: Dict[str, Any] = {}
+        m["at"] = self.at
+        m["first"] = self.first
+        m["last"] = self.last
+        m["count"] = self.count
+        m.update(self.extra)
+        return m
+
+
+@dataclass
+class SchedulePaused:
+    """CDDL `schedule-paused`."""
+
+    at: int
+    reason: str
+    extra: Dict[str, Any] = field(default_factory=dict)
+    """Fields a newer producer added that this module does not know."""
+
+    @classmethod
+    def from_cbor(cls, m: Dict[str, Any]) -> "SchedulePaused":
+        m = dict(m)
+        return cls(
+            at=_need(m, "at", "SchedulePaused"),
+            reason=_need(m, "reason", "SchedulePaused"),
+            extra=m,
+        )
+
+    def to_cbor(self) -> Dict[str, Any]:
+        m: Dict[str, Any] = {}
+        m["at"] = self.at
+        m["reason"] = self.reason
+        m.update(self.extra)
+        return m
+
+
+@dataclass
+class ScheduleResumed:
+    """CDDL `schedule-resumed`."""
+
+    at: int
+    extra: Dict[str, Any] = field(default_factory=dict)
+    """Fields a newer producer added that this module does not know."""
+
+    @classmethod
+    def from_cbor(cls, m: Dict[str, Any]) -> "ScheduleResumed":
+        m = dict(m)
+        return cls(
+            at=_need(m, "at", "ScheduleResumed"),
+            extra=m,
+        )
+
+    def to_cbor(self) -> Dict[str, Any]:
+        m: Dict[str, Any] = {}
+        m["at"] = self.at
+        m.update(self.extra)
+        return m
+
+
+@dataclass
+class ScheduleDeleted:
+    """CDDL `schedule-deleted`."""
+
+    at: int
+    extra: Dict[str, Any] = field(default_factory=dict)
+    """Fields a newer producer added that this module does not know."""
+
+    @classmethod
+    def from_cbor(cls, m: Dict[str, Any]) -> "ScheduleDeleted":
+        m = dict(m)
+        return cls(
+            at=_need(m, "at", "ScheduleDeleted"),
+            extra=m,
+        )
+
+    def to_cbor(self) -> Dict[str, Any]:
+        m: Dict[str, Any] = {}
+        m["at"] = self.at
+        m.update(self.extra)
+        return m
+
+
+@dataclass
 class NodeEnrolled:
     """CDDL `node-enrolled`."""
 
@@ -1849,6 +2037,12 @@ RULES: Dict[str, Any] = {
     "pipeline-submitted": PipelineSubmitted,
     "prepare-step": PrepareStep,
     "retry-policy": RetryPolicy,
+    "schedule-created": ScheduleCreated,
+    "schedule-deleted": ScheduleDeleted,
+    "schedule-fired": ScheduleFired,
+    "schedule-paused": SchedulePaused,
+    "schedule-resumed": ScheduleResumed,
+    "schedule-skipped": ScheduleSkipped,
     "secret-deleted": SecretDeleted,
     "secret-set": SecretSet,
     "session": Session,

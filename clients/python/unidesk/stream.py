@@ -35,7 +35,7 @@ def rule_of(subject: str) -> Optional[str]:
     if len(parts) < 2 or parts[0] != "ud":
         return None
     kind = parts[1]
-    if kind in ("task", "node", "pipeline") and len(parts) == 4:
+    if kind in ("task", "node", "pipeline", "schedule") and len(parts) == 4:
         return f"{kind}-{parts[3]}"
     if kind == "auth" and len(parts) >= 4 and parts[2] in ("token", "secret"):
         return f"{parts[2]}-{parts[-1]}"

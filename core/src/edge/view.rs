@@ -86,7 +86,7 @@ impl Cluster {
                     }
                 }
             }
-            Event::Auth(..) | Event::Secret(..) | Event::Pipeline(..) => {}
+            Event::Auth(..) | Event::Secret(..) | Event::Pipeline(..) | Event::Schedule(..) => {}
         }
     }
 

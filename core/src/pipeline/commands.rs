@@ -63,6 +63,18 @@ impl PipelineCommands {
         actor: &str,
         may_use: impl Fn(&ProjectId) -> bool,
     ) -> Result<PipelineAccepted, CommandError> {
+        self.submit_as(PipelineId::new(), req, actor, may_use).await
+    }
+
+    /// [`PipelineCommands::submit`] under an id the caller chose: a
+    /// pipeline with that id already there is a repeat (`changed` false).
+    pub async fn submit_as(
+        &self,
+        id: PipelineId,
+        req: &SubmitPipeline,
+        actor: &str,
+        may_use: impl Fn(&ProjectId) -> bool,
+    ) -> Result<PipelineAccepted, CommandError> {
         let (project, name, steps) =
             super::validate::submit_pipeline(req).map_err(CommandError::Invalid)?;
         if !may_use(&project) {
@@ -85,7 +97,6 @@ impl PipelineCommands {
         if !errors.is_empty() {
             return Err(CommandError::Invalid(errors));
         }
-        let id = PipelineId::new();
         let command = PipelineCommand::Submit {
             id,
             project,
@@ -93,10 +104,22 @@ impl PipelineCommands {
             steps,
             idempotency_key: None,
         };
-        let done = self
+        let done = match self
             .pipelines
             .create(id, command, &EventMeta::new(actor))
-            .await?;
+            .await
+        {
+            Ok(done) => done,
+            Err(ExecuteError::Conflict) => {
+                let seq = self.pipelines.current(&id).await?.map_or(0, |(_, seq)| seq);
+                return Ok(PipelineAccepted {
+                    pipeline_id: id,
+                    seq,
+                    changed: false,
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
         info!(pipeline_id = %id, events = done.events.len(), "pipeline submitted");
         Ok(PipelineAccepted {
             pipeline_id: id,
