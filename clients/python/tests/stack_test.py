@@ -86,6 +86,25 @@ class AgainstTheStack(unittest.IsolatedAsyncioTestCase):
         history = await asyncio.to_thread(c.history, task)
         self.assertEqual([h["event_id"] for h in history], [str(ev.id) for ev in seen])
 
+    def test_a_schedule_is_made_read_paused_and_deleted(self):
+        c = self.client
+        task = {"project": "pyclient", "code_repo_url": f"file://{self.state}/demo/code",
+                "code_commit_id": self.commit("code"), "env_repo_url": f"file://{self.state}/demo/env",
+                "env_commit_id": self.commit("env"), "dockerfile_path": "Dockerfile", "command": ["true"]}
+        sid = c.create_schedule("nightly", "0 3 * * *", task=task, timezone="Europe/Berlin")
+        s = c.schedule(sid)
+        self.assertEqual((s["state"], s["timezone"], s["task"]["command"]), ("active", "Europe/Berlin", ["true"]))
+        self.assertTrue(s["next_due"])
+        c.pause_schedule(sid, "maintenance")
+        self.assertEqual(c.schedule(sid)["paused_reason"], "maintenance")
+        c.resume_schedule(sid)
+        self.assertIn(sid, [x["id"] for x in c.schedules("pyclient")])
+        c.delete_schedule(sid)
+        self.assertNotIn(sid, [x["id"] for x in c.schedules("pyclient")])
+        with self.assertRaises(ApiError) as e:
+            c.create_schedule("nightly", "every night", task=task, timezone="Mars/Olympus")
+        self.assertEqual(sorted(f["field"] for f in e.exception.fields), ["cron", "timezone"])
+
     def test_bad_input_is_refused_with_the_field_named(self):
         with self.assertRaises(ApiError) as e:
             self.client.submit("pyclient", "file:///nowhere", "not-a-commit", ["true"])

@@ -141,6 +141,39 @@ class Client:
         """What the task's last run left in the object store, by path."""
         return {o["path"]: self._fetch(o["download"]) for o in self.task(task_id)["outputs"]}
 
+    # ---- schedules -----------------------------------------------------
+
+    def create_schedule(self, name: str, cron: str, task: Optional[Dict[str, Any]] = None,
+                        pipeline: Optional[Dict[str, Any]] = None, timezone: str = "UTC",
+                        missed: str = "skip") -> str:
+        """Makes a schedule that submits `task` (the body of `submit`, as a
+        dict with `project`) or `pipeline` at the times of `cron` (5 fields,
+        or 6 with seconds first) in `timezone`; `missed`: `skip` or
+        `catch_up`. Returns its id."""
+        body: Dict[str, Any] = {"name": name, "cron": cron, "timezone": timezone, "missed": missed}
+        if task is not None:
+            body["task"] = task
+        if pipeline is not None:
+            body["pipeline"] = pipeline
+        return self._call("POST", "/api/v1/schedules", body, query={"wait": "projected"})["schedule_id"]
+
+    def schedule(self, schedule_id: str) -> Dict[str, Any]:
+        """A schedule with its next time and how its last one went."""
+        return self._call("GET", f"/api/v1/schedules/{self._path(schedule_id)}")
+
+    def schedules(self, project: Optional[str] = None) -> List[Dict[str, Any]]:
+        return self._call("GET", "/api/v1/schedules", query={"project": project})["items"]
+
+    def pause_schedule(self, schedule_id: str, reason: Optional[str] = None) -> None:
+        self._call("POST", f"/api/v1/schedules/{self._path(schedule_id)}/pause", {"reason": reason},
+                   query={"wait": "projected"})
+
+    def resume_schedule(self, schedule_id: str) -> None:
+        self._call("POST", f"/api/v1/schedules/{self._path(schedule_id)}/resume", query={"wait": "projected"})
+
+    def delete_schedule(self, schedule_id: str) -> None:
+        self._call("DELETE", f"/api/v1/schedules/{self._path(schedule_id)}", query={"wait": "projected"})
+
     # ---- project files -------------------------------------------------
 
     def upload(self, project: str, path: str, data: Union[bytes, str]) -> Dict[str, Any]:

@@ -715,3 +715,22 @@ pub async fn logs(s: &Stack, id: &str) -> Result<String> {
         .filter_map(|l| l["text"].as_str())
         .collect())
 }
+
+/// The containers labelled `label=value` (a task's, a node's), running
+/// ones only unless `all`.
+pub async fn labelled_containers(
+    label: &str,
+    value: impl std::fmt::Display,
+    all: bool,
+) -> Result<Vec<bollard::models::ContainerSummary>> {
+    let docker = bollard::Docker::connect_with_local_defaults()?;
+    let filters =
+        std::collections::HashMap::from([("label".to_owned(), vec![format!("{label}={value}")])]);
+    Ok(docker
+        .list_containers(Some(bollard::query_parameters::ListContainersOptions {
+            all,
+            filters: Some(filters),
+            ..Default::default()
+        }))
+        .await?)
+}

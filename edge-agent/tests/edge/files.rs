@@ -579,18 +579,7 @@ async fn a_run_lost_with_its_node_resumes_from_its_checkpoint_elsewhere() -> Res
     // ...then the node is gone for good: its agent and its container.
     a.agent.abort();
     let docker = bollard::Docker::connect_with_local_defaults()?;
-    let filters = std::collections::HashMap::from([(
-        "label".to_owned(),
-        vec![format!("{}={id}", ud_edge_agent::docker::LABEL_TASK)],
-    )]);
-    for c in docker
-        .list_containers(Some(bollard::query_parameters::ListContainersOptions {
-            all: true,
-            filters: Some(filters),
-            ..Default::default()
-        }))
-        .await?
-    {
+    for c in labelled_containers(ud_edge_agent::docker::LABEL_TASK, &id, true).await? {
         docker
             .remove_container(
                 c.id.as_deref().unwrap_or_default(),

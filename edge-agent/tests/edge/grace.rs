@@ -137,23 +137,14 @@ async fn a_node_gone_past_the_grace_loses_its_run_which_is_stopped_on_return() -
     let id = running(&mut s, "sleep 20; echo finished", Some(4), &[]).await?;
     let b = s.online_node("phi").await?;
 
-    let docker = bollard::Docker::connect_with_local_defaults()?;
-    let containers = |docker: bollard::Docker, node: ud_schemas::NodeId| async move {
-        let filters = std::collections::HashMap::from([(
-            "label".to_owned(),
-            vec![format!("{}={node}", ud_edge_agent::docker::LABEL_NODE)],
-        )]);
+    let containers = |node: ud_schemas::NodeId| async move {
         Ok::<usize, anyhow::Error>(
-            docker
-                .list_containers(Some(bollard::query_parameters::ListContainersOptions {
-                    filters: Some(filters),
-                    ..Default::default()
-                }))
+            labelled_containers(ud_edge_agent::docker::LABEL_NODE, node, false)
                 .await?
                 .len(),
         )
     };
-    assert_eq!(containers(docker.clone(), a.id).await?, 1);
+    assert_eq!(containers(a.id).await?, 1);
     link.cut();
     s.task_state(&id, &["disconnected"], Duration::from_secs(30))
         .await?;
@@ -169,7 +160,7 @@ async fn a_node_gone_past_the_grace_loses_its_run_which_is_stopped_on_return() -
     // Cut off for the offline timeout and the grace, the first node has
     // stopped its run itself: never two runs at once.
     assert_eq!(
-        containers(docker.clone(), a.id).await?,
+        containers(a.id).await?,
         0,
         "the cut-off node still runs the task"
     );

@@ -59,18 +59,7 @@ async fn a_dispatch_that_went_stale_while_the_node_was_away_is_never_run() -> Re
     );
     assert!(!logs(&s, &task).await?.contains("this-must-not-run"));
     // No container was ever made for it.
-    let docker = bollard::Docker::connect_with_local_defaults()?;
-    let filters = std::collections::HashMap::from([(
-        "label".to_owned(),
-        vec![format!("{}={task}", ud_edge_agent::docker::LABEL_TASK)],
-    )]);
-    let made = docker
-        .list_containers(Some(bollard::query_parameters::ListContainersOptions {
-            all: true,
-            filters: Some(filters),
-            ..Default::default()
-        }))
-        .await?;
+    let made = labelled_containers(ud_edge_agent::docker::LABEL_TASK, task, true).await?;
     assert!(
         made.is_empty(),
         "a container was made for a stale dispatch: {made:?}"
@@ -459,17 +448,7 @@ async fn a_cancel_of_another_attempt_leaves_the_run_be() -> Result<()> {
         Duration::from_secs(60),
     )
     .await?;
-    let docker = bollard::Docker::connect_with_local_defaults()?;
-    let filters = std::collections::HashMap::from([(
-        "label".to_owned(),
-        vec![format!("{}={task}", ud_edge_agent::docker::LABEL_TASK)],
-    )]);
-    let running = docker
-        .list_containers(Some(bollard::query_parameters::ListContainersOptions {
-            filters: Some(filters),
-            ..Default::default()
-        }))
-        .await?;
+    let running = labelled_containers(ud_edge_agent::docker::LABEL_TASK, task, false).await?;
     assert_eq!(running.len(), 1, "the run was stopped: {running:?}");
     // A cancel of the task stops it.
     s.post(
