@@ -390,6 +390,7 @@ pub async fn run(store: EventStore, settings: HubSettings) -> Result<(), EdgeErr
                 }
                 revoked.clear();
                 reconcile_at = None;
+                stalled.all_set_up(active.keys().copied());
                 info!(nodes = active.len(), "hub accounts and sources reconciled");
             }
             Some(m) = stalls.next() => stalled.ask(m),
@@ -437,6 +438,14 @@ const GATHER: Duration = Duration::from_millis(500);
 /// A source the hub has heard from this recently is working.
 const HEARD: Duration = Duration::from_secs(5);
 
+/// The least time between two batches of sources set up again, and the
+/// most nodes in one: with hundreds of nodes joining at once every node may
+/// ask while the hub is still busy setting up its sources, and each batch
+/// updates the stream of all of them twice; unpaced, the updates kept the
+/// hub too busy to bind the sources they were for.
+const BATCH_GAP: Duration = Duration::from_secs(5);
+const BATCH_MOST: usize = 64;
+
 /// The nodes that said their sourcing stalled, waiting for the next batch.
 #[derive(Default)]
 struct Stalled {
@@ -445,6 +454,8 @@ struct Stalled {
     asking: Vec<(NodeId, async_nats::Subject, bool)>,
     due: Option<tokio::time::Instant>,
     restarted: std::collections::HashMap<NodeId, tokio::time::Instant>,
+    /// When the last batch was set up again.
+    last_batch: Option<tokio::time::Instant>,
 }
 
 impl Stalled {
@@ -463,8 +474,20 @@ impl Stalled {
             }
         };
         self.asking.push((node, reply, bound));
-        self.due
-            .get_or_insert_with(|| tokio::time::Instant::now() + GATHER);
+        let soonest = tokio::time::Instant::now() + GATHER;
+        let paced = self
+            .last_batch
+            .map_or(soonest, |t| (t + BATCH_GAP).max(soonest));
+        self.due.get_or_insert(paced);
+    }
+
+    /// Every enrolled node's source was just set up (a reconcile): asks
+    /// within [`RESTART_EVERY`] are answered that it was.
+    fn all_set_up(&mut self, nodes: impl Iterator<Item = NodeId>) {
+        let now = tokio::time::Instant::now();
+        for n in nodes {
+            self.restarted.insert(n, now);
+        }
     }
 }
 
@@ -524,8 +547,12 @@ async fn restart_sources(
     stalled: &mut Stalled,
     consumers: &mut Consumers,
 ) -> Vec<(async_nats::Subject, SourcingReply)> {
-    let asking = std::mem::take(&mut stalled.asking);
+    let mut asking = std::mem::take(&mut stalled.asking);
     stalled.due = None;
+    // The rest wait for the next batch.
+    if asking.len() > BATCH_MOST {
+        stalled.asking = asking.split_off(BATCH_MOST);
+    }
     let heard: std::collections::HashMap<String, Duration> =
         match js.get_stream(edge::EDGE_IN).await {
             Ok(mut s) => match s.info().await {
@@ -540,9 +567,13 @@ async fn restart_sources(
         };
     let now = tokio::time::Instant::now();
     let (chosen, mut answers) = choose(&asking, active, &heard, &stalled.restarted, now);
+    if !stalled.asking.is_empty() {
+        stalled.due = Some(now + BATCH_GAP);
+    }
     if chosen.is_empty() {
         return answers;
     }
+    stalled.last_batch = Some(now);
     let kept: Vec<Source> = active
         .keys()
         .filter(|id| !chosen.contains(id))
