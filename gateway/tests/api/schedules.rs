@@ -53,13 +53,15 @@ fn fired(events: &[ScheduleEvent]) -> Vec<ScheduleFired> {
         .collect()
 }
 
-/// Waits until the schedule has recorded `n` times (heard on its subject).
-async fn until_fired(
+/// Re-reads the schedule's events whenever one is published, until `found`
+/// takes something from them.
+async fn until_events<T>(
     s: &Stack,
     id: ScheduleId,
-    n: usize,
     within: Duration,
-) -> Result<Vec<ScheduleFired>> {
+    what: &str,
+    found: impl Fn(Vec<ScheduleEvent>) -> Option<T>,
+) -> Result<T> {
     let mut sub = s
         .server
         .state
@@ -70,14 +72,27 @@ async fn until_fired(
         .await?;
     let deadline = tokio::time::Instant::now() + within;
     loop {
-        let found = fired(&events(s, id).await?);
-        if found.len() >= n {
-            return Ok(found);
+        if let Some(t) = found(events(s, id).await?) {
+            return Ok(t);
         }
         if tokio::time::timeout_at(deadline, sub.next()).await.is_err() {
-            bail!("{} of {n} times recorded within {within:?}", found.len());
+            bail!("no {what} within {within:?}");
         }
     }
+}
+
+/// Waits until the schedule has recorded `n` times.
+async fn until_fired(
+    s: &Stack,
+    id: ScheduleId,
+    n: usize,
+    within: Duration,
+) -> Result<Vec<ScheduleFired>> {
+    until_events(s, id, within, &format!("{n} times recorded"), |e| {
+        let f = fired(&e);
+        (f.len() >= n).then_some(f)
+    })
+    .await
 }
 
 #[tokio::test]
@@ -242,27 +257,14 @@ async fn times_that_passed_unseen_are_skipped_or_caught_up_as_the_schedule_says(
         .iter()
         .all(|f| f.task_id.is_some() && f.error.is_none()));
 
-    let mut sub = s
-        .server
-        .state
-        .commands
-        .store()
-        .client()
-        .subscribe(format!("ud.schedule.{skip}.>"))
+    let skipped: ScheduleSkipped =
+        until_events(&s, skip, Duration::from_secs(30), "skipped times", |e| {
+            e.into_iter().find_map(|e| match e {
+                ScheduleEvent::Skipped(k) => Some(k),
+                _ => None,
+            })
+        })
         .await?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let skipped: ScheduleSkipped = loop {
-        let found = events(&s, skip).await?.into_iter().find_map(|e| match e {
-            ScheduleEvent::Skipped(k) => Some(k),
-            _ => None,
-        });
-        if let Some(k) = found {
-            break k;
-        }
-        if tokio::time::timeout_at(deadline, sub.next()).await.is_err() {
-            bail!("the skip schedule recorded no skipped times");
-        }
-    };
     // What was more than a minute late when seen is skipped; the rest runs.
     let late: Vec<i64> = minutes(skipped.at)
         .into_iter()
