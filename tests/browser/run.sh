@@ -40,9 +40,10 @@ export UD_ARTIFACTS="${UD_ARTIFACTS:-$PWD/target/browser-artifacts}"
 mkdir -p "$UD_ARTIFACTS"
 (cd tests/browser && npm ci --no-audit --no-fund --silent)
 status=0
-node --test --test-concurrency=1 tests/browser/ui.test.mjs || status=$?
+# The Python client first: the browser tests end by stopping the node's agent.
 export UD_NATS_PORT
 python3 -m unittest -v clients/python/tests/stack_test.py || status=$?
+node --test --test-concurrency=1 tests/browser/ui.test.mjs || status=$?
 if [ "$status" != 0 ]; then
   echo "--- server log (tail)" >&2; tail -40 "$state/server.log" >&2 || true
   echo "--- agent log (tail)" >&2; tail -40 "$state/agent.log" >&2 || true

@@ -35,8 +35,24 @@ class AgainstTheStack(unittest.IsolatedAsyncioTestCase):
         self.nats_url = f"nats://platform:{password}@127.0.0.1:{need('UD_NATS_PORT')}"
 
     def commit(self, repo):
-        return subprocess.run(["git", "-C", str(self.state / "demo" / repo), "rev-parse", "HEAD"],
+        return subprocess.run(["git", "-C", str(self.repo(repo)), "rev-parse", "HEAD"],
                               capture_output=True, text=True, check=True).stdout.strip()
+
+    def repo(self, name):
+        """The stack's demo code repository; an environment of this test's
+        own (the demo's Dockerfile and a comment), so that the browser tests
+        after it still see the demo's environment built for the first time."""
+        if name == "code":
+            return self.state / "demo" / "code"
+        env = self.state / "pyclient-env"
+        if not (env / ".git").exists():
+            env.mkdir(exist_ok=True)
+            dockerfile = (self.state / "demo" / "env" / "Dockerfile").read_text()
+            (env / "Dockerfile").write_text(dockerfile + "# the Python client's tests\n")
+            for args in (["init", "-q"], ["add", "-A"],
+                         ["-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-q", "-m", "env"]):
+                subprocess.run(["git", "-C", str(env), *args], check=True, capture_output=True)
+        return env
 
     async def test_a_task_from_input_to_output_with_its_events(self):
         c, project = self.client, "pyclient"
@@ -47,8 +63,8 @@ class AgainstTheStack(unittest.IsolatedAsyncioTestCase):
         nc = await nats.connect(self.nats_url)
         try:
             task = await asyncio.to_thread(
-                c.submit, project, f"file://{self.state}/demo/code", self.commit("code"), ["sh", "main.sh"],
-                env_repo_url=f"file://{self.state}/demo/env", env_commit_id=self.commit("env"),
+                c.submit, project, f"file://{self.repo('code')}", self.commit("code"), ["sh", "main.sh"],
+                env_repo_url=f"file://{self.repo('env')}", env_commit_id=self.commit("env"),
                 dockerfile_path="Dockerfile", resources={"cpus": 0.5, "memory_mb": 128},
                 inputs=[{"source": "data/numbers.txt", "path": "numbers.txt"}], outputs=["result.txt"])
             seen = []
@@ -88,8 +104,8 @@ class AgainstTheStack(unittest.IsolatedAsyncioTestCase):
 
     def test_a_schedule_is_made_read_paused_and_deleted(self):
         c = self.client
-        task = {"project": "pyclient", "code_repo_url": f"file://{self.state}/demo/code",
-                "code_commit_id": self.commit("code"), "env_repo_url": f"file://{self.state}/demo/env",
+        task = {"project": "pyclient", "code_repo_url": f"file://{self.repo('code')}",
+                "code_commit_id": self.commit("code"), "env_repo_url": f"file://{self.repo('env')}",
                 "env_commit_id": self.commit("env"), "dockerfile_path": "Dockerfile", "command": ["true"]}
         sid = c.create_schedule("nightly", "0 3 * * *", task=task, timezone="Europe/Berlin")
         s = c.schedule(sid)
