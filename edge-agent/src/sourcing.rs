@@ -41,6 +41,9 @@ pub struct Seen {
     pub bound: bool,
     /// The last stream sequence the hub acknowledged.
     pub floor: u64,
+    /// The last stream sequence the consumer delivered (told apart from
+    /// `floor` when a stuck source is looked into).
+    pub delivered: u64,
 }
 
 impl Watch {
@@ -74,6 +77,7 @@ async fn look(local: &jetstream::Context, node: &NodeId) -> Option<Seen> {
             .saturating_add(u64::try_from(c.num_ack_pending).unwrap_or(u64::MAX)),
         bound: c.push_bound,
         floor: c.ack_floor.stream_sequence,
+        delivered: c.delivered.stream_sequence,
     })
 }
 
@@ -125,6 +129,14 @@ pub async fn keep(local: jetstream::Context, node: NodeId, requests: Requests) {
                 }
             }
         }
+        info!(
+            node_id = %node,
+            waiting = seen.waiting,
+            bound = seen.bound,
+            delivered = seen.delivered,
+            acknowledged = seen.floor,
+            "reports wait in this node's stream; asking the hub for its source"
+        );
         let asked = SourcingStalled {
             pending: seen.waiting,
             bound: seen.bound,
@@ -154,6 +166,7 @@ mod tests {
             waiting,
             bound,
             floor,
+            delivered: floor,
         }
     }
 
