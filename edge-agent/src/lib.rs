@@ -151,27 +151,21 @@ pub async fn ensure_local(local: &jetstream::Context, node: &NodeId) -> Result<(
     // The node owns the consumer the hub sources through, so that sourcing
     // resumes within seconds after the link returns.
     let s = local.get_stream(edge::stream(node)).await.map_err(nats)?;
-    s.get_or_create_consumer(edge::SOURCE_CONSUMER, source_consumer(node, None))
-        .await
-        .map_err(nats)?;
+    s.get_or_create_consumer(
+        edge::SOURCE_CONSUMER,
+        consumer::push::Config {
+            durable_name: Some(edge::SOURCE_CONSUMER.into()),
+            deliver_subject: edge::deliver_subject(node),
+            ack_policy: consumer::AckPolicy::FlowControl,
+            flow_control: true,
+            idle_heartbeat: Duration::from_secs(1),
+            max_ack_pending: 10_000,
+            ..Default::default()
+        },
+    )
+    .await
+    .map_err(nats)?;
     Ok(())
-}
-
-/// The consumer the hub sources the node's stream through, delivering from
-/// `from` (none: from the start).
-pub(crate) fn source_consumer(node: &NodeId, from: Option<u64>) -> consumer::push::Config {
-    consumer::push::Config {
-        durable_name: Some(edge::SOURCE_CONSUMER.into()),
-        deliver_subject: edge::deliver_subject(node),
-        deliver_policy: from.map_or(consumer::DeliverPolicy::All, |start_sequence| {
-            consumer::DeliverPolicy::ByStartSequence { start_sequence }
-        }),
-        ack_policy: consumer::AckPolicy::FlowControl,
-        flow_control: true,
-        idle_heartbeat: Duration::from_secs(1),
-        max_ack_pending: 10_000,
-        ..Default::default()
-    }
 }
 
 /// The runs this node has, each with its attempt and where its cancel goes.

@@ -15,10 +15,11 @@ use ud_schemas::{edge, headers, now_millis, NodeId, TaskId};
 
 use crate::{nats, AgentError};
 
-/// How long a log chunk or an outcome is tried at most: well inside the
-/// two minutes in which the node's stream recognises what it holds by its
-/// id.
-pub const PATIENCE: Duration = Duration::from_secs(90);
+/// How long a log chunk or an outcome waits between tries in all; with
+/// the tries themselves (an ack is waited for up to 5 s) it stays inside
+/// the two minutes in which the node's stream recognises what it holds by
+/// its id.
+const PATIENCE: Duration = Duration::from_secs(45);
 
 /// The id a run's log chunk is stored under. A chunk with the engine's
 /// time is named by what it is (task, attempt, stream, time, text), so an
@@ -97,32 +98,28 @@ impl Reporter {
         Ok(())
     }
 
-    /// [`Reporter::once`], tried again for up to [`PATIENCE`] while the
-    /// leaf server does not take it (it restarts, say). The message keeps
-    /// its id (`Nats-Msg-Id`) through its tries, so the node's stream
-    /// keeps it once even when a try that seemed to fail was stored.
+    /// [`Reporter::once`], tried again while the leaf server does not
+    /// take it (it restarts, say), [`PATIENCE`] of waits in all. The
+    /// message keeps its id (`Nats-Msg-Id`) through its tries, so the
+    /// node's stream keeps it once even when a try that seemed to fail was
+    /// stored.
     async fn patiently(
         &self,
         subject: String,
         headers: async_nats::HeaderMap,
         payload: Bytes,
     ) -> Result<(), AgentError> {
-        let started = tokio::time::Instant::now();
-        let mut wait = Duration::from_millis(100);
-        loop {
-            match self
-                .once(subject.clone(), headers.clone(), payload.clone())
-                .await
-            {
-                Ok(()) => return Ok(()),
-                Err(e) if started.elapsed() + wait >= PATIENCE => return Err(e),
-                Err(e) => {
-                    warn!(error = %e, subject, "not taken by the leaf server; trying again");
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
+        use backon::Retryable;
+        (|| self.once(subject.clone(), headers.clone(), payload.clone()))
+            .retry(
+                backon::ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(100))
+                    .with_max_delay(Duration::from_secs(5))
+                    .with_total_delay(Some(PATIENCE))
+                    .without_max_times(),
+            )
+            .notify(|e, _| warn!(error = %e, subject, "not taken by the leaf server; trying again"))
+            .await
     }
 
     /// Reports on a run.

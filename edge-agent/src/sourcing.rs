@@ -69,7 +69,7 @@ impl Watch {
 }
 
 async fn look(local: &jetstream::Context, node: &NodeId) -> Option<Seen> {
-    let stream = local.get_stream(edge::stream(node)).await.ok()?;
+    let stream = local.get_stream_no_info(edge::stream(node)).await.ok()?;
     let c = stream.consumer_info(edge::SOURCE_CONSUMER).await.ok()?;
     Some(Seen {
         waiting: c
@@ -81,35 +81,9 @@ async fn look(local: &jetstream::Context, node: &NodeId) -> Option<Seen> {
     })
 }
 
-/// Makes the source consumer anew, delivering from just after what the hub
-/// acknowledged (what it has stored): for a consumer whose delivery stays
-/// stuck though the hub set its source up again.
-async fn renew(local: &jetstream::Context, node: &NodeId) -> Result<u64, String> {
-    let stream = local
-        .get_stream(edge::stream(node))
-        .await
-        .map_err(|e| e.to_string())?;
-    let info = stream
-        .consumer_info(edge::SOURCE_CONSUMER)
-        .await
-        .map_err(|e| e.to_string())?;
-    let from = info.ack_floor.stream_sequence + 1;
-    stream
-        .delete_consumer(edge::SOURCE_CONSUMER)
-        .await
-        .map_err(|e| e.to_string())?;
-    stream
-        .create_consumer(crate::source_consumer(node, Some(from)))
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(from)
-}
-
 /// Watches the source consumer for as long as the agent runs.
 pub async fn keep(local: jetstream::Context, node: NodeId, requests: Requests) {
     let mut watch = Watch::default();
-    // The hub set the source up again and the reports stayed stuck.
-    let mut restarted_in_vain = false;
     let mut tick = tokio::time::interval(CHECK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -118,16 +92,7 @@ pub async fn keep(local: jetstream::Context, node: NodeId, requests: Requests) {
             continue;
         };
         if !watch.observe(seen) {
-            restarted_in_vain &= seen.waiting > 0;
             continue;
-        }
-        if restarted_in_vain && seen.bound {
-            match renew(&local, &node).await {
-                Ok(from) => info!(node_id = %node, from, "source consumer made anew"),
-                Err(e) => {
-                    debug!(node_id = %node, error = %e, "cannot make the source consumer anew")
-                }
-            }
         }
         info!(
             node_id = %node,
@@ -145,7 +110,6 @@ pub async fn keep(local: jetstream::Context, node: NodeId, requests: Requests) {
             Ok(r) if r.restarted => {
                 info!(node_id = %node, waiting = seen.waiting, "the hub set up its source of this node again");
                 watch.restarted();
-                restarted_in_vain = true;
             }
             Ok(r) => {
                 debug!(node_id = %node, reason = ?r.reason, "the hub left its source as it is")

@@ -52,6 +52,7 @@ class Generated(unittest.TestCase):
         later = decode(subject, {"Ud-Schema-Version": "3"}, v2)
         self.assertFalse(later.known)
         self.assertEqual(later.data, cbor2.loads(v2))
+        self.assertFalse(decode(subject, {"Ud-Schema-Version": "two"}, v2).known)
 
     def test_ids_are_uuids_and_headers_are_read(self):
         node, event = uuid.uuid4(), uuid.uuid4()

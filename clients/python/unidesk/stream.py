@@ -63,7 +63,11 @@ def decode(subject: str, headers: Optional[Mapping[str, str]], payload: bytes,
     with `known` false, so a newer platform does not break a reader."""
     headers = headers or {}
     rule = rule_of(subject)
-    version = int(headers.get("Ud-Schema-Version", "1") or 1)
+    try:
+        version = int(headers.get("Ud-Schema-Version") or 1)
+    except ValueError:
+        version = 0  # no version this package knows: the raw map
+
     raw = cbor2.loads(payload)
     event_type = headers.get("Ud-Event-Type") or (rule.replace("-", ".", 1) if rule else subject)
     cls = None

@@ -474,11 +474,19 @@ impl Stalled {
             }
         };
         self.asking.push((node, reply, bound));
+        if self.due.is_none() {
+            self.pace();
+        }
+    }
+
+    /// When the asks waiting are taken next: after gathering more for a
+    /// moment, and never sooner than [`BATCH_GAP`] after the last batch.
+    fn pace(&mut self) {
         let soonest = tokio::time::Instant::now() + GATHER;
-        let paced = self
-            .last_batch
-            .map_or(soonest, |t| (t + BATCH_GAP).max(soonest));
-        self.due.get_or_insert(paced);
+        self.due = (!self.asking.is_empty()).then(|| {
+            self.last_batch
+                .map_or(soonest, |t| (t + BATCH_GAP).max(soonest))
+        });
     }
 
     /// Every enrolled node's source was just set up (a reconcile): asks
@@ -548,7 +556,6 @@ async fn restart_sources(
     consumers: &mut Consumers,
 ) -> Vec<(async_nats::Subject, SourcingReply)> {
     let mut asking = std::mem::take(&mut stalled.asking);
-    stalled.due = None;
     // The rest wait for the next batch.
     if asking.len() > BATCH_MOST {
         stalled.asking = asking.split_off(BATCH_MOST);
@@ -567,13 +574,13 @@ async fn restart_sources(
         };
     let now = tokio::time::Instant::now();
     let (chosen, mut answers) = choose(&asking, active, &heard, &stalled.restarted, now);
-    if !stalled.asking.is_empty() {
-        stalled.due = Some(now + BATCH_GAP);
+    if !chosen.is_empty() {
+        stalled.last_batch = Some(now);
     }
+    stalled.pace();
     if chosen.is_empty() {
         return answers;
     }
-    stalled.last_batch = Some(now);
     let kept: Vec<Source> = active
         .keys()
         .filter(|id| !chosen.contains(id))

@@ -2,7 +2,7 @@
 //! and the firing of one time.
 
 use tracing::{info, instrument, warn};
-use ud_schemas::api::{CreateSchedule, SubmitPipeline, SubmitTask};
+use ud_schemas::api::{CreateSchedule, FieldError, SubmitPipeline, SubmitTask};
 use ud_schemas::codec::EventMeta;
 use ud_schemas::events::ScheduleFired;
 use ud_schemas::{Millis, PipelineId, ProjectId, ScheduleId};
@@ -140,9 +140,10 @@ impl ScheduleCommands {
                         .await
                         .map(|a| fired.task_id = Some(a.task_id))
                 }
-                Err(e) => Err(CommandError::Invalid(vec![
-                    ud_schemas::api::FieldError::new("task", e.to_string()),
-                ])),
+                Err(e) => Err(CommandError::Invalid(vec![FieldError::new(
+                    "task",
+                    e.to_string(),
+                )])),
             }
         } else if let Some(body) = &s.created.pipeline {
             match serde_json::from_value::<SubmitPipeline>(body.clone()) {
@@ -153,17 +154,16 @@ impl ScheduleCommands {
                         .await
                         .map(|a| fired.pipeline_id = Some(a.pipeline_id))
                 }
-                Err(e) => Err(CommandError::Invalid(vec![
-                    ud_schemas::api::FieldError::new("pipeline", e.to_string()),
-                ])),
+                Err(e) => Err(CommandError::Invalid(vec![FieldError::new(
+                    "pipeline",
+                    e.to_string(),
+                )])),
             }
         } else {
-            Err(CommandError::Invalid(vec![
-                ud_schemas::api::FieldError::new(
-                    "task",
-                    "the schedule names neither a task nor a pipeline",
-                ),
-            ]))
+            Err(CommandError::Invalid(vec![FieldError::new(
+                "task",
+                "the schedule names neither a task nor a pipeline",
+            )]))
         };
         match outcome {
             Ok(()) => Ok(fired),
@@ -187,15 +187,11 @@ impl ScheduleCommands {
 /// schedule and time always give the same id.
 pub fn derived_id(due: Millis, seed: &[u8]) -> uuid::Uuid {
     use sha2::Digest;
-    let mut h = sha2::Sha256::new();
-    h.update(seed);
-    h.update(due.to_be_bytes());
-    let hash = h.finalize();
-    let mut b = [0u8; 16];
-    let ms = u64::try_from(due).unwrap_or(0).to_be_bytes();
-    b[..6].copy_from_slice(&ms[2..]);
-    b[6..].copy_from_slice(&hash[..10]);
-    b[6] = (b[6] & 0x0f) | 0x70; // version 7
-    b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
-    uuid::Uuid::from_bytes(b)
+    let hash = sha2::Sha256::new()
+        .chain_update(seed)
+        .chain_update(due.to_be_bytes())
+        .finalize();
+    let mut rest = [0u8; 10];
+    rest.copy_from_slice(&hash[..10]);
+    uuid::Builder::from_unix_timestamp_millis(u64::try_from(due).unwrap_or(0), &rest).into_uuid()
 }

@@ -111,46 +111,31 @@ impl Aggregate for Schedule {
         command: ScheduleCommand,
         now: Millis,
     ) -> Result<Vec<ScheduleEvent>, ScheduleError> {
-        let s = match (state, command) {
-            (None, ScheduleCommand::Create(c)) => {
-                return Ok(vec![ScheduleEvent::Created(ScheduleCreated {
+        use ScheduleCommand as C;
+        let Some(s) = state else {
+            return match command {
+                C::Create(c) => Ok(vec![ScheduleEvent::Created(ScheduleCreated {
                     at: now,
                     ..*c
-                })])
-            }
-            (Some(_), ScheduleCommand::Create(_)) => return Err(ScheduleError::Exists),
-            (None, _) => return Err(ScheduleError::NotFound),
-            (Some(s), command) if s.deleted => {
-                // Deleting again changes nothing; anything else is refused.
-                return match command {
-                    ScheduleCommand::Delete => Ok(vec![]),
-                    _ => Err(ScheduleError::Deleted),
-                };
-            }
-            (Some(s), command) => (s, command),
+                })]),
+                _ => Err(ScheduleError::NotFound),
+            };
         };
-        Ok(match s {
+        Ok(match command {
+            C::Create(_) => return Err(ScheduleError::Exists),
+            // Deleting again changes nothing; anything else is refused.
+            C::Delete if s.deleted => vec![],
+            _ if s.deleted => return Err(ScheduleError::Deleted),
             // A time already done with (by another main server) is not done again.
-            (s, ScheduleCommand::Fire(f)) if f.due <= s.done_until || !s.active() => vec![],
-            (_, ScheduleCommand::Fire(f)) => {
-                vec![ScheduleEvent::Fired(ScheduleFired { at: now, ..f })]
-            }
-            (s, ScheduleCommand::Skip(k)) if k.last <= s.done_until || !s.active() => vec![],
-            (_, ScheduleCommand::Skip(k)) => {
-                vec![ScheduleEvent::Skipped(ScheduleSkipped { at: now, ..k })]
-            }
-            (s, ScheduleCommand::Pause { .. }) if s.paused.is_some() => vec![],
-            (_, ScheduleCommand::Pause { reason }) => {
-                vec![ScheduleEvent::Paused(SchedulePaused { at: now, reason })]
-            }
-            (s, ScheduleCommand::Resume) if s.paused.is_none() => vec![],
-            (_, ScheduleCommand::Resume) => {
-                vec![ScheduleEvent::Resumed(ScheduleResumed { at: now })]
-            }
-            (_, ScheduleCommand::Delete) => {
-                vec![ScheduleEvent::Deleted(ScheduleDeleted { at: now })]
-            }
-            (_, ScheduleCommand::Create(_)) => return Err(ScheduleError::Exists),
+            C::Fire(f) if f.due <= s.done_until || !s.active() => vec![],
+            C::Fire(f) => vec![ScheduleEvent::Fired(ScheduleFired { at: now, ..f })],
+            C::Skip(k) if k.last <= s.done_until || !s.active() => vec![],
+            C::Skip(k) => vec![ScheduleEvent::Skipped(ScheduleSkipped { at: now, ..k })],
+            C::Pause { .. } if s.paused.is_some() => vec![],
+            C::Pause { reason } => vec![ScheduleEvent::Paused(SchedulePaused { at: now, reason })],
+            C::Resume if s.paused.is_none() => vec![],
+            C::Resume => vec![ScheduleEvent::Resumed(ScheduleResumed { at: now })],
+            C::Delete => vec![ScheduleEvent::Deleted(ScheduleDeleted { at: now })],
         })
     }
 

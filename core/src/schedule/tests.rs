@@ -212,3 +212,17 @@ fn a_schedule_as_given_is_checked_field_by_field() {
         .collect();
     assert_eq!(fields, ["task"]);
 }
+
+#[test]
+fn a_time_of_a_schedule_always_names_the_same_pipeline() {
+    use super::commands::derived_id;
+    let (a, b) = (ScheduleId::new(), ScheduleId::new());
+    let due = ms("2026-03-29T01:00:00Z");
+    let id = derived_id(due, a.0.as_bytes());
+    assert_eq!(id, derived_id(due, a.0.as_bytes()));
+    assert_ne!(id, derived_id(due + 1_000, a.0.as_bytes()));
+    assert_ne!(id, derived_id(due, b.0.as_bytes()));
+    assert_eq!(id.get_version_num(), 7);
+    let (secs, _) = id.get_timestamp().map(|t| t.to_unix()).unwrap_or_default();
+    assert_eq!(i64::try_from(secs).unwrap_or_default(), due / 1_000);
+}

@@ -98,8 +98,9 @@ struct Controller {
     /// view has applied them: no task is judged before the view is complete.
     targets: HashMap<String, u64>,
     applied: HashMap<String, u64>,
-    /// Runs lost with their node, by node: stopped if the node comes back.
-    lost: HashMap<NodeId, Vec<TaskId>>,
+    /// Runs lost with their node (task and attempt), by node: stopped if
+    /// the node comes back.
+    lost: HashMap<NodeId, Vec<(TaskId, u32)>>,
     /// Assigned tasks not started yet, with when their run was last sent:
     /// sent again after `RESEND_AFTER` (a dispatch whose store was not
     /// confirmed may be missing; a node ignores a run it already has).
@@ -398,7 +399,10 @@ impl Controller {
         };
         let node_before = node_before.map(|b| b.0);
         if let ud_schemas::Event::Task(id, ud_schemas::TaskEvent::Lost(l)) = &u.envelope.event {
-            self.lost.entry(l.node_id).or_default().push(*id);
+            self.lost
+                .entry(l.node_id)
+                .or_default()
+                .push((*id, l.attempt));
         }
         if let ud_schemas::Event::Node(node, e) = &u.envelope.event {
             let now = self.cluster.nodes.get(node).map(|n| n.node.liveness());
@@ -574,7 +578,7 @@ impl Controller {
     }
 
     async fn stop_lost_runs(&mut self, node: NodeId) {
-        for id in self.lost.remove(&node).unwrap_or_default() {
+        for (id, attempt) in self.lost.remove(&node).unwrap_or_default() {
             // Placed on this very node again: that run is the live one.
             let live_here = self
                 .cluster
@@ -583,10 +587,12 @@ impl Controller {
                 .is_some_and(|t| t.task.state.live_node() == Some(node));
             if !live_here {
                 info!(task_id = %id, node_id = %node, "stopping a run lost with its node");
+                // That attempt only: the next one may be placed on this
+                // very node before the cancel goes out.
                 self.send_cancel(
                     node,
                     id,
-                    None,
+                    Some(attempt),
                     "the run was lost with its node and placed elsewhere",
                 );
             }
