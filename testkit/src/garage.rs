@@ -53,6 +53,7 @@ pub struct Garage {
     pub bucket: String,
     pub access_key_id: String,
     pub secret_access_key: String,
+    admin: u16,
 }
 
 impl Garage {
@@ -84,6 +85,7 @@ impl Garage {
             bucket: "unidesk".into(),
             access_key_id: format!("GK{}", hex(12)),
             secret_access_key: hex(32),
+            admin,
         };
         g.spawn().await?;
         let node = g.cli(&["node", "id", "-q"]).await?;
@@ -182,8 +184,24 @@ impl Garage {
     }
 
     /// Starts it again after `stop`.
+    /// Ready once its admin API says the node is healthy: it serves S3
+    /// requests again, not only accepts connections.
     pub async fn restart(&mut self) -> Result<()> {
         self.stop().await?;
-        self.spawn().await
+        self.spawn().await?;
+        let health = format!("http://127.0.0.1:{}/health", self.admin);
+        let http = reqwest::Client::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = http.get(&health).send().await {
+                if r.status().is_success() {
+                    return Ok(());
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("garage was not healthy within 30 s of its restart");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
