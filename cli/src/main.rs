@@ -10,6 +10,7 @@ mod interactive;
 mod ops;
 mod output;
 mod pipelines;
+mod quotas;
 mod schedules;
 mod serve;
 
@@ -63,6 +64,9 @@ enum Command {
     /// Whole queues.
     #[command(subcommand)]
     Queue(client::QueueCommand),
+    /// Compute quotas per project, and what each project uses.
+    #[command(subcommand)]
+    Quota(quotas::QuotaCommand),
     /// API tokens.
     #[command(subcommand)]
     Token(client::TokenCommand),
@@ -157,6 +161,7 @@ async fn main() -> std::process::ExitCode {
                 Command::Session(c) => interactive::session(c).await,
                 Command::Project(c) => client::project(c).await,
                 Command::Queue(c) => client::queue(c).await,
+                Command::Quota(c) => quotas::run(c).await,
                 Command::Token(c) => client::token(c).await,
                 Command::Secret(c) => client::secret(c).await,
                 Command::File(c) => files::run(c).await,

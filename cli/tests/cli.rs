@@ -1070,6 +1070,53 @@ async fn an_admin_sets_lists_and_resets_queue_settings() -> Result<()> {
 }
 
 #[tokio::test]
+async fn an_admin_sets_shows_and_resets_a_projects_quota() -> Result<()> {
+    let server = Server::start().await?;
+    let set = server.ok(&[
+        "quota",
+        "set",
+        "lab",
+        "--gpus",
+        "2",
+        "--cpus",
+        "1.5",
+        "--gpu-hours",
+        "100",
+        "--json",
+    ])?;
+    let set: serde_json::Value = serde_json::from_str(&set)?;
+    assert_eq!(
+        set["quota"],
+        serde_json::json!({"max_gpus": 2, "max_cpu_millis": 1500, "gpu_hours_per_month": 100})
+    );
+    // For people: used/limit per column.
+    let table = server.ok(&["quota", "show", "lab"])?;
+    let row = table.lines().nth(1).unwrap_or_default();
+    assert!(
+        table.starts_with("PROJECT") && row.starts_with("lab "),
+        "{table}"
+    );
+    assert!(
+        row.contains(" 0/1.5 ") && row.contains(" 0/2 ") && row.contains(" 0/100 "),
+        "{table}"
+    );
+    assert!(server.ok(&["quota", "ls"])?.contains("lab "));
+    // A limit below zero: refused, naming it; the quota as it was.
+    let out = server.run(&["quota", "set", "lab", "--gpus", "-1"])?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("max_gpus"), "{err}");
+    let kept: serde_json::Value =
+        serde_json::from_str(&server.ok(&["quota", "show", "lab", "--json"])?)?;
+    assert_eq!(kept["quota"]["max_gpus"], 2, "{kept}");
+    server.ok(&["quota", "reset", "lab"])?;
+    let gone: serde_json::Value =
+        serde_json::from_str(&server.ok(&["quota", "show", "lab", "--json"])?)?;
+    assert_eq!(gone["quota"], serde_json::Value::Null);
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_pipeline_file_is_submitted_followed_and_cancelled() -> Result<()> {
     let server = Server::start().await?;
     let dir = tempfile::tempdir()?;

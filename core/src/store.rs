@@ -160,6 +160,17 @@ impl EventStore {
             })
             .await
             .map_err(unavailable)?;
+        self.js
+            .create_key_value(jetstream::kv::Config {
+                bucket: streams::QUOTAS_BUCKET.into(),
+                description: "project -> compute quota set through the API".into(),
+                history: 16,
+                num_replicas: replicas,
+                storage: jetstream::stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable)?;
         Ok(())
     }
 

@@ -4,7 +4,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
-use ud_core::validate::FieldError;
+pub use ud_core::validate::FieldError;
 use ud_core::CommandError;
 use utoipa::ToSchema;
 

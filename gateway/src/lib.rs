@@ -12,6 +12,7 @@ pub mod paging;
 pub mod pipelines;
 pub mod projected;
 pub mod queues;
+pub mod quotas;
 pub mod schedules;
 pub mod secrets;
 pub mod sessions;
@@ -128,6 +129,11 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/api/v1/queues/{queue}",
             axum::routing::put(queues::put).delete(queues::reset),
+        )
+        .route("/api/v1/quotas", get(quotas::list))
+        .route(
+            "/api/v1/projects/{project}/quota",
+            get(quotas::get).put(quotas::put).delete(quotas::reset),
         )
         .route("/api/v1/projects/{project}/files", get(files::list))
         .route("/api/v1/projects/{project}/stores", get(files::stores))

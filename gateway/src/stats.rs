@@ -53,6 +53,18 @@ pub struct Stats {
     /// The same projects' tasks per state over the window, oldest first.
     pub timeline: Vec<TimelinePoint>,
     pub nodes: Vec<NodeUtilisation>,
+    /// What the projects' tasks hold now and used this month, by project
+    /// and by who submitted them.
+    pub usage: UsageStats,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct UsageStats {
+    /// The month `gpu_hours` counts (`YYYY-MM`, UTC).
+    pub month: String,
+    pub projects: std::collections::BTreeMap<String, crate::quotas::Usage>,
+    /// By the token that submitted the tasks (`token:<name>`).
+    pub users: std::collections::BTreeMap<String, crate::quotas::Usage>,
 }
 
 /// Tasks per state (now and over a window) and node utilisation.
@@ -120,9 +132,15 @@ pub async fn stats(
             }
         })
         .collect();
+    let (month, projects, users) = crate::quotas::usage(&client, projects).await?;
     Ok(Json(Stats {
         tasks_by_state,
         timeline,
         nodes,
+        usage: UsageStats {
+            month,
+            projects,
+            users,
+        },
     }))
 }

@@ -170,6 +170,7 @@ function route() {
     tasks: id ? () => taskPage(id) : tasksPage,
     pipelines: id ? () => pipelinePage(id) : pipelinesPage,
     schedules: schedulesPage,
+    projects: projectsPage,
     nodes: nodesPage, submit: submitPage, overview: overviewPage,
   };
   (pages[page] || tasksPage)();
@@ -477,6 +478,49 @@ function pipelinesPage() {
     if (m.type === "event") seen = Math.max(seen, m.seq);
     if (m.type === "ready" || m.type === "event") refresh();
   });
+  onLeave(() => live.stop());
+}
+
+// ---- projects ------------------------------------------------------------
+
+// What each project's tasks hold now and used this month, against its quota.
+function projectsPage() {
+  const body = h("tbody");
+  const fmt = (n) => (Number.isInteger(n) ? String(n) : n.toFixed(1));
+  const cell = (what, used, limit) => {
+    if (limit == null) return h("td", { "data-what": what }, fmt(used));
+    const full = limit === 0 ? 1 : Math.min(1, used / limit);
+    return h("td", { "data-what": what, class: full >= 1 ? "at-limit" : "" },
+      `${fmt(used)} / ${fmt(limit)}`, h("meter", { min: 0, max: 1, value: full }));
+  };
+  const row = (p) => {
+    const q = p.quota || {}, u = p.usage;
+    const cpus = (m) => (m == null ? null : m / 1000);
+    return h("tr", { "data-project": p.project },
+      h("td", {}, p.project),
+      cell("tasks", u.tasks, q.max_tasks), cell("cpus", cpus(u.cpu_millis), cpus(q.max_cpu_millis)),
+      cell("memory", u.memory_mb, q.max_memory_mb), cell("gpus", u.gpus, q.max_gpus),
+      cell("gpu-hours", u.gpu_hours, q.gpu_hours_per_month),
+      h("td", { class: "muted" }, p.quota ? `set by ${p.updated_by}` : "no quota"));
+  };
+  const month = h("span");
+  const load = async () => {
+    try {
+      const list = await api("GET", "/api/v1/quotas");
+      month.textContent = list.length ? list[0].month : "";
+      body.replaceChildren(...list.map(row));
+    } catch (e) { if (e.status !== 401) flash(e.message); }
+  };
+  main.append(h("h1", {}, "Projects"),
+    h("p", { class: "muted" }, "What each project's tasks hold now and the GPU-hours they used in ", month,
+      " (UTC), against its quota. A task over its project's quota waits until enough frees. Admins set quotas with ",
+      h("code", {}, "unidesk quota set PROJECT --gpus 4 --gpu-hours 500"), "."),
+    h("table", { id: "projects" },
+      h("thead", {}, h("tr", {}, ["Project", "Tasks", "CPUs", "Memory MiB", "GPUs", "GPU-hours", ""].map((c) => h("th", {}, c)))),
+      body));
+  load();
+  const refresh = debounce(load, 500);
+  const live = new Live({ tasks: {} }, (m) => { if (m.type === "event") refresh(); });
   onLeave(() => live.stop());
 }
 

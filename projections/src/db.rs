@@ -179,7 +179,7 @@ pub(crate) async fn record_error(
 }
 
 const TASK_COLS: &str = "id, project, name, state, node_id, attempt, spec, exit_code, reason, submitted_by, \
-                         submitted_at, updated_at, finished_at, version, last_seq, prepared, preparing, waiting_reason, priority, outputs";
+                         submitted_at, updated_at, finished_at, version, last_seq, prepared, preparing, waiting_reason, priority, outputs, started_at, gpu_ms";
 
 /// A column holding one of an enum's names.
 fn named<T: std::str::FromStr<Err = ud_schemas::status::UnknownName>>(
@@ -215,6 +215,8 @@ pub(crate) fn task_from_row(r: &tokio_postgres::Row) -> Result<TaskRow, Projecti
         waiting_reason: r.get(17),
         priority: r.get(18),
         outputs: r.get(19),
+        started_at: r.get(20),
+        gpu_ms: r.get(21),
     })
 }
 
@@ -243,7 +245,8 @@ const TASK_UPDATES: &str =
     updated_at = EXCLUDED.updated_at, finished_at = EXCLUDED.finished_at,
     version = EXCLUDED.version, last_seq = EXCLUDED.last_seq, prepared = EXCLUDED.prepared,
     preparing = EXCLUDED.preparing, waiting_reason = EXCLUDED.waiting_reason,
-    priority = EXCLUDED.priority, outputs = EXCLUDED.outputs";
+    priority = EXCLUDED.priority, outputs = EXCLUDED.outputs,
+    started_at = EXCLUDED.started_at, gpu_ms = EXCLUDED.gpu_ms";
 
 /// Writes many task rows with binary COPY: straight into the table when
 /// none of them is stored yet (`fresh`), otherwise through a temporary
@@ -291,6 +294,8 @@ pub(crate) async fn copy_tasks(
             Type::TEXT,
             Type::INT4,
             Type::JSONB,
+            Type::TIMESTAMPTZ,
+            Type::JSONB,
         ],
     );
     futures::pin_mut!(writer);
@@ -318,6 +323,8 @@ pub(crate) async fn copy_tasks(
                 &r.waiting_reason,
                 &r.priority,
                 &r.outputs,
+                &r.started_at,
+                &r.gpu_ms,
             ])
             .await?;
     }
@@ -365,17 +372,21 @@ pub(crate) async fn upsert_tasks(
     let priority: Vec<i32> = rows.iter().map(|r| r.priority).collect();
     let outputs: Vec<Option<&serde_json::Value>> =
         rows.iter().map(|r| r.outputs.as_ref()).collect();
+    let started: Vec<_> = rows.iter().map(|r| r.started_at).collect();
+    let gpu_ms: Vec<Option<&serde_json::Value>> = rows.iter().map(|r| r.gpu_ms.as_ref()).collect();
     c.execute(
         &format!(
             "INSERT INTO tasks ({TASK_COLS})
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::uuid[], $6::int4[],
                                   $7::jsonb[], $8::int4[], $9::text[], $10::text[], $11::timestamptz[],
-                                  $12::timestamptz[], $13::timestamptz[], $14::int8[], $15::int8[], $16::jsonb[], $17::jsonb[], $18::text[], $19::int4[], $20::jsonb[])
+                                  $12::timestamptz[], $13::timestamptz[], $14::int8[], $15::int8[], $16::jsonb[], $17::jsonb[], $18::text[], $19::int4[], $20::jsonb[],
+                                  $21::timestamptz[], $22::jsonb[])
              ON CONFLICT (id) DO UPDATE SET {TASK_UPDATES}"
         ),
         &[
             &ids, &project, &name, &state, &node, &attempt, &spec, &exit, &reason, &by, &sub_at, &upd_at, &fin_at,
-            &version, &last_seq, &prepared, &preparing, &waiting, &priority, &outputs,
+            &version, &last_seq, &prepared, &preparing, &waiting, &priority, &outputs, &started,
+            &gpu_ms,
         ],
     )
     .await?;

@@ -42,6 +42,10 @@ pub struct TaskRow {
     pub finished_at: Option<DateTime<Utc>>,
     pub version: i64,
     pub last_seq: i64,
+    /// When its live run started (none while no run is live).
+    pub started_at: Option<DateTime<Utc>>,
+    /// GPU-milliseconds its ended runs used, by month (`{"2026-12": ms}`).
+    pub gpu_ms: Option<serde_json::Value>,
 }
 
 /// Why an event could not be applied to a row.
@@ -82,6 +86,8 @@ pub fn apply_task(
                 finished_at: None,
                 version: 1,
                 last_seq: seq,
+                started_at: None,
+                gpu_ms: None,
             })
         }
         (None, e) => return Err(ApplyError::UnknownAggregate(e.name())),
@@ -165,6 +171,8 @@ pub fn apply_task(
         TaskEvent::Started(e) => {
             row.state = TaskStatus::Running;
             row.node_id = Some(e.node_id);
+            row.end_run(e.at);
+            row.started_at = Some(ts(e.at));
         }
         TaskEvent::Succeeded(e) => {
             row.state = TaskStatus::Succeeded;
@@ -191,6 +199,12 @@ pub fn apply_task(
             row.reason = Some(e.reason.clone());
             row.finished_at = Some(ts(e.at));
         }
+    }
+    if !matches!(
+        row.state,
+        TaskStatus::Running | TaskStatus::Disconnected | TaskStatus::Cancelling
+    ) {
+        row.end_run(event.at());
     }
     Ok(row)
 }
@@ -371,6 +385,29 @@ fn scrub_json(v: &mut serde_json::Value) {
 }
 
 impl TaskRow {
+    /// Its live run, if any, ended at `at`: the GPU time it used goes to
+    /// the months it spans.
+    fn end_run(&mut self, at: Millis) {
+        let Some(from) = self.started_at.take() else {
+            return;
+        };
+        let gpus = self.spec["resources"]["gpus"].as_u64().unwrap_or(0);
+        if gpus == 0 {
+            return;
+        }
+        let mut months = match self.gpu_ms.take() {
+            Some(serde_json::Value::Object(m)) => m,
+            _ => serde_json::Map::new(),
+        };
+        for (month, ms) in ud_core::edge::scheduler::quota::split(from.timestamp_millis(), at) {
+            let e = months
+                .entry(ud_core::edge::scheduler::quota::month_name(month))
+                .or_insert(0.into());
+            *e = (e.as_u64().unwrap_or(0) + ms * gpus).into();
+        }
+        self.gpu_ms = (!months.is_empty()).then_some(serde_json::Value::Object(months));
+    }
+
     pub(crate) fn scrub(&mut self) {
         for s in [&mut self.project, &mut self.submitted_by] {
             scrub(s);
@@ -448,7 +485,7 @@ mod agreement {
             resources: Resources {
                 cpu_millis: 1000,
                 memory_mb: 512,
-                gpus: 0,
+                gpus: 2,
                 gpu_model: None,
                 labels: BTreeMap::new(),
                 preferred_labels: BTreeMap::new(),
@@ -568,6 +605,8 @@ mod agreement {
             };
             let mut task: Option<Task> = None;
             let mut row: Option<TaskRow> = None;
+            // The scheduler's GPU time, folded as its view folds it.
+            let mut gpu_time = ud_core::edge::scheduler::quota::GpuTime::default();
             let mut seq = 0;
             let steps = std::iter::once(None).chain(kinds.iter().copied().map(Some));
             for (i, k) in steps.enumerate() {
@@ -582,6 +621,11 @@ mod agreement {
                 for e in &events {
                     seq += 1;
                     task = task::evolve(task, id, e);
+                    if let (TaskEvent::Started(s), Some(t)) = (e, &task) {
+                        gpu_time.start(id, &t.project, t.spec.resources.gpus, s.at);
+                    } else if task.as_ref().is_none_or(|t| t.state.live_node().is_none()) {
+                        gpu_time.stop(id, e.at());
+                    }
                     row = Some(apply_task(row, id, e, "user", seq).map_err(|e| TestCaseError::fail(e.to_string()))?);
                 }
                 let (Some(t), Some(r)) = (&task, &row) else { continue };
@@ -600,6 +644,13 @@ mod agreement {
                     TaskState::Failed { exit_code, .. } => prop_assert_eq!(r.exit_code, *exit_code),
                     TaskState::TimedOut | TaskState::Cancelled { .. } => {}
                 }
+            }
+            // The read model and the scheduler count the same GPU time.
+            if let Some(r) = &row {
+                let now = 1_000_000;
+                let closed: u64 = r.gpu_ms.as_ref().and_then(|m| m.as_object()).map_or(0, |m| m.values().filter_map(|v| v.as_u64()).sum());
+                let open = r.started_at.map_or(0, |s| u64::try_from(now - s.timestamp_millis()).unwrap_or(0) * 2);
+                prop_assert_eq!(closed + open, gpu_time.used("lab", now));
             }
         }
     }

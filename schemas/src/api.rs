@@ -342,6 +342,28 @@ pub struct QueueRecord {
     pub updated_at: i64,
 }
 
+/// A project's compute quota as the API stores it in the `ud_quotas`
+/// bucket (JSON; key: the project). Each limit absent: no limit.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+pub struct QuotaRecord {
+    /// Most tasks assigned or running at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tasks: Option<u32>,
+    /// Most CPU (in thousandths) its live tasks hold at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cpu_millis: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_memory_mb: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_gpus: Option<u32>,
+    /// GPU-hours its runs may use in a calendar month (UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_hours_per_month: Option<u32>,
+    pub updated_by: String,
+    /// Milliseconds since the epoch.
+    pub updated_at: i64,
+}
+
 /// A project secret as users see it: never its value.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
 pub struct SecretInfo {

@@ -40,6 +40,11 @@ pub const IDEMPOTENCY_BUCKET: &str = "ud_idempotency";
 /// value: JSON `{"priority", "max_running", "updated_by", "updated_at"}`),
 /// overriding `UD_QUEUES_FILE`; its history keeps the last 16 changes per queue.
 pub const QUEUES_BUCKET: &str = "ud_queues";
+/// Key-value bucket of compute quotas (key: project; value: JSON
+/// `{"max_tasks", "max_cpu_millis", "max_memory_mb", "max_gpus",
+/// "gpu_hours_per_month", "updated_by", "updated_at"}`, each limit absent
+/// for none); its history keeps the last 16 changes per project.
+pub const QUOTAS_BUCKET: &str = "ud_quotas";
 
 /// Key-value bucket of project secrets (key: `<project>.<NAME>`; value: CBOR
 /// `stored-secret`, the value encrypted with the main server's key). One

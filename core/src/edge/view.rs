@@ -9,6 +9,7 @@ use tracing::warn;
 use ud_schemas::codec::{self, EventEnvelope};
 use ud_schemas::{Event, NodeId, TaskId};
 
+use super::scheduler::quota::GpuTime;
 use super::{nats_err, EdgeError};
 use crate::follow::Next;
 use crate::node::{self, Liveness, Node};
@@ -34,6 +35,8 @@ pub struct TaskEntry {
 pub struct Cluster {
     pub nodes: HashMap<NodeId, NodeEntry>,
     pub tasks: HashMap<TaskId, TaskEntry>,
+    /// GPU time of runs per project and month, for GPU-hour quotas.
+    pub gpu_time: GpuTime,
 }
 
 /// One decoded message from a followed stream.
@@ -66,6 +69,14 @@ impl Cluster {
                     prev.as_ref().map(|p| p.queued_at),
                 );
                 if let Some(t) = task::evolve(prev.map(|p| p.task), *id, e) {
+                    match e {
+                        ud_schemas::TaskEvent::Started(s) => {
+                            self.gpu_time
+                                .start(*id, &t.project, t.spec.resources.gpus, s.at)
+                        }
+                        _ if t.state.live_node().is_none() => self.gpu_time.stop(*id, e.at()),
+                        _ => {}
+                    }
                     // Finished tasks hold no resources and need no decisions.
                     if !t.state.is_terminal() {
                         let was_pending = prev_state

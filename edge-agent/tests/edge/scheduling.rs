@@ -518,6 +518,59 @@ async fn a_queue_limit_set_through_the_api_applies_at_once() -> Result<()> {
 }
 
 #[tokio::test]
+async fn a_project_over_its_quota_waits_while_others_run_until_it_frees() -> Result<()> {
+    let mut s = Stack::start(Duration::from_secs(60)).await?;
+    let node = s.online_node("omicron").await?;
+    s.http
+        .put(format!("{}/api/v1/projects/lab/quota", s.base))
+        .bearer_auth(&s.admin)
+        .json(&json!({"max_cpu_millis": 500}))
+        .send()
+        .await?
+        .error_for_status()?;
+    let body = |project: &str, script: &str| {
+        task_body(project, script, json!({"cpus": 0.5, "memory_mb": 32}))
+    };
+    let first = s.submit_body(body("lab", "sleep 300")).await?;
+    s.task_state(&first, &["running"], Duration::from_secs(60))
+        .await?;
+    let second = s.submit_body(body("lab", "echo second")).await?;
+    s.task_until(
+        &second,
+        "the quota's reason",
+        Duration::from_secs(30),
+        |v| {
+            v["waiting_reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("project lab holds 0.5 of its quota of 0.5 CPUs"))
+        },
+    )
+    .await?;
+    // Another project's task has the node's room and runs meanwhile.
+    let other = s.submit_body(body("other", "echo other")).await?;
+    let done = s
+        .task_state(&other, &["succeeded", "failed"], Duration::from_secs(60))
+        .await?;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let quota = s.get("/api/v1/projects/lab/quota").await?;
+    assert_eq!(quota["usage"]["tasks"], 1, "{quota}");
+    assert_eq!(quota["usage"]["cpu_millis"], 500);
+    assert_eq!(
+        s.get(&format!("/api/v1/tasks/{second}")).await?["state"],
+        "pending"
+    );
+    // The first ends: the second goes.
+    s.post(&format!("/api/v1/tasks/{first}/cancel"), json!({}))
+        .await?;
+    let done = s
+        .task_state(&second, &["succeeded", "failed"], Duration::from_secs(60))
+        .await?;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    node.agent.abort();
+    Ok(())
+}
+
+#[tokio::test]
 async fn tasks_run_after_the_tasks_they_name() -> Result<()> {
     let mut s = Stack::start(Duration::from_secs(60)).await?;
     let node = s.online_node("xi").await?;

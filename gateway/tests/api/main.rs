@@ -7,6 +7,7 @@ mod common;
 mod files;
 mod health;
 mod live;
+mod quotas;
 mod schedules;
 mod secrets;
 mod stats;

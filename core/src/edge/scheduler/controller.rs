@@ -12,6 +12,7 @@ use ud_schemas::codec::EventMeta;
 use ud_schemas::{now_millis, streams, NodeId, TaskId};
 
 use super::plan::{self, Memory, Rules};
+use super::quota::{Quota, QuotaRecord, Quotas};
 use super::{Placement, QueueConfig, QueueRecord, Queues};
 use crate::aggregate::{Against, ExecuteError, Executed, Repository, Retries};
 use crate::commands::TaskCommands;
@@ -73,6 +74,8 @@ struct Controller {
     tasks: Repository<Task>,
     nodes: Repository<Node>,
     settings: ControllerSettings,
+    /// Compute quotas per project, as the `ud_quotas` bucket says.
+    quotas: Quotas,
     cluster: Cluster,
     /// Assigned by this instance (or being assigned), not yet seen back in
     /// the stream: not placed again, and counted against their node.
@@ -140,7 +143,7 @@ async fn write_verdicts(
 }
 
 /// How long the queue settings watch may be quiet before it is checked.
-const QUEUES_STALL_CHECK: Duration = Duration::from_secs(2);
+const WATCH_STALL_CHECK: Duration = Duration::from_secs(2);
 
 /// One dispatch to publish: the task and node it is for, its subject, the message.
 type Dispatch = ((TaskId, NodeId), String, PublishMessage);
@@ -269,6 +272,7 @@ impl Controller {
         let rules = Rules {
             placement: self.settings.placement,
             queues: &self.settings.queues,
+            quotas: &self.quotas,
             caught_up: self.caught_up(),
             now: now_millis(),
             ended: &self.ended,
@@ -634,13 +638,14 @@ impl Controller {
     }
 }
 
-/// Follows the `ud_queues` bucket (every queue's last value, then changes)
-/// and sends each queue's settings; binds again when the watch ends, or when
-/// it has gone quiet while the bucket changed (a hub reload can drop the
-/// watch's consumer without the client noticing for a while).
-async fn watch_queues(
+/// Follows a settings bucket (every key's last value, then changes) and
+/// sends each key's record (`None`: deleted); binds again when the watch
+/// ends, or when it has gone quiet while the bucket changed (a hub reload
+/// can drop the watch's consumer without the client noticing for a while).
+async fn watch_settings<R: serde::de::DeserializeOwned>(
     js: async_nats::jetstream::Context,
-    tx: mpsc::Sender<(String, Option<QueueConfig>)>,
+    bucket: &'static str,
+    tx: mpsc::Sender<(String, Option<R>)>,
 ) {
     use futures::StreamExt;
     // The bucket's last sequence when the watch was last bound anew for
@@ -648,7 +653,7 @@ async fn watch_queues(
     // never reaches it, and is not behind for that.
     let mut rebound_at = 0;
     loop {
-        let kv = js.get_key_value(streams::QUEUES_BUCKET).await.ok();
+        let kv = js.get_key_value(bucket).await.ok();
         let watch = match &kv {
             Some(kv) => kv.watch_with_history(">").await.ok(),
             None => None,
@@ -656,36 +661,32 @@ async fn watch_queues(
         if let (Some(kv), Some(mut entries)) = (kv, watch) {
             let mut seen = 0;
             loop {
-                let entry = match tokio::time::timeout(QUEUES_STALL_CHECK, entries.next()).await {
+                let entry = match tokio::time::timeout(WATCH_STALL_CHECK, entries.next()).await {
                     Ok(Some(Ok(entry))) => entry,
                     Ok(_) => break,
                     Err(_) => match kv.status().await {
                         Ok(s) if s.info.state.last_sequence > seen.max(rebound_at) => {
                             rebound_at = s.info.state.last_sequence;
-                            warn!("queue settings watch stalled; watching again");
+                            warn!(bucket, "settings watch stalled; watching again");
                             break;
                         }
                         _ => continue,
                     },
                 };
                 seen = entry.revision;
-                let config = match entry.operation {
+                let record = match entry.operation {
                     async_nats::jetstream::kv::Operation::Put => {
-                        match serde_json::from_slice::<QueueRecord>(&entry.value) {
-                            Ok(r) => Some(QueueConfig {
-                                priority: r.priority,
-                                max_running: r.max_running,
-                                lost_after_seconds: r.lost_after_seconds,
-                            }),
+                        match serde_json::from_slice::<R>(&entry.value) {
+                            Ok(r) => Some(r),
                             Err(e) => {
-                                warn!(queue = %entry.key, error = %e, "unreadable queue settings ignored");
+                                warn!(bucket, key = %entry.key, error = %e, "unreadable settings ignored");
                                 continue;
                             }
                         }
                     }
                     _ => None,
                 };
-                if tx.send((entry.key.clone(), config)).await.is_err() {
+                if tx.send((entry.key.clone(), record)).await.is_err() {
                     return;
                 }
             }
@@ -748,6 +749,7 @@ pub async fn run(commands: TaskCommands, settings: ControllerSettings) {
         tasks,
         nodes,
         settings,
+        quotas: Quotas::default(),
         cluster: Cluster::default(),
         inflight: HashMap::new(),
         memory: Memory::default(),
@@ -759,8 +761,10 @@ pub async fn run(commands: TaskCommands, settings: ControllerSettings) {
         lost: HashMap::new(),
         unstarted: HashMap::new(),
     };
-    let (queue_tx, mut queue_rx) = mpsc::channel(256);
-    tokio::spawn(watch_queues(js.clone(), queue_tx));
+    let (queue_tx, mut queue_rx) = mpsc::channel::<(String, Option<QueueRecord>)>(256);
+    tokio::spawn(watch_settings(js.clone(), streams::QUEUES_BUCKET, queue_tx));
+    let (quota_tx, mut quota_rx) = mpsc::channel::<(String, Option<QuotaRecord>)>(256);
+    tokio::spawn(watch_settings(js.clone(), streams::QUOTAS_BUCKET, quota_tx));
     let mut tick = tokio::time::interval(c.settings.check_interval);
     let mut resent = false;
     loop {
@@ -771,9 +775,22 @@ pub async fn run(commands: TaskCommands, settings: ControllerSettings) {
                     c.on_pass_news(more);
                 }
             }
-            Some((name, config)) = queue_rx.recv() => {
+            Some((name, record)) = queue_rx.recv() => {
+                let config = record.map(|r| QueueConfig {
+                    priority: r.priority,
+                    max_running: r.max_running,
+                    lost_after_seconds: r.lost_after_seconds,
+                });
                 info!(queue = %name, ?config, "queue settings changed");
                 c.settings.queues.set(&name, config);
+                c.wanted = true;
+            }
+            Some((project, record)) = quota_rx.recv() => {
+                let quota = record.as_ref().map(Quota::from);
+                info!(project = %project, ?quota, "quota changed");
+                c.quotas.set(&project, quota);
+                // Tasks waiting for the quota are told anew.
+                c.memory.waiting.retain(|_, kind| !kind.starts_with("quota "));
                 c.wanted = true;
             }
             u = rx.recv() => {
@@ -797,6 +814,7 @@ pub async fn run(commands: TaskCommands, settings: ControllerSettings) {
                 c.resend_overdue();
                 c.settle_stranded();
                 c.prune_ended();
+                c.cluster.gpu_time.prune(now_millis());
                 c.wanted = true;
             }
         }

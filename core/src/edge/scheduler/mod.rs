@@ -14,6 +14,7 @@ use crate::node::Node;
 mod controller;
 pub mod gpus;
 pub mod plan;
+pub mod quota;
 
 pub use controller::{run, ControllerSettings};
 

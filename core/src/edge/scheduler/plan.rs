@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use ud_schemas::spec::AfterWhen;
 use ud_schemas::{Millis, NodeId, Resources, TaskId, TaskStatus};
 
+use super::quota::{self, Held, Quotas};
 use super::{add, explain, fair_order, place, Placement, Queued, Queues, Unplaced, Usage};
 use crate::edge::view::Cluster;
 use crate::node::Node;
@@ -43,6 +44,8 @@ pub struct Plan {
 pub struct Rules<'a> {
     pub placement: Placement,
     pub queues: &'a Queues,
+    /// Compute quotas per project.
+    pub quotas: &'a Quotas,
     /// Whether the view holds every event stored before the controller
     /// started: until then, no task is judged unplaceable.
     pub caught_up: bool,
@@ -112,6 +115,7 @@ pub fn plan(
     let mut out = Plan::default();
     let mut live: HashMap<&str, usize> = HashMap::new();
     let mut queue_live: HashMap<String, u32> = HashMap::new();
+    let mut held: HashMap<&str, Held> = HashMap::new();
     for t in cluster
         .tasks
         .values()
@@ -119,8 +123,12 @@ pub fn plan(
     {
         *live.entry(t.task.project.as_str()).or_default() += 1;
         *queue_live.entry(t.task.spec.queue.clone()).or_default() += 1;
+        held.entry(t.task.project.as_str())
+            .or_default()
+            .add(&t.task.spec.resources);
     }
-    // Being placed, not yet seen back: they count against their queue too.
+    // Being placed, not yet seen back: they count against their queue and
+    // quota too.
     for id in inflight.keys() {
         if let Some(t) = cluster
             .tasks
@@ -128,6 +136,9 @@ pub fn plan(
             .filter(|t| t.task.state == TaskState::Pending)
         {
             *queue_live.entry(t.task.spec.queue.clone()).or_default() += 1;
+            held.entry(t.task.project.as_str())
+                .or_default()
+                .add(&t.task.spec.resources);
         }
     }
     let (mut verdicts, mut look_up) = (Vec::new(), Vec::new());
@@ -201,6 +212,20 @@ pub fn plan(
                 continue;
             }
         }
+        // A project at its quota places nothing more that would pass it.
+        let project = entry.task.project.as_str();
+        if let Some(q) = rules.quotas.get(project) {
+            let used = cluster.gpu_time.used(project, rules.now);
+            let now_held = held.get(project).copied().unwrap_or_default();
+            if let Some((kind, reason)) = quota::over(project, q, &now_held, &spec.resources, used)
+            {
+                if rules.caught_up && memory.waiting.get(&id) != Some(&kind) {
+                    memory.waiting.insert(id, kind);
+                    out.verdicts.push((id, TaskCommand::Wait { reason }));
+                }
+                continue;
+            }
+        }
         let Some((node, devices)) = place(
             online.iter().copied(),
             &usage,
@@ -233,6 +258,7 @@ pub fn plan(
         };
         add(&mut usage, node, spec, &devices);
         *queue_live.entry(spec.queue.clone()).or_default() += 1;
+        held.entry(project).or_default().add(&spec.resources);
         memory.serve_counter += 1;
         memory
             .served
@@ -319,7 +345,8 @@ mod tests {
             queues,
             caught_up: true,
             now: 10,
-            // Leaked: a test's few bytes, for a reference that lives as long as `queues`.
+            // Leaked: a test's few bytes, for references that live as long as `queues`.
+            quotas: Box::leak(Box::default()),
             ended: Box::leak(Box::default()),
         }
     }
@@ -453,6 +480,48 @@ mod tests {
         assert!(
             matches!(&p.verdicts[..], [(id, TaskCommand::Wait { reason })] if *id == tasks[1].id && reason.contains("limit of 1"))
         );
+    }
+
+    #[test]
+    fn a_project_at_its_quota_waits_while_others_run_and_runs_when_it_frees() {
+        let mut running = task("lab", 2, "default");
+        let n = node(8);
+        running.state = TaskState::Running {
+            node_id: n.id,
+            attempt: 1,
+        };
+        let (lab, other) = (task("lab", 2, "default"), task("other", 2, "default"));
+        let mut view = cluster(&[n], &[running.clone(), lab.clone(), other.clone()]);
+        let queues = Queues::default();
+        let mut quotas = super::quota::Quotas::default();
+        quotas.set(
+            "lab",
+            Some(super::quota::Quota {
+                max_cpu_millis: Some(3000),
+                ..Default::default()
+            }),
+        );
+        let r = Rules {
+            quotas: &quotas,
+            ..rules(&queues)
+        };
+        let mut memory = Memory::default();
+        let p = plan(&view, &HashMap::new(), &r, &mut memory);
+        assert_eq!(p.assign.iter().map(|a| a.0).collect::<Vec<_>>(), [other.id]);
+        assert!(
+            matches!(&p.verdicts[..], [(id, TaskCommand::Wait { reason })]
+                if *id == lab.id && reason.contains("holds 2 of its quota of 3 CPUs")),
+            "{:?}",
+            p.verdicts
+        );
+        // Told once, not again at every pass.
+        view.tasks.remove(&other.id);
+        let again = plan(&view, &HashMap::new(), &r, &mut memory);
+        assert_eq!(again, Plan::default());
+        // The running task ends: the waiting one goes.
+        view.tasks.remove(&running.id);
+        let p = plan(&view, &HashMap::new(), &r, &mut memory);
+        assert_eq!(p.assign.iter().map(|a| a.0).collect::<Vec<_>>(), [lab.id]);
     }
 
     #[test]
