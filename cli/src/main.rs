@@ -13,6 +13,7 @@ mod pipelines;
 mod quotas;
 mod schedules;
 mod serve;
+mod webhooks;
 
 use anyhow::Result;
 use clap::{CommandFactory, Parser, Subcommand};
@@ -67,6 +68,9 @@ enum Command {
     /// Compute quotas per project, and what each project uses.
     #[command(subcommand)]
     Quota(quotas::QuotaCommand),
+    /// A project's task events POSTed to a URL (Slack too), signed.
+    #[command(subcommand)]
+    Webhook(webhooks::WebhookCommand),
     /// API tokens.
     #[command(subcommand)]
     Token(client::TokenCommand),
@@ -162,6 +166,7 @@ async fn main() -> std::process::ExitCode {
                 Command::Project(c) => client::project(c).await,
                 Command::Queue(c) => client::queue(c).await,
                 Command::Quota(c) => quotas::run(c).await,
+                Command::Webhook(c) => webhooks::run(c).await,
                 Command::Token(c) => client::token(c).await,
                 Command::Secret(c) => client::secret(c).await,
                 Command::File(c) => files::run(c).await,

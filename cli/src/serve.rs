@@ -224,6 +224,10 @@ pub struct ServeArgs {
     /// Below this many free MiB on a watched disk, /readyz is down and the alert metric is 1.
     #[arg(long, env = "UD_DISK_MIN_FREE_MB", default_value_t = 5120)]
     pub disk_min_free_mb: u64,
+    /// Tries of one webhook delivery, the first included (1 s apart, then
+    /// doubling up to a minute).
+    #[arg(long, env = "UD_WEBHOOK_TRIES", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=50))]
+    pub webhook_tries: u16,
     /// JSON file of repository credentials per host, handed to nodes for their fetches only.
     #[arg(long, env = "UD_GIT_CREDENTIALS_FILE")]
     pub git_credentials_file: Option<std::path::PathBuf>,
@@ -337,6 +341,10 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             .transpose()
             .context("UD_SECRETS_KEY_FILE")?,
         sessions: session_settings(&args)?,
+        webhooks: ud_notify::deliver::Settings {
+            tries: usize::from(args.webhook_tries),
+            ..Default::default()
+        },
     })
     .await?;
     println!("UniDesk API listening on http://{}", running.addr);

@@ -1117,6 +1117,52 @@ async fn an_admin_sets_shows_and_resets_a_projects_quota() -> Result<()> {
 }
 
 #[tokio::test]
+async fn a_projects_webhook_is_made_listed_and_deleted_from_the_command_line() -> Result<()> {
+    let server = Server::start().await?;
+    let out = server.run(&[
+        "webhook",
+        "create",
+        "lab",
+        "chat",
+        "--url",
+        "ftp://example.org",
+        "--event",
+        "task.failed",
+    ])?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("url"), "{err}");
+    let made = server.ok(&[
+        "webhook",
+        "create",
+        "lab",
+        "chat",
+        "--url",
+        "https://hooks.example.org/x",
+        "--event",
+        "task.failed",
+        "--event",
+        "task.timed_out",
+        "--slack",
+    ])?;
+    assert!(made.contains("signing key (shown once): "), "{made}");
+    let table = server.ok(&["webhook", "ls", "lab"])?;
+    let row = table.lines().nth(1).unwrap_or_default();
+    assert!(
+        row.starts_with("chat ")
+            && row.contains("slack")
+            && row.contains("task.failed,task.timed_out"),
+        "{table}"
+    );
+    let log: serde_json::Value =
+        serde_json::from_str(&server.ok(&["webhook", "deliveries", "lab", "chat", "--json"])?)?;
+    assert_eq!(log, serde_json::json!([]));
+    server.ok(&["webhook", "delete", "lab", "chat"])?;
+    assert_eq!(server.ok(&["webhook", "ls", "lab"])?.lines().count(), 1);
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_pipeline_file_is_submitted_followed_and_cancelled() -> Result<()> {
     let server = Server::start().await?;
     let dir = tempfile::tempdir()?;

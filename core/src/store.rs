@@ -171,6 +171,17 @@ impl EventStore {
             })
             .await
             .map_err(unavailable)?;
+        self.js
+            .create_key_value(jetstream::kv::Config {
+                bucket: streams::WEBHOOKS_BUCKET.into(),
+                description: "<project>.<name> -> project webhook".into(),
+                history: 1,
+                num_replicas: replicas,
+                storage: jetstream::stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable)?;
         Ok(())
     }
 

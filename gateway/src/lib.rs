@@ -20,6 +20,7 @@ pub mod stats;
 pub mod tasks;
 pub mod tokens;
 pub mod ui;
+pub mod webhooks;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{delete, get, post};
@@ -129,6 +130,18 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/api/v1/queues/{queue}",
             axum::routing::put(queues::put).delete(queues::reset),
+        )
+        .route(
+            "/api/v1/projects/{project}/webhooks",
+            get(webhooks::list).post(webhooks::create),
+        )
+        .route(
+            "/api/v1/projects/{project}/webhooks/{name}",
+            delete(webhooks::delete),
+        )
+        .route(
+            "/api/v1/projects/{project}/webhooks/{name}/deliveries",
+            get(webhooks::deliveries),
         )
         .route("/api/v1/quotas", get(quotas::list))
         .route(

@@ -5,7 +5,7 @@ use utoipa::{Modify, OpenApi};
 
 use crate::{
     error, files, health, live, nodes, pipelines, queues, quotas, schedules, secrets, sessions,
-    stats, tasks, tokens,
+    stats, tasks, tokens, webhooks,
 };
 
 struct Bearer;
@@ -25,7 +25,7 @@ impl Modify for Bearer {
 #[openapi(
     info(title = "UniDesk API", description = "Submit and follow tasks on UniDesk compute nodes. Every call needs `Authorization: Bearer <token>`. Errors share one JSON shape (`ErrorBody`)."),
     paths(tasks::submit, tasks::list, tasks::get, tasks::history, tasks::cancel, tasks::rerun, tasks::priority, tasks::cancel_project, tasks::cancel_queue, tasks::logs, nodes::list, nodes::get, nodes::enroll, nodes::revoke, nodes::cordon, nodes::drain, nodes::resume, tokens::issue, tokens::revoke,
-        files::list, files::stores, files::download, files::start_upload, files::resume_upload, files::complete_upload, files::abort_upload, health::readyz, live::live, stats::stats, queues::list, queues::put, queues::reset, quotas::list, quotas::get, quotas::put, quotas::reset,
+        files::list, files::stores, files::download, files::start_upload, files::resume_upload, files::complete_upload, files::abort_upload, health::readyz, live::live, stats::stats, queues::list, queues::put, queues::reset, quotas::list, quotas::get, quotas::put, quotas::reset, webhooks::create, webhooks::list, webhooks::delete, webhooks::deliveries,
         secrets::put, secrets::delete, secrets::list, secrets::list_all,
         pipelines::submit, pipelines::list, pipelines::get, pipelines::cancel, pipelines::rerun,
         schedules::create, schedules::list, schedules::get, schedules::pause, schedules::resume, schedules::delete,
@@ -33,7 +33,7 @@ impl Modify for Bearer {
     components(schemas(error::ErrorBody, ud_core::validate::FieldError, ud_core::validate::ResourceRequest, ud_core::validate::RetryRequest,
         ud_schemas::spec::Resources, ud_schemas::spec::RetryPolicy, ud_schemas::spec::TaskInput, live::Hello, live::Follow, live::Outgoing)),
     modifiers(&Bearer),
-    tags((name = "tasks"), (name = "pipelines", description = "Steps, each a task, that run once the steps they need have ended"), (name = "schedules", description = "A task or pipeline submitted at the times of a cron expression in a time zone"), (name = "nodes"), (name = "tokens"), (name = "files"), (name = "queues"), (name = "quotas", description = "Compute a project's tasks may hold at once and GPU-hours a month; a task over its quota waits"), (name = "secrets", description = "Project secrets, write-only: tasks get them as environment variables"), (name = "health"), (name = "live", description = "One WebSocket with the events a token may see; resumes from a stream sequence"), (name = "sessions", description = "Interactive work on running tasks through their node's link: a session's own origin, exec, port forwarding"))
+    tags((name = "tasks"), (name = "pipelines", description = "Steps, each a task, that run once the steps they need have ended"), (name = "schedules", description = "A task or pipeline submitted at the times of a cron expression in a time zone"), (name = "nodes"), (name = "tokens"), (name = "files"), (name = "queues"), (name = "webhooks", description = "Task events POSTed to a project's URL, signed (UniDesk-Signature), tried again with backoff, each delivery logged"), (name = "quotas", description = "Compute a project's tasks may hold at once and GPU-hours a month; a task over its quota waits"), (name = "secrets", description = "Project secrets, write-only: tasks get them as environment variables"), (name = "health"), (name = "live", description = "One WebSocket with the events a token may see; resumes from a stream sequence"), (name = "sessions", description = "Interactive work on running tasks through their node's link: a session's own origin, exec, port forwarding"))
 )]
 struct ApiDoc;
 

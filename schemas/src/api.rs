@@ -364,6 +364,42 @@ pub struct QuotaRecord {
     pub updated_at: i64,
 }
 
+/// A project webhook as the `ud_webhooks` bucket holds it.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+pub struct WebhookRecord {
+    pub project: String,
+    pub name: String,
+    /// Where deliveries are POSTed (http or https).
+    pub url: String,
+    /// Event types delivered (`task.failed`, ...).
+    pub events: Vec<String>,
+    /// `json` (the event, signed) or `slack` (`{"text": ...}`, signed too).
+    pub format: String,
+    /// The key of the deliveries' HMAC signature, shown once at creation.
+    pub secret: String,
+    pub created_by: String,
+    /// Milliseconds since the epoch.
+    pub created_at: i64,
+}
+
+/// One delivery of an event to a webhook, as its log in `UD_WEBHOOK_LOG`
+/// keeps it (JSON).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+pub struct WebhookDelivery {
+    /// The event's id, also the delivery's `UniDesk-Delivery` header.
+    pub event_id: String,
+    pub event_type: String,
+    pub task_id: Option<String>,
+    /// `delivered`, or `failed` once every try failed.
+    pub outcome: String,
+    pub attempts: u32,
+    /// The receiver's last HTTP status, if it answered.
+    pub status: Option<u16>,
+    pub error: Option<String>,
+    /// Milliseconds since the epoch, when the delivery ended.
+    pub at: i64,
+}
+
 /// A project secret as users see it: never its value.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
 pub struct SecretInfo {

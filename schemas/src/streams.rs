@@ -34,6 +34,11 @@ pub const SCHEDULES: &str = "UD_SCHEDULES";
 pub const LOGS: &str = "UD_LOGS";
 /// Operational alerts (`ud.alert.>`), kept 90 days.
 pub const ALERTS: &str = "UD_ALERTS";
+/// Deliveries of project webhooks (`ud.webhook.<project>.<name>`), kept 7 days.
+pub const WEBHOOK_LOG: &str = "UD_WEBHOOK_LOG";
+/// Key-value bucket of project webhooks (key: `<project>.<name>`; value:
+/// JSON [`crate::api::WebhookRecord`]).
+pub const WEBHOOKS_BUCKET: &str = "ud_webhooks";
 /// Key-value bucket mapping (project, Idempotency-Key) to the task it created.
 pub const IDEMPOTENCY_BUCKET: &str = "ud_idempotency";
 /// Key-value bucket of queue settings made through the API (key: queue name;
@@ -149,9 +154,17 @@ pub fn alerts(replicas: usize) -> Config {
     }
 }
 
+pub fn webhook_log(replicas: usize) -> Config {
+    Config {
+        max_age: Duration::from_secs(7 * 24 * 3600),
+        ..base(WEBHOOK_LOG, vec!["ud.webhook.>".into()], replicas)
+    }
+}
+
 pub fn all(replicas: usize) -> Vec<Config> {
     vec![
         alerts(replicas),
+        webhook_log(replicas),
         tasks(replicas),
         nodes(replicas),
         heartbeats(replicas),

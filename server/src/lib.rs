@@ -41,6 +41,8 @@ pub struct ServerConfig {
     pub secrets: Option<ud_core::secrets::SecretKey>,
     /// Where sessions are served and the key their links are signed with.
     pub sessions: ud_gateway::sessions::SessionSettings,
+    /// How project webhooks are tried.
+    pub webhooks: ud_notify::deliver::Settings,
 }
 
 impl ServerConfig {
@@ -62,6 +64,7 @@ impl ServerConfig {
             restarts: Policy::default(),
             secrets: None,
             sessions: Default::default(),
+            webhooks: Default::default(),
         }
     }
 }
@@ -336,6 +339,11 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
     supervisor.spawn("schedules", policy, move |_| {
         let s = s.clone();
         async move { ud_core::schedule::runner::run(s).await.map_err(failed) }
+    });
+    let (s, hooks) = (store.clone(), cfg.webhooks.clone());
+    supervisor.spawn("webhooks", policy, move |_| {
+        let (s, hooks) = (s.clone(), hooks.clone());
+        async move { ud_notify::deliver::run(s, hooks).await.map_err(failed) }
     });
     if let Some(edge) = &cfg.edge {
         if let Some(hub) = edge.hub.clone() {

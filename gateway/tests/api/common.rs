@@ -117,6 +117,28 @@ impl Stack {
         Ok(v["token"].as_str().unwrap_or_default().to_owned())
     }
 
+    /// Runs a command against a task as a node would, then waits until the
+    /// read model has it.
+    pub async fn node_says(
+        &self,
+        id: ud_schemas::TaskId,
+        command: ud_core::task::TaskCommand,
+    ) -> Result<()> {
+        let done = self
+            .server
+            .state
+            .commands
+            .execute(id, command, "node", |_| true)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        self.server
+            .state
+            .projected
+            .wait(streams::TASKS, done.seq, std::time::Duration::from_secs(10))
+            .await;
+        Ok(())
+    }
+
     pub async fn tasks_in_stream(&self) -> Result<u64> {
         Ok(self
             .server

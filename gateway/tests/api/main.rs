@@ -13,3 +13,4 @@ mod secrets;
 mod stats;
 mod tasks;
 mod tokens;
+mod webhooks;

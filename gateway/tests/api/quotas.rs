@@ -1,35 +1,15 @@
 //! Compute quotas: set by admins, refused field by field when bad, shown
 //! with what each project's tasks hold and the GPU-hours they used.
 
-use std::time::Duration;
-
 use anyhow::Result;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use ud_core::task::TaskCommand;
-use ud_schemas::{streams, NodeId, TaskId};
+use ud_schemas::{NodeId, TaskId};
 
 use crate::common::{task, Stack};
 
 impl Stack {
-    /// Runs a command against a task as a node would, then waits until the
-    /// read model has it.
-    async fn node_says(&self, id: TaskId, command: TaskCommand) -> Result<()> {
-        let done = self
-            .server
-            .state
-            .commands
-            .execute(id, command, "node", |_| true)
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        self.server
-            .state
-            .projected
-            .wait(streams::TASKS, done.seq, Duration::from_secs(10))
-            .await;
-        Ok(())
-    }
-
     async fn quota(&self, token: &str, project: &str) -> Result<(StatusCode, Value)> {
         let resp = self
             .http

@@ -1,0 +1,248 @@
+//! `/api/v1/projects/{project}/webhooks`: the task events a project wants
+//! POSTed to its URL (the `ud_webhooks` bucket), and each delivery's log
+//! (`UD_WEBHOOK_LOG`). Deliveries are made by the main servers' webhook
+//! service (`ud-notify`).
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use ud_schemas::api::{WebhookDelivery, WebhookRecord};
+use ud_schemas::streams;
+use utoipa::ToSchema;
+
+use crate::auth::Caller;
+use crate::body::JsonBody;
+use crate::error::{ApiError, ErrorBody};
+use crate::AppState;
+
+#[derive(Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewWebhook {
+    /// 1-63 of a-z, 0-9, - and _; unique in the project.
+    pub name: String,
+    /// Where deliveries are POSTed: http or https.
+    pub url: String,
+    /// Event types to deliver: task.succeeded, task.failed, task.timed_out,
+    /// task.cancelled, task.lost, task.retrying.
+    pub events: Vec<String>,
+    /// `json` (default: the event with its task) or `slack` (`{"text": ...}`
+    /// for a Slack-compatible incoming webhook).
+    #[serde(default)]
+    pub format: Option<String>,
+}
+
+/// A webhook as listed: never its key.
+#[derive(Deserialize, Serialize, ToSchema)]
+pub struct WebhookView {
+    pub project: String,
+    pub name: String,
+    pub url: String,
+    pub events: Vec<String>,
+    pub format: String,
+    pub created_by: String,
+    /// Milliseconds since the epoch.
+    pub created_at: i64,
+}
+
+/// A webhook just made, with the key of its signatures: shown this once.
+#[derive(Deserialize, Serialize, ToSchema)]
+pub struct WebhookCreated {
+    #[serde(flatten)]
+    pub webhook: WebhookView,
+    /// Verify `UniDesk-Signature: t=<unix seconds>,v1=<hex>`: the hex is
+    /// HMAC-SHA256 under this key of `<t>.<body>`.
+    pub secret: String,
+}
+
+impl From<&WebhookRecord> for WebhookView {
+    fn from(r: &WebhookRecord) -> Self {
+        Self {
+            project: r.project.clone(),
+            name: r.name.clone(),
+            url: r.url.clone(),
+            events: r.events.clone(),
+            format: r.format.clone(),
+            created_by: r.created_by.clone(),
+            created_at: r.created_at,
+        }
+    }
+}
+
+fn project_of(caller: &Caller, project: &str) -> Result<String, ApiError> {
+    match project.parse::<ud_schemas::ProjectId>() {
+        Ok(p) if caller.may_see(project) => Ok(p.to_string()),
+        _ => Err(ApiError::not_found("project")),
+    }
+}
+
+async fn bucket(state: &AppState) -> Result<async_nats::jetstream::kv::Store, ApiError> {
+    state
+        .commands
+        .store()
+        .jetstream()
+        .get_key_value(streams::WEBHOOKS_BUCKET)
+        .await
+        .map_err(ApiError::unavailable)
+}
+
+async fn records(
+    kv: &async_nats::jetstream::kv::Store,
+    project: &str,
+) -> Result<Vec<WebhookRecord>, ApiError> {
+    let prefix = format!("{project}.");
+    let mut keys = kv.keys().await.map_err(ApiError::unavailable)?;
+    let mut names = Vec::new();
+    while let Some(k) = keys.next().await {
+        let k = k.map_err(ApiError::unavailable)?;
+        if k.starts_with(&prefix) {
+            names.push(k);
+        }
+    }
+    names.sort();
+    let mut out = Vec::new();
+    for k in names {
+        if let Some(v) = kv.get(&k).await.map_err(ApiError::unavailable)? {
+            if let Ok(r) = serde_json::from_slice::<WebhookRecord>(&v) {
+                out.push(r);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Make a webhook of the project: the key of its signatures is in the
+/// answer, and only there.
+#[utoipa::path(post, path = "/api/v1/projects/{project}/webhooks", tag = "webhooks",
+    params(("project" = String, Path)), request_body = NewWebhook,
+    responses((status = 201, body = WebhookCreated), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(project): Path<String>,
+    JsonBody(req): JsonBody<NewWebhook>,
+) -> Result<(StatusCode, Json<WebhookCreated>), ApiError> {
+    let project = project_of(&caller, &project)?;
+    let format = req.format.unwrap_or_else(|| "json".into());
+    let bad = ud_notify::validate(&req.name, &req.url, &req.events, &format);
+    if !bad.is_empty() {
+        return Err(ApiError::fields(bad));
+    }
+    let mut events = req.events;
+    events.sort();
+    events.dedup();
+    let record = WebhookRecord {
+        project: project.clone(),
+        name: req.name.clone(),
+        url: req.url,
+        events,
+        format,
+        secret: ud_notify::sign::new_secret(),
+        created_by: caller.actor(),
+        created_at: ud_schemas::now_millis(),
+    };
+    let value = serde_json::to_vec(&record).map_err(|e| ApiError::unavailable(e.to_string()))?;
+    bucket(&state)
+        .await?
+        .create(format!("{project}.{}", req.name), value.into())
+        .await
+        .map_err(|e| match e.kind() {
+            async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("project {project} has a webhook named {} already", req.name),
+            ),
+            _ => ApiError::unavailable(e),
+        })?;
+    Ok((
+        StatusCode::CREATED,
+        Json(WebhookCreated {
+            webhook: WebhookView::from(&record),
+            secret: record.secret,
+        }),
+    ))
+}
+
+/// The project's webhooks.
+#[utoipa::path(get, path = "/api/v1/projects/{project}/webhooks", tag = "webhooks",
+    params(("project" = String, Path)),
+    responses((status = 200, body = [WebhookView]), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(project): Path<String>,
+) -> Result<Json<Vec<WebhookView>>, ApiError> {
+    let project = project_of(&caller, &project)?;
+    let found = records(&bucket(&state).await?, &project).await?;
+    Ok(Json(found.iter().map(WebhookView::from).collect()))
+}
+
+/// Stop delivering to a webhook (its log stays for its 7 days).
+#[utoipa::path(delete, path = "/api/v1/projects/{project}/webhooks/{name}", tag = "webhooks",
+    params(("project" = String, Path), ("name" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn delete(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((project, name)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let project = project_of(&caller, &project)?;
+    let kv = bucket(&state).await?;
+    let key = format!("{project}.{name}");
+    if kv.get(&key).await.map_err(ApiError::unavailable)?.is_none() {
+        return Err(ApiError::not_found("webhook"));
+    }
+    kv.purge(&key).await.map_err(ApiError::unavailable)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The webhook's deliveries of the last 7 days, newest first (at most 100).
+#[utoipa::path(get, path = "/api/v1/projects/{project}/webhooks/{name}/deliveries", tag = "webhooks",
+    params(("project" = String, Path), ("name" = String, Path)),
+    responses((status = 200, body = [WebhookDelivery]), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn deliveries(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((project, name)): Path<(String, String)>,
+) -> Result<Json<Vec<WebhookDelivery>>, ApiError> {
+    use async_nats::jetstream::consumer;
+    let project = project_of(&caller, &project)?;
+    if name.contains(['.', '*', '>', ' ']) || name.is_empty() {
+        return Err(ApiError::not_found("webhook"));
+    }
+    let js = state.commands.store().jetstream();
+    let stream = js
+        .get_stream(streams::WEBHOOK_LOG)
+        .await
+        .map_err(ApiError::unavailable)?;
+    let c = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: ud_notify::deliver::log_subject(&project, &name),
+            ..Default::default()
+        })
+        .await
+        .map_err(ApiError::unavailable)?;
+    let mut pending = c.cached_info().num_pending;
+    let mut out = std::collections::VecDeque::new();
+    if pending > 0 {
+        let mut messages = c.messages().await.map_err(ApiError::unavailable)?;
+        while pending > 0 {
+            let Some(m) = messages.next().await else {
+                break;
+            };
+            let m = m.map_err(ApiError::unavailable)?;
+            pending = m.info().map(|i| i.pending).unwrap_or(0);
+            if let Ok(d) = serde_json::from_slice::<WebhookDelivery>(&m.payload) {
+                out.push_front(d);
+                out.truncate(100);
+            }
+        }
+    }
+    Ok(Json(out.into_iter().collect()))
+}

@@ -1,0 +1,250 @@
+//! Project webhooks: refused field by field when bad, delivered signed,
+//! tried again when the receiver fails, each delivery logged.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use reqwest::StatusCode as Status;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use ud_core::task::TaskCommand;
+use ud_schemas::{NodeId, TaskId};
+
+use crate::common::{task, Stack};
+
+/// What a receiver got: its path, headers and body.
+type Got = (String, HeaderMap, Vec<u8>);
+
+/// A receiver on 127.0.0.1 that fails the first request to `/ci` (500)
+/// and takes every other.
+async fn receiver() -> Result<(String, mpsc::UnboundedReceiver<Got>)> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let failed_once = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let app = axum::Router::new()
+        .route(
+            "/{path}",
+            axum::routing::post(
+                |State((tx, failed)): State<(
+                    mpsc::UnboundedSender<Got>,
+                    Arc<std::sync::atomic::AtomicBool>,
+                )>,
+                 Path(path): Path<String>,
+                 headers: HeaderMap,
+                 body: axum::body::Bytes| async move {
+                    let _ = tx.send((path.clone(), headers, body.to_vec()));
+                    if path == "ci" && !failed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                        StatusCode::INTERNAL_SERVER_ERROR
+                    } else {
+                        StatusCode::NO_CONTENT
+                    }
+                },
+            ),
+        )
+        .with_state((tx, failed_once));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((base, rx))
+}
+
+#[tokio::test]
+async fn webhooks_are_refused_by_field_delivered_signed_retried_and_logged() -> Result<()> {
+    let s = Stack::start().await?;
+    let lab = s.token(&["lab"]).await?;
+    let other = s.token(&["other"]).await?;
+    let (base, mut got) = receiver().await?;
+    let create = |token: String, body: Value| {
+        let (http, url) = (s.http.clone(), s.url("/api/v1/projects/lab/webhooks"));
+        async move { anyhow::Ok(http.post(url).bearer_auth(token).json(&body).send().await?) }
+    };
+
+    // Bad input: every bad field named, nothing stored.
+    let resp = create(
+        lab.clone(),
+        json!({"name": "Bad!", "url": "ftp://example.org/x", "events": ["task.exploded"], "format": "xml"}),
+    )
+    .await?;
+    assert_eq!(resp.status(), Status::BAD_REQUEST);
+    let v: Value = resp.json().await?;
+    let fields: Vec<&str> = v["fields"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f["field"].as_str())
+        .collect();
+    assert_eq!(fields, ["name", "url", "events", "format"], "{v}");
+    let resp = create(
+        other.clone(),
+        json!({"name": "x", "url": base, "events": ["task.failed"]}),
+    )
+    .await?;
+    assert_eq!(resp.status(), Status::NOT_FOUND);
+    let list: Value = s
+        .http
+        .get(s.url("/api/v1/projects/lab/webhooks"))
+        .bearer_auth(&lab)
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(list, json!([]));
+
+    // Two webhooks on failures: the event itself, and a Slack line.
+    let resp = create(
+        lab.clone(),
+        json!({"name": "ci", "url": format!("{base}/ci"), "events": ["task.failed"]}),
+    )
+    .await?;
+    assert_eq!(resp.status(), Status::CREATED);
+    let ci: Value = resp.json().await?;
+    let secret = ci["secret"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(secret.len(), 64, "{ci}");
+    let resp = create(
+        lab.clone(),
+        json!({"name": "ci", "url": format!("{base}/ci"), "events": ["task.failed"]}),
+    )
+    .await?;
+    assert_eq!(resp.status(), Status::CONFLICT);
+    let resp = create(
+        lab.clone(),
+        json!({"name": "chat", "url": format!("{base}/chat"), "events": ["task.failed", "task.succeeded"], "format": "slack"}),
+    )
+    .await?;
+    assert_eq!(resp.status(), Status::CREATED);
+
+    // A task fails (as a node would say).
+    let mut body = task("lab");
+    body["retry"] = json!({"max_attempts": 1});
+    let v: Value = s
+        .http
+        .post(s.url("/api/v1/tasks?wait=projected"))
+        .bearer_auth(&lab)
+        .json(&body)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let id: TaskId = v["task_id"].as_str().unwrap_or_default().parse()?;
+    let node = NodeId::new();
+    for command in [
+        TaskCommand::Assign {
+            node_id: node,
+            gpus: vec![],
+        },
+        TaskCommand::Start {
+            node_id: node,
+            attempt: 1,
+        },
+        TaskCommand::Fail {
+            node_id: node,
+            exit_code: Some(3),
+            reason: "exited with 3".into(),
+            attempt: Some(1),
+        },
+    ] {
+        s.node_says(id, command).await?;
+    }
+
+    // `/ci` refused the first try: three requests in all.
+    let mut by_path: std::collections::BTreeMap<String, Vec<(HeaderMap, Vec<u8>)>> =
+        Default::default();
+    for _ in 0..3 {
+        let (path, headers, body) = tokio::time::timeout(Duration::from_secs(30), got.recv())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("the receiver stopped"))?;
+        by_path.entry(path).or_default().push((headers, body));
+    }
+    let tries = &by_path["ci"];
+    assert_eq!(tries.len(), 2);
+    let delivery = |h: &HeaderMap, k: &str| {
+        h.get(k)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(
+        delivery(&tries[0].0, "UniDesk-Delivery"),
+        delivery(&tries[1].0, "UniDesk-Delivery")
+    );
+    assert_eq!(delivery(&tries[1].0, "UniDesk-Event"), "task.failed");
+    let now = ud_schemas::now_millis() / 1000;
+    let signature = delivery(&tries[1].0, "UniDesk-Signature");
+    assert!(
+        ud_notify::sign::verify(&secret, &signature, &tries[1].1, now, 300),
+        "{signature}"
+    );
+    assert!(!ud_notify::sign::verify(
+        "another key",
+        &signature,
+        &tries[1].1,
+        now,
+        300
+    ));
+    let event: Value = serde_json::from_slice(&tries[1].1)?;
+    assert_eq!(event["type"], "task.failed");
+    assert_eq!(event["task_id"], id.to_string());
+    assert_eq!(event["project"], "lab");
+    assert_eq!(event["data"]["reason"], "exited with 3");
+    let chat: Value = serde_json::from_slice(&by_path["chat"][0].1)?;
+    assert_eq!(
+        chat["text"],
+        format!("UniDesk: task train ({id}) in project lab failed: exited with 3")
+    );
+
+    // The log says how it went.
+    let log = loop {
+        let log: Value = s
+            .http
+            .get(s.url("/api/v1/projects/lab/webhooks/ci/deliveries"))
+            .bearer_auth(&lab)
+            .send()
+            .await?
+            .json()
+            .await?;
+        if log.as_array().is_some_and(|l| !l.is_empty()) {
+            break log;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(log[0]["outcome"], "delivered", "{log}");
+    assert_eq!(log[0]["attempts"], 2);
+    assert_eq!(log[0]["status"], 204);
+    assert_eq!(log[0]["task_id"], id.to_string());
+
+    // Deleted: listed no more; another project cannot touch it.
+    let resp = s
+        .http
+        .delete(s.url("/api/v1/projects/lab/webhooks/ci"))
+        .bearer_auth(&other)
+        .send()
+        .await?;
+    assert_eq!(resp.status(), Status::NOT_FOUND);
+    let resp = s
+        .http
+        .delete(s.url("/api/v1/projects/lab/webhooks/ci"))
+        .bearer_auth(&lab)
+        .send()
+        .await?;
+    assert_eq!(resp.status(), Status::NO_CONTENT);
+    let list: Value = s
+        .http
+        .get(s.url("/api/v1/projects/lab/webhooks"))
+        .bearer_auth(&lab)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let names: Vec<&str> = list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|w| w["name"].as_str())
+        .collect();
+    assert_eq!(names, ["chat"]);
+    assert!(list[0].get("secret").is_none());
+    Ok(())
+}

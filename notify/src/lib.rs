@@ -1,0 +1,169 @@
+//! Project webhooks: the task events a project chose, POSTed to its URL,
+//! signed with a key of the webhook's own, tried again with backoff, and
+//! each delivery logged. Read from the task stream through a durable
+//! consumer, so a delivery due when a main server stops is made after it
+//! (at least once).
+
+pub mod deliver;
+pub mod sign;
+
+use serde_json::{json, Value};
+use ud_schemas::api::{FieldError, WebhookRecord};
+
+/// The event types a webhook may ask for.
+pub const EVENTS: [&str; 6] = [
+    "task.succeeded",
+    "task.failed",
+    "task.timed_out",
+    "task.cancelled",
+    "task.lost",
+    "task.retrying",
+];
+
+/// The formats a webhook's body may take.
+pub const FORMATS: [&str; 2] = ["json", "slack"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum NotifyError {
+    #[error("nats: {0}")]
+    Nats(String),
+    #[error("store: {0}")]
+    Store(#[from] ud_core::store::StoreError),
+}
+
+pub(crate) fn nats(e: impl std::fmt::Display) -> NotifyError {
+    NotifyError::Nats(e.to_string())
+}
+
+/// Every field of a new webhook that is not acceptable.
+pub fn validate(name: &str, url: &str, events: &[String], format: &str) -> Vec<FieldError> {
+    let mut bad = Vec::new();
+    let name_ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if !name_ok {
+        bad.push(FieldError::new("name", "1-63 of a-z, 0-9, - and _"));
+    }
+    let scheme_ok = url
+        .split_once("://")
+        .is_some_and(|(scheme, rest)| matches!(scheme, "http" | "https") && !rest.is_empty());
+    if !scheme_ok || url.len() > 2048 || url.chars().any(char::is_whitespace) {
+        bad.push(FieldError::new("url", "must be an http or https URL"));
+    }
+    if events.is_empty() {
+        bad.push(FieldError::new(
+            "events",
+            format!("name at least one of {}", EVENTS.join(", ")),
+        ));
+    } else if let Some(e) = events.iter().find(|e| !EVENTS.contains(&e.as_str())) {
+        bad.push(FieldError::new(
+            "events",
+            format!("{e} is not one of {}", EVENTS.join(", ")),
+        ));
+    }
+    if !FORMATS.contains(&format) {
+        bad.push(FieldError::new("format", "json or slack"));
+    }
+    bad
+}
+
+/// What happened, as a delivery carries it.
+#[derive(Clone, Debug)]
+pub struct Happened {
+    pub event_id: String,
+    pub event_type: String,
+    pub seq: u64,
+    pub task_id: String,
+    pub task_name: Option<String>,
+    pub project: String,
+    /// The event's fields as JSON.
+    pub data: Value,
+}
+
+/// The body POSTed to `hook` for what happened.
+pub fn body(hook: &WebhookRecord, h: &Happened) -> Vec<u8> {
+    let v = if hook.format == "slack" {
+        let what = h.event_type.trim_start_matches("task.").replace('_', " ");
+        let name = h.task_name.as_deref().unwrap_or("(unnamed)");
+        let why = h
+            .data
+            .get("reason")
+            .and_then(Value::as_str)
+            .map(|r| format!(": {r}"))
+            .unwrap_or_default();
+        json!({
+            "text": format!("UniDesk: task {name} ({}) in project {} {what}{why}", h.task_id, h.project)
+        })
+    } else {
+        json!({
+            "id": h.event_id,
+            "type": h.event_type,
+            "seq": h.seq,
+            "project": h.project,
+            "task_id": h.task_id,
+            "task_name": h.task_name,
+            "webhook": hook.name,
+            "data": h.data,
+        })
+    };
+    serde_json::to_vec(&v).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hook(format: &str) -> WebhookRecord {
+        WebhookRecord {
+            project: "lab".into(),
+            name: "ci".into(),
+            url: "https://hooks.example.org/x".into(),
+            events: vec!["task.failed".into()],
+            format: format.into(),
+            secret: "s".into(),
+            created_by: "token:a".into(),
+            created_at: 1,
+        }
+    }
+
+    fn happened() -> Happened {
+        Happened {
+            event_id: "e1".into(),
+            event_type: "task.timed_out".into(),
+            seq: 9,
+            task_id: "t1".into(),
+            task_name: Some("train".into()),
+            project: "lab".into(),
+            data: json!({"at": 5, "reason": "ran past 60 s"}),
+        }
+    }
+
+    #[test]
+    fn bad_fields_are_named_each() {
+        let ok = validate("ci", "https://x.org/h", &["task.failed".into()], "json");
+        assert!(ok.is_empty(), "{ok:?}");
+        let bad = validate("CI!", "ftp://x.org", &["task.exploded".into()], "xml");
+        let fields: Vec<&str> = bad.iter().map(|f| f.field.as_str()).collect();
+        assert_eq!(fields, ["name", "url", "events", "format"]);
+        assert!(bad[2].reason.contains("task.exploded"));
+        assert_eq!(validate("ci", "http://", &[], "json").len(), 2);
+        assert!(validate("ci", "http://a b", &["task.lost".into()], "json")[0].field == "url");
+    }
+
+    #[test]
+    fn a_slack_body_says_what_happened_in_one_line() {
+        let v: Value =
+            serde_json::from_slice(&body(&hook("slack"), &happened())).unwrap_or_default();
+        assert_eq!(
+            v["text"],
+            "UniDesk: task train (t1) in project lab timed out: ran past 60 s"
+        );
+        let v: Value =
+            serde_json::from_slice(&body(&hook("json"), &happened())).unwrap_or_default();
+        assert_eq!(v["type"], "task.timed_out");
+        assert_eq!(v["data"]["reason"], "ran past 60 s");
+        assert_eq!(v["webhook"], "ci");
+    }
+}
