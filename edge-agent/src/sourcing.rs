@@ -1,4 +1,6 @@
-//! Keeps the hub taking this node's reports: when they wait in the node's
+//! Keeps the hub taking this node's reports: the hub sources a node's
+//! stream once the node asks (at its first start, with its consumer made);
+//! when they wait in the node's
 //! stream with nobody on the hub's side bound to its source consumer (or
 //! nothing acknowledged for long), the agent asks the main server to set up
 //! the hub's source of the stream again, instead of waiting for
@@ -18,7 +20,14 @@ use crate::requests::Requests;
 pub const CHECK_EVERY: Duration = Duration::from_secs(3);
 
 /// Checks in a row with reports waiting and nobody bound before it asks.
-const UNBOUND_CHECKS: u32 = 2;
+/// (nats-server binds a late node on its own once its consumer answers:
+/// within a few seconds of the link, unless a first ask was refused.)
+const UNBOUND_CHECKS: u32 = 3;
+
+/// Checks after the hub set the source up again before the agent counts
+/// anew: the hub keeps the source out for a few seconds, then nats-server
+/// binds it; an ask meanwhile would only start it over.
+const AFTER_RESTART_CHECKS: u32 = 7;
 
 /// Checks in a row with reports waiting and the acknowledged floor still
 /// before it asks (bound, but nothing taken for 15 s).
@@ -30,6 +39,8 @@ pub struct Watch {
     unbound: u32,
     stuck: u32,
     floor: Option<u64>,
+    /// Checks left before counting again after a restart.
+    quiet: u32,
 }
 
 /// One look at the source consumer.
@@ -51,6 +62,10 @@ impl Watch {
     pub fn observe(&mut self, seen: Seen) -> bool {
         let moved = self.floor != Some(seen.floor);
         self.floor = Some(seen.floor);
+        if self.quiet > 0 {
+            self.quiet -= 1;
+            return false;
+        }
         if seen.waiting == 0 {
             self.unbound = 0;
             self.stuck = 0;
@@ -61,10 +76,12 @@ impl Watch {
         self.unbound >= UNBOUND_CHECKS || self.stuck >= STUCK_CHECKS
     }
 
-    /// The hub set the source up again: counted afresh.
+    /// The hub set the source up again: counted afresh once it had time
+    /// to bind.
     pub fn restarted(&mut self) {
         self.unbound = 0;
         self.stuck = 0;
+        self.quiet = AFTER_RESTART_CHECKS;
     }
 }
 
@@ -81,9 +98,38 @@ async fn look(local: &jetstream::Context, node: &NodeId) -> Option<Seen> {
     })
 }
 
-/// Watches the source consumer for as long as the agent runs.
+/// Asks the hub to source this node's stream (to set its source up again,
+/// or, the first time, to add it).
+async fn ask(requests: &Requests, node: &NodeId, seen: Seen, watch: &mut Watch) {
+    let asked = SourcingStalled {
+        pending: seen.waiting,
+        bound: seen.bound,
+    };
+    match requests.sourcing(&asked).await {
+        Ok(r) if r.restarted => {
+            info!(node_id = %node, waiting = seen.waiting, "the hub set up its source of this node again");
+            watch.restarted();
+        }
+        Ok(r) => {
+            debug!(node_id = %node, reason = ?r.reason, "the hub left its source as it is")
+        }
+        Err(e) => {
+            debug!(node_id = %node, error = %e, "cannot ask the main server about sourcing")
+        }
+    }
+}
+
+/// Watches the source consumer for as long as the agent runs. A consumer
+/// nobody is bound to at the start (a node joining) is asked for at once:
+/// the hub adds a node's source only when the node has its consumer.
 pub async fn keep(local: jetstream::Context, node: NodeId, requests: Requests) {
     let mut watch = Watch::default();
+    if let Some(seen) = look(&local, &node).await {
+        if !seen.bound {
+            info!(node_id = %node, waiting = seen.waiting, "asking the hub to source this node");
+            ask(&requests, &node, seen, &mut watch).await;
+        }
+    }
     let mut tick = tokio::time::interval(CHECK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -102,22 +148,7 @@ pub async fn keep(local: jetstream::Context, node: NodeId, requests: Requests) {
             acknowledged = seen.floor,
             "reports wait in this node's stream; asking the hub for its source"
         );
-        let asked = SourcingStalled {
-            pending: seen.waiting,
-            bound: seen.bound,
-        };
-        match requests.sourcing(&asked).await {
-            Ok(r) if r.restarted => {
-                info!(node_id = %node, waiting = seen.waiting, "the hub set up its source of this node again");
-                watch.restarted();
-            }
-            Ok(r) => {
-                debug!(node_id = %node, reason = ?r.reason, "the hub left its source as it is")
-            }
-            Err(e) => {
-                debug!(node_id = %node, error = %e, "cannot ask the main server about sourcing")
-            }
-        }
+        ask(&requests, &node, seen, &mut watch).await;
     }
 }
 
@@ -135,13 +166,22 @@ mod tests {
     }
 
     #[test]
-    fn reports_waiting_with_nobody_bound_ask_on_the_second_look() {
+    fn reports_waiting_with_nobody_bound_ask_on_the_third_look() {
         let mut w = Watch::default();
         assert!(!w.observe(seen(1, false, 0)));
-        assert!(w.observe(seen(1, false, 0)));
-        // Asked and answered: counted afresh.
-        w.restarted();
         assert!(!w.observe(seen(1, false, 0)));
+        assert!(w.observe(seen(1, false, 0)));
+        // Asked and answered: left alone while the hub binds it, then
+        // counted afresh.
+        w.restarted();
+        for _ in 0..AFTER_RESTART_CHECKS + UNBOUND_CHECKS - 1 {
+            assert!(!w.observe(seen(1, false, 0)));
+        }
+        assert!(w.observe(seen(1, false, 0)));
+        w.restarted();
+        for _ in 0..AFTER_RESTART_CHECKS {
+            assert!(!w.observe(seen(1, false, 0)));
+        }
         // The hub binds and takes them: nothing to ask.
         assert!(!w.observe(seen(1, true, 0)));
         assert!(!w.observe(seen(0, true, 1)));

@@ -162,6 +162,9 @@ impl NatsServer {
         if self.options.accounts.is_some() {
             text.push_str("include \"accounts.conf\"\n");
         }
+        if std::env::var_os("UD_TEST_NATS_DEBUG").is_some() {
+            text.push_str("debug: true\n");
+        }
         text.push_str(&self.options.extra);
         text.push('\n');
         text

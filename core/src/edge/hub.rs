@@ -154,6 +154,27 @@ async fn close_leaf_links(settings: &HubSettings, keep: usize) -> Result<(), Edg
 /// Nodes whose dispatch consumer is known to exist on the hub.
 type Consumers = std::collections::HashSet<NodeId>;
 
+/// Which enrolled nodes' streams `UD_EDGE_IN` sources: those that joined
+/// (registered once, or asked for their source), less those out of it for
+/// a moment while set up again.
+///
+/// A node's source is added when the node asks, after it made its
+/// consumer, never before: nats-server's first ask of a consumer that is
+/// not there yet fails, and the way it then watches the deliver subject
+/// lets the consumer start delivering while it is reset, which can make
+/// the hub skip the node's first reports (its registration) for good.
+#[derive(Default)]
+struct Sourced {
+    joined: std::collections::HashSet<NodeId>,
+    held_out: std::collections::HashSet<NodeId>,
+}
+
+impl Sourced {
+    fn includes(&self, id: &NodeId) -> bool {
+        self.joined.contains(id) && !self.held_out.contains(id)
+    }
+}
+
 async fn reconcile(
     js: &jetstream::Context,
     settings: &HubSettings,
@@ -161,6 +182,7 @@ async fn reconcile(
     active: &BTreeMap<NodeId, String>,
     revoked: &[NodeId],
     consumers: &mut Consumers,
+    sourced: &Sourced,
 ) -> Result<(), EdgeError> {
     let users: Vec<NodeUser> = active
         .iter()
@@ -184,7 +206,7 @@ async fn reconcile(
             tracing::warn!(error = %e, "cannot close the revoked nodes' links");
         }
     }
-    retry_streams(js, settings, active, revoked, consumers).await
+    retry_streams(js, settings, active, revoked, consumers, sourced).await
 }
 
 /// Brings `UD_EDGE_IN`'s sources and the dispatch consumers in step with the
@@ -196,6 +218,7 @@ async fn retry_streams(
     active: &BTreeMap<NodeId, String>,
     revoked: &[NodeId],
     consumers: &mut Consumers,
+    sourced: &Sourced,
 ) -> Result<(), EdgeError> {
     let mut delays = backon::ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(50))
@@ -205,7 +228,7 @@ async fn retry_streams(
     let mut tries = 0u32;
     loop {
         tries += 1;
-        match reconcile_streams(js, settings, active, revoked, consumers).await {
+        match reconcile_streams(js, settings, active, revoked, consumers, sourced).await {
             Ok(()) => return Ok(()),
             Err(e) => match delays.next() {
                 // Said aloud when it lasts: a reconcile held up holds joins.
@@ -229,10 +252,33 @@ async fn reconcile_streams(
     active: &BTreeMap<NodeId, String>,
     revoked: &[NodeId],
     consumers: &mut Consumers,
+    sourced: &Sourced,
 ) -> Result<(), EdgeError> {
-    let sources: Vec<Source> = active.keys().map(source).collect();
+    let existing = js.get_stream(edge::EDGE_IN).await;
+    // What the stream sources now stays (another main server may have
+    // added a joining node), unless held out here.
+    let configured: std::collections::HashSet<String> = existing
+        .as_ref()
+        .map(|s| {
+            s.cached_info()
+                .config
+                .sources
+                .iter()
+                .flatten()
+                .map(|s| s.name.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    let sources: Vec<Source> = active
+        .keys()
+        .filter(|id| {
+            sourced.includes(id)
+                || (configured.contains(&edge::stream(id)) && !sourced.held_out.contains(id))
+        })
+        .map(source)
+        .collect();
     let config = streams::edge_in(settings.replicas, sources);
-    match js.get_stream(edge::EDGE_IN).await {
+    match existing {
         Ok(_) => js
             .update_stream(&config)
             .await
@@ -312,7 +358,11 @@ pub async fn run(store: EventStore, settings: HubSettings) -> Result<(), EdgeErr
     let s = js.get_stream(streams::NODES).await.map_err(nats_err)?;
     let consumer = s
         .create_consumer(consumer::pull::OrderedConfig {
-            filter_subjects: vec!["ud.node.*.enrolled".into(), "ud.node.*.revoked".into()],
+            filter_subjects: vec![
+                "ud.node.*.enrolled".into(),
+                "ud.node.*.revoked".into(),
+                "ud.node.*.registered".into(),
+            ],
             max_expires: streams::PULL_EXPIRES,
             ..Default::default()
         })
@@ -332,8 +382,20 @@ pub async fn run(store: EventStore, settings: HubSettings) -> Result<(), EdgeErr
     let mut revoked: Vec<NodeId> = Vec::new();
     let mut consumers = Consumers::new();
     let mut stalled = Stalled::default();
+    let mut sourced = Sourced::default();
+    // Whether the node events stored before this start were all read.
+    let mut replayed = pending == 0;
     if pending == 0 {
-        reconcile(&js, &settings, &hashes, &active, &revoked, &mut consumers).await?;
+        reconcile(
+            &js,
+            &settings,
+            &hashes,
+            &active,
+            &revoked,
+            &mut consumers,
+            &sourced,
+        )
+        .await?;
     }
     // Enrolled since the last reconcile: reconciled once no more arrive
     // for QUIET, so that enrolments one after another cost one reload of
@@ -350,6 +412,9 @@ pub async fn run(store: EventStore, settings: HubSettings) -> Result<(), EdgeErr
                     .info()
                     .map(|i| (i.stream_sequence, i.pending))
                     .unwrap_or((0, 0));
+                // Enrolments and revocations change the hub; a registration
+                // only says a node joined.
+                let mut changed = false;
                 match ud_schemas::codec::decode_message(
                     m.subject.as_str(),
                     m.headers.as_ref(),
@@ -357,25 +422,35 @@ pub async fn run(store: EventStore, settings: HubSettings) -> Result<(), EdgeErr
                 ) {
                     Ok(env) => match env.event {
                         Event::Node(id, NodeEvent::Enrolled(e)) => {
+                            changed = true;
                             active.insert(id, e.secret_hash);
                         }
                         Event::Node(id, NodeEvent::Revoked(_)) => {
+                            changed = true;
                             active.remove(&id);
                             revoked.push(id);
+                            sourced.joined.remove(&id);
+                        }
+                        // Its reports came through its source: it stays.
+                        Event::Node(id, NodeEvent::Registered(_)) => {
+                            sourced.joined.insert(id);
                         }
                         _ => {}
                     },
                     Err(e) => warn!(seq, error = %e, "undecodable node event"),
                 }
                 // A stored burst is reconciled once, after the last of it is read.
-                if more == 0 || reconcile_at.is_some() {
+                if (changed || !replayed) && (more == 0 || reconcile_at.is_some()) {
                     reconcile_at = Some(tokio::time::Instant::now() + QUIET);
+                }
+                if more == 0 {
+                    replayed = true;
                 }
             }
             () = tokio::time::sleep_until(reconcile_at.unwrap_or(far)), if reconcile_at.is_some() => {
                 let reconciled = tokio::time::timeout(
                     RECONCILE_WITHIN,
-                    reconcile(&js, &settings, &hashes, &active, &revoked, &mut consumers),
+                    reconcile(&js, &settings, &hashes, &active, &revoked, &mut consumers, &sourced),
                 )
                 .await
                 .unwrap_or_else(|_| {
@@ -394,14 +469,24 @@ pub async fn run(store: EventStore, settings: HubSettings) -> Result<(), EdgeErr
                 info!(nodes = active.len(), "hub accounts and sources reconciled");
             }
             Some(m) = stalls.next() => stalled.ask(m),
-            () = tokio::time::sleep_until(stalled.due.unwrap_or(far)), if stalled.due.is_some() => {
-                // Enrolments read but not yet reconciled wait for their reconcile.
-                let known: BTreeMap<NodeId, String> = if reconcile_at.is_some() {
-                    BTreeMap::new()
-                } else {
-                    active.clone()
-                };
-                let answers = restart_sources(&js, &settings, &known, &mut stalled, &mut consumers).await;
+            () = tokio::time::sleep_until(stalled.put_back_at.unwrap_or(far)), if stalled.put_back_at.is_some() => {
+                let held = std::mem::take(&mut sourced.held_out);
+                stalled.put_back_at = None;
+                retry_streams(&js, &settings, &active, &[], &mut consumers, &sourced).await?;
+                info!(nodes = held.len(), "sources of stalled nodes put back");
+                stalled.pace();
+            }
+            () = tokio::time::sleep_until(stalled.due.unwrap_or(far)), if stalled.due.is_some() && stalled.put_back_at.is_none() => {
+                let answers = restart_sources(
+                    &js,
+                    &settings,
+                    &active,
+                    reconcile_at.is_some(),
+                    &mut stalled,
+                    &mut consumers,
+                    &mut sourced,
+                )
+                .await;
                 for (reply, answer) in answers {
                     match dispatch::to_cbor(&answer) {
                         Ok(bytes) => {
@@ -427,8 +512,10 @@ const RECONCILE_WITHIN: Duration = Duration::from_secs(90);
 /// server sets each source up again.
 const SOURCING_QUEUE: &str = "unidesk-hub-sourcing";
 
-/// How often the hub sets up one node's source again at most.
-pub const RESTART_EVERY: Duration = Duration::from_secs(10);
+/// How often the hub sets up one node's source again at most: its time
+/// out of the stream ([`HOLD_OUT`]) and nats-server's time to bind it, with
+/// room.
+pub const RESTART_EVERY: Duration = Duration::from_secs(20);
 
 /// How long the hub gathers stalled nodes before it sets their sources up
 /// again together: after a hub restart every node may ask at once, and two
@@ -437,6 +524,13 @@ const GATHER: Duration = Duration::from_millis(500);
 
 /// A source the hub has heard from this recently is working.
 const HEARD: Duration = Duration::from_secs(5);
+
+/// How long a source set up again stays out of `UD_EDGE_IN` before it is
+/// put back. nats-server waits up to 5 s for a node's answer to a reset of
+/// its consumer and then looks the source up by name: a source removed and
+/// put back sooner could take that late answer as its own and bind the
+/// deliver subject twice, the first binding never undone.
+const HOLD_OUT: Duration = Duration::from_secs(6);
 
 /// The least time between two batches of sources set up again, and the
 /// most nodes in one: with hundreds of nodes joining at once every node may
@@ -456,6 +550,9 @@ struct Stalled {
     restarted: std::collections::HashMap<NodeId, tokio::time::Instant>,
     /// When the last batch was set up again.
     last_batch: Option<tokio::time::Instant>,
+    /// When the batch whose sources are out of the stream goes back in
+    /// (see [`HOLD_OUT`]).
+    put_back_at: Option<tokio::time::Instant>,
 }
 
 impl Stalled {
@@ -543,37 +640,80 @@ fn choose(
     (chosen, answers)
 }
 
-/// Sets up again the sources of the stalled nodes: removed in one update of
-/// `UD_EDGE_IN`, put back in the next, so nats-server asks each node's
-/// consumer again at once instead of at its retry backoff (up to two
-/// minutes). The node's consumer keeps its position; the hub resumes from
-/// what it stored.
+/// Sets up again the sources of the stalled nodes: removed from
+/// `UD_EDGE_IN` now and put back [`HOLD_OUT`] later (by the hub's loop), so
+/// nats-server asks each node's consumer again at once instead of at its
+/// retry backoff (up to two minutes). The node's consumer keeps its
+/// position; the hub resumes from what it stored.
+#[allow(clippy::too_many_arguments)]
 async fn restart_sources(
     js: &jetstream::Context,
     settings: &HubSettings,
     active: &BTreeMap<NodeId, String>,
+    reconciling: bool,
     stalled: &mut Stalled,
     consumers: &mut Consumers,
+    sourced: &mut Sourced,
 ) -> Vec<(async_nats::Subject, SourcingReply)> {
-    let mut asking = std::mem::take(&mut stalled.asking);
+    let asking = std::mem::take(&mut stalled.asking);
+    // Nodes asking for the first time: their source is added, all at once.
+    let (joining, mut asking): (Vec<_>, Vec<_>) = asking
+        .into_iter()
+        .partition(|(n, _, _)| active.contains_key(n) && !sourced.joined.contains(n));
+    let mut joined_answers = Vec::new();
+    if !joining.is_empty() {
+        sourced.joined.extend(joining.iter().map(|j| j.0));
+        let reply = match retry_streams(js, settings, active, &[], consumers, sourced).await {
+            Ok(()) => {
+                info!(nodes = joining.len(), "sources of joining nodes added");
+                SourcingReply {
+                    restarted: true,
+                    reason: None,
+                }
+            }
+            Err(e) => {
+                for (node, _, _) in &joining {
+                    sourced.joined.remove(node);
+                }
+                warn!(error = %e, "cannot add the joining nodes' sources");
+                refused(format!("the hub's stream could not be updated: {e}"))
+            }
+        };
+        let now = tokio::time::Instant::now();
+        for (node, r, _) in &joining {
+            if reply.restarted {
+                stalled.restarted.insert(*node, now);
+            }
+            joined_answers.push((r.clone(), reply.clone()));
+        }
+    }
     // The rest wait for the next batch.
     if asking.len() > BATCH_MOST {
         stalled.asking = asking.split_off(BATCH_MOST);
     }
-    let heard: std::collections::HashMap<String, Duration> =
-        match js.get_stream(edge::EDGE_IN).await {
-            Ok(mut s) => match s.info().await {
-                Ok(info) => info
-                    .sources
-                    .iter()
-                    .filter_map(|si| si.active.map(|a| (si.name.clone(), a)))
-                    .collect(),
-                Err(_) => Default::default(),
-            },
-            Err(_) => Default::default(),
-        };
+    // Enrolments read but not yet reconciled wait for their reconcile (a
+    // node that asked to join is linked already: its enrolment is in).
+    let empty = BTreeMap::new();
+    let active = if reconciling { &empty } else { active };
+    let info = match js.get_stream(edge::EDGE_IN).await {
+        Ok(mut s) => s.info().await.ok().cloned(),
+        Err(_) => None,
+    };
+    let heard: std::collections::HashMap<String, Duration> = info
+        .iter()
+        .flat_map(|i| &i.sources)
+        .filter_map(|si| si.active.map(|a| (si.name.clone(), a)))
+        .collect();
+    // What the stream sources now (another main server may have added a
+    // joining node).
+    let configured: std::collections::HashSet<String> = info
+        .iter()
+        .flat_map(|i| i.config.sources.iter().flatten())
+        .map(|s| s.name.clone())
+        .collect();
     let now = tokio::time::Instant::now();
     let (chosen, mut answers) = choose(&asking, active, &heard, &stalled.restarted, now);
+    answers.extend(joined_answers);
     if !chosen.is_empty() {
         stalled.last_batch = Some(now);
     }
@@ -583,7 +723,9 @@ async fn restart_sources(
     }
     let kept: Vec<Source> = active
         .keys()
-        .filter(|id| !chosen.contains(id))
+        .filter(|id| {
+            !chosen.contains(id) && (sourced.includes(id) || configured.contains(&edge::stream(id)))
+        })
         .map(source)
         .collect();
     let outcome = match js
@@ -591,12 +733,15 @@ async fn restart_sources(
         .await
     {
         Ok(_) => {
-            // Put back, retried like any reconcile: the sources must not
-            // stay out.
-            let empty = Vec::new();
-            retry_streams(js, settings, active, &empty, consumers).await
+            sourced.held_out.extend(chosen.iter().copied());
+            stalled.put_back_at = Some(now + HOLD_OUT);
+            Ok(())
         }
-        Err(e) => Err(nats_err(e)),
+        Err(e) => {
+            // Whatever the update did, the sources must not stay out.
+            let _ = retry_streams(js, settings, active, &[], consumers, sourced).await;
+            Err(nats_err(e))
+        }
     };
     stalled
         .restarted
@@ -679,8 +824,8 @@ mod tests {
             .collect();
         assert_eq!(reasons.len(), 4);
         assert!(reasons["_INBOX.r2"].contains("hears"));
-        assert!(reasons["_INBOX.r3"].contains("less than 10 s ago"));
+        assert!(reasons["_INBOX.r3"].contains("less than 20 s ago"));
         assert!(reasons["_INBOX.r5"].contains("not an enrolled node"));
-        assert!(reasons["_INBOX.r6"].contains("less than 10 s ago"));
+        assert!(reasons["_INBOX.r6"].contains("less than 20 s ago"));
     }
 }

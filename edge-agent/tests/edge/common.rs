@@ -389,7 +389,7 @@ impl Stack {
             })
             .await;
         match waited {
-            Err(e) if status == "online" => Err(self.never_online(id, e)),
+            Err(e) if status == "online" => Err(self.never_online(id, e).await),
             other => other,
         }
     }
@@ -397,12 +397,17 @@ impl Stack {
     /// Why a node never came online, as far as the logs tell: what the hub
     /// said of reloads and of the node's stream, and what the platform's
     /// side said of the node and of the hub.
-    fn never_online(&self, id: NodeId, e: anyhow::Error) -> anyhow::Error {
+    async fn never_online(&self, id: NodeId, e: anyhow::Error) -> anyhow::Error {
         let ours = edge::stream(&id);
         let log = self.hub.log();
         let hub: Vec<&str> = log
             .lines()
-            .filter(|l| l.contains(&ours) || l.contains("eload") || l.contains("JetStream"))
+            .filter(|l| {
+                l.contains(&ours)
+                    || l.contains("eload")
+                    || l.contains("JetStream")
+                    || l.to_lowercase().contains("source")
+            })
             .collect();
         let node = id.to_string();
         let kept = LOGGED
@@ -413,10 +418,159 @@ impl Stack {
             .lines()
             .filter(|l| l.contains(&node) || l.contains("ud_core::edge::hub"))
             .collect();
+        let hub = &hub[hub.len().saturating_sub(300)..];
+        let source = self.source_state(id).await;
         anyhow!(
-            "{e}; the hub logged:\n{}\nthe platform logged:\n{}",
+            "{e}; the hub's source of it: {source}; the hub logged:\n{}\nthe platform logged:\n{}",
             hub.join("\n"),
             platform.join("\n")
+        )
+    }
+
+    /// What the hub's `UD_EDGE_IN` says of a node's source, and who on the
+    /// hub listens on its deliver subject.
+    pub async fn source_state(&self, id: NodeId) -> String {
+        let js = self.server.state.commands.store().jetstream().clone();
+        let info = async {
+            let mut s = js.get_stream(edge::EDGE_IN).await?;
+            let info = s.info().await?.clone();
+            let ours = edge::stream(&id);
+            let mut held = s.info_with_subjects(format!("ud.edge.{id}.>")).await?;
+            let mut stored = Vec::new();
+            while let Some(Ok((subject, n))) = held.next().await {
+                stored.push(format!("{subject}={n}"));
+            }
+            anyhow::Ok(format!(
+                "{:?}; messages of it in {}: {stored:?}",
+                info.sources.iter().find(|s| s.name == ours),
+                edge::EDGE_IN
+            ))
+        }
+        .await
+        .unwrap_or_else(|e| format!("no stream info ({e})"));
+        let url = format!(
+            "{}/subsz?subs=1&test={}",
+            self.hub.monitor_url(),
+            edge::deliver_subject(&id)
+        );
+        let subs = async { anyhow::Ok(reqwest::get(&url).await?.text().await?) }
+            .await
+            .unwrap_or_else(|e| format!("no subsz ({e})"));
+        // How many listen there over two seconds (a reset unbinds the
+        // source's own subscription for a moment).
+        let mut counts = Vec::new();
+        for _ in 0..10 {
+            let n = async {
+                anyhow::Ok(reqwest::get(&url).await?.json::<Value>().await?["total"].as_u64())
+            }
+            .await
+            .ok()
+            .flatten();
+            counts.push(n);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let subs = format!("{subs} (counts over 2 s: {counts:?})");
+        // Whether a reset from the hub reaches the node's consumer and its
+        // answer comes back (the way nats-server's sourcing asks).
+        let client = self.server.state.commands.store().client().clone();
+        let reset = async {
+            let reply = format!("$JSC.R.diag{}", rand::random::<u32>());
+            let mut sub = client.subscribe(reply.clone()).await?;
+            client.flush().await?;
+            client
+                .publish_with_reply(
+                    format!(
+                        "$JS.{}.API.CONSUMER.RESET.{}.{}",
+                        edge::domain(&id),
+                        edge::stream(&id),
+                        edge::SOURCE_CONSUMER
+                    ),
+                    reply,
+                    "".into(),
+                )
+                .await?;
+            let got = tokio::time::timeout(Duration::from_secs(3), sub.next()).await;
+            anyhow::Ok(match got {
+                Ok(Some(m)) => String::from_utf8_lossy(&m.payload).into_owned(),
+                _ => "no answer within 3 s".to_owned(),
+            })
+        }
+        .await
+        .unwrap_or_else(|e| format!("cannot ask ({e})"));
+        let domain = edge::domain(&id);
+        let leafz = async {
+            let v: Value = reqwest::get(format!("{}/leafz?subs=1", self.hub.monitor_url()))
+                .await?
+                .json()
+                .await?;
+            anyhow::Ok(
+                v["leafs"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|l| {
+                        l.to_string().contains(&domain) || l.to_string().contains(&id.to_string())
+                    })
+                    .map(|l| l.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            )
+        }
+        .await
+        .unwrap_or_else(|e| format!("no leafz ({e})"));
+        let cids: Vec<u64> = serde_json::from_str::<Value>(&subs)
+            .ok()
+            .and_then(|v| v["subscriptions_list"].as_array().cloned())
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s["cid"].as_u64())
+            .collect();
+        let mut conns = String::new();
+        for cid in cids {
+            let url = format!("{}/connz?cid={cid}&subs=1", self.hub.monitor_url());
+            if let Ok(r) = reqwest::get(url).await {
+                conns.push_str(&r.text().await.unwrap_or_default());
+            }
+        }
+        // What became of what was stored: the ingest's consumer, the node's
+        // events, its view.
+        let ingest = async {
+            let mut s = js.get_stream(edge::EDGE_IN).await?;
+            let mut c: async_nats::jetstream::consumer::PullConsumer = s
+                .get_consumer(ud_core::edge::ingest::CONSUMER)
+                .await
+                .map_err(|e| anyhow!("{e}"))?;
+            let i = c.info().await?;
+            let mut nodes = js.get_stream(ud_schemas::streams::NODES).await?;
+            let mut events = nodes.info_with_subjects(format!("ud.node.{id}.>")).await?;
+            let mut kinds = Vec::new();
+            while let Some(Ok((subject, n))) = events.next().await {
+                kinds.push(format!("{subject}={n}"));
+            }
+            let _ = &mut s;
+            anyhow::Ok(format!(
+                "ingest pending {} ack-pending {} delivered {:?} floor {:?}; node events {kinds:?}",
+                i.num_pending, i.num_ack_pending, i.delivered, i.ack_floor
+            ))
+        }
+        .await
+        .unwrap_or_else(|e| format!("no ingest info ({e})"));
+        let view = async {
+            anyhow::Ok(
+                self.http
+                    .get(format!("{}/api/v1/nodes/{id}", self.base))
+                    .bearer_auth(&self.admin)
+                    .send()
+                    .await?
+                    .text()
+                    .await?,
+            )
+        }
+        .await
+        .unwrap_or_default();
+        format!(
+            "{info}; subscriptions on its deliver subject: {subs}; their connections: {conns}; \
+             a reset asked now: {reset}; its link's interest: {leafz}; {ingest}; its view: {view}"
         )
     }
 

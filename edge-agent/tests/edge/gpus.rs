@@ -227,13 +227,24 @@ async fn four_gpu_node(s: &Stack, name: &str) -> Result<(NodeId, NatsServerGuard
         }))
         .await
         .map_err(|e| anyhow!("{e}"))?;
-    Ok((node, NatsServerGuard(leaf, client)))
+    // As the agent does: asks the hub to source the node's stream.
+    let requests = ud_edge_agent::requests::Requests {
+        client: client.clone(),
+        node,
+    };
+    let local = async_nats::jetstream::with_domain(client.clone(), edge::domain(&node));
+    let sourcing = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
+        ud_edge_agent::sourcing::keep(local, node, requests),
+    ));
+    Ok((node, NatsServerGuard(leaf, client, sourcing)))
 }
 
-/// Keeps a simulated node's leaf and connection alive while it lives.
+/// Keeps a simulated node's leaf, connection and sourcing watch alive
+/// while it lives.
 struct NatsServerGuard(
     #[allow(dead_code)] ud_testkit::NatsServer,
     #[allow(dead_code)] async_nats::Client,
+    #[allow(dead_code)] tokio_util::task::AbortOnDropHandle<()>,
 );
 
 #[tokio::test]

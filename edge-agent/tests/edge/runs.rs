@@ -159,10 +159,12 @@ async fn a_restarted_agent_keeps_the_time_limit_of_the_run_it_adopts() -> Result
     };
     // Each line once: the stopped agent's log follower went with it.
     assert_eq!(out.matches("stopped ").count(), 1, "{out:?}");
+    // (The script's first line can come seconds after the container
+    // started on a busy machine: the lower bound leaves room for that.)
     let (up, stopped) = (at("up "), at("stopped "));
     let ran = stopped.zip(up).map(|(b, a)| b - a);
     assert!(
-        ran.is_some_and(|r| (4.0..8.5).contains(&r)),
+        ran.is_some_and(|r| (2.5..8.5).contains(&r)),
         "stopped {ran:?} s after it started: {out:?}"
     );
     agent.abort();
