@@ -228,6 +228,10 @@ pub struct ServeArgs {
     /// doubling up to a minute).
     #[arg(long, env = "UD_WEBHOOK_TRIES", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=50))]
     pub webhook_tries: u16,
+    /// Let webhooks reach loopback, private and link-local addresses (the
+    /// platform's own network); off, such deliveries fail saying so.
+    #[arg(long, env = "UD_WEBHOOK_PRIVATE")]
+    pub webhook_private: bool,
     /// JSON file of repository credentials per host, handed to nodes for their fetches only.
     #[arg(long, env = "UD_GIT_CREDENTIALS_FILE")]
     pub git_credentials_file: Option<std::path::PathBuf>,
@@ -343,6 +347,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         sessions: session_settings(&args)?,
         webhooks: ud_notify::deliver::Settings {
             tries: usize::from(args.webhook_tries),
+            allow_private: args.webhook_private,
             ..Default::default()
         },
     })

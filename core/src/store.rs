@@ -126,62 +126,54 @@ impl EventStore {
                 }
             }
         }
-        self.js
-            .create_key_value(jetstream::kv::Config {
-                bucket: streams::IDEMPOTENCY_BUCKET.into(),
-                description: "(project, Idempotency-Key) -> task id".into(),
-                history: 1,
-                max_age: std::time::Duration::from_secs(7 * 24 * 3600),
-                num_replicas: replicas,
-                storage: jetstream::stream::StorageType::File,
-                ..Default::default()
-            })
-            .await
-            .map_err(unavailable)?;
-        self.js
-            .create_key_value(jetstream::kv::Config {
-                bucket: streams::SECRETS_BUCKET.into(),
-                description: "<project>.<NAME> -> project secret, encrypted".into(),
-                history: 1,
-                num_replicas: replicas,
-                storage: jetstream::stream::StorageType::File,
-                ..Default::default()
-            })
-            .await
-            .map_err(unavailable)?;
-        self.js
-            .create_key_value(jetstream::kv::Config {
-                bucket: streams::QUEUES_BUCKET.into(),
-                description: "queue name -> priority and limit set through the API".into(),
-                history: 16,
-                num_replicas: replicas,
-                storage: jetstream::stream::StorageType::File,
-                ..Default::default()
-            })
-            .await
-            .map_err(unavailable)?;
-        self.js
-            .create_key_value(jetstream::kv::Config {
-                bucket: streams::QUOTAS_BUCKET.into(),
-                description: "project -> compute quota set through the API".into(),
-                history: 16,
-                num_replicas: replicas,
-                storage: jetstream::stream::StorageType::File,
-                ..Default::default()
-            })
-            .await
-            .map_err(unavailable)?;
-        self.js
-            .create_key_value(jetstream::kv::Config {
-                bucket: streams::WEBHOOKS_BUCKET.into(),
-                description: "<project>.<name> -> project webhook".into(),
-                history: 1,
-                num_replicas: replicas,
-                storage: jetstream::stream::StorageType::File,
-                ..Default::default()
-            })
-            .await
-            .map_err(unavailable)?;
+        // Buckets: (name, what it maps, history kept per key, age limit).
+        let day = std::time::Duration::from_secs(24 * 3600);
+        let buckets = [
+            (
+                streams::IDEMPOTENCY_BUCKET,
+                "(project, Idempotency-Key) -> task id",
+                1,
+                7 * day,
+            ),
+            (
+                streams::SECRETS_BUCKET,
+                "<project>.<NAME> -> project secret, encrypted",
+                1,
+                std::time::Duration::ZERO,
+            ),
+            (
+                streams::QUEUES_BUCKET,
+                "queue name -> priority and limit set through the API",
+                16,
+                std::time::Duration::ZERO,
+            ),
+            (
+                streams::QUOTAS_BUCKET,
+                "project -> compute quota set through the API",
+                16,
+                std::time::Duration::ZERO,
+            ),
+            (
+                streams::WEBHOOKS_BUCKET,
+                "<project>.<name> -> project webhook",
+                1,
+                std::time::Duration::ZERO,
+            ),
+        ];
+        for (bucket, description, history, max_age) in buckets {
+            self.js
+                .create_key_value(jetstream::kv::Config {
+                    bucket: bucket.into(),
+                    description: description.into(),
+                    history,
+                    max_age,
+                    num_replicas: replicas,
+                    storage: jetstream::stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await
+                .map_err(unavailable)?;
+        }
         Ok(())
     }
 

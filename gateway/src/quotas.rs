@@ -156,15 +156,6 @@ fn view(project: String, r: Option<QuotaRecord>, month: String, usage: Usage) ->
     }
 }
 
-/// The project, if the caller may see it (the same answer as for a project
-/// that does not exist otherwise).
-fn project_of(caller: &Caller, project: &str) -> Result<String, ApiError> {
-    match project.parse::<ud_schemas::ProjectId>() {
-        Ok(p) if caller.may_see(project) => Ok(p.to_string()),
-        _ => Err(ApiError::not_found("project")),
-    }
-}
-
 /// Each limit at least 0 and within its type; every field that is not.
 fn record_of(s: &QuotaSettings, actor: String) -> Result<QuotaRecord, ApiError> {
     let mut bad = Vec::new();
@@ -255,7 +246,7 @@ pub async fn get(
     caller: Caller,
     Path(project): Path<String>,
 ) -> Result<Json<QuotaView>, ApiError> {
-    let project = project_of(&caller, &project)?;
+    let project = crate::secrets::project_of(&caller, &project)?.to_string();
     one(&state, project).await.map(Json)
 }
 

@@ -41,7 +41,7 @@ fn secrets(state: &AppState) -> Result<&Secrets, ApiError> {
 
 /// The project, if the caller may use it (the same answer as for a project
 /// that does not exist otherwise).
-fn project_of(caller: &Caller, project: &str) -> Result<ProjectId, ApiError> {
+pub(crate) fn project_of(caller: &Caller, project: &str) -> Result<ProjectId, ApiError> {
     match project.parse::<ProjectId>() {
         Ok(p) if caller.may_see(project) => Ok(p),
         _ => Err(ApiError::not_found("project")),

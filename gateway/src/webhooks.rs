@@ -70,13 +70,6 @@ impl From<&WebhookRecord> for WebhookView {
     }
 }
 
-fn project_of(caller: &Caller, project: &str) -> Result<String, ApiError> {
-    match project.parse::<ud_schemas::ProjectId>() {
-        Ok(p) if caller.may_see(project) => Ok(p.to_string()),
-        _ => Err(ApiError::not_found("project")),
-    }
-}
-
 async fn bucket(state: &AppState) -> Result<async_nats::jetstream::kv::Store, ApiError> {
     state
         .commands
@@ -125,7 +118,7 @@ pub async fn create(
     Path(project): Path<String>,
     JsonBody(req): JsonBody<NewWebhook>,
 ) -> Result<(StatusCode, Json<WebhookCreated>), ApiError> {
-    let project = project_of(&caller, &project)?;
+    let project = crate::secrets::project_of(&caller, &project)?.to_string();
     let format = req.format.unwrap_or_else(|| "json".into());
     let bad = ud_notify::validate(&req.name, &req.url, &req.events, &format);
     if !bad.is_empty() {
@@ -176,7 +169,7 @@ pub async fn list(
     caller: Caller,
     Path(project): Path<String>,
 ) -> Result<Json<Vec<WebhookView>>, ApiError> {
-    let project = project_of(&caller, &project)?;
+    let project = crate::secrets::project_of(&caller, &project)?.to_string();
     let found = records(&bucket(&state).await?, &project).await?;
     Ok(Json(found.iter().map(WebhookView::from).collect()))
 }
@@ -191,7 +184,10 @@ pub async fn delete(
     caller: Caller,
     Path((project, name)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    let project = project_of(&caller, &project)?;
+    let project = crate::secrets::project_of(&caller, &project)?.to_string();
+    if !ud_notify::valid_name(&name) {
+        return Err(ApiError::not_found("webhook"));
+    }
     let kv = bucket(&state).await?;
     let key = format!("{project}.{name}");
     if kv.get(&key).await.map_err(ApiError::unavailable)?.is_none() {
@@ -212,8 +208,8 @@ pub async fn deliveries(
     Path((project, name)): Path<(String, String)>,
 ) -> Result<Json<Vec<WebhookDelivery>>, ApiError> {
     use async_nats::jetstream::consumer;
-    let project = project_of(&caller, &project)?;
-    if name.contains(['.', '*', '>', ' ']) || name.is_empty() {
+    let project = crate::secrets::project_of(&caller, &project)?.to_string();
+    if !ud_notify::valid_name(&name) {
         return Err(ApiError::not_found("webhook"));
     }
     let js = state.commands.store().jetstream();

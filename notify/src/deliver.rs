@@ -21,6 +21,13 @@ use crate::{body, nats, sign, Happened, NotifyError, EVENTS};
 /// The durable consumer the main servers share.
 pub const CONSUMER: &str = "webhooks";
 
+/// Events in hand at once, each delivered to its webhooks in parallel (all
+/// that the consumer gives out, so none waits out its ack wait unhandled).
+const IN_HAND: usize = 64;
+
+/// How often an event in hand is said to be in progress.
+const PROGRESS_EVERY: Duration = Duration::from_secs(60);
+
 #[derive(Clone, Debug)]
 pub struct Settings {
     /// Tries per delivery, the first included.
@@ -29,6 +36,10 @@ pub struct Settings {
     pub first_delay: Duration,
     /// How long a receiver has to answer one try.
     pub timeout: Duration,
+    /// Whether webhooks may reach loopback, private and link-local
+    /// addresses (the platform's own network); off, such a delivery fails
+    /// saying so.
+    pub allow_private: bool,
 }
 
 impl Default for Settings {
@@ -37,6 +48,7 @@ impl Default for Settings {
             tries: 8,
             first_delay: Duration::from_secs(1),
             timeout: Duration::from_secs(10),
+            allow_private: false,
         }
     }
 }
@@ -71,9 +83,93 @@ async fn hooks_for(
     Ok(out)
 }
 
-/// One delivery, tried until it is taken or the tries run out.
+/// Why a try did not deliver: the receiver's status, if it answered, and
+/// whether trying again can help.
+struct Failed {
+    status: Option<u16>,
+    error: String,
+    again: bool,
+}
+
+impl Failed {
+    fn last(error: impl Into<String>) -> Self {
+        Self {
+            status: None,
+            error: error.into(),
+            again: false,
+        }
+    }
+}
+
+/// Whether `ip` is of the platform's own networks: loopback, private,
+/// link-local, unspecified, or the like.
+fn private(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.octets()[0] == 100 && (64..128).contains(&v4.octets()[1])
+        }
+        std::net::IpAddr::V6(v6) => {
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || (v6.segments()[0] & 0xfe00) == 0xfc00
+                || (v6.segments()[0] & 0xffc0) == 0xfe80
+                || v6.to_ipv4_mapped().is_some_and(|v4| private(v4.into()))
+        }
+    }
+}
+
+/// Refuses a URL whose host resolves to one of the platform's own
+/// networks, unless allowed.
+async fn reachable(url: &str, settings: &Settings) -> Result<(), Failed> {
+    if settings.allow_private {
+        return Ok(());
+    }
+    let parsed = reqwest::Url::parse(url).map_err(|e| Failed::last(format!("bad URL: {e}")))?;
+    let host = parsed
+        .host_str()
+        .ok_or_else(|| Failed::last("the URL names no host"))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let port = parsed.port_or_known_default().unwrap_or(443);
+    let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .map_err(|e| Failed {
+            status: None,
+            error: format!("cannot resolve {host}: {e}"),
+            again: true,
+        })?
+        .collect();
+    if addrs.iter().any(|a| private(a.ip())) {
+        return Err(Failed::last(format!(
+            "refused: {host} is an address of the platform's own networks (UD_WEBHOOK_PRIVATE allows it)"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether the webhook is still the one being delivered (not deleted, not
+/// made anew under its name).
+async fn still_there(kv: &jetstream::kv::Store, hook: &WebhookRecord) -> bool {
+    match kv.get(format!("{}.{}", hook.project, hook.name)).await {
+        Ok(Some(v)) => serde_json::from_slice::<WebhookRecord>(&v)
+            .is_ok_and(|now| now.secret == hook.secret && now.created_at == hook.created_at),
+        Ok(None) => false,
+        // Unknown: go on.
+        Err(_) => true,
+    }
+}
+
+/// One delivery, tried until it is taken, the tries run out, or the
+/// webhook is gone.
 async fn deliver_one(
     http: &reqwest::Client,
+    kv: &jetstream::kv::Store,
     settings: &Settings,
     hook: &WebhookRecord,
     h: &Happened,
@@ -82,9 +178,14 @@ async fn deliver_one(
     let mut attempts = 0u32;
     let mut last_status = None;
     let attempt = || {
-        attempts += 1;
         let payload = payload.clone();
+        let first = attempts == 0;
+        attempts += 1;
         async move {
+            if !first && !still_there(kv, hook).await {
+                return Err(Failed::last("the webhook was deleted"));
+            }
+            reachable(&hook.url, settings).await?;
             let now = ud_schemas::now_millis() / 1000;
             let resp = http
                 .post(&hook.url)
@@ -97,15 +198,20 @@ async fn deliver_one(
                 .body(payload)
                 .send()
                 .await
-                .map_err(|e| (None, format!("{e}")))?;
+                .map_err(|e| Failed {
+                    status: None,
+                    error: format!("{e}"),
+                    again: true,
+                })?;
             let status = resp.status();
             if status.is_success() {
                 Ok(status.as_u16())
             } else {
-                Err((
-                    Some(status.as_u16()),
-                    format!("the receiver answered {status}"),
-                ))
+                Err(Failed {
+                    status: Some(status.as_u16()),
+                    error: format!("the receiver answered {status}"),
+                    again: true,
+                })
             }
         }
     };
@@ -115,13 +221,14 @@ async fn deliver_one(
         .with_max_times(settings.tries.saturating_sub(1));
     let result = attempt
         .retry(backoff)
-        .notify(|e: &(Option<u16>, String), _| {
-            last_status = e.0;
+        .when(|e: &Failed| e.again)
+        .notify(|e: &Failed, _| {
+            last_status = e.status.or(last_status);
         })
         .await;
     let (outcome, status, error) = match result {
         Ok(s) => ("delivered", Some(s), None),
-        Err((s, e)) => ("failed", s.or(last_status), Some(e)),
+        Err(f) => ("failed", f.status.or(last_status), Some(f.error)),
     };
     WebhookDelivery {
         event_id: h.event_id.clone(),
@@ -175,7 +282,7 @@ async fn handle(
     };
     let deliveries = hooks.iter().map(|hook| {
         let happened = &happened;
-        async move { (hook, deliver_one(http, settings, hook, happened).await) }
+        async move { (hook, deliver_one(http, kv, settings, hook, happened).await) }
     });
     for (hook, d) in futures::future::join_all(deliveries).await {
         if d.outcome == "delivered" {
@@ -221,7 +328,7 @@ pub async fn run(store: EventStore, settings: Settings) -> Result<(), NotifyErro
                 ack_policy: consumer::AckPolicy::Explicit,
                 // Every try of every webhook of an event, with room.
                 ack_wait: Duration::from_secs(15 * 60),
-                max_ack_pending: 64,
+                max_ack_pending: IN_HAND as i64,
                 ..Default::default()
             },
         )
@@ -230,7 +337,7 @@ pub async fn run(store: EventStore, settings: Settings) -> Result<(), NotifyErro
     let messages = c.messages().await.map_err(nats)?;
     messages
         .map(|m| m.map_err(nats))
-        .for_each_concurrent(16, |m| {
+        .for_each_concurrent(IN_HAND, |m| {
             let (js, kv, tasks, http, settings) = (&js, &kv, &tasks, &http, &settings);
             async move {
                 let m = match m {
@@ -241,19 +348,87 @@ pub async fn run(store: EventStore, settings: Settings) -> Result<(), NotifyErro
                     }
                 };
                 let span = info_span!("webhook", subject = %m.subject);
-                let done = handle(js, kv, tasks, http, settings, &m)
-                    .instrument(span)
-                    .await;
+                let work = handle(js, kv, tasks, http, settings, &m).instrument(span);
+                tokio::pin!(work);
+                // Tries of a slow receiver can outlast the ack wait: the
+                // event is said to be in hand meanwhile, not sent again.
+                let mut progress = tokio::time::interval(PROGRESS_EVERY);
+                progress.tick().await;
+                let done = loop {
+                    tokio::select! {
+                        done = &mut work => break done,
+                        _ = progress.tick() => {
+                            let _ = m.ack_with(jetstream::AckKind::Progress).await;
+                        }
+                    }
+                };
                 match done {
                     Ok(()) => {
                         if let Err(e) = m.ack().await {
                             warn!(error = %e, "webhook event not acknowledged; it comes again");
                         }
                     }
-                    Err(e) => warn!(error = %e, "webhook event not handled; it comes again"),
+                    Err(e) => {
+                        warn!(error = %e, "webhook event not handled; it comes again");
+                        let _ = m
+                            .ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(5))))
+                            .await;
+                    }
                 }
             }
         })
         .await;
     Err(NotifyError::Nats("the webhook events ended".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_platforms_own_networks_are_told_apart() {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.9",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(
+                private(ip.parse().unwrap_or_else(|_| unreachable!())),
+                "{ip}"
+            );
+        }
+        for ip in ["93.184.216.34", "2606:2800:220:1::1", "100.128.0.1"] {
+            assert!(
+                !private(ip.parse().unwrap_or_else(|_| unreachable!())),
+                "{ip}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_private_address_is_refused_unless_allowed() {
+        let settings = Settings::default();
+        let refused = reachable("http://127.0.0.1:9/x", &settings).await;
+        let f = refused.err().unwrap_or_else(|| Failed::last("reached"));
+        assert!(
+            f.error.contains("refused: 127.0.0.1") && !f.again,
+            "{}",
+            f.error
+        );
+        let refused = reachable("http://[::1]:9/x", &settings).await;
+        assert!(refused.is_err());
+        let allowed = Settings {
+            allow_private: true,
+            ..Settings::default()
+        };
+        assert!(reachable("http://127.0.0.1:9/x", &allowed).await.is_ok());
+    }
 }

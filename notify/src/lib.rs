@@ -35,20 +35,24 @@ pub(crate) fn nats(e: impl std::fmt::Display) -> NotifyError {
     NotifyError::Nats(e.to_string())
 }
 
-/// Every field of a new webhook that is not acceptable.
-pub fn validate(name: &str, url: &str, events: &[String], format: &str) -> Vec<FieldError> {
-    let mut bad = Vec::new();
-    let name_ok = !name.is_empty()
+/// Whether `name` may name a webhook: 1-63 of a-z, 0-9, - and _.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
         && name.len() <= 63
         && name
             .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
-    if !name_ok {
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// Every field of a new webhook that is not acceptable.
+pub fn validate(name: &str, url: &str, events: &[String], format: &str) -> Vec<FieldError> {
+    let mut bad = Vec::new();
+    if !valid_name(name) {
         bad.push(FieldError::new("name", "1-63 of a-z, 0-9, - and _"));
     }
-    let scheme_ok = url
-        .split_once("://")
-        .is_some_and(|(scheme, rest)| matches!(scheme, "http" | "https") && !rest.is_empty());
+    let scheme_ok = reqwest::Url::parse(url).is_ok_and(|u| {
+        matches!(u.scheme(), "http" | "https") && u.host_str().is_some_and(|h| !h.is_empty())
+    });
     if !scheme_ok || url.len() > 2048 || url.chars().any(char::is_whitespace) {
         bad.push(FieldError::new("url", "must be an http or https URL"));
     }
@@ -149,6 +153,16 @@ mod tests {
         assert_eq!(fields, ["name", "url", "events", "format"]);
         assert!(bad[2].reason.contains("task.exploded"));
         assert_eq!(validate("ci", "http://", &[], "json").len(), 2);
+        assert_eq!(
+            validate(
+                "ci",
+                "mailto:ops@example.org",
+                &["task.lost".into()],
+                "json"
+            )[0]
+            .field,
+            "url"
+        );
         assert!(validate("ci", "http://a b", &["task.lost".into()], "json")[0].field == "url");
     }
 

@@ -476,7 +476,9 @@ pub async fn run(store: EventStore, settings: HubSettings) -> Result<(), EdgeErr
                 info!(nodes = held.len(), "sources of stalled nodes put back");
                 stalled.pace();
             }
-            () = tokio::time::sleep_until(stalled.due.unwrap_or(far)), if stalled.due.is_some() && stalled.put_back_at.is_none() => {
+            // Asks wait until the enrolments and registrations stored before
+            // this start are read: the sources are judged on all of them.
+            () = tokio::time::sleep_until(stalled.due.unwrap_or(far)), if stalled.due.is_some() && stalled.put_back_at.is_none() && replayed => {
                 let answers = restart_sources(
                     &js,
                     &settings,

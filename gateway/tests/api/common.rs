@@ -50,6 +50,11 @@ impl Stack {
             storage,
             disk,
             secrets: Some(ud_core::secrets::SecretKey::random().0),
+            // The tests' webhook receivers listen on 127.0.0.1.
+            webhooks: ud_notify::deliver::Settings {
+                allow_private: true,
+                ..Default::default()
+            },
             ..ServerConfig::local(nats.url(), pg.url.clone())
         };
         Self::start_config(nats, pg, cfg).await

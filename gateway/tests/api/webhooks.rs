@@ -18,8 +18,8 @@ use crate::common::{task, Stack};
 /// What a receiver got: its path, headers and body.
 type Got = (String, HeaderMap, Vec<u8>);
 
-/// A receiver on 127.0.0.1 that fails the first request to `/ci` (500)
-/// and takes every other.
+/// A receiver on 127.0.0.1 that fails the first request to `/ci` and
+/// every request to `/dead` (500), and takes every other.
 async fn receiver() -> Result<(String, mpsc::UnboundedReceiver<Got>)> {
     let (tx, rx) = mpsc::unbounded_channel();
     let failed_once = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -35,7 +35,9 @@ async fn receiver() -> Result<(String, mpsc::UnboundedReceiver<Got>)> {
                  headers: HeaderMap,
                  body: axum::body::Bytes| async move {
                     let _ = tx.send((path.clone(), headers, body.to_vec()));
-                    if path == "ci" && !failed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    if path == "dead"
+                        || path == "ci" && !failed.swap(true, std::sync::atomic::Ordering::SeqCst)
+                    {
                         StatusCode::INTERNAL_SERVER_ERROR
                     } else {
                         StatusCode::NO_CONTENT
@@ -246,5 +248,73 @@ async fn webhooks_are_refused_by_field_delivered_signed_retried_and_logged() -> 
         .collect();
     assert_eq!(names, ["chat"]);
     assert!(list[0].get("secret").is_none());
+
+    // A receiver that keeps failing: deleting its webhook ends the tries.
+    let resp = create(
+        lab.clone(),
+        json!({"name": "dead", "url": format!("{base}/dead"), "events": ["task.failed"]}),
+    )
+    .await?;
+    assert_eq!(resp.status(), Status::CREATED);
+    let v: Value = s
+        .http
+        .post(s.url("/api/v1/tasks?wait=projected"))
+        .bearer_auth(&lab)
+        .json(&body)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let id: TaskId = v["task_id"].as_str().unwrap_or_default().parse()?;
+    for command in [
+        TaskCommand::Assign {
+            node_id: node,
+            gpus: vec![],
+        },
+        TaskCommand::Start {
+            node_id: node,
+            attempt: 1,
+        },
+        TaskCommand::Fail {
+            node_id: node,
+            exit_code: Some(1),
+            reason: "exited with 1".into(),
+            attempt: Some(1),
+        },
+    ] {
+        s.node_says(id, command).await?;
+    }
+    loop {
+        let (path, _, _) = tokio::time::timeout(Duration::from_secs(30), got.recv())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("the receiver stopped"))?;
+        if path == "dead" {
+            break;
+        }
+    }
+    s.http
+        .delete(s.url("/api/v1/projects/lab/webhooks/dead"))
+        .bearer_auth(&lab)
+        .send()
+        .await?
+        .error_for_status()?;
+    let log = loop {
+        let log: Value = s
+            .http
+            .get(s.url("/api/v1/projects/lab/webhooks/dead/deliveries"))
+            .bearer_auth(&lab)
+            .send()
+            .await?
+            .json()
+            .await?;
+        if log.as_array().is_some_and(|l| !l.is_empty()) {
+            break log;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(log[0]["outcome"], "failed", "{log}");
+    assert_eq!(log[0]["error"], "the webhook was deleted", "{log}");
+    assert_eq!(log[0]["status"], 500, "{log}");
     Ok(())
 }

@@ -78,6 +78,14 @@ pub fn over(
     gpu_ms_this_month: u64,
 ) -> Option<(String, String)> {
     let wait = |what: &str, reason: String| Some((format!("quota {what}"), reason));
+    // Asking alone for more than a limit: it waits until the quota is raised.
+    let alone = |max: u64, asks: u64| {
+        if asks > max {
+            "; it asks for more than the quota allows at all"
+        } else {
+            ""
+        }
+    };
     if let Some(max) = quota.max_tasks {
         if held.tasks + 1 > max {
             return wait(
@@ -91,8 +99,10 @@ pub fn over(
             return wait(
                 "gpus",
                 format!(
-                    "project {project} holds {} of its quota of {max} GPUs; this task asks for {}",
-                    held.gpus, req.gpus
+                    "project {project} holds {} of its quota of {max} GPUs; this task asks for {}{}",
+                    held.gpus,
+                    req.gpus,
+                    alone(u64::from(max), u64::from(req.gpus))
                 ),
             );
         }
@@ -102,10 +112,11 @@ pub fn over(
             return wait(
                 "cpus",
                 format!(
-                    "project {project} holds {} of its quota of {} CPUs; this task asks for {}",
+                    "project {project} holds {} of its quota of {} CPUs; this task asks for {}{}",
                     cpus(held.cpu_millis),
                     cpus(max),
-                    cpus(u64::from(req.cpu_millis))
+                    cpus(u64::from(req.cpu_millis)),
+                    alone(max, u64::from(req.cpu_millis))
                 ),
             );
         }
@@ -115,8 +126,10 @@ pub fn over(
             return wait(
                 "memory",
                 format!(
-                    "project {project} holds {} MiB of its quota of {max} MiB of memory; this task asks for {} MiB",
-                    held.memory_mb, req.memory_mb
+                    "project {project} holds {} MiB of its quota of {max} MiB of memory; this task asks for {} MiB{}",
+                    held.memory_mb,
+                    req.memory_mb,
+                    alone(max, req.memory_mb)
                 ),
             );
         }
@@ -291,6 +304,11 @@ mod tests {
         );
         let (kind, _) = over("lab", &q, &held, &req(500, 7000, 0), 0).unwrap();
         assert_eq!(kind, "quota memory");
+        let (_, reason) = over("lab", &q, &Held::default(), &req(0, 0, 3), 0).unwrap();
+        assert!(
+            reason.ends_with("it asks for more than the quota allows at all"),
+            "{reason}"
+        );
         held.add(&req(0, 0, 0));
         let (kind, reason) = over("lab", &q, &held, &req(0, 0, 0), 0).unwrap();
         assert_eq!(kind, "quota tasks");
