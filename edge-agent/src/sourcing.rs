@@ -24,6 +24,9 @@ pub const CHECK_EVERY: Duration = Duration::from_secs(3);
 /// within a few seconds of the link, unless a first ask was refused.)
 const UNBOUND_CHECKS: u32 = 3;
 
+/// Tries of the first ask, a second apart, while the link comes up.
+const START_TRIES: u32 = 30;
+
 /// Checks after the hub set the source up again before the agent counts
 /// anew: the hub keeps the source out for a few seconds, then nats-server
 /// binds it; an ask meanwhile would only start it over.
@@ -100,7 +103,8 @@ async fn look(local: &jetstream::Context, node: &NodeId) -> Option<Seen> {
 
 /// Asks the hub to source this node's stream (to set its source up again,
 /// or, the first time, to add it).
-async fn ask(requests: &Requests, node: &NodeId, seen: Seen, watch: &mut Watch) {
+/// True when the hub answered.
+async fn ask(requests: &Requests, node: &NodeId, seen: Seen, watch: &mut Watch) -> bool {
     let asked = SourcingStalled {
         pending: seen.waiting,
         bound: seen.bound,
@@ -109,12 +113,15 @@ async fn ask(requests: &Requests, node: &NodeId, seen: Seen, watch: &mut Watch) 
         Ok(r) if r.restarted => {
             info!(node_id = %node, waiting = seen.waiting, "the hub set up its source of this node again");
             watch.restarted();
+            true
         }
         Ok(r) => {
-            debug!(node_id = %node, reason = ?r.reason, "the hub left its source as it is")
+            debug!(node_id = %node, reason = ?r.reason, "the hub left its source as it is");
+            true
         }
         Err(e) => {
-            debug!(node_id = %node, error = %e, "cannot ask the main server about sourcing")
+            debug!(node_id = %node, error = %e, "cannot ask the main server about sourcing");
+            false
         }
     }
 }
@@ -124,11 +131,20 @@ async fn ask(requests: &Requests, node: &NodeId, seen: Seen, watch: &mut Watch) 
 /// the hub adds a node's source only when the node has its consumer.
 pub async fn keep(local: jetstream::Context, node: NodeId, requests: Requests) {
     let mut watch = Watch::default();
-    if let Some(seen) = look(&local, &node).await {
-        if !seen.bound {
-            info!(node_id = %node, waiting = seen.waiting, "asking the hub to source this node");
-            ask(&requests, &node, seen, &mut watch).await;
+    // Until the hub answers (the link may not be up yet) or binds.
+    for _ in 0..START_TRIES {
+        let Some(seen) = look(&local, &node).await else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        };
+        if seen.bound {
+            break;
         }
+        info!(node_id = %node, waiting = seen.waiting, "asking the hub to source this node");
+        if ask(&requests, &node, seen, &mut watch).await {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let mut tick = tokio::time::interval(CHECK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
