@@ -52,6 +52,61 @@ async fn receiver() -> Result<(String, mpsc::UnboundedReceiver<Got>)> {
     Ok((base, rx))
 }
 
+/// Submits a task of `lab` that fails (as a node would say); its id.
+async fn a_task_fails(s: &Stack, lab: &str, reason: &str) -> Result<TaskId> {
+    let mut body = task("lab");
+    body["retry"] = json!({"max_attempts": 1});
+    let v: Value = s
+        .http
+        .post(s.url("/api/v1/tasks?wait=projected"))
+        .bearer_auth(lab)
+        .json(&body)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let id: TaskId = v["task_id"].as_str().unwrap_or_default().parse()?;
+    let node = NodeId::new();
+    for command in [
+        TaskCommand::Assign {
+            node_id: node,
+            gpus: vec![],
+        },
+        TaskCommand::Start {
+            node_id: node,
+            attempt: 1,
+        },
+        TaskCommand::Fail {
+            node_id: node,
+            exit_code: Some(3),
+            reason: reason.into(),
+            attempt: Some(1),
+        },
+    ] {
+        s.node_says(id, command).await?;
+    }
+    Ok(id)
+}
+
+/// A webhook's delivery log, once it has an entry.
+async fn logged(s: &Stack, lab: &str, name: &str) -> Result<Value> {
+    loop {
+        let log: Value = s
+            .http
+            .get(s.url(&format!("/api/v1/projects/lab/webhooks/{name}/deliveries")))
+            .bearer_auth(lab)
+            .send()
+            .await?
+            .json()
+            .await?;
+        if log.as_array().is_some_and(|l| !l.is_empty()) {
+            return Ok(log);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test]
 async fn webhooks_are_refused_by_field_delivered_signed_retried_and_logged() -> Result<()> {
     let s = Stack::start().await?;
@@ -118,38 +173,7 @@ async fn webhooks_are_refused_by_field_delivered_signed_retried_and_logged() -> 
     assert_eq!(resp.status(), Status::CREATED);
 
     // A task fails (as a node would say).
-    let mut body = task("lab");
-    body["retry"] = json!({"max_attempts": 1});
-    let v: Value = s
-        .http
-        .post(s.url("/api/v1/tasks?wait=projected"))
-        .bearer_auth(&lab)
-        .json(&body)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    let id: TaskId = v["task_id"].as_str().unwrap_or_default().parse()?;
-    let node = NodeId::new();
-    for command in [
-        TaskCommand::Assign {
-            node_id: node,
-            gpus: vec![],
-        },
-        TaskCommand::Start {
-            node_id: node,
-            attempt: 1,
-        },
-        TaskCommand::Fail {
-            node_id: node,
-            exit_code: Some(3),
-            reason: "exited with 3".into(),
-            attempt: Some(1),
-        },
-    ] {
-        s.node_says(id, command).await?;
-    }
+    let id = a_task_fails(&s, &lab, "exited with 3").await?;
 
     // `/ci` refused the first try: three requests in all.
     let mut by_path: std::collections::BTreeMap<String, Vec<(HeaderMap, Vec<u8>)>> =
@@ -198,20 +222,7 @@ async fn webhooks_are_refused_by_field_delivered_signed_retried_and_logged() -> 
     );
 
     // The log says how it went.
-    let log = loop {
-        let log: Value = s
-            .http
-            .get(s.url("/api/v1/projects/lab/webhooks/ci/deliveries"))
-            .bearer_auth(&lab)
-            .send()
-            .await?
-            .json()
-            .await?;
-        if log.as_array().is_some_and(|l| !l.is_empty()) {
-            break log;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let log = logged(&s, &lab, "ci").await?;
     assert_eq!(log[0]["outcome"], "delivered", "{log}");
     assert_eq!(log[0]["attempts"], 2);
     assert_eq!(log[0]["status"], 204);
@@ -256,35 +267,7 @@ async fn webhooks_are_refused_by_field_delivered_signed_retried_and_logged() -> 
     )
     .await?;
     assert_eq!(resp.status(), Status::CREATED);
-    let v: Value = s
-        .http
-        .post(s.url("/api/v1/tasks?wait=projected"))
-        .bearer_auth(&lab)
-        .json(&body)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    let id: TaskId = v["task_id"].as_str().unwrap_or_default().parse()?;
-    for command in [
-        TaskCommand::Assign {
-            node_id: node,
-            gpus: vec![],
-        },
-        TaskCommand::Start {
-            node_id: node,
-            attempt: 1,
-        },
-        TaskCommand::Fail {
-            node_id: node,
-            exit_code: Some(1),
-            reason: "exited with 1".into(),
-            attempt: Some(1),
-        },
-    ] {
-        s.node_says(id, command).await?;
-    }
+    a_task_fails(&s, &lab, "exited with 1").await?;
     loop {
         let (path, _, _) = tokio::time::timeout(Duration::from_secs(30), got.recv())
             .await?
@@ -299,20 +282,7 @@ async fn webhooks_are_refused_by_field_delivered_signed_retried_and_logged() -> 
         .send()
         .await?
         .error_for_status()?;
-    let log = loop {
-        let log: Value = s
-            .http
-            .get(s.url("/api/v1/projects/lab/webhooks/dead/deliveries"))
-            .bearer_auth(&lab)
-            .send()
-            .await?
-            .json()
-            .await?;
-        if log.as_array().is_some_and(|l| !l.is_empty()) {
-            break log;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let log = logged(&s, &lab, "dead").await?;
     assert_eq!(log[0]["outcome"], "failed", "{log}");
     assert_eq!(log[0]["error"], "the webhook was deleted", "{log}");
     assert_eq!(log[0]["status"], 500, "{log}");

@@ -695,6 +695,40 @@ async fn watch_settings<R: serde::de::DeserializeOwned>(
     }
 }
 
+/// Every project's quota in the `ud_quotas` bucket, asked again while the
+/// hub is briefly away; none (and a warning) if it stays away.
+async fn load_quotas(js: &async_nats::jetstream::Context) -> Quotas {
+    use futures::StreamExt;
+    let read = || async {
+        let kv = js
+            .get_key_value(streams::QUOTAS_BUCKET)
+            .await
+            .map_err(nats_err)?;
+        let mut keys = kv.keys().await.map_err(nats_err)?;
+        let mut quotas = Quotas::default();
+        while let Some(k) = keys.next().await {
+            let k = k.map_err(nats_err)?;
+            if let Some(v) = kv.get(&k).await.map_err(nats_err)? {
+                match serde_json::from_slice::<QuotaRecord>(&v) {
+                    Ok(r) => quotas.set(&k, Some(Quota::from(&r))),
+                    Err(e) => warn!(project = %k, error = %e, "unreadable quota ignored"),
+                }
+            }
+        }
+        Ok::<_, crate::edge::EdgeError>(quotas)
+    };
+    read.retry(
+        backon::ConstantBuilder::default()
+            .with_delay(Duration::from_millis(200))
+            .with_max_times(50),
+    )
+    .await
+    .unwrap_or_else(|e| {
+        warn!(error = %e, "cannot read the quotas; placing without them until their watch has them");
+        Quotas::default()
+    })
+}
+
 /// Runs liveness and scheduling until the streams end.
 pub async fn run(commands: TaskCommands, settings: ControllerSettings) {
     let (tx, mut rx) = mpsc::channel::<Update>(65_536);
@@ -763,6 +797,9 @@ pub async fn run(commands: TaskCommands, settings: ControllerSettings) {
     };
     let (queue_tx, mut queue_rx) = mpsc::channel::<(String, Option<QueueRecord>)>(256);
     tokio::spawn(watch_settings(js.clone(), streams::QUEUES_BUCKET, queue_tx));
+    // The quotas as stored, before the first pass: no task goes past one
+    // not read yet. (The watch then follows every change.)
+    c.quotas = load_quotas(&js).await;
     let (quota_tx, mut quota_rx) = mpsc::channel::<(String, Option<QuotaRecord>)>(256);
     tokio::spawn(watch_settings(js.clone(), streams::QUOTAS_BUCKET, quota_tx));
     let mut tick = tokio::time::interval(c.settings.check_interval);

@@ -215,11 +215,15 @@ pub fn plan(
         // A project at its quota places nothing more that would pass it.
         let project = entry.task.project.as_str();
         if let Some(q) = rules.quotas.get(project) {
+            // What the project holds is known once the view caught up.
+            if !rules.caught_up {
+                continue;
+            }
             let used = cluster.gpu_time.used(project, rules.now);
             let now_held = held.get(project).copied().unwrap_or_default();
             if let Some((kind, reason)) = quota::over(project, q, &now_held, &spec.resources, used)
             {
-                if rules.caught_up && memory.waiting.get(&id) != Some(&kind) {
+                if memory.waiting.get(&id) != Some(&kind) {
                     memory.waiting.insert(id, kind);
                     out.verdicts.push((id, TaskCommand::Wait { reason }));
                 }
