@@ -664,6 +664,10 @@ async fn restart_sources(
         .partition(|(n, _, _)| active.contains_key(n) && !sourced.joined.contains(n));
     let mut joined_answers = Vec::new();
     if !joining.is_empty() {
+        // Every stream update makes the hub look up where each new source
+        // stands in `UD_EDGE_IN`: joins go in batches as far apart as
+        // set-ups, not one update per ask.
+        stalled.last_batch = Some(tokio::time::Instant::now());
         sourced.joined.extend(joining.iter().map(|j| j.0));
         let reply = match retry_streams(js, settings, active, &[], consumers, sourced).await {
             Ok(()) => {
