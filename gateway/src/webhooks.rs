@@ -80,31 +80,6 @@ async fn bucket(state: &AppState) -> Result<async_nats::jetstream::kv::Store, Ap
         .map_err(ApiError::unavailable)
 }
 
-async fn records(
-    kv: &async_nats::jetstream::kv::Store,
-    project: &str,
-) -> Result<Vec<WebhookRecord>, ApiError> {
-    let prefix = format!("{project}.");
-    let mut keys = kv.keys().await.map_err(ApiError::unavailable)?;
-    let mut names = Vec::new();
-    while let Some(k) = keys.next().await {
-        let k = k.map_err(ApiError::unavailable)?;
-        if k.starts_with(&prefix) {
-            names.push(k);
-        }
-    }
-    names.sort();
-    let mut out = Vec::new();
-    for k in names {
-        if let Some(v) = kv.get(&k).await.map_err(ApiError::unavailable)? {
-            if let Ok(r) = serde_json::from_slice::<WebhookRecord>(&v) {
-                out.push(r);
-            }
-        }
-    }
-    Ok(out)
-}
-
 /// Make a webhook of the project: the key of its signatures is in the
 /// answer, and only there.
 #[utoipa::path(post, path = "/api/v1/projects/{project}/webhooks", tag = "webhooks",
@@ -170,7 +145,9 @@ pub async fn list(
     Path(project): Path<String>,
 ) -> Result<Json<Vec<WebhookView>>, ApiError> {
     let project = crate::secrets::project_of(&caller, &project)?.to_string();
-    let found = records(&bucket(&state).await?, &project).await?;
+    let found = ud_notify::deliver::project_hooks(&bucket(&state).await?, &project)
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string()))?;
     Ok(Json(found.iter().map(WebhookView::from).collect()))
 }
 

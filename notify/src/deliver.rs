@@ -58,24 +58,27 @@ pub fn log_subject(project: &str, name: &str) -> String {
     format!("ud.webhook.{project}.{name}")
 }
 
-/// The webhooks of `project` that ask for `event_type`.
-async fn hooks_for(
+/// The webhooks of `project`, by name (the API lists them; deliveries
+/// pick those asking for an event).
+pub async fn project_hooks(
     kv: &jetstream::kv::Store,
     project: &str,
-    event_type: &str,
 ) -> Result<Vec<WebhookRecord>, NotifyError> {
     let prefix = format!("{project}.");
     let mut keys = kv.keys().await.map_err(nats)?;
-    let mut out = Vec::new();
+    let mut names = Vec::new();
     while let Some(k) = keys.next().await {
         let k = k.map_err(nats)?;
-        if !k.starts_with(&prefix) {
-            continue;
+        if k.starts_with(&prefix) {
+            names.push(k);
         }
+    }
+    names.sort();
+    let mut out = Vec::new();
+    for k in names {
         if let Some(v) = kv.get(&k).await.map_err(nats)? {
             match serde_json::from_slice::<WebhookRecord>(&v) {
-                Ok(h) if h.events.iter().any(|e| e == event_type) => out.push(h),
-                Ok(_) => {}
+                Ok(h) => out.push(h),
                 Err(e) => warn!(key = %k, error = %e, "unreadable webhook ignored"),
             }
         }
@@ -267,7 +270,8 @@ async fn handle(
         return Ok(());
     };
     let project = task.project.to_string();
-    let hooks = hooks_for(kv, &project, &event_type).await?;
+    let mut hooks = project_hooks(kv, &project).await?;
+    hooks.retain(|h| h.events.contains(&event_type));
     if hooks.is_empty() {
         return Ok(());
     }

@@ -52,6 +52,33 @@ fn source(node: &NodeId) -> Source {
     }
 }
 
+/// The streams `UD_EDGE_IN` sources as configured now.
+fn configured(info: &jetstream::stream::Info) -> std::collections::HashSet<String> {
+    info.config
+        .sources
+        .iter()
+        .flatten()
+        .map(|s| s.name.clone())
+        .collect()
+}
+
+/// The sources `UD_EDGE_IN` is to have: the enrolled nodes that joined,
+/// and those the stream sources now (another main server may have added a
+/// joining node), less those held out here and `leave_out`.
+fn sources_of(
+    active: &BTreeMap<NodeId, String>,
+    sourced: &Sourced,
+    configured: &std::collections::HashSet<String>,
+    leave_out: &[NodeId],
+) -> Vec<Source> {
+    active
+        .keys()
+        .filter(|id| !leave_out.contains(id) && !sourced.held_out.contains(id))
+        .filter(|id| sourced.joined.contains(id) || configured.contains(&edge::stream(id)))
+        .map(source)
+        .collect()
+}
+
 /// Writes the accounts file and asks the hub to reload it.
 pub fn write_accounts(
     settings: &HubSettings,
@@ -169,12 +196,6 @@ struct Sourced {
     held_out: std::collections::HashSet<NodeId>,
 }
 
-impl Sourced {
-    fn includes(&self, id: &NodeId) -> bool {
-        self.joined.contains(id) && !self.held_out.contains(id)
-    }
-}
-
 async fn reconcile(
     js: &jetstream::Context,
     settings: &HubSettings,
@@ -255,28 +276,11 @@ async fn reconcile_streams(
     sourced: &Sourced,
 ) -> Result<(), EdgeError> {
     let existing = js.get_stream(edge::EDGE_IN).await;
-    // What the stream sources now stays (another main server may have
-    // added a joining node), unless held out here.
-    let configured: std::collections::HashSet<String> = existing
+    let configured = existing
         .as_ref()
-        .map(|s| {
-            s.cached_info()
-                .config
-                .sources
-                .iter()
-                .flatten()
-                .map(|s| s.name.clone())
-                .collect()
-        })
+        .map(|s| configured(s.cached_info()))
         .unwrap_or_default();
-    let sources: Vec<Source> = active
-        .keys()
-        .filter(|id| {
-            sourced.includes(id)
-                || (configured.contains(&edge::stream(id)) && !sourced.held_out.contains(id))
-        })
-        .map(source)
-        .collect();
+    let sources = sources_of(active, sourced, &configured, &[]);
     let config = streams::edge_in(settings.replicas, sources);
     match existing {
         Ok(_) => js
@@ -710,13 +714,7 @@ async fn restart_sources(
         .flat_map(|i| &i.sources)
         .filter_map(|si| si.active.map(|a| (si.name.clone(), a)))
         .collect();
-    // What the stream sources now (another main server may have added a
-    // joining node).
-    let configured: std::collections::HashSet<String> = info
-        .iter()
-        .flat_map(|i| i.config.sources.iter().flatten())
-        .map(|s| s.name.clone())
-        .collect();
+    let configured = info.as_ref().map(configured).unwrap_or_default();
     let now = tokio::time::Instant::now();
     let (chosen, mut answers) = choose(&asking, active, &heard, &stalled.restarted, now);
     answers.extend(joined_answers);
@@ -727,13 +725,7 @@ async fn restart_sources(
     if chosen.is_empty() {
         return answers;
     }
-    let kept: Vec<Source> = active
-        .keys()
-        .filter(|id| {
-            !chosen.contains(id) && (sourced.includes(id) || configured.contains(&edge::stream(id)))
-        })
-        .map(source)
-        .collect();
+    let kept = sources_of(active, sourced, &configured, &chosen);
     let outcome = match js
         .update_stream(&streams::edge_in(settings.replicas, kept))
         .await

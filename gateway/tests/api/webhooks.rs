@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Result;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
+use futures::StreamExt;
 use reqwest::StatusCode as Status;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -89,22 +90,33 @@ async fn a_task_fails(s: &Stack, lab: &str, reason: &str) -> Result<TaskId> {
     Ok(id)
 }
 
-/// A webhook's delivery log, once it has an entry.
-async fn logged(s: &Stack, lab: &str, name: &str) -> Result<Value> {
-    loop {
-        let log: Value = s
-            .http
-            .get(s.url(&format!("/api/v1/projects/lab/webhooks/{name}/deliveries")))
-            .bearer_auth(lab)
-            .send()
-            .await?
-            .json()
-            .await?;
-        if log.as_array().is_some_and(|l| !l.is_empty()) {
-            return Ok(log);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+/// Follows the log of a webhook's deliveries (`UD_WEBHOOK_LOG`).
+async fn log_of(s: &Stack, name: &str) -> Result<async_nats::Subscriber> {
+    let client = s.server.state.commands.store().client();
+    let sub = client
+        .subscribe(ud_notify::deliver::log_subject("lab", name))
+        .await?;
+    client.flush().await?;
+    Ok(sub)
+}
+
+/// A webhook's delivery log through the API, once `log` saw an entry.
+async fn logged(
+    s: &Stack,
+    lab: &str,
+    name: &str,
+    log: &mut async_nats::Subscriber,
+) -> Result<Value> {
+    tokio::time::timeout(Duration::from_secs(30), log.next())
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("the log ended"))?;
+    Ok(s.http
+        .get(s.url(&format!("/api/v1/projects/lab/webhooks/{name}/deliveries")))
+        .bearer_auth(lab)
+        .send()
+        .await?
+        .json()
+        .await?)
 }
 
 #[tokio::test]
@@ -173,6 +185,7 @@ async fn webhooks_are_refused_by_field_delivered_signed_retried_and_logged() -> 
     assert_eq!(resp.status(), Status::CREATED);
 
     // A task fails (as a node would say).
+    let mut ci_log = log_of(&s, "ci").await?;
     let id = a_task_fails(&s, &lab, "exited with 3").await?;
 
     // `/ci` refused the first try: three requests in all.
@@ -222,7 +235,7 @@ async fn webhooks_are_refused_by_field_delivered_signed_retried_and_logged() -> 
     );
 
     // The log says how it went.
-    let log = logged(&s, &lab, "ci").await?;
+    let log = logged(&s, &lab, "ci", &mut ci_log).await?;
     assert_eq!(log[0]["outcome"], "delivered", "{log}");
     assert_eq!(log[0]["attempts"], 2);
     assert_eq!(log[0]["status"], 204);
@@ -267,6 +280,7 @@ async fn webhooks_are_refused_by_field_delivered_signed_retried_and_logged() -> 
     )
     .await?;
     assert_eq!(resp.status(), Status::CREATED);
+    let mut dead_log = log_of(&s, "dead").await?;
     a_task_fails(&s, &lab, "exited with 1").await?;
     loop {
         let (path, _, _) = tokio::time::timeout(Duration::from_secs(30), got.recv())
@@ -282,7 +296,7 @@ async fn webhooks_are_refused_by_field_delivered_signed_retried_and_logged() -> 
         .send()
         .await?
         .error_for_status()?;
-    let log = logged(&s, &lab, "dead").await?;
+    let log = logged(&s, &lab, "dead", &mut dead_log).await?;
     assert_eq!(log[0]["outcome"], "failed", "{log}");
     assert_eq!(log[0]["error"], "the webhook was deleted", "{log}");
     assert_eq!(log[0]["status"], 500, "{log}");
