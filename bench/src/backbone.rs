@@ -341,9 +341,13 @@ async fn rest_submit_to_projected(
 ) -> Result<(f64, Duration, Duration, usize)> {
     let running =
         ud_server::start(ud_server::ServerConfig::local(nats_url, pg.url.clone())).await?;
-    let issued = ud_core::commands::issue_token(store, "bench", &["bench".into()], false, "bench")
-        .await
-        .map_err(|e| anyhow!("{e}"))?;
+    let issued = ud_core::commands::issue_token(
+        store,
+        &ud_core::commands::NewToken::scoped("bench", &["bench".into()], false),
+        "bench",
+    )
+    .await
+    .map_err(|e| anyhow!("{e}"))?;
     running
         .state
         .projected

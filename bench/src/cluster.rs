@@ -51,9 +51,13 @@ pub async fn run(a: Args) -> Result<()> {
     })
     .await?;
     let store = running.state.commands.store().clone();
-    let issued = ud_core::commands::issue_token(&store, "bench", &["bench".into()], false, "bench")
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let issued = ud_core::commands::issue_token(
+        &store,
+        &ud_core::commands::NewToken::scoped("bench", &["bench".into()], false),
+        "bench",
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
     running
         .state
         .projected

@@ -129,10 +129,13 @@ pub async fn start_platform_on(
 
 /// An admin token, usable through the API once this returns.
 pub async fn admin_token(running: &ud_server::Running) -> Result<ud_core::commands::IssuedToken> {
-    let admin =
-        ud_core::commands::issue_token(running.state.commands.store(), "bench", &[], true, "bench")
-            .await
-            .map_err(|e| anyhow!("{e}"))?;
+    let admin = ud_core::commands::issue_token(
+        running.state.commands.store(),
+        &ud_core::commands::NewToken::scoped("bench", &[], true),
+        "bench",
+    )
+    .await
+    .map_err(|e| anyhow!("{e}"))?;
     running
         .state
         .projected

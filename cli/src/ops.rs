@@ -460,10 +460,13 @@ pub async fn admin(c: AdminCommand) -> Result<()> {
                 .client()
                 .subscribe(ud_schemas::subjects::projected(ud_schemas::streams::AUTH))
                 .await?;
-            let issued =
-                ud_core::commands::issue_token(&store, &a.name, &a.projects, a.admin, "admin-cli")
-                    .await
-                    .map_err(|e| anyhow::anyhow!(e.describe()))?;
+            let issued = ud_core::commands::issue_token(
+                &store,
+                &ud_core::commands::NewToken::scoped(&a.name, &a.projects, a.admin),
+                "admin-cli",
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!(e.describe()))?;
             println!("{}", issued.secret);
             // Return once a running server's projector has it, so the token works at once.
             let projected = tokio::time::timeout(std::time::Duration::from_secs(10), async {

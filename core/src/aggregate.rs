@@ -19,7 +19,7 @@ use crate::store::{EventStore, Expect, StoreError};
 /// An aggregate: its identity, its commands and events, and the pure
 /// functions that decide and apply them.
 pub trait Aggregate: Clone + Send + Sync + Sized + 'static {
-    type Id: Copy + Eq + Hash + std::fmt::Display + Send + Sync + 'static;
+    type Id: Clone + Eq + Hash + std::fmt::Display + Send + Sync + 'static;
     type Command: Clone + Send + Sync;
     type Event: Clone + Send + Sync;
     type Error: std::error::Error + Clone + Send + Sync + 'static;
@@ -58,7 +58,9 @@ pub fn fold<'a, A: Aggregate>(
     id: A::Id,
     events: impl IntoIterator<Item = &'a A::Event>,
 ) -> Option<A> {
-    events.into_iter().fold(state, |s, e| A::evolve(s, id, e))
+    events
+        .into_iter()
+        .fold(state, |s, e| A::evolve(s, id.clone(), e))
 }
 
 /// What an executed command did.
@@ -162,7 +164,7 @@ impl<A: Aggregate> Repository<A> {
         let mut last = 0;
         for stored in events {
             if let Some((_, e)) = A::unwrap(stored.envelope.event) {
-                state = A::evolve(state, *id, &e);
+                state = A::evolve(state, id.clone(), &e);
                 last = stored.seq;
             }
         }
@@ -176,7 +178,7 @@ impl<A: Aggregate> Repository<A> {
         }
         let loaded = self.load(id).await?;
         if let Some((state, seq)) = &loaded {
-            self.remember(*id, &Some(state.clone()), *seq);
+            self.remember(id.clone(), &Some(state.clone()), *seq);
         }
         Ok(loaded)
     }
@@ -240,7 +242,7 @@ impl<A: Aggregate> Repository<A> {
                 return Err(ExecuteError::Hidden);
             }
             match self
-                .decide_and_append(id, state, seq, command.clone(), meta)
+                .decide_and_append(id.clone(), state, seq, command.clone(), meta)
                 .await
             {
                 // What the remembered state refused is decided again on the stream's.
@@ -301,7 +303,11 @@ impl<A: Aggregate> Repository<A> {
                 Ok(mut events) if events.len() == 1 => {
                     let expect = expectation(checked, item.state.is_some(), item.seq);
                     let event = events.remove(0);
-                    appends.push((A::wrap(item.id, event.clone()), item.meta.clone(), expect));
+                    appends.push((
+                        A::wrap(item.id.clone(), event.clone()),
+                        item.meta.clone(),
+                        expect,
+                    ));
                     decided.push(Some((i, item, event, checked)));
                 }
                 Ok(_) => one_by_one.push((i, item)),
@@ -316,9 +322,9 @@ impl<A: Aggregate> Repository<A> {
                 };
                 match result {
                     Ok(seq) => {
-                        let state = A::evolve(item.state, item.id, &event);
+                        let state = A::evolve(item.state, item.id.clone(), &event);
                         if checked {
-                            self.remember(item.id, &state, seq);
+                            self.remember(item.id.clone(), &state, seq);
                         }
                         done(
                             i,
@@ -368,7 +374,10 @@ impl<A: Aggregate> Repository<A> {
         if events.is_empty() {
             return Ok(Executed { events, state, seq });
         }
-        let wrapped: Vec<Event> = events.iter().map(|e| A::wrap(id, e.clone())).collect();
+        let wrapped: Vec<Event> = events
+            .iter()
+            .map(|e| A::wrap(id.clone(), e.clone()))
+            .collect();
         let expect = expectation(checked, state.is_some(), seq);
         let last = self.store.append_all(&wrapped, meta, expect).await;
         let last = match last {
@@ -378,7 +387,7 @@ impl<A: Aggregate> Repository<A> {
                 return Err(e.into());
             }
         };
-        let state = fold(state, id, &events);
+        let state = fold(state, id.clone(), &events);
         let seq = last.unwrap_or(seq);
         if checked {
             self.remember(id, &state, seq);

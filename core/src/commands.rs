@@ -40,6 +40,12 @@ pub enum CommandError {
     /// The schedule's state does not allow the command (HTTP 409).
     #[error(transparent)]
     ScheduleRejected(crate::schedule::ScheduleError),
+    /// No such project (HTTP 404).
+    #[error("project not found")]
+    NoProject,
+    /// The project's state does not allow the command (HTTP 409).
+    #[error(transparent)]
+    ProjectRejected(crate::project::ProjectError),
     /// Another command changed the task first (HTTP 409, retry).
     #[error("the task was changed concurrently; read it again and retry")]
     Conflict,
@@ -401,9 +407,10 @@ impl CommandError {
             Self::Invalid(_) => 400,
             Self::Forbidden(_) => 403,
             Self::NotFound => 404,
-            Self::NoPipeline | Self::NoSchedule => 404,
+            Self::NoPipeline | Self::NoSchedule | Self::NoProject => 404,
             Self::Rejected(_)
             | Self::PipelineRejected(_)
+            | Self::ProjectRejected(_)
             | Self::ScheduleRejected(_)
             | Self::Conflict => 409,
             Self::IdempotencyMismatch => 422,
@@ -432,15 +439,37 @@ pub struct IssuedToken {
     pub seq: u64,
 }
 
-/// Issues a token scoped to `projects` (admins see every project).
+/// A token to issue. A user's token carries that user's project roles;
+/// one without a user names its projects itself (and is an owner there).
+#[derive(Clone, Debug, Default)]
+pub struct NewToken {
+    pub name: String,
+    pub projects: Vec<String>,
+    pub admin: bool,
+    pub user: Option<String>,
+    pub expires_at: Option<ud_schemas::Millis>,
+}
+
+impl NewToken {
+    /// A token that names its projects (admins see every project).
+    pub fn scoped(name: &str, projects: &[String], admin: bool) -> Self {
+        Self {
+            name: name.to_owned(),
+            projects: projects.to_vec(),
+            admin,
+            ..Self::default()
+        }
+    }
+}
+
+/// Issues a token; the secret is returned once.
 pub async fn issue_token(
     store: &EventStore,
-    name: &str,
-    projects: &[String],
-    admin: bool,
+    token: &NewToken,
     actor: &str,
 ) -> Result<IssuedToken, CommandError> {
     let mut errors = Vec::new();
+    let name = token.name.as_str();
     if name.is_empty() || !crate::validate::plain_text(name, 100) {
         errors.push(FieldError::new(
             "name",
@@ -448,16 +477,32 @@ pub async fn issue_token(
         ));
     }
     let mut parsed = Vec::new();
-    for (i, p) in projects.iter().enumerate() {
+    for (i, p) in token.projects.iter().enumerate() {
         match ProjectId::parse(p) {
             Ok(p) => parsed.push(p),
             Err(e) => errors.push(FieldError::new(format!("projects[{i}]"), e.to_string())),
         }
     }
-    if parsed.is_empty() && !admin && errors.is_empty() {
+    if let Some(user) = &token.user {
+        if let Err(reason) = ud_schemas::spec::user_name(user) {
+            errors.push(FieldError::new("user", reason));
+        }
+        if !parsed.is_empty() {
+            errors.push(FieldError::new(
+                "projects",
+                "a user's token carries the user's roles: name no projects",
+            ));
+        }
+    }
+    if let Some(at) = token.expires_at {
+        if at <= ud_schemas::now_millis() {
+            errors.push(FieldError::new("expires_at", "must be in the future"));
+        }
+    }
+    if parsed.is_empty() && !token.admin && token.user.is_none() && errors.is_empty() {
         errors.push(FieldError::new(
             "projects",
-            "a non-admin token needs at least one project",
+            "a token needs a user, at least one project, or admin",
         ));
     }
     if !errors.is_empty() {
@@ -469,7 +514,9 @@ pub async fn issue_token(
         name: name.to_owned(),
         digest: crate::auth::digest(&secret),
         projects: parsed,
-        admin,
+        admin: token.admin,
+        user: token.user.clone(),
+        expires_at: token.expires_at,
     };
     let done = Repository::<Token>::new(store.clone())
         .create(token_id, command, &EventMeta::new(actor))
@@ -480,6 +527,54 @@ pub async fn issue_token(
         secret,
         seq: done.seq,
     })
+}
+
+/// Runs a command on a project: creating it, setting or removing a member,
+/// archiving it. User names are checked here, whoever asks.
+pub async fn project_command(
+    store: &EventStore,
+    project: &ProjectId,
+    command: crate::project::ProjectCommand,
+    actor: &str,
+) -> Result<u64, CommandError> {
+    use crate::project::{Project, ProjectCommand, ProjectError};
+    let user = match &command {
+        ProjectCommand::Create { owner, .. } => Some(("owner", owner)),
+        ProjectCommand::SetMember { user, .. } | ProjectCommand::RemoveMember { user } => {
+            Some(("user", user))
+        }
+        ProjectCommand::Archive => None,
+    };
+    if let Some((field, user)) = user {
+        ud_schemas::spec::user_name(user)
+            .map_err(|r| CommandError::Invalid(vec![FieldError::new(field, r)]))?;
+    }
+    if let ProjectCommand::Create { description, .. } = &command {
+        if !crate::validate::plain_text(description, 500) {
+            return Err(CommandError::Invalid(vec![FieldError::new(
+                "description",
+                "at most 500 bytes without control characters",
+            )]));
+        }
+    }
+    let repo = Repository::<Project>::new(store.clone());
+    let meta = EventMeta::new(actor);
+    let done = match command {
+        ProjectCommand::Create { .. } => repo.create(project.clone(), command, &meta).await,
+        _ => {
+            repo.execute(project.clone(), command, &meta, Retries(2), |_| true)
+                .await
+        }
+    };
+    match done {
+        Ok(done) => Ok(done.seq),
+        Err(ExecuteError::Rejected(ProjectError::NotFound)) | Err(ExecuteError::Hidden) => {
+            Err(CommandError::NoProject)
+        }
+        Err(ExecuteError::Conflict) => Err(CommandError::ProjectRejected(ProjectError::Exists)),
+        Err(ExecuteError::Rejected(e)) => Err(CommandError::ProjectRejected(e)),
+        Err(ExecuteError::Store(e)) => Err(e.into()),
+    }
 }
 
 fn token_error(e: ExecuteError<TokenError>) -> CommandError {

@@ -16,6 +16,7 @@ pub mod follow;
 pub mod guard;
 pub mod node;
 pub mod pipeline;
+pub mod project;
 pub mod schedule;
 pub mod secrets;
 pub mod service;

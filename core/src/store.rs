@@ -193,6 +193,7 @@ impl EventStore {
             Event::Secret(s, _) => subjects::secret_all(s),
             Event::Pipeline(id, _) => subjects::pipeline_all(id),
             Event::Schedule(id, _) => subjects::schedule_all(id),
+            Event::Project(p, _) => subjects::project_all(p),
         };
         let seq = match expect {
             Expect::Any => return Ok(msg),
@@ -352,6 +353,29 @@ impl EventStore {
             }
         }
         Ok(out)
+    }
+
+    /// The project a task was submitted to and who submitted it (the
+    /// actor of its `submitted` event), if there is such a task.
+    pub async fn task_origin(
+        &self,
+        id: &TaskId,
+    ) -> Result<Option<(ud_schemas::ProjectId, String)>, StoreError> {
+        let submitted = self
+            .read_subject(
+                ud_schemas::streams::TASKS,
+                &ud_schemas::subjects::task_event(id, "submitted"),
+            )
+            .await?;
+        Ok(submitted
+            .into_iter()
+            .next()
+            .and_then(|e| match e.envelope.event {
+                ud_schemas::Event::Task(_, ud_schemas::TaskEvent::Submitted(s)) => {
+                    Some((s.project, e.envelope.meta.actor))
+                }
+                _ => None,
+            }))
     }
 
     /// A task folded from its stream, with the sequence of its last event.

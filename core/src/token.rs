@@ -9,6 +9,8 @@ pub struct Token {
     pub name: String,
     pub projects: Vec<ProjectId>,
     pub admin: bool,
+    pub user: Option<String>,
+    pub expires_at: Option<Millis>,
     pub revoked: bool,
 }
 
@@ -20,6 +22,8 @@ pub enum TokenCommand {
         digest: String,
         projects: Vec<ProjectId>,
         admin: bool,
+        user: Option<String>,
+        expires_at: Option<Millis>,
     },
     Revoke,
 }
@@ -45,6 +49,8 @@ pub fn decide(
                 digest,
                 projects,
                 admin,
+                user,
+                expires_at,
             },
         ) => Ok(vec![AuthEvent::TokenIssued(TokenIssued {
             at: now,
@@ -52,6 +58,8 @@ pub fn decide(
             digest,
             projects,
             admin,
+            user,
+            expires_at,
         })]),
         (Some(_), TokenCommand::Issue { .. }) => Err(TokenError::AlreadyIssued),
         (None, TokenCommand::Revoke) => Err(TokenError::NotFound),
@@ -70,6 +78,8 @@ pub fn evolve(token: Option<Token>, id: TokenId, event: &AuthEvent) -> Option<To
             name: e.name.clone(),
             projects: e.projects.clone(),
             admin: e.admin,
+            user: e.user.clone(),
+            expires_at: e.expires_at,
             revoked: false,
         }),
         (None, AuthEvent::TokenRevoked(_)) => None,
@@ -132,6 +142,8 @@ mod tests {
             digest: "d".into(),
             projects: vec![],
             admin: true,
+            user: None,
+            expires_at: None,
         };
         let issued = decide(None, issue.clone(), 1).unwrap_or_default();
         assert_eq!(issued.len(), 1);

@@ -62,6 +62,10 @@ impl ApiError {
         Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
     }
 
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
     pub fn not_found(what: &str) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
@@ -95,8 +99,10 @@ impl From<CommandError> for ApiError {
             CommandError::NotFound => Self::not_found("task"),
             CommandError::NoPipeline => Self::not_found("pipeline"),
             CommandError::NoSchedule => Self::not_found("schedule"),
+            CommandError::NoProject => Self::not_found("project"),
             CommandError::Rejected(_)
             | CommandError::PipelineRejected(_)
+            | CommandError::ProjectRejected(_)
             | CommandError::ScheduleRejected(_) => {
                 Self::new(status, "invalid_state", e.to_string())
             }

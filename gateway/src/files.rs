@@ -9,10 +9,11 @@ use serde::{Deserialize, Serialize};
 use ud_storage::{keys, Storage, StorageError};
 use utoipa::{IntoParams, ToSchema};
 
-use crate::auth::Caller;
+use crate::auth::{project_of, Caller};
 use crate::body::JsonBody;
 use crate::error::{ApiError, ErrorBody};
 use crate::AppState;
+use ud_schemas::Role;
 
 /// Largest file one upload may write (S3's limit for one object).
 pub const MAX_FILE_BYTES: u64 = 5 << 40;
@@ -46,15 +47,6 @@ fn storage<'a>(state: &'a AppState, project: &str) -> Result<&'a Storage, ApiErr
             e.to_string(),
         )
     })
-}
-
-fn project_of(caller: &Caller, project: &str) -> Result<(), ApiError> {
-    if caller.may_see(project) {
-        Ok(())
-    } else {
-        // The same answer as for a project that does not exist.
-        Err(ApiError::not_found("project"))
-    }
 }
 
 /// A URL to call as it is (with the given method), valid until `expires_at`.
@@ -126,7 +118,7 @@ pub async fn stores(
     caller: Caller,
     Path(project): Path<String>,
 ) -> Result<Json<StoreList>, ApiError> {
-    project_of(&caller, &project)?;
+    project_of(&caller, &project, Role::Viewer)?;
     let stores = state
         .stores
         .list(&project)
@@ -151,7 +143,7 @@ pub async fn list(
     Path(project): Path<String>,
     Query(p): Query<ListParams>,
 ) -> Result<Json<FileList>, ApiError> {
-    project_of(&caller, &project)?;
+    project_of(&caller, &project, Role::Viewer)?;
     let storage = storage(&state, &project)?;
     let base = keys::files_prefix(&project)?;
     let prefix = match p.prefix.as_deref().filter(|p| !p.is_empty()) {
@@ -193,7 +185,7 @@ pub async fn download(
     caller: Caller,
     Path((project, path)): Path<(String, String)>,
 ) -> Result<Json<Download>, ApiError> {
-    project_of(&caller, &project)?;
+    project_of(&caller, &project, Role::Viewer)?;
     let storage = storage(&state, &project)?;
     let key = keys::file_key(&project, &path)?;
     let info = storage.head(&key).await?.ok_or_else(|| {
@@ -326,7 +318,7 @@ pub async fn start_upload(
     Path(project): Path<String>,
     JsonBody(req): JsonBody<StartUpload>,
 ) -> Result<(StatusCode, Json<UploadPlan>), ApiError> {
-    project_of(&caller, &project)?;
+    project_of(&caller, &project, Role::Member)?;
     let storage = storage(&state, &project)?;
     keys::check_path(&req.path)?;
     check_quota(storage, &project, req.size_bytes).await?;
@@ -354,7 +346,7 @@ pub async fn resume_upload(
     Path((project, upload_id)): Path<(String, String)>,
     Query(p): Query<UploadParams>,
 ) -> Result<Json<UploadPlan>, ApiError> {
-    project_of(&caller, &project)?;
+    project_of(&caller, &project, Role::Member)?;
     let storage = storage(&state, &project)?;
     Ok(Json(
         plan(storage, &project, &p.path, p.size_bytes, Some(upload_id)).await?,
@@ -380,7 +372,7 @@ pub async fn complete_upload(
     Path((project, upload_id)): Path<(String, String)>,
     JsonBody(req): JsonBody<CompleteUpload>,
 ) -> Result<Json<FileInfo>, ApiError> {
-    project_of(&caller, &project)?;
+    project_of(&caller, &project, Role::Member)?;
     let storage = storage(&state, &project)?;
     let key = keys::file_key(&project, &req.path)?;
     // Nothing half-written is completed: the parts must add up to the file.
@@ -416,7 +408,7 @@ pub async fn abort_upload(
     Path((project, upload_id)): Path<(String, String)>,
     Query(p): Query<UploadParams>,
 ) -> Result<StatusCode, ApiError> {
-    project_of(&caller, &project)?;
+    project_of(&caller, &project, Role::Member)?;
     let storage = storage(&state, &project)?;
     storage
         .abort_multipart(&keys::file_key(&project, &p.path)?, &upload_id)

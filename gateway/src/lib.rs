@@ -1,5 +1,6 @@
 //! The UniDesk REST API (axum): tasks, nodes, tokens, the OpenAPI document.
 
+pub mod access;
 pub mod auth;
 pub mod body;
 pub mod error;
@@ -11,6 +12,7 @@ pub mod openapi;
 pub mod paging;
 pub mod pipelines;
 pub mod projected;
+pub mod projects;
 pub mod queues;
 pub mod quotas;
 pub mod schedules;
@@ -181,7 +183,20 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/tasks/{id}/logs", get(tasks::logs))
         .route("/api/v1/live", get(live::live))
         .route("/api/v1/stats", get(stats::stats))
-        .route("/api/v1/tokens", post(tokens::issue))
+        .route("/api/v1/tokens", post(tokens::issue).get(tokens::list))
+        .route(
+            "/api/v1/projects",
+            post(projects::create).get(projects::list),
+        )
+        .route("/api/v1/projects/{project}", get(projects::get))
+        .route(
+            "/api/v1/projects/{project}/members/{user}",
+            axum::routing::put(projects::set_member).delete(projects::remove_member),
+        )
+        .route(
+            "/api/v1/projects/{project}/archive",
+            post(projects::archive),
+        )
         .route("/api/v1/tokens/{id}", delete(tokens::revoke))
         .merge(ui::router())
         .fallback(fallback)

@@ -426,7 +426,7 @@ impl Stored {
             Event::Task(id, _) => task_id = Some(id.to_string()),
             Event::Node(id, _) => node_id = Some(id.to_string()),
             Event::Pipeline(id, _) => pipeline_id = Some(id.to_string()),
-            Event::Auth(..) | Event::Secret(..) | Event::Schedule(..) => {}
+            Event::Auth(..) | Event::Secret(..) | Event::Schedule(..) | Event::Project(..) => {}
         }
         Outgoing::Event {
             stream: stream.into(),

@@ -157,7 +157,9 @@ pub async fn submit(
     let wait = params.wants_projection()?;
     let accepted = state
         .pipelines
-        .submit(&req, &caller.actor(), |p| caller.may_see(p.as_str()))
+        .submit(&req, &caller.actor(), |p| {
+            caller.may(p.as_str(), ud_schemas::Role::Member)
+        })
         .await?;
     Ok(respond(&state, accepted, wait, StatusCode::ACCEPTED).await)
 }
@@ -206,7 +208,7 @@ pub async fn list(
     let filter = ud_projections::db::PipelineFilter {
         status: p.status.clone(),
         project: p.project.clone(),
-        projects: (!caller.admin).then(|| caller.projects.clone()),
+        projects: caller.visible(),
         before,
         limit: limit + 1,
     };
@@ -242,10 +244,12 @@ pub async fn cancel(
     let reason = req
         .reason
         .unwrap_or_else(|| format!("cancelled by {}", caller.actor()));
-    let accepted = state
+    let gate = crate::auth::Gate::new(&caller, ud_schemas::Role::Member);
+    let done = state
         .pipelines
-        .cancel(id, &reason, &caller.actor(), |p| caller.may_see(p.as_str()))
-        .await?;
+        .cancel(id, &reason, &caller.actor(), |p| gate.check(p))
+        .await;
+    let accepted = gate.result(done)?;
     Ok(respond(&state, accepted, wait, StatusCode::ACCEPTED).await)
 }
 
@@ -266,11 +270,11 @@ pub async fn rerun(
     let wait = params.wants_projection()?;
     let id = parse_id(&id)?;
     let req: RerunPipeline = crate::body::parse_or_default(&body)?;
-    let accepted = state
+    let gate = crate::auth::Gate::new(&caller, ud_schemas::Role::Member);
+    let done = state
         .pipelines
-        .rerun(id, req.step, &caller.actor(), |p| {
-            caller.may_see(p.as_str())
-        })
-        .await?;
+        .rerun(id, req.step, &caller.actor(), |p| gate.check(p))
+        .await;
+    let accepted = gate.result(done)?;
     Ok(respond(&state, accepted, wait, StatusCode::ACCEPTED).await)
 }

@@ -86,7 +86,7 @@ async fn counts(
     state: &AppState,
     caller: &Caller,
 ) -> Result<std::collections::BTreeMap<String, (i64, i64)>, ApiError> {
-    let projects = (!caller.admin).then(|| caller.projects.clone());
+    let projects = caller.visible();
     let client = state.db.client().await?;
     let rows = client
         .query(

@@ -215,7 +215,8 @@ pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
 ) -> Result<Json<Vec<QuotaView>>, ApiError> {
-    let projects = (!caller.admin).then_some(caller.projects.as_slice());
+    let visible = caller.visible();
+    let projects = visible.as_deref();
     let client = state.db.client().await?;
     let (month, mut used, _) = usage(&client, projects).await?;
     let kv = bucket(&state).await?;
@@ -246,7 +247,7 @@ pub async fn get(
     caller: Caller,
     Path(project): Path<String>,
 ) -> Result<Json<QuotaView>, ApiError> {
-    let project = crate::secrets::project_of(&caller, &project)?.to_string();
+    let project = crate::auth::project_of(&caller, &project, ud_schemas::Role::Viewer)?.to_string();
     one(&state, project).await.map(Json)
 }
 

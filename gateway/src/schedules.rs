@@ -176,7 +176,9 @@ pub async fn create(
     let wait = params.wants_projection()?;
     let accepted = state
         .schedules
-        .create(&req, &caller.actor(), |p| caller.may_see(p.as_str()))
+        .create(&req, &caller.actor(), |p| {
+            caller.may(p.as_str(), ud_schemas::Role::Member)
+        })
         .await?;
     Ok(respond(&state, accepted, wait, StatusCode::CREATED).await)
 }
@@ -213,7 +215,7 @@ pub async fn list(
 ) -> Result<Json<ScheduleList>, ApiError> {
     crate::paging::caught_up(&state, streams::SCHEDULES, p.projected_seq).await;
     let client = state.db.client().await?;
-    let projects = (!caller.admin).then(|| caller.projects.clone());
+    let projects = caller.visible();
     let rows = ud_projections::db::list_schedules(
         &client,
         p.project.as_deref(),
@@ -234,10 +236,12 @@ async fn execute(
     wait: bool,
 ) -> Result<Response, ApiError> {
     let id = parse_id(id)?;
-    let accepted = state
+    let gate = crate::auth::Gate::new(caller, ud_schemas::Role::Member);
+    let done = state
         .schedules
-        .execute(id, command, &caller.actor(), |p| caller.may_see(p.as_str()))
-        .await?;
+        .execute(id, command, &caller.actor(), |p| gate.check(p))
+        .await;
+    let accepted = gate.result(done)?;
     Ok(respond(state, accepted, wait, StatusCode::ACCEPTED).await)
 }
 

@@ -12,10 +12,11 @@ use ud_schemas::api::{SecretInfo, SetSecret};
 use ud_schemas::ProjectId;
 use utoipa::ToSchema;
 
-use crate::auth::Caller;
+use crate::auth::{project_of, Caller};
 use crate::body::JsonBody;
 use crate::error::{ApiError, ErrorBody};
 use crate::AppState;
+use ud_schemas::Role;
 
 impl From<SecretError> for ApiError {
     fn from(e: SecretError) -> Self {
@@ -37,15 +38,6 @@ fn secrets(state: &AppState) -> Result<&Secrets, ApiError> {
             "this platform holds no key for secrets (UD_SECRETS_KEY_FILE)",
         )
     })
-}
-
-/// The project, if the caller may use it (the same answer as for a project
-/// that does not exist otherwise).
-pub(crate) fn project_of(caller: &Caller, project: &str) -> Result<ProjectId, ApiError> {
-    match project.parse::<ProjectId>() {
-        Ok(p) if caller.may_see(project) => Ok(p),
-        _ => Err(ApiError::not_found("project")),
-    }
 }
 
 /// A project's secret, without its value.
@@ -86,7 +78,7 @@ pub async fn put(
     Path((project, name)): Path<(String, String)>,
     JsonBody(req): JsonBody<SetSecret>,
 ) -> Result<Json<SecretInfo>, ApiError> {
-    let project = project_of(&caller, &project)?;
+    let project = project_of(&caller, &project, Role::Owner)?;
     let info = secrets(&state)?
         .set(&project, &name, &req.value, &caller.actor())
         .await?;
@@ -103,7 +95,7 @@ pub async fn delete(
     caller: Caller,
     Path((project, name)): Path<(String, String)>,
 ) -> Result<Json<SecretInfo>, ApiError> {
-    let project = project_of(&caller, &project)?;
+    let project = project_of(&caller, &project, Role::Owner)?;
     let info = secrets(&state)?
         .delete(&project, &name, &caller.actor())
         .await?;
@@ -120,7 +112,7 @@ pub async fn list(
     caller: Caller,
     Path(project): Path<String>,
 ) -> Result<Json<SecretList>, ApiError> {
-    let project = project_of(&caller, &project)?;
+    let project = project_of(&caller, &project, Role::Viewer)?;
     let found = secrets(&state)?.list(|p| p == &project).await?;
     Ok(Json(list_of(found)))
 }

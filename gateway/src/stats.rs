@@ -83,7 +83,8 @@ pub async fn stats(
     if !(2..=500).contains(&points) {
         return Err(ApiError::field("points", "must be between 2 and 500"));
     }
-    let projects = (!caller.admin).then_some(caller.projects.as_slice());
+    let visible = caller.visible();
+    let projects = visible.as_deref();
     let client = state.db.client().await?;
     let rows = ud_projections::db::tasks_by_state(&client, projects).await?;
     let mut tasks_by_state: std::collections::BTreeMap<String, i64> = ud_schemas::TaskStatus::ALL

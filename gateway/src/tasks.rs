@@ -17,6 +17,7 @@ use crate::auth::Caller;
 use crate::body::JsonBody;
 use crate::error::{ApiError, ErrorBody};
 use crate::AppState;
+use ud_schemas::Role;
 
 /// How long `wait=projected` waits before answering without the projection.
 pub const WAIT_PROJECTED: Duration = Duration::from_secs(5);
@@ -236,7 +237,9 @@ pub async fn submit(
     };
     let accepted = state
         .commands
-        .submit(&req, key, &caller.actor(), |p| caller.may_see(p.as_str()))
+        .submit(&req, key, &caller.actor(), |p| {
+            caller.may(p.as_str(), Role::Member)
+        })
         .await?;
     let mut resp = respond_accepted(&state, accepted, wait, StatusCode::ACCEPTED).await;
     if !accepted.created {
@@ -269,6 +272,7 @@ pub async fn cancel(
     let wait = params.wants_projection()?;
     let id = parse_task_id(&id)?;
     let req: CancelRequest = crate::body::parse_or_default(&body)?;
+    may_change(&state, &caller, &id).await?;
     let reason = req
         .reason
         .unwrap_or_else(|| format!("cancelled by {}", caller.actor()));
@@ -303,10 +307,13 @@ pub async fn rerun(
         .map_err(ApiError::unavailable)?
         .filter(|(t, _)| caller.may_see(t.project.as_str()))
         .ok_or_else(|| ApiError::not_found("task"))?;
+    caller.require(task.project.as_str(), Role::Member)?;
     let req = ud_core::validate::rerun_request(task.project.as_str(), task.id, &task.spec);
     let accepted = state
         .commands
-        .submit(&req, None, &caller.actor(), |p| caller.may_see(p.as_str()))
+        .submit(&req, None, &caller.actor(), |p| {
+            caller.may(p.as_str(), Role::Member)
+        })
         .await?;
     Ok(respond_accepted(&state, accepted, wait, StatusCode::ACCEPTED).await)
 }
@@ -331,14 +338,12 @@ pub async fn cancel_project(
     Path(project): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<ProjectCancelled>, ApiError> {
-    if !caller.may_see(&project) {
-        return Err(ApiError::not_found("project"));
-    }
+    crate::auth::project_of(&caller, &project, Role::Owner)?;
     let default_reason = format!("project {project} cancelled by {}", caller.actor());
     cancel_many(&state, &caller, Some(&project), None, &body, default_reason).await
 }
 
-/// Cancel every unfinished task of a queue that the token may see.
+/// Cancel every unfinished task of a queue in the projects the caller owns.
 #[utoipa::path(post, path = "/api/v1/queues/{queue}/cancel", tag = "tasks",
     params(("queue" = String, Path)),
     request_body(content = Option<CancelRequest>),
@@ -373,7 +378,10 @@ async fn cancel_many(
         skipped: Vec::new(),
     };
     let mut last = 0;
-    for (id, _) in tasks.into_iter().filter(|(_, p)| caller.may_see(p)) {
+    for (id, _) in tasks
+        .into_iter()
+        .filter(|(_, p)| caller.may(p, Role::Owner))
+    {
         match state
             .commands
             .cancel(id, &reason, &caller.actor(), |p| caller.may_see(p.as_str()))
@@ -422,6 +430,7 @@ pub async fn priority(
     let id = parse_task_id(&id)?;
     let priority = ud_core::validate::priority_value(req.priority)
         .map_err(|f| ApiError::field(&f.field, &f.reason))?;
+    may_change(&state, &caller, &id).await?;
     let accepted = state
         .commands
         .execute(
@@ -432,6 +441,27 @@ pub async fn priority(
         )
         .await?;
     Ok(respond_accepted(&state, accepted, wait, StatusCode::ACCEPTED).await)
+}
+
+/// 404 unless the caller may see the task, 403 unless it may change it:
+/// members change their own tasks, owners (and admins) anyone's. Read
+/// from the task's stream, so a task submitted a moment ago counts.
+pub(crate) async fn may_change(
+    state: &AppState,
+    caller: &Caller,
+    id: &ud_schemas::TaskId,
+) -> Result<(), ApiError> {
+    if caller.admin {
+        return Ok(());
+    }
+    let (project, by) = state
+        .commands
+        .store()
+        .task_origin(id)
+        .await
+        .map_err(ApiError::unavailable)?
+        .ok_or_else(|| ApiError::not_found("task"))?;
+    caller.require_own(project.as_str(), &by, Role::Member)
 }
 
 /// One task from the read model.
@@ -484,11 +514,7 @@ pub async fn list(
     };
     let before = crate::paging::before(p.before.as_deref(), "task")?;
     crate::paging::caught_up(&state, streams::TASKS, p.projected_seq).await;
-    let projects: Option<Vec<String>> = if caller.admin {
-        None
-    } else {
-        Some(caller.projects.clone())
-    };
+    let projects = caller.visible();
     let filter = ud_projections::db::TaskFilter {
         state: state_filter,
         project: p.project.clone(),

@@ -93,7 +93,7 @@ pub async fn create(
     Path(project): Path<String>,
     JsonBody(req): JsonBody<NewWebhook>,
 ) -> Result<(StatusCode, Json<WebhookCreated>), ApiError> {
-    let project = crate::secrets::project_of(&caller, &project)?.to_string();
+    let project = crate::auth::project_of(&caller, &project, ud_schemas::Role::Owner)?.to_string();
     let format = req.format.unwrap_or_else(|| "json".into());
     let bad = ud_notify::validate(&req.name, &req.url, &req.events, &format);
     if !bad.is_empty() {
@@ -144,7 +144,7 @@ pub async fn list(
     caller: Caller,
     Path(project): Path<String>,
 ) -> Result<Json<Vec<WebhookView>>, ApiError> {
-    let project = crate::secrets::project_of(&caller, &project)?.to_string();
+    let project = crate::auth::project_of(&caller, &project, ud_schemas::Role::Viewer)?.to_string();
     let found = ud_notify::deliver::project_hooks(&bucket(&state).await?, &project)
         .await
         .map_err(|e| ApiError::unavailable(e.to_string()))?;
@@ -161,7 +161,7 @@ pub async fn delete(
     caller: Caller,
     Path((project, name)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    let project = crate::secrets::project_of(&caller, &project)?.to_string();
+    let project = crate::auth::project_of(&caller, &project, ud_schemas::Role::Owner)?.to_string();
     if !ud_notify::valid_name(&name) {
         return Err(ApiError::not_found("webhook"));
     }
@@ -185,7 +185,7 @@ pub async fn deliveries(
     Path((project, name)): Path<(String, String)>,
 ) -> Result<Json<Vec<WebhookDelivery>>, ApiError> {
     use async_nats::jetstream::consumer;
-    let project = crate::secrets::project_of(&caller, &project)?.to_string();
+    let project = crate::auth::project_of(&caller, &project, ud_schemas::Role::Viewer)?.to_string();
     if !ud_notify::valid_name(&name) {
         return Err(ApiError::not_found("webhook"));
     }

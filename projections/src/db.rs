@@ -475,7 +475,8 @@ pub(crate) async fn upsert_nodes(
     Ok(())
 }
 
-const TOKEN_COLS: &str = "id, name, digest, projects, admin, issued_at, revoked_at";
+const TOKEN_COLS: &str =
+    "id, name, digest, projects, admin, issued_at, revoked_at, user_name, expires_at";
 
 pub(crate) async fn load_tokens(
     c: &impl GenericClient,
@@ -500,6 +501,8 @@ pub(crate) async fn load_tokens(
             admin: r.get(4),
             issued_at: r.get(5),
             revoked_at: r.get(6),
+            user: r.get(7),
+            expires_at: r.get(8),
         })
         .collect())
 }
@@ -511,14 +514,79 @@ pub(crate) async fn upsert_tokens(
     for r in rows {
         c.execute(
             &format!(
-                "INSERT INTO api_tokens ({TOKEN_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7)
+                "INSERT INTO api_tokens ({TOKEN_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
                  ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, digest = EXCLUDED.digest,
                    projects = EXCLUDED.projects, admin = EXCLUDED.admin, issued_at = EXCLUDED.issued_at,
-                   revoked_at = EXCLUDED.revoked_at"
+                   revoked_at = EXCLUDED.revoked_at, user_name = EXCLUDED.user_name,
+                   expires_at = EXCLUDED.expires_at"
             ),
-            &[&r.id.0, &r.name, &r.digest, &r.projects, &r.admin, &r.issued_at, &r.revoked_at],
+            &[
+                &r.id.0,
+                &r.name,
+                &r.digest,
+                &r.projects,
+                &r.admin,
+                &r.issued_at,
+                &r.revoked_at,
+                &r.user,
+                &r.expires_at,
+            ],
         )
         .await?;
+    }
+    Ok(())
+}
+
+/// Applies project events, one by one in stream order.
+pub(crate) async fn apply_projects(
+    c: &impl GenericClient,
+    changes: &[crate::rows::ProjectChange],
+) -> Result<(), ProjectionError> {
+    use crate::rows::ProjectChange as C;
+    for change in changes {
+        match change {
+            C::Created {
+                name,
+                description,
+                at,
+                by,
+            } => {
+                c.execute(
+                    "INSERT INTO projects (name, description, created_at, created_by) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (name) DO UPDATE SET description = EXCLUDED.description,
+                       created_at = EXCLUDED.created_at, created_by = EXCLUDED.created_by",
+                    &[name, description, at, by],
+                )
+                .await?
+            }
+            C::Member {
+                project,
+                user,
+                role,
+                at,
+            } => {
+                c.execute(
+                    "INSERT INTO project_members (project, user_name, role, since) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (project, user_name) DO UPDATE SET role = EXCLUDED.role, since = EXCLUDED.since",
+                    &[project, user, role, at],
+                )
+                .await?
+            }
+            C::Removed { project, user } => {
+                c.execute(
+                    "DELETE FROM project_members WHERE project = $1 AND user_name = $2",
+                    &[project, user],
+                )
+                .await?
+            }
+            C::Archived { name, at } => {
+                c.execute(
+                    "UPDATE projects SET archived_at = $2 WHERE name = $1",
+                    &[name, at],
+                )
+                .await?
+            }
+        };
     }
     Ok(())
 }

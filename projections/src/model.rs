@@ -47,6 +47,17 @@ pub(crate) trait Model {
         let _ = fresh;
         Self::store(tx, folds).await
     }
+    /// Whether [`Model::apply_each`] keeps rows of its own.
+    const EACH: bool = false;
+    /// Rows kept by applying each event on its own, in order, beside the
+    /// folded ones (projects and their members, in the auth stream).
+    async fn apply_each(
+        c: &impl deadpool_postgres::GenericClient,
+        decoded: &[(u64, EventEnvelope)],
+    ) -> Result<(), ProjectionError> {
+        let _ = (c, decoded);
+        Ok(())
+    }
 }
 
 /// Applies a batch in one transaction: loads the aggregates it touches,
@@ -67,6 +78,9 @@ pub(crate) async fn apply<M: Model>(
         .filter_map(|k| folds.remove(&k))
         .collect();
     M::store(tx, folds).await?;
+    if M::EACH {
+        M::apply_each(tx, decoded).await?;
+    }
     Ok(failures)
 }
 
@@ -245,6 +259,20 @@ impl Model for Tokens {
     async fn store(tx: &Transaction<'_>, mut rows: Vec<TokenRow>) -> Result<(), ProjectionError> {
         rows.iter_mut().for_each(TokenRow::scrub);
         db::upsert_tokens(tx, &rows).await
+    }
+    const EACH: bool = true;
+    async fn apply_each(
+        c: &impl deadpool_postgres::GenericClient,
+        decoded: &[(u64, EventEnvelope)],
+    ) -> Result<(), ProjectionError> {
+        let changes: Vec<_> = decoded
+            .iter()
+            .filter_map(|(_, env)| match &env.event {
+                Event::Project(p, e) => Some(rows::project_change(p, e, &env.meta.actor)),
+                _ => None,
+            })
+            .collect();
+        db::apply_projects(c, &changes).await
     }
 }
 

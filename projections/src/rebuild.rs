@@ -15,7 +15,15 @@ use crate::projector::{read_batches, stream_err, ProjectorOptions, READ_AHEAD};
 use crate::ProjectionError;
 
 /// Tables that hold read models (checkpoints and errors are bookkeeping).
-pub const READ_MODEL_TABLES: [&str; 5] = ["tasks", "nodes", "api_tokens", "pipelines", "schedules"];
+pub const READ_MODEL_TABLES: [&str; 7] = [
+    "tasks",
+    "nodes",
+    "api_tokens",
+    "pipelines",
+    "schedules",
+    "projects",
+    "project_members",
+];
 
 #[derive(Debug, Serialize)]
 pub struct StreamReplay {
@@ -200,6 +208,9 @@ async fn replay<M: Model>(
             tx.commit().await?;
         }
         let (_, failures) = fold_into::<M, _>(&mut folds, &decoded);
+        if M::EACH {
+            M::apply_each(&db.client().await?, &decoded).await?;
+        }
         let why = batch
             .undecodable
             .into_iter()

@@ -332,6 +332,8 @@ pub struct TokenRow {
     pub admin: bool,
     pub issued_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
+    pub user: Option<String>,
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 pub fn apply_token(
@@ -348,6 +350,8 @@ pub fn apply_token(
             admin: e.admin,
             issued_at: ts(e.at),
             revoked_at: None,
+            user: e.user.clone(),
+            expires_at: e.expires_at.map(ts),
         }),
         (None, e) => Err(ApplyError::UnknownAggregate(e.name())),
         (Some(mut row), AuthEvent::TokenRevoked(e)) => {
@@ -441,6 +445,74 @@ impl TokenRow {
         scrub(&mut self.name);
         self.projects.iter_mut().for_each(scrub);
     }
+}
+
+/// One project event as the row change it makes. Each is applied on its
+/// own, in order, and applying one again changes nothing.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ProjectChange {
+    Created {
+        name: String,
+        description: String,
+        at: DateTime<Utc>,
+        by: String,
+    },
+    Member {
+        project: String,
+        user: String,
+        role: &'static str,
+        at: DateTime<Utc>,
+    },
+    Removed {
+        project: String,
+        user: String,
+    },
+    Archived {
+        name: String,
+        at: DateTime<Utc>,
+    },
+}
+
+pub fn project_change(
+    project: &ud_schemas::ProjectId,
+    event: &ud_schemas::ProjectEvent,
+    actor: &str,
+) -> ProjectChange {
+    use ud_schemas::ProjectEvent as E;
+    let name = project.to_string();
+    let mut change = match event {
+        E::Created(e) => ProjectChange::Created {
+            name,
+            description: e.description.clone(),
+            at: ts(e.at),
+            by: actor.to_owned(),
+        },
+        E::MemberAdded(ud_schemas::events::ProjectMemberAdded { at, user, role })
+        | E::RoleChanged(ud_schemas::events::ProjectRoleChanged { at, user, role }) => {
+            ProjectChange::Member {
+                project: name,
+                user: user.clone(),
+                role: role.as_str(),
+                at: ts(*at),
+            }
+        }
+        E::MemberRemoved(e) => ProjectChange::Removed {
+            project: name,
+            user: e.user.clone(),
+        },
+        E::Archived(e) => ProjectChange::Archived { name, at: ts(e.at) },
+    };
+    match &mut change {
+        ProjectChange::Created {
+            description, by, ..
+        } => {
+            scrub(description);
+            scrub(by);
+        }
+        ProjectChange::Member { user, .. } | ProjectChange::Removed { user, .. } => scrub(user),
+        ProjectChange::Archived { .. } => {}
+    }
+    change
 }
 
 #[cfg(test)]

@@ -113,12 +113,43 @@ async fn write_history(store: &EventStore, tasks: usize) -> Result<usize> {
             digest: "d1".into(),
             projects: vec!["lab".parse()?],
             admin: false,
+            user: None,
+            expires_at: None,
         }),
     ));
     items.push(Event::Auth(
         token,
         AuthEvent::TokenRevoked(TokenRevoked { at: 2 }),
     ));
+    // A project: created with its owner, two members added, one promoted,
+    // one removed, then archived.
+    let lab: ud_schemas::ProjectId = "lab".parse()?;
+    let p = |e| Event::Project(lab.clone(), e);
+    items.push(p(ProjectEvent::Created(ProjectCreated {
+        at: 3,
+        description: "vision".into(),
+    })));
+    for (at, user, role) in [
+        (4, "ada", Role::Owner),
+        (5, "bob", Role::Viewer),
+        (6, "cy", Role::Member),
+    ] {
+        items.push(p(ProjectEvent::MemberAdded(ProjectMemberAdded {
+            at,
+            user: user.into(),
+            role,
+        })));
+    }
+    items.push(p(ProjectEvent::RoleChanged(ProjectRoleChanged {
+        at: 7,
+        user: "bob".into(),
+        role: Role::Member,
+    })));
+    items.push(p(ProjectEvent::MemberRemoved(ProjectMemberRemoved {
+        at: 8,
+        user: "cy".into(),
+    })));
+    items.push(p(ProjectEvent::Archived(ProjectArchived { at: 9 })));
     // Schedules: one fired, skipped, paused and resumed; one deleted.
     for (k, deleted) in [(0_i64, false), (1, true)] {
         let id = ScheduleId::new();
@@ -389,6 +420,23 @@ async fn projection_matches_history_and_replay() -> Result<()> {
         .await?
         .get(0);
     assert_eq!(revoked, 1);
+    let members: Vec<(String, String)> = c
+        .query(
+            "SELECT m.user_name, m.role FROM project_members m JOIN projects p ON p.name = m.project
+             WHERE p.name = 'lab' AND p.archived_at IS NOT NULL ORDER BY 1",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        members,
+        [
+            ("ada".into(), "owner".into()),
+            ("bob".into(), "member".into())
+        ]
+    );
     let schedules: Vec<(String, i64, i64, Option<String>)> = c
         .query(
             "SELECT state, fired, skipped, paused_reason FROM schedules ORDER BY name",

@@ -123,6 +123,7 @@ pub fn encode_event(event: &Event) -> Result<Vec<u8>, CodecError> {
         Event::Secret(_, e) => to_cbor(e),
         Event::Pipeline(_, e) => to_cbor(e),
         Event::Schedule(_, e) => to_cbor(e),
+        Event::Project(_, e) => to_cbor(e),
     }
 }
 
@@ -154,6 +155,7 @@ pub fn decode_event(subject: &str, version: u16, payload: &[u8]) -> Result<Event
         ParsedSubject::Secret { name, .. } => format!("secret.{name}"),
         ParsedSubject::Pipeline { name, .. } => format!("pipeline.{name}"),
         ParsedSubject::Schedule { name, .. } => format!("schedule.{name}"),
+        ParsedSubject::Project { name, .. } => format!("project.{name}"),
     };
     let known = match event_type.as_str() {
         "node.heartbeat" => version == 1 || version == 2,
@@ -277,6 +279,22 @@ pub fn decode_event(subject: &str, version: u16, payload: &[u8]) -> Result<Event
                 }
             },
         ),
+        ParsedSubject::Project { project, name } => Event::Project(
+            project,
+            match name {
+                "created" => ProjectEvent::Created(from_cbor(payload, t, v)?),
+                "member_added" => ProjectEvent::MemberAdded(from_cbor(payload, t, v)?),
+                "role_changed" => ProjectEvent::RoleChanged(from_cbor(payload, t, v)?),
+                "member_removed" => ProjectEvent::MemberRemoved(from_cbor(payload, t, v)?),
+                "archived" => ProjectEvent::Archived(from_cbor(payload, t, v)?),
+                other => {
+                    return Err(CodecError::UnknownType {
+                        kind: "project",
+                        name: other.to_owned(),
+                    })
+                }
+            },
+        ),
     })
 }
 
@@ -304,6 +322,7 @@ pub fn event_data_json(event: &Event) -> serde_json::Value {
         Event::Secret(_, e) => serde_json::to_value(e),
         Event::Pipeline(_, e) => serde_json::to_value(e),
         Event::Schedule(_, e) => serde_json::to_value(e),
+        Event::Project(_, e) => serde_json::to_value(e),
     };
     value.unwrap_or(serde_json::Value::Null)
 }

@@ -294,11 +294,128 @@ pub struct TokenIssued {
     pub digest: String,
     pub projects: Vec<ProjectId>,
     pub admin: bool,
+    /// The person the token belongs to: it carries that user's roles in
+    /// the projects they are a member of (added later: absent on tokens
+    /// that name their projects themselves).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// When the token stops working (added later: absent means never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Millis>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenRevoked {
     pub at: Millis,
+}
+
+/// What a member may do in a project. Ordered: each role may do what
+/// the ones before it may.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Reads the project's tasks, pipelines, schedules, files and usage.
+    Viewer,
+    /// Also submits, and cancels or changes its own tasks.
+    Member,
+    /// Also manages members, secrets, webhooks and anyone's tasks.
+    Owner,
+}
+
+impl Role {
+    pub const ALL: [Role; 3] = [Role::Viewer, Role::Member, Role::Owner];
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Viewer => "viewer",
+            Self::Member => "member",
+            Self::Owner => "owner",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| format!("no role {s:?}: one of viewer, member, owner"))
+    }
+}
+
+/// A project as an aggregate: created, its members and their roles,
+/// archived.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum ProjectEvent {
+    Created(ProjectCreated),
+    MemberAdded(ProjectMemberAdded),
+    RoleChanged(ProjectRoleChanged),
+    MemberRemoved(ProjectMemberRemoved),
+    Archived(ProjectArchived),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProjectCreated {
+    pub at: Millis,
+    #[serde(default)]
+    pub description: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProjectMemberAdded {
+    pub at: Millis,
+    pub user: String,
+    pub role: Role,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProjectRoleChanged {
+    pub at: Millis,
+    pub user: String,
+    pub role: Role,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProjectMemberRemoved {
+    pub at: Millis,
+    pub user: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProjectArchived {
+    pub at: Millis,
+}
+
+impl ProjectEvent {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Created(_) => "created",
+            Self::MemberAdded(_) => "member_added",
+            Self::RoleChanged(_) => "role_changed",
+            Self::MemberRemoved(_) => "member_removed",
+            Self::Archived(_) => "archived",
+        }
+    }
 }
 
 /// Setting and deleting a project secret. Only its name and version are
@@ -581,6 +698,7 @@ pub enum Event {
     Secret(SecretRef, SecretEvent),
     Pipeline(PipelineId, PipelineEvent),
     Schedule(ScheduleId, ScheduleEvent),
+    Project(ProjectId, ProjectEvent),
 }
 
 impl TaskEvent {
@@ -696,6 +814,7 @@ impl Event {
             Self::Secret(_, e) => format!("secret.{}", e.name()),
             Self::Pipeline(_, e) => format!("pipeline.{}", e.name()),
             Self::Schedule(_, e) => format!("schedule.{}", e.name()),
+            Self::Project(_, e) => format!("project.{}", e.name()),
         }
     }
 
@@ -708,6 +827,7 @@ impl Event {
             Self::Secret(s, e) => crate::subjects::secret_event(s, e.name()),
             Self::Pipeline(id, e) => crate::subjects::pipeline_event(id, e.name()),
             Self::Schedule(id, e) => crate::subjects::schedule_event(id, e.name()),
+            Self::Project(p, e) => crate::subjects::project_event(p, e.name()),
         }
     }
 
@@ -720,6 +840,7 @@ impl Event {
             Self::Secret(s, _) => s.to_string(),
             Self::Pipeline(id, _) => id.to_string(),
             Self::Schedule(id, _) => id.to_string(),
+            Self::Project(p, _) => p.to_string(),
         }
     }
 }

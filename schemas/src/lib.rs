@@ -22,7 +22,8 @@ pub mod subjects;
 
 pub use codec::{decode_event, encode_event, CodecError, EventEnvelope, EventMeta};
 pub use events::{
-    AuthEvent, Event, NodeEvent, PipelineEvent, ScheduleEvent, SecretEvent, SecretRef, TaskEvent,
+    AuthEvent, Event, NodeEvent, PipelineEvent, ProjectEvent, Role, ScheduleEvent, SecretEvent,
+    SecretRef, TaskEvent,
 };
 pub use ids::{EventId, IdError, NodeId, PipelineId, ProjectId, ScheduleId, TaskId, TokenId};
 pub use spec::{NodeResources, Resources, RetryPolicy, TaskSpec};

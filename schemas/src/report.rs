@@ -168,6 +168,7 @@ impl Report {
             Event::Secret(..) => return Err(ReportError::NotAllowed("secret events".into())),
             Event::Pipeline(..) => return Err(ReportError::NotAllowed("pipeline events".into())),
             Event::Schedule(..) => return Err(ReportError::NotAllowed("schedule events".into())),
+            Event::Project(..) => return Err(ReportError::NotAllowed("project events".into())),
         };
         Ok((node, report))
     }

@@ -340,6 +340,22 @@ pub fn secret_name(name: &str) -> Result<&str, &'static str> {
     }
 }
 
+/// A user's name: 1-64 of a-z, 0-9, '.', '_', '@' and '-', starting with a
+/// letter or digit (an e-mail address in lower case fits).
+pub fn user_name(name: &str) -> Result<&str, &'static str> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'@' | b'-')
+        })
+        && name.as_bytes()[0].is_ascii_alphanumeric();
+    if ok {
+        Ok(name)
+    } else {
+        Err("1-64 of a-z, 0-9, '.', '_', '@' and '-', starting with a letter or digit")
+    }
+}
+
 fn is_zero(v: &u64) -> bool {
     *v == 0
 }

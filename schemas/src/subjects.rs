@@ -6,6 +6,7 @@
 //! | `ud.node.<node_id>.<event>` | node registration, liveness (heartbeats live in their own stream) |
 //! | `ud.auth.token.<token_id>.<event>` | API token issued / revoked |
 //! | `ud.auth.secret.<project>.<NAME>.<event>` | project secret set / deleted (name and version only) |
+//! | `ud.auth.project.<project>.<event>` | project created, member added / role changed / removed, archived |
 //! | `ud.pipeline.<pipeline_id>.<event>` | pipeline events: steps started, ended, skipped; cancel, rerun, end |
 //! | `ud.log.<task_id>` | a task's output, chunk by chunk |
 //! | `ud.cmd.<endpoint>` | command services (NATS micro, JSON request/reply) |
@@ -19,6 +20,7 @@ pub const PIPELINE_PREFIX: &str = "ud.pipeline";
 pub const SCHEDULE_PREFIX: &str = "ud.schedule";
 pub const TOKEN_PREFIX: &str = "ud.auth.token";
 pub const SECRET_PREFIX: &str = "ud.auth.secret";
+pub const PROJECT_PREFIX: &str = "ud.auth.project";
 pub const PROJECTED_PREFIX: &str = "ud.sys.projected";
 pub const LOG_PREFIX: &str = "ud.log";
 
@@ -84,6 +86,15 @@ pub fn secret_all(s: &crate::events::SecretRef) -> String {
     format!("{SECRET_PREFIX}.{}.{}.>", s.project, s.name)
 }
 
+pub fn project_event(p: &crate::ProjectId, name: &str) -> String {
+    format!("{PROJECT_PREFIX}.{p}.{name}")
+}
+
+/// Every event of one project: the concurrency scope of the project aggregate.
+pub fn project_all(p: &crate::ProjectId) -> String {
+    format!("{PROJECT_PREFIX}.{p}.>")
+}
+
 /// A task's output chunks (stream `UD_LOGS`).
 pub fn log(task: &TaskId) -> String {
     format!("{LOG_PREFIX}.{task}")
@@ -118,6 +129,10 @@ pub enum ParsedSubject<'a> {
     },
     Schedule {
         id: ScheduleId,
+        name: &'a str,
+    },
+    Project {
+        project: crate::ProjectId,
         name: &'a str,
     },
 }
@@ -173,6 +188,13 @@ pub fn parse(subject: &str) -> Option<ParsedSubject<'_>> {
                         project,
                         name: secret,
                     },
+                    name: parts.next()?,
+                }
+            }
+            "project" => {
+                let project = parts.next()?.parse().ok()?;
+                ParsedSubject::Project {
+                    project,
                     name: parts.next()?,
                 }
             }

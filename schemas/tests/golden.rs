@@ -390,6 +390,8 @@ fn fixtures_v1() -> Vec<(&'static str, Event)> {
                     digest: "ab".repeat(32),
                     projects: vec![project()],
                     admin: false,
+                    user: None,
+                    expires_at: None,
                 }),
             ),
         ),
@@ -513,6 +515,55 @@ fn fixtures_v1() -> Vec<(&'static str, Event)> {
                     at: AT,
                     outcome: PipelineOutcome::Failed,
                 }),
+            ),
+        ),
+        (
+            "project-created",
+            Event::Project(
+                project(),
+                ProjectEvent::Created(ProjectCreated {
+                    at: AT,
+                    description: "Vision models".into(),
+                }),
+            ),
+        ),
+        (
+            "project-member_added",
+            Event::Project(
+                project(),
+                ProjectEvent::MemberAdded(ProjectMemberAdded {
+                    at: AT,
+                    user: "ada@example.org".into(),
+                    role: Role::Owner,
+                }),
+            ),
+        ),
+        (
+            "project-role_changed",
+            Event::Project(
+                project(),
+                ProjectEvent::RoleChanged(ProjectRoleChanged {
+                    at: AT,
+                    user: "ada@example.org".into(),
+                    role: Role::Viewer,
+                }),
+            ),
+        ),
+        (
+            "project-member_removed",
+            Event::Project(
+                project(),
+                ProjectEvent::MemberRemoved(ProjectMemberRemoved {
+                    at: AT,
+                    user: "ada@example.org".into(),
+                }),
+            ),
+        ),
+        (
+            "project-archived",
+            Event::Project(
+                project(),
+                ProjectEvent::Archived(ProjectArchived { at: AT }),
             ),
         ),
         (
@@ -649,6 +700,22 @@ fn gpu_spec() -> TaskSpec {
 fn fixtures_with_later_fields() -> Vec<(&'static str, &'static str, Event)> {
     let (t, n) = (task_id(), node_id());
     vec![
+        (
+            "token-issued+user-expiry",
+            "token-issued",
+            Event::Auth(
+                token_id(),
+                AuthEvent::TokenIssued(TokenIssued {
+                    at: AT,
+                    name: "ada-laptop".into(),
+                    digest: "cd".repeat(32),
+                    projects: vec![],
+                    admin: false,
+                    user: Some("ada@example.org".into()),
+                    expires_at: Some(AT + 90 * 86_400_000),
+                }),
+            ),
+        ),
         (
             "task-submitted+session",
             "task-submitted",

@@ -97,7 +97,11 @@ impl Cluster {
                     }
                 }
             }
-            Event::Auth(..) | Event::Secret(..) | Event::Pipeline(..) | Event::Schedule(..) => {}
+            Event::Auth(..)
+            | Event::Secret(..)
+            | Event::Pipeline(..)
+            | Event::Schedule(..)
+            | Event::Project(..) => {}
         }
     }
 

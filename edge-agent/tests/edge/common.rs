@@ -285,9 +285,13 @@ impl Stack {
         .await?;
         let store = server.state.commands.store().clone();
         let notices = store.client().subscribe("ud.sys.projected.>").await?;
-        let issued = ud_core::commands::issue_token(&store, "admin", &[], true, "test")
-            .await
-            .map_err(|e| anyhow!("{e}"))?;
+        let issued = ud_core::commands::issue_token(
+            &store,
+            &ud_core::commands::NewToken::scoped("admin", &[], true),
+            "test",
+        )
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
         server
             .state
             .projected

@@ -48,9 +48,13 @@ async fn a_cluster_that_loses_a_server_loses_no_acknowledged_task() -> Result<()
             .clone();
         assert_eq!(info.config.num_replicas, 3, "{name}");
     }
-    let issued = ud_core::commands::issue_token(&store, "admin", &[], true, "test")
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let issued = ud_core::commands::issue_token(
+        &store,
+        &ud_core::commands::NewToken::scoped("admin", &[], true),
+        "test",
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
     assert!(
         running
             .state

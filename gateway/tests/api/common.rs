@@ -74,9 +74,7 @@ impl Stack {
         let server = server::start(cfg).await?;
         let issued = ud_core::commands::issue_token(
             server.state.commands.store(),
-            "admin",
-            &[],
-            true,
+            &ud_core::commands::NewToken::scoped("admin", &[], true),
             "test",
         )
         .await

@@ -2,6 +2,7 @@
 //! nats-server, a real PostgreSQL, real HTTP (one test binary, a module per
 //! feature).
 
+mod access;
 mod cluster;
 mod common;
 mod files;
