@@ -552,12 +552,6 @@ pub async fn node(c: NodeCommand) -> Result<()> {
 }
 
 #[derive(Subcommand)]
-pub enum ProjectCommand {
-    /// Cancel every unfinished task of a project.
-    Cancel(CancelArgs),
-}
-
-#[derive(Subcommand)]
 pub enum QueueCommand {
     /// Cancel every unfinished task of a queue (that the token may see).
     Cancel(CancelArgs),
@@ -600,7 +594,7 @@ pub struct ResetQueueArgs {
 }
 
 /// Cancels every unfinished task of a project or queue (`what`: projects, queues).
-async fn cancel_all(a: CancelArgs, what: &str) -> Result<()> {
+pub(crate) async fn cancel_all(a: CancelArgs, what: &str) -> Result<()> {
     let as_json = a.api.json;
     let api = Api::new(a.api);
     let v = api
@@ -645,12 +639,6 @@ pub async fn queue(c: QueueCommand) -> Result<()> {
                 .await?;
             Ok(())
         }
-    }
-}
-
-pub async fn project(c: ProjectCommand) -> Result<()> {
-    match c {
-        ProjectCommand::Cancel(a) => cancel_all(a, "projects").await,
     }
 }
 
@@ -757,7 +745,9 @@ pub async fn secret(c: SecretCommand) -> Result<()> {
 pub enum TokenCommand {
     /// Issue a token (needs an admin token); prints the secret once.
     Issue(TokenIssueArgs),
-    /// Revoke a token.
+    /// Tokens: an admin's lists every one, a person's their own.
+    Ls(TokenLsArgs),
+    /// Revoke a token by its id, or by its name when one active token has it.
     Revoke(IdArgs),
 }
 
@@ -767,24 +757,109 @@ pub struct TokenIssueArgs {
     api: ApiArgs,
     #[arg(long)]
     name: String,
-    /// Project the token may use (repeatable).
+    /// The person the token belongs to: it carries their project roles.
+    #[arg(long)]
+    user: Option<String>,
+    /// Project a token without a user may use, as owner (repeatable).
     #[arg(long = "project")]
     projects: Vec<String>,
     #[arg(long)]
     admin: bool,
+    /// Days until the token stops working (default: never).
+    #[arg(long)]
+    expires_in_days: Option<u32>,
+}
+
+#[derive(Args)]
+pub struct TokenLsArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// Also revoked and expired tokens.
+    #[arg(long)]
+    all: bool,
+    /// Only this user's tokens (admins).
+    #[arg(long)]
+    user: Option<String>,
+}
+
+fn tokens(list: &Value) -> String {
+    let text = |v: &Value| match v {
+        Value::Null => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        v => v.to_string(),
+    };
+    let rows: Vec<Vec<String>> = list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| {
+            let scope = if t["admin"].as_bool().unwrap_or(false) {
+                "admin".to_owned()
+            } else {
+                t["projects"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            vec![
+                text(&t["name"]),
+                text(&t["user"]),
+                if scope.is_empty() {
+                    "-".to_owned()
+                } else {
+                    scope
+                },
+                text(&t["last_used_at"]),
+                text(&t["expires_at"]),
+                if t["active"].as_bool().unwrap_or(false) {
+                    "active"
+                } else {
+                    "revoked/expired"
+                }
+                .to_owned(),
+                text(&t["id"]),
+            ]
+        })
+        .collect();
+    crate::output::table(
+        &[
+            "NAME",
+            "USER",
+            "SCOPE",
+            "LAST USED",
+            "EXPIRES",
+            "STATE",
+            "ID",
+        ],
+        &rows,
+    )
 }
 
 pub async fn token(c: TokenCommand) -> Result<()> {
     match c {
         TokenCommand::Issue(a) => {
             let api = Api::new(a.api);
-            let v = api
-                .post(
-                    "/api/v1/tokens",
-                    &json!({"name": a.name, "projects": a.projects, "admin": a.admin}),
-                )
-                .await?;
+            let mut body = json!({"name": a.name, "projects": a.projects, "admin": a.admin});
+            if let Some(u) = a.user {
+                body["user"] = json!(u);
+            }
+            if let Some(d) = a.expires_in_days {
+                body["expires_in_days"] = json!(d);
+            }
+            let v = api.post("/api/v1/tokens", &body).await?;
             println!("{}", v["token"].as_str().unwrap_or_default());
+        }
+        TokenCommand::Ls(a) => {
+            let as_json = a.api.json;
+            let mut path = format!("/api/v1/tokens?all={}", a.all);
+            if let Some(u) = &a.user {
+                path.push_str(&format!("&user={u}"));
+            }
+            let v = Api::new(a.api).get(&path).await?;
+            crate::output::either(as_json, &v, tokens);
         }
         TokenCommand::Revoke(a) => {
             let api = Api::new(a.api);

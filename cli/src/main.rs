@@ -10,6 +10,7 @@ mod interactive;
 mod ops;
 mod output;
 mod pipelines;
+mod projects;
 mod quotas;
 mod schedules;
 mod serve;
@@ -59,15 +60,15 @@ enum Command {
     /// Interactive sessions: Jupyter, TensorBoard, a web app in a task.
     #[command(subcommand)]
     Session(interactive::SessionCommand),
-    /// Whole projects.
-    #[command(subcommand)]
-    Project(client::ProjectCommand),
     /// Whole queues.
     #[command(subcommand)]
     Queue(client::QueueCommand),
     /// Compute quotas per project, and what each project uses.
     #[command(subcommand)]
     Quota(quotas::QuotaCommand),
+    /// Projects, their members and roles.
+    #[command(subcommand)]
+    Project(projects::ProjectCommand),
     /// A project's task events POSTed to a URL (Slack too), signed.
     #[command(subcommand)]
     Webhook(webhooks::WebhookCommand),
@@ -163,9 +164,9 @@ async fn main() -> std::process::ExitCode {
                 Command::Node(c) => client::node(c).await,
                 Command::Task(c) => client::task(c).await,
                 Command::Session(c) => interactive::session(c).await,
-                Command::Project(c) => client::project(c).await,
                 Command::Queue(c) => client::queue(c).await,
                 Command::Quota(c) => quotas::run(c).await,
+                Command::Project(c) => projects::run(c).await,
                 Command::Webhook(c) => webhooks::run(c).await,
                 Command::Token(c) => client::token(c).await,
                 Command::Secret(c) => client::secret(c).await,

@@ -1336,3 +1336,75 @@ async fn a_schedule_is_made_read_paused_resumed_and_deleted_from_the_command_lin
     assert_eq!(all["items"].as_array().map_or(0, Vec::len), 2, "{all}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_team_is_made_and_its_tokens_managed_from_the_command_line() -> Result<()> {
+    let mut server = Server::start().await?;
+    let shown = server.ok(&[
+        "project",
+        "create",
+        "lab",
+        "--owner",
+        "olive",
+        "--description",
+        "vision",
+    ])?;
+    assert!(shown.contains("project lab (active): vision"), "{shown}");
+    // A role that does not exist is refused with the field named.
+    let out = server.run(&["project", "member", "lab", "mike", "boss"])?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("role"), "{err}");
+    let shown = server.ok(&["project", "member", "lab", "mike", "viewer"])?;
+    let row = shown
+        .lines()
+        .find(|l| l.starts_with("mike "))
+        .unwrap_or_default();
+    assert!(row.contains("viewer"), "{shown}");
+
+    let laptop = server.ok(&[
+        "token",
+        "issue",
+        "--name",
+        "mike-laptop",
+        "--user",
+        "mike",
+        "--expires-in-days",
+        "7",
+    ])?;
+    server.ok(&["token", "issue", "--name", "mike-ci", "--user", "mike"])?;
+    // Mike's own token from here on: he sees the project as a viewer, and
+    // only his own tokens.
+    server.env.retain(|(k, _)| *k != "UD_TOKEN");
+    server.env.push(("UD_TOKEN", laptop.trim().to_owned()));
+    let list = server.ok(&["project", "ls"])?;
+    let row = list.lines().nth(1).unwrap_or_default();
+    assert!(row.starts_with("lab ") && row.contains("viewer"), "{list}");
+    let out = server.run(&[
+        "submit",
+        "--project",
+        "lab",
+        "--code-repo",
+        "https://git.example.org/code.git",
+        "--code-commit",
+        COMMIT,
+        "--",
+        "true",
+    ])?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not allowed"), "{err}");
+    let mine = server.ok(&["token", "ls"])?;
+    assert_eq!(mine.lines().count(), 3, "{mine}");
+    assert!(
+        mine.lines()
+            .all(|l| l.starts_with("NAME") || l.contains(" mike ")),
+        "{mine}"
+    );
+    // He revokes his CI token by name; it is gone from the list.
+    server.ok(&["token", "revoke", "mike-ci"])?;
+    let mine = server.ok(&["token", "ls"])?;
+    assert_eq!(mine.lines().count(), 2, "{mine}");
+    assert!(mine.contains("mike-laptop"), "{mine}");
+    Ok(())
+}
