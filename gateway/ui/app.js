@@ -518,10 +518,54 @@ function projectsPage() {
     h("table", { id: "projects" },
       h("thead", {}, h("tr", {}, ["Project", "Tasks", "CPUs", "Memory MiB", "GPUs", "GPU-hours", ""].map((c) => h("th", {}, c)))),
       body));
+  const teams = h("div", { id: "teams" });
+  main.append(h("h2", {}, "Members"),
+    h("p", { class: "muted" }, "A viewer reads, a member also submits and changes its own tasks, an owner also manages members, secrets, webhooks and anyone's tasks."),
+    teams);
   load();
+  loadTeams(teams);
   const refresh = debounce(load, 500);
   const live = new Live({ tasks: {} }, (m) => { if (m.type === "event") refresh(); });
   onLeave(() => live.stop());
+}
+
+const ROLES = ["viewer", "member", "owner"];
+
+// Each project's members; its owners change them here.
+async function loadTeams(root) {
+  let list;
+  try { list = await api("GET", "/api/v1/projects"); } catch (e) { if (e.status !== 401) flash(e.message); return; }
+  const again = () => loadTeams(root);
+  const change = async (method, p, user, body) => {
+    try {
+      await api(method, `/api/v1/projects/${p.name}/members/${encodeURIComponent(user)}`, body);
+      again();
+    } catch (e) { flash(e.message); }
+  };
+  const card = (p) => {
+    const owner = p.your_role === "owner" && !p.archived_at;
+    const rows = p.members.map((m) => h("tr", { "data-user": m.user },
+      h("td", {}, m.user),
+      h("td", { "data-what": "role" }, owner
+        ? h("select", { "aria-label": `role of ${m.user}`, onchange: (e) => change("PUT", p, m.user, { role: e.target.value }) },
+          ROLES.map((r) => h("option", { value: r, ...(r === m.role ? { selected: "" } : {}) }, r)))
+        : m.role),
+      h("td", { class: "muted" }, when(m.since)),
+      h("td", {}, owner ? h("button", { class: "link", "data-action": "remove", onclick: () => change("DELETE", p, m.user) }, "remove") : "")));
+    const user = h("input", { name: "user", placeholder: "user (e.g. ada@example.org)", required: true });
+    const role = h("select", { name: "role" }, ROLES.map((r) => h("option", { value: r }, r)));
+    const add = owner ? h("form", { class: "filters", "data-form": "add-member", onsubmit: (e) => {
+      e.preventDefault();
+      change("PUT", p, user.value.trim(), { role: role.value });
+    } }, user, role, h("button", { type: "submit" }, "Add member")) : "";
+    return h("section", { class: "card", "data-team": p.name },
+      h("h3", {}, p.name, " ", h("span", { class: "muted" }, `your role: ${p.your_role || "-"}${p.archived_at ? " (archived)" : ""}`)),
+      p.description ? h("p", {}, p.description) : "",
+      h("table", {}, h("thead", {}, h("tr", {}, ["User", "Role", "Since", ""].map((c) => h("th", {}, c)))), h("tbody", {}, rows)),
+      add);
+  };
+  root.replaceChildren(...(list.length ? list.map(card)
+    : [h("p", { class: "muted" }, "No project you may see has members yet. Admins make one with ", h("code", {}, "unidesk project create NAME --owner USER"), ".")]));
 }
 
 // ---- schedules -----------------------------------------------------------

@@ -312,6 +312,31 @@ test("the projects page shows what a project holds against its quota; a task ove
   }
 });
 
+test("a project's owner adds a member, changes the role and removes the member on the projects page", async () => {
+  // The page's token names project web, so it owns it.
+  await api("POST", "/api/v1/projects", ADMIN, { name: "web", description: "browser tests", owner: "olive" });
+  await page.locator("nav a", { hasText: "Projects" }).click();
+  const team = page.locator('section[data-team="web"]');
+  await team.locator('tr[data-user="olive"] td[data-what=role] select').waitFor();
+  await team.locator('input[name=user]').fill("mike");
+  await team.locator('select[name=role]').selectOption("viewer");
+  await team.locator('button[type=submit]').click();
+  await team.locator('tr[data-user="mike"]').waitFor();
+  let shown = await api("GET", "/api/v1/projects/web", ADMIN);
+  assert.deepEqual(shown.members.map((m) => [m.user, m.role]), [["mike", "viewer"], ["olive", "owner"]]);
+  await team.locator('tr[data-user="mike"] td[data-what=role] select').selectOption("member");
+  const deadline = Date.now() + WAIT;
+  while (Date.now() < deadline && (await api("GET", "/api/v1/projects/web", ADMIN)).members[0].role !== "member") {
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  assert.equal((await api("GET", "/api/v1/projects/web", ADMIN)).members[0].role, "member");
+  await shot("12-members");
+  await team.locator('tr[data-user="mike"] button[data-action=remove]').click();
+  await team.locator('tr[data-user="mike"]').waitFor({ state: "detached" });
+  shown = await api("GET", "/api/v1/projects/web", ADMIN);
+  assert.deepEqual(shown.members.map((m) => m.user), ["olive"]);
+});
+
 test("a session opens at its own origin with a WebSocket; the CLI gets a shell and a port in it", async () => {
   const env = { url: `file://${process.env.UD_SESSIOND_ENV}`, commit: execFileSync("git", ["-C", process.env.UD_SESSIOND_ENV, "rev-parse", "HEAD"]).toString().trim() };
   const body = {
