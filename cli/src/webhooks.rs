@@ -29,7 +29,8 @@ pub struct CreateArgs {
     #[arg(long)]
     url: String,
     /// An event type to deliver (repeat): task.succeeded, task.failed,
-    /// task.timed_out, task.cancelled, task.lost, task.retrying.
+    /// task.timed_out, task.cancelled, task.lost, task.retrying,
+    /// node.offline, quota.reached.
     #[arg(long = "event", required = true)]
     events: Vec<String>,
     /// Send `{"text": ...}` for a Slack-compatible incoming webhook.

@@ -21,7 +21,7 @@ CDDL = HERE.parents[1] / "schemas" / "cddl" / "unidesk.cddl"
 OUT = HERE / "unidesk" / "events.py"
 
 # Rules whose payloads travel on subjects integrations read.
-EVENT_PREFIXES = ("task-", "pipeline-", "schedule-", "node-", "token-", "secret-")
+EVENT_PREFIXES = ("task-", "pipeline-", "schedule-", "node-", "token-", "secret-", "project-")
 EXTRA_RULES = ("log-chunk", "disk-alert", "dispatch-run", "dispatch-cancel")
 
 TOKEN = re.compile(r'\s*(=>|\.size|"[^"]*"|[A-Za-z_][A-Za-z0-9_\-]*|-?\d+|[{}\[\],:/?*+=()])')

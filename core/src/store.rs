@@ -159,6 +159,12 @@ impl EventStore {
                 1,
                 std::time::Duration::ZERO,
             ),
+            (
+                streams::NOTIFIED_BUCKET,
+                "quota.<project>.<limit> -> told lately (kept an hour)",
+                1,
+                std::time::Duration::from_secs(3600),
+            ),
         ];
         for (bucket, description, history, max_age) in buckets {
             self.js

@@ -158,6 +158,8 @@ pub enum TaskCommand {
     /// The scheduler cannot place the task now: why.
     Wait {
         reason: String,
+        /// What it waits on, for programs (see `TaskWaiting::kind`).
+        kind: String,
     },
     /// Change the priority of a pending task.
     Reprioritize {
@@ -514,8 +516,12 @@ pub fn decide(
                 priority,
             })])
         }
-        (TaskState::Pending, TaskCommand::Wait { reason }) => {
-            Ok(vec![TaskEvent::Waiting(TaskWaiting { at: now, reason })])
+        (TaskState::Pending, TaskCommand::Wait { reason, kind }) => {
+            Ok(vec![TaskEvent::Waiting(TaskWaiting {
+                at: now,
+                reason,
+                kind: Some(kind),
+            })])
         }
         (TaskState::Pending, TaskCommand::Unschedulable { reason }) => {
             Ok(vec![TaskEvent::Failed(TaskFailed {

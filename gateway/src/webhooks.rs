@@ -25,7 +25,9 @@ pub struct NewWebhook {
     /// Where deliveries are POSTed: http or https.
     pub url: String,
     /// Event types to deliver: task.succeeded, task.failed, task.timed_out,
-    /// task.cancelled, task.lost, task.retrying.
+    /// task.cancelled, task.lost, task.retrying, node.offline (any node),
+    /// quota.reached (a task of the project waits on its quota; once an
+    /// hour at most per limit).
     pub events: Vec<String>,
     /// `json` (default: the event with its task) or `slack` (`{"text": ...}`
     /// for a Slack-compatible incoming webhook).
@@ -145,7 +147,7 @@ pub async fn list(
     Path(project): Path<String>,
 ) -> Result<Json<Vec<WebhookView>>, ApiError> {
     let project = crate::auth::project_of(&caller, &project, ud_schemas::Role::Viewer)?.to_string();
-    let found = ud_notify::deliver::project_hooks(&bucket(&state).await?, &project)
+    let found = ud_notify::deliver::project_hooks(&bucket(&state).await?, Some(&project))
         .await
         .map_err(|e| ApiError::unavailable(e.to_string()))?;
     Ok(Json(found.iter().map(WebhookView::from).collect()))

@@ -1,8 +1,9 @@
-//! The delivery service: follows the task stream's final and retry events
-//! through the durable consumer `webhooks`, POSTs each to the webhooks of
-//! its task's project that ask for its type, and acknowledges the event
-//! once every delivery of it has ended (delivered, or every try failed),
-//! logging each in `UD_WEBHOOK_LOG`.
+//! The delivery service: follows the task stream's final, retry and
+//! waiting events through the durable consumer `webhooks`, and nodes going
+//! offline through `webhooks-nodes`; POSTs each to the webhooks that ask
+//! for its type (a task's: of its project; a node's: of every project),
+//! and acknowledges the event once every delivery of it has ended
+//! (delivered, or every try failed), logging each in `UD_WEBHOOK_LOG`.
 
 use std::time::Duration;
 
@@ -11,15 +12,17 @@ use backon::{ExponentialBuilder, Retryable};
 use futures::StreamExt;
 use tracing::{info, info_span, warn, Instrument};
 use ud_core::aggregate::Repository;
+use ud_core::node::Node;
 use ud_core::store::EventStore;
 use ud_core::task::Task;
 use ud_schemas::api::{WebhookDelivery, WebhookRecord};
 use ud_schemas::{codec, streams, Event};
 
-use crate::{body, nats, sign, Happened, NotifyError, EVENTS};
+use crate::{body, nats, sign, Happened, NotifyError, TASK_EVENTS};
 
-/// The durable consumer the main servers share.
+/// The durable consumers the main servers share.
 pub const CONSUMER: &str = "webhooks";
+pub const NODES_CONSUMER: &str = "webhooks-nodes";
 
 /// Events in hand at once, each delivered to its webhooks in parallel (all
 /// that the consumer gives out, so none waits out its ack wait unhandled).
@@ -58,13 +61,13 @@ pub fn log_subject(project: &str, name: &str) -> String {
     format!("ud.webhook.{project}.{name}")
 }
 
-/// The webhooks of `project`, by name (the API lists them; deliveries
-/// pick those asking for an event).
+/// The webhooks of `project` (every project's: `None`), by name (the API
+/// lists them; deliveries pick those asking for an event).
 pub async fn project_hooks(
     kv: &jetstream::kv::Store,
-    project: &str,
+    project: Option<&str>,
 ) -> Result<Vec<WebhookRecord>, NotifyError> {
-    let prefix = format!("{project}.");
+    let prefix = project.map(|p| format!("{p}.")).unwrap_or_default();
     let mut keys = kv.keys().await.map_err(nats)?;
     let mut names = Vec::new();
     while let Some(k) = keys.next().await {
@@ -236,7 +239,7 @@ async fn deliver_one(
     WebhookDelivery {
         event_id: h.event_id.clone(),
         event_type: h.event_type.clone(),
-        task_id: Some(h.task_id.clone()),
+        task_id: h.task_id.clone(),
         outcome: outcome.into(),
         attempts,
         status,
@@ -245,11 +248,90 @@ async fn deliver_one(
     }
 }
 
+/// What the service reads besides the event: aggregates and buckets.
+struct Sources {
+    js: jetstream::Context,
+    hooks: jetstream::kv::Store,
+    notified: jetstream::kv::Store,
+    tasks: Repository<Task>,
+    nodes: Repository<Node>,
+}
+
+/// What an event is told as, and to which project's webhooks (`None`:
+/// every project's); `None` when it is not told.
+async fn happened(
+    src: &Sources,
+    seq: u64,
+    env: codec::EventEnvelope,
+) -> Result<Option<(Happened, Option<String>)>, NotifyError> {
+    let event_id = env.meta.event_id.to_string();
+    let data = codec::event_data_json(&env.event);
+    match env.event {
+        Event::Task(id, ref e) => {
+            let event_type = match e {
+                // A task waiting on its project's quota: the project is
+                // told, once an hour at most for each limit.
+                ud_schemas::TaskEvent::Waiting(w) => match &w.kind {
+                    Some(k) if k.starts_with("quota ") => "quota.reached".to_owned(),
+                    _ => return Ok(None),
+                },
+                _ => env.event.event_type(),
+            };
+            let Some((task, _)) = src.tasks.load(&id).await? else {
+                return Ok(None);
+            };
+            let project = task.project.to_string();
+            if let ud_schemas::TaskEvent::Waiting(w) = e {
+                let limit = w
+                    .kind
+                    .as_deref()
+                    .unwrap_or_default()
+                    .trim_start_matches("quota ");
+                let key = format!("quota.{project}.{limit}");
+                // The first to write the key tells; the key lives an hour.
+                if src.notified.create(&key, "".into()).await.is_err() {
+                    return Ok(None);
+                }
+            }
+            Ok(Some((
+                Happened {
+                    event_id,
+                    event_type,
+                    seq,
+                    task_id: Some(id.to_string()),
+                    task_name: task.spec.name.clone(),
+                    node_id: None,
+                    node_name: None,
+                    project: Some(project.clone()),
+                    data,
+                },
+                Some(project),
+            )))
+        }
+        Event::Node(id, ud_schemas::NodeEvent::WentOffline(_)) => {
+            let name = src.nodes.load(&id).await?.map(|(n, _)| n.name);
+            Ok(Some((
+                Happened {
+                    event_id,
+                    event_type: "node.offline".into(),
+                    seq,
+                    task_id: None,
+                    task_name: None,
+                    node_id: Some(id.to_string()),
+                    node_name: name,
+                    project: None,
+                    data,
+                },
+                None,
+            )))
+        }
+        _ => Ok(None),
+    }
+}
+
 /// Delivers one stored event to every webhook that asks for it.
 async fn handle(
-    js: &jetstream::Context,
-    kv: &jetstream::kv::Store,
-    tasks: &Repository<Task>,
+    src: &Sources,
     http: &reqwest::Client,
     settings: &Settings,
     m: &jetstream::Message,
@@ -258,35 +340,23 @@ async fn handle(
     let env = match codec::decode_message(m.subject.as_str(), m.headers.as_ref(), &m.payload) {
         Ok(env) => env,
         Err(e) => {
-            warn!(seq, error = %e, "undecodable task event; no webhook for it");
+            warn!(seq, error = %e, "undecodable event; no webhook for it");
             return Ok(());
         }
     };
-    let Event::Task(id, ref e) = env.event else {
+    let Some((happened, project)) = happened(src, seq, env).await? else {
         return Ok(());
     };
-    let event_type = env.event.event_type();
-    let Some((task, _)) = tasks.load(&id).await? else {
-        return Ok(());
-    };
-    let project = task.project.to_string();
-    let mut hooks = project_hooks(kv, &project).await?;
-    hooks.retain(|h| h.events.contains(&event_type));
-    if hooks.is_empty() {
-        return Ok(());
-    }
-    let happened = Happened {
-        event_id: env.meta.event_id.to_string(),
-        event_type,
-        seq,
-        task_id: id.to_string(),
-        task_name: task.spec.name.clone(),
-        project: project.clone(),
-        data: codec::event_data_json(&Event::Task(id, e.clone())),
-    };
+    let mut hooks = project_hooks(&src.hooks, project.as_deref()).await?;
+    hooks.retain(|h| h.events.contains(&happened.event_type));
     let deliveries = hooks.iter().map(|hook| {
         let happened = &happened;
-        async move { (hook, deliver_one(http, kv, settings, hook, happened).await) }
+        async move {
+            (
+                hook,
+                deliver_one(http, &src.hooks, settings, hook, happened).await,
+            )
+        }
     });
     for (hook, d) in futures::future::join_all(deliveries).await {
         if d.outcome == "delivered" {
@@ -295,7 +365,8 @@ async fn handle(
             warn!(webhook = %hook.name, attempts = d.attempts, error = ?d.error, "webhook not delivered");
         }
         let entry = serde_json::to_vec(&d).unwrap_or_default();
-        js.publish(log_subject(&project, &hook.name), entry.into())
+        src.js
+            .publish(log_subject(&hook.project, &hook.name), entry.into())
             .await
             .map_err(nats)?
             .await
@@ -304,45 +375,75 @@ async fn handle(
     Ok(())
 }
 
+/// The durable consumer `name` of `stream` on `subjects`, made or brought
+/// to this configuration.
+async fn consumer(
+    js: &jetstream::Context,
+    stream: &str,
+    name: &str,
+    subjects: Vec<String>,
+) -> Result<consumer::PullConsumer, NotifyError> {
+    js.get_stream(stream)
+        .await
+        .map_err(nats)?
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(name.into()),
+            // From when webhooks first ran: no history is delivered.
+            deliver_policy: consumer::DeliverPolicy::New,
+            filter_subjects: subjects,
+            ack_policy: consumer::AckPolicy::Explicit,
+            // Every try of every webhook of an event, with room.
+            ack_wait: Duration::from_secs(15 * 60),
+            max_ack_pending: IN_HAND as i64,
+            ..Default::default()
+        })
+        .await
+        .map_err(nats)
+}
+
 /// Runs until the stream ends; the caller's supervisor starts it again
 /// after an error (the events not acknowledged come again).
 pub async fn run(store: EventStore, settings: Settings) -> Result<(), NotifyError> {
     let js = store.jetstream().clone();
-    let kv = js
-        .get_key_value(streams::WEBHOOKS_BUCKET)
-        .await
-        .map_err(nats)?;
-    let tasks = Repository::<Task>::new(store.clone());
+    let src = Sources {
+        hooks: js
+            .get_key_value(streams::WEBHOOKS_BUCKET)
+            .await
+            .map_err(nats)?,
+        notified: js
+            .get_key_value(streams::NOTIFIED_BUCKET)
+            .await
+            .map_err(nats)?,
+        tasks: Repository::<Task>::new(store.clone()),
+        nodes: Repository::<Node>::new(store.clone()),
+        js: js.clone(),
+    };
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(nats)?;
-    let stream = js.get_stream(streams::TASKS).await.map_err(nats)?;
-    let c = stream
-        .get_or_create_consumer(
-            CONSUMER,
-            consumer::pull::Config {
-                durable_name: Some(CONSUMER.into()),
-                // From when webhooks first ran: no history is delivered.
-                deliver_policy: consumer::DeliverPolicy::New,
-                filter_subjects: EVENTS
-                    .iter()
-                    .map(|t| format!("ud.task.*.{}", t.trim_start_matches("task.")))
-                    .collect(),
-                ack_policy: consumer::AckPolicy::Explicit,
-                // Every try of every webhook of an event, with room.
-                ack_wait: Duration::from_secs(15 * 60),
-                max_ack_pending: IN_HAND as i64,
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(nats)?;
-    let messages = c.messages().await.map_err(nats)?;
+    let mut task_subjects: Vec<String> = TASK_EVENTS
+        .iter()
+        .map(|t| format!("ud.task.*.{t}"))
+        .collect();
+    task_subjects.push("ud.task.*.waiting".into());
+    let tasks = consumer(&js, streams::TASKS, CONSUMER, task_subjects).await?;
+    let nodes = consumer(
+        &js,
+        streams::NODES,
+        NODES_CONSUMER,
+        vec!["ud.node.*.offline".into()],
+    )
+    .await?;
+    let messages = futures::stream::select(
+        tasks.messages().await.map_err(nats)?,
+        nodes.messages().await.map_err(nats)?,
+    );
     messages
         .map(|m| m.map_err(nats))
-        .for_each_concurrent(IN_HAND, |m| {
-            let (js, kv, tasks, http, settings) = (&js, &kv, &tasks, &http, &settings);
+        // Each consumer's events in hand, from both.
+        .for_each_concurrent(2 * IN_HAND, |m| {
+            let (src, http, settings) = (&src, &http, &settings);
             async move {
                 let m = match m {
                     Ok(m) => m,
@@ -352,7 +453,7 @@ pub async fn run(store: EventStore, settings: Settings) -> Result<(), NotifyErro
                     }
                 };
                 let span = info_span!("webhook", subject = %m.subject);
-                let work = handle(js, kv, tasks, http, settings, &m).instrument(span);
+                let work = handle(src, http, settings, &m).instrument(span);
                 tokio::pin!(work);
                 // Tries of a slow receiver can outlast the ack wait: the
                 // event is said to be in hand meanwhile, not sent again.

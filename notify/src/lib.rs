@@ -1,4 +1,5 @@
-//! Project webhooks: the task events a project chose, POSTed to its URL,
+//! Project webhooks: the task events a project chose (and a node going
+//! offline, a project reaching its quota), POSTed to its URL,
 //! signed with a key of the webhook's own, tried again with backoff, and
 //! each delivery logged. Read from the task stream through a durable
 //! consumer, so a delivery due when a main server stops is made after it
@@ -10,14 +11,28 @@ pub mod sign;
 use serde_json::{json, Value};
 use ud_schemas::api::{FieldError, WebhookRecord};
 
-/// The event types a webhook may ask for.
-pub const EVENTS: [&str; 6] = [
+/// The event types a webhook may ask for. `node.offline` is any node's
+/// (nodes are the platform's); `quota.reached` is a task of the project
+/// waiting on its quota, told once an hour at most per limit.
+pub const EVENTS: [&str; 8] = [
     "task.succeeded",
     "task.failed",
     "task.timed_out",
     "task.cancelled",
     "task.lost",
     "task.retrying",
+    "node.offline",
+    "quota.reached",
+];
+
+/// The task events delivered as they are.
+pub const TASK_EVENTS: [&str; 6] = [
+    "succeeded",
+    "failed",
+    "timed_out",
+    "cancelled",
+    "lost",
+    "retrying",
 ];
 
 /// The formats a webhook's body may take.
@@ -79,9 +94,12 @@ pub struct Happened {
     pub event_id: String,
     pub event_type: String,
     pub seq: u64,
-    pub task_id: String,
+    pub task_id: Option<String>,
     pub task_name: Option<String>,
-    pub project: String,
+    pub node_id: Option<String>,
+    pub node_name: Option<String>,
+    /// The task's project; none for a node's event.
+    pub project: Option<String>,
     /// The event's fields as JSON.
     pub data: Value,
 }
@@ -89,30 +107,56 @@ pub struct Happened {
 /// The body POSTed to `hook` for what happened.
 pub fn body(hook: &WebhookRecord, h: &Happened) -> Vec<u8> {
     let v = if hook.format == "slack" {
-        let what = h.event_type.trim_start_matches("task.").replace('_', " ");
-        let name = h.task_name.as_deref().unwrap_or("(unnamed)");
-        let why = h
-            .data
-            .get("reason")
-            .and_then(Value::as_str)
-            .map(|r| format!(": {r}"))
-            .unwrap_or_default();
-        json!({
-            "text": format!("UniDesk: task {name} ({}) in project {} {what}{why}", h.task_id, h.project)
-        })
+        json!({ "text": format!("UniDesk: {}", sentence(h)) })
     } else {
-        json!({
+        let mut v = json!({
             "id": h.event_id,
             "type": h.event_type,
             "seq": h.seq,
-            "project": h.project,
-            "task_id": h.task_id,
-            "task_name": h.task_name,
+            "project": h.project.as_deref().unwrap_or(&hook.project),
             "webhook": hook.name,
             "data": h.data,
-        })
+        });
+        for (k, x) in [
+            ("task_id", &h.task_id),
+            ("task_name", &h.task_name),
+            ("node_id", &h.node_id),
+            ("node_name", &h.node_name),
+        ] {
+            if h.task_id.is_some() && k.starts_with("task") || x.is_some() {
+                v[k] = json!(x);
+            }
+        }
+        v
     };
     serde_json::to_vec(&v).unwrap_or_default()
+}
+
+/// What happened, in one line for people.
+fn sentence(h: &Happened) -> String {
+    let reason = |key: &str| {
+        h.data
+            .get(key)
+            .and_then(Value::as_str)
+            .map(|r| format!(": {r}"))
+            .unwrap_or_default()
+    };
+    let project = h.project.as_deref().unwrap_or("-");
+    match h.event_type.as_str() {
+        "node.offline" => format!(
+            "node {} ({}) went offline",
+            h.node_name.as_deref().unwrap_or("(unnamed)"),
+            h.node_id.as_deref().unwrap_or("-")
+        ),
+        "quota.reached" => format!("project {project} reached its quota{}", reason("reason")),
+        other => format!(
+            "task {} ({}) in project {project} {}{}",
+            h.task_name.as_deref().unwrap_or("(unnamed)"),
+            h.task_id.as_deref().unwrap_or("-"),
+            other.trim_start_matches("task.").replace('_', " "),
+            reason("reason")
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -137,9 +181,11 @@ mod tests {
             event_id: "e1".into(),
             event_type: "task.timed_out".into(),
             seq: 9,
-            task_id: "t1".into(),
+            task_id: Some("t1".into()),
             task_name: Some("train".into()),
-            project: "lab".into(),
+            node_id: None,
+            node_name: None,
+            project: Some("lab".into()),
             data: json!({"at": 5, "reason": "ran past 60 s"}),
         }
     }
@@ -179,5 +225,34 @@ mod tests {
         assert_eq!(v["type"], "task.timed_out");
         assert_eq!(v["data"]["reason"], "ran past 60 s");
         assert_eq!(v["webhook"], "ci");
+        assert_eq!(v["task_id"], "t1");
+        assert!(v.get("node_id").is_none(), "{v}");
+        let node = Happened {
+            event_type: "node.offline".into(),
+            task_id: None,
+            task_name: None,
+            node_id: Some("n1".into()),
+            node_name: Some("gpu-1".into()),
+            project: None,
+            ..happened()
+        };
+        let v: Value = serde_json::from_slice(&body(&hook("slack"), &node)).unwrap_or_default();
+        assert_eq!(v["text"], "UniDesk: node gpu-1 (n1) went offline");
+        let v: Value = serde_json::from_slice(&body(&hook("json"), &node)).unwrap_or_default();
+        assert_eq!(
+            (v["node_name"].as_str(), v.get("task_id")),
+            (Some("gpu-1"), None)
+        );
+        assert_eq!(v["project"], "lab", "the webhook's project: {v}");
+        let quota = Happened {
+            event_type: "quota.reached".into(),
+            data: json!({"reason": "project lab holds 2 of its quota of 2 GPUs; this task asks for 1"}),
+            ..happened()
+        };
+        let v: Value = serde_json::from_slice(&body(&hook("slack"), &quota)).unwrap_or_default();
+        assert_eq!(
+            v["text"],
+            "UniDesk: project lab reached its quota: project lab holds 2 of its quota of 2 GPUs; this task asks for 1"
+        );
     }
 }

@@ -649,6 +649,7 @@ mod agreement {
             },
             8 => TaskCommand::Wait {
                 reason: "busy".into(),
+                kind: "room".into(),
             },
             9 => TaskCommand::Reprioritize {
                 priority: code * 10,

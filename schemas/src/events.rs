@@ -46,6 +46,11 @@ pub struct TaskSubmitted {
 pub struct TaskWaiting {
     pub at: Millis,
     pub reason: String,
+    /// What it waits on, for programs: `quota <limit>` (tasks, cpus,
+    /// memory, gpus, gpu-hours), `queue <name> at its limit`, `after
+    /// <task>`, or what the nodes lack (added later: absent in older events).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
 }
 
 /// The node running the task went offline: the task is pending again and

@@ -39,6 +39,9 @@ pub const WEBHOOK_LOG: &str = "UD_WEBHOOK_LOG";
 /// Key-value bucket of project webhooks (key: `<project>.<name>`; value:
 /// JSON [`crate::api::WebhookRecord`]).
 pub const WEBHOOKS_BUCKET: &str = "ud_webhooks";
+/// Key-value bucket of notices told lately (key: `quota.<project>.<limit>`),
+/// each kept an hour: a project at its quota is told once an hour at most.
+pub const NOTIFIED_BUCKET: &str = "ud_notified";
 /// Key-value bucket mapping (project, Idempotency-Key) to the task it created.
 pub const IDEMPOTENCY_BUCKET: &str = "ud_idempotency";
 /// Key-value bucket of queue settings made through the API (key: queue name;

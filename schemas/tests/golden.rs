@@ -101,6 +101,7 @@ fn fixtures_v1() -> Vec<(&'static str, Event)> {
                 TaskEvent::Waiting(TaskWaiting {
                     at: AT,
                     reason: "waiting for room: 2 nodes could run it (busy 1, offline 1)".into(),
+                    kind: None,
                 }),
             ),
         ),
@@ -700,6 +701,20 @@ fn gpu_spec() -> TaskSpec {
 fn fixtures_with_later_fields() -> Vec<(&'static str, &'static str, Event)> {
     let (t, n) = (task_id(), node_id());
     vec![
+        (
+            "task-waiting+kind",
+            "task-waiting",
+            Event::Task(
+                t,
+                TaskEvent::Waiting(TaskWaiting {
+                    at: AT,
+                    reason:
+                        "project vision-lab holds 2 of its quota of 2 GPUs; this task asks for 1"
+                            .into(),
+                    kind: Some("quota gpus".into()),
+                }),
+            ),
+        ),
         (
             "token-issued+user-expiry",
             "token-issued",

@@ -315,6 +315,8 @@ test("the projects page shows what a project holds against its quota; a task ove
 test("a project's owner adds a member, changes the role and removes the member on the projects page", async () => {
   // The page's token names project web, so it owns it.
   await api("POST", "/api/v1/projects", ADMIN, { name: "web", description: "browser tests", owner: "olive" });
+  // The page from the test before is the projects page: open it anew.
+  await page.locator("nav a", { hasText: "Tasks" }).click();
   await page.locator("nav a", { hasText: "Projects" }).click();
   const team = page.locator('section[data-team="web"]');
   await team.locator('tr[data-user="olive"] td[data-what=role] select').waitFor();

@@ -32,9 +32,11 @@ class Generated(unittest.TestCase):
         for f, version, rule in goldens():
             subject = {"task": "ud.task.{}.{}", "node": "ud.node.{}.{}", "pipeline": "ud.pipeline.{}.{}",
                        "schedule": "ud.schedule.{}.{}",
-                       "token": "ud.auth.token.{}.{}", "secret": "ud.auth.secret.lab.{}.{}"}
+                       "token": "ud.auth.token.{}.{}", "secret": "ud.auth.secret.lab.{}.{}",
+                       "project": "ud.auth.project.{}.{}"}
             kind, name = rule.split("-", 1)
-            ev = decode(subject[kind].format(uuid.uuid4() if kind != "secret" else "KEY", name),
+            first = {"secret": "KEY", "project": "vision-lab"}.get(kind, uuid.uuid4())
+            ev = decode(subject[kind].format(first, name),
                         {"Ud-Schema-Version": str(version)}, f.read_bytes())
             with self.subTest(golden=str(f.relative_to(GOLDEN))):
                 self.assertTrue(ev.known, f)
@@ -79,6 +81,7 @@ class Generated(unittest.TestCase):
             f"ud.schedule.{t}.fired": "schedule-fired",
             f"ud.auth.token.{t}.issued": "token-issued",
             "ud.auth.secret.lab.API_KEY.set": "secret-set",
+            "ud.auth.project.lab.member_added": "project-member_added",
             f"ud.log.{t}": "log-chunk",
             "ud.alert.disk.low": "disk-alert",
             f"ud.dispatch.{t}.{t}.cancel": "dispatch-cancel",

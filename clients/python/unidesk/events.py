@@ -415,6 +415,7 @@ class TaskWaiting:
 
     at: int
     reason: str
+    kind: Optional[str] = None
     extra: Dict[str, Any] = field(default_factory=dict)
     """Fields a newer producer added that this module does not know."""
 
@@ -424,6 +425,7 @@ class TaskWaiting:
         return cls(
             at=_need(m, "at", "TaskWaiting"),
             reason=_need(m, "reason", "TaskWaiting"),
+            kind=m.pop("kind", None),
             extra=m,
         )
 
@@ -431,6 +433,8 @@ class TaskWaiting:
         m: Dict[str, Any] = {}
         m["at"] = self.at
         m["reason"] = self.reason
+        if self.kind is not None:
+            m["kind"] = self.kind
         m.update(self.extra)
         return m
 
@@ -1760,6 +1764,8 @@ class TokenIssued:
     digest: str
     projects: List[str]
     admin: bool
+    user: Optional[str] = None
+    expires_at: Optional[int] = None
     extra: Dict[str, Any] = field(default_factory=dict)
     """Fields a newer producer added that this module does not know."""
 
@@ -1772,6 +1778,8 @@ class TokenIssued:
             digest=_need(m, "digest", "TokenIssued"),
             projects=list(_need(m, "projects", "TokenIssued")),
             admin=_need(m, "admin", "TokenIssued"),
+            user=m.pop("user", None),
+            expires_at=m.pop("expires_at", None),
             extra=m,
         )
 
@@ -1782,6 +1790,10 @@ class TokenIssued:
         m["digest"] = self.digest
         m["projects"] = list(self.projects)
         m["admin"] = self.admin
+        if self.user is not None:
+            m["user"] = self.user
+        if self.expires_at is not None:
+            m["expires_at"] = self.expires_at
         m.update(self.extra)
         return m
 
@@ -1799,6 +1811,139 @@ class TokenRevoked:
         m = dict(m)
         return cls(
             at=_need(m, "at", "TokenRevoked"),
+            extra=m,
+        )
+
+    def to_cbor(self) -> Dict[str, Any]:
+        m: Dict[str, Any] = {}
+        m["at"] = self.at
+        m.update(self.extra)
+        return m
+
+
+@dataclass
+class ProjectCreated:
+    """CDDL `project-created`."""
+
+    at: int
+    description: str
+    extra: Dict[str, Any] = field(default_factory=dict)
+    """Fields a newer producer added that this module does not know."""
+
+    @classmethod
+    def from_cbor(cls, m: Dict[str, Any]) -> "ProjectCreated":
+        m = dict(m)
+        return cls(
+            at=_need(m, "at", "ProjectCreated"),
+            description=_need(m, "description", "ProjectCreated"),
+            extra=m,
+        )
+
+    def to_cbor(self) -> Dict[str, Any]:
+        m: Dict[str, Any] = {}
+        m["at"] = self.at
+        m["description"] = self.description
+        m.update(self.extra)
+        return m
+
+
+@dataclass
+class ProjectMemberAdded:
+    """CDDL `project-member_added`."""
+
+    at: int
+    user: str
+    role: str
+    extra: Dict[str, Any] = field(default_factory=dict)
+    """Fields a newer producer added that this module does not know."""
+
+    @classmethod
+    def from_cbor(cls, m: Dict[str, Any]) -> "ProjectMemberAdded":
+        m = dict(m)
+        return cls(
+            at=_need(m, "at", "ProjectMemberAdded"),
+            user=_need(m, "user", "ProjectMemberAdded"),
+            role=_need(m, "role", "ProjectMemberAdded"),
+            extra=m,
+        )
+
+    def to_cbor(self) -> Dict[str, Any]:
+        m: Dict[str, Any] = {}
+        m["at"] = self.at
+        m["user"] = self.user
+        m["role"] = self.role
+        m.update(self.extra)
+        return m
+
+
+@dataclass
+class ProjectRoleChanged:
+    """CDDL `project-role_changed`."""
+
+    at: int
+    user: str
+    role: str
+    extra: Dict[str, Any] = field(default_factory=dict)
+    """Fields a newer producer added that this module does not know."""
+
+    @classmethod
+    def from_cbor(cls, m: Dict[str, Any]) -> "ProjectRoleChanged":
+        m = dict(m)
+        return cls(
+            at=_need(m, "at", "ProjectRoleChanged"),
+            user=_need(m, "user", "ProjectRoleChanged"),
+            role=_need(m, "role", "ProjectRoleChanged"),
+            extra=m,
+        )
+
+    def to_cbor(self) -> Dict[str, Any]:
+        m: Dict[str, Any] = {}
+        m["at"] = self.at
+        m["user"] = self.user
+        m["role"] = self.role
+        m.update(self.extra)
+        return m
+
+
+@dataclass
+class ProjectMemberRemoved:
+    """CDDL `project-member_removed`."""
+
+    at: int
+    user: str
+    extra: Dict[str, Any] = field(default_factory=dict)
+    """Fields a newer producer added that this module does not know."""
+
+    @classmethod
+    def from_cbor(cls, m: Dict[str, Any]) -> "ProjectMemberRemoved":
+        m = dict(m)
+        return cls(
+            at=_need(m, "at", "ProjectMemberRemoved"),
+            user=_need(m, "user", "ProjectMemberRemoved"),
+            extra=m,
+        )
+
+    def to_cbor(self) -> Dict[str, Any]:
+        m: Dict[str, Any] = {}
+        m["at"] = self.at
+        m["user"] = self.user
+        m.update(self.extra)
+        return m
+
+
+@dataclass
+class ProjectArchived:
+    """CDDL `project-archived`."""
+
+    at: int
+    extra: Dict[str, Any] = field(default_factory=dict)
+    """Fields a newer producer added that this module does not know."""
+
+    @classmethod
+    def from_cbor(cls, m: Dict[str, Any]) -> "ProjectArchived":
+        m = dict(m)
+        return cls(
+            at=_need(m, "at", "ProjectArchived"),
             extra=m,
         )
 
@@ -2036,6 +2181,11 @@ RULES: Dict[str, Any] = {
     "pipeline-steps_started": PipelineStepsStarted,
     "pipeline-submitted": PipelineSubmitted,
     "prepare-step": PrepareStep,
+    "project-archived": ProjectArchived,
+    "project-created": ProjectCreated,
+    "project-member_added": ProjectMemberAdded,
+    "project-member_removed": ProjectMemberRemoved,
+    "project-role_changed": ProjectRoleChanged,
     "retry-policy": RetryPolicy,
     "schedule-created": ScheduleCreated,
     "schedule-deleted": ScheduleDeleted,

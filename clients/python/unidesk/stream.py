@@ -37,7 +37,7 @@ def rule_of(subject: str) -> Optional[str]:
     kind = parts[1]
     if kind in ("task", "node", "pipeline", "schedule") and len(parts) == 4:
         return f"{kind}-{parts[3]}"
-    if kind == "auth" and len(parts) >= 4 and parts[2] in ("token", "secret"):
+    if kind == "auth" and len(parts) >= 4 and parts[2] in ("token", "secret", "project"):
         return f"{parts[2]}-{parts[-1]}"
     if kind == "log" and len(parts) == 3:
         return "log-chunk"

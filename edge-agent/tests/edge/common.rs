@@ -545,7 +545,7 @@ impl Stack {
                 .await
                 .map_err(|e| anyhow!("{e}"))?;
             let i = c.info().await?;
-            let mut nodes = js.get_stream(ud_schemas::streams::NODES).await?;
+            let nodes = js.get_stream(ud_schemas::streams::NODES).await?;
             let mut events = nodes.info_with_subjects(format!("ud.node.{id}.>")).await?;
             let mut kinds = Vec::new();
             while let Some(Ok((subject, n))) = events.next().await {

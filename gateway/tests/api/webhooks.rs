@@ -302,3 +302,169 @@ async fn webhooks_are_refused_by_field_delivered_signed_retried_and_logged() -> 
     assert_eq!(log[0]["status"], 500, "{log}");
     Ok(())
 }
+
+/// The next body the receiver got on `path`.
+async fn next_on(rx: &mut mpsc::UnboundedReceiver<Got>, path: &str) -> Result<Value> {
+    loop {
+        let (p, _, body) = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("the receiver stopped"))?;
+        if p == path {
+            return Ok(serde_json::from_slice(&body)?);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_node_going_offline_and_a_project_at_its_quota_are_told() -> Result<()> {
+    // With the scheduler (no nodes): it holds tasks back by quota.
+    let (nats, pg) = (
+        ud_testkit::NatsServer::start().await?,
+        ud_testkit::PgDatabase::create().await?,
+    );
+    let cfg = ud_server::ServerConfig {
+        edge: Some(ud_server::EdgeConfig {
+            hub: None,
+            controller: ud_core::edge::scheduler::ControllerSettings {
+                heartbeat_timeout: Duration::from_secs(60),
+                check_interval: Duration::from_millis(100),
+                cancel_grace_seconds: 1,
+                placement: Default::default(),
+                queues: Default::default(),
+                lost_after: Duration::ZERO,
+                max_lost_after: Duration::from_secs(3600),
+            },
+            git_credentials: Default::default(),
+        }),
+        webhooks: ud_notify::deliver::Settings {
+            allow_private: true,
+            ..Default::default()
+        },
+        ..ud_server::ServerConfig::local(nats.url(), pg.url.clone())
+    };
+    let s = Stack::start_config(nats, pg, cfg).await?;
+    let lab = s.token(&["lab"]).await?;
+    let (base, mut got) = receiver().await?;
+    for (name, event) in [("ops", "node.offline"), ("quota", "quota.reached")] {
+        let resp = s
+            .http
+            .post(s.url("/api/v1/projects/lab/webhooks"))
+            .bearer_auth(&lab)
+            .json(&json!({"name": name, "url": format!("{base}/{name}"), "events": [event]}))
+            .send()
+            .await?;
+        assert_eq!(resp.status(), Status::CREATED, "{}", resp.text().await?);
+    }
+
+    // A node goes offline (as the hub's liveness check says it).
+    let node: Value = s
+        .http
+        .post(s.url("/api/v1/nodes"))
+        .bearer_auth(&s.admin)
+        .json(&json!({"name": "gpu-7"}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let node_id: NodeId = node["node_id"].as_str().unwrap_or_default().parse()?;
+    let offline = ud_schemas::Event::Node(
+        node_id,
+        ud_schemas::NodeEvent::WentOffline(ud_schemas::events::NodeWentOffline {
+            at: ud_schemas::now_millis(),
+            last_seen: ud_schemas::now_millis() - 90_000,
+        }),
+    );
+    s.server
+        .state
+        .commands
+        .store()
+        .append(
+            &offline,
+            &ud_schemas::EventMeta::new("liveness"),
+            ud_core::Expect::Any,
+        )
+        .await?;
+    let told = next_on(&mut got, "ops").await?;
+    assert_eq!(
+        (
+            told["type"].as_str(),
+            told["node_name"].as_str(),
+            told["node_id"].as_str()
+        ),
+        (
+            Some("node.offline"),
+            Some("gpu-7"),
+            Some(node_id.to_string().as_str())
+        ),
+        "{told}"
+    );
+
+    // With a quota of no tasks at once, the scheduler holds the project's
+    // tasks back: the project is told once, not for each task.
+    let resp = s
+        .http
+        .put(s.url("/api/v1/projects/lab/quota"))
+        .bearer_auth(&s.admin)
+        .json(&json!({"max_tasks": 0}))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), Status::OK, "{}", resp.text().await?);
+    let mut log = log_of(&s, "quota").await?;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let v: Value = s
+            .http
+            .post(s.url("/api/v1/tasks?wait=projected"))
+            .bearer_auth(&lab)
+            .json(&task("lab"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        ids.push(v["task_id"].as_str().unwrap_or_default().to_owned());
+    }
+    let told = next_on(&mut got, "quota").await?;
+    assert_eq!(told["type"], "quota.reached", "{told}");
+    assert_eq!(told["data"]["kind"], "quota tasks", "{told}");
+    assert!(ids.iter().any(|i| told["task_id"] == *i.as_str()), "{told}");
+    // Every task waits saying so; only the one delivery was made.
+    for id in &ids {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let t: Value = s
+                .http
+                .get(s.url(&format!("/api/v1/tasks/{id}")))
+                .bearer_auth(&lab)
+                .send()
+                .await?
+                .json()
+                .await?;
+            if t["waiting_reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("quota of 0 tasks"))
+            {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{t}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let entries = logged(&s, &lab, "quota", &mut log).await?;
+    // Once the service has handled every waiting event, still one.
+    let js = s.server.state.commands.store().jetstream().clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut c: async_nats::jetstream::consumer::PullConsumer = js
+            .get_consumer_from_stream(ud_notify::deliver::CONSUMER, "UD_TASKS")
+            .await?;
+        let info = c.info().await?;
+        if info.num_pending == 0 && info.num_ack_pending == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{info:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(entries.as_array().map(Vec::len), Some(1), "{entries}");
+    assert!(got.try_recv().is_err(), "a second quota notice");
+    Ok(())
+}

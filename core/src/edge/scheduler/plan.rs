@@ -159,8 +159,8 @@ pub fn plan(
                 let kind = format!("after {first}");
                 if memory.waiting.get(*id) != Some(&kind) {
                     let reason = format!("waiting for task {first} to end");
-                    memory.waiting.insert(**id, kind);
-                    verdicts.push((**id, TaskCommand::Wait { reason }));
+                    memory.waiting.insert(**id, kind.clone());
+                    verdicts.push((**id, TaskCommand::Wait { reason, kind }));
                 }
                 false
             }
@@ -206,8 +206,8 @@ pub fn plan(
                 let kind = format!("queue {} at its limit", spec.queue);
                 if rules.caught_up && memory.waiting.get(&id) != Some(&kind) {
                     let reason = format!("queue {} runs its limit of {limit} tasks", spec.queue);
-                    memory.waiting.insert(id, kind);
-                    out.verdicts.push((id, TaskCommand::Wait { reason }));
+                    memory.waiting.insert(id, kind.clone());
+                    out.verdicts.push((id, TaskCommand::Wait { reason, kind }));
                 }
                 continue;
             }
@@ -224,8 +224,8 @@ pub fn plan(
             if let Some((kind, reason)) = quota::over(project, q, &now_held, &spec.resources, used)
             {
                 if memory.waiting.get(&id) != Some(&kind) {
-                    memory.waiting.insert(id, kind);
-                    out.verdicts.push((id, TaskCommand::Wait { reason }));
+                    memory.waiting.insert(id, kind.clone());
+                    out.verdicts.push((id, TaskCommand::Wait { reason, kind }));
                 }
                 continue;
             }
@@ -251,7 +251,9 @@ pub fn plan(
                     Unplaced::Never(reason) => {
                         ("never".to_owned(), TaskCommand::Unschedulable { reason })
                     }
-                    Unplaced::Waits { reason, kind } => (kind, TaskCommand::Wait { reason }),
+                    Unplaced::Waits { reason, kind } => {
+                        (kind.clone(), TaskCommand::Wait { reason, kind })
+                    }
                 };
                 if memory.waiting.get(&id) != Some(&kind) {
                     memory.waiting.insert(id, kind);
@@ -385,7 +387,7 @@ mod tests {
         assert!(p
             .verdicts
             .iter()
-            .all(|(_, c)| matches!(c, TaskCommand::Wait { reason } if reason.contains(&first.id.to_string()))));
+            .all(|(_, c)| matches!(c, TaskCommand::Wait { reason, .. } if reason.contains(&first.id.to_string()))));
         let again = plan(&view, &HashMap::new(), &rules(&queues), &mut memory);
         assert!(again.verdicts.is_empty());
         // Gone from the view, its end not known yet: looked up, still waiting.
@@ -482,7 +484,7 @@ mod tests {
         );
         assert_eq!(p.assign.len(), 1);
         assert!(
-            matches!(&p.verdicts[..], [(id, TaskCommand::Wait { reason })] if *id == tasks[1].id && reason.contains("limit of 1"))
+            matches!(&p.verdicts[..], [(id, TaskCommand::Wait { reason, .. })] if *id == tasks[1].id && reason.contains("limit of 1"))
         );
     }
 
@@ -513,7 +515,7 @@ mod tests {
         let p = plan(&view, &HashMap::new(), &r, &mut memory);
         assert_eq!(p.assign.iter().map(|a| a.0).collect::<Vec<_>>(), [other.id]);
         assert!(
-            matches!(&p.verdicts[..], [(id, TaskCommand::Wait { reason })]
+            matches!(&p.verdicts[..], [(id, TaskCommand::Wait { reason, .. })]
                 if *id == lab.id && reason.contains("holds 2 of its quota of 3 CPUs")),
             "{:?}",
             p.verdicts
