@@ -232,6 +232,18 @@ pub struct ServeArgs {
     /// platform's own network); off, such deliveries fail saying so.
     #[arg(long, env = "UD_WEBHOOK_PRIVATE")]
     pub webhook_private: bool,
+    /// The SMTP server e-mail webhooks are sent through:
+    /// smtp://[user:password@]host[:port][?tls=required] or smtps://...
+    /// Unset: no e-mail webhooks.
+    #[arg(long, env = "UD_SMTP_URL")]
+    pub smtp_url: Option<String>,
+    /// The sender of e-mail webhooks.
+    #[arg(
+        long,
+        env = "UD_SMTP_FROM",
+        default_value = "UniDesk <unidesk@localhost>"
+    )]
+    pub smtp_from: String,
     /// JSON file of repository credentials per host, handed to nodes for their fetches only.
     #[arg(long, env = "UD_GIT_CREDENTIALS_FILE")]
     pub git_credentials_file: Option<std::path::PathBuf>,
@@ -348,6 +360,10 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         webhooks: ud_notify::deliver::Settings {
             tries: usize::from(args.webhook_tries),
             allow_private: args.webhook_private,
+            smtp: args.smtp_url.clone().map(|url| ud_notify::deliver::Smtp {
+                url,
+                from: args.smtp_from.clone(),
+            }),
             ..Default::default()
         },
     })

@@ -26,8 +26,12 @@ pub struct CreateArgs {
     project: String,
     name: String,
     /// Where deliveries are POSTed (http or https).
-    #[arg(long)]
-    url: String,
+    #[arg(long, required_unless_present = "emails")]
+    url: Option<String>,
+    /// Mail deliveries to this address instead (repeat; the main server's
+    /// SMTP server sends them).
+    #[arg(long = "email", conflicts_with_all = ["url", "slack"])]
+    emails: Vec<String>,
     /// An event type to deliver (repeat): task.succeeded, task.failed,
     /// task.timed_out, task.cancelled, task.lost, task.retrying,
     /// node.offline, quota.reached.
@@ -107,10 +111,11 @@ fn deliveries(list: &Value) -> String {
 pub async fn run(c: WebhookCommand) -> Result<()> {
     match c {
         WebhookCommand::Create(a) => {
-            let body = json!({
-                "name": a.name, "url": a.url, "events": a.events,
-                "format": if a.slack { "slack" } else { "json" },
-            });
+            let (url, format) = match a.url {
+                Some(url) => (url, if a.slack { "slack" } else { "json" }),
+                None => (format!("mailto:{}", a.emails.join(",")), "email"),
+            };
+            let body = json!({"name": a.name, "url": url, "events": a.events, "format": format});
             let as_json = a.api.json;
             let v = Api::new(a.api)
                 .post(&format!("/api/v1/projects/{}/webhooks", a.project), &body)

@@ -1146,6 +1146,20 @@ async fn a_projects_webhook_is_made_listed_and_deleted_from_the_command_line() -
         "--slack",
     ])?;
     assert!(made.contains("signing key (shown once): "), "{made}");
+    // Mail needs the server's SMTP server: this one has none.
+    let out = server.run(&[
+        "webhook",
+        "create",
+        "lab",
+        "mail",
+        "--email",
+        "ops@example.org",
+        "--event",
+        "task.failed",
+    ])?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("UD_SMTP_URL"), "{err}");
     let table = server.ok(&["webhook", "ls", "lab"])?;
     let row = table.lines().nth(1).unwrap_or_default();
     assert!(

@@ -72,6 +72,8 @@ pub struct Shared {
     pub sessions: sessions::SessionSettings,
     /// Running sessions recently looked up.
     pub session_targets: sessions::SessionTargets,
+    /// Whether e-mail webhooks can be sent (an SMTP server is set).
+    pub email: bool,
 }
 
 async fn healthz() -> &'static str {

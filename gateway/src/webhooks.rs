@@ -29,8 +29,10 @@ pub struct NewWebhook {
     /// quota.reached (a task of the project waits on its quota; once an
     /// hour at most per limit).
     pub events: Vec<String>,
-    /// `json` (default: the event with its task) or `slack` (`{"text": ...}`
-    /// for a Slack-compatible incoming webhook).
+    /// `json` (default: the event with its task), `slack` (`{"text": ...}`
+    /// for a Slack-compatible incoming webhook) or `email` (the URL is
+    /// `mailto:ADDRESS[,ADDRESS...]`, up to 10; sent through the main
+    /// server's SMTP server, `UD_SMTP_URL`).
     #[serde(default)]
     pub format: Option<String>,
 }
@@ -97,7 +99,13 @@ pub async fn create(
 ) -> Result<(StatusCode, Json<WebhookCreated>), ApiError> {
     let project = crate::auth::project_of(&caller, &project, ud_schemas::Role::Owner)?.to_string();
     let format = req.format.unwrap_or_else(|| "json".into());
-    let bad = ud_notify::validate(&req.name, &req.url, &req.events, &format);
+    let mut bad = ud_notify::validate(&req.name, &req.url, &req.events, &format);
+    if format == "email" && !state.email {
+        bad.push(ud_schemas::api::FieldError::new(
+            "format",
+            "e-mail needs the main server's SMTP server (UD_SMTP_URL)",
+        ));
+    }
     if !bad.is_empty() {
         return Err(ApiError::fields(bad));
     }

@@ -43,6 +43,37 @@ pub struct Settings {
     /// addresses (the platform's own network); off, such a delivery fails
     /// saying so.
     pub allow_private: bool,
+    /// The SMTP server e-mail webhooks are sent through; none: they fail
+    /// saying so (and the API refuses to make them).
+    pub smtp: Option<Smtp>,
+}
+
+/// An SMTP server to send e-mail through.
+#[derive(Clone, Debug)]
+pub struct Smtp {
+    /// `smtp://[user:password@]host[:port][?tls=required|opportunistic]`
+    /// (port 25 without TLS by default; `?tls=required` for STARTTLS) or
+    /// `smtps://...` (TLS from the start, port 465).
+    pub url: String,
+    /// The sender, e.g. `UniDesk <unidesk@lab.example.org>`.
+    pub from: String,
+}
+
+type Mailer = lettre::AsyncSmtpTransport<lettre::Tokio1Executor>;
+
+impl Smtp {
+    /// The transport, or why the settings do not make one.
+    pub fn mailer(&self) -> Result<(Mailer, lettre::message::Mailbox), String> {
+        let from = self
+            .from
+            .parse()
+            .map_err(|e| format!("UD_SMTP_FROM {:?}: {e}", self.from))?;
+        let mailer = Mailer::from_url(&self.url)
+            .map_err(|e| format!("UD_SMTP_URL: {e}"))?
+            .timeout(Some(Duration::from_secs(10)))
+            .build();
+        Ok((mailer, from))
+    }
 }
 
 impl Default for Settings {
@@ -52,6 +83,7 @@ impl Default for Settings {
             first_delay: Duration::from_secs(1),
             timeout: Duration::from_secs(10),
             allow_private: false,
+            smtp: None,
         }
     }
 }
@@ -171,10 +203,47 @@ async fn still_there(kv: &jetstream::kv::Store, hook: &WebhookRecord) -> bool {
     }
 }
 
+/// One try of an e-mail webhook: the mail handed to the SMTP server.
+async fn send_mail(
+    mailer: Option<&(Mailer, lettre::message::Mailbox)>,
+    hook: &WebhookRecord,
+    h: &Happened,
+) -> Result<u16, Failed> {
+    use lettre::AsyncTransport;
+    let (mailer, from) =
+        mailer.ok_or_else(|| Failed::last("no SMTP server is set (UD_SMTP_URL)"))?;
+    let to = crate::recipients(&hook.url).ok_or_else(|| Failed::last("no addresses"))?;
+    let (subject, text) = crate::mail(hook, h);
+    let mut message = lettre::Message::builder()
+        .from(from.clone())
+        .subject(subject)
+        .message_id(Some(format!("<{}.{}@unidesk>", h.event_id, hook.name)));
+    for a in &to {
+        let mailbox = a
+            .parse()
+            .map_err(|e| Failed::last(format!("address {a}: {e}")))?;
+        message = message.to(mailbox);
+    }
+    let message = message
+        .header(lettre::message::header::ContentType::TEXT_PLAIN)
+        .body(text)
+        .map_err(|e| Failed::last(format!("the mail cannot be made: {e}")))?;
+    match mailer.send(message).await {
+        Ok(r) => Ok(r.code().into()),
+        Err(e) => Err(Failed {
+            status: e.status().map(u16::from),
+            error: format!("the SMTP server: {e}"),
+            // A permanent refusal (5xx) stays one.
+            again: !e.is_permanent(),
+        }),
+    }
+}
+
 /// One delivery, tried until it is taken, the tries run out, or the
 /// webhook is gone.
 async fn deliver_one(
     http: &reqwest::Client,
+    mailer: Option<&(Mailer, lettre::message::Mailbox)>,
     kv: &jetstream::kv::Store,
     settings: &Settings,
     hook: &WebhookRecord,
@@ -190,6 +259,9 @@ async fn deliver_one(
         async move {
             if !first && !still_there(kv, hook).await {
                 return Err(Failed::last("the webhook was deleted"));
+            }
+            if hook.format == "email" {
+                return send_mail(mailer, hook, h).await;
             }
             reachable(&hook.url, settings).await?;
             let now = ud_schemas::now_millis() / 1000;
@@ -333,6 +405,7 @@ async fn happened(
 async fn handle(
     src: &Sources,
     http: &reqwest::Client,
+    mailer: Option<&(Mailer, lettre::message::Mailbox)>,
     settings: &Settings,
     m: &jetstream::Message,
 ) -> Result<(), NotifyError> {
@@ -354,7 +427,7 @@ async fn handle(
         async move {
             (
                 hook,
-                deliver_one(http, &src.hooks, settings, hook, happened).await,
+                deliver_one(http, mailer, &src.hooks, settings, hook, happened).await,
             )
         }
     });
@@ -422,6 +495,10 @@ pub async fn run(store: EventStore, settings: Settings) -> Result<(), NotifyErro
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(nats)?;
+    let mailer = match &settings.smtp {
+        Some(smtp) => Some(smtp.mailer().map_err(NotifyError::Settings)?),
+        None => None,
+    };
     let mut task_subjects: Vec<String> = TASK_EVENTS
         .iter()
         .map(|t| format!("ud.task.*.{t}"))
@@ -443,7 +520,7 @@ pub async fn run(store: EventStore, settings: Settings) -> Result<(), NotifyErro
         .map(|m| m.map_err(nats))
         // Each consumer's events in hand, from both.
         .for_each_concurrent(2 * IN_HAND, |m| {
-            let (src, http, settings) = (&src, &http, &settings);
+            let (src, http, mailer, settings) = (&src, &http, mailer.as_ref(), &settings);
             async move {
                 let m = match m {
                     Ok(m) => m,
@@ -453,7 +530,7 @@ pub async fn run(store: EventStore, settings: Settings) -> Result<(), NotifyErro
                     }
                 };
                 let span = info_span!("webhook", subject = %m.subject);
-                let work = handle(src, http, settings, &m).instrument(span);
+                let work = handle(src, http, mailer, settings, &m).instrument(span);
                 tokio::pin!(work);
                 // Tries of a slow receiver can outlast the ack wait: the
                 // event is said to be in hand meanwhile, not sent again.

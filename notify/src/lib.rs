@@ -35,8 +35,26 @@ pub const TASK_EVENTS: [&str; 6] = [
     "retrying",
 ];
 
-/// The formats a webhook's body may take.
-pub const FORMATS: [&str; 2] = ["json", "slack"];
+/// The formats a webhook's body may take: `email` sends it as a mail to the
+/// addresses of a `mailto:` URL, through the SMTP server of the settings.
+pub const FORMATS: [&str; 3] = ["json", "slack", "email"];
+
+/// Most addresses one e-mail webhook sends to.
+pub const MAX_RECIPIENTS: usize = 10;
+
+/// The addresses of a `mailto:a@x.org,b@y.org` URL, if each is one.
+pub fn recipients(url: &str) -> Option<Vec<String>> {
+    let list = url.strip_prefix("mailto:")?;
+    let all: Vec<String> = list.split(',').map(|a| a.trim().to_owned()).collect();
+    let ok = !all.is_empty()
+        && all.len() <= MAX_RECIPIENTS
+        && all.iter().all(|a| {
+            a.len() <= 254
+                && a.parse::<lettre::Address>().is_ok()
+                && !a.chars().any(|c| c.is_whitespace() || c.is_control())
+        });
+    ok.then_some(all)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum NotifyError {
@@ -44,6 +62,8 @@ pub enum NotifyError {
     Nats(String),
     #[error("store: {0}")]
     Store(#[from] ud_core::store::StoreError),
+    #[error("settings: {0}")]
+    Settings(String),
 }
 
 pub(crate) fn nats(e: impl std::fmt::Display) -> NotifyError {
@@ -65,11 +85,23 @@ pub fn validate(name: &str, url: &str, events: &[String], format: &str) -> Vec<F
     if !valid_name(name) {
         bad.push(FieldError::new("name", "1-63 of a-z, 0-9, - and _"));
     }
-    let scheme_ok = reqwest::Url::parse(url).is_ok_and(|u| {
-        matches!(u.scheme(), "http" | "https") && u.host_str().is_some_and(|h| !h.is_empty())
-    });
-    if !scheme_ok || url.len() > 2048 || url.chars().any(char::is_whitespace) {
-        bad.push(FieldError::new("url", "must be an http or https URL"));
+    if format == "email" {
+        if recipients(url).is_none() {
+            bad.push(FieldError::new(
+                "url",
+                format!("an e-mail webhook's URL is mailto:ADDRESS[,ADDRESS...] (1-{MAX_RECIPIENTS} addresses)"),
+            ));
+        }
+    } else {
+        let scheme_ok = reqwest::Url::parse(url).is_ok_and(|u| {
+            matches!(u.scheme(), "http" | "https") && u.host_str().is_some_and(|h| !h.is_empty())
+        });
+        if !scheme_ok || url.len() > 2048 || url.chars().any(char::is_whitespace) {
+            bad.push(FieldError::new(
+                "url",
+                "must be an http or https URL (or mailto: with format email)",
+            ));
+        }
     }
     if events.is_empty() {
         bad.push(FieldError::new(
@@ -83,7 +115,7 @@ pub fn validate(name: &str, url: &str, events: &[String], format: &str) -> Vec<F
         ));
     }
     if !FORMATS.contains(&format) {
-        bad.push(FieldError::new("format", "json or slack"));
+        bad.push(FieldError::new("format", "json, slack or email"));
     }
     bad
 }
@@ -130,6 +162,26 @@ pub fn body(hook: &WebhookRecord, h: &Happened) -> Vec<u8> {
         v
     };
     serde_json::to_vec(&v).unwrap_or_default()
+}
+
+/// An e-mail's subject and text for what happened.
+pub fn mail(hook: &WebhookRecord, h: &Happened) -> (String, String) {
+    let line = sentence(h);
+    let details: Value = serde_json::from_slice(&body(
+        &WebhookRecord {
+            format: "json".into(),
+            ..hook.clone()
+        },
+        h,
+    ))
+    .unwrap_or_default();
+    let text = format!(
+        "{line}\n\nProject {project}, webhook {name}. The event as JSON:\n\n{json}\n",
+        project = hook.project,
+        name = hook.name,
+        json = serde_json::to_string_pretty(&details).unwrap_or_default()
+    );
+    (format!("UniDesk: {line}"), text)
 }
 
 /// What happened, in one line for people.
@@ -210,6 +262,43 @@ mod tests {
             "url"
         );
         assert!(validate("ci", "http://a b", &["task.lost".into()], "json")[0].field == "url");
+        // E-mail: a mailto: URL of addresses, and only with format email.
+        let ok = validate(
+            "ops",
+            "mailto:ops@example.org, ada@lab.example.org",
+            &["task.failed".into()],
+            "email",
+        );
+        assert!(ok.is_empty(), "{ok:?}");
+        assert_eq!(
+            recipients("mailto:ops@example.org,ada@lab.example.org"),
+            Some(vec![
+                "ops@example.org".to_owned(),
+                "ada@lab.example.org".to_owned()
+            ])
+        );
+        for url in [
+            "mailto:",
+            "mailto:not-an-address",
+            "https://x.org/h",
+            "mailto:a@x.org\r\nBcc: b@y.org",
+        ] {
+            let bad = validate("ops", url, &["task.failed".into()], "email");
+            assert_eq!(bad.len(), 1, "{url}: {bad:?}");
+            assert_eq!(bad[0].field, "url");
+        }
+        let many: Vec<String> = (0..11).map(|i| format!("u{i}@x.org")).collect();
+        assert!(recipients(&format!("mailto:{}", many.join(","))).is_none());
+        assert_eq!(
+            validate(
+                "ops",
+                "mailto:ops@example.org",
+                &["task.failed".into()],
+                "json"
+            )[0]
+            .field,
+            "url"
+        );
     }
 
     #[test]
@@ -254,5 +343,11 @@ mod tests {
             v["text"],
             "UniDesk: project lab reached its quota: project lab holds 2 of its quota of 2 GPUs; this task asks for 1"
         );
+        let (subject, text) = mail(&hook("email"), &happened());
+        assert_eq!(
+            subject,
+            "UniDesk: task train (t1) in project lab timed out: ran past 60 s"
+        );
+        assert!(text.contains("\"type\": \"task.timed_out\""), "{text}");
     }
 }

@@ -81,6 +81,8 @@ pub struct EdgeConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error("e-mail: {0}")]
+    Smtp(String),
     #[error("cannot connect to NATS at {url}: {reason}")]
     Nats { url: String, reason: String },
     #[error("cannot set up the streams: {0}")]
@@ -255,6 +257,9 @@ fn failed(e: impl std::fmt::Display) -> String {
 }
 
 pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
+    if let Some(smtp) = &cfg.webhooks.smtp {
+        smtp.mailer().map_err(StartError::Smtp)?;
+    }
     let client = connect_nats(&cfg.nats_url, "unidesk-server").await?;
     let store = EventStore::new(client, cfg.js_domain.as_deref().filter(|d| !d.is_empty()));
     // A cluster still forming has no peers for replicated streams yet, and a
@@ -436,6 +441,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         tunnels: ud_tunnel::Tunnels::new(store.client().clone()),
         sessions: cfg.sessions.clone(),
         session_targets: Default::default(),
+        email: cfg.webhooks.smtp.is_some(),
     });
     // The API owns its listener: when it ends, the process stops.
     let api = std::sync::Mutex::new(Some(listener));

@@ -468,3 +468,149 @@ async fn a_node_going_offline_and_a_project_at_its_quota_are_told() -> Result<()
     assert!(got.try_recv().is_err(), "a second quota notice");
     Ok(())
 }
+
+/// A mail an SMTP server took: the envelope's recipients and the data.
+type Mail = (Vec<String>, String);
+
+/// A small SMTP server on 127.0.0.1 that refuses the first mail once (451,
+/// try again later) and takes every other; its port and the mails.
+async fn smtp_server() -> Result<(u16, mpsc::UnboundedReceiver<Mail>)> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let refused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let (tx, refused) = (tx.clone(), refused.clone());
+            tokio::spawn(async move {
+                let (read, mut write) = socket.into_split();
+                let mut lines = BufReader::new(read).lines();
+                let _ = write.write_all(b"220 test ESMTP\r\n").await;
+                let (mut to, mut data, mut in_data) = (Vec::new(), String::new(), false);
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if in_data {
+                        if line == "." {
+                            in_data = false;
+                            let _ = tx.send((std::mem::take(&mut to), std::mem::take(&mut data)));
+                            let _ = write.write_all(b"250 2.0.0 queued\r\n").await;
+                        } else {
+                            data.push_str(&line);
+                            data.push('\n');
+                        }
+                        continue;
+                    }
+                    let verb = line.get(..4).unwrap_or_default().to_ascii_uppercase();
+                    let answer: &[u8] = match verb.as_str() {
+                        "EHLO" | "HELO" => b"250 test\r\n",
+                        "MAIL" if !refused.swap(true, std::sync::atomic::Ordering::SeqCst) => {
+                            b"451 4.3.0 try again later\r\n"
+                        }
+                        "RCPT" => {
+                            to.push(
+                                line[8..]
+                                    .trim_matches(|c| c == '<' || c == '>' || c == ':')
+                                    .to_owned(),
+                            );
+                            b"250 2.1.5 ok\r\n"
+                        }
+                        "DATA" => {
+                            in_data = true;
+                            b"354 go on\r\n"
+                        }
+                        "QUIT" => {
+                            let _ = write.write_all(b"221 bye\r\n").await;
+                            break;
+                        }
+                        _ => b"250 ok\r\n",
+                    };
+                    let _ = write.write_all(answer).await;
+                }
+            });
+        }
+    });
+    Ok((port, rx))
+}
+
+#[tokio::test]
+async fn an_email_webhook_is_mailed_through_the_smtp_server_of_the_settings() -> Result<()> {
+    // Without an SMTP server, e-mail webhooks are refused.
+    let plain = Stack::start().await?;
+    let lab = plain.token(&["lab"]).await?;
+    let mail_hook = json!({"name": "ops", "url": "mailto:ops@lab.example.org,ada@lab.example.org",
+        "events": ["task.failed"], "format": "email"});
+    let resp = plain
+        .http
+        .post(plain.url("/api/v1/projects/lab/webhooks"))
+        .bearer_auth(&lab)
+        .json(&mail_hook)
+        .send()
+        .await?;
+    assert_eq!(resp.status(), Status::BAD_REQUEST);
+    assert!(resp.text().await?.contains("UD_SMTP_URL"));
+    drop(plain);
+
+    let (port, mut mails) = smtp_server().await?;
+    let (nats, pg) = (
+        ud_testkit::NatsServer::start().await?,
+        ud_testkit::PgDatabase::create().await?,
+    );
+    let cfg = ud_server::ServerConfig {
+        webhooks: ud_notify::deliver::Settings {
+            allow_private: true,
+            first_delay: Duration::from_millis(200),
+            smtp: Some(ud_notify::deliver::Smtp {
+                url: format!("smtp://127.0.0.1:{port}"),
+                from: "UniDesk <unidesk@lab.example.org>".into(),
+            }),
+            ..Default::default()
+        },
+        ..ud_server::ServerConfig::local(nats.url(), pg.url.clone())
+    };
+    let s = Stack::start_config(nats, pg, cfg).await?;
+    let lab = s.token(&["lab"]).await?;
+    // A bad address is refused, naming the field.
+    let resp = s
+        .http
+        .post(s.url("/api/v1/projects/lab/webhooks"))
+        .bearer_auth(&lab)
+        .json(&json!({"name": "ops", "url": "mailto:ops@", "events": ["task.failed"], "format": "email"}))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), Status::BAD_REQUEST);
+    assert!(resp.text().await?.contains("mailto:"));
+    let resp = s
+        .http
+        .post(s.url("/api/v1/projects/lab/webhooks"))
+        .bearer_auth(&lab)
+        .json(&mail_hook)
+        .send()
+        .await?;
+    assert_eq!(resp.status(), Status::CREATED, "{}", resp.text().await?);
+    let mut log = log_of(&s, "ops").await?;
+
+    let id = a_task_fails(&s, &lab, "exit 3").await?;
+    let (to, data) = tokio::time::timeout(Duration::from_secs(30), mails.recv())
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("the SMTP server stopped"))?;
+    assert_eq!(to, ["ops@lab.example.org", "ada@lab.example.org"]);
+    // Header lines may be folded: read them unfolded.
+    let data = data.replace("\n ", " ");
+    assert!(
+        data.contains("From: UniDesk <unidesk@lab.example.org>"),
+        "{data}"
+    );
+    assert!(
+        data.contains(&format!(
+            "Subject: UniDesk: task train ({id}) in project lab failed: exit 3"
+        )),
+        "{data}"
+    );
+    assert!(data.contains("\"type\": \"task.failed\""), "{data}");
+    // Refused once (451), then taken: two tries, logged as delivered.
+    let entries = logged(&s, &lab, "ops", &mut log).await?;
+    assert_eq!(entries[0]["outcome"], "delivered", "{entries}");
+    assert_eq!(entries[0]["attempts"], 2, "{entries}");
+    assert_eq!(entries[0]["status"], 250, "{entries}");
+    Ok(())
+}
