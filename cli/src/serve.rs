@@ -237,6 +237,26 @@ pub struct ServeArgs {
     /// Unset: no e-mail webhooks.
     #[arg(long, env = "UD_SMTP_URL")]
     pub smtp_url: Option<String>,
+    /// Sign in through this OpenID Connect provider (its issuer URL); with
+    /// UD_OIDC_CLIENT_ID, UD_OIDC_CLIENT_SECRET_FILE and UD_OIDC_REDIRECT_URL.
+    #[arg(long, env = "UD_OIDC_ISSUER", requires_all = ["oidc_client_id", "oidc_client_secret_file", "oidc_redirect_url"])]
+    pub oidc_issuer: Option<String>,
+    /// This platform's client id at the provider.
+    #[arg(long, env = "UD_OIDC_CLIENT_ID")]
+    pub oidc_client_id: Option<String>,
+    /// A file holding the client secret.
+    #[arg(long, env = "UD_OIDC_CLIENT_SECRET_FILE")]
+    pub oidc_client_secret_file: Option<std::path::PathBuf>,
+    /// This gateway's /auth/callback as browsers reach it, e.g.
+    /// https://unidesk.lab.example.org/auth/callback (registered at the provider).
+    #[arg(long, env = "UD_OIDC_REDIRECT_URL")]
+    pub oidc_redirect_url: Option<String>,
+    /// The ID token claim naming the UniDesk user: email, preferred_username or sub.
+    #[arg(long, env = "UD_OIDC_USER_CLAIM", default_value = "email")]
+    pub oidc_user_claim: ud_gateway::sso::UserClaim,
+    /// Days a token issued at sign-in works.
+    #[arg(long, env = "UD_OIDC_TOKEN_DAYS", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=365))]
+    pub oidc_token_days: u32,
     /// The sender of e-mail webhooks.
     #[arg(
         long,
@@ -366,6 +386,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             }),
             ..Default::default()
         },
+        oidc: oidc_settings(&args)?,
     })
     .await?;
     println!("UniDesk API listening on http://{}", running.addr);
@@ -396,4 +417,33 @@ async fn shutdown_signal() {
     } else {
         let _ = ctrl_c.await;
     }
+}
+
+/// Sign-in through an OpenID Connect provider, when its issuer is set.
+fn oidc_settings(args: &ServeArgs) -> Result<Option<ud_gateway::sso::OidcSettings>> {
+    let Some(issuer) = args.oidc_issuer.clone() else {
+        return Ok(None);
+    };
+    let secret_file = args
+        .oidc_client_secret_file
+        .as_ref()
+        .context("UD_OIDC_CLIENT_SECRET_FILE is needed with UD_OIDC_ISSUER")?;
+    let client_secret = std::fs::read_to_string(secret_file)
+        .with_context(|| format!("UD_OIDC_CLIENT_SECRET_FILE {}", secret_file.display()))?
+        .trim()
+        .to_owned();
+    Ok(Some(ud_gateway::sso::OidcSettings {
+        issuer,
+        client_id: args
+            .oidc_client_id
+            .clone()
+            .context("UD_OIDC_CLIENT_ID is needed with UD_OIDC_ISSUER")?,
+        client_secret,
+        redirect_url: args
+            .oidc_redirect_url
+            .clone()
+            .context("UD_OIDC_REDIRECT_URL is needed with UD_OIDC_ISSUER")?,
+        user_claim: args.oidc_user_claim,
+        token_days: args.oidc_token_days,
+    }))
 }

@@ -55,6 +55,7 @@ use Access::*;
 /// (method, path as in the OpenAPI document, access).
 pub const RULES: &[(&str, &str, Access)] = &[
     ("get", "/readyz", Public),
+    ("get", "/api/v1/auth", Public),
     // Tasks
     ("post", "/api/v1/tasks", Member),
     ("get", "/api/v1/tasks", Signed),

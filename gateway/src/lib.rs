@@ -18,6 +18,7 @@ pub mod quotas;
 pub mod schedules;
 pub mod secrets;
 pub mod sessions;
+pub mod sso;
 pub mod stats;
 pub mod tasks;
 pub mod tokens;
@@ -74,6 +75,8 @@ pub struct Shared {
     pub session_targets: sessions::SessionTargets,
     /// Whether e-mail webhooks can be sent (an SMTP server is set).
     pub email: bool,
+    /// Sign-in through an OpenID Connect provider, when set.
+    pub oidc: Option<sso::Oidc>,
 }
 
 async fn healthz() -> &'static str {
@@ -186,6 +189,9 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/live", get(live::live))
         .route("/api/v1/stats", get(stats::stats))
         .route("/api/v1/tokens", post(tokens::issue).get(tokens::list))
+        .route("/api/v1/auth", get(sso::methods))
+        .route("/auth/login", get(sso::login))
+        .route("/auth/callback", get(sso::callback))
         .route(
             "/api/v1/projects",
             post(projects::create).get(projects::list),

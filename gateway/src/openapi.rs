@@ -7,7 +7,7 @@ use crate::access::Rules;
 
 use crate::{
     error, files, health, live, nodes, pipelines, projects, queues, quotas, schedules, secrets,
-    sessions, stats, tasks, tokens, webhooks,
+    sessions, sso, stats, tasks, tokens, webhooks,
 };
 
 struct Bearer;
@@ -26,7 +26,7 @@ impl Modify for Bearer {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "UniDesk API", description = "Submit and follow tasks on UniDesk compute nodes. Every call needs `Authorization: Bearer <token>`; what each operation allows is its `x-unidesk-access` (public, signed, viewer, member, owner, admin). Errors share one JSON shape (`ErrorBody`)."),
-    paths(tasks::submit, tasks::list, tasks::get, tasks::history, tasks::cancel, tasks::rerun, tasks::priority, tasks::cancel_project, tasks::cancel_queue, tasks::logs, nodes::list, nodes::get, nodes::enroll, nodes::revoke, nodes::cordon, nodes::drain, nodes::resume, tokens::issue, tokens::list, tokens::revoke,
+    paths(tasks::submit, tasks::list, tasks::get, tasks::history, tasks::cancel, tasks::rerun, tasks::priority, tasks::cancel_project, tasks::cancel_queue, tasks::logs, nodes::list, nodes::get, nodes::enroll, nodes::revoke, nodes::cordon, nodes::drain, nodes::resume, tokens::issue, tokens::list, tokens::revoke, sso::methods,
         projects::create, projects::list, projects::get, projects::set_member, projects::remove_member, projects::archive,
         files::list, files::stores, files::download, files::start_upload, files::resume_upload, files::complete_upload, files::abort_upload, health::readyz, live::live, stats::stats, queues::list, queues::put, queues::reset, quotas::list, quotas::get, quotas::put, quotas::reset, webhooks::create, webhooks::list, webhooks::delete, webhooks::deliveries,
         secrets::put, secrets::delete, secrets::list, secrets::list_all,

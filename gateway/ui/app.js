@@ -161,6 +161,12 @@ function route() {
   cleanup = [];
   flash("");
   main.replaceChildren();
+  // Back from the identity provider with a token of one's own.
+  const signedIn = location.hash.match(/^#\/signed-in\/([^/]+)$/);
+  if (signedIn) {
+    localStorage.setItem(TOKEN_KEY, decodeURIComponent(signedIn[1]));
+    history.replaceState(null, "", "#/tasks");
+  }
   if (!token()) return signInPage();
   $("#nav").hidden = false;
   $("#signout").hidden = false;
@@ -210,8 +216,13 @@ function signInPage() {
   h("p", { class: "muted" }, "Ask an administrator for a token (unidesk token issue)."),
   err,
   h("button", { type: "submit" }, "Sign in"));
-  main.append(form);
+  const sso = h("p", { id: "sso" });
+  main.append(form, sso);
   input.focus();
+  // Sign-in through the organisation's identity provider, when it is set.
+  fetch("/api/v1/auth").then((r) => r.json()).then((m) => {
+    if (m.oidc) sso.replaceChildren(h("a", { href: m.login_url, class: "button" }, "Sign in with your organisation"));
+  }).catch(() => {});
 }
 
 // ---- tasks ---------------------------------------------------------------

@@ -43,6 +43,8 @@ pub struct ServerConfig {
     pub sessions: ud_gateway::sessions::SessionSettings,
     /// How project webhooks are tried.
     pub webhooks: ud_notify::deliver::Settings,
+    /// Sign-in through an OpenID Connect provider.
+    pub oidc: Option<ud_gateway::sso::OidcSettings>,
 }
 
 impl ServerConfig {
@@ -65,6 +67,7 @@ impl ServerConfig {
             secrets: None,
             sessions: Default::default(),
             webhooks: Default::default(),
+            oidc: None,
         }
     }
 }
@@ -83,6 +86,8 @@ pub struct EdgeConfig {
 pub enum StartError {
     #[error("e-mail: {0}")]
     Smtp(String),
+    #[error("sign-in: {0}")]
+    Oidc(#[from] ud_gateway::sso::SsoError),
     #[error("cannot connect to NATS at {url}: {reason}")]
     Nats { url: String, reason: String },
     #[error("cannot set up the streams: {0}")]
@@ -442,6 +447,11 @@ pub async fn start(cfg: ServerConfig) -> Result<Running, StartError> {
         sessions: cfg.sessions.clone(),
         session_targets: Default::default(),
         email: cfg.webhooks.smtp.is_some(),
+        oidc: cfg
+            .oidc
+            .clone()
+            .map(ud_gateway::sso::Oidc::new)
+            .transpose()?,
     });
     // The API owns its listener: when it ends, the process stops.
     let api = std::sync::Mutex::new(Some(listener));

@@ -11,6 +11,7 @@ mod live;
 mod quotas;
 mod schedules;
 mod secrets;
+mod sso;
 mod stats;
 mod tasks;
 mod tokens;
