@@ -84,7 +84,7 @@ async fn one_mode(a: &Args, sync_always: bool, baseline: Option<f64>) -> Result<
         println!("-- {mode}");
     }
     let crate::sim::SimPlatform {
-        hubs: _hubs,
+        hubs,
         pg,
         running,
         store,
@@ -179,6 +179,8 @@ async fn one_mode(a: &Args, sync_always: bool, baseline: Option<f64>) -> Result<
     // running -> succeeded -> projected.
     let hub_before = hub_messages(store.jetstream()).await;
     let before = succeeded(&db).await?;
+    let hub_dirs: Vec<&std::path::Path> = hubs.iter().map(|h| h.dir()).collect();
+    let cpu_before = crate::cpu::by_group(&hub_dirs);
     let start = Instant::now();
     let sampler = a.progress.then(|| {
         let url = pg.url.clone();
@@ -256,6 +258,7 @@ async fn one_mode(a: &Args, sync_always: bool, baseline: Option<f64>) -> Result<
         done = succeeded(&db).await?;
     }
     let total = start.elapsed();
+    let cpu_after = crate::cpu::by_group(&hub_dirs);
     if let Some(s) = sampler {
         s.abort();
     }
@@ -273,6 +276,12 @@ async fn one_mode(a: &Args, sync_always: bool, baseline: Option<f64>) -> Result<
         (done - before) as f64 / total.as_secs_f64(),
         "tasks/s",
         baseline.map(|b| (b, "Celery")),
+    );
+    crate::cpu::print_delta(
+        &cpu_before,
+        &cpu_after,
+        total.as_secs_f64(),
+        u64::try_from(done - before).unwrap_or(0),
     );
     // What bounds it when every write is synced: the hub stores each message
     // with a sync of its own (no group commit for one replica), so its

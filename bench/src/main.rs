@@ -8,6 +8,7 @@ mod backbone;
 mod backup;
 mod baseline;
 mod cluster;
+mod cpu;
 mod edge;
 mod fanout;
 mod faults;

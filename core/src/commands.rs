@@ -559,6 +559,7 @@ pub async fn project_command(
     }
     let repo = Repository::<Project>::new(store.clone());
     let meta = EventMeta::new(actor);
+    let creating = matches!(command, ProjectCommand::Create { .. });
     let done = match command {
         ProjectCommand::Create { .. } => repo.create(project.clone(), command, &meta).await,
         _ => {
@@ -571,7 +572,10 @@ pub async fn project_command(
         Err(ExecuteError::Rejected(ProjectError::NotFound)) | Err(ExecuteError::Hidden) => {
             Err(CommandError::NoProject)
         }
-        Err(ExecuteError::Conflict) => Err(CommandError::ProjectRejected(ProjectError::Exists)),
+        Err(ExecuteError::Conflict) if creating => {
+            Err(CommandError::ProjectRejected(ProjectError::Exists))
+        }
+        Err(ExecuteError::Conflict) => Err(CommandError::Conflict),
         Err(ExecuteError::Rejected(e)) => Err(CommandError::ProjectRejected(e)),
         Err(ExecuteError::Store(e)) => Err(e.into()),
     }

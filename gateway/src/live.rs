@@ -300,6 +300,11 @@ async fn session(state: AppState, mut socket: WebSocket, bearer: Option<String>)
     }
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.tick().await;
+    // The token and the roles it carries are looked at again as often as
+    // the gateway's cache forgets them: a revoked token, or roles that
+    // changed, end the connection (a client connects again from its cursor).
+    let mut recheck = tokio::time::interval(crate::auth::TOKEN_CACHE_TTL);
+    recheck.tick().await;
     let mut following = true;
     loop {
         tokio::select! {
@@ -326,6 +331,19 @@ async fn session(state: AppState, mut socket: WebSocket, bearer: Option<String>)
                     break;
                 }
             }
+            _ = recheck.tick() => match Caller::from_secret(&state, &secret).await {
+                Ok(now) if now.grants_as(&caller) => {}
+                Ok(_) => {
+                    let msg = "your roles changed: connect again".to_owned();
+                    close(&mut socket, CLOSE_UNAVAILABLE, "roles_changed", msg).await;
+                    break;
+                }
+                Err(e) if e.status.is_server_error() => {}
+                Err(e) => {
+                    close(&mut socket, CLOSE_UNAUTHORIZED, "unauthorized", e.body.message).await;
+                    break;
+                }
+            },
         }
     }
     followers.abort_all();

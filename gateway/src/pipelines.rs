@@ -240,6 +240,7 @@ pub async fn cancel(
 ) -> Result<Response, ApiError> {
     let wait = params.wants_projection()?;
     let id = parse_id(&id)?;
+    crate::auth::may_change_made(&state, &caller, "pipelines", "submitted_by", id.0).await?;
     let req: crate::tasks::CancelRequest = crate::body::parse_or_default(&body)?;
     let reason = req
         .reason
@@ -269,6 +270,7 @@ pub async fn rerun(
 ) -> Result<Response, ApiError> {
     let wait = params.wants_projection()?;
     let id = parse_id(&id)?;
+    crate::auth::may_change_made(&state, &caller, "pipelines", "submitted_by", id.0).await?;
     let req: RerunPipeline = crate::body::parse_or_default(&body)?;
     let gate = crate::auth::Gate::new(&caller, ud_schemas::Role::Member);
     let done = state

@@ -184,6 +184,39 @@ pub async fn archive(
         .parse()
         .map_err(|_| ApiError::not_found("project"))?;
     changed(&state, &project, ProjectCommand::Archive, &caller).await?;
+    // No one writes in an archived project: its schedules stop too.
+    let active: Vec<uuid::Uuid> = state
+        .db
+        .client()
+        .await?
+        .query(
+            "SELECT id FROM schedules WHERE project = $1 AND state = 'active'",
+            &[&project.as_str()],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut last = 0;
+    for id in active {
+        let pause = ud_core::schedule::ScheduleCommand::Pause {
+            reason: format!("project {project} archived"),
+        };
+        match state
+            .schedules
+            .execute(ud_schemas::ScheduleId(id), pause, &caller.actor(), |_| true)
+            .await
+        {
+            Ok(a) => last = last.max(a.seq),
+            // Paused or deleted meanwhile: nothing to stop.
+            Err(ud_core::CommandError::ScheduleRejected(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    state
+        .projected
+        .wait(streams::SCHEDULES, last, WAIT_PROJECTED)
+        .await;
     Ok(StatusCode::NO_CONTENT)
 }
 

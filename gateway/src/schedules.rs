@@ -236,6 +236,7 @@ async fn execute(
     wait: bool,
 ) -> Result<Response, ApiError> {
     let id = parse_id(id)?;
+    crate::auth::may_change_made(state, caller, "schedules", "created_by", id.0).await?;
     let gate = crate::auth::Gate::new(caller, ud_schemas::Role::Member);
     let done = state
         .schedules

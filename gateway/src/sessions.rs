@@ -275,7 +275,12 @@ async fn task_for(
 ) -> Result<(TaskId, Running), ApiError> {
     let row = crate::tasks::visible(state, caller, id).await?;
     // Into a task's container: members their own tasks', owners anyone's.
-    caller.require_own(&row.project, &row.submitted_by, ud_schemas::Role::Member)?;
+    caller.require_own(
+        "task",
+        &row.project,
+        &row.submitted_by,
+        ud_schemas::Role::Member,
+    )?;
     Ok((row.id, running(row)?))
 }
 

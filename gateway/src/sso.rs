@@ -30,10 +30,13 @@ pub const UI_SIGNED_IN: &str = "/#/signed-in/";
 /// How long a sign-in may take between `/auth/login` and the callback.
 const LOGIN_TTL: Duration = Duration::from_secs(600);
 
+/// The cookie that ties a callback to the browser that started the sign-in.
+const COOKIE: &str = "ud_sso";
+
 /// The claim of the ID token that names the UniDesk user.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UserClaim {
-    /// `email` (only when the provider does not say it is unverified).
+    /// `email` (only when the provider says it is verified).
     Email,
     /// `preferred_username`.
     PreferredUsername,
@@ -89,7 +92,7 @@ pub enum SsoError {
     Settings(String),
     #[error("the identity provider: {0}")]
     Provider(String),
-    #[error("the sign-in is unknown or took longer than 10 minutes: start again")]
+    #[error("the sign-in is unknown, was started in another browser, or took longer than 10 minutes: start again")]
     UnknownLogin,
     #[error("the identity provider refused: {0}")]
     Refused(String),
@@ -170,8 +173,8 @@ impl Oidc {
         .set_redirect_uri(RedirectUrl::new(self.settings.redirect_url.clone()).map_err(provider)?))
     }
 
-    /// Where to send the browser to sign in.
-    async fn start(&self) -> Result<String, SsoError> {
+    /// Where to send the browser to sign in, and the sign-in's `state`.
+    async fn start(&self) -> Result<(String, String), SsoError> {
         let client = self.client().await?;
         let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
         let mut request = client
@@ -192,7 +195,7 @@ impl Oidc {
                 verifier: verifier.secret().clone(),
             },
         );
-        Ok(url.to_string())
+        Ok((url.to_string(), state.secret().clone()))
     }
 
     /// The UniDesk user the provider's answer names.
@@ -209,14 +212,28 @@ impl Oidc {
         let id_token = answer
             .id_token()
             .ok_or_else(|| SsoError::Refused("no ID token in the answer".into()))?;
-        let claims = id_token
-            .claims(&client.id_token_verifier(), &Nonce::new(pending.nonce))
-            .map_err(|e| SsoError::Refused(format!("the ID token: {e}")))?;
+        let nonce = Nonce::new(pending.nonce);
+        let claims = match id_token.claims(&client.id_token_verifier(), &nonce) {
+            Ok(c) => c.clone(),
+            // The provider may have rotated its keys: read them again, once.
+            Err(_) => {
+                *self.metadata.lock().await = None;
+                let fresh = self.client().await?;
+                let verifier = fresh.id_token_verifier();
+                let claims = id_token
+                    .claims(&verifier, &nonce)
+                    .map_err(|e| SsoError::Refused(format!("the ID token: {e}")))?
+                    .clone();
+                claims
+            }
+        };
         let named = match self.settings.user_claim {
             UserClaim::Email => {
-                if claims.email_verified() == Some(false) {
+                // Only an address the provider vouches for: one it leaves
+                // unsaid may be any a person typed in.
+                if claims.email_verified() != Some(true) {
                     return Err(SsoError::User(
-                        "the provider says this e-mail address is not verified".into(),
+                        "the provider does not say this e-mail address is verified (use UD_OIDC_USER_CLAIM=preferred_username or sub for such a provider)".into(),
                     ));
                 }
                 claims.email().map(|e| e.as_str().to_owned())
@@ -271,7 +288,22 @@ pub async fn login(State(state): State<AppState>) -> Result<Response, ApiError> 
         .as_ref()
         .ok_or_else(|| ApiError::not_found("sign-in through an identity provider"))?;
     match oidc.start().await {
-        Ok(url) => Ok(redirect(&url)),
+        Ok((url, login)) => {
+            let secure = if oidc.settings.redirect_url.starts_with("https:") {
+                "; Secure"
+            } else {
+                ""
+            };
+            let cookie = format!(
+                "{COOKIE}={login}; HttpOnly; SameSite=Lax; Path=/auth; Max-Age={}{secure}",
+                LOGIN_TTL.as_secs()
+            );
+            let mut resp = redirect(&url);
+            if let Ok(v) = axum::http::HeaderValue::from_str(&cookie) {
+                resp.headers_mut().insert(axum::http::header::SET_COOKIE, v);
+            }
+            Ok(resp)
+        }
         Err(e) => {
             // Read the provider's metadata again next time.
             *oidc.metadata.lock().await = None;
@@ -292,6 +324,7 @@ pub struct Callback {
 /// names, handed to the web UI.
 pub async fn callback(
     State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
     Query(q): Query<Callback>,
 ) -> Result<Response, ApiError> {
     let oidc = state
@@ -308,6 +341,22 @@ pub async fn callback(
     let (Some(code), Some(login)) = (q.code, q.state) else {
         return Err(ApiError::field("code", "the callback needs code and state"));
     };
+    // Only the browser that started this sign-in may finish it (else a
+    // link to someone else's callback would sign its follower in as them).
+    let started_here = headers
+        .get_all(axum::http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .any(|c| {
+            c.trim()
+                .strip_prefix(COOKIE)
+                .and_then(|r| r.strip_prefix('='))
+                == Some(login.as_str())
+        });
+    if !started_here {
+        return Err(SsoError::UnknownLogin.into());
+    }
     let user = match oidc.finish(&code, &login).await {
         Ok(u) => u,
         Err(e) => {
@@ -332,5 +381,12 @@ pub async fn callback(
         )
         .await;
     info!(user = %user, "signed in through the identity provider");
-    Ok(redirect(&format!("{UI_SIGNED_IN}{}", issued.secret)))
+    let mut resp = redirect(&format!("{UI_SIGNED_IN}{}", issued.secret));
+    resp.headers_mut().insert(
+        axum::http::header::SET_COOKIE,
+        axum::http::HeaderValue::from_static(
+            "ud_sso=; HttpOnly; SameSite=Lax; Path=/auth; Max-Age=0",
+        ),
+    );
+    Ok(resp)
 }

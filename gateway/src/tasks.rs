@@ -461,7 +461,7 @@ pub(crate) async fn may_change(
         .await
         .map_err(ApiError::unavailable)?
         .ok_or_else(|| ApiError::not_found("task"))?;
-    caller.require_own(project.as_str(), &by, Role::Member)
+    caller.require_own("task", project.as_str(), &by, Role::Member)
 }
 
 /// One task from the read model.

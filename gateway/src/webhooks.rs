@@ -42,6 +42,8 @@ pub struct NewWebhook {
 pub struct WebhookView {
     pub project: String,
     pub name: String,
+    /// Whole for the project's owners; others see only where it goes
+    /// (`https://hooks.slack.com/…`, `mailto:2 addresses`).
     pub url: String,
     pub events: Vec<String>,
     pub format: String,
@@ -158,7 +160,21 @@ pub async fn list(
     let found = ud_notify::deliver::project_hooks(&bucket(&state).await?, Some(&project))
         .await
         .map_err(|e| ApiError::unavailable(e.to_string()))?;
-    Ok(Json(found.iter().map(WebhookView::from).collect()))
+    // A webhook's URL can be a credential (a Slack incoming webhook is):
+    // only owners see it whole, others where it goes.
+    let whole = caller.may(&project, ud_schemas::Role::Owner);
+    Ok(Json(
+        found
+            .iter()
+            .map(WebhookView::from)
+            .map(|mut v| {
+                if !whole {
+                    v.url = ud_notify::where_to(&v.url);
+                }
+                v
+            })
+            .collect(),
+    ))
 }
 
 /// Stop delivering to a webhook (its log stays for its 7 days).

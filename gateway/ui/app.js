@@ -4,6 +4,7 @@
 const $ = (sel, root = document) => root.querySelector(sel);
 const main = $("#main");
 const TOKEN_KEY = "unidesk.token";
+const SSO_KEY = "unidesk.sso-started";
 const TERMINAL = ["succeeded", "failed", "timed_out", "cancelled"];
 const STATES = ["pending", "assigned", "running", "disconnected", "cancelling", ...TERMINAL];
 
@@ -162,9 +163,12 @@ function route() {
   flash("");
   main.replaceChildren();
   // Back from the identity provider with a token of one's own.
+  // Only when this tab started the sign-in: a link with someone else's
+  // token must not sign anyone in as them.
   const signedIn = location.hash.match(/^#\/signed-in\/([^/]+)$/);
   if (signedIn) {
-    localStorage.setItem(TOKEN_KEY, decodeURIComponent(signedIn[1]));
+    if (sessionStorage.getItem(SSO_KEY)) localStorage.setItem(TOKEN_KEY, decodeURIComponent(signedIn[1]));
+    sessionStorage.removeItem(SSO_KEY);
     history.replaceState(null, "", "#/tasks");
   }
   if (!token()) return signInPage();
@@ -221,7 +225,10 @@ function signInPage() {
   input.focus();
   // Sign-in through the organisation's identity provider, when it is set.
   fetch("/api/v1/auth").then((r) => r.json()).then((m) => {
-    if (m.oidc) sso.replaceChildren(h("a", { href: m.login_url, class: "button" }, "Sign in with your organisation"));
+    if (m.oidc) {
+      sso.replaceChildren(h("a", { href: m.login_url, class: "button",
+        onclick: () => sessionStorage.setItem(SSO_KEY, "1") }, "Sign in with your organisation"));
+    }
   }).catch(() => {});
 }
 

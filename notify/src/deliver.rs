@@ -353,18 +353,6 @@ async fn happened(
                 return Ok(None);
             };
             let project = task.project.to_string();
-            if let ud_schemas::TaskEvent::Waiting(w) = e {
-                let limit = w
-                    .kind
-                    .as_deref()
-                    .unwrap_or_default()
-                    .trim_start_matches("quota ");
-                let key = format!("quota.{project}.{limit}");
-                // The first to write the key tells; the key lives an hour.
-                if src.notified.create(&key, "".into()).await.is_err() {
-                    return Ok(None);
-                }
-            }
             Ok(Some((
                 Happened {
                     event_id,
@@ -422,6 +410,25 @@ async fn handle(
     };
     let mut hooks = project_hooks(&src.hooks, project.as_deref()).await?;
     hooks.retain(|h| h.events.contains(&happened.event_type));
+    if hooks.is_empty() {
+        return Ok(());
+    }
+    if happened.event_type == "quota.reached" {
+        // A project at its quota is told once an hour at most per limit:
+        // the first to write the key tells; the key lives an hour.
+        let limit = happened.data["kind"].as_str().unwrap_or_default();
+        let key = format!(
+            "quota.{}.{}",
+            project.as_deref().unwrap_or_default(),
+            limit.trim_start_matches("quota ")
+        );
+        if let Err(e) = src.notified.create(&key, "".into()).await {
+            return match e.kind() {
+                jetstream::kv::CreateErrorKind::AlreadyExists => Ok(()),
+                _ => Err(nats(e)),
+            };
+        }
+    }
     let deliveries = hooks.iter().map(|hook| {
         let happened = &happened;
         async move {

@@ -79,6 +79,22 @@ pub fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
+/// Where a webhook's URL goes, without what may be a credential in it:
+/// its scheme and host, or how many addresses a `mailto:` names.
+pub fn where_to(url: &str) -> String {
+    if let Some(to) = recipients(url) {
+        return format!(
+            "mailto:{} address{}",
+            to.len(),
+            if to.len() == 1 { "" } else { "es" }
+        );
+    }
+    match reqwest::Url::parse(url) {
+        Ok(u) => format!("{}://{}/…", u.scheme(), u.host_str().unwrap_or_default()),
+        Err(_) => "…".into(),
+    }
+}
+
 /// Every field of a new webhook that is not acceptable.
 pub fn validate(name: &str, url: &str, events: &[String], format: &str) -> Vec<FieldError> {
     let mut bad = Vec::new();
@@ -287,6 +303,11 @@ mod tests {
             assert_eq!(bad.len(), 1, "{url}: {bad:?}");
             assert_eq!(bad[0].field, "url");
         }
+        assert_eq!(
+            where_to("https://hooks.slack.com/services/T0/B0/secret"),
+            "https://hooks.slack.com/…"
+        );
+        assert_eq!(where_to("mailto:a@x.org,b@y.org"), "mailto:2 addresses");
         let many: Vec<String> = (0..11).map(|i| format!("u{i}@x.org")).collect();
         assert!(recipients(&format!("mailto:{}", many.join(","))).is_none());
         assert_eq!(

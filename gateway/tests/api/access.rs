@@ -414,6 +414,76 @@ async fn members_change_their_own_tasks_and_owners_manage_the_team() -> Result<(
     .await?;
     assert_eq!(status, StatusCode::ACCEPTED, "{v}");
 
+    // The same for the owner's pipeline and schedule.
+    let (_, pl) = call(
+        &s,
+        Method::POST,
+        "/api/v1/pipelines?wait=projected",
+        Some(owner),
+        Some(pipeline()),
+    )
+    .await?;
+    let pl = pl["pipeline_id"].as_str().unwrap_or_default().to_owned();
+    let (status, v) = call(
+        &s,
+        Method::POST,
+        &format!("/api/v1/pipelines/{pl}/cancel"),
+        Some(member),
+        None,
+    )
+    .await?;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{v}");
+    let (_, sc) = call(
+        &s,
+        Method::POST,
+        "/api/v1/schedules?wait=projected",
+        Some(owner),
+        Some(schedule()),
+    )
+    .await?;
+    let sc = sc["schedule_id"].as_str().unwrap_or_default().to_owned();
+    let (status, v) = call(
+        &s,
+        Method::POST,
+        &format!("/api/v1/schedules/{sc}/pause"),
+        Some(member),
+        Some(json!({})),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{v}");
+    // A webhook's URL may be a credential: the viewer sees where it goes.
+    let hook = json!({"name": "chat", "url": "https://hooks.example.org/services/T0/B0/key", "events": ["task.failed"]});
+    let (status, v) = call(
+        &s,
+        Method::POST,
+        "/api/v1/projects/lab/webhooks",
+        Some(owner),
+        Some(hook),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let (_, seen) = call(
+        &s,
+        Method::GET,
+        "/api/v1/projects/lab/webhooks",
+        Some(viewer),
+        None,
+    )
+    .await?;
+    assert_eq!(seen[0]["url"], "https://hooks.example.org/…", "{seen}");
+    let (_, seen) = call(
+        &s,
+        Method::GET,
+        "/api/v1/projects/lab/webhooks",
+        Some(owner),
+        None,
+    )
+    .await?;
+    assert_eq!(
+        seen[0]["url"], "https://hooks.example.org/services/T0/B0/key",
+        "{seen}"
+    );
+
     // Promoted to owner, the viewer may cancel anyone's task at once.
     let (status, v) = call(
         &s,
@@ -490,6 +560,12 @@ async fn members_change_their_own_tasks_and_owners_manage_the_team() -> Result<(
         .messages;
     assert_eq!(auth_before, auth_after, "bad input appended events");
 
+    // A member's live connection ends once the member is removed (the
+    // client connects again, seeing what its roles let it see now).
+    let mut live = crate::live::connect(&s, json!({"token": member, "tasks": {}})).await?;
+    let ready = crate::live::next(&mut live).await?;
+    assert_eq!(ready["type"], "ready", "{ready}");
+
     // The last owner cannot leave; with another owner they can.
     let (status, _) = call(
         &s,
@@ -525,6 +601,12 @@ async fn members_change_their_own_tasks_and_owners_manage_the_team() -> Result<(
             .contains("last owner"),
         "{v}"
     );
+    let (error, code) = crate::live::closed_with(&mut live).await?;
+    assert_eq!(
+        (code, error["error"].as_str()),
+        (4503, Some("roles_changed")),
+        "{error}"
+    );
     // Removed, mike sees the project no more.
     let (status, _) = call(
         &s,
@@ -556,15 +638,28 @@ async fn members_change_their_own_tasks_and_owners_manage_the_team() -> Result<(
     )
     .await?;
     assert_eq!(status, StatusCode::NO_CONTENT);
-    let (status, v) = call(
+    for who in [owner, &s.admin] {
+        let (status, v) = call(
+            &s,
+            Method::POST,
+            "/api/v1/tasks",
+            Some(who),
+            Some(task("lab")),
+        )
+        .await?;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{v}");
+    }
+    // Its schedules stopped.
+    let (_, shown) = call(
         &s,
-        Method::POST,
-        "/api/v1/tasks",
+        Method::GET,
+        &format!("/api/v1/schedules/{sc}"),
         Some(owner),
-        Some(task("lab")),
+        None,
     )
     .await?;
-    assert_eq!(status, StatusCode::FORBIDDEN, "{v}");
+    assert_eq!(shown["state"], "paused", "{shown}");
+    assert_eq!(shown["paused_reason"], "project lab archived", "{shown}");
     let (status, _) = call(
         &s,
         Method::GET,

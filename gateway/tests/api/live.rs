@@ -18,7 +18,7 @@ type Ws =
 /// Every wait is bounded: a missing message fails the test instead of hanging it.
 const WAIT: Duration = Duration::from_secs(20);
 
-async fn connect(s: &Stack, hello: Value) -> Result<Ws> {
+pub(crate) async fn connect(s: &Stack, hello: Value) -> Result<Ws> {
     let url = s.base.replacen("http://", "ws://", 1) + "/api/v1/live";
     let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
     ws.send(Message::text(hello.to_string())).await?;
@@ -26,7 +26,7 @@ async fn connect(s: &Stack, hello: Value) -> Result<Ws> {
 }
 
 /// The next JSON message (pings and pongs skipped).
-async fn next(ws: &mut Ws) -> Result<Value> {
+pub(crate) async fn next(ws: &mut Ws) -> Result<Value> {
     loop {
         let msg = tokio::time::timeout(WAIT, ws.next())
             .await
@@ -41,7 +41,7 @@ async fn next(ws: &mut Ws) -> Result<Value> {
 }
 
 /// The close frame's code, after the error message that precedes it.
-async fn closed_with(ws: &mut Ws) -> Result<(Value, u16)> {
+pub(crate) async fn closed_with(ws: &mut Ws) -> Result<(Value, u16)> {
     let error = next(ws).await?;
     loop {
         let msg = tokio::time::timeout(WAIT, ws.next())

@@ -217,8 +217,26 @@ fn location(resp: &reqwest::Response) -> Result<String> {
 
 /// A browser's way through the sign-in: the gateway's callback answer.
 async fn sign_in(s: &Stack, browser: &reqwest::Client) -> Result<reqwest::Response> {
+    let (callback, cookie) = to_callback(s, browser).await?;
+    Ok(browser
+        .get(callback)
+        .header("cookie", cookie)
+        .send()
+        .await?)
+}
+
+/// The way up to the gateway's callback: its URL, and the cookie the
+/// login gave the browser.
+async fn to_callback(s: &Stack, browser: &reqwest::Client) -> Result<(String, String)> {
     let to_provider = browser.get(s.url("/auth/login")).send().await?;
     assert_eq!(to_provider.status(), Status::FOUND);
+    let cookie = to_provider
+        .headers()
+        .get("set-cookie")
+        .and_then(|c| c.to_str().ok())
+        .and_then(|c| c.split(';').next())
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow!("no cookie from /auth/login"))?;
     let back = browser.get(location(&to_provider)?).send().await?;
     assert_eq!(back.status(), Status::FOUND);
     // The provider sends the browser to the registered callback.
@@ -231,10 +249,7 @@ async fn sign_in(s: &Stack, browser: &reqwest::Client) -> Result<reqwest::Respon
         back.starts_with("https://unidesk.lab.example.org/auth/callback?"),
         "{back}"
     );
-    Ok(browser
-        .get(s.url(&format!("/auth/callback?{query}")))
-        .send()
-        .await?)
+    Ok((s.url(&format!("/auth/callback?{query}")), cookie))
 }
 
 #[tokio::test]
@@ -276,7 +291,8 @@ async fn a_person_signs_in_through_the_identity_provider_and_gets_their_roles() 
     let browser = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()?;
-    let done = sign_in(&s, &browser).await?;
+    let (first, cookie) = to_callback(&s, &browser).await?;
+    let done = browser.get(&first).header("cookie", &cookie).send().await?;
     assert_eq!(done.status(), Status::FOUND, "{}", done.text().await?);
     let to_ui = location(&done)?;
     let token = to_ui
@@ -317,8 +333,13 @@ async fn a_person_signs_in_through_the_identity_provider_and_gets_their_roles() 
     let days = (expires - chrono::Utc::now()).num_minutes() as f64 / 1440.0;
     assert!((6.99..=7.0).contains(&days), "{days}");
 
-    // A callback seen before (a replay) is refused.
-    let replay = browser.get(done.url().clone()).send().await?;
+    // A callback in a browser that did not start the sign-in is refused
+    // (a link to it must not sign anyone in), and so is one seen before.
+    let (callback, _) = to_callback(&s, &browser).await?;
+    let elsewhere = browser.get(&callback).send().await?;
+    assert_eq!(elsewhere.status(), Status::UNAUTHORIZED);
+    assert!(elsewhere.text().await?.contains("another browser"));
+    let replay = browser.get(&first).header("cookie", &cookie).send().await?;
     assert_eq!(replay.status(), Status::UNAUTHORIZED);
     assert!(replay.text().await?.contains("start again"));
 
@@ -328,7 +349,7 @@ async fn a_person_signs_in_through_the_identity_provider_and_gets_their_roles() 
     }
     let refused = sign_in(&s, &browser).await?;
     assert_eq!(refused.status(), Status::UNAUTHORIZED);
-    assert!(refused.text().await?.contains("not verified"));
+    assert!(refused.text().await?.contains("is verified"));
     // A token signed with a key the provider does not publish is refused.
     if let Ok(mut person) = p.person.lock() {
         person.verified = true;
@@ -337,7 +358,10 @@ async fn a_person_signs_in_through_the_identity_provider_and_gets_their_roles() 
     let refused = sign_in(&s, &browser).await?;
     assert_eq!(refused.status(), Status::UNAUTHORIZED);
     let why = refused.text().await?;
-    assert!(why.contains("ID token"), "{why}");
+    assert!(
+        why.contains("the ID token: Signature verification failed"),
+        "{why}"
+    );
 
     // Without a provider there is no such sign-in.
     let plain = Stack::start().await?;

@@ -449,7 +449,6 @@ async fn a_node_going_offline_and_a_project_at_its_quota_are_told() -> Result<()
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    let entries = logged(&s, &lab, "quota", &mut log).await?;
     // Once the service has handled every waiting event, still one.
     let js = s.server.state.commands.store().jetstream().clone();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -464,6 +463,7 @@ async fn a_node_going_offline_and_a_project_at_its_quota_are_told() -> Result<()
         assert!(tokio::time::Instant::now() < deadline, "{info:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let entries = logged(&s, &lab, "quota", &mut log).await?;
     assert_eq!(entries.as_array().map(Vec::len), Some(1), "{entries}");
     assert!(got.try_recv().is_err(), "a second quota notice");
     Ok(())
