@@ -58,6 +58,8 @@ pub(super) async fn worker(
     mut rx: mpsc::UnboundedReceiver<jetstream::Message>,
     linger: Duration,
 ) {
+    let held = Held::default();
+    let held = &held;
     let mut batch = Vec::with_capacity(BATCH);
     while let Some(first) = rx.recv().await {
         batch.push(first);
@@ -73,13 +75,13 @@ pub(super) async fn worker(
                 .take_while(|m| Report::task_of(&m.subject).is_some())
                 .count();
             if beats >= 2 {
-                heartbeats(&ingest, &rest[..beats]).await;
+                heartbeats(&ingest, &rest[..beats], held).await;
                 rest = &rest[beats..];
             } else if runs >= 2 {
-                by_task(&ingest, &rest[..runs]).await;
+                by_task(&ingest, &rest[..runs], held).await;
                 rest = &rest[runs..];
             } else {
-                one(&ingest, first).await;
+                one(&ingest, first, held).await;
                 rest = &rest[1..];
             }
         }
@@ -89,7 +91,7 @@ pub(super) async fn worker(
 
 /// Messages about several tasks: each task's in order, the tasks in parallel
 /// (what costs is the round trips to the stream, not the work).
-async fn by_task(ingest: &Ingest, msgs: &[jetstream::Message]) {
+async fn by_task(ingest: &Ingest, msgs: &[jetstream::Message], held: &Held) {
     let mut order: Vec<&str> = Vec::new();
     let mut groups: HashMap<&str, Vec<&jetstream::Message>> = HashMap::new();
     for m in msgs {
@@ -105,7 +107,7 @@ async fn by_task(ingest: &Ingest, msgs: &[jetstream::Message]) {
         .filter_map(|k| groups.remove(k))
         .map(|group| async move {
             for m in group {
-                one(ingest, m).await;
+                one(ingest, m, held).await;
             }
         });
     futures::future::join_all(runs).await;
@@ -113,7 +115,7 @@ async fn by_task(ingest: &Ingest, msgs: &[jetstream::Message]) {
 
 /// Heartbeats appended together, many in flight; anything that is not a
 /// plain heartbeat of a known node takes the one-by-one path.
-async fn heartbeats(ingest: &Ingest, msgs: &[jetstream::Message]) {
+async fn heartbeats(ingest: &Ingest, msgs: &[jetstream::Message], held: &Held) {
     let mut items = Vec::with_capacity(msgs.len());
     let mut ready = Vec::with_capacity(msgs.len());
     for m in msgs {
@@ -126,7 +128,7 @@ async fn heartbeats(ingest: &Ingest, msgs: &[jetstream::Message]) {
                 warn!(subject = %m.subject, reason = %why, "node report dropped");
                 let _ = m.ack().await;
             }
-            Err(_) => one(ingest, m).await,
+            Err(_) => one(ingest, m, held).await,
         }
     }
     let mut outcomes = Vec::new();
@@ -149,7 +151,7 @@ async fn heartbeats(ingest: &Ingest, msgs: &[jetstream::Message]) {
         if stored {
             let _ = m.ack().await;
         } else {
-            one(ingest, m).await;
+            one(ingest, m, held).await;
         }
     }
 }
@@ -194,9 +196,62 @@ fn meta(node: NodeId, msg: &jetstream::Message) -> EventMeta {
     }
 }
 
+/// How long a task's later reports wait for one that went back for
+/// redelivery before they are handled without it (it never came back:
+/// the stream lost it, another instance took it).
+const HOLD_AT_MOST: Duration = Duration::from_secs(30);
+
+/// Tasks with a report that could not be handled and went back for
+/// redelivery (the hub restarting, the store away): the task's later
+/// reports go back after it until it has been handled, so that a task's
+/// reports are applied in the order its node sent them. (Handled on, the
+/// outcome that came after a start sent back would be stored first, and
+/// the start, come again, refused: a run that succeeded without starting.)
+#[derive(Default)]
+pub(super) struct Held(std::sync::Mutex<HashMap<String, (u64, tokio::time::Instant)>>);
+
+impl Held {
+    /// Whether the report at `seq` of `task` must wait for an earlier one.
+    fn waits(&self, task: &str, seq: u64, now: tokio::time::Instant) -> bool {
+        let mut held = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match held.get(task) {
+            Some((_, since)) if now.duration_since(*since) >= HOLD_AT_MOST => {
+                held.remove(task);
+                false
+            }
+            Some((first, _)) => seq > *first,
+            None => false,
+        }
+    }
+
+    /// The report at `seq` of `task` went back for redelivery.
+    fn hold(&self, task: &str, seq: u64, now: tokio::time::Instant) {
+        let mut held = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = held.entry(task.to_owned()).or_insert((seq, now));
+        *entry = (entry.0.min(seq), now);
+    }
+
+    /// The report at `seq` of `task` has been handled.
+    fn release(&self, task: &str, seq: u64) {
+        let mut held = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if held.get(task).is_some_and(|(first, _)| *first == seq) {
+            held.remove(task);
+        }
+    }
+}
+
 /// Handles one message, trying again a few times, briefly, before asking
-/// for redelivery.
-pub(super) async fn one(ingest: &Ingest, msg: &jetstream::Message) {
+/// for redelivery; a task's reports after one that went back go back too.
+pub(super) async fn one(ingest: &Ingest, msg: &jetstream::Message, held: &Held) {
+    let task = Report::task_of(&msg.subject);
+    let seq = msg.info().map_or(0, |i| i.stream_sequence);
+    if let Some(task) = task {
+        if held.waits(task, seq, tokio::time::Instant::now()) {
+            debug!(subject = %msg.subject, "waits for an earlier report of its task");
+            let _ = msg.ack_with(AckKind::Nak(Some(REDELIVER_AFTER))).await;
+            return;
+        }
+    }
     let attempt = || async {
         match handle(ingest, msg).await {
             Outcome::Retry(why) => Err(why),
@@ -213,6 +268,11 @@ pub(super) async fn one(ingest: &Ingest, msg: &jetstream::Message) {
         )
         .notify(|why, _| debug!(subject = %msg.subject, reason = %why, "retrying"))
         .await;
+    match (&result, task) {
+        (Ok(_), Some(task)) => held.release(task, seq),
+        (Err(_), Some(task)) => held.hold(task, seq, tokio::time::Instant::now()),
+        (_, None) => {}
+    }
     match result {
         Ok(Outcome::Dropped(why)) => {
             warn!(subject = %msg.subject, reason = %why, "node report dropped");
@@ -224,12 +284,13 @@ pub(super) async fn one(ingest: &Ingest, msg: &jetstream::Message) {
         }
         Err(why) => {
             warn!(subject = %msg.subject, reason = %why, "ingest failed; redelivery later");
-            let _ = msg
-                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                .await;
+            let _ = msg.ack_with(AckKind::Nak(Some(REDELIVER_AFTER))).await;
         }
     }
 }
+
+/// When a report sent back for redelivery comes again.
+const REDELIVER_AFTER: Duration = Duration::from_secs(1);
 
 async fn handle(ingest: &Ingest, msg: &jetstream::Message) -> Outcome {
     let node = match origin::sender(msg) {
@@ -373,6 +434,34 @@ mod tests {
         let mut h = async_nats::HeaderMap::new();
         h.insert("Nats-Stream-Source", position);
         h
+    }
+
+    #[test]
+    fn a_tasks_later_reports_wait_for_one_sent_back() {
+        let held = Held::default();
+        let now = tokio::time::Instant::now();
+        assert!(!held.waits("t", 5, now), "nothing held, nothing waits");
+        held.hold("t", 5, now);
+        assert!(held.waits("t", 6, now), "a later report of the task waits");
+        assert!(!held.waits("u", 6, now), "another task's does not");
+        assert!(
+            !held.waits("t", 5, now),
+            "the one sent back is handled when it comes"
+        );
+        // A later one that also went back does not move the hold forward.
+        held.hold("t", 7, now);
+        assert!(held.waits("t", 6, now));
+        held.release("t", 6);
+        assert!(
+            held.waits("t", 6, now),
+            "only the first held releases the task"
+        );
+        held.release("t", 5);
+        assert!(!held.waits("t", 7, now), "handled, the task goes on");
+        // One that never comes back holds its task for a bounded time.
+        held.hold("t", 9, now);
+        assert!(!held.waits("t", 10, now + HOLD_AT_MOST));
+        assert!(!held.waits("t", 10, now), "an expired hold is gone");
     }
 
     #[test]
