@@ -25,5 +25,7 @@ if [ "${1:-}" = lifecycle ]; then
   export UD_BENCH_CELERY_BROKER="amqp://guest:guest@127.0.0.1:$mq_port//"
   export UD_BENCH_CELERY_RESULTS="postgresql://postgres@127.0.0.1:$pg_port/celery_baseline"
 fi
-cargo build --release -p ud-bench -p unidesk -p ud-edge-agent
-target/release/ud-bench "${@:-backbone}"
+# UD_BENCH_PROFILE: another cargo profile (scripts/flamegraph.sh: profiling).
+profile="${UD_BENCH_PROFILE:-release}"
+cargo build --profile "$profile" -p ud-bench -p unidesk -p ud-edge-agent
+"target/$profile/ud-bench" "${@:-backbone}"

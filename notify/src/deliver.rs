@@ -5,6 +5,8 @@
 //! and acknowledges the event once every delivery of it has ended
 //! (delivered, or every try failed), logging each in `UD_WEBHOOK_LOG`.
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
@@ -119,6 +121,82 @@ pub async fn project_hooks(
         }
     }
     Ok(out)
+}
+
+/// Every project's webhooks as the bucket holds them, kept by a watch on
+/// the bucket (`None` until it has been read, and while the watch is being
+/// made again: then the bucket itself is read). Most events are asked for
+/// by no webhook; told so here, they cost no read of the task's history
+/// and no listing of the bucket.
+#[derive(Clone, Default)]
+struct Hooks(Arc<RwLock<Option<BTreeMap<String, WebhookRecord>>>>);
+
+impl Hooks {
+    /// The webhooks of `project` (`None`: of every project) that ask for
+    /// `event_type`, or `None` when the view is not ready.
+    fn asking(&self, project: Option<&str>, event_type: &str) -> Option<Vec<WebhookRecord>> {
+        let view = self.0.read().unwrap_or_else(|e| e.into_inner());
+        let all = view.as_ref()?;
+        Some(
+            all.values()
+                .filter(|h| project.is_none_or(|p| h.project == p))
+                .filter(|h| h.events.iter().any(|e| e == event_type))
+                .cloned()
+                .collect(),
+        )
+    }
+
+    fn set(&self, view: Option<BTreeMap<String, WebhookRecord>>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = view;
+    }
+
+    fn apply(&self, entry: &jetstream::kv::Entry) {
+        let mut view = self.0.write().unwrap_or_else(|e| e.into_inner());
+        let Some(all) = view.as_mut() else { return };
+        match entry.operation {
+            jetstream::kv::Operation::Put => {
+                match serde_json::from_slice::<WebhookRecord>(&entry.value) {
+                    Ok(h) => {
+                        all.insert(entry.key.clone(), h);
+                    }
+                    Err(e) => {
+                        warn!(key = %entry.key, error = %e, "unreadable webhook ignored");
+                        all.remove(&entry.key);
+                    }
+                }
+            }
+            jetstream::kv::Operation::Delete | jetstream::kv::Operation::Purge => {
+                all.remove(&entry.key);
+            }
+        }
+    }
+
+    /// Keeps the view until the task is dropped: watches the bucket first,
+    /// then reads it whole, then applies what the watch saw since (a change
+    /// seen twice comes out the same), and starts again if the watch ends.
+    async fn keep(self, kv: jetstream::kv::Store) {
+        loop {
+            match kv.watch_all().await {
+                Ok(mut watch) => match project_hooks(&kv, None).await {
+                    Ok(all) => {
+                        let keyed = all
+                            .into_iter()
+                            .map(|h| (format!("{}.{}", h.project, h.name), h))
+                            .collect();
+                        self.set(Some(keyed));
+                        while let Some(Ok(entry)) = watch.next().await {
+                            self.apply(&entry);
+                        }
+                        warn!("the watch on the webhooks ended; reading them again");
+                    }
+                    Err(e) => warn!(error = %e, "cannot read the webhooks; trying again"),
+                },
+                Err(e) => warn!(error = %e, "cannot watch the webhooks; trying again"),
+            }
+            self.set(None);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
 }
 
 /// Why a try did not deliver: the receiver's status, if it answered, and
@@ -324,9 +402,25 @@ async fn deliver_one(
 struct Sources {
     js: jetstream::Context,
     hooks: jetstream::kv::Store,
+    view: Hooks,
     notified: jetstream::kv::Store,
     tasks: Repository<Task>,
     nodes: Repository<Node>,
+}
+
+/// The event type an event is told as, if it is told at all.
+fn told_as(event: &Event) -> Option<String> {
+    match event {
+        // A task waiting on its project's quota: the project is told, once
+        // an hour at most for each limit.
+        Event::Task(_, ud_schemas::TaskEvent::Waiting(w)) => match &w.kind {
+            Some(k) if k.starts_with("quota ") => Some("quota.reached".to_owned()),
+            _ => None,
+        },
+        Event::Task(..) => Some(event.event_type()),
+        Event::Node(_, ud_schemas::NodeEvent::WentOffline(_)) => Some("node.offline".to_owned()),
+        _ => None,
+    }
 }
 
 /// What an event is told as, and to which project's webhooks (`None`:
@@ -338,17 +432,11 @@ async fn happened(
 ) -> Result<Option<(Happened, Option<String>)>, NotifyError> {
     let event_id = env.meta.event_id.to_string();
     let data = codec::event_data_json(&env.event);
+    let Some(event_type) = told_as(&env.event) else {
+        return Ok(None);
+    };
     match env.event {
-        Event::Task(id, ref e) => {
-            let event_type = match e {
-                // A task waiting on its project's quota: the project is
-                // told, once an hour at most for each limit.
-                ud_schemas::TaskEvent::Waiting(w) => match &w.kind {
-                    Some(k) if k.starts_with("quota ") => "quota.reached".to_owned(),
-                    _ => return Ok(None),
-                },
-                _ => env.event.event_type(),
-            };
+        Event::Task(id, _) => {
             let Some((task, _)) = src.tasks.load(&id).await? else {
                 return Ok(None);
             };
@@ -373,7 +461,7 @@ async fn happened(
             Ok(Some((
                 Happened {
                     event_id,
-                    event_type: "node.offline".into(),
+                    event_type,
                     seq,
                     task_id: None,
                     task_name: None,
@@ -405,11 +493,23 @@ async fn handle(
             return Ok(());
         }
     };
+    // No webhook of any project asks for it: nothing to read.
+    if let Some(kind) = told_as(&env.event) {
+        if src.view.asking(None, &kind).is_some_and(|h| h.is_empty()) {
+            return Ok(());
+        }
+    }
     let Some((happened, project)) = happened(src, seq, env).await? else {
         return Ok(());
     };
-    let mut hooks = project_hooks(&src.hooks, project.as_deref()).await?;
-    hooks.retain(|h| h.events.contains(&happened.event_type));
+    let hooks = match src.view.asking(project.as_deref(), &happened.event_type) {
+        Some(hooks) => hooks,
+        None => {
+            let mut hooks = project_hooks(&src.hooks, project.as_deref()).await?;
+            hooks.retain(|h| h.events.contains(&happened.event_type));
+            hooks
+        }
+    };
     if hooks.is_empty() {
         return Ok(());
     }
@@ -485,11 +585,16 @@ async fn consumer(
 /// after an error (the events not acknowledged come again).
 pub async fn run(store: EventStore, settings: Settings) -> Result<(), NotifyError> {
     let js = store.jetstream().clone();
+    let hooks = js
+        .get_key_value(streams::WEBHOOKS_BUCKET)
+        .await
+        .map_err(nats)?;
+    let view = Hooks::default();
+    let _view_kept =
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(view.clone().keep(hooks.clone())));
     let src = Sources {
-        hooks: js
-            .get_key_value(streams::WEBHOOKS_BUCKET)
-            .await
-            .map_err(nats)?,
+        hooks,
+        view,
         notified: js
             .get_key_value(streams::NOTIFIED_BUCKET)
             .await
@@ -573,6 +678,63 @@ pub async fn run(store: EventStore, settings: Settings) -> Result<(), NotifyErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_view_of_the_webhooks_says_who_asks_for_an_event() {
+        let hook = |project: &str, name: &str, events: &[&str]| WebhookRecord {
+            project: project.into(),
+            name: name.into(),
+            url: "https://example.org/hook".into(),
+            events: events.iter().map(|e| (*e).to_owned()).collect(),
+            format: "json".into(),
+            secret: String::new(),
+            created_by: "admin".into(),
+            created_at: 0,
+        };
+        let view = Hooks::default();
+        assert!(view.asking(None, "task.failed").is_none(), "not read yet");
+        let all = [
+            hook("a", "one", &["task.failed"]),
+            hook("b", "two", &["task.failed", "node.offline"]),
+        ];
+        view.set(Some(
+            all.iter()
+                .map(|h| (format!("{}.{}", h.project, h.name), h.clone()))
+                .collect(),
+        ));
+        let names = |hooks: Option<Vec<WebhookRecord>>| -> Vec<String> {
+            hooks
+                .unwrap_or_default()
+                .into_iter()
+                .map(|h| h.name)
+                .collect()
+        };
+        assert_eq!(names(view.asking(None, "task.failed")), ["one", "two"]);
+        assert_eq!(names(view.asking(Some("a"), "task.failed")), ["one"]);
+        assert_eq!(names(view.asking(None, "node.offline")), ["two"]);
+        assert_eq!(view.asking(None, "task.succeeded"), Some(vec![]));
+    }
+
+    #[test]
+    fn events_are_told_as_their_type_quota_waits_only_as_quota_reached() {
+        let task = ud_schemas::TaskId::new();
+        let waiting = |kind: Option<&str>| {
+            Event::Task(
+                task,
+                ud_schemas::TaskEvent::Waiting(ud_schemas::events::TaskWaiting {
+                    at: 0,
+                    reason: "waits".into(),
+                    kind: kind.map(str::to_owned),
+                }),
+            )
+        };
+        assert_eq!(
+            told_as(&waiting(Some("quota gpus"))).as_deref(),
+            Some("quota.reached")
+        );
+        assert_eq!(told_as(&waiting(Some("resources"))), None);
+        assert_eq!(told_as(&waiting(None)), None);
+    }
 
     #[test]
     fn the_platforms_own_networks_are_told_apart() {
