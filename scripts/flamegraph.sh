@@ -17,18 +17,18 @@ log="$out/lifecycle.log"
 UD_BENCH_PROFILE=profiling RUSTFLAGS="-C force-frame-pointers=yes" \
   scripts/bench.sh lifecycle --sync default "$@" > "$log" 2>&1 &
 bench=$!
-# The lifecycle phase starts right after the steady-rate phase prints this.
-until grep -q "dispatches seen" "$log" 2>/dev/null; do
-  if ! kill -0 "$bench" 2>/dev/null; then cat "$log"; echo "the benchmark ended first" >&2; exit 1; fi
-  sleep 0.2
-done
-perf record -a -g -F 299 -o "$out/perf.data" -- sleep "${UD_FLAME_SECONDS:-15}" 2>/dev/null
+# The lifecycle phase starts right after the steady-rate phase prints this
+# (tail ends with the benchmark, so a benchmark that fails ends the wait).
+if ! grep -q -m1 "dispatches seen" < <(tail -F --pid="$bench" "$log" 2>/dev/null); then
+  cat "$log"; echo "the benchmark ended before its lifecycle phase" >&2; exit 1
+fi
+perf record -a -g -F 299 -o "$out/perf.data" -- sleep "${UD_FLAME_SECONDS:-15}"
 wait "$bench"
 cat "$log"
 perf script -i "$out/perf.data" 2>/dev/null | inferno-collapse-perf > "$out/lifecycle.folded"
 inferno-flamegraph --title "UniDesk lifecycle, every process" < "$out/lifecycle.folded" > "$out/lifecycle.svg"
 # The share of samples per thread name (nats-server, postgres, the benchmark's
-# tokio-runtime-w), the first answer the graph gives.
+# tokio-rt-worker), the first answer the graph gives.
 awk '{ c = $0; sub(/.* /, "", c); k = $0; sub(/ [0-9]+$/, "", k); sub(/;.*/, "", k); s[k] += c; t += c }
   END { for (k in s) printf "%6.1f %%  %s\n", 100 * s[k] / t, k }' "$out/lifecycle.folded" | sort -rn | head -12
 echo "flame graph: $out/lifecycle.svg"

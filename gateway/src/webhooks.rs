@@ -127,7 +127,10 @@ pub async fn create(
     let value = serde_json::to_vec(&record).map_err(|e| ApiError::unavailable(e.to_string()))?;
     bucket(&state)
         .await?
-        .create(format!("{project}.{}", req.name), value.into())
+        .create(
+            ud_notify::deliver::hook_key(&project, &req.name),
+            value.into(),
+        )
         .await
         .map_err(|e| match e.kind() {
             async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => ApiError::new(
@@ -192,7 +195,7 @@ pub async fn delete(
         return Err(ApiError::not_found("webhook"));
     }
     let kv = bucket(&state).await?;
-    let key = format!("{project}.{name}");
+    let key = ud_notify::deliver::hook_key(&project, &name);
     if kv.get(&key).await.map_err(ApiError::unavailable)?.is_none() {
         return Err(ApiError::not_found("webhook"));
     }

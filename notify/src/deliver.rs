@@ -95,6 +95,11 @@ pub fn log_subject(project: &str, name: &str) -> String {
     format!("ud.webhook.{project}.{name}")
 }
 
+/// The key of webhook `name` of `project` in the webhooks bucket.
+pub fn hook_key(project: &str, name: &str) -> String {
+    format!("{project}.{name}")
+}
+
 /// The webhooks of `project` (every project's: `None`), by name (the API
 /// lists them; deliveries pick those asking for an event).
 pub async fn project_hooks(
@@ -181,7 +186,7 @@ impl Hooks {
                     Ok(all) => {
                         let keyed = all
                             .into_iter()
-                            .map(|h| (format!("{}.{}", h.project, h.name), h))
+                            .map(|h| (hook_key(&h.project, &h.name), h))
                             .collect();
                         self.set(Some(keyed));
                         while let Some(Ok(entry)) = watch.next().await {
@@ -272,7 +277,7 @@ async fn reachable(url: &str, settings: &Settings) -> Result<(), Failed> {
 /// Whether the webhook is still the one being delivered (not deleted, not
 /// made anew under its name).
 async fn still_there(kv: &jetstream::kv::Store, hook: &WebhookRecord) -> bool {
-    match kv.get(format!("{}.{}", hook.project, hook.name)).await {
+    match kv.get(hook_key(&hook.project, &hook.name)).await {
         Ok(Some(v)) => serde_json::from_slice::<WebhookRecord>(&v)
             .is_ok_and(|now| now.secret == hook.secret && now.created_at == hook.created_at),
         Ok(None) => false,
@@ -408,6 +413,23 @@ struct Sources {
     nodes: Repository<Node>,
 }
 
+impl Sources {
+    /// The webhooks of `project` (`None`: of every project) asking for
+    /// `event_type`: from the view, or from the bucket while it is not ready.
+    async fn asking(
+        &self,
+        project: Option<&str>,
+        event_type: &str,
+    ) -> Result<Vec<WebhookRecord>, NotifyError> {
+        if let Some(hooks) = self.view.asking(project, event_type) {
+            return Ok(hooks);
+        }
+        let mut hooks = project_hooks(&self.hooks, project).await?;
+        hooks.retain(|h| h.events.iter().any(|e| e == event_type));
+        Ok(hooks)
+    }
+}
+
 /// The event type an event is told as, if it is told at all.
 fn told_as(event: &Event) -> Option<String> {
     match event {
@@ -423,18 +445,16 @@ fn told_as(event: &Event) -> Option<String> {
     }
 }
 
-/// What an event is told as, and to which project's webhooks (`None`:
-/// every project's); `None` when it is not told.
+/// What an event told as `event_type` says, and to which project's
+/// webhooks (`None`: every project's); `None` when it is not told.
 async fn happened(
     src: &Sources,
     seq: u64,
     env: codec::EventEnvelope,
+    event_type: String,
 ) -> Result<Option<(Happened, Option<String>)>, NotifyError> {
     let event_id = env.meta.event_id.to_string();
     let data = codec::event_data_json(&env.event);
-    let Some(event_type) = told_as(&env.event) else {
-        return Ok(None);
-    };
     match env.event {
         Event::Task(id, _) => {
             let Some((task, _)) = src.tasks.load(&id).await? else {
@@ -493,23 +513,21 @@ async fn handle(
             return Ok(());
         }
     };
-    // No webhook of any project asks for it: nothing to read.
-    if let Some(kind) = told_as(&env.event) {
-        if src.view.asking(None, &kind).is_some_and(|h| h.is_empty()) {
-            return Ok(());
-        }
-    }
-    let Some((happened, project)) = happened(src, seq, env).await? else {
+    let Some(event_type) = told_as(&env.event) else {
         return Ok(());
     };
-    let hooks = match src.view.asking(project.as_deref(), &happened.event_type) {
-        Some(hooks) => hooks,
-        None => {
-            let mut hooks = project_hooks(&src.hooks, project.as_deref()).await?;
-            hooks.retain(|h| h.events.contains(&happened.event_type));
-            hooks
-        }
+    // No webhook of any project asks for it: nothing to read.
+    if src
+        .view
+        .asking(None, &event_type)
+        .is_some_and(|h| h.is_empty())
+    {
+        return Ok(());
+    }
+    let Some((happened, project)) = happened(src, seq, env, event_type).await? else {
+        return Ok(());
     };
+    let hooks = src.asking(project.as_deref(), &happened.event_type).await?;
     if hooks.is_empty() {
         return Ok(());
     }
@@ -699,7 +717,7 @@ mod tests {
         ];
         view.set(Some(
             all.iter()
-                .map(|h| (format!("{}.{}", h.project, h.name), h.clone()))
+                .map(|h| (hook_key(&h.project, &h.name), h.clone()))
                 .collect(),
         ));
         let names = |hooks: Option<Vec<WebhookRecord>>| -> Vec<String> {
