@@ -39,6 +39,30 @@ pub struct Args {
     /// Offered REST submissions per second.
     #[arg(long, default_value_t = 500)]
     rest_rate: usize,
+    /// Measure only these parts (all when none is named).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Part>,
+}
+
+/// The parts of the backbone benchmark, in the order they run.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    /// Raw publishes and appends, each sync mode.
+    Appends,
+    /// The COPY ceiling and the live projection rate.
+    Projection,
+    /// Projection lag under a paced load.
+    Lag,
+    /// REST submit-to-projected.
+    Rest,
+    /// Replay into an empty schema.
+    Replay,
+}
+
+impl Args {
+    fn runs(&self, part: Part) -> bool {
+        self.only.is_empty() || self.only.contains(&part)
+    }
 }
 
 pub(crate) fn spec() -> ud_schemas::TaskSpec {
@@ -417,7 +441,12 @@ pub async fn run(a: Args) -> Result<()> {
 
     // Ceilings and appends, with every write synced and with the default sync.
     let mut results = Vec::new();
-    for sync_always in [true, false] {
+    let modes: &[bool] = if a.runs(Part::Appends) {
+        &[true, false]
+    } else {
+        &[]
+    };
+    for &sync_always in modes {
         let (_nats, store) = server(sync_always).await?;
         let raw = raw_publish(&store, a.events, a.window).await?;
         let events: Vec<Event> = (0..a.events).map(|_| submitted(TaskId::new())).collect();
@@ -452,7 +481,8 @@ pub async fn run(a: Args) -> Result<()> {
         );
     }
 
-    // PostgreSQL ceiling and projection throughput.
+    // PostgreSQL ceiling (the projection and the replay are judged against
+    // it) and projection throughput.
     let pg = PgDatabase::create().await?;
     let copy = pg_copy(&pg, a.events).await?;
     line(
@@ -461,6 +491,22 @@ pub async fn run(a: Args) -> Result<()> {
         "rows/s",
         None,
     );
+    if a.runs(Part::Projection) {
+        projection(&a, &pg, copy).await?;
+    }
+    if a.runs(Part::Lag) {
+        lag(&a, &pg).await?;
+    }
+    if a.runs(Part::Rest) {
+        rest(&a).await?;
+    }
+    if a.runs(Part::Replay) {
+        replay(&a, &pg, copy).await?;
+    }
+    Ok(())
+}
+
+async fn projection(a: &Args, pg: &PgDatabase, copy: f64) -> Result<()> {
     let (_nats, store) = server(false).await?;
     write_fast(&store, &lifecycles(a.events), a.window).await?;
     let db = Db::connect(&pg.url, "proj", 8).await?;
@@ -486,8 +532,11 @@ pub async fn run(a: Args) -> Result<()> {
         "ev/s",
         Some((copy, "COPY rows/s")),
     );
+    Ok(())
+}
 
-    // Projection lag under load.
+/// Projection lag under load.
+async fn lag(a: &Args, pg: &PgDatabase) -> Result<()> {
     let (_nats, store) = server(false).await?;
     let db = Db::connect(&pg.url, "lag", 8).await?;
     db.migrate().await?;
@@ -500,8 +549,11 @@ pub async fn run(a: Args) -> Result<()> {
         "ms",
         None,
     );
+    Ok(())
+}
 
-    // REST submit-to-projected, hub syncing every write.
+/// REST submit-to-projected, hub syncing every write.
+async fn rest(a: &Args) -> Result<()> {
     let (nats, store) = server(true).await?;
     let rest_pg = PgDatabase::create().await?;
     let (offered, p50, p99, failed) =
@@ -520,8 +572,11 @@ pub async fn run(a: Args) -> Result<()> {
         "",
         None,
     );
+    Ok(())
+}
 
-    // Replay of a million events into an empty database.
+/// Replay of a million events into an empty database.
+async fn replay(a: &Args, pg: &PgDatabase, copy: f64) -> Result<()> {
     let (_nats, store) = server(false).await?;
     write_fast(&store, &lifecycles(a.replay_events), a.window).await?;
     let db = Db::connect(&pg.url, "replay", 8).await?;

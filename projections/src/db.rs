@@ -253,7 +253,7 @@ const TASK_UPDATES: &str =
 /// table, replacing stored ones.
 pub(crate) async fn copy_tasks(
     c: &deadpool_postgres::Transaction<'_>,
-    rows: &[TaskRow],
+    rows: &[std::borrow::Cow<'_, TaskRow>],
     fresh: bool,
 ) -> Result<(), ProjectionError> {
     use tokio_postgres::binary_copy::BinaryCopyInWriter;

@@ -35,6 +35,9 @@ pub enum ProjectionError {
     Row(String),
     #[error("event stream: {0}")]
     Stream(#[source] SourceError),
+    /// A replay's flush to the database ended without an answer (it panicked).
+    #[error("replay flush stopped: {0}")]
+    Flush(#[source] tokio::task::JoinError),
     #[error("checkpoint of {stream} is no longer {expected}: another projector got there first")]
     CheckpointMoved { stream: String, expected: u64 },
 }

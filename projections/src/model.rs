@@ -3,6 +3,7 @@
 //! them; they differ only in how many events they fold before writing.
 
 use std::collections::HashMap;
+use std::future::Future;
 
 use deadpool_postgres::Transaction;
 use ud_schemas::codec::EventEnvelope;
@@ -17,9 +18,9 @@ pub(crate) type Failures = Vec<(u64, String)>;
 
 /// One read model.
 pub(crate) trait Model {
-    type Key: std::hash::Hash + Eq + Ord + Copy + Send;
+    type Key: std::hash::Hash + Eq + Ord + Copy + Send + Sync + 'static;
     /// An aggregate as folded from its events.
-    type Fold: Send;
+    type Fold: Clone + Send + Sync + 'static;
     /// The table its rows are in.
     const TABLE: &'static str;
 
@@ -37,15 +38,25 @@ pub(crate) trait Model {
         ids: &[uuid::Uuid],
     ) -> Result<Vec<Self::Fold>, ProjectionError>;
     /// Writes aggregates as rows, replacing the stored ones.
-    async fn store(tx: &Transaction<'_>, folds: Vec<Self::Fold>) -> Result<(), ProjectionError>;
-    /// Writes many aggregates at once (a replay); `fresh`: none is stored yet.
-    async fn store_many(
+    fn store(
         tx: &Transaction<'_>,
         folds: Vec<Self::Fold>,
+    ) -> impl Future<Output = Result<(), ProjectionError>> + Send;
+    /// Writes many aggregates at once (a replay, on a task of its own while
+    /// the reading goes on); `fresh`: none is stored yet.
+    fn store_many(
+        tx: &Transaction<'_>,
+        folds: Vec<&Self::Fold>,
         fresh: bool,
-    ) -> Result<(), ProjectionError> {
+    ) -> impl Future<Output = Result<(), ProjectionError>> + Send {
         let _ = fresh;
-        Self::store(tx, folds).await
+        Self::store(tx, folds.into_iter().cloned().collect())
+    }
+    /// Whether an aggregate is unlikely to change again (a finished task): a
+    /// replay writes such ones early, while it goes on reading.
+    fn settled(fold: &Self::Fold) -> bool {
+        let _ = fold;
+        false
     }
     /// Whether [`Model::apply_each`] keeps rows of its own.
     const EACH: bool = false;
@@ -165,12 +176,16 @@ impl Model for Tasks {
         rows.iter_mut().for_each(TaskRow::scrub);
         db::upsert_tasks(tx, &rows).await
     }
+    fn settled(row: &TaskRow) -> bool {
+        row.state.is_terminal()
+    }
     async fn store_many(
         tx: &Transaction<'_>,
-        mut rows: Vec<TaskRow>,
+        rows: Vec<&TaskRow>,
         fresh: bool,
     ) -> Result<(), ProjectionError> {
-        rows.iter_mut().for_each(TaskRow::scrub);
+        let rows: Vec<std::borrow::Cow<'_, TaskRow>> =
+            rows.into_iter().map(TaskRow::scrubbed).collect();
         db::copy_tasks(tx, &rows, fresh).await
     }
 }

@@ -116,6 +116,30 @@ async fn replay_until(
 /// Most aggregates a replay holds in memory before it writes them.
 pub const REPLAY_FOLDS: usize = 200_000;
 
+/// How many settled aggregates a replay gathers before it writes them: a
+/// tenth of what it may hold.
+fn settled_flush(folds_max: usize) -> usize {
+    (folds_max / 10).max(1)
+}
+
+/// Which of `folds` may have rows already: all when the table had rows
+/// before the replay, else those an earlier flush wrote.
+fn stored_again<M: Model, S: std::hash::BuildHasher>(
+    folds: &HashMap<M::Key, M::Fold, S>,
+    flushed: &HashSet<M::Key, S>,
+    stored_before: bool,
+    hasher: S,
+) -> HashSet<M::Key, S> {
+    let mut again = HashSet::with_hasher(hasher);
+    again.extend(
+        folds
+            .keys()
+            .filter(|k| stored_before || flushed.contains(k))
+            .copied(),
+    );
+    again
+}
+
 /// An event recorded in `projection_errors` when the replay is written.
 struct Refused {
     seq: u64,
@@ -129,6 +153,59 @@ struct Refused {
 struct Took {
     read: f64,
     write: f64,
+}
+
+/// Aggregates a replay flushes to the database on a task of their own while
+/// it goes on reading; until they are committed, an aggregate among them
+/// that comes up again is copied from here.
+struct Writing<K, F, S> {
+    folds: std::sync::Arc<HashMap<K, F, S>>,
+    done: tokio_util::task::AbortOnDropHandle<Result<(), ProjectionError>>,
+}
+
+impl<K, F, S> Writing<K, F, S>
+where
+    K: std::hash::Hash + Eq + Send + Sync + 'static,
+    F: Send + Sync + 'static,
+    S: std::hash::BuildHasher + Send + Sync + 'static,
+{
+    /// Starts writing `folds`; those in `again` may be stored already.
+    fn start<M: Model<Key = K, Fold = F>>(
+        db: Db,
+        folds: HashMap<K, F, S>,
+        again: HashSet<K, S>,
+    ) -> Self {
+        let folds = std::sync::Arc::new(folds);
+        let writing = folds.clone();
+        let done = tokio::spawn(async move {
+            let mut c = db.client().await?;
+            let tx = c.transaction().await?;
+            store_split::<M, S>(&tx, writing.iter(), &again).await?;
+            tx.commit().await?;
+            Ok(())
+        });
+        Self {
+            folds,
+            done: tokio_util::task::AbortOnDropHandle::new(done),
+        }
+    }
+
+    /// Waits until the flush is committed.
+    async fn finish(self) -> Result<(), ProjectionError> {
+        self.done.await.map_err(ProjectionError::Flush)?
+    }
+}
+
+/// Writes aggregates: the ones never stored straight in, those in `again`
+/// replacing their rows.
+async fn store_split<'a, M: Model, S: std::hash::BuildHasher>(
+    tx: &deadpool_postgres::Transaction<'_>,
+    folds: impl Iterator<Item = (&'a M::Key, &'a M::Fold)>,
+    again: &HashSet<M::Key, S>,
+) -> Result<(), ProjectionError> {
+    let (replacing, fresh): (Vec<_>, Vec<_>) = folds.partition(|(k, _)| again.contains(k));
+    M::store_many(tx, fresh.into_iter().map(|(_, f)| f).collect(), true).await?;
+    M::store_many(tx, replacing.into_iter().map(|(_, f)| f).collect(), false).await
 }
 
 /// Replays one stream, from its first event to `last`, into model `M`.
@@ -174,10 +251,15 @@ async fn replay<M: Model>(
     )));
     let hasher = foldhash::fast::RandomState::default;
     let expected = usize::try_from(last - from).unwrap_or(usize::MAX);
+    let capacity = folds_max.min(expected);
     let mut folds: HashMap<M::Key, M::Fold, _> =
-        HashMap::with_capacity_and_hasher(folds_max.min(expected), hasher());
+        HashMap::with_capacity_and_hasher(capacity, hasher());
     // Aggregates written by an earlier flush of this replay.
     let mut flushed: HashSet<M::Key, _> = HashSet::with_hasher(hasher());
+    // Settled aggregates folded since the last flush (some maybe twice).
+    let mut settled: Vec<M::Key> = Vec::new();
+    // The flush being written while reading goes on.
+    let mut writing: Option<Writing<M::Key, M::Fold, foldhash::fast::RandomState>> = None;
     let mut refused: Vec<Refused> = Vec::new();
     let mut read = from;
     while read < last {
@@ -193,12 +275,20 @@ async fn replay<M: Model>(
             .into_iter()
             .filter(|(seq, _)| *seq <= last)
             .collect();
-        // Aggregates folded before but not in memory are loaded first.
-        let missing: Vec<uuid::Uuid> = keys_of::<M>(&decoded)
-            .into_iter()
-            .filter(|k| !folds.contains_key(k) && (stored_before || flushed.contains(k)))
-            .map(M::uuid)
-            .collect();
+        // Aggregates folded before but not in memory: taken from the flush
+        // being written, or loaded from what earlier flushes wrote.
+        let mut missing: Vec<uuid::Uuid> = Vec::new();
+        for k in keys_of::<M>(&decoded) {
+            if folds.contains_key(&k) || !(stored_before || flushed.contains(&k)) {
+                continue;
+            }
+            match writing.as_ref().and_then(|w| w.folds.get(&k)) {
+                Some(f) => {
+                    folds.insert(k, f.clone());
+                }
+                None => missing.push(M::uuid(k)),
+            }
+        }
         if !missing.is_empty() {
             let mut c = db.client().await?;
             let tx = c.transaction().await?;
@@ -207,7 +297,12 @@ async fn replay<M: Model>(
             }
             tx.commit().await?;
         }
-        let (_, failures) = fold_into::<M, _>(&mut folds, &decoded);
+        let (touched, failures) = fold_into::<M, _>(&mut folds, &decoded);
+        settled.extend(
+            touched
+                .into_iter()
+                .filter(|k| folds.get(k).is_some_and(M::settled)),
+        );
         if M::EACH {
             M::apply_each(&db.client().await?, &decoded).await?;
         }
@@ -228,20 +323,48 @@ async fn replay<M: Model>(
             }
         }
         read = end.min(last);
-        if folds.len() >= folds_max && read < last {
-            let fresh = !stored_before && flushed.is_empty();
-            flushed.extend(folds.keys().copied());
-            let mut c = db.client().await?;
-            let tx = c.transaction().await?;
-            M::store_many(&tx, folds.drain().map(|(_, f)| f).collect(), fresh).await?;
-            tx.commit().await?;
+        // Written on a task of its own while reading goes on: every
+        // aggregate when memory is full, else the settled ones once there
+        // are enough of them and the last flush is done.
+        let full = folds.len() >= folds_max;
+        let due = settled.len() >= settled_flush(folds_max)
+            && writing.as_ref().is_none_or(|w| w.done.is_finished());
+        if read < last && (full || due) {
+            // One flush at a time: each is committed before the next, so
+            // what a later one writes of an aggregate is what stays.
+            if let Some(w) = writing.take() {
+                w.finish().await?;
+            }
+            let out: HashMap<M::Key, M::Fold, _> = if full {
+                settled.clear();
+                std::mem::replace(
+                    &mut folds,
+                    HashMap::with_capacity_and_hasher(capacity, hasher()),
+                )
+            } else {
+                let mut out = HashMap::with_capacity_and_hasher(settled.len(), hasher());
+                for k in settled.drain(..) {
+                    if folds.get(&k).is_some_and(M::settled) {
+                        if let Some(f) = folds.remove(&k) {
+                            out.insert(k, f);
+                        }
+                    }
+                }
+                out
+            };
+            let again = stored_again::<M, _>(&out, &flushed, stored_before, hasher());
+            flushed.extend(out.keys().copied());
+            writing = Some(Writing::start::<M>(db.clone(), out, again));
         }
     }
+    if let Some(w) = writing.take() {
+        w.finish().await?;
+    }
     let read = start.elapsed().as_secs_f64();
-    let fresh = !stored_before && flushed.is_empty();
+    let again = stored_again::<M, _>(&folds, &flushed, stored_before, hasher());
     let mut c = db.client().await?;
     let tx = c.transaction().await?;
-    M::store_many(&tx, folds.into_values().collect(), fresh).await?;
+    store_split::<M, _>(&tx, folds.iter(), &again).await?;
     for r in &refused {
         db::record_error(&tx, name, r.seq, &r.subject, &r.error, &r.payload).await?;
     }

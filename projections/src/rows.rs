@@ -370,6 +370,19 @@ fn scrub(s: &mut String) {
     }
 }
 
+fn has_nul(s: &str) -> bool {
+    s.contains('\0')
+}
+
+fn json_has_nul(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::String(s) => has_nul(s),
+        serde_json::Value::Array(a) => a.iter().any(json_has_nul),
+        serde_json::Value::Object(m) => m.iter().any(|(k, v)| has_nul(k) || json_has_nul(v)),
+        _ => false,
+    }
+}
+
 fn scrub_json(v: &mut serde_json::Value) {
     match v {
         serde_json::Value::String(s) => scrub(s),
@@ -410,6 +423,28 @@ impl TaskRow {
             *e = (e.as_u64().unwrap_or(0) + ms * gpus).into();
         }
         self.gpu_ms = (!months.is_empty()).then_some(serde_json::Value::Object(months));
+    }
+
+    /// The row fit for PostgreSQL, copied only when a value holds a NUL
+    /// (the same values [`TaskRow::scrub`] mends).
+    pub(crate) fn scrubbed(&self) -> std::borrow::Cow<'_, TaskRow> {
+        let texts = [&self.project, &self.submitted_by].into_iter().chain(
+            [&self.name, &self.waiting_reason, &self.reason]
+                .into_iter()
+                .flatten(),
+        );
+        let json = std::iter::once(&self.spec).chain(
+            [&self.prepared, &self.preparing, &self.outputs]
+                .into_iter()
+                .flatten(),
+        );
+        if texts.into_iter().any(|s| has_nul(s)) || json.into_iter().any(json_has_nul) {
+            let mut row = self.clone();
+            row.scrub();
+            std::borrow::Cow::Owned(row)
+        } else {
+            std::borrow::Cow::Borrowed(self)
+        }
     }
 
     pub(crate) fn scrub(&mut self) {

@@ -197,8 +197,14 @@ async fn write_history(store: &EventStore, tasks: usize) -> Result<usize> {
             },
         ));
     }
+    // Finished tasks that hear of something late (a replay writes finished
+    // tasks early and must take them up again).
+    let mut late = Vec::new();
     for i in 0..tasks {
         let id = TaskId::new();
+        if i % 5 == 2 && i % 3 == 0 {
+            late.push(id);
+        }
         let node_id = nodes[i % 3];
         let at = 10_000 + i as i64;
         items.push(Event::Task(
@@ -261,6 +267,15 @@ async fn write_history(store: &EventStore, tasks: usize) -> Result<usize> {
                     reason: "stop".into(),
                 }),
             },
+        ));
+    }
+    for (k, id) in late.into_iter().enumerate() {
+        items.push(Event::Task(
+            id,
+            TaskEvent::Reprioritized(TaskReprioritized {
+                at: 900_000 + k as i64,
+                priority: 5,
+            }),
         ));
     }
     let n = items.len();
@@ -681,7 +696,8 @@ async fn nul_characters_from_events_do_not_stop_the_projection() -> Result<()> {
     assert!(labels.contains("zone\u{fffd}"), "{labels}");
     let tasks: i64 = c.query_one("SELECT count(*) FROM tasks", &[]).await?.get(0);
     assert_eq!(tasks, 6);
-    Ok(())
+    // A replay (rows copied in bulk, some flushed while reading) mends them alike.
+    assert_equal_to_replay(&env, &db).await
 }
 
 /// An audit compares the live tables with a replay of the events they had
