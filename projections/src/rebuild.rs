@@ -229,147 +229,165 @@ async fn replay<M: Model>(
         let q = format!("SELECT EXISTS (SELECT 1 FROM {})", M::TABLE);
         c.query_one(&q, &[]).await?.get::<_, bool>(0)
     };
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            deliver_policy: DeliverPolicy::ByStartSequence {
-                start_sequence: from + 1,
-            },
-            max_expires: streams::PULL_EXPIRES,
-            ..Default::default()
-        })
-        .await
-        .map_err(stream_err)?;
-    let messages = consumer.messages().await.map_err(stream_err)?;
-    let (batches, mut ready) = tokio::sync::mpsc::channel(READ_AHEAD);
-    let options = ProjectorOptions {
-        batch_max,
-        notify: false,
-        ..Default::default()
+    // An empty table is loaded faster without its secondary indexes: they
+    // are built once at the end, also when the replay fails.
+    let deferred = if stored_before {
+        Vec::new()
+    } else {
+        db::defer_indexes(&db.client().await?, db.schema(), M::TABLE).await?
     };
-    let _reader = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(read_batches(
-        messages, stream, from, options, batches,
-    )));
-    let hasher = foldhash::fast::RandomState::default;
-    let expected = usize::try_from(last - from).unwrap_or(usize::MAX);
-    let capacity = folds_max.min(expected);
-    let mut folds: HashMap<M::Key, M::Fold, _> =
-        HashMap::with_capacity_and_hasher(capacity, hasher());
-    // Aggregates written by an earlier flush of this replay.
-    let mut flushed: HashSet<M::Key, _> = HashSet::with_hasher(hasher());
-    // Settled aggregates folded since the last flush (some maybe twice).
-    let mut settled: Vec<M::Key> = Vec::new();
-    // The flush being written while reading goes on.
-    let mut writing: Option<Writing<M::Key, M::Fold, foldhash::fast::RandomState>> = None;
-    let mut refused: Vec<Refused> = Vec::new();
-    let mut read = from;
-    while read < last {
-        let batch = ready
-            .recv()
+    let loaded: Result<f64, ProjectionError> = async {
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: from + 1,
+                },
+                max_expires: streams::PULL_EXPIRES,
+                ..Default::default()
+            })
             .await
-            .ok_or_else(|| ProjectionError::Stream("consumer closed".into()))??;
-        let Some(end) = batch.raws.last().map(|r| r.seq) else {
-            continue;
+            .map_err(stream_err)?;
+        let messages = consumer.messages().await.map_err(stream_err)?;
+        let (batches, mut ready) = tokio::sync::mpsc::channel(READ_AHEAD);
+        let options = ProjectorOptions {
+            batch_max,
+            notify: false,
+            ..Default::default()
         };
-        let decoded: Vec<(u64, EventEnvelope)> = batch
-            .decoded
-            .into_iter()
-            .filter(|(seq, _)| *seq <= last)
-            .collect();
-        // Aggregates folded before but not in memory: taken from the flush
-        // being written, or loaded from what earlier flushes wrote.
-        let mut missing: Vec<uuid::Uuid> = Vec::new();
-        for k in keys_of::<M>(&decoded) {
-            if folds.contains_key(&k) || !(stored_before || flushed.contains(&k)) {
+        let _reader = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(read_batches(
+            messages, stream, from, options, batches,
+        )));
+        let hasher = foldhash::fast::RandomState::default;
+        let expected = usize::try_from(last - from).unwrap_or(usize::MAX);
+        let capacity = folds_max.min(expected);
+        let mut folds: HashMap<M::Key, M::Fold, _> =
+            HashMap::with_capacity_and_hasher(capacity, hasher());
+        // Aggregates written by an earlier flush of this replay.
+        let mut flushed: HashSet<M::Key, _> = HashSet::with_hasher(hasher());
+        // Settled aggregates folded since the last flush (some maybe twice).
+        let mut settled: Vec<M::Key> = Vec::new();
+        // The flush being written while reading goes on.
+        let mut writing: Option<Writing<M::Key, M::Fold, foldhash::fast::RandomState>> = None;
+        let mut refused: Vec<Refused> = Vec::new();
+        let mut read = from;
+        while read < last {
+            let batch = ready
+                .recv()
+                .await
+                .ok_or_else(|| ProjectionError::Stream("consumer closed".into()))??;
+            let Some(end) = batch.raws.last().map(|r| r.seq) else {
                 continue;
-            }
-            match writing.as_ref().and_then(|w| w.folds.get(&k)) {
-                Some(f) => {
-                    folds.insert(k, f.clone());
-                }
-                None => missing.push(M::uuid(k)),
-            }
-        }
-        if !missing.is_empty() {
-            let mut c = db.client().await?;
-            let tx = c.transaction().await?;
-            for f in M::load(&tx, &missing).await? {
-                folds.insert(M::key_of(&f), f);
-            }
-            tx.commit().await?;
-        }
-        let (touched, failures) = fold_into::<M, _>(&mut folds, &decoded);
-        settled.extend(
-            touched
+            };
+            let decoded: Vec<(u64, EventEnvelope)> = batch
+                .decoded
                 .into_iter()
-                .filter(|k| folds.get(k).is_some_and(M::settled)),
-        );
-        if M::EACH {
-            M::apply_each(&db.client().await?, &decoded).await?;
-        }
-        let why = batch
-            .undecodable
-            .into_iter()
-            .chain(failures)
-            .filter(|(seq, _)| *seq <= last);
-        for (seq, error) in why {
-            if let Some(r) = batch.raws.iter().find(|r| r.seq == seq) {
-                warn!(stream = name, seq, error = %error, "event not applicable; recorded");
-                refused.push(Refused {
-                    seq,
-                    subject: r.subject.to_string(),
-                    error,
-                    payload: r.payload.clone(),
-                });
+                .filter(|(seq, _)| *seq <= last)
+                .collect();
+            // Aggregates folded before but not in memory: taken from the flush
+            // being written, or loaded from what earlier flushes wrote.
+            let mut missing: Vec<uuid::Uuid> = Vec::new();
+            for k in keys_of::<M>(&decoded) {
+                if folds.contains_key(&k) || !(stored_before || flushed.contains(&k)) {
+                    continue;
+                }
+                match writing.as_ref().and_then(|w| w.folds.get(&k)) {
+                    Some(f) => {
+                        folds.insert(k, f.clone());
+                    }
+                    None => missing.push(M::uuid(k)),
+                }
             }
-        }
-        read = end.min(last);
-        // Written on a task of its own while reading goes on: every
-        // aggregate when memory is full, else the settled ones once there
-        // are enough of them and the last flush is done.
-        let full = folds.len() >= folds_max;
-        let due = settled.len() >= settled_flush(folds_max)
-            && writing.as_ref().is_none_or(|w| w.done.is_finished());
-        if read < last && (full || due) {
-            // One flush at a time: each is committed before the next, so
-            // what a later one writes of an aggregate is what stays.
-            if let Some(w) = writing.take() {
-                w.finish().await?;
+            if !missing.is_empty() {
+                let mut c = db.client().await?;
+                let tx = c.transaction().await?;
+                for f in M::load(&tx, &missing).await? {
+                    folds.insert(M::key_of(&f), f);
+                }
+                tx.commit().await?;
             }
-            let out: HashMap<M::Key, M::Fold, _> = if full {
-                settled.clear();
-                std::mem::replace(
-                    &mut folds,
-                    HashMap::with_capacity_and_hasher(capacity, hasher()),
-                )
-            } else {
-                let mut out = HashMap::with_capacity_and_hasher(settled.len(), hasher());
-                for k in settled.drain(..) {
-                    if folds.get(&k).is_some_and(M::settled) {
-                        if let Some(f) = folds.remove(&k) {
-                            out.insert(k, f);
+            let (touched, failures) = fold_into::<M, _>(&mut folds, &decoded);
+            settled.extend(
+                touched
+                    .into_iter()
+                    .filter(|k| folds.get(k).is_some_and(M::settled)),
+            );
+            if M::EACH {
+                M::apply_each(&db.client().await?, &decoded).await?;
+            }
+            let why = batch
+                .undecodable
+                .into_iter()
+                .chain(failures)
+                .filter(|(seq, _)| *seq <= last);
+            for (seq, error) in why {
+                if let Some(r) = batch.raws.iter().find(|r| r.seq == seq) {
+                    warn!(stream = name, seq, error = %error, "event not applicable; recorded");
+                    refused.push(Refused {
+                        seq,
+                        subject: r.subject.to_string(),
+                        error,
+                        payload: r.payload.clone(),
+                    });
+                }
+            }
+            read = end.min(last);
+            // Written on a task of its own while reading goes on: every
+            // aggregate when memory is full, else the settled ones once there
+            // are enough of them and the last flush is done.
+            let full = folds.len() >= folds_max;
+            let due = settled.len() >= settled_flush(folds_max)
+                && writing.as_ref().is_none_or(|w| w.done.is_finished());
+            if read < last && (full || due) {
+                // One flush at a time: each is committed before the next, so
+                // what a later one writes of an aggregate is what stays.
+                if let Some(w) = writing.take() {
+                    w.finish().await?;
+                }
+                let out: HashMap<M::Key, M::Fold, _> = if full {
+                    settled.clear();
+                    std::mem::replace(
+                        &mut folds,
+                        HashMap::with_capacity_and_hasher(capacity, hasher()),
+                    )
+                } else {
+                    let mut out = HashMap::with_capacity_and_hasher(settled.len(), hasher());
+                    for k in settled.drain(..) {
+                        if folds.get(&k).is_some_and(M::settled) {
+                            if let Some(f) = folds.remove(&k) {
+                                out.insert(k, f);
+                            }
                         }
                     }
-                }
-                out
-            };
-            let again = stored_again::<M, _>(&out, &flushed, stored_before, hasher());
-            flushed.extend(out.keys().copied());
-            writing = Some(Writing::start::<M>(db.clone(), out, again));
+                    out
+                };
+                let again = stored_again::<M, _>(&out, &flushed, stored_before, hasher());
+                flushed.extend(out.keys().copied());
+                writing = Some(Writing::start::<M>(db.clone(), out, again));
+            }
         }
+        if let Some(w) = writing.take() {
+            w.finish().await?;
+        }
+        let read = start.elapsed().as_secs_f64();
+        let again = stored_again::<M, _>(&folds, &flushed, stored_before, hasher());
+        let mut c = db.client().await?;
+        let tx = c.transaction().await?;
+        store_split::<M, _>(&tx, folds.iter(), &again).await?;
+        for r in &refused {
+            db::record_error(&tx, name, r.seq, &r.subject, &r.error, &r.payload).await?;
+        }
+        db::advance_checkpoint(&tx, name, from, last).await?;
+        tx.commit().await?;
+        Ok(read)
     }
-    if let Some(w) = writing.take() {
-        w.finish().await?;
-    }
-    let read = start.elapsed().as_secs_f64();
-    let again = stored_again::<M, _>(&folds, &flushed, stored_before, hasher());
-    let mut c = db.client().await?;
-    let tx = c.transaction().await?;
-    store_split::<M, _>(&tx, folds.iter(), &again).await?;
-    for r in &refused {
-        db::record_error(&tx, name, r.seq, &r.subject, &r.error, &r.payload).await?;
-    }
-    db::advance_checkpoint(&tx, name, from, last).await?;
-    tx.commit().await?;
+    .await;
+    let built = if deferred.is_empty() {
+        Ok(())
+    } else {
+        db::create_indexes(&db.client().await?, &deferred).await
+    };
+    let read = loaded?;
+    built?;
     Ok(Took {
         read,
         write: start.elapsed().as_secs_f64() - read,

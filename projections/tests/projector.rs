@@ -360,6 +360,22 @@ async fn assert_equal_to_replay(env: &Env, live: &Db) -> Result<()> {
             .map(|r| (r.get(0), r.get(1), r.get(2)))
             .collect();
         assert_eq!(got, want, "errors recorded by a replay into {schema}");
+        // The replay builds the indexes it put off once its rows are in.
+        let indexes = |s: &str| {
+            format!(
+                "SELECT tablename, indexname, replace(indexdef, ' {s}.', ' ') FROM pg_indexes
+                  WHERE schemaname = '{s}' ORDER BY tablename, indexname"
+            )
+        };
+        let index_rows = |rows: Vec<tokio_postgres::Row>| -> Vec<(String, String, String)> {
+            rows.iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect()
+        };
+        let want = index_rows(c.query(&indexes(live.schema()), &[]).await?);
+        let got = index_rows(c.query(&indexes(schema), &[]).await?);
+        assert!(want.iter().any(|i| i.1 == "tasks_state_id"), "{want:?}");
+        assert_eq!(got, want, "indexes after a replay into {schema}");
     }
     Ok(())
 }
