@@ -154,9 +154,9 @@ pub(crate) async fn advance_checkpoint(
     }
 }
 
-/// Drops `table`'s indexes that no constraint needs, and says how to
-/// create them again: rows loaded in bulk into an empty table go in faster
-/// without them, and each is built once afterwards.
+/// Drops `table`'s indexes that no constraint needs, all at once, and says
+/// how to create them again: rows loaded in bulk into an empty table go in
+/// faster without them, and each is built once afterwards.
 pub(crate) async fn defer_indexes(
     c: &impl GenericClient,
     schema: &str,
@@ -164,19 +164,22 @@ pub(crate) async fn defer_indexes(
 ) -> Result<Vec<String>, ProjectionError> {
     let rows = c
         .query(
-            "SELECT x.relname, pg_get_indexdef(i.indexrelid)
-               FROM pg_index i JOIN pg_class x ON x.oid = i.indexrelid
-              WHERE i.indrelid = to_regclass($1) AND NOT i.indisunique",
+            "SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid)
+               FROM pg_index i
+              WHERE i.indrelid = to_regclass($1) AND NOT i.indisunique AND NOT i.indisexclusion
+                AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid)",
             &[&format!("{schema}.{table}")],
         )
         .await?;
-    let mut defs = Vec::with_capacity(rows.len());
-    for r in rows {
-        let (name, def): (String, String) = (r.get(0), r.get(1));
-        c.batch_execute(&format!("DROP INDEX {schema}.\"{name}\""))
-            .await?;
-        defs.push(def);
+    if rows.is_empty() {
+        return Ok(Vec::new());
     }
+    let (names, defs): (Vec<String>, Vec<String>) =
+        rows.iter().map(|r| (r.get(0), r.get(1))).unzip();
+    // Qualified and quoted as PostgreSQL names them (the schema is on the
+    // connection's search path).
+    c.batch_execute(&format!("DROP INDEX {}", names.join(", ")))
+        .await?;
     Ok(defs)
 }
 

@@ -31,7 +31,8 @@ pub struct StreamReplay {
     pub last_seq: u64,
     /// Seconds spent reading and folding the events.
     pub read_seconds: f64,
-    /// Seconds spent writing the rows (the last write; earlier flushes count as reading).
+    /// Seconds spent writing the rows after the reading (the last flush and
+    /// building the indexes; flushes while reading count as reading).
     pub write_seconds: f64,
 }
 
@@ -113,7 +114,8 @@ async fn replay_until(
     Ok(out)
 }
 
-/// Most aggregates a replay holds in memory before it writes them.
+/// Most aggregates a replay folds in memory before it writes them all; as
+/// many more may be held meanwhile by the flush being written.
 pub const REPLAY_FOLDS: usize = 200_000;
 
 /// How many settled aggregates a replay gathers before it writes them: a
@@ -156,8 +158,8 @@ struct Took {
 }
 
 /// Aggregates a replay flushes to the database on a task of their own while
-/// it goes on reading; until they are committed, an aggregate among them
-/// that comes up again is copied from here.
+/// it goes on reading; until the next flush, an aggregate among them that
+/// comes up again is copied from here.
 struct Writing<K, F, S> {
     folds: std::sync::Arc<HashMap<K, F, S>>,
     done: tokio_util::task::AbortOnDropHandle<Result<(), ProjectionError>>,
@@ -230,7 +232,9 @@ async fn replay<M: Model>(
         c.query_one(&q, &[]).await?.get::<_, bool>(0)
     };
     // An empty table is loaded faster without its secondary indexes: they
-    // are built once at the end, also when the replay fails.
+    // are built once at the end, also when the replay fails (not when it
+    // panics or is dropped: a replay's schema is then partial anyway, and
+    // the next replay makes it again).
     let deferred = if stored_before {
         Vec::new()
     } else {
@@ -384,7 +388,7 @@ async fn replay<M: Model>(
     let built = if deferred.is_empty() {
         Ok(())
     } else {
-        db::create_indexes(&db.client().await?, &deferred).await
+        async { db::create_indexes(&db.client().await?, &deferred).await }.await
     };
     let read = loaded?;
     built?;
