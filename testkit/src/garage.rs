@@ -157,6 +157,14 @@ impl Garage {
         Ok((bucket.to_owned(), id, secret))
     }
 
+    /// Whether the server stopped on its own, with its log: a test that
+    /// then fails says why the object store went away.
+    fn exited(&mut self) -> Option<String> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        let log = std::fs::read_to_string(self.dir.path().join("garage.log")).unwrap_or_default();
+        Some(format!("garage exited ({status}):\n{log}"))
+    }
+
     /// Runs a garage CLI command against this server; returns its stdout.
     pub async fn cli(&self, args: &[&str]) -> Result<String> {
         let out = Command::new(garage_binary())
@@ -202,6 +210,14 @@ impl Garage {
                 bail!("garage was not healthy within 30 s of its restart");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Garage {
+    fn drop(&mut self) {
+        if let Some(why) = self.exited() {
+            eprintln!("{why}");
         }
     }
 }
