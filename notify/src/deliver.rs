@@ -144,11 +144,18 @@ impl Hooks {
         let all = view.as_ref()?;
         Some(
             all.values()
-                .filter(|h| project.is_none_or(|p| h.project == p))
-                .filter(|h| h.events.iter().any(|e| e == event_type))
+                .filter(|h| asks(h, project, event_type))
                 .cloned()
                 .collect(),
         )
+    }
+
+    /// Whether no webhook of any project asks for `event_type` (`false`
+    /// while the view is not ready), without copying any.
+    fn none_asks(&self, event_type: &str) -> bool {
+        let view = self.0.read().unwrap_or_else(|e| e.into_inner());
+        view.as_ref()
+            .is_some_and(|all| !all.values().any(|h| asks(h, None, event_type)))
     }
 
     fn set(&self, view: Option<BTreeMap<String, WebhookRecord>>) {
@@ -202,6 +209,11 @@ impl Hooks {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
+}
+
+/// Whether `hook` is of `project` (`None`: any) and asks for `event_type`.
+fn asks(hook: &WebhookRecord, project: Option<&str>, event_type: &str) -> bool {
+    project.is_none_or(|p| hook.project == p) && hook.events.iter().any(|e| e == event_type)
 }
 
 /// Why a try did not deliver: the receiver's status, if it answered, and
@@ -425,7 +437,7 @@ impl Sources {
             return Ok(hooks);
         }
         let mut hooks = project_hooks(&self.hooks, project).await?;
-        hooks.retain(|h| h.events.iter().any(|e| e == event_type));
+        hooks.retain(|h| asks(h, project, event_type));
         Ok(hooks)
     }
 }
@@ -517,11 +529,7 @@ async fn handle(
         return Ok(());
     };
     // No webhook of any project asks for it: nothing to read.
-    if src
-        .view
-        .asking(None, &event_type)
-        .is_some_and(|h| h.is_empty())
-    {
+    if src.view.none_asks(&event_type) {
         return Ok(());
     }
     let Some((happened, project)) = happened(src, seq, env, event_type).await? else {
@@ -731,6 +739,13 @@ mod tests {
         assert_eq!(names(view.asking(Some("a"), "task.failed")), ["one"]);
         assert_eq!(names(view.asking(None, "node.offline")), ["two"]);
         assert_eq!(view.asking(None, "task.succeeded"), Some(vec![]));
+        assert!(view.none_asks("task.succeeded"));
+        assert!(!view.none_asks("node.offline"));
+        view.set(None);
+        assert!(
+            !view.none_asks("task.succeeded"),
+            "not ready: the bucket is read"
+        );
     }
 
     #[test]

@@ -160,29 +160,27 @@ struct Took {
 /// Aggregates a replay flushes to the database on a task of their own while
 /// it goes on reading; until the next flush, an aggregate among them that
 /// comes up again is copied from here.
-struct Writing<K, F, S> {
-    folds: std::sync::Arc<HashMap<K, F, S>>,
+struct Writing<M: Model> {
+    folds: std::sync::Arc<HashMap<M::Key, M::Fold, Hasher>>,
     done: tokio_util::task::AbortOnDropHandle<Result<(), ProjectionError>>,
 }
 
-impl<K, F, S> Writing<K, F, S>
-where
-    K: std::hash::Hash + Eq + Send + Sync + 'static,
-    F: Send + Sync + 'static,
-    S: std::hash::BuildHasher + Send + Sync + 'static,
-{
+/// The replay's hash for its maps of aggregates.
+type Hasher = foldhash::fast::RandomState;
+
+impl<M: Model> Writing<M> {
     /// Starts writing `folds`; those in `again` may be stored already.
-    fn start<M: Model<Key = K, Fold = F>>(
+    fn start(
         db: Db,
-        folds: HashMap<K, F, S>,
-        again: HashSet<K, S>,
+        folds: HashMap<M::Key, M::Fold, Hasher>,
+        again: HashSet<M::Key, Hasher>,
     ) -> Self {
         let folds = std::sync::Arc::new(folds);
         let writing = folds.clone();
         let done = tokio::spawn(async move {
             let mut c = db.client().await?;
             let tx = c.transaction().await?;
-            store_split::<M, S>(&tx, writing.iter(), &again).await?;
+            store_split::<M, Hasher>(&tx, writing.iter(), &again).await?;
             tx.commit().await?;
             Ok(())
         });
@@ -261,7 +259,7 @@ async fn replay<M: Model>(
         let _reader = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(read_batches(
             messages, stream, from, options, batches,
         )));
-        let hasher = foldhash::fast::RandomState::default;
+        let hasher = Hasher::default;
         let expected = usize::try_from(last - from).unwrap_or(usize::MAX);
         let capacity = folds_max.min(expected);
         let mut folds: HashMap<M::Key, M::Fold, _> =
@@ -271,7 +269,7 @@ async fn replay<M: Model>(
         // Settled aggregates folded since the last flush (some maybe twice).
         let mut settled: Vec<M::Key> = Vec::new();
         // The flush being written while reading goes on.
-        let mut writing: Option<Writing<M::Key, M::Fold, foldhash::fast::RandomState>> = None;
+        let mut writing: Option<Writing<M>> = None;
         let mut refused: Vec<Refused> = Vec::new();
         let mut read = from;
         while read < last {
@@ -366,7 +364,7 @@ async fn replay<M: Model>(
                 };
                 let again = stored_again::<M, _>(&out, &flushed, stored_before, hasher());
                 flushed.extend(out.keys().copied());
-                writing = Some(Writing::start::<M>(db.clone(), out, again));
+                writing = Some(Writing::start(db.clone(), out, again));
             }
         }
         if let Some(w) = writing.take() {
