@@ -1,7 +1,7 @@
 //! `ud-bench lifecycle`: the whole task lifecycle on real servers — REST
 //! submit, scheduler placement, dispatch through JetStream to the node's leaf
 //! server, the node's `started` and `succeeded` reported through its own
-//! stream that the hub sources, ingest, and the PostgreSQL projection.
+//! stream and forwarded to the hub, ingest, and the PostgreSQL projection.
 //!
 //! The nodes are simulated agents speaking the real protocol over real links:
 //! each has its own leaf nats-server (its own JetStream domain and

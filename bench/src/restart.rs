@@ -5,11 +5,11 @@
 //!
 //! Every node's link is a real leaf-node connection with that node's own
 //! credentials and allow-lists, and every node reports into its own stream
-//! that the hub sources, as a real agent does. To fit one small machine, a
-//! few simulator nats-servers carry all the nodes: one remote and one
-//! account per node, the account's JetStream reachable under the node's own
-//! domain prefix (`$JS.n<hex>.API`) by a subject mapping, instead of one leaf
-//! server per node. A leaf server has one reconnect interval for all its
+//! and forwards from it to the hub, as a real agent does. To fit one small
+//! machine, a few simulator nats-servers carry all the nodes: one remote and
+//! one account per node, the account's JetStream also under the node's own
+//! domain prefix (`$JS.n<hex>.API`) by a subject mapping, instead of one
+//! leaf server per node. A leaf server has one reconnect interval for all its
 //! remotes, so with `--reconnect spread` the nodes are grouped by the
 //! interval their own leaf servers would have (one simulator per second of
 //! it); `--reconnect fixed` puts them all on one at 1 s, for comparison. The simulated agents run in a child process, so the CPU figure is
@@ -404,7 +404,7 @@ pub fn sim_heartbeat() -> Report {
 
 async fn agent(url: String, i: usize, node: NodeId, interval: Duration, offset: Duration) {
     let mut attempt = 0;
-    let (reporter, client) = loop {
+    let (reporter, local, client) = loop {
         match start_agent(&url, i, node).await {
             Ok(started) => break started,
             Err(e) => {
@@ -414,17 +414,8 @@ async fn agent(url: String, i: usize, node: NodeId, interval: Duration, offset: 
             }
         }
     };
-    // As the agent does: asks the hub to source the node's stream again
-    // when its reports wait unsourced.
-    let requests = ud_edge_agent::requests::Requests {
-        client: client.clone(),
-        node,
-    };
-    tokio::spawn(ud_edge_agent::sourcing::keep(
-        async_nats::jetstream::new(client),
-        node,
-        requests,
-    ));
+    // As the agent does: forwards the node's reports to the hub.
+    tokio::spawn(ud_edge_agent::forward::keep(local, client, node));
     tokio::time::sleep(offset).await;
     let mut tick = tokio::time::interval(interval);
     loop {
@@ -435,21 +426,28 @@ async fn agent(url: String, i: usize, node: NodeId, interval: Duration, offset: 
     }
 }
 
-/// Connects as the node's user, makes its own stream and registers it.
+/// Connects as the node's user (as the agent does, its own stream through
+/// a connection of its own), makes its own stream and registers it.
 async fn start_agent(
     url: &str,
     i: usize,
     node: NodeId,
-) -> Result<(ud_edge_agent::Reporter, async_nats::Client)> {
-    let client = async_nats::ConnectOptions::with_user_and_password(format!("n{i}"), "x".into())
-        .custom_inbox_prefix(edge::inbox_prefix(&node))
-        .connect(url)
-        .await?;
-    let local = async_nats::jetstream::new(client.clone());
+) -> Result<(
+    ud_edge_agent::Reporter,
+    async_nats::jetstream::Context,
+    async_nats::Client,
+)> {
+    let connect = |inbox: String| {
+        async_nats::ConnectOptions::with_user_and_password(format!("n{i}"), "x".into())
+            .custom_inbox_prefix(inbox)
+            .connect(url)
+    };
+    let client = connect(edge::inbox_prefix(&node)).await?;
+    let local = async_nats::jetstream::new(connect(edge::local_inbox_prefix(&node)).await?);
     ud_edge_agent::ensure_local(&local, &node)
         .await
         .map_err(|e| anyhow!("{e}"))?;
-    let reporter = ud_edge_agent::Reporter::new(node, local);
+    let reporter = ud_edge_agent::Reporter::new(node, local.clone());
     reporter
         .send(Report::Registered(NodeRegistered {
             at: now_millis(),
@@ -459,5 +457,5 @@ async fn start_agent(
         }))
         .await
         .map_err(|e| anyhow!("{e}"))?;
-    Ok((reporter, client))
+    Ok((reporter, local, client))
 }

@@ -47,16 +47,26 @@ async fn sim_agent(
     finish: bool,
     beats_to: tokio::sync::oneshot::Sender<ud_edge_agent::Reporter>,
 ) -> Result<()> {
-    let client =
+    let connect = |inbox: String| {
         async_nats::ConnectOptions::with_user_and_password("agent".into(), "agent-pw".into())
-            .custom_inbox_prefix(edge::inbox_prefix(&node))
-            .connect(leaf_url)
-            .await?;
-    let local = async_nats::jetstream::with_domain(client.clone(), edge::domain(&node));
+            .custom_inbox_prefix(inbox)
+            .connect(leaf_url.clone())
+    };
+    // As the agent does: its own stream through a connection of its own.
+    let client = connect(edge::inbox_prefix(&node)).await?;
+    let local = async_nats::jetstream::with_domain(
+        connect(edge::local_inbox_prefix(&node)).await?,
+        edge::domain(&node),
+    );
     let hub = async_nats::jetstream::with_domain(client.clone(), edge::HUB_DOMAIN);
     ud_edge_agent::ensure_local(&local, &node)
         .await
         .map_err(|e| anyhow!("{e}"))?;
+    // As the agent does: forwards the node's reports to the hub; ends
+    // with the simulated agent.
+    let _forward = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
+        ud_edge_agent::forward::keep(local.clone(), client.clone(), node),
+    ));
     let reporter = ud_edge_agent::Reporter::new(node, local);
     reporter
         .send(Report::Registered(NodeRegistered {
@@ -75,16 +85,6 @@ async fn sim_agent(
         .await
         .map_err(|e| anyhow!("{e}"))?;
     let _ = beats_to.send(reporter.clone());
-    // As the agent does: asks the hub to source the node's stream again
-    // when its reports wait unsourced; ends with the simulated agent.
-    let requests = ud_edge_agent::requests::Requests {
-        client: client.clone(),
-        node,
-    };
-    let local = async_nats::jetstream::with_domain(client.clone(), edge::domain(&node));
-    let _sourcing = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
-        ud_edge_agent::sourcing::keep(local, node, requests),
-    ));
     loop {
         // The hub makes the node's consumer shortly after enrolment: retry until it is there.
         let consumer: async_nats::jetstream::consumer::PullConsumer = match hub

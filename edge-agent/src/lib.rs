@@ -1,8 +1,8 @@
 //! The compute-node agent. It talks only to its local leaf nats-server:
 //! reports go into the node's own stream (kept while the uplink is down, then
-//! sourced by the hub), dispatches are pulled from the hub through the leaf.
+//! forwarded to the hub), dispatches are pulled from the hub through the leaf.
 //!
-//! * [`reporter`]: what the node reports;
+//! * [`reporter`]: what the node reports; [`forward`]: how it reaches the hub;
 //! * `dispatch`: the runs and cancels the hub sends;
 //! * `run`: one run, from its preparation to its outcome;
 //! * [`runtime`]: where runs execute, [`docker`] containers or [`k8s`] Pods;
@@ -12,6 +12,7 @@
 pub mod boot;
 pub mod docker;
 pub mod env;
+pub mod forward;
 pub mod gpus;
 pub mod info;
 pub mod k8s;
@@ -19,7 +20,6 @@ pub mod reporter;
 pub mod requests;
 pub mod runtime;
 pub mod shared;
-pub mod sourcing;
 pub mod transfer;
 
 mod tunnel;
@@ -31,7 +31,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, stream};
+use async_nats::jetstream::{self, stream};
 use tokio::sync::{oneshot, Mutex};
 use tracing::{info, warn};
 use ud_schemas::dispatch::DispatchCancel;
@@ -136,7 +136,7 @@ pub fn reconnect_delay(attempt: usize) -> Duration {
     Duration::from_millis(rand::random::<u64>() % (exp + 1))
 }
 
-/// Creates the node's own stream and the consumer the hub sources it through.
+/// Creates the node's own stream and the consumer its reports are forwarded through.
 pub async fn ensure_local(local: &jetstream::Context, node: &NodeId) -> Result<(), AgentError> {
     local
         .get_or_create_stream(stream::Config {
@@ -148,24 +148,8 @@ pub async fn ensure_local(local: &jetstream::Context, node: &NodeId) -> Result<(
         })
         .await
         .map_err(nats)?;
-    // The node owns the consumer the hub sources through, so that sourcing
-    // resumes within seconds after the link returns.
     let s = local.get_stream(edge::stream(node)).await.map_err(nats)?;
-    s.get_or_create_consumer(
-        edge::SOURCE_CONSUMER,
-        consumer::push::Config {
-            durable_name: Some(edge::SOURCE_CONSUMER.into()),
-            deliver_subject: edge::deliver_subject(node),
-            ack_policy: consumer::AckPolicy::FlowControl,
-            flow_control: true,
-            idle_heartbeat: Duration::from_secs(1),
-            max_ack_pending: 10_000,
-            ..Default::default()
-        },
-    )
-    .await
-    .map_err(nats)?;
-    Ok(())
+    forward::ensure_consumer(&s).await
 }
 
 /// The runs this node has, each with its attempt and where its cancel goes.
@@ -226,21 +210,36 @@ async fn usable_gpus(cfg: &AgentConfig, docker: &docker::Executor) -> gpus::Dete
 pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let node = cfg.node_id;
     let addr: async_nats::ServerAddr = cfg.leaf_url.parse().map_err(AgentError::LeafUrl)?;
-    let options = match (addr.username(), addr.password()) {
-        (Some(u), Some(p)) => {
-            async_nats::ConnectOptions::with_user_and_password(u.to_owned(), p.to_owned())
-        }
-        _ => async_nats::ConnectOptions::new(),
+    let connect = |name: String, inbox: String| {
+        let options = match (addr.username(), addr.password()) {
+            (Some(u), Some(p)) => {
+                async_nats::ConnectOptions::with_user_and_password(u.to_owned(), p.to_owned())
+            }
+            _ => async_nats::ConnectOptions::new(),
+        };
+        options
+            .name(name)
+            .custom_inbox_prefix(inbox)
+            .retry_on_initial_connect()
+            .reconnect_delay_callback(reconnect_delay)
+            .connect(addr.clone())
     };
-    let client = options
-        .name(format!("unidesk-edge-{}", cfg.name))
-        .custom_inbox_prefix(edge::inbox_prefix(&node))
-        .retry_on_initial_connect()
-        .reconnect_delay_callback(reconnect_delay)
-        .connect(addr)
-        .await
-        .map_err(nats)?;
-    let local = jetstream::with_domain(client.clone(), edge::domain(&node));
+    // Answers from the hub come to the node's own inbox prefix; the node's
+    // own stream is worked through another connection whose inboxes the hub
+    // does not allow, so its leaf server keeps that interest to itself.
+    let client = connect(
+        format!("unidesk-edge-{}", cfg.name),
+        edge::inbox_prefix(&node),
+    )
+    .await
+    .map_err(nats)?;
+    let local_client = connect(
+        format!("unidesk-edge-{}-local", cfg.name),
+        edge::local_inbox_prefix(&node),
+    )
+    .await
+    .map_err(nats)?;
+    let local = jetstream::with_domain(local_client, edge::domain(&node));
     let hub = jetstream::with_domain(client.clone(), edge::HUB_DOMAIN);
     ensure_local(&local, &node).await?;
     let requests = requests::Requests {
@@ -291,7 +290,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
             (runtime, Some(docker), Some(versions), found, resources)
         }
     };
-    let local_for_watch = local.clone();
+    let local_for_forward = local.clone();
     let agent = Agent {
         reporter: Reporter::new(node, local),
         transfers: transfer::Transfers::new(requests.clone()),
@@ -307,6 +306,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     };
     // Everything the agent starts ends with it.
     let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(forward::keep(local_for_forward, client.clone(), node));
 
     agent
         .reporter
@@ -324,11 +324,6 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         run::adopt(&agent, adopted, &mut tasks).await;
     }
     tasks.spawn(heartbeats(agent.clone()));
-    tasks.spawn(sourcing::keep(
-        local_for_watch,
-        node,
-        agent.requests.clone(),
-    ));
     tasks.spawn(serve_tunnels(client.clone(), agent.clone()));
     loop {
         // Bind again after any failure: leaf links have been seen to lose

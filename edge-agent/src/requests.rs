@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::{de::DeserializeOwned, Serialize};
 use ud_schemas::dispatch::{
     self, AssignmentCheck, AssignmentReply, GitCredentialsReply, GitCredentialsRequest,
-    SecretsReply, SecretsRequest, SourcingReply, SourcingStalled, StorageReply, StorageRequest,
+    SecretsReply, SecretsRequest, StorageReply, StorageRequest,
 };
 use ud_schemas::{edge, NodeId, TaskId};
 
@@ -71,16 +71,6 @@ impl Requests {
         };
         self.ask(edge::secrets_subject(&self.node), &q, "secrets-reply")
             .await
-    }
-
-    /// Tells the main server the hub is not taking this node's reports.
-    pub async fn sourcing(&self, stalled: &SourcingStalled) -> Result<SourcingReply, String> {
-        self.ask(
-            edge::sourcing_subject(&self.node),
-            stalled,
-            "sourcing-reply",
-        )
-        .await
     }
 
     /// Presigned URLs (or the outcome) for moving one task's files.

@@ -187,26 +187,6 @@ pub struct AssignmentReply {
     pub reason: Option<String>,
 }
 
-/// A node's reports wait in its stream and the hub is not taking them (no
-/// one bound to its source consumer, or nothing acknowledged for long):
-/// request/reply on `ud.sourcing.<node_id>` (CDDL rules `sourcing-stalled`,
-/// `sourcing-reply`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SourcingStalled {
-    /// Reports in the node's stream the hub has not yet taken.
-    pub pending: u64,
-    /// Whether the hub's side is bound to the node's source consumer.
-    pub bound: bool,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SourcingReply {
-    /// The hub set up its source of the node's stream again.
-    pub restarted: bool,
-    /// Why not, when it did not.
-    pub reason: Option<String>,
-}
-
 /// A node asks for what it needs to move one task's files: request/reply on
 /// `ud.storage.<node_id>`, answered only for a task assigned to that node,
 /// with presigned URLs that name one object and one method and expire in

@@ -4,10 +4,11 @@
 //! | --- | --- |
 //! | the leaf's JetStream domain | `n<hex>` (hex = node id without dashes) |
 //! | the leaf's event stream | `EDGE_<hex>`, subjects `ud.edge.<node_id>.>` |
-//! | its durable source consumer | `hub`, delivering to `ud.deliver.<node_id>.events` |
-//! | the hub stream sourcing all nodes | `UD_EDGE_IN` |
+//! | its durable forward consumer | `hub` (pull), read by the node's agent |
+//! | what the agent forwards each report to | `ud.deliver.<node_id>.<rest>` for `ud.edge.<node_id>.<rest>` |
+//! | the hub stream taking all nodes' reports | `UD_EDGE_IN`, subjects `ud.deliver.*.>` stored as `ud.edge.<node_id>.<rest>` |
 //! | dispatches to the node | stream `UD_DISPATCH`, subjects `ud.dispatch.<node_id>.<task_id>.<kind>`, pull consumer `node_<hex>` |
-//! | the agent's inbox prefix | `_INBOX.<hex>` |
+//! | the agent's inbox prefix | `_INBOX.<hex>` (answers from the hub), `_LOCAL.<hex>` (its own leaf's JetStream) |
 //! | tunnel frames to the node | `ud.tunnel.<node_id>.to.<connection>` (core NATS) |
 //! | tunnel frames from the node | `ud.tunnel.<node_id>.from.<connection>` (core NATS) |
 //!
@@ -20,7 +21,9 @@ use crate::ids::NodeId;
 
 pub const EDGE_IN: &str = "UD_EDGE_IN";
 pub const DISPATCH: &str = "UD_DISPATCH";
-pub const SOURCE_CONSUMER: &str = "hub";
+/// The durable pull consumer on a node's stream through which its agent
+/// forwards reports to the hub.
+pub const FORWARD_CONSUMER: &str = "hub";
 pub const HUB_DOMAIN: &str = "hub";
 
 pub fn hex(node: &NodeId) -> String {
@@ -39,8 +42,33 @@ pub fn stream_subjects(node: &NodeId) -> String {
     format!("ud.edge.{node}.>")
 }
 
-pub fn deliver_subject(node: &NodeId) -> String {
-    format!("ud.deliver.{node}.events")
+/// What every subject a node forwards to the hub starts with.
+pub const FORWARD_PREFIX: &str = "ud.deliver.";
+
+/// The subject a node forwards its report on `ud.edge.<node_id>.<rest>`
+/// to: `ud.deliver.<node_id>.<rest>`. Its permissions on the hub allow only
+/// its own id there, and `UD_EDGE_IN` stores it back under the report's
+/// subject, so the node a stored report names is the node that sent it.
+pub fn forward_subject(report: &str) -> Option<String> {
+    report
+        .strip_prefix(REPORT_PREFIX)
+        .map(|rest| format!("{FORWARD_PREFIX}{rest}"))
+}
+
+/// Everything one node may forward: `ud.deliver.<node_id>.>`.
+pub fn forward_filter(node: &NodeId) -> String {
+    format!("{FORWARD_PREFIX}{node}.>")
+}
+
+/// Header of a forwarded report: its sequence in the node's stream.
+pub const ORIGIN_SEQ: &str = "Ud-Origin-Seq";
+
+/// The inbox prefix of the agent's connection for its own leaf server's
+/// JetStream (its stream, its forward consumer): never allowed on the hub,
+/// so the leaf server keeps those subscriptions to itself instead of
+/// telling the hub of each.
+pub fn local_inbox_prefix(node: &NodeId) -> String {
+    format!("_LOCAL.{}", hex(node))
 }
 
 pub fn inbox_prefix(node: &NodeId) -> String {
@@ -86,14 +114,6 @@ pub const ASSIGNMENT_PREFIX: &str = "ud.assignment";
 
 pub fn assignment_subject(node: &NodeId) -> String {
     format!("{ASSIGNMENT_PREFIX}.{node}")
-}
-
-/// Where a node says that the hub has stopped taking its reports, so that
-/// the hub sets up its source of the node's stream again (request/reply).
-pub const SOURCING_PREFIX: &str = "ud.sourcing";
-
-pub fn sourcing_subject(node: &NodeId) -> String {
-    format!("{SOURCING_PREFIX}.{node}")
 }
 
 /// Tunnels (sessions, `exec`, port forwarding) are core NATS, never
@@ -307,6 +327,11 @@ mod tests {
         let edge = report_subject(&n, &canonical);
         assert_eq!(canonical_subject(&edge), Some((n, canonical)));
         assert_eq!(canonical_subject("ud.edge.bad.node.heartbeat"), None);
+        assert_eq!(
+            forward_subject(&edge).as_deref(),
+            Some(format!("ud.deliver.{n}.task.{t}.started").as_str())
+        );
+        assert_eq!(forward_subject("ud.node.x.heartbeat"), None);
         assert!(!domain(&n).contains('-'));
     }
 

@@ -140,12 +140,17 @@ pub fn logs(replicas: usize) -> Config {
     }
 }
 
-/// What nodes report, sourced from each node's own stream (no subjects of its own).
-pub fn edge_in(replicas: usize, sources: Vec<async_nats::jetstream::stream::Source>) -> Config {
+/// What nodes report, as their agents forward it (`ud.deliver.<node_id>.<rest>`),
+/// stored back under the report's subject (`ud.edge.<node_id>.<rest>`).
+pub fn edge_in(replicas: usize) -> Config {
+    let forwarded = format!("{}*.>", crate::edge::FORWARD_PREFIX);
     Config {
-        sources: Some(sources),
+        subject_transform: Some(async_nats::jetstream::stream::SubjectTransform {
+            source: forwarded.clone(),
+            destination: format!("{}{{{{wildcard(1)}}}}.>", crate::edge::REPORT_PREFIX),
+        }),
         max_age: Duration::from_secs(7 * 24 * 3600),
-        ..base(crate::edge::EDGE_IN, vec![], replicas)
+        ..base(crate::edge::EDGE_IN, vec![forwarded], replicas)
     }
 }
 

@@ -1063,27 +1063,6 @@ fn messages_outside_the_event_streams_match_their_cddl() -> anyhow::Result<()> {
             })?,
         ),
         (
-            "sourcing-stalled",
-            to_cbor(&SourcingStalled {
-                pending: 3,
-                bound: false,
-            })?,
-        ),
-        (
-            "sourcing-reply",
-            to_cbor(&SourcingReply {
-                restarted: true,
-                reason: None,
-            })?,
-        ),
-        (
-            "sourcing-reply",
-            to_cbor(&SourcingReply {
-                restarted: false,
-                reason: Some("asked again within 10 s".into()),
-            })?,
-        ),
-        (
             "storage-request",
             to_cbor(&StorageRequest::Inputs {
                 task_id: task_id(),

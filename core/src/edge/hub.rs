@@ -1,17 +1,15 @@
 //! Keeps the hub in step with the enrolled nodes: its account file (reloaded
-//! with SIGHUP), the sources of `UD_EDGE_IN` and one dispatch consumer per node.
+//! with SIGHUP), the stream `UD_EDGE_IN` nodes forward their reports to and
+//! one dispatch consumer per node.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use async_nats::jetstream::{
-    self, consumer, stream::External, stream::Source, stream::StreamConsumerSource,
-};
+use async_nats::jetstream::{self, consumer};
 use backon::{BackoffBuilder, Retryable};
 use futures::StreamExt;
 use tracing::{info, warn};
-use ud_schemas::dispatch::{self, SourcingReply, SourcingStalled};
 use ud_schemas::{edge, streams, Event, NodeEvent, NodeId};
 
 use super::hubconf::{self, NodeUser};
@@ -36,48 +34,6 @@ pub struct HubSettings {
 /// How long the reconciler waits for a further enrolment before it writes
 /// the accounts and reloads the hub.
 const QUIET: Duration = Duration::from_millis(200);
-
-fn source(node: &NodeId) -> Source {
-    Source {
-        name: edge::stream(node),
-        external: Some(External {
-            api_prefix: format!("$JS.{}.API", edge::domain(node)),
-            delivery_prefix: None,
-        }),
-        consumer: Some(StreamConsumerSource {
-            name: edge::SOURCE_CONSUMER.into(),
-            deliver_subject: edge::deliver_subject(node),
-        }),
-        ..Default::default()
-    }
-}
-
-/// The streams `UD_EDGE_IN` sources as configured now.
-fn configured(info: &jetstream::stream::Info) -> std::collections::HashSet<String> {
-    info.config
-        .sources
-        .iter()
-        .flatten()
-        .map(|s| s.name.clone())
-        .collect()
-}
-
-/// The sources `UD_EDGE_IN` is to have: the enrolled nodes that joined,
-/// and those the stream sources now (another main server may have added a
-/// joining node), less those held out here and `leave_out`.
-fn sources_of(
-    active: &BTreeMap<NodeId, String>,
-    sourced: &Sourced,
-    configured: &std::collections::HashSet<String>,
-    leave_out: &[NodeId],
-) -> Vec<Source> {
-    active
-        .keys()
-        .filter(|id| !leave_out.contains(id) && !sourced.held_out.contains(id))
-        .filter(|id| sourced.joined.contains(id) || configured.contains(&edge::stream(id)))
-        .map(source)
-        .collect()
-}
 
 /// Writes the accounts file and asks the hub to reload it.
 pub fn write_accounts(
@@ -181,21 +137,6 @@ async fn close_leaf_links(settings: &HubSettings, keep: usize) -> Result<(), Edg
 /// Nodes whose dispatch consumer is known to exist on the hub.
 type Consumers = std::collections::HashSet<NodeId>;
 
-/// Which enrolled nodes' streams `UD_EDGE_IN` sources: those that joined
-/// (registered once, or asked for their source), less those out of it for
-/// a moment while set up again.
-///
-/// A node's source is added when the node asks, after it made its
-/// consumer, never before: nats-server's first ask of a consumer that is
-/// not there yet fails, and the way it then watches the deliver subject
-/// lets the consumer start delivering while it is reset, which can make
-/// the hub skip the node's first reports (its registration) for good.
-#[derive(Default)]
-struct Sourced {
-    joined: std::collections::HashSet<NodeId>,
-    held_out: std::collections::HashSet<NodeId>,
-}
-
 async fn reconcile(
     js: &jetstream::Context,
     settings: &HubSettings,
@@ -203,7 +144,6 @@ async fn reconcile(
     active: &BTreeMap<NodeId, String>,
     revoked: &[NodeId],
     consumers: &mut Consumers,
-    sourced: &Sourced,
 ) -> Result<(), EdgeError> {
     let users: Vec<NodeUser> = active
         .iter()
@@ -227,10 +167,10 @@ async fn reconcile(
             tracing::warn!(error = %e, "cannot close the revoked nodes' links");
         }
     }
-    retry_streams(js, settings, active, revoked, consumers, sourced).await
+    retry_streams(js, settings, active, revoked, consumers).await
 }
 
-/// Brings `UD_EDGE_IN`'s sources and the dispatch consumers in step with the
+/// Brings `UD_EDGE_IN` and the dispatch consumers in step with the
 /// enrolled nodes, retried while the hub's JetStream is briefly unavailable
 /// to the account (as during a reload).
 async fn retry_streams(
@@ -239,7 +179,6 @@ async fn retry_streams(
     active: &BTreeMap<NodeId, String>,
     revoked: &[NodeId],
     consumers: &mut Consumers,
-    sourced: &Sourced,
 ) -> Result<(), EdgeError> {
     let mut delays = backon::ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(50))
@@ -249,12 +188,12 @@ async fn retry_streams(
     let mut tries = 0u32;
     loop {
         tries += 1;
-        match reconcile_streams(js, settings, active, revoked, consumers, sourced).await {
+        match reconcile_streams(js, settings, active, revoked, consumers).await {
             Ok(()) => return Ok(()),
             Err(e) => match delays.next() {
                 // Said aloud when it lasts: a reconcile held up holds joins.
                 Some(delay) if tries.is_multiple_of(5) => {
-                    warn!(error = %e, tries, "hub still not ready for its sources; retrying");
+                    warn!(error = %e, tries, "hub still not ready for its streams; retrying");
                     tokio::time::sleep(delay).await;
                 }
                 Some(delay) => {
@@ -273,21 +212,17 @@ async fn reconcile_streams(
     active: &BTreeMap<NodeId, String>,
     revoked: &[NodeId],
     consumers: &mut Consumers,
-    sourced: &Sourced,
 ) -> Result<(), EdgeError> {
-    let existing = js.get_stream(edge::EDGE_IN).await;
-    let configured = existing
-        .as_ref()
-        .map(|s| configured(s.cached_info()))
-        .unwrap_or_default();
-    let sources = sources_of(active, sourced, &configured, &[]);
-    let config = streams::edge_in(settings.replicas, sources);
-    match existing {
-        Ok(_) => js
+    let config = streams::edge_in(settings.replicas);
+    match js.get_stream(edge::EDGE_IN).await {
+        // A hub from before nodes forwarded their reports sourced each
+        // node's stream instead: it takes the forwarded subjects now.
+        Ok(s) if !takes_forwarded(s.cached_info(), &config) => js
             .update_stream(&config)
             .await
             .map(|_| ())
             .map_err(nats_err)?,
+        Ok(_) => {}
         Err(_) => js
             .create_stream(config)
             .await
@@ -344,8 +279,15 @@ fn stable_hash(settings: &HubSettings, user: &str, password: &str) -> Result<Str
     }
 }
 
+/// Whether `UD_EDGE_IN` as it stands takes what nodes forward.
+fn takes_forwarded(info: &jetstream::stream::Info, wanted: &jetstream::stream::Config) -> bool {
+    info.config.subjects == wanted.subjects
+        && info.config.subject_transform == wanted.subject_transform
+        && info.config.sources.as_ref().is_none_or(Vec::is_empty)
+}
+
 /// Follows enrollments and revocations and reconciles the hub after each
-/// change; sets up again the sources nodes say have stalled.
+/// change.
 pub async fn run(store: EventStore, settings: HubSettings) -> Result<(), EdgeError> {
     let hashes = Hashes {
         platform: stable_hash(
@@ -362,22 +304,10 @@ pub async fn run(store: EventStore, settings: HubSettings) -> Result<(), EdgeErr
     let s = js.get_stream(streams::NODES).await.map_err(nats_err)?;
     let consumer = s
         .create_consumer(consumer::pull::OrderedConfig {
-            filter_subjects: vec![
-                "ud.node.*.enrolled".into(),
-                "ud.node.*.revoked".into(),
-                "ud.node.*.registered".into(),
-            ],
+            filter_subjects: vec!["ud.node.*.enrolled".into(), "ud.node.*.revoked".into()],
             max_expires: streams::PULL_EXPIRES,
             ..Default::default()
         })
-        .await
-        .map_err(nats_err)?;
-    let mut stalls = store
-        .client()
-        .queue_subscribe(
-            format!("{}.*", edge::SOURCING_PREFIX),
-            SOURCING_QUEUE.into(),
-        )
         .await
         .map_err(nats_err)?;
     let pending = consumer.cached_info().num_pending;
@@ -385,21 +315,10 @@ pub async fn run(store: EventStore, settings: HubSettings) -> Result<(), EdgeErr
     let mut active: BTreeMap<NodeId, String> = BTreeMap::new();
     let mut revoked: Vec<NodeId> = Vec::new();
     let mut consumers = Consumers::new();
-    let mut stalled = Stalled::default();
-    let mut sourced = Sourced::default();
     // Whether the node events stored before this start were all read.
     let mut replayed = pending == 0;
     if pending == 0 {
-        reconcile(
-            &js,
-            &settings,
-            &hashes,
-            &active,
-            &revoked,
-            &mut consumers,
-            &sourced,
-        )
-        .await?;
+        reconcile(&js, &settings, &hashes, &active, &revoked, &mut consumers).await?;
     }
     // Enrolled since the last reconcile: reconciled once no more arrive
     // for QUIET, so that enrolments one after another cost one reload of
@@ -416,8 +335,6 @@ pub async fn run(store: EventStore, settings: HubSettings) -> Result<(), EdgeErr
                     .info()
                     .map(|i| (i.stream_sequence, i.pending))
                     .unwrap_or((0, 0));
-                // Enrolments and revocations change the hub; a registration
-                // only says a node joined.
                 let mut changed = false;
                 match ud_schemas::codec::decode_message(
                     m.subject.as_str(),
@@ -433,11 +350,6 @@ pub async fn run(store: EventStore, settings: HubSettings) -> Result<(), EdgeErr
                             changed = true;
                             active.remove(&id);
                             revoked.push(id);
-                            sourced.joined.remove(&id);
-                        }
-                        // Its reports came through its source: it stays.
-                        Event::Node(id, NodeEvent::Registered(_)) => {
-                            sourced.joined.insert(id);
                         }
                         _ => {}
                     },
@@ -454,7 +366,7 @@ pub async fn run(store: EventStore, settings: HubSettings) -> Result<(), EdgeErr
             () = tokio::time::sleep_until(reconcile_at.unwrap_or(far)), if reconcile_at.is_some() => {
                 let reconciled = tokio::time::timeout(
                     RECONCILE_WITHIN,
-                    reconcile(&js, &settings, &hashes, &active, &revoked, &mut consumers, &sourced),
+                    reconcile(&js, &settings, &hashes, &active, &revoked, &mut consumers),
                 )
                 .await
                 .unwrap_or_else(|_| {
@@ -469,40 +381,7 @@ pub async fn run(store: EventStore, settings: HubSettings) -> Result<(), EdgeErr
                 }
                 revoked.clear();
                 reconcile_at = None;
-                stalled.all_set_up(active.keys().copied());
-                info!(nodes = active.len(), "hub accounts and sources reconciled");
-            }
-            Some(m) = stalls.next() => stalled.ask(m),
-            () = tokio::time::sleep_until(stalled.put_back_at.unwrap_or(far)), if stalled.put_back_at.is_some() => {
-                let held = std::mem::take(&mut sourced.held_out);
-                stalled.put_back_at = None;
-                retry_streams(&js, &settings, &active, &[], &mut consumers, &sourced).await?;
-                info!(nodes = held.len(), "sources of stalled nodes put back");
-                stalled.pace();
-            }
-            // Asks wait until the enrolments and registrations stored before
-            // this start are read: the sources are judged on all of them.
-            () = tokio::time::sleep_until(stalled.due.unwrap_or(far)), if stalled.due.is_some() && stalled.put_back_at.is_none() && replayed => {
-                let answers = restart_sources(
-                    &js,
-                    &settings,
-                    &active,
-                    reconcile_at.is_some(),
-                    &mut stalled,
-                    &mut consumers,
-                    &mut sourced,
-                )
-                .await;
-                for (reply, answer) in answers {
-                    match dispatch::to_cbor(&answer) {
-                        Ok(bytes) => {
-                            if let Err(e) = store.client().publish(reply, bytes.into()).await {
-                                warn!(error = %e, "sourcing reply not sent");
-                            }
-                        }
-                        Err(e) => warn!(error = %e, "sourcing reply not encoded"),
-                    }
-                }
+                info!(nodes = active.len(), "hub accounts and streams reconciled");
             }
         }
     }
@@ -510,320 +389,32 @@ pub async fn run(store: EventStore, settings: HubSettings) -> Result<(), EdgeErr
 }
 
 /// How long one reconcile may take before the hub starts over (the
-/// supervisor runs it again from the enrolments): the nodes' asks wait
-/// meanwhile.
+/// supervisor runs it again from the enrolments).
 const RECONCILE_WITHIN: Duration = Duration::from_secs(90);
-
-/// The queue group that answers nodes whose sourcing stalled: one main
-/// server sets each source up again.
-const SOURCING_QUEUE: &str = "unidesk-hub-sourcing";
-
-/// How often the hub sets up one node's source again at most: its time
-/// out of the stream ([`HOLD_OUT`]) and nats-server's time to bind it, with
-/// room.
-pub const RESTART_EVERY: Duration = Duration::from_secs(20);
-
-/// How long the hub gathers stalled nodes before it sets their sources up
-/// again together: after a hub restart every node may ask at once, and two
-/// stream updates serve them all.
-const GATHER: Duration = Duration::from_millis(500);
-
-/// A source the hub has heard from this recently is working.
-const HEARD: Duration = Duration::from_secs(5);
-
-/// How long a source set up again stays out of `UD_EDGE_IN` before it is
-/// put back. nats-server waits up to 5 s for a node's answer to a reset of
-/// its consumer and then looks the source up by name: a source removed and
-/// put back sooner could take that late answer as its own and bind the
-/// deliver subject twice, the first binding never undone.
-const HOLD_OUT: Duration = Duration::from_secs(6);
-
-/// The least time between two batches of sources set up again, and the
-/// most nodes in one: with hundreds of nodes joining at once every node may
-/// ask while the hub is still busy setting up its sources, and each batch
-/// updates the stream of all of them twice; unpaced, the updates kept the
-/// hub too busy to bind the sources they were for.
-const BATCH_GAP: Duration = Duration::from_secs(5);
-const BATCH_MOST: usize = 64;
-
-/// The nodes that said their sourcing stalled, waiting for the next batch.
-#[derive(Default)]
-struct Stalled {
-    /// Each asking node, where its answer goes, and whether it said the
-    /// hub's side is bound to its consumer.
-    asking: Vec<(NodeId, async_nats::Subject, bool)>,
-    due: Option<tokio::time::Instant>,
-    restarted: std::collections::HashMap<NodeId, tokio::time::Instant>,
-    /// When the last batch was set up again.
-    last_batch: Option<tokio::time::Instant>,
-    /// When the batch whose sources are out of the stream goes back in
-    /// (see [`HOLD_OUT`]).
-    put_back_at: Option<tokio::time::Instant>,
-}
-
-impl Stalled {
-    fn ask(&mut self, m: async_nats::Message) {
-        let Some((node, reply)) = super::requests::requester(&m) else {
-            return;
-        };
-        let bound = match dispatch::from_cbor::<SourcingStalled>(&m.payload, "sourcing-stalled") {
-            Ok(s) => {
-                info!(node_id = %node, pending = s.pending, bound = s.bound, "node says its sourcing stalled");
-                s.bound
-            }
-            Err(e) => {
-                warn!(node_id = %node, error = %e, "undecodable sourcing request");
-                return;
-            }
-        };
-        self.asking.push((node, reply, bound));
-        if self.due.is_none() {
-            self.pace();
-        }
-    }
-
-    /// When the asks waiting are taken next: after gathering more for a
-    /// moment, and never sooner than [`BATCH_GAP`] after the last batch.
-    fn pace(&mut self) {
-        let soonest = tokio::time::Instant::now() + GATHER;
-        self.due = (!self.asking.is_empty()).then(|| {
-            self.last_batch
-                .map_or(soonest, |t| (t + BATCH_GAP).max(soonest))
-        });
-    }
-
-    /// Every enrolled node's source was just set up (a reconcile): asks
-    /// within [`RESTART_EVERY`] are answered that it was.
-    fn all_set_up(&mut self, nodes: impl Iterator<Item = NodeId>) {
-        let now = tokio::time::Instant::now();
-        for n in nodes {
-            self.restarted.insert(n, now);
-        }
-    }
-}
-
-fn refused(reason: impl Into<String>) -> SourcingReply {
-    SourcingReply {
-        restarted: false,
-        reason: Some(reason.into()),
-    }
-}
-
-/// Which of the asking nodes get their source set up again, and the answer
-/// for each of the others.
-fn choose(
-    asking: &[(NodeId, async_nats::Subject, bool)],
-    active: &BTreeMap<NodeId, String>,
-    heard: &std::collections::HashMap<String, Duration>,
-    restarted: &std::collections::HashMap<NodeId, tokio::time::Instant>,
-    now: tokio::time::Instant,
-) -> (Vec<NodeId>, Vec<(async_nats::Subject, SourcingReply)>) {
-    let mut chosen = Vec::new();
-    let mut answers = Vec::new();
-    for (node, reply, bound) in asking {
-        let recently = restarted
-            .get(node)
-            .is_some_and(|t| now.saturating_duration_since(*t) < RESTART_EVERY);
-        let answer = if !active.contains_key(node) {
-            Some(refused("not an enrolled node the hub knows yet"))
-        } else if recently || chosen.contains(node) {
-            Some(refused(format!(
-                "set up again less than {} s ago",
-                RESTART_EVERY.as_secs()
-            )))
-        } else if !bound && heard.get(&edge::stream(node)).is_some_and(|d| *d < HEARD) {
-            // A node that sees the hub bound but taking nothing is set up
-            // again, heard or not.
-            Some(refused("the hub hears this node"))
-        } else {
-            None
-        };
-        match answer {
-            Some(a) => answers.push((reply.clone(), a)),
-            None => chosen.push(*node),
-        }
-    }
-    (chosen, answers)
-}
-
-/// Sets up again the sources of the stalled nodes: removed from
-/// `UD_EDGE_IN` now and put back [`HOLD_OUT`] later (by the hub's loop), so
-/// nats-server asks each node's consumer again at once instead of at its
-/// retry backoff (up to two minutes). The node's consumer keeps its
-/// position; the hub resumes from what it stored.
-#[allow(clippy::too_many_arguments)]
-async fn restart_sources(
-    js: &jetstream::Context,
-    settings: &HubSettings,
-    active: &BTreeMap<NodeId, String>,
-    reconciling: bool,
-    stalled: &mut Stalled,
-    consumers: &mut Consumers,
-    sourced: &mut Sourced,
-) -> Vec<(async_nats::Subject, SourcingReply)> {
-    let asking = std::mem::take(&mut stalled.asking);
-    // Nodes asking for the first time: their source is added, all at once.
-    let (joining, mut asking): (Vec<_>, Vec<_>) = asking
-        .into_iter()
-        .partition(|(n, _, _)| active.contains_key(n) && !sourced.joined.contains(n));
-    let mut joined_answers = Vec::new();
-    if !joining.is_empty() {
-        // Every stream update makes the hub look up where each new source
-        // stands in `UD_EDGE_IN`: joins go in batches as far apart as
-        // set-ups, not one update per ask.
-        stalled.last_batch = Some(tokio::time::Instant::now());
-        sourced.joined.extend(joining.iter().map(|j| j.0));
-        let reply = match retry_streams(js, settings, active, &[], consumers, sourced).await {
-            Ok(()) => {
-                info!(nodes = joining.len(), "sources of joining nodes added");
-                SourcingReply {
-                    restarted: true,
-                    reason: None,
-                }
-            }
-            Err(e) => {
-                for (node, _, _) in &joining {
-                    sourced.joined.remove(node);
-                }
-                warn!(error = %e, "cannot add the joining nodes' sources");
-                refused(format!("the hub's stream could not be updated: {e}"))
-            }
-        };
-        let now = tokio::time::Instant::now();
-        for (node, r, _) in &joining {
-            if reply.restarted {
-                stalled.restarted.insert(*node, now);
-            }
-            joined_answers.push((r.clone(), reply.clone()));
-        }
-    }
-    // The rest wait for the next batch.
-    if asking.len() > BATCH_MOST {
-        stalled.asking = asking.split_off(BATCH_MOST);
-    }
-    // Enrolments read but not yet reconciled wait for their reconcile (a
-    // node that asked to join is linked already: its enrolment is in).
-    let empty = BTreeMap::new();
-    let active = if reconciling { &empty } else { active };
-    let info = match js.get_stream(edge::EDGE_IN).await {
-        Ok(mut s) => s.info().await.ok().cloned(),
-        Err(_) => None,
-    };
-    let heard: std::collections::HashMap<String, Duration> = info
-        .iter()
-        .flat_map(|i| &i.sources)
-        .filter_map(|si| si.active.map(|a| (si.name.clone(), a)))
-        .collect();
-    let configured = info.as_ref().map(configured).unwrap_or_default();
-    let now = tokio::time::Instant::now();
-    let (chosen, mut answers) = choose(&asking, active, &heard, &stalled.restarted, now);
-    answers.extend(joined_answers);
-    if !chosen.is_empty() {
-        stalled.last_batch = Some(now);
-    }
-    stalled.pace();
-    if chosen.is_empty() {
-        return answers;
-    }
-    let kept = sources_of(active, sourced, &configured, &chosen);
-    let outcome = match js
-        .update_stream(&streams::edge_in(settings.replicas, kept))
-        .await
-    {
-        Ok(_) => {
-            sourced.held_out.extend(chosen.iter().copied());
-            stalled.put_back_at = Some(now + HOLD_OUT);
-            Ok(())
-        }
-        Err(e) => {
-            // Whatever the update did, the sources must not stay out.
-            let _ = retry_streams(js, settings, active, &[], consumers, sourced).await;
-            Err(nats_err(e))
-        }
-    };
-    stalled
-        .restarted
-        .retain(|_, t| now.saturating_duration_since(*t) < RESTART_EVERY);
-    let reply = match &outcome {
-        Ok(()) => {
-            info!(
-                nodes = chosen.len(),
-                "sources of stalled nodes set up again"
-            );
-            SourcingReply {
-                restarted: true,
-                reason: None,
-            }
-        }
-        Err(e) => {
-            warn!(error = %e, "cannot set up the stalled nodes' sources again");
-            refused(format!("the hub's stream could not be updated: {e}"))
-        }
-    };
-    for (node, r, _) in &asking {
-        if chosen.contains(node) {
-            stalled.restarted.insert(*node, now);
-            answers.push((r.clone(), reply.clone()));
-        }
-    }
-    answers
-}
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use super::*;
 
-    fn reply(n: u8) -> async_nats::Subject {
-        format!("_INBOX.r{n}").into()
-    }
-
     #[test]
-    fn only_enrolled_unheard_nodes_not_restarted_lately_are_set_up_again() {
-        let (a, b, c, d, e) = (
-            NodeId::new(),
-            NodeId::new(),
-            NodeId::new(),
-            NodeId::new(),
-            NodeId::new(),
-        );
-        let active: BTreeMap<NodeId, String> =
-            [a, b, c, d].iter().map(|n| (*n, "h".to_owned())).collect();
-        let now = tokio::time::Instant::now();
-        let heard = HashMap::from([
-            (edge::stream(&b), Duration::from_secs(1)),
-            (edge::stream(&a), Duration::from_secs(60)),
-        ]);
-        let restarted = HashMap::from([
-            (c, now - Duration::from_secs(2)),
-            (d, now - RESTART_EVERY - Duration::from_secs(1)),
-        ]);
-        let asking = vec![
-            (a, reply(1), false),
-            (b, reply(2), false),
-            (c, reply(3), false),
-            (d, reply(4), false),
-            (e, reply(5), false),
-            (a, reply(6), false),
-        ];
-        let (chosen, answers) = choose(&asking, &active, &heard, &restarted, now);
-        // Long unheard and a restart long ago: set up again, once each.
-        assert_eq!(chosen, vec![a, d]);
-        // Heard, but bound and taking nothing as the node sees it: set up again.
-        let (chosen, _) = choose(&[(b, reply(7), true)], &active, &heard, &restarted, now);
-        assert_eq!(chosen, vec![b]);
-        let reasons: HashMap<String, String> = answers
-            .into_iter()
-            .map(|(r, a)| {
-                assert!(!a.restarted);
-                (r.to_string(), a.reason.unwrap_or_default())
-            })
-            .collect();
-        assert_eq!(reasons.len(), 4);
-        assert!(reasons["_INBOX.r2"].contains("hears"));
-        assert!(reasons["_INBOX.r3"].contains("less than 20 s ago"));
-        assert!(reasons["_INBOX.r5"].contains("not an enrolled node"));
-        assert!(reasons["_INBOX.r6"].contains("less than 20 s ago"));
+    fn a_stream_that_sources_nodes_is_taken_over() {
+        let wanted = streams::edge_in(1);
+        let mut info: jetstream::stream::Info = serde_json::from_value(serde_json::json!({
+            "config": wanted,
+            "created": "2026-01-01T00:00:00Z",
+            "state": {
+                "messages": 0, "bytes": 0, "first_seq": 0, "first_ts": "2026-01-01T00:00:00Z",
+                "last_seq": 0, "last_ts": "2026-01-01T00:00:00Z", "consumer_count": 0
+            }
+        }))
+        .expect("a stream info");
+        assert!(takes_forwarded(&info, &wanted));
+        info.config.subjects = vec![];
+        info.config.subject_transform = None;
+        info.config.sources = Some(vec![jetstream::stream::Source {
+            name: "EDGE_ab12".into(),
+            ..Default::default()
+        }]);
+        assert!(!takes_forwarded(&info, &wanted));
     }
 }

@@ -3,13 +3,17 @@
 //! Every node is a leaf-only user of account `UD` with literal allow-lists
 //! (never the whole `$JS.hub.API.>`):
 //!
-//! * publish (node -> hub): its own source deliveries `ud.deliver.<id>.>`,
-//!   replies to the hub's source set-up `$JSC.R.>`, and exactly the pull,
-//!   info and ack subjects of its own dispatch consumer, and its own
-//!   request subjects (repository credentials, assignment checks, file
-//!   transfers, secrets), and its own tunnels' frames from it;
-//! * subscribe (hub -> node): its own source consumer's reset, its own flow
-//!   control, its own inbox prefix and its own tunnels' frames to it.
+//! * publish (node -> hub): its own forwarded reports `ud.deliver.<id>.>`,
+//!   exactly the pull, info and ack subjects of its own dispatch consumer,
+//!   its own request subjects (repository credentials, assignment checks,
+//!   file transfers, secrets), and its own tunnels' frames from it;
+//! * subscribe (hub -> node): its own inbox prefix (answers to its
+//!   requests, acknowledgements of its forwarded reports, its pulled
+//!   dispatches) and its own tunnels' frames to it.
+//!
+//! The hub sets up nothing per node on the node's side: no subscription
+//! the hub makes is meant for one node but weighed against every node's
+//! link, so hundreds of nodes join at once at the cost of their links.
 
 use ud_schemas::{edge, NodeId};
 
@@ -36,10 +40,8 @@ fn list(items: &[String]) -> String {
 /// The allow-lists of one node, as (publish, subscribe).
 pub fn node_permissions(id: &NodeId) -> (Vec<String>, Vec<String>) {
     let consumer = edge::dispatch_consumer(id);
-    let stream = edge::stream(id);
     let publish = vec![
-        format!("ud.deliver.{id}.>"),
-        "$JSC.R.>".to_owned(),
+        edge::forward_filter(id),
         format!("$JS.hub.API.CONSUMER.INFO.{}.{consumer}", edge::DISPATCH),
         format!(
             "$JS.hub.API.CONSUMER.MSG.NEXT.{}.{consumer}",
@@ -50,16 +52,9 @@ pub fn node_permissions(id: &NodeId) -> (Vec<String>, Vec<String>) {
         edge::assignment_subject(id),
         edge::storage_subject(id),
         edge::secrets_subject(id),
-        edge::sourcing_subject(id),
         format!("{}.*", edge::tunnel_from(id)),
     ];
     let subscribe = vec![
-        format!(
-            "$JS.{}.API.CONSUMER.RESET.{stream}.{}",
-            edge::domain(id),
-            edge::SOURCE_CONSUMER
-        ),
-        format!("$JS.FC.{stream}.>"),
         format!("{}.>", edge::inbox_prefix(id)),
         format!("{}.*", edge::tunnel_to(id)),
     ];

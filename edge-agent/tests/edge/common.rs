@@ -15,11 +15,10 @@ use ud_schemas::NodeId;
 use ud_server::{self as server, EdgeConfig, Running, ServerConfig};
 use ud_testkit::{NatsOptions, NatsServer, PgDatabase};
 
-/// How long a freshly joined node may take to be online: the hub sets up its
-/// source of the node's stream with nats-server's own retry schedule (10 s,
-/// then 20 s more, then longer) when the first try comes before the node's
-/// leaf is up, and the agent asks for it again after 6 s of reports waiting
-/// unsourced. An upper bound: a node online sooner ends the wait.
+/// How long a freshly joined node may take to be online: its leaf links once
+/// the hub has reloaded its accounts with the node, and its agent forwards
+/// its registration at once. An upper bound (a loaded machine): a node
+/// online sooner ends the wait.
 pub const JOIN: Duration = Duration::from_secs(120);
 
 pub const PLATFORM_PW: &str = "platform-secret";
@@ -406,12 +405,7 @@ impl Stack {
         let log = self.hub.log();
         let hub: Vec<&str> = log
             .lines()
-            .filter(|l| {
-                l.contains(&ours)
-                    || l.contains("eload")
-                    || l.contains("JetStream")
-                    || l.to_lowercase().contains("source")
-            })
+            .filter(|l| l.contains(&ours) || l.contains("eload") || l.contains("JetStream"))
             .collect();
         let node = id.to_string();
         let kept = LOGGED
@@ -423,84 +417,29 @@ impl Stack {
             .filter(|l| l.contains(&node) || l.contains("ud_core::edge::hub"))
             .collect();
         let hub = &hub[hub.len().saturating_sub(300)..];
-        let source = self.source_state(id).await;
+        let forwarded = self.forward_state(id).await;
         anyhow!(
-            "{e}; the hub's source of it: {source}; the hub logged:\n{}\nthe platform logged:\n{}",
+            "{e}; what the hub has of it: {forwarded}; the hub logged:\n{}\nthe platform logged:\n{}",
             hub.join("\n"),
             platform.join("\n")
         )
     }
 
-    /// What the hub's `UD_EDGE_IN` says of a node's source, and who on the
-    /// hub listens on its deliver subject.
-    pub async fn source_state(&self, id: NodeId) -> String {
+    /// What the hub's `UD_EDGE_IN` holds of a node's reports, and what the
+    /// hub says of its link.
+    pub async fn forward_state(&self, id: NodeId) -> String {
         let js = self.server.state.commands.store().jetstream().clone();
         let info = async {
-            let mut s = js.get_stream(edge::EDGE_IN).await?;
-            let info = s.info().await?.clone();
-            let ours = edge::stream(&id);
+            let s = js.get_stream(edge::EDGE_IN).await?;
             let mut held = s.info_with_subjects(format!("ud.edge.{id}.>")).await?;
             let mut stored = Vec::new();
             while let Some(Ok((subject, n))) = held.next().await {
                 stored.push(format!("{subject}={n}"));
             }
-            anyhow::Ok(format!(
-                "{:?}; messages of it in {}: {stored:?}",
-                info.sources.iter().find(|s| s.name == ours),
-                edge::EDGE_IN
-            ))
+            anyhow::Ok(format!("messages of it in {}: {stored:?}", edge::EDGE_IN))
         }
         .await
         .unwrap_or_else(|e| format!("no stream info ({e})"));
-        let url = format!(
-            "{}/subsz?subs=1&test={}",
-            self.hub.monitor_url(),
-            edge::deliver_subject(&id)
-        );
-        let subs = async { anyhow::Ok(reqwest::get(&url).await?.text().await?) }
-            .await
-            .unwrap_or_else(|e| format!("no subsz ({e})"));
-        // How many listen there over two seconds (a reset unbinds the
-        // source's own subscription for a moment).
-        let mut counts = Vec::new();
-        for _ in 0..10 {
-            let n = async {
-                anyhow::Ok(reqwest::get(&url).await?.json::<Value>().await?["total"].as_u64())
-            }
-            .await
-            .ok()
-            .flatten();
-            counts.push(n);
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        let subs = format!("{subs} (counts over 2 s: {counts:?})");
-        // Whether a reset from the hub reaches the node's consumer and its
-        // answer comes back (the way nats-server's sourcing asks).
-        let client = self.server.state.commands.store().client().clone();
-        let reset = async {
-            let reply = format!("$JSC.R.diag{}", rand::random::<u32>());
-            let mut sub = client.subscribe(reply.clone()).await?;
-            client.flush().await?;
-            client
-                .publish_with_reply(
-                    format!(
-                        "$JS.{}.API.CONSUMER.RESET.{}.{}",
-                        edge::domain(&id),
-                        edge::stream(&id),
-                        edge::SOURCE_CONSUMER
-                    ),
-                    reply,
-                    "".into(),
-                )
-                .await?;
-            let got = tokio::time::timeout(Duration::from_secs(3), sub.next()).await;
-            anyhow::Ok(match got {
-                Ok(Some(m)) => String::from_utf8_lossy(&m.payload).into_owned(),
-                _ => "no answer within 3 s".to_owned(),
-            })
-        }
-        .await
-        .unwrap_or_else(|e| format!("cannot ask ({e})"));
         let domain = edge::domain(&id);
         let leafz = async {
             let v: Value = reqwest::get(format!("{}/leafz?subs=1", self.hub.monitor_url()))
@@ -522,20 +461,6 @@ impl Stack {
         }
         .await
         .unwrap_or_else(|e| format!("no leafz ({e})"));
-        let cids: Vec<u64> = serde_json::from_str::<Value>(&subs)
-            .ok()
-            .and_then(|v| v["subscriptions_list"].as_array().cloned())
-            .into_iter()
-            .flatten()
-            .filter_map(|s| s["cid"].as_u64())
-            .collect();
-        let mut conns = String::new();
-        for cid in cids {
-            let url = format!("{}/connz?cid={cid}&subs=1", self.hub.monitor_url());
-            if let Ok(r) = reqwest::get(url).await {
-                conns.push_str(&r.text().await.unwrap_or_default());
-            }
-        }
         // What became of what was stored: the ingest's consumer, the node's
         // events, its view.
         let ingest = async {
@@ -572,10 +497,7 @@ impl Stack {
         }
         .await
         .unwrap_or_default();
-        format!(
-            "{info}; subscriptions on its deliver subject: {subs}; their connections: {conns}; \
-             a reset asked now: {reset}; its link's interest: {leafz}; {ingest}; its view: {view}"
-        )
+        format!("{info}; its link: {leafz}; {ingest}; its view: {view}")
     }
 
     pub async fn task_state(

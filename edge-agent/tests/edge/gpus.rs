@@ -200,6 +200,10 @@ async fn four_gpu_node(s: &Stack, name: &str) -> Result<(NodeId, NatsServerGuard
     ud_edge_agent::ensure_local(&local, &node)
         .await
         .map_err(|e| anyhow!("{e}"))?;
+    // As the agent does: forwards the node's reports to the hub.
+    let forward = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
+        ud_edge_agent::forward::keep(local.clone(), client.clone(), node),
+    ));
     let reporter = ud_edge_agent::Reporter::new(node, local);
     let gpus = (0..4)
         .map(|i| Gpu {
@@ -227,20 +231,11 @@ async fn four_gpu_node(s: &Stack, name: &str) -> Result<(NodeId, NatsServerGuard
         }))
         .await
         .map_err(|e| anyhow!("{e}"))?;
-    // As the agent does: asks the hub to source the node's stream.
-    let requests = ud_edge_agent::requests::Requests {
-        client: client.clone(),
-        node,
-    };
-    let local = async_nats::jetstream::with_domain(client.clone(), edge::domain(&node));
-    let sourcing = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
-        ud_edge_agent::sourcing::keep(local, node, requests),
-    ));
-    Ok((node, NatsServerGuard(leaf, client, sourcing)))
+    Ok((node, NatsServerGuard(leaf, client, forward)))
 }
 
-/// Keeps a simulated node's leaf, connection and sourcing watch alive
-/// while it lives.
+/// Keeps a simulated node's leaf, connection and forwarder alive while it
+/// lives.
 struct NatsServerGuard(
     #[allow(dead_code)] ud_testkit::NatsServer,
     #[allow(dead_code)] async_nats::Client,

@@ -463,7 +463,7 @@ async fn the_hub_reloads_once_per_burst_of_enrolments() -> Result<()> {
         tokens.push(s.enroll(name).await?);
     }
     until_logged(
-        &format!("hub accounts and sources reconciled nodes={BURST}"),
+        &format!("hub accounts and streams reconciled nodes={BURST}"),
         Duration::from_secs(30),
     )
     .await?;
@@ -483,48 +483,121 @@ async fn the_hub_reloads_once_per_burst_of_enrolments() -> Result<()> {
     Ok(())
 }
 
+/// Reads forwarded reports from `messages` until `seqs` holds `n` places
+/// in their node's stream.
+async fn take<E>(
+    messages: &mut (impl futures::Stream<Item = Result<async_nats::jetstream::Message, E>> + Unpin),
+    seqs: &mut Vec<u64>,
+    n: u64,
+) -> Result<()>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    while (seqs.len() as u64) < n {
+        let m = tokio::time::timeout(Duration::from_secs(60), messages.next())
+            .await
+            .map_err(|_| anyhow!("UD_EDGE_IN held {} of {n} within 60 s", seqs.len()))?
+            .ok_or_else(|| anyhow!("UD_EDGE_IN ended"))??;
+        let seq = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(edge::ORIGIN_SEQ))
+            .and_then(|v| v.as_str().parse::<u64>().ok())
+            .ok_or_else(|| anyhow!("a forwarded report without its place: {:?}", m.headers))?;
+        seqs.push(seq);
+    }
+    Ok(())
+}
+
+/// What a node reports reaches the hub once each and in the order it was
+/// written, with its link cut while reports are on their way and more
+/// written while it is down.
 #[tokio::test]
-async fn a_node_whose_source_the_hub_dropped_asks_for_it_and_gets_it_back() -> Result<()> {
-    let mut s = Stack::start(Duration::from_secs(60)).await?;
-    let node = s.online_node("kappa").await?;
-    // The hub stops sourcing the node's stream (as a source that went wrong
-    // would): nothing the node reports reaches the platform, and nothing on
-    // the hub's side would set the source up again before the next enrolment.
-    let platform =
-        async_nats::ConnectOptions::with_user_and_password("platform".into(), PLATFORM_PW.into())
-            .connect(format!("127.0.0.1:{}", s.hub.port()))
-            .await?;
-    let js = async_nats::jetstream::new(platform);
-    let mut edge_in = js.get_stream(edge::EDGE_IN).await?;
-    let mut config = edge_in.info().await?.config.clone();
-    let ours = edge::stream(&node.id);
-    config
-        .sources
-        .as_mut()
-        .ok_or_else(|| anyhow!("UD_EDGE_IN has no sources"))?
-        .retain(|src| src.name != ours);
-    js.update_stream(&config).await?;
-    // The node runs what it is given; its reports wait in its stream until
-    // it has told the hub, which sets the source up again.
-    let task = s.submit("echo reported-after-all", 60).await?;
-    let done = s
-        .task_state(&task, &["succeeded", "failed"], Duration::from_secs(90))
+async fn reports_reach_the_hub_once_each_and_in_order_across_cuts() -> Result<()> {
+    const EACH: u64 = 200;
+    let s = Stack::start(Duration::from_secs(60)).await?;
+    let token = s.enroll("lambda").await?;
+    let node = token.node_id;
+    let relay = ud_testkit::Relay::start(s.hub.leaf_port()).await?;
+    let leaf = s.leaf(&token, relay.port()).await?;
+    let client = agent_client(&leaf, Some(node)).await?;
+    let local = async_nats::jetstream::with_domain(client.clone(), edge::domain(&node));
+    ud_edge_agent::ensure_local(&local, &node).await?;
+    let _forward = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
+        ud_edge_agent::forward::keep(local.clone(), client.clone(), node),
+    ));
+    let reporter = ud_edge_agent::Reporter::new(node, local);
+    let beat = || {
+        ud_schemas::report::Report::Heartbeat(ud_schemas::events::NodeHeartbeat {
+            at: ud_schemas::now_millis(),
+            running_tasks: 0,
+            disk_free_mb: None,
+            low_disk: false,
+            gpus: None,
+        })
+    };
+    let platform = s.server.state.commands.store().jetstream().clone();
+    // The node's reports as the hub stores them, followed as they come. The
+    // hub's JetStream answers nothing for a moment while it reloads its
+    // accounts (the enrolment): the reader is asked for again until then.
+    let follow = || async {
+        platform
+            .get_stream(edge::EDGE_IN)
+            .await?
+            .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+                filter_subject: format!("ud.edge.{node}.>"),
+                ..Default::default()
+            })
+            .await?
+            .messages()
+            .await
+            .map_err(anyhow::Error::from)
+    };
+    let mut messages = {
+        use backon::Retryable;
+        follow
+            .retry(
+                backon::ConstantBuilder::default()
+                    .with_delay(Duration::from_millis(200))
+                    .with_max_times(50),
+            )
+            .await?
+    };
+    let mut seqs = Vec::new();
+    // Linked: the first report is on the hub.
+    reporter.send(beat()).await?;
+    take(&mut messages, &mut seqs, 1).await?;
+    // Reports on their way when the link is cut; more while it is down;
+    // more once it is back.
+    for i in 1..EACH {
+        reporter.send(beat()).await?;
+        if i == EACH / 2 {
+            relay.cut();
+        }
+    }
+    // The leaf has tried to link again and was refused.
+    relay.refused(relay.refusals() + 1).await;
+    for _ in 0..EACH {
+        reporter.send(beat()).await?;
+    }
+    relay.restore();
+    for _ in 0..EACH {
+        reporter.send(beat()).await?;
+    }
+    // Each once, in the order of the node's stream.
+    take(&mut messages, &mut seqs, 3 * EACH).await?;
+    let expected: Vec<u64> = (1..=3 * EACH).collect();
+    assert_eq!(seqs, expected);
+    // Nothing more came after them: none stored twice.
+    let edge_in = platform.get_stream(edge::EDGE_IN).await?;
+    let mut counts = edge_in
+        .info_with_subjects(format!("ud.edge.{node}.>"))
         .await?;
-    assert_eq!(done["state"], "succeeded", "{done}");
-    let said = format!(
-        "the hub set up its source of this node again node_id={}",
-        node.id
-    );
-    assert!(logged(&said), "the agent never had its source set up again");
-    let sourced = edge_in
-        .info()
-        .await?
-        .config
-        .sources
-        .clone()
-        .unwrap_or_default();
-    assert_eq!(sourced.iter().filter(|src| src.name == ours).count(), 1);
-    node.agent.abort();
+    let mut stored = 0;
+    while let Some(c) = counts.next().await {
+        stored += c?.1;
+    }
+    assert_eq!(stored as u64, 3 * EACH, "reports stored twice");
     Ok(())
 }
 

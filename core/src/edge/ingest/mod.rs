@@ -1,9 +1,9 @@
 //! Ingest: what nodes report, checked and turned into commands on the
 //! platform's aggregates.
 //!
-//! Reports arrive in `UD_EDGE_IN`, sourced from each node's own stream.
+//! Reports arrive in `UD_EDGE_IN`, forwarded by each node's agent from its own stream.
 //! Four rooms:
-//! * [`origin`]: who sent a message (the hub's source header, not the subject);
+//! * [`origin`]: who sent a message (the subject its permissions allowed);
 //! * [`translate`]: what a report asks of the platform, as a command;
 //! * [`lanes`]: the workers, batching heartbeats and task reports;
 //! * here: the pinned consumer, and the handover between main-server
@@ -63,8 +63,6 @@ const NODE_CACHE_TTL: Duration = Duration::from_secs(5);
 /// Why a report was dropped.
 #[derive(Debug, thiserror::Error)]
 pub enum Rejected {
-    #[error("not from a node stream")]
-    NoSource,
     #[error("subject {0:?} is not a node report subject")]
     Subject(String),
     #[error("node {sender} sent a report in the name of {named}")]
@@ -292,7 +290,7 @@ async fn route(
                 beats
             } else {
                 let mut h = DefaultHasher::new();
-                origin(m.headers.as_ref()).hash(&mut h);
+                origin::lane_key(&m.subject).hash(&mut h);
                 &senders[(h.finish() % WORKERS as u64) as usize]
             };
             if lane.send(m).is_err() {

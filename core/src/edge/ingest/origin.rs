@@ -1,6 +1,12 @@
-//! Who sent a message: the hub stamps every message it sources from a
-//! node's stream with `Nats-Stream-Source`, naming that stream. That, not
-//! the subject, says which node sent it.
+//! Who sent a message. A node forwards its reports on
+//! `ud.deliver.<node_id>.…`, which its permissions on the hub allow for its
+//! own id only, and `UD_EDGE_IN` stores them as `ud.edge.<node_id>.…`: the
+//! node a stored subject names is the node that sent it.
+//!
+//! Reports stored before nodes forwarded them were sourced from each
+//! node's stream, and a node could write any subject into its own stream:
+//! for those the hub's `Nats-Stream-Source` header says which node sent
+//! them, and it must be the one the subject names.
 
 use async_nats::jetstream;
 use ud_schemas::{edge, NodeId};
@@ -11,7 +17,7 @@ const SOURCE: &str = "Nats-Stream-Source";
 const SOURCE_NAME: &str = "Nats-Stream-Source:";
 
 /// The node (as the hex of its id) a sourced message came from, from
-/// `Nats-Stream-Source`.
+/// `Nats-Stream-Source` (messages stored when the hub sourced nodes' streams).
 pub fn origin(headers: Option<&async_nats::HeaderMap>) -> Option<String> {
     // The hub removes any such header a node wrote and adds its own last.
     let value = headers?.get_last(SOURCE)?.as_str();
@@ -38,21 +44,29 @@ pub fn position(headers: Option<&async_nats::HeaderMap>) -> Option<(String, u64)
 }
 
 /// The node that sent `msg`: the one its subject names, which must be the
-/// one whose stream it came from.
+/// one whose stream it came from when it was sourced.
 pub fn sender(msg: &jetstream::Message) -> Result<NodeId, Rejected> {
-    let Some(sender) = origin(msg.headers.as_ref()) else {
-        return Err(Rejected::NoSource);
-    };
     let Some((named, _)) = edge::canonical_subject(msg.subject.as_str()) else {
         return Err(Rejected::Subject(msg.subject.to_string()));
     };
-    if edge::hex(&named) != sender {
-        return Err(Rejected::Impersonation {
-            sender,
-            named: named.to_string(),
-        });
+    if let Some(sender) = origin(msg.headers.as_ref()) {
+        if edge::hex(&named) != sender {
+            return Err(Rejected::Impersonation {
+                sender,
+                named: named.to_string(),
+            });
+        }
     }
     Ok(named)
+}
+
+/// The node a report subject (`ud.edge.<node_id>.…`) names, as written:
+/// which lane its reports take.
+pub fn lane_key(subject: &str) -> &str {
+    subject
+        .strip_prefix(edge::REPORT_PREFIX)
+        .and_then(|rest| rest.split('.').next())
+        .unwrap_or(subject)
 }
 
 #[cfg(test)]
@@ -82,6 +96,14 @@ mod tests {
         );
         assert_eq!(origin(&["OTHER 1"]), None);
         assert_eq!(super::origin(None), None);
+    }
+
+    #[test]
+    fn a_reports_lane_is_the_node_its_subject_names() {
+        let node = NodeId::new();
+        let subject = edge::report_subject(&node, "ud.node.x.heartbeat");
+        assert_eq!(lane_key(&subject), node.to_string());
+        assert_eq!(lane_key("other"), "other");
     }
 
     #[test]
