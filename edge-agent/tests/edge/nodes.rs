@@ -644,3 +644,73 @@ async fn many_nodes_join_while_others_enrol() -> Result<()> {
     );
     Ok(())
 }
+
+/// A node upgraded from an agent the hub sourced: its new agent takes the
+/// hub's old push consumer over from where the hub had acknowledged it, so
+/// the reports the hub never took are forwarded and none twice.
+#[tokio::test]
+async fn an_upgraded_node_forwards_from_where_the_old_source_stopped() -> Result<()> {
+    let server = ud_testkit::NatsServer::start().await?;
+    let client = async_nats::connect(server.url()).await?;
+    let js = async_nats::jetstream::new(client);
+    let node = NodeId::new();
+    let stream = js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: edge::stream(&node),
+            subjects: vec![edge::stream_subjects(&node)],
+            ..Default::default()
+        })
+        .await?;
+    // The consumer a hub of the earlier kind sourced the stream through.
+    let old = stream
+        .create_consumer(async_nats::jetstream::consumer::push::Config {
+            durable_name: Some(edge::FORWARD_CONSUMER.into()),
+            deliver_subject: "hub.source.inbox".into(),
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::All,
+            ..Default::default()
+        })
+        .await?;
+    let subject = format!("ud.edge.{node}.heartbeat");
+    for i in 0..5u8 {
+        js.publish(subject.clone(), vec![i].into()).await?.await?;
+    }
+    // The old hub had stored and acknowledged the first three.
+    let mut delivered = old.messages().await?;
+    for _ in 0..3 {
+        let m = delivered
+            .next()
+            .await
+            .ok_or_else(|| anyhow!("no delivery"))?
+            .map_err(|e| anyhow!("{e}"))?;
+        if m.info().map_err(|e| anyhow!("{e}"))?.stream_sequence == 3 {
+            m.ack().await.map_err(|e| anyhow!("{e}"))?;
+        }
+    }
+    drop(delivered);
+    ud_edge_agent::forward::ensure_consumer(&stream).await?;
+    let consumer: async_nats::jetstream::consumer::PullConsumer = stream
+        .get_consumer(edge::FORWARD_CONSUMER)
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    assert!(consumer.cached_info().config.deliver_subject.is_none());
+    let mut batch = consumer
+        .fetch()
+        .max_messages(10)
+        .expires(Duration::from_millis(500))
+        .messages()
+        .await?;
+    let mut got = Vec::new();
+    while let Some(m) = batch.next().await {
+        let m = m.map_err(|e| anyhow!("{e}"))?;
+        got.push(m.payload[0]);
+    }
+    assert_eq!(got, vec![3, 4], "forwarded from the old ack floor on");
+    // Taking over again is a no-op: the pull consumer stays as it is.
+    ud_edge_agent::forward::ensure_consumer(&stream).await?;
+    let again: async_nats::jetstream::consumer::PullConsumer = stream
+        .get_consumer(edge::FORWARD_CONSUMER)
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    assert_eq!(again.cached_info().created, consumer.cached_info().created);
+    Ok(())
+}
