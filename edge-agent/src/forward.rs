@@ -44,6 +44,12 @@ const PULL_EXPIRES: Duration = Duration::from_secs(2);
 const RETRY_LEAST: Duration = Duration::from_millis(200);
 const RETRY_MOST: Duration = Duration::from_secs(3);
 
+/// NATS's atomic batch headers (the hub's `UD_EDGE_IN` allows atomic
+/// publishing).
+const BATCH_ID: &str = "Nats-Batch-Id";
+const BATCH_SEQUENCE: &str = "Nats-Batch-Sequence";
+const BATCH_COMMIT: &str = "Nats-Batch-Commit";
+
 /// Runs in a row that forwarded nothing before the agent says so aloud
 /// (about half a minute at [`RETRY_MOST`]).
 const SAY_AFTER: u32 = 10;
@@ -123,7 +129,10 @@ fn forward_headers(
 
 /// Forwards for as long as the agent runs, starting over after any failure.
 pub async fn keep(local: jetstream::Context, client: async_nats::Client, node: NodeId) {
-    let hub = jetstream::new(client);
+    let hub = Hub {
+        js: jetstream::new(client.clone()),
+        client,
+    };
     let mut wait = RETRY_LEAST;
     let mut window = WINDOW_FIRST;
     let mut idle = 0u32;
@@ -156,7 +165,7 @@ pub async fn keep(local: jetstream::Context, client: async_nats::Client, node: N
 /// next run starts soon), an error when it forwarded nothing.
 async fn forward(
     local: &jetstream::Context,
-    hub: &jetstream::Context,
+    hub: &Hub,
     node: &NodeId,
     window: &mut usize,
 ) -> Result<(), AgentError> {
@@ -220,17 +229,36 @@ async fn forward(
     Ok(())
 }
 
-/// Publishes `burst` to the hub, awaits every acknowledgement and
-/// acknowledges in the node's stream up to the last one stored in a row.
+/// The hub's side of forwarding: the same connection, as a client (the
+/// first reports of a batch, which get no acknowledgement of their own) and
+/// as JetStream (what is acknowledged).
+struct Hub {
+    client: async_nats::Client,
+    js: jetstream::Context,
+}
+
+/// A report as it goes to the hub.
+struct Forwarded<'a> {
+    subject: String,
+    headers: async_nats::HeaderMap,
+    message: &'a jetstream::Message,
+}
+
+/// Publishes `burst` to the hub and acknowledges in the node's stream up to
+/// the last report the hub stored in a row. Two reports or more go as one
+/// atomic batch: stored all together or not at all, with one
+/// acknowledgement and, on a hub syncing every write, one sync. A batch the
+/// hub refuses because it stored one of its reports before (an earlier
+/// run's batch it committed, whose acknowledgement never came) goes again
+/// one report at a time, each kept once by its id.
 async fn send(
-    hub: &jetstream::Context,
+    hub: &Hub,
     node: &NodeId,
     created: i128,
     burst: &[jetstream::Message],
 ) -> Result<(), AgentError> {
-    let mut acks = Vec::with_capacity(burst.len());
-    let mut failed = None;
     let own = format!("{}{node}.", edge::FORWARD_PREFIX);
+    let mut reports = Vec::with_capacity(burst.len());
     for m in burst {
         let seq = m.info().map_err(nats)?.stream_sequence;
         // The hub takes only this node's own reports from it; anything else
@@ -239,15 +267,89 @@ async fn send(
             edge::forward_subject(m.subject.as_str()).filter(|s| s.starts_with(&own))
         else {
             warn!(node_id = %node, subject = %m.subject, seq, "not this node's report; not forwarded");
-            acks.push(None);
             continue;
         };
-        let headers = forward_headers(m.headers.as_ref(), &forward_id(node, created, seq), seq);
+        reports.push(Forwarded {
+            subject,
+            headers: forward_headers(m.headers.as_ref(), &forward_id(node, created, seq), seq),
+            message: m,
+        });
+    }
+    let last = burst.last();
+    if reports.len() >= 2 {
+        match send_batch(hub, &reports).await {
+            Ok(()) => return ack(last).await,
+            Err(e)
+                if e.kind() == jetstream::context::PublishErrorKind::Other
+                    && refused_as_stored(&e) =>
+            {
+                debug!(node_id = %node, "a batch held a report the hub has; sent one by one");
+            }
+            Err(e) => return Err(nats(e)),
+        }
+    }
+    send_each(hub, &reports, last).await
+}
+
+/// Whether the hub refused a batch because it stored one of its reports
+/// before.
+fn refused_as_stored(e: &jetstream::context::PublishError) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<jetstream::Error>())
+        .is_some_and(|j| {
+            j.error_code() == jetstream::ErrorCode::ATOMIC_PUBLISH_CONTAINS_DUPLICATE_MESSAGE
+        })
+}
+
+/// Publishes `reports` as one atomic batch and awaits its commit.
+async fn send_batch(
+    hub: &Hub,
+    reports: &[Forwarded<'_>],
+) -> Result<(), jetstream::context::PublishError> {
+    use jetstream::context::{PublishError, PublishErrorKind};
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let n = reports.len();
+    for (i, r) in reports.iter().enumerate() {
+        let mut headers = r.headers.clone();
+        headers.insert(BATCH_ID, id.as_str());
+        headers.insert(BATCH_SEQUENCE, (i + 1).to_string().as_str());
+        let payload = r.message.payload.clone();
+        if i + 1 < n {
+            hub.client
+                .publish_with_headers(r.subject.clone(), headers, payload)
+                .await
+                .map_err(|e| PublishError::with_source(PublishErrorKind::BrokenPipe, e))?;
+        } else {
+            headers.insert(BATCH_COMMIT, "1");
+            hub.js
+                .publish_with_headers(r.subject.clone(), headers, payload)
+                .await?
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Publishes `reports` one by one, awaits every acknowledgement and
+/// acknowledges up to the last stored in a row (`last` when all were).
+async fn send_each(
+    hub: &Hub,
+    reports: &[Forwarded<'_>],
+    last: Option<&jetstream::Message>,
+) -> Result<(), AgentError> {
+    let mut acks = Vec::with_capacity(reports.len());
+    let mut failed = None;
+    for r in reports {
         match hub
-            .publish_with_headers(subject, headers, m.payload.clone())
+            .js
+            .publish_with_headers(
+                r.subject.clone(),
+                r.headers.clone(),
+                r.message.payload.clone(),
+            )
             .await
         {
-            Ok(ack) => acks.push(Some(ack)),
+            Ok(ack) => acks.push(ack),
             Err(e) => {
                 failed = Some(nats(e));
                 break;
@@ -255,20 +357,29 @@ async fn send(
         }
     }
     let mut stored = None;
-    for (m, ack) in burst.iter().zip(acks) {
-        if let Some(ack) = ack {
-            if let Err(e) = ack.await {
-                failed = Some(nats(e));
-                break;
-            }
+    let all = acks.len() == reports.len();
+    for (r, ack) in reports.iter().zip(acks) {
+        if let Err(e) = ack.await {
+            failed = Some(nats(e));
+            break;
         }
-        stored = Some(m);
-    }
-    if let Some(m) = stored {
-        m.ack().await.map_err(nats)?;
+        stored = Some(r.message);
     }
     match failed {
-        Some(e) => Err(e),
+        Some(e) => {
+            ack(stored).await?;
+            Err(e)
+        }
+        // Reports not forwarded after the last one are covered too.
+        None if all => ack(last).await,
+        None => ack(stored).await,
+    }
+}
+
+/// Acknowledges `m` and everything before it in the node's stream.
+async fn ack(m: Option<&jetstream::Message>) -> Result<(), AgentError> {
+    match m {
+        Some(m) => m.ack().await.map_err(nats),
         None => Ok(()),
     }
 }

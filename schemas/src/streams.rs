@@ -150,6 +150,9 @@ pub fn edge_in(replicas: usize) -> Config {
             destination: format!("{}{{{{wildcard(1)}}}}.>", crate::edge::REPORT_PREFIX),
         }),
         max_age: Duration::from_secs(7 * 24 * 3600),
+        // A node's burst of reports is one batch: one acknowledgement, and
+        // one sync on a hub syncing every write.
+        allow_atomic_publish: true,
         ..base(crate::edge::EDGE_IN, vec![forwarded], replicas)
     }
 }

@@ -130,7 +130,7 @@ impl NatsServer {
             }
         };
         let mut text = format!(
-            "host: 127.0.0.1\nport: {}\nmax_payload: 8MB\npid_file: {:?}\njetstream {{\n  store_dir: {store:?}\n  domain: {}\n  {sync}{limit}\n}}\n",
+            "host: 127.0.0.1\nport: {}\nmax_payload: 8MB\npid_file: {:?}\njetstream {{\n  store_dir: {store:?}\n  domain: {}\n  {sync}{limit}\n  limits {{ batch {{ max_inflight_per_stream: 1000 }} }}\n}}\n",
             port(self.port),
             self.pid_file(),
             self.options.domain

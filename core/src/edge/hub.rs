@@ -283,6 +283,7 @@ fn stable_hash(settings: &HubSettings, user: &str, password: &str) -> Result<Str
 fn takes_forwarded(info: &jetstream::stream::Info, wanted: &jetstream::stream::Config) -> bool {
     info.config.subjects == wanted.subjects
         && info.config.subject_transform == wanted.subject_transform
+        && info.config.allow_atomic_publish == wanted.allow_atomic_publish
         && info.config.sources.as_ref().is_none_or(Vec::is_empty)
 }
 
@@ -409,6 +410,9 @@ mod tests {
         }))
         .expect("a stream info");
         assert!(takes_forwarded(&info, &wanted));
+        let mut one_by_one = info.clone();
+        one_by_one.config.allow_atomic_publish = false;
+        assert!(!takes_forwarded(&one_by_one, &wanted));
         info.config.subjects = vec![];
         info.config.subject_transform = None;
         info.config.sources = Some(vec![jetstream::stream::Source {

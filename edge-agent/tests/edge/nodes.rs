@@ -683,7 +683,7 @@ async fn an_upgraded_node_forwards_from_where_the_old_source_stopped() -> Result
             .ok_or_else(|| anyhow!("no delivery"))?
             .map_err(|e| anyhow!("{e}"))?;
         if m.info().map_err(|e| anyhow!("{e}"))?.stream_sequence == 3 {
-            m.ack().await.map_err(|e| anyhow!("{e}"))?;
+            m.double_ack().await.map_err(|e| anyhow!("{e}"))?;
         }
     }
     drop(delivered);
@@ -712,5 +712,80 @@ async fn an_upgraded_node_forwards_from_where_the_old_source_stopped() -> Result
         .await
         .map_err(|e| anyhow!("{e}"))?;
     assert_eq!(again.cached_info().created, consumer.cached_info().created);
+    Ok(())
+}
+
+/// Bursts of reports go to the hub as atomic batches. A batch holding a
+/// report the hub stored before (a batch it committed whose acknowledgement
+/// never came) is refused whole; the forwarder sends it one by one, and
+/// every report is stored once.
+#[tokio::test]
+async fn a_burst_the_hub_partly_has_is_forwarded_once_each() -> Result<()> {
+    let server = ud_testkit::NatsServer::start().await?;
+    let client = async_nats::connect(server.url()).await?;
+    let js = async_nats::jetstream::new(client.clone());
+    let edge_in = js.create_stream(ud_schemas::streams::edge_in(1)).await?;
+    let node = NodeId::new();
+    ud_edge_agent::ensure_local(&js, &node).await?;
+    let n = 40u32;
+    for i in 0..n {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Nats-Msg-Id", format!("r{i}").as_str());
+        js.publish_with_headers(format!("ud.edge.{node}.run.{i}"), h, vec![].into())
+            .await?
+            .await?;
+    }
+    // What the hub stored of an earlier run.
+    for i in [5u32, 6, 7, 30] {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Nats-Msg-Id", format!("r{i}").as_str());
+        js.publish_with_headers(format!("ud.deliver.{node}.run.{i}"), h, vec![].into())
+            .await?
+            .await?;
+    }
+    let forwarder = tokio::spawn(ud_edge_agent::forward::keep(js.clone(), client, node));
+    let mut seen = edge_in
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+        .await?
+        .messages()
+        .await?;
+    let mut ids = std::collections::BTreeSet::new();
+    while ids.len() < n as usize {
+        let m = tokio::time::timeout(JOIN, seen.next())
+            .await?
+            .ok_or_else(|| anyhow!("no more reports"))?
+            .map_err(|e| anyhow!("{e}"))?;
+        assert!(
+            m.subject.starts_with(&format!("ud.edge.{node}.run.")),
+            "{}",
+            m.subject
+        );
+        let id = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Msg-Id"))
+            .map(|v| v.to_string())
+            .ok_or_else(|| anyhow!("a report without its id"))?;
+        assert!(ids.insert(id.clone()), "{id} stored twice");
+    }
+    // Everything is acknowledged in the node's stream, and nothing more
+    // came to the hub meanwhile.
+    let local = js.get_stream(edge::stream(&node)).await?;
+    let floor = tokio::time::timeout(JOIN, async {
+        loop {
+            let info = local
+                .consumer_info(edge::FORWARD_CONSUMER)
+                .await
+                .map_err(|e| anyhow!("{e}"))?;
+            if info.ack_floor.stream_sequence >= u64::from(n) {
+                return Ok::<_, anyhow::Error>(info.ack_floor.stream_sequence);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await??;
+    assert_eq!(floor, u64::from(n));
+    assert_eq!(edge_in.get_info().await?.state.messages, u64::from(n));
+    forwarder.abort();
     Ok(())
 }
