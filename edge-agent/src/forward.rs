@@ -161,8 +161,9 @@ pub async fn keep(local: jetstream::Context, client: async_nats::Client, node: N
 }
 
 /// One run of forwarding, from the consumer's acknowledged floor until a
-/// failure, publishing at most `window` reports at once. Returns `Ok` when it forwarded something and then failed (the
-/// next run starts soon), an error when it forwarded nothing.
+/// failure, publishing at most `window` reports at once. Returns `Ok` when
+/// it forwarded something and then failed (the next run starts soon), an
+/// error when it forwarded nothing.
 async fn forward(
     local: &jetstream::Context,
     hub: &Hub,
@@ -201,13 +202,22 @@ async fn forward(
         let sent = match first {
             Ok(first) => {
                 let mut burst = vec![first];
+                // An error read while gathering ends the run once what was
+                // read before it is sent.
+                let mut broken = None;
                 while burst.len() < *window {
                     match pull.next().now_or_never() {
                         Some(Some(Ok(m))) => burst.push(m),
+                        Some(Some(Err(e))) => {
+                            broken = Some(nats(e));
+                            break;
+                        }
                         _ => break,
                     }
                 }
-                let sent = send(hub, node, created, &burst).await;
+                let sent = send(hub, node, created, &burst)
+                    .await
+                    .and(broken.map_or(Ok(()), Err));
                 if sent.is_ok() && burst.len() == *window {
                     *window = (*window * 2).min(WINDOW);
                 }
@@ -279,10 +289,7 @@ async fn send(
     if reports.len() >= 2 {
         match send_batch(hub, &reports).await {
             Ok(()) => return ack(last).await,
-            Err(e)
-                if e.kind() == jetstream::context::PublishErrorKind::Other
-                    && refused_as_stored(&e) =>
-            {
+            Err(e) if refused_as_stored(&e) => {
                 debug!(node_id = %node, "a batch held a report the hub has; sent one by one");
             }
             Err(e) => return Err(nats(e)),
@@ -357,7 +364,6 @@ async fn send_each(
         }
     }
     let mut stored = None;
-    let all = acks.len() == reports.len();
     for (r, ack) in reports.iter().zip(acks) {
         if let Err(e) = ack.await {
             failed = Some(nats(e));
@@ -370,9 +376,8 @@ async fn send_each(
             ack(stored).await?;
             Err(e)
         }
-        // Reports not forwarded after the last one are covered too.
-        None if all => ack(last).await,
-        None => ack(stored).await,
+        // All stored: reports not forwarded after the last one are covered too.
+        None => ack(last).await,
     }
 }
 

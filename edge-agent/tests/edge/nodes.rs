@@ -662,10 +662,14 @@ async fn an_upgraded_node_forwards_from_where_the_old_source_stopped() -> Result
         })
         .await?;
     // The consumer a hub of the earlier kind sourced the stream through.
+    // Those agents made it with the `flow_control` ack policy, whose floor
+    // the sourcing hub's flow-control answers move as acknowledgements move
+    // it under `All`; a client cannot answer for a hub, so here the floor
+    // is moved by an acknowledgement.
     let old = stream
         .create_consumer(async_nats::jetstream::consumer::push::Config {
             durable_name: Some(edge::FORWARD_CONSUMER.into()),
-            deliver_subject: "hub.source.inbox".into(),
+            deliver_subject: format!("ud.deliver.{node}.events"),
             ack_policy: async_nats::jetstream::consumer::AckPolicy::All,
             ..Default::default()
         })
