@@ -73,10 +73,15 @@ pub(crate) struct Raw {
     pub(crate) payload: bytes::Bytes,
 }
 
-/// Batches read and decoded ahead of the one being written.
-pub(crate) const READ_AHEAD: usize = 2;
+/// Batches waiting for the writer: one, so that what is read while it
+/// writes gathers into the next batch instead of queueing as small ones.
+pub(crate) const READ_AHEAD: usize = 1;
+
+/// Fetched chunks in flight between the fetching and the decoding task.
+const FETCHED_AHEAD: usize = 2;
 
 /// One transaction's worth of events, decoded.
+#[derive(Default)]
 pub(crate) struct Batch {
     pub(crate) raws: Vec<Raw>,
     pub(crate) decoded: Vec<(u64, EventEnvelope)>,
@@ -84,11 +89,13 @@ pub(crate) struct Batch {
     pub(crate) undecodable: Vec<(u64, String)>,
 }
 
-/// Reads the consumer into batches (up to `batch_max`, lingering as the
-/// options say), decodes them and hands them on, until the projector stops
-/// or an error, which is handed on last. Fetching goes on, on a task of its
-/// own, while a batch is decoded: the consumer asks for more only while it
-/// is polled.
+/// Reads the consumer into batches (lingering as the options say), decodes
+/// them and hands them on, until the projector stops or an error, which is
+/// handed on last. Fetching goes on, on a task of its own, while a batch is
+/// decoded: the consumer asks for more only while it is polled. While the
+/// writer is busy, what is fetched joins the batch it takes next, until that
+/// holds `batch_max`: the writer's batches grow with the load, and one
+/// transaction (one commit) carries what arrived during the last one.
 pub(crate) async fn read_batches(
     messages: jetstream::consumer::pull::Ordered,
     stream: jetstream::stream::Stream,
@@ -96,15 +103,55 @@ pub(crate) async fn read_batches(
     options: ProjectorOptions,
     out: tokio::sync::mpsc::Sender<Result<Batch, ProjectionError>>,
 ) {
-    let (fetched, mut next) = tokio::sync::mpsc::channel(READ_AHEAD);
+    let batch_max = options.batch_max;
+    let (fetched, next) = tokio::sync::mpsc::channel(FETCHED_AHEAD);
     let _fetch = AbortOnDropHandle::new(tokio::spawn(fetch_batches(
         messages, stream, read, options, fetched,
     )));
-    while let Some(batch) = next.recv().await {
-        let failed = batch.is_err();
-        let batch = batch.map(|msgs| decode(msgs, &mut read));
-        if out.send(batch).await.is_err() || failed {
-            return;
+    gather(
+        next,
+        out,
+        batch_max,
+        |msgs, batch: &mut Batch| decode(msgs, &mut read, batch),
+        |batch| batch.raws.len(),
+    )
+    .await;
+}
+
+/// Adds chunks from `next` to one batch while `out` has no room for it,
+/// until it holds `max` (of `len`), and hands it on as soon as there is
+/// room. An error is handed on after what was gathered before it.
+async fn gather<C, B: Default>(
+    mut next: tokio::sync::mpsc::Receiver<Result<C, ProjectionError>>,
+    out: tokio::sync::mpsc::Sender<Result<B, ProjectionError>>,
+    max: usize,
+    mut add: impl FnMut(C, &mut B),
+    len: impl Fn(&B) -> usize,
+) {
+    let mut gathered = B::default();
+    loop {
+        let ready = len(&gathered) > 0;
+        let full = len(&gathered) >= max;
+        tokio::select! {
+            biased;
+            permit = out.reserve(), if ready => match permit {
+                Ok(permit) => permit.send(Ok(std::mem::take(&mut gathered))),
+                Err(_) => return,
+            },
+            chunk = next.recv(), if !full => match chunk {
+                Some(Ok(chunk)) => add(chunk, &mut gathered),
+                // The fetcher ends only after handing on an error (or when
+                // nobody reads).
+                end => {
+                    if ready && out.send(Ok(std::mem::take(&mut gathered))).await.is_err() {
+                        return;
+                    }
+                    if let Some(Err(e)) = end {
+                        let _ = out.send(Err(e)).await;
+                    }
+                    return;
+                }
+            },
         }
     }
 }
@@ -168,13 +215,10 @@ async fn next_batch(
     Ok(batch)
 }
 
-/// Decodes fetched messages after `read`, moving `read` on.
-fn decode(batch: Vec<jetstream::Message>, read: &mut u64) -> Batch {
-    let mut out = Batch {
-        raws: Vec::with_capacity(batch.len()),
-        decoded: Vec::with_capacity(batch.len()),
-        undecodable: Vec::new(),
-    };
+/// Decodes fetched messages after `read` into `out`, moving `read` on.
+fn decode(batch: Vec<jetstream::Message>, read: &mut u64, out: &mut Batch) {
+    out.raws.reserve(batch.len());
+    out.decoded.reserve(batch.len());
     for m in batch {
         let Some(seq) = m.info().ok().map(|i| i.stream_sequence) else {
             continue;
@@ -194,7 +238,6 @@ fn decode(batch: Vec<jetstream::Message>, read: &mut u64) -> Batch {
             payload: msg.payload,
         });
     }
-    out
 }
 
 pub(crate) fn stream_err(e: impl Into<crate::SourceError>) -> ProjectionError {
@@ -335,5 +378,71 @@ impl Projector {
         db::advance_checkpoint(&tx, &self.stream, from, last).await?;
         tx.commit().await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::mpsc;
+
+    async fn gathered(
+        chunks: Vec<Result<Vec<u32>, ProjectionError>>,
+        max: usize,
+    ) -> Vec<Result<Vec<u32>, ProjectionError>> {
+        let (tx, next) = mpsc::channel(chunks.len().max(1));
+        for c in chunks {
+            tx.send(c).await.ok();
+        }
+        drop(tx);
+        let (out, mut batches) = mpsc::channel(READ_AHEAD);
+        let task = tokio::spawn(gather(next, out, max, |c, b: &mut Vec<u32>| b.extend(c), Vec::len));
+        let mut got = Vec::new();
+        while let Some(b) = batches.recv().await {
+            got.push(b);
+        }
+        task.await.unwrap();
+        got
+    }
+
+    #[tokio::test]
+    async fn chunks_read_while_the_writer_is_busy_make_one_batch() {
+        let chunks = (0..10u32).map(|i| Ok(vec![2 * i, 2 * i + 1])).collect();
+        let got: Vec<Vec<u32>> = gathered(chunks, 1000)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        // The first chunk goes at once; the other nine gather while it waits.
+        assert_eq!(got, vec![vec![0, 1], (2..20).collect::<Vec<_>>()]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_stops_gathering_at_its_most() {
+        let chunks = (0..10u32).map(|i| Ok(vec![i; 3])).collect();
+        let got: Vec<usize> = gathered(chunks, 5)
+            .await
+            .into_iter()
+            .map(|b| b.unwrap().len())
+            .collect();
+        assert_eq!(got.iter().sum::<usize>(), 30);
+        assert!(got.iter().all(|n| *n < 5 + 3), "{got:?}");
+        assert!(got.len() < 10, "{got:?}");
+    }
+
+    #[tokio::test]
+    async fn an_error_comes_after_what_was_gathered_before_it() {
+        let chunks = vec![
+            Ok(vec![1]),
+            Ok(vec![2]),
+            Ok(vec![3]),
+            Err(ProjectionError::Stream("consumer closed".into())),
+            Ok(vec![4]),
+        ];
+        let got = gathered(chunks, 100).await;
+        let (ok, err): (Vec<_>, Vec<_>) = got.into_iter().partition(Result::is_ok);
+        let events: Vec<u32> = ok.into_iter().flat_map(Result::unwrap).collect();
+        assert_eq!(events, vec![1, 2, 3]);
+        assert_eq!(err.len(), 1);
     }
 }
