@@ -396,7 +396,13 @@ mod tests {
         }
         drop(tx);
         let (out, mut batches) = mpsc::channel(READ_AHEAD);
-        let task = tokio::spawn(gather(next, out, max, |c, b: &mut Vec<u32>| b.extend(c), Vec::len));
+        let task = tokio::spawn(gather(
+            next,
+            out,
+            max,
+            |c, b: &mut Vec<u32>| b.extend(c),
+            Vec::len,
+        ));
         let mut got = Vec::new();
         while let Some(b) = batches.recv().await {
             got.push(b);
