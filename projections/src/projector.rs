@@ -19,7 +19,8 @@ use crate::ProjectionError;
 
 #[derive(Clone, Debug)]
 pub struct ProjectorOptions {
-    /// Most messages applied in one transaction.
+    /// Messages gathered for one transaction before it takes no more (the
+    /// last chunk read may carry it past this, to less than twice as many).
     pub batch_max: usize,
     /// Publish `ud.sys.projected.<stream>` after each commit (live projectors).
     pub notify: bool,
