@@ -121,7 +121,8 @@ pub(crate) async fn read_batches(
 
 /// Adds chunks from `next` to one batch while `out` has no room for it,
 /// until it holds `max` (of `len`), and hands it on as soon as there is
-/// room. An error is handed on after what was gathered before it.
+/// room (a `max` of 0 counts as 1). An error is handed on after what was
+/// gathered before it.
 async fn gather<C, B: Default>(
     mut next: tokio::sync::mpsc::Receiver<Result<C, ProjectionError>>,
     out: tokio::sync::mpsc::Sender<Result<B, ProjectionError>>,
@@ -129,6 +130,8 @@ async fn gather<C, B: Default>(
     mut add: impl FnMut(C, &mut B),
     len: impl Fn(&B) -> usize,
 ) {
+    // With nothing gathered and no room to gather, no branch below could run.
+    let max = max.max(1);
     let mut gathered = B::default();
     loop {
         let ready = len(&gathered) > 0;
@@ -420,7 +423,8 @@ mod tests {
             .into_iter()
             .map(Result::unwrap)
             .collect();
-        // The first chunk goes at once; the other nine gather while it waits.
+        // The first chunk goes at once; the other nine gather while it waits
+        // (one thread: the gatherer runs until it has to wait).
         assert_eq!(got, vec![vec![0, 1], (2..20).collect::<Vec<_>>()]);
     }
 
@@ -435,6 +439,14 @@ mod tests {
         assert_eq!(got.iter().sum::<usize>(), 30);
         assert!(got.iter().all(|n| *n < 5 + 3), "{got:?}");
         assert!(got.len() < 10, "{got:?}");
+        // A most of 0 takes one chunk at a time rather than none.
+        let chunks = (0..4u32).map(|i| Ok(vec![i])).collect();
+        let got: Vec<Vec<u32>> = gathered(chunks, 0)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(got, vec![vec![0], vec![1], vec![2], vec![3]]);
     }
 
     #[tokio::test]
